@@ -1,0 +1,16 @@
+"""epmoe: Mixture-of-Experts layers with expert parallelism for PyTorch.
+
+Public API (see DESIGN): MoEConfig, MoELayer, reference_moe, UnsupportedCombination, and the testing
+helpers in `epmoe.testing`.
+"""
+from .config import MoEConfig
+from .errors import RankMismatch, UnsupportedCombination
+from .layer import MoELayer
+from .placement import Placement
+from .reference import reference_moe
+from .routing import Routing, route, validate_routing
+
+__version__ = "0.1.0"
+
+__all__ = ["MoEConfig", "MoELayer", "Placement", "RankMismatch", "Routing", "UnsupportedCombination",
+           "reference_moe", "route", "validate_routing"]

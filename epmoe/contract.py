@@ -1,0 +1,192 @@
+"""The contract check: what each dispatcher and experts backend can do, and which pairings work.
+
+Backends only *declare* (a `CAPS` attribute on their class); the rules that pair them live here, in one
+place, and run when a layer is built. A refused pairing raises `UnsupportedCombination` naming both
+parts, the reason, and the pairings that would work. `epmoe info` prints `support_matrix()`, and the
+tests enumerate the same matrix.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import UnsupportedCombination
+from .layouts import BATCHED, FLAT
+
+# Backend registry: name -> "module:Class". The names are the public, explicit selectors (no hidden
+# environment switches choose a backend).
+DISPATCHERS: dict[str, str] = {
+    "local": "epmoe.dispatch.local:LocalDispatcher",
+}
+EXPERTS: dict[str, str] = {
+    "reference": "epmoe.experts.reference:ReferenceExperts",
+    "grouped_mm": "epmoe.experts.grouped_mm:GroupedMMExperts",
+}
+
+# Who quantizes the activations when a layer is FP8 (seed 001): the experts either take FP8 rows with
+# their scales from the dispatcher, or take high-precision rows and quantize inside.
+TAKES_FP8 = "takes_fp8"
+QUANTIZES_INTERNALLY = "quantizes_internally"
+
+
+def _always(_device_type: str) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class DispatcherCaps:
+    layout: str                         # FLAT or BATCHED: what dispatch() produces
+    communicates: bool                  # moves tokens between ranks (False: only valid for one rank)
+    devices: frozenset = frozenset({"cpu", "cuda"})
+    host_sync: bool = False             # does the forward wait on the host for data-dependent sizes
+    cuda_graph_safe: bool = False
+    needs_max_tokens: bool = False      # requires max_tokens_per_rank
+    fp8_dispatch: bool = False          # can quantize to FP8 before the wire (scales travel along)
+    summary: str = ""
+    available: Callable[[str], str | None] = _always
+
+    @property
+    def topk_weight_applied_in(self) -> str:
+        return "experts" if self.layout == FLAT else "combine"
+
+
+@dataclass(frozen=True)
+class ExpertsCaps:
+    layouts: frozenset
+    dtypes: frozenset = frozenset({torch.float32, torch.bfloat16, torch.float16})
+    quant: frozenset = frozenset({"none"})
+    fp8_activations: str = QUANTIZES_INTERNALLY   # for FP8 layers: TAKES_FP8 or QUANTIZES_INTERNALLY
+    devices: frozenset = frozenset({"cpu", "cuda"})
+    cuda_graph_safe: bool = False
+    summary: str = ""
+    available: Callable[[str], str | None] = _always
+
+
+def _load(registry: dict[str, str], name: str, kind: str):
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known: {sorted(registry)}")
+    module, cls = registry[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def dispatcher_class(name: str):
+    return _load(DISPATCHERS, name, "dispatcher")
+
+
+def experts_class(name: str):
+    return _load(EXPERTS, name, "experts backend")
+
+
+def quant_name(cfg) -> str:
+    return "none" if cfg.quant is None else cfg.quant_scheme.kind
+
+
+def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> str | None:
+    """Why this pairing cannot run `cfg` on `ep_size` ranks of `device_type`; None if it can."""
+    d, x = dispatcher_class(dispatcher).CAPS, experts_class(experts).CAPS
+    if ep_size > 1 and not d.communicates:
+        return (f"the group has {ep_size} ranks but dispatcher {dispatcher!r} does not move tokens between "
+                f"ranks: each rank would compute only its own experts and silently lose the others' "
+                f"contributions")
+    if device_type not in d.devices:
+        return f"dispatcher {dispatcher!r} runs on {sorted(d.devices)}, not {device_type}"
+    if device_type not in x.devices:
+        return f"experts {experts!r} run on {sorted(x.devices)}, not {device_type}"
+    for caps, name in ((d, dispatcher), (x, experts)):
+        why = caps.available(device_type)
+        if why:
+            return f"{name!r} is unavailable here: {why}"
+    if d.layout not in x.layouts:
+        return (f"dispatcher {dispatcher!r} produces the {d.layout!r} layout, experts {experts!r} accept "
+                f"{sorted(x.layouts)}")
+    if cfg is not None:
+        if cfg.dtype not in x.dtypes:
+            return f"experts {experts!r} do not support dtype {cfg.dtype}"
+        q = quant_name(cfg)
+        if q not in x.quant:
+            return f"experts {experts!r} support quantization {sorted(x.quant)}, not {q!r}"
+        if q != "none" and getattr(cfg.quant, "dispatch_fp8", False):
+            if not d.fp8_dispatch:
+                return (f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot quantize activations before "
+                        f"the wire")
+            if x.fp8_activations != TAKES_FP8:
+                return (f"dispatch_fp8=True sends FP8 rows with scales, but experts {experts!r} quantize their "
+                        f"activations internally and take high-precision rows")
+    return None
+
+
+def check_pairing(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> None:
+    """Raise `UnsupportedCombination` (with the working alternatives) unless the pairing is valid."""
+    why = pairing_problem(dispatcher, experts, cfg, ep_size, device_type)
+    if why is None:
+        return
+    alternatives = [f"dispatcher={d!r}, experts={x!r}" for d, x in
+                    supported_pairings(cfg, ep_size, device_type)]
+    raise UnsupportedCombination(dispatcher, experts, why, alternatives)
+
+
+def supported_pairings(cfg, ep_size: int, device_type: str) -> list[tuple[str, str]]:
+    return [(d, x) for d in DISPATCHERS for x in EXPERTS
+            if pairing_problem(d, x, cfg, ep_size, device_type) is None]
+
+
+def resolve_names(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> tuple[str, str]:
+    """Turn "auto" into explicit names: local for one rank, alltoall for several; the fastest experts
+    backend that accepts that dispatcher's layout on this device."""
+    if dispatcher == "auto":
+        dispatcher = "local" if ep_size == 1 else "alltoall"
+        if dispatcher not in DISPATCHERS:
+            raise UnsupportedCombination("auto", experts, f"no communicating dispatcher is installed for "
+                                         f"{ep_size} ranks", [])
+    if experts == "auto":
+        preference = ["triton", "grouped_mm", "batched", "reference"]
+        if device_type == "cpu":
+            preference = ["grouped_mm", "batched", "reference"]
+        for name in preference:
+            if name in EXPERTS and pairing_problem(dispatcher, name, cfg, ep_size, device_type) is None:
+                return dispatcher, name
+        experts = "reference"
+    return dispatcher, experts
+
+
+@dataclass
+class MatrixRow:
+    dispatcher: str
+    experts: str
+    device: str
+    multi_rank: bool
+    quant: str
+    problem: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def support_matrix(cfgs: dict | None = None) -> list[MatrixRow]:
+    """Every dispatcher x experts x device x (1 rank / several) x quantization, with its verdict.
+
+    `cfgs`: quant name -> a representative MoEConfig (defaults: a small bf16 config, and FP8 ones when
+    the FP8 scheme is installed).
+    """
+    from .config import MoEConfig
+    if cfgs is None:
+        cfgs = {"none": MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)}
+        cfgs.update(_quant_examples())
+    rows = []
+    for d in DISPATCHERS:
+        for x in EXPERTS:
+            for device in ("cpu", "cuda"):
+                for multi in (False, True):
+                    for q, cfg in cfgs.items():
+                        problem = pairing_problem(d, x, cfg, 2 if multi else 1, device)
+                        rows.append(MatrixRow(d, x, device, multi, q, problem))
+    return rows
+
+
+def _quant_examples() -> dict:
+    try:
+        from .quant import example_configs
+    except ImportError:
+        return {}
+    return example_configs()

@@ -1,0 +1,61 @@
+"""The experts interface and the pieces the PyTorch backends share."""
+from __future__ import annotations
+
+import torch
+
+from ..contract import ExpertsCaps
+from ..layouts import BatchedBatch, ExpertWeights, FlatBatch
+
+
+class Experts:
+    """Computes this rank's experts on a batch in a layout it declared in `CAPS.layouts`.
+
+    flat -> `[N, H]`, each row's routing-weighted sum over its local slots (float32 accumulation);
+    batched -> `[L, C, H]`, unweighted, rows past `counts` zero.
+    """
+
+    CAPS: ExpertsCaps
+    name: str = ""
+
+    def __init__(self, cfg, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device
+
+    def __call__(self, batch, weights: ExpertWeights) -> torch.Tensor:
+        if isinstance(batch, FlatBatch):
+            return self.forward_flat(batch, weights)
+        if isinstance(batch, BatchedBatch):
+            return self.forward_batched(batch, weights)
+        raise TypeError(f"experts {self.name!r}: unknown batch type {type(batch).__name__}")
+
+    def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+        raise TypeError(f"experts {self.name!r} do not accept the flat layout")
+
+    def forward_batched(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
+        raise TypeError(f"experts {self.name!r} do not accept the batched layout")
+
+
+def sort_pairs_by_expert(local_ids: torch.Tensor, num_local: int):
+    """Order the (row, slot) pairs of a flat batch by local expert, without a host sync.
+
+    Returns (order [N*k] pair indices sorted by expert, pairs of other ranks last; counts [L] int64;
+    offsets [L] int32 = cumulative counts, the end of each expert's segment).
+    """
+    flat = local_ids.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_local))
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_local + 1)[:num_local]
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return order, counts, offsets
+
+
+def weighted_sum_of_slots(y_pairs: torch.Tensor, batch: FlatBatch, out_dtype: torch.dtype) -> torch.Tensor:
+    """[N*k, H] per-pair outputs (pair order) -> [N, H]: sum over slots of weight * y, in float32.
+
+    Pairs whose expert is on another rank contribute exactly zero, whatever their row holds.
+    """
+    n, k = batch.local_ids.shape
+    valid = (batch.local_ids >= 0).reshape(n, k, 1)
+    y = y_pairs.reshape(n, k, -1).float()
+    y = torch.where(valid, y * batch.weights.reshape(n, k, 1), torch.zeros((), device=y.device))
+    return y.sum(dim=1).to(out_dtype)

@@ -1,0 +1,195 @@
+"""`MoELayer`: route -> dispatch -> experts -> combine, built and checked once, run many times."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import contract
+from .config import MoEConfig
+from .layouts import ExpertWeights
+from .placement import GlobalExpertId, Placement
+from .routing import Routing, route, validate_routing
+
+
+def _group_info(group) -> tuple[int, int]:
+    if group is None:
+        return 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        raise ValueError("ep_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _default_device(group) -> torch.device:
+    if group is not None:
+        import torch.distributed as dist
+        if dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class MoELayer(nn.Module):
+    """One MoE layer: `layer(hidden_states [T, H], router_logits [T, E]) -> [T, H]`.
+
+    ep_group: a `torch.distributed` process group whose ranks split the experts (None: one rank holds all).
+    dispatcher / experts: explicit backend names (see `epmoe info`) or "auto". The pairing is checked here,
+    at construction, and refused with `epmoe.UnsupportedCombination` if it cannot compute `cfg` exactly.
+    router: optional callable `(hidden_states, router_logits) -> (topk_ids, topk_weights)` replacing the
+    config's routing rule; what it returns is validated before it is used.
+    expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
+    """
+
+    def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
+                 device=None, max_tokens_per_rank: int | None = None,
+                 router: Callable | None = None, expert_placement=None):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
+        if router is not None and not callable(router):
+            raise TypeError(f"MoELayer: router must be callable, got {type(router).__name__}")
+        if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool) or
+                                                not isinstance(max_tokens_per_rank, int) or
+                                                max_tokens_per_rank < 1):
+            raise ValueError(f"MoELayer: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
+        self.cfg = cfg
+        self.ep_group = ep_group
+        self.ep_size, self.ep_rank = _group_info(ep_group)
+        self.device = torch.device(device) if device is not None else _default_device(ep_group)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.placement = Placement(cfg.num_experts, self.ep_size, self.ep_rank, expert_placement)
+        self.dispatcher_name, self.experts_name = contract.resolve_names(
+            dispatcher, experts, cfg, self.ep_size, self.device.type)
+        contract.check_pairing(self.dispatcher_name, self.experts_name, cfg, self.ep_size, self.device.type)
+        dcls = contract.dispatcher_class(self.dispatcher_name)
+        if dcls.CAPS.needs_max_tokens and max_tokens_per_rank is None:
+            raise ValueError(f"MoELayer: dispatcher {self.dispatcher_name!r} has fixed capacity and needs "
+                             "max_tokens_per_rank (the most tokens any rank passes in one forward)")
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.router = router
+
+        scheme = cfg.quant_scheme
+        self.scheme = scheme
+        L, H, I = self.placement.num_local_experts, cfg.padded_hidden_size, cfg.padded_intermediate_size
+        self._create_weights(L, H, I)
+        if cfg.scoring == "sigmoid":
+            self.register_buffer("score_correction_bias",
+                                 torch.zeros(cfg.num_experts, dtype=torch.float32, device=self.device))
+        else:
+            self.score_correction_bias = None
+        self._loaded: set[int] = set()
+        self._register_load_state_dict_pre_hook(self._mark_all_loaded_hook)
+
+        self.dispatcher = dcls(cfg, self.placement, ep_group, max_tokens_per_rank, self.device)
+        self.experts = contract.experts_class(self.experts_name)(cfg, self.device)
+        if ep_group is not None:
+            from .handshake import check_group_agrees
+            check_group_agrees(self)
+
+    # ----------------------------------------------------------------------------------------- weights
+    def _create_weights(self, L: int, H: int, I: int) -> None:
+        dt, dev = self.cfg.dtype, self.device
+        self.w13 = nn.Parameter(torch.zeros(L, 2 * I, H, dtype=dt, device=dev), requires_grad=False)
+        self.w2 = nn.Parameter(torch.zeros(L, H, I, dtype=dt, device=dev), requires_grad=False)
+
+    @property
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w13, self.w2, getattr(self, "b13", None), getattr(self, "b2", None))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.placement.num_local_experts
+
+    def _mark_all_loaded_hook(self, *args, **kwargs):
+        self._loaded = set(range(self.num_local_experts))
+
+    def mark_all_experts_loaded(self) -> None:
+        """Declare that the weights were written directly (not through `load_expert`)."""
+        self._mark_all_loaded_hook()
+
+    def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                    **extra) -> bool:
+        """Load global expert `e` from HF-shaped tensors (gate/up [I, H], down [H, I]).
+
+        Returns False (and keeps nothing) if another rank holds `e`. Shapes are checked; values are cast
+        to the layer's dtype and copied into the padded fused layout.
+        """
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.cfg.num_experts:
+            raise ValueError(f"load_expert: expert id must be an int in [0, {self.cfg.num_experts}), got {e!r}")
+        local = self.placement.to_local(GlobalExpertId(e))
+        H, I = self.cfg.hidden_size, self.cfg.intermediate_size
+        for name, t, shape in (("gate_proj", gate_proj, (I, H)), ("up_proj", up_proj, (I, H)),
+                               ("down_proj", down_proj, (H, I))):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"load_expert({e}): {name} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"load_expert({e}): {name} must have shape {list(shape)} ([out, in] as in "
+                                 f"nn.Linear), got {list(t.shape)}")
+        if local is None:
+            return False
+        self.scheme.load_expert(self, local, gate_proj, up_proj, down_proj, **extra)
+        self._loaded.add(local)
+        return True
+
+    def _check_loaded(self) -> None:
+        if len(self._loaded) != self.num_local_experts:
+            missing = [self.placement.to_global(i) for i in range(self.num_local_experts) if i not in self._loaded]
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise RuntimeError(f"MoELayer: {len(missing)} local experts were never loaded (global ids {shown}); "
+                               "call load_expert for each, or load_state_dict")
+
+    # ----------------------------------------------------------------------------------------- forward
+    def _check_inputs(self, hidden_states, router_logits) -> None:
+        cfg = self.cfg
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"MoELayer: hidden_states must be a tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != cfg.hidden_size:
+            raise ValueError(f"MoELayer: hidden_states must be [T, {cfg.hidden_size}] (flatten batch and sequence "
+                             f"first), got {list(hidden_states.shape)}")
+        if hidden_states.dtype != cfg.dtype:
+            raise TypeError(f"MoELayer: hidden_states dtype {hidden_states.dtype} does not match the layer's "
+                            f"dtype {cfg.dtype}")
+        if hidden_states.device != self.device:
+            raise ValueError(f"MoELayer: hidden_states is on {hidden_states.device}, the layer on {self.device}")
+        if router_logits is None:
+            if self.router is None:
+                raise ValueError("MoELayer: router_logits is required unless the layer has a custom router")
+            return
+        if not isinstance(router_logits, torch.Tensor):
+            raise TypeError(f"MoELayer: router_logits must be a tensor, got {type(router_logits).__name__}")
+        T = hidden_states.shape[0]
+        if router_logits.dim() != 2 or tuple(router_logits.shape) != (T, cfg.num_experts):
+            raise ValueError(f"MoELayer: router_logits must be [T, E] = [{T}, {cfg.num_experts}], "
+                             f"got {list(router_logits.shape)}")
+        if not router_logits.dtype.is_floating_point:
+            raise TypeError(f"MoELayer: router_logits must be floating point, got {router_logits.dtype}")
+        if router_logits.device != self.device:
+            raise ValueError(f"MoELayer: router_logits is on {router_logits.device}, the layer on {self.device}")
+
+    def compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None) -> Routing:
+        if self.router is not None:
+            ids, weights = self.router(hidden_states, router_logits)
+            return validate_routing(ids, weights, self.cfg.num_experts, hidden_states.shape[0], self.cfg.top_k)
+        return route(router_logits, self.cfg, self.score_correction_bias)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(hidden_states, router_logits)
+        self._check_loaded()
+        routing = self.compute_routing(hidden_states, router_logits)
+        return self.forward_routed(hidden_states, routing)
+
+    def forward_routed(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Run dispatch -> experts -> combine on an already computed (and valid) routing."""
+        H, Hp = self.cfg.hidden_size, self.cfg.padded_hidden_size
+        x = hidden_states if Hp == H else nn.functional.pad(hidden_states, (0, Hp - H))
+        batch, handle = self.dispatcher.dispatch(x, routing)
+        y = self.experts(batch, self.expert_weights)
+        out = self.dispatcher.combine(y, handle)
+        return out if Hp == H else out[:, :H].contiguous()
+
+    def extra_repr(self) -> str:
+        return (f"{self.cfg.describe()}, dispatcher={self.dispatcher_name}, experts={self.experts_name}, "
+                f"ep={self.ep_rank}/{self.ep_size}, local_experts={self.num_local_experts}, device={self.device}")

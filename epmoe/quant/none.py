@@ -1,0 +1,27 @@
+"""The unquantized scheme: weights and activations in the layer's dtype, no padding, no scales."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoQuant:
+    dtype: torch.dtype
+    name: str = "none"
+    kind: str = "none"
+
+    def roundup_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
+        return hidden_size, intermediate_size
+
+    def load_expert(self, layer, local: int, gate_proj, up_proj, down_proj, **extra) -> None:
+        """Copy one expert's HF-shaped weights into the layer's fused, padded layout."""
+        if extra:
+            raise TypeError(f"load_expert: unexpected arguments for an unquantized layer: {sorted(extra)}")
+        H, I = layer.cfg.hidden_size, layer.cfg.intermediate_size
+        Ip = layer.w2.shape[2]
+        with torch.no_grad():
+            layer.w13[local, :I, :H].copy_(gate_proj)
+            layer.w13[local, Ip:Ip + I, :H].copy_(up_proj)
+            layer.w2[local, :H, :I].copy_(down_proj)

@@ -1,0 +1,50 @@
+"""`reference_moe`: the float64 oracle every backend is tested against.
+
+Plain loops, no fusion, no padding, no parallelism: routing by the one routing rule (float32, as
+specified), then every expert in float64 and the weighted sum in float64.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .experts.activations import gated_activation
+from .routing import Routing, route, validate_routing
+
+
+def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor | None,
+                  experts: Sequence[Sequence[torch.Tensor]], cfg,
+                  score_correction_bias: torch.Tensor | None = None,
+                  routing: Routing | None = None) -> torch.Tensor:
+    """The MoE function in float64: out[t] = sum_j w[t,j] * down_e(act(gate_e x_t, up_e x_t)).
+
+    experts: one (gate_proj [I, H], up_proj [I, H], down_proj [H, I]) per global expert, optionally with
+    (gate_bias [I], up_bias [I], down_bias [H]) appended. `routing` overrides the routing rule (custom
+    routers). Returns float64 [T, H] on the CPU.
+    """
+    if len(experts) != cfg.num_experts:
+        raise ValueError(f"reference_moe: expected {cfg.num_experts} experts, got {len(experts)}")
+    x = hidden_states.detach().to("cpu", torch.float64)
+    if routing is None:
+        routing = route(router_logits.detach().cpu(), cfg,
+                        None if score_correction_bias is None else score_correction_bias.detach().cpu())
+    routing = validate_routing(routing.topk_ids.cpu(), routing.topk_weights.cpu(), cfg.num_experts,
+                               num_tokens=x.shape[0], top_k=cfg.top_k)
+    out = torch.zeros_like(x)
+    ids, weights = routing.topk_ids.long(), routing.topk_weights.double()
+    for e, tensors in enumerate(experts):
+        rows, slots = (ids == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        gate, up, down = (t.detach().to("cpu", torch.float64) for t in tensors[:3])
+        xs = x[rows]
+        g, u = xs @ gate.T, xs @ up.T
+        if len(tensors) > 3:
+            g = g + tensors[3].detach().to("cpu", torch.float64)
+            u = u + tensors[4].detach().to("cpu", torch.float64)
+        y = gated_activation(cfg.activation, g, u) @ down.T
+        if len(tensors) > 3:
+            y = y + tensors[5].detach().to("cpu", torch.float64)
+        out.index_add_(0, rows, y * weights[rows, slots].unsqueeze(1))
+    return out

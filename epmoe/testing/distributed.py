@@ -1,0 +1,109 @@
+"""Run a function on N local ranks (Gloo on CPU, NCCL with one GPU per rank), with a timeout.
+
+A rank that raises makes the call raise with that rank's traceback; a rank that hangs past the timeout
+is killed with the others and reported, instead of hanging the test suite.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+# NVLink multicast stays off in every process we start (it can take shared hosts' GPUs out of service).
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, backend: str, port: int, fn: Callable, args: tuple,
+            queue, timeout_s: float) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    for k, v in SAFE_ENV.items():
+        os.environ[k] = v
+    try:
+        torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": torch.device("cuda", rank)} if backend == "nccl" else {}))
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException as exc:  # report every failure, including assertion errors, to the parent
+        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None = None,
+                 timeout_s: float = 120.0) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` processes in one process group; return the
+    per-rank results (must be picklable). `backend`: "gloo", "nccl" or None (NCCL when there are
+    enough GPUs, else Gloo)."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"run_on_ranks: NCCL with {world_size} ranks needs {world_size} GPUs, "
+                           f"found {torch.cuda.device_count()}")
+    for k, v in SAFE_ENV.items():
+        os.environ.setdefault(k, v)
+    method = "spawn" if backend == "nccl" or torch.cuda.is_initialized() else "fork"
+    ctx = mp.get_context(method)
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, backend, port, fn, args, queue, timeout_s),
+                         daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    import queue as queue_mod
+    import time
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, value = queue.get(timeout=min(remaining, 1.0))
+                results[rank] = (status, value)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                if dead and all(not p.is_alive() for r, p in enumerate(procs) if r not in results):
+                    # give the queue a moment to deliver messages of processes that just exited
+                    time.sleep(0.2)
+                    while not queue.empty():
+                        rank, status, value = queue.get()
+                        results[rank] = (status, value)
+                    for r in dead:
+                        results.setdefault(r, ("error", f"process exited with code {procs[r].exitcode} "
+                                                        "without reporting"))
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(results) == world_size else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(results.items()) if s == "error"]
+    missing = [r for r in range(world_size) if r not in results]
+    if errors or missing:
+        msg = []
+        if missing:
+            msg.append(f"ranks {missing} did not finish within {timeout_s:.0f}s (hang or deadlock); killed")
+        raise RuntimeError(f"run_on_ranks({getattr(fn, '__name__', fn)}, {world_size} ranks, {backend}) failed:\n"
+                           + "\n".join(msg + errors))
+    return [results[r][1] for r in range(world_size)]

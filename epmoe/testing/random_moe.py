@@ -1,0 +1,36 @@
+"""Random, non-zero MoE weights and inputs at a scale that keeps activations O(1)."""
+from __future__ import annotations
+
+import torch
+
+
+def random_experts(cfg, seed: int = 0, scale: float = 1.0, with_bias: bool = False):
+    """One (gate [I, H], up [I, H], down [H, I]) float32 tuple per expert (plus biases if asked)."""
+    g = torch.Generator().manual_seed(seed)
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    out = []
+    for _ in range(cfg.num_experts):
+        t = [torch.randn(I, H, generator=g) * (scale / H ** 0.5),
+             torch.randn(I, H, generator=g) * (scale / H ** 0.5),
+             torch.randn(H, I, generator=g) * (scale / I ** 0.5)]
+        if with_bias:
+            t += [torch.randn(I, generator=g) * 0.1, torch.randn(I, generator=g) * 0.1,
+                  torch.randn(H, generator=g) * 0.1]
+        out.append(tuple(t))
+    return out
+
+
+def random_inputs(cfg, num_tokens: int, seed: int = 1, device="cpu", logit_scale: float = 2.0):
+    """hidden [T, H] in cfg.dtype and router logits [T, E] float32, on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, cfg.hidden_size, generator=g).to(cfg.dtype)
+    logits = torch.randn(num_tokens, cfg.num_experts, generator=g) * logit_scale
+    return x.to(device), logits.to(device)
+
+
+def load_experts(layer, experts) -> int:
+    """load_expert for every expert; returns how many this rank kept."""
+    kept = 0
+    for e, t in enumerate(experts):
+        kept += layer.load_expert(e, gate_proj=t[0], up_proj=t[1], down_proj=t[2])
+    return kept
