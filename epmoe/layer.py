@@ -40,11 +40,13 @@ class MoELayer(nn.Module):
     router: optional callable `(hidden_states, router_logits) -> (topk_ids, topk_weights)` replacing the
     config's routing rule; what it returns is validated before it is used.
     expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
+    expert_bias: experts carry biases (gpt-oss): `load_expert` then also takes gate_bias [I], up_bias [I],
+    down_bias [H].
     """
 
     def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
                  device=None, max_tokens_per_rank: int | None = None,
-                 router: Callable | None = None, expert_placement=None):
+                 router: Callable | None = None, expert_placement=None, expert_bias: bool = False):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
@@ -70,6 +72,7 @@ class MoELayer(nn.Module):
                              "max_tokens_per_rank (the most tokens any rank passes in one forward)")
         self.max_tokens_per_rank = max_tokens_per_rank
         self.router = router
+        self.expert_bias = bool(expert_bias)
 
         scheme = cfg.quant_scheme
         self.scheme = scheme
@@ -94,6 +97,9 @@ class MoELayer(nn.Module):
         dt, dev = self.cfg.dtype, self.device
         self.w13 = nn.Parameter(torch.zeros(L, 2 * I, H, dtype=dt, device=dev), requires_grad=False)
         self.w2 = nn.Parameter(torch.zeros(L, H, I, dtype=dt, device=dev), requires_grad=False)
+        if self.expert_bias:
+            self.b13 = nn.Parameter(torch.zeros(L, 2 * I, dtype=torch.float32, device=dev), requires_grad=False)
+            self.b2 = nn.Parameter(torch.zeros(L, H, dtype=torch.float32, device=dev), requires_grad=False)
 
     @property
     def expert_weights(self) -> ExpertWeights:
@@ -111,7 +117,8 @@ class MoELayer(nn.Module):
         self._mark_all_loaded_hook()
 
     def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
-                    **extra) -> bool:
+                    gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+                    down_bias: torch.Tensor | None = None, **extra) -> bool:
         """Load global expert `e` from HF-shaped tensors (gate/up [I, H], down [H, I]).
 
         Returns False (and keeps nothing) if another rank holds `e`. Shapes are checked; values are cast
@@ -128,9 +135,25 @@ class MoELayer(nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"load_expert({e}): {name} must have shape {list(shape)} ([out, in] as in "
                                  f"nn.Linear), got {list(t.shape)}")
+        biases = (gate_bias, up_bias, down_bias)
+        if self.expert_bias:
+            for name, t, n in (("gate_bias", gate_bias, I), ("up_bias", up_bias, I), ("down_bias", down_bias, H)):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+                    raise ValueError(f"load_expert({e}): this layer has expert_bias=True and needs {name} of "
+                                     f"shape [{n}], got {None if t is None else list(t.shape)}")
+        elif any(b is not None for b in biases):
+            raise ValueError(f"load_expert({e}): biases given but the layer was built with expert_bias=False")
         if local is None:
             return False
         self.scheme.load_expert(self, local, gate_proj, up_proj, down_proj, **extra)
+        if self.expert_bias:
+            Ip = self.w2.shape[2]
+            with torch.no_grad():
+                self.b13[local].zero_()
+                self.b13[local, :I].copy_(gate_bias)
+                self.b13[local, Ip:Ip + I].copy_(up_bias)
+                self.b2[local].zero_()
+                self.b2[local, :H].copy_(down_bias)
         self._loaded.add(local)
         return True
 

@@ -32,5 +32,6 @@ def load_experts(layer, experts) -> int:
     """load_expert for every expert; returns how many this rank kept."""
     kept = 0
     for e, t in enumerate(experts):
-        kept += layer.load_expert(e, gate_proj=t[0], up_proj=t[1], down_proj=t[2])
+        biases = dict(zip(("gate_bias", "up_bias", "down_bias"), t[3:]))
+        kept += layer.load_expert(e, gate_proj=t[0], up_proj=t[1], down_proj=t[2], **biases)
     return kept
