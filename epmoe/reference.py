@@ -33,10 +33,11 @@ def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor | Non
                                num_tokens=x.shape[0], top_k=cfg.top_k)
     out = torch.zeros_like(x)
     ids, weights = routing.topk_ids.long(), routing.topk_weights.double()
-    for e, tensors in enumerate(experts):
+    for e in range(cfg.num_experts):
         rows, slots = (ids == e).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
+        tensors = experts[e]  # indexed only when used: `experts` may be a lazy sequence
         gate, up, down = (t.detach().to("cpu", torch.float64) for t in tensors[:3])
         xs = x[rows]
         g, u = xs @ gate.T, xs @ up.T

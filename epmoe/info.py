@@ -1,0 +1,75 @@
+"""`epmoe info`: the registered backends, what each declares, and the support matrix."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from . import __version__, contract
+
+
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def print_info() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    console.print(f"[bold]epmoe {__version__}[/bold]  torch {torch.__version__}  GPU: {gpu}")
+
+    t = Table(title="dispatchers (declared capabilities)")
+    for col in ("name", "layout", "moves tokens", "host sync", "CUDA graph", "needs max_tokens",
+                "FP8 dispatch", "top-k weight applied in", "devices"):
+        t.add_column(col)
+    for name in contract.DISPATCHERS:
+        c = contract.dispatcher_class(name).CAPS
+        t.add_row(name, c.layout, _yes(c.communicates), _yes(c.host_sync), _yes(c.cuda_graph_safe),
+                  _yes(c.needs_max_tokens), _yes(c.fp8_dispatch), c.topk_weight_applied_in,
+                  ",".join(sorted(c.devices)))
+    console.print(t)
+    for name in contract.DISPATCHERS:
+        console.print(f"  {name}: {contract.dispatcher_class(name).CAPS.summary}")
+
+    t = Table(title="experts backends (declared capabilities)")
+    for col in ("name", "layouts", "dtypes", "quant", "FP8 activations", "devices", "CUDA graph",
+                "available here"):
+        t.add_column(col)
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in contract.EXPERTS:
+        c = contract.experts_class(name).CAPS
+        dtypes = ",".join(sorted(str(d).replace("torch.", "") for d in c.dtypes))
+        why = c.available(here) if here in c.devices else f"runs on {','.join(sorted(c.devices))}"
+        t.add_row(name, ",".join(sorted(c.layouts)), dtypes, ",".join(sorted(c.quant)), c.fp8_activations,
+                  ",".join(sorted(c.devices)), _yes(c.cuda_graph_safe), "yes" if not why else f"no: {why}")
+    console.print(t)
+    for name in contract.EXPERTS:
+        console.print(f"  {name}: {contract.experts_class(name).CAPS.summary}")
+
+    rows = contract.support_matrix()
+    columns = sorted({(r.device, r.multi_rank, r.quant) for r in rows},
+                     key=lambda k: (k[0], k[1], k[2] != "none", k[2]))
+    t = Table(title="support matrix (ok, or the number of the reason below)")
+    t.add_column("dispatcher")
+    t.add_column("experts")
+    for dev, multi, q in columns:
+        t.add_column(f"{dev}\n{'EP>1' if multi else '1 rank'}\n{q}", justify="center")
+    reasons: list[str] = []
+    cell = {(r.dispatcher, r.experts, r.device, r.multi_rank, r.quant): r.problem for r in rows}
+    for d in contract.DISPATCHERS:
+        for x in contract.EXPERTS:
+            values = []
+            for dev, multi, q in columns:
+                problem = cell[(d, x, dev, multi, q)]
+                if problem is None:
+                    values.append("[green]ok[/green]")
+                else:
+                    if problem not in reasons:
+                        reasons.append(problem)
+                    values.append(f"[red]{reasons.index(problem) + 1}[/red]")
+            t.add_row(d, x, *values)
+    console.print(t)
+    for i, r in enumerate(reasons, 1):
+        console.print(f"  {i}. {r}")

@@ -1,0 +1,249 @@
+"""`epmoe run`: build a layer of a named preset, fill it with random weights, run it, time it and check
+a sample of its output against the float64 oracle. With several ranks, every rank does this for its own
+tokens with the experts spread over the group."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .config import MoEConfig
+from .layer import MoELayer
+from .presets import expert_weight_bytes, preset_config, shrink_config
+from .reference import reference_moe
+from .testing.compare import bound_for, compare
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class SeededExperts:
+    """Expert e's weights, generated on demand from (seed, e): every rank and the oracle see the same
+    values without anyone holding all experts in memory."""
+
+    def __init__(self, cfg: MoEConfig, seed: int, device="cpu"):
+        self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
+
+    def __len__(self) -> int:
+        return self.cfg.num_experts
+
+    def __getitem__(self, e: int):
+        if not 0 <= e < len(self):
+            raise IndexError(e)
+        cfg = self.cfg
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + e)
+        H, I = cfg.hidden_size, cfg.intermediate_size
+
+        def rand(*shape, fan_in):
+            t = torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32)
+            return (t * fan_in ** -0.5).to(cfg.dtype)
+        return rand(I, H, fan_in=H), rand(I, H, fan_in=H), rand(H, I, fan_in=I)
+
+
+class CountingExperts:
+    """Wraps an experts backend to record how many rows each local expert received (for the report)."""
+
+    def __init__(self, inner, num_local: int):
+        self.inner = inner
+        self.counts = torch.zeros(num_local, dtype=torch.long)
+
+    def __call__(self, batch, weights):
+        if batch.layout == "flat":
+            ids = batch.local_ids.reshape(-1)
+            ids = ids[ids >= 0].long().cpu()
+            self.counts += torch.bincount(ids, minlength=len(self.counts))
+        else:
+            self.counts += batch.counts.long().cpu()
+        return self.inner(batch, weights)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@dataclass
+class RankReport:
+    rank: int
+    tokens: int
+    ms_per_pass: float
+    tokens_per_s: float
+    rel_err: float
+    max_abs: float
+    bound: float
+    checked_tokens: int
+    local_experts: list = field(default_factory=list)
+    rows_per_expert: list = field(default_factory=list)
+    expert_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_err <= self.bound
+
+
+def build_config(args) -> MoEConfig:
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = preset_config(args.preset, dtype=dtype)
+    return shrink_config(cfg, experts=args.experts, shrink=args.shrink)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_fits(cfg: MoEConfig, device: torch.device, ranks: int) -> None:
+    """Refuse (with the flags to use) a preset whose expert weights will not fit this machine."""
+    need = expert_weight_bytes(cfg)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_rank = need / ranks
+        if per_rank > 0.8 * free:
+            raise SystemExit(f"epmoe run: {cfg.num_experts} experts need {per_rank / 2**30:.1f} GiB per GPU, "
+                             f"{free / 2**30:.1f} GiB free; use --experts N, --shrink F or more --ranks")
+        return
+    avail = _available_ram()
+    if avail and need > 0.5 * avail:
+        raise SystemExit(f"epmoe run: {cfg.num_experts} experts need {need / 2**30:.1f} GiB, this machine has "
+                         f"{avail / 2**30:.1f} GiB available; shrink the preset with --experts N and/or "
+                         f"--shrink F (divides hidden and intermediate sizes)")
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_rank(rank: int, world: int, opts: dict) -> dict:
+    """One rank's share of the main job; returns a RankReport as a dict."""
+    import argparse
+    args = argparse.Namespace(**opts)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cfg = build_config(args)
+    group = None
+    if world > 1:
+        import torch.distributed as dist
+        group = dist.group.WORLD
+    layer = MoELayer(cfg, ep_group=group, dispatcher=args.dispatcher, experts=args.backend, device=device,
+                     max_tokens_per_rank=args.max_tokens_per_rank or (args.tokens if world > 1 else None))
+    source = SeededExperts(cfg, args.seed, device)
+    for e in layer.placement.local_experts:
+        g, u, d = source[e]
+        layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
+    if layer.score_correction_bias is not None:
+        gen = torch.Generator().manual_seed(args.seed + 7)
+        layer.score_correction_bias.copy_(torch.randn(cfg.num_experts, generator=gen) * 0.1)
+    counter = CountingExperts(layer.experts, layer.num_local_experts)
+    layer.experts = counter
+
+    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
+    tokens = args.tokens
+    x = torch.randn(tokens, cfg.hidden_size, generator=gen).to(device=device, dtype=cfg.dtype)
+    logits = (torch.randn(tokens, cfg.num_experts, generator=gen) * 2).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        out = layer(x, logits)
+        for _ in range(args.warmup):
+            layer(x, logits)
+        sync()
+        counter.counts.zero_()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            layer(x, logits)
+        sync()
+        elapsed = (time.perf_counter() - t0) / max(args.iters, 1)
+    rows_per_expert = (counter.counts // max(args.iters, 1)).tolist()
+
+    n_check = min(args.check_tokens, tokens)
+    idx = torch.randperm(tokens, generator=gen)[:n_check].sort().values
+    ref = reference_moe(x[idx.to(device)], logits[idx.to(device)], source, cfg,
+                        score_correction_bias=layer.score_correction_bias)
+    res = compare(out[idx.to(device)], ref)
+    report = RankReport(rank=rank, tokens=tokens, ms_per_pass=elapsed * 1e3,
+                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("inf"),
+                        rel_err=res.rel_err, max_abs=res.max_abs, bound=bound_for(cfg.dtype),
+                        checked_tokens=n_check, local_experts=list(layer.placement.local_experts),
+                        rows_per_expert=rows_per_expert,
+                        expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
+    return asdict(report) | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,
+                             "device": str(device), "config": cfg.describe()}
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    device = resolve_device(args.device)
+    cfg = build_config(args)
+    ranks = args.ranks
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and ranks is None
+    check_fits(cfg, device, ranks or 1)
+    opts = vars(args).copy()
+    opts.pop("func", None)
+    if torchrun:
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        reports = [None] * world
+        dist.all_gather_object(reports, run_rank(rank, world, opts))
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0 if all(r["rel_err"] <= r["bound"] for r in reports) else 1
+    elif ranks and ranks > 1:
+        from .testing.distributed import run_on_ranks
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        reports = run_on_ranks(run_rank, ranks, opts, backend=backend, timeout_s=args.timeout)
+    else:
+        reports = [run_rank(0, 1, opts)]
+
+    first = reports[0]
+    console.print(f"[bold]epmoe run[/bold]  preset [cyan]{args.preset}[/cyan]: {first['config']}")
+    console.print(f"device {first['device']}, ranks {len(reports)}, dispatcher {first['dispatcher']}, "
+                  f"experts {first['experts']}, tokens/rank {args.tokens}, input [{args.tokens}, "
+                  f"{cfg.hidden_size}] -> output [{args.tokens}, {cfg.hidden_size}]")
+    table = Table(title="per rank")
+    for col in ("rank", "experts held", "ms/pass", "tokens/s", "checked", "rel err", "max abs err", "result"):
+        table.add_column(col, justify="right")
+    all_ok = True
+    for r in reports:
+        ok = r["rel_err"] <= r["bound"]
+        all_ok &= ok
+        held = r["local_experts"]
+        held_s = f"{held[0]}..{held[-1]} ({len(held)})" if held else "-"
+        table.add_row(str(r["rank"]), held_s, f"{r['ms_per_pass']:.3f}", f"{r['tokens_per_s']:.0f}",
+                      str(r["checked_tokens"]), f"{r['rel_err']:.2e}", f"{r['max_abs']:.2e}",
+                      "[green]OK[/green]" if ok else "[red]FAIL[/red]")
+    console.print(table)
+    console.print(f"bound on ||out - ref|| / ||ref|| for {str(cfg.dtype).replace('torch.', '')}: "
+                  f"{first['bound']:.0e}")
+    console.print("rows each rank's experts received per pass (global expert id: rows):")
+    for r in reports:
+        pairs = [f"{e}:{n}" for e, n in zip(r["local_experts"], r["rows_per_expert"])]
+        console.print(f"  rank {r['rank']}: " + " ".join(pairs[:32]) + (" ..." if len(pairs) > 32 else ""))
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "ranks": reports}, f, indent=1)
+    console.print("[green]all outputs match the float64 oracle[/green]" if all_ok
+                  else "[red]output differs from the oracle beyond the bound[/red]")
+    return 0 if all_ok else 1

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from epmoe.cli import build_parser, main
+
+
+def test_every_command_has_help(capsys):
+    for argv in (["--help"], ["info", "--help"], ["run", "--help"], ["bench", "--help"], ["tune", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: epmoe" in out
+    build_parser()
+
+
+def test_info_prints_matrix(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "support matrix" in out and "grouped_mm" in out and "local" in out
+    assert "silently lose" in out
+
+
+def test_run_checks_against_oracle(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    code = main(["run", "--tokens", "32", "--iters", "1", "--warmup", "0", "--json", str(report)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "all outputs match the float64 oracle" in out and "ms/pass" in out
+    data = json.loads(report.read_text())
+    r = data["ranks"][0]
+    assert r["rel_err"] <= r["bound"] and r["checked_tokens"] == 32
+    assert sum(r["rows_per_expert"]) == 32 * 2
+
+
+def test_run_shrinks_big_presets(capsys):
+    assert main(["run", "--preset", "deepseek-v3", "--experts", "16", "--shrink", "32", "--tokens", "16",
+                 "--iters", "1"]) == 0
+    assert "E=16 top_k=8 H=224 I=64" in capsys.readouterr().out
+
+
+def test_run_refuses_what_does_not_fit():
+    with pytest.raises(SystemExit, match="--experts N"):
+        main(["run", "--preset", "deepseek-v3", "--dtype", "fp32", "--device", "cpu"])
+
+
+def test_run_bad_arguments():
+    with pytest.raises(SystemExit, match="--tokens must be >= 0"):
+        main(["run", "--tokens", "-1"])
+    with pytest.raises(SystemExit):
+        main(["run", "--preset", "nope"])
+
+
+def test_module_entry_point_runs_default_job():
+    out = subprocess.run([sys.executable, "-m", "epmoe", "run", "--tokens", "8", "--iters", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "all outputs match" in out.stdout

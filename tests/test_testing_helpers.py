@@ -1,0 +1,63 @@
+import pytest
+import torch
+import torch.distributed as dist
+
+from epmoe.testing import assert_close, compare, run_on_ranks
+
+
+def test_assert_close_reports_diagnostics():
+    ref = torch.randn(20, 8, dtype=torch.float64)
+    out = ref.clone()
+    out[7] += 1.0
+    with pytest.raises(AssertionError) as info:
+        assert_close(out, ref, 1e-3, context="case-x")
+    msg = str(info.value)
+    assert "case-x" in msg and "rel err" in msg and "max abs err = 1.000e+00" in msg
+    assert msg.index("row 7") < msg.index("worst rows") + 40
+    assert "min" in msg and "max" in msg
+
+
+def test_nan_never_passes():
+    ref = torch.randn(4, 4, dtype=torch.float64)
+    out = ref.clone()
+    out[1, 2] = float("nan")
+    out[2, 2] = float("inf")
+    with pytest.raises(AssertionError, match="NaN/Inf: actual 1/1"):
+        assert_close(out, ref, 1.0)
+    assert compare(ref.clone(), ref).rel_err == 0.0
+    with pytest.raises(AssertionError, match="shape mismatch"):
+        assert_close(ref[:2], ref)
+
+
+def _sum_ranks(rank, world):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return (rank, t.item())
+
+
+def _fail_on_one(rank, world):
+    if rank == 1:
+        raise ValueError("rank one is unhappy")
+    dist.barrier()
+    return rank
+
+
+def _hang_on_zero(rank, world):
+    if rank == 0:
+        import time
+        time.sleep(60)
+    return rank
+
+
+def test_run_on_ranks_collects_results():
+    assert run_on_ranks(_sum_ranks, 3, timeout_s=60) == [(0, 6.0), (1, 6.0), (2, 6.0)]
+
+
+def test_run_on_ranks_reports_the_failing_rank():
+    with pytest.raises(RuntimeError, match="rank 1 ---\nValueError: rank one is unhappy"):
+        run_on_ranks(_fail_on_one, 2, timeout_s=30)
+
+
+def test_run_on_ranks_kills_a_hung_rank():
+    with pytest.raises(RuntimeError, match=r"ranks \[0\] did not finish within 3s"):
+        run_on_ranks(_hang_on_zero, 2, timeout_s=3)
