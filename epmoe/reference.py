@@ -16,36 +16,39 @@ from .routing import Routing, route, validate_routing
 def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor | None,
                   experts: Sequence[Sequence[torch.Tensor]], cfg,
                   score_correction_bias: torch.Tensor | None = None,
-                  routing: Routing | None = None) -> torch.Tensor:
+                  routing: Routing | None = None, device=None) -> torch.Tensor:
     """The MoE function in float64: out[t] = sum_j w[t,j] * down_e(act(gate_e x_t, up_e x_t)).
 
     experts: one (gate_proj [I, H], up_proj [I, H], down_proj [H, I]) per global expert, optionally with
     (gate_bias [I], up_bias [I], down_bias [H]) appended. `routing` overrides the routing rule (custom
-    routers). Returns float64 [T, H] on the CPU.
+    routers). Returns float64 [T, H] on the CPU, or on `device` if given (float64 on a GPU makes real-size
+    checks fast; the arithmetic is the same).
     """
+    dev = torch.device("cpu") if device is None else torch.device(device)
     if len(experts) != cfg.num_experts:
         raise ValueError(f"reference_moe: expected {cfg.num_experts} experts, got {len(experts)}")
-    x = hidden_states.detach().to("cpu", torch.float64)
+    x = hidden_states.detach().to(dev, torch.float64)
     if routing is None:
-        routing = route(router_logits.detach().cpu(), cfg,
-                        None if score_correction_bias is None else score_correction_bias.detach().cpu())
+        # routed where the logits live: the layer does the same, so float32 near-ties break alike
+        bias = None if score_correction_bias is None else score_correction_bias.detach().to(router_logits.device)
+        routing = route(router_logits.detach(), cfg, bias)
     routing = validate_routing(routing.topk_ids.cpu(), routing.topk_weights.cpu(), cfg.num_experts,
                                num_tokens=x.shape[0], top_k=cfg.top_k)
     out = torch.zeros_like(x)
-    ids, weights = routing.topk_ids.long(), routing.topk_weights.double()
+    ids, weights = routing.topk_ids.long().to(dev), routing.topk_weights.double().to(dev)
     for e in range(cfg.num_experts):
         rows, slots = (ids == e).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
         tensors = experts[e]  # indexed only when used: `experts` may be a lazy sequence
-        gate, up, down = (t.detach().to("cpu", torch.float64) for t in tensors[:3])
+        gate, up, down = (t.detach().to(dev, torch.float64) for t in tensors[:3])
         xs = x[rows]
         g, u = xs @ gate.T, xs @ up.T
         if len(tensors) > 3:
-            g = g + tensors[3].detach().to("cpu", torch.float64)
-            u = u + tensors[4].detach().to("cpu", torch.float64)
+            g = g + tensors[3].detach().to(dev, torch.float64)
+            u = u + tensors[4].detach().to(dev, torch.float64)
         y = gated_activation(cfg.activation, g, u) @ down.T
         if len(tensors) > 3:
-            y = y + tensors[5].detach().to("cpu", torch.float64)
+            y = y + tensors[5].detach().to(dev, torch.float64)
         out.index_add_(0, rows, y * weights[rows, slots].unsqueeze(1))
     return out
