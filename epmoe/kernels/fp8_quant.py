@@ -1,0 +1,83 @@
+"""Triton FP8 activation quantization: the formula of `epmoe.quant.fp8`, bit for bit.
+
+One program quantizes a tile of `GROUPS` consecutive groups of one row: amax per group, the scale as
+`max(amax, 1e-12) * (1.0 / 448.0)` (a multiplication, seed 002), `x / scale` with the correctly rounded
+`div_rn` (Triton's plain `/` is an approximate division on GPUs), clamp to +-448, round-to-nearest-even
+cast to e4m3fn. A partial last group reads zeros past the row's end, which change no amax.
+
+The kernel rounds to the e4m3 grid itself (`_round_to_e4m3`, integer arithmetic on the float32 bits)
+before the cast, which is then exact everywhere: Triton's CPU interpreter (3.9) casts to fp8 by rounding
+ties up without carrying into the exponent and truncating subnormals (31.2 became 16.0), while the GPU's
+`cvt.rn.satfinite` rounds correctly; on an exactly representable value both agree with torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX: tl.constexpr = 448.0
+INV_FP8_MAX: tl.constexpr = 1.0 / 448.0
+SCALE_FLOOR: tl.constexpr = 1e-12
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """Round float32 `y` (|y| <= 448) to the nearest e4m3fn value, ties to even, as float32."""
+    bits = y.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    e = (mag >> 23) - 127                                   # unbiased float32 exponent
+    sig = tl.where(mag >= 0x00800000, (mag & 0x007FFFFF) | 0x00800000, mag & 0x007FFFFF)
+    grid = tl.maximum(e, -6) - 3                            # log2 of the e4m3 spacing at this magnitude
+    shift = tl.minimum(grid - (e - 23), 25)                 # significand bits below that spacing
+    half = (1 << (shift - 1)) - 1
+    r = (sig + half + ((sig >> shift) & 1)) >> shift        # round half to even, in units of 2**grid
+    step = ((grid + 127) << 23).to(tl.float32, bitcast=True)
+    val = r.to(tl.float32) * step
+    return tl.where(bits < 0, -val, val)
+
+
+@triton.jit
+def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
+                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g0 = tl.program_id(1) * GROUPS
+    groups = g0 + tl.arange(0, GROUPS)                       # [GROUPS]
+    inner = tl.arange(0, BLOCK)                              # [BLOCK]
+    cols = groups[:, None] * GROUP + inner[None, :]          # [GROUPS, BLOCK]
+    mask = (inner[None, :] < GROUP) & (cols < n_cols) & (groups[:, None] < n_groups)
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)                         # [GROUPS]
+    scale = tl.maximum(amax, SCALE_FLOOR) * INV_FP8_MAX
+    y = tl.math.div_rn(x, scale[:, None])
+    y = _round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+    tl.store(q_ptr + row * q_row_stride + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < n_groups)
+
+
+def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
+    [..., ceil(H / group_size)]); group_size None = one scale per row."""
+    from ..quant.fp8 import FP8_DTYPE, _check_group_size
+    _check_group_size(group_size)
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE or x.dim() < 1:
+        raise TypeError("fp8_quantize: x must be a float32/bfloat16/float16 tensor [..., H]")
+    H = x.shape[-1]
+    if H == 0:
+        raise ValueError("fp8_quantize: the last dimension of x (H) must be >= 1")
+    g = H if group_size is None else group_size
+    n_groups = -(-H // g)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, H)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    q = torch.empty((M, H), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((M, n_groups), dtype=torch.float32, device=x.device)
+    if M:
+        block = triton.next_power_of_2(g)
+        groups = max(1, min(triton.next_power_of_2(n_groups), 4096 // block))
+        grid = (M, triton.cdiv(n_groups, groups))
+        _fp8_quant_kernel[grid](x2, q, s, H, n_groups, x2.stride(0), q.stride(0), s.stride(0),
+                                GROUP=g, BLOCK=block, GROUPS=groups)
+    return q.reshape(*lead, H), s.reshape(*lead, n_groups)
