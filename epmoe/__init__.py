@@ -7,10 +7,11 @@ from .config import MoEConfig
 from .errors import RankMismatch, UnsupportedCombination
 from .layer import MoELayer
 from .placement import Placement
+from .quant import Fp8Config, fp8_dequantize, fp8_quantize
 from .reference import reference_moe
 from .routing import Routing, route, validate_routing
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEConfig", "MoELayer", "Placement", "RankMismatch", "Routing", "UnsupportedCombination",
-           "reference_moe", "route", "validate_routing"]
+__all__ = ["Fp8Config", "MoEConfig", "MoELayer", "Placement", "RankMismatch", "Routing", "UnsupportedCombination",
+           "fp8_dequantize", "fp8_quantize", "reference_moe", "route", "validate_routing"]

@@ -31,8 +31,18 @@ EXPERTS: dict[str, str] = {
 TAKES_FP8 = "takes_fp8"
 QUANTIZES_INTERNALLY = "quantizes_internally"
 
+# What a built FP8 layer does with its activations (`activation_handoff`); `epmoe info` shows it.
+HANDOFF_NONE = "not quantized"
+HANDOFF_ON_THE_WIRE = "dispatcher quantizes before the wire"
+HANDOFF_AFTER_DISPATCH = "layer quantizes after dispatch"      # the explicit conversion
+HANDOFF_IN_EXPERTS = "experts quantize internally"
+
 
 def _always(_device_type: str) -> str | None:
+    return None
+
+
+def _no_quant_problem(_cfg, _device_type: str) -> str | None:
     return None
 
 
@@ -63,6 +73,8 @@ class ExpertsCaps:
     cuda_graph_safe: bool = False
     summary: str = ""
     available: Callable[[str], str | None] = _always
+    # for a quantized cfg in `quant`: why these experts cannot run it on this device (None: they can)
+    quant_problem: Callable[..., str | None] = _no_quant_problem
 
 
 def _load(registry: dict[str, str], name: str, kind: str):
@@ -108,14 +120,38 @@ def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_typ
         q = quant_name(cfg)
         if q not in x.quant:
             return f"experts {experts!r} support quantization {sorted(x.quant)}, not {q!r}"
-        if q != "none" and getattr(cfg.quant, "dispatch_fp8", False):
-            if not d.fp8_dispatch:
-                return (f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot quantize activations before "
-                        f"the wire")
-            if x.fp8_activations != TAKES_FP8:
-                return (f"dispatch_fp8=True sends FP8 rows with scales, but experts {experts!r} quantize their "
-                        f"activations internally and take high-precision rows")
+        if q != "none":
+            why = x.quant_problem(cfg, device_type)
+            if why:
+                return f"experts {experts!r} cannot run {q} on {device_type}: {why}"
+            if x.fp8_activations not in (TAKES_FP8, QUANTIZES_INTERNALLY):
+                return (f"experts {experts!r} declare fp8_activations={x.fp8_activations!r}; FP8 experts must "
+                        f"declare {TAKES_FP8!r} or {QUANTIZES_INTERNALLY!r}")
+            if getattr(cfg.quant, "dispatch_fp8", False) and d.communicates:
+                # Seed 001: who quantizes is settled here, at build time, never discovered in a forward.
+                if not d.fp8_dispatch:
+                    return (f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot send FP8 rows with their "
+                            f"scales; set dispatch_fp8=False (BF16 on the wire) or pick an FP8-capable dispatcher")
+                if x.fp8_activations != TAKES_FP8:
+                    return (f"dispatch_fp8=True sends FP8 rows with scales, but experts {experts!r} quantize their "
+                            f"activations internally from high-precision rows; set dispatch_fp8=False or pick "
+                            f"experts that take FP8")
     return None
+
+
+def activation_handoff(dispatcher: str, experts: str, cfg) -> str:
+    """Who quantizes the activations of a valid pairing (call after `check_pairing`).
+
+    FP8 on the wire when asked for and the dispatcher can; otherwise experts that take FP8 get their rows
+    quantized by the layer right after dispatch (the explicit conversion, same formula, same bits), and
+    experts that quantize internally get the high-precision rows.
+    """
+    if cfg is None or cfg.quant is None:
+        return HANDOFF_NONE
+    d, x = dispatcher_class(dispatcher).CAPS, experts_class(experts).CAPS
+    if getattr(cfg.quant, "dispatch_fp8", False) and d.fp8_dispatch:
+        return HANDOFF_ON_THE_WIRE
+    return HANDOFF_AFTER_DISPATCH if x.fp8_activations == TAKES_FP8 else HANDOFF_IN_EXPERTS
 
 
 def check_pairing(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> None:
@@ -180,7 +216,10 @@ def support_matrix(cfgs: dict | None = None) -> list[MatrixRow]:
                 for multi in (False, True):
                     for q, cfg in cfgs.items():
                         problem = pairing_problem(d, x, cfg, 2 if multi else 1, device)
-                        rows.append(MatrixRow(d, x, device, multi, q, problem))
+                        extra = {}
+                        if problem is None and cfg.quant is not None:
+                            extra["fp8_activations"] = activation_handoff(d, x, cfg)
+                        rows.append(MatrixRow(d, x, device, multi, q, problem, extra))
     return rows
 
 

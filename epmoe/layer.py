@@ -88,22 +88,25 @@ class MoELayer(nn.Module):
 
         self.dispatcher = dcls(cfg, self.placement, ep_group, max_tokens_per_rank, self.device)
         self.experts = contract.experts_class(self.experts_name)(cfg, self.device)
+        # Who quantizes the activations (FP8), settled by the contract now, not discovered in a forward.
+        self.activation_handoff = contract.activation_handoff(self.dispatcher_name, self.experts_name, cfg)
         if ep_group is not None:
             from .handshake import check_group_agrees
             check_group_agrees(self)
 
     # ----------------------------------------------------------------------------------------- weights
     def _create_weights(self, L: int, H: int, I: int) -> None:
-        dt, dev = self.cfg.dtype, self.device
-        self.w13 = nn.Parameter(torch.zeros(L, 2 * I, H, dtype=dt, device=dev), requires_grad=False)
-        self.w2 = nn.Parameter(torch.zeros(L, H, I, dtype=dt, device=dev), requires_grad=False)
+        """Weights in the scheme's format (padded sizes H, I); biases stay float32 beside them."""
+        dev = self.device
+        self.scheme.create_weights(self, L, H, I)
         if self.expert_bias:
             self.b13 = nn.Parameter(torch.zeros(L, 2 * I, dtype=torch.float32, device=dev), requires_grad=False)
             self.b2 = nn.Parameter(torch.zeros(L, H, dtype=torch.float32, device=dev), requires_grad=False)
 
     @property
     def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(self.w13, self.w2, getattr(self, "b13", None), getattr(self, "b2", None))
+        return ExpertWeights(self.w13, self.w2, getattr(self, "b13", None), getattr(self, "b2", None),
+                             getattr(self, "w13_scale", None), getattr(self, "w2_scale", None))
 
     @property
     def num_local_experts(self) -> int:
@@ -209,6 +212,8 @@ class MoELayer(nn.Module):
         H, Hp = self.cfg.hidden_size, self.cfg.padded_hidden_size
         x = hidden_states if Hp == H else nn.functional.pad(hidden_states, (0, Hp - H))
         batch, handle = self.dispatcher.dispatch(x, routing)
+        if self.activation_handoff == contract.HANDOFF_AFTER_DISPATCH:
+            batch = self.scheme.quantize_batch(batch)
         y = self.experts(batch, self.expert_weights)
         out = self.dispatcher.combine(y, handle)
         return out if Hp == H else out[:, :H].contiguous()

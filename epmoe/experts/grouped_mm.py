@@ -3,12 +3,17 @@
 Pairs are sorted by expert on the device (no host sync), both GEMMs run grouped over the experts'
 segments, the activation runs in float32 between them, and each token's k outputs are summed in
 float32 with their routing weights.
+
+FP8 layers (CUDA, compute capability 9.0+): both GEMMs through `torch._scaled_grouped_mm`, which takes
+row-wise float32 scales only, so it runs per-channel or per-tensor weights with per-token activations
+(FP8 rows with their scales in; the intermediate activation quantized per token with the same formula;
+BF16 out). Block-scaled weights are refused at build time and run on other experts.
 """
 from __future__ import annotations
 
 import torch
 
-from ..contract import ExpertsCaps
+from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
 from .activations import gated_activation_fused
 from .base import Experts, sort_pairs_by_expert, weighted_sum_of_slots
@@ -27,16 +32,36 @@ def _grouped_mm_problem(device_type: str) -> str | None:
     return None
 
 
+def _scaled_grouped_mm_problem(cfg, device_type: str) -> str | None:
+    """Why `torch._scaled_grouped_mm` cannot run this FP8 config here (None: it can)."""
+    if device_type != "cuda":
+        return "torch._scaled_grouped_mm runs only on CUDA GPUs (compute capability 9.0+)"
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
+        return "torch._scaled_grouped_mm needs compute capability 9.0 or newer"
+    if cfg.quant.activation != "per_token":
+        return ("torch._scaled_grouped_mm scales whole rows: it needs activation='per_token', not "
+                f"{cfg.quant.activation!r}")
+    if cfg.dtype != torch.bfloat16:
+        return f"torch._scaled_grouped_mm writes bfloat16 only; the layer's dtype is {cfg.dtype}"
+    return None
+
+
 class GroupedMMExperts(Experts):
     name = "grouped_mm"
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), cuda_graph_safe=True,
-                       summary="torch._grouped_mm over expert segments sorted on the device",
-                       available=_grouped_mm_problem)
+                       quant=frozenset({"none", "fp8_channel", "fp8_tensor"}), fp8_activations=TAKES_FP8,
+                       summary="torch._grouped_mm over expert segments sorted on the device "
+                               "(FP8: torch._scaled_grouped_mm, row-wise scales)",
+                       available=_grouped_mm_problem, quant_problem=_scaled_grouped_mm_problem)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         n, k = batch.local_ids.shape
         if n == 0:
-            return batch.x.new_zeros(batch.x.shape)
+            return torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=batch.x.device)
+        if weights.w13_scale is not None:
+            return self._forward_flat_fp8(batch, weights)
         order, _counts, offsets = sort_pairs_by_expert(batch.local_ids, weights.num_local_experts)
         x_sorted = batch.x[order // k]
         h = torch._grouped_mm(x_sorted, weights.w13.transpose(1, 2), offs=offsets)
@@ -53,3 +78,28 @@ class GroupedMMExperts(Experts):
         y_pairs = torch.empty_like(y)
         y_pairs[order] = y
         return weighted_sum_of_slots(y_pairs, batch, batch.x.dtype)
+
+    def _forward_flat_fp8(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+        if batch.scales is None:
+            raise ValueError("experts 'grouped_mm' take FP8 rows with their per-token scales on an FP8 layer")
+        n, k = batch.local_ids.shape
+        order, _counts, offsets = sort_pairs_by_expert(batch.local_ids, weights.num_local_experts)
+        src = order // k
+        x_sorted = batch.x[src]
+        x_scale = batch.scales.reshape(n)[src].contiguous()
+        h = torch._scaled_grouped_mm(x_sorted, weights.w13.transpose(1, 2), x_scale, weights.w13_scale,
+                                     offs=offsets, out_dtype=torch.bfloat16)
+        expert_of_row = None
+        if weights.b13 is not None or weights.b2 is not None:
+            expert_of_row = batch.local_ids.reshape(-1)[order].long().clamp(min=0)
+        h = h.float()
+        if weights.b13 is not None:
+            h = h + weights.b13[expert_of_row].float()
+        a_q, a_scale = self.cfg.quant_scheme.quantize_activations(gated_activation_fused(self.cfg.activation, h))
+        y = torch._scaled_grouped_mm(a_q, weights.w2.transpose(1, 2), a_scale.reshape(-1), weights.w2_scale,
+                                     offs=offsets, out_dtype=torch.bfloat16)
+        if weights.b2 is not None:
+            y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
+        y_pairs = torch.empty_like(y)
+        y_pairs[order] = y
+        return weighted_sum_of_slots(y_pairs, batch, self.cfg.dtype)

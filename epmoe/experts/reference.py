@@ -1,21 +1,31 @@
 """`reference`: a plain PyTorch loop over local experts, float32 arithmetic, any device and layout.
 
-Slow and obviously right; the in-library counterpart of `epmoe.reference_moe`."""
+Slow and obviously right; the in-library counterpart of `epmoe.reference_moe`. FP8 layers: it takes
+FP8 rows with their scales, dequantizes rows and weights, computes in float32, and quantizes the
+intermediate activation with the same formula before the down projection (what FP8 GEMMs do)."""
 from __future__ import annotations
 
 import torch
 
-from ..contract import ExpertsCaps
+from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, FLAT, BatchedBatch, ExpertWeights, FlatBatch
+from ..quant.fp8 import dequantize_weight
 from .activations import gated_activation_fused
 from .base import Experts
 
 
-def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str) -> torch.Tensor:
-    h = x.float() @ w.w13[e].float().T
+def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str, scheme=None) -> torch.Tensor:
+    """One expert on rows `x` (float, or FP8 already dequantized by the caller) in float32."""
+    fp8 = w.w13_scale is not None
+    w13 = dequantize_weight(w.w13[e], w.w13_scale[e]) if fp8 else w.w13[e].float()
+    h = x.float() @ w13.T
     if w.b13 is not None:
         h = h + w.b13[e].float()
-    y = gated_activation_fused(activation, h) @ w.w2[e].float().T
+    a = gated_activation_fused(activation, h)
+    if fp8:
+        a = scheme.dequantize_activations(*scheme.quantize_activations(a))
+    w2 = dequantize_weight(w.w2[e], w.w2_scale[e]) if fp8 else w.w2[e].float()
+    y = a @ w2.T
     if w.b2 is not None:
         y = y + w.b2[e].float()
     return y
@@ -24,20 +34,35 @@ def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str) 
 class ReferenceExperts(Experts):
     name = "reference"
     CAPS = ExpertsCaps(layouts=frozenset({FLAT, BATCHED}),
+                       quant=frozenset({"none", "fp8_block", "fp8_channel", "fp8_tensor"}),
+                       fp8_activations=TAKES_FP8,
                        summary="PyTorch loop over experts in float32; slow, any device")
 
+    def _rows(self, batch) -> torch.Tensor:
+        """The batch's rows in float32 (FP8 rows dequantized with their scales)."""
+        if self.cfg.quant is None:
+            return batch.x
+        if batch.scales is None:
+            raise ValueError("experts 'reference' take FP8 rows with scales on an FP8 layer, got rows without "
+                             "scales (the layer quantizes after dispatch when the dispatcher did not)")
+        return self.cfg.quant_scheme.dequantize_activations(batch.x, batch.scales)
+
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
-        out = torch.zeros(batch.x.shape, dtype=torch.float32, device=batch.x.device)
+        x = self._rows(batch)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        scheme = self.cfg.quant_scheme
         for e in range(weights.num_local_experts):
             rows, slots = (batch.local_ids == e).nonzero(as_tuple=True)
             if rows.numel():
-                y = _expert_forward(batch.x[rows], weights, e, self.cfg.activation)
+                y = _expert_forward(x[rows], weights, e, self.cfg.activation, scheme)
                 out.index_add_(0, rows, y * batch.weights[rows, slots].unsqueeze(1))
-        return out.to(batch.x.dtype)
+        return out.to(self.cfg.dtype)
 
     def forward_batched(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
-        out = torch.zeros_like(batch.x)
+        x = self._rows(batch)
+        out = torch.zeros(x.shape, dtype=self.cfg.dtype, device=x.device)
+        scheme = self.cfg.quant_scheme
         for e, n in enumerate(batch.counts.tolist()):
             if n:
-                out[e, :n] = _expert_forward(batch.x[e, :n], weights, e, self.cfg.activation).to(out.dtype)
+                out[e, :n] = _expert_forward(x[e, :n], weights, e, self.cfg.activation, scheme).to(out.dtype)
         return out

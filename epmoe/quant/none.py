@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,12 @@ class NoQuant:
 
     def roundup_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
         return hidden_size, intermediate_size
+
+    def create_weights(self, layer, L: int, H: int, I: int) -> None:
+        """w13 [L, 2I, H] (gate rows, then up rows) and w2 [L, H, I] in the layer's dtype, zeros."""
+        dt, dev = self.dtype, layer.device
+        layer.w13 = nn.Parameter(torch.zeros(L, 2 * I, H, dtype=dt, device=dev), requires_grad=False)
+        layer.w2 = nn.Parameter(torch.zeros(L, H, I, dtype=dt, device=dev), requires_grad=False)
 
     def load_expert(self, layer, local: int, gate_proj, up_proj, down_proj, **extra) -> None:
         """Copy one expert's HF-shaped weights into the layer's fused, padded layout."""
