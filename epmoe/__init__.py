@@ -5,6 +5,7 @@ helpers in `epmoe.testing`.
 """
 from .config import MoEConfig
 from .errors import RankMismatch, UnsupportedCombination
+from .integration import from_transformers, patch_model
 from .layer import MoELayer
 from .placement import Placement
 from .quant import Fp8Config, fp8_dequantize, fp8_quantize
@@ -14,4 +15,4 @@ from .routing import Routing, route, validate_routing
 __version__ = "0.1.0"
 
 __all__ = ["Fp8Config", "MoEConfig", "MoELayer", "Placement", "RankMismatch", "Routing", "UnsupportedCombination",
-           "fp8_dequantize", "fp8_quantize", "reference_moe", "route", "validate_routing"]
+           "fp8_dequantize", "fp8_quantize", "from_transformers", "patch_model", "reference_moe", "route", "validate_routing"]
