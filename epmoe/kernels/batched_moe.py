@@ -1,0 +1,66 @@
+"""The batched layout (`[L, C, H]` rows per local expert + `counts [L]`) through the fused kernels.
+
+The same gate+up and down kernels as the flat path run with BATCHED=True: a tile is (expert, block of
+BLOCK_M capacity rows); a tile that starts at or past its expert's count does no arithmetic (the down
+kernel only writes its zeros), so the cost follows the real rows, not the capacity. Outputs are
+unweighted (the combine applies the routing weights) and rows past the count are zero.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .fused_moe import Fp8Operands, launch_down, launch_gate_up, weight_format
+from .tuning_table import MoEKernelConfig, lookup_config
+
+
+def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    activation: str, *, top_k: int = 1, b13: torch.Tensor | None = None,
+                    b2: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                    config: MoEKernelConfig | None = None, fp8: Fp8Operands | None = None) -> torch.Tensor:
+    """x [L, C, H] (rows past counts[e] are ignored), counts [L] int -> [L, C, H]: expert e's output for
+    its first counts[e] rows, zeros after. `top_k` only steers the choice of tiles (rows per expert)."""
+    if x.dim() != 3:
+        raise ValueError(f"batched_experts: x must be [L, C, H], got {list(x.shape)}")
+    L, C, H = x.shape
+    if counts.dim() != 1 or counts.shape[0] != L:
+        raise ValueError(f"batched_experts: counts must be [L={L}], got {list(counts.shape)}")
+    Lw, two_i, Hw = w13.shape
+    inter = two_i // 2
+    if Lw != L or Hw != H or tuple(w2.shape) != (L, H, inter):
+        raise ValueError(f"batched_experts: weights must be w13 [L={L}, 2I, H={H}] and w2 [L, H, I], got "
+                         f"{list(w13.shape)} and {list(w2.shape)}")
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if not t.is_contiguous():
+            raise ValueError(f"batched_experts: {name} must be contiguous")
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(L, C, H, dtype=out_dtype, device=x.device)
+    if L == 0 or C == 0:
+        return out
+    if config is None:
+        config, _ = lookup_config(max(1, L * C // max(top_k, 1)), L, H, inter, top_k,
+                                  weight_format(w13, fp8.granularity if fp8 else None), x.device)
+    bm = config.block_m
+    row_blocks = L * triton.cdiv(C, bm)
+    counts = counts.to(torch.int32).contiguous()
+    mode1 = mode2 = None
+    inter_scale = None
+    if fp8 is not None:
+        mode1, mode2 = fp8.modes()
+        act = torch.empty(L * C, inter, dtype=torch.float8_e4m3fn if mode1.out_fp8 else out_dtype,
+                          device=x.device)
+        if mode1.out_fp8:
+            inter_scale = torch.empty(L * C, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32,
+                                      device=x.device)
+    else:
+        act = torch.empty(L * C, inter, dtype=x.dtype, device=x.device)
+    common = dict(sorted_ids=None, block_expert=None, num_padded=None, counts=counts, num_pairs=0,
+                  capacity=C, row_blocks=row_blocks, hidden=H, inter=inter, top_k=1, batched=True, block_m=bm)
+    launch_gate_up(x, w13, None if b13 is None else b13.float().contiguous(), act, inter_scale,
+                   fp8.x_scale if fp8 else None, fp8.w13_scale if fp8 else None, gemm=config.gate_up,
+                   activation=activation, fp8=mode1, **common)
+    if fp8 is not None and not mode1.out_fp8:
+        act, inter_scale = fp8.quantize_intermediate(act)
+    launch_down(act, w2, None if b2 is None else b2.float().contiguous(), out, inter_scale,
+                fp8.w2_scale if fp8 else None, None, gemm=config.down, fp8=mode2, **common)
+    return out

@@ -1,0 +1,485 @@
+"""Fused MoE experts in Triton: gate+up GEMM with the activation in its epilogue, down GEMM with the
+routing weight in its epilogue, and the k outputs of a token summed in float32.
+
+Pipeline for the flat layout (`fused_experts`), all on the GPU with no host sync:
+
+    align_pairs      (token, slot) pairs laid out expert by expert, padded per expert to BLOCK_M
+    gate_up kernel   tile rows gathered straight from the unsorted input x [N, H] (row = pair // k);
+                     two accumulators (gate rows n, up rows I + n of w13 [L, 2I, H]); bias, activation,
+                     cast (or FP8 quantization) in the epilogue -> act [padded pairs, I]
+    down kernel      act rows (contiguous) x w2 [L, H, I]; bias, routing weight in the epilogue; each row
+                     scattered to its pair -> y [N * k, H]
+    sum kernel       out[t] = sum over the token's local slots of y[t * k + j], in float32
+
+The batched layout ([L, C, H] + counts, `batched_moe.py`) runs the same two GEMM kernels with
+BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
+kernel writes their zeros) and no routing weight is applied.
+
+FP8 (W8A8, e4m3fn): A and B in FP8, float32 accumulation. Scales are either per K-block (activations:
+one per token-group of BLOCK_K columns; weights: one per SCALE_BLOCK_N x BLOCK_K block) applied to each
+K-block's partial product, or per row (activations: per token; weights: per output channel, a
+per-tensor scale stored repeated) applied once in the epilogue. The gate+up epilogue can quantize its
+output per token-group of BLOCK_N columns with the one formula (epmoe.quant.fp8).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe_align import align_pairs
+from .tuning_table import GemmConfig, MoEKernelConfig, lookup_config
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
+SWIGLUOAI_ALPHA = 1.702   # epmoe.experts.activations
+SWIGLUOAI_LIMIT = 7.0
+FP8_MAX = 448.0           # epmoe.quant.fp8
+FP8_SCALE_FLOOR = 1e-12
+
+
+@triton.jit
+def _gated_activation(g, u, ACTIVATION: tl.constexpr):
+    """act(gate, up) in float32, as epmoe.experts.activations.gated_activation defines it."""
+    if ACTIVATION == 0:      # silu(g) * u
+        return g / (1.0 + tl.exp(-g)) * u
+    elif ACTIVATION == 1:    # exact gelu(g) * u
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
+    else:                    # swigluoai: clamped gate and up
+        g = tl.minimum(g, SWIGLUOAI_LIMIT)
+        u = tl.minimum(tl.maximum(u, -SWIGLUOAI_LIMIT), SWIGLUOAI_LIMIT)
+        return g / (1.0 + tl.exp(-SWIGLUOAI_ALPHA * g)) * (u + 1.0)
+
+
+@triton.jit
+def _fp8_quantize_rows(v):
+    """One e4m3fn scale per row of `v` (float32 [M, N]): scale = max(amax, 1e-12) * (1/448),
+    q = e4m3fn(clamp(x / scale, -448, 448)) with a correctly rounded division (the one formula)."""
+    amax = tl.max(tl.abs(v), axis=1)
+    scale = tl.maximum(amax, FP8_SCALE_FLOOR) * (1.0 / FP8_MAX)
+    q = tl.math.div_rn(v, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity,
+               TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BATCHED: tl.constexpr):
+    """For tile row-block `pid_m`: (expert or -1 when the tile has nothing to do, source row of each tile
+    row (always in bounds), position of each tile row in the padded layout, row holds real data, pair id).
+    """
+    offs = tl.arange(0, BLOCK_M)
+    if BATCHED:
+        blocks_per_expert = tl.cdiv(capacity, BLOCK_M)
+        expert = pid_m // blocks_per_expert
+        local = (pid_m % blocks_per_expert) * BLOCK_M + offs
+        count = tl.load(counts_ptr + expert)
+        valid = local < count
+        pos = expert.to(tl.int64) * capacity + tl.minimum(local, capacity - 1)
+        src = pos
+        pair = pos
+        expert = tl.where((pid_m % blocks_per_expert) * BLOCK_M < count, expert, -1)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        pos = pid_m.to(tl.int64) * BLOCK_M + offs
+        pair = tl.load(sorted_ids_ptr + pos)
+        valid = pair < num_pairs
+        src = tl.where(valid, pair // TOP_K, 0).to(tl.int64)
+    return expert, src, pos, valid, pair
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n), GROUP_M row-blocks at a time, so that neighbouring programs share
+    one expert's weight tiles and the same token rows in L2."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit(do_not_specialize=["num_pairs", "capacity"])
+def gate_up_kernel(
+        x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
+        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
+        num_pairs, capacity,
+        H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
+        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
+        FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+        SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert."""
+    num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
+    K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = H % BLOCK_K == 0
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+    if not BATCHED:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+    expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nw = offs_n % I                     # wrapped: every weight row read exists; extra columns are dropped
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + src[:, None] * H + offs_k[None, :]
+    g_ptrs = w_ptr + expert * (2 * I * H) + offs_nw[None, :] * H + offs_k[:, None]
+    u_ptrs = g_ptrs + I * H
+    if FP8:
+        if X_SCALE_PER_BLOCK:
+            xs_ptrs = x_scale_ptr + src * K_BLOCKS
+        if W_SCALE_PER_BLOCK:
+            ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
+            ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                + ((offs_nw + I) // SCALE_BLOCK_N) * K_BLOCKS
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K_BLOCKS):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            k_left = H - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            bg = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bu = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
+            pg = tl.dot(a, bg)
+            pu = tl.dot(a, bu)
+            if X_SCALE_PER_BLOCK:
+                xs = tl.load(xs_ptrs + kb)
+                pg = pg * xs[:, None]
+                pu = pu * xs[:, None]
+            if W_SCALE_PER_BLOCK:
+                pg = pg * tl.load(ws_g_ptrs + kb)[None, :]
+                pu = pu * tl.load(ws_u_ptrs + kb)[None, :]
+            acc_g += pg
+            acc_u += pu
+        else:
+            acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+
+    if FP8:
+        if not X_SCALE_PER_BLOCK:            # one scale per token, applied once
+            xs = tl.load(x_scale_ptr + src)
+            acc_g = acc_g * xs[:, None]
+            acc_u = acc_u * xs[:, None]
+        if not W_SCALE_PER_BLOCK:            # one scale per output channel (or tensor)
+            acc_g = acc_g * tl.load(w_scale_ptr + expert * (2 * I) + offs_nw)[None, :]
+            acc_u = acc_u * tl.load(w_scale_ptr + expert * (2 * I) + I + offs_nw)[None, :]
+    if HAS_BIAS:
+        acc_g += tl.load(bias_ptr + expert * (2 * I) + offs_nw)[None, :]
+        acc_u += tl.load(bias_ptr + expert * (2 * I) + I + offs_nw)[None, :]
+    act = _gated_activation(acc_g, acc_u, ACTIVATION)
+    n_mask = offs_n < I
+    out_ptrs = out_ptr + pos[:, None] * I + offs_n[None, :]
+    if OUT_FP8:                              # this tile's BLOCK_N columns are one quantization group
+        q, scale = _fp8_quantize_rows(tl.where(n_mask[None, :], act, 0.0))
+        tl.store(out_ptrs, q, mask=n_mask[None, :])
+        tl.store(out_scale_ptr + pos * num_pid_n + pid_n, scale)
+    else:
+        tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["num_pairs", "capacity"])
+def down_kernel(
+        a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
+        num_pairs, capacity,
+        H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
+        FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+        SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """act_rows @ w2[e].T (+ bias) (* routing weight) for one tile; rows go to their pair (flat) or stay
+    in place (batched, rows past the count written as zeros)."""
+    num_pid_n: tl.constexpr = (H + BLOCK_N - 1) // BLOCK_N
+    K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = I % BLOCK_K == 0
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+    if not BATCHED:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+    expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < H
+    if BATCHED:
+        # rows past the count are zeros in the output; a tile with no rows writes only those
+        if expert < 0:
+            rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
+            tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
+                     tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                     mask=rows_in[:, None] & n_mask[None, :])
+            return
+    else:
+        if expert < 0:
+            return
+    expert = expert.to(tl.int64)
+
+    offs_nw = offs_n % H
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
+    b_ptrs = w_ptr + expert * (H * I) + offs_nw[None, :] * I + offs_k[:, None]
+    if FP8:
+        if A_SCALE_PER_BLOCK:
+            as_ptrs = a_scale_ptr + pos * K_BLOCKS
+        if W_SCALE_PER_BLOCK:
+            ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
+                + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K_BLOCKS):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = I - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
+            p = tl.dot(a, b)
+            if A_SCALE_PER_BLOCK:
+                p = p * tl.load(as_ptrs + kb)[:, None]
+            if W_SCALE_PER_BLOCK:
+                p = p * tl.load(ws_ptrs + kb)[None, :]
+            acc += p
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if FP8:
+        if not A_SCALE_PER_BLOCK:
+            acc = acc * tl.load(a_scale_ptr + pos)[:, None]
+        if not W_SCALE_PER_BLOCK:
+            acc = acc * tl.load(w_scale_ptr + expert * H + offs_nw)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * H + offs_nw)[None, :]
+    if BATCHED:
+        acc = tl.where(valid[:, None], acc, 0.0)
+        rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
+        tl.store(out_ptr + pos[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=rows_in[:, None] & n_mask[None, :])
+    else:
+        if APPLY_WEIGHT:
+            acc = acc * tl.load(topk_weights_ptr + pair, mask=valid, other=0.0)[:, None]
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def sum_slots_kernel(y_ptr, ids_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j y[t * k + j] over the slots whose expert is local (float32), cast once."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + t * TOP_K + j)
+        here = h_mask & (tl.zeros_like(offs) + expert >= 0)
+        acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=here, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+@dataclass(frozen=True)
+class Fp8Mode:
+    """How the FP8 operands of one GEMM are scaled (see the module docstring)."""
+    a_scale_per_block: bool     # activations: one scale per BLOCK_K group (else per row)
+    w_scale_per_block: bool     # weights: one scale per SCALE_BLOCK_N x BLOCK_K block (else per row)
+    scale_block_n: int = 128    # rows of a weight scale block
+    out_fp8: bool = False       # gate_up only: quantize the output per BLOCK_N group
+
+
+def _run(kernel, grid, args, meta, warmup: bool):
+    """Launch, or (warmup) only compile; `args` may then hold torch dtypes in place of tensors."""
+    if warmup:
+        kernel.warmup(*args, grid=grid, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _fp8_meta(fp8: Fp8Mode | None) -> dict:
+    if fp8 is None:
+        return dict(FP8=False, SCALE_BLOCK_N=128)
+    return dict(FP8=True, W_SCALE_PER_BLOCK=fp8.w_scale_per_block, SCALE_BLOCK_N=fp8.scale_block_n)
+
+
+def _dot_precision(dtype) -> str:
+    # float32 operands: true float32 products (tf32 would miss the 1e-5 bound)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, block_expert, num_padded,
+                   counts, num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int,
+                   top_k: int, activation: str, batched: bool, block_m: int, gemm: GemmConfig,
+                   fp8: Fp8Mode | None = None, warmup: bool = False) -> None:
+    """gate_up_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor."""
+    x_dtype = x if isinstance(x, torch.dtype) else x.dtype
+    grid = (row_blocks * triton.cdiv(inter, gemm.block_n),)
+    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation],
+                HAS_BIAS=b13 is not None, BATCHED=batched,
+                X_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
+                OUT_FP8=bool(fp8 and fp8.out_fp8), DOT_PRECISION=_dot_precision(x_dtype),
+                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                num_warps=gemm.num_warps, num_stages=gemm.num_stages)
+    meta.update(_fp8_meta(fp8))
+    unused = x
+    args = (x, w13, unused if b13 is None else b13, out, unused if out_scale is None else out_scale,
+            unused if x_scale is None else x_scale, unused if w13_scale is None else w13_scale,
+            unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
+            unused if num_padded is None else num_padded, unused if counts is None else counts,
+            num_pairs, capacity)
+    _run(gate_up_kernel, grid, args, meta, warmup)
+
+
+def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, block_expert, num_padded, counts,
+                num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int, top_k: int,
+                batched: bool, block_m: int, gemm: GemmConfig, fp8: Fp8Mode | None = None,
+                warmup: bool = False) -> None:
+    """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor."""
+    a_dtype = a if isinstance(a, torch.dtype) else a.dtype
+    grid = (row_blocks * triton.cdiv(hidden, gemm.block_n),)
+    meta = dict(H=hidden, I=inter, TOP_K=top_k, HAS_BIAS=b2 is not None, BATCHED=batched,
+                APPLY_WEIGHT=topk_weights is not None,
+                A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
+                DOT_PRECISION=_dot_precision(a_dtype),
+                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                num_warps=gemm.num_warps, num_stages=gemm.num_stages)
+    meta.update(_fp8_meta(fp8))
+    unused = out
+    args = (a, w2, unused if b2 is None else b2, out, unused if a_scale is None else a_scale,
+            unused if w2_scale is None else w2_scale, unused if topk_weights is None else topk_weights,
+            unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
+            unused if num_padded is None else num_padded, unused if counts is None else counts,
+            num_pairs, capacity)
+    _run(down_kernel, grid, args, meta, warmup)
+
+
+def sum_block(hidden: int) -> int:
+    return 1024 if hidden >= 1024 else triton.next_power_of_2(hidden)
+
+
+def launch_sum(y, local_ids, out, num_rows: int, hidden: int, top_k: int, warmup: bool = False) -> None:
+    grid = (num_rows, triton.cdiv(hidden, sum_block(hidden)))
+    _run(sum_slots_kernel, grid, (y, local_ids, out),
+         dict(H=hidden, TOP_K=top_k, BLOCK_H=sum_block(hidden), num_warps=4), warmup)
+
+
+# ------------------------------------------------------------------------------------ the flat path
+def weight_format(w13: torch.Tensor, fp8_granularity: str | None) -> str:
+    """The tuning-table name of a weight format."""
+    if fp8_granularity is not None:
+        return f"fp8_{fp8_granularity}"
+    return str(w13.dtype).replace("torch.", "")
+
+
+def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  w13: torch.Tensor, w2: torch.Tensor, activation: str, *,
+                  b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None, config: MoEKernelConfig | None = None,
+                  fp8: "Fp8Operands | None" = None) -> torch.Tensor:
+    """The flat-layout MoE experts: out[t] = sum_j w[t, j] * down_e(act(gate_e x_t, up_e x_t)) over the
+    slots j whose local expert e = local_ids[t, j] is >= 0.
+
+    x [N, H] (bf16/fp16/fp32, or e4m3fn with `fp8`), local_ids [N, k] int, topk_weights [N, k] float32,
+    w13 [L, 2I, H], w2 [L, H, I] contiguous; b13 [L, 2I] / b2 [L, H] float32 optional.
+    Returns [N, H] in `out_dtype` (default: x's dtype).
+    """
+    if x.dim() != 2 or local_ids.dim() != 2 or local_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"fused_experts: x must be [N, H] and local_ids [N, k], got {list(x.shape)} and "
+                         f"{list(local_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(local_ids.shape):
+        raise ValueError(f"fused_experts: topk_weights {list(topk_weights.shape)} must match local_ids "
+                         f"{list(local_ids.shape)}")
+    N, H = x.shape
+    top_k = local_ids.shape[1]
+    L, two_i, Hw = w13.shape
+    inter = two_i // 2
+    if Hw != H or two_i != 2 * inter or tuple(w2.shape) != (L, H, inter):
+        raise ValueError(f"fused_experts: weights must be w13 [L, 2I, H={H}] and w2 [L, H, I], got "
+                         f"{list(w13.shape)} and {list(w2.shape)}")
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if not t.is_contiguous():
+            raise ValueError(f"fused_experts: {name} must be contiguous (the kernels index it as a dense array)")
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(N, H, dtype=out_dtype, device=x.device)
+    if N == 0:
+        return out
+    if config is None:
+        config, _ = lookup_config(N, L, H, inter, top_k, weight_format(w13, fp8.granularity if fp8 else None),
+                                  x.device)
+    bm = config.block_m
+    aligned = align_pairs(local_ids, L, bm)
+    num_pairs = N * top_k
+    rows = aligned.max_blocks * bm
+    ids_flat = local_ids if local_ids.is_contiguous() else local_ids.contiguous()
+    weights_flat = topk_weights.reshape(-1).float().contiguous()
+    b13 = None if b13 is None else b13.float().contiguous()
+    b2 = None if b2 is None else b2.float().contiguous()
+
+    mode1 = mode2 = None
+    inter_scale = None
+    if fp8 is not None:
+        mode1, mode2 = fp8.modes()
+        act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if mode1.out_fp8 else out_dtype, device=x.device)
+        if mode1.out_fp8:
+            inter_scale = torch.empty(rows, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32,
+                                      device=x.device)
+    else:
+        act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    common = dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
+                  num_padded=aligned.num_padded, counts=None, num_pairs=num_pairs, capacity=0,
+                  row_blocks=aligned.max_blocks, hidden=H, inter=inter, top_k=top_k, batched=False,
+                  block_m=bm)
+    launch_gate_up(x, w13, b13, act, inter_scale, fp8.x_scale if fp8 else None,
+                   fp8.w13_scale if fp8 else None, gemm=config.gate_up, activation=activation, fp8=mode1,
+                   **common)
+    if fp8 is not None and not mode1.out_fp8:
+        act, inter_scale = fp8.quantize_intermediate(act)
+    y = torch.empty(num_pairs, H, dtype=out_dtype, device=x.device)
+    launch_down(act, w2, b2, y, inter_scale, fp8.w2_scale if fp8 else None, weights_flat, gemm=config.down,
+                fp8=mode2, **common)
+    launch_sum(y, ids_flat, out, N, H, top_k)
+    return out
+
+
+@dataclass
+class Fp8Operands:
+    """FP8 inputs of the fused path: x already quantized (x_scale), weights with their stored scales.
+
+    act_group: columns per activation scale (the K tile of the GEMMs), or None for one scale per token.
+    weight_block: (rows, cols) of a weight scale block, or None for one scale per output row (channel, or
+    a per-tensor scale stored repeated).
+    """
+    x_scale: torch.Tensor
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    act_group: int | None
+    weight_block: tuple[int, int] | None
+    granularity: str
+
+    def modes(self) -> tuple[Fp8Mode, Fp8Mode]:
+        per_block_w = self.weight_block is not None
+        bn = self.weight_block[0] if per_block_w else 128
+        grouped = self.act_group is not None
+        return (Fp8Mode(grouped, per_block_w, bn, out_fp8=grouped), Fp8Mode(grouped, per_block_w, bn))
+
+    def quantize_intermediate(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token quantization of the gate+up output (the per_token activation mode)."""
+        from ..quant.fp8 import fp8_quantize
+        q, s = fp8_quantize(act, None)
+        return q, s.reshape(-1).contiguous()

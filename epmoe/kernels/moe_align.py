@@ -1,0 +1,169 @@
+"""Group the (token, slot) pairs of a flat batch by local expert, on the GPU, with no host sync.
+
+The fused GEMMs work on tiles of `block_m` rows that all belong to one expert. This pass lays the pairs
+out expert after expert, each expert's segment padded up to a multiple of `block_m`:
+
+    sorted_ids   [max_padded] int32   pair id (row * k + slot) at each padded position; `num_pairs` marks
+                                      padding (a position no pair fills)
+    block_expert [max_blocks] int32   the expert of each tile of `block_m` positions; -1 past the end
+    num_padded   [1]          int32   how many positions are in use (tiles past it have nothing to do)
+
+`max_blocks` is a bound known from the shapes alone (no count is read back on the host), so the launch
+sizes are static and the whole forward can be captured in a CUDA graph:
+    sum_e ceil(c_e / block_m) <= ceil(P / block_m) + min(L, P)      for P pairs over L experts.
+Pairs of one expert land in its segment in no particular order (atomics hand out the slots); that is
+harmless because every row of a GEMM is computed independently, so the result does not depend on it.
+
+Small batches (decode) take one program that does everything; large ones take a count pass, a scan
+program and a scatter pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Up to this many pairs, one program does the whole alignment (one launch: what decode wants).
+SINGLE_PROGRAM_MAX_PAIRS = 4096
+_CHUNK = 1024           # pairs handled per step / per program
+_BLOCKS_PER_STEP = 16   # tiles whose expert is found per step of the scan
+
+
+@dataclass
+class AlignedPairs:
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+    num_pairs: int
+    max_blocks: int      # tiles the GEMM grids cover (the bound; tiles past num_padded return at once)
+
+
+def max_blocks_for(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on the tiles the padded layout can need (shapes only)."""
+    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+@triton.jit
+def _scan_and_describe(counts, num_padded_ptr, cursor_ptr, block_expert_ptr, sorted_ids_ptr, num_pairs,
+                       max_blocks, NUM_EXPERTS: tl.constexpr, EXPERTS_P2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr):
+    """From per-expert counts [EXPERTS_P2] (zero past NUM_EXPERTS): write each expert's start into
+    `cursor`, the total into `num_padded`, every tile's expert, and the padding marker into the padding
+    positions (those no pair will fill)."""
+    experts = tl.arange(0, EXPERTS_P2)
+    is_expert = experts < NUM_EXPERTS
+    padded = tl.where(is_expert, tl.cdiv(counts, BLOCK_M) * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+    tl.store(cursor_ptr + experts, starts, mask=is_expert)
+    # padding positions: [start + count, end) of each expert, fewer than BLOCK_M each
+    marker = tl.full([EXPERTS_P2], 0, tl.int32) + num_pairs
+    for c in range(0, BLOCK_M - 1):
+        pad_pos = starts + counts + c
+        tl.store(sorted_ids_ptr + pad_pos, marker, mask=is_expert & (pad_pos < ends))
+    # tile b belongs to the expert whose segment contains position b * BLOCK_M: the number of segment
+    # ends at or before it (ends of non-experts sit at the total, so past the total the answer is -1)
+    total = tl.sum(padded, 0)
+    for b0 in range(0, max_blocks, BLOCKS_PER_STEP):
+        blocks = b0 + tl.arange(0, BLOCKS_PER_STEP)
+        pos = blocks * BLOCK_M
+        before = tl.sum(((ends[None, :] <= pos[:, None]) & is_expert[None, :]).to(tl.int32), 1)
+        expert = tl.where(pos < total, before, -1)
+        tl.store(block_expert_ptr + blocks, expert, mask=blocks < max_blocks)
+
+
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
+def _align_single_program_kernel(ids_ptr, num_pairs, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                                 cursor_ptr, max_blocks, NUM_EXPERTS: tl.constexpr,
+                                 EXPERTS_P2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                                 BLOCKS_PER_STEP: tl.constexpr):
+    counts = tl.zeros([EXPERTS_P2], dtype=tl.int32)
+    for p0 in range(0, num_pairs, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        valid = (e >= 0) & (e < NUM_EXPERTS)
+        counts += tl.histogram(tl.where(valid, e, 0), EXPERTS_P2, mask=valid)
+    _scan_and_describe(counts, num_padded_ptr, cursor_ptr, block_expert_ptr, sorted_ids_ptr, num_pairs,
+                       max_blocks, NUM_EXPERTS, EXPERTS_P2, BLOCK_M, BLOCKS_PER_STEP)
+    tl.debug_barrier()  # the cursors written above are read by the atomics below (same program)
+    for p0 in range(0, num_pairs, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        valid = (e >= 0) & (e < NUM_EXPERTS)
+        pos = tl.atomic_add(cursor_ptr + tl.where(valid, e, 0), 1, mask=valid)
+        tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _count_kernel(ids_ptr, num_pairs, counts_ptr, NUM_EXPERTS: tl.constexpr, EXPERTS_P2: tl.constexpr,
+                  CHUNK: tl.constexpr):
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    valid = (e >= 0) & (e < NUM_EXPERTS)
+    hist = tl.histogram(tl.where(valid, e, 0), EXPERTS_P2, mask=valid)
+    experts = tl.arange(0, EXPERTS_P2)
+    tl.atomic_add(counts_ptr + experts, hist, mask=(experts < NUM_EXPERTS) & (hist > 0))
+
+
+@triton.jit(do_not_specialize=["num_pairs", "max_blocks"])
+def _scan_kernel(counts_ptr, num_pairs, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, cursor_ptr,
+                 max_blocks, NUM_EXPERTS: tl.constexpr, EXPERTS_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCKS_PER_STEP: tl.constexpr):
+    experts = tl.arange(0, EXPERTS_P2)
+    counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    _scan_and_describe(counts, num_padded_ptr, cursor_ptr, block_expert_ptr, sorted_ids_ptr, num_pairs,
+                       max_blocks, NUM_EXPERTS, EXPERTS_P2, BLOCK_M, BLOCKS_PER_STEP)
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _scatter_kernel(ids_ptr, num_pairs, sorted_ids_ptr, cursor_ptr, NUM_EXPERTS: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+    valid = (e >= 0) & (e < NUM_EXPERTS)
+    pos = tl.atomic_add(cursor_ptr + tl.where(valid, e, 0), 1, mask=valid)
+    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+
+
+def align_pairs(local_ids: torch.Tensor, num_experts: int, block_m: int,
+                single_program_max_pairs: int = SINGLE_PROGRAM_MAX_PAIRS) -> AlignedPairs:
+    """Lay out the pairs of `local_ids [N, k]` (int, -1 = not on this rank) expert by expert.
+
+    Ids outside [0, num_experts) are treated as "not here" (never read out of bounds).
+    """
+    if local_ids.dim() != 2:
+        raise ValueError(f"align_pairs: local_ids must be [N, k], got {list(local_ids.shape)}")
+    if block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"align_pairs: block_m must be a power of two, got {block_m}")
+    ids = local_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    ids = ids.contiguous()
+    device = ids.device
+    num_pairs = ids.numel()
+    max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
+    sorted_ids = torch.empty(max(max_blocks * block_m, 1), dtype=torch.int32, device=device)
+    block_expert = torch.empty(max(max_blocks, 1), dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
+    experts_p2 = max(16, triton.next_power_of_2(num_experts))
+    meta = dict(NUM_EXPERTS=num_experts, EXPERTS_P2=experts_p2, BLOCK_M=block_m)
+    if num_pairs <= single_program_max_pairs:
+        chunk = min(_CHUNK, triton.next_power_of_2(max(num_pairs, 16)))
+        _align_single_program_kernel[(1,)](ids, num_pairs, sorted_ids, block_expert, num_padded, cursor,
+                                           max_blocks, CHUNK=chunk, BLOCKS_PER_STEP=_BLOCKS_PER_STEP,
+                                           num_warps=4, **meta)
+    else:
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+        grid = (triton.cdiv(num_pairs, _CHUNK),)
+        _count_kernel[grid](ids, num_pairs, counts, NUM_EXPERTS=num_experts, EXPERTS_P2=experts_p2,
+                            CHUNK=_CHUNK, num_warps=4)
+        _scan_kernel[(1,)](counts, num_pairs, sorted_ids, block_expert, num_padded, cursor, max_blocks,
+                           BLOCKS_PER_STEP=_BLOCKS_PER_STEP, num_warps=4, **meta)
+        _scatter_kernel[grid](ids, num_pairs, sorted_ids, cursor, NUM_EXPERTS=num_experts, CHUNK=_CHUNK,
+                              num_warps=4)
+    return AlignedPairs(sorted_ids, block_expert, num_padded, block_m, num_pairs, max_blocks)

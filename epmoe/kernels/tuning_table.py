@@ -1,0 +1,147 @@
+"""Kernel configurations (tile sizes, warps, pipeline stages) per problem shape, from tuned tables.
+
+Tables live in `epmoe/kernels/configs/<GPU name>.json` (written by `epmoe tune`). A table maps a shape
+key (local experts, H, I, top-k, weight format) to configurations for a few token counts T; a lookup
+takes the table of this GPU (or, failing that, one of another GPU of the same compute capability), the
+shape's entry, and the T nearest on a log scale. Shapes no table covers get `heuristic_config`, which
+picks tiles from the expected rows per expert (T * k / L).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+SMEM_LIMIT = 227 * 1024   # per-block shared memory on Hopper (H100/H200)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoEKernelConfig:
+    """One configuration of the two fused GEMMs; BLOCK_M is shared (it sets the padding of the layout)."""
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def to_dict(self) -> dict:
+        return {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MoEKernelConfig":
+        try:
+            return cls(int(d["block_m"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"bad kernel config {d!r}: needs block_m, gate_up and down "
+                             f"(block_n, block_k, group_m, num_warps, num_stages): {exc}") from exc
+
+    def describe(self) -> str:
+        g, d = self.gate_up, self.down
+        return (f"BM{self.block_m} gate_up[BN{g.block_n} BK{g.block_k} G{g.group_m} w{g.num_warps} "
+                f"s{g.num_stages}] down[BN{d.block_n} BK{d.block_k} G{d.group_m} w{d.num_warps} s{d.num_stages}]")
+
+
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, fmt: str) -> str:
+    """fmt: the weight format, "bfloat16" / "float16" / "float32" / "fp8_block" / "fp8_channel" / ..."""
+    return f"L={num_experts},H={hidden},I={inter},k={top_k},fmt={fmt}"
+
+
+def device_table_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def smem_bytes(block_m: int, g: GemmConfig, elem_bytes: int, b_tiles: int) -> int:
+    """Shared memory a GEMM's pipeline holds: stages x (A tile + b_tiles B tiles)."""
+    return g.num_stages * (block_m * g.block_k + b_tiles * g.block_n * g.block_k) * elem_bytes
+
+
+def fits(cfg: MoEKernelConfig, elem_bytes: int) -> bool:
+    return (smem_bytes(cfg.block_m, cfg.gate_up, elem_bytes, 2) <= SMEM_LIMIT
+            and smem_bytes(cfg.block_m, cfg.down, elem_bytes, 1) <= SMEM_LIMIT)
+
+
+def heuristic_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
+                     fp8: bool = False) -> MoEKernelConfig:
+    """A sane configuration for any shape, from the expected rows per expert."""
+    rows = num_tokens * top_k / max(num_experts, 1)
+    bk = 128 if fp8 else 64
+    if rows <= 8:      # decode: stream the weights, tiles of few rows
+        cfg = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    elif rows <= 24:
+        cfg = MoEKernelConfig(32, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    elif rows <= 96:
+        cfg = MoEKernelConfig(64, GemmConfig(64, bk, 8, 4, 4), GemmConfig(128, bk, 8, 4, 4))
+    else:
+        cfg = MoEKernelConfig(128, GemmConfig(128, bk, 8, 8, 3), GemmConfig(128, bk, 8, 8, 4))
+    return _clamp_to_problem(cfg, hidden, inter, fp8)
+
+
+def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool) -> MoEKernelConfig:
+    """Shrink tiles that exceed a small problem, pin FP8's K tile (and the gate+up N tile) to the scale
+    group of 128, and drop stages until shared memory fits."""
+    def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool) -> GemmConfig:
+        bn = 128 if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
+        bk = 128 if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
+        out = GemmConfig(bn, bk, g.group_m, g.num_warps, g.num_stages)
+        while out.num_stages > 2 and smem_bytes(cfg.block_m, out, 1 if fp8 else 2, b_tiles) > SMEM_LIMIT:
+            out = GemmConfig(out.block_n, out.block_k, out.group_m, out.num_warps, out.num_stages - 1)
+        return out
+    return MoEKernelConfig(cfg.block_m, clamp(cfg.gate_up, inter, hidden, 2, fp8),
+                           clamp(cfg.down, hidden, inter, 1, False))
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: a kernel config table needs an 'entries' object")
+    return {key: {int(t): MoEKernelConfig.from_dict(c) for t, c in by_t.items()} for key, by_t in entries.items()}
+
+
+def table_paths_for_device(device: torch.device | None = None) -> list[str]:
+    """This GPU's table first, then those of other GPUs with the same compute capability."""
+    if not torch.cuda.is_available():
+        return []
+    name = torch.cuda.get_device_name(device)
+    cap = torch.cuda.get_device_capability(device)
+    own = os.path.join(CONFIG_DIR, device_table_name(name) + ".json")
+    paths = [own] if os.path.exists(own) else []
+    same_family = {(9, 0): ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3", "NVIDIA_H100")}.get(tuple(cap), ())
+    for other in same_family:
+        p = os.path.join(CONFIG_DIR, other + ".json")
+        if os.path.exists(p) and p not in paths:
+            paths.append(p)
+    return paths
+
+
+def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fmt: str,
+                  device: torch.device | None = None, paths: list[str] | None = None
+                  ) -> tuple[MoEKernelConfig, str]:
+    """(config, where it came from). Nearest tuned T for this shape, else the heuristic."""
+    key = shape_key(num_experts, hidden, inter, top_k, fmt)
+    fp8 = fmt.startswith("fp8")
+    for path in (table_paths_for_device(device) if paths is None else paths):
+        by_t = _load_table(path).get(key)
+        if by_t:
+            t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(num_tokens, 1))), x))
+            return _clamp_to_problem(by_t[t], hidden, inter, fp8), f"{os.path.basename(path)}[{key}][T={t}]"
+    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8), "heuristic"

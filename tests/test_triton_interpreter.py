@@ -1,0 +1,149 @@
+"""The Triton kernels' logic on the CPU, through Triton's interpreter (TRITON_INTERPRET=1), float32.
+
+The interpreter must be switched on before Triton compiles anything, and a GPU test run in the same
+process must not be interpreted; so, unless this process already interprets, the whole file runs again
+in a child process with TRITON_INTERPRET=1 and this process only checks that child's result. Float32
+only: bf16 `tl.dot` gives wrong results in the interpreter.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install 'epmoe[triton]')")
+
+if not INTERPRETING:
+    def test_kernels_under_the_interpreter():
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                               os.path.abspath(__file__)], env=env, cwd=root, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+        assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout[-2000:]
+
+else:
+    from epmoe.config import MoEConfig
+    from epmoe.kernels.batched_moe import batched_experts
+    from epmoe.kernels.fused_moe import fused_experts
+    from epmoe.kernels.moe_align import align_pairs
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    from epmoe.reference import reference_moe
+    from epmoe.routing import Routing
+    from epmoe.testing import assert_close, random_experts
+
+    # small tiles so that tiny shapes still have several tiles, uneven K (H = 200) and N edges
+    SMALL = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2))
+
+    def random_routing(T, E, k, seed, hot_expert=None):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
+            torch.empty(0, k, dtype=torch.int64)
+        if hot_expert is not None and T:
+            # every token visits `hot_expert` (in a random slot), the rest stay distinct
+            for t in range(T):
+                if hot_expert not in ids[t]:
+                    ids[t, torch.randint(k, (1,), generator=g).item()] = hot_expert
+        w = torch.rand(T, k, generator=g) + 0.1
+        return ids.to(torch.int32), w / w.sum(1, keepdim=True)
+
+    def fused_layout(experts):
+        w13 = torch.stack([torch.cat([g, u]) for g, u, *_ in experts])
+        w2 = torch.stack([d for _, _, d, *_ in experts])
+        b13 = b2 = None
+        if len(experts[0]) > 3:
+            b13 = torch.stack([torch.cat([t[3], t[4]]) for t in experts])
+            b2 = torch.stack([t[5] for t in experts])
+        return w13.contiguous(), w2.contiguous(), b13, b2
+
+    @pytest.mark.parametrize("single", [True, False])
+    @pytest.mark.parametrize("T,E,k,bm", [(0, 4, 2, 16), (1, 8, 2, 16), (37, 8, 2, 16), (300, 16, 4, 32)])
+    def test_align_pairs(single, T, E, k, bm):
+        ids, _ = random_routing(T, E, k, seed=T + E)
+        local = ids.clone()
+        local[local >= E - 2] = -1           # two experts live on another rank
+        a = align_pairs(local, E, bm, single_program_max_pairs=10 ** 9 if single else 0)
+        flat = local.reshape(-1)
+        counts = torch.bincount(flat[flat >= 0].long(), minlength=E)
+        padded = (counts + bm - 1) // bm * bm
+        total = int(padded.sum())
+        assert int(a.num_padded) == total
+        starts = torch.cumsum(padded, 0) - padded
+        sid = a.sorted_ids[:total]
+        for e in range(E):
+            seg = sid[starts[e]: starts[e] + padded[e]]
+            real = seg[seg < T * k]
+            assert sorted(real.tolist()) == sorted((flat == e).nonzero().flatten().tolist()), f"expert {e}"
+            assert int((seg == T * k).sum()) == int(padded[e] - counts[e])
+            blocks = a.block_expert[starts[e] // bm: (starts[e] + padded[e]) // bm]
+            assert (blocks == e).all()
+        assert (a.block_expert[total // bm: a.max_blocks] == -1).all()
+        assert a.max_blocks >= total // bm
+
+    CASES = [  # T, E, k, activation, bias, routing, remote experts
+        (0, 8, 2, "silu", False, "random", False),
+        (1, 8, 2, "silu", False, "random", False),
+        (5, 8, 2, "gelu", False, "random", True),
+        (33, 8, 2, "swigluoai", True, "random", False),
+        (24, 8, 2, "silu", False, "hot", False),
+        (40, 6, 3, "gelu", True, "hot", True),
+    ]
+
+    @pytest.mark.parametrize("T,E,k,act,bias,routing,remote", CASES)
+    def test_fused_experts_matches_oracle(T, E, k, act, bias, routing, remote):
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation=act,
+                        dtype=torch.float32)
+        experts = random_experts(cfg, seed=T + 7, with_bias=bias)
+        x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T))
+        ids, w = random_routing(T, E, k, seed=T + 1, hot_expert=0 if routing == "hot" else None)
+        local = ids.clone()
+        w_ref = w.clone()
+        if remote:               # the last two experts live on another rank: their slots contribute nothing
+            local[ids >= E - 2] = -1
+            w_ref[ids >= E - 2] = 0.0
+        w13, w2, b13, b2 = fused_layout(experts)
+        out = fused_experts(x, local, w, w13, w2, act, b13=b13, b2=b2, config=SMALL)
+        assert out.shape == (T, cfg.hidden_size) and out.dtype == torch.float32
+        if T == 0:
+            return
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
+        assert_close(out, ref, 1e-5, context=f"T={T} {act} bias={bias} {routing} remote={remote}")
+
+    def test_fused_experts_heuristic_config_and_large_alignment_path():
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32)
+        experts = random_experts(cfg, seed=3)
+        T = 2100                 # 4200 pairs: the multi-program alignment
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(5))
+        ids, w = random_routing(T, 4, 2, seed=9)
+        w13, w2, _, _ = fused_layout(experts)
+        out = fused_experts(x, ids, w, w13, w2, "silu")
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w))
+        assert_close(out, ref, 1e-5)
+
+    @pytest.mark.parametrize("counts,act,bias", [([0, 3, 17, 1], "silu", False), ([0, 0, 0, 0], "gelu", True),
+                                                 ([20, 20, 2, 0], "swigluoai", True)])
+    def test_batched_experts_skips_empty_rows(counts, act, bias):
+        E, C = 4, 20
+        cfg = MoEConfig(num_experts=E, top_k=1, hidden_size=200, intermediate_size=96, activation=act,
+                        dtype=torch.float32)
+        experts = random_experts(cfg, seed=11, with_bias=bias)
+        x = torch.randn(E, C, 200, generator=torch.Generator().manual_seed(2))
+        x[torch.arange(C)[None, :] >= torch.tensor(counts)[:, None]] = float("nan")  # rows past the count
+        w13, w2, b13, b2 = fused_layout(experts)
+        out = batched_experts(x, torch.tensor(counts), w13, w2, act, b13=b13, b2=b2, config=SMALL)
+        assert out.shape == x.shape
+        for e, n in enumerate(counts):
+            assert (out[e, n:] == 0).all(), f"expert {e}: rows past the count must be zero"
+            if n:
+                ids = torch.zeros(n, 1, dtype=torch.int32)
+                single = MoEConfig(num_experts=1, top_k=1, hidden_size=200, intermediate_size=96,
+                                   activation=act, dtype=torch.float32)
+                ref = reference_moe(x[e, :n], None, [experts[e]], single,
+                                    routing=Routing(ids, torch.ones(n, 1)))
+                assert_close(out[e, :n], ref, 1e-5, context=f"expert {e}")
