@@ -17,14 +17,15 @@ from .base import Experts
 def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str, scheme=None) -> torch.Tensor:
     """One expert on rows `x` (float, or FP8 already dequantized by the caller) in float32."""
     fp8 = w.w13_scale is not None
-    w13 = dequantize_weight(w.w13[e], w.w13_scale[e]) if fp8 else w.w13[e].float()
+    block = scheme.config.weight_block if fp8 else None
+    w13 = dequantize_weight(w.w13[e], w.w13_scale[e], block) if fp8 else w.w13[e].float()
     h = x.float() @ w13.T
     if w.b13 is not None:
         h = h + w.b13[e].float()
     a = gated_activation_fused(activation, h)
     if fp8:
         a = scheme.dequantize_activations(*scheme.quantize_activations(a))
-    w2 = dequantize_weight(w.w2[e], w.w2_scale[e]) if fp8 else w.w2[e].float()
+    w2 = dequantize_weight(w.w2[e], w.w2_scale[e], block) if fp8 else w.w2[e].float()
     y = a @ w2.T
     if w.b2 is not None:
         y = y + w.b2[e].float()

@@ -138,16 +138,22 @@ def quantize_weight(w: torch.Tensor, granularity: str, block: tuple[int, int] | 
     raise ValueError(f"quantize_weight: granularity must be 'block', 'channel' or 'tensor', got {granularity!r}")
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """FP8 weights `[..., N, K]` and their stored scales -> float32 `[..., N, K]`.
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None
+                      ) -> torch.Tensor:
+    """FP8 weights `[..., N, K]` and their scales -> float32 `[..., N, K]`.
 
-    Scale layouts (as `Fp8Scheme` stores them): `[..., nb, kb]` block multipliers (block size inferred,
-    edge blocks partial), `[..., N]` one per row, or a single value.
+    Scale layouts: `[..., ceil(N/bn), ceil(K/bk)]` multipliers of `block` = (bn, bk) (edge blocks
+    partial), `[..., N]` one per row, or a single value.
     """
     N, K = q.shape[-2:]
     s = scale.float()
     if s.dim() == q.dim():                      # blocks
-        bn, bk = -(-N // s.shape[-2]), -(-K // s.shape[-1])
+        if block is None:
+            raise ValueError(f"dequantize_weight: block scales {list(s.shape)} need block=(rows, cols)")
+        bn, bk = block
+        if s.shape[-2:] != (-(-N // bn), -(-K // bk)):
+            raise ValueError(f"dequantize_weight: {block} blocks of a [{N}, {K}] weight need scales "
+                             f"[{-(-N // bn)}, {-(-K // bk)}], got {list(s.shape[-2:])}")
         s = s.repeat_interleave(bn, dim=-2)[..., :N, :].repeat_interleave(bk, dim=-1)[..., :K]
         return q.float() * s
     if s.numel() == 1:
@@ -363,8 +369,9 @@ class Fp8Scheme:
         """Local expert `local` as float32 (gate [I, H], up [I, H], down [H, I]): what the oracle compares to."""
         H, I = layer.cfg.hidden_size, layer.cfg.intermediate_size
         Ip = layer.w2.shape[2]
-        w13 = dequantize_weight(layer.w13[local], layer.w13_scale[local])
-        w2 = dequantize_weight(layer.w2[local], layer.w2_scale[local])
+        block = self.config.weight_block
+        w13 = dequantize_weight(layer.w13[local], layer.w13_scale[local], block)
+        w2 = dequantize_weight(layer.w2[local], layer.w2_scale[local], block)
         return w13[:I, :H], w13[Ip:Ip + I, :H], w2[:H, :I]
 
 

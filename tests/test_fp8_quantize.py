@@ -1,0 +1,183 @@
+"""The one FP8 formula: exact values, rounding on the e4m3 grid, shapes, and bit-identical Triton and
+torch implementations (Triton through TRITON_INTERPRET=1 on the CPU, natively on a GPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import epmoe
+from epmoe.quant.fp8 import (FP8_DTYPE, dequantize_weight, fp8_dequantize, fp8_quantize_torch, quantize_weight,
+                             scale_from_amax)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t.view(torch.int32)
+
+
+def _e4m3_grid_probe() -> torch.Tensor:
+    """One row whose first group has amax 448 (scale exactly 1.0), so the cast itself is probed: every
+    e4m3fn value, every midpoint (ties), midpoints +-1 float32 ulp, signed zeros, tiny values."""
+    values = torch.arange(0, 127, dtype=torch.uint8).view(FP8_DTYPE).float()    # 0 .. 448, all finite
+    mids = (values[1:] + values[:-1]) / 2
+    probe = torch.cat([values, mids, torch.nextafter(mids, torch.tensor(0.0)),
+                       torch.nextafter(mids, torch.tensor(1e4)), torch.tensor([0.0, 2.0 ** -12, 2.0 ** -10, 3e-3])])
+    probe = torch.cat([probe, -probe, torch.tensor([-0.0])])
+    probe[0] = 448.0
+    n = -(-probe.numel() // 128) * 128
+    row = torch.zeros(n)
+    row[:probe.numel()] = probe
+    return row.unsqueeze(0)
+
+
+def test_formula_by_hand():
+    x = torch.tensor([[1.0, -2.0, 0.5, 300.0], [0.0, 0.0, 0.0, 0.0]])
+    q, s = epmoe.fp8_quantize(x, group_size=None)
+    amax = torch.tensor([300.0, 0.0])
+    want_scale = torch.maximum(amax, torch.tensor(1e-12)) * torch.tensor(1.0 / 448.0, dtype=torch.float32)
+    assert s.dtype == torch.float32 and s.shape == (2, 1)
+    assert torch.equal(_bits(s[:, 0]), _bits(want_scale))
+    want_q = (x / s).clamp(-448, 448).to(FP8_DTYPE)
+    assert q.dtype == FP8_DTYPE and torch.equal(_bits(q), _bits(want_q))
+    assert q[0, 3].float().item() == 448.0 and torch.all(q[1].float() == 0)
+
+
+def test_scale_is_a_multiplication_not_a_division():
+    """Seed 002: amax * (1/448) and amax / 448 differ in the last bit for some amax; we use the former."""
+    amax = torch.rand(100_000) * 1000
+    mult = scale_from_amax(amax)
+    div = amax / 448.0
+    assert torch.equal(_bits(mult), _bits(amax * torch.tensor(1.0 / 448.0, dtype=torch.float32)))
+    assert not torch.equal(_bits(mult), _bits(div)), "the probe no longer separates the two formulas"
+
+
+@pytest.mark.parametrize("shape,group", [((5, 256), 128), ((3, 200), 128), ((4, 200), None), ((0, 256), 128),
+                                         ((2, 3, 300), 128), ((6, 96), 32)])
+def test_shapes_and_round_trip(shape, group):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 5
+    q, s = epmoe.fp8_quantize(x, group_size=group)
+    H = shape[-1]
+    n = 1 if group is None else -(-H // group)
+    assert q.shape == x.shape and q.dtype == FP8_DTYPE
+    assert s.shape == (*shape[:-1], n) and s.dtype == torch.float32
+    d = fp8_dequantize(q, s, group)
+    if x.numel():
+        rel = ((d - x).norm() / x.norm()).item()
+        assert rel < 0.04, rel           # 3 mantissa bits: ~2.6% rms for Gaussian groups
+        # the largest magnitude of each group lands on +-448 (within one rounding)
+        assert q.float().abs().max().item() == 448.0
+
+
+def test_partial_last_group_equals_zero_padding():
+    """A hidden size of 200 with groups of 128 and the same row padded to 256 with zeros agree."""
+    x = torch.randn(7, 200)
+    q, s = epmoe.fp8_quantize(x)
+    qp, sp = epmoe.fp8_quantize(torch.nn.functional.pad(x, (0, 56)))
+    assert torch.equal(_bits(q), _bits(qp[:, :200].contiguous())) and torch.equal(_bits(s), _bits(sp))
+
+
+def test_rounding_on_the_e4m3_grid_is_nearest_even():
+    row = _e4m3_grid_probe()
+    q, s = fp8_quantize_torch(row, 128)
+    assert s[0, 0].item() == 1.0
+    # torch's cast is the reference for round-to-nearest-even; this pins the behaviour we rely on
+    assert torch.tensor([1.0625]).to(FP8_DTYPE).float().item() == 1.0
+    assert torch.tensor([1.1875]).to(FP8_DTYPE).float().item() == 1.25
+    assert torch.equal(_bits(q[:, :128]), _bits(row[:, :128].clamp(-448, 448).to(FP8_DTYPE)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="group_size"):
+        epmoe.fp8_quantize(torch.randn(2, 8), group_size=0)
+    with pytest.raises(TypeError, match="floating-point"):
+        epmoe.fp8_quantize(torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="impl"):
+        epmoe.fp8_quantize(torch.randn(2, 8), impl="cuda")
+
+
+@pytest.mark.parametrize("granularity,block", [("block", (128, 128)), ("block", (64, 32)), ("channel", None),
+                                               ("tensor", None)])
+def test_weight_quantization_layouts(granularity, block):
+    w = torch.randn(200, 300) * 0.05
+    w[:128, :128] = 0                      # an all-zero block
+    q, s = quantize_weight(w, granularity, block)
+    assert q.shape == w.shape and q.dtype == FP8_DTYPE
+    if granularity == "block":
+        assert s.shape == (-(-200 // block[0]), -(-300 // block[1]))
+    elif granularity == "channel":
+        assert s.shape == (200,)
+    else:
+        assert s.numel() == 1
+    d = dequantize_weight(q, s, block)
+    assert ((d - w).norm() / w.norm()).item() < 0.04
+    assert torch.all(d[:128, :128] == 0)
+    assert torch.isfinite(s).all() and (s > 0).all()
+
+
+# ------------------------------------------------------------------------------- Triton vs torch
+_TRITON_CASES = [((5, 256), 128, "randn"), ((3, 200), 128, "randn"), ((4, 200), None, "randn"),
+                 ((0, 256), 128, "randn"), ((2, 3, 300), 128, "randn"), ((6, 1000), 64, "randn"),
+                 ((4, 384), 128, "zero_groups"), ((1, 640), 128, "grid"), ((8, 512), 128, "wide")]
+
+
+def _case_input(shape, kind):
+    g = torch.Generator().manual_seed(hash(kind) % 1000)
+    if kind == "grid":
+        return _e4m3_grid_probe()
+    x = torch.randn(*shape, generator=g)
+    if kind == "zero_groups":
+        x[:, 128:256] = 0.0                 # all-zero groups: scale 1e-12/448, q = 0
+        x[1] = 0.0
+    if kind == "wide":                      # magnitudes from 1e-6 to 1e4 inside one row
+        x = x * torch.logspace(-6, 4, shape[-1])
+    return x
+
+
+def _compare_impls(device: str) -> dict:
+    from epmoe.kernels.fp8_quant import fp8_quantize_triton
+    out = {}
+    for shape, group, kind in _TRITON_CASES:
+        x = _case_input(shape, kind).to(device)
+        q1, s1 = fp8_quantize_torch(x, group)
+        q2, s2 = fp8_quantize_triton(x, group)
+        out[f"{shape}-{group}-{kind}"] = [torch.equal(_bits(q1), _bits(q2)), torch.equal(_bits(s1), _bits(s2)),
+                                          list(s2.shape) == list(s1.shape)]
+        if device == "cuda":                # bf16 inputs too (the interpreter is float32-only)
+            xb = x.to(torch.bfloat16)
+            q1, s1 = fp8_quantize_torch(xb, group)
+            q2, s2 = fp8_quantize_triton(xb, group)
+            out[f"{shape}-{group}-{kind}-bf16"] = [torch.equal(_bits(q1), _bits(q2)),
+                                                   torch.equal(_bits(s1), _bits(s2)), True]
+    return out
+
+
+def _assert_all_identical(result: dict):
+    bad = {k: v for k, v in result.items() if not all(v)}
+    assert not bad, f"Triton and torch differ (q bits, scale bits, shape): {bad}"
+
+
+def test_triton_bit_identical_cpu_interpreter():
+    pytest.importorskip("triton")
+    code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
+            "import test_fp8_quantize as t; print('RESULT' + json.dumps(t._compare_impls('cpu')))"
+            % (ROOT, os.path.join(ROOT, "tests")))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    _assert_all_identical(json.loads(line[len("RESULT"):]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_bit_identical_gpu():
+    pytest.importorskip("triton")
+    _assert_all_identical(_compare_impls("cuda"))
+    x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
+    for group in (128, None):
+        a, b = fp8_quantize_torch(x, group), epmoe.fp8_quantize(x, group)      # auto = Triton on CUDA
+        assert torch.equal(_bits(a[0]), _bits(b[0])) and torch.equal(_bits(a[1]), _bits(b[1]))
