@@ -12,7 +12,7 @@ from epmoe.experts.reference import ReferenceExperts
 from epmoe.layouts import FLAT
 from epmoe.quant import example_configs
 from epmoe.quant.fp8 import dequantize_weight, quantize_weight
-from epmoe.testing import assert_close, random_experts, random_inputs
+from epmoe.testing import assert_close, bound_for, random_experts, random_inputs
 
 HERE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = [r for r in contract.support_matrix() if r.quant != "none"]
@@ -86,7 +86,8 @@ def test_single_rank_fp8_cells(row):
     deq = [tuple(dequantize_weight(*quantize_weight(w, q.weight_granularity, q.weight_block), q.weight_block)
                  for w in t) for t in experts]
     x, logits = random_inputs(cfg, 33, device=HERE)
-    assert_close(layer(x, logits), reference_moe(x, logits, deq, cfg), 1e-2)
+    # DESIGN's FP8 bound: a backend whose FP8 GEMM writes bf16 (torch._scaled_grouped_mm) measures ~1.5e-2
+    assert_close(layer(x, logits), reference_moe(x, logits, deq, cfg), bound_for(cfg.dtype, fp8=True))
 
 
 def test_block_fp8_refused_by_scaled_grouped_mm_with_alternatives():

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX: tl.constexpr = 448.0
-INV_FP8_MAX: tl.constexpr = 1.0 / 448.0
-SCALE_FLOOR: tl.constexpr = 1e-12
+FP8_MAX = tl.constexpr(448.0)
+INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
+SCALE_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -33,8 +33,8 @@ def _round_to_e4m3(y):
     half = (1 << (shift - 1)) - 1
     r = (sig + half + ((sig >> shift) & 1)) >> shift        # round half to even, in units of 2**grid
     step = ((grid + 127) << 23).to(tl.float32, bitcast=True)
-    val = r.to(tl.float32) * step
-    return tl.where(bits < 0, -val, val)
+    val = (r.to(tl.float32) * step).to(tl.int32, bitcast=True)
+    return (val | (bits ^ mag)).to(tl.float32, bitcast=True)   # the sign bit put back: -0.0 stays -0.0
 
 
 @triton.jit
