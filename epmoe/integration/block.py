@@ -28,6 +28,8 @@ class EPMoEBlock(nn.Module):
         self.experts = experts
         for name, module in shared.items():
             self.add_module(name, module)
+        self.overlap_shared = True      # GPU: shared experts on a side stream, overlapping the dispatch
+        self._side_stream = None
         self.sync_routing_state()
 
     @property
@@ -49,16 +51,35 @@ class EPMoEBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         router_out = self.router_module(x)
         logits = router_out[0] if isinstance(router_out, tuple) else router_out
-        out = self.experts(x, logits.reshape(x.shape[0], -1))
-        if self.family.add_shared is not None:
-            out = self.family.add_shared(self, x, out)
+        if self.family.shared_output is None:
+            out = self.experts(x, logits.reshape(x.shape[0], -1))
+        else:
+            out = self._routed_and_shared(x, logits.reshape(x.shape[0], -1))
         out = out.reshape(shape)
         if self.family.returns_router_scores:
             return out, router_out[1]
         return out
 
+    def _routed_and_shared(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Routed experts + shared experts. On a GPU the shared experts run on a side stream while the
+        routed path dispatches (its collectives and host syncs), and are joined before the sum."""
+        if x.device.type != "cuda" or not self.overlap_shared:
+            return self.experts(x, logits) + self.family.shared_output(self, x)
+        main = torch.cuda.current_stream(x.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(x.device)
+        side = self._side_stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared = self.family.shared_output(self, x)
+        routed = self.experts(x, logits)
+        main.wait_stream(side)
+        shared.record_stream(main)      # allocated on the side stream, consumed on the main one
+        x.record_stream(side)           # read on the side stream, owned by the main one
+        return routed + shared
+
     def extra_repr(self) -> str:
-        return f"family={self.family.name}"
+        return f"family={self.family.name}, overlap_shared={self.overlap_shared}"
 
 
 def _experts_device_dtype(block: nn.Module) -> tuple[torch.device, torch.dtype]:

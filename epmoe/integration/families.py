@@ -31,7 +31,7 @@ class Family:
     moe_fields: Callable[[nn.Module], dict]  # block -> MoEConfig fields other than dtype and quant
     layout: str = GATE_UP
     shared_attrs: tuple[str, ...] = ()      # shared-expert submodules, kept as they are on every rank
-    add_shared: Callable | None = None      # (block, x [T, H], routed [T, H]) -> [T, H]
+    shared_output: Callable | None = None   # (block, x [T, H]) -> what the shared experts add, [T, H]
     returns_router_scores: bool = False     # forward returns (hidden, router_scores) instead of hidden
     checkpoint_block_names: tuple[str, ...] = ("mlp",)  # the block's own name in checkpoints, per layer
     expert_weight_names: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")  # per-expert keys
@@ -116,13 +116,13 @@ def _gpt_oss_fields(block: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------- shared experts
-def _qwen2_shared(block: nn.Module, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+def _qwen2_shared(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Qwen2-MoE: the shared expert's output scaled by its own sigmoid gate."""
-    return routed + torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
 
 
-def _deepseek_shared(block: nn.Module, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
-    return routed + block.shared_experts(x)
+def _deepseek_shared(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block.shared_experts(x)
 
 
 # ------------------------------------------------------------------------------------- expert layouts
@@ -151,11 +151,11 @@ FAMILIES: tuple[Family, ...] = (
            checkpoint_block_names=("block_sparse_moe", "mlp"), expert_weight_names=("w1", "w3", "w2")),
     Family("qwen2_moe", ("Qwen2MoeSparseMoeBlock",), "gate",
            _softmax_fields("qwen2_moe", lambda gate: _attr(gate, "norm_topk_prob", "qwen2_moe")),
-           shared_attrs=("shared_expert", "shared_expert_gate"), add_shared=_qwen2_shared),
+           shared_attrs=("shared_expert", "shared_expert_gate"), shared_output=_qwen2_shared),
     Family("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), "gate",
            _softmax_fields("qwen3_moe", lambda gate: _attr(gate, "norm_topk_prob", "qwen3_moe"))),
     Family("deepseek_v3", ("DeepseekV3MoE",), "gate", _deepseek_v3_fields,
-           shared_attrs=("shared_experts",), add_shared=_deepseek_shared),
+           shared_attrs=("shared_experts",), shared_output=_deepseek_shared),
     Family("olmoe", ("OlmoeSparseMoeBlock",), "gate",
            _softmax_fields("olmoe", lambda gate: _attr(gate, "norm_topk_prob", "olmoe"))),
     Family("gpt_oss", ("GptOssMLP",), "router", _gpt_oss_fields, layout=GPT_OSS, returns_router_scores=True,
