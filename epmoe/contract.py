@@ -24,6 +24,7 @@ DISPATCHERS: dict[str, str] = {
 EXPERTS: dict[str, str] = {
     "reference": "epmoe.experts.reference:ReferenceExperts",
     "grouped_mm": "epmoe.experts.grouped_mm:GroupedMMExperts",
+    "triton": "epmoe.experts.triton:TritonExperts",
 }
 
 # Who quantizes the activations when a layer is FP8 (seed 001): the experts either take FP8 rows with

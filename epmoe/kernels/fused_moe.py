@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_quant import _round_to_e4m3
 from .moe_align import align_pairs
 from .tuning_table import GemmConfig, MoEKernelConfig, lookup_config
 
@@ -59,7 +60,7 @@ def _fp8_quantize_rows(v):
     amax = tl.max(tl.abs(v), axis=1)
     scale = tl.maximum(amax, FP8_SCALE_FLOOR) * (1.0 / FP8_MAX)
     q = tl.math.div_rn(v, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))   # exact cast in the interpreter too
     return q.to(tl.float8e4nv), scale
 
 

@@ -1,0 +1,102 @@
+"""`triton`: fused Triton MoE kernels for the flat layout (BF16/FP16/FP32, and FP8 W8A8).
+
+Pairs are grouped by expert on the GPU (no host sync), the gate+up GEMM gathers token rows straight
+from the unsorted input and applies the activation in its epilogue, the down GEMM applies the routing
+weight in its epilogue, and each token's k outputs are summed in float32 (`epmoe.kernels.fused_moe`).
+Tile configurations come from the tuned tables in `epmoe/kernels/configs` (`epmoe tune` writes them).
+
+FP8: weights as `Fp8Scheme` stores them (128x128 block scales, or one scale per output row for the
+per-channel and per-tensor formats); activations per token-group of 128 or per token. Rows that arrive
+in FP8 with their scales (FP8 dispatch) are used as they are; rows in the layer's dtype are quantized
+here with the one formula.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..contract import TAKES_FP8, ExpertsCaps
+from ..layouts import FLAT, ExpertWeights, FlatBatch
+from .base import Experts
+
+FP8_KINDS = frozenset({"fp8_block", "fp8_channel", "fp8_tensor"})
+FP8_GROUP = 128           # the K tile of the FP8 kernels: activation group and weight block
+
+
+def _available(device_type: str) -> str | None:
+    from ..kernels import triton_problem
+    return triton_problem(device_type)
+
+
+def _quant_problem(cfg, device_type: str) -> str | None:
+    """FP8 layouts the kernels handle: 128x128 weight blocks or per-row weight scales, activations per
+    token or per group of 128 columns, on a GPU with FP8 matrix units."""
+    if cfg.quant is None:
+        return None
+    from ..kernels import triton_problem
+    why = triton_problem(device_type, need_fp8=True)
+    if why:
+        return why
+    q = cfg.quant
+    if q.weight_block is not None and tuple(q.weight_block) != (FP8_GROUP, FP8_GROUP):
+        return (f"the FP8 kernels take weight blocks of ({FP8_GROUP}, {FP8_GROUP}) or per-row scales, "
+                f"not weight_block={q.weight_block}")
+    if q.activation_group_size not in (None, FP8_GROUP):
+        return (f"the FP8 kernels quantize activations per token or per group of {FP8_GROUP} columns, "
+                f"not group_size={q.group_size}")
+    return None
+
+
+class TritonExperts(Experts):
+    name = "triton"
+    CAPS = ExpertsCaps(layouts=frozenset({FLAT}), devices=frozenset({"cuda"}),
+                       quant=frozenset({"none"}) | FP8_KINDS, fp8_activations=TAKES_FP8,
+                       cuda_graph_safe=True,
+                       summary="fused Triton grouped GEMMs (gather, activation, routing weight fused), BF16/FP8",
+                       available=_available, quant_problem=_quant_problem)
+
+    def __init__(self, cfg, device: torch.device | None = None):
+        super().__init__(cfg, device)
+        self._configs: dict = {}
+        self.fp8 = cfg.quant is not None
+        if self.fp8:
+            why = _quant_problem(cfg, "cuda")
+            if why:
+                raise ValueError(f"experts 'triton' cannot run this FP8 layer: {why}")
+
+    def kernel_config(self, num_rows: int, weights: ExpertWeights):
+        """The tile configuration used for a batch of `num_rows` rows (tuned table, else heuristic)."""
+        key = (num_rows, tuple(weights.w13.shape), weights.w13.dtype)
+        hit = self._configs.get(key)
+        if hit is None:
+            from ..kernels.fused_moe import weight_format
+            from ..kernels.tuning_table import lookup_config
+            L, two_i, H = weights.w13.shape
+            gran = self.cfg.quant.weight_granularity if self.fp8 else None
+            hit = lookup_config(num_rows, L, H, two_i // 2, self.cfg.top_k, weight_format(weights.w13, gran),
+                                weights.w13.device)
+            if len(self._configs) > 4096:
+                self._configs.clear()
+            self._configs[key] = hit
+        return hit[0]
+
+    def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+        from ..kernels.fused_moe import Fp8Operands, fused_experts
+        x = batch.x
+        config = self.kernel_config(x.shape[0], weights)
+        fp8 = None
+        out_dtype = self.cfg.dtype
+        if self.fp8:
+            scheme = self.cfg.quant_scheme
+            if batch.scales is None:
+                x, x_scale = scheme.quantize_activations(x)
+            else:
+                x_scale = batch.scales
+            fp8 = Fp8Operands(x_scale=x_scale.float().contiguous(), w13_scale=weights.w13_scale,
+                              w2_scale=weights.w2_scale, act_group=scheme.activation_group_size,
+                              weight_block=self.cfg.quant.weight_block,
+                              granularity=self.cfg.quant.weight_granularity)
+        elif batch.scales is not None:
+            raise ValueError("experts 'triton': the batch carries FP8 scales but the layer is not FP8")
+        return fused_experts(x.contiguous(), batch.local_ids, batch.weights, weights.w13, weights.w2,
+                             self.cfg.activation, b13=weights.b13, b2=weights.b2, out_dtype=out_dtype,
+                             config=config, fp8=fp8)

@@ -1,0 +1,348 @@
+"""`epmoe tune`: choose the fused kernels' tile configurations for one shape on this GPU.
+
+For each token count T the candidates of its regime (rows per expert = T * k / L: decode tiles of few
+rows that stream weights, up to 128 x 256 tiles for prefill) are compiled ahead, in parallel worker
+processes that fill Triton's on-disk cache; then, for each BLOCK_M, the gate+up and the down kernel are
+timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
+the BLOCK_M with the smallest sum wins. The winners are merged into the table of this GPU
+(`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, MoEKernelConfig, device_table_name, shape_key,
+                           smem_bytes)
+
+TOKENS = [1, 16, 128, 1024, 8192]
+
+# (block_n, block_k, num_warps, num_stages) per regime; group_m is set by the regime
+_DECODE_GATE_UP = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 128, 4, 5), (64, 256, 4, 3), (128, 128, 4, 3),
+                   (32, 128, 4, 6), (64, 64, 4, 6)]
+_DECODE_DOWN = [(64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 4, 5),
+                (64, 128, 4, 6)]
+_MID_GATE_UP = [(64, 64, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 5)]
+_MID_DOWN = [(128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 4, 3), (256, 64, 8, 3), (64, 128, 4, 4)]
+_LARGE_GATE_UP = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 8, 3), (128, 128, 8, 2),
+                  (64, 64, 8, 4)]
+_LARGE_DOWN = [(128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 4),
+               (128, 64, 8, 3)]
+_FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 4, 5)]
+_FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 5),
+             (64, 128, 4, 6)]
+
+
+def block_ms_for(rows_per_expert: float) -> list[int]:
+    if rows_per_expert <= 4:
+        return [16]
+    if rows_per_expert <= 16:
+        return [16, 32]
+    if rows_per_expert <= 64:
+        return [32, 64]
+    if rows_per_expert <= 256:
+        return [64, 128]
+    return [128]
+
+
+def candidates(block_m: int, fp8: bool) -> tuple[list[GemmConfig], list[GemmConfig]]:
+    """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory."""
+    if fp8:
+        gu, dn, group = _FP8_GATE_UP, _FP8_DOWN, 1 if block_m <= 32 else 8
+    elif block_m <= 32:
+        gu, dn, group = _DECODE_GATE_UP, _DECODE_DOWN, 1
+    elif block_m <= 64:
+        gu, dn, group = _MID_GATE_UP, _MID_DOWN, 8
+    else:
+        gu, dn, group = _LARGE_GATE_UP, _LARGE_DOWN, 8
+    elem = 1 if fp8 else 2
+    gu_cfgs = [GemmConfig(n, k, group, w, s) for n, k, w, s in gu]
+    dn_cfgs = [GemmConfig(n, k, group, w, s) for n, k, w, s in dn]
+    return ([g for g in gu_cfgs if smem_bytes(block_m, g, elem, 2) <= SMEM_LIMIT],
+            [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT])
+
+
+@dataclass
+class Problem:
+    """One shape to tune, with its weights on the GPU."""
+    cfg: object                # MoEConfig
+    fmt: str                   # table format name
+    weights: object            # ExpertWeights
+    fp8: bool
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int]:
+        L, two_i, H = self.weights.w13.shape
+        return L, H, two_i // 2, self.cfg.top_k
+
+
+# ---------------------------------------------------------------------------------- parallel compile
+def _compile_job(job: tuple) -> str | None:
+    """Worker: compile one kernel configuration (Triton's warmup: no launch), return an error or None."""
+    kind, kwargs = job
+    try:
+        from . import fused_moe
+        fn = fused_moe.launch_gate_up if kind == "gate_up" else fused_moe.launch_down
+        fn(warmup=True, **kwargs)
+        return None
+    except Exception as exc:  # reported, and the candidate dropped
+        return f"{kind} {kwargs.get('gemm')}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def _worker_init():
+    torch.cuda.init()
+
+
+def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], downs: list[GemmConfig]) -> list:
+    """Warmup arguments mirroring what `fused_experts` passes (dtypes stand in for tensors)."""
+    from .fused_moe import Fp8Operands  # noqa: F401  (same module the launch uses)
+    L, H, I, k = problem.sizes
+    x_dtype = torch.float8_e4m3fn if problem.fp8 else problem.weights.w13.dtype
+    out_dtype = problem.cfg.dtype
+    mode1 = mode2 = None
+    if problem.fp8:
+        mode1, mode2 = _fp8_modes(problem)
+    act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else (out_dtype if problem.fp8 else x_dtype)
+    i32, f32 = torch.int32, torch.float32
+    common = dict(sorted_ids=i32, block_expert=i32, num_padded=i32, counts=None, num_pairs=0, capacity=0,
+                  row_blocks=1, hidden=H, inter=I, top_k=k, batched=False, block_m=block_m)
+    jobs = []
+    for g in gate_ups:
+        jobs.append(("gate_up", dict(x=x_dtype, w13=problem.weights.w13.dtype,
+                                     b13=None if problem.weights.b13 is None else f32, out=act_dtype,
+                                     out_scale=f32 if (mode1 and mode1.out_fp8) else None,
+                                     x_scale=f32 if problem.fp8 else None, w13_scale=f32 if problem.fp8 else None,
+                                     activation=problem.cfg.activation, gemm=g, fp8=mode1, **common)))
+    for g in downs:
+        jobs.append(("down", dict(a=act_dtype, w2=problem.weights.w2.dtype,
+                                  b2=None if problem.weights.b2 is None else f32, out=out_dtype,
+                                  a_scale=f32 if problem.fp8 else None, w2_scale=f32 if problem.fp8 else None,
+                                  topk_weights=f32, gemm=g, fp8=mode2, **common)))
+    return jobs
+
+
+def _fp8_modes(problem: Problem):
+    from .fused_moe import Fp8Operands
+    q = problem.cfg.quant
+    ops = Fp8Operands(None, None, None, q.activation_group_size, q.weight_block, q.weight_granularity)
+    return ops.modes()
+
+
+# ----------------------------------------------------------------------------------------- timing
+def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, timer, reps: int, gen,
+                     progress=None, task=None) -> tuple[dict, dict]:
+    """Median ms of each gate_up and each down candidate on one balanced routing of T tokens."""
+    from .fused_moe import Fp8Operands, launch_down, launch_gate_up
+    from .moe_align import align_pairs
+    L, H, I, k = problem.sizes
+    dev = problem.weights.w13.device
+    logits = torch.randn(T, L, generator=gen, device=dev)
+    ids = logits.topk(k, dim=1).indices.to(torch.int32)
+    tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1).reshape(-1).contiguous()
+    x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
+    x_scale = None
+    mode1 = mode2 = None
+    if problem.fp8:
+        x, x_scale = problem.cfg.quant_scheme.quantize_activations(x)
+        x_scale = x_scale.float().contiguous()
+        mode1, mode2 = _fp8_modes(problem)
+    aligned = align_pairs(ids, L, block_m)
+    rows = aligned.max_blocks * block_m
+    act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else problem.cfg.dtype
+    act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)
+    act_scale = None
+    if problem.fp8:
+        groups = -(-I // 128) if mode2.a_scale_per_block else 1
+        act_scale = torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001
+    y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
+    common = dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
+                  num_padded=aligned.num_padded, counts=None, num_pairs=T * k, capacity=0,
+                  row_blocks=aligned.max_blocks, hidden=H, inter=I, top_k=k, batched=False, block_m=block_m)
+    w = problem.weights
+    out_gu, out_dn = {}, {}
+    for g in gate_ups:
+        scale_out = None
+        if mode1 and mode1.out_fp8:
+            scale_out = torch.empty(rows, -(-I // g.block_n), dtype=torch.float32, device=dev)
+        fn = lambda g=g, s=scale_out: launch_gate_up(x, w.w13, w.b13, act, s, x_scale, w.w13_scale, gemm=g,
+                                                     activation=problem.cfg.activation, fp8=mode1, **common)
+        out_gu[g] = _safe_time(timer, fn, reps)
+        if progress is not None:
+            progress.advance(task)
+    for g in downs:
+        fn = lambda g=g: launch_down(act, w.w2, w.b2, y, act_scale, w.w2_scale, tw, gemm=g, fp8=mode2, **common)
+        out_dn[g] = _safe_time(timer, fn, reps)
+        if progress is not None:
+            progress.advance(task)
+    return out_gu, out_dn
+
+
+def _safe_time(timer, fn, reps) -> float:
+    try:
+        return timer.time(fn, reps=reps, warmup=2, use_graph=False).median_ms
+    except Exception as exc:   # a configuration this GPU cannot run (resources): never chosen
+        print(f"  candidate failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
+        return float("inf")
+
+
+def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, jobs: int = 8, seed: int = 0,
+                 console=None) -> dict[int, tuple[MoEKernelConfig, float]]:
+    """Best configuration (and its gate_up + down time in ms) for each T."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ..bench.gpu_timing import GpuTimer
+    L, H, I, k = problem.sizes
+    plan = {}
+    for T in tokens:
+        plan[T] = {bm: candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)}
+    # compile everything first, in parallel
+    all_jobs, seen = [], set()
+    for T, by_bm in plan.items():
+        for bm, (gus, dns) in by_bm.items():
+            for job in compile_jobs(problem, bm, gus, dns):
+                key = (job[0], bm, job[1]["gemm"])
+                if key not in seen:
+                    seen.add(key)
+                    all_jobs.append(job)
+    failed: set = set()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}", total=len(all_jobs))
+        if jobs > 1:
+            import multiprocessing as mp
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                     initializer=_worker_init) as pool:
+                for job, err in zip(all_jobs, pool.map(_compile_job, all_jobs)):
+                    progress.advance(task)
+                    if err:
+                        failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))
+                        progress.console.print(f"  compile failed: {err}")
+        else:
+            for job in all_jobs:
+                err = _compile_job(job)
+                progress.advance(task)
+                if err:
+                    failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))
+                    progress.console.print(f"  compile failed: {err}")
+        timer = GpuTimer(problem.weights.w13.device)
+        gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
+        total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
+        task = progress.add_task(f"time {problem.fmt}", total=total)
+        best: dict[int, tuple[MoEKernelConfig, float]] = {}
+        for T, by_bm in plan.items():
+            for bm, (gus, dns) in by_bm.items():
+                gus = [g for g in gus if ("gate_up", bm, g) not in failed]
+                dns = [g for g in dns if ("down", bm, g) not in failed]
+                t_gu, t_dn = _time_candidates(problem, T, bm, gus, dns, timer, reps, gen, progress, task)
+                if not t_gu or not t_dn:
+                    continue
+                g_best = min(t_gu, key=t_gu.get)
+                d_best = min(t_dn, key=t_dn.get)
+                ms = t_gu[g_best] + t_dn[d_best]
+                if ms < float("inf") and (T not in best or ms < best[T][1]):
+                    best[T] = (MoEKernelConfig(bm, g_best, d_best), ms)
+            if T in best:
+                progress.console.print(f"  T={T:5d}: {best[T][0].describe()}  {best[T][1]:.4f} ms (gate_up + down)")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- table
+def merge_into_table(path: str, key: str, best: dict, extra: dict) -> None:
+    data = {"entries": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update({k: v for k, v in extra.items()})
+    entries = data.setdefault("entries", {})
+    entry = entries.setdefault(key, {})
+    for T, (cfg, ms) in best.items():
+        entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5))
+    entries[key] = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", action="append", default=None,
+                   help="model preset to tune (repeatable); or give --experts/--hidden/--inter/--top-k")
+    p.add_argument("--experts", type=int, help="local experts L")
+    p.add_argument("--hidden", type=int, help="hidden size H")
+    p.add_argument("--inter", type=int, help="intermediate size I")
+    p.add_argument("--top-k", type=int, help="experts per token k")
+    p.add_argument("--activation", default="silu", choices=["silu", "gelu", "swigluoai"])
+    p.add_argument("--format", action="append", default=None,
+                   help="weight format: bf16 (default), fp16, fp8_block, fp8_channel (repeatable)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                   help="parallel compile processes (default: %(default)s)")
+    p.add_argument("--output", default=None, help="table to merge into (default: this GPU's table in the package)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _problem_configs(args) -> list:
+    from ..config import MoEConfig
+    from ..presets import preset_config
+    from ..bench.experts import _quant_for
+    formats = args.format or ["bf16"]
+    out = []
+    shapes = []
+    if args.preset:
+        shapes = [("preset", p) for p in args.preset]
+    elif None not in (args.experts, args.hidden, args.inter, args.top_k):
+        shapes = [("explicit", None)]
+    else:
+        raise SystemExit("epmoe tune: give --preset NAME, or all of --experts, --hidden, --inter, --top-k")
+    for fmt in formats:
+        dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
+        quant = None if fmt in ("bf16", "fp16") else _quant_for(fmt)
+        for kind, name in shapes:
+            if kind == "preset":
+                cfg = preset_config(name, dtype=dtype, quant=quant)
+            else:
+                cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, hidden_size=args.hidden,
+                                intermediate_size=args.inter, activation=args.activation, dtype=dtype, quant=quant)
+            out.append((fmt, cfg))
+    return out
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("epmoe tune: needs a CUDA GPU (none is visible)", file=sys.stderr)
+        return 2
+    import triton
+    from rich.console import Console
+    from ..bench.experts import make_weights
+    from .fused_moe import weight_format
+    console = Console()
+    device = torch.device("cuda", torch.cuda.current_device())
+    gpu = torch.cuda.get_device_name(device)
+    path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    if not tokens or min(tokens) < 1:
+        raise SystemExit(f"epmoe tune: --tokens must be positive token counts, got {args.tokens!r}")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for fmt, cfg in _problem_configs(args):
+        weights, _ = make_weights(cfg, device, gen)
+        fp8 = cfg.quant is not None
+        gran = cfg.quant.weight_granularity if fp8 else None
+        problem = Problem(cfg, weight_format(weights.w13, gran), weights, fp8)
+        L, H, I, k = problem.sizes
+        key = shape_key(L, H, I, k, problem.fmt)
+        console.print(f"[bold]{key}[/bold] on {gpu}")
+        best = tune_problem(problem, tokens, reps=args.reps, jobs=args.jobs, seed=args.seed, console=console)
+        merge_into_table(path, key, best, {
+            "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing"})
+        console.print(f"wrote {len(best)} configurations for {key} to {path}")
+        del weights
+        torch.cuda.empty_cache()
+    return 0

@@ -1,0 +1,184 @@
+"""The Triton experts on a GPU (H100/H200): BF16 and FP8 at each preset's real sizes against the float64
+oracle, edge cases (T = 0, one token, all tokens on one expert, slots of remote experts, H not a
+multiple of 128), the batched kernel, float16/float32, and CUDA-graph capture. Skips without a GPU."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from epmoe import MoEConfig, MoELayer, reference_moe
+from epmoe.layouts import BatchedBatch, FlatBatch
+from epmoe.main_job import SeededExperts
+from epmoe.presets import preset_config
+from epmoe.routing import Routing
+from epmoe.testing import assert_close, random_experts
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
+CHECK_ROWS = 32
+
+
+def _fp8(kind):
+    from epmoe.quant.fp8 import Fp8Config
+    if kind == "block":
+        return Fp8Config(weight_block=(128, 128), activation="per_token_group")
+    return Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
+
+
+def _layer(cfg, source, experts="triton", bias=False):
+    layer = MoELayer(cfg, experts=experts, device="cuda", expert_bias=bias)
+    for e in range(cfg.num_experts):
+        extra = {}
+        if bias:
+            g = torch.Generator(device="cuda").manual_seed(100 + e)
+            extra = dict(gate_bias=torch.randn(cfg.intermediate_size, device="cuda", generator=g) * 0.1,
+                         up_bias=torch.randn(cfg.intermediate_size, device="cuda", generator=g) * 0.1,
+                         down_bias=torch.randn(cfg.hidden_size, device="cuda", generator=g) * 0.1)
+        layer.load_expert(e, *source[e], **extra)
+    if layer.score_correction_bias is not None:
+        layer.score_correction_bias.copy_(torch.randn(cfg.num_experts, device="cuda") * 0.1)
+    return layer
+
+
+class _LayerExperts:
+    """The oracle's view of a layer's experts: dequantized FP8, or the stored weights (+ biases)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __len__(self):
+        return self.layer.cfg.num_experts
+
+    def __getitem__(self, e):
+        if not 0 <= e < len(self):
+            raise IndexError(e)
+        layer, cfg = self.layer, self.layer.cfg
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        if cfg.quant is not None:
+            t = cfg.quant_scheme.dequantized_expert(layer, e)
+        else:
+            Ip = layer.w2.shape[2]
+            t = (layer.w13[e, :I, :H], layer.w13[e, Ip:Ip + I, :H], layer.w2[e, :H, :I])
+        if getattr(layer, "b13", None) is not None:
+            Ip = layer.w2.shape[2]
+            t = tuple(t) + (layer.b13[e, :I], layer.b13[e, Ip:Ip + I], layer.b2[e, :H])
+        return t
+
+
+def _check_layer(layer, tokens, routing="random", bound=None, seed=0):
+    cfg = layer.cfg
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    experts = _LayerExperts(layer)
+    for T in tokens:
+        x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+        logits = torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2
+        if routing == "onehot":
+            logits[:, 3] = 100.0              # every token's top choice is expert 3
+        out = layer(x, logits)
+        torch.cuda.synchronize()
+        assert out.shape == (T, cfg.hidden_size)
+        if T == 0:
+            continue
+        rows = torch.arange(min(T, CHECK_ROWS), device="cuda")
+        if T > CHECK_ROWS:
+            rows = torch.cat([rows[:CHECK_ROWS // 2], torch.randperm(T, device="cuda", generator=g)[:CHECK_ROWS // 2]])
+        ref = reference_moe(x[rows], logits[rows], experts, cfg, layer.score_correction_bias, device="cuda")
+        assert_close(out[rows], ref, bound, context=f"{cfg.describe()} T={T} {routing}")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_real_size_bf16(preset):
+    cfg = preset_config(preset, dtype=torch.bfloat16)
+    layer = _layer(cfg, SeededExperts(cfg, seed=5, device="cuda"), bias=preset == "gpt-oss-120b")
+    _check_layer(layer, (0, 1, 7, 128, 2048))
+    _check_layer(layer, (300,), routing="onehot", seed=1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("kind", ["block", "channel"])
+def test_real_size_fp8(preset, kind):
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8(kind))
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=6, device="cuda"))
+    _check_layer(layer, (1, 33, 1024), bound=3e-2)
+    _check_layer(layer, (200,), routing="onehot", bound=3e-2, seed=2)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.float32, 1e-5)])
+def test_other_dtypes_and_awkward_sizes(dtype, bound):
+    cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=200, intermediate_size=136, activation="gelu", dtype=dtype)
+    layer = _layer(cfg, [tuple(t.to("cuda") for t in e) for e in random_experts(cfg, seed=4)])
+    _check_layer(layer, (0, 1, 5, 333), bound=bound)
+    _check_layer(layer, (77,), routing="onehot", bound=bound)
+
+
+def test_remote_slots_and_cuda_graph():
+    """Slots whose expert lives elsewhere (-1) contribute nothing; the whole forward replays in a graph."""
+    from epmoe.experts.triton import TritonExperts
+    cfg = preset_config("qwen3-30b-a3b", dtype=torch.bfloat16)
+    layer = _layer(cfg, SeededExperts(cfg, seed=8, device="cuda"))
+    experts = TritonExperts(cfg, torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(3)
+    T = 96
+    x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+    ids = torch.stack([torch.randperm(cfg.num_experts, device="cuda", generator=g)[:cfg.top_k] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, cfg.top_k, device="cuda", generator=g), 1)
+    local = torch.where(ids < 64, ids, -1).to(torch.int32)         # experts 64.. live on another rank
+    batch = FlatBatch(x, local, w)
+    static_out = experts(batch, layer.expert_weights)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = experts(batch, layer.expert_weights)
+    x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+                        routing=Routing(ids.to(torch.int32), torch.where(ids < 64, w, 0.0)))
+    assert_close(static_out, ref, 1e-2, context="graph replay, remote slots")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_batched_kernel(fp8):
+    from epmoe.kernels.batched_moe import batched_experts
+    from epmoe.kernels.fused_moe import Fp8Operands
+    cfg = preset_config("deepseek-v3", dtype=torch.bfloat16, quant=_fp8("block") if fp8 else None)
+    cfg = replace(cfg, num_experts=32, n_group=None, topk_group=None)
+    src = SeededExperts(replace(cfg, quant=None), seed=9, device="cuda")
+    layer = _layer(cfg, src)
+    C, H = 48, cfg.hidden_size
+    counts = torch.randint(0, C + 1, (cfg.num_experts,), device="cuda", dtype=torch.int32)
+    counts[0], counts[1] = 0, C
+    x = torch.randn(cfg.num_experts, C, H, device="cuda").to(cfg.dtype)
+    x[torch.arange(C, device="cuda")[None, :] >= counts[:, None]] = float("nan")    # padding rows: garbage
+    w = layer.expert_weights
+    ops = None
+    xin = x
+    if fp8:
+        xin, xs = cfg.quant_scheme.quantize_activations(x)
+        ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, 128, (128, 128), "block")
+    out = batched_experts(xin, counts, w.w13, w.w2, cfg.activation, top_k=cfg.top_k, out_dtype=cfg.dtype, fp8=ops)
+    experts = _LayerExperts(layer)
+    for e in range(cfg.num_experts):
+        n = int(counts[e])
+        assert (out[e, n:] == 0).all()
+        if n:
+            one = replace(cfg, num_experts=1, top_k=1)
+            ref = reference_moe(x[e, :n], None, [experts[e]], one, device="cuda",
+                                routing=Routing(torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, 1)))
+            assert_close(out[e, :n], ref, 3e-2 if fp8 else 1e-2, context=f"expert {e} ({n} rows)")
+
+
+def test_batched_backend_uses_the_kernel_on_cuda():
+    """experts='batched' on CUDA gives the same answer as its PyTorch path."""
+    from epmoe import contract
+    if "batched" not in contract.EXPERTS:
+        pytest.skip("no batched experts backend registered")
+    from epmoe.experts.batched import BatchedExperts, batched_experts_torch
+    cfg = preset_config("qwen3-30b-a3b", dtype=torch.bfloat16)
+    layer = _layer(cfg, SeededExperts(cfg, seed=10, device="cuda"))
+    C = 24
+    counts = torch.randint(0, C + 1, (cfg.num_experts,), device="cuda", dtype=torch.int32)
+    x = torch.randn(cfg.num_experts, C, cfg.hidden_size, device="cuda").to(cfg.dtype)
+    out = BatchedExperts(cfg, torch.device("cuda"))(BatchedBatch(x, counts), layer.expert_weights)
+    ref = batched_experts_torch(x, counts, layer.expert_weights, cfg.activation, cfg.dtype)
+    assert_close(out.float(), ref.double(), 1e-2)
