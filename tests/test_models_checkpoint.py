@@ -123,6 +123,18 @@ def test_every_expert_read_exactly_once(original_format, tmp_path, monkeypatch):
     assert expert_memory_bytes(model) == 2 * 8 * 3 * 64 * 32 * 4
 
 
+def test_tied_embeddings(tmp_path):
+    reference = tiny_model("qwen3_moe", seed=28, tie_word_embeddings=True)
+    save_tiny_checkpoint(reference, tmp_path, with_tokenizer=False)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    model = load_model(tmp_path, progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = prompts(7)
+    with torch.no_grad():
+        assert_close(model(ids).logits, reference(ids).logits, bound=1e-5)
+
+
 def test_pickled_checkpoint_refused_unless_allowed(tmp_path):
     reference = tiny_model("olmoe", seed=24)
     reference.config.save_pretrained(tmp_path)

@@ -14,7 +14,7 @@ pytest.importorskip("safetensors")
 from epmoe import contract  # noqa: E402
 from epmoe.integration.tiny import FAMILY_NAMES, save_tiny_checkpoint, tiny_model  # noqa: E402
 from epmoe.testing import compare, run_on_ranks  # noqa: E402
-from test_models_checkpoint import CountingSafeOpen  # noqa: E402
+from test_models_checkpoint import CountingSafeOpen, _fp8_deepseek_checkpoint  # noqa: E402
 
 WORLD = 2
 EP_DISPATCHERS = [d for d in ("allgather", "alltoall") if d in contract.DISPATCHERS]
@@ -110,3 +110,37 @@ def test_families_over_two_gloo_ranks(dispatcher, checkpoints):
     for family in FAMILY_NAMES:
         held = [next(iter(results[family]["local_experts"].values())) for results in per_rank]
         assert sorted(held[0] + held[1]) == list(range(8)), family
+
+
+def _fp8_rank(rank, world, directory, dispatcher):
+    import torch.distributed as dist
+
+    from epmoe.integration import checkpoint as ckpt_mod
+    from epmoe.integration import expert_memory_bytes, load_model, moe_blocks
+
+    ids = _prompts(rank)
+    single = load_model(directory, progress=False)                     # all experts, FP8, no EP
+    counter = CountingSafeOpen()
+    ckpt_mod.safe_open = counter
+    ep = load_model(directory, ep_group=dist.group.WORLD, dispatcher=dispatcher, progress=False)
+    with torch.no_grad():
+        rel = compare(ep(ids).logits, single(ids).logits).rel_err
+    layer = moe_blocks(ep)[0][1].experts
+    return {"rel_err": rel, "fp8": layer.w13.dtype == torch.float8_e4m3fn,
+            "bytes": (expert_memory_bytes(ep), expert_memory_bytes(single)),
+            "experts_read": sorted({e for _, e in counter.expert_reads()}),
+            "scales_read": sum(1 for k, _ in counter.reads if k.endswith("weight_scale_inv") and ".experts." in k),
+            "local": [int(e) for e in layer.placement.local_experts]}
+
+
+@pytest.mark.skipif(not EP_DISPATCHERS, reason="no communicating dispatcher (allgather / alltoall) is registered")
+@pytest.mark.parametrize("dispatcher", EP_DISPATCHERS or ["none"])
+def test_fp8_checkpoint_over_two_gloo_ranks(dispatcher, tmp_path):
+    directory, _ = _fp8_deepseek_checkpoint(tmp_path)
+    for rank, r in enumerate(run_on_ranks(_fp8_rank, WORLD, str(directory), dispatcher, backend="gloo",
+                                          timeout_s=150)):
+        assert r["fp8"], "the experts should stay FP8"
+        assert r["rel_err"] <= 1e-5, f"rank {rank}: FP8 logits with EP differ from one rank: {r['rel_err']:.2e}"
+        assert r["experts_read"] == r["local"], f"rank {rank} read experts {r['experts_read']}"
+        assert r["scales_read"] == 2 * 3 * len(r["local"])      # 2 layers x (gate, up, down) per local expert
+        assert r["bytes"][0] * WORLD == r["bytes"][1]
