@@ -34,10 +34,10 @@ from .moe_align import align_pairs
 from .tuning_table import GemmConfig, MoEKernelConfig, lookup_config
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
-SWIGLUOAI_ALPHA = 1.702   # epmoe.experts.activations
-SWIGLUOAI_LIMIT = 7.0
-FP8_MAX = 448.0           # epmoe.quant.fp8
-FP8_SCALE_FLOOR = 1e-12
+SWIGLUOAI_ALPHA = tl.constexpr(1.702)    # epmoe.experts.activations
+SWIGLUOAI_LIMIT = tl.constexpr(7.0)
+FP8_MAX = tl.constexpr(448.0)            # epmoe.quant.fp8
+FP8_SCALE_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit

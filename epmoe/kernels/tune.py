@@ -110,6 +110,7 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
     if problem.fp8:
         mode1, mode2 = _fp8_modes(problem)
     act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else (out_dtype if problem.fp8 else x_dtype)
+    down_in = torch.float8_e4m3fn if problem.fp8 else act_dtype      # per-token mode quantizes in between
     i32, f32 = torch.int32, torch.float32
     common = dict(sorted_ids=i32, block_expert=i32, num_padded=i32, counts=None, num_pairs=0, capacity=0,
                   row_blocks=1, hidden=H, inter=I, top_k=k, batched=False, block_m=block_m)
@@ -121,7 +122,7 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
                                      x_scale=f32 if problem.fp8 else None, w13_scale=f32 if problem.fp8 else None,
                                      activation=problem.cfg.activation, gemm=g, fp8=mode1, **common)))
     for g in downs:
-        jobs.append(("down", dict(a=act_dtype, w2=problem.weights.w2.dtype,
+        jobs.append(("down", dict(a=down_in, w2=problem.weights.w2.dtype,
                                   b2=None if problem.weights.b2 is None else f32, out=out_dtype,
                                   a_scale=f32 if problem.fp8 else None, w2_scale=f32 if problem.fp8 else None,
                                   topk_weights=f32, gemm=g, fp8=mode2, **common)))
@@ -156,11 +157,13 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
     aligned = align_pairs(ids, L, block_m)
     rows = aligned.max_blocks * block_m
     act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else problem.cfg.dtype
-    act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)
+    act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)          # gate_up's output
+    act_in = act.to(torch.float8_e4m3fn) if problem.fp8 else act                  # down's input
     act_scale = None
     if problem.fp8:
         groups = -(-I // 128) if mode2.a_scale_per_block else 1
-        act_scale = torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001
+        act_scale = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001).reshape(
+            rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
     y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
     common = dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
                   num_padded=aligned.num_padded, counts=None, num_pairs=T * k, capacity=0,
@@ -177,7 +180,7 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
         if progress is not None:
             progress.advance(task)
     for g in downs:
-        fn = lambda g=g: launch_down(act, w.w2, w.b2, y, act_scale, w.w2_scale, tw, gemm=g, fp8=mode2, **common)
+        fn = lambda g=g: launch_down(act_in, w.w2, w.b2, y, act_scale, w.w2_scale, tw, gemm=g, fp8=mode2, **common)
         out_dn[g] = _safe_time(timer, fn, reps)
         if progress is not None:
             progress.advance(task)
