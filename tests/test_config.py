@@ -41,9 +41,13 @@ def test_invalid_values_name_field_and_rule(changes, field, rule):
     assert field in str(info.value) and rule in str(info.value), str(info.value)
 
 
-def test_padded_sizes_equal_real_without_quantization():
+def test_unquantized_padding_is_to_16_bytes():
     cfg = MoEConfig(**{**BASE, "hidden_size": 200, "intermediate_size": 72})
     assert (cfg.padded_hidden_size, cfg.padded_intermediate_size) == (200, 72)
+    cfg = MoEConfig(**{**BASE, "hidden_size": 180, "intermediate_size": 7})
+    assert (cfg.padded_hidden_size, cfg.padded_intermediate_size) == (184, 8)
+    cfg = MoEConfig(**{**BASE, "hidden_size": 181, "intermediate_size": 7, "dtype": torch.float32})
+    assert (cfg.padded_hidden_size, cfg.padded_intermediate_size) == (184, 8)
 
 
 def test_presets_are_valid_and_shrinkable():

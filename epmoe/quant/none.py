@@ -1,4 +1,9 @@
-"""The unquantized scheme: weights and activations in the layer's dtype, no padding, no scales."""
+"""The unquantized scheme: weights and activations in the layer's dtype, no scales.
+
+Rows are padded to 16 bytes: grouped GEMM kernels (CUTLASS behind torch._grouped_mm, TMA loads in Triton)
+need 16-byte aligned strides, and a hidden size like 180 in bf16 would otherwise fail inside the forward.
+The padding is zeros, changes no result, and callers never see it (the layer pads and slices).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +19,8 @@ class NoQuant:
     kind: str = "none"
 
     def roundup_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
-        return hidden_size, intermediate_size
+        multiple = 16 // torch.empty((), dtype=self.dtype).element_size()
+        return -(-hidden_size // multiple) * multiple, -(-intermediate_size // multiple) * multiple
 
     def create_weights(self, layer, L: int, H: int, I: int) -> None:
         """w13 [L, 2I, H] (gate rows, then up rows) and w2 [L, H, I] in the layer's dtype, zeros."""
