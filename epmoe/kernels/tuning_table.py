@@ -68,13 +68,13 @@ def smem_bytes(block_m: int, g: GemmConfig, elem_bytes: int, b_tiles: int) -> in
     return g.num_stages * (block_m * g.block_k + b_tiles * g.block_n * g.block_k) * elem_bytes
 
 
-def fits(cfg: MoEKernelConfig, elem_bytes: int) -> bool:
-    return (smem_bytes(cfg.block_m, cfg.gate_up, elem_bytes, 2) <= SMEM_LIMIT
-            and smem_bytes(cfg.block_m, cfg.down, elem_bytes, 1) <= SMEM_LIMIT)
+def element_bytes(fmt: str) -> int:
+    """Bytes per operand element of a weight format name."""
+    return 1 if fmt.startswith("fp8") else 4 if fmt == "float32" else 2
 
 
 def heuristic_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
-                     fp8: bool = False) -> MoEKernelConfig:
+                     fp8: bool = False, elem_bytes: int | None = None) -> MoEKernelConfig:
     """A sane configuration for any shape, from the expected rows per expert."""
     rows = num_tokens * top_k / max(num_experts, 1)
     bk = 128 if fp8 else 64
@@ -86,18 +86,24 @@ def heuristic_config(num_tokens: int, num_experts: int, hidden: int, inter: int,
         cfg = MoEKernelConfig(64, GemmConfig(64, bk, 8, 4, 4), GemmConfig(128, bk, 8, 4, 4))
     else:
         cfg = MoEKernelConfig(128, GemmConfig(128, bk, 8, 8, 3), GemmConfig(128, bk, 8, 8, 4))
-    return _clamp_to_problem(cfg, hidden, inter, fp8)
+    return _clamp_to_problem(cfg, hidden, inter, fp8, elem_bytes or (1 if fp8 else 2))
 
 
-def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool) -> MoEKernelConfig:
+def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
+                      elem_bytes: int) -> MoEKernelConfig:
     """Shrink tiles that exceed a small problem, pin FP8's K tile (and the gate+up N tile) to the scale
-    group of 128, and drop stages until shared memory fits."""
+    group of 128, and drop stages (then halve the K tile) until shared memory fits."""
     def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool) -> GemmConfig:
         bn = 128 if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
         bk = 128 if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
         out = GemmConfig(bn, bk, g.group_m, g.num_warps, g.num_stages)
-        while out.num_stages > 2 and smem_bytes(cfg.block_m, out, 1 if fp8 else 2, b_tiles) > SMEM_LIMIT:
-            out = GemmConfig(out.block_n, out.block_k, out.group_m, out.num_warps, out.num_stages - 1)
+        while smem_bytes(cfg.block_m, out, elem_bytes, b_tiles) > SMEM_LIMIT:
+            if out.num_stages > 2:
+                out = GemmConfig(out.block_n, out.block_k, out.group_m, out.num_warps, out.num_stages - 1)
+            elif out.block_k > 32 and not fp8:
+                out = GemmConfig(out.block_n, out.block_k // 2, out.group_m, out.num_warps, out.num_stages)
+            else:
+                break
         return out
     return MoEKernelConfig(cfg.block_m, clamp(cfg.gate_up, inter, hidden, 2, fp8),
                            clamp(cfg.down, hidden, inter, 1, False))
@@ -138,10 +144,11 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
                   ) -> tuple[MoEKernelConfig, str]:
     """(config, where it came from). Nearest tuned T for this shape, else the heuristic."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
-    fp8 = fmt.startswith("fp8")
+    fp8, elem = fmt.startswith("fp8"), element_bytes(fmt)
     for path in (table_paths_for_device(device) if paths is None else paths):
         by_t = _load_table(path).get(key)
         if by_t:
             t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(num_tokens, 1))), x))
-            return _clamp_to_problem(by_t[t], hidden, inter, fp8), f"{os.path.basename(path)}[{key}][T={t}]"
-    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8), "heuristic"
+            return (_clamp_to_problem(by_t[t], hidden, inter, fp8, elem),
+                    f"{os.path.basename(path)}[{key}][T={t}]")
+    return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"

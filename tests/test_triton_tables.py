@@ -1,0 +1,54 @@
+"""Kernel configuration tables and the fallback heuristic (CPU; no Triton needed)."""
+import json
+import os
+
+import pytest
+
+from epmoe.kernels.tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, MoEKernelConfig, _load_table,
+                                        element_bytes, heuristic_config, lookup_config, shape_key, smem_bytes)
+
+
+def _fits(cfg, elem):
+    return (smem_bytes(cfg.block_m, cfg.gate_up, elem, 2) <= SMEM_LIMIT
+            and smem_bytes(cfg.block_m, cfg.down, elem, 1) <= SMEM_LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16", "float32", "fp8_block", "fp8_channel"])
+@pytest.mark.parametrize("T", [1, 3, 40, 700, 9000])
+@pytest.mark.parametrize("shape", [(8, 4096, 14336, 2), (128, 2048, 768, 8), (16, 200, 136, 4), (4, 64, 32, 2)])
+def test_heuristic_fits_shared_memory_and_problem(fmt, T, shape):
+    L, H, I, k = shape
+    cfg = heuristic_config(T, L, H, I, k, fmt.startswith("fp8"), element_bytes(fmt))
+    assert _fits(cfg, element_bytes(fmt)), cfg
+    assert cfg.block_m in (16, 32, 64, 128)
+    if fmt.startswith("fp8"):
+        assert cfg.gate_up.block_k == cfg.down.block_k == cfg.gate_up.block_n == 128
+
+
+def test_shipped_tables_parse_and_fit():
+    tables = [f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")]
+    assert tables, "no tuned table is shipped"
+    for name in tables:
+        path = os.path.join(CONFIG_DIR, name)
+        with open(path) as f:
+            meta = json.load(f)
+        assert {"device", "triton", "torch", "date"} <= set(meta), f"{name}: provenance fields missing"
+        for key, by_t in _load_table(path).items():
+            fmt = key.split("fmt=")[1]
+            for T, cfg in by_t.items():
+                assert _fits(cfg, element_bytes(fmt)), (name, key, T)
+                if fmt.startswith("fp8"):
+                    assert cfg.gate_up.block_k == cfg.down.block_k == 128, (name, key, T)
+
+
+def test_lookup_takes_the_nearest_token_count(tmp_path):
+    from epmoe.kernels import tune
+    small = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 256, 1, 4, 3))
+    large = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(256, 64, 8, 8, 4))
+    path = str(tmp_path / "t.json")
+    key = shape_key(8, 4096, 14336, 2, "bfloat16")
+    tune.merge_into_table(path, key, {1: (small, 0.1), 8192: (large, 9.0)}, {"device": "test"})
+    assert lookup_config(2, 8, 4096, 14336, 2, "bfloat16", paths=[path]) == (small, f"t.json[{key}][T=1]")
+    assert lookup_config(5000, 8, 4096, 14336, 2, "bfloat16", paths=[path])[0] == large
+    cfg, where = lookup_config(5000, 8, 4096, 1000, 2, "bfloat16", paths=[path])
+    assert where == "heuristic" and cfg.block_m == 128
