@@ -40,6 +40,8 @@ else:
 
     # small tiles so that tiny shapes still have several tiles, uneven K (H = 200) and N edges
     SMALL = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2))
+    # the same with weight tiles through tensor descriptors (TMA on the GPU)
+    SMALL_TMA = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2, tma=True), GemmConfig(64, 64, 1, 4, 2, tma=True))
 
     def random_routing(T, E, k, seed, hot_expert=None):
         g = torch.Generator().manual_seed(seed)
@@ -95,8 +97,9 @@ else:
         (40, 6, 3, "gelu", True, "hot", True),
     ]
 
+    @pytest.mark.parametrize("tma", [False, True])
     @pytest.mark.parametrize("T,E,k,act,bias,routing,remote", CASES)
-    def test_fused_experts_matches_oracle(T, E, k, act, bias, routing, remote):
+    def test_fused_experts_matches_oracle(T, E, k, act, bias, routing, remote, tma):
         cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation=act,
                         dtype=torch.float32)
         experts = random_experts(cfg, seed=T + 7, with_bias=bias)
@@ -108,7 +111,7 @@ else:
             local[ids >= E - 2] = -1
             w_ref[ids >= E - 2] = 0.0
         w13, w2, b13, b2 = fused_layout(experts)
-        out = fused_experts(x, local, w, w13, w2, act, b13=b13, b2=b2, config=SMALL)
+        out = fused_experts(x, local, w, w13, w2, act, b13=b13, b2=b2, config=SMALL_TMA if tma else SMALL)
         assert out.shape == (T, cfg.hidden_size) and out.dtype == torch.float32
         if T == 0:
             return
@@ -126,9 +129,10 @@ else:
         ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w))
         assert_close(out, ref, 1e-5)
 
-    @pytest.mark.parametrize("counts,act,bias", [([0, 3, 17, 1], "silu", False), ([0, 0, 0, 0], "gelu", True),
-                                                 ([20, 20, 2, 0], "swigluoai", True)])
-    def test_batched_experts_skips_empty_rows(counts, act, bias):
+    @pytest.mark.parametrize("counts,act,bias,tma", [([0, 3, 17, 1], "silu", False, False),
+                                                     ([0, 0, 0, 0], "gelu", True, False),
+                                                     ([20, 20, 2, 0], "swigluoai", True, True)])
+    def test_batched_experts_skips_empty_rows(counts, act, bias, tma):
         E, C = 4, 20
         cfg = MoEConfig(num_experts=E, top_k=1, hidden_size=200, intermediate_size=96, activation=act,
                         dtype=torch.float32)
@@ -136,7 +140,8 @@ else:
         x = torch.randn(E, C, 200, generator=torch.Generator().manual_seed(2))
         x[torch.arange(C)[None, :] >= torch.tensor(counts)[:, None]] = float("nan")  # rows past the count
         w13, w2, b13, b2 = fused_layout(experts)
-        out = batched_experts(x, torch.tensor(counts), w13, w2, act, b13=b13, b2=b2, config=SMALL)
+        out = batched_experts(x, torch.tensor(counts), w13, w2, act, b13=b13, b2=b2,
+                              config=SMALL_TMA if tma else SMALL)
         assert out.shape == x.shape
         for e, n in enumerate(counts):
             assert (out[e, n:] == 0).all(), f"expert {e}: rows past the count must be zero"
@@ -179,7 +184,8 @@ else:
         ids, w = random_routing(T, E, k, seed=5, hot_expert=1)
         q13, s13, q2, s2 = _fp8_weights(experts, granularity)
         xq, xs = fp8_quantize_torch(x, act_group)
-        cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+        tma = granularity == "block"
+        cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=tma), GemmConfig(64, 128, 1, 4, 2, tma=tma))
         ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, granularity)
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=cfg8, fp8=ops)
         # the oracle on the dequantized weights, quantizing the input and intermediate activations as the

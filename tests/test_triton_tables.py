@@ -52,3 +52,22 @@ def test_lookup_takes_the_nearest_token_count(tmp_path):
     assert lookup_config(5000, 8, 4096, 14336, 2, "bfloat16", paths=[path])[0] == large
     cfg, where = lookup_config(5000, 8, 4096, 1000, 2, "bfloat16", paths=[path])
     assert where == "heuristic" and cfg.block_m == 128
+
+
+def test_tune_candidates_fit_and_come_with_tma_twins():
+    from epmoe.kernels import tune
+    for fp8 in (False, True):
+        for bm in (16, 32, 64, 128):
+            gus, dns = tune.candidates(bm, fp8)
+            elem = 1 if fp8 else 2
+            assert gus and dns
+            assert all(smem_bytes(bm, g, elem, 2) <= SMEM_LIMIT for g in gus)
+            assert all(smem_bytes(bm, g, elem, 1) <= SMEM_LIMIT for g in dns)
+            assert {g.tma for g in gus} == {False, True} and len(gus) % 2 == 0
+            if fp8:
+                assert all(g.block_k == 128 and g.block_n == 128 for g in gus)
+    cfg = MoEKernelConfig(64, GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4, tma=True))
+    plan = tune.refine_plan({128: cfg}, [1, 128])
+    assert list(plan) == [128]
+    gus, dns = plan[128][64]
+    assert [g.tma for g in gus] == [False, True] and [d.tma for d in dns] == [False, True]

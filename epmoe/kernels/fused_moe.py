@@ -111,9 +111,13 @@ def gate_up_kernel(
         H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
         ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
         FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert."""
+    """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert.
+
+    W_DESC: `w_ptr` is a tensor descriptor of w13 as [L * 2I, H] with [BLOCK_N, BLOCK_K] blocks (the TMA
+    engine loads weight tiles, zero-filled past the end); tile rows past I then hold other rows, whose
+    output columns are never stored."""
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = H % BLOCK_K == 0
@@ -125,14 +129,16 @@ def gate_up_kernel(
                                                num_pairs, capacity, TOP_K, BLOCK_M, BATCHED)
     if expert < 0:
         return
+    w_row = expert * (2 * I) + pid_n * BLOCK_N     # descriptor row of the gate tile (int32)
     expert = expert.to(tl.int64)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_nw = offs_n % I                     # wrapped: every weight row read exists; extra columns are dropped
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src[:, None] * H + offs_k[None, :]
-    g_ptrs = w_ptr + expert * (2 * I * H) + offs_nw[None, :] * H + offs_k[:, None]
-    u_ptrs = g_ptrs + I * H
+    if not W_DESC:
+        g_ptrs = w_ptr + expert * (2 * I * H) + offs_nw[None, :] * H + offs_k[:, None]
+        u_ptrs = g_ptrs + I * H
     if FP8:
         if X_SCALE_PER_BLOCK:
             xs_ptrs = x_scale_ptr + src * K_BLOCKS
@@ -147,13 +153,17 @@ def gate_up_kernel(
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < H - kb * BLOCK_K, other=0.0)
+        if W_DESC:
+            bg = w_ptr.load([w_row, kb * BLOCK_K]).T
+            bu = w_ptr.load([w_row + I, kb * BLOCK_K]).T
+        elif EVEN_K:
             bg = tl.load(g_ptrs)
             bu = tl.load(u_ptrs)
         else:
-            k_left = H - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            bg = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            bu = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bg = tl.load(g_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
+            bu = tl.load(u_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
         if FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             pg = tl.dot(a, bg)
             pu = tl.dot(a, bu)
@@ -170,8 +180,9 @@ def gate_up_kernel(
             acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+        if not W_DESC:
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
 
     if FP8:
         if not X_SCALE_PER_BLOCK:            # one scale per token, applied once
@@ -203,10 +214,11 @@ def down_kernel(
         H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
         FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """act_rows @ w2[e].T (+ bias) (* routing weight) for one tile; rows go to their pair (flat) or stay
-    in place (batched, rows past the count written as zeros)."""
+    in place (batched, rows past the count written as zeros). W_DESC: `w_ptr` is a tensor descriptor of
+    w2 as [L * H, I] with [BLOCK_N, BLOCK_K] blocks."""
     num_pid_n: tl.constexpr = (H + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
@@ -229,12 +241,14 @@ def down_kernel(
     else:
         if expert < 0:
             return
+    w_row = expert * H + pid_n * BLOCK_N     # descriptor row of the weight tile (int32)
     expert = expert.to(tl.int64)
 
     offs_nw = offs_n % H
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
-    b_ptrs = w_ptr + expert * (H * I) + offs_nw[None, :] * I + offs_k[:, None]
+    if not W_DESC:
+        b_ptrs = w_ptr + expert * (H * I) + offs_nw[None, :] * I + offs_k[:, None]
     if FP8:
         if A_SCALE_PER_BLOCK:
             as_ptrs = a_scale_ptr + pos * K_BLOCKS
@@ -246,11 +260,14 @@ def down_kernel(
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < I - kb * BLOCK_K, other=0.0)
+        if W_DESC:
+            b = w_ptr.load([w_row, kb * BLOCK_K]).T
+        elif EVEN_K:
             b = tl.load(b_ptrs)
         else:
-            k_left = I - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
         if FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             p = tl.dot(a, b)
             if A_SCALE_PER_BLOCK:
@@ -261,7 +278,8 @@ def down_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if not W_DESC:
+            b_ptrs += BLOCK_K
 
     if FP8:
         if not A_SCALE_PER_BLOCK:
@@ -320,6 +338,24 @@ def _fp8_meta(fp8: Fp8Mode | None) -> dict:
     return dict(FP8=True, W_SCALE_PER_BLOCK=fp8.w_scale_per_block, SCALE_BLOCK_N=fp8.scale_block_n)
 
 
+def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig):
+    """(the kernel's weight argument, W_DESC): a tensor descriptor of `w` as [L * rows_per_expert, cols]
+    when the config asks for TMA and the layout allows it (16-byte aligned rows), else the tensor."""
+    dtype = w if isinstance(w, torch.dtype) else w.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not gemm.tma or (cols * itemsize) % 16 or gemm.block_k * itemsize < 16:
+        return w, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    if isinstance(w, torch.dtype):           # compile only (warmup): a stand-in with the dtype
+        from triton.runtime.jit import MockTensor
+        base, rows = MockTensor(w), rows_per_expert
+    else:
+        if w.data_ptr() % 16:
+            return w, False
+        base, rows = w, w.shape[0] * rows_per_expert
+    return TensorDescriptor(base, [rows, cols], [cols, 1], [gemm.block_n, gemm.block_k]), True
+
+
 def _dot_precision(dtype) -> str:
     # float32 operands: true float32 products (tf32 would miss the 1e-5 bound)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -339,8 +375,9 @@ def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, 
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     meta.update(_fp8_meta(fp8))
+    w_arg, meta["W_DESC"] = _weight_operand(w13, 2 * inter, hidden, gemm)
     unused = x
-    args = (x, w13, unused if b13 is None else b13, out, unused if out_scale is None else out_scale,
+    args = (x, w_arg, unused if b13 is None else b13, out, unused if out_scale is None else out_scale,
             unused if x_scale is None else x_scale, unused if w13_scale is None else w13_scale,
             unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
             unused if num_padded is None else num_padded, unused if counts is None else counts,
@@ -362,8 +399,9 @@ def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, blo
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     meta.update(_fp8_meta(fp8))
+    w_arg, meta["W_DESC"] = _weight_operand(w2, hidden, inter, gemm)
     unused = out
-    args = (a, w2, unused if b2 is None else b2, out, unused if a_scale is None else a_scale,
+    args = (a, w_arg, unused if b2 is None else b2, out, unused if a_scale is None else a_scale,
             unused if w2_scale is None else w2_scale, unused if topk_weights is None else topk_weights,
             unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
             unused if num_padded is None else num_padded, unused if counts is None else counts,

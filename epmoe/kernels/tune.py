@@ -15,12 +15,12 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, MoEKernelConfig, device_table_name, shape_key,
-                           smem_bytes)
+from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, MoEKernelConfig, _load_table, device_table_name,
+                           shape_key, smem_bytes)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -52,8 +52,19 @@ def block_ms_for(rows_per_expert: float) -> list[int]:
     return [128]
 
 
-def candidates(block_m: int, fp8: bool) -> tuple[list[GemmConfig], list[GemmConfig]]:
-    """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory."""
+def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
+    """Each configuration as it is and with its weight tiles loaded through tensor descriptors (TMA)."""
+    out = []
+    for g in configs:
+        for twin in (replace(g, tma=False), replace(g, tma=True)):
+            if twin not in out:
+                out.append(twin)
+    return out
+
+
+def candidates(block_m: int, fp8: bool, tma: bool = True) -> tuple[list[GemmConfig], list[GemmConfig]]:
+    """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
+    each also with TMA weight loads when `tma`."""
     if fp8:
         gu, dn, group = _FP8_GATE_UP, _FP8_DOWN, 1 if block_m <= 32 else 8
     elif block_m <= 32:
@@ -65,8 +76,21 @@ def candidates(block_m: int, fp8: bool) -> tuple[list[GemmConfig], list[GemmConf
     elem = 1 if fp8 else 2
     gu_cfgs = [GemmConfig(n, k, group, w, s) for n, k, w, s in gu]
     dn_cfgs = [GemmConfig(n, k, group, w, s) for n, k, w, s in dn]
-    return ([g for g in gu_cfgs if smem_bytes(block_m, g, elem, 2) <= SMEM_LIMIT],
-            [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT])
+    gu_cfgs = [g for g in gu_cfgs if smem_bytes(block_m, g, elem, 2) <= SMEM_LIMIT]
+    dn_cfgs = [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT]
+    if tma:
+        gu_cfgs, dn_cfgs = with_tma_twins(gu_cfgs), with_tma_twins(dn_cfgs)
+    return gu_cfgs, dn_cfgs
+
+
+def refine_plan(table: dict, tokens: list[int]) -> dict:
+    """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M)."""
+    plan = {}
+    for T in tokens:
+        cfg = table.get(T)
+        if cfg is not None:
+            plan[T] = {cfg.block_m: (with_tma_twins([cfg.gate_up]), with_tma_twins([cfg.down]))}
+    return plan
 
 
 @dataclass
@@ -195,15 +219,16 @@ def _safe_time(timer, fn, reps) -> float:
         return float("inf")
 
 
-def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, jobs: int = 8, seed: int = 0,
-                 console=None) -> dict[int, tuple[MoEKernelConfig, float]]:
-    """Best configuration (and its gate_up + down time in ms) for each T."""
+def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
+                 console=None, plan: dict | None = None) -> dict[int, tuple[MoEKernelConfig, float]]:
+    """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
+    compiles candidates in parallel (None: compile here). `plan`: {T: {BLOCK_M: (gate_ups, downs)}}
+    instead of the regime's candidates."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from ..bench.gpu_timing import GpuTimer
     L, H, I, k = problem.sizes
-    plan = {}
-    for T in tokens:
-        plan[T] = {bm: candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)}
+    if plan is None:
+        plan = {T: {bm: candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)} for T in tokens}
     # compile everything first, in parallel
     all_jobs, seen = [], set()
     for T, by_bm in plan.items():
@@ -217,22 +242,12 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, jobs: int 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}", total=len(all_jobs))
-        if jobs > 1:
-            import multiprocessing as mp
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init) as pool:
-                for job, err in zip(all_jobs, pool.map(_compile_job, all_jobs)):
-                    progress.advance(task)
-                    if err:
-                        failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))
-                        progress.console.print(f"  compile failed: {err}")
-        else:
-            for job in all_jobs:
-                err = _compile_job(job)
-                progress.advance(task)
-                if err:
-                    failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))
-                    progress.console.print(f"  compile failed: {err}")
+        results = pool.map(_compile_job, all_jobs) if pool is not None else map(_compile_job, all_jobs)
+        for job, err in zip(all_jobs, results):
+            progress.advance(task)
+            if err:
+                failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))
+                progress.console.print(f"  compile failed: {err}")
         timer = GpuTimer(problem.weights.w13.device)
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
@@ -287,6 +302,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
     p.add_argument("--output", default=None, help="table to merge into (default: this GPU's table in the package)")
+    p.add_argument("--refine", action="store_true",
+                   help="time only the table's configuration for each T against its TMA twin (quick)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -332,20 +349,38 @@ def main(args) -> int:
     if not tokens or min(tokens) < 1:
         raise SystemExit(f"epmoe tune: --tokens must be positive token counts, got {args.tokens!r}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    for fmt, cfg in _problem_configs(args):
-        weights, _ = make_weights(cfg, device, gen)
-        fp8 = cfg.quant is not None
-        gran = cfg.quant.weight_granularity if fp8 else None
-        problem = Problem(cfg, weight_format(weights.w13, gran), weights, fp8)
-        L, H, I, k = problem.sizes
-        key = shape_key(L, H, I, k, problem.fmt)
-        console.print(f"[bold]{key}[/bold] on {gpu}")
-        best = tune_problem(problem, tokens, reps=args.reps, jobs=args.jobs, seed=args.seed, console=console)
-        merge_into_table(path, key, best, {
-            "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing"})
-        console.print(f"wrote {len(best)} configurations for {key} to {path}")
-        del weights
-        torch.cuda.empty_cache()
+    pool = None
+    if args.jobs > 1:
+        import multiprocessing as mp
+        pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
+                                   initializer=_worker_init)
+    try:
+        for fmt, cfg in _problem_configs(args):
+            weights, _ = make_weights(cfg, device, gen)
+            fp8 = cfg.quant is not None
+            gran = cfg.quant.weight_granularity if fp8 else None
+            problem = Problem(cfg, weight_format(weights.w13, gran), weights, fp8)
+            L, H, I, k = problem.sizes
+            key = shape_key(L, H, I, k, problem.fmt)
+            console.print(f"[bold]{key}[/bold] on {gpu}")
+            plan = None
+            if args.refine:
+                table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
+                plan = refine_plan(table, tokens)
+                if not plan:
+                    console.print(f"  --refine: no entry for {key} in {path}; skipped")
+                    continue
+            best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
+                                plan=plan)
+            merge_into_table(path, key, best, {
+                "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing"})
+            _load_table.cache_clear()
+            console.print(f"wrote {len(best)} configurations for {key} to {path}")
+            del weights
+            torch.cuda.empty_cache()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return 0

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -28,6 +28,7 @@ class GemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    tma: bool = False      # weight tiles through a tensor descriptor (the TMA engine) where the layout allows
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,10 @@ class MoEKernelConfig:
 
     def describe(self) -> str:
         g, d = self.gate_up, self.down
-        return (f"BM{self.block_m} gate_up[BN{g.block_n} BK{g.block_k} G{g.group_m} w{g.num_warps} "
-                f"s{g.num_stages}] down[BN{d.block_n} BK{d.block_k} G{d.group_m} w{d.num_warps} s{d.num_stages}]")
+        def one(c: GemmConfig) -> str:
+            return (f"BN{c.block_n} BK{c.block_k} G{c.group_m} w{c.num_warps} s{c.num_stages}"
+                    + (" tma" if c.tma else ""))
+        return f"BM{self.block_m} gate_up[{one(g)}] down[{one(d)}]"
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, fmt: str) -> str:
@@ -96,12 +99,12 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
     def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool) -> GemmConfig:
         bn = 128 if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
         bk = 128 if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
-        out = GemmConfig(bn, bk, g.group_m, g.num_warps, g.num_stages)
+        out = replace(g, block_n=bn, block_k=bk)
         while smem_bytes(cfg.block_m, out, elem_bytes, b_tiles) > SMEM_LIMIT:
             if out.num_stages > 2:
-                out = GemmConfig(out.block_n, out.block_k, out.group_m, out.num_warps, out.num_stages - 1)
+                out = replace(out, num_stages=out.num_stages - 1)
             elif out.block_k > 32 and not fp8:
-                out = GemmConfig(out.block_n, out.block_k // 2, out.group_m, out.num_warps, out.num_stages)
+                out = replace(out, block_k=out.block_k // 2)
             else:
                 break
         return out
