@@ -138,7 +138,9 @@ class _DequantizedExperts:
 
 # ------------------------------------------------------------------------------------------ runners
 def _anchor_runner(x, ids, w13, w2, activation):
-    """torch._grouped_mm gate+up, activation, down on rows sorted by expert beforehand (not timed)."""
+    """torch._grouped_mm gate+up, activation, down on rows sorted by expert beforehand (not timed).
+    The activation runs in bf16 (one pass per op, no float32 copies), which makes the anchor as fast as
+    plain PyTorch gets."""
     from ..experts.activations import gated_activation_fused
     from ..experts.base import sort_pairs_by_expert
     T, k = ids.shape
@@ -147,9 +149,9 @@ def _anchor_runner(x, ids, w13, w2, activation):
     x_sorted = x[rows].contiguous()
     w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
 
-    def run():
+    def run():   # the activation in the rows' dtype (bf16): the plain-PyTorch way, few passes
         h = torch._grouped_mm(x_sorted, w13t, offs=offsets)
-        a = gated_activation_fused(activation, h.float()).to(x.dtype)
+        a = gated_activation_fused(activation, h)
         return torch._grouped_mm(a, w2t, offs=offsets)
     return run, x_sorted, rows
 
