@@ -54,6 +54,8 @@ def _add_run(sub) -> None:
                    help="a local transformers checkpoint directory to patch and run instead of a preset")
     p.add_argument("--prompt", default="The capital of France is", help="prompt for --model")
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to generate for --model")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let --model load pickled .bin/.pt checkpoints (they can run code; safetensors cannot)")
     p.set_defaults(func=_cmd_run)
 
 

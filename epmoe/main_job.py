@@ -192,30 +192,14 @@ def main(args) -> int:
     console = Console(width=None if sys.stdout.isatty() else 140)
     device = resolve_device(args.device)
     cfg = build_config(args)
+    from .testing.distributed import launch, under_torchrun
     ranks = args.ranks
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and ranks is None
-    check_fits(cfg, device, ranks or 1)
+    check_fits(cfg, device, ranks or (int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1))
     opts = vars(args).copy()
     opts.pop("func", None)
-    if torchrun:
-        import torch.distributed as dist
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        reports = [None] * world
-        dist.all_gather_object(reports, run_rank(rank, world, opts))
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0 if all(r["rel_err"] <= r["bound"] for r in reports) else 1
-    elif ranks and ranks > 1:
-        from .testing.distributed import run_on_ranks
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        reports = run_on_ranks(run_rank, ranks, opts, backend=backend, timeout_s=args.timeout)
-    else:
-        reports = [run_rank(0, 1, opts)]
-
+    reports = launch(run_rank, ranks, opts, device.type, timeout_s=args.timeout)
+    if reports is None:  # a torchrun rank other than 0: rank 0 prints the report
+        return 0
     first = reports[0]
     console.print(f"[bold]epmoe run[/bold]  preset [cyan]{args.preset}[/cyan]: {first['config']}")
     console.print(f"device {first['device']}, ranks {len(reports)}, dispatcher {first['dispatcher']}, "

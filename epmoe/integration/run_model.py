@@ -134,24 +134,11 @@ def main(args) -> int:
     opts = {"model": str(path), "prompt": args.prompt, "max_new_tokens": int(max_new), "dtype": _dtype_name(args),
             "device": device_type, "dispatcher": getattr(args, "dispatcher", None) or "auto",
             "experts": _experts_backend(args), "allow_pickle": bool(getattr(args, "allow_pickle", False))}
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if torchrun:
-        import torch.distributed as dist
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        reports = [None] * world
-        dist.all_gather_object(reports, run_rank(rank, world, opts))
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
-    elif ranks > 1:
-        from ..testing.distributed import run_on_ranks
-        reports = run_on_ranks(run_rank, ranks, opts, backend=backend,
-                               timeout_s=float(getattr(args, "timeout", 600.0) or 600.0))
-    else:
-        reports = [run_rank(0, 1, opts)]
+    from ..testing.distributed import launch
+    reports = launch(run_rank, None if torchrun else ranks, opts, device_type,
+                     timeout_s=float(getattr(args, "timeout", 600.0) or 600.0))
+    if reports is None:  # a torchrun rank other than 0
+        return 0
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     first = reports[0]

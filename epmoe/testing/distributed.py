@@ -107,3 +107,34 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None 
         raise RuntimeError(f"run_on_ranks({getattr(fn, '__name__', fn)}, {world_size} ranks, {backend}) failed:\n"
                            + "\n".join(msg + errors))
     return [results[r][1] for r in range(world_size)]
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun (or any launcher that sets RANK and WORLD_SIZE)?"""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(fn: Callable, ranks: int | None, opts: Any, device_type: str,
+           timeout_s: float = 600.0) -> list[Any] | None:
+    """Run `fn(rank, world_size, opts)` the way the CLI's jobs run: under torchrun on the ranks it
+    started (when `ranks` is None), on `ranks` local processes, or in this process for one rank.
+
+    Returns every rank's result on rank 0 (and in the single-process cases), None on torchrun's other
+    ranks.
+    """
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if ranks is None and under_torchrun():
+        import torch.distributed as dist
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        try:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            results: list[Any] = [None] * world
+            dist.all_gather_object(results, fn(rank, world, opts))
+        finally:
+            dist.destroy_process_group()
+        return results if rank == 0 else None
+    if ranks is not None and ranks > 1:
+        return run_on_ranks(fn, ranks, opts, backend=backend, timeout_s=timeout_s)
+    return [fn(0, 1, opts)]
