@@ -20,10 +20,14 @@ from .layouts import BATCHED, FLAT
 # environment switches choose a backend).
 DISPATCHERS: dict[str, str] = {
     "local": "epmoe.dispatch.local:LocalDispatcher",
+    "allgather": "epmoe.dispatch.allgather:AllGatherDispatcher",
+    "alltoall": "epmoe.dispatch.alltoall:AllToAllDispatcher",
+    "low_latency": "epmoe.dispatch.low_latency:LowLatencyDispatcher",
 }
 EXPERTS: dict[str, str] = {
     "reference": "epmoe.experts.reference:ReferenceExperts",
     "grouped_mm": "epmoe.experts.grouped_mm:GroupedMMExperts",
+    "batched": "epmoe.experts.batched:BatchedExperts",
     "triton": "epmoe.experts.triton:TritonExperts",
 }
 

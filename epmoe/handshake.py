@@ -1,41 +1,110 @@
 """The build-time handshake: every rank of an EP group must agree on what it is about to compute.
 
-Disagreement (config, placement, backends, capacity) raises `RankMismatch` on every rank at once,
-instead of a hang or a silently wrong answer later.
+When a layer is built with a group, its ranks exchange one description of the layer (config, padded
+sizes, placement, dispatcher and what it puts on the wire, experts backend, capacity, biases, device
+type, epmoe version) in one `all_gather_object`, and each rank compares all of them. A disagreement
+raises `RankMismatch` on every rank at once, naming the field and each rank's value, instead of a hang
+(ranks waiting in collectives of different sizes) or a silently wrong answer later.
+
+A rank whose construction fails before the handshake (a refused pairing, a bad placement, ...) still
+takes part in it, announcing its error (`announces_build_failure` on `MoELayer.__init__`): its peers
+then raise `RankMismatch` naming that rank and its error instead of waiting for it forever, and the
+failing rank raises its own error. Either way each rank makes exactly one exchange, so the group stays
+usable.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 
 import torch.distributed as dist
 
 from .errors import RankMismatch
 
+_REACHED = "_epmoe_handshake_reached"   # set on exceptions raised at or after the exchange
+
 
 def layer_signature(layer) -> dict:
     cfg = layer.cfg
+    from . import __version__
+    wire = getattr(layer.dispatcher, "wire_signature", None)
     return {
+        "epmoe version": __version__,
         "config": repr(cfg),
+        "padded sizes (H, I)": (cfg.padded_hidden_size, cfg.padded_intermediate_size),
         "placement": layer.placement.signature(),
         "dispatcher": layer.dispatcher_name,
+        "wire format": wire() if wire is not None else None,
         "experts": layer.experts_name,
+        "activation hand-off": getattr(layer, "activation_handoff", None),
         "max_tokens_per_rank": layer.max_tokens_per_rank,
+        "expert_bias": layer.expert_bias,
+        "custom router": layer.router is not None,
         "device_type": layer.device.type,
     }
 
 
+def _exchange(group, payload: dict) -> list[dict]:
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, payload, group=group)
+    return everyone
+
+
 def check_group_agrees(layer) -> None:
-    mine = layer_signature(layer)
-    everyone: list = [None] * layer.ep_size
-    dist.all_gather_object(everyone, mine, group=layer.ep_group)
-    diffs = []
-    for key in mine:
-        values = [sig[key] for sig in everyone]
-        if any(v != values[0] for v in values):
-            per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-            diffs.append(f"{key} differs ({per_rank})")
-    if diffs:
-        raise RankMismatch("MoELayer: the ranks of ep_group disagree on the layer they build: " + "; ".join(diffs))
+    """Raise `RankMismatch` on every rank unless all ranks of `layer.ep_group` built the same layer."""
+    try:
+        mine = layer_signature(layer)
+        everyone = _exchange(layer.ep_group, {"signature": mine})
+        failed = {r: p["error"] for r, p in enumerate(everyone) if "error" in p}
+        if failed:
+            raise RankMismatch("MoELayer: " + "; ".join(
+                f"rank {r} could not build the layer ({err})" for r, err in failed.items())
+                + f"; this rank (rank {dist.get_rank(layer.ep_group)}) raises too so that no rank waits for it")
+        diffs = []
+        for key in mine:
+            values = [p["signature"].get(key) for p in everyone]
+            if any(v != values[0] for v in values):
+                per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+                diffs.append(f"{key} differs ({per_rank})")
+        if diffs:
+            raise RankMismatch("MoELayer: the ranks of ep_group disagree on the layer they build: "
+                               + "; ".join(diffs))
+    except BaseException as exc:
+        setattr(exc, _REACHED, True)
+        raise
+
+
+def announce_build_failure(group, exc: BaseException) -> None:
+    """Take part in the handshake on behalf of a rank whose construction raised `exc`, so that the other
+    ranks raise instead of waiting for it. Never raises itself (the original error is what matters)."""
+    if group is None or getattr(exc, _REACHED, False):
+        return
+    try:
+        if not dist.is_available() or not dist.is_initialized():
+            return
+        _exchange(group, {"error": f"{type(exc).__name__}: {exc}"})
+    except Exception:
+        pass
+
+
+def announces_build_failure(init):
+    """Decorator for `MoELayer.__init__`: an exception raised before the handshake is announced to the
+    group (see `announce_build_failure`), then re-raised unchanged."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(*args, **kwargs):
+        try:
+            return init(*args, **kwargs)
+        except Exception as exc:
+            try:
+                group = sig.bind(*args, **kwargs).arguments.get("ep_group")
+            except TypeError:
+                group = None
+            announce_build_failure(group, exc)
+            raise
+    return wrapper
 
 
 def fingerprint(obj) -> str:

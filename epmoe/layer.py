@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from . import contract
 from .config import MoEConfig
+from .handshake import announces_build_failure
 from .layouts import ExpertWeights
 from .placement import GlobalExpertId, Placement
 from .routing import Routing, route, validate_routing
@@ -44,6 +45,7 @@ class MoELayer(nn.Module):
     down_bias [H].
     """
 
+    @announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too
     def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
                  device=None, max_tokens_per_rank: int | None = None,
                  router: Callable | None = None, expert_placement=None, expert_bias: bool = False):

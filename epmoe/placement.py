@@ -93,8 +93,19 @@ class Placement:
         return self._tables[device]
 
     def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Global ids [.., k] -> this rank's local ids (-1 where another rank holds the expert)."""
-        return self.tables(topk_ids.device)[2][topk_ids.long()]
+        """Global ids [.., k] -> this rank's local ids (-1 where another rank holds the expert).
+
+        A negative input id (an empty slot, e.g. a padding row on the wire) stays -1."""
+        ids = topk_ids.long()
+        local = self.tables(topk_ids.device)[2][ids.clamp(min=0)]
+        return torch.where(ids >= 0, local, -1)
+
+    def local_ids_on(self, topk_ids: torch.Tensor, ranks) -> torch.Tensor:
+        """Global ids [.., k] -> local ids on the rank(s) `ranks` (an int or a tensor broadcasting against
+        `topk_ids`), -1 where that rank does not hold the expert. What a sender writes for a destination."""
+        owner, index, _ = self.tables(topk_ids.device)
+        ids = topk_ids.long()
+        return torch.where(owner[ids] == ranks, index[ids], -1)
 
     def ids_on_owner(self, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global ids -> (owner rank, local id on that owner), both int32 like the input's shape."""

@@ -1,0 +1,292 @@
+"""`epmoe bench dispatch`: time dispatch + combine of each dispatcher against NCCL moving the same bytes.
+
+For each dispatcher and tokens-per-rank count T (defaults: allgather, alltoall, low_latency; T = 128 and
+4096; DeepSeek-V3's H = 7168, top-8 of E = 256, BF16), every rank routes T random tokens (softmax top-k
+of random logits: balanced routing), then dispatch and combine are timed separately and back to back,
+with the experts replaced by the identity (the batch the dispatcher produced is handed straight to its
+combine), so only the dispatcher's own work and traffic are measured.
+
+The baseline is `torch.distributed.all_to_all_single` on `uint8` buffers with exactly the per-destination
+byte counts the dispatcher moved (counted by its stats hook; self-traffic included, as in the dispatcher),
+one call for the dispatch direction and one for the combine direction, timed the same way in the same
+run. Reported per row: milliseconds (median over ranks' medians, and the slowest rank), bytes sent to
+other ranks, GB/s (bytes sent to peers per second), and the ratio dispatcher / NCCL.
+
+Timing on GPUs (`epmoe.bench.gpu_timing.GpuTimer`): CUDA events, median over repeats after warm-up, L2
+flushed, the GPU kept busy while the host queues a run so launch time does not leak in, and the ranks'
+streams lined up by a tiny all-reduce before each run. Dispatchers that declare `cuda_graph_safe`
+(low_latency) are timed as CUDA graph replays, the others eagerly (they sync with the host by design).
+On CPUs (Gloo) wall-clock time with a barrier before each run: for checking the code, not for numbers.
+
+Ranks: under torchrun (torch.distributed already initialized) the current group is used; otherwise
+`--ranks` local processes are started (NCCL with one GPU each when there are enough GPUs, else Gloo).
+Writes JSON under benchmarks/results/ (rank 0 / the launching process).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+DISPATCHERS = ["allgather", "alltoall", "low_latency"]
+TOKENS = [128, 4096]
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dispatchers", default=",".join(DISPATCHERS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=7168, help="hidden size H (default: %(default)s)")
+    p.add_argument("--num-experts", type=int, default=256, help="experts E (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--ranks", type=int, default=None,
+                   help="local ranks to start (default: every GPU, or 2 Gloo ranks without GPUs); ignored "
+                        "under torchrun")
+    p.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="default: NCCL when GPUs allow")
+    p.add_argument("--reps", type=int, default=20, help="timed repeats (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--no-graph", action="store_true", help="time every dispatcher eagerly")
+    p.add_argument("--output", default=None,
+                   help="JSON path (default: benchmarks/results/dispatch_<device>_<ranks>x_<date>.json)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before hung ranks are killed")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _csv(s: str) -> list[str]:
+    return [v.strip() for v in str(s).split(",") if v.strip()]
+
+
+def _params(args) -> dict:
+    dispatchers = _csv(args.dispatchers)
+    from ..contract import DISPATCHERS as KNOWN
+    unknown = [d for d in dispatchers if d not in KNOWN]
+    if unknown:
+        raise SystemExit(f"epmoe bench dispatch: unknown dispatchers {unknown}; known: {sorted(KNOWN)}")
+    tokens = [int(t) for t in _csv(args.tokens)]
+    if any(t < 1 for t in tokens):
+        raise SystemExit("epmoe bench dispatch: --tokens must be positive")
+    return {"dispatchers": dispatchers, "tokens": tokens, "hidden": args.hidden, "num_experts": args.num_experts,
+            "top_k": args.top_k, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
+            "graph": not args.no_graph, "seed": args.seed}
+
+
+# -------------------------------------------------------------------------------------------- timing
+class _Clock:
+    """Median time of fn() on this rank, every rank running the same sequence of calls."""
+
+    def __init__(self, device: torch.device, group):
+        self.device, self.group = device, group
+        self.timer = None
+        if device.type == "cuda":
+            from .gpu_timing import GpuTimer
+            self.timer = GpuTimer(device)
+            self.one = torch.ones(1, device=device)
+
+    def time(self, fn, reps: int, warmup: int, use_graph: bool) -> dict:
+        if self.timer is not None:
+            # the all-reduce lines up the ranks' streams before each run (no host sync)
+            align = lambda: dist.all_reduce(self.one, group=self.group)  # noqa: E731
+            return self.timer.time(fn, reps=reps, warmup=warmup, use_graph=use_graph, before_each=align).as_dict()
+        times = []
+        for i in range(warmup + reps):
+            dist.barrier(group=self.group)
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                "reps": reps, "method": "wall-clock"}
+
+
+def _exchange_splits(send: list[int], device, group) -> list[int]:
+    t = torch.tensor(send, dtype=torch.int64, device=device)
+    r = torch.empty_like(t)
+    dist.all_to_all_single(r, t, group=group)
+    return r.tolist()
+
+
+def _nccl_baseline(clock, byte_splits: list[int], reps, warmup, device, group) -> tuple[dict, list[int]]:
+    """all_to_all_single of uint8 with these bytes per destination (what the dispatcher moved)."""
+    recv = _exchange_splits(byte_splits, device, group)
+    inp = torch.randint(0, 255, (sum(byte_splits),), dtype=torch.uint8, device=device)
+    out = torch.empty(sum(recv), dtype=torch.uint8, device=device)
+    fn = lambda: dist.all_to_all_single(out, inp, recv, byte_splits, group=group)  # noqa: E731
+    return clock.time(fn, reps, warmup, use_graph=False), recv
+
+
+# ------------------------------------------------------------------------------------------- one row
+def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, clock) -> dict:
+    from ..config import MoEConfig
+    from ..contract import dispatcher_class
+    from ..placement import Placement
+    from ..routing import route
+
+    dtype = getattr(torch, p["dtype"])
+    cfg = MoEConfig(num_experts=p["num_experts"], top_k=p["top_k"], hidden_size=p["hidden"],
+                    intermediate_size=128, dtype=dtype)
+    cls = dispatcher_class(name)
+    d = cls(cfg, Placement(cfg.num_experts, ws, rank), group, T, device)
+    g = torch.Generator(device="cpu").manual_seed(p["seed"] * 1000 + rank)
+    x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype).to(device)
+    routing = route(torch.randn(T, cfg.num_experts, generator=g).to(device), cfg)
+
+    stats = d.enable_stats()
+    batch, handle = d.dispatch(x, routing)            # also the warm-up of everything lazy
+    d.combine(batch.x, handle)
+    d.stats = None
+    row = {"dispatcher": name, "tokens_per_rank": T,
+           "rows_sent_per_rank": stats.dispatch_rows,
+           "dispatch_bytes_to_peers": stats.bytes_to_peers("dispatch_bytes"),
+           "combine_bytes_to_peers": stats.bytes_to_peers("combine_bytes"),
+           "dispatch_bytes_per_rank": stats.dispatch_bytes, "combine_bytes_per_rank": stats.combine_bytes}
+    # the (token, destination) pairs alone, H x dtype each: what an ideal dispatch must move to peers
+    owner = torch.tensor(Placement(cfg.num_experts, ws, rank).owners, device=device)[routing.topk_ids.long()]
+    hits = torch.zeros(T, ws, dtype=torch.bool, device=device).scatter_(1, owner, True)
+    hits[:, rank] = False
+    row["ideal_bytes_to_peers"] = int(hits.sum()) * cfg.hidden_size * x.element_size()
+
+    use_graph = p["graph"] and cls.CAPS.cuda_graph_safe
+    reps, warmup = p["reps"], p["warmup"]
+    row["dispatch"] = clock.time(lambda: d.dispatch(x, routing), reps, warmup, use_graph)
+    row["combine"] = clock.time(lambda: d.combine(batch.x, handle), reps, warmup, use_graph)
+
+    def both():
+        b, h = d.dispatch(x, routing)
+        return d.combine(b.x, h)
+    row["total"] = clock.time(both, reps, warmup, use_graph)
+    del batch, handle
+    base_d, _ = _nccl_baseline(clock, stats.dispatch_bytes, reps, warmup, device, group)
+    base_c, _ = _nccl_baseline(clock, stats.combine_bytes, reps, warmup, device, group)
+    row["nccl_dispatch"], row["nccl_combine"] = base_d, base_c
+    return row
+
+
+def _worker(rank: int, ws: int, p: dict) -> list[dict]:
+    group = dist.group.WORLD
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    clock = _Clock(device, group)
+    rows = []
+    for name in p["dispatchers"]:
+        for T in p["tokens"]:
+            try:
+                rows.append(_bench_one(name, T, p, rank, ws, device, group, clock))
+            except Exception as exc:  # e.g. out of memory: recorded, the other rows still run
+                rows.append({"dispatcher": name, "tokens_per_rank": T, "error": f"{type(exc).__name__}: {exc}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            dist.barrier(group=group)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def _merge(per_rank: list[list[dict]]) -> list[dict]:
+    """One row per (dispatcher, T): medians over ranks, the slowest rank, ratios to NCCL, GB/s."""
+    out = []
+    for i, first in enumerate(per_rank[0]):
+        rows = [r[i] for r in per_rank]
+        errors = [r.get("error") for r in rows if "error" in r]
+        merged = {"dispatcher": first["dispatcher"], "tokens_per_rank": first["tokens_per_rank"]}
+        if errors:
+            merged["error"] = errors[0]
+            out.append(merged)
+            continue
+        for key in ("dispatch", "combine", "total", "nccl_dispatch", "nccl_combine"):
+            meds = [r[key]["median_ms"] for r in rows]
+            merged[f"{key}_ms"] = statistics.median(meds)
+            merged[f"{key}_ms_slowest_rank"] = max(meds)
+            merged[f"{key}_method"] = rows[0][key]["method"]
+        merged["nccl_total_ms"] = merged["nccl_dispatch_ms"] + merged["nccl_combine_ms"]
+        for key in ("dispatch", "combine", "total"):
+            merged[f"{key}_vs_nccl"] = merged[f"{key}_ms"] / max(merged[f"nccl_{key}_ms"], 1e-9)
+        for key in ("dispatch_bytes_to_peers", "combine_bytes_to_peers", "ideal_bytes_to_peers"):
+            merged[key] = max(r[key] for r in rows)
+        for key in ("dispatch", "combine"):
+            merged[f"{key}_GBps_to_peers"] = merged[f"{key}_bytes_to_peers"] / (merged[f"{key}_ms"] * 1e-3) / 1e9
+        merged["per_rank"] = rows
+        out.append(merged)
+    return out
+
+
+def _environment(backend: str, ws: int) -> dict:
+    env = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": platform.node(), "python": sys.version.split()[0], "torch": torch.__version__,
+           "backend": backend, "world_size": ws}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            v = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception:
+            env["nccl"] = None
+    else:
+        env["device"] = platform.processor() or "cpu"
+    return env
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = (f"{'dispatcher':<12} {'T/rank':>7} {'dispatch ms':>11} {'combine ms':>10} {'total ms':>9} "
+            f"{'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} error: {r['error'][:80]}")
+            continue
+        print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} {r['dispatch_ms']:>11.3f} {r['combine_ms']:>10.3f} "
+              f"{r['total_ms']:>9.3f} {r['nccl_total_ms']:>11.3f} {r['total_vs_nccl']:>7.2f} "
+              f"{r['dispatch_GBps_to_peers']:>9.1f} {r['total_method']:>8}")
+
+
+def _default_output(env: dict) -> str:
+    name = "".join(c if c.isalnum() else "-" for c in str(env.get("device", "cpu"))).strip("-").lower()
+    date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("benchmarks", "results", f"dispatch_{name}_{env['world_size']}x_{date}.json")
+
+
+def main(args) -> int:
+    p = _params(args)
+    if dist.is_available() and dist.is_initialized():      # torchrun: this process is one rank
+        ws, rank, backend = dist.get_world_size(), dist.get_rank(), dist.get_backend()
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        mine = _worker(rank, ws, p)
+        everyone: list = [None] * ws
+        dist.all_gather_object(everyone, mine)
+        if rank != 0:
+            return 0
+    else:
+        from ..testing.distributed import run_on_ranks
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ws = args.ranks or (gpus if gpus >= 2 else 2)
+        backend = args.backend or ("nccl" if gpus >= ws else "gloo")
+        if backend == "nccl" and gpus < ws:
+            raise SystemExit(f"epmoe bench dispatch: NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
+        everyone = run_on_ranks(_worker, ws, p, backend=backend, timeout_s=args.timeout)
+    rows = _merge(everyone)
+    env = _environment(backend, ws)
+    report = {"benchmark": "dispatch+combine", "environment": env, "params": p, "rows": rows,
+              "method": ("CUDA events, median of the ranks' medians after warm-up; L2 flushed; GPU kept busy "
+                         "while the host queues; ranks aligned by an all-reduce; graph replay for CUDA-graph-"
+                         "safe dispatchers" if backend == "nccl" else "wall clock after a barrier (CPU)"),
+              "baseline": "torch.distributed.all_to_all_single (uint8) with the same bytes per destination"}
+    path = args.output or _default_output(env)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    _print_table(rows)
+    print(f"wrote {path}")
+    return 0 if not any("error" in r for r in rows) else 1

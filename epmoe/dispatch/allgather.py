@@ -1,0 +1,70 @@
+"""`allgather`: every rank gathers all tokens with their routing, runs its local experts on all of them,
+and the partial outputs are reduce-scattered back, summed in float32.
+
+The correctness baseline: simple, robust and wasteful by design. Every token travels to every rank
+(`ep` rows per token, whatever its routing) and the combine moves float32 partial sums of every token of
+the group. Uneven token counts (0 included) are padded to the group's largest, found by one small
+all-gather of the counts (a host sync); padding rows route to no expert, and when no rank has a token
+nothing else is sent.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..contract import DispatcherCaps
+from ..layouts import FLAT, FlatBatch
+from ._comm import CommDispatcher, count_pairs, pack_tokens, token_format, unpack_tokens
+
+
+class AllGatherHandle(NamedTuple):
+    num_tokens: int        # this rank's tokens
+    max_tokens: int        # the group's largest count (rows per rank block)
+
+
+class AllGatherDispatcher(CommDispatcher):
+    name = "allgather"
+    CAPS = DispatcherCaps(
+        layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False,
+        summary="every rank gathers all tokens and runs its experts on them; partial sums are "
+                "reduce-scattered back in float32 (the simple, wasteful baseline)")
+
+    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
+        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
+        # global expert ids travel: each receiver converts them to its own local ids
+        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k)
+
+    def _token_counts(self, num_tokens: int, device) -> list[int]:
+        mine = torch.tensor([num_tokens], dtype=torch.int64, device=device)
+        everyone = torch.empty(self.ep_size, dtype=torch.int64, device=device)
+        return self.comm.all_gather(everyone, mine).tolist()
+
+    def dispatch(self, x, routing):
+        T, H = x.shape
+        t_max = max(self._token_counts(T, x.device))
+        send = self.fmt.empty(t_max, device=x.device)
+        pack_tokens(self.fmt, send[:T], x, routing.topk_ids, routing.topk_weights)
+        if T < t_max:  # padding rows: zeros, routed nowhere
+            send[T:].zero_()
+            self.fmt.view(send[T:], "ids").fill_(-1)
+        recv = self.fmt.empty(self.ep_size * t_max, device=x.device)
+        if t_max:
+            self.comm.all_gather(recv, send)
+        rows = unpack_tokens(self.fmt, recv, contiguous=True)
+        local_ids = self.placement.local_ids(rows.ids)
+        if self.stats is not None:
+            self.stats.forwards += 1
+            self.stats.add("dispatch_rows", [t_max] * self.ep_size)
+            self.stats.add("dispatch_bytes", [t_max * self.fmt.row_bytes] * self.ep_size)
+            self.stats.add("combine_bytes", [t_max * H * 4] * self.ep_size)
+            self.stats.count_experts(count_pairs(local_ids, self.placement.num_local_experts))
+        return FlatBatch(rows.x, local_ids, rows.weights, rows.scales), AllGatherHandle(T, t_max)
+
+    def combine(self, expert_out, handle: AllGatherHandle):
+        T, t_max = handle
+        H = expert_out.shape[1]
+        out = torch.empty(t_max, H, dtype=torch.float32, device=expert_out.device)
+        if t_max:
+            self.comm.reduce_scatter(out, expert_out.float().contiguous())
+        return out[:T].to(self.cfg.dtype)

@@ -1,0 +1,168 @@
+"""`low_latency`: fixed capacity, static shapes, no data-dependent sizes; capturable in a CUDA graph.
+
+The decode-time dispatcher. Every buffer's shape follows from `max_tokens_per_rank` (M), the group size
+(ep) and the layer's shape, never from the routing, so nothing waits for the GPU to learn a size and a
+forward can be captured in a CUDA graph and replayed with new inputs.
+
+Dispatch: each rank writes a send buffer `[ep, M, row]`: block d holds all of its tokens (slot t =
+token t, so nothing is compacted or reordered), each with its routing *restricted to rank d* (local ids
+on d, -1 for slots held elsewhere) and the rank's token count T. One equal-split all-to-all exchanges
+the blocks. The receiver scatters the (source, token, slot) pairs that name one of its experts into the
+batched layout `x [L, C, H]` + `counts [L]`, capacity C = ep x M (each source sends an expert at most M
+tokens, so no expert can overflow and no token is ever dropped); rows past an expert's count are left
+unwritten (the experts must not read them). Positions come from a stable sort by expert (order: source
+rank, token, slot) and `scatter_add_` counts, both without a host sync.
+Combine: the experts' unweighted `[L, C, H]` rows are gathered back per (source, token, slot), weighted
+and summed over the slots in float32 (one row per (token, rank)), cast, sent back by the reverse
+all-to-all `[ep, M, H]`, and the owner sums its ep rows in float32 and casts once.
+
+Bytes per rank and direction are fixed: ep x M rows (dispatch rows carry H x dtype + 8 k + 4 bytes,
+aligned), whatever the routing. That is the price of static shapes.
+
+Overflow (T > M on some rank) -- an error naming `max_tokens_per_rank` on every rank, never a hang or a
+dropped token. The design:
+  * Every rank's T travels in the `count` field of its rows, inside the one fixed-size exchange, so all
+    ranks learn of an overflow from the same collective.
+  * A rank with T > M still takes part in the whole forward (so its peers' collectives complete): it
+    sends blocks with no token in them, runs its experts for the tokens it received, joins the combine
+    exchange. Its own output is never produced.
+  * Every rank reads the exchanged counts at the end of `combine`, after both exchanges, and raises
+    there: the same point on every rank, so the collectives stay matched and the group is usable again
+    by the next forward (with smaller batches). On the CPU this read is free. On a GPU the counts are
+    copied to pinned memory right after the dispatch exchange (non-blocking) and `combine` waits on that
+    copy's event once everything of the forward has been launched: the only wait of the GPU path, and it
+    does not size anything. Raising on every rank is impossible without each host learning the counts
+    at the same point, and this is the cheapest such point.
+  * During CUDA graph capture nothing is read back (that is impossible there): each rank checks its own
+    T on the host, which it knows from the input's shape, and a replay cannot change T (the static input
+    buffers fix it). Capture every rank's graph with a T <= M.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..contract import DispatcherCaps
+from ..layouts import BATCHED, BatchedBatch
+from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
+
+
+class LowLatencyHandle(NamedTuple):
+    num_tokens: int
+    dest: torch.Tensor           # [ep*M*k] row of the flattened [L*C, H] batch per (source, token, slot)
+    valid: torch.Tensor          # [ep*M*k] the slot names one of this rank's experts
+    weights: torch.Tensor        # [ep*M*k] float32 routing weights
+
+
+class LowLatencyDispatcher(CommDispatcher):
+    name = "low_latency"
+    CAPS = DispatcherCaps(
+        layout=BATCHED, communicates=True, host_sync=False, cuda_graph_safe=True, needs_max_tokens=True,
+        fp8_dispatch=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
+                "data-dependent sizes, CUDA-graph capturable; overflow is an error on every rank")
+
+    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
+        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
+        if (isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
+                or max_tokens_per_rank < 1):
+            raise ValueError(f"low_latency dispatcher: max_tokens_per_rank must be a positive int (the most "
+                             f"tokens any rank passes in one forward), got {max_tokens_per_rank!r}")
+        self.M = max_tokens_per_rank
+        self.capacity = self.ep_size * self.M          # C: rows per local expert in the batched layout
+        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k, count=True)
+        self._counts_host: torch.Tensor | None = None  # pinned copy of the exchanged counts (GPU)
+        self._counts_ready: torch.cuda.Event | None = None
+        self._counts: torch.Tensor | None = None       # the exchanged counts (CPU path)
+        self._counts_pending = False                   # a GPU copy of them is on its way
+
+    # ------------------------------------------------------------------------------------- dispatch
+    def dispatch(self, x, routing):
+        T, H = x.shape
+        ep, M, k, dev = self.ep_size, self.M, self.cfg.top_k, x.device
+        L, C = self.placement.num_local_experts, self.capacity
+        n = T if T <= M else 0                       # an overflowing rank sends no token at all
+        send = self.fmt.empty(ep, M, device=dev)
+        ranks = torch.arange(ep, device=dev).view(ep, 1, 1)
+        pack_tokens(self.fmt, send[:, :n], x[:n], self.placement.local_ids_on(routing.topk_ids[:n], ranks),
+                    routing.topk_weights[:n], count=T)
+        if n < M:
+            pack_tokens(self.fmt, send[:, n:], 0, -1, 0.0, count=T)
+        recv = send if ep == 1 else self.comm.all_to_all(torch.empty_like(send), send)
+        rows = unpack_tokens(self.fmt, recv)
+        self._note_counts(rows.count[:, 0, 0])
+
+        # (source, token, slot) pairs -> rows of the batched layout, ordered by expert
+        P = ep * M * k
+        key = rows.ids.reshape(P).long()
+        valid = key >= 0
+        key = torch.where(valid, key, L)
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(L + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+        starts = torch.cumsum(counts, 0) - counts
+        key_sorted = key[order]
+        pos = torch.arange(P, device=dev) - starts[key_sorted]
+        dest = torch.empty_like(key)
+        dest[order] = torch.where(key_sorted < L, key_sorted * C + pos, L * C)   # L*C: a scratch row
+        xb = torch.empty(L * C + 1, H, dtype=rows.x.dtype, device=dev)
+        src = torch.arange(P, device=dev) // k
+        xb[dest] = rows.x.reshape(ep * M, H)[src]
+        sb = None
+        if rows.scales is not None:                  # FP8 dispatch: a row's scales go where the row goes
+            G = rows.scales.shape[-1]
+            sb = torch.empty(L * C + 1, G, dtype=torch.float32, device=dev)
+            sb[dest] = rows.scales.reshape(ep * M, G)[src]
+            sb = sb[:L * C].view(L, C, G)
+        if self.stats is not None:
+            self.stats.forwards += 1
+            self.stats.add("dispatch_rows", [M] * ep)
+            self.stats.add("dispatch_bytes", [M * self.fmt.row_bytes] * ep)
+            self.stats.add("combine_bytes", [M * H * x.element_size()] * ep)
+            self.stats.count_experts(counts[:L])
+        batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb)
+        return batch, LowLatencyHandle(T, dest, valid, rows.weights.reshape(P).float())
+
+    # -------------------------------------------------------------------------------------- combine
+    def combine(self, expert_out, handle: LowLatencyHandle):
+        T, dest, valid, weights = handle
+        ep, M, k = self.ep_size, self.M, self.cfg.top_k
+        L, C, H = expert_out.shape
+        y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)]                 # [P, H]
+        y = torch.where(valid.unsqueeze(1), y.float() * weights.unsqueeze(1), 0.0)
+        partial = y.view(ep, M, k, H).sum(2).to(self.cfg.dtype)                    # one row per (token, rank)
+        back = partial if ep == 1 else self.comm.all_to_all(torch.empty_like(partial), partial)
+        self._raise_on_overflow(T)
+        return back[:, :T].float().sum(0).to(self.cfg.dtype)
+
+    # ------------------------------------------------------------------------------- overflow check
+    def _note_counts(self, counts: torch.Tensor) -> None:
+        """Keep every rank's token count (from the exchange) for the check at the end of `combine`."""
+        self._counts, self._counts_pending = None, False
+        if counts.device.type != "cuda":
+            self._counts = counts
+        elif not torch.cuda.is_current_stream_capturing():
+            if self._counts_host is None or self._counts_host.shape != counts.shape:
+                self._counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+                self._counts_ready = torch.cuda.Event()
+            self._counts_host.copy_(counts, non_blocking=True)
+            self._counts_ready.record()
+            self._counts_pending = True
+
+    def _raise_on_overflow(self, num_tokens: int) -> None:
+        counts = None
+        if self._counts is not None:
+            counts = self._counts.tolist()
+        elif self._counts_pending and not torch.cuda.is_current_stream_capturing():
+            self._counts_ready.synchronize()
+            counts = self._counts_host.tolist()
+        self._counts_pending = False
+        if counts is None:                              # capturing: only this rank's own count is known
+            counts = [num_tokens if r == self.rank else 0 for r in range(self.ep_size)]
+        bad = {r: t for r, t in enumerate(counts) if t > self.M}
+        if bad:
+            who = ", ".join(f"rank {r} passed {t} tokens" for r, t in sorted(bad.items()))
+            raise ValueError(
+                f"low_latency dispatcher: {who}, more than max_tokens_per_rank={self.M} (raised on every rank "
+                f"of the group; this forward's outputs were discarded, no token was dropped silently). "
+                f"Build the layer with a larger max_tokens_per_rank on every rank, or pass fewer tokens per "
+                f"forward")
