@@ -373,11 +373,3 @@ class Fp8Scheme:
         w13 = dequantize_weight(layer.w13[local], layer.w13_scale[local], block)
         w2 = dequantize_weight(layer.w2[local], layer.w2_scale[local], block)
         return w13[:I, :H], w13[Ip:Ip + I, :H], w2[:H, :I]
-
-
-def quantize_for_dispatch(cfg, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """For a dispatcher that declares `fp8_dispatch`: `(q, scales)` to send when the layer asked for FP8
-    dispatch, else `(x, None)` unchanged. Scales are float32 [T, groups] and travel with their rows."""
-    if cfg.quant is None or not getattr(cfg.quant, "dispatch_fp8", False):
-        return x, None
-    return cfg.quant_scheme.quantize_activations(x)
