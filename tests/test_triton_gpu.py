@@ -168,17 +168,22 @@ def test_batched_kernel(fp8):
             assert_close(out[e, :n], ref, 3e-2 if fp8 else 1e-2, context=f"expert {e} ({n} rows)")
 
 
-def test_batched_backend_uses_the_kernel_on_cuda():
-    """experts='batched' on CUDA gives the same answer as its PyTorch path."""
+def test_batched_backend_uses_the_kernel_on_cuda(monkeypatch):
+    """experts='batched' on CUDA runs the Triton kernel and agrees with its PyTorch path."""
     from epmoe import contract
     if "batched" not in contract.EXPERTS:
         pytest.skip("no batched experts backend registered")
+    import epmoe.kernels.batched_moe as kernel_module
     from epmoe.experts.batched import BatchedExperts, batched_experts_torch
+    calls = []
+    real = kernel_module.batched_experts
+    monkeypatch.setattr(kernel_module, "batched_experts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     cfg = preset_config("qwen3-30b-a3b", dtype=torch.bfloat16)
     layer = _layer(cfg, SeededExperts(cfg, seed=10, device="cuda"))
     C = 24
     counts = torch.randint(0, C + 1, (cfg.num_experts,), device="cuda", dtype=torch.int32)
     x = torch.randn(cfg.num_experts, C, cfg.hidden_size, device="cuda").to(cfg.dtype)
     out = BatchedExperts(cfg, torch.device("cuda"))(BatchedBatch(x, counts), layer.expert_weights)
+    assert calls, "the batched backend did not call the Triton kernel on CUDA"
     ref = batched_experts_torch(x, counts, layer.expert_weights, cfg.activation, cfg.dtype)
     assert_close(out.float(), ref.double(), 1e-2)
