@@ -49,27 +49,31 @@ def print_info() -> None:
         console.print(f"  {name}: {contract.experts_class(name).CAPS.summary}")
 
     rows = contract.support_matrix()
-    columns = sorted({(r.device, r.multi_rank, r.quant) for r in rows},
-                     key=lambda k: (k[0], k[1], k[2] != "none", k[2]))
-    t = Table(title="support matrix (ok, or the number of the reason below)")
-    t.add_column("dispatcher")
-    t.add_column("experts")
-    for dev, multi, q in columns:
-        t.add_column(f"{dev}\n{'EP>1' if multi else '1 rank'}\n{q}", justify="center")
+    quants = list(dict.fromkeys(r.quant for r in rows))
+    cell = {(r.dispatcher, r.experts, r.device, r.multi_rank, r.quant): r for r in rows}
     reasons: list[str] = []
-    cell = {(r.dispatcher, r.experts, r.device, r.multi_rank, r.quant): r.problem for r in rows}
-    for d in contract.DISPATCHERS:
-        for x in contract.EXPERTS:
-            values = []
-            for dev, multi, q in columns:
-                problem = cell[(d, x, dev, multi, q)]
-                if problem is None:
-                    values.append("[green]ok[/green]")
-                else:
-                    if problem not in reasons:
-                        reasons.append(problem)
-                    values.append(f"[red]{reasons.index(problem) + 1}[/red]")
-            t.add_row(d, x, *values)
-    console.print(t)
+    short = {contract.HANDOFF_ON_THE_WIRE: "wire", contract.HANDOFF_AFTER_DISPATCH: "after",
+             contract.HANDOFF_IN_EXPERTS: "inside"}
+    for dev in ("cpu", "cuda"):
+        t = Table(title=f"support matrix on {dev}: ok (FP8: who quantizes activations), or the reason's number")
+        for col in ("dispatcher", "experts", "ranks", *quants):
+            t.add_column(col, justify="left" if col in ("dispatcher", "experts", "ranks") else "center")
+        for d in contract.DISPATCHERS:
+            for x in contract.EXPERTS:
+                for multi in (False, True):
+                    values = []
+                    for q in quants:
+                        r = cell[(d, x, dev, multi, q)]
+                        if r.problem is None:
+                            how = short.get(r.extra.get("fp8_activations"), "")
+                            values.append("[green]ok[/green]" + (f" ({how})" if how else ""))
+                        else:
+                            if r.problem not in reasons:
+                                reasons.append(r.problem)
+                            values.append(f"[red]{reasons.index(r.problem) + 1}[/red]")
+                    t.add_row(d, x, "EP>1" if multi else "1", *values)
+        console.print(t)
+    console.print("FP8 activations: wire = the dispatcher quantizes before sending (scales travel along); "
+                  "after = the layer quantizes right after dispatch; inside = the experts quantize internally")
     for i, r in enumerate(reasons, 1):
         console.print(f"  {i}. {r}")
