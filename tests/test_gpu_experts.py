@@ -52,3 +52,37 @@ def _check(cfg, source, layers):
             torch.cuda.synchronize()
             ref = reference_moe(x[rows], logits[rows], source, cfg, layer.score_correction_bias, device="cuda")
             assert_close(out[rows], ref, bound_for(cfg.dtype), context=f"{name} T={T}")
+
+
+def graph_safe_backends():
+    return [x for x in gpu_backends() if contract.experts_class(x).CAPS.cuda_graph_safe]
+
+
+@pytest.mark.parametrize("backend", graph_safe_backends())
+def test_declared_graph_safe_backends_capture_and_replay(backend):
+    """A backend that declares cuda_graph_safe must capture (no host sync) and stay correct on replay."""
+    cfg = preset_config("qwen3-30b-a3b", dtype=torch.bfloat16)
+    source = SeededExperts(cfg, seed=5, device="cuda")
+    layer = MoELayer(cfg, experts=backend, device="cuda")
+    for e in range(cfg.num_experts):
+        layer.load_expert(e, *source[e])
+    T = 96
+    x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
+    logits = torch.randn(T, cfg.num_experts, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer(x, logits)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, logits)
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(100 + seed)
+        x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype))
+        logits.copy_(torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_moe(x, logits, source, cfg, device="cuda")
+        assert_close(out, ref, bound_for(cfg.dtype), context=f"{backend} replay {seed}")

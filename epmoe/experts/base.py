@@ -44,9 +44,19 @@ def sort_pairs_by_expert(local_ids: torch.Tensor, num_local: int):
     flat = local_ids.reshape(-1).long()
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_local))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_local + 1)[:num_local]
+    counts = count_pairs(local_ids, num_local)
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return order, counts, offsets
+
+
+def count_pairs(local_ids: torch.Tensor, num_local: int) -> torch.Tensor:
+    """(row, local expert) pairs per local expert [L] int64, on the device, without a host sync
+    (`torch.bincount` on CUDA reads its input's maximum back to the host; this does not)."""
+    ids = local_ids.reshape(-1).long()
+    key = torch.where(ids >= 0, ids, num_local)
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return counts[:num_local]
 
 
 def weighted_sum_of_slots(y_pairs: torch.Tensor, batch: FlatBatch, out_dtype: torch.dtype) -> torch.Tensor:
