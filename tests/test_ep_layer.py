@@ -91,16 +91,19 @@ def _config(case: dict) -> MoEConfig:
     return MoEConfig(**kw)
 
 
-def _build(case: dict, ws: int, device, cfg=None):
+def _build(case: dict, ws: int, device, cfg=None, group=None):
     cfg = cfg or _config(case)
     router = _make_router(case, ws)
-    layer = MoELayer(cfg, ep_group=dist.group.WORLD, dispatcher=case["dispatcher"], experts=case["experts"],
+    group = dist.group.WORLD if group is None else group
+    layer = MoELayer(cfg, ep_group=group, dispatcher=case["dispatcher"], experts=case["experts"],
                      device=device, max_tokens_per_rank=case.get("M"), router=router,
                      expert_placement=case.get("placement"), expert_bias=case.get("bias", False))
     weights = random_experts(cfg, seed=case.get("seed", 0), with_bias=case.get("bias", False))
     kept = load_experts(layer, weights)
+    # the oracle gets the weights exactly as the layer stores them (rounded to its dtype; biases stay float32)
+    weights = [tuple(w.to(cfg.dtype).float() for w in e[:3]) + tuple(e[3:]) for e in weights]
     owners = _owners(cfg.num_experts, ws, case.get("placement"))
-    assert kept == owners.count(dist.get_rank()), f"kept {kept} experts, placement says {owners}"
+    assert kept == owners.count(dist.get_rank(group)), f"kept {kept} experts, placement says {owners}"
     bias = None
     if layer.score_correction_bias is not None:
         bias = torch.randn(cfg.num_experts, generator=torch.Generator().manual_seed(5)) * 0.3
@@ -190,6 +193,23 @@ def case_two_layers(rank: int, ws: int, case: dict, device) -> str:
             x, logits = _inputs(cfg, counts, rank, seed=7 * f + i, device=device)
             fails.check(_check_forward, layer, cfg, weights, router, bias, x, logits,
                         f"layer {i} forward {f} tokens {counts}")
+    return fails.done("ok")
+
+
+def case_subgroups(rank: int, ws: int, case: dict, device) -> str:
+    """The world split into EP groups of 2 (ranks {0,1}, {2,3}, ...): each group runs its own layer with
+    group-relative ranks, different token counts per group, all groups at once."""
+    groups = [dist.new_group([r, r + 1]) for r in range(0, ws, 2)]
+    group = groups[rank // 2]
+    fails = Failures()
+    for spec in case["layers"]:
+        sub = dict(case, **spec, E=case["E"] + 2 * (rank // 2))          # each group its own shape
+        cfg, layer, weights, router, bias = _build(sub, 2, device, group=group)
+        for f, counts in enumerate(case["tokens"]):
+            counts = [c + rank // 2 for c in counts]
+            x, logits = _inputs(cfg, counts, dist.get_rank(group), seed=f + 10 * rank // 2, device=device)
+            fails.check(_check_forward, layer, cfg, weights, router, bias, x, logits,
+                        f"{spec['dispatcher']} group {rank // 2} forward {f} tokens {counts}")
     return fails.done("ok")
 
 
@@ -343,7 +363,7 @@ def case_traffic(rank: int, ws: int, case: dict, device) -> str:
 
 # ------------------------------------------------------------------------------------------- runner
 KINDS = {"layer": case_layer, "two_layers": case_two_layers, "handshake": case_handshake,
-         "traffic": case_traffic}
+         "traffic": case_traffic, "subgroups": case_subgroups}
 
 
 def run_cases(rank: int, ws: int, cases: list[dict], device_kind: str = "cpu") -> dict:
@@ -401,6 +421,27 @@ def _scenarios_4() -> list[dict]:
     ]
 
 
+def _fuzz(ws: int, n: int, seed: int) -> list[dict]:
+    """Random small configurations (fixed seeds): E, k, sizes, dtype, activation, biases, routing, a random
+    placement that leaves no rank empty, and three forwards of random per-rank counts (zeros included)."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        E = rng.randint(ws, 12)
+        k = rng.randint(1, min(E, 5))
+        placement = None
+        if rng.random() < 0.5:
+            placement = list(range(ws)) + [rng.randrange(ws) for _ in range(E - ws)]
+            rng.shuffle(placement)
+        out.append(dict(name=f"fuzz{i}", E=E, k=k, H=rng.choice([16, 32, 48]), I=rng.choice([8, 24]),
+                        dtype=rng.choice(["float32", "bfloat16"]), activation=rng.choice(["silu", "gelu", "swigluoai"]),
+                        bias=rng.random() < 0.3, routing=rng.choice(["softmax", "custom"]), placement=placement,
+                        seed=100 + i, tokens=[[rng.choice([0, 1, rng.randint(0, 12)]) for _ in range(ws)]
+                                              for _ in range(3)]))
+    return out
+
+
 def _with_capacity(case: dict, dispatcher: str) -> dict:
     if dispatcher == "low_latency":
         case = dict(case, M=max(max(c) for c in case["tokens"]) or 1)
@@ -408,12 +449,13 @@ def _with_capacity(case: dict, dispatcher: str) -> dict:
 
 
 def layer_cases(ws: int, device_type: str) -> list[dict]:
-    scenarios = _scenarios_2() if ws == 2 else _scenarios_4()
+    named = _scenarios_2() if ws == 2 else _scenarios_4()
+    fuzz = _fuzz(2, 6, seed=2) if ws == 2 else _fuzz(4, 4, seed=4)
     cases = []
     for d, x in ep_pairs(device_type):
-        # backends beyond the PyTorch ones (e.g. Triton on a GPU) get the basic scenarios only
-        chosen = scenarios if x in BASIC_EXPERTS or device_type == "cuda" else scenarios[:2]
-        for s in chosen:
+        # the PyTorch backends get every scenario; others (Triton on a GPU: a compile per new shape) the
+        # named scenarios only
+        for s in named + (fuzz if x in BASIC_EXPERTS else []):
             cases.append(_with_capacity(dict(s, name=f"{d}-{x}-{s['name']}", dispatcher=d, experts=x), d))
     return cases
 
@@ -470,9 +512,19 @@ def two_layer_cases(ws: int, device_type: str) -> list[dict]:
                  tokens=[[3] * ws, [0] * ws, [6] + [1] * (ws - 1), [2] * (ws - 1) + [0]])]
 
 
+def subgroup_cases(ws: int) -> list[dict]:
+    if ws < 4:
+        return []
+    return [dict(kind="subgroups", name="subgroups-of-2", E=6, k=2, M=8,
+                 layers=[dict(dispatcher="alltoall", experts="reference"),
+                         dict(dispatcher="low_latency", experts="batched"),
+                         dict(dispatcher="allgather", experts="reference")],
+                 tokens=[[3, 5], [0, 2], [6, 0]])]
+
+
 def all_cases(ws: int, device_type: str = "cpu") -> list[dict]:
     return (layer_cases(ws, device_type) + capacity_cases(ws, device_type) + handshake_cases(ws)
-            + traffic_cases(ws) + two_layer_cases(ws, device_type))
+            + traffic_cases(ws) + two_layer_cases(ws, device_type) + subgroup_cases(ws))
 
 
 def run_suite(ws: int, backend: str = "gloo", timeout_s: float = 240.0) -> tuple[list[dict], list[dict]]:
@@ -522,10 +574,11 @@ _two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.devic
 
 @pytest.fixture(scope="module")
 def results_nccl():
-    return run_suite(2, backend="nccl", timeout_s=540)[1]
+    return run_suite(2, backend="nccl", timeout_s=840)[1]
 
 
 @pytest.mark.multigpu
+@pytest.mark.timeout(900)     # the first test also sets the fixture up: spawn, NCCL, Triton compiles
 @_two_gpus
 @pytest.mark.parametrize("name", [c["name"] for c in all_cases(2, "cuda")] if torch.cuda.is_available() else [])
 def test_two_gpus_nccl(results_nccl, name):

@@ -64,13 +64,11 @@ def test_placement_conversions_for_other_ranks():
 
 
 # ------------------------------------------------------------------------------- batched experts
-def _weights(cfg, L, seed=0, bias=False):
-    full = random_experts(cfg, seed=seed, with_bias=bias)[:L]
+def _weights(cfg, seed=0, bias=False) -> ExpertWeights:
+    """Every expert's weights in the fused layout, as a one-rank layer stores them."""
     layer = MoELayer(cfg, dispatcher="local", experts="reference", expert_bias=bias)
     load_experts(layer, random_experts(cfg, seed=seed, with_bias=bias))
-    w = layer.expert_weights
-    return ExpertWeights(w.w13[:L], w.w2[:L], None if w.b13 is None else w.b13[:L],
-                         None if w.b2 is None else w.b2[:L]), full
+    return layer.expert_weights
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -79,7 +77,7 @@ def _weights(cfg, L, seed=0, bias=False):
 def test_batched_experts_match_the_reference_and_ignore_padding(dtype, bias, activation):
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=40, intermediate_size=24, activation=activation,
                     dtype=dtype)
-    w, _ = _weights(cfg, 4, bias=bias)
+    w = _weights(cfg, bias=bias)
     x = torch.randn(4, 6, 40).to(dtype)
     counts = torch.tensor([6, 0, 3, 1], dtype=torch.int32)
     x[2, 3:] = float("nan")                                    # padding the dispatcher never wrote
@@ -97,7 +95,7 @@ def test_batched_experts_match_the_reference_and_ignore_padding(dtype, bias, act
 
 def test_batched_experts_refuse_a_wrong_batch():
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8)
-    w, _ = _weights(cfg, 4)
+    w = _weights(cfg)
     with pytest.raises(ValueError, match="3 experts"):
         BatchedExperts(cfg)(BatchedBatch(torch.zeros(3, 2, 16, dtype=cfg.dtype), torch.zeros(3)), w)
 

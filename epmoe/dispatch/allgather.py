@@ -45,9 +45,8 @@ class AllGatherDispatcher(CommDispatcher):
         t_max = max(self._token_counts(T, x.device))
         send = self.fmt.empty(t_max, device=x.device)
         pack_tokens(self.fmt, send[:T], x, routing.topk_ids, routing.topk_weights)
-        if T < t_max:  # padding rows: zeros, routed nowhere
-            send[T:].zero_()
-            self.fmt.view(send[T:], "ids").fill_(-1)
+        if T < t_max:
+            pack_tokens(self.fmt, send[T:], 0, -1, 0.0)          # padding rows: zeros, routed nowhere
         recv = self.fmt.empty(self.ep_size * t_max, device=x.device)
         if t_max:
             self.comm.all_gather(recv, send)

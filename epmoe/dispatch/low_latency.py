@@ -127,8 +127,8 @@ class LowLatencyDispatcher(CommDispatcher):
         T, dest, valid, weights = handle
         ep, M, k = self.ep_size, self.M, self.cfg.top_k
         L, C, H = expert_out.shape
-        y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)]                 # [P, H]
-        y = torch.where(valid.unsqueeze(1), y.float() * weights.unsqueeze(1), 0.0)
+        y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)].float()          # [P, H]
+        y.mul_(weights.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)       # NaN-safe: filled, not scaled
         partial = y.view(ep, M, k, H).sum(2).to(self.cfg.dtype)                    # one row per (token, rank)
         back = partial if ep == 1 else self.comm.all_to_all(torch.empty_like(partial), partial)
         self._raise_on_overflow(T)
