@@ -254,12 +254,3 @@ class CommDispatcher(Dispatcher):
         fmt = getattr(self, "fmt", None)
         return (self.name, None if fmt is None else fmt.signature())
 
-
-def count_pairs(local_ids: torch.Tensor, num_local: int) -> torch.Tensor:
-    """(token, local expert) pairs per local expert [L] int64, on the device, without a host sync
-    (`torch.bincount` on CUDA reads its input's maximum back to the host; this does not)."""
-    ids = local_ids.reshape(-1).long()
-    key = torch.where(ids >= 0, ids, num_local)
-    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    return counts[:num_local]

@@ -15,7 +15,8 @@ import torch
 
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
-from ._comm import CommDispatcher, count_pairs, pack_tokens, token_format, unpack_tokens
+from ..experts.base import count_pairs
+from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
 
 
 class AllGatherHandle(NamedTuple):
