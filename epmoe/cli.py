@@ -18,8 +18,8 @@ commands:
 """
 
 RUN_EPILOG = """examples:
-  epmoe run                                   # tiny preset on the CPU (GPU if present), one rank
-  epmoe run --ranks 2                         # experts split over 2 ranks (Gloo on CPU, NCCL on GPUs)
+  epmoe run                                   # tiny preset, experts over 2 CPU ranks (Gloo), or one rank per GPU
+  epmoe run --ranks 1 --backend reference     # one rank, the plain PyTorch experts
   epmoe run --preset deepseek-v3 --experts 16 --shrink 8   # a big preset shrunk to fit this machine
   epmoe run --model ./ckpt --ranks 2 --prompt "Hello"      # a local transformers checkpoint with EP
 under torchrun (several machines), leave out --ranks: the ranks come from torchrun's environment."""
@@ -39,7 +39,9 @@ def _add_run(sub) -> None:
                    help="shrink the preset to N experts (top_k and groups follow)")
     p.add_argument("--shrink", type=int, default=1, metavar="F",
                    help="divide hidden and intermediate sizes by F to fit a small machine")
-    p.add_argument("--ranks", type=int, default=None, help="start N local ranks with experts split over them")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="start N local ranks with the experts split over them (default: one per GPU, or 2 CPU "
+                   "ranks over Gloo without a GPU; under torchrun its ranks)")
     p.add_argument("--dispatcher", default="auto", help="dispatcher backend (see `epmoe info`; default auto)")
     p.add_argument("--backend", default="auto", help="experts backend (see `epmoe info`; default auto)")
     p.add_argument("--max-tokens-per-rank", type=int, default=None,

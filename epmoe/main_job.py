@@ -95,6 +95,14 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def default_ranks(device: torch.device) -> int:
+    """The main job's embedded default: one rank per GPU, or two CPU ranks over Gloo without a GPU, so
+    that a plain `epmoe run` exercises expert parallelism."""
+    if device.type == "cuda":
+        return max(1, torch.cuda.device_count())
+    return 2
+
+
 def check_fits(cfg: MoEConfig, device: torch.device, ranks: int) -> None:
     """Refuse (with the flags to use) a preset whose expert weights will not fit this machine."""
     need = expert_weight_bytes(cfg)
@@ -194,6 +202,8 @@ def main(args) -> int:
     cfg = build_config(args)
     from .testing.distributed import launch, under_torchrun
     ranks = args.ranks
+    if ranks is None and not under_torchrun():
+        ranks = default_ranks(device)
     check_fits(cfg, device, ranks or (int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1))
     opts = vars(args).copy()
     opts.pop("func", None)

@@ -24,16 +24,32 @@ def test_info_prints_matrix(capsys):
     assert "silently lose" in out
 
 
-def test_run_checks_against_oracle(tmp_path, capsys):
+def test_run_default_is_expert_parallel_over_two_cpu_ranks(tmp_path, capsys):
     report = tmp_path / "r.json"
     code = main(["run", "--tokens", "32", "--iters", "1", "--warmup", "0", "--json", str(report)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "all outputs match the float64 oracle" in out and "ms/pass" in out
-    data = json.loads(report.read_text())
-    r = data["ranks"][0]
-    assert r["rel_err"] <= r["bound"] and r["checked_tokens"] == 32
-    assert sum(r["rows_per_expert"]) == 32 * 2
+    assert "all outputs match the float64 oracle" in out and "ms/pass" in out and "ranks 2" in out
+    ranks = json.loads(report.read_text())["ranks"]
+    assert [r["local_experts"] for r in ranks] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for r in ranks:
+        assert r["rel_err"] <= r["bound"] and r["checked_tokens"] == 32 and r["dispatcher"] == "alltoall"
+    # every (token, expert) pair of both ranks was computed by exactly one rank
+    assert sum(sum(r["rows_per_expert"]) for r in ranks) == 2 * 32 * 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["--ranks", "1"],
+    ["--ranks", "2", "--dispatcher", "low_latency", "--backend", "batched"],
+    ["--ranks", "4", "--dispatcher", "allgather", "--backend", "reference", "--preset", "olmoe",
+     "--experts", "6", "--shrink", "16"],
+    ["--ranks", "3", "--preset", "deepseek-v3", "--experts", "16", "--shrink", "32", "--dtype", "bf16"],
+])
+def test_run_variants(argv, tmp_path):
+    report = tmp_path / "r.json"
+    assert main(["run", "--tokens", "24", "--iters", "1", "--json", str(report), *argv]) == 0
+    ranks = json.loads(report.read_text())["ranks"]
+    assert len(ranks) == int(argv[1]) and all(r["rel_err"] <= r["bound"] for r in ranks)
 
 
 def test_run_shrinks_big_presets(capsys):
