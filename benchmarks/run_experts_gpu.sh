@@ -3,7 +3,8 @@
 # (BF16 and FP8 block), then the experts benchmark with the fresh table. Results land in $OUT (or
 # benchmarks/results when OUT is unset).
 # Usage: benchmarks/run_experts_gpu.sh [tests] [tune|refine] [bench] [gpu] [pytest]
-#   refine: only the table's configuration per T against its TMA twin; gpu: every @pytest.mark.gpu test
+#   refine: only the table's configuration per T against its TMA twin, tail tiles and (FP8) 16 warps;
+#   gpu: every @pytest.mark.gpu test. Env: TESTS_K (pytest -k), TUNE_TOKENS, BENCH_SUFFIX, *_S (time limits)
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -13,17 +14,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for step in $STEPS; do
   case $step in
-    tests)  timeout ${TESTS_S:-200} python3 -m pytest tests/test_triton_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_triton_gpu.txt" ;;
+    tests)  timeout ${TESTS_S:-200} python3 -m pytest tests/test_triton_gpu.py -q -x -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest_triton_gpu.txt" ;;
     tune)   timeout ${TUNE_S:-280} python3 -m epmoe tune --preset mixtral-8x7b --preset qwen3-30b-a3b \
               --preset deepseek-v3 --preset gpt-oss-120b --format bf16 --format fp8_block --reps 8 2>&1 | tee "$OUT/tune.log"
             cp epmoe/kernels/configs/*.json "$OUT/" ;;
     refine) timeout ${TUNE_S:-150} python3 -m epmoe tune --preset mixtral-8x7b --preset qwen3-30b-a3b \
-              --preset deepseek-v3 --preset gpt-oss-120b --format bf16 --format fp8_block --reps 8 --jobs 8 \
-              --refine 2>&1 | tee "$OUT/tune.log"
+              --preset deepseek-v3 --preset gpt-oss-120b --format bf16 --format fp8_block --reps 8 --jobs 16 \
+              --tokens ${TUNE_TOKENS:-1,16,128,1024,8192} --refine 2>&1 | tee "$OUT/tune.log"
             cp epmoe/kernels/configs/*.json "$OUT/" ;;
     gpu)    timeout ${GPU_S:-200} python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu_marked.txt" ;;
     bench)  timeout ${BENCH_S:-280} python3 -m epmoe bench experts --reps ${BENCH_REPS:-15} --warmup 3 \
-              --output "$OUT/experts_$(date -u +%Y-%m-%d).json" 2>&1 | tee "$OUT/bench.log" ;;
+              --output "$OUT/experts_NVIDIA_H200_$(date -u +%Y-%m-%d)${BENCH_SUFFIX}.json" 2>&1 | tee "$OUT/bench.log" ;;
     pytest) timeout ${PYTEST_S:-400} python3 -m pytest tests -m "not multigpu" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" ;;
   esac
 done

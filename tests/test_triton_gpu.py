@@ -187,3 +187,34 @@ def test_batched_backend_uses_the_kernel_on_cuda(monkeypatch):
     assert calls, "the batched backend did not call the Triton kernel on CUDA"
     ref = batched_experts_torch(x, counts, layer.expert_weights, cfg.activation, cfg.dtype)
     assert_close(out.float(), ref.double(), 1e-2)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v3"])
+def test_split_tiles_and_direct_path(preset):
+    """The split layout (body tiles + tail tiles of 64 / 32 rows, two launches per GEMM) and the direct
+    path of one token (no alignment pass) against the uniform layout and the oracle, bf16, random and
+    one-hot routing, with the slots of remote experts skipped."""
+    from epmoe.kernels.fused_moe import fused_experts
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    cfg = preset_config(preset, dtype=torch.bfloat16)
+    layer = _layer(cfg, SeededExperts(cfg, seed=9, device="cuda"))
+    w = layer.expert_weights
+    g = torch.Generator(device="cuda").manual_seed(4)
+    E, k, H = cfg.num_experts, cfg.top_k, cfg.hidden_size
+    uniform = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4, tma=True))
+    for T, onehot in ((1, False), (1500, False), (700, True)):
+        x = torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+        if onehot:
+            ids[:, 0] = torch.where((ids[:, 1:] == 3).any(1), ids[:, 0], 3)
+        wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
+        local = torch.where(ids < E - 8, ids, -1).to(torch.int32)
+        ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+                            routing=Routing(ids.to(torch.int32), torch.where(ids < E - 8, wts, 0.0)))
+        base = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, config=uniform)
+        for tail in (64, 32):
+            out = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation,
+                                config=replace(uniform, tail_m=tail))
+            torch.cuda.synchronize()
+            assert_close(out, ref, 1e-2, context=f"{preset} T={T} onehot={onehot} tail={tail}")
+            assert_close(out, base, 1e-3, context=f"{preset} T={T} tail={tail} vs uniform tiles")

@@ -88,6 +88,41 @@ else:
         assert (a.block_expert[total // bm: a.max_blocks] == -1).all()
         assert a.max_blocks >= total // bm
 
+    @pytest.mark.parametrize("single", [True, False])
+    @pytest.mark.parametrize("T,E,k,bm,tail", [(0, 4, 2, 32, 16), (1, 8, 2, 32, 16), (37, 8, 2, 32, 8),
+                                               (300, 16, 4, 64, 16), (300, 16, 4, 32, 16)])
+    def test_align_pairs_split(single, T, E, k, bm, tail):
+        """Split layout: segments padded to `tail`, body tiles of bm rows then tail tiles of `tail` rows,
+        listed as (expert, start); every padded position covered exactly once."""
+        from epmoe.kernels.moe_align import split_bounds
+        ids, _ = random_routing(T, E, k, seed=T + E + 3)
+        local = ids.clone()
+        local[local == 1] = -1
+        a = align_pairs(local, E, bm, single_program_max_pairs=10 ** 9 if single else 0, tail_m=tail)
+        flat = local.reshape(-1)
+        counts = torch.bincount(flat[flat >= 0].long(), minlength=E)
+        padded = (counts + tail - 1) // tail * tail
+        starts = torch.cumsum(padded, 0) - padded
+        total = int(padded.sum())
+        assert int(a.num_padded) == total and total <= a.max_rows
+        max_body, max_tail, _ = split_bounds(T * k, E, bm, tail)
+        n_body, n_tail = int(a.tile_counts[0]), int(a.tile_counts[1])
+        assert n_body == int((padded // bm).sum()) <= max_body
+        assert n_tail == int((padded % bm // tail).sum()) <= max_tail
+        covered = torch.zeros(max(total, 1), dtype=torch.int32)
+        tiles = [(a.tiles[i].tolist(), bm) for i in range(n_body)] + \
+                [(a.tiles[max_body + i].tolist(), tail) for i in range(n_tail)]
+        for (e, start), h in tiles:
+            assert starts[e] <= start and start + h <= starts[e] + padded[e], f"tile {(e, start, h)} leaves expert {e}"
+            covered[start:start + h] += 1
+        assert (covered[:total] == 1).all()
+        sid = a.sorted_ids[:total]
+        for e in range(E):
+            seg = sid[starts[e]: starts[e] + padded[e]]
+            real = seg[seg < T * k]
+            assert sorted(real.tolist()) == sorted((flat == e).nonzero().flatten().tolist()), f"expert {e}"
+            assert int((seg == T * k).sum()) == int(padded[e] - counts[e])
+
     CASES = [  # T, E, k, activation, bias, routing, remote experts
         (0, 8, 2, "silu", False, "random", False),
         (1, 8, 2, "silu", False, "random", False),
@@ -117,6 +152,27 @@ else:
             return
         ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
         assert_close(out, ref, 1e-5, context=f"T={T} {act} bias={bias} {routing} remote={remote}")
+
+    @pytest.mark.parametrize("T,tail,routing,remote", [(37, 16, "random", False), (40, 8, "hot", True),
+                                                       (1, 16, "random", True), (2, 16, "hot", False)])
+    def test_fused_experts_split_tiles(T, tail, routing, remote):
+        """Body tiles of 32 rows + tail tiles (two launches of each GEMM) against the oracle; T = 1 takes
+        the direct path (one pair per tile), with the remote experts' slots skipped."""
+        E, k = 6, 3
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation="silu",
+                        dtype=torch.float32)
+        experts = random_experts(cfg, seed=T + 17, with_bias=True)
+        x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T + 2))
+        ids, w = random_routing(T, E, k, seed=T + 3, hot_expert=0 if routing == "hot" else None)
+        local, w_ref = ids.clone(), w.clone()
+        if remote:
+            local[ids >= E - 2] = -1
+            w_ref[ids >= E - 2] = 0.0
+        w13, w2, b13, b2 = fused_layout(experts)
+        config = MoEKernelConfig(32, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2), tail_m=tail)
+        out = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=config)
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
+        assert_close(out, ref, 1e-5, context=f"T={T} tail={tail} {routing} remote={remote}")
 
     def test_fused_experts_heuristic_config_and_large_alignment_path():
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32)
@@ -169,8 +225,9 @@ else:
             q13.append(qa), s13.append(sa), q2.append(qb), s2.append(sb)
         return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
 
+    @pytest.mark.parametrize("down_bn", [64, 256])   # 256: a down tile spans two weight-scale blocks
     @pytest.mark.parametrize("granularity,act_group", [("block", 128), ("channel", None), ("tensor", 128)])
-    def test_fused_experts_fp8(granularity, act_group):
+    def test_fused_experts_fp8(granularity, act_group, down_bn):
         from epmoe.kernels.fused_moe import Fp8Operands
         from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
         T, E, k, H, I = 9, 4, 2, 256, 128
@@ -185,7 +242,9 @@ else:
         q13, s13, q2, s2 = _fp8_weights(experts, granularity)
         xq, xs = fp8_quantize_torch(x, act_group)
         tma = granularity == "block"
-        cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=tma), GemmConfig(64, 128, 1, 4, 2, tma=tma))
+        # split tiles (32-row body, 16-row tail) on the block path: both FP8 scale paths see listed tiles
+        cfg8 = MoEKernelConfig(32 if tma else 16, GemmConfig(128, 128, 1, 4, 2, tma=tma),
+                               GemmConfig(down_bn, 128, 1, 4, 2, tma=tma), tail_m=16 if tma else 0)
         ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, granularity)
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=cfg8, fp8=ops)
         # the oracle on the dequantized weights, quantizing the input and intermediate activations as the

@@ -69,5 +69,25 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
     cfg = MoEKernelConfig(64, GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4, tma=True))
     plan = tune.refine_plan({128: cfg}, [1, 128])
     assert list(plan) == [128]
-    gus, dns = plan[128][64]
+    gus, dns = plan[128][(64, 0)]
     assert [g.tma for g in gus] == [False, True] and [d.tma for d in dns] == [False, True]
+
+
+def test_tail_tiles_in_configs_and_refine_plans(tmp_path):
+    """tail_m survives the table round trip, shows in describe(), and refine plans try tails where
+    experts hold at least half a tile (and 16 warps for FP8 gate+up)."""
+    from epmoe.kernels import tune
+    cfg = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4, tma=True), tail_m=32)
+    assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and "BM128+32" in cfg.describe()
+    uniform = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4))
+    assert "tail_m" not in uniform.to_dict() and MoEKernelConfig.from_dict(uniform.to_dict()).tail_m == 0
+    path = str(tmp_path / "t.json")
+    key = shape_key(256, 7168, 2048, 8, "bfloat16")
+    tune.merge_into_table(path, key, {8192: (cfg, 9.0)}, {"device": "test"})
+    assert lookup_config(8192, 256, 7168, 2048, 8, "bfloat16", paths=[path])[0] == cfg
+    assert tune.tails_for(128, 256) == [0, 64, 32] and tune.tails_for(16, 0.5) == [0]
+    assert tune.tails_for(64, 20) == [0]
+    plan = tune.refine_plan({8192: uniform}, [8192], lambda T: T * 8 / 256, fp8=True)
+    assert set(plan[8192]) == {(128, 0), (128, 64), (128, 32)}
+    gus, _ = plan[8192][(128, 32)]
+    assert {g.num_warps for g in gus} == {8, 16}

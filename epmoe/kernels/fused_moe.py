@@ -67,9 +67,15 @@ def _fp8_quantize_rows(v):
 
 @triton.jit
 def _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity,
-               TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BATCHED: tl.constexpr):
+               TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BATCHED: tl.constexpr, TILE_MODE: tl.constexpr):
     """For tile row-block `pid_m`: (expert or -1 when the tile has nothing to do, source row of each tile
     row (always in bounds), position of each tile row in the padded layout, row holds real data, pair id).
+
+    Flat layout, TILE_MODE 0: uniform tiles, tile b covers positions [b * BLOCK_M, (b + 1) * BLOCK_M) and
+    block_expert[b] is its expert. 1: listed tiles, block_expert_ptr holds (expert, first position) pairs
+    (the split layout of moe_align). 2: direct, one pair per tile (a batch of one token: its k experts are
+    distinct, so no expert is read twice): tile b is pair b, block_expert_ptr the flat expert ids and
+    `capacity` the number of local experts (ids outside [0, capacity) are not here).
     """
     offs = tl.arange(0, BLOCK_M)
     if BATCHED:
@@ -82,13 +88,37 @@ def _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, c
         src = pos
         pair = pos
         expert = tl.where((pid_m % blocks_per_expert) * BLOCK_M < count, expert, -1)
-    else:
-        expert = tl.load(block_expert_ptr + pid_m)
+    elif TILE_MODE == 2:
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int32)
+        expert = tl.where((expert >= 0) & (expert < capacity), expert, -1)
         pos = pid_m.to(tl.int64) * BLOCK_M + offs
+        valid = offs == 0
+        pair = tl.where(valid, pid_m, num_pairs)
+        src = tl.where(valid, pid_m // TOP_K, 0).to(tl.int64)
+    else:
+        if TILE_MODE == 1:
+            expert = tl.load(block_expert_ptr + 2 * pid_m)
+            pos = tl.load(block_expert_ptr + 2 * pid_m + 1).to(tl.int64) + offs
+        else:
+            expert = tl.load(block_expert_ptr + pid_m)
+            pos = pid_m.to(tl.int64) * BLOCK_M + offs
         pair = tl.load(sorted_ids_ptr + pos)
         valid = pair < num_pairs
         src = tl.where(valid, pair // TOP_K, 0).to(tl.int64)
     return expert, src, pos, valid, pair
+
+
+@triton.jit
+def _tiles_left(pid_m, num_padded_ptr, BLOCK_M: tl.constexpr, BATCHED: tl.constexpr, TILE_MODE: tl.constexpr):
+    """False for a flat-layout tile past the tiles in use (its program returns at once)."""
+    if BATCHED:
+        return True
+    elif TILE_MODE == 0:
+        return pid_m * BLOCK_M < tl.load(num_padded_ptr)
+    elif TILE_MODE == 1:
+        return pid_m < tl.load(num_padded_ptr)
+    else:
+        return True
 
 
 @triton.jit
@@ -112,8 +142,13 @@ def gate_up_kernel(
         ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
         FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False):
     """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert.
+
+    TILE_MODE: how tiles map to rows (`_tile_rows`). W_SCALE_SCALAR (FP8, weight scales per block): the
+    tile's BLOCK_N rows lie in one scale block, so each K block's weight scale is one number (folded
+    into the row scale: one multiply per product element, and no per-column scale registers).
 
     W_DESC: `w_ptr` is a tensor descriptor of w13 as [L * 2I, H] with [BLOCK_N, BLOCK_K] blocks (the TMA
     engine loads weight tiles, zero-filled past the end); tile rows past I then hold other rows, whose
@@ -122,11 +157,10 @@ def gate_up_kernel(
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = H % BLOCK_K == 0
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-    if not BATCHED:
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
+    if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+        return
     expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED)
+                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
     if expert < 0:
         return
     w_row = expert * (2 * I) + pid_n * BLOCK_N     # descriptor row of the gate tile (int32)
@@ -143,10 +177,16 @@ def gate_up_kernel(
         if X_SCALE_PER_BLOCK:
             xs_ptrs = x_scale_ptr + src * K_BLOCKS
         if W_SCALE_PER_BLOCK:
-            ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
-                + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
-            ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
-                + ((offs_nw + I) // SCALE_BLOCK_N) * K_BLOCKS
+            if W_SCALE_SCALAR:
+                ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                    + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
+                ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                    + ((pid_n * BLOCK_N + I) // SCALE_BLOCK_N) * K_BLOCKS
+            else:
+                ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                    + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
+                ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                    + ((offs_nw + I) // SCALE_BLOCK_N) * K_BLOCKS
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -164,7 +204,14 @@ def gate_up_kernel(
         else:
             bg = tl.load(g_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
             bu = tl.load(u_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
-        if FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
+        if FP8 and W_SCALE_SCALAR and X_SCALE_PER_BLOCK:
+            xs = tl.load(xs_ptrs + kb)
+            acc_g += tl.dot(a, bg) * (xs * tl.load(ws_g_ptrs + kb))[:, None]
+            acc_u += tl.dot(a, bu) * (xs * tl.load(ws_u_ptrs + kb))[:, None]
+        elif FP8 and W_SCALE_SCALAR:
+            acc_g += tl.dot(a, bg) * tl.load(ws_g_ptrs + kb)
+            acc_u += tl.dot(a, bu) * tl.load(ws_u_ptrs + kb)
+        elif FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             pg = tl.dot(a, bg)
             pu = tl.dot(a, bu)
             if X_SCALE_PER_BLOCK:
@@ -215,7 +262,8 @@ def down_kernel(
         HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
         FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False):
     """act_rows @ w2[e].T (+ bias) (* routing weight) for one tile; rows go to their pair (flat) or stay
     in place (batched, rows past the count written as zeros). W_DESC: `w_ptr` is a tensor descriptor of
     w2 as [L * H, I] with [BLOCK_N, BLOCK_K] blocks."""
@@ -223,11 +271,10 @@ def down_kernel(
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-    if not BATCHED:
-        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-            return
+    if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+        return
     expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED)
+                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     if BATCHED:
@@ -253,8 +300,12 @@ def down_kernel(
         if A_SCALE_PER_BLOCK:
             as_ptrs = a_scale_ptr + pos * K_BLOCKS
         if W_SCALE_PER_BLOCK:
-            ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
-                + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
+            if W_SCALE_SCALAR:
+                ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
+                    + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
+            else:
+                ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
+                    + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K_BLOCKS):
@@ -268,7 +319,11 @@ def down_kernel(
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
-        if FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
+        if FP8 and W_SCALE_SCALAR and A_SCALE_PER_BLOCK:
+            acc += tl.dot(a, b) * (tl.load(as_ptrs + kb) * tl.load(ws_ptrs + kb))[:, None]
+        elif FP8 and W_SCALE_SCALAR:
+            acc += tl.dot(a, b) * tl.load(ws_ptrs + kb)
+        elif FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             p = tl.dot(a, b)
             if A_SCALE_PER_BLOCK:
                 p = p * tl.load(as_ptrs + kb)[:, None]
@@ -361,11 +416,21 @@ def _dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _scalar_w_scale(fp8: Fp8Mode | None, block_n: int, rows_per_half: int) -> bool:
+    """The weight scale is one number per (tile, K block): per-block weight scales whose block holds
+    whole N tiles, and halves (gate / up) that start on a block boundary."""
+    return bool(fp8 and fp8.w_scale_per_block and fp8.scale_block_n % block_n == 0
+                and rows_per_half % fp8.scale_block_n == 0)
+
+
 def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, block_expert, num_padded,
                    counts, num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int,
                    top_k: int, activation: str, batched: bool, block_m: int, gemm: GemmConfig,
-                   fp8: Fp8Mode | None = None, warmup: bool = False) -> None:
-    """gate_up_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor."""
+                   fp8: Fp8Mode | None = None, warmup: bool = False, tile_mode: int = 0) -> None:
+    """gate_up_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
+    tile_mode: 0 uniform tiles (block_expert per tile), 1 listed tiles ((expert, start) pairs in
+    block_expert, their count in num_padded), 2 one pair per tile (block_expert = the flat expert ids,
+    capacity = local experts)."""
     x_dtype = x if isinstance(x, torch.dtype) else x.dtype
     grid = (row_blocks * triton.cdiv(inter, gemm.block_n),)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation],
@@ -373,6 +438,7 @@ def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, 
                 X_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
                 OUT_FP8=bool(fp8 and fp8.out_fp8), DOT_PRECISION=_dot_precision(x_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, inter),
                 num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     meta.update(_fp8_meta(fp8))
     w_arg, meta["W_DESC"] = _weight_operand(w13, 2 * inter, hidden, gemm)
@@ -388,8 +454,9 @@ def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, 
 def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, block_expert, num_padded, counts,
                 num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int, top_k: int,
                 batched: bool, block_m: int, gemm: GemmConfig, fp8: Fp8Mode | None = None,
-                warmup: bool = False) -> None:
-    """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor."""
+                warmup: bool = False, tile_mode: int = 0) -> None:
+    """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
+    tile_mode: as `launch_gate_up`."""
     a_dtype = a if isinstance(a, torch.dtype) else a.dtype
     grid = (row_blocks * triton.cdiv(hidden, gemm.block_n),)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, HAS_BIAS=b2 is not None, BATCHED=batched,
@@ -397,6 +464,7 @@ def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, blo
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
                 DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, hidden),
                 num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     meta.update(_fp8_meta(fp8))
     w_arg, meta["W_DESC"] = _weight_operand(w2, hidden, inter, gemm)
@@ -463,13 +531,37 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
         config, _ = lookup_config(N, L, H, inter, top_k, weight_format(w13, fp8.granularity if fp8 else None),
                                   x.device)
     bm = config.block_m
-    aligned = align_pairs(local_ids, L, bm)
     num_pairs = N * top_k
-    rows = aligned.max_blocks * bm
     ids_flat = local_ids if local_ids.is_contiguous() else local_ids.contiguous()
     weights_flat = topk_weights.reshape(-1).float().contiguous()
     b13 = None if b13 is None else b13.float().contiguous()
     b2 = None if b2 is None else b2.float().contiguous()
+    # which tiles: one pair per tile for a single token (no alignment pass: its k experts are distinct),
+    # body + tail tiles (split layout) when the config asks, else uniform tiles of BLOCK_M
+    if N == 1:
+        direct_ids = ids_flat.reshape(-1)
+        if direct_ids.dtype != torch.int32:
+            direct_ids = direct_ids.to(torch.int32)
+        rows = num_pairs * bm
+        launches = [dict(sorted_ids=None, block_expert=direct_ids, num_padded=None, capacity=L,
+                         row_blocks=num_pairs, block_m=bm, tile_mode=2)]
+    else:
+        tail = config.tail_m if config.tail_m and config.tail_m < bm else 0
+        aligned = align_pairs(local_ids, L, bm, tail_m=tail)
+        rows = aligned.max_rows
+        if tail:
+            launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles,
+                             num_padded=aligned.tile_counts, capacity=0, row_blocks=aligned.max_body,
+                             block_m=bm, tile_mode=1),
+                        dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles[aligned.max_body:],
+                             num_padded=aligned.tile_counts[1:], capacity=0, row_blocks=aligned.max_tail,
+                             block_m=tail, tile_mode=1)]
+            launches = [l for l in launches if l["row_blocks"] > 0]
+        else:
+            launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
+                             num_padded=aligned.num_padded, capacity=0, row_blocks=aligned.max_blocks,
+                             block_m=bm, tile_mode=0)]
+    rows = max(rows, 1)
 
     mode1 = mode2 = None
     inter_scale = None
@@ -481,18 +573,17 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
                                       device=x.device)
     else:
         act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
-    common = dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
-                  num_padded=aligned.num_padded, counts=None, num_pairs=num_pairs, capacity=0,
-                  row_blocks=aligned.max_blocks, hidden=H, inter=inter, top_k=top_k, batched=False,
-                  block_m=bm)
-    launch_gate_up(x, w13, b13, act, inter_scale, fp8.x_scale if fp8 else None,
-                   fp8.w13_scale if fp8 else None, gemm=config.gate_up, activation=activation, fp8=mode1,
-                   **common)
+    common = dict(counts=None, num_pairs=num_pairs, hidden=H, inter=inter, top_k=top_k, batched=False)
+    for tiles in launches:
+        launch_gate_up(x, w13, b13, act, inter_scale, fp8.x_scale if fp8 else None,
+                       fp8.w13_scale if fp8 else None, gemm=config.gate_up, activation=activation, fp8=mode1,
+                       **tiles, **common)
     if fp8 is not None and not mode1.out_fp8:
         act, inter_scale = fp8.quantize_intermediate(act)
     y = torch.empty(num_pairs, H, dtype=out_dtype, device=x.device)
-    launch_down(act, w2, b2, y, inter_scale, fp8.w2_scale if fp8 else None, weights_flat, gemm=config.down,
-                fp8=mode2, **common)
+    for tiles in launches:
+        launch_down(act, w2, b2, y, inter_scale, fp8.w2_scale if fp8 else None, weights_flat, gemm=config.down,
+                    fp8=mode2, **tiles, **common)
     launch_sum(y, ids_flat, out, N, H, top_k)
     return out
 

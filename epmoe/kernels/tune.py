@@ -35,7 +35,8 @@ _LARGE_GATE_UP = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 8,
                   (64, 64, 8, 4)]
 _LARGE_DOWN = [(128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 4),
                (128, 64, 8, 3)]
-_FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 4, 5)]
+_FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 4, 5),
+                (128, 128, 16, 3), (128, 128, 16, 4)]   # 16 warps: half the accumulator registers per thread
 _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 5),
              (64, 128, 4, 6)]
 
@@ -50,6 +51,14 @@ def block_ms_for(rows_per_expert: float) -> list[int]:
     if rows_per_expert <= 256:
         return [64, 128]
     return [128]
+
+
+def tails_for(block_m: int, rows_per_expert: float) -> list[int]:
+    """Tail tile heights worth timing (0: uniform tiles): where experts hold at least half a tile, a
+    tail tile of block_m / 2 or / 4 rows replaces most of the padding of the last tile."""
+    if block_m >= 64 and rows_per_expert >= block_m / 2:
+        return [0, block_m // 2, block_m // 4]
+    return [0]
 
 
 def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
@@ -83,13 +92,20 @@ def candidates(block_m: int, fp8: bool, tma: bool = True) -> tuple[list[GemmConf
     return gu_cfgs, dn_cfgs
 
 
-def refine_plan(table: dict, tokens: list[int]) -> dict:
-    """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M)."""
+def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False) -> dict:
+    """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
+    each with the tail tiles worth trying (`rows_per_expert(T)` given) and, for FP8, with 16 warps."""
     plan = {}
     for T in tokens:
         cfg = table.get(T)
         if cfg is not None:
-            plan[T] = {cfg.block_m: (with_tma_twins([cfg.gate_up]), with_tma_twins([cfg.down]))}
+            gus = [cfg.gate_up]
+            if fp8 and cfg.block_m >= 64 and cfg.gate_up.num_warps == 8:
+                gus.append(replace(cfg.gate_up, num_warps=16))
+            tails = tails_for(cfg.block_m, rows_per_expert(T)) if rows_per_expert else [cfg.tail_m]
+            if cfg.tail_m not in tails:
+                tails.append(cfg.tail_m)
+            plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_tma_twins([cfg.down])) for t in tails}
     return plan
 
 
@@ -124,8 +140,14 @@ def _worker_init():
     torch.cuda.init()
 
 
-def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], downs: list[GemmConfig]) -> list:
-    """Warmup arguments mirroring what `fused_experts` passes (dtypes stand in for tensors)."""
+def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], downs: list[GemmConfig],
+                 tail_m: int = 0) -> list:
+    """Warmup arguments mirroring what `fused_experts` passes (dtypes stand in for tensors); with
+    `tail_m`, the two listed-tile variants (body tiles of block_m rows, tail tiles of tail_m rows)."""
+    if tail_m > 0:
+        return compile_jobs(problem, block_m, gate_ups, downs, -1) + compile_jobs(problem, tail_m, gate_ups,
+                                                                                     downs, -1)
+    tile_mode = 1 if tail_m < 0 else 0
     from .fused_moe import Fp8Operands  # noqa: F401  (same module the launch uses)
     L, H, I, k = problem.sizes
     x_dtype = torch.float8_e4m3fn if problem.fp8 else problem.weights.w13.dtype
@@ -137,7 +159,7 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
     down_in = torch.float8_e4m3fn if problem.fp8 else act_dtype      # per-token mode quantizes in between
     i32, f32 = torch.int32, torch.float32
     common = dict(sorted_ids=i32, block_expert=i32, num_padded=i32, counts=None, num_pairs=0, capacity=0,
-                  row_blocks=1, hidden=H, inter=I, top_k=k, batched=False, block_m=block_m)
+                  row_blocks=1, hidden=H, inter=I, top_k=k, batched=False, block_m=block_m, tile_mode=tile_mode)
     jobs = []
     for g in gate_ups:
         jobs.append(("gate_up", dict(x=x_dtype, w13=problem.weights.w13.dtype,
@@ -162,8 +184,9 @@ def _fp8_modes(problem: Problem):
 
 # ----------------------------------------------------------------------------------------- timing
 def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, timer, reps: int, gen,
-                     progress=None, task=None) -> tuple[dict, dict]:
-    """Median ms of each gate_up and each down candidate on one balanced routing of T tokens."""
+                     progress=None, task=None, tail_m: int = 0) -> tuple[dict, dict]:
+    """Median ms of each gate_up and each down candidate on one balanced routing of T tokens (with
+    `tail_m`: both launches of the split layout, body and tail tiles, timed together)."""
     from .fused_moe import Fp8Operands, launch_down, launch_gate_up
     from .moe_align import align_pairs
     L, H, I, k = problem.sizes
@@ -178,8 +201,8 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
         x, x_scale = problem.cfg.quant_scheme.quantize_activations(x)
         x_scale = x_scale.float().contiguous()
         mode1, mode2 = _fp8_modes(problem)
-    aligned = align_pairs(ids, L, block_m)
-    rows = aligned.max_blocks * block_m
+    aligned = align_pairs(ids, L, block_m, tail_m=tail_m)
+    rows = aligned.max_rows
     act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else problem.cfg.dtype
     act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)          # gate_up's output
     act_in = act.to(torch.float8_e4m3fn) if problem.fp8 else act                  # down's input
@@ -189,22 +212,36 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
         act_scale = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001).reshape(
             rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
     y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
-    common = dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
-                  num_padded=aligned.num_padded, counts=None, num_pairs=T * k, capacity=0,
-                  row_blocks=aligned.max_blocks, hidden=H, inter=I, top_k=k, batched=False, block_m=block_m)
+    common = dict(counts=None, num_pairs=T * k, hidden=H, inter=I, top_k=k, batched=False)
+    if tail_m:
+        launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles, num_padded=aligned.tile_counts,
+                         capacity=0, row_blocks=aligned.max_body, block_m=block_m, tile_mode=1),
+                    dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles[aligned.max_body:],
+                         num_padded=aligned.tile_counts[1:], capacity=0, row_blocks=aligned.max_tail,
+                         block_m=tail_m, tile_mode=1)]
+        launches = [l for l in launches if l["row_blocks"] > 0]
+    else:
+        launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
+                         num_padded=aligned.num_padded, capacity=0, row_blocks=aligned.max_blocks,
+                         block_m=block_m, tile_mode=0)]
     w = problem.weights
     out_gu, out_dn = {}, {}
     for g in gate_ups:
         scale_out = None
         if mode1 and mode1.out_fp8:
             scale_out = torch.empty(rows, -(-I // g.block_n), dtype=torch.float32, device=dev)
-        fn = lambda g=g, s=scale_out: launch_gate_up(x, w.w13, w.b13, act, s, x_scale, w.w13_scale, gemm=g,
-                                                     activation=problem.cfg.activation, fp8=mode1, **common)
+
+        def fn(g=g, s=scale_out):
+            for tiles in launches:
+                launch_gate_up(x, w.w13, w.b13, act, s, x_scale, w.w13_scale, gemm=g,
+                               activation=problem.cfg.activation, fp8=mode1, **tiles, **common)
         out_gu[g] = _safe_time(timer, fn, reps)
         if progress is not None:
             progress.advance(task)
     for g in downs:
-        fn = lambda g=g: launch_down(act_in, w.w2, w.b2, y, act_scale, w.w2_scale, tw, gemm=g, fp8=mode2, **common)
+        def fn(g=g):
+            for tiles in launches:
+                launch_down(act_in, w.w2, w.b2, y, act_scale, w.w2_scale, tw, gemm=g, fp8=mode2, **tiles, **common)
         out_dn[g] = _safe_time(timer, fn, reps)
         if progress is not None:
             progress.advance(task)
@@ -222,19 +259,20 @@ def _safe_time(timer, fn, reps) -> float:
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
                  console=None, plan: dict | None = None) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
-    compiles candidates in parallel (None: compile here). `plan`: {T: {BLOCK_M: (gate_ups, downs)}}
-    instead of the regime's candidates."""
+    compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
+    downs)}} instead of the regime's candidates."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from ..bench.gpu_timing import GpuTimer
     L, H, I, k = problem.sizes
     if plan is None:
-        plan = {T: {bm: candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)} for T in tokens}
+        plan = {T: {(bm, tail): candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)
+                    for tail in tails_for(bm, T * k / L)} for T in tokens}
     # compile everything first, in parallel
     all_jobs, seen = [], set()
     for T, by_bm in plan.items():
-        for bm, (gus, dns) in by_bm.items():
-            for job in compile_jobs(problem, bm, gus, dns):
-                key = (job[0], bm, job[1]["gemm"])
+        for (bm, tail), (gus, dns) in by_bm.items():
+            for job in compile_jobs(problem, bm, gus, dns, tail):
+                key = (job[0], job[1]["block_m"], job[1]["tile_mode"], job[1]["gemm"])
                 if key not in seen:
                     seen.add(key)
                     all_jobs.append(job)
@@ -246,7 +284,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
         for job, err in zip(all_jobs, results):
             progress.advance(task)
             if err:
-                failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))
+                failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))   # any tile mode: dropped
                 progress.console.print(f"  compile failed: {err}")
         timer = GpuTimer(problem.weights.w13.device)
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
@@ -254,17 +292,20 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
         task = progress.add_task(f"time {problem.fmt}", total=total)
         best: dict[int, tuple[MoEKernelConfig, float]] = {}
         for T, by_bm in plan.items():
-            for bm, (gus, dns) in by_bm.items():
-                gus = [g for g in gus if ("gate_up", bm, g) not in failed]
-                dns = [g for g in dns if ("down", bm, g) not in failed]
-                t_gu, t_dn = _time_candidates(problem, T, bm, gus, dns, timer, reps, gen, progress, task)
+            for (bm, tail), (gus, dns) in by_bm.items():
+                heights = (bm, tail) if tail else (bm,)
+                gus = [g for g in gus if all(("gate_up", h, g) not in failed for h in heights)]
+                dns = [g for g in dns if all(("down", h, g) not in failed for h in heights)]
+                t_gu, t_dn = _time_candidates(problem, T, bm, gus, dns, timer, reps, gen, progress, task,
+                                              tail_m=tail)
                 if not t_gu or not t_dn:
                     continue
                 g_best = min(t_gu, key=t_gu.get)
                 d_best = min(t_dn, key=t_dn.get)
                 ms = t_gu[g_best] + t_dn[d_best]
+                progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms")
                 if ms < float("inf") and (T not in best or ms < best[T][1]):
-                    best[T] = (MoEKernelConfig(bm, g_best, d_best), ms)
+                    best[T] = (MoEKernelConfig(bm, g_best, d_best, tail), ms)
             if T in best:
                 progress.console.print(f"  T={T:5d}: {best[T][0].describe()}  {best[T][1]:.4f} ms (gate_up + down)")
     return best
@@ -303,7 +344,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="parallel compile processes (default: %(default)s)")
     p.add_argument("--output", default=None, help="table to merge into (default: this GPU's table in the package)")
     p.add_argument("--refine", action="store_true",
-                   help="time only the table's configuration for each T against its TMA twin (quick)")
+                   help="time only the table's configuration for each T against its TMA twin, tail tiles and "
+                        "(FP8) 16 warps (quick)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -366,7 +408,7 @@ def main(args) -> int:
             plan = None
             if args.refine:
                 table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
-                plan = refine_plan(table, tokens)
+                plan = refine_plan(table, tokens, lambda T: T * k / L, fp8)
                 if not plan:
                     console.print(f"  --refine: no entry for {key} in {path}; skipped")
                     continue

@@ -33,18 +33,27 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoEKernelConfig:
-    """One configuration of the two fused GEMMs; BLOCK_M is shared (it sets the padding of the layout)."""
+    """One configuration of the two fused GEMMs; BLOCK_M is shared (it sets the padding of the layout).
+
+    tail_m > 0: the split layout (moe_align): each expert's rows are padded to tail_m only, and what is
+    left after its BLOCK_M tiles runs in tiles of tail_m rows (a second launch of each GEMM, same N/K
+    tiles, warps and stages)."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
+    tail_m: int = 0
 
     def to_dict(self) -> dict:
-        return {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+        d = {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+        if self.tail_m:
+            d["tail_m"] = self.tail_m
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEKernelConfig":
         try:
-            return cls(int(d["block_m"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+            return cls(int(d["block_m"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
+                       int(d.get("tail_m", 0)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad kernel config {d!r}: needs block_m, gate_up and down "
                              f"(block_n, block_k, group_m, num_warps, num_stages): {exc}") from exc
@@ -54,7 +63,8 @@ class MoEKernelConfig:
         def one(c: GemmConfig) -> str:
             return (f"BN{c.block_n} BK{c.block_k} G{c.group_m} w{c.num_warps} s{c.num_stages}"
                     + (" tma" if c.tma else ""))
-        return f"BM{self.block_m} gate_up[{one(g)}] down[{one(d)}]"
+        tail = f"+{self.tail_m}" if self.tail_m else ""
+        return f"BM{self.block_m}{tail} gate_up[{one(g)}] down[{one(d)}]"
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, fmt: str) -> str:
@@ -109,7 +119,7 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
                 break
         return out
     return MoEKernelConfig(cfg.block_m, clamp(cfg.gate_up, inter, hidden, 2, fp8),
-                           clamp(cfg.down, hidden, inter, 1, False))
+                           clamp(cfg.down, hidden, inter, 1, False), cfg.tail_m)
 
 
 def _pow2_ceil(n: int) -> int:
