@@ -92,8 +92,9 @@ else:
     @pytest.mark.parametrize("T,E,k,bm,tail", [(0, 4, 2, 32, 16), (1, 8, 2, 32, 16), (37, 8, 2, 32, 8),
                                                (300, 16, 4, 64, 16), (300, 16, 4, 32, 16)])
     def test_align_pairs_split(single, T, E, k, bm, tail):
-        """Split layout: segments padded to `tail`, body tiles of bm rows then tail tiles of `tail` rows,
-        listed as (expert, start); every padded position covered exactly once."""
+        """Split layout: an expert whose remainder after its full tiles fits one tail tile gets one (its
+        segment padded to the tail), others are padded to bm; body tiles of bm rows then tail tiles of
+        `tail` rows, listed as (expert, start); every padded position covered exactly once."""
         from epmoe.kernels.moe_align import split_bounds
         ids, _ = random_routing(T, E, k, seed=T + E + 3)
         local = ids.clone()
@@ -101,14 +102,16 @@ else:
         a = align_pairs(local, E, bm, single_program_max_pairs=10 ** 9 if single else 0, tail_m=tail)
         flat = local.reshape(-1)
         counts = torch.bincount(flat[flat >= 0].long(), minlength=E)
-        padded = (counts + tail - 1) // tail * tail
+        rem = counts % bm
+        use_tail = (rem > 0) & (rem <= tail)
+        padded = torch.where(use_tail, counts - rem + tail, (counts + bm - 1) // bm * bm)
         starts = torch.cumsum(padded, 0) - padded
         total = int(padded.sum())
         assert int(a.num_padded) == total and total <= a.max_rows
         max_body, max_tail, _ = split_bounds(T * k, E, bm, tail)
         n_body, n_tail = int(a.tile_counts[0]), int(a.tile_counts[1])
         assert n_body == int((padded // bm).sum()) <= max_body
-        assert n_tail == int((padded % bm // tail).sum()) <= max_tail
+        assert n_tail == int(use_tail.sum()) <= max_tail
         covered = torch.zeros(max(total, 1), dtype=torch.int32)
         tiles = [(a.tiles[i].tolist(), bm) for i in range(n_body)] + \
                 [(a.tiles[max_body + i].tolist(), tail) for i in range(n_tail)]

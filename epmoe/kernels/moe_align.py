@@ -14,12 +14,15 @@ sizes are static and the whole forward can be captured in a CUDA graph:
 Pairs of one expert land in its segment in no particular order (atomics hand out the slots); that is
 harmless because every row of a GEMM is computed independently, so the result does not depend on it.
 
-Split tiles (`tail_m` > 0): each expert's segment is padded only to a multiple of `tail_m`, and the
-GEMMs run two kinds of tiles: body tiles of `block_m` rows (each expert's first floor(padded / block_m)
-chunks) and tail tiles of `tail_m` rows (what is left, fewer than block_m rows). That cuts the rows
-computed for padding from up to block_m - 1 per expert to up to tail_m - 1 (at 256 rows per expert and
-block_m = 128, about a quarter of all rows are padding without it). The tiles are listed, not implied by
-the program id:
+Split tiles (`tail_m` > 0): an expert whose rows leave a remainder of at most `tail_m` after its full
+tiles of `block_m` gets one tail tile of `tail_m` rows for it (its segment padded to
+floor(count / block_m) * block_m + tail_m); any other expert is padded to a multiple of block_m as
+before. The GEMMs then run body tiles of `block_m` rows and, in a second launch, tail tiles of `tail_m`
+rows. At 256 rows per expert and block_m = 128, a quarter of all rows are padding without it; the
+experts just past a multiple of block_m lose most of theirs. One tail tile at most: a tile's cost is
+mostly its weight tile, so a remainder split over several small tiles costs more than one full tile
+(seen on the H200: gpt-oss one-hot T=8192 took 1.4x as long with up to three 32-row tails). The tiles
+are listed, not implied by the program id:
 
     tiles       [max_body + max_tail, 2] int32   (expert, first position) of each body tile, then of each
                                                  tail tile (tail list starts at row max_body)
@@ -71,33 +74,36 @@ def max_blocks_for(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def split_bounds(num_pairs: int, num_experts: int, block_m: int, tail_m: int) -> tuple[int, int, int]:
-    """(max body tiles, max tail tiles, max padded positions) of the split layout, from shapes alone:
-    padded positions <= P + min(L, P) * (tail_m - 1); body tiles <= that / block_m; each expert has at
-    most block_m / tail_m - 1 tail tiles."""
-    busy = min(num_experts, num_pairs)
-    rows = num_pairs + busy * (tail_m - 1)
-    return rows // block_m, busy * (block_m // tail_m - 1), rows
+    """(max body tiles, max tail tiles, max padded positions) of the split layout, from shapes alone: no
+    segment is longer than in the uniform layout, so the uniform bounds hold; one tail tile per expert
+    with pairs at most."""
+    blocks = max_blocks_for(num_pairs, num_experts, block_m)
+    return blocks, min(num_experts, num_pairs), blocks * block_m
 
 
 @triton.jit
 def _describe_split(counts, num_padded_ptr, cursor_ptr, tiles_ptr, tile_counts_ptr, sorted_ids_ptr,
                     num_pairs, max_body, NUM_EXPERTS: tl.constexpr, EXPERTS_P2: tl.constexpr,
                     BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr):
-    """Split layout from per-expert counts: segments padded to TAIL_M, each expert's start into `cursor`,
-    padding markers, the body and tail tile lists and their counts."""
+    """Split layout from per-expert counts: segments padded as the module docstring says, each expert's
+    start into `cursor`, padding markers, the body and tail tile lists and their counts."""
     experts = tl.arange(0, EXPERTS_P2)
     is_expert = experts < NUM_EXPERTS
-    padded = tl.where(is_expert, tl.cdiv(counts, TAIL_M) * TAIL_M, 0)
+    whole = (counts // BLOCK_M) * BLOCK_M
+    rem = counts - whole
+    use_tail = is_expert & (rem > 0) & (rem <= TAIL_M)
+    padded = tl.where(use_tail, whole + TAIL_M, tl.cdiv(counts, BLOCK_M) * BLOCK_M)
+    padded = tl.where(is_expert, padded, 0)
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
     tl.store(num_padded_ptr, tl.sum(padded, 0))
     tl.store(cursor_ptr + experts, starts, mask=is_expert)
     marker = tl.full([EXPERTS_P2], 0, tl.int32) + num_pairs
-    for c in range(0, TAIL_M - 1):
+    for c in range(0, BLOCK_M - 1):
         pad_pos = starts + counts + c
         tl.store(sorted_ids_ptr + pad_pos, marker, mask=is_expert & (pad_pos < ends))
     n_body = padded // BLOCK_M
-    n_tail = (padded - n_body * BLOCK_M) // TAIL_M
+    n_tail = use_tail.to(tl.int32)
     body_first = tl.cumsum(n_body, 0) - n_body
     tail_first = tl.cumsum(n_tail, 0) - n_tail
     tl.store(tile_counts_ptr, tl.sum(n_body, 0))
@@ -108,11 +114,9 @@ def _describe_split(counts, num_padded_ptr, cursor_ptr, tiles_ptr, tile_counts_p
         here = is_expert & (j < n_body)
         tl.store(tiles_ptr + 2 * idx, experts, mask=here)
         tl.store(tiles_ptr + 2 * idx + 1, starts + j * BLOCK_M, mask=here)
-    for j in range(0, BLOCK_M // TAIL_M - 1):
-        idx = max_body + tail_first + j
-        here = is_expert & (j < n_tail)
-        tl.store(tiles_ptr + 2 * idx, experts, mask=here)
-        tl.store(tiles_ptr + 2 * idx + 1, starts + n_body * BLOCK_M + j * TAIL_M, mask=here)
+    idx = max_body + tail_first
+    tl.store(tiles_ptr + 2 * idx, experts, mask=use_tail)
+    tl.store(tiles_ptr + 2 * idx + 1, starts + n_body * BLOCK_M, mask=use_tail)
 
 
 @triton.jit
