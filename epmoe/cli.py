@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     bench = sub.add_parser("bench", help="GPU benchmarks (experts kernels, dispatch + combine)",
                            description="GPU benchmarks; results go to benchmarks/results/ as JSON (and PNG).")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{experts,dispatch}")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{experts,dispatch,layer}")
     _add_plugin(bench_sub, "experts", "epmoe.bench.experts", "time every GPU experts backend on model presets")
     _add_plugin(bench_sub, "dispatch", "epmoe.bench.dispatch", "time dispatch + combine per dispatcher vs NCCL")
+    _add_plugin(bench_sub, "layer", "epmoe.bench.layer", "time the whole MoE layer with EP per dispatcher vs one rank")
     bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
     _add_plugin(sub, "tune", "epmoe.kernels.tune", "tune Triton kernel configurations for a shape on this GPU")
     return parser
