@@ -1,4 +1,4 @@
-"""Expert parallelism on 8 ranks (Gloo on the CPU), and the NCCL suite on 4 and 8 GPUs (`-m multigpu`).
+"""Expert parallelism on 8 ranks (Gloo on the CPU), and the NCCL suite on 2, 4 and 8 GPUs (`-m multigpu`).
 
 CPU, 8 Gloo ranks, ONE process group for every case (process start costs seconds; the machinery is
 tests/test_ep_layer.py's `run_cases` scenarios and checks): every EP dispatcher with the experts backend
@@ -11,13 +11,17 @@ low_latency, FP8 rows + scales on the wire, block scales) against the oracle and
 the same layer with BF16 on the wire; and the CUDA-graph case's steps run "dry" (eager re-runs as
 replays) so that the GPU session's code is exercised here. About 3 s on a 2-core machine.
 
-GPUs, NCCL (`pytest -m multigpu`; rank counts from EPMOE_NCCL_RANKS, default "4,8", those above the
-GPU count skip): on 4 GPUs test_ep_layer's whole 4-rank suite, on 8 GPUs the 8-rank scenarios with
-every (dispatcher, experts) pairing the contract accepts on CUDA plus random configurations, subgroups,
-two layers alternating, the capacity edge, handshake and traffic; on both, FP8 dispatch for every
-accepted pairing and granularity (block, channel), and `low_latency` with each CUDA-graph-safe batched
-experts backend captured in a CUDA graph per rank (a different T on each rank, two graphs each),
-replayed with fresh inputs and checked against the oracle and against an eager forward.
+GPUs, NCCL (`pytest -m multigpu`; rank counts from EPMOE_NCCL_RANKS, default "2,4,8", those above the
+GPU count skip; EPMOE_NCCL_SKIP_EXPERTS=triton,... leaves experts backends out):
+  2 GPUs: what test_ep_layer's own NCCL test lacks (FP8 dispatch, the CUDA graph);
+  4 GPUs: test_ep_layer's whole 4-rank suite;
+  8 GPUs: the 8-rank scenarios with every (dispatcher, experts) pairing the contract accepts on CUDA,
+          random configurations, EP subgroups of 2, two layers alternating, the capacity edge,
+          handshake and traffic;
+  and at every count FP8 dispatch for every accepted pairing and granularity (block, channel), and
+  `low_latency` with each CUDA-graph-safe batched experts backend captured in a CUDA graph per rank (a
+  different T on each rank, two graphs each), replayed with fresh inputs and checked against the
+  oracle and bit for bit against an eager forward.
 """
 from __future__ import annotations
 
@@ -244,8 +248,11 @@ def core_cases(device_type: str = "cpu") -> list[dict]:
 
 
 def full_cases(ws: int, device_type: str = "cuda") -> list[dict]:
-    """The NCCL set for 4 or 8 GPUs."""
-    if ws == 4:
+    """The NCCL set for 2, 4 or 8 GPUs (on 2, test_ep_layer's own NCCL test has the layer cases; this adds
+    FP8 dispatch and the CUDA graph)."""
+    if ws == 2:
+        cases = []
+    elif ws == 4:
         cases = ep.all_cases(4, device_type)
     elif ws == WS:
         cases = []
@@ -255,7 +262,7 @@ def full_cases(ws: int, device_type: str = "cuda") -> list[dict]:
         cases += (ep.capacity_cases(WS, device_type) + ep.handshake_cases(WS) + traffic_cases_8()
                   + ep.two_layer_cases(WS, device_type) + subgroup_cases_8())
     else:
-        raise ValueError(f"the NCCL suite has case lists for 4 and {WS} ranks, not {ws}")
+        raise ValueError(f"the NCCL suite has case lists for 2, 4 and {WS} ranks, not {ws}")
     return cases + fp8_cases(ws, device_type) + graph_cases(ws, device_type)
 
 
@@ -286,6 +293,7 @@ def test_eight_rank_set_covers_the_brief():
 
 def test_nccl_case_lists_are_well_formed():
     """The lists the GPU session runs, built here for the CPU's pairings: names unique, shapes per rank."""
+    assert [c["kind"] for c in full_cases(2, "cpu")] == ["fp8"] * 4 + ["graph"]
     for ws in (4, WS):
         cases = full_cases(ws, "cpu")
         names = [c["name"] for c in cases]
@@ -303,21 +311,44 @@ def test_nccl_case_lists_are_well_formed():
 
 
 # ----------------------------------------------------------------------------------- NCCL (multigpu)
+NCCL_RANKS = (2, 4, WS)
+
+
 def nccl_rank_counts() -> list[int]:
-    raw = os.environ.get("EPMOE_NCCL_RANKS", "4,8")
+    raw = os.environ.get("EPMOE_NCCL_RANKS", ",".join(map(str, NCCL_RANKS)))
     counts = [int(v) for v in raw.split(",") if v.strip()]
-    bad = [c for c in counts if c not in (4, WS)]
+    bad = [c for c in counts if c not in NCCL_RANKS]
     if bad:
-        raise ValueError(f"EPMOE_NCCL_RANKS={raw!r}: this file has NCCL suites for 4 and {WS} ranks "
-                         "(2 ranks: tests/test_ep_layer.py::test_two_gpus_nccl)")
+        raise ValueError(f"EPMOE_NCCL_RANKS={raw!r}: this file has NCCL suites for {NCCL_RANKS} ranks")
     return counts
+
+
+def nccl_cases(ws: int) -> list[dict]:
+    """full_cases on CUDA without the experts backends named in EPMOE_NCCL_SKIP_EXPERTS (comma-separated;
+    e.g. triton, whose kernels compile once per test shape and have their own GPU tests)."""
+    skip = {v.strip() for v in os.environ.get("EPMOE_NCCL_SKIP_EXPERTS", "").split(",") if v.strip()}
+    return [c for c in full_cases(ws, "cuda") if c.get("experts") not in skip]
 
 
 def _nccl_params() -> list:
     if not torch.cuda.is_available():
         return []
     return [pytest.param(ws, c["name"], id=f"{ws}gpus-{c['name']}")
-            for ws in nccl_rank_counts() for c in full_cases(ws, "cuda")]
+            for ws in nccl_rank_counts() for c in nccl_cases(ws)]
+
+
+def test_nccl_selection_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EPMOE_NCCL_RANKS", "4,8")
+    assert nccl_rank_counts() == [4, 8]
+    monkeypatch.setenv("EPMOE_NCCL_RANKS", "3")
+    with pytest.raises(ValueError, match="2, 4, 8"):
+        nccl_rank_counts()
+    monkeypatch.setenv("EPMOE_NCCL_SKIP_EXPERTS", "batched, reference")
+    kept = nccl_cases(WS)
+    assert kept and not any(c.get("experts") in ("batched", "reference") for c in kept)
+    assert {c.get("kind", "layer") for c in kept} >= {"layer", "handshake", "traffic", "two_layers", "subgroups"}
+    monkeypatch.delenv("EPMOE_NCCL_SKIP_EXPERTS")
+    assert len(nccl_cases(WS)) > len(kept)
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +358,7 @@ def nccl_results():
     def get(ws: int):
         if ws not in cache:
             try:
-                cache[ws] = run_on_ranks(run_cases, ws, full_cases(ws, "cuda"), "cuda", backend="nccl",
+                cache[ws] = run_on_ranks(run_cases, ws, nccl_cases(ws), "cuda", backend="nccl",
                                          timeout_s=float(os.environ.get("EPMOE_NCCL_TIMEOUT", "900")))
             except Exception as exc:   # one failed run fails each of its cases, not a retry per case
                 cache[ws] = exc
