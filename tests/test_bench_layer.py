@@ -86,7 +86,7 @@ def test_bench_layer_arguments(tmp_path):
     assert args.func is bench_layer.main
     for bad in (["--ranks", "1"], ["--ranks", "2,4", "--output", str(tmp_path / "x.json")],
                 ["--presets", "nope"], ["--dispatchers", "local"], ["--tokens", "0"], ["--backend", "nope"],
-                ["--ranks", "2", "--experts", "1"]):
+                ["--ranks", "2", "--experts", "1"], ["--formats", "fp4"]):
         with pytest.raises(SystemExit):
             cli_main(["bench", "layer", "--device", "cpu", *bad])
     with pytest.raises(SystemExit, match="--experts N and --shrink F"):    # real sizes do not fit a CPU run
@@ -169,6 +169,21 @@ def test_scaling_table_and_plot(synthetic, tmp_path):
     dline = next(x for x in md.splitlines() if x.startswith("| alltoall | 4096 |"))
     assert [c.strip() for c in dline.strip("|").split("|")][2:5] == ["0.610", "0.810", "1.210"]
     assert "layer_4x.json" in md and "layer_4x_old.json" not in md
+
+
+def test_scaling_combines_runs_split_by_format(synthetic):
+    """BF16 and FP8 measured in two calls on the same rank count: both formats' rows are used."""
+    fp8 = _layer_json(8, "2026-12-03T00:00:00+00:00")
+    fp8["rows"] = [dict(r, format="fp8-dispatch", ms=r["ms"] / 2) if r["kind"] == "ep" and r["format"] == "bf16"
+                   else dict(r, format="fp8-dispatch") if r["kind"] == "local" else r for r in fp8["rows"]
+                   if r["format"] == "bf16"]
+    (synthetic / "layer_8x_fp8.json").write_text(json.dumps(fp8))
+    s = scaling.summarize([str(synthetic)])
+    assert set(s["layer"][("deepseek-v3", "bf16", "alltoall", 128)]) == {2, 4, 8}
+    assert s["layer"][("deepseek-v3", "fp8-dispatch", "alltoall", 128)][8]["ms"] == pytest.approx(1.128 * 1.5 / 2)
+    assert s["layer"][("deepseek-v3", "bf16", "alltoall", 128)][8]["ms"] == pytest.approx(1.128 * 1.5)
+    assert sorted(os.path.basename(x["path"]) for x in s["sources"] if x["ranks"] == 8 and x["benchmark"] == "layer") \
+        == ["layer_8x.json", "layer_8x_fp8.json"]
 
 
 def test_scaling_warns_about_mixed_machines_and_needs_input(synthetic, tmp_path):

@@ -70,6 +70,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shrink", type=int, default=1, metavar="F", help="divide hidden and intermediate sizes by F")
     p.add_argument("--fp8-dispatch", action="store_true",
                    help="also time FP8 layers (block-scaled weights) with Fp8Config(dispatch_fp8=True)")
+    p.add_argument("--formats", default="bf16",
+                   help=f"formats to time, comma-separated, from {list(FORMATS)} (default: %(default)s; "
+                        "--fp8-dispatch adds fp8-dispatch)")
     p.add_argument("--ranks", default=None,
                    help="rank counts to run, comma-separated, e.g. 2,4,8 (default: every GPU, or 2 on the CPU); "
                         "leave out under torchrun")
@@ -123,9 +126,15 @@ def _params(args) -> dict:
         raise SystemExit("epmoe bench layer: --warmup must be >= 0")
     if args.experts is not None and args.experts < 1 or args.shrink < 1:
         raise SystemExit("epmoe bench layer: --experts and --shrink must be >= 1")
+    formats = _csv(args.formats)
+    if args.fp8_dispatch and "fp8-dispatch" not in formats:
+        formats.append("fp8-dispatch")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise SystemExit(f"epmoe bench layer: --formats must be among {list(FORMATS)}, got {args.formats!r}")
     return {"presets": presets, "tokens": _positive_ints(args.tokens, "--tokens"), "dispatchers": dispatchers,
             "backend": args.backend, "experts": args.experts, "shrink": args.shrink,
-            "formats": ["bf16"] + (["fp8-dispatch"] if args.fp8_dispatch else []), "reps": args.reps,
+            "formats": formats, "reps": args.reps,
             "warmup": args.warmup, "graph": not args.no_graph, "local": not args.no_local,
             "check_rows": args.check_rows, "seed": args.seed}
 

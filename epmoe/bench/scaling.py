@@ -6,7 +6,8 @@ rank counts (2, 4, 8, ...) -> one markdown table and one plot.
 
 Arguments are JSON files or directories (every `*.json` in them); files are told apart by their
 `benchmark` field ("moe-layer" or "dispatch+combine"), others are ignored. Where several files hold the
-same benchmark, device and rank count, the newest (`environment.when`) is used. Scaling is a ratio, so the
+same configuration on the same rank count, the newest (`environment.when`) is used, so runs split
+over several calls (BF16 first, FP8 later) combine. Scaling is a ratio, so the
 header names every device and host the numbers come from and warns when they differ (measure every rank
 count on one machine) or when they are CPU (Gloo) wall-clock times, which are not performance results.
 
@@ -43,8 +44,8 @@ def _expand(paths) -> list[str]:
 
 
 def load_reports(paths) -> dict:
-    """{"moe-layer": {(device, ranks): report}, "dispatch+combine": {...}}, newest file per key."""
-    found: dict = {LAYER: {}, DISPATCH: {}}
+    """{"moe-layer": [report, ...], "dispatch+combine": [...]}, each list oldest first (`environment.when`)."""
+    found: dict = {LAYER: [], DISPATCH: []}
     for path in _expand(paths):
         try:
             with open(path) as f:
@@ -54,39 +55,46 @@ def load_reports(paths) -> dict:
         if not isinstance(data, dict) or data.get("benchmark") not in found:
             continue
         env = data.get("environment", {})
-        ranks = env.get("world_size", env.get("ranks"))
-        if not isinstance(ranks, int):
+        if not isinstance(env.get("world_size", env.get("ranks")), int):
             raise ValueError(f"scaling: {path} has no environment.world_size")
         data["_path"] = path
-        key = (str(env.get("device")), ranks)
-        have = found[data["benchmark"]].get(key)
-        if have is None or str(env.get("when", "")) >= str(have["environment"].get("when", "")):
-            found[data["benchmark"]][key] = data
+        found[data["benchmark"]].append(data)
+    for reports in found.values():
+        reports.sort(key=lambda rep: str(rep["environment"].get("when", "")))
     return found
 
 
 def summarize(paths) -> dict:
-    """Rows of both benchmarks keyed by configuration, each with its value per rank count."""
+    """Rows of both benchmarks keyed by configuration, each with its value per rank count. Where several
+    files measured the same configuration on the same rank count, the newest file's row is used (so a
+    run split over several calls, e.g. BF16 then FP8, combines)."""
     found = load_reports(paths)
     if not found[LAYER] and not found[DISPATCH]:
         raise ValueError(f"scaling: no `epmoe bench layer` or `epmoe bench dispatch` JSON among {list(paths)}")
     layer: dict = {}
     local: dict = {}
     dispatch: dict = {}
-    envs = []
-    for (device, ranks), rep in sorted(found[LAYER].items(), key=lambda kv: kv[0][1]):
-        envs.append(("layer", ranks, rep))
+    origin: dict = {}                       # (table, key, ranks) -> the report its row came from
+    for rep in found[LAYER]:
+        ranks = rep["environment"].get("world_size", rep["environment"].get("ranks"))
         for r in rep.get("rows", []):
-            key_base = (r["preset"], r["format"])
             if r.get("kind") == "local":
                 if "ms" in r:
-                    local.setdefault(key_base + (r["tokens_per_rank"],), {})[ranks] = r
+                    key = (r["preset"], r["format"], r["tokens_per_rank"])
+                    local.setdefault(key, {})[ranks] = r
+                    origin[("local", key, ranks)] = ("layer", ranks, rep)
                 continue
-            layer.setdefault(key_base + (r["dispatcher"], r["tokens_per_rank"]), {})[ranks] = r
-    for (device, ranks), rep in sorted(found[DISPATCH].items(), key=lambda kv: kv[0][1]):
-        envs.append(("dispatch", ranks, rep))
+            key = (r["preset"], r["format"], r["dispatcher"], r["tokens_per_rank"])
+            layer.setdefault(key, {})[ranks] = r
+            origin[("layer", key, ranks)] = ("layer", ranks, rep)
+    for rep in found[DISPATCH]:
+        ranks = rep["environment"].get("world_size", rep["environment"].get("ranks"))
         for r in rep.get("rows", []):
-            dispatch.setdefault((r["dispatcher"], r["tokens_per_rank"]), {})[ranks] = r
+            key = (r["dispatcher"], r["tokens_per_rank"])
+            dispatch.setdefault(key, {})[ranks] = r
+            origin[("dispatch", key, ranks)] = ("dispatch", ranks, rep)
+    used = {id(rep): (kind, k, rep) for kind, k, rep in origin.values()}
+    envs = sorted(used.values(), key=lambda t: (t[0], t[1], str(t[2]["environment"].get("when", ""))))
     ranks = sorted({k for _, k, _ in envs})
     devices = sorted({str(rep["environment"].get("device")) for _, _, rep in envs})
     hosts = sorted({str(rep["environment"].get("host")) for _, _, rep in envs})
