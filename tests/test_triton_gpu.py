@@ -218,3 +218,76 @@ def test_split_tiles_and_direct_path(preset):
             torch.cuda.synchronize()
             assert_close(out, ref, 1e-2, context=f"{preset} T={T} onehot={onehot} tail={tail}")
             assert_close(out, base, 1e-3, context=f"{preset} T={T} tail={tail} vs uniform tiles")
+
+
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "gpt-oss-120b"])
+def test_persistent_kernels(preset):
+    """Persistent GEMMs (one program per SM walking the tiles in a flattened, pipelined loop; pointer and
+    TMA weight loads; uniform tiles and the split layout) against the oracle and the one-program-per-tile
+    kernels, bf16, random and one-hot routing, with the slots of remote experts skipped; and inside a
+    CUDA graph (the grid depends on shapes only, the tile count is read on the GPU)."""
+    from epmoe.kernels.fused_moe import fused_experts
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    cfg = preset_config(preset, dtype=torch.bfloat16)
+    bias = preset == "gpt-oss-120b"
+    layer = _layer(cfg, SeededExperts(cfg, seed=9, device="cuda"), bias=bias)
+    w = layer.expert_weights
+    g = torch.Generator(device="cuda").manual_seed(5)
+    E, k, H = cfg.num_experts, cfg.top_k, cfg.hidden_size
+    plain = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4, tma=True))
+    variants = {"P": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4, persistent=True),
+                                     GemmConfig(256, 64, 8, 8, 4, tma=True, persistent=True)),
+                "P tma/ptr": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4, tma=True, persistent=True),
+                                             GemmConfig(256, 64, 8, 8, 4, persistent=True)),
+                "P tail64": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4, persistent=True),
+                                            GemmConfig(256, 64, 8, 8, 4, tma=True, persistent=True), tail_m=64)}
+    for T, onehot in ((3000, False), (700, True)):
+        x = torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+        if onehot:
+            ids[:, 0] = torch.where((ids[:, 1:] == 3).any(1), ids[:, 0], 3)
+        wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
+        local = torch.where(ids < E - 8, ids, -1).to(torch.int32)
+        rows = torch.randperm(T, device="cuda", generator=g)[:CHECK_ROWS]
+        ref = reference_moe(x[rows], None, _LayerExperts(layer), cfg, device="cuda",
+                            routing=Routing(ids[rows].to(torch.int32), torch.where(ids[rows] < E - 8, wts[rows], 0.0)))
+        kw = dict(b13=w.b13, b2=w.b2)
+        base = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, config=plain, **kw)
+        for name, config in variants.items():
+            out = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, config=config, **kw)
+            torch.cuda.synchronize()
+            assert_close(out[rows], ref, 1e-2, context=f"{preset} T={T} onehot={onehot} {name}")
+            assert_close(out, base, 1e-3, context=f"{preset} T={T} {name} vs one program per tile")
+    # CUDA graph: captured once, replayed on new routing of the same shape
+    config = variants["P tail64"]
+    T = 1000
+    x = torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype)
+    ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
+    fused_experts(x, ids, wts, w.w13, w.w2, cfg.activation, config=config, b13=w.b13, b2=w.b2)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, ids, wts, w.w13, w.w2, cfg.activation, config=config, b13=w.b13, b2=w.b2)
+    ids.copy_(torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)]))
+    graph.replay()
+    torch.cuda.synchronize()
+    base = fused_experts(x, ids, wts, w.w13, w.w2, cfg.activation, config=plain, b13=w.b13, b2=w.b2)
+    assert_close(out, base, 1e-3, context=f"{preset} persistent in a CUDA graph")
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3"])
+def test_persistent_kernels_fp8(preset):
+    """FP8 block (128x128 weight scales, activations per 128 columns), persistent GEMMs on uniform and
+    split tiles, against the one-program-per-tile kernels and the oracle."""
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=6, device="cuda"))
+    experts = layer.experts
+    for persistent, tail in ((True, 0), (True, 64)):
+        config = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, persistent=persistent),
+                                 GemmConfig(128, 128, 8, 8, 4, tma=True, persistent=persistent), tail_m=tail)
+        experts._configs.clear()
+        experts.kernel_config = lambda num_rows, weights, c=config: c
+        _check_layer(layer, (2048,), bound=3e-2, seed=3)
+        _check_layer(layer, (300,), routing="onehot", bound=3e-2, seed=4)

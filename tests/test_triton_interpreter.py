@@ -177,6 +177,32 @@ else:
         ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
         assert_close(out, ref, 1e-5, context=f"T={T} tail={tail} {routing} remote={remote}")
 
+    @pytest.mark.parametrize("T,tail,routing,remote,tma", [(37, 0, "random", False, False), (40, 0, "hot", True, True),
+                                                           (37, 16, "random", True, False), (40, 8, "hot", False, True),
+                                                           (1, 0, "random", True, False), (2, 16, "hot", False, False)])
+    def test_fused_experts_persistent(T, tail, routing, remote, tma):
+        """Persistent GEMMs (a fixed grid of programs, each walking several tiles: 4 programs without a
+        GPU) on uniform tiles and on the split layout (body + tail launches) against the oracle; T = 1
+        takes the direct path, where the config's persistent flag is ignored."""
+        from epmoe.kernels.fused_moe import PERSISTENT_PROGRAMS_NO_GPU
+        E, k = 6, 3
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation="swigluoai",
+                        dtype=torch.float32)
+        experts = random_experts(cfg, seed=T + 27, with_bias=True)
+        x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T + 5))
+        ids, w = random_routing(T, E, k, seed=T + 6, hot_expert=0 if routing == "hot" else None)
+        local, w_ref = ids.clone(), w.clone()
+        if remote:
+            local[ids >= E - 2] = -1
+            w_ref[ids >= E - 2] = 0.0
+        w13, w2, b13, b2 = fused_layout(experts)
+        config = MoEKernelConfig(16 if not tail else 32, GemmConfig(32, 32, 2, 4, 2, tma=tma, persistent=True),
+                                 GemmConfig(64, 64, 1, 4, 2, tma=tma, persistent=True), tail_m=tail)
+        assert T < 3 or T * k // 16 * 3 > PERSISTENT_PROGRAMS_NO_GPU      # several tiles per program
+        out = fused_experts(x, local, w, w13, w2, "swigluoai", b13=b13, b2=b2, config=config)
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
+        assert_close(out, ref, 1e-5, context=f"T={T} tail={tail} {routing} remote={remote} tma={tma}")
+
     def test_fused_experts_heuristic_config_and_large_alignment_path():
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32)
         experts = random_experts(cfg, seed=3)
@@ -246,8 +272,10 @@ else:
         xq, xs = fp8_quantize_torch(x, act_group)
         tma = granularity == "block"
         # split tiles (32-row body, 16-row tail) on the block path: both FP8 scale paths see listed tiles
-        cfg8 = MoEKernelConfig(32 if tma else 16, GemmConfig(128, 128, 1, 4, 2, tma=tma),
-                               GemmConfig(down_bn, 128, 1, 4, 2, tma=tma), tail_m=16 if tma else 0)
+        # persistent GEMMs where the down tile is 256 wide (one program per tile otherwise)
+        cfg8 = MoEKernelConfig(32 if tma else 16, GemmConfig(128, 128, 1, 4, 2, tma=tma, persistent=down_bn == 256),
+                               GemmConfig(down_bn, 128, 1, 4, 2, tma=tma, persistent=down_bn == 256),
+                               tail_m=16 if tma else 0)
         ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, granularity)
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=cfg8, fp8=ops)
         # the oracle on the dequantized weights, quantizing the input and intermediate activations as the

@@ -23,6 +23,7 @@ output per token-group of BLOCK_N columns with the one formula (epmoe.quant.fp8)
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,15 @@ def _tiles_left(pid_m, num_padded_ptr, BLOCK_M: tl.constexpr, BATCHED: tl.conste
 
 
 @triton.jit
+def _tiles_in_use(num_padded_ptr, BLOCK_M: tl.constexpr, TILE_MODE: tl.constexpr):
+    """Flat layout: how many row tiles are in use (TILE_MODE 0: padded positions / BLOCK_M; 1: listed)."""
+    if TILE_MODE == 0:
+        return tl.load(num_padded_ptr) // BLOCK_M
+    else:
+        return tl.load(num_padded_ptr)
+
+
+@triton.jit
 def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Program id -> (pid_m, pid_n), GROUP_M row-blocks at a time, so that neighbouring programs share
     one expert's weight tiles and the same token rows in L2."""
@@ -143,7 +153,7 @@ def gate_up_kernel(
         FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False):
+        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
     """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert.
 
     TILE_MODE: how tiles map to rows (`_tile_rows`). W_SCALE_SCALAR (FP8, weight scales per block): the
@@ -152,17 +162,48 @@ def gate_up_kernel(
 
     W_DESC: `w_ptr` is a tensor descriptor of w13 as [L * 2I, H] with [BLOCK_N, BLOCK_K] blocks (the TMA
     engine loads weight tiles, zero-filled past the end); tile rows past I then hold other rows, whose
-    output columns are never stored."""
+    output columns are never stored.
+
+    PERSISTENT (flat layout, TILE_MODE 0 or 1): a fixed grid of programs walks the tiles in use (program
+    p takes tiles p, p + grid, ...), in a loop nest flattened into one software-pipelined loop, so the
+    next tile's first K blocks are loaded while this tile finishes and stores its epilogue."""
+    num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
+    if PERSISTENT:
+        tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
+        for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _swizzle(tile, tiles_m, num_pid_n, GROUP_M)
+            expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                                       num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
+            _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
+                          pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, X_SCALE_PER_BLOCK,
+                          W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
+                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+        if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+            return
+        expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                                   num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
+        if expert < 0:
+            return
+        _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
+                      pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, X_SCALE_PER_BLOCK,
+                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
+                      BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
+                  pid_n, expert, src, pos,
+                  H: tl.constexpr, I: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+                  SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  W_SCALE_SCALAR: tl.constexpr):
+    """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see gate_up_kernel)."""
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = H % BLOCK_K == 0
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-    if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-        return
-    expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-    if expert < 0:
-        return
     w_row = expert * (2 * I) + pid_n * BLOCK_N     # descriptor row of the gate tile (int32)
     expert = expert.to(tl.int64)
 
@@ -263,31 +304,58 @@ def down_kernel(
         FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False):
+        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
     """act_rows @ w2[e].T (+ bias) (* routing weight) for one tile; rows go to their pair (flat) or stay
     in place (batched, rows past the count written as zeros). W_DESC: `w_ptr` is a tensor descriptor of
-    w2 as [L * H, I] with [BLOCK_N, BLOCK_K] blocks."""
+    w2 as [L * H, I] with [BLOCK_N, BLOCK_K] blocks. PERSISTENT: as gate_up_kernel (flat layout only)."""
     num_pid_n: tl.constexpr = (H + BLOCK_N - 1) // BLOCK_N
+    if PERSISTENT:
+        tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
+        for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _swizzle(tile, tiles_m, num_pid_n, GROUP_M)
+            expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                                       num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
+            _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                       pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
+                       FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
+                       BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
+        if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+            return
+        expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                                   num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
+        if BATCHED:
+            # rows past the count are zeros in the output; a tile with no rows writes only those
+            if expert < 0:
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
+                tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
+                         tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                         mask=rows_in[:, None] & (offs_n < H)[None, :])
+                return
+        else:
+            if expert < 0:
+                return
+        _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                   pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
+                   FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+
+
+@triton.jit
+def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+               pid_m, pid_n, expert, pos, valid, pair, capacity,
+               H: tl.constexpr, I: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
+               APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
+               W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               W_SCALE_SCALAR: tl.constexpr):
+    """One down tile of an expert (>= 0): K loop, epilogue, store (see down_kernel)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-    if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-        return
-    expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
-    if BATCHED:
-        # rows past the count are zeros in the output; a tile with no rows writes only those
-        if expert < 0:
-            rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
-            tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
-                     tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
-                     mask=rows_in[:, None] & n_mask[None, :])
-            return
-    else:
-        if expert < 0:
-            return
     w_row = expert * H + pid_n * BLOCK_N     # descriptor row of the weight tile (int32)
     expert = expert.to(tl.int64)
 
@@ -411,6 +479,27 @@ def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig):
     return TensorDescriptor(base, [rows, cols], [cols, 1], [gemm.block_n, gemm.block_k]), True
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid(tiles: int, gemm: GemmConfig, batched: bool, tile_mode: int, device) -> tuple[tuple[int], bool]:
+    """(grid, PERSISTENT): one program per tile, or (persistent configs, flat layout with uniform or
+    listed tiles) one program per SM, at most one per tile. The grid depends on the shapes alone (CUDA
+    graphs); each persistent program reads how many tiles are in use."""
+    if not gemm.persistent or batched or tile_mode not in (0, 1):
+        return (tiles,), False
+    if isinstance(device, torch.device) and device.type == "cuda":
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:                                   # interpreter (CPU tensors), or compile only
+        sms = PERSISTENT_PROGRAMS_NO_GPU
+    return (max(1, min(tiles, sms)),), True
+
+
+PERSISTENT_PROGRAMS_NO_GPU = 4     # programs of a persistent launch without a GPU (interpreter tests)
+
+
 def _dot_precision(dtype) -> str:
     # float32 operands: true float32 products (tf32 would miss the 1e-5 bound)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -432,14 +521,15 @@ def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, 
     block_expert, their count in num_padded), 2 one pair per tile (block_expert = the flat expert ids,
     capacity = local experts)."""
     x_dtype = x if isinstance(x, torch.dtype) else x.dtype
-    grid = (row_blocks * triton.cdiv(inter, gemm.block_n),)
+    grid, persistent = _grid(row_blocks * triton.cdiv(inter, gemm.block_n), gemm, batched, tile_mode,
+                             None if isinstance(x, torch.dtype) else x.device)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation],
                 HAS_BIAS=b13 is not None, BATCHED=batched,
                 X_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
                 OUT_FP8=bool(fp8 and fp8.out_fp8), DOT_PRECISION=_dot_precision(x_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, inter),
-                num_warps=gemm.num_warps, num_stages=gemm.num_stages)
+                PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     meta.update(_fp8_meta(fp8))
     w_arg, meta["W_DESC"] = _weight_operand(w13, 2 * inter, hidden, gemm)
     unused = x
@@ -458,14 +548,15 @@ def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, blo
     """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: as `launch_gate_up`."""
     a_dtype = a if isinstance(a, torch.dtype) else a.dtype
-    grid = (row_blocks * triton.cdiv(hidden, gemm.block_n),)
+    grid, persistent = _grid(row_blocks * triton.cdiv(hidden, gemm.block_n), gemm, batched, tile_mode,
+                             None if isinstance(a, torch.dtype) else a.device)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, HAS_BIAS=b2 is not None, BATCHED=batched,
                 APPLY_WEIGHT=topk_weights is not None,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
                 DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, hidden),
-                num_warps=gemm.num_warps, num_stages=gemm.num_stages)
+                PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
     meta.update(_fp8_meta(fp8))
     w_arg, meta["W_DESC"] = _weight_operand(w2, hidden, inter, gemm)
     unused = out

@@ -109,6 +109,25 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
     return plan
 
 
+def persistent_plan(table: dict, tokens: list[int]) -> dict:
+    """Candidates for `--persistent`: for each T, the table's configuration as it is (same BLOCK_M, tail,
+    tiles, warps, stages, TMA) against the same tiles as persistent kernels, with the table's weight
+    loads and with their TMA twin; the table keeps whichever is fastest."""
+    plan = {}
+    for T in tokens:
+        cfg = table.get(T)
+        if cfg is not None:
+            def twins(g):
+                out = [g]
+                for tma in (g.tma, not g.tma):
+                    p = replace(g, tma=tma, persistent=True)
+                    if p not in out:
+                        out.append(p)
+                return out
+            plan[T] = {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), twins(cfg.down))}
+    return plan
+
+
 @dataclass
 class Problem:
     """One shape to tune, with its weights on the GPU."""
@@ -346,6 +365,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", action="store_true",
                    help="time only the table's configuration for each T against its TMA twin, tail tiles and "
                         "(FP8) 16 warps (quick)")
+    p.add_argument("--persistent", action="store_true",
+                   help="time only the table's configuration for each T against the same tiles as persistent "
+                        "kernels (quick)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -406,11 +428,12 @@ def main(args) -> int:
             key = shape_key(L, H, I, k, problem.fmt)
             console.print(f"[bold]{key}[/bold] on {gpu}")
             plan = None
-            if args.refine:
+            if args.refine or args.persistent:
                 table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
-                plan = refine_plan(table, tokens, lambda T: T * k / L, fp8)
+                plan = persistent_plan(table, tokens) if args.persistent else \
+                    refine_plan(table, tokens, lambda T: T * k / L, fp8)
                 if not plan:
-                    console.print(f"  --refine: no entry for {key} in {path}; skipped")
+                    console.print(f"  --refine/--persistent: no entry for {key} in {path}; skipped")
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan)

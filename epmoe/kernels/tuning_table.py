@@ -29,6 +29,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     tma: bool = False      # weight tiles through a tensor descriptor (the TMA engine) where the layout allows
+    persistent: bool = False   # one program per SM walks the tiles in a flattened, pipelined loop (flat layout)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class MoEKernelConfig:
         g, d = self.gate_up, self.down
         def one(c: GemmConfig) -> str:
             return (f"BN{c.block_n} BK{c.block_k} G{c.group_m} w{c.num_warps} s{c.num_stages}"
-                    + (" tma" if c.tma else ""))
+                    + (" tma" if c.tma else "") + (" persistent" if c.persistent else ""))
         tail = f"+{self.tail_m}" if self.tail_m else ""
         return f"BM{self.block_m}{tail} gate_up[{one(g)}] down[{one(d)}]"
 
