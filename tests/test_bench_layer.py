@@ -39,6 +39,9 @@ def test_bench_layer_writes_a_checked_report(cpu_report):
     assert set(local) == {(p, f, t) for p in presets for f in ("bf16", "fp8-dispatch") for t in (3, 6, 8, 16)}
     for r in local.values():
         assert r["dispatcher"] == "local" and r["ms"] > 0 and r["check"]["ok"], r
+        # each rank ran the one-rank layer on its own T' tokens: T' * k (token, expert) pairs each
+        assert r["pairs_per_rank"] == [r["tokens_per_rank"] * r["top_k"]] * 2, r
+    assert report["ceilings"] is None        # no GPU: no copy / matmul rates, no floor
     for (p, f, d, t), r in ep.items():
         if f == "fp8-dispatch" and d == "allgather":       # the contract refuses it: listed, not timed
             assert "dispatch_fp8" in r["skipped"] and "ms" not in r
@@ -56,6 +59,9 @@ def test_bench_layer_writes_a_checked_report(cpu_report):
         assert r["scaling_efficiency"] == pytest.approx(r["speedup_vs_local"] / 2)
         assert r["ep_vs_local_same_tokens"] == pytest.approx(r["step_ms"] / local[(p, f, t)]["ms"])
         assert r["method"] == "wall-clock"
+        # the group's (token, expert) pairs all land on some rank's experts, none twice
+        assert sum(r["pairs_per_rank"]) == 2 * t * r["top_k"] and "floor_ms" not in r
+        assert all(0 <= h <= r["num_experts"] // 2 for h in r["experts_hit_per_rank"])
 
 
 def test_scaling_report_from_the_cpu_run(cpu_report, tmp_path):
@@ -116,6 +122,7 @@ def _layer_json(ranks, when, host="gpu-host", speed=1.0):
         rows.append(dict(kind="ep", preset="deepseek-v3", format="bf16", dispatcher="alltoall", experts="triton",
                          tokens_per_rank=T, ms=ms, step_ms=ms, tokens_per_s_total=ranks * T / (ms * 1e-3),
                          local_ms_all_tokens=0.01 * ranks * T, speedup_vs_local=0.01 * ranks * T / ms,
+                         floor_ms=0.5, floor_fraction=0.5 / ms,
                          check={"ok": True, "max_rel_err": 3e-3, "bound": 1e-2}))
         rows.append(dict(kind="ep", preset="deepseek-v3", format="fp8-dispatch", dispatcher="allgather",
                          experts="reference", tokens_per_rank=T, skipped="dispatch_fp8=True but dispatcher 'allgather'"))
@@ -163,7 +170,9 @@ def test_scaling_table_and_plot(synthetic, tmp_path):
     assert ms == [pytest.approx(1.128 * (1 + k / 16), abs=1e-3) for k in (2, 4, 8)]
     speedups = [float(c) for c in cells[11:14]]
     assert speedups == [pytest.approx(0.01 * k * 128 / (1.128 * (1 + k / 16)), abs=0.01) for k in (2, 4, 8)]
-    assert cells[-1] == "ok"
+    floors = [float(c) for c in cells[14:17]]
+    assert floors == [pytest.approx(0.5 / (1.128 * (1 + k / 16)), abs=0.01) for k in (2, 4, 8)]
+    assert cells[-1] == "ok" and len(cells) == 18
     assert "| deepseek-v3 | fp8-dispatch | allgather | reference | 128 | skipped | skipped | skipped |" in md
     assert "deepseek-v3 fp8-dispatch allgather: dispatch_fp8=True" in md
     dline = next(x for x in md.splitlines() if x.startswith("| alltoall | 4096 |"))

@@ -195,11 +195,19 @@ class _RankBench:
     def __init__(self, rank: int, ws: int, p: dict, device: torch.device, group):
         self.rank, self.ws, self.p, self.device, self.group = rank, ws, p, device, group
         self.timer = None
+        self.rates: dict | None = None      # copy bytes/s and matmul FLOP/s of this GPU (the floor)
         self.rows: list[dict] = []
         if device.type == "cuda":
-            from .gpu_timing import GpuTimer
+            from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
             self.timer = GpuTimer(device)
             self.one = torch.ones(1, device=device)
+            self.rates = {"copy": measure_copy_bandwidth(self.timer),
+                          "bf16": measure_matmul_rate(self.timer, torch.bfloat16)}
+            if "fp8-dispatch" in p["formats"]:
+                try:
+                    self.rates["fp8"] = measure_matmul_rate(self.timer, torch.float8_e4m3fn)
+                except Exception as exc:   # no FP8 matrix units: the FP8 floor then counts bytes only
+                    print(f"[rank {rank}] FP8 matmul rate not measured: {exc}", file=sys.stderr, flush=True)
 
     # -- collectives of the bench itself
     def all_ok(self, ok: bool) -> bool:
@@ -338,6 +346,25 @@ class _RankBench:
                 "rows": int(idx.numel()), "ok": bool(res.finite and res.rel_err <= bound),
                 **({} if res.finite and res.rel_err <= bound else {"report": res.report})}
 
+    def load_of(self, layer, x, logits, collective: bool) -> dict:
+        """What this rank's experts get for these inputs (every rank's tokens when `collective`): experts
+        hit and (token, expert) pairs; on a GPU also the floor of its expert work in ms, max(weight bytes
+        of the experts hit / copy rate, 6 * pairs * H * I FLOPs / matmul rate), rates measured in this run."""
+        cfg = layer.cfg
+        routing = layer.compute_routing(x, logits)
+        counts = torch.bincount(routing.topk_ids.reshape(-1).long(), minlength=cfg.num_experts)
+        if collective:
+            dist.all_reduce(counts, group=self.group)
+        mine = counts[torch.tensor(list(layer.placement.local_experts), device=counts.device)]
+        out = {"experts_hit": int((mine > 0).sum()), "pairs": int(mine.sum())}
+        if self.rates is not None:
+            H, I, fp8 = cfg.hidden_size, cfg.intermediate_size, cfg.quant is not None
+            nbytes = out["experts_hit"] * 3 * H * I * (1 if fp8 else 2)
+            rate = self.rates.get("fp8" if fp8 else "bf16")
+            flops = 6.0 * out["pairs"] * H * I
+            out["floor_ms"] = max(nbytes / self.rates["copy"], flops / rate if rate else 0.0) * 1e3
+        return out
+
     # -- building layers
     def build(self, cfg, dispatcher, experts, source, bias, group, max_tokens=None):
         from ..layer import MoELayer
@@ -370,7 +397,9 @@ class _RankBench:
                     if cfg.scoring == "sigmoid":
                         gen = torch.Generator().manual_seed(p["seed"] + 7)
                         bias = (torch.randn(cfg.num_experts, generator=gen) * 0.1).to(self.device)
-                    base = {"preset": preset, "format": fmt, "config": cfg.describe(), "ranks": self.ws}
+                    base = {"preset": preset, "format": fmt, "config": cfg.describe(), "ranks": self.ws,
+                            "num_experts": cfg.num_experts, "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
+                            "intermediate_size": cfg.intermediate_size}
                     if p["local"]:
                         self.run_local(cfg, base, source, oracle, bias)
                     L = Placement(cfg.num_experts, self.ws, self.rank).num_local_experts
@@ -404,7 +433,8 @@ class _RankBench:
             try:
                 pool = self.pool(cfg, t)
                 timing, out = self.measure(layer, pool, caps_graph, collective=False)
-                row.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias))
+                row.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias),
+                           load=self.load_of(layer, *pool[0], collective=False))
                 del pool, out
             except Exception as exc:  # out of memory on one device: recorded; no collective was in flight
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -440,7 +470,8 @@ class _RankBench:
                     built_for = T
                 pool = self.pool(cfg, T)
                 timing, out = self.measure(layer, pool, use_graph, collective=True)
-                row.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias))
+                row.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias),
+                           load=self.load_of(layer, *pool[0], collective=True))
                 del pool, out
             except Exception as exc:   # a build refused on every rank (handshake) or out of memory
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -457,19 +488,21 @@ class _RankBench:
                 and contract.experts_class(experts).CAPS.cuda_graph_safe)
 
 
-def _worker(rank: int, ws: int, p: dict) -> list[dict]:
+def _worker(rank: int, ws: int, p: dict) -> dict:
+    """One rank: {"rows": the merged rows (rank 0; [] elsewhere), "rates": this GPU's copy/matmul rates}."""
     if ws < 2:
         raise ValueError("epmoe bench layer: expert parallelism needs at least 2 ranks")
     cuda = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return _RankBench(rank, ws, p, device, dist.group.WORLD).run()
+    bench = _RankBench(rank, ws, p, device, dist.group.WORLD)
+    return {"rows": bench.run(), "rates": bench.rates}
 
 
 # ------------------------------------------------------------------------------------------ reporting
 def merge_rows(rows: list[dict], ws: int) -> dict:
     """One row from every rank's view of the same configuration."""
     first = rows[0]
-    merged = {k: v for k, v in first.items() if k not in ("timing", "check", "error")}
+    merged = {k: v for k, v in first.items() if k not in ("timing", "check", "error", "load")}
     errors = [f"rank {r}: {row['error']}" for r, row in enumerate(rows) if "error" in row]
     if errors:
         merged["error"] = "; ".join(errors)
@@ -490,7 +523,13 @@ def merge_rows(rows: list[dict], ws: int) -> dict:
     bad = [f"rank {r}: {c['report']}" for r, c in enumerate(checks) if "report" in c]
     if bad:
         merged["check"]["report"] = "\n".join(bad)
-    merged["per_rank"] = [{"rank": r, **row["timing"], "rel_err": row["check"]["rel_err"]}
+    loads = [r["load"] for r in rows]
+    merged["experts_hit_per_rank"] = [x["experts_hit"] for x in loads]
+    merged["pairs_per_rank"] = [x["pairs"] for x in loads]
+    if all("floor_ms" in x for x in loads):
+        merged["floor_ms"] = max(x["floor_ms"] for x in loads)
+        merged["floor_fraction"] = merged["floor_ms"] / step
+    merged["per_rank"] = [{"rank": r, **row["timing"], "rel_err": row["check"]["rel_err"], **row["load"]}
                           for r, row in enumerate(rows)]
     return merged
 
@@ -526,8 +565,10 @@ def format_row(r: dict) -> str:
 
 def print_table(rows: list[dict], ws: int) -> None:
     head = (f"{'preset':<14} {'format':<12} {'dispatcher':<11} {'experts':<10} {'T/rank':>6} {'ms':>9} "
-            f"{'tok/s/rank':>11} {'tok/s total':>12} {'1-rank ms':>10} {'speedup':>8} {'eff':>5} {'check':>6}")
-    print(f"\n# whole-layer forward on {ws} ranks; speedup = one device doing all {ws} x T tokens / this step")
+            f"{'tok/s/rank':>11} {'tok/s total':>12} {'1-rank ms':>10} {'speedup':>8} {'eff':>5} {'floor':>6} "
+            f"{'check':>6}")
+    print(f"\n# whole-layer forward on {ws} ranks; speedup = one device doing all {ws} x T tokens / this step; "
+          "floor = the experts' roofline time (no communication) / this step")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -541,7 +582,11 @@ def print_table(rows: list[dict], ws: int) -> None:
               f"{r['ms']:>9.3f} {r['tokens_per_s_per_rank']:>11.0f} {r['tokens_per_s_total']:>12.0f} "
               + (f"{r['local_ms_all_tokens']:>10.3f} {sp:>8.2f} {r['scaling_efficiency']:>5.2f}" if sp else
                  f"{'-':>10} {'-':>8} {'-':>5}")
-              + f" {'ok' if r['check']['ok'] else 'FAIL':>6}")
+              + f" {_f(r.get('floor_fraction'), '6.2f'):>6} {'ok' if r['check']['ok'] else 'FAIL':>6}")
+
+
+def _f(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def environment(backend: str, ws: int) -> dict:
@@ -616,10 +661,16 @@ def run_one(p: dict, ws: int | None, device_type: str, args) -> tuple[str, dict]
     results = launch(_worker, ws, p, device_type, timeout_s=args.timeout)
     if results is None:       # a torchrun rank other than 0
         return "", {}
-    rows = results[0]
+    rows = results[0]["rows"]
     add_local_ratios(rows, env_ws)
+    ceilings = None
+    if results[0]["rates"] is not None:
+        ceilings = {"per_rank": [r["rates"] for r in results],
+                    "copy_bytes_per_s_median": statistics.median(r["rates"]["copy"] for r in results),
+                    "matmul_bf16_flop_per_s_median": statistics.median(r["rates"]["bf16"] for r in results)}
     report = {"benchmark": "moe-layer", "environment": env, "params": {k: v for k, v in p.items() if k != "partial"},
               "formats": {f: FORMATS[f] for f in p["formats"]},
+              "ceilings": ceilings,
               "method": ("CUDA events, median over repeats after warm-up of each rank; fresh inputs copied in "
                          "before each run; L2 flushed; GPU kept busy while the host queues; ranks aligned by an "
                          "all-reduce; CUDA graph replay where dispatcher and experts are graph-safe"
@@ -633,6 +684,9 @@ def run_one(p: dict, ws: int | None, device_type: str, args) -> tuple[str, dict]
                   "local_ms_all_tokens": "the local layer at ranks x tokens_per_rank tokens",
                   "speedup_vs_local": "local_ms_all_tokens / step_ms",
                   "scaling_efficiency": "speedup_vs_local / ranks",
+                  "floor_ms": "max over ranks of max(weight bytes of the rank's experts hit / copy rate, "
+                              "6 * pairs * H * I / matmul rate): the expert work alone, no communication; GPU only",
+                  "floor_fraction": "floor_ms / step_ms",
                   "ep_vs_local_same_tokens": "step_ms / local_ms_same_tokens",
                   "check": "sampled rows of every rank vs reference_moe in float64 on the stored weights"},
               "rows": rows}

@@ -142,10 +142,11 @@ def markdown(summary: dict) -> str:
         lines += ["## Whole MoE layer forward (`epmoe bench layer`)", "",
                   "ms: median forward time per rank; tok/s: all ranks' tokens per second (slowest rank's time); "
                   "speedup: one device running the layer on the same total batch (`local`, all experts) / "
-                  "this step.", "",
+                  "this step; floor: the experts' roofline time (weight bytes / copy rate, FLOPs / matmul rate; "
+                  "no communication) / this step.", "",
                   f"| preset | format | dispatcher | experts | T/rank | {at('ms')} | {at('tok/s')} | "
-                  f"{at('speedup')} | oracle |",
-                  "|" + "---|" * (6 + 3 * len(ranks))]
+                  f"{at('speedup')} | {at('floor')} | oracle |",
+                  "|" + "---|" * (6 + 4 * len(ranks))]
         for (preset, fmt, d, T), per in sorted(summary["layer"].items()):
             any_row = next(iter(per.values()))
             checks = [r["check"]["ok"] for r in per.values() if "check" in r]
@@ -153,7 +154,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {preset} | {fmt} | {d} | {any_row.get('experts', '-')} | {T} | "
                          + " | ".join(_cell(per.get(k), "ms", ".3f") for k in ranks) + " | "
                          + " | ".join(_cell(per.get(k), "tokens_per_s_total", ".3g") for k in ranks) + " | "
-                         + " | ".join(_cell(per.get(k), "speedup_vs_local", ".2f") for k in ranks)
+                         + " | ".join(_cell(per.get(k), "speedup_vs_local", ".2f") for k in ranks) + " | "
+                         + " | ".join(_cell(per.get(k), "floor_fraction", ".2f") for k in ranks)
                          + f" | {oracle} |")
         skipped = sorted({(k[0], k[1], k[2], r.get("skipped") or r.get("error"))
                           for k, per in summary["layer"].items() for r in per.values()
