@@ -75,15 +75,19 @@ bundle() {   # everything raw -> one tar in $OUT, plus the summary and the scali
   true
 }
 
+RESERVE=0   # seconds kept back for the scaling step (cheap, and what the call is for) when it is asked for
+case " $STEPS " in *" scaling "*) RESERVE=30 ;; esac
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+limit() { local b=$(( $(left) - 10 - RESERVE )); [ "$1" -lt "$b" ] && b=$1; echo "$b"; }   # a step's cap
+inner() { local b; b=$(limit "$1"); echo $(( b > 50 ? b - 20 : 30 )); }         # its ranks' own timeout
 
 # run NAME CAP COMMAND...: the command under `timeout` (its whole process group, ranks included) for
 # min(CAP, what is left of the budget - 10 s), output to logs/NAME.log; exit code and time to the summary
 run() {
   local name=$1 cap=$2
   shift 2
-  local budget=$(( $(left) - 10 ))
-  [ "$cap" -lt "$budget" ] && budget=$cap
+  local budget
+  budget=$(limit "$cap")
   if [ "$budget" -lt 30 ]; then
     note "[$name] not run: ${budget}s left of BUDGET_S=$BUDGET_S"
     return 0
@@ -126,7 +130,7 @@ nccl_step() {   # nccl_step N CAP
   else
     # the ranks' own timeout stays under the step's, so a hang is reported as such, not killed silently
     run "nccl$n" "$cap" env EPMOE_NCCL_RANKS="$n" EPMOE_NCCL_SKIP_EXPERTS="${NCCL_SKIP_EXPERTS:-}" \
-      EPMOE_NCCL_TIMEOUT=$(( cap > 90 ? cap - 45 : 60 )) \
+      EPMOE_NCCL_TIMEOUT="$(inner "$cap")" \
       python3 -m pytest tests/test_ep_eight_ranks.py -m multigpu -q -rfE -p no:cacheprovider
   fi
   pytest_tail "nccl$n" 12
@@ -148,7 +152,7 @@ for step in $STEPS; do
     dispatch)
       for n in $RANK_COUNTS; do
         run "dispatch_${n}x" "${DISPATCH_S:-120}" python3 -m epmoe bench dispatch --ranks "$n" --reps "$REPS" \
-          --warmup "$WARMUP" --output "$WORK/json/dispatch_${n}x_$(date -u +%Y%m%d-%H%M%S).json" $DRY_DISPATCH ${DISPATCH_ARGS:-}
+          --warmup "$WARMUP" --timeout "$(inner "${DISPATCH_S:-120}")" --output "$WORK/json/dispatch_${n}x_$(date -u +%Y%m%d-%H%M%S).json" $DRY_DISPATCH ${DISPATCH_ARGS:-}
         sed -n '/^dispatcher /,$p' "$WORK/logs/dispatch_${n}x.log" | tee -a "$SUMMARY"
       done ;;
     layer)
@@ -156,13 +160,14 @@ for step in $STEPS; do
       for fmt in ${LAYER_FORMATS:-bf16 fp8-dispatch}; do
         for n in $RANK_COUNTS; do
           run "layer_${fmt}_${n}x" "${LAYER_S:-240}" python3 -m epmoe bench layer --ranks "$n" --formats "$fmt" \
-            --reps "$REPS" --warmup "$WARMUP" --timeout 900 \
+            --reps "$REPS" --warmup "$WARMUP" --timeout "$(inner "${LAYER_S:-240}")" \
             --output "$WORK/json/layer_${fmt}_${n}x_$(date -u +%Y%m%d-%H%M%S).json" $DRY_LAYER ${LAYER_ARGS:-}
           sed -n '/^# whole-layer forward/,$p' "$WORK/logs/layer_${fmt}_${n}x.log" | tee -a "$SUMMARY"
           grep -E "^FAILED|ERROR|Traceback" "$WORK/logs/layer_${fmt}_${n}x.log" | head -n 20 | tee -a "$SUMMARY"
         done
       done ;;
     scaling)
+      RESERVE=0
       run scaling 120 python3 -m epmoe.bench.scaling "$WORK/json" --out-dir "$WORK" \
         --stem "scaling_$(echo "$RANK_COUNTS" | tr ' ' '-')gpus"
       cat "$WORK/logs/scaling.log" | tee -a "$SUMMARY"
