@@ -128,6 +128,11 @@ def persistent_plan(table: dict, tokens: list[int]) -> dict:
     return plan
 
 
+def _describe_gemm(g: GemmConfig) -> str:
+    return (f"BN{g.block_n} BK{g.block_k} G{g.group_m} w{g.num_warps} s{g.num_stages}" + (" tma" if g.tma else "")
+            + (" persistent" if g.persistent else ""))
+
+
 @dataclass
 class Problem:
     """One shape to tune, with its weights on the GPU."""
@@ -276,7 +281,8 @@ def _safe_time(timer, fn, reps) -> float:
 
 
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
-                 console=None, plan: dict | None = None) -> dict[int, tuple[MoEKernelConfig, float]]:
+                 console=None, plan: dict | None = None, verbose: bool = False
+                 ) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
     downs)}} instead of the regime's candidates."""
@@ -319,6 +325,11 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                                               tail_m=tail)
                 if not t_gu or not t_dn:
                     continue
+                if verbose:
+                    for kind, times in (("gate_up", t_gu), ("down", t_dn)):
+                        for g, ms in times.items():
+                            progress.console.print(f"      T={T} BM{bm}+{tail} {kind} {_describe_gemm(g)}: {ms:.4f} ms",
+                                                   soft_wrap=True)
                 g_best = min(t_gu, key=t_gu.get)
                 d_best = min(t_dn, key=t_dn.get)
                 ms = t_gu[g_best] + t_dn[d_best]
@@ -368,6 +379,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--persistent", action="store_true",
                    help="time only the table's configuration for each T against the same tiles as persistent "
                         "kernels (quick)")
+    p.add_argument("--verbose", action="store_true", help="print every candidate's time")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -436,7 +448,7 @@ def main(args) -> int:
                     console.print(f"  --refine/--persistent: no entry for {key} in {path}; skipped")
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
-                                plan=plan)
+                                plan=plan, verbose=args.verbose)
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
