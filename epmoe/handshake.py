@@ -25,6 +25,14 @@ from .errors import RankMismatch
 _REACHED = "_epmoe_handshake_reached"   # set on exceptions raised at or after the exchange
 
 
+_layers_built: dict[tuple, int] = {}
+_group_forwards: dict[tuple, list[int]] = {}   # one forward counter per group, shared by its layers
+
+
+def _group_key(group) -> tuple:
+    return tuple(dist.get_process_group_ranks(group))
+
+
 def layer_signature(layer) -> dict:
     cfg = layer.cfg
     from . import __version__
@@ -55,7 +63,15 @@ def check_group_agrees(layer) -> None:
     """Raise `RankMismatch` on every rank unless all ranks of `layer.ep_group` built the same layer."""
     try:
         mine = layer_signature(layer)
-        everyone = _exchange(layer.ep_group, {"signature": mine})
+        key = _group_key(layer.ep_group)
+        everyone = _exchange(layer.ep_group, {"signature": mine, "index": _layers_built.get(key, 0) + 1})
+        # The layer's index on the group: the largest proposal, adopted by every rank (a rank whose earlier
+        # build failed catches up here). It travels with each forward, so ranks that call different layers
+        # are caught at the first exchange instead of pairing their collectives wrongly.
+        agreed = max(p.get("index", 0) for p in everyone)
+        _layers_built[key] = agreed
+        layer.dispatcher.layer_index = agreed
+        layer.dispatcher.forwards = _group_forwards.setdefault(key, [0])
         failed = {r: p["error"] for r, p in enumerate(everyone) if "error" in p}
         if failed:
             raise RankMismatch("MoELayer: " + "; ".join(

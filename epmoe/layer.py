@@ -94,7 +94,7 @@ class MoELayer(nn.Module):
         self.activation_handoff = contract.activation_handoff(self.dispatcher_name, self.experts_name, cfg)
         if ep_group is not None:
             from .handshake import check_group_agrees
-            check_group_agrees(self)
+            check_group_agrees(self)   # also gives the dispatcher the layer's index on the group
 
     # ----------------------------------------------------------------------------------------- weights
     def _create_weights(self, L: int, H: int, I: int) -> None:
@@ -204,9 +204,15 @@ class MoELayer(nn.Module):
         return route(router_logits, self.cfg, self.score_correction_bias)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_inputs(hidden_states, router_logits)
-        self._check_loaded()
-        routing = self.compute_routing(hidden_states, router_logits)
+        try:
+            self._check_inputs(hidden_states, router_logits)
+            self._check_loaded()
+            routing = self.compute_routing(hidden_states, router_logits)
+        except Exception:
+            # the peers are entering this forward's exchanges: take part, flagged, so that every rank
+            # raises (RankMismatch there, this error here) instead of waiting for this one
+            self.dispatcher.abort()
+            raise
         return self.forward_routed(hidden_states, routing)
 
     def forward_routed(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:

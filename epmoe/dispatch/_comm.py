@@ -18,10 +18,13 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..errors import RankMismatch
 from ..placement import Placement
+from ..routing import Routing
 from .base import Dispatcher
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
+HEADER_WIDTH = 4  # a forward's header: (tokens, layer index, step, status), see CommDispatcher.next_header
 
 
 def _round_up(n: int, m: int) -> int:
@@ -73,10 +76,11 @@ class WireFormat:
 
 
 def token_format(cfg, hidden: int, top_k: int, ids_dtype: torch.dtype = torch.int32,
-                 count: bool = False) -> WireFormat:
+                 header: bool = False) -> WireFormat:
     """The row a dispatcher sends per (token, destination): the hidden vector `x`, the token's expert ids
     (`ids`: local ids on the destination, or global ids, -1 for a slot that is not there) and routing
-    `weights`; with `count=True` also the sender's token count (the low-latency overflow check)."""
+    `weights`; with `header=True` also the sender's forward header (token count, layer, step, status: the
+    low-latency overflow and agreement checks)."""
     fields = [("x", cfg.dtype, hidden), ("ids", ids_dtype, top_k), ("weights", torch.float32, top_k)]
     quantize = None
     if cfg.quant is not None and getattr(cfg.quant, "dispatch_fp8", False):
@@ -86,8 +90,8 @@ def token_format(cfg, hidden: int, top_k: int, ids_dtype: torch.dtype = torch.in
         fields[0] = ("x", torch.float8_e4m3fn, hidden)
         fields.insert(1, ("scales", torch.float32, 1 if group is None else -(-hidden // group)))
         quantize = scheme.quantize_activations
-    if count:
-        fields.append(("count", torch.int32, 1))
+    if header:
+        fields.append(("header", torch.int32, HEADER_WIDTH))
     return WireFormat(fields, quantize)
 
 
@@ -124,19 +128,19 @@ class TokenRows(NamedTuple):
     ids: torch.Tensor
     weights: torch.Tensor
     scales: torch.Tensor | None
-    count: torch.Tensor | None
+    header: torch.Tensor | None
 
 
 def unpack_tokens(fmt: WireFormat, buf: torch.Tensor, contiguous: bool = False) -> TokenRows:
     """Typed views of received rows (no copy; strided), or dense copies with `contiguous=True` (what the
     flat layout hands to experts backends, some of whose kernels index rows as a dense array).
-    `scales`/`count` are None when the format has none."""
+    `scales`/`header` are None when the format has none."""
     def get(name):
         if name not in fmt.fields:
             return None
         v = fmt.view(buf, name)
         return v.contiguous() if contiguous else v
-    return TokenRows(get("x"), get("ids"), get("weights"), get("scales"), get("count"))
+    return TokenRows(get("x"), get("ids"), get("weights"), get("scales"), get("header"))
 
 
 # ---------------------------------------------------------------------------------------- collectives
@@ -241,8 +245,54 @@ class CommDispatcher(Dispatcher):
             raise ValueError(f"{self.name} dispatcher: a placement over {self.ep_size} ranks needs ep_group")
         self.comm = Comm(group, self.ep_size)
         self.stats: DispatchStats | None = None
+        self.layer_index = 0        # set by the handshake: the layer's index among the group's EP layers
+        self.forwards = [0]         # the group's forward counter, shared by its layers (set by the handshake)
+        self._failing = False       # this rank is taking part in a forward it could not compute
         if device is not None:
             placement.tables(device)  # build the id tables now, outside any CUDA graph capture
+
+    # ---------------------------------------------------------------- per-forward agreement (header)
+    def next_header(self, num_tokens: int) -> list[int]:
+        """This rank's header for the forward being dispatched: (tokens, layer, the group's forward count,
+        status). It travels
+        in the exchange each dispatcher makes anyway (counts), so checking it costs no extra collective."""
+        self.forwards[0] = (self.forwards[0] + 1) % (2 ** 31)
+        return [num_tokens, self.layer_index, self.forwards[0], 1 if self._failing else 0]
+
+    def check_headers(self, headers: list[list[int]]) -> None:
+        """Raise `RankMismatch` (the same on every rank) if a rank failed this forward, or if the ranks
+        are not running the same layer's same forward (their collectives would pair up wrongly)."""
+        failed = [r for r, h in enumerate(headers) if h[3]]
+        if failed:
+            raise RankMismatch(f"{self.name} dispatcher: rank(s) {failed} could not compute this forward (their "
+                               f"error is raised there); every rank of the group stops this forward")
+        seen = {(h[1], h[2]) for h in headers}
+        if len(seen) > 1:
+            # every rank saw the same headers: all adopt the same count, so the group is usable again
+            self.forwards[0] = max(h[2] for h in headers)
+            per_rank = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]}" for r, h in enumerate(headers))
+            raise RankMismatch(f"{self.name} dispatcher: the ranks are not running the same layer's same forward "
+                               f"({per_rank}); every rank must call the same EP layers in the same order")
+
+    def abort(self) -> None:
+        """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged
+        as failed, so that every rank raises instead of waiting; the caller re-raises its own error."""
+        H, k = self.cfg.padded_hidden_size, self.cfg.top_k
+        x = torch.zeros(0, H, dtype=self.cfg.dtype, device=self.device)
+        empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=self.device),
+                        torch.zeros(0, k, dtype=torch.float32, device=self.device))
+        self._failing = True
+        try:
+            batch, handle = self.dispatch(x, empty)
+            self.combine(self.empty_expert_output(batch), handle)
+        except RankMismatch:
+            pass
+        finally:
+            self._failing = False
+
+    def empty_expert_output(self, batch) -> torch.Tensor:
+        """What the experts would return for `batch`, as zeros (for `abort`)."""
+        return torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=batch.x.device)
 
     def enable_stats(self) -> DispatchStats:
         """Start counting what this dispatcher sends (returns the live `DispatchStats`)."""

@@ -26,7 +26,7 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
-from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ._comm import HEADER_WIDTH, CommDispatcher, pack_tokens, token_format, unpack_tokens
 
 
 class AllToAllHandle(NamedTuple):
@@ -62,10 +62,14 @@ class AllToAllDispatcher(CommDispatcher):
         goes_to = torch.zeros(ep, T, dtype=torch.bool, device=dev)             # [ep, T]
         goes_to.scatter_(0, owner.t().long(), True)
         send_counts = goes_to.sum(1)                                           # [ep]
-        recv_counts = torch.empty_like(send_counts)
-        self.comm.all_to_all(recv_counts, send_counts)
-        counts = torch.cat([send_counts, recv_counts]).tolist()                # the one host sync
-        send_splits, recv_splits = counts[:ep], counts[ep:]
+        header = torch.tensor(self.next_header(T), dtype=torch.int64).to(dev)
+        send_head = torch.cat([send_counts.unsqueeze(1), header.expand(ep, HEADER_WIDTH)[:, 1:]], 1)
+        recv_head = torch.empty_like(send_head)
+        self.comm.all_to_all(recv_head, send_head)                             # counts + headers
+        both = torch.cat([send_counts, recv_head.reshape(-1)]).tolist()        # the one host sync
+        heads = [both[ep + r * HEADER_WIDTH: ep + (r + 1) * HEADER_WIDTH] for r in range(ep)]
+        self.check_headers(heads)
+        send_splits, recv_splits = both[:ep], [h[0] for h in heads]
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
         pair = _nonzero_1d(goes_to.reshape(-1), n_send)                        # destination-major

@@ -34,3 +34,7 @@ class Dispatcher:
 
     def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement combine()")
+
+    def abort(self) -> None:
+        """Take part in the current forward for a rank that cannot compute it (bad input or routing), so
+        its peers raise instead of waiting. Nothing to do without peers."""

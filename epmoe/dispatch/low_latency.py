@@ -21,8 +21,9 @@ aligned), whatever the routing. That is the price of static shapes.
 
 Overflow (T > M on some rank) -- an error naming `max_tokens_per_rank` on every rank, never a hang or a
 dropped token. The design:
-  * Every rank's T travels in the `count` field of its rows, inside the one fixed-size exchange, so all
-    ranks learn of an overflow from the same collective.
+  * Every rank's T travels in the `header` field of its rows (with the layer index, the forward step and
+    a failed flag: see `CommDispatcher.next_header`), inside the one fixed-size exchange, so all ranks
+    learn of an overflow -- or of ranks running different forwards -- from the same collective.
   * A rank with T > M still takes part in the whole forward (so its peers' collectives complete): it
     sends blocks with no token in them, runs its experts for the tokens it received, joins the combine
     exchange. Its own output is never produced.
@@ -70,11 +71,11 @@ class LowLatencyDispatcher(CommDispatcher):
                              f"tokens any rank passes in one forward), got {max_tokens_per_rank!r}")
         self.M = max_tokens_per_rank
         self.capacity = self.ep_size * self.M          # C: rows per local expert in the batched layout
-        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k, count=True)
-        self._counts_host: torch.Tensor | None = None  # pinned copy of the exchanged counts (GPU)
-        self._counts_ready: torch.cuda.Event | None = None
-        self._counts: torch.Tensor | None = None       # the exchanged counts (CPU path)
-        self._counts_pending = False                   # a GPU copy of them is on its way
+        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k, header=True)
+        self._headers_host: torch.Tensor | None = None  # pinned copy of the exchanged headers (GPU)
+        self._headers_ready: torch.cuda.Event | None = None
+        self._headers: torch.Tensor | None = None       # the exchanged headers (CPU path)
+        self._headers_pending = False                   # a GPU copy of them is on its way
 
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch(self, x, routing):
@@ -85,12 +86,15 @@ class LowLatencyDispatcher(CommDispatcher):
         send = self.fmt.empty(ep, M, device=dev)
         ranks = torch.arange(ep, device=dev).view(ep, 1, 1)
         pack_tokens(self.fmt, send[:, :n], x[:n], self.placement.local_ids_on(routing.topk_ids[:n], ranks),
-                    routing.topk_weights[:n], count=T)
+                    routing.topk_weights[:n])
         if n < M:
-            pack_tokens(self.fmt, send[:, n:], 0, -1, 0.0, count=T)
+            pack_tokens(self.fmt, send[:, n:], 0, -1, 0.0)
+        header = self.fmt.view(send, "header")
+        for i, value in enumerate(self.next_header(T)):   # constants: nothing read back, capturable
+            header[..., i].fill_(value)
         recv = send if ep == 1 else self.comm.all_to_all(torch.empty_like(send), send)
         rows = unpack_tokens(self.fmt, recv)
-        self._note_counts(rows.count[:, 0, 0])
+        self._note_headers(rows.header[:, 0, :])
 
         # (source, token, slot) pairs -> rows of the batched layout, ordered by expert
         P = ep * M * k
@@ -131,33 +135,37 @@ class LowLatencyDispatcher(CommDispatcher):
         y.mul_(weights.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)       # NaN-safe: filled, not scaled
         partial = y.view(ep, M, k, H).sum(2).to(self.cfg.dtype)                    # one row per (token, rank)
         back = partial if ep == 1 else self.comm.all_to_all(torch.empty_like(partial), partial)
-        self._raise_on_overflow(T)
+        self._check_forward(T)
         return back[:, :T].float().sum(0).to(self.cfg.dtype)
 
-    # ------------------------------------------------------------------------------- overflow check
-    def _note_counts(self, counts: torch.Tensor) -> None:
-        """Keep every rank's token count (from the exchange) for the check at the end of `combine`."""
-        self._counts, self._counts_pending = None, False
-        if counts.device.type != "cuda":
-            self._counts = counts
+    # ------------------------------------------------------------------- overflow and agreement check
+    def _note_headers(self, headers: torch.Tensor) -> None:
+        """Keep every rank's forward header [ep, 4] (from the exchange) for the check at the end of
+        `combine`."""
+        self._headers, self._headers_pending = None, False
+        if headers.device.type != "cuda":
+            self._headers = headers
         elif not torch.cuda.is_current_stream_capturing():
-            if self._counts_host is None or self._counts_host.shape != counts.shape:
-                self._counts_host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
-                self._counts_ready = torch.cuda.Event()
-            self._counts_host.copy_(counts, non_blocking=True)
-            self._counts_ready.record()
-            self._counts_pending = True
+            if self._headers_host is None or self._headers_host.shape != headers.shape:
+                self._headers_host = torch.empty(headers.shape, dtype=headers.dtype, pin_memory=True)
+                self._headers_ready = torch.cuda.Event()
+            self._headers_host.copy_(headers, non_blocking=True)
+            self._headers_ready.record()
+            self._headers_pending = True
 
-    def _raise_on_overflow(self, num_tokens: int) -> None:
-        counts = None
-        if self._counts is not None:
-            counts = self._counts.tolist()
-        elif self._counts_pending and not torch.cuda.is_current_stream_capturing():
-            self._counts_ready.synchronize()
-            counts = self._counts_host.tolist()
-        self._counts_pending = False
-        if counts is None:                              # capturing: only this rank's own count is known
+    def _check_forward(self, num_tokens: int) -> None:
+        heads = None
+        if self._headers is not None:
+            heads = self._headers.tolist()
+        elif self._headers_pending and not torch.cuda.is_current_stream_capturing():
+            self._headers_ready.synchronize()
+            heads = self._headers_host.tolist()
+        self._headers_pending = False
+        if heads is None:                               # capturing: only this rank's own count is known
             counts = [num_tokens if r == self.rank else 0 for r in range(self.ep_size)]
+        else:
+            self.check_headers(heads)
+            counts = [h[0] for h in heads]
         bad = {r: t for r, t in enumerate(counts) if t > self.M}
         if bad:
             who = ", ".join(f"rank {r} passed {t} tokens" for r, t in sorted(bad.items()))
