@@ -41,14 +41,16 @@ def _add_run(sub) -> None:
                    help="divide hidden and intermediate sizes by F to fit a small machine")
     p.add_argument("--ranks", type=int, default=None,
                    help="start N local ranks with the experts split over them (default: one per GPU, or 2 CPU "
-                   "ranks over Gloo without a GPU; under torchrun its ranks)")
+                   "ranks over Gloo without a GPU; 1 with --model; under torchrun its ranks)")
     p.add_argument("--dispatcher", default="auto", help="dispatcher backend (see `epmoe info`; default auto)")
     p.add_argument("--backend", default="auto", help="experts backend (see `epmoe info`; default auto)")
     p.add_argument("--max-tokens-per-rank", type=int, default=None,
-                   help="capacity for the low_latency dispatcher (default: --tokens)")
+                   help="capacity for the low_latency dispatcher (default: --tokens; with --model: the prompt's "
+                   "length)")
     p.add_argument("--iters", type=int, default=10, help="timed forward passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
-    p.add_argument("--check-tokens", type=int, default=64, help="tokens per rank compared with the oracle")
+    p.add_argument("--check-tokens", type=int, default=64,
+                   help="tokens per rank compared with the oracle (0: check nothing, and say so)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before hung ranks are killed")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the per-rank report as JSON")
@@ -62,9 +64,9 @@ def _add_run(sub) -> None:
 
 
 def _cmd_run(args) -> int:
-    for name in ("tokens", "iters", "check_tokens"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"epmoe run: --{name.replace('_', '-')} must be >= 0")
+    for name, least in (("tokens", 1), ("iters", 1), ("check_tokens", 0), ("warmup", 0)):
+        if getattr(args, name) < least:
+            raise SystemExit(f"epmoe run: --{name.replace('_', '-')} must be >= {least}")
     if args.ranks is not None and args.ranks < 1:
         raise SystemExit("epmoe run: --ranks must be >= 1")
     if args.model:

@@ -87,6 +87,7 @@ class MoEConfig:
         rsf = self.routed_scaling_factor
         if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not math.isfinite(rsf) or rsf <= 0:
             raise ValueError(f"MoEConfig.routed_scaling_factor must be a finite number > 0, got {rsf!r}")
+        object.__setattr__(self, "routed_scaling_factor", float(rsf))   # 1 and 1.0: one config, one repr
         if self.dtype not in DTYPES:
             raise ValueError(f"MoEConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quant is not None:

@@ -86,7 +86,7 @@ class MoELayer(nn.Module):
         else:
             self.score_correction_bias = None
         self._loaded: set[int] = set()
-        self._register_load_state_dict_pre_hook(self._mark_all_loaded_hook)
+        self._register_load_state_dict_pre_hook(self._loading_state_dict)
 
         self.dispatcher = dcls(cfg, self.placement, ep_group, max_tokens_per_rank, self.device)
         self.experts = contract.experts_class(self.experts_name)(cfg, self.device)
@@ -105,6 +105,28 @@ class MoELayer(nn.Module):
             self.b13 = nn.Parameter(torch.zeros(L, 2 * I, dtype=torch.float32, device=dev), requires_grad=False)
             self.b2 = nn.Parameter(torch.zeros(L, H, dtype=torch.float32, device=dev), requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()` ...: a device move is allowed (the pairing is checked again for the
+        new device); a dtype change is refused before anything is converted: the dtype is part of the
+        config, FP8 weights and the float32 correction bias must keep theirs."""
+        probes = {(t.dtype, t.device) for t in list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))}
+        new_device = None
+        for dtype, device in probes:
+            moved = fn(torch.empty(0, dtype=dtype, device=device))
+            if moved.dtype != dtype:
+                raise TypeError(f"MoELayer: its dtype is fixed by its MoEConfig ({self.cfg.dtype}; weights stored as "
+                                f"{dtype}): build a new layer with MoEConfig(dtype=...) instead of converting it to "
+                                f"{moved.dtype}")
+            new_device = moved.device
+        if new_device is not None and new_device != self.device:
+            contract.check_pairing(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size, new_device.type)
+        result = super()._apply(fn, recurse)
+        if new_device is not None and new_device != self.device:
+            self.device = new_device
+            self.dispatcher.device = new_device
+            self.experts.device = new_device
+        return result
+
     @property
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(self.w13, self.w2, getattr(self, "b13", None), getattr(self, "b2", None),
@@ -114,12 +136,33 @@ class MoELayer(nn.Module):
     def num_local_experts(self) -> int:
         return self.placement.num_local_experts
 
-    def _mark_all_loaded_hook(self, *args, **kwargs):
-        self._loaded = set(range(self.num_local_experts))
+    def _loading_state_dict(self, state_dict, prefix, *args) -> None:
+        """Experts count as loaded only if the state dict holds every expert tensor of this layer (a
+        parent's partial or non-strict load must not make zero weights look loaded)."""
+        names = [prefix + n for n, _ in self.named_parameters(recurse=False)]
+        if names and all(n in state_dict for n in names):
+            self._loaded = set(range(self.num_local_experts))
 
     def mark_all_experts_loaded(self) -> None:
         """Declare that the weights were written directly (not through `load_expert`)."""
-        self._mark_all_loaded_hook()
+        self._loaded = set(range(self.num_local_experts))
+
+    def get_extra_state(self) -> dict:
+        """What a state dict of this layer's experts is valid for: which global experts it holds, at
+        which padded sizes and format. Checked on load (a shard of another rank or config is refused)."""
+        return {"num_experts": self.cfg.num_experts,
+                "local_experts": [int(e) for e in self.placement.local_experts],
+                "padded_sizes": [self.cfg.padded_hidden_size, self.cfg.padded_intermediate_size],
+                "quant": self.scheme.name, "expert_bias": self.expert_bias}
+
+    def set_extra_state(self, state) -> None:
+        mine = self.get_extra_state()
+        wrong = [f"{k}: state dict {state.get(k)!r}, this layer {v!r}" for k, v in mine.items()
+                 if not isinstance(state, dict) or state.get(k) != v]
+        if wrong:
+            self._loaded = set()   # the tensors just copied in belong to other experts
+            raise ValueError("MoELayer.load_state_dict: the state dict was saved by a layer holding other experts "
+                             "or another format (another rank's shard?): " + "; ".join(wrong))
 
     def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
                     gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
@@ -140,6 +183,9 @@ class MoELayer(nn.Module):
             if tuple(t.shape) != shape:
                 raise ValueError(f"load_expert({e}): {name} must have shape {list(shape)} ([out, in] as in "
                                  f"nn.Linear), got {list(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"load_expert({e}): {name} must be a floating-point tensor, got {t.dtype} "
+                                "(quantized integer weights are not a format epmoe loads)")
         biases = (gate_bias, up_bias, down_bias)
         if self.expert_bias:
             for name, t, n in (("gate_bias", gate_bias, I), ("up_bias", up_bias, I), ("down_bias", down_bias, H)):

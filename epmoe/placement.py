@@ -6,6 +6,7 @@ only `Placement.local_ids()` turns one into the other.
 """
 from __future__ import annotations
 
+import operator
 from typing import NewType, Sequence
 
 import torch
@@ -34,7 +35,15 @@ class Placement:
             for r in range(ep_size):
                 owners += [r] * (base + (1 if r < extra else 0))
         else:
-            owners = [int(r) for r in expert_to_rank]
+            owners = []
+            for e, r in enumerate(expert_to_rank):
+                try:
+                    if isinstance(r, bool):
+                        raise TypeError
+                    owners.append(operator.index(r))   # ints, numpy ints, integer scalar tensors; not floats
+                except TypeError:
+                    raise ValueError(f"placement: expert_to_rank must hold integer rank numbers; entry {e} is "
+                                     f"{r!r}") from None
             if len(owners) != num_experts:
                 raise ValueError(f"placement: expert_to_rank has {len(owners)} entries, expected {num_experts}")
             bad = [r for r in owners if not 0 <= r < ep_size]

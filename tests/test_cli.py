@@ -38,8 +38,15 @@ def test_run_default_is_expert_parallel_over_two_cpu_ranks(tmp_path, capsys):
     assert sum(sum(r["rows_per_expert"]) for r in ranks) == 2 * 32 * 2
 
 
+def test_run_without_oracle_check_says_so(capsys):
+    assert main(["run", "--ranks", "1", "--tokens", "8", "--iters", "1", "--check-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "no output was compared" in out and "all outputs match" not in out
+
+
 @pytest.mark.parametrize("argv", [
     ["--ranks", "1"],
+    ["--ranks", "1", "--dispatcher", "low_latency", "--backend", "batched"],
     ["--ranks", "2", "--dispatcher", "low_latency", "--backend", "batched"],
     ["--ranks", "4", "--dispatcher", "allgather", "--backend", "reference", "--preset", "olmoe",
      "--experts", "6", "--shrink", "16"],
@@ -64,8 +71,10 @@ def test_run_refuses_what_does_not_fit():
 
 
 def test_run_bad_arguments():
-    with pytest.raises(SystemExit, match="--tokens must be >= 0"):
-        main(["run", "--tokens", "-1"])
+    with pytest.raises(SystemExit, match="--tokens must be >= 1"):
+        main(["run", "--tokens", "0"])
+    with pytest.raises(SystemExit, match="--iters must be >= 1"):
+        main(["run", "--iters", "0"])
     with pytest.raises(SystemExit):
         main(["run", "--preset", "nope"])
 

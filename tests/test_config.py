@@ -62,3 +62,11 @@ def test_presets_are_valid_and_shrinkable():
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("llama")
     assert epmoe.MoEConfig is MoEConfig
+
+
+@pytest.mark.parametrize("bad, entry", [([0.9, 1.7, 1, 0], 0), ([0, 1, True, 0], 2), ([0, "1", 1, 0], 1)])
+def test_placement_takes_only_integer_ranks(bad, entry):
+    with pytest.raises(ValueError, match=f"entry {entry} is"):
+        epmoe.Placement(4, 2, 0, expert_to_rank=bad)
+    import numpy as np
+    assert epmoe.Placement(4, 2, 1, expert_to_rank=np.array([0, 1, 1, 0])).local_experts == (1, 2)

@@ -74,3 +74,10 @@ def test_auto_picks_explicit_names():
     assert layer.dispatcher_name == "local"
     assert layer.experts_name in contract.EXPERTS and layer.experts_name != "auto"
     assert "dispatcher=local" in repr(layer)
+
+
+def test_public_names_not_provided_are_refused_through_the_contract():
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
+    with pytest.raises(UnsupportedCombination, match="nvshmem.*not part of this version") as info:
+        MoELayer(cfg, dispatcher="nvshmem")
+    assert "dispatcher='alltoall'" in info.value.alternatives

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import epmoe
-from epmoe import MoEConfig, MoELayer, reference_moe
+from epmoe import MoEConfig, MoELayer, UnsupportedCombination, reference_moe
 from epmoe.testing import assert_close, bound_for, load_experts, random_experts, random_inputs
 
 ROUTINGS = {
@@ -180,3 +180,64 @@ def test_layer_construction_errors():
         MoELayer(cfg, max_tokens_per_rank=0)
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         MoELayer(cfg, ep_group=object())
+
+
+# ------------------------------------------------------------------ state dicts, dtype, device (review)
+def _loaded_layer(cfg=None):
+    cfg = cfg or MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+    layer = MoELayer(cfg)
+    experts = random_experts(cfg)
+    load_experts(layer, experts)
+    return cfg, layer, experts
+
+
+def test_partial_state_dict_does_not_count_as_loaded():
+    cfg, layer, _ = _loaded_layer()
+    fresh = MoELayer(cfg)
+    fresh.load_state_dict({}, strict=False)
+    parent = torch.nn.ModuleDict({"moe": MoELayer(cfg), "lin": torch.nn.Linear(3, 3)})
+    parent.load_state_dict({"lin.weight": torch.ones(3, 3), "lin.bias": torch.ones(3)}, strict=False)
+    x, logits = random_inputs(cfg, 3)
+    for module in (fresh, parent["moe"]):
+        with pytest.raises(RuntimeError, match="never loaded"):
+            module(x, logits)
+
+
+def test_state_dict_of_other_experts_is_refused():
+    cfg, layer, _ = _loaded_layer()
+    sd = layer.state_dict()
+    other = dict(sd, _extra_state=dict(sd["_extra_state"], local_experts=[0, 1]))
+    fresh = MoELayer(cfg)
+    with pytest.raises(ValueError, match="another rank's shard"):
+        fresh.load_state_dict(other)
+    with pytest.raises(RuntimeError, match="never loaded"):
+        fresh(*random_inputs(cfg, 2))
+    fresh.load_state_dict(sd)
+    x, logits = random_inputs(cfg, 5)
+    assert torch.equal(fresh(x, logits), layer(x, logits))
+
+
+@pytest.mark.parametrize("bad", [torch.int8, torch.int32, torch.float8_e4m3fn])
+def test_weights_without_meaning_are_refused(bad):
+    cfg, layer, experts = _loaded_layer()
+    g, u, d = experts[0]
+    with pytest.raises(TypeError, match="floating-point|without their scales"):
+        layer.load_expert(0, gate_proj=g.to(bad), up_proj=u, down_proj=d)
+
+
+def test_dtype_conversion_refused_device_move_kept_consistent():
+    cfg, layer, experts = _loaded_layer()
+    with pytest.raises(TypeError, match="dtype is fixed by its MoEConfig"):
+        layer.half()
+    assert layer.w13.dtype == torch.float32
+    assert layer.to("cpu") is layer and layer.device == torch.device("cpu")
+    x, logits = random_inputs(cfg, 7)
+    assert_close(layer(x, logits), reference_moe(x, logits, experts, cfg))
+    with pytest.raises(UnsupportedCombination, match="not meta"):
+        layer.to("meta")
+
+
+def test_integer_scaling_factor_is_the_same_config():
+    a = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, routed_scaling_factor=1)
+    b = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, routed_scaling_factor=1.0)
+    assert a == b and repr(a) == repr(b)

@@ -80,12 +80,16 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if opts["device"] == "cuda" else torch.device("cpu")
     path = Path(opts["model"])
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    ids = tokenizer(opts["prompt"], return_tensors="pt").input_ids.to(device)
+    capacity = None
+    if opts["dispatcher"] == "low_latency":    # the most tokens one forward passes: the prompt (prefill)
+        capacity = opts.get("max_tokens_per_rank") or ids.numel()
     t0 = time.perf_counter()
     model = load_model(path, ep_group=group, dtype=DTYPES.get(opts["dtype"]) if opts["dtype"] else None,
                        device=device, dispatcher=opts["dispatcher"], experts=opts["experts"],
-                       allow_pickle=opts["allow_pickle"], progress=rank == 0)
+                       allow_pickle=opts["allow_pickle"], progress=rank == 0,
+                       **({"max_tokens_per_rank": capacity} if capacity else {}))
     load_s = time.perf_counter() - t0
-    ids = tokenizer(opts["prompt"], return_tensors="pt").input_ids.to(device)
 
     def sync():
         if device.type == "cuda":
@@ -133,7 +137,8 @@ def main(args) -> int:
     device_type = _device_type(args, 1 if torchrun else ranks)
     opts = {"model": str(path), "prompt": args.prompt, "max_new_tokens": int(max_new), "dtype": _dtype_name(args),
             "device": device_type, "dispatcher": getattr(args, "dispatcher", None) or "auto",
-            "experts": _experts_backend(args), "allow_pickle": bool(getattr(args, "allow_pickle", False))}
+            "experts": _experts_backend(args), "allow_pickle": bool(getattr(args, "allow_pickle", False)),
+            "max_tokens_per_rank": getattr(args, "max_tokens_per_rank", None)}
     from ..testing.distributed import launch
     reports = launch(run_rank, None if torchrun else ranks, opts, device_type,
                      timeout_s=float(getattr(args, "timeout", 600.0) or 600.0))

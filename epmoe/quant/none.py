@@ -32,6 +32,11 @@ class NoQuant:
         """Copy one expert's HF-shaped weights into the layer's fused, padded layout."""
         if extra:
             raise TypeError(f"load_expert: unexpected arguments for an unquantized layer: {sorted(extra)}")
+        for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+            if t.element_size() == 1:
+                raise TypeError(f"load_expert: {name} is {t.dtype}, but this layer is unquantized: FP8 weights "
+                                "mean nothing without their scales. Build the layer with "
+                                "quant=epmoe.Fp8Config(...) and pass gate_proj_scale= etc., or dequantize first")
         H, I = layer.cfg.hidden_size, layer.cfg.intermediate_size
         Ip = layer.w2.shape[2]
         with torch.no_grad():
