@@ -246,6 +246,10 @@ class MoELayer(nn.Module):
     def compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None) -> Routing:
         if self.router is not None:
             ids, weights = self.router(hidden_states, router_logits)
+            for name, t in (("topk_ids", ids), ("topk_weights", weights)):
+                if isinstance(t, torch.Tensor) and t.device != hidden_states.device:
+                    raise ValueError(f"MoELayer: the custom router returned {name} on {t.device}, the tokens are "
+                                     f"on {hidden_states.device}")
             return validate_routing(ids, weights, self.cfg.num_experts, hidden_states.shape[0], self.cfg.top_k)
         return route(router_logits, self.cfg, self.score_correction_bias)
 

@@ -106,3 +106,7 @@ def test_custom_router_output_is_validated_not_trusted():
     layer.router = lambda x, logits: (torch.zeros(x.shape[0], 3, dtype=torch.int64), torch.ones(x.shape[0], 3))
     with pytest.raises(ValueError, match="top_k=2"):
         layer(torch.randn(4, 16), torch.randn(4, 8))
+    layer.router = lambda x, logits: (torch.tensor([[0, 1]] * x.shape[0]),
+                                      torch.ones(x.shape[0], 2, device="meta"))
+    with pytest.raises(ValueError, match="topk_weights on meta"):
+        layer(torch.randn(4, 16), torch.randn(4, 8))

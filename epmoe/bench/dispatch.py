@@ -259,6 +259,11 @@ def _default_output(env: dict) -> str:
 
 def main(args) -> int:
     p = _params(args)
+    from ..testing.distributed import under_torchrun
+    if under_torchrun() and not dist.is_initialized():     # started by torchrun: join its group
+        if torch.cuda.is_available() and args.backend != "gloo":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(args.backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     if dist.is_available() and dist.is_initialized():      # torchrun: this process is one rank
         ws, rank, backend = dist.get_world_size(), dist.get_rank(), dist.get_backend()
         if backend == "nccl":
