@@ -86,3 +86,44 @@ def test_declared_graph_safe_backends_capture_and_replay(backend):
         torch.cuda.synchronize()
         ref = reference_moe(x, logits, source, cfg, device="cuda")
         assert_close(out, ref, bound_for(cfg.dtype), context=f"{backend} replay {seed}")
+
+
+def test_low_latency_on_one_gpu_eager_overflow_and_graph():
+    """The low_latency GPU path on one rank: headers copied back through pinned memory (eager), the
+    overflow error naming the setting, and capture + replay with nothing read back."""
+    cfg = preset_config("qwen3-30b-a3b", dtype=torch.bfloat16)
+    source = SeededExperts(cfg, seed=9, device="cuda")
+    M = 64
+    layer = MoELayer(cfg, dispatcher="low_latency", experts="batched", device="cuda", max_tokens_per_rank=M)
+    for e in range(cfg.num_experts):
+        layer.load_expert(e, *source[e])
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for T in (1, 17, M, 0, 33):
+        x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+        logits = torch.randn(T, cfg.num_experts, device="cuda", generator=g)
+        out = layer(x, logits)
+        if T:
+            assert_close(out, reference_moe(x, logits, source, cfg, device="cuda"), bound_for(cfg.dtype),
+                         context=f"eager T={T}")
+    with pytest.raises(ValueError, match="max_tokens_per_rank=64"):
+        layer(torch.randn(M + 1, cfg.hidden_size, device="cuda").to(cfg.dtype),
+              torch.randn(M + 1, cfg.num_experts, device="cuda"))
+    T = 48
+    x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
+    logits = torch.randn(T, cfg.num_experts, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x, logits)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, logits)
+    for seed in range(3):
+        gg = torch.Generator(device="cuda").manual_seed(50 + seed)
+        x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=gg).to(cfg.dtype))
+        logits.copy_(torch.randn(T, cfg.num_experts, device="cuda", generator=gg) * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, reference_moe(x, logits, source, cfg, device="cuda"), bound_for(cfg.dtype),
+                     context=f"replay {seed}")
