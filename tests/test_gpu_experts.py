@@ -54,6 +54,20 @@ def _check(cfg, source, layers):
             assert_close(out[rows], ref, bound_for(cfg.dtype), context=f"{name} T={T}")
 
 
+def _capture(layer, x, logits):
+    """Warm up on a side stream, then capture one forward; returns (graph, its output tensor)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer(x, logits)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x, logits)
+    return graph, out
+
+
 def graph_safe_backends():
     return [x for x in gpu_backends() if contract.experts_class(x).CAPS.cuda_graph_safe]
 
@@ -69,15 +83,7 @@ def test_declared_graph_safe_backends_capture_and_replay(backend):
     T = 96
     x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
     logits = torch.randn(T, cfg.num_experts, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            layer(x, logits)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x, logits)
+    graph, out = _capture(layer, x, logits)
     for seed in range(3):
         g = torch.Generator(device="cuda").manual_seed(100 + seed)
         x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype))
@@ -111,14 +117,7 @@ def test_low_latency_on_one_gpu_eager_overflow_and_graph():
     T = 48
     x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
     logits = torch.randn(T, cfg.num_experts, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(x, logits)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x, logits)
+    graph, out = _capture(layer, x, logits)
     for seed in range(3):
         gg = torch.Generator(device="cuda").manual_seed(50 + seed)
         x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=gg).to(cfg.dtype))
