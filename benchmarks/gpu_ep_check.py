@@ -201,8 +201,8 @@ def main() -> int:
     try:
         v = torch.cuda.nccl.version()
         summary["environment"]["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    except Exception:
-        pass
+    except Exception as exc:   # older torch or no NCCL: record why instead of a version
+        summary["environment"]["nccl"] = f"unknown ({type(exc).__name__})"
     print(json.dumps(summary["environment"]), flush=True)
     if torch.cuda.device_count() < 2 and not dry:
         print("needs 2 CUDA GPUs (or --cpu-dry-run)", flush=True)

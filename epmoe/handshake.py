@@ -100,8 +100,8 @@ def announce_build_failure(group, exc: BaseException) -> None:
         if not dist.is_available() or not dist.is_initialized():
             return
         _exchange(group, {"error": f"{type(exc).__name__}: {exc}"})
-    except Exception:
-        pass
+    except Exception:   # a failure to announce must not hide the original error, which the caller raises
+        return
 
 
 def announces_build_failure(init):

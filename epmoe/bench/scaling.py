@@ -29,7 +29,7 @@ DISPATCH = "dispatch+combine"
 
 
 class MissingMatplotlib(RuntimeError):
-    pass
+    """matplotlib is not installed (the `bench` extra): the table is written, the plot is not."""
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -5,6 +5,7 @@ is killed with the others and reported, instead of hanging the test suite.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import traceback
@@ -42,11 +43,9 @@ def _worker(rank: int, world_size: int, backend: str, port: int, fn: Callable, a
     except BaseException as exc:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
-        try:
+        with contextlib.suppress(Exception):   # teardown after a failure must not mask the reported error
             if dist.is_initialized():
                 dist.destroy_process_group()
-        except Exception:
-            pass
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None = None,
