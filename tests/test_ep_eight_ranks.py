@@ -38,7 +38,7 @@ import test_ep_layer as ep  # noqa: E402
 
 from epmoe import Fp8Config, MoEConfig, MoELayer, contract, reference_moe  # noqa: E402
 from epmoe.quant.fp8 import dequantize_weight, quantize_weight  # noqa: E402
-from epmoe.testing import bound_for, compare, load_experts, random_experts, run_on_ranks  # noqa: E402
+from epmoe.testing import bound_for, capture, compare, load_experts, random_experts, run_on_ranks  # noqa: E402
 
 WS = 8
 FP8_QUANTS = {"block": dict(), "channel": dict(weight_block=None, per_channel_weights=True, activation="per_token")}
@@ -148,26 +148,6 @@ def case_fp8(rank: int, ws: int, case: dict, device) -> str:
     return fails.done("ok")
 
 
-def _capture(fn, device):
-    """(replay, static output): a CUDA graph of fn() on a GPU; on the CPU, replay re-runs fn eagerly
-    into the same output (the plumbing only)."""
-    if device.type != "cuda":
-        out = fn()
-        return (lambda: out.copy_(fn())), out
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    torch.cuda.synchronize()
-    return graph.replay, out
-
-
 def case_graph(rank: int, ws: int, case: dict, device) -> str:
     """Two graphs per rank (different T on each rank, T <= M), replayed with fresh inputs; every replay vs
     the oracle and vs an eager forward of the same inputs (the same kernels: equal bits)."""
@@ -187,7 +167,7 @@ def case_graph(rank: int, ws: int, case: dict, device) -> str:
     for T in case["sizes"][rank]:
         x0, l0 = fresh(T)
         xs, ls = x0.to(device), l0.to(device)
-        replay, out = _capture(lambda xs=xs, ls=ls: layer(xs, ls), device)
+        replay, out = capture(lambda xs=xs, ls=ls: layer(xs, ls), device)
         graphs.append((replay, xs, ls, out))
     fails, worst = ep.Failures(), 0.0
 

@@ -7,7 +7,7 @@ import torch
 from epmoe import MoELayer, contract, reference_moe
 from epmoe.main_job import SeededExperts
 from epmoe.presets import preset_config
-from epmoe.testing import assert_close, bound_for
+from epmoe.testing import assert_close, bound_for, capture
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -54,20 +54,6 @@ def _check(cfg, source, layers):
             assert_close(out[rows], ref, bound_for(cfg.dtype), context=f"{name} T={T}")
 
 
-def _capture(layer, x, logits):
-    """Warm up on a side stream, then capture one forward; returns (graph, its output tensor)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            layer(x, logits)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x, logits)
-    return graph, out
-
-
 def graph_safe_backends():
     return [x for x in gpu_backends() if contract.experts_class(x).CAPS.cuda_graph_safe]
 
@@ -83,12 +69,12 @@ def test_declared_graph_safe_backends_capture_and_replay(backend):
     T = 96
     x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
     logits = torch.randn(T, cfg.num_experts, device="cuda")
-    graph, out = _capture(layer, x, logits)
+    replay, out = capture(lambda: layer(x, logits))
     for seed in range(3):
         g = torch.Generator(device="cuda").manual_seed(100 + seed)
         x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype))
         logits.copy_(torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2)
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         ref = reference_moe(x, logits, source, cfg, device="cuda")
         assert_close(out, ref, bound_for(cfg.dtype), context=f"{backend} replay {seed}")
@@ -117,12 +103,12 @@ def test_low_latency_on_one_gpu_eager_overflow_and_graph():
     T = 48
     x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
     logits = torch.randn(T, cfg.num_experts, device="cuda")
-    graph, out = _capture(layer, x, logits)
+    replay, out = capture(lambda: layer(x, logits))
     for seed in range(3):
         gg = torch.Generator(device="cuda").manual_seed(50 + seed)
         x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=gg).to(cfg.dtype))
         logits.copy_(torch.randn(T, cfg.num_experts, device="cuda", generator=gg) * 2)
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         assert_close(out, reference_moe(x, logits, source, cfg, device="cuda"), bound_for(cfg.dtype),
                      context=f"replay {seed}")

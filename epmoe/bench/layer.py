@@ -52,6 +52,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..testing.graphs import capture
+
 PRESETS = ["deepseek-v3", "qwen3-30b-a3b"]
 DISPATCHERS = ["allgather", "alltoall", "low_latency"]
 TOKENS = [128, 4096]
@@ -265,19 +267,10 @@ class _RankBench:
     def _capture(self, fn):
         """CUDA graph of fn() after a warm-up on a side stream; (replay, static output) or None."""
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            replay, out = capture(fn, self.device)
+            replay()
             torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn()
-            graph.replay()
-            torch.cuda.synchronize(self.device)
-            return graph, out
+            return replay, out
         except Exception as exc:
             print(f"[rank {self.rank}] CUDA graph capture failed, timing eagerly: {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
@@ -302,8 +295,8 @@ class _RankBench:
             if collective:
                 ok = self.all_ok(ok)
             if ok:
-                graph, out_static = captured
-                run = graph.replay
+                run, out_static = captured
+                graph = run      # the replay holds the graph alive
         reps, warmup = self.p["reps"], self.p["warmup"]
 
         def before_each():
