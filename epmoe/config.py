@@ -6,7 +6,7 @@ construction and never as a wrong answer later.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .errors import UnsupportedCombination
-from .layouts import BATCHED, FLAT
+from .layouts import FLAT
 
 # Backend registry: name -> "module:Class". The names are the public, explicit selectors (no hidden
 # environment switches choose a backend).

@@ -3,7 +3,6 @@ matches the oracle, every refused cell raises UnsupportedCombination naming both
 import pytest
 import torch
 
-import epmoe
 from epmoe import MoEConfig, MoELayer, UnsupportedCombination, contract, reference_moe
 from epmoe.testing import assert_close, bound_for, load_experts, random_experts, random_inputs
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import pytest
 import torch
@@ -196,19 +195,8 @@ KINDS = dict(ep.KINDS, fp8=case_fp8, graph=case_graph)
 
 
 def run_cases(rank: int, ws: int, cases: list[dict], device_kind: str = "cpu") -> dict:
-    """Every case on this rank ({name: "ok ..." or the error}); the group must still work afterwards."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = KINDS[case.get("kind", "layer")](rank, ws, case, device)
-        except Exception as exc:
-            results[case["name"]] = f"FAILED {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-            print(f"[rank {rank}] case {case['name']}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    t = torch.ones(1, device=device)
-    dist.all_reduce(t)
-    assert t.item() == ws
-    return results
+    """Every case on this rank ({name: "ok ..." or the error}), with this file's case kinds too."""
+    return ep.run_cases(rank, ws, cases, device_kind, kinds=KINDS)
 
 
 # ------------------------------------------------------------------------------------------ case lists

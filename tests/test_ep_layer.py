@@ -28,8 +28,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from epmoe import MoEConfig, MoELayer, Placement, RankMismatch, UnsupportedCombination, contract, reference_moe
-from epmoe.routing import Routing, validate_routing
+from epmoe import MoEConfig, MoELayer, Placement, RankMismatch, contract, reference_moe
+from epmoe.routing import validate_routing
 from epmoe.testing import bound_for, compare, load_experts, random_experts, random_inputs, run_on_ranks
 
 EP_DISPATCHERS = ("allgather", "alltoall", "low_latency")
@@ -366,13 +366,15 @@ KINDS = {"layer": case_layer, "two_layers": case_two_layers, "handshake": case_h
          "traffic": case_traffic, "subgroups": case_subgroups}
 
 
-def run_cases(rank: int, ws: int, cases: list[dict], device_kind: str = "cpu") -> dict:
-    """Run every case on this rank; returns {case name: "ok ..." or the error}."""
+def run_cases(rank: int, ws: int, cases: list[dict], device_kind: str = "cpu", kinds: dict | None = None) -> dict:
+    """Run every case on this rank; returns {case name: "ok ..." or the error}. `kinds`: case kind -> function
+    (default: this file's; other suites add their own kinds)."""
+    kinds = KINDS if kinds is None else kinds
     device = torch.device("cuda", torch.cuda.current_device()) if device_kind == "cuda" else torch.device("cpu")
     results = {}
     for case in cases:
         try:
-            results[case["name"]] = KINDS[case.get("kind", "layer")](rank, ws, case, device)
+            results[case["name"]] = kinds[case.get("kind", "layer")](rank, ws, case, device)
         except Exception as exc:
             results[case["name"]] = f"FAILED {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             print(f"[rank {rank}] case {case['name']}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -4,7 +4,6 @@ needs padding, T = 0 and 1, and the loading errors."""
 import pytest
 import torch
 
-import epmoe
 from epmoe import Fp8Config, MoEConfig, MoELayer, reference_moe
 from epmoe.layouts import BatchedBatch, FlatBatch
 from epmoe.quant.fp8 import FP8_DTYPE, dequantize_weight, quantize_weight

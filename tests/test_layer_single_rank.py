@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import epmoe
 from epmoe import MoEConfig, MoELayer, UnsupportedCombination, reference_moe
 from epmoe.testing import assert_close, bound_for, load_experts, random_experts, random_inputs
 

@@ -211,7 +211,7 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
                      progress=None, task=None, tail_m: int = 0) -> tuple[dict, dict]:
     """Median ms of each gate_up and each down candidate on one balanced routing of T tokens (with
     `tail_m`: both launches of the split layout, body and tail tiles, timed together)."""
-    from .fused_moe import Fp8Operands, launch_down, launch_gate_up
+    from .fused_moe import launch_down, launch_gate_up
     from .moe_align import align_pairs
     L, H, I, k = problem.sizes
     dev = problem.weights.w13.device
