@@ -5,18 +5,29 @@ whole capacity (static shapes, no host sync, CUDA-graph safe; the activation in 
 biases added in float32), and rows at or past an expert's count are set to exactly zero with a
 `torch.where`, so whatever the padding rows held (they are never written by the dispatcher, and may be
 NaN) never reaches an output. Outputs are unweighted: the dispatcher's combine applies the routing
-weights. The cost is that of the full capacity, whatever the counts; a GPU kernel that skips the
-padding rows plugs in at `BatchedExperts.forward_batched` for CUDA tensors, and this path stays the
-portable one (and the one it is tested against).
+weights. The cost is that of the full capacity, whatever the counts; on CUDA with Triton the batched
+kernel (`epmoe.kernels.batched_moe`) runs instead and skips the tiles past each count, and this path
+stays the portable one (and the one it is tested against).
+
+FP8 (W8A8) runs in the Triton kernel only, on a GPU with FP8 matrix units (compute capability 8.9+):
+weights as `Fp8Scheme` stores them (128x128 block scales, or one scale per output row for the
+per-channel and per-tensor formats), activations per token-group of 128 or per token. The experts take
+FP8 rows with their scales (`TAKES_FP8`): FP8 dispatch on `low_latency` hands its rows and per-row scales
+straight in, and without it the layer quantizes right after dispatch (the one formula, same bits). The
+contract refuses FP8 elsewhere (the CPU, no Triton, an older GPU, other block/group sizes) through
+`quant_problem`, so a layer that builds runs the kernel. Nothing is read back to the host on this path
+either, and it captures in a CUDA graph.
 """
 from __future__ import annotations
 
 import torch
 
-from ..contract import ExpertsCaps
+from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, BatchedBatch, ExpertWeights
 from .activations import gated_activation_fused
 from .base import Experts
+from .triton import FP8_KINDS
+from .triton import _quant_problem as _triton_fp8_problem
 
 
 def batched_experts_torch(x: torch.Tensor, counts: torch.Tensor, w: ExpertWeights, activation: str,
@@ -34,23 +45,86 @@ def batched_experts_torch(x: torch.Tensor, counts: torch.Tensor, w: ExpertWeight
     return torch.where(real.unsqueeze(2), y, 0.0).to(out_dtype)
 
 
+def _quant_problem(cfg, device_type: str) -> str | None:
+    """FP8 on the batched layout is the Triton batched kernel: a CUDA GPU with FP8 matrix units, 128x128
+    weight blocks or per-row weight scales, activations per token or per group of 128 columns."""
+    if cfg.quant is None:
+        return None
+    why = _triton_fp8_problem(cfg, device_type)
+    if why:
+        return f"FP8 on the batched layout runs only in the Triton batched kernel ({why})"
+    return None
+
+
 class BatchedExperts(Experts):
     name = "batched"
-    CAPS = ExpertsCaps(layouts=frozenset({BATCHED}), cuda_graph_safe=True,
-                       summary="masked batched matmul (torch.bmm) over each expert's capacity on the batched "
-                               "layout; static shapes, CUDA-graph safe")
+    CAPS = ExpertsCaps(layouts=frozenset({BATCHED}), quant=frozenset({"none"}) | FP8_KINDS,
+                       fp8_activations=TAKES_FP8, cuda_graph_safe=True,
+                       summary="masked batched matmul over each expert's capacity on the batched layout (Triton "
+                               "kernel skipping the padding on CUDA, torch.bmm elsewhere); FP8 W8A8 in the Triton "
+                               "kernel on CUDA only; static shapes, CUDA-graph safe",
+                       quant_problem=_quant_problem)
+
+    def __init__(self, cfg, device: torch.device | None = None):
+        super().__init__(cfg, device)
+        self.fp8 = cfg.quant is not None
+        if self.fp8:
+            why = _quant_problem(cfg, "cuda")
+            if why:
+                raise ValueError(f"experts 'batched' cannot run this FP8 layer: {why}")
 
     def forward_batched(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
-        if batch.scales is not None:
-            raise ValueError("experts 'batched' take rows in the layer's dtype, got FP8 rows with scales")
         if weights.num_local_experts != batch.x.shape[0]:
             raise ValueError(f"experts 'batched': the batch has {batch.x.shape[0]} experts, the weights "
                              f"{weights.num_local_experts}")
+        if self.fp8:
+            return self._forward_fp8(batch, weights)
+        if batch.scales is not None:
+            raise ValueError("experts 'batched': the batch carries FP8 scales but the layer is not FP8")
         if batch.x.is_cuda and _triton_kernel_ready():   # the Triton kernel skips the empty capacity rows
             from ..kernels.batched_moe import batched_experts
             return batched_experts(batch.x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,
                                    top_k=self.cfg.top_k, b13=weights.b13, b2=weights.b2, out_dtype=self.cfg.dtype)
         return batched_experts_torch(batch.x, batch.counts, weights, self.cfg.activation, self.cfg.dtype)
+
+    def fp8_operands(self, batch: BatchedBatch, weights: ExpertWeights):
+        """(FP8 rows [L, C, H], the kernel's `Fp8Operands`) for a batch of an FP8 layer: rows that arrived
+        in FP8 with their scales ([L, C, groups] float32, FP8 dispatch or the layer's conversion) are used as
+        they are; rows in the layer's dtype are quantized here with the one formula (padding rows too: each
+        row has its own scales, and the kernel never lets a row past its count reach an output)."""
+        from ..kernels.fused_moe import Fp8Operands
+        scheme = self.cfg.quant_scheme
+        if weights.w13_scale is None or weights.w2_scale is None:
+            raise ValueError("experts 'batched': an FP8 layer needs w13_scale and w2_scale beside its weights")
+        x = batch.x
+        if batch.scales is None:
+            if x.dtype == torch.float8_e4m3fn:
+                raise ValueError("experts 'batched': FP8 rows came without their scales")
+            x, x_scale = scheme.quantize_activations(x)
+        else:
+            if x.dtype != torch.float8_e4m3fn:
+                raise ValueError(f"experts 'batched': rows with FP8 scales must be float8_e4m3fn, got {x.dtype}")
+            x_scale = batch.scales
+        L, C, H = x.shape
+        group = scheme.activation_group_size
+        groups = 1 if group is None else -(-H // group)
+        if tuple(x_scale.shape) != (L, C, groups):
+            raise ValueError(f"experts 'batched': FP8 rows [{L}, {C}, {H}] need scales [{L}, {C}, {groups}] "
+                             f"({scheme.name}), got {list(x_scale.shape)}")
+        q = self.cfg.quant
+        return x, Fp8Operands(x_scale=x_scale.float().contiguous(), w13_scale=weights.w13_scale,
+                              w2_scale=weights.w2_scale, act_group=group, weight_block=q.weight_block,
+                              granularity=q.weight_granularity)
+
+    def _forward_fp8(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
+        if not batch.x.is_cuda:
+            raise ValueError(f"experts 'batched' run FP8 only on CUDA (the Triton batched kernel), got rows on "
+                             f"{batch.x.device}")
+        from ..kernels.batched_moe import batched_experts
+        x, fp8 = self.fp8_operands(batch, weights)
+        return batched_experts(x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,
+                               top_k=self.cfg.top_k, b13=weights.b13, b2=weights.b2, out_dtype=self.cfg.dtype,
+                               fp8=fp8)
 
 
 def _triton_kernel_ready() -> bool:
