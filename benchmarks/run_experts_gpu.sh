@@ -5,7 +5,8 @@
 # Usage: benchmarks/run_experts_gpu.sh [tests] [tune|refine|persistent] [bench] [gpu] [pytest]
 #   refine: only the table's configuration per T against its TMA twin, tail tiles and (FP8) 16 warps;
 #   persistent: only the table's configuration per T against the same tiles as persistent kernels;
-#   gpu: every @pytest.mark.gpu test. Env: TESTS_K (pytest -k), TUNE_TOKENS, BENCH_SUFFIX, *_S (time limits)
+#   gpu: every @pytest.mark.gpu test. Env: TESTS_K (pytest -k), TUNE_TOKENS, TUNE_FORMATS (refine), BENCH_SUFFIX,
+#   BENCH_ARGS, *_S (time limits)
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -20,7 +21,7 @@ for step in $STEPS; do
               --preset deepseek-v3 --preset gpt-oss-120b --format bf16 --format fp8_block --reps 8 2>&1 | tee "$OUT/tune.log"
             cp epmoe/kernels/configs/*.json "$OUT/" ;;
     refine) timeout ${TUNE_S:-150} python3 -m epmoe tune --preset mixtral-8x7b --preset qwen3-30b-a3b \
-              --preset deepseek-v3 --preset gpt-oss-120b --format bf16 --format fp8_block --reps 8 --jobs 16 \
+              --preset deepseek-v3 --preset gpt-oss-120b ${TUNE_FORMATS:---format bf16 --format fp8_block} --reps 8 --jobs 16 \
               --tokens ${TUNE_TOKENS:-1,16,128,1024,8192} --refine 2>&1 | tee "$OUT/tune.log"
             cp epmoe/kernels/configs/*.json "$OUT/" ;;
     persistent) timeout ${TUNE_S:-150} python3 -m epmoe tune --preset mixtral-8x7b --preset qwen3-30b-a3b \

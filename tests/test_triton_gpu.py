@@ -291,3 +291,60 @@ def test_persistent_kernels_fp8(preset):
         experts.kernel_config = lambda num_rows, weights, c=config: c
         _check_layer(layer, (2048,), bound=3e-2, seed=3)
         _check_layer(layer, (300,), routing="onehot", bound=3e-2, seed=4)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_gemv_path(preset):
+    """The decode path (config.gemv: two matrix-vector kernels, slot sum in the second) at real sizes,
+    bf16, T = 1, 3 and 16, with biases (gpt-oss), slots of remote experts and every token on one expert,
+    against the oracle and the tile path, with and without PDL (the down kernel starting early and
+    prefetching its weights); then the PDL path replayed in a CUDA graph on new routing."""
+    from epmoe.kernels.fused_moe import fused_experts
+    from epmoe.kernels.tuning_table import GemmConfig, GemvConfig, MoEKernelConfig
+    from epmoe.testing import capture
+    cfg = preset_config(preset, dtype=torch.bfloat16)
+    bias = preset == "gpt-oss-120b"
+    layer = _layer(cfg, SeededExperts(cfg, seed=11, device="cuda"), bias=bias)
+    w = layer.expert_weights
+    b13, b2 = w.b13, w.b2
+    g = torch.Generator(device="cuda").manual_seed(12)
+    E, k, H = cfg.num_experts, cfg.top_k, cfg.hidden_size
+    tiles = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    plain = GemvConfig(16, 256, 8, 256, 4, 4, 3, 1)
+    gemv = replace(tiles, gemv=replace(plain, pdl=True))
+    remote = E - max(1, E // 8)
+
+    def inputs(T, onehot):
+        x = torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+        if onehot:
+            ids[:, 0] = torch.where((ids[:, 1:] == 3).any(1), ids[:, 0], 3)
+        wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
+        return x, ids, wts
+
+    for T, onehot in ((1, False), (3, True), (16, False)):
+        x, ids, wts = inputs(T, onehot)
+        local = torch.where(ids < remote, ids, -1).to(torch.int32)
+        ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+                            routing=Routing(ids.to(torch.int32), torch.where(ids < remote, wts, 0.0)))
+        out = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, b13=b13, b2=b2, config=gemv)
+        no_pdl = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, b13=b13, b2=b2,
+                               config=replace(tiles, gemv=plain))
+        base = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, b13=b13, b2=b2, config=tiles)
+        torch.cuda.synchronize()
+        assert_close(out, ref, 1e-2, context=f"{preset} gemv T={T} onehot={onehot}")
+        assert torch.equal(out, no_pdl), f"{preset} T={T}: PDL changed the result"
+        assert_close(out, base, 1e-2, context=f"{preset} gemv T={T} against the tile path")
+
+    x, ids, wts = inputs(1, False)
+    local = ids.to(torch.int32)
+    replay, static_out = capture(lambda: fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, b13=b13, b2=b2,
+                                                       config=gemv))
+    x2, ids2, wts2 = inputs(1, False)
+    x.copy_(x2)
+    local.copy_(ids2)
+    wts.copy_(wts2)
+    replay()
+    torch.cuda.synchronize()
+    ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda", routing=Routing(local, wts))
+    assert_close(static_out, ref, 1e-2, context=f"{preset} gemv T=1 graph replay on new routing")

@@ -33,7 +33,7 @@ else:
     from epmoe.kernels.batched_moe import batched_experts
     from epmoe.kernels.fused_moe import fused_experts
     from epmoe.kernels.moe_align import align_pairs
-    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    from epmoe.kernels.tuning_table import GemmConfig, GemvConfig, MoEKernelConfig
     from epmoe.reference import reference_moe
     from epmoe.routing import Routing
     from epmoe.testing import assert_close, random_experts
@@ -63,6 +63,22 @@ else:
             b13 = torch.stack([torch.cat([t[3], t[4]]) for t in experts])
             b2 = torch.stack([t[5] for t in experts])
         return w13.contiguous(), w2.contiguous(), b13, b2
+
+    def fused_case(T, E, k, act, bias, routing, remote, seed):
+        """Random float32 experts (H = 200, I = 96) in the fused layout, T tokens routed at random (or
+        every token on expert 0: "hot"), and with `remote` the last two experts on another rank: their
+        slots are -1 for the kernels and weigh 0 for the oracle."""
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation=act,
+                        dtype=torch.float32)
+        experts = random_experts(cfg, seed=T + seed, with_bias=bias)
+        x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T + seed + 1))
+        ids, w = random_routing(T, E, k, seed=T + seed + 2, hot_expert=0 if routing == "hot" else None)
+        local, w_ref = ids.clone(), w.clone()
+        if remote:
+            local[ids >= E - 2] = -1
+            w_ref[ids >= E - 2] = 0.0
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref)) if T else None
+        return cfg, x, local, w, fused_layout(experts), ref
 
     @pytest.mark.parametrize("single", [True, False])
     @pytest.mark.parametrize("T,E,k,bm", [(0, 4, 2, 16), (1, 8, 2, 16), (37, 8, 2, 16), (300, 16, 4, 32)])
@@ -161,20 +177,9 @@ else:
     def test_fused_experts_split_tiles(T, tail, routing, remote):
         """Body tiles of 32 rows + tail tiles (two launches of each GEMM) against the oracle; T = 1 takes
         the direct path (one pair per tile), with the remote experts' slots skipped."""
-        E, k = 6, 3
-        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation="silu",
-                        dtype=torch.float32)
-        experts = random_experts(cfg, seed=T + 17, with_bias=True)
-        x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T + 2))
-        ids, w = random_routing(T, E, k, seed=T + 3, hot_expert=0 if routing == "hot" else None)
-        local, w_ref = ids.clone(), w.clone()
-        if remote:
-            local[ids >= E - 2] = -1
-            w_ref[ids >= E - 2] = 0.0
-        w13, w2, b13, b2 = fused_layout(experts)
+        _, x, local, w, (w13, w2, b13, b2), ref = fused_case(T, 6, 3, "silu", True, routing, remote, seed=17)
         config = MoEKernelConfig(32, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2), tail_m=tail)
         out = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=config)
-        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
         assert_close(out, ref, 1e-5, context=f"T={T} tail={tail} {routing} remote={remote}")
 
     @pytest.mark.parametrize("T,tail,routing,remote,tma", [(37, 0, "random", False, False), (40, 0, "hot", True, True),
@@ -185,23 +190,31 @@ else:
         GPU) on uniform tiles and on the split layout (body + tail launches) against the oracle; T = 1
         takes the direct path, where the config's persistent flag is ignored."""
         from epmoe.kernels.fused_moe import PERSISTENT_PROGRAMS_NO_GPU
-        E, k = 6, 3
-        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, activation="swigluoai",
-                        dtype=torch.float32)
-        experts = random_experts(cfg, seed=T + 27, with_bias=True)
-        x = torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(T + 5))
-        ids, w = random_routing(T, E, k, seed=T + 6, hot_expert=0 if routing == "hot" else None)
-        local, w_ref = ids.clone(), w.clone()
-        if remote:
-            local[ids >= E - 2] = -1
-            w_ref[ids >= E - 2] = 0.0
-        w13, w2, b13, b2 = fused_layout(experts)
+        k = 3
+        _, x, local, w, (w13, w2, b13, b2), ref = fused_case(T, 6, k, "swigluoai", True, routing, remote, seed=27)
         config = MoEKernelConfig(16 if not tail else 32, GemmConfig(32, 32, 2, 4, 2, tma=tma, persistent=True),
                                  GemmConfig(64, 64, 1, 4, 2, tma=tma, persistent=True), tail_m=tail)
         assert T < 3 or T * k // 16 * 3 > PERSISTENT_PROGRAMS_NO_GPU      # several tiles per program
         out = fused_experts(x, local, w, w13, w2, "swigluoai", b13=b13, b2=b2, config=config)
-        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w_ref))
         assert_close(out, ref, 1e-5, context=f"T={T} tail={tail} {routing} remote={remote} tma={tma}")
+
+    @pytest.mark.parametrize("T,E,k,act,bias,routing,remote", [
+        (1, 8, 2, "silu", False, "random", False), (1, 6, 3, "swigluoai", True, "random", True),
+        (3, 8, 2, "gelu", True, "hot", False), (5, 6, 3, "silu", False, "hot", True), (0, 4, 2, "silu", False, "random", False)])
+    def test_decode_gemv_matches_oracle(T, E, k, act, bias, routing, remote):
+        """The decode path (config.gemv): matrix-vector kernels with N and K edges (I = 96 in tiles of 64,
+        H = 200 in K blocks of 64 and N tiles of 32), slots of remote experts skipped, every token on one
+        expert, the slot sum inside the down kernel."""
+        cfg, x, local, w, (w13, w2, b13, b2), ref = fused_case(T, E, k, act, bias, routing, remote, seed=37)
+        config = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2),
+                                 gemv=GemvConfig(64, 64, 32, 64, gate_up_stages=2, down_stages=1))
+        out = fused_experts(x, local, w, w13, w2, act, b13=b13, b2=b2, config=config)
+        assert out.shape == (T, cfg.hidden_size)
+        if T == 0:
+            return
+        assert_close(out, ref, 1e-5, context=f"gemv T={T} {act} bias={bias} {routing} remote={remote}")
+        tiles = fused_experts(x, local, w, w13, w2, act, b13=b13, b2=b2, config=SMALL)
+        assert_close(out, tiles, 1e-5, context="gemv against the tile path")
 
     def test_fused_experts_heuristic_config_and_large_alignment_path():
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32)

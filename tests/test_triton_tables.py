@@ -91,3 +91,22 @@ def test_tail_tiles_in_configs_and_refine_plans(tmp_path):
     assert set(plan[8192]) == {(128, 0), (128, 64), (128, 32)}
     gus, _ = plan[8192][(128, 32)]
     assert {g.num_warps for g in gus} == {8, 16}
+
+
+def test_gemv_configs_round_trip_and_survive_lookup(tmp_path):
+    """A config with the decode path keeps it through the table (to_dict / from_dict, merge, lookup and
+    the clamp of tile sizes) and says so in describe(); the tuner's gemv candidates are sane tiles."""
+    from epmoe.kernels import tune
+    from epmoe.kernels.tuning_table import GemvConfig
+    gemv = GemvConfig(16, 256, 8, 512, 4, 8, 3, 1)
+    cfg = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 256, 1, 4, 3), gemv=gemv)
+    assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and "gemv gate_up[BN16 BK256 w4 s3]" in cfg.describe()
+    assert "gemv" not in MoEKernelConfig(16, cfg.gate_up, cfg.down).to_dict()
+    path = str(tmp_path / "t.json")
+    key = shape_key(128, 2048, 768, 8, "bfloat16")
+    tune.merge_into_table(path, key, {1: (cfg, 0.02)}, {"device": "test"})
+    assert lookup_config(1, 128, 2048, 768, 8, "bfloat16", paths=[path])[0].gemv == gemv
+    with pytest.raises(ValueError, match="bad kernel config"):
+        MoEKernelConfig.from_dict(dict(cfg.to_dict(), gemv={"gate_up_n": 16}))
+    for n, k, warps, stages in tune._GEMV_GATE_UP + tune._GEMV_DOWN:
+        assert n & (n - 1) == 0 and k & (k - 1) == 0 and warps in (4, 8) and stages >= 1

@@ -11,6 +11,9 @@ Pipeline for the flat layout (`fused_experts`), all on the GPU with no host sync
                      scattered to its pair -> y [N * k, H]
     sum kernel       out[t] = sum over the token's local slots of y[t * k + j], in float32
 
+A config with `gemv` set sends its batches (a few tokens: decode) to `decode_gemv` instead: two
+matrix-vector kernels, no alignment, no padding, the slot sum folded into the second.
+
 The batched layout ([L, C, H] + counts, `batched_moe.py`) runs the same two GEMM kernels with
 BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
 kernel writes their zeros) and no routing weight is applied.
@@ -627,6 +630,10 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
     weights_flat = topk_weights.reshape(-1).float().contiguous()
     b13 = None if b13 is None else b13.float().contiguous()
     b2 = None if b2 is None else b2.float().contiguous()
+    if config.gemv is not None and fp8 is None:
+        from .decode_gemv import gemv_experts
+        return gemv_experts(x, ids_flat.reshape(-1), weights_flat, w13, w2, b13, b2, activation, out, top_k,
+                            config.gemv)
     # which tiles: one pair per tile for a single token (no alignment pass: its k experts are distinct),
     # body + tail tiles (split layout) when the config asks, else uniform tiles of BLOCK_M
     if N == 1:

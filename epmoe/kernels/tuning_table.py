@@ -33,28 +33,54 @@ class GemmConfig:
 
 
 @dataclass(frozen=True)
+class GemvConfig:
+    """The decode path (`decode_gemv`): N / K tiles, warps and load pipeline depth (1: plain loads) of its
+    two weight-streaming kernels; pdl: the down kernel starts early and prefetches its weights (Hopper+)."""
+    gate_up_n: int
+    gate_up_k: int
+    down_n: int
+    down_k: int
+    gate_up_warps: int = 4
+    down_warps: int = 4
+    gate_up_stages: int = 1
+    down_stages: int = 1
+    pdl: bool = False
+
+    def describe(self) -> str:
+        return (f"gemv gate_up[BN{self.gate_up_n} BK{self.gate_up_k} w{self.gate_up_warps} s{self.gate_up_stages}] "
+                f"down[BN{self.down_n} BK{self.down_k} w{self.down_warps} s{self.down_stages}]"
+                + (" pdl" if self.pdl else ""))
+
+
+@dataclass(frozen=True)
 class MoEKernelConfig:
     """One configuration of the two fused GEMMs; BLOCK_M is shared (it sets the padding of the layout).
 
     tail_m > 0: the split layout (moe_align): each expert's rows are padded to tail_m only, and what is
     left after its BLOCK_M tiles runs in tiles of tail_m rows (a second launch of each GEMM, same N/K
-    tiles, warps and stages)."""
+    tiles, warps and stages).
+
+    gemv set: batches of this size take the decode path instead (two matrix-vector kernels, no
+    alignment, no tiles: `decode_gemv`); the tile fields stay for the formats that path does not take."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
     tail_m: int = 0
+    gemv: GemvConfig | None = None
 
     def to_dict(self) -> dict:
         d = {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
         if self.tail_m:
             d["tail_m"] = self.tail_m
+        if self.gemv is not None:
+            d["gemv"] = asdict(self.gemv)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEKernelConfig":
         try:
             return cls(int(d["block_m"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
-                       int(d.get("tail_m", 0)))
+                       int(d.get("tail_m", 0)), GemvConfig(**d["gemv"]) if d.get("gemv") else None)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad kernel config {d!r}: needs block_m, gate_up and down "
                              f"(block_n, block_k, group_m, num_warps, num_stages): {exc}") from exc
@@ -65,7 +91,8 @@ class MoEKernelConfig:
             return (f"BN{c.block_n} BK{c.block_k} G{c.group_m} w{c.num_warps} s{c.num_stages}"
                     + (" tma" if c.tma else "") + (" persistent" if c.persistent else ""))
         tail = f"+{self.tail_m}" if self.tail_m else ""
-        return f"BM{self.block_m}{tail} gate_up[{one(g)}] down[{one(d)}]"
+        gemv = f" | {self.gemv.describe()}" if self.gemv is not None else ""
+        return f"BM{self.block_m}{tail} gate_up[{one(g)}] down[{one(d)}]{gemv}"
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, fmt: str) -> str:
@@ -120,7 +147,7 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
                 break
         return out
     return MoEKernelConfig(cfg.block_m, clamp(cfg.gate_up, inter, hidden, 2, fp8),
-                           clamp(cfg.down, hidden, inter, 1, False), cfg.tail_m)
+                           clamp(cfg.down, hidden, inter, 1, False), cfg.tail_m, cfg.gemv)
 
 
 def _pow2_ceil(n: int) -> int:
