@@ -348,3 +348,50 @@ def test_decode_gemv_path(preset):
     torch.cuda.synchronize()
     ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda", routing=Routing(local, wts))
     assert_close(static_out, ref, 1e-2, context=f"{preset} gemv T=1 graph replay on new routing")
+
+
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "deepseek-v3"])
+@pytest.mark.parametrize("kind", ["block", "channel_group"])
+def test_decode_gemv_path_fp8(preset, kind):
+    """The decode path in FP8 at real sizes (activations per group of 128; weights per 128x128 block or per
+    row): T = 1 and 5 with remote slots, against the oracle (FP8 bound) and the tile path, with PDL, and
+    replayed in a CUDA graph."""
+    from epmoe.kernels.fused_moe import Fp8Operands, fused_experts
+    from epmoe.kernels.tuning_table import GemmConfig, GemvConfig, MoEKernelConfig
+    from epmoe.quant.fp8 import Fp8Config
+    from epmoe.testing import capture
+    quant = (Fp8Config(weight_block=(128, 128), activation="per_token_group") if kind == "block" else
+             Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token_group"))
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=quant)
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=13, device="cuda"))
+    w = layer.expert_weights
+    E, k, H = cfg.num_experts, cfg.top_k, cfg.hidden_size
+    g = torch.Generator(device="cuda").manual_seed(14)
+    tiles = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 3), GemmConfig(128, 128, 1, 4, 3))
+    gemv = replace(tiles, gemv=GemvConfig(16, 256, 8, 256, 4, 4, 3, 3, pdl=True))
+
+    def run(x, local, wts, config):
+        xq, xs = cfg.quant_scheme.quantize_activations(x)
+        ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, 128, quant.weight_block,
+                          quant.weight_granularity)
+        return fused_experts(xq, local, wts, w.w13, w.w2, cfg.activation, out_dtype=cfg.dtype, config=config,
+                             fp8=ops)
+
+    for T in (1, 5):
+        x = torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype)
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
+        wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
+        local = torch.where(ids < E - 16, ids, -1).to(torch.int32)
+        ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+                            routing=Routing(ids.to(torch.int32), torch.where(ids < E - 16, wts, 0.0)))
+        out, base = run(x, local, wts, gemv), run(x, local, wts, tiles)
+        torch.cuda.synchronize()
+        assert_close(out, ref, 3e-2, context=f"{preset} fp8 {kind} gemv T={T}")
+        assert_close(out, base, 1e-2, context=f"{preset} fp8 {kind} gemv T={T} against the tile path")
+    replay, static_out = capture(lambda: run(x, local, wts, gemv))
+    x.copy_(torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype))
+    replay()
+    torch.cuda.synchronize()
+    ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+                        routing=Routing(ids.to(torch.int32), torch.where(ids < E - 16, wts, 0.0)))
+    assert_close(static_out, ref, 3e-2, context=f"{preset} fp8 {kind} gemv graph replay")

@@ -299,3 +299,49 @@ else:
         ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is DESIGN's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
+
+    @pytest.mark.parametrize("granularity,T,remote", [("block", 1, False), ("block", 3, True), ("tensor", 2, True),
+                                                      ("channel", 1, False)])
+    def test_decode_gemv_fp8(granularity, T, remote):
+        """The decode path in FP8 (activations per group of 128; 128x128 block or per-row weight scales):
+        the intermediate is quantized per group inside the down kernel with the one formula, so it
+        matches the tile path closely and the oracle within the FP8 bound; slots of remote experts
+        skipped. Per-token activation scales are not taken by the decode path: the tiles run instead."""
+        from dataclasses import replace
+
+        from epmoe.kernels.decode_gemv import fp8_supported
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        E, k, H, I = 4, 3, 256, 256
+        quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
+                          per_channel_weights=granularity == "channel", activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=41, with_bias=True)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(42))
+        ids, w = random_routing(T, E, k, seed=43)
+        local, w_ref = ids.clone(), w.clone()
+        if remote:
+            local[ids == E - 1] = -1
+            w_ref[ids == E - 1] = 0.0
+        q13, s13, q2, s2 = _fp8_weights(experts, granularity)
+        _, _, b13, b2 = fused_layout(experts)
+        xq, xs = fp8_quantize_torch(x, 128)
+        ops = Fp8Operands(xs.contiguous(), s13, s2, 128, quant.weight_block, granularity)
+        assert fp8_supported(ops, H, I) and not fp8_supported(replace(ops, act_group=None), H, I)
+        tiles = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+        gemv = replace(tiles, gemv=GemvConfig(32, 256, 16, 128, gate_up_stages=2))
+        out = fused_experts(xq, local, w, q13, q2, "swigluoai", b13=b13, b2=b2, out_dtype=torch.float32,
+                            config=gemv, fp8=ops)
+        base = fused_experts(xq, local, w, q13, q2, "swigluoai", b13=b13, b2=b2, out_dtype=torch.float32,
+                             config=tiles, fp8=ops)
+        blk = quant.weight_block
+        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
+                dequantize_weight(q2[e], s2[e], blk), *experts[e][3:]) for e in range(E)]
+        cfg_act = replace(cfg, activation="swigluoai")
+        ref = reference_moe(x, None, deq, cfg_act, routing=Routing(ids, w_ref))
+        assert_close(out, ref, 5e-3, context=f"gemv fp8 {granularity} T={T}")
+        assert_close(out, base, 2e-3, context=f"gemv fp8 {granularity} T={T} against the tile path")
+        with pytest.raises(ValueError, match="multiples of 128"):
+            fused_experts(xq, local, w, q13, q2, "swigluoai", b13=b13, b2=b2, out_dtype=torch.float32,
+                          config=replace(tiles, gemv=GemvConfig(32, 64, 16, 128)), fp8=ops)

@@ -630,10 +630,11 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
     weights_flat = topk_weights.reshape(-1).float().contiguous()
     b13 = None if b13 is None else b13.float().contiguous()
     b2 = None if b2 is None else b2.float().contiguous()
-    if config.gemv is not None and fp8 is None:
-        from .decode_gemv import gemv_experts
-        return gemv_experts(x, ids_flat.reshape(-1), weights_flat, w13, w2, b13, b2, activation, out, top_k,
-                            config.gemv)
+    if config.gemv is not None:
+        from .decode_gemv import fp8_supported, gemv_experts
+        if fp8 is None or fp8_supported(fp8, H, inter):
+            return gemv_experts(x, ids_flat.reshape(-1), weights_flat, w13, w2, b13, b2, activation, out, top_k,
+                                config.gemv, fp8)
     # which tiles: one pair per tile for a single token (no alignment pass: its k experts are distinct),
     # body + tail tiles (split layout) when the config asks, else uniform tiles of BLOCK_M
     if N == 1:

@@ -41,13 +41,14 @@ _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 
              (64, 128, 4, 6)]
 
 
-# the decode path (decode_gemv), tried for T <= GEMV_MAX_TOKENS (not FP8): (block_n, block_k, warps,
-# stages) of each kernel, timed separately; the best pair then runs end to end against the tile path's best
+# the decode path (decode_gemv), tried for T <= GEMV_MAX_TOKENS (FP8: the formats it takes, K tiles of
+# 128s): (block_n, block_k, warps, stages) of each kernel, timed separately; the best pair then runs end
+# to end against the tile path's best
 GEMV_MAX_TOKENS = 16
 _GEMV_GATE_UP = [(8, 256, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3), (8, 512, 4, 3), (16, 128, 4, 4), (8, 512, 4, 1),
-                 (16, 256, 4, 1)]
+                 (16, 256, 4, 1), (8, 1024, 4, 2), (16, 512, 8, 3)]
 _GEMV_DOWN = [(8, 256, 4, 3), (4, 256, 4, 4), (8, 128, 4, 4), (16, 128, 8, 3), (4, 512, 4, 3), (8, 256, 4, 1),
-              (4, 512, 4, 1)]
+              (4, 512, 4, 1), (8, 512, 8, 3)]
 
 
 def block_ms_for(rows_per_expert: float) -> list[int]:
@@ -345,7 +346,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                 progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms")
                 if ms < float("inf") and (T not in best or ms < best[T][1]):
                     best[T] = (MoEKernelConfig(bm, g_best, d_best, tail), ms)
-            if T in best and T <= GEMV_MAX_TOKENS and not problem.fp8:
+            if T in best and T <= GEMV_MAX_TOKENS:
                 best[T] = _tune_gemv(problem, T, best[T], timer, reps, gen, progress.console)
             if T in best:
                 progress.console.print(f"  T={T:5d}: {best[T][0].describe()}  {best[T][1]:.4f} ms "
@@ -359,8 +360,8 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
     included), the decode path also with PDL where the GPU has it. Returns the winner and its time (gemv:
     end to end; tiles: gate_up + down as above)."""
-    from .decode_gemv import launch_gemv_down, launch_gemv_gate_up, pdl_available
-    from .fused_moe import fused_experts
+    from .decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
+    from .fused_moe import Fp8Operands, fused_experts
     tiles, tiles_ms = tiles_best
     L, H, I, k = problem.sizes
     w = problem.weights
@@ -370,25 +371,38 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
     h = torch.randn(T * k, I, generator=gen, device=dev).to(problem.cfg.dtype)
     out = torch.empty(T, H, dtype=problem.cfg.dtype, device=dev)
+    ops = None
+    gate_ups, downs = _GEMV_GATE_UP, _GEMV_DOWN
+    if problem.fp8:
+        q = problem.cfg.quant
+        x, xs = problem.cfg.quant_scheme.quantize_activations(x)
+        ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, q.activation_group_size, q.weight_block,
+                          q.weight_granularity)
+        if not fp8_supported(ops, H, I):
+            return tiles_best
+        h = h.float()
+        gate_ups = [c for c in gate_ups if c[1] % 128 == 0 and 128 % c[0] == 0]
+        downs = [c for c in downs if c[1] % 128 == 0 and 128 % c[0] == 0]
     ids_flat, tw_flat = ids.reshape(-1), tw.reshape(-1).contiguous()
     b13 = None if w.b13 is None else w.b13.float().contiguous()
     b2 = None if w.b2 is None else w.b2.float().contiguous()
     t_gu, t_dn = {}, {}
-    for n, kb, warps, stages in _GEMV_GATE_UP:
+    for n, kb, warps, stages in gate_ups:
         g = GemvConfig(n, kb, 8, 256, gate_up_warps=warps, gate_up_stages=stages)
         t_gu[(n, kb, warps, stages)] = _safe_time(timer, lambda g=g: launch_gemv_gate_up(
-            x, w.w13, b13, ids_flat, h, k, problem.cfg.activation, g), reps)
-    for n, kb, warps, stages in _GEMV_DOWN:
+            x, w.w13, b13, ids_flat, h, k, problem.cfg.activation, g, ops), reps)
+    for n, kb, warps, stages in downs:
         g = GemvConfig(16, 256, n, kb, down_warps=warps, down_stages=stages)
-        t_dn[(n, kb, warps, stages)] = _safe_time(timer, lambda g=g: launch_gemv_down(h, w.w2, b2, ids_flat, tw_flat, out,
-                                                                                 k, g), reps)
+        t_dn[(n, kb, warps, stages)] = _safe_time(timer, lambda g=g: launch_gemv_down(
+            h, w.w2, b2, ids_flat, tw_flat, out, k, g, ops), reps)
     gu, dn = min(t_gu, key=t_gu.get), min(t_dn, key=t_dn.get)
     gemv = GemvConfig(gu[0], gu[1], dn[0], dn[1], gu[2], dn[2], gu[3], dn[3])
     paths = {"tiles": replace(tiles, gemv=None), "gemv": replace(tiles, gemv=gemv)}
     if pdl_available(dev):
         paths["gemv pdl"] = replace(tiles, gemv=replace(gemv, pdl=True))
     ends = {name: _safe_time(timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
-                                                                  b13=b13, b2=b2, config=cfg), reps)
+                                                                  b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
+                                                                  config=cfg, fp8=ops), reps)
             for name, cfg in paths.items()}
     console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items())
                   + f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})", soft_wrap=True)
