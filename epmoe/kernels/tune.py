@@ -4,7 +4,9 @@ For each token count T the candidates of its regime (rows per expert = T * k / L
 rows that stream weights, up to 128 x 256 tiles for prefill) are compiled ahead, in parallel worker
 processes that fill Triton's on-disk cache; then, for each BLOCK_M, the gate+up and the down kernel are
 timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
-the BLOCK_M with the smallest sum wins. The winners are merged into the table of this GPU
+the BLOCK_M with the smallest sum wins. For T <= 16 the decode path (`decode_gemv`: matrix-vector
+kernels, with and without PDL) is then timed end to end against the winning tiles and recorded in the
+entry when it is faster. The winners are merged into the table of this GPU
 (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads.
 """
 from __future__ import annotations
