@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 from epmoe import Fp8Config, MoELayer, contract, reference_moe  # noqa: E402
 from epmoe.presets import preset_config  # noqa: E402
-from epmoe.testing import compare  # noqa: E402
+from epmoe.testing import LayerExperts, compare  # noqa: E402
 
 
 def backends_for(cfg) -> list[str]:
@@ -88,30 +88,6 @@ def ceilings() -> dict:
     flops = 2 * 8192 ** 3
     return {"copy_TBps": 2 * n / copy_ms / 1e9, "bf16_TFLOPs": flops / bf16_ms / 1e9,
             "fp8_TFLOPs": flops / fp8_ms / 1e9}
-
-
-class LazyDequantized:
-    """Expert e of an FP8 layer as float32 (gate, up, down), made when the oracle asks for it."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __len__(self):
-        return self.layer.cfg.num_experts
-
-    def __getitem__(self, e):
-        return self.layer.scheme.dequantized_expert(self.layer, e)
-
-
-class LazyBf16:
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __len__(self):
-        return self.layer.cfg.num_experts
-
-    def __getitem__(self, e):
-        return real_weights(self.layer, e)
 
 
 def real_weights(layer, e):
@@ -227,7 +203,7 @@ def measure(layer, label, x, logits, T, hit, flops, ceil) -> dict:
     with torch.no_grad():
         out = layer(x, logits)
         n = min(T, 128)
-        experts = LazyDequantized(layer) if is_fp8 else LazyBf16(layer)
+        experts = LayerExperts(layer)
         ref = reference_moe(x[:n], logits[:n], experts, cfg, score_correction_bias=layer.score_correction_bias,
                             device="cuda")
         err = compare(out[:n], ref)

@@ -30,7 +30,7 @@ from epmoe.experts.batched import BatchedExperts
 from epmoe.layouts import BatchedBatch, ExpertWeights
 from epmoe.quant import example_configs
 from epmoe.quant.fp8 import fp8_quantize_torch
-from epmoe.testing import assert_close, bound_for, random_experts, random_inputs
+from epmoe.testing import LayerExperts, assert_close, bound_for, random_experts, random_inputs
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -57,21 +57,6 @@ def kernels_ready(monkeypatch):
     GPU machine sees them. Nothing is allocated on a GPU under this fixture."""
     monkeypatch.setattr(epmoe.kernels, "triton_problem", lambda device_type="cuda", need_fp8=False:
                         None if device_type == "cuda" else f"the Triton kernels run on CUDA GPUs, not {device_type}")
-
-
-class DequantizedExperts:
-    """The oracle's view of an FP8 layer's experts: the stored FP8 weights, dequantized."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __len__(self):
-        return self.layer.cfg.num_experts
-
-    def __getitem__(self, e):
-        if not 0 <= e < len(self):
-            raise IndexError(e)
-        return self.layer.cfg.quant_scheme.dequantized_expert(self.layer, e)
 
 
 # ------------------------------------------------------------------------------ the contract (CPU)
@@ -241,7 +226,7 @@ else:
         batch = kernel.batches[-1]
         assert batch.x.dtype == torch.float8_e4m3fn and batch.scales is not None
         assert batch.scales.shape[:2] == batch.x.shape[:2]
-        oracle = reference_moe(x, logits, DequantizedExperts(layer), cfg)
+        oracle = reference_moe(x, logits, LayerExperts(layer), cfg)
         # measured <= 3e-7 in float32 (same FP8 bits in, float32 sums in another order); DESIGN allows 3e-2
         assert_close(got, want.double(), 1e-5, context=f"{kind} dispatch_fp8={dispatch_fp8} vs reference experts")
         assert_close(got, oracle, 1e-5, context=f"{kind} dispatch_fp8={dispatch_fp8} vs reference_moe")
@@ -300,7 +285,7 @@ def test_gpu_low_latency_fp8(monkeypatch, size, kind, dispatch_fp8):
     assert layer.experts_name == "batched"
     assert layer.activation_handoff == (HANDOFF_ON_THE_WIRE if dispatch_fp8 else HANDOFF_AFTER_DISPATCH)
     calls = _count_kernel_calls(monkeypatch)
-    oracle = DequantizedExperts(layer)
+    oracle = LayerExperts(layer)
     g = torch.Generator(device="cuda").manual_seed(11)
     for T, onehot in ((1, False), (37, False), (M, False), (M, True)):
         x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
@@ -344,7 +329,7 @@ def test_gpu_fp8_cuda_graph_replay(dispatch_fp8):
     base = _sizes()["qwen3-30b-a3b"]
     cfg = replace(base, quant=Fp8Config(**QUANTS["block"], dispatch_fp8=dispatch_fp8))
     layer = _gpu_layer(cfg, _source(base, 9), 64)
-    oracle = DequantizedExperts(layer)
+    oracle = LayerExperts(layer)
     T = 48
     x = torch.randn(T, cfg.hidden_size, device="cuda").to(cfg.dtype)
     logits = torch.randn(T, cfg.num_experts, device="cuda")

@@ -61,3 +61,27 @@ def test_run_on_ranks_reports_the_failing_rank():
 def test_run_on_ranks_kills_a_hung_rank():
     with pytest.raises(RuntimeError, match=r"ranks \[0\] did not finish within 3s"):
         run_on_ranks(_hang_on_zero, 2, timeout_s=3)
+
+
+@pytest.mark.parametrize("quant", [None, "fp8_block"])
+def test_layer_experts_is_what_the_layer_holds(quant):
+    """LayerExperts hands the oracle the layer's own weights (real sizes out of padded storage, FP8
+    dequantized, biases included): the oracle over it reproduces the layer, and ids out of range raise."""
+    from epmoe import Fp8Config, MoEConfig, MoELayer, reference_moe
+    from epmoe.testing import LayerExperts, load_experts, random_experts
+    q = Fp8Config(weight_block=(128, 128), activation="per_token_group") if quant else None
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=180, intermediate_size=72, dtype=torch.float32, quant=q)
+    experts = random_experts(cfg, seed=3, with_bias=True)
+    layer = MoELayer(cfg, experts="reference", expert_bias=True)
+    load_experts(layer, experts)
+    view = LayerExperts(layer)
+    assert len(view) == 4 and len(view[1]) == 6
+    for got, want in zip(view[1], experts[1]):
+        assert got.shape == want.shape
+        if quant is None:
+            assert torch.equal(got, want)
+    g = torch.Generator().manual_seed(4)
+    x, logits = torch.randn(9, 180, generator=g), torch.randn(9, 4, generator=g)
+    assert_close(layer(x, logits), reference_moe(x, logits, view, cfg), 1e-5)
+    with pytest.raises(IndexError):
+        view[4]

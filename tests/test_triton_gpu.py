@@ -11,7 +11,7 @@ from epmoe.layouts import BatchedBatch, FlatBatch
 from epmoe.main_job import SeededExperts
 from epmoe.presets import preset_config
 from epmoe.routing import Routing
-from epmoe.testing import assert_close, random_experts
+from epmoe.testing import LayerExperts, assert_close, random_experts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -41,35 +41,10 @@ def _layer(cfg, source, experts="triton", bias=False):
     return layer
 
 
-class _LayerExperts:
-    """The oracle's view of a layer's experts: dequantized FP8, or the stored weights (+ biases)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __len__(self):
-        return self.layer.cfg.num_experts
-
-    def __getitem__(self, e):
-        if not 0 <= e < len(self):
-            raise IndexError(e)
-        layer, cfg = self.layer, self.layer.cfg
-        H, I = cfg.hidden_size, cfg.intermediate_size
-        if cfg.quant is not None:
-            t = cfg.quant_scheme.dequantized_expert(layer, e)
-        else:
-            Ip = layer.w2.shape[2]
-            t = (layer.w13[e, :I, :H], layer.w13[e, Ip:Ip + I, :H], layer.w2[e, :H, :I])
-        if getattr(layer, "b13", None) is not None:
-            Ip = layer.w2.shape[2]
-            t = tuple(t) + (layer.b13[e, :I], layer.b13[e, Ip:Ip + I], layer.b2[e, :H])
-        return t
-
-
 def _check_layer(layer, tokens, routing="random", bound=None, seed=0):
     cfg = layer.cfg
     g = torch.Generator(device="cuda").manual_seed(seed)
-    experts = _LayerExperts(layer)
+    experts = LayerExperts(layer)
     for T in tokens:
         x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
         logits = torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2
@@ -132,7 +107,7 @@ def test_remote_slots_and_cuda_graph():
     x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype))
     graph.replay()
     torch.cuda.synchronize()
-    ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+    ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda",
                         routing=Routing(ids.to(torch.int32), torch.where(ids < 64, w, 0.0)))
     assert_close(static_out, ref, 1e-2, context="graph replay, remote slots")
 
@@ -157,7 +132,7 @@ def test_batched_kernel(fp8):
         xin, xs = cfg.quant_scheme.quantize_activations(x)
         ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, 128, (128, 128), "block")
     out = batched_experts(xin, counts, w.w13, w.w2, cfg.activation, top_k=cfg.top_k, out_dtype=cfg.dtype, fp8=ops)
-    experts = _LayerExperts(layer)
+    experts = LayerExperts(layer)
     for e in range(cfg.num_experts):
         n = int(counts[e])
         assert (out[e, n:] == 0).all()
@@ -209,7 +184,7 @@ def test_split_tiles_and_direct_path(preset):
             ids[:, 0] = torch.where((ids[:, 1:] == 3).any(1), ids[:, 0], 3)
         wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
         local = torch.where(ids < E - 8, ids, -1).to(torch.int32)
-        ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+        ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda",
                             routing=Routing(ids.to(torch.int32), torch.where(ids < E - 8, wts, 0.0)))
         base = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, config=uniform)
         for tail in (64, 32):
@@ -249,7 +224,7 @@ def test_persistent_kernels(preset):
         wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
         local = torch.where(ids < E - 8, ids, -1).to(torch.int32)
         rows = torch.randperm(T, device="cuda", generator=g)[:CHECK_ROWS]
-        ref = reference_moe(x[rows], None, _LayerExperts(layer), cfg, device="cuda",
+        ref = reference_moe(x[rows], None, LayerExperts(layer), cfg, device="cuda",
                             routing=Routing(ids[rows].to(torch.int32), torch.where(ids[rows] < E - 8, wts[rows], 0.0)))
         kw = dict(b13=w.b13, b2=w.b2)
         base = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, config=plain, **kw)
@@ -325,7 +300,7 @@ def test_decode_gemv_path(preset):
     for T, onehot in ((1, False), (3, True), (16, False)):
         x, ids, wts = inputs(T, onehot)
         local = torch.where(ids < remote, ids, -1).to(torch.int32)
-        ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+        ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda",
                             routing=Routing(ids.to(torch.int32), torch.where(ids < remote, wts, 0.0)))
         out = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, b13=b13, b2=b2, config=gemv)
         no_pdl = fused_experts(x, local, wts, w.w13, w.w2, cfg.activation, b13=b13, b2=b2,
@@ -346,7 +321,7 @@ def test_decode_gemv_path(preset):
     wts.copy_(wts2)
     replay()
     torch.cuda.synchronize()
-    ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda", routing=Routing(local, wts))
+    ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda", routing=Routing(local, wts))
     assert_close(static_out, ref, 1e-2, context=f"{preset} gemv T=1 graph replay on new routing")
 
 
@@ -382,7 +357,7 @@ def test_decode_gemv_path_fp8(preset, kind):
         ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
         wts = torch.softmax(torch.randn(T, k, device="cuda", generator=g), 1)
         local = torch.where(ids < E - 16, ids, -1).to(torch.int32)
-        ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+        ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda",
                             routing=Routing(ids.to(torch.int32), torch.where(ids < E - 16, wts, 0.0)))
         out, base = run(x, local, wts, gemv), run(x, local, wts, tiles)
         torch.cuda.synchronize()
@@ -392,6 +367,6 @@ def test_decode_gemv_path_fp8(preset, kind):
     x.copy_(torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype))
     replay()
     torch.cuda.synchronize()
-    ref = reference_moe(x, None, _LayerExperts(layer), cfg, device="cuda",
+    ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda",
                         routing=Routing(ids.to(torch.int32), torch.where(ids < E - 16, wts, 0.0)))
     assert_close(static_out, ref, 3e-2, context=f"{preset} fp8 {kind} gemv graph replay")

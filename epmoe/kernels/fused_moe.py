@@ -582,6 +582,21 @@ def launch_sum(y, local_ids, out, num_rows: int, hidden: int, top_k: int, warmup
 
 
 # ------------------------------------------------------------------------------------ the flat path
+def tile_launches(aligned, block_m: int, tail_m: int) -> list[dict]:
+    """The tile arguments of each GEMM launch over an alignment (`align_pairs` with the same tail_m):
+    uniform tiles of block_m rows (one launch), or the split layout's body tiles and tail tiles (two)."""
+    if not tail_m:
+        return [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
+                     num_padded=aligned.num_padded, capacity=0, row_blocks=aligned.max_blocks,
+                     block_m=block_m, tile_mode=0)]
+    launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles, num_padded=aligned.tile_counts,
+                     capacity=0, row_blocks=aligned.max_body, block_m=block_m, tile_mode=1),
+                dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles[aligned.max_body:],
+                     num_padded=aligned.tile_counts[1:], capacity=0, row_blocks=aligned.max_tail,
+                     block_m=tail_m, tile_mode=1)]
+    return [launch for launch in launches if launch["row_blocks"] > 0]
+
+
 def weight_format(w13: torch.Tensor, fp8_granularity: str | None) -> str:
     """The tuning-table name of a weight format."""
     if fp8_granularity is not None:
@@ -648,18 +663,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
         tail = config.tail_m if config.tail_m and config.tail_m < bm else 0
         aligned = align_pairs(local_ids, L, bm, tail_m=tail)
         rows = aligned.max_rows
-        if tail:
-            launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles,
-                             num_padded=aligned.tile_counts, capacity=0, row_blocks=aligned.max_body,
-                             block_m=bm, tile_mode=1),
-                        dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles[aligned.max_body:],
-                             num_padded=aligned.tile_counts[1:], capacity=0, row_blocks=aligned.max_tail,
-                             block_m=tail, tile_mode=1)]
-            launches = [l for l in launches if l["row_blocks"] > 0]
-        else:
-            launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
-                             num_padded=aligned.num_padded, capacity=0, row_blocks=aligned.max_blocks,
-                             block_m=bm, tile_mode=0)]
+        launches = tile_launches(aligned, bm, tail)
     rows = max(rows, 1)
 
     mode1 = mode2 = None

@@ -223,7 +223,7 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
                      progress=None, task=None, tail_m: int = 0) -> tuple[dict, dict]:
     """Median ms of each gate_up and each down candidate on one balanced routing of T tokens (with
     `tail_m`: both launches of the split layout, body and tail tiles, timed together)."""
-    from .fused_moe import launch_down, launch_gate_up
+    from .fused_moe import launch_down, launch_gate_up, tile_launches
     from .moe_align import align_pairs
     L, H, I, k = problem.sizes
     dev = problem.weights.w13.device
@@ -249,17 +249,7 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
             rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
     y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
     common = dict(counts=None, num_pairs=T * k, hidden=H, inter=I, top_k=k, batched=False)
-    if tail_m:
-        launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles, num_padded=aligned.tile_counts,
-                         capacity=0, row_blocks=aligned.max_body, block_m=block_m, tile_mode=1),
-                    dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles[aligned.max_body:],
-                         num_padded=aligned.tile_counts[1:], capacity=0, row_blocks=aligned.max_tail,
-                         block_m=tail_m, tile_mode=1)]
-        launches = [l for l in launches if l["row_blocks"] > 0]
-    else:
-        launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
-                         num_padded=aligned.num_padded, capacity=0, row_blocks=aligned.max_blocks,
-                         block_m=block_m, tile_mode=0)]
+    launches = tile_launches(aligned, block_m, tail_m)
     w = problem.weights
     out_gu, out_dn = {}, {}
     for g in gate_ups:

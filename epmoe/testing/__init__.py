@@ -2,7 +2,8 @@
 from .compare import BOUNDS, CompareResult, assert_close, bound_for, compare
 from .distributed import run_on_ranks
 from .graphs import capture
+from .layer_view import LayerExperts
 from .random_moe import random_experts, random_inputs, load_experts
 
-__all__ = ["BOUNDS", "CompareResult", "assert_close", "bound_for", "capture", "compare", "run_on_ranks",
+__all__ = ["BOUNDS", "CompareResult", "LayerExperts", "assert_close", "bound_for", "capture", "compare", "run_on_ranks",
            "random_experts", "random_inputs", "load_experts"]
