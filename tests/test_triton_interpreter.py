@@ -216,6 +216,24 @@ else:
         tiles = fused_experts(x, local, w, w13, w2, act, b13=b13, b2=b2, config=SMALL)
         assert_close(out, tiles, 1e-5, context="gemv against the tile path")
 
+    @pytest.mark.parametrize("gemv", [False, True])
+    def test_ids_past_the_local_experts_contribute_nothing(gemv):
+        """An id outside [0, L) (not -1) is not here, for the tile path's slot sum as for the decode path:
+        those slots add nothing, as the oracle with their weight at 0 says."""
+        E, k, T = 6, 3, 5
+        _, x, local, w, (w13, w2, b13, b2), _ = fused_case(T, E, k, "silu", True, "hot", False, seed=51)
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=200, intermediate_size=96, dtype=torch.float32)
+        experts = random_experts(cfg, seed=T + 51, with_bias=True)
+        outside = local.clone()
+        outside[local == E - 1] = E + 3
+        w_ref = torch.where(local == E - 1, torch.zeros_like(w), w)
+        config = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2),
+                                 gemv=GemvConfig(64, 64, 32, 64) if gemv else None)
+        out = fused_experts(x, outside, w, w13, w2, "silu", b13=b13, b2=b2, config=config)
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(local, w_ref))
+        assert (local == E - 1).any()
+        assert_close(out, ref, 1e-5, context=f"ids >= L, gemv={gemv}")
+
     def test_fused_experts_heuristic_config_and_large_alignment_path():
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32)
         experts = random_experts(cfg, seed=3)
@@ -345,3 +363,45 @@ else:
         with pytest.raises(ValueError, match="multiples of 128"):
             fused_experts(xq, local, w, q13, q2, "swigluoai", b13=b13, b2=b2, out_dtype=torch.float32,
                           config=replace(tiles, gemv=GemvConfig(32, 64, 16, 128)), fp8=ops)
+        # per-token activation scales: the decode path does not take them, the tiles run (same result)
+        xq_t, xs_t = fp8_quantize_torch(x, None)
+        per_token = replace(ops, x_scale=xs_t.reshape(-1).contiguous(), act_group=None)
+        assert torch.equal(
+            fused_experts(xq_t, local, w, q13, q2, "swigluoai", b13=b13, b2=b2, out_dtype=torch.float32,
+                          config=gemv, fp8=per_token),
+            fused_experts(xq_t, local, w, q13, q2, "swigluoai", b13=b13, b2=b2, out_dtype=torch.float32,
+                          config=tiles, fp8=per_token))
+
+    @pytest.mark.parametrize("granularity", ["block", "channel"])
+    def test_decode_gemv_fp8_ragged_k(granularity):
+        """FP8 decode path with K tiles that do not divide H or I (H = I = 384, tiles of 256): the last K
+        block reads no scale past its row. The scales are views whose next elements are NaN; the result
+        stays finite and equal to the tile path's."""
+        from dataclasses import replace
+
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
+        E, k, H, I, T = 3, 2, 384, 384, 2
+        quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
+                          per_channel_weights=granularity == "channel", activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=61)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(62))
+        ids, w = random_routing(T, E, k, seed=63)
+        q13, s13, q2, s2 = _fp8_weights(experts, granularity)
+        xq, xs = fp8_quantize_torch(x, 128)
+
+        def nan_after(t):            # the same values, followed in memory by NaN
+            buf = torch.full((t.numel() + 64,), float("nan"))
+            buf[:t.numel()] = t.reshape(-1)
+            return buf[:t.numel()].view(t.shape)
+
+        ops = Fp8Operands(nan_after(xs.contiguous()), nan_after(s13), nan_after(s2), 128, quant.weight_block,
+                          granularity)
+        tiles = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+        out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, fp8=ops,
+                            config=replace(tiles, gemv=GemvConfig(16, 256, 16, 256)))
+        base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=tiles, fp8=ops)
+        assert torch.isfinite(out).all()
+        assert_close(out, base, 1e-5, context=f"ragged K fp8 {granularity}")

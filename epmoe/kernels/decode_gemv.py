@@ -89,12 +89,13 @@ def gemv_gate_up_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, h_ptr, x_scale_ptr, w_s
             wu = tl.load(g_ptrs + I * H, mask=k_in[None, :], other=0.0)
         xg = xv
         xu = xv
-        if FP8:
-            xg = xv * tl.load(xs_ptrs + kb * (BLOCK_K // 128))
+        if FP8:       # scales of the columns past H are never read (they lie past the scale rows)
+            s_in = offs_k < H - kb * BLOCK_K
+            xg = xv * tl.load(xs_ptrs + kb * (BLOCK_K // 128), mask=s_in, other=0.0)
             xu = xg
             if W_SCALE_PER_BLOCK:
-                xu = xg * tl.load(ws_u_ptrs + kb * (BLOCK_K // 128))
-                xg = xg * tl.load(ws_g_ptrs + kb * (BLOCK_K // 128))
+                xu = xg * tl.load(ws_u_ptrs + kb * (BLOCK_K // 128), mask=s_in, other=0.0)
+                xg = xg * tl.load(ws_g_ptrs + kb * (BLOCK_K // 128), mask=s_in, other=0.0)
         acc_g += wg.to(tl.float32) * xg[None, :]
         acc_u += wu.to(tl.float32) * xu[None, :]
         x_ptrs += BLOCK_K
@@ -155,7 +156,7 @@ def gemv_down_sum_kernel(h_ptr, w_ptr, bias_ptr, ids_ptr, weights_ptr, out_ptr, 
             q, scale = _fp8_quantize_rows(tl.reshape(hv, (SLOTS * (BLOCK_K // 128), 128)))
             hv = tl.reshape(q.to(tl.float32) * scale[:, None], (SLOTS, BLOCK_K))
             if W_SCALE_PER_BLOCK:
-                hv = hv * tl.load(ws_ptrs + kb * (BLOCK_K // 128))
+                hv = hv * tl.load(ws_ptrs + kb * (BLOCK_K // 128), mask=k_in, other=0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * hv[:, None, :], axis=2)
         h_ptrs += BLOCK_K

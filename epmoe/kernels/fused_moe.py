@@ -427,15 +427,18 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
 
 
 @triton.jit
-def sum_slots_kernel(y_ptr, ids_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum_j y[t * k + j] over the slots whose expert is local (float32), cast once."""
+def sum_slots_kernel(y_ptr, ids_ptr, out_ptr, num_experts, H: tl.constexpr, TOP_K: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """out[t] = sum_j y[t * k + j] over the slots whose expert is local, in [0, num_experts) (float32),
+    cast once. Other ids are not here: the GEMMs never wrote their rows."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         expert = tl.load(ids_ptr + t * TOP_K + j)
-        here = h_mask & (tl.zeros_like(offs) + expert >= 0)
+        limit = tl.where((expert >= 0) & (expert < num_experts), H, 0)
+        here = offs < limit
         acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=here, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
@@ -575,9 +578,10 @@ def sum_block(hidden: int) -> int:
     return 1024 if hidden >= 1024 else triton.next_power_of_2(hidden)
 
 
-def launch_sum(y, local_ids, out, num_rows: int, hidden: int, top_k: int, warmup: bool = False) -> None:
+def launch_sum(y, local_ids, out, num_rows: int, hidden: int, top_k: int, num_experts: int,
+               warmup: bool = False) -> None:
     grid = (num_rows, triton.cdiv(hidden, sum_block(hidden)))
-    _run(sum_slots_kernel, grid, (y, local_ids, out),
+    _run(sum_slots_kernel, grid, (y, local_ids, out, num_experts),
          dict(H=hidden, TOP_K=top_k, BLOCK_H=sum_block(hidden), num_warps=4), warmup)
 
 
@@ -610,7 +614,8 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
                   out_dtype: torch.dtype | None = None, config: MoEKernelConfig | None = None,
                   fp8: "Fp8Operands | None" = None) -> torch.Tensor:
     """The flat-layout MoE experts: out[t] = sum_j w[t, j] * down_e(act(gate_e x_t, up_e x_t)) over the
-    slots j whose local expert e = local_ids[t, j] is >= 0.
+    slots j whose local expert e = local_ids[t, j] is in [0, L) (-1 marks a slot whose expert is on
+    another rank; any id outside [0, L) contributes nothing).
 
     x [N, H] (bf16/fp16/fp32, or e4m3fn with `fp8`), local_ids [N, k] int, topk_weights [N, k] float32,
     w13 [L, 2I, H], w2 [L, H, I] contiguous; b13 [L, 2I] / b2 [L, H] float32 optional.
@@ -687,7 +692,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
     for tiles in launches:
         launch_down(act, w2, b2, y, inter_scale, fp8.w2_scale if fp8 else None, weights_flat, gemm=config.down,
                     fp8=mode2, **tiles, **common)
-    launch_sum(y, ids_flat, out, N, H, top_k)
+    launch_sum(y, ids_flat, out, N, H, top_k, L)
     return out
 
 
