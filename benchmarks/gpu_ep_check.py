@@ -141,7 +141,7 @@ def part_timing(dry: bool = False) -> dict:
     if dry:
         report["copied_to"] = path
         return report
-    dest = os.path.join(ROOT, "benchmarks", "results", os.path.basename(bench._default_output(report["environment"])))
+    dest = os.path.join(ROOT, "benchmarks", "results", os.path.basename(bench.default_output("dispatch", report["environment"])))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.copy(path, dest)
     report["copied_to"] = dest

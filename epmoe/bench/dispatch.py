@@ -25,16 +25,15 @@ Writes JSON under benchmarks/results/ (rank 0 / the launching process).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+from .run_env import default_output, environment
 
 DISPATCHERS = ["allgather", "alltoall", "low_latency"]
 TOKENS = [128, 4096]
@@ -215,28 +214,6 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
     return out
 
 
-def _environment(backend: str, ws: int) -> dict:
-    env = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "host": platform.node(), "python": sys.version.split()[0], "torch": torch.__version__,
-           "backend": backend, "world_size": ws}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        try:
-            v = torch.cuda.nccl.version()
-            env["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        except Exception:
-            env["nccl"] = None
-    else:
-        env["device"] = platform.processor() or "cpu"
-    return env
-
-
 def _print_table(rows: list[dict]) -> None:
     head = (f"{'dispatcher':<12} {'T/rank':>7} {'dispatch ms':>11} {'combine ms':>10} {'total ms':>9} "
             f"{'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
@@ -249,12 +226,6 @@ def _print_table(rows: list[dict]) -> None:
         print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} {r['dispatch_ms']:>11.3f} {r['combine_ms']:>10.3f} "
               f"{r['total_ms']:>9.3f} {r['nccl_total_ms']:>11.3f} {r['total_vs_nccl']:>7.2f} "
               f"{r['dispatch_GBps_to_peers']:>9.1f} {r['total_method']:>8}")
-
-
-def _default_output(env: dict) -> str:
-    name = "".join(c if c.isalnum() else "-" for c in str(env.get("device", "cpu"))).strip("-").lower()
-    date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("benchmarks", "results", f"dispatch_{name}_{env['world_size']}x_{date}.json")
 
 
 def main(args) -> int:
@@ -282,13 +253,13 @@ def main(args) -> int:
             raise SystemExit(f"epmoe bench dispatch: NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
         everyone = run_on_ranks(_worker, ws, p, backend=backend, timeout_s=args.timeout)
     rows = _merge(everyone)
-    env = _environment(backend, ws)
+    env = environment(backend, ws)
     report = {"benchmark": "dispatch+combine", "environment": env, "params": p, "rows": rows,
               "method": ("CUDA events, median of the ranks' medians after warm-up; L2 flushed; GPU kept busy "
                          "while the host queues; ranks aligned by an all-reduce; graph replay for CUDA-graph-"
                          "safe dispatchers" if backend == "nccl" else "wall clock after a barrier (CPU)"),
               "baseline": "torch.distributed.all_to_all_single (uint8) with the same bytes per destination"}
-    path = args.output or _default_output(env)
+    path = args.output or default_output("dispatch", env)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -41,10 +41,8 @@ a plot (done here too when several counts ran).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -53,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ..testing.graphs import capture
+from .run_env import default_output, environment
 
 PRESETS = ["deepseek-v3", "qwen3-30b-a3b"]
 DISPATCHERS = ["allgather", "alltoall", "low_latency"]
@@ -582,44 +581,6 @@ def _f(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def environment(backend: str, ws: int) -> dict:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    env = {"date": now.strftime("%Y-%m-%d"), "when": now.isoformat(timespec="seconds"), "host": platform.node(),
-           "python": platform.python_version(), "torch": torch.__version__, "backend": backend, "ranks": ws,
-           "world_size": ws}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if backend == "nccl":
-        env["device"] = torch.cuda.get_device_name(0)
-        env["gpu"] = env["device"]
-        env["gpu_count"] = torch.cuda.device_count()
-        env["cuda"] = torch.version.cuda
-        try:
-            v = torch.cuda.nccl.version()
-            env["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-        except Exception:
-            env["nccl"] = None
-        env["nvlink_multicast_off"] = {k: os.environ.get(k) for k in
-                                       ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")}
-    else:
-        env["device"] = "cpu"
-        env["gpu"] = None
-        env["cpu"] = platform.processor() or platform.machine()
-    return env
-
-
-def device_slug(env: dict) -> str:
-    return "".join(c if c.isalnum() else "-" for c in str(env.get("device") or "cpu")).strip("-").lower()
-
-
-def default_output(env: dict, out_dir: str) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(out_dir, f"layer_{device_slug(env)}_{env['ranks']}x_{stamp}.json")
-
-
 def _check_cpu_fits(p: dict, ws: int) -> None:
     """On the CPU, refuse real-size presets up front (with the flags that shrink them)."""
     from ..main_job import _available_ram
@@ -645,7 +606,7 @@ def run_one(p: dict, ws: int | None, device_type: str, args) -> tuple[str, dict]
     else:
         env_ws = int(os.environ["WORLD_SIZE"])
     env = environment(backend, env_ws)
-    path = args.output or default_output(env, args.output_dir)
+    path = args.output or default_output("layer", env, args.output_dir)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + ".partial.jsonl"
     if os.path.exists(partial):

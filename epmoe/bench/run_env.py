@@ -1,0 +1,50 @@
+"""What a multi-rank benchmark ran on (stored with its results), and where its JSON goes by default."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+NVLINK_MULTICAST_SWITCHES = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+
+
+def environment(backend: str, ws: int) -> dict:
+    """Date, host, Python / torch / triton versions, the process-group backend and ranks; with NCCL the
+    GPU, CUDA and NCCL versions and the NVLink multicast switches, otherwise the CPU."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    env = {"date": now.strftime("%Y-%m-%d"), "when": now.isoformat(timespec="seconds"), "host": platform.node(),
+           "python": platform.python_version(), "torch": torch.__version__, "backend": backend, "ranks": ws,
+           "world_size": ws}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if backend == "nccl":
+        env["device"] = torch.cuda.get_device_name(0)
+        env["gpu"] = env["device"]
+        env["gpu_count"] = torch.cuda.device_count()
+        env["cuda"] = torch.version.cuda
+        try:
+            v = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except (AttributeError, RuntimeError):      # a torch built without NCCL
+            env["nccl"] = None
+        env["nvlink_multicast_off"] = {k: os.environ.get(k) for k in NVLINK_MULTICAST_SWITCHES}
+    else:
+        env["device"] = "cpu"
+        env["gpu"] = None
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def device_slug(env: dict) -> str:
+    return "".join(c if c.isalnum() else "-" for c in str(env.get("device") or "cpu")).strip("-").lower()
+
+
+def default_output(kind: str, env: dict, out_dir: str = os.path.join("benchmarks", "results")) -> str:
+    """<out_dir>/<kind>_<device>_<ranks>x_<local time stamp>.json"""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(out_dir, f"{kind}_{device_slug(env)}_{env['world_size']}x_{stamp}.json")
