@@ -27,6 +27,8 @@ down weights stream in while gate_up finishes, instead of after a kernel boundar
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -173,7 +175,6 @@ def gemv_down_sum_kernel(h_ptr, w_ptr, bias_ptr, ids_ptr, weights_ptr, out_ptr, 
 
 def pdl_available(device: torch.device) -> bool:
     """Programmatic dependent launch: a CUDA GPU of compute capability 9.0 or later (not the interpreter)."""
-    import os
     return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 

@@ -484,6 +484,8 @@ def main(args) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
     path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
+    console.print(f"epmoe tune on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     if not tokens or min(tokens) < 1:
         raise SystemExit(f"epmoe tune: --tokens must be positive token counts, got {args.tokens!r}")
