@@ -23,6 +23,8 @@ DISPATCHERS: dict[str, str] = {
     "allgather": "epmoe.dispatch.allgather:AllGatherDispatcher",
     "alltoall": "epmoe.dispatch.alltoall:AllToAllDispatcher",
     "low_latency": "epmoe.dispatch.low_latency:LowLatencyDispatcher",
+    "symm_high_throughput": "epmoe.dispatch.symm_high_throughput:SymmHighThroughputDispatcher",
+    "symm_low_latency": "epmoe.dispatch.symm_low_latency:SymmLowLatencyDispatcher",
 }
 EXPERTS: dict[str, str] = {
     "reference": "epmoe.experts.reference:ReferenceExperts",

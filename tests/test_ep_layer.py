@@ -32,7 +32,7 @@ from epmoe import MoEConfig, MoELayer, Placement, RankMismatch, contract, refere
 from epmoe.routing import validate_routing
 from epmoe.testing import bound_for, compare, load_experts, random_experts, random_inputs, run_on_ranks
 
-EP_DISPATCHERS = ("allgather", "alltoall", "low_latency")
+EP_DISPATCHERS = tuple(d for d in contract.DISPATCHERS if contract.dispatcher_class(d).CAPS.communicates)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASIC_EXPERTS = ("reference", "grouped_mm", "batched")   # cheap on the CPU: every scenario runs on these
 
@@ -137,7 +137,11 @@ def _check_forward(layer, cfg, weights, router, bias, x, logits, what: str) -> f
 
 
 def _overflows(case: dict, counts: list[int]) -> bool:
-    return case["dispatcher"] == "low_latency" and any(t > case["M"] for t in counts)
+    return _fixed_capacity(case["dispatcher"]) and any(t > case["M"] for t in counts)
+
+
+def _fixed_capacity(dispatcher: str) -> bool:
+    return contract.dispatcher_class(dispatcher).CAPS.needs_max_tokens
 
 
 class Failures:
@@ -445,7 +449,7 @@ def _fuzz(ws: int, n: int, seed: int) -> list[dict]:
 
 
 def _with_capacity(case: dict, dispatcher: str) -> dict:
-    if dispatcher == "low_latency":
+    if _fixed_capacity(dispatcher):
         case = dict(case, M=max(max(c) for c in case["tokens"]) or 1)
     return case
 
@@ -467,9 +471,8 @@ def capacity_cases(ws: int, device_type: str) -> list[dict]:
     M = 4
     over = [M + 1] + [2] * (ws - 1)
     seq = [[M - 1] * ws, [M] * ws, over, [M] + [0] * (ws - 1), [M + 2] * ws, [1] * ws]
-    experts = [x for d, x in ep_pairs(device_type) if d == "low_latency"]
-    return [dict(name=f"low_latency-{x}-capacity", dispatcher="low_latency", experts=x, E=2 * ws, k=2, M=M,
-                 routing="one_expert:0", tokens=seq) for x in experts]
+    return [dict(name=f"{d}-{x}-capacity", dispatcher=d, experts=x, E=2 * ws, k=2, M=M,
+                 routing="one_expert:0", tokens=seq) for d, x in ep_pairs(device_type) if _fixed_capacity(d)]
 
 
 def handshake_cases(ws: int) -> list[dict]:
@@ -565,7 +568,8 @@ def test_four_ranks(results_4, name):
 def test_every_ep_pairing_is_covered():
     """Each EP dispatcher has at least one experts backend here, and the refused layouts stay refused."""
     pairs = ep_pairs("cpu")
-    assert {d for d, _ in pairs} == set(EP_DISPATCHERS)
+    on_cpu = {d for d in EP_DISPATCHERS if "cpu" in contract.dispatcher_class(d).CAPS.devices}
+    assert {d for d, _ in pairs} == on_cpu and {"allgather", "alltoall", "low_latency"} <= on_cpu
     assert ("low_latency", "batched") in pairs and ("alltoall", "batched") not in pairs
     assert ("low_latency", "grouped_mm") not in pairs
 

@@ -6,27 +6,18 @@ in a child process with TRITON_INTERPRET=1 and this process only checks that chi
 only: bf16 `tl.dot` gives wrong results in the interpreter.
 """
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install 'epmoe[triton]')")
 
 if not INTERPRETING:
     def test_kernels_under_the_interpreter():
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   CUDA_VISIBLE_DEVICES="")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                               os.path.abspath(__file__)], env=env, cwd=root, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout[-2000:]
+        run_interpreted(__file__)
 
 else:
     from epmoe.config import MoEConfig

@@ -46,6 +46,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=256, help="experts E (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=8, help="experts per token (default: %(default)s)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 dispatch (e4m3 rows with per-128-column scales on the wire; dispatchers that cannot "
+                        "send FP8 are reported as refused)")
     p.add_argument("--ranks", type=int, default=None,
                    help="local ranks to start (default: every GPU, or 2 Gloo ranks without GPUs); ignored "
                         "under torchrun")
@@ -74,7 +77,7 @@ def _params(args) -> dict:
         raise SystemExit("epmoe bench dispatch: --tokens must be positive")
     return {"dispatchers": dispatchers, "tokens": tokens, "hidden": args.hidden, "num_experts": args.num_experts,
             "top_k": args.top_k, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
-            "graph": not args.no_graph, "seed": args.seed}
+            "graph": not args.no_graph, "seed": args.seed, "fp8": bool(args.fp8)}
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -88,6 +91,26 @@ class _Clock:
             from .gpu_timing import GpuTimer
             self.timer = GpuTimer(device)
             self.one = torch.ones(1, device=device)
+
+    def time_split(self, first, second, reps: int, warmup: int, use_graph: bool) -> tuple[dict, dict]:
+        """Times of `a = first()` and `second(a)` inside each repeat (a dispatch and its combine)."""
+        if self.timer is not None:
+            align = lambda: dist.all_reduce(self.one, group=self.group)  # noqa: E731
+            a, b = self.timer.time_split(first, second, reps=reps, warmup=warmup, use_graph=use_graph,
+                                         before_each=align)
+            return a.as_dict(), b.as_dict()
+        ta, tb = [], []
+        for i in range(warmup + reps):
+            dist.barrier(group=self.group)
+            t0 = time.perf_counter()
+            a = first()
+            t1 = time.perf_counter()
+            second(a)
+            if i >= warmup:
+                ta.append((t1 - t0) * 1e3)
+                tb.append((time.perf_counter() - t1) * 1e3)
+        return tuple({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "reps": reps,
+                      "method": "wall-clock"} for t in (ta, tb))
 
     def time(self, fn, reps: int, warmup: int, use_graph: bool) -> dict:
         if self.timer is not None:
@@ -129,9 +152,15 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
     from ..routing import route
 
     dtype = getattr(torch, p["dtype"])
+    quant = None
+    if p.get("fp8"):
+        from ..quant.fp8 import Fp8Config
+        quant = Fp8Config(weight_block=(128, 128), dispatch_fp8=True)
     cfg = MoEConfig(num_experts=p["num_experts"], top_k=p["top_k"], hidden_size=p["hidden"],
-                    intermediate_size=128, dtype=dtype)
+                    intermediate_size=128, dtype=dtype, quant=quant)
     cls = dispatcher_class(name)
+    if quant is not None and not cls.CAPS.fp8_dispatch:
+        raise ValueError(f"dispatcher {name!r} cannot send FP8 rows")
     d = cls(cfg, Placement(cfg.num_experts, ws, rank), group, T, device)
     g = torch.Generator(device="cpu").manual_seed(p["seed"] * 1000 + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype).to(device)
@@ -139,7 +168,8 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
 
     stats = d.enable_stats()
     batch, handle = d.dispatch(x, routing)            # also the warm-up of everything lazy
-    d.combine(batch.x, handle)
+    y = batch.x.to(dtype)                             # the identity experts' output (made once, untimed)
+    d.combine(y, handle)
     d.stats = None
     row = {"dispatcher": name, "tokens_per_rank": T,
            "rows_sent_per_rank": stats.dispatch_rows,
@@ -154,12 +184,13 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
 
     use_graph = p["graph"] and cls.CAPS.cuda_graph_safe
     reps, warmup = p["reps"], p["warmup"]
-    row["dispatch"] = clock.time(lambda: d.dispatch(x, routing), reps, warmup, use_graph)
-    row["combine"] = clock.time(lambda: d.combine(batch.x, handle), reps, warmup, use_graph)
+    # dispatch and combine timed inside the same forwards: each combine consumes its own dispatch
+    row["dispatch"], row["combine"] = clock.time_split(lambda: d.dispatch(x, routing),
+                                                       lambda bh: d.combine(y, bh[1]), reps, warmup, use_graph)
 
     def both():
         b, h = d.dispatch(x, routing)
-        return d.combine(b.x, h)
+        return d.combine(y, h)
     row["total"] = clock.time(both, reps, warmup, use_graph)
     del batch, handle
     base_d, _ = _nccl_baseline(clock, stats.dispatch_bytes, reps, warmup, device, group)
@@ -215,15 +246,15 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = (f"{'dispatcher':<12} {'T/rank':>7} {'dispatch ms':>11} {'combine ms':>10} {'total ms':>9} "
+    head = (f"{'dispatcher':<20} {'T/rank':>7} {'dispatch ms':>11} {'combine ms':>10} {'total ms':>9} "
             f"{'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} error: {r['error'][:80]}")
+            print(f"{r['dispatcher']:<20} {r['tokens_per_rank']:>7} error: {r['error'][:80]}")
             continue
-        print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} {r['dispatch_ms']:>11.3f} {r['combine_ms']:>10.3f} "
+        print(f"{r['dispatcher']:<20} {r['tokens_per_rank']:>7} {r['dispatch_ms']:>11.3f} {r['combine_ms']:>10.3f} "
               f"{r['total_ms']:>9.3f} {r['nccl_total_ms']:>11.3f} {r['total_vs_nccl']:>7.2f} "
               f"{r['dispatch_GBps_to_peers']:>9.1f} {r['total_method']:>8}")
 

@@ -89,6 +89,58 @@ class GpuTimer:
         return Timing(statistics.median(times), min(times), max(times), reps, "graph" if run is not fn else "eager")
 
 
+    def time_split(self, first: Callable[[], object], second: Callable[[object], object], reps: int = 20,
+                   warmup: int = 5, use_graph: bool = True, before_each: Callable[[], object] | None = None
+                   ) -> tuple[Timing, Timing]:
+        """Median times of `a = first()` and of `second(a)` run back to back, each timed by its own events
+        inside every repeat (what a dispatch and its combine cost inside one forward, when the second
+        consumes what the first produced and neither can be repeated alone).
+
+        With `use_graph`, each is captured in its own CUDA graph (the second on the first's static output)
+        and the replays are timed; if capture fails, both run eagerly behind a GPU sleep.
+        """
+        second(first())
+        torch.cuda.synchronize()
+        run_a, run_b = first, None
+        method = "eager"
+        if use_graph:
+            try:
+                ga, gb = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+                with torch.cuda.graph(ga):
+                    static = first()
+                with torch.cuda.graph(gb):
+                    second(static)
+                ga.replay()
+                gb.replay()
+                torch.cuda.synchronize()
+                run_a, run_b, method = ga.replay, (lambda _a: gb.replay()), "graph"
+            except Exception:                     # a host sync inside: time it eagerly
+                torch.cuda.synchronize()
+                run_a, run_b = first, None
+        run_b = run_b or second
+        t0 = time.perf_counter()
+        run_b(run_a())
+        host_ms = (time.perf_counter() - t0) * 1e3
+        torch.cuda.synchronize()
+        sleep_cycles = int(self.cycles_per_ms * min(max(2.0 * host_ms + 0.05, 0.1), 20.0))
+        marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(warmup + reps)]
+        for i in range(warmup + reps):
+            if before_each is not None:
+                before_each()
+            self.flush.zero_()
+            torch.cuda._sleep(sleep_cycles)
+            marks[i][0].record()
+            a = run_a()
+            marks[i][1].record()
+            run_b(a)
+            marks[i][2].record()
+        torch.cuda.synchronize()
+        ta = [m[0].elapsed_time(m[1]) for m in marks[warmup:]]
+        tb = [m[1].elapsed_time(m[2]) for m in marks[warmup:]]
+        return (Timing(statistics.median(ta), min(ta), max(ta), reps, method),
+                Timing(statistics.median(tb), min(tb), max(tb), reps, method))
+
+
 def measure_copy_bandwidth(timer: GpuTimer, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     a = torch.empty(nbytes // 2, dtype=torch.uint8, device=timer.device)

@@ -1,0 +1,265 @@
+"""The GPU-initiated dispatchers on two GPUs: correctness against the oracle, CUDA graphs, long runs, timing.
+
+    python benchmarks/gpu_symm_check.py [--parts smoke,graph,soak,suite,timing]     # results under $OUT
+
+Parts (each guarded, so one failure does not hide the others; a table sums up at the end):
+  smoke:  every symmetric-memory dispatcher with every experts backend the contract pairs it with, BF16
+          and FP8 dispatch, T in {0, 1, uneven, skewed onto one expert, top_k above the rank count}, vs
+          the float64 oracle; a peer that never arrives makes the waiting rank raise within its timeout.
+  graph:  `symm_low_latency` + `batched` captured in CUDA graphs at two T per rank, replayed with fresh
+          inputs, every replay checked against the oracle and an eager forward.
+  soak:   1000 forwards in a row, random T per rank, two layers (high throughput and low latency)
+          alternating, every output checked.
+  suite:  tests/test_ep_layer.py's multi-rank cases restricted to these dispatchers (NCCL, 2 GPUs).
+  timing: `epmoe bench dispatch` for alltoall and both new dispatchers, BF16 and FP8 rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+OUT = os.environ.get("OUT", os.path.join(os.getcwd(), "out"))
+HT, LL = "symm_high_throughput", "symm_low_latency"
+TIMEOUT_S = 30.0          # generous: a peer may still be compiling a kernel the first time
+MISSING_TIMEOUT_S = 3.0   # the missing-peer case, after everything is compiled
+
+
+def _layer(cfg, dispatcher, experts, M=None, seed=0):
+    from epmoe import MoELayer
+    from epmoe.testing import load_experts, random_experts
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD, dispatcher=dispatcher, experts=experts,
+                     device=torch.device("cuda", torch.cuda.current_device()), max_tokens_per_rank=M)
+    layer.dispatcher.timeout_s = TIMEOUT_S
+    weights = random_experts(cfg, seed=seed)
+    load_experts(layer, weights)
+    if cfg.quant is not None:     # what the layer holds: each weight quantized by the one formula, dequantized
+        from epmoe.quant.fp8 import dequantize_weight, quantize_weight
+        q = cfg.quant
+        return layer, [tuple(dequantize_weight(*quantize_weight(w, q.weight_granularity, q.weight_block),
+                                               q.weight_block) for w in e) for e in weights]
+    return layer, [tuple(w.to(cfg.dtype).float() for w in e) for e in weights]
+
+
+def _check(layer, weights, cfg, x, logits, what, routing=None):
+    from epmoe import reference_moe
+    from epmoe.testing import bound_for, compare
+    out = layer(x, logits)
+    assert out.shape == x.shape and out.dtype == cfg.dtype, f"{what}: {list(out.shape)} {out.dtype}"
+    if x.shape[0] == 0:
+        return 0.0
+    fp8 = cfg.quant is not None
+    ref = reference_moe(x.cpu(), logits.cpu(), weights, cfg, routing=routing)
+    res = compare(out.cpu(), ref)
+    bound = bound_for(cfg.dtype, fp8=fp8)
+    if not (res.finite and res.rel_err <= bound):
+        raise AssertionError(f"{what}: differs from the oracle beyond {bound:.0e}\n{res.report}")
+    return res.rel_err
+
+
+def _inputs(cfg, T, gen, device, skew=None):
+    x = torch.randn(T, cfg.hidden_size, generator=gen).to(cfg.dtype)
+    logits = torch.randn(T, cfg.num_experts, generator=gen) * 2
+    if skew is not None:
+        logits[:, skew] += 100.0
+    return x.to(device), logits.to(device)
+
+
+def smoke_worker(rank, ws):
+    from epmoe import Fp8Config, MoEConfig, contract
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator().manual_seed(10 + rank)
+    results = {}
+    cfgs = {"bf16": MoEConfig(num_experts=16, top_k=4, hidden_size=512, intermediate_size=256, dtype=torch.bfloat16),
+            "bf16-H200-k3": MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=96,
+                                      dtype=torch.bfloat16),
+            "fp8-dispatch": MoEConfig(num_experts=16, top_k=4, hidden_size=512, intermediate_size=256,
+                                      dtype=torch.bfloat16, quant=Fp8Config(weight_block=(128, 128), dispatch_fp8=True))}
+    for d in (HT, LL):
+        for cname, cfg in cfgs.items():
+            for x in contract.EXPERTS:
+                if contract.pairing_problem(d, x, cfg, ws, "cuda") is not None:
+                    continue
+                name = f"{d}-{x}-{cname}"
+                try:
+                    layer, weights = _layer(cfg, d, x, M=24)
+                    worst = 0.0
+                    for T, skew in (([7, 3][rank], None), ([0, 5][rank], None), (1, None), ([24, 9][rank], 0),
+                                    ([2, 0][rank], None), (24, None)):
+                        xx, lg = _inputs(cfg, T, gen, dev, skew)
+                        worst = max(worst, _check(layer, weights, cfg, xx, lg, f"{name} T={T}"))
+                    results[name] = f"ok {worst:.2e}"
+                except Exception as exc:
+                    results[name] = f"FAIL {type(exc).__name__}: {exc}"[:2000]
+                    traceback.print_exc()
+                dist.barrier()
+    # a peer that never arrives: rank 1 skips one forward, rank 0 must raise within its timeout
+    cfg = cfgs["bf16"]
+    for d, x in ((HT, "grouped_mm"), (LL, "batched")):
+        name = f"{d}-peer-missing"
+        layer, weights = _layer(cfg, d, x, M=8)
+        xx, lg = _inputs(cfg, 4, gen, dev)
+        layer(xx, lg)                      # compiled and warm on both ranks
+        torch.cuda.synchronize()
+        dist.barrier()
+        layer.dispatcher.timeout_s = MISSING_TIMEOUT_S
+        try:
+            if rank == 0:
+                t0 = time.time()
+                try:
+                    layer(xx, lg)
+                    torch.cuda.synchronize()
+                    layer.dispatcher.check()
+                    results[name] = "FAIL no error on the rank whose peer never came"
+                except RuntimeError as exc:
+                    took = time.time() - t0
+                    ok = "timeout_s" in str(exc) and took < 3 * MISSING_TIMEOUT_S + 5
+                    results[name] = (f"ok raised after {took:.1f} s" if ok else f"FAIL {took:.1f}s {exc}")[:500]
+            else:
+                results[name] = "ok (skipped the forward)"
+        except Exception as exc:
+            results[name] = f"FAIL {type(exc).__name__}: {exc}"[:2000]
+        dist.barrier()
+        break          # the group's workspace epochs now differ between ranks; one such case is enough
+    return results
+
+
+def graph_worker(rank, ws):
+    from epmoe import MoEConfig, reference_moe
+    from epmoe.testing import capture, compare
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = MoEConfig(num_experts=32, top_k=4, hidden_size=1024, intermediate_size=512, dtype=torch.bfloat16)
+    layer, weights = _layer(cfg, LL, "batched", M=48)
+    gen = torch.Generator().manual_seed(100 + rank)
+    graphs = []
+    for T in ((48, 5), (31, 1))[rank]:
+        x0, l0 = _inputs(cfg, T, gen, dev)
+        replay, out = capture(lambda xs=x0, ls=l0: layer(xs, ls))
+        graphs.append((T, replay, x0, l0, out))
+    worst, diff, n = 0.0, 0.0, 0
+    for i in range(8):
+        for T, replay, xs, ls, out in graphs:
+            x, lg = _inputs(cfg, T, gen, dev)
+            xs.copy_(x)
+            ls.copy_(lg)
+            replay()
+            torch.cuda.synchronize()
+            got = out.clone()
+            res = compare(got.cpu(), reference_moe(x.cpu(), lg.cpu(), weights, cfg))
+            assert res.finite and res.rel_err <= 1e-2, f"replay {i} T={T}\n{res.report}"
+            eager = layer(x, lg)
+            worst, n = max(worst, res.rel_err), n + 1
+            diff = max(diff, (eager.float() - got.float()).abs().max().item())
+    layer.dispatcher.check()
+    return {"replays": n, "worst_rel_err": worst, "max_abs_graph_vs_eager": diff}
+
+
+def soak_worker(rank, ws, forwards):
+    from epmoe import MoEConfig, reference_moe
+    from epmoe.testing import compare
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+    a, wa = _layer(cfg, HT, "triton", seed=1)
+    b, wb = _layer(cfg, LL, "batched", M=40, seed=2)
+    gen = torch.Generator().manual_seed(1000 + rank)
+    worst, t0 = 0.0, time.time()
+    for i in range(forwards):
+        for layer, w in ((a, wa), (b, wb)):
+            T = int(torch.randint(0, 41, (1,), generator=gen))
+            x, lg = _inputs(cfg, T, gen, dev)
+            out = layer(x, lg)
+            if T:
+                res = compare(out.cpu(), reference_moe(x.cpu(), lg.cpu(), w, cfg))
+                assert res.finite and res.rel_err <= 1e-2, f"forward {i} T={T}\n{res.report}"
+                worst = max(worst, res.rel_err)
+    return {"forwards": 2 * forwards, "worst_rel_err": worst, "seconds": round(time.time() - t0, 1)}
+
+
+def part_smoke():
+    from epmoe.testing import run_on_ranks
+    res = run_on_ranks(smoke_worker, 2, backend="nccl", timeout_s=240)
+    names = sorted(set(res[0]) | set(res[1]))
+    return {n: [r.get(n, "missing") for r in res] for n in names}
+
+
+def part_graph():
+    from epmoe.testing import run_on_ranks
+    return run_on_ranks(graph_worker, 2, backend="nccl", timeout_s=300)
+
+
+def part_soak(forwards):
+    from epmoe.testing import run_on_ranks
+    return run_on_ranks(soak_worker, 2, forwards, backend="nccl", timeout_s=400)
+
+
+def part_suite():
+    import test_ep_layer
+    from epmoe.testing import run_on_ranks
+    cases = [c for c in test_ep_layer.all_cases(2, "cuda") if c.get("dispatcher") in (HT, LL)]
+    res = run_on_ranks(test_ep_layer.run_cases, 2, cases, "cuda", backend="nccl", timeout_s=500)
+    return {c["name"]: [str(r.get(c["name"], "missing"))[:300] for r in res] for c in cases}
+
+
+def part_timing(extra):
+    from epmoe.bench import dispatch as bench
+    rows = {}
+    for tag, flags in (("bf16", []), ("fp8", ["--fp8"])):
+        parser = argparse.ArgumentParser()
+        bench.configure_parser(parser)
+        path = os.path.join(OUT, f"dispatch_{tag}.json")
+        argv = ["--ranks", "2", "--output", path, "--dispatchers", f"alltoall,{HT},{LL}"] + flags + extra
+        bench.main(parser.parse_args(argv))
+        with open(path) as f:
+            rows[tag] = json.load(f)["rows"]
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="smoke,graph,soak,suite,timing")
+    ap.add_argument("--forwards", type=int, default=500, help="soak: forwards per layer (default %(default)s)")
+    ap.add_argument("--timing-args", default="", help="extra arguments for epmoe bench dispatch")
+    args = ap.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    steps = {"smoke": part_smoke, "graph": part_graph, "soak": lambda: part_soak(args.forwards),
+             "suite": part_suite, "timing": lambda: part_timing(args.timing_args.split())}
+    summary = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+               "torch": torch.__version__}
+    for name in args.parts.split(","):
+        print(f"\n===== {name} =====", flush=True)
+        t0 = time.time()
+        try:
+            summary[name] = {"result": steps[name](), "seconds": round(time.time() - t0, 1)}
+        except Exception as exc:
+            summary[name] = {"error": f"{type(exc).__name__}: {exc}"[-6000:], "seconds": round(time.time() - t0, 1)}
+        print(json.dumps(summary[name], indent=1, default=str)[-5000:], flush=True)
+        with open(os.path.join(OUT, "gpu_symm_check.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+    print("\n===== summary =====")
+    for name in args.parts.split(","):
+        v = summary.get(name, {})
+        if "error" in v:
+            print(f"{name}: ERROR {v['error'][:400]}")
+        elif isinstance(v.get("result"), dict) and all(isinstance(x, list) for x in v["result"].values()):
+            bad = {n: r for n, r in v["result"].items() if not all(str(s).startswith("ok") for s in r)}
+            print(f"{name}: {len(v['result']) - len(bad)}/{len(v['result'])} ok ({v['seconds']} s)")
+            for n, r in bad.items():
+                print(f"  FAILED {n}: {r[0][:300]} | {r[-1][:300]}")
+        else:
+            print(f"{name}: ok ({v.get('seconds')} s) {json.dumps(v.get('result'), default=str)[:600]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

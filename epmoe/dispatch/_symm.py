@@ -1,0 +1,154 @@
+"""What the GPU-initiated dispatchers share: availability, the workspace pool, the per-forward header,
+bounded waits, and turning the GPU's status word into the same error on every rank.
+
+A forward's header (layer fingerprint, layer index, the group's forward count, tokens, failed) travels in
+the control block of the shared workspace, next to the flags every phase exchanges anyway, so checking
+that the ranks run the same layer's same forward costs no extra exchange. The kernels compare headers on
+the GPU and set bits in a status word; the host reads that word at the one point where it reads
+anything, raises the error that the bits name, and clears it.
+
+Simulation: built with `pool=` (a `WorkspacePool` over `simulated_workspaces`) and no group, a
+dispatcher runs its kernels on CPU tensors under the Triton interpreter, and its `dispatch_steps` /
+`combine_steps` generators stop at every wait, so a test can drive several simulated ranks in lockstep.
+"""
+from __future__ import annotations
+
+import importlib.util
+import zlib
+
+import torch
+
+from ..errors import RankMismatch
+from ._comm import CommDispatcher, Comm
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def symm_problem(device_type: str) -> str | None:
+    """Why the symmetric-memory dispatchers cannot run on `device_type` here; None if they can."""
+    if device_type != "cuda":
+        return (f"it stores rows straight into the peers' GPU memory (torch symmetric memory), which needs CUDA "
+                f"GPUs, not {device_type}")
+    if importlib.util.find_spec("triton") is None:
+        return "its kernels need triton (pip install 'epmoe[triton]')"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    if importlib.util.find_spec("torch.distributed._symmetric_memory") is None:
+        return "this torch has no torch.distributed._symmetric_memory"
+    return None
+
+
+def run_steps(steps):
+    """Drive a `*_steps` generator to its end and return its value (the non-simulated path)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+class SymmDispatcher(CommDispatcher):
+    """Base of the dispatchers on symmetric memory. `timeout_s`: how long a wait for a peer may last
+    before every waiting rank reports an error instead of spinning on."""
+
+    kind = ""
+
+    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, pool=None):
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"{self.name} dispatcher: timeout_s must be a positive number of seconds, got "
+                             f"{timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        self.simulated = pool is not None
+        if self.simulated:      # ranks of one process (tests): no group, the pool's workspaces are the transport
+            self.cfg, self.placement, self.group = cfg, placement, None
+            self.max_tokens_per_rank, self.device = max_tokens_per_rank, pool.device
+            self.ep_size, self.rank = placement.ep_size, placement.rank
+            self.comm = Comm(None, 1)
+            self.stats = None
+            self.layer_index, self.forwards, self._failing = 0, [0], False
+            self.pool = pool
+            return
+        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
+        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        why = symm_problem(dev.type)
+        if why:
+            raise ValueError(f"{self.name} dispatcher: {why}")
+        self.device = dev
+        from .symm_workspace import WorkspacePool, pool_for
+        self.pool = (pool_for(self.kind, group, dev, self.rank, self.ep_size) if group is not None
+                     else WorkspacePool(None, dev, 0, 1))
+
+    # ------------------------------------------------------------------------------------- headers
+    def fingerprint(self) -> int:
+        """What two ranks must agree on to exchange rows with this layer (int32)."""
+        return zlib.crc32(repr(self.wire_signature()).encode()) & 0x7FFFFFFF
+
+    def header_values(self, num_tokens: int) -> list[int]:
+        """(fingerprint, layer, the group's forward count, tokens, failed) for the forward being dispatched."""
+        _, layer, forward, failed = self.next_header(num_tokens)
+        return [self.fingerprint(), layer, forward, num_tokens, failed]
+
+    def steps(self, gen):
+        """A `*_steps` generator as the caller needs it: driven to its end, unless simulated."""
+        return gen if self.simulated else run_steps(gen)
+
+    def exchange(self, ws, phase, slot, epoch, head, **kw):
+        """Publish and wait (one kernel on the GPU; in a simulation two, with a stop between them).
+        A generator either way: call it with `yield from`."""
+        from ..kernels.symm_dispatch import exchange_flags
+        status = self.pool.status
+        if not self.simulated:
+            exchange_flags(ws, phase, slot, epoch, head, status, self.timeout_s, **kw)
+            return
+        exchange_flags(ws, phase, slot, epoch, head, status, self.timeout_s, wait=False, **kw)
+        yield
+        exchange_flags(ws, phase, slot, epoch, head, status, self.timeout_s, publish=False, **kw)
+
+    # -------------------------------------------------------------------------------------- errors
+    def read_status(self) -> int:
+        """The status bits the kernels set since the last read (a host sync), cleared."""
+        bits = int(self.pool.status.item())
+        if bits:
+            self.pool.status.zero_()
+        return bits
+
+    def raise_for_status(self, bits: int, heads: list[list[int]] | None = None) -> None:
+        """Raise what the GPU reported: the same on every rank that saw it."""
+        from ..kernels import symm_dispatch as k
+        if not bits:
+            return
+        seen = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} {h[3]} tokens{' FAILED' if h[4] else ''}"
+                         for r, h in enumerate(heads or []))
+        if bits & k.FAILED.value:
+            raise RankMismatch(f"{self.name} dispatcher: a rank could not compute this forward (its error is raised "
+                               f"there); every rank of the group stops this forward. Headers: {seen}")
+        if bits & k.OVERFLOW.value:
+            M = self.max_tokens_per_rank
+            who = ", ".join(f"rank {r} passed {h[3]} tokens" for r, h in enumerate(heads or []) if h[3] > M)
+            raise ValueError(f"{self.name} dispatcher: {who or 'a rank passed too many tokens'}, more than "
+                             f"max_tokens_per_rank={M} (raised on every rank of the group; this forward's outputs "
+                             f"were discarded, no token was dropped silently). Build the layer with a larger "
+                             f"max_tokens_per_rank on every rank, or pass fewer tokens per forward")
+        if bits & k.MISMATCH.value:
+            raise RankMismatch(f"{self.name} dispatcher: the ranks are not running the same layer's same forward "
+                               f"({seen}); every rank must call the same EP layers in the same order")
+        if bits & k.TIMEOUT.value:
+            raise RuntimeError(f"{self.name} dispatcher: a peer did not signal within timeout_s={self.timeout_s} s "
+                               f"(a rank stalled, died, skipped a forward, or runs another kind of dispatcher); "
+                               f"this forward's outputs are invalid (set to NaN)")
+        if bits & k.SLOT_OVERFLOW.value:
+            raise RuntimeError(f"{self.name} dispatcher: more rows arrived for an expert than its capacity: a "
+                               f"dispatch whose combine never ran left its counters behind; every dispatch must be "
+                               f"followed by its combine")
+
+    def check(self) -> None:
+        """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
+        cannot read back themselves)."""
+        self.raise_for_status(self.read_status())
+
+    def wire_signature(self) -> tuple:
+        """Name, the slot layout (regions, dtypes, shapes) and the capacity: what peers must agree on."""
+        layout = self.slot_layout()
+        return (self.name, self.max_tokens_per_rank,
+                tuple((n, str(r.dtype), r.shape) for n, r in layout.regions.items()))

@@ -1,0 +1,197 @@
+"""`symm_low_latency`: GPU-initiated dispatch and combine for decode, over torch symmetric memory: fixed
+capacity, no host synchronisation, CUDA-graph capturable, rows landing directly in the batched layout.
+
+Dispatch: one Triton program per (token, slot k) claims a row of expert ids[t, k] on its owner (an atomic
+add on the owner's per-expert counter, across NVLink) and stores the token there -- FP8 with its scales
+when `dispatch_fp8` -- with its origin (rank, token, k) beside it. After a signal per peer, the owner's
+`[L, ep * max_tokens_per_rank, H]` receive region *is* the batched layout with `counts [L]`: the
+`batched` experts read it in place, no repacking copy. Rows of one expert arrive in no fixed order, but
+each row's output depends on that row alone, so results do not.
+Combine: each expert row goes back to its origin's `[M, k, H]` region at (token, k); the owner sums the
+k rows of each token with their routing weights in float32, in slot order (bit-reproducible), and
+casts once. The expert counters are cleared by the combine, after they were read and before any peer can
+count into them again.
+
+Two slots alternate (two micro-batches, or two layers, in flight); every wait is bounded by `timeout_s`.
+Nothing is read back to the host during a forward except, in eager mode, the status word at the end of
+`combine` (so that an overflow, a mismatch or a timeout raises on every rank in the forward that caused
+it). In a CUDA graph nothing is read back: the status is checked by the next eager forward or by
+`check()`, and the output of a forward that failed on the GPU is NaN. A rank with more than
+`max_tokens_per_rank` tokens sends none and every rank raises, naming the setting.
+CUDA only; refused elsewhere by the contract.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..contract import DispatcherCaps
+from ..layouts import BATCHED, BatchedBatch
+from ._symm import SymmDispatcher, symm_problem
+
+
+class SymmLLHandle(NamedTuple):
+    num_tokens: int
+    slot: int
+    ws: object
+    head: torch.Tensor           # [HW] int32 this rank's header
+    weights: torch.Tensor        # [T, k] float32 routing weights
+
+
+def _available(device_type: str) -> str | None:
+    return symm_problem(device_type)
+
+
+class SymmLowLatencyDispatcher(SymmDispatcher):
+    name = "symm_low_latency"
+    kind = "ll"
+    CAPS = DispatcherCaps(
+        layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), host_sync=False, cuda_graph_safe=True,
+        needs_max_tokens=True, fp8_dispatch=True, available=_available,
+        summary="GPU-initiated, fixed capacity: Triton kernels store each (token, expert) row straight into the "
+                "owner's symmetric-memory buffer in the batched layout (read in place by the experts); no host "
+                "sync, CUDA-graph capturable; overflow is an error on every rank")
+
+    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None, **kw):
+        super().__init__(cfg, placement, group, max_tokens_per_rank, device, **kw)
+        if (isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
+                or max_tokens_per_rank < 1):
+            raise ValueError(f"{self.name} dispatcher: max_tokens_per_rank must be a positive int (the most tokens "
+                             f"any rank passes in one forward), got {max_tokens_per_rank!r}")
+        self.M = max_tokens_per_rank
+        self.capacity = self.ep_size * self.M
+        q = cfg.quant
+        self.fp8 = q is not None and getattr(q, "dispatch_fp8", False)
+        self.scheme = cfg.quant_scheme
+        group_size = self.scheme.activation_group_size if self.fp8 else None
+        H = cfg.padded_hidden_size
+        self.groups = (1 if group_size is None else -(-H // group_size)) if self.fp8 else 0
+        self.wire_dtype = torch.float8_e4m3fn if self.fp8 else cfg.dtype
+        self.layout = self.slot_layout()
+        self._head_const: torch.Tensor | None = None
+
+    def slot_layout(self):
+        from .symm_workspace import SlotLayout
+        cfg, C, Lmax = self.cfg, self.ep_size * self.M, self.placement.max_local_experts
+        H, K = cfg.padded_hidden_size, cfg.top_k
+        layout = SlotLayout(self.ep_size)
+        layout.add("rx", self.wire_dtype, (Lmax, C, H))
+        if self.fp8:
+            layout.add("rxs", torch.float32, (Lmax, C, self.groups))
+        layout.add("counts", torch.int32, (Lmax,))
+        layout.add("meta", torch.int32, (Lmax, C))
+        layout.add("comb", cfg.dtype, (self.M, K, H))
+        return layout
+
+    def _head(self, num_tokens: int, device) -> torch.Tensor:
+        """This forward's header on the device, made of fills (capturable: no host-to-device copy)."""
+        from .symm_workspace import header_width
+        vals = self.header_values(num_tokens)
+        if self._head_const is None or self._head_const.device != device:
+            const = torch.zeros(header_width(self.ep_size), dtype=torch.int32)
+            const[0], const[1] = vals[0], vals[1]
+            self._head_const = const.to(device)
+        head = self._head_const.clone()
+        for i in (2, 3, 4):
+            if vals[i]:
+                head[i].fill_(vals[i])
+        return head
+
+    # ------------------------------------------------------------------------------------- dispatch
+    def dispatch(self, x, routing):
+        return self.steps(self.dispatch_steps(x, routing))
+
+    def dispatch_steps(self, x, routing):
+        from ..kernels.symm_dispatch import ll_dispatch_kernel, row_block
+        T, H = x.shape
+        M, C, K, dev = self.M, self.capacity, self.cfg.top_k, x.device
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing and T > M:
+            raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
+                             f"max_tokens_per_rank={M}; capture with at most {M} tokens")
+        pool = self.pool
+        ws = pool.ensure(self.layout.nbytes)
+        slot = pool.next_slot()
+        epoch = pool.next_epoch("dispatch")
+        head = self._head(T, dev)
+        view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
+        n = T if T <= M else 0                      # an overflowing rank sends no token at all
+        if n:
+            if self.fp8:
+                xw, xs = self.scheme.quantize_activations(x[:n])
+                xs = xs.float().contiguous()
+            else:
+                xw, xs = x[:n], None
+            owner, index, _ = self.placement.tables(dev)
+            ll_dispatch_kernel[(n * K,)](
+                xw.contiguous(), xs if xs is not None else view["meta"],
+                routing.topk_ids[:n].to(torch.int32).contiguous(), owner, index,
+                view["rx"], view.get("rxs", view["meta"]), view["counts"], view["meta"], ws.deltas, pool.status,
+                self.rank, M, C, H, max(self.groups, 1), K,
+                X_ITEM=xw.element_size(), BLOCK_H=row_block(H), G_P2=_p2(max(self.groups, 1)), HAS_SCALES=self.fp8,
+                num_warps=4)
+        yield from self.exchange(ws, "dispatch", slot, epoch, head, max_tokens=M, check_heads=True)
+        L = self.placement.num_local_experts
+        if self.stats is not None:
+            self._count(routing, view, x.element_size(), n)
+        batch = BatchedBatch(view["rx"][:L], view["counts"][:L], view["rxs"][:L] if self.fp8 else None)
+        return batch, SymmLLHandle(T, slot, ws, head, routing.topk_weights.float())
+
+    def _count(self, routing, view, itemsize: int, n: int) -> None:
+        """Statistics (host reads: only with `enable_stats()`): pairs per destination and back."""
+        ep, H, L = self.ep_size, self.cfg.padded_hidden_size, self.placement.num_local_experts
+        owner, _ = self.placement.ids_on_owner(routing.topk_ids[:n])
+        sent = torch.bincount(owner.reshape(-1).long(), minlength=ep).tolist()
+        counts = view["counts"][:L].clamp(max=self.capacity)
+        rows = torch.arange(self.capacity, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        src = view["meta"][:L][rows].long() // (self.M * self.cfg.top_k)
+        back = torch.bincount(src, minlength=ep).tolist()
+        row_bytes = H * self.wire_dtype.itemsize + 4 * self.groups + 4
+        self.stats.forwards += 1
+        self.stats.add("dispatch_rows", sent)
+        self.stats.add("dispatch_bytes", [p * row_bytes for p in sent])
+        self.stats.add("combine_bytes", [p * H * itemsize for p in back])
+        self.stats.count_experts(counts.to(torch.int64))
+
+    # -------------------------------------------------------------------------------------- combine
+    def combine(self, expert_out, handle: SymmLLHandle):
+        return self.steps(self.combine_steps(expert_out, handle))
+
+    def combine_steps(self, expert_out, handle: SymmLLHandle):
+        from ..kernels.symm_dispatch import gather_sum, ll_combine_kernel, row_block
+        T, slot, ws, head, weights = handle
+        M, C, K, H = self.M, self.capacity, self.cfg.top_k, self.cfg.padded_hidden_size
+        L = self.placement.num_local_experts
+        if tuple(expert_out.shape) != (L, C, H) or expert_out.dtype != self.cfg.dtype:
+            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{L}, {C}, {H}] "
+                             f"{self.cfg.dtype}, got {list(expert_out.shape)} {expert_out.dtype}")
+        pool = self.pool
+        epoch = pool.next_epoch("combine")
+        view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
+        y = expert_out.contiguous()
+        split = 4
+        ll_combine_kernel[(L, split)](y, view["counts"], view["meta"], view["comb"], ws.deltas, M, C, H, K,
+                                      ITEM=y.element_size(), BLOCK_H=row_block(H), SPLIT=split, num_warps=4)
+        yield from self.exchange(ws, "combine", slot, epoch, head, check_heads=False, zero=view["counts"])
+        n = T if T <= M else 0
+        index = torch.arange(n * K, device=y.device).view(n, K)
+        out = gather_sum(view["comb"].view(M * K, H), index, weights[:n], pool.status, self.cfg.dtype)
+        dev = y.device
+        if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            seen = torch.cat([pool.status, ws.control_view(slot, "heads.dispatch").reshape(-1)]).tolist()
+            bits = seen[0]
+            if bits:
+                pool.status.zero_()
+                hw = len(seen[1:]) // self.ep_size
+                self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)])
+        if n < T:   # unreachable in practice: an overflow sets OVERFLOW above on every rank
+            raise ValueError(f"{self.name} dispatcher: {T} tokens, more than max_tokens_per_rank={M}")
+        return out
+
+
+def _p2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p

@@ -1,0 +1,192 @@
+"""The symmetric buffers behind the GPU-initiated dispatchers, and how every rank reaches its peers' copies.
+
+One `SymmWorkspace` is one byte buffer of the same size and layout on every rank of a group, allocated
+with `torch.distributed._symmetric_memory` (`empty` + `rendezvous`), so a kernel on rank r can store
+into rank s's copy through `local pointer + deltas[s]` (the byte distance between the two mappings).
+The buffer holds `slots` copies of a per-slot layout (two micro-batches, or two layers back to back,
+each use their own slot); each slot starts with a control block of the same shape for every layer of
+the group -- one flag row and one header row per rank and phase -- followed by the layer's data regions.
+Because the control block does not depend on the layer, ranks that call different layers still meet on
+the same flags and see each other's headers (a mismatch is reported, not a hang).
+
+`WorkspacePool` keeps one workspace per (group, device, dispatcher kind), grown (collectively: every rank
+asks for the same size at the same point) when a layer needs more, with the device epoch counters and
+the status word that the kernels share. Allocation happens at a layer's first forward, never in its
+constructor, so a rank that fails to build a layer cannot leave its peers waiting in a rendezvous.
+
+`simulated_workspaces` builds the same structure over plain tensors of one process (one per simulated
+rank): the kernels then run under the Triton interpreter on the CPU, which is how the offsets and the
+layout are tested without GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ALIGN = 128                      # bytes; every region starts on this boundary
+PHASES = ("count", "dispatch", "combine")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def header_width(ep: int) -> int:
+    """int32 per header row: fingerprint, layer, forward, tokens, failed, then one row count per rank."""
+    from ..kernels.symm_dispatch import HEADER_BASE
+    return HEADER_BASE + ep
+
+
+@dataclass(frozen=True)
+class Region:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int                  # bytes from the start of the slot
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class SlotLayout:
+    """Named typed regions of one slot, each ALIGN-byte aligned; the control block comes first."""
+
+    ep: int
+    regions: dict[str, Region] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.regions:
+            hw = header_width(self.ep)
+            for phase in PHASES:
+                self.add(f"flags.{phase}", torch.int32, (self.ep,))
+                self.add(f"heads.{phase}", torch.int32, (self.ep, hw))
+
+    def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        if name in self.regions:
+            raise ValueError(f"symmetric workspace: region {name!r} twice")
+        region = Region(dtype, tuple(int(s) for s in shape), self.nbytes)
+        self.regions[name] = region
+        self.nbytes = _round_up(self.nbytes + region.nbytes, ALIGN)
+
+
+class SymmWorkspace:
+    """This rank's copy of a symmetric buffer of `slots` slots of `slot_bytes` each.
+
+    local: the uint8 buffer; deltas [ep] int64 on its device: peer base minus own base, in bytes.
+    """
+
+    def __init__(self, local: torch.Tensor, bases: list[int], rank: int, slots: int, slot_bytes: int,
+                 keepalive=None):
+        self.local = local
+        self.rank = rank
+        self.ep = len(bases)
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.deltas = torch.tensor([b - bases[rank] for b in bases], dtype=torch.int64, device=local.device)
+        if any(d % 16 for d in self.deltas.tolist()):
+            raise RuntimeError("symmetric workspace: the peers' buffers are not 16-byte aligned relative to each "
+                               "other")
+        self._keepalive = keepalive
+        self.control = SlotLayout(self.ep)          # the same control block starts every layer's slot
+
+    def control_view(self, slot: int, name: str) -> torch.Tensor:
+        return self.view(slot, self.control.regions[name])
+
+    def view(self, slot: int, region: Region) -> torch.Tensor:
+        """The typed view of `region` in slot `slot` of this rank's buffer (no copy)."""
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"symmetric workspace: slot {slot} of {self.slots}")
+        start = slot * self.slot_bytes + region.offset
+        if start + region.nbytes > self.local.numel():
+            raise ValueError(f"symmetric workspace: region of {region.nbytes} B at {start} does not fit "
+                             f"{self.local.numel()} B")
+        return self.local[start:start + region.nbytes].view(region.dtype).view(region.shape)
+
+
+def allocate_symmetric(nbytes: int, group, device: torch.device) -> tuple[torch.Tensor, list[int], object]:
+    """Collective: every rank of `group` calls it with the same `nbytes` at the same point.
+
+    Returns (this rank's zeroed uint8 buffer, every rank's buffer base address as mapped here, the handle).
+    """
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:
+        enable(group.group_name)
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    handle = symm_mem.rendezvous(buf, group)
+    buf.zero_()
+    torch.cuda.synchronize(device)
+    dist.barrier(group=group)              # no peer writes into this buffer before it is zeroed
+    return buf, [int(p) for p in handle.buffer_ptrs], handle
+
+
+def simulated_workspaces(ep: int, slots: int, slot_bytes: int, device="cpu") -> list[SymmWorkspace]:
+    """`ep` workspaces over plain tensors of this process, each rank's deltas pointing at the others'."""
+    bufs = [torch.zeros(slots * slot_bytes + 16, dtype=torch.uint8, device=device) for _ in range(ep)]
+    # start each at a 16-byte boundary, as a symmetric allocation would be
+    bufs = [b[(-b.data_ptr()) % 16:][:slots * slot_bytes] for b in bufs]
+    bases = [b.data_ptr() for b in bufs]
+    return [SymmWorkspace(bufs[r], bases, r, slots, slot_bytes, keepalive=bufs) for r in range(ep)]
+
+
+class WorkspacePool:
+    """The workspace one dispatcher kind shares on one group and device, with the per-phase epoch
+    counters, the slot ring and the status word the kernels share. Persistent state of the group (like
+    the buffers themselves), never of one forward: a forward's slot and epochs go into its handle."""
+
+    SLOTS = 2
+
+    def __init__(self, group, device: torch.device, rank: int, ep: int, workspace: SymmWorkspace | None = None):
+        self.group, self.device, self.rank, self.ep = group, device, rank, ep
+        self.ws = workspace
+        self.retired: list[SymmWorkspace] = []      # kept alive: captured graphs and handles may point there
+        self.epochs = {p: torch.zeros(1, dtype=torch.int32, device=device) for p in PHASES}
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        self._next_slot = 0
+
+    def ensure(self, slot_bytes: int) -> SymmWorkspace:
+        """The workspace, grown (collectively) so that a slot holds `slot_bytes`."""
+        if self.ws is None or self.ws.slot_bytes < slot_bytes:
+            size = _round_up(max(slot_bytes, 1 << 20), 1 << 20)
+            if self.group is None:
+                if self.ep != 1:
+                    raise RuntimeError(f"symmetric workspace: a simulated workspace holds {self.ws and self.ws.slot_bytes} "
+                                       f"bytes a slot, {slot_bytes} are needed (simulations cannot grow)")
+                ws = simulated_workspaces(1, self.SLOTS, size, self.device)[0]     # one rank: plain memory
+            else:
+                buf, bases, handle = allocate_symmetric(self.SLOTS * size, self.group, self.device)
+                ws = SymmWorkspace(buf, bases, self.rank, self.SLOTS, size, keepalive=handle)
+            if self.ws is not None:
+                self.retired.append(self.ws)
+            self.ws = ws
+        return self.ws
+
+    def next_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self.SLOTS
+        return slot
+
+    def next_epoch(self, phase: str) -> torch.Tensor:
+        """This call's epoch of `phase` (a device scalar: a graph replay advances it too)."""
+        counter = self.epochs[phase]
+        counter.add_(1)
+        return counter.clone()
+
+
+_POOLS: dict[tuple, WorkspacePool] = {}
+
+
+def pool_for(kind: str, group, device: torch.device, rank: int, ep: int) -> WorkspacePool:
+    import torch.distributed as dist
+    key = (kind, tuple(dist.get_process_group_ranks(group)), str(device))
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = WorkspacePool(group, device, rank, ep)
+    return pool

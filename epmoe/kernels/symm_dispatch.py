@@ -1,0 +1,288 @@
+"""Triton kernels of the GPU-initiated dispatchers: rows stored straight into the peers' symmetric buffers.
+
+Every rank of the group owns one buffer of the same layout (`epmoe.dispatch.symm_workspace`); a kernel
+reaches a peer's copy of a region through the byte distance between the two buffers (`deltas [ep]`
+int64: peer base minus own base, a multiple of 16), so one typed pointer to the local region and a
+table of distances address every rank. A store through such a pointer crosses NVLink (or PCIe peer
+access) with no host involvement.
+
+Synchronisation is by epochs: every forward phase has a device counter; a sender stores its epoch into
+the receiver's flag slot with release semantics at system scope after its data, and a receiver spins on
+its flags with acquire semantics until all equal the epoch, for at most `timeout_ns` (then it sets a bit
+in its status word and returns instead of spinning forever). Flags never need resetting: an old epoch
+simply does not match.
+
+The kernels also run under the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1`), with the
+"peers" being other CPU buffers of the same process: that is how the offset and layout logic is tested
+without GPUs (the wait then counts spins instead of reading the GPU's clock).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# status word bits (int32, one per rank, sticky until the host reads and clears it)
+TIMEOUT = tl.constexpr(1)          # a peer's flag did not arrive within the timeout
+MISMATCH = tl.constexpr(2)         # a peer's header names another layer, layer kind or forward
+OVERFLOW = tl.constexpr(4)         # a peer passed more tokens than the fixed capacity
+FAILED = tl.constexpr(8)           # a peer could not compute this forward (its own error is raised there)
+SLOT_OVERFLOW = tl.constexpr(16)   # more rows arrived for one expert than its capacity (dispatch without combine)
+
+# header columns (int32); the high-throughput dispatcher appends its per-destination row counts
+H_FINGERPRINT, H_LAYER, H_FORWARD, H_TOKENS, H_FAILED = (tl.constexpr(i) for i in range(5))
+HEADER_BASE = 5
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _clock_ns():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def exchange_flags_kernel(flags_ptr, heads_ptr, my_head_ptr, deltas_ptr, epoch_ptr, status_ptr, zero_ptr,
+                          rank, max_tokens, timeout_ns, n_zero,
+                          EP: tl.constexpr, EP_P2: tl.constexpr, HW: tl.constexpr, HW_P2: tl.constexpr,
+                          PUBLISH: tl.constexpr, WAIT: tl.constexpr, CHECK_HEADS: tl.constexpr,
+                          TIMED: tl.constexpr, MAX_SPINS: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    """One program: publish this rank's header and epoch to every rank (PUBLISH), then wait for
+    everyone's (WAIT); on the GPU both in one launch, in a simulation in two.
+
+    flags_ptr [EP] int32 and heads_ptr [EP, HW] int32 are this rank's slots of one phase (row r is
+    written by rank r); my_head_ptr [HW] is what this rank publishes. Before publishing, `n_zero` int32
+    at zero_ptr are cleared (the low-latency combine resets its expert counters there, after the data
+    kernel has read them and before any peer may count into them again).
+    """
+    e = tl.load(epoch_ptr)
+    r = tl.arange(0, EP_P2)
+    rm = r < EP
+    c = tl.arange(0, HW_P2)
+    cm = c < HW
+    mine = tl.load(my_head_ptr + c, mask=cm, other=0)
+    if PUBLISH:
+        for start in range(0, n_zero, ZERO_BLOCK):
+            z = start + tl.arange(0, ZERO_BLOCK)
+            tl.store(zero_ptr + z, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=z < n_zero)
+        delta = tl.multiple_of(tl.load(deltas_ptr + r, mask=rm, other=0), 16) // 4   # int32 elements
+        dst = heads_ptr + delta[:, None] + rank * HW + c[None, :]
+        tl.store(dst, tl.broadcast_to(mine[None, :], [EP_P2, HW_P2]), mask=rm[:, None] & cm[None, :])
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + delta + rank, tl.broadcast_to(e, [EP_P2]), mask=rm, sem="release",
+                       scope="sys")
+    if WAIT:
+        seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
+        missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
+        late = missing * 0
+        if TIMED:
+            t0 = _clock_ns()
+        spins = 0
+        while (missing > 0) & (late == 0):
+            seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
+            missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
+            if TIMED:
+                late = (_clock_ns() - t0 > timeout_ns).to(tl.int32)
+            else:
+                spins += 1
+                late = (spins > MAX_SPINS).to(tl.int32)
+        tl.debug_barrier()
+        bits = tl.where(missing > 0, TIMEOUT, 0)
+        if CHECK_HEADS:
+            heads = tl.load(heads_ptr + r[:, None] * HW + c[None, :], mask=rm[:, None] & cm[None, :], other=0)
+            col = tl.broadcast_to(c[None, :], [EP_P2, HW_P2])
+            arrived = tl.broadcast_to(((seen == e) & rm)[:, None], [EP_P2, HW_P2])
+            differs = arrived & (col < H_TOKENS) & (heads != mine[None, :])
+            over = arrived & (col == H_TOKENS) & (heads > max_tokens)
+            failed = arrived & (col == H_FAILED) & (heads != 0)
+            bits = bits | tl.where(tl.sum(tl.sum(differs.to(tl.int32), 1), 0) > 0, MISMATCH, 0)
+            bits = bits | tl.where(tl.sum(tl.sum(over.to(tl.int32), 1), 0) > 0, OVERFLOW, 0)
+            bits = bits | tl.where(tl.sum(tl.sum(failed.to(tl.int32), 1), 0) > 0, FAILED, 0)
+        tl.atomic_or(status_ptr, bits)
+
+
+def exchange_flags(ws, phase: str, slot: int, epoch: torch.Tensor, head: torch.Tensor, status: torch.Tensor,
+                   timeout_s: float, max_tokens: int = 2 ** 30, check_heads: bool = True,
+                   zero: torch.Tensor | None = None, publish: bool = True, wait: bool = True) -> None:
+    """Publish `head` [HW] int32 and the epoch in phase `phase` of slot `slot` to every rank (`publish`),
+    and wait for every rank's, checking their headers against `head` (`wait`).
+
+    Waiting ends after `timeout_s` at the latest, with the TIMEOUT bit set in `status`; header checks set
+    MISMATCH (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED.
+    """
+    flags, heads = ws.control_view(slot, f"flags.{phase}"), ws.control_view(slot, f"heads.{phase}")
+    hw = heads.shape[1]
+    n_zero = 0 if zero is None else zero.numel()
+    zero = status if zero is None else zero
+    timed = not interpreted()
+    exchange_flags_kernel[(1,)](
+        flags, heads, head, ws.deltas, epoch, status, zero, ws.rank, max_tokens, int(timeout_s * 1e9), n_zero,
+        EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), HW=hw, HW_P2=triton.next_power_of_2(hw),
+        PUBLISH=publish, WAIT=wait, CHECK_HEADS=check_heads, TIMED=timed, MAX_SPINS=0 if timed else 1000,
+        ZERO_BLOCK=256, num_warps=1)
+
+
+# ------------------------------------------------------------------------------------ high throughput
+@triton.jit
+def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, pos_ptr, rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr,
+                       T, H, G, K,
+                       EP: tl.constexpr, X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr, K_P2: tl.constexpr,
+                       G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
+    """Program t stores token t's row into the receive buffer of every rank it goes to.
+
+    x [T, H] (wire dtype), xs [T, G] float32 scales (FP8), ids [EP, T, K] int32 expert ids local to each
+    destination (-1: not there), w [T, K] float32, pos [EP, T] int64 row in the destination's buffer
+    (-1: the token does not go there). rx/rxs/rids/rw: this rank's receive regions (the peers' are at
+    the same offsets from their bases).
+    """
+    t = tl.program_id(0)
+    row = t.to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        offs = h0 + tl.arange(0, BLOCK_H)
+        hm = offs < H
+        v = tl.load(x_ptr + row * H + offs, mask=hm)
+        for d in tl.static_range(EP):
+            p = tl.load(pos_ptr + d * T + row)
+            if p >= 0:
+                delta = tl.multiple_of(tl.load(deltas_ptr + d), 16) // X_ITEM
+                tl.store(rx_ptr + delta + p * H + offs, v, mask=hm)
+    k = tl.arange(0, K_P2)
+    km = k < K
+    wv = tl.load(w_ptr + row * K + k, mask=km)
+    if HAS_SCALES:
+        g = tl.arange(0, G_P2)
+        gm = g < G
+        sv = tl.load(xs_ptr + row * G + g, mask=gm)
+    for d in tl.static_range(EP):
+        p = tl.load(pos_ptr + d * T + row)
+        if p >= 0:
+            delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
+            iv = tl.load(ids_ptr + (d * T + row) * K + k, mask=km)
+            tl.store(rids_ptr + delta4 + p * K + k, iv, mask=km)
+            tl.store(rw_ptr + delta4 + p * K + k, wv, mask=km)
+            if HAS_SCALES:
+                tl.store(rxs_ptr + delta4 + p * G + g, sv, mask=gm)
+
+
+@triton.jit
+def rows_to_peers_kernel(y_ptr, src_ptr, dst_row_ptr, out_ptr, deltas_ptr, H,
+                         ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program q stores row q of y [N, H] into row dst_row[q] of rank src[q]'s region `out`."""
+    q = tl.program_id(0).to(tl.int64)
+    s = tl.load(src_ptr + q)
+    dr = tl.load(dst_row_ptr + q).to(tl.int64)
+    delta = tl.multiple_of(tl.load(deltas_ptr + s), 16) // ITEM
+    for h0 in range(0, H, BLOCK_H):
+        offs = h0 + tl.arange(0, BLOCK_H)
+        hm = offs < H
+        v = tl.load(y_ptr + q * H + offs, mask=hm)
+        tl.store(out_ptr + delta + dr * H + offs, v, mask=hm)
+
+
+@triton.jit
+def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, T, H, N_TERMS: tl.constexpr,
+                      WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over j < N_TERMS (in this order, float32) of [weight[t, j] *] src[index[t, j]].
+
+    index < 0 skips a term (its weight is never read: a NaN weight of an absent term cannot leak in).
+    A non-zero status word (a timeout or mismatch this rank saw) makes the row NaN: the output of a
+    forward that failed on the GPU is never a plausible-looking number.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(N_TERMS):
+        i = tl.load(index_ptr + t * N_TERMS + j)
+        if i >= 0:
+            v = tl.load(src_ptr + i.to(tl.int64) * H + offs, mask=hm, other=0.0).to(tl.float32)
+            if WEIGHTED:
+                v = v * tl.load(weight_ptr + t * N_TERMS + j)
+            acc += v
+    bad = tl.load(status_ptr)
+    acc = tl.where(bad != 0, float("nan"), acc)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
+
+def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None, status: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """[R, H] rows, index [T, J] (row or -1), optional weight [T, J] -> [T, H] in out_dtype (float32 sum)."""
+    T, J = index.shape
+    H = src.shape[1]
+    out = torch.empty(T, H, dtype=out_dtype, device=src.device)
+    if T == 0:
+        return out
+    block = min(triton.next_power_of_2(max(H, 16)), 2048)
+    gather_sum_kernel[(T, triton.cdiv(H, block))](
+        src, index.contiguous(), index if weight is None else weight.contiguous(), out, status, T, H,
+        N_TERMS=J, WEIGHTED=weight is not None, BLOCK_H=block, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------- low latency
+@triton.jit
+def ll_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs_ptr, counts_ptr, meta_ptr,
+                       deltas_ptr, status_ptr, rank, M, C, H, G, K,
+                       X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr, G_P2: tl.constexpr,
+                       HAS_SCALES: tl.constexpr):
+    """Program i = (token t, slot k): claim a row of expert ids[t, k] on its owner (an atomic on the
+    owner's counter) and store the token there, with its origin (rank, t, k) beside it.
+
+    Receive regions (same offsets on every rank): rx [L, C, H], rxs [L, C, G], counts [L] int32,
+    meta [L, C] int32 = (source rank * M + t) * K + k.
+    """
+    i = tl.program_id(0)
+    t = i // K
+    k = i % K
+    e = tl.load(ids_ptr + i)
+    d = tl.load(owner_ptr + e)
+    le = tl.load(index_ptr + e)
+    delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
+    slot = tl.atomic_add(counts_ptr + delta4 + le, 1, sem="relaxed", scope="sys")
+    if slot < C:
+        dest = le.to(tl.int64) * C + slot
+        tl.store(meta_ptr + delta4 + dest, (rank * M + t) * K + k)
+        delta = tl.multiple_of(tl.load(deltas_ptr + d), 16) // X_ITEM
+        for h0 in range(0, H, BLOCK_H):
+            offs = h0 + tl.arange(0, BLOCK_H)
+            hm = offs < H
+            v = tl.load(x_ptr + t.to(tl.int64) * H + offs, mask=hm)
+            tl.store(rx_ptr + delta + dest * H + offs, v, mask=hm)
+        if HAS_SCALES:
+            g = tl.arange(0, G_P2)
+            gm = g < G
+            sv = tl.load(xs_ptr + t.to(tl.int64) * G + g, mask=gm)
+            tl.store(rxs_ptr + delta4 + dest * G + g, sv, mask=gm)
+    else:
+        tl.atomic_or(status_ptr, SLOT_OVERFLOW)
+
+
+@triton.jit
+def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, M, C, H, K,
+                      ITEM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (expert le, j) sends rows c = j, j + SPLIT, ... < counts[le] of y [L, C, H] back to their
+    origin: row (t, k) of the source rank's region out [M, K, H]."""
+    le = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n = tl.minimum(tl.load(counts_ptr + le), C)
+    for c in range(j, n, SPLIT):
+        m = tl.load(meta_ptr + le * C + c)
+        s = m // (M * K)
+        tk = (m % (M * K)).to(tl.int64)
+        delta = tl.multiple_of(tl.load(deltas_ptr + s), 16) // ITEM
+        for h0 in range(0, H, BLOCK_H):
+            offs = h0 + tl.arange(0, BLOCK_H)
+            hm = offs < H
+            v = tl.load(y_ptr + (le * C + c) * H + offs, mask=hm)
+            tl.store(out_ptr + delta + tk * H + offs, v, mask=hm)
+
+
+def row_block(H: int) -> int:
+    """Columns one program moves per step: whole rows up to 8192 elements."""
+    return min(triton.next_power_of_2(max(H, 16)), 8192)
