@@ -3,7 +3,7 @@
     python benchmarks/gpu_symm_check.py [--parts smoke,graph,soak,suite,timing]     # results under $OUT
 
 Parts (each guarded, so one failure does not hide the others; a table sums up at the end):
-  smoke:  every symmetric-memory dispatcher with every experts backend the contract pairs it with, BF16
+  smoke_ht, smoke_ll: each symmetric-memory dispatcher with every experts backend the contract pairs it with, BF16
           and FP8 dispatch, T in {0, 1, uneven, skewed onto one expert, top_k above the rank count}, vs
           the float64 oracle; a peer that never arrives makes the waiting rank raise within its timeout.
   graph:  `symm_low_latency` + `batched` captured in CUDA graphs at two T per rank, replayed with fresh
@@ -32,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 OUT = os.environ.get("OUT", os.path.join(os.getcwd(), "out"))
 HT, LL = "symm_high_throughput", "symm_low_latency"
-TIMEOUT_S = 30.0          # generous: a peer may still be compiling a kernel the first time
+TIMEOUT_S = 10.0          # generous: a peer may still be compiling a kernel the first time
 MISSING_TIMEOUT_S = 3.0   # the missing-peer case, after everything is compiled
 
 
@@ -76,7 +76,7 @@ def _inputs(cfg, T, gen, device, skew=None):
     return x.to(device), logits.to(device)
 
 
-def smoke_worker(rank, ws):
+def smoke_worker(rank, ws, dispatchers):
     from epmoe import Fp8Config, MoEConfig, contract
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator().manual_seed(10 + rank)
@@ -86,7 +86,7 @@ def smoke_worker(rank, ws):
                                       dtype=torch.bfloat16),
             "fp8-dispatch": MoEConfig(num_experts=16, top_k=4, hidden_size=512, intermediate_size=256,
                                       dtype=torch.bfloat16, quant=Fp8Config(weight_block=(128, 128), dispatch_fp8=True))}
-    for d in (HT, LL):
+    for d in dispatchers:
         for cname, cfg in cfgs.items():
             for x in contract.EXPERTS:
                 if contract.pairing_problem(d, x, cfg, ws, "cuda") is not None:
@@ -100,13 +100,15 @@ def smoke_worker(rank, ws):
                         xx, lg = _inputs(cfg, T, gen, dev, skew)
                         worst = max(worst, _check(layer, weights, cfg, xx, lg, f"{name} T={T}"))
                     results[name] = f"ok {worst:.2e}"
+                    w = layer.dispatcher.pool.ws
+                    print(f"[rank {rank}] {name}: deltas {w.deltas.tolist()} local {w.local.data_ptr():#x}", flush=True)
                 except Exception as exc:
                     results[name] = f"FAIL {type(exc).__name__}: {exc}"[:2000]
                     traceback.print_exc()
                 dist.barrier()
     # a peer that never arrives: rank 1 skips one forward, rank 0 must raise within its timeout
     cfg = cfgs["bf16"]
-    for d, x in ((HT, "grouped_mm"), (LL, "batched")):
+    for d, x in [(d, {HT: "grouped_mm", LL: "batched"}[d]) for d in dispatchers]:
         name = f"{d}-peer-missing"
         layer, weights = _layer(cfg, d, x, M=8)
         xx, lg = _inputs(cfg, 4, gen, dev)
@@ -186,9 +188,14 @@ def soak_worker(rank, ws, forwards):
     return {"forwards": 2 * forwards, "worst_rel_err": worst, "seconds": round(time.time() - t0, 1)}
 
 
-def part_smoke():
+def part_smoke(dispatcher, blocking=False):
     from epmoe.testing import run_on_ranks
-    res = run_on_ranks(smoke_worker, 2, backend="nccl", timeout_s=240)
+    if blocking:       # a fault is then reported at the launch of the kernel that made it
+        os.environ["CUDA_LAUNCH_BLOCKING"] = "1"
+    try:
+        res = run_on_ranks(smoke_worker, 2, (dispatcher,), backend="nccl", timeout_s=200)
+    finally:
+        os.environ.pop("CUDA_LAUNCH_BLOCKING", None)
     names = sorted(set(res[0]) | set(res[1]))
     return {n: [r.get(n, "missing") for r in res] for n in names}
 
@@ -227,12 +234,12 @@ def part_timing(extra):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="smoke,graph,soak,suite,timing")
+    ap.add_argument("--parts", default="smoke_ht,smoke_ll,graph,soak,suite,timing")
     ap.add_argument("--forwards", type=int, default=500, help="soak: forwards per layer (default %(default)s)")
     ap.add_argument("--timing-args", default="", help="extra arguments for epmoe bench dispatch")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    steps = {"smoke": part_smoke, "graph": part_graph, "soak": lambda: part_soak(args.forwards),
+    steps = {"smoke_ht": lambda: part_smoke(HT), "smoke_ll": lambda: part_smoke(LL, blocking=True), "graph": part_graph, "soak": lambda: part_soak(args.forwards),
              "suite": part_suite, "timing": lambda: part_timing(args.timing_args.split())}
     summary = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                "torch": torch.__version__}
@@ -255,7 +262,7 @@ def main() -> int:
             bad = {n: r for n, r in v["result"].items() if not all(str(s).startswith("ok") for s in r)}
             print(f"{name}: {len(v['result']) - len(bad)}/{len(v['result'])} ok ({v['seconds']} s)")
             for n, r in bad.items():
-                print(f"  FAILED {n}: {r[0][:300]} | {r[-1][:300]}")
+                print(f"  FAILED {n}: {str(r[0])[:300]} | {str(r[-1])[:300]}")
         else:
             print(f"{name}: ok ({v.get('seconds')} s) {json.dumps(v.get('result'), default=str)[:600]}")
     return 0

@@ -82,7 +82,9 @@ class SymmDispatcher(CommDispatcher):
     # ------------------------------------------------------------------------------------- headers
     def fingerprint(self) -> int:
         """What two ranks must agree on to exchange rows with this layer (int32)."""
-        return zlib.crc32(repr(self.wire_signature()).encode()) & 0x7FFFFFFF
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = zlib.crc32(repr(self.wire_signature()).encode()) & 0x7FFFFFFF
+        return self._fingerprint
 
     def header_values(self, num_tokens: int) -> list[int]:
         """(fingerprint, layer, the group's forward count, tokens, failed) for the forward being dispatched."""
@@ -93,17 +95,18 @@ class SymmDispatcher(CommDispatcher):
         """A `*_steps` generator as the caller needs it: driven to its end, unless simulated."""
         return gen if self.simulated else run_steps(gen)
 
-    def exchange(self, ws, phase, slot, epoch, head, **kw):
-        """Publish and wait (one kernel on the GPU; in a simulation two, with a stop between them).
-        A generator either way: call it with `yield from`."""
+    def exchange(self, ws, phase: str, slot: int, header: list[int], **kw):
+        """Publish `header` and the phase's next epoch, and wait for every rank's (one kernel on the GPU;
+        in a simulation two, with a stop between them). A generator either way: use `yield from`."""
         from ..kernels.symm_dispatch import exchange_flags
-        status = self.pool.status
+        pool = self.pool
+        args = (ws, phase, slot, pool.epochs[phase], header, pool.status, self.timeout_s)
         if not self.simulated:
-            exchange_flags(ws, phase, slot, epoch, head, status, self.timeout_s, **kw)
+            exchange_flags(*args, **kw)
             return
-        exchange_flags(ws, phase, slot, epoch, head, status, self.timeout_s, wait=False, **kw)
+        exchange_flags(*args, wait=False, **kw)
         yield
-        exchange_flags(ws, phase, slot, epoch, head, status, self.timeout_s, publish=False, **kw)
+        exchange_flags(*args, publish=False, **kw)
 
     # -------------------------------------------------------------------------------------- errors
     def read_status(self) -> int:

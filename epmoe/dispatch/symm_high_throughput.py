@@ -37,9 +37,9 @@ class SymmHTHandle(NamedTuple):
     num_tokens: int
     slot: int
     ws: object                   # the workspace generation this forward's rows live in
-    head: torch.Tensor           # [HW] int32 this rank's header
-    src_of_row: torch.Tensor     # [N] int64 source rank of each received row
-    dst_row: torch.Tensor        # [N] int64 its row in the source's combine region
+    header: list                 # this rank's header values
+    mtx: torch.Tensor            # [ep, HW] int32 every rank's header and per-destination row counts
+    num_rows: int                # rows this rank received
     back_index: torch.Tensor     # [T, ep] int64 row of the combine region holding (token, rank), or -1
 
 
@@ -66,7 +66,6 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         group_size = self.scheme.activation_group_size if self.fp8 else None
         self.groups = (1 if group_size is None else -(-H // group_size)) if self.fp8 else 0
         self.wire_dtype = torch.float8_e4m3fn if self.fp8 else cfg.dtype
-        self._head_host = torch.empty(5, dtype=torch.int32, pin_memory=not self.simulated and torch.cuda.is_available())
 
     def slot_layout(self, rows: int = 1):
         """Regions of one slot for `rows` received rows (rows sent back use the same capacity)."""
@@ -108,110 +107,103 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         return self.steps(self.dispatch_steps(x, routing))
 
     def dispatch_steps(self, x, routing):
-        from ..kernels.symm_dispatch import ht_dispatch_kernel, row_block
+        from ..kernels.symm_dispatch import ht_dispatch_kernel, pow2, row_block
         T, H = x.shape
         ep, me, dev, K = self.ep_size, self.rank, x.device, self.cfg.top_k
+        bounded = self.max_tokens_per_rank is not None
         pool = self.pool
-        ws = pool.ensure(self.slot_layout(self._rows_for(1)).nbytes) if pool.ws is None else pool.ws
+        if getattr(self, "_min_slot_bytes", None) is None:
+            self._min_slot_bytes = self.slot_layout(self._rows_for(1)).nbytes
+        ws = pool.ensure(self._min_slot_bytes)        # the first forward of a larger layer grows it everywhere
         slot = pool.next_slot()
-        epoch = pool.next_epoch("count")
+        # everything that does not depend on the other ranks, queued before the exchange
         owner, _ = self.placement.ids_on_owner(routing.topk_ids)                 # [T, k]
         goes = torch.zeros(ep, T, dtype=torch.bool, device=dev)
         if T:
             goes.scatter_(0, owner.t().long(), True)
         counts = goes.sum(1, dtype=torch.int32)
-        self._head_host.copy_(torch.tensor(self.header_values(T), dtype=torch.int32))
-        head = torch.cat([self._head_host.to(dev, non_blocking=True), counts])
-        yield from self.exchange(ws, "count", slot, epoch, head, check_heads=False)
-        status = pool.status
-        seen = torch.cat([ws.control_view(slot, "heads.count").reshape(-1), status])
-        host = seen.tolist()                                                      # the one host read
-        bits = host[-1]
-        heads = [host[r * head.numel():(r + 1) * head.numel()] for r in range(ep)]
-        if bits:
-            status.zero_()
-            self.raise_for_status(bits, heads)
-        self.check_headers([[h[3], h[1], h[2], h[4]] for h in heads])
-        fps = {h[0] for h in heads}
-        if len(fps) > 1:
-            raise RankMismatch(f"{self.name} dispatcher: the ranks exchange rows of different layouts (layer "
-                               f"fingerprints {[h[0] for h in heads]}): they run different kinds of layers")
-        mtx = [h[5:5 + ep] for h in heads]                                        # mtx[s][d]: rows s -> d
-        recv = [mtx[s][me] for s in range(ep)]
-        n_recv = sum(recv)
-        needed = max(max(sum(mtx[s][d] for s in range(ep)) for d in range(ep)),
-                     max(sum(row) for row in mtx))
-        if self.layout_in(ws).regions["rx"].shape[0] < needed:               # the same on every rank
-            ws = pool.ensure(self.slot_layout(self._rows_for(needed)).nbytes)
-        view = {n: ws.view(slot, r) for n, r in self.layout_in(ws).regions.items()}
-
-        # where this rank's rows start in each receiver's buffer, and in its own combine region
-        start_in = torch.tensor([sum(mtx[s][d] for s in range(me)) for d in range(ep)], dtype=torch.int64)
-        send_off = torch.tensor([sum(mtx[me][:d]) for d in range(ep)], dtype=torch.int64)
         j = torch.cumsum(goes, 1, dtype=torch.int64) - 1                          # [ep, T]
-        pos = torch.where(goes, j + start_in.to(dev).unsqueeze(1), -1)
-        back_index = torch.where(goes, j + send_off.to(dev).unsqueeze(1), -1).t().contiguous()   # [T, ep]
+        send_off = torch.cumsum(counts, 0, dtype=torch.int64) - counts           # this rank's rows per dest
+        back_index = torch.where(goes, j + send_off.unsqueeze(1), -1).t().contiguous()   # [T, ep]
+        j = torch.where(goes, j, -1)
         ids_on = self.placement.local_ids_on(routing.topk_ids, torch.arange(ep, device=dev).view(ep, 1, 1))
         ids_on = ids_on.to(torch.int32).contiguous()
         if self.fp8:
             xw, xs = self.scheme.quantize_activations(x)
             xs = xs.float().contiguous()
         else:
-            xw, xs = x, None
+            xw, xs = x.contiguous(), None
+        header = self.header_values(T)
+        yield from self.exchange(ws, "count", slot, header, counts=counts, check_heads=False)
+        mtx = ws.control_view(slot, "heads.count").clone()          # every rank's header and counts
+        if not bounded:                                              # sizes first: the one host read
+            mtx_host = self._read_and_check(mtx)
+            needed = max(max(sum(r[d] for r in mtx_host) for d in range(ep)), max(sum(r) for r in mtx_host))
+            if self.layout_in(ws).regions["rx"].shape[0] < needed:   # the same decision on every rank
+                ws = pool.ensure(self.slot_layout(self._rows_for(needed)).nbytes)
+        view = {n: ws.view(slot, r) for n, r in self.layout_in(ws).regions.items()}
+        rows = view["rx"].shape[0]
         if T:
             ht_dispatch_kernel[(T,)](
-                xw.contiguous(), xs if xs is not None else view["rw"], ids_on, routing.topk_weights.float().contiguous(),
-                pos, view["rx"], view.get("rxs", view["rw"]), view["rids"], view["rw"], ws.deltas,
-                T, H, max(self.groups, 1), K,
-                EP=ep, X_ITEM=xw.element_size(), BLOCK_H=row_block(H), K_P2=_p2(K), G_P2=_p2(max(self.groups, 1)),
-                HAS_SCALES=self.fp8, num_warps=4)
-        yield from self.exchange(ws, "dispatch", slot, epoch, head, check_heads=False)
-
-        # the combine's bookkeeping: where each received row goes back to
-        recv_start = [sum(recv[:s]) for s in range(ep)]
-        base_in_src = [sum(mtx[s][:me]) for s in range(ep)]
-        src_of_row = torch.repeat_interleave(torch.arange(ep, device=dev), torch.tensor(recv, device=dev),
-                                             output_size=n_recv)
-        shift = torch.tensor([base_in_src[s] - recv_start[s] for s in range(ep)], dtype=torch.int64, device=dev)
-        dst_row = torch.arange(n_recv, device=dev) + shift[src_of_row]
+                xw, xs if xs is not None else view["rw"], ids_on, routing.topk_weights.float().contiguous(), j, mtx,
+                view["rx"], view.get("rxs", view["rw"]), view["rids"], view["rw"], ws.deltas, pool.status,
+                me, T, H, max(self.groups, 1), K, rows,
+                EP=ep, HW=mtx.shape[1], X_ITEM=xw.element_size(), BLOCK_H=row_block(H), K_P2=pow2(K),
+                G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8, num_warps=4)
+        yield from self.exchange(ws, "dispatch", slot, header, check_heads=False)
+        if bounded:                                                  # the one host read, after the transfer
+            mtx_host = self._read_and_check(mtx)
+        recv = [r[me] for r in mtx_host]
+        n_recv = sum(recv)
         if self.stats is not None:
             row_bytes = sum(r.nbytes for n, r in self.slot_layout(1).regions.items() if n in ("rx", "rxs", "rids", "rw"))
             self.stats.forwards += 1
-            self.stats.add("dispatch_rows", mtx[me])
-            self.stats.add("dispatch_bytes", [n * row_bytes for n in mtx[me]])
+            self.stats.add("dispatch_rows", mtx_host[me])
+            self.stats.add("dispatch_bytes", [n * row_bytes for n in mtx_host[me]])
             self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv])
             self.stats.count_experts(count_pairs(view["rids"][:n_recv], self.placement.num_local_experts))
         batch = FlatBatch(view["rx"][:n_recv], view["rids"][:n_recv], view["rw"][:n_recv],
                           view["rxs"][:n_recv] if self.fp8 else None)
-        return batch, SymmHTHandle(T, slot, ws, head, src_of_row, dst_row, back_index)
+        return batch, SymmHTHandle(T, slot, ws, header, mtx, n_recv, back_index)
+
+    def _read_and_check(self, mtx: torch.Tensor) -> list[list[int]]:
+        """The one host read: every rank's header and counts, and the status bits; raises (the same on
+        every rank) for a failed, overflowing or mismatched rank or a timeout. Returns mtx[s][d]."""
+        seen = torch.cat([mtx.reshape(-1), self.pool.status]).tolist()
+        bits, hw = seen[-1], mtx.shape[1]
+        heads = [seen[r * hw:(r + 1) * hw] for r in range(self.ep_size)]
+        if bits:
+            self.pool.status.zero_()
+        M = self.max_tokens_per_rank
+        if M is not None and any(h[3] > M for h in heads):
+            from ..kernels.symm_dispatch import OVERFLOW
+            bits |= OVERFLOW.value
+        self.raise_for_status(bits, heads)
+        self.check_headers([[h[3], h[1], h[2], h[4]] for h in heads])
+        if len({h[0] for h in heads}) > 1:
+            raise RankMismatch(f"{self.name} dispatcher: the ranks exchange rows of different layouts (layer "
+                               f"fingerprints {[h[0] for h in heads]}): they run different kinds of layers")
+        return [h[5:5 + self.ep_size] for h in heads]
 
     # -------------------------------------------------------------------------------------- combine
     def combine(self, expert_out, handle: SymmHTHandle):
         return self.steps(self.combine_steps(expert_out, handle))
 
     def combine_steps(self, expert_out, handle: SymmHTHandle):
-        from ..kernels.symm_dispatch import gather_sum, row_block, rows_to_peers_kernel
-        T, slot, ws, head, src_of_row, dst_row, back_index = handle
-        n, H = expert_out.shape[0], self.cfg.padded_hidden_size
-        if expert_out.shape != (src_of_row.shape[0], H) or expert_out.dtype != self.cfg.dtype:
-            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{src_of_row.shape[0]}, {H}] "
-                             f"{self.cfg.dtype} for this handle, got {list(expert_out.shape)} {expert_out.dtype}")
-        pool = self.pool
-        epoch = pool.next_epoch("combine")
+        from ..kernels.symm_dispatch import gather_sum, ht_combine_kernel, row_block
+        T, slot, ws, header, mtx, n, back_index = handle
+        H = self.cfg.padded_hidden_size
+        if tuple(expert_out.shape) != (n, H) or expert_out.dtype != self.cfg.dtype:
+            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{n}, {H}] {self.cfg.dtype} "
+                             f"for this handle, got {list(expert_out.shape)} {expert_out.dtype}")
         comb = ws.view(slot, self.layout_in(ws).regions["comb"])
         if n:
             y = expert_out.contiguous()
-            rows_to_peers_kernel[(n,)](y, src_of_row, dst_row, comb, ws.deltas, H,
-                                       ITEM=y.element_size(), BLOCK_H=row_block(H), num_warps=4)
-        yield from self.exchange(ws, "combine", slot, epoch, head, check_heads=False)
-        return gather_sum(comb, back_index, None, pool.status, self.cfg.dtype)
+            ht_combine_kernel[(n,)](y, mtx, comb, ws.deltas, self.rank, H, EP=self.ep_size, HW=mtx.shape[1],
+                                    ITEM=y.element_size(), BLOCK_H=row_block(H), num_warps=4)
+        yield from self.exchange(ws, "combine", slot, header, check_heads=False)
+        return gather_sum(comb, back_index, None, self.pool.status, self.cfg.dtype)
 
     def empty_expert_output(self, batch) -> torch.Tensor:
         return torch.zeros(batch.x.shape[0], self.cfg.padded_hidden_size, dtype=self.cfg.dtype, device=batch.x.device)
 
-
-def _p2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p

@@ -35,7 +35,7 @@ class SymmLLHandle(NamedTuple):
     num_tokens: int
     slot: int
     ws: object
-    head: torch.Tensor           # [HW] int32 this rank's header
+    header: list                 # this rank's header values
     weights: torch.Tensor        # [T, k] float32 routing weights
 
 
@@ -69,7 +69,6 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         self.groups = (1 if group_size is None else -(-H // group_size)) if self.fp8 else 0
         self.wire_dtype = torch.float8_e4m3fn if self.fp8 else cfg.dtype
         self.layout = self.slot_layout()
-        self._head_const: torch.Tensor | None = None
 
     def slot_layout(self):
         from .symm_workspace import SlotLayout
@@ -84,26 +83,12 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         layout.add("comb", cfg.dtype, (self.M, K, H))
         return layout
 
-    def _head(self, num_tokens: int, device) -> torch.Tensor:
-        """This forward's header on the device, made of fills (capturable: no host-to-device copy)."""
-        from .symm_workspace import header_width
-        vals = self.header_values(num_tokens)
-        if self._head_const is None or self._head_const.device != device:
-            const = torch.zeros(header_width(self.ep_size), dtype=torch.int32)
-            const[0], const[1] = vals[0], vals[1]
-            self._head_const = const.to(device)
-        head = self._head_const.clone()
-        for i in (2, 3, 4):
-            if vals[i]:
-                head[i].fill_(vals[i])
-        return head
-
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch(self, x, routing):
         return self.steps(self.dispatch_steps(x, routing))
 
     def dispatch_steps(self, x, routing):
-        from ..kernels.symm_dispatch import ll_dispatch_kernel, row_block
+        from ..kernels.symm_dispatch import ll_dispatch_kernel, pow2, row_block
         T, H = x.shape
         M, C, K, dev = self.M, self.capacity, self.cfg.top_k, x.device
         capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -113,8 +98,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         pool = self.pool
         ws = pool.ensure(self.layout.nbytes)
         slot = pool.next_slot()
-        epoch = pool.next_epoch("dispatch")
-        head = self._head(T, dev)
+        header = self.header_values(T)
         view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
         n = T if T <= M else 0                      # an overflowing rank sends no token at all
         if n:
@@ -129,14 +113,14 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
                 routing.topk_ids[:n].to(torch.int32).contiguous(), owner, index,
                 view["rx"], view.get("rxs", view["meta"]), view["counts"], view["meta"], ws.deltas, pool.status,
                 self.rank, M, C, H, max(self.groups, 1), K,
-                X_ITEM=xw.element_size(), BLOCK_H=row_block(H), G_P2=_p2(max(self.groups, 1)), HAS_SCALES=self.fp8,
+                X_ITEM=xw.element_size(), BLOCK_H=row_block(H), G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8,
                 num_warps=4)
-        yield from self.exchange(ws, "dispatch", slot, epoch, head, max_tokens=M, check_heads=True)
+        yield from self.exchange(ws, "dispatch", slot, header, max_tokens=M, check_heads=True)
         L = self.placement.num_local_experts
         if self.stats is not None:
             self._count(routing, view, x.element_size(), n)
         batch = BatchedBatch(view["rx"][:L], view["counts"][:L], view["rxs"][:L] if self.fp8 else None)
-        return batch, SymmLLHandle(T, slot, ws, head, routing.topk_weights.float())
+        return batch, SymmLLHandle(T, slot, ws, header, routing.topk_weights.float())
 
     def _count(self, routing, view, itemsize: int, n: int) -> None:
         """Statistics (host reads: only with `enable_stats()`): pairs per destination and back."""
@@ -160,23 +144,21 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     def combine_steps(self, expert_out, handle: SymmLLHandle):
         from ..kernels.symm_dispatch import gather_sum, ll_combine_kernel, row_block
-        T, slot, ws, head, weights = handle
+        T, slot, ws, header, weights = handle
         M, C, K, H = self.M, self.capacity, self.cfg.top_k, self.cfg.padded_hidden_size
         L = self.placement.num_local_experts
         if tuple(expert_out.shape) != (L, C, H) or expert_out.dtype != self.cfg.dtype:
             raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{L}, {C}, {H}] "
                              f"{self.cfg.dtype}, got {list(expert_out.shape)} {expert_out.dtype}")
         pool = self.pool
-        epoch = pool.next_epoch("combine")
         view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
         y = expert_out.contiguous()
         split = 4
         ll_combine_kernel[(L, split)](y, view["counts"], view["meta"], view["comb"], ws.deltas, M, C, H, K,
                                       ITEM=y.element_size(), BLOCK_H=row_block(H), SPLIT=split, num_warps=4)
-        yield from self.exchange(ws, "combine", slot, epoch, head, check_heads=False, zero=view["counts"])
+        yield from self.exchange(ws, "combine", slot, header, check_heads=False, zero=view["counts"])
         n = T if T <= M else 0
-        index = torch.arange(n * K, device=y.device).view(n, K)
-        out = gather_sum(view["comb"].view(M * K, H), index, weights[:n], pool.status, self.cfg.dtype)
+        out = gather_sum(view["comb"].view(M * K, H), None, weights[:n], pool.status, self.cfg.dtype, shape=(n, K))
         dev = y.device
         if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             seen = torch.cat([pool.status, ws.control_view(slot, "heads.dispatch").reshape(-1)]).tolist()
@@ -189,9 +171,3 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
             raise ValueError(f"{self.name} dispatcher: {T} tokens, more than max_tokens_per_rank={M}")
         return out
 
-
-def _p2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p

@@ -35,7 +35,7 @@ def _round_up(n: int, m: int) -> int:
 def header_width(ep: int) -> int:
     """int32 per header row: fingerprint, layer, forward, tokens, failed, then one row count per rank."""
     from ..kernels.symm_dispatch import HEADER_BASE
-    return HEADER_BASE + ep
+    return HEADER_BASE.value + ep
 
 
 @dataclass(frozen=True)
@@ -112,19 +112,21 @@ class SymmWorkspace:
 def allocate_symmetric(nbytes: int, group, device: torch.device) -> tuple[torch.Tensor, list[int], object]:
     """Collective: every rank of `group` calls it with the same `nbytes` at the same point.
 
-    Returns (this rank's zeroed uint8 buffer, every rank's buffer base address as mapped here, the handle).
+    Returns (this rank's zeroed uint8 buffer, every rank's buffer address as mapped here, the handle).
     """
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm_mem
-    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-    if enable is not None:
-        enable(group.group_name)
     buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
     handle = symm_mem.rendezvous(buf, group)
+    blocks = [int(p) for p in handle.buffer_ptrs]           # each rank's allocation, as mapped here
+    rank = dist.get_rank(group)
+    # the tensor may sit at an offset inside its allocation; every rank says where its own sits
+    offsets: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(offsets, buf.data_ptr() - blocks[rank], group=group)
     buf.zero_()
     torch.cuda.synchronize(device)
     dist.barrier(group=group)              # no peer writes into this buffer before it is zeroed
-    return buf, [int(p) for p in handle.buffer_ptrs], handle
+    return buf, [b + o for b, o in zip(blocks, offsets)], handle
 
 
 def simulated_workspaces(ep: int, slots: int, slot_bytes: int, device="cpu") -> list[SymmWorkspace]:
@@ -147,7 +149,8 @@ class WorkspacePool:
         self.group, self.device, self.rank, self.ep = group, device, rank, ep
         self.ws = workspace
         self.retired: list[SymmWorkspace] = []      # kept alive: captured graphs and handles may point there
-        self.epochs = {p: torch.zeros(1, dtype=torch.int32, device=device) for p in PHASES}
+        # per phase: the epoch counter, then each slot's current epoch (the kernels advance them)
+        self.epochs = {p: torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device) for p in PHASES}
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self._next_slot = 0
 
@@ -173,11 +176,6 @@ class WorkspacePool:
         self._next_slot = (slot + 1) % self.SLOTS
         return slot
 
-    def next_epoch(self, phase: str) -> torch.Tensor:
-        """This call's epoch of `phase` (a device scalar: a graph replay advances it too)."""
-        counter = self.epochs[phase]
-        counter.add_(1)
-        return counter.clone()
 
 
 _POOLS: dict[tuple, WorkspacePool] = {}

@@ -33,7 +33,7 @@ SLOT_OVERFLOW = tl.constexpr(16)   # more rows arrived for one expert than its c
 
 # header columns (int32); the high-throughput dispatcher appends its per-destination row counts
 H_FINGERPRINT, H_LAYER, H_FORWARD, H_TOKENS, H_FAILED = (tl.constexpr(i) for i in range(5))
-HEADER_BASE = 5
+HEADER_BASE = tl.constexpr(5)
 
 
 def interpreted() -> bool:
@@ -47,26 +47,39 @@ def _clock_ns():
 
 
 @triton.jit
-def exchange_flags_kernel(flags_ptr, heads_ptr, my_head_ptr, deltas_ptr, epoch_ptr, status_ptr, zero_ptr,
-                          rank, max_tokens, timeout_ns, n_zero,
+def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_ptr, epoch_ptr, status_ptr, zero_ptr,
+                          rank, fingerprint, layer, forward, tokens, failed, max_tokens, timeout_ns, n_zero,
                           EP: tl.constexpr, EP_P2: tl.constexpr, HW: tl.constexpr, HW_P2: tl.constexpr,
-                          PUBLISH: tl.constexpr, WAIT: tl.constexpr, CHECK_HEADS: tl.constexpr,
-                          TIMED: tl.constexpr, MAX_SPINS: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+                          HAS_COUNTS: tl.constexpr, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
+                          CHECK_HEADS: tl.constexpr, TIMED: tl.constexpr, MAX_SPINS: tl.constexpr,
+                          ZERO_BLOCK: tl.constexpr):
     """One program: publish this rank's header and epoch to every rank (PUBLISH), then wait for
     everyone's (WAIT); on the GPU both in one launch, in a simulation in two.
 
     flags_ptr [EP] int32 and heads_ptr [EP, HW] int32 are this rank's slots of one phase (row r is
-    written by rank r); my_head_ptr [HW] is what this rank publishes. Before publishing, `n_zero` int32
-    at zero_ptr are cleared (the low-latency combine resets its expert counters there, after the data
-    kernel has read them and before any peer may count into them again).
+    written by rank r). The header is (fingerprint, layer, forward, tokens, failed) followed by this
+    rank's row count per destination (counts_ptr [EP], HAS_COUNTS) or zeros. counter_ptr: the phase's
+    epoch counter (incremented here, so a graph replay advances it too); epoch_ptr: this call's epoch
+    (written by PUBLISH, read by WAIT). Before publishing, `n_zero` int32 at zero_ptr are cleared (the
+    low-latency combine resets its expert counters there, after the data kernel has read them and
+    before any peer may count into them again).
     """
-    e = tl.load(epoch_ptr)
     r = tl.arange(0, EP_P2)
     rm = r < EP
     c = tl.arange(0, HW_P2)
     cm = c < HW
-    mine = tl.load(my_head_ptr + c, mask=cm, other=0)
+    mine = tl.where(c == H_FINGERPRINT, fingerprint, 0)
+    mine = tl.where(c == H_LAYER, layer, mine)
+    mine = tl.where(c == H_FORWARD, forward, mine)
+    mine = tl.where(c == H_TOKENS, tokens, mine)
+    mine = tl.where(c == H_FAILED, failed, mine)
+    if HAS_COUNTS:
+        cnt = tl.load(counts_ptr + (c - HEADER_BASE), mask=cm & (c >= HEADER_BASE), other=0)
+        mine = tl.where(c >= HEADER_BASE, cnt, mine)
     if PUBLISH:
+        e = tl.load(counter_ptr) + 1
+        tl.store(counter_ptr, e)
+        tl.store(epoch_ptr, e)
         for start in range(0, n_zero, ZERO_BLOCK):
             z = start + tl.arange(0, ZERO_BLOCK)
             tl.store(zero_ptr + z, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=z < n_zero)
@@ -77,6 +90,7 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, my_head_ptr, deltas_ptr, epoch_p
         tl.atomic_xchg(flags_ptr + delta + rank, tl.broadcast_to(e, [EP_P2]), mask=rm, sem="release",
                        scope="sys")
     if WAIT:
+        e = tl.load(epoch_ptr)
         seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
         missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
         late = missing * 0
@@ -99,46 +113,53 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, my_head_ptr, deltas_ptr, epoch_p
             arrived = tl.broadcast_to(((seen == e) & rm)[:, None], [EP_P2, HW_P2])
             differs = arrived & (col < H_TOKENS) & (heads != mine[None, :])
             over = arrived & (col == H_TOKENS) & (heads > max_tokens)
-            failed = arrived & (col == H_FAILED) & (heads != 0)
+            failed_any = arrived & (col == H_FAILED) & (heads != 0)
             bits = bits | tl.where(tl.sum(tl.sum(differs.to(tl.int32), 1), 0) > 0, MISMATCH, 0)
             bits = bits | tl.where(tl.sum(tl.sum(over.to(tl.int32), 1), 0) > 0, OVERFLOW, 0)
-            bits = bits | tl.where(tl.sum(tl.sum(failed.to(tl.int32), 1), 0) > 0, FAILED, 0)
+            bits = bits | tl.where(tl.sum(tl.sum(failed_any.to(tl.int32), 1), 0) > 0, FAILED, 0)
         tl.atomic_or(status_ptr, bits)
 
 
-def exchange_flags(ws, phase: str, slot: int, epoch: torch.Tensor, head: torch.Tensor, status: torch.Tensor,
-                   timeout_s: float, max_tokens: int = 2 ** 30, check_heads: bool = True,
-                   zero: torch.Tensor | None = None, publish: bool = True, wait: bool = True) -> None:
-    """Publish `head` [HW] int32 and the epoch in phase `phase` of slot `slot` to every rank (`publish`),
-    and wait for every rank's, checking their headers against `head` (`wait`).
+def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list[int], status: torch.Tensor,
+                   timeout_s: float, counts: torch.Tensor | None = None, max_tokens: int = 2 ** 30,
+                   check_heads: bool = True, zero: torch.Tensor | None = None, publish: bool = True,
+                   wait: bool = True) -> None:
+    """Publish the header (fingerprint, layer, forward, tokens, failed [+ `counts` [ep] int32]) and the
+    next epoch of phase `phase` in slot `slot` to every rank (`publish`), and wait for every rank's
+    (`wait`), checking their headers against this one.
 
-    Waiting ends after `timeout_s` at the latest, with the TIMEOUT bit set in `status`; header checks set
-    MISMATCH (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED.
+    epochs: [1 + slots] int32 on the device: the phase's counter, then each slot's current epoch. Waiting ends after
+    `timeout_s` at the latest, with the TIMEOUT bit set in `status`; header checks set MISMATCH
+    (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED.
     """
     flags, heads = ws.control_view(slot, f"flags.{phase}"), ws.control_view(slot, f"heads.{phase}")
     hw = heads.shape[1]
     n_zero = 0 if zero is None else zero.numel()
-    zero = status if zero is None else zero
     timed = not interpreted()
+    fp, layer, forward, tokens, failed = (int(v) for v in header)
     exchange_flags_kernel[(1,)](
-        flags, heads, head, ws.deltas, epoch, status, zero, ws.rank, max_tokens, int(timeout_s * 1e9), n_zero,
+        flags, heads, status if counts is None else counts, ws.deltas, epochs[0:], epochs[1 + slot:], status,
+        status if zero is None else zero, ws.rank, fp, layer, forward, tokens, failed, max_tokens,
+        int(timeout_s * 1e9), n_zero,
         EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), HW=hw, HW_P2=triton.next_power_of_2(hw),
-        PUBLISH=publish, WAIT=wait, CHECK_HEADS=check_heads, TIMED=timed, MAX_SPINS=0 if timed else 1000,
-        ZERO_BLOCK=256, num_warps=1)
+        HAS_COUNTS=counts is not None, PUBLISH=publish, WAIT=wait, CHECK_HEADS=check_heads, TIMED=timed,
+        MAX_SPINS=0 if timed else 1000, ZERO_BLOCK=256, num_warps=1)
 
 
 # ------------------------------------------------------------------------------------ high throughput
 @triton.jit
-def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, pos_ptr, rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr,
-                       T, H, G, K,
-                       EP: tl.constexpr, X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr, K_P2: tl.constexpr,
-                       G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
+def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, j_ptr, mtx_ptr, rx_ptr, rxs_ptr, rids_ptr, rw_ptr,
+                       deltas_ptr, status_ptr, rank, T, H, G, K, rows,
+                       EP: tl.constexpr, HW: tl.constexpr, X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr,
+                       K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
     """Program t stores token t's row into the receive buffer of every rank it goes to.
 
     x [T, H] (wire dtype), xs [T, G] float32 scales (FP8), ids [EP, T, K] int32 expert ids local to each
-    destination (-1: not there), w [T, K] float32, pos [EP, T] int64 row in the destination's buffer
-    (-1: the token does not go there). rx/rxs/rids/rw: this rank's receive regions (the peers' are at
-    the same offsets from their bases).
+    destination (-1: not there), w [T, K] float32, j [EP, T] int64: the token's index among this rank's
+    rows for that destination (-1: it does not go there). mtx [EP, HW] int32: every rank's header, whose
+    columns HEADER_BASE.. hold its row count per destination, so this rank's rows start in rank d's
+    buffer after those of lower ranks. rx/rxs/rids/rw: this rank's receive regions of `rows` rows (the
+    peers' are at the same offsets from their bases); a row past them sets OVERFLOW instead of landing.
     """
     t = tl.program_id(0)
     row = t.to(tl.int64)
@@ -147,8 +168,12 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, pos_ptr, rx_ptr, rxs_ptr, 
         hm = offs < H
         v = tl.load(x_ptr + row * H + offs, mask=hm)
         for d in tl.static_range(EP):
-            p = tl.load(pos_ptr + d * T + row)
-            if p >= 0:
+            jd = tl.load(j_ptr + d * T + row)
+            start = jd * 0
+            for s in tl.static_range(EP):
+                start += tl.where(s < rank, tl.load(mtx_ptr + s * HW + HEADER_BASE + d), 0)
+            p = start + jd
+            if (jd >= 0) & (p < rows):
                 delta = tl.multiple_of(tl.load(deltas_ptr + d), 16) // X_ITEM
                 tl.store(rx_ptr + delta + p * H + offs, v, mask=hm)
     k = tl.arange(0, K_P2)
@@ -159,35 +184,57 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, pos_ptr, rx_ptr, rxs_ptr, 
         gm = g < G
         sv = tl.load(xs_ptr + row * G + g, mask=gm)
     for d in tl.static_range(EP):
-        p = tl.load(pos_ptr + d * T + row)
-        if p >= 0:
+        jd = tl.load(j_ptr + d * T + row)
+        start = jd * 0
+        for s in tl.static_range(EP):
+            start += tl.where(s < rank, tl.load(mtx_ptr + s * HW + HEADER_BASE + d), 0)
+        p = start + jd
+        if (jd >= 0) & (p < rows):
             delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
             iv = tl.load(ids_ptr + (d * T + row) * K + k, mask=km)
             tl.store(rids_ptr + delta4 + p * K + k, iv, mask=km)
             tl.store(rw_ptr + delta4 + p * K + k, wv, mask=km)
             if HAS_SCALES:
                 tl.store(rxs_ptr + delta4 + p * G + g, sv, mask=gm)
+        if (jd >= 0) & (p >= rows):
+            tl.atomic_or(status_ptr, OVERFLOW)
 
 
 @triton.jit
-def rows_to_peers_kernel(y_ptr, src_ptr, dst_row_ptr, out_ptr, deltas_ptr, H,
-                         ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program q stores row q of y [N, H] into row dst_row[q] of rank src[q]'s region `out`."""
+def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, rank, H,
+                      EP: tl.constexpr, HW: tl.constexpr, ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program q stores received row q of y [N, H] back into its source's combine region `out`, at the
+    row the source's send order gives it (destination-major: after its rows for lower ranks).
+
+    mtx [EP, HW] int32: every rank's header with its per-destination row counts (HEADER_BASE..).
+    """
     q = tl.program_id(0).to(tl.int64)
-    s = tl.load(src_ptr + q)
-    dr = tl.load(dst_row_ptr + q).to(tl.int64)
-    delta = tl.multiple_of(tl.load(deltas_ptr + s), 16) // ITEM
+    acc = q * 0
+    src = q * 0
+    first = q * 0
+    for s in tl.static_range(EP):
+        n_s = tl.load(mtx_ptr + s * HW + HEADER_BASE + rank).to(tl.int64)
+        hit = (q >= acc) & (q < acc + n_s)
+        src = tl.where(hit, s, src)
+        first = tl.where(hit, acc, first)
+        acc += n_s
+    base = q * 0
+    for d in tl.static_range(EP):
+        base += tl.where(d < rank, tl.load(mtx_ptr + src * HW + HEADER_BASE + d), 0)
+    dst = base + (q - first)
+    delta = tl.multiple_of(tl.load(deltas_ptr + src), 16) // ITEM
     for h0 in range(0, H, BLOCK_H):
         offs = h0 + tl.arange(0, BLOCK_H)
         hm = offs < H
         v = tl.load(y_ptr + q * H + offs, mask=hm)
-        tl.store(out_ptr + delta + dr * H + offs, v, mask=hm)
+        tl.store(out_ptr + delta + dst * H + offs, v, mask=hm)
 
 
 @triton.jit
 def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, T, H, N_TERMS: tl.constexpr,
-                      WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum over j < N_TERMS (in this order, float32) of [weight[t, j] *] src[index[t, j]].
+                      WEIGHTED: tl.constexpr, DIRECT: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over j < N_TERMS (in this order, float32) of [weight[t, j] *] src[index[t, j]]
+    (DIRECT: src[t * N_TERMS + j], no index tensor).
 
     index < 0 skips a term (its weight is never read: a NaN weight of an absent term cannot leak in).
     A non-zero status word (a timeout or mismatch this rank saw) makes the row NaN: the output of a
@@ -199,7 +246,10 @@ def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, T, H,
     hm = offs < H
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(N_TERMS):
-        i = tl.load(index_ptr + t * N_TERMS + j)
+        if DIRECT:
+            i = t * N_TERMS + j
+        else:
+            i = tl.load(index_ptr + t * N_TERMS + j)
         if i >= 0:
             v = tl.load(src_ptr + i.to(tl.int64) * H + offs, mask=hm, other=0.0).to(tl.float32)
             if WEIGHTED:
@@ -210,18 +260,20 @@ def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, T, H,
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
-def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None, status: torch.Tensor,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """[R, H] rows, index [T, J] (row or -1), optional weight [T, J] -> [T, H] in out_dtype (float32 sum)."""
-    T, J = index.shape
+def gather_sum(src: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None, status: torch.Tensor,
+               out_dtype: torch.dtype, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """[R, H] rows, index [T, J] (row or -1; None: row t * J + j, `shape` = (T, J)), optional weight
+    [T, J] -> [T, H] in out_dtype (float32 sum, terms in order)."""
+    T, J = index.shape if index is not None else shape
     H = src.shape[1]
     out = torch.empty(T, H, dtype=out_dtype, device=src.device)
     if T == 0:
         return out
     block = min(triton.next_power_of_2(max(H, 16)), 2048)
+    idx = status if index is None else index.contiguous()
     gather_sum_kernel[(T, triton.cdiv(H, block))](
-        src, index.contiguous(), index if weight is None else weight.contiguous(), out, status, T, H,
-        N_TERMS=J, WEIGHTED=weight is not None, BLOCK_H=block, num_warps=4)
+        src, idx, idx if weight is None else weight.contiguous(), out, status, T, H,
+        N_TERMS=J, WEIGHTED=weight is not None, DIRECT=index is None, BLOCK_H=block, num_warps=4)
     return out
 
 
@@ -281,6 +333,11 @@ def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, M, C, H,
             hm = offs < H
             v = tl.load(y_ptr + (le * C + c) * H + offs, mask=hm)
             tl.store(out_ptr + delta + tk * H + offs, v, mask=hm)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (block sizes of the small per-row fields)."""
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def row_block(H: int) -> int:
