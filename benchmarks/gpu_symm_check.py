@@ -6,12 +6,15 @@ Parts (each guarded, so one failure does not hide the others; a table sums up at
   smoke_ht, smoke_ll: each symmetric-memory dispatcher with every experts backend the contract pairs it with, BF16
           and FP8 dispatch, T in {0, 1, uneven, skewed onto one expert, top_k above the rank count}, vs
           the float64 oracle; a peer that never arrives makes the waiting rank raise within its timeout.
-  graph:  `symm_low_latency` + `batched` captured in CUDA graphs at two T per rank, replayed with fresh
-          inputs, every replay checked against the oracle and an eager forward.
+  graph:  `symm_low_latency` + `batched` and `symm_high_throughput` (bounded) + `triton` captured in CUDA
+          graphs at two T per rank, replayed with fresh inputs, every replay checked against the oracle and
+          an eager forward.
   soak:   1000 forwards in a row, random T per rank, two layers (high throughput and low latency)
           alternating, every output checked.
   suite:  tests/test_ep_layer.py's multi-rank cases restricted to these dispatchers (NCCL, 2 GPUs).
   timing: `epmoe bench dispatch` for alltoall and both new dispatchers, BF16 and FP8 rows.
+  layer:  `epmoe bench layer --ranks 2` (deepseek-v3, qwen3-30b-a3b) for alltoall and both new dispatchers,
+          against one GPU doing both ranks' tokens.
 """
 from __future__ import annotations
 
@@ -137,12 +140,12 @@ def smoke_worker(rank, ws, dispatchers):
     return results
 
 
-def graph_worker(rank, ws):
+def graph_worker(rank, ws, dispatcher, experts):
     from epmoe import MoEConfig, reference_moe
     from epmoe.testing import capture, compare
     dev = torch.device("cuda", torch.cuda.current_device())
     cfg = MoEConfig(num_experts=32, top_k=4, hidden_size=1024, intermediate_size=512, dtype=torch.bfloat16)
-    layer, weights = _layer(cfg, LL, "batched", M=48)
+    layer, weights = _layer(cfg, dispatcher, experts, M=48)
     gen = torch.Generator().manual_seed(100 + rank)
     graphs = []
     for T in ((48, 5), (31, 1))[rank]:
@@ -202,7 +205,23 @@ def part_smoke(dispatcher, blocking=False):
 
 def part_graph():
     from epmoe.testing import run_on_ranks
-    return run_on_ranks(graph_worker, 2, backend="nccl", timeout_s=300)
+    return {f"{d}+{x}": run_on_ranks(graph_worker, 2, d, x, backend="nccl", timeout_s=150)
+            for d, x in ((LL, "batched"), (HT, "triton"))}
+
+
+def part_layer(extra):
+    from epmoe.bench import layer as bench
+    parser = argparse.ArgumentParser()
+    bench.configure_parser(parser)
+    path = os.path.join(OUT, "layer_2x.json")
+    argv = ["--ranks", "2", "--output", path, "--dispatchers", f"alltoall,{HT},{LL}"] + extra
+    rc = bench.main(parser.parse_args(argv))
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    keep = ("preset", "format", "dispatcher", "experts", "tokens_per_rank", "kind", "skipped", "error")
+    return {"rc": rc, "rows": [dict({k: r[k] for k in keep if k in r},
+                                    step_ms=r.get("timing", {}).get("step_ms", r.get("step_ms")),
+                                    speedup=r.get("speedup_vs_local")) for r in rows]}
 
 
 def part_soak(forwards):
@@ -237,10 +256,12 @@ def main() -> int:
     ap.add_argument("--parts", default="smoke_ht,smoke_ll,graph,soak,suite,timing")
     ap.add_argument("--forwards", type=int, default=500, help="soak: forwards per layer (default %(default)s)")
     ap.add_argument("--timing-args", default="", help="extra arguments for epmoe bench dispatch")
+    ap.add_argument("--layer-args", default="", help="extra arguments for epmoe bench layer")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     steps = {"smoke_ht": lambda: part_smoke(HT), "smoke_ll": lambda: part_smoke(LL, blocking=True), "graph": part_graph, "soak": lambda: part_soak(args.forwards),
-             "suite": part_suite, "timing": lambda: part_timing(args.timing_args.split())}
+             "suite": part_suite, "timing": lambda: part_timing(args.timing_args.split()),
+             "layer": lambda: part_layer(args.layer_args.split())}
     summary = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                "torch": torch.__version__}
     for name in args.parts.split(","):

@@ -61,6 +61,7 @@ class DispatcherCaps:
     host_sync: bool = False             # does the forward wait on the host for data-dependent sizes
     cuda_graph_safe: bool = False
     needs_max_tokens: bool = False      # requires max_tokens_per_rank
+    takes_max_tokens: bool = False      # uses max_tokens_per_rank when given (fixed buffers, no host read)
     fp8_dispatch: bool = False          # can quantize to FP8 before the wire (scales travel along)
     summary: str = ""
     available: Callable[[str], str | None] = _always

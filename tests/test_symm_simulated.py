@@ -29,8 +29,9 @@ else:
     from epmoe.routing import route
     from epmoe.testing import assert_close, random_experts
 
-    def lockstep(gens):
-        """Advance every rank's step generator to its next wait in turn; return their results."""
+    def lockstep(gens, errors=None):
+        """Advance every rank's step generator to its next wait in turn; return their results. With
+        `errors` (a dict), a rank's exception is recorded there instead of raised."""
         results = [None] * len(gens)
         live = set(range(len(gens)))
         while live:
@@ -39,6 +40,11 @@ else:
                     next(gens[r])
                 except StopIteration as stop:
                     results[r] = stop.value
+                    live.discard(r)
+                except Exception as exc:
+                    if errors is None:
+                        raise
+                    errors[r] = exc
                     live.discard(r)
         return results
 
@@ -52,13 +58,19 @@ else:
         return ExpertWeights(w13, w2)
 
 
-    def make(cls, cfg, ep, M, placements=None):
-        probe = cls(cfg, Placement(cfg.num_experts, ep, 0, placements), max_tokens_per_rank=M,
+    def slot_bytes(cls, cfg, ep, M):
+        probe = cls(cfg, Placement(cfg.num_experts, ep, 0), max_tokens_per_rank=M,
                     pool=WorkspacePool(None, torch.device("cpu"), 0, ep, simulated_workspaces(ep, 2, 128)[0]))
         layout = probe.slot_layout(probe._rows_for(1)) if cls is SymmHighThroughputDispatcher else probe.slot_layout()
-        wss = simulated_workspaces(ep, 2, layout.nbytes)
-        return [cls(cfg, Placement(cfg.num_experts, ep, r, placements), max_tokens_per_rank=M,
-                    pool=WorkspacePool(None, torch.device("cpu"), r, ep, wss[r])) for r in range(ep)]
+        return layout.nbytes
+
+    def make(cls, cfg, ep, M, pools=None):
+        """One dispatcher per simulated rank; `pools` (shared by several layers) or fresh ones."""
+        if pools is None:
+            wss = simulated_workspaces(ep, 2, slot_bytes(cls, cfg, ep, M))
+            pools = [WorkspacePool(None, torch.device("cpu"), r, ep, wss[r]) for r in range(ep)]
+        return [cls(cfg, Placement(cfg.num_experts, ep, r), max_tokens_per_rank=M, pool=pools[r])
+                for r in range(ep)]
 
 
     def run_forward(ds, cfg, experts, xs, logits):
@@ -92,3 +104,109 @@ else:
                 ref = reference_moe(xs[r], logits[r], experts, cfg)
                 assert outs[r].shape == (tokens[r], H)
                 assert_close(outs[r], ref, 1e-5)
+
+    DISPATCHERS = [SymmHighThroughputDispatcher, SymmLowLatencyDispatcher]
+
+    def _setup(cls, ep=2, E=6, k=2, H=16, M=4, seed=0):
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=8, dtype=torch.float32)
+        return cfg, random_experts(cfg, seed=seed), make(cls, cfg, ep, M)
+
+    def _data(cfg, tokens, seed):
+        g = torch.Generator().manual_seed(seed)
+        return ([torch.randn(t, cfg.hidden_size, generator=g) for t in tokens],
+                [torch.randn(t, cfg.num_experts, generator=g) * 2 for t in tokens])
+
+    @pytest.mark.parametrize("cls", DISPATCHERS)
+    def test_two_micro_batches_in_flight(cls):
+        """dispatch A, dispatch B, combine B, combine A: each gets its own slot and the right answer."""
+        cfg, experts, ds = _setup(cls)
+        xa, la = _data(cfg, [3, 4], 1)
+        xb, lb = _data(cfg, [4, 2], 2)
+        ra, rb = [route(v, cfg) for v in la], [route(v, cfg) for v in lb]
+        got_a = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xa, ra)])
+        got_b = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xb, rb)])
+        assert {h.slot for _, h in got_a} != {h.slot for _, h in got_b}
+
+        def experts_on(outs):
+            return [ReferenceExperts(cfg)(b, rank_weights(cfg, experts, d.placement)) for d, (b, _) in zip(ds, outs)]
+        ya, yb = experts_on(got_a), experts_on(got_b)
+        out_b = lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, yb, got_b)])
+        out_a = lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, ya, got_a)])
+        for r in range(2):
+            assert_close(out_a[r], reference_moe(xa[r], la[r], experts, cfg), 1e-5)
+            assert_close(out_b[r], reference_moe(xb[r], lb[r], experts, cfg), 1e-5)
+
+    @pytest.mark.parametrize("cls", DISPATCHERS)
+    def test_overflow_raises_on_every_rank_then_recovers(cls):
+        cfg, experts, ds = _setup(cls, M=4)
+        xs, ls = _data(cfg, [6, 2], 3)                # rank 0 passes more than max_tokens_per_rank
+        errors = {}
+        routings = [route(v, cfg) for v in ls]
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xs, routings)], errors)
+        if not errors:                                 # the capturable paths raise at the end of combine
+            ys = [torch.zeros(b.x.shape, dtype=cfg.dtype) for b, _ in outs]
+            lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, ys, outs)], errors)
+        assert set(errors) == {0, 1}, errors
+        for exc in errors.values():
+            assert isinstance(exc, ValueError) and "max_tokens_per_rank=4" in str(exc)
+            assert "rank 0 passed 6 tokens" in str(exc)
+        xs, ls = _data(cfg, [4, 1], 4)                 # the group is usable again
+        outs, _, _ = run_forward(ds, cfg, experts, xs, ls)
+        for r in range(2):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+
+    @pytest.mark.parametrize("cls", DISPATCHERS)
+    def test_ranks_calling_different_layers_raise_on_every_rank(cls):
+        """Two layers of different sizes share the group's workspace; rank 0 calls one, rank 1 the other."""
+        from epmoe import RankMismatch
+        cfg_a = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        cfg_b = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=8, dtype=torch.float32)
+        size = max(slot_bytes(cls, c, 2, 4) for c in (cfg_a, cfg_b))
+        wss = simulated_workspaces(2, 2, size)
+        pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
+        a, b = make(cls, cfg_a, 2, 4, pools), make(cls, cfg_b, 2, 4, pools)
+        for d in b:
+            d.layer_index = 1
+        xa, la = _data(cfg_a, [3, 3], 5)
+        xb, lb = _data(cfg_b, [3, 3], 6)
+        calls = [(a[0], xa[0], route(la[0], cfg_a)), (b[1], xb[1], route(lb[1], cfg_b))]
+        errors = {}
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in calls], errors)
+        if not errors:
+            ys = [torch.zeros(bt.x.shape, dtype=torch.float32) for bt, _ in outs]
+            lockstep([d.combine_steps(y, h) for (d, _, _), y, (_, h) in zip(calls, ys, outs)], errors)
+        assert set(errors) == {0, 1}, errors
+        assert all(isinstance(e, RankMismatch) for e in errors.values()), errors
+
+    @pytest.mark.parametrize("cls", DISPATCHERS)
+    def test_a_peer_that_never_comes_is_a_timeout_error(cls):
+        cfg, experts, ds = _setup(cls)
+        xs, ls = _data(cfg, [3, 3], 7)
+        errors = {}
+        outs = lockstep([ds[0].dispatch_steps(xs[0], route(ls[0], cfg))], errors)   # rank 1 never takes part
+        if not errors:
+            b, h = outs[0]
+            lockstep([ds[0].combine_steps(torch.zeros(b.x.shape), h)], errors)
+        assert isinstance(errors.get(0), RuntimeError) and "timeout_s" in str(errors[0]), errors
+
+    def test_high_throughput_rows_are_what_each_rank_must_receive():
+        """Rows, local ids and weights each rank received, against an independent walk over the routing."""
+        cfg, experts, ds = _setup(SymmHighThroughputDispatcher, ep=3, E=7, k=3, H=16, M=5)
+        xs, ls = _data(cfg, [5, 0, 4], 8)
+        routings = [route(v, cfg) for v in ls]
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xs, routings)])
+        for me, (batch, _) in enumerate(outs):
+            owners = ds[0].placement.owners
+            rows, ids, weights = [], [], []
+            for s in range(3):
+                for t in range(xs[s].shape[0]):
+                    g = routings[s].topk_ids[t].tolist()
+                    if any(owners[e] == me for e in g):
+                        rows.append(xs[s][t])
+                        ids.append(ds[me].placement.local_ids(routings[s].topk_ids[t]).tolist())
+                        weights.append(routings[s].topk_weights[t])
+            n = len(rows)
+            assert torch.equal(batch.x[:n], torch.stack(rows)) if n else True
+            assert batch.local_ids[:n].tolist() == ids
+            assert torch.equal(batch.weights[:n], torch.stack(weights)) if n else True
+            assert (batch.local_ids[n:] == -1).all()       # the rest of the capacity is routed nowhere

@@ -445,7 +445,7 @@ class _RankBench:
             return
         dcls = contract.dispatcher_class(d)
         layout = dcls.CAPS.layout
-        per_t = dcls.CAPS.needs_max_tokens          # capacity = T: one layer per T
+        per_t = dcls.CAPS.needs_max_tokens or dcls.CAPS.takes_max_tokens   # capacity = T: one layer per T
         use_graph = self._graph_safe(d, experts)
         layer, built_for = None, None
         for T in self.p["tokens"]:

@@ -121,6 +121,10 @@ class SymmDispatcher(CommDispatcher):
         from ..kernels import symm_dispatch as k
         if not bits:
             return
+        if bits & k.TIMEOUT.value:     # first: with a peer missing, the headers read are stale
+            raise RuntimeError(f"{self.name} dispatcher: a peer did not signal within timeout_s={self.timeout_s} s "
+                               f"(a rank stalled, died, skipped a forward, or runs another kind of dispatcher); "
+                               f"this forward's outputs are invalid (set to NaN)")
         seen = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} {h[3]} tokens{' FAILED' if h[4] else ''}"
                          for r, h in enumerate(heads or []))
         if bits & k.FAILED.value:
@@ -136,10 +140,6 @@ class SymmDispatcher(CommDispatcher):
         if bits & k.MISMATCH.value:
             raise RankMismatch(f"{self.name} dispatcher: the ranks are not running the same layer's same forward "
                                f"({seen}); every rank must call the same EP layers in the same order")
-        if bits & k.TIMEOUT.value:
-            raise RuntimeError(f"{self.name} dispatcher: a peer did not signal within timeout_s={self.timeout_s} s "
-                               f"(a rank stalled, died, skipped a forward, or runs another kind of dispatcher); "
-                               f"this forward's outputs are invalid (set to NaN)")
         if bits & k.SLOT_OVERFLOW.value:
             raise RuntimeError(f"{self.name} dispatcher: more rows arrived for an expert than its capacity: a "
                                f"dispatch whose combine never ran left its counters behind; every dispatch must be "
@@ -149,6 +149,19 @@ class SymmDispatcher(CommDispatcher):
         """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
         cannot read back themselves)."""
         self.raise_for_status(self.read_status())
+
+    def check_at_end(self, ws, slot: int, phase: str, device) -> None:
+        """Eager forwards of the capturable path: read the status word (and the headers, for the message)
+        once, at the end of combine, so that what went wrong raises on every rank in the forward that caused
+        it. Skipped while a CUDA graph is being captured (nothing can be read back then)."""
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
+        seen = torch.cat([self.pool.status, ws.control_view(slot, f"heads.{phase}").reshape(-1)]).tolist()
+        bits = seen[0]
+        if bits:
+            self.pool.status.zero_()
+            hw = (len(seen) - 1) // self.ep_size
+            self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)])
 
     def wire_signature(self) -> tuple:
         """Name, the slot layout (regions, dtypes, shapes) and the capacity: what peers must agree on."""

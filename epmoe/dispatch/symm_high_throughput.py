@@ -31,6 +31,7 @@ from ..errors import RankMismatch
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
 from ._symm import SymmDispatcher, symm_problem
+from .symm_workspace import HEADER_FIELDS
 
 
 class SymmHTHandle(NamedTuple):
@@ -51,11 +52,12 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     name = "symm_high_throughput"
     kind = "ht"
     CAPS = DispatcherCaps(
-        layout=FLAT, communicates=True, devices=frozenset({"cuda"}), host_sync=True, cuda_graph_safe=False,
-        fp8_dispatch=True, available=_available,
+        layout=FLAT, communicates=True, devices=frozenset({"cuda"}), host_sync=True, cuda_graph_safe=True,
+        takes_max_tokens=True, fp8_dispatch=True, available=_available,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
                 "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); rows come back "
-                "the same way and the owner sums them in float32")
+                "the same way and the owner sums them in float32; with max_tokens_per_rank: fixed buffers, no "
+                "host read in the forward, CUDA-graph capturable")
 
     def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None, **kw):
         super().__init__(cfg, placement, group, max_tokens_per_rank, device, **kw)
@@ -93,9 +95,11 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         cached = getattr(self, "_layout_cache", None)
         if cached is not None and cached[0] is ws:
             return cached[1]
+        from .symm_workspace import SlotLayout
+        control = SlotLayout(self.ep_size)
         one = self.slot_layout(1)
-        per_row = sum(r.nbytes for n, r in one.regions.items() if not n.startswith(("flags.", "heads.")))
-        rows = max((ws.slot_bytes - one.nbytes) // per_row, 1)
+        per_row = sum(r.nbytes for n, r in one.regions.items() if n not in control.regions)
+        rows = max((ws.slot_bytes - control.nbytes) // per_row, 1)
         while rows > 1 and self.slot_layout(rows).nbytes > ws.slot_bytes:
             rows -= 1
         layout = self.slot_layout(rows)
@@ -110,7 +114,14 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         from ..kernels.symm_dispatch import ht_dispatch_kernel, pow2, row_block
         T, H = x.shape
         ep, me, dev, K = self.ep_size, self.rank, x.device, self.cfg.top_k
-        bounded = self.max_tokens_per_rank is not None
+        M = self.max_tokens_per_rank
+        bounded = M is not None
+        if not bounded and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph needs max_tokens_per_rank (without it "
+                             f"the buffers are sized from the exchanged counts, a host read)")
+        if bounded and T > M and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
+                             f"max_tokens_per_rank={M}; capture with at most {M} tokens")
         pool = self.pool
         if getattr(self, "_min_slot_bytes", None) is None:
             self._min_slot_bytes = self.slot_layout(self._rows_for(1)).nbytes
@@ -134,10 +145,14 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         else:
             xw, xs = x.contiguous(), None
         header = self.header_values(T)
-        yield from self.exchange(ws, "count", slot, header, counts=counts, check_heads=False)
+        # bounded: headers checked on the GPU (the host reads the verdict at the end of combine)
+        yield from self.exchange(ws, "count", slot, header, counts=counts, check_heads=bounded,
+                                 max_tokens=M if bounded else 2 ** 30)
         mtx = ws.control_view(slot, "heads.count").clone()          # every rank's header and counts
+        n_recv = None
         if not bounded:                                              # sizes first: the one host read
             mtx_host = self._read_and_check(mtx)
+            n_recv = sum(r[me] for r in mtx_host)
             needed = max(max(sum(r[d] for r in mtx_host) for d in range(ep)), max(sum(r) for r in mtx_host))
             if self.layout_in(ws).regions["rx"].shape[0] < needed:   # the same decision on every rank
                 ws = pool.ensure(self.slot_layout(self._rows_for(needed)).nbytes)
@@ -151,20 +166,29 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
                 EP=ep, HW=mtx.shape[1], X_ITEM=xw.element_size(), BLOCK_H=row_block(H), K_P2=pow2(K),
                 G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8, num_warps=4)
         yield from self.exchange(ws, "dispatch", slot, header, check_heads=False)
-        if bounded:                                                  # the one host read, after the transfer
-            mtx_host = self._read_and_check(mtx)
-        recv = [r[me] for r in mtx_host]
-        n_recv = sum(recv)
+        if bounded:
+            # no host read: the batch is the whole capacity, rows past what arrived routed nowhere
+            received = mtx[:, HEADER_FIELDS + me].sum()
+            idle = torch.arange(rows, device=dev) >= received
+            view["rids"].masked_fill_(idle.unsqueeze(1), -1)
+            n_recv = rows
         if self.stats is not None:
-            row_bytes = sum(r.nbytes for n, r in self.slot_layout(1).regions.items() if n in ("rx", "rxs", "rids", "rw"))
-            self.stats.forwards += 1
-            self.stats.add("dispatch_rows", mtx_host[me])
-            self.stats.add("dispatch_bytes", [n * row_bytes for n in mtx_host[me]])
-            self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv])
-            self.stats.count_experts(count_pairs(view["rids"][:n_recv], self.placement.num_local_experts))
+            self._count(mtx, view, n_recv, x.element_size())
         batch = FlatBatch(view["rx"][:n_recv], view["rids"][:n_recv], view["rw"][:n_recv],
                           view["rxs"][:n_recv] if self.fp8 else None)
         return batch, SymmHTHandle(T, slot, ws, header, mtx, n_recv, back_index)
+
+    def _count(self, mtx, view, n_rows: int, itemsize: int) -> None:
+        """Statistics (a host read: only with `enable_stats()`): rows and bytes per destination and back."""
+        mtx_host = [r[HEADER_FIELDS:HEADER_FIELDS + self.ep_size] for r in mtx.tolist()]
+        me, H = self.rank, self.cfg.padded_hidden_size
+        recv = [r[me] for r in mtx_host]
+        row_bytes = sum(r.nbytes for n, r in self.slot_layout(1).regions.items() if n in ("rx", "rxs", "rids", "rw"))
+        self.stats.forwards += 1
+        self.stats.add("dispatch_rows", mtx_host[me])
+        self.stats.add("dispatch_bytes", [n * row_bytes for n in mtx_host[me]])
+        self.stats.add("combine_bytes", [n * H * itemsize for n in recv])
+        self.stats.count_experts(count_pairs(view["rids"][:n_rows], self.placement.num_local_experts))
 
     def _read_and_check(self, mtx: torch.Tensor) -> list[list[int]]:
         """The one host read: every rank's header and counts, and the status bits; raises (the same on
@@ -174,16 +198,12 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         heads = [seen[r * hw:(r + 1) * hw] for r in range(self.ep_size)]
         if bits:
             self.pool.status.zero_()
-        M = self.max_tokens_per_rank
-        if M is not None and any(h[3] > M for h in heads):
-            from ..kernels.symm_dispatch import OVERFLOW
-            bits |= OVERFLOW.value
         self.raise_for_status(bits, heads)
         self.check_headers([[h[3], h[1], h[2], h[4]] for h in heads])
         if len({h[0] for h in heads}) > 1:
             raise RankMismatch(f"{self.name} dispatcher: the ranks exchange rows of different layouts (layer "
                                f"fingerprints {[h[0] for h in heads]}): they run different kinds of layers")
-        return [h[5:5 + self.ep_size] for h in heads]
+        return [h[HEADER_FIELDS:HEADER_FIELDS + self.ep_size] for h in heads]
 
     # -------------------------------------------------------------------------------------- combine
     def combine(self, expert_out, handle: SymmHTHandle):
@@ -202,7 +222,10 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
             ht_combine_kernel[(n,)](y, mtx, comb, ws.deltas, self.rank, H, EP=self.ep_size, HW=mtx.shape[1],
                                     ITEM=y.element_size(), BLOCK_H=row_block(H), num_warps=4)
         yield from self.exchange(ws, "combine", slot, header, check_heads=False)
-        return gather_sum(comb, back_index, None, self.pool.status, self.cfg.dtype)
+        out = gather_sum(comb, back_index, None, self.pool.status, self.cfg.dtype)
+        if self.max_tokens_per_rank is not None:
+            self.check_at_end(ws, slot, "count", expert_out.device)
+        return out
 
     def empty_expert_output(self, batch) -> torch.Tensor:
         return torch.zeros(batch.x.shape[0], self.cfg.padded_hidden_size, dtype=self.cfg.dtype, device=batch.x.device)

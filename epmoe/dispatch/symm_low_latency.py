@@ -68,6 +68,10 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         H = cfg.padded_hidden_size
         self.groups = (1 if group_size is None else -(-H // group_size)) if self.fp8 else 0
         self.wire_dtype = torch.float8_e4m3fn if self.fp8 else cfg.dtype
+        from .symm_workspace import COUNTERS
+        if placement.max_local_experts > COUNTERS:
+            raise ValueError(f"{self.name} dispatcher: a rank holds {placement.max_local_experts} experts, more than "
+                             f"the {COUNTERS} row counters of the workspace; use more ranks")
         self.layout = self.slot_layout()
 
     def slot_layout(self):
@@ -78,10 +82,15 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         layout.add("rx", self.wire_dtype, (Lmax, C, H))
         if self.fp8:
             layout.add("rxs", torch.float32, (Lmax, C, self.groups))
-        layout.add("counts", torch.int32, (Lmax,))
         layout.add("meta", torch.int32, (Lmax, C))
         layout.add("comb", cfg.dtype, (self.M, K, H))
         return layout
+
+    def _views(self, ws, slot: int) -> dict:
+        """This layer's regions of slot `slot`, and the expert counters of the control block."""
+        view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
+        view["counts"] = ws.control_view(slot, "counters")[:self.placement.max_local_experts]
+        return view
 
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch(self, x, routing):
@@ -99,7 +108,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         ws = pool.ensure(self.layout.nbytes)
         slot = pool.next_slot()
         header = self.header_values(T)
-        view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
+        view = self._views(ws, slot)
         n = T if T <= M else 0                      # an overflowing rank sends no token at all
         if n:
             if self.fp8:
@@ -151,7 +160,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
             raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{L}, {C}, {H}] "
                              f"{self.cfg.dtype}, got {list(expert_out.shape)} {expert_out.dtype}")
         pool = self.pool
-        view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
+        view = self._views(ws, slot)
         y = expert_out.contiguous()
         split = 4
         ll_combine_kernel[(L, split)](y, view["counts"], view["meta"], view["comb"], ws.deltas, M, C, H, K,
@@ -159,14 +168,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         yield from self.exchange(ws, "combine", slot, header, check_heads=False, zero=view["counts"])
         n = T if T <= M else 0
         out = gather_sum(view["comb"].view(M * K, H), None, weights[:n], pool.status, self.cfg.dtype, shape=(n, K))
-        dev = y.device
-        if not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            seen = torch.cat([pool.status, ws.control_view(slot, "heads.dispatch").reshape(-1)]).tolist()
-            bits = seen[0]
-            if bits:
-                pool.status.zero_()
-                hw = len(seen[1:]) // self.ep_size
-                self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)])
+        self.check_at_end(ws, slot, "dispatch", y.device)
         if n < T:   # unreachable in practice: an overflow sets OVERFLOW above on every rank
             raise ValueError(f"{self.name} dispatcher: {T} tokens, more than max_tokens_per_rank={M}")
         return out

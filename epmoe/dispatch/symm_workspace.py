@@ -7,7 +7,9 @@ The buffer holds `slots` copies of a per-slot layout (two micro-batches, or two 
 each use their own slot); each slot starts with a control block of the same shape for every layer of
 the group -- one flag row and one header row per rank and phase -- followed by the layer's data regions.
 Because the control block does not depend on the layer, ranks that call different layers still meet on
-the same flags and see each other's headers (a mismatch is reported, not a hang).
+the same flags and see each other's headers (a mismatch is reported, not a hang). The per-expert row
+counters live there too: layers of different layouts alias each other's data regions, and counters must
+read zero whenever no forward is using them, whichever layer ran last.
 
 `WorkspacePool` keeps one workspace per (group, device, dispatcher kind), grown (collectively: every rank
 asks for the same size at the same point) when a layer needs more, with the device epoch counters and
@@ -26,16 +28,19 @@ import torch
 
 ALIGN = 128                      # bytes; every region starts on this boundary
 PHASES = ("count", "dispatch", "combine")
+COUNTERS = 2048                  # per-expert row counters of the low-latency dispatch (local experts at most)
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+HEADER_FIELDS = 5               # fingerprint, layer, forward, tokens, failed; then one row count per rank
+
+
 def header_width(ep: int) -> int:
-    """int32 per header row: fingerprint, layer, forward, tokens, failed, then one row count per rank."""
-    from ..kernels.symm_dispatch import HEADER_BASE
-    return HEADER_BASE.value + ep
+    """int32 per header row: the header fields, then one row count per rank."""
+    return HEADER_FIELDS + ep
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class SlotLayout:
             for phase in PHASES:
                 self.add(f"flags.{phase}", torch.int32, (self.ep,))
                 self.add(f"heads.{phase}", torch.int32, (self.ep, hw))
+            self.add("counters", torch.int32, (COUNTERS,))
 
     def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         if name in self.regions:

@@ -33,7 +33,7 @@ SLOT_OVERFLOW = tl.constexpr(16)   # more rows arrived for one expert than its c
 
 # header columns (int32); the high-throughput dispatcher appends its per-destination row counts
 H_FINGERPRINT, H_LAYER, H_FORWARD, H_TOKENS, H_FAILED = (tl.constexpr(i) for i in range(5))
-HEADER_BASE = tl.constexpr(5)
+HEADER_BASE = tl.constexpr(5)    # epmoe.dispatch.symm_workspace.HEADER_FIELDS
 
 
 def interpreted() -> bool:
@@ -143,7 +143,7 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
         int(timeout_s * 1e9), n_zero,
         EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), HW=hw, HW_P2=triton.next_power_of_2(hw),
         HAS_COUNTS=counts is not None, PUBLISH=publish, WAIT=wait, CHECK_HEADS=check_heads, TIMED=timed,
-        MAX_SPINS=0 if timed else 1000, ZERO_BLOCK=256, num_warps=1)
+        MAX_SPINS=0 if timed else 64, ZERO_BLOCK=256, num_warps=1)
 
 
 # ------------------------------------------------------------------------------------ high throughput
@@ -223,11 +223,12 @@ def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, rank, H,
         base += tl.where(d < rank, tl.load(mtx_ptr + src * HW + HEADER_BASE + d), 0)
     dst = base + (q - first)
     delta = tl.multiple_of(tl.load(deltas_ptr + src), 16) // ITEM
-    for h0 in range(0, H, BLOCK_H):
-        offs = h0 + tl.arange(0, BLOCK_H)
-        hm = offs < H
-        v = tl.load(y_ptr + q * H + offs, mask=hm)
-        tl.store(out_ptr + delta + dst * H + offs, v, mask=hm)
+    if q < acc:                      # rows past what arrived (a whole-capacity batch) go nowhere
+        for h0 in range(0, H, BLOCK_H):
+            offs = h0 + tl.arange(0, BLOCK_H)
+            hm = offs < H
+            v = tl.load(y_ptr + q * H + offs, mask=hm)
+            tl.store(out_ptr + delta + dst * H + offs, v, mask=hm)
 
 
 @triton.jit
