@@ -262,8 +262,8 @@ def main() -> int:
     steps = {"smoke_ht": lambda: part_smoke(HT), "smoke_ll": lambda: part_smoke(LL, blocking=True), "graph": part_graph, "soak": lambda: part_soak(args.forwards),
              "suite": part_suite, "timing": lambda: part_timing(args.timing_args.split()),
              "layer": lambda: part_layer(args.layer_args.split())}
-    summary = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-               "torch": torch.__version__}
+    from epmoe.bench.run_env import environment
+    summary = {"environment": environment("nccl", 2)}
     for name in args.parts.split(","):
         print(f"\n===== {name} =====", flush=True)
         t0 = time.time()
@@ -279,7 +279,7 @@ def main() -> int:
         v = summary.get(name, {})
         if "error" in v:
             print(f"{name}: ERROR {v['error'][:400]}")
-        elif isinstance(v.get("result"), dict) and all(isinstance(x, list) for x in v["result"].values()):
+        elif name in ("smoke_ht", "smoke_ll", "suite"):
             bad = {n: r for n, r in v["result"].items() if not all(str(s).startswith("ok") for s in r)}
             print(f"{name}: {len(v['result']) - len(bad)}/{len(v['result'])} ok ({v['seconds']} s)")
             for n, r in bad.items():
