@@ -2,7 +2,7 @@
 backend: inputs requiring grad are refused on every rank (the rank whose input requires grad raises
 ValueError, its peer RankMismatch, never a hang), and the next forward is correct; NaN/Inf in some
 tokens' hidden states or logits stay in those tokens' rows, on both ranks; float16 near the top of its
-range matches the oracle. All cases run in one `run_on_ranks` call (process start costs seconds)."""
+range matches the oracle; bf16 rows of H = 8 stay within their bound. All cases run in one `run_on_ranks` call (process start costs seconds)."""
 import traceback
 
 import pytest
@@ -92,7 +92,21 @@ def _fp16_case(rank, dispatcher, experts):
     assert_close(layer(_mine(x, rank), _mine(logits, rank)), _mine(want, rank), bound_for(cfg.dtype))
 
 
-CASES = {"nonfinite": _nonfinite_case, "autograd": _autograd_case, "fp16": _fp16_case}
+def _short_rows_case(rank, dispatcher, experts):
+    """bf16 with H = 8: within `bound_for(dtype, hidden_size=8)` (EP adds the partial sums' rounding)."""
+    cfg = MoEConfig(num_experts=8, top_k=4, hidden_size=8, intermediate_size=128, dtype=torch.bfloat16)
+    for seed in range(3):
+        weights = random_experts(cfg, seed=seed)
+        layer = _layer(cfg, dispatcher, experts, weights)
+        weights = [tuple(w.to(cfg.dtype).float() for w in e) for e in weights]
+        x, logits = random_inputs(cfg, sum(COUNTS), seed=10 + seed)
+        want = reference_moe(x, logits, weights, cfg)
+        assert_close(layer(_mine(x, rank), _mine(logits, rank)), _mine(want, rank),
+                     bound_for(cfg.dtype, hidden_size=cfg.hidden_size), context=f"seed {seed}")
+
+
+CASES = {"nonfinite": _nonfinite_case, "autograd": _autograd_case, "fp16": _fp16_case,
+         "short_rows": _short_rows_case}
 
 
 def _all_cases(rank, world_size):
