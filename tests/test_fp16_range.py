@@ -89,17 +89,37 @@ def test_gpu_layer_near_the_top_of_fp16(backend):
 
 @pytest.mark.gpu
 @_cuda
+@pytest.mark.parametrize("path", ["tiles", "gemv"])
+def test_gpu_fused_kernels_near_the_top_of_fp16(path):
+    """The Triton flat path with the tile kernels and with the decode (matrix-vector) kernels."""
+    from epmoe.kernels.fused_moe import fused_experts
+    from epmoe.kernels.tuning_table import GemmConfig, GemvConfig, MoEKernelConfig
+    config = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(64, 64, 1, 4, 3),
+                             gemv=GemvConfig(32, 128, 32, 128) if path == "gemv" else None)
+    cfg = _cfg(E=8, k=2, H=256, I=128)
+    x, _, experts, _ = fp16_range_case(cfg, 6, seed=5)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)]).to(torch.int32)
+    w = torch.softmax(torch.randn(6, 2, generator=g), dim=1)
+    w13 = torch.stack([torch.cat([gate, up]) for gate, up, _ in experts]).half().cuda()
+    w2 = torch.stack([down for _, _, down in experts]).half().cuda()
+    out = fused_experts(x.cuda(), ids.cuda(), w.cuda(), w13, w2, "silu", config=config)
+    ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w))
+    assert_close(out, ref, bound_for(torch.float16), context=path)
+
+
+@pytest.mark.gpu
+@_cuda
 def test_gpu_batched_kernel_near_the_top_of_fp16():
     cfg = _cfg(E=4, k=1, H=256, I=128)
     x, _, experts, _ = fp16_range_case(cfg, 4 * 16, seed=4)
-    layer = MoELayer(cfg, experts="reference", device="cuda")
-    load_experts(layer, experts)
-    rows = x.reshape(4, 16, cfg.hidden_size).cuda()
-    counts = torch.tensor([16, 3, 0, 9], device="cuda")
-    out = BatchedExperts(cfg, torch.device("cuda"))(BatchedBatch(rows, counts), layer.expert_weights)
-    want = BatchedExperts(cfg)(BatchedBatch(rows.cpu(), counts.cpu()),
-                               type(layer.expert_weights)(*(None if t is None else t.cpu()
-                                                            for t in vars(layer.expert_weights).values())))
+    on_cpu, on_gpu = MoELayer(cfg, experts="reference"), MoELayer(cfg, experts="reference", device="cuda")
+    load_experts(on_cpu, experts)
+    load_experts(on_gpu, experts)
+    rows = x.reshape(4, 16, cfg.hidden_size)
+    counts = torch.tensor([16, 3, 0, 9])
+    out = BatchedExperts(cfg, torch.device("cuda"))(BatchedBatch(rows.cuda(), counts.cuda()), on_gpu.expert_weights)
+    want = BatchedExperts(cfg)(BatchedBatch(rows, counts), on_cpu.expert_weights)     # the PyTorch path
     assert torch.isfinite(out).all()
-    assert_close(out.reshape(-1, cfg.hidden_size).cpu(), want.reshape(-1, cfg.hidden_size).double(),
+    assert_close(out.reshape(-1, cfg.hidden_size), want.reshape(-1, cfg.hidden_size).double(),
                  bound_for(torch.float16), context="Triton batched kernel vs the PyTorch path")
