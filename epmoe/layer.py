@@ -53,6 +53,9 @@ class MoELayer(nn.Module):
     expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
     expert_bias: experts carry biases (gpt-oss): `load_expert` then also takes gate_bias [I], up_bias [I],
     down_bias [H].
+
+    Inference only: with grad enabled, inputs that require grad are refused. NaN/Inf in a token's inputs
+    are not checked (no host sync) and reach that token's output row only.
     """
 
     @announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too

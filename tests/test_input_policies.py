@@ -71,6 +71,28 @@ def test_nonfinite_input_stays_in_its_row(backend, routing, kind):
         assert not torch.isfinite(out[POISONED]).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("kind", POISONS)
+@pytest.mark.parametrize("T", [1, 9, 200])        # T = 1: one pair per tile (or the decode kernels)
+def test_gpu_nonfinite_input_stays_in_its_row(backend, kind, T):
+    cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+    layer = MoELayer(cfg, experts=backend, device="cuda")
+    experts = random_experts(cfg, seed=4)
+    load_experts(layer, experts)
+    x, logits = random_inputs(cfg, T, seed=7, device="cuda")
+    clean = layer(x, logits)
+    token = T // 2
+    px, plogits = poison(x, logits, kind, token)
+    out = layer(px, plogits)
+    others = torch.arange(T, device="cuda") != token
+    assert torch.isfinite(out[others]).all(), "a non-finite value spread to other tokens' rows"
+    if others.any():     # the poisoned token's new routing may change the tiles: same rows, maybe other kernels
+        assert_close(out[others], clean[others].double(), bound_for(cfg.dtype), context="other tokens")
+    assert not torch.isfinite(out[token]).all()
+
+
 def test_oracle_propagates_nan_logits_in_their_row():
     cfg, _, experts = build("reference", dtype=torch.float32)
     x, logits = random_inputs(cfg, 5, seed=2)
