@@ -32,6 +32,16 @@ def _default_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _refuse_autograd(name: str, t: torch.Tensor) -> None:
+    """The forward is not differentiable: the dispatchers' collectives and the fused kernels record no
+    autograd graph, so a gradient through the layer would be silently cut. Refuse instead (a host-side
+    flag check, no device work), the same on one rank as on several."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"MoELayer: {name} requires grad, but epmoe layers are for inference only (no "
+                         "backward pass): run the forward under torch.no_grad() or torch.inference_mode(), "
+                         f"or pass {name}.detach()")
+
+
 class MoELayer(nn.Module):
     """One MoE layer: `layer(hidden_states [T, H], router_logits [T, E]) -> [T, H]`.
 
@@ -43,6 +53,9 @@ class MoELayer(nn.Module):
     expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
     expert_bias: experts carry biases (gpt-oss): `load_expert` then also takes gate_bias [I], up_bias [I],
     down_bias [H].
+
+    Inference only: with grad enabled, inputs that require grad are refused. NaN/Inf in a token's inputs
+    are not checked (no host sync) and reach that token's output row only.
     """
 
     @announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too
@@ -228,6 +241,7 @@ class MoELayer(nn.Module):
                             f"dtype {cfg.dtype}")
         if hidden_states.device != self.device:
             raise ValueError(f"MoELayer: hidden_states is on {hidden_states.device}, the layer on {self.device}")
+        _refuse_autograd("hidden_states", hidden_states)
         if router_logits is None:
             if self.router is None:
                 raise ValueError("MoELayer: router_logits is required unless the layer has a custom router")
@@ -242,6 +256,7 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer: router_logits must be floating point, got {router_logits.dtype}")
         if router_logits.device != self.device:
             raise ValueError(f"MoELayer: router_logits is on {router_logits.device}, the layer on {self.device}")
+        _refuse_autograd("router_logits", router_logits)
 
     def compute_routing(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None) -> Routing:
         if self.router is not None:
@@ -250,7 +265,10 @@ class MoELayer(nn.Module):
                 if isinstance(t, torch.Tensor) and t.device != hidden_states.device:
                     raise ValueError(f"MoELayer: the custom router returned {name} on {t.device}, the tokens are "
                                      f"on {hidden_states.device}")
-            return validate_routing(ids, weights, self.cfg.num_experts, hidden_states.shape[0], self.cfg.top_k)
+            if isinstance(weights, torch.Tensor):
+                _refuse_autograd("the custom router's topk_weights", weights)
+            return validate_routing(ids, weights, self.cfg.num_experts, hidden_states.shape[0], self.cfg.top_k,
+                                    finite_weights=False)
         return route(router_logits, self.cfg, self.score_correction_bias)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,10 @@ FP8 configs: pass the dequantized weights; the oracle then applies the activatio
 FP8 function prescribes, with the one formula (`epmoe.fp8_quantize`, float32): the input rows and the
 intermediate activation are quantized and dequantized with the config's granularity, everything else
 stays float64. `quantize_activations=False` gives the unquantized function instead.
+
+NaN/Inf in a token's hidden state, logits or routing weights give that token's row whatever the
+arithmetic gives (NaN/Inf, or finite where it is: sigmoid(+Inf) = 1), as in the layer; other rows are
+untouched.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor | Non
         bias = None if score_correction_bias is None else score_correction_bias.detach().to(router_logits.device)
         routing = route(router_logits.detach(), cfg, bias)
     routing = validate_routing(routing.topk_ids.cpu(), routing.topk_weights.cpu(), cfg.num_experts,
-                               num_tokens=x.shape[0], top_k=cfg.top_k)
+                               num_tokens=x.shape[0], top_k=cfg.top_k, finite_weights=False)
     out = torch.zeros_like(x)
     ids, weights = routing.topk_ids.long().to(dev), routing.topk_weights.double().to(dev)
     for e in range(cfg.num_experts):

@@ -2,8 +2,8 @@
 
 The interpreter must be switched on before Triton compiles anything, and a GPU test run in the same
 process must not be interpreted; so, unless this process already interprets, the whole file runs again
-in a child process with TRITON_INTERPRET=1 and this process only checks that child's result. Float32
-only: bf16 `tl.dot` gives wrong results in the interpreter.
+in a child process with TRITON_INTERPRET=1 and this process only checks that child's result. Float32,
+and float16 for its range: bf16 `tl.dot` gives wrong results in the interpreter.
 """
 import importlib.util
 
@@ -259,6 +259,38 @@ else:
                 ref = reference_moe(x[e, :n], None, [experts[e]], single,
                                     routing=Routing(ids, torch.ones(n, 1)))
                 assert_close(out[e, :n], ref, 1e-5, context=f"expert {e}")
+
+    FP16_GEMV = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2),
+                                gemv=GemvConfig(32, 64, 32, 64))
+
+    @pytest.mark.parametrize("config", [SMALL, SMALL_TMA, FP16_GEMV], ids=["tiles", "tiles_tma", "gemv"])
+    def test_fused_experts_fp16_intermediate_past_65504(config):
+        """float16: act(gate) * up passes 65504 while the output fits (kept in float32 between the GEMMs)."""
+        from epmoe.testing import fp16_range_case
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=48, dtype=torch.float16)
+        x, _, experts, peak = fp16_range_case(cfg, 9, seed=5)
+        assert peak > 65504
+        ids, w = random_routing(9, 4, 2, seed=3)
+        w13, w2, _, _ = fused_layout(experts)
+        out = fused_experts(x, ids, w, w13.half(), w2.half(), "silu", config=config)
+        ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w))
+        assert out.dtype == torch.float16
+        assert_close(out, ref, 5e-3)
+
+    def test_batched_experts_fp16_intermediate_past_65504():
+        from epmoe.testing import fp16_range_case
+        cfg = MoEConfig(num_experts=2, top_k=1, hidden_size=64, intermediate_size=48, dtype=torch.float16)
+        x, _, experts, _ = fp16_range_case(cfg, 2 * 16, seed=6)
+        counts = [16, 7]
+        w13, w2, _, _ = fused_layout(experts)
+        rows = x.reshape(2, 16, 64)
+        out = batched_experts(rows, torch.tensor(counts), w13.half(), w2.half(), "silu", config=SMALL)
+        for e, n in enumerate(counts):
+            assert (out[e, n:] == 0).all()
+            single = MoEConfig(num_experts=1, top_k=1, hidden_size=64, intermediate_size=48, dtype=torch.float16)
+            ref = reference_moe(rows[e, :n], None, [experts[e]], single,
+                                routing=Routing(torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, 1)))
+            assert_close(out[e, :n], ref, 5e-3, context=f"expert {e}")
 
     def _fp8_weights(experts, granularity):
         from epmoe.quant.fp8 import quantize_weight

@@ -59,6 +59,33 @@ def count_pairs(local_ids: torch.Tensor, num_local: int) -> torch.Tensor:
     return counts[:num_local]
 
 
+FP16_ROW_LIMIT = 256.0
+"""float16 GEMM operands: the largest magnitude a row keeps (see `gemm_rows`)."""
+
+
+def gemm_rows(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows `t [..., K]` (any float dtype) as the operand of a GEMM in `dtype`, and the float32 factor
+    [..., 1] to multiply that GEMM's output by (None: no factor, the rows were only cast).
+
+    float16 tops out at 65504: a row of act(gate) * up (float32) can pass it while the layer's output
+    still fits, and a cast would make it Inf. So in float16 each row is divided by a power of two that
+    brings its largest magnitude to at most FP16_ROW_LIMIT (rows already within keep factor 1 and their
+    exact bits; dividing by a power of two is exact), and the output is scaled back in float32. A GEMM
+    output then overflows only where a weight row's absolute sum exceeds 65504 / FP16_ROW_LIMIT. A row
+    holding NaN or Inf gets a NaN or Inf factor: it stays in its own row.
+    """
+    if dtype != torch.float16:
+        return t.to(dtype), None
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float()
+    factor = torch.exp2(torch.ceil(torch.log2(amax / FP16_ROW_LIMIT))).clamp(min=1.0)
+    return (t.float() / factor).to(torch.float16), factor
+
+
+def scale_back(y: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """The output of a GEMM on `gemm_rows` operands, in float32 with the rows' factor applied."""
+    return y.float() if factor is None else y.float() * factor
+
+
 def weighted_sum_of_slots(y_pairs: torch.Tensor, batch: FlatBatch, out_dtype: torch.dtype) -> torch.Tensor:
     """[N*k, H] per-pair outputs (pair order) -> [N, H]: sum over slots of weight * y, in float32.
 

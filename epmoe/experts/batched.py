@@ -2,7 +2,7 @@
 
 The pure-PyTorch path is a masked batched matmul: both GEMMs run as `torch.bmm` over every expert's
 whole capacity (static shapes, no host sync, CUDA-graph safe; the activation in float32 between them,
-biases added in float32), and rows at or past an expert's count are set to exactly zero with a
+biases added in float32; float16 operands scaled per row as `gemm_rows` says), and rows at or past an expert's count are set to exactly zero with a
 `torch.where`, so whatever the padding rows held (they are never written by the dispatcher, and may be
 NaN) never reaches an output. Outputs are unweighted: the dispatcher's combine applies the routing
 weights. The cost is that of the full capacity, whatever the counts; on CUDA with Triton the batched
@@ -25,7 +25,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, BatchedBatch, ExpertWeights
 from .activations import gated_activation_fused
-from .base import Experts
+from .base import Experts, gemm_rows, scale_back
 from .triton import FP8_KINDS
 from .triton import _quant_problem as _triton_fp8_problem
 
@@ -34,11 +34,14 @@ def batched_experts_torch(x: torch.Tensor, counts: torch.Tensor, w: ExpertWeight
                           out_dtype: torch.dtype) -> torch.Tensor:
     """[L, C, H] rows, [L] counts -> [L, C, H] unweighted expert outputs, zero past each count."""
     L, C, _ = x.shape
-    h = torch.bmm(x, w.w13.transpose(1, 2)).float()                      # [L, C, 2I]
+    x_rows, x_factor = gemm_rows(x, x.dtype)
+    h = scale_back(torch.bmm(x_rows, w.w13.transpose(1, 2)), x_factor)  # [L, C, 2I] float32
     if w.b13 is not None:
         h = h + w.b13.float().unsqueeze(1)
-    a = gated_activation_fused(activation, h).to(x.dtype)
+    a, a_factor = gemm_rows(gated_activation_fused(activation, h), x.dtype)
     y = torch.bmm(a, w.w2.transpose(1, 2))                                # [L, C, H]
+    if a_factor is not None:
+        y = scale_back(y, a_factor)
     if w.b2 is not None:
         y = y.float() + w.b2.float().unsqueeze(1)
     real = torch.arange(C, device=x.device).unsqueeze(0) < counts.to(x.device).unsqueeze(1)   # [L, C]

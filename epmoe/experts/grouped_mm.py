@@ -2,7 +2,8 @@
 
 Pairs are sorted by expert on the device (no host sync), both GEMMs run grouped over the experts'
 segments, the activation runs in float32 between them, and each token's k outputs are summed in
-float32 with their routing weights.
+float32 with their routing weights. In float16 the GEMM operands are scaled per row by a power of two
+(`gemm_rows`), so an intermediate past 65504 does not become Inf.
 
 FP8 layers (CUDA, compute capability 9.0+): both GEMMs through `torch._scaled_grouped_mm`, which takes
 row-wise float32 scales only, so it runs per-channel or per-tensor weights with per-token activations
@@ -16,7 +17,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
 from .activations import gated_activation_fused
-from .base import Experts, sort_pairs_by_expert, weighted_sum_of_slots
+from .base import Experts, gemm_rows, scale_back, sort_pairs_by_expert, weighted_sum_of_slots
 
 
 def _grouped_mm_problem(device_type: str) -> str | None:
@@ -63,16 +64,18 @@ class GroupedMMExperts(Experts):
         if weights.w13_scale is not None:
             return self._forward_flat_fp8(batch, weights)
         order, _counts, offsets = sort_pairs_by_expert(batch.local_ids, weights.num_local_experts)
-        x_sorted = batch.x[order // k]
-        h = torch._grouped_mm(x_sorted, weights.w13.transpose(1, 2), offs=offsets)
+        dtype = batch.x.dtype
+        x_sorted, x_factor = gemm_rows(batch.x[order // k], dtype)
+        h = scale_back(torch._grouped_mm(x_sorted, weights.w13.transpose(1, 2), offs=offsets), x_factor)
         expert_of_row = None
         if weights.b13 is not None or weights.b2 is not None:
             expert_of_row = batch.local_ids.reshape(-1)[order].long().clamp(min=0)
-        h = h.float()
         if weights.b13 is not None:
             h = h + weights.b13[expert_of_row].float()
-        a = gated_activation_fused(self.cfg.activation, h).to(batch.x.dtype)
+        a, a_factor = gemm_rows(gated_activation_fused(self.cfg.activation, h), dtype)
         y = torch._grouped_mm(a, weights.w2.transpose(1, 2), offs=offsets)
+        if a_factor is not None:          # float16: stays float32 up to the slot sum
+            y = scale_back(y, a_factor)
         if weights.b2 is not None:
             y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
         y_pairs = torch.empty_like(y)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .fused_moe import Fp8Operands, launch_down, launch_gate_up, weight_format
+from .fused_moe import Fp8Operands, intermediate_dtype, launch_down, launch_gate_up, weight_format
 from .tuning_table import MoEKernelConfig, lookup_config
 
 
@@ -47,13 +47,14 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
     inter_scale = None
     if fp8 is not None:
         mode1, mode2 = fp8.modes()
-        act = torch.empty(L * C, inter, dtype=torch.float8_e4m3fn if mode1.out_fp8 else out_dtype,
+        act = torch.empty(L * C, inter,
+                          dtype=torch.float8_e4m3fn if mode1.out_fp8 else intermediate_dtype(out_dtype),
                           device=x.device)
         if mode1.out_fp8:
             inter_scale = torch.empty(L * C, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32,
                                       device=x.device)
     else:
-        act = torch.empty(L * C, inter, dtype=x.dtype, device=x.device)
+        act = torch.empty(L * C, inter, dtype=intermediate_dtype(x.dtype), device=x.device)
     common = dict(sorted_ids=None, block_expert=None, num_padded=None, counts=counts, num_pairs=0,
                   capacity=C, row_blocks=row_blocks, hidden=H, inter=inter, top_k=1, batched=True, block_m=bm)
     launch_gate_up(x, w13, None if b13 is None else b13.float().contiguous(), act, inter_scale,

@@ -6,8 +6,8 @@ the grid has about as many programs as SMs (qwen3-30b-a3b T = 1: 96 gate+up prog
 third launch sums the k outputs. This path is two launches and no tensor cores:
 
     gate_up   one program per (pair, BLOCK_N columns of I): gate and up rows of w13 streamed against
-              the token's row, float32 sums, bias and activation -> h [pairs, I] (x's dtype, as the
-              tile path stores it)
+              the token's row, float32 sums, bias and activation -> h [pairs, I] (in
+              `intermediate_dtype`, as the tile path stores it)
     down_sum  one program per (token, BLOCK_N columns of H): the w2[e] rows of all the token's local
               slots against h[pair], float32 per slot, weighted by the routing weights and summed
               -> out [T, H]
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation
+from .fused_moe import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation, intermediate_dtype
 from .tuning_table import GemvConfig
 
 
@@ -229,8 +229,8 @@ def gemv_experts(x: torch.Tensor, ids_flat: torch.Tensor, weights_flat: torch.Te
     """The decode path into `out` [N, H]: x [N, H], ids_flat [N * k] local expert ids (-1: not here),
     weights_flat [N * k] float32, w13 [L, 2I, H], w2 [L, H, I], biases float32 or None; `fp8` (an
     Fp8Operands that `fp8_supported` accepts): x and the weights in e4m3 with their scales."""
-    h = torch.empty(ids_flat.numel(), w13.shape[1] // 2, dtype=x.dtype if fp8 is None else torch.float32,
-                    device=x.device)
+    h = torch.empty(ids_flat.numel(), w13.shape[1] // 2,
+                    dtype=intermediate_dtype(x.dtype) if fp8 is None else torch.float32, device=x.device)
     launch_gemv_gate_up(x, w13, b13, ids_flat, h, top_k, activation, gemv, fp8)
     launch_gemv_down(h, w2, b2, ids_flat, weights_flat, out, top_k, gemv, fp8)
     return out

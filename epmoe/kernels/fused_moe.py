@@ -401,8 +401,8 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             if W_SCALE_PER_BLOCK:
                 p = p * tl.load(ws_ptrs + kb)[None, :]
             acc += p
-        else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:     # float16 weights meet a float32 intermediate (`intermediate_dtype`): both as float32
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         if not W_DESC:
             b_ptrs += BLOCK_K
@@ -506,6 +506,14 @@ def _grid(tiles: int, gemm: GemmConfig, batched: bool, tile_mode: int, device) -
 PERSISTENT_PROGRAMS_NO_GPU = 4     # programs of a persistent launch without a GPU (interpreter tests)
 
 
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What act(gate) * up is stored in between the two GEMMs of a layer of `dtype`: that dtype, except
+    float16, whose 65504 the intermediate can pass while the layer's output still fits: float32 there.
+    The down GEMM then reads float32 rows and its float16 weights as float32 (tf32 products: float16's
+    10-bit mantissa, float32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _dot_precision(dtype) -> str:
     # float32 operands: true float32 products (tf32 would miss the 1e-5 bound)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -553,13 +561,13 @@ def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, blo
                 warmup: bool = False, tile_mode: int = 0) -> None:
     """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: as `launch_gate_up`."""
-    a_dtype = a if isinstance(a, torch.dtype) else a.dtype
+    w_dtype = w2 if isinstance(w2, torch.dtype) else w2.dtype
     grid, persistent = _grid(row_blocks * triton.cdiv(hidden, gemm.block_n), gemm, batched, tile_mode,
                              None if isinstance(a, torch.dtype) else a.device)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, HAS_BIAS=b2 is not None, BATCHED=batched,
                 APPLY_WEIGHT=topk_weights is not None,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
-                DOT_PRECISION=_dot_precision(a_dtype),
+                DOT_PRECISION=_dot_precision(w_dtype),    # float16 weights: tf32 on a float32 intermediate
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, hidden),
                 PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
@@ -675,12 +683,13 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
     inter_scale = None
     if fp8 is not None:
         mode1, mode2 = fp8.modes()
-        act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if mode1.out_fp8 else out_dtype, device=x.device)
+        act = torch.empty(rows, inter, device=x.device,
+                          dtype=torch.float8_e4m3fn if mode1.out_fp8 else intermediate_dtype(out_dtype))
         if mode1.out_fp8:
             inter_scale = torch.empty(rows, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32,
                                       device=x.device)
     else:
-        act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+        act = torch.empty(rows, inter, dtype=intermediate_dtype(x.dtype), device=x.device)
     common = dict(counts=None, num_pairs=num_pairs, hidden=H, inter=inter, top_k=top_k, batched=False)
     for tiles in launches:
         launch_gate_up(x, w13, b13, act, inter_scale, fp8.x_scale if fp8 else None,

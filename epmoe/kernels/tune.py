@@ -184,14 +184,15 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
         return compile_jobs(problem, block_m, gate_ups, downs, -1) + compile_jobs(problem, tail_m, gate_ups,
                                                                                      downs, -1)
     tile_mode = 1 if tail_m < 0 else 0
-    from .fused_moe import Fp8Operands  # noqa: F401  (same module the launch uses)
+    from .fused_moe import Fp8Operands, intermediate_dtype  # noqa: F401  (same module the launch uses)
     L, H, I, k = problem.sizes
     x_dtype = torch.float8_e4m3fn if problem.fp8 else problem.weights.w13.dtype
     out_dtype = problem.cfg.dtype
     mode1 = mode2 = None
     if problem.fp8:
         mode1, mode2 = _fp8_modes(problem)
-    act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else (out_dtype if problem.fp8 else x_dtype)
+    act_dtype = (torch.float8_e4m3fn if (mode1 and mode1.out_fp8)
+                 else intermediate_dtype(out_dtype if problem.fp8 else x_dtype))
     down_in = torch.float8_e4m3fn if problem.fp8 else act_dtype      # per-token mode quantizes in between
     i32, f32 = torch.int32, torch.float32
     common = dict(sorted_ids=i32, block_expert=i32, num_padded=i32, counts=None, num_pairs=0, capacity=0,
@@ -223,7 +224,7 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
                      progress=None, task=None, tail_m: int = 0) -> tuple[dict, dict]:
     """Median ms of each gate_up and each down candidate on one balanced routing of T tokens (with
     `tail_m`: both launches of the split layout, body and tail tiles, timed together)."""
-    from .fused_moe import launch_down, launch_gate_up, tile_launches
+    from .fused_moe import intermediate_dtype, launch_down, launch_gate_up, tile_launches
     from .moe_align import align_pairs
     L, H, I, k = problem.sizes
     dev = problem.weights.w13.device
@@ -239,7 +240,7 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
         mode1, mode2 = _fp8_modes(problem)
     aligned = align_pairs(ids, L, block_m, tail_m=tail_m)
     rows = aligned.max_rows
-    act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else problem.cfg.dtype
+    act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else intermediate_dtype(problem.cfg.dtype)
     act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)          # gate_up's output
     act_in = act.to(torch.float8_e4m3fn) if problem.fp8 else act                  # down's input
     act_scale = None

@@ -186,6 +186,8 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
     """(config, where it came from). Nearest tuned T for this shape, else the heuristic."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = fmt.startswith("fp8"), element_bytes(fmt)
+    if fmt == "float16":     # the down GEMM streams a float32 intermediate (fused_moe.intermediate_dtype)
+        elem = 4
     for path in (table_paths_for_device(device) if paths is None else paths):
         by_t = _load_table(path).get(key)
         if by_t:

@@ -32,6 +32,8 @@ CASES = {
     "dn_bf16_deepseek_tma": ("down", 7168, 2048, 8, "bf16", 128, 256, 64, 8, 4, True, False, 0),
     "dn_bf16_deepseek_tma_P": ("down", 7168, 2048, 8, "bf16", 128, 256, 64, 8, 4, True, True, 0),
     "dn_bf16_gptoss_list_P": ("down", 2880, 2880, 4, "bf16", 128, 256, 64, 8, 4, True, True, 1),
+    "dn_fp16_qwen3": ("down", 2048, 768, 8, "fp16", 128, 128, 64, 8, 3, False, False, 0),    # float32 intermediate
+    "dn_fp16_qwen3_tma": ("down", 2048, 768, 8, "fp16", 128, 128, 64, 8, 3, True, False, 0),
     "gu_fp8_deepseek": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, False, False, 0),
     "gu_fp8_deepseek_P": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, False, True, 0),
     "dn_fp8_deepseek": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0),
@@ -41,19 +43,20 @@ CASES = {
 
 def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode):
     fp8 = fmt == "fp8"
-    el = "fp8e4nv" if fp8 else "bf16"
+    el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
+    out = "fp16" if fmt == "fp16" else "bf16"
     fn = fused_moe.gate_up_kernel if kernel == "gate_up" else fused_moe.down_kernel
     names = fn.arg_names
     n_ptr = names.index("num_pairs")
     sig, attrs = {}, {}
     # pointer element types per argument, in order
     if kernel == "gate_up":
-        types = [el, el, "fp32", "fp8e4nv" if fp8 else "bf16", "fp32", "fp32", "fp32", "i32", "i32", "i32", "i32"]
+        types = [el, el, "fp32", "fp8e4nv" if fp8 else out, "fp32", "fp32", "fp32", "i32", "i32", "i32", "i32"]
         if tma:
             types[1] = f"tensordesc<{el}[{bn}, {bk}]>"
     else:
-        types = ["fp8e4nv" if fp8 else "bf16", el, "fp32", "bf16", "fp32", "fp32", "fp32", "i32", "i32", "i32",
-                 "i32"]
+        a = "fp8e4nv" if fp8 else "fp32" if fmt == "fp16" else "bf16"     # fused_moe.intermediate_dtype
+        types = [a, el, "fp32", out, "fp32", "fp32", "fp32", "i32", "i32", "i32", "i32"]
         if tma:
             types[1] = f"tensordesc<{el}[{bn}, {bk}]>"
     for i, t in enumerate(types):

@@ -83,12 +83,15 @@ def route(router_logits: torch.Tensor, cfg, score_correction_bias: torch.Tensor 
 
 
 def validate_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
-                     num_tokens: int | None = None, top_k: int | None = None) -> Routing:
+                     num_tokens: int | None = None, top_k: int | None = None,
+                     finite_weights: bool = True) -> Routing:
     """Check a routing before anything indexes with it; return it as int32 ids / float32 weights.
 
     Raises ValueError for: wrong shapes or dtypes, ids out of [0, num_experts), an expert twice for one
-    token, non-finite weights. Costs one device sync (used for custom routers and in tests, not on the
-    built-in routers' hot path).
+    token, and (with `finite_weights`) non-finite weights. Costs one device sync (used for custom routers
+    and in tests, not on the built-in routers' hot path). `MoELayer` and `reference_moe` pass
+    finite_weights=False: a NaN/Inf weight is a value, which stays in its token's output row, as NaN/Inf
+    logits do through the built-in rule; ids are indices and are always checked.
     """
     if not isinstance(topk_ids, torch.Tensor) or not isinstance(topk_weights, torch.Tensor):
         raise TypeError("routing: topk_ids and topk_weights must be tensors, got "
@@ -116,7 +119,7 @@ def validate_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_exp
                 raise ValueError(f"routing: token {row} is routed to the same expert twice: "
                                  f"{topk_ids[row].tolist()}")
         bad = ~torch.isfinite(topk_weights)
-        if bool(bad.any()):
+        if finite_weights and bool(bad.any()):
             raise ValueError(f"routing: {int(bad.sum())} topk_weights are NaN or Inf")
     return Routing(topk_ids.to(torch.int32), topk_weights.float())
 

@@ -3,7 +3,7 @@ from .compare import BOUNDS, CompareResult, assert_close, bound_for, compare
 from .distributed import run_on_ranks
 from .graphs import capture
 from .layer_view import LayerExperts
-from .random_moe import random_experts, random_inputs, load_experts
+from .random_moe import fp16_range_case, load_experts, random_experts, random_inputs
 
 __all__ = ["BOUNDS", "CompareResult", "LayerExperts", "assert_close", "bound_for", "capture", "compare", "run_on_ranks",
-           "random_experts", "random_inputs", "load_experts"]
+           "random_experts", "random_inputs", "load_experts", "fp16_range_case"]

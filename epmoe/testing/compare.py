@@ -13,8 +13,37 @@ import torch
 BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, "fp8": 3e-2}
 
 
-def bound_for(dtype, fp8: bool = False) -> float:
-    return BOUNDS["fp8"] if fp8 else BOUNDS[dtype]
+def bound_for(dtype, fp8: bool = False, hidden_size: int | None = None) -> float:
+    """The ||out - ref|| / ||ref|| bound for outputs of `dtype` (or FP8).
+
+    The 16-bit bounds are for rows of at least SMALL_ROW elements. The error is a sum of roundings
+    (a fast backend rounds gate/up, the intermediate, each expert's output and the result to 16 bits;
+    with EP also the partial sums), so the norm of a row averages H of them; a shorter row averages
+    fewer and its ratio spreads wider. With `hidden_size` below SMALL_ROW the bound grows by
+    `small_row_factor(hidden_size)`.
+    """
+    bound = BOUNDS["fp8"] if fp8 else BOUNDS[dtype]
+    if hidden_size is not None and hidden_size < SMALL_ROW and dtype in (torch.float16, torch.bfloat16):
+        bound *= small_row_factor(hidden_size)
+    return bound
+
+
+SMALL_ROW = 64
+"""Row length (hidden size) from which the 16-bit bounds hold as stated."""
+
+
+def small_row_factor(n: int, z: float = 6.0) -> float:
+    """How much wider the ratio of norms spreads over rows of n elements than over SMALL_ROW.
+
+    Model: independent per-element relative errors of equal spread, so ||out - ref||^2 / ||ref||^2 is
+    that spread squared times chi-square(n) / n. The factor is sqrt(q(n) / n) / sqrt(q(64) / 64), q the
+    chi-square quantile at z standard deviations (z = 6: 1 - 1e-9), by the Wilson-Hilferty
+    approximation: about 1.8 at n = 8, 4.4 at n = 1.
+    """
+    def spread(m: int) -> float:
+        c = 2.0 / (9.0 * m)
+        return (1.0 - c + z * c ** 0.5) ** 1.5
+    return max(1.0, spread(n) / spread(SMALL_ROW))
 
 
 @dataclass

@@ -35,3 +35,25 @@ def load_experts(layer, experts) -> int:
         biases = dict(zip(("gate_bias", "up_bias", "down_bias"), t[3:]))
         kept += layer.load_expert(e, gate_proj=t[0], up_proj=t[1], down_proj=t[2], **biases)
     return kept
+
+
+def fp16_range_case(cfg, num_tokens: int, seed: int = 0, peak_out: float = 40000.0):
+    """Inputs and experts that take a float16 layer near the top of its range: (x [T, H] float16, logits
+    [T, E] float32, experts as float32 tuples holding float16 values, the largest |act(gate) * up|).
+
+    gate and up reach about 1e3, so act(gate) * up passes float16's 65504 by far, while each expert's
+    down projection is scaled so that its output on these rows peaks at `peak_out`: any convex mix of
+    the k experts (renormalized routing) fits in float16, and a backend that rounds the intermediate to
+    float16 gets Inf.
+    """
+    from ..experts.activations import gated_activation
+    x, logits = random_inputs(cfg, num_tokens, seed=seed)
+    x = (x.float() * 16).to(torch.float16)
+    xs, experts, peak = x.double(), [], 0.0
+    for gate, up, down in random_experts(cfg, seed=seed, scale=16.0):
+        gate, up, down = (t.to(torch.float16).double() for t in (gate, up, down))
+        a = gated_activation(cfg.activation, xs @ gate.T, xs @ up.T)
+        peak = max(peak, float(a.abs().max()))
+        down = down * (peak_out / float((a @ down.T).abs().max().clamp(min=1e-30)))
+        experts.append((gate.float(), up.float(), down.to(torch.float16).float()))
+    return x, logits, experts, peak
