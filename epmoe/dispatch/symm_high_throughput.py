@@ -111,7 +111,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         return self.steps(self.dispatch_steps(x, routing))
 
     def dispatch_steps(self, x, routing):
-        from ..kernels.symm_dispatch import ht_dispatch_kernel, pow2, row_block
+        from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel, ht_route_kernel, pow2, row_block
+        from triton import cdiv as triton_cdiv
         T, H = x.shape
         ep, me, dev, K = self.ep_size, self.rank, x.device, self.cfg.top_k
         M = self.max_tokens_per_rank
@@ -128,17 +129,12 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         ws = pool.ensure(self._min_slot_bytes)        # the first forward of a larger layer grows it everywhere
         slot = pool.next_slot()
         # everything that does not depend on the other ranks, queued before the exchange
-        owner, _ = self.placement.ids_on_owner(routing.topk_ids)                 # [T, k]
-        goes = torch.zeros(ep, T, dtype=torch.bool, device=dev)
+        ids = routing.topk_ids.to(torch.int32).contiguous()
+        owner, index, _ = self.placement.tables(dev)
+        j = torch.empty(ep, T, dtype=torch.int64, device=dev)
+        counts = torch.zeros(ep, dtype=torch.int32, device=dev)
         if T:
-            goes.scatter_(0, owner.t().long(), True)
-        counts = goes.sum(1, dtype=torch.int32)
-        j = torch.cumsum(goes, 1, dtype=torch.int64) - 1                          # [ep, T]
-        send_off = torch.cumsum(counts, 0, dtype=torch.int64) - counts           # this rank's rows per dest
-        back_index = torch.where(goes, j + send_off.unsqueeze(1), -1).t().contiguous()   # [T, ep]
-        j = torch.where(goes, j, -1)
-        ids_on = self.placement.local_ids_on(routing.topk_ids, torch.arange(ep, device=dev).view(ep, 1, 1))
-        ids_on = ids_on.to(torch.int32).contiguous()
+            ht_route_kernel[(1,)](ids, owner, j, counts, T, EP=ep, EP_P2=pow2(ep), K=K, BLOCK_T=256, num_warps=4)
         if self.fp8:
             xw, xs = self.scheme.quantize_activations(x)
             xs = xs.float().contiguous()
@@ -158,19 +154,18 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
                 ws = pool.ensure(self.slot_layout(self._rows_for(needed)).nbytes)
         view = {n: ws.view(slot, r) for n, r in self.layout_in(ws).regions.items()}
         rows = view["rx"].shape[0]
-        if T:
-            ht_dispatch_kernel[(T,)](
-                xw, xs if xs is not None else view["rw"], ids_on, routing.topk_weights.float().contiguous(), j, mtx,
-                view["rx"], view.get("rxs", view["rw"]), view["rids"], view["rw"], ws.deltas, pool.status,
-                me, T, H, max(self.groups, 1), K, rows,
-                EP=ep, HW=mtx.shape[1], X_ITEM=xw.element_size(), BLOCK_H=row_block(H), K_P2=pow2(K),
-                G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8, num_warps=4)
+        back_index = torch.empty(T, ep, dtype=torch.int64, device=dev)
+        # bounded: the batch is the whole capacity, rows past what arrives marked as routed nowhere
+        pad = triton_cdiv(rows, PAD_BLOCK) if bounded else 0
+        if T + pad:
+            ht_dispatch_kernel[(T + pad,)](
+                xw, xs if xs is not None else view["rw"], ids, owner, index, routing.topk_weights.float().contiguous(),
+                j, mtx, back_index, view["rx"], view.get("rxs", view["rw"]), view["rids"], view["rw"], ws.deltas,
+                pool.status, me, T, H, max(self.groups, 1), rows,
+                EP=ep, HW=mtx.shape[1], K=K, X_ITEM=xw.element_size(), BLOCK_H=row_block(H), K_P2=pow2(K),
+                G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8, PAD_BLOCK=PAD_BLOCK, num_warps=4)
         yield from self.exchange(ws, "dispatch", slot, header, check_heads=False)
         if bounded:
-            # no host read: the batch is the whole capacity, rows past what arrived routed nowhere
-            received = mtx[:, HEADER_FIELDS + me].sum()
-            idle = torch.arange(rows, device=dev) >= received
-            view["rids"].masked_fill_(idle.unsqueeze(1), -1)
             n_recv = rows
         if self.stats is not None:
             self._count(mtx, view, n_recv, x.element_size())

@@ -148,21 +148,71 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
 
 # ------------------------------------------------------------------------------------ high throughput
 @triton.jit
-def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, j_ptr, mtx_ptr, rx_ptr, rxs_ptr, rids_ptr, rw_ptr,
-                       deltas_ptr, status_ptr, rank, T, H, G, K, rows,
-                       EP: tl.constexpr, HW: tl.constexpr, X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr,
-                       K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
-    """Program t stores token t's row into the receive buffer of every rank it goes to.
+def ht_route_kernel(ids_ptr, owner_ptr, j_ptr, counts_ptr, T,
+                    EP: tl.constexpr, EP_P2: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: which ranks each token goes to, and its index among this rank's rows for each.
 
-    x [T, H] (wire dtype), xs [T, G] float32 scales (FP8), ids [EP, T, K] int32 expert ids local to each
-    destination (-1: not there), w [T, K] float32, j [EP, T] int64: the token's index among this rank's
-    rows for that destination (-1: it does not go there). mtx [EP, HW] int32: every rank's header, whose
-    columns HEADER_BASE.. hold its row count per destination, so this rank's rows start in rank d's
-    buffer after those of lower ranks. rx/rxs/rids/rw: this rank's receive regions of `rows` rows (the
-    peers' are at the same offsets from their bases); a row past them sets OVERFLOW instead of landing.
+    ids [T, K] global expert ids, owner [E] int32 rank of each expert -> j [EP, T] int64 (the token's
+    position among the tokens going to rank d, in token order; -1: it does not go there) and counts
+    [EP] int32 rows per destination. A running scan over blocks of tokens: deterministic order.
+    """
+    d = tl.arange(0, EP_P2)
+    carry = tl.zeros([EP_P2], dtype=tl.int64)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < T
+        goes = tl.zeros([BLOCK_T, EP_P2], dtype=tl.int64)
+        for k in tl.static_range(K):
+            e = tl.load(ids_ptr + t.to(tl.int64) * K + k, mask=tm, other=0)
+            o = tl.load(owner_ptr + e, mask=tm, other=-1)
+            goes = goes | (o[:, None] == d[None, :]).to(tl.int64)
+        goes = goes * tm[:, None].to(tl.int64)
+        j = carry[None, :] + tl.cumsum(goes, axis=0) - 1
+        j = tl.where(goes > 0, j, -1)
+        tl.store(j_ptr + d[None, :].to(tl.int64) * T + t[:, None], j, mask=tm[:, None] & (d[None, :] < EP))
+        carry += tl.sum(goes, axis=0)
+    tl.store(counts_ptr + d, carry.to(tl.int32), mask=d < EP)
+
+
+@triton.jit
+def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr,
+                       rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, T, H, G, rows,
+                       EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
+                       BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
+                       PAD_BLOCK: tl.constexpr):
+    """Program t < T stores token t's row into the receive buffer of every rank it goes to; programs
+    t >= T mark this rank's receive rows past those that arrive as routed nowhere (ids -1).
+
+    x [T, H] (wire dtype), xs [T, G] float32 scales (FP8), ids [T, K] global expert ids, owner/index [E]
+    int32 (rank of each expert, its index there), w [T, K] float32, j [EP, T] int64 (the token's index
+    among this rank's rows for that destination, -1: not there). mtx [EP, HW] int32: every rank's header,
+    whose columns HEADER_BASE.. hold its row count per destination: this rank's rows start in rank d's
+    buffer after those of lower ranks, and its own rows for d sit after its rows for lower d in its
+    combine region (back [T, EP] int64 gets that row, -1: not sent). rx/rxs/rids/rw: this rank's receive
+    regions of `rows` rows (the peers' are at the same offsets from their bases); a row past them sets
+    OVERFLOW instead of landing.
     """
     t = tl.program_id(0)
-    row = t.to(tl.int64)
+    if t >= T:
+        received = 0
+        for s in tl.static_range(EP):
+            received += tl.load(mtx_ptr + s * HW + HEADER_BASE + rank)
+        r = received + (t - T) * PAD_BLOCK + tl.arange(0, PAD_BLOCK)
+        kk = tl.arange(0, K_P2)
+        rr = r.to(tl.int64)[:, None] * K + kk[None, :]
+        tl.store(rids_ptr + rr, tl.full([PAD_BLOCK, K_P2], -1, tl.int32),
+                 mask=(r < rows)[:, None] & (kk < K)[None, :])
+    else:
+        _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
+                        rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, t.to(tl.int64), T, H, G, rows,
+                        EP, HW, K, X_ITEM, BLOCK_H, K_P2, G_P2, HAS_SCALES)
+
+
+@triton.jit
+def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
+                    rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, row, T, H, G, rows,
+                    EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
+                    BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
     for h0 in range(0, H, BLOCK_H):
         offs = h0 + tl.arange(0, BLOCK_H)
         hm = offs < H
@@ -179,20 +229,25 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, w_ptr, j_ptr, mtx_ptr, rx_ptr, rx
     k = tl.arange(0, K_P2)
     km = k < K
     wv = tl.load(w_ptr + row * K + k, mask=km)
+    e = tl.load(ids_ptr + row * K + k, mask=km, other=0)
+    own = tl.load(owner_ptr + e, mask=km, other=-1)
+    idx = tl.load(index_ptr + e, mask=km, other=-1)
     if HAS_SCALES:
         g = tl.arange(0, G_P2)
         gm = g < G
         sv = tl.load(xs_ptr + row * G + g, mask=gm)
+    send_off = row * 0
     for d in tl.static_range(EP):
         jd = tl.load(j_ptr + d * T + row)
         start = jd * 0
         for s in tl.static_range(EP):
             start += tl.where(s < rank, tl.load(mtx_ptr + s * HW + HEADER_BASE + d), 0)
         p = start + jd
+        tl.store(back_ptr + row * EP + d, tl.where(jd >= 0, send_off + jd, -1))
+        send_off += tl.load(mtx_ptr + rank * HW + HEADER_BASE + d)
         if (jd >= 0) & (p < rows):
             delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
-            iv = tl.load(ids_ptr + (d * T + row) * K + k, mask=km)
-            tl.store(rids_ptr + delta4 + p * K + k, iv, mask=km)
+            tl.store(rids_ptr + delta4 + p * K + k, tl.where(own == d, idx, -1), mask=km)
             tl.store(rw_ptr + delta4 + p * K + k, wv, mask=km)
             if HAS_SCALES:
                 tl.store(rxs_ptr + delta4 + p * G + g, sv, mask=gm)
@@ -334,6 +389,9 @@ def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, M, C, H,
             hm = offs < H
             v = tl.load(y_ptr + (le * C + c) * H + offs, mask=hm)
             tl.store(out_ptr + delta + tk * H + offs, v, mask=hm)
+
+
+PAD_BLOCK = 256          # receive rows one program of the high-throughput dispatch marks as routed nowhere
 
 
 def pow2(n: int) -> int:
