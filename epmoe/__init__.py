@@ -11,8 +11,9 @@ from .placement import Placement
 from .quant import Fp8Config, fp8_dequantize, fp8_quantize
 from .reference import reference_moe
 from .routing import Routing, route, validate_routing
+from .state_dict import load_hf_experts
 
 __version__ = "0.1.0"
 
 __all__ = ["Fp8Config", "MoEConfig", "MoELayer", "Placement", "RankMismatch", "Routing", "UnsupportedCombination",
-           "fp8_dequantize", "fp8_quantize", "from_transformers", "patch_model", "reference_moe", "route", "validate_routing"]
+           "fp8_dequantize", "fp8_quantize", "from_transformers", "load_hf_experts", "patch_model", "reference_moe", "route", "validate_routing"]
