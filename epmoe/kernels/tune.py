@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..usage import CsvList, DeprecatedAlias, UsageError
 from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
                            device_table_name, shape_key, smem_bytes)
 
@@ -422,15 +423,18 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", action="append", default=None,
-                   help="model preset to tune (repeatable); or give --experts/--hidden/--inter/--top-k")
-    p.add_argument("--experts", type=int, help="local experts L")
+    p.add_argument("--presets", "--preset", action=CsvList, default=None, metavar="NAMES",
+                   help="model presets to tune, comma-separated (may repeat); or give --local-experts/--hidden/"
+                        "--inter/--top-k")
+    p.add_argument("--local-experts", type=int, metavar="L", help="experts on this GPU, L (with --hidden ...)")
+    p.add_argument("--experts", dest="local_experts", type=int, action=DeprecatedAlias, new_flag="--local-experts")
     p.add_argument("--hidden", type=int, help="hidden size H")
     p.add_argument("--inter", type=int, help="intermediate size I")
     p.add_argument("--top-k", type=int, help="experts per token k")
-    p.add_argument("--activation", default="silu", choices=["silu", "gelu", "swigluoai"])
-    p.add_argument("--format", action="append", default=None,
-                   help="weight format: bf16 (default), fp16, fp8_block, fp8_channel (repeatable)")
+    p.add_argument("--activation", default="silu", choices=["silu", "gelu", "swigluoai"],
+                   help="activation of the experts (default: %(default)s)")
+    p.add_argument("--formats", "--format", action=CsvList, default=None, metavar="FORMATS",
+                   help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T (default: %(default)s)")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
@@ -442,23 +446,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--persistent", action="store_true",
                    help="time only the table's configuration for each T against the same tiles as persistent "
                         "kernels (quick)")
-    p.add_argument("--verbose", action="store_true", help="print every candidate's time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
 def _problem_configs(args) -> list:
     from ..config import MoEConfig
     from ..presets import preset_config
     from ..bench.experts import _quant_for
-    formats = args.format or ["bf16"]
+    formats = args.formats or ["bf16"]
     out = []
     shapes = []
-    if args.preset:
-        shapes = [("preset", p) for p in args.preset]
-    elif None not in (args.experts, args.hidden, args.inter, args.top_k):
+    if args.presets:
+        shapes = [("preset", p) for p in args.presets]
+    elif None not in (args.local_experts, args.hidden, args.inter, args.top_k):
         shapes = [("explicit", None)]
     else:
-        raise SystemExit("epmoe tune: give --preset NAME, or all of --experts, --hidden, --inter, --top-k")
+        raise UsageError("give --presets NAMES, or all of --local-experts, --hidden, --inter, --top-k")
     for fmt in formats:
         dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
         quant = None if fmt in ("bf16", "fp16") else _quant_for(fmt)
@@ -466,7 +469,7 @@ def _problem_configs(args) -> list:
             if kind == "preset":
                 cfg = preset_config(name, dtype=dtype, quant=quant)
             else:
-                cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, hidden_size=args.hidden,
+                cfg = MoEConfig(num_experts=args.local_experts, top_k=args.top_k, hidden_size=args.hidden,
                                 intermediate_size=args.inter, activation=args.activation, dtype=dtype, quant=quant)
             out.append((fmt, cfg))
     return out
@@ -488,7 +491,7 @@ def main(args) -> int:
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     if not tokens or min(tokens) < 1:
-        raise SystemExit(f"epmoe tune: --tokens must be positive token counts, got {args.tokens!r}")
+        raise UsageError(f"--tokens must be positive token counts, got {args.tokens!r}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pool = None
     if args.jobs > 1:
@@ -513,7 +516,7 @@ def main(args) -> int:
                     console.print(f"  --refine/--persistent: no entry for {key} in {path}; skipped")
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
-                                plan=plan, verbose=args.verbose)
+                                plan=plan, verbose=args.verbosity > 0)
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
