@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from epmoe import Fp8Config, MoEConfig, MoELayer, load_hf_experts
-from epmoe.testing import load_experts, random_experts, random_inputs, run_on_ranks
+from epmoe.testing import LayerExperts, load_experts, random_experts, random_inputs, run_on_ranks
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -92,12 +92,17 @@ def _ep_shards(rank, world, directory):
     fresh.load_state_dict(safetensors_torch.load_file(f"{directory}/rank{rank}.safetensors"))
     x, logits = random_inputs(cfg, 6 + rank, seed=rank)
     same = torch.equal(fresh(x, logits), layer(x, logits))
-    return held, refused, same
+    try:      # the oracle's view of a layer needs every expert: a rank's shard is refused
+        LayerExperts(layer)
+        return held, refused, same, "no error"
+    except ValueError as exc:
+        return held, refused, same, str(exc)
 
 
 def test_safetensors_shards_with_expert_parallelism(tmp_path):
     results = run_on_ranks(_ep_shards, 2, str(tmp_path), backend="gloo")
     assert [r[0] for r in results] == [[0, 1], [2, 3]]
-    for rank, (_, refused, same) in enumerate(results):
+    for rank, (_, refused, same, view) in enumerate(results):
         assert f"rank {rank} of 2" in refused and "another rank's shard" in refused
         assert same
+        assert "the layer holds 2 of 4 experts" in view

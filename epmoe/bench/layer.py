@@ -50,9 +50,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..log import get_logger
 from ..testing.graphs import capture
 from ..usage import UsageError, refuse_ranks_under_torchrun
 from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
+
+log = get_logger("bench")
 
 PRESETS = ["deepseek-v3", "qwen3-30b-a3b"]
 DISPATCHERS = ["allgather", "alltoall", "low_latency"]
@@ -692,6 +695,9 @@ def main(args) -> int:
         raise UsageError("--output names one file; with several --ranks use --output-dir")
     paths, bad = [], 0
     for ws in counts:
+        log.info("bench layer on %s ranks (%s): presets %s, dispatchers %s, tokens per rank %s; a row per "
+                 "configuration as it completes", ws or "torchrun's", device_type, ",".join(p["presets"]),
+                 ",".join(p["dispatchers"]), ",".join(map(str, p["tokens"])))
         path, report = run_one(p, ws, device_type, args)
         if not path:
             return 0

@@ -123,7 +123,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     t0 = time.perf_counter()
     model = load_model(path, ep_group=group, dtype=DTYPES.get(opts["dtype"]) if opts["dtype"] else None,
                        device=device, dispatcher=opts["dispatcher"], experts=opts["experts"],
-                       allow_pickle=opts["allow_pickle"], progress=rank == 0,
+                       allow_pickle=opts["allow_pickle"], progress=rank == 0 and opts.get("verbosity", 0) >= 0,
                        **({"max_tokens_per_rank": capacity} if capacity else {}))
     load_s = time.perf_counter() - t0
 
@@ -157,6 +157,7 @@ def _gib(n: float) -> str:
 
 def main(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     path = Path(args.model)
@@ -170,11 +171,15 @@ def main(args) -> int:
     if max_new is None or max_new < 1:
         raise UsageError("--max-new-tokens must be >= 1")
     device_type = _device_type(args, 1 if torchrun else ranks)
-    opts = {"model": str(path), "prompt": args.prompt, "max_new_tokens": int(max_new), "dtype": _dtype_name(args),
+    opts = {"verbosity": getattr(args, "verbosity", 0), "model": str(path), "prompt": args.prompt, "max_new_tokens": int(max_new), "dtype": _dtype_name(args),
             "device": device_type, "dispatcher": getattr(args, "dispatcher", None) or "auto",
             "experts": _experts_backend(args), "allow_pickle": bool(getattr(args, "allow_pickle", False)),
             "max_tokens_per_rank": getattr(args, "max_tokens_per_rank", None)}
+    from ..log import get_logger
     from ..testing.distributed import launch
+    if not torchrun or os.environ.get("RANK") == "0":
+        get_logger("run").info("epmoe run --model %s: loading on %s %s rank(s), then %d greedy tokens", path,
+                               os.environ.get("WORLD_SIZE") if torchrun else ranks, device_type, int(max_new))
     reports = launch(run_rank, None if torchrun else ranks, opts, device_type,
                      timeout_s=float(getattr(args, "timeout", 600.0) or 600.0))
     if reports is None:  # a torchrun rank other than 0
@@ -182,12 +187,12 @@ def main(args) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     first = reports[0]
-    console.print(f"[bold]epmoe run[/bold] --model {path} ({first['family']}, {first['moe_layers']} MoE layers: "
-                  f"{first['config']})")
+    console.print(f"[bold]epmoe run[/bold] --model {escape(str(path))} ({first['family']}, {first['moe_layers']} "
+                  f"MoE layers: {first['config']})")
     console.print(f"device {first['device'].split(':')[0]}, ranks {len(reports)}, dispatcher {first['dispatcher']}, "
                   f"experts {first['experts']}")
-    console.print(f"prompt ({first['prompt_tokens']} tokens): {args.prompt!r}")
-    console.print(f"output: {first['text']!r}")
+    console.print(f"prompt ({first['prompt_tokens']} tokens): {escape(repr(args.prompt))}")   # text, not markup
+    console.print(f"output: {escape(repr(first['text']))}")
     agree = all(r["tokens"] == first["tokens"] for r in reports)
     if len(reports) > 1:
         console.print("every rank generated the same tokens" if agree else
@@ -204,7 +209,7 @@ def main(args) -> int:
     console.print(table)
     if not agree:
         for r in reports:
-            console.print(f"  rank {r['rank']}: {r['text']!r}")
+            console.print(f"  rank {r['rank']}: {escape(repr(r['text']))}")
     json_path = getattr(args, "json", None)
     if json_path:
         import json

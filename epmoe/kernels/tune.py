@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
+from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError
 from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
@@ -313,7 +314,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             progress.advance(task)
             if err:
                 failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))   # any tile mode: dropped
-                progress.console.print(f"  compile failed: {err}")
+                progress.console.print(f"  compile failed: {escape(str(err))}")
         timer = GpuTimer(problem.weights.w13.device)
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
@@ -506,14 +507,14 @@ def main(args) -> int:
             problem = Problem(cfg, weight_format(weights.w13, gran), weights, fp8)
             L, H, I, k = problem.sizes
             key = shape_key(L, H, I, k, problem.fmt)
-            console.print(f"[bold]{key}[/bold] on {gpu}")
+            console.print(f"[bold]{escape(str(key))}[/bold] on {escape(gpu)}")
             plan = None
             if args.refine or args.persistent:
                 table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
                 plan = persistent_plan(table, tokens) if args.persistent else \
                     refine_plan(table, tokens, lambda T: T * k / L, fp8)
                 if not plan:
-                    console.print(f"  --refine/--persistent: no entry for {key} in {path}; skipped")
+                    console.print(escape(f"  --refine/--persistent: no entry for {key} in {path}; skipped"))
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0)
@@ -522,7 +523,7 @@ def main(args) -> int:
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                 "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing"})
             _load_table.cache_clear()
-            console.print(f"wrote {len(best)} configurations for {key} to {path}")
+            console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             del weights
             torch.cuda.empty_cache()
     finally:
