@@ -79,12 +79,19 @@ def check_backends(dispatcher: str, experts: str, cfg, world: int, device_type: 
 
 
 class CsvList(argparse.Action):
-    """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c`)."""
+    """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c` is
+    `a,b,c`); stored as one comma-separated string, the first use replacing the default."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        current = getattr(namespace, self.dest, None)
-        given = [v.strip() for v in str(values).split(",") if v.strip()]
-        setattr(namespace, self.dest, (list(current) if current and current is not self.default else []) + given)
+        seen = getattr(namespace, "_csv_flags_seen", set())
+        namespace._csv_flags_seen = seen | {self.dest}
+        current = getattr(namespace, self.dest, None) if self.dest in seen else None
+        setattr(namespace, self.dest, ",".join(v for v in (current, str(values)) if v))
+
+
+def csv_values(value) -> list[str]:
+    """The values of a list flag (`CsvList`, or its default string), blanks dropped."""
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
 class DeprecatedAlias(argparse.Action):

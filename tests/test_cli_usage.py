@@ -51,7 +51,9 @@ def test_a_deprecated_spelling_still_works_with_a_note(capsys):
     assert "--backend is deprecated, use --comm" in err and "--num-experts is deprecated, use --experts" in err
     tune = build_parser().parse_args(["tune", "--preset", "tiny", "--presets", "olmoe,mixtral-8x7b",
                                       "--format", "bf16", "--experts", "4"])
-    assert tune.presets == ["tiny", "olmoe", "mixtral-8x7b"] and tune.formats == ["bf16"] and tune.local_experts == 4
+    assert tune.presets == "tiny,olmoe,mixtral-8x7b" and tune.formats == "bf16" and tune.local_experts == 4
+    layer = build_parser().parse_args(["bench", "layer", "--presets", "olmoe", "--preset", "tiny", "--tokens", "4,8"])
+    assert (layer.presets, layer.tokens, layer.formats) == ("olmoe,tiny", "4,8", "bf16")
 
 
 def _all_parsers(parser):

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..log import Steps, configure_cli_logging, get_logger
-from ..usage import DeprecatedAlias, UsageError, refuse_ranks_under_torchrun
+from ..usage import CsvList, DeprecatedAlias, UsageError, refuse_ranks_under_torchrun
 from .run_env import RESULTS_DIR_HELP, default_output, environment
 
 log = get_logger("bench")
@@ -45,8 +45,10 @@ TOKENS = [128, 4096]
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dispatchers", default=",".join(DISPATCHERS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank (default: %(default)s)")
+    p.add_argument("--dispatchers", action=CsvList, default=",".join(DISPATCHERS),
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
+                   help="tokens per rank (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=7168, help="hidden size H (default: %(default)s)")
     p.add_argument("--experts", type=int, default=256, metavar="N", help="experts E (default: %(default)s)")
     p.add_argument("--num-experts", dest="experts", type=int, action=DeprecatedAlias, new_flag="--experts")

@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from ..usage import CsvList
 from .run_env import RESULTS_DIR_HELP, results_dir
 
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
@@ -39,14 +40,17 @@ BATCHED_MAX_T = 128
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--presets", "--preset", default=",".join(PRESETS),
+    p.add_argument("--presets", "--preset", action=CsvList, default=",".join(PRESETS),
                    help="comma-separated presets (default: %(default)s)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T (default: %(default)s)")
-    p.add_argument("--routings", default=",".join(ROUTINGS), help="routings (default: %(default)s)")
-    p.add_argument("--formats", default=",".join(FORMATS),
+    p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
+                   help="token counts T (default: %(default)s)")
+    p.add_argument("--routings", action=CsvList, default=",".join(ROUTINGS), help="routings (default: %(default)s)")
+    p.add_argument("--formats", action=CsvList, default=",".join(FORMATS),
                    help="weight formats: bf16, fp8_block, fp8_channel (default: %(default)s)")
-    p.add_argument("--fp8-routings", default="balanced", help="routings timed for FP8 formats (default: %(default)s)")
-    p.add_argument("--backends", default="all", help="experts backends to time (default: every GPU backend)")
+    p.add_argument("--fp8-routings", action=CsvList, default="balanced",
+                   help="routings timed for FP8 formats (default: %(default)s)")
+    p.add_argument("--backends", action=CsvList, default="all",
+                   help="experts backends to time (default: every GPU backend)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")

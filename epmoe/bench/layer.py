@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from ..log import get_logger
 from ..testing.graphs import capture
-from ..usage import UsageError, refuse_ranks_under_torchrun
+from ..usage import CsvList, UsageError, refuse_ranks_under_torchrun
 from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
 
 log = get_logger("bench")
@@ -66,20 +66,22 @@ MEMORY_FRACTION = 0.85        # a configuration runs if its estimated bytes fit 
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--presets", "--preset", default=",".join(PRESETS),
+    p.add_argument("--presets", "--preset", action=CsvList, default=",".join(PRESETS),
                    help="comma-separated presets (default: %(default)s)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank T (default: %(default)s)")
-    p.add_argument("--dispatchers", default=",".join(DISPATCHERS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
+                   help="tokens per rank T (default: %(default)s)")
+    p.add_argument("--dispatchers", action=CsvList, default=",".join(DISPATCHERS),
+                   help="comma-separated (default: %(default)s)")
     p.add_argument("--backend", default="auto",
                    help="experts backend for every dispatcher (default: what experts='auto' resolves to)")
     p.add_argument("--experts", type=int, default=None, metavar="N", help="shrink each preset to N experts")
     p.add_argument("--shrink", type=int, default=1, metavar="F", help="divide hidden and intermediate sizes by F")
     p.add_argument("--fp8-dispatch", action="store_true",
                    help="also time FP8 layers (block-scaled weights) with Fp8Config(dispatch_fp8=True)")
-    p.add_argument("--formats", default="bf16",
+    p.add_argument("--formats", action=CsvList, default="bf16",
                    help=f"formats to time, comma-separated, from {list(FORMATS)} (default: %(default)s; "
                         "--fp8-dispatch adds fp8-dispatch)")
-    p.add_argument("--ranks", default=None,
+    p.add_argument("--ranks", action=CsvList, default=None,
                    help="rank counts to run, comma-separated, e.g. 2,4,8 (default: every GPU, or 2 on the CPU); "
                         "leave out under torchrun")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],

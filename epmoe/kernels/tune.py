@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from rich.markup import escape
 
-from ..usage import CsvList, DeprecatedAlias, UsageError
+from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values
 from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
                            device_table_name, shape_key, smem_bytes)
 
@@ -436,7 +436,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="activation of the experts (default: %(default)s)")
     p.add_argument("--formats", "--format", action=CsvList, default=None, metavar="FORMATS",
                    help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T (default: %(default)s)")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
+                   help="token counts T, comma-separated (default: %(default)s)")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
@@ -454,11 +455,11 @@ def _problem_configs(args) -> list:
     from ..config import MoEConfig
     from ..presets import preset_config
     from ..bench.experts import _quant_for
-    formats = args.formats or ["bf16"]
+    formats = csv_values(args.formats) or ["bf16"]
     out = []
     shapes = []
     if args.presets:
-        shapes = [("preset", p) for p in args.presets]
+        shapes = [("preset", p) for p in csv_values(args.presets)]
     elif None not in (args.local_experts, args.hidden, args.inter, args.top_k):
         shapes = [("explicit", None)]
     else:
@@ -490,7 +491,10 @@ def main(args) -> int:
     path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
     console.print(f"epmoe tune on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    try:
+        tokens = [int(t) for t in csv_values(args.tokens)]
+    except ValueError:
+        tokens = []
     if not tokens or min(tokens) < 1:
         raise UsageError(f"--tokens must be positive token counts, got {args.tokens!r}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
