@@ -213,10 +213,12 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             torch.cuda.synchronize(device)
 
     with torch.no_grad():
-        log.info("first forward, then %d warm-up passes", args.warmup)
+        steps = Steps(log, "first forward and warm-up passes:", 1 + args.warmup)
         out = layer(x, logits)
+        steps.advance()
         for _ in range(args.warmup):
             layer(x, logits)
+            steps.advance()
         sync()
         counter.counts.zero_()
         steps = Steps(log, "timed passes:", args.iters)

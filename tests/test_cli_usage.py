@@ -104,3 +104,25 @@ def test_the_library_never_configures_the_root_logger():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0 and out.stdout.strip() == "assert_close", out.stderr
+
+
+def test_library_messages_reach_the_applications_logging():
+    """An engine embedding epmoe gets its messages through its own handlers on the "epmoe" logger."""
+    import logging
+
+    import epmoe
+    tiny = pytest.importorskip("epmoe.integration.tiny")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("epmoe")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        assert epmoe.patch_model(tiny.tiny_model("mixtral", seed=1)) == 2
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records if r.name == "epmoe.integration"] == [
+        "patch_model: 2 MoE blocks of MixtralForCausalLM now run on epmoe"]

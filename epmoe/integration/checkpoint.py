@@ -21,8 +21,12 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from ..log import get_logger
+
 from .block import EPMoEBlock, convert_block, replace_blocks
 from .families import GPT_OSS, split_expert
+
+log = get_logger("integration")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -359,6 +363,8 @@ def load_model(path, ep_group=None, *, dtype: torch.dtype | None = None, device=
             raise KeyError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs: {missing[:6]}")
         sources = {p: ExpertSource(ckpt, b, p, fp8_block) for p, b in blocks.items()}
         n_expert_reads = sum(len(b.experts.placement.local_experts) for b in blocks.values())
+        log.info("%s: %s, %d MoE blocks on epmoe; rank %d reads %d tensors and %d of its experts' weights",
+                 path, config.model_type, len(blocks), rank, len(plan), n_expert_reads)
 
         fp32 = _fp32_patterns(model, dtype)
         with _progress(progress and rank == 0, len(plan) + n_expert_reads, path) as advance:
