@@ -11,7 +11,7 @@ import sys
 from .bench.run_env import RESULTS_DIR_HELP
 from .log import configure_cli_logging
 from .presets import PRESETS
-from .usage import UsageError, add_verbosity, at_least, refuse_ranks_under_torchrun
+from .usage import UsageError, add_verbosity, at_least, forget_parsing_state, refuse_ranks_under_torchrun
 
 DESCRIPTION = """epmoe: Mixture-of-Experts layers with expert parallelism.
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["run"]  # the main job with its embedded default
-    args = parser.parse_args(argv)
+    args = forget_parsing_state(parser.parse_args(argv))
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

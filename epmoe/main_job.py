@@ -14,11 +14,11 @@ import torch
 from .config import MoEConfig
 from .layer import MoELayer
 from .log import Steps, configure_cli_logging, get_logger
-from .presets import PRESETS, expert_weight_bytes, preset_config, shrink_config
+from .presets import expert_weight_bytes, preset_config, shrink_config
 from .reference import reference_moe
 from .testing.compare import bound_for, compare
 from .testing.distributed import launch, under_torchrun
-from .usage import UsageError, check_backends, check_device
+from .usage import UsageError, all_experts_per_token, check_backends, check_device
 
 log = get_logger("run")
 
@@ -101,11 +101,9 @@ def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
     """What `epmoe run` will build, checked in the launching process before any rank starts:
     (config, device, ranks, dispatcher, experts backend); a mistake raises `UsageError` naming the flag."""
     device = check_device(args.device)
-    preset_k = PRESETS[args.preset]["top_k"]
-    if args.experts is not None and args.top_k is None and args.experts <= preset_k:
-        or_k = f", or say --top-k K (K < {args.experts})" if args.experts > 1 else ""
-        raise UsageError(f"--experts {args.experts} with {args.preset}'s top_k {preset_k}: every token would go to "
-                         f"every expert; use --experts {2 * preset_k} or more{or_k}")
+    problem = all_experts_per_token(args.preset, args.experts, top_k_flag=True)
+    if problem and args.top_k is None:
+        raise UsageError(problem)
     try:
         cfg = build_config(args)
     except ValueError as exc:

@@ -33,6 +33,18 @@ def refuse_ranks_under_torchrun(ranks) -> None:
                          "set): leave out --ranks, the ranks are torchrun's (--nproc_per_node)")
 
 
+def all_experts_per_token(preset: str, experts: int | None, top_k_flag: bool = False) -> str | None:
+    """What is wrong with `--experts N` for `preset` if N <= its top_k (every token would then go to every
+    expert: the routing selects nothing, almost never what was meant), else None."""
+    from .presets import PRESETS
+    preset_k = PRESETS[preset]["top_k"]
+    if experts is None or experts > preset_k:
+        return None
+    or_k = f", or say --top-k K (K < {experts})" if top_k_flag and experts > 1 else ""
+    return (f"--experts {experts} with {preset}'s top_k {preset_k}: every token would go to every expert; use "
+            f"--experts {2 * preset_k} or more{or_k}")
+
+
 def check_device(name: str) -> torch.device:
     """`--device`: auto, cpu, cuda or cuda:N, on a machine that has it."""
     if name in (None, "auto"):
@@ -82,11 +94,20 @@ class CsvList(argparse.Action):
     """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c` is
     `a,b,c`); stored as one comma-separated string, the first use replacing the default."""
 
+    SEEN = "_csv_flags_seen"    # on the namespace while parsing; `forget_parsing_state` removes it
+
     def __call__(self, parser, namespace, values, option_string=None):
-        seen = getattr(namespace, "_csv_flags_seen", set())
-        namespace._csv_flags_seen = seen | {self.dest}
+        seen = getattr(namespace, self.SEEN, set())
+        setattr(namespace, self.SEEN, seen | {self.dest})
         current = getattr(namespace, self.dest, None) if self.dest in seen else None
         setattr(namespace, self.dest, ",".join(v for v in (current, str(values)) if v))
+
+
+def forget_parsing_state(args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed flags alone (what the commands pass on to their ranks)."""
+    if hasattr(args, CsvList.SEEN):
+        delattr(args, CsvList.SEEN)
+    return args
 
 
 def csv_values(value) -> list[str]:

@@ -44,6 +44,13 @@ def test_usage_mistakes_are_two_lines_with_exit_code_2():
         assert lines[0].startswith("epmoe " + argv[0]) and flag in err and fix in err, (argv, err)
 
 
+def test_bench_layer_says_when_every_token_goes_to_every_expert(capsys):
+    assert main(["bench", "layer", "--device", "cpu", "--presets", "qwen3-30b-a3b", "--experts", "8",
+                 "--formats", "fp4"]) == 2     # stops at the bad format, after the note
+    err = capsys.readouterr().err
+    assert "note: --experts 8 with qwen3-30b-a3b's top_k 8: every token would go to every expert" in err
+
+
 def test_a_deprecated_spelling_still_works_with_a_note(capsys):
     args = build_parser().parse_args(["bench", "dispatch", "--backend", "gloo", "--num-experts", "8"])
     assert (args.comm, args.experts) == ("gloo", 8)

@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from ..log import get_logger
 from ..testing.graphs import capture
-from ..usage import CsvList, UsageError, refuse_ranks_under_torchrun
+from ..usage import CsvList, UsageError, all_experts_per_token, refuse_ranks_under_torchrun
 from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
 
 log = get_logger("bench")
@@ -131,6 +131,10 @@ def _params(args) -> dict:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise UsageError("--warmup must be >= 0")
+    for preset in presets:     # measured as asked (a valid shape to time), but said
+        problem = all_experts_per_token(preset, args.experts)
+        if problem:
+            log.warning("note: %s", problem)
     if args.experts is not None and args.experts < 1 or args.shrink < 1:
         raise UsageError("--experts and --shrink must be >= 1")
     formats = _csv(args.formats)
