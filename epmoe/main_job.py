@@ -119,6 +119,9 @@ def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
         raise UsageError(f"{cfg.num_experts} experts cannot be split over {ranks} ranks (each needs one); use "
                          f"--experts {ranks} or more, or fewer --ranks")
     dispatcher, experts = check_backends(args.dispatcher, args.backend, cfg, ranks, device.type)
+    if dispatcher == "low_latency" and args.max_tokens_per_rank and args.max_tokens_per_rank < args.tokens:
+        raise UsageError(f"--max-tokens-per-rank {args.max_tokens_per_rank} is below --tokens {args.tokens}: every "
+                         f"rank would overflow the low_latency dispatcher's capacity; give {args.tokens} or more")
     return cfg, device, ranks, dispatcher, experts
 
 

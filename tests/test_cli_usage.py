@@ -24,6 +24,8 @@ MISTAKES = [
     (["run", "--experts", "1"], {}, "--experts 1", "--experts 4"),
     (["run", "--preset", "qwen3-30b-a3b", "--experts", "8"], {}, "--experts 8", "--top-k"),
     (["run", "--ranks", "0"], {}, "--ranks", ">= 1"),
+    (["run", "--dispatcher", "low_latency", "--tokens", "16", "--max-tokens-per-rank", "8"], {},
+     "--max-tokens-per-rank 8", "16 or more"),
     (["run", "--ranks", "2"], TORCHRUN_ENV, "--ranks", "torchrun"),
     (["bench", "dispatch", "--ranks", "2"], TORCHRUN_ENV, "--ranks", "torchrun"),
     (["bench", "layer", "--ranks", "2"], TORCHRUN_ENV, "--ranks", "torchrun"),

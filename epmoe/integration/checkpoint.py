@@ -403,7 +403,8 @@ class _progress:
         self.bar = Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=Console(stderr=True), transient=False)
         self.bar.__enter__()
-        task = self.bar.add_task(self.path.name, total=self.total)
+        from rich.markup import escape
+        task = self.bar.add_task(escape(self.path.name), total=self.total)   # a name, not markup
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc):

@@ -308,7 +308,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     failed: set = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
-        task = progress.add_task(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}", total=len(all_jobs))
+        task = progress.add_task(escape(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}"),
+                                 total=len(all_jobs))
         results = pool.map(_compile_job, all_jobs) if pool is not None else map(_compile_job, all_jobs)
         for job, err in zip(all_jobs, results):
             progress.advance(task)
