@@ -285,7 +285,7 @@ def _safe_time(timer, fn, reps) -> float:
 
 
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
-                 console=None, plan: dict | None = None, verbose: bool = False
+                 console=None, plan: dict | None = None, verbose: bool = False, show_progress: bool = True
                  ) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
@@ -307,7 +307,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     all_jobs.append(job)
     failed: set = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, disable=not show_progress) as progress:
         task = progress.add_task(escape(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}"),
                                  total=len(all_jobs))
         results = pool.map(_compile_job, all_jobs) if pool is not None else map(_compile_job, all_jobs)
@@ -522,7 +522,8 @@ def main(args) -> int:
                     console.print(escape(f"  --refine/--persistent: no entry for {key} in {path}; skipped"))
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
-                                plan=plan, verbose=args.verbosity > 0)
+                                plan=plan, verbose=args.verbosity > 0,
+                                show_progress=args.verbosity >= 0)
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
