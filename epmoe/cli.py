@@ -11,6 +11,7 @@ import sys
 from .bench.run_env import RESULTS_DIR_HELP
 from .log import configure_cli_logging
 from .presets import PRESETS
+from .testing.distributed import RanksFailed
 from .usage import UsageError, add_verbosity, at_least, forget_parsing_state, refuse_ranks_under_torchrun
 
 DESCRIPTION = """epmoe: Mixture-of-Experts layers with expert parallelism.
@@ -152,9 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
-        command = " ".join(c for c in ("epmoe", args.command, getattr(args, "bench_command", None)) if c)
-        print(f"{command}: {exc}", file=sys.stderr)
+        print(f"{_command(args)}: {exc}", file=sys.stderr)
         return 2
+    except RanksFailed as exc:     # every rank's traceback with -v; one line per rank otherwise
+        detail = str(exc) if getattr(args, "verbosity", 0) > 0 else exc.summary() + "\n(-v shows the tracebacks)"
+        print(f"{_command(args)}: ranks failed\n{detail}", file=sys.stderr)
+        return 1
+
+
+def _command(args) -> str:
+    return " ".join(c for c in ("epmoe", args.command, getattr(args, "bench_command", None)) if c)
 
 
 if __name__ == "__main__":

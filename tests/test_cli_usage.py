@@ -135,3 +135,23 @@ def test_library_messages_reach_the_applications_logging():
         logger.setLevel(level)
     assert [r.getMessage() for r in records if r.name == "epmoe.integration"] == [
         "patch_model: 2 MoE blocks of MixtralForCausalLM now run on epmoe"]
+
+
+def _rank_one_cannot_start(rank, world, opts):
+    if rank == 1:
+        raise ValueError("rank one cannot start")
+    import time
+    time.sleep(60)      # would wait for rank 1 in a collective
+
+
+def test_a_failing_rank_stops_the_run_within_seconds_with_one_line_per_rank(monkeypatch, capsys):
+    import time
+
+    from epmoe import main_job
+    monkeypatch.setattr(main_job, "run_rank", _rank_one_cannot_start)     # the forked ranks inherit it
+    t0 = time.monotonic()
+    assert main(["run", "--tokens", "8", "--iters", "1"]) == 1
+    assert time.monotonic() - t0 < 40
+    err = capsys.readouterr().err
+    assert "rank 1: ValueError: rank one cannot start" in err and "ranks [0] were stopped" in err
+    assert "Traceback" not in err and "-v shows the tracebacks" in err

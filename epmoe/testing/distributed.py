@@ -24,6 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RanksFailed(RuntimeError):
+    """Ranks started by `run_on_ranks` failed: the message has every rank's traceback; `errors` maps a
+    rank to its error (first line: `Type: message`), `notes` says which ranks were stopped or hung."""
+
+    def __init__(self, message: str, errors: dict[int, str], notes: list[str]):
+        super().__init__(message)
+        self.errors, self.notes = errors, notes
+
+    def summary(self) -> str:
+        """One line per failed rank, without the tracebacks."""
+        lines = [f"rank {r}: {v.strip().splitlines()[0] if v.strip() else 'failed'}" for r, v in self.errors.items()]
+        return "\n".join(lines + self.notes)
+
+
 def _worker(rank: int, world_size: int, backend: str, port: int, fn: Callable, args: tuple,
             queue, timeout_s: float) -> None:
     import datetime
@@ -107,7 +121,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None 
     for p in procs:
         p.start()
     results, stopped_after = _collect(procs, queue, world_size, timeout_s, grace_s)
-    errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(results.items()) if s == "error"]
+    errors = {r: v for r, (s, v) in sorted(results.items()) if s == "error"}
     missing = [r for r in range(world_size) if r not in results]
     if errors or missing:
         msg = []
@@ -116,8 +130,8 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None 
                        "(they could not finish without it)")
         elif missing:
             msg.append(f"ranks {missing} did not finish within {timeout_s:.0f}s (hang or deadlock); killed")
-        raise RuntimeError(f"run_on_ranks({getattr(fn, '__name__', fn)}, {world_size} ranks, {backend}) failed:\n"
-                           + "\n".join(msg + errors))
+        raise RanksFailed(f"run_on_ranks({getattr(fn, '__name__', fn)}, {world_size} ranks, {backend}) failed:\n"
+                          + "\n".join(msg + [f"--- rank {r} ---\n{v}" for r, v in errors.items()]), errors, msg)
     return [results[r][1] for r in range(world_size)]
 
 
