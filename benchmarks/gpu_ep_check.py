@@ -132,7 +132,7 @@ def part_timing(dry: bool = False) -> dict:
     path = os.path.join(OUT, "dispatch_bench.json")
     argv = ["--ranks", "2", "--output", path]
     if dry:     # plumbing only: tiny shapes on Gloo, nothing copied to benchmarks/results/
-        argv += ["--backend", "gloo", "--hidden", "256", "--num-experts", "16", "--top-k", "4", "--tokens", "8,32",
+        argv += ["--comm", "gloo", "--hidden", "256", "--experts", "16", "--top-k", "4", "--tokens", "8,32",
                  "--reps", "2", "--warmup", "1"]
     rc = bench.main(parser.parse_args(argv))
     with open(path) as f:

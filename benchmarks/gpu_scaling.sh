@@ -55,7 +55,7 @@ DRY=${CPU_DRY:-0}
 DRY_DISPATCH="" DRY_LAYER=""
 if [ "$DRY" = 1 ]; then   # the plumbing on CPUs: Gloo ranks, tiny shapes, the Gloo twins of the NCCL suites
   GPUS=64
-  DRY_DISPATCH="--backend gloo --hidden 64 --num-experts 16 --top-k 4 --tokens 4,16"
+  DRY_DISPATCH="--comm gloo --hidden 64 --experts 16 --top-k 4 --tokens 4,16"
   DRY_LAYER="--device cpu --experts 16 --shrink 64 --tokens 4,16"
 fi
 RANK_COUNTS=""

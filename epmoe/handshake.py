@@ -14,6 +14,7 @@ usable.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -39,7 +40,7 @@ def layer_signature(layer) -> dict:
     wire = getattr(layer.dispatcher, "wire_signature", None)
     return {
         "epmoe version": __version__,
-        "config": repr(cfg),
+        "config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)},
         "padded sizes (H, I)": (cfg.padded_hidden_size, cfg.padded_intermediate_size),
         "placement": layer.placement.signature(),
         "dispatcher": layer.dispatcher_name,
@@ -80,7 +81,11 @@ def check_group_agrees(layer) -> None:
         diffs = []
         for key in mine:
             values = [p["signature"].get(key) for p in everyone]
-            if any(v != values[0] for v in values):
+            if all(isinstance(v, dict) for v in values):     # the config: name the fields that differ
+                fields = [f for f in values[0] if any(v.get(f) != values[0][f] for v in values)]
+                diffs += [f"{key} differs in {f} (" + ", ".join(f"rank {r}: {v.get(f)}" for r, v in enumerate(values))
+                          + ")" for f in fields]
+            elif any(v != values[0] for v in values):
                 per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
                 diffs.append(f"{key} differs ({per_rank})")
         if diffs:

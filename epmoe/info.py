@@ -14,6 +14,7 @@ def _yes(b: bool) -> str:
 
 def print_info() -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -31,7 +32,7 @@ def print_info() -> None:
                   ",".join(sorted(c.devices)))
     console.print(t)
     for name in contract.DISPATCHERS:
-        console.print(f"  {name}: {contract.dispatcher_class(name).CAPS.summary}")
+        console.print(f"  {name}: {escape(contract.dispatcher_class(name).CAPS.summary)}")
 
     t = Table(title="experts backends (declared capabilities)")
     for col in ("name", "layouts", "dtypes", "quant", "FP8 activations", "devices", "CUDA graph",
@@ -43,10 +44,10 @@ def print_info() -> None:
         dtypes = ",".join(sorted(str(d).replace("torch.", "") for d in c.dtypes))
         why = c.available(here) if here in c.devices else f"runs on {','.join(sorted(c.devices))}"
         t.add_row(name, ",".join(sorted(c.layouts)), dtypes, ",".join(sorted(c.quant)), c.fp8_activations,
-                  ",".join(sorted(c.devices)), _yes(c.cuda_graph_safe), "yes" if not why else f"no: {why}")
+                  ",".join(sorted(c.devices)), _yes(c.cuda_graph_safe), "yes" if not why else escape(f"no: {why}"))
     console.print(t)
     for name in contract.EXPERTS:
-        console.print(f"  {name}: {contract.experts_class(name).CAPS.summary}")
+        console.print(f"  {name}: {escape(contract.experts_class(name).CAPS.summary)}")
 
     rows = contract.support_matrix()
     quants = list(dict.fromkeys(r.quant for r in rows))
@@ -76,4 +77,4 @@ def print_info() -> None:
     console.print("FP8 activations: wire = the dispatcher quantizes before sending (scales travel along); "
                   "after = the layer quantizes right after dispatch; inside = the experts quantize internally")
     for i, r in enumerate(reasons, 1):
-        console.print(f"  {i}. {r}")
+        console.print(f"  {i}. {escape(r)}")

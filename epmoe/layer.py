@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from . import contract
+from . import state_dict as state_dict_names
 from .config import MoEConfig
 from .handshake import announces_build_failure
 from .layouts import ExpertWeights
@@ -99,7 +100,9 @@ class MoELayer(nn.Module):
         else:
             self.score_correction_bias = None
         self._loaded: set[int] = set()
-        self._register_load_state_dict_pre_hook(self._loading_state_dict)
+        # the state dict speaks transformers' names, one tensor per expert (see epmoe.state_dict)
+        self.register_state_dict_post_hook(state_dict_names.save_hook)
+        self.register_load_state_dict_pre_hook(state_dict_names.load_hook)
 
         self.dispatcher = dcls(cfg, self.placement, ep_group, max_tokens_per_rank, self.device)
         self.experts = contract.experts_class(self.experts_name)(cfg, self.device)
@@ -149,33 +152,9 @@ class MoELayer(nn.Module):
     def num_local_experts(self) -> int:
         return self.placement.num_local_experts
 
-    def _loading_state_dict(self, state_dict, prefix, *args) -> None:
-        """Experts count as loaded only if the state dict holds every expert tensor of this layer (a
-        parent's partial or non-strict load must not make zero weights look loaded)."""
-        names = [prefix + n for n, _ in self.named_parameters(recurse=False)]
-        if names and all(n in state_dict for n in names):
-            self._loaded = set(range(self.num_local_experts))
-
     def mark_all_experts_loaded(self) -> None:
         """Declare that the weights were written directly (not through `load_expert`)."""
         self._loaded = set(range(self.num_local_experts))
-
-    def get_extra_state(self) -> dict:
-        """What a state dict of this layer's experts is valid for: which global experts it holds, at
-        which padded sizes and format. Checked on load (a shard of another rank or config is refused)."""
-        return {"num_experts": self.cfg.num_experts,
-                "local_experts": [int(e) for e in self.placement.local_experts],
-                "padded_sizes": [self.cfg.padded_hidden_size, self.cfg.padded_intermediate_size],
-                "quant": self.scheme.name, "expert_bias": self.expert_bias}
-
-    def set_extra_state(self, state) -> None:
-        mine = self.get_extra_state()
-        wrong = [f"{k}: state dict {state.get(k)!r}, this layer {v!r}" for k, v in mine.items()
-                 if not isinstance(state, dict) or state.get(k) != v]
-        if wrong:
-            self._loaded = set()   # the tensors just copied in belong to other experts
-            raise ValueError("MoELayer.load_state_dict: the state dict was saved by a layer holding other experts "
-                             "or another format (another rank's shard?): " + "; ".join(wrong))
 
     def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
                     gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,

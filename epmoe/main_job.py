@@ -3,6 +3,7 @@ a sample of its output against the float64 oracle. With several ranks, every ran
 tokens with the experts spread over the group."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -12,9 +13,14 @@ import torch
 
 from .config import MoEConfig
 from .layer import MoELayer
+from .log import Steps, configure_cli_logging, get_logger
 from .presets import expert_weight_bytes, preset_config, shrink_config
 from .reference import reference_moe
 from .testing.compare import bound_for, compare
+from .testing.distributed import launch, under_torchrun
+from .usage import UsageError, all_experts_per_token, check_backends, check_device
+
+log = get_logger("run")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -86,7 +92,37 @@ def build_config(args) -> MoEConfig:
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = preset_config(args.preset, dtype=dtype)
-    return shrink_config(cfg, experts=args.experts, shrink=args.shrink)
+    cfg = shrink_config(cfg, experts=args.experts, shrink=args.shrink)
+    top_k = getattr(args, "top_k", None)
+    return dataclasses.replace(cfg, top_k=top_k) if top_k else cfg
+
+
+def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
+    """What `epmoe run` will build, checked in the launching process before any rank starts:
+    (config, device, ranks, dispatcher, experts backend); a mistake raises `UsageError` naming the flag."""
+    device = check_device(args.device)
+    problem = all_experts_per_token(args.preset, args.experts, top_k_flag=True)
+    if problem and args.top_k is None:
+        raise UsageError(problem)
+    try:
+        cfg = build_config(args)
+    except ValueError as exc:
+        raise UsageError(f"--experts/--top-k/--shrink make an invalid layer: {exc}") from None
+    if under_torchrun():
+        ranks = int(os.environ["WORLD_SIZE"])
+    else:
+        ranks = args.ranks or default_ranks(device)
+        if device.type == "cuda" and ranks > torch.cuda.device_count():
+            raise UsageError(f"--ranks {ranks} needs one GPU per rank, this machine has {torch.cuda.device_count()}; "
+                             "use fewer --ranks, or --device cpu")
+    if cfg.num_experts < ranks:
+        raise UsageError(f"{cfg.num_experts} experts cannot be split over {ranks} ranks (each needs one); use "
+                         f"--experts {ranks} or more, or fewer --ranks")
+    dispatcher, experts = check_backends(args.dispatcher, args.backend, cfg, ranks, device.type)
+    if dispatcher == "low_latency" and args.max_tokens_per_rank and args.max_tokens_per_rank < args.tokens:
+        raise UsageError(f"--max-tokens-per-rank {args.max_tokens_per_rank} is below --tokens {args.tokens}: every "
+                         f"rank would overflow the low_latency dispatcher's capacity; give {args.tokens} or more")
+    return cfg, device, ranks, dispatcher, experts
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -118,12 +154,12 @@ def check_fits(cfg: MoEConfig, device: torch.device, ranks: int) -> None:
         free, _ = torch.cuda.mem_get_info(device)
         per_rank = need / ranks
         if per_rank > 0.8 * free:
-            raise SystemExit(f"epmoe run: {cfg.num_experts} experts need {per_rank / 2**30:.1f} GiB per GPU, "
+            raise UsageError(f"{cfg.num_experts} experts need {per_rank / 2**30:.1f} GiB per GPU, "
                              f"{free / 2**30:.1f} GiB free; use --experts N, --shrink F or more --ranks")
         return
     avail = _available_ram()
     if avail and need > 0.5 * avail:
-        raise SystemExit(f"epmoe run: {cfg.num_experts} experts need {need / 2**30:.1f} GiB, this machine has "
+        raise UsageError(f"{cfg.num_experts} experts need {need / 2**30:.1f} GiB, this machine has "
                          f"{avail / 2**30:.1f} GiB available; shrink the preset with --experts N and/or "
                          f"--shrink F (divides hidden and intermediate sizes)")
 
@@ -143,6 +179,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     """One rank's share of the main job; returns a RankReport as a dict."""
     import argparse
     args = argparse.Namespace(**opts)
+    configure_cli_logging(args.verbosity, rank)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     if device.type == "cuda" and world > 1:
@@ -152,12 +189,15 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     if world > 1:
         import torch.distributed as dist
         group = dist.group.WORLD
+    log.info("building the layer (%d ranks)", world)
     layer = MoELayer(cfg, ep_group=group, dispatcher=args.dispatcher, experts=args.backend, device=device,
                      max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher))
     source = SeededExperts(cfg, args.seed, device)
+    steps = Steps(log, "random weights of this rank's experts:", layer.num_local_experts)
     for e in layer.placement.local_experts:
         g, u, d = source[e]
         layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
+        steps.advance()
     if layer.score_correction_bias is not None:
         gen = torch.Generator().manual_seed(args.seed + 7)
         layer.score_correction_bias.copy_(torch.randn(cfg.num_experts, generator=gen) * 0.1)
@@ -174,19 +214,25 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             torch.cuda.synchronize(device)
 
     with torch.no_grad():
+        steps = Steps(log, "first forward and warm-up passes:", 1 + args.warmup)
         out = layer(x, logits)
+        steps.advance()
         for _ in range(args.warmup):
             layer(x, logits)
+            steps.advance()
         sync()
         counter.counts.zero_()
+        steps = Steps(log, "timed passes:", args.iters)
         t0 = time.perf_counter()
         for _ in range(args.iters):
             layer(x, logits)
+            steps.advance()
         sync()
         elapsed = (time.perf_counter() - t0) / max(args.iters, 1)
     rows_per_expert = (counter.counts // max(args.iters, 1)).tolist()
 
     n_check = min(args.check_tokens, tokens)
+    log.info("checking %d tokens against the float64 oracle", n_check)
     idx = torch.randperm(tokens, generator=gen)[:n_check].sort().values
     ref = reference_moe(x[idx.to(device)], logits[idx.to(device)], source, cfg,
                         score_correction_bias=layer.score_correction_bias)
@@ -203,26 +249,23 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
 
 def main(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 140)
-    device = resolve_device(args.device)
-    cfg = build_config(args)
-    from .testing.distributed import launch, under_torchrun
-    ranks = args.ranks
-    if ranks is None and not under_torchrun():
-        ranks = default_ranks(device)
-    check_fits(cfg, device, ranks or (int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1))
+    cfg, device, ranks, dispatcher, experts = check_args(args)
+    check_fits(cfg, device, ranks)
+    if not under_torchrun() or os.environ.get("RANK") == "0":
+        console.print(f"[bold]epmoe run[/bold]  preset [cyan]{escape(args.preset)}[/cyan]: {cfg.describe()}")
+        console.print(f"device {device}, ranks {ranks}, dispatcher {dispatcher}, experts {experts}, tokens/rank "
+                      f"{args.tokens}, input [{args.tokens}, {cfg.hidden_size}] -> output [{args.tokens}, "
+                      f"{cfg.hidden_size}]", highlight=False)
     opts = vars(args).copy()
     opts.pop("func", None)
-    reports = launch(run_rank, ranks, opts, device.type, timeout_s=args.timeout)
+    reports = launch(run_rank, None if under_torchrun() else ranks, opts, device.type, timeout_s=args.timeout)
     if reports is None:  # a torchrun rank other than 0: rank 0 prints the report
         return 0
     first = reports[0]
-    console.print(f"[bold]epmoe run[/bold]  preset [cyan]{args.preset}[/cyan]: {first['config']}")
-    console.print(f"device {first['device']}, ranks {len(reports)}, dispatcher {first['dispatcher']}, "
-                  f"experts {first['experts']}, tokens/rank {args.tokens}, input [{args.tokens}, "
-                  f"{cfg.hidden_size}] -> output [{args.tokens}, {cfg.hidden_size}]")
     table = Table(title="per rank")
     for col in ("rank", "experts held", "ms/pass", "tokens/s", "checked", "rel err", "max abs err", "result"):
         table.add_column(col, justify="right")

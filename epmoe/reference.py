@@ -34,6 +34,10 @@ def reference_moe(hidden_states: torch.Tensor, router_logits: torch.Tensor | Non
     routers). Returns float64 [T, H] on the CPU, or on `device` if given (float64 on a GPU makes real-size
     checks fast; the arithmetic is the same). quantize_activations: FP8 activation quantization (default:
     when `cfg.quant` is an FP8 config).
+
+    FP8 layers: `experts` must be the weights the layer holds, dequantized (the high-precision weights it
+    was loaded from differ by the weight rounding, ~5e-2 relative): `epmoe.testing.LayerExperts(layer)`
+    gives them for a layer on one rank, e.g. `reference_moe(x, logits, LayerExperts(layer), layer.cfg)`.
     """
     dev = torch.device("cpu") if device is None else torch.device(device)
     if len(experts) != cfg.num_experts:

@@ -7,7 +7,7 @@ from epmoe.cli import main as cli_main
 
 def test_bench_dispatch_writes_a_report(tmp_path, capsys):
     out = tmp_path / "dispatch.json"
-    rc = cli_main(["bench", "dispatch", "--ranks", "2", "--backend", "gloo", "--hidden", "64", "--num-experts", "8",
+    rc = cli_main(["bench", "dispatch", "--ranks", "2", "--comm", "gloo", "--hidden", "64", "--experts", "8",
                    "--top-k", "3", "--tokens", "4,16", "--reps", "2", "--warmup", "1", "--output", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())

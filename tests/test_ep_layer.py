@@ -480,7 +480,7 @@ def handshake_cases(ws: int) -> list[dict]:
     last = ws - 1
     return [
         dict(kind="handshake", name="handshake-top_k", base=base, per_rank={last: dict(k=1)},
-             mention=["config differs"]),
+             mention=["config differs in top_k (rank 0: 2", f"rank {last}: 1)"]),
         dict(kind="handshake", name="handshake-dispatcher", base=base, per_rank={0: dict(dispatcher="allgather")},
              mention=["dispatcher differs", "'allgather'", "'alltoall'"]),
         dict(kind="handshake", name="handshake-placement", base=base,
@@ -489,7 +489,7 @@ def handshake_cases(ws: int) -> list[dict]:
         dict(kind="handshake", name="handshake-capacity", base=dict(base, dispatcher="low_latency", M=4),
              per_rank={last: dict(M=8)}, mention=["max_tokens_per_rank differs"]),
         dict(kind="handshake", name="handshake-dtype", base=base, per_rank={last: dict(dtype="float32")},
-             mention=["config differs"]),
+             mention=["config differs in dtype", f"rank {last}: torch.float32"]),
         # rank 0 is refused by the contract before the handshake: it still answers, so nobody waits
         dict(kind="handshake", name="handshake-one-rank-refused", base=base, per_rank={0: dict(dispatcher="local")},
              expect={0: "UnsupportedCombination"}, mentions={r: ["rank 0 could not build", "UnsupportedCombination"]

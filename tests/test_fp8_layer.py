@@ -143,7 +143,9 @@ def test_state_dict_round_trip_keeps_scales():
     a = MoELayer(cfg, experts="reference")
     _load(a, random_experts(cfg, seed=4))
     sd = a.state_dict()
-    assert {"w13", "w2", "w13_scale", "w2_scale"} <= set(sd) and sd["w13_scale"].dtype == torch.float32
+    names = {f"experts.0.{p}_proj.{t}" for p in ("gate", "up", "down") for t in ("weight", "weight_scale_inv")}
+    assert names <= set(sd) and sd["experts.0.gate_proj.weight_scale_inv"].dtype == torch.float32
+    assert sd["experts.0.gate_proj.weight"].dtype == torch.float8_e4m3fn
     b = MoELayer(cfg, experts="reference")
     b.load_state_dict(sd)
     x, logits = random_inputs(cfg, 9)

@@ -205,7 +205,8 @@ def test_partial_state_dict_does_not_count_as_loaded():
 def test_state_dict_of_other_experts_is_refused():
     cfg, layer, _ = _loaded_layer()
     sd = layer.state_dict()
-    other = dict(sd, _extra_state=dict(sd["_extra_state"], local_experts=[0, 1]))
+    # a shard holding an expert this layer does not hold (the keys carry the global expert ids)
+    other = {k.replace("experts.3.", "experts.5."): v for k, v in sd.items()}
     fresh = MoELayer(cfg)
     with pytest.raises(ValueError, match="another rank's shard"):
         fresh.load_state_dict(other)

@@ -73,3 +73,29 @@ def test_run_argument_errors(checkpoint, tmp_path):
         run_model.main(args_for(directory, dtype="int8"))
     with pytest.raises(SystemExit, match="--max-new-tokens"):
         run_model.main(args_for(directory, max_new_tokens=0))
+
+
+def test_checkpoint_mistakes_are_named(tmp_path, checkpoint):
+    """What a new user's directory may lack, said in the launching process with the fix."""
+    import shutil
+
+    from epmoe.integration import load_model
+    directory, _ = checkpoint
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in directory.iterdir():
+        if f.name in ("config.json",) or f.suffix == ".safetensors" or f.name.endswith(".index.json"):
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(SystemExit, match="has no tokenizer files"):
+        run_model.main(args_for(bare))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SystemExit, match="model_type 'llama' has no MoE block epmoe converts"):
+        run_model.main(args_for(llama))
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+        load_model(tmp_path / "missing")
+    shard = sorted(bare.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:20])          # an interrupted download
+    with pytest.raises(ValueError, match=f"{shard.name}: not a readable safetensors file"):
+        load_model(bare)

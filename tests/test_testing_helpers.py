@@ -1,3 +1,6 @@
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -47,6 +50,21 @@ def _hang_on_zero(rank, world):
         import time
         time.sleep(60)
     return rank
+
+
+def _exit_on_one(rank, world):
+    if rank == 1:
+        os._exit(3)      # a rank that dies without a word, e.g. killed while starting
+    time.sleep(60)       # a rank that would wait for it (in a rendezvous, a collective) until its timeout
+    return rank
+
+
+def test_run_on_ranks_stops_the_others_when_a_rank_dies():
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ranks \[0\] were stopped 1s after rank 1 failed(.|\n)*"
+                                           r"rank 1 ---\nprocess exited with code 3"):
+        run_on_ranks(_exit_on_one, 2, timeout_s=120, grace_s=1.0)
+    assert time.monotonic() - t0 < 30
 
 
 def test_run_on_ranks_collects_results():

@@ -20,7 +20,8 @@ On CPUs (Gloo) wall-clock time with a barrier before each run: for checking the 
 
 Ranks: under torchrun (torch.distributed already initialized) the current group is used; otherwise
 `--ranks` local processes are started (NCCL with one GPU each when there are enough GPUs, else Gloo).
-Writes JSON under benchmarks/results/ (rank 0 / the launching process).
+Writes JSON under benchmarks/results/ of the checkout, ./epmoe-results elsewhere (rank 0 / the launching
+process).
 """
 from __future__ import annotations
 
@@ -33,33 +34,44 @@ import time
 import torch
 import torch.distributed as dist
 
-from .run_env import default_output, environment
+from ..log import Steps, configure_cli_logging, get_logger
+from ..usage import CsvList, DeprecatedAlias, UsageError, refuse_ranks_under_torchrun
+from .run_env import RESULTS_DIR_HELP, default_output, environment
+
+log = get_logger("bench")
 
 DISPATCHERS = ["allgather", "alltoall", "low_latency"]
 TOKENS = [128, 4096]
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dispatchers", default=",".join(DISPATCHERS), help="comma-separated (default: %(default)s)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank (default: %(default)s)")
+    p.add_argument("--dispatchers", action=CsvList, default=",".join(DISPATCHERS),
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
+                   help="tokens per rank (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=7168, help="hidden size H (default: %(default)s)")
-    p.add_argument("--num-experts", type=int, default=256, help="experts E (default: %(default)s)")
+    p.add_argument("--experts", type=int, default=256, metavar="N", help="experts E (default: %(default)s)")
+    p.add_argument("--num-experts", dest="experts", type=int, action=DeprecatedAlias, new_flag="--experts")
     p.add_argument("--top-k", type=int, default=8, help="experts per token (default: %(default)s)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the tokens (default: %(default)s)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 dispatch (e4m3 rows with per-128-column scales on the wire; dispatchers that cannot "
                         "send FP8 are reported as refused)")
     p.add_argument("--ranks", type=int, default=None,
-                   help="local ranks to start (default: every GPU, or 2 Gloo ranks without GPUs); ignored "
+                   help="local ranks to start (default: every GPU, or 2 Gloo ranks without GPUs); leave out "
                         "under torchrun")
-    p.add_argument("--backend", default=None, choices=["nccl", "gloo"], help="default: NCCL when GPUs allow")
+    p.add_argument("--comm", default=None, choices=["nccl", "gloo"],
+                   help="process-group backend (default: NCCL when GPUs allow, else Gloo)")
+    p.add_argument("--backend", dest="comm", choices=["nccl", "gloo"], action=DeprecatedAlias, new_flag="--comm",
+                   help="deprecated spelling of --comm (--backend names the experts backend in run and bench layer)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
     p.add_argument("--no-graph", action="store_true", help="time every dispatcher eagerly")
     p.add_argument("--output", default=None,
-                   help="JSON path (default: benchmarks/results/dispatch_<device>_<ranks>x_<date>.json)")
+                   help=f"JSON path (default: dispatch_<device>_<ranks>x_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before hung ranks are killed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens and routing (default 0)")
 
 
 def _csv(s: str) -> list[str]:
@@ -71,11 +83,11 @@ def _params(args) -> dict:
     from ..contract import DISPATCHERS as KNOWN
     unknown = [d for d in dispatchers if d not in KNOWN]
     if unknown:
-        raise SystemExit(f"epmoe bench dispatch: unknown dispatchers {unknown}; known: {sorted(KNOWN)}")
+        raise UsageError(f"unknown dispatchers {unknown}; known: {sorted(KNOWN)}")
     tokens = [int(t) for t in _csv(args.tokens)]
     if any(t < 1 for t in tokens):
-        raise SystemExit("epmoe bench dispatch: --tokens must be positive")
-    return {"dispatchers": dispatchers, "tokens": tokens, "hidden": args.hidden, "num_experts": args.num_experts,
+        raise UsageError("--tokens must be positive")
+    return {"dispatchers": dispatchers, "tokens": tokens, "hidden": args.hidden, "num_experts": args.experts,
             "top_k": args.top_k, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
             "graph": not args.no_graph, "seed": args.seed, "fp8": bool(args.fp8)}
 
@@ -200,12 +212,15 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
 
 
 def _worker(rank: int, ws: int, p: dict) -> list[dict]:
+    configure_cli_logging(p.get("verbosity", 0), rank)
     group = dist.group.WORLD
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     clock = _Clock(device, group)
     rows = []
+    steps = Steps(log, "measured (dispatcher, tokens):", len(p["dispatchers"]) * len(p["tokens"]), every=0.0)
     for name in p["dispatchers"]:
         for T in p["tokens"]:
+            log.debug("timing %s at %d tokens per rank", name, T)
             try:
                 rows.append(_bench_one(name, T, p, rank, ws, device, group, clock))
             except Exception as exc:  # e.g. out of memory: recorded, the other rows still run
@@ -213,6 +228,7 @@ def _worker(rank: int, ws: int, p: dict) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             dist.barrier(group=group)
+            steps.advance()
     return rows
 
 
@@ -262,15 +278,16 @@ def _print_table(rows: list[dict]) -> None:
 def main(args) -> int:
     p = _params(args)
     from ..testing.distributed import under_torchrun
+    refuse_ranks_under_torchrun(args.ranks)
     if under_torchrun() and not dist.is_initialized():     # started by torchrun: join its group
-        if torch.cuda.is_available() and args.backend != "gloo":
+        if torch.cuda.is_available() and args.comm != "gloo":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(args.backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        dist.init_process_group(args.comm or ("nccl" if torch.cuda.is_available() else "gloo"))
     if dist.is_available() and dist.is_initialized():      # torchrun: this process is one rank
         ws, rank, backend = dist.get_world_size(), dist.get_rank(), dist.get_backend()
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-        mine = _worker(rank, ws, p)
+        mine = _worker(rank, ws, dict(p, verbosity=getattr(args, "verbosity", 0)))
         everyone: list = [None] * ws
         dist.all_gather_object(everyone, mine)
         if rank != 0:
@@ -279,10 +296,14 @@ def main(args) -> int:
         from ..testing.distributed import run_on_ranks
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         ws = args.ranks or (gpus if gpus >= 2 else 2)
-        backend = args.backend or ("nccl" if gpus >= ws else "gloo")
+        backend = args.comm or ("nccl" if gpus >= ws else "gloo")
         if backend == "nccl" and gpus < ws:
-            raise SystemExit(f"epmoe bench dispatch: NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
-        everyone = run_on_ranks(_worker, ws, p, backend=backend, timeout_s=args.timeout)
+            raise UsageError(f"NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
+        log.info("bench dispatch: %s x tokens per rank %s on %d %s ranks (%d measurements, each a few seconds "
+                 "on the CPU)", ",".join(p["dispatchers"]), ",".join(map(str, p["tokens"])), ws, backend,
+                 len(p["dispatchers"]) * len(p["tokens"]))
+        everyone = run_on_ranks(_worker, ws, dict(p, verbosity=getattr(args, "verbosity", 0)), backend=backend,
+                                timeout_s=args.timeout)
     rows = _merge(everyone)
     env = environment(backend, ws)
     report = {"benchmark": "dispatch+combine", "environment": env, "params": p, "rows": rows,

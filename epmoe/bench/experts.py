@@ -13,7 +13,7 @@ launches of a backend that syncs with the host) is queued. Reported per run: ms,
 (6 T k H I), GB/s of the weights of the experts actually hit (bytes read once), the fraction of the
 floor max(bytes / copy rate, FLOPs / matmul rate) with both rates measured in the same run, and the
 anchor's time over this time. Each backend's output is checked on sampled rows against the float64
-oracle. Writes JSON and a PNG under benchmarks/results/.
+oracle. Writes JSON and a PNG under benchmarks/results/ of the checkout (./epmoe-results elsewhere).
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ import sys
 
 import torch
 
+from ..usage import CsvList
+from .run_env import RESULTS_DIR_HELP, results_dir
+
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
 TOKENS = [1, 16, 128, 1024, 8192]
 ROUTINGS = ["balanced", "skewed", "onehot"]
@@ -37,19 +40,23 @@ BATCHED_MAX_T = 128
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: %(default)s)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T (default: %(default)s)")
-    p.add_argument("--routings", default=",".join(ROUTINGS), help="routings (default: %(default)s)")
-    p.add_argument("--formats", default=",".join(FORMATS),
+    p.add_argument("--presets", "--preset", action=CsvList, default=",".join(PRESETS),
+                   help="comma-separated presets (default: %(default)s)")
+    p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
+                   help="token counts T (default: %(default)s)")
+    p.add_argument("--routings", action=CsvList, default=",".join(ROUTINGS), help="routings (default: %(default)s)")
+    p.add_argument("--formats", action=CsvList, default=",".join(FORMATS),
                    help="weight formats: bf16, fp8_block, fp8_channel (default: %(default)s)")
-    p.add_argument("--fp8-routings", default="balanced", help="routings timed for FP8 formats (default: %(default)s)")
-    p.add_argument("--backends", default="all", help="experts backends to time (default: every GPU backend)")
+    p.add_argument("--fp8-routings", action=CsvList, default="balanced",
+                   help="routings timed for FP8 formats (default: %(default)s)")
+    p.add_argument("--backends", action=CsvList, default="all",
+                   help="experts backends to time (default: every GPU backend)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
-    p.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/experts_<gpu>_<date>.json)")
+    p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
 
 
 def _csv(s: str) -> list[str]:
@@ -405,8 +412,7 @@ def write_plot(data: dict, path: str) -> None:
 
 
 def default_output(env: dict) -> str:
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "benchmarks", "results")
+    root = results_dir()
     gpu = "".join(c if c.isalnum() else "_" for c in env["gpu"]).strip("_")
     return os.path.join(root, f"experts_{gpu}_{env['date'][:10]}.json")
 

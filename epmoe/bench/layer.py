@@ -50,8 +50,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..log import get_logger
 from ..testing.graphs import capture
-from .run_env import default_output, environment
+from ..usage import CsvList, UsageError, all_experts_per_token, refuse_ranks_under_torchrun
+from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
+
+log = get_logger("bench")
 
 PRESETS = ["deepseek-v3", "qwen3-30b-a3b"]
 DISPATCHERS = ["allgather", "alltoall", "low_latency"]
@@ -62,19 +66,22 @@ MEMORY_FRACTION = 0.85        # a configuration runs if its estimated bytes fit 
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: %(default)s)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank T (default: %(default)s)")
-    p.add_argument("--dispatchers", default=",".join(DISPATCHERS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--presets", "--preset", action=CsvList, default=",".join(PRESETS),
+                   help="comma-separated presets (default: %(default)s)")
+    p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
+                   help="tokens per rank T (default: %(default)s)")
+    p.add_argument("--dispatchers", action=CsvList, default=",".join(DISPATCHERS),
+                   help="comma-separated (default: %(default)s)")
     p.add_argument("--backend", default="auto",
                    help="experts backend for every dispatcher (default: what experts='auto' resolves to)")
     p.add_argument("--experts", type=int, default=None, metavar="N", help="shrink each preset to N experts")
     p.add_argument("--shrink", type=int, default=1, metavar="F", help="divide hidden and intermediate sizes by F")
     p.add_argument("--fp8-dispatch", action="store_true",
                    help="also time FP8 layers (block-scaled weights) with Fp8Config(dispatch_fp8=True)")
-    p.add_argument("--formats", default="bf16",
+    p.add_argument("--formats", action=CsvList, default="bf16",
                    help=f"formats to time, comma-separated, from {list(FORMATS)} (default: %(default)s; "
                         "--fp8-dispatch adds fp8-dispatch)")
-    p.add_argument("--ranks", default=None,
+    p.add_argument("--ranks", action=CsvList, default=None,
                    help="rank counts to run, comma-separated, e.g. 2,4,8 (default: every GPU, or 2 on the CPU); "
                         "leave out under torchrun")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -86,10 +93,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check-rows", type=int, default=16, help="rows per rank checked against the oracle")
     p.add_argument("--output", default=None,
                    help="JSON path (one rank count only; default: <output-dir>/layer_<device>_<ranks>x_<date>.json)")
-    p.add_argument("--output-dir", default=os.path.join("benchmarks", "results"),
-                   help="where JSONs go (default: %(default)s)")
+    p.add_argument("--output-dir", default=None, help=f"where JSONs go (default: {RESULTS_DIR_HELP})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per rank count before ranks are killed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
 
 
 def _csv(s) -> list[str]:
@@ -100,9 +106,9 @@ def _positive_ints(s, what: str) -> list[int]:
     try:
         vals = [int(v) for v in _csv(s)]
     except ValueError:
-        raise SystemExit(f"epmoe bench layer: {what} must be comma-separated integers, got {s!r}")
+        raise UsageError(f"{what} must be comma-separated integers, got {s!r}")
     if not vals or any(v < 1 for v in vals):
-        raise SystemExit(f"epmoe bench layer: {what} must be positive integers, got {s!r}")
+        raise UsageError(f"{what} must be positive integers, got {s!r}")
     return vals
 
 
@@ -112,27 +118,31 @@ def _params(args) -> dict:
     presets = _csv(args.presets)
     bad = [x for x in presets if x not in KNOWN_PRESETS]
     if bad or not presets:
-        raise SystemExit(f"epmoe bench layer: unknown presets {bad}; known: {list(KNOWN_PRESETS)}")
+        raise UsageError(f"unknown presets {bad}; known: {list(KNOWN_PRESETS)}")
     dispatchers = _csv(args.dispatchers)
     bad = [d for d in dispatchers if d not in contract.DISPATCHERS or d == "local"]
     if bad or not dispatchers:
-        raise SystemExit(f"epmoe bench layer: dispatchers must be among {[d for d in contract.DISPATCHERS if d != 'local']}"
+        raise UsageError(f"dispatchers must be among {[d for d in contract.DISPATCHERS if d != 'local']}"
                          f" (local is the baseline, always measured unless --no-local), got {bad or dispatchers}")
     if args.backend != "auto" and args.backend not in contract.EXPERTS:
-        raise SystemExit(f"epmoe bench layer: unknown experts backend {args.backend!r}; known: {sorted(contract.EXPERTS)}")
+        raise UsageError(f"unknown experts backend {args.backend!r}; known: {sorted(contract.EXPERTS)}")
     for name in ("reps", "check_rows"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"epmoe bench layer: --{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
-        raise SystemExit("epmoe bench layer: --warmup must be >= 0")
+        raise UsageError("--warmup must be >= 0")
+    for preset in presets:     # measured as asked (a valid shape to time), but said
+        problem = all_experts_per_token(preset, args.experts)
+        if problem:
+            log.warning("note: %s", problem)
     if args.experts is not None and args.experts < 1 or args.shrink < 1:
-        raise SystemExit("epmoe bench layer: --experts and --shrink must be >= 1")
+        raise UsageError("--experts and --shrink must be >= 1")
     formats = _csv(args.formats)
     if args.fp8_dispatch and "fp8-dispatch" not in formats:
         formats.append("fp8-dispatch")
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
-        raise SystemExit(f"epmoe bench layer: --formats must be among {list(FORMATS)}, got {args.formats!r}")
+        raise UsageError(f"--formats must be among {list(FORMATS)}, got {args.formats!r}")
     return {"presets": presets, "tokens": _positive_ints(args.tokens, "--tokens"), "dispatchers": dispatchers,
             "backend": args.backend, "experts": args.experts, "shrink": args.shrink,
             "formats": formats, "reps": args.reps,
@@ -592,7 +602,7 @@ def _check_cpu_fits(p: dict, ws: int) -> None:
         cfg = layer_config(preset, "bf16", p["experts"], p["shrink"])
         need = expert_weight_bytes(cfg) * (1 + (1 if p["local"] else 0) * ws)   # EP shards + a full copy per rank
         if need > 0.5 * avail:
-            raise SystemExit(f"epmoe bench layer: {preset} with {cfg.num_experts} experts of H={cfg.hidden_size}, "
+            raise UsageError(f"{preset} with {cfg.num_experts} experts of H={cfg.hidden_size}, "
                              f"I={cfg.intermediate_size} needs about {need / 2**30:.1f} GiB on this CPU machine "
                              f"({avail / 2**30:.1f} GiB available); shrink it with --experts N and --shrink F")
 
@@ -664,10 +674,9 @@ def main(args) -> int:
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("epmoe bench layer: --device cuda but no CUDA GPU is visible")
+        raise UsageError("--device cuda but no CUDA GPU is visible")
     if under_torchrun():
-        if args.ranks:
-            raise SystemExit("epmoe bench layer: under torchrun the ranks come from torchrun; leave out --ranks")
+        refuse_ranks_under_torchrun(args.ranks)
         counts: list[int | None] = [None]
     else:
         if args.ranks:
@@ -676,22 +685,25 @@ def main(args) -> int:
             gpus = torch.cuda.device_count() if device_type == "cuda" else 0
             counts = [gpus if gpus >= 2 else 2]
         if any(c < 2 for c in counts):
-            raise SystemExit("epmoe bench layer: expert parallelism needs --ranks >= 2 (the one-rank `local` "
+            raise UsageError("expert parallelism needs --ranks >= 2 (the one-rank `local` "
                              "layer is measured in every run as the baseline)")
         if device_type == "cuda" and max(counts) > torch.cuda.device_count():
-            raise SystemExit(f"epmoe bench layer: {max(counts)} ranks need {max(counts)} GPUs (one each), "
+            raise UsageError(f"{max(counts)} ranks need {max(counts)} GPUs (one each), "
                              f"found {torch.cuda.device_count()}")
         if device_type == "cpu":
             _check_cpu_fits(p, max(counts))
         for preset in p["presets"]:
             E = layer_config(preset, "bf16", p["experts"], p["shrink"]).num_experts
             if E < max(counts):
-                raise SystemExit(f"epmoe bench layer: {preset} has {E} experts, fewer than {max(counts)} ranks "
+                raise UsageError(f"{preset} has {E} experts, fewer than {max(counts)} ranks "
                                  "(every rank must hold at least one expert)")
     if args.output and len(counts) > 1:
-        raise SystemExit("epmoe bench layer: --output names one file; with several --ranks use --output-dir")
+        raise UsageError("--output names one file; with several --ranks use --output-dir")
     paths, bad = [], 0
     for ws in counts:
+        log.info("bench layer on %s ranks (%s): presets %s, dispatchers %s, tokens per rank %s; a row per "
+                 "configuration as it completes", ws or "torchrun's", device_type, ",".join(p["presets"]),
+                 ",".join(p["dispatchers"]), ",".join(map(str, p["tokens"])))
         path, report = run_one(p, ws, device_type, args)
         if not path:
             return 0
@@ -702,7 +714,7 @@ def main(args) -> int:
                   file=sys.stderr)
     if len(paths) > 1:
         from . import scaling
-        written = scaling.write_report(paths, args.output_dir)
+        written = scaling.write_report(paths, args.output_dir or results_dir())
         for w in written:
             print(f"wrote {w}")
     return 1 if bad else 0

@@ -44,7 +44,23 @@ def device_slug(env: dict) -> str:
     return "".join(c if c.isalnum() else "-" for c in str(env.get("device") or "cpu")).strip("-").lower()
 
 
-def default_output(kind: str, env: dict, out_dir: str = os.path.join("benchmarks", "results")) -> str:
-    """<out_dir>/<kind>_<device>_<ranks>x_<local time stamp>.json"""
+# the repository root when epmoe runs from a checkout (an installed copy has no benchmarks/ beside it)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS_DIR_HELP = "benchmarks/results of the epmoe checkout when run from inside it, else ./epmoe-results"
+
+
+def results_dir() -> str:
+    """Where results go by default: the checkout's `benchmarks/results` (the repository's record of
+    measurements) when the current directory is inside that checkout, else `./epmoe-results`, so that a
+    run from anywhere else never writes into a `benchmarks/` folder of somebody else's project."""
+    repo_results = os.path.join(CHECKOUT, "benchmarks", "results")
+    here = os.path.realpath(os.getcwd()) + os.sep
+    if os.path.isdir(repo_results) and here.startswith(os.path.realpath(CHECKOUT) + os.sep):
+        return repo_results
+    return "epmoe-results"
+
+
+def default_output(kind: str, env: dict, out_dir: str | None = None) -> str:
+    """<out_dir or results_dir()>/<kind>_<device>_<ranks>x_<local time stamp>.json"""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join(out_dir, f"{kind}_{device_slug(env)}_{env['world_size']}x_{stamp}.json")
+    return os.path.join(out_dir or results_dir(), f"{kind}_{device_slug(env)}_{env['world_size']}x_{stamp}.json")

@@ -13,7 +13,10 @@ import torch.nn as nn
 
 from ..config import MoEConfig
 from ..layer import MoELayer
+from ..log import get_logger
 from .families import FAMILIES, Family, block_expert, family_of, find_family
+
+log = get_logger("integration")
 
 
 class EPMoEBlock(nn.Module):
@@ -173,7 +176,9 @@ def _release_experts(block: nn.Module) -> None:
 def patch_model(model: nn.Module, ep_group=None, **layer_options) -> int:
     """Replace, in place, every supported transformers MoE block of `model` by its epmoe module; return
     how many. The replaced blocks' routed-expert weights are freed (each rank keeps its own experts)."""
-    return len(replace_blocks(model, lambda block: from_transformers(block, ep_group, **dict(layer_options))))
+    n = len(replace_blocks(model, lambda block: from_transformers(block, ep_group, **dict(layer_options))))
+    log.info("patch_model: %d MoE blocks of %s now run on epmoe", n, type(model).__name__)
+    return n
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, EPMoEBlock]]:

@@ -21,8 +21,12 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from ..log import get_logger
+
 from .block import EPMoEBlock, convert_block, replace_blocks
 from .families import GPT_OSS, split_expert
+
+log = get_logger("integration")
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -59,7 +63,7 @@ class CheckpointFiles:
         elif files:
             self.key_to_file = {}
             for file in files:
-                with safe_open(str(file), framework="pt") as f:   # reads the header only
+                with _opened(file) as f:   # reads the header only
                     for k in f.keys():
                         self.key_to_file[k] = file
         else:
@@ -109,7 +113,7 @@ class CheckpointFiles:
             raise KeyError(f"tensor {key!r} is not in the checkpoint {self.path}")
         file = self.key_to_file[key]
         if file not in self._open:
-            self._open[file] = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            self._open[file] = self._stack.enter_context(_opened(file))
         return self._open[file]
 
     def get(self, key: str) -> torch.Tensor:
@@ -131,6 +135,16 @@ class CheckpointFiles:
 
 
 # ------------------------------------------------------------------------------------------ FP8
+def _opened(file: Path):
+    """`safe_open` on one file, its errors naming the file (a truncated download says only "incomplete
+    metadata" otherwise)."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:   # safetensors raises its own SafetensorError, not an OSError
+        raise ValueError(f"{file}: not a readable safetensors file ({exc}); a truncated or interrupted "
+                         "download? Fetch the file again") from exc
+
+
 def fp8_weight_block(config) -> tuple[int, int] | None:
     """The (rows, cols) weight block of an FP8 checkpoint's `quantization_config`, None if not FP8."""
     qc = getattr(config, "quantization_config", None)
@@ -301,6 +315,9 @@ def load_model(path, ep_group=None, *, dtype: torch.dtype | None = None, device=
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"load_model: {path} is not a checkpoint directory (no {path / 'config.json'}); "
+                                "load_model reads local directories only")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     fp8_block = fp8_weight_block(config)
     if fp8_block is not None:
@@ -346,6 +363,8 @@ def load_model(path, ep_group=None, *, dtype: torch.dtype | None = None, device=
             raise KeyError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs: {missing[:6]}")
         sources = {p: ExpertSource(ckpt, b, p, fp8_block) for p, b in blocks.items()}
         n_expert_reads = sum(len(b.experts.placement.local_experts) for b in blocks.values())
+        log.info("%s: %s, %d MoE blocks on epmoe; rank %d reads %d tensors and %d of its experts' weights",
+                 path, config.model_type, len(blocks), rank, len(plan), n_expert_reads)
 
         fp32 = _fp32_patterns(model, dtype)
         with _progress(progress and rank == 0, len(plan) + n_expert_reads, path) as advance:
@@ -384,7 +403,8 @@ class _progress:
         self.bar = Progress(TextColumn("loading {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=Console(stderr=True), transient=False)
         self.bar.__enter__()
-        task = self.bar.add_task(self.path.name, total=self.total)
+        from rich.markup import escape
+        task = self.bar.add_task(escape(self.path.name), total=self.total)   # a name, not markup
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc):

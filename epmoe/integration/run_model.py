@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..usage import UsageError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -39,7 +41,7 @@ def _experts_backend(args) -> str:
     if isinstance(experts, str):
         return experts
     if experts is not None:
-        raise SystemExit(f"epmoe run --model: --experts {experts} (shrink a preset to N experts) has no meaning for a "
+        raise UsageError(f"--experts {experts} (shrink a preset to N experts) has no meaning for a "
                          "checkpoint; choose the experts backend with --backend")
     backend = getattr(args, "backend", None)
     return backend if isinstance(backend, str) else "auto"
@@ -50,9 +52,9 @@ def _device_type(args, ranks: int) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= ranks else "cpu"
     if device not in ("cpu", "cuda"):
-        raise SystemExit(f"epmoe run --model: --device must be cpu, cuda or auto, got {device!r}")
+        raise UsageError(f"--device must be cpu, cuda or auto, got {device!r}")
     if device == "cuda" and torch.cuda.device_count() < ranks:
-        raise SystemExit(f"epmoe run --model: {ranks} ranks on cuda need {ranks} GPUs, found {torch.cuda.device_count()}")
+        raise UsageError(f"{ranks} ranks on cuda need {ranks} GPUs, found {torch.cuda.device_count()}")
     return device
 
 
@@ -61,8 +63,42 @@ def _dtype_name(args) -> str | None:
     if dtype is None:
         return None
     if dtype not in DTYPES:
-        raise SystemExit(f"epmoe run --model: --dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return dtype
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_dir(path: Path, prompt: str) -> None:
+    """What `--model` needs, checked once in the launching process: a directory with config.json of a
+    model with MoE blocks epmoe converts, and a tokenizer that turns the prompt into tokens."""
+    import json
+
+    from .families import FAMILIES
+    if not path.is_dir():
+        raise UsageError(f"--model {path} is not a directory; give a local transformers checkpoint directory "
+                         "(config.json, *.safetensors, tokenizer files)")
+    try:
+        with open(path / "config.json") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {path}: no readable config.json ({type(exc).__name__}: {exc})") from None
+    families = [f.name for f in FAMILIES]
+    if model_type not in families:
+        raise UsageError(f"--model {path}: model_type {model_type!r} has no MoE block epmoe converts; "
+                         f"epmoe runs {', '.join(families)}")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise UsageError(f"--model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy them from "
+                         "the model's original repository into the directory")
+    from transformers import AutoTokenizer
+    try:
+        ids = AutoTokenizer.from_pretrained(path, local_files_only=True)(prompt).input_ids
+    except Exception as exc:   # whatever the tokenizer's own dependencies raise (sentencepiece, tiktoken, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"--model {path}: its tokenizer does not load ({type(exc).__name__}: {first[:200]})") from None
+    if len(ids) == 0:
+        raise UsageError(f"--model {path}: the tokenizer turns --prompt {prompt!r} into no tokens; give another prompt")
 
 
 def run_rank(rank: int, world: int, opts: dict) -> dict:
@@ -87,7 +123,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     t0 = time.perf_counter()
     model = load_model(path, ep_group=group, dtype=DTYPES.get(opts["dtype"]) if opts["dtype"] else None,
                        device=device, dispatcher=opts["dispatcher"], experts=opts["experts"],
-                       allow_pickle=opts["allow_pickle"], progress=rank == 0,
+                       allow_pickle=opts["allow_pickle"], progress=rank == 0 and opts.get("verbosity", 0) >= 0,
                        **({"max_tokens_per_rank": capacity} if capacity else {}))
     load_s = time.perf_counter() - t0
 
@@ -121,25 +157,29 @@ def _gib(n: float) -> str:
 
 def main(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     path = Path(args.model)
-    if not path.is_dir():
-        raise SystemExit(f"epmoe run --model: {path} is not a directory (a local transformers checkpoint)")
+    check_model_dir(path, args.prompt)
     ranks = getattr(args, "ranks", None)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and ranks is None
     ranks = ranks or 1
     if ranks < 1:
-        raise SystemExit("epmoe run --model: --ranks must be >= 1")
+        raise UsageError("--ranks must be >= 1")
     max_new = getattr(args, "max_new_tokens", 16)
     if max_new is None or max_new < 1:
-        raise SystemExit("epmoe run --model: --max-new-tokens must be >= 1")
+        raise UsageError("--max-new-tokens must be >= 1")
     device_type = _device_type(args, 1 if torchrun else ranks)
-    opts = {"model": str(path), "prompt": args.prompt, "max_new_tokens": int(max_new), "dtype": _dtype_name(args),
+    opts = {"verbosity": getattr(args, "verbosity", 0), "model": str(path), "prompt": args.prompt, "max_new_tokens": int(max_new), "dtype": _dtype_name(args),
             "device": device_type, "dispatcher": getattr(args, "dispatcher", None) or "auto",
             "experts": _experts_backend(args), "allow_pickle": bool(getattr(args, "allow_pickle", False)),
             "max_tokens_per_rank": getattr(args, "max_tokens_per_rank", None)}
+    from ..log import get_logger
     from ..testing.distributed import launch
+    if not torchrun or os.environ.get("RANK") == "0":
+        get_logger("run").info("epmoe run --model %s: loading on %s %s rank(s), then %d greedy tokens", path,
+                               os.environ.get("WORLD_SIZE") if torchrun else ranks, device_type, int(max_new))
     reports = launch(run_rank, None if torchrun else ranks, opts, device_type,
                      timeout_s=float(getattr(args, "timeout", 600.0) or 600.0))
     if reports is None:  # a torchrun rank other than 0
@@ -147,12 +187,12 @@ def main(args) -> int:
 
     console = Console(width=None if sys.stdout.isatty() else 140)
     first = reports[0]
-    console.print(f"[bold]epmoe run[/bold] --model {path} ({first['family']}, {first['moe_layers']} MoE layers: "
-                  f"{first['config']})")
+    console.print(f"[bold]epmoe run[/bold] --model {escape(str(path))} ({first['family']}, {first['moe_layers']} "
+                  f"MoE layers: {first['config']})")
     console.print(f"device {first['device'].split(':')[0]}, ranks {len(reports)}, dispatcher {first['dispatcher']}, "
                   f"experts {first['experts']}")
-    console.print(f"prompt ({first['prompt_tokens']} tokens): {args.prompt!r}")
-    console.print(f"output: {first['text']!r}")
+    console.print(f"prompt ({first['prompt_tokens']} tokens): {escape(repr(args.prompt))}")   # text, not markup
+    console.print(f"output: {escape(repr(first['text']))}")
     agree = all(r["tokens"] == first["tokens"] for r in reports)
     if len(reports) > 1:
         console.print("every rank generated the same tokens" if agree else
@@ -169,7 +209,7 @@ def main(args) -> int:
     console.print(table)
     if not agree:
         for r in reports:
-            console.print(f"  rank {r['rank']}: {r['text']!r}")
+            console.print(f"  rank {r['rank']}: {escape(repr(r['text']))}")
     json_path = getattr(args, "json", None)
     if json_path:
         import json

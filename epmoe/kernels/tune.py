@@ -20,7 +20,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
+from rich.markup import escape
 
+from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values
 from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
                            device_table_name, shape_key, smem_bytes)
 
@@ -284,7 +286,7 @@ def _safe_time(timer, fn, reps) -> float:
 
 
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
-                 console=None, plan: dict | None = None, verbose: bool = False
+                 console=None, plan: dict | None = None, verbose: bool = False, show_progress: bool = True
                  ) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
@@ -306,14 +308,15 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     all_jobs.append(job)
     failed: set = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}", total=len(all_jobs))
+                  console=console, disable=not show_progress) as progress:
+        task = progress.add_task(escape(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}"),
+                                 total=len(all_jobs))
         results = pool.map(_compile_job, all_jobs) if pool is not None else map(_compile_job, all_jobs)
         for job, err in zip(all_jobs, results):
             progress.advance(task)
             if err:
                 failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))   # any tile mode: dropped
-                progress.console.print(f"  compile failed: {err}")
+                progress.console.print(f"  compile failed: {escape(str(err))}")
         timer = GpuTimer(problem.weights.w13.device)
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
@@ -423,16 +426,20 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict) -> None:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", action="append", default=None,
-                   help="model preset to tune (repeatable); or give --experts/--hidden/--inter/--top-k")
-    p.add_argument("--experts", type=int, help="local experts L")
+    p.add_argument("--presets", "--preset", action=CsvList, default=None, metavar="NAMES",
+                   help="model presets to tune, comma-separated (may repeat); or give --local-experts/--hidden/"
+                        "--inter/--top-k")
+    p.add_argument("--local-experts", type=int, metavar="L", help="experts on this GPU, L (with --hidden ...)")
+    p.add_argument("--experts", dest="local_experts", type=int, action=DeprecatedAlias, new_flag="--local-experts")
     p.add_argument("--hidden", type=int, help="hidden size H")
     p.add_argument("--inter", type=int, help="intermediate size I")
     p.add_argument("--top-k", type=int, help="experts per token k")
-    p.add_argument("--activation", default="silu", choices=["silu", "gelu", "swigluoai"])
-    p.add_argument("--format", action="append", default=None,
-                   help="weight format: bf16 (default), fp16, fp8_block, fp8_channel (repeatable)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T (default: %(default)s)")
+    p.add_argument("--activation", default="silu", choices=["silu", "gelu", "swigluoai"],
+                   help="activation of the experts (default: %(default)s)")
+    p.add_argument("--formats", "--format", action=CsvList, default=None, metavar="FORMATS",
+                   help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
+    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
+                   help="token counts T, comma-separated (default: %(default)s)")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
@@ -443,23 +450,22 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--persistent", action="store_true",
                    help="time only the table's configuration for each T against the same tiles as persistent "
                         "kernels (quick)")
-    p.add_argument("--verbose", action="store_true", help="print every candidate's time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
 def _problem_configs(args) -> list:
     from ..config import MoEConfig
     from ..presets import preset_config
     from ..bench.experts import _quant_for
-    formats = args.format or ["bf16"]
+    formats = csv_values(args.formats) or ["bf16"]
     out = []
     shapes = []
-    if args.preset:
-        shapes = [("preset", p) for p in args.preset]
-    elif None not in (args.experts, args.hidden, args.inter, args.top_k):
+    if args.presets:
+        shapes = [("preset", p) for p in csv_values(args.presets)]
+    elif None not in (args.local_experts, args.hidden, args.inter, args.top_k):
         shapes = [("explicit", None)]
     else:
-        raise SystemExit("epmoe tune: give --preset NAME, or all of --experts, --hidden, --inter, --top-k")
+        raise UsageError("give --presets NAMES, or all of --local-experts, --hidden, --inter, --top-k")
     for fmt in formats:
         dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
         quant = None if fmt in ("bf16", "fp16") else _quant_for(fmt)
@@ -467,7 +473,7 @@ def _problem_configs(args) -> list:
             if kind == "preset":
                 cfg = preset_config(name, dtype=dtype, quant=quant)
             else:
-                cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, hidden_size=args.hidden,
+                cfg = MoEConfig(num_experts=args.local_experts, top_k=args.top_k, hidden_size=args.hidden,
                                 intermediate_size=args.inter, activation=args.activation, dtype=dtype, quant=quant)
             out.append((fmt, cfg))
     return out
@@ -487,9 +493,12 @@ def main(args) -> int:
     path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
     console.print(f"epmoe tune on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    try:
+        tokens = [int(t) for t in csv_values(args.tokens)]
+    except ValueError:
+        tokens = []
     if not tokens or min(tokens) < 1:
-        raise SystemExit(f"epmoe tune: --tokens must be positive token counts, got {args.tokens!r}")
+        raise UsageError(f"--tokens must be positive token counts, got {args.tokens!r}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pool = None
     if args.jobs > 1:
@@ -504,23 +513,24 @@ def main(args) -> int:
             problem = Problem(cfg, weight_format(weights.w13, gran), weights, fp8)
             L, H, I, k = problem.sizes
             key = shape_key(L, H, I, k, problem.fmt)
-            console.print(f"[bold]{key}[/bold] on {gpu}")
+            console.print(f"[bold]{escape(str(key))}[/bold] on {escape(gpu)}")
             plan = None
             if args.refine or args.persistent:
                 table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
                 plan = persistent_plan(table, tokens) if args.persistent else \
                     refine_plan(table, tokens, lambda T: T * k / L, fp8)
                 if not plan:
-                    console.print(f"  --refine/--persistent: no entry for {key} in {path}; skipped")
+                    console.print(escape(f"  --refine/--persistent: no entry for {key} in {path}; skipped"))
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
-                                plan=plan, verbose=args.verbose)
+                                plan=plan, verbose=args.verbosity > 0,
+                                show_progress=args.verbosity >= 0)
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                 "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing"})
             _load_table.cache_clear()
-            console.print(f"wrote {len(best)} configurations for {key} to {path}")
+            console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             del weights
             torch.cuda.empty_cache()
     finally:

@@ -373,3 +373,23 @@ class Fp8Scheme:
         w13 = dequantize_weight(layer.w13[local], layer.w13_scale[local], block)
         w2 = dequantize_weight(layer.w2[local], layer.w2_scale[local], block)
         return w13[:I, :H], w13[Ip:Ip + I, :H], w2[:H, :I]
+
+    def expert_tensors(self, layer, local: int) -> dict[str, torch.Tensor]:
+        """Local expert `local` as `load_expert` arguments: the stored FP8 weights at their real sizes and
+        their scales in the checkpoint layout (`scale_shape`), views of what the layer holds. Loading them
+        back gives the same bits."""
+        H, I = layer.cfg.hidden_size, layer.cfg.intermediate_size
+        Ip = layer.w2.shape[2]
+        s13, s2 = layer.w13_scale[local], layer.w2_scale[local]
+        g = self.config.weight_granularity
+        if g == "block":
+            (gn, gk), (dn, dk) = self.scale_shape(I, H), self.scale_shape(H, I)
+            up0 = Ip // self.config.weight_block[0]
+            scales = (s13[:gn, :gk], s13[up0:up0 + gn, :gk], s2[:dn, :dk])
+        elif g == "channel":
+            scales = (s13[:I], s13[Ip:Ip + I], s2[:H])
+        else:
+            scales = (s13[0], s13[Ip], s2[0])
+        return {"gate_proj": layer.w13[local, :I, :H], "up_proj": layer.w13[local, Ip:Ip + I, :H],
+                "down_proj": layer.w2[local, :H, :I], "gate_proj_scale": scales[0], "up_proj_scale": scales[1],
+                "down_proj_scale": scales[2]}

@@ -43,3 +43,10 @@ class NoQuant:
             layer.w13[local, :I, :H].copy_(gate_proj)
             layer.w13[local, Ip:Ip + I, :H].copy_(up_proj)
             layer.w2[local, :H, :I].copy_(down_proj)
+
+    def expert_tensors(self, layer, local: int) -> dict[str, torch.Tensor]:
+        """Local expert `local` at its real sizes as `load_expert` arguments (views of the stored weights)."""
+        H, I = layer.cfg.hidden_size, layer.cfg.intermediate_size
+        Ip = layer.w2.shape[2]
+        return {"gate_proj": layer.w13[local, :I, :H], "up_proj": layer.w13[local, Ip:Ip + I, :H],
+                "down_proj": layer.w2[local, :H, :I]}

@@ -1,9 +1,9 @@
 """Helpers for testing MoE backends: comparison with diagnostics, and running a function on N ranks."""
 from .compare import BOUNDS, CompareResult, assert_close, bound_for, compare
-from .distributed import run_on_ranks
+from .distributed import RanksFailed, run_on_ranks
 from .graphs import capture
 from .layer_view import LayerExperts
 from .random_moe import fp16_range_case, load_experts, random_experts, random_inputs
 
-__all__ = ["BOUNDS", "CompareResult", "LayerExperts", "assert_close", "bound_for", "capture", "compare", "run_on_ranks",
-           "random_experts", "random_inputs", "load_experts", "fp16_range_case"]
+__all__ = ["BOUNDS", "CompareResult", "LayerExperts", "RanksFailed", "assert_close", "bound_for", "capture", "compare",
+           "run_on_ranks", "random_experts", "random_inputs", "load_experts", "fp16_range_case"]

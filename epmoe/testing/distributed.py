@@ -24,6 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RanksFailed(RuntimeError):
+    """Ranks started by `run_on_ranks` failed: the message has every rank's traceback; `errors` maps a
+    rank to its error (first line: `Type: message`), `notes` says which ranks were stopped or hung."""
+
+    def __init__(self, message: str, errors: dict[int, str], notes: list[str]):
+        super().__init__(message)
+        self.errors, self.notes = errors, notes
+
+    def summary(self) -> str:
+        """One line per failed rank, without the tracebacks."""
+        lines = [f"rank {r}: {v.strip().splitlines()[0] if v.strip() else 'failed'}" for r, v in self.errors.items()]
+        return "\n".join(lines + self.notes)
+
+
 def _worker(rank: int, world_size: int, backend: str, port: int, fn: Callable, args: tuple,
             queue, timeout_s: float) -> None:
     import datetime
@@ -48,11 +62,49 @@ def _worker(rank: int, world_size: int, backend: str, port: int, fn: Callable, a
                 dist.destroy_process_group()
 
 
+def _collect(procs, queue, world_size: int, timeout_s: float, grace_s: float):
+    """Wait for every rank's report. Once a rank has failed (reported an error, or died without a
+    report), the others get `grace_s` to report, then they are killed: they would only wait for it in a
+    collective until the timeout. Returns ({rank: (status, value)}, the first failed rank or None)."""
+    import queue as queue_mod
+    import time
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    try:
+        while len(results) < world_size and time.monotonic() < deadline:
+            try:
+                rank, status, value = queue.get(timeout=min(max(deadline - time.monotonic(), 0.01), 0.5))
+                results[rank] = (status, value)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                if dead:
+                    time.sleep(0.2)   # let the queue deliver what a process sent just before it exited
+                    while not queue.empty():
+                        rank, status, value = queue.get()
+                        results[rank] = (status, value)
+                    for r in dead:
+                        results.setdefault(r, ("error", f"process exited with code {procs[r].exitcode} "
+                                                        "without reporting"))
+            if failed is None:
+                failed = next((r for r, (s, _) in sorted(results.items()) if s == "error"), None)
+                if failed is not None:
+                    deadline = min(deadline, time.monotonic() + grace_s)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(results) == world_size else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results, failed
+
+
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None = None,
-                 timeout_s: float = 120.0) -> list[Any]:
+                 timeout_s: float = 120.0, grace_s: float = 5.0) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` processes in one process group; return the
     per-rank results (must be picklable). `backend`: "gloo", "nccl" or None (NCCL when there are
-    enough GPUs, else Gloo)."""
+    enough GPUs, else Gloo). A failing rank stops the others `grace_s` seconds later, not at the
+    timeout: the call then raises with every rank's error."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     if backend == "nccl" and torch.cuda.device_count() < world_size:
@@ -68,49 +120,32 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, backend: str | None 
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
-    results: dict[int, tuple[str, Any]] = {}
-    import queue as queue_mod
-    import time
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                rank, status, value = queue.get(timeout=min(remaining, 1.0))
-                results[rank] = (status, value)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
-                if dead and all(not p.is_alive() for r, p in enumerate(procs) if r not in results):
-                    # give the queue a moment to deliver messages of processes that just exited
-                    time.sleep(0.2)
-                    while not queue.empty():
-                        rank, status, value = queue.get()
-                        results[rank] = (status, value)
-                    for r in dead:
-                        results.setdefault(r, ("error", f"process exited with code {procs[r].exitcode} "
-                                                        "without reporting"))
-    finally:
-        for p in procs:
-            p.join(timeout=5 if len(results) == world_size else 0.1)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(results.items()) if s == "error"]
+    results, stopped_after = _collect(procs, queue, world_size, timeout_s, grace_s)
+    errors = {r: v for r, (s, v) in sorted(results.items()) if s == "error"}
     missing = [r for r in range(world_size) if r not in results]
     if errors or missing:
         msg = []
-        if missing:
+        if missing and stopped_after is not None:
+            msg.append(f"ranks {missing} were stopped {grace_s:.0f}s after rank {stopped_after} failed "
+                       "(they could not finish without it)")
+        elif missing:
             msg.append(f"ranks {missing} did not finish within {timeout_s:.0f}s (hang or deadlock); killed")
-        raise RuntimeError(f"run_on_ranks({getattr(fn, '__name__', fn)}, {world_size} ranks, {backend}) failed:\n"
-                           + "\n".join(msg + errors))
+        raise RanksFailed(f"run_on_ranks({getattr(fn, '__name__', fn)}, {world_size} ranks, {backend}) failed:\n"
+                          + "\n".join(msg + [f"--- rank {r} ---\n{v}" for r, v in errors.items()]), errors, msg)
     return [results[r][1] for r in range(world_size)]
+
+
+LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def under_torchrun() -> bool:
     """Started by torchrun (or any launcher that sets RANK and WORLD_SIZE)?"""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launcher_env() -> list[str]:
+    """The variables by which torchrun (or a launcher like it) marks the processes it started."""
+    return [k for k in LAUNCHER_ENV if k in os.environ]
 
 
 def launch(fn: Callable, ranks: int | None, opts: Any, device_type: str,

@@ -1,0 +1,137 @@
+"""Command-line mistakes: caught in the launching process before any rank starts, said in one or two lines
+that name the flag and the fix (`epmoe <command>: ...`, exit code 2), never as a traceback per rank.
+
+Also the flag vocabulary the commands share: comma-separated lists that may also repeat (`CsvList`) and
+old spellings kept as deprecated aliases (`DeprecatedAlias`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+class UsageError(SystemExit):
+    """A mistake in the command line; the message names the flag and what to do instead. A `SystemExit`, so
+    that code calling a command's `main(args)` directly still stops with the message rather than a
+    traceback; the `epmoe` command prints it as `epmoe <command>: <message>` and exits with code 2."""
+
+
+def at_least(flag: str, value, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def refuse_ranks_under_torchrun(ranks) -> None:
+    """`--ranks N` starts N processes; under torchrun every one of its processes would start N more, which
+    then wait for each other until the rendezvous times out."""
+    from .testing.distributed import launcher_env
+    found = launcher_env()
+    if ranks is not None and found:
+        raise UsageError(f"--ranks starts local processes, but this one was started by torchrun ({', '.join(found)} "
+                         "set): leave out --ranks, the ranks are torchrun's (--nproc_per_node)")
+
+
+def all_experts_per_token(preset: str, experts: int | None, top_k_flag: bool = False) -> str | None:
+    """What is wrong with `--experts N` for `preset` if N <= its top_k (every token would then go to every
+    expert: the routing selects nothing, almost never what was meant), else None."""
+    from .presets import PRESETS
+    preset_k = PRESETS[preset]["top_k"]
+    if experts is None or experts > preset_k:
+        return None
+    or_k = f", or say --top-k K (K < {experts})" if top_k_flag and experts > 1 else ""
+    return (f"--experts {experts} with {preset}'s top_k {preset_k}: every token would go to every expert; use "
+            f"--experts {2 * preset_k} or more{or_k}")
+
+
+def check_device(name: str) -> torch.device:
+    """`--device`: auto, cpu, cuda or cuda:N, on a machine that has it."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: epmoe runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible here (torch {torch.__version__}, "
+                             f"built with CUDA {torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def check_backends(dispatcher: str, experts: str, cfg, world: int, device_type: str,
+                   experts_flag: str = "--backend") -> tuple[str, str]:
+    """The dispatcher and experts names (flags --dispatcher and `experts_flag`) resolved and checked as a
+    pair for `world` ranks on `device_type`, as the layer will; returns the explicit names."""
+    from . import contract
+    from .errors import UnsupportedCombination
+    for flag, name, known in (("--dispatcher", dispatcher, contract.DISPATCHERS),
+                              (experts_flag, experts, contract.EXPERTS)):
+        if name != "auto" and name not in known:
+            raise UsageError(f"{flag} {name!r} is unknown; use auto or one of: {', '.join(known)} (see `epmoe info`)")
+    try:
+        d, x = contract.resolve_names(dispatcher, experts, cfg, world, device_type)
+        contract.check_pairing(d, x, cfg, world, device_type)
+    except UnsupportedCombination as exc:
+        chosen = f"--dispatcher {exc.dispatcher}" + (" (auto)" if dispatcher == "auto" else "")
+        chosen += f" with {experts_flag} {exc.experts}" + (" (auto)" if experts == "auto" else "")
+        works = contract.supported_pairings(cfg, world, device_type)
+        with_d = [x for d, x in works if d == exc.dispatcher]
+        with_x = [d for d, x in works if x == exc.experts]
+        fixes = ([f"{experts_flag} {' or '.join(with_d)}"] if with_d else []) + \
+                ([f"--dispatcher {' or '.join(with_x)}"] if with_x else [])
+        raise UsageError(f"{chosen} on {world} {device_type} rank(s) is refused: {exc.reason}.\n"
+                         f"  use {', or '.join(fixes) if fixes else 'another pairing (see `epmoe info`)'}") from None
+    return d, x
+
+
+class CsvList(argparse.Action):
+    """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c` is
+    `a,b,c`); stored as one comma-separated string, the first use replacing the default."""
+
+    SEEN = "_csv_flags_seen"    # on the namespace while parsing; `forget_parsing_state` removes it
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = getattr(namespace, self.SEEN, set())
+        setattr(namespace, self.SEEN, seen | {self.dest})
+        current = getattr(namespace, self.dest, None) if self.dest in seen else None
+        setattr(namespace, self.dest, ",".join(v for v in (current, str(values)) if v))
+
+
+def forget_parsing_state(args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed flags alone (what the commands pass on to their ranks)."""
+    if hasattr(args, CsvList.SEEN):
+        delattr(args, CsvList.SEEN)
+    return args
+
+
+def csv_values(value) -> list[str]:
+    """The values of a list flag (`CsvList`, or its default string), blanks dropped."""
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's destination and prints a one-line note."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        self.new_flag = new_flag
+        kwargs.setdefault("help", f"deprecated spelling of {new_flag}")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_verbosity(p: argparse.ArgumentParser) -> None:
+    """-q / -v on every command: progress at the default, -q for warnings only, -v for detail."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
+                   help="print only results and errors, no progress")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="count",
+                   help="more detail (timestamps, each step; -vv more)")
