@@ -16,7 +16,7 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
-from ._comm import HEADER_WIDTH, CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
 
 
 class AllGatherHandle(NamedTuple):
@@ -36,17 +36,9 @@ class AllGatherDispatcher(CommDispatcher):
         # global expert ids travel: each receiver converts them to its own local ids
         self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k)
 
-    def _token_counts(self, num_tokens: int, device) -> list[int]:
-        """Every rank's token count, exchanged with the forward headers (checked here: the host sync)."""
-        mine = torch.tensor(self.next_header(num_tokens), dtype=torch.int64).to(device)
-        everyone = torch.empty(self.ep_size * HEADER_WIDTH, dtype=torch.int64, device=device)
-        heads = self.comm.all_gather(everyone, mine).view(self.ep_size, HEADER_WIDTH).tolist()
-        self.check_headers(heads)
-        return [h[0] for h in heads]
-
     def dispatch(self, x, routing):
         T, H = x.shape
-        t_max = max(self._token_counts(T, x.device))
+        t_max = max(self.exchange_headers(T, x.device).tokens)   # the forward header: a host sync
         send = self.fmt.empty(t_max, device=x.device)
         pack_tokens(self.fmt, send[:T], x, routing.topk_ids, routing.topk_weights)
         if T < t_max:

@@ -3,8 +3,8 @@ one of its experts (not once per expert), and one row per (token, rank) comes ba
 
 Dispatch:
   1. Each rank finds, per token, the set of destination ranks (owners of its k experts) and counts the
-     rows it will send to each; the counts go through one small all-to-all, and one host sync reads
-     them (send and receive counts together), which sizes everything below.
+     rows it will send to each; the counts travel in the forward header (one small all-gather, checked
+     on the host: see `CommDispatcher.exchange_headers`), and that one host sync sizes everything below.
   2. Rows are ordered destination-major, each carrying the token's hidden vector and its routing
      *restricted to that destination*: local expert ids on the destination (-1 for slots that live
      elsewhere) and the k weights. One variable-size `all_to_all_single` moves them (uneven splits;
@@ -26,7 +26,7 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
-from ._comm import HEADER_WIDTH, CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
 
 
 class AllToAllHandle(NamedTuple):
@@ -62,14 +62,9 @@ class AllToAllDispatcher(CommDispatcher):
         goes_to = torch.zeros(ep, T, dtype=torch.bool, device=dev)             # [ep, T]
         goes_to.scatter_(0, owner.t().long(), True)
         send_counts = goes_to.sum(1)                                           # [ep]
-        header = torch.tensor(self.next_header(T), dtype=torch.int64).to(dev)
-        send_head = torch.cat([send_counts.unsqueeze(1), header.expand(ep, HEADER_WIDTH)[:, 1:]], 1)
-        recv_head = torch.empty_like(send_head)
-        self.comm.all_to_all(recv_head, send_head)                             # counts + headers
-        both = torch.cat([send_counts, recv_head.reshape(-1)]).tolist()        # the one host sync
-        heads = [both[ep + r * HEADER_WIDTH: ep + (r + 1) * HEADER_WIDTH] for r in range(ep)]
-        self.check_headers(heads)
-        send_splits, recv_splits = both[:ep], [h[0] for h in heads]
+        heads = self.exchange_headers(T, dev, send_counts)                     # the one host sync
+        send_splits = heads.counts[self.rank]
+        recv_splits = [heads.counts[r][self.rank] for r in range(ep)]
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
         pair = _nonzero_1d(goes_to.reshape(-1), n_send)                        # destination-major
