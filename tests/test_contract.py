@@ -57,7 +57,7 @@ def test_every_refusal_has_a_reason_and_every_cell_is_listed():
 def test_layout_mismatch_is_refused():
     class BatchedOnly:
         CAPS = contract.ExpertsCaps(layouts=frozenset({"batched"}))
-    contract.EXPERTS["_batched_only_probe"] = f"{__name__}:BatchedOnly"
+    contract.EXPERTS["_batched_only_probe"] = BatchedOnly
     globals()["BatchedOnly"] = BatchedOnly
     try:
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)

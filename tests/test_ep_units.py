@@ -34,7 +34,7 @@ def test_wire_format_fields_are_aligned_views():
 
 def test_pack_unpack_round_trip_with_broadcast_and_padding():
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=24, intermediate_size=8)
-    base = token_format(cfg, 24, 2)
+    base = token_format(contract.build_plan("alltoall", "reference", cfg, 2, "cpu"))
     assert base.row_bytes <= 24 * 2 + 8 * 2 + 2 * ALIGN
     fmt = WireFormat([(f.name, f.dtype, f.width) for f in base.fields.values()] + [("header", torch.int32, 4)])
     x = torch.randn(3, 24).to(torch.bfloat16)
@@ -104,7 +104,8 @@ def test_batched_experts_refuse_a_wrong_batch():
 # ------------------------------------------------------------------- low_latency on one rank
 def _ll(E=6, k=2, M=5, H=16):
     cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=8, dtype=torch.float32)
-    return cfg, LowLatencyDispatcher(cfg, Placement(E, 1, 0), None, M, torch.device("cpu"))
+    plan = contract.build_plan("low_latency", "batched", cfg, 1, "cpu", max_tokens_per_rank=M)
+    return cfg, LowLatencyDispatcher(plan, Placement(E, 1, 0), None, torch.device("cpu"))
 
 
 def test_low_latency_batched_layout_is_static_and_ordered():

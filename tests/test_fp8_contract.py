@@ -43,9 +43,9 @@ class SelfQuantizingExperts(ReferenceExperts):
 
 @pytest.fixture
 def probes(monkeypatch):
-    monkeypatch.setitem(contract.DISPATCHERS, "_wire_nofp8", f"{__name__}:WireDispatcherNoFp8")
-    monkeypatch.setitem(contract.DISPATCHERS, "_wire_fp8", f"{__name__}:WireDispatcherFp8")
-    monkeypatch.setitem(contract.EXPERTS, "_self_quantizing", f"{__name__}:SelfQuantizingExperts")
+    monkeypatch.setitem(contract.DISPATCHERS, "_wire_nofp8", WireDispatcherNoFp8)
+    monkeypatch.setitem(contract.DISPATCHERS, "_wire_fp8", WireDispatcherFp8)
+    monkeypatch.setitem(contract.EXPERTS, "_self_quantizing", SelfQuantizingExperts)
 
 
 def _cfg(**quant):
@@ -162,6 +162,6 @@ def test_experts_must_declare_a_known_fp8_handoff(monkeypatch):
         CAPS = contract.ExpertsCaps(layouts=frozenset({FLAT}), quant=frozenset({"fp8_block"}),
                                     fp8_activations="whatever")
     globals()["Vague"] = Vague
-    monkeypatch.setitem(contract.EXPERTS, "_vague", f"{__name__}:Vague")
+    monkeypatch.setitem(contract.EXPERTS, "_vague", Vague)
     why = contract.pairing_problem("local", "_vague", _cfg(), 1, "cpu")
     assert TAKES_FP8 in why and QUANTIZES_INTERNALLY in why

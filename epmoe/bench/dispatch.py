@@ -1,8 +1,8 @@
 """`epmoe bench dispatch`: time dispatch + combine of each dispatcher against NCCL moving the same bytes.
 
-For each dispatcher and tokens-per-rank count T (defaults: allgather, alltoall, low_latency; T = 128 and
-4096; DeepSeek-V3's H = 7168, top-8 of E = 256, BF16), every rank routes T random tokens (softmax top-k
-of random logits: balanced routing), then dispatch and combine are timed separately and back to back,
+For each dispatcher and tokens-per-rank count T (defaults: every registered dispatcher that moves
+tokens and runs on the device; T = 128 and 4096; DeepSeek-V3's H = 7168, top-8 of E = 256, BF16),
+every rank routes T random tokens (softmax top-k of random logits: balanced routing), then dispatch and combine are timed separately and back to back,
 with the experts replaced by the identity (the batch the dispatcher produced is handed straight to its
 combine), so only the dispatcher's own work and traffic are measured.
 
@@ -35,12 +35,12 @@ import torch.distributed as dist
 
 from .run_env import default_output, environment
 
-DISPATCHERS = ["allgather", "alltoall", "low_latency"]
 TOKENS = [128, 4096]
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dispatchers", default=",".join(DISPATCHERS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--dispatchers", default=None,
+                   help="comma-separated (default: every registered dispatcher that moves tokens and runs here)")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=7168, help="hidden size H (default: %(default)s)")
     p.add_argument("--num-experts", type=int, default=256, help="experts E (default: %(default)s)")
@@ -64,9 +64,9 @@ def _csv(s: str) -> list[str]:
 
 
 def _params(args) -> dict:
-    dispatchers = _csv(args.dispatchers)
     from ..contract import DISPATCHERS as KNOWN
-    unknown = [d for d in dispatchers if d not in KNOWN]
+    dispatchers = None if args.dispatchers is None else _csv(args.dispatchers)   # None: chosen per device
+    unknown = [d for d in dispatchers or [] if d not in KNOWN]
     if unknown:
         raise SystemExit(f"epmoe bench dispatch: unknown dispatchers {unknown}; known: {sorted(KNOWN)}")
     tokens = [int(t) for t in _csv(args.tokens)]
@@ -124,15 +124,14 @@ def _nccl_baseline(clock, byte_splits: list[int], reps, warmup, device, group) -
 # ------------------------------------------------------------------------------------------- one row
 def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, clock) -> dict:
     from ..config import MoEConfig
-    from ..contract import dispatcher_class
+    from ..dispatch.build import make_dispatcher
     from ..placement import Placement
     from ..routing import route
 
     dtype = getattr(torch, p["dtype"])
     cfg = MoEConfig(num_experts=p["num_experts"], top_k=p["top_k"], hidden_size=p["hidden"],
                     intermediate_size=128, dtype=dtype)
-    cls = dispatcher_class(name)
-    d = cls(cfg, Placement(cfg.num_experts, ws, rank), group, T, device)
+    d = make_dispatcher(name, cfg, group=group, device=device, max_tokens_per_rank=T)
     g = torch.Generator(device="cpu").manual_seed(p["seed"] * 1000 + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype).to(device)
     routing = route(torch.randn(T, cfg.num_experts, generator=g).to(device), cfg)
@@ -152,7 +151,7 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
     hits[:, rank] = False
     row["ideal_bytes_to_peers"] = int(hits.sum()) * cfg.hidden_size * x.element_size()
 
-    use_graph = p["graph"] and cls.CAPS.cuda_graph_safe
+    use_graph = p["graph"] and d.plan.cuda_graph_safe
     reps, warmup = p["reps"], p["warmup"]
     row["dispatch"] = clock.time(lambda: d.dispatch(x, routing), reps, warmup, use_graph)
     row["combine"] = clock.time(lambda: d.combine(batch.x, handle), reps, warmup, use_graph)
@@ -168,12 +167,19 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
     return row
 
 
+def _here(ws: int, device_type: str) -> list[str]:
+    """The registered dispatchers that move tokens and that the contract accepts on this device."""
+    from ..contract import DISPATCHERS, dispatcher_problem
+    return [n for n, cls in DISPATCHERS.items()
+            if cls.CAPS.communicates and dispatcher_problem(n, None, ws, device_type) is None]
+
+
 def _worker(rank: int, ws: int, p: dict) -> list[dict]:
     group = dist.group.WORLD
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     clock = _Clock(device, group)
     rows = []
-    for name in p["dispatchers"]:
+    for name in p["dispatchers"] or _here(ws, device.type):
         for T in p["tokens"]:
             try:
                 rows.append(_bench_one(name, T, p, rank, ws, device, group, clock))

@@ -221,11 +221,7 @@ def run_benchmark(args) -> dict:
                     continue
                 caps = contract.experts_class(name).CAPS
                 layout = "flat" if "flat" in caps.layouts else "batched"
-                dispatcher = "local" if layout == "flat" else None
-                if dispatcher is not None:
-                    why = contract.pairing_problem(dispatcher, name, cfg, 1, "cuda")
-                else:
-                    why = _batched_problem(contract, name, cfg)
+                why = contract.experts_problem(name, cfg, "cuda")
                 if why is None:
                     backends.append((name, layout, contract.experts_class(name)(cfg, device)))
                 else:
@@ -327,18 +323,6 @@ def _sample_rows(T, gen, device):
     head = torch.arange(CHECK_ROWS // 2, device=device)
     tail = torch.randperm(T - CHECK_ROWS // 2, generator=gen, device=device)[:CHECK_ROWS // 2] + CHECK_ROWS // 2
     return torch.cat([head, tail])
-
-
-def _batched_problem(contract, name, cfg) -> str | None:
-    caps = contract.experts_class(name).CAPS
-    if "cuda" not in caps.devices:
-        return "does not run on CUDA"
-    why = caps.available("cuda")
-    if why:
-        return why
-    if cfg.quant is not None and contract.quant_name(cfg) not in caps.quant:
-        return f"no {contract.quant_name(cfg)} support"
-    return None
 
 
 def _batched_check(out, ids, tw, sample, xb, counts, ref, H) -> float:

@@ -6,9 +6,14 @@ routing that the receiver needs, and whatever else travels with it), each field 
 receiver reads it back as a typed view without a copy. One collective therefore moves a token and its
 metadata together: one NCCL launch per direction instead of one per tensor.
 
-FP8 dispatch plugs in here and nowhere else: `token_format` gives the `x` field the FP8 dtype and adds a
-`scales` field (float32, one per row or per 128-column group), `pack_tokens` quantizes before writing,
-and `unpack_tokens` already hands `scales` back beside `x` when the format has them.
+FP8 dispatch plugs in here and nowhere else: `token_format` gives the `x` field the wire dtype the plan
+names and, when the plan quantizes before the wire, a `scales` field (float32, one per row or per
+128-column group); `pack_tokens` quantizes before writing, and `unpack_tokens` hands `scales` back beside
+`x` when the format has them.
+
+Every forward starts with the forward header (`CommDispatcher.exchange_headers`): one fixed-size
+exchange, the same for every dispatcher, checked on the host before anything whose shape depends on
+the layer.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.distributed as dist
 
 from ..errors import RankMismatch
 from ..placement import Placement
+from ..registry import DISPATCHERS
 from ..routing import Routing
 from .base import Dispatcher
 
@@ -82,19 +88,17 @@ class WireFormat:
         return f"WireFormat({inner}; {self.row_bytes} B/row)"
 
 
-def token_format(cfg, hidden: int, top_k: int, ids_dtype: torch.dtype = torch.int32) -> WireFormat:
-    """The row a dispatcher sends per (token, destination): the hidden vector `x`, the token's expert ids
-    (`ids`: local ids on the destination, or global ids, -1 for a slot that is not there) and routing
-    `weights`."""
-    fields = [("x", cfg.dtype, hidden), ("ids", ids_dtype, top_k), ("weights", torch.float32, top_k)]
+def token_format(plan, ids_dtype: torch.dtype = torch.int32) -> WireFormat:
+    """The row a dispatcher sends per (token, destination), as its plan says: the hidden vector `x`
+    (padded width; FP8 with its float32 `scales` when the plan quantizes before the wire), the token's
+    expert ids (`ids`: local ids on the destination, or global ids, -1 for a slot that is not there) and
+    routing `weights`."""
+    hidden, top_k = plan.padded_hidden_size, plan.cfg.top_k
+    fields = [("x", plan.wire_dtype, hidden), ("ids", ids_dtype, top_k), ("weights", torch.float32, top_k)]
     quantize = None
-    if cfg.quant is not None and getattr(cfg.quant, "dispatch_fp8", False):
-        # FP8 dispatch: x travels as e4m3fn with its float32 scales (the one formula, epmoe.quant.fp8)
-        scheme = cfg.quant_scheme
-        group = scheme.activation_group_size
-        fields[0] = ("x", torch.float8_e4m3fn, hidden)
-        fields.insert(1, ("scales", torch.float32, 1 if group is None else -(-hidden // group)))
-        quantize = scheme.quantize_activations
+    if plan.wire_scales:
+        fields.insert(1, ("scales", torch.float32, plan.wire_scales))
+        quantize = plan.cfg.quant_scheme.quantize_activations      # the one formula, epmoe.quant.fp8
     return WireFormat(fields, quantize)
 
 
@@ -163,27 +167,30 @@ class Comm:
         self.size = size
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-                   in_splits: list[int] | None = None) -> torch.Tensor:
+                   in_splits: list[int] | None = None, async_op: bool = False):
+        """Returns `out`, or with `async_op=True` the collective's work handle (None with one rank)."""
         if self.size == 1:
             if out.numel():
                 out.copy_(inp)
-            return out
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
-        return out
+            return None if async_op else out
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        return work if async_op else out
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        """Returns `out`, or with `async_op=True` the collective's work handle (None with one rank)."""
         if self.size == 1:
             out.copy_(inp)
-            return out
-        _gather_fn()(out, inp, group=self.group)
-        return out
+            return None if async_op else out
+        work = _gather_fn()(out, inp, group=self.group, async_op=async_op)
+        return work if async_op else out
 
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        """Returns `out`, or with `async_op=True` the collective's work handle (None with one rank)."""
         if self.size == 1:
             out.copy_(inp)
-            return out
-        _reduce_scatter_fn()(out, inp, group=self.group)
-        return out
+            return None if async_op else out
+        work = _reduce_scatter_fn()(out, inp, group=self.group, async_op=async_op)
+        return work if async_op else out
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -243,16 +250,15 @@ def _kind_code(name: str) -> int:
 
 
 def _kind_name(code: int) -> str:
-    from ..contract import DISPATCHERS
     return next((repr(n) for n in DISPATCHERS if _kind_code(n) == code), f"#{code}")
 
 
 class CommDispatcher(Dispatcher):
     """Base of the dispatchers that move tokens: the group, its collectives and the statistics hook."""
 
-    def __init__(self, cfg, placement: Placement, group=None, max_tokens_per_rank: int | None = None,
-                 device: torch.device | None = None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
+    def __init__(self, plan, placement: Placement, group=None, device: torch.device | None = None):
+        super().__init__(plan, placement, group, device)
+        self.fmt = token_format(plan)
         self.ep_size = placement.ep_size
         self.rank = placement.rank
         if group is not None:
@@ -272,8 +278,7 @@ class CommDispatcher(Dispatcher):
     # --------------------------------------------------- the forward header: first exchange of a forward
     def layer_fingerprint(self) -> list[int]:
         """What ranks running the same layer agree on, as ints (the fingerprint fields of the header)."""
-        fmt = getattr(self, "fmt", None)
-        return [_kind_code(self.name), 0 if fmt is None else fmt.row_bytes, self.max_tokens_per_rank or 0,
+        return [_kind_code(self.name), self.fmt.row_bytes, self.max_tokens_per_rank or 0,
                 self.cfg.num_experts, self.cfg.top_k, self.cfg.padded_hidden_size]
 
     def exchange_headers(self, num_tokens: int, device, dest_counts: torch.Tensor | None = None,
@@ -346,6 +351,5 @@ class CommDispatcher(Dispatcher):
 
     def wire_signature(self) -> tuple:
         """What this dispatcher puts on the wire (every rank of a group must agree: the handshake)."""
-        fmt = getattr(self, "fmt", None)
-        return (self.name, None if fmt is None else fmt.signature())
+        return (self.name, self.fmt.signature())
 

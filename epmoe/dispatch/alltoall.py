@@ -26,7 +26,9 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
-from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ..registry import register_dispatcher
+from ._comm import CommDispatcher, pack_tokens, unpack_tokens
+from .base import Pending
 
 
 class AllToAllHandle(NamedTuple):
@@ -44,18 +46,14 @@ def _nonzero_1d(mask: torch.Tensor, count: int) -> torch.Tensor:
         return mask.nonzero().reshape(-1)
 
 
+@register_dispatcher("alltoall")
 class AllToAllDispatcher(CommDispatcher):
-    name = "alltoall"
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False, fp8_dispatch=True,
         summary="counts exchanged, then each token sent once per destination rank with its routing for "
                 "that rank's experts (variable-size all-to-all); one row per (token, rank) comes back")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
-        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k)   # ids: local ids on the receiver
-
-    def dispatch(self, x, routing):
+    def _start_dispatch(self, x, routing):
         T, H = x.shape
         ep, dev = self.ep_size, x.device
         owner, _ = self.placement.ids_on_owner(routing.topk_ids)              # [T, k]
@@ -73,28 +71,33 @@ class AllToAllDispatcher(CommDispatcher):
         send = self.fmt.empty(n_send, device=dev)
         pack_tokens(self.fmt, send, x[tok], ids, routing.topk_weights[tok])
         recv = self.fmt.empty(n_recv, device=dev)
-        self.comm.all_to_all(recv, send, recv_splits, send_splits)
-        rows = unpack_tokens(self.fmt, recv, contiguous=True)
+        work = self.comm.all_to_all(recv, send, recv_splits, send_splits, async_op=True)
 
-        # where each (rank, token) row will sit in the combine buffer; row n_send stays zero
-        back_index = torch.full((ep, T), n_send, dtype=torch.int64, device=dev)
-        back_index.view(-1)[pair] = torch.arange(n_send, device=dev)
-        if self.stats is not None:
-            self.stats.forwards += 1
-            self.stats.add("dispatch_rows", send_splits)
-            self.stats.add("dispatch_bytes", [n * self.fmt.row_bytes for n in send_splits])
-            self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv_splits])
-            self.stats.count_experts(count_pairs(rows.ids, self.placement.num_local_experts))
-        batch = FlatBatch(rows.x, rows.ids, rows.weights, rows.scales)
-        return batch, AllToAllHandle(T, send_splits, recv_splits, back_index)
+        def finish():
+            rows = unpack_tokens(self.fmt, recv, contiguous=True)
+            # where each (rank, token) row will sit in the combine buffer; row n_send stays zero
+            back_index = torch.full((ep, T), n_send, dtype=torch.int64, device=dev)
+            back_index.view(-1)[pair] = torch.arange(n_send, device=dev)
+            if self.stats is not None:
+                self.stats.forwards += 1
+                self.stats.add("dispatch_rows", send_splits)
+                self.stats.add("dispatch_bytes", [n * self.fmt.row_bytes for n in send_splits])
+                self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv_splits])
+                self.stats.count_experts(count_pairs(rows.ids, self.placement.num_local_experts))
+            batch = FlatBatch(rows.x, rows.ids, rows.weights, rows.scales)
+            return batch, AllToAllHandle(T, send_splits, recv_splits, back_index)
+        return Pending([work], finish)
 
-    def combine(self, expert_out, handle: AllToAllHandle):
+    def _start_combine(self, expert_out, handle: AllToAllHandle):
         T, send_splits, recv_splits, back_index = handle
         n_send, H = sum(send_splits), expert_out.shape[1]
         back = torch.empty(n_send + 1, H, dtype=expert_out.dtype, device=expert_out.device)
         back[n_send].zero_()
-        self.comm.all_to_all(back[:n_send], expert_out.contiguous(), send_splits, recv_splits)
-        out = back[back_index[0]].float()
-        for d in range(1, self.ep_size):
-            out += back[back_index[d]]
-        return out.to(self.cfg.dtype)
+        work = self.comm.all_to_all(back[:n_send], expert_out.contiguous(), send_splits, recv_splits, async_op=True)
+
+        def finish():
+            out = back[back_index[0]].float()
+            for d in range(1, self.ep_size):
+                out += back[back_index[d]]
+            return out.to(self.cfg.dtype)
+        return Pending([work], finish)

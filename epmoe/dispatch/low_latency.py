@@ -41,7 +41,9 @@ import torch
 
 from ..contract import DispatcherCaps
 from ..layouts import BATCHED, BatchedBatch
-from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ..registry import register_dispatcher
+from ._comm import CommDispatcher, pack_tokens, unpack_tokens
+from .base import Pending
 
 
 class LowLatencyHandle(NamedTuple):
@@ -51,28 +53,22 @@ class LowLatencyHandle(NamedTuple):
     weights: torch.Tensor        # [ep*M*k] float32 routing weights
 
 
+@register_dispatcher("low_latency")
 class LowLatencyDispatcher(CommDispatcher):
-    name = "low_latency"
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, host_sync=False, cuda_graph_safe=True, needs_max_tokens=True,
         fp8_dispatch=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
                 "data-dependent sizes, CUDA-graph capturable; overflow is an error on every rank")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
-        if (isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
-                or max_tokens_per_rank < 1):
-            raise ValueError(f"low_latency dispatcher: max_tokens_per_rank must be a positive int (the most "
-                             f"tokens any rank passes in one forward), got {max_tokens_per_rank!r}")
-        self.M = max_tokens_per_rank
+    def __init__(self, plan, placement, group=None, device=None):
+        super().__init__(plan, placement, group, device)
+        self.M = plan.max_tokens_per_rank               # checked by the plan: a positive int
         self.capacity = self.ep_size * self.M          # C: rows per local expert in the batched layout
-        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k)
 
     # ------------------------------------------------------------------------------------- dispatch
-    def dispatch(self, x, routing):
+    def _start_dispatch(self, x, routing):
         T, H = x.shape
-        ep, M, k, dev = self.ep_size, self.M, self.cfg.top_k, x.device
-        L, C = self.placement.num_local_experts, self.capacity
+        ep, M, dev = self.ep_size, self.M, x.device
         tokens = [T]
         if ep > 1 and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             tokens = self.exchange_headers(T, dev).tokens
@@ -83,8 +79,14 @@ class LowLatencyDispatcher(CommDispatcher):
                     routing.topk_weights)
         if T < M:
             pack_tokens(self.fmt, send[:, T:], 0, -1, 0.0)
-        recv = send if ep == 1 else self.comm.all_to_all(torch.empty_like(send), send)
-        rows = unpack_tokens(self.fmt, recv)
+        recv = send if ep == 1 else torch.empty_like(send)
+        work = None if ep == 1 else self.comm.all_to_all(recv, send, async_op=True)
+        return Pending([work], lambda: self._arrange(unpack_tokens(self.fmt, recv), T, H))
+
+    def _arrange(self, rows, T: int, H: int):
+        """Received rows -> the batched layout and the handle (no host sync)."""
+        ep, M, k, dev = self.ep_size, self.M, self.cfg.top_k, rows.x.device
+        L, C = self.placement.num_local_experts, self.capacity
 
         # (source, token, slot) pairs -> rows of the batched layout, ordered by expert
         P = ep * M * k
@@ -111,21 +113,22 @@ class LowLatencyDispatcher(CommDispatcher):
             self.stats.forwards += 1
             self.stats.add("dispatch_rows", [M] * ep)
             self.stats.add("dispatch_bytes", [M * self.fmt.row_bytes] * ep)
-            self.stats.add("combine_bytes", [M * H * x.element_size()] * ep)
+            self.stats.add("combine_bytes", [M * H * self.cfg.dtype.itemsize] * ep)
             self.stats.count_experts(counts[:L])
         batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb)
         return batch, LowLatencyHandle(T, dest, valid, rows.weights.reshape(P).float())
 
     # -------------------------------------------------------------------------------------- combine
-    def combine(self, expert_out, handle: LowLatencyHandle):
+    def _start_combine(self, expert_out, handle: LowLatencyHandle):
         T, dest, valid, weights = handle
         ep, M, k = self.ep_size, self.M, self.cfg.top_k
         L, C, H = expert_out.shape
         y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)].float()          # [P, H]
         y.mul_(weights.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)       # NaN-safe: filled, not scaled
         partial = y.view(ep, M, k, H).sum(2).to(self.cfg.dtype)                    # one row per (token, rank)
-        back = partial if ep == 1 else self.comm.all_to_all(torch.empty_like(partial), partial)
-        return back[:, :T].float().sum(0).to(self.cfg.dtype)
+        back = partial if ep == 1 else torch.empty_like(partial)
+        work = None if ep == 1 else self.comm.all_to_all(back, partial, async_op=True)
+        return Pending([work], lambda: back[:, :T].float().sum(0).to(self.cfg.dtype))
 
     # ------------------------------------------------------------------------------ overflow check
     def _check_capacity(self, tokens: list[int]) -> None:

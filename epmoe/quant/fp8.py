@@ -22,6 +22,8 @@ padded columns are zeros that change no amax.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 
@@ -262,11 +264,12 @@ class Fp8Scheme:
         return fp8_dequantize(q, scale, self.activation_group_size)
 
     def quantize_batch(self, batch):
-        """The explicit conversion for experts that take FP8 when the rows arrived unquantized."""
+        """The explicit conversion for experts that take FP8 when the rows arrived unquantized (a new
+        batch; the given one is left as it is)."""
         if batch.scales is not None:
             raise ValueError("quantize_batch: the batch is already FP8")
-        batch.x, batch.scales = self.quantize_activations(batch.x)
-        return batch
+        x, scales = self.quantize_activations(batch.x)
+        return dataclasses.replace(batch, x=x, scales=scales)
 
     # -- weights
     def create_weights(self, layer, L: int, H: int, I: int) -> None:
