@@ -283,7 +283,7 @@ def support_matrix(cfgs: dict | None = None) -> list[MatrixRow]:
     from .config import MoEConfig
     if cfgs is None:
         cfgs = {"none": MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)}
-        cfgs.update(_quant_examples())
+        cfgs.update(example_configs())
     rows = []
     for d in DISPATCHERS:
         for x in EXPERTS:
@@ -298,9 +298,17 @@ def support_matrix(cfgs: dict | None = None) -> list[MatrixRow]:
     return rows
 
 
-def _quant_examples() -> dict:
-    try:
-        from .quant import example_configs
-    except ImportError:
-        return {}
-    return example_configs()
+def example_configs() -> dict:
+    """Representative FP8 configs for the support matrix (`epmoe info`, the contract tests): quant label ->
+    MoEConfig. Block scales (DeepSeek-V3) and per-channel scales, each without and with FP8 dispatch."""
+    from .config import MoEConfig
+    from .quant import Fp8Config
+    base = dict(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)
+    return {
+        "fp8_block": MoEConfig(**base, quant=Fp8Config()),
+        "fp8_block+fp8_dispatch": MoEConfig(**base, quant=Fp8Config(dispatch_fp8=True)),
+        "fp8_channel": MoEConfig(**base, quant=Fp8Config(weight_block=None, per_channel_weights=True,
+                                                         activation="per_token")),
+        "fp8_channel+fp8_dispatch": MoEConfig(**base, quant=Fp8Config(
+            weight_block=None, per_channel_weights=True, activation="per_token", dispatch_fp8=True)),
+    }

@@ -28,7 +28,7 @@ from epmoe import (
 from epmoe.contract import HANDOFF_AFTER_DISPATCH, HANDOFF_ON_THE_WIRE, TAKES_FP8
 from epmoe.experts.batched import BatchedExperts
 from epmoe.layouts import BatchedBatch, ExpertWeights
-from epmoe.quant import example_configs
+from epmoe.contract import example_configs
 from epmoe.quant.fp8 import fp8_quantize_torch
 from epmoe.testing import LayerExperts, assert_close, bound_for, random_experts, random_inputs
 

@@ -10,7 +10,7 @@ from epmoe.contract import (HANDOFF_AFTER_DISPATCH, HANDOFF_IN_EXPERTS, HANDOFF_
 from epmoe.dispatch.local import LocalDispatcher
 from epmoe.experts.reference import ReferenceExperts
 from epmoe.layouts import FLAT
-from epmoe.quant import example_configs
+from epmoe.contract import example_configs
 from epmoe.quant.fp8 import dequantize_weight, quantize_weight
 from epmoe.testing import assert_close, bound_for, random_experts, random_inputs
 

@@ -192,6 +192,7 @@ def run_benchmark(args) -> dict:
     from .. import contract
     from ..layouts import BatchedBatch, FlatBatch
     from ..presets import preset_config
+    from ..quant import quant_config_for
     from ..reference import reference_moe
     from ..routing import Routing
     from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
@@ -210,7 +211,7 @@ def run_benchmark(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for preset in _csv(args.presets):
         for fmt in formats:
-            quant = _quant_for(fmt)
+            quant = quant_config_for(fmt)
             cfg = preset_config(preset, dtype=torch.bfloat16, quant=quant)
             E, k, H, I = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
             Hp = cfg.padded_hidden_size
@@ -336,17 +337,6 @@ def _batched_check(out, ids, tw, sample, xb, counts, ref, H) -> float:
     y = out[flat, slot].float().reshape(T, k, -1)
     combined = (y * tw.unsqueeze(2)).sum(1)[:, :H]
     return _rel_err(combined[sample], ref)
-
-
-def _quant_for(fmt: str):
-    if fmt == "bf16":
-        return None
-    from ..quant.fp8 import Fp8Config
-    if fmt == "fp8_block":
-        return Fp8Config(weight_block=(128, 128), activation="per_token_group")
-    if fmt == "fp8_channel":
-        return Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
-    raise ValueError(f"unknown format {fmt!r}; known: bf16, fp8_block, fp8_channel")
 
 
 # ------------------------------------------------------------------------------------------- output

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.fp8_format import FP8_DTYPE, check_group_size
+
 FP8_MAX = tl.constexpr(448.0)
 INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
 SCALE_FLOOR = tl.constexpr(1e-12)
@@ -58,8 +60,7 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
 def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
     [..., ceil(H / group_size)]); group_size None = one scale per row."""
-    from ..quant.fp8 import FP8_DTYPE, _check_group_size
-    _check_group_size(group_size)
+    check_group_size(group_size)
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE or x.dim() < 1:
         raise TypeError("fp8_quantize: x must be a float32/bfloat16/float16 tensor [..., H]")
     H = x.shape[-1]

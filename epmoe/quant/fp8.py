@@ -23,16 +23,13 @@ padded columns are zeros that change no amax.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-SCALE_FLOOR = 1e-12          # amax below this (all-zero groups) still gives a finite, non-zero scale
+from .fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size
 ACTIVATION_MODES = ("per_token_group", "per_token")
 GEMM_ALIGN = 16              # torch._scaled_grouped_mm: K and N multiples of 16
 
@@ -48,16 +45,9 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _check_group_size(group_size) -> None:
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                   or group_size < 1):
-        raise ValueError(f"fp8_quantize: group_size must be a positive int or None (one scale per row), "
-                         f"got {group_size!r}")
-
-
 def fp8_quantize_torch(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch implementation of `fp8_quantize` (any device)."""
-    _check_group_size(group_size)
+    check_group_size(group_size)
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
         raise TypeError(f"fp8_quantize: x must be a floating-point tensor [..., H], got "
                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, list(x.shape))}")
@@ -100,7 +90,7 @@ def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "aut
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = 128) -> torch.Tensor:
     """`q.float() * scale`, each scale spread over its group of columns -> float32 [..., H]."""
-    _check_group_size(group_size)
+    check_group_size(group_size)
     H = q.shape[-1]
     g = H if group_size is None else group_size
     return q.float() * scale.float().repeat_interleave(g, dim=-1)[..., :H]
