@@ -1,4 +1,4 @@
-"""Who quantizes the activations is settled when a layer is built (seed 001): every FP8 cell of the
+"""Who quantizes the activations is settled when a layer is built: every FP8 cell of the
 support matrix either builds and matches the oracle or is refused with UnsupportedCombination naming
 both parts, and every hand-off is one of the declared ones."""
 import pytest
@@ -86,7 +86,7 @@ def test_single_rank_fp8_cells(row):
     deq = [tuple(dequantize_weight(*quantize_weight(w, q.weight_granularity, q.weight_block), q.weight_block)
                  for w in t) for t in experts]
     x, logits = random_inputs(cfg, 33, device=HERE)
-    # DESIGN's FP8 bound: a backend whose FP8 GEMM writes bf16 (torch._scaled_grouped_mm) measures ~1.5e-2
+    # the library's FP8 bound: a backend whose FP8 GEMM writes bf16 (torch._scaled_grouped_mm) measures ~1.5e-2
     assert_close(layer(x, logits), reference_moe(x, logits, deq, cfg), bound_for(cfg.dtype, fp8=True))
 
 
@@ -107,7 +107,7 @@ def test_grouped_mm_fp8_needs_cuda_and_per_token_activations():
 
 
 def test_dispatch_fp8_into_self_quantizing_experts_is_refused(probes):
-    """Seed 001 in reverse: FP8 on the wire into experts that want high-precision rows."""
+    """The hand-off in reverse: FP8 on the wire into experts that want high-precision rows."""
     with pytest.raises(UnsupportedCombination) as info:
         contract.check_pairing("_wire_fp8", "_self_quantizing", _cfg(dispatch_fp8=True), 2, "cpu")
     err = info.value

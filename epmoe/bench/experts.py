@@ -4,7 +4,7 @@ For each preset (mixtral-8x7b, qwen3-30b-a3b, deepseek-v3, gpt-oss-120b), token 
 (balanced softmax top-k; skewed: log-normal expert popularity; one hot expert that every token visits),
 each GPU experts backend runs the layer's expert computation on a flat batch (what the `local`
 dispatcher hands over), and so does the anchor, `torch._grouped_mm` gate+up, activation, down on rows
-already sorted by expert (ANCHORS.md's "GEMMs+act"). The batched backend runs on the batched layout
+already sorted by expert (the plain-PyTorch "GEMMs + activation" floor). The batched backend runs on the batched layout
 (T <= 128: its use is decode).
 
 Timing (`epmoe.bench.gpu_timing`): CUDA events, median over repeats after warm-up, fresh non-zero

@@ -159,8 +159,15 @@ def _reduce_scatter_fn():
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _started_async(async_op: bool, t: torch.Tensor) -> bool:
+    """Whether to start a collective with `async_op=True`: asked for, and not inside a CUDA graph
+    capture (there the collective is captured synchronously into the graph)."""
+    return async_op and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class Comm:
-    """The collectives over one EP group; with one rank (no group) they are copies and nothing is sent."""
+    """The collectives over one EP group; with one rank (no group) they are copies and nothing is sent.
+    With `async_op=True` each returns the collective's work (None where nothing is left to wait for)."""
 
     def __init__(self, group, size: int):
         self.group = group
@@ -168,28 +175,26 @@ class Comm:
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
                    in_splits: list[int] | None = None, async_op: bool = False):
-        """Returns `out`, or with `async_op=True` the collective's work handle (None with one rank)."""
         if self.size == 1:
             if out.numel():
                 out.copy_(inp)
             return None if async_op else out
-        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group,
+                                      async_op=_started_async(async_op, out))
         return work if async_op else out
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        """Returns `out`, or with `async_op=True` the collective's work handle (None with one rank)."""
         if self.size == 1:
             out.copy_(inp)
             return None if async_op else out
-        work = _gather_fn()(out, inp, group=self.group, async_op=async_op)
+        work = _gather_fn()(out, inp, group=self.group, async_op=_started_async(async_op, out))
         return work if async_op else out
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
-        """Returns `out`, or with `async_op=True` the collective's work handle (None with one rank)."""
         if self.size == 1:
             out.copy_(inp)
             return None if async_op else out
-        work = _reduce_scatter_fn()(out, inp, group=self.group, async_op=async_op)
+        work = _reduce_scatter_fn()(out, inp, group=self.group, async_op=_started_async(async_op, out))
         return work if async_op else out
 
 
@@ -254,7 +259,8 @@ def _kind_name(code: int) -> str:
 
 
 class CommDispatcher(Dispatcher):
-    """Base of the dispatchers that move tokens: the group, its collectives and the statistics hook."""
+    """Base of the dispatchers that move tokens: the group, its collectives, the wire format the plan
+    gives, the forward header every forward starts with, and the statistics hook."""
 
     def __init__(self, plan, placement: Placement, group=None, device: torch.device | None = None):
         super().__init__(plan, placement, group, device)

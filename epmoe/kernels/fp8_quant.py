@@ -1,7 +1,7 @@
 """Triton FP8 activation quantization: the formula of `epmoe.quant.fp8`, bit for bit.
 
 One program quantizes a tile of `GROUPS` consecutive groups of one row: amax per group, the scale as
-`max(amax, 1e-12) * (1.0 / 448.0)` (a multiplication, seed 002), `x / scale` with the correctly rounded
+`max(amax, 1e-12) * (1.0 / 448.0)` (a multiplication: `amax / 448` differs in the last bit for some amax), `x / scale` with the correctly rounded
 `div_rn` (Triton's plain `/` is an approximate division on GPUs), clamp to +-448, round-to-nearest-even
 cast to e4m3fn. A partial last group reads zeros past the row's end, which change no amax.
 

@@ -1,9 +1,9 @@
 """FP8 (e4m3fn): the one quantization formula, `Fp8Config`, and the scheme that owns FP8 weights.
 
-The formula (DESIGN, numerics), written once here and mirrored bit for bit by the Triton kernel in
+The formula, written once here and mirrored bit for bit by the Triton kernel in
 `epmoe.kernels.fp8_quant`:
 
-    scale = max(amax, 1e-12) * (1.0 / 448.0)        # float32; a multiplication, never amax / 448 (seed 002)
+    scale = max(amax, 1e-12) * (1.0 / 448.0)        # float32; a multiplication, never amax / 448 (1 ULP apart)
     q     = e4m3fn(clamp(x / scale, -448, 448))      # correctly rounded float32 division, round-to-nearest-even cast
     x    ~= q.float() * scale                         # dequantization
 
