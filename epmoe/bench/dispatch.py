@@ -10,7 +10,10 @@ The baseline is `torch.distributed.all_to_all_single` on `uint8` buffers with ex
 byte counts the dispatcher moved (counted by its stats hook; self-traffic included, as in the dispatcher),
 one call for the dispatch direction and one for the combine direction, timed the same way in the same
 run. Reported per row: milliseconds (median over ranks' medians, and the slowest rank), bytes sent to
-other ranks, GB/s (bytes sent to peers per second), and the ratio dispatcher / NCCL.
+other ranks, GB/s (bytes sent to peers per second), and the ratio dispatcher / NCCL. "header ms" is the
+forward header alone (the fixed-size exchange every forward of a communicating dispatcher starts with,
+and its host read), timed eagerly: for `low_latency` it is what checking the ranks' agreement adds to an
+eager forward (a captured graph has no header).
 
 Timing on GPUs (`epmoe.bench.gpu_timing.GpuTimer`): CUDA events, median over repeats after warm-up, L2
 flushed, the GPU kept busy while the host queues a run so launch time does not leak in, and the ranks'
@@ -160,6 +163,8 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
         b, h = d.dispatch(x, routing)
         return d.combine(b.x, h)
     row["total"] = clock.time(both, reps, warmup, use_graph)
+    if hasattr(d, "exchange_headers"):   # the forward header alone: eager, it reads back on the host
+        row["header"] = clock.time(lambda: d.exchange_headers(T, device), reps, warmup, False)
     del batch, handle
     base_d, _ = _nccl_baseline(clock, stats.dispatch_bytes, reps, warmup, device, group)
     base_c, _ = _nccl_baseline(clock, stats.combine_bytes, reps, warmup, device, group)
@@ -203,7 +208,9 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
             merged["error"] = errors[0]
             out.append(merged)
             continue
-        for key in ("dispatch", "combine", "total", "nccl_dispatch", "nccl_combine"):
+        for key in ("dispatch", "combine", "total", "nccl_dispatch", "nccl_combine", "header"):
+            if key not in first:
+                continue
             meds = [r[key]["median_ms"] for r in rows]
             merged[f"{key}_ms"] = statistics.median(meds)
             merged[f"{key}_ms_slowest_rank"] = max(meds)
@@ -222,7 +229,7 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     head = (f"{'dispatcher':<12} {'T/rank':>7} {'dispatch ms':>11} {'combine ms':>10} {'total ms':>9} "
-            f"{'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
+            f"{'header ms':>9} {'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -230,7 +237,8 @@ def _print_table(rows: list[dict]) -> None:
             print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} error: {r['error'][:80]}")
             continue
         print(f"{r['dispatcher']:<12} {r['tokens_per_rank']:>7} {r['dispatch_ms']:>11.3f} {r['combine_ms']:>10.3f} "
-              f"{r['total_ms']:>9.3f} {r['nccl_total_ms']:>11.3f} {r['total_vs_nccl']:>7.2f} "
+              f"{r['total_ms']:>9.3f} {r.get('header_ms', float('nan')):>9.3f} {r['nccl_total_ms']:>11.3f} "
+              f"{r['total_vs_nccl']:>7.2f} "
               f"{r['dispatch_GBps_to_peers']:>9.1f} {r['total_method']:>8}")
 
 
