@@ -144,7 +144,7 @@ class Dispatcher(abc.ABC):
             if t.device != hidden.device:
                 raise ValueError(f"{self.name} dispatch: {name} is on {t.device}, hidden on {hidden.device}")
         if topk_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{self.name} dispatch: topk_ids must be int32, got {topk_ids.dtype}")
+            raise TypeError(f"{self.name} dispatch: topk_ids must be int32 (or int64), got {topk_ids.dtype}")
         if topk_weights.dtype != torch.float32:
             raise TypeError(f"{self.name} dispatch: topk_weights must be float32, got {topk_weights.dtype}")
         x = hidden if hidden.shape[1] == Hp else F.pad(hidden, (0, Hp - H))
