@@ -191,3 +191,36 @@ def test_a_backend_added_through_the_registry_alone():
     finally:
         unregister("_test_echo")
     assert "_test_echo" not in contract.DISPATCHERS
+
+
+# ----------------------------------------------------------------------- shared experts in MoELayer
+def _shared_worker(rank, world):
+    cfg = MoEConfig(**CFG)
+    layer = MoELayer(cfg, ep_group=dist.group.WORLD, dispatcher="alltoall", experts="grouped_mm")
+    load_experts(layer, random_experts(cfg, seed=5))
+    x, logits = random_inputs(cfg, 4 + rank, seed=rank)
+    events = []
+    start = layer.dispatcher.dispatch_async
+
+    def dispatch_async(*args):
+        pending = start(*args)
+        events.append("dispatch started")
+        wait = pending.wait
+        pending.wait = lambda: (events.append("dispatch waited"), wait())[1]
+        return pending
+    layer.dispatcher.dispatch_async = dispatch_async
+    shared_weight = torch.randn(cfg.hidden_size, cfg.hidden_size, generator=torch.Generator().manual_seed(9))
+
+    def shared(h):
+        events.append("shared experts")
+        return h @ shared_weight
+    routed = layer(x, logits)
+    events.clear()
+    both = layer(x, logits, shared_experts=shared)
+    assert events == ["dispatch started", "shared experts", "dispatch waited"], events
+    assert_close(both, routed.double() + (x @ shared_weight).double(), 1e-5)
+    return "ok"
+
+
+def test_moe_layer_computes_shared_experts_while_its_dispatch_is_in_flight():
+    assert run_on_ranks(_shared_worker, 2, timeout_s=60) == ["ok", "ok"]
