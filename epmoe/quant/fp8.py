@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size
+from .fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
 ACTIVATION_MODES = ("per_token_group", "per_token")
 GEMM_ALIGN = 16              # torch._scaled_grouped_mm: K and N multiples of 16
 
@@ -47,17 +47,9 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_quantize_torch(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch implementation of `fp8_quantize` (any device)."""
-    check_group_size(group_size)
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
-        raise TypeError(f"fp8_quantize: x must be a floating-point tensor [..., H], got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, list(x.shape))}")
-    if x.dtype == FP8_DTYPE:
-        raise TypeError("fp8_quantize: x is already float8_e4m3fn")
+    n = check_quantize_args(x, group_size)
     H = x.shape[-1]
-    if H == 0:
-        raise ValueError("fp8_quantize: the last dimension of x (H) must be >= 1")
     g = H if group_size is None else group_size
-    n = -(-H // g)
     xf = x.float()
     if n * g != H:
         xf = nn.functional.pad(xf, (0, n * g - H))   # zero columns leave every amax unchanged
