@@ -1,16 +1,21 @@
 """The build-time handshake: every rank of an EP group must agree on what it is about to compute.
 
-When a layer is built with a group, its ranks exchange one description of the layer (config, padded
+When a layer (or a dispatcher, `epmoe.make_dispatcher`) is built with a group, its ranks exchange one description of the layer (config, padded
 sizes, placement, dispatcher and what it puts on the wire, experts backend, capacity, biases, device
 type, epmoe version) in one `all_gather_object`, and each rank compares all of them. A disagreement
 raises `RankMismatch` on every rank at once, naming the field and each rank's value, instead of a hang
 (ranks waiting in collectives of different sizes) or a silently wrong answer later.
 
 A rank whose construction fails before the handshake (a refused pairing, a bad placement, ...) still
-takes part in it, announcing its error (`announces_build_failure` on `MoELayer.__init__`): its peers
+takes part in it, announcing its error (`announces_build_failure` on `MoELayer.__init__` and
+`make_dispatcher`): its peers
 then raise `RankMismatch` naming that rank and its error instead of waiting for it forever, and the
 failing rank raises its own error. Either way each rank makes exactly one exchange, so the group stays
 usable.
+
+The handshake also gives the dispatcher its index among the group's layers and the group's forward
+counter (group-scoped state kept here, across forwards); each forward's header carries both, see
+`CommDispatcher.exchange_headers`. Nothing of one forward is kept here.
 """
 from __future__ import annotations
 
