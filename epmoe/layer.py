@@ -97,11 +97,14 @@ class MoELayer(nn.Module):
                                 f"{dtype}): build a new layer with MoEConfig(dtype=...) instead of converting it to "
                                 f"{moved.dtype}")
             new_device = moved.device
-        if new_device is not None and new_device != self.device:
-            contract.check_pairing(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size, new_device.type)
+        plan = None
+        if new_device is not None and new_device != self.device:   # the pairing checked for the new device
+            plan = contract.build_plan(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size,
+                                       new_device.type, self.max_tokens_per_rank)
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
             self.device = new_device
+            self.plan = self.dispatcher.plan = plan
             self.dispatcher.device = new_device
             self.experts.device = new_device
         return result
