@@ -27,7 +27,6 @@ import torch.distributed as dist
 from ..errors import RankMismatch
 from ..placement import Placement
 from ..registry import DISPATCHERS
-from ..routing import Routing
 from .base import Dispatcher
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
