@@ -96,7 +96,7 @@ def part_graph(dry: bool = False) -> dict:
     cfg = MoEConfig(**GRAPH_SHAPE)
     names = [x for x in contract.EXPERTS
              if contract.pairing_problem("low_latency", x, cfg, 2, "cpu" if dry else "cuda") is None
-             and contract.experts_class(x).CAPS.cuda_graph_safe]
+             and contract.graph_safe("low_latency", x)]
     if not names:
         raise RuntimeError("no CUDA-graph-safe experts backend takes the batched layout")
     out = {}

@@ -73,7 +73,8 @@ REAL_LAYERS = {
 
 
 def ep_dispatchers() -> list[str]:
-    return [d for d in ("alltoall", "allgather") if d in contract.DISPATCHERS]
+    """The registered dispatchers that move tokens with a variable size (no fixed capacity to choose)."""
+    return [d for d, cls in contract.DISPATCHERS.items() if cls.CAPS.communicates and not cls.CAPS.needs_max_tokens]
 
 
 def run_tests(log_path: str) -> str:

@@ -1,24 +1,31 @@
 """epmoe: Mixture-of-Experts layers with expert parallelism for PyTorch.
 
-Public API: MoEConfig, MoELayer, reference_moe, UnsupportedCombination, ..., and the testing helpers in
-`epmoe.testing` (imported on first use: `import epmoe; epmoe.testing.assert_close(...)`). Messages go to
-the `logging` logger "epmoe", which the library never configures (the `epmoe` command does).
+Public API: MoEConfig, MoELayer, reference_moe, UnsupportedCombination, RankMismatch; for engines that
+run their own experts, `make_dispatcher` (dispatch / combine on a process group) and the backend
+registry (`register_dispatcher`, `register_experts`); the testing helpers in `epmoe.testing` (imported
+on first use: `import epmoe; epmoe.testing.assert_close(...)`). Messages go to the `logging` logger
+"epmoe", which the library never configures (the `epmoe` command does).
 """
+from . import dispatch, experts  # noqa: F401  (registers the built-in backends)
 from . import log as _log  # noqa: F401  (the "epmoe" logger, with its NullHandler)
 from .config import MoEConfig
+from .dispatch.build import make_dispatcher
 from .errors import RankMismatch, UnsupportedCombination
 from .integration import from_transformers, patch_model
 from .layer import MoELayer
 from .placement import Placement
+from .plan import Handoff, MoEPlan
 from .quant import Fp8Config, fp8_dequantize, fp8_quantize
 from .reference import reference_moe
+from .registry import register_dispatcher, register_experts
 from .routing import Routing, route, validate_routing
 from .state_dict import load_hf_experts
+from .version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["Fp8Config", "MoEConfig", "MoELayer", "Placement", "RankMismatch", "Routing", "UnsupportedCombination",
-           "fp8_dequantize", "fp8_quantize", "from_transformers", "load_hf_experts", "patch_model", "reference_moe", "route", "validate_routing"]
+__all__ = ["Fp8Config", "Handoff", "MoEConfig", "MoELayer", "MoEPlan", "Placement", "RankMismatch", "Routing",
+           "UnsupportedCombination", "__version__", "fp8_dequantize", "fp8_quantize", "from_transformers",
+           "load_hf_experts", "make_dispatcher", "patch_model", "reference_moe", "register_dispatcher", "register_experts", "route",
+           "validate_routing"]
 
 
 def __getattr__(name):

@@ -118,7 +118,7 @@ def _add_plugin(sub, name: str, module: str, help_text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epmoe", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+    from .version import __version__
     parser.add_argument("--version", action="version", version=f"epmoe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{info,run,bench,tune}")
     p = sub.add_parser("info", help="backends, capabilities and the support matrix",

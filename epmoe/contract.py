@@ -7,42 +7,32 @@ tests enumerate the same matrix.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from . import registry
 from .errors import UnsupportedCombination
 from .layouts import FLAT
+from .plan import Handoff, MoEPlan
 
-# Backend registry: name -> "module:Class". The names are the public, explicit selectors (no hidden
+# The backends, by name: filled by `@register_dispatcher` / `@register_experts` in each backend's file
+# (the built-in ones are imported with `epmoe`). The names are the public, explicit selectors (no hidden
 # environment switches choose a backend).
-DISPATCHERS: dict[str, str] = {
-    "local": "epmoe.dispatch.local:LocalDispatcher",
-    "allgather": "epmoe.dispatch.allgather:AllGatherDispatcher",
-    "alltoall": "epmoe.dispatch.alltoall:AllToAllDispatcher",
-    "low_latency": "epmoe.dispatch.low_latency:LowLatencyDispatcher",
-    "symm_high_throughput": "epmoe.dispatch.symm_high_throughput:SymmHighThroughputDispatcher",
-    "symm_low_latency": "epmoe.dispatch.symm_low_latency:SymmLowLatencyDispatcher",
-}
-EXPERTS: dict[str, str] = {
-    "reference": "epmoe.experts.reference:ReferenceExperts",
-    "grouped_mm": "epmoe.experts.grouped_mm:GroupedMMExperts",
-    "batched": "epmoe.experts.batched:BatchedExperts",
-    "triton": "epmoe.experts.triton:TritonExperts",
-}
+DISPATCHERS = registry.DISPATCHERS
+EXPERTS = registry.EXPERTS
 
-# Who quantizes the activations when a layer is FP8 (seed 001): the experts either take FP8 rows with
-# their scales from the dispatcher, or take high-precision rows and quantize inside.
+# Who quantizes the activations when a layer is FP8: the experts either take FP8 rows with their scales
+# (from the dispatcher, or quantized right after dispatch), or take high-precision rows and quantize inside.
 TAKES_FP8 = "takes_fp8"
 QUANTIZES_INTERNALLY = "quantizes_internally"
 
-# What a built FP8 layer does with its activations (`activation_handoff`); `epmoe info` shows it.
-HANDOFF_NONE = "not quantized"
-HANDOFF_ON_THE_WIRE = "dispatcher quantizes before the wire"
-HANDOFF_AFTER_DISPATCH = "layer quantizes after dispatch"      # the explicit conversion
-HANDOFF_IN_EXPERTS = "experts quantize internally"
+# What a built FP8 layer does with its activations (the plan's `handoff`); `epmoe info` shows it.
+HANDOFF_NONE = Handoff.NONE
+HANDOFF_ON_THE_WIRE = Handoff.ON_THE_WIRE
+HANDOFF_AFTER_DISPATCH = Handoff.AFTER_DISPATCH
+HANDOFF_IN_EXPERTS = Handoff.IN_EXPERTS
 
 
 def _always(_device_type: str) -> str | None:
@@ -62,6 +52,7 @@ class DispatcherCaps:
     cuda_graph_safe: bool = False
     needs_max_tokens: bool = False      # requires max_tokens_per_rank
     takes_max_tokens: bool = False      # uses max_tokens_per_rank when given (fixed buffers, no host read)
+    peer_memory: bool = False           # stores into the peers' GPU memory (one host: NVLink / PCIe peer access)
     fp8_dispatch: bool = False          # can quantize to FP8 before the wire (scales travel along)
     summary: str = ""
     available: Callable[[str], str | None] = _always
@@ -85,7 +76,7 @@ class ExpertsCaps:
     quant_problem: Callable[..., str | None] = _no_quant_problem
 
 
-# Public names (DESIGN) of backends this version does not provide yet: asking for one is a refusal through
+# Public names of backends this version does not provide yet: asking for one is a refusal through
 # the contract (UnsupportedCombination with what to use instead), not an "unknown name".
 DISPATCHERS_NOT_PROVIDED: dict[str, str] = {
     "nvshmem": "the GPU-initiated dispatcher (torch symmetric memory / NVSHMEM all_to_all_vdev) is not part of "
@@ -93,11 +84,10 @@ DISPATCHERS_NOT_PROVIDED: dict[str, str] = {
 }
 
 
-def _load(registry: dict[str, str], name: str, kind: str):
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; known: {sorted(registry)}")
-    module, cls = registry[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+def _load(table: dict[str, type], name: str, kind: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; known: {sorted(table)}")
+    return table[name]
 
 
 def dispatcher_class(name: str):
@@ -115,23 +105,33 @@ def quant_name(cfg) -> str:
     return "none" if cfg.quant is None else cfg.quant_scheme.kind
 
 
-def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> str | None:
-    """Why this pairing cannot run `cfg` on `ep_size` ranks of `device_type`; None if it can."""
-    d, x = dispatcher_class(dispatcher).CAPS, experts_class(experts).CAPS
+def dispatcher_problem(dispatcher: str, cfg, ep_size: int, device_type: str) -> str | None:
+    """Why this dispatcher cannot run on `ep_size` ranks of `device_type`; None if it can."""
+    d = dispatcher_class(dispatcher).CAPS
     if ep_size > 1 and not d.communicates:
         return (f"the group has {ep_size} ranks but dispatcher {dispatcher!r} does not move tokens between "
                 f"ranks: each rank would compute only its own experts and silently lose the others' "
                 f"contributions")
     if device_type not in d.devices:
         return f"dispatcher {dispatcher!r} runs on {sorted(d.devices)}, not {device_type}"
+    why = d.available(device_type)
+    if why:
+        return f"{dispatcher!r} is unavailable here: {why}"
+    return None
+
+
+def experts_problem(experts: str, cfg, device_type: str, layout: str | None = None,
+                    dispatcher: str | None = None) -> str | None:
+    """Why these experts cannot run `cfg` on `device_type` (fed the `layout` that `dispatcher`
+    produces, when given); None if they can."""
+    x = experts_class(experts).CAPS
     if device_type not in x.devices:
         return f"experts {experts!r} run on {sorted(x.devices)}, not {device_type}"
-    for caps, name in ((d, dispatcher), (x, experts)):
-        why = caps.available(device_type)
-        if why:
-            return f"{name!r} is unavailable here: {why}"
-    if d.layout not in x.layouts:
-        return (f"dispatcher {dispatcher!r} produces the {d.layout!r} layout, experts {experts!r} accept "
+    why = x.available(device_type)
+    if why:
+        return f"{experts!r} is unavailable here: {why}"
+    if layout is not None and layout not in x.layouts:
+        return (f"dispatcher {dispatcher!r} produces the {layout!r} layout, experts {experts!r} accept "
                 f"{sorted(x.layouts)}")
     if cfg is not None:
         if cfg.dtype not in x.dtypes:
@@ -146,31 +146,92 @@ def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_typ
             if x.fp8_activations not in (TAKES_FP8, QUANTIZES_INTERNALLY):
                 return (f"experts {experts!r} declare fp8_activations={x.fp8_activations!r}; FP8 experts must "
                         f"declare {TAKES_FP8!r} or {QUANTIZES_INTERNALLY!r}")
-            if getattr(cfg.quant, "dispatch_fp8", False) and d.communicates:
-                # Seed 001: who quantizes is settled here, at build time, never discovered in a forward.
-                if not d.fp8_dispatch:
-                    return (f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot send FP8 rows with their "
-                            f"scales; set dispatch_fp8=False (BF16 on the wire) or pick an FP8-capable dispatcher")
-                if x.fp8_activations != TAKES_FP8:
-                    return (f"dispatch_fp8=True sends FP8 rows with scales, but experts {experts!r} quantize their "
-                            f"activations internally from high-precision rows; set dispatch_fp8=False or pick "
-                            f"experts that take FP8")
     return None
 
 
-def activation_handoff(dispatcher: str, experts: str, cfg) -> str:
+def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> str | None:
+    """Why this pairing cannot run `cfg` on `ep_size` ranks of `device_type`; None if it can."""
+    d = dispatcher_class(dispatcher).CAPS
+    why = (dispatcher_problem(dispatcher, cfg, ep_size, device_type)
+           or experts_problem(experts, cfg, device_type, d.layout, dispatcher))
+    if why:
+        return why
+    if cfg is not None and cfg.quant is not None and getattr(cfg.quant, "dispatch_fp8", False) and d.communicates:
+        # who quantizes is settled here, at build time, never discovered in a forward
+        if not d.fp8_dispatch:
+            return (f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot send FP8 rows with their "
+                    f"scales; set dispatch_fp8=False (BF16 on the wire) or pick an FP8-capable dispatcher")
+        if experts_class(experts).CAPS.fp8_activations != TAKES_FP8:
+            return (f"dispatch_fp8=True sends FP8 rows with scales, but experts {experts!r} quantize their "
+                    f"activations internally from high-precision rows; set dispatch_fp8=False or pick "
+                    f"experts that take FP8")
+    return None
+
+
+def activation_handoff(dispatcher: str, experts: str | None, cfg) -> Handoff:
     """Who quantizes the activations of a valid pairing (call after `check_pairing`).
 
     FP8 on the wire when asked for and the dispatcher can; otherwise experts that take FP8 get their rows
-    quantized by the layer right after dispatch (the explicit conversion, same formula, same bits), and
-    experts that quantize internally get the high-precision rows.
+    quantized right after dispatch (the explicit conversion, same formula, same bits), and experts that
+    quantize internally get the high-precision rows. A dispatcher built without experts (`experts=None`:
+    the caller runs its own) hands high-precision rows on unless it quantizes before the wire.
     """
     if cfg is None or cfg.quant is None:
-        return HANDOFF_NONE
-    d, x = dispatcher_class(dispatcher).CAPS, experts_class(experts).CAPS
-    if getattr(cfg.quant, "dispatch_fp8", False) and d.fp8_dispatch:
-        return HANDOFF_ON_THE_WIRE
-    return HANDOFF_AFTER_DISPATCH if x.fp8_activations == TAKES_FP8 else HANDOFF_IN_EXPERTS
+        return Handoff.NONE
+    if getattr(cfg.quant, "dispatch_fp8", False) and dispatcher_class(dispatcher).CAPS.fp8_dispatch:
+        return Handoff.ON_THE_WIRE
+    if experts is not None and experts_class(experts).CAPS.fp8_activations == TAKES_FP8:
+        return Handoff.AFTER_DISPATCH
+    return Handoff.IN_EXPERTS
+
+
+def build_plan(dispatcher: str, experts: str | None, cfg, ep_size: int, device_type: str,
+               max_tokens_per_rank: int | None = None) -> MoEPlan:
+    """Check the pairing (explicit names; see `resolve_names` for "auto") and resolve it into the
+    immutable `MoEPlan` the dispatcher and the experts are built from.
+
+    `experts=None`: a dispatcher on its own (an engine running its own experts): only the dispatcher's
+    side is checked. Raises `UnsupportedCombination` for a refused pairing, ValueError for a missing or
+    bad `max_tokens_per_rank`.
+    """
+    if experts is None:
+        why = dispatcher_problem(dispatcher, cfg, ep_size, device_type)
+        if why is None and getattr(cfg.quant, "dispatch_fp8", False) and not dispatcher_class(dispatcher).CAPS.fp8_dispatch:
+            why = f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot send FP8 rows with their scales"
+        if why:
+            raise UnsupportedCombination(dispatcher, "-", why, [f"dispatcher={d!r}" for d in DISPATCHERS
+                                                            if dispatcher_problem(d, cfg, ep_size, device_type) is None])
+    else:
+        check_pairing(dispatcher, experts, cfg, ep_size, device_type)
+    d = dispatcher_class(dispatcher).CAPS
+    if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool) or
+                                            not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
+        raise ValueError(f"max_tokens_per_rank must be a positive int (the most tokens any rank passes in one "
+                         f"forward), got {max_tokens_per_rank!r}")
+    if d.needs_max_tokens and max_tokens_per_rank is None:
+        raise ValueError(f"dispatcher {dispatcher!r} has fixed capacity and needs max_tokens_per_rank (the most "
+                         f"tokens any rank passes in one forward)")
+    handoff = activation_handoff(dispatcher, experts, cfg)
+    wire_dtype, scales, group = cfg.dtype, 0, None
+    if handoff is Handoff.ON_THE_WIRE:
+        group = cfg.quant_scheme.activation_group_size
+        wire_dtype = torch.float8_e4m3fn
+        scales = 1 if group is None else -(-cfg.padded_hidden_size // group)
+    capacity = max_tokens_per_rank if (d.needs_max_tokens or d.takes_max_tokens) else None
+    # a dispatcher that takes a capacity is capturable only with one (without it a host read sizes it)
+    graph_safe = (d.cuda_graph_safe and (experts is None or experts_class(experts).CAPS.cuda_graph_safe)
+                  and (capacity is not None or not d.takes_max_tokens))
+    return MoEPlan(cfg=cfg, dispatcher=dispatcher, experts=experts, layout=d.layout, handoff=handoff,
+                   wire_dtype=wire_dtype, wire_scales=scales, wire_scale_group=group, cuda_graph_safe=graph_safe,
+                   host_sync=d.host_sync, max_tokens_per_rank=capacity,
+                   hidden_size=cfg.hidden_size, padded_hidden_size=cfg.padded_hidden_size,
+                   intermediate_size=cfg.intermediate_size, padded_intermediate_size=cfg.padded_intermediate_size,
+                   ep_size=ep_size, device_type=device_type)
+
+
+def graph_safe(dispatcher: str, experts: str) -> bool:
+    """Whether both parts of a pairing declare themselves CUDA-graph capturable."""
+    return dispatcher_class(dispatcher).CAPS.cuda_graph_safe and experts_class(experts).CAPS.cuda_graph_safe
 
 
 def check_pairing(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> None:
@@ -188,11 +249,32 @@ def supported_pairings(cfg, ep_size: int, device_type: str) -> list[tuple[str, s
             if pairing_problem(d, x, cfg, ep_size, device_type) is None]
 
 
+# "auto" on several ranks: the first of these that can run (symmetric memory needs CUDA GPUs that reach
+# each other's memory: taken as every rank of the group having a GPU of this host, see `_one_host`)
+AUTO_EP_DISPATCHERS = ("symm_high_throughput", "alltoall")
+
+
+def _one_host(ep_size: int) -> bool:
+    """Whether the group plausibly fits on this host's GPUs (no communication: every rank decides alike on
+    hosts of the same size; a group spread over hosts with as many GPUs each is not detected and fails
+    at its first forward with the symmetric-memory error)."""
+    return torch.cuda.is_available() and torch.cuda.device_count() >= ep_size
+
+
 def resolve_names(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> tuple[str, str]:
-    """Turn "auto" into explicit names: local for one rank, alltoall for several; the fastest experts
-    backend that accepts that dispatcher's layout on this device."""
+    """Turn "auto" into explicit names: local for one rank; for several, the GPU-initiated
+    `symm_high_throughput` where the contract accepts it and the group fits on this host's GPUs, else
+    alltoall; the fastest experts backend that accepts that dispatcher's layout on this device."""
     if dispatcher == "auto":
-        dispatcher = "local" if ep_size == 1 else "alltoall"
+        dispatcher = "local"
+        if ep_size > 1:
+            dispatcher = "alltoall"
+            for name in AUTO_EP_DISPATCHERS:
+                if name not in DISPATCHERS or (dispatcher_class(name).CAPS.peer_memory and not _one_host(ep_size)):
+                    continue
+                if dispatcher_problem(name, cfg, ep_size, device_type) is None:
+                    dispatcher = name
+                    break
         if dispatcher not in DISPATCHERS:
             raise UnsupportedCombination("auto", experts, f"no communicating dispatcher is installed for "
                                          f"{ep_size} ranks", [])
@@ -227,7 +309,7 @@ def support_matrix(cfgs: dict | None = None) -> list[MatrixRow]:
     from .config import MoEConfig
     if cfgs is None:
         cfgs = {"none": MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)}
-        cfgs.update(_quant_examples())
+        cfgs.update(example_configs())
     rows = []
     for d in DISPATCHERS:
         for x in EXPERTS:
@@ -242,9 +324,17 @@ def support_matrix(cfgs: dict | None = None) -> list[MatrixRow]:
     return rows
 
 
-def _quant_examples() -> dict:
-    try:
-        from .quant import example_configs
-    except ImportError:
-        return {}
-    return example_configs()
+def example_configs() -> dict:
+    """Representative FP8 configs for the support matrix (`epmoe info`, the contract tests): quant label ->
+    MoEConfig. Block scales (DeepSeek-V3) and per-channel scales, each without and with FP8 dispatch."""
+    from .config import MoEConfig
+    from .quant import Fp8Config
+    base = dict(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)
+    return {
+        "fp8_block": MoEConfig(**base, quant=Fp8Config()),
+        "fp8_block+fp8_dispatch": MoEConfig(**base, quant=Fp8Config(dispatch_fp8=True)),
+        "fp8_channel": MoEConfig(**base, quant=Fp8Config(weight_block=None, per_channel_weights=True,
+                                                         activation="per_token")),
+        "fp8_channel+fp8_dispatch": MoEConfig(**base, quant=Fp8Config(
+            weight_block=None, per_channel_weights=True, activation="per_token", dispatch_fp8=True)),
+    }

@@ -1,16 +1,21 @@
 """The build-time handshake: every rank of an EP group must agree on what it is about to compute.
 
-When a layer is built with a group, its ranks exchange one description of the layer (config, padded
+When a layer (or a dispatcher, `epmoe.make_dispatcher`) is built with a group, its ranks exchange one description of the layer (config, padded
 sizes, placement, dispatcher and what it puts on the wire, experts backend, capacity, biases, device
 type, epmoe version) in one `all_gather_object`, and each rank compares all of them. A disagreement
 raises `RankMismatch` on every rank at once, naming the field and each rank's value, instead of a hang
 (ranks waiting in collectives of different sizes) or a silently wrong answer later.
 
 A rank whose construction fails before the handshake (a refused pairing, a bad placement, ...) still
-takes part in it, announcing its error (`announces_build_failure` on `MoELayer.__init__`): its peers
+takes part in it, announcing its error (`announces_build_failure` on `MoELayer.__init__` and
+`make_dispatcher`): its peers
 then raise `RankMismatch` naming that rank and its error instead of waiting for it forever, and the
 failing rank raises its own error. Either way each rank makes exactly one exchange, so the group stays
 usable.
+
+The handshake also gives the dispatcher its index among the group's layers and the group's forward
+counter (group-scoped state kept here, across forwards); each forward's header carries both, see
+`CommDispatcher.exchange_headers`. Nothing of one forward is kept here.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import inspect
 import torch.distributed as dist
 
 from .errors import RankMismatch
+from .version import __version__
 
 _REACHED = "_epmoe_handshake_reached"   # set on exceptions raised at or after the exchange
 
@@ -34,24 +40,31 @@ def _group_key(group) -> tuple:
     return tuple(dist.get_process_group_ranks(group))
 
 
-def layer_signature(layer) -> dict:
-    cfg = layer.cfg
-    from . import __version__
-    wire = getattr(layer.dispatcher, "wire_signature", None)
+def dispatcher_signature(dispatcher) -> dict:
+    """What the ranks running one dispatcher must share."""
+    cfg = dispatcher.cfg
+    wire = getattr(dispatcher, "wire_signature", None)
     return {
         "epmoe version": __version__,
         "config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)},
         "padded sizes (H, I)": (cfg.padded_hidden_size, cfg.padded_intermediate_size),
-        "placement": layer.placement.signature(),
-        "dispatcher": layer.dispatcher_name,
+        "placement": dispatcher.placement.signature(),
+        "dispatcher": dispatcher.plan.dispatcher,
         "wire format": wire() if wire is not None else None,
-        "experts": layer.experts_name,
-        "activation hand-off": getattr(layer, "activation_handoff", None),
-        "max_tokens_per_rank": layer.max_tokens_per_rank,
-        "expert_bias": layer.expert_bias,
-        "custom router": layer.router is not None,
-        "device_type": layer.device.type,
+        "max_tokens_per_rank": dispatcher.plan.max_tokens_per_rank,
+        "device_type": dispatcher.plan.device_type,
     }
+
+
+def layer_signature(layer) -> dict:
+    """What the ranks building one `MoELayer` must share: its dispatcher's signature and the rest."""
+    return {**dispatcher_signature(layer.dispatcher),
+            "max_tokens_per_rank": layer.max_tokens_per_rank,
+            "experts": layer.experts_name,
+            "activation hand-off": str(layer.plan.handoff),
+            "expert_bias": layer.expert_bias,
+            "custom router": layer.router is not None,
+            "device_type": layer.device.type}
 
 
 def _exchange(group, payload: dict) -> list[dict]:
@@ -62,34 +75,42 @@ def _exchange(group, payload: dict) -> list[dict]:
 
 def check_group_agrees(layer) -> None:
     """Raise `RankMismatch` on every rank unless all ranks of `layer.ep_group` built the same layer."""
+    _agree(layer.ep_group, layer_signature(layer), layer.dispatcher, "MoELayer")
+
+
+def agree_on_dispatcher(group, dispatcher) -> None:
+    """Raise `RankMismatch` on every rank unless all ranks of `group` built the same dispatcher."""
+    _agree(group, dispatcher_signature(dispatcher), dispatcher, "make_dispatcher")
+
+
+def _agree(group, mine: dict, dispatcher, who: str) -> None:
     try:
-        mine = layer_signature(layer)
-        key = _group_key(layer.ep_group)
-        everyone = _exchange(layer.ep_group, {"signature": mine, "index": _layers_built.get(key, 0) + 1})
+        key = _group_key(group)
+        everyone = _exchange(group, {"signature": mine, "index": _layers_built.get(key, 0) + 1})
         # The layer's index on the group: the largest proposal, adopted by every rank (a rank whose earlier
         # build failed catches up here). It travels with each forward, so ranks that call different layers
         # are caught at the first exchange instead of pairing their collectives wrongly.
         agreed = max(p.get("index", 0) for p in everyone)
         _layers_built[key] = agreed
-        layer.dispatcher.layer_index = agreed
-        layer.dispatcher.forwards = _group_forwards.setdefault(key, [0])
+        dispatcher.layer_index = agreed
+        dispatcher.forwards = _group_forwards.setdefault(key, [0])
         failed = {r: p["error"] for r, p in enumerate(everyone) if "error" in p}
         if failed:
-            raise RankMismatch("MoELayer: " + "; ".join(
+            raise RankMismatch(f"{who}: " + "; ".join(
                 f"rank {r} could not build the layer ({err})" for r, err in failed.items())
-                + f"; this rank (rank {dist.get_rank(layer.ep_group)}) raises too so that no rank waits for it")
+                + f"; this rank (rank {dist.get_rank(group)}) raises too so that no rank waits for it")
         diffs = []
-        for key in mine:
-            values = [p["signature"].get(key) for p in everyone]
+        for name in mine:
+            values = [p["signature"].get(name) for p in everyone]
             if all(isinstance(v, dict) for v in values):     # the config: name the fields that differ
                 fields = [f for f in values[0] if any(v.get(f) != values[0][f] for v in values)]
-                diffs += [f"{key} differs in {f} (" + ", ".join(f"rank {r}: {v.get(f)}" for r, v in enumerate(values))
+                diffs += [f"{name} differs in {f} (" + ", ".join(f"rank {r}: {v.get(f)}" for r, v in enumerate(values))
                           + ")" for f in fields]
             elif any(v != values[0] for v in values):
                 per_rank = ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
-                diffs.append(f"{key} differs ({per_rank})")
+                diffs.append(f"{name} differs ({per_rank})")
         if diffs:
-            raise RankMismatch("MoELayer: the ranks of ep_group disagree on the layer they build: "
+            raise RankMismatch(f"{who}: the ranks of the group disagree on the layer they build: "
                                + "; ".join(diffs))
     except BaseException as exc:
         setattr(exc, _REACHED, True)
@@ -110,7 +131,8 @@ def announce_build_failure(group, exc: BaseException) -> None:
 
 
 def announces_build_failure(init):
-    """Decorator for `MoELayer.__init__`: an exception raised before the handshake is announced to the
+    """Decorator for `MoELayer.__init__` and `make_dispatcher` (the group is their `ep_group` or `group`
+    argument): an exception raised before the handshake is announced to the
     group (see `announce_build_failure`), then re-raised unchanged."""
     sig = inspect.signature(init)
 
@@ -120,7 +142,8 @@ def announces_build_failure(init):
             return init(*args, **kwargs)
         except Exception as exc:
             try:
-                group = sig.bind(*args, **kwargs).arguments.get("ep_group")
+                arguments = sig.bind(*args, **kwargs).arguments
+                group = arguments.get("ep_group", arguments.get("group"))
             except TypeError:
                 group = None
             announce_build_failure(group, exc)

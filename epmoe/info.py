@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from . import __version__, contract
+from . import contract
+from .version import __version__
 
 
 def _yes(b: bool) -> str:

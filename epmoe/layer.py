@@ -9,28 +9,12 @@ import torch.nn as nn
 from . import contract
 from . import state_dict as state_dict_names
 from .config import MoEConfig
+from .dispatch.build import build_dispatcher, group_info, resolve_device
 from .handshake import announces_build_failure
 from .layouts import ExpertWeights
 from .placement import GlobalExpertId, Placement
+from .plan import Handoff
 from .routing import Routing, route, validate_routing
-
-
-def _group_info(group) -> tuple[int, int]:
-    if group is None:
-        return 1, 0
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        raise ValueError("ep_group was given but torch.distributed is not initialized "
-                         "(call torch.distributed.init_process_group first)")
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _default_device(group) -> torch.device:
-    if group is not None:
-        import torch.distributed as dist
-        if dist.get_backend(group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _refuse_autograd(name: str, t: torch.Tensor) -> None:
@@ -74,18 +58,14 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
         self.cfg = cfg
         self.ep_group = ep_group
-        self.ep_size, self.ep_rank = _group_info(ep_group)
-        self.device = torch.device(device) if device is not None else _default_device(ep_group)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.ep_size, self.ep_rank = group_info(ep_group)
+        self.device = resolve_device(device, ep_group)
         self.placement = Placement(cfg.num_experts, self.ep_size, self.ep_rank, expert_placement)
         self.dispatcher_name, self.experts_name = contract.resolve_names(
             dispatcher, experts, cfg, self.ep_size, self.device.type)
-        contract.check_pairing(self.dispatcher_name, self.experts_name, cfg, self.ep_size, self.device.type)
-        dcls = contract.dispatcher_class(self.dispatcher_name)
-        if dcls.CAPS.needs_max_tokens and max_tokens_per_rank is None:
-            raise ValueError(f"MoELayer: dispatcher {self.dispatcher_name!r} has fixed capacity and needs "
-                             "max_tokens_per_rank (the most tokens any rank passes in one forward)")
+        # the pairing checked and resolved once: the dispatcher and the experts are built from this plan
+        self.plan = contract.build_plan(self.dispatcher_name, self.experts_name, cfg, self.ep_size,
+                                        self.device.type, max_tokens_per_rank)
         self.max_tokens_per_rank = max_tokens_per_rank
         self.router = router
         self.expert_bias = bool(expert_bias)
@@ -104,10 +84,9 @@ class MoELayer(nn.Module):
         self.register_state_dict_post_hook(state_dict_names.save_hook)
         self.register_load_state_dict_pre_hook(state_dict_names.load_hook)
 
-        self.dispatcher = dcls(cfg, self.placement, ep_group, max_tokens_per_rank, self.device)
+        self.dispatcher = build_dispatcher(self.plan, self.placement, ep_group, self.device)
         self.experts = contract.experts_class(self.experts_name)(cfg, self.device)
-        # Who quantizes the activations (FP8), settled by the contract now, not discovered in a forward.
-        self.activation_handoff = contract.activation_handoff(self.dispatcher_name, self.experts_name, cfg)
+        self.activation_handoff = self.plan.handoff    # who quantizes the activations (FP8)
         if ep_group is not None:
             from .handshake import check_group_agrees
             check_group_agrees(self)   # also gives the dispatcher the layer's index on the group
@@ -134,11 +113,14 @@ class MoELayer(nn.Module):
                                 f"{dtype}): build a new layer with MoEConfig(dtype=...) instead of converting it to "
                                 f"{moved.dtype}")
             new_device = moved.device
-        if new_device is not None and new_device != self.device:
-            contract.check_pairing(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size, new_device.type)
+        plan = None
+        if new_device is not None and new_device != self.device:   # the pairing checked for the new device
+            plan = contract.build_plan(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size,
+                                       new_device.type, self.max_tokens_per_rank)
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
             self.device = new_device
+            self.plan = self.dispatcher.plan = plan
             self.dispatcher.device = new_device
             self.experts.device = new_device
         return result
@@ -250,7 +232,11 @@ class MoELayer(nn.Module):
                                     finite_weights=False)
         return route(router_logits, self.cfg, self.score_correction_bias)
 
-    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None,
+                shared_experts: Callable | None = None) -> torch.Tensor:
+        """`[T, H]`, `[T, E]` -> `[T, H]`. `shared_experts`: optional callable `[T, H] -> [T, H]` (the
+        model's shared experts) computed while this layer's dispatch is in flight and added to the
+        output."""
         try:
             self._check_inputs(hidden_states, router_logits)
             self._check_loaded()
@@ -260,18 +246,21 @@ class MoELayer(nn.Module):
             # raises (RankMismatch there, this error here) instead of waiting for this one
             self.dispatcher.abort()
             raise
-        return self.forward_routed(hidden_states, routing)
+        if shared_experts is None:
+            return self.forward_routed(hidden_states, routing)
+        return self.forward_routed(hidden_states, routing, shared_experts=shared_experts)
 
-    def forward_routed(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Run dispatch -> experts -> combine on an already computed (and valid) routing."""
-        H, Hp = self.cfg.hidden_size, self.cfg.padded_hidden_size
-        x = hidden_states if Hp == H else nn.functional.pad(hidden_states, (0, Hp - H))
-        batch, handle = self.dispatcher.dispatch(x, routing)
-        if self.activation_handoff == contract.HANDOFF_AFTER_DISPATCH:
+    def forward_routed(self, hidden_states: torch.Tensor, routing: Routing,
+                       shared_experts: Callable | None = None) -> torch.Tensor:
+        """Run dispatch -> experts -> combine on an already computed (and valid) routing; the shared
+        experts, if given, run while the dispatch is in flight."""
+        pending = self.dispatcher.dispatch_async(hidden_states, routing)
+        shared = shared_experts(hidden_states) if shared_experts is not None else None
+        batch, handle = pending.wait()
+        if self.plan.handoff is Handoff.AFTER_DISPATCH:     # the plan's explicit conversion
             batch = self.scheme.quantize_batch(batch)
-        y = self.experts(batch, self.expert_weights)
-        out = self.dispatcher.combine(y, handle)
-        return out if Hp == H else out[:, :H].contiguous()
+        out = self.dispatcher.combine(self.experts(batch, self.expert_weights), handle)
+        return out if shared is None else out + shared
 
     def extra_repr(self) -> str:
         return (f"{self.cfg.describe()}, dispatcher={self.dispatcher_name}, experts={self.experts_name}, "

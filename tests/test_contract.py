@@ -34,7 +34,7 @@ def test_single_rank_cells(row):
 
 
 def test_local_dispatcher_refused_for_several_ranks():
-    """Seed 000: EP with a dispatcher that does not communicate must be refused, never run."""
+    """EP with a dispatcher that does not communicate must be refused, never run."""
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
     with pytest.raises(UnsupportedCombination) as info:
         contract.check_pairing("local", "grouped_mm", cfg, ep_size=8, device_type="cpu")
@@ -57,7 +57,7 @@ def test_every_refusal_has_a_reason_and_every_cell_is_listed():
 def test_layout_mismatch_is_refused():
     class BatchedOnly:
         CAPS = contract.ExpertsCaps(layouts=frozenset({"batched"}))
-    contract.EXPERTS["_batched_only_probe"] = f"{__name__}:BatchedOnly"
+    contract.EXPERTS["_batched_only_probe"] = BatchedOnly
     globals()["BatchedOnly"] = BatchedOnly
     try:
         cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)

@@ -4,10 +4,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from epmoe import MoEConfig, MoELayer, RankMismatch, reference_moe
+from epmoe import MoEConfig, MoELayer, RankMismatch, contract, reference_moe
 from epmoe.testing import assert_close, load_experts, random_experts, random_inputs, run_on_ranks
 
-DISPATCHERS = [("allgather", "grouped_mm"), ("alltoall", "grouped_mm"), ("low_latency", "batched")]
+# every registered dispatcher that moves tokens on Gloo CPU ranks, with the experts "auto" picks for it
+_SMALL = MoEConfig(num_experts=6, top_k=2, hidden_size=24, intermediate_size=16, dtype=torch.float32)
+DISPATCHERS = [contract.resolve_names(d, "auto", _SMALL, 2, "cpu") for d, cls in contract.DISPATCHERS.items()
+               if cls.CAPS.communicates and contract.dispatcher_problem(d, None, 2, "cpu") is None]
 
 
 def _layers(dispatcher, experts):

@@ -104,7 +104,7 @@ def graph_cases(ws: int, device_type: str) -> list[dict]:
     E, k, H, I, M = (4 * ws, 4, 1024, 512, 48) if gpu else (2 * ws, 3, 64, 32, 6)
     cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I)
     names = [x for x in contract.EXPERTS if contract.pairing_problem("low_latency", x, cfg, ws, device_type) is None
-             and contract.experts_class(x).CAPS.cuda_graph_safe]
+             and contract.graph_safe("low_latency", x)]
     sizes = [[M, 5] if r == 0 else [1 + (7 * r) % M, 1 + r % 3] for r in range(ws)]   # rank 0 at the capacity
     return [dict(kind="graph", name=f"graph{'' if gpu else '-dry'}-low_latency-{x}", E=E, k=k, H=H, I=I, M=M,
                  experts=x, sizes=sizes, replays=4 if gpu else 2) for x in names]

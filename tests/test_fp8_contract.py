@@ -1,4 +1,4 @@
-"""Who quantizes the activations is settled when a layer is built (seed 001): every FP8 cell of the
+"""Who quantizes the activations is settled when a layer is built: every FP8 cell of the
 support matrix either builds and matches the oracle or is refused with UnsupportedCombination naming
 both parts, and every hand-off is one of the declared ones."""
 import pytest
@@ -10,7 +10,7 @@ from epmoe.contract import (HANDOFF_AFTER_DISPATCH, HANDOFF_IN_EXPERTS, HANDOFF_
 from epmoe.dispatch.local import LocalDispatcher
 from epmoe.experts.reference import ReferenceExperts
 from epmoe.layouts import FLAT
-from epmoe.quant import example_configs
+from epmoe.contract import example_configs
 from epmoe.quant.fp8 import dequantize_weight, quantize_weight
 from epmoe.testing import assert_close, bound_for, random_experts, random_inputs
 
@@ -43,9 +43,9 @@ class SelfQuantizingExperts(ReferenceExperts):
 
 @pytest.fixture
 def probes(monkeypatch):
-    monkeypatch.setitem(contract.DISPATCHERS, "_wire_nofp8", f"{__name__}:WireDispatcherNoFp8")
-    monkeypatch.setitem(contract.DISPATCHERS, "_wire_fp8", f"{__name__}:WireDispatcherFp8")
-    monkeypatch.setitem(contract.EXPERTS, "_self_quantizing", f"{__name__}:SelfQuantizingExperts")
+    monkeypatch.setitem(contract.DISPATCHERS, "_wire_nofp8", WireDispatcherNoFp8)
+    monkeypatch.setitem(contract.DISPATCHERS, "_wire_fp8", WireDispatcherFp8)
+    monkeypatch.setitem(contract.EXPERTS, "_self_quantizing", SelfQuantizingExperts)
 
 
 def _cfg(**quant):
@@ -86,7 +86,7 @@ def test_single_rank_fp8_cells(row):
     deq = [tuple(dequantize_weight(*quantize_weight(w, q.weight_granularity, q.weight_block), q.weight_block)
                  for w in t) for t in experts]
     x, logits = random_inputs(cfg, 33, device=HERE)
-    # DESIGN's FP8 bound: a backend whose FP8 GEMM writes bf16 (torch._scaled_grouped_mm) measures ~1.5e-2
+    # the library's FP8 bound: a backend whose FP8 GEMM writes bf16 (torch._scaled_grouped_mm) measures ~1.5e-2
     assert_close(layer(x, logits), reference_moe(x, logits, deq, cfg), bound_for(cfg.dtype, fp8=True))
 
 
@@ -107,7 +107,7 @@ def test_grouped_mm_fp8_needs_cuda_and_per_token_activations():
 
 
 def test_dispatch_fp8_into_self_quantizing_experts_is_refused(probes):
-    """Seed 001 in reverse: FP8 on the wire into experts that want high-precision rows."""
+    """The hand-off in reverse: FP8 on the wire into experts that want high-precision rows."""
     with pytest.raises(UnsupportedCombination) as info:
         contract.check_pairing("_wire_fp8", "_self_quantizing", _cfg(dispatch_fp8=True), 2, "cpu")
     err = info.value
@@ -162,6 +162,6 @@ def test_experts_must_declare_a_known_fp8_handoff(monkeypatch):
         CAPS = contract.ExpertsCaps(layouts=frozenset({FLAT}), quant=frozenset({"fp8_block"}),
                                     fp8_activations="whatever")
     globals()["Vague"] = Vague
-    monkeypatch.setitem(contract.EXPERTS, "_vague", f"{__name__}:Vague")
+    monkeypatch.setitem(contract.EXPERTS, "_vague", Vague)
     why = contract.pairing_problem("local", "_vague", _cfg(), 1, "cpu")
     assert TAKES_FP8 in why and QUANTIZES_INTERNALLY in why

@@ -19,7 +19,7 @@ QUANTS = {
 # Against the oracle of the FP8 function (same activation quantization, float64 elsewhere) the only
 # differences left are float32 vs float64 arithmetic, the output dtype, and the rare intermediate value
 # that float32 and float64 round to neighbouring FP8 values (one flip moves its row by ~1e-3): measured
-# 3e-7 without a flip, 1.1e-4 with one (fp32), 1.7e-3 (bf16). 30x tighter than DESIGN's fp8 bound 3e-2.
+# 3e-7 without a flip, 1.1e-4 with one (fp32), 1.7e-3 (bf16). 30x tighter than the library's fp8 bound 3e-2.
 BOUND = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
 
 

@@ -47,7 +47,7 @@ def test_formula_by_hand():
 
 
 def test_scale_is_a_multiplication_not_a_division():
-    """Seed 002: amax * (1/448) and amax / 448 differ in the last bit for some amax; we use the former."""
+    """amax * (1/448) and amax / 448 differ in the last bit for some amax; we use the former."""
     amax = torch.rand(100_000) * 1000
     mult = scale_from_amax(amax)
     div = amax / 448.0

@@ -59,8 +59,9 @@ else:
 
 
     def slot_bytes(cls, cfg, ep, M):
-        probe = cls(cfg, Placement(cfg.num_experts, ep, 0), max_tokens_per_rank=M,
-                    pool=WorkspacePool(None, torch.device("cpu"), 0, ep, simulated_workspaces(ep, 2, 128)[0]))
+        probe = cls.simulated_rank(cfg, Placement(cfg.num_experts, ep, 0), max_tokens_per_rank=M,
+                                   pool=WorkspacePool(None, torch.device("cpu"), 0, ep,
+                                                      simulated_workspaces(ep, 2, 128)[0]))
         layout = probe.slot_layout(probe._rows_for(1)) if cls is SymmHighThroughputDispatcher else probe.slot_layout()
         return layout.nbytes
 
@@ -69,7 +70,7 @@ else:
         if pools is None:
             wss = simulated_workspaces(ep, 2, slot_bytes(cls, cfg, ep, M))
             pools = [WorkspacePool(None, torch.device("cpu"), r, ep, wss[r]) for r in range(ep)]
-        return [cls(cfg, Placement(cfg.num_experts, ep, r), max_tokens_per_rank=M, pool=pools[r])
+        return [cls.simulated_rank(cfg, Placement(cfg.num_experts, ep, r), max_tokens_per_rank=M, pool=pools[r])
                 for r in range(ep)]
 
 

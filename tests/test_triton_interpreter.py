@@ -338,7 +338,7 @@ else:
         deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
                 dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
         ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
-        # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is DESIGN's
+        # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
     @pytest.mark.parametrize("granularity,T,remote", [("block", 1, False), ("block", 3, True), ("tensor", 2, True),

@@ -1,8 +1,8 @@
 """`epmoe bench dispatch`: time dispatch + combine of each dispatcher against NCCL moving the same bytes.
 
-For each dispatcher and tokens-per-rank count T (defaults: allgather, alltoall, low_latency; T = 128 and
-4096; DeepSeek-V3's H = 7168, top-8 of E = 256, BF16), every rank routes T random tokens (softmax top-k
-of random logits: balanced routing), then dispatch and combine are timed separately and back to back,
+For each dispatcher and tokens-per-rank count T (defaults: every registered dispatcher that moves
+tokens and runs on the device; T = 128 and 4096; DeepSeek-V3's H = 7168, top-8 of E = 256, BF16),
+every rank routes T random tokens (softmax top-k of random logits: balanced routing), then dispatch and combine are timed separately and back to back,
 with the experts replaced by the identity (the batch the dispatcher produced is handed straight to its
 combine), so only the dispatcher's own work and traffic are measured.
 
@@ -10,7 +10,10 @@ The baseline is `torch.distributed.all_to_all_single` on `uint8` buffers with ex
 byte counts the dispatcher moved (counted by its stats hook; self-traffic included, as in the dispatcher),
 one call for the dispatch direction and one for the combine direction, timed the same way in the same
 run. Reported per row: milliseconds (median over ranks' medians, and the slowest rank), bytes sent to
-other ranks, GB/s (bytes sent to peers per second), and the ratio dispatcher / NCCL.
+other ranks, GB/s (bytes sent to peers per second), and the ratio dispatcher / NCCL. "header ms" is the
+forward header alone (the fixed-size exchange every forward of a communicating dispatcher starts with,
+and its host read), timed eagerly: for `low_latency` it is what checking the ranks' agreement adds to an
+eager forward (a captured graph has no header).
 
 Timing on GPUs (`epmoe.bench.gpu_timing.GpuTimer`): CUDA events, median over repeats after warm-up, L2
 flushed, the GPU kept busy while the host queues a run so launch time does not leak in, and the ranks'
@@ -40,13 +43,12 @@ from .run_env import RESULTS_DIR_HELP, default_output, environment
 
 log = get_logger("bench")
 
-DISPATCHERS = ["allgather", "alltoall", "low_latency"]
 TOKENS = [128, 4096]
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dispatchers", action=CsvList, default=",".join(DISPATCHERS),
-                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--dispatchers", action=CsvList, default=None,
+                   help="comma-separated (default: every registered dispatcher that moves tokens and runs here)")
     p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
                    help="tokens per rank (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=7168, help="hidden size H (default: %(default)s)")
@@ -79,9 +81,9 @@ def _csv(s: str) -> list[str]:
 
 
 def _params(args) -> dict:
-    dispatchers = _csv(args.dispatchers)
     from ..contract import DISPATCHERS as KNOWN
-    unknown = [d for d in dispatchers if d not in KNOWN]
+    dispatchers = None if args.dispatchers is None else _csv(args.dispatchers)   # None: chosen per device
+    unknown = [d for d in dispatchers or [] if d not in KNOWN]
     if unknown:
         raise UsageError(f"unknown dispatchers {unknown}; known: {sorted(KNOWN)}")
     tokens = [int(t) for t in _csv(args.tokens)]
@@ -159,7 +161,7 @@ def _nccl_baseline(clock, byte_splits: list[int], reps, warmup, device, group) -
 # ------------------------------------------------------------------------------------------- one row
 def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, clock) -> dict:
     from ..config import MoEConfig
-    from ..contract import dispatcher_class
+    from ..dispatch.build import make_dispatcher
     from ..placement import Placement
     from ..routing import route
 
@@ -170,10 +172,7 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
         quant = Fp8Config(weight_block=(128, 128), dispatch_fp8=True)
     cfg = MoEConfig(num_experts=p["num_experts"], top_k=p["top_k"], hidden_size=p["hidden"],
                     intermediate_size=128, dtype=dtype, quant=quant)
-    cls = dispatcher_class(name)
-    if quant is not None and not cls.CAPS.fp8_dispatch:
-        raise ValueError(f"dispatcher {name!r} cannot send FP8 rows")
-    d = cls(cfg, Placement(cfg.num_experts, ws, rank), group, T, device)
+    d = make_dispatcher(name, cfg, group=group, device=device, max_tokens_per_rank=T)
     g = torch.Generator(device="cpu").manual_seed(p["seed"] * 1000 + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(dtype).to(device)
     routing = route(torch.randn(T, cfg.num_experts, generator=g).to(device), cfg)
@@ -194,7 +193,7 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
     hits[:, rank] = False
     row["ideal_bytes_to_peers"] = int(hits.sum()) * cfg.hidden_size * x.element_size()
 
-    use_graph = p["graph"] and cls.CAPS.cuda_graph_safe
+    use_graph = p["graph"] and d.plan.cuda_graph_safe
     reps, warmup = p["reps"], p["warmup"]
     # dispatch and combine timed inside the same forwards: each combine consumes its own dispatch
     row["dispatch"], row["combine"] = clock.time_split(lambda: d.dispatch(x, routing),
@@ -204,11 +203,22 @@ def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, cl
         b, h = d.dispatch(x, routing)
         return d.combine(y, h)
     row["total"] = clock.time(both, reps, warmup, use_graph)
+    if hasattr(d, "exchange_headers") and not d.CAPS.peer_memory:
+        # the forward header alone (NCCL/Gloo dispatchers: eager, it reads back on the host; the
+        # symmetric-memory ones carry it in their flag exchange)
+        row["header"] = clock.time(lambda: d.exchange_headers(T, device), reps, warmup, False)
     del batch, handle
     base_d, _ = _nccl_baseline(clock, stats.dispatch_bytes, reps, warmup, device, group)
     base_c, _ = _nccl_baseline(clock, stats.combine_bytes, reps, warmup, device, group)
     row["nccl_dispatch"], row["nccl_combine"] = base_d, base_c
     return row
+
+
+def _here(ws: int, device_type: str) -> list[str]:
+    """The registered dispatchers that move tokens and that the contract accepts on this device."""
+    from ..contract import DISPATCHERS, dispatcher_problem
+    return [n for n, cls in DISPATCHERS.items()
+            if cls.CAPS.communicates and dispatcher_problem(n, None, ws, device_type) is None]
 
 
 def _worker(rank: int, ws: int, p: dict) -> list[dict]:
@@ -217,8 +227,9 @@ def _worker(rank: int, ws: int, p: dict) -> list[dict]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     clock = _Clock(device, group)
     rows = []
-    steps = Steps(log, "measured (dispatcher, tokens):", len(p["dispatchers"]) * len(p["tokens"]), every=0.0)
-    for name in p["dispatchers"]:
+    names = p["dispatchers"] or _here(ws, device.type)
+    steps = Steps(log, "measured (dispatcher, tokens):", len(names) * len(p["tokens"]), every=0.0)
+    for name in names:
         for T in p["tokens"]:
             log.debug("timing %s at %d tokens per rank", name, T)
             try:
@@ -244,7 +255,9 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
             merged["error"] = errors[0]
             out.append(merged)
             continue
-        for key in ("dispatch", "combine", "total", "nccl_dispatch", "nccl_combine"):
+        for key in ("dispatch", "combine", "total", "nccl_dispatch", "nccl_combine", "header"):
+            if key not in first:
+                continue
             meds = [r[key]["median_ms"] for r in rows]
             merged[f"{key}_ms"] = statistics.median(meds)
             merged[f"{key}_ms_slowest_rank"] = max(meds)
@@ -263,7 +276,7 @@ def _merge(per_rank: list[list[dict]]) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     head = (f"{'dispatcher':<20} {'T/rank':>7} {'dispatch ms':>11} {'combine ms':>10} {'total ms':>9} "
-            f"{'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
+            f"{'header ms':>9} {'NCCL d+c ms':>11} {'x NCCL':>7} {'disp GB/s':>9} {'method':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -271,7 +284,8 @@ def _print_table(rows: list[dict]) -> None:
             print(f"{r['dispatcher']:<20} {r['tokens_per_rank']:>7} error: {r['error'][:80]}")
             continue
         print(f"{r['dispatcher']:<20} {r['tokens_per_rank']:>7} {r['dispatch_ms']:>11.3f} {r['combine_ms']:>10.3f} "
-              f"{r['total_ms']:>9.3f} {r['nccl_total_ms']:>11.3f} {r['total_vs_nccl']:>7.2f} "
+              f"{r['total_ms']:>9.3f} {r.get('header_ms', float('nan')):>9.3f} {r['nccl_total_ms']:>11.3f} "
+              f"{r['total_vs_nccl']:>7.2f} "
               f"{r['dispatch_GBps_to_peers']:>9.1f} {r['total_method']:>8}")
 
 

@@ -4,7 +4,7 @@ For each preset (mixtral-8x7b, qwen3-30b-a3b, deepseek-v3, gpt-oss-120b), token 
 (balanced softmax top-k; skewed: log-normal expert popularity; one hot expert that every token visits),
 each GPU experts backend runs the layer's expert computation on a flat batch (what the `local`
 dispatcher hands over), and so does the anchor, `torch._grouped_mm` gate+up, activation, down on rows
-already sorted by expert (ANCHORS.md's "GEMMs+act"). The batched backend runs on the batched layout
+already sorted by expert (the plain-PyTorch "GEMMs + activation" floor). The batched backend runs on the batched layout
 (T <= 128: its use is decode).
 
 Timing (`epmoe.bench.gpu_timing`): CUDA events, median over repeats after warm-up, fresh non-zero
@@ -199,6 +199,7 @@ def run_benchmark(args) -> dict:
     from .. import contract
     from ..layouts import BatchedBatch, FlatBatch
     from ..presets import preset_config
+    from ..quant import quant_config_for
     from ..reference import reference_moe
     from ..routing import Routing
     from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
@@ -217,7 +218,7 @@ def run_benchmark(args) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for preset in _csv(args.presets):
         for fmt in formats:
-            quant = _quant_for(fmt)
+            quant = quant_config_for(fmt)
             cfg = preset_config(preset, dtype=torch.bfloat16, quant=quant)
             E, k, H, I = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
             Hp = cfg.padded_hidden_size
@@ -228,11 +229,7 @@ def run_benchmark(args) -> dict:
                     continue
                 caps = contract.experts_class(name).CAPS
                 layout = "flat" if "flat" in caps.layouts else "batched"
-                dispatcher = "local" if layout == "flat" else None
-                if dispatcher is not None:
-                    why = contract.pairing_problem(dispatcher, name, cfg, 1, "cuda")
-                else:
-                    why = _batched_problem(contract, name, cfg)
+                why = contract.experts_problem(name, cfg, "cuda")
                 if why is None:
                     backends.append((name, layout, contract.experts_class(name)(cfg, device)))
                 else:
@@ -336,18 +333,6 @@ def _sample_rows(T, gen, device):
     return torch.cat([head, tail])
 
 
-def _batched_problem(contract, name, cfg) -> str | None:
-    caps = contract.experts_class(name).CAPS
-    if "cuda" not in caps.devices:
-        return "does not run on CUDA"
-    why = caps.available("cuda")
-    if why:
-        return why
-    if cfg.quant is not None and contract.quant_name(cfg) not in caps.quant:
-        return f"no {contract.quant_name(cfg)} support"
-    return None
-
-
 def _batched_check(out, ids, tw, sample, xb, counts, ref, H) -> float:
     """Combine the batched (unweighted) outputs of the sampled tokens and compare with the oracle."""
     T, k = ids.shape
@@ -359,17 +344,6 @@ def _batched_check(out, ids, tw, sample, xb, counts, ref, H) -> float:
     y = out[flat, slot].float().reshape(T, k, -1)
     combined = (y * tw.unsqueeze(2)).sum(1)[:, :H]
     return _rel_err(combined[sample], ref)
-
-
-def _quant_for(fmt: str):
-    if fmt == "bf16":
-        return None
-    from ..quant.fp8 import Fp8Config
-    if fmt == "fp8_block":
-        return Fp8Config(weight_block=(128, 128), activation="per_token_group")
-    if fmt == "fp8_channel":
-        return Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
-    raise ValueError(f"unknown format {fmt!r}; known: bf16, fp8_block, fp8_channel")
 
 
 # ------------------------------------------------------------------------------------------- output

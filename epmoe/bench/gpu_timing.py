@@ -1,4 +1,4 @@
-"""Timing GPU work the way ANCHORS.md prescribes: CUDA events, median over repeats after warm-up, the L2
+"""Timing GPU work reproducibly: CUDA events, median over repeats after warm-up, the L2
 cache flushed before each run, and the GPU kept busy while the run is queued so that Python launch time
 does not leak into the number (optionally the run is a CUDA graph replay as well).
 """

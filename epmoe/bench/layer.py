@@ -58,7 +58,6 @@ from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
 log = get_logger("bench")
 
 PRESETS = ["deepseek-v3", "qwen3-30b-a3b"]
-DISPATCHERS = ["allgather", "alltoall", "low_latency"]
 TOKENS = [128, 4096]
 FORMATS = {"bf16": "BF16 weights and rows", "fp8-dispatch": "FP8 block weights, FP8 rows + scales on the wire"}
 POOL = 3                      # distinct random inputs cycled through the timed runs
@@ -70,8 +69,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="comma-separated presets (default: %(default)s)")
     p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
                    help="tokens per rank T (default: %(default)s)")
-    p.add_argument("--dispatchers", action=CsvList, default=",".join(DISPATCHERS),
-                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--dispatchers", action=CsvList, default=None,
+                   help="comma-separated (default: every registered dispatcher that moves tokens and runs here)")
     p.add_argument("--backend", default="auto",
                    help="experts backend for every dispatcher (default: what experts='auto' resolves to)")
     p.add_argument("--experts", type=int, default=None, metavar="N", help="shrink each preset to N experts")
@@ -119,7 +118,10 @@ def _params(args) -> dict:
     bad = [x for x in presets if x not in KNOWN_PRESETS]
     if bad or not presets:
         raise UsageError(f"unknown presets {bad}; known: {list(KNOWN_PRESETS)}")
-    dispatchers = _csv(args.dispatchers)
+    here = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dispatchers = _csv(args.dispatchers) if args.dispatchers is not None else [   # the registry's, runnable here
+        n for n, cls in contract.DISPATCHERS.items()
+        if cls.CAPS.communicates and contract.dispatcher_problem(n, None, 2, here) is None]
     bad = [d for d in dispatchers if d not in contract.DISPATCHERS or d == "local"]
     if bad or not dispatchers:
         raise UsageError(f"dispatchers must be among {[d for d in contract.DISPATCHERS if d != 'local']}"
@@ -485,9 +487,7 @@ class _RankBench:
 
     def _graph_safe(self, dispatcher: str, experts: str) -> bool:
         from .. import contract
-        return (self.p["graph"] and self.device.type == "cuda"
-                and contract.dispatcher_class(dispatcher).CAPS.cuda_graph_safe
-                and contract.experts_class(experts).CAPS.cuda_graph_safe)
+        return self.p["graph"] and self.device.type == "cuda" and contract.graph_safe(dispatcher, experts)
 
 
 def _worker(rank: int, ws: int, p: dict) -> dict:

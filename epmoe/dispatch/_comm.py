@@ -6,12 +6,18 @@ routing that the receiver needs, and whatever else travels with it), each field 
 receiver reads it back as a typed view without a copy. One collective therefore moves a token and its
 metadata together: one NCCL launch per direction instead of one per tensor.
 
-FP8 dispatch plugs in here and nowhere else: `token_format` gives the `x` field the FP8 dtype and adds a
-`scales` field (float32, one per row or per 128-column group), `pack_tokens` quantizes before writing,
-and `unpack_tokens` already hands `scales` back beside `x` when the format has them.
+FP8 dispatch plugs in here and nowhere else: `token_format` gives the `x` field the wire dtype the plan
+names and, when the plan quantizes before the wire, a `scales` field (float32, one per row or per
+128-column group); `pack_tokens` quantizes before writing, and `unpack_tokens` hands `scales` back beside
+`x` when the format has them.
+
+Every forward starts with the forward header (`CommDispatcher.exchange_headers`): one fixed-size
+exchange, the same for every dispatcher, checked on the host before anything whose shape depends on
+the layer.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -20,11 +26,17 @@ import torch.distributed as dist
 
 from ..errors import RankMismatch
 from ..placement import Placement
-from ..routing import Routing
+from ..registry import DISPATCHERS
 from .base import Dispatcher
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
-HEADER_WIDTH = 4  # a forward's header: (tokens, layer index, step, status), see CommDispatcher.next_header
+
+# The forward header every rank sends first, in every forward of every communicating dispatcher: one
+# int64 row of these fields, then one count per destination rank (zeros where a dispatcher needs none).
+# The fingerprint fields describe the layer being run; the rest describe this forward.
+FINGERPRINT_FIELDS = ("dispatcher", "wire row bytes", "max_tokens_per_rank", "num_experts", "top_k",
+                      "hidden size")
+HEADER_FIELDS = ("failed",) + FINGERPRINT_FIELDS + ("layer", "forward", "tokens")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -75,23 +87,17 @@ class WireFormat:
         return f"WireFormat({inner}; {self.row_bytes} B/row)"
 
 
-def token_format(cfg, hidden: int, top_k: int, ids_dtype: torch.dtype = torch.int32,
-                 header: bool = False) -> WireFormat:
-    """The row a dispatcher sends per (token, destination): the hidden vector `x`, the token's expert ids
-    (`ids`: local ids on the destination, or global ids, -1 for a slot that is not there) and routing
-    `weights`; with `header=True` also the sender's forward header (token count, layer, step, status: the
-    low-latency overflow and agreement checks)."""
-    fields = [("x", cfg.dtype, hidden), ("ids", ids_dtype, top_k), ("weights", torch.float32, top_k)]
+def token_format(plan, ids_dtype: torch.dtype = torch.int32) -> WireFormat:
+    """The row a dispatcher sends per (token, destination), as its plan says: the hidden vector `x`
+    (padded width; FP8 with its float32 `scales` when the plan quantizes before the wire), the token's
+    expert ids (`ids`: local ids on the destination, or global ids, -1 for a slot that is not there) and
+    routing `weights`."""
+    hidden, top_k = plan.padded_hidden_size, plan.cfg.top_k
+    fields = [("x", plan.wire_dtype, hidden), ("ids", ids_dtype, top_k), ("weights", torch.float32, top_k)]
     quantize = None
-    if cfg.quant is not None and getattr(cfg.quant, "dispatch_fp8", False):
-        # FP8 dispatch: x travels as e4m3fn with its float32 scales (the one formula, epmoe.quant.fp8)
-        scheme = cfg.quant_scheme
-        group = scheme.activation_group_size
-        fields[0] = ("x", torch.float8_e4m3fn, hidden)
-        fields.insert(1, ("scales", torch.float32, 1 if group is None else -(-hidden // group)))
-        quantize = scheme.quantize_activations
-    if header:
-        fields.append(("header", torch.int32, HEADER_WIDTH))
+    if plan.wire_scales:
+        fields.insert(1, ("scales", torch.float32, plan.wire_scales))
+        quantize = plan.cfg.quant_scheme.quantize_activations      # the one formula, epmoe.quant.fp8
     return WireFormat(fields, quantize)
 
 
@@ -128,19 +134,18 @@ class TokenRows(NamedTuple):
     ids: torch.Tensor
     weights: torch.Tensor
     scales: torch.Tensor | None
-    header: torch.Tensor | None
 
 
 def unpack_tokens(fmt: WireFormat, buf: torch.Tensor, contiguous: bool = False) -> TokenRows:
     """Typed views of received rows (no copy; strided), or dense copies with `contiguous=True` (what the
     flat layout hands to experts backends, some of whose kernels index rows as a dense array).
-    `scales`/`header` are None when the format has none."""
+    `scales` is None when the format has none."""
     def get(name):
         if name not in fmt.fields:
             return None
         v = fmt.view(buf, name)
         return v.contiguous() if contiguous else v
-    return TokenRows(get("x"), get("ids"), get("weights"), get("scales"), get("header"))
+    return TokenRows(get("x"), get("ids"), get("weights"), get("scales"))
 
 
 # ---------------------------------------------------------------------------------------- collectives
@@ -153,35 +158,43 @@ def _reduce_scatter_fn():
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _started_async(async_op: bool, t: torch.Tensor) -> bool:
+    """Whether to start a collective with `async_op=True`: asked for, and not inside a CUDA graph
+    capture (there the collective is captured synchronously into the graph)."""
+    return async_op and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class Comm:
-    """The collectives over one EP group; with one rank (no group) they are copies and nothing is sent."""
+    """The collectives over one EP group; with one rank (no group) they are copies and nothing is sent.
+    With `async_op=True` each returns the collective's work (None where nothing is left to wait for)."""
 
     def __init__(self, group, size: int):
         self.group = group
         self.size = size
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
-                   in_splits: list[int] | None = None) -> torch.Tensor:
+                   in_splits: list[int] | None = None, async_op: bool = False):
         if self.size == 1:
             if out.numel():
                 out.copy_(inp)
-            return out
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
-        return out
+            return None if async_op else out
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group,
+                                      async_op=_started_async(async_op, out))
+        return work if async_op else out
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         if self.size == 1:
             out.copy_(inp)
-            return out
-        _gather_fn()(out, inp, group=self.group)
-        return out
+            return None if async_op else out
+        work = _gather_fn()(out, inp, group=self.group, async_op=_started_async(async_op, out))
+        return work if async_op else out
 
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         if self.size == 1:
             out.copy_(inp)
-            return out
-        _reduce_scatter_fn()(out, inp, group=self.group)
-        return out
+            return None if async_op else out
+        work = _reduce_scatter_fn()(out, inp, group=self.group, async_op=_started_async(async_op, out))
+        return work if async_op else out
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -228,12 +241,29 @@ class DispatchStats:
                                         else self.received_per_expert.tolist())}
 
 
-class CommDispatcher(Dispatcher):
-    """Base of the dispatchers that move tokens: the group, its collectives and the statistics hook."""
+class ForwardHeaders(NamedTuple):
+    """Every rank's header of one forward, read on the host: `tokens[r]` (rank r's T) and `counts[r][d]`
+    (rows rank r sends to rank d; zeros for dispatchers that exchange no counts)."""
+    tokens: list[int]
+    counts: list[list[int]]
 
-    def __init__(self, cfg, placement: Placement, group=None, max_tokens_per_rank: int | None = None,
-                 device: torch.device | None = None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
+
+def _kind_code(name: str) -> int:
+    """A dispatcher name as a stable int (the same on every rank and every run)."""
+    return zlib.crc32(name.encode())
+
+
+def _kind_name(code: int) -> str:
+    return next((repr(n) for n in DISPATCHERS if _kind_code(n) == code), f"#{code}")
+
+
+class CommDispatcher(Dispatcher):
+    """Base of the dispatchers that move tokens: the group, its collectives, the wire format the plan
+    gives, the forward header every forward starts with, and the statistics hook."""
+
+    def __init__(self, plan, placement: Placement, group=None, device: torch.device | None = None):
+        super().__init__(plan, placement, group, device)
+        self.fmt = token_format(plan)
         self.ep_size = placement.ep_size
         self.rank = placement.rank
         if group is not None:
@@ -247,52 +277,77 @@ class CommDispatcher(Dispatcher):
         self.stats: DispatchStats | None = None
         self.layer_index = 0        # set by the handshake: the layer's index among the group's EP layers
         self.forwards = [0]         # the group's forward counter, shared by its layers (set by the handshake)
-        self._failing = False       # this rank is taking part in a forward it could not compute
         if device is not None:
             placement.tables(device)  # build the id tables now, outside any CUDA graph capture
 
-    # ---------------------------------------------------------------- per-forward agreement (header)
-    def next_header(self, num_tokens: int) -> list[int]:
-        """This rank's header for the forward being dispatched: (tokens, layer, the group's forward count,
-        status). It travels
-        in the exchange each dispatcher makes anyway (counts), so checking it costs no extra collective."""
-        self.forwards[0] = (self.forwards[0] + 1) % (2 ** 31)
-        return [num_tokens, self.layer_index, self.forwards[0], 1 if self._failing else 0]
+    # --------------------------------------------------- the forward header: first exchange of a forward
+    def layer_fingerprint(self) -> list[int]:
+        """What ranks running the same layer agree on, as ints (the fingerprint fields of the header)."""
+        return [_kind_code(self.name), self.fmt.row_bytes, self.max_tokens_per_rank or 0,
+                self.cfg.num_experts, self.cfg.top_k, self.cfg.padded_hidden_size]
 
-    def check_headers(self, headers: list[list[int]]) -> None:
-        """Raise `RankMismatch` (the same on every rank) if a rank failed this forward, or if the ranks
-        are not running the same layer's same forward (their collectives would pair up wrongly)."""
-        failed = [r for r, h in enumerate(headers) if h[3]]
+    def exchange_headers(self, num_tokens: int, device, dest_counts: torch.Tensor | None = None,
+                         failed: bool = False) -> ForwardHeaders:
+        """The first collective of every forward of every communicating dispatcher, and the same one for
+        all of them: every rank gathers one fixed-size int64 row per rank (`HEADER_FIELDS`, then one count
+        per destination rank), read on the host and checked before anything whose shape depends on the
+        layer. Ranks that run different layers, or different forwards, or of which one failed, therefore
+        all raise the same `RankMismatch` here instead of pairing collectives of different sizes.
+
+        Args:
+            num_tokens: T, this rank's tokens in this forward.
+            device: where the row is built (the group's device).
+            dest_counts: [ep] int rows this rank sends to each rank, for dispatchers that size their
+                exchange from them (None: zeros).
+            failed: this rank takes part only to make its peers stop (see `abort`).
+        Returns:
+            `ForwardHeaders`: every rank's token count and per-destination counts.
+        """
+        self.forwards[0] = (self.forwards[0] + 1) % (2 ** 62)
+        mine = torch.tensor([int(failed)] + self.layer_fingerprint()
+                            + [self.layer_index, self.forwards[0], num_tokens], dtype=torch.int64)
+        if dest_counts is None:
+            row = torch.cat([mine, torch.zeros(self.ep_size, dtype=torch.int64)]).to(device)
+        else:
+            row = torch.cat([mine.to(device), dest_counts.to(torch.int64)])
+        # an all-gather done as an equal-split all-to-all of the row sent to every rank: the same result,
+        # about half the latency on Gloo
+        sent = row.repeat(self.ep_size)
+        rows = self.comm.all_to_all(torch.empty_like(sent), sent).view(self.ep_size, -1).tolist()  # host read
+        self.check_headers(rows)
+        n = len(HEADER_FIELDS)
+        return ForwardHeaders([r[n - 1] for r in rows], [r[n:] for r in rows])
+
+    def check_headers(self, rows: list[list[int]]) -> None:
+        """Raise `RankMismatch` (the same on every rank: all see the same rows) if a rank failed this
+        forward, or if the ranks are not running the same layer's same forward, naming what differs."""
+        failed = [r for r, h in enumerate(rows) if h[0]]
         if failed:
             raise RankMismatch(f"{self.name} dispatcher: rank(s) {failed} could not compute this forward (their "
                                f"error is raised there); every rank of the group stops this forward")
-        seen = {(h[1], h[2]) for h in headers}
-        if len(seen) > 1:
-            # every rank saw the same headers: all adopt the same count, so the group is usable again
-            self.forwards[0] = max(h[2] for h in headers)
-            per_rank = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]}" for r, h in enumerate(headers))
+        diffs = []
+        for i, name in enumerate(FINGERPRINT_FIELDS, start=1):
+            values = [h[i] for h in rows]
+            if len(set(values)) > 1:
+                shown = [_kind_name(v) for v in values] if name == "dispatcher" else values
+                diffs.append(f"{name} differs (" + ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown)) + ")")
+        layer, forward = HEADER_FIELDS.index("layer"), HEADER_FIELDS.index("forward")
+        if diffs or len({(h[layer], h[forward]) for h in rows}) > 1:
+            # every rank saw the same rows: all adopt the same count, so the group is usable again
+            self.forwards[0] = max(h[forward] for h in rows)
+            per_rank = ", ".join(f"rank {r}: layer #{h[layer]} forward #{h[forward]}" for r, h in enumerate(rows))
             raise RankMismatch(f"{self.name} dispatcher: the ranks are not running the same layer's same forward "
-                               f"({per_rank}); every rank must call the same EP layers in the same order")
+                               f"({per_rank})" + "".join(f"; {d}" for d in diffs)
+                               + "; every rank must call the same EP layers in the same order")
 
     def abort(self) -> None:
-        """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged
-        as failed, so that every rank raises instead of waiting; the caller re-raises its own error."""
-        H, k = self.cfg.padded_hidden_size, self.cfg.top_k
-        x = torch.zeros(0, H, dtype=self.cfg.dtype, device=self.device)
-        empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=self.device),
-                        torch.zeros(0, k, dtype=torch.float32, device=self.device))
-        self._failing = True
+        """Take part in the current forward on behalf of a rank whose inputs or routing failed: its header
+        is flagged as failed, so every rank raises right after the first exchange instead of waiting; the
+        caller re-raises its own error."""
         try:
-            batch, handle = self.dispatch(x, empty)
-            self.combine(self.empty_expert_output(batch), handle)
+            self.exchange_headers(0, self.device, failed=True)
         except RankMismatch:
             return   # expected: this rank's failed flag ends the forward on every rank, here included
-        finally:
-            self._failing = False
-
-    def empty_expert_output(self, batch) -> torch.Tensor:
-        """What the experts would return for `batch`, as zeros (for `abort`)."""
-        return torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=batch.x.device)
 
     def enable_stats(self) -> DispatchStats:
         """Start counting what this dispatcher sends (returns the live `DispatchStats`)."""
@@ -301,6 +356,5 @@ class CommDispatcher(Dispatcher):
 
     def wire_signature(self) -> tuple:
         """What this dispatcher puts on the wire (every rank of a group must agree: the handshake)."""
-        fmt = getattr(self, "fmt", None)
-        return (self.name, None if fmt is None else fmt.signature())
+        return (self.name, self.fmt.signature())
 

@@ -19,7 +19,8 @@ import zlib
 import torch
 
 from ..errors import RankMismatch
-from ._comm import CommDispatcher, Comm
+from ._comm import Comm, CommDispatcher
+from .base import Dispatcher, Pending
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -39,7 +40,8 @@ def symm_problem(device_type: str) -> str | None:
 
 
 def run_steps(steps):
-    """Drive a `*_steps` generator to its end and return its value (the non-simulated path)."""
+    """Drive a `*_steps` generator to its end and return its value (on GPUs every wait is on the device,
+    so nothing stops there)."""
     while True:
         try:
             next(steps)
@@ -53,23 +55,22 @@ class SymmDispatcher(CommDispatcher):
 
     kind = ""
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, pool=None):
+    def __init__(self, plan, placement, group=None, device=None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 pool=None):
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"{self.name} dispatcher: timeout_s must be a positive number of seconds, got "
                              f"{timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.simulated = pool is not None
         if self.simulated:      # ranks of one process (tests): no group, the pool's workspaces are the transport
-            self.cfg, self.placement, self.group = cfg, placement, None
-            self.max_tokens_per_rank, self.device = max_tokens_per_rank, pool.device
+            Dispatcher.__init__(self, plan, placement, None, pool.device)
             self.ep_size, self.rank = placement.ep_size, placement.rank
             self.comm = Comm(None, 1)
             self.stats = None
-            self.layer_index, self.forwards, self._failing = 0, [0], False
+            self.layer_index, self.forwards = 0, [0]
             self.pool = pool
             return
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
+        super().__init__(plan, placement, group, device)
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         why = symm_problem(dev.type)
         if why:
@@ -79,6 +80,49 @@ class SymmDispatcher(CommDispatcher):
         self.pool = (pool_for(self.kind, group, dev, self.rank, self.ep_size) if group is not None
                      else WorkspacePool(None, dev, 0, 1))
 
+    @classmethod
+    def simulated_rank(cls, cfg, placement, pool, max_tokens_per_rank=None, **kw):
+        """A dispatcher for one rank of a simulation in one process (tests): `pool` holds that rank's
+        workspace over plain CPU tensors (`symm_workspace.simulated_workspaces`), the kernels run under the
+        Triton interpreter, and `dispatch_steps` / `combine_steps` stop at every wait."""
+        from ..contract import activation_handoff
+        from ..plan import Handoff, MoEPlan
+        handoff = activation_handoff(cls.name, None, cfg)
+        group = cfg.quant_scheme.activation_group_size if handoff is Handoff.ON_THE_WIRE else None
+        fp8 = handoff is Handoff.ON_THE_WIRE
+        plan = MoEPlan(cfg=cfg, dispatcher=cls.name, experts=None, layout=cls.CAPS.layout, handoff=handoff,
+                       wire_dtype=torch.float8_e4m3fn if fp8 else cfg.dtype,
+                       wire_scales=(1 if group is None else -(-cfg.padded_hidden_size // group)) if fp8 else 0,
+                       wire_scale_group=group, cuda_graph_safe=cls.CAPS.cuda_graph_safe, host_sync=cls.CAPS.host_sync,
+                       max_tokens_per_rank=max_tokens_per_rank, hidden_size=cfg.hidden_size,
+                       padded_hidden_size=cfg.padded_hidden_size, intermediate_size=cfg.intermediate_size,
+                       padded_intermediate_size=cfg.padded_intermediate_size, ep_size=placement.ep_size,
+                       device_type="cuda")
+        return cls(plan, placement, pool=pool, **kw)
+
+    # ------------------------------------------------------------------------- the Dispatcher API
+    def _start_dispatch(self, x, routing) -> Pending:
+        result = run_steps(self.dispatch_steps(x, routing))
+        return Pending([], lambda: result)        # stream-ordered: the caller's next work queues behind it
+
+    def _start_combine(self, expert_out, handle) -> Pending:
+        result = run_steps(self.combine_steps(expert_out, handle))
+        return Pending([], lambda: result)
+
+    def abort(self) -> None:
+        """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged as
+        failed in its header, so that every rank raises instead of waiting."""
+        from ..routing import Routing
+        k, dev = self.cfg.top_k, self.device
+        x = torch.zeros(0, self.cfg.padded_hidden_size, dtype=self.cfg.dtype, device=dev)
+        empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=dev),
+                        torch.zeros(0, k, dtype=torch.float32, device=dev))
+        try:
+            batch, handle = run_steps(self.dispatch_steps(x, empty, failed=True))
+            run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=dev), handle))
+        except RankMismatch:
+            return   # expected: this rank's failed flag ends the forward on every rank, here included
+
     # ------------------------------------------------------------------------------------- headers
     def fingerprint(self) -> int:
         """What two ranks must agree on to exchange rows with this layer (int32)."""
@@ -86,14 +130,23 @@ class SymmDispatcher(CommDispatcher):
             self._fingerprint = zlib.crc32(repr(self.wire_signature()).encode()) & 0x7FFFFFFF
         return self._fingerprint
 
-    def header_values(self, num_tokens: int) -> list[int]:
-        """(fingerprint, layer, the group's forward count, tokens, failed) for the forward being dispatched."""
-        _, layer, forward, failed = self.next_header(num_tokens)
-        return [self.fingerprint(), layer, forward, num_tokens, failed]
+    def header_values(self, num_tokens: int, failed: bool = False) -> list[int]:
+        """(fingerprint, layer, the group's forward count, tokens, failed) for the forward being dispatched
+        (int32: the kernels compare them on the GPU)."""
+        self.forwards[0] = (self.forwards[0] + 1) % (2 ** 62)
+        return [self.fingerprint(), self.layer_index % 2 ** 31, self.forwards[0] % 2 ** 31, num_tokens, int(failed)]
 
-    def steps(self, gen):
-        """A `*_steps` generator as the caller needs it: driven to its end, unless simulated."""
-        return gen if self.simulated else run_steps(gen)
+    def check_heads(self, heads: list[list[int]]) -> None:
+        """On the host, what the exchange kernel checks on the GPU: a failed rank, another layer or
+        another forward on some rank raises `RankMismatch` (the same on every rank: all read the same)."""
+        failed = [r for r, h in enumerate(heads) if h[4]]
+        if failed:
+            raise RankMismatch(f"{self.name} dispatcher: rank(s) {failed} could not compute this forward (their "
+                               f"error is raised there); every rank of the group stops this forward")
+        if len({tuple(h[:3]) for h in heads}) > 1:
+            per_rank = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} layout {h[0]}" for r, h in enumerate(heads))
+            raise RankMismatch(f"{self.name} dispatcher: the ranks are not running the same layer's same forward "
+                               f"({per_rank}); every rank must call the same EP layers in the same order")
 
     def exchange(self, ws, phase: str, slot: int, header: list[int], **kw):
         """Publish `header` and the phase's next epoch, and wait for every rank's (one kernel on the GPU;

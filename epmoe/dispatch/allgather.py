@@ -16,7 +16,9 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
-from ._comm import HEADER_WIDTH, CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ..registry import register_dispatcher
+from ._comm import CommDispatcher, pack_tokens, unpack_tokens
+from .base import Pending
 
 
 class AllGatherHandle(NamedTuple):
@@ -24,50 +26,40 @@ class AllGatherHandle(NamedTuple):
     max_tokens: int        # the group's largest count (rows per rank block)
 
 
+@register_dispatcher("allgather")
 class AllGatherDispatcher(CommDispatcher):
-    name = "allgather"
+    """Global expert ids travel: each receiver converts them to its own local ids."""
+
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False,
         summary="every rank gathers all tokens and runs its experts on them; partial sums are "
                 "reduce-scattered back in float32 (the simple, wasteful baseline)")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
-        # global expert ids travel: each receiver converts them to its own local ids
-        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k)
-
-    def _token_counts(self, num_tokens: int, device) -> list[int]:
-        """Every rank's token count, exchanged with the forward headers (checked here: the host sync)."""
-        mine = torch.tensor(self.next_header(num_tokens), dtype=torch.int64).to(device)
-        everyone = torch.empty(self.ep_size * HEADER_WIDTH, dtype=torch.int64, device=device)
-        heads = self.comm.all_gather(everyone, mine).view(self.ep_size, HEADER_WIDTH).tolist()
-        self.check_headers(heads)
-        return [h[0] for h in heads]
-
-    def dispatch(self, x, routing):
+    def _start_dispatch(self, x, routing):
         T, H = x.shape
-        t_max = max(self._token_counts(T, x.device))
+        t_max = max(self.exchange_headers(T, x.device).tokens)   # the forward header: a host sync
         send = self.fmt.empty(t_max, device=x.device)
         pack_tokens(self.fmt, send[:T], x, routing.topk_ids, routing.topk_weights)
         if T < t_max:
             pack_tokens(self.fmt, send[T:], 0, -1, 0.0)          # padding rows: zeros, routed nowhere
         recv = self.fmt.empty(self.ep_size * t_max, device=x.device)
-        if t_max:
-            self.comm.all_gather(recv, send)
-        rows = unpack_tokens(self.fmt, recv, contiguous=True)
-        local_ids = self.placement.local_ids(rows.ids)
-        if self.stats is not None:
-            self.stats.forwards += 1
-            self.stats.add("dispatch_rows", [t_max] * self.ep_size)
-            self.stats.add("dispatch_bytes", [t_max * self.fmt.row_bytes] * self.ep_size)
-            self.stats.add("combine_bytes", [t_max * H * 4] * self.ep_size)
-            self.stats.count_experts(count_pairs(local_ids, self.placement.num_local_experts))
-        return FlatBatch(rows.x, local_ids, rows.weights, rows.scales), AllGatherHandle(T, t_max)
+        work = self.comm.all_gather(recv, send, async_op=True) if t_max else None
 
-    def combine(self, expert_out, handle: AllGatherHandle):
+        def finish():
+            rows = unpack_tokens(self.fmt, recv, contiguous=True)
+            local_ids = self.placement.local_ids(rows.ids)
+            if self.stats is not None:
+                self.stats.forwards += 1
+                self.stats.add("dispatch_rows", [t_max] * self.ep_size)
+                self.stats.add("dispatch_bytes", [t_max * self.fmt.row_bytes] * self.ep_size)
+                self.stats.add("combine_bytes", [t_max * H * 4] * self.ep_size)
+                self.stats.count_experts(count_pairs(local_ids, self.placement.num_local_experts))
+            return FlatBatch(rows.x, local_ids, rows.weights, rows.scales), AllGatherHandle(T, t_max)
+        return Pending([work], finish)
+
+    def _start_combine(self, expert_out, handle: AllGatherHandle):
         T, t_max = handle
         H = expert_out.shape[1]
         out = torch.empty(t_max, H, dtype=torch.float32, device=expert_out.device)
-        if t_max:
-            self.comm.reduce_scatter(out, expert_out.float().contiguous())
-        return out[:T].to(self.cfg.dtype)
+        work = self.comm.reduce_scatter(out, expert_out.float().contiguous(), async_op=True) if t_max else None
+        return Pending([work], lambda: out[:T].to(self.cfg.dtype))

@@ -3,8 +3,8 @@ one of its experts (not once per expert), and one row per (token, rank) comes ba
 
 Dispatch:
   1. Each rank finds, per token, the set of destination ranks (owners of its k experts) and counts the
-     rows it will send to each; the counts go through one small all-to-all, and one host sync reads
-     them (send and receive counts together), which sizes everything below.
+     rows it will send to each; the counts travel in the forward header (one small all-gather, checked
+     on the host: see `CommDispatcher.exchange_headers`), and that one host sync sizes everything below.
   2. Rows are ordered destination-major, each carrying the token's hidden vector and its routing
      *restricted to that destination*: local expert ids on the destination (-1 for slots that live
      elsewhere) and the k weights. One variable-size `all_to_all_single` moves them (uneven splits;
@@ -26,7 +26,9 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
-from ._comm import HEADER_WIDTH, CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ..registry import register_dispatcher
+from ._comm import CommDispatcher, pack_tokens, unpack_tokens
+from .base import Pending
 
 
 class AllToAllHandle(NamedTuple):
@@ -44,32 +46,23 @@ def _nonzero_1d(mask: torch.Tensor, count: int) -> torch.Tensor:
         return mask.nonzero().reshape(-1)
 
 
+@register_dispatcher("alltoall")
 class AllToAllDispatcher(CommDispatcher):
-    name = "alltoall"
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False, fp8_dispatch=True,
         summary="counts exchanged, then each token sent once per destination rank with its routing for "
                 "that rank's experts (variable-size all-to-all); one row per (token, rank) comes back")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
-        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k)   # ids: local ids on the receiver
-
-    def dispatch(self, x, routing):
+    def _start_dispatch(self, x, routing):
         T, H = x.shape
         ep, dev = self.ep_size, x.device
         owner, _ = self.placement.ids_on_owner(routing.topk_ids)              # [T, k]
         goes_to = torch.zeros(ep, T, dtype=torch.bool, device=dev)             # [ep, T]
         goes_to.scatter_(0, owner.t().long(), True)
         send_counts = goes_to.sum(1)                                           # [ep]
-        header = torch.tensor(self.next_header(T), dtype=torch.int64).to(dev)
-        send_head = torch.cat([send_counts.unsqueeze(1), header.expand(ep, HEADER_WIDTH)[:, 1:]], 1)
-        recv_head = torch.empty_like(send_head)
-        self.comm.all_to_all(recv_head, send_head)                             # counts + headers
-        both = torch.cat([send_counts, recv_head.reshape(-1)]).tolist()        # the one host sync
-        heads = [both[ep + r * HEADER_WIDTH: ep + (r + 1) * HEADER_WIDTH] for r in range(ep)]
-        self.check_headers(heads)
-        send_splits, recv_splits = both[:ep], [h[0] for h in heads]
+        heads = self.exchange_headers(T, dev, send_counts)                     # the one host sync
+        send_splits = heads.counts[self.rank]
+        recv_splits = [heads.counts[r][self.rank] for r in range(ep)]
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
         pair = _nonzero_1d(goes_to.reshape(-1), n_send)                        # destination-major
@@ -78,28 +71,33 @@ class AllToAllDispatcher(CommDispatcher):
         send = self.fmt.empty(n_send, device=dev)
         pack_tokens(self.fmt, send, x[tok], ids, routing.topk_weights[tok])
         recv = self.fmt.empty(n_recv, device=dev)
-        self.comm.all_to_all(recv, send, recv_splits, send_splits)
-        rows = unpack_tokens(self.fmt, recv, contiguous=True)
+        work = self.comm.all_to_all(recv, send, recv_splits, send_splits, async_op=True)
 
-        # where each (rank, token) row will sit in the combine buffer; row n_send stays zero
-        back_index = torch.full((ep, T), n_send, dtype=torch.int64, device=dev)
-        back_index.view(-1)[pair] = torch.arange(n_send, device=dev)
-        if self.stats is not None:
-            self.stats.forwards += 1
-            self.stats.add("dispatch_rows", send_splits)
-            self.stats.add("dispatch_bytes", [n * self.fmt.row_bytes for n in send_splits])
-            self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv_splits])
-            self.stats.count_experts(count_pairs(rows.ids, self.placement.num_local_experts))
-        batch = FlatBatch(rows.x, rows.ids, rows.weights, rows.scales)
-        return batch, AllToAllHandle(T, send_splits, recv_splits, back_index)
+        def finish():
+            rows = unpack_tokens(self.fmt, recv, contiguous=True)
+            # where each (rank, token) row will sit in the combine buffer; row n_send stays zero
+            back_index = torch.full((ep, T), n_send, dtype=torch.int64, device=dev)
+            back_index.view(-1)[pair] = torch.arange(n_send, device=dev)
+            if self.stats is not None:
+                self.stats.forwards += 1
+                self.stats.add("dispatch_rows", send_splits)
+                self.stats.add("dispatch_bytes", [n * self.fmt.row_bytes for n in send_splits])
+                self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv_splits])
+                self.stats.count_experts(count_pairs(rows.ids, self.placement.num_local_experts))
+            batch = FlatBatch(rows.x, rows.ids, rows.weights, rows.scales)
+            return batch, AllToAllHandle(T, send_splits, recv_splits, back_index)
+        return Pending([work], finish)
 
-    def combine(self, expert_out, handle: AllToAllHandle):
+    def _start_combine(self, expert_out, handle: AllToAllHandle):
         T, send_splits, recv_splits, back_index = handle
         n_send, H = sum(send_splits), expert_out.shape[1]
         back = torch.empty(n_send + 1, H, dtype=expert_out.dtype, device=expert_out.device)
         back[n_send].zero_()
-        self.comm.all_to_all(back[:n_send], expert_out.contiguous(), send_splits, recv_splits)
-        out = back[back_index[0]].float()
-        for d in range(1, self.ep_size):
-            out += back[back_index[d]]
-        return out.to(self.cfg.dtype)
+        work = self.comm.all_to_all(back[:n_send], expert_out.contiguous(), send_splits, recv_splits, async_op=True)
+
+        def finish():
+            out = back[back_index[0]].float()
+            for d in range(1, self.ep_size):
+                out += back[back_index[d]]
+            return out.to(self.cfg.dtype)
+        return Pending([work], finish)

@@ -6,7 +6,7 @@ forward can be captured in a CUDA graph and replayed with new inputs.
 
 Dispatch: each rank writes a send buffer `[ep, M, row]`: block d holds all of its tokens (slot t =
 token t, so nothing is compacted or reordered), each with its routing *restricted to rank d* (local ids
-on d, -1 for slots held elsewhere) and the rank's token count T. One equal-split all-to-all exchanges
+on d, -1 for slots held elsewhere). One equal-split all-to-all exchanges
 the blocks. The receiver scatters the (source, token, slot) pairs that name one of its experts into the
 batched layout `x [L, C, H]` + `counts [L]`, capacity C = ep x M (each source sends an expert at most M
 tokens, so no expert can overflow and no token is ever dropped); rows past an expert's count are left
@@ -16,27 +16,22 @@ Combine: the experts' unweighted `[L, C, H]` rows are gathered back per (source,
 and summed over the slots in float32 (one row per (token, rank)), cast, sent back by the reverse
 all-to-all `[ep, M, H]`, and the owner sums its ep rows in float32 and casts once.
 
-Bytes per rank and direction are fixed: ep x M rows (dispatch rows carry H x dtype + 8 k + 4 bytes,
+Bytes per rank and direction are fixed: ep x M rows (dispatch rows carry H x dtype + 8 k bytes,
 aligned), whatever the routing. That is the price of static shapes.
 
 Overflow (T > M on some rank) -- an error naming `max_tokens_per_rank` on every rank, never a hang or a
-dropped token. The design:
-  * Every rank's T travels in the `header` field of its rows (with the layer index, the forward step and
-    a failed flag: see `CommDispatcher.next_header`), inside the one fixed-size exchange, so all ranks
-    learn of an overflow -- or of ranks running different forwards -- from the same collective.
-  * A rank with T > M still takes part in the whole forward (so its peers' collectives complete): it
-    sends blocks with no token in them, runs its experts for the tokens it received, joins the combine
-    exchange. Its own output is never produced.
-  * Every rank reads the exchanged counts at the end of `combine`, after both exchanges, and raises
-    there: the same point on every rank, so the collectives stay matched and the group is usable again
-    by the next forward (with smaller batches). On the CPU this read is free. On a GPU the counts are
-    copied to pinned memory right after the dispatch exchange (non-blocking) and `combine` waits on that
-    copy's event once everything of the forward has been launched: the only wait of the GPU path, and it
-    does not size anything. Raising on every rank is impossible without each host learning the counts
-    at the same point, and this is the cheapest such point.
-  * During CUDA graph capture nothing is read back (that is impossible there): each rank checks its own
-    T on the host, which it knows from the input's shape, and a replay cannot change T (the static input
-    buffers fix it). Capture every rank's graph with a T <= M.
+dropped token. Every rank's T travels in the forward header (`CommDispatcher.exchange_headers`), the
+first, fixed-size exchange of the forward, with the layer's fingerprint, its index and the forward
+count: each rank reads the headers on the host and all raise at the same point, before anything whose
+shape depends on the layer is exchanged, so the group is usable again by the next forward. That host
+read is the one wait of the eager GPU path (a few microseconds beside the two all-to-alls; `epmoe bench
+dispatch` measures the whole dispatch + combine). With one rank there are no peers: nothing is exchanged
+or read back, the rank checks its own T.
+
+During CUDA graph capture nothing can be read back, so no header is exchanged: each rank checks its own
+T on the host, which it knows from the input's shape, and a replay cannot change T (the static input
+buffers fix it). Capture every rank's graph with a T <= M, on the same layers in the same order: a
+captured graph does not detect ranks replaying different layers.
 """
 from __future__ import annotations
 
@@ -46,7 +41,9 @@ import torch
 
 from ..contract import DispatcherCaps
 from ..layouts import BATCHED, BatchedBatch
-from ._comm import CommDispatcher, pack_tokens, token_format, unpack_tokens
+from ..registry import register_dispatcher
+from ._comm import CommDispatcher, pack_tokens, unpack_tokens
+from .base import Pending
 
 
 class LowLatencyHandle(NamedTuple):
@@ -56,45 +53,40 @@ class LowLatencyHandle(NamedTuple):
     weights: torch.Tensor        # [ep*M*k] float32 routing weights
 
 
+@register_dispatcher("low_latency")
 class LowLatencyDispatcher(CommDispatcher):
-    name = "low_latency"
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, host_sync=False, cuda_graph_safe=True, needs_max_tokens=True,
         fp8_dispatch=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
                 "data-dependent sizes, CUDA-graph capturable; overflow is an error on every rank")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device)
-        if (isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
-                or max_tokens_per_rank < 1):
-            raise ValueError(f"low_latency dispatcher: max_tokens_per_rank must be a positive int (the most "
-                             f"tokens any rank passes in one forward), got {max_tokens_per_rank!r}")
-        self.M = max_tokens_per_rank
+    def __init__(self, plan, placement, group=None, device=None):
+        super().__init__(plan, placement, group, device)
+        self.M = plan.max_tokens_per_rank               # checked by the plan: a positive int
         self.capacity = self.ep_size * self.M          # C: rows per local expert in the batched layout
-        self.fmt = token_format(cfg, cfg.padded_hidden_size, cfg.top_k, header=True)
-        self._headers_host: torch.Tensor | None = None  # pinned copy of the exchanged headers (GPU)
-        self._headers_ready: torch.cuda.Event | None = None
-        self._headers: torch.Tensor | None = None       # the exchanged headers (CPU path)
-        self._headers_pending = False                   # a GPU copy of them is on its way
 
     # ------------------------------------------------------------------------------------- dispatch
-    def dispatch(self, x, routing):
+    def _start_dispatch(self, x, routing):
         T, H = x.shape
-        ep, M, k, dev = self.ep_size, self.M, self.cfg.top_k, x.device
-        L, C = self.placement.num_local_experts, self.capacity
-        n = T if T <= M else 0                       # an overflowing rank sends no token at all
+        ep, M, dev = self.ep_size, self.M, x.device
+        tokens = [T]
+        if ep > 1 and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            tokens = self.exchange_headers(T, dev).tokens
+        self._check_capacity(tokens)
         send = self.fmt.empty(ep, M, device=dev)
         ranks = torch.arange(ep, device=dev).view(ep, 1, 1)
-        pack_tokens(self.fmt, send[:, :n], x[:n], self.placement.local_ids_on(routing.topk_ids[:n], ranks),
-                    routing.topk_weights[:n])
-        if n < M:
-            pack_tokens(self.fmt, send[:, n:], 0, -1, 0.0)
-        header = self.fmt.view(send, "header")
-        for i, value in enumerate(self.next_header(T)):   # constants: nothing read back, capturable
-            header[..., i].fill_(value)
-        recv = send if ep == 1 else self.comm.all_to_all(torch.empty_like(send), send)
-        rows = unpack_tokens(self.fmt, recv)
-        self._note_headers(rows.header[:, 0, :])
+        pack_tokens(self.fmt, send[:, :T], x, self.placement.local_ids_on(routing.topk_ids, ranks),
+                    routing.topk_weights)
+        if T < M:
+            pack_tokens(self.fmt, send[:, T:], 0, -1, 0.0)
+        recv = send if ep == 1 else torch.empty_like(send)
+        work = None if ep == 1 else self.comm.all_to_all(recv, send, async_op=True)
+        return Pending([work], lambda: self._arrange(unpack_tokens(self.fmt, recv), T, H))
+
+    def _arrange(self, rows, T: int, H: int):
+        """Received rows -> the batched layout and the handle (no host sync)."""
+        ep, M, k, dev = self.ep_size, self.M, self.cfg.top_k, rows.x.device
+        L, C = self.placement.num_local_experts, self.capacity
 
         # (source, token, slot) pairs -> rows of the batched layout, ordered by expert
         P = ep * M * k
@@ -121,54 +113,32 @@ class LowLatencyDispatcher(CommDispatcher):
             self.stats.forwards += 1
             self.stats.add("dispatch_rows", [M] * ep)
             self.stats.add("dispatch_bytes", [M * self.fmt.row_bytes] * ep)
-            self.stats.add("combine_bytes", [M * H * x.element_size()] * ep)
+            self.stats.add("combine_bytes", [M * H * self.cfg.dtype.itemsize] * ep)
             self.stats.count_experts(counts[:L])
         batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb)
         return batch, LowLatencyHandle(T, dest, valid, rows.weights.reshape(P).float())
 
     # -------------------------------------------------------------------------------------- combine
-    def combine(self, expert_out, handle: LowLatencyHandle):
+    def _start_combine(self, expert_out, handle: LowLatencyHandle):
         T, dest, valid, weights = handle
         ep, M, k = self.ep_size, self.M, self.cfg.top_k
         L, C, H = expert_out.shape
         y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)].float()          # [P, H]
         y.mul_(weights.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)       # NaN-safe: filled, not scaled
         partial = y.view(ep, M, k, H).sum(2).to(self.cfg.dtype)                    # one row per (token, rank)
-        back = partial if ep == 1 else self.comm.all_to_all(torch.empty_like(partial), partial)
-        self._check_forward(T)
-        return back[:, :T].float().sum(0).to(self.cfg.dtype)
+        back = partial if ep == 1 else torch.empty_like(partial)
+        work = None if ep == 1 else self.comm.all_to_all(back, partial, async_op=True)
+        return Pending([work], lambda: back[:, :T].float().sum(0).to(self.cfg.dtype))
 
-    # ------------------------------------------------------------------- overflow and agreement check
-    def _note_headers(self, headers: torch.Tensor) -> None:
-        """Keep every rank's forward header [ep, 4] (from the exchange) for the check at the end of
-        `combine`."""
-        self._headers, self._headers_pending = None, False
-        if headers.device.type != "cuda":
-            self._headers = headers
-        elif not torch.cuda.is_current_stream_capturing():
-            if self._headers_host is None or self._headers_host.shape != headers.shape:
-                self._headers_host = torch.empty(headers.shape, dtype=headers.dtype, pin_memory=True)
-                self._headers_ready = torch.cuda.Event()
-            self._headers_host.copy_(headers, non_blocking=True)
-            self._headers_ready.record()
-            self._headers_pending = True
-
-    def _check_forward(self, num_tokens: int) -> None:
-        heads = None
-        if self._headers is not None:
-            heads = self._headers.tolist()
-        elif self._headers_pending and not torch.cuda.is_current_stream_capturing():
-            self._headers_ready.synchronize()
-            heads = self._headers_host.tolist()
-        self._headers_pending = False
-        if heads is None:                               # capturing: only this rank's own count is known
-            counts = [num_tokens if r == self.rank else 0 for r in range(self.ep_size)]
-        else:
-            self.check_headers(heads)
-            counts = [h[0] for h in heads]
-        bad = {r: t for r, t in enumerate(counts) if t > self.M}
+    # ------------------------------------------------------------------------------ overflow check
+    def _check_capacity(self, tokens: list[int]) -> None:
+        """Raise on every rank that knows of a rank passing more than M tokens (`tokens`: every rank's T
+        from the forward header, or this rank's own alone)."""
+        bad = [(r, t) for r, t in enumerate(tokens) if t > self.M]
+        if len(tokens) == 1:
+            bad = [(self.rank, t) for _, t in bad]
         if bad:
-            who = ", ".join(f"rank {r} passed {t} tokens" for r, t in sorted(bad.items()))
+            who = ", ".join(f"rank {r} passed {t} tokens" for r, t in bad)
             raise ValueError(
                 f"low_latency dispatcher: {who}, more than max_tokens_per_rank={self.M} (raised on every rank "
                 f"of the group; this forward's outputs were discarded, no token was dropped silently). "

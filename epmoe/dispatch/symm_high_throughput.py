@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ..contract import DispatcherCaps
+from ..registry import register_dispatcher
 from ..errors import RankMismatch
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
@@ -48,26 +49,23 @@ def _available(device_type: str) -> str | None:
     return symm_problem(device_type)
 
 
+@register_dispatcher("symm_high_throughput")
 class SymmHighThroughputDispatcher(SymmDispatcher):
-    name = "symm_high_throughput"
     kind = "ht"
     CAPS = DispatcherCaps(
-        layout=FLAT, communicates=True, devices=frozenset({"cuda"}), host_sync=True, cuda_graph_safe=True,
+        layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
         takes_max_tokens=True, fp8_dispatch=True, available=_available,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
                 "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); rows come back "
                 "the same way and the owner sums them in float32; with max_tokens_per_rank: fixed buffers, no "
                 "host read in the forward, CUDA-graph capturable")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None, **kw):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device, **kw)
-        q = cfg.quant
-        self.fp8 = q is not None and getattr(q, "dispatch_fp8", False)
-        self.scheme = cfg.quant_scheme
-        H = cfg.padded_hidden_size
-        group_size = self.scheme.activation_group_size if self.fp8 else None
-        self.groups = (1 if group_size is None else -(-H // group_size)) if self.fp8 else 0
-        self.wire_dtype = torch.float8_e4m3fn if self.fp8 else cfg.dtype
+    def __init__(self, plan, placement, group=None, device=None, **kw):
+        super().__init__(plan, placement, group, device, **kw)
+        self.fp8 = plan.fp8_on_the_wire              # the plan says what crosses the wire
+        self.scheme = plan.cfg.quant_scheme
+        self.groups = plan.wire_scales
+        self.wire_dtype = plan.wire_dtype
 
     def slot_layout(self, rows: int = 1):
         """Regions of one slot for `rows` received rows (rows sent back use the same capacity)."""
@@ -107,10 +105,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         return layout
 
     # ------------------------------------------------------------------------------------- dispatch
-    def dispatch(self, x, routing):
-        return self.steps(self.dispatch_steps(x, routing))
-
-    def dispatch_steps(self, x, routing):
+    def dispatch_steps(self, x, routing, failed: bool = False):
         from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel, ht_route_kernel, pow2, row_block
         from triton import cdiv as triton_cdiv
         T, H = x.shape
@@ -140,7 +135,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
             xs = xs.float().contiguous()
         else:
             xw, xs = x.contiguous(), None
-        header = self.header_values(T)
+        header = self.header_values(T, failed)
         # bounded: headers checked on the GPU (the host reads the verdict at the end of combine)
         yield from self.exchange(ws, "count", slot, header, counts=counts, check_heads=bounded,
                                  max_tokens=M if bounded else 2 ** 30)
@@ -194,16 +189,10 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         if bits:
             self.pool.status.zero_()
         self.raise_for_status(bits, heads)
-        self.check_headers([[h[3], h[1], h[2], h[4]] for h in heads])
-        if len({h[0] for h in heads}) > 1:
-            raise RankMismatch(f"{self.name} dispatcher: the ranks exchange rows of different layouts (layer "
-                               f"fingerprints {[h[0] for h in heads]}): they run different kinds of layers")
+        self.check_heads(heads)
         return [h[HEADER_FIELDS:HEADER_FIELDS + self.ep_size] for h in heads]
 
     # -------------------------------------------------------------------------------------- combine
-    def combine(self, expert_out, handle: SymmHTHandle):
-        return self.steps(self.combine_steps(expert_out, handle))
-
     def combine_steps(self, expert_out, handle: SymmHTHandle):
         from ..kernels.symm_dispatch import gather_sum, ht_combine_kernel, row_block
         T, slot, ws, header, mtx, n, back_index = handle

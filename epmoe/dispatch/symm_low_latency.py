@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from ..contract import DispatcherCaps
+from ..registry import register_dispatcher
 from ..layouts import BATCHED, BatchedBatch
 from ._symm import SymmDispatcher, symm_problem
 
@@ -43,31 +44,28 @@ def _available(device_type: str) -> str | None:
     return symm_problem(device_type)
 
 
+@register_dispatcher("symm_low_latency")
 class SymmLowLatencyDispatcher(SymmDispatcher):
-    name = "symm_low_latency"
     kind = "ll"
     CAPS = DispatcherCaps(
-        layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), host_sync=False, cuda_graph_safe=True,
+        layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=False, cuda_graph_safe=True,
         needs_max_tokens=True, fp8_dispatch=True, available=_available,
         summary="GPU-initiated, fixed capacity: Triton kernels store each (token, expert) row straight into the "
                 "owner's symmetric-memory buffer in the batched layout (read in place by the experts); no host "
                 "sync, CUDA-graph capturable; overflow is an error on every rank")
 
-    def __init__(self, cfg, placement, group=None, max_tokens_per_rank=None, device=None, **kw):
-        super().__init__(cfg, placement, group, max_tokens_per_rank, device, **kw)
-        if (isinstance(max_tokens_per_rank, bool) or not isinstance(max_tokens_per_rank, int)
-                or max_tokens_per_rank < 1):
+    def __init__(self, plan, placement, group=None, device=None, **kw):
+        super().__init__(plan, placement, group, device, **kw)
+        M = plan.max_tokens_per_rank
+        if isinstance(M, bool) or not isinstance(M, int) or M < 1:
             raise ValueError(f"{self.name} dispatcher: max_tokens_per_rank must be a positive int (the most tokens "
-                             f"any rank passes in one forward), got {max_tokens_per_rank!r}")
-        self.M = max_tokens_per_rank
+                             f"any rank passes in one forward), got {M!r}")
+        self.M = M
         self.capacity = self.ep_size * self.M
-        q = cfg.quant
-        self.fp8 = q is not None and getattr(q, "dispatch_fp8", False)
-        self.scheme = cfg.quant_scheme
-        group_size = self.scheme.activation_group_size if self.fp8 else None
-        H = cfg.padded_hidden_size
-        self.groups = (1 if group_size is None else -(-H // group_size)) if self.fp8 else 0
-        self.wire_dtype = torch.float8_e4m3fn if self.fp8 else cfg.dtype
+        self.fp8 = plan.fp8_on_the_wire              # the plan says what crosses the wire
+        self.scheme = plan.cfg.quant_scheme
+        self.groups = plan.wire_scales
+        self.wire_dtype = plan.wire_dtype
         from .symm_workspace import COUNTERS
         if placement.max_local_experts > COUNTERS:
             raise ValueError(f"{self.name} dispatcher: a rank holds {placement.max_local_experts} experts, more than "
@@ -93,10 +91,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         return view
 
     # ------------------------------------------------------------------------------------- dispatch
-    def dispatch(self, x, routing):
-        return self.steps(self.dispatch_steps(x, routing))
-
-    def dispatch_steps(self, x, routing):
+    def dispatch_steps(self, x, routing, failed: bool = False):
         from ..kernels.symm_dispatch import ll_dispatch_kernel, pow2, row_block
         T, H = x.shape
         M, C, K, dev = self.M, self.capacity, self.cfg.top_k, x.device
@@ -107,7 +102,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         pool = self.pool
         ws = pool.ensure(self.layout.nbytes)
         slot = pool.next_slot()
-        header = self.header_values(T)
+        header = self.header_values(T, failed)
         view = self._views(ws, slot)
         n = T if T <= M else 0                      # an overflowing rank sends no token at all
         if n:
@@ -148,9 +143,6 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         self.stats.count_experts(counts.to(torch.int64))
 
     # -------------------------------------------------------------------------------------- combine
-    def combine(self, expert_out, handle: SymmLLHandle):
-        return self.steps(self.combine_steps(expert_out, handle))
-
     def combine_steps(self, expert_out, handle: SymmLLHandle):
         from ..kernels.symm_dispatch import gather_sum, ll_combine_kernel, row_block
         T, slot, ws, header, weights = handle

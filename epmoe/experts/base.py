@@ -1,17 +1,31 @@
 """The experts interface and the pieces the PyTorch backends share."""
 from __future__ import annotations
 
+import abc
+
 import torch
 
-from ..contract import ExpertsCaps
+from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BatchedBatch, ExpertWeights, FlatBatch
 
 
-class Experts:
+class Experts(abc.ABC):
     """Computes this rank's experts on a batch in a layout it declared in `CAPS.layouts`.
 
-    flat -> `[N, H]`, each row's routing-weighted sum over its local slots (float32 accumulation);
-    batched -> `[L, C, H]`, unweighted, rows past `counts` zero.
+    Call: `experts(batch, weights) -> out`.
+    Args:
+        batch: `FlatBatch` (`x [N, Hp]`, `local_ids [N, k]` int32, -1 = expert elsewhere, `weights [N, k]`
+            float32) or `BatchedBatch` (`x [L, C, Hp]`, `counts [L]` int32); FP8 layers: `x` float8_e4m3fn
+            with `scales` float32 ([N, G] or [L, C, G]), or rows in the layer's dtype (quantized here).
+        weights: this rank's `ExpertWeights` (`w13 [L, 2Ip, Hp]`, `w2 [L, Hp, Ip]`, ...).
+    Returns:
+        flat: `[N, Hp]`, each row's routing-weighted sum over its local slots (float32 accumulation);
+        batched: `[L, C, Hp]`, unweighted, rows past `counts` zero. In the layer's dtype.
+
+    Every backend treats the activations of an FP8 layer the same way, here: rows that arrive with their
+    scales are used as they are; rows in the layer's dtype are quantized on entry with the one formula
+    (what "the layer quantizes after dispatch" does: same bits as FP8 on the wire). A batch with scales
+    on a layer that is not FP8, or FP8 rows without scales, is refused.
     """
 
     CAPS: ExpertsCaps
@@ -22,16 +36,32 @@ class Experts:
         self.device = device
 
     def __call__(self, batch, weights: ExpertWeights) -> torch.Tensor:
+        batch = self.activations_for(batch)
         if isinstance(batch, FlatBatch):
             return self.forward_flat(batch, weights)
         if isinstance(batch, BatchedBatch):
             return self.forward_batched(batch, weights)
         raise TypeError(f"experts {self.name!r}: unknown batch type {type(batch).__name__}")
 
+    def activations_for(self, batch):
+        """The batch as this layer's experts take it: FP8 rows with scales on an FP8 layer (quantizing
+        rows in the layer's dtype with the one formula), rows as they are otherwise."""
+        if self.cfg.quant is None:
+            if batch.scales is not None:
+                raise ValueError(f"experts {self.name!r}: the batch carries FP8 scales but the layer is not FP8")
+            return batch
+        if batch.scales is not None or self.CAPS.fp8_activations != TAKES_FP8:
+            return batch                 # already FP8, or experts that quantize internally
+        if batch.x.dtype == torch.float8_e4m3fn:
+            raise ValueError(f"experts {self.name!r}: FP8 rows came without their scales")
+        return self.cfg.quant_scheme.quantize_batch(batch)
+
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+        """Flat batch -> [N, Hp] (see the class docstring); backends that accept the flat layout override it."""
         raise TypeError(f"experts {self.name!r} do not accept the flat layout")
 
     def forward_batched(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
+        """Batched batch -> [L, C, Hp] (see the class docstring); batched-layout backends override it."""
         raise TypeError(f"experts {self.name!r} do not accept the batched layout")
 
 

@@ -24,6 +24,7 @@ import torch
 
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, BatchedBatch, ExpertWeights
+from ..registry import register_experts
 from .activations import gated_activation_fused
 from .base import Experts, gemm_rows, scale_back
 from .triton import FP8_KINDS
@@ -59,8 +60,8 @@ def _quant_problem(cfg, device_type: str) -> str | None:
     return None
 
 
+@register_experts("batched")
 class BatchedExperts(Experts):
-    name = "batched"
     CAPS = ExpertsCaps(layouts=frozenset({BATCHED}), quant=frozenset({"none"}) | FP8_KINDS,
                        fp8_activations=TAKES_FP8, cuda_graph_safe=True,
                        summary="masked batched matmul over each expert's capacity on the batched layout (Triton "
@@ -82,8 +83,6 @@ class BatchedExperts(Experts):
                              f"{weights.num_local_experts}")
         if self.fp8:
             return self._forward_fp8(batch, weights)
-        if batch.scales is not None:
-            raise ValueError("experts 'batched': the batch carries FP8 scales but the layer is not FP8")
         if batch.x.is_cuda and _triton_kernel_ready():   # the Triton kernel skips the empty capacity rows
             from ..kernels.batched_moe import batched_experts
             return batched_experts(batch.x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,
@@ -93,21 +92,17 @@ class BatchedExperts(Experts):
     def fp8_operands(self, batch: BatchedBatch, weights: ExpertWeights):
         """(FP8 rows [L, C, H], the kernel's `Fp8Operands`) for a batch of an FP8 layer: rows that arrived
         in FP8 with their scales ([L, C, groups] float32, FP8 dispatch or the layer's conversion) are used as
-        they are; rows in the layer's dtype are quantized here with the one formula (padding rows too: each
-        row has its own scales, and the kernel never lets a row past its count reach an output)."""
+        they are; rows in the layer's dtype are quantized with the one formula (`activations_for`; padding
+        rows too: each row has its own scales, and the kernel never lets a row past its count reach an
+        output)."""
         from ..kernels.fused_moe import Fp8Operands
         scheme = self.cfg.quant_scheme
         if weights.w13_scale is None or weights.w2_scale is None:
             raise ValueError("experts 'batched': an FP8 layer needs w13_scale and w2_scale beside its weights")
-        x = batch.x
-        if batch.scales is None:
-            if x.dtype == torch.float8_e4m3fn:
-                raise ValueError("experts 'batched': FP8 rows came without their scales")
-            x, x_scale = scheme.quantize_activations(x)
-        else:
-            if x.dtype != torch.float8_e4m3fn:
-                raise ValueError(f"experts 'batched': rows with FP8 scales must be float8_e4m3fn, got {x.dtype}")
-            x_scale = batch.scales
+        batch = self.activations_for(batch)
+        x, x_scale = batch.x, batch.scales
+        if x.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"experts 'batched': rows with FP8 scales must be float8_e4m3fn, got {x.dtype}")
         L, C, H = x.shape
         group = scheme.activation_group_size
         groups = 1 if group is None else -(-H // group)

@@ -16,6 +16,7 @@ import torch
 
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
+from ..registry import register_experts
 from .activations import gated_activation_fused
 from .base import Experts, gemm_rows, scale_back, sort_pairs_by_expert, weighted_sum_of_slots
 
@@ -49,8 +50,8 @@ def _scaled_grouped_mm_problem(cfg, device_type: str) -> str | None:
     return None
 
 
+@register_experts("grouped_mm")
 class GroupedMMExperts(Experts):
-    name = "grouped_mm"
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), cuda_graph_safe=True,
                        quant=frozenset({"none", "fp8_channel", "fp8_tensor"}), fp8_activations=TAKES_FP8,
                        summary="torch._grouped_mm over expert segments sorted on the device "
@@ -83,8 +84,6 @@ class GroupedMMExperts(Experts):
         return weighted_sum_of_slots(y_pairs, batch, batch.x.dtype)
 
     def _forward_flat_fp8(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
-        if batch.scales is None:
-            raise ValueError("experts 'grouped_mm' take FP8 rows with their per-token scales on an FP8 layer")
         n, k = batch.local_ids.shape
         order, _counts, offsets = sort_pairs_by_expert(batch.local_ids, weights.num_local_experts)
         src = order // k

@@ -10,6 +10,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, FLAT, BatchedBatch, ExpertWeights, FlatBatch
 from ..quant.fp8 import dequantize_weight
+from ..registry import register_experts
 from .activations import gated_activation_fused
 from .base import Experts
 
@@ -32,20 +33,17 @@ def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str, 
     return y
 
 
+@register_experts("reference")
 class ReferenceExperts(Experts):
-    name = "reference"
     CAPS = ExpertsCaps(layouts=frozenset({FLAT, BATCHED}),
                        quant=frozenset({"none", "fp8_block", "fp8_channel", "fp8_tensor"}),
                        fp8_activations=TAKES_FP8,
                        summary="PyTorch loop over experts in float32; slow, any device")
 
     def _rows(self, batch) -> torch.Tensor:
-        """The batch's rows in float32 (FP8 rows dequantized with their scales)."""
+        """The batch's rows in float32 (FP8 rows dequantized with their scales, see `activations_for`)."""
         if self.cfg.quant is None:
             return batch.x
-        if batch.scales is None:
-            raise ValueError("experts 'reference' take FP8 rows with scales on an FP8 layer, got rows without "
-                             "scales (the layer quantizes after dispatch when the dispatcher did not)")
         return self.cfg.quant_scheme.dequantize_activations(batch.x, batch.scales)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:

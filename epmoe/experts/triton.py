@@ -6,9 +6,8 @@ weight in its epilogue, and each token's k outputs are summed in float32 (`epmoe
 Tile configurations come from the tuned tables in `epmoe/kernels/configs` (`epmoe tune` writes them).
 
 FP8: weights as `Fp8Scheme` stores them (128x128 block scales, or one scale per output row for the
-per-channel and per-tensor formats); activations per token-group of 128 or per token. Rows that arrive
-in FP8 with their scales (FP8 dispatch) are used as they are; rows in the layer's dtype are quantized
-here with the one formula.
+per-channel and per-tensor formats); activations per token-group of 128 or per token, FP8 rows with
+their scales (quantized on entry when they arrive in the layer's dtype, as for every backend).
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import torch
 
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
+from ..registry import register_experts
 from .base import Experts
 
 FP8_KINDS = frozenset({"fp8_block", "fp8_channel", "fp8_tensor"})
@@ -46,8 +46,8 @@ def _quant_problem(cfg, device_type: str) -> str | None:
     return None
 
 
+@register_experts("triton")
 class TritonExperts(Experts):
-    name = "triton"
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), devices=frozenset({"cuda"}),
                        quant=frozenset({"none"}) | FP8_KINDS, fp8_activations=TAKES_FP8,
                        cuda_graph_safe=True,
@@ -85,18 +85,11 @@ class TritonExperts(Experts):
         config = self.kernel_config(x.shape[0], weights)
         fp8 = None
         out_dtype = self.cfg.dtype
-        if self.fp8:
-            scheme = self.cfg.quant_scheme
-            if batch.scales is None:
-                x, x_scale = scheme.quantize_activations(x)
-            else:
-                x_scale = batch.scales
-            fp8 = Fp8Operands(x_scale=x_scale.float().contiguous(), w13_scale=weights.w13_scale,
-                              w2_scale=weights.w2_scale, act_group=scheme.activation_group_size,
+        if self.fp8:                 # the rows came with their scales (see `Experts.activations_for`)
+            fp8 = Fp8Operands(x_scale=batch.scales.float().contiguous(), w13_scale=weights.w13_scale,
+                              w2_scale=weights.w2_scale, act_group=self.cfg.quant_scheme.activation_group_size,
                               weight_block=self.cfg.quant.weight_block,
                               granularity=self.cfg.quant.weight_granularity)
-        elif batch.scales is not None:
-            raise ValueError("experts 'triton': the batch carries FP8 scales but the layer is not FP8")
         return fused_experts(x.contiguous(), batch.local_ids, batch.weights, weights.w13, weights.w2,
                              self.cfg.activation, b13=weights.b13, b2=weights.b2, out_dtype=out_dtype,
                              config=config, fp8=fp8)

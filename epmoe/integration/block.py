@@ -64,10 +64,11 @@ class EPMoEBlock(nn.Module):
         return out
 
     def _routed_and_shared(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Routed experts + shared experts. On a GPU the shared experts run on a side stream while the
-        routed path dispatches (its collectives and host syncs), and are joined before the sum."""
+        """Routed experts + shared experts. The layer computes the shared experts while its dispatch is
+        in flight; on a GPU they also run on a side stream, so the device overlaps them with the routed
+        path's collectives and host syncs, and are joined before the sum."""
         if x.device.type != "cuda" or not self.overlap_shared:
-            return self.experts(x, logits) + self.family.shared_output(self, x)
+            return self.experts(x, logits, shared_experts=lambda h: self.family.shared_output(self, h))
         main = torch.cuda.current_stream(x.device)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(x.device)

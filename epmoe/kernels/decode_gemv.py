@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation, intermediate_dtype
+from .epilogues import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation, intermediate_dtype
 from .tuning_table import GemvConfig
 
 

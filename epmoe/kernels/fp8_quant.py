@@ -1,7 +1,7 @@
 """Triton FP8 activation quantization: the formula of `epmoe.quant.fp8`, bit for bit.
 
 One program quantizes a tile of `GROUPS` consecutive groups of one row: amax per group, the scale as
-`max(amax, 1e-12) * (1.0 / 448.0)` (a multiplication, seed 002), `x / scale` with the correctly rounded
+`max(amax, 1e-12) * (1.0 / 448.0)` (a multiplication: `amax / 448` differs in the last bit for some amax), `x / scale` with the correctly rounded
 `div_rn` (Triton's plain `/` is an approximate division on GPUs), clamp to +-448, round-to-nearest-even
 cast to e4m3fn. A partial last group reads zeros past the row's end, which change no amax.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..quant.fp8_format import FP8_DTYPE, check_quantize_args
 
 FP8_MAX = tl.constexpr(448.0)
 INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
@@ -58,15 +60,9 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
 def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
     [..., ceil(H / group_size)]); group_size None = one scale per row."""
-    from ..quant.fp8 import FP8_DTYPE, _check_group_size
-    _check_group_size(group_size)
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dtype == FP8_DTYPE or x.dim() < 1:
-        raise TypeError("fp8_quantize: x must be a float32/bfloat16/float16 tensor [..., H]")
+    n_groups = check_quantize_args(x, group_size)
     H = x.shape[-1]
-    if H == 0:
-        raise ValueError("fp8_quantize: the last dimension of x (H) must be >= 1")
     g = H if group_size is None else group_size
-    n_groups = -(-H // g)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, H)
     if x2.stride(-1) != 1:

@@ -456,7 +456,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def _problem_configs(args) -> list:
     from ..config import MoEConfig
     from ..presets import preset_config
-    from ..bench.experts import _quant_for
+    from ..quant import quant_config_for
     formats = csv_values(args.formats) or ["bf16"]
     out = []
     shapes = []
@@ -468,7 +468,7 @@ def _problem_configs(args) -> list:
         raise UsageError("give --presets NAMES, or all of --local-experts, --hidden, --inter, --top-k")
     for fmt in formats:
         dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
-        quant = None if fmt in ("bf16", "fp16") else _quant_for(fmt)
+        quant = None if fmt in ("bf16", "fp16") else quant_config_for(fmt)
         for kind, name in shapes:
             if kind == "preset":
                 cfg = preset_config(name, dtype=dtype, quant=quant)

@@ -21,20 +21,21 @@ def validate_quant_config(cfg) -> None:
     scheme_for(cfg)
 
 
-def example_configs() -> dict:
-    """Representative FP8 configs for the support matrix (`epmoe info`, the contract tests): quant label ->
-    MoEConfig. Block scales (DeepSeek-V3) and per-channel scales, each without and with FP8 dispatch."""
-    from ..config import MoEConfig
-    base = dict(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256)
-    return {
-        "fp8_block": MoEConfig(**base, quant=Fp8Config()),
-        "fp8_block+fp8_dispatch": MoEConfig(**base, quant=Fp8Config(dispatch_fp8=True)),
-        "fp8_channel": MoEConfig(**base, quant=Fp8Config(weight_block=None, per_channel_weights=True,
-                                                         activation="per_token")),
-        "fp8_channel+fp8_dispatch": MoEConfig(**base, quant=Fp8Config(
-            weight_block=None, per_channel_weights=True, activation="per_token", dispatch_fp8=True)),
-    }
+WEIGHT_FORMATS = ("bf16", "fp8_block", "fp8_channel")
 
 
-__all__ = ["Fp8Config", "Fp8Scheme", "NoQuant", "example_configs", "fp8_dequantize", "fp8_quantize",
+def quant_config_for(fmt: str):
+    """The quantization config of a weight format name used by the benchmarks and the tuner: "bf16" ->
+    None, "fp8_block" -> 128x128 block scales with per-token-group activations, "fp8_channel" ->
+    per-channel weight scales with per-token activations."""
+    if fmt == "bf16":
+        return None
+    if fmt == "fp8_block":
+        return Fp8Config(weight_block=(128, 128), activation="per_token_group")
+    if fmt == "fp8_channel":
+        return Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
+    raise ValueError(f"unknown format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}")
+
+
+__all__ = ["Fp8Config", "Fp8Scheme", "NoQuant", "WEIGHT_FORMATS", "quant_config_for", "fp8_dequantize", "fp8_quantize",
            "scheme_for", "validate_quant_config"]

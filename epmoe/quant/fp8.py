@@ -1,9 +1,9 @@
 """FP8 (e4m3fn): the one quantization formula, `Fp8Config`, and the scheme that owns FP8 weights.
 
-The formula (DESIGN, numerics), written once here and mirrored bit for bit by the Triton kernel in
+The formula, written once here and mirrored bit for bit by the Triton kernel in
 `epmoe.kernels.fp8_quant`:
 
-    scale = max(amax, 1e-12) * (1.0 / 448.0)        # float32; a multiplication, never amax / 448 (seed 002)
+    scale = max(amax, 1e-12) * (1.0 / 448.0)        # float32; a multiplication, never amax / 448 (1 ULP apart)
     q     = e4m3fn(clamp(x / scale, -448, 448))      # correctly rounded float32 division, round-to-nearest-even cast
     x    ~= q.float() * scale                         # dequantization
 
@@ -22,15 +22,14 @@ padded columns are zeros that change no amax.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-SCALE_FLOOR = 1e-12          # amax below this (all-zero groups) still gives a finite, non-zero scale
+from .fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
 ACTIVATION_MODES = ("per_token_group", "per_token")
 GEMM_ALIGN = 16              # torch._scaled_grouped_mm: K and N multiples of 16
 
@@ -46,26 +45,11 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _check_group_size(group_size) -> None:
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                   or group_size < 1):
-        raise ValueError(f"fp8_quantize: group_size must be a positive int or None (one scale per row), "
-                         f"got {group_size!r}")
-
-
 def fp8_quantize_torch(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch implementation of `fp8_quantize` (any device)."""
-    _check_group_size(group_size)
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
-        raise TypeError(f"fp8_quantize: x must be a floating-point tensor [..., H], got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, list(x.shape))}")
-    if x.dtype == FP8_DTYPE:
-        raise TypeError("fp8_quantize: x is already float8_e4m3fn")
+    n = check_quantize_args(x, group_size)
     H = x.shape[-1]
-    if H == 0:
-        raise ValueError("fp8_quantize: the last dimension of x (H) must be >= 1")
     g = H if group_size is None else group_size
-    n = -(-H // g)
     xf = x.float()
     if n * g != H:
         xf = nn.functional.pad(xf, (0, n * g - H))   # zero columns leave every amax unchanged
@@ -98,7 +82,7 @@ def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "aut
 
 def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int | None = 128) -> torch.Tensor:
     """`q.float() * scale`, each scale spread over its group of columns -> float32 [..., H]."""
-    _check_group_size(group_size)
+    check_group_size(group_size)
     H = q.shape[-1]
     g = H if group_size is None else group_size
     return q.float() * scale.float().repeat_interleave(g, dim=-1)[..., :H]
@@ -262,11 +246,12 @@ class Fp8Scheme:
         return fp8_dequantize(q, scale, self.activation_group_size)
 
     def quantize_batch(self, batch):
-        """The explicit conversion for experts that take FP8 when the rows arrived unquantized."""
+        """The explicit conversion for experts that take FP8 when the rows arrived unquantized (a new
+        batch; the given one is left as it is)."""
         if batch.scales is not None:
             raise ValueError("quantize_batch: the batch is already FP8")
-        batch.x, batch.scales = self.quantize_activations(batch.x)
-        return batch
+        x, scales = self.quantize_activations(batch.x)
+        return dataclasses.replace(batch, x=x, scales=scales)
 
     # -- weights
     def create_weights(self, layer, L: int, H: int, I: int) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-# ||out - ref|| / ||ref|| bounds against a float64 reference (DESIGN: numerics).
+# ||out - ref|| / ||ref|| bounds against a float64 reference, per dtype (the library's numerics promise).
 BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2, "fp8": 3e-2}
 
 
@@ -100,7 +100,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, bound: float | No
                  name: str = "output", context: str = "") -> CompareResult:
     """Assert `||actual - expected|| / ||expected|| <= bound` and no NaN/Inf on either side.
 
-    `bound` defaults to the DESIGN bound for `actual.dtype`. On failure the AssertionError carries the
+    `bound` defaults to the library's bound for `actual.dtype`. On failure the AssertionError carries the
     full diagnostic report.
     """
     if bound is None:

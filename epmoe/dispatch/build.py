@@ -1,0 +1,80 @@
+"""Building a dispatcher for a process group, with or without `MoELayer`.
+
+`make_dispatcher` is the role DeepEP's `Buffer` plays for an engine that runs its own experts: it
+checks the dispatcher against the config and the group (the contract), resolves the plan, builds the
+dispatcher and has the group's ranks agree on it (the build handshake), then the engine drives
+`dispatch` / `combine` (or their async forms) itself. `MoELayer` builds its dispatcher the same way.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import contract
+from ..handshake import agree_on_dispatcher, announces_build_failure
+from ..placement import Placement
+from .base import Dispatcher
+
+
+def group_info(group) -> tuple[int, int]:
+    """(size, this rank) of an EP group; (1, 0) without one."""
+    if group is None:
+        return 1, 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        raise ValueError("ep_group was given but torch.distributed is not initialized "
+                         "(call torch.distributed.init_process_group first)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def default_device(group) -> torch.device:
+    """The current CUDA device for an NCCL group, else the CPU."""
+    if group is not None:
+        import torch.distributed as dist
+        if dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_device(device, group) -> torch.device:
+    device = torch.device(device) if device is not None else default_device(group)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too
+def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank: int | None = None,
+                    expert_placement=None) -> Dispatcher:
+    """Build the dispatcher `name` ("auto": local for one rank, alltoall for several) for `cfg` on
+    `group`, without a `MoELayer`. Every rank of `group` must call it, in the same order as its other
+    EP layers and dispatchers.
+
+    Args:
+        name: a registered dispatcher name (see `epmoe info`) or "auto".
+        cfg: the `MoEConfig` of the layer whose tokens it moves.
+        group: the EP process group (None: one rank, every expert local).
+        device: where tokens live (default: the current GPU for NCCL, else the CPU).
+        max_tokens_per_rank: the most tokens a rank passes in one forward (fixed-capacity dispatchers).
+        expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
+    Returns:
+        The `Dispatcher`: `dispatch(hidden [T, H], topk_ids [T, k] int32, topk_weights [T, k] float32) ->
+        (batch, handle)`, `combine(expert_out, handle) -> [T, H]`, and `dispatch_async` / `combine_async`.
+        `dispatcher.placement` says which experts are local; `dispatcher.plan` what the batch holds.
+    Raises:
+        UnsupportedCombination for a dispatcher that cannot run here; ValueError for bad arguments;
+        RankMismatch on every rank when the ranks build different dispatchers.
+    """
+    ep_size, rank = group_info(group)
+    device = resolve_device(device, group)
+    name, _ = contract.resolve_names(name, "reference", cfg, ep_size, device.type)
+    plan = contract.build_plan(name, None, cfg, ep_size, device.type, max_tokens_per_rank)
+    placement = Placement(cfg.num_experts, ep_size, rank, expert_placement)
+    dispatcher = build_dispatcher(plan, placement, group, device)
+    if group is not None:
+        agree_on_dispatcher(group, dispatcher)
+    return dispatcher
+
+
+def build_dispatcher(plan, placement: Placement, group, device: torch.device) -> Dispatcher:
+    """The dispatcher of a resolved plan (no handshake: the caller makes it)."""
+    return contract.dispatcher_class(plan.dispatcher)(plan, placement, group, device)

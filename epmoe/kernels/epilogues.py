@@ -1,0 +1,50 @@
+"""Triton device functions the MoE kernels share in their epilogues: the gated activation and the
+per-row FP8 quantization (the one formula), with the constants they use. Their own module, so the
+decode kernels (`decode_gemv`) use them without importing the fused kernels (`fused_moe`), which call
+the decode kernels."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_quant import _round_to_e4m3
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
+SWIGLUOAI_ALPHA = tl.constexpr(1.702)    # epmoe.experts.activations
+SWIGLUOAI_LIMIT = tl.constexpr(7.0)
+FP8_MAX = tl.constexpr(448.0)            # epmoe.quant.fp8
+FP8_SCALE_FLOOR = tl.constexpr(1e-12)
+FP8_INV_MAX = tl.constexpr(1.0 / 448.0)
+
+
+@triton.jit
+def _gated_activation(g, u, ACTIVATION: tl.constexpr):
+    """act(gate, up) in float32, as epmoe.experts.activations.gated_activation defines it."""
+    if ACTIVATION == 0:      # silu(g) * u
+        return g / (1.0 + tl.exp(-g)) * u
+    elif ACTIVATION == 1:    # exact gelu(g) * u
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
+    else:                    # swigluoai: clamped gate and up
+        g = tl.minimum(g, SWIGLUOAI_LIMIT)
+        u = tl.minimum(tl.maximum(u, -SWIGLUOAI_LIMIT), SWIGLUOAI_LIMIT)
+        return g / (1.0 + tl.exp(g * (-SWIGLUOAI_ALPHA))) * (u + 1.0)
+
+
+@triton.jit
+def _fp8_quantize_rows(v):
+    """One e4m3fn scale per row of `v` (float32 [M, N]): scale = max(amax, 1e-12) * (1/448),
+    q = e4m3fn(clamp(x / scale, -448, 448)) with a correctly rounded division (the one formula)."""
+    amax = tl.max(tl.abs(v), axis=1)
+    scale = tl.maximum(amax, FP8_SCALE_FLOOR) * FP8_INV_MAX
+    q = tl.math.div_rn(v, scale[:, None])
+    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))   # exact cast in the interpreter too
+    return q.to(tl.float8e4nv), scale
+
+
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What act(gate) * up is stored in between the two GEMMs of a layer of `dtype`: that dtype, except
+    float16, whose 65504 the intermediate can pass while the layer's output still fits: float32 there.
+    The down GEMM then reads float32 rows and its float16 weights as float32 (tf32 products: float16's
+    10-bit mantissa, float32's range)."""
+    return torch.float32 if dtype == torch.float16 else dtype

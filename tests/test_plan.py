@@ -1,0 +1,53 @@
+"""The plan a pairing resolves into, once, when a layer or a dispatcher is built: what it says, that it
+cannot be changed afterwards, and that the dispatcher's wire format is the plan's."""
+import dataclasses
+
+import pytest
+import torch
+
+from epmoe import Fp8Config, Handoff, MoEConfig, MoELayer, contract
+from epmoe.dispatch._comm import token_format
+
+
+def _cfg(**quant):
+    return MoEConfig(num_experts=8, top_k=2, hidden_size=200, intermediate_size=72, dtype=torch.float32,
+                     quant=Fp8Config(**quant) if quant else None)
+
+
+def test_plan_of_an_unquantized_pairing():
+    plan = contract.build_plan("alltoall", "grouped_mm", _cfg(), 2, "cpu")
+    assert (plan.layout, plan.handoff, plan.wire_dtype, plan.wire_scales) == ("flat", Handoff.NONE, torch.float32, 0)
+    assert not plan.cuda_graph_safe and plan.host_sync and plan.max_tokens_per_rank is None
+    assert (plan.hidden_size, plan.padded_hidden_size) == (200, _cfg().padded_hidden_size)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.handoff = Handoff.ON_THE_WIRE
+
+
+def test_plan_of_fp8_on_the_wire_and_the_format_built_from_it():
+    cfg = _cfg(dispatch_fp8=True)                     # block scales, activations per group of 128
+    plan = contract.build_plan("low_latency", "reference", cfg, 2, "cpu", max_tokens_per_rank=4)
+    groups = -(-cfg.padded_hidden_size // 128)
+    assert plan.handoff is Handoff.ON_THE_WIRE and plan.fp8_on_the_wire
+    assert (plan.wire_dtype, plan.wire_scales, plan.wire_scale_group) == (torch.float8_e4m3fn, groups, 128)
+    assert plan.layout == "batched" and plan.max_tokens_per_rank == 4 and not plan.cuda_graph_safe
+    fmt = token_format(plan)
+    assert fmt.fields["x"].dtype == torch.float8_e4m3fn and fmt.fields["scales"].width == groups
+    assert contract.build_plan("low_latency", "batched", _cfg(), 2, "cpu", max_tokens_per_rank=4).cuda_graph_safe
+
+
+def test_plan_hand_offs_without_fp8_on_the_wire():
+    cfg = _cfg()
+    assert contract.build_plan("alltoall", "reference", _cfg(dispatch_fp8=False), 2, "cpu").handoff \
+        is Handoff.AFTER_DISPATCH
+    assert contract.build_plan("alltoall", None, _cfg(dispatch_fp8=False), 2, "cpu").handoff is Handoff.IN_EXPERTS
+    with pytest.raises(ValueError, match="max_tokens_per_rank"):
+        contract.build_plan("low_latency", "batched", cfg, 2, "cpu")
+    with pytest.raises(contract.UnsupportedCombination, match="cannot send FP8"):
+        contract.build_plan("allgather", None, _cfg(dispatch_fp8=True), 2, "cpu")
+
+
+def test_layer_and_dispatcher_share_one_plan():
+    layer = MoELayer(_cfg(), dispatcher="low_latency", experts="batched", max_tokens_per_rank=3)
+    assert layer.dispatcher.plan is layer.plan and layer.activation_handoff is layer.plan.handoff
+    assert layer.dispatcher.fmt.signature() == token_format(layer.plan).signature()
+    assert layer.plan.describe()["activation hand-off"] == "not quantized"
