@@ -166,8 +166,9 @@ else:
         wss = simulated_workspaces(2, 2, size)
         pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
         a, b = make(cls, cfg_a, 2, 4, pools), make(cls, cfg_b, 2, 4, pools)
-        for d in b:
-            d.layer_index = 1
+        for da, db in zip(a, b):      # one group: one forward counter per rank, shared by its layers
+            db.layer_index = 1
+            db.forwards = da.forwards
         xa, la = _data(cfg_a, [3, 3], 5)
         xb, lb = _data(cfg_b, [3, 3], 6)
         calls = [(a[0], xa[0], route(la[0], cfg_a)), (b[1], xb[1], route(lb[1], cfg_b))]
@@ -178,6 +179,32 @@ else:
             lockstep([d.combine_steps(y, h) for (d, _, _), y, (_, h) in zip(calls, ys, outs)], errors)
         assert set(errors) == {0, 1}, errors
         assert all(isinstance(e, RankMismatch) for e in errors.values()), errors
+
+    def test_one_rank_high_throughput_the_other_low_latency_raise_on_both_then_recover():
+        """The two kinds share the group's workspace: their first exchange meets, the headers differ,
+        both raise without waiting out a timeout, and the next aligned forwards are right."""
+        from epmoe import RankMismatch
+        cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=9)
+        size = max(slot_bytes(c, cfg, 2, 4) for c in DISPATCHERS)
+        wss = simulated_workspaces(2, 2, size)
+        pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
+        ht, ll = make(SymmHighThroughputDispatcher, cfg, 2, 4, pools), make(SymmLowLatencyDispatcher, cfg, 2, 4, pools)
+        for r in range(2):            # one group: one forward counter per rank, shared by its layers
+            ll[r].forwards = ht[r].forwards
+            ll[r].layer_index = 1
+        xs, ls = _data(cfg, [3, 2], 10)
+        calls = [(ht[0], xs[0], route(ls[0], cfg)), (ll[1], xs[1], route(ls[1], cfg))]
+        errors = {}
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in calls], errors)
+        if len(errors) < 2:
+            ys = [torch.zeros(b.x.shape) for b, _ in outs]
+            lockstep([d.combine_steps(y, h) for (d, _, _), y, (_, h) in zip(calls, ys, outs)], errors)
+        assert set(errors) == {0, 1} and all(isinstance(e, RankMismatch) for e in errors.values()), errors
+        for ds in (ht, ll):
+            outs, _, _ = run_forward(ds, cfg, experts, xs, ls)
+            for r in range(2):
+                assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
 
     @pytest.mark.parametrize("cls", DISPATCHERS)
     def test_a_peer_that_never_comes_is_a_timeout_error(cls):

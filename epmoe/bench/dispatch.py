@@ -313,9 +313,10 @@ def main(args) -> int:
         backend = args.comm or ("nccl" if gpus >= ws else "gloo")
         if backend == "nccl" and gpus < ws:
             raise UsageError(f"NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
+        names = p["dispatchers"] or _here(ws, "cuda" if backend == "nccl" else "cpu")
         log.info("bench dispatch: %s x tokens per rank %s on %d %s ranks (%d measurements, each a few seconds "
-                 "on the CPU)", ",".join(p["dispatchers"]), ",".join(map(str, p["tokens"])), ws, backend,
-                 len(p["dispatchers"]) * len(p["tokens"]))
+                 "on the CPU)", ",".join(names), ",".join(map(str, p["tokens"])), ws, backend,
+                 len(names) * len(p["tokens"]))
         everyone = run_on_ranks(_worker, ws, dict(p, verbosity=getattr(args, "verbosity", 0)), backend=backend,
                                 timeout_s=args.timeout)
     rows = _merge(everyone)

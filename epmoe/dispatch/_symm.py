@@ -53,7 +53,6 @@ class SymmDispatcher(CommDispatcher):
     """Base of the dispatchers on symmetric memory. `timeout_s`: how long a wait for a peer may last
     before every waiting rank reports an error instead of spinning on."""
 
-    kind = ""
 
     def __init__(self, plan, placement, group=None, device=None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  pool=None):
@@ -77,7 +76,7 @@ class SymmDispatcher(CommDispatcher):
             raise ValueError(f"{self.name} dispatcher: {why}")
         self.device = dev
         from .symm_workspace import WorkspacePool, pool_for
-        self.pool = (pool_for(self.kind, group, dev, self.rank, self.ep_size) if group is not None
+        self.pool = (pool_for(group, dev, self.rank, self.ep_size) if group is not None
                      else WorkspacePool(None, dev, 0, 1))
 
     @classmethod
@@ -153,7 +152,7 @@ class SymmDispatcher(CommDispatcher):
         in a simulation two, with a stop between them). A generator either way: use `yield from`."""
         from ..kernels.symm_dispatch import exchange_flags
         pool = self.pool
-        args = (ws, phase, slot, pool.epochs[phase], header, pool.status, self.timeout_s)
+        args = (ws, phase, slot, pool.epochs, header, pool.status, self.timeout_s)
         if not self.simulated:
             exchange_flags(*args, **kw)
             return

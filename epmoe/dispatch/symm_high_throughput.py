@@ -51,7 +51,6 @@ def _available(device_type: str) -> str | None:
 
 @register_dispatcher("symm_high_throughput")
 class SymmHighThroughputDispatcher(SymmDispatcher):
-    kind = "ht"
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
         takes_max_tokens=True, fp8_dispatch=True, available=_available,

@@ -46,7 +46,6 @@ def _available(device_type: str) -> str | None:
 
 @register_dispatcher("symm_low_latency")
 class SymmLowLatencyDispatcher(SymmDispatcher):
-    kind = "ll"
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=False, cuda_graph_safe=True,
         needs_max_tokens=True, fp8_dispatch=True, available=_available,
@@ -119,7 +118,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
                 self.rank, M, C, H, max(self.groups, 1), K,
                 X_ITEM=xw.element_size(), BLOCK_H=row_block(H), G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8,
                 num_warps=4)
-        yield from self.exchange(ws, "dispatch", slot, header, max_tokens=M, check_heads=True)
+        yield from self.exchange(ws, "count", slot, header, max_tokens=M, check_heads=True)
         L = self.placement.num_local_experts
         if self.stats is not None:
             self._count(routing, view, x.element_size(), n)
@@ -160,7 +159,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         yield from self.exchange(ws, "combine", slot, header, check_heads=False, zero=view["counts"])
         n = T if T <= M else 0
         out = gather_sum(view["comb"].view(M * K, H), None, weights[:n], pool.status, self.cfg.dtype, shape=(n, K))
-        self.check_at_end(ws, slot, "dispatch", y.device)
+        self.check_at_end(ws, slot, "count", y.device)
         if n < T:   # unreachable in practice: an overflow sets OVERFLOW above on every rank
             raise ValueError(f"{self.name} dispatcher: {T} tokens, more than max_tokens_per_rank={M}")
         return out

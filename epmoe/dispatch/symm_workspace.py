@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 ALIGN = 128                      # bytes; every region starts on this boundary
-PHASES = ("count", "dispatch", "combine")
+PHASES = ("count", "dispatch", "combine")   # "count": every forward's first exchange (both dispatchers)
 COUNTERS = 2048                  # per-expert row counters of the low-latency dispatch (local experts at most)
 
 
@@ -145,8 +145,9 @@ def simulated_workspaces(ep: int, slots: int, slot_bytes: int, device="cpu") -> 
 
 
 class WorkspacePool:
-    """The workspace one dispatcher kind shares on one group and device, with the per-phase epoch
-    counters, the slot ring and the status word the kernels share. Persistent state of the group (like
+    """The workspace the GPU-initiated dispatchers share on one group and device (both kinds: ranks
+    running different kinds then meet on the same flags, and the headers tell them apart), with the
+    forward counter, the slot ring and the status word the kernels share. Persistent state of the group (like
     the buffers themselves), never of one forward: a forward's slot and epochs go into its handle."""
 
     SLOTS = 2
@@ -155,8 +156,9 @@ class WorkspacePool:
         self.group, self.device, self.rank, self.ep = group, device, rank, ep
         self.ws = workspace
         self.retired: list[SymmWorkspace] = []      # kept alive: captured graphs and handles may point there
-        # per phase: the epoch counter, then each slot's current epoch (the kernels advance them)
-        self.epochs = {p: torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device) for p in PHASES}
+        # the forward counter, then each slot's current epoch (every forward's first exchange advances it,
+        # on the device; its later exchanges reuse it)
+        self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self._next_slot = 0
 
@@ -187,9 +189,9 @@ class WorkspacePool:
 _POOLS: dict[tuple, WorkspacePool] = {}
 
 
-def pool_for(kind: str, group, device: torch.device, rank: int, ep: int) -> WorkspacePool:
+def pool_for(group, device: torch.device, rank: int, ep: int) -> WorkspacePool:
     import torch.distributed as dist
-    key = (kind, tuple(dist.get_process_group_ranks(group)), str(device))
+    key = (tuple(dist.get_process_group_ranks(group)), str(device))
     pool = _POOLS.get(key)
     if pool is None:
         pool = _POOLS[key] = WorkspacePool(group, device, rank, ep)

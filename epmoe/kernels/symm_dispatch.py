@@ -51,16 +51,18 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
                           rank, fingerprint, layer, forward, tokens, failed, max_tokens, timeout_ns, n_zero,
                           EP: tl.constexpr, EP_P2: tl.constexpr, HW: tl.constexpr, HW_P2: tl.constexpr,
                           HAS_COUNTS: tl.constexpr, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
-                          CHECK_HEADS: tl.constexpr, TIMED: tl.constexpr, MAX_SPINS: tl.constexpr,
-                          ZERO_BLOCK: tl.constexpr):
+                          ADVANCE: tl.constexpr, CHECK_HEADS: tl.constexpr, TIMED: tl.constexpr,
+                          MAX_SPINS: tl.constexpr, ZERO_BLOCK: tl.constexpr):
     """One program: publish this rank's header and epoch to every rank (PUBLISH), then wait for
     everyone's (WAIT); on the GPU both in one launch, in a simulation in two.
 
     flags_ptr [EP] int32 and heads_ptr [EP, HW] int32 are this rank's slots of one phase (row r is
     written by rank r). The header is (fingerprint, layer, forward, tokens, failed) followed by this
-    rank's row count per destination (counts_ptr [EP], HAS_COUNTS) or zeros. counter_ptr: the phase's
-    epoch counter (incremented here, so a graph replay advances it too); epoch_ptr: this call's epoch
-    (written by PUBLISH, read by WAIT). Before publishing, `n_zero` int32 at zero_ptr are cleared (the
+    rank's row count per destination (counts_ptr [EP], HAS_COUNTS) or zeros. A forward's epoch: the
+    first exchange of a forward (ADVANCE) increments the counter at counter_ptr (so a graph replay
+    advances it too) and writes the new value at epoch_ptr, the forward's slot; its later exchanges read
+    it there. A wait ends early when this rank's status word already holds an error (a peer of another
+    layer, a failed peer, a timeout): the forward is lost anyway, and every rank reaches the end fast. Before publishing, `n_zero` int32 at zero_ptr are cleared (the
     low-latency combine resets its expert counters there, after the data kernel has read them and
     before any peer may count into them again).
     """
@@ -77,9 +79,12 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
         cnt = tl.load(counts_ptr + (c - HEADER_BASE), mask=cm & (c >= HEADER_BASE), other=0)
         mine = tl.where(c >= HEADER_BASE, cnt, mine)
     if PUBLISH:
-        e = tl.load(counter_ptr) + 1
-        tl.store(counter_ptr, e)
-        tl.store(epoch_ptr, e)
+        if ADVANCE:
+            e = tl.load(counter_ptr) + 1
+            tl.store(counter_ptr, e)
+            tl.store(epoch_ptr, e)
+        else:
+            e = tl.load(epoch_ptr)
         for start in range(0, n_zero, ZERO_BLOCK):
             z = start + tl.arange(0, ZERO_BLOCK)
             tl.store(zero_ptr + z, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=z < n_zero)
@@ -93,7 +98,8 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
         e = tl.load(epoch_ptr)
         seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
         missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
-        late = missing * 0
+        early = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED) != 0).to(tl.int32)
+        late = early
         if TIMED:
             t0 = _clock_ns()
         spins = 0
@@ -106,7 +112,7 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
                 spins += 1
                 late = (spins > MAX_SPINS).to(tl.int32)
         tl.debug_barrier()
-        bits = tl.where(missing > 0, TIMEOUT, 0)
+        bits = tl.where((missing > 0) & (early == 0), TIMEOUT, 0)
         if CHECK_HEADS:
             heads = tl.load(heads_ptr + r[:, None] * HW + c[None, :], mask=rm[:, None] & cm[None, :], other=0)
             col = tl.broadcast_to(c[None, :], [EP_P2, HW_P2])
@@ -128,7 +134,8 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
     next epoch of phase `phase` in slot `slot` to every rank (`publish`), and wait for every rank's
     (`wait`), checking their headers against this one.
 
-    epochs: [1 + slots] int32 on the device: the phase's counter, then each slot's current epoch. Waiting ends after
+    epochs: [1 + slots] int32 on the device: the forward counter, then each slot's current epoch (the "count"
+    phase, every forward's first exchange, advances it; the later phases use it). Waiting ends after
     `timeout_s` at the latest, with the TIMEOUT bit set in `status`; header checks set MISMATCH
     (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED.
     """
@@ -142,7 +149,8 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
         status if zero is None else zero, ws.rank, fp, layer, forward, tokens, failed, max_tokens,
         int(timeout_s * 1e9), n_zero,
         EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), HW=hw, HW_P2=triton.next_power_of_2(hw),
-        HAS_COUNTS=counts is not None, PUBLISH=publish, WAIT=wait, CHECK_HEADS=check_heads, TIMED=timed,
+        HAS_COUNTS=counts is not None, PUBLISH=publish, WAIT=wait, ADVANCE=phase == "count",
+        CHECK_HEADS=check_heads, TIMED=timed,
         MAX_SPINS=0 if timed else 64, ZERO_BLOCK=256, num_warps=1)
 
 
