@@ -175,7 +175,7 @@ class SymmDispatcher(CommDispatcher):
             return
         if bits & k.TIMEOUT.value:     # first: with a peer missing, the headers read are stale
             raise RuntimeError(f"{self.name} dispatcher: a peer did not signal within timeout_s={self.timeout_s} s "
-                               f"(a rank stalled, died, skipped a forward, or runs another kind of dispatcher); "
+                               f"(a rank stalled, died, skipped a forward, or runs a dispatcher that uses collectives); "
                                f"this forward's outputs are invalid (set to NaN)")
         seen = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} {h[3]} tokens{' FAILED' if h[4] else ''}"
                          for r, h in enumerate(heads or []))

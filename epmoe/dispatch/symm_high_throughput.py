@@ -45,15 +45,11 @@ class SymmHTHandle(NamedTuple):
     back_index: torch.Tensor     # [T, ep] int64 row of the combine region holding (token, rank), or -1
 
 
-def _available(device_type: str) -> str | None:
-    return symm_problem(device_type)
-
-
 @register_dispatcher("symm_high_throughput")
 class SymmHighThroughputDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
-        takes_max_tokens=True, fp8_dispatch=True, available=_available,
+        takes_max_tokens=True, fp8_dispatch=True, available=symm_problem,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
                 "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); rows come back "
                 "the same way and the owner sums them in float32; with max_tokens_per_rank: fixed buffers, no "

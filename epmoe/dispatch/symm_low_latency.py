@@ -40,15 +40,11 @@ class SymmLLHandle(NamedTuple):
     weights: torch.Tensor        # [T, k] float32 routing weights
 
 
-def _available(device_type: str) -> str | None:
-    return symm_problem(device_type)
-
-
 @register_dispatcher("symm_low_latency")
 class SymmLowLatencyDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=False, cuda_graph_safe=True,
-        needs_max_tokens=True, fp8_dispatch=True, available=_available,
+        needs_max_tokens=True, fp8_dispatch=True, available=symm_problem,
         summary="GPU-initiated, fixed capacity: Triton kernels store each (token, expert) row straight into the "
                 "owner's symmetric-memory buffer in the batched layout (read in place by the experts); no host "
                 "sync, CUDA-graph capturable; overflow is an error on every rank")

@@ -11,9 +11,9 @@ the same flags and see each other's headers (a mismatch is reported, not a hang)
 counters live there too: layers of different layouts alias each other's data regions, and counters must
 read zero whenever no forward is using them, whichever layer ran last.
 
-`WorkspacePool` keeps one workspace per (group, device, dispatcher kind), grown (collectively: every rank
-asks for the same size at the same point) when a layer needs more, with the device epoch counters and
-the status word that the kernels share. Allocation happens at a layer's first forward, never in its
+`WorkspacePool` keeps one workspace per (group, device), shared by both GPU-initiated dispatchers, grown
+(collectively: every rank asks for the same size at the same point) when a layer needs more, with the
+device forward counter and the status word that the kernels share. Allocation happens at a layer's first forward, never in its
 constructor, so a rank that fails to build a layer cannot leave its peers waiting in a rendezvous.
 
 `simulated_workspaces` builds the same structure over plain tensors of one process (one per simulated

@@ -217,6 +217,17 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
 
 
 @triton.jit
+def _row_on(j_ptr, mtx_ptr, row, T, rank, d: tl.constexpr, EP: tl.constexpr, HW: tl.constexpr):
+    """(the token's index among this rank's rows for rank d or -1, its row in rank d's receive buffer):
+    this rank's rows land after those of lower ranks (their counts: mtx[s, HEADER_BASE + d])."""
+    jd = tl.load(j_ptr + d * T + row)
+    start = jd * 0
+    for s in tl.static_range(EP):
+        start += tl.where(s < rank, tl.load(mtx_ptr + s * HW + HEADER_BASE + d), 0)
+    return jd, start + jd
+
+
+@triton.jit
 def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
                     rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, row, T, H, G, rows,
                     EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
@@ -226,11 +237,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
         hm = offs < H
         v = tl.load(x_ptr + row * H + offs, mask=hm)
         for d in tl.static_range(EP):
-            jd = tl.load(j_ptr + d * T + row)
-            start = jd * 0
-            for s in tl.static_range(EP):
-                start += tl.where(s < rank, tl.load(mtx_ptr + s * HW + HEADER_BASE + d), 0)
-            p = start + jd
+            jd, p = _row_on(j_ptr, mtx_ptr, row, T, rank, d, EP, HW)
             if (jd >= 0) & (p < rows):
                 delta = tl.multiple_of(tl.load(deltas_ptr + d), 16) // X_ITEM
                 tl.store(rx_ptr + delta + p * H + offs, v, mask=hm)
@@ -246,11 +253,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
         sv = tl.load(xs_ptr + row * G + g, mask=gm)
     send_off = row * 0
     for d in tl.static_range(EP):
-        jd = tl.load(j_ptr + d * T + row)
-        start = jd * 0
-        for s in tl.static_range(EP):
-            start += tl.where(s < rank, tl.load(mtx_ptr + s * HW + HEADER_BASE + d), 0)
-        p = start + jd
+        jd, p = _row_on(j_ptr, mtx_ptr, row, T, rank, d, EP, HW)
         tl.store(back_ptr + row * EP + d, tl.where(jd >= 0, send_off + jd, -1))
         send_off += tl.load(mtx_ptr + rank * HW + HEADER_BASE + d)
         if (jd >= 0) & (p < rows):
