@@ -217,6 +217,19 @@ else:
             lockstep([ds[0].combine_steps(torch.zeros(b.x.shape), h)], errors)
         assert isinstance(errors.get(0), RuntimeError) and "timeout_s" in str(errors[0]), errors
 
+    def test_bounded_high_throughput_batch_spans_its_capacity_not_the_workspace():
+        """In a workspace sized by a much larger layer, the bounded batch still has ep x max_tokens rows."""
+        cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=11)
+        wss = simulated_workspaces(2, 2, 64 * slot_bytes(SymmHighThroughputDispatcher, cfg, 2, 4))
+        ds = make(SymmHighThroughputDispatcher, cfg, 2, 4,
+                  [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)])
+        xs, ls = _data(cfg, [4, 3], 12)
+        outs, got, _ = run_forward(ds, cfg, experts, xs, ls)
+        assert [b.x.shape[0] for b, _ in got] == [2 * 4, 2 * 4]
+        for r in range(2):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+
     def test_high_throughput_rows_are_what_each_rank_must_receive():
         """Rows, local ids and weights each rank received, against an independent walk over the routing."""
         cfg, experts, ds = _setup(SymmHighThroughputDispatcher, ep=3, E=7, k=3, H=16, M=5)

@@ -84,7 +84,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         return rows
 
     def layout_in(self, ws):
-        """This layer's slot layout in workspace `ws`: as many rows as fit (the same on every rank)."""
+        """This layer's slot layout in workspace `ws` (the same on every rank): as many rows as fit, or
+        with max_tokens_per_rank the ep * max_tokens_per_rank rows a forward can receive."""
         cached = getattr(self, "_layout_cache", None)
         if cached is not None and cached[0] is ws:
             return cached[1]
@@ -93,6 +94,10 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         one = self.slot_layout(1)
         per_row = sum(r.nbytes for n, r in one.regions.items() if n not in control.regions)
         rows = max((ws.slot_bytes - control.nbytes) // per_row, 1)
+        if self.max_tokens_per_rank is not None:
+            # bounded: the batch spans the capacity, so no more rows than the bound needs (the workspace
+            # may be far larger: another layer, e.g. a low-latency one, sized it)
+            rows = min(rows, self._rows_for(1))
         while rows > 1 and self.slot_layout(rows).nbytes > ws.slot_bytes:
             rows -= 1
         layout = self.slot_layout(rows)
