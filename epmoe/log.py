@@ -37,7 +37,8 @@ class _CliHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, _value):
-        pass
+        """StreamHandler assigns a stream when built: ignored, the current sys.stderr is always used."""
+        return
 
 
 def configure_cli_logging(verbosity: int = 0, rank: int = 0) -> None:
