@@ -85,7 +85,7 @@ class MoELayer(nn.Module):
         self.register_load_state_dict_pre_hook(state_dict_names.load_hook)
 
         self.dispatcher = build_dispatcher(self.plan, self.placement, ep_group, self.device)
-        self.experts = contract.experts_class(self.experts_name)(cfg, self.device)
+        self.experts = contract.experts_class(self.experts_name)(self.plan, self.device)
         self.activation_handoff = self.plan.handoff    # who quantizes the activations (FP8)
         if ep_group is not None:
             from .handshake import check_group_agrees
@@ -120,7 +120,7 @@ class MoELayer(nn.Module):
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
             self.device = new_device
-            self.plan = self.dispatcher.plan = plan
+            self.plan = self.dispatcher.plan = self.experts.plan = plan
             self.dispatcher.device = new_device
             self.experts.device = new_device
         return result

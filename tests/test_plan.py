@@ -49,5 +49,6 @@ def test_plan_hand_offs_without_fp8_on_the_wire():
 def test_layer_and_dispatcher_share_one_plan():
     layer = MoELayer(_cfg(), dispatcher="low_latency", experts="batched", max_tokens_per_rank=3)
     assert layer.dispatcher.plan is layer.plan and layer.activation_handoff is layer.plan.handoff
+    assert layer.experts.plan is layer.plan and layer.experts.cfg is layer.cfg      # experts built from the plan too
     assert layer.dispatcher.fmt.signature() == token_format(layer.plan).signature()
     assert layer.plan.describe()["activation hand-off"] == "not quantized"

@@ -31,8 +31,14 @@ class Experts(abc.ABC):
     CAPS: ExpertsCaps
     name: str = ""
 
-    def __init__(self, cfg, device: torch.device | None = None):
-        self.cfg = cfg
+    def __init__(self, plan, device: torch.device | None = None):
+        """`plan`: the layer's `MoEPlan` (what `MoELayer` passes: layout, hand-off, sizes resolved once),
+        or a bare `MoEConfig` for experts used on their own (tests, benchmarks); `self.plan` is then None."""
+        from ..plan import MoEPlan
+        if isinstance(plan, MoEPlan):
+            self.plan, self.cfg = plan, plan.cfg
+        else:
+            self.plan, self.cfg = None, plan
         self.device = device
 
     def __call__(self, batch, weights: ExpertWeights) -> torch.Tensor:

@@ -69,8 +69,9 @@ class BatchedExperts(Experts):
                                "kernel on CUDA only; static shapes, CUDA-graph safe",
                        quant_problem=_quant_problem)
 
-    def __init__(self, cfg, device: torch.device | None = None):
-        super().__init__(cfg, device)
+    def __init__(self, plan, device: torch.device | None = None):
+        super().__init__(plan, device)
+        cfg = self.cfg
         self.fp8 = cfg.quant is not None
         if self.fp8:
             why = _quant_problem(cfg, "cuda")

@@ -54,8 +54,9 @@ class TritonExperts(Experts):
                        summary="fused Triton grouped GEMMs (gather, activation, routing weight fused), BF16/FP8",
                        available=_available, quant_problem=_quant_problem)
 
-    def __init__(self, cfg, device: torch.device | None = None):
-        super().__init__(cfg, device)
+    def __init__(self, plan, device: torch.device | None = None):
+        super().__init__(plan, device)
+        cfg = self.cfg
         self._configs: dict = {}
         self.fp8 = cfg.quant is not None
         if self.fp8:
