@@ -3,22 +3,25 @@ symmetric memory. Each token travels once to each rank that holds at least one o
 by a Triton kernel straight into the receiver's buffer; one row per (token, rank) comes back the same way.
 
 Dispatch:
-  1. On the GPU: each token's destination ranks and this rank's row count for each. The counts travel
-     with the forward header through the workspace's control block (no NCCL call), and the host reads
-     every rank's counts and header once: the one host read of the forward, which sizes the output.
-     Headers are checked there (RankMismatch on every rank before any row moves).
-  2. Every rank knows the whole count matrix, so a sender knows where its rows start in each receiver's
-     buffer (after the rows of lower ranks): a kernel stores each token's row -- FP8 with its scales
-     when `dispatch_fp8` -- with its routing restricted to that receiver's experts (local ids, -1 for
-     slots held elsewhere) into every destination, then signals.
+  1. On the GPU (one Triton program): each token's destination ranks, its index among this rank's rows
+     for each, and the row counts. The counts travel with the forward header through the workspace's
+     control block (no NCCL call), next to the flag each rank publishes.
+  2. Every rank then has the whole count matrix on its GPU, so a sender knows where its rows start in
+     each receiver's buffer (after the rows of lower ranks): one program per token stores its row --
+     FP8 with its scales when the plan puts FP8 on the wire -- with its routing restricted to that
+     receiver's experts (local ids, -1 for slots held elsewhere) into every destination, then signals.
   3. The receiver's rows are a flat batch in its own buffer, source-major: the experts read them in place.
 Combine: each expert rank stores its output row (already the weighted sum over its local slots) into the
 owner's buffer, at the position the owner's send order gives that (rank, token) pair; after the signal
 the owner sums a token's rows in float32 in rank order (bit-reproducible) and casts once.
 
-Buffers grow (collectively: every rank sees the same counts) when a forward needs more rows than they
-hold; give `max_tokens_per_rank` to size them once up front. Two slots alternate, so two micro-batches
-can be in flight. CUDA only; refused elsewhere by the contract.
+With `max_tokens_per_rank` the buffers hold ep x max_tokens_per_rank rows, nothing is read back during
+the forward (the batch spans the capacity, rows past what arrived routed nowhere; headers are checked on
+the GPU and the verdict read once at the end of combine in eager mode) and the forward can be captured
+in a CUDA graph. Without it, the host reads the count matrix once, after the first exchange (headers
+checked there, before any row moves); that read sizes the batch, and the buffers grow (collectively:
+every rank sees the same counts) when a forward needs more rows than they hold. Two slots alternate, so
+two micro-batches can be in flight. CUDA only; refused elsewhere by the contract.
 """
 from __future__ import annotations
 
