@@ -223,7 +223,8 @@ def build_plan(dispatcher: str, experts: str | None, cfg, ep_size: int, device_t
                   and (capacity is not None or not d.takes_max_tokens))
     return MoEPlan(cfg=cfg, dispatcher=dispatcher, experts=experts, layout=d.layout, handoff=handoff,
                    wire_dtype=wire_dtype, wire_scales=scales, wire_scale_group=group, cuda_graph_safe=graph_safe,
-                   host_sync=d.host_sync, max_tokens_per_rank=capacity,
+                   host_sync=d.host_sync and not (d.takes_max_tokens and capacity is not None),
+                   max_tokens_per_rank=capacity,
                    hidden_size=cfg.hidden_size, padded_hidden_size=cfg.padded_hidden_size,
                    intermediate_size=cfg.intermediate_size, padded_intermediate_size=cfg.padded_intermediate_size,
                    ep_size=ep_size, device_type=device_type)

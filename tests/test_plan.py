@@ -52,3 +52,26 @@ def test_layer_and_dispatcher_share_one_plan():
     assert layer.experts.plan is layer.plan and layer.experts.cfg is layer.cfg      # experts built from the plan too
     assert layer.dispatcher.fmt.signature() == token_format(layer.plan).signature()
     assert layer.plan.describe()["activation hand-off"] == "not quantized"
+
+
+def test_a_dispatcher_that_takes_a_capacity_is_capturable_and_host_sync_free_only_with_one():
+    """symm_high_throughput's contract: with max_tokens_per_rank fixed buffers, no host read, capturable;
+    without it a host read sizes the forward (checked here on a probe class registered for the test)."""
+    from epmoe.contract import DispatcherCaps
+    from epmoe.dispatch.allgather import AllGatherDispatcher
+    from epmoe.layouts import FLAT
+    from epmoe.registry import register_dispatcher, unregister
+
+    class Probe(AllGatherDispatcher):
+        CAPS = DispatcherCaps(layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=True,
+                              takes_max_tokens=True, summary="test probe")
+    register_dispatcher("_test_takes_capacity")(Probe)
+    try:
+        bounded = contract.build_plan("_test_takes_capacity", "reference", _cfg(), 2, "cpu", max_tokens_per_rank=16)
+        free = contract.build_plan("_test_takes_capacity", "reference", _cfg(), 2, "cpu")
+    finally:
+        unregister("_test_takes_capacity")
+    assert bounded.max_tokens_per_rank == 16 and not bounded.host_sync
+    assert free.max_tokens_per_rank is None and free.host_sync
+    assert not free.cuda_graph_safe
+    assert bounded.cuda_graph_safe == contract.experts_class("reference").CAPS.cuda_graph_safe
