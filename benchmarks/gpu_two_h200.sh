@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The regression on a machine with two H200s (device kind nvidia-h200-x2); PARTS picks what runs
-# (default "symm tests": one call of about 8 minutes; PARTS=models in a second call):
+# The regression on a machine with two H200s (device kind nvidia-h200-x2), in two calls of under 10
+# minutes each: PARTS=symm (the default, about 5 minutes), then PARTS="tests models" (about 8):
 #   1. benchmarks/gpu_symm_check.py: the GPU-initiated dispatchers (every pairing, BF16/FP8 dispatch, edge
 #      token counts, a missing peer), CUDA graphs, the multi-rank suite of tests/test_ep_layer.py for every
-#      EP dispatcher on NCCL, dispatch + combine vs NCCL (BF16, FP8), the whole layer on 2 GPUs vs one;
+#      EP dispatcher on NCCL, dispatch + combine vs NCCL (BF16, FP8), the whole layer on 2 GPUs vs one,
+#      1000 forwards in a row of a high-throughput and a low-latency layer alternating;
 #   2. every single-GPU test (pytest -m "gpu and not multigpu"): kernels at real sizes, float16 range, ...;
 #   3. benchmarks/gpu_models_check.py: real-size transformers blocks with EP vs the oracle, tiny models.
 # Each part under its own time cap; NVLink multicast off. Results: $OUT/results.tar.gz.
@@ -15,10 +16,10 @@ mkdir -p "$RES"
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } \
     > "$RES/env.txt" 2>&1
 cat "$RES/env.txt"
-PARTS=${PARTS:-symm tests}
+PARTS=${PARTS:-symm}
 case " $PARTS " in *" symm "*)
-    OUT="$RES" timeout "${SYMM_SECONDS:-270}" python3 benchmarks/gpu_symm_check.py \
-        --parts smoke_ll,smoke_ht,graph,suite,timing,layer \
+    OUT="$RES" timeout "${SYMM_SECONDS:-420}" python3 benchmarks/gpu_symm_check.py \
+        --parts smoke_ll,smoke_ht,graph,suite,timing,layer,soak --forwards 500 \
         --timing-args "--timeout 120 --reps 10 --warmup 3" --layer-args "--timeout 150 --reps 10 --warmup 3" \
         > "$RES/symm_check.log" 2>&1
     echo "gpu_symm_check rc=$?";; esac
