@@ -6,7 +6,8 @@ import torch
 from epmoe import Fp8Config, MoEConfig, MoELayer, load_hf_experts
 from epmoe.testing import LayerExperts, load_experts, random_experts, random_inputs, run_on_ranks
 
-safetensors_torch = pytest.importorskip("safetensors.torch")
+safetensors_torch = pytest.importorskip("safetensors.torch",
+                                        reason="saving a state dict needs safetensors (pip install 'epmoe[models]')")
 
 H, I = 200, 72      # both padded by every scheme: the saved tensors must be unpadded
 
