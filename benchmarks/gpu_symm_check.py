@@ -14,6 +14,8 @@ Parts (each guarded, so one failure does not hide the others; a table sums up at
   suite:  tests/test_ep_layer.py's multi-rank cases on NCCL, 2 GPUs: every EP dispatcher (triton experts
           behind symm_high_throughput only).
   timing: `epmoe bench dispatch` for alltoall, low_latency and both new dispatchers, BF16 and FP8 rows.
+  variants: the high-throughput transfer kernels launched several ways (`HTLaunch`), BF16 and FP8 rows,
+          dispatch and combine times, and a profile (time per kernel) of the default launch.
   layer:  `epmoe bench layer --ranks 2` (deepseek-v3, qwen3-30b-a3b) for alltoall and both new dispatchers,
           against one GPU doing both ranks' tokens.
 """
@@ -190,6 +192,75 @@ def soak_worker(rank, ws, forwards):
     return {"forwards": 2 * forwards, "worst_rel_err": worst, "seconds": round(time.time() - t0, 1)}
 
 
+VARIANTS = {   # name: HTLaunch fields that differ from the default
+    "default": {}, "route128": dict(route_block=128), "route1024w8": dict(route_block=1024, route_warps=8),
+    "split2": dict(split=2), "split4": dict(split=4), "warps8": dict(warps=8), "csplit4": dict(combine_split=4),
+    "csplit16": dict(combine_split=16), "prequant": dict(split=128),   # FP8: blocks of 64 columns, quantized before
+}
+
+
+def variants_worker(rank, ws, T, names):
+    """The high-throughput transfer kernels launched several ways (DeepSeek-V3 shape, T tokens per rank,
+    bounded, CUDA graphs), BF16 and FP8 rows: dispatch and combine times, and one profiled eager forward
+    per row format (time per kernel)."""
+    from epmoe import Fp8Config, MoEConfig
+    from epmoe.bench.dispatch import _Clock
+    from epmoe.dispatch.build import make_dispatcher
+    from epmoe.dispatch.symm_high_throughput import HTLaunch
+    from epmoe.routing import route
+    dev = torch.device("cuda", torch.cuda.current_device())
+    clock = _Clock(dev, dist.group.WORLD)
+    out = {}
+    for tag, quant in (("bf16", None), ("fp8", Fp8Config(weight_block=(128, 128), dispatch_fp8=True))):
+        cfg = MoEConfig(num_experts=256, top_k=8, hidden_size=7168, intermediate_size=128, dtype=torch.bfloat16,
+                        quant=quant)
+        d = make_dispatcher(HT, cfg, group=dist.group.WORLD, device=dev, max_tokens_per_rank=T)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(T, 7168, generator=g).to(torch.bfloat16).to(dev)
+        routing = route(torch.randn(T, 256, generator=g).to(dev), cfg)
+        batch, h = d.dispatch(x, routing)
+        y = torch.randn(batch.x.shape, generator=g).to(torch.bfloat16).to(dev)
+        ref = d.combine(y, h).clone()
+        for name in names:
+            d.launch = HTLaunch(**VARIANTS[name])
+            try:
+                b2, h2 = d.dispatch(x, routing)
+                same = bool(torch.equal(b2.x.view(torch.uint8), batch.x.view(torch.uint8))
+                            and torch.equal(d.combine(y, h2), ref))
+                a, b = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]), 10, 3, True)
+                out[f"{tag}/{name}"] = {"dispatch_us": round(a["median_ms"] * 1e3, 1),
+                                        "combine_us": round(b["median_ms"] * 1e3, 1), "same_result": same,
+                                        "method": a["method"]}
+            except Exception as exc:
+                out[f"{tag}/{name}"] = f"FAIL {type(exc).__name__}: {exc}"[:500]
+            dist.barrier()
+        d.launch = HTLaunch()
+        from torch.profiler import ProfilerActivity, profile
+        for _ in range(2):
+            d.combine(y, d.dispatch(x, routing)[1])
+        torch.cuda.synchronize()
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                d.combine(y, d.dispatch(x, routing)[1])
+            torch.cuda.synchronize()
+        if rank == 0:
+            out[f"{tag}/profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                                              max_name_column_width=50)
+        dist.barrier()
+    return out
+
+
+def part_variants(T):
+    from epmoe.testing import run_on_ranks
+    res = run_on_ranks(variants_worker, 2, T, list(VARIANTS), backend="nccl", timeout_s=200)
+    for r in res:
+        for k in [k for k in r if k.endswith("/profile")]:
+            with open(os.path.join(OUT, f"profile_{k.split('/')[0]}.txt"), "w") as f:
+                f.write(r.pop(k))
+    return {k: [r.get(k) for r in res] for k in res[0]}
+
+
 def part_smoke(dispatcher):
     from epmoe.testing import run_on_ranks
     res = run_on_ranks(smoke_worker, 2, (dispatcher,), backend="nccl", timeout_s=200)
@@ -252,13 +323,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="smoke_ht,smoke_ll,graph,soak,suite,timing")
     ap.add_argument("--forwards", type=int, default=500, help="soak: forwards per layer (default %(default)s)")
+    ap.add_argument("--variant-tokens", type=int, default=4096, help="variants: tokens per rank (default %(default)s)")
     ap.add_argument("--timing-args", default="", help="extra arguments for epmoe bench dispatch")
     ap.add_argument("--layer-args", default="", help="extra arguments for epmoe bench layer")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     steps = {"smoke_ht": lambda: part_smoke(HT), "smoke_ll": lambda: part_smoke(LL), "graph": part_graph, "soak": lambda: part_soak(args.forwards),
              "suite": part_suite, "timing": lambda: part_timing(args.timing_args.split()),
-             "layer": lambda: part_layer(args.layer_args.split())}
+             "layer": lambda: part_layer(args.layer_args.split()), "variants": lambda: part_variants(args.variant_tokens)}
     from epmoe.bench.run_env import environment
     summary = {"environment": environment("nccl", 2)}
     for name in args.parts.split(","):

@@ -251,3 +251,64 @@ else:
             assert batch.local_ids[:n].tolist() == ids
             assert torch.equal(batch.weights[:n], torch.stack(weights)) if n else True
             assert (batch.local_ids[n:] == -1).all()       # the rest of the capacity is routed nowhere
+
+    @pytest.mark.parametrize("launch,M", [(dict(split=3, combine_split=2, route_block=2), 5),
+                                          (dict(split=2, combine_split=3, route_block=4, warps=2), None)])
+    def test_high_throughput_rows_split_over_programs(launch, M):
+        """Rows moved by several programs each (every split-th block of columns) and a routing scan over
+        several blocks of tokens give the reference result, bounded and unbounded."""
+        from epmoe.dispatch.symm_high_throughput import HTLaunch
+        cfg = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=5)
+        ds = make(SymmHighThroughputDispatcher, cfg, 3, M or 256)   # unbounded: the default rows
+        for d in ds:
+            d.max_tokens_per_rank = M
+            d.launch = HTLaunch(**launch)
+        xs, ls = _data(cfg, [5, 1, 3], 21)
+        outs, _, _ = run_forward(ds, cfg, experts, xs, ls)
+        for r in range(3):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+
+    def test_high_throughput_routing_scan_over_many_blocks():
+        """The two-pass routing scan (blocks of 2 tokens, more blocks than one chunk of the prefix) against
+        a walk in token order."""
+        from epmoe.kernels.symm_dispatch import ht_route
+        g = torch.Generator().manual_seed(4)
+        ep, E, T, K = 3, 7, 140, 2
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+        ids[:20] = torch.tensor([0, 1], dtype=torch.int32)     # a stretch on one rank only
+        owner = torch.tensor(Placement(E, ep, 0).owners, dtype=torch.int32)
+        j, counts = ht_route(ids, owner, ep, block_t=2)
+        want = torch.full((ep, T), -1, dtype=torch.int64)
+        n = [0] * ep
+        for t in range(T):
+            for d in sorted({int(owner[e]) for e in ids[t]}):
+                want[d, t] = n[d]
+                n[d] += 1
+        assert torch.equal(j, want)
+        assert counts.tolist() == n
+
+    @pytest.mark.parametrize("split", [1, 4])
+    def test_high_throughput_fp8_rows_are_the_one_formula(split):
+        """FP8 on the wire: quantized inside the transfer kernel (whole groups per column block) or before
+        it (split 4: blocks of 64 columns), the received rows and scales are `quantize_activations` of the
+        sent rows, bit for bit, and the layer matches the oracle within the FP8 bound."""
+        from epmoe import Fp8Config
+        from epmoe.dispatch.symm_high_throughput import HTLaunch
+        cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.float32,
+                        quant=Fp8Config(weight_block=(128, 128), dispatch_fp8=True))
+        ds = make(SymmHighThroughputDispatcher, cfg, 2, 5)
+        for d in ds:
+            d.launch = HTLaunch(split=split)
+        xs, ls = _data(cfg, [5, 3], 31)
+        xs[0][1] *= 1e4                                          # groups of very different ranges
+        routings = [route(v, cfg) for v in ls]
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xs, routings)])
+        owners = ds[0].placement.owners
+        for me, (batch, _) in enumerate(outs):
+            sent = [xs[s][t] for s in range(2) for t in range(xs[s].shape[0])
+                    if any(owners[e] == me for e in routings[s].topk_ids[t].tolist())]
+            q, sc = cfg.quant_scheme.quantize_activations(torch.stack(sent))
+            n = len(sent)
+            assert torch.equal(batch.x[:n].view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(batch.scales[:n], sc.float())

@@ -48,14 +48,16 @@ def test_exchange_kernel_publishes_and_waits_at_system_scope():
     assert "%globaltimer" in ptx
 
 
-@pytest.mark.parametrize("wire", ["bf16", "fp8e4nv"])
-def test_high_throughput_rows_move_in_16_byte_stores(wire):
+@pytest.mark.parametrize("wire,quant", [("bf16", False), ("fp8e4nv", False), ("fp8e4nv", True)])
+def test_high_throughput_rows_move_in_16_byte_stores(wire, quant):
+    """Rows (FP8 ones quantized before the kernel, or inside it) leave in 16-byte vector stores."""
     from epmoe.kernels import symm_dispatch as k
     fp8 = wire == "fp8e4nv"
-    types = ([f"*{wire}", "*fp32", "*i32", "*i32", "*i32", "*fp32", "*i64", "*i32", "*i64", f"*{wire}", "*fp32",
-              "*i32", "*fp32", "*i64", "*i32"] + ["i32"] * 5)
+    types = ([f"*{'bf16' if quant else wire}", "*fp32", "*i32", "*i32", "*i32", "*fp32", "*i64", "*i32", "*i64",
+              f"*{wire}", "*fp32", "*i32", "*fp32", "*i64", "*i32"] + ["i32"] * 5)
     ptx = _compile(k.ht_dispatch_kernel, types, dict(EP=2, HW=7, K=8, X_ITEM=1 if fp8 else 2, BLOCK_H=8192, K_P2=8,
-                                                      G_P2=64 if fp8 else 1, HAS_SCALES=fp8, PAD_BLOCK=256))
+                                                      G_P2=64 if fp8 else 1, HAS_SCALES=fp8 and not quant,
+                                                      PAD_BLOCK=256, QUANT=quant, GROUP=128 if quant else 1))
     assert "st.global.v4.b32" in _stores(ptx)
     ptx = _compile(k.ht_combine_kernel, ["*bf16", "*i32", "*bf16", "*i64", "i32", "i32"],
                    dict(EP=2, HW=7, ITEM=2, BLOCK_H=8192))

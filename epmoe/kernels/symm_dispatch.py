@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_quant import FP8_MAX, INV_FP8_MAX, SCALE_FLOOR, _round_to_e4m3
+
 # status word bits (int32, one per rank, sticky until the host reads and clears it)
 TIMEOUT = tl.constexpr(1)          # a peer's flag did not arrive within the timeout
 MISMATCH = tl.constexpr(2)         # a peer's header names another layer, layer kind or forward
@@ -156,30 +158,62 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
 
 # ------------------------------------------------------------------------------------ high throughput
 @triton.jit
-def ht_route_kernel(ids_ptr, owner_ptr, j_ptr, counts_ptr, T,
-                    EP: tl.constexpr, EP_P2: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr):
-    """One program: which ranks each token goes to, and its index among this rank's rows for each.
+def ht_route_kernel(ids_ptr, owner_ptr, j_ptr, blocks_ptr, counts_ptr, T, n_blocks,
+                    EP: tl.constexpr, EP_P2: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                    NB_CHUNK: tl.constexpr, PHASE: tl.constexpr):
+    """Which ranks each token goes to, and its index among this rank's rows for each: two launches of
+    one program per block of BLOCK_T tokens (a scan in two passes, deterministic: token order).
 
     ids [T, K] global expert ids, owner [E] int32 rank of each expert -> j [EP, T] int64 (the token's
     position among the tokens going to rank d, in token order; -1: it does not go there) and counts
-    [EP] int32 rows per destination. A running scan over blocks of tokens: deterministic order.
+    [EP] int32 rows per destination. blocks [n_blocks, EP] int64: scratch, each block's rows per
+    destination. PHASE 0: each block's positions among its own tokens, and its totals; PHASE 1: the
+    totals of the blocks before it added, and the last block writes `counts`.
     """
+    b = tl.program_id(0)
     d = tl.arange(0, EP_P2)
-    carry = tl.zeros([EP_P2], dtype=tl.int64)
-    for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tm = t < T
+    dm = d < EP
+    t = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    at = d[None, :].to(tl.int64) * T + t[:, None]
+    am = tm[:, None] & dm[None, :]
+    if PHASE == 0:
         goes = tl.zeros([BLOCK_T, EP_P2], dtype=tl.int64)
         for k in tl.static_range(K):
             e = tl.load(ids_ptr + t.to(tl.int64) * K + k, mask=tm, other=0)
             o = tl.load(owner_ptr + e, mask=tm, other=-1)
             goes = goes | (o[:, None] == d[None, :]).to(tl.int64)
         goes = goes * tm[:, None].to(tl.int64)
-        j = carry[None, :] + tl.cumsum(goes, axis=0) - 1
-        j = tl.where(goes > 0, j, -1)
-        tl.store(j_ptr + d[None, :].to(tl.int64) * T + t[:, None], j, mask=tm[:, None] & (d[None, :] < EP))
-        carry += tl.sum(goes, axis=0)
-    tl.store(counts_ptr + d, carry.to(tl.int32), mask=d < EP)
+        j = tl.where(goes > 0, tl.cumsum(goes, axis=0) - 1, -1)
+        tl.store(j_ptr + at, j, mask=am)
+        tl.store(blocks_ptr + b * EP + d, tl.sum(goes, axis=0), mask=dm)
+    else:
+        before = tl.zeros([EP_P2], dtype=tl.int64)
+        for c0 in range(0, b, NB_CHUNK):
+            c = c0 + tl.arange(0, NB_CHUNK)
+            cnt = tl.load(blocks_ptr + c[:, None] * EP + d[None, :], mask=(c < b)[:, None] & dm[None, :], other=0)
+            before += tl.sum(cnt, axis=0)
+        j = tl.load(j_ptr + at, mask=am, other=-1)
+        tl.store(j_ptr + at, tl.where(j >= 0, j + before[None, :], -1), mask=am)
+        if b == n_blocks - 1:
+            mine = tl.load(blocks_ptr + b * EP + d, mask=dm, other=0)
+            tl.store(counts_ptr + d, (before + mine).to(tl.int32), mask=dm)
+
+
+def ht_route(ids: torch.Tensor, owner: torch.Tensor, ep: int, block_t: int = 256, num_warps: int = 4):
+    """(j [ep, T] int64, counts [ep] int32) of `ht_route_kernel` for ids [T, K] (two launches; none for
+    T = 0)."""
+    T, K = ids.shape
+    j = torch.empty(ep, T, dtype=torch.int64, device=ids.device)
+    counts = torch.zeros(ep, dtype=torch.int32, device=ids.device)
+    if T:
+        block = min(pow2(T), block_t)
+        nb = triton.cdiv(T, block)
+        blocks = torch.empty(nb, ep, dtype=torch.int64, device=ids.device)
+        for phase in (0, 1):
+            ht_route_kernel[(nb,)](ids, owner, j, blocks, counts, T, nb, EP=ep, EP_P2=pow2(ep), K=K,
+                                   BLOCK_T=block, NB_CHUNK=64, PHASE=phase, num_warps=num_warps)
+    return j, counts
 
 
 @triton.jit
@@ -187,11 +221,15 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
                        rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, T, H, G, rows,
                        EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
                        BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
-                       PAD_BLOCK: tl.constexpr):
-    """Program t < T stores token t's row into the receive buffer of every rank it goes to; programs
-    t >= T mark this rank's receive rows past those that arrive as routed nowhere (ids -1).
+                       PAD_BLOCK: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
+    """Program (t < T, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... (SPLIT =
+    programs along axis 1) of token t's row into the receive buffer of every rank it goes to, program
+    (t, 0) its routing too; programs (t >= T, 0) mark this rank's receive rows past those that arrive as
+    routed nowhere (ids -1).
 
-    x [T, H] (wire dtype), xs [T, G] float32 scales (FP8), ids [T, K] global expert ids, owner/index [E]
+    x [T, H] (wire dtype), xs [T, G] float32 scales (FP8), or with QUANT x in high precision, quantized
+    here to the wire's FP8 with one scale per GROUP columns (the formula of `epmoe.kernels.fp8_quant`,
+    bit for bit; BLOCK_H a multiple of GROUP), ids [T, K] global expert ids, owner/index [E]
     int32 (rank of each expert, its index there), w [T, K] float32, j [EP, T] int64 (the token's index
     among this rank's rows for that destination, -1: not there). mtx [EP, HW] int32: every rank's header,
     whose columns HEADER_BASE.. hold its row count per destination: this rank's rows start in rank d's
@@ -201,7 +239,10 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
     OVERFLOW instead of landing.
     """
     t = tl.program_id(0)
+    part = tl.program_id(1)
     if t >= T:
+        if part > 0:
+            return
         received = 0
         for s in tl.static_range(EP):
             received += tl.load(mtx_ptr + s * HW + HEADER_BASE + rank)
@@ -212,8 +253,9 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
                  mask=(r < rows)[:, None] & (kk < K)[None, :])
     else:
         _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
-                        rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, t.to(tl.int64), T, H, G, rows,
-                        EP, HW, K, X_ITEM, BLOCK_H, K_P2, G_P2, HAS_SCALES)
+                        rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, t.to(tl.int64), part,
+                        tl.num_programs(1), T, H, G, rows, EP, HW, K, X_ITEM, BLOCK_H, K_P2, G_P2, HAS_SCALES,
+                        QUANT, GROUP)
 
 
 @triton.jit
@@ -229,18 +271,30 @@ def _row_on(j_ptr, mtx_ptr, row, T, rank, d: tl.constexpr, EP: tl.constexpr, HW:
 
 @triton.jit
 def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
-                    rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, row, T, H, G, rows,
+                    rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, row, part, parts, T, H, G, rows,
                     EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
-                    BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
-    for h0 in range(0, H, BLOCK_H):
+                    BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
+                    QUANT: tl.constexpr, GROUP: tl.constexpr):
+    for h0 in range(part * BLOCK_H, H, parts * BLOCK_H):
         offs = h0 + tl.arange(0, BLOCK_H)
         hm = offs < H
-        v = tl.load(x_ptr + row * H + offs, mask=hm)
+        v = tl.load(x_ptr + row * H + offs, mask=hm, other=0.0)
+        if QUANT:        # zeros past the row's end change no group's amax
+            xg = tl.reshape(v.to(tl.float32), [BLOCK_H // GROUP, GROUP])
+            scale = tl.maximum(tl.max(tl.abs(xg), axis=1), SCALE_FLOOR) * INV_FP8_MAX
+            q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(xg, scale[:, None]), -FP8_MAX), FP8_MAX))
+            v = tl.reshape(q, [BLOCK_H]).to(rx_ptr.dtype.element_ty)
+            gi = h0 // GROUP + tl.arange(0, BLOCK_H // GROUP)
         for d in tl.static_range(EP):
             jd, p = _row_on(j_ptr, mtx_ptr, row, T, rank, d, EP, HW)
             if (jd >= 0) & (p < rows):
                 delta = tl.multiple_of(tl.load(deltas_ptr + d), 16) // X_ITEM
                 tl.store(rx_ptr + delta + p * H + offs, v, mask=hm)
+                if QUANT:
+                    delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
+                    tl.store(rxs_ptr + delta4 + p * G + gi, scale, mask=gi < G)
+    if part > 0:
+        return
     k = tl.arange(0, K_P2)
     km = k < K
     wv = tl.load(w_ptr + row * K + k, mask=km)
@@ -269,8 +323,9 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
 @triton.jit
 def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, rank, H,
                       EP: tl.constexpr, HW: tl.constexpr, ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program q stores received row q of y [N, H] back into its source's combine region `out`, at the
-    row the source's send order gives it (destination-major: after its rows for lower ranks).
+    """Program (q, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... of received row q
+    of y [N, H] back into its source's combine region `out`, at the row the source's send order gives it
+    (destination-major: after its rows for lower ranks).
 
     mtx [EP, HW] int32: every rank's header with its per-destination row counts (HEADER_BASE..).
     """
@@ -290,7 +345,7 @@ def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, rank, H,
     dst = base + (q - first)
     delta = tl.multiple_of(tl.load(deltas_ptr + src), 16) // ITEM
     if q < acc:                      # rows past what arrived (a whole-capacity batch) go nowhere
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):
             offs = h0 + tl.arange(0, BLOCK_H)
             hm = offs < H
             v = tl.load(y_ptr + q * H + offs, mask=hm)
