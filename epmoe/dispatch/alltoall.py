@@ -5,14 +5,25 @@ Dispatch:
   1. Each rank finds, per token, the set of destination ranks (owners of its k experts) and counts the
      rows it will send to each; the counts travel in the forward header (one small all-gather, checked
      on the host: see `CommDispatcher.exchange_headers`), and that one host sync sizes everything below.
-  2. Rows are ordered destination-major, each carrying the token's hidden vector and its routing
+  2. Rows are ordered destination-major (token order within a destination), each carrying the token's
+     hidden vector (FP8 with its scales when the plan quantizes before the wire) and its routing
      *restricted to that destination*: local expert ids on the destination (-1 for slots that live
      elsewhere) and the k weights. One variable-size `all_to_all_single` moves them (uneven splits;
      ranks with nothing to send or receive take part with empty buffers, so nobody waits on them).
   3. The receiver hands them to the experts as a flat batch: each row's output is already the weighted
      sum over its local slots (float32 accumulation, cast to the layer's dtype).
 Combine: the reverse all-to-all brings back one row per (token, rank); the owner sums a token's rows in
-float32 in a fixed order (gather per destination, no atomics: bit-reproducible), and casts once.
+float32 in a fixed order (rank order, no atomics: bit-reproducible), and casts once.
+
+On CUDA (with Triton) steps 1-3 and the combine's sum are kernels (`epmoe.kernels.alltoall_pack`): one
+launch finds each token's destinations and its position among their rows (before the header); after
+the header one launch writes every wire row straight from `x` (quantizing in the kernel for FP8 wires,
+with the one formula, bit for bit); the received rows reach the experts as typed views of the receive
+buffer where the plan's experts read strided rows (`reference`, `grouped_mm`), else as dense fields
+unpacked in one launch; the combine sums with one gather kernel (`gather_sum`, shared with
+`symm_high_throughput`). Elsewhere (CPU, Gloo) the same steps are PyTorch ops. Both give the same rows
+and the same sums, bit for bit (a sum of zeros may differ in the sign of zero). No step but the header
+reads anything back to the host; the combine reads nothing.
 
 Bytes on the wire per rank: dispatch = (token, destination) pairs x (H x dtype + 8 k + alignment),
 combine = (token, destination) pairs x H x dtype.
@@ -27,15 +38,21 @@ from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..experts.base import count_pairs
 from ..registry import register_dispatcher
-from ._comm import CommDispatcher, pack_tokens, unpack_tokens
+from ._comm import CommDispatcher, TokenRows, pack_tokens, unpack_tokens
 from .base import Pending
+
+# experts backends whose flat path reads rows through any row stride (gathers, no dense indexing): they
+# get typed views of the receive buffer; the others (the Triton kernels) get dense fields
+READS_STRIDED_ROWS = frozenset({"reference", "grouped_mm"})
 
 
 class AllToAllHandle(NamedTuple):
     num_tokens: int
     send_splits: list[int]       # rows sent to each rank (= rows that come back from it)
     recv_splits: list[int]       # rows received from each rank (= rows sent back to it)
-    back_index: torch.Tensor     # [ep, T] row of the combine buffer holding (token, rank), or the zero row
+    back_index: torch.Tensor     # PyTorch path: [ep, T] row of the combine buffer holding (token, rank), or
+    #                              the zero row; kernels: [T, ep] that row, or -1
+    kernels: bool = False        # dispatched by the CUDA kernels (the combine uses them too)
 
 
 def _nonzero_1d(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -46,6 +63,43 @@ def _nonzero_1d(mask: torch.Tensor, count: int) -> torch.Tensor:
         return mask.nonzero().reshape(-1)
 
 
+# ------------------------------------------------------------ the PyTorch path (CPU, Gloo; the tests' yardstick)
+def route_torch(placement, topk_ids: torch.Tensor) -> torch.Tensor:
+    """goes_to [ep, T] bool: token t has an expert on rank d."""
+    owner, _ = placement.ids_on_owner(topk_ids)                                # [T, k]
+    goes_to = torch.zeros(placement.ep_size, topk_ids.shape[0], dtype=torch.bool, device=topk_ids.device)
+    goes_to.scatter_(0, owner.t().long(), True)
+    return goes_to
+
+
+def pack_torch(fmt, placement, send: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor, goes_to: torch.Tensor) -> torch.Tensor:
+    """Write the wire rows into `send [n_send, row_bytes]` (n_send = goes_to.sum(), known on the host),
+    destination-major; returns the (destination * T + token) of each row."""
+    T = goes_to.shape[1]
+    pair = _nonzero_1d(goes_to.reshape(-1), send.shape[0])                    # destination-major
+    dst, tok = pair // T, pair % T
+    ids = placement.local_ids_on(topk_ids[tok], dst.unsqueeze(1))
+    pack_tokens(fmt, send, x[tok], ids, topk_weights[tok])
+    return pair
+
+
+def back_index_torch(pair: torch.Tensor, ep: int, T: int) -> torch.Tensor:
+    """[ep, T]: the combine buffer's row holding (rank, token); row n_send (the zero row) where none."""
+    n_send = pair.shape[0]
+    back = torch.full((ep, T), n_send, dtype=torch.int64, device=pair.device)
+    back.view(-1)[pair] = torch.arange(n_send, device=pair.device)
+    return back
+
+
+def sum_back_torch(back: torch.Tensor, back_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum over ranks d, in order, of back[back_index[d, t]] in float32, cast once."""
+    out = back[back_index[0]].float()
+    for d in range(1, back_index.shape[0]):
+        out += back[back_index[d]]
+    return out.to(dtype)
+
+
 @register_dispatcher("alltoall")
 class AllToAllDispatcher(CommDispatcher):
     CAPS = DispatcherCaps(
@@ -53,31 +107,58 @@ class AllToAllDispatcher(CommDispatcher):
         summary="counts exchanged, then each token sent once per destination rank with its routing for "
                 "that rank's experts (variable-size all-to-all); one row per (token, rank) comes back")
 
+    # None: the Triton kernels on CUDA where Triton can run them, PyTorch ops elsewhere; True/False force
+    # a path (tests run the kernels on CPU tensors under TRITON_INTERPRET=1)
+    use_kernels: bool | None = None
+
+    def _kernels_for(self, x: torch.Tensor) -> bool:
+        if self.use_kernels is not None:
+            return self.use_kernels
+        if not x.is_cuda:
+            return False
+        ok = getattr(self, "_kernels_ok", None)
+        if ok is None:
+            from ..kernels import triton_problem
+            quant = self.fmt.quantize is not None
+            ok = (triton_problem("cuda", need_fp8=quant) is None
+                  and (quant or self.fmt.fields["x"].dtype == self.cfg.dtype))
+            self._kernels_ok = ok
+        return ok
+
     def _start_dispatch(self, x, routing):
         T, H = x.shape
         ep, dev = self.ep_size, x.device
-        owner, _ = self.placement.ids_on_owner(routing.topk_ids)              # [T, k]
-        goes_to = torch.zeros(ep, T, dtype=torch.bool, device=dev)             # [ep, T]
-        goes_to.scatter_(0, owner.t().long(), True)
-        send_counts = goes_to.sum(1)                                           # [ep]
+        kernels = self._kernels_for(x)
+        if kernels:
+            from ..kernels.alltoall_pack import route_rows
+            owner, index, _ = self.placement.tables(dev)
+            j, send_counts = route_rows(routing.topk_ids, owner, ep)        # [ep, T], [ep]: one launch
+        else:
+            goes_to = route_torch(self.placement, routing.topk_ids)            # [ep, T]
+            send_counts = goes_to.sum(1)                                       # [ep]
         heads = self.exchange_headers(T, dev, send_counts)                     # the one host sync
         send_splits = heads.counts[self.rank]
         recv_splits = [heads.counts[r][self.rank] for r in range(ep)]
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
-        pair = _nonzero_1d(goes_to.reshape(-1), n_send)                        # destination-major
-        dst, tok = pair // T, pair % T
-        ids = self.placement.local_ids_on(routing.topk_ids[tok], dst.unsqueeze(1))
         send = self.fmt.empty(n_send, device=dev)
-        pack_tokens(self.fmt, send, x[tok], ids, routing.topk_weights[tok])
+        if kernels:
+            from ..kernels.alltoall_pack import pack_rows
+            group = self.cfg.quant_scheme.activation_group_size if self.fmt.quantize is not None else None
+            back_index = pack_rows(self.fmt, send, x, routing.topk_ids, routing.topk_weights, owner, index, j,
+                                   send_counts, group)                        # [T, ep]: one launch
+        else:
+            pair = pack_torch(self.fmt, self.placement, send, x, routing.topk_ids, routing.topk_weights, goes_to)
         recv = self.fmt.empty(n_recv, device=dev)
         work = self.comm.all_to_all(recv, send, recv_splits, send_splits, async_op=True)
 
         def finish():
-            rows = unpack_tokens(self.fmt, recv, contiguous=True)
-            # where each (rank, token) row will sit in the combine buffer; row n_send stays zero
-            back_index = torch.full((ep, T), n_send, dtype=torch.int64, device=dev)
-            back_index.view(-1)[pair] = torch.arange(n_send, device=dev)
+            if kernels:
+                rows = self._received(recv)
+                back = back_index
+            else:
+                rows = unpack_tokens(self.fmt, recv, contiguous=True)
+                back = back_index_torch(pair, ep, T)       # row n_send of the combine buffer stays zero
             if self.stats is not None:
                 self.stats.forwards += 1
                 self.stats.add("dispatch_rows", send_splits)
@@ -85,19 +166,43 @@ class AllToAllDispatcher(CommDispatcher):
                 self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv_splits])
                 self.stats.count_experts(count_pairs(rows.ids, self.placement.num_local_experts))
             batch = FlatBatch(rows.x, rows.ids, rows.weights, rows.scales)
-            return batch, AllToAllHandle(T, send_splits, recv_splits, back_index)
+            return batch, AllToAllHandle(T, send_splits, recv_splits, back, kernels)
         return Pending([work], finish)
 
+    def _received(self, recv: torch.Tensor) -> TokenRows:
+        """The received rows as the plan's experts read them: typed views of the receive buffer (no copy)
+        for backends that read strided rows, else dense fields unpacked in one launch."""
+        if self.plan.experts in READS_STRIDED_ROWS:
+            return unpack_tokens(self.fmt, recv)
+        from ..kernels.alltoall_pack import unpack_rows
+        return TokenRows(*unpack_rows(self.fmt, recv))
+
+    def _zero_status(self, device) -> torch.Tensor:
+        """A zero int32 word for `gather_sum` (its status input: never set on this dispatcher)."""
+        cache = self.__dict__.setdefault("_zero_status_by_device", {})
+        device = torch.device(device)
+        if device not in cache:
+            cache[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return cache[device]
+
     def _start_combine(self, expert_out, handle: AllToAllHandle):
-        T, send_splits, recv_splits, back_index = handle
+        T, send_splits, recv_splits, back_index, kernels = handle
         n_send, H = sum(send_splits), expert_out.shape[1]
-        back = torch.empty(n_send + 1, H, dtype=expert_out.dtype, device=expert_out.device)
+        dev = expert_out.device
+        if kernels:
+            back = torch.empty(n_send, H, dtype=expert_out.dtype, device=dev)
+            work = self.comm.all_to_all(back, expert_out.contiguous(), send_splits, recv_splits, async_op=True)
+
+            def finish_kernels():
+                from ..kernels.symm_dispatch import gather_sum
+                # out[t] = sum over ranks d in order of back[back_index[t, d]] (-1: skipped), float32
+                return gather_sum(back, back_index, None, self._zero_status(dev), self.cfg.dtype)
+            return Pending([work], finish_kernels)
+
+        back = torch.empty(n_send + 1, H, dtype=expert_out.dtype, device=dev)
         back[n_send].zero_()
         work = self.comm.all_to_all(back[:n_send], expert_out.contiguous(), send_splits, recv_splits, async_op=True)
 
         def finish():
-            out = back[back_index[0]].float()
-            for d in range(1, self.ep_size):
-                out += back[back_index[d]]
-            return out.to(self.cfg.dtype)
+            return sum_back_torch(back, back_index, self.cfg.dtype)
         return Pending([work], finish)
