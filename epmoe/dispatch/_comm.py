@@ -28,6 +28,7 @@ from ..errors import RankMismatch
 from ..placement import Placement
 from ..registry import DISPATCHERS
 from .base import Dispatcher
+from .symm_workspace import existing_pool
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
 
@@ -291,7 +292,6 @@ class CommDispatcher(Dispatcher):
     def symm_pool(self):
         """The group's symmetric-memory workspace pool if this process has an allocated one (a layer on a
         GPU-initiated dispatcher ran here), else None: then nothing is marked and nothing costs more."""
-        from .symm_workspace import existing_pool
         return existing_pool(self.group)
 
     def exchange_headers(self, num_tokens: int, device, dest_counts: torch.Tensor | None = None,
