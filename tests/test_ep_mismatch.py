@@ -16,7 +16,10 @@ from epmoe import MoEConfig, MoELayer, RankMismatch, reference_moe
 from epmoe.testing import assert_close, load_experts, random_experts, random_inputs, run_on_ranks
 
 BASE = dict(num_experts=8, top_k=2, hidden_size=24, intermediate_size=16, dtype=torch.float32)
-EXPERTS = {"allgather": "grouped_mm", "alltoall": "grouped_mm", "low_latency": "batched"}
+EXPERTS = {"allgather": "grouped_mm", "alltoall": "grouped_mm", "low_latency": "batched",
+           "symm_high_throughput": "grouped_mm", "symm_low_latency": "batched"}
+FIXED_CAPACITY = ("low_latency", "symm_low_latency", "symm_high_throughput")   # built with max_tokens_per_rank
+SYMM_TIMEOUT_S = 5.0   # symmetric-memory layers (GPU runs): a failure shows as a timeout, never a hang
 
 # (case, layer on even ranks, layer on odd ranks, what the error must name); a layer: (dispatcher, changes)
 CASES = [
@@ -36,12 +39,16 @@ DEADLINE_S = 5.0     # a mismatch must be reported this fast on every rank (a ha
 
 
 def _build(spec, seed):
+    """A layer (dispatcher, {config changes, "M": max_tokens_per_rank}) on the default group, on the group's
+    device (the current GPU with NCCL), and the float32 expert weights it holds."""
     dispatcher, changes = spec
     changes = dict(changes)
-    M = changes.pop("M", 8) if dispatcher == "low_latency" else None
+    M = changes.pop("M", 8) if dispatcher in FIXED_CAPACITY else None
     cfg = MoEConfig(**{**BASE, **changes})
     layer = MoELayer(cfg, ep_group=dist.group.WORLD, dispatcher=dispatcher, experts=EXPERTS[dispatcher],
                      max_tokens_per_rank=M)
+    if hasattr(layer.dispatcher, "timeout_s"):
+        layer.dispatcher.timeout_s = SYMM_TIMEOUT_S
     weights = random_experts(cfg, seed=seed)
     load_experts(layer, weights)
     return layer, weights
@@ -54,7 +61,7 @@ def _run_step(rank, layers, calls):
     start = time.monotonic()
     for i in calls:
         layer, _ = layers[i]
-        x, logits = x_cache.setdefault(i, random_inputs(layer.cfg, 3 + rank, seed=rank))
+        x, logits = x_cache.setdefault(i, random_inputs(layer.cfg, 3 + rank, seed=rank, device=layer.device))
         try:
             layer(x, logits)
         except RankMismatch as exc:
@@ -64,8 +71,8 @@ def _run_step(rank, layers, calls):
 
 def _aligned_forwards_are_correct(rank, layers):
     for layer, weights in layers:
-        x, logits = random_inputs(layer.cfg, 2 + rank, seed=10 + rank)
-        assert_close(layer(x, logits), reference_moe(x, logits, weights, layer.cfg))
+        x, logits = random_inputs(layer.cfg, 2 + rank, seed=10 + rank, device=layer.device)
+        assert_close(layer(x, logits).cpu(), reference_moe(x.cpu(), logits.cpu(), weights, layer.cfg))
 
 
 def _every_case(rank, world):
@@ -82,9 +89,7 @@ def _every_case(rank, world):
     return report
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_mismatched_layers_raise_on_every_rank_and_the_next_forward_is_correct(world):
-    reports = run_on_ranks(_every_case, world, timeout_s=120)
+def _check_reports(reports):
     expected = {case: text for case, _, _, text in CASES}
     expected.update({f"{d} skipped forward": "same layer's same forward" for d in SKIPS})
     for rank, report in enumerate(reports):
@@ -93,3 +98,16 @@ def test_mismatched_layers_raise_on_every_rank_and_the_next_forward_is_correct(w
             assert error is not None, f"rank {rank}, {case}: no error"
             assert expected[case] in error and "same layer's same forward" in error, (rank, case, error)
             assert seconds < DEADLINE_S, f"rank {rank}, {case}: raised after {seconds:.1f}s"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mismatched_layers_raise_on_every_rank_and_the_next_forward_is_correct(world):
+    _check_reports(run_on_ranks(_every_case, world, backend="gloo", timeout_s=120))
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_mismatched_layers_on_nccl():
+    """The same cases on 2 GPUs, NCCL (benchmarks/gpu_mismatch_check.py adds the symmetric-memory ones)."""
+    _check_reports(run_on_ranks(_every_case, 2, backend="nccl", timeout_s=180))

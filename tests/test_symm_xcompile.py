@@ -40,12 +40,15 @@ def _stores(ptx: str) -> set:
 
 def test_exchange_kernel_publishes_and_waits_at_system_scope():
     from epmoe.kernels import symm_dispatch as k
-    ptx = _compile(k.exchange_flags_kernel, ["*i32"] * 3 + ["*i64"] + ["*i32"] * 4 + ["i32"] * 7 + ["i64", "i32"],
+    ptx = _compile(k.exchange_flags_kernel, ["*i32"] * 3 + ["*i64"] + ["*i32"] * 5 + ["i32"] * 7 + ["i64", "i32"],
                    dict(EP=2, EP_P2=2, HW=7, HW_P2=8, HAS_COUNTS=True, PUBLISH=True, WAIT=True, ADVANCE=True, CHECK_HEADS=True,
                         TIMED=True, MAX_SPINS=0, ZERO_BLOCK=256))
     assert "atom.global.sys.release.exch" in ptx.replace(".release.sys.", ".sys.release.")
     assert re.search(r"atom\.global\.(sys\.acquire|acquire\.sys)\.add", ptx)
     assert "%globaltimer" in ptx
+    # the collective markers: stored into every peer with release semantics at system scope
+    ptx = _compile(k.mark_collective_kernel, ["*i32", "*i64", "i32", "i32"], dict(EP=2, EP_P2=2))
+    assert "atom.global.sys.release.exch" in ptx.replace(".release.sys.", ".sys.release.")
 
 
 @pytest.mark.parametrize("wire,quant", [("bf16", False), ("fp8e4nv", False), ("fp8e4nv", True)])

@@ -28,6 +28,7 @@ from ..errors import RankMismatch
 from ..placement import Placement
 from ..registry import DISPATCHERS
 from .base import Dispatcher
+from .symm_workspace import existing_pool
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
 
@@ -36,7 +37,9 @@ ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple
 # The fingerprint fields describe the layer being run; the rest describe this forward.
 FINGERPRINT_FIELDS = ("dispatcher", "wire row bytes", "max_tokens_per_rank", "num_experts", "top_k",
                       "hidden size")
-HEADER_FIELDS = ("failed",) + FINGERPRINT_FIELDS + ("layer", "forward", "tokens")
+# "symm step": the rank is a symmetric-memory dispatcher joining this exchange after its own first exchange
+# ran (it advanced its workspace's epochs and slot; the other ranks advance theirs to match).
+HEADER_FIELDS = ("failed",) + FINGERPRINT_FIELDS + ("layer", "forward", "symm step", "tokens")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -286,8 +289,14 @@ class CommDispatcher(Dispatcher):
         return [_kind_code(self.name), self.fmt.row_bytes, self.max_tokens_per_rank or 0,
                 self.cfg.num_experts, self.cfg.top_k, self.cfg.padded_hidden_size]
 
+    def symm_pool(self):
+        """The group's symmetric-memory workspace pool if this process has an allocated one (a layer on a
+        GPU-initiated dispatcher ran here), else None: then nothing is marked and nothing costs more."""
+        return existing_pool(self.group)
+
     def exchange_headers(self, num_tokens: int, device, dest_counts: torch.Tensor | None = None,
-                         failed: bool = False) -> ForwardHeaders:
+                         failed: bool = False, *, forward: int | None = None,
+                         symm_step: bool = False) -> ForwardHeaders:
         """The first collective of every forward of every communicating dispatcher, and the same one for
         all of them: every rank gathers one fixed-size int64 row per rank (`HEADER_FIELDS`, then one count
         per destination rank), read on the host and checked before anything whose shape depends on the
@@ -300,12 +309,23 @@ class CommDispatcher(Dispatcher):
             dest_counts: [ep] int rows this rank sends to each rank, for dispatchers that size their
                 exchange from them (None: zeros).
             failed: this rank takes part only to make its peers stop (see `abort`).
+            forward: the group's forward number to send (None: the next one, counted here); a
+                symmetric-memory dispatcher joining this exchange passes the number its forward used.
+            symm_step: see HEADER_FIELDS.
         Returns:
             `ForwardHeaders`: every rank's token count and per-destination counts.
         """
-        self.forwards[0] = (self.forwards[0] + 1) % (2 ** 62)
+        if forward is None:
+            self.forwards[0] = (self.forwards[0] + 1) % (2 ** 62)
+            forward = self.forwards[0]
+        # Where this process also has a symmetric-memory workspace on the group, a peer may be waiting on
+        # its flags for this same forward (it runs a GPU-initiated layer where this rank runs a collective
+        # one): tell it so through the workspace, and it joins this exchange instead of timing out.
+        pool = self.symm_pool() if self.ep_size > 1 else None
+        if pool is not None:
+            pool.mark_collective(forward)
         mine = torch.tensor([int(failed)] + self.layer_fingerprint()
-                            + [self.layer_index, self.forwards[0], num_tokens], dtype=torch.int64)
+                            + [self.layer_index, forward, int(symm_step), num_tokens], dtype=torch.int64)
         if dest_counts is None:
             row = torch.cat([mine, torch.zeros(self.ep_size, dtype=torch.int64)]).to(device)
         else:
@@ -314,7 +334,13 @@ class CommDispatcher(Dispatcher):
         # about half the latency on Gloo
         sent = row.repeat(self.ep_size)
         rows = self.comm.all_to_all(torch.empty_like(sent), sent).view(self.ep_size, -1).tolist()  # host read
-        self.check_headers(rows)
+        try:
+            self.check_headers(rows)
+        except RankMismatch:
+            step = HEADER_FIELDS.index("symm step")
+            if pool is not None and not symm_step and any(h[step] for h in rows):
+                pool.skip_forward()      # a peer's symmetric-memory forward advanced its workspace: follow
+            raise
         n = len(HEADER_FIELDS)
         return ForwardHeaders([r[n - 1] for r in rows], [r[n:] for r in rows])
 

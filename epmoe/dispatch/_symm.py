@@ -19,7 +19,7 @@ import zlib
 import torch
 
 from ..errors import RankMismatch
-from ._comm import Comm, CommDispatcher
+from ._comm import Comm, CommDispatcher, token_format
 from .base import Dispatcher, Pending
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -64,7 +64,8 @@ class SymmDispatcher(CommDispatcher):
         if self.simulated:      # ranks of one process (tests): no group, the pool's workspaces are the transport
             Dispatcher.__init__(self, plan, placement, None, pool.device)
             self.ep_size, self.rank = placement.ep_size, placement.rank
-            self.comm = Comm(None, 1)
+            self.comm = Comm(None, 1)     # a test that plays a collective peer replaces it
+            self.fmt = token_format(plan)
             self.stats = None
             self.layer_index, self.forwards = 0, [0]
             self.pool = pool
@@ -122,6 +123,32 @@ class SymmDispatcher(CommDispatcher):
         except RankMismatch:
             return   # expected: this rank's failed flag ends the forward on every rank, here included
 
+    # --------------------------------------------------- meeting ranks that run collective dispatchers
+    def symm_pool(self):
+        return self.pool if self.pool.ws is not None else None
+
+    def workspace(self, slot_bytes: int, num_tokens: int, failed: bool = False):
+        """The pool's workspace, holding `slot_bytes` a slot. When that allocates (a rendezvous of the
+        group: a layer's first forward, or a larger layer's), every rank first takes part in the collective
+        forward header (`CommDispatcher.exchange_headers`), so that a peer running another layer (a
+        collective dispatcher, or a symmetric-memory one that needs no allocation) makes every rank
+        raise `RankMismatch` instead of pairing the rendezvous with another collective."""
+        pool = self.pool
+        if pool.needs(slot_bytes) and pool.group is not None and self.ep_size > 1:
+            self.exchange_headers(num_tokens, self.device, failed=failed, forward=self.forwards[0] + 1)
+        return pool.ensure(slot_bytes)
+
+    def join_collective_peer(self, header: list[int]) -> None:
+        """A peer waits in a collective dispatcher's header exchange for this forward (the GPU saw its
+        marker: COLLECTIVE_PEER): take part with this layer's header, so every rank raises the same
+        `RankMismatch` from the same rows, naming the dispatchers. This rank's workspace state already
+        advanced; `symm_step` tells the other ranks to advance theirs (`WorkspacePool.skip_forward`)."""
+        forward, tokens = header[2], header[3]
+        CommDispatcher.exchange_headers(self, tokens, self.device, failed=bool(header[4]), forward=forward,
+                                        symm_step=True)
+        raise RuntimeError(f"{self.name} dispatcher: the GPU saw a peer in a collective forward, but that peer's "
+                           f"header exchange found every rank on the same layer")    # not reached
+
     # ------------------------------------------------------------------------------------- headers
     def fingerprint(self) -> int:
         """What two ranks must agree on to exchange rows with this layer (int32)."""
@@ -133,7 +160,9 @@ class SymmDispatcher(CommDispatcher):
         """(fingerprint, layer, the group's forward count, tokens, failed) for the forward being dispatched
         (int32: the kernels compare them on the GPU)."""
         self.forwards[0] = (self.forwards[0] + 1) % (2 ** 62)
-        return [self.fingerprint(), self.layer_index % 2 ** 31, self.forwards[0] % 2 ** 31, num_tokens, int(failed)]
+        self._last_header = [self.fingerprint(), self.layer_index % 2 ** 31, self.forwards[0] % 2 ** 31, num_tokens,
+                             int(failed)]
+        return self._last_header
 
     def check_heads(self, heads: list[list[int]]) -> None:
         """On the host, what the exchange kernel checks on the GPU: a failed rank, another layer or
@@ -173,6 +202,8 @@ class SymmDispatcher(CommDispatcher):
         from ..kernels import symm_dispatch as k
         if not bits:
             return
+        if bits & k.COLLECTIVE_PEER.value:     # before anything else: that peer waits in a collective
+            self.join_collective_peer(heads[self.rank] if heads else self._last_header)
         if bits & k.TIMEOUT.value:     # first: with a peer missing, the headers read are stale
             raise RuntimeError(f"{self.name} dispatcher: a peer did not signal within timeout_s={self.timeout_s} s "
                                f"(a rank stalled, died, skipped a forward, or runs a dispatcher that uses collectives); "

@@ -142,7 +142,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         pool = self.pool
         if getattr(self, "_min_slot_bytes", None) is None:
             self._min_slot_bytes = self.slot_layout(self._rows_for(1)).nbytes
-        ws = pool.ensure(self._min_slot_bytes)        # the first forward of a larger layer grows it everywhere
+        ws = self.workspace(self._min_slot_bytes, T, failed)        # the first forward of a larger layer grows it everywhere
         slot = pool.next_slot()
         # everything that does not depend on the other ranks, queued before the exchange
         ids = routing.topk_ids.to(torch.int32).contiguous()

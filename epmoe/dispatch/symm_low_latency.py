@@ -95,7 +95,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
             raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
                              f"max_tokens_per_rank={M}; capture with at most {M} tokens")
         pool = self.pool
-        ws = pool.ensure(self.layout.nbytes)
+        ws = self.workspace(self.layout.nbytes, T, failed)
         slot = pool.next_slot()
         header = self.header_values(T, failed)
         view = self._views(ws, slot)

@@ -72,6 +72,10 @@ class SlotLayout:
                 self.add(f"flags.{phase}", torch.int32, (self.ep,))
                 self.add(f"heads.{phase}", torch.int32, (self.ep, hw))
             self.add("counters", torch.int32, (COUNTERS,))
+            # collective[r] (used in slot 0 only): the group's forward number rank r last entered with a
+            # dispatcher that uses collectives (`CommDispatcher.exchange_headers` writes it into every
+            # peer); a symmetric-memory wait for that same forward number stops on it (COLLECTIVE_PEER)
+            self.add("collective", torch.int32, (self.ep,))
 
     def add(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         if name in self.regions:
@@ -184,9 +188,46 @@ class WorkspacePool:
         self._next_slot = (slot + 1) % self.SLOTS
         return slot
 
+    def needs(self, slot_bytes: int) -> bool:
+        """Whether `ensure(slot_bytes)` would allocate (a collective rendezvous on the group)."""
+        return self.ws is None or self.ws.slot_bytes < slot_bytes
+
+    def skip_forward(self) -> None:
+        """Advance this rank's state as a symmetric-memory forward does (forward counter, slot epoch, slot
+        ring; the slot's expert counters cleared): what a rank that ran a collective forward does when its
+        peers ran a symmetric-memory one in the same step (their first exchange advanced theirs), so that
+        every rank's next symmetric-memory forward uses the same slot and epoch."""
+        if self.ws is None:
+            return
+        slot = self.next_slot()
+        self.epochs[0] += 1
+        self.epochs[1 + slot] = self.epochs[0]
+        self.ws.control_view(slot, "counters").zero_()
+
+    def mark_collective(self, forward: int) -> None:
+        """Write `forward` as this rank's collective marker into every rank's control block (see
+        `SlotLayout`): a peer waiting on symmetric-memory flags for that forward stops and joins the
+        collective header exchange instead of timing out."""
+        from ..kernels.symm_dispatch import mark_collective
+        if self.ws is not None:
+            mark_collective(self.ws, forward)
+
 
 
 _POOLS: dict[tuple, WorkspacePool] = {}
+
+
+def existing_pool(group) -> WorkspacePool | None:
+    """The pool of `group` if this process has one with an allocated workspace (it never creates one).
+    Costs one dict check when the process has no symmetric-memory layer at all."""
+    if not _POOLS or group is None:
+        return None
+    import torch.distributed as dist
+    ranks = tuple(dist.get_process_group_ranks(group))
+    for (key, _), pool in _POOLS.items():
+        if key == ranks and pool.ws is not None:
+            return pool
+    return None
 
 
 def pool_for(group, device: torch.device, rank: int, ep: int) -> WorkspacePool:

@@ -32,6 +32,7 @@ MISMATCH = tl.constexpr(2)         # a peer's header names another layer, layer 
 OVERFLOW = tl.constexpr(4)         # a peer passed more tokens than the fixed capacity
 FAILED = tl.constexpr(8)           # a peer could not compute this forward (its own error is raised there)
 SLOT_OVERFLOW = tl.constexpr(16)   # more rows arrived for one expert than its capacity (dispatch without combine)
+COLLECTIVE_PEER = tl.constexpr(32) # a peer is in a collective dispatcher's forward of this forward number
 
 # header columns (int32); the high-throughput dispatcher appends its per-destination row counts
 H_FINGERPRINT, H_LAYER, H_FORWARD, H_TOKENS, H_FAILED = (tl.constexpr(i) for i in range(5))
@@ -50,6 +51,7 @@ def _clock_ns():
 
 @triton.jit
 def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_ptr, epoch_ptr, status_ptr, zero_ptr,
+                          coll_ptr,
                           rank, fingerprint, layer, forward, tokens, failed, max_tokens, timeout_ns, n_zero,
                           EP: tl.constexpr, EP_P2: tl.constexpr, HW: tl.constexpr, HW_P2: tl.constexpr,
                           HAS_COUNTS: tl.constexpr, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
@@ -67,6 +69,10 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
     layer, a failed peer, a timeout): the forward is lost anyway, and every rank reaches the end fast. Before publishing, `n_zero` int32 at zero_ptr are cleared (the
     low-latency combine resets its expert counters there, after the data kernel has read them and
     before any peer may count into them again).
+
+    coll_ptr [EP] int32: the collective markers (`mark_collective`): a peer whose marker equals this
+    forward's number waits in a collective dispatcher's header exchange, not on these flags; the wait
+    ends at once with COLLECTIVE_PEER (the host then joins that exchange: `SymmDispatcher`).
     """
     r = tl.arange(0, EP_P2)
     rm = r < EP
@@ -100,21 +106,26 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
         e = tl.load(epoch_ptr)
         seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
         missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
-        early = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED) != 0).to(tl.int32)
+        early = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER) != 0).to(tl.int32)
         late = early
+        mark = tl.atomic_add(coll_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
+        coll = tl.sum(tl.where(rm & (r != rank) & (mark == forward), 1, 0), 0)
         if TIMED:
             t0 = _clock_ns()
         spins = 0
-        while (missing > 0) & (late == 0):
+        while (missing > 0) & (late == 0) & (coll == 0):
             seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
             missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
+            mark = tl.atomic_add(coll_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
+            coll = tl.sum(tl.where(rm & (r != rank) & (mark == forward), 1, 0), 0)
             if TIMED:
                 late = (_clock_ns() - t0 > timeout_ns).to(tl.int32)
             else:
                 spins += 1
                 late = (spins > MAX_SPINS).to(tl.int32)
         tl.debug_barrier()
-        bits = tl.where((missing > 0) & (early == 0), TIMEOUT, 0)
+        bits = tl.where((missing > 0) & (early == 0) & (coll == 0), TIMEOUT, 0)
+        bits = bits | tl.where((missing > 0) & (early == 0) & (coll > 0), COLLECTIVE_PEER, 0)
         if CHECK_HEADS:
             heads = tl.load(heads_ptr + r[:, None] * HW + c[None, :], mask=rm[:, None] & cm[None, :], other=0)
             col = tl.broadcast_to(c[None, :], [EP_P2, HW_P2])
@@ -142,18 +153,36 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
     (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED.
     """
     flags, heads = ws.control_view(slot, f"flags.{phase}"), ws.control_view(slot, f"heads.{phase}")
+    coll = ws.control_view(0, "collective")
     hw = heads.shape[1]
     n_zero = 0 if zero is None else zero.numel()
     timed = not interpreted()
     fp, layer, forward, tokens, failed = (int(v) for v in header)
     exchange_flags_kernel[(1,)](
         flags, heads, status if counts is None else counts, ws.deltas, epochs[0:], epochs[1 + slot:], status,
-        status if zero is None else zero, ws.rank, fp, layer, forward, tokens, failed, max_tokens,
+        status if zero is None else zero, coll, ws.rank, fp, layer, forward, tokens, failed, max_tokens,
         int(timeout_s * 1e9), n_zero,
         EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), HW=hw, HW_P2=triton.next_power_of_2(hw),
         HAS_COUNTS=counts is not None, PUBLISH=publish, WAIT=wait, ADVANCE=phase == "count",
         CHECK_HEADS=check_heads, TIMED=timed,
         MAX_SPINS=0 if timed else 64, ZERO_BLOCK=256, num_warps=1)
+
+
+@triton.jit
+def mark_collective_kernel(coll_ptr, deltas_ptr, rank, forward, EP: tl.constexpr, EP_P2: tl.constexpr):
+    """Store `forward` at collective[rank] in every rank's control block (release, system scope)."""
+    r = tl.arange(0, EP_P2)
+    rm = r < EP
+    delta = tl.multiple_of(tl.load(deltas_ptr + r, mask=rm, other=0), 16) // 4
+    tl.atomic_xchg(coll_ptr + delta + rank, tl.full([EP_P2], 0, tl.int32) + forward, mask=rm, sem="release",
+                   scope="sys")
+
+
+def mark_collective(ws, forward: int) -> None:
+    """This rank enters the collective header exchange of forward `forward` (int32): tell every peer's
+    symmetric-memory waits (`exchange_flags_kernel`, coll_ptr)."""
+    mark_collective_kernel[(1,)](ws.control_view(0, "collective"), ws.deltas, ws.rank, int(forward) % 2 ** 31,
+                                 EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), num_warps=1)
 
 
 # ------------------------------------------------------------------------------------ high throughput
