@@ -193,9 +193,9 @@ def soak_worker(rank, ws, forwards):
 
 
 VARIANTS = {   # name: HTLaunch fields that differ from the default
-    "default": {}, "route128": dict(route_block=128), "route1024w8": dict(route_block=1024, route_warps=8),
-    "split2": dict(split=2), "split4": dict(split=4), "warps8": dict(warps=8), "csplit4": dict(combine_split=4),
-    "csplit16": dict(combine_split=16), "prequant": dict(split=128),   # FP8: blocks of 64 columns, quantized before
+    "default": {}, "split2": dict(split=2), "split4": dict(split=4), "warps8": dict(warps=8),
+    "qsplit2": dict(quant_split=2), "qsplit8": dict(quant_split=8), "qsplit4w8": dict(warps=8),
+    "csplit4": dict(combine_split=4), "prequant": dict(quant_split=128),   # FP8: blocks of 64 columns, quantized before
 }
 
 

@@ -40,7 +40,7 @@ def _stores(ptx: str) -> set:
 
 def test_exchange_kernel_publishes_and_waits_at_system_scope():
     from epmoe.kernels import symm_dispatch as k
-    ptx = _compile(k.exchange_flags_kernel, ["*i32"] * 3 + ["*i64"] + ["*i32"] * 5 + ["i32"] * 7 + ["i64", "i32"],
+    ptx = _compile(k.exchange_flags_kernel, ["*i32"] * 3 + ["*i64"] + ["*i32"] * 6 + ["i32"] * 7 + ["i64"] + ["i32"] * 3,
                    dict(EP=2, EP_P2=2, HW=7, HW_P2=8, HAS_COUNTS=True, PUBLISH=True, WAIT=True, ADVANCE=True, CHECK_HEADS=True,
                         TIMED=True, MAX_SPINS=0, ZERO_BLOCK=256))
     assert "atom.global.sys.release.exch" in ptx.replace(".release.sys.", ".sys.release.")
@@ -62,7 +62,7 @@ def test_high_throughput_rows_move_in_16_byte_stores(wire, quant):
                                                       G_P2=64 if fp8 else 1, HAS_SCALES=fp8 and not quant,
                                                       PAD_BLOCK=256, QUANT=quant, GROUP=128 if quant else 1))
     assert "st.global.v4.b32" in _stores(ptx)
-    ptx = _compile(k.ht_combine_kernel, ["*bf16", "*i32", "*bf16", "*i64", "i32", "i32"],
+    ptx = _compile(k.ht_combine_kernel, ["*bf16", "*i32", "*bf16", "*i64", "*i32", "i32", "i32", "i32"],
                    dict(EP=2, HW=7, ITEM=2, BLOCK_H=8192))
     assert _stores(ptx) == {"st.global.v4.b32"}
 
@@ -75,6 +75,6 @@ def test_low_latency_rows_move_in_16_byte_stores_after_one_atomic_per_row():
     assert "st.global.v4.b32" in _stores(ptx)
     claims = re.findall(r"@%p\d+ atom\.global\.sys\.relaxed\.add", ptx)
     assert len(claims) == 1            # predicated: one thread of the program claims the row
-    ptx = _compile(k.ll_combine_kernel, ["*bf16", "*i32", "*i32", "*bf16", "*i64"] + ["i32"] * 4,
+    ptx = _compile(k.ll_combine_kernel, ["*bf16", "*i32", "*i32", "*bf16", "*i64", "*i32"] + ["i32"] * 4,
                    dict(ITEM=2, BLOCK_H=8192, SPLIT=4))
     assert "st.global.v4.b32" in _stores(ptx)

@@ -40,8 +40,11 @@ from .symm_workspace import HEADER_FIELDS
 
 class HTLaunch(NamedTuple):
     """How the transfer kernels are launched: programs per row (`split`: each moves every split-th block of
-    columns) and warps per program, for dispatch and combine; tokens per step of the routing scan."""
+    columns; `quant_split` when the dispatch quantizes rows to FP8 on the way) and warps per program, for
+    dispatch and combine; tokens per block of the routing scan. Defaults: the fastest measured on two
+    H200s at 4096 tokens (`benchmarks/gpu_symm_check.py --parts variants`)."""
     split: int = 1
+    quant_split: int = 4             # FP8 dispatch at 4096 tokens: 122 µs against 164 for 1 (BF16: no gain)
     warps: int = 4
     combine_split: int = 8           # measured on two H200s at 4096 tokens: 222 µs against 242 for 1
     combine_warps: int = 4
@@ -149,9 +152,10 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         owner, index, _ = self.placement.tables(dev)
         j, counts = ht_route(ids, owner, ep, self.launch.route_block, self.launch.route_warps)
         lc = self.launch
-        block_h = lc.column_block(H, lc.split)
         group = self.plan.wire_scale_group
         # FP8 on the wire: quantized inside the transfer kernel when its column blocks hold whole groups
+        split = lc.quant_split if self.fp8 and group is not None else lc.split
+        block_h = lc.column_block(H, split)
         fused = self.fp8 and group is not None and block_h % group == 0 and x.dtype != self.wire_dtype
         if self.fp8 and not fused:
             xw, xs = self.scheme.quantize_activations(x)
@@ -176,14 +180,15 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # bounded: the batch is the whole capacity, rows past what arrives marked as routed nowhere
         pad = triton_cdiv(rows, PAD_BLOCK) if bounded else 0
         if T + pad:
-            ht_dispatch_kernel[(T + pad, lc.split)](
+            ht_dispatch_kernel[(T + pad, split)](
                 xw, xs if xs is not None else view["rw"], ids, owner, index, routing.topk_weights.float().contiguous(),
                 j, mtx, back_index, view["rx"], view.get("rxs", view["rw"]), view["rids"], view["rw"], ws.deltas,
                 pool.status, me, T, H, max(self.groups, 1), rows,
                 EP=ep, HW=mtx.shape[1], K=K, X_ITEM=view["rx"].element_size(), BLOCK_H=block_h,
                 K_P2=pow2(K), G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8 and not fused, PAD_BLOCK=PAD_BLOCK,
                 QUANT=fused, GROUP=group if fused else 1, num_warps=lc.warps)
-        yield from self.exchange(ws, "dispatch", slot, header, check_heads=False)
+        # a failed forward (another layer on a peer, a timeout) hands the experts no routed row
+        yield from self.exchange(ws, "dispatch", slot, header, check_heads=False, poison=(view["rids"], -1))
         if bounded:
             n_recv = rows
         if self.stats is not None:
@@ -229,9 +234,13 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
             y = expert_out.contiguous()
             lc = self.launch
             ht_combine_kernel[(n, lc.combine_split)](
-                y, mtx, comb, ws.deltas, self.rank, H, EP=self.ep_size, HW=mtx.shape[1], ITEM=y.element_size(),
+                y, mtx, comb, ws.deltas, self.pool.status, self.rank, H, comb.shape[0], EP=self.ep_size,
+                HW=mtx.shape[1], ITEM=y.element_size(),
                 BLOCK_H=lc.column_block(H, lc.combine_split), num_warps=lc.combine_warps)
-        yield from self.exchange(ws, "combine", slot, header, check_heads=False)
+        # the expert row counters of this slot are cleared too: a low-latency peer that ran another layer
+        # in this forward (a mismatch) may have counted into them
+        yield from self.exchange(ws, "combine", slot, header, check_heads=False,
+                                 zero=ws.control_view(slot, "counters"))
         out = gather_sum(comb, back_index, None, self.pool.status, self.cfg.dtype)
         if self.max_tokens_per_rank is not None:
             self.check_at_end(ws, slot, "count", expert_out.device)

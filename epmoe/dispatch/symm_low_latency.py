@@ -114,7 +114,9 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
                 self.rank, M, C, H, max(self.groups, 1), K,
                 X_ITEM=xw.element_size(), BLOCK_H=row_block(H), G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8,
                 num_warps=4)
-        yield from self.exchange(ws, "count", slot, header, max_tokens=M, check_heads=True)
+        # a failed forward (another layer on a peer, a timeout) hands the experts no rows
+        yield from self.exchange(ws, "count", slot, header, max_tokens=M, check_heads=True,
+                                 poison=(view["counts"], 0))
         L = self.placement.num_local_experts
         if self.stats is not None:
             self._count(routing, view, x.element_size(), n)
@@ -150,8 +152,9 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         view = self._views(ws, slot)
         y = expert_out.contiguous()
         split = 4
-        ll_combine_kernel[(L, split)](y, view["counts"], view["meta"], view["comb"], ws.deltas, M, C, H, K,
-                                      ITEM=y.element_size(), BLOCK_H=row_block(H), SPLIT=split, num_warps=4)
+        ll_combine_kernel[(L, split)](y, view["counts"], view["meta"], view["comb"], ws.deltas, pool.status,
+                                      M, C, H, K, ITEM=y.element_size(), BLOCK_H=row_block(H), SPLIT=split,
+                                      num_warps=4)
         yield from self.exchange(ws, "combine", slot, header, check_heads=False, zero=view["counts"])
         n = T if T <= M else 0
         out = gather_sum(view["comb"].view(M * K, H), None, weights[:n], pool.status, self.cfg.dtype, shape=(n, K))

@@ -51,8 +51,9 @@ def _clock_ns():
 
 @triton.jit
 def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_ptr, epoch_ptr, status_ptr, zero_ptr,
-                          coll_ptr,
+                          coll_ptr, poison_ptr,
                           rank, fingerprint, layer, forward, tokens, failed, max_tokens, timeout_ns, n_zero,
+                          n_poison, poison_value,
                           EP: tl.constexpr, EP_P2: tl.constexpr, HW: tl.constexpr, HW_P2: tl.constexpr,
                           HAS_COUNTS: tl.constexpr, PUBLISH: tl.constexpr, WAIT: tl.constexpr,
                           ADVANCE: tl.constexpr, CHECK_HEADS: tl.constexpr, TIMED: tl.constexpr,
@@ -73,6 +74,11 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
     coll_ptr [EP] int32: the collective markers (`mark_collective`): a peer whose marker equals this
     forward's number waits in a collective dispatcher's header exchange, not on these flags; the wait
     ends at once with COLLECTIVE_PEER (the host then joins that exchange: `SymmDispatcher`).
+
+    After the wait, if this rank's status word holds any bit, `n_poison` int32 at poison_ptr are set to
+    `poison_value`: the routing the experts are about to read (the high-throughput batch's ids: -1, the
+    low-latency counts: 0) may come from another layer's layout or a forward that never happened, and
+    must not make the experts index out of range; the forward's output is NaN anyway.
     """
     r = tl.arange(0, EP_P2)
     rm = r < EP
@@ -136,13 +142,17 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
             bits = bits | tl.where(tl.sum(tl.sum(differs.to(tl.int32), 1), 0) > 0, MISMATCH, 0)
             bits = bits | tl.where(tl.sum(tl.sum(over.to(tl.int32), 1), 0) > 0, OVERFLOW, 0)
             bits = bits | tl.where(tl.sum(tl.sum(failed_any.to(tl.int32), 1), 0) > 0, FAILED, 0)
-        tl.atomic_or(status_ptr, bits)
+        old = tl.atomic_or(status_ptr, bits)
+        if (old | bits) != 0:
+            for start in range(0, n_poison, ZERO_BLOCK):
+                z = start + tl.arange(0, ZERO_BLOCK)
+                tl.store(poison_ptr + z, tl.full([ZERO_BLOCK], 0, tl.int32) + poison_value, mask=z < n_poison)
 
 
 def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list[int], status: torch.Tensor,
                    timeout_s: float, counts: torch.Tensor | None = None, max_tokens: int = 2 ** 30,
                    check_heads: bool = True, zero: torch.Tensor | None = None, publish: bool = True,
-                   wait: bool = True) -> None:
+                   wait: bool = True, poison: tuple[torch.Tensor, int] | None = None) -> None:
     """Publish the header (fingerprint, layer, forward, tokens, failed [+ `counts` [ep] int32]) and the
     next epoch of phase `phase` in slot `slot` to every rank (`publish`), and wait for every rank's
     (`wait`), checking their headers against this one.
@@ -150,18 +160,22 @@ def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list
     epochs: [1 + slots] int32 on the device: the forward counter, then each slot's current epoch (the "count"
     phase, every forward's first exchange, advances it; the later phases use it). Waiting ends after
     `timeout_s` at the latest, with the TIMEOUT bit set in `status`; header checks set MISMATCH
-    (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED.
+    (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED. `zero`: int32
+    cleared before publishing; `poison` (int32 tensor, value): filled with value after the wait when the
+    status word holds any bit.
     """
     flags, heads = ws.control_view(slot, f"flags.{phase}"), ws.control_view(slot, f"heads.{phase}")
     coll = ws.control_view(0, "collective")
     hw = heads.shape[1]
     n_zero = 0 if zero is None else zero.numel()
+    poison_t, poison_value = (status, 0) if poison is None else poison
+    n_poison = 0 if poison is None else poison_t.numel()
     timed = not interpreted()
     fp, layer, forward, tokens, failed = (int(v) for v in header)
     exchange_flags_kernel[(1,)](
         flags, heads, status if counts is None else counts, ws.deltas, epochs[0:], epochs[1 + slot:], status,
-        status if zero is None else zero, coll, ws.rank, fp, layer, forward, tokens, failed, max_tokens,
-        int(timeout_s * 1e9), n_zero,
+        status if zero is None else zero, coll, poison_t, ws.rank, fp, layer, forward, tokens, failed, max_tokens,
+        int(timeout_s * 1e9), n_zero, n_poison, int(poison_value),
         EP=ws.ep, EP_P2=triton.next_power_of_2(ws.ep), HW=hw, HW_P2=triton.next_power_of_2(hw),
         HAS_COUNTS=counts is not None, PUBLISH=publish, WAIT=wait, ADVANCE=phase == "count",
         CHECK_HEADS=check_heads, TIMED=timed,
@@ -304,6 +318,8 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
                     EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
                     BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
                     QUANT: tl.constexpr, GROUP: tl.constexpr):
+    # nothing goes to the peers once this rank knows the forward failed (another layer's layout there)
+    ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
     for h0 in range(part * BLOCK_H, H, parts * BLOCK_H):
         offs = h0 + tl.arange(0, BLOCK_H)
         hm = offs < H
@@ -316,7 +332,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
             gi = h0 // GROUP + tl.arange(0, BLOCK_H // GROUP)
         for d in tl.static_range(EP):
             jd, p = _row_on(j_ptr, mtx_ptr, row, T, rank, d, EP, HW)
-            if (jd >= 0) & (p < rows):
+            if (jd >= 0) & (p < rows) & ok:
                 delta = tl.multiple_of(tl.load(deltas_ptr + d), 16) // X_ITEM
                 tl.store(rx_ptr + delta + p * H + offs, v, mask=hm)
                 if QUANT:
@@ -339,7 +355,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
         jd, p = _row_on(j_ptr, mtx_ptr, row, T, rank, d, EP, HW)
         tl.store(back_ptr + row * EP + d, tl.where(jd >= 0, send_off + jd, -1))
         send_off += tl.load(mtx_ptr + rank * HW + HEADER_BASE + d)
-        if (jd >= 0) & (p < rows):
+        if (jd >= 0) & (p < rows) & ok:
             delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
             tl.store(rids_ptr + delta4 + p * K + k, tl.where(own == d, idx, -1), mask=km)
             tl.store(rw_ptr + delta4 + p * K + k, wv, mask=km)
@@ -350,13 +366,15 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
 
 
 @triton.jit
-def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, rank, H,
+def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, rows,
                       EP: tl.constexpr, HW: tl.constexpr, ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (q, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... of received row q
     of y [N, H] back into its source's combine region `out`, at the row the source's send order gives it
     (destination-major: after its rows for lower ranks).
 
-    mtx [EP, HW] int32: every rank's header with its per-destination row counts (HEADER_BASE..).
+    mtx [EP, HW] int32: every rank's header with its per-destination row counts (HEADER_BASE..). Nothing
+    is stored past the `rows` rows of the region, nor at all once this rank's status word says the
+    forward failed (the counts may then be another layer's).
     """
     q = tl.program_id(0).to(tl.int64)
     acc = q * 0
@@ -373,7 +391,8 @@ def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, rank, H,
         base += tl.where(d < rank, tl.load(mtx_ptr + src * HW + HEADER_BASE + d), 0)
     dst = base + (q - first)
     delta = tl.multiple_of(tl.load(deltas_ptr + src), 16) // ITEM
-    if q < acc:                      # rows past what arrived (a whole-capacity batch) go nowhere
+    ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
+    if (q < acc) & (dst < rows) & ok:      # rows past what arrived (a whole-capacity batch) go nowhere
         for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):
             offs = h0 + tl.arange(0, BLOCK_H)
             hm = offs < H
@@ -467,13 +486,15 @@ def ll_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs
 
 
 @triton.jit
-def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, M, C, H, K,
+def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_ptr, M, C, H, K,
                       ITEM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
     """Program (expert le, j) sends rows c = j, j + SPLIT, ... < counts[le] of y [L, C, H] back to their
-    origin: row (t, k) of the source rank's region out [M, K, H]."""
+    origin: row (t, k) of the source rank's region out [M, K, H]. Nothing once this rank's status word
+    says the forward failed (the origins may then be another layer's)."""
     le = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
-    n = tl.minimum(tl.load(counts_ptr + le), C)
+    ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
+    n = tl.where(ok, tl.minimum(tl.load(counts_ptr + le), C), 0)
     for c in range(j, n, SPLIT):
         m = tl.load(meta_ptr + le * C + c)
         s = m // (M * K)
