@@ -555,75 +555,67 @@ def one_format(run, compiler, timer, gen, device, preset, fmt, cfg, tokens, plan
                     run.add(**fmt_rows, T=T, variant=f"{name} [kernels]", error=_err(exc))
 
     # ---- (c): torch._grouped_mm BF16 on rows sorted by expert
-    if fmt == "bf16":
+    def grouped_mm_backend(name) -> bool:
+        """The `grouped_mm` backend's whole op (False, recorded, where it cannot run this layer here)."""
         why = contract.experts_problem("grouped_mm", cfg, device.type)
         if why:
-            run.add(**fmt_rows, variant="(c) grouped_mm backend", error=f"unavailable: {why}")
-        else:
-            gmm = contract.experts_class("grouped_mm")(cfg, device)
+            run.add(**fmt_rows, variant=name, error=f"unavailable: {why}")
+            return False
+        gmm = contract.experts_class("grouped_mm")(cfg, device)
 
-            def make_gmm(xp, ids, tw):
-                batch = FlatBatch(xp, ids, tw)
-                return lambda: gmm(batch, weights)
-            whole_op("(c) grouped_mm backend (whole op)", make_gmm, tokens,
-                     graph=gmm.CAPS.cuda_graph_safe)
+        def make_fn(xp, ids, tw):
+            batch = FlatBatch(xp, ids, tw)
+            return lambda: gmm(batch, weights)
+        whole_op(name, make_fn, tokens, graph=gmm.CAPS.cuda_graph_safe)
+        return True
 
-            def anchor(T):
+    if fmt == "bf16" and grouped_mm_backend("(c) grouped_mm backend (whole op)"):
+        def anchor(T):
+            ids, tw, pool, x, xp = by_t[T]
+            return _anchor_runner(x, ids, weights.w13, weights.w2, cfg.activation)[0]
+        gemm_only("(c) grouped_mm GEMMs + act (bench anchor)", anchor, tokens, "whole")
+        sorted_in = {}
+
+        def sorted_rows(T):
+            if T not in sorted_in:
                 ids, tw, pool, x, xp = by_t[T]
-                return _anchor_runner(x, ids, weights.w13, weights.w2, cfg.activation)[0]
-            gemm_only("(c) grouped_mm GEMMs + act (bench anchor)", anchor, tokens, "whole")
-            sorted_in = {}
-
-            def sorted_rows(T):
-                if T not in sorted_in:
-                    ids, tw, pool, x, xp = by_t[T]
-                    order, _, offsets = sort_pairs_by_expert(ids, E)
-                    xs = x[order // k].contiguous()
-                    h = torch._grouped_mm(xs, weights.w13.transpose(1, 2), offs=offsets)
-                    sorted_in[T] = (xs, offsets, gated_activation_fused(cfg.activation, h).contiguous())
-                return sorted_in[T]
-            gemm_only("(c) grouped_mm gate_up GEMM alone",
-                      lambda T: (lambda s=sorted_rows(T): torch._grouped_mm(s[0], weights.w13.transpose(1, 2),
-                                                                             offs=s[1])), tokens, "gate_up")
-            gemm_only("(c) grouped_mm down GEMM alone",
-                      lambda T: (lambda s=sorted_rows(T): torch._grouped_mm(s[2], weights.w2.transpose(1, 2),
-                                                                             offs=s[1])), tokens, "down")
+                order, _, offsets = sort_pairs_by_expert(ids, E)
+                xs = x[order // k].contiguous()
+                h = torch._grouped_mm(xs, weights.w13.transpose(1, 2), offs=offsets)
+                sorted_in[T] = (xs, offsets, gated_activation_fused(cfg.activation, h).contiguous())
+            return sorted_in[T]
+        gemm_only("(c) grouped_mm gate_up GEMM alone",
+                  lambda T: (lambda s=sorted_rows(T): torch._grouped_mm(s[0], weights.w13.transpose(1, 2),
+                                                                         offs=s[1])), tokens, "gate_up")
+        gemm_only("(c) grouped_mm down GEMM alone",
+                  lambda T: (lambda s=sorted_rows(T): torch._grouped_mm(s[2], weights.w2.transpose(1, 2),
+                                                                         offs=s[1])), tokens, "down")
 
     # ---- (d): torch._scaled_grouped_mm FP8 rowwise (a ceiling; not the block scheme)
-    if fmt == "fp8_channel":
-        why = contract.experts_problem("grouped_mm", cfg, device.type)
-        if why:
-            run.add(**fmt_rows, variant="(d) scaled_grouped_mm backend", error=f"unavailable: {why}")
-        else:
-            gmm = contract.experts_class("grouped_mm")(cfg, device)
+    if fmt == "fp8_channel" and grouped_mm_backend("(d) scaled_grouped_mm rowwise (whole op)"):
+        scheme = cfg.quant_scheme
+        sorted_in = {}
 
-            def make_sgmm(xp, ids, tw):
-                batch = FlatBatch(xp, ids, tw)
-                return lambda: gmm(batch, weights)
-            whole_op("(d) scaled_grouped_mm rowwise (whole op)", make_sgmm, tokens, graph=gmm.CAPS.cuda_graph_safe)
-            scheme = cfg.quant_scheme
-            sorted_in = {}
-
-            def sorted_fp8(T):
-                if T not in sorted_in:
-                    ids, tw, pool, x, xp = by_t[T]
-                    order, _, offsets = sort_pairs_by_expert(ids, E)
-                    src = order // k
-                    xq, xs = scheme.quantize_activations(xp)
-                    xq, xs = xq[src].contiguous(), xs.reshape(-1)[src].float().contiguous()
-                    h = torch._scaled_grouped_mm(xq, weights.w13.transpose(1, 2), xs, weights.w13_scale,
-                                                 offs=offsets, out_dtype=torch.bfloat16)
-                    aq, as_ = scheme.quantize_activations(gated_activation_fused(cfg.activation, h.float()))
-                    sorted_in[T] = (xq, xs, offsets, aq.contiguous(), as_.reshape(-1).float().contiguous())
-                return sorted_in[T]
-            gemm_only("(d) scaled_grouped_mm gate_up alone",
-                      lambda T: (lambda s=sorted_fp8(T): torch._scaled_grouped_mm(
-                          s[0], weights.w13.transpose(1, 2), s[1], weights.w13_scale, offs=s[2],
-                          out_dtype=torch.bfloat16)), tokens, "gate_up")
-            gemm_only("(d) scaled_grouped_mm down alone",
-                      lambda T: (lambda s=sorted_fp8(T): torch._scaled_grouped_mm(
-                          s[3], weights.w2.transpose(1, 2), s[4], weights.w2_scale, offs=s[2],
-                          out_dtype=torch.bfloat16)), tokens, "down")
+        def sorted_fp8(T):
+            if T not in sorted_in:
+                ids, tw, pool, x, xp = by_t[T]
+                order, _, offsets = sort_pairs_by_expert(ids, E)
+                src = order // k
+                xq, xs = scheme.quantize_activations(xp)
+                xq, xs = xq[src].contiguous(), xs.reshape(-1)[src].float().contiguous()
+                h = torch._scaled_grouped_mm(xq, weights.w13.transpose(1, 2), xs, weights.w13_scale,
+                                             offs=offsets, out_dtype=torch.bfloat16)
+                aq, as_ = scheme.quantize_activations(gated_activation_fused(cfg.activation, h.float()))
+                sorted_in[T] = (xq, xs, offsets, aq.contiguous(), as_.reshape(-1).float().contiguous())
+            return sorted_in[T]
+        gemm_only("(d) scaled_grouped_mm gate_up alone",
+                  lambda T: (lambda s=sorted_fp8(T): torch._scaled_grouped_mm(
+                      s[0], weights.w13.transpose(1, 2), s[1], weights.w13_scale, offs=s[2],
+                      out_dtype=torch.bfloat16)), tokens, "gate_up")
+        gemm_only("(d) scaled_grouped_mm down alone",
+                  lambda T: (lambda s=sorted_fp8(T): torch._scaled_grouped_mm(
+                      s[3], weights.w2.transpose(1, 2), s[4], weights.w2_scale, offs=s[2],
+                      out_dtype=torch.bfloat16)), tokens, "down")
     del weights, oracle
 
 
