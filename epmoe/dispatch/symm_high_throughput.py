@@ -44,7 +44,7 @@ class HTLaunch(NamedTuple):
     dispatch and combine; tokens per block of the routing scan. Defaults: the fastest measured on two
     H200s at 4096 tokens (`benchmarks/gpu_symm_check.py --parts variants`)."""
     split: int = 1
-    quant_split: int = 4             # FP8 dispatch at 4096 tokens: 122 µs against 164 for 1 (BF16: no gain)
+    quant_split: int = 8             # FP8 dispatch at 4096 tokens: 110-117 µs against 120-125 for 4, 156-172 for 1
     warps: int = 4
     combine_split: int = 8           # measured on two H200s at 4096 tokens: 222 µs against 242 for 1
     combine_warps: int = 4
