@@ -70,6 +70,9 @@ class ExpertsCaps:
     fp8_activations: str = QUANTIZES_INTERNALLY   # for FP8 layers: TAKES_FP8 or QUANTIZES_INTERNALLY
     devices: frozenset = frozenset({"cpu", "cuda"})
     cuda_graph_safe: bool = False
+    # flat batches may be strided views (rows further apart than their width: fields of a receive
+    # buffer); False: the backend indexes rows as a dense array and gets dense copies
+    reads_strided_rows: bool = False
     summary: str = ""
     available: Callable[[str], str | None] = _always
     # for a quantized cfg in `quant`: why these experts cannot run it on this device (None: they can)

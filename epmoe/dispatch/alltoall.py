@@ -19,7 +19,7 @@ On CUDA (with Triton) steps 1-3 and the combine's sum are kernels (`epmoe.kernel
 launch finds each token's destinations and its position among their rows (before the header); after
 the header one launch writes every wire row straight from `x` (quantizing in the kernel for FP8 wires,
 with the one formula, bit for bit); the received rows reach the experts as typed views of the receive
-buffer where the plan's experts read strided rows (`reference`, `grouped_mm`), else as dense fields
+buffer where the plan's experts declare `reads_strided_rows` (reference, grouped_mm), else as dense fields
 unpacked in one launch; the combine sums with one gather kernel (`gather_sum`, shared with
 `symm_high_throughput`). Elsewhere (CPU, Gloo) the same steps are PyTorch ops. Both give the same rows
 and the same sums, bit for bit (a sum of zeros may differ in the sign of zero). No step but the header
@@ -40,10 +40,6 @@ from ..experts.base import count_pairs
 from ..registry import register_dispatcher
 from ._comm import CommDispatcher, TokenRows, pack_tokens, unpack_tokens
 from .base import Pending
-
-# experts backends whose flat path reads rows through any row stride (gathers, no dense indexing): they
-# get typed views of the receive buffer; the others (the Triton kernels) get dense fields
-READS_STRIDED_ROWS = frozenset({"reference", "grouped_mm"})
 
 
 class AllToAllHandle(NamedTuple):
@@ -172,7 +168,9 @@ class AllToAllDispatcher(CommDispatcher):
     def _received(self, recv: torch.Tensor) -> TokenRows:
         """The received rows as the plan's experts read them: typed views of the receive buffer (no copy)
         for backends that read strided rows, else dense fields unpacked in one launch."""
-        if self.plan.experts in READS_STRIDED_ROWS:
+        from ..registry import EXPERTS
+        experts = EXPERTS.get(self.plan.experts)
+        if experts is not None and experts.CAPS.reads_strided_rows:
             return unpack_tokens(self.fmt, recv)
         from ..kernels.alltoall_pack import unpack_rows
         return TokenRows(*unpack_rows(self.fmt, recv))

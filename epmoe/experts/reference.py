@@ -37,7 +37,7 @@ def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str, 
 class ReferenceExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT, BATCHED}),
                        quant=frozenset({"none", "fp8_block", "fp8_channel", "fp8_tensor"}),
-                       fp8_activations=TAKES_FP8,
+                       fp8_activations=TAKES_FP8, reads_strided_rows=True,
                        summary="PyTorch loop over experts in float32; slow, any device")
 
     def _rows(self, batch) -> torch.Tensor:
