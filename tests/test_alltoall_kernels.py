@@ -24,7 +24,7 @@ else:
     from epmoe.dispatch._comm import token_format, unpack_tokens
     from epmoe.dispatch.alltoall import back_index_torch, pack_torch, route_torch, sum_back_torch
     from epmoe.kernels.alltoall_pack import pack_rows, route_rows, unpack_rows
-    from epmoe.kernels.symm_dispatch import gather_sum
+    from epmoe.kernels.token_rows import gather_sum
     from epmoe.testing import random_experts
 
     def bits(t: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ else:
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
     from epmoe.contract import build_plan
     from epmoe.dispatch.build import build_dispatcher
+    from epmoe.dispatch._symm import run_steps
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
     from epmoe.dispatch.symm_workspace import WorkspacePool, simulated_workspaces
@@ -91,10 +92,7 @@ else:
 
     def drain(gen, errors, r):
         try:
-            while True:
-                next(gen)
-        except StopIteration:
-            pass
+            run_steps(gen)
         except Exception as exc:  # noqa: BLE001 - recorded, checked by the caller
             errors[r] = exc
 

@@ -286,13 +286,13 @@ else:
     def test_high_throughput_routing_scan_over_many_blocks():
         """The two-pass routing scan (blocks of 2 tokens, more blocks than one chunk of the prefix) against
         a walk in token order."""
-        from epmoe.kernels.symm_dispatch import ht_route
+        from epmoe.kernels.token_rows import route_to_ranks
         g = torch.Generator().manual_seed(4)
         ep, E, T, K = 3, 7, 140, 2
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
         ids[:20] = torch.tensor([0, 1], dtype=torch.int32)     # a stretch on one rank only
         owner = torch.tensor(Placement(E, ep, 0).owners, dtype=torch.int32)
-        j, counts = ht_route(ids, owner, ep, block_t=2)
+        j, counts = route_to_ranks(ids, owner, ep, block_t=2)
         want = torch.full((ep, T), -1, dtype=torch.int64)
         n = [0] * ep
         for t in range(T):

@@ -60,6 +60,10 @@ class SymmDispatcher(CommDispatcher):
             raise ValueError(f"{self.name} dispatcher: timeout_s must be a positive number of seconds, got "
                              f"{timeout_s!r}")
         self.timeout_s = float(timeout_s)
+        self.fp8 = plan.fp8_on_the_wire              # the plan says what crosses the wire
+        self.scheme = plan.cfg.quant_scheme
+        self.groups = plan.wire_scales
+        self.wire_dtype = plan.wire_dtype
         self.simulated = pool is not None
         if self.simulated:      # ranks of one process (tests): no group, the pool's workspaces are the transport
             Dispatcher.__init__(self, plan, placement, None, pool.device)
@@ -122,6 +126,14 @@ class SymmDispatcher(CommDispatcher):
             run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=dev), handle))
         except RankMismatch:
             return   # expected: this rank's failed flag ends the forward on every rank, here included
+
+    def wire_rows(self, x: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows as the transfer kernel reads them, float32 scales or None): quantized to the wire's FP8
+        with the one formula when `quantize` (else the kernel sends `x` as it is, or quantizes it itself)."""
+        if not quantize:
+            return x.contiguous(), None
+        xw, xs = self.scheme.quantize_activations(x)
+        return xw, xs.float().contiguous()
 
     # --------------------------------------------------- meeting ranks that run collective dispatchers
     def symm_pool(self):

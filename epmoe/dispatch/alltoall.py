@@ -192,7 +192,7 @@ class AllToAllDispatcher(CommDispatcher):
             work = self.comm.all_to_all(back, expert_out.contiguous(), send_splits, recv_splits, async_op=True)
 
             def finish_kernels():
-                from ..kernels.symm_dispatch import gather_sum
+                from ..kernels.token_rows import gather_sum
                 # out[t] = sum over ranks d in order of back[back_index[t, d]] (-1: skipped), float32
                 return gather_sum(back, back_index, None, self._zero_status(dev), self.cfg.dtype)
             return Pending([work], finish_kernels)

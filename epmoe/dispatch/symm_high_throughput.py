@@ -81,10 +81,6 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     def __init__(self, plan, placement, group=None, device=None, **kw):
         super().__init__(plan, placement, group, device, **kw)
         self.launch = self.LAUNCH                    # benchmarks try others on an instance
-        self.fp8 = plan.fp8_on_the_wire              # the plan says what crosses the wire
-        self.scheme = plan.cfg.quant_scheme
-        self.groups = plan.wire_scales
-        self.wire_dtype = plan.wire_dtype
 
     def slot_layout(self, rows: int = 1):
         """Regions of one slot for `rows` received rows (rows sent back use the same capacity)."""
@@ -130,7 +126,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
 
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch_steps(self, x, routing, failed: bool = False):
-        from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel, ht_route, pow2
+        from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel
+        from ..kernels.token_rows import pow2, route_to_ranks
         from triton import cdiv as triton_cdiv
         T, H = x.shape
         ep, me, dev, K = self.ep_size, self.rank, x.device, self.cfg.top_k
@@ -150,18 +147,14 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # everything that does not depend on the other ranks, queued before the exchange
         ids = routing.topk_ids.to(torch.int32).contiguous()
         owner, index, _ = self.placement.tables(dev)
-        j, counts = ht_route(ids, owner, ep, self.launch.route_block, self.launch.route_warps)
+        j, counts = route_to_ranks(ids, owner, ep, self.launch.route_block, self.launch.route_warps)
         lc = self.launch
         group = self.plan.wire_scale_group
         # FP8 on the wire: quantized inside the transfer kernel when its column blocks hold whole groups
         split = lc.quant_split if self.fp8 and group is not None else lc.split
         block_h = lc.column_block(H, split)
         fused = self.fp8 and group is not None and block_h % group == 0 and x.dtype != self.wire_dtype
-        if self.fp8 and not fused:
-            xw, xs = self.scheme.quantize_activations(x)
-            xs = xs.float().contiguous()
-        else:
-            xw, xs = x.contiguous(), None
+        xw, xs = self.wire_rows(x, quantize=self.fp8 and not fused)
         header = self.header_values(T, failed)
         # bounded: headers checked on the GPU (the host reads the verdict at the end of combine)
         yield from self.exchange(ws, "count", slot, header, counts=counts, check_heads=bounded,
@@ -223,7 +216,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
 
     # -------------------------------------------------------------------------------------- combine
     def combine_steps(self, expert_out, handle: SymmHTHandle):
-        from ..kernels.symm_dispatch import gather_sum, ht_combine_kernel
+        from ..kernels.symm_dispatch import ht_combine_kernel
+        from ..kernels.token_rows import gather_sum
         T, slot, ws, header, mtx, n, back_index = handle
         H = self.cfg.padded_hidden_size
         if tuple(expert_out.shape) != (n, H) or expert_out.dtype != self.cfg.dtype:

@@ -57,10 +57,6 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
                              f"any rank passes in one forward), got {M!r}")
         self.M = M
         self.capacity = self.ep_size * self.M
-        self.fp8 = plan.fp8_on_the_wire              # the plan says what crosses the wire
-        self.scheme = plan.cfg.quant_scheme
-        self.groups = plan.wire_scales
-        self.wire_dtype = plan.wire_dtype
         from .symm_workspace import COUNTERS
         if placement.max_local_experts > COUNTERS:
             raise ValueError(f"{self.name} dispatcher: a rank holds {placement.max_local_experts} experts, more than "
@@ -87,7 +83,8 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch_steps(self, x, routing, failed: bool = False):
-        from ..kernels.symm_dispatch import ll_dispatch_kernel, pow2, row_block
+        from ..kernels.symm_dispatch import ll_dispatch_kernel, row_block
+        from ..kernels.token_rows import pow2
         T, H = x.shape
         M, C, K, dev = self.M, self.capacity, self.cfg.top_k, x.device
         capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -101,14 +98,10 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         view = self._views(ws, slot)
         n = T if T <= M else 0                      # an overflowing rank sends no token at all
         if n:
-            if self.fp8:
-                xw, xs = self.scheme.quantize_activations(x[:n])
-                xs = xs.float().contiguous()
-            else:
-                xw, xs = x[:n], None
+            xw, xs = self.wire_rows(x[:n], quantize=self.fp8)
             owner, index, _ = self.placement.tables(dev)
             ll_dispatch_kernel[(n * K,)](
-                xw.contiguous(), xs if xs is not None else view["meta"],
+                xw, xs if xs is not None else view["meta"],
                 routing.topk_ids[:n].to(torch.int32).contiguous(), owner, index,
                 view["rx"], view.get("rxs", view["meta"]), view["counts"], view["meta"], ws.deltas, pool.status,
                 self.rank, M, C, H, max(self.groups, 1), K,
@@ -141,7 +134,8 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     # -------------------------------------------------------------------------------------- combine
     def combine_steps(self, expert_out, handle: SymmLLHandle):
-        from ..kernels.symm_dispatch import gather_sum, ll_combine_kernel, row_block
+        from ..kernels.symm_dispatch import ll_combine_kernel, row_block
+        from ..kernels.token_rows import gather_sum
         T, slot, ws, header, weights = handle
         M, C, K, H = self.M, self.capacity, self.cfg.top_k, self.cfg.padded_hidden_size
         L = self.placement.num_local_experts

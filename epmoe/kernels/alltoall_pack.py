@@ -10,7 +10,7 @@ from `nonzero` over the [ep, T] mask). FP8 formats quantize the block in the ker
 The program of column block 0 also writes the routing restricted to that destination (local ids there,
 -1 elsewhere; the k weights) and the token's row per destination for the combine (`back [T, ep]`, -1
 where it was not sent). Where a token goes and its position among the rows for each destination come
-from `ht_route` (shared with `symm_high_throughput`), before the forward header.
+from `token_rows.route_to_ranks` (shared with `symm_high_throughput`), before the forward header.
 
 `unpack_rows`: received `uint8` rows -> dense `x`, `ids`, `weights` (and `scales`), one launch; for the
 experts kernels that index rows as a dense array.
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import FP8_MAX, INV_FP8_MAX, SCALE_FLOOR, _round_to_e4m3
-from .symm_dispatch import ht_route, pow2
+from .token_rows import pow2, route_to_ranks
 
 COPY_BLOCK = 1024          # columns one program moves when nothing is quantized
 
@@ -116,8 +116,8 @@ def _field(fmt, buf: torch.Tensor, name: str) -> tuple[torch.Tensor, int, int]:
 
 def route_rows(topk_ids: torch.Tensor, owner: torch.Tensor, ep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each token goes: (j [ep, T] int64, the token's position among the rows for rank d, -1: not
-    sent there; counts [ep] int32 rows per destination). `ht_route`'s two launches, no host sync."""
-    return ht_route(topk_ids.to(torch.int32).contiguous(), owner, ep)
+    sent there; counts [ep] int32 rows per destination). `route_to_ranks`'s two launches, no host sync."""
+    return route_to_ranks(topk_ids.to(torch.int32).contiguous(), owner, ep)
 
 
 def pack_rows(fmt, send: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import FP8_MAX, INV_FP8_MAX, SCALE_FLOOR, _round_to_e4m3
+from .token_rows import pow2
 
 # status word bits (int32, one per rank, sticky until the host reads and clears it)
 TIMEOUT = tl.constexpr(1)          # a peer's flag did not arrive within the timeout
@@ -201,65 +202,6 @@ def mark_collective(ws, forward: int) -> None:
 
 # ------------------------------------------------------------------------------------ high throughput
 @triton.jit
-def ht_route_kernel(ids_ptr, owner_ptr, j_ptr, blocks_ptr, counts_ptr, T, n_blocks,
-                    EP: tl.constexpr, EP_P2: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                    NB_CHUNK: tl.constexpr, PHASE: tl.constexpr):
-    """Which ranks each token goes to, and its index among this rank's rows for each: two launches of
-    one program per block of BLOCK_T tokens (a scan in two passes, deterministic: token order).
-
-    ids [T, K] global expert ids, owner [E] int32 rank of each expert -> j [EP, T] int64 (the token's
-    position among the tokens going to rank d, in token order; -1: it does not go there) and counts
-    [EP] int32 rows per destination. blocks [n_blocks, EP] int64: scratch, each block's rows per
-    destination. PHASE 0: each block's positions among its own tokens, and its totals; PHASE 1: the
-    totals of the blocks before it added, and the last block writes `counts`.
-    """
-    b = tl.program_id(0)
-    d = tl.arange(0, EP_P2)
-    dm = d < EP
-    t = b * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < T
-    at = d[None, :].to(tl.int64) * T + t[:, None]
-    am = tm[:, None] & dm[None, :]
-    if PHASE == 0:
-        goes = tl.zeros([BLOCK_T, EP_P2], dtype=tl.int64)
-        for k in tl.static_range(K):
-            e = tl.load(ids_ptr + t.to(tl.int64) * K + k, mask=tm, other=0)
-            o = tl.load(owner_ptr + e, mask=tm, other=-1)
-            goes = goes | (o[:, None] == d[None, :]).to(tl.int64)
-        goes = goes * tm[:, None].to(tl.int64)
-        j = tl.where(goes > 0, tl.cumsum(goes, axis=0) - 1, -1)
-        tl.store(j_ptr + at, j, mask=am)
-        tl.store(blocks_ptr + b * EP + d, tl.sum(goes, axis=0), mask=dm)
-    else:
-        before = tl.zeros([EP_P2], dtype=tl.int64)
-        for c0 in range(0, b, NB_CHUNK):
-            c = c0 + tl.arange(0, NB_CHUNK)
-            cnt = tl.load(blocks_ptr + c[:, None] * EP + d[None, :], mask=(c < b)[:, None] & dm[None, :], other=0)
-            before += tl.sum(cnt, axis=0)
-        j = tl.load(j_ptr + at, mask=am, other=-1)
-        tl.store(j_ptr + at, tl.where(j >= 0, j + before[None, :], -1), mask=am)
-        if b == n_blocks - 1:
-            mine = tl.load(blocks_ptr + b * EP + d, mask=dm, other=0)
-            tl.store(counts_ptr + d, (before + mine).to(tl.int32), mask=dm)
-
-
-def ht_route(ids: torch.Tensor, owner: torch.Tensor, ep: int, block_t: int = 256, num_warps: int = 4):
-    """(j [ep, T] int64, counts [ep] int32) of `ht_route_kernel` for ids [T, K] (two launches; none for
-    T = 0)."""
-    T, K = ids.shape
-    j = torch.empty(ep, T, dtype=torch.int64, device=ids.device)
-    counts = torch.zeros(ep, dtype=torch.int32, device=ids.device)
-    if T:
-        block = min(pow2(T), block_t)
-        nb = triton.cdiv(T, block)
-        blocks = torch.empty(nb, ep, dtype=torch.int64, device=ids.device)
-        for phase in (0, 1):
-            ht_route_kernel[(nb,)](ids, owner, j, blocks, counts, T, nb, EP=ep, EP_P2=pow2(ep), K=K,
-                                   BLOCK_T=block, NB_CHUNK=64, PHASE=phase, num_warps=num_warps)
-    return j, counts
-
-
-@triton.jit
 def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr,
                        rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, T, H, G, rows,
                        EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
@@ -400,53 +342,6 @@ def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, 
             tl.store(out_ptr + delta + dst * H + offs, v, mask=hm)
 
 
-@triton.jit
-def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, T, H, N_TERMS: tl.constexpr,
-                      WEIGHTED: tl.constexpr, DIRECT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum over j < N_TERMS (in this order, float32) of [weight[t, j] *] src[index[t, j]]
-    (DIRECT: src[t * N_TERMS + j], no index tensor).
-
-    index < 0 skips a term (its weight is never read: a NaN weight of an absent term cannot leak in).
-    A non-zero status word (a timeout or mismatch this rank saw) makes the row NaN: the output of a
-    forward that failed on the GPU is never a plausible-looking number.
-    """
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = offs < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for j in tl.static_range(N_TERMS):
-        if DIRECT:
-            i = t * N_TERMS + j
-        else:
-            i = tl.load(index_ptr + t * N_TERMS + j)
-        if i >= 0:
-            v = tl.load(src_ptr + i.to(tl.int64) * H + offs, mask=hm, other=0.0).to(tl.float32)
-            if WEIGHTED:
-                v = v * tl.load(weight_ptr + t * N_TERMS + j)
-            acc += v
-    bad = tl.load(status_ptr)
-    acc = tl.where(bad != 0, float("nan"), acc)
-    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
-
-
-def gather_sum(src: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None, status: torch.Tensor,
-               out_dtype: torch.dtype, shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """[R, H] rows, index [T, J] (row or -1; None: row t * J + j, `shape` = (T, J)), optional weight
-    [T, J] -> [T, H] in out_dtype (float32 sum, terms in order)."""
-    T, J = index.shape if index is not None else shape
-    H = src.shape[1]
-    out = torch.empty(T, H, dtype=out_dtype, device=src.device)
-    if T == 0:
-        return out
-    block = min(triton.next_power_of_2(max(H, 16)), 2048)
-    idx = status if index is None else index.contiguous()
-    gather_sum_kernel[(T, triton.cdiv(H, block))](
-        src, idx, idx if weight is None else weight.contiguous(), out, status, T, H,
-        N_TERMS=J, WEIGHTED=weight is not None, DIRECT=index is None, BLOCK_H=block, num_warps=4)
-    return out
-
-
 # --------------------------------------------------------------------------------------- low latency
 @triton.jit
 def ll_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs_ptr, counts_ptr, meta_ptr,
@@ -508,11 +403,6 @@ def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_p
 
 
 PAD_BLOCK = 256          # receive rows one program of the high-throughput dispatch marks as routed nowhere
-
-
-def pow2(n: int) -> int:
-    """The smallest power of two >= n (block sizes of the small per-row fields)."""
-    return triton.next_power_of_2(max(int(n), 1))
 
 
 def row_block(H: int) -> int:
