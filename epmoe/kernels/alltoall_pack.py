@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import FP8_MAX, INV_FP8_MAX, SCALE_FLOOR, _round_to_e4m3
+from .fp8_quant import fp8_quantize_groups
 from .token_rows import pow2, route_to_ranks
 
 COPY_BLOCK = 1024          # columns one program moves when nothing is quantized
@@ -53,12 +53,8 @@ def a2a_pack_kernel(x_ptr, ids_ptr, w_ptr, owner_ptr, index_ptr, j_ptr, counts_p
     cols = groups[:, None] * GROUP + inner[None, :]              # [GROUPS, BLOCK]
     mask = (inner[None, :] < GROUP) & (cols < HP) & (groups[:, None] < n_groups)
     v = tl.load(x_ptr + t * x_stride + cols, mask=mask, other=0.0)
-    if QUANT:                                                    # epmoe.kernels.fp8_quant, bit for bit
-        xf = v.to(tl.float32)
-        amax = tl.max(tl.abs(xf), axis=1)                        # [GROUPS]
-        scale = tl.maximum(amax, SCALE_FLOOR) * INV_FP8_MAX
-        y = tl.math.div_rn(xf, scale[:, None])
-        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+    if QUANT:                                                    # the one formula
+        y, scale = fp8_quantize_groups(v.to(tl.float32))         # [GROUPS, BLOCK], [GROUPS]
         v = y.to(sx_ptr.dtype.element_ty)
     first = b == 0
     kk = tl.arange(0, K_P2)

@@ -1,5 +1,5 @@
 """Triton device functions the MoE kernels share in their epilogues: the gated activation and the
-per-row FP8 quantization (the one formula), with the constants they use. Their own module, so the
+per-row FP8 quantization (the one formula, `fp8_quant.fp8_quantize_groups`). Their own module, so the
 decode kernels (`decode_gemv`) use them without importing the fused kernels (`fused_moe`), which call
 the decode kernels."""
 from __future__ import annotations
@@ -8,14 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import _round_to_e4m3
+from .fp8_quant import fp8_quantize_groups
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
 SWIGLUOAI_ALPHA = tl.constexpr(1.702)    # epmoe.experts.activations
 SWIGLUOAI_LIMIT = tl.constexpr(7.0)
-FP8_MAX = tl.constexpr(448.0)            # epmoe.quant.fp8
-FP8_SCALE_FLOOR = tl.constexpr(1e-12)
-FP8_INV_MAX = tl.constexpr(1.0 / 448.0)
 
 
 @triton.jit
@@ -33,12 +30,9 @@ def _gated_activation(g, u, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _fp8_quantize_rows(v):
-    """One e4m3fn scale per row of `v` (float32 [M, N]): scale = max(amax, 1e-12) * (1/448),
-    q = e4m3fn(clamp(x / scale, -448, 448)) with a correctly rounded division (the one formula)."""
-    amax = tl.max(tl.abs(v), axis=1)
-    scale = tl.maximum(amax, FP8_SCALE_FLOOR) * FP8_INV_MAX
-    q = tl.math.div_rn(v, scale[:, None])
-    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX))   # exact cast in the interpreter too
+    """One e4m3fn scale per row of `v` (float32 [M, N]): the one formula, cast to e4m3fn (exact: the
+    values are already on its grid, in the interpreter too)."""
+    q, scale = fp8_quantize_groups(v)
     return q.to(tl.float8e4nv), scale
 
 

@@ -1,11 +1,14 @@
-"""Triton FP8 activation quantization: the formula of `epmoe.quant.fp8`, bit for bit.
+"""Triton FP8 quantization: the formula of `epmoe.quant.fp8`, bit for bit, written once for every kernel.
 
-One program quantizes a tile of `GROUPS` consecutive groups of one row: amax per group, the scale as
-`max(amax, 1e-12) * (1.0 / 448.0)` (a multiplication: `amax / 448` differs in the last bit for some amax), `x / scale` with the correctly rounded
-`div_rn` (Triton's plain `/` is an approximate division on GPUs), clamp to +-448, round-to-nearest-even
-cast to e4m3fn. A partial last group reads zeros past the row's end, which change no amax.
+`fp8_quantize_groups` is that formula as a device function (one scale per row of a [N, G] tile of
+float32); every kernel that quantizes calls it: the activation quantizer here, the fused experts'
+epilogues (`epilogues`), the `alltoall` packing (`alltoall_pack`) and the GPU-initiated dispatch
+(`symm_dispatch`).
 
-The kernel rounds to the e4m3 grid itself (`_round_to_e4m3`, integer arithmetic on the float32 bits)
+One program of the activation quantizer quantizes a tile of `GROUPS` consecutive groups of one row; a
+partial last group reads zeros past the row's end, which change no amax.
+
+The formula rounds to the e4m3 grid itself (`_round_to_e4m3`, integer arithmetic on the float32 bits)
 before the cast, which is then exact everywhere: Triton's CPU interpreter (3.9) casts to fp8 by rounding
 ties up without carrying into the exponent and truncating subnormals (31.2 became 16.0), while the GPU's
 `cvt.rn.satfinite` rounds correctly; on an exactly representable value both agree with torch.
@@ -16,11 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.fp8_format import FP8_DTYPE, check_quantize_args
+from . import fp8_format
+from .fp8_format import FP8_DTYPE, check_quantize_args
 
-FP8_MAX = tl.constexpr(448.0)
-INV_FP8_MAX = tl.constexpr(1.0 / 448.0)
-SCALE_FLOOR = tl.constexpr(1e-12)
+FP8_MAX = tl.constexpr(fp8_format.FP8_MAX)
+INV_FP8_MAX = tl.constexpr(1.0 / fp8_format.FP8_MAX)
+SCALE_FLOOR = tl.constexpr(fp8_format.SCALE_FLOOR)
 
 
 @triton.jit
@@ -40,6 +44,18 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
+def fp8_quantize_groups(x):
+    """The one formula on a float32 tile x [N, G], one scale per row (a token, or one group of a token):
+    scale = max(amax, 1e-12) * (1/448) (a multiplication: `amax / 448` differs in the last bit for some
+    amax), q = clamp(x / scale, -448, 448) with the correctly rounded `div_rn` (Triton's plain `/` is
+    approximate on GPUs), rounded to the e4m3 grid. Returns (q [N, G] float32 values that the cast to
+    e4m3fn keeps exactly, scale [N] float32). Zeros (masked columns) change no amax."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), SCALE_FLOOR) * INV_FP8_MAX
+    y = tl.math.div_rn(x, scale[:, None])
+    return _round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)), scale
+
+
+@triton.jit
 def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
                       GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -49,10 +65,7 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
     cols = groups[:, None] * GROUP + inner[None, :]          # [GROUPS, BLOCK]
     mask = (inner[None, :] < GROUP) & (cols < n_cols) & (groups[:, None] < n_groups)
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)                         # [GROUPS]
-    scale = tl.maximum(amax, SCALE_FLOOR) * INV_FP8_MAX
-    y = tl.math.div_rn(x, scale[:, None])
-    y = _round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+    y, scale = fp8_quantize_groups(x)                        # [GROUPS, BLOCK], [GROUPS]
     tl.store(q_ptr + row * q_row_stride + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < n_groups)
 

@@ -688,6 +688,6 @@ class Fp8Operands:
 
     def quantize_intermediate(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token quantization of the gate+up output (the per_token activation mode)."""
-        from ..quant.fp8 import fp8_quantize
-        q, s = fp8_quantize(act, None)
+        from .fp8_quant import fp8_quantize_triton
+        q, s = fp8_quantize_triton(act, None)
         return q, s.reshape(-1).contiguous()

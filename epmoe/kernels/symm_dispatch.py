@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_quant import FP8_MAX, INV_FP8_MAX, SCALE_FLOOR, _round_to_e4m3
+from .fp8_quant import fp8_quantize_groups
 from .token_rows import pow2
 
 # status word bits (int32, one per rank, sticky until the host reads and clears it)
@@ -267,9 +267,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
         hm = offs < H
         v = tl.load(x_ptr + row * H + offs, mask=hm, other=0.0)
         if QUANT:        # zeros past the row's end change no group's amax
-            xg = tl.reshape(v.to(tl.float32), [BLOCK_H // GROUP, GROUP])
-            scale = tl.maximum(tl.max(tl.abs(xg), axis=1), SCALE_FLOOR) * INV_FP8_MAX
-            q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(xg, scale[:, None]), -FP8_MAX), FP8_MAX))
+            q, scale = fp8_quantize_groups(tl.reshape(v.to(tl.float32), [BLOCK_H // GROUP, GROUP]))
             v = tl.reshape(q, [BLOCK_H]).to(rx_ptr.dtype.element_ty)
             gi = h0 // GROUP + tl.arange(0, BLOCK_H // GROUP)
         for d in tl.static_range(EP):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
+from ..kernels.fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
 ACTIVATION_MODES = ("per_token_group", "per_token")
 GEMM_ALIGN = 16              # torch._scaled_grouped_mm: K and N multiples of 16
 

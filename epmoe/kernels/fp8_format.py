@@ -1,8 +1,11 @@
 """The FP8 format's constants and argument rule, shared by the PyTorch formula (`epmoe.quant.fp8`) and
-the Triton kernels (`epmoe.kernels.fp8_quant`) without either importing the other."""
+the Triton kernels (`epmoe.kernels.fp8_quant`); no Triton here, so the quantization scheme imports it
+without the kernels."""
 from __future__ import annotations
 
 import torch
+
+from ..sizes import scale_groups
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -21,7 +24,7 @@ def check_quantize_args(x, group_size) -> int:
     H = x.shape[-1]
     if H == 0:
         raise ValueError("fp8_quantize: the last dimension of x (H) must be >= 1")
-    return 1 if group_size is None else -(-H // group_size)
+    return scale_groups(H, group_size)
 
 
 def check_group_size(group_size) -> None:
