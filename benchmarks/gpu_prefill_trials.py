@@ -253,14 +253,14 @@ class Compiler:
         if jobs > 0:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
-            from epmoe.kernels.tune import _worker_init
+            from epmoe.bench.tune import _worker_init
             self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                             initializer=_worker_init)
 
     def submit(self, key, problem, cfg) -> None:
         if self.pool is None or key in self.futures:
             return
-        from epmoe.kernels.tune import _compile_job, compile_jobs
+        from epmoe.bench.tune import _compile_job, compile_jobs
         jobs = compile_jobs(problem, cfg.block_m, [cfg.gate_up], [cfg.down],
                             cfg.tail_m if cfg.tail_m and cfg.tail_m < cfg.block_m else 0)
         self.futures[key] = [self.pool.submit(_compile_job, j) for j in jobs]
@@ -294,7 +294,7 @@ def meta_problem(cfg, fmt: str):
     from types import SimpleNamespace
 
     import torch
-    from epmoe.kernels.tune import Problem
+    from epmoe.bench.tune import Problem
     L, H, I = cfg.num_experts, cfg.padded_hidden_size, cfg.padded_intermediate_size
     wdt = torch.float8_e4m3fn if cfg.quant is not None else cfg.dtype
     w = SimpleNamespace(w13=torch.empty(L, 2 * I, H, dtype=wdt, device="meta"),
@@ -412,9 +412,9 @@ def one_format(run, compiler, timer, gen, device, preset, fmt, cfg, tokens, plan
     import torch
     from epmoe import contract
     from epmoe.bench.experts import _anchor_runner, make_routing, make_weights
-    from epmoe.experts.activations import gated_activation_fused
+    from epmoe.activations import gated_activation_fused
     from epmoe.experts.base import sort_pairs_by_expert
-    from epmoe.kernels.tune import _time_candidates
+    from epmoe.bench.tune import _time_candidates
     from epmoe.layouts import FlatBatch
     from epmoe.reference import reference_moe
     from epmoe.routing import Routing
@@ -539,7 +539,7 @@ def one_format(run, compiler, timer, gen, device, preset, fmt, cfg, tokens, plan
             # each GEMM kernel alone (tune's timing: eager behind a sleep, L2 flushed, one balanced routing)
             if timer is not None and not run.late():
                 try:
-                    from epmoe.kernels.tune import Problem
+                    from epmoe.bench.tune import Problem
                     problem = Problem(cfg, plan_fmt(cfg), weights, fp8)
                     with Guard(args.variant_s):
                         tail = kcfg.tail_m if kcfg.tail_m and kcfg.tail_m < kcfg.block_m else 0

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin(bench_sub, "dispatch", "epmoe.bench.dispatch", "time dispatch + combine per dispatcher vs NCCL")
     _add_plugin(bench_sub, "layer", "epmoe.bench.layer", "time the whole MoE layer with EP per dispatcher vs one rank")
     bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
-    _add_plugin(sub, "tune", "epmoe.kernels.tune", "tune Triton kernel configurations for a shape on this GPU")
+    _add_plugin(sub, "tune", "epmoe.bench.tune", "tune Triton kernel configurations for a shape on this GPU")
     return parser
 
 

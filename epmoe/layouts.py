@@ -66,3 +66,14 @@ class ExpertWeights:
     @property
     def num_local_experts(self) -> int:
         return self.w13.shape[0]
+
+
+def count_pairs(local_ids: torch.Tensor, num_local: int) -> torch.Tensor:
+    """(row, local expert) pairs of a flat batch per local expert [L] int64 (`local_ids [N, k]`, -1: not
+    here), on the device, without a host sync (`torch.bincount` on CUDA reads its input's maximum back
+    to the host; this does not). What dispatchers count for their statistics and experts sort by."""
+    ids = local_ids.reshape(-1).long()
+    key = torch.where(ids >= 0, ids, num_local)
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return counts[:num_local]

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .experts.activations import gated_activation
+from .activations import gated_activation
 from .routing import Routing, route, validate_routing
 
 

@@ -42,7 +42,7 @@ def test_shipped_tables_parse_and_fit():
 
 
 def test_lookup_takes_the_nearest_token_count(tmp_path):
-    from epmoe.kernels import tune
+    from epmoe.bench import tune
     small = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 256, 1, 4, 3))
     large = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(256, 64, 8, 8, 4))
     path = str(tmp_path / "t.json")
@@ -55,7 +55,7 @@ def test_lookup_takes_the_nearest_token_count(tmp_path):
 
 
 def test_tune_candidates_fit_and_come_with_tma_twins():
-    from epmoe.kernels import tune
+    from epmoe.bench import tune
     for fp8 in (False, True):
         for bm in (16, 32, 64, 128):
             gus, dns = tune.candidates(bm, fp8)
@@ -76,7 +76,7 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
 def test_tail_tiles_in_configs_and_refine_plans(tmp_path):
     """tail_m survives the table round trip, shows in describe(), and refine plans try tails where
     experts hold at least half a tile (and 16 warps for FP8 gate+up)."""
-    from epmoe.kernels import tune
+    from epmoe.bench import tune
     cfg = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4, tma=True), tail_m=32)
     assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and "BM128+32" in cfg.describe()
     uniform = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 4))
@@ -96,7 +96,7 @@ def test_tail_tiles_in_configs_and_refine_plans(tmp_path):
 def test_gemv_configs_round_trip_and_survive_lookup(tmp_path):
     """A config with the decode path keeps it through the table (to_dict / from_dict, merge, lookup and
     the clamp of tile sizes) and says so in describe(); the tuner's gemv candidates are sane tiles."""
-    from epmoe.kernels import tune
+    from epmoe.bench import tune
     from epmoe.kernels.tuning_table import GemvConfig
     gemv = GemvConfig(16, 256, 8, 512, 4, 8, 3, 1)
     cfg = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 256, 1, 4, 3), gemv=gemv)

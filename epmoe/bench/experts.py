@@ -147,7 +147,7 @@ def _anchor_runner(x, ids, w13, w2, activation):
     """torch._grouped_mm gate+up, activation, down on rows sorted by expert beforehand (not timed).
     The activation runs in bf16 (one pass per op, no float32 copies), which makes the anchor as fast as
     plain PyTorch gets."""
-    from ..experts.activations import gated_activation_fused
+    from ..activations import gated_activation_fused
     from ..experts.base import sort_pairs_by_expert
     T, k = ids.shape
     order, _, offsets = sort_pairs_by_expert(ids, w13.shape[0])

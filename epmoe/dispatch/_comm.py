@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..errors import RankMismatch
 from ..placement import Placement
 from ..registry import DISPATCHERS
+from ..sizes import round_up
 from .base import Dispatcher
 from .symm_workspace import existing_pool
 
@@ -40,10 +41,6 @@ FINGERPRINT_FIELDS = ("dispatcher", "wire row bytes", "max_tokens_per_rank", "nu
 # "symm step": the rank is a symmetric-memory dispatcher joining this exchange after its own first exchange
 # ran (it advanced its workspace's epochs and slot; the other ranks advance theirs to match).
 HEADER_FIELDS = ("failed",) + FINGERPRINT_FIELDS + ("layer", "forward", "symm step", "tokens")
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ class WireFormat:
                 raise ValueError(f"wire format: field {name!r} twice")
             f = WireField(name, dtype, int(width), offset)
             self.fields[name] = f
-            offset += _round_up(f.nbytes, ALIGN)
+            offset += round_up(f.nbytes, ALIGN)
         self.row_bytes = max(offset, ALIGN)
 
     def empty(self, *rows: int, device=None) -> torch.Tensor:

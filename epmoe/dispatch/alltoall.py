@@ -35,8 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ..contract import DispatcherCaps
-from ..layouts import FLAT, FlatBatch
-from ..experts.base import count_pairs
+from ..layouts import FLAT, FlatBatch, count_pairs
 from ..registry import register_dispatcher
 from ._comm import CommDispatcher, TokenRows, pack_tokens, unpack_tokens
 from .base import Pending

@@ -32,8 +32,7 @@ import torch
 from ..contract import DispatcherCaps
 from ..registry import register_dispatcher
 from ..errors import RankMismatch
-from ..layouts import FLAT, FlatBatch
-from ..experts.base import count_pairs
+from ..layouts import FLAT, FlatBatch, count_pairs
 from ._symm import SymmDispatcher, symm_problem
 from .symm_workspace import HEADER_FIELDS
 

@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..sizes import round_up
+
 ALIGN = 128                      # bytes; every region starts on this boundary
 PHASES = ("count", "dispatch", "combine")   # "count": every forward's first exchange (both dispatchers)
 COUNTERS = 2048                  # per-expert row counters of the low-latency dispatch (local experts at most)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 HEADER_FIELDS = 5               # fingerprint, layer, forward, tokens, failed; then one row count per rank
@@ -82,7 +80,7 @@ class SlotLayout:
             raise ValueError(f"symmetric workspace: region {name!r} twice")
         region = Region(dtype, tuple(int(s) for s in shape), self.nbytes)
         self.regions[name] = region
-        self.nbytes = _round_up(self.nbytes + region.nbytes, ALIGN)
+        self.nbytes = round_up(self.nbytes + region.nbytes, ALIGN)
 
 
 class SymmWorkspace:
@@ -169,7 +167,7 @@ class WorkspacePool:
     def ensure(self, slot_bytes: int) -> SymmWorkspace:
         """The workspace, grown (collectively) so that a slot holds `slot_bytes`."""
         if self.ws is None or self.ws.slot_bytes < slot_bytes:
-            size = _round_up(max(slot_bytes, 1 << 20), 1 << 20)
+            size = round_up(max(slot_bytes, 1 << 20), 1 << 20)
             if self.group is None:
                 if self.ep != 1:
                     raise RuntimeError(f"symmetric workspace: a simulated workspace holds {self.ws and self.ws.slot_bytes} "

@@ -6,7 +6,7 @@ import abc
 import torch
 
 from ..contract import TAKES_FP8, ExpertsCaps
-from ..layouts import BatchedBatch, ExpertWeights, FlatBatch
+from ..layouts import BatchedBatch, ExpertWeights, FlatBatch, count_pairs
 
 
 class Experts(abc.ABC):
@@ -83,16 +83,6 @@ def sort_pairs_by_expert(local_ids: torch.Tensor, num_local: int):
     counts = count_pairs(local_ids, num_local)
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     return order, counts, offsets
-
-
-def count_pairs(local_ids: torch.Tensor, num_local: int) -> torch.Tensor:
-    """(row, local expert) pairs per local expert [L] int64, on the device, without a host sync
-    (`torch.bincount` on CUDA reads its input's maximum back to the host; this does not)."""
-    ids = local_ids.reshape(-1).long()
-    key = torch.where(ids >= 0, ids, num_local)
-    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    return counts[:num_local]
 
 
 FP16_ROW_LIMIT = 256.0

@@ -25,7 +25,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, BatchedBatch, ExpertWeights
 from ..registry import register_experts
-from .activations import gated_activation_fused
+from ..activations import gated_activation_fused
 from .base import Experts, gemm_rows, scale_back
 from .triton import FP8_KINDS
 from .triton import _quant_problem as _triton_fp8_problem

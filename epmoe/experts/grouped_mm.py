@@ -17,7 +17,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
 from ..registry import register_experts
-from .activations import gated_activation_fused
+from ..activations import gated_activation_fused
 from .base import Experts, gemm_rows, scale_back, sort_pairs_by_expert, weighted_sum_of_slots
 
 

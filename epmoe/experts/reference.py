@@ -11,7 +11,7 @@ from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, FLAT, BatchedBatch, ExpertWeights, FlatBatch
 from ..quant.fp8 import dequantize_weight
 from ..registry import register_experts
-from .activations import gated_activation_fused
+from ..activations import gated_activation_fused
 from .base import Experts
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..experts.activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
+from ..activations import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
 
 GATE_UP = "gate_up"   # gate_up_proj [E, 2I, H]: rows [0, I) gate, [I, 2I) up; down_proj [E, H, I]
 GPT_OSS = "gpt_oss"   # gate_up_proj [E, H, 2I]: columns interleaved gate, up, gate, ...; down_proj [E, I, H]; biases

@@ -11,13 +11,13 @@ import triton.language as tl
 from .fp8_quant import fp8_quantize_groups
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
-SWIGLUOAI_ALPHA = tl.constexpr(1.702)    # epmoe.experts.activations
+SWIGLUOAI_ALPHA = tl.constexpr(1.702)    # epmoe.activations
 SWIGLUOAI_LIMIT = tl.constexpr(7.0)
 
 
 @triton.jit
 def _gated_activation(g, u, ACTIVATION: tl.constexpr):
-    """act(gate, up) in float32, as epmoe.experts.activations.gated_activation defines it."""
+    """act(gate, up) in float32, as epmoe.activations.gated_activation defines it."""
     if ACTIVATION == 0:      # silu(g) * u
         return g / (1.0 + tl.exp(-g)) * u
     elif ACTIVATION == 1:    # exact gelu(g) * u

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 from ..kernels.fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
+from ..sizes import round_up
+
 ACTIVATION_MODES = ("per_token_group", "per_token")
 GEMM_ALIGN = 16              # torch._scaled_grouped_mm: K and N multiples of 16
 
@@ -197,10 +199,6 @@ class Fp8Config:
 
 
 # ---------------------------------------------------------------------------------------- scheme
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 @dataclass(frozen=True)
 class Fp8Scheme:
     """What an FP8 layer stores, how it loads and pads weights, and how it quantizes activations."""
@@ -236,7 +234,7 @@ class Fp8Scheme:
     def roundup_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
         """Padded (H, I): multiples of the weight block, the activation group and 16."""
         m = self.size_multiple()
-        return _round_up(hidden_size, m), _round_up(intermediate_size, m)
+        return round_up(hidden_size, m), round_up(intermediate_size, m)
 
     # -- activations
     def quantize_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

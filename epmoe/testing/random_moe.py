@@ -46,7 +46,7 @@ def fp16_range_case(cfg, num_tokens: int, seed: int = 0, peak_out: float = 40000
     the k experts (renormalized routing) fits in float16, and a backend that rounds the intermediate to
     float16 gets Inf.
     """
-    from ..experts.activations import gated_activation
+    from ..activations import gated_activation
     x, logits = random_inputs(cfg, num_tokens, seed=seed)
     x = (x.float() * 16).to(torch.float16)
     xs, experts, peak = x.double(), [], 0.0

@@ -23,7 +23,7 @@ import torch
 from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values
-from .tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
+from ..kernels.tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
                            device_table_name, shape_key, smem_bytes)
 
 TOKENS = [1, 16, 128, 1024, 8192]
@@ -166,7 +166,7 @@ def _compile_job(job: tuple) -> str | None:
     """Worker: compile one kernel configuration (Triton's warmup: no launch), return an error or None."""
     kind, kwargs = job
     try:
-        from . import fused_moe
+        from ..kernels import fused_moe
         fn = fused_moe.launch_gate_up if kind == "gate_up" else fused_moe.launch_down
         fn(warmup=True, **kwargs)
         return None
@@ -186,7 +186,7 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
         return compile_jobs(problem, block_m, gate_ups, downs, -1) + compile_jobs(problem, tail_m, gate_ups,
                                                                                      downs, -1)
     tile_mode = 1 if tail_m < 0 else 0
-    from .fused_moe import Fp8Operands, intermediate_dtype  # noqa: F401  (same module the launch uses)
+    from ..kernels.fused_moe import Fp8Operands, intermediate_dtype  # noqa: F401  (same module the launch uses)
     L, H, I, k = problem.sizes
     x_dtype = torch.float8_e4m3fn if problem.fp8 else problem.weights.w13.dtype
     out_dtype = problem.cfg.dtype
@@ -215,7 +215,7 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
 
 
 def _fp8_modes(problem: Problem):
-    from .fused_moe import Fp8Operands
+    from ..kernels.fused_moe import Fp8Operands
     q = problem.cfg.quant
     ops = Fp8Operands(None, None, None, q.activation_group_size, q.weight_block, q.weight_granularity)
     return ops.modes()
@@ -226,8 +226,8 @@ def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, ti
                      progress=None, task=None, tail_m: int = 0) -> tuple[dict, dict]:
     """Median ms of each gate_up and each down candidate on one balanced routing of T tokens (with
     `tail_m`: both launches of the split layout, body and tail tiles, timed together)."""
-    from .fused_moe import intermediate_dtype, launch_down, launch_gate_up, tile_launches
-    from .moe_align import align_pairs
+    from ..kernels.fused_moe import intermediate_dtype, launch_down, launch_gate_up, tile_launches
+    from ..kernels.moe_align import align_pairs
     L, H, I, k = problem.sizes
     dev = problem.weights.w13.device
     logits = torch.randn(T, L, generator=gen, device=dev)
@@ -292,7 +292,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
     downs)}} instead of the regime's candidates."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from ..bench.gpu_timing import GpuTimer
+    from .gpu_timing import GpuTimer
     L, H, I, k = problem.sizes
     if plan is None:
         plan = {T: {(bm, tail): candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)
@@ -356,8 +356,8 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
     included), the decode path also with PDL where the GPU has it. Returns the winner and its time (gemv:
     end to end; tiles: gate_up + down as above)."""
-    from .decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
-    from .fused_moe import Fp8Operands, fused_experts
+    from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
+    from ..kernels.fused_moe import Fp8Operands, fused_experts
     tiles, tiles_ms = tiles_best
     L, H, I, k = problem.sizes
     w = problem.weights
@@ -485,8 +485,8 @@ def main(args) -> int:
         return 2
     import triton
     from rich.console import Console
-    from ..bench.experts import make_weights
-    from .fused_moe import weight_format
+    from .experts import make_weights
+    from ..kernels.fused_moe import weight_format
     console = Console()
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
