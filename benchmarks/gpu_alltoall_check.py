@@ -105,8 +105,8 @@ def _agree(flag: bool, device) -> bool:
 def _identity_output(d, batch):
     """What identity experts return for `batch`: its rows in the layer's dtype (FP8 rows dequantized)."""
     if batch.scales is not None:
-        return d.cfg.quant_scheme.dequantize_activations(batch.x, batch.scales).to(d.cfg.dtype)
-    return batch.x.to(d.cfg.dtype)
+        return d.plan.dequantize(batch.x, batch.scales).to(d.plan.dtype)
+    return batch.x.to(d.plan.dtype)
 
 
 def _save(out_dir, rank, data):
@@ -117,13 +117,12 @@ def _save(out_dir, rank, data):
 
 
 # ------------------------------------------------------------------------------ (a) and (b): one case
-def _case(d, T, rank, device, clock, reps, warmup):
+def _case(d, cfg, T, rank, device, clock, reps, warmup):
     import torch
     from epmoe.bench.dispatch import _nccl_baseline
     from epmoe.routing import route
     from epmoe.testing import compare
 
-    cfg = d.cfg
     g = torch.Generator().manual_seed(1000 * T + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(cfg.dtype).to(device)
     routing = route((torch.randn(T, cfg.num_experts, generator=g) * 2).to(device), cfg)
@@ -177,12 +176,11 @@ def _case(d, T, rank, device, clock, reps, warmup):
 
 
 # ----------------------------------------------------------------------------------- (c) profile
-def _profile(d, T, rank, device, out_dir, tag):
+def _profile(d, cfg, T, rank, device, out_dir, tag):
     import torch
     from torch.profiler import ProfilerActivity, profile
     from epmoe.routing import route
 
-    cfg = d.cfg
     g = torch.Generator().manual_seed(7 + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(cfg.dtype).to(device)
     routing = route((torch.randn(T, cfg.num_experts, generator=g) * 2).to(device), cfg)
@@ -278,7 +276,7 @@ def worker(rank, ws, p):
     import torch
     import torch.distributed as dist
     from epmoe.bench.dispatch import _Clock
-    from epmoe.dispatch.build import make_dispatcher
+    from epmoe.build import make_dispatcher
 
     start = time.monotonic()
     if p["cpu"] and os.environ.get("TRITON_INTERPRET") == "1":
@@ -302,10 +300,10 @@ def worker(rank, ws, p):
                 t0 = time.monotonic()
                 try:
                     key = (preset, fmt)
+                    cfg = _cfg(preset, fmt, p["cpu"])
                     if key not in dispatchers:
-                        dispatchers[key] = make_dispatcher("alltoall", _cfg(preset, fmt, p["cpu"]), group=group,
-                                                           device=device)
-                    res = _case(dispatchers[key], T, rank, device, clock, p["reps"], p["warmup"])
+                        dispatchers[key] = make_dispatcher("alltoall", cfg, group=group, device=device)
+                    res = _case(dispatchers[key], cfg, T, rank, device, clock, p["reps"], p["warmup"])
                     res.update(preset=preset, format=fmt, tokens_per_rank=T, seconds=time.monotonic() - t0)
                     out["cases"].append(res)
                 except Exception:
@@ -324,10 +322,11 @@ def worker(rank, ws, p):
                 continue
             try:
                 key = ("deepseek-v3", fmt)
-                d = dispatchers.get(key) or make_dispatcher("alltoall", _cfg(*key, p["cpu"]), group=group,
-                                                            device=device)
+                cfg = _cfg(*key, p["cpu"])
+                d = dispatchers.get(key) or make_dispatcher("alltoall", cfg, group=group, device=device)
                 dispatchers[key] = d
-                texts.append(_profile(d, 64 if p["cpu"] else 4096, rank, device, p["out"], f"deepseek-v3_{fmt}"))
+                texts.append(_profile(d, cfg, 64 if p["cpu"] else 4096, rank, device, p["out"],
+                                      f"deepseek-v3_{fmt}"))
             except Exception:
                 out["errors"].append(f"{what}: {traceback.format_exc()}")
         out["profile"] = "\n\n".join(texts)

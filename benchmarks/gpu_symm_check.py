@@ -205,7 +205,7 @@ def variants_worker(rank, ws, T, names):
     per row format (time per kernel)."""
     from epmoe import Fp8Config, MoEConfig
     from epmoe.bench.dispatch import _Clock
-    from epmoe.dispatch.build import make_dispatcher
+    from epmoe.build import make_dispatcher
     from epmoe.dispatch.symm_high_throughput import HTLaunch
     from epmoe.routing import route
     dev = torch.device("cuda", torch.cuda.current_device())

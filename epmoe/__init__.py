@@ -9,7 +9,7 @@ on first use: `import epmoe; epmoe.testing.assert_close(...)`). Messages go to t
 from . import dispatch, experts  # noqa: F401  (registers the built-in backends)
 from . import log as _log  # noqa: F401  (the "epmoe" logger, with its NullHandler)
 from .config import MoEConfig
-from .dispatch.build import make_dispatcher
+from .build import make_dispatcher
 from .errors import RankMismatch, UnsupportedCombination
 from .integration import from_transformers, patch_model
 from .layer import MoELayer

@@ -5,6 +5,7 @@ construction and never as a wrong answer later.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -97,14 +98,20 @@ class MoEConfig:
     # Sizes the weight format needs (padding is owned by the quantization scheme, callers never see it).
     @property
     def padded_hidden_size(self) -> int:
-        return self.quant_scheme.roundup_sizes(self.hidden_size, self.intermediate_size)[0]
+        return self.padded_sizes[0]
 
     @property
     def padded_intermediate_size(self) -> int:
-        return self.quant_scheme.roundup_sizes(self.hidden_size, self.intermediate_size)[1]
+        return self.padded_sizes[1]
 
-    @property
+    @functools.cached_property
+    def padded_sizes(self) -> tuple[int, int]:
+        """(padded hidden size, padded intermediate size), worked out once."""
+        return self.quant_scheme.roundup_sizes(self.hidden_size, self.intermediate_size)
+
+    @functools.cached_property
     def quant_scheme(self):
+        """The quantization scheme of `quant` (built once: the config is immutable)."""
         from .quant import scheme_for
         return scheme_for(self)
 

@@ -16,6 +16,7 @@ from . import registry
 from .errors import UnsupportedCombination
 from .layouts import FLAT
 from .plan import Handoff, MoEPlan
+from .sizes import scale_groups
 
 # The backends, by name: filled by `@register_dispatcher` / `@register_experts` in each backend's file
 # (the built-in ones are imported with `epmoe`). The names are the public, explicit selectors (no hidden
@@ -39,7 +40,7 @@ def _always(_device_type: str) -> str | None:
     return None
 
 
-def _no_quant_problem(_cfg, _device_type: str) -> str | None:
+def _no_quant_problem(_scheme, _device_type: str) -> str | None:
     return None
 
 
@@ -75,7 +76,8 @@ class ExpertsCaps:
     reads_strided_rows: bool = False
     summary: str = ""
     available: Callable[[str], str | None] = _always
-    # for a quantized cfg in `quant`: why these experts cannot run it on this device (None: they can)
+    # for a quantized layer whose kind is in `quant`: why these experts cannot run its scheme (the
+    # `epmoe.quant` scheme object: config and dtype) on this device (None: they can)
     quant_problem: Callable[..., str | None] = _no_quant_problem
 
 
@@ -108,13 +110,16 @@ def quant_name(cfg) -> str:
     return "none" if cfg.quant is None else cfg.quant_scheme.kind
 
 
-def dispatcher_problem(dispatcher: str, cfg, ep_size: int, device_type: str) -> str | None:
-    """Why this dispatcher cannot run on `ep_size` ranks of `device_type`; None if it can."""
+def dispatcher_problem(dispatcher: str, cfg, ep_size: int, device_type: str, check_device: bool = True) -> str | None:
+    """Why this dispatcher cannot run on `ep_size` ranks of `device_type`; None if it can
+    (`check_device=False`: the device and availability are not checked, see `build_plan`)."""
     d = dispatcher_class(dispatcher).CAPS
     if ep_size > 1 and not d.communicates:
         return (f"the group has {ep_size} ranks but dispatcher {dispatcher!r} does not move tokens between "
                 f"ranks: each rank would compute only its own experts and silently lose the others' "
                 f"contributions")
+    if not check_device:
+        return None
     if device_type not in d.devices:
         return f"dispatcher {dispatcher!r} runs on {sorted(d.devices)}, not {device_type}"
     why = d.available(device_type)
@@ -124,13 +129,14 @@ def dispatcher_problem(dispatcher: str, cfg, ep_size: int, device_type: str) -> 
 
 
 def experts_problem(experts: str, cfg, device_type: str, layout: str | None = None,
-                    dispatcher: str | None = None) -> str | None:
+                    dispatcher: str | None = None, check_device: bool = True) -> str | None:
     """Why these experts cannot run `cfg` on `device_type` (fed the `layout` that `dispatcher`
-    produces, when given); None if they can."""
+    produces, when given); None if they can (`check_device=False`: the device, availability and what the
+    quantization needs of the device are not checked, see `build_plan`)."""
     x = experts_class(experts).CAPS
-    if device_type not in x.devices:
+    if check_device and device_type not in x.devices:
         return f"experts {experts!r} run on {sorted(x.devices)}, not {device_type}"
-    why = x.available(device_type)
+    why = x.available(device_type) if check_device else None
     if why:
         return f"{experts!r} is unavailable here: {why}"
     if layout is not None and layout not in x.layouts:
@@ -143,7 +149,7 @@ def experts_problem(experts: str, cfg, device_type: str, layout: str | None = No
         if q not in x.quant:
             return f"experts {experts!r} support quantization {sorted(x.quant)}, not {q!r}"
         if q != "none":
-            why = x.quant_problem(cfg, device_type)
+            why = x.quant_problem(cfg.quant_scheme, device_type) if check_device else None
             if why:
                 return f"experts {experts!r} cannot run {q} on {device_type}: {why}"
             if x.fp8_activations not in (TAKES_FP8, QUANTIZES_INTERNALLY):
@@ -152,11 +158,12 @@ def experts_problem(experts: str, cfg, device_type: str, layout: str | None = No
     return None
 
 
-def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> str | None:
+def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str,
+                    check_device: bool = True) -> str | None:
     """Why this pairing cannot run `cfg` on `ep_size` ranks of `device_type`; None if it can."""
     d = dispatcher_class(dispatcher).CAPS
-    why = (dispatcher_problem(dispatcher, cfg, ep_size, device_type)
-           or experts_problem(experts, cfg, device_type, d.layout, dispatcher))
+    why = (dispatcher_problem(dispatcher, cfg, ep_size, device_type, check_device)
+           or experts_problem(experts, cfg, device_type, d.layout, dispatcher, check_device))
     if why:
         return why
     if cfg is not None and cfg.quant is not None and getattr(cfg.quant, "dispatch_fp8", False) and d.communicates:
@@ -171,66 +178,91 @@ def pairing_problem(dispatcher: str, experts: str, cfg, ep_size: int, device_typ
     return None
 
 
-def activation_handoff(dispatcher: str, experts: str | None, cfg) -> Handoff:
+def activation_handoff(dispatcher: str | None, experts: str | None, cfg) -> Handoff:
     """Who quantizes the activations of a valid pairing (call after `check_pairing`).
 
     FP8 on the wire when asked for and the dispatcher can; otherwise experts that take FP8 get their rows
     quantized right after dispatch (the explicit conversion, same formula, same bits), and experts that
     quantize internally get the high-precision rows. A dispatcher built without experts (`experts=None`:
-    the caller runs its own) hands high-precision rows on unless it quantizes before the wire.
+    the caller runs its own) hands high-precision rows on unless it quantizes before the wire; experts
+    built without a dispatcher quantize rows that arrive in the layer's dtype.
     """
     if cfg is None or cfg.quant is None:
         return Handoff.NONE
-    if getattr(cfg.quant, "dispatch_fp8", False) and dispatcher_class(dispatcher).CAPS.fp8_dispatch:
+    if (dispatcher is not None and getattr(cfg.quant, "dispatch_fp8", False)
+            and dispatcher_class(dispatcher).CAPS.fp8_dispatch):
         return Handoff.ON_THE_WIRE
     if experts is not None and experts_class(experts).CAPS.fp8_activations == TAKES_FP8:
         return Handoff.AFTER_DISPATCH
     return Handoff.IN_EXPERTS
 
 
-def build_plan(dispatcher: str, experts: str | None, cfg, ep_size: int, device_type: str,
-               max_tokens_per_rank: int | None = None) -> MoEPlan:
+def _check_capacity(max_tokens_per_rank) -> None:
+    if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool) or
+                                            not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
+        raise ValueError(f"max_tokens_per_rank must be a positive int (the most tokens any rank passes in one "
+                         f"forward), got {max_tokens_per_rank!r}")
+
+
+def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, device_type: str,
+               max_tokens_per_rank: int | None = None, *, check_device: bool = True) -> MoEPlan:
     """Check the pairing (explicit names; see `resolve_names` for "auto") and resolve it into the
-    immutable `MoEPlan` the dispatcher and the experts are built from.
+    immutable `MoEPlan` the dispatcher and the experts are built from: the plan's only constructor.
 
     `experts=None`: a dispatcher on its own (an engine running its own experts): only the dispatcher's
-    side is checked. Raises `UnsupportedCombination` for a refused pairing, ValueError for a missing or
-    bad `max_tokens_per_rank`.
+    side is checked. `dispatcher=None`: experts on their own (one rank; the caller brings the batches).
+    `check_device=False` resolves the plan for `device_type` without checking that the parts can run here
+    (simulated ranks whose kernels run under the Triton interpreter on the CPU; experts built on their own
+    for tests and benchmarks); every other rule still applies.
+    Raises `UnsupportedCombination` for a refused pairing, ValueError for a missing or bad
+    `max_tokens_per_rank`.
     """
-    if experts is None:
-        why = dispatcher_problem(dispatcher, cfg, ep_size, device_type)
+    if dispatcher is None and experts is None:
+        raise ValueError("build_plan: name a dispatcher, an experts backend, or both")
+    _check_capacity(max_tokens_per_rank)
+    if dispatcher is None:
+        why = experts_problem(experts, cfg, device_type, check_device=check_device)
+        if why:
+            raise UnsupportedCombination("-", experts, why, [f"experts={x!r}" for x in EXPERTS
+                                                             if experts_problem(x, cfg, device_type) is None])
+    elif experts is None:
+        why = dispatcher_problem(dispatcher, cfg, ep_size, device_type, check_device=check_device)
         if why is None and getattr(cfg.quant, "dispatch_fp8", False) and not dispatcher_class(dispatcher).CAPS.fp8_dispatch:
             why = f"dispatch_fp8=True but dispatcher {dispatcher!r} cannot send FP8 rows with their scales"
         if why:
             raise UnsupportedCombination(dispatcher, "-", why, [f"dispatcher={d!r}" for d in DISPATCHERS
                                                             if dispatcher_problem(d, cfg, ep_size, device_type) is None])
     else:
-        check_pairing(dispatcher, experts, cfg, ep_size, device_type)
-    d = dispatcher_class(dispatcher).CAPS
-    if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool) or
-                                            not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1):
-        raise ValueError(f"max_tokens_per_rank must be a positive int (the most tokens any rank passes in one "
-                         f"forward), got {max_tokens_per_rank!r}")
-    if d.needs_max_tokens and max_tokens_per_rank is None:
+        check_pairing(dispatcher, experts, cfg, ep_size, device_type, check_device=check_device)
+    d = dispatcher_class(dispatcher).CAPS if dispatcher is not None else None
+    x = experts_class(experts).CAPS if experts is not None else None
+    if d is not None and d.needs_max_tokens and max_tokens_per_rank is None:
         raise ValueError(f"dispatcher {dispatcher!r} has fixed capacity and needs max_tokens_per_rank (the most "
                          f"tokens any rank passes in one forward)")
+    scheme = cfg.quant_scheme
     handoff = activation_handoff(dispatcher, experts, cfg)
-    wire_dtype, scales, group = cfg.dtype, 0, None
+    act_group = getattr(scheme, "activation_group_size", None)
+    wire_dtype, wire_scales, wire_group = cfg.dtype, 0, None
     if handoff is Handoff.ON_THE_WIRE:
-        group = cfg.quant_scheme.activation_group_size
-        wire_dtype = torch.float8_e4m3fn
-        scales = 1 if group is None else -(-cfg.padded_hidden_size // group)
-    capacity = max_tokens_per_rank if (d.needs_max_tokens or d.takes_max_tokens) else None
+        wire_dtype, wire_group = torch.float8_e4m3fn, act_group
+        wire_scales = scale_groups(cfg.padded_hidden_size, act_group)
+    capacity = max_tokens_per_rank if d is not None and (d.needs_max_tokens or d.takes_max_tokens) else None
     # a dispatcher that takes a capacity is capturable only with one (without it a host read sizes it)
-    graph_safe = (d.cuda_graph_safe and (experts is None or experts_class(experts).CAPS.cuda_graph_safe)
-                  and (capacity is not None or not d.takes_max_tokens))
-    return MoEPlan(cfg=cfg, dispatcher=dispatcher, experts=experts, layout=d.layout, handoff=handoff,
-                   wire_dtype=wire_dtype, wire_scales=scales, wire_scale_group=group, cuda_graph_safe=graph_safe,
-                   host_sync=d.host_sync and not (d.takes_max_tokens and capacity is not None),
-                   max_tokens_per_rank=capacity,
-                   hidden_size=cfg.hidden_size, padded_hidden_size=cfg.padded_hidden_size,
-                   intermediate_size=cfg.intermediate_size, padded_intermediate_size=cfg.padded_intermediate_size,
-                   ep_size=ep_size, device_type=device_type)
+    graph_safe = ((d is None or (d.cuda_graph_safe and (capacity is not None or not d.takes_max_tokens)))
+                  and (x is None or x.cuda_graph_safe))
+    fp8 = cfg.quant is not None
+    return MoEPlan(dispatcher=dispatcher, experts=experts, layout=d.layout if d is not None else None,
+                   ep_size=ep_size, device_type=device_type, dtype=cfg.dtype, num_experts=cfg.num_experts,
+                   top_k=cfg.top_k, activation=cfg.activation, hidden_size=cfg.hidden_size,
+                   padded_hidden_size=cfg.padded_hidden_size, intermediate_size=cfg.intermediate_size,
+                   padded_intermediate_size=cfg.padded_intermediate_size, scheme=scheme, quant=quant_name(cfg),
+                   weight_block=cfg.quant.weight_block if fp8 else None,
+                   weight_granularity=cfg.quant.weight_granularity if fp8 else None,
+                   act_group=act_group if fp8 else None, handoff=handoff, wire_dtype=wire_dtype,
+                   wire_scales=wire_scales, wire_scale_group=wire_group,
+                   experts_read_strided_rows=x is not None and x.reads_strided_rows, cuda_graph_safe=graph_safe,
+                   host_sync=d is not None and d.host_sync and not (d.takes_max_tokens and capacity is not None),
+                   max_tokens_per_rank=capacity)
 
 
 def graph_safe(dispatcher: str, experts: str) -> bool:
@@ -238,9 +270,10 @@ def graph_safe(dispatcher: str, experts: str) -> bool:
     return dispatcher_class(dispatcher).CAPS.cuda_graph_safe and experts_class(experts).CAPS.cuda_graph_safe
 
 
-def check_pairing(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> None:
+def check_pairing(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str,
+                  check_device: bool = True) -> None:
     """Raise `UnsupportedCombination` (with the working alternatives) unless the pairing is valid."""
-    why = pairing_problem(dispatcher, experts, cfg, ep_size, device_type)
+    why = pairing_problem(dispatcher, experts, cfg, ep_size, device_type, check_device)
     if why is None:
         return
     alternatives = [f"dispatcher={d!r}, experts={x!r}" for d, x in

@@ -41,24 +41,26 @@ def _group_key(group) -> tuple:
 
 
 def dispatcher_signature(dispatcher) -> dict:
-    """What the ranks running one dispatcher must share."""
-    cfg = dispatcher.cfg
+    """What the ranks running one dispatcher must share: its plan, placement and wire format."""
+    plan = dispatcher.plan
     wire = getattr(dispatcher, "wire_signature", None)
     return {
         "epmoe version": __version__,
-        "config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)},
-        "padded sizes (H, I)": (cfg.padded_hidden_size, cfg.padded_intermediate_size),
+        "dispatcher": plan.dispatcher,
+        "plan": {k: repr(v) for k, v in plan.describe().items() if k not in ("dispatcher", "experts")},
         "placement": dispatcher.placement.signature(),
-        "dispatcher": dispatcher.plan.dispatcher,
         "wire format": wire() if wire is not None else None,
-        "max_tokens_per_rank": dispatcher.plan.max_tokens_per_rank,
-        "device_type": dispatcher.plan.device_type,
+        "max_tokens_per_rank": plan.max_tokens_per_rank,
+        "device_type": plan.device_type,
     }
 
 
 def layer_signature(layer) -> dict:
-    """What the ranks building one `MoELayer` must share: its dispatcher's signature and the rest."""
-    return {**dispatcher_signature(layer.dispatcher),
+    """What the ranks building one `MoELayer` must share: its config, its dispatcher's signature and the
+    rest."""
+    cfg = layer.cfg
+    return {"config": {f.name: repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)},
+            **dispatcher_signature(layer.dispatcher),
             "max_tokens_per_rank": layer.max_tokens_per_rank,
             "experts": layer.experts_name,
             "activation hand-off": str(layer.plan.handoff),
@@ -102,7 +104,7 @@ def _agree(group, mine: dict, dispatcher, who: str) -> None:
         diffs = []
         for name in mine:
             values = [p["signature"].get(name) for p in everyone]
-            if all(isinstance(v, dict) for v in values):     # the config: name the fields that differ
+            if all(isinstance(v, dict) for v in values):     # config, plan: name the fields that differ
                 fields = [f for f in values[0] if any(v.get(f) != values[0][f] for v in values)]
                 diffs += [f"{name} differs in {f} (" + ", ".join(f"rank {r}: {v.get(f)}" for r, v in enumerate(values))
                           + ")" for f in fields]

@@ -9,11 +9,10 @@ import torch.nn as nn
 from . import contract
 from . import state_dict as state_dict_names
 from .config import MoEConfig
-from .dispatch.build import build_dispatcher, group_info, resolve_device
+from .build import build_dispatcher, group_info, resolve_device
 from .handshake import announces_build_failure
 from .layouts import ExpertWeights
 from .placement import GlobalExpertId, Placement
-from .plan import Handoff
 from .routing import Routing, route, validate_routing
 
 
@@ -52,10 +51,6 @@ class MoELayer(nn.Module):
             raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
         if router is not None and not callable(router):
             raise TypeError(f"MoELayer: router must be callable, got {type(router).__name__}")
-        if max_tokens_per_rank is not None and (isinstance(max_tokens_per_rank, bool) or
-                                                not isinstance(max_tokens_per_rank, int) or
-                                                max_tokens_per_rank < 1):
-            raise ValueError(f"MoELayer: max_tokens_per_rank must be a positive int, got {max_tokens_per_rank!r}")
         self.cfg = cfg
         self.ep_group = ep_group
         self.ep_size, self.ep_rank = group_info(ep_group)
@@ -70,9 +65,8 @@ class MoELayer(nn.Module):
         self.router = router
         self.expert_bias = bool(expert_bias)
 
-        scheme = cfg.quant_scheme
-        self.scheme = scheme
-        L, H, I = self.placement.num_local_experts, cfg.padded_hidden_size, cfg.padded_intermediate_size
+        self.scheme = self.plan.scheme
+        L, H, I = self.placement.num_local_experts, self.plan.padded_hidden_size, self.plan.padded_intermediate_size
         self._create_weights(L, H, I)
         if cfg.scoring == "sigmoid":
             self.register_buffer("score_correction_bias",
@@ -257,8 +251,6 @@ class MoELayer(nn.Module):
         pending = self.dispatcher.dispatch_async(hidden_states, routing)
         shared = shared_experts(hidden_states) if shared_experts is not None else None
         batch, handle = pending.wait()
-        if self.plan.handoff is Handoff.AFTER_DISPATCH:     # the plan's explicit conversion
-            batch = self.scheme.quantize_batch(batch)
         out = self.dispatcher.combine(self.experts(batch, self.expert_weights), handle)
         return out if shared is None else out + shared
 

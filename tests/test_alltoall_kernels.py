@@ -3,6 +3,7 @@ combine), run on CPU tensors under the Triton interpreter, against the PyTorch p
 same wire rows field by field, bit for bit (hidden vector, FP8 rows and their scales, local ids,
 weights), the same combine rows, the same dense unpacked fields, and the same layer outputs.
 """
+import dataclasses
 import importlib.util
 
 import pytest
@@ -197,7 +198,7 @@ else:
         assert handle.kernels and not batch.x.is_contiguous()      # views of the receive buffer
         assert torch.equal(got, want)
         d = layer.dispatcher
-        d.plan = type(d.plan)(**{**d.plan.__dict__, "experts": None})   # a dispatcher on its own: dense rows
+        d.plan = dataclasses.replace(d.plan, experts=None, experts_read_strided_rows=False)   # on its own: dense rows
         with torch.no_grad():
             batch, _ = d.dispatch(torch.randn(5, cfg.hidden_size, generator=g), *_routing(5, 6, 2, seed=9))
         assert batch.x.is_contiguous() and batch.local_ids.is_contiguous() and batch.weights.is_contiguous()

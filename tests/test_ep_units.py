@@ -200,9 +200,10 @@ def test_pairings_and_auto():
 def test_handshake_signature_covers_what_ranks_must_share():
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=8)
     sig = layer_signature(MoELayer(cfg, dispatcher="low_latency", experts="batched", max_tokens_per_rank=4))
-    for key in ("config", "placement", "dispatcher", "wire format", "experts", "max_tokens_per_rank",
-                "expert_bias", "device_type", "padded sizes (H, I)"):
+    for key in ("config", "plan", "placement", "dispatcher", "wire format", "experts", "max_tokens_per_rank",
+                "expert_bias", "device_type"):
         assert key in sig
+    assert "sizes (H, Hp, I, Ip)" in sig["plan"]
     assert sig["wire format"][0] == "low_latency" and sig["max_tokens_per_rank"] == 4
 
 

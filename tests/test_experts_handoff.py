@@ -44,7 +44,7 @@ def test_unquantized_rows_are_quantized_on_entry_by_every_backend(name):
     layer = MoELayer(cfg, dispatcher=dispatcher, experts=name, device=HERE, max_tokens_per_rank=4)
     load_experts(layer, random_experts(cfg, seed=2))
     batch = _batch(layout, cfg, HERE)
-    quantized = cfg.quant_scheme.quantize_batch(batch)
+    quantized = layer.experts.activations_for(batch)
     assert batch.scales is None and quantized.scales is not None       # the caller's batch is left as it is
     plain = layer.experts(batch, layer.expert_weights)
     assert torch.equal(plain, layer.experts(quantized, layer.expert_weights))

@@ -156,11 +156,13 @@ def test_operands_take_fp8_rows_as_they_are_and_quantize_others(kernels_ready):
     xq, ops = experts.fp8_operands(BatchedBatch(q, torch.tensor([1, 0, 5]), s), w)
     assert xq is q and torch.equal(ops.x_scale, s) and ops.act_group == 128 and ops.weight_block == (128, 128)
     assert ops.w13_scale is w.w13_scale and ops.granularity == "block"
-    # rows in the layer's dtype: quantized here with the one formula (same bits as the layer's conversion)
-    xq2, ops2 = experts.fp8_operands(BatchedBatch(x, torch.tensor([1, 0, 5])), w)
+    # rows in the layer's dtype: quantized on the experts' entry with the one formula (the one conversion)
+    xq2, ops2 = experts.fp8_operands(experts.activations_for(BatchedBatch(x, torch.tensor([1, 0, 5]))), w)
     assert torch.equal(xq2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(ops2.x_scale, s)
     with pytest.raises(ValueError, match="scales"):
         experts.fp8_operands(BatchedBatch(q, torch.tensor([1, 0, 5]), s[..., :1]), w)
+    with pytest.raises(ValueError, match="without their scales"):
+        experts.activations_for(BatchedBatch(q, torch.tensor([1, 0, 5])))
     with pytest.raises(ValueError, match="without their scales"):
         experts.fp8_operands(BatchedBatch(q, torch.tensor([1, 0, 5])), w)
     with pytest.raises(ValueError, match="only on CUDA"):
@@ -204,6 +206,7 @@ else:
 
         def __call__(self, batch, weights):
             from epmoe.kernels.batched_moe import batched_experts
+            batch = self.experts.activations_for(batch)   # the conversion the backend's entry makes
             self.batches.append(batch)
             x, ops = self.experts.fp8_operands(batch, weights)
             return batched_experts(x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,

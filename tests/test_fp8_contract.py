@@ -36,8 +36,8 @@ class SelfQuantizingExperts(ReferenceExperts):
                                 fp8_activations=QUANTIZES_INTERNALLY, summary="probe")
 
     def forward_flat(self, batch, weights):
-        assert batch.scales is None and batch.x.dtype == self.cfg.dtype, "got FP8 rows"
-        batch.x, batch.scales = self.cfg.quant_scheme.quantize_activations(batch.x)
+        assert batch.scales is None and batch.x.dtype == self.plan.dtype, "got FP8 rows"
+        batch.x, batch.scales = self.plan.quantize(batch.x)
         return super().forward_flat(batch, weights)
 
 

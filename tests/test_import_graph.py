@@ -11,7 +11,7 @@ The layers, lowest first (a module imports modules of its own layer or of lower 
   contract     the capability declarations and the pairing rules (contract), the build handshake
   roles        dispatch and experts: siblings that never import each other; what both need lives lower
                (the plan, the layouts)
-  layer        MoELayer and the float64 oracle
+  layer        make_dispatcher and MoELayer (where the config becomes a plan and parts), the float64 oracle
   commands     integration, testing, bench (with `epmoe tune`), the CLI and the package itself
 
 A circle makes import order matter and hides which part depends on which; an arrow going up makes a low
@@ -66,7 +66,7 @@ LAYERS = [
     ("model", ["epmoe.config", "epmoe.routing"]),
     ("contract", ["epmoe.contract", "epmoe.handshake"]),
     ("roles", ["epmoe.dispatch", "epmoe.experts"]),
-    ("layer", ["epmoe.layer", "epmoe.reference"]),
+    ("layer", ["epmoe.build", "epmoe.layer", "epmoe.reference"]),
     ("commands", ["epmoe.integration", "epmoe.testing", "epmoe.bench", "epmoe.usage", "epmoe.info",
                   "epmoe.presets", "epmoe.main_job", "epmoe.cli", "epmoe.__main__", "epmoe"]),
 ]

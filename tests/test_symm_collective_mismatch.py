@@ -34,7 +34,7 @@ else:
 
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
     from epmoe.contract import build_plan
-    from epmoe.dispatch.build import build_dispatcher
+    from epmoe.build import build_dispatcher
     from epmoe.dispatch._symm import run_steps
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
@@ -43,7 +43,7 @@ else:
     from epmoe.routing import route
     from epmoe.testing import assert_close, random_experts
 
-    from test_symm_simulated import lockstep, rank_weights, slot_bytes
+    from test_symm_simulated import lockstep, rank_weights, simulated, slot_bytes
 
     CFG = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
     M = 4
@@ -129,8 +129,7 @@ else:
         experts = random_experts(CFG, seed=1)
         wss = simulated_workspaces(2, 2, slot_bytes(cls, CFG, 2, M))
         pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
-        ds = [cls.simulated_rank(CFG, Placement(CFG.num_experts, 2, r), max_tokens_per_rank=M, pool=pools[r])
-              for r in range(2)]
+        ds = [simulated(cls, CFG, Placement(CFG.num_experts, 2, r), M, pools[r]) for r in range(2)]
         for d in ds:
             d.layer_index = 1
         cs = [collective(coll, r, pools[r], ds[r].forwards, monkeypatch) for r in range(2)]
@@ -171,7 +170,7 @@ else:
         cls = SymmLowLatencyDispatcher
         wss = simulated_workspaces(2, 2, slot_bytes(cls, CFG, 2, M))
         pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
-        d = cls.simulated_rank(CFG, Placement(CFG.num_experts, 2, 0), max_tokens_per_rank=M, pool=pools[0])
+        d = simulated(cls, CFG, Placement(CFG.num_experts, 2, 0), M, pools[0])
         d.forwards[0] = 7
         pools[1].mark_collective(7)                       # rank 1's collective forward #7, finished
         x = torch.randn(2, CFG.hidden_size)

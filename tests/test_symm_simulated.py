@@ -21,6 +21,7 @@ if not INTERPRETING:
 
 else:
     from epmoe import MoEConfig, Placement, reference_moe
+    from epmoe.contract import build_plan
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
     from epmoe.dispatch.symm_workspace import WorkspacePool, simulated_workspaces
@@ -49,6 +50,12 @@ else:
         return results
 
 
+    def simulated(cls, cfg, placement, M, pool):
+        """One simulated rank's dispatcher: its plan resolved for CUDA without checking this machine (the
+        kernels run under the interpreter on CPU tensors)."""
+        return cls(build_plan(cls.name, None, cfg, placement.ep_size, "cuda", M, check_device=False), placement,
+                   pool=pool)
+
     def rank_weights(cfg, experts, placement):
         H, I = cfg.hidden_size, cfg.intermediate_size
         local = placement.local_experts
@@ -59,9 +66,8 @@ else:
 
 
     def slot_bytes(cls, cfg, ep, M):
-        probe = cls.simulated_rank(cfg, Placement(cfg.num_experts, ep, 0), max_tokens_per_rank=M,
-                                   pool=WorkspacePool(None, torch.device("cpu"), 0, ep,
-                                                      simulated_workspaces(ep, 2, 128)[0]))
+        probe = simulated(cls, cfg, Placement(cfg.num_experts, ep, 0), M,
+                          WorkspacePool(None, torch.device("cpu"), 0, ep, simulated_workspaces(ep, 2, 128)[0]))
         layout = probe.slot_layout(probe._rows_for(1)) if cls is SymmHighThroughputDispatcher else probe.slot_layout()
         return layout.nbytes
 
@@ -70,8 +76,7 @@ else:
         if pools is None:
             wss = simulated_workspaces(ep, 2, slot_bytes(cls, cfg, ep, M))
             pools = [WorkspacePool(None, torch.device("cpu"), r, ep, wss[r]) for r in range(ep)]
-        return [cls.simulated_rank(cfg, Placement(cfg.num_experts, ep, r), max_tokens_per_rank=M, pool=pools[r])
-                for r in range(ep)]
+        return [simulated(cls, cfg, Placement(cfg.num_experts, ep, r), M, pools[r]) for r in range(ep)]
 
 
     def run_forward(ds, cfg, experts, xs, logits):

@@ -161,7 +161,7 @@ def _nccl_baseline(clock, byte_splits: list[int], reps, warmup, device, group) -
 # ------------------------------------------------------------------------------------------- one row
 def _bench_one(name: str, T: int, p: dict, rank: int, ws: int, device, group, clock) -> dict:
     from ..config import MoEConfig
-    from ..dispatch.build import make_dispatcher
+    from ..build import make_dispatcher
     from ..placement import Placement
     from ..routing import route
 

@@ -92,12 +92,12 @@ def token_format(plan, ids_dtype: torch.dtype = torch.int32) -> WireFormat:
     (padded width; FP8 with its float32 `scales` when the plan quantizes before the wire), the token's
     expert ids (`ids`: local ids on the destination, or global ids, -1 for a slot that is not there) and
     routing `weights`."""
-    hidden, top_k = plan.padded_hidden_size, plan.cfg.top_k
+    hidden, top_k = plan.padded_hidden_size, plan.top_k
     fields = [("x", plan.wire_dtype, hidden), ("ids", ids_dtype, top_k), ("weights", torch.float32, top_k)]
     quantize = None
     if plan.wire_scales:
         fields.insert(1, ("scales", torch.float32, plan.wire_scales))
-        quantize = plan.cfg.quant_scheme.quantize_activations      # the one formula, epmoe.quant.fp8
+        quantize = plan.quantize                                   # the one formula, epmoe.quant.fp8
     return WireFormat(fields, quantize)
 
 
@@ -284,7 +284,7 @@ class CommDispatcher(Dispatcher):
     def layer_fingerprint(self) -> list[int]:
         """What ranks running the same layer agree on, as ints (the fingerprint fields of the header)."""
         return [_kind_code(self.name), self.fmt.row_bytes, self.max_tokens_per_rank or 0,
-                self.cfg.num_experts, self.cfg.top_k, self.cfg.padded_hidden_size]
+                self.plan.num_experts, self.plan.top_k, self.plan.padded_hidden_size]
 
     def symm_pool(self):
         """The group's symmetric-memory workspace pool if this process has an allocated one (a layer on a

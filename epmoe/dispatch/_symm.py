@@ -61,7 +61,6 @@ class SymmDispatcher(CommDispatcher):
                              f"{timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.fp8 = plan.fp8_on_the_wire              # the plan says what crosses the wire
-        self.scheme = plan.cfg.quant_scheme
         self.groups = plan.wire_scales
         self.wire_dtype = plan.wire_dtype
         self.simulated = pool is not None
@@ -84,26 +83,6 @@ class SymmDispatcher(CommDispatcher):
         self.pool = (pool_for(group, dev, self.rank, self.ep_size) if group is not None
                      else WorkspacePool(None, dev, 0, 1))
 
-    @classmethod
-    def simulated_rank(cls, cfg, placement, pool, max_tokens_per_rank=None, **kw):
-        """A dispatcher for one rank of a simulation in one process (tests): `pool` holds that rank's
-        workspace over plain CPU tensors (`symm_workspace.simulated_workspaces`), the kernels run under the
-        Triton interpreter, and `dispatch_steps` / `combine_steps` stop at every wait."""
-        from ..contract import activation_handoff
-        from ..plan import Handoff, MoEPlan
-        handoff = activation_handoff(cls.name, None, cfg)
-        group = cfg.quant_scheme.activation_group_size if handoff is Handoff.ON_THE_WIRE else None
-        fp8 = handoff is Handoff.ON_THE_WIRE
-        plan = MoEPlan(cfg=cfg, dispatcher=cls.name, experts=None, layout=cls.CAPS.layout, handoff=handoff,
-                       wire_dtype=torch.float8_e4m3fn if fp8 else cfg.dtype,
-                       wire_scales=(1 if group is None else -(-cfg.padded_hidden_size // group)) if fp8 else 0,
-                       wire_scale_group=group, cuda_graph_safe=cls.CAPS.cuda_graph_safe, host_sync=cls.CAPS.host_sync,
-                       max_tokens_per_rank=max_tokens_per_rank, hidden_size=cfg.hidden_size,
-                       padded_hidden_size=cfg.padded_hidden_size, intermediate_size=cfg.intermediate_size,
-                       padded_intermediate_size=cfg.padded_intermediate_size, ep_size=placement.ep_size,
-                       device_type="cuda")
-        return cls(plan, placement, pool=pool, **kw)
-
     # ------------------------------------------------------------------------- the Dispatcher API
     def _start_dispatch(self, x, routing) -> Pending:
         result = run_steps(self.dispatch_steps(x, routing))
@@ -117,13 +96,13 @@ class SymmDispatcher(CommDispatcher):
         """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged as
         failed in its header, so that every rank raises instead of waiting."""
         from ..routing import Routing
-        k, dev = self.cfg.top_k, self.device
-        x = torch.zeros(0, self.cfg.padded_hidden_size, dtype=self.cfg.dtype, device=dev)
+        k, dev = self.plan.top_k, self.device
+        x = torch.zeros(0, self.plan.padded_hidden_size, dtype=self.plan.dtype, device=dev)
         empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=dev),
                         torch.zeros(0, k, dtype=torch.float32, device=dev))
         try:
             batch, handle = run_steps(self.dispatch_steps(x, empty, failed=True))
-            run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=dev), handle))
+            run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.plan.dtype, device=dev), handle))
         except RankMismatch:
             return   # expected: this rank's failed flag ends the forward on every rank, here included
 
@@ -132,7 +111,7 @@ class SymmDispatcher(CommDispatcher):
         with the one formula when `quantize` (else the kernel sends `x` as it is, or quantizes it itself)."""
         if not quantize:
             return x.contiguous(), None
-        xw, xs = self.scheme.quantize_activations(x)
+        xw, xs = self.plan.quantize(x)
         return xw, xs.float().contiguous()
 
     # --------------------------------------------------- meeting ranks that run collective dispatchers

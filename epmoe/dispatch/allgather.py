@@ -61,4 +61,4 @@ class AllGatherDispatcher(CommDispatcher):
         H = expert_out.shape[1]
         out = torch.empty(t_max, H, dtype=torch.float32, device=expert_out.device)
         work = self.comm.reduce_scatter(out, expert_out.float().contiguous(), async_op=True) if t_max else None
-        return Pending([work], lambda: out[:T].to(self.cfg.dtype))
+        return Pending([work], lambda: out[:T].to(self.plan.dtype))

@@ -116,7 +116,7 @@ class AllToAllDispatcher(CommDispatcher):
             from ..kernels import triton_problem
             quant = self.fmt.quantize is not None
             ok = (triton_problem("cuda", need_fp8=quant) is None
-                  and (quant or self.fmt.fields["x"].dtype == self.cfg.dtype))
+                  and (quant or self.fmt.fields["x"].dtype == self.plan.dtype))
             self._kernels_ok = ok
         return ok
 
@@ -139,9 +139,8 @@ class AllToAllDispatcher(CommDispatcher):
         send = self.fmt.empty(n_send, device=dev)
         if kernels:
             from ..kernels.alltoall_pack import pack_rows
-            group = self.cfg.quant_scheme.activation_group_size if self.fmt.quantize is not None else None
             back_index = pack_rows(self.fmt, send, x, routing.topk_ids, routing.topk_weights, owner, index, j,
-                                   send_counts, group)                        # [T, ep]: one launch
+                                   send_counts, self.plan.wire_scale_group)   # [T, ep]: one launch
         else:
             pair = pack_torch(self.fmt, self.placement, send, x, routing.topk_ids, routing.topk_weights, goes_to)
         recv = self.fmt.empty(n_recv, device=dev)
@@ -167,9 +166,7 @@ class AllToAllDispatcher(CommDispatcher):
     def _received(self, recv: torch.Tensor) -> TokenRows:
         """The received rows as the plan's experts read them: typed views of the receive buffer (no copy)
         for backends that read strided rows, else dense fields unpacked in one launch."""
-        from ..registry import EXPERTS
-        experts = EXPERTS.get(self.plan.experts)
-        if experts is not None and experts.CAPS.reads_strided_rows:
+        if self.plan.experts_read_strided_rows:
             return unpack_tokens(self.fmt, recv)
         from ..kernels.alltoall_pack import unpack_rows
         return TokenRows(*unpack_rows(self.fmt, recv))
@@ -193,7 +190,7 @@ class AllToAllDispatcher(CommDispatcher):
             def finish_kernels():
                 from ..kernels.token_rows import gather_sum
                 # out[t] = sum over ranks d in order of back[back_index[t, d]] (-1: skipped), float32
-                return gather_sum(back, back_index, None, self._zero_status(dev), self.cfg.dtype)
+                return gather_sum(back, back_index, None, self._zero_status(dev), self.plan.dtype)
             return Pending([work], finish_kernels)
 
         back = torch.empty(n_send + 1, H, dtype=expert_out.dtype, device=dev)
@@ -201,5 +198,5 @@ class AllToAllDispatcher(CommDispatcher):
         work = self.comm.all_to_all(back[:n_send], expert_out.contiguous(), send_splits, recv_splits, async_op=True)
 
         def finish():
-            return sum_back_torch(back, back_index, self.cfg.dtype)
+            return sum_back_torch(back, back_index, self.plan.dtype)
         return Pending([work], finish)

@@ -61,7 +61,6 @@ class Dispatcher(abc.ABC):
 
     def __init__(self, plan: MoEPlan, placement: Placement, group=None, device: torch.device | None = None):
         self.plan = plan
-        self.cfg = plan.cfg
         self.placement = placement
         self.group = group
         self.max_tokens_per_rank = plan.max_tokens_per_rank
@@ -103,8 +102,8 @@ class Dispatcher(abc.ABC):
     def combine_async(self, expert_out: torch.Tensor, handle) -> Pending:
         """`combine`, returning as soon as the exchange has been started: `Pending.wait()` gives [T, H]."""
         pending = self._start_combine(expert_out, handle)
-        H = self.cfg.hidden_size
-        if H == self.cfg.padded_hidden_size:
+        H = self.plan.hidden_size
+        if H == self.plan.padded_hidden_size:
             return pending
         return Pending([pending], lambda: pending.wait()[:, :H].contiguous())
 
@@ -128,15 +127,15 @@ class Dispatcher(abc.ABC):
             if topk_weights is not None:
                 raise TypeError(f"{self.name} dispatch: pass either a Routing or topk_ids and topk_weights")
             topk_ids, topk_weights = topk_ids.topk_ids, topk_ids.topk_weights
-        cfg = self.cfg
-        H, Hp, k = cfg.hidden_size, cfg.padded_hidden_size, cfg.top_k
+        plan = self.plan
+        H, Hp, k = plan.hidden_size, plan.padded_hidden_size, plan.top_k
         for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{self.name} dispatch: {name} must be a tensor, got {type(t).__name__}")
         if hidden.dim() != 2 or hidden.shape[1] not in (H, Hp):
             raise ValueError(f"{self.name} dispatch: hidden must be [T, {H}], got {list(hidden.shape)}")
-        if hidden.dtype != cfg.dtype:
-            raise TypeError(f"{self.name} dispatch: hidden must be {cfg.dtype}, got {hidden.dtype}")
+        if hidden.dtype != plan.dtype:
+            raise TypeError(f"{self.name} dispatch: hidden must be {plan.dtype}, got {hidden.dtype}")
         T = hidden.shape[0]
         for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
             if tuple(t.shape) != (T, k):

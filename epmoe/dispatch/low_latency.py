@@ -85,7 +85,7 @@ class LowLatencyDispatcher(CommDispatcher):
 
     def _arrange(self, rows, T: int, H: int):
         """Received rows -> the batched layout and the handle (no host sync)."""
-        ep, M, k, dev = self.ep_size, self.M, self.cfg.top_k, rows.x.device
+        ep, M, k, dev = self.ep_size, self.M, self.plan.top_k, rows.x.device
         L, C = self.placement.num_local_experts, self.capacity
 
         # (source, token, slot) pairs -> rows of the batched layout, ordered by expert
@@ -113,7 +113,7 @@ class LowLatencyDispatcher(CommDispatcher):
             self.stats.forwards += 1
             self.stats.add("dispatch_rows", [M] * ep)
             self.stats.add("dispatch_bytes", [M * self.fmt.row_bytes] * ep)
-            self.stats.add("combine_bytes", [M * H * self.cfg.dtype.itemsize] * ep)
+            self.stats.add("combine_bytes", [M * H * self.plan.dtype.itemsize] * ep)
             self.stats.count_experts(counts[:L])
         batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb)
         return batch, LowLatencyHandle(T, dest, valid, rows.weights.reshape(P).float())
@@ -121,14 +121,14 @@ class LowLatencyDispatcher(CommDispatcher):
     # -------------------------------------------------------------------------------------- combine
     def _start_combine(self, expert_out, handle: LowLatencyHandle):
         T, dest, valid, weights = handle
-        ep, M, k = self.ep_size, self.M, self.cfg.top_k
+        ep, M, k = self.ep_size, self.M, self.plan.top_k
         L, C, H = expert_out.shape
         y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)].float()          # [P, H]
         y.mul_(weights.unsqueeze(1)).masked_fill_(~valid.unsqueeze(1), 0.0)       # NaN-safe: filled, not scaled
-        partial = y.view(ep, M, k, H).sum(2).to(self.cfg.dtype)                    # one row per (token, rank)
+        partial = y.view(ep, M, k, H).sum(2).to(self.plan.dtype)                    # one row per (token, rank)
         back = partial if ep == 1 else torch.empty_like(partial)
         work = None if ep == 1 else self.comm.all_to_all(back, partial, async_op=True)
-        return Pending([work], lambda: back[:, :T].float().sum(0).to(self.cfg.dtype))
+        return Pending([work], lambda: back[:, :T].float().sum(0).to(self.plan.dtype))
 
     # ------------------------------------------------------------------------------ overflow check
     def _check_capacity(self, tokens: list[int]) -> None:

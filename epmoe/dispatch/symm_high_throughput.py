@@ -84,15 +84,14 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     def slot_layout(self, rows: int = 1):
         """Regions of one slot for `rows` received rows (rows sent back use the same capacity)."""
         from .symm_workspace import SlotLayout
-        cfg = self.cfg
-        H, K = cfg.padded_hidden_size, cfg.top_k
+        H, K = self.plan.padded_hidden_size, self.plan.top_k
         layout = SlotLayout(self.ep_size)
         layout.add("rx", self.wire_dtype, (rows, H))
         if self.fp8:
             layout.add("rxs", torch.float32, (rows, self.groups))
         layout.add("rids", torch.int32, (rows, K))
         layout.add("rw", torch.float32, (rows, K))
-        layout.add("comb", cfg.dtype, (rows, H))
+        layout.add("comb", self.plan.dtype, (rows, H))
         return layout
 
     def _rows_for(self, needed: int) -> int:
@@ -129,7 +128,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         from ..kernels.token_rows import pow2, route_to_ranks
         from triton import cdiv as triton_cdiv
         T, H = x.shape
-        ep, me, dev, K = self.ep_size, self.rank, x.device, self.cfg.top_k
+        ep, me, dev, K = self.ep_size, self.rank, x.device, self.plan.top_k
         M = self.max_tokens_per_rank
         bounded = M is not None
         if not bounded and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -192,7 +191,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     def _count(self, mtx, view, n_rows: int, itemsize: int) -> None:
         """Statistics (a host read: only with `enable_stats()`): rows and bytes per destination and back."""
         mtx_host = [r[HEADER_FIELDS:HEADER_FIELDS + self.ep_size] for r in mtx.tolist()]
-        me, H = self.rank, self.cfg.padded_hidden_size
+        me, H = self.rank, self.plan.padded_hidden_size
         recv = [r[me] for r in mtx_host]
         row_bytes = sum(r.nbytes for n, r in self.slot_layout(1).regions.items() if n in ("rx", "rxs", "rids", "rw"))
         self.stats.forwards += 1
@@ -218,9 +217,9 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         from ..kernels.symm_dispatch import ht_combine_kernel
         from ..kernels.token_rows import gather_sum
         T, slot, ws, header, mtx, n, back_index = handle
-        H = self.cfg.padded_hidden_size
-        if tuple(expert_out.shape) != (n, H) or expert_out.dtype != self.cfg.dtype:
-            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{n}, {H}] {self.cfg.dtype} "
+        H = self.plan.padded_hidden_size
+        if tuple(expert_out.shape) != (n, H) or expert_out.dtype != self.plan.dtype:
+            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{n}, {H}] {self.plan.dtype} "
                              f"for this handle, got {list(expert_out.shape)} {expert_out.dtype}")
         comb = ws.view(slot, self.layout_in(ws).regions["comb"])
         if n:
@@ -234,11 +233,11 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # in this forward (a mismatch) may have counted into them
         yield from self.exchange(ws, "combine", slot, header, check_heads=False,
                                  zero=ws.control_view(slot, "counters"))
-        out = gather_sum(comb, back_index, None, self.pool.status, self.cfg.dtype)
+        out = gather_sum(comb, back_index, None, self.pool.status, self.plan.dtype)
         if self.max_tokens_per_rank is not None:
             self.check_at_end(ws, slot, "count", expert_out.device)
         return out
 
     def empty_expert_output(self, batch) -> torch.Tensor:
-        return torch.zeros(batch.x.shape[0], self.cfg.padded_hidden_size, dtype=self.cfg.dtype, device=batch.x.device)
+        return torch.zeros(batch.x.shape[0], self.plan.padded_hidden_size, dtype=self.plan.dtype, device=batch.x.device)
 

@@ -65,14 +65,14 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     def slot_layout(self):
         from .symm_workspace import SlotLayout
-        cfg, C, Lmax = self.cfg, self.ep_size * self.M, self.placement.max_local_experts
-        H, K = cfg.padded_hidden_size, cfg.top_k
+        C, Lmax = self.ep_size * self.M, self.placement.max_local_experts
+        H, K = self.plan.padded_hidden_size, self.plan.top_k
         layout = SlotLayout(self.ep_size)
         layout.add("rx", self.wire_dtype, (Lmax, C, H))
         if self.fp8:
             layout.add("rxs", torch.float32, (Lmax, C, self.groups))
         layout.add("meta", torch.int32, (Lmax, C))
-        layout.add("comb", cfg.dtype, (self.M, K, H))
+        layout.add("comb", self.plan.dtype, (self.M, K, H))
         return layout
 
     def _views(self, ws, slot: int) -> dict:
@@ -86,7 +86,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         from ..kernels.symm_dispatch import ll_dispatch_kernel, row_block
         from ..kernels.token_rows import pow2
         T, H = x.shape
-        M, C, K, dev = self.M, self.capacity, self.cfg.top_k, x.device
+        M, C, K, dev = self.M, self.capacity, self.plan.top_k, x.device
         capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing and T > M:
             raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
@@ -118,12 +118,12 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     def _count(self, routing, view, itemsize: int, n: int) -> None:
         """Statistics (host reads: only with `enable_stats()`): pairs per destination and back."""
-        ep, H, L = self.ep_size, self.cfg.padded_hidden_size, self.placement.num_local_experts
+        ep, H, L = self.ep_size, self.plan.padded_hidden_size, self.placement.num_local_experts
         owner, _ = self.placement.ids_on_owner(routing.topk_ids[:n])
         sent = torch.bincount(owner.reshape(-1).long(), minlength=ep).tolist()
         counts = view["counts"][:L].clamp(max=self.capacity)
         rows = torch.arange(self.capacity, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
-        src = view["meta"][:L][rows].long() // (self.M * self.cfg.top_k)
+        src = view["meta"][:L][rows].long() // (self.M * self.plan.top_k)
         back = torch.bincount(src, minlength=ep).tolist()
         row_bytes = H * self.wire_dtype.itemsize + 4 * self.groups + 4
         self.stats.forwards += 1
@@ -137,11 +137,11 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         from ..kernels.symm_dispatch import ll_combine_kernel, row_block
         from ..kernels.token_rows import gather_sum
         T, slot, ws, header, weights = handle
-        M, C, K, H = self.M, self.capacity, self.cfg.top_k, self.cfg.padded_hidden_size
+        M, C, K, H = self.M, self.capacity, self.plan.top_k, self.plan.padded_hidden_size
         L = self.placement.num_local_experts
-        if tuple(expert_out.shape) != (L, C, H) or expert_out.dtype != self.cfg.dtype:
+        if tuple(expert_out.shape) != (L, C, H) or expert_out.dtype != self.plan.dtype:
             raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{L}, {C}, {H}] "
-                             f"{self.cfg.dtype}, got {list(expert_out.shape)} {expert_out.dtype}")
+                             f"{self.plan.dtype}, got {list(expert_out.shape)} {expert_out.dtype}")
         pool = self.pool
         view = self._views(ws, slot)
         y = expert_out.contiguous()
@@ -151,7 +151,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
                                       num_warps=4)
         yield from self.exchange(ws, "combine", slot, header, check_heads=False, zero=view["counts"])
         n = T if T <= M else 0
-        out = gather_sum(view["comb"].view(M * K, H), None, weights[:n], pool.status, self.cfg.dtype, shape=(n, K))
+        out = gather_sum(view["comb"].view(M * K, H), None, weights[:n], pool.status, self.plan.dtype, shape=(n, K))
         self.check_at_end(ws, slot, "count", y.device)
         if n < T:   # unreachable in practice: an overflow sets OVERFLOW above on every rank
             raise ValueError(f"{self.name} dispatcher: {T} tokens, more than max_tokens_per_rank={M}")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import torch
 
-from ..contract import TAKES_FP8, ExpertsCaps
+from ..contract import ExpertsCaps
 from ..layouts import BatchedBatch, ExpertWeights, FlatBatch, count_pairs
+from ..plan import Handoff, MoEPlan
 
 
 class Experts(abc.ABC):
@@ -22,23 +24,25 @@ class Experts(abc.ABC):
         flat: `[N, Hp]`, each row's routing-weighted sum over its local slots (float32 accumulation);
         batched: `[L, C, Hp]`, unweighted, rows past `counts` zero. In the layer's dtype.
 
-    Every backend treats the activations of an FP8 layer the same way, here: rows that arrive with their
-    scales are used as they are; rows in the layer's dtype are quantized on entry with the one formula
-    (what "the layer quantizes after dispatch" does: same bits as FP8 on the wire). A batch with scales
-    on a layer that is not FP8, or FP8 rows without scales, is refused.
+    The activations of an FP8 layer are converted here and nowhere else (`activations_for`, reading the
+    plan's hand-off): rows that arrive with their scales are used as they are; rows in the layer's dtype
+    are quantized on entry with the one formula (what "the layer quantizes after dispatch" does: same bits
+    as FP8 on the wire). A batch with scales on a layer that is not FP8, or FP8 rows without scales, is
+    refused.
     """
 
     CAPS: ExpertsCaps
     name: str = ""
 
     def __init__(self, plan, device: torch.device | None = None):
-        """`plan`: the layer's `MoEPlan` (what `MoELayer` passes: layout, hand-off, sizes resolved once),
-        or a bare `MoEConfig` for experts used on their own (tests, benchmarks); `self.plan` is then None."""
-        from ..plan import MoEPlan
-        if isinstance(plan, MoEPlan):
-            self.plan, self.cfg = plan, plan.cfg
-        else:
-            self.plan, self.cfg = None, plan
+        """`plan`: the layer's `MoEPlan` (what `MoELayer` passes: hand-off, sizes, scheme resolved once), or
+        a bare `MoEConfig` for experts used on their own (tests, benchmarks): their plan is then built from
+        it (`contract.build_plan(None, name, config, ...)`, not checked against this device)."""
+        if not isinstance(plan, MoEPlan):
+            from ..contract import build_plan
+            device_type = torch.device(device).type if device is not None else "cpu"
+            plan = build_plan(None, self.name, plan, 1, device_type, check_device=False)
+        self.plan = plan
         self.device = device
 
     def __call__(self, batch, weights: ExpertWeights) -> torch.Tensor:
@@ -50,17 +54,20 @@ class Experts(abc.ABC):
         raise TypeError(f"experts {self.name!r}: unknown batch type {type(batch).__name__}")
 
     def activations_for(self, batch):
-        """The batch as this layer's experts take it: FP8 rows with scales on an FP8 layer (quantizing
-        rows in the layer's dtype with the one formula), rows as they are otherwise."""
-        if self.cfg.quant is None:
+        """The batch as this layer's experts take it, by the plan's hand-off: FP8 rows with scales on an FP8
+        layer whose experts take FP8 (rows in the layer's dtype quantized with the one formula: the one
+        conversion after dispatch), rows as they are otherwise."""
+        handoff = self.plan.handoff
+        if handoff is Handoff.NONE:
             if batch.scales is not None:
                 raise ValueError(f"experts {self.name!r}: the batch carries FP8 scales but the layer is not FP8")
             return batch
-        if batch.scales is not None or self.CAPS.fp8_activations != TAKES_FP8:
+        if batch.scales is not None or handoff is Handoff.IN_EXPERTS:
             return batch                 # already FP8, or experts that quantize internally
         if batch.x.dtype == torch.float8_e4m3fn:
             raise ValueError(f"experts {self.name!r}: FP8 rows came without their scales")
-        return self.cfg.quant_scheme.quantize_batch(batch)
+        x, scales = self.plan.quantize(batch.x)
+        return dataclasses.replace(batch, x=x, scales=scales)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         """Flat batch -> [N, Hp] (see the class docstring); backends that accept the flat layout override it."""

@@ -25,6 +25,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import BATCHED, BatchedBatch, ExpertWeights
 from ..registry import register_experts
+from ..sizes import scale_groups
 from ..activations import gated_activation_fused
 from .base import Experts, gemm_rows, scale_back
 from .triton import FP8_KINDS
@@ -49,12 +50,12 @@ def batched_experts_torch(x: torch.Tensor, counts: torch.Tensor, w: ExpertWeight
     return torch.where(real.unsqueeze(2), y, 0.0).to(out_dtype)
 
 
-def _quant_problem(cfg, device_type: str) -> str | None:
+def _quant_problem(scheme, device_type: str) -> str | None:
     """FP8 on the batched layout is the Triton batched kernel: a CUDA GPU with FP8 matrix units, 128x128
     weight blocks or per-row weight scales, activations per token or per group of 128 columns."""
-    if cfg.quant is None:
+    if scheme.kind == "none":
         return None
-    why = _triton_fp8_problem(cfg, device_type)
+    why = _triton_fp8_problem(scheme, device_type)
     if why:
         return f"FP8 on the batched layout runs only in the Triton batched kernel ({why})"
     return None
@@ -71,59 +72,55 @@ class BatchedExperts(Experts):
 
     def __init__(self, plan, device: torch.device | None = None):
         super().__init__(plan, device)
-        cfg = self.cfg
-        self.fp8 = cfg.quant is not None
-        if self.fp8:
-            why = _quant_problem(cfg, "cuda")
-            if why:
-                raise ValueError(f"experts 'batched' cannot run this FP8 layer: {why}")
+        why = _quant_problem(self.plan.scheme, "cuda")
+        if why:
+            raise ValueError(f"experts 'batched' cannot run this FP8 layer: {why}")
 
     def forward_batched(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
+        plan = self.plan
         if weights.num_local_experts != batch.x.shape[0]:
             raise ValueError(f"experts 'batched': the batch has {batch.x.shape[0]} experts, the weights "
                              f"{weights.num_local_experts}")
-        if self.fp8:
+        if plan.fp8:
             return self._forward_fp8(batch, weights)
         if batch.x.is_cuda and _triton_kernel_ready():   # the Triton kernel skips the empty capacity rows
             from ..kernels.batched_moe import batched_experts
-            return batched_experts(batch.x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,
-                                   top_k=self.cfg.top_k, b13=weights.b13, b2=weights.b2, out_dtype=self.cfg.dtype)
-        return batched_experts_torch(batch.x, batch.counts, weights, self.cfg.activation, self.cfg.dtype)
+            return batched_experts(batch.x.contiguous(), batch.counts, weights.w13, weights.w2, plan.activation,
+                                   top_k=plan.top_k, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype)
+        return batched_experts_torch(batch.x, batch.counts, weights, plan.activation, plan.dtype)
 
     def fp8_operands(self, batch: BatchedBatch, weights: ExpertWeights):
-        """(FP8 rows [L, C, H], the kernel's `Fp8Operands`) for a batch of an FP8 layer: rows that arrived
-        in FP8 with their scales ([L, C, groups] float32, FP8 dispatch or the layer's conversion) are used as
-        they are; rows in the layer's dtype are quantized with the one formula (`activations_for`; padding
-        rows too: each row has its own scales, and the kernel never lets a row past its count reach an
-        output)."""
+        """(FP8 rows [L, C, H], the kernel's `Fp8Operands`) for a batch of an FP8 layer as the experts take
+        it (`activations_for`: FP8 rows with their scales [L, C, groups] float32, from FP8 dispatch or the
+        conversion after dispatch; padding rows too: each row has its own scales, and the kernel never lets
+        a row past its count reach an output)."""
         from ..kernels.fused_moe import Fp8Operands
-        scheme = self.cfg.quant_scheme
+        plan = self.plan
         if weights.w13_scale is None or weights.w2_scale is None:
             raise ValueError("experts 'batched': an FP8 layer needs w13_scale and w2_scale beside its weights")
-        batch = self.activations_for(batch)
         x, x_scale = batch.x, batch.scales
-        if x.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"experts 'batched': rows with FP8 scales must be float8_e4m3fn, got {x.dtype}")
+        if x.dtype != torch.float8_e4m3fn or x_scale is None:
+            raise ValueError(f"experts 'batched': FP8 operands need float8_e4m3fn rows with their scales (the "
+                             f"batch as `activations_for` gives it), got {x.dtype} rows"
+                             f"{' without their scales' if x_scale is None else ''}")
         L, C, H = x.shape
-        group = scheme.activation_group_size
-        groups = 1 if group is None else -(-H // group)
+        groups = scale_groups(H, plan.act_group)
         if tuple(x_scale.shape) != (L, C, groups):
             raise ValueError(f"experts 'batched': FP8 rows [{L}, {C}, {H}] need scales [{L}, {C}, {groups}] "
-                             f"({scheme.name}), got {list(x_scale.shape)}")
-        q = self.cfg.quant
+                             f"({plan.scheme.name}), got {list(x_scale.shape)}")
         return x, Fp8Operands(x_scale=x_scale.float().contiguous(), w13_scale=weights.w13_scale,
-                              w2_scale=weights.w2_scale, act_group=group, weight_block=q.weight_block,
-                              granularity=q.weight_granularity)
+                              w2_scale=weights.w2_scale, act_group=plan.act_group, weight_block=plan.weight_block,
+                              granularity=plan.weight_granularity)
 
     def _forward_fp8(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
         if not batch.x.is_cuda:
             raise ValueError(f"experts 'batched' run FP8 only on CUDA (the Triton batched kernel), got rows on "
                              f"{batch.x.device}")
         from ..kernels.batched_moe import batched_experts
+        plan = self.plan
         x, fp8 = self.fp8_operands(batch, weights)
-        return batched_experts(x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,
-                               top_k=self.cfg.top_k, b13=weights.b13, b2=weights.b2, out_dtype=self.cfg.dtype,
-                               fp8=fp8)
+        return batched_experts(x.contiguous(), batch.counts, weights.w13, weights.w2, plan.activation,
+                               top_k=plan.top_k, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype, fp8=fp8)
 
 
 def _triton_kernel_ready() -> bool:

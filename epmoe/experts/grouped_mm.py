@@ -34,19 +34,19 @@ def _grouped_mm_problem(device_type: str) -> str | None:
     return None
 
 
-def _scaled_grouped_mm_problem(cfg, device_type: str) -> str | None:
-    """Why `torch._scaled_grouped_mm` cannot run this FP8 config here (None: it can)."""
+def _scaled_grouped_mm_problem(scheme, device_type: str) -> str | None:
+    """Why `torch._scaled_grouped_mm` cannot run this FP8 scheme here (None: it can)."""
     if device_type != "cuda":
         return "torch._scaled_grouped_mm runs only on CUDA GPUs (compute capability 9.0+)"
     if not hasattr(torch, "_scaled_grouped_mm"):
         return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
     if torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0):
         return "torch._scaled_grouped_mm needs compute capability 9.0 or newer"
-    if cfg.quant.activation != "per_token":
+    if scheme.config.activation != "per_token":
         return ("torch._scaled_grouped_mm scales whole rows: it needs activation='per_token', not "
-                f"{cfg.quant.activation!r}")
-    if cfg.dtype != torch.bfloat16:
-        return f"torch._scaled_grouped_mm writes bfloat16 only; the layer's dtype is {cfg.dtype}"
+                f"{scheme.config.activation!r}")
+    if scheme.dtype != torch.bfloat16:
+        return f"torch._scaled_grouped_mm writes bfloat16 only; the layer's dtype is {scheme.dtype}"
     return None
 
 
@@ -61,7 +61,7 @@ class GroupedMMExperts(Experts):
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         n, k = batch.local_ids.shape
         if n == 0:
-            return torch.zeros(batch.x.shape, dtype=self.cfg.dtype, device=batch.x.device)
+            return torch.zeros(batch.x.shape, dtype=self.plan.dtype, device=batch.x.device)
         if weights.w13_scale is not None:
             return self._forward_flat_fp8(batch, weights)
         order, _counts, offsets = sort_pairs_by_expert(batch.local_ids, weights.num_local_experts)
@@ -73,7 +73,7 @@ class GroupedMMExperts(Experts):
             expert_of_row = batch.local_ids.reshape(-1)[order].long().clamp(min=0)
         if weights.b13 is not None:
             h = h + weights.b13[expert_of_row].float()
-        a, a_factor = gemm_rows(gated_activation_fused(self.cfg.activation, h), dtype)
+        a, a_factor = gemm_rows(gated_activation_fused(self.plan.activation, h), dtype)
         y = torch._grouped_mm(a, weights.w2.transpose(1, 2), offs=offsets)
         if a_factor is not None:          # float16: stays float32 up to the slot sum
             y = scale_back(y, a_factor)
@@ -97,11 +97,11 @@ class GroupedMMExperts(Experts):
         h = h.float()
         if weights.b13 is not None:
             h = h + weights.b13[expert_of_row].float()
-        a_q, a_scale = self.cfg.quant_scheme.quantize_activations(gated_activation_fused(self.cfg.activation, h))
+        a_q, a_scale = self.plan.quantize(gated_activation_fused(self.plan.activation, h))
         y = torch._scaled_grouped_mm(a_q, weights.w2.transpose(1, 2), a_scale.reshape(-1), weights.w2_scale,
                                      offs=offsets, out_dtype=torch.bfloat16)
         if weights.b2 is not None:
             y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
         y_pairs = torch.empty_like(y)
         y_pairs[order] = y
-        return weighted_sum_of_slots(y_pairs, batch, self.cfg.dtype)
+        return weighted_sum_of_slots(y_pairs, batch, self.plan.dtype)

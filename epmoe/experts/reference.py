@@ -15,17 +15,17 @@ from ..activations import gated_activation_fused
 from .base import Experts
 
 
-def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, activation: str, scheme=None) -> torch.Tensor:
+def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, plan) -> torch.Tensor:
     """One expert on rows `x` (float, or FP8 already dequantized by the caller) in float32."""
     fp8 = w.w13_scale is not None
-    block = scheme.config.weight_block if fp8 else None
+    block = plan.weight_block
     w13 = dequantize_weight(w.w13[e], w.w13_scale[e], block) if fp8 else w.w13[e].float()
     h = x.float() @ w13.T
     if w.b13 is not None:
         h = h + w.b13[e].float()
-    a = gated_activation_fused(activation, h)
+    a = gated_activation_fused(plan.activation, h)
     if fp8:
-        a = scheme.dequantize_activations(*scheme.quantize_activations(a))
+        a = plan.dequantize(*plan.quantize(a))
     w2 = dequantize_weight(w.w2[e], w.w2_scale[e], block) if fp8 else w.w2[e].float()
     y = a @ w2.T
     if w.b2 is not None:
@@ -42,26 +42,24 @@ class ReferenceExperts(Experts):
 
     def _rows(self, batch) -> torch.Tensor:
         """The batch's rows in float32 (FP8 rows dequantized with their scales, see `activations_for`)."""
-        if self.cfg.quant is None:
+        if not self.plan.fp8:
             return batch.x
-        return self.cfg.quant_scheme.dequantize_activations(batch.x, batch.scales)
+        return self.plan.dequantize(batch.x, batch.scales)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         x = self._rows(batch)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        scheme = self.cfg.quant_scheme
         for e in range(weights.num_local_experts):
             rows, slots = (batch.local_ids == e).nonzero(as_tuple=True)
             if rows.numel():
-                y = _expert_forward(x[rows], weights, e, self.cfg.activation, scheme)
+                y = _expert_forward(x[rows], weights, e, self.plan)
                 out.index_add_(0, rows, y * batch.weights[rows, slots].unsqueeze(1))
-        return out.to(self.cfg.dtype)
+        return out.to(self.plan.dtype)
 
     def forward_batched(self, batch: BatchedBatch, weights: ExpertWeights) -> torch.Tensor:
         x = self._rows(batch)
-        out = torch.zeros(x.shape, dtype=self.cfg.dtype, device=x.device)
-        scheme = self.cfg.quant_scheme
+        out = torch.zeros(x.shape, dtype=self.plan.dtype, device=x.device)
         for e, n in enumerate(batch.counts.tolist()):
             if n:
-                out[e, :n] = _expert_forward(x[e, :n], weights, e, self.cfg.activation, scheme).to(out.dtype)
+                out[e, :n] = _expert_forward(x[e, :n], weights, e, self.plan).to(out.dtype)
         return out

@@ -27,16 +27,17 @@ def _available(device_type: str) -> str | None:
     return triton_problem(device_type)
 
 
-def _quant_problem(cfg, device_type: str) -> str | None:
-    """FP8 layouts the kernels handle: 128x128 weight blocks or per-row weight scales, activations per
-    token or per group of 128 columns, on a GPU with FP8 matrix units."""
-    if cfg.quant is None:
+def _quant_problem(scheme, device_type: str) -> str | None:
+    """FP8 layouts the kernels handle (`scheme`: the layer's quantization scheme): 128x128 weight blocks
+    or per-row weight scales, activations per token or per group of 128 columns, on a GPU with FP8 matrix
+    units."""
+    if scheme.kind == "none":
         return None
     from ..kernels import triton_problem
     why = triton_problem(device_type, need_fp8=True)
     if why:
         return why
-    q = cfg.quant
+    q = scheme.config
     if q.weight_block is not None and tuple(q.weight_block) != (FP8_GROUP, FP8_GROUP):
         return (f"the FP8 kernels take weight blocks of ({FP8_GROUP}, {FP8_GROUP}) or per-row scales, "
                 f"not weight_block={q.weight_block}")
@@ -56,13 +57,10 @@ class TritonExperts(Experts):
 
     def __init__(self, plan, device: torch.device | None = None):
         super().__init__(plan, device)
-        cfg = self.cfg
         self._configs: dict = {}
-        self.fp8 = cfg.quant is not None
-        if self.fp8:
-            why = _quant_problem(cfg, "cuda")
-            if why:
-                raise ValueError(f"experts 'triton' cannot run this FP8 layer: {why}")
+        why = _quant_problem(self.plan.scheme, "cuda")
+        if why:
+            raise ValueError(f"experts 'triton' cannot run this FP8 layer: {why}")
 
     def kernel_config(self, num_rows: int, weights: ExpertWeights):
         """The tile configuration used for a batch of `num_rows` rows (tuned table, else heuristic)."""
@@ -72,9 +70,8 @@ class TritonExperts(Experts):
             from ..kernels.fused_moe import weight_format
             from ..kernels.tuning_table import lookup_config
             L, two_i, H = weights.w13.shape
-            gran = self.cfg.quant.weight_granularity if self.fp8 else None
-            hit = lookup_config(num_rows, L, H, two_i // 2, self.cfg.top_k, weight_format(weights.w13, gran),
-                                weights.w13.device)
+            hit = lookup_config(num_rows, L, H, two_i // 2, self.plan.top_k,
+                                weight_format(weights.w13, self.plan.weight_granularity), weights.w13.device)
             if len(self._configs) > 4096:
                 self._configs.clear()
             self._configs[key] = hit
@@ -82,15 +79,14 @@ class TritonExperts(Experts):
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from ..kernels.fused_moe import Fp8Operands, fused_experts
+        plan = self.plan
         x = batch.x
         config = self.kernel_config(x.shape[0], weights)
         fp8 = None
-        out_dtype = self.cfg.dtype
-        if self.fp8:                 # the rows came with their scales (see `Experts.activations_for`)
+        if plan.fp8:                 # the rows came with their scales (see `Experts.activations_for`)
             fp8 = Fp8Operands(x_scale=batch.scales.float().contiguous(), w13_scale=weights.w13_scale,
-                              w2_scale=weights.w2_scale, act_group=self.cfg.quant_scheme.activation_group_size,
-                              weight_block=self.cfg.quant.weight_block,
-                              granularity=self.cfg.quant.weight_granularity)
+                              w2_scale=weights.w2_scale, act_group=plan.act_group, weight_block=plan.weight_block,
+                              granularity=plan.weight_granularity)
         return fused_experts(x.contiguous(), batch.local_ids, batch.weights, weights.w13, weights.w2,
-                             self.cfg.activation, b13=weights.b13, b2=weights.b2, out_dtype=out_dtype,
+                             plan.activation, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype,
                              config=config, fp8=fp8)

@@ -330,7 +330,7 @@ def load_model(path, ep_group=None, *, dtype: torch.dtype | None = None, device=
             quant = Fp8Config(weight_block=fp8_block)
     dtype = dtype or _config_dtype(config) or torch.float32
     if device is None:
-        from ..dispatch.build import default_device
+        from ..build import default_device
         device = default_device(ep_group)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

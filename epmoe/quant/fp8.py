@@ -22,7 +22,6 @@ padded columns are zeros that change no amax.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -242,14 +241,6 @@ class Fp8Scheme:
 
     def dequantize_activations(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return fp8_dequantize(q, scale, self.activation_group_size)
-
-    def quantize_batch(self, batch):
-        """The explicit conversion for experts that take FP8 when the rows arrived unquantized (a new
-        batch; the given one is left as it is)."""
-        if batch.scales is not None:
-            raise ValueError("quantize_batch: the batch is already FP8")
-        x, scales = self.quantize_activations(batch.x)
-        return dataclasses.replace(batch, x=x, scales=scales)
 
     # -- weights
     def create_weights(self, layer, L: int, H: int, I: int) -> None:

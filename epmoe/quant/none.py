@@ -18,6 +18,11 @@ class NoQuant:
     name: str = "none"
     kind: str = "none"
 
+    @property
+    def activation_group_size(self) -> None:
+        """No activation scales (nothing is quantized)."""
+        return None
+
     def roundup_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
         multiple = 16 // torch.empty((), dtype=self.dtype).element_size()
         return -(-hidden_size // multiple) * multiple, -(-intermediate_size // multiple) * multiple

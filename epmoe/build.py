@@ -1,18 +1,20 @@
-"""Building a dispatcher for a process group, with or without `MoELayer`.
+"""Building a layer's parts for a process group: the group's size and rank, the device, and the
+dispatcher of a plan, with or without `MoELayer`.
 
-`make_dispatcher` is the role DeepEP's `Buffer` plays for an engine that runs its own experts: it
-checks the dispatcher against the config and the group (the contract), resolves the plan, builds the
-dispatcher and has the group's ranks agree on it (the build handshake), then the engine drives
-`dispatch` / `combine` (or their async forms) itself. `MoELayer` builds its dispatcher the same way.
+`make_dispatcher` is what an engine that runs its own experts calls: it checks the dispatcher against
+the config and the group (the contract), resolves the plan, builds the dispatcher and has the group's
+ranks agree on it (the build handshake), then the engine drives `dispatch` / `combine` (or their async
+forms) itself. `MoELayer` builds its dispatcher the same way. Here the user's config is read; the parts
+built from here see only the plan.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import contract
-from ..handshake import agree_on_dispatcher, announces_build_failure
-from ..placement import Placement
-from .base import Dispatcher
+from . import contract
+from .dispatch.base import Dispatcher
+from .handshake import agree_on_dispatcher, announces_build_failure
+from .placement import Placement
 
 
 def group_info(group) -> tuple[int, int]:
