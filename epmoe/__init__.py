@@ -9,6 +9,7 @@ on first use: `import epmoe; epmoe.testing.assert_close(...)`). Messages go to t
 from . import dispatch, experts  # noqa: F401  (registers the built-in backends)
 from . import log as _log  # noqa: F401  (the "epmoe" logger, with its NullHandler)
 from .config import MoEConfig
+from .dispatch.symm_workspace import SymmWorkspace
 from .build import make_dispatcher
 from .errors import RankMismatch, UnsupportedCombination
 from .integration import from_transformers, patch_model
@@ -23,7 +24,7 @@ from .state_dict import load_hf_experts
 from .version import __version__
 
 __all__ = ["Fp8Config", "Handoff", "MoEConfig", "MoELayer", "MoEPlan", "Placement", "RankMismatch", "Routing",
-           "UnsupportedCombination", "__version__", "fp8_dequantize", "fp8_quantize", "from_transformers",
+           "SymmWorkspace", "UnsupportedCombination", "__version__", "fp8_dequantize", "fp8_quantize", "from_transformers",
            "load_hf_experts", "make_dispatcher", "patch_model", "reference_moe", "register_dispatcher", "register_experts", "route",
            "validate_routing"]
 

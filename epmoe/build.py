@@ -46,7 +46,7 @@ def resolve_device(device, group) -> torch.device:
 
 @announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too
 def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank: int | None = None,
-                    expert_placement=None) -> Dispatcher:
+                    expert_placement=None, workspace=None) -> Dispatcher:
     """Build the dispatcher `name` ("auto": local for one rank, alltoall for several) for `cfg` on
     `group`, without a `MoELayer`. Every rank of `group` must call it, in the same order as its other
     EP layers and dispatchers.
@@ -58,6 +58,8 @@ def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank
         device: where tokens live (default: the current GPU for NCCL, else the CPU).
         max_tokens_per_rank: the most tokens a rank passes in one forward (fixed-capacity dispatchers).
         expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
+        workspace: the `epmoe.SymmWorkspace` a GPU-initiated dispatcher uses (None: the group's default,
+            allocated or grown here, collectively); the other dispatchers use none.
     Returns:
         The `Dispatcher`: `dispatch(hidden [T, H], topk_ids [T, k] int32, topk_weights [T, k] float32) ->
         (batch, handle)`, `combine(expert_out, handle) -> [T, H]`, and `dispatch_async` / `combine_async`.
@@ -71,12 +73,17 @@ def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank
     name, _ = contract.resolve_names(name, "reference", cfg, ep_size, device.type)
     plan = contract.build_plan(name, None, cfg, ep_size, device.type, max_tokens_per_rank)
     placement = Placement(cfg.num_experts, ep_size, rank, expert_placement)
-    dispatcher = build_dispatcher(plan, placement, group, device)
+    dispatcher = build_dispatcher(plan, placement, group, device, workspace)
     if group is not None:
         agree_on_dispatcher(group, dispatcher)
+    dispatcher.prepare()
     return dispatcher
 
 
-def build_dispatcher(plan, placement: Placement, group, device: torch.device) -> Dispatcher:
-    """The dispatcher of a resolved plan (no handshake: the caller makes it)."""
-    return contract.dispatcher_class(plan.dispatcher)(plan, placement, group, device)
+def build_dispatcher(plan, placement: Placement, group, device: torch.device, workspace=None) -> Dispatcher:
+    """The dispatcher of a resolved plan (no handshake, no `prepare()`: the caller makes both). `workspace`
+    goes to the dispatchers that store into the peers' memory; the others need none."""
+    cls = contract.dispatcher_class(plan.dispatcher)
+    if workspace is not None and cls.CAPS.peer_memory:
+        return cls(plan, placement, group, device, workspace=workspace)
+    return cls(plan, placement, group, device)

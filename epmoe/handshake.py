@@ -13,15 +13,14 @@ then raise `RankMismatch` naming that rank and its error instead of waiting for 
 failing rank raises its own error. Either way each rank makes exactly one exchange, so the group stays
 usable.
 
-The handshake also gives the dispatcher its index among the group's layers and the group's forward
-counter (group-scoped state kept here, across forwards); each forward's header carries both, see
-`CommDispatcher.exchange_headers`. Nothing of one forward is kept here.
+The handshake also gives the dispatcher its index among the group's layers, counted in the group's
+`epmoe.group.GroupState` (which the dispatcher holds); each forward's header carries it, see
+`epmoe.dispatch.header`. Nothing is kept here.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import inspect
 
 import torch.distributed as dist
@@ -30,14 +29,6 @@ from .errors import RankMismatch
 from .version import __version__
 
 _REACHED = "_epmoe_handshake_reached"   # set on exceptions raised at or after the exchange
-
-
-_layers_built: dict[tuple, int] = {}
-_group_forwards: dict[tuple, list[int]] = {}   # one forward counter per group, shared by its layers
-
-
-def _group_key(group) -> tuple:
-    return tuple(dist.get_process_group_ranks(group))
 
 
 def dispatcher_signature(dispatcher) -> dict:
@@ -87,15 +78,14 @@ def agree_on_dispatcher(group, dispatcher) -> None:
 
 def _agree(group, mine: dict, dispatcher, who: str) -> None:
     try:
-        key = _group_key(group)
-        everyone = _exchange(group, {"signature": mine, "index": _layers_built.get(key, 0) + 1})
+        state = getattr(dispatcher, "state", None)
+        proposal = (state.layers_built + 1) if state is not None else 0
+        everyone = _exchange(group, {"signature": mine, "index": proposal})
         # The layer's index on the group: the largest proposal, adopted by every rank (a rank whose earlier
         # build failed catches up here). It travels with each forward, so ranks that call different layers
         # are caught at the first exchange instead of pairing their collectives wrongly.
-        agreed = max(p.get("index", 0) for p in everyone)
-        _layers_built[key] = agreed
-        dispatcher.layer_index = agreed
-        dispatcher.forwards = _group_forwards.setdefault(key, [0])
+        if state is not None:
+            dispatcher.layer_index = state.next_layer([p.get("index", 0) for p in everyone])
         failed = {r: p["error"] for r, p in enumerate(everyone) if "error" in p}
         if failed:
             raise RankMismatch(f"{who}: " + "; ".join(
@@ -152,6 +142,3 @@ def announces_build_failure(init):
             raise
     return wrapper
 
-
-def fingerprint(obj) -> str:
-    return hashlib.sha1(repr(obj).encode()).hexdigest()[:12]

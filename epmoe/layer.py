@@ -37,6 +37,9 @@ class MoELayer(nn.Module):
     expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
     expert_bias: experts carry biases (gpt-oss): `load_expert` then also takes gate_bias [I], up_bias [I],
     down_bias [H].
+    workspace: the `epmoe.SymmWorkspace` the GPU-initiated dispatchers (`symm_*`) use, shared by the layers
+    of one group; None: the group's default one, allocated (or grown) here, collectively. The other
+    dispatchers use none.
 
     Inference only: with grad enabled, inputs that require grad are refused. NaN/Inf in a token's inputs
     are not checked (no host sync) and reach that token's output row only.
@@ -45,7 +48,8 @@ class MoELayer(nn.Module):
     @announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too
     def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
                  device=None, max_tokens_per_rank: int | None = None,
-                 router: Callable | None = None, expert_placement=None, expert_bias: bool = False):
+                 router: Callable | None = None, expert_placement=None, expert_bias: bool = False,
+                 workspace=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
@@ -78,12 +82,13 @@ class MoELayer(nn.Module):
         self.register_state_dict_post_hook(state_dict_names.save_hook)
         self.register_load_state_dict_pre_hook(state_dict_names.load_hook)
 
-        self.dispatcher = build_dispatcher(self.plan, self.placement, ep_group, self.device)
+        self.dispatcher = build_dispatcher(self.plan, self.placement, ep_group, self.device, workspace)
         self.experts = contract.experts_class(self.experts_name)(self.plan, self.device)
         self.activation_handoff = self.plan.handoff    # who quantizes the activations (FP8)
         if ep_group is not None:
             from .handshake import check_group_agrees
             check_group_agrees(self)   # also gives the dispatcher the layer's index on the group
+        self.dispatcher.prepare()      # the ranks agree: a workspace may be allocated now, collectively
 
     # ----------------------------------------------------------------------------------------- weights
     def _create_weights(self, L: int, H: int, I: int) -> None:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import epmoe
 from epmoe import MoEConfig, MoELayer, RankMismatch, contract, make_dispatcher, reference_moe
 from epmoe.dispatch.allgather import AllGatherDispatcher
+from epmoe.dispatch.base import Handle
 from epmoe.layouts import FlatBatch
 from epmoe.registry import unregister
 from epmoe.testing import assert_close, load_experts, random_experts, random_inputs, run_on_ranks
@@ -101,15 +102,23 @@ def _check_received(cfg, d, batch, world, micro):
     assert got == want, f"{d.name}: received {len(got)} pairs, expected {len(want)}"
 
 
+def _attributes(d) -> dict:
+    """The dispatcher's attributes by identity: a forward must add or replace none (its state lives in
+    the handle)."""
+    return {k: id(v) for k, v in vars(d).items()}
+
+
 def _api_worker(rank, world, names):
     cfg = MoEConfig(**CFG)
     report = {}
     for name in names:
         d = make_dispatcher(name, cfg, group=dist.group.WORLD, max_tokens_per_rank=M)
         assert d.plan.dispatcher == name and d.plan.experts is None and d.plan.hidden_size == H_REAL
+        before = _attributes(d)
         # one micro-batch, synchronous
         x, ids, w = _inputs(cfg, rank, 0)
         batch, handle = d.dispatch(x, ids, w)
+        assert isinstance(handle, Handle) and handle.num_tokens == x.shape[0]
         _check_received(cfg, d, batch, world, 0)
         out = d.combine(_identity_experts(batch), handle)
         assert out.shape == x.shape
@@ -126,6 +135,8 @@ def _api_worker(rank, world, names):
         ca = d.combine_async(_identity_experts(batch_a), handle_a)
         assert_close(cb.wait(), xb.double() * wb.double().sum(1, keepdim=True), 1e-6)
         assert_close(ca.wait(), xa.double() * wa.double().sum(1, keepdim=True), 1e-6)
+        assert pa.overlaps and pb.overlaps       # Gloo work started with async_op=True runs beside the caller
+        assert _attributes(d) == before, sorted(set(_attributes(d).items()) ^ set(before.items()))
         report[name] = "ok"
     return report
 

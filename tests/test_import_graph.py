@@ -3,8 +3,8 @@ they run too): no import circles between modules or between folders, and no arro
 
 The layers, lowest first (a module imports modules of its own layer or of lower ones, never higher):
 
-  foundation   errors, version, registry, log, sizes, activations, layouts, placement, plan, state_dict:
-               import nothing of epmoe but each other
+  foundation   errors, version, registry, log, sizes, activations, layouts, placement, plan, state_dict,
+               group: import nothing of epmoe but each other
   kernels      the Triton kernels and their launchers: know nothing of configs, plans or backends
   quant        the quantization schemes (they call the FP8 kernel; the kernels never call them)
   model        config, routing: the function a layer computes
@@ -60,7 +60,8 @@ def import_graph() -> dict[str, set[str]]:
 
 LAYERS = [
     ("foundation", ["epmoe.errors", "epmoe.version", "epmoe.registry", "epmoe.log", "epmoe.sizes",
-                    "epmoe.activations", "epmoe.layouts", "epmoe.placement", "epmoe.plan", "epmoe.state_dict"]),
+                    "epmoe.activations", "epmoe.layouts", "epmoe.placement", "epmoe.plan", "epmoe.state_dict",
+                    "epmoe.group"]),
     ("kernels", ["epmoe.kernels"]),
     ("quant", ["epmoe.quant"]),
     ("model", ["epmoe.config", "epmoe.routing"]),

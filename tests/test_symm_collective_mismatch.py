@@ -33,17 +33,15 @@ else:
     import torch.distributed as dist
 
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
-    from epmoe.contract import build_plan
-    from epmoe.build import build_dispatcher
+    from epmoe.contract import build_plan, dispatcher_class
     from epmoe.dispatch._symm import run_steps
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
-    from epmoe.dispatch.symm_workspace import WorkspacePool, simulated_workspaces
     from epmoe.experts.reference import ReferenceExperts
     from epmoe.routing import route
     from epmoe.testing import assert_close, random_experts
 
-    from test_symm_simulated import lockstep, rank_weights, simulated, slot_bytes
+    from test_symm_simulated import lockstep, rank_weights, simulated, simulated_group, slot_bytes
 
     CFG = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
     M = 4
@@ -73,15 +71,15 @@ else:
                 self.wire.sent, self.wire.done = {}, set()
             return out
 
-    def collective(name, rank, pool, forwards, monkeypatch):
-        """The real `name` dispatcher for rank `rank` of a fake two-rank group; its process's symm pool is
-        `pool` (what `existing_pool` finds on a GPU)."""
+    def collective(name, rank, state, monkeypatch):
+        """The real `name` dispatcher for rank `rank` of a fake two-rank group, holding that rank's group
+        state (where its process's symmetric workspace is registered, as on a GPU)."""
         plan = build_plan(name, None, CFG, 2, "cpu", M if name == "low_latency" else None)
         with monkeypatch.context() as m:
             m.setattr(dist, "get_world_size", lambda group=None: 2)
-            d = build_dispatcher(plan, Placement(CFG.num_experts, 2, rank), FAKE_GROUP, torch.device("cpu"))
-        d.symm_pool = lambda: pool if pool.ws is not None else None
-        d.forwards, d.layer_index = forwards, 2
+            d = dispatcher_class(name)(plan, Placement(CFG.num_experts, 2, rank), FAKE_GROUP, torch.device("cpu"),
+                                       state=state)
+        d.layer_index = 2
         return d
 
     def symm_forward(d, x, routing):
@@ -127,12 +125,11 @@ else:
     def test_symm_rank_and_collective_rank_both_raise_then_recover(symm, coll, symm_rank, monkeypatch):
         cls = SYMM[symm]
         experts = random_experts(CFG, seed=1)
-        wss = simulated_workspaces(2, 2, slot_bytes(cls, CFG, 2, M))
-        pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
-        ds = [simulated(cls, CFG, Placement(CFG.num_experts, 2, r), M, pools[r]) for r in range(2)]
+        wss, states = simulated_group(2, slot_bytes(cls, CFG, 2, M))
+        ds = [simulated(cls, CFG, Placement(CFG.num_experts, 2, r), M, wss[r], states[r]) for r in range(2)]
         for d in ds:
             d.layer_index = 1
-        cs = [collective(coll, r, pools[r], ds[r].forwards, monkeypatch) for r in range(2)]
+        cs = [collective(coll, r, states[r], monkeypatch) for r in range(2)]
         wire = Wire()
         # a normal collective forward first: its markers stay behind and must not stop the next symm forward
         aligned_collective_headers(cs, wire)
@@ -157,7 +154,7 @@ else:
         for r, exc in errors.items():
             assert isinstance(exc, RankMismatch), (r, exc)
             assert "dispatcher differs" in str(exc) and repr(symm) in str(exc) and repr(coll) in str(exc), str(exc)
-        assert ds[0].forwards[0] == ds[1].forwards[0]
+        assert states[0].forwards == states[1].forwards
 
         # every rank's workspace state agrees again: aligned forwards on both slots, then a collective one
         for seed in (4, 5):
@@ -168,11 +165,10 @@ else:
         """A peer that never comes is still a timeout, even with that peer's marker of an earlier
         collective forward in the control block (only the marker of this very forward counts)."""
         cls = SymmLowLatencyDispatcher
-        wss = simulated_workspaces(2, 2, slot_bytes(cls, CFG, 2, M))
-        pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
-        d = simulated(cls, CFG, Placement(CFG.num_experts, 2, 0), M, pools[0])
-        d.forwards[0] = 7
-        pools[1].mark_collective(7)                       # rank 1's collective forward #7, finished
+        wss, states = simulated_group(2, slot_bytes(cls, CFG, 2, M))
+        d = simulated(cls, CFG, Placement(CFG.num_experts, 2, 0), M, wss[0], states[0])
+        states[0].forwards = 7
+        wss[1].mark_collective(7)                         # rank 1's collective forward #7, finished
         x = torch.randn(2, CFG.hidden_size)
         errors = {}
         drain(symm_forward(d, x, route(torch.randn(2, CFG.num_experts), CFG)), errors, 0)  # forward #8

@@ -22,9 +22,11 @@ if not INTERPRETING:
 else:
     from epmoe import MoEConfig, Placement, reference_moe
     from epmoe.contract import build_plan
+    from epmoe.dispatch._symm import SymmHandle
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
-    from epmoe.dispatch.symm_workspace import WorkspacePool, simulated_workspaces
+    from epmoe.dispatch.symm_workspace import SymmWorkspace
+    from epmoe.group import GroupState
     from epmoe.experts.reference import ReferenceExperts
     from epmoe.layouts import ExpertWeights
     from epmoe.routing import route
@@ -50,11 +52,16 @@ else:
         return results
 
 
-    def simulated(cls, cfg, placement, M, pool):
+    def simulated(cls, cfg, placement, M, ws, state):
         """One simulated rank's dispatcher: its plan resolved for CUDA without checking this machine (the
-        kernels run under the interpreter on CPU tensors)."""
+        kernels run under the interpreter on CPU tensors), on that rank's workspace and group state."""
         return cls(build_plan(cls.name, None, cfg, placement.ep_size, "cuda", M, check_device=False), placement,
-                   pool=pool)
+                   state=state, workspace=ws)
+
+    def simulated_group(ep, slot_bytes):
+        """(workspace, group state) per simulated rank: what the layers of one group share."""
+        states = [GroupState() for _ in range(ep)]
+        return SymmWorkspace.simulated(ep, slot_bytes, states=states), states
 
     def rank_weights(cfg, experts, placement):
         H, I = cfg.hidden_size, cfg.intermediate_size
@@ -66,17 +73,15 @@ else:
 
 
     def slot_bytes(cls, cfg, ep, M):
-        probe = simulated(cls, cfg, Placement(cfg.num_experts, ep, 0), M,
-                          WorkspacePool(None, torch.device("cpu"), 0, ep, simulated_workspaces(ep, 2, 128)[0]))
-        layout = probe.slot_layout(probe._rows_for(1)) if cls is SymmHighThroughputDispatcher else probe.slot_layout()
-        return layout.nbytes
+        return SymmWorkspace.size_hint(cfg, ep, M, dispatchers=(cls.name,))
 
-    def make(cls, cfg, ep, M, pools=None):
-        """One dispatcher per simulated rank; `pools` (shared by several layers) or fresh ones."""
-        if pools is None:
-            wss = simulated_workspaces(ep, 2, slot_bytes(cls, cfg, ep, M))
-            pools = [WorkspacePool(None, torch.device("cpu"), r, ep, wss[r]) for r in range(ep)]
-        return [simulated(cls, cfg, Placement(cfg.num_experts, ep, r), M, pools[r]) for r in range(ep)]
+    def make(cls, cfg, ep, M, group=None, tokens=None):
+        """One dispatcher per simulated rank on `group` ((workspaces, states) shared by several layers) or
+        fresh ones, sized for `tokens` per rank (default M)."""
+        if group is None:
+            group = simulated_group(ep, slot_bytes(cls, cfg, ep, tokens or M))
+        wss, states = group
+        return [simulated(cls, cfg, Placement(cfg.num_experts, ep, r), M, wss[r], states[r]) for r in range(ep)]
 
 
     def run_forward(ds, cfg, experts, xs, logits):
@@ -131,7 +136,8 @@ else:
         ra, rb = [route(v, cfg) for v in la], [route(v, cfg) for v in lb]
         got_a = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xa, ra)])
         got_b = lockstep([d.dispatch_steps(x, r) for d, x, r in zip(ds, xb, rb)])
-        assert {h.slot for _, h in got_a} != {h.slot for _, h in got_b}
+        assert {h.slot for _, h in got_a} != {h.slot for _, h in got_b}      # each forward's slot: in its handle
+        assert all(isinstance(h, SymmHandle) and h.ws is d.workspace for d, (_, h) in zip(ds, got_a))
 
         def experts_on(outs):
             return [ReferenceExperts(cfg)(b, rank_weights(cfg, experts, d.placement)) for d, (b, _) in zip(ds, outs)]
@@ -167,13 +173,10 @@ else:
         from epmoe import RankMismatch
         cfg_a = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
         cfg_b = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=8, dtype=torch.float32)
-        size = max(slot_bytes(cls, c, 2, 4) for c in (cfg_a, cfg_b))
-        wss = simulated_workspaces(2, 2, size)
-        pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
-        a, b = make(cls, cfg_a, 2, 4, pools), make(cls, cfg_b, 2, 4, pools)
-        for da, db in zip(a, b):      # one group: one forward counter per rank, shared by its layers
+        group = simulated_group(2, max(slot_bytes(cls, c, 2, 4) for c in (cfg_a, cfg_b)))
+        a, b = make(cls, cfg_a, 2, 4, group), make(cls, cfg_b, 2, 4, group)   # one group state per rank
+        for db in b:                  # the second layer built on the group
             db.layer_index = 1
-            db.forwards = da.forwards
         xa, la = _data(cfg_a, [3, 3], 5)
         xb, lb = _data(cfg_b, [3, 3], 6)
         calls = [(a[0], xa[0], route(la[0], cfg_a)), (b[1], xb[1], route(lb[1], cfg_b))]
@@ -200,13 +203,11 @@ else:
         from epmoe import RankMismatch
         cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
         experts = random_experts(cfg, seed=9)
-        size = max(slot_bytes(c, cfg, 2, 4) for c in DISPATCHERS)
-        wss = simulated_workspaces(2, 2, size)
-        pools = [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)]
-        ht, ll = make(SymmHighThroughputDispatcher, cfg, 2, 4, pools), make(SymmLowLatencyDispatcher, cfg, 2, 4, pools)
-        for r in range(2):            # one group: one forward counter per rank, shared by its layers
-            ll[r].forwards = ht[r].forwards
-            ll[r].layer_index = 1
+        group = simulated_group(2, max(slot_bytes(c, cfg, 2, 4) for c in DISPATCHERS))
+        wss = group[0]
+        ht, ll = make(SymmHighThroughputDispatcher, cfg, 2, 4, group), make(SymmLowLatencyDispatcher, cfg, 2, 4, group)
+        for d in ll:                  # the second layer built on the group
+            d.layer_index = 1
         xs, ls = _data(cfg, [3, 2], 10)
         calls = [(ht[0], xs[0], route(ls[0], cfg)), (ll[1], xs[1], route(ls[1], cfg))]
         errors = {}
@@ -236,13 +237,29 @@ else:
             lockstep([ds[0].combine_steps(torch.zeros(b.x.shape), h)], errors)
         assert isinstance(errors.get(0), RuntimeError) and "timeout_s" in str(errors[0]), errors
 
+    def test_unbounded_high_throughput_beyond_its_workspace_raises_on_every_rank_then_recovers():
+        """Nothing grows inside a forward: a forward that needs more rows than the workspace holds raises on
+        every rank (all read the same counts), naming the size; the next forward that fits is right."""
+        cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=13)
+        ds = make(SymmHighThroughputDispatcher, cfg, 2, None, tokens=2)     # room for about 2 tokens a rank
+        xs, ls = _data(cfg, [7, 6], 14)
+        errors = {}
+        lockstep([d.dispatch_steps(x, route(v, cfg)) for d, x, v in zip(ds, xs, ls)], errors)
+        assert set(errors) == {0, 1}, errors
+        for exc in errors.values():
+            assert isinstance(exc, ValueError) and "rows a slot" in str(exc) and "size_hint" in str(exc), exc
+        xs, ls = _data(cfg, [2, 1], 15)
+        outs, _, _ = run_forward(ds, cfg, experts, xs, ls)
+        for r in range(2):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+
     def test_bounded_high_throughput_batch_spans_its_capacity_not_the_workspace():
         """In a workspace sized by a much larger layer, the bounded batch still has ep x max_tokens rows."""
         cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
         experts = random_experts(cfg, seed=11)
-        wss = simulated_workspaces(2, 2, 64 * slot_bytes(SymmHighThroughputDispatcher, cfg, 2, 4))
         ds = make(SymmHighThroughputDispatcher, cfg, 2, 4,
-                  [WorkspacePool(None, torch.device("cpu"), r, 2, wss[r]) for r in range(2)])
+                  simulated_group(2, 64 * slot_bytes(SymmHighThroughputDispatcher, cfg, 2, 4)))
         xs, ls = _data(cfg, [4, 3], 12)
         outs, got, _ = run_forward(ds, cfg, experts, xs, ls)
         assert [b.x.shape[0] for b, _ in got] == [2 * 4, 2 * 4]
@@ -279,9 +296,8 @@ else:
         from epmoe.dispatch.symm_high_throughput import HTLaunch
         cfg = MoEConfig(num_experts=7, top_k=3, hidden_size=40, intermediate_size=8, dtype=torch.float32)
         experts = random_experts(cfg, seed=5)
-        ds = make(SymmHighThroughputDispatcher, cfg, 3, M or 256)   # unbounded: the default rows
+        ds = make(SymmHighThroughputDispatcher, cfg, 3, M, tokens=256)   # unbounded: room for 256 tokens a rank
         for d in ds:
-            d.max_tokens_per_rank = M
             d.launch = HTLaunch(**launch)
         xs, ls = _data(cfg, [5, 1, 3], 21)
         outs, _, _ = run_forward(ds, cfg, experts, xs, ls)

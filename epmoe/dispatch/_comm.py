@@ -11,13 +11,12 @@ names and, when the plan quantizes before the wire, a `scales` field (float32, o
 128-column group); `pack_tokens` quantizes before writing, and `unpack_tokens` hands `scales` back beside
 `x` when the format has them.
 
-Every forward starts with the forward header (`CommDispatcher.exchange_headers`): one fixed-size
-exchange, the same for every dispatcher, checked on the host before anything whose shape depends on
-the layer.
+Every forward starts with the forward header (`CommDispatcher.exchange_headers`, the protocol in
+`header.py`): one fixed-size exchange, the same for every dispatcher, checked on the host before anything
+whose shape depends on the layer.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,22 +24,13 @@ import torch
 import torch.distributed as dist
 
 from ..errors import RankMismatch
+from ..group import GroupState, group_state
 from ..placement import Placement
-from ..registry import DISPATCHERS
 from ..sizes import round_up
+from . import header as fh
 from .base import Dispatcher
-from .symm_workspace import existing_pool
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
-
-# The forward header every rank sends first, in every forward of every communicating dispatcher: one
-# int64 row of these fields, then one count per destination rank (zeros where a dispatcher needs none).
-# The fingerprint fields describe the layer being run; the rest describe this forward.
-FINGERPRINT_FIELDS = ("dispatcher", "wire row bytes", "max_tokens_per_rank", "num_experts", "top_k",
-                      "hidden size")
-# "symm step": the rank is a symmetric-memory dispatcher joining this exchange after its own first exchange
-# ran (it advanced its workspace's epochs and slot; the other ranks advance theirs to match).
-HEADER_FIELDS = ("failed",) + FINGERPRINT_FIELDS + ("layer", "forward", "symm step", "tokens")
 
 
 @dataclass(frozen=True)
@@ -220,15 +210,19 @@ class DispatchStats:
             if not getattr(self, name):
                 setattr(self, name, [0] * self.ep_size)
 
-    def add(self, name: str, per_rank) -> None:
-        acc = getattr(self, name)
-        for r, v in enumerate(per_rank):
-            acc[r] += int(v)
-
-    def count_experts(self, counts: torch.Tensor) -> None:
+    def record(self, sent_rows, dispatch_row_bytes: int, returned_rows, combine_row_bytes: int,
+               expert_pairs: torch.Tensor) -> None:
+        """One forward: rows sent to each rank (`dispatch_row_bytes` each), rows each rank's combine sends
+        back here (`combine_row_bytes` each), and the (token, local expert) pairs [L] this rank received."""
+        self.forwards += 1
+        for acc, rows, nbytes in ((self.dispatch_rows, sent_rows, 1), (self.dispatch_bytes, sent_rows, dispatch_row_bytes),
+                                  (self.combine_bytes, returned_rows, combine_row_bytes)):
+            for r, n in enumerate(rows):
+                acc[r] += int(n) * nbytes
         if self.received_per_expert is None:
-            self.received_per_expert = torch.zeros(counts.shape[0], dtype=torch.int64, device=counts.device)
-        self.received_per_expert += counts
+            self.received_per_expert = torch.zeros(expert_pairs.shape[0], dtype=torch.int64,
+                                                   device=expert_pairs.device)
+        self.received_per_expert += expert_pairs
 
     def bytes_to_peers(self, name: str = "dispatch_bytes") -> int:
         return sum(v for r, v in enumerate(getattr(self, name)) if r != self.rank)
@@ -248,20 +242,16 @@ class ForwardHeaders(NamedTuple):
     counts: list[list[int]]
 
 
-def _kind_code(name: str) -> int:
-    """A dispatcher name as a stable int (the same on every rank and every run)."""
-    return zlib.crc32(name.encode())
-
-
-def _kind_name(code: int) -> str:
-    return next((repr(n) for n in DISPATCHERS if _kind_code(n) == code), f"#{code}")
-
-
 class CommDispatcher(Dispatcher):
     """Base of the dispatchers that move tokens: the group, its collectives, the wire format the plan
-    gives, the forward header every forward starts with, and the statistics hook."""
+    gives, the forward header every forward starts with, and the statistics hook.
 
-    def __init__(self, plan, placement: Placement, group=None, device: torch.device | None = None):
+    `state`: what the layers of the group share on this process (`epmoe.group.GroupState`: the forward
+    count, the layer count, the group's symmetric workspaces); by default the group's own, for one rank a
+    fresh one. `layer_index`: this layer's index on the group (the build handshake sets it)."""
+
+    def __init__(self, plan, placement: Placement, group=None, device: torch.device | None = None, *,
+                 state: GroupState | None = None):
         super().__init__(plan, placement, group, device)
         self.fmt = token_format(plan)
         self.ep_size = placement.ep_size
@@ -271,34 +261,26 @@ class CommDispatcher(Dispatcher):
             if size != self.ep_size:
                 raise ValueError(f"{self.name} dispatcher: the placement is for {self.ep_size} ranks but the "
                                  f"group has {size}")
-        elif self.ep_size != 1:
+        elif self.ep_size != 1 and state is None:
             raise ValueError(f"{self.name} dispatcher: a placement over {self.ep_size} ranks needs ep_group")
+        self.state = state if state is not None else (group_state(group) if group is not None else GroupState())
         self.comm = Comm(group, self.ep_size)
         self.stats: DispatchStats | None = None
-        self.layer_index = 0        # set by the handshake: the layer's index among the group's EP layers
-        self.forwards = [0]         # the group's forward counter, shared by its layers (set by the handshake)
+        self.layer_index = 0
+        self.layer_fields = fh.layer_values(self.name, self.fmt.row_bytes, plan)
+        self.fingerprint = fh.fingerprint(self.layer_fields)
         if device is not None:
             placement.tables(device)  # build the id tables now, outside any CUDA graph capture
 
     # --------------------------------------------------- the forward header: first exchange of a forward
-    def layer_fingerprint(self) -> list[int]:
-        """What ranks running the same layer agree on, as ints (the fingerprint fields of the header)."""
-        return [_kind_code(self.name), self.fmt.row_bytes, self.max_tokens_per_rank or 0,
-                self.plan.num_experts, self.plan.top_k, self.plan.padded_hidden_size]
-
-    def symm_pool(self):
-        """The group's symmetric-memory workspace pool if this process has an allocated one (a layer on a
-        GPU-initiated dispatcher ran here), else None: then nothing is marked and nothing costs more."""
-        return existing_pool(self.group)
-
     def exchange_headers(self, num_tokens: int, device, dest_counts: torch.Tensor | None = None,
-                         failed: bool = False, *, forward: int | None = None,
-                         symm_step: bool = False) -> ForwardHeaders:
+                         failed: bool = False, *, header: fh.Header | None = None,
+                         symm_step: int = 0) -> ForwardHeaders:
         """The first collective of every forward of every communicating dispatcher, and the same one for
-        all of them: every rank gathers one fixed-size int64 row per rank (`HEADER_FIELDS`, then one count
-        per destination rank), read on the host and checked before anything whose shape depends on the
-        layer. Ranks that run different layers, or different forwards, or of which one failed, therefore
-        all raise the same `RankMismatch` here instead of pairing collectives of different sizes.
+        all of them: every rank gathers one fixed-size int64 row per rank (`header.COLLECTIVE_FIELDS`, then
+        one count per destination rank), read on the host and checked before anything whose shape depends
+        on the layer. Ranks that run different layers, or different forwards, or of which one failed,
+        therefore all raise the same `RankMismatch` here instead of pairing collectives of different sizes.
 
         Args:
             num_tokens: T, this rank's tokens in this forward.
@@ -306,22 +288,22 @@ class CommDispatcher(Dispatcher):
             dest_counts: [ep] int rows this rank sends to each rank, for dispatchers that size their
                 exchange from them (None: zeros).
             failed: this rank takes part only to make its peers stop (see `abort`).
-            forward: the group's forward number to send (None: the next one, counted here); a
-                symmetric-memory dispatcher joining this exchange passes the number its forward used.
-            symm_step: see HEADER_FIELDS.
+            header: the header to send (None: this layer's, for the group's next forward); a
+                symmetric-memory dispatcher joining this exchange passes the one its forward used.
+            symm_step: the number of the workspace a symmetric-memory forward of this rank stepped (0:
+                none), so that the other ranks step theirs (`SymmWorkspace.skip_forward`).
         Returns:
             `ForwardHeaders`: every rank's token count and per-destination counts.
         """
-        if forward is None:
-            self.forwards[0] = (self.forwards[0] + 1) % (2 ** 62)
-            forward = self.forwards[0]
-        # Where this process also has a symmetric-memory workspace on the group, a peer may be waiting on
-        # its flags for this same forward (it runs a GPU-initiated layer where this rank runs a collective
+        if header is None:
+            header = fh.Header(self.fingerprint, self.layer_index, self.state.next_forward(), num_tokens, failed)
+        # Where this process also has symmetric-memory workspaces on the group, a peer may be waiting on
+        # their flags for this same forward (it runs a GPU-initiated layer where this rank runs a collective
         # one): tell it so through the workspace, and it joins this exchange instead of timing out.
-        pool = self.symm_pool() if self.ep_size > 1 else None
-        if pool is not None:
-            pool.mark_collective(forward)
-        values = [int(failed)] + self.layer_fingerprint() + [self.layer_index, forward, int(symm_step), num_tokens]
+        if self.ep_size > 1:
+            for ws in self.state.workspaces:
+                ws.mark_collective(header.forward)
+        values = header.values() + [symm_step] + self.layer_fields
         if dest_counts is None:
             values += [0] * self.ep_size
         # to a GPU from page-locked memory without blocking the host (the read below is the one sync)
@@ -332,37 +314,25 @@ class CommDispatcher(Dispatcher):
         # about half the latency on Gloo
         sent = row.repeat(self.ep_size)
         rows = self.comm.all_to_all(torch.empty_like(sent), sent).view(self.ep_size, -1).tolist()  # host read
-        try:
-            self.check_headers(rows)
-        except RankMismatch:
-            step = HEADER_FIELDS.index("symm step")
-            if pool is not None and not symm_step and any(h[step] for h in rows):
-                pool.skip_forward()      # a peer's symmetric-memory forward advanced its workspace: follow
-            raise
-        n = len(HEADER_FIELDS)
-        return ForwardHeaders([r[n - 1] for r in rows], [r[n:] for r in rows])
+        error = fh.mismatch(f"{self.name} dispatcher", rows)
+        if error is not None:
+            self.settle_mismatch(rows, symm_step)
+            raise error
+        n = len(fh.COLLECTIVE_FIELDS)
+        return ForwardHeaders([r[fh.TOKENS] for r in rows], [r[n:] for r in rows])
 
-    def check_headers(self, rows: list[list[int]]) -> None:
-        """Raise `RankMismatch` (the same on every rank: all see the same rows) if a rank failed this
-        forward, or if the ranks are not running the same layer's same forward, naming what differs."""
-        failed = [r for r, h in enumerate(rows) if h[0]]
-        if failed:
-            raise RankMismatch(f"{self.name} dispatcher: rank(s) {failed} could not compute this forward (their "
-                               f"error is raised there); every rank of the group stops this forward")
-        diffs = []
-        for i, name in enumerate(FINGERPRINT_FIELDS, start=1):
-            values = [h[i] for h in rows]
-            if len(set(values)) > 1:
-                shown = [_kind_name(v) for v in values] if name == "dispatcher" else values
-                diffs.append(f"{name} differs (" + ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown)) + ")")
-        layer, forward = HEADER_FIELDS.index("layer"), HEADER_FIELDS.index("forward")
-        if diffs or len({(h[layer], h[forward]) for h in rows}) > 1:
-            # every rank saw the same rows: all adopt the same count, so the group is usable again
-            self.forwards[0] = max(h[forward] for h in rows)
-            per_rank = ", ".join(f"rank {r}: layer #{h[layer]} forward #{h[forward]}" for r, h in enumerate(rows))
-            raise RankMismatch(f"{self.name} dispatcher: the ranks are not running the same layer's same forward "
-                               f"({per_rank})" + "".join(f"; {d}" for d in diffs)
-                               + "; every rank must call the same EP layers in the same order")
+    def settle_mismatch(self, rows: list[list[int]], symm_step: int) -> None:
+        """After a mismatch every rank saw the same rows: all adopt the largest forward number (the group's
+        next forward then has the same number everywhere), and a rank whose peer's symmetric-memory forward
+        stepped a workspace steps its own alike."""
+        self.state.adopt_forward(max(h[fh.FIELDS.index("forward")] for h in rows))
+        step = fh.COLLECTIVE_FIELDS.index(fh.SYMM_STEP)
+        stepped = {h[step] for h in rows if h[step]}
+        if not symm_step:
+            for number in stepped:
+                ws = self.state.workspace_numbered(number)
+                if ws is not None:
+                    ws.skip_forward()
 
     def abort(self) -> None:
         """Take part in the current forward on behalf of a rank whose inputs or routing failed: its header
@@ -381,4 +351,3 @@ class CommDispatcher(Dispatcher):
     def wire_signature(self) -> tuple:
         """What this dispatcher puts on the wire (every rank of a group must agree: the handshake)."""
         return (self.name, self.fmt.signature())
-

@@ -9,7 +9,7 @@ nothing else is sent.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -17,12 +17,12 @@ from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch, count_pairs
 from ..registry import register_dispatcher
 from ._comm import CommDispatcher, pack_tokens, unpack_tokens
-from .base import Pending
+from .base import Handle, Pending
 
 
-class AllGatherHandle(NamedTuple):
-    num_tokens: int        # this rank's tokens
-    max_tokens: int        # the group's largest count (rows per rank block)
+@dataclass
+class AllGatherHandle(Handle):
+    max_tokens: int = 0    # the group's largest count (rows per rank block)
 
 
 @register_dispatcher("allgather")
@@ -48,16 +48,13 @@ class AllGatherDispatcher(CommDispatcher):
             rows = unpack_tokens(self.fmt, recv, contiguous=True)
             local_ids = self.placement.local_ids(rows.ids)
             if self.stats is not None:
-                self.stats.forwards += 1
-                self.stats.add("dispatch_rows", [t_max] * self.ep_size)
-                self.stats.add("dispatch_bytes", [t_max * self.fmt.row_bytes] * self.ep_size)
-                self.stats.add("combine_bytes", [t_max * H * 4] * self.ep_size)
-                self.stats.count_experts(count_pairs(local_ids, self.placement.num_local_experts))
-            return FlatBatch(rows.x, local_ids, rows.weights, rows.scales), AllGatherHandle(T, t_max)
+                self.stats.record([t_max] * self.ep_size, self.fmt.row_bytes, [t_max] * self.ep_size, H * 4,
+                                  count_pairs(local_ids, self.placement.num_local_experts))
+            return FlatBatch(rows.x, local_ids, rows.weights, rows.scales), AllGatherHandle(T, max_tokens=t_max)
         return Pending([work], finish)
 
     def _start_combine(self, expert_out, handle: AllGatherHandle):
-        T, t_max = handle
+        T, t_max = handle.num_tokens, handle.max_tokens
         H = expert_out.shape[1]
         out = torch.empty(t_max, H, dtype=torch.float32, device=expert_out.device)
         work = self.comm.reduce_scatter(out, expert_out.float().contiguous(), async_op=True) if t_max else None

@@ -30,7 +30,7 @@ combine = (token, destination) pairs x H x dtype.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -38,16 +38,16 @@ from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch, count_pairs
 from ..registry import register_dispatcher
 from ._comm import CommDispatcher, TokenRows, pack_tokens, unpack_tokens
-from .base import Pending
+from .base import Handle, Pending
 
 
-class AllToAllHandle(NamedTuple):
-    num_tokens: int
-    send_splits: list[int]       # rows sent to each rank (= rows that come back from it)
-    recv_splits: list[int]       # rows received from each rank (= rows sent back to it)
-    back_index: torch.Tensor     # PyTorch path: [ep, T] row of the combine buffer holding (token, rank), or
-    #                              the zero row; kernels: [T, ep] that row, or -1
-    kernels: bool = False        # dispatched by the CUDA kernels (the combine uses them too)
+@dataclass
+class AllToAllHandle(Handle):
+    send_splits: list = None       # rows sent to each rank (= rows that come back from it)
+    recv_splits: list = None       # rows received from each rank (= rows sent back to it)
+    back_index: torch.Tensor = None   # PyTorch path: [ep, T] row of the combine buffer holding (token, rank),
+    #                                   or the zero row; kernels: [T, ep] that row, or -1
+    kernels: bool = False          # dispatched by the CUDA kernels (the combine uses them too)
 
 
 def _nonzero_1d(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -106,19 +106,19 @@ class AllToAllDispatcher(CommDispatcher):
     # a path (tests run the kernels on CPU tensors under TRITON_INTERPRET=1)
     use_kernels: bool | None = None
 
+    def __init__(self, plan, placement, group=None, device=None, **kw):
+        super().__init__(plan, placement, group, device, **kw)
+        from ..kernels import triton_problem
+        quant = self.fmt.quantize is not None
+        # whether the kernels can run this wire format on this machine's GPUs (decided once)
+        self._kernels_ok = (triton_problem("cuda", need_fp8=quant) is None
+                            and (quant or self.fmt.fields["x"].dtype == plan.dtype))
+        self._zero_status_by_device: dict = {}
+
     def _kernels_for(self, x: torch.Tensor) -> bool:
         if self.use_kernels is not None:
             return self.use_kernels
-        if not x.is_cuda:
-            return False
-        ok = getattr(self, "_kernels_ok", None)
-        if ok is None:
-            from ..kernels import triton_problem
-            quant = self.fmt.quantize is not None
-            ok = (triton_problem("cuda", need_fp8=quant) is None
-                  and (quant or self.fmt.fields["x"].dtype == self.plan.dtype))
-            self._kernels_ok = ok
-        return ok
+        return x.is_cuda and self._kernels_ok
 
     def _start_dispatch(self, x, routing):
         T, H = x.shape
@@ -154,13 +154,11 @@ class AllToAllDispatcher(CommDispatcher):
                 rows = unpack_tokens(self.fmt, recv, contiguous=True)
                 back = back_index_torch(pair, ep, T)       # row n_send of the combine buffer stays zero
             if self.stats is not None:
-                self.stats.forwards += 1
-                self.stats.add("dispatch_rows", send_splits)
-                self.stats.add("dispatch_bytes", [n * self.fmt.row_bytes for n in send_splits])
-                self.stats.add("combine_bytes", [n * H * x.element_size() for n in recv_splits])
-                self.stats.count_experts(count_pairs(rows.ids, self.placement.num_local_experts))
+                self.stats.record(send_splits, self.fmt.row_bytes, recv_splits, H * x.element_size(),
+                                  count_pairs(rows.ids, self.placement.num_local_experts))
             batch = FlatBatch(rows.x, rows.ids, rows.weights, rows.scales)
-            return batch, AllToAllHandle(T, send_splits, recv_splits, back, kernels)
+            return batch, AllToAllHandle(T, send_splits=send_splits, recv_splits=recv_splits, back_index=back,
+                                         kernels=kernels)
         return Pending([work], finish)
 
     def _received(self, recv: torch.Tensor) -> TokenRows:
@@ -173,14 +171,15 @@ class AllToAllDispatcher(CommDispatcher):
 
     def _zero_status(self, device) -> torch.Tensor:
         """A zero int32 word for `gather_sum` (its status input: never set on this dispatcher)."""
-        cache = self.__dict__.setdefault("_zero_status_by_device", {})
+        cache = self._zero_status_by_device
         device = torch.device(device)
         if device not in cache:
             cache[device] = torch.zeros(1, dtype=torch.int32, device=device)
         return cache[device]
 
     def _start_combine(self, expert_out, handle: AllToAllHandle):
-        T, send_splits, recv_splits, back_index, kernels = handle
+        send_splits, recv_splits = handle.send_splits, handle.recv_splits
+        back_index, kernels = handle.back_index, handle.kernels
         n_send, H = sum(send_splits), expert_out.shape[1]
         dev = expert_out.device
         if kernels:

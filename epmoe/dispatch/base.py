@@ -8,6 +8,7 @@ forwards (micro-batches) may be in flight at once, in the same order on every ra
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -19,19 +20,38 @@ from ..plan import MoEPlan
 from ..routing import Routing
 
 
-class Pending:
-    """A dispatch or combine whose collectives were started and may not have finished yet.
+@dataclass
+class Handle:
+    """What one forward's dispatch leaves for its combine, and the only place it is kept (never on the
+    dispatcher): several forwards (micro-batches) may be in flight at once.
 
-    `wait()` waits for them and returns the result (`(batch, handle)` for a dispatch, `[T, H]` for a
-    combine); calling it again returns the same result. On Gloo and NCCL the collectives run as
-    `async_op=True` work; on CUDA `wait()` makes the current stream wait for them.
+    num_tokens: this rank's tokens in the forward. stream / done: where the forward's exchange was issued and
+    an event recorded after it, for dispatchers that run it beside the caller's stream (None: issued on the
+    caller's stream, in order). Each dispatcher's handle adds what its combine needs (a subclass per
+    dispatcher; the symmetric-memory ones add the workspace slot the forward uses).
     """
 
-    def __init__(self, works: list, finish: Callable[[], Any]):
+    num_tokens: int
+    stream: Any = None       # torch.cuda.Stream
+    done: Any = None         # torch.cuda.Event
+
+
+class Pending:
+    """A dispatch or combine that was started and may not have finished yet.
+
+    `wait()` waits for it and returns the result (`(batch, handle)` for a dispatch, `[T, H]` for a combine);
+    calling it again returns the same result. `overlaps` says whether work the caller issues before `wait()`
+    runs beside the exchange: True for collectives started with `async_op=True` (Gloo, NCCL; on CUDA
+    `wait()` then makes the current stream wait for them), False where the exchange was already queued in
+    order on the caller's stream or done (work issued before `wait()` then runs after it).
+    """
+
+    def __init__(self, works: list, finish: Callable[[], Any], overlaps: bool | None = None):
         self._works = [w for w in works if w is not None]
         self._finish = finish
         self._done = False
         self._result = None
+        self.overlaps = bool(self._works) if overlaps is None else overlaps
 
     def wait(self):
         if not self._done:
@@ -63,8 +83,11 @@ class Dispatcher(abc.ABC):
         self.plan = plan
         self.placement = placement
         self.group = group
-        self.max_tokens_per_rank = plan.max_tokens_per_rank
         self.device = device
+
+    def prepare(self) -> None:
+        """Called once the group's ranks agreed on the layer (after the build handshake), before its first
+        forward: what needs the peers at construction (a symmetric workspace) is set up here."""
 
     # ------------------------------------------------------------------------------ the public API
     def dispatch(self, hidden: torch.Tensor, topk_ids, topk_weights: torch.Tensor | None = None):
@@ -82,7 +105,8 @@ class Dispatcher(abc.ABC):
 
     def dispatch_async(self, hidden: torch.Tensor, topk_ids, topk_weights: torch.Tensor | None = None) -> Pending:
         """`dispatch`, returning as soon as the token exchange has been started: `Pending.wait()` gives
-        `(batch, handle)`. Work done before waiting (shared experts, another micro-batch) overlaps it."""
+        `(batch, handle)`. Where `Pending.overlaps`, work done before waiting (shared experts, another
+        micro-batch) runs beside the exchange."""
         x, routing = self._inputs(hidden, topk_ids, topk_weights)
         return self._start_dispatch(x, routing)
 

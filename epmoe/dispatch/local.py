@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch
 from ..registry import register_dispatcher
-from .base import Dispatcher, Pending
+from .base import Dispatcher, Handle, Pending
 
 
 @register_dispatcher("local")
@@ -15,7 +15,7 @@ class LocalDispatcher(Dispatcher):
 
     def _start_dispatch(self, x, routing):
         local_ids = self.placement.local_ids(routing.topk_ids)
-        return Pending([], lambda: (FlatBatch(x, local_ids, routing.topk_weights), None))
+        return Pending([], lambda: (FlatBatch(x, local_ids, routing.topk_weights), Handle(x.shape[0])))
 
     def _start_combine(self, expert_out, handle):
         return Pending([], lambda: expert_out)

@@ -35,7 +35,7 @@ captured graph does not detect ranks replaying different layers.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -43,14 +43,14 @@ from ..contract import DispatcherCaps
 from ..layouts import BATCHED, BatchedBatch
 from ..registry import register_dispatcher
 from ._comm import CommDispatcher, pack_tokens, unpack_tokens
-from .base import Pending
+from .base import Handle, Pending
 
 
-class LowLatencyHandle(NamedTuple):
-    num_tokens: int
-    dest: torch.Tensor           # [ep*M*k] row of the flattened [L*C, H] batch per (source, token, slot)
-    valid: torch.Tensor          # [ep*M*k] the slot names one of this rank's experts
-    weights: torch.Tensor        # [ep*M*k] float32 routing weights
+@dataclass
+class LowLatencyHandle(Handle):
+    dest: torch.Tensor = None       # [ep*M*k] row of the flattened [L*C, H] batch per (source, token, slot)
+    valid: torch.Tensor = None      # [ep*M*k] the slot names one of this rank's experts
+    weights: torch.Tensor = None    # [ep*M*k] float32 routing weights
 
 
 @register_dispatcher("low_latency")
@@ -60,8 +60,8 @@ class LowLatencyDispatcher(CommDispatcher):
         fp8_dispatch=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
                 "data-dependent sizes, CUDA-graph capturable; overflow is an error on every rank")
 
-    def __init__(self, plan, placement, group=None, device=None):
-        super().__init__(plan, placement, group, device)
+    def __init__(self, plan, placement, group=None, device=None, **kw):
+        super().__init__(plan, placement, group, device, **kw)
         self.M = plan.max_tokens_per_rank               # checked by the plan: a positive int
         self.capacity = self.ep_size * self.M          # C: rows per local expert in the batched layout
 
@@ -110,17 +110,13 @@ class LowLatencyDispatcher(CommDispatcher):
             sb[dest] = rows.scales.reshape(ep * M, G)[src]
             sb = sb[:L * C].view(L, C, G)
         if self.stats is not None:
-            self.stats.forwards += 1
-            self.stats.add("dispatch_rows", [M] * ep)
-            self.stats.add("dispatch_bytes", [M * self.fmt.row_bytes] * ep)
-            self.stats.add("combine_bytes", [M * H * self.plan.dtype.itemsize] * ep)
-            self.stats.count_experts(counts[:L])
+            self.stats.record([M] * ep, self.fmt.row_bytes, [M] * ep, H * self.plan.dtype.itemsize, counts[:L])
         batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb)
-        return batch, LowLatencyHandle(T, dest, valid, rows.weights.reshape(P).float())
+        return batch, LowLatencyHandle(T, dest=dest, valid=valid, weights=rows.weights.reshape(P).float())
 
     # -------------------------------------------------------------------------------------- combine
     def _start_combine(self, expert_out, handle: LowLatencyHandle):
-        T, dest, valid, weights = handle
+        T, dest, valid, weights = handle.num_tokens, handle.dest, handle.valid, handle.weights
         ep, M, k = self.ep_size, self.M, self.plan.top_k
         L, C, H = expert_out.shape
         y = expert_out.reshape(L * C, H)[dest.clamp(max=L * C - 1)].float()          # [P, H]

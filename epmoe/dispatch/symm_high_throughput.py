@@ -19,22 +19,28 @@ With `max_tokens_per_rank` the buffers hold ep x max_tokens_per_rank rows, nothi
 the forward (the batch spans the capacity, rows past what arrived routed nowhere; headers are checked on
 the GPU and the verdict read once at the end of combine in eager mode) and the forward can be captured
 in a CUDA graph. Without it, the host reads the count matrix once, after the first exchange (headers
-checked there, before any row moves); that read sizes the batch, and the buffers grow (collectively:
-every rank sees the same counts) when a forward needs more rows than they hold. Two slots alternate, so
-two micro-batches can be in flight. CUDA only; refused elsewhere by the contract.
+checked there, before any row moves); that read sizes the batch, which holds as many rows as the
+workspace has room for: a forward that needs more raises on every rank (every rank sees the same
+counts), naming the size, and nothing grows inside a forward. Two slots alternate, so two micro-batches
+can be in flight (the handle says which). CUDA only; refused elsewhere by the contract.
+
+Shapes: T tokens here, H padded hidden size, K top-k, E experts, R rows a slot holds (received, and sent
+back), N rows received in this forward, G FP8 scales per row, HW int32 per header row (the header fields,
+then one row count per rank).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from ..contract import DispatcherCaps
-from ..registry import register_dispatcher
-from ..errors import RankMismatch
 from ..layouts import FLAT, FlatBatch, count_pairs
-from ._symm import SymmDispatcher, symm_problem
-from .symm_workspace import HEADER_FIELDS
+from ..registry import register_dispatcher
+from . import header as fh
+from ._symm import SymmDispatcher, SymmHandle, symm_problem
+from .symm_workspace import SlotLayout, SymmWorkspace
 
 
 class HTLaunch(NamedTuple):
@@ -55,14 +61,20 @@ class HTLaunch(NamedTuple):
         return row_block(-(-H // split))
 
 
-class SymmHTHandle(NamedTuple):
-    num_tokens: int
-    slot: int
-    ws: object                   # the workspace generation this forward's rows live in
-    header: list                 # this rank's header values
-    mtx: torch.Tensor            # [ep, HW] int32 every rank's header and per-destination row counts
-    num_rows: int                # rows this rank received
-    back_index: torch.Tensor     # [T, ep] int64 row of the combine region holding (token, rank), or -1
+@dataclass
+class SymmHTHandle(SymmHandle):
+    mtx_PW: torch.Tensor = None          # [ep, HW] int32 every rank's header and per-destination row counts
+    num_rows: int = 0                    # N: rows this rank received
+    back_TP: torch.Tensor = None         # [T, ep] int64 row of the combine region holding (token, rank), or -1
+
+
+class HTRegions(NamedTuple):
+    """This layer's regions of one slot (views of the workspace, no copy)."""
+    rx_RH: torch.Tensor              # [R, H] wire dtype: received rows, source-major
+    rxs_RG: torch.Tensor | None      # [R, G] float32 scales (FP8 on the wire)
+    rids_RK: torch.Tensor            # [R, K] int32 local expert ids on this rank, -1: not here
+    rw_RK: torch.Tensor              # [R, K] float32 routing weights
+    comb_RH: torch.Tensor            # [R, H] layer dtype: the rows coming back, in this rank's send order
 
 
 @register_dispatcher("symm_high_throughput")
@@ -78,166 +90,166 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     LAUNCH = HTLaunch()
 
     def __init__(self, plan, placement, group=None, device=None, **kw):
-        super().__init__(plan, placement, group, device, **kw)
         self.launch = self.LAUNCH                    # benchmarks try others on an instance
+        super().__init__(plan, placement, group, device, **kw)
 
-    def slot_layout(self, rows: int = 1):
-        """Regions of one slot for `rows` received rows (rows sent back use the same capacity)."""
-        from .symm_workspace import SlotLayout
-        H, K = self.plan.padded_hidden_size, self.plan.top_k
-        layout = SlotLayout(self.ep_size)
-        layout.add("rx", self.wire_dtype, (rows, H))
-        if self.fp8:
-            layout.add("rxs", torch.float32, (rows, self.groups))
+    @classmethod
+    def slot_layout_for(cls, plan, placement, tokens_per_rank=None, rows: int | None = None) -> SlotLayout:
+        """Regions of one slot for `rows` received rows (rows sent back use the same capacity); by default
+        what a rank can receive: ep * (max_tokens_per_rank, or else `tokens_per_rank`)."""
+        H, K = plan.padded_hidden_size, plan.top_k
+        if rows is None:
+            rows = placement.ep_size * (plan.max_tokens_per_rank or tokens_per_rank or 1)
+        layout = SlotLayout(placement.ep_size)
+        layout.add("rx", plan.wire_dtype, (rows, H))
+        if plan.fp8_on_the_wire:
+            layout.add("rxs", torch.float32, (rows, plan.wire_scales))
         layout.add("rids", torch.int32, (rows, K))
         layout.add("rw", torch.float32, (rows, K))
-        layout.add("comb", self.plan.dtype, (rows, H))
+        layout.add("comb", plan.dtype, (rows, H))
         return layout
 
-    def _rows_for(self, needed: int) -> int:
-        """Rows a slot must hold for `needed`: ep * max_tokens_per_rank (or 256), doubled until enough."""
-        rows = self.ep_size * (self.max_tokens_per_rank or 256)
-        while rows < needed:
-            rows *= 2
-        return rows
-
-    def layout_in(self, ws):
-        """This layer's slot layout in workspace `ws` (the same on every rank): as many rows as fit, or
-        with max_tokens_per_rank the ep * max_tokens_per_rank rows a forward can receive."""
-        cached = getattr(self, "_layout_cache", None)
-        if cached is not None and cached[0] is ws:
-            return cached[1]
-        from .symm_workspace import SlotLayout
+    def layout_in(self, ws: SymmWorkspace) -> SlotLayout:
+        """This layer's regions in a slot of `ws` (the same on every rank): with max_tokens_per_rank the
+        ep * max_tokens_per_rank rows a forward can receive (the workspace may be far larger: another layer
+        sized it), without it as many rows as fit."""
+        if self.plan.max_tokens_per_rank is not None:
+            return self.slot_layout_for(self.plan, self.placement)
         control = SlotLayout(self.ep_size)
-        one = self.slot_layout(1)
+        one = self.slot_layout_for(self.plan, self.placement, rows=1)
         per_row = sum(r.nbytes for n, r in one.regions.items() if n not in control.regions)
         rows = max((ws.slot_bytes - control.nbytes) // per_row, 1)
-        if self.max_tokens_per_rank is not None:
-            # bounded: the batch spans the capacity, so no more rows than the bound needs (the workspace
-            # may be far larger: another layer, e.g. a low-latency one, sized it)
-            rows = min(rows, self._rows_for(1))
-        while rows > 1 and self.slot_layout(rows).nbytes > ws.slot_bytes:
+        while rows > 1 and self.slot_layout_for(self.plan, self.placement, rows=rows).nbytes > ws.slot_bytes:
             rows -= 1
-        layout = self.slot_layout(rows)
-        self._layout_cache = (ws, layout)
-        return layout
+        return self.slot_layout_for(self.plan, self.placement, rows=rows)
+
+    def _regions(self, ws, slot: int) -> HTRegions:
+        view = {n: ws.view(slot, r) for n, r in self.layout.regions.items()}
+        return HTRegions(view["rx"], view.get("rxs"), view["rids"], view["rw"], view["comb"])
 
     # ------------------------------------------------------------------------------------- dispatch
-    def dispatch_steps(self, x, routing, failed: bool = False):
+    def dispatch_steps(self, x_TH, routing, failed: bool = False):
         from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel
         from ..kernels.token_rows import pow2, route_to_ranks
         from triton import cdiv as triton_cdiv
-        T, H = x.shape
-        ep, me, dev, K = self.ep_size, self.rank, x.device, self.plan.top_k
-        M = self.max_tokens_per_rank
+        plan = self.plan
+        T, H = x_TH.shape
+        ep, me, dev, K = self.ep_size, self.rank, x_TH.device, plan.top_k
+        M, G, fp8 = plan.max_tokens_per_rank, max(plan.wire_scales, 1), plan.fp8_on_the_wire
         bounded = M is not None
-        if not bounded and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not bounded and capturing:
             raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph needs max_tokens_per_rank (without it "
-                             f"the buffers are sized from the exchanged counts, a host read)")
-        if bounded and T > M and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                             f"the batch is sized from the exchanged counts, a host read)")
+        if bounded and T > M and capturing:
             raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
                              f"max_tokens_per_rank={M}; capture with at most {M} tokens")
-        pool = self.pool
-        if getattr(self, "_min_slot_bytes", None) is None:
-            self._min_slot_bytes = self.slot_layout(self._rows_for(1)).nbytes
-        ws = self.workspace(self._min_slot_bytes, T, failed)        # the first forward of a larger layer grows it everywhere
-        slot = pool.next_slot()
+        ws = self._workspace()
+        slot = ws.next_slot()
+        rg = self._regions(ws, slot)
+        R = rg.rx_RH.shape[0]
         # everything that does not depend on the other ranks, queued before the exchange
-        ids = routing.topk_ids.to(torch.int32).contiguous()
-        owner, index, _ = self.placement.tables(dev)
-        j, counts = route_to_ranks(ids, owner, ep, self.launch.route_block, self.launch.route_warps)
+        ids_TK = routing.topk_ids.to(torch.int32).contiguous()                   # [T, K] global expert ids
+        owner_E, index_E, _ = self.placement.tables(dev)                          # [E] int32 each
         lc = self.launch
-        group = self.plan.wire_scale_group
+        j_PT, counts_P = route_to_ranks(ids_TK, owner_E, ep, lc.route_block, lc.route_warps)   # [ep, T], [ep]
+        group = plan.wire_scale_group
         # FP8 on the wire: quantized inside the transfer kernel when its column blocks hold whole groups
-        split = lc.quant_split if self.fp8 and group is not None else lc.split
+        split = lc.quant_split if fp8 and group is not None else lc.split
         block_h = lc.column_block(H, split)
-        fused = self.fp8 and group is not None and block_h % group == 0 and x.dtype != self.wire_dtype
-        xw, xs = self.wire_rows(x, quantize=self.fp8 and not fused)
-        header = self.header_values(T, failed)
+        fused = fp8 and group is not None and block_h % group == 0 and x_TH.dtype != plan.wire_dtype
+        xw_TH, xs_TG = self.wire_rows(x_TH, quantize=fp8 and not fused)           # wire dtype; float32 or None
+        header = self.next_header(T, failed)
         # bounded: headers checked on the GPU (the host reads the verdict at the end of combine)
-        yield from self.exchange(ws, "count", slot, header, counts=counts, check_heads=bounded,
+        yield from self.exchange(ws, "count", slot, header, counts=counts_P, check_heads=bounded,
                                  max_tokens=M if bounded else 2 ** 30)
-        mtx = ws.control_view(slot, "heads.count").clone()          # every rank's header and counts
-        n_recv = None
-        if not bounded:                                              # sizes first: the one host read
-            mtx_host = self._read_and_check(mtx)
-            n_recv = sum(r[me] for r in mtx_host)
-            needed = max(max(sum(r[d] for r in mtx_host) for d in range(ep)), max(sum(r) for r in mtx_host))
-            if self.layout_in(ws).regions["rx"].shape[0] < needed:   # the same decision on every rank
-                ws = pool.ensure(self.slot_layout(self._rows_for(needed)).nbytes)
-        view = {n: ws.view(slot, r) for n, r in self.layout_in(ws).regions.items()}
-        rows = view["rx"].shape[0]
-        back_index = torch.empty(T, ep, dtype=torch.int64, device=dev)
+        mtx_PW = ws.control_view(slot, "heads.count").clone()          # every rank's header and counts
+        n_recv = R
+        if not bounded:                                                  # sizes first: the one host read
+            counts_PP = self._read_and_check(mtx_PW, header)             # counts_PP[s][d]: rows s sends d
+            n_recv = sum(r[me] for r in counts_PP)
+            needed = max(max(sum(r[d] for r in counts_PP) for d in range(ep)), max(sum(r) for r in counts_PP))
+            if needed > R:                                                # the same decision on every rank
+                nbytes = self.slot_layout_for(plan, self.placement, rows=needed).nbytes
+                raise ValueError(f"{self.name} dispatcher: this forward needs {needed} rows a slot, the "
+                                 f"workspace holds {R} ({ws.slot_bytes} bytes a slot); create it with "
+                                 f"SymmWorkspace(group, SymmWorkspace.size_hint(..., max_tokens_per_rank=...)) of "
+                                 f"at least {nbytes} bytes, or build the layer with max_tokens_per_rank (raised on "
+                                 f"every rank; the group's next forward is unaffected)")
+        back_TP = torch.empty(T, ep, dtype=torch.int64, device=dev)
         # bounded: the batch is the whole capacity, rows past what arrives marked as routed nowhere
-        pad = triton_cdiv(rows, PAD_BLOCK) if bounded else 0
+        pad = triton_cdiv(R, PAD_BLOCK) if bounded else 0
         if T + pad:
             ht_dispatch_kernel[(T + pad, split)](
-                xw, xs if xs is not None else view["rw"], ids, owner, index, routing.topk_weights.float().contiguous(),
-                j, mtx, back_index, view["rx"], view.get("rxs", view["rw"]), view["rids"], view["rw"], ws.deltas,
-                pool.status, me, T, H, max(self.groups, 1), rows,
-                EP=ep, HW=mtx.shape[1], K=K, X_ITEM=view["rx"].element_size(), BLOCK_H=block_h,
-                K_P2=pow2(K), G_P2=pow2(max(self.groups, 1)), HAS_SCALES=self.fp8 and not fused, PAD_BLOCK=PAD_BLOCK,
+                xw_TH, xs_TG if xs_TG is not None else rg.rw_RK, ids_TK, owner_E, index_E,
+                routing.topk_weights.float().contiguous(), j_PT, mtx_PW, back_TP, rg.rx_RH,
+                rg.rxs_RG if fp8 else rg.rw_RK, rg.rids_RK, rg.rw_RK, ws.deltas, ws.status, me, T, H, G, R,
+                EP=ep, HW=mtx_PW.shape[1], K=K, X_ITEM=rg.rx_RH.element_size(), BLOCK_H=block_h,
+                K_P2=pow2(K), G_P2=pow2(G), HAS_SCALES=fp8 and not fused, PAD_BLOCK=PAD_BLOCK,
                 QUANT=fused, GROUP=group if fused else 1, num_warps=lc.warps)
         # a failed forward (another layer on a peer, a timeout) hands the experts no routed row
-        yield from self.exchange(ws, "dispatch", slot, header, check_heads=False, poison=(view["rids"], -1))
-        if bounded:
-            n_recv = rows
+        yield from self.exchange(ws, "dispatch", slot, header, check_heads=False, poison=(rg.rids_RK, -1))
         if self.stats is not None:
-            self._count(mtx, view, n_recv, x.element_size())
-        batch = FlatBatch(view["rx"][:n_recv], view["rids"][:n_recv], view["rw"][:n_recv],
-                          view["rxs"][:n_recv] if self.fp8 else None)
-        return batch, SymmHTHandle(T, slot, ws, header, mtx, n_recv, back_index)
+            self._count(mtx_PW, rg, n_recv, x_TH.element_size())
+        N = n_recv
+        batch = FlatBatch(rg.rx_RH[:N], rg.rids_RK[:N], rg.rw_RK[:N], rg.rxs_RG[:N] if fp8 else None)
+        handle = SymmHTHandle(T, ws=ws, slot=slot, header=header, mtx_PW=mtx_PW, num_rows=N, back_TP=back_TP)
+        return batch, handle
 
-    def _count(self, mtx, view, n_rows: int, itemsize: int) -> None:
+    def _count(self, mtx_PW, rg: HTRegions, n_rows: int, itemsize: int) -> None:
         """Statistics (a host read: only with `enable_stats()`): rows and bytes per destination and back."""
-        mtx_host = [r[HEADER_FIELDS:HEADER_FIELDS + self.ep_size] for r in mtx.tolist()]
+        base = len(fh.FIELDS)
+        counts_PP = [r[base:base + self.ep_size] for r in mtx_PW.tolist()]
         me, H = self.rank, self.plan.padded_hidden_size
-        recv = [r[me] for r in mtx_host]
-        row_bytes = sum(r.nbytes for n, r in self.slot_layout(1).regions.items() if n in ("rx", "rxs", "rids", "rw"))
-        self.stats.forwards += 1
-        self.stats.add("dispatch_rows", mtx_host[me])
-        self.stats.add("dispatch_bytes", [n * row_bytes for n in mtx_host[me]])
-        self.stats.add("combine_bytes", [n * H * itemsize for n in recv])
-        self.stats.count_experts(count_pairs(view["rids"][:n_rows], self.placement.num_local_experts))
+        received = [r[me] for r in counts_PP]
+        row_bytes = sum(r.nbytes for n, r in self.slot_layout_for(self.plan, self.placement, rows=1).regions.items()
+                        if n in ("rx", "rxs", "rids", "rw"))
+        self.stats.record(counts_PP[me], row_bytes, received, H * itemsize,
+                          count_pairs(rg.rids_RK[:n_rows], self.placement.num_local_experts))
 
-    def _read_and_check(self, mtx: torch.Tensor) -> list[list[int]]:
+    def _read_and_check(self, mtx_PW: torch.Tensor, header: fh.Header) -> list[list[int]]:
         """The one host read: every rank's header and counts, and the status bits; raises (the same on
-        every rank) for a failed, overflowing or mismatched rank or a timeout. Returns mtx[s][d]."""
-        seen = torch.cat([mtx.reshape(-1), self.pool.status]).tolist()
-        bits, hw = seen[-1], mtx.shape[1]
+        every rank) for a failed, overflowing or mismatched rank or a timeout. Returns counts[s][d]."""
+        ws = self.workspace
+        seen = torch.cat([mtx_PW.reshape(-1), ws.status]).tolist()
+        bits, hw = seen[-1], mtx_PW.shape[1]
         heads = [seen[r * hw:(r + 1) * hw] for r in range(self.ep_size)]
         if bits:
-            self.pool.status.zero_()
-        self.raise_for_status(bits, heads)
-        self.check_heads(heads)
-        return [h[HEADER_FIELDS:HEADER_FIELDS + self.ep_size] for h in heads]
+            ws.status.zero_()
+        self.raise_for_status(bits, heads, header)
+        base = len(fh.FIELDS)
+        error = fh.mismatch(f"{self.name} dispatcher", [h[:base] for h in heads])
+        if error is not None:
+            raise error
+        return [h[base:base + self.ep_size] for h in heads]
 
     # -------------------------------------------------------------------------------------- combine
-    def combine_steps(self, expert_out, handle: SymmHTHandle):
+    def combine_steps(self, y_NH, handle: SymmHTHandle):
         from ..kernels.symm_dispatch import ht_combine_kernel
         from ..kernels.token_rows import gather_sum
-        T, slot, ws, header, mtx, n, back_index = handle
-        H = self.plan.padded_hidden_size
-        if tuple(expert_out.shape) != (n, H) or expert_out.dtype != self.plan.dtype:
-            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{n}, {H}] {self.plan.dtype} "
-                             f"for this handle, got {list(expert_out.shape)} {expert_out.dtype}")
-        comb = ws.view(slot, self.layout_in(ws).regions["comb"])
-        if n:
-            y = expert_out.contiguous()
+        plan = self.plan
+        ws, slot, N, mtx_PW = handle.ws, handle.slot, handle.num_rows, handle.mtx_PW
+        H = plan.padded_hidden_size
+        if tuple(y_NH.shape) != (N, H) or y_NH.dtype != plan.dtype:
+            raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{N}, {H}] {plan.dtype} "
+                             f"for this handle, got {list(y_NH.shape)} {y_NH.dtype}")
+        comb_RH = self._regions(ws, slot).comb_RH
+        if N:
+            y_NH = y_NH.contiguous()
             lc = self.launch
-            ht_combine_kernel[(n, lc.combine_split)](
-                y, mtx, comb, ws.deltas, self.pool.status, self.rank, H, comb.shape[0], EP=self.ep_size,
-                HW=mtx.shape[1], ITEM=y.element_size(),
+            ht_combine_kernel[(N, lc.combine_split)](
+                y_NH, mtx_PW, comb_RH, ws.deltas, ws.status, self.rank, H, comb_RH.shape[0], EP=self.ep_size,
+                HW=mtx_PW.shape[1], ITEM=y_NH.element_size(),
                 BLOCK_H=lc.column_block(H, lc.combine_split), num_warps=lc.combine_warps)
         # the expert row counters of this slot are cleared too: a low-latency peer that ran another layer
         # in this forward (a mismatch) may have counted into them
-        yield from self.exchange(ws, "combine", slot, header, check_heads=False,
+        yield from self.exchange(ws, "combine", slot, handle.header, check_heads=False,
                                  zero=ws.control_view(slot, "counters"))
-        out = gather_sum(comb, back_index, None, self.pool.status, self.plan.dtype)
-        if self.max_tokens_per_rank is not None:
-            self.check_at_end(ws, slot, "count", expert_out.device)
-        return out
+        # out[t] = sum over ranks d in order of comb[back[t, d]] (-1: skipped) in float32; NaN if it failed
+        out_TH = gather_sum(comb_RH, handle.back_TP, None, ws.status, plan.dtype)
+        if plan.max_tokens_per_rank is not None:
+            self.check_at_end(handle, y_NH.device)
+        return out_TH
 
     def empty_expert_output(self, batch) -> torch.Tensor:
         return torch.zeros(batch.x.shape[0], self.plan.padded_hidden_size, dtype=self.plan.dtype, device=batch.x.device)
-

@@ -1,22 +1,28 @@
-"""The symmetric buffers behind the GPU-initiated dispatchers, and how every rank reaches its peers' copies.
+"""The symmetric-memory workspace of the GPU-initiated dispatchers: like DeepEP's `Buffer`, one narrow
+object that owns its memory openly; everything one forward uses of it (its slot) goes into that forward's
+handle.
 
-One `SymmWorkspace` is one byte buffer of the same size and layout on every rank of a group, allocated
-with `torch.distributed._symmetric_memory` (`empty` + `rendezvous`), so a kernel on rank r can store
-into rank s's copy through `local pointer + deltas[s]` (the byte distance between the two mappings).
-The buffer holds `slots` copies of a per-slot layout (two micro-batches, or two layers back to back,
-each use their own slot); each slot starts with a control block of the same shape for every layer of
-the group -- one flag row and one header row per rank and phase -- followed by the layer's data regions.
-Because the control block does not depend on the layer, ranks that call different layers still meet on
-the same flags and see each other's headers (a mismatch is reported, not a hang). The per-expert row
-counters live there too: layers of different layouts alias each other's data regions, and counters must
-read zero whenever no forward is using them, whichever layer ran last.
+A `SymmWorkspace` is one byte buffer of the same size and layout on every rank of a group, allocated with
+`torch.distributed._symmetric_memory` (`empty` + `rendezvous`) when it is created (collectively: every
+rank creates it with the same size at the same point), so a kernel on rank r stores into rank s's copy
+through `local pointer + deltas[s]` (the byte distance between the two mappings). It holds `SLOTS` copies
+of a per-slot layout (two micro-batches, or two layers back to back, each use their own slot); each slot
+starts with a control block of the same shape for every layer -- one flag row and one header row per rank
+and phase, the expert row counters of the low-latency dispatch, and the collective markers -- followed by
+the layer's data regions. Because the control block does not depend on the layer, ranks that call
+different layers sharing the workspace still meet on the same flags and see each other's headers (a
+mismatch is reported, not a hang); the counters live there so that they read zero whenever no forward
+uses them, whichever layer ran last. Beside the buffer: the device forward counter and slot epochs, and
+the status word the kernels set.
 
-`WorkspacePool` keeps one workspace per (group, device), shared by both GPU-initiated dispatchers, grown
-(collectively: every rank asks for the same size at the same point) when a layer needs more, with the
-device forward counter and the status word that the kernels share. Allocation happens at a layer's first forward, never in its
-constructor, so a rank that fails to build a layer cannot leave its peers waiting in a rendezvous.
+Sizing: `SymmWorkspace.size_hint(...)` computes the bytes a slot needs for a set of layers; a layer built
+on a workspace too small for it raises, naming the size it needs, and nothing grows inside a forward
+(CUDA graphs, and no surprise out-of-memory mid-step). A layer given no workspace uses its group's default
+(`GroupState.default_workspace`): created at the first such layer's construction and grown, collectively,
+when a later layer's construction needs more (what it held before stays allocated until `free()`:
+captured graphs may point there). `free()` releases it.
 
-`simulated_workspaces` builds the same structure over plain tensors of one process (one per simulated
+`SymmWorkspace.simulated` builds the same structure over plain tensors of one process (one per simulated
 rank): the kernels then run under the Triton interpreter on the CPU, which is how the offsets and the
 layout are tested without GPUs.
 """
@@ -26,19 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..group import GroupState
 from ..sizes import round_up
 
 ALIGN = 128                      # bytes; every region starts on this boundary
 PHASES = ("count", "dispatch", "combine")   # "count": every forward's first exchange (both dispatchers)
 COUNTERS = 2048                  # per-expert row counters of the low-latency dispatch (local experts at most)
-
-
-HEADER_FIELDS = 5               # fingerprint, layer, forward, tokens, failed; then one row count per rank
-
-
-def header_width(ep: int) -> int:
-    """int32 per header row: the header fields, then one row count per rank."""
-    return HEADER_FIELDS + ep
+MIN_SLOT_BYTES = 1 << 20         # slots are whole MiB
+HEADER_WIDTH = 5                 # int32 header fields (`epmoe.dispatch.header.FIELDS`), then one row count per rank
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class SlotLayout:
 
     def __post_init__(self) -> None:
         if not self.regions:
-            hw = header_width(self.ep)
+            hw = HEADER_WIDTH + self.ep
             for phase in PHASES:
                 self.add(f"flags.{phase}", torch.int32, (self.ep,))
                 self.add(f"heads.{phase}", torch.int32, (self.ep, hw))
@@ -84,17 +85,56 @@ class SlotLayout:
 
 
 class SymmWorkspace:
-    """This rank's copy of a symmetric buffer of `slots` slots of `slot_bytes` each.
+    """This rank's copy of a group's symmetric buffer: `SLOTS` slots of `slot_bytes` each (see the module
+    docstring).
 
-    local: the uint8 buffer; deltas [ep] int64 on its device: peer base minus own base, in bytes.
+    `SymmWorkspace(group, slot_bytes, device=None)`: allocate now, collectively (every rank of `group`, the
+    same `slot_bytes`, at the same point); `slot_bytes` from `size_hint`, rounded up to whole MiB. With
+    `group=None`: one rank, plain device memory. `free()` releases it; a layer built on it must not run
+    afterwards.
+
+    Attributes: local (the uint8 buffer), deltas [ep] int64 on its device (peer base minus own base, in
+    bytes), epochs [1 + SLOTS] int32 (the device forward counter, then each slot's current epoch), status
+    [1] int32 (the kernels' error bits), number (its number on the group: 1, 2, ..., the same on every
+    rank).
     """
 
-    def __init__(self, local: torch.Tensor, bases: list[int], rank: int, slots: int, slot_bytes: int,
-                 keepalive=None):
+    SLOTS = 2
+    # a symm_high_throughput layer without max_tokens_per_rank sizes the group's default workspace for
+    # this many tokens per rank (a forward that needs more raises, naming the size)
+    DEFAULT_TOKENS_PER_RANK = 4096
+
+    def __init__(self, group, slot_bytes: int, device=None):
+        if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or slot_bytes < 1:
+            raise ValueError(f"SymmWorkspace: slot_bytes must be a positive int (see SymmWorkspace.size_hint), "
+                             f"got {slot_bytes!r}")
+        device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        slot_bytes = round_up(slot_bytes, MIN_SLOT_BYTES)
+        self.group, self.device, self.number = group, device, 1
+        self._retired: list = []
+        self._allocate(slot_bytes)
+        self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device)
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        self._next_slot = 0
+        if group is not None:
+            from ..group import group_state
+            group_state(group).add_workspace(self)
+
+    def _allocate(self, slot_bytes: int) -> None:
+        if self.group is None:
+            local = torch.zeros(self.SLOTS * slot_bytes, dtype=torch.uint8, device=self.device)
+            self._setup(local, [local.data_ptr()], 0, slot_bytes, local)
+        else:
+            import torch.distributed as dist
+            local, bases, handle = allocate_symmetric(self.SLOTS * slot_bytes, self.group, self.device)
+            self._setup(local, bases, dist.get_rank(self.group), slot_bytes, handle)
+
+    def _setup(self, local: torch.Tensor, bases: list[int], rank: int, slot_bytes: int, keepalive) -> None:
         self.local = local
         self.rank = rank
         self.ep = len(bases)
-        self.slots = slots
         self.slot_bytes = slot_bytes
         self.deltas = torch.tensor([b - bases[rank] for b in bases], dtype=torch.int64, device=local.device)
         if any(d % 16 for d in self.deltas.tolist()):
@@ -103,18 +143,131 @@ class SymmWorkspace:
         self._keepalive = keepalive
         self.control = SlotLayout(self.ep)          # the same control block starts every layer's slot
 
+    @classmethod
+    def simulated(cls, ep: int, slot_bytes: int, device="cpu", states: list[GroupState] | None = None
+                  ) -> list[SymmWorkspace]:
+        """`ep` workspaces over plain tensors of this process, each rank's deltas pointing at the others'
+        (tests: the kernels under the Triton interpreter). `states`: each simulated rank's `GroupState`,
+        where its workspace is registered (as a group's would be)."""
+        bufs = [torch.zeros(cls.SLOTS * slot_bytes + 16, dtype=torch.uint8, device=device) for _ in range(ep)]
+        # start each at a 16-byte boundary, as a symmetric allocation would be
+        bufs = [b[(-b.data_ptr()) % 16:][:cls.SLOTS * slot_bytes] for b in bufs]
+        bases = [b.data_ptr() for b in bufs]
+        out = []
+        for r in range(ep):
+            ws = cls.__new__(cls)
+            ws.group, ws.device, ws.number, ws._retired = None, torch.device(device), 1, []
+            ws._setup(bufs[r], bases, r, slot_bytes, bufs)
+            ws.epochs = torch.zeros(1 + cls.SLOTS, dtype=torch.int32, device=device)
+            ws.status = torch.zeros(1, dtype=torch.int32, device=device)
+            ws._next_slot = 0
+            if states is not None:
+                states[r].add_workspace(ws)
+            out.append(ws)
+        return out
+
+    @staticmethod
+    def size_hint(configs, ep_size: int, max_tokens_per_rank: int,
+                  dispatchers=("symm_high_throughput", "symm_low_latency"), expert_placement=None) -> int:
+        """The bytes a slot needs for layers of these `MoEConfig`s (one, or a list) on `ep_size` ranks, on
+        each of `dispatchers`, with at most `max_tokens_per_rank` tokens a rank in one forward (a
+        symm_high_throughput layer built without max_tokens_per_rank needs it too: its rows are what a rank
+        can receive). Pass the result to `SymmWorkspace(group, ...)`."""
+        from ..contract import build_plan, dispatcher_class
+        from ..placement import Placement
+        if not isinstance(configs, (list, tuple)):
+            configs = [configs]
+        need = 0
+        for config in configs:
+            placement = Placement(config.num_experts, ep_size, 0, expert_placement)
+            for name in dispatchers:
+                plan = build_plan(name, None, config, ep_size, "cuda", max_tokens_per_rank, check_device=False)
+                layout = dispatcher_class(name).slot_layout_for(plan, placement, max_tokens_per_rank)
+                need = max(need, layout.nbytes)
+        return need
+
+    # ------------------------------------------------------------------------------------- views
     def control_view(self, slot: int, name: str) -> torch.Tensor:
         return self.view(slot, self.control.regions[name])
 
     def view(self, slot: int, region: Region) -> torch.Tensor:
         """The typed view of `region` in slot `slot` of this rank's buffer (no copy)."""
-        if not 0 <= slot < self.slots:
-            raise IndexError(f"symmetric workspace: slot {slot} of {self.slots}")
+        if self.local is None:
+            raise RuntimeError("symmetric workspace: used after free()")
+        if not 0 <= slot < self.SLOTS:
+            raise IndexError(f"symmetric workspace: slot {slot} of {self.SLOTS}")
         start = slot * self.slot_bytes + region.offset
         if start + region.nbytes > self.local.numel():
             raise ValueError(f"symmetric workspace: region of {region.nbytes} B at {start} does not fit "
                              f"{self.local.numel()} B")
         return self.local[start:start + region.nbytes].view(region.dtype).view(region.shape)
+
+    # ----------------------------------------------------------------------------------- sizing
+    def require(self, slot_bytes: int, who: str) -> None:
+        """Raise, naming the size needed, unless a slot holds `slot_bytes` (a layer being built on it)."""
+        if self.local is None:
+            raise RuntimeError(f"{who}: its symmetric workspace was freed")
+        if slot_bytes > self.slot_bytes:
+            raise ValueError(f"{who}: the symmetric workspace holds {self.slot_bytes} bytes a slot, this layer needs "
+                             f"{slot_bytes}; create it with SymmWorkspace(group, SymmWorkspace.size_hint(...)) over "
+                             f"every layer that shares it, or at least {slot_bytes}")
+
+    def grow(self, slot_bytes: int) -> None:
+        """Reallocate (collectively) so that a slot holds `slot_bytes`: only for a group's default workspace,
+        at a layer's construction, never in a forward; the memory held before stays allocated until
+        `free()` (a graph captured on it may still point there)."""
+        if slot_bytes <= self.slot_bytes:
+            return
+        self._retired.append((self.local, self._keepalive))
+        self._allocate(round_up(slot_bytes, MIN_SLOT_BYTES))
+
+    def free(self) -> None:
+        """Release the memory (every generation of it). No layer built on this workspace may run afterwards,
+        nor a CUDA graph captured on it replay."""
+        self.local = self._keepalive = None
+        self._retired = []
+        if self.group is not None:
+            from ..group import group_state
+            group_state(self.group).remove_workspace(self)
+
+    # ------------------------------------------------------------------------- forward state
+    def next_slot(self) -> int:
+        """The slot of the forward being entered (they alternate: two forwards may be in flight)."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self.SLOTS
+        return slot
+
+    def skip_forward(self) -> None:
+        """Advance this rank's state as a symmetric-memory forward does (forward counter, slot epoch, slot
+        ring; the slot's expert counters cleared): what a rank that ran a collective forward does when its
+        peers ran a symmetric-memory one on this workspace in the same step (their first exchange advanced
+        theirs), so that every rank's next symmetric-memory forward uses the same slot and epoch."""
+        slot = self.next_slot()
+        self.epochs[0] += 1
+        self.epochs[1 + slot] = self.epochs[0]
+        self.control_view(slot, "counters").zero_()
+
+    def mark_collective(self, forward: int) -> None:
+        """Write `forward` as this rank's collective marker into every rank's control block: a peer waiting
+        on symmetric-memory flags for that forward stops and joins the collective header exchange instead of
+        timing out."""
+        from ..kernels.symm_dispatch import mark_collective
+        mark_collective(self, forward)
+
+    def __repr__(self) -> str:
+        state = "freed" if self.local is None else f"{self.slot_bytes} B x {self.SLOTS} slots"
+        return f"SymmWorkspace(#{self.number}, ep={self.ep}, rank={self.rank}, {state}, {self.device})"
+
+
+def default_workspace(state: GroupState, group, slot_bytes: int, device) -> SymmWorkspace:
+    """The group's default workspace, holding at least `slot_bytes` a slot: created at the first layer that
+    asks (collectively), grown when a later one needs more (at its construction, never in a forward)."""
+    ws = state.default_workspace
+    if ws is None or ws.local is None:
+        ws = state.default_workspace = SymmWorkspace(group, slot_bytes, device)
+    else:
+        ws.grow(slot_bytes)
+    return ws
 
 
 def allocate_symmetric(nbytes: int, group, device: torch.device) -> tuple[torch.Tensor, list[int], object]:
@@ -135,103 +288,3 @@ def allocate_symmetric(nbytes: int, group, device: torch.device) -> tuple[torch.
     torch.cuda.synchronize(device)
     dist.barrier(group=group)              # no peer writes into this buffer before it is zeroed
     return buf, [b + o for b, o in zip(blocks, offsets)], handle
-
-
-def simulated_workspaces(ep: int, slots: int, slot_bytes: int, device="cpu") -> list[SymmWorkspace]:
-    """`ep` workspaces over plain tensors of this process, each rank's deltas pointing at the others'."""
-    bufs = [torch.zeros(slots * slot_bytes + 16, dtype=torch.uint8, device=device) for _ in range(ep)]
-    # start each at a 16-byte boundary, as a symmetric allocation would be
-    bufs = [b[(-b.data_ptr()) % 16:][:slots * slot_bytes] for b in bufs]
-    bases = [b.data_ptr() for b in bufs]
-    return [SymmWorkspace(bufs[r], bases, r, slots, slot_bytes, keepalive=bufs) for r in range(ep)]
-
-
-class WorkspacePool:
-    """The workspace the GPU-initiated dispatchers share on one group and device (both kinds: ranks
-    running different kinds then meet on the same flags, and the headers tell them apart), with the
-    forward counter, the slot ring and the status word the kernels share. Persistent state of the group (like
-    the buffers themselves), never of one forward: a forward's slot and epochs go into its handle."""
-
-    SLOTS = 2
-
-    def __init__(self, group, device: torch.device, rank: int, ep: int, workspace: SymmWorkspace | None = None):
-        self.group, self.device, self.rank, self.ep = group, device, rank, ep
-        self.ws = workspace
-        self.retired: list[SymmWorkspace] = []      # kept alive: captured graphs and handles may point there
-        # the forward counter, then each slot's current epoch (every forward's first exchange advances it,
-        # on the device; its later exchanges reuse it)
-        self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device)
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        self._next_slot = 0
-
-    def ensure(self, slot_bytes: int) -> SymmWorkspace:
-        """The workspace, grown (collectively) so that a slot holds `slot_bytes`."""
-        if self.ws is None or self.ws.slot_bytes < slot_bytes:
-            size = round_up(max(slot_bytes, 1 << 20), 1 << 20)
-            if self.group is None:
-                if self.ep != 1:
-                    raise RuntimeError(f"symmetric workspace: a simulated workspace holds {self.ws and self.ws.slot_bytes} "
-                                       f"bytes a slot, {slot_bytes} are needed (simulations cannot grow)")
-                ws = simulated_workspaces(1, self.SLOTS, size, self.device)[0]     # one rank: plain memory
-            else:
-                buf, bases, handle = allocate_symmetric(self.SLOTS * size, self.group, self.device)
-                ws = SymmWorkspace(buf, bases, self.rank, self.SLOTS, size, keepalive=handle)
-            if self.ws is not None:
-                self.retired.append(self.ws)
-            self.ws = ws
-        return self.ws
-
-    def next_slot(self) -> int:
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % self.SLOTS
-        return slot
-
-    def needs(self, slot_bytes: int) -> bool:
-        """Whether `ensure(slot_bytes)` would allocate (a collective rendezvous on the group)."""
-        return self.ws is None or self.ws.slot_bytes < slot_bytes
-
-    def skip_forward(self) -> None:
-        """Advance this rank's state as a symmetric-memory forward does (forward counter, slot epoch, slot
-        ring; the slot's expert counters cleared): what a rank that ran a collective forward does when its
-        peers ran a symmetric-memory one in the same step (their first exchange advanced theirs), so that
-        every rank's next symmetric-memory forward uses the same slot and epoch."""
-        if self.ws is None:
-            return
-        slot = self.next_slot()
-        self.epochs[0] += 1
-        self.epochs[1 + slot] = self.epochs[0]
-        self.ws.control_view(slot, "counters").zero_()
-
-    def mark_collective(self, forward: int) -> None:
-        """Write `forward` as this rank's collective marker into every rank's control block (see
-        `SlotLayout`): a peer waiting on symmetric-memory flags for that forward stops and joins the
-        collective header exchange instead of timing out."""
-        from ..kernels.symm_dispatch import mark_collective
-        if self.ws is not None:
-            mark_collective(self.ws, forward)
-
-
-
-_POOLS: dict[tuple, WorkspacePool] = {}
-
-
-def existing_pool(group) -> WorkspacePool | None:
-    """The pool of `group` if this process has one with an allocated workspace (it never creates one).
-    Costs one dict check when the process has no symmetric-memory layer at all."""
-    if not _POOLS or group is None:
-        return None
-    import torch.distributed as dist
-    ranks = tuple(dist.get_process_group_ranks(group))
-    for (key, _), pool in _POOLS.items():
-        if key == ranks and pool.ws is not None:
-            return pool
-    return None
-
-
-def pool_for(group, device: torch.device, rank: int, ep: int) -> WorkspacePool:
-    import torch.distributed as dist
-    key = (tuple(dist.get_process_group_ranks(group)), str(device))
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = WorkspacePool(group, device, rank, ep)
-    return pool

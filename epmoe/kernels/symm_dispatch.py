@@ -37,7 +37,7 @@ COLLECTIVE_PEER = tl.constexpr(32) # a peer is in a collective dispatcher's forw
 
 # header columns (int32); the high-throughput dispatcher appends its per-destination row counts
 H_FINGERPRINT, H_LAYER, H_FORWARD, H_TOKENS, H_FAILED = (tl.constexpr(i) for i in range(5))
-HEADER_BASE = tl.constexpr(5)    # epmoe.dispatch.symm_workspace.HEADER_FIELDS
+HEADER_BASE = tl.constexpr(5)    # len(epmoe.dispatch.header.FIELDS): the row counts follow
 
 
 def interpreted() -> bool:
@@ -150,21 +150,22 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
                 tl.store(poison_ptr + z, tl.full([ZERO_BLOCK], 0, tl.int32) + poison_value, mask=z < n_poison)
 
 
-def exchange_flags(ws, phase: str, slot: int, epochs: torch.Tensor, header: list[int], status: torch.Tensor,
-                   timeout_s: float, counts: torch.Tensor | None = None, max_tokens: int = 2 ** 30,
-                   check_heads: bool = True, zero: torch.Tensor | None = None, publish: bool = True,
-                   wait: bool = True, poison: tuple[torch.Tensor, int] | None = None) -> None:
+def exchange_flags(ws, phase: str, slot: int, header: list[int], timeout_s: float,
+                   counts: torch.Tensor | None = None, max_tokens: int = 2 ** 30, check_heads: bool = True,
+                   zero: torch.Tensor | None = None, publish: bool = True, wait: bool = True,
+                   poison: tuple[torch.Tensor, int] | None = None) -> None:
     """Publish the header (fingerprint, layer, forward, tokens, failed [+ `counts` [ep] int32]) and the
-    next epoch of phase `phase` in slot `slot` to every rank (`publish`), and wait for every rank's
-    (`wait`), checking their headers against this one.
+    next epoch of phase `phase` in slot `slot` of workspace `ws` to every rank (`publish`), and wait for
+    every rank's (`wait`), checking their headers against this one.
 
-    epochs: [1 + slots] int32 on the device: the forward counter, then each slot's current epoch (the "count"
-    phase, every forward's first exchange, advances it; the later phases use it). Waiting ends after
-    `timeout_s` at the latest, with the TIMEOUT bit set in `status`; header checks set MISMATCH
+    ws.epochs: [1 + slots] int32 on the device: the forward counter, then each slot's current epoch (the
+    "count" phase, every forward's first exchange, advances it; the later phases use it). Waiting ends
+    after `timeout_s` at the latest, with the TIMEOUT bit set in `ws.status`; header checks set MISMATCH
     (fingerprint, layer or forward differ), OVERFLOW (tokens > max_tokens) or FAILED. `zero`: int32
     cleared before publishing; `poison` (int32 tensor, value): filled with value after the wait when the
     status word holds any bit.
     """
+    epochs, status = ws.epochs, ws.status
     flags, heads = ws.control_view(slot, f"flags.{phase}"), ws.control_view(slot, f"heads.{phase}")
     coll = ws.control_view(0, "collective")
     hw = heads.shape[1]
