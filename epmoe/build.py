@@ -70,7 +70,7 @@ def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank
     """
     ep_size, rank = group_info(group)
     device = resolve_device(device, group)
-    name, _ = contract.resolve_names(name, "reference", cfg, ep_size, device.type)
+    name, _ = contract.resolve_names(name, None, cfg, ep_size, device.type)
     plan = contract.build_plan(name, None, cfg, ep_size, device.type, max_tokens_per_rank)
     placement = Placement(cfg.num_experts, ep_size, rank, expert_placement)
     dispatcher = build_dispatcher(plan, placement, group, device, workspace)

@@ -58,8 +58,9 @@ def _add_run(sub) -> None:
     p.add_argument("--dispatcher", default="auto", help="dispatcher backend (see `epmoe info`; default auto)")
     p.add_argument("--backend", default="auto", help="experts backend (see `epmoe info`; default auto)")
     p.add_argument("--max-tokens-per-rank", type=int, default=None,
-                   help="capacity for the low_latency dispatcher (default: --tokens; with --model: the prompt's "
-                   "length)")
+                   help="capacity of a fixed-capacity dispatcher (low_latency, symm_low_latency; default: --tokens; "
+                   "with --model: the prompt's length); symm_high_throughput takes it too (fixed buffers, no host "
+                   "read)")
     p.add_argument("--iters", type=int, default=10, help="timed forward passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     p.add_argument("--check-tokens", type=int, default=64,

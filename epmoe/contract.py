@@ -55,6 +55,9 @@ class DispatcherCaps:
     takes_max_tokens: bool = False      # uses max_tokens_per_rank when given (fixed buffers, no host read)
     peer_memory: bool = False           # stores into the peers' GPU memory (one host: NVLink / PCIe peer access)
     fp8_dispatch: bool = False          # can quantize to FP8 before the wire (scales travel along)
+    # "auto" picks, among the dispatchers that can run, the one with the highest (0: never picked); for one
+    # rank one that does not communicate, for several one that does
+    auto_priority: int = 0
     summary: str = ""
     available: Callable[[str], str | None] = _always
 
@@ -74,6 +77,9 @@ class ExpertsCaps:
     # flat batches may be strided views (rows further apart than their width: fields of a receive
     # buffer); False: the backend indexes rows as a dense array and gets dense copies
     reads_strided_rows: bool = False
+    # "auto" picks, among the backends that accept the dispatcher's layout here, the one with the highest
+    # (0: never picked)
+    auto_priority: int = 0
     summary: str = ""
     available: Callable[[str], str | None] = _always
     # for a quantized layer whose kind is in `quant`: why these experts cannot run its scheme (the
@@ -81,11 +87,11 @@ class ExpertsCaps:
     quant_problem: Callable[..., str | None] = _no_quant_problem
 
 
-# Public names of backends this version does not provide yet: asking for one is a refusal through
-# the contract (UnsupportedCombination with what to use instead), not an "unknown name".
+# Public names of backends epmoe does not provide: asking for one is a refusal through the contract
+# (UnsupportedCombination with what to use instead), not an "unknown name".
 DISPATCHERS_NOT_PROVIDED: dict[str, str] = {
-    "nvshmem": "the GPU-initiated dispatcher (torch symmetric memory / NVSHMEM all_to_all_vdev) is not part of "
-               "this version of epmoe",
+    "nvshmem": "NVSHMEM's all_to_all_vdev transport is not provided; the GPU-initiated dispatchers on torch "
+               "symmetric memory are",
 }
 
 
@@ -97,9 +103,16 @@ def _load(table: dict[str, type], name: str, kind: str):
 
 def dispatcher_class(name: str):
     if name in DISPATCHERS_NOT_PROVIDED:
-        raise UnsupportedCombination(name, "-", DISPATCHERS_NOT_PROVIDED[name],
-                                     [f"dispatcher={d!r}" for d in DISPATCHERS])
+        peer = [d for d, cls in DISPATCHERS.items() if cls.CAPS.peer_memory]
+        raise UnsupportedCombination(name, "-", f"{DISPATCHERS_NOT_PROVIDED[name]} {peer}",
+                                     [f"dispatcher={d!r}" for d in peer or DISPATCHERS])
     return _load(DISPATCHERS, name, "dispatcher")
+
+
+def needs_capacity(dispatcher: str) -> bool:
+    """Whether the named dispatcher has fixed capacity and needs max_tokens_per_rank ("auto" never picks
+    one that does)."""
+    return dispatcher in DISPATCHERS and DISPATCHERS[dispatcher].CAPS.needs_max_tokens
 
 
 def experts_class(name: str):
@@ -286,11 +299,6 @@ def supported_pairings(cfg, ep_size: int, device_type: str) -> list[tuple[str, s
             if pairing_problem(d, x, cfg, ep_size, device_type) is None]
 
 
-# "auto" on several ranks: the first of these that can run (symmetric memory needs CUDA GPUs that reach
-# each other's memory: taken as every rank of the group having a GPU of this host, see `_one_host`)
-AUTO_EP_DISPATCHERS = ("symm_high_throughput", "alltoall")
-
-
 def _one_host(ep_size: int) -> bool:
     """Whether the group plausibly fits on this host's GPUs (no communication: every rank decides alike on
     hosts of the same size; a group spread over hosts with as many GPUs each is not detected and fails
@@ -298,31 +306,33 @@ def _one_host(ep_size: int) -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= ep_size
 
 
-def resolve_names(dispatcher: str, experts: str, cfg, ep_size: int, device_type: str) -> tuple[str, str]:
-    """Turn "auto" into explicit names: local for one rank; for several, the GPU-initiated
-    `symm_high_throughput` where the contract accepts it and the group fits on this host's GPUs, else
-    alltoall; the fastest experts backend that accepts that dispatcher's layout on this device."""
+def _by_priority(table: dict[str, type]) -> list[str]:
+    """The names "auto" may pick, highest `auto_priority` first (registration order among equals)."""
+    return sorted((n for n, cls in table.items() if cls.CAPS.auto_priority > 0),
+                  key=lambda n: -table[n].CAPS.auto_priority)
+
+
+def resolve_names(dispatcher: str, experts: str | None, cfg, ep_size: int, device_type: str
+                  ) -> tuple[str, str | None]:
+    """Turn "auto" into explicit names, by what the backends declare: the dispatcher of highest
+    `auto_priority` that runs here -- for one rank one that does not communicate, for several one that
+    does, and one on peer memory only when the group fits on this host's GPUs -- and the experts backend of
+    highest `auto_priority` that accepts that dispatcher's layout on this device. `experts=None`: a
+    dispatcher on its own."""
     if dispatcher == "auto":
-        dispatcher = "local"
-        if ep_size > 1:
-            dispatcher = "alltoall"
-            for name in AUTO_EP_DISPATCHERS:
-                if name not in DISPATCHERS or (dispatcher_class(name).CAPS.peer_memory and not _one_host(ep_size)):
-                    continue
-                if dispatcher_problem(name, cfg, ep_size, device_type) is None:
-                    dispatcher = name
-                    break
-        if dispatcher not in DISPATCHERS:
-            raise UnsupportedCombination("auto", experts, f"no communicating dispatcher is installed for "
-                                         f"{ep_size} ranks", [])
+        multi = ep_size > 1
+        dispatcher = next((n for n in _by_priority(DISPATCHERS)
+                           if DISPATCHERS[n].CAPS.communicates == multi
+                           and not (DISPATCHERS[n].CAPS.peer_memory and not _one_host(ep_size))
+                           and dispatcher_problem(n, cfg, ep_size, device_type) is None), None)
+        if dispatcher is None:
+            raise UnsupportedCombination("auto", experts or "-", f"no registered dispatcher that "
+                                         f"{'moves tokens' if multi else 'runs on one rank'} can run on {ep_size} "
+                                         f"{device_type} rank(s)", [])
     if experts == "auto":
-        preference = ["triton", "grouped_mm", "batched", "reference"]
-        if device_type == "cpu":
-            preference = ["grouped_mm", "batched", "reference"]
-        for name in preference:
-            if name in EXPERTS and pairing_problem(dispatcher, name, cfg, ep_size, device_type) is None:
-                return dispatcher, name
-        experts = "reference"
+        ranked = _by_priority(EXPERTS)
+        experts = next((x for x in ranked if pairing_problem(dispatcher, x, cfg, ep_size, device_type) is None),
+                       ranked[-1] if ranked else "reference")   # none fits: the check that follows says why
     return dispatcher, experts
 
 

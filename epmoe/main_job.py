@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import contract
 from .config import MoEConfig
 from .layer import MoELayer
 from .log import Steps, configure_cli_logging, get_logger
@@ -18,7 +19,7 @@ from .presets import expert_weight_bytes, preset_config, shrink_config
 from .reference import reference_moe
 from .testing.compare import bound_for, compare
 from .testing.distributed import launch, under_torchrun
-from .usage import UsageError, all_experts_per_token, check_backends, check_device
+from .usage import UsageError, all_experts_per_token, check_backends, check_capacity, check_device
 
 log = get_logger("run")
 
@@ -119,9 +120,7 @@ def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
         raise UsageError(f"{cfg.num_experts} experts cannot be split over {ranks} ranks (each needs one); use "
                          f"--experts {ranks} or more, or fewer --ranks")
     dispatcher, experts = check_backends(args.dispatcher, args.backend, cfg, ranks, device.type)
-    if dispatcher == "low_latency" and args.max_tokens_per_rank and args.max_tokens_per_rank < args.tokens:
-        raise UsageError(f"--max-tokens-per-rank {args.max_tokens_per_rank} is below --tokens {args.tokens}: every "
-                         f"rank would overflow the low_latency dispatcher's capacity; give {args.tokens} or more")
+    check_capacity(dispatcher, experts, cfg, ranks, device.type, capacity_for(args, dispatcher), args.tokens)
     return cfg, device, ranks, dispatcher, experts
 
 
@@ -132,11 +131,12 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def capacity_for(args, layer_dispatcher: str) -> int | None:
-    """max_tokens_per_rank for the main job: --max-tokens-per-rank, else --tokens, for the fixed-capacity
-    dispatcher; other dispatchers take none (an explicit value is still passed through)."""
+    """max_tokens_per_rank for the main job: --max-tokens-per-rank, else --tokens for a dispatcher that
+    declares fixed capacity (`needs_max_tokens`); others take none (an explicit value is still passed
+    through)."""
     if args.max_tokens_per_rank:
         return args.max_tokens_per_rank
-    return max(args.tokens, 1) if layer_dispatcher == "low_latency" else None
+    return max(args.tokens, 1) if contract.needs_capacity(layer_dispatcher) else None
 
 
 def default_ranks(device: torch.device) -> int:

@@ -90,6 +90,21 @@ def check_backends(dispatcher: str, experts: str, cfg, world: int, device_type: 
     return d, x
 
 
+def check_capacity(dispatcher: str, experts: str, cfg, world: int, device_type: str, capacity: int | None,
+                   tokens: int, flag: str = "--max-tokens-per-rank") -> None:
+    """The capacity a command will build the layer with (`capacity`, from `flag` or its default), checked
+    as the layer will check it (`contract.build_plan`), and against the `tokens` a rank passes for a
+    dispatcher that declares a capacity (overflow would be every rank's error)."""
+    from . import contract
+    try:
+        plan = contract.build_plan(dispatcher, experts, cfg, world, device_type, capacity)
+    except ValueError as exc:
+        raise UsageError(f"--dispatcher {dispatcher}: {exc}; give {flag} N") from None
+    if plan.max_tokens_per_rank is not None and plan.max_tokens_per_rank < tokens:
+        raise UsageError(f"{flag} {plan.max_tokens_per_rank} is below --tokens {tokens}: every rank would overflow "
+                         f"the {dispatcher} dispatcher's capacity; give {tokens} or more")
+
+
 class CsvList(argparse.Action):
     """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c` is
     `a,b,c`); stored as one comma-separated string, the first use replacing the default."""

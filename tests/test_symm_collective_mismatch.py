@@ -7,7 +7,7 @@ dispatcher whose process also has the group's symmetric workspace writes "entere
 into every peer's control block before its header exchange; the symmetric-memory wait for forward #n stops
 on it (COLLECTIVE_PEER), and that rank joins the header exchange with its own header, so both see the
 same rows and raise the same error; the collective rank then advances its workspace state as the symm
-forward did (`WorkspacePool.skip_forward`).
+forward did (`SymmWorkspace.skip_forward`).
 
 Simulated here in one process: the symm rank runs its kernels under the Triton interpreter on simulated
 workspaces; the collective rank is the real dispatcher class with a fake two-rank group whose

@@ -122,9 +122,9 @@ def _params(args) -> dict:
     dispatchers = _csv(args.dispatchers) if args.dispatchers is not None else [   # the registry's, runnable here
         n for n, cls in contract.DISPATCHERS.items()
         if cls.CAPS.communicates and contract.dispatcher_problem(n, None, 2, here) is None]
-    bad = [d for d in dispatchers if d not in contract.DISPATCHERS or d == "local"]
+    bad = [d for d in dispatchers if d not in contract.DISPATCHERS or not contract.DISPATCHERS[d].CAPS.communicates]
     if bad or not dispatchers:
-        raise UsageError(f"dispatchers must be among {[d for d in contract.DISPATCHERS if d != 'local']}"
+        raise UsageError(f"dispatchers must be among {[d for d, c in contract.DISPATCHERS.items() if c.CAPS.communicates]}"
                          f" (local is the baseline, always measured unless --no-local), got {bad or dispatchers}")
     if args.backend != "auto" and args.backend not in contract.EXPERTS:
         raise UsageError(f"unknown experts backend {args.backend!r}; known: {sorted(contract.EXPERTS)}")

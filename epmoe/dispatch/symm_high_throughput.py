@@ -81,7 +81,7 @@ class HTRegions(NamedTuple):
 class SymmHighThroughputDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
-        takes_max_tokens=True, fp8_dispatch=True, available=symm_problem,
+        takes_max_tokens=True, fp8_dispatch=True, available=symm_problem, auto_priority=2,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
                 "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); rows come back "
                 "the same way and the owner sums them in float32; with max_tokens_per_rank: fixed buffers, no "

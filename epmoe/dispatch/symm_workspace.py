@@ -167,16 +167,17 @@ class SymmWorkspace:
         return out
 
     @staticmethod
-    def size_hint(configs, ep_size: int, max_tokens_per_rank: int,
-                  dispatchers=("symm_high_throughput", "symm_low_latency"), expert_placement=None) -> int:
+    def size_hint(configs, ep_size: int, max_tokens_per_rank: int, dispatchers=None, expert_placement=None) -> int:
         """The bytes a slot needs for layers of these `MoEConfig`s (one, or a list) on `ep_size` ranks, on
-        each of `dispatchers`, with at most `max_tokens_per_rank` tokens a rank in one forward (a
+        each of `dispatchers` (default: every registered one that stores into the peers' memory), with at most `max_tokens_per_rank` tokens a rank in one forward (a
         symm_high_throughput layer built without max_tokens_per_rank needs it too: its rows are what a rank
         can receive). Pass the result to `SymmWorkspace(group, ...)`."""
-        from ..contract import build_plan, dispatcher_class
+        from ..contract import DISPATCHERS, build_plan, dispatcher_class
         from ..placement import Placement
         if not isinstance(configs, (list, tuple)):
             configs = [configs]
+        if dispatchers is None:
+            dispatchers = [n for n, cls in DISPATCHERS.items() if cls.CAPS.peer_memory]
         need = 0
         for config in configs:
             placement = Placement(config.num_experts, ep_size, 0, expert_placement)

@@ -64,7 +64,7 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 @register_experts("batched")
 class BatchedExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({BATCHED}), quant=frozenset({"none"}) | FP8_KINDS,
-                       fp8_activations=TAKES_FP8, cuda_graph_safe=True,
+                       fp8_activations=TAKES_FP8, cuda_graph_safe=True, auto_priority=2,
                        summary="masked batched matmul over each expert's capacity on the batched layout (Triton "
                                "kernel skipping the padding on CUDA, torch.bmm elsewhere); FP8 W8A8 in the Triton "
                                "kernel on CUDA only; static shapes, CUDA-graph safe",

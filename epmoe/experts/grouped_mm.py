@@ -52,7 +52,7 @@ def _scaled_grouped_mm_problem(scheme, device_type: str) -> str | None:
 
 @register_experts("grouped_mm")
 class GroupedMMExperts(Experts):
-    CAPS = ExpertsCaps(layouts=frozenset({FLAT}), cuda_graph_safe=True, reads_strided_rows=True,
+    CAPS = ExpertsCaps(layouts=frozenset({FLAT}), cuda_graph_safe=True, reads_strided_rows=True, auto_priority=3,
                        quant=frozenset({"none", "fp8_channel", "fp8_tensor"}), fp8_activations=TAKES_FP8,
                        summary="torch._grouped_mm over expert segments sorted on the device "
                                "(FP8: torch._scaled_grouped_mm, row-wise scales)",

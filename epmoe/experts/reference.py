@@ -37,7 +37,7 @@ def _expert_forward(x: torch.Tensor, w: ExpertWeights, e: int, plan) -> torch.Te
 class ReferenceExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT, BATCHED}),
                        quant=frozenset({"none", "fp8_block", "fp8_channel", "fp8_tensor"}),
-                       fp8_activations=TAKES_FP8, reads_strided_rows=True,
+                       fp8_activations=TAKES_FP8, reads_strided_rows=True, auto_priority=1,
                        summary="PyTorch loop over experts in float32; slow, any device")
 
     def _rows(self, batch) -> torch.Tensor:

@@ -51,7 +51,7 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 class TritonExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), devices=frozenset({"cuda"}),
                        quant=frozenset({"none"}) | FP8_KINDS, fp8_activations=TAKES_FP8,
-                       cuda_graph_safe=True,
+                       cuda_graph_safe=True, auto_priority=4,
                        summary="fused Triton grouped GEMMs (gather, activation, routing weight fused), BF16/FP8",
                        available=_available, quant_problem=_quant_problem)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .. import contract
 from ..usage import UsageError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -117,9 +118,9 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     path = Path(opts["model"])
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     ids = tokenizer(opts["prompt"], return_tensors="pt").input_ids.to(device)
-    capacity = None
-    if opts["dispatcher"] == "low_latency":    # the most tokens one forward passes: the prompt (prefill)
-        capacity = opts.get("max_tokens_per_rank") or ids.numel()
+    capacity = opts.get("max_tokens_per_rank")
+    if capacity is None and contract.needs_capacity(opts["dispatcher"]):   # fixed capacity: the most tokens
+        capacity = ids.numel()                                             # one forward passes, the prompt
     t0 = time.perf_counter()
     model = load_model(path, ep_group=group, dtype=DTYPES.get(opts["dtype"]) if opts["dtype"] else None,
                        device=device, dispatcher=opts["dispatcher"], experts=opts["experts"],
