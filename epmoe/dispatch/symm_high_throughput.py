@@ -38,6 +38,7 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch, count_pairs
 from ..registry import register_dispatcher
+from ..sizes import ceil_div
 from . import header as fh
 from ._symm import SymmDispatcher, SymmHandle, symm_problem
 from .symm_workspace import SlotLayout, SymmWorkspace
@@ -58,7 +59,7 @@ class HTLaunch(NamedTuple):
 
     def column_block(self, H: int, split: int) -> int:
         from ..kernels.symm_dispatch import row_block
-        return row_block(-(-H // split))
+        return row_block(ceil_div(H, split))
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sizes import ceil_div, scale_groups
 from .fp8_quant import fp8_quantize_groups
 from .token_rows import pow2, route_to_ranks
 
@@ -140,7 +141,7 @@ def pack_rows(fmt, send: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, 
     quant = fmt.quantize is not None
     if quant:
         g = HP if group_size is None else group_size
-        n_groups = -(-HP // g)
+        n_groups = scale_groups(HP, group_size)
         if n_groups != fmt.fields["scales"].width:
             raise ValueError(f"pack_rows: {n_groups} scales per row for group_size={group_size}, but the wire "
                              f"carries {fmt.fields['scales'].width}")
@@ -148,7 +149,7 @@ def pack_rows(fmt, send: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, 
         groups = max(1, min(triton.next_power_of_2(n_groups), 4096 // block))
     else:
         g = block = min(pow2(HP), COPY_BLOCK)
-        n_groups = -(-HP // g)
+        n_groups = ceil_div(HP, g)
         groups = 1
     sx, x_row, x_off = _field(fmt, send, "x")
     sids, i_row, i_off = _field(fmt, send, "ids")

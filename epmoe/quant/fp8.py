@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
-from ..sizes import round_up
+from ..sizes import ceil_div, round_up
 
 ACTIVATION_MODES = ("per_token_group", "per_token")
 GEMM_ALIGN = 16              # torch._scaled_grouped_mm: K and N multiples of 16
@@ -109,7 +109,7 @@ def quantize_weight(w: torch.Tensor, granularity: str, block: tuple[int, int] | 
     N, K = wf.shape
     if granularity == "block":
         bn, bk = block
-        nb, kb = -(-N // bn), -(-K // bk)
+        nb, kb = ceil_div(N, bn), ceil_div(K, bk)
         wp = nn.functional.pad(wf, (0, kb * bk - K, 0, nb * bn - N)).reshape(nb, bn, kb, bk)
         scale = scale_from_amax(wp.abs().amax(dim=(1, 3)))
         q = quantize_with_scale(wp, scale[:, None, :, None]).reshape(nb * bn, kb * bk)[:N, :K].contiguous()
@@ -136,9 +136,9 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
         if block is None:
             raise ValueError(f"dequantize_weight: block scales {list(s.shape)} need block=(rows, cols)")
         bn, bk = block
-        if s.shape[-2:] != (-(-N // bn), -(-K // bk)):
+        if s.shape[-2:] != (ceil_div(N, bn), ceil_div(K, bk)):
             raise ValueError(f"dequantize_weight: {block} blocks of a [{N}, {K}] weight need scales "
-                             f"[{-(-N // bn)}, {-(-K // bk)}], got {list(s.shape[-2:])}")
+                             f"[{ceil_div(N, bn)}, {ceil_div(K, bk)}], got {list(s.shape[-2:])}")
         s = s.repeat_interleave(bn, dim=-2)[..., :N, :].repeat_interleave(bk, dim=-1)[..., :K]
         return q.float() * s
     if s.numel() == 1:
@@ -261,7 +261,7 @@ class Fp8Scheme:
         g = self.config.weight_granularity
         if g == "block":
             bn, bk = self.config.weight_block
-            return (-(-N // bn), -(-K // bk))
+            return (ceil_div(N, bn), ceil_div(K, bk))
         return (N,) if g == "channel" else ()
 
     def _scale_rule(self) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..sizes import round_up
+
 
 @dataclass(frozen=True)
 class NoQuant:
@@ -25,7 +27,7 @@ class NoQuant:
 
     def roundup_sizes(self, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
         multiple = 16 // torch.empty((), dtype=self.dtype).element_size()
-        return -(-hidden_size // multiple) * multiple, -(-intermediate_size // multiple) * multiple
+        return round_up(hidden_size, multiple), round_up(intermediate_size, multiple)
 
     def create_weights(self, layer, L: int, H: int, I: int) -> None:
         """w13 [L, 2I, H] (gate rows, then up rows) and w2 [L, H, I] in the layer's dtype, zeros."""
