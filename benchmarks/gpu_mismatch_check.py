@@ -5,8 +5,8 @@ match `reference_moe`.
     PYTHONPATH=. python3 benchmarks/gpu_mismatch_check.py --out DIR
 
 Cases: every case of tests/test_ep_mismatch.py (CASES, SKIPS; imported, not copied), then the
-symmetric-memory ones: a symm layer's first forward (its workspace not yet allocated) against a collective
-layer; HT vs LL; HT vs HT with another hidden size / capacity / expert count; each symm kind against each
+symmetric-memory ones: a symm layer's first forward (its kernels not yet compiled; its workspace was
+allocated when the layer was built) against a collective layer; HT vs LL; HT vs HT with another hidden size / capacity / expert count; each symm kind against each
 collective kind, in both orders; a skipped forward on each symm kind. Symm layers get timeout_s = 5, so a
 failure shows as a timeout error quickly, never a hang; the whole run is bounded (--timeout).
 Writes DIR/mismatch.json and DIR/mismatch.txt (and DIR/progress.rank<r>.jsonl as it goes, so a run that
@@ -89,9 +89,8 @@ def _worker(rank, world, out_dir):
         results[case]["deadline_s"] = tm.DEADLINE_S
         aligned(case, layers)
 
-    # 1. before any symmetric-memory forward: the symm rank's first forward would allocate (a rendezvous)
-    one("symm LL first forward (allocation) vs alltoall", (LL, {}), ("alltoall", {}), "dispatcher differs",
-        deadline=30.0)
+    # 1. before any symmetric-memory forward: the symm rank's first forward compiles its kernels
+    one("symm LL first forward vs alltoall", (LL, {}), ("alltoall", {}), "dispatcher differs", deadline=30.0)
     # 2. the test file's cases on NCCL
     for case, even, odd, expected in tm.CASES:
         one(case, even, odd, expected)
@@ -104,7 +103,7 @@ def _worker(rank, world, out_dir):
         layer, weights = tm._build(spec, seed=0)
         layer.dispatcher.timeout_s = WARMUP_TIMEOUT_S
         tm._aligned_forwards_are_correct(rank, [(layer, weights)])
-    warm = tm._build(("alltoall", {}), seed=0)      # a collective forward with the pool present: marks
+    warm = tm._build(("alltoall", {}), seed=0)      # a collective forward with the workspace present: marks
     tm._aligned_forwards_are_correct(rank, [warm])
     results["_warmup_s"] = round(time.monotonic() - t0, 1)
     # 4. the symm cases

@@ -302,7 +302,7 @@ def supported_pairings(cfg, ep_size: int, device_type: str) -> list[tuple[str, s
 def _one_host(ep_size: int) -> bool:
     """Whether the group plausibly fits on this host's GPUs (no communication: every rank decides alike on
     hosts of the same size; a group spread over hosts with as many GPUs each is not detected and fails
-    at its first forward with the symmetric-memory error)."""
+    when its workspace is allocated, with the symmetric-memory error)."""
     return torch.cuda.is_available() and torch.cuda.device_count() >= ep_size
 
 
