@@ -35,12 +35,14 @@ def dispatcher_signature(dispatcher) -> dict:
     """What the ranks running one dispatcher must share: its plan, placement and wire format."""
     plan = dispatcher.plan
     wire = getattr(dispatcher, "wire_signature", None)
+    workspace = getattr(dispatcher, "workspace_signature", None)
     return {
         "epmoe version": __version__,
         "dispatcher": plan.dispatcher,
         "plan": {k: repr(v) for k, v in plan.describe().items() if k not in ("dispatcher", "experts")},
         "placement": dispatcher.placement.signature(),
         "wire format": wire() if wire is not None else None,
+        "workspace": workspace() if workspace is not None else None,
         "max_tokens_per_rank": plan.max_tokens_per_rank,
         "device_type": plan.device_type,
     }

@@ -6,6 +6,7 @@ registers the built-in ones.
 """
 from . import local, allgather, alltoall, low_latency  # noqa: F401,I001  (registers the built-in dispatchers, in this order)
 from . import symm_high_throughput, symm_low_latency  # noqa: F401,I001  (GPU-initiated, on symmetric memory)
-from .base import Dispatcher, Pending
+from .base import Dispatcher, Handle, Pending
+from .symm_workspace import SymmWorkspace
 
-__all__ = ["Dispatcher", "Pending"]
+__all__ = ["Dispatcher", "Handle", "Pending", "SymmWorkspace"]

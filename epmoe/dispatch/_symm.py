@@ -266,6 +266,12 @@ class SymmDispatcher(CommDispatcher):
             self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)],
                                   handle.header)
 
+    def workspace_signature(self) -> tuple:
+        """The workspace every rank builds this layer on (the build handshake compares it: a rank on the
+        group's default and a rank on its own would allocate apart)."""
+        ws = self.workspace
+        return ("the group's default",) if ws is None else (f"workspace #{ws.number}", ws.slot_bytes)
+
     def wire_signature(self) -> tuple:
         """Name, the slot layout (regions, dtypes, shapes) and the capacity: what peers must agree on."""
         layout = self.slot_layout_for(self.plan, self.placement, 1)
