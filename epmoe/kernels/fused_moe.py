@@ -115,52 +115,140 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_pairs", "capacity"])
-def gate_up_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
+def moe_gemm_kernel(
+        a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
         sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
         num_pairs, capacity,
-        H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
-        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
-        FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+        GATE_UP: tl.constexpr, H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
+        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
+        FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
-    """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert.
+        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+        PROMOTE: tl.constexpr = False):
+    """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
+
+    gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
+    pair, bias and activation (and FP8 quantization of the output per BLOCK_N columns) in the epilogue,
+    written to the padded position of each row. down: act rows (contiguous) @ w2[e].T, bias and routing
+    weight in the epilogue, each row scattered to its pair (flat) or kept in place (batched, rows past
+    the count written as zeros).
 
     TILE_MODE: how tiles map to rows (`_tile_rows`). W_SCALE_SCALAR (FP8, weight scales per block): the
-    tile's BLOCK_N rows lie in one scale block, so each K block's weight scale is one number (folded
+    rows of each product lie in one scale block, so each K block's weight scale is one number (folded
     into the row scale: one multiply per product element, and no per-column scale registers).
 
-    W_DESC: `w_ptr` is a tensor descriptor of w13 as [L * 2I, H] with [BLOCK_N, BLOCK_K] blocks (the TMA
-    engine loads weight tiles, zero-filled past the end); tile rows past I then hold other rows, whose
-    output columns are never stored.
+    W_DESC: `w_ptr` is a tensor descriptor of the weights as [L * rows, K] (the TMA engine loads weight
+    tiles, zero-filled past the end); tile rows past the expert's rows then hold other rows, whose output
+    columns are never stored.
 
     PERSISTENT (flat layout, TILE_MODE 0 or 1): a fixed grid of programs walks the tiles in use (program
     p takes tiles p, p + grid, ...), in a loop nest flattened into one software-pipelined loop, so the
-    next tile's first K blocks are loaded while this tile finishes and stores its epilogue."""
-    num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
+    next tile's first K blocks are loaded while this tile finishes and stores its epilogue.
+
+    PROMOTE (FP8 with W_SCALE_SCALAR; 0 otherwise): how each K block's product is promoted (scaled by
+    its row and block scales and added in float32) without stalling the tensor cores for the whole
+    promotion. A tile is then two products per K block (gate and up; down: the two halves of its N tile).
+    0 "sync": each product is waited for and promoted before the next starts. 1 "lag": the first
+    product is waited for and promoted; the second stays in flight while the CUDA cores promote the
+    first and the previous K block's second (one more product's registers). 2 "rescale": each
+    accumulator holds its sum in units of the last K block's scale, so a K block is one accumulating
+    product, acc = dot(a, b, acc * s_prev / s) (scales floored at PROMOTE_SCALE_FLOOR), scaled by the
+    last scale after the loop; the second product's rescale and wgmma overlap the first's.
+    """
+    N_OUT: tl.constexpr = I if GATE_UP else H
+    num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     if PERSISTENT:
         tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
         for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
             pid_m, pid_n = _swizzle(tile, tiles_m, num_pid_n, GROUP_M)
-            expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                       num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-            _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
-                          pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, X_SCALE_PER_BLOCK,
-                          W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+            _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                      sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
+                      GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, PROMOTE, False)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-            return
-        expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                   num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-        if expert < 0:
-            return
-        _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
-                      pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, X_SCALE_PER_BLOCK,
-                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                      BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+        if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+            _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                      sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
+                      GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, PROMOTE, True)
+
+
+@triton.jit
+def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+              sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
+              GATE_UP: tl.constexpr, H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
+              ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
+              FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+              SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, PROMOTE: tl.constexpr,
+              CHECK_EXPERT: tl.constexpr):
+    """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
+    tile); then it does nothing, except a batched down tile, which writes its rows' zeros."""
+    expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
+    if GATE_UP:
+        if (not CHECK_EXPERT) or expert >= 0:
+            _gate_up_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr,
+                          pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, A_SCALE_PER_BLOCK,
+                          W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
+                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, PROMOTE)
+    elif (not CHECK_EXPERT) or expert >= 0:
+        _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                   pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
+                   FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, PROMOTE)
+    elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
+        tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
+                 tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                 mask=rows_in[:, None] & (offs_n < H)[None, :])
+
+
+@triton.jit
+def _promote_init(BLOCK_M: tl.constexpr, N: tl.constexpr, PROMOTE: tl.constexpr):
+    """(p2_prev, s1_prev, s2_prev) before the first K block (see moe_gemm_kernel's PROMOTE)."""
+    if PROMOTE == 1:     # no second product in flight yet: it adds zeros
+        return (tl.zeros((BLOCK_M, N), dtype=tl.float32), tl.full((BLOCK_M,), 1.0, tl.float32),
+                tl.zeros((BLOCK_M,), dtype=tl.float32))
+    else:                # the accumulators (zeros) are in units of 1
+        return 0.0, tl.full((BLOCK_M,), 1.0, tl.float32), tl.full((BLOCK_M,), 1.0, tl.float32)
+
+
+@triton.jit
+def _promote_step(a, b1, b2, acc1, acc2, p2_prev, s1_prev, s2_prev, row_scale, w_scale1, w_scale2,
+                  PROMOTE: tl.constexpr):
+    """One K block of a tile's two FP8 products (row_scale [BLOCK_M]: the activations' scale of this K
+    block; w_scale1 / w_scale2: each product's weight-block scale) -> (acc1, acc2, p2_prev, s1_prev,
+    s2_prev). The first dot is synchronous (Triton waits for every wgmma in flight right after it); the
+    second is left in flight, since its result is only carried to the next K block."""
+    if PROMOTE == 1:
+        p1 = tl.dot(a, b1)
+        p2 = tl.dot(a, b2)
+        acc1 += p1 * (row_scale * w_scale1)[:, None]
+        acc2 += p2_prev * s2_prev[:, None]
+        return acc1, acc2, p2, s1_prev, row_scale * w_scale2
+    else:
+        s1 = tl.maximum(row_scale * w_scale1, PROMOTE_SCALE_FLOOR)
+        s2 = tl.maximum(row_scale * w_scale2, PROMOTE_SCALE_FLOOR)
+        acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
+        acc2 = tl.dot(a, b2, acc2 * (s2_prev / s2)[:, None])
+        return acc1, acc2, p2_prev, s1, s2
+
+
+@triton.jit
+def _promote_finish(acc1, acc2, p2_prev, s1_prev, s2_prev, PROMOTE: tl.constexpr):
+    """The two accumulators after the last K block: the second product still in flight added (lag), or
+    the sums scaled back from units of the last scale (rescale)."""
+    if PROMOTE == 1:
+        return acc1, acc2 + p2_prev * s2_prev[:, None]
+    else:
+        return acc1 * s1_prev[:, None], acc2 * s2_prev[:, None]
 
 
 @triton.jit
@@ -170,8 +258,8 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                   FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
                   SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  W_SCALE_SCALAR: tl.constexpr):
-    """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see gate_up_kernel)."""
+                  W_SCALE_SCALAR: tl.constexpr, PROMOTE: tl.constexpr):
+    """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel)."""
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = H % BLOCK_K == 0
@@ -202,6 +290,8 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PROMOTE != 0:
+        pu_prev, sg_prev, su_prev = _promote_init(BLOCK_M, BLOCK_N, PROMOTE)
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -216,7 +306,12 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         else:
             bg = tl.load(g_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
             bu = tl.load(u_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
-        if FP8 and W_SCALE_SCALAR and X_SCALE_PER_BLOCK:
+        if PROMOTE != 0:
+            xs = tl.load(xs_ptrs + kb) if X_SCALE_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
+            acc_g, acc_u, pu_prev, sg_prev, su_prev = _promote_step(
+                a, bg, bu, acc_g, acc_u, pu_prev, sg_prev, su_prev, xs, tl.load(ws_g_ptrs + kb),
+                tl.load(ws_u_ptrs + kb), PROMOTE)
+        elif FP8 and W_SCALE_SCALAR and X_SCALE_PER_BLOCK:
             xs = tl.load(xs_ptrs + kb)
             acc_g += tl.dot(a, bg) * (xs * tl.load(ws_g_ptrs + kb))[:, None]
             acc_u += tl.dot(a, bu) * (xs * tl.load(ws_u_ptrs + kb))[:, None]
@@ -242,6 +337,8 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         if not W_DESC:
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+    if PROMOTE != 0:
+        acc_g, acc_u = _promote_finish(acc_g, acc_u, pu_prev, sg_prev, su_prev, PROMOTE)
 
     if FP8:
         if not X_SCALE_PER_BLOCK:            # one scale per token, applied once
@@ -265,55 +362,6 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_pairs", "capacity"])
-def down_kernel(
-        a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
-        num_pairs, capacity,
-        H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
-        FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
-    """act_rows @ w2[e].T (+ bias) (* routing weight) for one tile; rows go to their pair (flat) or stay
-    in place (batched, rows past the count written as zeros). W_DESC: `w_ptr` is a tensor descriptor of
-    w2 as [L * H, I] with [BLOCK_N, BLOCK_K] blocks. PERSISTENT: as gate_up_kernel (flat layout only)."""
-    num_pid_n: tl.constexpr = (H + BLOCK_N - 1) // BLOCK_N
-    if PERSISTENT:
-        tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
-        for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
-            pid_m, pid_n = _swizzle(tile, tiles_m, num_pid_n, GROUP_M)
-            expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                       num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-            _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-                       pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
-                       FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                       BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
-    else:
-        pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-            return
-        expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                   num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-        if BATCHED:
-            # rows past the count are zeros in the output; a tile with no rows writes only those
-            if expert < 0:
-                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
-                tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
-                         tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
-                         mask=rows_in[:, None] & (offs_n < H)[None, :])
-                return
-        else:
-            if expert < 0:
-                return
-        _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-                   pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
-                   FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
-
-
 @triton.jit
 def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                pid_m, pid_n, expert, pos, valid, pair, capacity,
@@ -321,32 +369,37 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               W_SCALE_SCALAR: tl.constexpr):
-    """One down tile of an expert (>= 0): K loop, epilogue, store (see down_kernel)."""
+               W_SCALE_SCALAR: tl.constexpr, PROMOTE: tl.constexpr):
+    """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel). With PROMOTE
+    the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < H
+    HALF: tl.constexpr = BLOCK_N // 2 if PROMOTE != 0 else BLOCK_N     # columns of one product
+    offs_n = pid_n * BLOCK_N + tl.arange(0, HALF)
     w_row = expert * H + pid_n * BLOCK_N     # descriptor row of the weight tile (int32)
     expert = expert.to(tl.int64)
 
-    offs_nw = offs_n % H
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
     if not W_DESC:
-        b_ptrs = w_ptr + expert * (H * I) + offs_nw[None, :] * I + offs_k[:, None]
+        b_ptrs = w_ptr + expert * (H * I) + (offs_n % H)[None, :] * I + offs_k[:, None]
+        if PROMOTE != 0:
+            b2_ptrs = w_ptr + expert * (H * I) + ((offs_n + HALF) % H)[None, :] * I + offs_k[:, None]
     if FP8:
         if A_SCALE_PER_BLOCK:
             as_ptrs = a_scale_ptr + pos * K_BLOCKS
         if W_SCALE_PER_BLOCK:
+            ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS)
             if W_SCALE_SCALAR:
-                ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
-                    + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
+                ws_ptrs = ws_base + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
+                ws2_ptrs = ws_base + ((pid_n * BLOCK_N + HALF) // SCALE_BLOCK_N) * K_BLOCKS
             else:
-                ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
-                    + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
+                ws_ptrs = ws_base + ((offs_n % H) // SCALE_BLOCK_N) * K_BLOCKS
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    if PROMOTE != 0:
+        acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        p2_prev, s_prev, s2_prev = _promote_init(BLOCK_M, HALF, PROMOTE)
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -354,11 +407,22 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             a = tl.load(a_ptrs, mask=offs_k[None, :] < I - kb * BLOCK_K, other=0.0)
         if W_DESC:
             b = w_ptr.load([w_row, kb * BLOCK_K]).T
+            if PROMOTE != 0:
+                b2 = w_ptr.load([w_row + HALF, kb * BLOCK_K]).T
         elif EVEN_K:
             b = tl.load(b_ptrs)
+            if PROMOTE != 0:
+                b2 = tl.load(b2_ptrs)
         else:
             b = tl.load(b_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
-        if FP8 and W_SCALE_SCALAR and A_SCALE_PER_BLOCK:
+            if PROMOTE != 0:
+                b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
+        if PROMOTE != 0:
+            s = tl.load(as_ptrs + kb) if A_SCALE_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
+            acc, acc2, p2_prev, s_prev, s2_prev = _promote_step(
+                a, b, b2, acc, acc2, p2_prev, s_prev, s2_prev, s, tl.load(ws_ptrs + kb), tl.load(ws2_ptrs + kb),
+                PROMOTE)
+        elif FP8 and W_SCALE_SCALAR and A_SCALE_PER_BLOCK:
             acc += tl.dot(a, b) * (tl.load(as_ptrs + kb) * tl.load(ws_ptrs + kb))[:, None]
         elif FP8 and W_SCALE_SCALAR:
             acc += tl.dot(a, b) * tl.load(ws_ptrs + kb)
@@ -374,7 +438,28 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
         a_ptrs += BLOCK_K
         if not W_DESC:
             b_ptrs += BLOCK_K
+            if PROMOTE != 0:
+                b2_ptrs += BLOCK_K
 
+    if PROMOTE != 0:
+        acc, acc2 = _promote_finish(acc, acc2, p2_prev, s_prev, s2_prev, PROMOTE)
+    _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
+                w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                W_SCALE_PER_BLOCK, BLOCK_M)
+    if PROMOTE != 0:
+        _down_store(acc2, offs_n + HALF, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr,
+                    a_scale_ptr, w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8,
+                    A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, BLOCK_M)
+
+
+@triton.jit
+def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
+                w_scale_ptr, topk_weights_ptr, H: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
+                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
+                W_SCALE_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The down epilogue of output columns offs_n: per-row scales, bias, routing weight, store."""
+    n_mask = offs_n < H
+    offs_nw = offs_n % H
     if FP8:
         if not A_SCALE_PER_BLOCK:
             acc = acc * tl.load(a_scale_ptr + pos)[:, None]
@@ -431,13 +516,14 @@ def _run(kernel, grid, args, meta, warmup: bool):
 
 def _fp8_meta(fp8: Fp8Mode | None) -> dict:
     if fp8 is None:
-        return dict(FP8=False, SCALE_BLOCK_N=128)
+        return dict(FP8=False, W_SCALE_PER_BLOCK=False, SCALE_BLOCK_N=128)
     return dict(FP8=True, W_SCALE_PER_BLOCK=fp8.w_scale_per_block, SCALE_BLOCK_N=fp8.scale_block_n)
 
 
-def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig):
+def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig, block_rows: int):
     """(the kernel's weight argument, W_DESC): a tensor descriptor of `w` as [L * rows_per_expert, cols]
-    when the config asks for TMA and the layout allows it (16-byte aligned rows), else the tensor."""
+    with [block_rows, BLOCK_K] blocks when the config asks for TMA and the layout allows it (16-byte
+    aligned rows), else the tensor."""
     dtype = w if isinstance(w, torch.dtype) else w.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     if not gemm.tma or (cols * itemsize) % 16 or gemm.block_k * itemsize < 16:
@@ -450,7 +536,7 @@ def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig):
         if w.data_ptr() % 16:
             return w, False
         base, rows = w, w.shape[0] * rows_per_expert
-    return TensorDescriptor(base, [rows, cols], [cols, 1], [gemm.block_n, gemm.block_k]), True
+    return TensorDescriptor(base, [rows, cols], [cols, 1], [block_rows, gemm.block_k]), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -480,66 +566,85 @@ def _dot_precision(dtype) -> str:
 
 
 def _scalar_w_scale(fp8: Fp8Mode | None, block_n: int, rows_per_half: int) -> bool:
-    """The weight scale is one number per (tile, K block): per-block weight scales whose block holds
-    whole N tiles, and halves (gate / up) that start on a block boundary."""
+    """The weight scale is one number per (product, K block): per-block weight scales whose block holds
+    whole products of block_n rows, and halves (gate / up) that start on a block boundary."""
     return bool(fp8 and fp8.w_scale_per_block and fp8.scale_block_n % block_n == 0
                 and rows_per_half % fp8.scale_block_n == 0)
+
+
+PROMOTE_CODES = {"sync": 0, "lag": 1, "rescale": 2}
+PROMOTE_SCALE_FLOOR = tl.constexpr(1e-30)   # "rescale": a zero scale would make the ratios infinite
+
+
+def _promote(gemm: GemmConfig, fp8: Fp8Mode | None, product_n: int, rows_per_half: int) -> int:
+    """PROMOTE of a config: its `promote` where it applies (FP8 block weights whose scale is one number
+    per product of product_n rows: the gate and up halves of a gate+up tile, the two halves of a down
+    tile), else 0."""
+    code = PROMOTE_CODES[gemm.promote]
+    return code if code and product_n >= 16 and _scalar_w_scale(fp8, product_n, rows_per_half) else 0
+
+
+def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: int, row_blocks: int,
+                 n_out: int, promote: int, scalar: bool, meta: dict, gemm: GemmConfig, fp8: Fp8Mode | None,
+                 block_m: int, batched: bool, tile_mode: int, warmup: bool) -> None:
+    """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
+    args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
+    descriptor where the config asks for TMA)."""
+    grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode,
+                             None if isinstance(args[0], torch.dtype) else args[0].device)
+    meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
+                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, PROMOTE=promote,
+                A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
+                num_stages=gemm.num_stages, **_fp8_meta(fp8))
+    block_rows = gemm.block_n // 2 if promote and not gate_up else gemm.block_n
+    w_arg, meta["W_DESC"] = _weight_operand(w, w_rows, w_cols, gemm, block_rows)
+    _run(moe_gemm_kernel, grid, (args[0], w_arg) + args[2:], meta, warmup)
+
+
+def _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, unused) -> tuple:
+    return (unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
+            unused if num_padded is None else num_padded, unused if counts is None else counts,
+            num_pairs, capacity)
 
 
 def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, block_expert, num_padded,
                    counts, num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int,
                    top_k: int, activation: str, batched: bool, block_m: int, gemm: GemmConfig,
                    fp8: Fp8Mode | None = None, warmup: bool = False, tile_mode: int = 0) -> None:
-    """gate_up_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
+    """The gate+up GEMM over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: 0 uniform tiles (block_expert per tile), 1 listed tiles ((expert, start) pairs in
     block_expert, their count in num_padded), 2 one pair per tile (block_expert = the flat expert ids,
     capacity = local experts)."""
-    x_dtype = x if isinstance(x, torch.dtype) else x.dtype
-    grid, persistent = _grid(row_blocks * triton.cdiv(inter, gemm.block_n), gemm, batched, tile_mode,
-                             None if isinstance(x, torch.dtype) else x.device)
-    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation],
-                HAS_BIAS=b13 is not None, BATCHED=batched,
-                X_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
-                OUT_FP8=bool(fp8 and fp8.out_fp8), DOT_PRECISION=_dot_precision(x_dtype),
-                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-                TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, inter),
-                PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
-    meta.update(_fp8_meta(fp8))
-    w_arg, meta["W_DESC"] = _weight_operand(w13, 2 * inter, hidden, gemm)
-    unused = x
-    args = (x, w_arg, unused if b13 is None else b13, out, unused if out_scale is None else out_scale,
-            unused if x_scale is None else x_scale, unused if w13_scale is None else w13_scale,
-            unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
-            unused if num_padded is None else num_padded, unused if counts is None else counts,
-            num_pairs, capacity)
-    _run(gate_up_kernel, grid, args, meta, warmup)
+    u = x
+    args = (x, w13, u if b13 is None else b13, out, u if out_scale is None else out_scale,
+            u if x_scale is None else x_scale, u if w13_scale is None else w13_scale, u) \
+        + _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, u)
+    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], HAS_BIAS=b13 is not None,
+                APPLY_WEIGHT=False, OUT_FP8=bool(fp8 and fp8.out_fp8))
+    _launch_gemm(True, args, x if isinstance(x, torch.dtype) else x.dtype, w13, 2 * inter, hidden, row_blocks,
+                 inter, _promote(gemm, fp8, gemm.block_n, inter), _scalar_w_scale(fp8, gemm.block_n, inter), meta,
+                 gemm, fp8, block_m, batched, tile_mode, warmup)
 
 
 def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, block_expert, num_padded, counts,
                 num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int, top_k: int,
                 batched: bool, block_m: int, gemm: GemmConfig, fp8: Fp8Mode | None = None,
                 warmup: bool = False, tile_mode: int = 0) -> None:
-    """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
+    """The down GEMM over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: as `launch_gate_up`."""
-    w_dtype = w2 if isinstance(w2, torch.dtype) else w2.dtype
-    grid, persistent = _grid(row_blocks * triton.cdiv(hidden, gemm.block_n), gemm, batched, tile_mode,
-                             None if isinstance(a, torch.dtype) else a.device)
-    meta = dict(H=hidden, I=inter, TOP_K=top_k, HAS_BIAS=b2 is not None, BATCHED=batched,
-                APPLY_WEIGHT=topk_weights is not None,
-                A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
-                DOT_PRECISION=_dot_precision(w_dtype),    # float16 weights: tf32 on a float32 intermediate
-                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-                TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, hidden),
-                PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
-    meta.update(_fp8_meta(fp8))
-    w_arg, meta["W_DESC"] = _weight_operand(w2, hidden, inter, gemm)
-    unused = out
-    args = (a, w_arg, unused if b2 is None else b2, out, unused if a_scale is None else a_scale,
-            unused if w2_scale is None else w2_scale, unused if topk_weights is None else topk_weights,
-            unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
-            unused if num_padded is None else num_padded, unused if counts is None else counts,
-            num_pairs, capacity)
-    _run(down_kernel, grid, args, meta, warmup)
+    u = out
+    args = (a, w2, u if b2 is None else b2, out, u, u if a_scale is None else a_scale,
+            u if w2_scale is None else w2_scale, u if topk_weights is None else topk_weights) \
+        + _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, u)
+    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=0, HAS_BIAS=b2 is not None,
+                APPLY_WEIGHT=topk_weights is not None, OUT_FP8=False)
+    promote = _promote(gemm, fp8, gemm.block_n // 2, hidden)
+    # float16 weights meet a float32 intermediate: tf32 products (`_dot_precision` of the weights' dtype)
+    _launch_gemm(False, args, w2 if isinstance(w2, torch.dtype) else w2.dtype, w2, hidden, inter, row_blocks,
+                 hidden, promote, _scalar_w_scale(fp8, gemm.block_n // 2 if promote else gemm.block_n, hidden),
+                 meta,
+                 gemm, fp8, block_m, batched, tile_mode, warmup)
 
 
 def sum_block(hidden: int) -> int:
