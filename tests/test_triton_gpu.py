@@ -270,9 +270,11 @@ def test_persistent_kernels_fp8(preset):
 
 @pytest.mark.parametrize("preset,experts", [("deepseek-v3", 32), ("mixtral-8x7b", None)])
 def test_fp8_block_promote_variants(preset, experts):
-    """Every promotion variant of the block-FP8 GEMMs the tuner times (lag, rescale; pointer and TMA
-    weights; one program per tile and persistent; uniform and split tiles) at real sizes, against the
-    oracle (the library's FP8 bound) and against the sync path on the same input."""
+    """The block-FP8 "rescale" promotion the tuner times (pointer and TMA weights, one program per tile
+    and persistent, uniform and split tiles) at real sizes against the oracle (the library's FP8 bound),
+    and "sync" (each K block's product promoted to float32) to the precision it was measured at. Rescale
+    accumulates the whole K range in the tensor cores' FP8 accumulator: measured 1.5e-2 against 4e-3
+    (benchmarks/notes_kernels.md)."""
     from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
     from epmoe.presets import shrink_config
     cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))
@@ -282,10 +284,9 @@ def test_fp8_block_promote_variants(preset, experts):
     triton_experts = layer.experts
     variants = {
         "sync": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4, tma=True), 64),
-        "lag": MoEKernelConfig(128, GemmConfig(64, 128, 8, 8, 4, promote="lag"),
-                               GemmConfig(128, 128, 8, 8, 4, tma=True, promote="lag"), 64),
-        "lag tma persistent": MoEKernelConfig(128, GemmConfig(64, 128, 8, 8, 4, tma=True, persistent=True, promote="lag"),
-                                              GemmConfig(128, 128, 8, 8, 4, persistent=True, promote="lag")),
+        "rescale persistent": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, tma=True, persistent=True,
+                                                              promote="rescale"),
+                                              GemmConfig(256, 128, 8, 8, 3, persistent=True, promote="rescale")),
         "rescale": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, tma=True, promote="rescale"),
                                    GemmConfig(256, 128, 8, 8, 3, tma=True, promote="rescale"), 64),
         "rescale pointers": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 4, promote="rescale"),
@@ -305,8 +306,8 @@ def test_fp8_block_promote_variants(preset, experts):
         outs[name] = layer(x, logits)
         torch.cuda.synchronize()
         assert torch.isfinite(outs[name]).all(), name
-        assert_close(outs[name][rows], ref, 3e-2, context=f"{preset} {name}")
-        assert_close(outs[name], outs["sync"], 2e-3, context=f"{preset} {name} against sync")
+        assert_close(outs[name][rows], ref, 8e-3 if name == "sync" else 3e-2, context=f"{preset} {name}")
+        assert_close(outs[name], outs["sync"], 3e-2, context=f"{preset} {name} against sync")
 
 
 @pytest.mark.parametrize("preset", PRESETS)

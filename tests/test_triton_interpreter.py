@@ -341,13 +341,13 @@ else:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
-    @pytest.mark.parametrize("promote,down_bn,persistent", [("lag", 256, False), ("rescale", 64, True),
-                                                            ("rescale", 256, False)])
-    def test_fused_experts_fp8_promote(promote, down_bn, persistent):
-        """The block-FP8 promotion variants ("lag": the second product promoted a K block later;
-        "rescale": accumulators in units of the last scale) against the oracle and the "sync" path, with
-        a weight block whose scale is 0 and a token whose second activation group is all zeros (the
-        rescale floor), split tiles, and (persistent) the down tile's two halves in two scale blocks."""
+    @pytest.mark.parametrize("down_bn,persistent", [(64, True), (256, False)])
+    def test_fused_experts_fp8_rescale(down_bn, persistent):
+        """The "rescale" promotion of block FP8 (accumulators in units of the last K block's scale)
+        against the oracle and the "sync" path, with a weight block whose scale is 0 and a token whose
+        second activation group is all zeros (the rescale floor), split tiles, and (256) the down tile's
+        two halves in two scale blocks."""
+        promote = "rescale"
         from dataclasses import replace as dc_replace
 
         from epmoe.kernels.fused_moe import Fp8Operands

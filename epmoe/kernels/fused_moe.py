@@ -125,7 +125,7 @@ def moe_gemm_kernel(
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-        PROMOTE: tl.constexpr = False):
+        RESCALE: tl.constexpr = False):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -146,15 +146,15 @@ def moe_gemm_kernel(
     p takes tiles p, p + grid, ...), in a loop nest flattened into one software-pipelined loop, so the
     next tile's first K blocks are loaded while this tile finishes and stores its epilogue.
 
-    PROMOTE (FP8 with W_SCALE_SCALAR; 0 otherwise): how each K block's product is promoted (scaled by
-    its row and block scales and added in float32) without stalling the tensor cores for the whole
-    promotion. A tile is then two products per K block (gate and up; down: the two halves of its N tile).
-    0 "sync": each product is waited for and promoted before the next starts. 1 "lag": the first
-    product is waited for and promoted; the second stays in flight while the CUDA cores promote the
-    first and the previous K block's second (one more product's registers). 2 "rescale": each
-    accumulator holds its sum in units of the last K block's scale, so a K block is one accumulating
-    product, acc = dot(a, b, acc * s_prev / s) (scales floored at PROMOTE_SCALE_FLOOR), scaled by the
-    last scale after the loop; the second product's rescale and wgmma overlap the first's.
+    FP8 with W_SCALE_SCALAR: each K block's scales (the activations' per row, the weight block's) are
+    loaded one K block ahead, so their load latency stays off the loop's critical path. RESCALE (such
+    tiles only): a tile is two products per K block (gate and up; down: the two halves of its N tile),
+    each accumulator holds its sum in units of the last K block's scale, and a K block is one
+    accumulating product, acc = dot(a, b, acc * s_prev / s) (scales floored at PROMOTE_SCALE_FLOOR),
+    scaled by the last scale after the loop. The second product's rescale and wgmma overlap the first's
+    (Triton leaves it in flight across the K block), but the tensor cores then accumulate the whole K
+    range in their FP8 accumulator (about 14 bits kept), where the default promotes every K block's
+    product to float32: faster, measurably less precise (benchmarks/notes_kernels.md).
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
@@ -166,7 +166,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, PROMOTE, False)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, False)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -174,7 +174,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, PROMOTE, True)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, True)
 
 
 @triton.jit
@@ -185,7 +185,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
               SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, PROMOTE: tl.constexpr,
+              TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
               CHECK_EXPERT: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
     tile); then it does nothing, except a batched down tile, which writes its rows' zeros."""
@@ -196,12 +196,12 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
             _gate_up_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr,
                           pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, A_SCALE_PER_BLOCK,
                           W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, PROMOTE)
+                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE)
     elif (not CHECK_EXPERT) or expert >= 0:
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, PROMOTE)
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE)
     elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -211,44 +211,23 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
 
 
 @triton.jit
-def _promote_init(BLOCK_M: tl.constexpr, N: tl.constexpr, PROMOTE: tl.constexpr):
-    """(p2_prev, s1_prev, s2_prev) before the first K block (see moe_gemm_kernel's PROMOTE)."""
-    if PROMOTE == 1:     # no second product in flight yet: it adds zeros
-        return (tl.zeros((BLOCK_M, N), dtype=tl.float32), tl.full((BLOCK_M,), 1.0, tl.float32),
-                tl.zeros((BLOCK_M,), dtype=tl.float32))
-    else:                # the accumulators (zeros) are in units of 1
-        return 0.0, tl.full((BLOCK_M,), 1.0, tl.float32), tl.full((BLOCK_M,), 1.0, tl.float32)
+def _block_scales(row_ptrs, w1_ptrs, w2_ptrs, kb, ROW_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """K block kb's scales: the rows' activation scales (ones when they are per token, applied in the
+    epilogue) and the two products' weight-block scales (one number each)."""
+    rows = tl.load(row_ptrs + kb) if ROW_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
+    return rows, tl.load(w1_ptrs + kb), tl.load(w2_ptrs + kb)
 
 
 @triton.jit
-def _promote_step(a, b1, b2, acc1, acc2, p2_prev, s1_prev, s2_prev, row_scale, w_scale1, w_scale2,
-                  PROMOTE: tl.constexpr):
-    """One K block of a tile's two FP8 products (row_scale [BLOCK_M]: the activations' scale of this K
-    block; w_scale1 / w_scale2: each product's weight-block scale) -> (acc1, acc2, p2_prev, s1_prev,
-    s2_prev). The first dot is synchronous (Triton waits for every wgmma in flight right after it); the
-    second is left in flight, since its result is only carried to the next K block."""
-    if PROMOTE == 1:
-        p1 = tl.dot(a, b1)
-        p2 = tl.dot(a, b2)
-        acc1 += p1 * (row_scale * w_scale1)[:, None]
-        acc2 += p2_prev * s2_prev[:, None]
-        return acc1, acc2, p2, s1_prev, row_scale * w_scale2
-    else:
-        s1 = tl.maximum(row_scale * w_scale1, PROMOTE_SCALE_FLOOR)
-        s2 = tl.maximum(row_scale * w_scale2, PROMOTE_SCALE_FLOOR)
-        acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
-        acc2 = tl.dot(a, b2, acc2 * (s2_prev / s2)[:, None])
-        return acc1, acc2, p2_prev, s1, s2
-
-
-@triton.jit
-def _promote_finish(acc1, acc2, p2_prev, s1_prev, s2_prev, PROMOTE: tl.constexpr):
-    """The two accumulators after the last K block: the second product still in flight added (lag), or
-    the sums scaled back from units of the last scale (rescale)."""
-    if PROMOTE == 1:
-        return acc1, acc2 + p2_prev * s2_prev[:, None]
-    else:
-        return acc1 * s1_prev[:, None], acc2 * s2_prev[:, None]
+def _rescale_step(a, b1, b2, acc1, acc2, s1_prev, s2_prev, s1, s2):
+    """One K block of RESCALE (see moe_gemm_kernel): s1 / s2 [BLOCK_M] the products' scales of this K
+    block -> (acc1, acc2, s1, s2). The first dot is synchronous (Triton waits for every wgmma in flight
+    right after it); the second is left in flight into the next K block."""
+    s1 = tl.maximum(s1, PROMOTE_SCALE_FLOOR)
+    s2 = tl.maximum(s2, PROMOTE_SCALE_FLOOR)
+    acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
+    acc2 = tl.dot(a, b2, acc2 * (s2_prev / s2)[:, None])
+    return acc1, acc2, s1, s2
 
 
 @triton.jit
@@ -258,7 +237,7 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                   FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
                   SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  W_SCALE_SCALAR: tl.constexpr, PROMOTE: tl.constexpr):
+                  W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr):
     """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel)."""
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
@@ -274,8 +253,7 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         g_ptrs = w_ptr + expert * (2 * I * H) + offs_nw[None, :] * H + offs_k[:, None]
         u_ptrs = g_ptrs + I * H
     if FP8:
-        if X_SCALE_PER_BLOCK:
-            xs_ptrs = x_scale_ptr + src * K_BLOCKS
+        xs_ptrs = x_scale_ptr + src * K_BLOCKS            # read only when X_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
             if W_SCALE_SCALAR:
                 ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
@@ -290,8 +268,11 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PROMOTE != 0:
-        pu_prev, sg_prev, su_prev = _promote_init(BLOCK_M, BLOCK_N, PROMOTE)
+    if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
+        xs_n, wg_n, wu_n = _block_scales(xs_ptrs, ws_g_ptrs, ws_u_ptrs, 0, X_SCALE_PER_BLOCK, BLOCK_M)
+        if RESCALE:
+            sg_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+            su_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -306,18 +287,16 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         else:
             bg = tl.load(g_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
             bu = tl.load(u_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
-        if PROMOTE != 0:
-            xs = tl.load(xs_ptrs + kb) if X_SCALE_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
-            acc_g, acc_u, pu_prev, sg_prev, su_prev = _promote_step(
-                a, bg, bu, acc_g, acc_u, pu_prev, sg_prev, su_prev, xs, tl.load(ws_g_ptrs + kb),
-                tl.load(ws_u_ptrs + kb), PROMOTE)
-        elif FP8 and W_SCALE_SCALAR and X_SCALE_PER_BLOCK:
-            xs = tl.load(xs_ptrs + kb)
-            acc_g += tl.dot(a, bg) * (xs * tl.load(ws_g_ptrs + kb))[:, None]
-            acc_u += tl.dot(a, bu) * (xs * tl.load(ws_u_ptrs + kb))[:, None]
-        elif FP8 and W_SCALE_SCALAR:
-            acc_g += tl.dot(a, bg) * tl.load(ws_g_ptrs + kb)
-            acc_u += tl.dot(a, bu) * tl.load(ws_u_ptrs + kb)
+        if FP8 and W_SCALE_SCALAR:
+            xs, wg, wu = xs_n, wg_n, wu_n
+            xs_n, wg_n, wu_n = _block_scales(xs_ptrs, ws_g_ptrs, ws_u_ptrs, tl.minimum(kb + 1, K_BLOCKS - 1),
+                                             X_SCALE_PER_BLOCK, BLOCK_M)
+            if RESCALE:
+                acc_g, acc_u, sg_prev, su_prev = _rescale_step(a, bg, bu, acc_g, acc_u, sg_prev, su_prev,
+                                                               xs * wg, xs * wu)
+            else:
+                acc_g += tl.dot(a, bg) * (xs * wg)[:, None]
+                acc_u += tl.dot(a, bu) * (xs * wu)[:, None]
         elif FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             pg = tl.dot(a, bg)
             pu = tl.dot(a, bu)
@@ -337,8 +316,9 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         if not W_DESC:
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
-    if PROMOTE != 0:
-        acc_g, acc_u = _promote_finish(acc_g, acc_u, pu_prev, sg_prev, su_prev, PROMOTE)
+    if RESCALE:
+        acc_g = acc_g * sg_prev[:, None]
+        acc_u = acc_u * su_prev[:, None]
 
     if FP8:
         if not X_SCALE_PER_BLOCK:            # one scale per token, applied once
@@ -369,12 +349,12 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               W_SCALE_SCALAR: tl.constexpr, PROMOTE: tl.constexpr):
-    """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel). With PROMOTE
+               W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr):
+    """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel). With RESCALE
     the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
-    HALF: tl.constexpr = BLOCK_N // 2 if PROMOTE != 0 else BLOCK_N     # columns of one product
+    HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
     offs_n = pid_n * BLOCK_N + tl.arange(0, HALF)
     w_row = expert * H + pid_n * BLOCK_N     # descriptor row of the weight tile (int32)
     expert = expert.to(tl.int64)
@@ -383,23 +363,27 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
     if not W_DESC:
         b_ptrs = w_ptr + expert * (H * I) + (offs_n % H)[None, :] * I + offs_k[:, None]
-        if PROMOTE != 0:
+        if RESCALE:
             b2_ptrs = w_ptr + expert * (H * I) + ((offs_n + HALF) % H)[None, :] * I + offs_k[:, None]
     if FP8:
-        if A_SCALE_PER_BLOCK:
-            as_ptrs = a_scale_ptr + pos * K_BLOCKS
+        as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when A_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
             ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS)
             if W_SCALE_SCALAR:
                 ws_ptrs = ws_base + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
-                ws2_ptrs = ws_base + ((pid_n * BLOCK_N + HALF) // SCALE_BLOCK_N) * K_BLOCKS
+                ws2_ptrs = ws_ptrs         # the second half's block (RESCALE), else never a second product
+                if RESCALE:
+                    ws2_ptrs = ws_base + ((pid_n * BLOCK_N + HALF) // SCALE_BLOCK_N) * K_BLOCKS
             else:
                 ws_ptrs = ws_base + ((offs_n % H) // SCALE_BLOCK_N) * K_BLOCKS
 
     acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    if PROMOTE != 0:
-        acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        p2_prev, s_prev, s2_prev = _promote_init(BLOCK_M, HALF, PROMOTE)
+    if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
+        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, 0, A_SCALE_PER_BLOCK, BLOCK_M)
+        if RESCALE:
+            acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+            s2_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -407,25 +391,24 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             a = tl.load(a_ptrs, mask=offs_k[None, :] < I - kb * BLOCK_K, other=0.0)
         if W_DESC:
             b = w_ptr.load([w_row, kb * BLOCK_K]).T
-            if PROMOTE != 0:
+            if RESCALE:
                 b2 = w_ptr.load([w_row + HALF, kb * BLOCK_K]).T
         elif EVEN_K:
             b = tl.load(b_ptrs)
-            if PROMOTE != 0:
+            if RESCALE:
                 b2 = tl.load(b2_ptrs)
         else:
             b = tl.load(b_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
-            if PROMOTE != 0:
+            if RESCALE:
                 b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
-        if PROMOTE != 0:
-            s = tl.load(as_ptrs + kb) if A_SCALE_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
-            acc, acc2, p2_prev, s_prev, s2_prev = _promote_step(
-                a, b, b2, acc, acc2, p2_prev, s_prev, s2_prev, s, tl.load(ws_ptrs + kb), tl.load(ws2_ptrs + kb),
-                PROMOTE)
-        elif FP8 and W_SCALE_SCALAR and A_SCALE_PER_BLOCK:
-            acc += tl.dot(a, b) * (tl.load(as_ptrs + kb) * tl.load(ws_ptrs + kb))[:, None]
-        elif FP8 and W_SCALE_SCALAR:
-            acc += tl.dot(a, b) * tl.load(ws_ptrs + kb)
+        if FP8 and W_SCALE_SCALAR:
+            s, w, w2 = s_n, w_n, w2_n
+            s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, tl.minimum(kb + 1, K_BLOCKS - 1),
+                                           A_SCALE_PER_BLOCK, BLOCK_M)
+            if RESCALE:
+                acc, acc2, s_prev, s2_prev = _rescale_step(a, b, b2, acc, acc2, s_prev, s2_prev, s * w, s * w2)
+            else:
+                acc += tl.dot(a, b) * (s * w)[:, None]
         elif FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             p = tl.dot(a, b)
             if A_SCALE_PER_BLOCK:
@@ -438,15 +421,16 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
         a_ptrs += BLOCK_K
         if not W_DESC:
             b_ptrs += BLOCK_K
-            if PROMOTE != 0:
+            if RESCALE:
                 b2_ptrs += BLOCK_K
 
-    if PROMOTE != 0:
-        acc, acc2 = _promote_finish(acc, acc2, p2_prev, s_prev, s2_prev, PROMOTE)
+    if RESCALE:
+        acc = acc * s_prev[:, None]
+        acc2 = acc2 * s2_prev[:, None]
     _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                 W_SCALE_PER_BLOCK, BLOCK_M)
-    if PROMOTE != 0:
+    if RESCALE:
         _down_store(acc2, offs_n + HALF, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr,
                     a_scale_ptr, w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8,
                     A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, BLOCK_M)
@@ -572,20 +556,18 @@ def _scalar_w_scale(fp8: Fp8Mode | None, block_n: int, rows_per_half: int) -> bo
                 and rows_per_half % fp8.scale_block_n == 0)
 
 
-PROMOTE_CODES = {"sync": 0, "lag": 1, "rescale": 2}
-PROMOTE_SCALE_FLOOR = tl.constexpr(1e-30)   # "rescale": a zero scale would make the ratios infinite
+PROMOTE_SCALE_FLOOR = tl.constexpr(1e-30)   # RESCALE: a zero scale would make the ratios infinite
 
 
-def _promote(gemm: GemmConfig, fp8: Fp8Mode | None, product_n: int, rows_per_half: int) -> int:
-    """PROMOTE of a config: its `promote` where it applies (FP8 block weights whose scale is one number
-    per product of product_n rows: the gate and up halves of a gate+up tile, the two halves of a down
-    tile), else 0."""
-    code = PROMOTE_CODES[gemm.promote]
-    return code if code and product_n >= 16 and _scalar_w_scale(fp8, product_n, rows_per_half) else 0
+def _rescale(gemm: GemmConfig, fp8: Fp8Mode | None, product_n: int, rows_per_half: int) -> bool:
+    """RESCALE of a config: its promote == "rescale" where it applies (FP8 block weights whose scale is
+    one number per product of product_n rows: the gate and up halves of a gate+up tile, the two halves of
+    a down tile)."""
+    return gemm.promote == "rescale" and product_n >= 16 and _scalar_w_scale(fp8, product_n, rows_per_half)
 
 
 def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: int, row_blocks: int,
-                 n_out: int, promote: int, scalar: bool, meta: dict, gemm: GemmConfig, fp8: Fp8Mode | None,
+                 n_out: int, rescale: bool, scalar: bool, meta: dict, gemm: GemmConfig, fp8: Fp8Mode | None,
                  block_m: int, batched: bool, tile_mode: int, warmup: bool) -> None:
     """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
     args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
@@ -594,10 +576,10 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
                              None if isinstance(args[0], torch.dtype) else args[0].device)
     meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-                TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, PROMOTE=promote,
+                TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, RESCALE=rescale,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
                 num_stages=gemm.num_stages, **_fp8_meta(fp8))
-    block_rows = gemm.block_n // 2 if promote and not gate_up else gemm.block_n
+    block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n
     w_arg, meta["W_DESC"] = _weight_operand(w, w_rows, w_cols, gemm, block_rows)
     _run(moe_gemm_kernel, grid, (args[0], w_arg) + args[2:], meta, warmup)
 
@@ -623,7 +605,7 @@ def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, 
     meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], HAS_BIAS=b13 is not None,
                 APPLY_WEIGHT=False, OUT_FP8=bool(fp8 and fp8.out_fp8))
     _launch_gemm(True, args, x if isinstance(x, torch.dtype) else x.dtype, w13, 2 * inter, hidden, row_blocks,
-                 inter, _promote(gemm, fp8, gemm.block_n, inter), _scalar_w_scale(fp8, gemm.block_n, inter), meta,
+                 inter, _rescale(gemm, fp8, gemm.block_n, inter), _scalar_w_scale(fp8, gemm.block_n, inter), meta,
                  gemm, fp8, block_m, batched, tile_mode, warmup)
 
 
@@ -639,10 +621,10 @@ def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, blo
         + _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, u)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=0, HAS_BIAS=b2 is not None,
                 APPLY_WEIGHT=topk_weights is not None, OUT_FP8=False)
-    promote = _promote(gemm, fp8, gemm.block_n // 2, hidden)
+    rescale = _rescale(gemm, fp8, gemm.block_n // 2, hidden)
     # float16 weights meet a float32 intermediate: tf32 products (`_dot_precision` of the weights' dtype)
     _launch_gemm(False, args, w2 if isinstance(w2, torch.dtype) else w2.dtype, w2, hidden, inter, row_blocks,
-                 hidden, promote, _scalar_w_scale(fp8, gemm.block_n // 2 if promote else gemm.block_n, hidden),
+                 hidden, rescale, _scalar_w_scale(fp8, gemm.block_n // 2 if rescale else gemm.block_n, hidden),
                  meta,
                  gemm, fp8, block_m, batched, tile_mode, warmup)
 

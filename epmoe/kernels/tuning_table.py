@@ -30,7 +30,7 @@ class GemmConfig:
     num_stages: int
     tma: bool = False      # weight tiles through a tensor descriptor (the TMA engine) where the layout allows
     persistent: bool = False   # one program per SM walks the tiles in a flattened, pipelined loop (flat layout)
-    promote: str = "sync"  # FP8 block weights: how products are promoted ("sync", "lag", "rescale": fused_moe)
+    promote: str = "sync"  # FP8 block weights: "sync" (each K block's product to float32) or "rescale" (fused_moe)
 
     def describe(self) -> str:
         return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"

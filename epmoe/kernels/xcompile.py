@@ -38,9 +38,6 @@ CASES = {
     "gu_fp8_deepseek_P": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, False, True, 0),
     "dn_fp8_deepseek": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0),
     "dn_fp8_deepseek_P": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, True, 0),
-    "gu_fp8_deepseek_lag64": ("gate_up", 7168, 2048, 8, "fp8", 128, 64, 128, 8, 4, True, False, 0, "lag"),
-    "gu_fp8_deepseek_lag128": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, True, False, 0, "lag"),
-    "dn_fp8_deepseek_lag128": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, True, False, 0, "lag"),
     "gu_fp8_deepseek_rescale": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, True, False, 0, "rescale"),
     "gu_fp8_deepseek_rescale_s4": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0, "rescale"),
     "dn_fp8_deepseek_rescale256": ("down", 7168, 2048, 8, "fp8", 128, 256, 128, 8, 3, True, False, 0, "rescale"),
@@ -57,7 +54,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     n_ptr = names.index("num_pairs")
     sig, attrs = {}, {}
     gate_up = kernel == "gate_up"
-    code = fused_moe.PROMOTE_CODES[promote] if fp8 else 0
+    rescale = fp8 and promote == "rescale"
     # pointer element types per argument, in order: a, w, bias, out, out_scale, a_scale, w_scale,
     # topk_weights, sorted_ids, block_expert, num_padded, counts
     if gate_up:
@@ -67,7 +64,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
         types = [a, el, "fp32", out, "fp32", "fp32", "fp32", "fp32"]
     types += ["i32"] * 4
     if tma:
-        types[1] = f"tensordesc<{el}[{bn // 2 if code and not gate_up else bn}, {bk}]>"
+        types[1] = f"tensordesc<{el}[{bn // 2 if rescale and not gate_up else bn}, {bk}]>"
     for i, t in enumerate(types):
         sig[names[i]] = t if t.startswith("tensordesc") else "*" + t
         if not t.startswith("tensordesc"):
@@ -77,7 +74,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
-                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, PROMOTE=code, ACTIVATION=0, OUT_FP8=fp8 and gate_up,
+                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=0, OUT_FP8=fp8 and gate_up,
                  APPLY_WEIGHT=not gate_up)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
