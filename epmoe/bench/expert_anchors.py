@@ -88,6 +88,15 @@ def grouped_bf16_chain(activation: str, w13: torch.Tensor, w2: torch.Tensor, off
     return run
 
 
+def weight_scale_layout(scale: torch.Tensor) -> torch.Tensor:
+    """128x128 weight-block scales [N/128, K/128] as cuBLAS reads them for the transposed weight: K blocks
+    padded to a multiple of 4 (the padding multiplies nothing: K ends before it), returned transposed."""
+    nb, kb = scale.shape
+    padded = torch.ones(nb, -(-kb // 4) * 4, dtype=scale.dtype, device=scale.device)
+    padded[:, :kb] = scale
+    return padded.t()
+
+
 def run_anchors(names, timer, reps: int, warmup: int, *, cfg, x: torch.Tensor, pool: list, ids: torch.Tensor,
                 tw: torch.Tensor, sample: torch.Tensor, weights_of, ref_of) -> list[AnchorRun]:
     """Time and check the named anchors on tokens x [T, H] (padded to the FP8 weights' H where they are
@@ -152,14 +161,15 @@ def _dense_block(name, timer, reps, warmup, cfg, pool, src, w, sample) -> Anchor
     quantization, down; checked per GEMM on the sampled tokens' rows."""
     import torch.nn.functional as F
     from ..experts.activations import gated_activation_fused
-    from ..quant.fp8 import fp8_quantize
-    from ..quant.fp8 import dequantize_weight
+    from ..quant.fp8 import dequantize_weight, fp8_quantize
     Fs = F.ScalingType
-    w13, s13, w2, s2 = w.w13[0], w.w13_scale[0], w.w2[0], w.w2_scale[0]
+    w13, w2 = w.w13[0], w.w2[0]
+    s13, s2 = w.w13_scale[0], w.w2_scale[0]                # [N/128, K/128]; cuBLAS's layout below
 
     def gemm(a, a_s, wt, ws):
-        return F.scaled_mm(a, wt.t(), blockwise_scale_layout(a_s), Fs.BlockWise1x128, ws.t(), Fs.BlockWise128x128,
+        return F.scaled_mm(a, wt.t(), blockwise_scale_layout(a_s), Fs.BlockWise1x128, ws, Fs.BlockWise128x128,
                            output_dtype=torch.bfloat16)
+    s13, s2 = weight_scale_layout(s13), weight_scale_layout(s2)
     quant = [fp8_quantize(p[src], 128) for p in pool]
     ins = [(q.contiguous(), s.float().contiguous()) for q, s in quant]
     xq, xs = ins[0][0].clone(), ins[0][1].clone()
@@ -188,9 +198,9 @@ def _dense_block(name, timer, reps, warmup, cfg, pool, src, w, sample) -> Anchor
     sel = _rows_of_tokens(src, sample)
     h = gate_up()
     blk = (128, 128)
-    a_ref = _deq_rows(xq[sel], xs[sel]) @ dequantize_weight(w13, s13, blk).double().t()
+    a_ref = _deq_rows(xq[sel], xs[sel]) @ dequantize_weight(w13, w.w13_scale[0], blk).double().t()
     a_q, a_s = act_quant(h)
-    d_ref = _deq_rows(a_q[sel], a_s[sel].float()) @ dequantize_weight(w2, s2, blk).double().t()
+    d_ref = _deq_rows(a_q[sel], a_s[sel].float()) @ dequantize_weight(w2, w.w2_scale[0], blk).double().t()
     y = gemm(a_q, a_s.float(), w2, s2)
     err = max(rel_err(h[sel], a_ref), rel_err(y[sel], d_ref))
     return AnchorRun(name, t, err, extra={"gate_up_ms": t_gu.median_ms, "down_ms": t_dn.median_ms,
