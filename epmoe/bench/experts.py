@@ -201,18 +201,22 @@ def _environment(dry: bool = False) -> dict:
 
 
 def _commit() -> str | None:
-    """The checkout's git commit (with "+dirty" when files differ from it); in a copy without .git, the
-    EPMOE_COMMIT environment variable; else None."""
+    """The commit the benchmark runs: EPMOE_COMMIT when set (a copy without its .git, perhaps inside
+    another checkout), else this checkout's git commit (with "+dirty" when tracked files differ), else None."""
     import subprocess
+    if os.environ.get("EPMOE_COMMIT"):
+        return os.environ["EPMOE_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != os.path.realpath(root):
+            return None              # not a checkout of its own (a copy inside another repository)
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        head, dirty = "", ""
-    return (head + ("+dirty" if dirty else "")) or os.environ.get("EPMOE_COMMIT") or None
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 class WallTimer:
