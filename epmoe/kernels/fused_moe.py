@@ -4,25 +4,27 @@ routing weight in its epilogue, and the k outputs of a token summed in float32.
 Pipeline for the flat layout (`fused_experts`), all on the GPU with no host sync:
 
     align_pairs      (token, slot) pairs laid out expert by expert, padded per expert to BLOCK_M
-    gate_up kernel   tile rows gathered straight from the unsorted input x [N, H] (row = pair // k);
+    gate+up GEMM     tile rows gathered straight from the unsorted input x [N, H] (row = pair // k);
                      two accumulators (gate rows n, up rows I + n of w13 [L, 2I, H]); bias, activation,
                      cast (or FP8 quantization) in the epilogue -> act [padded pairs, I]
-    down kernel      act rows (contiguous) x w2 [L, H, I]; bias, routing weight in the epilogue; each row
+    down GEMM        act rows (contiguous) x w2 [L, H, I]; bias, routing weight in the epilogue; each row
                      scattered to its pair -> y [N * k, H]
     sum kernel       out[t] = sum over the token's local slots of y[t * k + j], in float32
 
 A config with `gemv` set sends its batches (a few tokens: decode) to `decode_gemv` instead: two
 matrix-vector kernels, no alignment, no padding, the slot sum folded into the second.
 
-The batched layout ([L, C, H] + counts, `batched_moe.py`) runs the same two GEMM kernels with
-BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
+Both GEMMs are one kernel, `moe_gemm_kernel` (GATE_UP selects the tile body), so the tile loop (one
+program per tile, or a persistent walk over the tiles in use) is written once. The batched layout
+([L, C, H] + counts, `batched_moe.py`) runs the same kernel with BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
 kernel writes their zeros) and no routing weight is applied.
 
 FP8 (W8A8, e4m3fn): A and B in FP8, float32 accumulation. Scales are either per K-block (activations:
 one per token-group of BLOCK_K columns; weights: one per SCALE_BLOCK_N x BLOCK_K block) applied to each
-K-block's partial product, or per row (activations: per token; weights: per output channel, a
-per-tensor scale stored repeated) applied once in the epilogue. The gate+up epilogue can quantize its
-output per token-group of BLOCK_N columns with the one formula (epmoe.quant.fp8).
+K-block's partial product (promoted to float32 block by block, or "rescale": see moe_gemm_kernel), or
+per row (activations: per token; weights: per output channel, a per-tensor scale stored repeated)
+applied once in the epilogue. The gate+up epilogue can quantize its output per token-group of BLOCK_N
+columns with the one formula (epmoe.quant.fp8).
 """
 from __future__ import annotations
 
