@@ -411,7 +411,8 @@ def one_format(run, compiler, timer, gen, device, preset, fmt, cfg, tokens, plan
     T_CHECK tokens against the oracle, then timed at each T."""
     import torch
     from epmoe import contract
-    from epmoe.bench.experts import _anchor_runner, make_routing, make_weights
+    from epmoe.bench.expert_anchors import grouped_bf16_chain
+    from epmoe.bench.experts import make_routing, make_weights
     from epmoe.activations import gated_activation_fused
     from epmoe.experts.base import sort_pairs_by_expert
     from epmoe.bench.tune import _time_candidates
@@ -572,7 +573,10 @@ def one_format(run, compiler, timer, gen, device, preset, fmt, cfg, tokens, plan
     if fmt == "bf16" and grouped_mm_backend("(c) grouped_mm backend (whole op)"):
         def anchor(T):
             ids, tw, pool, x, xp = by_t[T]
-            return _anchor_runner(x, ids, weights.w13, weights.w2, cfg.activation)[0]
+            order, _, offsets = sort_pairs_by_expert(ids, E)
+            xs = x[order // k].contiguous()
+            chain = grouped_bf16_chain(cfg.activation, weights.w13, weights.w2, offsets)
+            return lambda: chain(xs)
         gemm_only("(c) grouped_mm GEMMs + act (bench anchor)", anchor, tokens, "whole")
         sorted_in = {}
 

@@ -268,6 +268,48 @@ def test_persistent_kernels_fp8(preset):
         _check_layer(layer, (300,), routing="onehot", bound=3e-2, seed=4)
 
 
+@pytest.mark.parametrize("preset,experts", [("deepseek-v3", 32), ("mixtral-8x7b", None)])
+def test_fp8_block_promote_variants(preset, experts):
+    """The block-FP8 "rescale" promotion the tuner times (pointer and TMA weights, one program per tile
+    and persistent, uniform and split tiles) at real sizes against the oracle (the library's FP8 bound),
+    and "sync" (each K block's product promoted to float32) to the precision it was measured at. Rescale
+    accumulates the whole K range in the tensor cores' FP8 accumulator: measured 1.5e-2 against 4e-3
+    (benchmarks/notes_kernels.md)."""
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    from epmoe.presets import shrink_config
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))
+    if experts:
+        cfg = shrink_config(cfg, experts=experts)
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=8, device="cuda"))
+    triton_experts = layer.experts
+    variants = {
+        "sync": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4, tma=True), 64),
+        "rescale persistent": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, tma=True, persistent=True,
+                                                              promote="rescale"),
+                                              GemmConfig(256, 128, 8, 8, 3, persistent=True, promote="rescale")),
+        "rescale": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, tma=True, promote="rescale"),
+                                   GemmConfig(256, 128, 8, 8, 3, tma=True, promote="rescale"), 64),
+        "rescale pointers": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 4, promote="rescale"),
+                                            GemmConfig(128, 128, 8, 8, 4, promote="rescale")),
+    }
+    g = torch.Generator(device="cuda").manual_seed(5)
+    T = 2048
+    x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+    x[3, 256:384] = 0.0                     # an all-zero activation group (the rescale floor)
+    logits = torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2
+    rows = torch.cat([torch.arange(16, device="cuda"), torch.randperm(T, device="cuda", generator=g)[:16]])
+    ref = reference_moe(x[rows], logits[rows], LayerExperts(layer), cfg, layer.score_correction_bias, device="cuda")
+    outs = {}
+    for name, config in variants.items():
+        triton_experts._configs.clear()
+        triton_experts.kernel_config = lambda num_rows, weights, c=config: c
+        outs[name] = layer(x, logits)
+        torch.cuda.synchronize()
+        assert torch.isfinite(outs[name]).all(), name
+        assert_close(outs[name][rows], ref, 8e-3 if name == "sync" else 3e-2, context=f"{preset} {name}")
+        assert_close(outs[name], outs["sync"], 3e-2, context=f"{preset} {name} against sync")
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_decode_gemv_path(preset):
     """The decode path (config.gemv: two matrix-vector kernels, slot sum in the second) at real sizes,

@@ -341,6 +341,44 @@ else:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("down_bn,persistent", [(64, True), (256, False)])
+    def test_fused_experts_fp8_rescale(down_bn, persistent):
+        """The "rescale" promotion of block FP8 (accumulators in units of the last K block's scale)
+        against the oracle and the "sync" path, with a weight block whose scale is 0 and a token whose
+        second activation group is all zeros (the rescale floor), split tiles, and (256) the down tile's
+        two halves in two scale blocks."""
+        promote = "rescale"
+        from dataclasses import replace as dc_replace
+
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        T, E, k, H, I = 11, 4, 2, 384, 256
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=22)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(6))
+        x[2, 128:256] = 0.0
+        ids, w = random_routing(T, E, k, seed=7, hot_expert=0)
+        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        s13[0, 1, 1] = 0.0          # expert 0: the gate block of rows 128..255, K 128..255 scaled to zero
+        s2[1, 0, 0] = 0.0
+        xq, xs = fp8_quantize_torch(x, 128)
+        sync = MoEKernelConfig(32, GemmConfig(128, 128, 1, 4, 2, tma=True, persistent=persistent),
+                               GemmConfig(down_bn, 128, 1, 4, 2, tma=True, persistent=persistent), tail_m=16)
+        variant = dc_replace(sync, gate_up=dc_replace(sync.gate_up, promote=promote),
+                             down=dc_replace(sync.down, promote=promote))
+        ops = Fp8Operands(xs.contiguous(), s13, s2, 128, quant.weight_block, "block")
+        out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=variant, fp8=ops)
+        base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=sync, fp8=ops)
+        blk = quant.weight_block
+        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
+                dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
+        ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
+        assert torch.isfinite(out).all()
+        assert_close(out, ref, 5e-3, context=f"fp8 promote={promote}")
+        assert_close(out, base, 2e-3, context=f"fp8 promote={promote} against sync")
+
     @pytest.mark.parametrize("granularity,T,remote", [("block", 1, False), ("block", 3, True), ("tensor", 2, True),
                                                       ("channel", 1, False)])
     def test_decode_gemv_fp8(granularity, T, remote):

@@ -110,3 +110,23 @@ def test_gemv_configs_round_trip_and_survive_lookup(tmp_path):
         MoEKernelConfig.from_dict(dict(cfg.to_dict(), gemv={"gate_up_n": 16}))
     for n, k, warps, stages in tune._GEMV_GATE_UP + tune._GEMV_DOWN:
         assert n & (n - 1) == 0 and k & (k - 1) == 0 and warps in (4, 8) and stages >= 1
+
+
+def test_rescale_candidates_and_the_margin_it_must_win_by():
+    """"rescale" (less precise) is timed only for block-FP8 weights, and chosen only when it beats the
+    fastest "sync" candidate by more than the margin; round trip through the table's dict form."""
+    from epmoe.bench import tune
+    sync = GemmConfig(128, 128, 8, 8, 3)
+    rescale = GemmConfig(256, 128, 8, 8, 3, promote="rescale")
+    gus, dns = tune.candidates(128, True, block_scales=True)
+    assert any(g.promote == "rescale" for g in gus) and any(g.promote == "rescale" and g.block_n == 256 for g in dns)
+    assert all(g.promote == "sync" for g in tune.candidates(128, True)[0] + tune.candidates(128, False)[1])
+    assert tune.fastest({sync: 1.0, rescale: 0.98}) == sync
+    assert tune.fastest({sync: 1.0, rescale: 0.95}) == rescale
+    assert tune.fastest({rescale: 0.95}) == rescale
+    cfg = MoEKernelConfig(128, sync, rescale)
+    assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and "rescale" in cfg.describe()
+    plan = tune.refine_plan({8192: MoEKernelConfig(128, sync, GemmConfig(128, 128, 8, 8, 4))}, [8192],
+                            fp8=True, block_scales=True)
+    gus, dns = plan[8192][(128, 0)]
+    assert {g.promote for g in gus} == {"sync", "rescale"} and any(d.block_n == 256 for d in dns)

@@ -26,14 +26,17 @@ import sys
 
 import torch
 
-from ..usage import CsvList
+from ..usage import CsvList, UsageError
+from .expert_anchors import ANCHOR_FORMATS, DENSE_FP8_BLOCK, GROUPED_BF16, GROUPED_FP8_ROWWISE
 from .run_env import RESULTS_DIR_HELP, results_dir
 
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
 TOKENS = [1, 16, 128, 1024, 8192]
 ROUTINGS = ["balanced", "skewed", "onehot"]
 FORMATS = ["bf16", "fp8_block"]
-ANCHOR = "torch._grouped_mm"
+ANCHOR = GROUPED_BF16
+ANCHOR_KEYS = {"grouped_mm": GROUPED_BF16, "scaled_grouped_mm": GROUPED_FP8_ROWWISE, "scaled_mm_block": DENSE_FP8_BLOCK}
+DRY_SHRINK = 32
 SKEW_SIGMA = 1.0          # log-normal popularity: p_e ~ exp(SKEW_SIGMA * N(0, 1))
 CHECK_ROWS = 16
 BATCHED_MAX_T = 128
@@ -42,6 +45,10 @@ BATCHED_MAX_T = 128
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", "--preset", action=CsvList, default=",".join(PRESETS),
                    help="comma-separated presets (default: %(default)s)")
+    p.add_argument("--experts", type=int, default=None, metavar="N",
+                   help="a shard of each preset: N local experts at the preset's top-k, all tokens routed among "
+                        "them (as on one GPU of N * ranks experts); N between top-k and the preset's experts "
+                        "(default: all the preset's experts)")
     p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
                    help="token counts T (default: %(default)s)")
     p.add_argument("--routings", action=CsvList, default=",".join(ROUTINGS), help="routings (default: %(default)s)")
@@ -51,12 +58,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="routings timed for FP8 formats (default: %(default)s)")
     p.add_argument("--backends", action=CsvList, default="all",
                    help="experts backends to time (default: every GPU backend)")
+    p.add_argument("--anchors", action=CsvList, default="all",
+                   help="library anchors timed on the same rows: " + ", ".join(ANCHOR_KEYS)
+                        + ", all or none (default: %(default)s)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
     p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the plumbing on the CPU: presets shrunk (H, I / 32), the CPU backends and anchors, "
+                        "wall-clock times that are not results; checks as on the GPU")
 
 
 def _csv(s: str) -> list[str]:
@@ -92,24 +105,32 @@ class _WeightHolder(torch.nn.Module):
         self.cfg, self.device = cfg, device
 
 
-def make_weights(cfg, device, gen: torch.Generator):
-    """Random expert weights in the layer's stored format -> (ExpertWeights, oracle expert list)."""
-    from ..layouts import ExpertWeights
+def random_bf16_weights(cfg, device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random expert weights w13 [E, 2I, H], w2 [E, H, I] in bfloat16 (scaled to keep outputs O(1))."""
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
     w13 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=device)
     w2 = torch.empty(E, H, I, dtype=torch.bfloat16, device=device)
     for e in range(E):        # per expert: keeps the float32 temporaries small
         w13[e] = (torch.randn(2 * I, H, generator=gen, device=device) * H ** -0.5).to(torch.bfloat16)
         w2[e] = (torch.randn(H, I, generator=gen, device=device) * I ** -0.5).to(torch.bfloat16)
+    return w13, w2
+
+
+def make_weights(cfg, device, gen: torch.Generator, base: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Expert weights in the layer's stored format -> (ExpertWeights, oracle expert list): random, or
+    the bfloat16 `base` (w13, w2) quantized as the layer's scheme stores them."""
+    from ..layouts import ExpertWeights
+    I = cfg.intermediate_size
+    w13, w2 = random_bf16_weights(cfg, device, gen) if base is None else base
     if cfg.quant is None:
         return ExpertWeights(w13, w2), _OracleExperts(w13, w2, I)
     scheme = cfg.quant_scheme
     holder = _WeightHolder(cfg, device)
+    E = cfg.num_experts
     Hp, Ip = cfg.padded_hidden_size, cfg.padded_intermediate_size
     scheme.create_weights(holder, E, Hp, Ip)
     for e in range(E):
         scheme.load_expert(holder, e, w13[e, :I], w13[e, I:], w2[e])
-    del w13, w2
     weights = ExpertWeights(holder.w13, holder.w2, None, None, holder.w13_scale, holder.w2_scale)
     return weights, _DequantizedExperts(scheme, holder)
 
@@ -143,25 +164,6 @@ class _DequantizedExperts:
 
 
 # ------------------------------------------------------------------------------------------ runners
-def _anchor_runner(x, ids, w13, w2, activation):
-    """torch._grouped_mm gate+up, activation, down on rows sorted by expert beforehand (not timed).
-    The activation runs in bf16 (one pass per op, no float32 copies), which makes the anchor as fast as
-    plain PyTorch gets."""
-    from ..activations import gated_activation_fused
-    from ..experts.base import sort_pairs_by_expert
-    T, k = ids.shape
-    order, _, offsets = sort_pairs_by_expert(ids, w13.shape[0])
-    rows = order // k
-    x_sorted = x[rows].contiguous()
-    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
-
-    def run():   # the activation in the rows' dtype (bf16): the plain-PyTorch way, few passes
-        h = torch._grouped_mm(x_sorted, w13t, offs=offsets)
-        a = gated_activation_fused(activation, h)
-        return torch._grouped_mm(a, w2t, offs=offsets)
-    return run, x_sorted, rows
-
-
 def _batched_inputs(x, ids, num_experts):
     """The batched layout of a routing: [E, C, H] rows per expert (C = the largest count) + counts."""
     T, k = ids.shape
@@ -185,51 +187,180 @@ def _rel_err(out, ref) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _environment() -> dict:
+def _environment(dry: bool = False) -> dict:
     import triton
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "commit": _commit()}
+    if dry:
+        return dict(env, gpu="none (CPU dry run: times are not results)", dry_run=True)
     props = torch.cuda.get_device_properties(0)
-    return {"gpu": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
-            "memory_gib": round(props.total_memory / 2 ** 30, 1), "capability": list(torch.cuda.get_device_capability()),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return dict(env, gpu=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
+                memory_gib=round(props.total_memory / 2 ** 30, 1),
+                capability=list(torch.cuda.get_device_capability()), cuda=torch.version.cuda)
+
+
+def _commit() -> str | None:
+    """The commit the benchmark runs: EPMOE_COMMIT when set (a copy without its .git, perhaps inside
+    another checkout), else this checkout's git commit (with "+dirty" when tracked files differ), else None."""
+    import subprocess
+    if os.environ.get("EPMOE_COMMIT"):
+        return os.environ["EPMOE_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != os.path.realpath(root):
+            return None              # not a checkout of its own (a copy inside another repository)
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+class WallTimer:
+    """The GPU timer's interface on the CPU (the dry run): wall-clock median, no flush, no graphs."""
+
+    def time(self, fn, reps: int = 20, warmup: int = 5, use_graph: bool = True, before_each=None):
+        import statistics
+        import time
+        from .gpu_timing import Timing
+        times = []
+        for i in range(warmup + reps):
+            if before_each is not None:
+                before_each()
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        return Timing(statistics.median(times), min(times), max(times), reps, "wall")
+
+
+def bench_config(preset: str, fmt: str, experts: int | None = None, dry: bool = False):
+    """The layer config a row of the benchmark runs: the preset in `fmt`, shrunk to a shard of `experts`
+    local experts at the preset's top-k, and (dry run) its sizes divided by DRY_SHRINK."""
+    from dataclasses import replace
+    from ..presets import preset_config, shrink_config
+    from ..quant import quant_config_for
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=quant_config_for(fmt))
+    n = cfg.num_experts if experts is None else experts
+    if dry and experts is None:
+        n = min(n, 8)
+    if not cfg.top_k <= n <= cfg.num_experts:
+        raise UsageError(f"--experts {experts}: a shard of {preset} holds between its top-k ({cfg.top_k}) and its "
+                         f"{cfg.num_experts} experts")
+    cfg = shrink_config(cfg, experts=n, shrink=DRY_SHRINK if dry else 1)
+    if dry:       # sizes the unpadded layouts take as they are
+        cfg = replace(cfg, hidden_size=-(-cfg.hidden_size // 8) * 8, intermediate_size=-(-cfg.intermediate_size // 8) * 8)
+    return cfg
+
+
+def _anchor_names(arg: str) -> list[str]:
+    keys = _csv(arg)
+    if keys == ["all"]:
+        return list(ANCHOR_KEYS.values())
+    if keys == ["none"]:
+        return []
+    bad = [k for k in keys if k not in ANCHOR_KEYS]
+    if bad:
+        raise UsageError(f"--anchors: unknown {', '.join(bad)}; known: {', '.join(ANCHOR_KEYS)}, all, none")
+    return [ANCHOR_KEYS[k] for k in keys]
+
+
+def check_args(args) -> None:
+    """Argument errors before any GPU work (UsageError names the flag)."""
+    from ..presets import PRESETS as KNOWN
+    from ..quant import WEIGHT_FORMATS
+    for flag, v in (("--reps", args.reps), ("--warmup", args.warmup)):
+        if v < (1 if flag == "--reps" else 0):
+            raise UsageError(f"{flag} must be >= {1 if flag == '--reps' else 0}, got {v}")
+    for name in _csv(args.presets):
+        if name not in KNOWN:
+            raise UsageError(f"--presets: unknown preset {name!r}; known: {', '.join(KNOWN)}")
+    for fmt in _csv(args.formats):
+        if fmt not in WEIGHT_FORMATS:
+            raise UsageError(f"--formats: unknown format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}")
+    for r in _csv(args.routings) + _csv(args.fp8_routings):
+        if r not in ROUTINGS:
+            raise UsageError(f"--routings: unknown routing {r!r}; known: {', '.join(ROUTINGS)}")
+    try:
+        tokens = [int(t) for t in _csv(args.tokens)]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 1:
+        raise UsageError(f"--tokens must be positive token counts, got {args.tokens!r}")
+    if args.experts is not None and args.experts < 1:
+        raise UsageError(f"--experts must be >= 1, got {args.experts}")
+    for name in _csv(args.presets):
+        bench_config(name, "bf16", args.experts)
+    _anchor_names(args.anchors)
 
 
 def run_benchmark(args) -> dict:
     from .. import contract
     from ..layouts import BatchedBatch, FlatBatch
-    from ..presets import preset_config
-    from ..quant import quant_config_for
     from ..reference import reference_moe
     from ..routing import Routing
-    from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
-    device = torch.device("cuda", torch.cuda.current_device())
-    timer = GpuTimer(device)
-    env = _environment()
-    copy_bw = measure_copy_bandwidth(timer)
-    rates = {"bf16": measure_matmul_rate(timer, torch.bfloat16)}
-    formats = _csv(args.formats)
-    if any(f.startswith("fp8") for f in formats):
+    from .expert_anchors import run_anchors
+    dry = bool(getattr(args, "dry_run", False))
+    env = _environment(dry)
+    if dry:
+        device, timer = torch.device("cpu"), WallTimer()
+        copy_bw, rates = None, {}
+    else:
+        from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
+        device = torch.device("cuda", torch.cuda.current_device())
+        timer = GpuTimer(device)
+        copy_bw = measure_copy_bandwidth(timer)
+        rates = {"bf16": measure_matmul_rate(timer, torch.bfloat16)}
         rates["fp8"] = measure_matmul_rate(timer, torch.float8_e4m3fn)
-    print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul {rates['bf16'] / 1e12:.0f} "
-          f"TFLOP/s" + (f", fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s" if "fp8" in rates else ""), flush=True)
+        print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
+              f"{rates['bf16'] / 1e12:.0f} TFLOP/s, fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s", flush=True)
+    formats = _csv(args.formats)
+    anchor_names = _anchor_names(args.anchors)
     results = []
     wanted_backends = None if args.backends == "all" else set(_csv(args.backends))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for preset in _csv(args.presets):
+        base_cfg = bench_config(preset, "bf16", args.experts, dry)
+        E, k, H, I = base_cfg.num_experts, base_cfg.top_k, base_cfg.hidden_size, base_cfg.intermediate_size
+        base = random_bf16_weights(base_cfg, device, gen)
+        states: dict = {}          # format -> (cfg, weights, oracle experts), made from `base` once
+
+        def state(fmt, preset=preset, base=base, states=states):
+            if fmt not in states:
+                cfg = bench_config(preset, fmt, args.experts, dry)
+                states[fmt] = (cfg, *make_weights(cfg, device, gen, base))
+            return states[fmt]
+        inputs: dict = {}          # (T, routing) -> the rows every format and anchor of this preset runs on
+
+        def rows_for(T, routing, inputs=inputs):
+            if (T, routing) not in inputs:
+                ids, tw = make_routing(routing, T, E, k, gen, device)
+                pool = [torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16) for _ in range(3)]
+                inputs[(T, routing)] = dict(ids=ids, tw=tw, pool=pool, sample=_sample_rows(T, gen, device),
+                                            refs={}, anchors=None)
+            return inputs[(T, routing)]
+
+        def ref_of(fmt, inp):
+            if fmt not in inp["refs"]:
+                cfg, _, oracle = state(fmt)
+                s = inp["sample"]
+                inp["refs"][fmt] = reference_moe(inp["pool"][0][s], None, oracle, cfg,
+                                                 routing=Routing(inp["ids"][s], inp["tw"][s]), device=device)
+            return inp["refs"][fmt]
         for fmt in formats:
-            quant = quant_config_for(fmt)
-            cfg = preset_config(preset, dtype=torch.bfloat16, quant=quant)
-            E, k, H, I = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
+            cfg, weights, _ = state(fmt)
+            quant = cfg.quant
             Hp = cfg.padded_hidden_size
-            weights, oracle_experts = make_weights(cfg, device, gen)
             backends = []
             for name in contract.EXPERTS:
                 if name == "reference" or (wanted_backends is not None and name not in wanted_backends):
                     continue
                 caps = contract.experts_class(name).CAPS
                 layout = "flat" if "flat" in caps.layouts else "batched"
-                why = contract.experts_problem(name, cfg, "cuda")
+                why = contract.experts_problem(name, cfg, device.type)
                 if why is None:
                     backends.append((name, layout, contract.experts_class(name)(cfg, device)))
                 else:
@@ -238,41 +369,44 @@ def run_benchmark(args) -> dict:
                                                                    if r in _csv(args.routings)]
             for T in (int(t) for t in _csv(args.tokens)):
                 for routing in routings:
-                    ids, tw = make_routing(routing, T, E, k, gen, device)
-                    x_pool = [torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16) for _ in range(3)]
-                    x = x_pool[0].clone()
+                    inp = rows_for(T, routing)
+                    ids, tw, pool, sample = inp["ids"], inp["tw"], inp["pool"], inp["sample"]
+                    x = pool[0].clone()
                     xp = x if Hp == H else torch.nn.functional.pad(x, (0, Hp - H))
                     hit = int(torch.unique(ids).numel())
-                    elem = 1 if quant is not None else 2
-                    nbytes = hit * 3 * H * I * elem
                     flops = _flops(T, k, H, I)
-                    floor_ms = max(nbytes / copy_bw, flops / rates["fp8" if quant else "bf16"]) * 1e3
                     pool_i = [0]
-                    anchor_state = {}
 
                     def load(i):
                         pool_i[0] = i
-                        x.copy_(x_pool[i])
+                        x.copy_(pool[i])
                         if Hp != H:
                             xp[:, :H].copy_(x)
-                        if anchor_state:
-                            anchor_state["x_sorted"].copy_(x[anchor_state["rows"]])
 
                     def refresh():
-                        load((pool_i[0] + 1) % len(x_pool))
-                    row = dict(preset=preset, format=fmt, T=T, routing=routing, experts_hit=hit,
-                               weight_bytes=nbytes, flops=flops, floor_ms=floor_ms)
-                    sample = _sample_rows(T, gen, device)
-                    ref = None
-                    if not args.no_check and T:
-                        ref = reference_moe(x[sample], None, oracle_experts, cfg,
-                                            routing=Routing(ids[sample], tw[sample]), device=device)
-                    entries = []
-                    if quant is None and H % 8 == 0:
-                        anchor, anchor_state["x_sorted"], anchor_state["rows"] = _anchor_runner(
-                            x, ids, weights.w13, weights.w2, cfg.activation)
-                        t = timer.time(anchor, reps=args.reps, warmup=args.warmup, before_each=refresh)
-                        entries.append((ANCHOR, t, None, None))
+                        load((pool_i[0] + 1) % len(pool))
+
+                    def row_of(fmt_, backend):
+                        elem = 1 if fmt_.startswith("fp8") else 2
+                        nbytes = hit * 3 * H * I * elem
+                        floor_ms = (max(nbytes / copy_bw, flops / rates["fp8" if elem == 1 else "bf16"]) * 1e3
+                                    if copy_bw else None)
+                        return dict(preset=preset, experts=E, top_k=k, hidden=H, inter=I, format=fmt_, T=T,
+                                    routing=routing, experts_hit=hit, weight_bytes=nbytes, flops=flops,
+                                    floor_ms=floor_ms, backend=backend)
+                    if inp["anchors"] is None:       # once per rows, in the first format that meets them
+                        inp["anchors"] = run_anchors(
+                            anchor_names, timer, args.reps, args.warmup, cfg=base_cfg, x=pool[0], pool=pool, ids=ids,
+                            tw=tw, sample=sample, weights_of=lambda f: state(f)[1],
+                            ref_of=lambda f, inp=inp: ref_of(f, inp))
+                        for a in inp["anchors"]:
+                            r = dict(row_of(ANCHOR_FORMATS[a.name], a.name), anchor=True, error=a.error,
+                                     check_rel_err=a.err, **a.extra)
+                            if a.timing is not None:
+                                r.update(ms=a.timing.median_ms, timing=a.timing.as_dict())
+                            results.append(_with_rates(r))
+                            _print_row(r)
+                    anchor_ms = {a.name: a.timing.median_ms for a in inp["anchors"] if a.timing is not None}
                     for name, layout, experts in backends:
                         if layout == "batched":
                             if T > BATCHED_MAX_T:
@@ -284,45 +418,66 @@ def run_benchmark(args) -> dict:
                             t = timer.time(fn, reps=args.reps, warmup=args.warmup,
                                            use_graph=experts.CAPS.cuda_graph_safe)
                             err = None
-                            if ref is not None:
-                                err = _batched_check(fn(), ids, tw, sample, xb, counts, ref, H)
-                            entries.append((name, t, err, None))
-                            continue
-                        batch = FlatBatch(xp, ids, tw)
-                        fn = lambda experts=experts, batch=batch: experts(batch, weights)
-                        t = timer.time(fn, reps=args.reps, warmup=args.warmup, before_each=refresh,
-                                       use_graph=experts.CAPS.cuda_graph_safe)
-                        err = None
-                        if ref is not None:
-                            load(0)                 # the input the oracle saw
-                            err = _rel_err(fn()[:, :H][sample], ref)
-                        cfg_desc = None
-                        if hasattr(experts, "kernel_config"):
-                            cfg_desc = experts.kernel_config(T, weights).describe()
-                        entries.append((name, t, err, cfg_desc))
-                    anchor_ms = next((t.median_ms for n, t, _, _ in entries if n == ANCHOR), None)
-                    for name, t, err, cfg_desc in entries:
+                            if not args.no_check:
+                                err = _batched_check(fn(), ids, tw, sample, xb, counts, ref_of(fmt, inp), H)
+                            cfg_desc = None
+                        else:
+                            batch = FlatBatch(xp, ids, tw)
+                            fn = lambda experts=experts, batch=batch: experts(batch, weights)
+                            t = timer.time(fn, reps=args.reps, warmup=args.warmup, before_each=refresh,
+                                           use_graph=experts.CAPS.cuda_graph_safe)
+                            err = None
+                            if not args.no_check:
+                                load(0)                 # the input the oracle saw
+                                err = _rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
+                            cfg_desc = experts.kernel_config(T, weights).describe() \
+                                if hasattr(experts, "kernel_config") else None
                         ms = t.median_ms
-                        r = dict(row, backend=name, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-                                 hit_weight_gbps=nbytes / (ms * 1e-3) / 1e9, floor_fraction=floor_ms / ms,
-                                 vs_grouped_mm=(anchor_ms / ms) if anchor_ms else None, timing=t.as_dict(),
-                                 check_rel_err=err, kernel_config=cfg_desc)
-                        results.append(r)
-                        print(f"{preset:14s} {fmt:9s} T={T:5d} {routing:8s} {name:18s} {ms:8.3f} ms "
-                              f"{r['tflops']:7.1f} TFLOP/s {r['hit_weight_gbps']:7.0f} GB/s floor {r['floor_fraction']:5.2f}"
-                              + (f" x{r['vs_grouped_mm']:.2f} vs gmm" if r["vs_grouped_mm"] else "")
-                              + (f" err {err:.1e}" if err is not None else "") + f" [{t.method}]", flush=True)
-            del weights, oracle_experts, backends
+                        r = dict(row_of(fmt, name), ms=ms, timing=t.as_dict(), check_rel_err=err,
+                                 kernel_config=cfg_desc, vs_anchors={a: am / ms for a, am in anchor_ms.items()},
+                                 vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None)
+                        results.append(_with_rates(r))
+                        _print_row(r)
+        del states, base, inputs
+        if not dry:
             torch.cuda.empty_cache()
-    return {"environment": env, "ceilings": {"copy_bytes_per_s": copy_bw,
-                                             **{f"matmul_{k}_flop_per_s": v for k, v in rates.items()}},
+    ceilings = {} if dry else {"copy_bytes_per_s": copy_bw, **{f"matmul_{k}_flop_per_s": v for k, v in rates.items()}}
+    return {"environment": env, "ceilings": ceilings,
+            "command": "epmoe bench experts " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "experts"]
+                                                         else sys.argv[1:]),
             "method": "CUDA events, median of reps after warm-up, L2 flushed (512 MB write) and the GPU kept busy "
                       "(cuda sleep) before each run; CUDA graph replay where the backend allows; fresh inputs "
-                      "copied in before each run (untimed)",
+                      "copied in before each run (untimed); every format and anchor of a preset on the same rows",
             "definitions": {"tflops": "6*T*k*H*I / time", "hit_weight_gbps": "experts hit * 3*H*I * bytes/elem / time",
                             "floor_ms": "max(hit weight bytes / copy rate, FLOPs / matmul rate)",
-                            "vs_grouped_mm": f"{ANCHOR} time / this time (the anchor: bf16, rows pre-sorted, GEMMs+act)"},
+                            "vs_anchors": "anchor time / this time, for each library anchor on the same rows "
+                                          "(GEMMs + activation on rows sorted beforehand; see "
+                                          "epmoe.bench.expert_anchors)",
+                            "vs_grouped_mm": f"{ANCHOR} time / this time"},
             "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+
+
+def _with_rates(r: dict) -> dict:
+    ms = r.get("ms")
+    if ms:
+        r.update(tflops=r["flops"] / (ms * 1e-3) / 1e12, hit_weight_gbps=r["weight_bytes"] / (ms * 1e-3) / 1e9,
+                 floor_fraction=(r["floor_ms"] / ms) if r.get("floor_ms") else None)
+    return r
+
+
+def _print_row(r: dict) -> None:
+    head = (f"{r['preset']:14s} E={r['experts']:<3d} {r['format']:11s} T={r['T']:5d} {r['routing']:8s} "
+            f"{r['backend']:32s}")
+    if r.get("ms") is None:
+        print(f"{head} {r.get('error')}", flush=True)
+        return
+    vs = r.get("vs_anchors") or {}
+    print(f"{head} {r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s {r['hit_weight_gbps']:7.0f} GB/s"
+          + (f" floor {r['floor_fraction']:5.2f}" if r.get("floor_fraction") else "")
+          + "".join(f" x{v:.2f} vs {a.split()[0]}" + ("" if a == ANCHOR else f" {a.split()[-1]}")
+                    for a, v in vs.items())
+          + (f" err {r['check_rel_err']:.1e}" if r.get("check_rel_err") is not None else "")
+          + f" [{r['timing']['method']}]", flush=True)
 
 
 def _sample_rows(T, gen, device):
@@ -351,7 +506,7 @@ def write_plot(data: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in data["results"] if r["routing"] == "balanced"]
+    rows = [r for r in data["results"] if r["routing"] == "balanced" and r.get("ms")]
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     n = len(presets)
     cols = 2 if n > 1 else 1
@@ -364,7 +519,7 @@ def write_plot(data: dict, path: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                     label=f"{backend} ({fmt})", linestyle="-" if fmt == "bf16" else "-.")
         for fmt, style in (("bf16", "--"), ("fp8_block", ":")):
-            floor = sorted({(r["T"], r["floor_ms"]) for r in pr if r["format"] == fmt})
+            floor = sorted({(r["T"], r["floor_ms"]) for r in pr if r["format"] == fmt and r.get("floor_ms")})
             if floor:
                 ax.plot([p[0] for p in floor], [p[1] for p in floor], color="black", linestyle=style,
                         label=f"roofline floor ({fmt})")
@@ -391,9 +546,30 @@ def default_output(env: dict) -> str:
     return os.path.join(root, f"experts_{gpu}_{env['date'][:10]}.json")
 
 
+def summary(data: dict) -> str:
+    """One line per (preset, T, routing): TFLOP/s of every anchor and backend in every format, and the
+    ratios the targets are stated in (FP8 over BF16 of each backend; each backend over each anchor)."""
+    lines = []
+    rows = [r for r in data["results"] if r.get("ms")]
+    for key in dict.fromkeys((r["preset"], r["experts"], r["T"], r["routing"]) for r in rows):
+        same = [r for r in rows if (r["preset"], r["experts"], r["T"], r["routing"]) == key]
+        cells = [f"{r['backend'].split()[0] if r.get('anchor') else r['backend']}"
+                 f"{'' if r.get('anchor') else '/' + r['format']} {r['tflops']:.0f}" for r in same]
+        tf = {(r["backend"], r["format"]): r["tflops"] for r in same if not r.get("anchor")}
+        for b in dict.fromkeys(b for b, _ in tf):
+            for f in ("fp8_block", "fp8_channel"):
+                if (b, f) in tf and (b, "bf16") in tf:
+                    cells.append(f"{b} {f}/bf16 {tf[(b, f)] / tf[(b, 'bf16')]:.2f}x")
+        lines.append(f"{key[0]} E={key[1]} T={key[2]} {key[3]}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def main(args) -> int:
-    if not torch.cuda.is_available():
-        print("epmoe bench experts: needs a CUDA GPU (none is visible)", file=sys.stderr)
+    check_args(args)
+    dry = bool(getattr(args, "dry_run", False))
+    if not dry and not torch.cuda.is_available():
+        print("epmoe bench experts: needs a CUDA GPU (none is visible); --dry-run checks the plumbing on the CPU",
+              file=sys.stderr)
         return 2
     data = run_benchmark(args)
     path = args.output or default_output(data["environment"])
@@ -405,7 +581,8 @@ def main(args) -> int:
         png = os.path.splitext(path)[0] + ".png"
         write_plot(data, png)
         print(f"wrote {png}")
-    bad = [r for r in data["results"] if r["check_rel_err"] is not None
+    print("# TFLOP/s (6 T k H I / time) and ratios, same rows:\n" + summary(data))
+    bad = [r for r in data["results"] if r.get("check_rel_err") is not None
            and not r["check_rel_err"] <= (3e-2 if r["format"].startswith("fp8") else 1e-2)]
     for r in bad:
         print(f"CHECK FAILED: {r['preset']} {r['format']} T={r['T']} {r['routing']} {r['backend']}: "

@@ -43,6 +43,10 @@ _FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128,
                 (128, 128, 16, 3), (128, 128, 16, 4)]   # 16 warps: half the accumulator registers per thread
 _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 5),
              (64, 128, 4, 6)]
+# block-scaled FP8 only: (block_n, block_k, num_warps, num_stages, promote); "rescale" (fused_moe's
+# RESCALE) holds no product registers, so the down tile can be 256 wide at 8 warps
+_FP8_BLOCK_GATE_UP = [(128, 128, 8, 3, "rescale"), (128, 128, 8, 4, "rescale")]
+_FP8_BLOCK_DOWN = [(128, 128, 8, 4, "rescale"), (256, 128, 8, 3, "rescale"), (256, 128, 8, 4, "rescale")]
 
 
 # the decode path (decode_gemv), tried for T <= GEMV_MAX_TOKENS (FP8: the formats it takes, K tiles of
@@ -85,11 +89,15 @@ def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
     return out
 
 
-def candidates(block_m: int, fp8: bool, tma: bool = True) -> tuple[list[GemmConfig], list[GemmConfig]]:
+def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False
+               ) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
-    each also with TMA weight loads when `tma`."""
+    each also with TMA weight loads when `tma`; with `block_scales` (FP8 128x128 weight blocks) also the
+    "rescale" promotion."""
     if fp8:
         gu, dn, group = _FP8_GATE_UP, _FP8_DOWN, 1 if block_m <= 32 else 8
+        if block_scales and block_m >= 64:
+            gu, dn = gu + _FP8_BLOCK_GATE_UP, dn + _FP8_BLOCK_DOWN
     elif block_m <= 32:
         gu, dn, group = _DECODE_GATE_UP, _DECODE_DOWN, 1
     elif block_m <= 64:
@@ -97,8 +105,8 @@ def candidates(block_m: int, fp8: bool, tma: bool = True) -> tuple[list[GemmConf
     else:
         gu, dn, group = _LARGE_GATE_UP, _LARGE_DOWN, 8
     elem = 1 if fp8 else 2
-    gu_cfgs = [GemmConfig(n, k, group, w, s) for n, k, w, s in gu]
-    dn_cfgs = [GemmConfig(n, k, group, w, s) for n, k, w, s in dn]
+    gu_cfgs = [GemmConfig(*c[:2], group, *c[2:4], promote=c[4] if len(c) > 4 else "sync") for c in gu]
+    dn_cfgs = [GemmConfig(*c[:2], group, *c[2:4], promote=c[4] if len(c) > 4 else "sync") for c in dn]
     gu_cfgs = [g for g in gu_cfgs if smem_bytes(block_m, g, elem, 2) <= SMEM_LIMIT]
     dn_cfgs = [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT]
     if tma:
@@ -106,20 +114,29 @@ def candidates(block_m: int, fp8: bool, tma: bool = True) -> tuple[list[GemmConf
     return gu_cfgs, dn_cfgs
 
 
-def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False) -> dict:
+def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False,
+                block_scales: bool = False) -> dict:
     """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
-    each with the tail tiles worth trying (`rows_per_expert(T)` given) and, for FP8, with 16 warps."""
+    each with the tail tiles worth trying (`rows_per_expert(T)` given) and, for FP8, with 16 warps; for
+    FP8 block weights each gate+up candidate with both promotions, and down 128 wide with both and 256
+    wide with "rescale"."""
     plan = {}
     for T in tokens:
         cfg = table.get(T)
         if cfg is not None:
             gus = [cfg.gate_up]
+            dns = [cfg.down]
             if fp8 and cfg.block_m >= 64 and cfg.gate_up.num_warps == 8:
                 gus.append(replace(cfg.gate_up, num_warps=16))
+            if block_scales and cfg.block_m >= 64:    # both promotions; down 128 wide, and 256 with rescale
+                gus = list(dict.fromkeys(replace(g, promote=p) for g in gus for p in ("sync", "rescale")))
+                dns = list(dict.fromkeys([cfg.down, replace(cfg.down, block_n=128, promote="sync"),
+                                          replace(cfg.down, block_n=128, promote="rescale"),
+                                          replace(cfg.down, block_n=256, promote="rescale")]))
             tails = tails_for(cfg.block_m, rows_per_expert(T)) if rows_per_expert else [cfg.tail_m]
             if cfg.tail_m not in tails:
                 tails.append(cfg.tail_m)
-            plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_tma_twins([cfg.down])) for t in tails}
+            plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_tma_twins(dns)) for t in tails}
     return plan
 
 
@@ -140,11 +157,6 @@ def persistent_plan(table: dict, tokens: list[int]) -> dict:
                 return out
             plan[T] = {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), twins(cfg.down))}
     return plan
-
-
-def _describe_gemm(g: GemmConfig) -> str:
-    return (f"BN{g.block_n} BK{g.block_k} G{g.group_m} w{g.num_warps} s{g.num_stages}" + (" tma" if g.tma else "")
-            + (" persistent" if g.persistent else ""))
 
 
 @dataclass
@@ -222,59 +234,95 @@ def _fp8_modes(problem: Problem):
 
 
 # ----------------------------------------------------------------------------------------- timing
+class KernelInputs:
+    """The operands of the two GEMM kernels on one balanced routing of T tokens, laid out for tiles of
+    block_m rows (with tail_m: the split layout), so that each candidate configuration can be launched
+    (`gate_up(g)`, `down(g)`) on the same expert layout: what the tuner times and the profiler reads."""
+
+    def __init__(self, problem: Problem, T: int, block_m: int, gen, tail_m: int = 0):
+        from ..kernels.fused_moe import intermediate_dtype, tile_launches
+        from ..kernels.moe_align import align_pairs
+        L, H, I, k = problem.sizes
+        dev = problem.weights.w13.device
+        self.problem, self.I = problem, I
+        logits = torch.randn(T, L, generator=gen, device=dev)
+        ids = logits.topk(k, dim=1).indices.to(torch.int32)
+        self.tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1).reshape(-1).contiguous()
+        x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
+        self.x_scale = None
+        self.mode1 = self.mode2 = None
+        if problem.fp8:
+            x, x_scale = problem.cfg.quant_scheme.quantize_activations(x)
+            self.x_scale = x_scale.float().contiguous()
+            self.mode1, self.mode2 = _fp8_modes(problem)
+        self.x = x
+        aligned = align_pairs(ids, L, block_m, tail_m=tail_m)
+        self.rows = rows = aligned.max_rows
+        out_fp8 = self.mode1 is not None and self.mode1.out_fp8
+        act_dtype = torch.float8_e4m3fn if out_fp8 else intermediate_dtype(problem.cfg.dtype)
+        self.act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)          # gate_up's output
+        self.act_in = self.act.to(torch.float8_e4m3fn) if problem.fp8 else self.act      # down's input
+        self.act_scale = None
+        if problem.fp8:
+            groups = -(-I // 128) if self.mode2.a_scale_per_block else 1
+            self.act_scale = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001).reshape(
+                rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
+        self.y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
+        self.common = dict(counts=None, num_pairs=T * k, hidden=H, inter=I, top_k=k, batched=False)
+        self.launches = tile_launches(aligned, block_m, tail_m)
+        self._scales: dict = {}
+
+    def gate_up(self, g: GemmConfig) -> None:
+        from ..kernels.fused_moe import launch_gate_up
+        p, w = self.problem, self.problem.weights
+        scale_out = None
+        if self.mode1 and self.mode1.out_fp8:          # one buffer per N tile width, made outside any timing
+            scale_out = self._scales.get(g.block_n)
+            if scale_out is None:
+                scale_out = self._scales[g.block_n] = torch.empty(self.rows, -(-self.I // g.block_n),
+                                                                  dtype=torch.float32, device=self.x.device)
+        for tiles in self.launches:
+            launch_gate_up(self.x, w.w13, w.b13, self.act, scale_out, self.x_scale, w.w13_scale, gemm=g,
+                           activation=p.cfg.activation, fp8=self.mode1, **tiles, **self.common)
+
+    def down(self, g: GemmConfig) -> None:
+        from ..kernels.fused_moe import launch_down
+        w = self.problem.weights
+        for tiles in self.launches:
+            launch_down(self.act_in, w.w2, w.b2, self.y, self.act_scale, w.w2_scale, self.tw, gemm=g, fp8=self.mode2,
+                        **tiles, **self.common)
+
+
 def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, timer, reps: int, gen,
                      progress=None, task=None, tail_m: int = 0) -> tuple[dict, dict]:
     """Median ms of each gate_up and each down candidate on one balanced routing of T tokens (with
     `tail_m`: both launches of the split layout, body and tail tiles, timed together)."""
-    from ..kernels.fused_moe import intermediate_dtype, launch_down, launch_gate_up, tile_launches
-    from ..kernels.moe_align import align_pairs
-    L, H, I, k = problem.sizes
-    dev = problem.weights.w13.device
-    logits = torch.randn(T, L, generator=gen, device=dev)
-    ids = logits.topk(k, dim=1).indices.to(torch.int32)
-    tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1).reshape(-1).contiguous()
-    x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
-    x_scale = None
-    mode1 = mode2 = None
-    if problem.fp8:
-        x, x_scale = problem.cfg.quant_scheme.quantize_activations(x)
-        x_scale = x_scale.float().contiguous()
-        mode1, mode2 = _fp8_modes(problem)
-    aligned = align_pairs(ids, L, block_m, tail_m=tail_m)
-    rows = aligned.max_rows
-    act_dtype = torch.float8_e4m3fn if (mode1 and mode1.out_fp8) else intermediate_dtype(problem.cfg.dtype)
-    act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)          # gate_up's output
-    act_in = act.to(torch.float8_e4m3fn) if problem.fp8 else act                  # down's input
-    act_scale = None
-    if problem.fp8:
-        groups = -(-I // 128) if mode2.a_scale_per_block else 1
-        act_scale = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001).reshape(
-            rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
-    y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
-    common = dict(counts=None, num_pairs=T * k, hidden=H, inter=I, top_k=k, batched=False)
-    launches = tile_launches(aligned, block_m, tail_m)
-    w = problem.weights
+    inputs = KernelInputs(problem, T, block_m, gen, tail_m)
     out_gu, out_dn = {}, {}
     for g in gate_ups:
-        scale_out = None
-        if mode1 and mode1.out_fp8:
-            scale_out = torch.empty(rows, -(-I // g.block_n), dtype=torch.float32, device=dev)
-
-        def fn(g=g, s=scale_out):
-            for tiles in launches:
-                launch_gate_up(x, w.w13, w.b13, act, s, x_scale, w.w13_scale, gemm=g,
-                               activation=problem.cfg.activation, fp8=mode1, **tiles, **common)
-        out_gu[g] = _safe_time(timer, fn, reps)
+        out_gu[g] = _safe_time(timer, lambda g=g: inputs.gate_up(g), reps)
         if progress is not None:
             progress.advance(task)
     for g in downs:
-        def fn(g=g):
-            for tiles in launches:
-                launch_down(act_in, w.w2, w.b2, y, act_scale, w.w2_scale, tw, gemm=g, fp8=mode2, **tiles, **common)
-        out_dn[g] = _safe_time(timer, fn, reps)
+        out_dn[g] = _safe_time(timer, lambda g=g: inputs.down(g), reps)
         if progress is not None:
             progress.advance(task)
     return out_gu, out_dn
+
+
+RESCALE_MARGIN = 0.03     # "rescale" must beat the best "sync" candidate by this much to be chosen
+
+
+def fastest(times: dict) -> GemmConfig:
+    """The fastest candidate, except that "rescale" (less precise: fused_moe) is taken only when it beats
+    the fastest "sync" candidate by more than RESCALE_MARGIN (the run-to-run noise)."""
+    best = min(times, key=times.get)
+    sync = [g for g in times if g.promote == "sync"]
+    if best.promote != "sync" and sync:
+        best_sync = min(sync, key=times.get)
+        if times[best_sync] <= times[best] * (1 + RESCALE_MARGIN):
+            return best_sync
+    return best
 
 
 def _safe_time(timer, fn, reps) -> float:
@@ -295,7 +343,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     from .gpu_timing import GpuTimer
     L, H, I, k = problem.sizes
     if plan is None:
-        plan = {T: {(bm, tail): candidates(bm, problem.fp8) for bm in block_ms_for(T * k / L)
+        plan = {T: {(bm, tail): candidates(bm, problem.fp8, block_scales=problem.fmt == "fp8_block")
+                    for bm in block_ms_for(T * k / L)
                     for tail in tails_for(bm, T * k / L)} for T in tokens}
     # compile everything first, in parallel
     all_jobs, seen = [], set()
@@ -334,10 +383,9 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                 if verbose:
                     for kind, times in (("gate_up", t_gu), ("down", t_dn)):
                         for g, ms in times.items():
-                            progress.console.print(f"      T={T} BM{bm}+{tail} {kind} {_describe_gemm(g)}: {ms:.4f} ms",
+                            progress.console.print(f"      T={T} BM{bm}+{tail} {kind} {g.describe()}: {ms:.4f} ms",
                                                    soft_wrap=True)
-                g_best = min(t_gu, key=t_gu.get)
-                d_best = min(t_dn, key=t_dn.get)
+                g_best, d_best = fastest(t_gu), fastest(t_dn)
                 ms = t_gu[g_best] + t_dn[d_best]
                 progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms")
                 if ms < float("inf") and (T not in best or ms < best[T][1]):
@@ -518,7 +566,7 @@ def main(args) -> int:
             if args.refine or args.persistent:
                 table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
                 plan = persistent_plan(table, tokens) if args.persistent else \
-                    refine_plan(table, tokens, lambda T: T * k / L, fp8)
+                    refine_plan(table, tokens, lambda T: T * k / L, fp8, problem.fmt == "fp8_block")
                 if not plan:
                     console.print(escape(f"  --refine/--persistent: no entry for {key} in {path}; skipped"))
                     continue

@@ -4,25 +4,27 @@ routing weight in its epilogue, and the k outputs of a token summed in float32.
 Pipeline for the flat layout (`fused_experts`), all on the GPU with no host sync:
 
     align_pairs      (token, slot) pairs laid out expert by expert, padded per expert to BLOCK_M
-    gate_up kernel   tile rows gathered straight from the unsorted input x [N, H] (row = pair // k);
+    gate+up GEMM     tile rows gathered straight from the unsorted input x [N, H] (row = pair // k);
                      two accumulators (gate rows n, up rows I + n of w13 [L, 2I, H]); bias, activation,
                      cast (or FP8 quantization) in the epilogue -> act [padded pairs, I]
-    down kernel      act rows (contiguous) x w2 [L, H, I]; bias, routing weight in the epilogue; each row
+    down GEMM        act rows (contiguous) x w2 [L, H, I]; bias, routing weight in the epilogue; each row
                      scattered to its pair -> y [N * k, H]
     sum kernel       out[t] = sum over the token's local slots of y[t * k + j], in float32
 
 A config with `gemv` set sends its batches (a few tokens: decode) to `decode_gemv` instead: two
 matrix-vector kernels, no alignment, no padding, the slot sum folded into the second.
 
-The batched layout ([L, C, H] + counts, `batched_moe.py`) runs the same two GEMM kernels with
-BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
+Both GEMMs are one kernel, `moe_gemm_kernel` (GATE_UP selects the tile body), so the tile loop (one
+program per tile, or a persistent walk over the tiles in use) is written once. The batched layout
+([L, C, H] + counts, `batched_moe.py`) runs the same kernel with BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
 kernel writes their zeros) and no routing weight is applied.
 
 FP8 (W8A8, e4m3fn): A and B in FP8, float32 accumulation. Scales are either per K-block (activations:
 one per token-group of BLOCK_K columns; weights: one per SCALE_BLOCK_N x BLOCK_K block) applied to each
-K-block's partial product, or per row (activations: per token; weights: per output channel, a
-per-tensor scale stored repeated) applied once in the epilogue. The gate+up epilogue can quantize its
-output per token-group of BLOCK_N columns with the one formula (epmoe.quant.fp8).
+K-block's partial product (promoted to float32 block by block, or "rescale": see moe_gemm_kernel), or
+per row (activations: per token; weights: per output channel, a per-tensor scale stored repeated)
+applied once in the epilogue. The gate+up epilogue can quantize its output per token-group of BLOCK_N
+columns with the one formula (epmoe.quant.fp8).
 """
 from __future__ import annotations
 
@@ -115,52 +117,119 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_pairs", "capacity"])
-def gate_up_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
+def moe_gemm_kernel(
+        a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
         sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
         num_pairs, capacity,
-        H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
-        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
-        FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+        GATE_UP: tl.constexpr, H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
+        ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
+        FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
-    """act(x_rows @ w13[e, :I].T, x_rows @ w13[e, I:].T) for one BLOCK_M x BLOCK_N tile of one expert.
+        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+        RESCALE: tl.constexpr = False):
+    """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
+
+    gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
+    pair, bias and activation (and FP8 quantization of the output per BLOCK_N columns) in the epilogue,
+    written to the padded position of each row. down: act rows (contiguous) @ w2[e].T, bias and routing
+    weight in the epilogue, each row scattered to its pair (flat) or kept in place (batched, rows past
+    the count written as zeros).
 
     TILE_MODE: how tiles map to rows (`_tile_rows`). W_SCALE_SCALAR (FP8, weight scales per block): the
-    tile's BLOCK_N rows lie in one scale block, so each K block's weight scale is one number (folded
+    rows of each product lie in one scale block, so each K block's weight scale is one number (folded
     into the row scale: one multiply per product element, and no per-column scale registers).
 
-    W_DESC: `w_ptr` is a tensor descriptor of w13 as [L * 2I, H] with [BLOCK_N, BLOCK_K] blocks (the TMA
-    engine loads weight tiles, zero-filled past the end); tile rows past I then hold other rows, whose
-    output columns are never stored.
+    W_DESC: `w_ptr` is a tensor descriptor of the weights as [L * rows, K] (the TMA engine loads weight
+    tiles, zero-filled past the end); tile rows past the expert's rows then hold other rows, whose output
+    columns are never stored.
 
     PERSISTENT (flat layout, TILE_MODE 0 or 1): a fixed grid of programs walks the tiles in use (program
     p takes tiles p, p + grid, ...), in a loop nest flattened into one software-pipelined loop, so the
-    next tile's first K blocks are loaded while this tile finishes and stores its epilogue."""
-    num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
+    next tile's first K blocks are loaded while this tile finishes and stores its epilogue.
+
+    FP8 with W_SCALE_SCALAR: each K block's scales (the activations' per row, the weight block's) are
+    loaded one K block ahead, so their load latency stays off the loop's critical path. RESCALE (such
+    tiles only): a tile is two products per K block (gate and up; down: the two halves of its N tile),
+    each accumulator holds its sum in units of the last K block's scale, and a K block is one
+    accumulating product, acc = dot(a, b, acc * s_prev / s) (scales floored at PROMOTE_SCALE_FLOOR),
+    scaled by the last scale after the loop. The second product's rescale and wgmma overlap the first's
+    (Triton leaves it in flight across the K block), but the tensor cores then accumulate the whole K
+    range in their FP8 accumulator (about 14 bits kept), where the default promotes every K block's
+    product to float32: faster, measurably less precise (benchmarks/notes_kernels.md).
+    """
+    N_OUT: tl.constexpr = I if GATE_UP else H
+    num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
     if PERSISTENT:
         tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
         for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
             pid_m, pid_n = _swizzle(tile, tiles_m, num_pid_n, GROUP_M)
-            expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                       num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-            _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
-                          pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, X_SCALE_PER_BLOCK,
-                          W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+            _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                      sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
+                      GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, False)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-            return
-        expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                   num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-        if expert < 0:
-            return
-        _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
-                      pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, X_SCALE_PER_BLOCK,
-                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                      BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
+        if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+            _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                      sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
+                      GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, True)
+
+
+@triton.jit
+def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+              sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
+              GATE_UP: tl.constexpr, H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
+              ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
+              FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
+              SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
+              CHECK_EXPERT: tl.constexpr):
+    """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
+    tile); then it does nothing, except a batched down tile, which writes its rows' zeros."""
+    expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
+                                               num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
+    if GATE_UP:
+        if (not CHECK_EXPERT) or expert >= 0:
+            _gate_up_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr,
+                          pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, A_SCALE_PER_BLOCK,
+                          W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
+                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE)
+    elif (not CHECK_EXPERT) or expert >= 0:
+        _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                   pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
+                   FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE)
+    elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
+        tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
+                 tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
+                 mask=rows_in[:, None] & (offs_n < H)[None, :])
+
+
+@triton.jit
+def _block_scales(row_ptrs, w1_ptrs, w2_ptrs, kb, ROW_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """K block kb's scales: the rows' activation scales (ones when they are per token, applied in the
+    epilogue) and the two products' weight-block scales (one number each)."""
+    rows = tl.load(row_ptrs + kb) if ROW_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
+    return rows, tl.load(w1_ptrs + kb), tl.load(w2_ptrs + kb)
+
+
+@triton.jit
+def _rescale_step(a, b1, b2, acc1, acc2, s1_prev, s2_prev, s1, s2):
+    """One K block of RESCALE (see moe_gemm_kernel): s1 / s2 [BLOCK_M] the products' scales of this K
+    block -> (acc1, acc2, s1, s2). The first dot is synchronous (Triton waits for every wgmma in flight
+    right after it); the second is left in flight into the next K block."""
+    s1 = tl.maximum(s1, PROMOTE_SCALE_FLOOR)
+    s2 = tl.maximum(s2, PROMOTE_SCALE_FLOOR)
+    acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
+    acc2 = tl.dot(a, b2, acc2 * (s2_prev / s2)[:, None])
+    return acc1, acc2, s1, s2
 
 
 @triton.jit
@@ -170,8 +239,8 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                   FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
                   SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  W_SCALE_SCALAR: tl.constexpr):
-    """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see gate_up_kernel)."""
+                  W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr):
+    """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel)."""
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = H % BLOCK_K == 0
@@ -186,8 +255,7 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         g_ptrs = w_ptr + expert * (2 * I * H) + offs_nw[None, :] * H + offs_k[:, None]
         u_ptrs = g_ptrs + I * H
     if FP8:
-        if X_SCALE_PER_BLOCK:
-            xs_ptrs = x_scale_ptr + src * K_BLOCKS
+        xs_ptrs = x_scale_ptr + src * K_BLOCKS            # read only when X_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
             if W_SCALE_SCALAR:
                 ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
@@ -202,6 +270,11 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
+        xs_n, wg_n, wu_n = _block_scales(xs_ptrs, ws_g_ptrs, ws_u_ptrs, 0, X_SCALE_PER_BLOCK, BLOCK_M)
+        if RESCALE:
+            sg_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+            su_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -216,13 +289,16 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         else:
             bg = tl.load(g_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
             bu = tl.load(u_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
-        if FP8 and W_SCALE_SCALAR and X_SCALE_PER_BLOCK:
-            xs = tl.load(xs_ptrs + kb)
-            acc_g += tl.dot(a, bg) * (xs * tl.load(ws_g_ptrs + kb))[:, None]
-            acc_u += tl.dot(a, bu) * (xs * tl.load(ws_u_ptrs + kb))[:, None]
-        elif FP8 and W_SCALE_SCALAR:
-            acc_g += tl.dot(a, bg) * tl.load(ws_g_ptrs + kb)
-            acc_u += tl.dot(a, bu) * tl.load(ws_u_ptrs + kb)
+        if FP8 and W_SCALE_SCALAR:
+            xs, wg, wu = xs_n, wg_n, wu_n
+            xs_n, wg_n, wu_n = _block_scales(xs_ptrs, ws_g_ptrs, ws_u_ptrs, tl.minimum(kb + 1, K_BLOCKS - 1),
+                                             X_SCALE_PER_BLOCK, BLOCK_M)
+            if RESCALE:
+                acc_g, acc_u, sg_prev, su_prev = _rescale_step(a, bg, bu, acc_g, acc_u, sg_prev, su_prev,
+                                                               xs * wg, xs * wu)
+            else:
+                acc_g += tl.dot(a, bg) * (xs * wg)[:, None]
+                acc_u += tl.dot(a, bu) * (xs * wu)[:, None]
         elif FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             pg = tl.dot(a, bg)
             pu = tl.dot(a, bu)
@@ -242,6 +318,9 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         if not W_DESC:
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+    if RESCALE:
+        acc_g = acc_g * sg_prev[:, None]
+        acc_u = acc_u * su_prev[:, None]
 
     if FP8:
         if not X_SCALE_PER_BLOCK:            # one scale per token, applied once
@@ -265,55 +344,6 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["num_pairs", "capacity"])
-def down_kernel(
-        a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-        sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
-        num_pairs, capacity,
-        H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
-        FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
-        SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False):
-    """act_rows @ w2[e].T (+ bias) (* routing weight) for one tile; rows go to their pair (flat) or stay
-    in place (batched, rows past the count written as zeros). W_DESC: `w_ptr` is a tensor descriptor of
-    w2 as [L * H, I] with [BLOCK_N, BLOCK_K] blocks. PERSISTENT: as gate_up_kernel (flat layout only)."""
-    num_pid_n: tl.constexpr = (H + BLOCK_N - 1) // BLOCK_N
-    if PERSISTENT:
-        tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
-        for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
-            pid_m, pid_n = _swizzle(tile, tiles_m, num_pid_n, GROUP_M)
-            expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                       num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-            _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-                       pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
-                       FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                       BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
-    else:
-        pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        if not _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-            return
-        expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
-                                                   num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
-        if BATCHED:
-            # rows past the count are zeros in the output; a tile with no rows writes only those
-            if expert < 0:
-                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
-                tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
-                         tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
-                         mask=rows_in[:, None] & (offs_n < H)[None, :])
-                return
-        else:
-            if expert < 0:
-                return
-        _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-                   pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
-                   FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR)
-
-
 @triton.jit
 def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                pid_m, pid_n, expert, pos, valid, pair, capacity,
@@ -321,32 +351,41 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               W_SCALE_SCALAR: tl.constexpr):
-    """One down tile of an expert (>= 0): K loop, epilogue, store (see down_kernel)."""
+               W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr):
+    """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel). With RESCALE
+    the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < H
+    HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
+    offs_n = pid_n * BLOCK_N + tl.arange(0, HALF)
     w_row = expert * H + pid_n * BLOCK_N     # descriptor row of the weight tile (int32)
     expert = expert.to(tl.int64)
 
-    offs_nw = offs_n % H
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
     if not W_DESC:
-        b_ptrs = w_ptr + expert * (H * I) + offs_nw[None, :] * I + offs_k[:, None]
+        b_ptrs = w_ptr + expert * (H * I) + (offs_n % H)[None, :] * I + offs_k[:, None]
+        if RESCALE:
+            b2_ptrs = w_ptr + expert * (H * I) + ((offs_n + HALF) % H)[None, :] * I + offs_k[:, None]
     if FP8:
-        if A_SCALE_PER_BLOCK:
-            as_ptrs = a_scale_ptr + pos * K_BLOCKS
+        as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when A_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
+            ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS)
             if W_SCALE_SCALAR:
-                ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
-                    + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
+                ws_ptrs = ws_base + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
+                ws2_ptrs = ws_ptrs         # the second half's block (RESCALE), else never a second product
+                if RESCALE:
+                    ws2_ptrs = ws_base + ((pid_n * BLOCK_N + HALF) // SCALE_BLOCK_N) * K_BLOCKS
             else:
-                ws_ptrs = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS) \
-                    + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
+                ws_ptrs = ws_base + ((offs_n % H) // SCALE_BLOCK_N) * K_BLOCKS
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
+        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, 0, A_SCALE_PER_BLOCK, BLOCK_M)
+        if RESCALE:
+            acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+            s2_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     for kb in range(0, K_BLOCKS):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -354,14 +393,24 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             a = tl.load(a_ptrs, mask=offs_k[None, :] < I - kb * BLOCK_K, other=0.0)
         if W_DESC:
             b = w_ptr.load([w_row, kb * BLOCK_K]).T
+            if RESCALE:
+                b2 = w_ptr.load([w_row + HALF, kb * BLOCK_K]).T
         elif EVEN_K:
             b = tl.load(b_ptrs)
+            if RESCALE:
+                b2 = tl.load(b2_ptrs)
         else:
             b = tl.load(b_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
-        if FP8 and W_SCALE_SCALAR and A_SCALE_PER_BLOCK:
-            acc += tl.dot(a, b) * (tl.load(as_ptrs + kb) * tl.load(ws_ptrs + kb))[:, None]
-        elif FP8 and W_SCALE_SCALAR:
-            acc += tl.dot(a, b) * tl.load(ws_ptrs + kb)
+            if RESCALE:
+                b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
+        if FP8 and W_SCALE_SCALAR:
+            s, w, w2 = s_n, w_n, w2_n
+            s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, tl.minimum(kb + 1, K_BLOCKS - 1),
+                                           A_SCALE_PER_BLOCK, BLOCK_M)
+            if RESCALE:
+                acc, acc2, s_prev, s2_prev = _rescale_step(a, b, b2, acc, acc2, s_prev, s2_prev, s * w, s * w2)
+            else:
+                acc += tl.dot(a, b) * (s * w)[:, None]
         elif FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             p = tl.dot(a, b)
             if A_SCALE_PER_BLOCK:
@@ -374,7 +423,29 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
         a_ptrs += BLOCK_K
         if not W_DESC:
             b_ptrs += BLOCK_K
+            if RESCALE:
+                b2_ptrs += BLOCK_K
 
+    if RESCALE:
+        acc = acc * s_prev[:, None]
+        acc2 = acc2 * s2_prev[:, None]
+    _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
+                w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                W_SCALE_PER_BLOCK, BLOCK_M)
+    if RESCALE:
+        _down_store(acc2, offs_n + HALF, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr,
+                    a_scale_ptr, w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8,
+                    A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, BLOCK_M)
+
+
+@triton.jit
+def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
+                w_scale_ptr, topk_weights_ptr, H: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
+                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
+                W_SCALE_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The down epilogue of output columns offs_n: per-row scales, bias, routing weight, store."""
+    n_mask = offs_n < H
+    offs_nw = offs_n % H
     if FP8:
         if not A_SCALE_PER_BLOCK:
             acc = acc * tl.load(a_scale_ptr + pos)[:, None]
@@ -431,13 +502,14 @@ def _run(kernel, grid, args, meta, warmup: bool):
 
 def _fp8_meta(fp8: Fp8Mode | None) -> dict:
     if fp8 is None:
-        return dict(FP8=False, SCALE_BLOCK_N=128)
+        return dict(FP8=False, W_SCALE_PER_BLOCK=False, SCALE_BLOCK_N=128)
     return dict(FP8=True, W_SCALE_PER_BLOCK=fp8.w_scale_per_block, SCALE_BLOCK_N=fp8.scale_block_n)
 
 
-def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig):
+def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig, block_rows: int):
     """(the kernel's weight argument, W_DESC): a tensor descriptor of `w` as [L * rows_per_expert, cols]
-    when the config asks for TMA and the layout allows it (16-byte aligned rows), else the tensor."""
+    with [block_rows, BLOCK_K] blocks when the config asks for TMA and the layout allows it (16-byte
+    aligned rows), else the tensor."""
     dtype = w if isinstance(w, torch.dtype) else w.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     if not gemm.tma or (cols * itemsize) % 16 or gemm.block_k * itemsize < 16:
@@ -450,7 +522,7 @@ def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig):
         if w.data_ptr() % 16:
             return w, False
         base, rows = w, w.shape[0] * rows_per_expert
-    return TensorDescriptor(base, [rows, cols], [cols, 1], [gemm.block_n, gemm.block_k]), True
+    return TensorDescriptor(base, [rows, cols], [cols, 1], [block_rows, gemm.block_k]), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -480,66 +552,83 @@ def _dot_precision(dtype) -> str:
 
 
 def _scalar_w_scale(fp8: Fp8Mode | None, block_n: int, rows_per_half: int) -> bool:
-    """The weight scale is one number per (tile, K block): per-block weight scales whose block holds
-    whole N tiles, and halves (gate / up) that start on a block boundary."""
+    """The weight scale is one number per (product, K block): per-block weight scales whose block holds
+    whole products of block_n rows, and halves (gate / up) that start on a block boundary."""
     return bool(fp8 and fp8.w_scale_per_block and fp8.scale_block_n % block_n == 0
                 and rows_per_half % fp8.scale_block_n == 0)
+
+
+PROMOTE_SCALE_FLOOR = tl.constexpr(1e-30)   # RESCALE: a zero scale would make the ratios infinite
+
+
+def _rescale(gemm: GemmConfig, fp8: Fp8Mode | None, product_n: int, rows_per_half: int) -> bool:
+    """RESCALE of a config: its promote == "rescale" where it applies (FP8 block weights whose scale is
+    one number per product of product_n rows: the gate and up halves of a gate+up tile, the two halves of
+    a down tile)."""
+    return gemm.promote == "rescale" and product_n >= 16 and _scalar_w_scale(fp8, product_n, rows_per_half)
+
+
+def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: int, row_blocks: int,
+                 n_out: int, rescale: bool, scalar: bool, meta: dict, gemm: GemmConfig, fp8: Fp8Mode | None,
+                 block_m: int, batched: bool, tile_mode: int, warmup: bool) -> None:
+    """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
+    args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
+    descriptor where the config asks for TMA)."""
+    grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode,
+                             None if isinstance(args[0], torch.dtype) else args[0].device)
+    meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
+                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
+                TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, RESCALE=rescale,
+                A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
+                num_stages=gemm.num_stages, **_fp8_meta(fp8))
+    block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n
+    w_arg, meta["W_DESC"] = _weight_operand(w, w_rows, w_cols, gemm, block_rows)
+    _run(moe_gemm_kernel, grid, (args[0], w_arg) + args[2:], meta, warmup)
+
+
+def _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, unused) -> tuple:
+    return (unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
+            unused if num_padded is None else num_padded, unused if counts is None else counts,
+            num_pairs, capacity)
 
 
 def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, block_expert, num_padded,
                    counts, num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int,
                    top_k: int, activation: str, batched: bool, block_m: int, gemm: GemmConfig,
                    fp8: Fp8Mode | None = None, warmup: bool = False, tile_mode: int = 0) -> None:
-    """gate_up_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
+    """The gate+up GEMM over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: 0 uniform tiles (block_expert per tile), 1 listed tiles ((expert, start) pairs in
     block_expert, their count in num_padded), 2 one pair per tile (block_expert = the flat expert ids,
     capacity = local experts)."""
-    x_dtype = x if isinstance(x, torch.dtype) else x.dtype
-    grid, persistent = _grid(row_blocks * triton.cdiv(inter, gemm.block_n), gemm, batched, tile_mode,
-                             None if isinstance(x, torch.dtype) else x.device)
-    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation],
-                HAS_BIAS=b13 is not None, BATCHED=batched,
-                X_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
-                OUT_FP8=bool(fp8 and fp8.out_fp8), DOT_PRECISION=_dot_precision(x_dtype),
-                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-                TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, inter),
-                PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
-    meta.update(_fp8_meta(fp8))
-    w_arg, meta["W_DESC"] = _weight_operand(w13, 2 * inter, hidden, gemm)
-    unused = x
-    args = (x, w_arg, unused if b13 is None else b13, out, unused if out_scale is None else out_scale,
-            unused if x_scale is None else x_scale, unused if w13_scale is None else w13_scale,
-            unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
-            unused if num_padded is None else num_padded, unused if counts is None else counts,
-            num_pairs, capacity)
-    _run(gate_up_kernel, grid, args, meta, warmup)
+    u = x
+    args = (x, w13, u if b13 is None else b13, out, u if out_scale is None else out_scale,
+            u if x_scale is None else x_scale, u if w13_scale is None else w13_scale, u) \
+        + _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, u)
+    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=ACTIVATION_CODES[activation], HAS_BIAS=b13 is not None,
+                APPLY_WEIGHT=False, OUT_FP8=bool(fp8 and fp8.out_fp8))
+    _launch_gemm(True, args, x if isinstance(x, torch.dtype) else x.dtype, w13, 2 * inter, hidden, row_blocks,
+                 inter, _rescale(gemm, fp8, gemm.block_n, inter), _scalar_w_scale(fp8, gemm.block_n, inter), meta,
+                 gemm, fp8, block_m, batched, tile_mode, warmup)
 
 
 def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, block_expert, num_padded, counts,
                 num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int, top_k: int,
                 batched: bool, block_m: int, gemm: GemmConfig, fp8: Fp8Mode | None = None,
                 warmup: bool = False, tile_mode: int = 0) -> None:
-    """down_kernel over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
+    """The down GEMM over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: as `launch_gate_up`."""
-    w_dtype = w2 if isinstance(w2, torch.dtype) else w2.dtype
-    grid, persistent = _grid(row_blocks * triton.cdiv(hidden, gemm.block_n), gemm, batched, tile_mode,
-                             None if isinstance(a, torch.dtype) else a.device)
-    meta = dict(H=hidden, I=inter, TOP_K=top_k, HAS_BIAS=b2 is not None, BATCHED=batched,
-                APPLY_WEIGHT=topk_weights is not None,
-                A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), W_SCALE_PER_BLOCK=False,
-                DOT_PRECISION=_dot_precision(w_dtype),    # float16 weights: tf32 on a float32 intermediate
-                BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-                TILE_MODE=tile_mode, W_SCALE_SCALAR=_scalar_w_scale(fp8, gemm.block_n, hidden),
-                PERSISTENT=persistent, num_warps=gemm.num_warps, num_stages=gemm.num_stages)
-    meta.update(_fp8_meta(fp8))
-    w_arg, meta["W_DESC"] = _weight_operand(w2, hidden, inter, gemm)
-    unused = out
-    args = (a, w_arg, unused if b2 is None else b2, out, unused if a_scale is None else a_scale,
-            unused if w2_scale is None else w2_scale, unused if topk_weights is None else topk_weights,
-            unused if sorted_ids is None else sorted_ids, unused if block_expert is None else block_expert,
-            unused if num_padded is None else num_padded, unused if counts is None else counts,
-            num_pairs, capacity)
-    _run(down_kernel, grid, args, meta, warmup)
+    u = out
+    args = (a, w2, u if b2 is None else b2, out, u, u if a_scale is None else a_scale,
+            u if w2_scale is None else w2_scale, u if topk_weights is None else topk_weights) \
+        + _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, u)
+    meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=0, HAS_BIAS=b2 is not None,
+                APPLY_WEIGHT=topk_weights is not None, OUT_FP8=False)
+    rescale = _rescale(gemm, fp8, gemm.block_n // 2, hidden)
+    # float16 weights meet a float32 intermediate: tf32 products (`_dot_precision` of the weights' dtype)
+    _launch_gemm(False, args, w2 if isinstance(w2, torch.dtype) else w2.dtype, w2, hidden, inter, row_blocks,
+                 hidden, rescale, _scalar_w_scale(fp8, gemm.block_n // 2 if rescale else gemm.block_n, hidden),
+                 meta,
+                 gemm, fp8, block_m, batched, tile_mode, warmup)
 
 
 def sum_block(hidden: int) -> int:

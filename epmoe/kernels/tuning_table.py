@@ -30,6 +30,12 @@ class GemmConfig:
     num_stages: int
     tma: bool = False      # weight tiles through a tensor descriptor (the TMA engine) where the layout allows
     persistent: bool = False   # one program per SM walks the tiles in a flattened, pipelined loop (flat layout)
+    promote: str = "sync"  # FP8 block weights: "sync" (each K block's product to float32) or "rescale" (fused_moe)
+
+    def describe(self) -> str:
+        return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"
+                + (" tma" if self.tma else "") + (" persistent" if self.persistent else "")
+                + ("" if self.promote == "sync" else f" {self.promote}"))
 
 
 @dataclass(frozen=True)
@@ -86,13 +92,9 @@ class MoEKernelConfig:
                              f"(block_n, block_k, group_m, num_warps, num_stages): {exc}") from exc
 
     def describe(self) -> str:
-        g, d = self.gate_up, self.down
-        def one(c: GemmConfig) -> str:
-            return (f"BN{c.block_n} BK{c.block_k} G{c.group_m} w{c.num_warps} s{c.num_stages}"
-                    + (" tma" if c.tma else "") + (" persistent" if c.persistent else ""))
         tail = f"+{self.tail_m}" if self.tail_m else ""
         gemv = f" | {self.gemv.describe()}" if self.gemv is not None else ""
-        return f"BM{self.block_m}{tail} gate_up[{one(g)}] down[{one(d)}]{gemv}"
+        return f"BM{self.block_m}{tail} gate_up[{self.gate_up.describe()}] down[{self.down.describe()}]{gemv}"
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, fmt: str) -> str:

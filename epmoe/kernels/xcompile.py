@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 from . import fused_moe
 
-# name -> (kernel, H, I, k, fmt, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, tma, persistent, tile_mode)
+# name -> (kernel, H, I, k, fmt, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, tma, persistent, tile_mode[, promote])
 CASES = {
     "gu_bf16_deepseek": ("gate_up", 7168, 2048, 8, "bf16", 128, 128, 64, 8, 4, False, False, 0),
     "gu_bf16_deepseek_P": ("gate_up", 7168, 2048, 8, "bf16", 128, 128, 64, 8, 4, False, True, 0),
@@ -38,40 +38,44 @@ CASES = {
     "gu_fp8_deepseek_P": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, False, True, 0),
     "dn_fp8_deepseek": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0),
     "dn_fp8_deepseek_P": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, True, 0),
+    "gu_fp8_deepseek_rescale": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, True, False, 0, "rescale"),
+    "gu_fp8_deepseek_rescale_s4": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0, "rescale"),
+    "dn_fp8_deepseek_rescale256": ("down", 7168, 2048, 8, "fp8", 128, 256, 128, 8, 3, True, False, 0, "rescale"),
+    "dn_fp8_deepseek_rescale128": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, True, False, 0, "rescale"),
 }
 
 
-def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode):
+def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync"):
     fp8 = fmt == "fp8"
     el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
     out = "fp16" if fmt == "fp16" else "bf16"
-    fn = fused_moe.gate_up_kernel if kernel == "gate_up" else fused_moe.down_kernel
+    fn = fused_moe.moe_gemm_kernel
     names = fn.arg_names
     n_ptr = names.index("num_pairs")
     sig, attrs = {}, {}
-    # pointer element types per argument, in order
-    if kernel == "gate_up":
-        types = [el, el, "fp32", "fp8e4nv" if fp8 else out, "fp32", "fp32", "fp32", "i32", "i32", "i32", "i32"]
-        if tma:
-            types[1] = f"tensordesc<{el}[{bn}, {bk}]>"
+    gate_up = kernel == "gate_up"
+    rescale = fp8 and promote == "rescale"
+    # pointer element types per argument, in order: a, w, bias, out, out_scale, a_scale, w_scale,
+    # topk_weights, sorted_ids, block_expert, num_padded, counts
+    if gate_up:
+        types = [el, el, "fp32", "fp8e4nv" if fp8 else out, "fp32", "fp32", "fp32", "fp32"]
     else:
         a = "fp8e4nv" if fp8 else "fp32" if fmt == "fp16" else "bf16"     # fused_moe.intermediate_dtype
-        types = [a, el, "fp32", out, "fp32", "fp32", "fp32", "i32", "i32", "i32", "i32"]
-        if tma:
-            types[1] = f"tensordesc<{el}[{bn}, {bk}]>"
+        types = [a, el, "fp32", out, "fp32", "fp32", "fp32", "fp32"]
+    types += ["i32"] * 4
+    if tma:
+        types[1] = f"tensordesc<{el}[{bn // 2 if rescale and not gate_up else bn}, {bk}]>"
     for i, t in enumerate(types):
         sig[names[i]] = t if t.startswith("tensordesc") else "*" + t
         if not t.startswith("tensordesc"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     sig["num_pairs"] = "i32"
     sig["capacity"] = "i32"
-    const = dict(H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8, W_SCALE_PER_BLOCK=fp8,
-                 SCALE_BLOCK_N=128, DOT_PRECISION="tf32", W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                 GROUP_M=8, TILE_MODE=tile_mode, W_SCALE_SCALAR=fp8, PERSISTENT=persistent)
-    if kernel == "gate_up":
-        const.update(ACTIVATION=0, X_SCALE_PER_BLOCK=fp8, OUT_FP8=fp8)
-    else:
-        const.update(APPLY_WEIGHT=True, A_SCALE_PER_BLOCK=fp8)
+    const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
+                 A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
+                 W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
+                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=0, OUT_FP8=fp8 and gate_up,
+                 APPLY_WEIGHT=not gate_up)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)

@@ -1,0 +1,85 @@
+"""`epmoe bench experts`: its command line (help, argument errors), the CPU dry run (shrunk shards, the
+CPU backends and the BF16 library anchor on the same rows, each checked against the oracle; CPU times
+are not results) and, on a GPU, the three library anchors beside `triton` on a small shard."""
+import json
+
+import pytest
+import torch
+
+from epmoe.bench import expert_anchors
+from epmoe.cli import main as cli_main
+
+SMALL = ["--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "5", "--routings", "balanced",
+         "--reps", "1", "--warmup", "0", "--no-plot"]
+
+
+def test_help_names_the_shard_and_anchor_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "experts", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--experts", "--anchors", "--dry-run", "--formats"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("bad,flag", [(["--experts", "4"], "--experts"),        # below qwen3's top-k of 8
+                                      (["--experts", "999"], "--experts"),      # more than the preset has
+                                      (["--anchors", "cublas"], "--anchors"),
+                                      (["--formats", "int4"], "--formats"),
+                                      (["--tokens", "0"], "--tokens"),
+                                      (["--routings", "zipf"], "--routings")])
+def test_argument_errors_name_the_flag(bad, flag, capsys):
+    argv = ["bench", "experts", "--dry-run", "--presets", "qwen3-30b-a3b"] + bad
+    assert cli_main(argv) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, capsys):
+    path = tmp_path / "experts.json"
+    assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--formats", "bf16", "--output", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["environment"]["dry_run"] and data["ceilings"] == {}
+    rows = data["results"]
+    anchors = {r["backend"]: r for r in rows if r.get("anchor")}
+    assert set(anchors) == set(expert_anchors.ANCHORS)
+    bf16 = anchors[expert_anchors.GROUPED_BF16]
+    assert bf16["ms"] > 0 and bf16["check_rel_err"] < 1e-2 and bf16["experts"] == 16 and bf16["top_k"] == 8
+    for name in (expert_anchors.GROUPED_FP8_ROWWISE, expert_anchors.DENSE_FP8_BLOCK):
+        assert anchors[name]["error"].startswith("unavailable") and "ms" not in anchors[name]
+    backends = [r for r in rows if not r.get("anchor")]
+    assert {r["backend"] for r in backends} >= {"grouped_mm", "batched"}
+    for r in backends:
+        assert r["check_rel_err"] < 1e-2 and r["experts_hit"] <= 16
+        assert set(r["vs_anchors"]) == {expert_anchors.GROUPED_BF16}
+        assert r["vs_anchors"][expert_anchors.GROUPED_BF16] == pytest.approx(bf16["ms"] / r["ms"])
+    out = capsys.readouterr().out
+    assert "qwen3-30b-a3b E=16 T=5 balanced: torch._grouped_mm" in out
+
+
+def test_combine_weights_each_tokens_slots():
+    """The anchors' check: rows in expert order back to their pairs, weighted and summed per token."""
+    ids = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    tw = torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])
+    y_pairs = torch.arange(6, dtype=torch.float32).unsqueeze(1) + 1.0      # pair p has value p + 1
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    out = expert_anchors.combine(y_pairs[order], order, tw, torch.tensor([0, 2]))
+    assert out.reshape(-1).tolist() == [0.25 * 1 + 0.75 * 2, 1.0 * 5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_anchors_beside_triton(tmp_path):
+    path = tmp_path / "experts.json"
+    rc = cli_main(["bench", "experts", "--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "512",
+                   "--routings", "balanced", "--formats", "bf16,fp8_block", "--backends", "triton", "--reps", "2",
+                   "--warmup", "1", "--no-plot", "--output", str(path)])
+    assert rc == 0
+    rows = json.loads(path.read_text())["results"]
+    anchors = {r["backend"]: r for r in rows if r.get("anchor")}
+    assert set(anchors) == set(expert_anchors.ANCHORS)
+    for name, r in anchors.items():
+        assert r.get("ms", 0) > 0, (name, r.get("error"))
+        assert r["check_rel_err"] < (3e-2 if r["format"].startswith("fp8") else 1e-2), name
+    assert anchors[expert_anchors.DENSE_FP8_BLOCK]["gemms_ms"] > 0
+    for r in (r for r in rows if r["backend"] == "triton"):
+        assert set(r["vs_anchors"]) == set(expert_anchors.ANCHORS)
