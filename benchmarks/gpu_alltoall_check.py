@@ -119,7 +119,7 @@ def _save(out_dir, rank, data):
 # ------------------------------------------------------------------------------ (a) and (b): one case
 def _case(d, T, rank, device, clock, reps, warmup):
     import torch
-    from epmoe.bench.dispatch import _nccl_baseline
+    from epmoe.bench.dispatch import nccl_twin
     from epmoe.routing import route
     from epmoe.testing import compare
 
@@ -167,12 +167,13 @@ def _case(d, T, rank, device, clock, reps, warmup):
     res["combine_bytes_per_rank"] = stats.combine_bytes
     for path, flag in (("kernels", FAST[0]), ("torch", False)):
         d.use_kernels = flag
-        td, tc = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]),
-                                  reps, warmup, False)
+        td, tc, _ = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]),
+                                     reps, warmup, False)
         res[f"{path}_dispatch"], res[f"{path}_combine"] = td, tc
     d.use_kernels = FAST[0]
-    res["nccl_dispatch"], _ = _nccl_baseline(clock, stats.dispatch_bytes, reps, warmup, device, d.group)
-    res["nccl_combine"], _ = _nccl_baseline(clock, stats.combine_bytes, reps, warmup, device, d.group)
+    # NCCL moving the same bytes, timed as the dispatcher was (eager, same agreed sleep on every rank)
+    twin = nccl_twin(clock, td["method"], stats.dispatch_bytes, stats.combine_bytes, reps, warmup)
+    res["nccl_dispatch"], res["nccl_combine"] = twin["dispatch"], twin["combine"]
     return res
 
 
@@ -277,7 +278,7 @@ def _layer_check(preset, fmt, experts, rank, device):
 def worker(rank, ws, p):
     import torch
     import torch.distributed as dist
-    from epmoe.bench.dispatch import _Clock
+    from epmoe.bench.dispatch import RankClock
     from epmoe.dispatch.build import make_dispatcher
 
     start = time.monotonic()
@@ -285,7 +286,7 @@ def worker(rank, ws, p):
         FAST[0] = True           # the kernels on CPU tensors (the interpreter's bf16 casts truncate)
     device = torch.device("cpu") if p["cpu"] else torch.device("cuda", torch.cuda.current_device())
     group = dist.group.WORLD
-    clock = _Clock(device, group)
+    clock = RankClock(device, group)
     out = {"rank": rank, "cases": [], "layer": [], "profile": "", "skipped": [], "errors": []}
 
     def late():

@@ -29,6 +29,8 @@ def test_bench_layer_writes_a_checked_report(cpu_report):
     env = report["environment"]
     assert report["benchmark"] == "moe-layer" and env["ranks"] == env["world_size"] == 2
     assert env["backend"] == "gloo" and env["torch"] and "triton" in env and env["date"]
+    assert "python" in env["command"] and len(env["source_sha256"]) == 64 and "commit" in env
+    assert report["params"]["routing"] == "balanced"
     rows = report["rows"]
     ep = {(r["preset"], r["format"], r["dispatcher"], r["tokens_per_rank"]): r for r in rows if r["kind"] == "ep"}
     local = {(r["preset"], r["format"], r["tokens_per_rank"]): r for r in rows if r["kind"] == "local"}
@@ -59,8 +61,12 @@ def test_bench_layer_writes_a_checked_report(cpu_report):
         assert r["scaling_efficiency"] == pytest.approx(r["speedup_vs_local"] / 2)
         assert r["ep_vs_local_same_tokens"] == pytest.approx(r["step_ms"] / local[(p, f, t)]["ms"])
         assert r["method"] == "wall-clock"
-        # the group's (token, expert) pairs all land on some rank's experts, none twice
-        assert sum(r["pairs_per_rank"]) == 2 * t * r["top_k"] and "floor_ms" not in r
+        # the group's (token, expert) pairs all land on some rank's experts, none twice; balanced routing
+        # gives each rank the same number
+        assert r["pairs_per_rank"] == [t * r["top_k"]] * 2 and r["pairs_balanced"] and "floor_ms" not in r
+        assert r["routing"] == "balanced" and r["step_ms"] == max(x["median_ms"] for x in r["per_rank"])
+        flops = 6 * t * r["top_k"] * r["hidden_size"] * r["intermediate_size"]
+        assert r["tflops_per_gpu"] == pytest.approx(flops / (r["step_ms"] * 1e-3) / 1e12)
         assert all(0 <= h <= r["num_experts"] // 2 for h in r["experts_hit_per_rank"])
 
 
