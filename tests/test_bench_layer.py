@@ -141,6 +141,7 @@ def _dispatch_json(ranks, when):
     rows = [dict(dispatcher=d, tokens_per_rank=T, total_ms=0.1 * ranks + T / 1e4, nccl_total_ms=0.05 * ranks,
                  total_vs_nccl=(0.1 * ranks + T / 1e4) / (0.05 * ranks), dispatch_GBps_to_peers=100.0 + ranks)
             for d in ("alltoall", "low_latency") for T in (128, 4096)]
+    rows.append(dict(rows[1], config="default", total_ms=2 * rows[1]["total_ms"]))   # auto, no capacity, eager
     return {"benchmark": "dispatch+combine", "environment": {"device": "NVIDIA H200", "host": "gpu-host",
                                                              "world_size": ranks, "when": when, "torch": "2.11",
                                                              "triton": "3.6", "backend": "nccl"}, "rows": rows}
@@ -183,6 +184,8 @@ def test_scaling_table_and_plot(synthetic, tmp_path):
     assert "deepseek-v3 fp8-dispatch allgather: dispatch_fp8=True" in md
     dline = next(x for x in md.splitlines() if x.startswith("| alltoall | 4096 |"))
     assert [c.strip() for c in dline.strip("|").split("|")][2:5] == ["0.610", "0.810", "1.210"]
+    dline = next(x for x in md.splitlines() if x.startswith("| alltoall (default) | 4096 |"))
+    assert [c.strip() for c in dline.strip("|").split("|")][2:5] == ["1.219", "1.619", "2.419"]
     assert "layer_4x.json" in md and "layer_4x_old.json" not in md
 
 
