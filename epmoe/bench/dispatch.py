@@ -189,16 +189,24 @@ def bench_config(p: dict):
 
 def _bench_one(name: str, config: str, T: int, p: dict, rank: int, ws: int, device, group, clock) -> dict:
     """One (dispatcher, configuration, T) on this rank: `best` = capacity T where the dispatcher takes
-    one, graph replays where its plan allows; `default` = `name` (normally "auto") without capacity, eager."""
+    one, graph replays where its plan allows; `default` = `name` (normally "auto") without capacity, eager.
+    A dispatcher the contract refuses for this configuration (e.g. FP8 rows on one that cannot send them)
+    is a row with the reason under "skipped"."""
     from .. import contract
     from ..dispatch.build import make_dispatcher
+    from ..errors import UnsupportedCombination
     from ..placement import Placement
     from ..routing import route
 
     cfg = bench_config(p)
-    caps = contract.dispatcher_class(contract.resolve_names(name, "reference", cfg, ws, device.type)[0]).CAPS
-    capacity = T if config == BEST and (caps.needs_max_tokens or caps.takes_max_tokens) else None
-    d = make_dispatcher(name, cfg, group=group, device=device, max_tokens_per_rank=capacity)
+    resolved = contract.resolve_names(name, "reference", cfg, ws, device.type)[0]
+    try:           # decided alike on every rank, before anything collective
+        capacity = contract.build_plan(resolved, None, cfg, ws, device.type,
+                                       T if config == BEST else None).max_tokens_per_rank
+    except UnsupportedCombination as exc:
+        return {"dispatcher": resolved, "config": config, "requested": name, "tokens_per_rank": T,
+                "skipped": exc.reason}
+    d = make_dispatcher(resolved, cfg, group=group, device=device, max_tokens_per_rank=capacity)
     g = torch.Generator(device="cpu").manual_seed(p["seed"] * 1000 + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(cfg.dtype).to(device)
     logits = router_logits(p.get("routing", "balanced"), cfg, T, rank, ws, g)
@@ -281,6 +289,9 @@ def merge_ranks(rows: list[dict]) -> dict:
     if errors:
         merged["error"] = "; ".join(errors)
         return merged
+    if "skipped" in first:
+        merged["skipped"] = first["skipped"]
+        return merged
     for key in TIMED:
         if key in first:
             per = [r[key]["median_ms"] for r in rows]
@@ -330,8 +341,8 @@ def print_table(rows: list[dict]) -> None:
     print("-" * len(head))
     for r in rows:
         what = f"{r['dispatcher']:<21} {r.get('config', BEST):<7} {r['tokens_per_rank']:>6}"
-        if "error" in r:
-            print(f"{what} error: {r['error'][:120]}")
+        if "error" in r or "skipped" in r:
+            print(f"{what} {'error' if 'error' in r else 'skipped'}: {r.get('error', r.get('skipped'))[:120]}")
             continue
         method = r["method"] + ("" if r["paired"] else f"!{r['nccl_method']}")
         cells = [what, f"{method:<10} |"]
