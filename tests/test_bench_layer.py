@@ -103,6 +103,10 @@ def test_bench_layer_arguments(tmp_path, capsys):
     # real sizes do not fit a CPU run
     assert cli_main(["bench", "layer", "--device", "cpu", "--ranks", "2", "--presets", "deepseek-v3"]) == 2
     assert "--experts N and --shrink F" in capsys.readouterr().err
+    # balanced routing needs the experts to split evenly over the ranks: said before any rank starts
+    assert cli_main(["bench", "layer", "--device", "cpu", "--ranks", "3", "--presets", "qwen3-30b-a3b",
+                     "--experts", "16", "--shrink", "64"]) == 2
+    assert "--routing balanced with qwen3-30b-a3b on 3 ranks: balanced routing: 16 experts" in capsys.readouterr().err
 
 
 def test_estimate_grows_with_tokens_and_capacity():

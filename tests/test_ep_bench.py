@@ -37,3 +37,8 @@ def test_bench_dispatch_writes_a_report(tmp_path, capsys):
     assert ag["dispatch_bytes_to_peers"] >= a2a["dispatch_bytes_to_peers"]
     printed = capsys.readouterr().out
     assert "alltoall" in printed and "default" in printed and "vs best" in printed
+
+
+def test_bench_dispatch_refuses_a_routing_it_cannot_balance(capsys):
+    assert cli_main(["bench", "dispatch", "--ranks", "3", "--comm", "gloo", "--hidden", "64", "--experts", "8"]) == 2
+    assert "--routing balanced: balanced routing: 8 experts do not split evenly over 3 ranks" in capsys.readouterr().err

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from ..log import Steps, configure_cli_logging, get_logger
 from ..usage import CsvList, DeprecatedAlias, UsageError, refuse_ranks_under_torchrun
 from .gpu_timing import GRAPH, GroupAgreement, Timer, WallClock
-from .routings import ROUTINGS, router_logits
+from .routings import ROUTINGS, router_logits, routing_problem
 from .run_env import RESULTS_DIR_HELP, default_output, environment
 
 log = get_logger("bench")
@@ -71,7 +71,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="dtype of the tokens (default: %(default)s)")
     p.add_argument("--fp8", action="store_true",
                    help="FP8 dispatch (e4m3 rows with per-128-column scales on the wire; dispatchers that cannot "
-                        "send FP8 are reported as refused)")
+                        "send FP8 are listed as skipped, with the reason)")
     p.add_argument("--ranks", type=int, default=None,
                    help="local ranks to start (default: every GPU, or 2 Gloo ranks without GPUs); leave out "
                         "under torchrun")
@@ -380,6 +380,9 @@ def main(args) -> int:
         backend = args.comm or ("nccl" if gpus >= ws else "gloo")
         if backend == "nccl" and gpus < ws:
             raise UsageError(f"NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
+        problem = routing_problem(p["routing"], bench_config(p), ws)
+        if problem:
+            raise UsageError(f"--routing {p['routing']}: {problem}")
         names = p["dispatchers"] or _here(ws, "cuda" if backend == "nccl" else "cpu")
         log.info("bench dispatch: %s x tokens per rank %s on %d %s ranks (%d measurements, each a few seconds "
                  "on the CPU)", ",".join(names + (["auto (default)"] if p["default"] else [])),

@@ -60,7 +60,7 @@ from ..log import get_logger
 from ..testing.graphs import capture
 from ..usage import CsvList, UsageError, all_experts_per_token, refuse_ranks_under_torchrun
 from .gpu_timing import GroupAgreement, Timer, WallClock
-from .routings import ROUTINGS, router_logits
+from .routings import ROUTINGS, router_logits, routing_problem
 from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
 
 log = get_logger("bench")
@@ -711,10 +711,14 @@ def main(args) -> int:
         if device_type == "cpu":
             _check_cpu_fits(p, max(counts))
         for preset in p["presets"]:
-            E = layer_config(preset, "bf16", p["experts"], p["shrink"]).num_experts
-            if E < max(counts):
-                raise UsageError(f"{preset} has {E} experts, fewer than {max(counts)} ranks "
+            cfg = layer_config(preset, "bf16", p["experts"], p["shrink"])
+            if cfg.num_experts < max(counts):
+                raise UsageError(f"{preset} has {cfg.num_experts} experts, fewer than {max(counts)} ranks "
                                  "(every rank must hold at least one expert)")
+            for ws in counts:
+                problem = routing_problem(p["routing"], cfg, ws)
+                if problem:
+                    raise UsageError(f"--routing {p['routing']} with {preset} on {ws} ranks: {problem}")
     if args.output and len(counts) > 1:
         raise UsageError("--output names one file; with several --ranks use --output-dir")
     paths, bad = [], 0

@@ -79,6 +79,15 @@ def _balanced(cfg, T: int, source_rank: int, ws: int, g: torch.Generator) -> tor
 ROUTINGS = {"balanced": _balanced, "random": _random}
 
 
+def routing_problem(kind: str, cfg, ws: int) -> str | None:
+    """Why `kind` cannot route `cfg` on `ws` ranks (a sentence), or None."""
+    try:
+        router_logits(kind, cfg, 0, 0, ws, torch.Generator())
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def router_logits(kind: str, cfg, T: int, source_rank: int, ws: int, generator: torch.Generator) -> torch.Tensor:
     """Float32 router logits [T, E] on the CPU for rank `source_rank` of `ws` (see the module docstring)."""
     if kind not in ROUTINGS:
