@@ -350,7 +350,8 @@ def print_table(rows: list[dict]) -> None:
             cells.append(f"{_us(r[f'{key}_ms']):>7} {_us(r[f'nccl_{key}_ms']):>7} {r[f'{key}_vs_nccl']:>5.2f} "
                          f"{r[f'{key}_GBps_to_peers']:>5.0f} {r[f'nccl_{key}_GBps_to_peers']:>5.0f} |")
         vs = r.get("vs_best")
-        cells.append(f"{_us(r['total_ms']):>7} {r['total_vs_nccl']:>5.2f} {'-' if vs is None else format(vs, '.2f'):>7}")
+        vs = "-" if vs is None else format(vs, ".2f")
+        cells.append(f"{_us(r['total_ms']):>7} {r['total_vs_nccl']:>5.2f} {vs:>7}")
         print(" ".join(cells))
     if any(not r.get("paired", True) for r in rows):
         print("method a!b: the dispatcher ran as a, NCCL as b (its capture failed): that row's ratios are unpaired")

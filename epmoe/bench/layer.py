@@ -3,12 +3,13 @@
 What is timed is `layer(hidden [T, H], router_logits [T, E])` on every rank of the group: routing,
 dispatch, the experts, combine. The logits route the tokens as `--routing` says (`epmoe.bench.routings`;
 default balanced: every rank's experts receive exactly the same number of (token, expert) pairs, each
-token's experts spread over the ranks; `random`: normal logits). For each preset (default: deepseek-v3 and qwen3-30b-a3b at their real
-sizes; `--experts N` / `--shrink F` shrink them as for `epmoe run`), format (BF16; with `--fp8-dispatch`
-also FP8 weights with `Fp8Config(dispatch_fp8=True)`, FP8 rows and scales on the wire, into the experts
-that take FP8), dispatcher (allgather, alltoall, low_latency) and tokens per rank T (128, 4096), every
-rank passes its own T tokens. The experts backend of each dispatcher is the one `experts="auto"`
-resolves to (or `--backend`); a pairing the contract refuses is listed as skipped with its reason.
+token's experts spread over the ranks; `random`: normal logits). For each preset (default: deepseek-v3
+and qwen3-30b-a3b at their real sizes; `--experts N` / `--shrink F` shrink them as for `epmoe run`),
+format (BF16; with `--fp8-dispatch` also FP8 weights with `Fp8Config(dispatch_fp8=True)`, FP8 rows
+and scales on the wire, into the experts that take FP8), dispatcher (allgather, alltoall, low_latency)
+and tokens per rank T (128, 4096), every rank passes its own T tokens. The experts backend of each
+dispatcher is the one `experts="auto"` resolves to (or `--backend`); a pairing the contract refuses is
+listed as skipped with its reason.
 
 The same layer on ONE rank is measured in the same run as the baseline: the `local` dispatcher with
 every expert on one device (each rank runs it on its own device at the same time, where it fits in
@@ -29,11 +30,11 @@ Timing on GPUs (`epmoe.bench.gpu_timing.GpuTimer`): CUDA events, median of `--re
 fresh non-zero inputs (a pool of random hidden states and router logits per rank, copied into the
 layer's input buffers before each run, untimed), L2 flushed and the GPU kept busy while the host queues
 a run; for EP layers the ranks' streams are lined up by a tiny all-reduce before each run and every rank
-sleeps the same agreed time (the longest any rank needs), so the ranks start each run together. Pairings whose dispatcher and
-experts both declare `cuda_graph_safe` (low_latency + batched, local + triton) are captured once in a
-CUDA graph and replayed; the others run eagerly (alltoall and allgather wait for the host by design, and
-that wait is part of their time). On CPUs (Gloo, `--device cpu`): wall clock after a barrier, for
-checking the code on small shapes; those times are not performance results.
+sleeps the same agreed time (the longest any rank needs), so the ranks start each run together.
+Pairings whose dispatcher and experts both declare `cuda_graph_safe` (low_latency + batched, local +
+triton) are captured once in a CUDA graph and replayed; the others run eagerly (alltoall and allgather
+wait for the host by design, and that wait is part of their time). On CPUs (Gloo, `--device cpu`): wall
+clock after a barrier, for checking the code on small shapes; those times are not performance results.
 
 Every measured configuration's output (inputs of the pool's first entry) is checked on `--check-rows`
 sampled rows of every rank against `epmoe.reference_moe` in float64 (on the GPU where there is one), on
