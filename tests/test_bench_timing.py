@@ -190,3 +190,17 @@ def test_default_rows_are_compared_with_the_best():
     assert bench_dispatch.plan_rows(["a", "b"], [1, 2], True) == [
         ("a", "best", 1), ("a", "best", 2), ("b", "best", 1), ("b", "best", 2), ("auto", "default", 1),
         ("auto", "default", 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_clock_replays_graphs_and_falls_back_to_eager():
+    from epmoe.bench.gpu_timing import GpuTimer
+    timer = GpuTimer()
+    a = torch.randn(1024, 1024, device="cuda")
+    first, second = (lambda: a @ a), (lambda b: b @ a)
+    d, c, both = timer.time_split(first, second, reps=5, warmup=2)
+    assert d.method == c.method == both.method == GRAPH and d.sleep_ms >= 0.1
+    assert 0 < d.median_ms and both.median_ms >= max(d.median_ms, c.median_ms)
+    synced = timer.time(lambda: (a @ a).sum().item(), reps=5, warmup=2)     # a host read: no graph
+    assert synced.method == EAGER and synced.median_ms > 0
