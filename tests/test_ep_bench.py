@@ -42,3 +42,13 @@ def test_bench_dispatch_writes_a_report(tmp_path, capsys):
 def test_bench_dispatch_refuses_a_routing_it_cannot_balance(capsys):
     assert cli_main(["bench", "dispatch", "--ranks", "3", "--comm", "gloo", "--hidden", "64", "--experts", "8"]) == 2
     assert "--routing balanced: balanced routing: 8 experts do not split evenly over 3 ranks" in capsys.readouterr().err
+
+
+def test_bench_dispatch_on_one_rank_says_auto_has_nothing_to_time(tmp_path):
+    out = tmp_path / "one.json"
+    assert cli_main(["bench", "dispatch", "--ranks", "1", "--comm", "gloo", "--hidden", "64", "--experts", "8",
+                     "--top-k", "2", "--tokens", "4", "--reps", "1", "--warmup", "0", "--dispatchers", "alltoall",
+                     "--output", str(out)]) == 0
+    best, default = json.loads(out.read_text())["rows"]
+    assert best["dispatcher"] == "alltoall" and best["total_ms"] > 0 and best["pairs_per_rank"] == [8]
+    assert default["dispatcher"] == "local" and "nothing crosses the wire" in default["skipped"]

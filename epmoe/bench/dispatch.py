@@ -200,6 +200,9 @@ def _bench_one(name: str, config: str, T: int, p: dict, rank: int, ws: int, devi
 
     cfg = bench_config(p)
     resolved = contract.resolve_names(name, "reference", cfg, ws, device.type)[0]
+    if not contract.dispatcher_class(resolved).CAPS.communicates:
+        return {"dispatcher": resolved, "config": config, "requested": name, "tokens_per_rank": T,
+                "skipped": f"{name!r} is {resolved!r} on {ws} rank: nothing crosses the wire"}
     try:           # decided alike on every rank, before anything collective
         capacity = contract.build_plan(resolved, None, cfg, ws, device.type,
                                        T if config == BEST else None).max_tokens_per_rank
