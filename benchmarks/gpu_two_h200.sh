@@ -22,11 +22,12 @@
 #             the symm ones included) raise on every rank, and the next forward is correct;
 #   tests:    every single-GPU test (pytest -m "gpu and not multigpu"): kernels at real sizes, float16 range;
 #   models:   benchmarks/gpu_models_check.py: real-size transformers blocks with EP vs the oracle.
-# Each part under its own time cap; NVLink multicast off. Everything goes to $WORK/results (default
-# /tmp/epmoe_two_h200: logs, JSONs, commands.txt, env.txt), bundled into $OUT/results.tar.gz; the fair
-# part's JSONs and summary.txt are also copied to $OUT (the device tool returns at most 8 files). Where the
-# tree has no git metadata (a copy), pass EPMOE_COMMIT=<commit> so the JSONs name it; they always carry a
-# digest of the library's sources.
+# Each step under its own time cap and all of them inside BUDGET_S (570 s: the device tool stops a command
+# at 600); NVLink multicast off. Everything goes to $WORK/results (default /tmp/epmoe_two_h200: logs,
+# JSONs, commands.txt, env.txt, summary.txt), bundled into $OUT/results.tar.gz after every step (a call cut
+# off keeps what finished); the fair part's JSONs and summary.txt are also copied to $OUT (the device tool
+# returns at most 8 files). Where the tree has no git metadata (a copy), pass EPMOE_COMMIT=<commit> so the
+# JSONs name it; they always carry a digest of the library's sources.
 #
 #   bash benchmarks/gpu_two_h200.sh --cpu-smoke [OUT=dir, PARTS=...]
 # runs the parts that have a CPU path on two Gloo ranks with tiny shapes (fair; alltoall through its own
@@ -56,17 +57,44 @@ PY=${PYTHON:-python3}
 cat "$RES/env.txt"
 PARTS=${PARTS:-fair symm}
 FAILED=0
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-570}
 
-# step NAME SECONDS COMMAND...: one command under a time cap, its output in $RES/<NAME>.log, the command
-# line in $RES/commands.txt, its exit code said and counted
+summarize() {
+  for f in "$RES"/fair_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -40 "$f" | cut -c1-260; }; done
+  for f in symm_check soak; do [ -f "$RES/$f.log" ] && sed -n '/===== summary =====/,$p' "$RES/$f.log" | cut -c1-400; done
+  for f in alltoall_check mismatch_check; do [ -f "$RES/$f.log" ] && tail -25 "$RES/$f.log"; done
+  [ -f "$RES/pytest_gpu.log" ] && tail -3 "$RES/pytest_gpu.log"
+  [ -f "$RES/models_check.log" ] && tail -12 "$RES/models_check.log"
+  echo "steps failed: $FAILED"
+}
+
+bundle() {   # what exists so far -> $OUT (results.tar.gz, summary.txt, the fair JSONs)
+  summarize > "$RES/summary.txt"
+  tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" results && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
+  cp "$RES/summary.txt" "$OUT/"
+  for f in "$RES"/fair/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  true
+}
+
+# step NAME SECONDS COMMAND...: one command under min(SECONDS, what is left of BUDGET_S), its output in
+# $RES/<NAME>.log, the command line in $RES/commands.txt, its exit code said and counted; then bundled
 step() {
-  local name=$1 cap=$2
+  local name=$1 cap=$2 left
   shift 2
+  left=$(( BUDGET_S - ($(date +%s) - START) - 10 ))
+  if [ "$left" -lt 20 ]; then
+    echo "$name: not run, the call's time budget is spent" | tee "$RES/$name.log"
+    FAILED=$((FAILED + 1))
+    return
+  fi
+  [ "$cap" -gt "$left" ] && cap=$left
   echo "$*" >> "$RES/commands.txt"
   timeout "$cap" "$@" > "$RES/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc"
+  echo "$name rc=$rc (${cap} s cap)"
   [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
+  bundle
 }
 
 cuda_only() {
@@ -95,19 +123,18 @@ case " $PARTS " in *" fair "*)         # about 3 minutes on two H200s
   step fair_layer_bf16 "${FAIR_LAYER_SECONDS:-200}" $PY -m epmoe bench layer --ranks 2 --routing balanced \
       "${L_ARGS[@]}" --output "$RES/fair/layer_2x_bf16.json"
   step fair_layer_fp8_deepseek "${FAIR_LAYER_SECONDS:-200}" $PY -m epmoe bench layer --ranks 2 --routing balanced \
-      --presets deepseek-v3 --formats fp8-dispatch "${F_ARGS[@]}" --output "$RES/fair/layer_2x_fp8_deepseek.json"
-  cp "$RES"/fair/*.json "$OUT/" 2>/dev/null;;
+      --presets deepseek-v3 --formats fp8-dispatch "${F_ARGS[@]}" --output "$RES/fair/layer_2x_fp8_deepseek.json";;
 esac
 case " $PARTS " in *" symm "*)         # about 3 minutes
   if cuda_only symm; then
-    OUT="$RES" step symm_check "${SYMM_SECONDS:-400}" $PY benchmarks/gpu_symm_check.py \
+    step symm_check "${SYMM_SECONDS:-400}" env OUT="$RES" $PY benchmarks/gpu_symm_check.py \
         --parts smoke_ll,smoke_ht,graph,suite,variants
   fi;;
 esac
 case " $PARTS " in *" soak "*)         # 1000 forwards in a row, two layers alternating: about 30 s
   if cuda_only soak; then
     mkdir -p "$RES/soak"
-    OUT="$RES/soak" step soak "${SOAK_SECONDS:-200}" $PY benchmarks/gpu_symm_check.py --parts soak --forwards 500
+    step soak "${SOAK_SECONDS:-200}" env OUT="$RES/soak" $PY benchmarks/gpu_symm_check.py --parts soak --forwards 500
   fi;;
 esac
 case " $PARTS " in *" alltoall "*)     # the NCCL alltoall fast path against its PyTorch path and NCCL
@@ -133,16 +160,7 @@ case " $PARTS " in *" models "*)      # real-size blocks ~100 s, tiny models aft
     step models_check "${MODELS_SECONDS:-400}" $PY benchmarks/gpu_models_check.py --skip-tests --out "$RES/models"
   fi;;
 esac
-{
-  for f in "$RES"/fair_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -40 "$f" | cut -c1-260; }; done
-  for f in symm_check soak; do [ -f "$RES/$f.log" ] && sed -n '/===== summary =====/,$p' "$RES/$f.log" | cut -c1-400; done
-  for f in alltoall_check mismatch_check; do [ -f "$RES/$f.log" ] && tail -25 "$RES/$f.log"; done
-  [ -f "$RES/pytest_gpu.log" ] && tail -3 "$RES/pytest_gpu.log"
-  [ -f "$RES/models_check.log" ] && tail -12 "$RES/models_check.log"
-  echo "steps failed: $FAILED"
-} > "$RES/summary.txt"
-tar -czf "$OUT/results.tar.gz" -C "$WORK" results
-cp "$RES/summary.txt" "$OUT/"
+bundle
 cat "$RES/summary.txt"
 [ "$SMOKE" = 1 ] && exit $(( FAILED > 0 ))
 exit 0
