@@ -12,10 +12,10 @@ qwen3-30b-a3b (H 2048, top-8 of 128) at 128 and 4096 tokens per rank, BF16 rows 
       for bit; with identity experts both combines give the same output bit for bit, and for BF16 that
       output is x times the number of ranks the token went to, exactly (FP8: within 5e-2, one e4m3
       rounding of random rows).
-  (b) timing: dispatch and combine timed separately inside each forward (`GpuTimer.time_split` through
-      `epmoe.bench.dispatch`'s clock: CUDA events, L2 flushed, ranks aligned, median of --reps after
-      --warmup), for the kernels and for the PyTorch path, and NCCL `all_to_all_single` of exactly the
-      bytes the dispatcher moved per destination, each direction, in the same run.
+  (b) timing: dispatch and combine timed separately inside each forward (`epmoe.bench.dispatch.RankClock`:
+      CUDA events, L2 flushed, ranks lined up and the same GPU sleep on every rank, median of --reps
+      after --warmup), for the kernels and for the PyTorch path, and NCCL `all_to_all_single` of exactly
+      the bytes the dispatcher moved per destination, each direction, timed the same way in the same run.
   (c) profile: one dispatch + combine at 4096 tokens (deepseek-v3, BF16 and FP8) under torch.profiler:
       the top CUDA kernels and their times, the GPU timeline with the gaps between kernels (host time:
       the header's host read, launches), written as text (and a Chrome trace).
@@ -119,7 +119,7 @@ def _save(out_dir, rank, data):
 # ------------------------------------------------------------------------------ (a) and (b): one case
 def _case(d, cfg, T, rank, device, clock, reps, warmup):
     import torch
-    from epmoe.bench.dispatch import _nccl_baseline
+    from epmoe.bench.dispatch import nccl_twin
     from epmoe.routing import route
     from epmoe.testing import compare
 
@@ -166,12 +166,13 @@ def _case(d, cfg, T, rank, device, clock, reps, warmup):
     res["combine_bytes_per_rank"] = stats.combine_bytes
     for path, flag in (("kernels", FAST[0]), ("torch", False)):
         d.use_kernels = flag
-        td, tc = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]),
-                                  reps, warmup, False)
+        td, tc, _ = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]),
+                                     reps, warmup, False)
         res[f"{path}_dispatch"], res[f"{path}_combine"] = td, tc
     d.use_kernels = FAST[0]
-    res["nccl_dispatch"], _ = _nccl_baseline(clock, stats.dispatch_bytes, reps, warmup, device, d.group)
-    res["nccl_combine"], _ = _nccl_baseline(clock, stats.combine_bytes, reps, warmup, device, d.group)
+    # NCCL moving the same bytes, timed as the dispatcher was (eager, same agreed sleep on every rank)
+    twin = nccl_twin(clock, td["method"], stats.dispatch_bytes, stats.combine_bytes, reps, warmup)
+    res["nccl_dispatch"], res["nccl_combine"] = twin["dispatch"], twin["combine"]
     return res
 
 
@@ -275,7 +276,7 @@ def _layer_check(preset, fmt, experts, rank, device):
 def worker(rank, ws, p):
     import torch
     import torch.distributed as dist
-    from epmoe.bench.dispatch import _Clock
+    from epmoe.bench.dispatch import RankClock
     from epmoe.build import make_dispatcher
 
     start = time.monotonic()
@@ -283,7 +284,7 @@ def worker(rank, ws, p):
         FAST[0] = True           # the kernels on CPU tensors (the interpreter's bf16 casts truncate)
     device = torch.device("cpu") if p["cpu"] else torch.device("cuda", torch.cuda.current_device())
     group = dist.group.WORLD
-    clock = _Clock(device, group)
+    clock = RankClock(device, group)
     out = {"rank": rank, "cases": [], "layer": [], "profile": "", "skipped": [], "errors": []}
 
     def late():
@@ -356,7 +357,8 @@ def worker(rank, ws, p):
 
 # ------------------------------------------------------------------------------------------ report
 def merge(per_rank):
-    """One row per case: medians over the ranks' medians (and the slowest rank), in microseconds."""
+    """One row per case: medians over the ranks' medians and the slowest rank's, in microseconds; the ratio
+    to NCCL at the slowest ranks (the group waits for its slower rank)."""
     rows = []
     for i, first in enumerate(per_rank[0]["cases"]):
         cases = [r["cases"][i] for r in per_rank if i < len(r["cases"])]
@@ -372,7 +374,8 @@ def merge(per_rank):
             row[f"{key}_us"] = statistics.median(meds)
             row[f"{key}_us_slowest_rank"] = max(meds)
         for direction in ("dispatch", "combine"):
-            row[f"{direction}_vs_nccl"] = row[f"kernels_{direction}_us"] / max(row[f"nccl_{direction}_us"], 1e-9)
+            row[f"{direction}_vs_nccl"] = (row[f"kernels_{direction}_us_slowest_rank"]
+                                           / max(row[f"nccl_{direction}_us_slowest_rank"], 1e-9))
             row[f"{direction}_speedup_vs_torch_path"] = (row[f"torch_{direction}_us"]
                                                          / max(row[f"kernels_{direction}_us"], 1e-9))
         row["checks"] = {
@@ -436,9 +439,10 @@ def main(argv=None) -> int:
               "failure": failure, "cases": rows, "layer": [r.get("layer", []) for r in per_rank],
               "skipped": per_rank[0].get("skipped", []) if per_rank else [],
               "errors": [e for r in per_rank for e in r.get("errors", [])],
-              "method": "CUDA events via epmoe.bench.dispatch's clock (GpuTimer.time_split, eager: the dispatch "
-                        "reads the header on the host), median of the ranks' medians; NCCL all_to_all_single of "
-                        "uint8 with the dispatcher's bytes per destination, same run"}
+              "method": "CUDA events via epmoe.bench.dispatch's clock (eager: the dispatch reads the header on "
+                        "the host; the same agreed GPU sleep on every rank), median of the ranks' medians and the "
+                        "slowest rank's, ratios at the slowest ranks; NCCL all_to_all_single of uint8 with the "
+                        "dispatcher's bytes per destination, timed the same way, same run"}
     with open(os.path.join(p["out"], "alltoall_check.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(os.path.join(p["out"], "alltoall_profile.txt"), "w") as f:

@@ -29,6 +29,8 @@ def test_bench_layer_writes_a_checked_report(cpu_report):
     env = report["environment"]
     assert report["benchmark"] == "moe-layer" and env["ranks"] == env["world_size"] == 2
     assert env["backend"] == "gloo" and env["torch"] and "triton" in env and env["date"]
+    assert "python" in env["command"] and len(env["source_sha256"]) == 64 and "commit" in env
+    assert report["params"]["routing"] == "balanced"
     rows = report["rows"]
     ep = {(r["preset"], r["format"], r["dispatcher"], r["tokens_per_rank"]): r for r in rows if r["kind"] == "ep"}
     local = {(r["preset"], r["format"], r["tokens_per_rank"]): r for r in rows if r["kind"] == "local"}
@@ -59,8 +61,12 @@ def test_bench_layer_writes_a_checked_report(cpu_report):
         assert r["scaling_efficiency"] == pytest.approx(r["speedup_vs_local"] / 2)
         assert r["ep_vs_local_same_tokens"] == pytest.approx(r["step_ms"] / local[(p, f, t)]["ms"])
         assert r["method"] == "wall-clock"
-        # the group's (token, expert) pairs all land on some rank's experts, none twice
-        assert sum(r["pairs_per_rank"]) == 2 * t * r["top_k"] and "floor_ms" not in r
+        # the group's (token, expert) pairs all land on some rank's experts, none twice; balanced routing
+        # gives each rank the same number
+        assert r["pairs_per_rank"] == [t * r["top_k"]] * 2 and r["pairs_balanced"] and "floor_ms" not in r
+        assert r["routing"] == "balanced" and r["step_ms"] == max(x["median_ms"] for x in r["per_rank"])
+        flops = 6 * t * r["top_k"] * r["hidden_size"] * r["intermediate_size"]
+        assert r["tflops_per_gpu"] == pytest.approx(flops / (r["step_ms"] * 1e-3) / 1e12)
         assert all(0 <= h <= r["num_experts"] // 2 for h in r["experts_hit_per_rank"])
 
 
@@ -97,6 +103,10 @@ def test_bench_layer_arguments(tmp_path, capsys):
     # real sizes do not fit a CPU run
     assert cli_main(["bench", "layer", "--device", "cpu", "--ranks", "2", "--presets", "deepseek-v3"]) == 2
     assert "--experts N and --shrink F" in capsys.readouterr().err
+    # balanced routing needs the experts to split evenly over the ranks: said before any rank starts
+    assert cli_main(["bench", "layer", "--device", "cpu", "--ranks", "3", "--presets", "qwen3-30b-a3b",
+                     "--experts", "16", "--shrink", "64"]) == 2
+    assert "--routing balanced with qwen3-30b-a3b on 3 ranks: balanced routing: 16 experts" in capsys.readouterr().err
 
 
 def test_estimate_grows_with_tokens_and_capacity():
@@ -135,6 +145,7 @@ def _dispatch_json(ranks, when):
     rows = [dict(dispatcher=d, tokens_per_rank=T, total_ms=0.1 * ranks + T / 1e4, nccl_total_ms=0.05 * ranks,
                  total_vs_nccl=(0.1 * ranks + T / 1e4) / (0.05 * ranks), dispatch_GBps_to_peers=100.0 + ranks)
             for d in ("alltoall", "low_latency") for T in (128, 4096)]
+    rows.append(dict(rows[1], config="default", total_ms=2 * rows[1]["total_ms"]))   # auto, no capacity, eager
     return {"benchmark": "dispatch+combine", "environment": {"device": "NVIDIA H200", "host": "gpu-host",
                                                              "world_size": ranks, "when": when, "torch": "2.11",
                                                              "triton": "3.6", "backend": "nccl"}, "rows": rows}
@@ -177,6 +188,8 @@ def test_scaling_table_and_plot(synthetic, tmp_path):
     assert "deepseek-v3 fp8-dispatch allgather: dispatch_fp8=True" in md
     dline = next(x for x in md.splitlines() if x.startswith("| alltoall | 4096 |"))
     assert [c.strip() for c in dline.strip("|").split("|")][2:5] == ["0.610", "0.810", "1.210"]
+    dline = next(x for x in md.splitlines() if x.startswith("| alltoall (default) | 4096 |"))
+    assert [c.strip() for c in dline.strip("|").split("|")][2:5] == ["1.219", "1.619", "2.419"]
     assert "layer_4x.json" in md and "layer_4x_old.json" not in md
 
 

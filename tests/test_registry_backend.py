@@ -59,6 +59,6 @@ def test_epmoe_bench_dispatch_measures_it(registered, tmp_path):
     out = tmp_path / "d.json"
     assert main(["bench", "dispatch", "--dispatchers", NAME, "--tokens", "8", "--hidden", "64", "--experts", "8",
                  "--top-k", "2", "--dtype", "float32", "--reps", "1", "--warmup", "0", "--ranks", "2",
-                 "--output", str(out)]) == 0
+                 "--no-default", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["dispatcher"] for r in rows] == [NAME] and rows[0]["dispatch_bytes_to_peers"] > 0

@@ -1,17 +1,32 @@
-"""Timing GPU work reproducibly: CUDA events, median over repeats after warm-up, the L2
-cache flushed before each run, and the GPU kept busy while the run is queued so that Python launch time
-does not leak into the number (optionally the run is a CUDA graph replay as well).
+"""Timing work reproducibly: one timing loop for every clock, median over repeats after warm-up.
+
+On a GPU (`CudaClock`): CUDA events, the L2 cache flushed before each run, and the GPU kept busy by a
+sleep while the host queues the run, so that Python launch time does not leak into the number; a run
+can be a CUDA graph replay. On CPU ranks (`WallClock`): the host's wall clock, no flush, no sleep, no
+graphs. Tests drive the same loop with a clock of their own.
+
+Ranks of a group timed together must run alike, or the timing measures the ranks' skew instead of the
+work: a rank whose run starts later makes its peer wait inside the collective, and the peer's time
+includes that wait. `GroupAgreement` settles, before any timed run, the one sleep every rank uses (the
+longest any rank needs to queue its run) and whether every rank captured its CUDA graph (all replay or
+none does); the caller's `before_each` lines the ranks up before each run.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 L2_FLUSH_BYTES = 512 << 20      # several times any current L2 (H100 50 MB, H200 60 MB)
+GRAPH, EAGER, WALL_CLOCK = "graph", "eager", "wall-clock"
+
+
+def sleep_ms_for(host_ms: float) -> float:
+    """The GPU sleep ahead of each run: twice the host's time to queue one run, within [0.1, 20] ms."""
+    return min(max(2.0 * host_ms + 0.05, 0.1), 20.0)
 
 
 @dataclass
@@ -20,19 +35,23 @@ class Timing:
     min_ms: float
     max_ms: float
     reps: int
-    method: str                 # "graph" or "eager"
+    method: str                 # GRAPH, EAGER or WALL_CLOCK
+    sleep_ms: float = 0.0       # the sleep ahead of each run (the same on every rank of an agreement)
 
     def as_dict(self) -> dict:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "max_ms": self.max_ms, "reps": self.reps,
-                "method": self.method}
+                "method": self.method, "sleep_ms": self.sleep_ms}
 
 
-class GpuTimer:
-    """Reusable timer: one flush buffer, and the sleep length calibrated to this GPU's clock."""
+# ------------------------------------------------------------------------------------------- clocks
+class CudaClock:
+    """CUDA events on the current stream; a flush buffer; the sleep calibrated to this GPU's clock."""
+
+    eager_method = EAGER
 
     def __init__(self, device=None):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        self.flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=self.device)
+        self.flush_buffer = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=self.device)
         self.cycles_per_ms = self._calibrate_sleep()
 
     def _calibrate_sleep(self) -> float:
@@ -46,99 +65,206 @@ class GpuTimer:
         end.synchronize()
         return cycles / max(start.elapsed_time(end), 1e-3)
 
+    def host_now(self) -> float:
+        return time.perf_counter()
+
+    def sleep_for(self, host_ms: float) -> float:
+        return sleep_ms_for(host_ms)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def flush(self) -> None:
+        self.flush_buffer.zero_()
+
+    def sleep(self, ms: float) -> None:
+        torch.cuda._sleep(int(self.cycles_per_ms * ms))
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def capture(self, steps: Sequence[Callable]) -> list | None:
+        """Each step in its own CUDA graph (a step on the previous one's static output); the graphs, or
+        None where capture fails (a step syncs with the host)."""
+        graphs, out = [], None
+        try:
+            for i, step in enumerate(steps):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    out = step() if i == 0 else step(out)
+                graphs.append(g)
+            for g in graphs:
+                g.replay()
+            torch.cuda.synchronize()
+        except Exception:
+            torch.cuda.synchronize()
+            return None
+        return graphs
+
+
+class _WallEvent:
+    def __init__(self):
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "_WallEvent") -> float:
+        return (end.t - self.t) * 1e3
+
+
+class WallClock:
+    """The host's wall clock (CPU work runs as it is called): no flush, no sleep, no graphs."""
+
+    eager_method = WALL_CLOCK
+
+    def host_now(self) -> float:
+        return time.perf_counter()
+
+    def sleep_for(self, host_ms: float) -> float:
+        return 0.0                               # the host runs the work as it queues it: nothing to cover
+
+    def synchronize(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def sleep(self, ms: float) -> None:
+        pass
+
+    def event(self) -> _WallEvent:
+        return _WallEvent()
+
+    def capture(self, steps) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------ the agreement
+class GroupAgreement:
+    """What the ranks of a group settle before timing, each answer the same on every rank: the sleep
+    (the longest any rank asks for) and whether CUDA graphs are used (only if every rank captured); and
+    `line_up()`, the ranks lined up before a run."""
+
+    def __init__(self, group, device):
+        self.group, self.device = group, torch.device(device)
+        self.one = torch.ones(1, device=self.device)
+
+    def line_up(self) -> None:
+        """On GPUs an all-reduce of one element lines the ranks' streams up (no host sync): the work queued
+        after it starts when every rank got there. On CPUs a barrier lines the hosts up."""
+        import torch.distributed as dist
+        if self.device.type == "cuda":
+            dist.all_reduce(self.one, group=self.group)
+        else:
+            dist.barrier(group=self.group)
+
+    def _reduce(self, value: float, op) -> float:
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op, group=self.group)
+        return float(t.item())
+
+    def sleep_ms(self, ms: float) -> float:
+        import torch.distributed as dist
+        return self._reduce(ms, dist.ReduceOp.MAX)
+
+    def all(self, ok: bool) -> bool:
+        import torch.distributed as dist
+        return self._reduce(1.0 if ok else 0.0, dist.ReduceOp.MIN) > 0.5
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def _summary(times: list[float], reps: int, method: str, sleep_ms: float) -> Timing:
+    return Timing(statistics.median(times), min(times), max(times), reps, method, sleep_ms)
+
+
+class Timer:
+    """The timing loop on a clock. Before each repeat (untimed): `before_each()` (fresh inputs, lining the
+    ranks up), the L2 flush and the agreed sleep; then the run, timed by the clock's events."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def time_chain(self, steps: Sequence[Callable], reps: int = 20, warmup: int = 5, use_graph: bool = True,
+                   before_each: Callable[[], Any] | None = None, agree: GroupAgreement | None = None
+                   ) -> list[Timing]:
+        """Times of each step of `a = steps[0](); b = steps[1](a); ...` run back to back inside every
+        repeat, each between its own events, then the time of the whole chain: len(steps) + 1 Timings.
+        (What a dispatch and its combine cost inside one forward, when the second consumes what the first
+        produced and neither can be repeated alone.)
+
+        With `use_graph`, each step is captured in its own CUDA graph (a step on the previous one's static
+        output) and the replays are timed; where capture fails on any rank of `agree`, every rank runs
+        the steps eagerly behind the sleep. `agree` also makes every rank use the same sleep.
+        """
+        clock = self.clock
+
+        def chain(runs):
+            out = None
+            for i, run in enumerate(runs):
+                out = run() if i == 0 else run(out)
+            return out
+
+        chain(steps)                             # compile / allocate outside the timed region
+        clock.synchronize()
+        graphs = clock.capture(steps) if use_graph else None
+        if use_graph and agree is not None and not agree.all(graphs is not None):
+            graphs = None                        # a rank could not capture: all run eagerly
+        if graphs is not None:
+            runs = [lambda *_, g=g: g.replay() for g in graphs]
+            method = GRAPH
+        else:
+            runs, method = list(steps), clock.eager_method
+        t0 = clock.host_now()                    # how long the host takes to queue one run
+        chain(runs)
+        host_ms = (clock.host_now() - t0) * 1e3
+        clock.synchronize()
+        sleep_ms = clock.sleep_for(host_ms)
+        if agree is not None:
+            sleep_ms = agree.sleep_ms(sleep_ms)
+        n = len(runs)
+        marks = [[clock.event() for _ in range(n + 1)] for _ in range(warmup + reps)]
+        for i in range(warmup + reps):
+            if before_each is not None:
+                before_each()
+            clock.flush()
+            clock.sleep(sleep_ms)
+            marks[i][0].record()
+            out = None
+            for j, run in enumerate(runs):
+                out = run() if j == 0 else run(out)
+                marks[i][j + 1].record()
+        clock.synchronize()
+        timed = marks[warmup:]
+        per_step = [[m[j].elapsed_time(m[j + 1]) for m in timed] for j in range(n)]
+        whole = [m[0].elapsed_time(m[n]) for m in timed]
+        del graphs
+        return [_summary(t, reps, method, sleep_ms) for t in per_step] + [_summary(whole, reps, method, sleep_ms)]
+
     def time(self, fn: Callable[[], object], reps: int = 20, warmup: int = 5, use_graph: bool = True,
-             before_each: Callable[[], object] | None = None) -> Timing:
+             before_each: Callable[[], object] | None = None, agree: GroupAgreement | None = None) -> Timing:
         """Median time of `fn()` in ms. `before_each` (untimed) can refresh the inputs in place.
 
         With `use_graph`, fn is captured once in a CUDA graph and the replays are timed; if capture fails
         (fn syncs with the host), fn runs eagerly behind a GPU sleep long enough to cover its launches.
         """
-        fn()                                      # compile / allocate outside the timed region
-        torch.cuda.synchronize()
-        graph = None
-        if use_graph:
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fn()
-                graph.replay()
-                torch.cuda.synchronize()
-            except Exception:                     # a host sync inside fn: time it eagerly
-                graph = None
-                torch.cuda.synchronize()
-        run = graph.replay if graph is not None else fn
-        # how long the host takes to queue one run: the sleep must outlast it
-        t0 = time.perf_counter()
-        run()
-        host_ms = (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
-        sleep_cycles = int(self.cycles_per_ms * min(max(2.0 * host_ms + 0.05, 0.1), 20.0))
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(warmup + reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(warmup + reps)]
-        for i in range(warmup + reps):
-            if before_each is not None:
-                before_each()
-            self.flush.zero_()
-            torch.cuda._sleep(sleep_cycles)
-            starts[i].record()
-            run()
-            ends[i].record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in zip(starts[warmup:], ends[warmup:])]
-        del graph
-        return Timing(statistics.median(times), min(times), max(times), reps, "graph" if run is not fn else "eager")
-
+        return self.time_chain([fn], reps, warmup, use_graph, before_each, agree)[0]
 
     def time_split(self, first: Callable[[], object], second: Callable[[object], object], reps: int = 20,
-                   warmup: int = 5, use_graph: bool = True, before_each: Callable[[], object] | None = None
-                   ) -> tuple[Timing, Timing]:
-        """Median times of `a = first()` and of `second(a)` run back to back, each timed by its own events
-        inside every repeat (what a dispatch and its combine cost inside one forward, when the second
-        consumes what the first produced and neither can be repeated alone).
+                   warmup: int = 5, use_graph: bool = True, before_each: Callable[[], object] | None = None,
+                   agree: GroupAgreement | None = None) -> tuple[Timing, Timing, Timing]:
+        """Times of `a = first()`, of `second(a)` and of both, inside every repeat (`time_chain`)."""
+        a, b, both = self.time_chain([first, second], reps, warmup, use_graph, before_each, agree)
+        return a, b, both
 
-        With `use_graph`, each is captured in its own CUDA graph (the second on the first's static output)
-        and the replays are timed; if capture fails, both run eagerly behind a GPU sleep.
-        """
-        second(first())
-        torch.cuda.synchronize()
-        run_a, run_b = first, None
-        method = "eager"
-        if use_graph:
-            try:
-                ga, gb = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-                with torch.cuda.graph(ga):
-                    static = first()
-                with torch.cuda.graph(gb):
-                    second(static)
-                ga.replay()
-                gb.replay()
-                torch.cuda.synchronize()
-                run_a, run_b, method = ga.replay, (lambda _a: gb.replay()), "graph"
-            except Exception:                     # a host sync inside: time it eagerly
-                torch.cuda.synchronize()
-                run_a, run_b = first, None
-        run_b = run_b or second
-        t0 = time.perf_counter()
-        run_b(run_a())
-        host_ms = (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
-        sleep_cycles = int(self.cycles_per_ms * min(max(2.0 * host_ms + 0.05, 0.1), 20.0))
-        marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(warmup + reps)]
-        for i in range(warmup + reps):
-            if before_each is not None:
-                before_each()
-            self.flush.zero_()
-            torch.cuda._sleep(sleep_cycles)
-            marks[i][0].record()
-            a = run_a()
-            marks[i][1].record()
-            run_b(a)
-            marks[i][2].record()
-        torch.cuda.synchronize()
-        ta = [m[0].elapsed_time(m[1]) for m in marks[warmup:]]
-        tb = [m[1].elapsed_time(m[2]) for m in marks[warmup:]]
-        return (Timing(statistics.median(ta), min(ta), max(ta), reps, method),
-                Timing(statistics.median(tb), min(tb), max(tb), reps, method))
+
+class GpuTimer(Timer):
+    """The timing loop on this GPU's clock (one flush buffer, the sleep calibrated to its clock)."""
+
+    def __init__(self, device=None):
+        super().__init__(CudaClock(device))
+        self.device = self.clock.device
 
 
 def measure_copy_bandwidth(timer: GpuTimer, nbytes: int = 2 << 30) -> float:

@@ -1,19 +1,26 @@
 """`epmoe bench layer`: time the whole MoE layer forward with expert parallelism, per dispatcher.
 
 What is timed is `layer(hidden [T, H], router_logits [T, E])` on every rank of the group: routing,
-dispatch, the experts, combine. For each preset (default: deepseek-v3 and qwen3-30b-a3b at their real
-sizes; `--experts N` / `--shrink F` shrink them as for `epmoe run`), format (BF16; with `--fp8-dispatch`
-also FP8 weights with `Fp8Config(dispatch_fp8=True)`, FP8 rows and scales on the wire, into the experts
-that take FP8), dispatcher (allgather, alltoall, low_latency) and tokens per rank T (128, 4096), every
-rank passes its own T tokens. The experts backend of each dispatcher is the one `experts="auto"`
-resolves to (or `--backend`); a pairing the contract refuses is listed as skipped with its reason.
+dispatch, the experts, combine. The logits route the tokens as `--routing` says (`epmoe.bench.routings`;
+default balanced: every rank's experts receive exactly the same number of (token, expert) pairs, each
+token's experts spread over the ranks; `random`: normal logits). For each preset (default: deepseek-v3
+and qwen3-30b-a3b at their real sizes; `--experts N` / `--shrink F` shrink them as for `epmoe run`),
+format (BF16; with `--fp8-dispatch` also FP8 weights with `Fp8Config(dispatch_fp8=True)`, FP8 rows
+and scales on the wire, into the experts that take FP8), dispatcher (allgather, alltoall, low_latency)
+and tokens per rank T (128, 4096), every rank passes its own T tokens. The experts backend of each
+dispatcher is the one `experts="auto"` resolves to (or `--backend`); a pairing the contract refuses is
+listed as skipped with its reason.
 
 The same layer on ONE rank is measured in the same run as the baseline: the `local` dispatcher with
 every expert on one device (each rank runs it on its own device at the same time, where it fits in
-memory), at T tokens and at ranks x T tokens. Reported per row:
+memory), at T tokens (this rank's) and at ranks x T tokens (every rank's tokens together: one device
+doing the whole group's batch). Reported per row:
   ms                      median over ranks of each rank's median forward time
-  step_ms                 the slowest rank's median (the group finishes a step when its slowest rank does)
+  step_ms                 the slowest rank's median (the group finishes a step when its slowest rank does);
+                          per_rank holds every rank's
   tokens_per_s_per_rank   T / ms;  tokens_per_s_total: ranks x T / step_ms
+  tflops_per_gpu          the effective MoE-layer rate of one GPU: 6 * T * k * H * I / step_ms (routing,
+                          dispatch, experts and combine all inside the step)
   speedup_vs_local        local time for all ranks x T tokens on one device / step_ms (1 device doing the
                           whole batch vs ranks devices sharing it); scaling_efficiency = speedup / ranks
   ep_vs_local_same_tokens step_ms / local time for T tokens (same tokens per device; < 1: EP is faster
@@ -22,11 +29,12 @@ memory), at T tokens and at ranks x T tokens. Reported per row:
 Timing on GPUs (`epmoe.bench.gpu_timing.GpuTimer`): CUDA events, median of `--reps` after `--warmup`,
 fresh non-zero inputs (a pool of random hidden states and router logits per rank, copied into the
 layer's input buffers before each run, untimed), L2 flushed and the GPU kept busy while the host queues
-a run, ranks' streams lined up by a tiny all-reduce before each run. Pairings whose dispatcher and
-experts both declare `cuda_graph_safe` (low_latency + batched, local + triton) are captured once in a
-CUDA graph and replayed; the others run eagerly (alltoall and allgather wait for the host by design, and
-that wait is part of their time). On CPUs (Gloo, `--device cpu`): wall clock after a barrier, for
-checking the code on small shapes; those times are not performance results.
+a run; for EP layers the ranks' streams are lined up by a tiny all-reduce before each run and every rank
+sleeps the same agreed time (the longest any rank needs), so the ranks start each run together.
+Pairings whose dispatcher and experts both declare `cuda_graph_safe` (low_latency + batched, local +
+triton) are captured once in a CUDA graph and replayed; the others run eagerly (alltoall and allgather
+wait for the host by design, and that wait is part of their time). On CPUs (Gloo, `--device cpu`): wall
+clock after a barrier, for checking the code on small shapes; those times are not performance results.
 
 Every measured configuration's output (inputs of the pool's first entry) is checked on `--check-rows`
 sampled rows of every rank against `epmoe.reference_moe` in float64 (on the GPU where there is one), on
@@ -45,7 +53,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -53,6 +60,8 @@ import torch.distributed as dist
 from ..log import get_logger
 from ..testing.graphs import capture
 from ..usage import CsvList, UsageError, all_experts_per_token, refuse_ranks_under_torchrun
+from .gpu_timing import GroupAgreement, Timer, WallClock
+from .routings import ROUTINGS, router_logits, routing_problem
 from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
 
 log = get_logger("bench")
@@ -73,6 +82,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="comma-separated (default: every registered dispatcher that moves tokens and runs here)")
     p.add_argument("--backend", default="auto",
                    help="experts backend for every dispatcher (default: what experts='auto' resolves to)")
+    p.add_argument("--routing", default="balanced", choices=sorted(ROUTINGS),
+                   help="how the tokens are routed (default: %(default)s: every rank receives the same pairs)")
     p.add_argument("--experts", type=int, default=None, metavar="N", help="shrink each preset to N experts")
     p.add_argument("--shrink", type=int, default=1, metavar="F", help="divide hidden and intermediate sizes by F")
     p.add_argument("--fp8-dispatch", action="store_true",
@@ -149,7 +160,7 @@ def _params(args) -> dict:
             "backend": args.backend, "experts": args.experts, "shrink": args.shrink,
             "formats": formats, "reps": args.reps,
             "warmup": args.warmup, "graph": not args.no_graph, "local": not args.no_local,
-            "check_rows": args.check_rows, "seed": args.seed}
+            "check_rows": args.check_rows, "seed": args.seed, "routing": args.routing}
 
 
 # ------------------------------------------------------------------------------------ configurations
@@ -207,13 +218,13 @@ class Fp8DequantizedExperts:
 class _RankBench:
     def __init__(self, rank: int, ws: int, p: dict, device: torch.device, group):
         self.rank, self.ws, self.p, self.device, self.group = rank, ws, p, device, group
-        self.timer = None
+        self.timer = Timer(WallClock())
+        self.agree = GroupAgreement(group, device)
         self.rates: dict | None = None      # copy bytes/s and matmul FLOP/s of this GPU (the floor)
         self.rows: list[dict] = []
         if device.type == "cuda":
             from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
             self.timer = GpuTimer(device)
-            self.one = torch.ones(1, device=device)
             self.rates = {"copy": measure_copy_bandwidth(self.timer),
                           "bf16": measure_matmul_rate(self.timer, torch.bfloat16)}
             if "fp8-dispatch" in p["formats"]:
@@ -256,14 +267,19 @@ class _RankBench:
                 f.write(json.dumps(merged) + "\n")
 
     # -- inputs
-    def pool(self, cfg, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator(device=self.device).manual_seed(self.p["seed"] * 7919 + 1000 * self.rank + T)
-        out = []
-        for _ in range(POOL):
-            x = torch.randn(T, cfg.hidden_size, generator=g, device=self.device).to(cfg.dtype)
-            logits = torch.randn(T, cfg.num_experts, generator=g, device=self.device) * 2
-            out.append((x, logits))
-        return out
+    def pool(self, cfg, T: int, sources=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """POOL inputs (hidden, logits) of T tokens of each rank in `sources` (default: this rank), one
+        after the other: a rank's tokens are the same whichever rank builds them (the one-device baseline
+        at ranks x T runs exactly the group's tokens)."""
+        parts = []
+        for src in ([self.rank] if sources is None else sources):
+            seed = self.p["seed"] * 7919 + 1000 * src + T
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            g_route = torch.Generator().manual_seed(seed)
+            parts.append([(torch.randn(T, cfg.hidden_size, generator=g, device=self.device).to(cfg.dtype),
+                           router_logits(self.p["routing"], cfg, T, src, self.ws, g_route).to(self.device))
+                          for _ in range(POOL)])
+        return [tuple(torch.cat(t) for t in zip(*entry)) for entry in zip(*parts)]
 
     def sample(self, T: int) -> torch.Tensor:
         n = self.p["check_rows"]
@@ -312,24 +328,13 @@ class _RankBench:
 
         def before_each():
             load((state["i"] + 1) % len(pool))
-            if collective and self.device.type == "cuda":
-                dist.all_reduce(self.one, group=self.group)     # lines the ranks' streams up, no host sync
+            if collective:
+                self.agree.line_up()
 
-        if self.timer is not None:
-            t = self.timer.time(run, reps=reps, warmup=warmup, use_graph=False, before_each=before_each).as_dict()
-            t["method"] = "graph" if graph is not None else "eager"
-        else:
-            times = []
-            for i in range(warmup + reps):
-                before_each()
-                if collective:
-                    dist.barrier(group=self.group)
-                t0 = time.perf_counter()
-                run()
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-            t = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
-                 "method": "wall-clock"}
+        t = self.timer.time(run, reps=reps, warmup=warmup, use_graph=False, before_each=before_each,
+                            agree=self.agree if collective else None).as_dict()
+        if graph is not None:
+            t["method"] = "graph"
         load(0)
         out = run()
         out = (out_static if graph is not None else out).clone()
@@ -402,6 +407,7 @@ class _RankBench:
                         gen = torch.Generator().manual_seed(p["seed"] + 7)
                         bias = (torch.randn(cfg.num_experts, generator=gen) * 0.1).to(self.device)
                     base = {"preset": preset, "format": fmt, "config": cfg.describe(), "ranks": self.ws,
+                            "routing": p["routing"],
                             "num_experts": cfg.num_experts, "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
                             "intermediate_size": cfg.intermediate_size}
                     if p["local"]:
@@ -415,6 +421,7 @@ class _RankBench:
         """The same layer on one rank (every expert here), at T and at ranks x T tokens."""
         experts, why = pick_experts("local", self.p["backend"], cfg, 1, self.device.type)
         sizes = sorted({t for T in self.p["tokens"] for t in (T, self.ws * T)})
+        whole_group = {self.ws * T for T in self.p["tokens"]}     # sizes that run every rank's tokens
         head = dict(base, dispatcher="local", experts=experts, kind="local")
         if why is not None:
             for t in sizes:
@@ -435,7 +442,7 @@ class _RankBench:
                 self.publish(dict(row, skipped=f"does not fit on one device: {note}"))
                 continue
             try:
-                pool = self.pool(cfg, t)
+                pool = (self.pool(cfg, t // self.ws, range(self.ws)) if t in whole_group else self.pool(cfg, t))
                 timing, out = self.measure(layer, pool, caps_graph, collective=False)
                 row.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias),
                            load=self.load_of(layer, *pool[0], collective=False))
@@ -515,7 +522,9 @@ def merge_rows(rows: list[dict], ws: int) -> dict:
     T = first["tokens_per_rank"]
     ms, step = statistics.median(meds), max(meds)
     merged.update(ms=ms, step_ms=step, method=first["timing"]["method"], reps=first["timing"]["reps"],
-                  tokens_per_s_per_rank=T / (ms * 1e-3))
+                  tokens_per_s_per_rank=T / (ms * 1e-3),
+                  tflops_per_gpu=6.0 * T * first["top_k"] * first["hidden_size"] * first["intermediate_size"]
+                  / (step * 1e-3) / 1e12)
     if first.get("kind") == "ep":
         merged["tokens_per_s_total"] = ws * T / (step * 1e-3)
     checks = [r["check"] for r in rows]
@@ -528,6 +537,8 @@ def merge_rows(rows: list[dict], ws: int) -> dict:
     loads = [r["load"] for r in rows]
     merged["experts_hit_per_rank"] = [x["experts_hit"] for x in loads]
     merged["pairs_per_rank"] = [x["pairs"] for x in loads]
+    if first.get("kind") == "ep":
+        merged["pairs_balanced"] = len(set(merged["pairs_per_rank"])) == 1
     if all("floor_ms" in x for x in loads):
         merged["floor_ms"] = max(x["floor_ms"] for x in loads)
         merged["floor_fraction"] = merged["floor_ms"] / step
@@ -562,15 +573,17 @@ def format_row(r: dict) -> str:
         return f"{what} skipped: {r['skipped'][:200]}"
     c = r["check"]
     return (f"{what} {r['ms']:9.3f} ms (slowest rank {r['step_ms']:.3f}) {r['tokens_per_s_per_rank']:12.0f} tok/s/rank"
-            f" [{r['method']}] oracle {'ok' if c['ok'] else 'FAILED'} rel err {c['max_rel_err']:.2e}")
+            f" {r['tflops_per_gpu']:7.1f} TFLOP/s/GPU [{r['method']}] oracle {'ok' if c['ok'] else 'FAILED'} "
+            f"rel err {c['max_rel_err']:.2e}")
 
 
 def print_table(rows: list[dict], ws: int) -> None:
-    head = (f"{'preset':<14} {'format':<12} {'dispatcher':<11} {'experts':<10} {'T/rank':>6} {'ms':>9} "
-            f"{'tok/s/rank':>11} {'tok/s total':>12} {'1-rank ms':>10} {'speedup':>8} {'eff':>5} {'floor':>6} "
-            f"{'check':>6}")
-    print(f"\n# whole-layer forward on {ws} ranks; speedup = one device doing all {ws} x T tokens / this step; "
-          "floor = the experts' roofline time (no communication) / this step")
+    head = (f"{'preset':<14} {'format':<12} {'dispatcher':<11} {'experts':<10} {'T/rank':>6} {'step ms':>9} "
+            f"{'tok/s/rank':>11} {'tok/s total':>12} {'TFLOP/s':>8} {'1-rank ms':>10} {'speedup':>8} {'eff':>5} "
+            f"{'floor':>6} {'check':>6}")
+    print(f"\n# whole-layer forward on {ws} ranks; step = the slower rank's time; speedup = one device doing all "
+          f"{ws} x T tokens / this step; TFLOP/s = 6 T k H I / step per GPU; floor = the experts' roofline time "
+          "(no communication) / this step")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -581,7 +594,8 @@ def print_table(rows: list[dict], ws: int) -> None:
             continue
         sp = r.get("speedup_vs_local")
         print(f"{r['preset']:<14} {r['format']:<12} {r['dispatcher']:<11} {r['experts']:<10} {r['tokens_per_rank']:>6} "
-              f"{r['ms']:>9.3f} {r['tokens_per_s_per_rank']:>11.0f} {r['tokens_per_s_total']:>12.0f} "
+              f"{r['step_ms']:>9.3f} {r['tokens_per_s_per_rank']:>11.0f} {r['tokens_per_s_total']:>12.0f} "
+              f"{r['tflops_per_gpu']:>8.1f} "
               + (f"{r['local_ms_all_tokens']:>10.3f} {sp:>8.2f} {r['scaling_efficiency']:>5.2f}" if sp else
                  f"{'-':>10} {'-':>8} {'-':>5}")
               + f" {_f(r.get('floor_fraction'), '6.2f'):>6} {'ok' if r['check']['ok'] else 'FAIL':>6}")
@@ -636,16 +650,21 @@ def run_one(p: dict, ws: int | None, device_type: str, args) -> tuple[str, dict]
               "formats": {f: FORMATS[f] for f in p["formats"]},
               "ceilings": ceilings,
               "method": ("CUDA events, median over repeats after warm-up of each rank; fresh inputs copied in "
-                         "before each run; L2 flushed; GPU kept busy while the host queues; ranks aligned by an "
-                         "all-reduce; CUDA graph replay where dispatcher and experts are graph-safe"
+                         "before each run; L2 flushed; GPU kept busy while the host queues; EP ranks lined up by "
+                         "an all-reduce, then the same agreed GPU sleep on every rank; CUDA graph replay where "
+                         "dispatcher and experts are graph-safe"
                          if backend == "nccl" else "wall clock after a barrier (CPU, Gloo): not a performance result"),
               "definitions": {
                   "ms": "median over ranks of each rank's median forward time",
                   "step_ms": "the slowest rank's median forward time",
                   "tokens_per_s_per_rank": "tokens_per_rank / ms",
                   "tokens_per_s_total": "ranks x tokens_per_rank / step_ms",
+                  "tflops_per_gpu": "6 * tokens_per_rank * top_k * hidden_size * intermediate_size / step_ms: "
+                                    "the effective MoE-layer rate of one GPU (routing, dispatch, experts, combine)",
+                  "pairs_balanced": "every rank's experts received the same number of (token, expert) pairs",
+                  "routing": "how the tokens were routed (epmoe.bench.routings)",
                   "local_ms_same_tokens": "the local (one-rank, all experts) layer at tokens_per_rank tokens",
-                  "local_ms_all_tokens": "the local layer at ranks x tokens_per_rank tokens",
+                  "local_ms_all_tokens": "the local layer on every rank's tokens together (ranks x tokens_per_rank)",
                   "speedup_vs_local": "local_ms_all_tokens / step_ms",
                   "scaling_efficiency": "speedup_vs_local / ranks",
                   "floor_ms": "max over ranks of max(weight bytes of the rank's experts hit / copy rate, "
@@ -693,10 +712,14 @@ def main(args) -> int:
         if device_type == "cpu":
             _check_cpu_fits(p, max(counts))
         for preset in p["presets"]:
-            E = layer_config(preset, "bf16", p["experts"], p["shrink"]).num_experts
-            if E < max(counts):
-                raise UsageError(f"{preset} has {E} experts, fewer than {max(counts)} ranks "
+            cfg = layer_config(preset, "bf16", p["experts"], p["shrink"])
+            if cfg.num_experts < max(counts):
+                raise UsageError(f"{preset} has {cfg.num_experts} experts, fewer than {max(counts)} ranks "
                                  "(every rank must hold at least one expert)")
+            for ws in counts:
+                problem = routing_problem(p["routing"], cfg, ws)
+                if problem:
+                    raise UsageError(f"--routing {p['routing']} with {preset} on {ws} ranks: {problem}")
     if args.output and len(counts) > 1:
         raise UsageError("--output names one file; with several --ranks use --output-dir")
     paths, bad = [], 0

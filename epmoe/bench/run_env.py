@@ -2,21 +2,62 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
+import shlex
+import subprocess
+import sys
 
 import torch
 
 NVLINK_MULTICAST_SWITCHES = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
+def _git(*args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", CHECKOUT, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def source_digest() -> str:
+    """sha256 over the library's Python files (paths and contents): names the code that ran even where the
+    tree was copied without its git metadata; the same command in a checkout tells which commit it is."""
+    root = os.path.join(CHECKOUT, "epmoe")
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                h.update(os.path.relpath(path, CHECKOUT).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read() + b"\0")
+    return h.hexdigest()
+
+
+def provenance() -> dict:
+    """The command line of this process, the git commit of the checkout and whether tracked files differ
+    from it (`EPMOE_COMMIT` where the tree has no git metadata), and the source digest."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "commit": commit or os.environ.get("EPMOE_COMMIT"),
+            "commit_from": "git" if commit else ("EPMOE_COMMIT" if os.environ.get("EPMOE_COMMIT") else None),
+            "tracked_files_modified": None if status is None else bool(status),
+            "source_sha256": source_digest()}
+
+
 def environment(backend: str, ws: int) -> dict:
-    """Date, host, Python / torch / triton versions, the process-group backend and ranks; with NCCL the
-    GPU, CUDA and NCCL versions and the NVLink multicast switches, otherwise the CPU."""
+    """Date, host, Python / torch / triton versions, the process-group backend and ranks, the command,
+    commit and source digest (`provenance`); with NCCL the GPU, CUDA and NCCL versions and the NVLink
+    multicast switches, otherwise the CPU."""
     now = datetime.datetime.now(datetime.timezone.utc)
     env = {"date": now.strftime("%Y-%m-%d"), "when": now.isoformat(timespec="seconds"), "host": platform.node(),
            "python": platform.python_version(), "torch": torch.__version__, "backend": backend, "ranks": ws,
-           "world_size": ws}
+           "world_size": ws, **provenance()}
     try:
         import triton
         env["triton"] = triton.__version__

@@ -90,7 +90,9 @@ def summarize(paths) -> dict:
     for rep in found[DISPATCH]:
         ranks = rep["environment"].get("world_size", rep["environment"].get("ranks"))
         for r in rep.get("rows", []):
-            key = (r["dispatcher"], r["tokens_per_rank"])
+            # the default configuration (dispatcher="auto", no capacity, eager) is a row of its own
+            name = r["dispatcher"] if r.get("config", "best") == "best" else f"{r['dispatcher']} ({r['config']})"
+            key = (name, r["tokens_per_rank"])
             dispatch.setdefault(key, {})[ranks] = r
             origin[("dispatch", key, ranks)] = ("dispatch", ranks, rep)
     used = {id(rep): (kind, k, rep) for kind, k, rep in origin.values()}
@@ -166,8 +168,9 @@ def markdown(summary: dict) -> str:
         lines.append("")
     if summary["dispatch"]:
         lines += ["## Dispatch + combine (`epmoe bench dispatch`)", "",
-                  "ms: dispatch + combine, median over ranks; x NCCL: that time / NCCL all_to_all_single moving "
-                  "the same bytes; GB/s: dispatch bytes sent to peers per second per rank.", "",
+                  "ms: dispatch + combine at the slower rank; x NCCL: that time / NCCL all_to_all_single moving "
+                  "the same bytes, timed the same way; GB/s: dispatch bytes sent to peers per second; "
+                  "(default): dispatcher=\"auto\", no capacity, eager.", "",
                   f"| dispatcher | T/rank | {at('ms')} | {at('x NCCL')} | {at('GB/s')} |",
                   "|" + "---|" * (2 + 3 * len(ranks))]
         for (d, T), per in sorted(summary["dispatch"].items()):
