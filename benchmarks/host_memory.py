@@ -11,6 +11,7 @@ warm-up: `rss growth` = the largest RSS after the warm-up minus the RSS at its e
 the allocator's free pages back to the OS (`malloc_trim`) and records the RSS again: what falls away
 there was memory the allocator kept, not memory anything holds. `local` (no expert parallelism) runs on
 every rank alone. A pairing passes when every rank's RSS growth is at most `--limit` MiB.
+`--mmap-threshold 131072` fixes glibc's mmap threshold in every rank (the remedy the README describes).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from epmoe import MoEConfig, MoELayer, contract  # noqa: E402
 from epmoe.bench.run_env import environment, provenance, results_dir  # noqa: E402
 from epmoe.testing import load_experts, random_experts, run_on_ranks  # noqa: E402
-from epmoe.testing.host_memory import heap_in_use_mib, release_free_heap, rss_mib  # noqa: E402
+from epmoe.testing.host_memory import fix_mmap_threshold, heap_in_use_mib, release_free_heap, rss_mib  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -47,6 +48,8 @@ def pairings(cfg: MoEConfig, ranks: int) -> list[tuple[str, str]]:
 def run_rank(rank: int, world: int, args, dispatcher: str, experts: str) -> dict:
     """One rank's forwards; returns its samples: (forward, RSS MiB, heap in use MiB)."""
     import torch.distributed as dist
+    if args.mmap_threshold is not None and not fix_mmap_threshold(args.mmap_threshold):
+        raise RuntimeError("--mmap-threshold needs glibc (mallopt)")
     cfg = config(args)
     group = None if dispatcher == "local" else dist.group.WORLD
     layer = MoELayer(cfg, ep_group=group, dispatcher=dispatcher, experts=experts,
@@ -96,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--skew", type=float, default=3.0, help="logit bias of expert 0, falling to 0 for the last")
     p.add_argument("--limit", type=float, default=8.0, help="MiB of RSS growth after the warm-up a pairing may show")
+    p.add_argument("--mmap-threshold", type=int, default=None,
+                   help="bytes: set glibc's mmap threshold in every rank (as MALLOC_MMAP_THRESHOLD_ would)")
     p.add_argument("--pairings", default="", help="comma-separated dispatcher:experts (default: every CPU pairing)")
     p.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/host_memory_cpu_<date>.json)")
     args = p.parse_args(argv)

@@ -58,3 +58,15 @@ def release_free_heap() -> bool:
         return False
     _LIBC.malloc_trim(0)
     return True
+
+
+M_MMAP_THRESHOLD = -3      # glibc mallopt parameter
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Serve every block of `nbytes` or more with its own mmap, returned to the OS when freed, and stop glibc
+    from raising that threshold as larger blocks are freed (`mallopt(M_MMAP_THRESHOLD, nbytes)`, what the
+    environment variable MALLOC_MMAP_THRESHOLD_ sets at start-up); False where unavailable."""
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
