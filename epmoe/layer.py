@@ -11,7 +11,7 @@ from . import state_dict as state_dict_names
 from .config import MoEConfig
 from .build import build_dispatcher, group_info, resolve_device
 from .handshake import announces_build_failure
-from .layouts import ExpertWeights
+from .layouts import ExpertWeights, FlatBatch
 from .placement import GlobalExpertId, Placement
 from .routing import Routing, route, validate_routing
 
@@ -24,6 +24,16 @@ def _refuse_autograd(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"MoELayer: {name} requires grad, but epmoe layers are for inference only (no "
                          "backward pass): run the forward under torch.no_grad() or torch.inference_mode(), "
                          f"or pass {name}.detach()")
+
+
+def failed_expert_output(batch, dtype: torch.dtype) -> torch.Tensor:
+    """What a rank whose experts raised sends back in place of their output: NaN in every row routed to
+    one of its experts (flat layout: rows with a local id; batched: the combine reads only the rows
+    counted), zeros in the rows routed nowhere, so a token none of its experts held stays right."""
+    out = torch.full(batch.x.shape, float("nan"), dtype=dtype, device=batch.x.device)
+    if isinstance(batch, FlatBatch):
+        out[~(batch.local_ids >= 0).any(dim=1)] = 0
+    return out
 
 
 class MoELayer(nn.Module):
@@ -256,7 +266,16 @@ class MoELayer(nn.Module):
         pending = self.dispatcher.dispatch_async(hidden_states, routing)
         shared = shared_experts(hidden_states) if shared_experts is not None else None
         batch, handle = pending.wait()
-        out = self.dispatcher.combine(self.experts(batch, self.expert_weights), handle)
+        try:
+            expert_out = self.experts(batch, self.expert_weights)
+        except Exception:
+            # the peers are entering this forward's combine: take part, so that nobody waits for this rank
+            # until the process group times out (which would break the group), with NaN in every row this
+            # rank's experts owed, so that those tokens come out NaN on their ranks and never as a wrong
+            # number; then raise here. The group's next aligned forward is correct.
+            self.dispatcher.combine(failed_expert_output(batch, self.plan.dtype), handle)
+            raise
+        out = self.dispatcher.combine(expert_out, handle)
         return out if shared is None else out + shared
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """A rank that stalls in the middle of a step: its peers' forward raises the process group's timeout
-error (after the group's `timeout`), on every EP dispatcher, instead of waiting forever. 2 Gloo ranks."""
+error (after the group's `timeout`), on every EP dispatcher, instead of waiting forever; the group is not
+usable after that (a new one is needed: README), and its next forward says so at once. 2 Gloo ranks."""
 import datetime
 import time
 
@@ -29,6 +30,12 @@ def _stall_on_rank_1(rank, world_size):
             with pytest.raises(RuntimeError, match="[Tt]imed out") as info:
                 layer(x, logits)
             seen[dispatcher] = (time.monotonic() - start, str(info.value)[:200])
+            # the group is not usable after its timeout (Gloo closed its connection to the peer): the next
+            # forward fails at once instead of pairing with the late rank's collectives
+            start = time.monotonic()
+            with pytest.raises(RuntimeError):
+                layer(x, logits)
+            assert time.monotonic() - start < TIMEOUT_S, f"{dispatcher}: a forward after the timeout waited"
     dist.barrier()                       # the default group, without the short timeout
     return seen
 

@@ -113,6 +113,16 @@ else:
         got[0] = cs[0].exchange_headers(tokens[0], "cpu")
         assert got[0].tokens == got[1].tokens == list(tokens)
 
+    def only_the_markers_changed(wss, before, forward):
+        """Every rank's workspace differs from `before` only in the collective markers of slot 0, which now
+        hold `forward` for both ranks."""
+        for r, (ws, old) in enumerate(zip(wss, before)):
+            region = ws.control.regions["collective"]
+            changed = (ws.local != old).nonzero().reshape(-1)
+            inside = (changed >= region.offset) & (changed < region.offset + region.nbytes)
+            assert bool(inside.all()), f"rank {r}: marking a collective forward changed bytes {changed[~inside].tolist()}"
+            assert ws.control_view(0, "collective").tolist() == [forward, forward], r
+
     SYMM = {"symm_high_throughput": SymmHighThroughputDispatcher, "symm_low_latency": SymmLowLatencyDispatcher}
 
     # every collective kind against both symm kinds, and each symm kind on either rank (the whole cross
@@ -131,8 +141,13 @@ else:
             d.layer_index = 1
         cs = [collective(coll, r, states[r], monkeypatch) for r in range(2)]
         wire = Wire()
-        # a normal collective forward first: its markers stay behind and must not stop the next symm forward
+        # a normal collective forward first: its markers stay behind in the control block the symm forwards
+        # use. They change nothing but the marker region, and the next aligned symm forward is right. (Here
+        # every rank publishes before any waits, so no wait reads a marker; that a stale marker cannot stop
+        # a waiting rank is test_a_stale_marker_of_an_earlier_forward_is_not_a_collective_peer's check.)
+        before = [ws.local.clone() for ws in wss]
         aligned_collective_headers(cs, wire)
+        only_the_markers_changed(wss, before, states[0].forwards)
         aligned_symm_forward_is_correct(ds, experts, seed=2)
 
         # the mismatched step: one rank on the symm layer, the other on the collective one

@@ -107,9 +107,9 @@ else:
         M = max(max(tokens), 1)
         ds = make(cls, cfg, ep, M)
         g = torch.Generator().manual_seed(ep * 100 + E)
-        xs = [torch.randn(t, H, generator=g) for t in tokens]
-        logits = [torch.randn(t, E, generator=g) * 2 for t in tokens]
-        for _ in range(3):              # slots alternate; epochs advance
+        for _ in range(3):              # slots alternate; epochs advance; fresh tokens each time, so rows
+            xs = [torch.randn(t, H, generator=g) for t in tokens]      # left by an earlier forward cannot pass
+            logits = [torch.randn(t, E, generator=g) * 2 for t in tokens]
             outs, _, _ = run_forward(ds, cfg, experts, xs, logits)
             for r in range(ep):
                 ref = reference_moe(xs[r], logits[r], experts, cfg)
@@ -347,3 +347,79 @@ else:
             n = len(sent)
             assert torch.equal(batch.x[:n].view(torch.uint8), q.view(torch.uint8))
             assert torch.equal(batch.scales[:n], sc.float())
+
+    SENTINEL = 0x5A      # every byte of the slots' data regions before a failed forward
+
+    def _fill_data_regions(wss):
+        for ws in wss:
+            for slot in range(ws.SLOTS):
+                ws.local[slot * ws.slot_bytes + ws.control.nbytes:(slot + 1) * ws.slot_bytes].fill_(SENTINEL)
+
+    def _bytes_changed(ws, slot, region) -> int:
+        """How many bytes of `region` in slot `slot` of `ws` no longer hold the sentinel."""
+        start = slot * ws.slot_bytes + region.offset
+        return int((ws.local[start:start + region.nbytes] != SENTINEL).sum())
+
+    def test_a_failed_high_throughput_forward_stores_nothing_into_the_peers():
+        """Ranks on two layers of different sizes (one workspace): the mismatch is known on every rank
+        after the count exchange, so neither the dispatch kernel nor the combine kernel may store a row
+        into any rank's buffer -- each would land at its own layer's offsets, inside the other layer's
+        regions. Every byte of both slots' data regions is a sentinel before the forward; afterwards the
+        only bytes changed are each rank's own routing ids (marked routed nowhere, as the failed
+        forward's batch must be)."""
+        from epmoe import RankMismatch
+        cls = SymmHighThroughputDispatcher
+        cfg_a = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        cfg_b = MoEConfig(num_experts=6, top_k=2, hidden_size=32, intermediate_size=8, dtype=torch.float32)
+        group = simulated_group(2, max(slot_bytes(cls, c, 2, 4) for c in (cfg_a, cfg_b)))
+        wss = group[0]
+        a, b = make(cls, cfg_a, 2, 4, group), make(cls, cfg_b, 2, 4, group)   # one group state per rank
+        for db in b:                  # the second layer built on the group
+            db.layer_index = 1
+        _fill_data_regions(wss)
+        xa, la = _data(cfg_a, [3, 3], 5)
+        xb, lb = _data(cfg_b, [3, 3], 6)
+        calls = [(a[0], xa[0], route(la[0], cfg_a)), (b[1], xb[1], route(lb[1], cfg_b))]
+        errors = {}
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in calls], errors)
+        assert not errors, errors                  # bounded: the verdict is read at the end of combine
+        slot = outs[0][1].slot
+        ys = [torch.full(bt.x.shape, 3.0) for bt, _ in outs]      # rows a combine kernel would store
+        lockstep([d.combine_steps(y, h) for (d, _, _), y, (_, h) in zip(calls, ys, outs)], errors)
+        assert set(errors) == {0, 1} and all(isinstance(e, RankMismatch) for e in errors.values()), errors
+        for r, (d, _, _) in enumerate(calls):
+            ws = wss[r]
+            regions = d.layout_in(ws).regions
+            for name, region in regions.items():
+                if name in ws.control.regions or name == "rids":
+                    continue
+                assert _bytes_changed(ws, slot, region) == 0, f"rank {r}: rows landed in {name} of a failed forward"
+            start = slot * ws.slot_bytes + ws.control.nbytes
+            changed = (ws.local[start:(slot + 1) * ws.slot_bytes] != SENTINEL).nonzero().reshape(-1) + start
+            rids = regions["rids"]
+            lo = slot * ws.slot_bytes + rids.offset
+            assert bool(((changed >= lo) & (changed < lo + rids.nbytes)).all()), \
+                f"rank {r}: bytes outside its routing ids changed in a failed forward"
+            assert (ws.view(slot, rids) == -1).all()
+
+    def test_a_failed_low_latency_forward_sends_no_row_back_to_a_late_peer():
+        """Rank 0 times out waiting for rank 1's count flags (its counters are then cleared); rank 1 comes
+        late and its dispatch claims rows of rank 0's experts. Rank 0's combine must send nothing back:
+        rank 1's combine region keeps every sentinel byte."""
+        cls = SymmLowLatencyDispatcher
+        cfg, experts, ds = _setup(cls)
+        wss = [d.workspace for d in ds]
+        _fill_data_regions(wss)
+        xs, ls = _data(cfg, [3, 3], 7)
+        errors = {}
+        outs = lockstep([ds[0].dispatch_steps(xs[0], route(ls[0], cfg))], errors)   # rank 1 not there yet
+        assert not errors and not outs[0][0].counts.any()
+        late = ds[1].dispatch_steps(xs[1], route(ls[1], cfg))
+        next(late)                                      # rank 1's rows and counts land in rank 0's buffer
+        b, h = outs[0]
+        assert b.counts.any(), "rank 1's late rows should count into rank 0's experts"
+        lockstep([ds[0].combine_steps(torch.full(b.x.shape, 3.0), h)], errors)
+        assert isinstance(errors.get(0), RuntimeError) and "timeout_s" in str(errors[0]), errors
+        comb = ds[1].layout.regions["comb"]
+        for slot in range(2):
+            assert _bytes_changed(wss[1], slot, comb) == 0, "rank 0's failed combine stored rows into rank 1"

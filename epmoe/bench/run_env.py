@@ -105,3 +105,22 @@ def default_output(kind: str, env: dict, out_dir: str | None = None) -> str:
     """<out_dir or results_dir()>/<kind>_<device>_<ranks>x_<local time stamp>.json"""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join(out_dir or results_dir(), f"{kind}_{device_slug(env)}_{env['world_size']}x_{stamp}.json")
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """What a results file must say about its own making: the command line that wrote it, the commit of
+    the checkout (with `+dirty` when tracked files differ from it; None outside a git checkout) and when."""
+    import shlex
+    import subprocess
+    import sys
+    argv = sys.argv if argv is None else argv
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", CHECKOUT, *args], capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *argv]),
+            "commit": commit, "when": now.isoformat(timespec="seconds")}
