@@ -3,6 +3,8 @@
 # and mixtral-8x7b with the promotion variants among the candidates, profile the variants with Nsight
 # Compute, benchmark both against the library anchors with the tuned table, and run the GPU tests of
 # the changed files. Every step has its own time limit and log; what ran comes back under $OUT.
+# The calls of 2026-12-04 ran when the tuner still timed "rescale" by default; it now needs
+# --allow-rescale (less precise), so these tune steps time "sync" candidates only.
 #
 #   OUT=/some/dir bash benchmarks/gpu_fp8_prefill.sh [steps]  # tune,refine,profile,bench,tests,gputests
 #   (default tune,profile,bench,tests; the first call ran those, the second refine,bench,profile,gputests)

@@ -270,11 +270,11 @@ def test_persistent_kernels_fp8(preset):
 
 @pytest.mark.parametrize("preset,experts", [("deepseek-v3", 32), ("mixtral-8x7b", None)])
 def test_fp8_block_promote_variants(preset, experts):
-    """The block-FP8 "rescale" promotion the tuner times (pointer and TMA weights, one program per tile
-    and persistent, uniform and split tiles) at real sizes against the oracle (the library's FP8 bound),
-    and "sync" (each K block's product promoted to float32) to the precision it was measured at. Rescale
-    accumulates the whole K range in the tensor cores' FP8 accumulator: measured 1.5e-2 against 4e-3
-    (benchmarks/notes_kernels.md)."""
+    """The block-FP8 "rescale" promotion (opt-in: `epmoe tune --allow-rescale`; pointer and TMA weights,
+    one program per tile and persistent, uniform and split tiles) at real sizes against the oracle (the
+    library's FP8 bound), and "sync" (each K block's product promoted to float32, the default) to the
+    precision it was measured at. Rescale accumulates the whole K range in the tensor cores' FP8
+    accumulator: measured 1.5e-2 against 4e-3 (benchmarks/notes_kernels.md)."""
     from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
     from epmoe.presets import shrink_config
     cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))

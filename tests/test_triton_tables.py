@@ -113,20 +113,63 @@ def test_gemv_configs_round_trip_and_survive_lookup(tmp_path):
 
 
 def test_rescale_candidates_and_the_margin_it_must_win_by():
-    """"rescale" (less precise) is timed only for block-FP8 weights, and chosen only when it beats the
-    fastest "sync" candidate by more than the margin; round trip through the table's dict form."""
+    """"rescale" (less precise) is timed only for block-FP8 weights with --allow-rescale, and chosen only
+    when it beats the fastest "sync" candidate by more than the margin; round trip through the table."""
     from epmoe.bench import tune
     sync = GemmConfig(128, 128, 8, 8, 3)
     rescale = GemmConfig(256, 128, 8, 8, 3, promote="rescale")
-    gus, dns = tune.candidates(128, True, block_scales=True)
+    gus, dns = tune.candidates(128, True, block_scales=True, rescale=True)
     assert any(g.promote == "rescale" for g in gus) and any(g.promote == "rescale" and g.block_n == 256 for g in dns)
-    assert all(g.promote == "sync" for g in tune.candidates(128, True)[0] + tune.candidates(128, False)[1])
+    assert all(g.promote == "sync" for g in tune.candidates(128, True, rescale=True)[0]
+               + tune.candidates(128, False, rescale=True)[1])
     assert tune.fastest({sync: 1.0, rescale: 0.98}) == sync
     assert tune.fastest({sync: 1.0, rescale: 0.95}) == rescale
     assert tune.fastest({rescale: 0.95}) == rescale
     cfg = MoEKernelConfig(128, sync, rescale)
     assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and "rescale" in cfg.describe()
     plan = tune.refine_plan({8192: MoEKernelConfig(128, sync, GemmConfig(128, 128, 8, 8, 4))}, [8192],
-                            fp8=True, block_scales=True)
+                            fp8=True, block_scales=True, rescale=True)
     gus, dns = plan[8192][(128, 0)]
     assert {g.promote for g in gus} == {"sync", "rescale"} and any(d.block_n == 256 for d in dns)
+    plan = tune.regime_plan([4096, 8192], lambda T: T * 8 / 32, fp8=True, block_scales=True, rescale=True)
+    assert any(g.promote == "rescale" for by_bm in plan.values() for gus, dns in by_bm.values() for g in gus + dns)
+
+
+def _promotions(plan: dict) -> set:
+    return {g.promote for by_bm in plan.values() for gus, dns in by_bm.values() for g in gus + dns}
+
+
+def test_default_tuner_never_yields_rescale():
+    """Without --allow-rescale every candidate the tuner times (full tune, --refine and --persistent, the
+    last two seeded from an entry that holds "rescale") promotes "sync", so no entry it writes holds
+    "rescale"; the flag is off unless given, and its help says what it costs."""
+    import argparse
+    from epmoe.bench import tune
+    rows = {32: lambda T: T * 8 / 32, 8: lambda T: T * 2 / 8}
+    for fp8, block_scales in ((True, True), (True, False), (False, False)):
+        for rows_per_expert in rows.values():
+            plan = tune.regime_plan([1, 16, 128, 1024, 4096, 8192], rows_per_expert, fp8, block_scales)
+            assert _promotions(plan) == {"sync"}
+    seeded = {8192: MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, tma=True, promote="rescale"),
+                                    GemmConfig(256, 128, 8, 8, 3, tma=True, promote="rescale"), 64)}
+    refine = tune.refine_plan(seeded, [8192], rows[32], fp8=True, block_scales=True)
+    assert _promotions(refine) == {"sync"}
+    gus, dns = refine[8192][(128, 64)]
+    assert {d.block_n for d in dns} == {128, 256} and any(g.num_warps == 16 for g in gus)
+    assert _promotions(tune.persistent_plan(seeded, [8192])) == {"sync"}
+    assert _promotions(tune.persistent_plan(seeded, [8192], rescale=True)) == {"rescale"}
+    parser = argparse.ArgumentParser()
+    tune.configure_parser(parser)
+    assert parser.parse_args([]).allow_rescale is False
+    assert parser.parse_args(["--allow-rescale"]).allow_rescale is True
+    help_text = " ".join(parser.format_help().split())
+    assert "--allow-rescale" in help_text and "LESS PRECISE" in help_text and "1.5-1.6e-2" in help_text
+
+
+def test_shipped_tables_hold_no_rescale_entry():
+    """The shipped tables come from the default tuner: every FP8 block entry promotes "sync" (float32 after
+    every K block), the library's numerics; "rescale" is for tables a user tunes with --allow-rescale."""
+    for name in (f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")):
+        for key, by_t in _load_table(os.path.join(CONFIG_DIR, name)).items():
+            for T, cfg in by_t.items():
+                assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
