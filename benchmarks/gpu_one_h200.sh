@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# One device call on one H200 (kind nvidia-h200), under 10 minutes: every single-GPU test
-# (pytest -m "gpu and not multigpu", about 4 minutes) and the GPU memory check on one GPU
-# (benchmarks/gpu_memory_check.py: torch.cuda.memory_allocated over 1000 forwards of random sizes, every
-# dispatcher that runs on one GPU). Each log is written whole to $OUT, headed by the command, the commit,
-# the GPU, the torch/triton versions and the date; the memory check also writes its JSON there.
-#   COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_one_h200.sh     # COMMIT: where the copy has no .git
+# One device call on one H200 (kind nvidia-h200), under 10 minutes, in parts (PARTS, in this order):
+#   tests     every single-GPU test (pytest -m "gpu and not multigpu")
+#   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
+#             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
+#   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
+#   overlap   shared experts under the dispatch and two micro-batches, eager and graph
+#             (benchmarks/gpu_overlap_check.py, where it exists)
+#   memory    torch.cuda.memory_allocated over 1000 forwards of random sizes, every dispatcher that runs on
+#             one GPU (benchmarks/gpu_memory_check.py)
+# Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
+# date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
+# into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
+# parts that finished).
+#   COMMIT=$(git rev-parse HEAD) PARTS="tests experts" bash benchmarks/gpu_one_h200.sh
+# (COMMIT: where the copy has no .git.) Each part's time limit: <PART>_SECONDS.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONPATH=.
-OUT=${OUT:-./out}
+BUNDLE=${OUT:-./out}
+OUT=$BUNDLE/gpu_one_h200
 mkdir -p "$OUT"
 COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export EPMOE_COMMIT=$COMMIT
 DAY=$(date -u +%F)
+PARTS=${PARTS:-"tests experts rebalance overlap memory"}
 
 # run LOG TIMEOUT_S COMMAND...: the command's output, whole, under a header saying what made it
 run() {
@@ -27,8 +39,36 @@ run() {
     tail -4 "$log"
 }
 
-run "$OUT/pytest_gpu_H200_$DAY.txt" "${PYTEST_SECONDS:-330}" \
-    python3 -m pytest tests -q -p no:cacheprovider -m "gpu and not multigpu"
-run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-200}" \
-    python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json"
+for part in $PARTS; do
+    echo "== $part"
+    case $part in
+    tests)
+        run "$OUT/pytest_gpu_H200_$DAY.txt" "${TESTS_SECONDS:-300}" \
+            python3 -m pytest tests -q -p no:cacheprovider -m "gpu and not multigpu" ;;
+    experts)
+        run "$OUT/experts_H200_$DAY.log" "${EXPERTS_SECONDS:-170}" bash -c "
+            python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
+                --routings balanced --formats bf16,fp8_block --output $OUT/experts_ds32_H200_$DAY.json &&
+            python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 1,16,8192 --routings balanced \
+                --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_H200_$DAY.json &&
+            python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
+                --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_H200_$DAY.json" ;;
+    rebalance)
+        run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
+            python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;
+    overlap)
+        if [ -f benchmarks/gpu_overlap_check.py ]; then
+            run "$OUT/overlap_H200_$DAY.log" "${OVERLAP_SECONDS:-90}" \
+                python3 benchmarks/gpu_overlap_check.py --output "$OUT/overlap_H200_$DAY.json"
+        else
+            echo "no benchmarks/gpu_overlap_check.py in this checkout: part skipped"
+        fi ;;
+    memory)
+        run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-90}" \
+            python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json" ;;
+    *) echo "unknown part $part (tests experts rebalance overlap memory)"; exit 2 ;;
+    esac
+    tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
+done
+rm -rf "$OUT"
 exit 0
