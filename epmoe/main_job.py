@@ -194,7 +194,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
                      max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher))
     source = SeededExperts(cfg, args.seed, device)
     steps = Steps(log, "random weights of this rank's experts:", layer.num_local_experts)
-    for e in layer.placement.local_experts:
+    for e in layer.local_experts:
         g, u, d = source[e]
         layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
         steps.advance()
@@ -240,7 +240,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     report = RankReport(rank=rank, tokens=tokens, ms_per_pass=elapsed * 1e3,
                         tokens_per_s=tokens / elapsed if elapsed > 0 else float("inf"),
                         rel_err=res.rel_err, max_abs=res.max_abs, bound=bound_for(cfg.dtype),
-                        checked_tokens=n_check, local_experts=list(layer.placement.local_experts),
+                        checked_tokens=n_check, local_experts=list(layer.local_experts),
                         rows_per_expert=rows_per_expert,
                         expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
     return asdict(report) | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,

@@ -359,7 +359,7 @@ class _RankBench:
         counts = torch.bincount(routing.topk_ids.reshape(-1).long(), minlength=cfg.num_experts)
         if collective:
             dist.all_reduce(counts, group=self.group)
-        mine = counts[torch.tensor(list(layer.placement.local_experts), device=counts.device)]
+        mine = counts[torch.tensor(list(layer.local_experts), device=counts.device)]
         out = {"experts_hit": int((mine > 0).sum()), "pairs": int(mine.sum())}
         if self.rates is not None:
             H, I, fp8 = cfg.hidden_size, cfg.intermediate_size, cfg.quant is not None
@@ -374,7 +374,7 @@ class _RankBench:
         from ..layer import MoELayer
         layer = MoELayer(cfg, ep_group=group, dispatcher=dispatcher, experts=experts, device=self.device,
                          max_tokens_per_rank=max_tokens)
-        for e in layer.placement.local_experts:
+        for e in layer.local_experts:
             g, u, d = source[e]
             layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
         if layer.score_correction_bias is not None:

@@ -111,7 +111,7 @@ def convert_block(block: nn.Module, ep_group=None, load_weights: bool = True, **
     cfg = MoEConfig(**fields, dtype=dtype, quant=quant)
     layer = MoELayer(cfg, ep_group=ep_group, device=device, expert_bias=family.expert_bias, **layer_options)
     if load_weights:
-        for e in layer.placement.local_experts:
+        for e in layer.local_experts:
             layer.load_expert(int(e), **block_expert(family, block, int(e)))
     shared = {name: getattr(block, name) for name in family.shared_attrs}
     return EPMoEBlock(family, getattr(block, family.router_attr), layer, shared)
