@@ -20,13 +20,13 @@ if not INTERPRETING:
         run_interpreted(__file__)
 
 else:
-    from epmoe import MoEConfig, Placement, reference_moe
+    from epmoe import ExpertMap, MoEConfig, Placement, reference_moe
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
     from epmoe.dispatch.symm_workspace import WorkspacePool, simulated_workspaces
     from epmoe.experts.reference import ReferenceExperts
     from epmoe.layouts import ExpertWeights
-    from epmoe.routing import route
+    from epmoe.routing import Routing, route
     from epmoe.testing import assert_close, random_experts
 
     def lockstep(gens, errors=None):
@@ -58,24 +58,30 @@ else:
         return ExpertWeights(w13, w2)
 
 
-    def slot_bytes(cls, cfg, ep, M):
-        probe = cls.simulated_rank(cfg, Placement(cfg.num_experts, ep, 0), max_tokens_per_rank=M,
+    def slot_bytes(cls, cfg, ep, M, placement=None):
+        placement = placement or Placement(cfg.num_experts, ep, 0)
+        probe = cls.simulated_rank(cfg, placement, max_tokens_per_rank=M,
                                    pool=WorkspacePool(None, torch.device("cpu"), 0, ep,
                                                       simulated_workspaces(ep, 2, 128)[0]))
         layout = probe.slot_layout(probe._rows_for(1)) if cls is SymmHighThroughputDispatcher else probe.slot_layout()
         return layout.nbytes
 
-    def make(cls, cfg, ep, M, pools=None):
-        """One dispatcher per simulated rank; `pools` (shared by several layers) or fresh ones."""
+    def make(cls, cfg, ep, M, pools=None, placements=None):
+        """One dispatcher per simulated rank; `pools` (shared by several layers) or fresh ones;
+        `placements` (one per rank) or the contiguous ones."""
+        placements = placements or [Placement(cfg.num_experts, ep, r) for r in range(ep)]
         if pools is None:
-            wss = simulated_workspaces(ep, 2, slot_bytes(cls, cfg, ep, M))
+            wss = simulated_workspaces(ep, 2, slot_bytes(cls, cfg, ep, M, placements[0]))
             pools = [WorkspacePool(None, torch.device("cpu"), r, ep, wss[r]) for r in range(ep)]
-        return [cls.simulated_rank(cfg, Placement(cfg.num_experts, ep, r), max_tokens_per_rank=M, pool=pools[r])
-                for r in range(ep)]
+        return [cls.simulated_rank(cfg, placements[r], max_tokens_per_rank=M, pool=pools[r]) for r in range(ep)]
 
 
-    def run_forward(ds, cfg, experts, xs, logits):
+    def run_forward(ds, cfg, experts, xs, logits, maps=None):
+        """One forward of every simulated rank; `maps` (one `ExpertMap` per rank): the ranks' routing goes
+        to physical slots as the layer sends it, `experts` then indexed by slot."""
         routings = [route(l, cfg) for l in logits]
+        if maps is not None:
+            routings = [Routing(m.to_physical(ro.topk_ids), ro.topk_weights) for m, ro in zip(maps, routings)]
         outs = lockstep([d.dispatch_steps(x, ro) for d, x, ro in zip(ds, xs, routings)])
         ys = [ReferenceExperts(cfg)(b, rank_weights(cfg, experts, d.placement)) for d, (b, _) in zip(ds, outs)]
         return lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, ys, outs)]), outs, routings
@@ -326,3 +332,24 @@ else:
             n = len(sent)
             assert torch.equal(batch.x[:n].view(torch.uint8), q.view(torch.uint8))
             assert torch.equal(batch.scales[:n], sc.float())
+
+    @pytest.mark.parametrize("cls", DISPATCHERS)
+    def test_redundant_experts_in_physical_slots(cls):
+        """Replicas: the dispatchers move tokens to 11 physical slots (6 + 5 over 2 ranks) holding 8 logical
+        experts, the hot ones twice, from routing mapped to slots by the layer's rule; every output equals
+        the logical oracle."""
+        ep, E, tokens = 2, 8, [7, 4]
+        cfg = MoEConfig(num_experts=E, top_k=3, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=6)
+        maps = [ExpertMap.build(E, 3, ep, r) for r in range(ep)]
+        for m in maps:
+            m.switch([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2])
+        assert maps[0].placement.experts_per_rank == (6, 5) and maps[1].local_experts == (6, 7, 0, 1, 2)
+        ds = make(cls, cfg, ep, max(tokens), placements=[m.placement for m in maps])
+        slot_experts = [experts[e] for e in maps[0].physical_to_logical]
+        xs, ls = _data(cfg, tokens, 9)
+        for l in ls:
+            l[:, :3] += 4.0                          # most pairs go to the replicated experts
+        outs, _, _ = run_forward(ds, cfg, slot_experts, xs, ls, maps=maps)
+        for r in range(ep):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
