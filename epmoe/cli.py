@@ -31,6 +31,7 @@ RUN_EPILOG = """examples:
   epmoe run --preset deepseek-v3 --experts 16 --shrink 8   # a big preset shrunk to fit this machine
   epmoe run --model ./ckpt --ranks 2 --prompt "Hello"      # a local transformers checkpoint with EP
   epmoe run --preset qwen3-30b-a3b --experts 16 --top-k 4  # fewer experts, and fewer per token
+  epmoe run --ranks 4 --experts 64 --top-k 4 --routing skewed --redundant-experts 8   # EPLB on skewed routing
 under torchrun (several machines), leave out --ranks: the ranks come from torchrun's environment, e.g.
   torchrun --nproc_per_node 2 -m epmoe run --preset mixtral-8x7b --shrink 8
 progress goes to stderr (rank 0 only): -q for none, -v for more."""
@@ -60,6 +61,15 @@ def _add_run(sub) -> None:
     p.add_argument("--max-tokens-per-rank", type=int, default=None,
                    help="capacity for the low_latency dispatcher (default: --tokens; with --model: the prompt's "
                    "length)")
+    p.add_argument("--routing", choices=["random", "skewed"], default="random",
+                   help="router logits: random (near-uniform expert popularity, default) or skewed (Zipf-like "
+                   "popularity, see --zipf-exponent)")
+    p.add_argument("--zipf-exponent", type=float, default=1.2, metavar="S",
+                   help="with --routing skewed: expert popularity ~ 1/rank**S (default 1.2)")
+    p.add_argument("--redundant-experts", type=int, default=None, metavar="R",
+                   help="EPLB: R extra expert slots for replicas of hot experts; after the timed passes the "
+                   "layer rebalances from the measured load and is timed again (max/mean rank load before and "
+                   "after is printed)")
     p.add_argument("--iters", type=int, default=10, help="timed forward passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     p.add_argument("--check-tokens", type=int, default=64,
@@ -80,9 +90,12 @@ def _add_run(sub) -> None:
 def _cmd_run(args) -> int:
     for name, least in (("tokens", 1), ("iters", 1), ("check_tokens", 0), ("warmup", 0), ("ranks", 1),
                         ("experts", 1), ("top_k", 1), ("shrink", 1), ("max_tokens_per_rank", 1),
-                        ("max_new_tokens", 1)):
+                        ("max_new_tokens", 1), ("redundant_experts", 0), ("zipf_exponent", 0)):
         at_least("--" + name.replace("_", "-"), getattr(args, name), least)
     refuse_ranks_under_torchrun(args.ranks)
+    if args.model and (args.redundant_experts is not None or args.routing != "random"):
+        raise UsageError("--redundant-experts and --routing act on preset layers; with --model the checkpoint's "
+                         "router decides (leave them out)")
     if args.model:
         return _optional("epmoe.integration.run_model", "transformers integration").main(args)
     from .main_job import main

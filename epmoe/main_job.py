@@ -11,14 +11,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .balance import max_over_mean
 from .config import MoEConfig
 from .layer import MoELayer
 from .log import Steps, configure_cli_logging, get_logger
 from .presets import expert_weight_bytes, preset_config, shrink_config
 from .reference import reference_moe
+from .routing.skewed import skewed_logits
 from .testing.compare import bound_for, compare
 from .testing.distributed import launch, under_torchrun
-from .usage import UsageError, all_experts_per_token, check_backends, check_device
+from .usage import UsageError, all_experts_per_token, check_backends, check_device, check_redundant_experts
 
 log = get_logger("run")
 
@@ -119,6 +121,7 @@ def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
         raise UsageError(f"{cfg.num_experts} experts cannot be split over {ranks} ranks (each needs one); use "
                          f"--experts {ranks} or more, or fewer --ranks")
     dispatcher, experts = check_backends(args.dispatcher, args.backend, cfg, ranks, device.type)
+    check_redundant_experts(args.redundant_experts, cfg, ranks)
     if dispatcher == "low_latency" and args.max_tokens_per_rank and args.max_tokens_per_rank < args.tokens:
         raise UsageError(f"--max-tokens-per-rank {args.max_tokens_per_rank} is below --tokens {args.tokens}: every "
                          f"rank would overflow the low_latency dispatcher's capacity; give {args.tokens} or more")
@@ -191,7 +194,8 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
         group = dist.group.WORLD
     log.info("building the layer (%d ranks)", world)
     layer = MoELayer(cfg, ep_group=group, dispatcher=args.dispatcher, experts=args.backend, device=device,
-                     max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher))
+                     max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher),
+                     redundant_experts=args.redundant_experts or 0)
     source = SeededExperts(cfg, args.seed, device)
     steps = Steps(log, "random weights of this rank's experts:", layer.num_local_experts)
     for e in layer.local_experts:
@@ -207,8 +211,44 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
     tokens = args.tokens
     x = torch.randn(tokens, cfg.hidden_size, generator=gen).to(device=device, dtype=cfg.dtype)
-    logits = (torch.randn(tokens, cfg.num_experts, generator=gen) * 2).to(device)
+    if args.routing == "skewed":
+        logits = skewed_logits(tokens, cfg.num_experts, args.zipf_exponent, seed=args.seed, token_seed=rank,
+                               device=device)
+    else:
+        logits = (torch.randn(tokens, cfg.num_experts, generator=gen) * 2).to(device)
 
+    out, elapsed = timed_passes(layer, x, logits, args, device, counter)
+    rows_per_expert = (counter.counts // max(args.iters, 1)).tolist()
+    n_check = min(args.check_tokens, tokens)
+    idx = torch.randperm(tokens, generator=gen)[:n_check].sort().values.to(device)
+    log.info("checking %d tokens against the float64 oracle", n_check)
+    ref = reference_moe(x[idx], logits[idx], source, cfg, score_correction_bias=layer.score_correction_bias)
+    res = compare(out[idx], ref)
+    held = list(layer.local_experts)             # what rows_per_expert counted (before any rebalance)
+    eplb = {}
+    if args.redundant_experts is not None and world > 1:
+        log.info("rebalancing the experts from the measured load")
+        moved = layer.rebalance()
+        out, elapsed_after = timed_passes(layer, x, logits, args, device, counter)
+        after = compare(out[idx], ref)
+        res = after if after.rel_err > res.rel_err else res
+        eplb = {"rank_load_before": sum(rows_per_expert), "ms_per_pass_after": elapsed_after * 1e3,
+                "rank_load_after": int(counter.counts.sum()) // max(args.iters, 1),
+                "rebalance_ms": moved.seconds * 1e3, "rebalance_bytes": moved.bytes_sent + moved.bytes_received,
+                "changed_slots": moved.changed_slots, "local_experts_after": list(layer.local_experts)}
+    report = RankReport(rank=rank, tokens=tokens, ms_per_pass=elapsed * 1e3,
+                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("inf"),
+                        rel_err=res.rel_err, max_abs=res.max_abs, bound=bound_for(cfg.dtype),
+                        checked_tokens=n_check, local_experts=held,
+                        rows_per_expert=rows_per_expert,
+                        expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
+    return asdict(report) | eplb | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,
+                                    "device": str(device), "config": cfg.describe()}
+
+
+def timed_passes(layer, x, logits, args, device, counter: CountingExperts) -> tuple[torch.Tensor, float]:
+    """The first forward's output and the mean seconds per pass of `args.iters` passes after
+    `args.warmup` more; `counter` counts the timed passes only."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -228,23 +268,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             layer(x, logits)
             steps.advance()
         sync()
-        elapsed = (time.perf_counter() - t0) / max(args.iters, 1)
-    rows_per_expert = (counter.counts // max(args.iters, 1)).tolist()
-
-    n_check = min(args.check_tokens, tokens)
-    log.info("checking %d tokens against the float64 oracle", n_check)
-    idx = torch.randperm(tokens, generator=gen)[:n_check].sort().values
-    ref = reference_moe(x[idx.to(device)], logits[idx.to(device)], source, cfg,
-                        score_correction_bias=layer.score_correction_bias)
-    res = compare(out[idx.to(device)], ref)
-    report = RankReport(rank=rank, tokens=tokens, ms_per_pass=elapsed * 1e3,
-                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("inf"),
-                        rel_err=res.rel_err, max_abs=res.max_abs, bound=bound_for(cfg.dtype),
-                        checked_tokens=n_check, local_experts=list(layer.local_experts),
-                        rows_per_expert=rows_per_expert,
-                        expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
-    return asdict(report) | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,
-                             "device": str(device), "config": cfg.describe()}
+    return out, (time.perf_counter() - t0) / max(args.iters, 1)
 
 
 def main(args) -> int:
@@ -260,6 +284,9 @@ def main(args) -> int:
         console.print(f"device {device}, ranks {ranks}, dispatcher {dispatcher}, experts {experts}, tokens/rank "
                       f"{args.tokens}, input [{args.tokens}, {cfg.hidden_size}] -> output [{args.tokens}, "
                       f"{cfg.hidden_size}]", highlight=False)
+        console.print(f"routing: {routing_description(args)}" + (
+            f"; {args.redundant_experts} redundant experts, rebalanced from the measured load after the timed "
+            "passes" if args.redundant_experts is not None and ranks > 1 else ""), highlight=False)
     opts = vars(args).copy()
     opts.pop("func", None)
     reports = launch(run_rank, None if under_torchrun() else ranks, opts, device.type, timeout_s=args.timeout)
@@ -285,6 +312,8 @@ def main(args) -> int:
     for r in reports:
         pairs = [f"{e}:{n}" for e, n in zip(r["local_experts"], r["rows_per_expert"])]
         console.print(f"  rank {r['rank']}: " + " ".join(pairs[:32]) + (" ..." if len(pairs) > 32 else ""))
+    if "rank_load_after" in first:
+        print_rebalance(console, reports)
     if args.json:
         import json
         with open(args.json, "w") as f:
@@ -296,3 +325,20 @@ def main(args) -> int:
     else:
         console.print("[green]all outputs match the float64 oracle[/green]")
     return 0 if all_ok else 1
+
+
+def routing_description(args) -> str:
+    if args.routing == "skewed":
+        return f"skewed, Zipf-like expert popularity with exponent {args.zipf_exponent:g}"
+    return "random logits (near-uniform expert popularity)"
+
+
+def print_rebalance(console, reports: list[dict]) -> None:
+    """Max/mean rank load and time per pass before and after the rebalance, and what it moved."""
+    before, after = ([r[key] for r in reports] for key in ("rank_load_before", "rank_load_after"))
+    console.print(f"max/mean rank load (pairs each rank's experts received per pass): {max_over_mean(before):.3f} "
+                  f"before, {max_over_mean(after):.3f} after rebalance  ({before} -> {after})", highlight=False)
+    console.print(f"ms/pass of the slowest rank: {max(r['ms_per_pass'] for r in reports):.3f} before, "
+                  f"{max(r['ms_per_pass_after'] for r in reports):.3f} after; the rebalance changed "
+                  f"{reports[0]['changed_slots']} slots, moved {max(r['rebalance_bytes'] for r in reports) / 1e6:.2f} "
+                  f"MB on the busiest rank, took {max(r['rebalance_ms'] for r in reports):.1f} ms", highlight=False)
