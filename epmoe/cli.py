@@ -12,7 +12,8 @@ from .bench.run_env import RESULTS_DIR_HELP
 from .log import configure_cli_logging
 from .presets import PRESETS
 from .testing.distributed import RanksFailed
-from .usage import UsageError, add_verbosity, at_least, forget_parsing_state, refuse_ranks_under_torchrun
+from .usage import (UsageError, add_eplb_flags, add_verbosity, at_least, forget_parsing_state,
+                    refuse_ranks_under_torchrun)
 
 DESCRIPTION = """epmoe: Mixture-of-Experts layers with expert parallelism.
 
@@ -61,15 +62,9 @@ def _add_run(sub) -> None:
     p.add_argument("--max-tokens-per-rank", type=int, default=None,
                    help="capacity for the low_latency dispatcher (default: --tokens; with --model: the prompt's "
                    "length)")
-    p.add_argument("--routing", choices=["random", "skewed"], default="random",
-                   help="router logits: random (near-uniform expert popularity, default) or skewed (Zipf-like "
-                   "popularity, see --zipf-exponent)")
-    p.add_argument("--zipf-exponent", type=float, default=1.2, metavar="S",
-                   help="with --routing skewed: expert popularity ~ 1/rank**S (default 1.2)")
-    p.add_argument("--redundant-experts", type=int, default=None, metavar="R",
-                   help="EPLB: R extra expert slots for replicas of hot experts; after the timed passes the "
-                   "layer rebalances from the measured load and is timed again (max/mean rank load before and "
-                   "after is printed)")
+    add_eplb_flags(p, "EPLB: R extra expert slots for replicas of hot experts; after the timed passes the layer "
+                   "rebalances from the measured load and is timed again (max/mean rank load before and after is "
+                   "printed)")
     p.add_argument("--iters", type=int, default=10, help="timed forward passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     p.add_argument("--check-tokens", type=int, default=64,

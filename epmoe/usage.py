@@ -90,6 +90,16 @@ def check_backends(dispatcher: str, experts: str, cfg, world: int, device_type: 
     return d, x
 
 
+def add_eplb_flags(p: argparse.ArgumentParser, redundant_help: str) -> None:
+    """`--routing`, `--zipf-exponent` and `--redundant-experts R` (what R does in this command: `redundant_help`)."""
+    p.add_argument("--routing", choices=["random", "skewed"], default="random",
+                   help="router logits: random (near-uniform expert popularity, default) or skewed (Zipf-like "
+                   "popularity, see --zipf-exponent)")
+    p.add_argument("--zipf-exponent", type=float, default=1.2, metavar="S",
+                   help="with --routing skewed: expert popularity ~ 1/rank**S (default 1.2)")
+    p.add_argument("--redundant-experts", type=int, default=None, metavar="R", help=redundant_help)
+
+
 def check_redundant_experts(redundant: int | None, cfg, world: int, flag: str = "--redundant-experts") -> None:
     """`--redundant-experts R`: replicas need several ranks and fit at most one per rank and expert."""
     if redundant is None:

@@ -52,7 +52,8 @@ import torch.distributed as dist
 
 from ..log import get_logger
 from ..testing.graphs import capture
-from ..usage import CsvList, UsageError, all_experts_per_token, refuse_ranks_under_torchrun
+from ..usage import CsvList, UsageError, all_experts_per_token, check_redundant_experts, refuse_ranks_under_torchrun
+from . import eplb
 from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
 
 log = get_logger("bench")
@@ -95,6 +96,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help=f"where JSONs go (default: {RESULTS_DIR_HELP})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per rank count before ranks are killed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
+    eplb.add_flags(p)
 
 
 def _csv(s) -> list[str]:
@@ -149,7 +151,7 @@ def _params(args) -> dict:
             "backend": args.backend, "experts": args.experts, "shrink": args.shrink,
             "formats": formats, "reps": args.reps,
             "warmup": args.warmup, "graph": not args.no_graph, "local": not args.no_local,
-            "check_rows": args.check_rows, "seed": args.seed}
+            "check_rows": args.check_rows, "seed": args.seed, **eplb.params(args)}
 
 
 # ------------------------------------------------------------------------------------ configurations
@@ -259,9 +261,13 @@ class _RankBench:
     def pool(self, cfg, T: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator(device=self.device).manual_seed(self.p["seed"] * 7919 + 1000 * self.rank + T)
         out = []
-        for _ in range(POOL):
+        for i in range(POOL):
             x = torch.randn(T, cfg.hidden_size, generator=g, device=self.device).to(cfg.dtype)
             logits = torch.randn(T, cfg.num_experts, generator=g, device=self.device) * 2
+            if self.p["routing"] == "skewed":
+                from ..routing.skewed import skewed_logits
+                logits = skewed_logits(T, cfg.num_experts, self.p["zipf_exponent"], seed=self.p["seed"],
+                                       token_seed=(1000 * self.rank + T) * POOL + i, device=self.device)
             out.append((x, logits))
         return out
 
@@ -356,10 +362,7 @@ class _RankBench:
         of the experts hit / copy rate, 6 * pairs * H * I FLOPs / matmul rate), rates measured in this run."""
         cfg = layer.cfg
         routing = layer.compute_routing(x, logits)
-        counts = torch.bincount(routing.topk_ids.reshape(-1).long(), minlength=cfg.num_experts)
-        if collective:
-            dist.all_reduce(counts, group=self.group)
-        mine = counts[torch.tensor(list(layer.local_experts), device=counts.device)]
+        mine = eplb.rank_pairs(layer, routing, self.group if collective else None)
         out = {"experts_hit": int((mine > 0).sum()), "pairs": int(mine.sum())}
         if self.rates is not None:
             H, I, fp8 = cfg.hidden_size, cfg.intermediate_size, cfg.quant is not None
@@ -373,7 +376,8 @@ class _RankBench:
     def build(self, cfg, dispatcher, experts, source, bias, group, max_tokens=None):
         from ..layer import MoELayer
         layer = MoELayer(cfg, ep_group=group, dispatcher=dispatcher, experts=experts, device=self.device,
-                         max_tokens_per_rank=max_tokens)
+                         max_tokens_per_rank=max_tokens,
+                         redundant_experts=(self.p["redundant_experts"] or 0) if group is not None else 0)
         for e in layer.local_experts:
             g, u, d = source[e]
             layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
@@ -458,6 +462,10 @@ class _RankBench:
         dcls = contract.dispatcher_class(d)
         layout = dcls.CAPS.layout
         per_t = dcls.CAPS.needs_max_tokens or dcls.CAPS.takes_max_tokens   # capacity = T: one layer per T
+        balancing = self.p["redundant_experts"] is not None
+        per_t = per_t or balancing                 # each T starts from the layer's initial placement
+        if balancing:
+            head.update(eplb="before", redundant_experts=self.p["redundant_experts"])
         use_graph = self._graph_safe(d, experts)
         layer, built_for = None, None
         for T in self.p["tokens"]:
@@ -482,8 +490,29 @@ class _RankBench:
                 layer = None
             self.release()
             self.publish(row)
+            if balancing:
+                self.publish(self.rebalanced(layer, row, cfg, T, use_graph, oracle, bias))
         del layer
         self.release()
+
+    def rebalanced(self, layer, row: dict, cfg, T: int, use_graph: bool, oracle, bias) -> dict:
+        """Rebalance `layer` from the load its timed runs measured, and measure it again (a row)."""
+        after = {k: v for k, v in row.items() if k not in ("timing", "check", "load", "error")}
+        after["eplb"] = "after rebalance"
+        if layer is None or "error" in row:
+            return dict(after, skipped="the layer before the rebalance failed")
+        try:
+            moved = layer.rebalance()
+            pool = self.pool(cfg, T)
+            timing, out = self.measure(layer, pool, use_graph, collective=True)
+            after.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias),
+                         load=self.load_of(layer, *pool[0], collective=True),
+                         rebalance={"ms": moved.seconds * 1e3, "bytes": moved.bytes_sent + moved.bytes_received,
+                                    "changed_slots": moved.changed_slots})
+        except Exception as exc:
+            after["error"] = f"{type(exc).__name__}: {exc}"
+        self.release()
+        return after
 
     def _graph_safe(self, dispatcher: str, experts: str) -> bool:
         from .. import contract
@@ -659,6 +688,7 @@ def run_one(p: dict, ws: int | None, device_type: str, args) -> tuple[str, dict]
     if os.path.exists(partial):
         os.remove(partial)
     print_table(rows, env_ws)
+    eplb.print_summary(rows)
     print(f"wrote {path}", flush=True)
     return path, report
 
@@ -697,6 +727,8 @@ def main(args) -> int:
             if E < max(counts):
                 raise UsageError(f"{preset} has {E} experts, fewer than {max(counts)} ranks "
                                  "(every rank must hold at least one expert)")
+            for ws in counts:
+                check_redundant_experts(p["redundant_experts"], layer_config(preset, "bf16", p["experts"], p["shrink"]), ws)
     if args.output and len(counts) > 1:
         raise UsageError("--output names one file; with several --ranks use --output-dir")
     paths, bad = [], 0
