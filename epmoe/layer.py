@@ -281,7 +281,10 @@ class MoELayer(nn.Module):
         experts, if given, run while the dispatch is in flight."""
         self.expert_load_counts.scatter_add_(0, routing.topk_ids.reshape(-1).long(),
                                              torch.ones_like(routing.topk_ids, dtype=torch.int64).reshape(-1))
-        if not self.expert_map.is_identity:    # logical ids -> physical slots (replicas split the tokens)
+        # logical ids -> physical slots (replicas split the tokens); a CUDA graph always records the map, so
+        # that it stays right after a rebalance changes it in place
+        capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or not self.expert_map.is_identity:
             routing = Routing(self.expert_map.to_physical(routing.topk_ids), routing.topk_weights)
         pending = self.dispatcher.dispatch_async(hidden_states, routing)
         shared = shared_experts(hidden_states) if shared_experts is not None else None

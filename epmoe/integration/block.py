@@ -122,7 +122,7 @@ def from_transformers(block: nn.Module, ep_group=None, **layer_options) -> EPMoE
 
     With `ep_group` this rank copies only its own experts; the router and shared experts are the block's
     own modules (shared, not copied). `layer_options` go to `MoELayer` (dispatcher, experts, device,
-    max_tokens_per_rank, expert_placement, router), plus `quant` (an FP8 config for `MoEConfig.quant`)
+    max_tokens_per_rank, expert_placement, redundant_experts, router), plus `quant` (an FP8 config for `MoEConfig.quant`)
     and `dtype` (default: the block's expert dtype). The device is fixed here (default: the block's), so
     move the model first and convert after. For inference: the routed experts take no gradients and
     Mixtral's training-time router jitter is not applied.
