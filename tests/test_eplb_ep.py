@@ -170,6 +170,21 @@ def case_model_logits(rank: int, ws: int, logits: torch.Tensor) -> dict:
     return _measured_balance(rank, ws, cfg, logits[rank * per:(rank + 1) * per], R=8)
 
 
+def case_subgroups(rank: int, ws: int) -> dict:
+    """Two EP groups of 2 ranks ({0, 1}, {2, 3}), each its own layer with replicas, rebalanced at once:
+    the moves address the peers by their group's ranks."""
+    group = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    cfg = _cfg("bf16", dtype=torch.float32)
+    oracle, weights = _oracle(cfg, seed=rank // 2)
+    layer = MoELayer(cfg, ep_group=group, dispatcher="alltoall", experts="reference", redundant_experts=4)
+    load_experts(layer, weights)
+    x, logits = _skewed(cfg, 30, rank, seed=4 + rank // 2)
+    _check(layer, cfg, oracle, x, logits, "before")
+    result = layer.rebalance(chunk_bytes=1000)
+    _check(layer, cfg, oracle, x, logits, "after")
+    return {"received": result.bytes_received, "steps": result.steps}
+
+
 def _expect(fn, kind: type, *words) -> str:
     try:
         fn()
@@ -239,7 +254,7 @@ def _cases(ws: int) -> list:
     if ws == 2:
         cases.append(("loop", case_loop, ()))
     else:
-        cases += [("zipf", case_zipf, ()), ("hierarchical", case_hierarchical, ()),
+        cases += [("zipf", case_zipf, ()), ("hierarchical", case_hierarchical, ()), ("subgroups", case_subgroups, ()),
                   ("model logits", case_model_logits, ())]
     return cases
 
@@ -327,3 +342,9 @@ def test_model_router_logits_max_over_mean_after_rebalance(results):
           f"{r['before']:.3f} before, {r['after']:.3f} after rebalance; pairs per rank {r['loads'][0]} -> "
           f"{r['loads'][1]}")
     assert r["after"] <= 1.10 and r["after"] < r["before"], r
+
+
+def test_rebalance_in_subgroups(results):
+    if results[0] != 4:
+        pytest.skip("run on 4 ranks")
+    assert all(r["received"] > 0 and r["steps"] > 1 for r in _ok(results, "subgroups"))
