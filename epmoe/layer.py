@@ -8,10 +8,10 @@ import torch.nn as nn
 
 from . import contract
 from . import state_dict as state_dict_names
+from .balance.expert_map import ExpertMap
 from .config import MoEConfig
 from .dispatch.build import build_dispatcher, group_info, resolve_device
 from .handshake import announces_build_failure
-from .balance.expert_map import ExpertMap
 from .layouts import ExpertWeights
 from .plan import Handoff
 from .routing import Routing, route, validate_routing

@@ -191,6 +191,7 @@ def expert_memory_bytes(model: nn.Module) -> int:
     total = 0
     for _, block in moe_blocks(model):
         for t in list(block.experts.parameters(recurse=False)) + [
-                b for n, b in block.experts.named_buffers(recurse=False) if n != "score_correction_bias"]:
+                b for n, b in block.experts.named_buffers(recurse=False)
+                if n not in ("score_correction_bias", "expert_load_counts")]:
             total += t.numel() * t.element_size()
     return total
