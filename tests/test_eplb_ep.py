@@ -185,6 +185,30 @@ def case_subgroups(rank: int, ws: int) -> dict:
     return {"received": result.bytes_received, "steps": result.steps}
 
 
+def case_model(rank: int, ws: int, checkpoint: str) -> dict:
+    """A tiny transformers model with its MoE blocks on epmoe with redundant experts (patched, and loaded
+    from a checkpoint reading only the experts each rank holds): the same logits as the model itself,
+    before and after every block is rebalanced."""
+    from epmoe.integration import load_model, moe_blocks, patch_model
+    from epmoe.integration.tiny import tiny_model
+    reference = tiny_model("qwen3_moe", seed=3)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        want = reference(ids).logits
+    patched = tiny_model("qwen3_moe", seed=3)
+    patch_model(patched, ep_group=dist.group.WORLD, dispatcher="alltoall", redundant_experts=4)
+    loaded = load_model(checkpoint, ep_group=dist.group.WORLD, dispatcher="alltoall", redundant_experts=4,
+                        progress=False)
+    errs = {}
+    with torch.no_grad():
+        for name, model in (("patched", patched), ("loaded", loaded)):
+            errs[name] = compare(model(ids).logits, want).rel_err
+            for _, block in moe_blocks(model):
+                block.experts.rebalance()
+            errs[name + " rebalanced"] = compare(model(ids).logits, want).rel_err
+    return errs
+
+
 def _expect(fn, kind: type, *words) -> str:
     try:
         fn()
@@ -228,12 +252,17 @@ def case_refusals(rank: int, ws: int) -> dict:
     return seen
 
 
-def _run_cases(rank: int, ws: int, cases: list, model_logits) -> dict:
+def _run_cases(rank: int, ws: int, cases: list, model_logits, checkpoint) -> dict:
     out = {}
     for name, fn, args in cases:
         try:
+            if model_logits is None and fn in (case_model_logits, case_model):
+                out[name] = ("ok", None)          # transformers is not installed
+                continue
             if fn is case_model_logits:
                 args = (model_logits,)
+            elif fn is case_model:
+                args = (checkpoint,)
             out[name] = ("ok", fn(rank, ws, *args))
         except Exception as exc:
             out[name] = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -255,7 +284,7 @@ def _cases(ws: int) -> list:
         cases.append(("loop", case_loop, ()))
     else:
         cases += [("zipf", case_zipf, ()), ("hierarchical", case_hierarchical, ()), ("subgroups", case_subgroups, ()),
-                  ("model logits", case_model_logits, ())]
+                  ("model logits", case_model_logits, ()), ("model", case_model, ())]
     return cases
 
 
@@ -272,10 +301,15 @@ def _tiny_model_router_logits():
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
-def results(request):
+def results(request, tmp_path_factory):
     ws = request.param
     logits = _tiny_model_router_logits() if ws == 4 else None
-    res = run_on_ranks(_run_cases, ws, _cases(ws), logits, backend="gloo", timeout_s=300)
+    checkpoint = None
+    if logits is not None:     # transformers is imported here, once: the forked ranks inherit it
+        from epmoe.integration.tiny import save_tiny_checkpoint, tiny_model
+        checkpoint = str(save_tiny_checkpoint(tiny_model("qwen3_moe", seed=3), tmp_path_factory.mktemp("eplb"),
+                                              with_tokenizer=False))
+    res = run_on_ranks(_run_cases, ws, _cases(ws), logits, checkpoint, backend="gloo", timeout_s=300)
     return ws, res, logits
 
 
@@ -348,3 +382,12 @@ def test_rebalance_in_subgroups(results):
     if results[0] != 4:
         pytest.skip("run on 4 ranks")
     assert all(r["received"] > 0 and r["steps"] > 1 for r in _ok(results, "subgroups"))
+
+
+def test_transformers_model_with_redundant_experts(results):
+    if results[0] != 4:
+        pytest.skip("run on 4 ranks")
+    if results[2] is None:
+        pytest.skip("transformers is not installed")
+    for errs in _ok(results, "model"):
+        assert all(v <= 1e-5 for v in errs.values()), errs
