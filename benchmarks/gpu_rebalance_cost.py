@@ -202,7 +202,9 @@ def two_rank_move(rank: int, ws: int, formats: list[str], experts: int, chunks: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
-    env = environment("nccl", args.ranks)
+    env = environment("nccl", args.ranks)      # the GPU, CUDA and NCCL versions
+    if args.ranks == 1:
+        env["backend"] = None                     # one process: no process group
     report = {"benchmark": "rebalance-cost", "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "commit": commit(), "environment": env, "params": vars(args)}
     if args.ranks == 1:
