@@ -105,3 +105,15 @@ def default_output(kind: str, env: dict, out_dir: str | None = None) -> str:
     """<out_dir or results_dir()>/<kind>_<device>_<ranks>x_<local time stamp>.json"""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join(out_dir or results_dir(), f"{kind}_{device_slug(env)}_{env['world_size']}x_{stamp}.json")
+
+
+def available_ram() -> int | None:
+    """MemAvailable of this machine in bytes (None where /proc/meminfo cannot tell)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
