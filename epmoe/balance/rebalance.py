@@ -196,12 +196,7 @@ class Rebalance:
         self.layer, self.new_map, self.load, self.chunk_bytes = layer, list(new_map), load, chunk_bytes
         mp = layer.expert_map
         self.old_map = list(mp.physical_to_logical)
-        owners = mp.placement.owners
-        counters = [0] * layer.ep_size
-        local_index = []
-        for r in owners:
-            local_index.append(counters[r])
-            counters[r] += 1
+        owners, local_index = mp.placement.owners, mp.placement.index_on_owner
         me = layer.ep_rank
         self.params = slot_parameters(layer)
         slot_bytes = {n: p[0].numel() * p.element_size() for n, p in self.params}
