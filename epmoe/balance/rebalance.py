@@ -79,7 +79,7 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
 def _load_values(layer, load) -> tuple[tuple | None, list[float] | None, str | None]:
     """This rank's load as (shape, values, error): the shape whatever it is, the values when it is [E]
     and valid, an error message otherwise."""
-    E = layer.cfg.num_experts
+    E = layer.expert_map.num_experts
     if load is None:
         load = layer.expert_load()
     if isinstance(load, torch.Tensor):
@@ -148,7 +148,8 @@ def start_rebalance(layer, load=None, *, physical_to_logical=None, num_groups: i
     """Agree on one load and one new placement with the group and prepare the move (see the module
     docstring); the weights start moving at the first `step()` (or `finish()`)."""
     started = time.perf_counter()
-    E, mp = layer.cfg.num_experts, layer.expert_map
+    mp = layer.expert_map
+    E = mp.num_experts
     error = None
     try:
         explicit = _check_options(layer, physical_to_logical, num_groups, chunk_bytes)
