@@ -58,6 +58,8 @@ def layer_signature(layer) -> dict:
             "experts": layer.experts_name,
             "activation hand-off": str(layer.plan.handoff),
             "expert_bias": layer.expert_bias,
+            "redundant_experts": layer.redundant_experts,
+            "expert map (physical -> logical)": layer.expert_map.physical_to_logical,
             "custom router": layer.router is not None,
             "device_type": layer.device.type}
 

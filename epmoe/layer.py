@@ -8,11 +8,11 @@ import torch.nn as nn
 
 from . import contract
 from . import state_dict as state_dict_names
+from .balance.expert_map import ExpertMap
 from .config import MoEConfig
 from .build import build_dispatcher, group_info, resolve_device
 from .handshake import announces_build_failure
 from .layouts import ExpertWeights, FlatBatch
-from .placement import GlobalExpertId, Placement
 from .routing import Routing, route, validate_routing
 
 
@@ -44,7 +44,10 @@ class MoELayer(nn.Module):
     at construction, and refused with `epmoe.UnsupportedCombination` if it cannot compute `cfg` exactly.
     router: optional callable `(hidden_states, router_logits) -> (topk_ids, topk_weights)` replacing the
     config's routing rule; what it returns is validated before it is used.
-    expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
+    expert_placement: optional list of rank numbers, one per physical slot (expert -> rank when
+    redundant_experts is 0); contiguous blocks by default.
+    redundant_experts: R >= 0 extra physical slots (E + R in all, spread over the ranks, uneven counts
+    allowed) holding replicas of hot experts on other ranks; `rebalance` chooses which from measured load.
     expert_bias: experts carry biases (gpt-oss): `load_expert` then also takes gate_bias [I], up_bias [I],
     down_bias [H].
     workspace: the `epmoe.SymmWorkspace` the GPU-initiated dispatchers (`symm_*`) use, shared by the layers
@@ -59,7 +62,7 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
                  device=None, max_tokens_per_rank: int | None = None,
                  router: Callable | None = None, expert_placement=None, expert_bias: bool = False,
-                 workspace=None):
+                 redundant_experts: int = 0, workspace=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
@@ -69,7 +72,10 @@ class MoELayer(nn.Module):
         self.ep_group = ep_group
         self.ep_size, self.ep_rank = group_info(ep_group)
         self.device = resolve_device(device, ep_group)
-        self.placement = Placement(cfg.num_experts, self.ep_size, self.ep_rank, expert_placement)
+        # logical experts (the router's ids) in physical slots; the dispatcher and experts see slots only
+        self.expert_map = ExpertMap.build(cfg.num_experts, redundant_experts, self.ep_size, self.ep_rank,
+                                          expert_placement)
+        self.placement = self.expert_map.placement
         self.dispatcher_name, self.experts_name = contract.resolve_names(
             dispatcher, experts, cfg, self.ep_size, self.device.type)
         # the pairing checked and resolved once: the dispatcher and the experts are built from this plan
@@ -88,6 +94,11 @@ class MoELayer(nn.Module):
         else:
             self.score_correction_bias = None
         self._loaded: set[int] = set()
+        # (token, expert) pairs routed to each logical expert by this rank's forwards (`expert_load`)
+        self.register_buffer("expert_load_counts", torch.zeros(cfg.num_experts, dtype=torch.int64,
+                                                               device=self.device), persistent=False)
+        self.expert_map.tables(self.device)    # built now, outside any CUDA graph capture
+        self._rebalancing = None
         # the state dict speaks transformers' names, one tensor per expert (see epmoe.state_dict)
         self.register_state_dict_post_hook(state_dict_names.save_hook)
         self.register_load_state_dict_pre_hook(state_dict_names.load_hook)
@@ -128,6 +139,7 @@ class MoELayer(nn.Module):
                                        new_device.type, self.max_tokens_per_rank)
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
+            self.expert_map.tables(new_device)
             self.device = new_device
             self.plan = self.dispatcher.plan = self.experts.plan = plan
             self.dispatcher.device = new_device
@@ -141,7 +153,17 @@ class MoELayer(nn.Module):
 
     @property
     def num_local_experts(self) -> int:
+        """This rank's physical slots (one replica of a logical expert each)."""
         return self.placement.num_local_experts
+
+    @property
+    def local_experts(self) -> tuple[int, ...]:
+        """The logical expert of each of this rank's slots, in the order of its weight tensors."""
+        return self.expert_map.local_experts
+
+    @property
+    def redundant_experts(self) -> int:
+        return self.expert_map.redundant_experts
 
     def mark_all_experts_loaded(self) -> None:
         """Declare that the weights were written directly (not through `load_expert`)."""
@@ -157,7 +179,9 @@ class MoELayer(nn.Module):
         """
         if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.cfg.num_experts:
             raise ValueError(f"load_expert: expert id must be an int in [0, {self.cfg.num_experts}), got {e!r}")
-        local = self.placement.to_local(GlobalExpertId(e))
+        if self._rebalancing is not None:
+            raise RuntimeError(f"load_expert({e}): a rebalance of this layer is in progress; finish() it first")
+        local = self.expert_map.local_slot(e)
         H, I = self.cfg.hidden_size, self.cfg.intermediate_size
         for name, t, shape in (("gate_proj", gate_proj, (I, H)), ("up_proj", up_proj, (I, H)),
                                ("down_proj", down_proj, (H, I))):
@@ -193,7 +217,7 @@ class MoELayer(nn.Module):
 
     def _check_loaded(self) -> None:
         if len(self._loaded) != self.num_local_experts:
-            missing = [self.placement.to_global(i) for i in range(self.num_local_experts) if i not in self._loaded]
+            missing = [self.local_experts[i] for i in range(self.num_local_experts) if i not in self._loaded]
             shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
             raise RuntimeError(f"MoELayer: {len(missing)} local experts were never loaded (global ids {shown}); "
                                "call load_expert for each, or load_state_dict")
@@ -263,6 +287,13 @@ class MoELayer(nn.Module):
                        shared_experts: Callable | None = None) -> torch.Tensor:
         """Run dispatch -> experts -> combine on an already computed (and valid) routing; the shared
         experts, if given, run while the dispatch is in flight."""
+        self.expert_load_counts.scatter_add_(0, routing.topk_ids.reshape(-1).long(),
+                                             torch.ones_like(routing.topk_ids, dtype=torch.int64).reshape(-1))
+        # logical ids -> physical slots (replicas split the tokens); a CUDA graph always records the map, so
+        # that it stays right after a rebalance changes it in place
+        capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or not self.expert_map.is_identity:
+            routing = Routing(self.expert_map.to_physical(routing.topk_ids), routing.topk_weights)
         pending = self.dispatcher.dispatch_async(hidden_states, routing)
         shared = shared_experts(hidden_states) if shared_experts is not None else None
         batch, handle = pending.wait()
@@ -278,6 +309,53 @@ class MoELayer(nn.Module):
         out = self.dispatcher.combine(expert_out, handle)
         return out if shared is None else out + shared
 
+    # ------------------------------------------------------------------------------ load balance
+    def expert_load(self) -> torch.Tensor:
+        """(token, expert) pairs this rank's forwards routed to each logical expert since the layer was
+        built or `reset_expert_load()` was called: [E] int64 on the layer's device. Counted on the device
+        in every forward (no host sync; CUDA graphs count on replay); reading it is a copy, not a sync."""
+        return self.expert_load_counts.clone()
+
+    def reset_expert_load(self) -> None:
+        """Start counting `expert_load` from zero (in place: CUDA graphs keep counting into it)."""
+        self.expert_load_counts.zero_()
+
+    def enable_stats(self):
+        """Turn on the dispatcher's statistics and return them (`DispatchStats`): rows and bytes sent to each
+        destination rank and bytes back, and `received_per_expert`, the (token, slot) pairs each of this
+        rank's physical slots received. Off by default: some dispatchers read counts back to the host."""
+        enable = getattr(self.dispatcher, "enable_stats", None)
+        if enable is None:
+            raise ValueError(f"enable_stats: dispatcher {self.dispatcher_name!r} moves nothing between ranks and keeps "
+                             "no statistics; expert_load() counts the pairs per logical expert")
+        return enable()
+
+    def rebalance(self, load=None, *, physical_to_logical=None, num_groups: int = 1, chunk_bytes: int | None = None):
+        """Re-place the experts for `load` and move their weights: a collective on the layer's group (every
+        rank calls it, with its own load), between forwards.
+
+        load: [E] pairs per logical expert from this rank (default: `expert_load()`); the ranks add theirs up
+            and every rank computes the same placement with `epmoe.balance_experts` (hottest experts get the
+            replicas, slots packed so that the most loaded rank is as light as possible).
+        physical_to_logical: a placement to switch to instead (one logical id per physical slot).
+        num_groups: balance hierarchically over this many equal groups of consecutive ranks (nodes).
+        chunk_bytes: the most bytes a rank sends, and receives, per step of the move (default 64 MiB).
+        Weights move with their FP8 scales, biases and padding. Returns a `RebalanceResult` (bytes moved,
+        time, the new map, max/mean rank load of `load` before and after). The load counter is not reset.
+        """
+        return self.start_rebalance(load, physical_to_logical=physical_to_logical, num_groups=num_groups,
+                                    chunk_bytes=chunk_bytes).finish()
+
+    def start_rebalance(self, load=None, *, physical_to_logical=None, num_groups: int = 1,
+                        chunk_bytes: int | None = None):
+        """`rebalance` in steps: agrees on the placement and returns the move (`Rebalance`); each
+        `step()` moves one chunk (collective), `finish()` the rest and switches. Forwards in between
+        compute with the old placement."""
+        from .balance.rebalance import DEFAULT_CHUNK_BYTES, start_rebalance
+        return start_rebalance(self, load, physical_to_logical=physical_to_logical, num_groups=num_groups,
+                               chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
+
     def extra_repr(self) -> str:
         return (f"{self.cfg.describe()}, dispatcher={self.dispatcher_name}, experts={self.experts_name}, "
-                f"ep={self.ep_rank}/{self.ep_size}, local_experts={self.num_local_experts}, device={self.device}")
+                f"ep={self.ep_rank}/{self.ep_size}, local_experts={self.num_local_experts}, "
+                f"redundant_experts={self.redundant_experts}, device={self.device}")

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import contract
+from .balance import max_over_mean
+from .bench.routings import describe as describe_routing, router_logits, routing_problem
+from .bench.run_env import available_ram
 from .config import MoEConfig
 from .layer import MoELayer
 from .log import Steps, configure_cli_logging, get_logger
@@ -19,35 +22,14 @@ from .presets import expert_weight_bytes, preset_config, shrink_config
 from .reference import reference_moe
 from .testing.compare import bound_for, compare
 from .testing.distributed import launch, under_torchrun
-from .usage import UsageError, all_experts_per_token, check_backends, check_capacity, check_device
+from .testing.random_moe import SeededExperts
+from .usage import (UsageError, all_experts_per_token, check_backends, check_capacity, check_device,
+                    check_redundant_experts)
 
 log = get_logger("run")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-class SeededExperts:
-    """Expert e's weights, generated on demand from (seed, e): every rank and the oracle see the same
-    values without anyone holding all experts in memory."""
-
-    def __init__(self, cfg: MoEConfig, seed: int, device="cpu"):
-        self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
-
-    def __len__(self) -> int:
-        return self.cfg.num_experts
-
-    def __getitem__(self, e: int):
-        if not 0 <= e < len(self):
-            raise IndexError(e)
-        cfg = self.cfg
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + e)
-        H, I = cfg.hidden_size, cfg.intermediate_size
-
-        def rand(*shape, fan_in):
-            t = torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32)
-            return (t * fan_in ** -0.5).to(cfg.dtype)
-        return rand(I, H, fan_in=H), rand(I, H, fan_in=H), rand(H, I, fan_in=I)
 
 
 class CountingExperts:
@@ -121,6 +103,10 @@ def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
                          f"--experts {ranks} or more, or fewer --ranks")
     dispatcher, experts = check_backends(args.dispatcher, args.backend, cfg, ranks, device.type)
     check_capacity(dispatcher, experts, cfg, ranks, device.type, capacity_for(args, dispatcher), args.tokens)
+    check_redundant_experts(args.redundant_experts, cfg, ranks)
+    problem = routing_problem(args.routing, cfg, ranks, args.zipf_exponent)
+    if problem:
+        raise UsageError(f"--routing {args.routing}: {problem}")
     return cfg, device, ranks, dispatcher, experts
 
 
@@ -157,22 +143,11 @@ def check_fits(cfg: MoEConfig, device: torch.device, ranks: int) -> None:
             raise UsageError(f"{cfg.num_experts} experts need {per_rank / 2**30:.1f} GiB per GPU, "
                              f"{free / 2**30:.1f} GiB free; use --experts N, --shrink F or more --ranks")
         return
-    avail = _available_ram()
+    avail = available_ram()
     if avail and need > 0.5 * avail:
         raise UsageError(f"{cfg.num_experts} experts need {need / 2**30:.1f} GiB, this machine has "
                          f"{avail / 2**30:.1f} GiB available; shrink the preset with --experts N and/or "
                          f"--shrink F (divides hidden and intermediate sizes)")
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_rank(rank: int, world: int, opts: dict) -> dict:
@@ -191,10 +166,11 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
         group = dist.group.WORLD
     log.info("building the layer (%d ranks)", world)
     layer = MoELayer(cfg, ep_group=group, dispatcher=args.dispatcher, experts=args.backend, device=device,
-                     max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher))
+                     max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher),
+                     redundant_experts=args.redundant_experts or 0)
     source = SeededExperts(cfg, args.seed, device)
     steps = Steps(log, "random weights of this rank's experts:", layer.num_local_experts)
-    for e in layer.placement.local_experts:
+    for e in layer.local_experts:
         g, u, d = source[e]
         layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
         steps.advance()
@@ -207,8 +183,40 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
     tokens = args.tokens
     x = torch.randn(tokens, cfg.hidden_size, generator=gen).to(device=device, dtype=cfg.dtype)
-    logits = (torch.randn(tokens, cfg.num_experts, generator=gen) * 2).to(device)
+    logits = router_logits(args.routing, cfg, tokens, rank, world, gen, args.zipf_exponent).to(device)
 
+    out, elapsed = timed_passes(layer, x, logits, args, device, counter)
+    rows_per_expert = (counter.counts // max(args.iters, 1)).tolist()
+    n_check = min(args.check_tokens, tokens)
+    idx = torch.randperm(tokens, generator=gen)[:n_check].sort().values.to(device)
+    log.info("checking %d tokens against the float64 oracle", n_check)
+    ref = reference_moe(x[idx], logits[idx], source, cfg, score_correction_bias=layer.score_correction_bias)
+    res = compare(out[idx], ref)
+    held = list(layer.local_experts)             # what rows_per_expert counted (before any rebalance)
+    eplb = {}
+    if args.redundant_experts is not None and world > 1:
+        log.info("rebalancing the experts from the measured load")
+        moved = layer.rebalance()
+        out, elapsed_after = timed_passes(layer, x, logits, args, device, counter)
+        after = compare(out[idx], ref)
+        res = after if after.rel_err > res.rel_err else res
+        eplb = {"rank_load_before": sum(rows_per_expert), "ms_per_pass_after": elapsed_after * 1e3,
+                "rank_load_after": int(counter.counts.sum()) // max(args.iters, 1),
+                "rebalance_ms": moved.seconds * 1e3, "rebalance_bytes": moved.bytes_sent + moved.bytes_received,
+                "changed_slots": moved.changed_slots, "local_experts_after": list(layer.local_experts)}
+    report = RankReport(rank=rank, tokens=tokens, ms_per_pass=elapsed * 1e3,
+                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("inf"),
+                        rel_err=res.rel_err, max_abs=res.max_abs, bound=bound_for(cfg.dtype),
+                        checked_tokens=n_check, local_experts=held,
+                        rows_per_expert=rows_per_expert,
+                        expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
+    return asdict(report) | eplb | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,
+                                    "device": str(device), "config": cfg.describe()}
+
+
+def timed_passes(layer, x, logits, args, device, counter: CountingExperts) -> tuple[torch.Tensor, float]:
+    """The first forward's output and the mean seconds per pass of `args.iters` passes after
+    `args.warmup` more; `counter` counts the timed passes only."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -228,23 +236,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             layer(x, logits)
             steps.advance()
         sync()
-        elapsed = (time.perf_counter() - t0) / max(args.iters, 1)
-    rows_per_expert = (counter.counts // max(args.iters, 1)).tolist()
-
-    n_check = min(args.check_tokens, tokens)
-    log.info("checking %d tokens against the float64 oracle", n_check)
-    idx = torch.randperm(tokens, generator=gen)[:n_check].sort().values
-    ref = reference_moe(x[idx.to(device)], logits[idx.to(device)], source, cfg,
-                        score_correction_bias=layer.score_correction_bias)
-    res = compare(out[idx.to(device)], ref)
-    report = RankReport(rank=rank, tokens=tokens, ms_per_pass=elapsed * 1e3,
-                        tokens_per_s=tokens / elapsed if elapsed > 0 else float("inf"),
-                        rel_err=res.rel_err, max_abs=res.max_abs, bound=bound_for(cfg.dtype),
-                        checked_tokens=n_check, local_experts=list(layer.placement.local_experts),
-                        rows_per_expert=rows_per_expert,
-                        expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
-    return asdict(report) | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,
-                             "device": str(device), "config": cfg.describe()}
+    return out, (time.perf_counter() - t0) / max(args.iters, 1)
 
 
 def main(args) -> int:
@@ -260,6 +252,9 @@ def main(args) -> int:
         console.print(f"device {device}, ranks {ranks}, dispatcher {dispatcher}, experts {experts}, tokens/rank "
                       f"{args.tokens}, input [{args.tokens}, {cfg.hidden_size}] -> output [{args.tokens}, "
                       f"{cfg.hidden_size}]", highlight=False)
+        console.print(f"routing: {describe_routing(args.routing, args.zipf_exponent)}" + (
+            f"; {args.redundant_experts} redundant experts, rebalanced from the measured load after the timed "
+            "passes" if args.redundant_experts is not None and ranks > 1 else ""), highlight=False)
     opts = vars(args).copy()
     opts.pop("func", None)
     reports = launch(run_rank, None if under_torchrun() else ranks, opts, device.type, timeout_s=args.timeout)
@@ -285,6 +280,8 @@ def main(args) -> int:
     for r in reports:
         pairs = [f"{e}:{n}" for e, n in zip(r["local_experts"], r["rows_per_expert"])]
         console.print(f"  rank {r['rank']}: " + " ".join(pairs[:32]) + (" ..." if len(pairs) > 32 else ""))
+    if "rank_load_after" in first:
+        print_rebalance(console, reports)
     if args.json:
         import json
         with open(args.json, "w") as f:
@@ -296,3 +293,14 @@ def main(args) -> int:
     else:
         console.print("[green]all outputs match the float64 oracle[/green]")
     return 0 if all_ok else 1
+
+
+def print_rebalance(console, reports: list[dict]) -> None:
+    """Max/mean rank load and time per pass before and after the rebalance, and what it moved."""
+    before, after = ([r[key] for r in reports] for key in ("rank_load_before", "rank_load_after"))
+    console.print(f"max/mean rank load (pairs each rank's experts received per pass): {max_over_mean(before):.3f} "
+                  f"before, {max_over_mean(after):.3f} after rebalance  ({before} -> {after})", highlight=False)
+    console.print(f"ms/pass of the slowest rank: {max(r['ms_per_pass'] for r in reports):.3f} before, "
+                  f"{max(r['ms_per_pass_after'] for r in reports):.3f} after; the rebalance changed "
+                  f"{reports[0]['changed_slots']} slots, moved {max(r['rebalance_bytes'] for r in reports) / 1e6:.2f} "
+                  f"MB on the busiest rank, took {max(r['rebalance_ms'] for r in reports):.1f} ms", highlight=False)

@@ -63,7 +63,7 @@ class Placement:
             index.append(counters[r])
             counters[r] += 1
         self.experts_per_rank: tuple[int, ...] = tuple(counters)
-        self._local_index = tuple(index)
+        self.index_on_owner: tuple[int, ...] = tuple(index)
         self.local_experts: tuple[GlobalExpertId, ...] = tuple(
             GlobalExpertId(e) for e, r in enumerate(owners) if r == rank)
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -86,7 +86,7 @@ class Placement:
         """This rank's local id of global expert `e`, or None if another rank holds it."""
         if not 0 <= e < self.num_experts:
             raise ValueError(f"expert id {e} out of range [0, {self.num_experts})")
-        return LocalExpertId(self._local_index[e]) if self.owners[e] == self.rank else None
+        return LocalExpertId(self.index_on_owner[e]) if self.owners[e] == self.rank else None
 
     def to_global(self, local: LocalExpertId) -> GlobalExpertId:
         return self.local_experts[local]
@@ -96,7 +96,7 @@ class Placement:
         device = torch.device(device)
         if device not in self._tables:
             owner = torch.tensor(self.owners, dtype=torch.int32, device=device)
-            index = torch.tensor(self._local_index, dtype=torch.int32, device=device)
+            index = torch.tensor(self.index_on_owner, dtype=torch.int32, device=device)
             mine = torch.where(owner == self.rank, index, torch.full_like(index, -1))
             self._tables[device] = (owner, index, mine)
         return self._tables[device]

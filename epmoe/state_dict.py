@@ -9,9 +9,10 @@ at the real sizes:
     experts.{e}.{gate,up,down}_proj.bias                (layers with expert biases)
 
 Every tensor owns its memory, so `safetensors.torch.save_file(layer.state_dict(), path)` works. Which
-experts a state dict holds is in its keys: loading one that holds experts this layer does not hold
-(another rank's shard) is refused before anything is written. `load_hf_experts` reads the same names
-(and Mixtral's `w1`/`w3`/`w2`) from any mapping, e.g. a checkpoint's tensors.
+experts a state dict holds is in its keys: loading one that lacks experts this layer holds while holding
+others (another rank's shard) is refused before anything is written; one that holds all of this layer's
+experts loads into any placement. `load_hf_experts` reads the same names (and Mixtral's `w1`/`w3`/`w2`)
+from any mapping, e.g. a checkpoint's tensors.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def save_hook(layer, state_dict, prefix: str, local_metadata) -> None:
     keep_vars = isinstance(state_dict.get(prefix + "w13"), nn.Parameter)
     for name in FUSED_NAMES:
         state_dict.pop(prefix + name, None)
-    for local, e in enumerate(layer.placement.local_experts):
+    for local, e in enumerate(layer.local_experts):
         for arg, t in expert_tensors(layer, local).items():
             t = t if keep_vars else t.detach().clone(memory_format=torch.contiguous_format)
             state_dict[f"{prefix}experts.{int(e)}.{HF_SUFFIX[arg]}"] = t
@@ -96,7 +97,7 @@ def load_hf_experts(layer, tensors: Mapping[str, torch.Tensor], prefix: str = ""
     strict: raise ValueError if one of this layer's experts is not in `tensors`.
     Returns: the global ids loaded, sorted."""
     found, _ = read_hf_experts(tensors, prefix)
-    mine = [int(e) for e in layer.placement.local_experts]
+    mine = list(layer.local_experts)
     absent = [e for e in mine if e not in found]
     if strict and absent:
         raise ValueError(f"load_hf_experts: no tensors under {prefix + 'experts.'!r} for experts {_describe(absent)} "
@@ -106,7 +107,9 @@ def load_hf_experts(layer, tensors: Mapping[str, torch.Tensor], prefix: str = ""
 
 def load_hook(layer, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
     """Load-state-dict pre-hook: HF-named experts go in through `load_expert` (checked shapes, FP8
-    quantized or taken with scales); a state dict holding experts of another rank is refused."""
+    quantized or taken with scales). A state dict that holds every expert this layer holds loads into any
+    placement (the others are skipped); one that lacks some of them while holding experts this layer does not
+    hold (another rank's shard) is refused."""
     found, used = read_hf_experts(state_dict, prefix)
     params = [(prefix + n, p) for n, p in layer.named_parameters(recurse=False)]
     if not found:
@@ -115,13 +118,13 @@ def load_hook(layer, state_dict, prefix, local_metadata, strict, missing_keys, u
         if params and all(n in state_dict for n, _ in params):
             layer.mark_all_experts_loaded()
         return
-    mine = {int(e) for e in layer.placement.local_experts}
+    mine = set(layer.local_experts)
     foreign = set(found) - mine
-    if foreign:
+    if foreign and mine - set(found):     # a state dict with every expert this layer holds loads into any placement
         raise ValueError(f"MoELayer.load_state_dict: the state dict holds experts {_describe(foreign)}, which this "
                          f"layer (rank {layer.ep_rank} of {layer.ep_size}, experts {_describe(mine)} of "
                          f"{layer.cfg.num_experts}) does not hold: another rank's shard, or another layer's? "
-                         "Load each rank's own state dict")
+                         "Load each rank's own state dict, or one that holds every expert")
     layer._loaded = set()
     for e in sorted(found):
         layer.load_expert(e, **found[e])

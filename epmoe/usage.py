@@ -105,6 +105,26 @@ def check_capacity(dispatcher: str, experts: str, cfg, world: int, device_type: 
                          f"the {dispatcher} dispatcher's capacity; give {tokens} or more")
 
 
+def add_redundant_experts_flag(p: argparse.ArgumentParser, what_it_does: str) -> None:
+    """`--redundant-experts R` (EPLB); `what_it_does`: what R does in this command."""
+    p.add_argument("--redundant-experts", type=int, default=None, metavar="R", help=what_it_does)
+
+
+def check_redundant_experts(redundant: int | None, cfg, world: int, flag: str = "--redundant-experts") -> None:
+    """`--redundant-experts R`: replicas need several ranks and fit at most one per rank and expert."""
+    if redundant is None:
+        return
+    if redundant < 0:
+        raise UsageError(f"{flag} must be >= 0, got {redundant}")
+    if world < 2:
+        raise UsageError(f"{flag} needs expert parallelism (replicas live on other ranks): use --ranks 2 or more")
+    from .balance.expert_map import ExpertMap
+    try:
+        ExpertMap.build(cfg.num_experts, redundant, world, 0)
+    except ValueError as exc:
+        raise UsageError(f"{flag} {redundant}: {exc}") from None
+
+
 class CsvList(argparse.Action):
     """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c` is
     `a,b,c`); stored as one comma-separated string, the first use replacing the default."""

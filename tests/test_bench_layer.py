@@ -226,3 +226,24 @@ def test_scaling_without_matplotlib(synthetic, tmp_path, monkeypatch, capsys):
     assert written == [str(tmp_path / "t.md")] and "no plot" in capsys.readouterr().err
     assert scaling.main([str(synthetic), "--out-dir", str(tmp_path), "--stem", "u", "--no-plot"]) == 0
     assert (tmp_path / "u.md").exists() and not (tmp_path / "u.png").exists()
+
+
+def test_bench_layer_rebalances_skewed_routing(tmp_path, capsys):
+    """--routing skewed --redundant-experts R: a row before and one after the rebalance, both checked
+    against the oracle, with the rank loads that give max/mean (printed)."""
+    out = tmp_path / "eplb.json"
+    assert cli_main(["bench", "layer", *TINY, "--experts", "16", "--presets", "qwen3-30b-a3b", "--dispatchers",
+                     "alltoall", "--tokens", "64", "--no-local", "--routing", "skewed", "--redundant-experts", "2",
+                     "--output", str(out)]) == 0
+    assert "max/mean load" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["params"]["routing"] == "skewed" and report["params"]["zipf_exponent"] == 1.2
+    before, after = report["rows"]
+    assert (before["eplb"], after["eplb"]) == ("before", "after rebalance")
+    assert before["check"]["ok"] and after["check"]["ok"] and after["rebalance"]["changed_slots"] > 0
+    for r in (before, after):
+        assert sum(r["pairs_per_rank"]) == 2 * 64 * 8                      # every pair on exactly one rank
+    assert max(after["pairs_per_rank"]) < max(before["pairs_per_rank"])
+    assert cli_main(["bench", "layer", *TINY, "--redundant-experts", "-1"]) == 2
+    assert cli_main(["bench", "layer", *TINY, "--redundant-experts", "9"]) == 2
+    assert "a rank would hold 9 physical slots" in capsys.readouterr().err

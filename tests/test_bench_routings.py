@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from epmoe.bench.routings import balanced_choice, router_logits
+from epmoe.bench.routings import balanced_choice, router_logits, routing_problem, zipf_popularity
 from epmoe.placement import Placement
 from epmoe.presets import preset_config, shrink_config
 from epmoe.routing import route
@@ -62,3 +62,20 @@ def test_configs_without_an_exact_balance_are_refused():
         router_logits("balanced", dataclasses.replace(ds, top_k=6, topk_group=4), 4, 0, 2, torch.Generator())
     with pytest.raises(ValueError, match="unknown routing 'zipf'"):
         router_logits("zipf", cfg, 4, 0, 2, torch.Generator())
+
+
+def test_skewed_routing_has_the_same_zipf_popularity_on_every_rank():
+    """The skewed kind: top-1 shares follow zipf_popularity (fixed, so every rank has the same hot
+    experts), the exponent shapes it, each rank's tokens draw their own noise."""
+    cfg = shrink_config(preset_config("qwen3-30b-a3b"), experts=16)
+    p = zipf_popularity(16, 1.5)
+    logits = [router_logits("skewed", cfg, 20000, src, 2, torch.Generator().manual_seed(src), 1.5) for src in (0, 1)]
+    for lg in logits:
+        top1 = torch.bincount(lg.argmax(-1), minlength=16).double() / 20000
+        assert float((top1 - p).abs().max()) < 0.015
+    assert not torch.equal(logits[0], logits[1])
+    assert _pairs_per_rank(cfg, "skewed", 512, 2)[0] != _pairs_per_rank(cfg, "skewed", 512, 2)[1]
+    flat = router_logits("skewed", cfg, 20000, 0, 2, torch.Generator(), 0.0)
+    assert float((torch.bincount(flat.argmax(-1), minlength=16).double() / 20000 - 1 / 16).abs().max()) < 0.015
+    assert "exponent must be >= 0" in routing_problem("skewed", cfg, 2, -1.0)
+    assert routing_problem("skewed", cfg, 3) is None              # any rank count

@@ -84,3 +84,29 @@ def test_module_entry_point_runs_default_job():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "all outputs match" in out.stdout
+
+
+def test_run_rebalances_skewed_routing_with_redundant_experts(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main(["run", "--experts", "16", "--top-k", "2", "--routing", "skewed", "--redundant-experts", "4",
+                 "--tokens", "96", "--iters", "1", "--warmup", "0", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "Zipf-like expert popularity with exponent 1.2; 4 redundant experts" in out
+    assert "max/mean rank load" in out and "after rebalance" in out and "all outputs match" in out
+    ranks = json.loads(report.read_text())["ranks"]
+    assert [len(r["local_experts"]) for r in ranks] == [10, 10]                 # 20 slots for 16 experts
+    before = [r["rank_load_before"] for r in ranks]
+    after = [r["rank_load_after"] for r in ranks]
+    assert sum(before) == sum(after) == 2 * 96 * 2 and max(after) < max(before)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--redundant-experts", "2", "--ranks", "1"], "--redundant-experts needs expert parallelism"),
+    (["--redundant-experts", "-1"], "--redundant-experts must be >= 0"),
+    (["--redundant-experts", "9"], "a rank would hold 9 physical slots but there are only 8 logical experts"),
+    (["--zipf-exponent", "-1"], "--zipf-exponent must be >= 0"),
+    (["--model", "nowhere", "--routing", "skewed"], "act on preset layers"),
+])
+def test_run_refuses_bad_eplb_flags(argv, message, capsys):
+    assert main(["run", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -42,6 +42,8 @@ def test_bench_dispatch_writes_a_report(tmp_path, capsys):
 def test_bench_dispatch_refuses_a_routing_it_cannot_balance(capsys):
     assert cli_main(["bench", "dispatch", "--ranks", "3", "--comm", "gloo", "--hidden", "64", "--experts", "8"]) == 2
     assert "--routing balanced: balanced routing: 8 experts do not split evenly over 3 ranks" in capsys.readouterr().err
+    assert cli_main(["bench", "dispatch", "--routing", "skewed", "--zipf-exponent", "-1"]) == 2
+    assert "--zipf-exponent must be >= 0" in capsys.readouterr().err
 
 
 def test_bench_dispatch_on_one_rank_says_auto_has_nothing_to_time(tmp_path):

@@ -7,7 +7,8 @@ The layers, lowest first (a module imports modules of its own layer or of lower 
                group: import nothing of epmoe but each other
   kernels      the Triton kernels and their launchers: know nothing of configs, plans or backends
   quant        the quantization schemes (they call the FP8 kernel; the kernels never call them)
-  model        config, routing: the function a layer computes
+  model        config, routing: the function a layer computes; balance: where its experts live (the
+               placement for a load, logical experts in physical slots, moving them online)
   contract     the capability declarations and the pairing rules (contract), the build handshake
   roles        dispatch and experts: siblings that never import each other; what both need lives lower
                (the plan, the layouts)
@@ -64,7 +65,7 @@ LAYERS = [
                     "epmoe.group"]),
     ("kernels", ["epmoe.kernels"]),
     ("quant", ["epmoe.quant"]),
-    ("model", ["epmoe.config", "epmoe.routing"]),
+    ("model", ["epmoe.config", "epmoe.routing", "epmoe.balance"]),
     ("contract", ["epmoe.contract", "epmoe.handshake"]),
     ("roles", ["epmoe.dispatch", "epmoe.experts"]),
     ("layer", ["epmoe.build", "epmoe.layer", "epmoe.reference"]),

@@ -20,7 +20,7 @@ if not INTERPRETING:
         run_interpreted(__file__)
 
 else:
-    from epmoe import MoEConfig, Placement, reference_moe
+    from epmoe import ExpertMap, MoEConfig, Placement, reference_moe
     from epmoe.contract import build_plan
     from epmoe.dispatch._symm import SymmHandle
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
@@ -29,7 +29,7 @@ else:
     from epmoe.group import GroupState
     from epmoe.experts.reference import ReferenceExperts
     from epmoe.layouts import ExpertWeights
-    from epmoe.routing import route
+    from epmoe.routing import Routing, route
     from epmoe.testing import assert_close, random_experts
 
     def lockstep(gens, errors=None):
@@ -72,20 +72,27 @@ else:
         return ExpertWeights(w13, w2)
 
 
-    def slot_bytes(cls, cfg, ep, M):
-        return SymmWorkspace.size_hint(cfg, ep, M, dispatchers=(cls.name,))
+    def slot_bytes(cls, cfg, ep, M, redundant_experts=0):
+        return SymmWorkspace.size_hint(cfg, ep, M, dispatchers=(cls.name,), redundant_experts=redundant_experts)
 
-    def make(cls, cfg, ep, M, group=None, tokens=None):
+    def make(cls, cfg, ep, M, group=None, tokens=None, placements=None):
         """One dispatcher per simulated rank on `group` ((workspaces, states) shared by several layers) or
-        fresh ones, sized for `tokens` per rank (default M)."""
+        fresh ones, sized for `tokens` per rank (default M); `placements` (one per rank, of the physical
+        slots) or the contiguous ones of the experts."""
+        placements = placements or [Placement(cfg.num_experts, ep, r) for r in range(ep)]
         if group is None:
-            group = simulated_group(ep, slot_bytes(cls, cfg, ep, tokens or M))
+            redundant = placements[0].num_experts - cfg.num_experts
+            group = simulated_group(ep, slot_bytes(cls, cfg, ep, tokens or M, redundant))
         wss, states = group
-        return [simulated(cls, cfg, Placement(cfg.num_experts, ep, r), M, wss[r], states[r]) for r in range(ep)]
+        return [simulated(cls, cfg, placements[r], M, wss[r], states[r]) for r in range(ep)]
 
 
-    def run_forward(ds, cfg, experts, xs, logits):
+    def run_forward(ds, cfg, experts, xs, logits, maps=None):
+        """One forward of every simulated rank; `maps` (one `ExpertMap` per rank): the ranks' routing goes
+        to physical slots as the layer sends it, `experts` then indexed by slot."""
         routings = [route(l, cfg) for l in logits]
+        if maps is not None:
+            routings = [Routing(m.to_physical(ro.topk_ids), ro.topk_weights) for m, ro in zip(maps, routings)]
         outs = lockstep([d.dispatch_steps(x, ro) for d, x, ro in zip(ds, xs, routings)])
         ys = [ReferenceExperts(cfg)(b, rank_weights(cfg, experts, d.placement)) for d, (b, _) in zip(ds, outs)]
         return lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, ys, outs)]), outs, routings
@@ -423,3 +430,32 @@ else:
         comb = ds[1].layout.regions["comb"]
         for slot in range(2):
             assert _bytes_changed(wss[1], slot, comb) == 0, "rank 0's failed combine stored rows into rank 1"
+
+    @pytest.mark.parametrize("cls", DISPATCHERS)
+    def test_redundant_experts_in_physical_slots(cls):
+        """Replicas: the dispatchers move tokens to 11 physical slots (6 + 5 over 2 ranks) holding 8 logical
+        experts, the hot ones twice, from routing mapped to slots by the layer's rule; every output equals
+        the logical oracle, before and after the map switches on the same workspaces."""
+        ep, E, tokens = 2, 8, [7, 4]
+        cfg = MoEConfig(num_experts=E, top_k=3, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=6)
+        maps = [ExpertMap.build(E, 3, ep, r) for r in range(ep)]
+        for m in maps:
+            m.switch([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2])
+        assert maps[0].placement.experts_per_rank == (6, 5) and maps[1].local_experts == (6, 7, 0, 1, 2)
+        ds = make(cls, cfg, ep, max(tokens), placements=[m.placement for m in maps])
+        slot_experts = [experts[e] for e in maps[0].physical_to_logical]
+        xs, ls = _data(cfg, tokens, 9)
+        for l in ls:
+            l[:, :3] += 4.0                          # most pairs go to the replicated experts
+        outs, _, _ = run_forward(ds, cfg, slot_experts, xs, ls, maps=maps)
+        for r in range(ep):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+        # a rebalance changes what the slots hold, not the slots: the same dispatchers on the same
+        # workspaces carry on with the new map and the moved weights
+        new = [7, 6, 5, 4, 3, 2, 1, 0, 7, 6, 5]
+        for m in maps:
+            m.switch(new)
+        outs, _, _ = run_forward(ds, cfg, [experts[e] for e in new], xs, ls, maps=maps)
+        for r in range(ep):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)

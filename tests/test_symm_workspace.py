@@ -26,6 +26,10 @@ def test_size_hint_covers_every_layer_and_dispatcher_given():
                     quant=Fp8Config(dispatch_fp8=True))
     bf16 = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
     assert SymmWorkspace.size_hint(fp8, 2, 16, dispatchers=(LL,)) < SymmWorkspace.size_hint(bf16, 2, 16, dispatchers=(LL,))
+    # redundant experts: the low-latency receive rows are per physical slot of a rank (8 + 4 slots: 6 a rank)
+    assert SymmWorkspace.size_hint(CFG, 2, 16, dispatchers=(LL,), redundant_experts=4) == SymmWorkspace.size_hint(
+        MoEConfig(num_experts=12, top_k=2, hidden_size=200, intermediate_size=64, dtype=torch.bfloat16), 2, 16,
+        dispatchers=(LL,)) > one
 
 
 def test_a_one_rank_workspace_is_plain_memory_with_two_slots_and_frees():

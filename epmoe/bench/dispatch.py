@@ -49,7 +49,7 @@ import torch.distributed as dist
 from ..log import Steps, configure_cli_logging, get_logger
 from ..usage import CsvList, DeprecatedAlias, UsageError, refuse_ranks_under_torchrun
 from .gpu_timing import GRAPH, GroupAgreement, Timer, WallClock
-from .routings import ROUTINGS, router_logits, routing_problem
+from .routings import ZIPF_EXPONENT, add_routing_flags, router_logits, routing_params, routing_problem
 from .run_env import RESULTS_DIR_HELP, default_output, environment
 
 log = get_logger("bench")
@@ -84,8 +84,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graph", action="store_true", help="time every dispatcher eagerly")
     p.add_argument("--no-default", action="store_true",
                    help="leave out the default configuration (dispatcher=\"auto\", no capacity, eager)")
-    p.add_argument("--routing", default="balanced", choices=sorted(ROUTINGS),
-                   help="how tokens are routed (default: %(default)s: every rank receives the same pairs)")
+    add_routing_flags(p, default="balanced")
     p.add_argument("--output", default=None,
                    help=f"JSON path (default: dispatch_<device>_<ranks>x_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before hung ranks are killed")
@@ -107,8 +106,8 @@ def _params(args) -> dict:
         raise UsageError("--tokens must be positive")
     return {"dispatchers": dispatchers, "tokens": tokens, "hidden": args.hidden, "num_experts": args.experts,
             "top_k": args.top_k, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
-            "graph": not args.no_graph, "seed": args.seed, "fp8": bool(args.fp8), "routing": args.routing,
-            "default": not args.no_default}
+            "graph": not args.no_graph, "seed": args.seed, "fp8": bool(args.fp8), "default": not args.no_default,
+            **routing_params(args)}
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -212,7 +211,7 @@ def _bench_one(name: str, config: str, T: int, p: dict, rank: int, ws: int, devi
     d = make_dispatcher(resolved, cfg, group=group, device=device, max_tokens_per_rank=capacity)
     g = torch.Generator(device="cpu").manual_seed(p["seed"] * 1000 + rank)
     x = torch.randn(T, cfg.hidden_size, generator=g).to(cfg.dtype).to(device)
-    logits = router_logits(p.get("routing", "balanced"), cfg, T, rank, ws, g)
+    logits = router_logits(p.get("routing", "balanced"), cfg, T, rank, ws, g, p.get("zipf_exponent", ZIPF_EXPONENT))
     routing = route(logits.to(device), cfg)
 
     stats = d.enable_stats()
@@ -384,7 +383,7 @@ def main(args) -> int:
         backend = args.comm or ("nccl" if gpus >= ws else "gloo")
         if backend == "nccl" and gpus < ws:
             raise UsageError(f"NCCL with {ws} ranks needs {ws} GPUs, found {gpus}")
-        problem = routing_problem(p["routing"], bench_config(p), ws)
+        problem = routing_problem(p["routing"], bench_config(p), ws, p["zipf_exponent"])
         if problem:
             raise UsageError(f"--routing {p['routing']}: {problem}")
         names = p["dispatchers"] or _here(ws, "cuda" if backend == "nccl" else "cpu")

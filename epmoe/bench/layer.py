@@ -3,7 +3,8 @@
 What is timed is `layer(hidden [T, H], router_logits [T, E])` on every rank of the group: routing,
 dispatch, the experts, combine. The logits route the tokens as `--routing` says (`epmoe.bench.routings`;
 default balanced: every rank's experts receive exactly the same number of (token, expert) pairs, each
-token's experts spread over the ranks; `random`: normal logits). For each preset (default: deepseek-v3
+token's experts spread over the ranks; `random`: normal logits; `skewed`: Zipf-like expert popularity,
+`--zipf-exponent`). For each preset (default: deepseek-v3
 and qwen3-30b-a3b at their real sizes; `--experts N` / `--shrink F` shrink them as for `epmoe run`),
 format (BF16; with `--fp8-dispatch` also FP8 weights with `Fp8Config(dispatch_fp8=True)`, FP8 rows
 and scales on the wire, into the experts that take FP8), dispatcher (allgather, alltoall, low_latency)
@@ -40,6 +41,12 @@ Every measured configuration's output (inputs of the pool's first entry) is chec
 sampled rows of every rank against `epmoe.reference_moe` in float64 (on the GPU where there is one), on
 the weights as the layer stores them (BF16, or FP8 dequantized), bound 1e-2 for BF16 and 3e-2 for FP8.
 
+EPLB: with `--redundant-experts R` the EP layers hold R replicas of hot experts (`MoELayer(redundant_experts=R)`);
+each configuration is measured as built (row `eplb: before`), then rebalanced from the load its timed runs
+counted (`layer.rebalance()`, a collective) and measured again, timed and checked the same way (row `eplb:
+after rebalance`, with the rebalance's ms and bytes); the rank loads are counted on the physical slots, and
+a summary of max/mean rank load and step time before and after follows the table. Meant for `--routing skewed`.
+
 Ranks: `--ranks 2,4,8` runs each count in turn (local processes, NCCL with one GPU each, or Gloo with
 `--device cpu`), one JSON per count; under torchrun leave out `--ranks`. Rows are also appended to
 `<json>.partial.jsonl` as they finish (removed after a complete run), so a run that is cut off keeps
@@ -59,10 +66,11 @@ import torch.distributed as dist
 
 from ..log import get_logger
 from ..testing.graphs import capture
-from ..usage import CsvList, UsageError, all_experts_per_token, refuse_ranks_under_torchrun
+from ..usage import CsvList, UsageError, all_experts_per_token, check_redundant_experts, refuse_ranks_under_torchrun
+from . import eplb
 from .gpu_timing import GroupAgreement, Timer, WallClock
-from .routings import ROUTINGS, router_logits, routing_problem
-from .run_env import RESULTS_DIR_HELP, default_output, environment, results_dir
+from .routings import add_routing_flags, router_logits, routing_params, routing_problem
+from .run_env import RESULTS_DIR_HELP, available_ram, default_output, environment, results_dir
 
 log = get_logger("bench")
 
@@ -82,8 +90,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="comma-separated (default: every registered dispatcher that moves tokens and runs here)")
     p.add_argument("--backend", default="auto",
                    help="experts backend for every dispatcher (default: what experts='auto' resolves to)")
-    p.add_argument("--routing", default="balanced", choices=sorted(ROUTINGS),
-                   help="how the tokens are routed (default: %(default)s: every rank receives the same pairs)")
+    add_routing_flags(p, default="balanced")
     p.add_argument("--experts", type=int, default=None, metavar="N", help="shrink each preset to N experts")
     p.add_argument("--shrink", type=int, default=1, metavar="F", help="divide hidden and intermediate sizes by F")
     p.add_argument("--fp8-dispatch", action="store_true",
@@ -106,6 +113,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help=f"where JSONs go (default: {RESULTS_DIR_HELP})")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per rank count before ranks are killed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
+    eplb.add_flags(p)
 
 
 def _csv(s) -> list[str]:
@@ -160,7 +168,7 @@ def _params(args) -> dict:
             "backend": args.backend, "experts": args.experts, "shrink": args.shrink,
             "formats": formats, "reps": args.reps,
             "warmup": args.warmup, "graph": not args.no_graph, "local": not args.no_local,
-            "check_rows": args.check_rows, "seed": args.seed, "routing": args.routing}
+            "check_rows": args.check_rows, "seed": args.seed, **routing_params(args), **eplb.params(args)}
 
 
 # ------------------------------------------------------------------------------------ configurations
@@ -245,8 +253,7 @@ class _RankBench:
             torch.cuda.empty_cache()
             free = torch.cuda.mem_get_info(self.device)[0]
         else:
-            from ..main_job import _available_ram
-            avail = _available_ram()
+            avail = available_ram()
             free = avail // self.ws if avail else 1 << 62
         t = torch.tensor([free - need / MEMORY_FRACTION], dtype=torch.float64)
         t = t.to(self.device)
@@ -277,7 +284,8 @@ class _RankBench:
             g = torch.Generator(device=self.device).manual_seed(seed)
             g_route = torch.Generator().manual_seed(seed)
             parts.append([(torch.randn(T, cfg.hidden_size, generator=g, device=self.device).to(cfg.dtype),
-                           router_logits(self.p["routing"], cfg, T, src, self.ws, g_route).to(self.device))
+                           router_logits(self.p["routing"], cfg, T, src, self.ws, g_route,
+                                         self.p["zipf_exponent"]).to(self.device))
                           for _ in range(POOL)])
         return [tuple(torch.cat(t) for t in zip(*entry)) for entry in zip(*parts)]
 
@@ -361,10 +369,7 @@ class _RankBench:
         of the experts hit / copy rate, 6 * pairs * H * I FLOPs / matmul rate), rates measured in this run."""
         cfg = layer.cfg
         routing = layer.compute_routing(x, logits)
-        counts = torch.bincount(routing.topk_ids.reshape(-1).long(), minlength=cfg.num_experts)
-        if collective:
-            dist.all_reduce(counts, group=self.group)
-        mine = counts[torch.tensor(list(layer.placement.local_experts), device=counts.device)]
+        mine = eplb.rank_pairs(layer, routing, self.group if collective else None)
         out = {"experts_hit": int((mine > 0).sum()), "pairs": int(mine.sum())}
         if self.rates is not None:
             H, I, fp8 = cfg.hidden_size, cfg.intermediate_size, cfg.quant is not None
@@ -378,8 +383,9 @@ class _RankBench:
     def build(self, cfg, dispatcher, experts, source, bias, group, max_tokens=None):
         from ..layer import MoELayer
         layer = MoELayer(cfg, ep_group=group, dispatcher=dispatcher, experts=experts, device=self.device,
-                         max_tokens_per_rank=max_tokens)
-        for e in layer.placement.local_experts:
+                         max_tokens_per_rank=max_tokens,
+                         redundant_experts=(self.p["redundant_experts"] or 0) if group is not None else 0)
+        for e in layer.local_experts:
             g, u, d = source[e]
             layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
         if layer.score_correction_bias is not None:
@@ -393,8 +399,8 @@ class _RankBench:
 
     # -- the run
     def run(self) -> list[dict]:
-        from ..main_job import SeededExperts
         from ..placement import Placement
+        from ..testing.random_moe import SeededExperts
         p = self.p
         with torch.no_grad():
             for preset in p["presets"]:
@@ -412,7 +418,8 @@ class _RankBench:
                             "intermediate_size": cfg.intermediate_size}
                     if p["local"]:
                         self.run_local(cfg, base, source, oracle, bias)
-                    L = Placement(cfg.num_experts, self.ws, self.rank).num_local_experts
+                    L = Placement(cfg.num_experts + (p["redundant_experts"] or 0), self.ws,
+                                  self.rank).num_local_experts      # physical slots, replicas included
                     for d in p["dispatchers"]:
                         self.run_dispatcher(cfg, base, d, L, source, oracle, bias)
         return self.rows
@@ -465,6 +472,10 @@ class _RankBench:
         dcls = contract.dispatcher_class(d)
         layout = dcls.CAPS.layout
         per_t = dcls.CAPS.needs_max_tokens or dcls.CAPS.takes_max_tokens   # capacity = T: one layer per T
+        balancing = self.p["redundant_experts"] is not None
+        rebuild = per_t or balancing               # a rebalanced layer: each T starts from the initial placement
+        if balancing:
+            head.update(eplb="before", redundant_experts=self.p["redundant_experts"])
         use_graph = self._graph_safe(d, experts)
         layer, built_for = None, None
         for T in self.p["tokens"]:
@@ -474,7 +485,7 @@ class _RankBench:
                 self.publish(dict(row, skipped=note))
                 continue
             try:
-                if layer is None or (per_t and built_for != T):
+                if layer is None or (rebuild and built_for != T):
                     layer = None
                     self.release()
                     layer = self.build(cfg, d, experts, source, bias, self.group, max_tokens=T if per_t else None)
@@ -489,8 +500,29 @@ class _RankBench:
                 layer = None
             self.release()
             self.publish(row)
+            if balancing:
+                self.publish(self.rebalanced(layer, row, cfg, T, use_graph, oracle, bias))
         del layer
         self.release()
+
+    def rebalanced(self, layer, row: dict, cfg, T: int, use_graph: bool, oracle, bias) -> dict:
+        """Rebalance `layer` from the load its timed runs measured, and measure it again (a row)."""
+        after = {k: v for k, v in row.items() if k not in ("timing", "check", "load", "error")}
+        after["eplb"] = "after rebalance"
+        if layer is None or "error" in row:
+            return dict(after, skipped="the layer before the rebalance failed")
+        try:
+            moved = layer.rebalance()
+            pool = self.pool(cfg, T)
+            timing, out = self.measure(layer, pool, use_graph, collective=True)
+            after.update(timing=timing, check=self.check(out, pool, cfg, oracle, bias),
+                         load=self.load_of(layer, *pool[0], collective=True),
+                         rebalance={"ms": moved.seconds * 1e3, "bytes": moved.bytes_sent + moved.bytes_received,
+                                    "changed_slots": moved.changed_slots})
+        except Exception as exc:
+            after["error"] = f"{type(exc).__name__}: {exc}"
+        self.release()
+        return after
 
     def _graph_safe(self, dispatcher: str, experts: str) -> bool:
         from .. import contract
@@ -607,9 +639,8 @@ def _f(v, spec: str) -> str:
 
 def _check_cpu_fits(p: dict, ws: int) -> None:
     """On the CPU, refuse real-size presets up front (with the flags that shrink them)."""
-    from ..main_job import _available_ram
     from ..presets import expert_weight_bytes
-    avail = _available_ram()
+    avail = available_ram()
     if not avail:
         return
     for preset in p["presets"]:
@@ -678,6 +709,7 @@ def run_one(p: dict, ws: int | None, device_type: str, args) -> tuple[str, dict]
     if os.path.exists(partial):
         os.remove(partial)
     print_table(rows, env_ws)
+    eplb.print_summary(rows)
     print(f"wrote {path}", flush=True)
     return path, report
 
@@ -717,9 +749,10 @@ def main(args) -> int:
                 raise UsageError(f"{preset} has {cfg.num_experts} experts, fewer than {max(counts)} ranks "
                                  "(every rank must hold at least one expert)")
             for ws in counts:
-                problem = routing_problem(p["routing"], cfg, ws)
+                problem = routing_problem(p["routing"], cfg, ws, p["zipf_exponent"])
                 if problem:
                     raise UsageError(f"--routing {p['routing']} with {preset} on {ws} ranks: {problem}")
+                check_redundant_experts(p["redundant_experts"], cfg, ws)
     if args.output and len(counts) > 1:
         raise UsageError("--output names one file; with several --ranks use --output-dir")
     paths, bad = [], 0

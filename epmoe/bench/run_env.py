@@ -47,7 +47,8 @@ def provenance() -> dict:
             "commit": commit or os.environ.get("EPMOE_COMMIT"),
             "commit_from": "git" if commit else ("EPMOE_COMMIT" if os.environ.get("EPMOE_COMMIT") else None),
             "tracked_files_modified": None if status is None else bool(status),
-            "source_sha256": source_digest()}
+            "source_sha256": source_digest(),
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def environment(backend: str, ws: int) -> dict:
@@ -107,20 +108,13 @@ def default_output(kind: str, env: dict, out_dir: str | None = None) -> str:
     return os.path.join(out_dir or results_dir(), f"{kind}_{device_slug(env)}_{env['world_size']}x_{stamp}.json")
 
 
-def provenance(argv: list[str] | None = None) -> dict:
-    """What a results file must say about its own making: the command line that wrote it, the commit of
-    the checkout (with `+dirty` when tracked files differ from it; None outside a git checkout) and when."""
-    import shlex
-    import subprocess
-    import sys
-    argv = sys.argv if argv is None else argv
+def available_ram() -> int | None:
+    """MemAvailable of this machine in bytes (None where /proc/meminfo cannot tell)."""
     try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", CHECKOUT, *args], capture_output=True, text=True, timeout=30,
-                                  check=True).stdout.strip()
-        commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return {"command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *argv]),
-            "commit": commit, "when": now.isoformat(timespec="seconds")}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

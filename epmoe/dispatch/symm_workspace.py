@@ -167,11 +167,13 @@ class SymmWorkspace:
         return out
 
     @staticmethod
-    def size_hint(configs, ep_size: int, max_tokens_per_rank: int, dispatchers=None, expert_placement=None) -> int:
+    def size_hint(configs, ep_size: int, max_tokens_per_rank: int, dispatchers=None, expert_placement=None,
+                  redundant_experts: int = 0) -> int:
         """The bytes a slot needs for layers of these `MoEConfig`s (one, or a list) on `ep_size` ranks, on
         each of `dispatchers` (default: every registered one that stores into the peers' memory), with at most `max_tokens_per_rank` tokens a rank in one forward (a
         symm_high_throughput layer built without max_tokens_per_rank needs it too: its rows are what a rank
-        can receive). Pass the result to `SymmWorkspace(group, ...)`."""
+        can receive). `expert_placement` and `redundant_experts` as given to the layers (the dispatchers
+        serve E + redundant_experts physical slots). Pass the result to `SymmWorkspace(group, ...)`."""
         from ..contract import DISPATCHERS, build_plan, dispatcher_class
         from ..placement import Placement
         if not isinstance(configs, (list, tuple)):
@@ -180,7 +182,7 @@ class SymmWorkspace:
             dispatchers = [n for n, cls in DISPATCHERS.items() if cls.CAPS.peer_memory]
         need = 0
         for config in configs:
-            placement = Placement(config.num_experts, ep_size, 0, expert_placement)
+            placement = Placement(config.num_experts + redundant_experts, ep_size, 0, expert_placement)
             for name in dispatchers:
                 plan = build_plan(name, None, config, ep_size, "cuda", max_tokens_per_rank, check_device=False)
                 layout = dispatcher_class(name).slot_layout_for(plan, placement, max_tokens_per_rank)

@@ -111,7 +111,7 @@ def convert_block(block: nn.Module, ep_group=None, load_weights: bool = True, **
     cfg = MoEConfig(**fields, dtype=dtype, quant=quant)
     layer = MoELayer(cfg, ep_group=ep_group, device=device, expert_bias=family.expert_bias, **layer_options)
     if load_weights:
-        for e in layer.placement.local_experts:
+        for e in layer.local_experts:
             layer.load_expert(int(e), **block_expert(family, block, int(e)))
     shared = {name: getattr(block, name) for name in family.shared_attrs}
     return EPMoEBlock(family, getattr(block, family.router_attr), layer, shared)
@@ -122,7 +122,7 @@ def from_transformers(block: nn.Module, ep_group=None, **layer_options) -> EPMoE
 
     With `ep_group` this rank copies only its own experts; the router and shared experts are the block's
     own modules (shared, not copied). `layer_options` go to `MoELayer` (dispatcher, experts, device,
-    max_tokens_per_rank, expert_placement, router), plus `quant` (an FP8 config for `MoEConfig.quant`)
+    max_tokens_per_rank, expert_placement, redundant_experts, router), plus `quant` (an FP8 config for `MoEConfig.quant`)
     and `dtype` (default: the block's expert dtype). The device is fixed here (default: the block's), so
     move the model first and convert after. For inference: the routed experts take no gradients and
     Mixtral's training-time router jitter is not applied.
@@ -191,6 +191,7 @@ def expert_memory_bytes(model: nn.Module) -> int:
     total = 0
     for _, block in moe_blocks(model):
         for t in list(block.experts.parameters(recurse=False)) + [
-                b for n, b in block.experts.named_buffers(recurse=False) if n != "score_correction_bias"]:
+                b for n, b in block.experts.named_buffers(recurse=False)
+                if n not in ("score_correction_bias", "expert_load_counts")]:
             total += t.numel() * t.element_size()
     return total

@@ -362,7 +362,7 @@ def load_model(path, ep_group=None, *, dtype: torch.dtype | None = None, device=
         if missing:
             raise KeyError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs: {missing[:6]}")
         sources = {p: ExpertSource(ckpt, b, p, fp8_block) for p, b in blocks.items()}
-        n_expert_reads = sum(len(b.experts.placement.local_experts) for b in blocks.values())
+        n_expert_reads = sum(len(b.experts.local_experts) for b in blocks.values())
         log.info("%s: %s, %d MoE blocks on epmoe; rank %d reads %d tensors and %d of its experts' weights",
                  path, config.model_type, len(blocks), rank, len(plan), n_expert_reads)
 
@@ -379,7 +379,7 @@ def load_model(path, ep_group=None, *, dtype: torch.dtype | None = None, device=
             model.tie_weights()
             _rebuild_non_persistent_buffers(model, device)
             for p, block in blocks.items():
-                for e in block.experts.placement.local_experts:
+                for e in block.experts.local_experts:
                     block.experts.load_expert(int(e), **sources[p].read(int(e)))
                     advance()
                 block.sync_routing_state()

@@ -147,7 +147,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
             "tokens_per_s": len(tokens) / gen_s if gen_s > 0 else float("inf"),
             "expert_bytes": expert_memory_bytes(model),
             "total_expert_bytes": int(per_expert * sum(b.experts.cfg.num_experts for _, b in blocks)),
-            "local_experts": [int(e) for e in layer.placement.local_experts], "moe_layers": len(blocks),
+            "local_experts": [int(e) for e in layer.local_experts], "moe_layers": len(blocks),
             "dispatcher": layer.dispatcher_name, "experts": layer.experts_name, "device": str(device),
             "config": layer.cfg.describe(), "family": blocks[0][1].family.name}
 

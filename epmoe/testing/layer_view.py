@@ -27,9 +27,10 @@ class LayerExperts:
         if not 0 <= e < len(self):
             raise IndexError(e)
         layer = self.layer
-        t = expert_tensors(layer, e)
+        local = layer.expert_map.local_slot(e)
+        t = expert_tensors(layer, local)
         if layer.cfg.quant is not None:
-            w = tuple(layer.scheme.dequantized_expert(layer, e))
+            w = tuple(layer.scheme.dequantized_expert(layer, local))
         else:
             w = (t["gate_proj"], t["up_proj"], t["down_proj"])
         if "gate_bias" in t:

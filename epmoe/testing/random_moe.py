@@ -20,6 +20,29 @@ def random_experts(cfg, seed: int = 0, scale: float = 1.0, with_bias: bool = Fal
     return out
 
 
+class SeededExperts:
+    """Expert e's weights, generated on demand from (seed, e): every rank and the oracle see the same
+    values without anyone holding all experts in memory."""
+
+    def __init__(self, cfg, seed: int, device="cpu"):
+        self.cfg, self.seed, self.device = cfg, seed, torch.device(device)
+
+    def __len__(self) -> int:
+        return self.cfg.num_experts
+
+    def __getitem__(self, e: int):
+        if not 0 <= e < len(self):
+            raise IndexError(e)
+        cfg = self.cfg
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + e)
+        H, I = cfg.hidden_size, cfg.intermediate_size
+
+        def rand(*shape, fan_in):
+            t = torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32)
+            return (t * fan_in ** -0.5).to(cfg.dtype)
+        return rand(I, H, fan_in=H), rand(I, H, fan_in=H), rand(H, I, fan_in=I)
+
+
 def random_inputs(cfg, num_tokens: int, seed: int = 1, device="cpu", logit_scale: float = 2.0):
     """hidden [T, H] in cfg.dtype and router logits [T, E] float32, on `device`."""
     g = torch.Generator().manual_seed(seed)
