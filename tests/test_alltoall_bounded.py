@@ -23,6 +23,7 @@ CASES = {
     "no_tokens_on_a_rank": (dict(num_experts=8, top_k=3, hidden_size=20), [5, 0, 1, 4], 5, None),
     "one_expert": (dict(num_experts=10, top_k=2, hidden_size=36), [4, 3, 0, 4], 4, 9),
     "capacity_above_T": (dict(num_experts=6, top_k=2, hidden_size=20), [1, 2, 3, 0], 7, None),
+    "no_tokens_anywhere": (dict(num_experts=6, top_k=2, hidden_size=20), [0, 0, 0, 0], 2, None),
     "fp8_wire": (dict(num_experts=6, top_k=3, hidden_size=200, quant=Fp8Config(dispatch_fp8=True)),
                  [3, 5, 0, 2], 5, None),
 }
@@ -129,7 +130,7 @@ def _bounded_cases(rank, world):
                 xs, ls = _inputs(cfg, tokens, src, seed=3, one_expert=one)
                 ids = packed.compute_routing(xs, ls).topk_ids
                 want_pairs += sum(1 for e in ids.reshape(-1).tolist() if bounded.placement.to_local(e) is not None)
-            assert int((batch.local_ids >= 0).sum()) == want_pairs
+            assert int((batch.local_ids >= 0).sum()) == want_pairs and (want_pairs > 0) == (sum(tokens) > 0)
             bounded.dispatcher.combine(torch.zeros(batch.x.shape[0], cfg.padded_hidden_size), handle)
             report[name] = "ok"
         except Exception as exc:      # record and go on: the other cases still run
