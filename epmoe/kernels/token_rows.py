@@ -89,8 +89,8 @@ def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, delta
     `deltas [N_TERMS]` int64 bytes from src (the symmetric-memory peer distances), so the owner of a token
     reads each rank's row of it straight from that rank's buffer.
 
-    index < 0 skips a term (its weight is never read: a NaN weight of an absent term cannot leak in), and
-    so does a row past `rows`: nothing is read outside the region. A non-zero status word (a timeout or
+    index < 0 skips a term (its weight does not count: a NaN weight of an absent term cannot leak in), and
+    so does a row past `rows`: no row is read outside the region. A non-zero status word (a timeout or
     mismatch this rank saw) makes the row NaN without reading any term (the rows and the peers' regions
     may then be another layer's): the output of a forward that failed on the GPU is never a
     plausible-looking number.
@@ -101,19 +101,22 @@ def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, delta
     hm = offs < H
     ok = tl.load(status_ptr) == 0
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # masked loads, no branches: every term's load is issued before the first add needs it (the peers'
+    # rows cross the link in parallel); a skipped term leaves the sum's bits as they were
     for j in tl.static_range(N_TERMS):
         if DIRECT:
             i = t * N_TERMS + j
         else:
             i = tl.load(index_ptr + t * N_TERMS + j)
-        if (i >= 0) & (i < rows) & ok:
-            base = src_ptr
-            if PEERS:
-                base = src_ptr + tl.multiple_of(tl.load(deltas_ptr + j), 16) // ITEM
-            v = tl.load(base + i.to(tl.int64) * H + offs, mask=hm, other=0.0).to(tl.float32)
-            if WEIGHTED:
-                v = v * tl.load(weight_ptr + t * N_TERMS + j)
-            acc += v
+        use = (i >= 0) & (i < rows) & ok
+        base = src_ptr
+        if PEERS:
+            base = src_ptr + tl.multiple_of(tl.load(deltas_ptr + j), 16) // ITEM
+        row = tl.where(use, i, 0).to(tl.int64)
+        v = tl.load(base + row * H + offs, mask=offs < tl.where(use, H, 0), other=0.0).to(tl.float32)
+        if WEIGHTED:
+            v = v * tl.load(weight_ptr + t * N_TERMS + j)
+        acc = tl.where(use, acc + v, acc)
     acc = tl.where(ok, acc, float("nan"))
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
