@@ -6,16 +6,20 @@ profile of one dispatch + combine.
 
 Two ranks (NCCL, one GPU each, `epmoe.testing.run_on_ranks`). For deepseek-v3 (H 7168, top-8 of 256) and
 qwen3-30b-a3b (H 2048, top-8 of 128) at 128 and 4096 tokens per rank, BF16 rows and FP8 rows on the wire
-(`Fp8Config(dispatch_fp8=True)`, scales per 128 columns):
+(`Fp8Config(dispatch_fp8=True)`, scales per 128 columns), each in two modes (--modes): `packed` (no
+capacity: the counts read on the host size a variable all-to-all) and `bounded` (max_tokens_per_rank = T:
+fixed regions per rank, counts in the data, no host read of counts; timed as CUDA graph replays, NCCL too):
 
   (a) check: the kernels' batch (x / FP8 rows, scales, local ids, weights) equals the PyTorch path's bit
       for bit; with identity experts both combines give the same output bit for bit, and for BF16 that
       output is x times the number of ranks the token went to, exactly (FP8: within 5e-2, one e4m3
-      rounding of random rows).
+      rounding of random rows). Bounded: also a CUDA graph of dispatch + identity + combine, replayed on
+      fresh inputs, equals the eager forward bit for bit.
   (b) timing: dispatch and combine timed separately inside each forward (`epmoe.bench.dispatch.RankClock`:
       CUDA events, L2 flushed, ranks lined up and the same GPU sleep on every rank, median of --reps
-      after --warmup), for the kernels and for the PyTorch path, and NCCL `all_to_all_single` of exactly
-      the bytes the dispatcher moved per destination, each direction, timed the same way in the same run.
+      after --warmup), for the kernels (graph replays where the plan is capturable: bounded) and for the
+      PyTorch path (eager), and NCCL `all_to_all_single` of exactly the bytes the dispatcher moved per
+      destination, each direction, timed the way the kernels were, in the same run.
   (c) profile: one dispatch + combine at 4096 tokens (deepseek-v3, BF16 and FP8) under torch.profiler:
       the top CUDA kernels and their times, the GPU timeline with the gaps between kernels (host time:
       the header's host read, launches), written as text (and a Chrome trace).
@@ -46,6 +50,7 @@ if ROOT not in sys.path:
 PRESETS = ("deepseek-v3", "qwen3-30b-a3b")
 TOKENS = (128, 4096)
 FORMATS = ("bf16", "fp8")
+MODES = ("packed", "bounded")
 FAST = [None]              # use_kernels of the fast path: None (CUDA); True for --cpu-smoke under TRITON_INTERPRET=1
 IDENTITY_FP8_BOUND = 5e-2   # identity experts on FP8 rows vs x * ranks: one e4m3 rounding, not a bug
 
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets (default: %(default)s)")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="tokens per rank (default: %(default)s)")
     p.add_argument("--formats", default=",".join(FORMATS), help="bf16,fp8 (default: %(default)s)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="packed (no capacity), bounded (max_tokens_per_rank = T) (default: %(default)s)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up repeats (default: %(default)s)")
     p.add_argument("--budget-s", type=float, default=130.0,
@@ -73,6 +80,10 @@ def parse_args(argv=None):
     bad = [f for f in args.formats if f not in FORMATS]
     if bad:
         p.error(f"--formats: unknown {bad}; known: {', '.join(FORMATS)}")
+    args.modes = [s for s in args.modes.split(",") if s]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        p.error(f"--modes: unknown {bad}; known: {', '.join(MODES)}")
     if args.reps < 10:
         p.error("--reps must be >= 10")
     return args
@@ -155,6 +166,9 @@ def _case(d, cfg, T, rank, device, clock, reps, warmup):
         res["identity_within_fp8_bound"] = bool(c.finite and c.rel_err <= IDENTITY_FP8_BOUND)
     res["rows_received"] = int(bf.x.shape[0])
     del bf, bt, hf, ht, out_f, out_t
+    graph = d.plan.cuda_graph_safe and device.type == "cuda"
+    if d.plan.max_tokens_per_rank is not None:
+        res["graph_replay_bit_equal"] = _graph_replay_equal(d, cfg, T, rank, device)
 
     # (b) timing: the kernels, the PyTorch path, NCCL with the same bytes
     stats = d.enable_stats()
@@ -167,13 +181,43 @@ def _case(d, cfg, T, rank, device, clock, reps, warmup):
     for path, flag in (("kernels", FAST[0]), ("torch", False)):
         d.use_kernels = flag
         td, tc, _ = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]),
-                                     reps, warmup, False)
+                                     reps, warmup, graph and path == "kernels")
         res[f"{path}_dispatch"], res[f"{path}_combine"] = td, tc
     d.use_kernels = FAST[0]
-    # NCCL moving the same bytes, timed as the dispatcher was (eager, same agreed sleep on every rank)
-    twin = nccl_twin(clock, td["method"], stats.dispatch_bytes, stats.combine_bytes, reps, warmup)
+    # NCCL moving the same bytes, timed as the kernels were (graph replays or eager, the same agreed sleep
+    # on every rank)
+    twin = nccl_twin(clock, res["kernels_dispatch"]["method"], stats.dispatch_bytes, stats.combine_bytes, reps,
+                     warmup)
     res["nccl_dispatch"], res["nccl_combine"] = twin["dispatch"], twin["combine"]
     return res
+
+
+def _graph_replay_equal(d, cfg, T, rank, device) -> bool:
+    """A CUDA graph of dispatch + identity experts + combine (bounded: nothing read back), replayed on
+    fresh inputs, against the eager forward on the same inputs: bit for bit."""
+    import torch
+    from epmoe.routing import Routing, route
+    from epmoe.testing import capture
+    g = torch.Generator().manual_seed(7 * T + rank)
+
+    def inputs():
+        x = torch.randn(T, cfg.hidden_size, generator=g).to(cfg.dtype).to(device)
+        r = route((torch.randn(T, cfg.num_experts, generator=g) * 2).to(device), cfg)
+        return x, r.topk_ids, r.topk_weights
+    xs, ids, ws = inputs()
+
+    def forward():
+        batch, handle = d.dispatch(xs, Routing(ids, ws))
+        return d.combine(_identity_output(d, batch), handle)
+    replay, out = capture(forward, device)
+    same = True
+    for _ in range(2):
+        for static, new in zip((xs, ids, ws), inputs()):
+            static.copy_(new)
+        replay()
+        got = out.clone()
+        same = same and bool(torch.equal(got, forward()))
+    return same
 
 
 # ----------------------------------------------------------------------------------- (c) profile
@@ -294,26 +338,32 @@ def worker(rank, ws, p):
     for preset in p["presets"]:
         for fmt in p["formats"]:
             for T in p["tokens"]:
-                what = f"{preset}/{fmt}/T={T}"
-                if late():
-                    out["skipped"].append(what)
-                    continue
-                t0 = time.monotonic()
-                try:
-                    key = (preset, fmt)
-                    cfg = _cfg(preset, fmt, p["cpu"])
-                    if key not in dispatchers:
-                        dispatchers[key] = make_dispatcher("alltoall", cfg, group=group, device=device)
-                    res = _case(dispatchers[key], cfg, T, rank, device, clock, p["reps"], p["warmup"])
-                    res.update(preset=preset, format=fmt, tokens_per_rank=T, seconds=time.monotonic() - t0)
-                    out["cases"].append(res)
-                except Exception:
-                    out["errors"].append(f"{what}: {traceback.format_exc()}")
-                    out["cases"].append({"preset": preset, "format": fmt, "tokens_per_rank": T, "error":
-                                         traceback.format_exc().strip().splitlines()[-1]})
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                _save(p["out"], rank, out)
+                for mode in p["modes"]:
+                    what = f"{preset}/{fmt}/T={T}/{mode}"
+                    if late():
+                        out["skipped"].append(what)
+                        continue
+                    t0 = time.monotonic()
+                    try:
+                        cfg = _cfg(preset, fmt, p["cpu"])
+                        if mode == "bounded":         # capacity T: one dispatcher per T
+                            d = make_dispatcher("alltoall", cfg, group=group, device=device, max_tokens_per_rank=T)
+                        else:
+                            key = (preset, fmt)
+                            if key not in dispatchers:
+                                dispatchers[key] = make_dispatcher("alltoall", cfg, group=group, device=device)
+                            d = dispatchers[key]
+                        res = _case(d, cfg, T, rank, device, clock, p["reps"], p["warmup"])
+                        res.update(preset=preset, format=fmt, tokens_per_rank=T, mode=mode,
+                                   seconds=time.monotonic() - t0)
+                        out["cases"].append(res)
+                    except Exception:
+                        out["errors"].append(f"{what}: {traceback.format_exc()}")
+                        out["cases"].append({"preset": preset, "format": fmt, "tokens_per_rank": T, "mode": mode,
+                                             "error": traceback.format_exc().strip().splitlines()[-1]})
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    _save(p["out"], rank, out)
     if not p["no_profile"]:
         texts = []
         for fmt in p["formats"]:
@@ -362,7 +412,7 @@ def merge(per_rank):
     rows = []
     for i, first in enumerate(per_rank[0]["cases"]):
         cases = [r["cases"][i] for r in per_rank if i < len(r["cases"])]
-        row = {k: first[k] for k in ("preset", "format", "tokens_per_rank")}
+        row = {k: first[k] for k in ("preset", "format", "tokens_per_rank", "mode")}
         errors = [c["error"] for c in cases if "error" in c]
         if errors:
             row["error"] = errors
@@ -382,23 +432,26 @@ def merge(per_rank):
             "kernels_active": all(c["kernels_active"] for c in cases),
             "batch_bit_equal": all(all(c["batch_bit_equal"].values()) for c in cases),
             "combine_bit_equal": all(c["combine_bit_equal"] for c in cases),
-            "identity": all(c.get("identity_exact", c.get("identity_within_fp8_bound", True)) for c in cases)}
+            "identity": all(c.get("identity_exact", c.get("identity_within_fp8_bound", True)) for c in cases),
+            "graph_replay_bit_equal": all(c.get("graph_replay_bit_equal", True) for c in cases)}
+        row["method"] = first["kernels_dispatch"]["method"]
         row["per_rank"] = cases
         rows.append(row)
     return rows
 
 
 def print_table(rows):
-    head = (f"{'preset':<14} {'fmt':<4} {'T':>5} {'disp us':>8} {'NCCL':>7} {'x':>5} {'comb us':>8} {'NCCL':>7} "
-            f"{'x':>5} {'torch d':>8} {'torch c':>8}  checks")
+    head = (f"{'preset':<14} {'fmt':<4} {'T':>5} {'mode':<7} {'disp us':>8} {'NCCL':>7} {'x':>5} {'comb us':>8} "
+            f"{'NCCL':>7} {'x':>5} {'torch d':>8} {'torch c':>8}  checks")
     print(head)
     print("-" * len(head))
     for r in rows:
+        lead = f"{r['preset']:<14} {r['format']:<4} {r['tokens_per_rank']:>5} {r['mode']:<7}"
         if "error" in r:
-            print(f"{r['preset']:<14} {r['format']:<4} {r['tokens_per_rank']:>5} error: {r['error'][0][:90]}")
+            print(f"{lead} error: {r['error'][0][:90]}")
             continue
         ok = "ok" if all(r["checks"].values()) else f"FAILED {r['checks']}"
-        print(f"{r['preset']:<14} {r['format']:<4} {r['tokens_per_rank']:>5} {r['kernels_dispatch_us']:>8.1f} "
+        print(f"{lead} {r['kernels_dispatch_us']:>8.1f} "
               f"{r['nccl_dispatch_us']:>7.1f} {r['dispatch_vs_nccl']:>5.2f} {r['kernels_combine_us']:>8.1f} "
               f"{r['nccl_combine_us']:>7.1f} {r['combine_vs_nccl']:>5.2f} {r['torch_dispatch_us']:>8.1f} "
               f"{r['torch_combine_us']:>8.1f}  {ok}")
@@ -415,7 +468,7 @@ def main(argv=None) -> int:
     from epmoe.testing.distributed import run_on_ranks
     os.makedirs(args.out, exist_ok=True)
     p = dict(out=os.path.abspath(args.out), presets=args.presets, tokens=args.tokens, formats=args.formats,
-             reps=args.reps, warmup=args.warmup, budget_s=args.budget_s, no_profile=args.no_profile,
+             modes=args.modes, reps=args.reps, warmup=args.warmup, budget_s=args.budget_s, no_profile=args.no_profile,
              no_layer=args.no_layer, cpu=args.cpu_smoke)
     if args.cpu_smoke:
         p["tokens"] = [min(t, 17) for t in p["tokens"]]
@@ -439,10 +492,11 @@ def main(argv=None) -> int:
               "failure": failure, "cases": rows, "layer": [r.get("layer", []) for r in per_rank],
               "skipped": per_rank[0].get("skipped", []) if per_rank else [],
               "errors": [e for r in per_rank for e in r.get("errors", [])],
-              "method": "CUDA events via epmoe.bench.dispatch's clock (eager: the dispatch reads the header on "
-                        "the host; the same agreed GPU sleep on every rank), median of the ranks' medians and the "
-                        "slowest rank's, ratios at the slowest ranks; NCCL all_to_all_single of uint8 with the "
-                        "dispatcher's bytes per destination, timed the same way, same run"}
+              "method": "CUDA events via epmoe.bench.dispatch's clock (packed: eager, the dispatch reads the counts "
+                        "on the host; bounded: CUDA graph replays of the kernels' path; the same agreed GPU sleep on "
+                        "every rank), median of the ranks' medians and the slowest rank's, ratios at the slowest "
+                        "ranks; NCCL all_to_all_single of uint8 with the dispatcher's bytes per destination, timed "
+                        "the way the kernels were, same run"}
     with open(os.path.join(p["out"], "alltoall_check.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(os.path.join(p["out"], "alltoall_profile.txt"), "w") as f:

@@ -15,7 +15,10 @@ Parts (each guarded, so one failure does not hide the others; a table sums up at
           behind symm_high_throughput only).
   timing: `epmoe bench dispatch` for alltoall, low_latency and both new dispatchers, BF16 and FP8 rows.
   variants: the high-throughput transfer kernels launched several ways (`HTLaunch`), BF16 and FP8 rows,
-          dispatch and combine times, and a profile (time per kernel) of the default launch.
+          dispatch and combine times, and a profile (time per kernel) of the default launch; the combine
+          three ways: pull with the experts' output already in the batch's `out` (as the triton experts
+          leave it), pull with the output handed over elsewhere (copied in first), and push
+          (`combine_pull=False`: stores into the owners, then the summing pass), all bit for bit the same.
   layer:  `epmoe bench layer --ranks 2` (deepseek-v3, qwen3-30b-a3b) for alltoall and both new dispatchers,
           against one GPU doing both ranks' tokens.
 """
@@ -195,7 +198,10 @@ def soak_worker(rank, ws, forwards):
 VARIANTS = {   # name: HTLaunch fields that differ from the default
     "default": {}, "split2": dict(split=2), "split4": dict(split=4), "warps8": dict(warps=8),
     "qsplit2": dict(quant_split=2), "qsplit8": dict(quant_split=8), "qsplit4w8": dict(warps=8),
-    "csplit4": dict(combine_split=4), "prequant": dict(quant_split=128),   # FP8: blocks of 64 columns, quantized before
+    "csplit4": dict(combine_split=4), "csplit16": dict(combine_split=16), "cwarps8": dict(combine_warps=8),
+    "prequant": dict(quant_split=128),   # FP8: blocks of 64 columns, quantized before
+    "pull_copy": {},                     # the experts' output handed over elsewhere: copied into `out` first
+    "push": dict(combine_pull=False),    # the push combine: stores into the owners, then a summing pass
 }
 
 
@@ -204,12 +210,12 @@ def variants_worker(rank, ws, T, names):
     bounded, CUDA graphs), BF16 and FP8 rows: dispatch and combine times, and one profiled eager forward
     per row format (time per kernel)."""
     from epmoe import Fp8Config, MoEConfig
-    from epmoe.bench.dispatch import _Clock
+    from epmoe.bench.dispatch import RankClock
     from epmoe.build import make_dispatcher
     from epmoe.dispatch.symm_high_throughput import HTLaunch
     from epmoe.routing import route
     dev = torch.device("cuda", torch.cuda.current_device())
-    clock = _Clock(dev, dist.group.WORLD)
+    clock = RankClock(dev, dist.group.WORLD)
     out = {}
     for tag, quant in (("bf16", None), ("fp8", Fp8Config(weight_block=(128, 128), dispatch_fp8=True))):
         cfg = MoEConfig(num_experts=256, top_k=8, hidden_size=7168, intermediate_size=128, dtype=torch.bfloat16,
@@ -223,11 +229,19 @@ def variants_worker(rank, ws, T, names):
         ref = d.combine(y, h).clone()
         for name in names:
             d.launch = HTLaunch(**VARIANTS[name])
+            in_place = d.launch.combine_pull and name != "pull_copy"
             try:
                 b2, h2 = d.dispatch(x, routing)
                 same = bool(torch.equal(b2.x.view(torch.uint8), batch.x.view(torch.uint8))
                             and torch.equal(d.combine(y, h2), ref))
-                a, b = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(y, bh[1]), 10, 3, True)
+                for _ in range(2):       # both slots: y where the batch says (experts that write in place)
+                    b2, h2 = d.dispatch(x, routing)
+                    same = same and bool(torch.equal(d.combine(b2.out.copy_(y) if in_place else y, h2), ref))
+
+                def experts_out(bh):
+                    return bh[0].out if in_place else y
+                a, b, _ = clock.time_split(lambda: d.dispatch(x, routing), lambda bh: d.combine(experts_out(bh), bh[1]),
+                                           10, 3, True)
                 out[f"{tag}/{name}"] = {"dispatch_us": round(a["median_ms"] * 1e3, 1),
                                         "combine_us": round(b["median_ms"] * 1e3, 1), "same_result": same,
                                         "method": a["method"]}

@@ -14,10 +14,12 @@
 #   symm:     benchmarks/gpu_symm_check.py: the GPU-initiated dispatchers (every pairing, BF16/FP8
 #             dispatch, edge token counts, a missing peer), CUDA graphs, the multi-rank suite of
 #             tests/test_ep_layer.py for every EP dispatcher on NCCL, the high-throughput kernels'
-#             launch variants and profile (its timing and layer parts are the fair part now);
+#             launch variants and profile, the pull combine (in place, and with the output copied in)
+#             against the push combine (its timing and layer parts are the fair part now);
 #   soak:     1000 forwards in a row of a high-throughput and a low-latency layer alternating;
 #   alltoall: benchmarks/gpu_alltoall_check.py: the NCCL alltoall dispatcher's kernels vs its PyTorch
-#             path and vs NCCL's own all-to-all;
+#             path and vs NCCL's own all-to-all, without a capacity and bounded (max_tokens_per_rank = T:
+#             graph replays against NCCL replayed alike, a graph replay equal to eager bit for bit);
 #   mismatch: benchmarks/gpu_mismatch_check.py: ranks calling different EP layers (every pair of kinds,
 #             the symm ones included) raise on every rank, and the next forward is correct;
 #   tests:    every single-GPU test (pytest -m "gpu and not multigpu"): kernels at real sizes, float16 range;

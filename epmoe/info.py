@@ -23,14 +23,17 @@ def print_info() -> None:
     console.print(f"[bold]epmoe {__version__}[/bold]  torch {torch.__version__}  GPU: {gpu}")
 
     t = Table(title="dispatchers (declared capabilities)")
-    for col in ("name", "layout", "moves tokens", "host sync", "CUDA graph", "needs max_tokens",
+    for col in ("name", "layout", "moves tokens", "host sync", "CUDA graph", "max_tokens",
                 "FP8 dispatch", "top-k weight applied in", "devices"):
         t.add_column(col)
     for name in contract.DISPATCHERS:
         c = contract.dispatcher_class(name).CAPS
-        t.add_row(name, c.layout, _yes(c.communicates), _yes(c.host_sync), _yes(c.cuda_graph_safe),
-                  _yes(c.needs_max_tokens), _yes(c.fp8_dispatch), c.topk_weight_applied_in,
-                  ",".join(sorted(c.devices)))
+        # a dispatcher that takes a capacity reads nothing back and is capturable only with one
+        takes = c.takes_max_tokens and not c.needs_max_tokens
+        t.add_row(name, c.layout, _yes(c.communicates), "without one" if takes and c.host_sync else _yes(c.host_sync),
+                  "with one" if takes and c.cuda_graph_safe else _yes(c.cuda_graph_safe),
+                  "needs" if c.needs_max_tokens else "takes" if takes else "no", _yes(c.fp8_dispatch),
+                  c.topk_weight_applied_in, ",".join(sorted(c.devices)))
     console.print(t)
     for name in contract.DISPATCHERS:
         console.print(f"  {name}: {escape(contract.dispatcher_class(name).CAPS.summary)}")

@@ -10,7 +10,10 @@ Two layouts (a dispatcher declares the one it produces, experts declare the ones
   expert's count are padding the experts must neither trust nor need. The experts return `[L, C, H]`
   unweighted; the combine applies the routing weights.
 
-FP8 dispatch adds `scales` (float32, one per row or per 128-column group) beside `x`.
+FP8 dispatch adds `scales` (float32, one per row or per 128-column group) beside `x`. A flat batch may
+name `out` `[N, H]` in the layer's dtype: where its dispatcher's combine reads the experts' output (its
+symmetric buffer). Experts that can write their output there do, and return it; any other output is copied
+there by the combine, so writing there is a saving, never a condition.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class FlatBatch:
     weights: torch.Tensor
     scales: torch.Tensor | None = None
     layout: str = FLAT
+    out: torch.Tensor | None = None       # where the combine reads the experts' output (None: anywhere)
 
     @property
     def num_rows(self) -> int:

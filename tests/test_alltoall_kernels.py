@@ -23,6 +23,7 @@ else:
 
     from epmoe import Fp8Config, MoEConfig, MoELayer, Placement, contract
     from epmoe.dispatch._comm import token_format, unpack_tokens
+    from epmoe.group import GroupState
     from epmoe.dispatch.alltoall import back_index_torch, pack_torch, route_torch, sum_back_torch
     from epmoe.kernels.alltoall_pack import pack_rows, route_rows, unpack_rows
     from epmoe.kernels.token_rows import gather_sum
@@ -202,3 +203,69 @@ else:
         with torch.no_grad():
             batch, _ = d.dispatch(torch.randn(5, cfg.hidden_size, generator=g), *_routing(5, 6, 2, seed=9))
         assert batch.x.is_contiguous() and batch.local_ids.is_contiguous() and batch.weights.is_contiguous()
+
+    # ------------------------------------------------------------------ the bounded layout (capacity M)
+    def _bounded_both(cfg, placement, T, M, seed, one_expert=None):
+        """The fixed regions from the kernels and from PyTorch: (meta format, (x, meta, back [T, ep]) of
+        each, with PyTorch's back in the kernels' convention: -1 where the token does not go)."""
+        from epmoe.dispatch.alltoall import AllToAllDispatcher, pack_bounded_torch
+        plan = contract.build_plan("alltoall", None, cfg, placement.ep_size, "cpu", max_tokens_per_rank=M)
+        meta = AllToAllDispatcher(plan, placement, None, torch.device("cpu"), state=GroupState()).meta
+        ep, Hp = placement.ep_size, cfg.padded_hidden_size
+        g = torch.Generator().manual_seed(seed + 1)
+        x = F.pad(torch.randn(T, cfg.hidden_size, generator=g), (0, Hp - cfg.hidden_size)).to(cfg.dtype)
+        ids, w = _routing(T, cfg.num_experts, cfg.top_k, seed, one_expert)
+        xt, mt = torch.zeros(ep * M + 1, Hp, dtype=plan.wire_dtype), meta.empty(ep * M + 1)
+        dest = pack_bounded_torch(meta, placement, M, xt, mt, x, ids, w, route_torch(placement, ids))
+        owner, index, _ = placement.tables("cpu")
+        j, counts = route_rows(ids, owner, ep)
+        xk, mk = torch.full((ep * M, Hp), 3.0).to(plan.wire_dtype), meta.empty(ep * M)
+        back = pack_rows(meta, mk, x, ids, w, owner, index, j, counts, plan.wire_scale_group, x_send=xk, region=M)
+        return meta, (xk, mk, back), (xt[:-1], mt[:-1], torch.where(dest.t() == ep * M, -1, dest.t()))
+
+    @pytest.mark.parametrize("where", ["ep2", "ep4", "ep3_scattered"])
+    @pytest.mark.parametrize("fp8", ["none", "group128"])
+    def test_bounded_pack_matches_the_pytorch_layout(where, fp8):
+        """Fixed regions of M rows: the token rows bit for bit at the same places (T = 0, T = 1, T = M, every
+        token on one expert), every other row routed nowhere (ids -1, weights 0)."""
+        E, ep, owners = PLACEMENTS[where]
+        cfg = _cfg(E, 3, 200, torch.bfloat16, fp8)
+        for T, M, one in ((0, 3, None), (1, 4, None), (6, 6, None), (5, 7, E - 1)):
+            meta, (xk, mk, back), (xt, mt, back_t) = _bounded_both(cfg, Placement(E, ep, 0, owners), T, M,
+                                                                   seed=T + ep, one_expert=one)
+            assert torch.equal(back, back_t)
+            sent = back[back >= 0]
+            assert len(set(sent.tolist())) == sent.numel()
+            for d in range(ep):                       # rank d's rows lie in its region, from its first row on
+                rows = back[:, d][back[:, d] >= 0]
+                assert (rows // M == d).all() and sorted(rows.tolist()) == list(range(d * M, d * M + rows.numel()))
+            assert torch.equal(bits(xk[sent]), bits(xt[sent]))
+            for name in meta.fields:
+                assert torch.equal(bits(meta.view(mk, name)[sent]), bits(meta.view(mt, name)[sent])), name
+            pad = torch.ones(ep * M, dtype=torch.bool)
+            pad[sent] = False
+            assert (meta.view(mk, "ids")[pad] == -1).all() and (meta.view(mk, "weights")[pad] == 0).all()
+            dense = unpack_rows(meta, mk)
+            assert dense[0] is None and torch.equal(dense[1], meta.view(mk, "ids").contiguous())
+
+    @pytest.mark.parametrize("fp8", ["none", "group128"])
+    def test_bounded_layer_same_output_with_the_kernels(fp8):
+        """One rank, the whole bounded layer: the kernels' path gives the PyTorch path's output and the
+        unbounded layer's, bit for bit; T = 0 too."""
+        cfg = _cfg(6, 2, 200, torch.float32, fp8)
+        experts = random_experts(cfg, seed=1)
+        layers = [MoELayer(cfg, dispatcher="alltoall", experts="reference", max_tokens_per_rank=M) for M in (9, None)]
+        for layer in layers:
+            for e, (gw, uw, dw) in enumerate(experts):
+                layer.load_expert(e, gate_proj=gw, up_proj=uw, down_proj=dw)
+        g = torch.Generator().manual_seed(4)
+        for T in (9, 0):
+            x, logits = torch.randn(T, cfg.hidden_size, generator=g), torch.randn(T, cfg.num_experts, generator=g)
+            outs = []
+            with torch.no_grad():
+                for kernels in (False, True):
+                    layers[0].dispatcher.use_kernels = kernels
+                    outs.append(layers[0](x, logits))
+                outs.append(layers[1](x, logits))
+            assert outs[0].shape == (T, cfg.hidden_size)
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

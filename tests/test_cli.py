@@ -22,6 +22,9 @@ def test_info_prints_matrix(capsys):
     out = capsys.readouterr().out
     assert "support matrix" in out and "grouped_mm" in out and "local" in out
     assert "silently lose" in out
+    # alltoall takes a capacity: host-synchronised without one, capturable with one
+    row = next(line for line in out.splitlines() if "│ alltoall " in line)
+    assert "without one" in row and "with one" in row and "takes" in row
 
 
 def test_run_default_is_expert_parallel_over_two_cpu_ranks(tmp_path, capsys):

@@ -30,8 +30,11 @@ def test_bench_dispatch_writes_a_report(tmp_path, capsys):
         assert default["requested"] == "auto" and default["capacity"] is None
         assert default["vs_best"] == default["total_ms"] / best["total_ms"]
         assert rows[("low_latency", "best", t)]["capacity"] == t
-    a2a, ag = rows[("alltoall", "best", 16)], rows[("allgather", "best", 16)]
-    # alltoall moves the (token, peer) pairs plus a few bytes of routing per row; allgather every token
+        # best: the bounded alltoall (capacity T), a fixed region of T rows to every rank
+        assert best["capacity"] == t and all(r["rows_sent_per_rank"] == [t, t] for r in best["per_rank"])
+    a2a, ag = rows[("alltoall", "default", 16)], rows[("allgather", "best", 16)]
+    # the unbounded alltoall moves the (token, peer) pairs plus a few bytes of routing per row; allgather
+    # every token
     assert a2a["ideal_bytes_to_peers"] <= a2a["dispatch_bytes_to_peers"] <= 1.5 * a2a["ideal_bytes_to_peers"] + 1
     assert a2a["combine_bytes_to_peers"] == a2a["ideal_bytes_to_peers"]
     assert ag["dispatch_bytes_to_peers"] >= a2a["dispatch_bytes_to_peers"]

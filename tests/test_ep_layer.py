@@ -292,7 +292,16 @@ def _check_traffic(d, out, ref, calls, stats, case, cfg, T, dest_rows, pairs_to,
     assert len(headers) == 1 and headers[0]["nbytes"] <= 8 * (16 + ws) * ws, headers
     calls = [c for c in calls if c not in headers]
     names = {c["name"] for c in calls}
-    if d == "alltoall":
+    if d == "alltoall_bounded":          # fixed regions of M rows: hidden vectors and routing apart, then back
+        M = max(case["T"])
+        assert names == {"all_to_all_single"}, f"bounded alltoall used {names}"
+        data = [c for c in calls if c["dtype"] == torch.uint8]
+        back = [c for c in calls if c["dtype"] == cfg.dtype]
+        assert len(data) == 2 and len(back) == 1, calls
+        assert all(c["rows_to"] == [M] * ws == c["rows_from"] for c in data + back), calls
+        assert data[0]["shape"] == (ws * M, H * cfg.dtype.itemsize), data
+        assert stats.dispatch_rows == [M] * ws and stats.forwards == 1
+    elif d == "alltoall":
         assert names == {"all_to_all_single"}, f"alltoall used {names}"
         data = [c for c in calls if c["dtype"] == torch.uint8]
         back = [c for c in calls if c["dtype"] == cfg.dtype]
@@ -325,11 +334,12 @@ def _check_traffic(d, out, ref, calls, stats, case, cfg, T, dest_rows, pairs_to,
 def case_traffic(rank: int, ws: int, case: dict, device) -> str:
     """Count what each dispatcher sends for the same tokens and routing.
 
-    Each forward starts with one small exchange of the forward header. alltoall: otherwise only
-    all_to_all_single; exactly one row per (token, destination rank holding >= 1 of its
+    Each forward starts with one small exchange of the forward header. alltoall (no capacity): otherwise
+    only all_to_all_single; exactly one row per (token, destination rank holding >= 1 of its
     experts) is sent, never one per expert, and one row per (token, rank) comes back; a row is the hidden
-    vector plus ~8 bytes per slot. allgather: the counter sees every token go to every rank (the counter
-    can see an all-gather in disguise). low_latency: fixed M rows per destination."""
+    vector plus ~8 bytes per slot. alltoall with a capacity: fixed regions of M rows per destination.
+    allgather: the counter sees every token go to every rank (the counter can see an all-gather in
+    disguise). low_latency: fixed M rows per destination."""
     E, k, H = case["E"], case["k"], 32
     cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=16, dtype=torch.bfloat16)
     owners = _owners(E, ws, None)
@@ -347,9 +357,11 @@ def case_traffic(rank: int, ws: int, case: dict, device) -> str:
         return ids.to(hidden.device), torch.softmax(logits.float().gather(1, ids.to(logits.device)), -1)
 
     T = case["T"][rank]
-    layers = {d: MoELayer(cfg, ep_group=dist.group.WORLD, dispatcher=d, experts=x, device=device,
-                          max_tokens_per_rank=max(case["T"]), router=router)
-              for d, x in (("alltoall", "reference"), ("allgather", "reference"), ("low_latency", "batched"))}
+    layers = {d: MoELayer(cfg, ep_group=dist.group.WORLD, dispatcher=d.replace("_bounded", ""), experts=x,
+                          device=device, max_tokens_per_rank=None if d == "alltoall" else max(case["T"]),
+                          router=router)
+              for d, x in (("alltoall", "reference"), ("alltoall_bounded", "reference"), ("allgather", "reference"),
+                           ("low_latency", "batched"))}
     weights = random_experts(cfg)
     x_in, logits = _inputs(cfg, case["T"], rank, seed=3, device=device)
     ids = router(x_in, logits)[0].cpu().tolist()

@@ -177,7 +177,9 @@ def test_declared_capabilities():
     assert all(c.communicates for c in caps.values())
     # FP8 dispatch (quantized before the wire, scales along): alltoall and low_latency, not allgather
     assert caps["alltoall"].fp8_dispatch and caps["low_latency"].fp8_dispatch and not caps["allgather"].fp8_dispatch
-    assert caps["alltoall"].layout == "flat" and caps["alltoall"].host_sync and not caps["alltoall"].cuda_graph_safe
+    # alltoall: host-synchronised without a capacity, capturable with one (the plan decides)
+    assert caps["alltoall"].layout == "flat" and caps["alltoall"].host_sync and caps["alltoall"].cuda_graph_safe
+    assert caps["alltoall"].takes_max_tokens and not caps["alltoall"].needs_max_tokens
     assert caps["allgather"].layout == "flat" and caps["allgather"].host_sync
     ll = caps["low_latency"]
     assert ll.layout == "batched" and not ll.host_sync and ll.cuda_graph_safe and ll.needs_max_tokens

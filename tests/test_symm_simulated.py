@@ -367,7 +367,8 @@ else:
         start = slot * ws.slot_bytes + region.offset
         return int((ws.local[start:start + region.nbytes] != SENTINEL).sum())
 
-    def test_a_failed_high_throughput_forward_stores_nothing_into_the_peers():
+    @pytest.mark.parametrize("pull", [True, False])
+    def test_a_failed_high_throughput_forward_stores_nothing_into_the_peers(pull):
         """Ranks on two layers of different sizes (one workspace): the mismatch is known on every rank
         after the count exchange, so neither the dispatch kernel nor the combine kernel may store a row
         into any rank's buffer -- each would land at its own layer's offsets, inside the other layer's
@@ -383,6 +384,10 @@ else:
         a, b = make(cls, cfg_a, 2, 4, group), make(cls, cfg_b, 2, 4, group)   # one group state per rank
         for db in b:                  # the second layer built on the group
             db.layer_index = 1
+        if not pull:                  # the push combine: stores into the owners' buffers, guarded alike
+            from epmoe.dispatch.symm_high_throughput import HTLaunch
+            for d in a + b:
+                d.launch = HTLaunch(combine_pull=False)
         _fill_data_regions(wss)
         xa, la = _data(cfg_a, [3, 3], 5)
         xb, lb = _data(cfg_b, [3, 3], 6)
@@ -397,16 +402,23 @@ else:
         for r, (d, _, _) in enumerate(calls):
             ws = wss[r]
             regions = d.layout_in(ws).regions
+            # the pull combine copies this rank's own expert output into its own combine region (where the
+            # peers would read it; after a failure nobody does): those rows hold exactly its output
+            comb = ws.view(slot, regions["comb"])
+            if pull:
+                assert torch.equal(comb[:ys[r].shape[0], :ys[r].shape[1]], ys[r]), f"rank {r}: its combine region"
+            else:
+                assert _bytes_changed(ws, slot, regions["comb"]) == 0, f"rank {r}: rows landed in comb"
             for name, region in regions.items():
-                if name in ws.control.regions or name == "rids":
+                if name in ws.control.regions or name in ("rids", "comb"):
                     continue
                 assert _bytes_changed(ws, slot, region) == 0, f"rank {r}: rows landed in {name} of a failed forward"
             start = slot * ws.slot_bytes + ws.control.nbytes
             changed = (ws.local[start:(slot + 1) * ws.slot_bytes] != SENTINEL).nonzero().reshape(-1) + start
-            rids = regions["rids"]
-            lo = slot * ws.slot_bytes + rids.offset
-            assert bool(((changed >= lo) & (changed < lo + rids.nbytes)).all()), \
-                f"rank {r}: bytes outside its routing ids changed in a failed forward"
+            rids, comb_r = regions["rids"], regions["comb"]
+            lo, lo_c = slot * ws.slot_bytes + rids.offset, slot * ws.slot_bytes + comb_r.offset
+            own = ((changed >= lo) & (changed < lo + rids.nbytes)) | ((changed >= lo_c) & (changed < lo_c + comb_r.nbytes))
+            assert bool(own.all()), f"rank {r}: bytes outside its routing ids and its own output changed in a failed forward"
             assert (ws.view(slot, rids) == -1).all()
 
     def test_a_failed_low_latency_forward_sends_no_row_back_to_a_late_peer():
@@ -459,3 +471,91 @@ else:
         outs, _, _ = run_forward(ds, cfg, [experts[e] for e in new], xs, ls, maps=maps)
         for r in range(ep):
             assert_close(outs[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+
+    # ------------------------------------------------------------------------------ the pull combine
+    def _forward_with(ds, cfg, experts, xs, logits, in_place=False):
+        """One forward; the experts' output written into the batch's `out` (what experts that can write
+        there do) when `in_place`, else handed over as a tensor of its own (the combine copies it)."""
+        routings = [route(v, cfg) for v in logits]
+        got = lockstep([d.dispatch_steps(x, ro) for d, x, ro in zip(ds, xs, routings)])
+        ys = []
+        for d, (batch, _) in zip(ds, got):
+            y = ReferenceExperts(cfg)(batch, rank_weights(cfg, experts, d.placement))
+            if in_place:
+                assert batch.out is not None and batch.out.shape == y.shape
+                y = batch.out.copy_(y)
+            ys.append(y)
+        return lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, ys, got)])
+
+    PULL_CASES = [  # (ep, E, k, H, tokens per rank, expert every token visits or None, bounded)
+        (2, 8, 2, 24, [5, 3], None, True),
+        (3, 7, 2, 20, [1, 0, 4], None, False),   # T = 1, a rank with no tokens, E not divisible by ep
+        (4, 8, 3, 12, [3, 2, 0, 4], 7, True),    # every token on the last rank's expert (and two others)
+    ]
+
+    @pytest.mark.parametrize("ep,E,k,H,tokens,one,bounded", PULL_CASES)
+    def test_pull_combine_equals_push_and_the_oracle(ep, E, k, H, tokens, one, bounded):
+        """The pull combine (the owner reads every rank's row and sums in rank order, float32) gives the
+        push combine's result bit for bit, and the oracle's; the same whether the experts wrote into the
+        batch's `out` or returned a tensor of their own; bounded and unbounded."""
+        from epmoe.dispatch.symm_high_throughput import HTLaunch
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=8, dtype=torch.float32)
+        experts = random_experts(cfg, seed=ep)
+        xs, ls = _data(cfg, tokens, 40 + ep)
+        if one is not None:
+            for v in ls:
+                v[:, one] = 50.0
+        M = max(tokens) if bounded else None
+        pull = make(SymmHighThroughputDispatcher, cfg, ep, M, tokens=max(tokens))
+        push = make(SymmHighThroughputDispatcher, cfg, ep, M, tokens=max(tokens))
+        for d in push:
+            d.launch = HTLaunch(combine_pull=False)
+        want = _forward_with(push, cfg, experts, xs, ls)
+        for r in range(ep):
+            assert_close(want[r], reference_moe(xs[r], ls[r], experts, cfg), 1e-5)
+        for in_place in (False, True):       # the two slots, one each way
+            got = _forward_with(pull, cfg, experts, xs, ls, in_place)
+            for r in range(ep):
+                assert torch.equal(got[r], want[r]), (in_place, r)
+
+    def test_pull_combine_batch_names_the_combine_region():
+        """The batch's `out` is the slot's combine region (the rows the peers read), in receive order;
+        an output handed over elsewhere is copied there; the push variant names none."""
+        from epmoe.dispatch.symm_high_throughput import HTLaunch, _is_view_of
+        cfg, experts, ds = _setup(SymmHighThroughputDispatcher, M=4)
+        xs, ls = _data(cfg, [3, 4], 50)
+        got = lockstep([d.dispatch_steps(x, route(v, cfg)) for d, x, v in zip(ds, xs, ls)])
+        ys = []
+        for d, (batch, handle) in zip(ds, got):
+            comb = d._regions(handle.ws, handle.slot).comb_RH
+            assert _is_view_of(batch.out, comb[:batch.x.shape[0]]) and handle.pull
+            ys.append(torch.randn(batch.out.shape))
+        lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, ys, got)])
+        for d, y, (batch, handle) in zip(ds, ys, got):
+            assert torch.equal(batch.out, y)                 # copied where the peers read
+        for d in ds:
+            d.launch = HTLaunch(combine_pull=False)
+        got = lockstep([d.dispatch_steps(x, route(v, cfg)) for d, x, v in zip(ds, xs, ls)])
+        assert all(b.out is None and not h.pull for b, h in got)
+        lockstep([d.combine_steps(torch.zeros(b.x.shape), h) for d, (b, h) in zip(ds, got)])
+
+    def test_pull_sum_reads_nothing_outside_the_region_nor_after_a_failure():
+        """`gather_sum` over the peers' buffers: a row past the region is skipped (never read), terms in
+        rank order in float32; a non-zero status word gives NaN rows without reading any term."""
+        from epmoe.kernels.token_rows import gather_sum
+        wss = SymmWorkspace.simulated(3, 1 << 20)
+        regions = [ws.local[:6 * 8 * 4].view(torch.float32).view(-1, 8)[:5] for ws in wss]   # [5, 8] on each rank
+        for r, reg in enumerate(regions):
+            reg.copy_(torch.randn(5, 8, generator=torch.Generator().manual_seed(r)) * 10)
+        back = torch.tensor([[0, 4, -1], [2, 5, 1], [9, -1, 3]], dtype=torch.int64)    # 5 and 9: past the region
+        status = torch.zeros(1, dtype=torch.int32)
+        got = gather_sum(regions[0], back, None, status, torch.float32, deltas=wss[0].deltas, block_h=4)
+        want = torch.zeros(3, 8)
+        for t in range(3):
+            for d in range(3):
+                i = int(back[t, d])
+                if 0 <= i < 5:
+                    want[t] += regions[d][i]
+        assert torch.equal(got, want)
+        status.fill_(2)
+        assert torch.isnan(gather_sum(regions[0], back, None, status, torch.float32, deltas=wss[0].deltas)).all()

@@ -60,10 +60,21 @@ def test_high_throughput_rows_move_in_16_byte_stores(wire, quant):
               f"*{wire}", "*fp32", "*i32", "*fp32", "*i64", "*i32"] + ["i32"] * 5)
     ptx = _compile(k.ht_dispatch_kernel, types, dict(EP=2, HW=7, K=8, X_ITEM=1 if fp8 else 2, BLOCK_H=8192, K_P2=8,
                                                       G_P2=64 if fp8 else 1, HAS_SCALES=fp8 and not quant,
-                                                      PAD_BLOCK=256, QUANT=quant, GROUP=128 if quant else 1))
+                                                      PAD_BLOCK=256, QUANT=quant, GROUP=128 if quant else 1,
+                                                      PULL=not quant))
     assert "st.global.v4.b32" in _stores(ptx)
     ptx = _compile(k.ht_combine_kernel, ["*bf16", "*i32", "*bf16", "*i64", "*i32", "i32", "i32", "i32"],
                    dict(EP=2, HW=7, ITEM=2, BLOCK_H=8192))
+    assert _stores(ptx) == {"st.global.v4.b32"}
+
+
+def test_pull_combine_reads_the_peers_rows_in_16_byte_loads():
+    """The pull combine (`gather_sum` over the peers' buffers) reads each rank's row with 16-byte vector
+    loads and writes the sum with 16-byte stores."""
+    from epmoe.kernels.token_rows import gather_sum_kernel
+    ptx = _compile(gather_sum_kernel, ["*bf16", "*i64", "*i64", "*bf16", "*i32", "*i64", "i32", "i32", "i32"],
+                   dict(N_TERMS=2, WEIGHTED=False, DIRECT=False, PEERS=True, ITEM=2, BLOCK_H=1024))
+    assert "ld.global.v4.b32" in set(re.findall(r"ld\.global[\.\w]*", ptx))
     assert _stores(ptx) == {"st.global.v4.b32"}
 
 
@@ -78,3 +89,22 @@ def test_low_latency_rows_move_in_16_byte_stores_after_one_atomic_per_row():
     ptx = _compile(k.ll_combine_kernel, ["*bf16", "*i32", "*i32", "*bf16", "*i64", "*i32"] + ["i32"] * 4,
                    dict(ITEM=2, BLOCK_H=8192, SPLIT=4))
     assert "st.global.v4.b32" in _stores(ptx)
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_alltoall_pack_kernels_compile_for_hopper(quant):
+    """The `alltoall` pack kernel (packed or fixed regions: `region` is a runtime argument, the padding
+    programs included), BF16 or quantizing to FP8, and the unpack kernel without the hidden vectors,
+    compile for sm_90; with row strides and offsets divisible by 16 (as the JIT specializes them: rows are
+    16-byte aligned) the hidden vectors leave in 16-byte stores."""
+    from epmoe.kernels import alltoall_pack as k
+    wire = "fp8e4nv" if quant else "bf16"
+    types = (["*bf16", "*i32", "*fp32", "*i32", "*i32", "*i64", "*i32", "*i64", f"*{wire}", "*i32", "*fp32", "*fp32"]
+             + ["i32"] * 13)
+    const = dict(EP=2, K=8, K_P2=8, QUANT=quant, GROUP=128 if quant else 1024, BLOCK=128 if quant else 1024,
+                 GROUPS=32 if quant else 1, PAD_BLOCK=256)
+    ptx = _compile(k.a2a_pack_kernel, types, const, ints16=("HP", "x_stride", "X_ROW", "X_OFF"))
+    assert "st.global.v4.b32" in _stores(ptx), _stores(ptx)
+    ptx = _compile(k.a2a_unpack_kernel, ["*i32", "*i32", "*fp32", "*fp32", "*i32", "*i32", "*fp32", "*fp32"]
+                   + ["i32"] * 10, dict(K=8, K_P2=8, G_P2=64, HAS_SCALES=True, HAS_X=False, BLOCK_H=16))
+    assert _stores(ptx)

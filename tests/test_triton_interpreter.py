@@ -225,6 +225,29 @@ else:
         assert (local == E - 1).any()
         assert_close(out, ref, 1e-5, context=f"ids >= L, gemv={gemv}")
 
+    @pytest.mark.parametrize("gemv", [False, True])
+    def test_experts_write_into_the_batch_out(gemv):
+        """A flat batch naming `out` (a dispatcher's buffer, here rows inside a larger one) gets the output
+        written there, the same bits as a fresh output; an `out` of the wrong shape is refused."""
+        from epmoe.experts.triton import TritonExperts
+        from epmoe.layouts import ExpertWeights, FlatBatch
+        cfg, x, local, w, (w13, w2, b13, b2), ref = fused_case(5, 6, 3, "silu", False, "random", True, seed=61)
+        config = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2),
+                                 gemv=GemvConfig(64, 64, 32, 64) if gemv else None)
+        want = fused_experts(x, local, w, w13, w2, "silu", config=config)
+        region = torch.full((9, cfg.hidden_size), 7.0)
+        got = fused_experts(x, local, w, w13, w2, "silu", config=config, out=region[2:7])
+        assert got.data_ptr() == region[2:7].data_ptr() and torch.equal(got, want)
+        assert (region[:2] == 7).all() and (region[7:] == 7).all()      # nothing written around it
+        with pytest.raises(ValueError, match="out must be"):
+            fused_experts(x, local, w, w13, w2, "silu", config=config, out=region[:4])
+        experts = TritonExperts(cfg, torch.device("cpu"))
+        experts._configs = {}
+        experts.kernel_config = lambda n, wts: config
+        batch = FlatBatch(x, local, w, out=region[3:8])
+        got = experts(batch, ExpertWeights(w13, w2))
+        assert got.data_ptr() == region[3:8].data_ptr() and torch.equal(got, want)
+
     def test_fused_experts_heuristic_config_and_large_alignment_path():
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32)
         experts = random_experts(cfg, seed=3)

@@ -33,8 +33,9 @@ layer's input buffers before each run, untimed), L2 flushed and the GPU kept bus
 a run; for EP layers the ranks' streams are lined up by a tiny all-reduce before each run and every rank
 sleeps the same agreed time (the longest any rank needs), so the ranks start each run together.
 Pairings whose dispatcher and experts both declare `cuda_graph_safe` (low_latency + batched, local +
-triton) are captured once in a CUDA graph and replayed; the others run eagerly (alltoall and allgather
-wait for the host by design, and that wait is part of their time). On CPUs (Gloo, `--device cpu`): wall
+triton; alltoall and the symm dispatchers, which are built with capacity T) are captured once in a CUDA
+graph and replayed; the others run eagerly (allgather waits for the host by design, and that wait is part
+of its time). On CPUs (Gloo, `--device cpu`): wall
 clock after a barrier, for checking the code on small shapes; those times are not performance results.
 
 Every measured configuration's output (inputs of the pool's first entry) is checked on `--check-rows`

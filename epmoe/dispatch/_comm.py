@@ -334,6 +334,26 @@ class CommDispatcher(Dispatcher):
                 if ws is not None:
                     ws.skip_forward()
 
+    def exchange_capacity_header(self, num_tokens: int, device) -> None:
+        """The forward header of a fixed-capacity forward (max_tokens_per_rank) and its overflow check: every
+        rank's T is read on the host (the eager forward's one host read, of the headers, not of any count)
+        and every rank raises alike, naming the setting, if one passed more. While a CUDA graph is captured
+        nothing is read back and no header is exchanged: each rank checks its own T, which a replay cannot
+        change; with one rank there are no peers."""
+        M = self.plan.max_tokens_per_rank
+        capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if self.ep_size > 1 and not capturing:
+            bad = [(r, t) for r, t in enumerate(self.exchange_headers(num_tokens, device).tokens) if t > M]
+        else:
+            bad = [(self.rank, num_tokens)] if num_tokens > M else []
+        if bad:
+            who = ", ".join(f"rank {r} passed {t} tokens" for r, t in bad)
+            raise ValueError(
+                f"{self.name} dispatcher: {who}, more than max_tokens_per_rank={M} (raised on every rank "
+                f"of the group; this forward's outputs were discarded, no token was dropped silently). "
+                f"Build the layer with a larger max_tokens_per_rank on every rank, or pass fewer tokens per "
+                f"forward")
+
     def abort(self) -> None:
         """Take part in the current forward on behalf of a rank whose inputs or routing failed: its header
         is flagged as failed, so every rank raises right after the first exchange instead of waiting; the

@@ -27,6 +27,18 @@ reads anything back to the host; the combine reads nothing.
 
 Bytes on the wire per rank: dispatch = (token, destination) pairs x (H x dtype + 8 k + alignment),
 combine = (token, destination) pairs x H x dtype.
+
+Bounded (`max_tokens_per_rank` = M given): nothing reads counts back, so the forward can be captured in a
+CUDA graph. Every destination gets a fixed region of M rows (a token goes to a rank at most once, so M
+always suffices): the token rows for it first, then rows marked routed nowhere (local ids -1, weights 0),
+so the count travels in the data. Two fixed-size all-to-alls move the regions: the hidden vectors as one
+dense `[ep * M, Hp]` buffer (the experts' rows as they arrive, nothing to unpack) and, beside it, the rows
+of local ids, weights and FP8 scales. The batch spans the whole capacity, `ep * M` rows; the experts'
+output goes back by one fixed-size all-to-all and the owner sums a token's rows as above. Overflow (a rank
+passing more than M tokens) is caught as in `low_latency`: in eager forwards every rank's T travels in the
+forward header (read on the host: headers, never counts) and every rank raises an error naming
+max_tokens_per_rank before anything else is exchanged; while a graph is captured each rank checks its own
+T (a replay cannot change it). Bytes per rank and direction: ep x M rows, whatever the routing.
 """
 from __future__ import annotations
 
@@ -37,7 +49,7 @@ import torch
 from ..contract import DispatcherCaps
 from ..layouts import FLAT, FlatBatch, count_pairs
 from ..registry import register_dispatcher
-from ._comm import CommDispatcher, TokenRows, pack_tokens, unpack_tokens
+from ._comm import CommDispatcher, TokenRows, WireFormat, pack_tokens, unpack_tokens
 from .base import Handle, Pending
 
 
@@ -48,6 +60,7 @@ class AllToAllHandle(Handle):
     back_index: torch.Tensor = None   # PyTorch path: [ep, T] row of the combine buffer holding (token, rank),
     #                                   or the zero row; kernels: [T, ep] that row, or -1
     kernels: bool = False          # dispatched by the CUDA kernels (the combine uses them too)
+    bounded: bool = False          # fixed regions of max_tokens_per_rank rows per rank (splits None)
 
 
 def _nonzero_1d(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -87,6 +100,33 @@ def back_index_torch(pair: torch.Tensor, ep: int, T: int) -> torch.Tensor:
     return back
 
 
+def pack_bounded_torch(meta: WireFormat, placement, M: int, x_send: torch.Tensor, meta_send: torch.Tensor,
+                       x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       goes_to: torch.Tensor) -> torch.Tensor:
+    """The bounded layout without a host sync: token rows into the fixed regions of `x_send [ep * M + 1,
+    Hp]` and `meta_send [ep * M + 1, meta.row_bytes]` (row ep * M: scratch), the other rows of a region
+    routed nowhere. Returns [ep, T]: the row of (rank, token), or ep * M where the token does not go."""
+    ep, T = goes_to.shape
+    dest = torch.where(goes_to, torch.arange(ep, device=x.device).unsqueeze(1) * M + goes_to.cumsum(1) - 1, ep * M)
+    scales = None
+    if meta.quantize is not None:
+        x, scales = meta.quantize(x)
+    ids = placement.local_ids_on(topk_ids, torch.arange(ep, device=x.device).view(ep, 1, 1))     # [ep, T, k]
+    rows = meta.empty(ep, T, device=x.device)
+    meta.view(rows, "ids").copy_(ids)
+    meta.view(rows, "weights").copy_(topk_weights.expand(ep, -1, -1))
+    meta.view(meta_send, "ids").fill_(-1)
+    meta.view(meta_send, "weights").fill_(0.0)
+    if scales is not None:
+        meta.view(rows, "scales").copy_(scales.float().expand(ep, -1, -1))
+        meta.view(meta_send, "scales").fill_(1.0)
+    x_send.zero_()
+    where = dest.reshape(-1)
+    x_send[where] = x.to(x_send.dtype).expand(ep, -1, -1).reshape(ep * T, x_send.shape[1])
+    meta_send[where] = rows.reshape(ep * T, meta.row_bytes)
+    return dest
+
+
 def sum_back_torch(back: torch.Tensor, back_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """out[t] = sum over ranks d, in order, of back[back_index[d, t]] in float32, cast once."""
     out = back[back_index[0]].float()
@@ -98,9 +138,12 @@ def sum_back_torch(back: torch.Tensor, back_index: torch.Tensor, dtype: torch.dt
 @register_dispatcher("alltoall")
 class AllToAllDispatcher(CommDispatcher):
     CAPS = DispatcherCaps(
-        layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False, fp8_dispatch=True, auto_priority=1,
+        layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=True, takes_max_tokens=True,
+        fp8_dispatch=True, auto_priority=1,
         summary="counts exchanged, then each token sent once per destination rank with its routing for "
-                "that rank's experts (variable-size all-to-all); one row per (token, rank) comes back")
+                "that rank's experts (variable-size all-to-all); one row per (token, rank) comes back; with "
+                "max_tokens_per_rank: fixed regions per rank, counts in the data, no host read of counts, "
+                "CUDA-graph capturable")
 
     # None: the Triton kernels on CUDA where Triton can run them, PyTorch ops elsewhere; True/False force
     # a path (tests run the kernels on CPU tensors under TRITON_INTERPRET=1)
@@ -114,6 +157,11 @@ class AllToAllDispatcher(CommDispatcher):
         self._kernels_ok = (triton_problem("cuda", need_fp8=quant) is None
                             and (quant or self.fmt.fields["x"].dtype == plan.dtype))
         self._zero_status_by_device: dict = {}
+        if device is not None:        # made now, outside any CUDA graph capture
+            self._zero_status(device)
+        # bounded: the rows beside the dense hidden vectors (local ids, weights, FP8 scales)
+        self.meta = WireFormat([(f.name, f.dtype, f.width) for f in self.fmt.fields.values() if f.name != "x"],
+                               self.fmt.quantize)
 
     def _kernels_for(self, x: torch.Tensor) -> bool:
         if self.use_kernels is not None:
@@ -121,6 +169,8 @@ class AllToAllDispatcher(CommDispatcher):
         return x.is_cuda and self._kernels_ok
 
     def _start_dispatch(self, x, routing):
+        if self.plan.max_tokens_per_rank is not None:
+            return self._start_bounded_dispatch(x, routing)
         T, H = x.shape
         ep, dev = self.ep_size, x.device
         kernels = self._kernels_for(x)
@@ -161,13 +211,52 @@ class AllToAllDispatcher(CommDispatcher):
                                          kernels=kernels)
         return Pending([work], finish)
 
-    def _received(self, recv: torch.Tensor) -> TokenRows:
+    def _received(self, recv: torch.Tensor, fmt: WireFormat | None = None, kernels: bool = True) -> TokenRows:
         """The received rows as the plan's experts read them: typed views of the receive buffer (no copy)
-        for backends that read strided rows, else dense fields unpacked in one launch."""
+        for backends that read strided rows, else dense fields unpacked in one launch (`kernels`) or by
+        PyTorch."""
+        fmt = fmt or self.fmt
         if self.plan.experts_read_strided_rows:
-            return unpack_tokens(self.fmt, recv)
+            return unpack_tokens(fmt, recv)
+        if not kernels:
+            return unpack_tokens(fmt, recv, contiguous=True)
         from ..kernels.alltoall_pack import unpack_rows
-        return TokenRows(*unpack_rows(self.fmt, recv))
+        return TokenRows(*unpack_rows(fmt, recv))
+
+    def _start_bounded_dispatch(self, x, routing):
+        """Fixed regions of M rows per destination, counts in the data (rows past them routed nowhere), two
+        fixed-size all-to-alls: the dense hidden vectors, and the rows of ids, weights and scales."""
+        T, H = x.shape
+        ep, M, dev, meta = self.ep_size, self.plan.max_tokens_per_rank, x.device, self.meta
+        kernels = self._kernels_for(x)
+        self.exchange_capacity_header(T, dev)          # eager: every rank's T read back and checked
+        rows = ep * M
+        if kernels:
+            from ..kernels.alltoall_pack import pack_rows, route_rows
+            owner, index, _ = self.placement.tables(dev)
+            j, counts = route_rows(routing.topk_ids, owner, ep)
+            x_send = torch.empty(rows, H, dtype=self.plan.wire_dtype, device=dev)
+            meta_send = meta.empty(rows, device=dev)
+            back_index = pack_rows(meta, meta_send, x, routing.topk_ids, routing.topk_weights, owner, index, j,
+                                   counts, self.plan.wire_scale_group, x_send=x_send, region=M)   # [T, ep]
+        else:           # a scratch row past the regions takes the pairs that are not sent
+            x_send = torch.empty(rows + 1, H, dtype=self.plan.wire_dtype, device=dev)
+            meta_send = meta.empty(rows + 1, device=dev)
+            back_index = pack_bounded_torch(meta, self.placement, M, x_send, meta_send, x, routing.topk_ids,
+                                            routing.topk_weights, route_torch(self.placement, routing.topk_ids))
+            x_send, meta_send = x_send[:rows], meta_send[:rows]
+        x_recv, meta_recv = (x_send, meta_send) if ep == 1 else (torch.empty_like(x_send), torch.empty_like(meta_send))
+        works = [] if ep == 1 else [self.comm.all_to_all(_bytes(x_recv), _bytes(x_send), async_op=True),
+                                    self.comm.all_to_all(meta_recv, meta_send, async_op=True)]
+
+        def finish():
+            fields = self._received(meta_recv, meta, kernels)
+            if self.stats is not None:
+                self.stats.record([M] * ep, H * x_send.element_size() + meta.row_bytes, [M] * ep,
+                                  H * x.element_size(), count_pairs(fields.ids, self.placement.num_local_experts))
+            batch = FlatBatch(x_recv, fields.ids, fields.weights, fields.scales)
+            return batch, AllToAllHandle(T, back_index=back_index, kernels=kernels, bounded=True)
+        return Pending(works, finish)
 
     def _zero_status(self, device) -> torch.Tensor:
         """A zero int32 word for `gather_sum` (its status input: never set on this dispatcher)."""
@@ -180,6 +269,9 @@ class AllToAllDispatcher(CommDispatcher):
     def _start_combine(self, expert_out, handle: AllToAllHandle):
         send_splits, recv_splits = handle.send_splits, handle.recv_splits
         back_index, kernels = handle.back_index, handle.kernels
+        if handle.bounded:           # every region of M rows goes back to its rank whole
+            M = self.plan.max_tokens_per_rank
+            send_splits = recv_splits = [M] * self.ep_size
         n_send, H = sum(send_splits), expert_out.shape[1]
         dev = expert_out.device
         if kernels:
@@ -199,3 +291,8 @@ class AllToAllDispatcher(CommDispatcher):
         def finish():
             return sum_back_torch(back, back_index, self.plan.dtype)
         return Pending([work], finish)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's rows as uint8 (FP8 rows travel as bytes: Gloo has no float8)."""
+    return t.view(torch.uint8)

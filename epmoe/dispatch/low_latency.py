@@ -69,10 +69,7 @@ class LowLatencyDispatcher(CommDispatcher):
     def _start_dispatch(self, x, routing):
         T, H = x.shape
         ep, M, dev = self.ep_size, self.M, x.device
-        tokens = [T]
-        if ep > 1 and not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            tokens = self.exchange_headers(T, dev).tokens
-        self._check_capacity(tokens)
+        self.exchange_capacity_header(T, dev)
         send = self.fmt.empty(ep, M, device=dev)
         ranks = torch.arange(ep, device=dev).view(ep, 1, 1)
         pack_tokens(self.fmt, send[:, :T], x, self.placement.local_ids_on(routing.topk_ids, ranks),
@@ -125,18 +122,3 @@ class LowLatencyDispatcher(CommDispatcher):
         back = partial if ep == 1 else torch.empty_like(partial)
         work = None if ep == 1 else self.comm.all_to_all(back, partial, async_op=True)
         return Pending([work], lambda: back[:, :T].float().sum(0).to(self.plan.dtype))
-
-    # ------------------------------------------------------------------------------ overflow check
-    def _check_capacity(self, tokens: list[int]) -> None:
-        """Raise on every rank that knows of a rank passing more than M tokens (`tokens`: every rank's T
-        from the forward header, or this rank's own alone)."""
-        bad = [(r, t) for r, t in enumerate(tokens) if t > self.M]
-        if len(tokens) == 1:
-            bad = [(self.rank, t) for _, t in bad]
-        if bad:
-            who = ", ".join(f"rank {r} passed {t} tokens" for r, t in bad)
-            raise ValueError(
-                f"low_latency dispatcher: {who}, more than max_tokens_per_rank={self.M} (raised on every rank "
-                f"of the group; this forward's outputs were discarded, no token was dropped silently). "
-                f"Build the layer with a larger max_tokens_per_rank on every rank, or pass fewer tokens per "
-                f"forward")

@@ -1,6 +1,7 @@
 """`symm_high_throughput`: GPU-initiated dispatch and combine for large batches (prefill), over torch
 symmetric memory. Each token travels once to each rank that holds at least one of its experts, stored
-by a Triton kernel straight into the receiver's buffer; one row per (token, rank) comes back the same way.
+by a Triton kernel straight into the receiver's buffer; the owner of a token reads its one row per rank
+back straight from the peers' buffers.
 
 Dispatch:
   1. On the GPU (one Triton program): each token's destination ranks, its index among this rank's rows
@@ -11,9 +12,15 @@ Dispatch:
      FP8 with its scales when the plan puts FP8 on the wire -- with its routing restricted to that
      receiver's experts (local ids, -1 for slots held elsewhere) into every destination, then signals.
   3. The receiver's rows are a flat batch in its own buffer, source-major: the experts read them in place.
-Combine: each expert rank stores its output row (already the weighted sum over its local slots) into the
-owner's buffer, at the position the owner's send order gives that (rank, token) pair; after the signal
-the owner sums a token's rows in float32 in rank order (bit-reproducible) and casts once.
+Combine (pull): each rank's expert output rows (each already the weighted sum over its local slots) lie in
+its own buffer's combine region, in the order the rows arrived -- the batch's `out` says where, so experts
+that can write there do, and the combine copies any other output there. After one signal (every rank's rows
+are in place) the owner of a token reads its row from each rank that computed one, through the peer
+pointers, sums them in float32 in rank order (bit-reproducible, the order of the reference path) and casts
+once: the rows cross the link and are summed in the same pass. Nothing more is signalled after the reads: a
+rank writes that slot's combine region again only in the forward after next, which its peers enter (their
+first exchange) after their reads. `HTLaunch(combine_pull=False)` keeps the push combine for comparison:
+each rank stores its rows into the owners' buffers and each owner sums them in a second pass.
 
 With `max_tokens_per_rank` the buffers hold ep x max_tokens_per_rank rows, nothing is read back during
 the forward (the batch spans the capacity, rows past what arrived routed nowhere; headers are checked on
@@ -56,6 +63,7 @@ class HTLaunch(NamedTuple):
     combine_warps: int = 4
     route_block: int = 256
     route_warps: int = 4
+    combine_pull: bool = True        # False: the push combine (stores into the owners, then a summing pass)
 
     def column_block(self, H: int, split: int) -> int:
         from ..kernels.symm_dispatch import row_block
@@ -66,7 +74,8 @@ class HTLaunch(NamedTuple):
 class SymmHTHandle(SymmHandle):
     mtx_PW: torch.Tensor = None          # [ep, HW] int32 every rank's header and per-destination row counts
     num_rows: int = 0                    # N: rows this rank received
-    back_TP: torch.Tensor = None         # [T, ep] int64 row of the combine region holding (token, rank), or -1
+    back_TP: torch.Tensor = None         # [T, ep] int64 row of (token, rank) in a combine region, or -1
+    pull: bool = True                    # back_TP rows are on the peers (pull), else in this rank's (push)
 
 
 class HTRegions(NamedTuple):
@@ -75,7 +84,8 @@ class HTRegions(NamedTuple):
     rxs_RG: torch.Tensor | None      # [R, G] float32 scales (FP8 on the wire)
     rids_RK: torch.Tensor            # [R, K] int32 local expert ids on this rank, -1: not here
     rw_RK: torch.Tensor              # [R, K] float32 routing weights
-    comb_RH: torch.Tensor            # [R, H] layer dtype: the rows coming back, in this rank's send order
+    comb_RH: torch.Tensor            # [R, H] layer dtype: pull: this rank's expert output rows, in receive
+    #                                  order (the peers read them); push: the rows coming back, in send order
 
 
 @register_dispatcher("symm_high_throughput")
@@ -84,9 +94,9 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
         takes_max_tokens=True, fp8_dispatch=True, available=symm_problem, auto_priority=2,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
-                "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); rows come back "
-                "the same way and the owner sums them in float32; with max_tokens_per_rank: fixed buffers, no "
-                "host read in the forward, CUDA-graph capturable")
+                "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); the owner reads its "
+                "tokens' result rows from the peers' buffers and sums them in float32 in the same pass; with "
+                "max_tokens_per_rank: fixed buffers, no host read in the forward, CUDA-graph capturable")
 
     LAUNCH = HTLaunch()
 
@@ -187,14 +197,17 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
                 rg.rxs_RG if fp8 else rg.rw_RK, rg.rids_RK, rg.rw_RK, ws.deltas, ws.status, me, T, H, G, R,
                 EP=ep, HW=mtx_PW.shape[1], K=K, X_ITEM=rg.rx_RH.element_size(), BLOCK_H=block_h,
                 K_P2=pow2(K), G_P2=pow2(G), HAS_SCALES=fp8 and not fused, PAD_BLOCK=PAD_BLOCK,
-                QUANT=fused, GROUP=group if fused else 1, num_warps=lc.warps)
+                QUANT=fused, GROUP=group if fused else 1, PULL=lc.combine_pull, num_warps=lc.warps)
         # a failed forward (another layer on a peer, a timeout) hands the experts no routed row
         yield from self.exchange(ws, "dispatch", slot, header, check_heads=False, poison=(rg.rids_RK, -1))
         if self.stats is not None:
             self._count(mtx_PW, rg, n_recv, x_TH.element_size())
         N = n_recv
-        batch = FlatBatch(rg.rx_RH[:N], rg.rids_RK[:N], rg.rw_RK[:N], rg.rxs_RG[:N] if fp8 else None)
-        handle = SymmHTHandle(T, ws=ws, slot=slot, header=header, mtx_PW=mtx_PW, num_rows=N, back_TP=back_TP)
+        # pull: the experts' output goes where the peers read it (experts that can write there do)
+        batch = FlatBatch(rg.rx_RH[:N], rg.rids_RK[:N], rg.rw_RK[:N], rg.rxs_RG[:N] if fp8 else None,
+                          out=rg.comb_RH[:N] if lc.combine_pull else None)
+        handle = SymmHTHandle(T, ws=ws, slot=slot, header=header, mtx_PW=mtx_PW, num_rows=N, back_TP=back_TP,
+                              pull=lc.combine_pull)
         return batch, handle
 
     def _count(self, mtx_PW, rg: HTRegions, n_rows: int, itemsize: int) -> None:
@@ -235,22 +248,35 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
             raise ValueError(f"{self.name} dispatcher: combine needs the experts' output [{N}, {H}] {plan.dtype} "
                              f"for this handle, got {list(y_NH.shape)} {y_NH.dtype}")
         comb_RH = self._regions(ws, slot).comb_RH
-        if N:
+        lc = self.launch
+        block_h = lc.column_block(H, lc.combine_split)
+        if handle.pull:
+            if N and not _is_view_of(y_NH, comb_RH[:N]):       # experts that wrote elsewhere
+                comb_RH[:N].copy_(y_NH)
+        elif N:
             y_NH = y_NH.contiguous()
-            lc = self.launch
             ht_combine_kernel[(N, lc.combine_split)](
                 y_NH, mtx_PW, comb_RH, ws.deltas, ws.status, self.rank, H, comb_RH.shape[0], EP=self.ep_size,
-                HW=mtx_PW.shape[1], ITEM=y_NH.element_size(),
-                BLOCK_H=lc.column_block(H, lc.combine_split), num_warps=lc.combine_warps)
-        # the expert row counters of this slot are cleared too: a low-latency peer that ran another layer
-        # in this forward (a mismatch) may have counted into them
+                HW=mtx_PW.shape[1], ITEM=y_NH.element_size(), BLOCK_H=block_h, num_warps=lc.combine_warps)
+        # pull: every rank's rows are in place once this returns; push: they have arrived here. The expert
+        # row counters of this slot are cleared too: a low-latency peer that ran another layer in this
+        # forward (a mismatch) may have counted into them
         yield from self.exchange(ws, "combine", slot, handle.header, check_heads=False,
                                  zero=ws.control_view(slot, "counters"))
-        # out[t] = sum over ranks d in order of comb[back[t, d]] (-1: skipped) in float32; NaN if it failed
-        out_TH = gather_sum(comb_RH, handle.back_TP, None, ws.status, plan.dtype)
+        # out[t] = sum over ranks d in order of row back[t, d] (-1: skipped) of rank d's combine region (pull)
+        # or of this rank's (push), in float32; NaN, reading nothing, if the forward failed
+        out_TH = gather_sum(comb_RH, handle.back_TP, None, ws.status, plan.dtype,
+                            deltas=ws.deltas if handle.pull else None, block_h=block_h,
+                            num_warps=lc.combine_warps)
         if plan.max_tokens_per_rank is not None:
             self.check_at_end(handle, y_NH.device)
         return out_TH
 
     def empty_expert_output(self, batch) -> torch.Tensor:
         return torch.zeros(batch.x.shape[0], self.plan.padded_hidden_size, dtype=self.plan.dtype, device=batch.x.device)
+
+
+def _is_view_of(y: torch.Tensor, region: torch.Tensor) -> bool:
+    """Whether `y` is exactly the rows of `region` (the experts wrote their output in place)."""
+    return (y.data_ptr() == region.data_ptr() and y.shape == region.shape and y.stride() == region.stride()
+            and y.dtype == region.dtype)

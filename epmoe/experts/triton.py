@@ -89,4 +89,4 @@ class TritonExperts(Experts):
                               granularity=plan.weight_granularity)
         return fused_experts(x.contiguous(), batch.local_ids, batch.weights, weights.w13, weights.w2,
                              plan.activation, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype,
-                             config=config, fp8=fp8)
+                             config=config, fp8=fp8, out=batch.out)      # in place where the dispatcher says

@@ -669,14 +669,15 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
                   w13: torch.Tensor, w2: torch.Tensor, activation: str, *,
                   b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
                   out_dtype: torch.dtype | None = None, config: MoEKernelConfig | None = None,
-                  fp8: "Fp8Operands | None" = None) -> torch.Tensor:
+                  fp8: "Fp8Operands | None" = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The flat-layout MoE experts: out[t] = sum_j w[t, j] * down_e(act(gate_e x_t, up_e x_t)) over the
     slots j whose local expert e = local_ids[t, j] is in [0, L) (-1 marks a slot whose expert is on
     another rank; any id outside [0, L) contributes nothing).
 
     x [N, H] (bf16/fp16/fp32, or e4m3fn with `fp8`), local_ids [N, k] int, topk_weights [N, k] float32,
     w13 [L, 2I, H], w2 [L, H, I] contiguous; b13 [L, 2I] / b2 [L, H] float32 optional.
-    Returns [N, H] in `out_dtype` (default: x's dtype).
+    Returns [N, H] in `out_dtype` (default: x's dtype): `out` when given (contiguous [N, H] of that dtype,
+    e.g. the dispatcher's buffer its combine reads), written in place.
     """
     if x.dim() != 2 or local_ids.dim() != 2 or local_ids.shape[0] != x.shape[0]:
         raise ValueError(f"fused_experts: x must be [N, H] and local_ids [N, k], got {list(x.shape)} and "
@@ -695,7 +696,11 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
         if not t.is_contiguous():
             raise ValueError(f"fused_experts: {name} must be contiguous (the kernels index it as a dense array)")
     out_dtype = out_dtype or x.dtype
-    out = torch.empty(N, H, dtype=out_dtype, device=x.device)
+    if out is None:
+        out = torch.empty(N, H, dtype=out_dtype, device=x.device)
+    elif tuple(out.shape) != (N, H) or out.dtype != out_dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"fused_experts: out must be a contiguous [{N}, {H}] {out_dtype} tensor on {x.device}, got "
+                         f"{list(out.shape)} {out.dtype} on {out.device}")
     if N == 0:
         return out
     if config is None:

@@ -207,7 +207,7 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
                        rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, T, H, G, rows,
                        EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
                        BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
-                       PAD_BLOCK: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr):
+                       PAD_BLOCK: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, PULL: tl.constexpr):
     """Program (t < T, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... (SPLIT =
     programs along axis 1) of token t's row into the receive buffer of every rank it goes to, program
     (t, 0) its routing too; programs (t >= T, 0) mark this rank's receive rows past those that arrive as
@@ -219,10 +219,11 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
     int32 (rank of each expert, its index there), w [T, K] float32, j [EP, T] int64 (the token's index
     among this rank's rows for that destination, -1: not there). mtx [EP, HW] int32: every rank's header,
     whose columns HEADER_BASE.. hold its row count per destination: this rank's rows start in rank d's
-    buffer after those of lower ranks, and its own rows for d sit after its rows for lower d in its
-    combine region (back [T, EP] int64 gets that row, -1: not sent). rx/rxs/rids/rw: this rank's receive
-    regions of `rows` rows (the peers' are at the same offsets from their bases); a row past them sets
-    OVERFLOW instead of landing.
+    buffer after those of lower ranks. back [T, EP] int64 (-1: not sent there, or past the region): with
+    PULL the token's row on rank d (where the pull combine reads d's result for it), else its row in this
+    rank's own combine region (its rows for d after its rows for lower d: where d's push combine stores
+    the result). rx/rxs/rids/rw: this rank's receive regions of `rows` rows (the peers' are at the same
+    offsets from their bases); a row past them sets OVERFLOW instead of landing.
     """
     t = tl.program_id(0)
     part = tl.program_id(1)
@@ -241,7 +242,7 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
         _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
                         rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, t.to(tl.int64), part,
                         tl.num_programs(1), T, H, G, rows, EP, HW, K, X_ITEM, BLOCK_H, K_P2, G_P2, HAS_SCALES,
-                        QUANT, GROUP)
+                        QUANT, GROUP, PULL)
 
 
 @triton.jit
@@ -260,7 +261,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
                     rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, row, part, parts, T, H, G, rows,
                     EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
                     BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
-                    QUANT: tl.constexpr, GROUP: tl.constexpr):
+                    QUANT: tl.constexpr, GROUP: tl.constexpr, PULL: tl.constexpr):
     # nothing goes to the peers once this rank knows the forward failed (another layer's layout there)
     ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
     for h0 in range(part * BLOCK_H, H, parts * BLOCK_H):
@@ -294,8 +295,11 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
     send_off = row * 0
     for d in tl.static_range(EP):
         jd, p = _row_on(j_ptr, mtx_ptr, row, T, rank, d, EP, HW)
-        tl.store(back_ptr + row * EP + d, tl.where(jd >= 0, send_off + jd, -1))
-        send_off += tl.load(mtx_ptr + rank * HW + HEADER_BASE + d)
+        if PULL:     # the row on rank d, where the pull combine reads the token's result from
+            tl.store(back_ptr + row * EP + d, tl.where((jd >= 0) & (p < rows), p, -1))
+        else:        # the row in this rank's own combine region, where rank d stores the result
+            tl.store(back_ptr + row * EP + d, tl.where(jd >= 0, send_off + jd, -1))
+            send_off += tl.load(mtx_ptr + rank * HW + HEADER_BASE + d)
         if (jd >= 0) & (p < rows) & ok:
             delta4 = tl.multiple_of(tl.load(deltas_ptr + d), 16) // 4
             tl.store(rids_ptr + delta4 + p * K + k, tl.where(own == d, idx, -1), mask=km)
@@ -309,9 +313,10 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
 @triton.jit
 def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, rows,
                       EP: tl.constexpr, HW: tl.constexpr, ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (q, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... of received row q
-    of y [N, H] back into its source's combine region `out`, at the row the source's send order gives it
-    (destination-major: after its rows for lower ranks).
+    """The push combine (`HTLaunch(combine_pull=False)`; the default pull combine is `gather_sum` over the
+    peers' buffers). Program (q, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... of
+    received row q of y [N, H] back into its source's combine region `out`, at the row the source's send
+    order gives it (destination-major: after its rows for lower ranks); the source sums them afterwards.
 
     mtx [EP, HW] int32: every rank's header with its per-destination row counts (HEADER_BASE..). Nothing
     is stored past the `rows` rows of the region, nor at all once this rank's status word says the

@@ -4,7 +4,8 @@
 `route_to_ranks`: which ranks each token goes to and its position among the rows for each (a two-pass
 scan in token order: deterministic), and the rows per destination, on the GPU (no host sync).
 `gather_sum`: a token's returning rows summed in float32 in a fixed order and cast once (bit-reproducible,
-no atomics).
+no atomics); the rows may lie in the peers' symmetric buffers (the high-throughput pull combine reads each
+rank's row of a token straight from that rank).
 
 Both also run under the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1`).
 """
@@ -80,47 +81,63 @@ def route_to_ranks(ids: torch.Tensor, owner: torch.Tensor, ep: int, block_t: int
 
 
 @triton.jit
-def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, T, H, N_TERMS: tl.constexpr,
-                      WEIGHTED: tl.constexpr, DIRECT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[t] = sum over j < N_TERMS (in this order, float32) of [weight[t, j] *] src[index[t, j]]
-    (DIRECT: src[t * N_TERMS + j], no index tensor).
+def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, deltas_ptr, T, H, rows,
+                      N_TERMS: tl.constexpr, WEIGHTED: tl.constexpr, DIRECT: tl.constexpr, PEERS: tl.constexpr,
+                      ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over j < N_TERMS (in this order, float32) of [weight[t, j] *] src_j[index[t, j]]
+    (DIRECT: row t * N_TERMS + j, no index tensor). src_j is src itself, or with PEERS rank j's copy of it:
+    `deltas [N_TERMS]` int64 bytes from src (the symmetric-memory peer distances), so the owner of a token
+    reads each rank's row of it straight from that rank's buffer.
 
-    index < 0 skips a term (its weight is never read: a NaN weight of an absent term cannot leak in).
-    A non-zero status word (a timeout or mismatch this rank saw) makes the row NaN: the output of a
-    forward that failed on the GPU is never a plausible-looking number.
+    index < 0 skips a term (its weight does not count: a NaN weight of an absent term cannot leak in), and
+    so does a row past `rows`: no row is read outside the region. A non-zero status word (a timeout or
+    mismatch this rank saw) makes the row NaN without reading any term (the rows and the peers' regions
+    may then be another layer's): the output of a forward that failed on the GPU is never a
+    plausible-looking number.
     """
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs < H
+    ok = tl.load(status_ptr) == 0
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # masked loads, no branches: every term's load is issued before the first add needs it (the peers'
+    # rows cross the link in parallel); a skipped term leaves the sum's bits as they were
     for j in tl.static_range(N_TERMS):
         if DIRECT:
             i = t * N_TERMS + j
         else:
             i = tl.load(index_ptr + t * N_TERMS + j)
-        if i >= 0:
-            v = tl.load(src_ptr + i.to(tl.int64) * H + offs, mask=hm, other=0.0).to(tl.float32)
-            if WEIGHTED:
-                v = v * tl.load(weight_ptr + t * N_TERMS + j)
-            acc += v
-    bad = tl.load(status_ptr)
-    acc = tl.where(bad != 0, float("nan"), acc)
+        use = (i >= 0) & (i < rows) & ok
+        base = src_ptr
+        if PEERS:
+            base = src_ptr + tl.multiple_of(tl.load(deltas_ptr + j), 16) // ITEM
+        row = tl.where(use, i, 0).to(tl.int64)
+        v = tl.load(base + row * H + offs, mask=offs < tl.where(use, H, 0), other=0.0).to(tl.float32)
+        if WEIGHTED:
+            v = v * tl.load(weight_ptr + t * N_TERMS + j)
+        acc = tl.where(use, acc + v, acc)
+    acc = tl.where(ok, acc, float("nan"))
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
 def gather_sum(src: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None, status: torch.Tensor,
-               out_dtype: torch.dtype, shape: tuple[int, int] | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype, shape: tuple[int, int] | None = None, deltas: torch.Tensor | None = None,
+               block_h: int = 2048, num_warps: int = 4) -> torch.Tensor:
     """[R, H] rows, index [T, J] (row or -1; None: row t * J + j, `shape` = (T, J)), optional weight
-    [T, J] -> [T, H] in out_dtype (float32 sum, terms in order)."""
+    [T, J] -> [T, H] in out_dtype (float32 sum, terms in order). `deltas` [J] int64: term j is read from
+    the copy of `src` that many bytes away (rank j's, through the symmetric-memory mapping). `block_h`:
+    columns per program (a power of two)."""
     T, J = index.shape if index is not None else shape
-    H = src.shape[1]
+    R, H = src.shape
     out = torch.empty(T, H, dtype=out_dtype, device=src.device)
     if T == 0:
         return out
-    block = min(triton.next_power_of_2(max(H, 16)), 2048)
+    block = min(triton.next_power_of_2(max(H, 16)), block_h)
     idx = status if index is None else index.contiguous()
     gather_sum_kernel[(T, triton.cdiv(H, block))](
-        src, idx, idx if weight is None else weight.contiguous(), out, status, T, H,
-        N_TERMS=J, WEIGHTED=weight is not None, DIRECT=index is None, BLOCK_H=block, num_warps=4)
+        src, idx, idx if weight is None else weight.contiguous(), out, status,
+        status if deltas is None else deltas, T, H, R,
+        N_TERMS=J, WEIGHTED=weight is not None, DIRECT=index is None, PEERS=deltas is not None,
+        ITEM=src.element_size(), BLOCK_H=block, num_warps=num_warps)
     return out
