@@ -29,6 +29,7 @@ from ..placement import Placement
 from ..sizes import round_up
 from . import header as fh
 from .base import Dispatcher
+from .streams import comm_stream_for
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
 
@@ -269,6 +270,7 @@ class CommDispatcher(Dispatcher):
         self.layer_index = 0
         self.layer_fields = fh.layer_values(self.name, self.fmt.row_bytes, plan)
         self.fingerprint = fh.fingerprint(self.layer_fields)
+        self.comm_stream = comm_stream_for(self.state, device)
         if device is not None:
             placement.tables(device)  # build the id tables now, outside any CUDA graph capture
 

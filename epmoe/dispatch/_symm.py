@@ -135,28 +135,40 @@ class SymmDispatcher(CommDispatcher):
 
     # ------------------------------------------------------------------------- the Dispatcher API
     def _start_dispatch(self, x, routing) -> Pending:
-        # every step is queued on the caller's stream before this returns (the host waits only where a
-        # step reads back): work the caller issues before wait() runs after the exchange
-        result = run_steps(self.dispatch_steps(x, routing))
+        # every step is queued before this returns (the host waits only where a step reads back), on the
+        # communication stream where there is one (`_issue`): work the caller's stream does meanwhile runs
+        # beside it
+        result = self.run_steps(self.dispatch_steps(x, routing))
         return Pending([], lambda: result, overlaps=False)
 
     def _start_combine(self, expert_out, handle) -> Pending:
-        result = run_steps(self.combine_steps(expert_out, handle))
+        result = self.run_steps(self.combine_steps(expert_out, handle))
         return Pending([], lambda: result, overlaps=False)
+
+    def run_steps(self, steps):
+        """Drive a `*_steps` generator to its end: at once on GPUs; on simulated ranks that run in threads
+        (`SymmWorkspace.simulated(..., threads=True)`), meeting the other ranks at every wait."""
+        lockstep = self._workspace().lockstep
+        return run_steps(steps) if lockstep is None else lockstep.run(steps)
 
     def abort(self) -> None:
         """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged as
-        failed in its header, so that every rank raises instead of waiting."""
+        failed in its header, so that every rank raises instead of waiting (on the communication stream,
+        after this rank's earlier exchanges on the workspace)."""
+        self._issue(self._start_abort, (), None).wait()
+
+    def _start_abort(self) -> Pending:
         from ..routing import Routing
         k, dev = self.plan.top_k, self.device
         x = torch.zeros(0, self.plan.padded_hidden_size, dtype=self.plan.dtype, device=dev)
         empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=dev),
                         torch.zeros(0, k, dtype=torch.float32, device=dev))
         try:
-            batch, handle = run_steps(self.dispatch_steps(x, empty, failed=True))
-            run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.plan.dtype, device=dev), handle))
+            batch, handle = self.run_steps(self.dispatch_steps(x, empty, failed=True))
+            self.run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.plan.dtype, device=dev), handle))
         except RankMismatch:
-            return   # expected: this rank's failed flag ends the forward on every rank, here included
+            pass   # expected: this rank's failed flag ends the forward on every rank, here included
+        return Pending([], lambda: None, overlaps=False)
 
     def wire_rows(self, x: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rows as the transfer kernel reads them, float32 scales or None): quantized to the wire's FP8
@@ -248,7 +260,9 @@ class SymmDispatcher(CommDispatcher):
 
     def check(self) -> None:
         """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
-        cannot read back themselves)."""
+        cannot read back themselves), once the exchanges issued so far are done."""
+        if self.comm_stream is not None:
+            self.comm_stream.join()
         self.raise_for_status(self.read_status())
 
     def check_at_end(self, handle: SymmHandle, device) -> None:
