@@ -10,6 +10,7 @@ from . import contract
 from . import state_dict as state_dict_names
 from .config import MoEConfig
 from .build import build_dispatcher, group_info, resolve_device
+from .dispatch.micro_batches import run_micro_batches
 from .handshake import announces_build_failure
 from .layouts import ExpertWeights
 from .placement import GlobalExpertId, Placement
@@ -40,6 +41,12 @@ class MoELayer(nn.Module):
     workspace: the `epmoe.SymmWorkspace` the GPU-initiated dispatchers (`symm_*`) use, shared by the layers
     of one group; None: the group's default one, allocated (or grown) here, collectively. The other
     dispatchers use none.
+    micro_batches: 2 splits every forward in two micro-batches whose exchanges interleave with the other's
+    experts (`epmoe.dispatch.micro_batches`; the dispatcher must declare two forwards in flight); the output
+    is the same. With a capacity, each micro-batch's tokens count against `max_tokens_per_rank`.
+    comm_sms: the most SMs the GPU-initiated dispatchers' transfer kernels take, leaving the rest to the
+    experts running beside them (None: as many as the rows need); refused for dispatchers that do not
+    declare it.
 
     Inference only: with grad enabled, inputs that require grad are refused. NaN/Inf in a token's inputs
     are not checked (no host sync) and reach that token's output row only.
@@ -49,7 +56,7 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
                  device=None, max_tokens_per_rank: int | None = None,
                  router: Callable | None = None, expert_placement=None, expert_bias: bool = False,
-                 workspace=None):
+                 workspace=None, micro_batches: int = 1, comm_sms: int | None = None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
@@ -64,8 +71,10 @@ class MoELayer(nn.Module):
             dispatcher, experts, cfg, self.ep_size, self.device.type)
         # the pairing checked and resolved once: the dispatcher and the experts are built from this plan
         self.plan = contract.build_plan(self.dispatcher_name, self.experts_name, cfg, self.ep_size,
-                                        self.device.type, max_tokens_per_rank)
+                                        self.device.type, max_tokens_per_rank, micro_batches=micro_batches,
+                                        comm_sms=comm_sms)
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.micro_batches, self.comm_sms = micro_batches, comm_sms
         self.router = router
         self.expert_bias = bool(expert_bias)
 
@@ -115,7 +124,8 @@ class MoELayer(nn.Module):
         plan = None
         if new_device is not None and new_device != self.device:   # the pairing checked for the new device
             plan = contract.build_plan(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size,
-                                       new_device.type, self.max_tokens_per_rank)
+                                       new_device.type, self.max_tokens_per_rank, micro_batches=self.micro_batches,
+                                       comm_sms=self.comm_sms)
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
             self.device = new_device
@@ -242,8 +252,10 @@ class MoELayer(nn.Module):
             routing = self.compute_routing(hidden_states, router_logits)
         except Exception:
             # the peers are entering this forward's exchanges: take part, flagged, so that every rank
-            # raises (RankMismatch there, this error here) instead of waiting for this one
-            self.dispatcher.abort()
+            # raises (RankMismatch there, this error here) instead of waiting for this one (in each
+            # micro-batch's dispatch: the peers issue both)
+            for _ in range(self.micro_batches):
+                self.dispatcher.abort()
             raise
         if shared_experts is None:
             return self.forward_routed(hidden_states, routing)
@@ -253,6 +265,9 @@ class MoELayer(nn.Module):
                        shared_experts: Callable | None = None) -> torch.Tensor:
         """Run dispatch -> experts -> combine on an already computed (and valid) routing; the shared
         experts, if given, run while the dispatch is in flight."""
+        if self.micro_batches > 1:
+            return run_micro_batches(self.dispatcher, lambda batch: self.experts(batch, self.expert_weights),
+                                     hidden_states, routing, self.micro_batches, shared_experts)
         pending = self.dispatcher.dispatch_async(hidden_states, routing)
         shared = shared_experts(hidden_states) if shared_experts is not None else None
         batch, handle = pending.wait()
