@@ -24,13 +24,13 @@ def print_info() -> None:
 
     t = Table(title="dispatchers (declared capabilities)")
     for col in ("name", "layout", "moves tokens", "host sync", "CUDA graph", "needs max_tokens",
-                "FP8 dispatch", "top-k weight applied in", "devices"):
-        t.add_column(col)
+                "FP8 dispatch", "top-k weight applied in", "in flight", "comm_sms", "devices"):
+        t.add_column(col, no_wrap=col == "name")
     for name in contract.DISPATCHERS:
         c = contract.dispatcher_class(name).CAPS
         t.add_row(name, c.layout, _yes(c.communicates), _yes(c.host_sync), _yes(c.cuda_graph_safe),
-                  _yes(c.needs_max_tokens), _yes(c.fp8_dispatch), c.topk_weight_applied_in,
-                  ",".join(sorted(c.devices)))
+                  _yes(c.needs_max_tokens), _yes(c.fp8_dispatch), c.topk_weight_applied_in, str(c.in_flight),
+                  _yes(c.bounded_sms), ",".join(sorted(c.devices)))
     console.print(t)
     for name in contract.DISPATCHERS:
         console.print(f"  {name}: {escape(contract.dispatcher_class(name).CAPS.summary)}")

@@ -12,10 +12,13 @@
 - A failure in one micro-batch: one rank's experts raise in micro-batch A (that rank raises, its peers get
   NaN exactly in A's tokens routed there and the right values elsewhere), one rank's input is refused
   (every rank raises); the next forward is correct on every rank.
+- The README's overlap snippets run as written.
 """
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import re
 
 import pytest
 import torch
@@ -341,3 +344,17 @@ def test_a_failure_in_one_micro_batch_and_the_next_forward(name):
     reports = run_on_ranks(_failure_worker, 2, name, timeout_s=120)
     assert reports[0] == {"experts": "experts failed on purpose", "input": "ValueError", "next": "ok"}, reports
     assert reports[1] == {"experts": "NaN where rank 0 owed rows", "input": "RankMismatch", "next": "ok"}, reports
+
+
+def test_the_readme_overlap_snippets_run():
+    """The README's overlap section: the layer with two micro-batches and the engine driving the same
+    interleave, as written there (one CPU rank), each checking itself against the oracle."""
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("### Overlap"):]
+    section = section[:section.index("\n### ")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["out"].shape == (9, 64)
