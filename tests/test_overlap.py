@@ -207,6 +207,38 @@ def test_without_a_communication_stream_exchanges_run_in_order_and_refuse_an_eve
         d.dispatch_async(x, ids, w, after=object())
 
 
+def test_a_host_check_the_exchange_leaves_runs_at_wait_in_the_streams_order():
+    """The symmetric-memory dispatchers' status read (a host sync) is put off to `wait()`: issuing the
+    combine queues it, waiting for it runs it, on the communication stream, after the caller's stream was
+    made to wait; `then` (the padded-hidden slice) keeps it for `wait()`."""
+    from epmoe.dispatch.base import Pending
+    from epmoe.dispatch.local import LocalDispatcher
+
+    log: list = []
+    streams = RecordingStreams(log)
+
+    class Checked(LocalDispatcher):
+        def _start_combine(self, expert_out, handle):
+            return Pending([], lambda: expert_out * 1.0, check=lambda: log.append(("check", streams.current().name)))
+
+    cfg = MoEConfig(**CFG)
+    d = Checked(contract.build_plan("local", None, cfg, 1, "cpu"), make_dispatcher("local", cfg).placement,
+                device=torch.device("cpu"))
+    d.comm_stream = CommStream(streams)
+    x, ids, w = _inputs(cfg, 0, 4)
+    batch, handle = d.dispatch(x, ids, w)
+    log.clear()
+    pending = d.combine_async(batch.x, handle)
+    assert not [e for e in log if e[0] == "check"]
+    out = pending.wait()
+    assert log[-2:] == [("keep", "main"), ("check", "comm")] and ("wait", "main", pending.event.number) in log
+    assert torch.equal(out, x)
+    calls = []
+    chained = Pending([], lambda: 1, check=lambda: calls.append("check")).then(lambda v: v + 1)
+    assert chained.queued_result() == 2 and calls == []
+    assert chained.wait() == 2 and chained.wait() == 2 and calls == ["check"]
+
+
 # ------------------------------------------------------------------------------- two micro-batches
 def _tokens(rank: int) -> int:
     return [5, 0, 1][rank % 3]

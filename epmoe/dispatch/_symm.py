@@ -64,6 +64,7 @@ class SymmHandle(Handle):
     ws: SymmWorkspace = None
     slot: int = 0
     header: fh.Header = None
+    check_on_wait: bool = False     # combine's status read put off until its Pending is waited for
 
 
 class SymmDispatcher(CommDispatcher):
@@ -142,8 +143,17 @@ class SymmDispatcher(CommDispatcher):
         return Pending([], lambda: result, overlaps=False)
 
     def _start_combine(self, expert_out, handle) -> Pending:
+        # with a capacity the status word is read at the end of the combine: when it is waited for, not when
+        # it is issued, so that issuing it does not wait for the exchange on the host (the other
+        # micro-batch's experts are queued meanwhile)
+        bounded = self.plan.max_tokens_per_rank is not None
+        handle.check_on_wait = bounded
         result = self.run_steps(self.combine_steps(expert_out, handle))
-        return Pending([], lambda: result, overlaps=False)
+
+        def check():
+            handle.check_on_wait = False
+            self.check_at_end(handle, result.device)
+        return Pending([], lambda: result, overlaps=False, check=check if bounded else None)
 
     def run_steps(self, steps):
         """Drive a `*_steps` generator to its end: at once on GPUs; on simulated ranks that run in threads
@@ -268,8 +278,9 @@ class SymmDispatcher(CommDispatcher):
     def check_at_end(self, handle: SymmHandle, device) -> None:
         """Eager forwards of the capturable path: read the status word (and the headers, for the message)
         once, at the end of combine, so that what went wrong raises on every rank in the forward that caused
-        it. Skipped while a CUDA graph is being captured (nothing can be read back then)."""
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        it (where the combine runs through `combine_async`, when it is waited for). Skipped while a CUDA
+        graph is being captured (nothing can be read back then)."""
+        if handle.check_on_wait or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return
         ws = handle.ws
         seen = torch.cat([ws.status, ws.control_view(handle.slot, "heads.count").reshape(-1)]).tolist()

@@ -47,24 +47,40 @@ class Pending:
     `overlaps` says whether work the caller issues before `wait()` runs beside the exchange: True on the
     communication stream and for collectives started with `async_op=True` on the host (Gloo), False where
     the exchange was queued in order on the caller's stream or done (work issued before `wait()` then runs
-    after it).
+    after it). `check`: what the exchange leaves to be verified on the host once its result is queued (the
+    symmetric-memory dispatchers' status word: a host sync, so it is put off until `wait()`).
     """
 
-    def __init__(self, works: list, finish: Callable[[], Any], overlaps: bool | None = None, event=None):
+    def __init__(self, works: list, finish: Callable[[], Any], overlaps: bool | None = None, event=None,
+                 check: Callable[[], None] | None = None):
         self._works = [w for w in works if w is not None]
         self._finish = finish
         self._done = False
         self._result = None
+        self._check = check
         self.overlaps = bool(self._works) if overlaps is None else overlaps
         self.event = event
 
-    def wait(self):
+    def queued_result(self):
+        """The result, once the collectives are waited for (on a GPU: the current stream made to wait) and
+        what follows them queued; the host-side check is left to `wait()`."""
         if not self._done:
             for work in self._works:
                 work.wait()
             self._result = self._finish()
             self._done, self._works, self._finish = True, [], None
         return self._result
+
+    def wait(self):
+        result = self.queued_result()
+        check, self._check = self._check, None
+        if check is not None:
+            check()
+        return result
+
+    def then(self, fn: Callable[[Any], Any]) -> Pending:
+        """This pending's result passed through `fn` (more queued work), its check still left to `wait()`."""
+        return Pending([], lambda: fn(self.queued_result()), self.overlaps, self.event, check=self.wait)
 
 
 class Dispatcher(abc.ABC):
@@ -144,7 +160,7 @@ class Dispatcher(abc.ABC):
             pending = self._start_combine(expert_out, handle)
             if H == self.plan.padded_hidden_size:
                 return pending
-            return Pending([pending], lambda: pending.wait()[:, :H].contiguous())
+            return pending.then(lambda out: out[:, :H].contiguous())
         return self._issue(start, (expert_out,), after)
 
     def _issue(self, start: Callable[[], Pending], inputs, after) -> Pending:

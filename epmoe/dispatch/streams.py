@@ -91,7 +91,8 @@ class CommStream:
         ops.wait(comm, after if after is not None else ops.record(ops.current()))
         with ops.use(comm):
             # queued here, not waited for: a collective's wait() only makes this stream wait for it
-            result = start().wait()
+            exchange = start()
+            result = exchange.queued_result()
             done = ops.record(comm)
         for t in tensors_in(inputs):
             ops.keep(t, comm)
@@ -103,6 +104,8 @@ class CommStream:
             ops.wait(consumer, done)
             for t in tensors_in(result):
                 ops.keep(t, consumer)
+            with ops.use(comm):      # a check the exchange left (a host read), in this stream's order
+                exchange.wait()
             return result
         return Pending([], finish, overlaps=True, event=done)
 
