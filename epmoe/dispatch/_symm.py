@@ -161,13 +161,9 @@ class SymmDispatcher(CommDispatcher):
         lockstep = self._workspace().lockstep
         return run_steps(steps) if lockstep is None else lockstep.run(steps)
 
-    def abort(self) -> None:
-        """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged as
-        failed in its header, so that every rank raises instead of waiting (on the communication stream,
-        after this rank's earlier exchanges on the workspace)."""
-        self._issue(self._start_abort, (), None).wait()
-
     def _start_abort(self) -> Pending:
+        """`abort`: the forward's dispatch and combine on no token, flagged as failed in its header, so that
+        every rank raises instead of waiting."""
         from ..routing import Routing
         k, dev = self.plan.top_k, self.device
         x = torch.zeros(0, self.plan.padded_hidden_size, dtype=self.plan.dtype, device=dev)
