@@ -12,7 +12,8 @@
 - A failure in one micro-batch: one rank's experts raise in micro-batch A (that rank raises, its peers get
   NaN exactly in A's tokens routed there and the right values elsewhere), one rank's input is refused
   (every rank raises); the next forward is correct on every rank.
-- The README's overlap snippets run as written.
+- Ranks building a layer with different micro-batch counts are refused; the README's overlap snippets run
+  as written.
 """
 from __future__ import annotations
 
@@ -390,3 +391,16 @@ def test_the_readme_overlap_snippets_run():
     for block in blocks:
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["out"].shape == (9, 64)
+
+
+def _disagree_worker(rank, world):
+    try:
+        MoELayer(MoEConfig(**CFG), ep_group=dist.group.WORLD, dispatcher="alltoall", micro_batches=1 + rank % 2)
+        return "built"
+    except RankMismatch as exc:
+        return str(exc)
+
+
+def test_ranks_that_split_their_forwards_differently_are_refused_when_built():
+    for message in run_on_ranks(_disagree_worker, 2, timeout_s=60):
+        assert "micro-batches" in message and "rank 0: 1, rank 1: 2" in message, message
