@@ -1,11 +1,12 @@
 """Overlap on CPU ranks (Gloo): the communication stream's order of operations, and two micro-batches.
 
 - The communication stream (`epmoe.dispatch.streams`) with a recording stand-in for CUDA's streams and
-  events, every torch call and collective logged with the stream it was issued on: an exchange waits for the event the
-  caller passes (or one recorded on the caller's stream), every op of it (the collective included) is
-  issued on the communication stream, its event is recorded after them, and the caller's stream waits for
-  that event only in `wait()`, after the work the caller issued meanwhile; inputs are kept alive on the
-  communication stream, outputs on the stream that waits.
+  events, every torch call and collective logged with the stream it was issued on: an exchange waits for
+  the event the caller passes (or one recorded on the caller's stream), every op of it (the collective
+  included) is issued on the communication stream, its event is recorded after them, and the caller's
+  stream waits for that event only in `wait()`, after the work the caller issued meanwhile; inputs are
+  kept alive on the communication stream, outputs on the stream that waits; a host check the exchange
+  leaves runs at `wait()`, in the communication stream's order.
 - `MoELayer(micro_batches=2)` on 2 and 3 ranks for every dispatcher that moves tokens on the CPU: equal to
   the one-batch forward and to the oracle, with a rank of no tokens, T = 1, every token on one expert and
   a hidden size of 20; the exchanges go A, B, A, B, the shared experts run under the first dispatch.
