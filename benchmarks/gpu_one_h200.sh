@@ -59,7 +59,7 @@ for part in $PARTS; do
     overlap)
         if [ -f benchmarks/gpu_overlap_check.py ]; then
             run "$OUT/overlap_H200_$DAY.log" "${OVERLAP_SECONDS:-90}" \
-                python3 benchmarks/gpu_overlap_check.py --output "$OUT/overlap_H200_$DAY.json"
+                python3 benchmarks/gpu_overlap_check.py --ranks 1 --out "$OUT"
         else
             echo "no benchmarks/gpu_overlap_check.py in this checkout: part skipped"
         fi ;;

@@ -23,7 +23,12 @@
 #   mismatch: benchmarks/gpu_mismatch_check.py: ranks calling different EP layers (every pair of kinds,
 #             the symm ones included) raise on every rank, and the next forward is correct;
 #   tests:    every single-GPU test (pytest -m "gpu and not multigpu"): kernels at real sizes, float16 range;
-#   models:   benchmarks/gpu_models_check.py: real-size transformers blocks with EP vs the oracle.
+#   models:   benchmarks/gpu_models_check.py: real-size transformers blocks with EP vs the oracle;
+#   overlap:  benchmarks/gpu_overlap_check.py --ranks 2: every NCCL and symm dispatcher (deepseek-v3, T = 128
+#             and 4096) with a shared expert: step time with the exchanges on the communication stream and
+#             in order (overlap on / off), one micro-batch and two, eager and CUDA graphs; two micro-batches
+#             against one and the oracle, graph replays bit-equal to eager (about 4 minutes).
+# PARTS="overlap" alone in one call.
 # Each step under its own time cap and all of them inside BUDGET_S (570 s: the device tool stops a command
 # at 600); NVLink multicast off. Everything goes to $WORK/results (default /tmp/epmoe_two_h200: logs,
 # JSONs, commands.txt, env.txt, summary.txt), bundled into $OUT/results.tar.gz after every step (a call cut
@@ -68,6 +73,7 @@ summarize() {
   for f in alltoall_check mismatch_check; do [ -f "$RES/$f.log" ] && tail -25 "$RES/$f.log"; done
   [ -f "$RES/pytest_gpu.log" ] && tail -3 "$RES/pytest_gpu.log"
   [ -f "$RES/models_check.log" ] && tail -12 "$RES/models_check.log"
+  [ -f "$RES/overlap_check.log" ] && sed -n '/===== summary/,$p' "$RES/overlap_check.log" | cut -c1-400
   echo "steps failed: $FAILED"
 }
 
@@ -75,7 +81,7 @@ bundle() {   # what exists so far -> $OUT (results.tar.gz, summary.txt, the fair
   summarize > "$RES/summary.txt"
   tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" results && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
   cp "$RES/summary.txt" "$OUT/"
-  for f in "$RES"/fair/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  for f in "$RES"/fair/*.json "$RES"/overlap/*.json; do [ -f "$f" ] && cp "$f" "$OUT/"; done
   true
 }
 
@@ -160,6 +166,15 @@ esac
 case " $PARTS " in *" models "*)      # real-size blocks ~100 s, tiny models after them
   if cuda_only models; then
     step models_check "${MODELS_SECONDS:-400}" $PY benchmarks/gpu_models_check.py --skip-tests --out "$RES/models"
+  fi;;
+esac
+case " $PARTS " in *" overlap "*)     # shared experts under the dispatch, two micro-batches, their graphs
+  if [ "$SMOKE" = 1 ]; then
+    step overlap_check "${OVERLAP_SECONDS:-200}" $PY benchmarks/gpu_overlap_check.py --cpu-smoke --ranks 2 \
+        --tokens 1,5 --reps 2 --warmup 1 --out "$RES/overlap"
+  else
+    step overlap_check "${OVERLAP_SECONDS:-500}" $PY benchmarks/gpu_overlap_check.py --ranks 2 --timeout 480 \
+        --out "$RES/overlap"
   fi;;
 esac
 bundle

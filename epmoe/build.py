@@ -46,7 +46,7 @@ def resolve_device(device, group) -> torch.device:
 
 @announces_build_failure   # a rank that fails here still answers the handshake: its peers raise too
 def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank: int | None = None,
-                    expert_placement=None, workspace=None) -> Dispatcher:
+                    expert_placement=None, workspace=None, comm_sms: int | None = None) -> Dispatcher:
     """Build the dispatcher `name` ("auto": local for one rank, alltoall for several) for `cfg` on
     `group`, without a `MoELayer`. Every rank of `group` must call it, in the same order as its other
     EP layers and dispatchers.
@@ -60,6 +60,8 @@ def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank
         expert_placement: optional list of E rank numbers (expert -> rank); contiguous blocks by default.
         workspace: the `epmoe.SymmWorkspace` a GPU-initiated dispatcher uses (None: the group's default,
             allocated or grown here, collectively); the other dispatchers use none.
+        comm_sms: the most SMs its transfer kernels take (dispatchers that declare `bounded_sms`; None:
+            as many as the rows need).
     Returns:
         The `Dispatcher`: `dispatch(hidden [T, H], topk_ids [T, k] int32, topk_weights [T, k] float32) ->
         (batch, handle)`, `combine(expert_out, handle) -> [T, H]`, and `dispatch_async` / `combine_async`.
@@ -71,7 +73,7 @@ def make_dispatcher(name: str, cfg, group=None, device=None, max_tokens_per_rank
     ep_size, rank = group_info(group)
     device = resolve_device(device, group)
     name, _ = contract.resolve_names(name, None, cfg, ep_size, device.type)
-    plan = contract.build_plan(name, None, cfg, ep_size, device.type, max_tokens_per_rank)
+    plan = contract.build_plan(name, None, cfg, ep_size, device.type, max_tokens_per_rank, comm_sms=comm_sms)
     placement = Placement(cfg.num_experts, ep_size, rank, expert_placement)
     dispatcher = build_dispatcher(plan, placement, group, device, workspace)
     if group is not None:

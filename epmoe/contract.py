@@ -55,6 +55,11 @@ class DispatcherCaps:
     takes_max_tokens: bool = False      # uses max_tokens_per_rank when given (fixed buffers, no host read)
     peer_memory: bool = False           # stores into the peers' GPU memory (one host: NVLink / PCIe peer access)
     fp8_dispatch: bool = False          # can quantize to FP8 before the wire (scales travel along)
+    # forwards one rank may have dispatched and not yet combined at once (a symmetric workspace's slots; a
+    # dispatcher that keeps each forward's state in its handle allows more): `micro_batches` needs as many
+    in_flight: int = 1
+    # its transfer kernels run on at most `comm_sms` SMs when the plan bounds them (else the setting is refused)
+    bounded_sms: bool = False
     # "auto" picks, among the dispatchers that can run, the one with the highest (0: never picked); for one
     # rank one that does not communicate, for several one that does
     auto_priority: int = 0
@@ -217,8 +222,34 @@ def _check_capacity(max_tokens_per_rank) -> None:
                          f"forward), got {max_tokens_per_rank!r}")
 
 
+def _check_overlap(dispatcher: str | None, experts: str | None, micro_batches, comm_sms) -> None:
+    """The overlap settings against what the dispatcher declares (`in_flight`, `bounded_sms`)."""
+    if isinstance(micro_batches, bool) or micro_batches not in (1, 2):
+        raise ValueError(f"micro_batches must be 1 or 2 (a forward split in two micro-batches whose exchanges "
+                         f"interleave with the other's experts), got {micro_batches!r}")
+    if comm_sms is not None and (isinstance(comm_sms, bool) or not isinstance(comm_sms, int) or comm_sms < 1):
+        raise ValueError(f"comm_sms must be None or a positive int (the most SMs the transfer kernels use), got "
+                         f"{comm_sms!r}")
+    if dispatcher is None:
+        return
+    d = dispatcher_class(dispatcher).CAPS
+    if micro_batches > d.in_flight:
+        raise UnsupportedCombination(
+            dispatcher, experts or "-", f"micro_batches={micro_batches} keeps {micro_batches} forwards in flight at "
+            f"once, dispatcher {dispatcher!r} declares {d.in_flight}",
+            [f"dispatcher={n!r}" for n, cls in DISPATCHERS.items() if cls.CAPS.in_flight >= micro_batches]
+            + ["micro_batches=1"])
+    if comm_sms is not None and d.communicates and not d.bounded_sms:
+        raise UnsupportedCombination(
+            dispatcher, experts or "-", f"comm_sms={comm_sms} bounds the SMs of transfer kernels, and dispatcher "
+            f"{dispatcher!r} has none it bounds (its transfers are the process group's collectives: bound NCCL's "
+            f"with the group's options, ProcessGroupNCCL.Options().config.max_ctas)",
+            [f"dispatcher={n!r}" for n, cls in DISPATCHERS.items() if cls.CAPS.bounded_sms] + ["comm_sms=None"])
+
+
 def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, device_type: str,
-               max_tokens_per_rank: int | None = None, *, check_device: bool = True) -> MoEPlan:
+               max_tokens_per_rank: int | None = None, *, check_device: bool = True, micro_batches: int = 1,
+               comm_sms: int | None = None) -> MoEPlan:
     """Check the pairing (explicit names; see `resolve_names` for "auto") and resolve it into the
     immutable `MoEPlan` the dispatcher and the experts are built from: the plan's only constructor.
 
@@ -227,12 +258,16 @@ def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, d
     `check_device=False` resolves the plan for `device_type` without checking that the parts can run here
     (simulated ranks whose kernels run under the Triton interpreter on the CPU; experts built on their own
     for tests and benchmarks); every other rule still applies.
-    Raises `UnsupportedCombination` for a refused pairing, ValueError for a missing or bad
-    `max_tokens_per_rank`.
+    `micro_batches` (1 or 2): a layer's forward split in that many micro-batches, as many forwards in flight
+    as the dispatcher must declare (`in_flight`); `comm_sms`: the most SMs its transfer kernels may use, for
+    a dispatcher that declares `bounded_sms` (None: unbounded).
+    Raises `UnsupportedCombination` for a refused pairing or overlap setting, ValueError for a missing or
+    bad `max_tokens_per_rank` or a bad setting.
     """
     if dispatcher is None and experts is None:
         raise ValueError("build_plan: name a dispatcher, an experts backend, or both")
     _check_capacity(max_tokens_per_rank)
+    _check_overlap(dispatcher, experts, micro_batches, comm_sms)
     if dispatcher is None:
         why = experts_problem(experts, cfg, device_type, check_device=check_device)
         if why:
@@ -275,7 +310,7 @@ def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, d
                    wire_scales=wire_scales, wire_scale_group=wire_group,
                    experts_read_strided_rows=x is not None and x.reads_strided_rows, cuda_graph_safe=graph_safe,
                    host_sync=d is not None and d.host_sync and not (d.takes_max_tokens and capacity is not None),
-                   max_tokens_per_rank=capacity)
+                   max_tokens_per_rank=capacity, micro_batches=micro_batches, comm_sms=comm_sms)
 
 
 def graph_safe(dispatcher: str, experts: str) -> bool:

@@ -1,7 +1,7 @@
 """What the layers of one expert-parallel group share on this process, kept in one visible place.
 
 A layer is given a `torch.distributed` process group, and torch's process groups cannot carry anything
-of ours; yet the layers of one group must share three things across their forwards:
+of ours; yet the layers of one group must share four things across their forwards:
 
 - the count of layers built on the group: each layer's index, agreed by the ranks when it is built (the
   build handshake), which every forward's header carries so that ranks calling different layers of the
@@ -9,7 +9,9 @@ of ours; yet the layers of one group must share three things across their forwar
 - the group's forward count: every forward's number, the same on every rank whatever layer it runs, so a
   rank that skipped a forward is caught and, after a mismatch, every rank agrees on the next number;
 - the symmetric-memory workspaces on the group (`epmoe.SymmWorkspace`): a forward of a dispatcher that uses
-  collectives marks them, so a peer waiting there in a GPU-initiated forward learns that it waits in vain.
+  collectives marks them, so a peer waiting there in a GPU-initiated forward learns that it waits in vain;
+- the communication stream per GPU (`epmoe.dispatch.streams`): every exchange of the group runs there, in
+  the order the host issued it, whichever layer issued it.
 
 `group_state(group)` returns the one `GroupState` of a group in this process (created on first use; no
 memory, no communication). This table is the only state epmoe keeps beyond the objects a caller holds;
@@ -29,6 +31,7 @@ class GroupState:
         self.workspaces: list = []        # the group's live SymmWorkspaces, in creation order (same on every rank)
         self.workspaces_made = 0
         self.default_workspace = None     # the one layers share when given none (`MoELayer(workspace=None)`)
+        self.comm_streams: dict = {}      # device -> the group's `CommStream` there
 
     def next_forward(self) -> int:
         """The number of the forward being entered (every rank counts alike)."""

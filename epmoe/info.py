@@ -24,8 +24,8 @@ def print_info() -> None:
 
     t = Table(title="dispatchers (declared capabilities)")
     for col in ("name", "layout", "moves tokens", "host sync", "CUDA graph", "max_tokens",
-                "FP8 dispatch", "top-k weight applied in", "devices"):
-        t.add_column(col)
+                "FP8 dispatch", "top-k weight applied in", "in flight", "comm_sms", "devices"):
+        t.add_column(col, no_wrap=col in ("name", "host sync", "CUDA graph"))
     for name in contract.DISPATCHERS:
         c = contract.dispatcher_class(name).CAPS
         # a dispatcher that takes a capacity reads nothing back and is capturable only with one
@@ -33,7 +33,7 @@ def print_info() -> None:
         t.add_row(name, c.layout, _yes(c.communicates), "without one" if takes and c.host_sync else _yes(c.host_sync),
                   "with one" if takes and c.cuda_graph_safe else _yes(c.cuda_graph_safe),
                   "needs" if c.needs_max_tokens else "takes" if takes else "no", _yes(c.fp8_dispatch),
-                  c.topk_weight_applied_in, ",".join(sorted(c.devices)))
+                  c.topk_weight_applied_in, str(c.in_flight), _yes(c.bounded_sms), ",".join(sorted(c.devices)))
     console.print(t)
     for name in contract.DISPATCHERS:
         console.print(f"  {name}: {escape(contract.dispatcher_class(name).CAPS.summary)}")

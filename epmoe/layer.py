@@ -11,8 +11,9 @@ from . import state_dict as state_dict_names
 from .balance.expert_map import ExpertMap
 from .config import MoEConfig
 from .build import build_dispatcher, group_info, resolve_device
+from .dispatch.micro_batches import run_micro_batches
 from .handshake import announces_build_failure
-from .layouts import ExpertWeights, FlatBatch
+from .layouts import ExpertWeights
 from .routing import Routing, route, validate_routing
 
 
@@ -24,16 +25,6 @@ def _refuse_autograd(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"MoELayer: {name} requires grad, but epmoe layers are for inference only (no "
                          "backward pass): run the forward under torch.no_grad() or torch.inference_mode(), "
                          f"or pass {name}.detach()")
-
-
-def failed_expert_output(batch, dtype: torch.dtype) -> torch.Tensor:
-    """What a rank whose experts raised sends back in place of their output: NaN in every row routed to
-    one of its experts (flat layout: rows with a local id; batched: the combine reads only the rows
-    counted), zeros in the rows routed nowhere, so a token none of its experts held stays right."""
-    out = torch.full(batch.x.shape, float("nan"), dtype=dtype, device=batch.x.device)
-    if isinstance(batch, FlatBatch):
-        out[~(batch.local_ids >= 0).any(dim=1)] = 0
-    return out
 
 
 class MoELayer(nn.Module):
@@ -53,6 +44,12 @@ class MoELayer(nn.Module):
     workspace: the `epmoe.SymmWorkspace` the GPU-initiated dispatchers (`symm_*`) use, shared by the layers
     of one group; None: the group's default one, allocated (or grown) here, collectively. The other
     dispatchers use none.
+    micro_batches: 2 splits every forward in two micro-batches whose exchanges interleave with the other's
+    experts (`epmoe.dispatch.micro_batches`; the dispatcher must declare two forwards in flight); the output
+    is the same. With a capacity, each micro-batch's tokens count against `max_tokens_per_rank`.
+    comm_sms: the most SMs the GPU-initiated dispatchers' transfer kernels take, leaving the rest to the
+    experts running beside them (None: as many as the rows need); refused for dispatchers that do not
+    declare it.
 
     Inference only: with grad enabled, inputs that require grad are refused. NaN/Inf in a token's inputs
     are not checked (no host sync) and reach that token's output row only.
@@ -62,7 +59,8 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, ep_group=None, dispatcher: str = "auto", experts: str = "auto",
                  device=None, max_tokens_per_rank: int | None = None,
                  router: Callable | None = None, expert_placement=None, expert_bias: bool = False,
-                 redundant_experts: int = 0, workspace=None):
+                 redundant_experts: int = 0, workspace=None, micro_batches: int = 1,
+                 comm_sms: int | None = None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer: cfg must be an epmoe.MoEConfig, got {type(cfg).__name__}")
@@ -80,8 +78,10 @@ class MoELayer(nn.Module):
             dispatcher, experts, cfg, self.ep_size, self.device.type)
         # the pairing checked and resolved once: the dispatcher and the experts are built from this plan
         self.plan = contract.build_plan(self.dispatcher_name, self.experts_name, cfg, self.ep_size,
-                                        self.device.type, max_tokens_per_rank)
+                                        self.device.type, max_tokens_per_rank, micro_batches=micro_batches,
+                                        comm_sms=comm_sms)
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.micro_batches, self.comm_sms = micro_batches, comm_sms
         self.router = router
         self.expert_bias = bool(expert_bias)
 
@@ -136,7 +136,8 @@ class MoELayer(nn.Module):
         plan = None
         if new_device is not None and new_device != self.device:   # the pairing checked for the new device
             plan = contract.build_plan(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size,
-                                       new_device.type, self.max_tokens_per_rank)
+                                       new_device.type, self.max_tokens_per_rank, micro_batches=self.micro_batches,
+                                       comm_sms=self.comm_sms)
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
             self.expert_map.tables(new_device)
@@ -276,8 +277,10 @@ class MoELayer(nn.Module):
             routing = self.compute_routing(hidden_states, router_logits)
         except Exception:
             # the peers are entering this forward's exchanges: take part, flagged, so that every rank
-            # raises (RankMismatch there, this error here) instead of waiting for this one
-            self.dispatcher.abort()
+            # raises (RankMismatch there, this error here) instead of waiting for this one (in each
+            # micro-batch's dispatch: the peers issue both)
+            for _ in range(self.micro_batches):
+                self.dispatcher.abort()
             raise
         if shared_experts is None:
             return self.forward_routed(hidden_states, routing)
@@ -294,20 +297,10 @@ class MoELayer(nn.Module):
         capturing = hidden_states.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or not self.expert_map.is_identity:
             routing = Routing(self.expert_map.to_physical(routing.topk_ids), routing.topk_weights)
-        pending = self.dispatcher.dispatch_async(hidden_states, routing)
-        shared = shared_experts(hidden_states) if shared_experts is not None else None
-        batch, handle = pending.wait()
-        try:
-            expert_out = self.experts(batch, self.expert_weights)
-        except Exception:
-            # the peers are entering this forward's combine: take part, so that nobody waits for this rank
-            # until the process group times out (which would break the group), with NaN in every row this
-            # rank's experts owed, so that those tokens come out NaN on their ranks and never as a wrong
-            # number; then raise here. The group's next aligned forward is correct.
-            self.dispatcher.combine(failed_expert_output(batch, self.plan.dtype), handle)
-            raise
-        out = self.dispatcher.combine(expert_out, handle)
-        return out if shared is None else out + shared
+        # one schedule for one batch or several: a rank whose experts raise still takes part in the combine
+        # (NaN in the rows it owed) so no peer waits for it, then raises (`run_micro_batches`)
+        return run_micro_batches(self.dispatcher, lambda batch: self.experts(batch, self.expert_weights),
+                                 hidden_states, routing, self.micro_batches, shared_experts)
 
     # ------------------------------------------------------------------------------ load balance
     def expert_load(self) -> torch.Tensor:

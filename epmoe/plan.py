@@ -50,6 +50,10 @@ class MoEPlan:
       cuda_graph_safe: both parts declare themselves capturable (and a capacity where one is needed).
       host_sync: the dispatcher waits on the host for data-dependent sizes.
       max_tokens_per_rank: the capacity of fixed-capacity dispatchers (None elsewhere).
+    Overlap:
+      micro_batches: a layer's forward runs as this many micro-batches (1 or 2) whose exchanges interleave
+        with the other's experts (the dispatcher declares that many forwards in flight).
+      comm_sms: the most SMs the dispatcher's transfer kernels use (None: as many as their rows need).
     """
 
     dispatcher: str | None
@@ -78,6 +82,8 @@ class MoEPlan:
     cuda_graph_safe: bool
     host_sync: bool
     max_tokens_per_rank: int | None
+    micro_batches: int
+    comm_sms: int | None
 
     @property
     def fp8(self) -> bool:
@@ -103,5 +109,6 @@ class MoEPlan:
                 "activation hand-off": self.handoff.value, "wire dtype": str(self.wire_dtype).replace("torch.", ""),
                 "wire scales per row": self.wire_scales, "cuda graph safe": self.cuda_graph_safe,
                 "host sync": self.host_sync, "max_tokens_per_rank": self.max_tokens_per_rank,
+                "micro-batches": self.micro_batches, "comm SMs": self.comm_sms,
                 "sizes (H, Hp, I, Ip)": (self.hidden_size, self.padded_hidden_size, self.intermediate_size,
                                          self.padded_intermediate_size)}

@@ -5,8 +5,8 @@ ranks for every registered dispatcher that moves tokens:
   computation of the routing says that rank must receive (every rank can recompute every rank's inputs
   from their seeds);
 - combine of identity experts returns each token's input times the sum of its routing weights;
-- two micro-batches in flight at once (dispatch A, dispatch B, combine B, combine A, all async) are
-  both correct;
+- two micro-batches in flight at once (dispatch A, dispatch B, then combine B, combine A or combine A,
+  combine B, all async) are both correct;
 - a backend added in a test through the registry alone is picked up by the contract, `MoELayer` and
   the forward header.
 """
@@ -123,19 +123,25 @@ def _api_worker(rank, world, names):
         out = d.combine(_identity_experts(batch), handle)
         assert out.shape == x.shape
         assert_close(out, x.double() * w.double().sum(1, keepdim=True), 1e-6)
-        # two micro-batches in flight: dispatch A, dispatch B, combine B, combine A
+        # two micro-batches in flight: dispatch A, dispatch B, then combine B, combine A (A, B, B, A) or
+        # combine A, combine B (A, B, A, B)
         (xa, ia, wa), (xb, ib, wb) = _inputs(cfg, rank, 0), _inputs(cfg, rank, 1)
-        pa = d.dispatch_async(xa, ia, wa)
-        pb = d.dispatch_async(xb, ib, wb)
-        batch_b, handle_b = pb.wait()
-        batch_a, handle_a = pa.wait()
-        _check_received(cfg, d, batch_a, world, 0)
-        _check_received(cfg, d, batch_b, world, 1)
-        cb = d.combine_async(_identity_experts(batch_b), handle_b)
-        ca = d.combine_async(_identity_experts(batch_a), handle_a)
-        assert_close(cb.wait(), xb.double() * wb.double().sum(1, keepdim=True), 1e-6)
-        assert_close(ca.wait(), xa.double() * wa.double().sum(1, keepdim=True), 1e-6)
-        assert pa.overlaps and pb.overlaps       # Gloo work started with async_op=True runs beside the caller
+        for order in ("ABBA", "ABAB"):
+            pa = d.dispatch_async(xa, ia, wa)
+            pb = d.dispatch_async(xb, ib, wb)
+            batch_b, handle_b = pb.wait()
+            batch_a, handle_a = pa.wait()
+            _check_received(cfg, d, batch_a, world, 0)
+            _check_received(cfg, d, batch_b, world, 1)
+            if order == "ABBA":
+                cb = d.combine_async(_identity_experts(batch_b), handle_b)
+                ca = d.combine_async(_identity_experts(batch_a), handle_a)
+            else:
+                ca = d.combine_async(_identity_experts(batch_a), handle_a)
+                cb = d.combine_async(_identity_experts(batch_b), handle_b)
+            assert_close(cb.wait(), xb.double() * wb.double().sum(1, keepdim=True), 1e-6)
+            assert_close(ca.wait(), xa.double() * wa.double().sum(1, keepdim=True), 1e-6)
+            assert pa.overlaps and pb.overlaps   # Gloo work started with async_op=True runs beside the caller
         assert _attributes(d) == before, sorted(set(_attributes(d).items()) ^ set(before.items()))
         report[name] = "ok"
     return report

@@ -57,13 +57,13 @@ def test_high_throughput_rows_move_in_16_byte_stores(wire, quant):
     from epmoe.kernels import symm_dispatch as k
     fp8 = wire == "fp8e4nv"
     types = ([f"*{'bf16' if quant else wire}", "*fp32", "*i32", "*i32", "*i32", "*fp32", "*i64", "*i32", "*i64",
-              f"*{wire}", "*fp32", "*i32", "*fp32", "*i64", "*i32"] + ["i32"] * 5)
+              f"*{wire}", "*fp32", "*i32", "*fp32", "*i64", "*i32"] + ["i32"] * 6)
     ptx = _compile(k.ht_dispatch_kernel, types, dict(EP=2, HW=7, K=8, X_ITEM=1 if fp8 else 2, BLOCK_H=8192, K_P2=8,
                                                       G_P2=64 if fp8 else 1, HAS_SCALES=fp8 and not quant,
                                                       PAD_BLOCK=256, QUANT=quant, GROUP=128 if quant else 1,
                                                       PULL=not quant))
     assert "st.global.v4.b32" in _stores(ptx)
-    ptx = _compile(k.ht_combine_kernel, ["*bf16", "*i32", "*bf16", "*i64", "*i32", "i32", "i32", "i32"],
+    ptx = _compile(k.ht_combine_kernel, ["*bf16", "*i32", "*bf16", "*i64", "*i32", "i32", "i32", "i32", "i32"],
                    dict(EP=2, HW=7, ITEM=2, BLOCK_H=8192))
     assert _stores(ptx) == {"st.global.v4.b32"}
 
@@ -81,12 +81,12 @@ def test_pull_combine_reads_the_peers_rows_in_16_byte_loads():
 def test_low_latency_rows_move_in_16_byte_stores_after_one_atomic_per_row():
     from epmoe.kernels import symm_dispatch as k
     ptx = _compile(k.ll_dispatch_kernel, ["*bf16", "*fp32", "*i32", "*i32", "*i32", "*bf16", "*fp32", "*i32", "*i32",
-                                          "*i64", "*i32"] + ["i32"] * 6,
+                                          "*i64", "*i32"] + ["i32"] * 7,
                    dict(X_ITEM=2, BLOCK_H=8192, G_P2=1, HAS_SCALES=False))
     assert "st.global.v4.b32" in _stores(ptx)
     claims = re.findall(r"@%p\d+ atom\.global\.sys\.relaxed\.add", ptx)
     assert len(claims) == 1            # predicated: one thread of the program claims the row
-    ptx = _compile(k.ll_combine_kernel, ["*bf16", "*i32", "*i32", "*bf16", "*i64", "*i32"] + ["i32"] * 4,
+    ptx = _compile(k.ll_combine_kernel, ["*bf16", "*i32", "*i32", "*bf16", "*i64", "*i32"] + ["i32"] * 5,
                    dict(ITEM=2, BLOCK_H=8192, SPLIT=4))
     assert "st.global.v4.b32" in _stores(ptx)
 

@@ -28,7 +28,8 @@ from ..group import GroupState, group_state
 from ..placement import Placement
 from ..sizes import round_up
 from . import header as fh
-from .base import Dispatcher
+from .base import Dispatcher, Pending
+from .streams import comm_stream_for
 
 ALIGN = 16  # bytes; every field starts on this boundary and rows are a multiple of it
 
@@ -269,6 +270,7 @@ class CommDispatcher(Dispatcher):
         self.layer_index = 0
         self.layer_fields = fh.layer_values(self.name, self.fmt.row_bytes, plan)
         self.fingerprint = fh.fingerprint(self.layer_fields)
+        self.comm_stream = comm_stream_for(self.state, device)
         if device is not None:
             placement.tables(device)  # build the id tables now, outside any CUDA graph capture
 
@@ -357,11 +359,15 @@ class CommDispatcher(Dispatcher):
     def abort(self) -> None:
         """Take part in the current forward on behalf of a rank whose inputs or routing failed: its header
         is flagged as failed, so every rank raises right after the first exchange instead of waiting; the
-        caller re-raises its own error."""
+        caller re-raises its own error. Issued like an exchange (on the communication stream, in order)."""
+        self._issue(self._start_abort, (), None).wait()
+
+    def _start_abort(self) -> Pending:
         try:
             self.exchange_headers(0, self.device, failed=True)
         except RankMismatch:
-            return   # expected: this rank's failed flag ends the forward on every rank, here included
+            pass     # expected: this rank's failed flag ends the forward on every rank, here included
+        return Pending([], lambda: None, overlaps=False)
 
     def enable_stats(self) -> DispatchStats:
         """Start counting what this dispatcher sends (returns the live `DispatchStats`)."""

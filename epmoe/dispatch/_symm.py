@@ -64,6 +64,7 @@ class SymmHandle(Handle):
     ws: SymmWorkspace = None
     slot: int = 0
     header: fh.Header = None
+    check_on_wait: bool = False     # combine's status read put off until its Pending is waited for
 
 
 class SymmDispatcher(CommDispatcher):
@@ -135,28 +136,45 @@ class SymmDispatcher(CommDispatcher):
 
     # ------------------------------------------------------------------------- the Dispatcher API
     def _start_dispatch(self, x, routing) -> Pending:
-        # every step is queued on the caller's stream before this returns (the host waits only where a
-        # step reads back): work the caller issues before wait() runs after the exchange
-        result = run_steps(self.dispatch_steps(x, routing))
+        # every step is queued before this returns (the host waits only where a step reads back), on the
+        # communication stream where there is one (`_issue`): work the caller's stream does meanwhile runs
+        # beside it
+        result = self.run_steps(self.dispatch_steps(x, routing))
         return Pending([], lambda: result, overlaps=False)
 
     def _start_combine(self, expert_out, handle) -> Pending:
-        result = run_steps(self.combine_steps(expert_out, handle))
-        return Pending([], lambda: result, overlaps=False)
+        # with a capacity the status word is read at the end of the combine: when it is waited for, not when
+        # it is issued, so that issuing it does not wait for the exchange on the host (the other
+        # micro-batch's experts are queued meanwhile)
+        bounded = self.plan.max_tokens_per_rank is not None
+        handle.check_on_wait = bounded
+        result = self.run_steps(self.combine_steps(expert_out, handle))
 
-    def abort(self) -> None:
-        """Take part in the current forward on behalf of a rank whose inputs or routing failed, flagged as
-        failed in its header, so that every rank raises instead of waiting."""
+        def check():
+            handle.check_on_wait = False
+            self.check_at_end(handle, result.device)
+        return Pending([], lambda: result, overlaps=False, check=check if bounded else None)
+
+    def run_steps(self, steps):
+        """Drive a `*_steps` generator to its end: at once on GPUs; on simulated ranks that run in threads
+        (`SymmWorkspace.simulated(..., threads=True)`), meeting the other ranks at every wait."""
+        lockstep = self._workspace().lockstep
+        return run_steps(steps) if lockstep is None else lockstep.run(steps)
+
+    def _start_abort(self) -> Pending:
+        """`abort`: the forward's dispatch and combine on no token, flagged as failed in its header, so that
+        every rank raises instead of waiting."""
         from ..routing import Routing
         k, dev = self.plan.top_k, self.device
         x = torch.zeros(0, self.plan.padded_hidden_size, dtype=self.plan.dtype, device=dev)
         empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=dev),
                         torch.zeros(0, k, dtype=torch.float32, device=dev))
         try:
-            batch, handle = run_steps(self.dispatch_steps(x, empty, failed=True))
-            run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.plan.dtype, device=dev), handle))
+            batch, handle = self.run_steps(self.dispatch_steps(x, empty, failed=True))
+            self.run_steps(self.combine_steps(torch.zeros(batch.x.shape, dtype=self.plan.dtype, device=dev), handle))
         except RankMismatch:
-            return   # expected: this rank's failed flag ends the forward on every rank, here included
+            pass   # expected: this rank's failed flag ends the forward on every rank, here included
+        return Pending([], lambda: None, overlaps=False)
 
     def wire_rows(self, x: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(rows as the transfer kernel reads them, float32 scales or None): quantized to the wire's FP8
@@ -248,14 +266,17 @@ class SymmDispatcher(CommDispatcher):
 
     def check(self) -> None:
         """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
-        cannot read back themselves)."""
+        cannot read back themselves), once the exchanges issued so far are done."""
+        if self.comm_stream is not None:
+            self.comm_stream.join()
         self.raise_for_status(self.read_status())
 
     def check_at_end(self, handle: SymmHandle, device) -> None:
         """Eager forwards of the capturable path: read the status word (and the headers, for the message)
         once, at the end of combine, so that what went wrong raises on every rank in the forward that caused
-        it. Skipped while a CUDA graph is being captured (nothing can be read back then)."""
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        it (where the combine runs through `combine_async`, when it is waited for). Skipped while a CUDA
+        graph is being captured (nothing can be read back then)."""
+        if handle.check_on_wait or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return
         ws = handle.ws
         seen = torch.cat([ws.status, ws.control_view(handle.slot, "heads.count").reshape(-1)]).tolist()

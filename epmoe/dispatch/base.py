@@ -25,9 +25,9 @@ class Handle:
     """What one forward's dispatch leaves for its combine, and the only place it is kept (never on the
     dispatcher): several forwards (micro-batches) may be in flight at once.
 
-    num_tokens: this rank's tokens in the forward. stream / done: where the forward's exchange was issued and
-    an event recorded after it, for dispatchers that run it beside the caller's stream (None: issued on the
-    caller's stream, in order). Each dispatcher's handle adds what its combine needs (a subclass per
+    num_tokens: this rank's tokens in the forward. stream / done: the communication stream the dispatch ran on
+    and the event recorded after it (`epmoe.dispatch.streams`; None: it ran in order on the caller's
+    stream, or on the host). Each dispatcher's handle adds what its combine needs (a subclass per
     dispatcher; the symmetric-memory ones add the workspace slot the forward uses).
     """
 
@@ -40,26 +40,47 @@ class Pending:
     """A dispatch or combine that was started and may not have finished yet.
 
     `wait()` waits for it and returns the result (`(batch, handle)` for a dispatch, `[T, H]` for a combine);
-    calling it again returns the same result. `overlaps` says whether work the caller issues before `wait()`
-    runs beside the exchange: True for collectives started with `async_op=True` (Gloo, NCCL; on CUDA
-    `wait()` then makes the current stream wait for them), False where the exchange was already queued in
-    order on the caller's stream or done (work issued before `wait()` then runs after it).
+    calling it again returns the same result. On a GPU the exchange runs on the communication stream
+    (`epmoe.dispatch.streams`): `wait()` then blocks nothing on the host, it makes the current stream wait
+    for `event`, the CUDA event recorded after the exchange (pass it as `after=` to order a later exchange
+    behind it without waiting; None where the exchange ran in order on the caller's stream or on the host).
+    `overlaps` says whether work the caller issues before `wait()` runs beside the exchange: True on the
+    communication stream and for collectives started with `async_op=True` on the host (Gloo), False where
+    the exchange was queued in order on the caller's stream or done (work issued before `wait()` then runs
+    after it). `check`: what the exchange leaves to be verified on the host once its result is queued (the
+    symmetric-memory dispatchers' status word: a host sync, so it is put off until `wait()`).
     """
 
-    def __init__(self, works: list, finish: Callable[[], Any], overlaps: bool | None = None):
+    def __init__(self, works: list, finish: Callable[[], Any], overlaps: bool | None = None, event=None,
+                 check: Callable[[], None] | None = None):
         self._works = [w for w in works if w is not None]
         self._finish = finish
         self._done = False
         self._result = None
+        self._check = check
         self.overlaps = bool(self._works) if overlaps is None else overlaps
+        self.event = event
 
-    def wait(self):
+    def queued_result(self):
+        """The result, once the collectives are waited for (on a GPU: the current stream made to wait) and
+        what follows them queued; the host-side check is left to `wait()`."""
         if not self._done:
             for work in self._works:
                 work.wait()
             self._result = self._finish()
             self._done, self._works, self._finish = True, [], None
         return self._result
+
+    def wait(self):
+        result = self.queued_result()
+        check, self._check = self._check, None
+        if check is not None:
+            check()
+        return result
+
+    def then(self, fn: Callable[[Any], Any]) -> Pending:
+        """This pending's result passed through `fn` (more queued work), its check still left to `wait()`."""
+        return Pending([], lambda: fn(self.queued_result()), self.overlaps, self.event, check=self.wait)
 
 
 class Dispatcher(abc.ABC):
@@ -78,12 +99,16 @@ class Dispatcher(abc.ABC):
 
     CAPS: DispatcherCaps
     name: str = ""
+    # False: exchanges run in order on the caller's stream instead of the communication stream (what the
+    # overlap gains is measured against this; see `epmoe.dispatch.streams`)
+    use_comm_stream: bool = True
 
     def __init__(self, plan: MoEPlan, placement: Placement, group=None, device: torch.device | None = None):
         self.plan = plan
         self.placement = placement
         self.group = group
         self.device = device
+        self.comm_stream = None      # `CommStream` where this dispatcher's exchanges run (None: in order)
 
     def prepare(self) -> None:
         """Called once the group's ranks agreed on the layer (after the build handshake), before its first
@@ -103,12 +128,14 @@ class Dispatcher(abc.ABC):
         """
         return self.dispatch_async(hidden, topk_ids, topk_weights).wait()
 
-    def dispatch_async(self, hidden: torch.Tensor, topk_ids, topk_weights: torch.Tensor | None = None) -> Pending:
-        """`dispatch`, returning as soon as the token exchange has been started: `Pending.wait()` gives
+    def dispatch_async(self, hidden: torch.Tensor, topk_ids, topk_weights: torch.Tensor | None = None, *,
+                       after=None) -> Pending:
+        """`dispatch`, returning as soon as the token exchange has been issued: `Pending.wait()` gives
         `(batch, handle)`. Where `Pending.overlaps`, work done before waiting (shared experts, another
-        micro-batch) runs beside the exchange."""
+        micro-batch) runs beside the exchange. `after`: a CUDA event the exchange waits for before it
+        reads `hidden` and the routing (None: what the current stream has queued when this is called)."""
         x, routing = self._inputs(hidden, topk_ids, topk_weights)
-        return self._start_dispatch(x, routing)
+        return self._issue(lambda: self._start_dispatch(x, routing), (x, routing), after)
 
     def combine(self, expert_out: torch.Tensor, handle) -> torch.Tensor:
         """Bring the experts' outputs back to the ranks that own the tokens and sum each token's
@@ -123,13 +150,32 @@ class Dispatcher(abc.ABC):
         """
         return self.combine_async(expert_out, handle).wait()
 
-    def combine_async(self, expert_out: torch.Tensor, handle) -> Pending:
-        """`combine`, returning as soon as the exchange has been started: `Pending.wait()` gives [T, H]."""
-        pending = self._start_combine(expert_out, handle)
+    def combine_async(self, expert_out: torch.Tensor, handle, *, after=None) -> Pending:
+        """`combine`, returning as soon as the exchange has been issued: `Pending.wait()` gives [T, H].
+        `after`: a CUDA event the exchange waits for before it reads `expert_out` (None: what the current
+        stream has queued when this is called, i.e. the experts that wrote it)."""
         H = self.plan.hidden_size
-        if H == self.plan.padded_hidden_size:
-            return pending
-        return Pending([pending], lambda: pending.wait()[:, :H].contiguous())
+
+        def start():
+            pending = self._start_combine(expert_out, handle)
+            if H == self.plan.padded_hidden_size:
+                return pending
+            return pending.then(lambda out: out[:, :H].contiguous())
+        return self._issue(start, (expert_out,), after)
+
+    def _issue(self, start: Callable[[], Pending], inputs, after) -> Pending:
+        """Issue an exchange on the communication stream where this dispatcher has one (a GPU), else in
+        order where the caller is (`after` then orders the caller's stream; on the host there is nothing
+        to order)."""
+        streams = self.comm_stream if self.use_comm_stream else None
+        if streams is not None and streams.device == self.device:     # (a layer moved to another device: in order)
+            return streams.issue(start, inputs, after)
+        if after is not None:
+            if not (self.device is not None and self.device.type == "cuda"):
+                raise ValueError(f"{self.name} dispatcher: after= orders CUDA streams; on {self.device} every "
+                                 f"exchange runs in order on the host (pass after=None)")
+            torch.cuda.current_stream(self.device).wait_event(after)
+        return start()
 
     def abort(self) -> None:
         """Take part in the current forward for a rank that cannot compute it (bad input or routing), so

@@ -10,7 +10,7 @@ from .base import Dispatcher, Handle, Pending
 @register_dispatcher("local")
 class LocalDispatcher(Dispatcher):
     CAPS = DispatcherCaps(
-        layout=FLAT, communicates=False, host_sync=False, cuda_graph_safe=True, auto_priority=1,
+        layout=FLAT, communicates=False, host_sync=False, cuda_graph_safe=True, auto_priority=1, in_flight=2,
         summary="no expert parallelism: one rank holds every expert")
 
     def _start_dispatch(self, x, routing):

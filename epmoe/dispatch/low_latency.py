@@ -56,7 +56,7 @@ class LowLatencyHandle(Handle):
 @register_dispatcher("low_latency")
 class LowLatencyDispatcher(CommDispatcher):
     CAPS = DispatcherCaps(
-        layout=BATCHED, communicates=True, host_sync=False, cuda_graph_safe=True, needs_max_tokens=True,
+        layout=BATCHED, communicates=True, host_sync=False, cuda_graph_safe=True, needs_max_tokens=True, in_flight=2,
         fp8_dispatch=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
                 "data-dependent sizes, CUDA-graph capturable; overflow is an error on every rank")
 

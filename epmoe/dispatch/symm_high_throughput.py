@@ -93,6 +93,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
         takes_max_tokens=True, fp8_dispatch=True, available=symm_problem, auto_priority=2,
+        in_flight=SymmWorkspace.SLOTS, bounded_sms=True,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
                 "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); the owner reads its "
                 "tokens' result rows from the peers' buffers and sums them in float32 in the same pass; with "
@@ -140,7 +141,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
 
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch_steps(self, x_TH, routing, failed: bool = False):
-        from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel
+        from ..kernels.symm_dispatch import PAD_BLOCK, ht_dispatch_kernel, programs
         from ..kernels.token_rows import pow2, route_to_ranks
         from triton import cdiv as triton_cdiv
         plan = self.plan
@@ -191,10 +192,10 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # bounded: the batch is the whole capacity, rows past what arrives marked as routed nowhere
         pad = triton_cdiv(R, PAD_BLOCK) if bounded else 0
         if T + pad:
-            ht_dispatch_kernel[(T + pad, split)](
+            ht_dispatch_kernel[programs(T + pad, split, plan.comm_sms)](
                 xw_TH, xs_TG if xs_TG is not None else rg.rw_RK, ids_TK, owner_E, index_E,
                 routing.topk_weights.float().contiguous(), j_PT, mtx_PW, back_TP, rg.rx_RH,
-                rg.rxs_RG if fp8 else rg.rw_RK, rg.rids_RK, rg.rw_RK, ws.deltas, ws.status, me, T, H, G, R,
+                rg.rxs_RG if fp8 else rg.rw_RK, rg.rids_RK, rg.rw_RK, ws.deltas, ws.status, me, T, H, G, R, T + pad,
                 EP=ep, HW=mtx_PW.shape[1], K=K, X_ITEM=rg.rx_RH.element_size(), BLOCK_H=block_h,
                 K_P2=pow2(K), G_P2=pow2(G), HAS_SCALES=fp8 and not fused, PAD_BLOCK=PAD_BLOCK,
                 QUANT=fused, GROUP=group if fused else 1, PULL=lc.combine_pull, num_warps=lc.warps)
@@ -239,7 +240,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
 
     # -------------------------------------------------------------------------------------- combine
     def combine_steps(self, y_NH, handle: SymmHTHandle):
-        from ..kernels.symm_dispatch import ht_combine_kernel
+        from ..kernels.symm_dispatch import ht_combine_kernel, programs
         from ..kernels.token_rows import gather_sum
         plan = self.plan
         ws, slot, N, mtx_PW = handle.ws, handle.slot, handle.num_rows, handle.mtx_PW
@@ -255,8 +256,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
                 comb_RH[:N].copy_(y_NH)
         elif N:
             y_NH = y_NH.contiguous()
-            ht_combine_kernel[(N, lc.combine_split)](
-                y_NH, mtx_PW, comb_RH, ws.deltas, ws.status, self.rank, H, comb_RH.shape[0], EP=self.ep_size,
+            ht_combine_kernel[programs(N, lc.combine_split, plan.comm_sms)](
+                y_NH, mtx_PW, comb_RH, ws.deltas, ws.status, self.rank, H, comb_RH.shape[0], N, EP=self.ep_size,
                 HW=mtx_PW.shape[1], ITEM=y_NH.element_size(), BLOCK_H=block_h, num_warps=lc.combine_warps)
         # pull: every rank's rows are in place once this returns; push: they have arrived here. The expert
         # row counters of this slot are cleared too: a low-latency peer that ran another layer in this
@@ -267,7 +268,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # or of this rank's (push), in float32; NaN, reading nothing, if the forward failed
         out_TH = gather_sum(comb_RH, handle.back_TP, None, ws.status, plan.dtype,
                             deltas=ws.deltas if handle.pull else None, block_h=block_h,
-                            num_warps=lc.combine_warps)
+                            num_warps=lc.combine_warps, sms=plan.comm_sms if handle.pull else None)
         if plan.max_tokens_per_rank is not None:
             self.check_at_end(handle, y_NH.device)
         return out_TH

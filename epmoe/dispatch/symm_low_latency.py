@@ -35,7 +35,7 @@ from ..contract import DispatcherCaps
 from ..layouts import BATCHED, BatchedBatch
 from ..registry import register_dispatcher
 from ._symm import SymmDispatcher, SymmHandle, symm_problem
-from .symm_workspace import COUNTERS, SlotLayout
+from .symm_workspace import COUNTERS, SlotLayout, SymmWorkspace
 
 
 @dataclass
@@ -56,7 +56,8 @@ class LLRegions(NamedTuple):
 class SymmLowLatencyDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=False, cuda_graph_safe=True,
-        needs_max_tokens=True, fp8_dispatch=True, available=symm_problem,
+        needs_max_tokens=True, fp8_dispatch=True, available=symm_problem, in_flight=SymmWorkspace.SLOTS,
+        bounded_sms=True,
         summary="GPU-initiated, fixed capacity: Triton kernels store each (token, expert) row straight into the "
                 "owner's symmetric-memory buffer in the batched layout (read in place by the experts); no host "
                 "sync, CUDA-graph capturable; overflow is an error on every rank")
@@ -87,7 +88,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     # ------------------------------------------------------------------------------------- dispatch
     def dispatch_steps(self, x_TH, routing, failed: bool = False):
-        from ..kernels.symm_dispatch import ll_dispatch_kernel, row_block
+        from ..kernels.symm_dispatch import ll_dispatch_kernel, programs, row_block
         from ..kernels.token_rows import pow2
         plan = self.plan
         T, H = x_TH.shape
@@ -105,10 +106,10 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
             xw_nH, xs_nG = self.wire_rows(x_TH[:n], quantize=fp8)             # wire dtype; float32 or None
             owner_E, index_E, _ = self.placement.tables(dev)                  # [E] int32 each
             ids_nK = routing.topk_ids[:n].to(torch.int32).contiguous()        # [n, K] global expert ids
-            ll_dispatch_kernel[(n * K,)](
+            ll_dispatch_kernel[programs(n * K, 1, plan.comm_sms)[:1]](
                 xw_nH, xs_nG if xs_nG is not None else rg.meta_LC, ids_nK, owner_E, index_E,
                 rg.rx_LCH, rg.rxs_LCG if fp8 else rg.meta_LC, rg.counts_L, rg.meta_LC, ws.deltas, ws.status,
-                self.rank, M, C, H, G, K,
+                self.rank, M, C, H, G, K, n * K,
                 X_ITEM=xw_nH.element_size(), BLOCK_H=row_block(H), G_P2=pow2(G), HAS_SCALES=fp8, num_warps=4)
         # a failed forward (another layer on a peer, a timeout) hands the experts no rows
         yield from self.exchange(ws, "count", slot, header, max_tokens=M, check_heads=True,
@@ -134,7 +135,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
 
     # -------------------------------------------------------------------------------------- combine
     def combine_steps(self, y_LCH, handle: SymmLLHandle):
-        from ..kernels.symm_dispatch import ll_combine_kernel, row_block
+        from ..kernels.symm_dispatch import ll_combine_kernel, programs, row_block
         from ..kernels.token_rows import gather_sum
         plan = self.plan
         T, ws, slot = handle.num_tokens, handle.ws, handle.slot
@@ -145,10 +146,10 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
                              f"{plan.dtype}, got {list(y_LCH.shape)} {y_LCH.dtype}")
         rg = self._regions(ws, slot)
         y_LCH = y_LCH.contiguous()
-        split = 4
-        ll_combine_kernel[(L, split)](y_LCH, rg.counts_L, rg.meta_LC, rg.comb_MKH, ws.deltas, ws.status,
-                                      M, C, H, K, ITEM=y_LCH.element_size(), BLOCK_H=row_block(H), SPLIT=split,
-                                      num_warps=4)
+        grid = programs(L, 4, plan.comm_sms)
+        ll_combine_kernel[grid](y_LCH, rg.counts_L, rg.meta_LC, rg.comb_MKH, ws.deltas, ws.status,
+                                M, C, H, K, L, ITEM=y_LCH.element_size(), BLOCK_H=row_block(H), SPLIT=grid[1],
+                                num_warps=4)
         yield from self.exchange(ws, "combine", slot, handle.header, check_heads=False, zero=rg.counts_L)
         n = T if T <= M else 0
         # out[t] = sum over k of weight[t, k] * comb[t, k] in float32, in slot order; NaN if the forward failed

@@ -24,10 +24,12 @@ captured graphs may point there). `free()` releases it.
 
 `SymmWorkspace.simulated` builds the same structure over plain tensors of one process (one per simulated
 rank): the kernels then run under the Triton interpreter on the CPU, which is how the offsets and the
-layout are tested without GPUs.
+layout are tested without GPUs. The simulated ranks are driven step by step by a test, or (`threads=True`)
+each in a thread of its own through the public dispatch API, meeting at every wait (`Lockstep`).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +117,7 @@ class SymmWorkspace:
         self.group, self.device, self.number = group, device, 1
         self._retired: list = []
         self._allocate(slot_bytes)
+        self.lockstep = None                 # simulated ranks in threads only
         self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device)
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self._next_slot = 0
@@ -144,11 +147,14 @@ class SymmWorkspace:
         self.control = SlotLayout(self.ep)          # the same control block starts every layer's slot
 
     @classmethod
-    def simulated(cls, ep: int, slot_bytes: int, device="cpu", states: list[GroupState] | None = None
-                  ) -> list[SymmWorkspace]:
+    def simulated(cls, ep: int, slot_bytes: int, device="cpu", states: list[GroupState] | None = None,
+                  threads: bool = False) -> list[SymmWorkspace]:
         """`ep` workspaces over plain tensors of this process, each rank's deltas pointing at the others'
         (tests: the kernels under the Triton interpreter). `states`: each simulated rank's `GroupState`,
-        where its workspace is registered (as a group's would be)."""
+        where its workspace is registered (as a group's would be). `threads`: each rank will run in a thread
+        of its own, its dispatchers meeting the others' at every wait (`Lockstep`); else a test drives
+        their `*_steps` generators itself."""
+        lockstep = Lockstep(ep) if threads else None
         bufs = [torch.zeros(cls.SLOTS * slot_bytes + 16, dtype=torch.uint8, device=device) for _ in range(ep)]
         # start each at a 16-byte boundary, as a symmetric allocation would be
         bufs = [b[(-b.data_ptr()) % 16:][:cls.SLOTS * slot_bytes] for b in bufs]
@@ -158,6 +164,7 @@ class SymmWorkspace:
             ws = cls.__new__(cls)
             ws.group, ws.device, ws.number, ws._retired = None, torch.device(device), 1, []
             ws._setup(bufs[r], bases, r, slot_bytes, bufs)
+            ws.lockstep = lockstep
             ws.epochs = torch.zeros(1 + cls.SLOTS, dtype=torch.int32, device=device)
             ws.status = torch.zeros(1, dtype=torch.int32, device=device)
             ws._next_slot = 0
@@ -260,6 +267,31 @@ class SymmWorkspace:
     def __repr__(self) -> str:
         state = "freed" if self.local is None else f"{self.slot_bytes} B x {self.SLOTS} slots"
         return f"SymmWorkspace(#{self.number}, ep={self.ep}, rank={self.rank}, {state}, {self.device})"
+
+
+class Lockstep:
+    """Simulated ranks of one process, each in a thread, running the dispatchers' step generators: one rank
+    runs steps at a time (the Triton interpreter is not thread-safe), and at every wait (a step's `yield`:
+    this rank published, it is about to wait for the others) the ranks meet, so each wait finds every
+    rank's flag. The ranks must run the same exchanges in the same order (a test that makes them differ
+    gets `threading.BrokenBarrierError` after `timeout_s`)."""
+
+    def __init__(self, ep: int, timeout_s: float = 120.0):
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(ep, timeout=timeout_s)
+
+    def run(self, steps):
+        with self.lock:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                self.lock.release()
+                try:
+                    self.barrier.wait()
+                finally:
+                    self.lock.acquire()
 
 
 def default_workspace(state: GroupState, group, slot_bytes: int, device) -> SymmWorkspace:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import fp8_quantize_groups
-from .token_rows import pow2
+from .token_rows import pow2, programs  # noqa: F401  (programs: the dispatchers launch through it)
 
 # status word bits (int32, one per rank, sticky until the host reads and clears it)
 TIMEOUT = tl.constexpr(1)          # a peer's flag did not arrive within the timeout
@@ -204,11 +204,11 @@ def mark_collective(ws, forward: int) -> None:
 # ------------------------------------------------------------------------------------ high throughput
 @triton.jit
 def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr,
-                       rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, T, H, G, rows,
+                       rx_ptr, rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, T, H, G, rows, n_items,
                        EP: tl.constexpr, HW: tl.constexpr, K: tl.constexpr, X_ITEM: tl.constexpr,
                        BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
                        PAD_BLOCK: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, PULL: tl.constexpr):
-    """Program (t < T, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... (SPLIT =
+    """Item (t < T, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... (SPLIT =
     programs along axis 1) of token t's row into the receive buffer of every rank it goes to, program
     (t, 0) its routing too; programs (t >= T, 0) mark this rank's receive rows past those that arrive as
     routed nowhere (ids -1).
@@ -224,25 +224,27 @@ def ht_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_pt
     rank's own combine region (its rows for d after its rows for lower d: where d's push combine stores
     the result). rx/rxs/rids/rw: this rank's receive regions of `rows` rows (the peers' are at the same
     offsets from their bases); a row past them sets OVERFLOW instead of landing.
+
+    Items t < n_items (T tokens, then the padding blocks) go to the programs along axis 0 in turn, so a grid
+    of fewer programs than items (`programs`: the plan's comm_sms) moves them all on that many SMs.
     """
-    t = tl.program_id(0)
     part = tl.program_id(1)
-    if t >= T:
-        if part > 0:
-            return
-        received = 0
-        for s in tl.static_range(EP):
-            received += tl.load(mtx_ptr + s * HW + HEADER_BASE + rank)
-        r = received + (t - T) * PAD_BLOCK + tl.arange(0, PAD_BLOCK)
-        kk = tl.arange(0, K_P2)
-        rr = r.to(tl.int64)[:, None] * K + kk[None, :]
-        tl.store(rids_ptr + rr, tl.full([PAD_BLOCK, K_P2], -1, tl.int32),
-                 mask=(r < rows)[:, None] & (kk < K)[None, :])
-    else:
-        _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
-                        rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, t.to(tl.int64), part,
-                        tl.num_programs(1), T, H, G, rows, EP, HW, K, X_ITEM, BLOCK_H, K_P2, G_P2, HAS_SCALES,
-                        QUANT, GROUP, PULL)
+    for t in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        if t >= T:
+            if part == 0:
+                received = 0
+                for s in tl.static_range(EP):
+                    received += tl.load(mtx_ptr + s * HW + HEADER_BASE + rank)
+                r = received + (t - T) * PAD_BLOCK + tl.arange(0, PAD_BLOCK)
+                kk = tl.arange(0, K_P2)
+                rr = r.to(tl.int64)[:, None] * K + kk[None, :]
+                tl.store(rids_ptr + rr, tl.full([PAD_BLOCK, K_P2], -1, tl.int32),
+                         mask=(r < rows)[:, None] & (kk < K)[None, :])
+        else:
+            _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, mtx_ptr, back_ptr, rx_ptr,
+                            rxs_ptr, rids_ptr, rw_ptr, deltas_ptr, status_ptr, rank, tl.cast(t, tl.int64), part,
+                            tl.num_programs(1), T, H, G, rows, EP, HW, K, X_ITEM, BLOCK_H, K_P2, G_P2, HAS_SCALES,
+                            QUANT, GROUP, PULL)
 
 
 @triton.jit
@@ -311,18 +313,26 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
 
 
 @triton.jit
-def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, rows,
+def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, rows, N,
                       EP: tl.constexpr, HW: tl.constexpr, ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
     """The push combine (`HTLaunch(combine_pull=False)`; the default pull combine is `gather_sum` over the
-    peers' buffers). Program (q, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... of
-    received row q of y [N, H] back into its source's combine region `out`, at the row the source's send
-    order gives it (destination-major: after its rows for lower ranks); the source sums them afterwards.
+    peers' buffers). Programs along axis 0 take the received rows q < N in turn (`programs`); program
+    (q, s) stores columns s * BLOCK_H, s * BLOCK_H + SPLIT * BLOCK_H, ... of received row q of y [N, H] back
+    into its source's combine region `out`, at the row the source's send order gives it (destination-major:
+    after its rows for lower ranks); the source sums them afterwards.
 
     mtx [EP, HW] int32: every rank's header with its per-destination row counts (HEADER_BASE..). Nothing
     is stored past the `rows` rows of the region, nor at all once this rank's status word says the
     forward failed (the counts may then be another layer's).
     """
-    q = tl.program_id(0).to(tl.int64)
+    for q in range(tl.program_id(0), N, tl.num_programs(0)):
+        _ht_combine_row(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, rows, tl.cast(q, tl.int64), EP, HW, ITEM,
+                        BLOCK_H)
+
+
+@triton.jit
+def _ht_combine_row(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, rows, q, EP: tl.constexpr,
+                    HW: tl.constexpr, ITEM: tl.constexpr, BLOCK_H: tl.constexpr):
     acc = q * 0
     src = q * 0
     first = q * 0
@@ -349,16 +359,25 @@ def ht_combine_kernel(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, 
 # --------------------------------------------------------------------------------------- low latency
 @triton.jit
 def ll_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs_ptr, counts_ptr, meta_ptr,
-                       deltas_ptr, status_ptr, rank, M, C, H, G, K,
+                       deltas_ptr, status_ptr, rank, M, C, H, G, K, n_items,
                        X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr, G_P2: tl.constexpr,
                        HAS_SCALES: tl.constexpr):
-    """Program i = (token t, slot k): claim a row of expert ids[t, k] on its owner (an atomic on the
-    owner's counter) and store the token there, with its origin (rank, t, k) beside it.
+    """Item i = (token t, slot k) < n_items, taken by the programs in turn (`programs`): claim a row of
+    expert ids[t, k] on its owner (an atomic on the owner's counter) and store the token there, with its
+    origin (rank, t, k) beside it.
 
     Receive regions (same offsets on every rank): rx [L, C, H], rxs [L, C, G], counts [L] int32,
     meta [L, C] int32 = (source rank * M + t) * K + k.
     """
-    i = tl.program_id(0)
+    for i in range(tl.program_id(0), n_items, tl.num_programs(0)):
+        _ll_dispatch_item(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs_ptr, counts_ptr, meta_ptr,
+                          deltas_ptr, status_ptr, rank, M, C, H, G, K, i, X_ITEM, BLOCK_H, G_P2, HAS_SCALES)
+
+
+@triton.jit
+def _ll_dispatch_item(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs_ptr, counts_ptr, meta_ptr,
+                      deltas_ptr, status_ptr, rank, M, C, H, G, K, i, X_ITEM: tl.constexpr, BLOCK_H: tl.constexpr,
+                      G_P2: tl.constexpr, HAS_SCALES: tl.constexpr):
     t = i // K
     k = i % K
     e = tl.load(ids_ptr + i)
@@ -373,25 +392,32 @@ def ll_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs
         for h0 in range(0, H, BLOCK_H):
             offs = h0 + tl.arange(0, BLOCK_H)
             hm = offs < H
-            v = tl.load(x_ptr + t.to(tl.int64) * H + offs, mask=hm)
+            v = tl.load(x_ptr + tl.cast(t, tl.int64) * H + offs, mask=hm)
             tl.store(rx_ptr + delta + dest * H + offs, v, mask=hm)
         if HAS_SCALES:
             g = tl.arange(0, G_P2)
             gm = g < G
-            sv = tl.load(xs_ptr + t.to(tl.int64) * G + g, mask=gm)
+            sv = tl.load(xs_ptr + tl.cast(t, tl.int64) * G + g, mask=gm)
             tl.store(rxs_ptr + delta4 + dest * G + g, sv, mask=gm)
     else:
         tl.atomic_or(status_ptr, SLOT_OVERFLOW)
 
 
 @triton.jit
-def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_ptr, M, C, H, K,
+def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_ptr, M, C, H, K, L,
                       ITEM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
     """Program (expert le, j) sends rows c = j, j + SPLIT, ... < counts[le] of y [L, C, H] back to their
-    origin: row (t, k) of the source rank's region out [M, K, H]. Nothing once this rank's status word
-    says the forward failed (the origins may then be another layer's)."""
-    le = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
+    origin: row (t, k) of the source rank's region out [M, K, H] (programs along axis 0 take the L experts
+    in turn: `programs`). Nothing once this rank's status word says the forward failed (the origins may
+    then be another layer's)."""
+    for le in range(tl.program_id(0), L, tl.num_programs(0)):
+        _ll_combine_expert(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_ptr, M, C, H, K,
+                           tl.cast(le, tl.int64), tl.program_id(1), ITEM, BLOCK_H, SPLIT)
+
+
+@triton.jit
+def _ll_combine_expert(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_ptr, M, C, H, K, le, j,
+                       ITEM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
     ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
     n = tl.where(ok, tl.minimum(tl.load(counts_ptr + le), C), 0)
     for c in range(j, n, SPLIT):

@@ -95,39 +95,42 @@ def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, delta
     may then be another layer's): the output of a forward that failed on the GPU is never a
     plausible-looking number.
     """
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    hm = offs < H
     ok = tl.load(status_ptr) == 0
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    # masked loads, no branches: every term's load is issued before the first add needs it (the peers'
-    # rows cross the link in parallel); a skipped term leaves the sum's bits as they were
-    for j in tl.static_range(N_TERMS):
-        if DIRECT:
-            i = t * N_TERMS + j
-        else:
-            i = tl.load(index_ptr + t * N_TERMS + j)
-        use = (i >= 0) & (i < rows) & ok
-        base = src_ptr
-        if PEERS:
-            base = src_ptr + tl.multiple_of(tl.load(deltas_ptr + j), 16) // ITEM
-        row = tl.where(use, i, 0).to(tl.int64)
-        v = tl.load(base + row * H + offs, mask=offs < tl.where(use, H, 0), other=0.0).to(tl.float32)
-        if WEIGHTED:
-            v = v * tl.load(weight_ptr + t * N_TERMS + j)
-        acc = tl.where(use, acc + v, acc)
-    acc = tl.where(ok, acc, float("nan"))
-    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+    # programs take tokens (axis 0) and column blocks (axis 1) in turn: a grid smaller than the work (the
+    # plan's comm_sms, `programs`) still covers it
+    for t0 in range(tl.program_id(0), T, tl.num_programs(0)):
+        t = tl.cast(t0, tl.int64)
+        for hb in range(tl.program_id(1), tl.cdiv(H, BLOCK_H), tl.num_programs(1)):
+            offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            hm = offs < H
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            # masked loads, no branches: every term's load is issued before the first add needs it (the
+            # peers' rows cross the link in parallel); a skipped term leaves the sum's bits as they were
+            for j in tl.static_range(N_TERMS):
+                if DIRECT:
+                    i = t * N_TERMS + j
+                else:
+                    i = tl.load(index_ptr + t * N_TERMS + j)
+                use = (i >= 0) & (i < rows) & ok
+                base = src_ptr
+                if PEERS:
+                    base = src_ptr + tl.multiple_of(tl.load(deltas_ptr + j), 16) // ITEM
+                row = tl.where(use, i, 0).to(tl.int64)
+                v = tl.load(base + row * H + offs, mask=offs < tl.where(use, H, 0), other=0.0).to(tl.float32)
+                if WEIGHTED:
+                    v = v * tl.load(weight_ptr + t * N_TERMS + j)
+                acc = tl.where(use, acc + v, acc)
+            acc = tl.where(ok, acc, float("nan"))
+            tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 
 def gather_sum(src: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None, status: torch.Tensor,
                out_dtype: torch.dtype, shape: tuple[int, int] | None = None, deltas: torch.Tensor | None = None,
-               block_h: int = 2048, num_warps: int = 4) -> torch.Tensor:
+               block_h: int = 2048, num_warps: int = 4, sms: int | None = None) -> torch.Tensor:
     """[R, H] rows, index [T, J] (row or -1; None: row t * J + j, `shape` = (T, J)), optional weight
     [T, J] -> [T, H] in out_dtype (float32 sum, terms in order). `deltas` [J] int64: term j is read from
     the copy of `src` that many bytes away (rank j's, through the symmetric-memory mapping). `block_h`:
-    columns per program (a power of two)."""
+    columns per program (a power of two). `sms`: at most this many programs (`programs`)."""
     T, J = index.shape if index is not None else shape
     R, H = src.shape
     out = torch.empty(T, H, dtype=out_dtype, device=src.device)
@@ -135,9 +138,19 @@ def gather_sum(src: torch.Tensor, index: torch.Tensor | None, weight: torch.Tens
         return out
     block = min(triton.next_power_of_2(max(H, 16)), block_h)
     idx = status if index is None else index.contiguous()
-    gather_sum_kernel[(T, triton.cdiv(H, block))](
+    gather_sum_kernel[programs(T, triton.cdiv(H, block), sms)](
         src, idx, idx if weight is None else weight.contiguous(), out, status,
         status if deltas is None else deltas, T, H, R,
         N_TERMS=J, WEIGHTED=weight is not None, DIRECT=index is None, PEERS=deltas is not None,
         ITEM=src.element_size(), BLOCK_H=block, num_warps=num_warps)
     return out
+
+
+def programs(items: int, split: int, sms: int | None) -> tuple[int, int]:
+    """The grid of a transfer kernel with `items` units of work along axis 0 and `split` programs per unit
+    along axis 1: one program per unit, or, with `sms` (the plan's comm_sms), at most `sms` programs in all
+    (the hardware gives each its own SM while there are SMs enough), each taking units in turn."""
+    if sms is None:
+        return max(items, 1), split
+    split = min(split, sms)
+    return max(min(items, sms // split), 1), split

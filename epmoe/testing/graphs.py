@@ -29,3 +29,20 @@ def capture(fn: Callable[[], Any], device=None, warmup: int = 2) -> tuple[Callab
         out = fn()
     torch.cuda.synchronize(device)
     return graph.replay, out
+
+
+def recover_from_failed_capture(device=None) -> None:
+    """Call after a CUDA graph capture raised (a host read inside it, say): waits for the device and runs
+    one trivial capture to its end.
+
+    A capture that fails part-way leaves torch's CUDA random generators marked as capturing (the mark is
+    cleared only when a capture ends well), so every later random op outside a graph raises "Offset
+    increment outside graph capture encountered unexpectedly"; a capture that completes clears it."""
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize(device)
+    scratch = torch.zeros(1, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scratch.add_(1)
+    torch.cuda.synchronize(device)
+    del graph
