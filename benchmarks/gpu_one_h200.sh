@@ -13,7 +13,8 @@
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
 # parts that finished).
 #   COMMIT=$(git rev-parse HEAD) PARTS="tests experts" bash benchmarks/gpu_one_h200.sh
-# (COMMIT: where the copy has no .git.) Each part's time limit: <PART>_SECONDS.
+# (COMMIT: where the copy has no .git.) Each part's time limit: <PART>_SECONDS; TESTS: the test files
+# (default: all of tests/).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONPATH=.
 BUNDLE=${OUT:-./out}
@@ -44,7 +45,7 @@ for part in $PARTS; do
     case $part in
     tests)
         run "$OUT/pytest_gpu_H200_$DAY.txt" "${TESTS_SECONDS:-300}" \
-            python3 -m pytest tests -q -p no:cacheprovider -m "gpu and not multigpu" ;;
+            python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -m "gpu and not multigpu" ;;
     experts)
         run "$OUT/experts_H200_$DAY.log" "${EXPERTS_SECONDS:-170}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \

@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -62,11 +61,10 @@ def parse_args(argv=None):
 
 
 def commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The commit of the code that ran (`EPMOE_COMMIT` where set, else git's HEAD): see
+    `epmoe.bench.run_env.provenance`."""
+    from epmoe.bench.run_env import provenance
+    return provenance()["commit"]
 
 
 def config(fmt: str, experts: int) -> MoEConfig:

@@ -39,13 +39,15 @@ def source_digest() -> str:
 
 
 def provenance() -> dict:
-    """The command line of this process, the git commit of the checkout and whether tracked files differ
-    from it (`EPMOE_COMMIT` where the tree has no git metadata), and the source digest."""
-    commit = _git("rev-parse", "HEAD")
+    """The command line of this process, the commit of the code that ran and whether tracked files differ
+    from it, and the source digest. `EPMOE_COMMIT`, where set, names the commit (a copy of the tree whose
+    git metadata is stale or absent, as on a device machine); else git's HEAD of the checkout."""
+    named = os.environ.get("EPMOE_COMMIT")
+    commit = None if named else _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-            "commit": commit or os.environ.get("EPMOE_COMMIT"),
-            "commit_from": "git" if commit else ("EPMOE_COMMIT" if os.environ.get("EPMOE_COMMIT") else None),
+            "commit": named or commit,
+            "commit_from": "EPMOE_COMMIT" if named else ("git" if commit else None),
             "tracked_files_modified": None if status is None else bool(status),
             "source_sha256": source_digest(),
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
