@@ -125,13 +125,14 @@ class Rank:
         one, two = layers
         out = {"shared": self.time(lambda: shared(x), use_graph)}
         for micro, layer in ((1, one), (2, two)):
+            default = layer.dispatcher.use_comm_stream
             for key, comm, with_shared in (("routed", True, False), ("both", True, True),
                                            ("both, in order", False, True)):
                 layer.dispatcher.use_comm_stream = comm
                 fn = (lambda lay=layer: lay(x, logits, shared_experts=shared)) if with_shared else \
                     (lambda lay=layer: lay(x, logits))
                 out[f"{key}, {micro} micro-batch{'es' if micro > 1 else ''}"] = self.time(fn, use_graph)
-            layer.dispatcher.use_comm_stream = True
+            layer.dispatcher.use_comm_stream = default
         for micro in ("1 micro-batch", "2 micro-batches"):
             routed, both = out[f"routed, {micro}"]["median_ms"], out[f"both, {micro}"]["median_ms"]
             out[f"hidden ms, {micro}"] = routed + out["shared"]["median_ms"] - both

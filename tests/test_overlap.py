@@ -131,6 +131,7 @@ def _inputs(cfg, rank: int, T: int, seed: int = 0):
 def _stream_worker(rank, world, name):
     cfg = MoEConfig(**CFG)
     d = make_dispatcher(name, cfg, group=dist.group.WORLD, max_tokens_per_rank=M)
+    d.use_comm_stream = True        # the mechanism, also where the default runs in order (host_sync plans)
     x, ids, w = _inputs(cfg, rank, 6)
     log: list = []
     streams = RecordingStreams(log)
@@ -196,6 +197,19 @@ def test_exchanges_run_on_the_communication_stream_ordered_by_events(name):
         assert comb.index(("record", "comm", c_event)) > max(i for i, e in enumerate(comb) if e[0] == "op")
         assert seg["combine wait"][0] == ("wait", "main", c_event)
         assert not [e for e in seg["combine wait"] if e[0] == "op" and e[1] == "comm"]
+
+
+def _default_stream_worker(rank, world):
+    cfg = MoEConfig(**CFG)
+    return {capacity: make_dispatcher("alltoall", cfg, group=dist.group.WORLD,
+                                      max_tokens_per_rank=capacity).use_comm_stream for capacity in (None, M)}
+
+
+def test_plans_that_read_sizes_on_the_host_run_in_order_by_default():
+    """Where the host waits inside the exchange anyway (unbounded alltoall reads its counts), a side stream
+    hides nothing: the default is in order; with a capacity (no host read) the communication stream."""
+    for report in run_on_ranks(_default_stream_worker, 2, timeout_s=90):
+        assert report == {None: False, M: True}, report
 
 
 def test_without_a_communication_stream_exchanges_run_in_order_and_refuse_an_event():
