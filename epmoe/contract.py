@@ -60,6 +60,8 @@ class DispatcherCaps:
     in_flight: int = 1
     # its transfer kernels run on at most `comm_sms` SMs when the plan bounds them (else the setting is refused)
     bounded_sms: bool = False
+    # counts what it moves when asked: `enable_stats()` returns its live `DispatchStats` (off by default)
+    keeps_stats: bool = False
     # "auto" picks, among the dispatchers that can run, the one with the highest (0: never picked); for one
     # rank one that does not communicate, for several one that does
     auto_priority: int = 0
