@@ -43,10 +43,11 @@ def print_summary(rows: list[dict]) -> None:
         if b is None:
             continue
         print(f"{r['preset']:<14} {r['format']:<12} {r['dispatcher']:<11} T={r['tokens_per_rank']:<6} "
+              f"mb={r.get('micro_batches', 1)} "
               f"R={r['redundant_experts']}: max/mean load {max_over_mean(b['pairs_per_rank']):.3f} -> "
               f"{max_over_mean(r['pairs_per_rank']):.3f}, step {b['step_ms']:.3f} -> {r['step_ms']:.3f} ms; "
               f"rebalance {r['rebalance']['ms']:.1f} ms, {r['rebalance']['bytes'] / 1e6:.2f} MB on rank 0")
 
 
 def _key(r: dict) -> tuple:
-    return r["preset"], r["format"], r["dispatcher"], r["tokens_per_rank"]
+    return r["preset"], r["format"], r["dispatcher"], r["tokens_per_rank"], r.get("micro_batches", 1)
