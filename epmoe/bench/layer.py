@@ -160,7 +160,7 @@ def _params(args) -> dict:
     else:                                   # the registry's, runnable here, taking the overlap flags
         dispatchers = [n for n, cls in contract.DISPATCHERS.items()
                        if cls.CAPS.communicates and contract.dispatcher_problem(n, None, 2, here) is None]
-        left_out = {d: overlap(d) for d in dispatchers if overlap(d)}
+        left_out = {d: why for d in dispatchers if (why := overlap(d))}
         for d, why in left_out.items():
             log.warning("note: %s is not measured: %s", d, why)
         dispatchers = [d for d in dispatchers if d not in left_out]
