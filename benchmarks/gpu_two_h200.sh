@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The regression on a machine with two H200s (device kind nvidia-h200-x2), in calls of under 10 minutes:
-#   PARTS="fair symm" (about 6 minutes), then PARTS="soak alltoall mismatch" (about 3), then
-#   PARTS="tests models" (about 8; "tests" needs one GPU only). PARTS defaults to "fair symm".
+#   PARTS="fair" (its layer steps measure two micro-batches beside one and the EPLB step time, so it takes
+#   a call of its own), then PARTS="symm soak alltoall mismatch", then PARTS="tests models" ("tests" needs
+#   one GPU only), then PARTS="overlap". PARTS defaults to "fair".
 #   fair:     the fair benchmarks, each result a JSON with its command, commit and environment:
 #             `epmoe bench dispatch` (alltoall, low_latency and both symm dispatchers, T = 128 and 4096,
 #             BF16 rows, then FP8 rows): each dispatcher with its capacity and graph replays where it can
@@ -9,8 +10,12 @@
 #             all_to_all_single of the same bytes timed the same way, every rank sleeping the same time
 #             before each repeat, each rank's time and the slower one; `epmoe bench layer --ranks 2`
 #             (deepseek-v3, qwen3-30b-a3b, BF16, T = 128 and 4096, balanced routing: alltoall and both symm
-#             dispatchers against one GPU doing both ranks' tokens; effective TFLOP/s per GPU); and the
-#             DeepSeek-V3 FP8 block layer at T = 8192 on symm_high_throughput (TFLOP/s per GPU);
+#             dispatchers, each with one micro-batch and with two (--micro-batches 1,2), against one GPU
+#             doing both ranks' tokens; effective TFLOP/s per GPU); the DeepSeek-V3 FP8 block layer at
+#             T = 8192 on symm_high_throughput (TFLOP/s per GPU); and EPLB: deepseek-v3 BF16 on
+#             symm_high_throughput, T = 128 and 4096, skewed routing (Zipf 1.2) with 8 redundant experts,
+#             the step time before and after the rebalance, set beside the balanced routing's step time of
+#             the layer run above (`python -m epmoe.bench.eplb`, in summary.txt);
 #   symm:     benchmarks/gpu_symm_check.py: the GPU-initiated dispatchers (every pairing, BF16/FP8
 #             dispatch, edge token counts, a missing peer), CUDA graphs, the multi-rank suite of
 #             tests/test_ep_layer.py for every EP dispatcher on NCCL, the high-throughput kernels'
@@ -62,13 +67,15 @@ PY=${PYTHON:-python3}
   echo "commit ${EPMOE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo 'unknown (no git metadata; set EPMOE_COMMIT)')}"
   date -u; } > "$RES/env.txt" 2>&1
 cat "$RES/env.txt"
-PARTS=${PARTS:-fair symm}
+PARTS=${PARTS:-fair}
 FAILED=0
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
 
 summarize() {
   for f in "$RES"/fair_*.log; do [ -f "$f" ] && { echo "== $(basename "$f")"; tail -40 "$f" | cut -c1-260; }; done
+  [ -f "$RES/fair/layer_2x_eplb_skewed.json" ] && [ -f "$RES/fair/layer_2x_bf16.json" ] && \
+      $PY -m epmoe.bench.eplb "$RES/fair/layer_2x_eplb_skewed.json" "$RES/fair/layer_2x_bf16.json" 2>&1 | cut -c1-300
   for f in symm_check soak; do [ -f "$RES/$f.log" ] && sed -n '/===== summary =====/,$p' "$RES/$f.log" | cut -c1-400; done
   for f in alltoall_check mismatch_check; do [ -f "$RES/$f.log" ] && tail -25 "$RES/$f.log"; done
   [ -f "$RES/pytest_gpu.log" ] && tail -3 "$RES/pytest_gpu.log"
@@ -110,28 +117,33 @@ cuda_only() {
   return 0
 }
 
-case " $PARTS " in *" fair "*)         # about 3 minutes on two H200s
+case " $PARTS " in *" fair "*)         # a call of its own on two H200s
   mkdir -p "$RES/fair"
   if [ "$SMOKE" = 1 ]; then
     D_ARGS=(--comm gloo --hidden 64 --experts 8 --top-k 2 --tokens 4 --reps 2 --warmup 1)   # CPU dispatchers
     L_ARGS=(--device cpu --experts 16 --shrink 64 --tokens 4 --reps 2 --warmup 1 --presets qwen3-30b-a3b
             --dispatchers alltoall)
     F_ARGS=(--device cpu --experts 16 --shrink 64 --tokens 8 --reps 2 --warmup 1 --dispatchers alltoall)
+    E_ARGS=("${L_ARGS[@]}" --redundant-experts 2)
   else
     D_ARGS=(--dispatchers alltoall,low_latency,symm_high_throughput,symm_low_latency --tokens 128,4096
             --reps 10 --warmup 3 --timeout 150)
     L_ARGS=(--dispatchers alltoall,symm_high_throughput,symm_low_latency --tokens 128,4096 --reps 10 --warmup 3
             --timeout 170)
     F_ARGS=(--dispatchers symm_high_throughput --tokens 8192 --reps 10 --warmup 3 --timeout 170)
+    E_ARGS=(--presets deepseek-v3 --dispatchers symm_high_throughput --tokens 128,4096 --reps 10 --warmup 3
+            --redundant-experts 8 --timeout 110)
   fi
   step fair_dispatch_bf16 "${FAIR_DISPATCH_SECONDS:-170}" $PY -m epmoe bench dispatch --ranks 2 "${D_ARGS[@]}" \
       --output "$RES/fair/dispatch_bf16.json"
   step fair_dispatch_fp8 "${FAIR_DISPATCH_SECONDS:-170}" $PY -m epmoe bench dispatch --ranks 2 "${D_ARGS[@]}" --fp8 \
       --output "$RES/fair/dispatch_fp8.json"
   step fair_layer_bf16 "${FAIR_LAYER_SECONDS:-200}" $PY -m epmoe bench layer --ranks 2 --routing balanced \
-      "${L_ARGS[@]}" --output "$RES/fair/layer_2x_bf16.json"
+      --micro-batches 1,2 "${L_ARGS[@]}" --output "$RES/fair/layer_2x_bf16.json"
   step fair_layer_fp8_deepseek "${FAIR_LAYER_SECONDS:-200}" $PY -m epmoe bench layer --ranks 2 --routing balanced \
-      --presets deepseek-v3 --formats fp8-dispatch "${F_ARGS[@]}" --output "$RES/fair/layer_2x_fp8_deepseek.json";;
+      --presets deepseek-v3 --formats fp8-dispatch "${F_ARGS[@]}" --output "$RES/fair/layer_2x_fp8_deepseek.json"
+  step fair_layer_eplb "${FAIR_EPLB_SECONDS:-120}" $PY -m epmoe bench layer --ranks 2 --routing skewed --no-local \
+      "${E_ARGS[@]}" --output "$RES/fair/layer_2x_eplb_skewed.json";;
 esac
 case " $PARTS " in *" symm "*)         # about 3 minutes
   if cuda_only symm; then

@@ -13,8 +13,8 @@ from .bench.run_env import RESULTS_DIR_HELP
 from .log import configure_cli_logging
 from .presets import PRESETS
 from .testing.distributed import RanksFailed
-from .usage import (UsageError, add_redundant_experts_flag, add_verbosity, at_least, forget_parsing_state,
-                    refuse_ranks_under_torchrun)
+from .usage import (UsageError, add_overlap_flags, add_redundant_experts_flag, add_verbosity, at_least,
+                    forget_parsing_state, refuse_ranks_under_torchrun)
 
 DESCRIPTION = """epmoe: Mixture-of-Experts layers with expert parallelism.
 
@@ -34,6 +34,7 @@ RUN_EPILOG = """examples:
   epmoe run --model ./ckpt --ranks 2 --prompt "Hello"      # a local transformers checkpoint with EP
   epmoe run --preset qwen3-30b-a3b --experts 16 --top-k 4  # fewer experts, and fewer per token
   epmoe run --ranks 4 --experts 64 --top-k 4 --routing skewed --redundant-experts 8   # EPLB on skewed routing
+  epmoe run --preset qwen3-30b-a3b --tokens 4096 --micro-batches 2 --comm-sms 24   # overlap (GPUs, symm dispatcher)
 under torchrun (several machines), leave out --ranks: the ranks come from torchrun's environment, e.g.
   torchrun --nproc_per_node 2 -m epmoe run --preset mixtral-8x7b --shrink 8
 progress goes to stderr (rank 0 only): -q for none, -v for more."""
@@ -68,6 +69,7 @@ def _add_run(sub) -> None:
     add_redundant_experts_flag(p, "EPLB: R extra expert slots for replicas of hot experts; after the timed passes "
                                "the layer rebalances from the measured load and is timed again (max/mean rank load "
                                "before and after is printed)")
+    add_overlap_flags(p)
     p.add_argument("--iters", type=int, default=10, help="timed forward passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     p.add_argument("--check-tokens", type=int, default=64,
@@ -88,12 +90,14 @@ def _add_run(sub) -> None:
 def _cmd_run(args) -> int:
     for name, least in (("tokens", 1), ("iters", 1), ("check_tokens", 0), ("warmup", 0), ("ranks", 1),
                         ("experts", 1), ("top_k", 1), ("shrink", 1), ("max_tokens_per_rank", 1),
-                        ("max_new_tokens", 1), ("redundant_experts", 0), ("zipf_exponent", 0)):
+                        ("max_new_tokens", 1), ("redundant_experts", 0), ("zipf_exponent", 0), ("comm_sms", 1)):
         at_least("--" + name.replace("_", "-"), getattr(args, name), least)
     refuse_ranks_under_torchrun(args.ranks)
     if args.model and (args.redundant_experts is not None or args.routing != "random"):
         raise UsageError("--redundant-experts and --routing act on preset layers; with --model the checkpoint's "
                          "router decides (leave them out)")
+    if args.model and (args.micro_batches != 1 or args.comm_sms is not None):
+        raise UsageError("--micro-batches and --comm-sms act on preset layers; leave them out with --model")
     if args.model:
         return _optional("epmoe.integration.run_model", "transformers integration").main(args)
     from .main_job import main

@@ -60,6 +60,8 @@ class DispatcherCaps:
     in_flight: int = 1
     # its transfer kernels run on at most `comm_sms` SMs when the plan bounds them (else the setting is refused)
     bounded_sms: bool = False
+    # counts what it moves when asked: `enable_stats()` returns its live `DispatchStats` (off by default)
+    keeps_stats: bool = False
     # "auto" picks, among the dispatchers that can run, the one with the highest (0: never picked); for one
     # rank one that does not communicate, for several one that does
     auto_priority: int = 0
@@ -222,8 +224,10 @@ def _check_capacity(max_tokens_per_rank) -> None:
                          f"forward), got {max_tokens_per_rank!r}")
 
 
-def _check_overlap(dispatcher: str | None, experts: str | None, micro_batches, comm_sms) -> None:
-    """The overlap settings against what the dispatcher declares (`in_flight`, `bounded_sms`)."""
+def check_overlap(dispatcher: str | None, experts: str | None, micro_batches, comm_sms) -> None:
+    """The overlap settings against what the dispatcher declares (`in_flight`, `bounded_sms`): ValueError for
+    a bad value, `UnsupportedCombination` for a setting the dispatcher cannot take (also what the command
+    line checks before any rank starts)."""
     if isinstance(micro_batches, bool) or micro_batches not in (1, 2):
         raise ValueError(f"micro_batches must be 1 or 2 (a forward split in two micro-batches whose exchanges "
                          f"interleave with the other's experts), got {micro_batches!r}")
@@ -267,7 +271,7 @@ def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, d
     if dispatcher is None and experts is None:
         raise ValueError("build_plan: name a dispatcher, an experts backend, or both")
     _check_capacity(max_tokens_per_rank)
-    _check_overlap(dispatcher, experts, micro_batches, comm_sms)
+    check_overlap(dispatcher, experts, micro_batches, comm_sms)
     if dispatcher is None:
         why = experts_problem(experts, cfg, device_type, check_device=check_device)
         if why:

@@ -316,12 +316,14 @@ class MoELayer(nn.Module):
     def enable_stats(self):
         """Turn on the dispatcher's statistics and return them (`DispatchStats`): rows and bytes sent to each
         destination rank and bytes back, and `received_per_expert`, the (token, slot) pairs each of this
-        rank's physical slots received. Off by default: some dispatchers read counts back to the host."""
-        enable = getattr(self.dispatcher, "enable_stats", None)
-        if enable is None:
-            raise ValueError(f"enable_stats: dispatcher {self.dispatcher_name!r} moves nothing between ranks and keeps "
-                             "no statistics; expert_load() counts the pairs per logical expert")
-        return enable()
+        rank's physical slots received. Off by default: some dispatchers read counts back to the host.
+        Only for a dispatcher that declares it keeps them (`CAPS.keeps_stats`)."""
+        if not self.dispatcher.CAPS.keeps_stats:
+            keeping = [n for n, cls in contract.DISPATCHERS.items() if cls.CAPS.keeps_stats]
+            raise ValueError(f"enable_stats: dispatcher {self.dispatcher_name!r} keeps no statistics (it declares "
+                             f"keeps_stats=False; these do: {', '.join(keeping)}); expert_load() counts the pairs "
+                             "per logical expert on every dispatcher")
+        return self.dispatcher.enable_stats()
 
     def rebalance(self, load=None, *, physical_to_logical=None, num_groups: int = 1, chunk_bytes: int | None = None):
         """Re-place the experts for `load` and move their weights: a collective on the layer's group (every

@@ -24,7 +24,7 @@ from .testing.compare import bound_for, compare
 from .testing.distributed import launch, under_torchrun
 from .testing.random_moe import SeededExperts
 from .usage import (UsageError, all_experts_per_token, check_backends, check_capacity, check_device,
-                    check_redundant_experts)
+                    check_overlap, check_redundant_experts)
 
 log = get_logger("run")
 
@@ -103,6 +103,7 @@ def check_args(args) -> tuple[MoEConfig, torch.device, int, str, str]:
                          f"--experts {ranks} or more, or fewer --ranks")
     dispatcher, experts = check_backends(args.dispatcher, args.backend, cfg, ranks, device.type)
     check_capacity(dispatcher, experts, cfg, ranks, device.type, capacity_for(args, dispatcher), args.tokens)
+    check_overlap(dispatcher, args.micro_batches, args.comm_sms, cfg, ranks, device.type)
     check_redundant_experts(args.redundant_experts, cfg, ranks)
     problem = routing_problem(args.routing, cfg, ranks, args.zipf_exponent)
     if problem:
@@ -167,7 +168,8 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
     log.info("building the layer (%d ranks)", world)
     layer = MoELayer(cfg, ep_group=group, dispatcher=args.dispatcher, experts=args.backend, device=device,
                      max_tokens_per_rank=capacity_for(args, layer_dispatcher=args.dispatcher),
-                     redundant_experts=args.redundant_experts or 0)
+                     redundant_experts=args.redundant_experts or 0, micro_batches=args.micro_batches,
+                     comm_sms=args.comm_sms)
     source = SeededExperts(cfg, args.seed, device)
     steps = Steps(log, "random weights of this rank's experts:", layer.num_local_experts)
     for e in layer.local_experts:
@@ -211,6 +213,7 @@ def run_rank(rank: int, world: int, opts: dict) -> dict:
                         rows_per_expert=rows_per_expert,
                         expert_bytes=sum(p.numel() * p.element_size() for p in (layer.w13, layer.w2)))
     return asdict(report) | eplb | {"dispatcher": layer.dispatcher_name, "experts": layer.experts_name,
+                                    "micro_batches": layer.micro_batches, "comm_sms": layer.comm_sms,
                                     "device": str(device), "config": cfg.describe()}
 
 
@@ -252,6 +255,8 @@ def main(args) -> int:
         console.print(f"device {device}, ranks {ranks}, dispatcher {dispatcher}, experts {experts}, tokens/rank "
                       f"{args.tokens}, input [{args.tokens}, {cfg.hidden_size}] -> output [{args.tokens}, "
                       f"{cfg.hidden_size}]", highlight=False)
+        console.print(f"micro-batches {args.micro_batches}, comm SMs "
+                      f"{args.comm_sms if args.comm_sms is not None else 'unbounded'}", highlight=False)
         console.print(f"routing: {describe_routing(args.routing, args.zipf_exponent)}" + (
             f"; {args.redundant_experts} redundant experts, rebalanced from the measured load after the timed "
             "passes" if args.redundant_experts is not None and ranks > 1 else ""), highlight=False)

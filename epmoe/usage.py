@@ -125,6 +125,65 @@ def check_redundant_experts(redundant: int | None, cfg, world: int, flag: str = 
         raise UsageError(f"{flag} {redundant}: {exc}") from None
 
 
+MICRO_BATCHES_HELP = ("split every forward in two micro-batches whose dispatch and combine run while the other's "
+                      "experts compute (MoELayer(micro_batches=2); the dispatcher must declare two forwards in "
+                      "flight, `epmoe info` column 'in flight')")
+COMM_SMS_HELP = ("the most SMs the transfer kernels of the GPU-initiated dispatchers (symm_*) take, leaving the "
+                 "rest to the experts (MoELayer(comm_sms=N); refused for dispatchers whose transfers are "
+                 "collectives; default: as many as their rows need)")
+
+
+def add_overlap_flags(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """`--micro-batches` and `--comm-sms`, the layer's overlap settings; `several`: --micro-batches takes a
+    comma-separated list, each value measured in turn (benchmarks)."""
+    if several:
+        p.add_argument("--micro-batches", action=CsvList, default="1", metavar="M[,M]",
+                       help=f"1 or 2, comma-separated to measure each (e.g. 1,2; default 1): {MICRO_BATCHES_HELP}")
+    else:
+        p.add_argument("--micro-batches", type=int, choices=(1, 2), default=1,
+                       help=f"1 (default) or 2: {MICRO_BATCHES_HELP}")
+    p.add_argument("--comm-sms", type=int, default=None, metavar="N", help=COMM_SMS_HELP)
+
+
+def micro_batch_values(value) -> list[int]:
+    """The values of a `--micro-batches` list flag (each 1 or 2, no repeats)."""
+    try:
+        vals = [int(v) for v in csv_values(value)]
+    except ValueError:
+        vals = []
+    if not vals or any(v not in (1, 2) for v in vals) or len(set(vals)) != len(vals):
+        raise UsageError(f"--micro-batches takes 1, 2 or 1,2, got {value!r}")
+    return vals
+
+
+def overlap_problem(dispatcher: str, micro_batches: int, comm_sms: int | None, cfg, world: int,
+                    device_type: str) -> str | None:
+    """Why `dispatcher` cannot take `--micro-batches` / `--comm-sms` as the contract rules it (naming the
+    flag and the dispatchers that run here and take it), or None."""
+    from . import contract
+    from .errors import UnsupportedCombination
+    for flag, value, m, c, undo in (("--micro-batches", micro_batches, micro_batches, None, "use --micro-batches 1"),
+                                    ("--comm-sms", comm_sms, 1, comm_sms, "leave out --comm-sms")):
+        try:
+            contract.check_overlap(dispatcher, None, m, c)
+        except UnsupportedCombination as exc:
+            named = [a.split("'")[1] for a in exc.alternatives if a.startswith("dispatcher=")]
+            here = [n for n in named if contract.dispatcher_problem(n, cfg, world, device_type) is None]
+            use = f"use --dispatcher {' or '.join(here)}, or " if here else ""
+            return f"{flag} {value} with --dispatcher {dispatcher}: {exc.reason}; {use}{undo}"
+        except ValueError as exc:
+            return f"{flag} {value}: {exc}"
+    return None
+
+
+def check_overlap(dispatcher: str, micro_batches: int, comm_sms: int | None, cfg, world: int,
+                  device_type: str) -> None:
+    """`--micro-batches` / `--comm-sms` for the resolved `dispatcher`, refused as the layer would refuse them."""
+    problem = overlap_problem(dispatcher, micro_batches, comm_sms, cfg, world, device_type)
+    if problem:
+        raise UsageError(problem)
+
+
 class CsvList(argparse.Action):
     """A list flag: comma-separated values, and the flag may repeat (`--formats a,b --formats c` is
     `a,b,c`); stored as one comma-separated string, the first use replacing the default."""

@@ -34,11 +34,16 @@ def test_argument_errors_name_the_flag(bad, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
-def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, capsys):
+def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, capsys, monkeypatch):
     path = tmp_path / "experts.json"
+    monkeypatch.setenv("EPMOE_COMMIT", "0123abc")        # a copy of the tree names its commit so
     assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--formats", "bf16", "--output", str(path)]) == 0
     data = json.loads(path.read_text())
-    assert data["environment"]["dry_run"] and data["ceilings"] == {}
+    env = data["environment"]
+    assert env["dry_run"] and data["ceilings"] == {}
+    # the provenance every benchmark records (`run_env.provenance`), under the field names it always had
+    assert (env["commit"], env["commit_from"]) == ("0123abc", "EPMOE_COMMIT") and len(env["source_sha256"]) == 64
+    assert env["command"] and env["when"] and env["date"] and env["torch"] and env["triton"]
     rows = data["results"]
     anchors = {r["backend"]: r for r in rows if r.get("anchor")}
     assert set(anchors) == set(expert_anchors.ANCHORS)
@@ -83,3 +88,22 @@ def test_gpu_anchors_beside_triton(tmp_path):
     assert anchors[expert_anchors.DENSE_FP8_BLOCK]["gemms_ms"] > 0
     for r in (r for r in rows if r["backend"] == "triton"):
         assert set(r["vs_anchors"]) == set(expert_anchors.ANCHORS)
+
+
+def test_provenance_names_the_commit_of_this_checkout_only(monkeypatch, tmp_path):
+    """git's HEAD where epmoe's folder is a checkout of its own; None inside another repository's tree or
+    outside any (a copy must then be named by EPMOE_COMMIT)."""
+    import os
+    import subprocess
+
+    from epmoe.bench import run_env
+    monkeypatch.delenv("EPMOE_COMMIT", raising=False)
+    root = run_env.CHECKOUT
+    if not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not run from a git checkout")
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (run_env.provenance()["commit"], run_env.provenance()["commit_from"]) == (head, "git")
+    for elsewhere in (os.path.join(root, "epmoe"), str(tmp_path)):    # inside the repository; in none
+        monkeypatch.setattr(run_env, "CHECKOUT", elsewhere)
+        p = run_env.provenance()
+        assert p["commit"] is None and p["commit_from"] is None and p["tracked_files_modified"] is None

@@ -1,5 +1,7 @@
 """The support matrix `epmoe info` prints is the one the layer enforces: every 'ok' cell builds and
 matches the oracle, every refused cell raises UnsupportedCombination naming both parts."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -82,3 +84,23 @@ def test_public_names_not_provided_are_refused_through_the_contract():
     peer = [d for d, cls in contract.DISPATCHERS.items() if cls.CAPS.peer_memory]    # what is there instead
     assert peer and all(f"dispatcher={d!r}" in info.value.alternatives for d in peer)
     assert str(peer) in str(info.value)
+
+
+def test_statistics_are_a_declared_capability(monkeypatch):
+    """`MoELayer.enable_stats` goes by what the dispatcher declares (`keeps_stats`), and every built-in
+    dispatcher declares it exactly when it can count."""
+    for name, cls in contract.DISPATCHERS.items():
+        assert cls.CAPS.keeps_stats == callable(getattr(cls, "enable_stats", None)), name
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"dispatcher 'local' keeps no statistics .*these do: allgather, alltoall"):
+        MoELayer(cfg).enable_stats()
+    layer = MoELayer(cfg, dispatcher="alltoall")
+    load_experts(layer, random_experts(cfg, seed=3))
+    stats = layer.enable_stats()
+    x, logits = random_inputs(cfg, 5, seed=4)
+    layer(x, logits)
+    assert int(stats.received_per_expert.sum()) == 5 * 2
+    cls = contract.dispatcher_class("alltoall")           # a dispatcher that can count but does not declare it
+    monkeypatch.setattr(cls, "CAPS", dataclasses.replace(cls.CAPS, keeps_stats=False))
+    with pytest.raises(ValueError, match="dispatcher 'alltoall' keeps no statistics"):
+        layer.enable_stats()

@@ -28,7 +28,7 @@ import torch
 
 from ..usage import CsvList, UsageError
 from .expert_anchors import ANCHOR_FORMATS, DENSE_FP8_BLOCK, GROUPED_BF16, GROUPED_FP8_ROWWISE
-from .run_env import RESULTS_DIR_HELP, results_dir
+from .run_env import RESULTS_DIR_HELP, provenance, results_dir
 
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
 TOKENS = [1, 16, 128, 1024, 8192]
@@ -188,35 +188,16 @@ def _rel_err(out, ref) -> float:
 
 
 def _environment(dry: bool = False) -> dict:
+    """Versions, date, and the command, commit and source digest of the run (`run_env.provenance`)."""
     import triton
     env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "commit": _commit()}
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **provenance()}
     if dry:
         return dict(env, gpu="none (CPU dry run: times are not results)", dry_run=True)
     props = torch.cuda.get_device_properties(0)
     return dict(env, gpu=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
                 memory_gib=round(props.total_memory / 2 ** 30, 1),
                 capability=list(torch.cuda.get_device_capability()), cuda=torch.version.cuda)
-
-
-def _commit() -> str | None:
-    """The commit the benchmark runs: EPMOE_COMMIT when set (a copy without its .git, perhaps inside
-    another checkout), else this checkout's git commit (with "+dirty" when tracked files differ), else None."""
-    import subprocess
-    if os.environ.get("EPMOE_COMMIT"):
-        return os.environ["EPMOE_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-    def git(*args) -> str:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout.strip()
-    try:
-        if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != os.path.realpath(root):
-            return None              # not a checkout of its own (a copy inside another repository)
-        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
 
 
 class WallTimer:

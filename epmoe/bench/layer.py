@@ -48,6 +48,14 @@ counted (`layer.rebalance()`, a collective) and measured again, timed and checke
 after rebalance`, with the rebalance's ms and bytes); the rank loads are counted on the physical slots, and
 a summary of max/mean rank load and step time before and after follows the table. Meant for `--routing skewed`.
 
+Overlap: `--micro-batches 2` builds the EP layers with `MoELayer(micro_batches=2)` (each forward split in two
+micro-batches whose dispatch and combine run while the other's experts compute); `--micro-batches 1,2`
+measures both, a row each (`micro_batches` in the row, `mb` in the table), against the same one-rank
+baseline, which always runs one batch (it has no exchange to hide). `--comm-sms N` bounds the SMs of the
+symm dispatchers' transfer kernels (`MoELayer(comm_sms=N)`). Both are checked before any rank starts as
+the layer checks them: a dispatcher named in `--dispatchers` that cannot take them is refused with the
+reason, and the default list leaves such dispatchers out (said in a note).
+
 Ranks: `--ranks 2,4,8` runs each count in turn (local processes, NCCL with one GPU each, or Gloo with
 `--device cpu`), one JSON per count; under torchrun leave out `--ranks`. Rows are also appended to
 `<json>.partial.jsonl` as they finish (removed after a complete run), so a run that is cut off keeps
@@ -67,7 +75,8 @@ import torch.distributed as dist
 
 from ..log import get_logger
 from ..testing.graphs import capture
-from ..usage import CsvList, UsageError, all_experts_per_token, check_redundant_experts, refuse_ranks_under_torchrun
+from ..usage import (CsvList, UsageError, add_overlap_flags, all_experts_per_token, at_least, check_overlap,
+                     check_redundant_experts, micro_batch_values, overlap_problem, refuse_ranks_under_torchrun)
 from . import eplb
 from .gpu_timing import GroupAgreement, Timer, WallClock
 from .routings import add_routing_flags, router_logits, routing_params, routing_problem
@@ -88,7 +97,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", action=CsvList, default=",".join(map(str, TOKENS)),
                    help="tokens per rank T (default: %(default)s)")
     p.add_argument("--dispatchers", action=CsvList, default=None,
-                   help="comma-separated (default: every registered dispatcher that moves tokens and runs here)")
+                   help="comma-separated (default: every registered dispatcher that moves tokens, runs here and "
+                        "takes --micro-batches and --comm-sms)")
     p.add_argument("--backend", default="auto",
                    help="experts backend for every dispatcher (default: what experts='auto' resolves to)")
     add_routing_flags(p, default="balanced")
@@ -115,6 +125,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per rank count before ranks are killed")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens (default 0)")
     eplb.add_flags(p)
+    add_overlap_flags(p, several=True)
 
 
 def _csv(s) -> list[str]:
@@ -139,13 +150,30 @@ def _params(args) -> dict:
     if bad or not presets:
         raise UsageError(f"unknown presets {bad}; known: {list(KNOWN_PRESETS)}")
     here = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dispatchers = _csv(args.dispatchers) if args.dispatchers is not None else [   # the registry's, runnable here
-        n for n, cls in contract.DISPATCHERS.items()
-        if cls.CAPS.communicates and contract.dispatcher_problem(n, None, 2, here) is None]
+    micro_batches = micro_batch_values(args.micro_batches)
+    at_least("--comm-sms", args.comm_sms, 1)
+
+    def overlap(d: str) -> str | None:      # the overlap flags against what the dispatcher declares
+        return next(filter(None, (overlap_problem(d, m, args.comm_sms, None, 2, here) for m in micro_batches)), None)
+    if args.dispatchers is not None:
+        dispatchers = _csv(args.dispatchers)
+    else:                                   # the registry's, runnable here, taking the overlap flags
+        dispatchers = [n for n, cls in contract.DISPATCHERS.items()
+                       if cls.CAPS.communicates and contract.dispatcher_problem(n, None, 2, here) is None]
+        left_out = {d: why for d in dispatchers if (why := overlap(d))}
+        for d, why in left_out.items():
+            log.warning("note: %s is not measured: %s", d, why)
+        dispatchers = [d for d in dispatchers if d not in left_out]
+        if left_out and not dispatchers:
+            raise UsageError(f"no dispatcher that runs here takes these settings: {next(iter(left_out.values()))}")
     bad = [d for d in dispatchers if d not in contract.DISPATCHERS or not contract.DISPATCHERS[d].CAPS.communicates]
     if bad or not dispatchers:
         raise UsageError(f"dispatchers must be among {[d for d, c in contract.DISPATCHERS.items() if c.CAPS.communicates]}"
                          f" (local is the baseline, always measured unless --no-local), got {bad or dispatchers}")
+    for d in dispatchers:                   # named on the command line: refused as the layer would refuse it
+        problem = overlap(d)
+        if problem:
+            raise UsageError(problem)
     if args.backend != "auto" and args.backend not in contract.EXPERTS:
         raise UsageError(f"unknown experts backend {args.backend!r}; known: {sorted(contract.EXPERTS)}")
     for name in ("reps", "check_rows"):
@@ -169,7 +197,8 @@ def _params(args) -> dict:
             "backend": args.backend, "experts": args.experts, "shrink": args.shrink,
             "formats": formats, "reps": args.reps,
             "warmup": args.warmup, "graph": not args.no_graph, "local": not args.no_local,
-            "check_rows": args.check_rows, "seed": args.seed, **routing_params(args), **eplb.params(args)}
+            "check_rows": args.check_rows, "seed": args.seed, "micro_batches": micro_batches,
+            "comm_sms": args.comm_sms, **routing_params(args), **eplb.params(args)}
 
 
 # ------------------------------------------------------------------------------------ configurations
@@ -381,11 +410,14 @@ class _RankBench:
         return out
 
     # -- building layers
-    def build(self, cfg, dispatcher, experts, source, bias, group, max_tokens=None):
+    def build(self, cfg, dispatcher, experts, source, bias, group, max_tokens=None, micro_batches=1):
+        """The layer a row times; an EP layer (`group`) with the run's --comm-sms and redundant experts."""
         from ..layer import MoELayer
+        ep = group is not None
         layer = MoELayer(cfg, ep_group=group, dispatcher=dispatcher, experts=experts, device=self.device,
-                         max_tokens_per_rank=max_tokens,
-                         redundant_experts=(self.p["redundant_experts"] or 0) if group is not None else 0)
+                         max_tokens_per_rank=max_tokens, micro_batches=micro_batches,
+                         comm_sms=self.p["comm_sms"] if ep else None,
+                         redundant_experts=(self.p["redundant_experts"] or 0) if ep else 0)
         for e in layer.local_experts:
             g, u, d = source[e]
             layer.load_expert(e, gate_proj=g, up_proj=u, down_proj=d)
@@ -422,7 +454,8 @@ class _RankBench:
                     L = Placement(cfg.num_experts + (p["redundant_experts"] or 0), self.ws,
                                   self.rank).num_local_experts      # physical slots, replicas included
                     for d in p["dispatchers"]:
-                        self.run_dispatcher(cfg, base, d, L, source, oracle, bias)
+                        for m in p["micro_batches"]:
+                            self.run_dispatcher(cfg, base, d, L, source, oracle, bias, m)
         return self.rows
 
     def run_local(self, cfg, base, source, oracle, bias) -> None:
@@ -430,7 +463,7 @@ class _RankBench:
         experts, why = pick_experts("local", self.p["backend"], cfg, 1, self.device.type)
         sizes = sorted({t for T in self.p["tokens"] for t in (T, self.ws * T)})
         whole_group = {self.ws * T for T in self.p["tokens"]}     # sizes that run every rank's tokens
-        head = dict(base, dispatcher="local", experts=experts, kind="local")
+        head = dict(base, dispatcher="local", experts=experts, kind="local", micro_batches=1, comm_sms=None)
         if why is not None:
             for t in sizes:
                 self.publish(dict(head, tokens_per_rank=t, skipped=why))
@@ -462,10 +495,11 @@ class _RankBench:
         del layer
         self.release()
 
-    def run_dispatcher(self, cfg, base, d, L, source, oracle, bias) -> None:
+    def run_dispatcher(self, cfg, base, d, L, source, oracle, bias, micro_batches: int = 1) -> None:
         from .. import contract
         experts, why = pick_experts(d, self.p["backend"], cfg, self.ws, self.device.type)
-        head = dict(base, dispatcher=d, experts=experts, kind="ep")
+        head = dict(base, dispatcher=d, experts=experts, kind="ep", micro_batches=micro_batches,
+                    comm_sms=self.p["comm_sms"])
         if why is not None:
             for T in self.p["tokens"]:
                 self.publish(dict(head, tokens_per_rank=T, skipped=why))
@@ -489,7 +523,8 @@ class _RankBench:
                 if layer is None or (rebuild and built_for != T):
                     layer = None
                     self.release()
-                    layer = self.build(cfg, d, experts, source, bias, self.group, max_tokens=T if per_t else None)
+                    layer = self.build(cfg, d, experts, source, bias, self.group, max_tokens=T if per_t else None,
+                                       micro_batches=micro_batches)
                     built_for = T
                 pool = self.pool(cfg, T)
                 timing, out = self.measure(layer, pool, use_graph, collective=True)
@@ -599,7 +634,7 @@ def add_local_ratios(rows: list[dict], ws: int) -> None:
 
 def format_row(r: dict) -> str:
     what = (f"{r['preset']:<14} {r['format']:<12} {r['dispatcher']:<11} {r.get('experts', '-'):<10} "
-            f"T={r['tokens_per_rank']:<6}")
+            f"T={r['tokens_per_rank']:<6} mb={r.get('micro_batches', 1)}")
     if "error" in r:
         return f"{what} ERROR {r['error'][:300]}"
     if "skipped" in r:
@@ -611,12 +646,13 @@ def format_row(r: dict) -> str:
 
 
 def print_table(rows: list[dict], ws: int) -> None:
-    head = (f"{'preset':<14} {'format':<12} {'dispatcher':<11} {'experts':<10} {'T/rank':>6} {'step ms':>9} "
+    head = (f"{'preset':<14} {'format':<12} {'dispatcher':<11} {'experts':<10} {'T/rank':>6} {'mb':>2} {'step ms':>9} "
             f"{'tok/s/rank':>11} {'tok/s total':>12} {'TFLOP/s':>8} {'1-rank ms':>10} {'speedup':>8} {'eff':>5} "
             f"{'floor':>6} {'check':>6}")
     print(f"\n# whole-layer forward on {ws} ranks; step = the slower rank's time; speedup = one device doing all "
           f"{ws} x T tokens / this step; TFLOP/s = 6 T k H I / step per GPU; floor = the experts' roofline time "
-          "(no communication) / this step")
+          "(no communication) / this step; mb = micro-batches per forward"
+          + "".join(sorted({f"; comm SMs {r['comm_sms']}" for r in rows if r.get("comm_sms") is not None})))
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -627,6 +663,7 @@ def print_table(rows: list[dict], ws: int) -> None:
             continue
         sp = r.get("speedup_vs_local")
         print(f"{r['preset']:<14} {r['format']:<12} {r['dispatcher']:<11} {r['experts']:<10} {r['tokens_per_rank']:>6} "
+              f"{r.get('micro_batches', 1):>2} "
               f"{r['step_ms']:>9.3f} {r['tokens_per_s_per_rank']:>11.0f} {r['tokens_per_s_total']:>12.0f} "
               f"{r['tflops_per_gpu']:>8.1f} "
               + (f"{r['local_ms_all_tokens']:>10.3f} {sp:>8.2f} {r['scaling_efficiency']:>5.2f}" if sp else

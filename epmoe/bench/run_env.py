@@ -38,12 +38,21 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+def _checkout_head() -> str | None:
+    """git's HEAD where epmoe's folder is a checkout of its own; None elsewhere (a copy without git metadata,
+    or one lying inside another repository's tree, whose HEAD names other code)."""
+    top = _git("rev-parse", "--show-toplevel")
+    if not top or os.path.realpath(top) != os.path.realpath(CHECKOUT):
+        return None
+    return _git("rev-parse", "HEAD")
+
+
 def provenance() -> dict:
     """The command line of this process, the commit of the code that ran and whether tracked files differ
     from it, and the source digest. `EPMOE_COMMIT`, where set, names the commit (a copy of the tree whose
     git metadata is stale or absent, as on a device machine); else git's HEAD of the checkout."""
     named = os.environ.get("EPMOE_COMMIT")
-    commit = None if named else _git("rev-parse", "HEAD")
+    commit = None if named else _checkout_head()
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
             "commit": named or commit,

@@ -84,7 +84,9 @@ def summarize(paths) -> dict:
                     local.setdefault(key, {})[ranks] = r
                     origin[("local", key, ranks)] = ("layer", ranks, rep)
                 continue
-            key = (r["preset"], r["format"], r["dispatcher"], r["tokens_per_rank"])
+            # two micro-batches per forward are a configuration of their own
+            name = r["dispatcher"] + (f" ({r['micro_batches']} micro-batches)" if r.get("micro_batches", 1) > 1 else "")
+            key = (r["preset"], r["format"], name, r["tokens_per_rank"])
             layer.setdefault(key, {})[ranks] = r
             origin[("layer", key, ranks)] = ("layer", ranks, rep)
     for rep in found[DISPATCH]:

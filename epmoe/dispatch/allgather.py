@@ -30,7 +30,7 @@ class AllGatherDispatcher(CommDispatcher):
     """Global expert ids travel: each receiver converts them to its own local ids."""
 
     CAPS = DispatcherCaps(
-        layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False, in_flight=2,
+        layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=False, in_flight=2, keeps_stats=True,
         summary="every rank gathers all tokens and runs its experts on them; partial sums are "
                 "reduce-scattered back in float32 (the simple, wasteful baseline)")
 

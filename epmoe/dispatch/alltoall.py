@@ -139,7 +139,7 @@ def sum_back_torch(back: torch.Tensor, back_index: torch.Tensor, dtype: torch.dt
 class AllToAllDispatcher(CommDispatcher):
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, host_sync=True, cuda_graph_safe=True, takes_max_tokens=True,
-        fp8_dispatch=True, auto_priority=1, in_flight=2,
+        fp8_dispatch=True, auto_priority=1, in_flight=2, keeps_stats=True,
         summary="counts exchanged, then each token sent once per destination rank with its routing for "
                 "that rank's experts (variable-size all-to-all); one row per (token, rank) comes back; with "
                 "max_tokens_per_rank: fixed regions per rank, counts in the data, no host read of counts, "

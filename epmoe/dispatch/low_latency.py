@@ -57,7 +57,7 @@ class LowLatencyHandle(Handle):
 class LowLatencyDispatcher(CommDispatcher):
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, host_sync=False, cuda_graph_safe=True, needs_max_tokens=True, in_flight=2,
-        fp8_dispatch=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
+        fp8_dispatch=True, keeps_stats=True, summary="fixed capacity from max_tokens_per_rank, static shapes, batched layout [L, ep*M, H]; no "
                 "data-dependent sizes, CUDA-graph capturable; overflow is an error on every rank")
 
     def __init__(self, plan, placement, group=None, device=None, **kw):

@@ -93,7 +93,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=FLAT, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=True, cuda_graph_safe=True,
         takes_max_tokens=True, fp8_dispatch=True, available=symm_problem, auto_priority=2,
-        in_flight=SymmWorkspace.SLOTS, bounded_sms=True,
+        in_flight=SymmWorkspace.SLOTS, bounded_sms=True, keeps_stats=True,
         summary="GPU-initiated: Triton kernels store each token once per destination rank straight into the "
                 "peer's symmetric-memory buffer (counts exchanged on the GPU, one host read); the owner reads its "
                 "tokens' result rows from the peers' buffers and sums them in float32 in the same pass; with "

@@ -57,7 +57,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
     CAPS = DispatcherCaps(
         layout=BATCHED, communicates=True, devices=frozenset({"cuda"}), peer_memory=True, host_sync=False, cuda_graph_safe=True,
         needs_max_tokens=True, fp8_dispatch=True, available=symm_problem, in_flight=SymmWorkspace.SLOTS,
-        bounded_sms=True,
+        bounded_sms=True, keeps_stats=True,
         summary="GPU-initiated, fixed capacity: Triton kernels store each (token, expert) row straight into the "
                 "owner's symmetric-memory buffer in the batched layout (read in place by the experts); no host "
                 "sync, CUDA-graph capturable; overflow is an error on every rank")
