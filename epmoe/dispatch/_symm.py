@@ -9,7 +9,8 @@ where it reads anything, raises the error that the bits name, and clears it.
 
 The workspace (`SymmWorkspace`) is given at construction (`workspace=`), or the group's default one is
 taken in `prepare()`, once the ranks agreed on the layer: allocated or grown then, collectively, never in a
-forward. Everything one forward uses (its slot, its header) goes into its handle.
+forward. Everything one forward uses (its slot, its header) goes into its handle. A rank that timed out
+refuses forwards until `resync()` on every rank has put the workspaces back in step.
 
 Simulation: built on `SymmWorkspace.simulated` workspaces with a `GroupState` per simulated rank and no
 group, a dispatcher runs its kernels on CPU tensors under the Triton interpreter, and its
@@ -207,9 +208,9 @@ class SymmDispatcher(CommDispatcher):
 
     # ------------------------------------------------------------------------------------- resync
     def resync(self) -> None:
+        """`CommDispatcher.resync` (a collective: every rank, between forwards), driven as this
+        dispatcher's exchanges are: simulated ranks in threads meet at each of its stops."""
         self.run_steps(self.resync_steps())
-
-    resync.__doc__ = CommDispatcher.resync.__doc__
 
     def group_workspaces(self) -> list:
         own = [self.workspace] if self.workspace is not None else []
