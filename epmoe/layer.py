@@ -302,6 +302,16 @@ class MoELayer(nn.Module):
         return run_micro_batches(self.dispatcher, lambda batch: self.experts(batch, self.expert_weights),
                                  hidden_states, routing, self.micro_batches, shared_experts)
 
+    def resync(self) -> None:
+        """Put the group's per-forward state back in step on every rank: a collective on the layer's group
+        (every rank calls it, on any one layer of the group, between forwards). Needed after a rank raised
+        a timeout on a symmetric-memory dispatcher (a peer skipped that forward or came late): the ranks'
+        workspace slots and epochs then differ, and the rank that timed out refuses forwards until then.
+        Resets the group's forward count and every symmetric workspace on the group (all the group's
+        layers share them). Raises the process group's error where a rank is dead: then a new group is
+        needed. Nothing to do on one rank."""
+        self.dispatcher.resync()
+
     # ------------------------------------------------------------------------------ load balance
     def expert_load(self) -> torch.Tensor:
         """(token, expert) pairs this rank's forwards routed to each logical expert since the layer was

@@ -76,6 +76,12 @@ def _every_case(rank, world):
                 layer(bad, logits)
             assert (info.type is TypeError) == (rank == failing_rank), (key, rank, info.value)
             _check_aligned(layer, weights, rank, seed=40)
+
+        # 3. resync(): a collective every rank may call between forwards (the symmetric-memory dispatchers
+        # need it after a timeout); here it meets the peers and restarts the group's forward count alike
+        layer.resync()
+        assert group is None or layer.dispatcher.state.forwards == 0, key
+        _check_aligned(layer, weights, rank, seed=50)
     return seen
 
 

@@ -176,36 +176,39 @@ else:
                 raise RuntimeError("experts failed on purpose")
             return self.experts(batch)
 
-    def schedule(d, experts, x, logits):
-        return lambda: run_micro_batches(d, experts, x, route(logits, CFG), 2)
+    def schedule(d, experts, x, logits, parts=2):
+        return lambda: run_micro_batches(d, experts, x, route(logits, CFG), parts)
 
-    def check_forward(ds, seed, tokens=(3, 2)):
+    def check_forward(ds, seed, tokens=(3, 2), parts=2):
         xs, ls = data(list(tokens), seed)
-        outs, errors = on_threads([schedule(d, experts_of(d), x, v) for d, x, v in zip(ds, xs, ls)])
+        outs, errors = on_threads([schedule(d, experts_of(d), x, v, parts) for d, x, v in zip(ds, xs, ls)])
         assert not errors, errors
         for r in range(2):
             assert_close(outs[r], reference_moe(xs[r], ls[r], EXPERTS, CFG), 1e-5)
 
+    @pytest.mark.parametrize("parts", [1, 2])
     @pytest.mark.parametrize("cls,M", KINDS, ids=IDS)
-    def test_the_layer_schedule_on_threaded_ranks_and_a_failure_in_one_micro_batch(cls, M):
+    def test_the_layer_schedule_on_threaded_ranks_and_a_failure_in_one_micro_batch(cls, M, parts):
         ds = make(cls, M, threads=True)
-        check_forward(ds, 10)
-        # rank 0's experts raise in micro-batch A: it raises; rank 1's A tokens routed to rank 0 come out NaN
+        check_forward(ds, 10, parts=parts)
+        # rank 0's experts raise in micro-batch A (the only one with parts=1): it raises; rank 1's tokens of
+        # that micro-batch routed to rank 0 come out NaN
         xs, ls = data([4, 4], 11)
-        outs, errors = on_threads([schedule(ds[0], _FailingOnce(experts_of(ds[0])), xs[0], ls[0]),
-                                   schedule(ds[1], experts_of(ds[1]), xs[1], ls[1])])
+        outs, errors = on_threads([schedule(ds[0], _FailingOnce(experts_of(ds[0])), xs[0], ls[0], parts),
+                                   schedule(ds[1], experts_of(ds[1]), xs[1], ls[1], parts)])
         assert list(errors) == [0] and "on purpose" in str(errors[0]), errors
         owner = route(ls[1], CFG).topk_ids.long() // (CFG.num_experts // 2)
+        in_a = 4 // parts
         lost = torch.zeros(4, dtype=torch.bool)
-        lost[:2] = (owner[:2] == 0).any(1)
+        lost[:in_a] = (owner[:in_a] == 0).any(1)
         assert lost.any()
         assert torch.isnan(outs[1][lost]).all() and not torch.isnan(outs[1][~lost]).any()
         assert_close(outs[1][~lost], reference_moe(xs[1], ls[1], EXPERTS, CFG)[~lost], 1e-5)
-        check_forward(ds, 12, (2, 4))
+        check_forward(ds, 12, (2, 4), parts)
         # rank 0's input was refused: it takes part once a micro-batch, flagged; rank 1 raises too
         xs, ls = data([3, 3], 13)
-        _, errors = on_threads([lambda: [ds[0].abort() for _ in range(2)],
-                                schedule(ds[1], experts_of(ds[1]), xs[1], ls[1])])
+        _, errors = on_threads([lambda: [ds[0].abort() for _ in range(parts)],
+                                schedule(ds[1], experts_of(ds[1]), xs[1], ls[1], parts)])
         assert list(errors) == [1] and isinstance(errors[1], RankMismatch), errors
-        check_forward(ds, 14)
-        check_forward(ds, 15, (0, 1))
+        check_forward(ds, 14, parts=parts)
+        check_forward(ds, 15, (0, 1), parts)

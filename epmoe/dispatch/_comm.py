@@ -369,6 +369,43 @@ class CommDispatcher(Dispatcher):
             pass     # expected: this rank's failed flag ends the forward on every rank, here included
         return Pending([], lambda: None, overlaps=False)
 
+    # ------------------------------------------------------------------------------------- resync
+    def resync(self) -> None:
+        """A collective on the group (every rank calls it, on any of the group's layers, between forwards:
+        no dispatch waiting for its combine): the group's state is put back in step on every rank, as if
+        the group were new -- the forward count restarts and every symmetric workspace on the group is
+        reset (`SymmWorkspace.reset`). Needed after a rank gave a forward up on a timeout of the
+        symmetric-memory dispatchers (a peer skipped the forward, or came late): the ranks' slots and
+        epochs then differ. Raises the process group's error where a rank is dead (then only a new group
+        helps)."""
+        for _ in self.resync_steps():
+            pass
+
+    def resync_steps(self):
+        """`resync` as steps (a generator; simulated ranks stop at each meeting)."""
+        yield from self.meet_steps()          # every rank's earlier kernels are done (they store into the peers)
+        for ws in self.group_workspaces():
+            ws.reset()
+        self.state.restart_forwards()
+        yield from self.meet_steps()          # every rank reset before any rank publishes again
+
+    def group_workspaces(self) -> list:
+        """The symmetric workspaces on this group in this process (what `resync` resets)."""
+        return list(self.state.workspaces)
+
+    def meet_steps(self):
+        """Every rank gets here before any leaves, this rank's device work done first: a tiny all-to-all
+        on the group, between two device synchronisations (a generator for `resync_steps`)."""
+        cuda = self.device is not None and torch.device(self.device).type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        if self.ep_size > 1:
+            token = torch.zeros(self.ep_size, dtype=torch.int32, device=self.device)
+            self.comm.all_to_all(torch.empty_like(token), token)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+        yield from ()
+
     def enable_stats(self) -> DispatchStats:
         """Start counting what this dispatcher sends (returns the live `DispatchStats`)."""
         self.stats = DispatchStats(self.ep_size, self.rank)

@@ -9,7 +9,8 @@ where it reads anything, raises the error that the bits name, and clears it.
 
 The workspace (`SymmWorkspace`) is given at construction (`workspace=`), or the group's default one is
 taken in `prepare()`, once the ranks agreed on the layer: allocated or grown then, collectively, never in a
-forward. Everything one forward uses (its slot, its header) goes into its handle.
+forward. Everything one forward uses (its slot, its header) goes into its handle. A rank that timed out
+refuses forwards until `resync()` on every rank has put the workspaces back in step.
 
 Simulation: built on `SymmWorkspace.simulated` workspaces with a `GroupState` per simulated rank and no
 group, a dispatcher runs its kernels on CPU tensors under the Triton interpreter, and its
@@ -65,6 +66,7 @@ class SymmHandle(Handle):
     slot: int = 0
     header: fh.Header = None
     check_on_wait: bool = False     # combine's status read put off until its Pending is waited for
+    generation: int = 0             # the workspace's `generation` at dispatch (a `resync()` since: refused)
 
 
 class SymmDispatcher(CommDispatcher):
@@ -134,6 +136,22 @@ class SymmDispatcher(CommDispatcher):
                                f"on the layer (MoELayer and make_dispatcher do)")
         return self.workspace
 
+    def enter_forward(self) -> tuple[SymmWorkspace, int]:
+        """(workspace, slot) of the forward being dispatched; refused on a rank that gave a forward up on a
+        timeout, until every rank's `resync()` (its peers' slots and epochs may differ from its own)."""
+        ws = self._workspace()
+        if ws.needs_reset:
+            raise RuntimeError(f"{self.name} dispatcher: this rank gave a forward up on a timeout, so the ranks' "
+                               f"workspace slots and epochs may differ; call resync() on every rank of the group "
+                               f"(layer.resync(), between forwards) before the next forward")
+        return ws, ws.next_slot()
+
+    def check_handle(self, handle: SymmHandle) -> None:
+        """Refuse to combine a forward dispatched before a `resync()` (its slot's state was reset)."""
+        if handle.generation != handle.ws.generation:
+            raise RuntimeError(f"{self.name} dispatcher: this handle's forward was dispatched before resync(); "
+                               f"dispatch it again")
+
     # ------------------------------------------------------------------------- the Dispatcher API
     def _start_dispatch(self, x, routing) -> Pending:
         # every step is queued before this returns (the host waits only where a step reads back), on the
@@ -165,6 +183,10 @@ class SymmDispatcher(CommDispatcher):
         """`abort`: the forward's dispatch and combine on no token, flagged as failed in its header, so that
         every rank raises instead of waiting."""
         from ..routing import Routing
+        if self._workspace().needs_reset:
+            # this rank's forwards are refused until resync(); its peers, if they entered this forward,
+            # raise at once on the failed header it left when it gave the last forward up
+            return Pending([], lambda: None, overlaps=False)
         k, dev = self.plan.top_k, self.device
         x = torch.zeros(0, self.plan.padded_hidden_size, dtype=self.plan.dtype, device=dev)
         empty = Routing(torch.zeros(0, k, dtype=torch.int32, device=dev),
@@ -183,6 +205,24 @@ class SymmDispatcher(CommDispatcher):
             return x.contiguous(), None
         xw, xs = self.plan.quantize(x)
         return xw, xs.float().contiguous()
+
+    # ------------------------------------------------------------------------------------- resync
+    def resync(self) -> None:
+        """`CommDispatcher.resync` (a collective: every rank, between forwards), driven as this
+        dispatcher's exchanges are: simulated ranks in threads meet at each of its stops."""
+        self.run_steps(self.resync_steps())
+
+    def group_workspaces(self) -> list:
+        own = [self.workspace] if self.workspace is not None else []
+        return list(self.state.workspaces) + [ws for ws in own if ws not in self.state.workspaces]
+
+    def meet_steps(self):
+        """Simulated ranks meet at a stop (their kernels ran to the end already); real ones as every
+        communicating dispatcher does (`CommDispatcher.meet_steps`)."""
+        if self.simulated:
+            yield
+        else:
+            yield from super().meet_steps()
 
     def next_header(self, num_tokens: int, failed: bool = False) -> fh.Header:
         """This layer's header for the forward being dispatched (the group's next forward number)."""
@@ -238,9 +278,12 @@ class SymmDispatcher(CommDispatcher):
                                    f"graph of this layer; the group's ranks are out of step")
             self.join_collective_peer(header)
         if bits & k.TIMEOUT.value:     # first: with a peer missing, the headers read are stale
+            self._workspace().needs_reset = True
             raise RuntimeError(f"{who}: a peer did not signal within timeout_s={self.timeout_s} s "
                                f"(a rank stalled, died, skipped a forward, or runs a dispatcher that uses collectives); "
-                               f"this forward's outputs are invalid (set to NaN)")
+                               f"this forward's outputs are invalid (set to NaN). This rank gave the forward up: "
+                               f"call resync() on every rank (layer.resync()) before the group's next forward; "
+                               f"a dead rank needs a new group")
         seen = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} {h[3]} tokens{' FAILED' if h[4] else ''}"
                          for r, h in enumerate(heads or []))
         error = fh.mismatch(who, [h[:len(fh.FIELDS)] for h in heads]) if heads else None
@@ -248,7 +291,8 @@ class SymmDispatcher(CommDispatcher):
             if error is None or "could not compute" not in str(error):
                 error = RankMismatch(f"{who}: a rank could not compute this forward (its error is raised there); "
                                      f"every rank of the group stops this forward. Headers: {seen}")
-            raise error
+            raise RankMismatch(f"{error} (a rank that timed out gives its forward up so: then call resync() on "
+                               f"every rank before the next forward)")
         if bits & k.OVERFLOW.value:
             M = self.plan.max_tokens_per_rank
             who_over = ", ".join(f"rank {r} passed {h[3]} tokens" for r, h in enumerate(heads or []) if h[3] > M)

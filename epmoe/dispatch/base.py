@@ -183,6 +183,10 @@ class Dispatcher(abc.ABC):
         """Take part in the current forward for a rank that cannot compute it (bad input or routing), so
         its peers raise instead of waiting. Nothing to do without peers."""
 
+    def resync(self) -> None:
+        """Put what the group's ranks keep in step back in step after a rank gave a forward up (a
+        collective: every rank calls it, between forwards). Nothing to do without peers."""
+
     # ------------------------------------------------------------------------- what backends write
     @abc.abstractmethod
     def _start_dispatch(self, x: torch.Tensor, routing: Routing) -> Pending:

@@ -156,8 +156,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         if bounded and T > M and capturing:
             raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
                              f"max_tokens_per_rank={M}; capture with at most {M} tokens")
-        ws = self._workspace()
-        slot = ws.next_slot()
+        ws, slot = self.enter_forward()
         rg = self._regions(ws, slot)
         R = rg.rx_RH.shape[0]
         # everything that does not depend on the other ranks, queued before the exchange
@@ -207,8 +206,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # pull: the experts' output goes where the peers read it (experts that can write there do)
         batch = FlatBatch(rg.rx_RH[:N], rg.rids_RK[:N], rg.rw_RK[:N], rg.rxs_RG[:N] if fp8 else None,
                           out=rg.comb_RH[:N] if lc.combine_pull else None)
-        handle = SymmHTHandle(T, ws=ws, slot=slot, header=header, mtx_PW=mtx_PW, num_rows=N, back_TP=back_TP,
-                              pull=lc.combine_pull)
+        handle = SymmHTHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation, mtx_PW=mtx_PW,
+                              num_rows=N, back_TP=back_TP, pull=lc.combine_pull)
         return batch, handle
 
     def _count(self, mtx_PW, rg: HTRegions, n_rows: int, itemsize: int) -> None:
@@ -242,6 +241,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
     def combine_steps(self, y_NH, handle: SymmHTHandle):
         from ..kernels.symm_dispatch import ht_combine_kernel, programs
         from ..kernels.token_rows import gather_sum
+        self.check_handle(handle)
         plan = self.plan
         ws, slot, N, mtx_PW = handle.ws, handle.slot, handle.num_rows, handle.mtx_PW
         H = plan.padded_hidden_size

@@ -97,8 +97,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         if T > M and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise ValueError(f"{self.name} dispatcher: capturing a CUDA graph with {T} tokens, more than "
                              f"max_tokens_per_rank={M}; capture with at most {M} tokens")
-        ws = self._workspace()
-        slot = ws.next_slot()
+        ws, slot = self.enter_forward()
         header = self.next_header(T, failed)
         rg = self._regions(ws, slot)
         n = T if T <= M else 0                      # an overflowing rank sends no token at all
@@ -118,7 +117,8 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         if self.stats is not None:
             self._count(routing, rg, x_TH.element_size(), n)
         batch = BatchedBatch(rg.rx_LCH[:L], rg.counts_L[:L], rg.rxs_LCG[:L] if fp8 else None)
-        handle = SymmLLHandle(T, ws=ws, slot=slot, header=header, weights_TK=routing.topk_weights.float())
+        handle = SymmLLHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation,
+                              weights_TK=routing.topk_weights.float())
         return batch, handle
 
     def _count(self, routing, rg: LLRegions, itemsize: int, n: int) -> None:
@@ -137,6 +137,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
     def combine_steps(self, y_LCH, handle: SymmLLHandle):
         from ..kernels.symm_dispatch import ll_combine_kernel, programs, row_block
         from ..kernels.token_rows import gather_sum
+        self.check_handle(handle)
         plan = self.plan
         T, ws, slot = handle.num_tokens, handle.ws, handle.slot
         M, C, K, H = plan.max_tokens_per_rank, self.capacity, plan.top_k, plan.padded_hidden_size

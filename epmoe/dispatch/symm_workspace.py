@@ -98,7 +98,8 @@ class SymmWorkspace:
     Attributes: local (the uint8 buffer), deltas [ep] int64 on its device (peer base minus own base, in
     bytes), epochs [1 + SLOTS] int32 (the device forward counter, then each slot's current epoch), status
     [1] int32 (the kernels' error bits), number (its number on the group: 1, 2, ..., the same on every
-    rank).
+    rank), generation (how many times `reset()` ran), needs_reset (this rank gave a forward up after a
+    timeout: its forwards are refused until every rank's `resync()`).
     """
 
     SLOTS = 2
@@ -118,9 +119,7 @@ class SymmWorkspace:
         self._retired: list = []
         self._allocate(slot_bytes)
         self.lockstep = None                 # simulated ranks in threads only
-        self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=device)
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        self._next_slot = 0
+        self._forward_state()
         if group is not None:
             from ..group import group_state
             group_state(group).add_workspace(self)
@@ -133,6 +132,16 @@ class SymmWorkspace:
             import torch.distributed as dist
             local, bases, handle = allocate_symmetric(self.SLOTS * slot_bytes, self.group, self.device)
             self._setup(local, bases, dist.get_rank(self.group), slot_bytes, handle)
+
+    def _forward_state(self) -> None:
+        """The state forwards step, beside the buffer: the device forward counter and slot epochs, the
+        status word, the slot ring; `generation` counts `reset()`s (a handle of an earlier one is refused)
+        and `needs_reset` is set when this rank gave a forward up (a timeout)."""
+        self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=self.device)
+        self.status = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._next_slot = 0
+        self.generation = 0
+        self.needs_reset = False
 
     def _setup(self, local: torch.Tensor, bases: list[int], rank: int, slot_bytes: int, keepalive) -> None:
         self.local = local
@@ -165,9 +174,7 @@ class SymmWorkspace:
             ws.group, ws.device, ws.number, ws._retired = None, torch.device(device), 1, []
             ws._setup(bufs[r], bases, r, slot_bytes, bufs)
             ws.lockstep = lockstep
-            ws.epochs = torch.zeros(1 + cls.SLOTS, dtype=torch.int32, device=device)
-            ws.status = torch.zeros(1, dtype=torch.int32, device=device)
-            ws._next_slot = 0
+            ws._forward_state()
             if states is not None:
                 states[r].add_workspace(ws)
             out.append(ws)
@@ -256,6 +263,23 @@ class SymmWorkspace:
         self.epochs[0] += 1
         self.epochs[1 + slot] = self.epochs[0]
         self.control_view(slot, "counters").zero_()
+
+    def reset(self) -> None:
+        """Back to the state of a new workspace: every slot's control block (flags, headers, expert counters,
+        collective markers) zeroed, the device forward counter, slot epochs and status word zeroed, the
+        slot ring at slot 0. Only inside `resync()`, which every rank calls: after every rank's earlier
+        kernels are done (they store into this buffer) and before any rank publishes again, so that the
+        ranks' workspaces agree whatever forwards each missed. The data regions keep their bytes: a forward
+        writes what it reads there."""
+        if self.local is None:
+            raise RuntimeError("symmetric workspace: used after free()")
+        for slot in range(self.SLOTS):
+            self.local[slot * self.slot_bytes:slot * self.slot_bytes + self.control.nbytes].zero_()
+        self.epochs.zero_()
+        self.status.zero_()
+        self._next_slot = 0
+        self.generation += 1
+        self.needs_reset = False
 
     def mark_collective(self, forward: int) -> None:
         """Write `forward` as this rank's collective marker into every rank's control block: a peer waiting

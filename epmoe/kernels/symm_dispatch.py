@@ -9,8 +9,10 @@ access) with no host involvement.
 Synchronisation is by epochs: every forward phase has a device counter; a sender stores its epoch into
 the receiver's flag slot with release semantics at system scope after its data, and a receiver spins on
 its flags with acquire semantics until all equal the epoch, for at most `timeout_ns` (then it sets a bit
-in its status word and returns instead of spinning forever). Flags never need resetting: an old epoch
-simply does not match.
+in its status word, marks its published header failed, and returns instead of spinning forever). Flags
+never need resetting in step: an old epoch simply does not match. After a timeout the ranks' epochs may
+differ (a rank that skipped a forward did not advance); `SymmWorkspace.reset` (every rank, through
+`resync()`) zeroes the counters, flags and headers so that they agree again.
 
 The kernels also run under the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1`), with the
 "peers" being other CPU buffers of the same process: that is how the offset and layout logic is tested
@@ -76,6 +78,10 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
     forward's number waits in a collective dispatcher's header exchange, not on these flags; the wait
     ends at once with COLLECTIVE_PEER (the host then joins that exchange: `SymmDispatcher`).
 
+    A rank whose wait times out publishes its row of that phase again with `failed` set (and its later
+    phases carry it too), so a peer that comes late raises FAILED at once, in whichever phase it reads
+    it, instead of pairing with a forward this rank has left; `failed` is checked in every phase.
+
     After the wait, if this rank's status word holds any bit, `n_poison` int32 at poison_ptr are set to
     `poison_value`: the routing the experts are about to read (the high-throughput batch's ids: -1, the
     low-latency counts: 0) may come from another layer's layout or a forward that never happened, and
@@ -89,7 +95,10 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
     mine = tl.where(c == H_LAYER, layer, mine)
     mine = tl.where(c == H_FORWARD, forward, mine)
     mine = tl.where(c == H_TOKENS, tokens, mine)
-    mine = tl.where(c == H_FAILED, failed, mine)
+    # a rank that timed out earlier in this forward says so in its later phases: a peer that comes late
+    # then fails at once instead of taking this forward for complete
+    gave_up = (tl.load(status_ptr) & TIMEOUT) != 0
+    mine = tl.where(c == H_FAILED, tl.where(gave_up, 1, failed), mine)
     if HAS_COUNTS:
         cnt = tl.load(counts_ptr + (c - HEADER_BASE), mask=cm & (c >= HEADER_BASE), other=0)
         mine = tl.where(c >= HEADER_BASE, cnt, mine)
@@ -133,16 +142,27 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
         tl.debug_barrier()
         bits = tl.where((missing > 0) & (early == 0) & (coll == 0), TIMEOUT, 0)
         bits = bits | tl.where((missing > 0) & (early == 0) & (coll > 0), COLLECTIVE_PEER, 0)
+        heads = tl.load(heads_ptr + r[:, None] * HW + c[None, :], mask=rm[:, None] & cm[None, :], other=0)
+        col = tl.broadcast_to(c[None, :], [EP_P2, HW_P2])
+        arrived = tl.broadcast_to(((seen == e) & rm)[:, None], [EP_P2, HW_P2])
+        failed_any = arrived & (col == H_FAILED) & (heads != 0)       # every phase: a peer that gave up
+        bits = bits | tl.where(tl.sum(tl.sum(failed_any.to(tl.int32), 1), 0) > 0, FAILED, 0)
         if CHECK_HEADS:
-            heads = tl.load(heads_ptr + r[:, None] * HW + c[None, :], mask=rm[:, None] & cm[None, :], other=0)
-            col = tl.broadcast_to(c[None, :], [EP_P2, HW_P2])
-            arrived = tl.broadcast_to(((seen == e) & rm)[:, None], [EP_P2, HW_P2])
             differs = arrived & (col < H_TOKENS) & (heads != mine[None, :])
             over = arrived & (col == H_TOKENS) & (heads > max_tokens)
-            failed_any = arrived & (col == H_FAILED) & (heads != 0)
             bits = bits | tl.where(tl.sum(tl.sum(differs.to(tl.int32), 1), 0) > 0, MISMATCH, 0)
             bits = bits | tl.where(tl.sum(tl.sum(over.to(tl.int32), 1), 0) > 0, OVERFLOW, 0)
-            bits = bits | tl.where(tl.sum(tl.sum(failed_any.to(tl.int32), 1), 0) > 0, FAILED, 0)
+        if (bits & TIMEOUT) != 0:
+            # this rank gives the forward up: its row of this phase, published before the wait, is
+            # published again marked failed, so a peer that comes late raises at once instead of pairing
+            # with a forward this rank left (and later phases say failed too: gave_up above)
+            delta = tl.multiple_of(tl.load(deltas_ptr + r, mask=rm, other=0), 16) // 4
+            gone = tl.where(c == H_FAILED, 1, mine)
+            tl.store(heads_ptr + delta[:, None] + rank * HW + c[None, :],
+                     tl.broadcast_to(gone[None, :], [EP_P2, HW_P2]), mask=rm[:, None] & cm[None, :])
+            tl.debug_barrier()
+            tl.atomic_xchg(flags_ptr + delta + rank, tl.broadcast_to(e, [EP_P2]), mask=rm, sem="release",
+                           scope="sys")
         old = tl.atomic_or(status_ptr, bits)
         if (old | bits) != 0:
             for start in range(0, n_poison, ZERO_BLOCK):

@@ -1,0 +1,221 @@
+"""After a forward that failed, the next aligned forward on the same symmetric-memory dispatchers and the
+same workspaces equals the oracle on every rank (simulated ranks, Triton interpreter, float32), for
+`symm_high_throughput` bounded and unbounded and `symm_low_latency`, with one micro-batch and two:
+
+- a timeout of a live peer (it skipped the forward, or came after its peer gave the forward up, or
+  stalled between two phases): the ranks' slots and epochs may differ afterwards, so the rank that timed
+  out refuses forwards, a peer that comes late raises at once on the failed header that rank left (not a
+  wrong result, not a second timeout), and after `resync()` on every rank the next forward is right;
+- errors every rank sees in the same forward (ranks on different layers, an overflow): nothing to do,
+  the next aligned forward is right as it is. (An exception inside one rank's experts and a refused input,
+  through the layer's schedule on ranks in threads, are `tests/test_symm_overlap.py`'s.)
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install 'epmoe[triton]')")
+
+if not INTERPRETING:
+    def test_recovery_on_simulated_ranks_under_the_interpreter():
+        run_interpreted(__file__)
+
+else:
+    from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
+    from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
+    from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
+    from epmoe.experts.reference import ReferenceExperts
+    from epmoe.routing import route
+    from epmoe.testing import assert_close, random_experts
+
+    from test_symm_simulated import lockstep, rank_weights, simulated, simulated_group, slot_bytes
+
+    CFG = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+    EXPERTS = random_experts(CFG, seed=17)
+    M = 4
+    # (dispatcher, max_tokens_per_rank): the high-throughput one bounded and not, the low-latency one
+    KINDS = [(SymmHighThroughputDispatcher, M), (SymmHighThroughputDispatcher, None), (SymmLowLatencyDispatcher, M)]
+    IDS = ["ht-bounded", "ht-unbounded", "ll"]
+
+    def make(cls, capacity, cfg=CFG, group=None):
+        """One dispatcher per simulated rank, on `group` or a fresh one (room for M tokens a rank)."""
+        group = group or simulated_group(2, max(slot_bytes(c, cfg, 2, M)
+                                                for c in (SymmHighThroughputDispatcher, SymmLowLatencyDispatcher)))
+        wss, states = group
+        return [simulated(cls, cfg, Placement(cfg.num_experts, 2, r), capacity, wss[r], states[r]) for r in range(2)]
+
+    def data(tokens, seed, cfg=CFG):
+        g = torch.Generator().manual_seed(seed)
+        return ([torch.randn(t, cfg.hidden_size, generator=g) for t in tokens],
+                [torch.randn(t, cfg.num_experts, generator=g) * 2 for t in tokens])
+
+    def experts_out(ds, got):
+        return [ReferenceExperts(CFG)(b, rank_weights(CFG, EXPERTS, d.placement)) for d, (b, _) in zip(ds, got)]
+
+    def aligned(ds, seed, micro_batches=1, tokens=(3, 4)):
+        """An aligned forward of every rank in `micro_batches` micro-batches (both dispatched before either
+        is combined, as the layer's schedule does), checked against the oracle on every rank."""
+        xs, ls = data(tokens, seed)
+        parts = [(0, 2), (2, None)] if micro_batches == 2 else [(0, None)]
+        got = [lockstep([d.dispatch_steps(x[a:b], route(v[a:b], CFG)) for d, x, v in zip(ds, xs, ls)])
+               for a, b in parts]
+        outs = [lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, experts_out(ds, g), g)]) for g in got]
+        for r in range(2):
+            assert_close(torch.cat([o[r] for o in outs]), reference_moe(xs[r], ls[r], EXPERTS, CFG), 1e-5)
+
+    def alone(d, seed):
+        """A whole forward of one rank while its peer is elsewhere (zeros for the experts' output): its
+        error, or None."""
+        xs, ls = data([3], seed)
+        errors = {}
+        got = lockstep([d.dispatch_steps(xs[0], route(ls[0], CFG))], errors)
+        if not errors:
+            b, h = got[0]
+            lockstep([d.combine_steps(torch.zeros(b.x.shape), h)], errors)
+        return errors.get(0)
+
+    def timed_out(exc):
+        return isinstance(exc, RuntimeError) and "timeout_s" in str(exc) and "resync()" in str(exc)
+
+    def resync(ds):
+        lockstep([d.resync_steps() for d in ds])
+
+    @pytest.mark.parametrize("micro_batches", [1, 2])
+    @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
+    def test_a_peer_that_skipped_a_forward(cls, capacity, micro_batches):
+        """Rank 0 runs a forward rank 1 never enters: a timeout there, and rank 0 is one slot and epoch
+        ahead. Rank 0 refuses its next forward until resync(); after it, aligned forwards are right."""
+        ds = make(cls, capacity)
+        aligned(ds, 1, micro_batches)
+        error = alone(ds[0], 2)
+        assert timed_out(error), error
+        wss = [d.workspace for d in ds]
+        assert wss[0].epochs[0] != wss[1].epochs[0]        # out of step: what resync() is for
+        with pytest.raises(RuntimeError, match=r"resync\(\) on every rank"):
+            lockstep([ds[0].dispatch_steps(*_one(3))])
+        resync(ds)
+        assert all(ws.epochs.tolist() == [0, 0, 0] and not ws.status.item() for ws in wss)
+        assert ds[0].state.forwards == ds[1].state.forwards == 0
+        for seed in (3, 4):                                  # both slots
+            aligned(ds, seed, micro_batches)
+
+    def _one(tokens, seed=5):
+        xs, ls = data([tokens], seed)
+        return xs[0], route(ls[0], CFG)
+
+    @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
+    def test_a_peer_that_comes_late(cls, capacity):
+        """Rank 0 gives the forward up on a timeout; rank 1 enters it afterwards. Rank 1 must not take
+        rank 0's published rows of the abandoned forward for a complete one: it raises at once, naming
+        resync() (before, a bounded forward completed there from stale rows). After resync(), right."""
+        ds = make(cls, capacity)
+        aligned(ds, 6)
+        first, late = alone(ds[0], 7), alone(ds[1], 7)
+        assert timed_out(first), first
+        assert isinstance(late, RankMismatch) and "resync()" in str(late), late
+        resync(ds)
+        for seed in (8, 9):
+            aligned(ds, seed)
+
+    @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
+    def test_a_peer_that_stalls_before_the_combine(cls, capacity):
+        """Both ranks dispatch; rank 0 combines and times out waiting for rank 1, which combines after:
+        rank 1 raises at once on the failed header of rank 0's combine phase (unbounded: both at the next
+        forward's read); resync(), then right."""
+        ds = make(cls, capacity)
+        xs, ls = data([3, 2], 10)
+        got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
+        ys = experts_out(ds, got)
+        errors = [{}, {}]
+        outs = [lockstep([ds[r].combine_steps(ys[r], got[r][1])], errors[r])[0] for r in range(2)]
+        if capacity is None:
+            # no host read at the end of an unbounded combine: both outputs are NaN, and the next forward's
+            # one read raises on every rank (the status bits stay until read)
+            assert not errors[0] and not errors[1] and all(torch.isnan(o).all() for o in outs), errors
+            xs, ls = data([2, 2], 21)
+            for r in range(2):
+                lockstep([ds[r].dispatch_steps(xs[r], route(ls[r], CFG))], errors[r])
+        assert timed_out(errors[0].get(0)), errors
+        assert isinstance(errors[1].get(0), RankMismatch) and "resync()" in str(errors[1][0]), errors
+        resync(ds)
+        aligned(ds, 11)
+
+    @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
+    def test_resync_on_ranks_in_threads_and_a_handle_from_before(cls, capacity):
+        """The public resync() (ranks in threads, meeting at each stop) resets the workspaces; a forward
+        dispatched before it cannot be combined after it."""
+        import threading
+
+        from epmoe.dispatch.symm_workspace import SymmWorkspace
+        from epmoe.group import GroupState
+        states = [GroupState() for _ in range(2)]
+        wss = SymmWorkspace.simulated(2, slot_bytes(cls, CFG, 2, M), states=states, threads=True)
+        ds = make(cls, capacity, group=(wss, states))
+        xs, ls = data([2, 3], 12)
+        got = [None, None]
+
+        def on_threads(fn):
+            threads = [threading.Thread(target=fn, args=(r,)) for r in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            assert not any(t.is_alive() for t in threads)
+
+        on_threads(lambda r: got.__setitem__(r, ds[r].dispatch(xs[r], route(ls[r], CFG))))
+        on_threads(lambda r: ds[r].resync())
+        assert all(ws.generation == 1 and ws.epochs.tolist() == [0, 0, 0] for ws in wss)
+        for d, (b, h) in zip(ds, got):
+            with pytest.raises(RuntimeError, match="before resync"):
+                d.combine(torch.zeros(b.x.shape), h)
+        outs = [None, None]
+        xs, ls = data([3, 1], 13)
+
+        def forward(r):
+            b, h = ds[r].dispatch(xs[r], route(ls[r], CFG))
+            outs[r] = ds[r].combine(ReferenceExperts(CFG)(b, rank_weights(CFG, EXPERTS, ds[r].placement)), h)
+        on_threads(forward)
+        for r in range(2):
+            assert_close(outs[r], reference_moe(xs[r], ls[r], EXPERTS, CFG), 1e-5)
+
+    @pytest.mark.parametrize("micro_batches", [1, 2])
+    @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
+    def test_ranks_on_different_layers_then_aligned(cls, capacity, micro_batches):
+        """A RankMismatch (rank 0 on one layer, rank 1 on another of the same group): every rank raises in
+        that forward and stays in step; the next aligned forwards of either layer are right, no resync."""
+        cfg_b = MoEConfig(num_experts=6, top_k=2, hidden_size=24, intermediate_size=8, dtype=torch.float32)
+        group = simulated_group(2, max(slot_bytes(cls, c, 2, M) for c in (CFG, cfg_b)))
+        a, b = make(cls, capacity, group=group), make(cls, capacity, cfg=cfg_b, group=group)
+        for d in b:
+            d.layer_index = 1
+        xa, la = data([3, 3], 14)
+        xb, lb = data([3, 3], 15, cfg_b)
+        calls = [(a[0], xa[0], route(la[0], CFG)), (b[1], xb[1], route(lb[1], cfg_b))]
+        errors = {}
+        outs = lockstep([d.dispatch_steps(x, r) for d, x, r in calls], errors)
+        if not errors:
+            lockstep([d.combine_steps(torch.zeros(bt.x.shape), h) for (d, _, _), (bt, h) in zip(calls, outs)], errors)
+        assert set(errors) == {0, 1} and all(isinstance(e, RankMismatch) for e in errors.values()), errors
+        for seed in (16, 17):
+            aligned(a, seed, micro_batches)
+
+    @pytest.mark.parametrize("micro_batches", [1, 2])
+    @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
+    def test_an_overflow_then_aligned(cls, capacity, micro_batches):
+        """Rank 0 passes more tokens than the capacity (bounded) or than the workspace holds (unbounded):
+        every rank raises in that forward; the next aligned forwards are right, no resync."""
+        ds = make(cls, capacity)
+        # more than the capacity, or than the rows the workspace holds (a rank sends each token somewhere)
+        big = M + 2 if capacity is not None else ds[0].layout.regions["rx"].shape[0] + 1
+        xs, ls = data([big, 2], 18)
+        errors = {}
+        outs = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)], errors)
+        if not errors:
+            lockstep([d.combine_steps(torch.zeros(b.x.shape), h) for d, (b, h) in zip(ds, outs)], errors)
+        assert set(errors) == {0, 1} and all(isinstance(e, ValueError) for e in errors.values()), errors
+        for seed in (19, 20):
+            aligned(ds, seed, micro_batches)
