@@ -19,8 +19,10 @@ count a rank has not passed before (a cache keyed by shape below the layer: +2.5
 were seen, at forward 1225-1298 there, then flat: its floor moved 0.01 MiB over the last 500 forwards),
 and single samples stand up to 2.0 MiB above their neighbours (buffers still held when the sample is
 taken). The 200-forward warm-up of 1-256 tokens had seen about half the counts, hence +3.49 MiB. So the
-smoke passes 1-64 tokens by default (every count seen within its 500 warm-up forwards) and judges the
-floor: the least of the last 100 samples against the least of the 100 that end the warm-up.
+smoke passes 1-64 tokens by default (each rank's own counts almost all seen within its 500 warm-up
+forwards; a gathered batch, the sum of the ranks' counts, takes rarer values, so the floor can still creep
+by a fraction of the limit) and judges the floor: the least of the last 100 samples against the least of
+the 100 that end the warm-up.
 """
 from __future__ import annotations
 
