@@ -9,6 +9,10 @@ FP8 layers (CUDA, compute capability 9.0+): both GEMMs through `torch._scaled_gr
 row-wise float32 scales only, so it runs per-channel or per-tensor weights with per-token activations
 (FP8 rows with their scales in; the intermediate activation quantized per token with the same formula;
 BF16 out). Block-scaled weights are refused at build time and run on other experts.
+
+On CUDA each token's k outputs are gathered from the expert-ordered GEMM rows and summed with their
+routing weights in one Triton pass (`gather_sum`: float32, slots in order, absent slots skipped), instead
+of a scatter back to pair order followed by the weighted sum's separate passes.
 """
 from __future__ import annotations
 
@@ -50,6 +54,26 @@ def _scaled_grouped_mm_problem(scheme, device_type: str) -> str | None:
     return None
 
 
+def sum_sorted_outputs(y_sorted: torch.Tensor, order: torch.Tensor, batch: FlatBatch, num_local: int,
+                       out_dtype: torch.dtype, use_kernel: bool) -> torch.Tensor:
+    """[N*k, H] outputs in expert order (`order` from `sort_pairs_by_expert`: row i is pair order[i]) ->
+    [N, H]: each token's sum over its slots of weight * output, in float32, cast once. Slots whose expert
+    is not in [0, num_local) contribute nothing, whatever their rows hold. `use_kernel`: one Triton pass
+    reading each pair's row where it lies (`gather_sum`); else a scatter to pair order, then PyTorch."""
+    if not use_kernel:
+        y_pairs = torch.empty_like(y_sorted)
+        y_pairs[order] = y_sorted
+        return weighted_sum_of_slots(y_pairs, batch, out_dtype)
+    from ..kernels.token_rows import gather_sum
+    n, k = batch.local_ids.shape
+    position = torch.empty_like(order)           # pair -> its row in expert order
+    position[order] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+    ids = batch.local_ids.reshape(-1)
+    index = torch.where((ids >= 0) & (ids < num_local), position, torch.full_like(position, -1)).view(n, k)
+    status = torch.zeros(1, dtype=torch.int32, device=y_sorted.device)
+    return gather_sum(y_sorted, index, batch.weights.float(), status, out_dtype)
+
+
 @register_experts("grouped_mm")
 class GroupedMMExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), cuda_graph_safe=True, reads_strided_rows=True, auto_priority=3,
@@ -57,6 +81,21 @@ class GroupedMMExperts(Experts):
                        summary="torch._grouped_mm over expert segments sorted on the device "
                                "(FP8: torch._scaled_grouped_mm, row-wise scales)",
                        available=_grouped_mm_problem, quant_problem=_scaled_grouped_mm_problem)
+
+    # None: the slot sum in one Triton pass on CUDA where Triton runs, PyTorch ops elsewhere; True/False
+    # force a path (tests run the kernel on CPU tensors under TRITON_INTERPRET=1)
+    use_kernels: bool | None = None
+
+    _triton_on_cuda: bool | None = None     # whether Triton runs on this machine's GPUs (asked once)
+
+    def _sum_outputs(self, y_sorted, order, batch, num_local, out_dtype):
+        use = self.use_kernels
+        if use is None and y_sorted.is_cuda:
+            if self._triton_on_cuda is None:
+                from ..kernels import triton_problem
+                self._triton_on_cuda = triton_problem("cuda") is None
+            use = self._triton_on_cuda
+        return sum_sorted_outputs(y_sorted, order, batch, num_local, out_dtype, bool(use))
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         n, k = batch.local_ids.shape
@@ -79,9 +118,7 @@ class GroupedMMExperts(Experts):
             y = scale_back(y, a_factor)
         if weights.b2 is not None:
             y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
-        y_pairs = torch.empty_like(y)
-        y_pairs[order] = y
-        return weighted_sum_of_slots(y_pairs, batch, batch.x.dtype)
+        return self._sum_outputs(y, order, batch, weights.num_local_experts, batch.x.dtype)
 
     def _forward_flat_fp8(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         n, k = batch.local_ids.shape
@@ -102,6 +139,4 @@ class GroupedMMExperts(Experts):
                                      offs=offsets, out_dtype=torch.bfloat16)
         if weights.b2 is not None:
             y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
-        y_pairs = torch.empty_like(y)
-        y_pairs[order] = y
-        return weighted_sum_of_slots(y_pairs, batch, self.plan.dtype)
+        return self._sum_outputs(y, order, batch, weights.num_local_experts, self.plan.dtype)
