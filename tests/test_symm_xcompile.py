@@ -14,24 +14,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 
 def _compile(fn, types: list[str], const: dict, ints16=("H",)):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    names = fn.arg_names
-    sig = {n: t for n, t in zip(names, types)}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
-    for n in ints16:
-        if n in names:
-            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
-    for name in const:
-        sig[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    from epmoe.testing.hopper import CrossCompileUnavailable, compile_for_hopper
     try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    except RuntimeError as exc:     # a Triton build without the CUDA backend's tools
-        if "ptxas" in str(exc) or "backend" in str(exc).lower():
-            pytest.skip(f"this triton cannot cross-compile for CUDA: {exc}")
-        raise
+        return compile_for_hopper(fn, types, const, ints16).asm["ptx"]
+    except CrossCompileUnavailable as exc:     # a Triton build without the CUDA backend's tools
+        pytest.skip(str(exc))
 
 
 def _stores(ptx: str) -> set:

@@ -10,9 +10,11 @@ row-wise float32 scales only, so it runs per-channel or per-tensor weights with 
 (FP8 rows with their scales in; the intermediate activation quantized per token with the same formula;
 BF16 out). Block-scaled weights are refused at build time and run on other experts.
 
-On CUDA each token's k outputs are gathered from the expert-ordered GEMM rows and summed with their
-routing weights in one Triton pass (`gather_sum`: float32, slots in order, absent slots skipped), instead
-of a scatter back to pair order followed by the weighted sum's separate passes.
+On CUDA two steps between and after the GEMMs are one Triton pass each: the bias, activation and cast
+(FP8: quantization) of the gate+up rows (`gated_rows`; float16 layers keep the PyTorch path, whose rows
+are scaled to stay in range), and each token's k outputs gathered from the expert-ordered rows and summed
+with their routing weights (`gather_sum`: float32, slots in order, absent slots skipped), instead of a
+scatter back to pair order followed by the weighted sum's separate passes.
 """
 from __future__ import annotations
 
@@ -88,14 +90,18 @@ class GroupedMMExperts(Experts):
 
     _triton_on_cuda: bool | None = None     # whether Triton runs on this machine's GPUs (asked once)
 
+    def _kernels_for(self, t: torch.Tensor) -> bool:
+        if self.use_kernels is not None:
+            return self.use_kernels
+        if not t.is_cuda:
+            return False
+        if self._triton_on_cuda is None:
+            from ..kernels import triton_problem
+            self._triton_on_cuda = triton_problem("cuda") is None
+        return self._triton_on_cuda
+
     def _sum_outputs(self, y_sorted, order, batch, num_local, out_dtype):
-        use = self.use_kernels
-        if use is None and y_sorted.is_cuda:
-            if self._triton_on_cuda is None:
-                from ..kernels import triton_problem
-                self._triton_on_cuda = triton_problem("cuda") is None
-            use = self._triton_on_cuda
-        return sum_sorted_outputs(y_sorted, order, batch, num_local, out_dtype, bool(use))
+        return sum_sorted_outputs(y_sorted, order, batch, num_local, out_dtype, self._kernels_for(y_sorted))
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         n, k = batch.local_ids.shape
@@ -106,13 +112,20 @@ class GroupedMMExperts(Experts):
         order, _counts, offsets = sort_pairs_by_expert(batch.local_ids, weights.num_local_experts)
         dtype = batch.x.dtype
         x_sorted, x_factor = gemm_rows(batch.x[order // k], dtype)
-        h = scale_back(torch._grouped_mm(x_sorted, weights.w13.transpose(1, 2), offs=offsets), x_factor)
+        h = torch._grouped_mm(x_sorted, weights.w13.transpose(1, 2), offs=offsets)
         expert_of_row = None
         if weights.b13 is not None or weights.b2 is not None:
             expert_of_row = batch.local_ids.reshape(-1)[order].long().clamp(min=0)
-        if weights.b13 is not None:
-            h = h + weights.b13[expert_of_row].float()
-        a, a_factor = gemm_rows(gated_activation_fused(self.plan.activation, h), dtype)
+        if x_factor is None and self._kernels_for(h):
+            # bias, activation and the cast to the down GEMM's operand in one pass over h
+            from ..kernels.gated_rows import gated_rows
+            a, a_factor = gated_rows(h.contiguous(), self.plan.activation, dtype, weights.b13,
+                                     None if weights.b13 is None else expert_of_row)[0], None
+        else:
+            h = scale_back(h, x_factor)
+            if weights.b13 is not None:
+                h = h + weights.b13[expert_of_row].float()
+            a, a_factor = gemm_rows(gated_activation_fused(self.plan.activation, h), dtype)
         y = torch._grouped_mm(a, weights.w2.transpose(1, 2), offs=offsets)
         if a_factor is not None:          # float16: stays float32 up to the slot sum
             y = scale_back(y, a_factor)
@@ -131,10 +144,17 @@ class GroupedMMExperts(Experts):
         expert_of_row = None
         if weights.b13 is not None or weights.b2 is not None:
             expert_of_row = batch.local_ids.reshape(-1)[order].long().clamp(min=0)
-        h = h.float()
-        if weights.b13 is not None:
-            h = h + weights.b13[expert_of_row].float()
-        a_q, a_scale = self.plan.quantize(gated_activation_fused(self.plan.activation, h))
+        if self._kernels_for(h):
+            # bias, activation and the per-token quantization (the one formula) in one pass over h
+            from ..kernels.gated_rows import gated_rows
+            a_q, a_scale = gated_rows(h.contiguous(), self.plan.activation, self.plan.dtype, weights.b13,
+                                      None if weights.b13 is None else expert_of_row,
+                                      quant_group=self.plan.scheme.activation_group_size)
+        else:
+            h = h.float()
+            if weights.b13 is not None:
+                h = h + weights.b13[expert_of_row].float()
+            a_q, a_scale = self.plan.quantize(gated_activation_fused(self.plan.activation, h))
         y = torch._scaled_grouped_mm(a_q, weights.w2.transpose(1, 2), a_scale.reshape(-1), weights.w2_scale,
                                      offs=offsets, out_dtype=torch.bfloat16)
         if weights.b2 is not None:
