@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # One device call on one H200 (kind nvidia-h200), under 10 minutes, in parts (PARTS, in this order):
 #   tests     every single-GPU test (pytest -m "gpu and not multigpu")
+#   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
+#             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
+#             after it run with the new entries; the table before and after are kept
+#   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
+#             specialization off and on, beside the library's kernels
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -54,6 +59,15 @@ for part in $PARTS; do
                 --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_H200_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
                 --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_H200_$DAY.json" ;;
+    tune)
+        table=epmoe/kernels/configs/NVIDIA_H200.json
+        cp "$table" "$OUT/NVIDIA_H200_before_tune.json"
+        run "$OUT/tune_H200_$DAY.log" "${TUNE_SECONDS:-300}" \
+            python3 -m epmoe tune ${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}
+        cp "$table" "$OUT/NVIDIA_H200_after_tune.json" ;;
+    probe)
+        run "$OUT/ws_probe_H200_$DAY.log" "${PROBE_SECONDS:-120}" \
+            python3 benchmarks/ws_probe.py --output "$OUT/ws_probe_H200_$DAY.json" --budget-s "$(( ${PROBE_SECONDS:-120} * 4 / 5 ))" ;;
     rebalance)
         run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;
@@ -67,7 +81,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json" ;;
-    *) echo "unknown part $part (tests experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests tune probe experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done
