@@ -24,7 +24,7 @@ if not INTERPRETING:
         """Compiled for sm_90 (no GPU needed): 16-byte loads of the gate+up rows and stores of the result,
         and no register spills even for a whole 14336-column row quantized with one scale."""
         from epmoe.kernels.gated_rows import gated_rows_kernel
-        from epmoe.testing.hopper import CrossCompileUnavailable, compile_for_hopper, resource_usage
+        from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_for_hopper, resource_usage
         types = ["*bf16", "*fp32", "*i64", "*fp8e4nv" if quant else "*bf16", "*fp32", "i32", "i32"]
         const = dict(ACTIVATION=0, HAS_BIAS=True, QUANT=quant, GROUP=group, BLOCK=block,
                      GROUPS=1 if group > 1024 else 4096 // block)

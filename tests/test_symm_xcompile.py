@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 
 def _compile(fn, types: list[str], const: dict, ints16=("H",)):
-    from epmoe.testing.hopper import CrossCompileUnavailable, compile_for_hopper
+    from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_for_hopper
     try:
         return compile_for_hopper(fn, types, const, ints16).asm["ptx"]
     except CrossCompileUnavailable as exc:     # a Triton build without the CUDA backend's tools

@@ -215,7 +215,12 @@ def test_persistent_kernels(preset):
                 "P tma/ptr": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4, tma=True, persistent=True),
                                              GemmConfig(256, 64, 8, 8, 4, persistent=True)),
                 "P tail64": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4, persistent=True),
-                                            GemmConfig(256, 64, 8, 8, 4, tma=True, persistent=True), tail_m=64)}
+                                            GemmConfig(256, 64, 8, 8, 4, tma=True, persistent=True), tail_m=64),
+                # the down GEMM's activation rows through a tensor descriptor too, uniform and split tiles
+                "P tma_a": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4, persistent=True),
+                                           GemmConfig(256, 64, 8, 8, 3, tma=True, tma_a=True, persistent=True)),
+                "tma_a tail64": MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 4),
+                                                GemmConfig(256, 64, 8, 8, 3, tma=True, tma_a=True), tail_m=64)}
     for T, onehot in ((3000, False), (700, True)):
         x = torch.randn(T, H, device="cuda", generator=g).to(cfg.dtype)
         ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:k] for _ in range(T)])
@@ -254,14 +259,15 @@ def test_persistent_kernels(preset):
 @pytest.mark.parametrize("preset", ["deepseek-v3"])
 def test_persistent_kernels_fp8(preset):
     """FP8 block (128x128 weight scales, activations per 128 columns), persistent GEMMs on uniform and
-    split tiles, against the one-program-per-tile kernels and the oracle."""
+    split tiles, and the down GEMM's activation rows through a tensor descriptor, against the oracle."""
     from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
     cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))
     layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=6, device="cuda"))
     experts = layer.experts
-    for persistent, tail in ((True, 0), (True, 64)):
+    for persistent, tail, tma_a in ((True, 0, False), (True, 64, False), (True, 0, True), (False, 64, True)):
         config = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3, persistent=persistent),
-                                 GemmConfig(128, 128, 8, 8, 4, tma=True, persistent=persistent), tail_m=tail)
+                                 GemmConfig(128, 128, 8, 8, 3 if tma_a else 4, tma=True, tma_a=tma_a,
+                                            persistent=persistent), tail_m=tail)
         experts._configs.clear()
         experts.kernel_config = lambda num_rows, weights, c=config: c
         _check_layer(layer, (2048,), bound=3e-2, seed=3)

@@ -31,8 +31,10 @@ else:
 
     # small tiles so that tiny shapes still have several tiles, uneven K (H = 200) and N edges
     SMALL = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2))
-    # the same with weight tiles through tensor descriptors (TMA on the GPU)
-    SMALL_TMA = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2, tma=True), GemmConfig(64, 64, 1, 4, 2, tma=True))
+    # the same with weight tiles through tensor descriptors (TMA on the GPU), and the down GEMM's activation
+    # rows too
+    SMALL_TMA = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2, tma=True),
+                                GemmConfig(64, 64, 1, 4, 2, tma=True, tma_a=True))
 
     def random_routing(T, E, k, seed, hot_expert=None):
         g = torch.Generator().manual_seed(seed)
@@ -184,7 +186,7 @@ else:
         k = 3
         _, x, local, w, (w13, w2, b13, b2), ref = fused_case(T, 6, k, "swigluoai", True, routing, remote, seed=27)
         config = MoEKernelConfig(16 if not tail else 32, GemmConfig(32, 32, 2, 4, 2, tma=tma, persistent=True),
-                                 GemmConfig(64, 64, 1, 4, 2, tma=tma, persistent=True), tail_m=tail)
+                                 GemmConfig(64, 64, 1, 4, 2, tma=tma, persistent=True, tma_a=tma), tail_m=tail)
         assert T < 3 or T * k // 16 * 3 > PERSISTENT_PROGRAMS_NO_GPU      # several tiles per program
         out = fused_experts(x, local, w, w13, w2, "swigluoai", b13=b13, b2=b2, config=config)
         assert_close(out, ref, 1e-5, context=f"T={T} tail={tail} {routing} remote={remote} tma={tma}")

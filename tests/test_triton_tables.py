@@ -1,6 +1,7 @@
 """Kernel configuration tables and the fallback heuristic (CPU; no Triton needed)."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -70,7 +71,19 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
     plan = tune.refine_plan({128: cfg}, [1, 128])
     assert list(plan) == [128]
     gus, dns = plan[128][(64, 0)]
-    assert [g.tma for g in gus] == [False, True] and [d.tma for d in dns] == [False, True]
+    assert [g.tma for g in gus] == [False, True] and [(d.tma, d.tma_a) for d in dns] == [(False, False), (True, False),
+                                                                                          (True, True)]
+    # down candidates loading weights through TMA come with the activation rows through TMA too
+    for fp8 in (False, True):
+        _, dns = tune.candidates(128, fp8)
+        assert {d for d in dns if d.tma_a} == {replace(d, tma_a=True) for d in dns if d.tma and not d.tma_a}
+    persistent = tune.persistent_plan({128: cfg}, [128])[128][(64, 0)][1]
+    assert any(d.persistent and d.tma and d.tma_a for d in persistent)
+    # written to a table only where set; tables without it read as before
+    assert "tma_a" not in cfg.to_dict()["down"]
+    on = MoEKernelConfig(64, cfg.gate_up, replace(cfg.down, tma_a=True))
+    assert on.to_dict()["down"]["tma_a"] is True and MoEKernelConfig.from_dict(on.to_dict()) == on
+    assert "tma_a" in on.describe()
 
 
 def test_tail_tiles_in_configs_and_refine_plans(tmp_path):

@@ -92,6 +92,17 @@ def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
     return out
 
 
+def with_activation_tma_twins(downs: list[GemmConfig]) -> list[GemmConfig]:
+    """Down candidates, each whose weight tiles come through TMA also with its activation rows through a
+    tensor descriptor (`tma_a`)."""
+    out = list(downs)
+    for g in downs:
+        twin = replace(g, tma_a=True)
+        if g.tma and twin not in out:
+            out.append(twin)
+    return out
+
+
 def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False
                ) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
@@ -113,7 +124,7 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
     gu_cfgs = [g for g in gu_cfgs if smem_bytes(block_m, g, elem, 2) <= SMEM_LIMIT]
     dn_cfgs = [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT]
     if tma:
-        gu_cfgs, dn_cfgs = with_tma_twins(gu_cfgs), with_tma_twins(dn_cfgs)
+        gu_cfgs, dn_cfgs = with_tma_twins(gu_cfgs), with_activation_tma_twins(with_tma_twins(dn_cfgs))
     return gu_cfgs, dn_cfgs
 
 
@@ -158,14 +169,16 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
             tails = tails_for(cfg.block_m, rows_per_expert(T)) if rows_per_expert else [cfg.tail_m]
             if cfg.tail_m not in tails:
                 tails.append(cfg.tail_m)
-            plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_tma_twins(dns)) for t in tails}
+            plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
+                       for t in tails}
     return plan
 
 
 def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> dict:
     """Candidates for `--persistent`: for each T, the table's configuration as it is (same BLOCK_M, tail,
     tiles, warps, stages, TMA; its promotion "sync" unless `rescale`) against the same tiles as persistent
-    kernels, with the table's weight loads and with their TMA twin; the table keeps whichever is fastest."""
+    kernels, with the table's weight loads and with their TMA twin (down: also with its activation rows
+    through TMA, the pair `benchmarks/ws_probe.py` found fastest); the table keeps whichever is fastest."""
     plan = {}
     for T in tokens:
         cfg = table.get(T)
@@ -179,7 +192,7 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
                     if p not in out:
                         out.append(p)
                 return out
-            plan[T] = {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), twins(cfg.down))}
+            plan[T] = {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
     return plan
 
 

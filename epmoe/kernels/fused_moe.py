@@ -127,7 +127,7 @@ def moe_gemm_kernel(
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-        RESCALE: tl.constexpr = False):
+        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -142,7 +142,8 @@ def moe_gemm_kernel(
 
     W_DESC: `w_ptr` is a tensor descriptor of the weights as [L * rows, K] (the TMA engine loads weight
     tiles, zero-filled past the end); tile rows past the expert's rows then hold other rows, whose output
-    columns are never stored.
+    columns are never stored. A_DESC (down, flat layout): the activation rows come through a tensor
+    descriptor too (a tile's rows are consecutive in the padded layout).
 
     PERSISTENT (flat layout, TILE_MODE 0 or 1): a fixed grid of programs walks the tiles in use (program
     p takes tiles p, p + grid, ...), in a loop nest flattened into one software-pipelined loop, so the
@@ -168,7 +169,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, False)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -176,7 +177,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, True)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True)
 
 
 @triton.jit
@@ -188,7 +189,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
-              CHECK_EXPERT: tl.constexpr):
+              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
     tile); then it does nothing, except a batched down tile, which writes its rows' zeros."""
     expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
@@ -203,7 +204,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE)
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC)
     elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -351,9 +352,11 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr):
+               W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, A_DESC: tl.constexpr):
     """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel). With RESCALE
-    the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows)."""
+    the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows). A_DESC:
+    `a_ptr` is a tensor descriptor of the activation rows [rows, I] (a tile's rows are consecutive, from
+    its first position; rows past the end read as zeros, rows of the next expert are never stored)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
     HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
@@ -362,7 +365,10 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     expert = expert.to(tl.int64)
 
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
+    if A_DESC:
+        a_row = tl.min(pos, axis=0).to(tl.int32)     # descriptor row of the tile's first activation row
+    else:
+        a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
     if not W_DESC:
         b_ptrs = w_ptr + expert * (H * I) + (offs_n % H)[None, :] * I + offs_k[:, None]
         if RESCALE:
@@ -387,7 +393,9 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
             s2_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     for kb in range(0, K_BLOCKS):
-        if EVEN_K:
+        if A_DESC:
+            a = a_ptr.load([a_row, kb * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < I - kb * BLOCK_K, other=0.0)
@@ -420,7 +428,8 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             acc += p
         else:     # float16 weights meet a float32 intermediate (`intermediate_dtype`): both as float32
             acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
+        if not A_DESC:
+            a_ptrs += BLOCK_K
         if not W_DESC:
             b_ptrs += BLOCK_K
             if RESCALE:
@@ -506,23 +515,23 @@ def _fp8_meta(fp8: Fp8Mode | None) -> dict:
     return dict(FP8=True, W_SCALE_PER_BLOCK=fp8.w_scale_per_block, SCALE_BLOCK_N=fp8.scale_block_n)
 
 
-def _weight_operand(w, rows_per_expert: int, cols: int, gemm: GemmConfig, block_rows: int):
-    """(the kernel's weight argument, W_DESC): a tensor descriptor of `w` as [L * rows_per_expert, cols]
-    with [block_rows, BLOCK_K] blocks when the config asks for TMA and the layout allows it (16-byte
-    aligned rows), else the tensor."""
+def _descriptor_operand(w, rows_per_expert: int, cols: int, use: bool, block_k: int, block_rows: int):
+    """(the kernel's operand argument, whether it is a descriptor): a tensor descriptor of `w` as
+    [w.shape[0] * rows_per_expert, cols] with [block_rows, block_k] blocks when `use` and the layout
+    allows it (16-byte aligned rows), else the tensor."""
     dtype = w if isinstance(w, torch.dtype) else w.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if not gemm.tma or (cols * itemsize) % 16 or gemm.block_k * itemsize < 16:
+    if not use or (cols * itemsize) % 16 or block_k * itemsize < 16:
         return w, False
     from triton.tools.tensor_descriptor import TensorDescriptor
     if isinstance(w, torch.dtype):           # compile only (warmup): a stand-in with the dtype
         from triton.runtime.jit import MockTensor
         base, rows = MockTensor(w), rows_per_expert
     else:
-        if w.data_ptr() % 16:
+        if w.data_ptr() % 16 or not w.is_contiguous():
             return w, False
         base, rows = w, w.shape[0] * rows_per_expert
-    return TensorDescriptor(base, [rows, cols], [cols, 1], [block_rows, gemm.block_k]), True
+    return TensorDescriptor(base, [rows, cols], [cols, 1], [block_rows, block_k]), True
 
 
 @functools.lru_cache(maxsize=None)
@@ -582,8 +591,11 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
                 num_stages=gemm.num_stages, **_fp8_meta(fp8))
     block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n
-    w_arg, meta["W_DESC"] = _weight_operand(w, w_rows, w_cols, gemm, block_rows)
-    _run(moe_gemm_kernel, grid, (args[0], w_arg) + args[2:], meta, warmup)
+    w_arg, meta["W_DESC"] = _descriptor_operand(w, w_rows, w_cols, gemm.tma, gemm.block_k, block_rows)
+    # the down GEMM's activation rows [rows, I]: consecutive per tile in the flat layout
+    a_arg, meta["A_DESC"] = _descriptor_operand(args[0], 1, w_cols, gemm.tma_a and not gate_up and not batched,
+                                                gemm.block_k, block_m)
+    _run(moe_gemm_kernel, grid, (a_arg, w_arg) + args[2:], meta, warmup)
 
 
 def _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, unused) -> tuple:

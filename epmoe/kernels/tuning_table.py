@@ -31,10 +31,12 @@ class GemmConfig:
     tma: bool = False      # weight tiles through a tensor descriptor (the TMA engine) where the layout allows
     persistent: bool = False   # one program per SM walks the tiles in a flattened, pipelined loop (flat layout)
     promote: str = "sync"  # FP8 block weights: "sync" (each K block's product to float32) or "rescale" (fused_moe)
+    tma_a: bool = False    # down GEMM, flat layout: its activation rows through a tensor descriptor as well
 
     def describe(self) -> str:
         return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"
-                + (" tma" if self.tma else "") + (" persistent" if self.persistent else "")
+                + (" tma" if self.tma else "") + (" tma_a" if self.tma_a else "")
+                + (" persistent" if self.persistent else "")
                 + ("" if self.promote == "sync" else f" {self.promote}"))
 
 
@@ -75,7 +77,12 @@ class MoEKernelConfig:
     gemv: GemvConfig | None = None
 
     def to_dict(self) -> dict:
-        d = {"block_m": self.block_m, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+        def gemm(g: GemmConfig) -> dict:
+            out = asdict(g)
+            if not g.tma_a:          # written only where set (tables made before it stay as they are)
+                del out["tma_a"]
+            return out
+        d = {"block_m": self.block_m, "gate_up": gemm(self.gate_up), "down": gemm(self.down)}
         if self.tail_m:
             d["tail_m"] = self.tail_m
         if self.gemv is not None:

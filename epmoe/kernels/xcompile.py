@@ -1,11 +1,12 @@
-"""Cross-compile the fused MoE kernels for sm_90 without a GPU and print ptxas's resource report.
+"""Cross-compile the fused MoE kernels for sm_90 without a GPU and print their resource use (from the cubin).
 
     PYTHONPATH=/path/to/triton-3.6:. python -m epmoe.kernels.xcompile [--ir DIR]
 
 Uses `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the pointer arguments
 marked 16-byte divisible (what the JIT specializes on a real launch; without it the loads are not
-pipelined), then `ptxas -v` on the PTX. Registers, spills and shared memory per kernel configuration;
-with --ir, the TTGIR and PTX of each are written there (to check pipelining and wgmma).
+pipelined), then `cuobjdump -res-usage` on the cubin. Registers, local memory (spills) and shared memory
+per kernel configuration; with --ir, the TTGIR and PTX of each are written there (to check pipelining and
+wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use them).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from triton.compiler import ASTSource
 
 from . import fused_moe
 
-# name -> (kernel, H, I, k, fmt, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, tma, persistent, tile_mode[, promote])
+# name -> (kernel, H, I, k, fmt, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, tma, persistent, tile_mode[, promote
+#          [, tma_a]])
 CASES = {
     "gu_bf16_deepseek": ("gate_up", 7168, 2048, 8, "bf16", 128, 128, 64, 8, 4, False, False, 0),
     "gu_bf16_deepseek_P": ("gate_up", 7168, 2048, 8, "bf16", 128, 128, 64, 8, 4, False, True, 0),
@@ -38,6 +40,8 @@ CASES = {
     "gu_fp8_deepseek_P": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, False, True, 0),
     "dn_fp8_deepseek": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0),
     "dn_fp8_deepseek_P": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, True, 0),
+    "dn_fp8_deepseek_tma_a_P": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, True, True, 0, "sync", True),
+    "dn_bf16_deepseek_tma_a_P": ("down", 7168, 2048, 8, "bf16", 128, 256, 64, 8, 3, True, True, 0, "sync", True),
     "gu_fp8_deepseek_rescale": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 3, True, False, 0, "rescale"),
     "gu_fp8_deepseek_rescale_s4": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0, "rescale"),
     "dn_fp8_deepseek_rescale256": ("down", 7168, 2048, 8, "fp8", 128, 256, 128, 8, 3, True, False, 0, "rescale"),
@@ -45,7 +49,8 @@ CASES = {
 }
 
 
-def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync"):
+def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync",
+                 tma_a=False):
     fp8 = fmt == "fp8"
     el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
     out = "fp16" if fmt == "fp16" else "bf16"
@@ -65,6 +70,9 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     types += ["i32"] * 4
     if tma:
         types[1] = f"tensordesc<{el}[{bn // 2 if rescale and not gate_up else bn}, {bk}]>"
+    tma_a = tma_a and not gate_up
+    if tma_a:
+        types[0] = f"tensordesc<{types[0]}[{bm}, {bk}]>"
     for i, t in enumerate(types):
         sig[names[i]] = t if t.startswith("tensordesc") else "*" + t
         if not t.startswith("tensordesc"):
@@ -75,7 +83,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
                  W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=0, OUT_FP8=fp8 and gate_up,
-                 APPLY_WEIGHT=not gate_up)
+                 APPLY_WEIGHT=not gate_up, A_DESC=tma_a)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
@@ -83,19 +91,44 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def ptxas_report(ptx: str) -> str:
+class CrossCompileUnavailable(RuntimeError):
+    """This Triton build cannot compile for CUDA here (no CUDA backend tools)."""
+
+
+def compile_for_hopper(fn, types: list[str], const: dict, ints16=("H",), num_warps: int | None = None):
+    """`fn` compiled for sm_90 with argument `types` (Triton signature strings, constexprs left out) and
+    the constexpr values `const`; pointers, and the integers named in `ints16`, marked 16-byte divisible as
+    a real launch specializes them. Returns Triton's compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`)."""
+    names = fn.arg_names
+    sig = {n: t for n, t in zip(names, types)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
+    for n in ints16:
+        if n in names:
+            attrs[(names.index(n),)] = [["tt.divisibility", 16]]
+    for name in const:
+        sig[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    options = {} if num_warps is None else {"num_warps": num_warps}
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except RuntimeError as exc:
+        if "ptxas" in str(exc) or "backend" in str(exc).lower():
+            raise CrossCompileUnavailable(f"this triton cannot cross-compile for CUDA: {exc}") from exc
+        raise
+
+
+def resource_usage(compiled) -> dict:
+    """{"REG", "STACK", "SHARED", "LOCAL"} of a compiled kernel's cubin (cuobjdump -res-usage, the one
+    Triton ships), or {} where it cannot be read."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool) or "cubin" not in compiled.asm:
+        return {}
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run(["ptxas", "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores", text)
-    stack = re.search(r"(\d+) bytes stack frame", text)
-    return (f"regs {regs.group(1) if regs else '?'} spill {spill.group(1) if spill else '?'} "
-            f"stack {stack.group(1) if stack else '?'}")
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
 def main() -> int:
@@ -117,7 +150,9 @@ def main() -> int:
         wgmma = ptx.count("wgmma.mma_async")
         cp_async = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         tma_ld = ptx.count("cp.async.bulk.tensor")
-        print(f"{name:28s} {ptxas_report(ptx)} smem {c.metadata.shared // 1024} KB  wgmma {wgmma} "
+        use = resource_usage(c)
+        print(f"{name:28s} regs {use.get('REG', '?')} local {use.get('LOCAL', '?')} stack {use.get('STACK', '?')} "
+              f"smem {c.metadata.shared // 1024} KB  wgmma {wgmma} "
               f"cp.async {cp_async} tma {tma_ld}")
         if args.ir:
             os.makedirs(args.ir, exist_ok=True)
