@@ -533,7 +533,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(FP8) 16 warps (quick)")
     p.add_argument("--persistent", action="store_true",
                    help="time only the table's configuration for each T against the same tiles as persistent "
-                        "kernels (quick)")
+                        "kernels, the down GEMM also with its activation rows through TMA (quick)")
     p.add_argument("--allow-rescale", action="store_true",
                    help='fp8_block: also time the "rescale" promotion, LESS PRECISE: the tensor cores then '
                         "accumulate the whole K range at their reduced FP8 accumulation precision instead of each "
