@@ -74,3 +74,29 @@ def test_the_group_default_workspace_is_made_once_and_grows_at_construction_only
     assert ws.local is not held and ws._retired[0][0] is held      # the memory held before stays until free()
     ws.free()
     assert default_workspace(state, None, 1000, "cpu") is not ws    # a freed default is made again
+
+
+def test_memory_held_before_a_grow_keeps_its_peer_distances_and_is_reset_too():
+    """A CUDA graph captured before the workspace grew still stores through the memory held before and reads
+    the peer distances of that time: both stay alive until `free()`, and `reset()` (inside `resync()`)
+    zeroes that memory's control blocks as well, or a replay after `resync()` would find the flags of the
+    epochs before it there and pass a wait its peers had not reached."""
+    import gc
+    import weakref
+    ws = SymmWorkspace(None, 1000, device="cpu")
+    old_deltas = weakref.ref(ws.deltas)
+    for slot in range(SymmWorkspace.SLOTS):
+        ws.control_view(slot, "flags.count").fill_(7)
+        ws.control_view(slot, "heads.combine").fill_(3)
+    held, old_slot = ws.local, ws.slot_bytes
+    held[ws.control.nbytes:ws.control.nbytes + 16].fill_(5)        # a data region: a forward writes what it reads
+    ws.grow(3 << 20)
+    gc.collect()
+    assert old_deltas() is not None, "the distances a graph captured before the grow reads were freed"
+    ws.reset()
+    for slot in range(SymmWorkspace.SLOTS):
+        assert not held[slot * old_slot:slot * old_slot + ws.control.nbytes].any(), slot
+    assert (held[ws.control.nbytes:ws.control.nbytes + 16] == 5).all()
+    ws.free()
+    gc.collect()
+    assert old_deltas() is None

@@ -235,7 +235,8 @@ class SymmWorkspace:
         `free()` (a graph captured on it may still point there)."""
         if slot_bytes <= self.slot_bytes:
             return
-        self._retired.append((self.local, self._keepalive))
+        # a graph captured before stores through that memory and reads the peer distances of that time
+        self._retired.append((self.local, self._keepalive, self.deltas))
         self._allocate(round_up(slot_bytes, MIN_SLOT_BYTES))
 
     def free(self) -> None:
@@ -266,15 +267,19 @@ class SymmWorkspace:
 
     def reset(self) -> None:
         """Back to the state of a new workspace: every slot's control block (flags, headers, expert counters,
-        collective markers) zeroed, the device forward counter, slot epochs and status word zeroed, the
-        slot ring at slot 0. Only inside `resync()`, which every rank calls: after every rank's earlier
-        kernels are done (they store into this buffer) and before any rank publishes again, so that the
-        ranks' workspaces agree whatever forwards each missed. The data regions keep their bytes: a forward
-        writes what it reads there."""
+        collective markers) zeroed, in the memory held before a grow as well (graphs captured then replay
+        there), the device forward counter, slot epochs and status word zeroed, the slot ring at slot 0.
+        Only inside `resync()`, which every rank calls: after every rank's earlier kernels are done (they
+        store into this buffer) and before any rank publishes again, so that the ranks' workspaces agree
+        whatever forwards each missed. The data regions keep their bytes: a forward writes what it reads
+        there."""
         if self.local is None:
             raise RuntimeError("symmetric workspace: used after free()")
-        for slot in range(self.SLOTS):
-            self.local[slot * self.slot_bytes:slot * self.slot_bytes + self.control.nbytes].zero_()
+        # the memory held before a grow too: a graph captured then still waits on its flags
+        for local in [self.local] + [held[0] for held in self._retired]:
+            slot_bytes = local.numel() // self.SLOTS
+            for slot in range(self.SLOTS):
+                local[slot * slot_bytes:slot * slot_bytes + self.control.nbytes].zero_()
         self.epochs.zero_()
         self.status.zero_()
         self._next_slot = 0
