@@ -43,11 +43,6 @@ class GroupState:
         the group's next forward has the same number everywhere and no number is used twice)."""
         self.forwards = number % WRAP
 
-    def restart_forwards(self) -> None:
-        """Count from zero again: `resync()` does it on every rank (with the workspaces reset there, no
-        marker or header of an earlier forward number is left to match a new one)."""
-        self.forwards = 0
-
     def next_layer(self, proposals: list[int]) -> int:
         """The index of the layer being built: the largest of every rank's proposal (a rank whose earlier
         build failed catches up), adopted here."""

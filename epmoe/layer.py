@@ -307,8 +307,8 @@ class MoELayer(nn.Module):
         (every rank calls it, on any one layer of the group, between forwards). Needed after a rank raised
         a timeout on a symmetric-memory dispatcher (a peer skipped that forward or came late): the ranks'
         workspace slots and epochs then differ, and the rank that timed out refuses forwards until then.
-        Resets the group's forward count and every symmetric workspace on the group (all the group's
-        layers share them). Raises the process group's error where a rank is dead: then a new group is
+        Resets every symmetric workspace on the group (all the group's layers share them) and continues
+        the group's forward count from the largest any rank reached, on every rank. Raises the process group's error where a rank is dead: then a new group is
         needed. Nothing to do on one rank."""
         self.dispatcher.resync()
 

@@ -209,18 +209,19 @@ def test_scaling_combines_runs_split_by_format(synthetic):
 
 
 def test_scaling_keeps_eplb_phases_and_micro_batches_apart(synthetic):
-    """A layer measured before and after its rebalance, and with two micro-batches: three rows, none
-    overwriting another."""
+    """A layer measured before and after its rebalance, with two micro-batches, and with its transfer
+    kernels' SMs bounded: rows of their own, none overwriting another."""
     rep = _layer_json(2, "2026-12-04T00:00:00+00:00")
     base = next(r for r in rep["rows"] if r["kind"] == "ep" and r["format"] == "bf16" and r["tokens_per_rank"] == 128)
     rep["rows"] = [dict(base, eplb="before", ms=3.0), dict(base, eplb="after rebalance", ms=2.0),
-                   dict(base, micro_batches=2, ms=1.5)]
+                   dict(base, micro_batches=2, ms=1.5), dict(base, micro_batches=2, comm_sms=24, ms=1.25)]
     (synthetic / "layer_2x_eplb.json").write_text(json.dumps(rep))
     s = scaling.summarize([str(synthetic)])
     ms = {name: s["layer"][("deepseek-v3", "bf16", name, 128)][2]["ms"]
-          for name in ("alltoall (eplb before)", "alltoall (eplb after rebalance)", "alltoall (2 micro-batches)")}
+          for name in ("alltoall (eplb before)", "alltoall (eplb after rebalance)", "alltoall (2 micro-batches)",
+                       "alltoall (2 micro-batches) (24 comm SMs)")}
     assert ms == {"alltoall (eplb before)": 3.0, "alltoall (eplb after rebalance)": 2.0,
-                  "alltoall (2 micro-batches)": 1.5}
+                  "alltoall (2 micro-batches)": 1.5, "alltoall (2 micro-batches) (24 comm SMs)": 1.25}
 
 
 def test_scaling_warns_about_mixed_machines_and_needs_input(synthetic, tmp_path):

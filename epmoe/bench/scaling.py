@@ -84,9 +84,11 @@ def summarize(paths) -> dict:
                     local.setdefault(key, {})[ranks] = r
                     origin[("local", key, ranks)] = ("layer", ranks, rep)
                 continue
-            # two micro-batches per forward, and a layer before / after its EPLB rebalance, are configurations
-            # of their own
+            # two micro-batches per forward, a bound on the transfer kernels' SMs, and a layer before / after
+            # its EPLB rebalance are configurations of their own
             name = r["dispatcher"] + (f" ({r['micro_batches']} micro-batches)" if r.get("micro_batches", 1) > 1 else "")
+            if r.get("comm_sms"):
+                name += f" ({r['comm_sms']} comm SMs)"
             if r.get("eplb"):
                 name += f" (eplb {r['eplb']})"
             key = (r["preset"], r["format"], name, r["tokens_per_rank"])

@@ -372,9 +372,10 @@ class CommDispatcher(Dispatcher):
     # ------------------------------------------------------------------------------------- resync
     def resync(self) -> None:
         """A collective on the group (every rank calls it, on any of the group's layers, between forwards:
-        no dispatch waiting for its combine): the group's state is put back in step on every rank, as if
-        the group were new -- the forward count restarts and every symmetric workspace on the group is
-        reset (`SymmWorkspace.reset`). Needed after a rank gave a forward up on a timeout of the
+        no dispatch waiting for its combine): the group's state is put back in step on every rank -- every
+        symmetric workspace on the group is reset (`SymmWorkspace.reset`) and every rank continues the
+        group's forward count from the largest any rank reached (so no forward number is used twice: a CUDA
+        graph captured before keeps the number it was captured with, and no later forward takes it). Needed after a rank gave a forward up on a timeout of the
         symmetric-memory dispatchers (a peer skipped the forward, or came late): the ranks' slots and
         epochs then differ. Raises the process group's error where a rank is dead (then only a new group
         helps)."""
@@ -383,28 +384,32 @@ class CommDispatcher(Dispatcher):
 
     def resync_steps(self):
         """`resync` as steps (a generator; simulated ranks stop at each meeting)."""
-        yield from self.meet_steps()          # every rank's earlier kernels are done (they store into the peers)
+        # every rank's earlier kernels are done (they store into the peers); the largest forward count
+        reached = yield from self.meet_steps(self.state.forwards)
         for ws in self.group_workspaces():
             ws.reset()
-        self.state.restart_forwards()
+        self.state.adopt_forward(reached)
         yield from self.meet_steps()          # every rank reset before any rank publishes again
 
     def group_workspaces(self) -> list:
         """The symmetric workspaces on this group in this process (what `resync` resets)."""
         return list(self.state.workspaces)
 
-    def meet_steps(self):
+    def meet_steps(self, value: int = 0):
         """Every rank gets here before any leaves, this rank's device work done first: a tiny all-to-all
-        on the group, between two device synchronisations (a generator for `resync_steps`)."""
+        on the group carrying `value`, between two device synchronisations (a generator for
+        `resync_steps`, returning the largest `value` of any rank)."""
         cuda = self.device is not None and torch.device(self.device).type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
+        largest = value
         if self.ep_size > 1:
-            token = torch.zeros(self.ep_size, dtype=torch.int32, device=self.device)
-            self.comm.all_to_all(torch.empty_like(token), token)
-            if cuda:
-                torch.cuda.synchronize(self.device)
+            token = torch.full((self.ep_size,), value, dtype=torch.int64, device=self.device)
+            received = torch.empty_like(token)
+            self.comm.all_to_all(received, token)
+            largest = int(received.max())        # a host read: resync() runs between forwards
         yield from ()
+        return largest
 
     def enable_stats(self) -> DispatchStats:
         """Start counting what this dispatcher sends (returns the live `DispatchStats`)."""

@@ -216,13 +216,18 @@ class SymmDispatcher(CommDispatcher):
         own = [self.workspace] if self.workspace is not None else []
         return list(self.state.workspaces) + [ws for ws in own if ws not in self.state.workspaces]
 
-    def meet_steps(self):
-        """Simulated ranks meet at a stop (their kernels ran to the end already); real ones as every
-        communicating dispatcher does (`CommDispatcher.meet_steps`)."""
-        if self.simulated:
-            yield
-        else:
-            yield from super().meet_steps()
+    def meet_steps(self, value: int = 0):
+        """Simulated ranks meet at a stop (their kernels ran to the end already), `value` passed through
+        their workspaces' shared board; real ones as every communicating dispatcher does
+        (`CommDispatcher.meet_steps`). Returns the largest `value` of any rank."""
+        if not self.simulated:
+            return (yield from super().meet_steps(value))
+        board = self._workspace().simulated_board
+        board[self.rank] = value
+        yield                                    # every rank has written
+        largest = max(board.values())
+        yield                                    # every rank has read before any writes again
+        return largest
 
     def next_header(self, num_tokens: int, failed: bool = False) -> fh.Header:
         """This layer's header for the forward being dispatched (the group's next forward number)."""

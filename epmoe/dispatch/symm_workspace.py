@@ -164,6 +164,7 @@ class SymmWorkspace:
         of its own, its dispatchers meeting the others' at every wait (`Lockstep`); else a test drives
         their `*_steps` generators itself."""
         lockstep = Lockstep(ep) if threads else None
+        board: dict = {}                        # what the simulated ranks tell each other when they meet
         bufs = [torch.zeros(cls.SLOTS * slot_bytes + 16, dtype=torch.uint8, device=device) for _ in range(ep)]
         # start each at a 16-byte boundary, as a symmetric allocation would be
         bufs = [b[(-b.data_ptr()) % 16:][:cls.SLOTS * slot_bytes] for b in bufs]
@@ -174,6 +175,7 @@ class SymmWorkspace:
             ws.group, ws.device, ws.number, ws._retired = None, torch.device(device), 1, []
             ws._setup(bufs[r], bases, r, slot_bytes, bufs)
             ws.lockstep = lockstep
+            ws.simulated_board = board
             ws._forward_state()
             if states is not None:
                 states[r].add_workspace(ws)
