@@ -209,6 +209,17 @@ def csv_values(value) -> list[str]:
     return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
+def token_counts(value, flag: str = "--tokens") -> list[int]:
+    """The positive token counts of a list flag; a `UsageError` naming the flag for anything else."""
+    try:
+        counts = [int(v) for v in csv_values(value)]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UsageError(f"{flag} must be positive token counts, got {value!r}")
+    return counts
+
+
 class DeprecatedAlias(argparse.Action):
     """An old spelling of a flag: stores into the new flag's destination and prints a one-line note."""
 

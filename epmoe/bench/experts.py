@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from ..usage import CsvList, UsageError
+from ..usage import CsvList, UsageError, csv_values, token_counts
 from .expert_anchors import ANCHOR_FORMATS, DENSE_FP8_BLOCK, GROUPED_BF16, GROUPED_FP8_ROWWISE
 from .run_env import RESULTS_DIR_HELP, provenance, results_dir
 
@@ -70,10 +70,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="the plumbing on the CPU: presets shrunk (H, I / 32), the CPU backends and anchors, "
                         "wall-clock times that are not results; checks as on the GPU")
-
-
-def _csv(s: str) -> list[str]:
-    return [v.strip() for v in s.split(",") if v.strip()]
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -238,7 +234,7 @@ def bench_config(preset: str, fmt: str, experts: int | None = None, dry: bool = 
 
 
 def _anchor_names(arg: str) -> list[str]:
-    keys = _csv(arg)
+    keys = csv_values(arg)
     if keys == ["all"]:
         return list(ANCHOR_KEYS.values())
     if keys == ["none"]:
@@ -256,24 +252,19 @@ def check_args(args) -> None:
     for flag, v in (("--reps", args.reps), ("--warmup", args.warmup)):
         if v < (1 if flag == "--reps" else 0):
             raise UsageError(f"{flag} must be >= {1 if flag == '--reps' else 0}, got {v}")
-    for name in _csv(args.presets):
+    for name in csv_values(args.presets):
         if name not in KNOWN:
             raise UsageError(f"--presets: unknown preset {name!r}; known: {', '.join(KNOWN)}")
-    for fmt in _csv(args.formats):
+    for fmt in csv_values(args.formats):
         if fmt not in WEIGHT_FORMATS:
             raise UsageError(f"--formats: unknown format {fmt!r}; known: {', '.join(WEIGHT_FORMATS)}")
-    for r in _csv(args.routings) + _csv(args.fp8_routings):
+    for r in csv_values(args.routings) + csv_values(args.fp8_routings):
         if r not in ROUTINGS:
             raise UsageError(f"--routings: unknown routing {r!r}; known: {', '.join(ROUTINGS)}")
-    try:
-        tokens = [int(t) for t in _csv(args.tokens)]
-    except ValueError:
-        tokens = []
-    if not tokens or min(tokens) < 1:
-        raise UsageError(f"--tokens must be positive token counts, got {args.tokens!r}")
+    tokens = token_counts(args.tokens)
     if args.experts is not None and args.experts < 1:
         raise UsageError(f"--experts must be >= 1, got {args.experts}")
-    for name in _csv(args.presets):
+    for name in csv_values(args.presets):
         bench_config(name, "bf16", args.experts)
     _anchor_names(args.anchors)
 
@@ -298,12 +289,12 @@ def run_benchmark(args) -> dict:
         rates["fp8"] = measure_matmul_rate(timer, torch.float8_e4m3fn)
         print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
               f"{rates['bf16'] / 1e12:.0f} TFLOP/s, fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s", flush=True)
-    formats = _csv(args.formats)
+    formats = csv_values(args.formats)
     anchor_names = _anchor_names(args.anchors)
     results = []
-    wanted_backends = None if args.backends == "all" else set(_csv(args.backends))
+    wanted_backends = None if args.backends == "all" else set(csv_values(args.backends))
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    for preset in _csv(args.presets):
+    for preset in csv_values(args.presets):
         base_cfg = bench_config(preset, "bf16", args.experts, dry)
         E, k, H, I = base_cfg.num_experts, base_cfg.top_k, base_cfg.hidden_size, base_cfg.intermediate_size
         base = random_bf16_weights(base_cfg, device, gen)
@@ -346,9 +337,9 @@ def run_benchmark(args) -> dict:
                     backends.append((name, layout, contract.experts_class(name)(cfg, device)))
                 else:
                     print(f"  skip {name} for {preset} {fmt}: {why}", flush=True)
-            routings = _csv(args.routings) if quant is None else [r for r in _csv(args.fp8_routings)
-                                                                   if r in _csv(args.routings)]
-            for T in (int(t) for t in _csv(args.tokens)):
+            routings = csv_values(args.routings) if quant is None else [r for r in csv_values(args.fp8_routings)
+                                                                   if r in csv_values(args.routings)]
+            for T in (int(t) for t in csv_values(args.tokens)):
                 for routing in routings:
                     inp = rows_for(T, routing)
                     ids, tw, pool, sample = inp["ids"], inp["tw"], inp["pool"], inp["sample"]

@@ -127,13 +127,13 @@ class WallClock:
         return 0.0                               # the host runs the work as it queues it: nothing to cover
 
     def synchronize(self) -> None:
-        pass
+        """Nothing to wait for: CPU work is done when its call returns."""
 
     def flush(self) -> None:
-        pass
+        """No cache to clear between runs on the host."""
 
     def sleep(self, ms: float) -> None:
-        pass
+        """No queue to hold back: `sleep_for` asks for none."""
 
     def event(self) -> _WallEvent:
         return _WallEvent()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from rich.markup import escape
 
-from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values
+from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
 from ..kernels.tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
                            device_table_name, shape_key, smem_bytes)
 
@@ -143,6 +143,15 @@ def as_sync(cfg: MoEKernelConfig) -> MoEKernelConfig:
     return replace(cfg, gate_up=replace(cfg.gate_up, promote="sync"), down=replace(cfg.down, promote="sync"))
 
 
+def _entries(table: dict, tokens: list[int], rescale: bool):
+    """(T, the table's configuration for T) for the tokens that have one, promoting "sync" unless
+    `rescale`: what `--refine` and `--persistent` start from."""
+    for T in tokens:
+        cfg = table.get(T)
+        if cfg is not None:
+            yield T, (cfg if rescale else as_sync(cfg))
+
+
 def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False,
                 block_scales: bool = False, rescale: bool = False) -> dict:
     """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
@@ -150,27 +159,23 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
     and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only)."""
     plan = {}
-    for T in tokens:
-        cfg = table.get(T)
-        if cfg is not None:
-            if not rescale:
-                cfg = as_sync(cfg)
-            gus = [cfg.gate_up]
-            dns = [cfg.down]
-            if fp8 and cfg.block_m >= 64 and cfg.gate_up.num_warps == 8:
-                gus.append(replace(cfg.gate_up, num_warps=16))
-            if block_scales and cfg.block_m >= 64:    # down 128 wide; with rescale both promotions, 256 wide
-                dns.append(replace(cfg.down, block_n=128, promote="sync"))
-                if rescale:
-                    gus = list(dict.fromkeys(replace(g, promote=p) for g in gus for p in ("sync", "rescale")))
-                    dns += [replace(cfg.down, block_n=128, promote="rescale"),
-                            replace(cfg.down, block_n=256, promote="rescale")]
-                dns = list(dict.fromkeys(dns))
-            tails = tails_for(cfg.block_m, rows_per_expert(T)) if rows_per_expert else [cfg.tail_m]
-            if cfg.tail_m not in tails:
-                tails.append(cfg.tail_m)
-            plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
-                       for t in tails}
+    for T, cfg in _entries(table, tokens, rescale):
+        gus = [cfg.gate_up]
+        dns = [cfg.down]
+        if fp8 and cfg.block_m >= 64 and cfg.gate_up.num_warps == 8:
+            gus.append(replace(cfg.gate_up, num_warps=16))
+        if block_scales and cfg.block_m >= 64:    # down 128 wide; with rescale both promotions, 256 wide
+            dns.append(replace(cfg.down, block_n=128, promote="sync"))
+            if rescale:
+                gus = list(dict.fromkeys(replace(g, promote=p) for g in gus for p in ("sync", "rescale")))
+                dns += [replace(cfg.down, block_n=128, promote="rescale"),
+                        replace(cfg.down, block_n=256, promote="rescale")]
+            dns = list(dict.fromkeys(dns))
+        tails = tails_for(cfg.block_m, rows_per_expert(T)) if rows_per_expert else [cfg.tail_m]
+        if cfg.tail_m not in tails:
+            tails.append(cfg.tail_m)
+        plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
+                   for t in tails}
     return plan
 
 
@@ -179,21 +184,15 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
     tiles, warps, stages, TMA; its promotion "sync" unless `rescale`) against the same tiles as persistent
     kernels, with the table's weight loads and with their TMA twin (down: also with its activation rows
     through TMA, the pair `benchmarks/ws_probe.py` found fastest); the table keeps whichever is fastest."""
-    plan = {}
-    for T in tokens:
-        cfg = table.get(T)
-        if cfg is not None:
-            if not rescale:
-                cfg = as_sync(cfg)
-            def twins(g):
-                out = [g]
-                for tma in (g.tma, not g.tma):
-                    p = replace(g, tma=tma, persistent=True)
-                    if p not in out:
-                        out.append(p)
-                return out
-            plan[T] = {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
-    return plan
+    def twins(g):
+        out = [g]
+        for tma in (g.tma, not g.tma):
+            p = replace(g, tma=tma, persistent=True)
+            if p not in out:
+                out.append(p)
+        return out
+    return {T: {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
+            for T, cfg in _entries(table, tokens, rescale)}
 
 
 @dataclass
@@ -586,12 +585,7 @@ def main(args) -> int:
     path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
     console.print(f"epmoe tune on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    try:
-        tokens = [int(t) for t in csv_values(args.tokens)]
-    except ValueError:
-        tokens = []
-    if not tokens or min(tokens) < 1:
-        raise UsageError(f"--tokens must be positive token counts, got {args.tokens!r}")
+    tokens = token_counts(args.tokens)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pool = None
     if args.jobs > 1:

@@ -19,6 +19,8 @@ ranks in lockstep.
 """
 from __future__ import annotations
 
+import abc
+
 import importlib.util
 from dataclasses import dataclass
 
@@ -96,10 +98,10 @@ class SymmDispatcher(CommDispatcher):
 
     # --------------------------------------------------------------------------------- the workspace
     @classmethod
+    @abc.abstractmethod
     def slot_layout_for(cls, plan, placement, tokens_per_rank: int | None = None) -> SlotLayout:
         """The regions of one slot for a layer of `plan` (`tokens_per_rank`: what a rank passes at most,
-        where the plan has no capacity)."""
-        raise NotImplementedError
+        where the plan has no capacity): each symmetric-memory dispatcher lays out its own."""
 
     def slot_bytes_needed(self) -> int:
         """The least a slot must hold for this layer (a smaller workspace is refused when the layer is
