@@ -6,6 +6,9 @@
 #             after it run with the new entries; the table before and after are kept
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
 #             specialization off and on, beside the library's kernels
+#   gluon     benchmarks/gluon_gemm_probe.py: the warp-specialized Gluon grouped GEMM
+#             (epmoe/kernels/ws_grouped_gemm.py) checked on awkward shapes in a child process with a time
+#             limit (a hang costs that limit, not the call), then timed beside the library's kernels
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -68,6 +71,10 @@ for part in $PARTS; do
     probe)
         run "$OUT/ws_probe_H200_$DAY.log" "${PROBE_SECONDS:-120}" \
             python3 benchmarks/ws_probe.py --output "$OUT/ws_probe_H200_$DAY.json" --budget-s "$(( ${PROBE_SECONDS:-120} * 4 / 5 ))" ;;
+    gluon)
+        run "$OUT/gluon_gemm_probe_H200_$DAY.log" "${GLUON_SECONDS:-420}" \
+            python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_H200_$DAY.json" \
+            --budget-s "$(( ${GLUON_SECONDS:-420} - 200 ))" ;;
     rebalance)
         run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;
@@ -81,7 +88,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json" ;;
-    *) echo "unknown part $part (tests tune probe experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests tune probe gluon experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -108,7 +108,12 @@ def compile_for_hopper(fn, types: list[str], const: dict, ints16=("H",), num_war
     for name in const:
         sig[name] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    options = {} if num_warps is None else {"num_warps": num_warps}
+    return compile_source_for_hopper(src, {} if num_warps is None else {"num_warps": num_warps})
+
+
+def compile_source_for_hopper(src, options: dict):
+    """`triton.compile` of a prepared source (`ASTSource`, Gluon's `GluonASTSource`) for sm_90;
+    `CrossCompileUnavailable` where this Triton build has no CUDA tools."""
     try:
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except RuntimeError as exc:
