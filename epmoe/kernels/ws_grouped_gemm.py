@@ -27,6 +27,8 @@ compile is checked without a GPU by `compile_ws_gemm_for_hopper`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -82,8 +84,9 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, 
     BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     ROWS: gl.constexpr = BLOCK_M // 2
+    INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth        # 32 for FP8, 16 for BF16
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, 256 // a_bufs.dtype.primitive_bitwidth])
+                                                         instr_shape=[16, BLOCK_N, INSTR_K])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
     n_scale_blocks = gl.cdiv(N, SCALE_BLOCK)
@@ -156,19 +159,18 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, tile_expert_ptr, a_scale_ptr, w_scale
     ], [4, 1], [MATH_REGS, LOADER_REGS])
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _gl_dtype(dtype: torch.dtype):
     return {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
 
 
-def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
-                    a_scale_t: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, *,
-                    block_m: int = 128, block_n: int = 128, block_k: int | None = None, stages: int = 4,
-                    group_m: int = 8, num_programs: int | None = None, math_regs: int = 232,
-                    loader_regs: int = 40, maxnreg: int = 168) -> torch.Tensor:
-    """out[r] = A[r] @ W[tile_expert[r // block_m]].T for every row r of a tile whose expert is >= 0
-    (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). See the module
-    docstring for the layouts. `maxnreg` bounds every thread (12 warps x 32 x 168 fit one SM's 64K
-    registers: one program per SM); the loader's warpgroup gives up all but `loader_regs`."""
+def check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m=128, block_n=128, block_k=None):
+    """The operands' contract (module docstring), refused with a ValueError naming the rule; returns
+    (fp8, M_pad, K, E, N, block_k)."""
     fp8 = a.dtype == torch.float8_e4m3fn
     if fp8 != (a_scale_t is not None) or fp8 != (w_scale is not None):
         raise ValueError("grouped_gemm_ws: FP8 operands need a_scale_t and w_scale; BF16 operands take neither")
@@ -197,6 +199,43 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
             raise ValueError(f"grouped_gemm_ws: scales must be contiguous float32 a_scale_t [{kb}, {M_pad}] and "
                              f"w_scale [{E}, {nb}, {kb}], got {list(a_scale_t.shape)} {a_scale_t.dtype} and "
                              f"{list(w_scale.shape)} {w_scale.dtype}")
+    return fp8, M_pad, K, E, N, block_k
+
+
+def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, *, block_m: int = 128,
+                           **_tiles) -> torch.Tensor:
+    """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
+    block promoted with its activation and weight scales, cast to bfloat16 once. Rows of skipped tiles
+    are left as they are. The experts backend runs it on the CPU (tests) in place of the kernel."""
+    fp8, M_pad, K, E, N, _ = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m)
+    for m, e in enumerate(tile_expert.tolist()):
+        if e < 0:
+            continue
+        rows = slice(m * block_m, (m + 1) * block_m)
+        x, wt = a[rows].float(), w[e].float()
+        if not fp8:
+            out[rows] = (x @ wt.T).to(out.dtype)
+            continue
+        acc = torch.zeros(block_m, N, dtype=torch.float32, device=a.device)
+        w_col_scale = w_scale[e].repeat_interleave(SCALE, 0)[:N]          # [N, K blocks]
+        for kb in range(triton.cdiv(K, SCALE)):
+            cols = slice(kb * SCALE, (kb + 1) * SCALE)
+            acc += (x[:, cols] @ wt[:, cols].T) * a_scale_t[kb, rows][:, None] * w_col_scale[:, kb][None, :]
+        out[rows] = acc.to(out.dtype)
+    return out
+
+
+def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
+                    a_scale_t: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, *,
+                    block_m: int = 128, block_n: int = 128, block_k: int | None = None, stages: int = 4,
+                    group_m: int = 8, num_programs: int | None = None, math_regs: int = 232,
+                    loader_regs: int = 40, maxnreg: int = 168) -> torch.Tensor:
+    """out[r] = A[r] @ W[tile_expert[r // block_m]].T for every row r of a tile whose expert is >= 0
+    (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). See the module
+    docstring for the layouts. `maxnreg` bounds every thread (12 warps x 32 x 168 fit one SM's 64K
+    registers: one program per SM); the loader's warpgroup gives up all but `loader_regs`."""
+    fp8, M_pad, K, E, N, block_k = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m, block_n,
+                                                  block_k)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     el = _gl_dtype(a.dtype)
     a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k],
@@ -206,7 +245,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                           gl.NVMMASharedLayout.get_default_for([block_n, block_k], el))
     num_m_tiles, num_n_tiles = M_pad // block_m, triton.cdiv(N, block_n)
     if num_programs is None:
-        num_programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+        num_programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
     dummy = out
     ws_grouped_gemm_kernel[grid](a_desc, w_desc, tile_expert, a_scale_t if fp8 else dummy,

@@ -1,0 +1,157 @@
+"""`triton_ws`: the experts on the warp-specialized Gluon grouped GEMM (Hopper, BF16 and 128x128 block FP8).
+
+Experimental, never picked by "auto": it is here so the whole experts op can be measured and checked
+beside `triton` on a Hopper GPU. The pipeline:
+1. pairs laid out expert by expert, each expert's segment padded to tiles of 128 rows (`align_pairs`,
+   no host sync);
+2. the token rows (FP8: with their per-128-column scales) copied into that layout (the GEMM loads its
+   A tiles by TMA, which needs them contiguous; padding rows copy a real row and are never read back);
+   each output row of the GEMMs depends on its own A row only, so a padding row's garbage stays there;
+3. gate+up: one grouped GEMM with N = 2I into bfloat16 rows; then the bias, activation and the cast or
+   block quantization of every row in one pass (`gated_rows`);
+4. down: the same GEMM with N = H;
+5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
+   float32 (`gather_sum`).
+Steps 3 and 4 run `epmoe.kernels.ws_grouped_gemm.grouped_gemm_ws` (`gemm`); the tests put its PyTorch
+statement (`grouped_gemm_reference`) there to check steps 1, 2 and 5 on the CPU under the Triton
+interpreter.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..contract import TAKES_FP8, ExpertsCaps
+from ..layouts import FLAT, ExpertWeights, FlatBatch
+from ..registry import register_experts
+from .base import Experts
+
+TILE = 128               # rows per tile (two warpgroups of 64) and the FP8 block / activation group
+
+
+def _available(device_type: str) -> str | None:
+    if device_type != "cuda":
+        return "the warp-specialized GEMM runs on CUDA GPUs only"
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError as exc:
+        return f"this Triton has no Gluon ({exc})"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
+        return "the warp-specialized GEMM uses Hopper's wgmma: it needs compute capability 9.x"
+    return None
+
+
+def _quant_problem(scheme, device_type: str) -> str | None:
+    q = scheme.config
+    if q.weight_block is None or tuple(q.weight_block) != (TILE, TILE):
+        return f"it takes FP8 weights in ({TILE}, {TILE}) blocks only, not weight_block={q.weight_block}"
+    if q.activation_group_size != TILE:
+        return f"it takes FP8 activations per group of {TILE} columns only, not group_size={q.group_size}"
+    return None
+
+
+def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
+    """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on a small problem:
+    two experts, a skipped tile that must keep its rows, N and K not multiples of the tile (None: it
+    agrees within 1e-2)."""
+    from ..kernels.ws_grouped_gemm import grouped_gemm_reference
+    g = torch.Generator(device=device).manual_seed(0)
+    M, N, K = 4 * TILE, 320, 384
+    a = torch.randn(M, K, generator=g, device=device)
+    w = torch.randn(2, N, K, generator=g, device=device) * 0.05
+    tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
+    scales = (None, None)
+    if fp8:
+        from ..quant.fp8 import fp8_quantize, quantize_weight
+        a, a_scale = fp8_quantize(a, TILE)
+        wq = [quantize_weight(w[e], "block", (TILE, TILE)) for e in range(2)]
+        w = torch.stack([q for q, _ in wq])
+        scales = (a_scale.t().contiguous(), torch.stack([s for _, s in wq]).contiguous())
+    else:
+        a, w = a.bfloat16(), w.bfloat16()
+    got = torch.zeros(M, N, dtype=torch.bfloat16, device=device)
+    want = torch.zeros_like(got)
+    gemm(a, w, tile_expert, got, *scales)
+    grouped_gemm_reference(a, w, tile_expert, want, *scales)
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    skipped_kept = torch.equal(got[TILE:2 * TILE], want[TILE:2 * TILE])
+    if err <= 1e-2 and skipped_kept:
+        return None
+    return (f"its {'FP8' if fp8 else 'BF16'} GEMM disagrees with its PyTorch statement on a small problem "
+            f"(relative error {err:.3g}{'' if skipped_kept else ', a skipped tile written'}); use experts='triton'")
+
+
+@register_experts("triton_ws")
+class WarpSpecializedExperts(Experts):
+    CAPS = ExpertsCaps(layouts=frozenset({FLAT}), dtypes=frozenset({torch.bfloat16}), devices=frozenset({"cuda"}),
+                       quant=frozenset({"none", "fp8_block"}), fp8_activations=TAKES_FP8, cuda_graph_safe=True,
+                       auto_priority=0,
+                       summary="experimental: a warp-specialized Gluon grouped GEMM (Hopper), BF16 and block FP8",
+                       available=_available, quant_problem=_quant_problem)
+
+    # the grouped GEMM of steps 3 and 4: None is the Gluon kernel; tests set `grouped_gemm_reference`
+    gemm = None
+
+    _checked: dict = {}      # (device index, fp8) -> None (passed) or why the kernel disagreed
+
+    def __init__(self, plan, device: torch.device | None = None):
+        super().__init__(plan, device)
+        if device is not None and torch.device(device).type == "cuda":
+            why = self.self_check(torch.device(device), self.plan.quant != "none")
+            if why:
+                raise RuntimeError(f"experts 'triton_ws' refused: {why}")
+
+    @classmethod
+    def self_check(cls, device: torch.device, fp8: bool) -> str | None:
+        """The Gluon GEMM against its PyTorch statement (`gemm_disagreement`), once per device and format:
+        an experimental kernel that disagrees is refused before any forward, not used."""
+        from ..kernels.ws_grouped_gemm import grouped_gemm_ws
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if (index, fp8) not in cls._checked:
+            cls._checked[(index, fp8)] = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), fp8)
+        return cls._checked[(index, fp8)]
+
+    def _gemm(self):
+        if self.gemm is not None:
+            return self.gemm
+        from ..kernels.ws_grouped_gemm import grouped_gemm_ws
+        return grouped_gemm_ws
+
+    def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+        from ..kernels.gated_rows import gated_rows
+        from ..kernels.moe_align import align_pairs
+        from ..kernels.token_rows import gather_sum
+        plan, gemm = self.plan, self._gemm()
+        x = batch.x
+        n, k = batch.local_ids.shape
+        if n == 0:
+            return torch.zeros(x.shape, dtype=plan.dtype, device=x.device)
+        L, two_i, H = weights.w13.shape
+        fp8 = weights.w13_scale is not None
+        aligned = align_pairs(batch.local_ids, L, TILE)
+        rows = aligned.max_rows
+        tile_expert = aligned.block_expert[:aligned.max_blocks]
+        # positions past `num_padded` hold no marker: only those before it, below `num_pairs`, are pairs
+        position = torch.arange(rows, device=x.device)
+        pair = aligned.sorted_ids[:rows].long()
+        is_pair = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < n * k)
+        pair = torch.where(is_pair, pair, torch.full_like(pair, n * k))
+        src = torch.where(is_pair, pair // k, torch.zeros_like(pair))
+        a = x.contiguous()[src]
+        a_scale_t = batch.scales.float()[src].t().contiguous() if fp8 else None
+        h = torch.empty(rows, two_i, dtype=torch.bfloat16, device=x.device)
+        gemm(a, weights.w13, tile_expert, h, a_scale_t, weights.w13_scale)
+        expert_of_row = tile_expert.long().clamp(min=0).repeat_interleave(TILE)
+        # padding rows are not computed: their down-GEMM rows are garbage and never read back
+        act, act_scale = gated_rows(h, plan.activation, torch.bfloat16, weights.b13,
+                                    None if weights.b13 is None else expert_of_row,
+                                    quant_group=TILE if fp8 else 0, only_rows=is_pair.to(torch.int8))
+        y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
+        gemm(act, weights.w2, tile_expert, y, act_scale.t().contiguous() if fp8 else None, weights.w2_scale)
+        if weights.b2 is not None:
+            y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
+        # each pair's row in the layout (-1: its expert is not here); padding positions land on a spare slot
+        row_of_pair = torch.full((n * k + 1,), -1, dtype=torch.long, device=x.device)
+        row_of_pair[pair] = position
+        index = row_of_pair[:n * k].view(n, k)
+        status = torch.zeros(1, dtype=torch.int32, device=x.device)
+        return gather_sum(y, index, batch.weights.float(), status, plan.dtype)

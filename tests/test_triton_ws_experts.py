@@ -1,0 +1,99 @@
+"""The `triton_ws` experts' pipeline on the CPU: the padded layout, the row copy (with the FP8 scales
+turned K-block-major), the activation pass and the slot sum run as on the GPU (their Triton kernels under
+the interpreter); the grouped GEMM is its PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
+itself is checked against it on a GPU by `benchmarks/gluon_gemm_probe.py`). Against the `reference`
+experts on the same weights, BF16 and block FP8, on awkward shapes: T = 0 and 1, every token on one
+expert, slots of other ranks, biases, a hidden size that is not a multiple of 128."""
+import importlib.util
+
+import pytest
+import torch
+
+from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install 'epmoe[triton]')")
+
+if not INTERPRETING:
+    def test_triton_ws_pipeline_under_the_interpreter():
+        run_interpreted(__file__)
+
+    def test_refused_where_it_cannot_run():
+        from epmoe import Fp8Config, MoEConfig, contract
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+        assert "cuda" in contract.experts_problem("triton_ws", cfg, "cpu")
+        f32 = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.float32)
+        assert "dtype" in contract.experts_problem("triton_ws", f32, "cuda", check_device=False)
+        channel = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                            quant=Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token"))
+        assert "fp8_channel" in contract.experts_problem("triton_ws", channel, "cuda", check_device=False)
+        assert "triton_ws" not in contract._by_priority(contract.EXPERTS)      # experimental: never "auto"
+
+    @pytest.mark.parametrize("fp8", [False, True])
+    def test_a_gemm_that_disagrees_is_refused(fp8):
+        """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
+        agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught."""
+        from epmoe.experts.triton_ws import gemm_disagreement
+        from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+        cpu = torch.device("cpu")
+        assert gemm_disagreement(grouped_gemm_reference, cpu, fp8) is None
+
+        def writes_skipped_tiles(a, w, tile_expert, out, *scales):
+            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *scales)
+
+        assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
+        if fp8:
+            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale):
+                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale))
+
+            assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
+
+else:
+    from epmoe import Fp8Config, MoEConfig, MoELayer
+    from epmoe.experts.triton_ws import WarpSpecializedExperts
+    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+    from epmoe.layouts import FlatBatch
+    from epmoe.testing import load_experts, random_experts
+
+    def _rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+    def _ids(T, E, k, g, one_expert=False, other_ranks=False):
+        """[T, k] distinct experts per token; one_expert: every token's first slot on expert 2;
+        other_ranks: every other token's second slot on another rank (-1)."""
+        rows = []
+        for _ in range(T):
+            if one_expert:
+                others = [e for e in range(E) if e != 2]
+                rows.append([2] + [others[i] for i in torch.randperm(E - 1, generator=g)[:k - 1].tolist()])
+            else:
+                rows.append(torch.randperm(E, generator=g)[:k].tolist())
+        ids = torch.tensor(rows, dtype=torch.int32).reshape(T, k)
+        if other_ranks:
+            ids[::2, 1] = -1
+        return ids
+
+    @pytest.mark.parametrize("fp8,with_bias", [(False, True), (True, False)])
+    def test_pipeline_matches_the_reference_experts(fp8, with_bias):
+        quant = Fp8Config(weight_block=(128, 128)) if fp8 else None
+        cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=48, dtype=torch.bfloat16,
+                        quant=quant)
+        layer = MoELayer(cfg, dispatcher="local", experts="reference", expert_bias=with_bias)
+        load_experts(layer, random_experts(cfg, seed=1, with_bias=with_bias))
+        ws = WarpSpecializedExperts(cfg)
+        ws.gemm = grouped_gemm_reference
+        Hp = ws.plan.padded_hidden_size
+        g = torch.Generator().manual_seed(4)
+        # 150 tokens on one expert: its segment spans two tiles of 128 rows
+        for T, one_expert, other_ranks in ((0, False, False), (1, False, False), (11, False, True),
+                                           (150, True, False)):
+            x = torch.zeros(T, Hp)
+            x[:, :cfg.hidden_size] = torch.randn(T, cfg.hidden_size, generator=g)
+            batch = FlatBatch(x.to(cfg.dtype), _ids(T, cfg.num_experts, cfg.top_k, g, one_expert, other_ranks),
+                              torch.rand(T, cfg.top_k, generator=g))
+            got = ws(batch, layer.expert_weights)
+            want = layer.experts(batch, layer.expert_weights)
+            assert got.shape == (T, Hp) and got.dtype == cfg.dtype
+            if T:
+                assert torch.isfinite(got).all() and got.abs().sum() > 0
+                assert _rel(got, want) < (3e-2 if fp8 else 1e-2), (T, _rel(got, want))
