@@ -2,15 +2,16 @@
 
 Two stages, each in its own process with a time limit (a wrong mbarrier phase hangs a GPU kernel; the
 limit turns that into an error in the JSON instead of a lost device call):
-1. check: small awkward problems against a float32 product of the dequantized operands: N and K not
-   multiples of the tile, unequal rows per expert, a skipped tile (its rows must keep their sentinel), few
-   programs (the persistent walk and the ring wrap around), block FP8 and BF16. rel. error <= 1e-2.
-2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts as a plain
-   grouped GEMM over rows laid out expert by expert (gate+up: N = 2I, then `gated_rows` for the
-   activation and the block quantization, timed separately; down: N = H), beside the library's two
-   kernels with the tuning table's configuration on the same shapes and rows per expert
-   (`ws_probe.library_times`). `triton.testing.do_bench` medians for both; every timed variant checked
-   against its float32 product first.
+1. check: the `triton_ws` experts' self-check, then small awkward problems against the kernel's PyTorch
+   statement (`grouped_gemm_reference`): N and K not multiples of the tile, unequal rows per expert, a
+   skipped tile (its rows must keep their sentinel), few programs (the persistent walk and the ring wrap
+   around), plain and gated, block FP8 and BF16, with a bias. rel. error <= 1e-2.
+2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
+   laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
+   the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
+   tuning table's configuration on the same shapes and rows per expert (`ws_probe.library_times`).
+   `triton.testing.do_bench` medians for both; every timed variant checked on two tiles against
+   `grouped_gemm_reference` first.
 
     python3 benchmarks/gluon_gemm_probe.py --output $OUT/gluon_gemm_probe.json
 """
@@ -29,67 +30,111 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# name -> (local experts, H, I, top_k), as ws_probe.SHAPES
-VARIANTS = {   # format: [(block_n, stages)]; block_m 128 (two warpgroups of 64 rows), block_k 128 (FP8) / 64 (BF16)
-    "fp8_block": [(128, 3), (128, 4), (128, 5), (128, 6)],
-    "bf16": [(128, 4), (128, 6), (256, 3), (256, 4)],
+VARIANTS = {   # (format, gemm): [(block_n, stages)]; block_m 128 (two warpgroups of 64 rows), block_k 128 / 64
+    ("fp8_block", "gate_up"): [(256, 3), (256, 4)],                # gate and up of 128 outputs, FP8 out
+    ("fp8_block", "down"): [(128, 4), (128, 6), (256, 3), (256, 4)],
+    ("bf16", "gate_up"): [(256, 3), (256, 4)],
+    ("bf16", "down"): [(128, 4), (128, 6), (256, 3), (256, 4)],
 }
 
 
-def _dequantized(fp8: bool, a, w, gen, dev):
-    """(A, W, a_scale_t, w_scale, A_deq, W_deq): FP8 block scales drawn at random, the operands divided by
-    them and cast; BF16 operands cast."""
-    import torch
-    M, K = a.shape
-    E, N, _ = w.shape
-    if not fp8:
-        a16, w16 = a.bfloat16(), w.bfloat16()
-        return a16, w16, None, None, a16.float(), w16.float()
-    kb, nb = -(-K // 128), -(-N // 128)
-    a_scale = torch.rand(M, kb, generator=gen, device=dev) * 0.02 + 0.01
-    w_scale = torch.rand(E, nb, kb, generator=gen, device=dev) * 0.02 + 0.01
-    a_full = a_scale.repeat_interleave(128, 1)[:, :K]
-    w_full = w_scale.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :N, :K]
-    aq = (a / a_full).to(torch.float8_e4m3fn)
-    wq = (w / w_full).to(torch.float8_e4m3fn)
-    return aq, wq, a_scale.t().contiguous(), w_scale.contiguous(), aq.float() * a_full, wq.float() * w_full
+class Problem:
+    """One grouped GEMM in the kernel's layout: A [M, K] (rows of tile m belong to expert tile_expert[m]),
+    W [E, w_rows, K], with FP8 block scales where `fp8`, a bias, and `gated` (the activation, FP8 out)."""
+
+    def __init__(self, fp8, gated, tile_expert, E, w_rows, K, gen, dev, a_std=1.0):
+        import torch
+        from epmoe.quant.fp8 import fp8_quantize, quantize_weight
+        self.fp8, self.gated = fp8, gated
+        self.tile_expert = torch.tensor(tile_expert, dtype=torch.int32, device=dev)
+        M = 128 * len(tile_expert)
+        a = torch.randn(M, K, generator=gen, device=dev) * a_std
+        w = torch.randn(E, w_rows, K, generator=gen, device=dev) * (1.0 / K ** 0.5)
+        self.bias = torch.randn(E, w_rows, generator=gen, device=dev) * 0.1
+        self.a_scale_t = self.w_scale = None
+        if fp8:
+            a, s = fp8_quantize(a, 128)
+            self.a_scale_t = s.t().contiguous()
+            wq = [quantize_weight(w[e], "block", (128, 128)) for e in range(E)]
+            w = torch.stack([q for q, _ in wq])
+            self.w_scale = torch.stack([s for _, s in wq]).contiguous()
+        else:
+            a, w = a.bfloat16(), w.bfloat16()
+        self.a, self.w = a, w
+        self.N = w_rows // 2 if gated else w_rows
+        self.M, self.K = M, K
+        self.out = self.new_out(dev)
+        self.flops = 2.0 * M * K * w_rows
+
+    def new_out(self, dev):
+        import torch
+        out_fp8 = self.fp8 and self.gated
+        out = torch.zeros(self.M, self.N, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=dev)
+        scale_t = torch.ones(-(-self.N // 128), self.M, device=dev) if out_fp8 else None
+        return out, scale_t
+
+    def args(self, out=None):
+        o, st = out or self.out
+        return (self.a, self.w, self.tile_expert, o, self.a_scale_t, self.w_scale, self.bias,
+                "silu" if self.gated else None, st)
+
+    def values(self, out=None):
+        o, st = out or self.out
+        return o.float() if st is None else o.float() * st.t().repeat_interleave(128, 1)[:, :self.N]
+
+    def rel_err(self, tiles):
+        """The kernel's rows of `tiles` against `grouped_gemm_reference` on the same rows."""
+        import torch
+        from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+        rows = torch.cat([torch.arange(t * 128, (t + 1) * 128) for t in tiles]).to(self.a.device)
+        sub = Problem.__new__(Problem)
+        sub.__dict__.update(self.__dict__)
+        sub.a, sub.M = self.a[rows].contiguous(), rows.numel()
+        sub.tile_expert = self.tile_expert[list(tiles)].contiguous()
+        sub.a_scale_t = None if self.a_scale_t is None else self.a_scale_t[:, rows].contiguous()
+        ref = sub.new_out(self.a.device)
+        grouped_gemm_reference(*sub.args(ref))
+        got = self.values()[rows]
+        want = sub.values(ref)
+        return ((got - want).norm() / want.norm()).item()
 
 
-def stage_check() -> list:
-    """Small awkward problems, every result checked; returns one record per case."""
+def stage_check(cpu_smoke: bool = False) -> list:
+    """Small awkward problems, every result checked; returns one record per case. `cpu_smoke`: on the CPU
+    with the PyTorch statement in the kernel's place (the probe's own plumbing, no kernel)."""
     import torch
-    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
-    dev = torch.device("cuda")
+    from epmoe.experts.triton_ws import gemm_disagreement
+    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+    if cpu_smoke:
+        dev, grouped_gemm_ws = torch.device("cpu"), grouped_gemm_reference
+    else:
+        from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
+        dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
     records = []
-    # (fp8, N, K, rows per expert (None: skipped tile), num_programs, block_n, stages)
-    cases = [(True, 384, 512, [128, 256, 128], 3, 128, 3), (True, 320, 320, [128, None, 384, 128], 2, 128, 4),
-             (True, 256, 7168, [256, 128], 132, 128, 4), (False, 384, 512, [128, 256, 128], 3, 128, 4),
-             (False, 320, 200, [128, None, 384, 128], 2, 256, 3), (False, 512, 2048, [256, 128, 128], 5, 256, 4)]
-    for fp8, N, K, rows, progs, bn, stages in cases:
-        rec = dict(fp8=fp8, N=N, K=K, rows=rows, num_programs=progs, block_n=bn, stages=stages)
+    for fp8 in (False, True):            # the backend's own self-check first
+        why = gemm_disagreement(grouped_gemm_ws, dev, fp8)
+        records.append(dict(case="triton_ws self-check", fp8=fp8, ok=why is None, why=why))
+        print(json.dumps(records[-1]), flush=True)
+    # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages)
+    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3), (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4),
+             (True, True, 512, 7168, [1, 0], 132, 256, 4), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3),
+             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4), (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3),
+             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4), (False, False, 512, 2048, [0, 1, 1], 5, 64, 6)]
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages in cases:
+        rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
+                   stages=stages)
         try:
-            E = len(rows)
-            tile_expert = []
-            for e, r in enumerate(rows):
-                tile_expert += [e] * (r // 128) if r else [-1]
-            M = 128 * len(tile_expert)
-            a = torch.randn(M, K, generator=gen, device=dev)
-            w = torch.randn(E, N, K, generator=gen, device=dev) * 0.05
-            A, W, a_scale_t, w_scale, A_deq, W_deq = _dequantized(fp8, a, w, gen, dev)
-            te = torch.tensor(tile_expert, dtype=torch.int32, device=dev)
-            out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=dev)     # sentinel for skipped rows
-            grouped_gemm_ws(A, W, te, out, a_scale_t, w_scale, block_n=bn, stages=stages, num_programs=progs)
-            torch.cuda.synchronize()
-            err, sentinel_kept = 0.0, True
-            for t, e in enumerate(tile_expert):
-                got = out[t * 128:(t + 1) * 128].float()
-                if e < 0:
-                    sentinel_kept &= bool((got == 7.0).all())
-                    continue
-                ref = A_deq[t * 128:(t + 1) * 128] @ W_deq[e].T
-                err = max(err, ((got - ref).norm() / ref.norm()).item())
-            rec.update(rel_err=err, sentinel_kept=sentinel_kept, ok=err <= 1e-2 and sentinel_kept)
+            prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev)
+            prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
+            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs)
+            if not cpu_smoke:
+                torch.cuda.synchronize()
+            used = [t for t, e in enumerate(tiles) if e >= 0]
+            skipped = [t for t, e in enumerate(tiles) if e < 0]
+            err = prob.rel_err(used)
+            kept = all(bool((prob.out[0][t * 128:(t + 1) * 128].float() == 7.0).all()) for t in skipped)
+            rec.update(rel_err=err, skipped_kept=kept, ok=err <= 1e-2 and kept)
         except Exception as exc:
             rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
             traceback.print_exc(limit=3)
@@ -102,14 +147,14 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
     import torch
     import triton
     import ws_probe
-    from epmoe.kernels.gated_rows import gated_rows
     from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     start = time.time()
     out = dict(library=[], points=[])
     for name, (L, H, I, k) in ws_probe.SHAPES.items():
-        rows = -(-tokens * k // L // 128) * 128
+        tiles_per_expert = -(-tokens * k // L // 128)
+        tile_expert = [e for e in range(L) for _ in range(tiles_per_expert)]
         for fmt in ("fp8_block", "bf16"):
             fp8 = fmt != "bf16"
             try:
@@ -119,44 +164,31 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
             lib.update(shape=name, format=fmt)
             out["library"].append(lib)
             print(json.dumps(lib), flush=True)
-            for gemm, N, K in (("gate_up", 2 * I, H), ("down", H, I)):
-                M = rows * L
-                a = torch.randn(M, K, generator=gen, device=dev) * 0.5
-                w = torch.randn(L, N, K, generator=gen, device=dev) * 0.05
-                A, W, a_scale_t, w_scale, A_deq, W_deq = _dequantized(fp8, a, w, gen, dev)
-                del a, w
-                te = torch.arange(L, dtype=torch.int32, device=dev).repeat_interleave(rows // 128)
-                c = torch.zeros(M, N, dtype=torch.bfloat16, device=dev)
-                act_ms = None
-                if gemm == "gate_up":      # what a plain gate+up GEMM leaves to a second pass
-                    act_ms = triton.testing.do_bench(lambda: gated_rows(c, "silu", torch.bfloat16,
-                                                                          quant_group=128 if fp8 else 0),
-                                                     warmup=20, rep=100, return_mode="median")
-                for bn, stages in VARIANTS[fmt]:
+            for gemm, w_rows, K in (("gate_up", 2 * I, H), ("down", H, I)):
+                prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
+                               a_std=1.0 if gemm == "gate_up" else 0.1)
+                for bn, stages in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
-                    point = dict(shape=name, format=fmt, gemm=gemm, tokens=tokens, M=M, N=N, K=K, block_n=bn,
-                                 stages=stages, activation_pass_ms=act_ms)
+                    point = dict(shape=name, format=fmt, gemm=gemm, tokens=tokens, M=prob.M, w_rows=w_rows, K=K,
+                                 block_n=bn, stages=stages,
+                                 epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
+                                 "silu" if gemm == "gate_up" else "bias")
                     try:
                         def run():
-                            grouped_gemm_ws(A, W, te, c, a_scale_t, w_scale, block_n=bn, stages=stages)
-                        c.zero_()
+                            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages)
                         run()
                         torch.cuda.synchronize()
-                        err = 0.0
-                        for e in (0, L - 1):
-                            ref = A_deq[e * rows:(e + 1) * rows] @ W_deq[e].T
-                            err = max(err, ((c[e * rows:(e + 1) * rows].float() - ref).norm() / ref.norm()).item())
-                        point["rel_err"] = err
+                        point["rel_err"] = prob.rel_err([0, len(tile_expert) - 1])
                         ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
-                        point.update(ms=ms, tflops=2.0 * M * N * K / ms / 1e9)
+                        point.update(ms=ms, tflops=prob.flops / ms / 1e9)
                     except Exception as exc:
                         point["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                         traceback.print_exc(limit=2)
                     out["points"].append(point)
                     print(json.dumps(point), flush=True)
                     save(out)
-                del A, W, A_deq, W_deq, c
+                del prob
                 torch.cuda.empty_cache()
     return out
 
@@ -187,7 +219,14 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timed variants after this long")
     p.add_argument("--stage-timeout-s", type=float, default=120.0, help="limit of the check stage (a hang ends it)")
     p.add_argument("--stage", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="the check stage's plumbing on the CPU, the kernel's PyTorch statement in its place")
     args = p.parse_args()
+    if args.cpu_smoke:
+        cases = stage_check(cpu_smoke=True)
+        with open(args.output, "w") as f:
+            json.dump(dict(cpu_smoke=True, cases=cases), f, indent=1)
+        return 0 if all(c["ok"] for c in cases) else 1
     def save(res):     # after every point: a stage cut off by its limit keeps what it measured
         with open(args.output, "w") as f:
             json.dump(res, f, indent=1)

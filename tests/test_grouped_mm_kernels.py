@@ -25,9 +25,9 @@ if not INTERPRETING:
         and no register spills even for a whole 14336-column row quantized with one scale."""
         from epmoe.kernels.gated_rows import gated_rows_kernel
         from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_for_hopper, resource_usage
-        types = ["*bf16", "*fp32", "*i64", "*fp8e4nv" if quant else "*bf16", "*fp32", "*i8", "i32", "i32"]
+        types = ["*bf16", "*fp32", "*i64", "*fp8e4nv" if quant else "*bf16", "*fp32", "i32", "i32"]
         const = dict(ACTIVATION=0, HAS_BIAS=True, QUANT=quant, GROUP=group, BLOCK=block,
-                     GROUPS=1 if group > 1024 else 4096 // block, ONLY_ROWS=True)
+                     GROUPS=1 if group > 1024 else 4096 // block)
         try:
             compiled = compile_for_hopper(gated_rows_kernel, types, const, ints16=("I",), num_warps=warps)
         except CrossCompileUnavailable as exc:
@@ -142,19 +142,3 @@ else:
             assert same >= 0.99, same
             step = q_want.float().abs().clamp(min=2 ** -6) * 2 ** -3     # one e4m3 spacing at that magnitude
             assert ((q.float() - q_want.float()).abs() <= step + 1e-6).all()
-
-    @pytest.mark.parametrize("group", [0, 128])
-    def test_gated_rows_only_the_rows_asked(group):
-        """`only_rows`: the rows marked 1 are exactly those of the full pass (values and scales); a bad mask
-        is refused."""
-        h, _, _, _ = _gate_up_rows(9, 200, 3, seed=11, with_bias=False)
-        full, full_s = gated_rows(h, "silu", torch.bfloat16, quant_group=group)
-        keep = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 1], dtype=torch.int8)
-        got, got_s = gated_rows(h, "silu", torch.bfloat16, quant_group=group, only_rows=keep)
-        rows = keep.bool()
-        view = (lambda t: t.view(torch.uint8)) if group else (lambda t: t)
-        assert torch.equal(view(got[rows]), view(full[rows]))
-        if group:
-            assert torch.equal(got_s[rows], full_s[rows])
-        with pytest.raises(ValueError, match="only_rows"):
-            gated_rows(h, "silu", torch.bfloat16, only_rows=keep.bool())

@@ -38,13 +38,19 @@ if not INTERPRETING:
         cpu = torch.device("cpu")
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8) is None
 
-        def writes_skipped_tiles(a, w, tile_expert, out, *scales):
-            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *scales)
+        def writes_skipped_tiles(a, w, tile_expert, out, *rest):
+            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest)
 
+        def forgets_the_bias_when_gated(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t):
+            grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, None if activation else bias,
+                                   activation, out_scale_t)
+
+        assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
+        assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         if fp8:
-            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale):
-                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale))
+            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest):
+                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest)
 
             assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
 

@@ -12,26 +12,36 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
                                  exc_type=ImportError)
 
 
-def _compiled(fp8: bool, block_n: int, stages: int):
+def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
-        c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages)
+        c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
+                                                  out_fp8=fp8 and gated, has_bias=has_bias)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
 
 
-@pytest.mark.parametrize("fp8,block_n,stages", [(True, 128, 4), (False, 256, 3)])
-def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages):
-    c, use = _compiled(fp8, block_n, stages)
+# (fp8, block_n, stages, gated, bias, most bytes of stack): FP8 tiles of 256 hold two accumulators and a
+# product (192 of the math warpgroups' 232 registers); ptxas keeps a few per-tile values on the stack,
+# stored before the K loop and read back in the epilogue
+CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, True, True, 64), (False, 256, 3, False, True, 0),
+         (False, 256, 3, True, False, 0)]
+
+
+@pytest.mark.parametrize("fp8,block_n,stages,gated,has_bias,stack", CASES)
+def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, stack):
+    c, use = _compiled(fp8, block_n, stages, gated, has_bias)
     ptx = c.asm["ptx"]
     if use:
-        assert use["LOCAL"] == 0, f"spills: {use}"
-    # registers moved between partitions, both operands by TMA, wgmma from two warpgroups
+        assert use["LOCAL"] == 0 and use["STACK"] <= stack, f"spills: {use}"
+    # registers moved between partitions, both operands by TMA (one A box and one weight box per 128
+    # columns), wgmma from two warpgroups: per K block 4 (FP8, K 32) or 4 (BF16 64-wide K, K 16) each
+    split = block_n // 128 if block_n > 128 else 1
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
-    assert ptx.count("cp.async.bulk.tensor") == 2
+    assert ptx.count("cp.async.bulk.tensor") == 1 + split
     assert "cp.async.cg" not in ptx and "cp.async.ca" not in ptx
-    assert len(re.findall(r"wgmma\.mma_async", ptx)) == 8
+    assert len(re.findall(r"wgmma\.mma_async", ptx)) == 2 * 4 * split
     # no barrier spans both math warpgroups (256 threads) or the whole CTA: each waits only for its own
     # warps, which is what lets one promote while the other multiplies
     for threads in re.findall(r"bar\.sync\s+\d+,\s*(\d+);", ptx):
@@ -60,8 +70,8 @@ def test_host_checks_refuse_bad_operands():
         gluon_gemm.grouped_gemm_ws(a, w, te[:1], out, sa, sw)
     with pytest.raises(ValueError, match="bfloat16"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out.float(), sa, sw)
-    with pytest.raises(ValueError, match="block_k 128"):
-        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=256)
+    with pytest.raises(ValueError, match="block_n must be"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=512)
     a16, w16, te16, out16, _ = _operands(fp8=False)
     with pytest.raises(ValueError, match="a_scale_t and w_scale"):
         gluon_gemm.grouped_gemm_ws(a16, w16, te16, out16, sa, sw)
@@ -73,7 +83,68 @@ def test_host_checks_refuse_bad_layouts():
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_m=64)
     with pytest.raises(ValueError, match="int32"):
         gluon_gemm.grouped_gemm_ws(a, w, te.long(), out, sa, sw)
-    with pytest.raises(ValueError, match="scales must be"):
+    with pytest.raises(ValueError, match="a_scale_t must be"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa.t(), sw)      # row-major [M_pad, K/128]: not this layout
     with pytest.raises(ValueError, match="contiguous"):
         gluon_gemm.grouped_gemm_ws(a, w.transpose(1, 2), te, out, sa, sw)
+    with pytest.raises(ValueError, match="bias must be"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, bias=torch.zeros(2, 128))
+
+
+def test_host_checks_of_the_gated_epilogue():
+    """With an activation W is gate rows then up rows and out holds I = N / 2 columns: bfloat16, or FP8
+    with its K-block-major scales; tiles of 256 (gate and up of 128 outputs)."""
+    a, w, te, _, (sa, sw) = _operands(N=512)
+    act = torch.empty(256, 256, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="activation must be"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, act, sa, sw, activation="relu", out_scale_t=torch.ones(2, 256))
+    with pytest.raises(ValueError, match="needs out_scale_t"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, act, sa, sw, activation="silu")
+    with pytest.raises(ValueError, match="out_scale_t must be"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, act, sa, sw, activation="silu", out_scale_t=torch.ones(256, 2))
+    with pytest.raises(ValueError, match="block_n must be"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, act, sa, sw, activation="silu", out_scale_t=torch.ones(2, 256),
+                                   block_n=128)
+    with pytest.raises(ValueError, match="out must be"):        # the plain GEMM writes bfloat16 only
+        gluon_gemm.grouped_gemm_ws(a, w, te, torch.empty(256, 512, dtype=torch.float8_e4m3fn), sa, sw)
+
+
+def test_reference_statement_of_the_gated_epilogue():
+    """`grouped_gemm_reference` with an activation: the plain product through `gated_activation_fused`
+    and `fp8_quantize` (128 columns), scales K-block-major; a skipped tile's rows kept."""
+    from epmoe.activations import gated_activation_fused
+    from epmoe.quant.fp8 import fp8_quantize
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(384, 256, generator=g).bfloat16()
+    w = (torch.randn(2, 512, 256, generator=g) * 0.1).bfloat16()
+    te = torch.tensor([1, -1, 0], dtype=torch.int32)
+    plain = torch.zeros(384, 512, dtype=torch.bfloat16)
+    gluon_gemm.grouped_gemm_reference(a, w, te, plain)
+    act = torch.full((384, 256), 3.0).to(torch.float8_e4m3fn)
+    scale_t = torch.full((2, 384), 5.0)
+    gluon_gemm.grouped_gemm_reference(a, w, te, act, activation="silu", out_scale_t=scale_t)
+    for rows, e in ((slice(0, 128), 1), (slice(256, 384), 0)):
+        full = a[rows].float() @ w[e].float().T
+        assert torch.allclose(plain[rows].float(), full, rtol=1e-2, atol=1e-2)
+        q, s = fp8_quantize(gated_activation_fused("silu", full), 128)
+        assert torch.equal(act[rows].view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale_t[:, rows], s.t())
+    assert (act[128:256].float() == 3.0).all() and (scale_t[:, 128:256] == 5.0).all()
+
+
+def test_probe_plumbing_on_the_cpu(tmp_path):
+    """`benchmarks/gluon_gemm_probe.py --cpu-smoke`: the GPU probe's check stage (its problems, sentinels,
+    comparisons and the backend's self-check) with the PyTorch statement in the kernel's place."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_gemm_probe.py"), "--cpu-smoke",
+                           "--output", str(out)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 10 and all(c["ok"] for c in cases)
+    assert {(c.get("fp8"), c.get("gated")) for c in cases if "gated" in c} == {(True, True), (True, False),
+                                                                              (False, True), (False, False)}

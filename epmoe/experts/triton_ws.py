@@ -7,14 +7,15 @@ beside `triton` on a Hopper GPU. The pipeline:
 2. the token rows (FP8: with their per-128-column scales) copied into that layout (the GEMM loads its
    A tiles by TMA, which needs them contiguous; padding rows copy a real row and are never read back);
    each output row of the GEMMs depends on its own A row only, so a padding row's garbage stays there;
-3. gate+up: one grouped GEMM with N = 2I into bfloat16 rows; then the bias, activation and the cast or
-   block quantization of every row in one pass (`gated_rows`);
-4. down: the same GEMM with N = H;
+3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
+   the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
+   which writes the down GEMM's operand as it reads it;
+4. down: the same GEMM, plain, with the bias;
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
    float32 (`gather_sum`).
 Steps 3 and 4 run `epmoe.kernels.ws_grouped_gemm.grouped_gemm_ws` (`gemm`); the tests put its PyTorch
-statement (`grouped_gemm_reference`) there to check steps 1, 2 and 5 on the CPU under the Triton
-interpreter.
+statement (`grouped_gemm_reference`) there to check the rest on the CPU (the Triton passes under the
+interpreter).
 """
 from __future__ import annotations
 
@@ -50,34 +51,48 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 
 
 def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
-    """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on a small problem:
-    two experts, a skipped tile that must keep its rows, N and K not multiples of the tile (None: it
-    agrees within 1e-2)."""
+    """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
+    problems, plain and with the activation (FP8: quantized) in the epilogue, both with a bias: two
+    experts, a skipped tile whose rows must stay as they were, N and K not multiples of the tile (None:
+    it agrees within 1e-2)."""
     from ..kernels.ws_grouped_gemm import grouped_gemm_reference
+    from ..quant.fp8 import fp8_quantize, quantize_weight
     g = torch.Generator(device=device).manual_seed(0)
-    M, N, K = 4 * TILE, 320, 384
-    a = torch.randn(M, K, generator=g, device=device)
-    w = torch.randn(2, N, K, generator=g, device=device) * 0.05
+    M, K = 4 * TILE, 384
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
-    scales = (None, None)
+    a = torch.randn(M, K, generator=g, device=device)
+    a_scale_t = None
     if fp8:
-        from ..quant.fp8 import fp8_quantize, quantize_weight
         a, a_scale = fp8_quantize(a, TILE)
-        wq = [quantize_weight(w[e], "block", (TILE, TILE)) for e in range(2)]
-        w = torch.stack([q for q, _ in wq])
-        scales = (a_scale.t().contiguous(), torch.stack([s for _, s in wq]).contiguous())
+        a_scale_t = a_scale.t().contiguous()
     else:
-        a, w = a.bfloat16(), w.bfloat16()
-    got = torch.zeros(M, N, dtype=torch.bfloat16, device=device)
-    want = torch.zeros_like(got)
-    gemm(a, w, tile_expert, got, *scales)
-    grouped_gemm_reference(a, w, tile_expert, want, *scales)
-    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-    skipped_kept = torch.equal(got[TILE:2 * TILE], want[TILE:2 * TILE])
-    if err <= 1e-2 and skipped_kept:
-        return None
-    return (f"its {'FP8' if fp8 else 'BF16'} GEMM disagrees with its PyTorch statement on a small problem "
-            f"(relative error {err:.3g}{'' if skipped_kept else ', a skipped tile written'}); use experts='triton'")
+        a = a.bfloat16()
+    for what, w_rows, activation in (("plain", 320, None), ("gated", 2 * 2 * TILE, "silu")):
+        w = torch.randn(2, w_rows, K, generator=g, device=device) * 0.05
+        bias = torch.randn(2, w_rows, generator=g, device=device) * 0.1
+        w_scale = None
+        if fp8:
+            wq = [quantize_weight(w[e], "block", (TILE, TILE)) for e in range(2)]
+            w, w_scale = torch.stack([q for q, _ in wq]), torch.stack([s for _, s in wq]).contiguous()
+        else:
+            w = w.bfloat16()
+        n_out = w_rows // 2 if activation else w_rows
+        out_fp8 = fp8 and activation is not None
+        outs = []
+        for fn in (gemm, grouped_gemm_reference):
+            out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
+            out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
+            fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t)
+            value = out.float() if not out_fp8 else out.float() * out_scale_t.t().repeat_interleave(TILE, 1)
+            outs.append(value)
+        got, want = outs
+        err = ((got - want).norm() / want.norm()).item()
+        skipped_kept = bool((got[TILE:2 * TILE] == want[TILE:2 * TILE]).all())
+        if err > 1e-2 or not skipped_kept:
+            return (f"its {'FP8' if fp8 else 'BF16'} {what} GEMM disagrees with its PyTorch statement on a small "
+                    f"problem (relative error {err:.3g}{'' if skipped_kept else ', a skipped tile written'}); "
+                    f"use experts='triton'")
+    return None
 
 
 @register_experts("triton_ws")
@@ -117,7 +132,6 @@ class WarpSpecializedExperts(Experts):
         return grouped_gemm_ws
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
-        from ..kernels.gated_rows import gated_rows
         from ..kernels.moe_align import align_pairs
         from ..kernels.token_rows import gather_sum
         plan, gemm = self.plan, self._gemm()
@@ -126,6 +140,7 @@ class WarpSpecializedExperts(Experts):
         if n == 0:
             return torch.zeros(x.shape, dtype=plan.dtype, device=x.device)
         L, two_i, H = weights.w13.shape
+        inter = two_i // 2
         fp8 = weights.w13_scale is not None
         aligned = align_pairs(batch.local_ids, L, TILE)
         rows = aligned.max_rows
@@ -138,17 +153,14 @@ class WarpSpecializedExperts(Experts):
         src = torch.where(is_pair, pair // k, torch.zeros_like(pair))
         a = x.contiguous()[src]
         a_scale_t = batch.scales.float()[src].t().contiguous() if fp8 else None
-        h = torch.empty(rows, two_i, dtype=torch.bfloat16, device=x.device)
-        gemm(a, weights.w13, tile_expert, h, a_scale_t, weights.w13_scale)
-        expert_of_row = tile_expert.long().clamp(min=0).repeat_interleave(TILE)
-        # padding rows are not computed: their down-GEMM rows are garbage and never read back
-        act, act_scale = gated_rows(h, plan.activation, torch.bfloat16, weights.b13,
-                                    None if weights.b13 is None else expert_of_row,
-                                    quant_group=TILE if fp8 else 0, only_rows=is_pair.to(torch.int8))
+        b13 = None if weights.b13 is None else weights.b13.float().contiguous()
+        b2 = None if weights.b2 is None else weights.b2.float().contiguous()
+        # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
+        act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
+        act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if fp8 else None
+        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
-        gemm(act, weights.w2, tile_expert, y, act_scale.t().contiguous() if fp8 else None, weights.w2_scale)
-        if weights.b2 is not None:
-            y = (y.float() + weights.b2[expert_of_row].float()).to(y.dtype)
+        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
         # each pair's row in the layout (-1: its expert is not here); padding positions land on a spare slot
         row_of_pair = torch.full((n * k + 1,), -1, dtype=torch.long, device=x.device)
         row_of_pair[pair] = position

@@ -22,16 +22,12 @@ PLAIN_COLUMNS = 1024      # columns per program when not quantizing (no group to
 
 
 @triton.jit
-def gated_rows_kernel(h_ptr, bias_ptr, expert_ptr, out_ptr, scale_ptr, rows_ptr, I, n_groups,
+def gated_rows_kernel(h_ptr, bias_ptr, expert_ptr, out_ptr, scale_ptr, I, n_groups,
                       ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
-                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ONLY_ROWS: tl.constexpr):
+                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
     """One program: GROUPS consecutive groups of GROUP columns of one row (BLOCK = GROUP rounded up to a
-    power of two). QUANT: each group quantized with its own scale (a group of I columns: one per row).
-    ONLY_ROWS: rows whose `rows_ptr` entry is 0 are left unwritten."""
+    power of two). QUANT: each group quantized with its own scale (a group of I columns: one per row)."""
     row = tl.program_id(0).to(tl.int64)
-    if ONLY_ROWS:
-        if tl.load(rows_ptr + row) == 0:
-            return
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     inner = tl.arange(0, BLOCK)
     cols = groups[:, None] * GROUP + inner[None, :]                         # [GROUPS, BLOCK]
@@ -50,25 +46,20 @@ def gated_rows_kernel(h_ptr, bias_ptr, expert_ptr, out_ptr, scale_ptr, rows_ptr,
 
 
 def gated_rows(h: torch.Tensor, activation: str, out_dtype: torch.dtype, bias: torch.Tensor | None = None,
-               expert_of_row: torch.Tensor | None = None, quant_group: int | None = 0,
-               only_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               expert_of_row: torch.Tensor | None = None, quant_group: int | None = 0
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h [P, 2I] (any float dtype, contiguous) -> (act [P, I], scales or None).
 
     bias [L, 2I] float32 with expert_of_row [P] (the expert of each row, in [0, L)): added to gate and up
     first. quant_group 0: act in `out_dtype`, no scales; else e4m3fn and float32 scales as
     `epmoe.fp8_quantize(act, quant_group)` gives them: None, one per row (scales [P, 1]); g > 0, one per
-    group of g columns (scales [P, ceil(I / g)]). only_rows [P] int8: rows where it
-    is 0 are not computed, and their output rows and scales are left uninitialized (padding rows of a
-    layout whose results are never read).
+    group of g columns (scales [P, ceil(I / g)]).
     """
     if h.dim() != 2 or h.shape[1] % 2 or not h.is_contiguous():
         raise ValueError(f"gated_rows: h must be a contiguous [P, 2I] tensor, got {list(h.shape)}")
     if (bias is None) != (expert_of_row is None):
         raise ValueError("gated_rows: bias and expert_of_row go together")
     P, I = h.shape[0], h.shape[1] // 2
-    if only_rows is not None and (tuple(only_rows.shape) != (P,) or only_rows.dtype != torch.int8):
-        raise ValueError(f"gated_rows: only_rows must be an int8 [{P}] tensor, got {list(only_rows.shape)} "
-                         f"{only_rows.dtype}")
     quant = quant_group != 0
     group = (I if quant_group is None else quant_group) if quant else PLAIN_COLUMNS
     n_groups = triton.cdiv(I, group) if I else 0
@@ -84,9 +75,7 @@ def gated_rows(h: torch.Tensor, activation: str, out_dtype: torch.dtype, bias: t
         warps = min(16, max(4, block * per_program // 512))    # a row of 16384 columns: 32 per thread
         gated_rows_kernel[grid](h, h if bias is None else bias.float().contiguous(),
                                 h if expert_of_row is None else expert_of_row.contiguous(), out,
-                                h if scales is None else scales, h if only_rows is None else only_rows.contiguous(),
-                                I, n_groups,
+                                h if scales is None else scales, I, n_groups,
                                 ACTIVATION=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, QUANT=quant,
-                                GROUP=group, BLOCK=block, GROUPS=per_program, ONLY_ROWS=only_rows is not None,
-                                num_warps=warps)
+                                GROUP=group, BLOCK=block, GROUPS=per_program, num_warps=warps)
     return out, scales

@@ -28,12 +28,16 @@ compile is checked without a GPU by `compile_ws_gemm_for_hopper`.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from .epilogues import ACTIVATION_CODES, _gated_activation
+from .fp8_quant import fp8_quantize_groups
 
 # Triton 3.6 names the TMA load `async_copy_global_to_shared`; later versions `async_load`
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -52,72 +56,106 @@ def _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, num_m_tiles,
-                      num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr):
+def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS, num_m_tiles,
+                      num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr):
+    """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
+    rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    SUB_N: gl.constexpr = w_desc.block_type.shape[0]
+    SPLIT: gl.constexpr = w_bufs.type.shape[1] // SUB_N
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
         e = gl.load(tile_expert_ptr + m)
         if e >= 0:
+            if GATED:
+                w_row = e * W_ROWS + n * SUB_N
+                w_step = N
+            else:
+                w_row = e * W_ROWS + n * (SUB_N * SPLIT)
+                w_step = SUB_N
             for kb in range(K_BLOCKS):
                 slot = step % STAGES
                 # a fresh mbarrier counts as having completed the phase before 0: the first round passes
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes)
                 _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot))
-                _tma_load(w_desc, [e * N + n * BLOCK_N, kb * BLOCK_K], ready.index(slot), w_bufs.index(slot))
+                for j in gl.static_range(SPLIT):
+                    _tma_load(w_desc, [w_row + j * w_step, kb * BLOCK_K], ready.index(slot),
+                              w_bufs.index(slot).slice(j * SUB_N, SUB_N))
                 step += 1
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, out_ptr, M_pad, N,
-                    num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr,
-                    HALF: gl.constexpr):
-    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile. Two of these run side by side; each
-    releases a slot with its own arrive (the "empty" barriers count two)."""
+def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, RELEASE: gl.constexpr):
+    """FP8: one K block's product into a fresh accumulator, then into the float32 one with its scales
+    (RELEASE: the slot goes back to the loader as soon as the product is done)."""
+    part = warpgroup_mma(a_tile, w_tile, part, use_acc=False, is_async=True)
+    part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, w_tile))
+    if RELEASE:
+        mbarrier.arrive(empty_bar, count=1)
+    return acc + part * (a_scale * w_scale)[:, None], part
+
+
+@gluon.jit
+def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                    out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, HALF: gl.constexpr):
+    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
+    (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
+    side by side; each releases a slot with its own arrive (the "empty" barriers count two)."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
-    BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
-    BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
+    SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     ROWS: gl.constexpr = BLOCK_M // 2
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth        # 32 for FP8, 16 for BF16
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_N, INSTR_K])
+                                                         instr_shape=[16, SUB_N, INSTR_K])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-    n_scale_blocks = gl.cdiv(N, SCALE_BLOCK)
+    w_scale_rows = gl.cdiv(W_ROWS, SCALE_BLOCK)
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
         e = gl.load(tile_expert_ptr + m)
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
-            cols = n * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
-            acc = gl.zeros([ROWS, BLOCK_N], gl.float32, mma_layout)
+            if GATED:
+                w_first = n * SUB_N          # the gate rows of outputs [n * SUB_N, +SUB_N); the up rows I = N further
+                w_step = N
+            else:
+                w_first = n * (SUB_N * SPLIT)
+                w_step = SUB_N
+            cols0 = w_first + gl.arange(0, SUB_N, layout=col_layout)            # output columns of accumulator 0
+            acc0 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
+            acc1 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
             if FP8:
-                part = gl.zeros([ROWS, BLOCK_N], gl.float32, mma_layout)
-                w_scales = w_scale_ptr + (e * n_scale_blocks + (n * BLOCK_N) // SCALE_BLOCK) * K_BLOCKS
+                part = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
+                w_scales0 = w_scale_ptr + (e * w_scale_rows + w_first // SCALE_BLOCK) * K_BLOCKS
+                w_scales1 = w_scale_ptr + (e * w_scale_rows + (w_first + w_step) // SCALE_BLOCK) * K_BLOCKS
                 a_scale = gl.load(a_scale_ptr + rows)
-                w_scale = gl.load(w_scales)
+                w_scale0 = gl.load(w_scales0)
+                w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
                 for kb in range(K_BLOCKS):
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
                     a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
-                    w_tile = w_bufs.index(slot).permute((1, 0))
-                    part = warpgroup_mma(a_tile, w_tile, part, use_acc=False, is_async=True)
                     # the next K block's scales load while the tensor cores work (the last block reloads its own)
                     nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
                     a_scale_next = gl.load(a_scale_ptr + nxt * M_pad + rows)
-                    w_scale_next = gl.load(w_scales + nxt)
-                    part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, w_tile))
-                    mbarrier.arrive(empty.index(slot), count=1)
-                    acc += part * (a_scale * w_scale)[:, None]
+                    w_scale0_next = gl.load(w_scales0 + nxt)
+                    w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
+                    acc0, part = _promote(acc0, a_tile, w_bufs.index(slot).slice(0, SUB_N).permute((1, 0)), part,
+                                          a_scale, w_scale0, empty.index(slot), SPLIT == 1)
+                    if SPLIT == 2:
+                        acc1, part = _promote(acc1, a_tile, w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0)),
+                                              part, a_scale, w_scale1, empty.index(slot), True)
                     a_scale = a_scale_next
-                    w_scale = w_scale_next
+                    w_scale0 = w_scale0_next
+                    w_scale1 = w_scale1_next
                     step += 1
             else:
                 prev_slot = 0
@@ -125,37 +163,85 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, 
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
                     a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
-                    w_tile = w_bufs.index(slot).permute((1, 0))
-                    acc = warpgroup_mma(a_tile, w_tile, acc, is_async=True)
-                    # one product left in flight: the one before it is done, its slot goes back to the loader
-                    acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_tile, w_tile))
+                    w0 = w_bufs.index(slot).slice(0, SUB_N).permute((1, 0))
+                    acc0 = warpgroup_mma(a_tile, w0, acc0, is_async=True)
+                    if SPLIT == 2:
+                        w1 = w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0))
+                        acc1 = warpgroup_mma(a_tile, w1, acc1, is_async=True)
+                        # this block's two products left in flight: the block before is done, its slot freed
+                        acc0, acc1, _, _, _ = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1, a_tile, w0, w1))
+                    else:
+                        acc0, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, a_tile, w0))
                     mbarrier.arrive(empty.index(prev_slot), count=1, pred=kb > 0)
                     prev_slot = slot
                     step += 1
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                if SPLIT == 2:
+                    acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
+                else:
+                    acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
                 mbarrier.arrive(empty.index(prev_slot), count=1)
-            offs = rows.to(gl.int64)[:, None] * N + cols[None, :]
-            gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=cols[None, :] < N)
+            _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, M_pad, N, W_ROWS, n, SUB_N,
+                      SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8)
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, tile_expert_ptr, a_scale_ptr, w_scale_ptr, out_ptr, M_pad, N,
-                           num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr,
+def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, M_pad, N, W_ROWS, n,
+              SUB_N: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
+              HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr):
+    """GATED: act(gate + bias, up + bias) of the SUB_N outputs, as bfloat16, or (OUT_FP8) quantized with
+    the one formula, one scale per row of these SUB_N = 128 columns (stored K-block-major, as the down
+    GEMM reads them). Plain: each accumulator (+ bias) as bfloat16."""
+    rows64 = rows.to(gl.int64)[:, None]
+    if GATED:
+        g = acc0
+        u = acc1
+        if HAS_BIAS:
+            g += gl.load(bias_ptr + e * W_ROWS + cols0, mask=cols0 < N, other=0.0)[None, :]
+            u += gl.load(bias_ptr + e * W_ROWS + N + cols0, mask=cols0 < N, other=0.0)[None, :]
+        act = gl.where(cols0[None, :] < N, _gated_activation(g, u, ACTIVATION), 0.0)   # no amax from padding
+        if OUT_FP8:
+            q, scale = fp8_quantize_groups(act)
+            gl.store(out_ptr + rows64 * N + cols0[None, :], q.to(out_ptr.dtype.element_ty), mask=cols0[None, :] < N)
+            gl.store(out_scale_ptr + n * M_pad + rows, scale)
+        else:
+            gl.store(out_ptr + rows64 * N + cols0[None, :], act.to(out_ptr.dtype.element_ty), mask=cols0[None, :] < N)
+    else:
+        y0 = acc0
+        if HAS_BIAS:
+            y0 += gl.load(bias_ptr + e * W_ROWS + cols0, mask=cols0 < N, other=0.0)[None, :]
+        gl.store(out_ptr + rows64 * N + cols0[None, :], y0.to(out_ptr.dtype.element_ty), mask=cols0[None, :] < N)
+        if SPLIT == 2:
+            cols1 = cols0 + SUB_N
+            y1 = acc1
+            if HAS_BIAS:
+                y1 += gl.load(bias_ptr + e * W_ROWS + cols1, mask=cols1 < N, other=0.0)[None, :]
+            gl.store(out_ptr + rows64 * N + cols1[None, :], y1.to(out_ptr.dtype.element_ty), mask=cols1[None, :] < N)
+
+
+@gluon.jit
+def ws_grouped_gemm_kernel(a_desc, w_desc, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                           out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
+                           GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
+                           ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            STAGES: gl.constexpr, MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    SUB_N: gl.constexpr = w_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, SPLIT * SUB_N, BLOCK_K], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)      # one arrive from each math warpgroup
     gl.warp_specialize([
-        (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, out_ptr, M_pad, N,
-                           num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, 0)),
-        (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, out_ptr, M_pad, N,
-                           num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, 1)),
-        (_loader_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, num_m_tiles,
-                             num_n_tiles, K_BLOCKS, GROUP_M)),
+        (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                           out_ptr, out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
+                           FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, 0)),
+        (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                           out_ptr, out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
+                           FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, 1)),
+        (_loader_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
+                             num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
     ], [4, 1], [MATH_REGS, LOADER_REGS])
 
 
@@ -168,10 +254,27 @@ def _gl_dtype(dtype: torch.dtype):
     return {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[dtype]
 
 
-def check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m=128, block_n=128, block_k=None):
-    """The operands' contract (module docstring), refused with a ValueError naming the rule; returns
-    (fp8, M_pad, K, E, N, block_k)."""
+@dataclass(frozen=True)
+class GemmShape:
+    """What `check_operands` found: format, sizes, and the kernel's tiling."""
+    fp8: bool
+    M_pad: int
+    K: int
+    E: int
+    N: int           # output columns (GATED: I)
+    w_rows: int      # weight rows per expert (GATED: 2I)
+    gated: bool
+    out_fp8: bool
+    block_k: int
+    sub_n: int       # columns of one accumulator and one weight box
+    split: int       # accumulators (weight boxes) per tile: 1 or 2
+
+
+def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
+                   out_scale_t=None, block_m=128, block_n=None, block_k=None) -> GemmShape:
+    """The operands' contract (module docstring), refused with a ValueError naming the rule."""
     fp8 = a.dtype == torch.float8_e4m3fn
+    gated = activation is not None
     if fp8 != (a_scale_t is not None) or fp8 != (w_scale is not None):
         raise ValueError("grouped_gemm_ws: FP8 operands need a_scale_t and w_scale; BF16 operands take neither")
     if a.dim() != 2 or w.dim() != 3 or a.shape[1] != w.shape[2]:
@@ -180,103 +283,161 @@ def check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m=128, bloc
     if block_m != 128:
         raise ValueError("grouped_gemm_ws: block_m is 128 (two warpgroups of 64 rows)")
     M_pad, K = a.shape
-    E, N, _ = w.shape
+    E, w_rows, _ = w.shape
     if M_pad % block_m or tile_expert.numel() != M_pad // block_m:
         raise ValueError(f"grouped_gemm_ws: {M_pad} rows are not {tile_expert.numel()} tiles of {block_m}")
-    if out.shape != (M_pad, N) or out.dtype != torch.bfloat16:
-        raise ValueError(f"grouped_gemm_ws: out must be a bfloat16 [{M_pad}, {N}] tensor")
-    block_k = block_k or (128 if fp8 else 64)
-    if fp8 and (block_k != SCALE or SCALE % block_n):
-        raise ValueError(f"grouped_gemm_ws: block-FP8 needs block_k {SCALE} and block_n dividing it")
-    if not (a.is_contiguous() and w.is_contiguous()) or (K * a.element_size()) % 16:
-        raise ValueError("grouped_gemm_ws: A and W must be contiguous with rows of a multiple of 16 bytes (TMA)")
+    if gated and (activation not in ACTIVATION_CODES or w_rows % 2):
+        raise ValueError(f"grouped_gemm_ws: activation must be one of {sorted(ACTIVATION_CODES)} with W [E, 2I, K] "
+                         f"(gate rows, then up rows), got {activation!r} and {list(w.shape)}")
+    N = w_rows // 2 if gated else w_rows
+    out_fp8 = out.dtype == torch.float8_e4m3fn
+    if out.shape != (M_pad, N) or out.dtype not in ((torch.bfloat16, torch.float8_e4m3fn) if gated else
+                                                     (torch.bfloat16,)):
+        raise ValueError(f"grouped_gemm_ws: out must be a [{M_pad}, {N}] tensor of bfloat16"
+                         f"{' or float8_e4m3fn (the activation quantized)' if gated else ''}, got "
+                         f"{list(out.shape)} {out.dtype}")
+    if out_fp8 != (out_scale_t is not None):
+        raise ValueError("grouped_gemm_ws: an FP8 out needs out_scale_t, a bfloat16 out takes none")
+    block_k = block_k or (SCALE if fp8 else 64)
+    block_n = block_n or (256 if gated or fp8 else 128)
+    sub_n = min(block_n, SCALE)
+    if block_n not in (64, 128, 256) or (gated and block_n != 2 * SCALE):
+        raise ValueError(f"grouped_gemm_ws: block_n must be 64, 128 or 256 ({2 * SCALE} with an activation: gate "
+                         f"and up of {SCALE} outputs), got {block_n}")
+    if fp8 and (block_k != SCALE or SCALE % sub_n or (gated and N % SCALE)):
+        raise ValueError(f"grouped_gemm_ws: block-FP8 needs block_k {SCALE}, weight boxes within a scale block and, "
+                         f"with an activation, I a multiple of {SCALE}")
+    if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()) or (K * a.element_size()) % 16:
+        raise ValueError("grouped_gemm_ws: A, W and out must be contiguous, with rows of A and W a multiple of 16 "
+                         "bytes (TMA)")
     if tile_expert.dtype != torch.int32:
         raise ValueError(f"grouped_gemm_ws: tile_expert must be int32, got {tile_expert.dtype}")
-    if fp8:
-        kb, nb = triton.cdiv(K, SCALE), triton.cdiv(N, SCALE)
-        if a_scale_t.shape != (kb, M_pad) or w_scale.shape != (E, nb, kb) or a_scale_t.dtype != torch.float32 \
-                or w_scale.dtype != torch.float32 or not (a_scale_t.is_contiguous() and w_scale.is_contiguous()):
-            raise ValueError(f"grouped_gemm_ws: scales must be contiguous float32 a_scale_t [{kb}, {M_pad}] and "
-                             f"w_scale [{E}, {nb}, {kb}], got {list(a_scale_t.shape)} {a_scale_t.dtype} and "
-                             f"{list(w_scale.shape)} {w_scale.dtype}")
-    return fp8, M_pad, K, E, N, block_k
+    if bias is not None and (tuple(bias.shape) != (E, w_rows) or bias.dtype != torch.float32):
+        raise ValueError(f"grouped_gemm_ws: bias must be float32 [{E}, {w_rows}], got {list(bias.shape)} {bias.dtype}")
+    kb = triton.cdiv(K, SCALE)
+    want = {"a_scale_t": (a_scale_t, (kb, M_pad)), "w_scale": (w_scale, (E, triton.cdiv(w_rows, SCALE), kb)),
+            "out_scale_t": (out_scale_t, (triton.cdiv(N, SCALE), M_pad))}
+    for name, (t, shape) in want.items():
+        if t is not None and (tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous()):
+            raise ValueError(f"grouped_gemm_ws: {name} must be a contiguous float32 {list(shape)} tensor, got "
+                             f"{list(t.shape)} {t.dtype}")
+    return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n)
 
 
-def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, *, block_m: int = 128,
-                           **_tiles) -> torch.Tensor:
+def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
+                           out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
+                           block_k: int | None = None, **_launch) -> torch.Tensor:
     """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
-    block promoted with its activation and weight scales, cast to bfloat16 once. Rows of skipped tiles
-    are left as they are. The experts backend runs it on the CPU (tests) in place of the kernel."""
-    fp8, M_pad, K, E, N, _ = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m)
+    block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
+    up) in float32, cast once or quantized with the one formula per 128 columns. Rows of skipped tiles
+    are left as they are. The experts backend runs it on the CPU (tests) in place of the kernel; the tile
+    sizes are checked as the kernel checks them, and the launch options (`stages`, ...) are ignored."""
+    from ..activations import gated_activation_fused
+    from ..quant.fp8 import fp8_quantize
+    shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
+                           block_n, block_k)
+    K = shape.K
     for m, e in enumerate(tile_expert.tolist()):
         if e < 0:
             continue
         rows = slice(m * block_m, (m + 1) * block_m)
         x, wt = a[rows].float(), w[e].float()
-        if not fp8:
-            out[rows] = (x @ wt.T).to(out.dtype)
+        if shape.fp8:
+            acc = torch.zeros(block_m, shape.w_rows, dtype=torch.float32, device=a.device)
+            w_row_scale = w_scale[e].repeat_interleave(SCALE, 0)[:shape.w_rows]          # [W rows, K blocks]
+            for kb in range(triton.cdiv(K, SCALE)):
+                cols = slice(kb * SCALE, (kb + 1) * SCALE)
+                acc += (x[:, cols] @ wt[:, cols].T) * a_scale_t[kb, rows][:, None] * w_row_scale[:, kb][None, :]
+        else:
+            acc = x @ wt.T
+        if bias is not None:
+            acc = acc + bias[e][None, :]
+        if not shape.gated:
+            out[rows] = acc.to(out.dtype)
             continue
-        acc = torch.zeros(block_m, N, dtype=torch.float32, device=a.device)
-        w_col_scale = w_scale[e].repeat_interleave(SCALE, 0)[:N]          # [N, K blocks]
-        for kb in range(triton.cdiv(K, SCALE)):
-            cols = slice(kb * SCALE, (kb + 1) * SCALE)
-            acc += (x[:, cols] @ wt[:, cols].T) * a_scale_t[kb, rows][:, None] * w_col_scale[:, kb][None, :]
-        out[rows] = acc.to(out.dtype)
+        act = gated_activation_fused(activation, acc)
+        if shape.out_fp8:
+            q, s = fp8_quantize(act, SCALE)
+            out[rows] = q
+            out_scale_t[:, rows] = s.t()
+        else:
+            out[rows] = act.to(out.dtype)
     return out
 
 
 def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
-                    a_scale_t: torch.Tensor | None = None, w_scale: torch.Tensor | None = None, *,
-                    block_m: int = 128, block_n: int = 128, block_k: int | None = None, stages: int = 4,
-                    group_m: int = 8, num_programs: int | None = None, math_regs: int = 232,
-                    loader_regs: int = 40, maxnreg: int = 168) -> torch.Tensor:
-    """out[r] = A[r] @ W[tile_expert[r // block_m]].T for every row r of a tile whose expert is >= 0
-    (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). See the module
-    docstring for the layouts. `maxnreg` bounds every thread (12 warps x 32 x 168 fit one SM's 64K
-    registers: one program per SM); the loader's warpgroup gives up all but `loader_regs`."""
-    fp8, M_pad, K, E, N, block_k = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, block_m, block_n,
-                                                  block_k)
+                    a_scale_t: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None, activation: str | None = None,
+                    out_scale_t: torch.Tensor | None = None, *, block_m: int = 128, block_n: int | None = None,
+                    block_k: int | None = None, stages: int | None = None, group_m: int = 8,
+                    num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
+                    maxnreg: int = 168) -> torch.Tensor:
+    """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
+    >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
+    `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
+    bfloat16, or float8_e4m3fn with `out_scale_t` [ceil(I/128), M_pad] (the one formula per 128 columns:
+    the down GEMM's A operand as it is). `maxnreg` bounds every thread (12 warps x 32 x 168 fit one SM's
+    64K registers: one program per SM); the loader's warpgroup gives up all but `loader_regs`."""
+    shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
+                           block_n, block_k)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     el = _gl_dtype(a.dtype)
-    a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k],
-                                          gl.NVMMASharedLayout.get_default_for([block_m, block_k], el))
-    w2 = w.reshape(E * N, K)
-    w_desc = TensorDescriptor.from_tensor(w2, [block_n, block_k],
-                                          gl.NVMMASharedLayout.get_default_for([block_n, block_k], el))
-    num_m_tiles, num_n_tiles = M_pad // block_m, triton.cdiv(N, block_n)
+    bk, sub_n = shape.block_k, shape.sub_n
+    stages = stages or _default_stages(shape)
+    a_desc = TensorDescriptor.from_tensor(a, [block_m, bk], gl.NVMMASharedLayout.get_default_for([block_m, bk], el))
+    w_desc = TensorDescriptor.from_tensor(w.reshape(shape.E * shape.w_rows, shape.K), [sub_n, bk],
+                                          gl.NVMMASharedLayout.get_default_for([sub_n, bk], el))
+    num_m_tiles = shape.M_pad // block_m
+    num_n_tiles = triton.cdiv(shape.N, sub_n if shape.gated else sub_n * shape.split)
     if num_programs is None:
         num_programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
-    dummy = out
-    ws_grouped_gemm_kernel[grid](a_desc, w_desc, tile_expert, a_scale_t if fp8 else dummy,
-                                 w_scale if fp8 else dummy, out, M_pad, N, num_m_tiles, num_n_tiles,
-                                 triton.cdiv(K, block_k), GROUP_M=group_m, FP8=fp8, STAGES=stages,
-                                 MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
+    dummy = tile_expert
+    ws_grouped_gemm_kernel[grid](a_desc, w_desc, tile_expert, dummy if a_scale_t is None else a_scale_t,
+                                 dummy if w_scale is None else w_scale, dummy if bias is None else bias, out,
+                                 dummy if out_scale_t is None else out_scale_t, shape.M_pad, shape.N, shape.w_rows,
+                                 num_m_tiles, num_n_tiles, triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8,
+                                 SPLIT=shape.split, GATED=shape.gated,
+                                 ACTIVATION=ACTIVATION_CODES.get(activation, 0), HAS_BIAS=bias is not None,
+                                 OUT_FP8=shape.out_fp8, STAGES=stages, MATH_REGS=math_regs, LOADER_REGS=loader_regs,
+                                 num_warps=4, maxnreg=maxnreg)
     return out
 
 
-def compile_ws_gemm_for_hopper(fp8: bool, block_m: int = 128, block_n: int = 128, block_k: int | None = None,
-                               stages: int = 4, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168):
+def _default_stages(shape: GemmShape) -> int:
+    """As many ring slots as fit beside the rest in ~200 KB of shared memory, at most 6."""
+    per_stage = (128 + shape.sub_n * shape.split) * shape.block_k * (1 if shape.fp8 else 2)
+    return max(2, min(6, (200 * 1024) // per_stage))
+
+
+def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
+                               gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
+                               math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     block_k = block_k or (128 if fp8 else 64)
+    sub_n = min(block_n, SCALE)
     el = "fp8e4nv" if fp8 else "bf16"
-    fn = ws_grouped_gemm_kernel
     gl_el = gl.float8e4nv if fp8 else gl.bfloat16
 
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([rows, block_k], gl_el)
         return f"tensordesc<{el}[{rows}, {block_k}],{layout!r}>"
 
-    types = {"a_desc": desc(block_m), "w_desc": desc(block_n),
-             "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "out_ptr": "*bf16",
-             "M_pad": "i32", "N": "i32", "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
-    const = {"GROUP_M": 8, "FP8": fp8, "STAGES": stages, "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
+    fn = ws_grouped_gemm_kernel
+    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
+             "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
+             "out_scale_ptr": "*fp32", "M_pad": "i32", "N": "i32", "W_ROWS": "i32", "num_m_tiles": "i32",
+             "num_n_tiles": "i32", "K_BLOCKS": "i32"}
+    const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
+             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "STAGES": stages, "MATH_REGS": math_regs,
+             "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("tile_expert_ptr", "a_scale_ptr", "w_scale_ptr",
-                                                                     "out_ptr", "M_pad", "N")}
+                                                                     "bias_ptr", "out_ptr", "out_scale_ptr", "M_pad",
+                                                                     "N", "W_ROWS")}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     return compile_source_for_hopper(src, {"num_warps": 4, "maxnreg": maxnreg})
