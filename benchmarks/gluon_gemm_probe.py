@@ -85,7 +85,7 @@ class Problem:
     def rel_err(self, tiles):
         """The kernel's rows of `tiles` against `grouped_gemm_reference` on the same rows."""
         import torch
-        from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+        from epmoe.experts.triton_ws import grouped_gemm_reference
         rows = torch.cat([torch.arange(t * 128, (t + 1) * 128) for t in tiles]).to(self.a.device)
         sub = Problem.__new__(Problem)
         sub.__dict__.update(self.__dict__)
@@ -104,7 +104,7 @@ def stage_check(cpu_smoke: bool = False) -> list:
     with the PyTorch statement in the kernel's place (the probe's own plumbing, no kernel)."""
     import torch
     from epmoe.experts.triton_ws import gemm_disagreement
-    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+    from epmoe.experts.triton_ws import grouped_gemm_reference
     if cpu_smoke:
         dev, grouped_gemm_ws = torch.device("cpu"), grouped_gemm_reference
     else:

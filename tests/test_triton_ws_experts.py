@@ -34,7 +34,7 @@ if not INTERPRETING:
         """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
         agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught."""
         from epmoe.experts.triton_ws import gemm_disagreement
-        from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+        from epmoe.experts.triton_ws import grouped_gemm_reference
         cpu = torch.device("cpu")
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8) is None
 
@@ -57,7 +57,7 @@ if not INTERPRETING:
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer
     from epmoe.experts.triton_ws import WarpSpecializedExperts
-    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_reference
+    from epmoe.experts.triton_ws import grouped_gemm_reference
     from epmoe.layouts import FlatBatch
     from epmoe.testing import load_experts, random_experts
 

@@ -113,16 +113,17 @@ def test_reference_statement_of_the_gated_epilogue():
     """`grouped_gemm_reference` with an activation: the plain product through `gated_activation_fused`
     and `fp8_quantize` (128 columns), scales K-block-major; a skipped tile's rows kept."""
     from epmoe.activations import gated_activation_fused
+    from epmoe.experts.triton_ws import grouped_gemm_reference
     from epmoe.quant.fp8 import fp8_quantize
     g = torch.Generator().manual_seed(2)
     a = torch.randn(384, 256, generator=g).bfloat16()
     w = (torch.randn(2, 512, 256, generator=g) * 0.1).bfloat16()
     te = torch.tensor([1, -1, 0], dtype=torch.int32)
     plain = torch.zeros(384, 512, dtype=torch.bfloat16)
-    gluon_gemm.grouped_gemm_reference(a, w, te, plain)
+    grouped_gemm_reference(a, w, te, plain)
     act = torch.full((384, 256), 3.0).to(torch.float8_e4m3fn)
     scale_t = torch.full((2, 384), 5.0)
-    gluon_gemm.grouped_gemm_reference(a, w, te, act, activation="silu", out_scale_t=scale_t)
+    grouped_gemm_reference(a, w, te, act, activation="silu", out_scale_t=scale_t)
     for rows, e in ((slice(0, 128), 1), (slice(256, 384), 0)):
         full = a[rows].float() @ w[e].float().T
         assert torch.allclose(plain[rows].float(), full, rtol=1e-2, atol=1e-2)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from ..activations import gated_activation_fused
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
+from ..quant.fp8 import fp8_quantize, quantize_weight
 from ..registry import register_experts
 from .base import Experts
 
@@ -50,13 +52,51 @@ def _quant_problem(scheme, device_type: str) -> str | None:
     return None
 
 
+def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
+                           out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
+                           block_k: int | None = None, **_launch) -> torch.Tensor:
+    """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
+    block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
+    up) in float32, cast once or quantized with the one formula per 128 columns. Rows of skipped tiles
+    are left as they are. The experts backend runs it on the CPU (tests) in place of the kernel; the tile
+    sizes are checked as the kernel checks them, and the launch options (`stages`, ...) are ignored."""
+    from ..kernels.ws_grouped_gemm import check_operands
+    shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
+                           block_n, block_k)
+    K = shape.K
+    for m, e in enumerate(tile_expert.tolist()):
+        if e < 0:
+            continue
+        rows = slice(m * block_m, (m + 1) * block_m)
+        x, wt = a[rows].float(), w[e].float()
+        if shape.fp8:
+            acc = torch.zeros(block_m, shape.w_rows, dtype=torch.float32, device=a.device)
+            w_row_scale = w_scale[e].repeat_interleave(TILE, 0)[:shape.w_rows]          # [W rows, K blocks]
+            for kb in range(-(-K // TILE)):
+                cols = slice(kb * TILE, (kb + 1) * TILE)
+                acc += (x[:, cols] @ wt[:, cols].T) * a_scale_t[kb, rows][:, None] * w_row_scale[:, kb][None, :]
+        else:
+            acc = x @ wt.T
+        if bias is not None:
+            acc = acc + bias[e][None, :]
+        if not shape.gated:
+            out[rows] = acc.to(out.dtype)
+            continue
+        act = gated_activation_fused(activation, acc)
+        if shape.out_fp8:
+            q, s = fp8_quantize(act, TILE)
+            out[rows] = q
+            out_scale_t[:, rows] = s.t()
+        else:
+            out[rows] = act.to(out.dtype)
+    return out
+
+
 def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
     problems, plain and with the activation (FP8: quantized) in the epilogue, both with a bias: two
     experts, a skipped tile whose rows must stay as they were, N and K not multiples of the tile (None:
     it agrees within 1e-2)."""
-    from ..kernels.ws_grouped_gemm import grouped_gemm_reference
-    from ..quant.fp8 import fp8_quantize, quantize_weight
     g = torch.Generator(device=device).manual_seed(0)
     M, K = 4 * TILE, 384
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)

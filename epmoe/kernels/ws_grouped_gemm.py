@@ -324,47 +324,6 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n)
 
 
-def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
-                           out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
-                           block_k: int | None = None, **_launch) -> torch.Tensor:
-    """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
-    block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
-    up) in float32, cast once or quantized with the one formula per 128 columns. Rows of skipped tiles
-    are left as they are. The experts backend runs it on the CPU (tests) in place of the kernel; the tile
-    sizes are checked as the kernel checks them, and the launch options (`stages`, ...) are ignored."""
-    from ..activations import gated_activation_fused
-    from ..quant.fp8 import fp8_quantize
-    shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k)
-    K = shape.K
-    for m, e in enumerate(tile_expert.tolist()):
-        if e < 0:
-            continue
-        rows = slice(m * block_m, (m + 1) * block_m)
-        x, wt = a[rows].float(), w[e].float()
-        if shape.fp8:
-            acc = torch.zeros(block_m, shape.w_rows, dtype=torch.float32, device=a.device)
-            w_row_scale = w_scale[e].repeat_interleave(SCALE, 0)[:shape.w_rows]          # [W rows, K blocks]
-            for kb in range(triton.cdiv(K, SCALE)):
-                cols = slice(kb * SCALE, (kb + 1) * SCALE)
-                acc += (x[:, cols] @ wt[:, cols].T) * a_scale_t[kb, rows][:, None] * w_row_scale[:, kb][None, :]
-        else:
-            acc = x @ wt.T
-        if bias is not None:
-            acc = acc + bias[e][None, :]
-        if not shape.gated:
-            out[rows] = acc.to(out.dtype)
-            continue
-        act = gated_activation_fused(activation, acc)
-        if shape.out_fp8:
-            q, s = fp8_quantize(act, SCALE)
-            out[rows] = q
-            out_scale_t[:, rows] = s.t()
-        else:
-            out[rows] = act.to(out.dtype)
-    return out
-
-
 def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
                     a_scale_t: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, activation: str | None = None,
