@@ -222,3 +222,27 @@ else:
         assert set(errors) == {0, 1} and all(isinstance(e, ValueError) for e in errors.values()), errors
         for seed in (19, 20):
             aligned(ds, seed, micro_batches)
+
+    BOUNDED = [k for k in KINDS if k[1] is not None]
+    BOUNDED_IDS = [i for k, i in zip(KINDS, IDS) if k[1] is not None]
+
+    @pytest.mark.parametrize("collect", ["wait", "check"])
+    @pytest.mark.parametrize("cls,capacity", BOUNDED, ids=BOUNDED_IDS)
+    def test_a_combine_collected_after_resync_still_raises(cls, capacity, collect):
+        """Both ranks dispatch; rank 0 issues its combine async (its status read put off until the wait)
+        and times out there, rank 1 never combines; every rank calls resync() before rank 0 collects. The
+        reset must not swallow the timeout: waiting for the combine (or check()) raises it, once, told as
+        a forward from before resync(), even after an aligned forward in between; nothing more to do."""
+        ds = make(cls, capacity)
+        xs, ls = data([3, 2], 30)
+        got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
+        ys = experts_out(ds, got)
+        pending = ds[0].combine_async(ys[0], got[0][1])      # alone: its wait times out
+        resync(ds)
+        aligned(ds, 31)                                      # a later forward's status is its own
+        with pytest.raises(RuntimeError, match=r"issued before resync\(\).*timeout_s"):
+            pending.wait() if collect == "wait" else ds[0].check()
+        assert torch.isnan(pending.wait()).all()              # reported once, the output stays NaN
+        ds[0].check()
+        assert not any(d.workspace.needs_reset for d in ds)
+        aligned(ds, 32)

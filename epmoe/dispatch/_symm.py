@@ -315,11 +315,35 @@ class SymmDispatcher(CommDispatcher):
                                f"dispatch whose combine never ran left its counters behind; every dispatch must be "
                                f"followed by its combine")
 
+    def raise_unread_at_reset(self, ws: SymmWorkspace) -> None:
+        """Raise what `ws.reset()` found unread in the status word: the error of a forward issued before
+        `resync()` (its output is NaN), told as such: the ranks are in step again, nothing is to be joined
+        or reset."""
+        from ..kernels import symm_dispatch as k
+        bits = ws.take_unread_at_reset()
+        if not bits:
+            return
+        M = self.plan.max_tokens_per_rank
+        meanings = [   # (bit, what the kernels saw, the error a forward raises for it)
+            (k.COLLECTIVE_PEER, "a peer was in a collective dispatcher's forward", RankMismatch),
+            (k.TIMEOUT, f"a peer did not signal within timeout_s={self.timeout_s} s", RuntimeError),
+            (k.FAILED, "a rank could not compute the forward or gave it up", RankMismatch),
+            (k.OVERFLOW, f"a rank passed more than max_tokens_per_rank={M} tokens", ValueError),
+            (k.MISMATCH, "the ranks ran different layers or forwards", RankMismatch),
+            (k.SLOT_OVERFLOW, "more rows arrived for an expert than its capacity", RuntimeError)]
+        found = [(what, kind) for bit, what, kind in meanings if bits & bit.value]
+        kind = next((kind for _, kind in found if kind is not RuntimeError), RuntimeError)
+        raise kind(f"{self.name} dispatcher: a forward issued before resync() failed on the GPU ("
+                   + "; ".join(what for what, _ in found) + "); its output is NaN. Its status is read only now: "
+                   "resync() has put the ranks back in step since, so the group's next forward needs nothing more")
+
     def check(self) -> None:
         """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
-        cannot read back themselves), once the exchanges issued so far are done."""
+        cannot read back themselves), once the exchanges issued so far are done: first what a `resync()`
+        since found unread (replays before it), then what came after."""
         if self.comm_stream is not None:
             self.comm_stream.join()
+        self.raise_unread_at_reset(self._workspace())
         self.raise_for_status(self.read_status())
 
     def check_at_end(self, handle: SymmHandle, device) -> None:
@@ -330,6 +354,11 @@ class SymmDispatcher(CommDispatcher):
         if handle.check_on_wait or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return
         ws = handle.ws
+        if handle.generation != ws.generation:
+            # a combine issued before resync(), waited for after it: the status word is a later forward's
+            # now; what this one left was kept by the reset
+            self.raise_unread_at_reset(ws)
+            return
         seen = torch.cat([ws.status, ws.control_view(handle.slot, "heads.count").reshape(-1)]).tolist()
         bits = seen[0]
         if bits:

@@ -99,7 +99,8 @@ class SymmWorkspace:
     bytes), epochs [1 + SLOTS] int32 (the device forward counter, then each slot's current epoch), status
     [1] int32 (the kernels' error bits), number (its number on the group: 1, 2, ..., the same on every
     rank), generation (how many times `reset()` ran), needs_reset (this rank gave a forward up after a
-    timeout: its forwards are refused until every rank's `resync()`).
+    timeout: its forwards are refused until every rank's `resync()`), unread_at_reset (status bits that
+    `reset()` cleared before anyone read them: the next read for a forward from before it raises them).
     """
 
     SLOTS = 2
@@ -142,6 +143,7 @@ class SymmWorkspace:
         self._next_slot = 0
         self.generation = 0
         self.needs_reset = False
+        self.unread_at_reset = 0
 
     def _setup(self, local: torch.Tensor, bases: list[int], rank: int, slot_bytes: int, keepalive) -> None:
         self.local = local
@@ -274,9 +276,12 @@ class SymmWorkspace:
         Only inside `resync()`, which every rank calls: after every rank's earlier kernels are done (they
         store into this buffer) and before any rank publishes again, so that the ranks' workspaces agree
         whatever forwards each missed. The data regions keep their bytes: a forward writes what it reads
-        there."""
+        there. Status bits nobody read yet (an async combine not yet waited for, CUDA graph replays not
+        yet checked) are kept in `unread_at_reset` (a host read: the GPU work is done here anyway), so the
+        error they name is still raised where that forward is collected (`take_unread_at_reset`)."""
         if self.local is None:
             raise RuntimeError("symmetric workspace: used after free()")
+        self.unread_at_reset |= int(self.status.item())
         # the memory held before a grow too: a graph captured then still waits on its flags
         for local in [self.local] + [held[0] for held in self._retired]:
             slot_bytes = local.numel() // self.SLOTS
@@ -287,6 +292,11 @@ class SymmWorkspace:
         self._next_slot = 0
         self.generation += 1
         self.needs_reset = False
+
+    def take_unread_at_reset(self) -> int:
+        """The status bits `reset()` cleared unread (0 if none), handed out once."""
+        bits, self.unread_at_reset = self.unread_at_reset, 0
+        return bits
 
     def mark_collective(self, forward: int) -> None:
         """Write `forward` as this rank's collective marker into every rank's control block: a peer waiting
