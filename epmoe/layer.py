@@ -306,7 +306,8 @@ class MoELayer(nn.Module):
         """Put the group's per-forward state back in step on every rank: a collective on the layer's group
         (every rank calls it, on any one layer of the group, between forwards). Needed after a rank raised
         a timeout on a symmetric-memory dispatcher (a peer skipped that forward or came late): the ranks'
-        workspace slots and epochs then differ, and the rank that timed out refuses forwards until then.
+        workspace slots and epochs then differ, and the rank that timed out (and a peer that read its failed
+        header) refuses forwards until then.
         Resets every symmetric workspace on the group (all the group's layers share them) and continues
         the group's forward count from the largest any rank reached, on every rank. Raises the process group's error where a rank is dead: then a new group is
         needed. Nothing to do on one rank."""
