@@ -13,21 +13,14 @@ same workspaces equals the oracle on every rank (simulated ranks, Triton interpr
   the next aligned forward is right as it is. (An exception inside one rank's experts and a refused input,
   through the layer's schedule on ranks in threads, are `tests/test_symm_overlap.py`'s.)
 """
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_recovery_on_simulated_ranks_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
