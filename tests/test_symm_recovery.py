@@ -149,6 +149,21 @@ if INTERPRETING:
         resync(ds)
         aligned(ds, 11)
 
+    def test_an_unbounded_combine_timeout_is_still_raised_after_resync():
+        """Unbounded, a timeout in the combine phase is left in the status word for the next forward's read;
+        a resync() before that keeps it, and check() raises it on each rank (told as from before resync())."""
+        ds = make(SymmHighThroughputDispatcher, None)
+        xs, ls = data([3, 2], 50)
+        got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
+        ys = experts_out(ds, got)
+        outs = [lockstep([ds[r].combine_steps(ys[r], got[r][1])])[0] for r in range(2)]    # one after the other
+        assert all(torch.isnan(o).all() for o in outs)
+        resync(ds)
+        for d, kind in zip(ds, (RuntimeError, RankMismatch)):      # rank 0 timed out, rank 1 read it gave up
+            with pytest.raises(kind, match=r"issued before resync\(\)"):
+                d.check()
+        aligned(ds, 51)
+
     @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
     def test_resync_on_ranks_in_threads_and_a_handle_from_before(cls, capacity):
         """The public resync() (ranks in threads, meeting at each stop) resets the workspaces; a forward
