@@ -310,8 +310,8 @@ class SymmDispatcher(CommDispatcher):
             gone = [r for r, h in enumerate(heads or []) if h[fh.FAILED] == k.GAVE_UP.value]
             raise RankMismatch(f"{who}: {f'rank(s) {gone}' if gone else 'a rank'} gave this forward up on a timeout "
                                f"(a peer stalled, skipped a forward or came late); every rank stops this forward, "
-                               f"its outputs are NaN. Every rank must call resync() now (layer.resync()), before the group's "
-                               f"next forward; this rank refuses forwards until then. Headers: {seen}")
+                               f"its outputs are NaN. Every rank must call resync() now (layer.resync()), before "
+                               f"the group's next forward; this rank refuses forwards until then. Headers: {seen}")
         if bits & k.FAILED.value:
             if error is None or "could not compute" not in str(error):
                 error = RankMismatch(f"{who}: a rank could not compute this forward (its error is raised there); "

@@ -43,7 +43,8 @@ RESET_PENDING = tl.constexpr(64)
 REFUSED = tl.constexpr(128)        # this rank ran a forward (a replay) while RESET_PENDING was set
 PEER_GAVE_UP = tl.constexpr(256)   # a peer's header says it gave this forward up on a timeout (FAILED too)
 # the bits after which a rank stops this forward: no more waits, no row to the peers
-STOPS_FORWARD = tl.constexpr(TIMEOUT.value | MISMATCH.value | FAILED.value | COLLECTIVE_PEER.value | RESET_PENDING.value)
+STOPS_FORWARD = tl.constexpr(TIMEOUT.value | MISMATCH.value | FAILED.value | COLLECTIVE_PEER.value
+                             | RESET_PENDING.value)
 # a header's `failed` column: 1 this rank could not compute the forward (its input), GAVE_UP it gave the
 # forward up on a timeout or waits for resync() (every rank then needs resync())
 GAVE_UP = tl.constexpr(2)
