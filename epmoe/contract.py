@@ -264,7 +264,8 @@ def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, d
     for tests and benchmarks); every other rule still applies.
     `micro_batches` (1 or 2): a layer's forward split in that many micro-batches, as many forwards in flight
     as the dispatcher must declare (`in_flight`); `comm_sms`: the most SMs its transfer kernels may use, for
-    a dispatcher that declares `bounded_sms` (None: unbounded).
+    a dispatcher that declares `bounded_sms` (None: unbounded; refused where a dispatcher's transfers are
+    collectives it cannot bound, and the plan records None where there is no transfer to bound).
     Raises `UnsupportedCombination` for a refused pairing or overlap setting, ValueError for a missing or
     bad `max_tokens_per_rank` or a bad setting.
     """
@@ -314,7 +315,9 @@ def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, d
                    wire_scales=wire_scales, wire_scale_group=wire_group,
                    experts_read_strided_rows=x is not None and x.reads_strided_rows, cuda_graph_safe=graph_safe,
                    host_sync=d is not None and d.host_sync and not (d.takes_max_tokens and capacity is not None),
-                   max_tokens_per_rank=capacity, micro_batches=micro_batches, comm_sms=comm_sms)
+                   max_tokens_per_rank=capacity, micro_batches=micro_batches,
+                   # what applies: a dispatcher with no transfer kernels (`local`) has nothing to bound
+                   comm_sms=comm_sms if d is not None and d.bounded_sms else None)
 
 
 def graph_safe(dispatcher: str, experts: str) -> bool:

@@ -48,8 +48,8 @@ class MoELayer(nn.Module):
     experts (`epmoe.dispatch.micro_batches`; the dispatcher must declare two forwards in flight); the output
     is the same. With a capacity, each micro-batch's tokens count against `max_tokens_per_rank`.
     comm_sms: the most SMs the GPU-initiated dispatchers' transfer kernels take, leaving the rest to the
-    experts running beside them (None: as many as the rows need); refused for dispatchers that do not
-    declare it.
+    experts running beside them (None: as many as the rows need); refused for dispatchers whose transfers
+    it cannot bound, and without effect (`layer.comm_sms` None) on `local`, which has none.
 
     Inference only: with grad enabled, inputs that require grad are refused. NaN/Inf in a token's inputs
     are not checked (no host sync) and reach that token's output row only.
@@ -81,7 +81,8 @@ class MoELayer(nn.Module):
                                         self.device.type, max_tokens_per_rank, micro_batches=micro_batches,
                                         comm_sms=comm_sms)
         self.max_tokens_per_rank = max_tokens_per_rank
-        self.micro_batches, self.comm_sms = micro_batches, comm_sms
+        self.micro_batches = micro_batches
+        self.comm_sms = self.plan.comm_sms        # what applies (None where the dispatcher has nothing to bound)
         self.router = router
         self.expert_bias = bool(expert_bias)
 
@@ -306,7 +307,8 @@ class MoELayer(nn.Module):
         """Put the group's per-forward state back in step on every rank: a collective on the layer's group
         (every rank calls it, on any one layer of the group, between forwards). Needed after a rank raised
         a timeout on a symmetric-memory dispatcher (a peer skipped that forward or came late): the ranks'
-        workspace slots and epochs then differ, and the rank that timed out refuses forwards until then.
+        workspace slots and epochs then differ, and the rank that timed out (and a peer that read its failed
+        header) refuses forwards until then.
         Resets every symmetric workspace on the group (all the group's layers share them) and continues
         the group's forward count from the largest any rank reached, on every rank. Raises the process group's error where a rank is dead: then a new group is
         needed. Nothing to do on one rank."""

@@ -255,8 +255,12 @@ def main(args) -> int:
         console.print(f"device {device}, ranks {ranks}, dispatcher {dispatcher}, experts {experts}, tokens/rank "
                       f"{args.tokens}, input [{args.tokens}, {cfg.hidden_size}] -> output [{args.tokens}, "
                       f"{cfg.hidden_size}]", highlight=False)
-        console.print(f"micro-batches {args.micro_batches}, comm SMs "
-                      f"{args.comm_sms if args.comm_sms is not None else 'unbounded'}", highlight=False)
+        # what applies, as the layer's plan records it: `local` has no transfer kernels to bound
+        sms = args.comm_sms if contract.dispatcher_class(dispatcher).CAPS.bounded_sms else None
+        unused = (f" (--comm-sms {args.comm_sms}: dispatcher {dispatcher} has no transfer kernels to bound)"
+                  if sms is None and args.comm_sms is not None else "")
+        console.print(f"micro-batches {args.micro_batches}, comm SMs {sms if sms is not None else 'unbounded'}"
+                      f"{unused}", highlight=False)
         console.print(f"routing: {describe_routing(args.routing, args.zipf_exponent)}" + (
             f"; {args.redundant_experts} redundant experts, rebalanced from the measured load after the timed "
             "passes" if args.redundant_experts is not None and ranks > 1 else ""), highlight=False)

@@ -4,21 +4,14 @@ same wire rows field by field, bit for bit (hidden vector, FP8 rows and their sc
 weights), the same combine rows, the same dense unpacked fields, and the same layer outputs.
 """
 import dataclasses
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_alltoall_kernels_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     import torch.nn.functional as F
 
     from epmoe import Fp8Config, MoEConfig, MoELayer, Placement, contract

@@ -121,6 +121,46 @@ def test_estimate_grows_with_tokens_and_capacity():
     assert fp8.quant.dispatch_fp8 and bench_layer.estimate_bytes(fp8, "flat", 0, 8, 32) == weights // 2
 
 
+def test_estimate_counts_two_micro_batches_in_flight():
+    """Two micro-batches: the first's rows are held until it is combined, after the second arrived. With a
+    capacity each spans all of it (the batched layout: about twice the bytes; flat: twice the rows, half
+    the experts' intermediates, one micro-batch's at a time); without one each holds half the tokens (the
+    same rows, half the intermediates)."""
+    cfg = bench_layer.layer_config("deepseek-v3", "bf16")
+    H, I = cfg.padded_hidden_size, cfg.padded_intermediate_size
+    weights = bench_layer.estimate_bytes(cfg, "flat", 0, 8, 32)
+
+    def forward_part(layout, mb, capacity):
+        return bench_layer.estimate_bytes(cfg, layout, 4096, 8, 32, capacity=capacity, micro_batches=mb) - weights
+    one, two = forward_part("batched", 1, 8 * 4096), forward_part("batched", 2, 8 * 4096)
+    assert 1.6 * one < two <= 2 * one, (one, two)
+    rows, pairs = 8 * 4096 * H * 2 * 3, 2 * 4096 * 8 * (3 * I + H) * 4     # one forward's, as the estimate counts
+    assert forward_part("flat", 1, 8 * 4096) == forward_part("flat", 1, 0) == rows + pairs
+    assert forward_part("flat", 2, 8 * 4096) == 2 * rows + pairs // 2
+    assert forward_part("flat", 2, 0) == rows + pairs // 2
+
+
+@pytest.mark.parametrize("dispatcher, layout, capacity", [("low_latency", "batched", True),
+                                                          ("alltoall", "flat", True),    # built with T as its capacity
+                                                          ("allgather", "flat", False)])
+def test_a_configuration_is_sized_with_its_micro_batches(dispatcher, layout, capacity):
+    """What decides whether a configuration runs counts its micro-batches and its capacity (no rank runs:
+    the fit decision is stubbed to refuse, so the row is a skip naming the size)."""
+    import torch
+    cfg = bench_layer.layer_config("qwen3-30b-a3b", "bf16", experts=8, shrink=64)
+    bench = bench_layer._RankBench.__new__(bench_layer._RankBench)
+    bench.ws, bench.device, needs, rows = 2, torch.device("cpu"), [], []
+    bench.p = {"backend": "auto", "comm_sms": None, "redundant_experts": None, "tokens": [64], "graph": False}
+    bench.fits = lambda need: (needs.append(need), (False, f"needs {need}"))[1]
+    bench.publish = rows.append
+    for mb in (1, 2):
+        bench.run_dispatcher(cfg, {}, dispatcher, 4, None, None, None, micro_batches=mb)
+    expected = [bench_layer.estimate_bytes(cfg, layout, 64, 2, 4,
+                                           capacity=2 * 64 if capacity else 0, micro_batches=mb) for mb in (1, 2)]
+    assert needs == expected and expected[0] != expected[1]
+    assert [(r["micro_batches"], r["skipped"]) for r in rows] == [(mb, f"needs {n}") for mb, n in zip((1, 2), needs)]
+
+
 # ------------------------------------------------------------------------------- scaling (synthetic)
 def _layer_json(ranks, when, host="gpu-host", speed=1.0):
     rows = []

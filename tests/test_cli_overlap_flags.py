@@ -103,3 +103,14 @@ def test_bench_layer_checks_the_overlap_flags_before_any_rank_starts(registered,
     rows = json.loads(out.read_text())["rows"]
     assert [(r["dispatcher"], r["micro_batches"], r["comm_sms"]) for r in rows] == [(BOUNDED, 2, 4)]
     assert rows[0]["check"]["ok"]
+
+
+def test_run_records_no_comm_sms_where_nothing_is_bounded(tmp_path, capsys):
+    """One rank (`local`): no transfer kernel to bound, so --comm-sms is taken (as the contract takes it)
+    and the run records and prints what applied: nothing."""
+    report = tmp_path / "r.json"
+    assert main(["run", "--ranks", "1", "--comm-sms", "4", "--tokens", "5", "--iters", "1", "--warmup", "0",
+                 "--json", str(report)]) == 0
+    assert "comm SMs unbounded (--comm-sms 4: dispatcher local has no transfer kernels" in capsys.readouterr().out
+    ranks = json.loads(report.read_text())["ranks"]
+    assert [(r["dispatcher"], r["comm_sms"]) for r in ranks] == [("local", None)]

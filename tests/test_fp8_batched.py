@@ -9,9 +9,6 @@ one (H=200), FP8 dispatch on and off, every weight format the backend declares, 
 oracle, and a CUDA-graph replay (the backend declares cuda_graph_safe).
 """
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,8 +28,8 @@ from epmoe.layouts import BatchedBatch, ExpertWeights
 from epmoe.contract import example_configs
 from epmoe.quant.fp8 import fp8_quantize_torch
 from epmoe.testing import LayerExperts, assert_close, bound_for, random_experts, random_inputs
+from epmoe.testing.interpreter import INTERPRETING, run_interpreted
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUDA = torch.cuda.is_available()
 
@@ -185,14 +182,7 @@ if not INTERPRETING:
     @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
     @pytest.mark.skipif(HAVE_CUDA, reason="the GPU tests below run the kernel itself")
     def test_interpreted_kernel_through_low_latency():
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k",
-                               "interpreted_fp8", os.path.abspath(__file__)], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
-        assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], proc.stdout[-2000:]
+        run_interpreted(__file__, select="interpreted_fp8")
 
 else:
     class _KernelOnCpu:

@@ -4,20 +4,14 @@ between the GEMMs (`gated_rows`: bias, activation, cast or FP8 quantization in o
 routing weights). Each against the PyTorch path it replaces and the whole layer against the float64 oracle,
 on awkward shapes (T = 0 and 1, every token on one expert, sizes not multiples of 128, biases, slots of
 other ranks)."""
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
 if not INTERPRETING:
-    def test_grouped_mm_kernels_under_the_interpreter():
-        run_interpreted(__file__)
-
     @pytest.mark.parametrize("quant,group,block,warps", [(False, 1024, 1024, 8), (True, 14336, 16384, 16),
                                                          (True, 128, 128, 8)])
     def test_gated_rows_compiles_for_hopper_with_vector_accesses_and_no_local_memory(quant, group, block, warps):

@@ -332,7 +332,9 @@ def test_micro_batches_are_checked_against_what_the_dispatcher_declares():
         with pytest.raises(contract.UnsupportedCombination, match="comm_sms=8 bounds the SMs") as info:
             contract.build_plan(name, None, cfg, 2, "cpu", comm_sms=8)
         assert "comm_sms=None" in info.value.alternatives
-    assert contract.build_plan("local", None, cfg, 1, "cpu", comm_sms=8).comm_sms == 8   # nothing to bound
+    # nothing to bound: taken, and what applies is recorded (nothing)
+    assert contract.build_plan("local", None, cfg, 1, "cpu", comm_sms=8).comm_sms is None
+    assert MoELayer(cfg, dispatcher="local", device="cpu", comm_sms=8).comm_sms is None
 
 
 # --------------------------------------------------------------------------- a failure in one micro-batch

@@ -15,21 +15,14 @@ workspaces; the collective rank is the real dispatcher class with a fake two-ran
 transport is played). What a GPU run adds (NCCL, timing across processes, the allocation rendezvous) is
 in benchmarks/gpu_mismatch_check.py.
 """
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_symm_vs_collective_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     import torch.distributed as dist
 
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe

@@ -10,22 +10,16 @@
   once a micro-batch) makes its peer raise; and the next forwards are right on every rank (the ranks'
   workspaces stayed in step).
 """
-import importlib.util
 import threading
 
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_overlap_on_simulated_ranks_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
     from epmoe.contract import build_plan
     from epmoe.dispatch.micro_batches import run_micro_batches

@@ -5,26 +5,22 @@ same workspaces equals the oracle on every rank (simulated ranks, Triton interpr
 - a timeout of a live peer (it skipped the forward, or came after its peer gave the forward up, or
   stalled between two phases): the ranks' slots and epochs may differ afterwards, so the rank that timed
   out refuses forwards, a peer that comes late raises at once on the failed header that rank left (not a
-  wrong result, not a second timeout), and after `resync()` on every rank the next forward is right;
+  wrong result, not a second timeout) and refuses its next forward too, and after `resync()` on every rank
+  the next forward is right; a CUDA graph captured before (its Triton launches, replayed) sends nothing
+  while a rank waits for `resync()`, and replays right after it; a combine collected after `resync()`
+  still raises its error;
 - errors every rank sees in the same forward (ranks on different layers, an overflow): nothing to do,
   the next aligned forward is right as it is. (An exception inside one rank's experts and a refused input,
   through the layer's schedule on ranks in threads, are `tests/test_symm_overlap.py`'s.)
 """
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_recovery_on_simulated_ranks_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
@@ -113,13 +109,19 @@ else:
     @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
     def test_a_peer_that_comes_late(cls, capacity):
         """Rank 0 gives the forward up on a timeout; rank 1 enters it afterwards. Rank 1 must not take
-        rank 0's published rows of the abandoned forward for a complete one: it raises at once, naming
-        resync() (before, a bounded forward completed there from stale rows). After resync(), right."""
+        rank 0's published rows of the abandoned forward for a complete one: it raises at once, saying
+        that every rank must call resync() now (before, a bounded forward completed there from stale rows),
+        and refuses its next forward until then (rank 0 does: waiting for it would only time out). After
+        resync(), right."""
         ds = make(cls, capacity)
         aligned(ds, 6)
         first, late = alone(ds[0], 7), alone(ds[1], 7)
         assert timed_out(first), first
-        assert isinstance(late, RankMismatch) and "resync()" in str(late), late
+        assert isinstance(late, RankMismatch) and "gave this forward up on a timeout" in str(late), late
+        assert "Every rank must call resync() now" in str(late), late
+        for d in ds:
+            with pytest.raises(RuntimeError, match=r"resync\(\) on every rank"):
+                lockstep([d.dispatch_steps(*_one(3))])
         resync(ds)
         for seed in (8, 9):
             aligned(ds, seed)
@@ -146,6 +148,21 @@ else:
         assert isinstance(errors[1].get(0), RankMismatch) and "resync()" in str(errors[1][0]), errors
         resync(ds)
         aligned(ds, 11)
+
+    def test_an_unbounded_combine_timeout_is_still_raised_after_resync():
+        """Unbounded, a timeout in the combine phase is left in the status word for the next forward's read;
+        a resync() before that keeps it, and check() raises it on each rank (told as from before resync())."""
+        ds = make(SymmHighThroughputDispatcher, None)
+        xs, ls = data([3, 2], 50)
+        got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
+        ys = experts_out(ds, got)
+        outs = [lockstep([ds[r].combine_steps(ys[r], got[r][1])])[0] for r in range(2)]    # one after the other
+        assert all(torch.isnan(o).all() for o in outs)
+        resync(ds)
+        for d, kind in zip(ds, (RuntimeError, RankMismatch)):      # rank 0 timed out, rank 1 read it gave up
+            with pytest.raises(kind, match=r"issued before resync\(\)"):
+                d.check()
+        aligned(ds, 51)
 
     @pytest.mark.parametrize("cls,capacity", KINDS, ids=IDS)
     def test_resync_on_ranks_in_threads_and_a_handle_from_before(cls, capacity):
@@ -222,3 +239,131 @@ else:
         assert set(errors) == {0, 1} and all(isinstance(e, ValueError) for e in errors.values()), errors
         for seed in (19, 20):
             aligned(ds, seed, micro_batches)
+
+    BOUNDED = [k for k in KINDS if k[1] is not None]
+    BOUNDED_IDS = [i for k, i in zip(KINDS, IDS) if k[1] is not None]
+
+    @pytest.mark.parametrize("collect", ["wait", "check"])
+    @pytest.mark.parametrize("cls,capacity", BOUNDED, ids=BOUNDED_IDS)
+    def test_a_combine_collected_after_resync_still_raises(cls, capacity, collect):
+        """Both ranks dispatch; rank 0 issues its combine async (its status read put off until the wait)
+        and times out there, rank 1 never combines; every rank calls resync() before rank 0 collects. The
+        reset must not swallow the timeout: waiting for the combine (or check()) raises it, once, told as
+        a forward from before resync(), even after an aligned forward in between; nothing more to do."""
+        ds = make(cls, capacity)
+        xs, ls = data([3, 2], 30)
+        got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
+        ys = experts_out(ds, got)
+        pending = ds[0].combine_async(ys[0], got[0][1])      # alone: its wait times out
+        resync(ds)
+        aligned(ds, 31)                                      # a later forward's status is its own
+        with pytest.raises(RuntimeError, match=r"issued before resync\(\).*timeout_s"):
+            pending.wait() if collect == "wait" else ds[0].check()
+        assert torch.isnan(pending.wait()).all()              # reported once, the output stays NaN
+        ds[0].check()
+        assert not any(d.workspace.needs_reset for d in ds)
+        aligned(ds, 32)
+
+    class Graph:
+        """A forward of one simulated rank recorded as its Triton launches, replayed as a CUDA graph is: the
+        same kernels with the same arguments (the same tensors, the header with its forward number and the
+        slot baked in), nothing on the host in between -- no refusal, no status read. A replay stops after
+        each exchange has published (as the dispatchers' step generators do), for `lockstep`."""
+
+        current = None          # the Graph recording the launches of the rank being stepped
+
+        def __init__(self):
+            self.launches = []
+
+        @staticmethod
+        def patch(monkeypatch):
+            from triton.runtime.interpreter import InterpretedFunction
+            run = InterpretedFunction.run
+
+            def recording_run(fn, *args, grid, warmup, **kwargs):
+                if Graph.current is not None and not warmup:
+                    Graph.current.launches.append((fn, args, grid, kwargs))
+                return run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+            monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+            Graph.run = staticmethod(run)
+
+        def record(self, steps):
+            """`steps` (a step generator), its launches recorded."""
+            while True:
+                Graph.current = self
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    Graph.current = None
+                yield
+
+        def replay(self):
+            from epmoe.kernels.symm_dispatch import exchange_flags_kernel
+            for fn, args, grid, kwargs in self.launches:
+                Graph.run(fn, *args, grid=grid, warmup=False, **kwargs)
+                if fn is exchange_flags_kernel and kwargs["PUBLISH"] and not kwargs["WAIT"]:
+                    yield
+
+    def captured(ds, seed):
+        """Every rank's forward recorded as a `Graph` (checked against the oracle), its outputs (a replay
+        writes them again, in place) and the oracle's."""
+        xs, ls = data([3, 4], seed)
+        graphs = [Graph(), Graph()]
+        got = lockstep([g.record(d.dispatch_steps(x, route(v, CFG))) for g, d, x, v in zip(graphs, ds, xs, ls)])
+        ys = experts_out(ds, got)
+        outs = lockstep([g.record(d.combine_steps(y, h)) for g, d, y, (_, h) in zip(graphs, ds, ys, got)])
+        refs = [reference_moe(xs[r], ls[r], EXPERTS, CFG) for r in range(2)]
+        for r in range(2):
+            assert_close(outs[r], refs[r], 1e-5)
+        return graphs, outs, refs
+
+    def rows_from(d, sender: int, slot: int) -> int:
+        """Rows stored into `d`'s receive region of `slot` since `clear_rows`: low latency, those of `sender`
+        (each row's origin is beside it); high throughput, of any rank (a stored row carries its routing;
+        none may land in these tests: every rank's count exchange fails before its rows move)."""
+        if isinstance(d, SymmLowLatencyDispatcher):
+            meta = d._regions(d.workspace, slot).meta_LC
+            return int(((meta >= 0) & (meta // (M * CFG.top_k) == sender)).sum())
+        rids = d._regions(d.workspace, slot).rids_RK
+        return int((rids >= 0).any(dim=1).sum())
+
+    def clear_rows(d, slot: int) -> None:
+        if isinstance(d, SymmLowLatencyDispatcher):
+            d._regions(d.workspace, slot).meta_LC.fill_(-1)
+        else:
+            d._regions(d.workspace, slot).rids_RK.fill_(-7)
+
+    @pytest.mark.parametrize("peer", ["late", "skipped"])
+    @pytest.mark.parametrize("cls,capacity", BOUNDED, ids=BOUNDED_IDS)
+    def test_a_graph_replayed_while_a_resync_is_pending_sends_nothing(cls, capacity, peer, monkeypatch):
+        """A CUDA graph captured before a timeout replays without the host seeing it. On a rank that waits
+        for resync() its kernels refuse by themselves (the status word's RESET_PENDING): no row and no
+        counter claim reaches the peer, the header goes out failed, the output is NaN and check() says why;
+        a peer that came late (also waiting for resync()) does the same instead of pairing with it on stale
+        state, and a peer that skipped the timed-out forward gets NaN and an error, never rank 0's rows.
+        After resync() the same graph replays right."""
+        Graph.patch(monkeypatch)
+        ds = make(cls, capacity)
+        graphs, outs, refs = captured(ds, 40)                 # in slot 0
+        lockstep([g.replay() for g in graphs])                 # a replay in step is right (the harness)
+        for r in range(2):
+            assert_close(outs[r], refs[r], 1e-5)
+        assert timed_out(alone(ds[0], 41))                     # in slot 1
+        if peer == "late":
+            assert isinstance(alone(ds[1], 41), RankMismatch)
+        for d in ds:
+            clear_rows(d, 0)
+        lockstep([g.replay() for g in graphs])
+        assert rows_from(ds[1], 0, 0) == 0 and (peer == "skipped" or rows_from(ds[0], 1, 0) == 0)
+        assert all(torch.isnan(o).all() for o in outs)
+        with pytest.raises(RuntimeError, match=r"waited for resync\(\).*sent nothing"):
+            ds[0].check()
+        with pytest.raises(RuntimeError):
+            ds[1].check()
+        resync(ds)
+        lockstep([g.replay() for g in graphs])
+        for r in range(2):
+            assert_close(outs[r], refs[r], 1e-5)
+        aligned(ds, 42)

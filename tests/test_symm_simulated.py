@@ -5,21 +5,14 @@ others' buffers through the same byte distances as on GPUs. The dispatchers' ste
 every wait, so the ranks advance in lockstep. Checked against `reference_moe` and against an independent
 computation of what each rank must receive.
 """
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_simulated_ranks_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     from epmoe import ExpertMap, MoEConfig, Placement, reference_moe
     from epmoe.contract import build_plan
     from epmoe.dispatch._symm import SymmHandle

@@ -5,21 +5,14 @@ process must not be interpreted; so, unless this process already interprets, the
 in a child process with TRITON_INTERPRET=1 and this process only checks that child's result. Float32,
 and float16 for its range: bf16 `tl.dot` gives wrong results in the interpreter.
 """
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if not INTERPRETING:
-    def test_kernels_under_the_interpreter():
-        run_interpreted(__file__)
-
-else:
+if INTERPRETING:
     from epmoe.config import MoEConfig
     from epmoe.kernels.batched_moe import batched_experts
     from epmoe.kernels.fused_moe import fused_experts

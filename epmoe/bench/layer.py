@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 
 from ..log import get_logger
+from ..sizes import ceil_div
 from ..testing.graphs import capture
 from ..usage import (CsvList, UsageError, add_overlap_flags, all_experts_per_token, at_least, check_overlap,
                      check_redundant_experts, micro_batch_values, overlap_problem, refuse_ranks_under_torchrun)
@@ -220,18 +221,27 @@ def pick_experts(dispatcher: str, backend: str, cfg, ranks: int, device_type: st
     return experts, contract.pairing_problem(dispatcher, experts, cfg, ranks, device_type)
 
 
-def estimate_bytes(cfg, layout: str, tokens: int, ranks: int, local_experts: int, capacity: int = 0) -> int:
+def estimate_bytes(cfg, layout: str, tokens: int, ranks: int, local_experts: int, capacity: int = 0,
+                   micro_batches: int = 1) -> int:
     """A rough upper estimate of the device memory one rank's layer needs for one forward: its weights,
     the rows it receives in the layer's dtype (in, out, a copy), the float32 intermediates of the expert
-    pairs, and for the batched layout the whole capacity. Used only to skip what cannot fit."""
+    pairs, and where the layer has a capacity (`capacity`: rows a batch spans; the batched layout's per
+    local expert) the whole of it. Used only to skip what cannot fit.
+
+    `micro_batches` 2: the first micro-batch's rows are held until it is combined, after the second has
+    arrived, so both batches count; with a capacity each spans all of it (each micro-batch's tokens count
+    against max_tokens_per_rank), without one each holds its half of the tokens. The experts' float32
+    intermediates are one micro-batch's at a time."""
     H, I, k = cfg.padded_hidden_size, cfg.padded_intermediate_size, cfg.top_k
     welem = 1 if cfg.quant is not None else 2
     weights = local_experts * 3 * H * I * welem
     if layout == "batched":
-        rows = local_experts * capacity
+        rows = local_experts * capacity * micro_batches
         return weights + rows * (H * 2 * 2 + 3 * I * 4) + ranks * tokens * k * H * 4
-    rows = ranks * tokens                      # at most every token of every rank arrives here once
-    pairs = 2 * tokens * min(k, local_experts)  # a rank's expected share of pairs, twice for imbalance
+    share = ceil_div(tokens, micro_batches)    # the larger micro-batch's tokens
+    # at most every token of every rank arrives here once (a batch with a capacity spans all of it)
+    rows = micro_batches * max(ranks * share, capacity)
+    pairs = 2 * share * min(k, local_experts)  # a rank's expected share of pairs, twice for imbalance
     return weights + rows * H * 2 * 3 + pairs * (3 * I + H) * 4
 
 
@@ -515,7 +525,8 @@ class _RankBench:
         layer, built_for = None, None
         for T in self.p["tokens"]:
             row = dict(head, tokens_per_rank=T)
-            ok, note = self.fits(estimate_bytes(cfg, layout, T, self.ws, L, capacity=self.ws * T))
+            ok, note = self.fits(estimate_bytes(cfg, layout, T, self.ws, L, capacity=self.ws * T if per_t else 0,
+                                                micro_batches=micro_batches))
             if not ok:
                 self.publish(dict(row, skipped=note))
                 continue

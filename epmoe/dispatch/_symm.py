@@ -9,8 +9,10 @@ where it reads anything, raises the error that the bits name, and clears it.
 
 The workspace (`SymmWorkspace`) is given at construction (`workspace=`), or the group's default one is
 taken in `prepare()`, once the ranks agreed on the layer: allocated or grown then, collectively, never in a
-forward. Everything one forward uses (its slot, its header) goes into its handle. A rank that timed out
-refuses forwards until `resync()` on every rank has put the workspaces back in step.
+forward. Everything one forward uses (its slot, its header) goes into its handle. A rank that timed out,
+or read that a peer did, refuses forwards until `resync()` on every rank has put the workspaces back in
+step; the CUDA graph replays the host cannot refuse find that in the status word (RESET_PENDING) and send
+nothing.
 
 Simulation: built on `SymmWorkspace.simulated` workspaces with a `GroupState` per simulated rank and no
 group, a dispatcher runs its kernels on CPU tensors under the Triton interpreter, and its
@@ -140,12 +142,13 @@ class SymmDispatcher(CommDispatcher):
 
     def enter_forward(self) -> tuple[SymmWorkspace, int]:
         """(workspace, slot) of the forward being dispatched; refused on a rank that gave a forward up on a
-        timeout, until every rank's `resync()` (its peers' slots and epochs may differ from its own)."""
+        timeout, or heard a peer did, until every rank's `resync()` (the slots and epochs may differ)."""
         ws = self._workspace()
         if ws.needs_reset:
-            raise RuntimeError(f"{self.name} dispatcher: this rank gave a forward up on a timeout, so the ranks' "
-                               f"workspace slots and epochs may differ; call resync() on every rank of the group "
-                               f"(layer.resync(), between forwards) before the next forward")
+            raise RuntimeError(f"{self.name} dispatcher: a forward was given up on a timeout (by this rank, or by "
+                               f"a peer whose failed header this rank read), so the ranks' workspace slots and epochs "
+                               f"may differ; call resync() on every rank of the group (layer.resync(), between "
+                               f"forwards) before the next forward")
         return ws, ws.next_slot()
 
     def check_handle(self, handle: SymmHandle) -> None:
@@ -265,10 +268,10 @@ class SymmDispatcher(CommDispatcher):
     # -------------------------------------------------------------------------------------- errors
     def read_status(self) -> int:
         """The status bits the kernels set since the last read (a host sync), cleared."""
-        status = self._workspace().status
-        bits = int(status.item())
+        ws = self._workspace()
+        bits = int(ws.status.item())
         if bits:
-            status.zero_()
+            ws.clear_status()
         return bits
 
     def raise_for_status(self, bits: int, heads: list[list[int]] | None = None,
@@ -276,30 +279,44 @@ class SymmDispatcher(CommDispatcher):
         """Raise what the GPU reported: the same on every rank that saw it. `heads`: every rank's header row
         as read (for the message); `header`: this rank's header of the forward (to join a collective peer)."""
         from ..kernels import symm_dispatch as k
+        bits &= ~k.RESET_PENDING.value            # not an error: the host knows it (`needs_reset`)
         if not bits:
             return
         who = f"{self.name} dispatcher"
+        resync_now = (f"call resync() on every rank of the group (layer.resync()) before the group's next "
+                      f"forward; this rank refuses forwards until then")
         if bits & k.COLLECTIVE_PEER.value:     # before anything else: that peer waits in a collective
             if header is None:
                 raise RuntimeError(f"{who}: a peer was in a collective forward while this rank ran a replayed "
                                    f"graph of this layer; the group's ranks are out of step")
             self.join_collective_peer(header)
         if bits & k.TIMEOUT.value:     # first: with a peer missing, the headers read are stale
-            self._workspace().needs_reset = True
+            self._workspace().give_up()
             raise RuntimeError(f"{who}: a peer did not signal within timeout_s={self.timeout_s} s "
                                f"(a rank stalled, died, skipped a forward, or runs a dispatcher that uses collectives); "
                                f"this forward's outputs are invalid (set to NaN). This rank gave the forward up: "
-                               f"call resync() on every rank (layer.resync()) before the group's next forward; "
-                               f"a dead rank needs a new group")
+                               f"{resync_now}; a dead rank needs a new group")
+        if bits & k.REFUSED.value:
+            raise RuntimeError(f"{who}: this rank ran forwards (CUDA graph replays) while it waited for resync() "
+                               f"after a forward was given up on a timeout: they sent nothing to the peers and "
+                               f"their outputs are NaN; {resync_now}")
         seen = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} {h[3]} tokens{' FAILED' if h[4] else ''}"
                          for r, h in enumerate(heads or []))
         error = fh.mismatch(who, [h[:len(fh.FIELDS)] for h in heads]) if heads else None
+        if bits & k.PEER_GAVE_UP.value:
+            # the ranks' slots and epochs may differ now (that peer refuses forwards until resync()): waiting
+            # for it in the next forward would only time out, so this rank refuses it too
+            self._workspace().give_up()
+            gone = [r for r, h in enumerate(heads or []) if h[fh.FAILED] == k.GAVE_UP.value]
+            raise RankMismatch(f"{who}: {f'rank(s) {gone}' if gone else 'a rank'} gave this forward up on a timeout "
+                               f"(a peer stalled, skipped a forward or came late); every rank stops this forward, "
+                               f"its outputs are NaN. Every rank must call resync() now (layer.resync()), before "
+                               f"the group's next forward; this rank refuses forwards until then. Headers: {seen}")
         if bits & k.FAILED.value:
             if error is None or "could not compute" not in str(error):
                 error = RankMismatch(f"{who}: a rank could not compute this forward (its error is raised there); "
                                      f"every rank of the group stops this forward. Headers: {seen}")
-            raise RankMismatch(f"{error} (a rank that timed out gives its forward up so: then call resync() on "
-                               f"every rank before the next forward)")
+            raise error
         if bits & k.OVERFLOW.value:
             M = self.plan.max_tokens_per_rank
             who_over = ", ".join(f"rank {r} passed {h[3]} tokens" for r, h in enumerate(heads or []) if h[3] > M)
@@ -315,11 +332,36 @@ class SymmDispatcher(CommDispatcher):
                                f"dispatch whose combine never ran left its counters behind; every dispatch must be "
                                f"followed by its combine")
 
+    def raise_unread_at_reset(self, ws: SymmWorkspace) -> None:
+        """Raise what `ws.reset()` found unread in the status word: the error of a forward issued before
+        `resync()` (its output is NaN), told as such: the ranks are in step again, nothing is to be joined
+        or reset."""
+        from ..kernels import symm_dispatch as k
+        bits = ws.take_unread_at_reset()
+        if not bits:
+            return
+        M = self.plan.max_tokens_per_rank
+        meanings = [   # (bit, what the kernels saw, the error a forward raises for it)
+            (k.COLLECTIVE_PEER, "a peer was in a collective dispatcher's forward", RankMismatch),
+            (k.TIMEOUT, f"a peer did not signal within timeout_s={self.timeout_s} s", RuntimeError),
+            (k.REFUSED, "this rank replayed it while it waited for resync(): it sent nothing", RuntimeError),
+            (k.FAILED, "a rank could not compute the forward or gave it up", RankMismatch),
+            (k.OVERFLOW, f"a rank passed more than max_tokens_per_rank={M} tokens", ValueError),
+            (k.MISMATCH, "the ranks ran different layers or forwards", RankMismatch),
+            (k.SLOT_OVERFLOW, "more rows arrived for an expert than its capacity", RuntimeError)]
+        found = [(what, kind) for bit, what, kind in meanings if bits & bit.value]
+        kind = next((kind for _, kind in found if kind is not RuntimeError), RuntimeError)
+        raise kind(f"{self.name} dispatcher: a forward issued before resync() failed on the GPU ("
+                   + "; ".join(what for what, _ in found) + "); its output is NaN. Its status is read only now: "
+                   "resync() has put the ranks back in step since, so the group's next forward needs nothing more")
+
     def check(self) -> None:
         """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
-        cannot read back themselves), once the exchanges issued so far are done."""
+        cannot read back themselves), once the exchanges issued so far are done: first what a `resync()`
+        since found unread (replays before it), then what came after."""
         if self.comm_stream is not None:
             self.comm_stream.join()
+        self.raise_unread_at_reset(self._workspace())
         self.raise_for_status(self.read_status())
 
     def check_at_end(self, handle: SymmHandle, device) -> None:
@@ -330,10 +372,15 @@ class SymmDispatcher(CommDispatcher):
         if handle.check_on_wait or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return
         ws = handle.ws
+        if handle.generation != ws.generation:
+            # a combine issued before resync(), waited for after it: the status word is a later forward's
+            # now; what this one left was kept by the reset
+            self.raise_unread_at_reset(ws)
+            return
         seen = torch.cat([ws.status, ws.control_view(handle.slot, "heads.count").reshape(-1)]).tolist()
         bits = seen[0]
         if bits:
-            ws.status.zero_()
+            ws.clear_status()
             hw = (len(seen) - 1) // self.ep_size
             self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)],
                                   handle.header)

@@ -229,7 +229,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         bits, hw = seen[-1], mtx_PW.shape[1]
         heads = [seen[r * hw:(r + 1) * hw] for r in range(self.ep_size)]
         if bits:
-            ws.status.zero_()
+            ws.clear_status()
         self.raise_for_status(bits, heads, header)
         base = len(fh.FIELDS)
         error = fh.mismatch(f"{self.name} dispatcher", [h[:base] for h in heads])

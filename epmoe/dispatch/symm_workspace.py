@@ -98,8 +98,10 @@ class SymmWorkspace:
     Attributes: local (the uint8 buffer), deltas [ep] int64 on its device (peer base minus own base, in
     bytes), epochs [1 + SLOTS] int32 (the device forward counter, then each slot's current epoch), status
     [1] int32 (the kernels' error bits), number (its number on the group: 1, 2, ..., the same on every
-    rank), generation (how many times `reset()` ran), needs_reset (this rank gave a forward up after a
-    timeout: its forwards are refused until every rank's `resync()`).
+    rank), generation (how many times `reset()` ran), needs_reset (this rank, or a peer it heard from,
+    gave a forward up on a timeout: its forwards are refused until every rank's `resync()`; `give_up`),
+    unread_at_reset (status bits that
+    `reset()` cleared before anyone read them: the next read for a forward from before it raises them).
     """
 
     SLOTS = 2
@@ -136,12 +138,13 @@ class SymmWorkspace:
     def _forward_state(self) -> None:
         """The state forwards step, beside the buffer: the device forward counter and slot epochs, the
         status word, the slot ring; `generation` counts `reset()`s (a handle of an earlier one is refused)
-        and `needs_reset` is set when this rank gave a forward up (a timeout)."""
+        and `needs_reset` is set when a forward was given up on a timeout (`give_up`)."""
         self.epochs = torch.zeros(1 + self.SLOTS, dtype=torch.int32, device=self.device)
         self.status = torch.zeros(1, dtype=torch.int32, device=self.device)
         self._next_slot = 0
         self.generation = 0
         self.needs_reset = False
+        self.unread_at_reset = 0
 
     def _setup(self, local: torch.Tensor, bases: list[int], rank: int, slot_bytes: int, keepalive) -> None:
         self.local = local
@@ -274,9 +277,13 @@ class SymmWorkspace:
         Only inside `resync()`, which every rank calls: after every rank's earlier kernels are done (they
         store into this buffer) and before any rank publishes again, so that the ranks' workspaces agree
         whatever forwards each missed. The data regions keep their bytes: a forward writes what it reads
-        there."""
+        there. Status bits nobody read yet (an async combine not yet waited for, CUDA graph replays not
+        yet checked) are kept in `unread_at_reset` (a host read: the GPU work is done here anyway), so the
+        error they name is still raised where that forward is collected (`take_unread_at_reset`)."""
         if self.local is None:
             raise RuntimeError("symmetric workspace: used after free()")
+        from ..kernels.symm_dispatch import RESET_PENDING
+        self.unread_at_reset |= int(self.status.item()) & ~RESET_PENDING.value
         # the memory held before a grow too: a graph captured then still waits on its flags
         for local in [self.local] + [held[0] for held in self._retired]:
             slot_bytes = local.numel() // self.SLOTS
@@ -287,6 +294,26 @@ class SymmWorkspace:
         self._next_slot = 0
         self.generation += 1
         self.needs_reset = False
+
+    def give_up(self) -> None:
+        """This rank (or a peer it heard from) gave a forward up on a timeout: the ranks' slots and epochs
+        may differ until every rank's `resync()`. The host refuses this rank's forwards until then
+        (`needs_reset`), and the kernels of any that still run -- CUDA graph replays, which the host never
+        sees -- find RESET_PENDING in the status word: they send nothing, publish their headers failed and
+        output NaN, and `check()` says so."""
+        from ..kernels.symm_dispatch import RESET_PENDING
+        self.needs_reset = True
+        self.status.bitwise_or_(RESET_PENDING.value)
+
+    def clear_status(self) -> None:
+        """Clear the status bits the host has read (RESET_PENDING stays until `reset()`)."""
+        from ..kernels.symm_dispatch import RESET_PENDING
+        self.status.bitwise_and_(RESET_PENDING.value)
+
+    def take_unread_at_reset(self) -> int:
+        """The status bits `reset()` cleared unread (0 if none), handed out once."""
+        bits, self.unread_at_reset = self.unread_at_reset, 0
+        return bits
 
     def mark_collective(self, forward: int) -> None:
         """Write `forward` as this rank's collective marker into every rank's control block: a peer waiting

@@ -36,6 +36,18 @@ OVERFLOW = tl.constexpr(4)         # a peer passed more tokens than the fixed ca
 FAILED = tl.constexpr(8)           # a peer could not compute this forward (its own error is raised there)
 SLOT_OVERFLOW = tl.constexpr(16)   # more rows arrived for one expert than its capacity (dispatch without combine)
 COLLECTIVE_PEER = tl.constexpr(32) # a peer is in a collective dispatcher's forward of this forward number
+# set by the host, not the kernels, when this rank (or a peer it heard from) gave a forward up on a timeout;
+# kept until `SymmWorkspace.reset` (every rank's resync()): the forwards that still run, CUDA graph replays
+# the host cannot refuse, send no row and no count, publish their headers failed and output NaN
+RESET_PENDING = tl.constexpr(64)
+REFUSED = tl.constexpr(128)        # this rank ran a forward (a replay) while RESET_PENDING was set
+PEER_GAVE_UP = tl.constexpr(256)   # a peer's header says it gave this forward up on a timeout (FAILED too)
+# the bits after which a rank stops this forward: no more waits, no row to the peers
+STOPS_FORWARD = tl.constexpr(TIMEOUT.value | MISMATCH.value | FAILED.value | COLLECTIVE_PEER.value
+                             | RESET_PENDING.value)
+# a header's `failed` column: 1 this rank could not compute the forward (its input), GAVE_UP it gave the
+# forward up on a timeout or waits for resync() (every rank then needs resync())
+GAVE_UP = tl.constexpr(2)
 
 # header columns (int32); the high-throughput dispatcher appends its per-destination row counts
 H_FINGERPRINT, H_LAYER, H_FORWARD, H_TOKENS, H_FAILED = (tl.constexpr(i) for i in range(5))
@@ -78,9 +90,12 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
     forward's number waits in a collective dispatcher's header exchange, not on these flags; the wait
     ends at once with COLLECTIVE_PEER (the host then joins that exchange: `SymmDispatcher`).
 
-    A rank whose wait times out publishes its row of that phase again with `failed` set (and its later
-    phases carry it too), so a peer that comes late raises FAILED at once, in whichever phase it reads
-    it, instead of pairing with a forward this rank has left; `failed` is checked in every phase.
+    A rank whose wait times out publishes its row of that phase again with `failed` = GAVE_UP (and its
+    later phases carry it too), so a peer that comes late raises FAILED at once, in whichever phase it
+    reads it, instead of pairing with a forward this rank has left (PEER_GAVE_UP tells it that every rank
+    now needs resync()); `failed` is checked in every phase. A rank whose status word holds RESET_PENDING
+    (a CUDA graph replayed while it waits for resync()) publishes GAVE_UP in every phase, waits for no
+    one and sets REFUSED.
 
     After the wait, if this rank's status word holds any bit, `n_poison` int32 at poison_ptr are set to
     `poison_value`: the routing the experts are about to read (the high-throughput batch's ids: -1, the
@@ -95,10 +110,12 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
     mine = tl.where(c == H_LAYER, layer, mine)
     mine = tl.where(c == H_FORWARD, forward, mine)
     mine = tl.where(c == H_TOKENS, tokens, mine)
-    # a rank that timed out earlier in this forward says so in its later phases: a peer that comes late
-    # then fails at once instead of taking this forward for complete
-    gave_up = (tl.load(status_ptr) & TIMEOUT) != 0
-    mine = tl.where(c == H_FAILED, tl.where(gave_up, 1, failed), mine)
+    # a rank that timed out earlier in this forward says so in its later phases (and one that waits for
+    # resync() in all of them): a peer that comes late then fails at once instead of taking this forward
+    # for complete
+    pending = (tl.load(status_ptr) & RESET_PENDING) != 0
+    gave_up = (tl.load(status_ptr) & (TIMEOUT | RESET_PENDING)) != 0
+    mine = tl.where(c == H_FAILED, tl.where(gave_up, GAVE_UP, failed), mine)
     if HAS_COUNTS:
         cnt = tl.load(counts_ptr + (c - HEADER_BASE), mask=cm & (c >= HEADER_BASE), other=0)
         mine = tl.where(c >= HEADER_BASE, cnt, mine)
@@ -122,7 +139,7 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
         e = tl.load(epoch_ptr)
         seen = tl.atomic_add(flags_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
         missing = tl.sum(tl.where(rm & (seen != e), 1, 0), 0)
-        early = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER) != 0).to(tl.int32)
+        early = (tl.load(status_ptr) & STOPS_FORWARD != 0).to(tl.int32)
         late = early
         mark = tl.atomic_add(coll_ptr + r, 0, mask=rm, sem="acquire", scope="sys")
         coll = tl.sum(tl.where(rm & (r != rank) & (mark == forward), 1, 0), 0)
@@ -147,6 +164,9 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
         arrived = tl.broadcast_to(((seen == e) & rm)[:, None], [EP_P2, HW_P2])
         failed_any = arrived & (col == H_FAILED) & (heads != 0)       # every phase: a peer that gave up
         bits = bits | tl.where(tl.sum(tl.sum(failed_any.to(tl.int32), 1), 0) > 0, FAILED, 0)
+        gone_any = arrived & (col == H_FAILED) & (heads == GAVE_UP)
+        bits = bits | tl.where(tl.sum(tl.sum(gone_any.to(tl.int32), 1), 0) > 0, PEER_GAVE_UP, 0)
+        bits = bits | tl.where(pending, REFUSED, 0)
         if CHECK_HEADS:
             differs = arrived & (col < H_TOKENS) & (heads != mine[None, :])
             over = arrived & (col == H_TOKENS) & (heads > max_tokens)
@@ -157,7 +177,7 @@ def exchange_flags_kernel(flags_ptr, heads_ptr, counts_ptr, deltas_ptr, counter_
             # published again marked failed, so a peer that comes late raises at once instead of pairing
             # with a forward this rank left (and later phases say failed too: gave_up above)
             delta = tl.multiple_of(tl.load(deltas_ptr + r, mask=rm, other=0), 16) // 4
-            gone = tl.where(c == H_FAILED, 1, mine)
+            gone = tl.where(c == H_FAILED, GAVE_UP, mine)
             tl.store(heads_ptr + delta[:, None] + rank * HW + c[None, :],
                      tl.broadcast_to(gone[None, :], [EP_P2, HW_P2]), mask=rm[:, None] & cm[None, :])
             tl.debug_barrier()
@@ -285,7 +305,7 @@ def _ht_store_token(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, w_ptr, j_ptr, 
                     BLOCK_H: tl.constexpr, K_P2: tl.constexpr, G_P2: tl.constexpr, HAS_SCALES: tl.constexpr,
                     QUANT: tl.constexpr, GROUP: tl.constexpr, PULL: tl.constexpr):
     # nothing goes to the peers once this rank knows the forward failed (another layer's layout there)
-    ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
+    ok = (tl.load(status_ptr) & STOPS_FORWARD) == 0
     for h0 in range(part * BLOCK_H, H, parts * BLOCK_H):
         offs = h0 + tl.arange(0, BLOCK_H)
         hm = offs < H
@@ -367,7 +387,7 @@ def _ht_combine_row(y_ptr, mtx_ptr, out_ptr, deltas_ptr, status_ptr, rank, H, ro
         base += tl.where(d < rank, tl.load(mtx_ptr + src * HW + HEADER_BASE + d), 0)
     dst = base + (q - first)
     delta = tl.multiple_of(tl.load(deltas_ptr + src), 16) // ITEM
-    ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
+    ok = (tl.load(status_ptr) & STOPS_FORWARD) == 0
     if (q < acc) & (dst < rows) & ok:      # rows past what arrived (a whole-capacity batch) go nowhere
         for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):
             offs = h0 + tl.arange(0, BLOCK_H)
@@ -389,6 +409,8 @@ def ll_dispatch_kernel(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs
     Receive regions (same offsets on every rank): rx [L, C, H], rxs [L, C, G], counts [L] int32,
     meta [L, C] int32 = (source rank * M + t) * K + k.
     """
+    # nothing, not even a counter claim, from a rank that waits for resync() (a replay: out of step)
+    n_items = tl.where((tl.load(status_ptr) & RESET_PENDING) == 0, n_items, 0)
     for i in range(tl.program_id(0), n_items, tl.num_programs(0)):
         _ll_dispatch_item(x_ptr, xs_ptr, ids_ptr, owner_ptr, index_ptr, rx_ptr, rxs_ptr, counts_ptr, meta_ptr,
                           deltas_ptr, status_ptr, rank, M, C, H, G, K, i, X_ITEM, BLOCK_H, G_P2, HAS_SCALES)
@@ -438,7 +460,7 @@ def ll_combine_kernel(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_p
 @triton.jit
 def _ll_combine_expert(y_ptr, counts_ptr, meta_ptr, out_ptr, deltas_ptr, status_ptr, M, C, H, K, le, j,
                        ITEM: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr):
-    ok = (tl.load(status_ptr) & (TIMEOUT | MISMATCH | FAILED | COLLECTIVE_PEER)) == 0
+    ok = (tl.load(status_ptr) & STOPS_FORWARD) == 0
     n = tl.where(ok, tl.minimum(tl.load(counts_ptr + le), C), 0)
     for c in range(j, n, SPLIT):
         m = tl.load(meta_ptr + le * C + c)
