@@ -1,23 +1,17 @@
 """The `triton_ws` experts' pipeline on the CPU: the padded layout, the row copy (with the FP8 scales
-turned K-block-major), the activation pass and the slot sum run as on the GPU (their Triton kernels under
-the interpreter); the grouped GEMM is its PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
+turned K-block-major) and the slot sum run as on the GPU (their Triton kernels under the interpreter);
+the two grouped GEMMs (gate+up with its activation epilogue, down) are their PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
 itself is checked against it on a GPU by `benchmarks/gluon_gemm_probe.py`). Against the `reference`
 experts on the same weights, BF16 and block FP8, on awkward shapes: T = 0 and 1, every token on one
 expert, slots of other ranks, biases, a hidden size that is not a multiple of 128."""
-import importlib.util
-
 import pytest
 import torch
 
-from epmoe.testing.interpreter import INTERPRETING, run_interpreted
+from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed (pip install 'epmoe[triton]')")
+pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
 if not INTERPRETING:
-    def test_triton_ws_pipeline_under_the_interpreter():
-        run_interpreted(__file__)
-
     def test_refused_where_it_cannot_run():
         from epmoe import Fp8Config, MoEConfig, contract
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
