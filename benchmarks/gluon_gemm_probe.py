@@ -9,7 +9,9 @@ limit turns that into an error in the JSON instead of a lost device call):
 2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
    laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
    the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
-   tuning table's configuration on the same shapes and rows per expert (`ws_probe.library_times`).
+   tuning table's configuration on the same shapes (`ws_probe.library_times`), both on a random top-k
+   routing of T tokens laid out in tiles of 128 (the same draw, not the same ids); and the `triton_ws`
+   backend's row copy into that layout (which the library's gate+up does not need) timed on its own.
    `triton.testing.do_bench` medians for both; every timed variant checked on two tiles against
    `grouped_gemm_reference` first.
 
@@ -64,7 +66,6 @@ class Problem:
         self.N = w_rows // 2 if gated else w_rows
         self.M, self.K = M, K
         self.out = self.new_out(dev)
-        self.flops = 2.0 * M * K * w_rows
 
     def new_out(self, dev):
         import torch
@@ -99,7 +100,7 @@ class Problem:
         return ((got - want).norm() / want.norm()).item()
 
 
-def stage_check(cpu_smoke: bool = False) -> list:
+def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
     """Small awkward problems, every result checked; returns one record per case. `cpu_smoke`: on the CPU
     with the PyTorch statement in the kernel's place (the probe's own plumbing, no kernel)."""
     import torch
@@ -112,10 +113,24 @@ def stage_check(cpu_smoke: bool = False) -> list:
         dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
     records = []
+
+    def starting(rec):
+        """Said (printed and saved) before the launch: a case that hangs is the last one started."""
+        rec.update(ok=False, state="started")
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+        save(records)
+
+    def finished(rec, **result):
+        rec.update(result, state="finished")
+        print(json.dumps(rec), flush=True)
+        save(records)
+
     for fp8 in (False, True):            # the backend's own self-check first
+        rec = dict(case="triton_ws self-check", fp8=fp8)
+        starting(rec)
         why = gemm_disagreement(grouped_gemm_ws, dev, fp8)
-        records.append(dict(case="triton_ws self-check", fp8=fp8, ok=why is None, why=why))
-        print(json.dumps(records[-1]), flush=True)
+        finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages)
     cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3), (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4),
              (True, True, 512, 7168, [1, 0], 132, 256, 4), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3),
@@ -124,6 +139,7 @@ def stage_check(cpu_smoke: bool = False) -> list:
     for fp8, gated, w_rows, K, tiles, progs, bn, stages in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
                    stages=stages)
+        starting(rec)
         try:
             prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev)
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
@@ -134,12 +150,10 @@ def stage_check(cpu_smoke: bool = False) -> list:
             skipped = [t for t, e in enumerate(tiles) if e < 0]
             err = prob.rel_err(used)
             kept = all(bool((prob.out[0][t * 128:(t + 1) * 128].float() == 7.0).all()) for t in skipped)
-            rec.update(rel_err=err, skipped_kept=kept, ok=err <= 1e-2 and kept)
+            finished(rec, rel_err=err, skipped_kept=kept, ok=err <= 1e-2 and kept)
         except Exception as exc:
-            rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
             traceback.print_exc(limit=3)
-        print(json.dumps(rec), flush=True)
-        records.append(rec)
+            finished(rec, ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
     return records
 
 
@@ -152,9 +166,23 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     start = time.time()
     out = dict(library=[], points=[])
+    from epmoe.experts.triton_ws import TILE, rows_in_layout
+    from epmoe.kernels.moe_align import align_pairs
+    from epmoe.quant.fp8 import fp8_quantize
     for name, (L, H, I, k) in ws_probe.SHAPES.items():
-        tiles_per_expert = -(-tokens * k // L // 128)
-        tile_expert = [e for e in range(L) for _ in range(tiles_per_expert)]
+        # a random top-k routing as the library side draws it (ws_probe.library_times -> KernelInputs),
+        # in the layout the backend uses: tiles of 128, bound of tiles, padding per expert
+        ids = torch.randn(tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
+        aligned = align_pairs(ids, L, TILE)
+        tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
+        x = torch.randn(tokens, H, generator=gen, device=dev)
+        for fmt in ("fp8_block", "bf16"):           # the backend's row copy into that layout, on its own
+            xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
+            ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, aligned, k), warmup=20, rep=100,
+                                         return_mode="median")
+            out["points"].append(dict(shape=name, format=fmt, gemm="row copy", tokens=tokens, ms=ms,
+                                      used_tiles=int((aligned.block_expert >= 0).sum())))
+            print(json.dumps(out["points"][-1]), flush=True)
         for fmt in ("fp8_block", "bf16"):
             fp8 = fmt != "bf16"
             try:
@@ -179,9 +207,11 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
                             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages)
                         run()
                         torch.cuda.synchronize()
-                        point["rel_err"] = prob.rel_err([0, len(tile_expert) - 1])
+                        used = [t for t, e in enumerate(tile_expert) if e >= 0]
+                        point["rel_err"] = prob.rel_err([used[0], used[-1]])
                         ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
-                        point.update(ms=ms, tflops=prob.flops / ms / 1e9)
+                        # on the routed rows (T * k), as the library side's rate: padding rows are not work
+                        point.update(ms=ms, tflops=2.0 * tokens * k * K * w_rows / ms / 1e9)
                     except Exception as exc:
                         point["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                         traceback.print_exc(limit=2)
@@ -232,7 +262,10 @@ def main() -> int:
             json.dump(res, f, indent=1)
 
     if args.stage:
-        save(dict(cases=stage_check()) if args.stage == "check" else stage_time(args.tokens, args.budget_s, save))
+        if args.stage == "check":
+            stage_check(save=lambda records: save(dict(cases=records)))
+        else:
+            stage_time(args.tokens, args.budget_s, save)
         return 0
     import torch
     import triton

@@ -32,21 +32,47 @@ if not INTERPRETING:
         cpu = torch.device("cpu")
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8) is None
 
-        def writes_skipped_tiles(a, w, tile_expert, out, *rest):
+        def writes_skipped_tiles(a, w, tile_expert, out, *rest, **launch):
             grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest)
 
-        def forgets_the_bias_when_gated(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t):
+        def forgets_the_bias_when_gated(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
+                                        **launch):
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, None if activation else bias,
                                    activation, out_scale_t)
+
+        def writes_nan(a, w, tile_expert, out, *rest, **launch):
+            grouped_gemm_reference(a, w, tile_expert, out, *rest)
+            out[0] = float("nan")
 
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
+        assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
         if fp8:
-            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest):
+            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest, **launch):
                 grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest)
 
             assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
+
+    def test_the_self_check_walks_tiles_and_wraps_the_ring():
+        """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
+        beyond every default ring of slots."""
+        from epmoe.experts.triton_ws import TILE, gemm_disagreement
+        from epmoe.experts.triton_ws import grouped_gemm_reference
+        from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
+        calls = []
+
+        def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, **launch):
+            shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t)
+            calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
+                          _default_stages(shape), int((tile_expert >= 0).sum())))
+            grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t)
+
+        for fp8 in (False, True):
+            assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
+        assert len(calls) == 4
+        for programs, k_blocks, stages, tiles in calls:
+            assert programs == 2 and tiles > programs and k_blocks > stages, calls
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

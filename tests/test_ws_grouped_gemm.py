@@ -25,8 +25,8 @@ def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bia
 # (fp8, block_n, stages, gated, bias, most bytes of stack): FP8 tiles of 256 hold two accumulators and a
 # product (192 of the math warpgroups' 232 registers); ptxas keeps a few per-tile values on the stack,
 # stored before the K loop and read back in the epilogue
-CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, True, True, 64), (False, 256, 3, False, True, 0),
-         (False, 256, 3, True, False, 0)]
+CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, False, False, 64), (True, 256, 4, True, True, 64),
+         (False, 256, 3, False, True, 0), (False, 256, 3, True, False, 0)]
 
 
 @pytest.mark.parametrize("fp8,block_n,stages,gated,has_bias,stack", CASES)
@@ -42,12 +42,26 @@ def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, 
     assert ptx.count("cp.async.bulk.tensor") == 1 + split
     assert "cp.async.cg" not in ptx and "cp.async.ca" not in ptx
     assert len(re.findall(r"wgmma\.mma_async", ptx)) == 2 * 4 * split
-    # no barrier spans both math warpgroups (256 threads) or the whole CTA: each waits only for its own
-    # warps, which is what lets one promote while the other multiplies
+    # no named barrier spans both math warpgroups (256 threads): each waits only for its own warps, which
+    # is what lets one promote while the other multiplies (CTA-wide barriers exist only where the
+    # partitions start and end)
     for threads in re.findall(r"bar\.sync\s+\d+,\s*(\d+);", ptx):
         assert int(threads) <= 128
-    assert not re.search(r"bar\.sync\s+\d+;", ptx)
     assert c.metadata.shared <= 227 * 1024
+    # the loader's one expect_tx per slot counts every byte its TMA loads bring (a wrong count hangs)
+    el = 1 if fp8 else 2
+    bk = 128 if fp8 else 64
+    assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
+        [str((128 + block_n) * bk * el)]
+    # each math partition releases a slot once per K block (BF16: in the loop for the block before, and
+    # after it), by one thread, after its own wgmma wait and its own 128-thread barrier
+    lines = [x.strip() for x in ptx.splitlines() if x.strip() and not x.strip().startswith(("//", ".loc"))]
+    arrives = [i for i, x in enumerate(lines) if re.search(r"mbarrier\.arrive\.shared::cta\.b64 _, \[", x)]
+    assert len(arrives) == (2 if fp8 else 4)
+    for i in arrives:
+        window = lines[max(0, i - 8):i]
+        assert any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in window), window
+        assert any(x.startswith("wgmma.wait_group") for x in window), window
 
 
 def _operands(fp8=True, M=256, N=256, K=256, E=2):
@@ -89,6 +103,22 @@ def test_host_checks_refuse_bad_layouts():
         gluon_gemm.grouped_gemm_ws(a, w.transpose(1, 2), te, out, sa, sw)
     with pytest.raises(ValueError, match="bias must be"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, bias=torch.zeros(2, 128))
+
+
+def test_host_checks_of_the_launch():
+    """Launch settings that would hang or divide by zero are refused; an empty problem launches nothing."""
+    a, w, te, out, (sa, sw) = _operands()
+    with pytest.raises(ValueError, match="stages must be at least 2"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, stages=1)
+    with pytest.raises(ValueError, match="group_m"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, group_m=0)
+    empty = torch.empty(0, 256, dtype=torch.bfloat16)
+    assert gluon_gemm.grouped_gemm_ws(a[:0], w, te[:0], empty, sa[:, :0].contiguous(), sw) is empty
+    with pytest.raises(ValueError, match="K is 0"):
+        gluon_gemm.grouped_gemm_ws(a[:, :0], w[:, :, :0], te, out, torch.ones(0, 256), torch.ones(2, 2, 0))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        a16 = torch.zeros(256 * 256 + 4, dtype=torch.bfloat16)[4:].view(256, 256)      # 8 bytes off alignment
+        gluon_gemm.grouped_gemm_ws(a16, w.to(torch.bfloat16), te, out)
 
 
 def test_host_checks_of_the_gated_epilogue():

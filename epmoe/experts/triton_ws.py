@@ -48,7 +48,8 @@ def _quant_problem(scheme, device_type: str) -> str | None:
     if q.weight_block is None or tuple(q.weight_block) != (TILE, TILE):
         return f"it takes FP8 weights in ({TILE}, {TILE}) blocks only, not weight_block={q.weight_block}"
     if q.activation_group_size != TILE:
-        return f"it takes FP8 activations per group of {TILE} columns only, not group_size={q.group_size}"
+        got = "per token" if q.activation_group_size is None else f"per group of {q.activation_group_size}"
+        return f"it takes FP8 activations per group of {TILE} columns only, not {got}"
     return None
 
 
@@ -92,13 +93,32 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
     return out
 
 
+def rows_in_layout(x: torch.Tensor, scales: torch.Tensor | None, aligned, top_k: int):
+    """The token rows x [N, H] (FP8: with their scales [N, H/128]) copied into the padded layout of
+    `aligned` (`align_pairs`, tiles of 128): (A [rows, H], A's scales K-block-major [H/128, rows] or None,
+    the pair at each position (N * k at padding), the positions). Padding positions copy row 0: each GEMM
+    output row depends on its own A row only, and those rows are never read back."""
+    n = x.shape[0]
+    rows = aligned.max_rows
+    # positions past `num_padded` hold no marker: only those before it, below `num_pairs`, are pairs
+    position = torch.arange(rows, device=x.device)
+    pair = aligned.sorted_ids[:rows].long()
+    is_pair = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < n * top_k)
+    pair = torch.where(is_pair, pair, torch.full_like(pair, n * top_k))
+    src = torch.where(is_pair, pair // top_k, torch.zeros_like(pair))
+    a = x.contiguous()[src]
+    a_scale_t = None if scales is None else scales.float()[src].t().contiguous()
+    return a, a_scale_t, pair, position
+
+
 def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
     problems, plain and with the activation (FP8: quantized) in the epilogue, both with a bias: two
-    experts, a skipped tile whose rows must stay as they were, N and K not multiples of the tile (None:
-    it agrees within 1e-2)."""
+    experts, a skipped tile whose rows must stay as they were, N not a multiple of the tile, on two
+    programs with K long enough that each walks several tiles and the ring of slots wraps (None: it
+    agrees within 1e-2; NaN anywhere disagrees)."""
     g = torch.Generator(device=device).manual_seed(0)
-    M, K = 4 * TILE, 384
+    M, K = 4 * TILE, 9 * TILE
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     a = torch.randn(M, K, generator=g, device=device)
     a_scale_t = None
@@ -122,13 +142,13 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
         for fn in (gemm, grouped_gemm_reference):
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
-            fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t)
+            fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2)
             value = out.float() if not out_fp8 else out.float() * out_scale_t.t().repeat_interleave(TILE, 1)
             outs.append(value)
         got, want = outs
         err = ((got - want).norm() / want.norm()).item()
         skipped_kept = bool((got[TILE:2 * TILE] == want[TILE:2 * TILE]).all())
-        if err > 1e-2 or not skipped_kept:
+        if not err <= 1e-2 or not skipped_kept:        # NaN fails the first
             return (f"its {'FP8' if fp8 else 'BF16'} {what} GEMM disagrees with its PyTorch statement on a small "
                     f"problem (relative error {err:.3g}{'' if skipped_kept else ', a skipped tile written'}); "
                     f"use experts='triton'")
@@ -185,14 +205,7 @@ class WarpSpecializedExperts(Experts):
         aligned = align_pairs(batch.local_ids, L, TILE)
         rows = aligned.max_rows
         tile_expert = aligned.block_expert[:aligned.max_blocks]
-        # positions past `num_padded` hold no marker: only those before it, below `num_pairs`, are pairs
-        position = torch.arange(rows, device=x.device)
-        pair = aligned.sorted_ids[:rows].long()
-        is_pair = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < n * k)
-        pair = torch.where(is_pair, pair, torch.full_like(pair, n * k))
-        src = torch.where(is_pair, pair // k, torch.zeros_like(pair))
-        a = x.contiguous()[src]
-        a_scale_t = batch.scales.float()[src].t().contiguous() if fp8 else None
+        a, a_scale_t, pair, position = rows_in_layout(x, batch.scales if fp8 else None, aligned, k)
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
         # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand

@@ -135,7 +135,10 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, 
             if FP8:
                 part = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
                 w_scales0 = w_scale_ptr + (e * w_scale_rows + w_first // SCALE_BLOCK) * K_BLOCKS
-                w_scales1 = w_scale_ptr + (e * w_scale_rows + (w_first + w_step) // SCALE_BLOCK) * K_BLOCKS
+                # a second box wholly past N (N mod 256 in (0, 128]) only feeds masked columns: its scale
+                # block is clamped to the last one instead of read past the end
+                w_scales1 = w_scale_ptr + (e * w_scale_rows + gl.minimum((w_first + w_step) // SCALE_BLOCK,
+                                                                         w_scale_rows - 1)) * K_BLOCKS
                 a_scale = gl.load(a_scale_ptr + rows)
                 w_scale0 = gl.load(w_scales0)
                 w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
@@ -271,8 +274,13 @@ class GemmShape:
 
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
-                   out_scale_t=None, block_m=128, block_n=None, block_k=None) -> GemmShape:
+                   out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8) -> GemmShape:
     """The operands' contract (module docstring), refused with a ValueError naming the rule."""
+    if stages is not None and stages < 2:
+        raise ValueError(f"grouped_gemm_ws: stages must be at least 2 (BF16 releases a slot one K block late), "
+                         f"got {stages}")
+    if group_m < 1:
+        raise ValueError(f"grouped_gemm_ws: group_m must be at least 1, got {group_m}")
     fp8 = a.dtype == torch.float8_e4m3fn
     gated = activation is not None
     if fp8 != (a_scale_t is not None) or fp8 != (w_scale is not None):
@@ -307,9 +315,12 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     if fp8 and (block_k != SCALE or SCALE % sub_n or (gated and N % SCALE)):
         raise ValueError(f"grouped_gemm_ws: block-FP8 needs block_k {SCALE}, weight boxes within a scale block and, "
                          f"with an activation, I a multiple of {SCALE}")
-    if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()) or (K * a.element_size()) % 16:
-        raise ValueError("grouped_gemm_ws: A, W and out must be contiguous, with rows of A and W a multiple of 16 "
-                         "bytes (TMA)")
+    if K == 0:
+        raise ValueError("grouped_gemm_ws: K is 0 (nothing to multiply)")
+    if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()) or (K * a.element_size()) % 16 \
+            or a.data_ptr() % 16 or w.data_ptr() % 16:
+        raise ValueError("grouped_gemm_ws: A, W and out must be contiguous, A and W 16-byte aligned with rows of a "
+                         "multiple of 16 bytes (TMA)")
     if tile_expert.dtype != torch.int32:
         raise ValueError(f"grouped_gemm_ws: tile_expert must be int32, got {tile_expert.dtype}")
     if bias is not None and (tuple(bias.shape) != (E, w_rows) or bias.dtype != torch.float32):
@@ -338,7 +349,9 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     the down GEMM's A operand as it is). `maxnreg` bounds every thread (12 warps x 32 x 168 fit one SM's
     64K registers: one program per SM); the loader's warpgroup gives up all but `loader_regs`."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k)
+                           block_n, block_k, stages, group_m)
+    if shape.M_pad == 0 or shape.N == 0:
+        return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     el = _gl_dtype(a.dtype)
     bk, sub_n = shape.block_k, shape.sub_n
