@@ -23,6 +23,14 @@ if not INTERPRETING:
         assert "fp8_channel" in contract.experts_problem("triton_ws", channel, "cuda", check_device=False)
         assert "triton_ws" not in contract._by_priority(contract.EXPERTS)      # experimental: never "auto"
 
+    def test_gather_sum_refuses_an_out_it_cannot_write():
+        from epmoe.kernels.token_rows import gather_sum
+        src, index = torch.zeros(6, 8), torch.zeros(3, 2, dtype=torch.long)
+        status = torch.zeros(1, dtype=torch.int32)
+        for bad in (torch.zeros(3, 7), torch.zeros(3, 8, dtype=torch.bfloat16), torch.zeros(8, 3).t()):
+            with pytest.raises(ValueError, match="out must be"):
+                gather_sum(src, index, None, status, torch.float32, out=bad)
+
     @pytest.mark.parametrize("fp8", [False, True])
     def test_a_gemm_that_disagrees_is_refused(fp8):
         """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
@@ -117,7 +125,12 @@ else:
             x[:, :cfg.hidden_size] = torch.randn(T, cfg.hidden_size, generator=g)
             batch = FlatBatch(x.to(cfg.dtype), _ids(T, cfg.num_experts, cfg.top_k, g, one_expert, other_ranks),
                               torch.rand(T, cfg.top_k, generator=g))
+            if T == 11:                      # a dispatcher's buffer to write into (the pull combine's)
+                batch.out = torch.full((T, Hp), float("nan"), dtype=cfg.dtype)
             got = ws(batch, layer.expert_weights)
+            if batch.out is not None:
+                assert got.data_ptr() == batch.out.data_ptr()
+                batch.out = None
             want = layer.experts(batch, layer.expert_weights)
             assert got.shape == (T, Hp) and got.dtype == cfg.dtype
             if T:

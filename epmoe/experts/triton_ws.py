@@ -12,7 +12,7 @@ beside `triton` on a Hopper GPU. The pipeline:
    which writes the down GEMM's operand as it reads it;
 4. down: the same GEMM, plain, with the bias;
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
-   float32 (`gather_sum`).
+   float32 (`gather_sum`), into the dispatcher's buffer where it gives one (`FlatBatch.out`).
 Steps 3 and 4 run `epmoe.kernels.ws_grouped_gemm.grouped_gemm_ws` (`gemm`); the tests put its PyTorch
 statement (`grouped_gemm_reference`) there to check the rest on the CPU (the Triton passes under the
 interpreter).
@@ -219,4 +219,7 @@ class WarpSpecializedExperts(Experts):
         row_of_pair[pair] = position
         index = row_of_pair[:n * k].view(n, k)
         status = torch.zeros(1, dtype=torch.int32, device=x.device)
-        return gather_sum(y, index, batch.weights.float(), status, plan.dtype)
+        # where the dispatcher's combine reads it (its pull buffer), when it is a dense array of the dtype
+        out = batch.out if batch.out is not None and batch.out.is_contiguous() and batch.out.dtype == plan.dtype \
+            else None
+        return gather_sum(y, index, batch.weights.float(), status, plan.dtype, out=out)

@@ -126,14 +126,20 @@ def gather_sum_kernel(src_ptr, index_ptr, weight_ptr, out_ptr, status_ptr, delta
 
 def gather_sum(src: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor | None, status: torch.Tensor,
                out_dtype: torch.dtype, shape: tuple[int, int] | None = None, deltas: torch.Tensor | None = None,
-               block_h: int = 2048, num_warps: int = 4, sms: int | None = None) -> torch.Tensor:
+               block_h: int = 2048, num_warps: int = 4, sms: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """[R, H] rows, index [T, J] (row or -1; None: row t * J + j, `shape` = (T, J)), optional weight
     [T, J] -> [T, H] in out_dtype (float32 sum, terms in order). `deltas` [J] int64: term j is read from
     the copy of `src` that many bytes away (rank j's, through the symmetric-memory mapping). `block_h`:
-    columns per program (a power of two). `sms`: at most this many programs (`programs`)."""
+    columns per program (a power of two). `sms`: at most this many programs (`programs`). `out`: written
+    in place (a contiguous [T, H] tensor of out_dtype) and returned."""
     T, J = index.shape if index is not None else shape
     R, H = src.shape
-    out = torch.empty(T, H, dtype=out_dtype, device=src.device)
+    if out is None:
+        out = torch.empty(T, H, dtype=out_dtype, device=src.device)
+    elif tuple(out.shape) != (T, H) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"gather_sum: out must be a contiguous [{T}, {H}] {out_dtype} tensor, got "
+                         f"{list(out.shape)} {out.dtype}")
     if T == 0:
         return out
     block = min(triton.next_power_of_2(max(H, 16)), block_h)
