@@ -9,6 +9,9 @@ same workspaces equals the oracle on every rank (simulated ranks, Triton interpr
   the next forward is right; a CUDA graph captured before (its Triton launches, replayed) sends nothing
   while a rank waits for `resync()`, and replays right after it; a combine collected after `resync()`
   still raises its error;
+- two forwards in flight (micro-batches; async combines): the status word is one per workspace, so when
+  one forward's collection reads an error, the other still raises it when collected, before or after
+  `resync()`, whether its combine was issued before that read or after it;
 - errors every rank sees in the same forward (ranks on different layers, an overflow): nothing to do,
   the next aligned forward is right as it is. (An exception inside one rank's experts and a refused input,
   through the layer's schedule on ranks in threads, are `tests/test_symm_overlap.py`'s.)
@@ -248,8 +251,9 @@ if INTERPRETING:
     def test_a_combine_collected_after_resync_still_raises(cls, capacity, collect):
         """Both ranks dispatch; rank 0 issues its combine async (its status read put off until the wait)
         and times out there, rank 1 never combines; every rank calls resync() before rank 0 collects. The
-        reset must not swallow the timeout: waiting for the combine (or check()) raises it, once, told as
-        a forward from before resync(), even after an aligned forward in between; nothing more to do."""
+        reset must not swallow the timeout: waiting for the combine raises it, told as a forward from before
+        resync(), even after an aligned forward in between, and so does check() first where it is called
+        first (the combine still raises when waited for: its output is NaN); nothing more to do."""
         ds = make(cls, capacity)
         xs, ls = data([3, 2], 30)
         got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
@@ -257,12 +261,64 @@ if INTERPRETING:
         pending = ds[0].combine_async(ys[0], got[0][1])      # alone: its wait times out
         resync(ds)
         aligned(ds, 31)                                      # a later forward's status is its own
+        if collect == "check":
+            with pytest.raises(RuntimeError, match=r"issued before resync\(\).*timeout_s"):
+                ds[0].check()
         with pytest.raises(RuntimeError, match=r"issued before resync\(\).*timeout_s"):
-            pending.wait() if collect == "wait" else ds[0].check()
+            pending.wait()
         assert torch.isnan(pending.wait()).all()              # reported once, the output stays NaN
         ds[0].check()
         assert not any(d.workspace.needs_reset for d in ds)
         aligned(ds, 32)
+
+    def micro_batches(ds, xs, ls, split):
+        """Both micro-batches dispatched on every rank (tokens [:split] and [split:]), neither combined:
+        [[(batch, handle) per rank] per micro-batch]."""
+        return [lockstep([d.dispatch_steps(x[a:b], route(v[a:b], CFG)) for d, x, v in zip(ds, xs, ls)])
+                for a, b in ((0, split), (split, None))]
+
+    @pytest.mark.parametrize("resync_first", [False, True], ids=["waited", "waited-after-resync"])
+    @pytest.mark.parametrize("cls,capacity", BOUNDED, ids=BOUNDED_IDS)
+    def test_two_combines_in_flight_both_raise(cls, capacity, resync_first):
+        """Rank 0 issues the combines of two micro-batches async (each status read put off until it is
+        waited for) and times out in the first (rank 1 never combines); the second's kernels stop on that,
+        its output is NaN. Waiting for the first raises and clears the status word; waiting for the second
+        must raise too (before, it read a clear word and returned NaN), also where resync() ran before
+        either was waited for (before, the first took what the reset kept)."""
+        ds = make(cls, capacity)
+        xs, ls = data([4, 3], 60)
+        got = micro_batches(ds, xs, ls, 2)
+        pendings = [ds[0].combine_async(experts_out(ds, g)[0], g[0][1]) for g in got]
+        if resync_first:
+            resync(ds)
+            aligned(ds, 61)
+        first, second = ((r"issued before resync\(\).*timeout_s",) * 2 if resync_first else
+                         (r"did not signal within timeout_s", r"in flight beside it.*timeout_s"))
+        with pytest.raises(RuntimeError, match=first):
+            pendings[0].wait()
+        with pytest.raises(RuntimeError, match=second):
+            pendings[1].wait()
+        assert all(torch.isnan(p.wait()).all() for p in pendings)      # each reported once
+        ds[0].check()
+        if not resync_first:
+            resync(ds)
+        aligned(ds, 62, micro_batches=2)
+
+    @pytest.mark.parametrize("cls,capacity", BOUNDED, ids=BOUNDED_IDS)
+    def test_a_combine_issued_after_another_read_the_error_still_raises(cls, capacity):
+        """Two micro-batches in flight; rank 0 passes more tokens than the capacity in the second, which the
+        GPU flags on every rank in that dispatch (nothing is read back there). Combining the first reads the
+        status word, clears it and raises; the second's combine, issued only then, runs on a clear word:
+        before, it returned a wrong result on rank 1 (zeros, or rows an earlier forward left) without
+        raising. Now every rank raises for both, and the next aligned forwards are right as they are."""
+        ds = make(cls, capacity)
+        xs, ls = data([2 + M + 1, 4], 70)
+        for g in micro_batches(ds, xs, ls, 2):
+            errors = {}
+            lockstep([d.combine_steps(y, h) for d, y, (_, h) in zip(ds, experts_out(ds, g), g)], errors)
+            assert set(errors) == {0, 1} and all(isinstance(e, ValueError) for e in errors.values()), errors
+        aligned(ds, 71)
+        aligned(ds, 72, micro_batches=2)
 
     class Graph:
         """A forward of one simulated rank recorded as its Triton launches, replayed as a CUDA graph is: the

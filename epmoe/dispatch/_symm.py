@@ -5,7 +5,8 @@ A forward's header (`header.Header`: layer fingerprint, layer index, the group's
 failed) travels in the control block of the workspace, next to the flags every phase exchanges anyway, so
 checking that the ranks run the same layer's same forward costs no extra exchange. The kernels compare
 headers on the GPU and set bits in the workspace's status word; the host reads that word at the one point
-where it reads anything, raises the error that the bits name, and clears it.
+where it reads anything, raises the error that the bits name, and clears it, keeping the bits for every
+other forward still in flight on the workspace, which raises them when collected (the word is shared).
 
 The workspace (`SymmWorkspace`) is given at construction (`workspace=`), or the group's default one is
 taken in `prepare()`, once the ranks agreed on the layer: allocated or grown then, collectively, never in a
@@ -71,6 +72,8 @@ class SymmHandle(Handle):
     header: fh.Header = None
     check_on_wait: bool = False     # combine's status read put off until its Pending is waited for
     generation: int = 0             # the workspace's `generation` at dispatch (a `resync()` since: refused)
+    token: int = 0                  # its number among the workspace's open forwards (0: not one)
+    unread: int = 0                 # status bits read for others while it was open (`SymmWorkspace.open_forward`)
 
 
 class SymmDispatcher(CommDispatcher):
@@ -150,6 +153,16 @@ class SymmDispatcher(CommDispatcher):
                                f"may differ; call resync() on every rank of the group (layer.resync(), between "
                                f"forwards) before the next forward")
         return ws, ws.next_slot()
+
+    def opened(self, handle: SymmHandle) -> SymmHandle:
+        """`handle`, registered with its workspace where its combine reads the status word when collected
+        (with a capacity, outside CUDA graph capture): bits read for other forwards meanwhile are kept for
+        it (`SymmWorkspace.open_forward`)."""
+        dev = handle.ws.device
+        if self.plan.max_tokens_per_rank is not None and not (dev.type == "cuda"
+                                                              and torch.cuda.is_current_stream_capturing()):
+            handle.ws.open_forward(handle)
+        return handle
 
     def check_handle(self, handle: SymmHandle) -> None:
         """Refuse to combine a forward dispatched before a `resync()` (its slot's state was reset)."""
@@ -270,8 +283,7 @@ class SymmDispatcher(CommDispatcher):
         """The status bits the kernels set since the last read (a host sync), cleared."""
         ws = self._workspace()
         bits = int(ws.status.item())
-        if bits:
-            ws.clear_status()
+        ws.status_read(bits)
         return bits
 
     def raise_for_status(self, bits: int, heads: list[list[int]] | None = None,
@@ -332,12 +344,13 @@ class SymmDispatcher(CommDispatcher):
                                f"dispatch whose combine never ran left its counters behind; every dispatch must be "
                                f"followed by its combine")
 
-    def raise_unread_at_reset(self, ws: SymmWorkspace) -> None:
-        """Raise what `ws.reset()` found unread in the status word: the error of a forward issued before
-        `resync()` (its output is NaN), told as such: the ranks are in step again, nothing is to be joined
-        or reset."""
+    def raise_read_elsewhere(self, bits: int, before_resync: bool) -> None:
+        """Raise for status bits a forward did not read itself: kept by `reset()` (`before_resync`: a forward
+        issued before `resync()`; the ranks are in step again), or read for another forward in flight beside
+        it, whose kernels ran beside its own (`SymmWorkspace.open_forward`): its output is not to be used.
+        Told as such; whoever read them first did what they ask (a resync() is needed, a collective peer
+        was joined)."""
         from ..kernels import symm_dispatch as k
-        bits = ws.take_unread_at_reset()
         if not bits:
             return
         M = self.plan.max_tokens_per_rank
@@ -351,9 +364,15 @@ class SymmDispatcher(CommDispatcher):
             (k.SLOT_OVERFLOW, "more rows arrived for an expert than its capacity", RuntimeError)]
         found = [(what, kind) for bit, what, kind in meanings if bits & bit.value]
         kind = next((kind for _, kind in found if kind is not RuntimeError), RuntimeError)
-        raise kind(f"{self.name} dispatcher: a forward issued before resync() failed on the GPU ("
-                   + "; ".join(what for what, _ in found) + "); its output is NaN. Its status is read only now: "
-                   "resync() has put the ranks back in step since, so the group's next forward needs nothing more")
+        what = "; ".join(what for what, _ in found)
+        if before_resync:
+            raise kind(f"{self.name} dispatcher: a forward issued before resync() failed on the GPU ({what}); its "
+                       f"output is NaN. Its status is read only now: resync() has put the ranks back in step since, "
+                       f"so the group's next forward needs nothing more")
+        raise kind(f"{self.name} dispatcher: a forward in flight beside it (or this one) failed on the GPU "
+                   f"({what}), raised already where another forward or check() read it; the status word that says "
+                   f"so is one per workspace, so this forward's kernels stopped on it or ran on what that one left: "
+                   f"its output is not to be used (NaN)")
 
     def check(self) -> None:
         """Raise now for anything the GPU reported since the last check (after CUDA graph replays, which
@@ -361,7 +380,7 @@ class SymmDispatcher(CommDispatcher):
         since found unread (replays before it), then what came after."""
         if self.comm_stream is not None:
             self.comm_stream.join()
-        self.raise_unread_at_reset(self._workspace())
+        self.raise_read_elsewhere(self._workspace().take_unread_at_reset(), before_resync=True)
         self.raise_for_status(self.read_status())
 
     def check_at_end(self, handle: SymmHandle, device) -> None:
@@ -374,16 +393,18 @@ class SymmDispatcher(CommDispatcher):
         ws = handle.ws
         if handle.generation != ws.generation:
             # a combine issued before resync(), waited for after it: the status word is a later forward's
-            # now; what this one left was kept by the reset
-            self.raise_unread_at_reset(ws)
+            # now; what this one left was kept by the reset (on it, and for check())
+            self.raise_read_elsewhere(ws.close_forward(handle) | ws.take_unread_at_reset(), before_resync=True)
             return
         seen = torch.cat([ws.status, ws.control_view(handle.slot, "heads.count").reshape(-1)]).tolist()
         bits = seen[0]
+        ws.status_read(bits, handle)
+        kept = ws.close_forward(handle)
         if bits:
-            ws.clear_status()
             hw = (len(seen) - 1) // self.ep_size
             self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)],
                                   handle.header)
+        self.raise_read_elsewhere(kept, before_resync=False)
 
     def workspace_signature(self) -> tuple:
         """The workspace every rank builds this layer on (the build handshake compares it: a rank on the

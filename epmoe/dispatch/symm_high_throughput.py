@@ -206,8 +206,8 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         # pull: the experts' output goes where the peers read it (experts that can write there do)
         batch = FlatBatch(rg.rx_RH[:N], rg.rids_RK[:N], rg.rw_RK[:N], rg.rxs_RG[:N] if fp8 else None,
                           out=rg.comb_RH[:N] if lc.combine_pull else None)
-        handle = SymmHTHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation, mtx_PW=mtx_PW,
-                              num_rows=N, back_TP=back_TP, pull=lc.combine_pull)
+        handle = self.opened(SymmHTHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation,
+                                          mtx_PW=mtx_PW, num_rows=N, back_TP=back_TP, pull=lc.combine_pull))
         return batch, handle
 
     def _count(self, mtx_PW, rg: HTRegions, n_rows: int, itemsize: int) -> None:
@@ -228,8 +228,7 @@ class SymmHighThroughputDispatcher(SymmDispatcher):
         seen = torch.cat([mtx_PW.reshape(-1), ws.status]).tolist()
         bits, hw = seen[-1], mtx_PW.shape[1]
         heads = [seen[r * hw:(r + 1) * hw] for r in range(self.ep_size)]
-        if bits:
-            ws.clear_status()
+        ws.status_read(bits)
         self.raise_for_status(bits, heads, header)
         base = len(fh.FIELDS)
         error = fh.mismatch(f"{self.name} dispatcher", [h[:base] for h in heads])

@@ -117,8 +117,8 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         if self.stats is not None:
             self._count(routing, rg, x_TH.element_size(), n)
         batch = BatchedBatch(rg.rx_LCH[:L], rg.counts_L[:L], rg.rxs_LCG[:L] if fp8 else None)
-        handle = SymmLLHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation,
-                              weights_TK=routing.topk_weights.float())
+        handle = self.opened(SymmLLHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation,
+                                          weights_TK=routing.topk_weights.float()))
         return batch, handle
 
     def _count(self, routing, rg: LLRegions, itemsize: int, n: int) -> None:

@@ -30,6 +30,7 @@ each in a thread of its own through the public dispatch API, meeting at every wa
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -100,8 +101,9 @@ class SymmWorkspace:
     [1] int32 (the kernels' error bits), number (its number on the group: 1, 2, ..., the same on every
     rank), generation (how many times `reset()` ran), needs_reset (this rank, or a peer it heard from,
     gave a forward up on a timeout: its forwards are refused until every rank's `resync()`; `give_up`),
-    unread_at_reset (status bits that
-    `reset()` cleared before anyone read them: the next read for a forward from before it raises them).
+    unread_at_reset (status bits that `reset()` cleared before anyone read them: `check()` raises them,
+    unless a forward from before it was collected first), open_forwards (the forwards whose status is
+    read when their combine is collected: `open_forward`, `status_read`).
     """
 
     SLOTS = 2
@@ -145,6 +147,8 @@ class SymmWorkspace:
         self.generation = 0
         self.needs_reset = False
         self.unread_at_reset = 0
+        self.open_forwards = weakref.WeakValueDictionary()     # token -> handle
+        self._opened = 0
 
     def _setup(self, local: torch.Tensor, bases: list[int], rank: int, slot_bytes: int, keepalive) -> None:
         self.local = local
@@ -277,13 +281,16 @@ class SymmWorkspace:
         Only inside `resync()`, which every rank calls: after every rank's earlier kernels are done (they
         store into this buffer) and before any rank publishes again, so that the ranks' workspaces agree
         whatever forwards each missed. The data regions keep their bytes: a forward writes what it reads
-        there. Status bits nobody read yet (an async combine not yet waited for, CUDA graph replays not
-        yet checked) are kept in `unread_at_reset` (a host read: the GPU work is done here anyway), so the
-        error they name is still raised where that forward is collected (`take_unread_at_reset`)."""
+        there. Status bits nobody read yet (async combines not yet waited for, CUDA graph replays not yet
+        checked) are kept (a host read: the GPU work is done here anyway) on every open forward, which
+        raises them when collected, and in `unread_at_reset` for `check()` (`take_unread_at_reset`)."""
         if self.local is None:
             raise RuntimeError("symmetric workspace: used after free()")
         from ..kernels.symm_dispatch import RESET_PENDING
-        self.unread_at_reset |= int(self.status.item()) & ~RESET_PENDING.value
+        unread = int(self.status.item()) & ~RESET_PENDING.value
+        self.unread_at_reset |= unread
+        for handle in list(self.open_forwards.values()):       # each raises them when collected
+            handle.unread |= unread
         # the memory held before a grow too: a graph captured then still waits on its flags
         for local in [self.local] + [held[0] for held in self._retired]:
             slot_bytes = local.numel() // self.SLOTS
@@ -305,10 +312,34 @@ class SymmWorkspace:
         self.needs_reset = True
         self.status.bitwise_or_(RESET_PENDING.value)
 
-    def clear_status(self) -> None:
-        """Clear the status bits the host has read (RESET_PENDING stays until `reset()`)."""
+    def open_forward(self, handle) -> None:
+        """Register `handle`, a forward whose status word is read when its combine is collected. The word is
+        one for every forward on this workspace, and a bit a forward's kernels set stops (NaN) every
+        forward whose kernels run after it until the host clears it: so when the host reads bits for
+        another forward, or `check()` does, or `reset()` clears them, they are kept on this handle too
+        (`handle.unread`) and it raises them when collected (`close_forward`). Kept weakly: a handle
+        dropped uncollected leaves nothing here."""
+        self._opened += 1
+        handle.token = self._opened
+        self.open_forwards[handle.token] = handle
+
+    def close_forward(self, handle) -> int:
+        """`handle` collected: the status bits others read while it was open (0 if none)."""
+        self.open_forwards.pop(handle.token, None)
+        bits, handle.unread = handle.unread, 0
+        return bits
+
+    def status_read(self, bits: int, reader=None) -> None:
+        """The host read `bits` from the status word (for forward `reader`, or for no forward): cleared
+        there (RESET_PENDING stays until `reset()`), and kept on every other open forward (`open_forward`)."""
         from ..kernels.symm_dispatch import RESET_PENDING
+        bits &= ~RESET_PENDING.value
+        if not bits:
+            return
         self.status.bitwise_and_(RESET_PENDING.value)
+        for handle in list(self.open_forwards.values()):
+            if handle is not reader:
+                handle.unread |= bits
 
     def take_unread_at_reset(self) -> int:
         """The status bits `reset()` cleared unread (0 if none), handed out once."""
