@@ -18,10 +18,19 @@ The walk is persistent (one program per SM, tiles grouped GROUP_M m-tiles at a t
 read by neighbours while it is in L2); the loader runs ahead into the next tile while the math warps
 store the last one.
 
-Operands (`grouped_gemm_ws`): A [M_pad, K] in expert-contiguous, tile-padded rows (`tile_expert[m]` the
-expert of m-tile m, -1 for a tile to skip), W [E, N, K], out [M_pad, N] bfloat16. FP8: A e4m3 with
-scales `a_scale_t` [ceil(K/128), M_pad] (one per row and 128-wide K block, stored K-block-major so a
-tile's scales are one contiguous row), W e4m3 with `w_scale` [E, ceil(N/128), ceil(K/128)].
+Tiles are 128 rows by 128 or 256 columns; a 256-wide tile is two weight boxes of 128 rows, each with its
+own accumulator (the FP8 promotion works box by box), which reads 25% fewer bytes per FLOP than two
+128-wide tiles.
+
+Operands (`grouped_gemm_ws`, checked by `check_operands`): A [M_pad, K] in expert-contiguous, tile-padded
+rows (`tile_expert[m]` the expert of m-tile m, -1 for a tile to skip), W [E, N, K], an optional float32
+bias [E, N], out [M_pad, N] bfloat16. FP8: A e4m3 with scales `a_scale_t` [ceil(K/128), M_pad] (one per
+row and 128-wide K block, stored K-block-major so a tile's scales are one contiguous row), W e4m3 with
+`w_scale` [E, ceil(N/128), ceil(K/128)]. The gated form (`activation=`, the experts' gate+up): W holds the
+gate rows then the up rows (W [E, 2I, K]); a tile's two boxes are the gate and the up rows of the same 128
+outputs, and the epilogue writes act(gate + bias, up + bias) [M_pad, I] in bfloat16, or quantized to
+e4m3 with the one formula (`fp8_quantize_groups`, one scale per row and 128 columns, `out_scale_t`
+[ceil(I/128), M_pad]): the down GEMM's A operand as it reads it.
 Gluon is Triton's experimental layer: this runs on CUDA sm_90 only and has no interpreter path; its
 compile is checked without a GPU by `compile_ws_gemm_for_hopper`.
 """
