@@ -15,6 +15,8 @@ workspaces; the collective rank is the real dispatcher class with a fake two-ran
 transport is played). What a GPU run adds (NCCL, timing across processes, the allocation rendezvous) is
 in benchmarks/gpu_mismatch_check.py.
 """
+import threading
+
 import pytest
 import torch
 
@@ -28,12 +30,14 @@ if INTERPRETING:
     from epmoe import MoEConfig, Placement, RankMismatch, reference_moe
     from epmoe.contract import build_plan, dispatcher_class
     from epmoe.dispatch._symm import run_steps
+    from epmoe.dispatch.micro_batches import run_micro_batches
     from epmoe.dispatch.symm_high_throughput import SymmHighThroughputDispatcher
     from epmoe.dispatch.symm_low_latency import SymmLowLatencyDispatcher
     from epmoe.experts.reference import ReferenceExperts
     from epmoe.routing import route
     from epmoe.testing import assert_close, random_experts
 
+    from test_symm_overlap import on_threads
     from test_symm_simulated import lockstep, rank_weights, simulated, simulated_group, slot_bytes
 
     CFG = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
@@ -182,3 +186,101 @@ if INTERPRETING:
         drain(symm_forward(d, x, route(torch.randn(2, CFG.num_experts), CFG)), errors, 0)  # forward #8
         assert isinstance(errors.get(0), RuntimeError) and "timeout_s" in str(errors[0]), errors
         assert not isinstance(errors[0], RankMismatch)
+
+    # ------------------------------------------------- two micro-batches on the symm rank, ranks in threads
+    class ThreadedWire:
+        """The transport of a fake two-rank group whose ranks run in threads: the n-th `all_to_all` of one
+        rank pairs with the n-th of the other, which it waits for at most `timeout_s` (a process group's
+        timeout, played short: a rank left waiting there is the hang this guards against)."""
+        def __init__(self, timeout_s=10.0):
+            self.rows, self.cond, self.timeout_s = {0: [], 1: []}, threading.Condition(), timeout_s
+
+    class ThreadedComm:
+        def __init__(self, wire, rank):
+            self.wire, self.rank, self.size = wire, rank, 2
+
+        def all_to_all(self, out, inp, *args, **kw):
+            w, me = self.wire, self.rank
+            with w.cond:
+                i = len(w.rows[me])
+                w.rows[me].append(inp.clone())
+                w.cond.notify_all()
+                if not w.cond.wait_for(lambda: len(w.rows[1 - me]) > i, timeout=w.timeout_s):
+                    raise TimeoutError(f"rank {me} waited in vain for its peer in exchange #{i}")
+                for r in range(2):
+                    out.view(2, -1)[r] = w.rows[r][i].view(2, -1)[me]
+            return out
+
+    def one_kernel_at_a_time(monkeypatch):
+        """The Triton interpreter is not thread-safe: kernel launches of the two threads take turns."""
+        from triton.runtime.interpreter import InterpretedFunction
+        lock, run = threading.Lock(), InterpretedFunction.run
+
+        def locked(self, *args, **kw):
+            with lock:
+                return run(self, *args, **kw)
+        monkeypatch.setattr(InterpretedFunction, "run", locked)
+
+    # (symm kind, collective kind, the symm rank, micro-batches of the collective rank: with one, its next
+    # layer's forward is the one the symm rank's second micro-batch meets)
+    MICRO = [("symm_low_latency", "alltoall", 0, 2), ("symm_high_throughput", "allgather", 1, 2),
+             ("symm_low_latency", "low_latency", 1, 1), ("symm_high_throughput", "alltoall", 0, 1)]
+
+    @pytest.mark.parametrize("symm,coll,symm_rank,coll_parts", MICRO)
+    def test_two_micro_batches_against_a_collective_peer_raise_on_both_then_recover(symm, coll, symm_rank,
+                                                                                    coll_parts, monkeypatch):
+        """The symm rank runs its layer in two micro-batches (forwards #n, #n+1), the collective rank a
+        collective layer at #n (and #n+1: its second micro-batch, or its next layer). Micro-batch B's kernels
+        stop on A's status bit without looking for a marker of #n+1, yet the collective rank's exchange of
+        #n+1 waits for a peer: B joins it, so every rank raises `RankMismatch` in every exchange, none is
+        left waiting, and the next aligned forwards of either kind are right."""
+        one_kernel_at_a_time(monkeypatch)
+        cls = SYMM[symm]
+        experts = random_experts(CFG, seed=1)
+        wss, states = simulated_group(2, slot_bytes(cls, CFG, 2, M))
+        ds = [simulated(cls, CFG, Placement(CFG.num_experts, 2, r), M, wss[r], states[r]) for r in range(2)]
+        for d in ds:
+            d.layer_index, d.timeout_s = 1, 20.0
+        cs = [collective(coll, r, states[r], monkeypatch) for r in range(2)]
+        c = 1 - symm_rank
+        g = torch.Generator().manual_seed(3)
+        xs = [torch.randn(4, CFG.hidden_size, generator=g) for _ in range(2)]
+        routings = [route(torch.randn(4, CFG.num_experts, generator=g), CFG) for _ in range(2)]
+        wire = ThreadedWire()
+        ds[symm_rank].comm, cs[c].comm = ThreadedComm(wire, symm_rank), ThreadedComm(wire, c)
+        entered = threading.Event()
+
+        def symm_side():
+            entered.wait(30)          # the collective rank's marker of #n is written: the symm wait sees it
+            d = ds[symm_rank]
+            zeros = (lambda b: d.empty_expert_output(b)) if hasattr(d, "empty_expert_output") else \
+                (lambda b: torch.zeros(b.x.shape))
+            run_micro_batches(d, zeros, xs[symm_rank], routings[symm_rank], 2)
+
+        def collective_side():
+            errors = []
+            mark = wss[c].mark_collective
+
+            def marked(forward):
+                mark(forward)
+                entered.set()
+            wss[c].mark_collective = marked
+            for _ in range(2 // coll_parts):           # one forward of two micro-batches, or two of one
+                try:
+                    run_micro_batches(cs[c], lambda b: torch.zeros(b.x.shape), xs[c], routings[c], coll_parts)
+                except RankMismatch as exc:
+                    errors.append(exc)
+            del wss[c].mark_collective
+            assert len(errors) == 2 // coll_parts, errors
+            raise errors[0]
+
+        _, errors = on_threads([{symm_rank: symm_side, c: collective_side}[r] for r in range(2)])
+        assert set(errors) == {0, 1}, errors
+        for r, exc in errors.items():
+            assert isinstance(exc, RankMismatch), (r, exc)
+            assert "dispatcher differs" in str(exc) and repr(symm) in str(exc) and repr(coll) in str(exc), str(exc)
+        assert len(wire.rows[0]) == len(wire.rows[1]) == 2     # both exchanges, each with both ranks
+        assert states[0].forwards == states[1].forwards
+        for seed in (4, 5):                                    # both slots, then a collective forward
+            aligned_symm_forward_is_correct(ds, experts, seed)
+        aligned_collective_headers(cs, Wire())

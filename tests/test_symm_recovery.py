@@ -423,3 +423,16 @@ if INTERPRETING:
         for r in range(2):
             assert_close(outs[r], refs[r], 1e-5)
         aligned(ds, 42)
+
+    @pytest.mark.parametrize("cls,capacity", BOUNDED, ids=BOUNDED_IDS)
+    def test_an_eager_combine_issued_after_a_give_up_is_refused_and_says_so(cls, capacity):
+        """Both ranks dispatch; rank 0 then gives another forward up on a timeout and only afterwards issues
+        the first forward's combine: its kernels send nothing (REFUSED), and the error says that an eager
+        combine was issued while the rank waited for resync(), not only graph replays."""
+        ds = make(cls, capacity)
+        xs, ls = data([3, 2], 80)
+        got = lockstep([d.dispatch_steps(x, route(v, CFG)) for d, x, v in zip(ds, xs, ls)])
+        assert timed_out(alone(ds[0], 81))
+        (b, h) = got[0]
+        with pytest.raises(RuntimeError, match=r"waited for resync\(\).*an eager combine issued since.*sent nothing"):
+            lockstep([ds[0].combine_steps(experts_out(ds[:1], got[:1])[0], h)])

@@ -25,12 +25,13 @@ from __future__ import annotations
 import abc
 
 import importlib.util
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import RankMismatch
-from ..group import GroupState
+from ..group import WRAP, GroupState
 from . import header as fh
 from ._comm import CommDispatcher
 from .base import Handle, Pending
@@ -263,8 +264,33 @@ class SymmDispatcher(CommDispatcher):
                            f"header exchange found every rank on the same layer")    # not reached
 
     def settle_mismatch(self, rows: list[list[int]], symm_step: int) -> None:
-        # this rank's own workspace stepped already (its forward's first exchange did)
-        self.state.adopt_forward(max(h[fh.FIELDS.index("forward")] for h in rows))
+        # this rank's own workspace stepped already (its forward's first exchange did); its forward count
+        # never goes back: a later forward of this rank (the other micro-batch) may have taken a number since
+        largest = max(h[fh.FIELDS.index("forward")] for h in rows)
+        if (largest - self.state.forwards) % WRAP < WRAP // 2:
+            self.state.adopt_forward(largest)
+
+    def meet_collective_peer(self, handle: SymmHandle) -> None:
+        """A forward whose kernels were stopped by another forward's COLLECTIVE_PEER (the status bit is one
+        per workspace, so they never looked for a marker of their own forward number): the peer may run a
+        collective exchange of this forward's number too (its next micro-batch, or its next layer), and
+        waits there for this rank. Wait on the host for what that forward's kernels would have waited for:
+        a peer's marker of this forward number (then join that exchange: `join_collective_peer` raises
+        the same `RankMismatch` as there), or every peer's flags of this forward's first exchange (they run
+        a symmetric-memory forward of this number: nothing to join), for at most `timeout_s`."""
+        ws, forward = handle.ws, handle.header.forward
+        peers = [r for r in range(self.ep_size) if r != self.rank]
+        markers = ws.control_view(0, "collective")
+        flags = ws.control_view(handle.slot, "flags.count")
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            seen = torch.cat([markers, flags, ws.epochs[1 + handle.slot:2 + handle.slot]]).tolist()
+            if any(seen[r] == forward for r in peers):
+                self.join_collective_peer(handle.header)
+            epoch = seen[-1]
+            if all(seen[self.ep_size + r] == epoch for r in peers) or time.monotonic() > deadline:
+                return
+            time.sleep(1e-3)
 
     def exchange(self, ws: SymmWorkspace, phase: str, slot: int, header: fh.Header, **kw):
         """Publish `header` and the phase's next epoch, and wait for every rank's (one kernel on the GPU;
@@ -309,9 +335,9 @@ class SymmDispatcher(CommDispatcher):
                                f"this forward's outputs are invalid (set to NaN). This rank gave the forward up: "
                                f"{resync_now}; a dead rank needs a new group")
         if bits & k.REFUSED.value:
-            raise RuntimeError(f"{who}: this rank ran forwards (CUDA graph replays) while it waited for resync() "
-                               f"after a forward was given up on a timeout: they sent nothing to the peers and "
-                               f"their outputs are NaN; {resync_now}")
+            raise RuntimeError(f"{who}: this rank ran a forward's kernels while it waited for resync() after a "
+                               f"forward was given up on a timeout (an eager combine issued since, or CUDA graph "
+                               f"replays): they sent nothing to the peers and their outputs are NaN; {resync_now}")
         seen = ", ".join(f"rank {r}: layer #{h[1]} forward #{h[2]} {h[3]} tokens{' FAILED' if h[4] else ''}"
                          for r, h in enumerate(heads or []))
         error = fh.mismatch(who, [h[:len(fh.FIELDS)] for h in heads]) if heads else None
@@ -357,7 +383,8 @@ class SymmDispatcher(CommDispatcher):
         meanings = [   # (bit, what the kernels saw, the error a forward raises for it)
             (k.COLLECTIVE_PEER, "a peer was in a collective dispatcher's forward", RankMismatch),
             (k.TIMEOUT, f"a peer did not signal within timeout_s={self.timeout_s} s", RuntimeError),
-            (k.REFUSED, "this rank replayed it while it waited for resync(): it sent nothing", RuntimeError),
+            (k.REFUSED, "this rank ran its kernels (a combine issued, or a CUDA graph replayed) while it waited "
+                         "for resync(): it sent nothing", RuntimeError),
             (k.FAILED, "a rank could not compute the forward or gave it up", RankMismatch),
             (k.OVERFLOW, f"a rank passed more than max_tokens_per_rank={M} tokens", ValueError),
             (k.MISMATCH, "the ranks ran different layers or forwards", RankMismatch),
@@ -400,6 +427,9 @@ class SymmDispatcher(CommDispatcher):
         bits = seen[0]
         ws.status_read(bits, handle)
         kept = ws.close_forward(handle)
+        from ..kernels.symm_dispatch import COLLECTIVE_PEER
+        if kept & COLLECTIVE_PEER.value and not bits & COLLECTIVE_PEER.value:
+            self.meet_collective_peer(handle)    # first: that peer may wait for this forward in its exchange
         if bits:
             hw = (len(seen) - 1) // self.ep_size
             self.raise_for_status(bits, [seen[1 + r * hw:1 + (r + 1) * hw] for r in range(self.ep_size)],
