@@ -316,8 +316,14 @@ def build_plan(dispatcher: str | None, experts: str | None, cfg, ep_size: int, d
                    experts_read_strided_rows=x is not None and x.reads_strided_rows, cuda_graph_safe=graph_safe,
                    host_sync=d is not None and d.host_sync and not (d.takes_max_tokens and capacity is not None),
                    max_tokens_per_rank=capacity, micro_batches=micro_batches,
-                   # what applies: a dispatcher with no transfer kernels (`local`) has nothing to bound
-                   comm_sms=comm_sms if d is not None and d.bounded_sms else None)
+                   comm_sms=applied_comm_sms(dispatcher, comm_sms))
+
+
+def applied_comm_sms(dispatcher: str | None, comm_sms: int | None) -> int | None:
+    """The SM bound that applies to `dispatcher`'s transfer kernels: `comm_sms` where it declares
+    `bounded_sms`, None where there is nothing to bound (`local` has no transfer kernels; a dispatcher whose
+    transfers are collectives refuses the setting in `check_overlap`)."""
+    return comm_sms if dispatcher is not None and dispatcher_class(dispatcher).CAPS.bounded_sms else None
 
 
 def graph_safe(dispatcher: str, experts: str) -> bool:

@@ -255,8 +255,7 @@ def main(args) -> int:
         console.print(f"device {device}, ranks {ranks}, dispatcher {dispatcher}, experts {experts}, tokens/rank "
                       f"{args.tokens}, input [{args.tokens}, {cfg.hidden_size}] -> output [{args.tokens}, "
                       f"{cfg.hidden_size}]", highlight=False)
-        # what applies, as the layer's plan records it: `local` has no transfer kernels to bound
-        sms = args.comm_sms if contract.dispatcher_class(dispatcher).CAPS.bounded_sms else None
+        sms = contract.applied_comm_sms(dispatcher, args.comm_sms)      # what the layer's plan records
         unused = (f" (--comm-sms {args.comm_sms}: dispatcher {dispatcher} has no transfer kernels to bound)"
                   if sms is None and args.comm_sms is not None else "")
         console.print(f"micro-batches {args.micro_batches}, comm SMs {sms if sms is not None else 'unbounded'}"
