@@ -32,6 +32,7 @@ if INTERPRETING:
     from epmoe.layouts import ExpertWeights
     from epmoe.routing import route
     from epmoe.testing import assert_close, random_experts
+    from test_symm_simulated import lockstep
 
     CFG = MoEConfig(num_experts=6, top_k=2, hidden_size=20, intermediate_size=8, dtype=torch.float32)
     EXPERTS = random_experts(CFG, seed=3)
@@ -58,18 +59,6 @@ if INTERPRETING:
         g = torch.Generator().manual_seed(seed)
         return ([torch.randn(t, CFG.hidden_size, generator=g) for t in tokens],
                 [torch.randn(t, CFG.num_experts, generator=g) * 2 for t in tokens])
-
-    def lockstep(gens):
-        """Advance every rank's step generator to its next wait in turn; return their results."""
-        results, live = [None] * len(gens), set(range(len(gens)))
-        while live:
-            for r in sorted(live):
-                try:
-                    next(gens[r])
-                except StopIteration as stop:
-                    results[r] = stop.value
-                    live.discard(r)
-        return results
 
     # A, B, A, B on each kind; A, B, B, A where tests/test_symm_simulated.py does not run it
     @pytest.mark.parametrize("cls,M,order", [k + ("ABAB",) for k in KINDS] + [KINDS[1] + ("ABBA",)],

@@ -273,8 +273,8 @@ class Rebalance:
 
     def finish(self) -> RebalanceResult:
         """Move what is left, then switch to the new placement at once; returns what was done."""
-        while self.step():
-            pass
+        while self.step():        # each call moves one bounded chunk and says whether any is left
+            continue
         layer = self.layer
         with torch.no_grad():
             for j, local in enumerate(self.dst_local):     # in place (FP8 has no index_copy)

@@ -379,8 +379,8 @@ class CommDispatcher(Dispatcher):
         symmetric-memory dispatchers (a peer skipped the forward, or came late): the ranks' slots and
         epochs then differ. Raises the process group's error where a rank is dead (then only a new group
         helps)."""
-        for _ in self.resync_steps():
-            pass
+        for _ in self.resync_steps():       # each step runs as the generator is drained; nothing to wait on
+            continue
 
     def resync_steps(self):
         """`resync` as steps (a generator; simulated ranks stop at each meeting)."""
