@@ -5,13 +5,16 @@ limit turns that into an error in the JSON instead of a lost device call):
 1. check: the `triton_ws` experts' self-check, then small awkward problems against the kernel's PyTorch
    statement (`grouped_gemm_reference`): N and K not multiples of the tile, unequal rows per expert, a
    skipped tile (its rows must keep their sentinel), few programs (the persistent walk and the ring wrap
-   around), plain and gated, block FP8 and BF16, with a bias. rel. error <= 1e-2.
+   around), plain and gated, block FP8 and BF16, with a bias, A in layout order or picked from fewer
+   token rows (`a_rows`, down to one token). rel. error <= 1e-2.
 2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
    laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
    the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
    tuning table's configuration on the same shapes (`ws_probe.library_times`), both on a random top-k
-   routing of T tokens laid out in tiles of 128 (the same draw, not the same ids); and the `triton_ws`
-   backend's row copy into that layout (which the library's gate+up does not need) timed on its own.
+   routing of T tokens laid out in tiles of 128 (the same draw, not the same ids). Gate+up twice: reading
+   the token rows where they are (`a_rows`, the `triton_ws` backend's form: its loader copies them with
+   `cp.async`) and over rows already in layout order (TMA); beside them, what copying the rows into the
+   layout would cost, timed on its own.
    `triton.testing.do_bench` medians for both; every timed variant checked on two tiles against
    `grouped_gemm_reference` first.
 
@@ -42,15 +45,20 @@ VARIANTS = {   # (format, gemm): [(block_n, stages)]; block_m 128 (two warpgroup
 
 class Problem:
     """One grouped GEMM in the kernel's layout: A [M, K] (rows of tile m belong to expert tile_expert[m]),
-    W [E, w_rows, K], with FP8 block scales where `fp8`, a bias, and `gated` (the activation, FP8 out)."""
+    W [E, w_rows, K], with FP8 block scales where `fp8`, a bias, and `gated` (the activation, FP8 out).
+    `tokens`: A holds that many rows instead, picked for the M layout rows by `a_rows` (given, or drawn
+    at random: some picked twice, some never), as the backend's gate+up reads the tokens."""
 
-    def __init__(self, fp8, gated, tile_expert, E, w_rows, K, gen, dev, a_std=1.0):
+    def __init__(self, fp8, gated, tile_expert, E, w_rows, K, gen, dev, a_std=1.0, tokens=None, a_rows=None):
         import torch
         from epmoe.quant.fp8 import fp8_quantize, quantize_weight
         self.fp8, self.gated = fp8, gated
         self.tile_expert = torch.tensor(tile_expert, dtype=torch.int32, device=dev)
         M = 128 * len(tile_expert)
-        a = torch.randn(M, K, generator=gen, device=dev) * a_std
+        if tokens is not None and a_rows is None:
+            a_rows = torch.randint(0, tokens, (M,), generator=gen, device=dev).to(torch.int32)
+        self.a_rows = a_rows
+        a = torch.randn(M if tokens is None else tokens, K, generator=gen, device=dev) * a_std
         w = torch.randn(E, w_rows, K, generator=gen, device=dev) * (1.0 / K ** 0.5)
         self.bias = torch.randn(E, w_rows, generator=gen, device=dev) * 0.1
         self.a_scale_t = self.w_scale = None
@@ -88,13 +96,14 @@ class Problem:
         import torch
         from epmoe.experts.triton_ws import grouped_gemm_reference
         rows = torch.cat([torch.arange(t * 128, (t + 1) * 128) for t in tiles]).to(self.a.device)
+        picked = rows if self.a_rows is None else self.a_rows[rows].long()       # A's rows of those layout rows
         sub = Problem.__new__(Problem)
         sub.__dict__.update(self.__dict__)
-        sub.a, sub.M = self.a[rows].contiguous(), rows.numel()
+        sub.a, sub.M, sub.a_rows = self.a[picked].contiguous(), rows.numel(), None
         sub.tile_expert = self.tile_expert[list(tiles)].contiguous()
-        sub.a_scale_t = None if self.a_scale_t is None else self.a_scale_t[:, rows].contiguous()
+        sub.a_scale_t = None if self.a_scale_t is None else self.a_scale_t[:, picked].contiguous()
         ref = sub.new_out(self.a.device)
-        grouped_gemm_reference(*sub.args(ref))
+        grouped_gemm_reference(*sub.args(ref))          # in layout order: checks the kernel's gather too
         got = self.values()[rows]
         want = sub.values(ref)
         return ((got - want).norm() / want.norm()).item()
@@ -131,19 +140,26 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
         starting(rec)
         why = gemm_disagreement(grouped_gemm_ws, dev, fp8)
         finished(rec, ok=why is None, why=why)
-    # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages)
-    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3), (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4),
-             (True, True, 512, 7168, [1, 0], 132, 256, 4), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3),
-             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4), (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3),
-             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4), (False, False, 512, 2048, [0, 1, 1], 5, 64, 6)]
-    for fp8, gated, w_rows, K, tiles, progs, bn, stages in cases:
+    # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
+    # picked from that many tokens (`a_rows`) or None: A in layout order)
+    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None),
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None),
+             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4, None),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None),
+             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, None), (False, False, 512, 2048, [0, 1, 1], 5, 64, 6, None),
+             # the row gather: fewer tokens than rows, K tails zero-filled (BF16 K 200: a 64-wide block of 8)
+             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 1),
+             (True, False, 320, 640, [0, 1, -1, 1], 2, 128, 3, 200), (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, 97),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, 400)]
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
-                   stages=stages)
+                   stages=stages, gather_from_tokens=tokens)
         starting(rec)
         try:
-            prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev)
+            prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev, tokens=tokens)
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
-            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs)
+            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows)
             if not cpu_smoke:
                 torch.cuda.synchronize()
             used = [t for t, e in enumerate(tiles) if e >= 0]
@@ -166,7 +182,7 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     start = time.time()
     out = dict(library=[], points=[])
-    from epmoe.experts.triton_ws import TILE, rows_in_layout
+    from epmoe.experts.triton_ws import TILE, layout_rows
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.quant.fp8 import fp8_quantize
     for name, (L, H, I, k) in ws_probe.SHAPES.items():
@@ -175,13 +191,15 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
         ids = torch.randn(tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
         aligned = align_pairs(ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
+        a_rows = layout_rows(aligned, tokens, k)[0]
         x = torch.randn(tokens, H, generator=gen, device=dev)
-        for fmt in ("fp8_block", "bf16"):           # the backend's row copy into that layout, on its own
+        for fmt in ("fp8_block", "bf16"):   # what reading the tokens in the kernel saves: copying them into the layout
             xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
-            ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, aligned, k), warmup=20, rep=100,
-                                         return_mode="median")
-            out["points"].append(dict(shape=name, format=fmt, gemm="row copy", tokens=tokens, ms=ms,
-                                      used_tiles=int((aligned.block_expert >= 0).sum())))
+            picks = a_rows.long()
+            ms = triton.testing.do_bench(lambda: (xs[picks], None if ss is None else ss[picks].t().contiguous()),
+                                         warmup=20, rep=100, return_mode="median")
+            out["points"].append(dict(shape=name, format=fmt, gemm="row copy (not run by triton_ws)", tokens=tokens,
+                                      ms=ms, used_tiles=int((aligned.block_expert >= 0).sum())))
             print(json.dumps(out["points"][-1]), flush=True)
         for fmt in ("fp8_block", "bf16"):
             fp8 = fmt != "bf16"
@@ -192,19 +210,24 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
             lib.update(shape=name, format=fmt)
             out["library"].append(lib)
             print(json.dumps(lib), flush=True)
-            for gemm, w_rows, K in (("gate_up", 2 * I, H), ("down", H, I)):
+            # gate+up reads the tokens as the backend does (A rows by cp.async) and, beside it, rows already
+            # in layout order (A by TMA); down reads the layout-ordered activation
+            for gemm, w_rows, K, a_form in (("gate_up", 2 * I, H, "tokens"), ("gate_up", 2 * I, H, "layout"),
+                                            ("down", H, I, "layout")):
+                gather = a_form == "tokens"
                 prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
-                               a_std=1.0 if gemm == "gate_up" else 0.1)
+                               a_std=1.0 if gemm == "gate_up" else 0.1, tokens=tokens if gather else None,
+                               a_rows=a_rows if gather else None)
                 for bn, stages in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
-                    point = dict(shape=name, format=fmt, gemm=gemm, tokens=tokens, M=prob.M, w_rows=w_rows, K=K,
-                                 block_n=bn, stages=stages,
+                    point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
+                                 w_rows=w_rows, K=K, block_n=bn, stages=stages,
                                  epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
                                  "silu" if gemm == "gate_up" else "bias")
                     try:
                         def run():
-                            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages)
+                            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows)
                         run()
                         torch.cuda.synchronize()
                         used = [t for t, e in enumerate(tile_expert) if e >= 0]

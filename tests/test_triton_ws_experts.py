@@ -1,6 +1,7 @@
-"""The `triton_ws` experts' pipeline on the CPU: the padded layout, the row copy (with the FP8 scales
-turned K-block-major) and the slot sum run as on the GPU (their Triton kernels under the interpreter);
-the two grouped GEMMs (gate+up with its activation epilogue, down) are their PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
+"""The `triton_ws` experts' pipeline on the CPU: the padded layout, the token of each layout row (the
+gate+up GEMM reads the token rows where they are; the FP8 scales turned K-block-major) and the slot sum
+run as on the GPU (their Triton kernels under the interpreter); the two grouped GEMMs (gate+up with its
+activation epilogue, down) are their PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
 itself is checked against it on a GPU by `benchmarks/gluon_gemm_probe.py`). Against the `reference`
 experts on the same weights, BF16 and block FP8, on awkward shapes: T = 0 and 1, every token on one
 expert, slots of other ranks, biases, a hidden size that is not a multiple of 128."""
@@ -40,27 +41,70 @@ if not INTERPRETING:
         cpu = torch.device("cpu")
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8) is None
 
-        def writes_skipped_tiles(a, w, tile_expert, out, *rest, **launch):
-            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest)
+        def writes_skipped_tiles(a, w, tile_expert, out, *rest, a_rows=None, **launch):
+            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest, a_rows=a_rows)
 
         def forgets_the_bias_when_gated(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
-                                        **launch):
+                                        a_rows=None, **launch):
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, None if activation else bias,
-                                   activation, out_scale_t)
+                                   activation, out_scale_t, a_rows=a_rows)
 
-        def writes_nan(a, w, tile_expert, out, *rest, **launch):
-            grouped_gemm_reference(a, w, tile_expert, out, *rest)
+        def writes_nan(a, w, tile_expert, out, *rest, a_rows=None, **launch):
+            grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=a_rows)
             out[0] = float("nan")
+
+        def reads_the_next_token(a, w, tile_expert, out, *rest, a_rows=None, **launch):
+            shifted = None if a_rows is None else ((a_rows + 1) % a.shape[0]).to(torch.int32)
+            grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=shifted)
 
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
+        assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8)
         if fp8:
-            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest, **launch):
-                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest)
+            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest, a_rows=None, **launch):
+                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest,
+                                       a_rows=a_rows)
+
+            def scales_of_the_layout_row(a, w, tile_expert, out, a_scale_t, *rest, a_rows=None, **launch):
+                """The token's rows but the scale of the layout row's position (a gather that forgot them)."""
+                if a_rows is not None:
+                    a, a_scale_t = a[a_rows.long()], a_scale_t[:, :a_rows.numel()].repeat(1, 2)[:, :a_rows.numel()]
+                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t.contiguous(), *rest)
 
             assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
+            assert "gated GEMM" in gemm_disagreement(scales_of_the_layout_row, cpu, fp8)
+
+    def test_a_gemm_that_does_not_finish_is_refused():
+        """The self-check polls the GPU's progress after each launch of the kernel instead of waiting on
+        it: a kernel still running after the limit (a hang) is refused with that said."""
+        from epmoe.experts.triton_ws import gemm_disagreement, grouped_gemm_reference, unfinished
+
+        class Event:
+            def __init__(self, done_after):
+                self.polls, self.done_after = 0, done_after
+
+            def query(self):
+                self.polls += 1
+                return self.polls > self.done_after
+
+        assert unfinished(Event(3), 5.0, poll_s=0) is None
+        stuck = Event(10 ** 9)
+        why = unfinished(stuck, 0.05, poll_s=0.001)
+        assert "did not finish within 0 s" in why and "experts='triton'" in why and stuck.polls > 1
+        launches = []
+
+        def hangs_at_the_second():
+            launches.append(1)
+            return None if len(launches) < 2 else "its kernel did not finish"
+
+        def kernel(*args, **launch):
+            return grouped_gemm_reference(*args, **launch)
+
+        # settled after the kernel's launches only (plain, then gated): the second one is refused
+        assert gemm_disagreement(kernel, torch.device("cpu"), True, hangs_at_the_second) == "its kernel did not finish"
+        assert len(launches) == 2
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
@@ -70,17 +114,24 @@ if not INTERPRETING:
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
         calls = []
 
-        def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, **launch):
-            shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t)
+        def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, a_rows=None,
+                    **launch):
+            shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
+                                   a_rows=a_rows)
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
-                          _default_stages(shape), int((tile_expert >= 0).sum())))
-            grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t)
+                          _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
+                          shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
+            grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
+                                   a_rows=a_rows)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
         assert len(calls) == 4
-        for programs, k_blocks, stages, tiles in calls:
+        for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
+        # the forms the backend runs: down plain in layout order, gate+up gated over token rows picked
+        # (fewer tokens than rows: some picked twice)
+        assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)] * 2
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

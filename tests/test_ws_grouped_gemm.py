@@ -12,11 +12,12 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
                                  exc_type=ImportError)
 
 
-def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False):
+def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
+              gather: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
-                                                  out_fp8=fp8 and gated, has_bias=has_bias)
+                                                  out_fp8=fp8 and gated, has_bias=has_bias, gather=gather)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -62,6 +63,44 @@ def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, 
         window = lines[max(0, i - 8):i]
         assert any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in window), window
         assert any(x.startswith("wgmma.wait_group") for x in window), window
+
+
+# (fp8, block_n, stages, gated, most bytes of stack): as above; with Triton 3.9 the 128-wide FP8 tile keeps
+# a word or two on the stack (8 bytes, where 3.6 keeps none)
+@pytest.mark.parametrize("fp8,block_n,stages,gated,stack", [(True, 256, 4, True, 64), (True, 128, 4, False, 16),
+                                                             (False, 256, 3, True, 0)])
+def test_sm90_compile_of_the_row_gather(fp8, block_n, stages, gated, stack):
+    """`a_rows`: the loader's four warps copy the A rows with `cp.async` (16 bytes a thread: 8 copies each
+    per 128-row tile of 128-byte rows), each thread's copies arriving on the slot's barrier without a count
+    increment (so the barrier counts 1 + 128); the weights still by TMA; the math warps fence the async
+    proxy between the barrier wait and their first wgmma of the block."""
+    c, use = _compiled(fp8, block_n, stages, gated, has_bias=True, gather=True)
+    ptx = c.asm["ptx"]
+    if use:
+        assert use["LOCAL"] == 0 and use["STACK"] <= stack, f"spills: {use}"
+    split = block_n // 128 if block_n > 128 else 1
+    assert ptx.count("cp.async.bulk.tensor") == split
+    assert len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;", ptx)) == 8
+    arrive = re.findall(r"^\s*(@%p\d+ )?cp\.async\.mbarrier\.arrive\.noinc\.shared\.b64", ptx, re.M)
+    assert arrive == [""]                   # one per thread: not predicated to one of them
+    assert set(re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)) == {"129", "2"}
+    el = 1 if fp8 else 2
+    bk = 128 if fp8 else 64
+    assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
+        [str(block_n * bk * el)]
+    lines = [x.strip() for x in ptx.splitlines() if x.strip() and not x.strip().startswith(("//", ".loc"))]
+    waits = [i for i, x in enumerate(lines) if x.startswith("mbarrier.try_wait")]
+    math_waits = []
+    for i in waits:      # the math partitions' "ready" waits: the next wgmma comes before the next wait
+        after = lines[i + 1:]
+        first_mma = next((j for j, x in enumerate(after) if x.startswith("wgmma.mma_async")), None)
+        next_wait = next((j for j, x in enumerate(after) if x.startswith("mbarrier.try_wait")), len(after))
+        if first_mma is not None and first_mma < next_wait:
+            math_waits.append(any(x.startswith("fence.proxy.async") for x in after[:first_mma]))
+    assert math_waits == [True, True]
+    for threads in re.findall(r"bar\.sync\s+\d+,\s*(\d+);", ptx):
+        assert int(threads) <= 128
+    assert c.metadata.shared <= 227 * 1024
 
 
 def _operands(fp8=True, M=256, N=256, K=256, E=2):
@@ -179,3 +218,19 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
     assert len(cases) == 10 and all(c["ok"] for c in cases)
     assert {(c.get("fp8"), c.get("gated")) for c in cases if "gated" in c} == {(True, True), (True, False),
                                                                               (False, True), (False, False)}
+
+
+def test_host_checks_of_the_row_gather():
+    """`a_rows` picks A's rows: one int32 per layout row (the layout's size), A's scales per A row."""
+    a, w, te, out, (sa, sw) = _operands(M=384)          # 384 token rows, a layout of 256 rows
+    te, out = te[:2], out[:256]
+    rows = torch.zeros(256, dtype=torch.int32)
+    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, a_rows=rows)
+    assert (shape.M_pad, shape.a_count, shape.gather) == (256, 384, True)
+    for bad in (rows.long(), rows[:255], rows.view(2, 128), torch.zeros(512, dtype=torch.int32)[::2]):
+        with pytest.raises(ValueError, match="a_rows must be|tiles of 128"):
+            gluon_gemm.check_operands(a, w, te, out, sa, sw, a_rows=bad)
+    with pytest.raises(ValueError, match="a_scale_t must be"):           # per layout row: not A's rows
+        gluon_gemm.check_operands(a, w, te, out, sa[:, :256].contiguous(), sw, a_rows=rows)
+    with pytest.raises(ValueError, match="a_rows must be"):              # rows picked from an empty A
+        gluon_gemm.check_operands(a[:0], w, te, out, sa[:, :0].contiguous(), sw, a_rows=rows)

@@ -4,12 +4,13 @@ Experimental, never picked by "auto": it is here so the whole experts op can be 
 beside `triton` on a Hopper GPU. The pipeline:
 1. pairs laid out expert by expert, each expert's segment padded to tiles of 128 rows (`align_pairs`,
    no host sync);
-2. the token rows (FP8: with their per-128-column scales) copied into that layout (the GEMM loads its
-   A tiles by TMA, which needs them contiguous; padding rows copy a real row and are never read back);
-   each output row of the GEMMs depends on its own A row only, so a padding row's garbage stays there;
-3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
-   the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
-   which writes the down GEMM's operand as it reads it;
+2. the token of each row of that layout (`layout_rows`; padding rows name token 0: each output row of
+   the GEMMs depends on its own A row only, so a padding row's values stay there, never read back);
+3. gate+up: one grouped GEMM that reads the token rows where they are (its loader copies row
+   `a_rows[r]` of the tokens into row r of its tile: no copy of the rows into the layout first), whose
+   tiles hold the gate and the up columns of the same 128 outputs, with the bias, the activation and the
+   cast (FP8: the block quantization, one formula) in its epilogue, which writes the down GEMM's operand
+   in layout order as it reads it;
 4. down: the same GEMM, plain, with the bias;
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
    float32 (`gather_sum`), into the dispatcher's buffer where it gives one (`FlatBatch.out`).
@@ -18,6 +19,8 @@ statement (`grouped_gemm_reference`) there to check the rest on the CPU (the Tri
 interpreter).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -55,15 +58,19 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                            out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
-                           block_k: int | None = None, **_launch) -> torch.Tensor:
+                           block_k: int | None = None, a_rows=None, **_launch) -> torch.Tensor:
     """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
     block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
-    up) in float32, cast once or quantized with the one formula per 128 columns. Rows of skipped tiles
-    are left as they are. The experts backend runs it on the CPU (tests) in place of the kernel; the tile
-    sizes are checked as the kernel checks them, and the launch options (`stages`, ...) are ignored."""
+    up) in float32, cast once or quantized with the one formula per 128 columns; with `a_rows`, layout
+    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are. The experts backend runs it
+    on the CPU (tests) in place of the kernel; the tile sizes are checked as the kernel checks them, and
+    the launch options (`stages`, ...) are ignored."""
     from ..kernels.ws_grouped_gemm import check_operands
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k)
+                           block_n, block_k, a_rows=a_rows)
+    if a_rows is not None:
+        a = a[a_rows.long()]
+        a_scale_t = None if a_scale_t is None else a_scale_t[:, a_rows.long()]
     K = shape.K
     for m, e in enumerate(tile_expert.tolist()):
         if e < 0:
@@ -93,41 +100,57 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
     return out
 
 
-def rows_in_layout(x: torch.Tensor, scales: torch.Tensor | None, aligned, top_k: int):
-    """The token rows x [N, H] (FP8: with their scales [N, H/128]) copied into the padded layout of
-    `aligned` (`align_pairs`, tiles of 128): (A [rows, H], A's scales K-block-major [H/128, rows] or None,
-    the pair at each position (N * k at padding), the positions). Padding positions copy row 0: each GEMM
-    output row depends on its own A row only, and those rows are never read back."""
-    n = x.shape[0]
+def layout_rows(aligned, n: int, top_k: int):
+    """Where the pairs of n tokens (top_k slots each) sit in the padded layout of `aligned` (`align_pairs`,
+    tiles of 128): (the token of each layout row, int32, token 0 at padding; the pair at each position,
+    n * top_k at padding; the positions). Padding rows read token 0: each GEMM output row depends on its
+    own A row only, and those rows are never read back."""
     rows = aligned.max_rows
+    device = aligned.sorted_ids.device
     # positions past `num_padded` hold no marker: only those before it, below `num_pairs`, are pairs
-    position = torch.arange(rows, device=x.device)
+    position = torch.arange(rows, device=device)
     pair = aligned.sorted_ids[:rows].long()
     is_pair = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < n * top_k)
     pair = torch.where(is_pair, pair, torch.full_like(pair, n * top_k))
-    src = torch.where(is_pair, pair // top_k, torch.zeros_like(pair))
-    a = x.contiguous()[src]
-    a_scale_t = None if scales is None else scales.float()[src].t().contiguous()
-    return a, a_scale_t, pair, position
+    token = torch.where(is_pair, pair // top_k, torch.zeros_like(pair)).to(torch.int32)
+    return token, pair, position
 
 
-def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
+SELF_CHECK_SECONDS = 60.0      # the self-check's GEMMs take milliseconds: longer is a hang
+
+
+def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
+    """Why the GPU work before `event` (recorded, `.query()` True once done) is not done after `seconds`
+    (polled, so that a hung kernel leaves the host free to say so; None: it finished)."""
+    deadline = time.monotonic() + seconds
+    while not event.query():
+        if time.monotonic() > deadline:
+            return (f"its kernel did not finish within {seconds:.0f} s (a hang: the GPU work of this process cannot "
+                    f"go on; restart it and use experts='triton')")
+        time.sleep(poll_s)
+    return None
+
+
+def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
-    problems, plain and with the activation (FP8: quantized) in the epilogue, both with a bias: two
-    experts, a skipped tile whose rows must stay as they were, N not a multiple of the tile, on two
-    programs with K long enough that each walks several tiles and the ring of slots wraps (None: it
-    agrees within 1e-2; NaN anywhere disagrees)."""
+    problems, the two forms the backend runs, both with a bias: plain over rows in layout order (down),
+    and with the activation (FP8: quantized) in the epilogue over token rows picked by `a_rows` (gate+up:
+    fewer tokens than rows, picked in no order, some twice). Two experts, a skipped tile whose rows must
+    stay as they were, N not a multiple of the tile, on two programs with K long enough that each walks
+    several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN anywhere disagrees).
+    `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
-    M, K = 4 * TILE, 9 * TILE
+    M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
-    a = torch.randn(M, K, generator=g, device=device)
-    a_scale_t = None
-    if fp8:
-        a, a_scale = fp8_quantize(a, TILE)
-        a_scale_t = a_scale.t().contiguous()
-    else:
-        a = a.bfloat16()
-    for what, w_rows, activation in (("plain", 320, None), ("gated", 2 * 2 * TILE, "silu")):
+    picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
+    for what, w_rows, activation, a_rows in (("plain", 320, None, None), ("gated", 2 * 2 * TILE, "silu", picks)):
+        a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
+        a_scale_t = None
+        if fp8:
+            a, a_scale = fp8_quantize(a, TILE)
+            a_scale_t = a_scale.t().contiguous()
+        else:
+            a = a.bfloat16()
         w = torch.randn(2, w_rows, K, generator=g, device=device) * 0.05
         bias = torch.randn(2, w_rows, generator=g, device=device) * 0.1
         w_scale = None
@@ -142,7 +165,11 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool) -> str | None:
         for fn in (gemm, grouped_gemm_reference):
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
-            fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2)
+            fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2,
+               a_rows=a_rows)
+            why = settle() if settle is not None and fn is gemm else None
+            if why:
+                return why
             value = out.float() if not out_fp8 else out.float() * out_scale_t.t().repeat_interleave(TILE, 1)
             outs.append(value)
         got, want = outs
@@ -178,11 +205,20 @@ class WarpSpecializedExperts(Experts):
     @classmethod
     def self_check(cls, device: torch.device, fp8: bool) -> str | None:
         """The Gluon GEMM against its PyTorch statement (`gemm_disagreement`), once per device and format:
-        an experimental kernel that disagrees is refused before any forward, not used."""
+        an experimental kernel that disagrees is refused before any forward, not used; one that does not
+        finish within SELF_CHECK_SECONDS is refused with that said (the host polls instead of waiting)."""
         from ..kernels.ws_grouped_gemm import grouped_gemm_ws
         index = device.index if device.index is not None else torch.cuda.current_device()
+
+        def settle():
+            event = torch.cuda.Event()
+            event.record()
+            return unfinished(event, SELF_CHECK_SECONDS)
+
         if (index, fp8) not in cls._checked:
-            cls._checked[(index, fp8)] = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), fp8)
+            with torch.cuda.device(index):
+                cls._checked[(index, fp8)] = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), fp8,
+                                                               settle)
         return cls._checked[(index, fp8)]
 
     def _gemm(self):
@@ -205,13 +241,16 @@ class WarpSpecializedExperts(Experts):
         aligned = align_pairs(batch.local_ids, L, TILE)
         rows = aligned.max_rows
         tile_expert = aligned.block_expert[:aligned.max_blocks]
-        a, a_scale_t, pair, position = rows_in_layout(x, batch.scales if fp8 else None, aligned, k)
+        a_rows, pair, position = layout_rows(aligned, n, k)
+        # the tokens' scales K-block-major [H/128, n] (small: one float per 128 columns)
+        a_scale_t = batch.scales.float().t().contiguous() if fp8 else None
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
         # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
         act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
         act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if fp8 else None
-        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
+        gemm(x.contiguous(), weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation,
+             act_scale_t, a_rows=a_rows)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
         # each pair's row in the layout (-1: its expert is not here); padding positions land on a spare slot

@@ -13,7 +13,11 @@ True)` changes nothing there in Triton 3.6. Gluon states the schedule instead:
   blocks), and its slot released by each warpgroup's own arrive. While one warpgroup promotes, the
   other's wgmma has the tensor cores: no barrier spans the two (a partition's barriers count its own
   128 threads; `tests/test_ws_grouped_gemm.py` checks the PTX for it);
-- registers are moved to the math warps (`maxnreg` and the loader's small budget, `setmaxnreg` in PTX).
+- registers are moved to the math warps (`maxnreg` and the loader's small budget, `setmaxnreg` in PTX);
+- or (`a_rows`, GATHER) the A rows are read where they are, row r of the layout being A's row
+  a_rows[r] (the experts' tokens, no copy into the layout first): TMA cannot gather rows on sm_90, so a
+  loader of four warps copies them with `cp.async`, 16 bytes a thread, each copy arriving on the slot's
+  "ready" barrier when it lands, and the math warps fence the async proxy before their wgmma reads it.
 The walk is persistent (one program per SM, tiles grouped GROUP_M m-tiles at a time so a weight tile is
 read by neighbours while it is in L2); the loader runs ahead into the next tile while the math warps
 store the last one.
@@ -30,7 +34,8 @@ row and 128-wide K block, stored K-block-major so a tile's scales are one contig
 gate rows then the up rows (W [E, 2I, K]); a tile's two boxes are the gate and the up rows of the same 128
 outputs, and the epilogue writes act(gate + bias, up + bias) [M_pad, I] in bfloat16, or quantized to
 e4m3 with the one formula (`fp8_quantize_groups`, one scale per row and 128 columns, `out_scale_t`
-[ceil(I/128), M_pad]): the down GEMM's A operand as it reads it.
+[ceil(I/128), M_pad]): the down GEMM's A operand as it reads it. With `a_rows` (int32 [M_pad]), A is
+[rows, K] in any order and `a_scale_t` [ceil(K/128), rows]: layout row r reads A's row a_rows[r].
 Gluon is Triton's experimental layer: this runs on CUDA sm_90 only and has no interpreter path; its
 compile is checked without a GPU by `compile_ws_gemm_for_hopper`.
 """
@@ -43,13 +48,16 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, tma,
+                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from .epilogues import ACTIVATION_CODES, _gated_activation
 from .fp8_quant import fp8_quantize_groups
 
-# Triton 3.6 names the TMA load `async_copy_global_to_shared`; later versions `async_load`
+# Triton 3.6 names the TMA load and the cp.async copy `async_copy_global_to_shared`; later versions
+# `async_load` (3.9 keeps the old cp.async name only to raise)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 SCALE = 128
 SCALE_BLOCK = gl.constexpr(SCALE)      # block-FP8 scale granularity along K (activations) and along N and K (weights)
@@ -98,6 +106,50 @@ def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_
 
 
 @gluon.jit
+def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K, N, W_ROWS,
+                             num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr):
+    """GATHER: the A tile's rows read where they are (row r of the layout is row a_rows[r] of A) by
+    `cp.async` from four warps, 16 bytes per thread per copy, each thread's copies arriving on the slot's
+    "ready" barrier when they land (no count increment: the barrier counts 1 + 128 arrivals); the weight
+    boxes by TMA as in `_loader_partition`. Columns past K are zero-filled."""
+    BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
+    BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
+    SUB_N: gl.constexpr = w_desc.block_type.shape[0]
+    SPLIT: gl.constexpr = w_bufs.type.shape[1] // SUB_N
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    VEC: gl.constexpr = 128 // a_bufs.dtype.primitive_bitwidth                 # elements in 16 bytes
+    COL_THREADS: gl.constexpr = BLOCK_K // VEC                                  # threads along one row
+    rows_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, VEC],
+                                                 threads_per_warp=[32 // COL_THREADS, COL_THREADS],
+                                                 warps_per_cta=[4, 1], order=[1, 0])
+    offs_r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_layout))
+    offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, rows_layout))
+    step = 0
+    for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
+        m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
+        e = gl.load(tile_expert_ptr + m)
+        if e >= 0:
+            if GATED:
+                w_row = e * W_ROWS + n * SUB_N
+                w_step = N
+            else:
+                w_row = e * W_ROWS + n * (SUB_N * SPLIT)
+                w_step = SUB_N
+            src = gl.load(a_rows_ptr + m * BLOCK_M + offs_r).to(gl.int64)
+            row_ptrs = a_ptr + src[:, None] * K + offs_k[None, :]
+            for kb in range(K_BLOCKS):
+                slot = step % STAGES
+                mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), SPLIT * w_desc.block_type.nbytes)
+                for j in gl.static_range(SPLIT):
+                    _tma_load(w_desc, [w_row + j * w_step, kb * BLOCK_K], ready.index(slot),
+                              w_bufs.index(slot).slice(j * SUB_N, SUB_N))
+                _cp_async_load(a_bufs.index(slot), row_ptrs + kb * BLOCK_K, mask=(kb * BLOCK_K + offs_k < K)[None, :])
+                async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
+                step += 1
+
+
+@gluon.jit
 def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, RELEASE: gl.constexpr):
     """FP8: one K block's product into a fresh accumulator, then into the float32 one with its scales
     (RELEASE: the slot goes back to the loader as soon as the product is done)."""
@@ -109,13 +161,16 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, RELEASE: gl
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                    out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                    FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, HALF: gl.constexpr):
+def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                    out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
+                    GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
+                    ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr,
+                    HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
-    side by side; each releases a slot with its own arrive (the "empty" barriers count two)."""
+    side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
+    rows (and their scales, A_ROWS apart per K block) are A's rows a_rows[r], and the A tile was written by
+    `cp.async` (the generic proxy): a proxy fence after the "ready" wait orders it before the wgmma reads."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = a_bufs.type.shape[0]
@@ -132,6 +187,7 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, 
         e = gl.load(tile_expert_ptr + m)
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
+            scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
             if GATED:
                 w_first = n * SUB_N          # the gate rows of outputs [n * SUB_N, +SUB_N); the up rows I = N further
                 w_step = N
@@ -148,16 +204,18 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, 
                 # block is clamped to the last one instead of read past the end
                 w_scales1 = w_scale_ptr + (e * w_scale_rows + gl.minimum((w_first + w_step) // SCALE_BLOCK,
                                                                          w_scale_rows - 1)) * K_BLOCKS
-                a_scale = gl.load(a_scale_ptr + rows)
+                a_scale = gl.load(a_scale_ptr + scale_rows)
                 w_scale0 = gl.load(w_scales0)
                 w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
                 for kb in range(K_BLOCKS):
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                    if GATHER:
+                        fence_async_shared()
                     a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
                     # the next K block's scales load while the tensor cores work (the last block reloads its own)
                     nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
-                    a_scale_next = gl.load(a_scale_ptr + nxt * M_pad + rows)
+                    a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
                     w_scale0_next = gl.load(w_scales0 + nxt)
                     w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
                     acc0, part = _promote(acc0, a_tile, w_bufs.index(slot).slice(0, SUB_N).permute((1, 0)), part,
@@ -174,6 +232,8 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, 
                 for kb in range(K_BLOCKS):
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                    if GATHER:
+                        fence_async_shared()
                     a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
                     w0 = w_bufs.index(slot).slice(0, SUB_N).permute((1, 0))
                     acc0 = warpgroup_mma(a_tile, w0, acc0, is_async=True)
@@ -231,30 +291,50 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, M_pa
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr,
-                           out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
+def ws_grouped_gemm_kernel(a_desc, w_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                           out_ptr, out_scale_ptr, M_pad, A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                            GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
-                           STAGES: gl.constexpr, MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+                           GATHER: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
+                           LOADER_REGS: gl.constexpr):
+    """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
+    is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
+    through a_desc (a_ptr and a_rows_ptr unused)."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, SPLIT * SUB_N, BLOCK_K], w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+        # the loader's expect_tx arrive (GATHER: and one arrive per copying thread, 4 warps)
+        mbarrier.init(ready.index(i), count=1 + GATHER * 128)
         mbarrier.init(empty.index(i), count=2)      # one arrive from each math warpgroup
-    gl.warp_specialize([
-        (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                           out_ptr, out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
-                           FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, 0)),
-        (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                           out_ptr, out_scale_ptr, M_pad, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
-                           FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, 1)),
-        (_loader_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
-                             num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
-    ], [4, 1], [MATH_REGS, LOADER_REGS])
+    # the math partitions' arguments are written out in each call: a tuple held in a variable loses its
+    # constexprs
+    if GATHER:
+        gl.warp_specialize([
+            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
+                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 0)),
+            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
+                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 1)),
+            (_gather_loader_partition, (a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K,
+                                        N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
+        ], [4, 4], [MATH_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
+                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 0)),
+            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
+                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 1)),
+            (_loader_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
+                                 num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
+        ], [4, 1], [MATH_REGS, LOADER_REGS])
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,11 +360,15 @@ class GemmShape:
     block_k: int
     sub_n: int       # columns of one accumulator and one weight box
     split: int       # accumulators (weight boxes) per tile: 1 or 2
+    a_count: int     # rows of A (M_pad, or the rows `a_rows` picks from)
+    gather: bool     # A's rows picked by `a_rows` (copied by the loader) instead of laid out
 
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
-                   out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8) -> GemmShape:
-    """The operands' contract (module docstring), refused with a ValueError naming the rule."""
+                   out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8,
+                   a_rows=None) -> GemmShape:
+    """The operands' contract (module docstring), refused with a ValueError naming the rule. The values of
+    `a_rows` (each below A's row count) are the caller's promise: reading them would sync the host."""
     if stages is not None and stages < 2:
         raise ValueError(f"grouped_gemm_ws: stages must be at least 2 (BF16 releases a slot one K block late), "
                          f"got {stages}")
@@ -299,7 +383,12 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
                          f"{list(w.shape)}")
     if block_m != 128:
         raise ValueError("grouped_gemm_ws: block_m is 128 (two warpgroups of 64 rows)")
-    M_pad, K = a.shape
+    a_count, K = a.shape
+    if a_rows is not None and (a_rows.dim() != 1 or a_rows.dtype != torch.int32 or not a_rows.is_contiguous()
+                               or a_count == 0 and a_rows.numel()):
+        raise ValueError(f"grouped_gemm_ws: a_rows must be a contiguous int32 vector of A's rows, one per row of the "
+                         f"layout, got {list(a_rows.shape)} {a_rows.dtype} for {a_count} rows of A")
+    M_pad = a_count if a_rows is None else a_rows.numel()
     E, w_rows, _ = w.shape
     if M_pad % block_m or tile_expert.numel() != M_pad // block_m:
         raise ValueError(f"grouped_gemm_ws: {M_pad} rows are not {tile_expert.numel()} tiles of {block_m}")
@@ -335,13 +424,14 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     if bias is not None and (tuple(bias.shape) != (E, w_rows) or bias.dtype != torch.float32):
         raise ValueError(f"grouped_gemm_ws: bias must be float32 [{E}, {w_rows}], got {list(bias.shape)} {bias.dtype}")
     kb = triton.cdiv(K, SCALE)
-    want = {"a_scale_t": (a_scale_t, (kb, M_pad)), "w_scale": (w_scale, (E, triton.cdiv(w_rows, SCALE), kb)),
+    want = {"a_scale_t": (a_scale_t, (kb, a_count)), "w_scale": (w_scale, (E, triton.cdiv(w_rows, SCALE), kb)),
             "out_scale_t": (out_scale_t, (triton.cdiv(N, SCALE), M_pad))}
     for name, (t, shape) in want.items():
         if t is not None and (tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"grouped_gemm_ws: {name} must be a contiguous float32 {list(shape)} tensor, got "
                              f"{list(t.shape)} {t.dtype}")
-    return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n)
+    return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n, a_count,
+                     a_rows is not None)
 
 
 def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
@@ -350,15 +440,18 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     out_scale_t: torch.Tensor | None = None, *, block_m: int = 128, block_n: int | None = None,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
-                    maxnreg: int = 168) -> torch.Tensor:
+                    maxnreg: int = 168, a_rows: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
     bfloat16, or float8_e4m3fn with `out_scale_t` [ceil(I/128), M_pad] (the one formula per 128 columns:
-    the down GEMM's A operand as it is). `maxnreg` bounds every thread (12 warps x 32 x 168 fit one SM's
-    64K registers: one program per SM); the loader's warpgroup gives up all but `loader_regs`."""
+    the down GEMM's A operand as it is). `a_rows` (int32 [M_pad]): row r of the layout is A's row
+    a_rows[r] (A [rows, K] and `a_scale_t` [ceil(K/128), rows] as they are, e.g. the tokens: no copy into
+    the layout), read by the loader's four warps with `cp.async`. `maxnreg` bounds every thread (12 warps
+    x 32 x 168 fit one SM's 64K registers: one program per SM); the loader's warpgroup gives up all but
+    `loader_regs`."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, stages, group_m)
+                           block_n, block_k, stages, group_m, a_rows)
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -374,14 +467,14 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
         num_programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
     dummy = tile_expert
-    ws_grouped_gemm_kernel[grid](a_desc, w_desc, tile_expert, dummy if a_scale_t is None else a_scale_t,
-                                 dummy if w_scale is None else w_scale, dummy if bias is None else bias, out,
-                                 dummy if out_scale_t is None else out_scale_t, shape.M_pad, shape.N, shape.w_rows,
-                                 num_m_tiles, num_n_tiles, triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8,
-                                 SPLIT=shape.split, GATED=shape.gated,
-                                 ACTIVATION=ACTIVATION_CODES.get(activation, 0), HAS_BIAS=bias is not None,
-                                 OUT_FP8=shape.out_fp8, STAGES=stages, MATH_REGS=math_regs, LOADER_REGS=loader_regs,
-                                 num_warps=4, maxnreg=maxnreg)
+    ws_grouped_gemm_kernel[grid](a_desc, w_desc, a, dummy if a_rows is None else a_rows, tile_expert,
+                                 dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
+                                 dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
+                                 shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
+                                 triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8, SPLIT=shape.split,
+                                 GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
+                                 HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather, STAGES=stages,
+                                 MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
 
@@ -393,7 +486,8 @@ def _default_stages(shape: GemmShape) -> int:
 
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
-                               math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168):
+                               gather: bool = False, math_regs: int = 232, loader_regs: int = 40,
+                               maxnreg: int = 168):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -408,17 +502,20 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
         return f"tensordesc<{el}[{rows}, {block_k}],{layout!r}>"
 
     fn = ws_grouped_gemm_kernel
-    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
+    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "a_ptr": f"*{el}", "a_rows_ptr": "*i32",
+             "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
-             "out_scale_ptr": "*fp32", "M_pad": "i32", "N": "i32", "W_ROWS": "i32", "num_m_tiles": "i32",
+             "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
+             "num_m_tiles": "i32",
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
-             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "STAGES": stages, "MATH_REGS": math_regs,
+             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages, "MATH_REGS": math_regs,
              "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("tile_expert_ptr", "a_scale_ptr", "w_scale_ptr",
-                                                                     "bias_ptr", "out_ptr", "out_scale_ptr", "M_pad",
-                                                                     "N", "W_ROWS")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
+                                                                     "a_scale_ptr", "w_scale_ptr", "bias_ptr",
+                                                                     "out_ptr", "out_scale_ptr", "M_pad", "A_ROWS",
+                                                                     "K", "N", "W_ROWS")}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     return compile_source_for_hopper(src, {"num_warps": 4, "maxnreg": maxnreg})
