@@ -6,7 +6,7 @@ limit turns that into an error in the JSON instead of a lost device call):
    statement (`grouped_gemm_reference`): N and K not multiples of the tile, unequal rows per expert, a
    skipped tile (its rows must keep their sentinel), few programs (the persistent walk and the ring wrap
    around), plain and gated, block FP8 and BF16, with a bias, A in layout order or picked from fewer
-   token rows (`a_rows`, down to one token). rel. error <= 1e-2.
+   token rows (`a_rows`, down to one token), FP8 with and without `pingpong`. rel. error <= 1e-2.
 2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
    laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
    the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
@@ -35,11 +35,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-VARIANTS = {   # (format, gemm): [(block_n, stages)]; block_m 128 (two warpgroups of 64 rows), block_k 128 / 64
-    ("fp8_block", "gate_up"): [(256, 3), (256, 4)],                # gate and up of 128 outputs, FP8 out
-    ("fp8_block", "down"): [(128, 4), (128, 6), (256, 3), (256, 4)],
-    ("bf16", "gate_up"): [(256, 3), (256, 4)],
-    ("bf16", "down"): [(128, 4), (128, 6), (256, 3), (256, 4)],
+# (format, gemm): [(block_n, stages, pingpong)]; block_m 128 (two warpgroups of 64 rows), block_k 128 / 64;
+# pingpong (FP8): the math warpgroups issue their products in turn
+VARIANTS = {
+    ("fp8_block", "gate_up"): [(256, 3, False), (256, 4, False), (256, 4, True)],   # gate and up of 128 outputs
+    ("fp8_block", "down"): [(128, 4, False), (128, 6, False), (128, 6, True), (256, 3, False), (256, 4, False),
+                            (256, 4, True)],
+    ("bf16", "gate_up"): [(256, 3, False), (256, 4, False)],
+    ("bf16", "down"): [(128, 4, False), (128, 6, False), (256, 3, False), (256, 4, False)],
 }
 
 
@@ -141,25 +144,35 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
         why = gemm_disagreement(grouped_gemm_ws, dev, fp8)
         finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
-    # picked from that many tokens (`a_rows`) or None: A in layout order)
-    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None),
-             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None),
-             (True, True, 512, 7168, [1, 0], 132, 256, 4, None), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None),
-             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4, None),
-             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None),
-             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, None), (False, False, 512, 2048, [0, 1, 1], 5, 64, 6, None),
+    # picked from that many tokens (`a_rows`) or None: A in layout order, pingpong)
+    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, False),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, False),
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, False),
+             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4, None, False),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None, False),
+             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, None, False),
+             (False, False, 512, 2048, [0, 1, 1], 5, 64, 6, None, False),
              # the row gather: fewer tokens than rows, K tails zero-filled (BF16 K 200: a 64-wide block of 8)
-             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300), (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 1),
-             (True, False, 320, 640, [0, 1, -1, 1], 2, 128, 3, 200), (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, 97),
-             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, 400)]
-    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens in cases:
+             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, False),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 1, False),
+             (True, False, 320, 640, [0, 1, -1, 1], 2, 128, 3, 200, False),
+             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, 97, False),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, 400, False),
+             # the warpgroups' products in turn (FP8): 128 and 256 wide, plain and gated, both A forms
+             (True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, True),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 300, True),
+             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, True)]
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
-                   stages=stages, gather_from_tokens=tokens)
+                   stages=stages, gather_from_tokens=tokens, pingpong=pingpong)
         starting(rec)
         try:
             prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev, tokens=tokens)
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
-            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows)
+            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows,
+                            pingpong=pingpong)
             if not cpu_smoke:
                 torch.cuda.synchronize()
             used = [t for t, e in enumerate(tiles) if e >= 0]
@@ -218,16 +231,17 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
                 prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                                a_std=1.0 if gemm == "gate_up" else 0.1, tokens=tokens if gather else None,
                                a_rows=a_rows if gather else None)
-                for bn, stages in VARIANTS[(fmt, gemm)]:
+                for bn, stages, pingpong in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
                     point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
-                                 w_rows=w_rows, K=K, block_n=bn, stages=stages,
+                                 w_rows=w_rows, K=K, block_n=bn, stages=stages, pingpong=pingpong,
                                  epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
                                  "silu" if gemm == "gate_up" else "bias")
                     try:
                         def run():
-                            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows)
+                            grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows,
+                                            pingpong=pingpong)
                         run()
                         torch.cuda.synchronize()
                         used = [t for t, e in enumerate(tile_expert) if e >= 0]
@@ -270,7 +284,8 @@ def main() -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timed variants after this long")
-    p.add_argument("--stage-timeout-s", type=float, default=120.0, help="limit of the check stage (a hang ends it)")
+    p.add_argument("--stage-timeout-s", type=float, default=200.0,
+                   help="limit of the check stage: about 20 kernels to compile and run; a hang ends it")
     p.add_argument("--stage", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the check stage's plumbing on the CPU, the kernel's PyTorch statement in its place")

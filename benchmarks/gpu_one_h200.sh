@@ -75,7 +75,7 @@ for part in $PARTS; do
     gluon)
         run "$OUT/gluon_gemm_probe_H200_$DAY.log" "${GLUON_SECONDS:-540}" \
             python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_H200_$DAY.json" \
-            --budget-s "$(( ${GLUON_SECONDS:-540} - 200 ))" ;;
+            --budget-s "$(( ${GLUON_SECONDS:-540} - 260 ))" ;;
     rebalance)
         run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;

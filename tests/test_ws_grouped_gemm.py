@@ -13,11 +13,12 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False):
+              gather: bool = False, pingpong: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
-                                                  out_fp8=fp8 and gated, has_bias=has_bias, gather=gather)
+                                                  out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
+                                                  pingpong=pingpong)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -83,7 +84,9 @@ def test_sm90_compile_of_the_row_gather(fp8, block_n, stages, gated, stack):
     assert len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;", ptx)) == 8
     arrive = re.findall(r"^\s*(@%p\d+ )?cp\.async\.mbarrier\.arrive\.noinc\.shared\.b64", ptx, re.M)
     assert arrive == [""]                   # one per thread: not predicated to one of them
-    assert set(re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx)) == {"129", "2"}
+    # per slot "ready" (129) and "empty" (2), then the two turn barriers that only `pingpong` uses (1)
+    assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["129", "2"] * stages + \
+        ["1", "1"]
     el = 1 if fp8 else 2
     bk = 128 if fp8 else 64
     assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
@@ -101,6 +104,44 @@ def test_sm90_compile_of_the_row_gather(fp8, block_n, stages, gated, stack):
     for threads in re.findall(r"bar\.sync\s+\d+,\s*(\d+);", ptx):
         assert int(threads) <= 128
     assert c.metadata.shared <= 227 * 1024
+
+
+def _product_hand_overs(ptx: str) -> list:
+    """For each FP8 product (4 wgmma, then their commit) in the PTX: (an mbarrier wait came after the
+    previous product's wait for completion and before this product's first wgmma, an mbarrier arrive
+    came between its commit and its wait for completion)."""
+    lines = [x.strip() for x in ptx.splitlines() if x.strip() and not x.strip().startswith(("//", ".loc"))]
+    out, since_done = [], []
+    i = 0
+    while i < len(lines):
+        x = lines[i]
+        if x.startswith("wgmma.mma_async"):
+            waited = any(y.startswith("mbarrier.try_wait") for y in since_done)
+            commit = next(j for j in range(i, len(lines)) if lines[j].startswith("wgmma.commit_group"))
+            done = next(j for j in range(commit, len(lines)) if lines[j].startswith("wgmma.wait_group"))
+            handed = any(re.match(r"(@%p\d+ )?mbarrier\.arrive\.shared", y) for y in lines[commit:done])
+            out.append((waited, handed))
+            i, since_done = done + 1, []
+            continue
+        since_done.append(x)
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("block_n,gated,gather", [(256, True, True), (128, False, False)])
+def test_sm90_compile_of_the_ping_pong(block_n, gated, gather):
+    """`pingpong` (FP8): each math warpgroup waits for its turn before issuing a product and hands the turn
+    over between issuing it and waiting for it (two more barriers of count 1); without it, neither."""
+    c, use = _compiled(True, block_n, 4, gated, has_bias=True, gather=gather, pingpong=True)
+    if use:
+        assert use["LOCAL"] == 0 and use["STACK"] <= 64, f"spills: {use}"
+    split = block_n // 128
+    turns = _product_hand_overs(c.asm["ptx"])
+    assert len(turns) == 2 * split and all(w and h for w, h in turns), turns      # per K block, per warpgroup
+    inits = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", c.asm["ptx"])
+    assert inits[-2:] == ["1", "1"]
+    plain, _ = _compiled(True, block_n, 4, gated, has_bias=True, gather=gather, pingpong=False)
+    assert not any(h for _, h in _product_hand_overs(plain.asm["ptx"]))
 
 
 def _operands(fp8=True, M=256, N=256, K=256, E=2):
@@ -215,7 +256,9 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 10 and all(c["ok"] for c in cases)
+    assert len(cases) == 19 and all(c["ok"] for c in cases)
+    assert {c.get("gather_from_tokens") is not None for c in cases if "gated" in c} == {True, False}
+    assert any(c.get("pingpong") for c in cases)
     assert {(c.get("fp8"), c.get("gated")) for c in cases if "gated" in c} == {(True, True), (True, False),
                                                                               (False, True), (False, False)}
 

@@ -150,10 +150,16 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
 
 
 @gluon.jit
-def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, RELEASE: gl.constexpr):
+def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, my_turn, their_turn, turn_parity,
+             RELEASE: gl.constexpr, PINGPONG: gl.constexpr):
     """FP8: one K block's product into a fresh accumulator, then into the float32 one with its scales
-    (RELEASE: the slot goes back to the loader as soon as the product is done)."""
+    (RELEASE: the slot goes back to the loader as soon as the product is done). PINGPONG: the product is
+    issued only on this warpgroup's turn, which it then hands to the other (`_math_partition`)."""
+    if PINGPONG:
+        mbarrier.wait(my_turn, turn_parity)
     part = warpgroup_mma(a_tile, w_tile, part, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(their_turn, count=1)
     part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, w_tile))
     if RELEASE:
         mbarrier.arrive(empty_bar, count=1)
@@ -161,16 +167,23 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, RELEASE: gl
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                    out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
+def _math_partition(a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+                    bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                     GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                     ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr,
-                    HALF: gl.constexpr):
+                    PINGPONG: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
     rows (and their scales, A_ROWS apart per K block) are A's rows a_rows[r], and the A tile was written by
-    `cp.async` (the generic proxy): a proxy fence after the "ready" wait orders it before the wgmma reads."""
+    `cp.async` (the generic proxy): a proxy fence after the "ready" wait orders it before the wgmma reads.
+    PINGPONG (FP8): the two warpgroups issue their products in turn, each handing the turn over by an
+    mbarrier (`turns` [2]: warpgroup h waits on turns[h], arrives on turns[1 - h]) as soon as its product
+    is issued, so one's promotion runs while the other's product has the tensor cores; without it both
+    wait for the same slot, multiply side by side and promote at the same time. Both issue SPLIT products
+    per K block of the same tiles, so the i-th product of warpgroup 0 waits for the (i - 1)-th hand-over
+    of warpgroup 1 (parity (i & 1) ^ 1: a fresh barrier passes parity 1), warpgroup 1's i-th for the
+    i-th hand-over of warpgroup 0 (parity i & 1)."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = a_bufs.type.shape[0]
@@ -218,11 +231,14 @@ def _math_partition(a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a
                     a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
                     w_scale0_next = gl.load(w_scales0 + nxt)
                     w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
+                    parity = ((step * SPLIT) & 1) ^ (1 - HALF)          # of this block's first product
                     acc0, part = _promote(acc0, a_tile, w_bufs.index(slot).slice(0, SUB_N).permute((1, 0)), part,
-                                          a_scale, w_scale0, empty.index(slot), SPLIT == 1)
+                                          a_scale, w_scale0, empty.index(slot), turns.index(HALF),
+                                          turns.index(1 - HALF), parity, SPLIT == 1, PINGPONG)
                     if SPLIT == 2:
                         acc1, part = _promote(acc1, a_tile, w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0)),
-                                              part, a_scale, w_scale1, empty.index(slot), True)
+                                              part, a_scale, w_scale1, empty.index(slot), turns.index(HALF),
+                                              turns.index(1 - HALF), parity ^ 1, True, PINGPONG)
                     a_scale = a_scale_next
                     w_scale0 = w_scale0_next
                     w_scale1 = w_scale1_next
@@ -295,8 +311,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a
                            out_ptr, out_scale_ptr, M_pad, A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                            GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
-                           GATHER: gl.constexpr, STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
-                           LOADER_REGS: gl.constexpr):
+                           GATHER: gl.constexpr, PINGPONG: gl.constexpr, STAGES: gl.constexpr,
+                           MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused)."""
@@ -311,27 +327,34 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a
         # the loader's expect_tx arrive (GATHER: and one arrive per copying thread, 4 warps)
         mbarrier.init(ready.index(i), count=1 + GATHER * 128)
         mbarrier.init(empty.index(i), count=2)      # one arrive from each math warpgroup
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG's hand-overs
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
     # the math partitions' arguments are written out in each call: a tuple held in a variable loses its
     # constexprs
     if GATHER:
         gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
-                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
-                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 0)),
-            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
-                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
-                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 1)),
+            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
+                               GATHER, PINGPONG, 0)),
+            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
+                               GATHER, PINGPONG, 1)),
             (_gather_loader_partition, (a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K,
                                         N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
         ], [4, 4], [MATH_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
-                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
-                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 0)),
-            (_math_partition, (a_bufs, w_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
-                               bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
-                               K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, 1)),
+            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
+                               GATHER, PINGPONG, 0)),
+            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
+                               GATHER, PINGPONG, 1)),
             (_loader_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
                                  num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
         ], [4, 1], [MATH_REGS, LOADER_REGS])
@@ -440,7 +463,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     out_scale_t: torch.Tensor | None = None, *, block_m: int = 128, block_n: int | None = None,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
-                    maxnreg: int = 168, a_rows: torch.Tensor | None = None) -> torch.Tensor:
+                    maxnreg: int = 168, a_rows: torch.Tensor | None = None, pingpong: bool = False) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -449,7 +472,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     a_rows[r] (A [rows, K] and `a_scale_t` [ceil(K/128), rows] as they are, e.g. the tokens: no copy into
     the layout), read by the loader's four warps with `cp.async`. `maxnreg` bounds every thread (12 warps
     x 32 x 168 fit one SM's 64K registers: one program per SM); the loader's warpgroup gives up all but
-    `loader_regs`."""
+    `loader_regs`. `pingpong` (FP8): the two math warpgroups take turns to issue their products (see
+    `_math_partition`); ignored in BF16, whose products stay in flight."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
     if shape.M_pad == 0 or shape.N == 0:
@@ -473,7 +497,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
                                  triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8, SPLIT=shape.split,
                                  GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
-                                 HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather, STAGES=stages,
+                                 HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
+                                 PINGPONG=bool(pingpong) and shape.fp8, STAGES=stages,
                                  MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
@@ -486,7 +511,8 @@ def _default_stages(shape: GemmShape) -> int:
 
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
-                               gather: bool = False, math_regs: int = 232, loader_regs: int = 40,
+                               gather: bool = False, pingpong: bool = False, math_regs: int = 232,
+                               loader_regs: int = 40,
                                maxnreg: int = 168):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA)."""
@@ -509,7 +535,8 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "num_m_tiles": "i32",
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
-             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages, "MATH_REGS": math_regs,
+             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "PINGPONG": pingpong and fp8,
+             "STAGES": stages, "MATH_REGS": math_regs,
              "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
