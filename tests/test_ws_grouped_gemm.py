@@ -13,12 +13,12 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False, pingpong: bool = False):
+              gather: bool = False, pingpong: bool = False, k_multiple_of_16: bool = True):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
-                                                  pingpong=pingpong)
+                                                  pingpong=pingpong, k_multiple_of_16=k_multiple_of_16)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -109,7 +109,7 @@ def test_sm90_compile_of_the_row_gather(fp8, block_n, stages, gated, stack):
 def _product_hand_overs(ptx: str) -> list:
     """For each FP8 product (4 wgmma, then their commit) in the PTX: (an mbarrier wait came after the
     previous product's wait for completion and before this product's first wgmma, an mbarrier arrive
-    came between its commit and its wait for completion)."""
+    came between its commit and its wait for completion, after a barrier of the warpgroup's 128 threads)."""
     lines = [x.strip() for x in ptx.splitlines() if x.strip() and not x.strip().startswith(("//", ".loc"))]
     out, since_done = [], []
     i = 0
@@ -119,7 +119,13 @@ def _product_hand_overs(ptx: str) -> list:
             waited = any(y.startswith("mbarrier.try_wait") for y in since_done)
             commit = next(j for j in range(i, len(lines)) if lines[j].startswith("wgmma.commit_group"))
             done = next(j for j in range(commit, len(lines)) if lines[j].startswith("wgmma.wait_group"))
-            handed = any(re.match(r"(@%p\d+ )?mbarrier\.arrive\.shared", y) for y in lines[commit:done])
+            # the hand-over must follow a barrier of the warpgroup's 128 threads: one thread arrives, and a
+            # warp of this warpgroup not yet past its own wait for the turn would otherwise see the other
+            # warpgroup's next hand-over flip the parity back and wait for ever
+            arrive = next((j for j in range(commit, done)
+                           if re.match(r"(@%p\d+ )?mbarrier\.arrive\.shared", lines[j])), None)
+            handed = arrive is not None and any(re.match(r"bar\.sync\s+\d+,\s*128;", y)
+                                                for y in lines[commit:arrive])
             out.append((waited, handed))
             i, since_done = done + 1, []
             continue
@@ -277,3 +283,11 @@ def test_host_checks_of_the_row_gather():
         gluon_gemm.check_operands(a, w, te, out, sa[:, :256].contiguous(), sw, a_rows=rows)
     with pytest.raises(ValueError, match="a_rows must be"):              # rows picked from an empty A
         gluon_gemm.check_operands(a[:0], w, te, out, sa[:, :0].contiguous(), sw, a_rows=rows)
+
+
+def test_sm90_compile_of_the_bf16_row_gather_with_k_not_a_multiple_of_16():
+    """BF16 K = 8 (mod 16) is allowed (rows of a multiple of 16 bytes) but a launch does not specialize K
+    as divisible: the loader's `cp.async` must still move 16 bytes (the row start and the K-tail mask
+    follow from the 16-byte rule, not from K's specialization)."""
+    c, _ = _compiled(False, 256, 3, True, has_bias=True, gather=True, k_multiple_of_16=False)
+    assert len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;", c.asm["ptx"])) == 8

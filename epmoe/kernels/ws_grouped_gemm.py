@@ -124,6 +124,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
                                                  warps_per_cta=[4, 1], order=[1, 0])
     offs_r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_layout))
     offs_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, rows_layout))
+    K_VEC = (K // VEC) * VEC
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
@@ -136,7 +137,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
                 w_row = e * W_ROWS + n * (SUB_N * SPLIT)
                 w_step = SUB_N
             src = gl.load(a_rows_ptr + m * BLOCK_M + offs_r).to(gl.int64)
-            row_ptrs = a_ptr + src[:, None] * K + offs_k[None, :]
+            row_ptrs = a_ptr + src[:, None] * K_VEC + offs_k[None, :]
             for kb in range(K_BLOCKS):
                 slot = step % STAGES
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
@@ -144,7 +145,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
                 for j in gl.static_range(SPLIT):
                     _tma_load(w_desc, [w_row + j * w_step, kb * BLOCK_K], ready.index(slot),
                               w_bufs.index(slot).slice(j * SUB_N, SUB_N))
-                _cp_async_load(a_bufs.index(slot), row_ptrs + kb * BLOCK_K, mask=(kb * BLOCK_K + offs_k < K)[None, :])
+                _cp_async_load(a_bufs.index(slot), row_ptrs + kb * BLOCK_K, mask=(kb * BLOCK_K + offs_k < K_VEC)[None, :])
                 async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
                 step += 1
 
@@ -513,9 +514,10 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, pingpong: bool = False, math_regs: int = 232,
                                loader_regs: int = 40,
-                               maxnreg: int = 168):
+                               maxnreg: int = 168, k_multiple_of_16: bool = True):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
-    (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA)."""
+    (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
+    `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     block_k = block_k or (128 if fp8 else 64)
@@ -543,6 +545,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
                                                                      "a_scale_ptr", "w_scale_ptr", "bias_ptr",
                                                                      "out_ptr", "out_scale_ptr", "M_pad", "A_ROWS",
-                                                                     "K", "N", "W_ROWS")}
+                                                                     "K", "N", "W_ROWS")
+             if n != "K" or k_multiple_of_16}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     return compile_source_for_hopper(src, {"num_warps": 4, "maxnreg": maxnreg})
