@@ -12,9 +12,9 @@ limit turns that into an error in the JSON instead of a lost device call):
    the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
    tuning table's configuration on the same shapes (`ws_probe.library_times`), both on a random top-k
    routing of T tokens laid out in tiles of 128 (the same draw, not the same ids). Gate+up twice: reading
-   the token rows where they are (`a_rows`, the `triton_ws` backend's form: its loader copies them with
-   `cp.async`) and over rows already in layout order (TMA); beside them, what copying the rows into the
-   layout would cost, timed on its own.
+   the token rows where they are (`a_rows`: its loader copies them with `cp.async`) and over rows already
+   in layout order (TMA, the `triton_ws` backend's form); beside them, the backend's copy of the rows
+   into the layout, timed on its own.
    `triton.testing.do_bench` medians for both; every timed variant checked on two tiles against
    `grouped_gemm_reference` first.
 
@@ -195,7 +195,7 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     start = time.time()
     out = dict(library=[], points=[])
-    from epmoe.experts.triton_ws import TILE, layout_rows
+    from epmoe.experts.triton_ws import TILE, layout_rows, rows_in_layout
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.quant.fp8 import fp8_quantize
     for name, (L, H, I, k) in ws_probe.SHAPES.items():
@@ -206,12 +206,11 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
         a_rows = layout_rows(aligned, tokens, k)[0]
         x = torch.randn(tokens, H, generator=gen, device=dev)
-        for fmt in ("fp8_block", "bf16"):   # what reading the tokens in the kernel saves: copying them into the layout
+        for fmt in ("fp8_block", "bf16"):   # the backend's copy of the rows into the layout (reading the tokens saves it)
             xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
-            picks = a_rows.long()
-            ms = triton.testing.do_bench(lambda: (xs[picks], None if ss is None else ss[picks].t().contiguous()),
-                                         warmup=20, rep=100, return_mode="median")
-            out["points"].append(dict(shape=name, format=fmt, gemm="row copy (not run by triton_ws)", tokens=tokens,
+            ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, a_rows), warmup=20, rep=100,
+                                         return_mode="median")
+            out["points"].append(dict(shape=name, format=fmt, gemm="row copy", tokens=tokens,
                                       ms=ms, used_tiles=int((aligned.block_expert >= 0).sum())))
             print(json.dumps(out["points"][-1]), flush=True)
         for fmt in ("fp8_block", "bf16"):

@@ -1,5 +1,5 @@
-"""The `triton_ws` experts' pipeline on the CPU: the padded layout, the token of each layout row (the
-gate+up GEMM reads the token rows where they are; the FP8 scales turned K-block-major) and the slot sum
+"""The `triton_ws` experts' pipeline on the CPU: the padded layout, the token of each layout row, the
+rows copied into that order (the FP8 scales turned K-block-major) and the slot sum
 run as on the GPU (their Triton kernels under the interpreter); the two grouped GEMMs (gate+up with its
 activation epilogue, down) are their PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
 itself is checked against it on a GPU by `benchmarks/gluon_gemm_probe.py`). Against the `reference`
@@ -61,7 +61,8 @@ if not INTERPRETING:
         assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
-        assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8)
+        assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8, gathered=True)
+        assert gemm_disagreement(reads_the_next_token, cpu, fp8) is None       # the backend's forms pick no rows
         if fp8:
             def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest, a_rows=None, **launch):
                 grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest,
@@ -74,7 +75,7 @@ if not INTERPRETING:
                 grouped_gemm_reference(a, w, tile_expert, out, a_scale_t.contiguous(), *rest)
 
             assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
-            assert "gated GEMM" in gemm_disagreement(scales_of_the_layout_row, cpu, fp8)
+            assert "gated GEMM" in gemm_disagreement(scales_of_the_layout_row, cpu, fp8, gathered=True)
 
     def test_a_gemm_that_does_not_finish_is_refused():
         """The self-check polls the GPU's progress after each launch of the kernel instead of waiting on
@@ -129,9 +130,12 @@ if not INTERPRETING:
         assert len(calls) == 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
-        # the forms the backend runs: down plain in layout order, gate+up gated over token rows picked
-        # (fewer tokens than rows: some picked twice)
-        assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)] * 2
+        # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up
+        # over token rows picked (fewer tokens than rows: some picked twice)
+        assert [c[4:] for c in calls] == [(False, False, False), (True, False, False)] * 2
+        calls.clear()
+        assert gemm_disagreement(records, torch.device("cpu"), True, gathered=True) is None
+        assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)]
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

@@ -5,12 +5,14 @@ beside `triton` on a Hopper GPU. The pipeline:
 1. pairs laid out expert by expert, each expert's segment padded to tiles of 128 rows (`align_pairs`,
    no host sync);
 2. the token of each row of that layout (`layout_rows`; padding rows name token 0: each output row of
-   the GEMMs depends on its own A row only, so a padding row's values stay there, never read back);
-3. gate+up: one grouped GEMM that reads the token rows where they are (its loader copies row
-   `a_rows[r]` of the tokens into row r of its tile: no copy of the rows into the layout first), whose
-   tiles hold the gate and the up columns of the same 128 outputs, with the bias, the activation and the
-   cast (FP8: the block quantization, one formula) in its epilogue, which writes the down GEMM's operand
-   in layout order as it reads it;
+   the GEMMs depends on its own A row only, so a padding row's values stay there, never read back), and
+   the token rows (FP8: with their scales, made K-block-major) copied into that order (`rows_in_layout`).
+   The kernel can read the tokens where they are instead (`a_rows`: a cp.async loader), but on an H200
+   that gate+up was 2-8% slower than this copy plus the TMA-loaded one at three of four points
+   (benchmarks/notes_kernels.md, eighth pass), so the backend copies;
+3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
+   the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
+   which writes the down GEMM's operand in layout order as it reads it;
 4. down: the same GEMM, plain, with the bias;
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
    float32 (`gather_sum`), into the dispatcher's buffer where it gives one (`FlatBatch.out`).
@@ -131,11 +133,19 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
     return None
 
 
-def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None) -> str | None:
+def rows_in_layout(x: torch.Tensor, scales: torch.Tensor | None, a_rows: torch.Tensor):
+    """The token rows x [N, H] in layout order (row r is token a_rows[r], `layout_rows`) and, FP8, their
+    scales [N, H/128] K-block-major [H/128, rows] (as the GEMM reads them); None without scales."""
+    picks = a_rows.long()
+    return x[picks], None if scales is None else scales.float()[picks].t().contiguous()
+
+
+def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
-    problems, the two forms the backend runs, both with a bias: plain over rows in layout order (down),
-    and with the activation (FP8: quantized) in the epilogue over token rows picked by `a_rows` (gate+up:
-    fewer tokens than rows, picked in no order, some twice). Two experts, a skipped tile whose rows must
+    problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
+    quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
+    over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
+    skipped tile whose rows must
     stay as they were, N not a multiple of the tile, on two programs with K long enough that each walks
     several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN anywhere disagrees).
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
@@ -143,7 +153,8 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None) -> str
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
-    for what, w_rows, activation, a_rows in (("plain", 320, None, None), ("gated", 2 * 2 * TILE, "silu", picks)):
+    for what, w_rows, activation, a_rows in (("plain", 320, None, None),
+                                             ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
         a_scale_t = None
         if fp8:
@@ -242,15 +253,13 @@ class WarpSpecializedExperts(Experts):
         rows = aligned.max_rows
         tile_expert = aligned.block_expert[:aligned.max_blocks]
         a_rows, pair, position = layout_rows(aligned, n, k)
-        # the tokens' scales K-block-major [H/128, n] (small: one float per 128 columns)
-        a_scale_t = batch.scales.float().t().contiguous() if fp8 else None
+        a, a_scale_t = rows_in_layout(x, batch.scales if fp8 else None, a_rows)
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
         # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
         act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
         act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if fp8 else None
-        gemm(x.contiguous(), weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation,
-             act_scale_t, a_rows=a_rows)
+        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
         # each pair's row in the layout (-1: its expert is not here); padding positions land on a spare slot
