@@ -1,0 +1,71 @@
+"""The warp-specialized Gluon GEMM (`epmoe.kernels.ws_grouped_gemm`) under Nsight Compute: block-FP8
+gate+up (silu and the block quantization in its epilogue) and down of a preset's shard, rows in layout
+order as `triton_ws` runs them, each launched once inside an NVTX range named `profiled` (compiled and
+warmed up outside it), on a random top-k routing laid out in tiles of 128:
+
+    ncu --clock-control none --nvtx --nvtx-include "profiled/" --section SpeedOfLight \\
+        --section ComputeWorkloadAnalysis --section WarpStateStats --section MemoryWorkloadAnalysis \\
+        python3 benchmarks/profile_ws_gemm.py --shape "deepseek-v3 shard 32" --tokens 8192
+
+Without ncu it prints each launch's time (`triton.testing.do_bench` median) and checks two tiles of
+each against the kernel's PyTorch statement.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def main(argv=None) -> int:
+    import ws_probe
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(ws_probe.SHAPES))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--pingpong", action="store_true", help="the FP8 products in turn (see grouped_gemm_ws)")
+    args = p.parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+    from gluon_gemm_probe import Problem
+    from epmoe.experts.triton_ws import TILE
+    from epmoe.kernels.moe_align import align_pairs
+    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    L, H, I, k = ws_probe.SHAPES[args.shape]
+    ids = torch.randn(args.tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
+    aligned = align_pairs(ids, L, TILE)
+    tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
+    for gemm, w_rows, K, block_n in (("gate_up", 2 * I, H, 256), ("down", H, I, 256)):
+        prob = Problem(True, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
+                       a_std=1.0 if gemm == "gate_up" else 0.1)
+
+        def run():
+            grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, pingpong=args.pingpong)
+
+        run()
+        torch.cuda.synchronize()
+        used = [t for t, e in enumerate(tile_expert) if e >= 0]
+        err = prob.rel_err([used[0], used[-1]])
+        ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+        torch.cuda.nvtx.range_push("profiled")
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        flops = 2.0 * args.tokens * k * K * w_rows
+        print(f"{args.shape} T={args.tokens} fp8_block {gemm}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
+              f"(routed rows) rel_err {err:.2e}", flush=True)
+        del prob
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
