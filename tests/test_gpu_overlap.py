@@ -41,6 +41,8 @@ def _identity(batch):
 def test_exchanges_run_on_the_communication_stream(name):
     cfg = MoEConfig(**CFG)
     d = make_dispatcher(name, cfg, device="cuda", max_tokens_per_rank=M)
+    assert d.use_comm_stream == (not d.plan.host_sync)      # the default: in order where the host reads sizes
+    d.use_comm_stream = True        # the mechanism, also where the default runs in order
     x = torch.randn(40, cfg.hidden_size, device="cuda").to(cfg.dtype)
     ids, w = _routing(cfg, 40)
     pending = d.dispatch_async(x, ids, w)
