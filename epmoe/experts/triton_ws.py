@@ -8,7 +8,7 @@ beside `triton` on a Hopper GPU. The pipeline:
    the GEMMs depends on its own A row only, so a padding row's values stay there, never read back), and
    the token rows (FP8: with their scales, made K-block-major) copied into that order (`rows_in_layout`).
    The kernel can read the tokens where they are instead (`a_rows`: a cp.async loader), but on an H200
-   that gate+up was 2-8% slower than this copy plus the TMA-loaded one at three of four points
+   that gate+up was 2-7% slower than this copy plus the TMA-loaded one at three of four points
    (benchmarks/notes_kernels.md, eighth pass), so the backend copies;
 3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
    the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
