@@ -8,7 +8,8 @@ warmed up outside it), on a random top-k routing laid out in tiles of 128:
         python3 benchmarks/profile_ws_gemm.py --shape "deepseek-v3 shard 32" --tokens 8192
 
 Without ncu it prints each launch's time (`triton.testing.do_bench` median) and checks two tiles of
-each against the kernel's PyTorch statement.
+each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf16` times each value
+of the walk's grouping in each format (BF16: 64-wide K blocks).
 """
 from __future__ import annotations
 
@@ -28,7 +29,14 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--pingpong", action="store_true", help="the FP8 products in turn (see grouped_gemm_ws)")
+    p.add_argument("--group-m", default="8", help="m-tiles walked side by side, comma-separated values to time "
+                                                  "each (default %(default)s)")
+    p.add_argument("--formats", default="fp8", help="fp8 (block), bf16, or both comma-separated (default %(default)s)")
     args = p.parse_args(argv)
+    group_ms = [int(v) for v in args.group_m.split(",")]
+    formats = args.formats.split(",")
+    if not group_ms or min(group_ms) < 1 or not set(formats) <= {"fp8", "bf16"}:
+        p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -44,26 +52,29 @@ def main(argv=None) -> int:
     ids = torch.randn(args.tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
     aligned = align_pairs(ids, L, TILE)
     tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
-    for gemm, w_rows, K, block_n in (("gate_up", 2 * I, H, 256), ("down", H, I, 256)):
-        prob = Problem(True, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
-                       a_std=1.0 if gemm == "gate_up" else 0.1)
+    for fmt in formats:
+        for gemm, w_rows, K, block_n in (("gate_up", 2 * I, H, 256), ("down", H, I, 256)):
+            prob = Problem(fmt == "fp8", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
+                           a_std=1.0 if gemm == "gate_up" else 0.1)
+            for group_m in group_ms:
+                def run():
+                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, pingpong=args.pingpong,
+                                    group_m=group_m)
 
-        def run():
-            grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, pingpong=args.pingpong)
-
-        run()
-        torch.cuda.synchronize()
-        used = [t for t, e in enumerate(tile_expert) if e >= 0]
-        err = prob.rel_err([used[0], used[-1]])
-        ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
-        torch.cuda.nvtx.range_push("profiled")
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.nvtx.range_pop()
-        flops = 2.0 * args.tokens * k * K * w_rows
-        print(f"{args.shape} T={args.tokens} fp8_block {gemm}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
-              f"(routed rows) rel_err {err:.2e}", flush=True)
-        del prob
+                run()
+                torch.cuda.synchronize()
+                used = [t for t, e in enumerate(tile_expert) if e >= 0]
+                err = prob.rel_err([used[0], used[-1]])
+                ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+                torch.cuda.nvtx.range_push("profiled")
+                run()
+                torch.cuda.synchronize()
+                torch.cuda.nvtx.range_pop()
+                flops = 2.0 * args.tokens * k * K * w_rows
+                print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} "
+                      f"group_m={group_m}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}",
+                      flush=True)
+            del prob
     return 0
 
 
