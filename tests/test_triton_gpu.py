@@ -79,17 +79,18 @@ def test_real_size_fp8(preset, kind):
     _check_layer(layer, (200,), routing="onehot", bound=3e-2, seed=2)
 
 
+@pytest.mark.parametrize("experts", ["triton_ws", "triton_ws_down"])
 @pytest.mark.parametrize("preset", ["deepseek-v3", "mixtral-8x7b", "gpt-oss-120b"])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_triton_ws_real_size(preset, fp8):
+def test_triton_ws_real_size(preset, fp8, experts):
     """The experimental warp-specialized Gluon experts (Hopper only) at real sizes, BF16 and block FP8
     (gpt-oss with its biases and swigluoai), against the oracle: T = 0, 1, a batch spanning many tiles,
-    every token on one expert."""
+    every token on one expert; both GEMMs Gluon ones, or the library's gate+up and the Gluon down."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("triton_ws runs on Hopper (compute capability 9.x)")
     cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block") if fp8 else None)
     source = SeededExperts(replace(cfg, quant=None), seed=7, device="cuda")
-    layer = _layer(cfg, source, experts="triton_ws", bias=preset == "gpt-oss-120b")
+    layer = _layer(cfg, source, experts=experts, bias=preset == "gpt-oss-120b")
     bound = 3e-2 if fp8 else None
     _check_layer(layer, (0, 1, 33, 2048), bound=bound)
     _check_layer(layer, (300,), routing="onehot", bound=bound, seed=3)

@@ -1,4 +1,4 @@
-"""The `triton_ws` experts' pipeline on the CPU: the padded layout, the token of each layout row, the
+"""The `triton_ws` and `triton_ws_down` experts' pipelines on the CPU: the padded layout, the token of each layout row, the
 rows copied into that order (the FP8 scales turned K-block-major) and the slot sum
 run as on the GPU (their Triton kernels under the interpreter); the two grouped GEMMs (gate+up with its
 activation epilogue, down) are their PyTorch statement (`grouped_gemm_reference`; the Gluon kernel
@@ -140,6 +140,7 @@ if not INTERPRETING:
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer
     from epmoe.experts.triton_ws import WarpSpecializedExperts
+    from epmoe.experts.triton_ws_down import WarpSpecializedDownExperts
     from epmoe.experts.triton_ws import grouped_gemm_reference
     from epmoe.layouts import FlatBatch
     from epmoe.testing import load_experts, random_experts
@@ -162,14 +163,24 @@ else:
             ids[::2, 1] = -1
         return ids
 
-    @pytest.mark.parametrize("fp8,with_bias", [(False, True), (True, False)])
-    def test_pipeline_matches_the_reference_experts(fp8, with_bias):
+    # triton_ws_down in block FP8 only: its gate+up is the library's Triton GEMM, and the interpreter computes
+    # bfloat16 dots wrongly (NumPy has no bfloat16; float32 and FP8 operands come out right). Its BF16 path
+    # is checked on a GPU (tests/test_triton_gpu.py, tests/test_gpu_experts.py).
+    @pytest.mark.parametrize("fp8,with_bias,backend", [(False, True, WarpSpecializedExperts),
+                                                       (True, False, WarpSpecializedExperts),
+                                                       (True, False, WarpSpecializedDownExperts),
+                                                       (True, True, WarpSpecializedDownExperts)])
+    def test_pipeline_matches_the_reference_experts(fp8, with_bias, backend):
+        """`triton_ws` (both GEMMs the Gluon one) and `triton_ws_down` (the library's Triton gate+up, under
+        the interpreter here, then the Gluon down)."""
         quant = Fp8Config(weight_block=(128, 128)) if fp8 else None
-        cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=48, dtype=torch.bfloat16,
+        # FP8 pads I = 160 to 256: two scale blocks per row of the intermediate, so their layout matters
+        cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=160 if fp8 else 48,
+                        dtype=torch.bfloat16,
                         quant=quant)
         layer = MoELayer(cfg, dispatcher="local", experts="reference", expert_bias=with_bias)
         load_experts(layer, random_experts(cfg, seed=1, with_bias=with_bias))
-        ws = WarpSpecializedExperts(cfg)
+        ws = backend(cfg)
         ws.gemm = grouped_gemm_reference
         Hp = ws.plan.padded_hidden_size
         g = torch.Generator().manual_seed(4)

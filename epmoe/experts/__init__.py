@@ -4,7 +4,7 @@ One file per backend; each declares its capabilities in a `CAPS` attribute (see 
 registers itself with `@register_experts(name)` (see `epmoe.registry`). Importing this package
 registers the built-in ones.
 """
-from . import reference, grouped_mm, batched, triton, triton_ws  # noqa: F401,I001  (registers the built-in backends)
+from . import reference, grouped_mm, batched, triton, triton_ws, triton_ws_down  # noqa: F401,I001  (registers the built-in backends)
 from .base import Experts
 
 __all__ = ["Experts"]

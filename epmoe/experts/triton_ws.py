@@ -238,20 +238,22 @@ class WarpSpecializedExperts(Experts):
         from ..kernels.ws_grouped_gemm import grouped_gemm_ws
         return grouped_gemm_ws
 
-    def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+    def padded_layout(self, batch: FlatBatch, weights: ExpertWeights):
+        """(n, k, H, I, FP8?, `align_pairs` of the batch in tiles of 128, rows of that layout, the expert of
+        each of its tiles), shared by the pipelines built on this GEMM."""
         from ..kernels.moe_align import align_pairs
-        from ..kernels.token_rows import gather_sum
+        n, k = batch.local_ids.shape
+        L, two_i, H = weights.w13.shape
+        aligned = align_pairs(batch.local_ids, L, TILE)
+        return (n, k, H, two_i // 2, weights.w13_scale is not None, aligned, aligned.max_rows,
+                aligned.block_expert[:aligned.max_blocks])
+
+    def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         plan, gemm = self.plan, self._gemm()
         x = batch.x
-        n, k = batch.local_ids.shape
-        if n == 0:
+        if x.shape[0] == 0:
             return torch.zeros(x.shape, dtype=plan.dtype, device=x.device)
-        L, two_i, H = weights.w13.shape
-        inter = two_i // 2
-        fp8 = weights.w13_scale is not None
-        aligned = align_pairs(batch.local_ids, L, TILE)
-        rows = aligned.max_rows
-        tile_expert = aligned.block_expert[:aligned.max_blocks]
+        n, k, H, inter, fp8, aligned, rows, tile_expert = self.padded_layout(batch, weights)
         a_rows, pair, position = layout_rows(aligned, n, k)
         a, a_scale_t = rows_in_layout(x, batch.scales if fp8 else None, a_rows)
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
@@ -262,12 +264,20 @@ class WarpSpecializedExperts(Experts):
         gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
+        return self.slot_sum(y, pair, position, batch)
+
+    def slot_sum(self, y: torch.Tensor, pair: torch.Tensor, position: torch.Tensor, batch: FlatBatch):
+        """Each token's k rows of the down GEMM's output y (layout order; `layout_rows`' pairs and positions)
+        summed with their routing weights in float32 (`gather_sum`), into the dispatcher's buffer where it
+        gives one."""
+        from ..kernels.token_rows import gather_sum
+        n, k = batch.local_ids.shape
         # each pair's row in the layout (-1: its expert is not here); padding positions land on a spare slot
-        row_of_pair = torch.full((n * k + 1,), -1, dtype=torch.long, device=x.device)
+        row_of_pair = torch.full((n * k + 1,), -1, dtype=torch.long, device=y.device)
         row_of_pair[pair] = position
         index = row_of_pair[:n * k].view(n, k)
-        status = torch.zeros(1, dtype=torch.int32, device=x.device)
+        status = torch.zeros(1, dtype=torch.int32, device=y.device)
         # where the dispatcher's combine reads it (its pull buffer), when it is a dense array of the dtype
-        out = batch.out if batch.out is not None and batch.out.is_contiguous() and batch.out.dtype == plan.dtype \
+        out = batch.out if batch.out is not None and batch.out.is_contiguous() and batch.out.dtype == self.plan.dtype \
             else None
-        return gather_sum(y, index, batch.weights.float(), status, plan.dtype, out=out)
+        return gather_sum(y, index, batch.weights.float(), status, self.plan.dtype, out=out)

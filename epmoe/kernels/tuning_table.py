@@ -194,9 +194,7 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
                   ) -> tuple[MoEKernelConfig, str]:
     """(config, where it came from). Nearest tuned T for this shape, else the heuristic."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
-    fp8, elem = fmt.startswith("fp8"), element_bytes(fmt)
-    if fmt == "float16":     # the down GEMM streams a float32 intermediate (fused_moe.intermediate_dtype)
-        elem = 4
+    fp8, elem = _format_bytes(fmt)
     for path in (table_paths_for_device(device) if paths is None else paths):
         by_t = _load_table(path).get(key)
         if by_t:
@@ -204,3 +202,16 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
             return (_clamp_to_problem(by_t[t], hidden, inter, fp8, elem),
                     f"{os.path.basename(path)}[{key}][T={t}]")
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
+
+
+def _format_bytes(fmt: str) -> tuple[bool, int]:
+    """(FP8, bytes per element the GEMMs stream) of a table's weight format name."""
+    # float16: the down GEMM streams a float32 intermediate (fused_moe.intermediate_dtype)
+    return fmt.startswith("fp8"), 4 if fmt == "float16" else element_bytes(fmt)
+
+
+def fit_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fmt: str) -> MoEKernelConfig:
+    """`cfg` as every table or heuristic configuration is used: tiles shrunk to a small problem, FP8's K
+    tile (and gate+up N tile) pinned to the scale group of 128, stages dropped until shared memory fits."""
+    fp8, elem = _format_bytes(fmt)
+    return _clamp_to_problem(cfg, hidden, inter, fp8, elem)
