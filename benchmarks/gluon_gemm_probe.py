@@ -6,7 +6,8 @@ limit turns that into an error in the JSON instead of a lost device call):
    statement (`grouped_gemm_reference`): N and K not multiples of the tile, unequal rows per expert, a
    skipped tile (its rows must keep their sentinel), few programs (the persistent walk and the ring wrap
    around), plain and gated, block FP8 and BF16, with a bias, A in layout order or picked from fewer
-   token rows (`a_rows`, down to one token), FP8 with and without `pingpong`. rel. error <= 1e-2.
+   token rows (`a_rows`, down to one token), FP8 with and without `pingpong`, one or two K blocks per
+   ring slot. rel. error <= 1e-2.
 2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
    laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
    the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
@@ -35,14 +36,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# (format, gemm): [(block_n, stages, pingpong)]; block_m 128 (two warpgroups of 64 rows), block_k 128 / 64;
-# pingpong (FP8): the math warpgroups issue their products in turn
+# (format, gemm): [(block_n, stages, pingpong, K blocks per slot)]; block_m 128 (two warpgroups of 64 rows),
+# block_k 128 / 64; pingpong (FP8): the math warpgroups issue their products in turn; two K blocks per slot:
+# half the barrier waits and arrives (stages then count slots of two)
 VARIANTS = {
-    ("fp8_block", "gate_up"): [(256, 3, False), (256, 4, False), (256, 4, True)],   # gate and up of 128 outputs
-    ("fp8_block", "down"): [(128, 4, False), (128, 6, False), (128, 6, True), (256, 3, False), (256, 4, False),
-                            (256, 4, True)],
-    ("bf16", "gate_up"): [(256, 3, False), (256, 4, False)],
-    ("bf16", "down"): [(128, 4, False), (128, 6, False), (256, 3, False), (256, 4, False)],
+    ("fp8_block", "gate_up"): [(256, 4, False, 1), (256, 4, True, 1)],       # gate and up of 128 outputs
+    ("fp8_block", "down"): [(128, 6, False, 1), (128, 3, False, 2), (256, 4, False, 1), (256, 4, True, 1)],
+    ("bf16", "gate_up"): [(256, 4, False, 1), (256, 2, False, 2)],
+    ("bf16", "down"): [(128, 4, False, 1), (256, 4, False, 1), (256, 2, False, 2)],
 }
 
 
@@ -164,15 +165,20 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
              (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True),
              (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 300, True),
              (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, True)]
-    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong in cases:
+    # two K blocks per slot (an even number of K blocks): BF16 plain and gated, FP8 128 wide
+    cases = [c + (1,) for c in cases] + [
+        (False, False, 320, 256, [0, -1, 2, 2, 3], 2, 256, 2, None, False, 2),
+        (False, True, 600, 2048, [1, 1, 0], 5, 256, 2, None, False, 2),
+        (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2)]
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong, pair in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
-                   stages=stages, gather_from_tokens=tokens, pingpong=pingpong)
+                   stages=stages, gather_from_tokens=tokens, pingpong=pingpong, k_blocks_per_slot=pair)
         starting(rec)
         try:
             prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev, tokens=tokens)
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows,
-                            pingpong=pingpong)
+                            pingpong=pingpong, k_blocks_per_slot=pair)
             if not cpu_smoke:
                 torch.cuda.synchronize()
             used = [t for t, e in enumerate(tiles) if e >= 0]
@@ -230,17 +236,20 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
                 prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                                a_std=1.0 if gemm == "gate_up" else 0.1, tokens=tokens if gather else None,
                                a_rows=a_rows if gather else None)
-                for bn, stages, pingpong in VARIANTS[(fmt, gemm)]:
+                for bn, stages, pingpong, pair in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
+                    if gather and pair > 1:         # two blocks per slot take A in layout order only
+                        continue
                     point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
                                  w_rows=w_rows, K=K, block_n=bn, stages=stages, pingpong=pingpong,
+                                 k_blocks_per_slot=pair,
                                  epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
                                  "silu" if gemm == "gate_up" else "bias")
                     try:
                         def run():
                             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows,
-                                            pingpong=pingpong)
+                                            pingpong=pingpong, k_blocks_per_slot=pair)
                         run()
                         torch.cuda.synchronize()
                         used = [t for t, e in enumerate(tile_expert) if e >= 0]

@@ -13,12 +13,13 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False, pingpong: bool = False, k_multiple_of_16: bool = True):
+              gather: bool = False, pingpong: bool = False, k_multiple_of_16: bool = True, pair: int = 1):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
-                                                  pingpong=pingpong, k_multiple_of_16=k_multiple_of_16)
+                                                  pingpong=pingpong, k_multiple_of_16=k_multiple_of_16,
+                                                  k_blocks_per_slot=pair)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -150,6 +151,43 @@ def test_sm90_compile_of_the_ping_pong(block_n, gated, gather):
     assert not any(h for _, h in _product_hand_overs(plain.asm["ptx"]))
 
 
+@pytest.mark.parametrize("fp8,block_n,gated", [(False, 256, True), (False, 256, False), (True, 128, False)])
+def test_sm90_compile_of_two_k_blocks_per_slot(fp8, block_n, gated):
+    """`k_blocks_per_slot=2`: one expect_tx for the bytes of two K blocks' boxes, the loader's TMA loads
+    for both, one "ready" wait per slot in each math partition (BF16 unrolls the two blocks: all their
+    wgmma between two waits), no spill. (FP8 tiles of 256 with two blocks per slot keep ~300 bytes of
+    registers on the stack under ptxas, which is why it is not among these.)"""
+    c, use = _compiled(fp8, block_n, 2, gated, has_bias=True, pair=2)
+    ptx = c.asm["ptx"]
+    if use:
+        assert use["LOCAL"] == 0 and use["STACK"] == 0, f"spills: {use}"
+    split = block_n // 128 if block_n > 128 else 1
+    el, bk = (1, 128) if fp8 else (2, 64)
+    assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
+        [str(2 * (128 + block_n) * bk * el)]
+    assert ptx.count("cp.async.bulk.tensor") == 2 * (1 + split)
+    # two stages of two blocks: 2 "ready" and 2 "empty" barriers (then the two turn barriers)
+    assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["1", "2"] * 2 + ["1", "1"]
+    assert ptx.count("mbarrier.try_wait") == 3           # the loader's "empty" wait, each partition's "ready" wait
+    if not fp8:
+        assert len(re.findall(r"wgmma\.mma_async", ptx)) == 2 * 2 * 4 * split
+    assert c.metadata.shared <= 227 * 1024
+
+
+def test_host_checks_of_two_k_blocks_per_slot():
+    a, w, te, out, (sa, sw) = _operands(K=384)           # 3 K blocks of 128
+    with pytest.raises(ValueError, match="even number of K blocks"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, k_blocks_per_slot=2)
+    with pytest.raises(ValueError, match="k_blocks_per_slot is 1 or 2"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, k_blocks_per_slot=3)
+    a, w, te, out, (sa, sw) = _operands(M=384)
+    with pytest.raises(ValueError, match="layout order"):
+        gluon_gemm.grouped_gemm_ws(a, w, te[:2], out[:256], sa, sw, a_rows=torch.zeros(256, dtype=torch.int32),
+                                   k_blocks_per_slot=2)
+    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw)
+    assert gluon_gemm._default_stages(shape, 2) == gluon_gemm._default_stages(shape) // 2
+
+
 def _operands(fp8=True, M=256, N=256, K=256, E=2):
     dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
     a = torch.zeros(M, K, dtype=dt)
@@ -262,7 +300,8 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 19 and all(c["ok"] for c in cases)
+    assert len(cases) == 22 and all(c["ok"] for c in cases)
+    assert any(c.get("k_blocks_per_slot") == 2 for c in cases)
     assert {c.get("gather_from_tokens") is not None for c in cases if "gated" in c} == {True, False}
     assert any(c.get("pingpong") for c in cases)
     assert {(c.get("fp8"), c.get("gated")) for c in cases if "gated" in c} == {(True, True), (True, False),
