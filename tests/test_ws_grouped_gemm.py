@@ -51,6 +51,10 @@ def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, 
     for threads in re.findall(r"bar\.sync\s+\d+,\s*(\d+);", ptx):
         assert int(threads) <= 128
     assert c.metadata.shared <= 227 * 1024
+    # the barriers' initialisation is fenced for the async proxy before the partitions start
+    start = ptx.index("barrier.sync \t1;") if "barrier.sync \t1;" in ptx else ptx.index("barrier.sync 1;")
+    last_init = ptx.rindex("mbarrier.init", 0, start)
+    assert "fence.proxy.async" in ptx[last_init:start]
     # the loader's one expect_tx per slot counts every byte its TMA loads bring (a wrong count hangs)
     el = 1 if fp8 else 2
     bk = 128 if fp8 else 64

@@ -351,6 +351,9 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG's hand-overs
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
+    # the barriers' initialisation (generic proxy) ordered before the TMA unit (async proxy) completes
+    # transactions on them; the partitions start after a CTA-wide barrier
+    fence_async_shared()
     # the math partitions' arguments are written out in each call: a tuple held in a variable loses its
     # constexprs
     if GATHER:
