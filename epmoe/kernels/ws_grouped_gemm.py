@@ -73,6 +73,23 @@ def _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def _weight_boxes(n, N, SUB_N: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr):
+    """(first weight row of n-tile n within its expert, rows between its SPLIT boxes): plain, the tile's
+    consecutive rows; GATED, the gate rows of outputs [n * SUB_N, +SUB_N), then the up rows I = N further."""
+    if GATED:
+        return n * SUB_N, N
+    else:
+        return n * (SUB_N * SPLIT), SUB_N
+
+
+@gluon.jit
+def _load_weight_boxes(w_desc, w_buf, bar, w_row, w_step, k, SUB_N: gl.constexpr, SPLIT: gl.constexpr):
+    """The SPLIT weight boxes of one K block into one slot's buffer, arriving on its "ready" barrier."""
+    for j in gl.static_range(SPLIT):
+        _tma_load(w_desc, [w_row + j * w_step, k], bar, w_buf.slice(j * SUB_N, SUB_N))
+
+
+@gluon.jit
 def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS, num_m_tiles,
                       num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
@@ -89,12 +106,8 @@ def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
         e = gl.load(tile_expert_ptr + m)
         if e >= 0:
-            if GATED:
-                w_row = e * W_ROWS + n * SUB_N
-                w_step = N
-            else:
-                w_row = e * W_ROWS + n * (SUB_N * SPLIT)
-                w_step = SUB_N
+            w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
+            w_row = e * W_ROWS + w_first
             for ks in range(K_BLOCKS // PAIR):
                 slot = step % STAGES
                 # a fresh mbarrier counts as having completed the phase before 0: the first round passes
@@ -104,9 +117,8 @@ def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_
                 for p in gl.static_range(PAIR):
                     kb = ks * PAIR + p
                     _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot * PAIR + p))
-                    for j in gl.static_range(SPLIT):
-                        _tma_load(w_desc, [w_row + j * w_step, kb * BLOCK_K], ready.index(slot),
-                                  w_bufs.index(slot * PAIR + p).slice(j * SUB_N, SUB_N))
+                    _load_weight_boxes(w_desc, w_bufs.index(slot * PAIR + p), ready.index(slot), w_row, w_step,
+                                       kb * BLOCK_K, SUB_N, SPLIT)
                 step += 1
 
 
@@ -135,21 +147,16 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
         e = gl.load(tile_expert_ptr + m)
         if e >= 0:
-            if GATED:
-                w_row = e * W_ROWS + n * SUB_N
-                w_step = N
-            else:
-                w_row = e * W_ROWS + n * (SUB_N * SPLIT)
-                w_step = SUB_N
+            w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
+            w_row = e * W_ROWS + w_first
             src = gl.load(a_rows_ptr + m * BLOCK_M + offs_r).to(gl.int64)
             row_ptrs = a_ptr + src[:, None] * K_VEC + offs_k[None, :]
             for kb in range(K_BLOCKS):
                 slot = step % STAGES
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(slot), SPLIT * w_desc.block_type.nbytes)
-                for j in gl.static_range(SPLIT):
-                    _tma_load(w_desc, [w_row + j * w_step, kb * BLOCK_K], ready.index(slot),
-                              w_bufs.index(slot).slice(j * SUB_N, SUB_N))
+                _load_weight_boxes(w_desc, w_bufs.index(slot), ready.index(slot), w_row, w_step, kb * BLOCK_K, SUB_N,
+                                   SPLIT)
                 _cp_async_load(a_bufs.index(slot), row_ptrs + kb * BLOCK_K, mask=(kb * BLOCK_K + offs_k < K_VEC)[None, :])
                 async_copy.mbarrier_arrive(ready.index(slot), increment_count=False)
                 step += 1
@@ -209,12 +216,7 @@ def _math_partition(a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
             scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
-            if GATED:
-                w_first = n * SUB_N          # the gate rows of outputs [n * SUB_N, +SUB_N); the up rows I = N further
-                w_step = N
-            else:
-                w_first = n * (SUB_N * SPLIT)
-                w_step = SUB_N
+            w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             cols0 = w_first + gl.arange(0, SUB_N, layout=col_layout)            # output columns of accumulator 0
             acc0 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
             acc1 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
