@@ -19,6 +19,8 @@ Same capabilities, self-check and PyTorch statement of the Gluon GEMM as `triton
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..contract import TAKES_FP8, ExpertsCaps
@@ -35,6 +37,19 @@ def gate_up_tiles(fp8: bool):
     return GemmConfig(block_n=128, block_k=128 if fp8 else 64, group_m=8, num_warps=8, num_stages=3, tma=True)
 
 
+@functools.lru_cache(maxsize=4096)
+def gate_up_config_for(n: int, L: int, H: int, inter: int, top_k: int, fp8: bool, fmt: str, device: torch.device):
+    """The library gate+up's tiles for n tokens of this shape: the tuned table's (or the heuristic's) where
+    they are for tiles of 128 rows, else `gate_up_tiles` fitted to the problem (FP8: N tiles of 128 either
+    way, the scale group the down GEMM reads). Cached: a host lookup, once per batch size."""
+    from ..kernels.tuning_table import MoEKernelConfig, fit_to_problem, lookup_config
+    config, _ = lookup_config(n, L, H, inter, top_k, fmt, device)
+    if config.block_m != TILE:
+        tiles = gate_up_tiles(fp8)
+        config = fit_to_problem(MoEKernelConfig(TILE, tiles, tiles), H, inter, fmt)
+    return config.gate_up
+
+
 @register_experts("triton_ws_down")
 class WarpSpecializedDownExperts(WarpSpecializedExperts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), dtypes=frozenset({torch.bfloat16}), devices=frozenset({"cuda"}),
@@ -44,31 +59,12 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
                                "(Hopper), BF16 and block FP8",
                        available=_available, quant_problem=_quant_problem)
 
-    def __init__(self, plan, device: torch.device | None = None):
-        super().__init__(plan, device)
-        self._tiles: dict = {}
-
     def gate_up_config(self, n: int, weights: ExpertWeights):
-        """The gate+up's tiles for a batch of n tokens: the tuned table's (or the heuristic's) where they are
-        for tiles of 128 rows, else `gate_up_tiles` fitted to the problem (FP8: N tiles of 128 either way,
-        the scale group the down GEMM reads)."""
+        """The gate+up's tiles for a batch of n tokens (`gate_up_config_for`)."""
         from ..kernels.fused_moe import weight_format
-        from ..kernels.tuning_table import MoEKernelConfig, fit_to_problem, lookup_config
         L, two_i, H = weights.w13.shape
-        key = (n, L, two_i, H, weights.w13.dtype)
-        hit = self._tiles.get(key)
-        if hit is None:
-            fp8 = weights.w13_scale is not None
-            fmt = weight_format(weights.w13, self.plan.weight_granularity)
-            config, _ = lookup_config(n, L, H, two_i // 2, self.plan.top_k, fmt, weights.w13.device)
-            if config.block_m != TILE:
-                tiles = gate_up_tiles(fp8)
-                config = fit_to_problem(MoEKernelConfig(TILE, tiles, tiles), H, two_i // 2, fmt)
-            hit = config.gate_up
-            if len(self._tiles) > 4096:
-                self._tiles.clear()
-            self._tiles[key] = hit
-        return hit
+        return gate_up_config_for(n, L, H, two_i // 2, self.plan.top_k, weights.w13_scale is not None,
+                                  weight_format(weights.w13, self.plan.weight_granularity), weights.w13.device)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from ..kernels.fused_moe import Fp8Operands, launch_gate_up
