@@ -192,7 +192,7 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
     return records
 
 
-def stage_time(tokens: int, budget_s: float, save) -> dict:
+def stage_time(tokens: int, budget_s: float, save, pairs_only: bool = False) -> dict:
     import torch
     import triton
     import ws_probe
@@ -212,7 +212,7 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
         a_rows = layout_rows(aligned, tokens, k)[0]
         x = torch.randn(tokens, H, generator=gen, device=dev)
-        for fmt in ("fp8_block", "bf16"):   # the backend's copy of the rows into the layout (reading the tokens saves it)
+        for fmt in () if pairs_only else ("fp8_block", "bf16"):   # the backend's copy of the rows into the layout (reading the tokens saves it)
             xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
             ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, a_rows), warmup=20, rep=100,
                                          return_mode="median")
@@ -241,6 +241,9 @@ def stage_time(tokens: int, budget_s: float, save) -> dict:
                         break
                     if gather and pair > 1:         # two blocks per slot take A in layout order only
                         continue
+                    if pairs_only and (gather or pingpong or not any(
+                            v[3] > 1 for v in VARIANTS[(fmt, gemm)])):
+                        continue                    # only the GEMMs with a two-block form, beside their default
                     point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
                                  w_rows=w_rows, K=K, block_n=bn, stages=stages, pingpong=pingpong,
                                  k_blocks_per_slot=pair,
@@ -272,7 +275,7 @@ def _child(stage: str, args) -> dict:
     """Run one stage in a child process under a time limit; its JSON comes back through a file."""
     path = f"{args.output}.{stage}.part"
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--output", path,
-           "--tokens", str(args.tokens), "--budget-s", str(args.budget_s)]
+           "--tokens", str(args.tokens), "--budget-s", str(args.budget_s)] + (["--pairs-only"] if args.pairs_only else [])
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, timeout=args.stage_timeout_s if stage == "check" else args.budget_s + 60)
@@ -294,6 +297,9 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timed variants after this long")
     p.add_argument("--stage-timeout-s", type=float, default=200.0,
                    help="limit of the check stage: about 20 kernels to compile and run; a hang ends it")
+    p.add_argument("--pairs-only", action="store_true",
+                   help="time only the GEMMs that have a two-K-blocks-per-slot form, that form beside the default "
+                        "(A in layout order, no pingpong, no row copies)")
     p.add_argument("--stage", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the check stage's plumbing on the CPU, the kernel's PyTorch statement in its place")
@@ -311,7 +317,7 @@ def main() -> int:
         if args.stage == "check":
             stage_check(save=lambda records: save(dict(cases=records)))
         else:
-            stage_time(args.tokens, args.budget_s, save)
+            stage_time(args.tokens, args.budget_s, save, args.pairs_only)
         return 0
     import torch
     import triton

@@ -9,7 +9,7 @@
 #   gluon     benchmarks/gluon_gemm_probe.py: the warp-specialized Gluon grouped GEMM
 #             (epmoe/kernels/ws_grouped_gemm.py) checked on awkward shapes in a child process with a time
 #             limit (a hang costs that limit, not the call), then timed beside the library's kernels (a call
-#             of its own: 540 s by default)
+#             of its own: 540 s by default; GLUON_ARGS: more arguments, e.g. --pairs-only)
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -75,7 +75,7 @@ for part in $PARTS; do
     gluon)
         run "$OUT/gluon_gemm_probe_H200_$DAY.log" "${GLUON_SECONDS:-540}" \
             python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_H200_$DAY.json" \
-            --budget-s "$(( ${GLUON_SECONDS:-540} - 260 ))" ;;
+            --budget-s "$(( ${GLUON_SECONDS:-540} - 260 ))" ${GLUON_ARGS:-} ;;
     rebalance)
         run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;
