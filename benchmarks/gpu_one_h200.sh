@@ -10,6 +10,9 @@
 #             (epmoe/kernels/ws_grouped_gemm.py) checked on awkward shapes in a child process with a time
 #             limit (a hang costs that limit, not the call), then timed beside the library's kernels (a call
 #             of its own: 540 s by default; GLUON_ARGS: more arguments, e.g. --pairs-only)
+#   ncu       where the Gluon GEMM's warps stall, per SASS instruction: ncu's source counters of the
+#             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 (benchmarks/profile_ws_gemm.py),
+#             the source page as CSV and its summary (benchmarks/ncu_source_summary.py)
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -76,6 +79,15 @@ for part in $PARTS; do
         run "$OUT/gluon_gemm_probe_H200_$DAY.log" "${GLUON_SECONDS:-540}" \
             python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_H200_$DAY.json" \
             --budget-s "$(( ${GLUON_SECONDS:-540} - 260 ))" ${GLUON_ARGS:-} ;;
+    ncu)
+        run "$OUT/ncu_source_ws_gemm_H200_$DAY.log" "${NCU_SECONDS:-200}" bash -c "
+            ncu --clock-control none --nvtx --nvtx-include profiled/ --section SourceCounters \
+                --section WarpStateStats --import-source no -f -o $OUT/ws_gemm \
+                python3 benchmarks/profile_ws_gemm.py --shape 'deepseek-v3 shard 32' --tokens 8192
+            ncu -i $OUT/ws_gemm.ncu-rep --page source --csv --print-source sass > $OUT/ws_gemm_source.csv ||
+                ncu -i $OUT/ws_gemm.ncu-rep --page source --csv > $OUT/ws_gemm_source.csv
+            rm -f $OUT/ws_gemm.ncu-rep
+            python3 benchmarks/ncu_source_summary.py $OUT/ws_gemm_source.csv --top 40" ;;
     rebalance)
         run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;
@@ -89,7 +101,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json" ;;
-    *) echo "unknown part $part (tests tune probe gluon experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done
