@@ -39,12 +39,17 @@ sys.path.insert(0, HERE)
 # (format, gemm): [(block_n, stages, pingpong, K blocks per slot)]; block_m 128 (two warpgroups of 64 rows),
 # block_k 128 / 64; pingpong (FP8): the math warpgroups issue their products in turn; two K blocks per slot:
 # half the barrier waits and arrives (stages then count slots of two)
+# (block_n, stages, pingpong, K blocks per slot, A scales by TMA)
 VARIANTS = {
-    ("fp8_block", "gate_up"): [(256, 4, False, 1), (256, 4, True, 1)],       # gate and up of 128 outputs
-    ("fp8_block", "down"): [(128, 6, False, 1), (128, 3, False, 2), (256, 4, False, 1), (256, 4, True, 1)],
-    ("bf16", "gate_up"): [(256, 4, False, 1), (256, 2, False, 2)],
-    ("bf16", "down"): [(128, 4, False, 1), (256, 4, False, 1), (256, 2, False, 2)],
+    ("fp8_block", "gate_up"): [(256, 4, False, 1, False), (256, 4, False, 1, True),     # gate and up of 128 outputs
+                               (256, 4, True, 1, False)],
+    ("fp8_block", "down"): [(128, 6, False, 1, False), (128, 6, False, 1, True), (128, 3, False, 2, False),
+                            (256, 4, False, 1, False), (256, 4, False, 1, True), (256, 4, True, 1, False)],
+    ("bf16", "gate_up"): [(256, 4, False, 1, False), (256, 2, False, 2, False)],
+    ("bf16", "down"): [(128, 4, False, 1, False), (256, 4, False, 1, False), (256, 2, False, 2, False)],
 }
+# --only: which variants a focused run times beside each GEMM's plain form (same tile, A in layout order)
+FOCUS = {"pairs": lambda pingpong, pair, scale_tma: pair > 1, "scale_tma": lambda pingpong, pair, scale_tma: scale_tma}
 
 
 class Problem:
@@ -166,19 +171,27 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
              (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 300, True),
              (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, True)]
     # two K blocks per slot (an even number of K blocks): BF16 plain and gated, FP8 128 wide
-    cases = [c + (1,) for c in cases] + [
-        (False, False, 320, 256, [0, -1, 2, 2, 3], 2, 256, 2, None, False, 2),
-        (False, True, 600, 2048, [1, 1, 0], 5, 256, 2, None, False, 2),
-        (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2)]
-    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong, pair in cases:
+    cases = [c + (1, False) for c in cases] + [
+        (False, False, 320, 256, [0, -1, 2, 2, 3], 2, 256, 2, None, False, 2, False),
+        (False, True, 600, 2048, [1, 1, 0], 5, 256, 2, None, False, 2, False),
+        (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2, False)]
+    # the A scales brought by TMA (FP8, A in layout order): plain 128 and 256 wide, gated, a K tail, a skipped
+    # tile, a program walking several tiles, two blocks per slot
+    cases += [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, False, 1, True),
+              (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, False, 1, True),
+              (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False, 1, True),
+              (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, False, 1, True),
+              (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2, True)]
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong, pair, scale_tma in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
-                   stages=stages, gather_from_tokens=tokens, pingpong=pingpong, k_blocks_per_slot=pair)
+                   stages=stages, gather_from_tokens=tokens, pingpong=pingpong, k_blocks_per_slot=pair,
+                   scale_tma=scale_tma)
         starting(rec)
         try:
             prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev, tokens=tokens)
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows,
-                            pingpong=pingpong, k_blocks_per_slot=pair)
+                            pingpong=pingpong, k_blocks_per_slot=pair, scale_tma=scale_tma)
             if not cpu_smoke:
                 torch.cuda.synchronize()
             used = [t for t, e in enumerate(tiles) if e >= 0]
@@ -192,7 +205,7 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
     return records
 
 
-def stage_time(tokens: int, budget_s: float, save, pairs_only: bool = False) -> dict:
+def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> dict:
     import torch
     import triton
     import ws_probe
@@ -212,7 +225,7 @@ def stage_time(tokens: int, budget_s: float, save, pairs_only: bool = False) -> 
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
         a_rows = layout_rows(aligned, tokens, k)[0]
         x = torch.randn(tokens, H, generator=gen, device=dev)
-        for fmt in () if pairs_only else ("fp8_block", "bf16"):   # the backend's copy of the rows into the layout (reading the tokens saves it)
+        for fmt in () if only else ("fp8_block", "bf16"):   # the backend's copy of the rows into the layout (reading the tokens saves it)
             xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
             ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, a_rows), warmup=20, rep=100,
                                          return_mode="median")
@@ -236,23 +249,23 @@ def stage_time(tokens: int, budget_s: float, save, pairs_only: bool = False) -> 
                 prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                                a_std=1.0 if gemm == "gate_up" else 0.1, tokens=tokens if gather else None,
                                a_rows=a_rows if gather else None)
-                for bn, stages, pingpong, pair in VARIANTS[(fmt, gemm)]:
+                for bn, stages, pingpong, pair, scale_tma in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
                     if gather and pair > 1:         # two blocks per slot take A in layout order only
                         continue
-                    if pairs_only and (gather or pingpong or not any(
-                            v[3] > 1 for v in VARIANTS[(fmt, gemm)])):
-                        continue                    # only the GEMMs with a two-block form, beside their default
+                    if only and (gather or pingpong or not any(FOCUS[only](*v[2:]) for v in VARIANTS[(fmt, gemm)])
+                                 or (pair > 1 or scale_tma) and not FOCUS[only](pingpong, pair, scale_tma)):
+                        continue                    # only the GEMMs with that form: it beside the plain ones
                     point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
                                  w_rows=w_rows, K=K, block_n=bn, stages=stages, pingpong=pingpong,
-                                 k_blocks_per_slot=pair,
+                                 k_blocks_per_slot=pair, scale_tma=scale_tma,
                                  epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
                                  "silu" if gemm == "gate_up" else "bias")
                     try:
                         def run():
                             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows,
-                                            pingpong=pingpong, k_blocks_per_slot=pair)
+                                            pingpong=pingpong, k_blocks_per_slot=pair, scale_tma=scale_tma)
                         run()
                         torch.cuda.synchronize()
                         used = [t for t, e in enumerate(tile_expert) if e >= 0]
@@ -275,7 +288,7 @@ def _child(stage: str, args) -> dict:
     """Run one stage in a child process under a time limit; its JSON comes back through a file."""
     path = f"{args.output}.{stage}.part"
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--output", path,
-           "--tokens", str(args.tokens), "--budget-s", str(args.budget_s)] + (["--pairs-only"] if args.pairs_only else [])
+           "--tokens", str(args.tokens), "--budget-s", str(args.budget_s)] + (["--only", args.only] if args.only else [])
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, timeout=args.stage_timeout_s if stage == "check" else args.budget_s + 60)
@@ -297,9 +310,9 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=300.0, help="stop starting new timed variants after this long")
     p.add_argument("--stage-timeout-s", type=float, default=200.0,
                    help="limit of the check stage: about 20 kernels to compile and run; a hang ends it")
-    p.add_argument("--pairs-only", action="store_true",
-                   help="time only the GEMMs that have a two-K-blocks-per-slot form, that form beside the default "
-                        "(A in layout order, no pingpong, no row copies)")
+    p.add_argument("--only", choices=sorted(FOCUS),
+                   help="time only the GEMMs that have this form (pairs: two K blocks per slot; scale_tma: the A "
+                        "scales by TMA), it beside the plain forms (A in layout order, no pingpong, no row copies)")
     p.add_argument("--stage", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the check stage's plumbing on the CPU, the kernel's PyTorch statement in its place")
@@ -317,7 +330,7 @@ def main() -> int:
         if args.stage == "check":
             stage_check(save=lambda records: save(dict(cases=records)))
         else:
-            stage_time(args.tokens, args.budget_s, save, args.pairs_only)
+            stage_time(args.tokens, args.budget_s, save, args.only)
         return 0
     import torch
     import triton

@@ -9,7 +9,7 @@
 #   gluon     benchmarks/gluon_gemm_probe.py: the warp-specialized Gluon grouped GEMM
 #             (epmoe/kernels/ws_grouped_gemm.py) checked on awkward shapes in a child process with a time
 #             limit (a hang costs that limit, not the call), then timed beside the library's kernels (a call
-#             of its own: 540 s by default; GLUON_ARGS: more arguments, e.g. --pairs-only)
+#             of its own: 540 s by default; GLUON_ARGS: more arguments, e.g. --only scale_tma)
 #   ncu       where the Gluon GEMM's warps stall, per SASS instruction: ncu's source counters of the
 #             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 (benchmarks/profile_ws_gemm.py),
 #             the source page as CSV and its summary (benchmarks/ncu_source_summary.py)

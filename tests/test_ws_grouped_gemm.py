@@ -13,13 +13,14 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False, pingpong: bool = False, k_multiple_of_16: bool = True, pair: int = 1):
+              gather: bool = False, pingpong: bool = False, k_multiple_of_16: bool = True, pair: int = 1,
+              scale_tma: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
                                                   pingpong=pingpong, k_multiple_of_16=k_multiple_of_16,
-                                                  k_blocks_per_slot=pair)
+                                                  k_blocks_per_slot=pair, scale_tma=scale_tma)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -192,6 +193,39 @@ def test_host_checks_of_two_k_blocks_per_slot():
     assert gluon_gemm._default_stages(shape, 2) == gluon_gemm._default_stages(shape) // 2
 
 
+@pytest.mark.parametrize("block_n,gated,pair", [(256, True, 1), (256, False, 1), (128, False, 1), (128, False, 2)])
+def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated, pair):
+    """`scale_tma`: the loader's expect_tx counts the 512 bytes of a K block's 128 A scales beside its
+    boxes, one 1-D TMA load brings them, and the math partitions read them from shared memory (two rows
+    a thread per K block) with no global load of A scales in the K loop; no spill."""
+    c, use = _compiled(True, block_n, 4 if pair == 1 else 2, gated, has_bias=not gated, pair=pair, scale_tma=True)
+    plain, _ = _compiled(True, block_n, 4 if pair == 1 else 2, gated, has_bias=not gated, pair=pair)
+    ptx = c.asm["ptx"]
+    if use:
+        # as CASES: FP8 tiles of 256 keep a few per-tile values on the stack (before the K loop, read back in
+        # the epilogue), 128-wide tiles none
+        assert use["LOCAL"] == 0 and use["STACK"] <= (64 if block_n == 256 else 0), f"spills: {use}"
+    assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
+        [str(pair * ((128 + block_n) * 128 + 512))]
+    assert ptx.count("cp.async.bulk.tensor.1d") == pair
+    assert ptx.count("cp.async.bulk.tensor") == plain.asm["ptx"].count("cp.async.bulk.tensor") + pair
+    # the A scales: read from the slot after the "ready" wait, two rows a thread; one fewer global load per
+    # thread and K block than the plain form (whose w scales stay global loads, small and cached)
+    assert len(re.findall(r"ld\.shared\.b32", ptx)) - len(re.findall(r"ld\.shared\.b32", plain.asm["ptx"])) == 2 * 2
+    assert ptx.count("ld.global") < plain.asm["ptx"].count("ld.global")
+    assert c.metadata.shared <= 227 * 1024
+
+
+def test_host_checks_of_the_a_scales_by_tma():
+    a, w, te, out, (sa, sw) = _operands(M=384)
+    with pytest.raises(ValueError, match="scale_tma takes block-FP8 operands with A in layout order"):
+        gluon_gemm.grouped_gemm_ws(a, w, te[:2], out[:256], sa, sw, a_rows=torch.zeros(256, dtype=torch.int32),
+                                   scale_tma=True)
+    a, w, te, out, _ = _operands(fp8=False)
+    with pytest.raises(ValueError, match="scale_tma takes block-FP8"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, scale_tma=True)
+
+
 def _operands(fp8=True, M=256, N=256, K=256, E=2):
     dt = torch.float8_e4m3fn if fp8 else torch.bfloat16
     a = torch.zeros(M, K, dtype=dt)
@@ -304,8 +338,10 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 22 and all(c["ok"] for c in cases)
+    assert len(cases) == 27 and all(c["ok"] for c in cases)
     assert any(c.get("k_blocks_per_slot") == 2 for c in cases)
+    assert {(c.get("gated"), c.get("block_n")) for c in cases if c.get("scale_tma")} == {(False, 128), (False, 256),
+                                                                                         (True, 256)}
     assert {c.get("gather_from_tokens") is not None for c in cases if "gated" in c} == {True, False}
     assert any(c.get("pingpong") for c in cases)
     assert {(c.get("fp8"), c.get("gated")) for c in cases if "gated" in c} == {(True, True), (True, False),

@@ -60,7 +60,9 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 SCALE = 128
-SCALE_BLOCK = gl.constexpr(SCALE)      # block-FP8 scale granularity along K (activations) and along N and K (weights)
+SCALE_BLOCK = gl.constexpr(SCALE)
+# a tile's A scales of one K block in shared memory (`scale_tma`): 128 float32 in a row, no swizzle
+SCALE_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)      # block-FP8 scale granularity along K (activations) and along N and K (weights)
 
 
 @gluon.jit
@@ -90,11 +92,14 @@ def _load_weight_boxes(w_desc, w_buf, bar, w_row, w_step, k, SUB_N: gl.constexpr
 
 
 @gluon.jit
-def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS, num_m_tiles,
-                      num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr):
+def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N, W_ROWS, M_pad,
+                      num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr,
+                      SCALE_TMA: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
     rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further. A slot holds
-    PAIR K blocks (buffers slot * PAIR + j) behind one "ready" and one "empty" barrier."""
+    PAIR K blocks (buffers slot * PAIR + j) behind one "ready" and one "empty" barrier. SCALE_TMA (FP8):
+    the tile's 128 A scales of each K block too (s_desc: a_scale_t as one vector, K-block-major), so
+    the math warps read them from shared memory instead of waiting on global loads."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -113,10 +118,13 @@ def _loader_partition(a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_
                 # a fresh mbarrier counts as having completed the phase before 0: the first round passes
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(slot),
-                                PAIR * (a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes))
+                                PAIR * (a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes
+                                        + SCALE_TMA * s_desc.block_type.nbytes))
                 for p in gl.static_range(PAIR):
                     kb = ks * PAIR + p
                     _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot * PAIR + p))
+                    if SCALE_TMA:
+                        _tma_load(s_desc, [kb * M_pad + m * BLOCK_M], ready.index(slot), s_bufs.index(slot * PAIR + p))
                     _load_weight_boxes(w_desc, w_bufs.index(slot * PAIR + p), ready.index(slot), w_row, w_step,
                                        kb * BLOCK_K, SUB_N, SPLIT)
                 step += 1
@@ -181,11 +189,11 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, my_turn, th
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+def _math_partition(a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
                     bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                     GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                     ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr,
-                    PINGPONG: gl.constexpr, HALF: gl.constexpr):
+                    PINGPONG: gl.constexpr, SCALE_TMA: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
@@ -197,7 +205,9 @@ def _math_partition(a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows
     wait for the same slot, multiply side by side and promote at the same time. Both issue SPLIT products
     per K block of the same tiles, so the i-th product of warpgroup 0 waits for the (i - 1)-th hand-over
     of warpgroup 1 (parity (i & 1) ^ 1: a fresh barrier passes parity 1), warpgroup 1's i-th for the
-    i-th hand-over of warpgroup 0 (parity i & 1)."""
+    i-th hand-over of warpgroup 0 (parity i & 1). SCALE_TMA (FP8): the rows' scales of each K block are read
+    from the slot (the loader brought them with the tile) instead of loaded from global memory one
+    block ahead, whose latency the profile found the math warps waiting on."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -227,7 +237,8 @@ def _math_partition(a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows
                 # block is clamped to the last one instead of read past the end
                 w_scales1 = w_scale_ptr + (e * w_scale_rows + gl.minimum((w_first + w_step) // SCALE_BLOCK,
                                                                          w_scale_rows - 1)) * K_BLOCKS
-                a_scale = gl.load(a_scale_ptr + scale_rows)
+                if not SCALE_TMA:
+                    a_scale = gl.load(a_scale_ptr + scale_rows)
                 w_scale0 = gl.load(w_scales0)
                 w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
                 for ks in range(K_BLOCKS // PAIR):
@@ -240,23 +251,29 @@ def _math_partition(a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows
                         kb = ks * PAIR + p
                         buf = slot * PAIR + p
                         a_tile = a_bufs.index(buf).slice(HALF * ROWS, ROWS)
+                        if SCALE_TMA:
+                            a_scale_k = s_bufs.index(buf).slice(HALF * ROWS, ROWS).load(row_layout)
+                        else:
+                            a_scale_k = a_scale
                         # the next K block's scales load while the tensor cores work (the last reloads its own)
                         nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
-                        a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
+                        if not SCALE_TMA:
+                            a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
                         w_scale0_next = gl.load(w_scales0 + nxt)
                         w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
                         # of this block's first product: products counted over every tile walked so far
                         parity = (((step * PAIR + p) * SPLIT) & 1) ^ (1 - HALF)
                         # the slot goes back after the last product of its last block
                         acc0, part = _promote(acc0, a_tile, w_bufs.index(buf).slice(0, SUB_N).permute((1, 0)), part,
-                                              a_scale, w_scale0, empty.index(slot), turns.index(HALF),
+                                              a_scale_k, w_scale0, empty.index(slot), turns.index(HALF),
                                               turns.index(1 - HALF), parity, SPLIT == 1 and p == PAIR - 1, PINGPONG)
                         if SPLIT == 2:
                             acc1, part = _promote(acc1, a_tile,
                                                   w_bufs.index(buf).slice(SUB_N, SUB_N).permute((1, 0)), part,
-                                                  a_scale, w_scale1, empty.index(slot), turns.index(HALF),
+                                                  a_scale_k, w_scale1, empty.index(slot), turns.index(HALF),
                                                   turns.index(1 - HALF), parity ^ 1, p == PAIR - 1, PINGPONG)
-                        a_scale = a_scale_next
+                        if not SCALE_TMA:
+                            a_scale = a_scale_next
                         w_scale0 = w_scale0_next
                         w_scale1 = w_scale1_next
                     step += 1
@@ -329,21 +346,26 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, M_pa
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
                            out_ptr, out_scale_ptr, M_pad, A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                            GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, PINGPONG: gl.constexpr, STAGES: gl.constexpr, PAIR: gl.constexpr,
-                           MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                           SCALE_TMA: gl.constexpr, MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
-    through a_desc (a_ptr and a_rows_ptr unused)."""
+    through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
+    boxes of BLOCK_M (otherwise it is a_desc again, unused)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
     # PAIR K blocks per slot: buffers slot * PAIR + j, one "ready" and one "empty" barrier per slot
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * PAIR, BLOCK_M, BLOCK_K], a_desc.layout)
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES * PAIR, SPLIT * SUB_N, BLOCK_K], w_desc.layout)
+    if SCALE_TMA:
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES * PAIR, BLOCK_M], s_desc.layout)
+    else:
+        s_bufs = w_bufs        # unused
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -360,29 +382,29 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a
     # constexprs
     if GATHER:
         gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, 0)),
-            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               GATHER, PINGPONG, SCALE_TMA, 0)),
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, 1)),
+                               GATHER, PINGPONG, SCALE_TMA, 1)),
             (_gather_loader_partition, (a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K,
                                         N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
         ], [4, 4], [MATH_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, 0)),
-            (_math_partition, (a_bufs, w_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               GATHER, PINGPONG, SCALE_TMA, 0)),
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, 1)),
-            (_loader_partition, (a_desc, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
-                                 num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
+                               GATHER, PINGPONG, SCALE_TMA, 1)),
+            (_loader_partition, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N,
+                                 W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED, SCALE_TMA)),
         ], [4, 1], [MATH_REGS, LOADER_REGS])
 
 
@@ -490,7 +512,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None, pingpong: bool = False,
-                    k_blocks_per_slot: int = 1) -> torch.Tensor:
+                    k_blocks_per_slot: int = 1, scale_tma: bool | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -503,10 +525,18 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     `_math_partition`); ignored in BF16, whose products stay in flight. `k_blocks_per_slot` 2: each ring
     slot holds two K blocks behind one pair of barriers (half the barrier waits and arrives, each with the
     warpgroup barrier Gluon puts before it; `stages` then counts slots of two), for K of an even number
-    of blocks, A in layout order."""
+    of blocks, A in layout order. `scale_tma` (FP8, A in layout order; None: wherever it applies): the
+    loader brings each K block's 128 A scales into the ring with the tile (TMA, 512 bytes), read by the
+    math warps from shared memory instead of from global memory one block ahead."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
     pair = _check_pairing(k_blocks_per_slot, shape)
+    tma_scales_fit = shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
+    if scale_tma is None:
+        scale_tma = tma_scales_fit
+    elif scale_tma and not tma_scales_fit:
+        raise ValueError("grouped_gemm_ws: scale_tma takes block-FP8 operands with A in layout order (no a_rows) "
+                         "and a_scale_t 16-byte aligned (TMA)")
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -516,13 +546,14 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     a_desc = TensorDescriptor.from_tensor(a, [block_m, bk], gl.NVMMASharedLayout.get_default_for([block_m, bk], el))
     w_desc = TensorDescriptor.from_tensor(w.reshape(shape.E * shape.w_rows, shape.K), [sub_n, bk],
                                           gl.NVMMASharedLayout.get_default_for([sub_n, bk], el))
+    s_desc = TensorDescriptor.from_tensor(a_scale_t.reshape(-1), [block_m], SCALE_SMEM_LAYOUT) if scale_tma else a_desc
     num_m_tiles = shape.M_pad // block_m
     num_n_tiles = triton.cdiv(shape.N, sub_n if shape.gated else sub_n * shape.split)
     if num_programs is None:
         num_programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
     dummy = tile_expert
-    ws_grouped_gemm_kernel[grid](a_desc, w_desc, a, dummy if a_rows is None else a_rows, tile_expert,
+    ws_grouped_gemm_kernel[grid](a_desc, w_desc, s_desc, a, dummy if a_rows is None else a_rows, tile_expert,
                                  dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
                                  dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
                                  shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
@@ -530,6 +561,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  PINGPONG=bool(pingpong) and shape.fp8, STAGES=stages, PAIR=pair,
+                                 SCALE_TMA=bool(scale_tma),
                                  MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
@@ -554,7 +586,7 @@ def _check_pairing(k_blocks_per_slot: int, shape: GemmShape) -> int:
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, pingpong: bool = False, k_blocks_per_slot: int = 1,
-                               math_regs: int = 232, loader_regs: int = 40,
+                               scale_tma: bool = False, math_regs: int = 232, loader_regs: int = 40,
                                maxnreg: int = 168, k_multiple_of_16: bool = True):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
@@ -571,7 +603,8 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
         return f"tensordesc<{el}[{rows}, {block_k}],{layout!r}>"
 
     fn = ws_grouped_gemm_kernel
-    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "a_ptr": f"*{el}", "a_rows_ptr": "*i32",
+    s_desc = f"tensordesc<fp32[128],{SCALE_SMEM_LAYOUT!r}>" if scale_tma else desc(128)
+    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "a_ptr": f"*{el}", "a_rows_ptr": "*i32",
              "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
              "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
@@ -579,7 +612,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "PINGPONG": pingpong and fp8,
-             "STAGES": stages, "PAIR": k_blocks_per_slot, "MATH_REGS": math_regs,
+             "STAGES": stages, "PAIR": k_blocks_per_slot, "SCALE_TMA": scale_tma and fp8, "MATH_REGS": math_regs,
              "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
