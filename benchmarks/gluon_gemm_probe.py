@@ -118,9 +118,10 @@ class Problem:
         return ((got - want).norm() / want.norm()).item()
 
 
-def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
+def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | None = None) -> list:
     """Small awkward problems, every result checked; returns one record per case. `cpu_smoke`: on the CPU
-    with the PyTorch statement in the kernel's place (the probe's own plumbing, no kernel)."""
+    with the PyTorch statement in the kernel's place (the probe's own plumbing, no kernel). `only` (a
+    FOCUS name): the backend's self-check and the cases of that form only."""
     import torch
     from epmoe.experts.triton_ws import gemm_disagreement
     from epmoe.experts.triton_ws import grouped_gemm_reference
@@ -182,6 +183,8 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None) -> list:
               (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False, 1, True),
               (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, False, 1, True),
               (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2, True)]
+    if only:
+        cases = [c for c in cases if FOCUS[only](*c[9:])]
     for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong, pair, scale_tma in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
                    stages=stages, gather_from_tokens=tokens, pingpong=pingpong, k_blocks_per_slot=pair,
@@ -328,7 +331,7 @@ def main() -> int:
 
     if args.stage:
         if args.stage == "check":
-            stage_check(save=lambda records: save(dict(cases=records)))
+            stage_check(save=lambda records: save(dict(cases=records)), only=args.only)
         else:
             stage_time(args.tokens, args.budget_s, save, args.only)
         return 0
