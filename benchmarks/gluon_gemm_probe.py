@@ -6,8 +6,8 @@ limit turns that into an error in the JSON instead of a lost device call):
    statement (`grouped_gemm_reference`): N and K not multiples of the tile, unequal rows per expert, a
    skipped tile (its rows must keep their sentinel), few programs (the persistent walk and the ring wrap
    around), plain and gated, block FP8 and BF16, with a bias, A in layout order or picked from fewer
-   token rows (`a_rows`, down to one token), FP8 with and without `pingpong`, one or two K blocks per
-   ring slot. rel. error <= 1e-2.
+   token rows (`a_rows`, down to one token), FP8 with the A scales from global memory or brought by
+   TMA (`scale_tma`). rel. error <= 1e-2.
 2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
    laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
    the library's gate+up kernel does; down plain, with a bias), beside the library's two kernels with the
@@ -36,20 +36,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# (format, gemm): [(block_n, stages, pingpong, K blocks per slot)]; block_m 128 (two warpgroups of 64 rows),
-# block_k 128 / 64; pingpong (FP8): the math warpgroups issue their products in turn; two K blocks per slot:
-# half the barrier waits and arrives (stages then count slots of two)
-# (block_n, stages, pingpong, K blocks per slot, A scales by TMA)
+# (format, gemm): [(block_n, stages, A scales by TMA)]; block_m 128 (two warpgroups of 64 rows), block_k
+# 128 / 64. (The products of the two warpgroups in turn and two K blocks per ring slot were timed on
+# 2026-12-05 and lost everywhere: notes_kernels.md, eighth and ninth passes.)
 VARIANTS = {
-    ("fp8_block", "gate_up"): [(256, 4, False, 1, False), (256, 4, False, 1, True),     # gate and up of 128 outputs
-                               (256, 4, True, 1, False)],
-    ("fp8_block", "down"): [(128, 6, False, 1, False), (128, 6, False, 1, True), (128, 3, False, 2, False),
-                            (256, 4, False, 1, False), (256, 4, False, 1, True), (256, 4, True, 1, False)],
-    ("bf16", "gate_up"): [(256, 4, False, 1, False), (256, 2, False, 2, False)],
-    ("bf16", "down"): [(128, 4, False, 1, False), (256, 4, False, 1, False), (256, 2, False, 2, False)],
+    ("fp8_block", "gate_up"): [(256, 4, False), (256, 4, True)],       # gate and up of 128 outputs
+    ("fp8_block", "down"): [(128, 6, False), (128, 6, True), (256, 4, False), (256, 4, True)],
+    ("bf16", "gate_up"): [(256, 3, False), (256, 4, False)],
+    ("bf16", "down"): [(128, 4, False), (256, 4, False)],
 }
 # --only: which variants a focused run times beside each GEMM's plain form (same tile, A in layout order)
-FOCUS = {"pairs": lambda pingpong, pair, scale_tma: pair > 1, "scale_tma": lambda pingpong, pair, scale_tma: scale_tma}
+FOCUS = {"scale_tma": lambda scale_tma: scale_tma}
 
 
 class Problem:
@@ -151,7 +148,7 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | 
         why = gemm_disagreement(grouped_gemm_ws, dev, fp8)
         finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
-    # picked from that many tokens (`a_rows`) or None: A in layout order, pingpong)
+    # picked from that many tokens (`a_rows`) or None: A in layout order, A scales by TMA (FP8))
     cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, False),
              (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, False),
              (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False),
@@ -166,35 +163,24 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | 
              (True, False, 320, 640, [0, 1, -1, 1], 2, 128, 3, 200, False),
              (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, 97, False),
              (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, 400, False),
-             # the warpgroups' products in turn (FP8): 128 and 256 wide, plain and gated, both A forms
+             # the A scales brought by TMA: plain 128 and 256 wide, gated, a K tail, a skipped tile, a
+             # program walking several tiles
              (True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, True),
              (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True),
-             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 300, True),
-             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, True)]
-    # two K blocks per slot (an even number of K blocks): BF16 plain and gated, FP8 128 wide
-    cases = [c + (1, False) for c in cases] + [
-        (False, False, 320, 256, [0, -1, 2, 2, 3], 2, 256, 2, None, False, 2, False),
-        (False, True, 600, 2048, [1, 1, 0], 5, 256, 2, None, False, 2, False),
-        (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2, False)]
-    # the A scales brought by TMA (FP8, A in layout order): plain 128 and 256 wide, gated, a K tail, a skipped
-    # tile, a program walking several tiles, two blocks per slot
-    cases += [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, False, 1, True),
-              (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, False, 1, True),
-              (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False, 1, True),
-              (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, False, 1, True),
-              (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 3, None, False, 2, True)]
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, True),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, True),
+             (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 6, None, True)]
     if only:
         cases = [c for c in cases if FOCUS[only](*c[9:])]
-    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, pingpong, pair, scale_tma in cases:
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, scale_tma in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
-                   stages=stages, gather_from_tokens=tokens, pingpong=pingpong, k_blocks_per_slot=pair,
-                   scale_tma=scale_tma)
+                   stages=stages, gather_from_tokens=tokens, scale_tma=scale_tma)
         starting(rec)
         try:
             prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev, tokens=tokens)
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows,
-                            pingpong=pingpong, k_blocks_per_slot=pair, scale_tma=scale_tma)
+                            scale_tma=scale_tma)
             if not cpu_smoke:
                 torch.cuda.synchronize()
             used = [t for t, e in enumerate(tiles) if e >= 0]
@@ -252,23 +238,21 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
                 prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                                a_std=1.0 if gemm == "gate_up" else 0.1, tokens=tokens if gather else None,
                                a_rows=a_rows if gather else None)
-                for bn, stages, pingpong, pair, scale_tma in VARIANTS[(fmt, gemm)]:
+                for bn, stages, scale_tma in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
-                    if gather and pair > 1:         # two blocks per slot take A in layout order only
+                    if gather and scale_tma:        # the A scales by TMA take A in layout order only
                         continue
-                    if only and (gather or pingpong or not any(FOCUS[only](*v[2:]) for v in VARIANTS[(fmt, gemm)])
-                                 or (pair > 1 or scale_tma) and not FOCUS[only](pingpong, pair, scale_tma)):
+                    if only and (gather or not any(FOCUS[only](*v[2:]) for v in VARIANTS[(fmt, gemm)])):
                         continue                    # only the GEMMs with that form: it beside the plain ones
                     point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
-                                 w_rows=w_rows, K=K, block_n=bn, stages=stages, pingpong=pingpong,
-                                 k_blocks_per_slot=pair, scale_tma=scale_tma,
+                                 w_rows=w_rows, K=K, block_n=bn, stages=stages, scale_tma=scale_tma,
                                  epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
                                  "silu" if gemm == "gate_up" else "bias")
                     try:
                         def run():
                             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows,
-                                            pingpong=pingpong, k_blocks_per_slot=pair, scale_tma=scale_tma)
+                                            scale_tma=scale_tma)
                         run()
                         torch.cuda.synchronize()
                         used = [t for t, e in enumerate(tile_expert) if e >= 0]
@@ -314,8 +298,8 @@ def main() -> int:
     p.add_argument("--stage-timeout-s", type=float, default=200.0,
                    help="limit of the check stage: about 20 kernels to compile and run; a hang ends it")
     p.add_argument("--only", choices=sorted(FOCUS),
-                   help="time only the GEMMs that have this form (pairs: two K blocks per slot; scale_tma: the A "
-                        "scales by TMA), it beside the plain forms (A in layout order, no pingpong, no row copies)")
+                   help="time only the GEMMs that have this form (scale_tma: the A scales by TMA), it beside the "
+                        "plain forms (A in layout order, no row copies); the check stage runs only its cases")
     p.add_argument("--stage", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu-smoke", action="store_true",
                    help="the check stage's plumbing on the CPU, the kernel's PyTorch statement in its place")

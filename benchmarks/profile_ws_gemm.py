@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(ws_probe.SHAPES))
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--pingpong", action="store_true", help="the FP8 products in turn (see grouped_gemm_ws)")
+    p.add_argument("--global-scales", action="store_true",
+                   help="FP8: the A scales from global memory (scale_tma=False) instead of by TMA (the default)")
     p.add_argument("--group-m", default="8", help="m-tiles walked side by side, comma-separated values to time "
                                                   "each (default %(default)s)")
     p.add_argument("--formats", default="fp8", help="fp8 (block), bf16, or both comma-separated (default %(default)s)")
@@ -58,8 +59,8 @@ def main(argv=None) -> int:
                            a_std=1.0 if gemm == "gate_up" else 0.1)
             for group_m in group_ms:
                 def run():
-                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, pingpong=args.pingpong,
-                                    group_m=group_m)
+                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
+                                    scale_tma=False if args.global_scales else None)
 
                 run()
                 torch.cuda.synchronize()

@@ -13,14 +13,12 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False, pingpong: bool = False, k_multiple_of_16: bool = True, pair: int = 1,
-              scale_tma: bool = False):
+              gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
-                                                  pingpong=pingpong, k_multiple_of_16=k_multiple_of_16,
-                                                  k_blocks_per_slot=pair, scale_tma=scale_tma)
+                                                  k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -90,9 +88,8 @@ def test_sm90_compile_of_the_row_gather(fp8, block_n, stages, gated, stack):
     assert len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;", ptx)) == 8
     arrive = re.findall(r"^\s*(@%p\d+ )?cp\.async\.mbarrier\.arrive\.noinc\.shared\.b64", ptx, re.M)
     assert arrive == [""]                   # one per thread: not predicated to one of them
-    # per slot "ready" (129) and "empty" (2), then the two turn barriers that only `pingpong` uses (1)
-    assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["129", "2"] * stages + \
-        ["1", "1"]
+    # per slot "ready" (129) and "empty" (2)
+    assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["129", "2"] * stages
     el = 1 if fp8 else 2
     bk = 128 if fp8 else 64
     assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
@@ -112,103 +109,22 @@ def test_sm90_compile_of_the_row_gather(fp8, block_n, stages, gated, stack):
     assert c.metadata.shared <= 227 * 1024
 
 
-def _product_hand_overs(ptx: str) -> list:
-    """For each FP8 product (4 wgmma, then their commit) in the PTX: (an mbarrier wait came after the
-    previous product's wait for completion and before this product's first wgmma, an mbarrier arrive
-    came between its commit and its wait for completion, after a barrier of the warpgroup's 128 threads)."""
-    lines = [x.strip() for x in ptx.splitlines() if x.strip() and not x.strip().startswith(("//", ".loc"))]
-    out, since_done = [], []
-    i = 0
-    while i < len(lines):
-        x = lines[i]
-        if x.startswith("wgmma.mma_async"):
-            waited = any(y.startswith("mbarrier.try_wait") for y in since_done)
-            commit = next(j for j in range(i, len(lines)) if lines[j].startswith("wgmma.commit_group"))
-            done = next(j for j in range(commit, len(lines)) if lines[j].startswith("wgmma.wait_group"))
-            # the hand-over must follow a barrier of the warpgroup's 128 threads: one thread arrives, and a
-            # warp of this warpgroup not yet past its own wait for the turn would otherwise see the other
-            # warpgroup's next hand-over flip the parity back and wait for ever
-            arrive = next((j for j in range(commit, done)
-                           if re.match(r"(@%p\d+ )?mbarrier\.arrive\.shared", lines[j])), None)
-            handed = arrive is not None and any(re.match(r"bar\.sync\s+\d+,\s*128;", y)
-                                                for y in lines[commit:arrive])
-            out.append((waited, handed))
-            i, since_done = done + 1, []
-            continue
-        since_done.append(x)
-        i += 1
-    return out
-
-
-@pytest.mark.parametrize("block_n,gated,gather", [(256, True, True), (128, False, False)])
-def test_sm90_compile_of_the_ping_pong(block_n, gated, gather):
-    """`pingpong` (FP8): each math warpgroup waits for its turn before issuing a product and hands the turn
-    over between issuing it and waiting for it (two more barriers of count 1); without it, neither."""
-    c, use = _compiled(True, block_n, 4, gated, has_bias=True, gather=gather, pingpong=True)
-    if use:
-        assert use["LOCAL"] == 0 and use["STACK"] <= 64, f"spills: {use}"
-    split = block_n // 128
-    turns = _product_hand_overs(c.asm["ptx"])
-    assert len(turns) == 2 * split and all(w and h for w, h in turns), turns      # per K block, per warpgroup
-    inits = re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", c.asm["ptx"])
-    assert inits[-2:] == ["1", "1"]
-    plain, _ = _compiled(True, block_n, 4, gated, has_bias=True, gather=gather, pingpong=False)
-    assert not any(h for _, h in _product_hand_overs(plain.asm["ptx"]))
-
-
-@pytest.mark.parametrize("fp8,block_n,gated", [(False, 256, True), (False, 256, False), (True, 128, False)])
-def test_sm90_compile_of_two_k_blocks_per_slot(fp8, block_n, gated):
-    """`k_blocks_per_slot=2`: one expect_tx for the bytes of two K blocks' boxes, the loader's TMA loads
-    for both, one "ready" wait per slot in each math partition (BF16 unrolls the two blocks: all their
-    wgmma between two waits), no spill. (FP8 tiles of 256 with two blocks per slot keep ~300 bytes of
-    registers on the stack under ptxas, which is why it is not among these.)"""
-    c, use = _compiled(fp8, block_n, 2, gated, has_bias=True, pair=2)
-    ptx = c.asm["ptx"]
-    if use:
-        assert use["LOCAL"] == 0 and use["STACK"] == 0, f"spills: {use}"
-    split = block_n // 128 if block_n > 128 else 1
-    el, bk = (1, 128) if fp8 else (2, 64)
-    assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
-        [str(2 * (128 + block_n) * bk * el)]
-    assert ptx.count("cp.async.bulk.tensor") == 2 * (1 + split)
-    # two stages of two blocks: 2 "ready" and 2 "empty" barriers (then the two turn barriers)
-    assert re.findall(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], (\d+);", ptx) == ["1", "2"] * 2 + ["1", "1"]
-    assert ptx.count("mbarrier.try_wait") == 3           # the loader's "empty" wait, each partition's "ready" wait
-    if not fp8:
-        assert len(re.findall(r"wgmma\.mma_async", ptx)) == 2 * 2 * 4 * split
-    assert c.metadata.shared <= 227 * 1024
-
-
-def test_host_checks_of_two_k_blocks_per_slot():
-    a, w, te, out, (sa, sw) = _operands(K=384)           # 3 K blocks of 128
-    with pytest.raises(ValueError, match="even number of K blocks"):
-        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, k_blocks_per_slot=2)
-    with pytest.raises(ValueError, match="k_blocks_per_slot is 1 or 2"):
-        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, k_blocks_per_slot=3)
-    a, w, te, out, (sa, sw) = _operands(M=384)
-    with pytest.raises(ValueError, match="layout order"):
-        gluon_gemm.grouped_gemm_ws(a, w, te[:2], out[:256], sa, sw, a_rows=torch.zeros(256, dtype=torch.int32),
-                                   k_blocks_per_slot=2)
-    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw)
-    assert gluon_gemm._default_stages(shape, 2) == gluon_gemm._default_stages(shape) // 2
-
-
-@pytest.mark.parametrize("block_n,gated,pair", [(256, True, 1), (256, False, 1), (128, False, 1), (128, False, 2)])
-def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated, pair):
+@pytest.mark.parametrize("block_n,gated", [(256, True), (256, False), (128, False)])
+def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated):
     """`scale_tma`: the loader's expect_tx counts the 512 bytes of a K block's 128 A scales beside its
     boxes, one 1-D TMA load brings them, and the math partitions read them from shared memory (two rows
     a thread per K block) with no global load of A scales in the K loop; no spill."""
-    c, use = _compiled(True, block_n, 4 if pair == 1 else 2, gated, has_bias=not gated, pair=pair, scale_tma=True)
-    plain, _ = _compiled(True, block_n, 4 if pair == 1 else 2, gated, has_bias=not gated, pair=pair)
+    c, use = _compiled(True, block_n, 4, gated, has_bias=not gated, scale_tma=True)
+    plain, _ = _compiled(True, block_n, 4, gated, has_bias=not gated)
     ptx = c.asm["ptx"]
     if use:
         # as CASES: FP8 tiles of 256 keep a few per-tile values on the stack (before the K loop, read back in
         # the epilogue), 128-wide tiles none
         assert use["LOCAL"] == 0 and use["STACK"] <= (64 if block_n == 256 else 0), f"spills: {use}"
     assert re.findall(r"mbarrier\.arrive\.expect_tx\.shared(?:::cta)?\.b64 _, \[%r\d+\], (\d+);", ptx) == \
-        [str(pair * ((128 + block_n) * 128 + 512))]
-    assert ptx.count("cp.async.bulk.tensor.1d") == pair
-    assert ptx.count("cp.async.bulk.tensor") == plain.asm["ptx"].count("cp.async.bulk.tensor") + pair
+        [str((128 + block_n) * 128 + 512)]
+    assert ptx.count("cp.async.bulk.tensor.1d") == 1
+    assert ptx.count("cp.async.bulk.tensor") == plain.asm["ptx"].count("cp.async.bulk.tensor") + 1
     # the A scales: read from the slot after the "ready" wait, two rows a thread; one fewer global load per
     # thread and K block than the plain form (whose w scales stay global loads, small and cached)
     assert len(re.findall(r"ld\.shared\.b32", ptx)) - len(re.findall(r"ld\.shared\.b32", plain.asm["ptx"])) == 2 * 2
@@ -338,12 +254,10 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 27 and all(c["ok"] for c in cases)
-    assert any(c.get("k_blocks_per_slot") == 2 for c in cases)
+    assert len(cases) == 20 and all(c["ok"] for c in cases)
     assert {(c.get("gated"), c.get("block_n")) for c in cases if c.get("scale_tma")} == {(False, 128), (False, 256),
                                                                                          (True, 256)}
     assert {c.get("gather_from_tokens") is not None for c in cases if "gated" in c} == {True, False}
-    assert any(c.get("pingpong") for c in cases)
     assert {(c.get("fp8"), c.get("gated")) for c in cases if "gated" in c} == {(True, True), (True, False),
                                                                               (False, True), (False, False)}
 

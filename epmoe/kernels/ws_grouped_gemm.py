@@ -96,8 +96,8 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
                       num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr,
                       SCALE_TMA: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
-    rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further. A slot holds
-    PAIR K blocks (buffers slot * PAIR + j) behind one "ready" and one "empty" barrier. SCALE_TMA (FP8):
+    rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further, into ring
+    slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8):
     the tile's 128 A scales of each K block too (s_desc: a_scale_t as one vector, K-block-major), so
     the math warps read them from shared memory instead of waiting on global loads."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -105,7 +105,6 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     SPLIT: gl.constexpr = w_bufs.type.shape[1] // SUB_N
     STAGES: gl.constexpr = ready.type.shape[0]
-    PAIR: gl.constexpr = a_bufs.type.shape[0] // STAGES
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
@@ -113,20 +112,17 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
-            for ks in range(K_BLOCKS // PAIR):
+            for kb in range(K_BLOCKS):
                 slot = step % STAGES
                 # a fresh mbarrier counts as having completed the phase before 0: the first round passes
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot),
-                                PAIR * (a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes
-                                        + SCALE_TMA * s_desc.block_type.nbytes))
-                for p in gl.static_range(PAIR):
-                    kb = ks * PAIR + p
-                    _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot * PAIR + p))
-                    if SCALE_TMA:
-                        _tma_load(s_desc, [kb * M_pad + m * BLOCK_M], ready.index(slot), s_bufs.index(slot * PAIR + p))
-                    _load_weight_boxes(w_desc, w_bufs.index(slot * PAIR + p), ready.index(slot), w_row, w_step,
-                                       kb * BLOCK_K, SUB_N, SPLIT)
+                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes
+                                + SCALE_TMA * s_desc.block_type.nbytes)
+                _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot))
+                if SCALE_TMA:
+                    _tma_load(s_desc, [kb * M_pad + m * BLOCK_M], ready.index(slot), s_bufs.index(slot))
+                _load_weight_boxes(w_desc, w_bufs.index(slot), ready.index(slot), w_row, w_step, kb * BLOCK_K, SUB_N,
+                                   SPLIT)
                 step += 1
 
 
@@ -141,7 +137,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
     BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     SPLIT: gl.constexpr = w_bufs.type.shape[1] // SUB_N
-    STAGES: gl.constexpr = ready.type.shape[0]          # one K block per slot here (the host refuses PAIR 2)
+    STAGES: gl.constexpr = ready.type.shape[0]
     VEC: gl.constexpr = 128 // a_bufs.dtype.primitive_bitwidth                 # elements in 16 bytes
     COL_THREADS: gl.constexpr = BLOCK_K // VEC                                  # threads along one row
     rows_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, VEC],
@@ -171,17 +167,10 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
 
 
 @gluon.jit
-def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, my_turn, their_turn, turn_parity,
-             release, PINGPONG: gl.constexpr):
+def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, release: gl.constexpr):
     """FP8: one K block's product into a fresh accumulator, then into the float32 one with its scales
-    (release: the slot goes back to the loader as soon as the product is done; a constexpr or, with two
-    K blocks per slot, a runtime flag). PINGPONG: the product is issued only on this warpgroup's turn,
-    which it then hands to the other (`_math_partition`)."""
-    if PINGPONG:
-        mbarrier.wait(my_turn, turn_parity)
+    (release: the slot goes back to the loader as soon as the product is done)."""
     part = warpgroup_mma(a_tile, w_tile, part, use_acc=False, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(their_turn, count=1)
     part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, w_tile))
     if release:
         mbarrier.arrive(empty_bar, count=1)
@@ -189,29 +178,22 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, my_turn, th
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
+def _math_partition(a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr,
                     bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                     GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                     ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr,
-                    PINGPONG: gl.constexpr, SCALE_TMA: gl.constexpr, HALF: gl.constexpr):
+                    SCALE_TMA: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
     rows (and their scales, A_ROWS apart per K block) are A's rows a_rows[r], and the A tile was written by
     `cp.async` (the generic proxy): a proxy fence after the "ready" wait orders it before the wgmma reads.
-    PINGPONG (FP8): the two warpgroups issue their products in turn, each handing the turn over by an
-    mbarrier (`turns` [2]: warpgroup h waits on turns[h], arrives on turns[1 - h]) as soon as its product
-    is issued, so one's promotion runs while the other's product has the tensor cores; without it both
-    wait for the same slot, multiply side by side and promote at the same time. Both issue SPLIT products
-    per K block of the same tiles, so the i-th product of warpgroup 0 waits for the (i - 1)-th hand-over
-    of warpgroup 1 (parity (i & 1) ^ 1: a fresh barrier passes parity 1), warpgroup 1's i-th for the
-    i-th hand-over of warpgroup 0 (parity i & 1). SCALE_TMA (FP8): the rows' scales of each K block are read
+    SCALE_TMA (FP8): the rows' scales of each K block are read
     from the slot (the loader brought them with the tile) instead of loaded from global memory one
     block ahead, whose latency the profile found the math warps waiting on."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
-    PAIR: gl.constexpr = a_bufs.type.shape[0] // STAGES        # K blocks per slot
     ROWS: gl.constexpr = BLOCK_M // 2
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth        # 32 for FP8, 16 for BF16
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -241,65 +223,52 @@ def _math_partition(a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr
                     a_scale = gl.load(a_scale_ptr + scale_rows)
                 w_scale0 = gl.load(w_scales0)
                 w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
-                for ks in range(K_BLOCKS // PAIR):
+                for kb in range(K_BLOCKS):
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
                     if GATHER:
                         fence_async_shared()
-                    # a loop, not unrolled: unrolled, the second block's scales and products spill registers
-                    for p in range(PAIR):
-                        kb = ks * PAIR + p
-                        buf = slot * PAIR + p
-                        a_tile = a_bufs.index(buf).slice(HALF * ROWS, ROWS)
-                        if SCALE_TMA:
-                            a_scale_k = s_bufs.index(buf).slice(HALF * ROWS, ROWS).load(row_layout)
-                        else:
-                            a_scale_k = a_scale
-                        # the next K block's scales load while the tensor cores work (the last reloads its own)
-                        nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
-                        if not SCALE_TMA:
-                            a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
-                        w_scale0_next = gl.load(w_scales0 + nxt)
-                        w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
-                        # of this block's first product: products counted over every tile walked so far
-                        parity = (((step * PAIR + p) * SPLIT) & 1) ^ (1 - HALF)
-                        # the slot goes back after the last product of its last block
-                        acc0, part = _promote(acc0, a_tile, w_bufs.index(buf).slice(0, SUB_N).permute((1, 0)), part,
-                                              a_scale_k, w_scale0, empty.index(slot), turns.index(HALF),
-                                              turns.index(1 - HALF), parity, SPLIT == 1 and p == PAIR - 1, PINGPONG)
-                        if SPLIT == 2:
-                            acc1, part = _promote(acc1, a_tile,
-                                                  w_bufs.index(buf).slice(SUB_N, SUB_N).permute((1, 0)), part,
-                                                  a_scale_k, w_scale1, empty.index(slot), turns.index(HALF),
-                                                  turns.index(1 - HALF), parity ^ 1, p == PAIR - 1, PINGPONG)
-                        if not SCALE_TMA:
-                            a_scale = a_scale_next
-                        w_scale0 = w_scale0_next
-                        w_scale1 = w_scale1_next
+                    a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
+                    if SCALE_TMA:
+                        a_scale_k = s_bufs.index(slot).slice(HALF * ROWS, ROWS).load(row_layout)
+                    else:
+                        a_scale_k = a_scale
+                    # the next K block's scales load while the tensor cores work (the last reloads its own)
+                    nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
+                    if not SCALE_TMA:
+                        a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
+                    w_scale0_next = gl.load(w_scales0 + nxt)
+                    w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
+                    # the slot goes back after the block's last product
+                    acc0, part = _promote(acc0, a_tile, w_bufs.index(slot).slice(0, SUB_N).permute((1, 0)), part,
+                                          a_scale_k, w_scale0, empty.index(slot), SPLIT == 1)
+                    if SPLIT == 2:
+                        acc1, part = _promote(acc1, a_tile, w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0)),
+                                              part, a_scale_k, w_scale1, empty.index(slot), True)
+                    if not SCALE_TMA:
+                        a_scale = a_scale_next
+                    w_scale0 = w_scale0_next
+                    w_scale1 = w_scale1_next
                     step += 1
             else:
                 prev_slot = 0
-                for ks in range(K_BLOCKS // PAIR):
+                for kb in range(K_BLOCKS):
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
                     if GATHER:
                         fence_async_shared()
-                    for p in gl.static_range(PAIR):
-                        buf = slot * PAIR + p
-                        a_tile = a_bufs.index(buf).slice(HALF * ROWS, ROWS)
-                        w0 = w_bufs.index(buf).slice(0, SUB_N).permute((1, 0))
-                        acc0 = warpgroup_mma(a_tile, w0, acc0, is_async=True)
-                        if SPLIT == 2:
-                            w1 = w_bufs.index(buf).slice(SUB_N, SUB_N).permute((1, 0))
-                            acc1 = warpgroup_mma(a_tile, w1, acc1, is_async=True)
-                            # this block's two products left in flight: the block before is done
-                            acc0, acc1, _, _, _ = warpgroup_mma_wait(num_outstanding=2,
-                                                                     deps=(acc0, acc1, a_tile, w0, w1))
-                        else:
-                            acc0, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, a_tile, w0))
-                        if p == 0:
-                            # the block before this slot's first was the last of the slot before: freed
-                            mbarrier.arrive(empty.index(prev_slot), count=1, pred=ks > 0)
+                    a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
+                    w0 = w_bufs.index(slot).slice(0, SUB_N).permute((1, 0))
+                    acc0 = warpgroup_mma(a_tile, w0, acc0, is_async=True)
+                    if SPLIT == 2:
+                        w1 = w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0))
+                        acc1 = warpgroup_mma(a_tile, w1, acc1, is_async=True)
+                        # this block's two products left in flight: the block before is done
+                        acc0, acc1, _, _, _ = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1, a_tile, w0, w1))
+                    else:
+                        acc0, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, a_tile, w0))
+                    # the block before this one is done: its slot goes back
+                    mbarrier.arrive(empty.index(prev_slot), count=1, pred=kb > 0)
                     prev_slot = slot
                     step += 1
                 if SPLIT == 2:
@@ -350,8 +319,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_exper
                            out_ptr, out_scale_ptr, M_pad, A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
                            GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
-                           GATHER: gl.constexpr, PINGPONG: gl.constexpr, STAGES: gl.constexpr, PAIR: gl.constexpr,
-                           SCALE_TMA: gl.constexpr, MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                           GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
+                           MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
@@ -359,11 +328,11 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_exper
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-    # PAIR K blocks per slot: buffers slot * PAIR + j, one "ready" and one "empty" barrier per slot
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * PAIR, BLOCK_M, BLOCK_K], a_desc.layout)
-    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES * PAIR, SPLIT * SUB_N, BLOCK_K], w_desc.layout)
+    # the ring: STAGES slots of one K block each, one "ready" and one "empty" barrier per slot
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, SPLIT * SUB_N, BLOCK_K], w_desc.layout)
     if SCALE_TMA:
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES * PAIR, BLOCK_M], s_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BLOCK_M], s_desc.layout)
     else:
         s_bufs = w_bufs        # unused
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -372,9 +341,6 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_exper
         # the loader's expect_tx arrive (GATHER: and one arrive per copying thread, 4 warps)
         mbarrier.init(ready.index(i), count=1 + GATHER * 128)
         mbarrier.init(empty.index(i), count=2)      # one arrive from each math warpgroup
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())   # PINGPONG's hand-overs
-    for i in gl.static_range(2):
-        mbarrier.init(turns.index(i), count=1)
     # the barriers' initialisation (generic proxy) ordered before the TMA unit (async proxy) completes
     # transactions on them; the partitions start after a CTA-wide barrier
     fence_async_shared()
@@ -382,27 +348,27 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_exper
     # constexprs
     if GATHER:
         gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, SCALE_TMA, 0)),
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               GATHER, SCALE_TMA, 0)),
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, SCALE_TMA, 1)),
+                               GATHER, SCALE_TMA, 1)),
             (_gather_loader_partition, (a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K,
                                         N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
         ], [4, 4], [MATH_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, SCALE_TMA, 0)),
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, turns, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                               GATHER, SCALE_TMA, 0)),
+            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
                                w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
                                num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, PINGPONG, SCALE_TMA, 1)),
+                               GATHER, SCALE_TMA, 1)),
             (_loader_partition, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N,
                                  W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED, SCALE_TMA)),
         ], [4, 1], [MATH_REGS, LOADER_REGS])
@@ -511,8 +477,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     out_scale_t: torch.Tensor | None = None, *, block_m: int = 128, block_n: int | None = None,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
-                    maxnreg: int = 168, a_rows: torch.Tensor | None = None, pingpong: bool = False,
-                    k_blocks_per_slot: int = 1, scale_tma: bool | None = None) -> torch.Tensor:
+                    maxnreg: int = 168, a_rows: torch.Tensor | None = None,
+                    scale_tma: bool | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -521,16 +487,11 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     a_rows[r] (A [rows, K] and `a_scale_t` [ceil(K/128), rows] as they are, e.g. the tokens: no copy into
     the layout), read by the loader's four warps with `cp.async`. `maxnreg` bounds every thread (12 warps
     x 32 x 168 fit one SM's 64K registers: one program per SM); the loader's warpgroup gives up all but
-    `loader_regs`. `pingpong` (FP8): the two math warpgroups take turns to issue their products (see
-    `_math_partition`); ignored in BF16, whose products stay in flight. `k_blocks_per_slot` 2: each ring
-    slot holds two K blocks behind one pair of barriers (half the barrier waits and arrives, each with the
-    warpgroup barrier Gluon puts before it; `stages` then counts slots of two), for K of an even number
-    of blocks, A in layout order. `scale_tma` (FP8, A in layout order; None: wherever it applies): the
+    `loader_regs`. `scale_tma` (FP8, A in layout order; None: wherever it applies): the
     loader brings each K block's 128 A scales into the ring with the tile (TMA, 512 bytes), read by the
     math warps from shared memory instead of from global memory one block ahead."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
-    pair = _check_pairing(k_blocks_per_slot, shape)
     tma_scales_fit = shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
     if scale_tma is None:
         scale_tma = tma_scales_fit
@@ -542,7 +503,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     el = _gl_dtype(a.dtype)
     bk, sub_n = shape.block_k, shape.sub_n
-    stages = stages or _default_stages(shape, pair)
+    stages = stages or _default_stages(shape)
     a_desc = TensorDescriptor.from_tensor(a, [block_m, bk], gl.NVMMASharedLayout.get_default_for([block_m, bk], el))
     w_desc = TensorDescriptor.from_tensor(w.reshape(shape.E * shape.w_rows, shape.K), [sub_n, bk],
                                           gl.NVMMASharedLayout.get_default_for([sub_n, bk], el))
@@ -560,34 +521,21 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8, SPLIT=shape.split,
                                  GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
-                                 PINGPONG=bool(pingpong) and shape.fp8, STAGES=stages, PAIR=pair,
-                                 SCALE_TMA=bool(scale_tma),
+                                 STAGES=stages, SCALE_TMA=bool(scale_tma),
                                  MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
 
-def _default_stages(shape: GemmShape, pair: int = 1) -> int:
-    """As many ring slots (of `pair` K blocks) as fit beside the rest in ~200 KB of shared memory, at most 6."""
-    per_stage = pair * (128 + shape.sub_n * shape.split) * shape.block_k * (1 if shape.fp8 else 2)
+def _default_stages(shape: GemmShape) -> int:
+    """As many ring slots as fit beside the rest in ~200 KB of shared memory, at most 6."""
+    per_stage = (128 + shape.sub_n * shape.split) * shape.block_k * (1 if shape.fp8 else 2)
     return max(2, min(6, (200 * 1024) // per_stage))
-
-
-def _check_pairing(k_blocks_per_slot: int, shape: GemmShape) -> int:
-    """K blocks per ring slot: 1, or 2 where K is an even number of blocks and A is in layout order."""
-    if k_blocks_per_slot not in (1, 2):
-        raise ValueError(f"grouped_gemm_ws: k_blocks_per_slot is 1 or 2, got {k_blocks_per_slot}")
-    if k_blocks_per_slot == 2 and (shape.gather or triton.cdiv(shape.K, shape.block_k) % 2):
-        raise ValueError(f"grouped_gemm_ws: two K blocks per slot need an even number of K blocks "
-                         f"({triton.cdiv(shape.K, shape.block_k)} of {shape.block_k}) and A in layout order "
-                         f"(no a_rows)")
-    return k_blocks_per_slot
 
 
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
-                               gather: bool = False, pingpong: bool = False, k_blocks_per_slot: int = 1,
-                               scale_tma: bool = False, math_regs: int = 232, loader_regs: int = 40,
-                               maxnreg: int = 168, k_multiple_of_16: bool = True):
+                               gather: bool = False, scale_tma: bool = False, math_regs: int = 232,
+                               loader_regs: int = 40, maxnreg: int = 168, k_multiple_of_16: bool = True):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
@@ -611,9 +559,8 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "num_m_tiles": "i32",
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
-             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "PINGPONG": pingpong and fp8,
-             "STAGES": stages, "PAIR": k_blocks_per_slot, "SCALE_TMA": scale_tma and fp8, "MATH_REGS": math_regs,
-             "LOADER_REGS": loader_regs}
+             "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
+             "SCALE_TMA": scale_tma and fp8, "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
