@@ -6,7 +6,9 @@ barrier in every K block and, with block-scaled FP8, drains the tensor cores at 
 float32 (the gate+up kernel's tensor pipe at ~49%, its top stall the barrier). `tl.range(warp_specialize=
 True)` changes nothing there in Triton 3.6. Gluon states the schedule instead:
 - one loader warp issues the TMA loads of the A rows and the expert's weight tile into a ring of
-  `STAGES` shared-memory slots, each slot with a "ready" and an "empty" mbarrier (no CTA barrier);
+  `STAGES` shared-memory slots, each slot with a "ready" and an "empty" mbarrier (no CTA barrier); in
+  FP8 also the tile's 128 A scales of the K block (`scale_tma`: a source-level profile found the math
+  warps waiting on global loads of them);
 - two math partitions of one warpgroup each (64 rows of the 128-row tile) run the wgmma. In FP8 each
   128-wide K block is multiplied into a fresh product, promoted into the float32 accumulator with the
   row's and the weight block's scales (the library's "sync" numerics: no FP8 accumulation across K
