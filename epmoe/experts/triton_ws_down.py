@@ -4,7 +4,7 @@ GEMM (Hopper, BF16 and 128x128 block FP8).
 Experimental, never picked by "auto": a measurement of the better half of each. On one H200 at T = 8192
 (benchmarks/notes_kernels.md, eighth pass) the Gluon down GEMM took 0.78-0.81x the library's down kernel
 in block FP8, while the Gluon gate+up (after `triton_ws`'s row copy) took 1.05-1.13x the library's
-gate+up. The pipeline:
+gate+up. As a whole (ninth pass) it ran 0.95-1.05x `triton_ws`, not the sum of those parts. The pipeline:
 1. pairs laid out expert by expert in uniform tiles of 128 rows (`align_pairs`, no tail tiles);
 2. gate+up: the library's kernel (`fused_moe.launch_gate_up`: it gathers the token rows itself, applies
    the activation and, in FP8, quantizes its output per 128 columns in its epilogue) with the tuned
