@@ -214,7 +214,8 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
         a_rows = layout_rows(aligned, tokens, k)[0]
         x = torch.randn(tokens, H, generator=gen, device=dev)
-        for fmt in () if only else ("fp8_block", "bf16"):   # the backend's copy of the rows into the layout (reading the tokens saves it)
+        # the backend's copy of the rows into the layout (reading the tokens saves it)
+        for fmt in () if only else ("fp8_block", "bf16"):
             xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
             ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, a_rows), warmup=20, rep=100,
                                          return_mode="median")
@@ -275,7 +276,8 @@ def _child(stage: str, args) -> dict:
     """Run one stage in a child process under a time limit; its JSON comes back through a file."""
     path = f"{args.output}.{stage}.part"
     cmd = [sys.executable, os.path.abspath(__file__), "--stage", stage, "--output", path,
-           "--tokens", str(args.tokens), "--budget-s", str(args.budget_s)] + (["--only", args.only] if args.only else [])
+           "--tokens", str(args.tokens), "--budget-s", str(args.budget_s)]
+    cmd += ["--only", args.only] if args.only else []
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, timeout=args.stage_timeout_s if stage == "check" else args.budget_s + 60)

@@ -41,7 +41,7 @@ def tables(path: str):
 
 def summarize(header, rows, top: int) -> str:
     samples_col = next(name for name in header if name.startswith("Warp Stall Sampling (All"))
-    source_col = next((name for name in header if name.lower() == "source"), header[1] if len(header) > 1 else header[0])
+    source_col = next((name for name in header if name.lower() == "source"), header[min(1, len(header) - 1)])
     address_col = next((name for name in header if name.lower() == "address"), None)
     reason_cols = [name for name in header if name != samples_col and
                    (name.startswith("stall_") or "Not-issued" in name or name.endswith("(All Samples)"))]

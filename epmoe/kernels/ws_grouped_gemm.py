@@ -62,9 +62,9 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _cp_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 SCALE = 128
-SCALE_BLOCK = gl.constexpr(SCALE)
+SCALE_BLOCK = gl.constexpr(SCALE)      # block-FP8 scale granularity along K (activations) and along N and K (weights)
 # a tile's A scales of one K block in shared memory (`scale_tma`): 128 float32 in a row, no swizzle
-SCALE_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)      # block-FP8 scale granularity along K (activations) and along N and K (weights)
+SCALE_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
 @gluon.jit
@@ -99,9 +99,9 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
                       SCALE_TMA: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
     rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further, into ring
-    slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8):
-    the tile's 128 A scales of each K block too (s_desc: a_scale_t as one vector, K-block-major), so
-    the math warps read them from shared memory instead of waiting on global loads."""
+    slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8): the tile's 128 A
+    scales of each K block too (s_desc: a_scale_t as one vector, K-block-major), so the math warps read
+    them from shared memory instead of waiting on global loads."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -190,9 +190,9 @@ def _math_partition(a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_row
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
     rows (and their scales, A_ROWS apart per K block) are A's rows a_rows[r], and the A tile was written by
     `cp.async` (the generic proxy): a proxy fence after the "ready" wait orders it before the wgmma reads.
-    SCALE_TMA (FP8): the rows' scales of each K block are read
-    from the slot (the loader brought them with the tile) instead of loaded from global memory one
-    block ahead, whose latency the profile found the math warps waiting on."""
+    SCALE_TMA (FP8): the rows' scales of each K block are read from the slot (the loader brought them
+    with the tile) instead of loaded from global memory one block ahead, whose latency the profile found
+    the math warps waiting on."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -317,9 +317,9 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, M_pa
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-                           out_ptr, out_scale_ptr, M_pad, A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
-                           GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
+def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a_scale_ptr, w_scale_ptr,
+                           bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles,
+                           K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
