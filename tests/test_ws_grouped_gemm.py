@@ -132,6 +132,18 @@ def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated):
     assert c.metadata.shared <= 227 * 1024
 
 
+def test_the_kernel_refuses_the_a_scales_by_tma_with_the_row_gather():
+    """The gather loader fills no scale buffers: compiling the two together stops at the kernel's assertion
+    instead of building a kernel whose math warps read scales nobody wrote."""
+    from epmoe.kernels.xcompile import CrossCompileUnavailable
+    try:
+        gluon_gemm.compile_ws_gemm_for_hopper(True, block_n=128, stages=3, gather=True)
+    except CrossCompileUnavailable as exc:      # depends on the Triton build
+        pytest.skip(str(exc))
+    with pytest.raises(Exception, match="A scales by TMA take A in layout order"):
+        gluon_gemm.compile_ws_gemm_for_hopper(True, block_n=128, stages=3, gather=True, scale_tma=True)
+
+
 def test_host_checks_of_the_a_scales_by_tma():
     a, w, te, out, (sa, sw) = _operands(M=384)
     with pytest.raises(ValueError, match="scale_tma takes block-FP8 operands with A in layout order"):
@@ -140,6 +152,20 @@ def test_host_checks_of_the_a_scales_by_tma():
     a, w, te, out, _ = _operands(fp8=False)
     with pytest.raises(ValueError, match="scale_tma takes block-FP8"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, scale_tma=True)
+    # where it does not apply, the default takes the global loads and an explicit True is refused: a_scale_t
+    # off 16-byte alignment (a view one float in), and a ring too deep for the scales beside it
+    a, w, te, out, (sa, sw) = _operands(N=128)
+    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, block_n=128)
+    choice = gluon_gemm._scale_tma_choice
+    assert choice(shape, sa, 6, None) and choice(shape, sa, 6, True) and not choice(shape, sa, 6, False)
+    assert gluon_gemm._default_stages(shape) == 6
+    off = torch.empty(sa.numel() + 1)[1:].view(sa.shape)
+    assert off.data_ptr() % 16 and not choice(shape, off, 6, None)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, off, sw, block_n=128, scale_tma=True)
+    assert not choice(shape, sa, 7, None)            # 7 x (32 KB + 512 B) leaves no room for the barriers
+    with pytest.raises(ValueError, match="7 slots of 33280 bytes"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=128, stages=7, scale_tma=True)
 
 
 def _operands(fp8=True, M=256, N=256, K=256, E=2):

@@ -235,7 +235,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_row
                         a_scale_k = s_bufs.index(slot).slice(HALF * ROWS, ROWS).load(row_layout)
                     else:
                         a_scale_k = a_scale
-                    # the next K block's scales load while the tensor cores work (the last reloads its own)
+                    # the next K block's scales (the weights', and without SCALE_TMA the rows') load while the
+                    # tensor cores work (the last block reloads its own)
                     nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
                     if not SCALE_TMA:
                         a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
@@ -327,6 +328,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_exper
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
     boxes of BLOCK_M (otherwise it is a_desc again, unused)."""
+    # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
+    gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
@@ -494,18 +497,13 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     math warps from shared memory instead of from global memory one block ahead."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
-    tma_scales_fit = shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
-    if scale_tma is None:
-        scale_tma = tma_scales_fit
-    elif scale_tma and not tma_scales_fit:
-        raise ValueError("grouped_gemm_ws: scale_tma takes block-FP8 operands with A in layout order (no a_rows) "
-                         "and a_scale_t 16-byte aligned (TMA)")
+    stages = stages or _default_stages(shape)
+    scale_tma = _scale_tma_choice(shape, a_scale_t, stages, scale_tma)
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     el = _gl_dtype(a.dtype)
     bk, sub_n = shape.block_k, shape.sub_n
-    stages = stages or _default_stages(shape)
     a_desc = TensorDescriptor.from_tensor(a, [block_m, bk], gl.NVMMASharedLayout.get_default_for([block_m, bk], el))
     w_desc = TensorDescriptor.from_tensor(w.reshape(shape.E * shape.w_rows, shape.K), [sub_n, bk],
                                           gl.NVMMASharedLayout.get_default_for([sub_n, bk], el))
@@ -528,10 +526,36 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     return out
 
 
+# shared memory of one SM on sm_90 (227 KB), and what the ring may take of it beside the barriers and the
+# epilogue's scratch
+SMEM_BYTES = 227 * 1024
+RING_BUDGET = 200 * 1024
+
+
+def _slot_bytes(shape: GemmShape, scale_tma: bool) -> int:
+    """Shared memory of one ring slot: the A tile, the weight boxes and, with `scale_tma`, the 128 A scales."""
+    return (128 + shape.sub_n * shape.split) * shape.block_k * (1 if shape.fp8 else 2) + (512 if scale_tma else 0)
+
+
 def _default_stages(shape: GemmShape) -> int:
-    """As many ring slots as fit beside the rest in ~200 KB of shared memory, at most 6."""
-    per_stage = (128 + shape.sub_n * shape.split) * shape.block_k * (1 if shape.fp8 else 2)
-    return max(2, min(6, (200 * 1024) // per_stage))
+    """As many ring slots as fit in RING_BUDGET (counting the A scales where FP8 can bring them by TMA),
+    at most 6."""
+    return max(2, min(6, RING_BUDGET // _slot_bytes(shape, shape.fp8 and not shape.gather)))
+
+
+def _scale_tma_choice(shape: GemmShape, a_scale_t, stages: int, scale_tma: bool | None) -> bool:
+    """Whether the A scales come by TMA: asked (True / False) or, None, wherever it applies: block FP8, A in
+    layout order, `a_scale_t` 16-byte aligned (TMA), and a ring of `stages` slots that still fits in shared
+    memory with them (1 KB left for the barriers). Asked where it does not apply: a ValueError."""
+    applies = (shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
+               and stages * _slot_bytes(shape, True) + 1024 <= SMEM_BYTES)
+    if scale_tma is None:
+        return applies
+    if scale_tma and not applies:
+        raise ValueError(f"grouped_gemm_ws: scale_tma takes block-FP8 operands with A in layout order (no a_rows), "
+                         f"a_scale_t 16-byte aligned (TMA) and a ring that fits with the scales ({stages} slots of "
+                         f"{_slot_bytes(shape, True)} bytes)")
+    return bool(scale_tma)
 
 
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
