@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call on one H200 (kind nvidia-h200), under 10 minutes, in parts (PARTS, in this order):
 #   tests     every single-GPU test (pytest -m "gpu and not multigpu")
+#   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
+#             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
 #             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
 #             after it run with the new entries; the table before and after are kept
@@ -66,6 +68,14 @@ for part in $PARTS; do
                 --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_H200_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
                 --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_H200_$DAY.json" ;;
+    crossover)
+        run "$OUT/experts_crossover_H200_$DAY.log" "${CROSSOVER_SECONDS:-200}" bash -c "
+            python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 512,1024,2048,4096 \
+                --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
+                --output $OUT/experts_crossover_ds32_H200_$DAY.json &&
+            python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 256,1024,2048,4096 \
+                --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
+                --output $OUT/experts_crossover_mixtral_H200_$DAY.json" ;;
     tune)
         table=epmoe/kernels/configs/NVIDIA_H200.json
         cp "$table" "$OUT/NVIDIA_H200_before_tune.json"
@@ -101,7 +111,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json" ;;
-    *) echo "unknown part $part (tests tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done
