@@ -349,34 +349,35 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, tile_exper
     # the barriers' initialisation (generic proxy) ordered before the TMA unit (async proxy) completes
     # transactions on them; the partitions start after a CTA-wide barrier
     fence_async_shared()
-    # the math partitions' arguments are written out in each call: a tuple held in a variable loses its
-    # constexprs
+    # the loader: one warp of TMA loads, or (GATHER) four copying the rows; the math partitions' arguments are
+    # written out in each entry: a tuple held in a variable loses its constexprs
+    LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
+    gl.warp_specialize([
+        (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                           w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                           num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
+                           GATHER, SCALE_TMA, 0)),
+        (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
+                           w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                           num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
+                           GATHER, SCALE_TMA, 1)),
+        (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
+                           tile_expert_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED,
+                           GATHER, SCALE_TMA)),
+    ], [4, LOADER_WARPS], [MATH_REGS, LOADER_REGS])
+
+
+@gluon.jit
+def _load_partition(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
+                    K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
+    """The loader partition of the kernel: `_gather_loader_partition` (GATHER) or `_loader_partition`."""
     if GATHER:
-        gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
-                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
-                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, SCALE_TMA, 0)),
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
-                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
-                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, SCALE_TMA, 1)),
-            (_gather_loader_partition, (a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K,
-                                        N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)),
-        ], [4, 4], [MATH_REGS, LOADER_REGS])
+        _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K, N,
+                                 W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)
     else:
-        gl.warp_specialize([
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
-                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
-                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, SCALE_TMA, 0)),
-            (_math_partition, (a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
-                               w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
-                               num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8,
-                               GATHER, SCALE_TMA, 1)),
-            (_loader_partition, (a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N,
-                                 W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED, SCALE_TMA)),
-        ], [4, 1], [MATH_REGS, LOADER_REGS])
+        _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
+                          M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED, SCALE_TMA)
 
 
 @functools.lru_cache(maxsize=None)
