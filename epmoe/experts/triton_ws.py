@@ -102,19 +102,22 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
     return out
 
 
-def layout_rows(aligned, n: int, top_k: int):
+def layout_pairs(aligned, n: int, top_k: int):
     """Where the pairs of n tokens (top_k slots each) sit in the padded layout of `aligned` (`align_pairs`,
-    tiles of 128): (the token of each layout row, int32, token 0 at padding; the pair at each position,
-    n * top_k at padding; the positions). Padding rows read token 0: each GEMM output row depends on its
-    own A row only, and those rows are never read back."""
+    tiles of 128): (the pair at each position, n * top_k at padding; the positions)."""
     rows = aligned.max_rows
-    device = aligned.sorted_ids.device
     # positions past `num_padded` hold no marker: only those before it, below `num_pairs`, are pairs
-    position = torch.arange(rows, device=device)
+    position = torch.arange(rows, device=aligned.sorted_ids.device)
     pair = aligned.sorted_ids[:rows].long()
     is_pair = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < n * top_k)
-    pair = torch.where(is_pair, pair, torch.full_like(pair, n * top_k))
-    token = torch.where(is_pair, pair // top_k, torch.zeros_like(pair)).to(torch.int32)
+    return torch.where(is_pair, pair, torch.full_like(pair, n * top_k)), position
+
+
+def layout_rows(aligned, n: int, top_k: int):
+    """`layout_pairs` and, first, the token of each layout row (int32, token 0 at padding: each GEMM output
+    row depends on its own A row only, and those rows are never read back)."""
+    pair, position = layout_pairs(aligned, n, top_k)
+    token = torch.where(pair < n * top_k, pair // top_k, torch.zeros_like(pair)).to(torch.int32)
     return token, pair, position
 
 
@@ -145,9 +148,9 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
     problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
     quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
-    skipped tile whose rows must
-    stay as they were, N not a multiple of the tile, on two programs with K long enough that each walks
-    several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN anywhere disagrees).
+    skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
+    long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2;
+    NaN anywhere disagrees).
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37

@@ -26,7 +26,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
 from ..registry import register_experts
-from .triton_ws import TILE, WarpSpecializedExperts, _available, _quant_problem, layout_rows
+from .triton_ws import TILE, WarpSpecializedExperts, _available, _quant_problem, layout_pairs
 
 
 def gate_up_tiles(fp8: bool):
@@ -92,5 +92,5 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
         act_scale_t = act_scale.t().contiguous() if fp8 else None
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
-        _, pair, position = layout_rows(aligned, n, k)
+        pair, position = layout_pairs(aligned, n, k)
         return self.slot_sum(y, pair, position, batch)
