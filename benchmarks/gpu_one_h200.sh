@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call on one H200 (kind nvidia-h200), under 10 minutes, in parts (PARTS, in this order):
+# One device call on one H100 or H200 (the file names say which), under 10 minutes, in parts (PARTS, in this order):
 #   tests     every single-GPU test (pytest -m "gpu and not multigpu")
 #   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
 #             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
@@ -14,7 +14,8 @@
 #             of its own: 540 s by default; GLUON_ARGS: more arguments, e.g. --only scale_tma)
 #   ncu       where the Gluon GEMM's warps stall, per SASS instruction: ncu's source counters of the
 #             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 (benchmarks/profile_ws_gemm.py),
-#             the source page as CSV and its summary (benchmarks/ncu_source_summary.py)
+#             the source page as CSV and its summary (benchmarks/ncu_source_summary.py), and the throughput
+#             sections (speed of light, compute and memory workload)
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -37,6 +38,8 @@ mkdir -p "$OUT"
 COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export EPMOE_COMMIT=$COMMIT
 DAY=$(date -u +%F)
+# the GPU in the file names (a call for one GPU may land on an H100 or an H200; the logs' headers name it whole)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' || echo GPU)
 PARTS=${PARTS:-"tests experts rebalance overlap memory"}
 
 # run LOG TIMEOUT_S COMMAND...: the command's output, whole, under a header saying what made it
@@ -58,59 +61,61 @@ for part in $PARTS; do
     echo "== $part"
     case $part in
     tests)
-        run "$OUT/pytest_gpu_H200_$DAY.txt" "${TESTS_SECONDS:-300}" \
+        run "$OUT/pytest_gpu_${GPU}_$DAY.txt" "${TESTS_SECONDS:-300}" \
             python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -m "gpu and not multigpu" ;;
     experts)
-        run "$OUT/experts_H200_$DAY.log" "${EXPERTS_SECONDS:-170}" bash -c "
+        run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-170}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
-                --routings balanced --formats bf16,fp8_block --output $OUT/experts_ds32_H200_$DAY.json &&
+                --routings balanced --formats bf16,fp8_block --output $OUT/experts_ds32_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 1,16,8192 --routings balanced \
-                --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_H200_$DAY.json &&
+                --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
-                --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_H200_$DAY.json" ;;
+                --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_${GPU}_$DAY.json" ;;
     crossover)
-        run "$OUT/experts_crossover_H200_$DAY.log" "${CROSSOVER_SECONDS:-200}" bash -c "
+        run "$OUT/experts_crossover_${GPU}_$DAY.log" "${CROSSOVER_SECONDS:-200}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 512,1024,2048,4096 \
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
-                --output $OUT/experts_crossover_ds32_H200_$DAY.json &&
+                --output $OUT/experts_crossover_ds32_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 256,1024,2048,4096 \
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
-                --output $OUT/experts_crossover_mixtral_H200_$DAY.json" ;;
+                --output $OUT/experts_crossover_mixtral_${GPU}_$DAY.json" ;;
     tune)
-        table=epmoe/kernels/configs/NVIDIA_H200.json
-        cp "$table" "$OUT/NVIDIA_H200_before_tune.json"
-        run "$OUT/tune_H200_$DAY.log" "${TUNE_SECONDS:-300}" \
+        table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
+        if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
+        run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" \
             python3 -m epmoe tune ${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}
-        cp "$table" "$OUT/NVIDIA_H200_after_tune.json" ;;
+        cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;
     probe)
-        run "$OUT/ws_probe_H200_$DAY.log" "${PROBE_SECONDS:-120}" \
-            python3 benchmarks/ws_probe.py --output "$OUT/ws_probe_H200_$DAY.json" --budget-s "$(( ${PROBE_SECONDS:-120} * 4 / 5 ))" ;;
+        run "$OUT/ws_probe_${GPU}_$DAY.log" "${PROBE_SECONDS:-120}" \
+            python3 benchmarks/ws_probe.py --output "$OUT/ws_probe_${GPU}_$DAY.json" --budget-s "$(( ${PROBE_SECONDS:-120} * 4 / 5 ))" ;;
     gluon)
-        run "$OUT/gluon_gemm_probe_H200_$DAY.log" "${GLUON_SECONDS:-540}" \
-            python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_H200_$DAY.json" \
+        run "$OUT/gluon_gemm_probe_${GPU}_$DAY.log" "${GLUON_SECONDS:-540}" \
+            python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_${GPU}_$DAY.json" \
             --budget-s "$(( ${GLUON_SECONDS:-540} - 260 ))" ${GLUON_ARGS:-} ;;
     ncu)
-        run "$OUT/ncu_source_ws_gemm_H200_$DAY.log" "${NCU_SECONDS:-200}" bash -c "
+        run "$OUT/ncu_source_ws_gemm_${GPU}_$DAY.log" "${NCU_SECONDS:-200}" bash -c "
             ncu --clock-control none --nvtx --nvtx-include profiled/ --section SourceCounters \
-                --section WarpStateStats --import-source no -f -o $OUT/ws_gemm \
+                --section WarpStateStats --section SpeedOfLight --section ComputeWorkloadAnalysis \
+                --section MemoryWorkloadAnalysis --import-source no -f -o $OUT/ws_gemm \
                 python3 benchmarks/profile_ws_gemm.py --shape 'deepseek-v3 shard 32' --tokens 8192
             ncu -i $OUT/ws_gemm.ncu-rep --page source --csv --print-source sass > $OUT/ws_gemm_source.csv ||
                 ncu -i $OUT/ws_gemm.ncu-rep --page source --csv > $OUT/ws_gemm_source.csv
+            ncu -i $OUT/ws_gemm.ncu-rep --page details
             rm -f $OUT/ws_gemm.ncu-rep
             python3 benchmarks/ncu_source_summary.py $OUT/ws_gemm_source.csv --top 40" ;;
     rebalance)
-        run "$OUT/rebalance_cost_H200_$DAY.log" "${REBALANCE_SECONDS:-60}" \
-            python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_H200_1x_$DAY.json" ;;
+        run "$OUT/rebalance_cost_${GPU}_$DAY.log" "${REBALANCE_SECONDS:-60}" \
+            python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_${GPU}_1x_$DAY.json" ;;
     overlap)
         if [ -f benchmarks/gpu_overlap_check.py ]; then
-            run "$OUT/overlap_H200_$DAY.log" "${OVERLAP_SECONDS:-90}" \
+            run "$OUT/overlap_${GPU}_$DAY.log" "${OVERLAP_SECONDS:-90}" \
                 python3 benchmarks/gpu_overlap_check.py --ranks 1 --out "$OUT"
         else
             echo "no benchmarks/gpu_overlap_check.py in this checkout: part skipped"
         fi ;;
     memory)
-        run "$OUT/gpu_memory_H200_$DAY.log" "${MEMORY_SECONDS:-90}" \
-            python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_H200_$DAY.json" ;;
+        run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
+            python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
     *) echo "unknown part $part (tests crossover tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
