@@ -3,6 +3,8 @@
 #   tests     every single-GPU test (pytest -m "gpu and not multigpu")
 #   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
 #             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
+#   ws        the block-FP8 experts at the prefill targets (deepseek-v3 32-expert shard T = 4096, 8192;
+#             mixtral T = 8192), `triton` beside `triton_ws` only, oracle-checked (epmoe bench experts)
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
 #             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
 #             after it run with the new entries; the table before and after are kept
@@ -79,6 +81,14 @@ for part in $PARTS; do
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 256,1024,2048,4096 \
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
                 --output $OUT/experts_crossover_mixtral_${GPU}_$DAY.json" ;;
+    ws)
+        run "$OUT/experts_ws_${GPU}_$DAY.log" "${WS_SECONDS:-150}" bash -c "
+            python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
+                --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
+                --output $OUT/experts_ws_ds32_${GPU}_$DAY.json &&
+            python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 8192 \
+                --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
+                --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
     tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
@@ -116,7 +126,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

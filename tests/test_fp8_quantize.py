@@ -121,7 +121,8 @@ def test_weight_quantization_layouts(granularity, block):
 # ------------------------------------------------------------------------------- Triton vs torch
 _TRITON_CASES = [((5, 256), 128, "randn"), ((3, 200), 128, "randn"), ((4, 200), None, "randn"),
                  ((0, 256), 128, "randn"), ((2, 3, 300), 128, "randn"), ((6, 1000), 64, "randn"),
-                 ((4, 384), 128, "zero_groups"), ((1, 640), 128, "grid"), ((8, 512), 128, "wide")]
+                 ((4, 384), 128, "zero_groups"), ((1, 640), 128, "grid"), ((8, 512), 128, "wide"),
+                 ((4, 256), 128, "tiny")]
 
 
 def _case_input(shape, kind):
@@ -134,6 +135,13 @@ def _case_input(shape, kind):
         x[1] = 0.0
     if kind == "wide":                      # magnitudes from 1e-6 to 1e4 inside one row
         x = x * torch.logspace(-6, 4, shape[-1])
+    if kind == "tiny":                      # quotients below float32's normal range, signed zeros, subnormal x
+        x[0] = x[0] * 1e-40                 # subnormal values only: amax under the floor
+        x[1, ::3] = x[1, ::3] * 1e-39       # subnormal values beside normal ones
+        x[1, 1::7] = -0.0
+        x[2] = x[2] * 1e-13                 # amax under the floor, normal values
+        x[3, ::2] = x[3, ::2] * 1e-30       # normal values whose quotient underflows
+        x[3, 5] = -0.0
     return x
 
 
@@ -146,6 +154,10 @@ def _compare_impls(device: str) -> dict:
         q2, s2 = fp8_quantize_triton(x, group)
         out[f"{shape}-{group}-{kind}"] = [torch.equal(_bits(q1), _bits(q2)), torch.equal(_bits(s1), _bits(s2)),
                                           list(s2.shape) == list(s1.shape)]
+        if device == "cuda":                # the GPU-only form the Gluon GEMM's epilogue runs
+            q3, s3 = fp8_quantize_triton(x, group, gpu_rounding=True)
+            out[f"{shape}-{group}-{kind}-gpu_rounding"] = [torch.equal(_bits(q1), _bits(q3)),
+                                                           torch.equal(_bits(s1), _bits(s3)), True]
         if device == "cuda":                # bf16 inputs too (the interpreter is float32-only)
             xb = x.to(torch.bfloat16)
             q1, s1 = fp8_quantize_torch(xb, group)

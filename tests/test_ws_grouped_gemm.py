@@ -13,12 +13,13 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False):
+              gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
-                                                  k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma)
+                                                  k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
+                                                  store_tma=store_tma)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -26,22 +27,34 @@ def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bia
 
 # (fp8, block_n, stages, gated, bias, most bytes of stack): FP8 tiles of 256 hold two accumulators and a
 # product (192 of the math warpgroups' 232 registers); ptxas keeps a few per-tile values on the stack,
-# stored before the K loop and read back in the epilogue
-CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, False, False, 64), (True, 256, 4, True, True, 64),
+# stored before the K loop and read back in the epilogue, and (Triton 3.9's ptxas, A scales from global
+# memory) one register in the K loop: up to 5 local accesses per K block, none with `scale_tma`
+CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, False, False, 96), (True, 256, 4, True, True, 96),
          (False, 256, 3, False, True, 0), (False, 256, 3, True, False, 0)]
+# each with the outputs stored from registers and through shared memory by TMA, except the plain FP8 tile
+# of 256 without a bias, where the TMA store is not the default (ptxas spills an accumulator in its K loop)
+STORE_CASES = [case + (store,) for case in CASES for store in (False, True)
+               if not (store and case[0] and case[1] == 256 and not case[3] and not case[4])]
 
 
-@pytest.mark.parametrize("fp8,block_n,stages,gated,has_bias,stack", CASES)
-def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, stack):
-    c, use = _compiled(fp8, block_n, stages, gated, has_bias)
+def _loop_spills(c):
+    from epmoe.kernels.xcompile import local_accesses_in_mma_loops
+    return local_accesses_in_mma_loops(c)
+
+
+@pytest.mark.parametrize("fp8,block_n,stages,gated,has_bias,stack,store_tma", STORE_CASES)
+def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, stack, store_tma):
+    c, use = _compiled(fp8, block_n, stages, gated, has_bias, store_tma=store_tma)
     ptx = c.asm["ptx"]
     if use:
         assert use["LOCAL"] == 0 and use["STACK"] <= stack, f"spills: {use}"
+    spills = _loop_spills(c)
+    assert spills is None or spills <= (5 if fp8 and block_n == 256 else 0), f"{spills} local accesses in a K loop"
     # registers moved between partitions, both operands by TMA (one A box and one weight box per 128
     # columns), wgmma from two warpgroups: per K block 4 (FP8, K 32) or 4 (BF16 64-wide K, K 16) each
     split = block_n // 128 if block_n > 128 else 1
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx
-    assert ptx.count("cp.async.bulk.tensor") == 1 + split
+    assert len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx)) == 1 + split
     assert "cp.async.cg" not in ptx and "cp.async.ca" not in ptx
     assert len(re.findall(r"wgmma\.mma_async", ptx)) == 2 * 4 * split
     # no named barrier spans both math warpgroups (256 threads): each waits only for its own warps, which
@@ -125,11 +138,73 @@ def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated):
         [str((128 + block_n) * 128 + 512)]
     assert ptx.count("cp.async.bulk.tensor.1d") == 1
     assert ptx.count("cp.async.bulk.tensor") == plain.asm["ptx"].count("cp.async.bulk.tensor") + 1
+    assert _loop_spills(c) in (None, 0, 1, 2, 3)
     # the A scales: read from the slot after the "ready" wait, two rows a thread; one fewer global load per
     # thread and K block than the plain form (whose w scales stay global loads, small and cached)
     assert len(re.findall(r"ld\.shared\.b32", ptx)) - len(re.findall(r"ld\.shared\.b32", plain.asm["ptx"])) == 2 * 2
     assert ptx.count("ld.global") < plain.asm["ptx"].count("ld.global")
     assert c.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("fp8,block_n,gated,has_bias", [(True, 256, True, False), (True, 256, False, True),
+                                                        (True, 128, False, False), (False, 256, False, False),
+                                                        (False, 256, True, True)])
+def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
+    """`store_tma`: each math partition writes an accumulator's outputs into its own shared-memory buffer
+    and sends them with one TMA store (gated: one per tile, plain: one per accumulator): its writes fenced
+    for the async proxy and its 128 threads met at a barrier before the store, the buffer's last store
+    waited for (and the threads met again) before it is written, every store waited for before the
+    program ends; no output stored from registers, no spill in a K loop. Block-FP8 out: the formula's GPU
+    form, the hardware's rounding cast and one reciprocal per row in place of a correctly rounded division
+    per element."""
+    stages = 4 if block_n == 256 else 5
+    c, use = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True)
+    ptx = c.asm["ptx"]
+    split = block_n // 128 if not gated else 1
+    lines = [x.strip() for x in ptx.splitlines() if x.strip() and not x.strip().startswith(("//", ".loc"))]
+    stores = [i for i, x in enumerate(lines) if re.search(r"cp\.async\.bulk\.tensor\.2d\.global\.shared::\w+", x)]
+    assert len(stores) == 2 * split
+    writes = [i for i, x in enumerate(lines) if x.startswith(("st.shared", "stmatrix"))]
+    for i in stores:            # between the buffer's last write and its store: the fence, then the barrier
+        last_write = max(w for w in writes if w < i)
+        fence = [j for j in range(last_write, i) if lines[j].startswith("fence.proxy.async")]
+        assert fence and any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in lines[fence[0]:i]), lines[last_write:i]
+    waits = [i for i, x in enumerate(lines) if re.match(r"cp\.async\.bulk\.wait_group\.read\s+0;", x)]
+    assert len(waits) == 2 * split + 2          # before each buffer's writes, and once per partition at the end
+    for i in stores:
+        last_wait = max(w for w in waits if w < i)
+        assert any(last_wait < w < i for w in writes)
+        assert any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in lines[last_wait:min(w for w in writes if w > last_wait)])
+    # outputs leave by TMA only: the global stores left are the FP8 out's row scales
+    assert len(re.findall(r"^st\.global", ptx, flags=re.M)) <= (2 if fp8 and gated else 0)
+    assert _loop_spills(c) in (None, 0, 1, 2, 3)
+    if fp8 and gated:
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "rcp.approx.ftz.f32" in ptx and "div.rn.f32" not in ptx
+    assert c.metadata.shared <= 227 * 1024
+
+
+def test_host_checks_of_the_tma_store():
+    """Where the TMA store is the default, where it is refused, and what it takes of the ring."""
+    a, w, te, out, (sa, sw) = _operands(N=128)
+    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, block_n=128)
+    assert gluon_gemm._store_default(shape, out, has_bias=False)
+    # its 2 x 16 KB of buffers: the FP8 128-wide ring drops from 6 slots to 5
+    assert gluon_gemm._default_stages(shape, gluon_gemm._store_bytes(shape)) == 5
+    choice = gluon_gemm._store_tma_choice
+    assert choice(shape, out, False, 5, True, None) and not choice(shape, out, False, 6, True, None)
+    with pytest.raises(ValueError, match="7 slots of 32768 bytes"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=128, stages=7, scale_tma=False, store_tma=True)
+    # the plain FP8 tile of 256 keeps the register stores by default without a bias, not with one
+    a, w, te, out, (sa, sw) = _operands()
+    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw)
+    assert shape.split == 2 and not gluon_gemm._store_default(shape, out, has_bias=False)
+    assert gluon_gemm._store_default(shape, out, has_bias=True)
+    # bfloat16 rows of 300 columns (600 bytes) are no multiple of 16 bytes: refused, not the default
+    a, w, te, out, _ = _operands(fp8=False, N=300)
+    shape = gluon_gemm.check_operands(a, w, te, out, block_n=128)
+    assert not gluon_gemm._store_default(shape, out, has_bias=False)
+    with pytest.raises(ValueError, match="store_tma takes out 16-byte aligned"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, block_n=128, store_tma=True)
 
 
 def test_the_kernel_refuses_the_a_scales_by_tma_with_the_row_gather():
@@ -276,7 +351,10 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 20 and all(c["ok"] for c in cases)
+    assert len(cases) == 27 and all(c["ok"] for c in cases)
+    assert {(c.get("fp8"), c.get("gated"), c.get("block_n"), c.get("bias")) for c in cases if c.get("store_tma")} == \
+        {(True, False, 128, False), (True, False, 256, True), (True, False, 256, False), (True, True, 256, False),
+         (True, True, 256, True), (False, False, 256, False), (False, True, 256, True)}
     assert {(c.get("gated"), c.get("block_n")) for c in cases if c.get("scale_tma")} == {(False, 128), (False, 256),
                                                                                          (True, 256)}
     assert {c.get("gather_from_tokens") is not None for c in cases if "gated" in c} == {True, False}

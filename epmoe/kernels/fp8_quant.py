@@ -44,20 +44,41 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def fp8_quantize_groups(x):
+def fp8_quantize_groups(x, ROUND: tl.constexpr = True):
     """The one formula on a float32 tile x [N, G], one scale per row (a token, or one group of a token):
     scale = max(amax, 1e-12) * (1/448) (a multiplication: `amax / 448` differs in the last bit for some
     amax), q = clamp(x / scale, -448, 448) with the correctly rounded `div_rn` (Triton's plain `/` is
     approximate on GPUs), rounded to the e4m3 grid. Returns (q [N, G] float32 values that the cast to
-    e4m3fn keeps exactly, scale [N] float32). Zeros (masked columns) change no amax."""
+    e4m3fn keeps exactly, scale [N] float32). Zeros (masked columns) change no amax. ROUND=False (GPU-only
+    kernels): q not yet rounded, left to the cast to e4m3fn, whose `cvt.rn.satfinite` rounds to the same
+    values on the GPU (not in the interpreter), and the division by `_div_rn_by_row`: the same e4m3 values
+    in a fraction of the instructions (tests/test_fp8_quantize.py checks them bit for bit on a GPU)."""
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), SCALE_FLOOR) * INV_FP8_MAX
-    y = tl.math.div_rn(x, scale[:, None])
-    return _round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)), scale
+    if ROUND:
+        y = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX), FP8_MAX))
+    else:
+        y = tl.minimum(tl.maximum(_div_rn_by_row(x, scale), -FP8_MAX), FP8_MAX)
+    return y, scale
+
+
+@triton.jit
+def _div_rn_by_row(x, s):
+    """x / s[:, None] for a positive normal s per row (GPU only): the steps of the GPU's correctly rounded
+    division (an approximate reciprocal, one Newton step, the quotient and one residual correction), with
+    the reciprocal worked out once per row instead of once per element and no slow path. The slow path
+    serves quotients or numerators below float32's normal range, which e4m3 rounds to zero either way;
+    the sign of x is put back so that those zeros keep it, as x / s does."""
+    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s], dtype=tl.float32, is_pure=True, pack=1)
+    r = tl.fma(r, tl.fma(-s, r, 1.0), r)[:, None]
+    q0 = x * r
+    q = tl.fma(r, tl.fma(-s[:, None], q0, x), q0)
+    sign = x.to(tl.int32, bitcast=True) & -0x80000000
+    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
-                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     g0 = tl.program_id(1) * GROUPS
     groups = g0 + tl.arange(0, GROUPS)                       # [GROUPS]
@@ -65,14 +86,20 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
     cols = groups[:, None] * GROUP + inner[None, :]          # [GROUPS, BLOCK]
     mask = (inner[None, :] < GROUP) & (cols < n_cols) & (groups[:, None] < n_groups)
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    y, scale = fp8_quantize_groups(x)                        # [GROUPS, BLOCK], [GROUPS]
+    y, scale = fp8_quantize_groups(x, ROUND)                 # [GROUPS, BLOCK], [GROUPS]
     tl.store(q_ptr + row * q_row_stride + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < n_groups)
 
 
-def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
-    [..., ceil(H / group_size)]); group_size None = one scale per row."""
+    [..., ceil(H / group_size)]); group_size None = one scale per row. `gpu_rounding` (GPU only): the
+    formula's GPU-only form (`fp8_quantize_groups` with ROUND=False), as the Gluon GEMM's epilogue runs it,
+    so that its tests can hold it to the same bits."""
+    if gpu_rounding and x.device.type != "cuda":
+        raise ValueError("fp8_quantize_triton: gpu_rounding runs on a CUDA GPU only (the interpreter's cast to "
+                         "e4m3 does not round)")
     n_groups = check_quantize_args(x, group_size)
     H = x.shape[-1]
     g = H if group_size is None else group_size
@@ -88,5 +115,5 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128) -> tuple[
         groups = max(1, min(triton.next_power_of_2(n_groups), 4096 // block))
         grid = (M, triton.cdiv(n_groups, groups))
         _fp8_quant_kernel[grid](x2, q, s, H, n_groups, x2.stride(0), q.stride(0), s.stride(0),
-                                GROUP=g, BLOCK=block, GROUPS=groups)
+                                GROUP=g, BLOCK=block, GROUPS=groups, ROUND=not gpu_rounding)
     return q.reshape(*lead, H), s.reshape(*lead, n_groups)

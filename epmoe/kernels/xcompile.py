@@ -122,18 +122,45 @@ def compile_source_for_hopper(src, options: dict):
         raise
 
 
-def resource_usage(compiled) -> dict:
-    """{"REG", "STACK", "SHARED", "LOCAL"} of a compiled kernel's cubin (cuobjdump -res-usage, the one
-    Triton ships), or {} where it cannot be read."""
+def _cuobjdump(compiled, flag: str) -> str | None:
+    """`cuobjdump <flag>` of a compiled kernel's cubin (the one Triton ships), or None where it cannot run."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool) or "cubin" not in compiled.asm:
-        return {}
+        return None
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+        return subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
+
+
+def resource_usage(compiled) -> dict:
+    """{"REG", "STACK", "SHARED", "LOCAL"} of a compiled kernel's cubin (cuobjdump -res-usage), or {} where
+    it cannot be read."""
+    out = _cuobjdump(compiled, "-res-usage")
+    return {} if out is None else {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def local_accesses_in_mma_loops(compiled) -> int | None:
+    """How many local-memory loads and stores (LDL / STL: spills) the SASS has inside the innermost loops
+    that issue tensor-core instructions (a backward branch whose body holds a GMMA and no other loop's
+    branch back: a K loop), or None where the SASS cannot be read. Values a kernel parks on the stack once
+    per tile, outside its K loops, cost nothing next to one spill per K block."""
+    sass = _cuobjdump(compiled, "-sass")
+    if sass is None:
+        return None
+    code = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    count = 0
+    for i, (addr, ins) in enumerate(code):
+        m = re.search(r"\bBRA (?:`\()?(0x[0-9a-f]+)", ins)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [b for a, b in code[:i + 1] if a >= int(m.group(1), 16)]
+        inner = not any(re.search(r"\bBRA (?:`\()?(0x[0-9a-f]+)", b) and int(re.search(
+            r"\bBRA (?:`\()?(0x[0-9a-f]+)", b).group(1), 16) < a for a, b in code[:i] if a >= int(m.group(1), 16))
+        if inner and any("GMMA" in b for b in body):
+            count += sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", b)) for b in body)
+    return count
 
 
 def main() -> int:
