@@ -1,7 +1,9 @@
 """Where a kernel's warps stall, instruction by instruction: reads the source page of an Nsight Compute
 report exported as CSV (`ncu -i REPORT --page source --csv --print-source sass > FILE`) and prints, for
 each kernel in it, the SASS instructions holding the most warp-stall samples with the reasons sampled
-there, and the samples summed over each opcode.
+there, the samples summed over each opcode, and (where the rows carry addresses) the samples of each
+tensor-core loop beside the rest of the loop around it: each innermost loop whose body issues a GMMA (a
+K loop), the code of the enclosing loop before it (a tile's set-up) and after it (its epilogue).
 
     python3 benchmarks/ncu_source_summary.py FILE [--top 40]
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections import Counter
 
@@ -63,6 +66,66 @@ def summarize(header, rows, top: int) -> str:
     return "\n".join(lines)
 
 
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-fA-F]+)")
+
+
+def _loops(addrs: list[int], code: list[str]) -> list[tuple[int, int]]:
+    """(first, last) row indices of every loop: a branch back to a lower address, and its target."""
+    out = []
+    for i, (a, ins) in enumerate(zip(addrs, code)):
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) < a:
+            target = int(m.group(1), 16)
+            first = next((j for j in range(i, -1, -1) if addrs[j] <= target), None)
+            if first is not None and addrs[first] == target:
+                out.append((first, i))
+    return out
+
+
+def regions(header, rows) -> str:
+    """Each K loop (innermost loop issuing a GMMA) with the set-up before it and the epilogue after it
+    within the smallest enclosing loop: share of samples and top reasons of each."""
+    samples_col = next(name for name in header if name.startswith("Warp Stall Sampling (All"))
+    source_col = next((name for name in header if name.lower() == "source"), header[min(1, len(header) - 1)])
+    address_col = next((name for name in header if name.lower() == "address"), None)
+    reason_cols = [name for name in header if name.startswith("stall_") and "Not Issued" not in name]
+    if address_col is None:
+        return "no addresses: no regions"
+    try:
+        addrs = [int(r[address_col], 16) for r in rows]
+    except ValueError:
+        return "addresses do not parse: no regions"
+    code = [r[source_col] for r in rows]
+    samples = [_number(r[samples_col]) for r in rows]
+    total = sum(samples) or 1.0
+    loops = _loops(addrs, code)
+    k_loops = [(f, l) for f, l in loops if any("GMMA" in c for c in code[f:l + 1])
+               and not any(f <= f2 and l2 <= l and (f2, l2) != (f, l) for f2, l2 in loops)]
+
+    def describe(name, first, last):
+        n = sum(samples[first:last + 1])
+        why = Counter()
+        for r in rows[first:last + 1]:
+            for c in reason_cols:
+                why[c] += _number(r[c])
+        top = ", ".join(f"{c[6:]} {100 * v / n:.0f}%" for c, v in why.most_common(5) if n and v)
+        return f"  {name}: {last - first + 1} instructions, {100 * n / total:.1f}% of samples [{top}]"
+
+    lines = []
+    for f, l in k_loops:
+        outer = [(f2, l2) for f2, l2 in loops if f2 <= f and l2 > l]
+        lines.append(f"K loop at {rows[f][address_col]}:")
+        if outer:
+            of, ol = min(outer, key=lambda fl: fl[1] - fl[0])
+            if of < f:
+                lines.append(describe("before it in the tile loop (set-up)", of, f - 1))
+            lines.append(describe("the K loop", f, l))
+            lines.append(describe("after it in the tile loop (epilogue)", l + 1, ol))
+        else:
+            lines.append(describe("the K loop", f, l))
+    return "\n".join(lines) if lines else "no loop issuing a GMMA"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", help="ncu -i REPORT --page source --csv --print-source sass > this file")
@@ -73,6 +136,7 @@ def main(argv=None) -> int:
         found = True
         print(f"== table {i}")
         print(summarize(header, rows, args.top))
+        print(regions(header, rows))
     if not found:
         print(f"{args.csv}: no table with a 'Warp Stall Sampling (All ...' column", file=sys.stderr)
         return 1

@@ -44,3 +44,30 @@ def test_refuses_a_csv_without_samples(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text('"a","b"\n"1","2"\n')
     assert _tool().main([str(path)]) == 1
+
+
+LOOPS = '''"Kernel Name","ws_grouped_gemm_kernel"
+"Address","Source","Warp Stall Sampling (All Samples)","stall_barrier","stall_no_inst"
+"0x00","S2R R0, SR_TID.X","10","0","10"
+"0x10","LDG.E R4, [R2]","20","0","0"
+"0x20","SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R1], R2","30","30","0"
+"0x30","QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24","100","0","0"
+"0x40","WARPGROUP.DEPBAR.LE gsb0, 0x0","200","200","0"
+"0x50","@P0 BRA 0x20","40","0","0"
+"0x60","FFMA R1, R2, R3, R4","300","0","300"
+"0x70","@P1 BRA 0x10","100","0","100"
+"0x80","EXIT","200","0","0"
+'''
+
+
+def test_splits_each_k_loop_from_its_tile_loop(tmp_path):
+    """The K loop (the innermost loop issuing a GMMA: 0x20-0x50), the tile loop's code before it (0x10)
+    and after it (0x60-0x70, the epilogue), each with its share and its top reasons."""
+    path = tmp_path / "loops.csv"
+    path.write_text(LOOPS)
+    header, rows = next(iter(_tool().tables(str(path))))
+    out = _tool().regions(header, rows)
+    assert "K loop at 0x20:" in out
+    assert "before it in the tile loop (set-up): 1 instructions, 2.0% of samples" in out
+    assert "the K loop: 4 instructions, 37.0% of samples [barrier 62%]" in out
+    assert "after it in the tile loop (epilogue): 2 instructions, 40.0% of samples [no_inst 100%]" in out

@@ -31,8 +31,9 @@ def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bia
 # memory) one register in the K loop: up to 5 local accesses per K block, none with `scale_tma`
 CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, False, False, 96), (True, 256, 4, True, True, 96),
          (False, 256, 3, False, True, 0), (False, 256, 3, True, False, 0)]
-# each with the outputs stored from registers and through shared memory by TMA, except the plain FP8 tile
-# of 256 without a bias, where the TMA store is not the default (ptxas spills an accumulator in its K loop)
+# each with the outputs stored from registers and through shared memory by TMA (`store_tma`), except the
+# plain FP8 tile of 256 without a bias, which ptxas (Triton 3.6's and 3.9's) compiles with an accumulator
+# spilled in the K loop when it stores by TMA: not a form to use
 STORE_CASES = [case + (store,) for case in CASES for store in (False, True)
                if not (store and case[0] and case[1] == 256 and not case[3] and not case[4])]
 
@@ -49,7 +50,10 @@ def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, 
     if use:
         assert use["LOCAL"] == 0 and use["STACK"] <= stack, f"spills: {use}"
     spills = _loop_spills(c)
-    assert spills is None or spills <= (5 if fp8 and block_n == 256 else 0), f"{spills} local accesses in a K loop"
+    # Triton 3.9's ptxas keeps a few words of the FP8 tiles of 256 in the K loop (3.6's, the GPU machines':
+    # none), and with the gated epilogue's registers stores (the formula's software rounding) 18 accesses
+    bound = (20 if gated and not store_tma else 5) if fp8 and block_n == 256 else 0
+    assert spills is None or spills <= bound, f"{spills} local accesses in a K loop"
     # registers moved between partitions, both operands by TMA (one A box and one weight box per 128
     # columns), wgmma from two warpgroups: per K block 4 (FP8, K 32) or 4 (BF16 64-wide K, K 16) each
     split = block_n // 128 if block_n > 128 else 1
@@ -180,29 +184,30 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     assert _loop_spills(c) in (None, 0, 1, 2, 3)
     if fp8 and gated:
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "rcp.approx.ftz.f32" in ptx and "div.rn.f32" not in ptx
+        # stored from registers, the epilogue keeps the formula as the other kernels run it
+        regs, _ = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8)
+        assert "div.rn.f32" in regs.asm["ptx"] and "rcp.approx.ftz.f32" not in regs.asm["ptx"]
     assert c.metadata.shared <= 227 * 1024
 
 
 def test_host_checks_of_the_tma_store():
-    """Where the TMA store is the default, where it is refused, and what it takes of the ring."""
+    """`store_tma` is asked for (off by default), takes its buffers from the ring, and is refused where TMA
+    cannot store out or the buffers do not fit."""
+    import inspect
+    assert inspect.signature(gluon_gemm.grouped_gemm_ws).parameters["store_tma"].default is False
     a, w, te, out, (sa, sw) = _operands(N=128)
     shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, block_n=128)
-    assert gluon_gemm._store_default(shape, out, has_bias=False)
     # its 2 x 16 KB of buffers: the FP8 128-wide ring drops from 6 slots to 5
+    assert gluon_gemm._default_stages(shape) == 6
     assert gluon_gemm._default_stages(shape, gluon_gemm._store_bytes(shape)) == 5
     choice = gluon_gemm._store_tma_choice
-    assert choice(shape, out, False, 5, True, None) and not choice(shape, out, False, 6, True, None)
+    assert choice(shape, out, 5, True, True) and not choice(shape, out, 5, True, False)
+    with pytest.raises(ValueError, match="6 slots of 33280 bytes"):
+        choice(shape, out, 6, True, True)
     with pytest.raises(ValueError, match="7 slots of 32768 bytes"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=128, stages=7, scale_tma=False, store_tma=True)
-    # the plain FP8 tile of 256 keeps the register stores by default without a bias, not with one
-    a, w, te, out, (sa, sw) = _operands()
-    shape = gluon_gemm.check_operands(a, w, te, out, sa, sw)
-    assert shape.split == 2 and not gluon_gemm._store_default(shape, out, has_bias=False)
-    assert gluon_gemm._store_default(shape, out, has_bias=True)
-    # bfloat16 rows of 300 columns (600 bytes) are no multiple of 16 bytes: refused, not the default
+    # bfloat16 rows of 300 columns (600 bytes) are no multiple of 16 bytes
     a, w, te, out, _ = _operands(fp8=False, N=300)
-    shape = gluon_gemm.check_operands(a, w, te, out, block_n=128)
-    assert not gluon_gemm._store_default(shape, out, has_bias=False)
     with pytest.raises(ValueError, match="store_tma takes out 16-byte aligned"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, block_n=128, store_tma=True)
 

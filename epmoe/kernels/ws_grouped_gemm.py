@@ -23,6 +23,11 @@ True)` changes nothing there in Triton 3.6. Gluon states the schedule instead:
 The walk is persistent (one program per SM, tiles grouped GROUP_M m-tiles at a time so a weight tile is
 read by neighbours while it is in L2); the loader runs ahead into the next tile while the math warps
 store the last one.
+- or (`store_tma`, opt-in until measured) each math warpgroup sends its outputs through a shared-memory
+  buffer of its own and one TMA store per accumulator, and quantizes a block-FP8 output in the formula's
+  GPU form: a source-level profile found the math warps a quarter to a third of their time in the
+  epilogue (the gated one: thousands of unrolled instructions stalled on instruction fetch; the plain
+  one: scattered 4-byte stores stalled on the store queue), while the tensor cores had nothing queued.
 
 Tiles are 128 rows by 128 or 256 columns; a 256-wide tile is two weight boxes of 128 rows, each with its
 own accumulator (the FP8 promotion works box by box), which reads 25% fewer bytes per FLOP than two
@@ -311,7 +316,8 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_de
     """GATED: act(gate + bias, up + bias) of the SUB_N outputs, as bfloat16, or (OUT_FP8) quantized with
     the one formula, one scale per row of these SUB_N = 128 columns (stored K-block-major, as the down
     GEMM reads them). Plain: each accumulator (+ bias) as bfloat16. Each box goes out by `_store_box`
-    (STORE_TMA: the warpgroup's rows from row0, columns from col0, through shared memory and TMA)."""
+    (STORE_TMA: the warpgroup's rows from row0, columns from col0, through shared memory and TMA; and the
+    quantization in the formula's GPU form, `fp8_quantize_groups` with ROUND=False)."""
     rows64 = rows.to(gl.int64)[:, None]
     out_ty: gl.constexpr = out_ptr.dtype.element_ty
     if GATED:
@@ -322,9 +328,9 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_de
             u += gl.load(bias_ptr + e * W_ROWS + N + cols0, mask=cols0 < N, other=0.0)[None, :]
         act = gl.where(cols0[None, :] < N, _gated_activation(g, u, ACTIVATION), 0.0)   # no amax from padding
         if OUT_FP8:
-            # the hardware's rounding cast (correct on the GPU) in place of the formula's own rounding: the
-            # same e4m3 values, a third of the epilogue's instructions
-            q, scale = fp8_quantize_groups(act, False)
+            # STORE_TMA: the formula's GPU form (the hardware's rounding cast, one reciprocal per row): the same
+            # e4m3 values in a third of the epilogue's instructions
+            q, scale = fp8_quantize_groups(act, not STORE_TMA)
             _store_box(q.to(out_ty), out_ptr, rows64, cols0, N, o_desc, o_buf, row0, col0, STORE_TMA)
             gl.store(out_scale_ptr + n * M_pad + rows, scale)
         else:
@@ -515,7 +521,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
-                    scale_tma: bool | None = None, store_tma: bool | None = None) -> torch.Tensor:
+                    scale_tma: bool | None = None, store_tma: bool = False) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -526,17 +532,17 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     x 32 x 168 fit one SM's 64K registers: one program per SM); the loader's warpgroup gives up all but
     `loader_regs`. `scale_tma` (FP8, A in layout order; None: wherever it applies): the
     loader brings each K block's 128 A scales into the ring with the tile (TMA, 512 bytes), read by the
-    math warps from shared memory instead of from global memory one block ahead. `store_tma` (None: wherever
-    it applies): each math warpgroup writes its outputs into a shared-memory buffer of its own and out of it
-    with one TMA store per accumulator, instead of each thread storing its scattered values (a source-level
-    profile found the math warps a quarter to a third of their time in the epilogue)."""
+    math warps from shared memory instead of from global memory one block ahead. `store_tma` (opt-in: built
+    from a profile, not yet run on a GPU): each math warpgroup writes its outputs into a shared-memory buffer
+    of its own and out of it with one TMA store per accumulator, instead of each thread storing its scattered
+    values, and quantizes in the formula's GPU form (a source-level profile found the math warps a quarter
+    to a third of their time in the epilogue, stalled on instruction fetch and on the store queue)."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
-    has_bias = bias is not None
-    epi = _store_bytes(shape) if (store_tma if store_tma is not None else _store_default(shape, out, has_bias)) else 0
+    epi = _store_bytes(shape) if store_tma else 0
     stages = stages or _default_stages(shape, epi)
     scale_tma = _scale_tma_choice(shape, a_scale_t, stages, scale_tma, epi)
-    store_tma = _store_tma_choice(shape, out, has_bias, stages, scale_tma, store_tma)
+    store_tma = _store_tma_choice(shape, out, stages, scale_tma, bool(store_tma))
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -588,13 +594,6 @@ def _store_aligned(shape: GemmShape, out: torch.Tensor) -> bool:
     return out.data_ptr() % 16 == 0 and (shape.N * out.element_size()) % 16 == 0
 
 
-def _store_default(shape: GemmShape, out: torch.Tensor, has_bias: bool) -> bool:
-    """Where the TMA-store epilogue is the default: out aligned for TMA, except the plain FP8 tile of 256
-    columns without a bias, which ptxas (Triton 3.6's and 3.9's) then compiles with an accumulator spilled
-    in the K loop (`tests/test_ws_grouped_gemm.py` compiles every default and checks)."""
-    return _store_aligned(shape, out) and not (shape.fp8 and shape.split == 2 and not shape.gated and not has_bias)
-
-
 def _default_stages(shape: GemmShape, store_bytes: int = 0) -> int:
     """As many ring slots as fit in RING_BUDGET (counting the A scales where FP8 can bring them by TMA),
     at most 6, and fewer where the epilogue's `store_bytes` would not fit beside them."""
@@ -618,15 +617,11 @@ def _scale_tma_choice(shape: GemmShape, a_scale_t, stages: int, scale_tma: bool 
     return bool(scale_tma)
 
 
-def _store_tma_choice(shape: GemmShape, out: torch.Tensor, has_bias: bool, stages: int, scale_tma: bool,
-                      store_tma: bool | None) -> bool:
-    """Whether the epilogue stores by TMA: asked (True / False) or, None, where it is the default
-    (`_store_default`) and applies: out aligned for TMA (`_store_aligned`) and its buffers fit in shared
-    memory beside a ring of `stages` slots. Asked where it does not apply: a ValueError."""
+def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tma: bool, store_tma: bool) -> bool:
+    """`store_tma` where it applies: out aligned for TMA (`_store_aligned`) and its buffers fit in shared
+    memory beside a ring of `stages` slots; asked where it does not apply: a ValueError."""
     applies = (_store_aligned(shape, out)
                and stages * _slot_bytes(shape, scale_tma) + _store_bytes(shape) + 1024 <= SMEM_BYTES)
-    if store_tma is None:
-        return applies and _store_default(shape, out, has_bias)
     if store_tma and not applies:
         raise ValueError(f"grouped_gemm_ws: store_tma takes out 16-byte aligned with rows of a multiple of 16 bytes "
                          f"and a ring that fits beside its {_store_bytes(shape)} bytes of buffers ({stages} slots of "
