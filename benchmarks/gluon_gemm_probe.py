@@ -39,8 +39,7 @@ sys.path.insert(0, HERE)
 
 # (format, gemm): [(block_n, stages, A scales by TMA, outputs by TMA store, with a bias)]; block_m 128 (two
 # warpgroups of 64 rows), block_k 128 / 64. The experts of the presets timed have no biases; the kernel's
-# code differs with one (the plain FP8 tile of 256 without a bias keeps its TMA store off by default: ptxas
-# spills an accumulator there). (The products of the two warpgroups in turn and two K blocks per ring slot
+# code differs with one, so the down GEMM is timed both ways. (The products of the two warpgroups in turn and two K blocks per ring slot
 # were timed on 2026-12-05 and lost everywhere: notes_kernels.md, eighth and ninth passes.)
 VARIANTS = {
     ("fp8_block", "gate_up"): [(256, 4, True, False, False), (256, 4, True, True, False)],   # gate and up of 128 outputs

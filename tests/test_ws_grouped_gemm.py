@@ -31,11 +31,8 @@ def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bia
 # memory) one register in the K loop: up to 5 local accesses per K block, none with `scale_tma`
 CASES = [(True, 128, 4, False, False, 0), (True, 256, 4, False, False, 96), (True, 256, 4, True, True, 96),
          (False, 256, 3, False, True, 0), (False, 256, 3, True, False, 0)]
-# each with the outputs stored from registers and through shared memory by TMA (`store_tma`), except the
-# plain FP8 tile of 256 without a bias, which ptxas (Triton 3.6's and 3.9's) compiles with an accumulator
-# spilled in the K loop when it stores by TMA: not a form to use
-STORE_CASES = [case + (store,) for case in CASES for store in (False, True)
-               if not (store and case[0] and case[1] == 256 and not case[3] and not case[4])]
+# each with the outputs stored from registers and through shared memory by TMA (`store_tma`)
+STORE_CASES = [case + (store,) for case in CASES for store in (False, True)]
 
 
 def _loop_spills(c):
@@ -50,9 +47,10 @@ def test_sm90_compile_keeps_the_schedule(fp8, block_n, stages, gated, has_bias, 
     if use:
         assert use["LOCAL"] == 0 and use["STACK"] <= stack, f"spills: {use}"
     spills = _loop_spills(c)
-    # Triton 3.9's ptxas keeps a few words of the FP8 tiles of 256 in the K loop (3.6's, the GPU machines':
-    # none), and with the gated epilogue's registers stores (the formula's software rounding) 18 accesses
-    bound = (20 if gated and not store_tma else 5) if fp8 and block_n == 256 else 0
+    # with the A scales from global memory (these cases), ptxas keeps a word or two of the FP8 tiles of 256 in
+    # the K loop: Triton 3.9's up to 18 accesses with the gated epilogue's register stores, 3.6's 9 with its
+    # TMA store (the default A scales by TMA: none, `test_sm90_compile_of_the_tma_store_epilogue`)
+    bound = 20 if fp8 and block_n == 256 else 0
     assert spills is None or spills <= bound, f"{spills} local accesses in a K loop"
     # registers moved between partitions, both operands by TMA (one A box and one weight box per 128
     # columns), wgmma from two warpgroups: per K block 4 (FP8, K 32) or 4 (BF16 64-wide K, K 16) each
@@ -151,16 +149,17 @@ def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated):
 
 
 @pytest.mark.parametrize("fp8,block_n,gated,has_bias", [(True, 256, True, False), (True, 256, False, True),
-                                                        (True, 128, False, False), (False, 256, False, False),
-                                                        (False, 256, True, True)])
+                                                        (True, 256, False, False), (True, 128, False, False),
+                                                        (False, 256, False, False), (False, 256, True, True)])
 def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     """`store_tma`: each math partition writes an accumulator's outputs into its own shared-memory buffer
     and sends them with one TMA store (gated: one per tile, plain: one per accumulator): its writes fenced
     for the async proxy and its 128 threads met at a barrier before the store, the buffer's last store
     waited for (and the threads met again) before it is written, every store waited for before the
-    program ends; no output stored from registers, no spill in a K loop. Block-FP8 out: the formula's GPU
-    form, the hardware's rounding cast and one reciprocal per row in place of a correctly rounded division
-    per element."""
+    program ends; no output stored from registers, no spill in a K loop (the plain FP8 tile of 256 without
+    a bias had an accumulator spilled there until the kernel told ptxas that the K loop runs at least
+    once). Block-FP8 out: the formula's GPU form, the hardware's rounding cast and one reciprocal per row in
+    place of a correctly rounded division per element."""
     stages = 4 if block_n == 256 else 5
     c, use = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True)
     ptx = c.asm["ptx"]
@@ -181,7 +180,9 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
         assert any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in lines[last_wait:min(w for w in writes if w > last_wait)])
     # outputs leave by TMA only: the global stores left are the FP8 out's row scales
     assert len(re.findall(r"^st\.global", ptx, flags=re.M)) <= (2 if fp8 and gated else 0)
-    assert _loop_spills(c) in (None, 0, 1, 2, 3)
+    assert _loop_spills(c) in (None, 0)
+    if use:
+        assert use["LOCAL"] == 0 and use["STACK"] <= 48, f"spills: {use}"
     if fp8 and gated:
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "rcp.approx.ftz.f32" in ptx and "div.rn.f32" not in ptx
         # stored from registers, the epilogue keeps the formula as the other kernels run it
