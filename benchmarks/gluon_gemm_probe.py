@@ -7,7 +7,8 @@ limit turns that into an error in the JSON instead of a lost device call):
    skipped tile (its rows must keep their sentinel), few programs (the persistent walk and the ring wrap
    around), plain and gated, block FP8 and BF16, with a bias, A in layout order or picked from fewer
    token rows (`a_rows`, down to one token), FP8 with the A scales from global memory or brought by
-   TMA (`scale_tma`), the outputs stored from registers or through shared memory by TMA (`store_tma`).
+   TMA (`scale_tma`), the outputs stored from registers or through shared memory by TMA (`store_tma`), the
+   second math warpgroup started some K blocks behind the first (`stagger`).
    rel. error <= 1e-2.
 2. time: the deepseek-v3 32-expert shard and mixtral-8x7b at T tokens, each GEMM of the experts over rows
    laid out expert by expert (gate+up with silu and, in FP8, the block quantization in its epilogue, as
@@ -37,21 +38,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# (format, gemm): [(block_n, stages, A scales by TMA, outputs by TMA store, with a bias)]; block_m 128 (two
-# warpgroups of 64 rows), block_k 128 / 64. The experts of the presets timed have no biases; the kernel's
-# code differs with one, so the down GEMM is timed both ways. (The products of the two warpgroups in turn and two K blocks per ring slot
-# were timed on 2026-12-05 and lost everywhere: notes_kernels.md, eighth and ninth passes.)
+# (format, gemm): [(block_n, stages, A scales by TMA, outputs by TMA store, with a bias, K blocks the second
+# math warpgroup starts behind the first)]; block_m 128 (two warpgroups of 64 rows), block_k 128 / 64. The
+# experts of the presets timed have no biases. (The products of the two warpgroups in turn and two K blocks
+# per ring slot were timed on 2026-12-05 and lost everywhere: notes_kernels.md, eighth and ninth passes.)
 VARIANTS = {
-    ("fp8_block", "gate_up"): [(256, 4, True, False, False), (256, 4, True, True, False)],   # gate and up of 128 outputs
-    ("fp8_block", "down"): [(128, 6, True, False, False), (128, 5, True, True, False), (256, 4, False, False, False),
-                            (256, 4, True, False, False), (256, 4, True, True, False), (256, 4, True, False, True),
-                            (256, 4, True, True, True)],
-    ("bf16", "gate_up"): [(256, 4, False, False, False), (256, 4, False, True, False)],
-    ("bf16", "down"): [(256, 4, False, False, False), (256, 4, False, True, False)],
+    ("fp8_block", "gate_up"): [(256, 4, True, False, False, 0), (256, 4, True, True, False, 0),
+                               (256, 4, True, True, False, 2), (256, 4, True, True, False, 3)],
+    ("fp8_block", "down"): [(128, 6, True, False, False, 0), (128, 5, True, True, False, 0),
+                            (256, 4, True, False, False, 0), (256, 4, True, True, False, 0),
+                            (256, 4, True, True, False, 2), (256, 4, True, True, False, 3)],
+    ("bf16", "gate_up"): [(256, 4, False, False, False, 0), (256, 4, False, True, False, 0),
+                          (256, 4, False, True, False, 2)],
+    ("bf16", "down"): [(256, 4, False, False, False, 0), (256, 4, False, True, False, 0),
+                       (256, 4, False, True, False, 2)],
 }
 # --only: which variants a focused run times beside each GEMM's plain form (same tile, A in layout order)
-FOCUS = {"scale_tma": lambda scale_tma, store_tma, bias: scale_tma,
-         "store_tma": lambda scale_tma, store_tma, bias: store_tma}
+FOCUS = {"scale_tma": lambda scale_tma, store_tma, bias, stagger: scale_tma,
+         "store_tma": lambda scale_tma, store_tma, bias, stagger: store_tma,
+         "stagger": lambda scale_tma, store_tma, bias, stagger: stagger > 0}
 
 
 class Problem:
@@ -155,50 +160,57 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | 
         finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
     # picked from that many tokens (`a_rows`) or None: A in layout order, A scales by TMA (FP8), outputs by
-    # TMA store, with a bias)
-    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, False, False, True),
-             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, False, False, True),
-             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False, False, True),
-             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, False, False, True),
-             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4, None, False, False, True),
-             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None, False, False, True),
-             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, None, False, False, True),
-             (False, False, 512, 2048, [0, 1, 1], 5, 64, 6, None, False, False, True),
+    # TMA store, with a bias, K blocks the second math warpgroup starts behind the first)
+    cases = [(True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, False, False, True, 0),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, False, False, True, 0),
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, False, False, True, 0),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, False, False, True, 0),
+             (False, False, 384, 512, [0, 1, 1, 2], 3, 128, 4, None, False, False, True, 0),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None, False, False, True, 0),
+             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, None, False, False, True, 0),
+             (False, False, 512, 2048, [0, 1, 1], 5, 64, 6, None, False, False, True, 0),
              # the row gather: fewer tokens than rows, K tails zero-filled (BF16 K 200: a 64-wide block of 8)
-             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, False, False, True),
-             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 1, False, False, True),
-             (True, False, 320, 640, [0, 1, -1, 1], 2, 128, 3, 200, False, False, True),
-             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, 97, False, False, True),
-             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, 400, False, False, True),
+             (True, True, 512, 7168, [1, 0, 0], 132, 256, 4, 300, False, False, True, 0),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, 1, False, False, True, 0),
+             (True, False, 320, 640, [0, 1, -1, 1], 2, 128, 3, 200, False, False, True, 0),
+             (False, True, 600, 2048, [1, 1, 0], 5, 256, 4, 97, False, False, True, 0),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, 400, False, False, True, 0),
              # the A scales brought by TMA: plain 128 and 256 wide, gated, a K tail, a skipped tile, a
              # program walking several tiles
-             (True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, True, False, True),
-             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, False, True),
-             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, True, False, True),
-             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, True, False, True),
-             (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 6, None, True, False, True),
+             (True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, True, False, True, 0),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, False, True, 0),
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, True, False, True, 0),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, True, False, True, 0),
+             (True, False, 384, 1024, [0, 1, -1, 2], 2, 128, 6, None, True, False, True, 0),
              # the outputs by TMA store (each warpgroup's rows through its shared-memory buffer): plain 128 and
              # 256 wide with and without a bias, columns past N clipped (N 320), gated with FP8 and bfloat16
              # out, a skipped tile, programs walking several tiles and reusing their buffers
-             (True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, True, True, False),
-             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, True, True),
-             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, True, False),
-             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, True, True, False),
-             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, True, True, True),
-             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None, False, True, False),
-             (False, True, 640, 2048, [1, 1, 0], 2, 256, 4, None, False, True, True)]
+             (True, False, 384, 512, [0, 1, 1, 2], 3, 128, 3, None, True, True, False, 0),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, True, True, 0),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, True, False, 0),
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, True, True, False, 0),
+             (True, True, 768, 384, [0, -1, 1, 1, 2], 2, 256, 3, None, True, True, True, 0),
+             (False, False, 320, 200, [0, -1, 2, 2, 3], 2, 256, 3, None, False, True, False, 0),
+             (False, True, 640, 2048, [1, 1, 0], 2, 256, 4, None, False, True, True, 0),
+             # the second math warpgroup started behind the first: programs with no tile or fewer K blocks than
+             # the lead (its end arrive lets the second start), skipped tiles, the register stores too
+             (True, True, 512, 7168, [1, 0], 132, 256, 4, None, True, True, False, 2),
+             (True, False, 384, 128, [0, 1, 1, 2], 2, 256, 4, None, True, True, False, 3),
+             (True, False, 320, 320, [0, -1, 2, 2, 3], 2, 256, 4, None, True, False, False, 1),
+             (False, False, 320, 2048, [0, -1, 2, 2, 3], 2, 256, 4, None, False, True, False, 2)]
     if only:
         cases = [c for c in cases if FOCUS[only](*c[9:])]
-    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, scale_tma, store_tma, bias in cases:
+    for fp8, gated, w_rows, K, tiles, progs, bn, stages, tokens, scale_tma, store_tma, bias, stagger in cases:
         rec = dict(fp8=fp8, gated=gated, w_rows=w_rows, K=K, tiles=tiles, num_programs=progs, block_n=bn,
-                   stages=stages, gather_from_tokens=tokens, scale_tma=scale_tma, store_tma=store_tma, bias=bias)
+                   stages=stages, gather_from_tokens=tokens, scale_tma=scale_tma, store_tma=store_tma, bias=bias,
+                   stagger=stagger)
         starting(rec)
         try:
             prob = Problem(fp8, gated, tiles, max(tiles) + 1, w_rows, K, gen, dev, tokens=tokens)
             prob.use_bias = bias
             prob.out[0].fill_(7.0)          # sentinel: a skipped tile's rows must keep it
             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, num_programs=progs, a_rows=prob.a_rows,
-                            scale_tma=scale_tma, store_tma=store_tma)
+                            scale_tma=scale_tma, store_tma=store_tma, stagger=stagger)
             if not cpu_smoke:
                 torch.cuda.synchronize()
             used = [t for t, e in enumerate(tiles) if e >= 0]
@@ -257,23 +269,23 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
                 prob = Problem(fp8, gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                                a_std=1.0 if gemm == "gate_up" else 0.1, tokens=tokens if gather else None,
                                a_rows=a_rows if gather else None)
-                for bn, stages, scale_tma, store_tma, bias in VARIANTS[(fmt, gemm)]:
+                for bn, stages, scale_tma, store_tma, bias, stagger in VARIANTS[(fmt, gemm)]:
                     if time.time() - start > budget_s:
                         break
-                    if gather and (scale_tma or store_tma or bias):   # gather: as the eighth pass timed it
+                    if gather and (scale_tma or store_tma or bias or stagger):   # as the eighth pass timed it
                         continue
                     if only and (gather or not any(FOCUS[only](*v[2:]) for v in VARIANTS[(fmt, gemm)])):
                         continue                    # only the GEMMs with that form: it beside the plain ones
                     prob.use_bias = bias
                     point = dict(shape=name, format=fmt, gemm=gemm, a_rows_from=a_form, tokens=tokens, M=prob.M,
                                  w_rows=w_rows, K=K, block_n=bn, stages=stages, scale_tma=scale_tma,
-                                 store_tma=store_tma, bias=bias,
+                                 store_tma=store_tma, bias=bias, stagger=stagger,
                                  epilogue="silu + block FP8 quantization" if gemm == "gate_up" and fp8 else
                                  "silu" if gemm == "gate_up" else "plain")
                     try:
                         def run():
                             grouped_gemm_ws(*prob.args(), block_n=bn, stages=stages, a_rows=prob.a_rows,
-                                            scale_tma=scale_tma, store_tma=store_tma)
+                                            scale_tma=scale_tma, store_tma=store_tma, stagger=stagger)
                         run()
                         torch.cuda.synchronize()
                         used = [t for t, e in enumerate(tile_expert) if e >= 0]
@@ -321,7 +333,8 @@ def main() -> int:
                    help="limit of the check stage: about 20 kernels to compile and run; a hang ends it")
     p.add_argument("--only", choices=sorted(FOCUS),
                    help="time only the GEMMs that have this form (scale_tma: the A scales by TMA; store_tma: the "
-                        "outputs through shared memory and TMA stores), it beside the "
+                        "outputs through shared memory and TMA stores; stagger: the second math warpgroup started "
+                        "behind the first), it beside the "
                         "plain forms (A in layout order, no row copies); the check stage runs only its cases")
     p.add_argument("--stage", choices=("check", "time"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--cpu-smoke", action="store_true",

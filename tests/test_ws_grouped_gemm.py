@@ -13,13 +13,14 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
-              gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False):
+              gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
+              stagger: int = 0):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
-                                                  store_tma=store_tma)
+                                                  store_tma=store_tma, stagger=stagger)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -191,6 +192,26 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     assert c.metadata.shared <= 227 * 1024
 
 
+@pytest.mark.parametrize("fp8,gated", [(True, True), (True, False), (False, False)])
+def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
+    """`stagger`: one more mbarrier (count 1) that the second math partition waits on before its first
+    "ready" wait, and that the first arrives on twice, predicated (after the K block that makes its lead,
+    in the K loop; at its end, should it have had fewer K blocks in all), one thread each; none of it
+    without `stagger`; no spill in a K loop."""
+    c, _ = _compiled(fp8, 256, 4, gated, has_bias=not gated, scale_tma=fp8, store_tma=True, stagger=2)
+    plain, _ = _compiled(fp8, 256, 4, gated, has_bias=not gated, scale_tma=fp8, store_tma=True)
+    ptx, base = c.asm["ptx"], plain.asm["ptx"]
+    inits = re.findall(r"mbarrier\.init\.shared(?:::cta)?\.b64 \[%r\d+(?:\+\d+)?\], (\d+);", ptx)
+    base_inits = re.findall(r"mbarrier\.init\.shared(?:::cta)?\.b64 \[%r\d+(?:\+\d+)?\], (\d+);", base)
+    assert len(inits) == len(base_inits) + 1 and inits.count("1") == base_inits.count("1") + 1
+    arrives = r"mbarrier\.arrive\.shared::cta\.b64 _, \["
+    assert len(re.findall(arrives, ptx)) == len(re.findall(arrives, base)) + 2
+    waits = r"mbarrier\.try_wait"
+    assert len(re.findall(waits, ptx)) == len(re.findall(waits, base)) + 1
+    assert _loop_spills(c) in (None, 0)
+    assert c.metadata.shared <= 227 * 1024
+
+
 def test_host_checks_of_the_tma_store():
     """`store_tma` is asked for (off by default), takes its buffers from the ring, and is refused where TMA
     cannot store out or the buffers do not fit."""
@@ -207,6 +228,10 @@ def test_host_checks_of_the_tma_store():
         choice(shape, out, 6, True, True)
     with pytest.raises(ValueError, match="7 slots of 32768 bytes"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=128, stages=7, scale_tma=False, store_tma=True)
+    # the first warpgroup's lead lives in the ring: stagger in [0, stages)
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match=r"stagger must be in \[0, stages\) = \[0, 5\)"):
+            gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=128, stages=5, stagger=bad)
     # bfloat16 rows of 300 columns (600 bytes) are no multiple of 16 bytes
     a, w, te, out, _ = _operands(fp8=False, N=300)
     with pytest.raises(ValueError, match="store_tma takes out 16-byte aligned"):
@@ -357,7 +382,9 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 27 and all(c["ok"] for c in cases)
+    assert len(cases) == 31 and all(c["ok"] for c in cases)
+    assert {(c.get("fp8"), c.get("store_tma"), c.get("stagger")) for c in cases if c.get("stagger")} == \
+        {(True, True, 2), (True, True, 3), (True, False, 1), (False, True, 2)}
     assert {(c.get("fp8"), c.get("gated"), c.get("block_n"), c.get("bias")) for c in cases if c.get("store_tma")} == \
         {(True, False, 128, False), (True, False, 256, True), (True, False, 256, False), (True, True, 256, False),
          (True, True, 256, True), (False, False, 256, False), (False, True, 256, True)}

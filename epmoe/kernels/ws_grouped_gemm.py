@@ -187,11 +187,12 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, release: gl
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_expert_ptr, a_rows_ptr, a_scale_ptr,
-                    w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles,
-                    K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
-                    ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr,
-                    SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, HALF: gl.constexpr):
+def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr, a_rows_ptr,
+                    a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS, num_m_tiles,
+                    num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr,
+                    GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
+                    GATHER: gl.constexpr, SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, STAGGER: gl.constexpr,
+                    HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
@@ -200,7 +201,10 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_e
     SCALE_TMA (FP8): the rows' scales of each K block are read from the slot (the loader brought them
     with the tile) instead of loaded from global memory one block ahead, whose latency the profile found
     the math warps waiting on. STORE_TMA: the tile's output goes out through this warpgroup's shared-memory
-    buffer o_bufs[HALF] and a TMA store (`_epilogue`)."""
+    buffer o_bufs[HALF] and a TMA store (`_epilogue`). STAGGER > 0: the second warpgroup starts once the
+    first has done STAGGER K blocks (the "go" barrier, one arrive), so that each one's epilogue runs while the
+    other still multiplies instead of both at once at every tile's end; the ring holds the lead (both release
+    every slot), which STAGGER < STAGES keeps free of deadlock."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -217,6 +221,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_e
         # 3.9: 190 local accesses in its K loop without). Not for the register stores, whose gated FP8 tile
         # Triton 3.6's ptxas then spills (114): the cross-compiles of `tests/test_ws_grouped_gemm.py` check both.
         gl.assume(K_BLOCKS > 0)
+    if STAGGER > 0 and HALF == 1:
+        mbarrier.wait(go, 0)
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
@@ -267,6 +273,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_e
                     w_scale0 = w_scale0_next
                     w_scale1 = w_scale1_next
                     step += 1
+                    if STAGGER > 0 and HALF == 0:
+                        mbarrier.arrive(go, count=1, pred=step == STAGGER)
             else:
                 prev_slot = 0
                 for kb in range(K_BLOCKS):
@@ -288,6 +296,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_e
                     mbarrier.arrive(empty.index(prev_slot), count=1, pred=kb > 0)
                     prev_slot = slot
                     step += 1
+                    if STAGGER > 0 and HALF == 0:
+                        mbarrier.arrive(go, count=1, pred=step == STAGGER)
                 if SPLIT == 2:
                     acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
                 else:
@@ -296,6 +306,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_e
             _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_desc, o_bufs.index(HALF),
                       m * BLOCK_M + HALF * ROWS, w_first, M_pad, N, W_ROWS, n, SUB_N, SPLIT, GATED, ACTIVATION,
                       HAS_BIAS, OUT_FP8, STORE_TMA)
+    if STAGGER > 0 and HALF == 0:
+        mbarrier.arrive(go, count=1, pred=step < STAGGER)       # fewer K blocks in all: the other still starts
     if STORE_TMA:
         tma.store_wait(0)       # the last tile's stores have read this warpgroup's buffer before the program ends
 
@@ -360,7 +372,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
                            K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
-                           STORE_TMA: gl.constexpr, MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                           STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, MATH_REGS: gl.constexpr,
+                           LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
@@ -385,6 +398,11 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
         o_bufs = w_bufs        # unused
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    if STAGGER > 0:
+        go = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())     # the second may start
+        mbarrier.init(go.index(0), count=1)
+    else:
+        go = empty          # unused
     for i in gl.static_range(STAGES):
         # the loader's expect_tx arrive (GATHER: and one arrive per copying thread, 4 warps)
         mbarrier.init(ready.index(i), count=1 + GATHER * 128)
@@ -396,14 +414,14 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     # written out in each entry: a tuple held in a variable loses its constexprs
     LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
     gl.warp_specialize([
-        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_expert_ptr, a_rows_ptr,
-                           a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS,
-                           num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS,
-                           OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, 0)),
-        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, tile_expert_ptr, a_rows_ptr,
-                           a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS,
-                           num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS,
-                           OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, 1)),
+        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
+                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N,
+                           W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION,
+                           HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, 0)),
+        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
+                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N,
+                           W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION,
+                           HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, 1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
                            tile_expert_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED,
                            GATHER, SCALE_TMA)),
@@ -527,7 +545,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
-                    scale_tma: bool | None = None, store_tma: bool = False) -> torch.Tensor:
+                    scale_tma: bool | None = None, store_tma: bool = False, stagger: int = 0) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -542,13 +560,18 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     from a profile, not yet run on a GPU): each math warpgroup writes its outputs into a shared-memory buffer
     of its own and out of it with one TMA store per accumulator, instead of each thread storing its scattered
     values, and quantizes in the formula's GPU form (a source-level profile found the math warps a quarter
-    to a third of their time in the epilogue, stalled on instruction fetch and on the store queue)."""
+    to a third of their time in the epilogue, stalled on instruction fetch and on the store queue).
+    `stagger` (opt-in, not yet run on a GPU; 0 <= stagger < stages): the second math warpgroup starts that many
+    K blocks behind the first, so their epilogues no longer fall together at every tile's end."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
     epi = _store_bytes(shape) if store_tma else 0
     stages = stages or _default_stages(shape, epi)
     scale_tma = _scale_tma_choice(shape, a_scale_t, stages, scale_tma, epi)
     store_tma = _store_tma_choice(shape, out, stages, scale_tma, bool(store_tma))
+    if not 0 <= stagger < stages:
+        raise ValueError(f"grouped_gemm_ws: stagger must be in [0, stages) = [0, {stages}) (the first warpgroup's lead "
+                         f"lives in the ring), got {stagger}")
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -574,7 +597,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8, SPLIT=shape.split,
                                  GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
-                                 STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma),
+                                 STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
                                  MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
@@ -637,7 +660,7 @@ def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tm
 
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
-                               gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
+                               gather: bool = False, scale_tma: bool = False, store_tma: bool = False, stagger: int = 0,
                                math_regs: int = 232,
                                loader_regs: int = 40, maxnreg: int = 168, k_multiple_of_16: bool = True):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
@@ -667,7 +690,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
-             "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
+             "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
