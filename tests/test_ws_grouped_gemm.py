@@ -178,7 +178,8 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     for i in stores:
         last_wait = max(w for w in waits if w < i)
         assert any(last_wait < w < i for w in writes)
-        assert any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in lines[last_wait:min(w for w in writes if w > last_wait)])
+        first_write = min(w for w in writes if w > last_wait)
+        assert any(re.match(r"bar\.sync\s+\d+, 128;", x) for x in lines[last_wait:first_write])
     # outputs leave by TMA only: the global stores left are the FP8 out's row scales
     assert len(re.findall(r"^st\.global", ptx, flags=re.M)) <= (2 if fp8 and gated else 0)
     assert _loop_spills(c) in (None, 0)

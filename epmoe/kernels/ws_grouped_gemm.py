@@ -660,9 +660,9 @@ def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tm
 
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
-                               gather: bool = False, scale_tma: bool = False, store_tma: bool = False, stagger: int = 0,
-                               math_regs: int = 232,
-                               loader_regs: int = 40, maxnreg: int = 168, k_multiple_of_16: bool = True):
+                               gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
+                               stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
+                               k_multiple_of_16: bool = True):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
@@ -682,15 +682,16 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     out_el, out_gl = ("fp8e4nv", gl.float8e4nv) if out_fp8 else ("bf16", gl.bfloat16)
     o_layout = gl.NVMMASharedLayout.get_default_for([64, sub_n], out_gl)
     o_desc = f"tensordesc<{out_el}[64, {sub_n}],{o_layout!r}>" if store_tma else desc(128)
-    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}", "a_rows_ptr": "*i32",
-             "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
+    types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}",
+             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
              "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
              "num_m_tiles": "i32",
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
-             "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
+             "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "MATH_REGS": math_regs,
+             "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
