@@ -161,7 +161,8 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     a bias had an accumulator spilled there until the kernel told ptxas that the K loop runs at least
     once). Block-FP8 out: the formula's GPU form, the hardware's rounding cast and one reciprocal per row in
     place of a correctly rounded division per element."""
-    stages = 4 if block_n == 256 else 5
+    # the ring the host gives it beside the buffers: 5 slots at FP8 128, 3 at FP8 256 with bfloat16 out, else 4
+    stages = 5 if block_n == 128 else 3 if fp8 and not gated else 4
     c, use = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True)
     ptx = c.asm["ptx"]
     split = block_n // 128 if not gated else 1
@@ -190,7 +191,8 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
         # stored from registers, the epilogue keeps the formula as the other kernels run it
         regs, _ = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8)
         assert "div.rn.f32" in regs.asm["ptx"] and "rcp.approx.ftz.f32" not in regs.asm["ptx"]
-    assert c.metadata.shared <= 227 * 1024
+    # within the launch's dynamic limit: 227 KB less the 1 KB ptxas keeps static (RESERVED holds 2 KB back)
+    assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
 
 
 @pytest.mark.parametrize("fp8,gated", [(True, True), (True, False), (False, False)])
@@ -198,9 +200,10 @@ def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
     """`stagger`: one more mbarrier (count 1) that the second math partition waits on before its first
     "ready" wait, and that the first arrives on twice, predicated (after the K block that makes its lead,
     in the K loop; at its end, should it have had fewer K blocks in all), one thread each; none of it
-    without `stagger`; no spill in a K loop."""
-    c, _ = _compiled(fp8, 256, 4, gated, has_bias=not gated, scale_tma=fp8, store_tma=True, stagger=2)
-    plain, _ = _compiled(fp8, 256, 4, gated, has_bias=not gated, scale_tma=fp8, store_tma=True)
+    without `stagger`; no spill in a K loop; within the launch's shared-memory limit."""
+    stages = 3 if fp8 and not gated else 4
+    c, _ = _compiled(fp8, 256, stages, gated, has_bias=not gated, scale_tma=fp8, store_tma=True, stagger=2)
+    plain, _ = _compiled(fp8, 256, stages, gated, has_bias=not gated, scale_tma=fp8, store_tma=True)
     ptx, base = c.asm["ptx"], plain.asm["ptx"]
     inits = re.findall(r"mbarrier\.init\.shared(?:::cta)?\.b64 \[%r\d+(?:\+\d+)?\], (\d+);", ptx)
     base_inits = re.findall(r"mbarrier\.init\.shared(?:::cta)?\.b64 \[%r\d+(?:\+\d+)?\], (\d+);", base)
@@ -209,8 +212,11 @@ def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
     assert len(re.findall(arrives, ptx)) == len(re.findall(arrives, base)) + 2
     waits = r"mbarrier\.try_wait"
     assert len(re.findall(waits, ptx)) == len(re.findall(waits, base)) + 1
+    # the first's arrives are predicated (a barrier of its own warpgroup before each: one more per K block and
+    # one at its end), which keeps the K loop free of spills
+    assert len(re.findall(r"bar\.sync\s+\d+, 128;", ptx)) == len(re.findall(r"bar\.sync\s+\d+, 128;", base)) + 2
     assert _loop_spills(c) in (None, 0)
-    assert c.metadata.shared <= 227 * 1024
+    assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
 
 
 def test_host_checks_of_the_tma_store():
@@ -385,7 +391,7 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
     cases = json.loads(out.read_text())["cases"]
     assert len(cases) == 31 and all(c["ok"] for c in cases)
     assert {(c.get("fp8"), c.get("store_tma"), c.get("stagger")) for c in cases if c.get("stagger")} == \
-        {(True, True, 2), (True, True, 3), (True, False, 1), (False, True, 2)}
+        {(True, True, 2), (True, False, 1), (False, True, 2)}
     assert {(c.get("fp8"), c.get("gated"), c.get("block_n"), c.get("bias")) for c in cases if c.get("store_tma")} == \
         {(True, False, 128, False), (True, False, 256, True), (True, False, 256, False), (True, True, 256, False),
          (True, True, 256, True), (False, False, 256, False), (False, True, 256, True)}

@@ -204,7 +204,9 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     buffer o_bufs[HALF] and a TMA store (`_epilogue`). STAGGER > 0: the second warpgroup starts once the
     first has done STAGGER K blocks (the "go" barrier, one arrive), so that each one's epilogue runs while the
     other still multiplies instead of both at once at every tile's end; the ring holds the lead (both release
-    every slot), which STAGGER < STAGES keeps free of deadlock."""
+    every slot), which STAGGER < STAGES keeps free of deadlock. The arrive is predicated, so the first
+    warpgroup meets its own barrier once more per K block (in a branch instead, ptxas spills the FP8 K loop:
+    over 100 local accesses in it under Triton 3.6 and 3.9)."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -217,8 +219,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     w_scale_rows = gl.cdiv(W_ROWS, SCALE_BLOCK)
     if STORE_TMA:
         # K_BLOCKS >= 1 (the host refuses K = 0): without a path that skips the K loop (zero accumulators into
-        # the epilogue), ptxas keeps the plain FP8 tile of 256 free of spills with the TMA store (Triton 3.6 and
-        # 3.9: 190 local accesses in its K loop without). Not for the register stores, whose gated FP8 tile
+        # the epilogue), ptxas keeps the K loop of the plain FP8 tile of 256 free of spills with the TMA store
+        # (Triton 3.6 and 3.9: 190 local accesses in it without). Not for the register stores, whose gated FP8 tile
         # Triton 3.6's ptxas then spills (114): the cross-compiles of `tests/test_ws_grouped_gemm.py` check both.
         gl.assume(K_BLOCKS > 0)
     if STAGGER > 0 and HALF == 1:
@@ -603,9 +605,11 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
 
 
 # shared memory of one SM on sm_90 (227 KB), and what the ring may take of it beside the barriers and the
-# epilogue's scratch
+# epilogue's scratch; RESERVED: the 1 KB ptxas keeps static for these kernels (Triton's launcher takes it
+# off the dynamic limit) and 1 KB for the barriers
 SMEM_BYTES = 227 * 1024
 RING_BUDGET = 200 * 1024
+RESERVED = 2048
 
 
 def _slot_bytes(shape: GemmShape, scale_tma: bool) -> int:
@@ -627,16 +631,16 @@ def _default_stages(shape: GemmShape, store_bytes: int = 0) -> int:
     """As many ring slots as fit in RING_BUDGET (counting the A scales where FP8 can bring them by TMA),
     at most 6, and fewer where the epilogue's `store_bytes` would not fit beside them."""
     slot = _slot_bytes(shape, shape.fp8 and not shape.gather)
-    return max(2, min(6, RING_BUDGET // slot, (SMEM_BYTES - 1024 - store_bytes) // slot))
+    return max(2, min(6, RING_BUDGET // slot, (SMEM_BYTES - RESERVED - store_bytes) // slot))
 
 
 def _scale_tma_choice(shape: GemmShape, a_scale_t, stages: int, scale_tma: bool | None, store_bytes: int = 0) -> bool:
     """Whether the A scales come by TMA: asked (True / False) or, None, wherever it applies: block FP8, A in
     layout order, `a_scale_t` 16-byte aligned (TMA), and a ring of `stages` slots that still fits in shared
-    memory with them beside the epilogue's `store_bytes` (1 KB left for the barriers). Asked where it does
-    not apply: a ValueError."""
+    memory with them beside the epilogue's `store_bytes` (and RESERVED). Asked where it does not apply: a
+    ValueError."""
     applies = (shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
-               and stages * _slot_bytes(shape, True) + store_bytes + 1024 <= SMEM_BYTES)
+               and stages * _slot_bytes(shape, True) + store_bytes + RESERVED <= SMEM_BYTES)
     if scale_tma is None:
         return applies
     if scale_tma and not applies:
@@ -650,7 +654,7 @@ def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tm
     """`store_tma` where it applies: out aligned for TMA (`_store_aligned`) and its buffers fit in shared
     memory beside a ring of `stages` slots; asked where it does not apply: a ValueError."""
     applies = (_store_aligned(shape, out)
-               and stages * _slot_bytes(shape, scale_tma) + _store_bytes(shape) + 1024 <= SMEM_BYTES)
+               and stages * _slot_bytes(shape, scale_tma) + _store_bytes(shape) + RESERVED <= SMEM_BYTES)
     if store_tma and not applies:
         raise ValueError(f"grouped_gemm_ws: store_tma takes out 16-byte aligned with rows of a multiple of 16 bytes "
                          f"and a ring that fits beside its {_store_bytes(shape)} bytes of buffers ({stages} slots of "
@@ -668,6 +672,8 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
+    if not 0 <= stagger < stages:
+        raise ValueError(f"compile_ws_gemm_for_hopper: stagger must be in [0, stages), got {stagger} with {stages}")
     block_k = block_k or (128 if fp8 else 64)
     sub_n = min(block_n, SCALE)
     el = "fp8e4nv" if fp8 else "bf16"
