@@ -142,7 +142,24 @@ def _case_input(shape, kind):
         x[2] = x[2] * 1e-13                 # amax under the floor, normal values
         x[3, ::2] = x[3, ::2] * 1e-30       # normal values whose quotient underflows
         x[3, 5] = -0.0
+    if kind == "nonfinite":                 # NaN and infinities: torch keeps them (NaN groups, x / inf)
+        x[0, 5] = float("nan")
+        x[1, 130] = float("inf")
+        x[2, 300] = -float("inf")
+        x[3, 7], x[3, 140] = float("inf"), float("nan")
     return x
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, finite_groups_only=None) -> bool:
+    """Equal values, NaN where the other has NaN (whatever its sign bits); `finite_groups_only` (q [R, H],
+    group): compare only the groups whose inputs are finite."""
+    a, b = a.float(), b.float()
+    same = (a == b) | (a.isnan() & b.isnan())
+    if finite_groups_only is not None:
+        x, group = finite_groups_only
+        finite = x.reshape(x.shape[0], -1, group).isfinite().all(-1, keepdim=True)
+        same = same.reshape(finite.shape[0], -1, group) | ~finite
+    return bool(same.all())
 
 
 def _compare_impls(device: str) -> dict:
@@ -176,6 +193,35 @@ def test_triton_bit_identical_cpu_interpreter():
     pytest.importorskip("triton")
     code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
             "import test_fp8_quantize as t; print('RESULT' + json.dumps(t._compare_impls('cpu')))"
+            % (ROOT, os.path.join(ROOT, "tests")))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    _assert_all_identical(json.loads(line[len("RESULT"):]))
+
+
+def _compare_nonfinite(device: str) -> dict:
+    """Torch against Triton (and, on a GPU, its GPU form) on NaN and infinities, NaN-aware (`_same`)."""
+    from epmoe.kernels.fp8_quant import fp8_quantize_triton
+    x = _case_input((4, 384), "nonfinite").to(device)
+    q1, s1 = fp8_quantize_torch(x, 128)
+    q2, s2 = fp8_quantize_triton(x, 128)
+    # the interpreter's cast to e4m3 loses NaN: its q of non-finite groups are not compared
+    out = {"triton": [_same(q1, q2, (x, 128) if device == "cpu" else None), _same(s1, s2)]}
+    if device == "cuda":
+        q3, s3 = fp8_quantize_triton(x, 128, gpu_rounding=True)
+        out["gpu_rounding"] = [_same(q1, q3), _same(s1, s3)]
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="known: the one formula's Triton maxima pass over NaN (tl.max and tl.maximum "
+                                       "by default), so a group holding a NaN gets a finite scale and finite q, "
+                                       "where torch gives NaN (benchmarks/notes_kernels.md, tenth pass)")
+def test_triton_keeps_nonfinite_values_as_torch_does_cpu_interpreter():
+    pytest.importorskip("triton")
+    code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
+            "import test_fp8_quantize as t; print('RESULT' + json.dumps(t._compare_nonfinite('cpu')))"
             % (ROOT, os.path.join(ROOT, "tests")))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

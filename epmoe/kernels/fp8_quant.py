@@ -67,13 +67,16 @@ def _div_rn_by_row(x, s):
     division (an approximate reciprocal, one Newton step, the quotient and one residual correction), with
     the reciprocal worked out once per row instead of once per element and no slow path. The slow path
     serves quotients or numerators below float32's normal range, which e4m3 rounds to zero either way;
-    the sign of x is put back so that those zeros keep it, as x / s does."""
+    the sign of x is put back so that those zeros keep it, as x / s does. A row whose s is infinite (it
+    holds an infinity) gets x * 0, which is x / s there (signed zeros, NaN for an infinite x), as the
+    correctly rounded division gives."""
     r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s], dtype=tl.float32, is_pure=True, pack=1)
     r = tl.fma(r, tl.fma(-s, r, 1.0), r)[:, None]
     q0 = x * r
     q = tl.fma(r, tl.fma(-s[:, None], q0, x), q0)
     sign = x.to(tl.int32, bitcast=True) & -0x80000000
-    return ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+    q = ((q.to(tl.int32, bitcast=True) & 0x7FFFFFFF) | sign).to(tl.float32, bitcast=True)
+    return tl.where((s == float("inf"))[:, None], x * 0.0, q)
 
 
 @triton.jit
