@@ -189,16 +189,21 @@ def _assert_all_identical(result: dict):
     assert not bad, f"Triton and torch differ (q bits, scale bits, shape): {bad}"
 
 
-def test_triton_bit_identical_cpu_interpreter():
+def _under_the_interpreter(compare: str) -> dict:
+    """This module's `compare('cpu')` in a child process with TRITON_INTERPRET=1 (set before Triton loads)."""
     pytest.importorskip("triton")
     code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
-            "import test_fp8_quantize as t; print('RESULT' + json.dumps(t._compare_impls('cpu')))"
-            % (ROOT, os.path.join(ROOT, "tests")))
+            "import test_fp8_quantize as t; print('RESULT' + json.dumps(t.%s('cpu')))"
+            % (ROOT, os.path.join(ROOT, "tests"), compare))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    _assert_all_identical(json.loads(line[len("RESULT"):]))
+    return json.loads(line[len("RESULT"):])
+
+
+def test_triton_bit_identical_cpu_interpreter():
+    _assert_all_identical(_under_the_interpreter("_compare_impls"))
 
 
 def _compare_nonfinite(device: str) -> dict:
@@ -219,15 +224,7 @@ def _compare_nonfinite(device: str) -> dict:
                                        "by default), so a group holding a NaN gets a finite scale and finite q, "
                                        "where torch gives NaN (benchmarks/notes_kernels.md, tenth pass)")
 def test_triton_keeps_nonfinite_values_as_torch_does_cpu_interpreter():
-    pytest.importorskip("triton")
-    code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
-            "import test_fp8_quantize as t; print('RESULT' + json.dumps(t._compare_nonfinite('cpu')))"
-            % (ROOT, os.path.join(ROOT, "tests")))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    _assert_all_identical(json.loads(line[len("RESULT"):]))
+    _assert_all_identical(_under_the_interpreter("_compare_nonfinite"))
 
 
 @pytest.mark.gpu
