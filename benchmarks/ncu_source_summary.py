@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
+import gzip
+import os
 import sys
 from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from epmoe.kernels.xcompile import mma_loops  # noqa: E402  (the loop finder the compile checks use)
 
 
 def _number(text: str) -> float:
@@ -30,7 +34,7 @@ def _number(text: str) -> float:
 def tables(path: str):
     """(header, rows) for each table in the CSV: a row whose fields name a samples column starts one."""
     header, rows = None, []
-    with open(path, newline="") as f:
+    with (gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")) as f:
         for fields in csv.reader(f):
             if any(name.startswith("Warp Stall Sampling (All") for name in fields):
                 if header is not None and rows:
@@ -66,22 +70,6 @@ def summarize(header, rows, top: int) -> str:
     return "\n".join(lines)
 
 
-_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-fA-F]+)")
-
-
-def _loops(addrs: list[int], code: list[str]) -> list[tuple[int, int]]:
-    """(first, last) row indices of every loop: a branch back to a lower address, and its target."""
-    out = []
-    for i, (a, ins) in enumerate(zip(addrs, code)):
-        m = _BRANCH.search(ins)
-        if m and int(m.group(1), 16) < a:
-            target = int(m.group(1), 16)
-            first = next((j for j in range(i, -1, -1) if addrs[j] <= target), None)
-            if first is not None and addrs[first] == target:
-                out.append((first, i))
-    return out
-
-
 def regions(header, rows) -> str:
     """Each K loop (innermost loop issuing a GMMA) with the set-up before it and the epilogue after it
     within the smallest enclosing loop: share of samples and top reasons of each."""
@@ -98,9 +86,7 @@ def regions(header, rows) -> str:
     code = [r[source_col] for r in rows]
     samples = [_number(r[samples_col]) for r in rows]
     total = sum(samples) or 1.0
-    loops = _loops(addrs, code)
-    k_loops = [(f, l) for f, l in loops if any("GMMA" in c for c in code[f:l + 1])
-               and not any(f <= f2 and l2 <= l and (f2, l2) != (f, l) for f2, l2 in loops)]
+    loops, k_loops = mma_loops(addrs, code)
 
     def describe(name, first, last):
         n = sum(samples[first:last + 1])
@@ -128,9 +114,25 @@ def regions(header, rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("csv", help="ncu -i REPORT --page source --csv --print-source sass > this file")
+    p.add_argument("csv", help="ncu -i REPORT --page source --csv --print-source sass > this file (or it gzipped)")
     p.add_argument("--top", type=int, default=40, help="instructions to list per kernel (default %(default)s)")
+    p.add_argument("--source-log", default=None,
+                   help="the log of the run that made the CSV: its '#' header lines (command, commit, GPU, "
+                        "versions, date) are printed first, with this command and its date after them")
     args = p.parse_args(argv)
+    if args.source_log:
+        with open(args.source_log) as f:
+            for line in f:
+                if line.startswith("# ") and not line.startswith("# exit code"):
+                    print("# source run " + line[2:].rstrip())
+        import datetime
+        import subprocess
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        print(f"# summary command: python3 benchmarks/ncu_source_summary.py {' '.join(argv or sys.argv[1:])}")
+        print(f"# summary commit: {commit}")
+        print(f"# summary date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     found = False
     for i, (header, rows) in enumerate(tables(args.csv)):
         found = True

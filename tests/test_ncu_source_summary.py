@@ -71,3 +71,20 @@ def test_splits_each_k_loop_from_its_tile_loop(tmp_path):
     assert "before it in the tile loop (set-up): 1 instructions, 2.0% of samples" in out
     assert "the K loop: 4 instructions, 37.0% of samples [barrier 62%]" in out
     assert "after it in the tile loop (epilogue): 2 instructions, 40.0% of samples [no_inst 100%]" in out
+
+
+def test_names_the_run_behind_the_csv(tmp_path, capsys):
+    """`--source-log`: the header lines of the run that made the CSV, then this summary's command; a gzipped
+    CSV reads the same."""
+    import gzip
+    path = tmp_path / "loops.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(LOOPS)
+    log = tmp_path / "run.log"
+    log.write_text("# command: ncu ...\n# commit: abc\n# gpu: NVIDIA H100\nbody\n# exit code: 0\n")
+    assert _tool().main([str(path), "--top", "1", "--source-log", str(log)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["# source run command: ncu ...", "# source run commit: abc", "# source run gpu: NVIDIA H100"]
+    assert out[3].startswith("# summary command: python3 benchmarks/ncu_source_summary.py") and "--source-log" in out[3]
+    assert not any("exit code" in line for line in out)
+    assert "the K loop: 4 instructions, 37.0% of samples [barrier 62%]" in "\n".join(out)

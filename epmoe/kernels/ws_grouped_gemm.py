@@ -627,6 +627,12 @@ def _store_aligned(shape: GemmShape, out: torch.Tensor) -> bool:
     return out.data_ptr() % 16 == 0 and (shape.N * out.element_size()) % 16 == 0
 
 
+def _fits(shape: GemmShape, stages: int, scale_tma: bool, store_bytes: int) -> bool:
+    """Whether a ring of `stages` slots (with the A scales where `scale_tma`) and the epilogue's `store_bytes`
+    fit in shared memory beside RESERVED."""
+    return stages * _slot_bytes(shape, scale_tma) + store_bytes + RESERVED <= SMEM_BYTES
+
+
 def _default_stages(shape: GemmShape, store_bytes: int = 0) -> int:
     """As many ring slots as fit in RING_BUDGET (counting the A scales where FP8 can bring them by TMA),
     at most 6, and fewer where the epilogue's `store_bytes` would not fit beside them."""
@@ -640,7 +646,7 @@ def _scale_tma_choice(shape: GemmShape, a_scale_t, stages: int, scale_tma: bool 
     memory with them beside the epilogue's `store_bytes` (and RESERVED). Asked where it does not apply: a
     ValueError."""
     applies = (shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
-               and stages * _slot_bytes(shape, True) + store_bytes + RESERVED <= SMEM_BYTES)
+               and _fits(shape, stages, True, store_bytes))
     if scale_tma is None:
         return applies
     if scale_tma and not applies:
@@ -654,7 +660,7 @@ def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tm
     """`store_tma` where it applies: out aligned for TMA (`_store_aligned`) and its buffers fit in shared
     memory beside a ring of `stages` slots; asked where it does not apply: a ValueError."""
     applies = (_store_aligned(shape, out)
-               and stages * _slot_bytes(shape, scale_tma) + _store_bytes(shape) + RESERVED <= SMEM_BYTES)
+               and _fits(shape, stages, scale_tma, _store_bytes(shape)))
     if store_tma and not applies:
         raise ValueError(f"grouped_gemm_ws: store_tma takes out 16-byte aligned with rows of a multiple of 16 bytes "
                          f"and a ring that fits beside its {_store_bytes(shape)} bytes of buffers ({stages} slots of "

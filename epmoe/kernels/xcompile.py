@@ -141,26 +141,35 @@ def resource_usage(compiled) -> dict:
     return {} if out is None else {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-fA-F]+)")
+
+
+def mma_loops(addrs: list[int], code: list[str]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """In SASS given as instruction addresses and texts: (every loop, the K loops), each as (first, last)
+    indices. A loop is a branch back to a lower address that is an instruction's; a K loop is an innermost
+    loop whose body issues a GMMA."""
+    at = {a: i for i, a in enumerate(addrs)}
+    loops = []
+    for i, (a, ins) in enumerate(zip(addrs, code)):
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
+            loops.append((at[int(m.group(1), 16)], i))
+    k_loops = [(f, l) for f, l in loops if any("GMMA" in c for c in code[f:l + 1])
+               and not any(f <= f2 and l2 <= l and (f2, l2) != (f, l) for f2, l2 in loops)]
+    return loops, k_loops
+
+
 def local_accesses_in_mma_loops(compiled) -> int | None:
-    """How many local-memory loads and stores (LDL / STL: spills) the SASS has inside the innermost loops
-    that issue tensor-core instructions (a backward branch whose body holds a GMMA and no other loop's
-    branch back: a K loop), or None where the SASS cannot be read. Values a kernel parks on the stack once
-    per tile, outside its K loops, cost nothing next to one spill per K block."""
+    """How many local-memory loads and stores (LDL / STL: spills) the SASS has inside its K loops
+    (`mma_loops`), or None where the SASS cannot be read. Values a kernel parks on the stack once per tile,
+    outside its K loops, cost nothing next to one spill per K block."""
     sass = _cuobjdump(compiled, "-sass")
     if sass is None:
         return None
-    code = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    count = 0
-    for i, (addr, ins) in enumerate(code):
-        m = re.search(r"\bBRA (?:`\()?(0x[0-9a-f]+)", ins)
-        if not m or int(m.group(1), 16) >= addr:
-            continue
-        body = [b for a, b in code[:i + 1] if a >= int(m.group(1), 16)]
-        inner = not any(re.search(r"\bBRA (?:`\()?(0x[0-9a-f]+)", b) and int(re.search(
-            r"\bBRA (?:`\()?(0x[0-9a-f]+)", b).group(1), 16) < a for a, b in code[:i] if a >= int(m.group(1), 16))
-        if inner and any("GMMA" in b for b in body):
-            count += sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", b)) for b in body)
-    return count
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    code = [ins for _, ins in found]
+    _, k_loops = mma_loops([int(a, 16) for a, _ in found], code)
+    return sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", c)) for f, l in k_loops for c in code[f:l + 1])
 
 
 def main() -> int:
