@@ -207,22 +207,23 @@ def test_triton_bit_identical_cpu_interpreter():
 
 
 def _compare_nonfinite(device: str) -> dict:
-    """Torch against Triton (and, on a GPU, its GPU form) on NaN and infinities, NaN-aware (`_same`)."""
+    """Torch against Triton (and, on a GPU, its GPU form) on NaN and infinities: the scales bit for bit
+    (NaN where torch's is NaN, infinite where it is infinite), q bit for bit in the finite groups, and the
+    dequantized values q x scale non-finite exactly where torch's are (the q of a non-finite group are not
+    torch's: the NaN-ignoring clamp keeps them finite, the scale carries the NaN or infinity)."""
     from epmoe.kernels.fp8_quant import fp8_quantize_triton
+    from epmoe.quant.fp8 import fp8_dequantize
     x = _case_input((4, 384), "nonfinite").to(device)
     q1, s1 = fp8_quantize_torch(x, 128)
-    q2, s2 = fp8_quantize_triton(x, 128)
-    # the interpreter's cast to e4m3 loses NaN: its q of non-finite groups are not compared
-    out = {"triton": [_same(q1, q2, (x, 128) if device == "cpu" else None), _same(s1, s2)]}
+    assert s1.isnan().any() and s1.isinf().any()        # the case holds both kinds of group
+    forms = {"triton": fp8_quantize_triton(x, 128)}
     if device == "cuda":
-        q3, s3 = fp8_quantize_triton(x, 128, gpu_rounding=True)
-        out["gpu_rounding"] = [_same(q1, q3), _same(s1, s3)]
-    return out
+        forms["gpu_rounding"] = fp8_quantize_triton(x, 128, gpu_rounding=True)
+    finite1 = fp8_dequantize(q1, s1).isfinite()
+    return {name: [_same(q1, q, (x, 128)), _same(s1, s), torch.equal(fp8_dequantize(q, s).isfinite(), finite1)]
+            for name, (q, s) in forms.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="known: the one formula's Triton maxima pass over NaN (tl.max and tl.maximum "
-                                       "by default), so a group holding a NaN gets a finite scale and finite q, "
-                                       "where torch gives NaN (benchmarks/notes_kernels.md, tenth pass)")
 def test_triton_keeps_nonfinite_values_as_torch_does_cpu_interpreter():
     _assert_all_identical(_under_the_interpreter("_compare_nonfinite"))
 
@@ -232,7 +233,22 @@ def test_triton_keeps_nonfinite_values_as_torch_does_cpu_interpreter():
 def test_triton_bit_identical_gpu():
     pytest.importorskip("triton")
     _assert_all_identical(_compare_impls("cuda"))
+    _assert_all_identical(_compare_nonfinite("cuda"))
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
     for group in (128, None):
         a, b = fp8_quantize_torch(x, group), epmoe.fp8_quantize(x, group)      # auto = Triton on CUDA
         assert torch.equal(_bits(a[0]), _bits(b[0])) and torch.equal(_bits(a[1]), _bits(b[1]))
+
+
+@pytest.mark.parametrize("case", ["gu_fp8_deepseek", "gu_fp8_deepseek_rescale"])
+def test_the_formula_leaves_the_fp8_gate_up_k_loop_without_spills_sm90(case):
+    """The library's FP8 gate+up kernel runs the formula in its epilogue, at 255 registers: how the formula's
+    NaN-keeping maximum is written moves ptxas's spills into the K loop (`tl.maximum(..., propagate_nan=ALL)`
+    as the reduction's combine put one there under Triton 3.6). Compiled for sm_90, no GPU needed."""
+    pytest.importorskip("triton")
+    from epmoe.kernels.xcompile import CASES, CrossCompileUnavailable, compile_case, local_accesses_in_mma_loops
+    try:
+        compiled = compile_case(*CASES[case])
+    except CrossCompileUnavailable as exc:
+        pytest.skip(str(exc))
+    assert local_accesses_in_mma_loops(compiled) in (0, None)

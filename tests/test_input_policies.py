@@ -76,8 +76,14 @@ def test_nonfinite_input_stays_in_its_row(backend, routing, kind):
 @pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
 @pytest.mark.parametrize("kind", POISONS)
 @pytest.mark.parametrize("T", [1, 9, 200])        # T = 1: one pair per tile (or the decode kernels)
-def test_gpu_nonfinite_input_stays_in_its_row(backend, kind, T):
-    cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+@pytest.mark.parametrize("fp8", [False, True])    # FP8: the activations quantized by the Triton formula
+def test_gpu_nonfinite_input_stays_in_its_row(backend, kind, T, fp8):
+    from epmoe import Fp8Config
+    # FP8 block weights with activations per group of 128 (`triton`), per channel with per-token (`grouped_mm`)
+    quant = None if not fp8 else Fp8Config() if backend == "triton" else \
+        Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
+    cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                    quant=quant)
     layer = MoELayer(cfg, experts=backend, device="cuda")
     experts = random_experts(cfg, seed=4)
     load_experts(layer, experts)

@@ -359,6 +359,41 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("poison", ["x_nan", "x_inf", "scale_nan"])
+    def test_fused_experts_fp8_keep_a_nonfinite_token_in_its_row(poison):
+        """A NaN or Inf in one token's input (quantized by the Triton formula), or a NaN among its scales,
+        makes that token's output row non-finite and leaves every other row as it was: the FP8 formula's
+        maxima (input quantization, the gate+up epilogue's) must not pass over NaN."""
+        from epmoe.kernels.fp8_quant import fp8_quantize_triton
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config
+        T, E, k, H, I, bad = 9, 4, 2, 256, 128, 3
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=21)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
+        ids, w = random_routing(T, E, k, seed=5)
+        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+
+        def run(x, poison_scale=False):
+            xq, xs = fp8_quantize_triton(x, 128)
+            if poison_scale:
+                xs[bad, 0] = float("nan")
+            ops = Fp8Operands(xs.contiguous(), s13, s2, 128, quant.weight_block, "block")
+            return fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=cfg8, fp8=ops)
+
+        clean = run(x)
+        px = x.clone()
+        if poison != "scale_nan":
+            px[bad, 5] = float("nan") if poison == "x_nan" else float("inf")
+        out = run(px, poison_scale=poison == "scale_nan")
+        others = torch.arange(T) != bad
+        assert torch.isfinite(clean).all()
+        assert not torch.isfinite(out[bad]).any(), f"token {bad}'s row: {out[bad, :8].tolist()}"
+        assert torch.equal(out[others], clean[others])
+
     @pytest.mark.parametrize("down_bn,persistent", [(64, True), (256, False)])
     def test_fused_experts_fp8_rescale(down_bn, persistent):
         """The "rescale" promotion of block FP8 (accumulators in units of the last K block's scale)

@@ -1,12 +1,13 @@
 """Cross-compile the fused MoE kernels for sm_90 without a GPU and print their resource use (from the cubin).
 
-    PYTHONPATH=/path/to/triton-3.6:. python -m epmoe.kernels.xcompile [--ir DIR]
+    PYTHONPATH=/path/to/triton-3.6:. python -m epmoe.kernels.xcompile [--ir DIR] [--only RE] [--table JSON]
 
 Uses `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the pointer arguments
 marked 16-byte divisible (what the JIT specializes on a real launch; without it the loads are not
 pipelined), then `cuobjdump -res-usage` on the cubin. Registers, local memory (spills) and shared memory
-per kernel configuration; with --ir, the TTGIR and PTX of each are written there (to check pipelining and
-wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use them).
+per kernel configuration, the local accesses inside its K loops and its SASS length; with --table, every
+configuration of a tuning table as well; with --ir, the TTGIR and PTX of each are written there (to check
+pipelining and wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use them).
 """
 from __future__ import annotations
 
@@ -87,8 +88,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    return compile_source_for_hopper(src, dict(num_warps=warps, num_stages=stages))
 
 
 class CrossCompileUnavailable(RuntimeError):
@@ -172,13 +172,40 @@ def local_accesses_in_mma_loops(compiled) -> int | None:
     return sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", c)) for f, l in k_loops for c in code[f:l + 1])
 
 
+def table_cases(path: str) -> dict:
+    """The FP8-block and BF16 GEMM configurations of a tuning table (`epmoe/kernels/configs/*.json`) as
+    `CASES` entries: every T's gate+up and down tile, and its tail tile where it has one."""
+    import json
+    with open(path) as f:
+        entries = json.load(f)["entries"]
+    cases = {}
+    for key, per_t in entries.items():
+        shape = dict(kv.split("=") for kv in key.split(","))
+        fmt = {"fp8_block": "fp8", "bf16": "bf16"}.get(shape["fmt"])
+        if fmt is None:
+            continue
+        for T, c in per_t.items():
+            tiles = [(c["block_m"], 1 if c.get("tail_m") else 0)] + ([(c["tail_m"], 1)] if c.get("tail_m") else [])
+            for kernel in ("gate_up", "down"):
+                g = c[kernel]
+                for bm, mode in tiles:
+                    name = f"{key}:T{T}:{kernel}:bm{bm}"
+                    cases[name] = (kernel, int(shape["H"]), int(shape["I"]), int(shape["k"]), fmt, bm, g["block_n"],
+                                   g["block_k"], g["num_warps"], g["num_stages"], g.get("tma", False),
+                                   g.get("persistent", False), mode, g.get("promote", "sync"), g.get("tma_a", False))
+    return cases
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ir", default=None, help="write TTGIR and PTX of each case here")
     p.add_argument("--only", default=None, help="regex of case names")
+    p.add_argument("--table", default=None, help="also every FP8-block and BF16 configuration of this tuning table "
+                                                 "(a JSON of epmoe/kernels/configs)")
     args = p.parse_args()
     print(f"triton {triton.__version__}")
-    for name, case in CASES.items():
+    cases = {**CASES, **(table_cases(args.table) if args.table else {})}
+    for name, case in cases.items():
         if args.only and not re.search(args.only, name):
             continue
         try:
@@ -192,14 +219,16 @@ def main() -> int:
         cp_async = ptx.count("cp.async.cg") + ptx.count("cp.async.ca")
         tma_ld = ptx.count("cp.async.bulk.tensor")
         use = resource_usage(c)
+        sass = _cuobjdump(c, "-sass")
+        n_sass = "?" if sass is None else len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", sass))
         print(f"{name:28s} regs {use.get('REG', '?')} local {use.get('LOCAL', '?')} stack {use.get('STACK', '?')} "
               f"smem {c.metadata.shared // 1024} KB  wgmma {wgmma} "
-              f"cp.async {cp_async} tma {tma_ld}")
+              f"cp.async {cp_async} tma {tma_ld}  K-loop LDL/STL {local_accesses_in_mma_loops(c)}  SASS {n_sass}")
         if args.ir:
             os.makedirs(args.ir, exist_ok=True)
-            with open(os.path.join(args.ir, name + ".ttgir"), "w") as f:
+            with open(os.path.join(args.ir, name.replace(":", "_").replace(",", "_") + ".ttgir"), "w") as f:
                 f.write(ttgir)
-            with open(os.path.join(args.ir, name + ".ptx"), "w") as f:
+            with open(os.path.join(args.ir, name.replace(":", "_").replace(",", "_") + ".ptx"), "w") as f:
                 f.write(ptx)
     return 0
 
