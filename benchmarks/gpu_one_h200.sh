@@ -8,6 +8,10 @@
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
 #             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
 #             after it run with the new entries; the table before and after are kept
+#   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
+#             (T = 4096, 8192) and mixtral (T = 1024, 8192) timed end to end against `triton_ws`'s pipeline, as
+#             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`;
+#             into this GPU's table in the package (before and after kept, as for tune)
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
 #             specialization off and on, beside the library's kernels
 #   gluon     benchmarks/gluon_gemm_probe.py: the warp-specialized Gluon grouped GEMM
@@ -95,6 +99,14 @@ for part in $PARTS; do
         run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" \
             python3 -m epmoe tune ${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}
         cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;
+    gluon_tune)
+        table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
+        if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_gluon_tune.json"; fi
+        run "$OUT/gluon_tune_${GPU}_$DAY.log" "${GLUON_TUNE_SECONDS:-420}" bash -c "
+            python3 -m epmoe tune --gluon --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 \
+                --formats fp8_block,bf16 --tokens 4096,8192 &&
+            python3 -m epmoe tune --gluon --presets mixtral-8x7b --formats fp8_block,bf16 --tokens 1024,8192"
+        if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_after_gluon_tune.json"; fi ;;
     probe)
         run "$OUT/ws_probe_${GPU}_$DAY.log" "${PROBE_SECONDS:-120}" \
             python3 benchmarks/ws_probe.py --output "$OUT/ws_probe_${GPU}_$DAY.json" --budget-s "$(( ${PROBE_SECONDS:-120} * 4 / 5 ))" ;;
@@ -126,7 +138,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws tune gluon_tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -373,8 +373,7 @@ def trials(run: Run, compiler: Compiler) -> None:
         for fmt in formats[:2]:
             cfg = layer_cfg(preset, fmt)
             L, k, Hp, Ip = cfg.num_experts, cfg.top_k, cfg.padded_hidden_size, cfg.padded_intermediate_size
-            wfmt = weight_format(torch.empty(0, dtype=torch.float8_e4m3fn if cfg.quant else dtype),
-                                 cfg.quant.weight_granularity if cfg.quant else None)
+            wfmt = weight_format(dtype, cfg.quant.weight_granularity if cfg.quant else None)
             configs = {}
             for T in tokens:
                 configs[("(a/e) triton table", T)] = lookup_config(T, L, Hp, Ip, k, wfmt, device)

@@ -186,3 +186,46 @@ def test_shipped_tables_hold_no_rescale_entry():
         for key, by_t in _load_table(os.path.join(CONFIG_DIR, name)).items():
             for T, cfg in by_t.items():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
+
+
+def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
+    """`gluon` (the `triton` experts run `triton_ws`'s pipeline for that T): written only where set, read
+    back, shown, kept when the tiles are fitted to a small problem; anything but a boolean refused."""
+    from epmoe.bench import tune
+    from epmoe.kernels.tuning_table import fit_to_problem, tables_pick_gluon
+    tiles = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4), tail_m=64)
+    gluon = replace(tiles, gluon=True)
+    assert "gluon" not in tiles.to_dict() and gluon.to_dict()["gluon"] is True
+    assert MoEKernelConfig.from_dict(gluon.to_dict()) == gluon and MoEKernelConfig.from_dict(tiles.to_dict()) == tiles
+    assert gluon.describe().endswith("| gluon") and "gluon" not in tiles.describe()
+    assert fit_to_problem(gluon, 200, 136, "fp8_block").gluon
+    with pytest.raises(ValueError, match="gluon must be true or false"):
+        MoEKernelConfig.from_dict(dict(gluon.to_dict(), gluon="yes"))
+    path = str(tmp_path / "t.json")
+    key = shape_key(32, 7168, 2048, 8, "fp8_block")
+    tune.merge_into_table(path, key, {1024: (tiles, 1.0), 8192: (gluon, 6.0)}, {"device": "test"})
+    _load_table.cache_clear()
+    assert lookup_config(9000, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon
+    assert not lookup_config(1000, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon
+    # the experts set the pipeline up only where a table picks it for their weight format
+    assert tables_pick_gluon("fp8_block", paths=[path])
+    assert not tables_pick_gluon("bfloat16", paths=[path]) and not tables_pick_gluon("fp8_block", paths=[])
+    assert not any(tables_pick_gluon(fmt, paths=[os.path.join(CONFIG_DIR, f)])
+                   for f in os.listdir(CONFIG_DIR) for fmt in ("bfloat16", "fp8_block"))   # none shipped yet
+
+
+def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions():
+    import argparse
+
+    from epmoe.bench import tune
+    from epmoe.usage import UsageError
+    cfg = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4, promote="rescale"))
+    plan = tune.table_plan({8192: cfg, 1: cfg}, [8192, 1024])
+    assert plan == {8192: {(128, 0): ([cfg.gate_up], [replace(cfg.down, promote="sync")])}}
+    p = argparse.ArgumentParser()
+    tune.configure_parser(p)
+    for argv, words in ((["--gluon", "--no-gluon"], "--no-gluon"), (["--gluon", "--persistent"], "quick modes"),
+                        (["--refine", "--persistent"], "quick modes")):
+        with pytest.raises(UsageError, match=words):
+            tune.check_mode_flags(p.parse_args(argv))
+    tune.check_mode_flags(p.parse_args(["--gluon"]))

@@ -5,6 +5,8 @@ activation epilogue, down) are their PyTorch statement (`grouped_gemm_reference`
 itself is checked against it on a GPU by `benchmarks/gluon_gemm_probe.py`). Against the `reference`
 experts on the same weights, BF16 and block FP8, on awkward shapes: T = 0 and 1, every token on one
 expert, slots of other ranks, biases, a hidden size that is not a multiple of 128."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,6 +25,48 @@ if not INTERPRETING:
                             quant=Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token"))
         assert "fp8_channel" in contract.experts_problem("triton_ws", channel, "cuda", check_device=False)
         assert "triton_ws" not in contract._by_priority(contract.EXPERTS)      # experimental: never "auto"
+
+    def test_triton_sets_up_the_gluon_pipeline_only_where_a_table_picks_it(monkeypatch):
+        """`triton` on a GPU sets up `triton_ws`'s pipeline (its self-check) only where a table of the device
+        runs it for the layer's weight format, and warns where it cannot run there (the tiles run instead);
+        `gluon_pipeline` says why for layers it cannot run."""
+        from epmoe import Fp8Config, MoEConfig
+        from epmoe.contract import build_plan
+        from epmoe.experts import triton as triton_experts
+        from epmoe.kernels import tuning_table
+        asked = []
+        monkeypatch.setattr(tuning_table, "tables_pick_gluon",
+                            lambda fmt, device=None, paths=None: asked.append(fmt) or fmt == "bfloat16")
+        monkeypatch.setattr(triton_experts, "gluon_pipeline", lambda plan, device: (None, "its GEMM disagreed"))
+        monkeypatch.setattr(triton_experts, "_quant_problem", lambda scheme, device_type: None)   # FP8 without a GPU
+        bf16 = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+        with pytest.warns(RuntimeWarning, match="runs the Gluon GEMMs.*its GEMM disagreed.*tile kernels"):
+            experts = triton_experts.TritonExperts(bf16, torch.device("cuda"))
+        assert experts.gluon is None and asked == ["bfloat16"]
+        # what it reports (`epmoe bench experts` prints it) is what runs: the tiles
+        from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+        from epmoe.layouts import ExpertWeights
+        entry = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4), gluon=True)
+        monkeypatch.setattr(tuning_table, "lookup_config", lambda *args: (entry, "table"))
+        weights = ExpertWeights(torch.zeros(4, 256, 256, dtype=torch.bfloat16),
+                                torch.zeros(4, 256, 128, dtype=torch.bfloat16))
+        assert experts.kernel_config(8192, weights) == dataclasses.replace(entry, gluon=False)
+        block = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                          quant=Fp8Config())
+        assert triton_experts.TritonExperts(block, torch.device("cuda")).gluon is None and asked[-1] == "fp8_block"
+        assert triton_experts.TritonExperts(bf16).gluon is None and len(asked) == 2       # no device: not asked
+        monkeypatch.undo()
+        for cfg, words in ((bf16, "CUDA GPUs only"),
+                           (MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128,
+                                      dtype=torch.float16), "not torch.float16"),
+                           (MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128,
+                                      dtype=torch.bfloat16, quant=Fp8Config(weight_block=None, per_channel_weights=True,
+                                                                            activation="per_token")),
+                            "not fp8_channel")):
+            device = torch.device("cpu" if words == "CUDA GPUs only" else "cuda")
+            plan = build_plan(None, "triton", cfg, 1, device.type, check_device=False)
+            pipeline, why = triton_experts.gluon_pipeline(plan, device)
+            assert pipeline is None and words in why, why
 
     def test_gather_sum_refuses_an_out_it_cannot_write():
         from epmoe.kernels.token_rows import gather_sum
@@ -202,3 +246,78 @@ else:
             if T:
                 assert torch.isfinite(got).all() and got.abs().sum() > 0
                 assert _rel(got, want) < (3e-2 if fp8 else 1e-2), (T, _rel(got, want))
+
+    def test_triton_runs_the_gluon_pipeline_where_its_config_says(monkeypatch):
+        """`triton` with a table entry that says `gluon` runs `triton_ws`'s pipeline (the same bits), and its
+        tiles where the entry does not say so or no pipeline was set up (no Hopper GPU, or refused there).
+        Block FP8 (the interpreter computes bf16 dots wrongly), the FP8 hardware check lifted: the
+        interpreter stands in for it."""
+        from epmoe.experts import triton as triton_experts
+        from epmoe.experts.triton import TritonExperts
+        monkeypatch.setattr(triton_experts, "_quant_problem", lambda scheme, device_type: None)
+        from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+        cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=160, dtype=torch.bfloat16,
+                        quant=Fp8Config(weight_block=(128, 128)))
+        layer = MoELayer(cfg, dispatcher="local", experts="reference")
+        load_experts(layer, random_experts(cfg, seed=2))
+        w = layer.expert_weights
+        ws = WarpSpecializedExperts(cfg)
+        ws.gemm = grouped_gemm_reference
+        ws_runs = []
+        ws_forward = ws.forward_flat
+        ws.forward_flat = lambda batch, weights: ws_runs.append(batch.x.shape[0]) or ws_forward(batch, weights)
+        experts = TritonExperts(cfg)
+        assert experts.gluon is None                  # built without a GPU: none set up
+        g = torch.Generator().manual_seed(3)
+        Hp = experts.plan.padded_hidden_size
+        x = torch.zeros(40, Hp)
+        x[:, :cfg.hidden_size] = torch.randn(40, cfg.hidden_size, generator=g)
+        batch = FlatBatch(x.to(cfg.dtype), _ids(40, cfg.num_experts, cfg.top_k, g, other_ranks=True),
+                          torch.rand(40, cfg.top_k, generator=g))
+        want = layer.experts(batch, w)
+        tiles = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+        runs = {}
+        gluon = dataclasses.replace(tiles, gluon=True)
+        for name, config, pipeline in (("tiles", tiles, ws), ("gluon", gluon, ws), ("gluon, none set up", gluon, None)):
+            experts.kernel_config = lambda n, weights, config=config: config
+            experts.gluon = pipeline
+            runs[name] = experts(batch, w)
+            assert _rel(runs[name], want) < 3e-2, (name, _rel(runs[name], want))
+            assert ws_runs == ([40] if name != "tiles" else []), name
+        assert torch.equal(runs["gluon"], ws(batch, w))
+        assert torch.equal(runs["gluon, none set up"], runs["tiles"])
+
+    @pytest.mark.parametrize("gluon_ms,chosen", [(0.9, True), (0.99, False), (1.2, False)])
+    def test_tune_records_gluon_only_where_it_is_faster_by_the_margin(gluon_ms, chosen):
+        """`epmoe tune`'s end-to-end comparison (`_tune_gluon`): both paths run as the `triton` experts run
+        them, and the entry says `gluon` only where that path beats the tiles by more than GLUON_MARGIN."""
+        from types import SimpleNamespace
+
+        from rich.console import Console
+
+        from epmoe.bench import tune
+        from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
+        layer = MoELayer(cfg, dispatcher="local", experts="reference")
+        load_experts(layer, random_experts(cfg, seed=5))
+        ws = WarpSpecializedExperts(cfg)
+        ws.gemm = grouped_gemm_reference
+        ran = []
+
+        class Timer:        # each path's time as given; checks that the path timed is the one asked for
+            def time(self, fn, reps, warmup, use_graph):
+                before = ws_calls[0]
+                out = fn()
+                assert out.shape == (64, cfg.hidden_size)
+                ran.append("gluon" if ws_calls[0] > before else "tiles")
+                return SimpleNamespace(median_ms=gluon_ms if ran[-1] == "gluon" else 1.0)
+
+        ws_calls = [0]
+        forward = ws.forward_flat
+        ws.forward_flat = lambda batch, weights: ws_calls.__setitem__(0, ws_calls[0] + 1) or forward(batch, weights)
+        problem = tune.Problem(cfg, "bfloat16", layer.expert_weights, False)
+        tiles = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 2), GemmConfig(64, 64, 1, 4, 2))
+        got, ms = tune._tune_gluon(problem, 64, (tiles, 0.8), ws, Timer(), 1, torch.Generator().manual_seed(0),
+                                   Console(quiet=True))
+        assert ran == ["tiles", "gluon"]
+        assert (got, ms) == ((dataclasses.replace(tiles, gluon=True), gluon_ms) if chosen else (tiles, 0.8))

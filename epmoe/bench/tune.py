@@ -6,8 +6,14 @@ processes that fill Triton's on-disk cache; then, for each BLOCK_M, the gate+up 
 timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
 the BLOCK_M with the smallest sum wins. For T <= 16 the decode path (`decode_gemv`: matrix-vector
 kernels, with and without PDL) is then timed end to end against the winning tiles and recorded in the
-entry when it is faster. The winners are merged into the table of this GPU
+entry when it is faster. Where the warp-specialized Gluon GEMMs can run (Hopper, BF16 and 128x128 block
+FP8) and a tile has GLUON_MIN_ROWS rows per expert or more, the `triton` experts are timed end to end
+with the winning tiles and with `triton_ws`'s pipeline, and the entry says `gluon` where that is faster by
+more than GLUON_MARGIN. The winners are merged into the table of this GPU
 (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads.
+
+The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
+(this GPU's table, else one of another GPU of the same family) and write into this GPU's table.
 
 FP8 block weights are tuned with every K block's product promoted to float32 ("sync": the library's
 numerics); `--allow-rescale` adds the faster, less precise "rescale" promotion to the candidates.
@@ -27,7 +33,7 @@ from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
 from ..kernels.tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
-                           device_table_name, shape_key, smem_bytes)
+                                   device_table_name, shape_key, smem_bytes, table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -193,6 +199,17 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
         return out
     return {T: {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
             for T, cfg in _entries(table, tokens, rescale)}
+# the Gluon pipeline (`triton_ws`: tiles of 128 rows) is tried from this many rows per expert (T * k / L), and
+# chosen where it beats the tiles end to end by more than GLUON_MARGIN (run-to-run noise: an entry does
+# not flip between two paths that tie)
+GLUON_MIN_ROWS = 128
+GLUON_MARGIN = 0.02
+
+
+def table_plan(table: dict, tokens: list[int], rescale: bool = False) -> dict:
+    """Candidates for `--gluon`: for each T, the table's configuration alone (its promotion "sync" unless
+    `rescale`), to be timed against the Gluon pipeline."""
+    return {T: {(cfg.block_m, cfg.tail_m): ([cfg.gate_up], [cfg.down])} for T, cfg in _entries(table, tokens, rescale)}
 
 
 @dataclass
@@ -372,10 +389,11 @@ def _safe_time(timer, fn, reps) -> float:
 
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
                  console=None, plan: dict | None = None, verbose: bool = False, show_progress: bool = True,
-                 rescale: bool = False) -> dict[int, tuple[MoEKernelConfig, float]]:
+                 rescale: bool = False, gluon: bool = True) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
-    downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`)."""
+    downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
+    `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .gpu_timing import GpuTimer
     L, H, I, k = problem.sizes
@@ -406,6 +424,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
         task = progress.add_task(f"time {problem.fmt}", total=total)
         best: dict[int, tuple[MoEKernelConfig, float]] = {}
+        ws = None
         for T, by_bm in plan.items():
             for (bm, tail), (gus, dns) in by_bm.items():
                 heights = (bm, tail) if tail else (bm,)
@@ -427,9 +446,18 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     best[T] = (MoEKernelConfig(bm, g_best, d_best, tail), ms)
             if T in best and T <= GEMV_MAX_TOKENS:
                 best[T] = _tune_gemv(problem, T, best[T], timer, reps, gen, progress.console)
+            if T in best and gluon and T * k / L >= GLUON_MIN_ROWS:
+                if ws is None:
+                    ws, why = _gluon_experts(problem)
+                    if why:
+                        progress.console.print(escape(f"  the Gluon pipeline is not timed: {why}"))
+                        gluon = False
+                if ws is not None:
+                    best[T] = _tune_gluon(problem, T, best[T], ws, timer, reps, gen, progress.console)
             if T in best:
                 progress.console.print(f"  T={T:5d}: {best[T][0].describe()}  {best[T][1]:.4f} ms "
-                                       + ("(gemv)" if best[T][0].gemv else "(gate_up + down)"))
+                                       + ("(gemv)" if best[T][0].gemv else "(gluon, end to end)"
+                                          if best[T][0].gluon else "(gate_up + down)"))
     return best
 
 
@@ -491,6 +519,53 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     return paths[fastest], ends[fastest]
 
 
+def _gluon_experts(problem: Problem):
+    """(`triton_ws`'s experts for this problem on its GPU, None), its GEMM self-checked; or (None, why)."""
+    from .. import contract
+    from ..experts.triton_ws import WarpSpecializedExperts
+    why = contract.experts_problem("triton_ws", problem.cfg, "cuda")
+    if why:
+        return None, why
+    try:
+        return WarpSpecializedExperts(problem.cfg, problem.weights.w13.device), None
+    except RuntimeError as exc:          # its GEMM disagreed with its PyTorch statement, or hung
+        return None, str(exc)
+
+
+def _tune_gluon(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, float], ws, timer, reps: int, gen,
+                console) -> tuple[MoEKernelConfig, float]:
+    """The `triton` experts end to end on one random routing of T tokens (FP8 rows with their scales, as a
+    dispatcher hands them over), with the winning tiles and with the Gluon pipeline (`ws`, `triton_ws`'s
+    experts on the same weights): the entry with `gluon` set and its time where the pipeline is faster by
+    more than GLUON_MARGIN, else the tiles as they were."""
+    from ..experts.triton import TritonExperts
+    from ..layouts import FlatBatch
+    tiles, tiles_ms = tiles_best
+    if tiles.gemv is not None:
+        return tiles_best
+    L, H, _, k = problem.sizes
+    w = problem.weights
+    dev = w.w13.device
+    ids = torch.randn(T, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
+    tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1)
+    x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
+    scales = None
+    if problem.fp8:
+        x, scales = problem.cfg.quant_scheme.quantize_activations(x)
+    batch = FlatBatch(x, ids, tw, scales=scales)
+    experts = TritonExperts(problem.cfg)          # no device: it sets up no Gluon pipeline of its own
+    experts.gluon = ws
+    paths = {"tiles": replace(tiles, gluon=False), "gluon": replace(tiles, gluon=True)}
+    ends = {}
+    for name, cfg in paths.items():
+        experts.kernel_config = lambda n, weights, cfg=cfg: cfg
+        ends[name] = _safe_time(timer, lambda: experts.forward_flat(batch, w), reps)
+    console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()), soft_wrap=True)
+    if ends["gluon"] * (1 + GLUON_MARGIN) < ends["tiles"]:
+        return paths["gluon"], ends["gluon"]
+    return paths["tiles"], tiles_ms
+
+
 # ---------------------------------------------------------------------------------------------- table
 def merge_into_table(path: str, key: str, best: dict, extra: dict) -> None:
     data = {"entries": {}}
@@ -533,6 +608,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--persistent", action="store_true",
                    help="time only the table's configuration for each T against the same tiles as persistent "
                         "kernels, the down GEMM also with its activation rows through TMA (quick)")
+    p.add_argument("--gluon", action="store_true",
+                   help="time only the table's configuration for each T against the warp-specialized Gluon "
+                        "GEMMs (Hopper; BF16, 128x128 block FP8), both end to end as the `triton` experts run "
+                        f"them, from {GLUON_MIN_ROWS} rows per expert; the entry says `gluon` where those are "
+                        f"faster by more than {GLUON_MARGIN * 100:.0f}%% (quick)")
+    p.add_argument("--no-gluon", action="store_true",
+                   help="do not time the Gluon GEMMs (a full tune, --refine and --persistent time them where "
+                        "they can run)")
     p.add_argument("--allow-rescale", action="store_true",
                    help='fp8_block: also time the "rescale" promotion, LESS PRECISE: the tensor cores then '
                         "accumulate the whole K range at their reduced FP8 accumulation precision instead of each "
@@ -543,6 +626,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         'it beats the best "sync" candidate by more than 3%%; without this flag every entry '
                         'written is "sync"')
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+
+
+def check_mode_flags(args) -> None:
+    """`UsageError` for flags that contradict each other: one quick mode at a time, and --gluon with
+    --no-gluon."""
+    modes = [flag for flag, on in (("--refine", args.refine), ("--persistent", args.persistent),
+                                   ("--gluon", args.gluon)) if on]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} are separate quick modes; give one")
+    if args.gluon and args.no_gluon:
+        raise UsageError("--gluon times the Gluon GEMMs, --no-gluon leaves them out; give one")
 
 
 def _problem_configs(args) -> list:
@@ -572,6 +666,7 @@ def _problem_configs(args) -> list:
 
 
 def main(args) -> int:
+    check_mode_flags(args)
     if not torch.cuda.is_available():
         print("epmoe tune: needs a CUDA GPU (none is visible)", file=sys.stderr)
         return 2
@@ -602,17 +697,25 @@ def main(args) -> int:
             key = shape_key(L, H, I, k, problem.fmt)
             console.print(f"[bold]{escape(str(key))}[/bold] on {escape(gpu)}")
             plan = None
-            if args.refine or args.persistent:
-                table = _load_table(path).get(key, {}) if os.path.exists(path) else {}
+            if args.refine or args.persistent or args.gluon:
+                # the entry the lookup uses: this GPU's table, else one of another GPU of its family
+                source = next((p for p in [path] + table_paths_for_device(device)
+                               if os.path.exists(p) and key in _load_table(p)), path)
+                table = _load_table(source).get(key, {}) if os.path.exists(source) else {}
+                if source != path and table:
+                    console.print(escape(f"  starting from {source}'s entry (this GPU's table has none)"))
                 plan = persistent_plan(table, tokens, args.allow_rescale) if args.persistent else \
+                    table_plan(table, tokens, args.allow_rescale) if args.gluon else \
                     refine_plan(table, tokens, lambda T: T * k / L, fp8, problem.fmt == "fp8_block",
                                 args.allow_rescale)
                 if not plan:
-                    console.print(escape(f"  --refine/--persistent: no entry for {key} in {path}; skipped"))
+                    console.print(escape(f"  --refine/--persistent/--gluon: no entry for {key} in the tables of "
+                                         f"this GPU's family; skipped"))
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
-                                show_progress=args.verbosity >= 0, rescale=args.allow_rescale)
+                                show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
+                                gluon=not args.no_gluon)
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),

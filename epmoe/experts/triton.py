@@ -4,12 +4,19 @@ Pairs are grouped by expert on the GPU (no host sync), the gate+up GEMM gathers 
 from the unsorted input and applies the activation in its epilogue, the down GEMM applies the routing
 weight in its epilogue, and each token's k outputs are summed in float32 (`epmoe.kernels.fused_moe`).
 Tile configurations come from the tuned tables in `epmoe/kernels/configs` (`epmoe tune` writes them).
+Where a table entry says `gluon` (tune measured it faster there, end to end), batches of that size run
+`triton_ws`'s pipeline instead: the warp-specialized Gluon GEMMs on Hopper, BF16 and 128x128 block FP8,
+on the same weights; it is set up, and its GEMM checked against its PyTorch statement, when the layer is
+built (`gluon_pipeline`), and where it cannot run or is refused, the tiles run (with a warning).
 
 FP8: weights as `Fp8Scheme` stores them (128x128 block scales, or one scale per output row for the
 per-channel and per-tensor formats); activations per token-group of 128 or per token, FP8 rows with
 their scales (quantized on entry when they arrive in the layer's dtype, as for every backend).
 """
 from __future__ import annotations
+
+import warnings
+from dataclasses import replace
 
 import torch
 
@@ -61,9 +68,21 @@ class TritonExperts(Experts):
         why = _quant_problem(self.plan.scheme, "cuda")
         if why:
             raise ValueError(f"experts 'triton' cannot run this FP8 layer: {why}")
+        # the Gluon pipeline, set up only where a table of this device picks it for this weight format
+        self.gluon = None
+        if device is not None and torch.device(device).type == "cuda":
+            from ..kernels.fused_moe import weight_format
+            from ..kernels.tuning_table import tables_pick_gluon
+            if tables_pick_gluon(weight_format(self.plan.dtype, self.plan.weight_granularity), torch.device(device)):
+                self.gluon, why = gluon_pipeline(self.plan, torch.device(device))
+                if why:
+                    warnings.warn(f"experts 'triton': the tuned table runs the Gluon GEMMs for some batch sizes, "
+                                  f"but not here ({why}); the tile kernels run those batches", RuntimeWarning,
+                                  stacklevel=2)
 
     def kernel_config(self, num_rows: int, weights: ExpertWeights):
-        """The tile configuration used for a batch of `num_rows` rows (tuned table, else heuristic)."""
+        """The configuration used for a batch of `num_rows` rows (tuned table, else heuristic): its tiles, or
+        the decode kernels (`gemv`) or the Gluon pipeline (`gluon`, where one is set up) it names."""
         key = (num_rows, tuple(weights.w13.shape), weights.w13.dtype)
         hit = self._configs.get(key)
         if hit is None:
@@ -72,6 +91,8 @@ class TritonExperts(Experts):
             L, two_i, H = weights.w13.shape
             hit = lookup_config(num_rows, L, H, two_i // 2, self.plan.top_k,
                                 weight_format(weights.w13, self.plan.weight_granularity), weights.w13.device)
+            if hit[0].gluon and self.gluon is None:        # none set up here: the tiles run
+                hit = (replace(hit[0], gluon=False), hit[1])
             if len(self._configs) > 4096:
                 self._configs.clear()
             self._configs[key] = hit
@@ -82,6 +103,8 @@ class TritonExperts(Experts):
         plan = self.plan
         x = batch.x
         config = self.kernel_config(x.shape[0], weights)
+        if config.gluon and self.gluon is not None:
+            return self.gluon.forward_flat(batch, weights)
         fp8 = None
         if plan.fp8:                 # the rows came with their scales (see `Experts.activations_for`)
             fp8 = Fp8Operands(x_scale=batch.scales.float().contiguous(), w13_scale=weights.w13_scale,
@@ -90,3 +113,23 @@ class TritonExperts(Experts):
         return fused_experts(x.contiguous(), batch.local_ids, batch.weights, weights.w13, weights.w2,
                              plan.activation, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype,
                              config=config, fp8=fp8, out=batch.out)      # in place where the dispatcher says
+
+
+def gluon_pipeline(plan, device: torch.device):
+    """(`triton_ws`'s experts on this plan and device, None) where its pipeline can run this layer and its
+    GEMM passed its self-check here; else (None, why)."""
+    from . import triton_ws
+    caps = triton_ws.WarpSpecializedExperts.CAPS
+    why = caps.available(device.type)
+    if why is None and plan.dtype not in caps.dtypes:
+        why = f"it runs {sorted(str(d).replace('torch.', '') for d in caps.dtypes)} layers, not {plan.dtype}"
+    if why is None and plan.quant not in caps.quant:
+        why = f"it runs {sorted(caps.quant)}, not {plan.quant}"
+    if why is None and plan.quant != "none":
+        why = caps.quant_problem(plan.scheme, device.type)
+    if why is None:
+        try:
+            return triton_ws.WarpSpecializedExperts(plan, device), None
+        except RuntimeError as exc:            # its GEMM disagreed with its PyTorch statement, or hung
+            why = str(exc)
+    return None, why

@@ -1,7 +1,8 @@
 """`triton_ws`: the experts on the warp-specialized Gluon grouped GEMM (Hopper, BF16 and 128x128 block FP8).
 
 Experimental, never picked by "auto": it is here so the whole experts op can be measured and checked
-beside `triton` on a Hopper GPU. The pipeline:
+beside `triton` on a Hopper GPU; `triton` runs this pipeline for the batch sizes where its tuned table
+says `gluon` (`epmoe tune` measured it faster there). The pipeline:
 1. pairs laid out expert by expert, each expert's segment padded to tiles of 128 rows (`align_pairs`,
    no host sync);
 2. the token of each row of that layout (`layout_rows`; padding rows name token 0: each output row of

@@ -670,11 +670,12 @@ def tile_launches(aligned, block_m: int, tail_m: int) -> list[dict]:
     return [launch for launch in launches if launch["row_blocks"] > 0]
 
 
-def weight_format(w13: torch.Tensor, fp8_granularity: str | None) -> str:
-    """The tuning-table name of a weight format."""
+def weight_format(w13: torch.Tensor | torch.dtype, fp8_granularity: str | None) -> str:
+    """The tuning-table name of a weight format: the weights (or, unquantized, their dtype) and the FP8
+    granularity (None: not FP8)."""
     if fp8_granularity is not None:
         return f"fp8_{fp8_granularity}"
-    return str(w13.dtype).replace("torch.", "")
+    return str(w13 if isinstance(w13, torch.dtype) else w13.dtype).replace("torch.", "")
 
 
 def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.Tensor,

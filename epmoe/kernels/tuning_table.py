@@ -69,12 +69,17 @@ class MoEKernelConfig:
     tiles, warps and stages).
 
     gemv set: batches of this size take the decode path instead (two matrix-vector kernels, no
-    alignment, no tiles: `decode_gemv`); the tile fields stay for the formats that path does not take."""
+    alignment, no tiles: `decode_gemv`); the tile fields stay for the formats that path does not take.
+
+    gluon set (written by `epmoe tune` where it measured it faster, end to end): batches of this size run
+    the warp-specialized Gluon GEMMs instead (`triton_ws`'s pipeline: Hopper, BF16 and 128x128 block FP8),
+    where they can run and passed their self-check; the tile fields stay for where they cannot."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
     tail_m: int = 0
     gemv: GemvConfig | None = None
+    gluon: bool = False
 
     def to_dict(self) -> dict:
         def gemm(g: GemmConfig) -> dict:
@@ -87,13 +92,18 @@ class MoEKernelConfig:
             d["tail_m"] = self.tail_m
         if self.gemv is not None:
             d["gemv"] = asdict(self.gemv)
+        if self.gluon:
+            d["gluon"] = True
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEKernelConfig":
         try:
+            gluon = d.get("gluon", False)
+            if not isinstance(gluon, bool):
+                raise TypeError(f"gluon must be true or false, got {gluon!r}")
             return cls(int(d["block_m"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
-                       int(d.get("tail_m", 0)), GemvConfig(**d["gemv"]) if d.get("gemv") else None)
+                       int(d.get("tail_m", 0)), GemvConfig(**d["gemv"]) if d.get("gemv") else None, gluon)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad kernel config {d!r}: needs block_m, gate_up and down "
                              f"(block_n, block_k, group_m, num_warps, num_stages): {exc}") from exc
@@ -101,7 +111,9 @@ class MoEKernelConfig:
     def describe(self) -> str:
         tail = f"+{self.tail_m}" if self.tail_m else ""
         gemv = f" | {self.gemv.describe()}" if self.gemv is not None else ""
-        return f"BM{self.block_m}{tail} gate_up[{self.gate_up.describe()}] down[{self.down.describe()}]{gemv}"
+        gluon = " | gluon" if self.gluon else ""
+        return (f"BM{self.block_m}{tail} gate_up[{self.gate_up.describe()}] down[{self.down.describe()}]"
+                f"{gemv}{gluon}")
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, fmt: str) -> str:
@@ -155,8 +167,8 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
             else:
                 break
         return out
-    return MoEKernelConfig(cfg.block_m, clamp(cfg.gate_up, inter, hidden, 2, fp8),
-                           clamp(cfg.down, hidden, inter, 1, False), cfg.tail_m, cfg.gemv)
+    return replace(cfg, gate_up=clamp(cfg.gate_up, inter, hidden, 2, fp8),
+                   down=clamp(cfg.down, hidden, inter, 1, False))
 
 
 def _pow2_ceil(n: int) -> int:
@@ -202,6 +214,13 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
             return (_clamp_to_problem(by_t[t], hidden, inter, fp8, elem),
                     f"{os.path.basename(path)}[{key}][T={t}]")
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
+
+
+def tables_pick_gluon(fmt: str, device: torch.device | None = None, paths: list[str] | None = None) -> bool:
+    """Whether a table this device reads runs the Gluon GEMMs for some shape of weight format `fmt`: where
+    none does, the `triton` experts do not set them up (nor run their self-check)."""
+    return any(cfg.gluon for path in (table_paths_for_device(device) if paths is None else paths)
+               for key, by_t in _load_table(path).items() if key.endswith(f",fmt={fmt}") for cfg in by_t.values())
 
 
 def _format_bytes(fmt: str) -> tuple[bool, int]:
