@@ -359,11 +359,13 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("promote", ["sync", "rescale"])
     @pytest.mark.parametrize("poison", ["x_nan", "x_inf", "scale_nan"])
-    def test_fused_experts_fp8_keep_a_nonfinite_token_in_its_row(poison):
+    def test_fused_experts_fp8_keep_a_nonfinite_token_in_its_row(poison, promote):
         """A NaN or Inf in one token's input (quantized by the Triton formula), or a NaN among its scales,
         makes that token's output row non-finite and leaves every other row as it was: the FP8 formula's
-        maxima (input quantization, the gate+up epilogue's) must not pass over NaN."""
+        maxima (input quantization, the gate+up epilogue's) and "rescale"'s scale floor must not pass
+        over NaN."""
         from epmoe.kernels.fp8_quant import fp8_quantize_triton
         from epmoe.kernels.fused_moe import Fp8Operands
         from epmoe.quant.fp8 import Fp8Config
@@ -375,7 +377,8 @@ if INTERPRETING:
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
         ids, w = random_routing(T, E, k, seed=5)
         q13, s13, q2, s2 = _fp8_weights(experts, "block")
-        cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+        cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, promote=promote),
+                               GemmConfig(64, 128, 1, 4, 2, promote=promote))
 
         def run(x, poison_scale=False):
             xq, xs = fp8_quantize_triton(x, 128)
@@ -393,6 +396,28 @@ if INTERPRETING:
         assert torch.isfinite(clean).all()
         assert not torch.isfinite(out[bad]).any(), f"token {bad}'s row: {out[bad, :8].tolist()}"
         assert torch.equal(out[others], clean[others])
+
+    @pytest.mark.parametrize("act", ["silu", "gelu", "swigluoai"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+    def test_fused_experts_keep_a_nonfinite_token_in_its_row(act, value):
+        """A NaN or Inf in one token's input makes its row non-finite where the oracle's is (swigluoai's
+        clamps turn an infinite gate or up finite, as torch.clamp does, but keep NaN), right where the
+        oracle's is finite, and leaves the other rows as they were, with every activation."""
+        cfg, x, local, w, (w13, w2, b13, b2), _ = fused_case(9, 6, 2, act, False, "random", False, seed=81)
+        clean = fused_experts(x, local, w, w13, w2, act, config=SMALL)
+        px = x.clone()
+        px[3, 7] = value
+        out = fused_experts(px, local, w, w13, w2, act, config=SMALL)
+        experts = [tuple(t[:3]) for t in random_experts(cfg, seed=9 + 81)]
+        ref = reference_moe(px, None, experts, cfg, routing=Routing(local, w))
+        others = torch.arange(9) != 3
+        assert torch.equal(out[others], clean[others])
+        finite = torch.isfinite(ref[3])
+        assert torch.isfinite(out[3]).tolist() == finite.tolist()
+        if value != value:
+            assert not finite.any()
+        else:
+            assert_close(out[3:4, finite], ref[3:4, finite], 1e-5, context=f"{act}, Inf input")
 
     @pytest.mark.parametrize("down_bn,persistent", [(64, True), (256, False)])
     def test_fused_experts_fp8_rescale(down_bn, persistent):

@@ -205,13 +205,46 @@ def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
     key = shape_key(32, 7168, 2048, 8, "fp8_block")
     tune.merge_into_table(path, key, {1024: (tiles, 1.0), 8192: (gluon, 6.0)}, {"device": "test"})
     _load_table.cache_clear()
-    assert lookup_config(9000, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon
-    assert not lookup_config(1000, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon
-    # the experts set the pipeline up only where a table picks it for their weight format
-    assert tables_pick_gluon("fp8_block", paths=[path])
-    assert not tables_pick_gluon("bfloat16", paths=[path]) and not tables_pick_gluon("fp8_block", paths=[])
-    assert not any(tables_pick_gluon(fmt, paths=[os.path.join(CONFIG_DIR, f)])
-                   for f in os.listdir(CONFIG_DIR) for fmt in ("bfloat16", "fp8_block"))   # none shipped yet
+    assert not lookup_config(1000, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon   # the tiles' entry
+    # an entry's gluon serves batches within a factor 2 of its T, from 128 rows per expert: not decode
+    for T, served in ((8192, True), (4096, True), (16384, True), (4095, False), (16385, False), (1, False)):
+        assert lookup_config(T, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon == served, T
+    tune.merge_into_table(path, key, {512: (gluon, 0.5)}, {"device": "test"})     # 512 x 8 / 32 = 128 rows
+    _load_table.cache_clear()
+    assert lookup_config(512, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon
+    assert not lookup_config(511, 32, 7168, 2048, 8, "fp8_block", paths=[path])[0].gluon
+    # the experts set the pipeline up only where a table picks it for their shape (any number of local
+    # experts) and weight format
+    assert tables_pick_gluon(7168, 2048, 8, "fp8_block", paths=[path])
+    assert not tables_pick_gluon(7168, 2048, 8, "bfloat16", paths=[path])
+    assert not tables_pick_gluon(4096, 2048, 8, "fp8_block", paths=[path])
+    assert not tables_pick_gluon(7168, 2048, 8, "fp8_block", paths=[])
+    assert not any(cfg.gluon for f in os.listdir(CONFIG_DIR) if f.endswith(".json")
+                   for by_t in _load_table(os.path.join(CONFIG_DIR, f)).values() for cfg in by_t.values())
+
+
+def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_time(tmp_path):
+    """A quick mode seeded from another GPU's table (an H100 from the H200's) writes the whole entry into
+    this GPU's table, the T it did not time marked copied: the lookup takes the first table that has the
+    key, so a partial entry would send every other T to the tuned ones."""
+    from epmoe.bench import tune
+    key = shape_key(8, 4096, 14336, 2, "fp8_block")
+    small = MoEKernelConfig(16, GemmConfig(128, 128, 1, 8, 3), GemmConfig(64, 128, 1, 4, 6))
+    large = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4))
+    family, own = str(tmp_path / "h200.json"), str(tmp_path / "h100.json")
+    tune.merge_into_table(family, key, {1: (small, 0.1), 8192: (large, 6.0)}, {"device": "H200"})
+    tune.merge_into_table(own, key, {8192: (replace(large, gluon=True), 5.5)}, {"device": "H100"}, seed_from=family)
+    _load_table.cache_clear()
+    assert lookup_config(1, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[0] == small
+    assert lookup_config(8192, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[0].gluon
+    with open(own) as f:
+        entry = json.load(f)["entries"][key]
+    assert entry["1"]["copied_from"] == "h200.json" and "copied_from" not in entry["8192"]
+    assert entry["8192"]["measured_ms"] == 5.5
+    tune.merge_into_table(own, key, {1: (small, 0.09)}, {"device": "H100"}, seed_from=family)   # has it now
+    with open(own) as f:
+        entry = json.load(f)["entries"][key]
+    assert "copied_from" not in entry["1"] and entry["8192"]["gluon"] is True
 
 
 def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions():
@@ -220,8 +253,14 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
     from epmoe.bench import tune
     from epmoe.usage import UsageError
     cfg = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4, promote="rescale"))
-    plan = tune.table_plan({8192: cfg, 1: cfg}, [8192, 1024])
+    rows = lambda T: T * 8 / 32       # noqa: E731  (deepseek-v3's 32-expert shard: 128 rows at T = 512)
+    plan = tune.table_plan({8192: cfg, 256: cfg, 1: cfg}, [8192, 1024, 256, 1], rows)
     assert plan == {8192: {(128, 0): ([cfg.gate_up], [replace(cfg.down, promote="sync")])}}
+    assert list(tune.table_plan({512: cfg}, [512], rows)) == [512]
+    # --no-gluon keeps the flag an entry had
+    tiles = replace(cfg, gluon=False)
+    kept = tune.keeping_gluon({8192: (tiles, 5.0), 1024: (tiles, 1.0)}, {8192: replace(cfg, gluon=True), 1024: cfg})
+    assert kept == {8192: (replace(tiles, gluon=True), 5.0), 1024: (tiles, 1.0)}
     p = argparse.ArgumentParser()
     tune.configure_parser(p)
     for argv, words in ((["--gluon", "--no-gluon"], "--no-gluon"), (["--gluon", "--persistent"], "quick modes"),
@@ -229,3 +268,25 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
         with pytest.raises(UsageError, match=words):
             tune.check_mode_flags(p.parse_args(argv))
     tune.check_mode_flags(p.parse_args(["--gluon"]))
+
+
+def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
+    """`python -m epmoe.kernels.xcompile --table`: each T's gate+up and down tile (and tail tile) of the
+    BF16 and block-FP8 entries, named by key, T, kernel and rows."""
+    pytest.importorskip("triton")
+    from epmoe.kernels.xcompile import table_cases
+    path = os.path.join(CONFIG_DIR, "NVIDIA_H200.json")
+    cases = table_cases(path)
+    with open(path) as f:
+        entries = json.load(f)["entries"]
+    for key, by_t in entries.items():
+        fmt = key.split("fmt=")[1]
+        for T, c in by_t.items():
+            for kernel in ("gate_up", "down"):
+                for bm in [c["block_m"]] + ([c["tail_m"]] if c.get("tail_m") else []):
+                    name = f"{key}:T{T}:{kernel}:bm{bm}"
+                    assert (name in cases) == (fmt in ("bfloat16", "fp8_block")), name
+                    if name in cases:
+                        assert cases[name][4] == ("fp8" if fmt == "fp8_block" else "bf16")
+                        assert cases[name][6:10] == (c[kernel]["block_n"], c[kernel]["block_k"],
+                                                     c[kernel]["num_warps"], c[kernel]["num_stages"])

@@ -35,14 +35,14 @@ if not INTERPRETING:
         from epmoe.experts import triton as triton_experts
         from epmoe.kernels import tuning_table
         asked = []
-        monkeypatch.setattr(tuning_table, "tables_pick_gluon",
-                            lambda fmt, device=None, paths=None: asked.append(fmt) or fmt == "bfloat16")
+        monkeypatch.setattr(tuning_table, "tables_pick_gluon", lambda hidden, inter, top_k, fmt, device=None:
+                            asked.append((hidden, inter, top_k, fmt)) or fmt == "bfloat16")
         monkeypatch.setattr(triton_experts, "gluon_pipeline", lambda plan, device: (None, "its GEMM disagreed"))
         monkeypatch.setattr(triton_experts, "_quant_problem", lambda scheme, device_type: None)   # FP8 without a GPU
         bf16 = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
         with pytest.warns(RuntimeWarning, match="runs the Gluon GEMMs.*its GEMM disagreed.*tile kernels"):
             experts = triton_experts.TritonExperts(bf16, torch.device("cuda"))
-        assert experts.gluon is None and asked == ["bfloat16"]
+        assert experts.gluon is None and asked == [(256, 128, 2, "bfloat16")]
         # what it reports (`epmoe bench experts` prints it) is what runs: the tiles
         from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
         from epmoe.layouts import ExpertWeights
@@ -53,7 +53,8 @@ if not INTERPRETING:
         assert experts.kernel_config(8192, weights) == dataclasses.replace(entry, gluon=False)
         block = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
                           quant=Fp8Config())
-        assert triton_experts.TritonExperts(block, torch.device("cuda")).gluon is None and asked[-1] == "fp8_block"
+        assert triton_experts.TritonExperts(block, torch.device("cuda")).gluon is None
+        assert asked[-1] == (256, 128, 2, "fp8_block")
         assert triton_experts.TritonExperts(bf16).gluon is None and len(asked) == 2       # no device: not asked
         monkeypatch.undo()
         for cfg, words in ((bf16, "CUDA GPUs only"),
@@ -150,6 +151,30 @@ if not INTERPRETING:
         # settled after the kernel's launches only (plain, then gated): the second one is refused
         assert gemm_disagreement(kernel, torch.device("cpu"), True, hangs_at_the_second) == "its kernel did not finish"
         assert len(launches) == 2
+
+    def test_a_gemm_that_does_not_build_is_refused_once(monkeypatch):
+        """A Gluon GEMM that raises (Triton's compile errors are not RuntimeErrors) is refused with its error,
+        remembered per device and format (not rebuilt at every layer), so `triton` falls back to its tiles."""
+        import contextlib
+
+        from epmoe.experts import triton_ws
+
+        class CompilationError(Exception):
+            pass
+
+        calls = []
+
+        def fails(*args, **kwargs):
+            calls.append(1)
+            raise CompilationError("at 12:4: unsupported layout\nmore")
+
+        monkeypatch.setattr(triton_ws, "gemm_disagreement", fails)
+        monkeypatch.setattr(triton_ws.WarpSpecializedExperts, "_checked", {})
+        monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+        for _ in range(2):
+            why = triton_ws.WarpSpecializedExperts.self_check(torch.device("cuda", 0), True)
+            assert why == "its GEMM failed to build or run: CompilationError: at 12:4: unsupported layout"
+        assert len(calls) == 1
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
@@ -287,10 +312,12 @@ else:
         assert torch.equal(runs["gluon"], ws(batch, w))
         assert torch.equal(runs["gluon, none set up"], runs["tiles"])
 
-    @pytest.mark.parametrize("gluon_ms,chosen", [(0.9, True), (0.99, False), (1.2, False)])
-    def test_tune_records_gluon_only_where_it_is_faster_by_the_margin(gluon_ms, chosen):
+    @pytest.mark.parametrize("gluon_ms,tiles_ms,chosen", [(0.9, 1.0, True), (0.99, 1.0, False), (1.2, 1.0, False),
+                                                          (0.5, float("inf"), False)])
+    def test_tune_records_gluon_only_where_it_is_faster_by_the_margin(gluon_ms, tiles_ms, chosen):
         """`epmoe tune`'s end-to-end comparison (`_tune_gluon`): both paths run as the `triton` experts run
-        them, and the entry says `gluon` only where that path beats the tiles by more than GLUON_MARGIN."""
+        them, and the entry says `gluon` only where that path beats the tiles by more than GLUON_MARGIN
+        (and never where the tiles' timing failed: inf)."""
         from types import SimpleNamespace
 
         from rich.console import Console
@@ -310,7 +337,7 @@ else:
                 out = fn()
                 assert out.shape == (64, cfg.hidden_size)
                 ran.append("gluon" if ws_calls[0] > before else "tiles")
-                return SimpleNamespace(median_ms=gluon_ms if ran[-1] == "gluon" else 1.0)
+                return SimpleNamespace(median_ms=gluon_ms if ran[-1] == "gluon" else tiles_ms)
 
         ws_calls = [0]
         forward = ws.forward_flat

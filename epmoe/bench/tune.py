@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -32,8 +33,8 @@ import torch
 from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
-from ..kernels.tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig, _load_table,
-                                   device_table_name, shape_key, smem_bytes, table_paths_for_device)
+from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
+                                   _load_table, device_table_name, shape_key, smem_bytes, table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -199,17 +200,18 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
         return out
     return {T: {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
             for T, cfg in _entries(table, tokens, rescale)}
-# the Gluon pipeline (`triton_ws`: tiles of 128 rows) is tried from this many rows per expert (T * k / L), and
-# chosen where it beats the tiles end to end by more than GLUON_MARGIN (run-to-run noise: an entry does
-# not flip between two paths that tie)
-GLUON_MIN_ROWS = 128
+# the Gluon pipeline (`triton_ws`: tiles of 128 rows) is tried from GLUON_MIN_ROWS rows per expert (T * k / L;
+# the lookup keeps an entry's `gluon` for those batches only), and chosen where it beats the tiles end to
+# end by more than GLUON_MARGIN (run-to-run noise: an entry does not flip between two paths that tie)
 GLUON_MARGIN = 0.02
 
 
-def table_plan(table: dict, tokens: list[int], rescale: bool = False) -> dict:
-    """Candidates for `--gluon`: for each T, the table's configuration alone (its promotion "sync" unless
-    `rescale`), to be timed against the Gluon pipeline."""
-    return {T: {(cfg.block_m, cfg.tail_m): ([cfg.gate_up], [cfg.down])} for T, cfg in _entries(table, tokens, rescale)}
+def table_plan(table: dict, tokens: list[int], rows_per_expert, rescale: bool = False) -> dict:
+    """Candidates for `--gluon`: for each T with GLUON_MIN_ROWS rows per expert or more
+    (`rows_per_expert(T)`), the table's configuration alone (its promotion "sync" unless `rescale`), to
+    be timed against the Gluon pipeline."""
+    return {T: {(cfg.block_m, cfg.tail_m): ([cfg.gate_up], [cfg.down])} for T, cfg in _entries(table, tokens, rescale)
+            if rows_per_expert(T) >= GLUON_MIN_ROWS}
 
 
 @dataclass
@@ -461,6 +463,16 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     return best
 
 
+def _routed_tokens(problem: Problem, T: int, gen):
+    """One random routing of T tokens (k distinct experts each, softmax weights) and their hidden rows in
+    the layer's dtype: the batch the end-to-end comparisons run."""
+    L, H, _, k = problem.sizes
+    dev = problem.weights.w13.device
+    ids = torch.randn(T, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
+    tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1)
+    return ids, tw, torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
+
+
 def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, float], timer, reps: int, gen,
                console) -> tuple[MoEKernelConfig, float]:
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
@@ -473,9 +485,7 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     L, H, I, k = problem.sizes
     w = problem.weights
     dev = w.w13.device
-    ids = torch.randn(T, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
-    tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1)
-    x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
+    ids, tw, x = _routed_tokens(problem, T, gen)
     h = torch.randn(T * k, I, generator=gen, device=dev).to(problem.cfg.dtype)
     out = torch.empty(T, H, dtype=problem.cfg.dtype, device=dev)
     ops = None
@@ -543,12 +553,8 @@ def _tune_gluon(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, flo
     tiles, tiles_ms = tiles_best
     if tiles.gemv is not None:
         return tiles_best
-    L, H, _, k = problem.sizes
     w = problem.weights
-    dev = w.w13.device
-    ids = torch.randn(T, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
-    tw = torch.softmax(torch.randn(T, k, generator=gen, device=dev), 1)
-    x = torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
+    ids, tw, x = _routed_tokens(problem, T, gen)
     scales = None
     if problem.fp8:
         x, scales = problem.cfg.quant_scheme.quantize_activations(x)
@@ -561,19 +567,27 @@ def _tune_gluon(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, flo
         experts.kernel_config = lambda n, weights, cfg=cfg: cfg
         ends[name] = _safe_time(timer, lambda: experts.forward_flat(batch, w), reps)
     console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()), soft_wrap=True)
-    if ends["gluon"] * (1 + GLUON_MARGIN) < ends["tiles"]:
+    if math.isfinite(ends["tiles"]) and ends["gluon"] * (1 + GLUON_MARGIN) < ends["tiles"]:
         return paths["gluon"], ends["gluon"]
     return paths["tiles"], tiles_ms
 
 
 # ---------------------------------------------------------------------------------------------- table
-def merge_into_table(path: str, key: str, best: dict, extra: dict) -> None:
+def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: str | None = None) -> None:
+    """Write `best` ({T: (config, ms)}) into the table at `path` under `key`, beside its other T. With
+    `seed_from` (another table, where this one has no entry for `key`): that table's whole entry first,
+    each T marked `copied_from`, so that the T not tuned here keep resolving as before (the lookup takes
+    the first table that has the key)."""
     data = {"entries": {}}
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
     data.update({k: v for k, v in extra.items()})
     entries = data.setdefault("entries", {})
+    if seed_from is not None and key not in entries:
+        with open(seed_from) as f:
+            seed = json.load(f)["entries"].get(key, {})
+        entries[key] = {t: dict(c, copied_from=os.path.basename(seed_from)) for t, c in seed.items()}
     entry = entries.setdefault(key, {})
     for T, (cfg, ms) in best.items():
         entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5))
@@ -609,13 +623,14 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="time only the table's configuration for each T against the same tiles as persistent "
                         "kernels, the down GEMM also with its activation rows through TMA (quick)")
     p.add_argument("--gluon", action="store_true",
-                   help="time only the table's configuration for each T against the warp-specialized Gluon "
+                   help="time only the table's configuration (\"sync\" unless --allow-rescale) for each T "
+                        f"with {GLUON_MIN_ROWS} rows per expert or more against the warp-specialized Gluon "
                         "GEMMs (Hopper; BF16, 128x128 block FP8), both end to end as the `triton` experts run "
-                        f"them, from {GLUON_MIN_ROWS} rows per expert; the entry says `gluon` where those are "
-                        f"faster by more than {GLUON_MARGIN * 100:.0f}%% (quick)")
+                        f"them; the entry says `gluon` where those are faster by more than "
+                        f"{GLUON_MARGIN * 100:.0f}%% (quick)")
     p.add_argument("--no-gluon", action="store_true",
                    help="do not time the Gluon GEMMs (a full tune, --refine and --persistent time them where "
-                        "they can run)")
+                        "they can run); entries rewritten keep the `gluon` they had")
     p.add_argument("--allow-rescale", action="store_true",
                    help='fp8_block: also time the "rescale" promotion, LESS PRECISE: the tensor cores then '
                         "accumulate the whole K range at their reduced FP8 accumulation precision instead of each "
@@ -626,6 +641,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         'it beats the best "sync" candidate by more than 3%%; without this flag every entry '
                         'written is "sync"')
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+
+
+def keeping_gluon(best: dict, own: dict) -> dict:
+    """`best` ({T: (config, ms)}, tuned with the Gluon GEMMs left out) with `gluon` kept where this GPU's
+    table entry (`own`: {T: config}) had it: --no-gluon leaves the comparison out, it does not undo it."""
+    return {T: (replace(c, gluon=True) if T in own and own[T].gluon else c, ms) for T, (c, ms) in best.items()}
 
 
 def check_mode_flags(args) -> None:
@@ -697,7 +718,9 @@ def main(args) -> int:
             key = shape_key(L, H, I, k, problem.fmt)
             console.print(f"[bold]{escape(str(key))}[/bold] on {escape(gpu)}")
             plan = None
-            if args.refine or args.persistent or args.gluon:
+            quick = args.refine or args.persistent or args.gluon
+            source = path
+            if quick:
                 # the entry the lookup uses: this GPU's table, else one of another GPU of its family
                 source = next((p for p in [path] + table_paths_for_device(device)
                                if os.path.exists(p) and key in _load_table(p)), path)
@@ -705,21 +728,26 @@ def main(args) -> int:
                 if source != path and table:
                     console.print(escape(f"  starting from {source}'s entry (this GPU's table has none)"))
                 plan = persistent_plan(table, tokens, args.allow_rescale) if args.persistent else \
-                    table_plan(table, tokens, args.allow_rescale) if args.gluon else \
+                    table_plan(table, tokens, lambda T: T * k / L, args.allow_rescale) if args.gluon else \
                     refine_plan(table, tokens, lambda T: T * k / L, fp8, problem.fmt == "fp8_block",
                                 args.allow_rescale)
                 if not plan:
-                    console.print(escape(f"  --refine/--persistent/--gluon: no entry for {key} in the tables of "
-                                         f"this GPU's family; skipped"))
+                    console.print(escape(f"  nothing to time for {key}: no entry at these T in the tables of this "
+                                         f"GPU's family" + (f" with {GLUON_MIN_ROWS} rows per expert or more"
+                                                            if args.gluon else "") + "; skipped"))
                     continue
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
                                 gluon=not args.no_gluon)
+            if args.no_gluon:
+                best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing"})
+                "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing; "
+                          "entries with gemv or gluon: the whole experts op, end to end (measured_ms)"},
+                seed_from=source if quick and source != path else None)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             del weights

@@ -73,12 +73,14 @@ class TritonExperts(Experts):
         if device is not None and torch.device(device).type == "cuda":
             from ..kernels.fused_moe import weight_format
             from ..kernels.tuning_table import tables_pick_gluon
-            if tables_pick_gluon(weight_format(self.plan.dtype, self.plan.weight_granularity), torch.device(device)):
+            plan = self.plan
+            if tables_pick_gluon(plan.padded_hidden_size, plan.padded_intermediate_size, plan.top_k,
+                                 weight_format(plan.dtype, plan.weight_granularity), torch.device(device)):
                 self.gluon, why = gluon_pipeline(self.plan, torch.device(device))
                 if why:
-                    warnings.warn(f"experts 'triton': the tuned table runs the Gluon GEMMs for some batch sizes, "
-                                  f"but not here ({why}); the tile kernels run those batches", RuntimeWarning,
-                                  stacklevel=2)
+                    warnings.warn(f"experts 'triton': the tuned table runs the Gluon GEMMs for some batch sizes "
+                                  f"of this shape, but not here ({why}); the tile kernels run those batches",
+                                  RuntimeWarning, stacklevel=2)
 
     def kernel_config(self, num_rows: int, weights: ExpertWeights):
         """The configuration used for a batch of `num_rows` rows (tuned table, else heuristic): its tiles, or
@@ -130,6 +132,6 @@ def gluon_pipeline(plan, device: torch.device):
     if why is None:
         try:
             return triton_ws.WarpSpecializedExperts(plan, device), None
-        except RuntimeError as exc:            # its GEMM disagreed with its PyTorch statement, or hung
+        except RuntimeError as exc:            # refused: its GEMM failed its self-check here
             why = str(exc)
     return None, why

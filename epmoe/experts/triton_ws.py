@@ -221,7 +221,8 @@ class WarpSpecializedExperts(Experts):
     def self_check(cls, device: torch.device, fp8: bool) -> str | None:
         """The Gluon GEMM against its PyTorch statement (`gemm_disagreement`), once per device and format:
         an experimental kernel that disagrees is refused before any forward, not used; one that does not
-        finish within SELF_CHECK_SECONDS is refused with that said (the host polls instead of waiting)."""
+        finish within SELF_CHECK_SECONDS is refused with that said (the host polls instead of waiting), and
+        one that does not compile or launch here with the error it raised."""
         from ..kernels.ws_grouped_gemm import grouped_gemm_ws
         index = device.index if device.index is not None else torch.cuda.current_device()
 
@@ -232,8 +233,12 @@ class WarpSpecializedExperts(Experts):
 
         if (index, fp8) not in cls._checked:
             with torch.cuda.device(index):
-                cls._checked[(index, fp8)] = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), fp8,
-                                                               settle)
+                try:
+                    why = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), fp8, settle)
+                except Exception as exc:       # it did not compile or launch here (Triton's errors included)
+                    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+                    why = f"its GEMM failed to build or run: {type(exc).__name__}: {first}"
+                cls._checked[(index, fp8)] = why
         return cls._checked[(index, fp8)]
 
     def _gemm(self):

@@ -22,9 +22,10 @@ def _gated_activation(g, u, ACTIVATION: tl.constexpr):
         return g / (1.0 + tl.exp(-g)) * u
     elif ACTIVATION == 1:    # exact gelu(g) * u
         return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
-    else:                    # swigluoai: clamped gate and up
-        g = tl.minimum(g, SWIGLUOAI_LIMIT)
-        u = tl.minimum(tl.maximum(u, -SWIGLUOAI_LIMIT), SWIGLUOAI_LIMIT)
+    else:                    # swigluoai: clamped gate and up, NaN kept (as torch.clamp keeps it)
+        g = tl.minimum(g, SWIGLUOAI_LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -SWIGLUOAI_LIMIT, propagate_nan=tl.PropagateNan.ALL), SWIGLUOAI_LIMIT,
+                       propagate_nan=tl.PropagateNan.ALL)
         return g / (1.0 + tl.exp(g * (-SWIGLUOAI_ALPHA))) * (u + 1.0)
 
 

@@ -226,8 +226,8 @@ def _rescale_step(a, b1, b2, acc1, acc2, s1_prev, s2_prev, s1, s2):
     """One K block of RESCALE (see moe_gemm_kernel): s1 / s2 [BLOCK_M] the products' scales of this K
     block -> (acc1, acc2, s1, s2). The first dot is synchronous (Triton waits for every wgmma in flight
     right after it); the second is left in flight into the next K block."""
-    s1 = tl.maximum(s1, PROMOTE_SCALE_FLOOR)
-    s2 = tl.maximum(s2, PROMOTE_SCALE_FLOOR)
+    s1 = tl.maximum(s1, PROMOTE_SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)    # a NaN scale stays NaN
+    s2 = tl.maximum(s2, PROMOTE_SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
     acc2 = tl.dot(a, b2, acc2 * (s2_prev / s2)[:, None])
     return acc1, acc2, s1, s2

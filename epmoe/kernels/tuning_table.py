@@ -201,26 +201,40 @@ def table_paths_for_device(device: torch.device | None = None) -> list[str]:
     return paths
 
 
+# an entry's `gluon` serves batches within a factor GLUON_REACH of its T that have at least GLUON_MIN_ROWS rows
+# per expert (T * k / L: the Gluon GEMMs' tiles hold 128 rows); `epmoe tune` times it from there only
+GLUON_MIN_ROWS = 128
+GLUON_REACH = 2
+
+
 def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fmt: str,
                   device: torch.device | None = None, paths: list[str] | None = None
                   ) -> tuple[MoEKernelConfig, str]:
-    """(config, where it came from). Nearest tuned T for this shape, else the heuristic."""
+    """(config, where it came from). Nearest tuned T for this shape, else the heuristic. An entry's `gluon`
+    is kept only for batches it serves (within GLUON_REACH of its T, at least GLUON_MIN_ROWS rows per
+    expert); other batches that come to that entry get its tiles."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = _format_bytes(fmt)
     for path in (table_paths_for_device(device) if paths is None else paths):
         by_t = _load_table(path).get(key)
         if by_t:
             t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(num_tokens, 1))), x))
-            return (_clamp_to_problem(by_t[t], hidden, inter, fp8, elem),
-                    f"{os.path.basename(path)}[{key}][T={t}]")
+            cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem)
+            if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts
+                                  and t <= num_tokens * GLUON_REACH and num_tokens <= t * GLUON_REACH):
+                cfg = replace(cfg, gluon=False)
+            return cfg, f"{os.path.basename(path)}[{key}][T={t}]"
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
 
 
-def tables_pick_gluon(fmt: str, device: torch.device | None = None, paths: list[str] | None = None) -> bool:
-    """Whether a table this device reads runs the Gluon GEMMs for some shape of weight format `fmt`: where
-    none does, the `triton` experts do not set them up (nor run their self-check)."""
+def tables_pick_gluon(hidden: int, inter: int, top_k: int, fmt: str, device: torch.device | None = None,
+                      paths: list[str] | None = None) -> bool:
+    """Whether a table this device reads runs the Gluon GEMMs for this shape (any number of local experts)
+    and weight format: where none does, the `triton` experts do not set them up (nor run their
+    self-check)."""
+    tail = shape_key(0, hidden, inter, top_k, fmt).split(",", 1)[1]
     return any(cfg.gluon for path in (table_paths_for_device(device) if paths is None else paths)
-               for key, by_t in _load_table(path).items() if key.endswith(f",fmt={fmt}") for cfg in by_t.values())
+               for key, by_t in _load_table(path).items() if key.split(",", 1)[1] == tail for cfg in by_t.values())
 
 
 def _format_bytes(fmt: str) -> tuple[bool, int]:

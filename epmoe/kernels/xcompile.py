@@ -51,7 +51,7 @@ CASES = {
 
 
 def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync",
-                 tma_a=False):
+                 tma_a=False, activation=0):
     fp8 = fmt == "fp8"
     el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
     out = "fp16" if fmt == "fp16" else "bf16"
@@ -83,7 +83,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
-                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=0, OUT_FP8=fp8 and gate_up,
+                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation, OUT_FP8=fp8 and gate_up,
                  APPLY_WEIGHT=not gate_up, A_DESC=tma_a)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
@@ -181,7 +181,7 @@ def table_cases(path: str) -> dict:
     cases = {}
     for key, per_t in entries.items():
         shape = dict(kv.split("=") for kv in key.split(","))
-        fmt = {"fp8_block": "fp8", "bf16": "bf16"}.get(shape["fmt"])
+        fmt = {"fp8_block": "fp8", "bfloat16": "bf16"}.get(shape["fmt"])
         if fmt is None:
             continue
         for T, c in per_t.items():
