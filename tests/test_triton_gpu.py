@@ -96,6 +96,44 @@ def test_triton_ws_real_size(preset, fp8, experts):
     _check_layer(layer, (300,), routing="onehot", bound=bound, seed=3)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_runs_the_gluon_pipeline_where_its_table_says(fp8, tmp_path, monkeypatch):
+    """`triton` with a table whose mixtral entry at T = 2048 says `gluon` (Hopper only): the pipeline is
+    set up when the layer is built, runs the batches that entry serves (against the oracle, and replayed in
+    a CUDA graph), and decode-size batches keep the tiles."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon GEMMs run on Hopper (compute capability 9.x)")
+    from epmoe.bench import tune
+    from epmoe.kernels import tuning_table
+    cfg = preset_config("mixtral-8x7b", dtype=torch.bfloat16, quant=_fp8("block") if fp8 else None)
+    fmt = "fp8_block" if fp8 else "bfloat16"
+    tiles = tuning_table.lookup_config(2048, 8, 4096, 14336, 2, fmt, torch.device("cuda"))[0]
+    table = str(tmp_path / "gluon.json")
+    tune.merge_into_table(table, tuning_table.shape_key(8, 4096, 14336, 2, fmt),
+                          {2048: (replace(tiles, gluon=True), 1.0)}, {"device": "test"})
+    monkeypatch.setattr(tuning_table, "table_paths_for_device", lambda device=None: [table])
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=9, device="cuda"))
+    experts = layer.experts
+    assert experts.gluon is not None
+    assert experts.kernel_config(2048, layer.expert_weights).gluon
+    assert not experts.kernel_config(16, layer.expert_weights).gluon
+    bound = 3e-2 if fp8 else None
+    _check_layer(layer, (1, 2048), bound=bound, seed=4)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    T = 2048
+    x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+    ids = torch.stack([torch.randperm(8, device="cuda", generator=g)[:2] for _ in range(T)]).to(torch.int32)
+    w = torch.softmax(torch.randn(T, 2, device="cuda", generator=g), 1)
+    batch = FlatBatch(x, ids, w)
+    eager = experts(batch, layer.expert_weights).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = experts(batch, layer.expert_weights)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+
+
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.float32, 1e-5)])
 def test_other_dtypes_and_awkward_sizes(dtype, bound):
     cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=200, intermediate_size=136, activation="gelu", dtype=dtype)
