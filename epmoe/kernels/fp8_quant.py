@@ -44,28 +44,21 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _max_keeping_nan(a, b):
-    """max(a, b), NaN if either is NaN, as torch's amax: `tl.max` and a default `tl.maximum` hand back the
-    other operand. Written as a select: `tl.maximum(..., propagate_nan=ALL)` here gives the same values,
-    but with it ptxas keeps a value of the library's FP8 gate+up kernel on the stack in its K loop
-    (tests/test_fp8_quantize.py)."""
-    return tl.where((a > b) | (a != a), a, b)
-
-
-@triton.jit
 def fp8_quantize_groups(x, ROUND: tl.constexpr = True):
     """The one formula on a float32 tile x [N, G], one scale per row (a token, or one group of a token):
     scale = max(amax, 1e-12) * (1/448) (a multiplication: `amax / 448` differs in the last bit for some
     amax), q = clamp(x / scale, -448, 448) with the correctly rounded `div_rn` (Triton's plain `/` is
     approximate on GPUs), rounded to the e4m3 grid. Returns (q [N, G] float32 values that the cast to
-    e4m3fn keeps exactly, scale [N] float32). Zeros (masked columns) change no amax. A row holding a NaN
-    gets a NaN scale, one holding an infinity an infinite scale, as torch's: q x scale is then NaN or
-    infinite everywhere in that row, as torch's is (q itself there is not torch's). ROUND=False (GPU-only
+    e4m3fn keeps exactly, scale [N] float32). Zeros (masked columns) change no amax. A row holding a NaN or
+    an infinity gets a NaN scale (the sum of x * 0: `tl.max` passes over NaN), so q x scale is NaN across
+    it, as torch's is (its scale there is NaN or infinite, its q zeros and NaN). Other ways to keep the
+    NaN (a NaN-keeping maximum as the reduction's combine, integer maxima of the magnitudes, a NaN flag
+    reduced apart) either crawl under the interpreter or make ptxas keep a value of the library's FP8
+    gate+up kernel on the stack in its K loop (tests/test_fp8_quantize.py). ROUND=False (GPU-only
     kernels): q not yet rounded, left to the cast to e4m3fn, whose `cvt.rn.satfinite` rounds to the same
     values on the GPU (not in the interpreter), and the division by `_div_rn_by_row`: the same e4m3 values
     in a fraction of the instructions (tests/test_fp8_quantize.py checks them bit for bit on a GPU)."""
-    amax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
-    scale = tl.maximum(amax, SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL) * INV_FP8_MAX
+    scale = (tl.maximum(tl.max(tl.abs(x), axis=1), SCALE_FLOOR) + tl.sum(x * 0.0, axis=1)) * INV_FP8_MAX
     if ROUND:
         y = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FP8_MAX), FP8_MAX))
     else:

@@ -69,9 +69,9 @@ def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "aut
     group_size: columns per scale (the last group may be partial), or None for one scale per row.
     Returns `(q [..., H] float8_e4m3fn, scale [..., ceil(H / group_size)] float32)`; dequantize with
     `fp8_dequantize`. impl: "torch", "triton" (a GPU, or the CPU under TRITON_INTERPRET=1) or "auto"
-    (Triton on CUDA when installed). All implementations give identical bits, except q in a group that
-    holds a NaN or an infinity: there every implementation gives torch's scale (NaN, or infinite), so
-    that q x scale is non-finite wherever torch's is.
+    (Triton on CUDA when installed). All implementations give identical bits, except in a group that
+    holds a NaN or an infinity: its scale is NaN (Triton) or NaN / infinite (torch), and q x scale is NaN
+    across the group in both.
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"fp8_quantize: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
