@@ -200,6 +200,8 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
         return out
     return {T: {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
             for T, cfg in _entries(table, tokens, rescale)}
+
+
 # the Gluon pipeline (`triton_ws`: tiles of 128 rows) is tried from GLUON_MIN_ROWS rows per expert (T * k / L;
 # the lookup keeps an entry's `gluon` for those batches only), and chosen where it beats the tiles end to
 # end by more than GLUON_MARGIN (run-to-run noise: an entry does not flip between two paths that tie)
@@ -538,7 +540,7 @@ def _gluon_experts(problem: Problem):
         return None, why
     try:
         return WarpSpecializedExperts(problem.cfg, problem.weights.w13.device), None
-    except RuntimeError as exc:          # its GEMM disagreed with its PyTorch statement, or hung
+    except RuntimeError as exc:          # refused: its GEMM failed its self-check here
         return None, str(exc)
 
 

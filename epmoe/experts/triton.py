@@ -68,7 +68,7 @@ class TritonExperts(Experts):
         why = _quant_problem(self.plan.scheme, "cuda")
         if why:
             raise ValueError(f"experts 'triton' cannot run this FP8 layer: {why}")
-        # the Gluon pipeline, set up only where a table of this device picks it for this weight format
+        # the Gluon pipeline, set up only where a table of this device picks it for this shape and format
         self.gluon = None
         if device is not None and torch.device(device).type == "cuda":
             from ..kernels.fused_moe import weight_format

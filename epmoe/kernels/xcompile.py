@@ -7,7 +7,8 @@ marked 16-byte divisible (what the JIT specializes on a real launch; without it 
 pipelined), then `cuobjdump -res-usage` on the cubin. Registers, local memory (spills) and shared memory
 per kernel configuration, the local accesses inside its K loops and its SASS length; with --table, every
 configuration of a tuning table as well; with --ir, the TTGIR and PTX of each are written there (to check
-pipelining and wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use them).
+pipelining and wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use
+them).
 """
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
-                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation, OUT_FP8=fp8 and gate_up,
-                 APPLY_WEIGHT=not gate_up, A_DESC=tma_a)
+                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
+                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
