@@ -160,7 +160,7 @@ if not INTERPRETING:
         from epmoe.experts import triton_ws
 
         class CompilationError(Exception):
-            pass
+            """What Triton raises for a kernel that does not compile: not a RuntimeError."""
 
         calls = []
 

@@ -74,7 +74,7 @@ def _div_rn_by_row(x, s):
     serves quotients or numerators below float32's normal range, which e4m3 rounds to zero either way;
     the sign of x is put back so that those zeros keep it, as x / s does. A row whose s is infinite (it
     holds an infinity) gets x * 0, which is x / s there (signed zeros, NaN for an infinite x), as the
-    correctly rounded division gives."""
+    correctly rounded division gives; a row whose s is NaN gets NaN (the reciprocal of NaN)."""
     r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [s], dtype=tl.float32, is_pure=True, pack=1)
     r = tl.fma(r, tl.fma(-s, r, 1.0), r)[:, None]
     q0 = x * r

@@ -571,9 +571,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     stages = stages or _default_stages(shape, epi)
     scale_tma = _scale_tma_choice(shape, a_scale_t, stages, scale_tma, epi)
     store_tma = _store_tma_choice(shape, out, stages, scale_tma, bool(store_tma))
-    if not 0 <= stagger < stages:
-        raise ValueError(f"grouped_gemm_ws: stagger must be in [0, stages) = [0, {stages}) (the first warpgroup's lead "
-                         f"lives in the ring), got {stagger}")
+    _check_stagger("grouped_gemm_ws", stagger, stages)
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -668,6 +666,13 @@ def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tm
     return bool(store_tma)
 
 
+def _check_stagger(caller: str, stagger: int, stages: int) -> None:
+    """ValueError unless 0 <= stagger < stages: the first warpgroup's lead lives in the ring."""
+    if not 0 <= stagger < stages:
+        raise ValueError(f"{caller}: stagger must be in [0, stages) = [0, {stages}) (the first warpgroup's lead "
+                         f"lives in the ring), got {stagger}")
+
+
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
@@ -678,8 +683,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
-    if not 0 <= stagger < stages:
-        raise ValueError(f"compile_ws_gemm_for_hopper: stagger must be in [0, stages), got {stagger} with {stages}")
+    _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
     block_k = block_k or (128 if fp8 else 64)
     sub_n = min(block_n, SCALE)
     el = "fp8e4nv" if fp8 else "bf16"
