@@ -237,6 +237,27 @@ def test_dtype_conversion_refused_device_move_kept_consistent():
         layer.to("meta")
 
 
+def test_a_move_the_experts_refuse_leaves_the_layer_where_it_was(monkeypatch):
+    """The experts hear of the new device (and may refuse it) before any tensor moves."""
+    from epmoe import contract
+    cfg, layer, experts = _loaded_layer()
+    told = []
+
+    def refuse(device, plan):
+        told.append((device, plan.experts))
+        raise RuntimeError("its kernels cannot run there")
+
+    real_build_plan = contract.build_plan
+    monkeypatch.setattr(contract, "build_plan", lambda *args, **kw: real_build_plan(*args, **{**kw, "check_device": False}))
+    monkeypatch.setattr(layer.experts, "move_to", refuse)
+    with pytest.raises(RuntimeError, match="cannot run there"):
+        layer.to("meta")
+    assert told == [(torch.device("meta"), layer.experts_name)]
+    assert layer.w13.device == torch.device("cpu") and layer.device == torch.device("cpu")
+    x, logits = random_inputs(cfg, 5)
+    assert_close(layer(x, logits), reference_moe(x, logits, experts, cfg))
+
+
 def test_integer_scaling_factor_is_the_same_config():
     a = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, routed_scaling_factor=1)
     b = MoEConfig(num_experts=4, top_k=2, hidden_size=8, intermediate_size=8, routed_scaling_factor=1.0)

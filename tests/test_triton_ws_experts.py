@@ -69,6 +69,43 @@ if not INTERPRETING:
             pipeline, why = triton_experts.gluon_pipeline(plan, device)
             assert pipeline is None and words in why, why
 
+    def test_a_move_redoes_the_device_bound_set_up(monkeypatch):
+        """`MoELayer.to()` hands the experts their new device before the tensors move: `triton` sets the
+        Gluon pipeline up again there (or drops it) and looks its configurations up again; `triton_ws`
+        self-checks its GEMM on the new device, and a refusal leaves the experts where they were."""
+        from epmoe import MoEConfig
+        from epmoe.contract import build_plan
+        from epmoe.experts import triton as triton_experts
+        from epmoe.experts import triton_ws
+        from epmoe.kernels import tuning_table
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+        plan = build_plan(None, "triton", cfg, 1, "cuda", check_device=False)
+        picked = {"cuda:0": False, "cuda:1": True}
+        monkeypatch.setattr(tuning_table, "tables_pick_gluon", lambda hidden, inter, top_k, fmt, device=None:
+                            picked[str(device)])
+        pipeline = object()
+        built = []
+        monkeypatch.setattr(triton_experts, "gluon_pipeline",
+                            lambda plan, device: built.append(str(device)) or (pipeline, None))
+        experts = triton_experts.TritonExperts(plan, torch.device("cuda:0"))
+        assert experts.gluon is None and built == []
+        experts._configs[(1, (4, 256, 256), torch.bfloat16)] = "looked up on cuda:0"
+        experts.move_to(torch.device("cuda:1"), plan)
+        assert experts.gluon is pipeline and built == ["cuda:1"] and experts._configs == {}
+        assert experts.device == torch.device("cuda:1")
+        experts.move_to(torch.device("cuda:0"), plan)
+        assert experts.gluon is None and built == ["cuda:1"]
+
+        ws_plan = build_plan(None, "triton_ws", cfg, 1, "cuda", check_device=False)
+        checked = []
+        verdicts = {0: None, 1: "it disagreed on cuda:1"}
+        monkeypatch.setattr(triton_ws.WarpSpecializedExperts, "self_check",
+                            classmethod(lambda cls, device, fp8: checked.append(device.index) or verdicts[device.index]))
+        ws = triton_ws.WarpSpecializedExperts(ws_plan, torch.device("cuda:0"))
+        with pytest.raises(RuntimeError, match="refused: it disagreed on cuda:1"):
+            ws.move_to(torch.device("cuda:1"), ws_plan)
+        assert checked == [0, 1] and ws.device == torch.device("cuda:0")
+
     def test_gather_sum_refuses_an_out_it_cannot_write():
         from epmoe.kernels.token_rows import gather_sum
         src, index = torch.zeros(6, 8), torch.zeros(3, 2, dtype=torch.long)

@@ -45,6 +45,13 @@ class Experts(abc.ABC):
         self.plan = plan
         self.device = device
 
+    def move_to(self, device: torch.device, plan: MoEPlan) -> None:
+        """Take the layer's new device and its plan there (`MoELayer.to()`, before its tensors move: a
+        refusal raised here leaves the layer where it was). Backends with set-up tied to a device (a
+        kernel's self-check, a pipeline a table picks) redo it here."""
+        self.plan = plan
+        self.device = device
+
     def __call__(self, batch, weights: ExpertWeights) -> torch.Tensor:
         batch = self.activations_for(batch)
         if isinstance(batch, FlatBatch):

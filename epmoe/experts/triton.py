@@ -68,19 +68,33 @@ class TritonExperts(Experts):
         why = _quant_problem(self.plan.scheme, "cuda")
         if why:
             raise ValueError(f"experts 'triton' cannot run this FP8 layer: {why}")
-        # the Gluon pipeline, set up only where a table of this device picks it for this shape and format
-        self.gluon = None
-        if device is not None and torch.device(device).type == "cuda":
-            from ..kernels.fused_moe import weight_format
-            from ..kernels.tuning_table import tables_pick_gluon
-            plan = self.plan
-            if tables_pick_gluon(plan.padded_hidden_size, plan.padded_intermediate_size, plan.top_k,
+        self.gluon = self._set_up_gluon(self.plan, device)
+
+    def move_to(self, device: torch.device, plan) -> None:
+        """The Gluon pipeline set up again for the new device (its tables and self-check are per device),
+        and the configurations looked up again."""
+        gluon = self._set_up_gluon(plan, device)
+        super().move_to(device, plan)
+        self.gluon = gluon
+        self._configs.clear()
+
+    @staticmethod
+    def _set_up_gluon(plan, device):
+        """The Gluon pipeline, set up only where a table of this device picks it for this shape and format;
+        where one does and it cannot run here, None with a warning (the tiles run those batches)."""
+        if device is None or torch.device(device).type != "cuda":
+            return None
+        from ..kernels.fused_moe import weight_format
+        from ..kernels.tuning_table import tables_pick_gluon
+        if not tables_pick_gluon(plan.padded_hidden_size, plan.padded_intermediate_size, plan.top_k,
                                  weight_format(plan.dtype, plan.weight_granularity), torch.device(device)):
-                self.gluon, why = gluon_pipeline(self.plan, torch.device(device))
-                if why:
-                    warnings.warn(f"experts 'triton': the tuned table runs the Gluon GEMMs for some batch sizes "
-                                  f"of this shape, but not here ({why}); the tile kernels run those batches",
-                                  RuntimeWarning, stacklevel=2)
+            return None
+        gluon, why = gluon_pipeline(plan, torch.device(device))
+        if why:
+            warnings.warn(f"experts 'triton': the tuned table runs the Gluon GEMMs for some batch sizes "
+                          f"of this shape, but not here ({why}); the tile kernels run those batches",
+                          RuntimeWarning, stacklevel=3)
+        return gluon
 
     def kernel_config(self, num_rows: int, weights: ExpertWeights):
         """The configuration used for a batch of `num_rows` rows (tuned table, else heuristic): its tiles, or

@@ -212,6 +212,14 @@ class WarpSpecializedExperts(Experts):
 
     def __init__(self, plan, device: torch.device | None = None):
         super().__init__(plan, device)
+        self._refuse_if_unchecked(device)
+
+    def move_to(self, device: torch.device, plan) -> None:
+        """The GEMM self-checked on the new device too (the check is per device) before the layer moves."""
+        self._refuse_if_unchecked(device)
+        super().move_to(device, plan)
+
+    def _refuse_if_unchecked(self, device) -> None:
         if device is not None and torch.device(device).type == "cuda":
             why = self.self_check(torch.device(device), self.plan.quant != "none")
             if why:
