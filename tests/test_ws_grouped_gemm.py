@@ -220,10 +220,11 @@ def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
 
 
 def test_host_checks_of_the_tma_store():
-    """`store_tma` is asked for (off by default), takes its buffers from the ring, and is refused where TMA
-    cannot store out or the buffers do not fit."""
+    """`store_tma` runs wherever it applies unless asked (True / False), takes its buffers from the ring, and
+    is refused where asked and TMA cannot store out or the buffers do not fit; by default the register
+    stores run there instead."""
     import inspect
-    assert inspect.signature(gluon_gemm.grouped_gemm_ws).parameters["store_tma"].default is False
+    assert inspect.signature(gluon_gemm.grouped_gemm_ws).parameters["store_tma"].default is None
     a, w, te, out, (sa, sw) = _operands(N=128)
     shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, block_n=128)
     # its 2 x 16 KB of buffers: the FP8 128-wide ring drops from 6 slots to 5
@@ -231,6 +232,7 @@ def test_host_checks_of_the_tma_store():
     assert gluon_gemm._default_stages(shape, gluon_gemm._store_bytes(shape)) == 5
     choice = gluon_gemm._store_tma_choice
     assert choice(shape, out, 5, True, True) and not choice(shape, out, 5, True, False)
+    assert choice(shape, out, 5, True, None) and not choice(shape, out, 6, True, None)
     with pytest.raises(ValueError, match="6 slots of 33280 bytes"):
         choice(shape, out, 6, True, True)
     with pytest.raises(ValueError, match="7 slots of 32768 bytes"):
@@ -243,6 +245,8 @@ def test_host_checks_of_the_tma_store():
     a, w, te, out, _ = _operands(fp8=False, N=300)
     with pytest.raises(ValueError, match="store_tma takes out 16-byte aligned"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, block_n=128, store_tma=True)
+    shape = gluon_gemm.check_operands(a, w, te, out, block_n=128)
+    assert not choice(shape, out, 4, False, None)         # by default: the register stores
 
 
 def test_the_kernel_refuses_the_a_scales_by_tma_with_the_row_gather():
