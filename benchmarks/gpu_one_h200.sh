@@ -33,15 +33,22 @@
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
 # parts that finished).
-#   COMMIT=$(git rev-parse HEAD) PARTS="tests experts" bash benchmarks/gpu_one_h200.sh
-# (COMMIT: where the copy has no .git.) Each part's time limit: <PART>_SECONDS; TESTS: the test files
-# (default: all of tests/).
+#   COMMIT=<sha of the tree sent> PARTS="tests experts" bash benchmarks/gpu_one_h200.sh
+# Each part's time limit: <PART>_SECONDS; TESTS: the test files (default: all of tests/).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONPATH=.
 BUNDLE=${OUT:-./out}
 OUT=$BUNDLE/gpu_one_h200
 mkdir -p "$OUT"
-COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+# the commit: give it as a literal (COMMIT=<sha> in the command as sent: a $(git rev-parse HEAD) there runs on the
+# device, whose copy of .git may be older than the tree it was sent); where git's HEAD is used and tracked files
+# differ from it, the header says so, and the source digest beside it names the code that ran either way
+if [ -z "${COMMIT:-}" ]; then
+    COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+        COMMIT="$COMMIT (tracked files differ from it: see source_sha256)"
+    fi
+fi
 export EPMOE_COMMIT=$COMMIT
 DAY=$(date -u +%F)
 # the GPU in the file names (a call for one GPU may land on an H100 or an H200; the logs' headers name it whole)
@@ -54,6 +61,7 @@ run() {
     {
         echo "# command: $(printf '%q ' "$@")"
         echo "# commit: $COMMIT"
+        echo "# source_sha256: $(python3 -c 'from epmoe.bench.run_env import source_digest; print(source_digest())' 2>&1)"
         echo "# gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
         echo "# $(python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1)"
         echo "# date: $(date -u +%FT%TZ)"
