@@ -139,7 +139,9 @@ class MoELayer(nn.Module):
             plan = contract.build_plan(self.dispatcher_name, self.experts_name, self.cfg, self.ep_size,
                                        new_device.type, self.max_tokens_per_rank, micro_batches=self.micro_batches,
                                        comm_sms=self.comm_sms)
-            self.experts.move_to(new_device, plan)    # their device-bound set-up, redone (or refused) first
+            # the move refused, or the experts' device-bound set-up redone, before any tensor moves
+            self.dispatcher.check_move_to(new_device)
+            self.experts.move_to(new_device, plan)
         result = super()._apply(fn, recurse)
         if new_device is not None and new_device != self.device:
             self.expert_map.tables(new_device)

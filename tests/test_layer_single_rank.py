@@ -238,7 +238,7 @@ def test_dtype_conversion_refused_device_move_kept_consistent():
 
 
 def test_a_move_the_experts_refuse_leaves_the_layer_where_it_was(monkeypatch):
-    """The experts hear of the new device (and may refuse it) before any tensor moves."""
+    """The dispatcher and the experts hear of the new device (and may refuse it) before any tensor moves."""
     from epmoe import contract
     cfg, layer, experts = _loaded_layer()
     told = []
@@ -254,8 +254,16 @@ def test_a_move_the_experts_refuse_leaves_the_layer_where_it_was(monkeypatch):
         layer.to("meta")
     assert told == [(torch.device("meta"), layer.experts_name)]
     assert layer.w13.device == torch.device("cpu") and layer.device == torch.device("cpu")
+    assert layer.dispatcher.device == torch.device("cpu") and layer.experts.device == torch.device("cpu")
     x, logits = random_inputs(cfg, 5)
     assert_close(layer(x, logits), reference_moe(x, logits, experts, cfg))
+    # a dispatcher on a process group refuses: its peers and workspace stay where the rank was built
+    monkeypatch.undo()
+    monkeypatch.setattr(contract, "build_plan", lambda *args, **kw: real_build_plan(*args, **{**kw, "check_device": False}))
+    monkeypatch.setattr(layer.dispatcher, "group", "a process group")
+    with pytest.raises(ValueError, match="stays on the device it was built on"):
+        layer.to("meta")
+    assert layer.w13.device == torch.device("cpu") and layer.dispatcher.device == torch.device("cpu")
 
 
 def test_integer_scaling_factor_is_the_same_config():

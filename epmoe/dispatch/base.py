@@ -112,6 +112,14 @@ class Dispatcher(abc.ABC):
         self.device = device
         self.comm_stream = None      # `CommStream` where this dispatcher's exchanges run (None: in order)
 
+    def check_move_to(self, device: torch.device) -> None:
+        """Refuse a move of the layer to `device` (`MoELayer.to()`, before anything moves) where this dispatcher
+        cannot follow: on a process group, its rank's group, streams and workspace were set up on the device
+        it was built on, and its peers were not asked."""
+        if self.group is not None and device != self.device:
+            raise ValueError(f"{self.name} dispatcher: a layer on a process group stays on the device it was built on "
+                             f"({self.device}); build the layer on {device} instead (MoELayer(..., device=...))")
+
     def prepare(self) -> None:
         """Called once the group's ranks agreed on the layer (after the build handshake), before its first
         forward: what needs the peers at construction (a symmetric workspace) is set up here."""
