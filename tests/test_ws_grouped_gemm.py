@@ -428,3 +428,23 @@ def test_sm90_compile_of_the_bf16_row_gather_with_k_not_a_multiple_of_16():
     follow from the 16-byte rule, not from K's specialization)."""
     c, _ = _compiled(False, 256, 3, True, has_bias=True, gather=True, k_multiple_of_16=False)
     assert len(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]+\], \[[^]]+\], 0x10, %r\d+;", c.asm["ptx"])) == 8
+
+
+def test_the_default_forms_are_the_measured_ones():
+    """With nothing asked, the GEMMs the backends run store through TMA with the rings that were timed on an
+    H200 (block FP8 gate+up 256 wide with 4 slots, plain 256 with 3; BF16 gate+up with 4), and keep the
+    register stores where out's rows are no multiple of 16 bytes."""
+    def default_form(a, w, te, out, sa=None, sw=None, activation=None, out_scale_t=None):
+        shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, None, activation, out_scale_t)
+        return (shape.sub_n * shape.split,) + gluon_gemm.kernel_forms(shape, out, sa, None, None, None)
+
+    a, w, te, out, (sa, sw) = _operands(fp8=True, N=256, K=256)
+    assert default_form(a, w, te, out, sa, sw) == (256, 3, True, True)
+    gated_out = torch.empty(256, 128, dtype=torch.float8_e4m3fn)
+    assert default_form(a, w, te, gated_out, sa, sw, "silu", torch.ones(1, 256)) == (256, 4, True, True)
+    a, w, te, out, _ = _operands(fp8=False, N=256, K=256)
+    assert default_form(a, w, te, torch.empty(256, 128, dtype=torch.bfloat16), activation="silu") == \
+        (256, 4, False, True)
+    assert default_form(a, w, te, out) == (128, 6, False, True)
+    a, w, te, out, _ = _operands(fp8=False, N=300)
+    assert default_form(a, w, te, out)[1:] == (6, False, False)

@@ -568,10 +568,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     together at every tile's end (measured with `store_tma`: -1.3% to +1.6%, so off)."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
-    epi = _store_bytes(shape) if store_tma or (store_tma is None and _store_aligned(shape, out)) else 0
-    stages = stages or _default_stages(shape, epi)
-    scale_tma = _scale_tma_choice(shape, a_scale_t, stages, scale_tma, epi)
-    store_tma = _store_tma_choice(shape, out, stages, scale_tma, store_tma)
+    stages, scale_tma, store_tma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma)
     _check_stagger("grouped_gemm_ws", stagger, stages)
     if shape.M_pad == 0 or shape.N == 0:
         return out
@@ -669,6 +666,16 @@ def _store_tma_choice(shape: GemmShape, out: torch.Tensor, stages: int, scale_tm
                          f"and a ring that fits beside its {_store_bytes(shape)} bytes of buffers ({stages} slots of "
                          f"{_slot_bytes(shape, scale_tma)} bytes)")
     return bool(store_tma)
+
+
+def kernel_forms(shape: GemmShape, out: torch.Tensor, a_scale_t, stages: int | None, scale_tma: bool | None,
+                 store_tma: bool | None) -> tuple[int, bool, bool]:
+    """(ring slots, A scales by TMA, outputs by TMA store) for these operands: as asked, and where left None
+    the defaults (the TMA store where it applies, the ring sized beside its buffers, then the A scales)."""
+    epi = _store_bytes(shape) if store_tma or (store_tma is None and _store_aligned(shape, out)) else 0
+    stages = stages or _default_stages(shape, epi)
+    scale_tma = _scale_tma_choice(shape, a_scale_t, stages, scale_tma, epi)
+    return stages, scale_tma, _store_tma_choice(shape, out, stages, scale_tma, store_tma)
 
 
 def _check_stagger(caller: str, stagger: int, stages: int) -> None:
