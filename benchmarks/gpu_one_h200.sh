@@ -22,6 +22,10 @@
 #             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 (benchmarks/profile_ws_gemm.py),
 #             the source page as CSV and its summary (benchmarks/ncu_source_summary.py), and the throughput
 #             sections (speed of light, compute and memory workload)
+#   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
+#             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
+#             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
+#             mixtral T = 8192, each forward oracle-checked
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -101,6 +105,9 @@ for part in $PARTS; do
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 8192 \
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
                 --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
+    steps)
+        run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
+            python3 benchmarks/profile_experts_steps.py --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
     tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
@@ -146,7 +153,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws tune gluon_tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws steps tune gluon_tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done
