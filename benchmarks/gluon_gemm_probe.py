@@ -234,7 +234,8 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
     gen = torch.Generator(device=dev).manual_seed(0)
     start = time.time()
     out = dict(library=[], points=[])
-    from epmoe.experts.triton_ws import TILE, layout_rows, rows_in_layout
+    from epmoe.experts.triton_ws import TILE
+    from epmoe.kernels.layout_copy import rows_to_layout
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.quant.fp8 import fp8_quantize
     for name, (L, H, I, k) in ws_probe.SHAPES.items():
@@ -243,12 +244,15 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
         ids = torch.randn(tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
         aligned = align_pairs(ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
-        a_rows = layout_rows(aligned, tokens, k)[0]
+        # the token of each layout row (token 0 at padding and past the used length), for the gathered form
+        pair, position = aligned.sorted_ids[:aligned.max_rows].long(), torch.arange(aligned.max_rows, device=dev)
+        valid = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < tokens * k)
+        a_rows = torch.where(valid, pair // k, torch.zeros_like(pair)).to(torch.int32)
         x = torch.randn(tokens, H, generator=gen, device=dev)
         # the backend's copy of the rows into the layout (reading the tokens saves it)
         for fmt in () if only else ("fp8_block", "bf16"):
             xs, ss = fp8_quantize(x, TILE) if fmt != "bf16" else (x.bfloat16(), None)
-            ms = triton.testing.do_bench(lambda: rows_in_layout(xs, ss, a_rows), warmup=20, rep=100,
+            ms = triton.testing.do_bench(lambda: rows_to_layout(xs, ss, aligned, k), warmup=20, rep=100,
                                          return_mode="median")
             out["points"].append(dict(shape=name, format=fmt, gemm="row copy", tokens=tokens,
                                       ms=ms, used_tiles=int((aligned.block_expert >= 0).sum())))

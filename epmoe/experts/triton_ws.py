@@ -5,11 +5,11 @@ beside `triton` on a Hopper GPU; `triton` runs this pipeline for the batch sizes
 says `gluon` (`epmoe tune` measured it faster there). The pipeline:
 1. pairs laid out expert by expert, each expert's segment padded to tiles of 128 rows (`align_pairs`,
    no host sync);
-2. the token of each row of that layout (`layout_rows`; padding rows name token 0: each output row of
-   the GEMMs depends on its own A row only, so a padding row's values stay there, never read back), and
-   the token rows (FP8: with their scales, made K-block-major) copied into that order (`rows_in_layout`).
+2. the token rows (FP8: with their scales, made K-block-major) copied into that order, and each pair's
+   row there, in one pass (`kernels.layout_copy.rows_to_layout`; padding rows hold token 0: each output
+   row of the GEMMs depends on its own A row only, so a padding row's values stay there, never read back).
    The kernel can read the tokens where they are instead (`a_rows`: a cp.async loader), but on an H200
-   that gate+up was 2-7% slower than this copy plus the TMA-loaded one at three of four points
+   that gate+up was 2-7% slower than a copy plus the TMA-loaded one at three of four points
    (benchmarks/notes_kernels.md, eighth pass), so the backend copies;
 3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
    the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
@@ -103,25 +103,6 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
     return out
 
 
-def layout_pairs(aligned, n: int, top_k: int):
-    """Where the pairs of n tokens (top_k slots each) sit in the padded layout of `aligned` (`align_pairs`,
-    tiles of 128): (the pair at each position, n * top_k at padding; the positions)."""
-    rows = aligned.max_rows
-    # positions past `num_padded` hold no marker: only those before it, below `num_pairs`, are pairs
-    position = torch.arange(rows, device=aligned.sorted_ids.device)
-    pair = aligned.sorted_ids[:rows].long()
-    is_pair = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < n * top_k)
-    return torch.where(is_pair, pair, torch.full_like(pair, n * top_k)), position
-
-
-def layout_rows(aligned, n: int, top_k: int):
-    """`layout_pairs` and, first, the token of each layout row (int32, token 0 at padding: each GEMM output
-    row depends on its own A row only, and those rows are never read back)."""
-    pair, position = layout_pairs(aligned, n, top_k)
-    token = torch.where(pair < n * top_k, pair // top_k, torch.zeros_like(pair)).to(torch.int32)
-    return token, pair, position
-
-
 SELF_CHECK_SECONDS = 60.0      # the self-check's GEMMs take milliseconds: longer is a hang
 
 
@@ -135,13 +116,6 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
                     f"go on; restart it and use experts='triton')")
         time.sleep(poll_s)
     return None
-
-
-def rows_in_layout(x: torch.Tensor, scales: torch.Tensor | None, a_rows: torch.Tensor):
-    """The token rows x [N, H] in layout order (row r is token a_rows[r], `layout_rows`) and, FP8, their
-    scales [N, H/128] K-block-major [H/128, rows] (as the GEMM reads them); None without scales."""
-    picks = a_rows.long()
-    return x[picks], None if scales is None else scales.float()[picks].t().contiguous()
 
 
 def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False) -> str | None:
@@ -266,13 +240,13 @@ class WarpSpecializedExperts(Experts):
                 aligned.block_expert[:aligned.max_blocks])
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
+        from ..kernels.layout_copy import rows_to_layout
         plan, gemm = self.plan, self._gemm()
         x = batch.x
         if x.shape[0] == 0:
             return torch.zeros(x.shape, dtype=plan.dtype, device=x.device)
         n, k, H, inter, fp8, aligned, rows, tile_expert = self.padded_layout(batch, weights)
-        a_rows, pair, position = layout_rows(aligned, n, k)
-        a, a_scale_t = rows_in_layout(x, batch.scales if fp8 else None, a_rows)
+        a, a_scale_t, row_of_pair = rows_to_layout(x, batch.scales if fp8 else None, aligned, k)
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
         # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
@@ -281,20 +255,15 @@ class WarpSpecializedExperts(Experts):
         gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
-        return self.slot_sum(y, pair, position, batch)
+        return self.slot_sum(y, row_of_pair, batch)
 
-    def slot_sum(self, y: torch.Tensor, pair: torch.Tensor, position: torch.Tensor, batch: FlatBatch):
-        """Each token's k rows of the down GEMM's output y (layout order; `layout_rows`' pairs and positions)
-        summed with their routing weights in float32 (`gather_sum`), into the dispatcher's buffer where it
-        gives one."""
+    def slot_sum(self, y: torch.Tensor, row_of_pair: torch.Tensor, batch: FlatBatch):
+        """Each token's k rows of the down GEMM's output y (layout order; `row_of_pair` [n, k] their rows,
+        -1 where the expert is not here: `rows_to_layout`) summed with their routing weights in float32
+        (`gather_sum`), into the dispatcher's buffer where it gives one."""
         from ..kernels.token_rows import gather_sum
-        n, k = batch.local_ids.shape
-        # each pair's row in the layout (-1: its expert is not here); padding positions land on a spare slot
-        row_of_pair = torch.full((n * k + 1,), -1, dtype=torch.long, device=y.device)
-        row_of_pair[pair] = position
-        index = row_of_pair[:n * k].view(n, k)
         status = torch.zeros(1, dtype=torch.int32, device=y.device)
         # where the dispatcher's combine reads it (its pull buffer), when it is a dense array of the dtype
         out = batch.out if batch.out is not None and batch.out.is_contiguous() and batch.out.dtype == self.plan.dtype \
             else None
-        return gather_sum(y, index, batch.weights.float(), status, self.plan.dtype, out=out)
+        return gather_sum(y, row_of_pair, batch.weights.float(), status, self.plan.dtype, out=out)

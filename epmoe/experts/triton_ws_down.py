@@ -26,7 +26,7 @@ import torch
 from ..contract import TAKES_FP8, ExpertsCaps
 from ..layouts import FLAT, ExpertWeights, FlatBatch
 from ..registry import register_experts
-from .triton_ws import TILE, WarpSpecializedExperts, _available, _quant_problem, layout_pairs
+from .triton_ws import TILE, WarpSpecializedExperts, _available, _quant_problem
 
 
 def gate_up_tiles(fp8: bool):
@@ -68,6 +68,7 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from ..kernels.fused_moe import Fp8Operands, launch_gate_up
+        from ..kernels.layout_copy import rows_to_layout
         plan, gemm = self.plan, self._gemm()
         x = batch.x.contiguous()
         if x.shape[0] == 0:
@@ -92,5 +93,5 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
         act_scale_t = act_scale.t().contiguous() if fp8 else None
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
-        pair, position = layout_pairs(aligned, n, k)
-        return self.slot_sum(y, pair, position, batch)
+        _, _, row_of_pair = rows_to_layout(None, None, aligned, k)
+        return self.slot_sum(y, row_of_pair, batch)

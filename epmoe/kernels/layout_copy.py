@@ -1,0 +1,116 @@
+"""The token rows copied into the expert layout of `align_pairs`, and each pair's row in it, in one pass.
+
+The Gluon GEMMs (`ws_grouped_gemm`) read A by TMA, a box of rows at a time, so the gate+up's rows must lie in
+layout order: layout row r holds the token of the pair at position r (`sorted_ids[r] // top_k`; token 0 at a
+padding position: each output row depends on its own A row only, and padding rows are never read back).
+One kernel does what took a PyTorch index copy, a transposed copy of the scales and a dozen small passes to
+build the indices:
+- the token rows into layout order, 16-byte vectors, only up to the layout's used length (`num_padded`,
+  read on the GPU: rows past it belong to tiles the GEMMs skip, and are left unwritten);
+- FP8: the rows' scales [N, H/128] K-block-major, [H/128, rows] (the GEMM reads a tile's scales of one K
+  block as one contiguous run);
+- `row_of_pair` [N * top_k]: the layout row of each pair, -1 where its expert is not here (the slot sum
+  reads each token's rows there).
+
+`rows_to_layout_reference` states the same in PyTorch; the tests hold the kernel to it bit for bit (the
+kernel only moves bytes). It runs under the Triton interpreter on CPU tensors too (`TRITON_INTERPRET=1`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_PROGRAM = 8
+CHUNK_BYTES = 2048          # bytes of a row moved per step (16-byte vectors, 4 warps)
+
+
+@triton.jit(do_not_specialize=["rows", "num_pairs"])
+def rows_to_layout_kernel(x_ptr, scales_ptr, sorted_ids_ptr, num_padded_ptr, a_ptr, a_scale_ptr, row_of_pair_ptr,
+                          H, KB, rows, num_pairs, TOP_K: tl.constexpr, COPY: tl.constexpr, HAS_SCALES: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK_H: tl.constexpr, KB_P2: tl.constexpr):
+    """Program p: layout rows [p * ROWS, p * ROWS + ROWS). x [N, H] and a [rows, H] as raw words (the copy
+    moves bits); scales [N, KB] float32 -> a_scale [KB, rows]; row_of_pair [num_pairs] (pre-filled with -1)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    live = r < tl.minimum(tl.load(num_padded_ptr), rows)
+    pair = tl.load(sorted_ids_ptr + r, mask=live, other=num_pairs)
+    is_pair = live & (pair >= 0) & (pair < num_pairs)
+    tl.store(row_of_pair_ptr + tl.where(is_pair, pair, 0), r, mask=is_pair)
+    if COPY:
+        token = tl.where(is_pair, pair // TOP_K, 0).to(tl.int64)
+        r64 = r.to(tl.int64)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + tl.arange(0, BLOCK_H)
+            m = live[:, None] & (cols < H)[None, :]
+            v = tl.load(x_ptr + token[:, None] * H + cols[None, :], mask=m)
+            tl.store(a_ptr + r64[:, None] * H + cols[None, :], v, mask=m)
+        if HAS_SCALES:
+            kb = tl.arange(0, KB_P2)
+            m = live[:, None] & (kb < KB)[None, :]
+            s = tl.load(scales_ptr + token[:, None] * KB + kb[None, :], mask=m)
+            tl.store(a_scale_ptr + kb[None, :].to(tl.int64) * rows + r64[:, None], s, mask=m)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers of its width (the copy moves bits; FP8 and bfloat16 alike)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def rows_to_layout(x: torch.Tensor | None, scales: torch.Tensor | None, aligned, top_k: int):
+    """(a [rows, H] in layout order or None without x, a_scale_t [H/128, rows] float32 or None, row_of_pair
+    [N, top_k] int32) for the pairs of `aligned` (`align_pairs` in uniform tiles) of N tokens with top_k
+    slots each. x [N, H] (any dtype of 1, 2 or 4 bytes) and scales [N, ceil(H/128)] float32; with x None only
+    `row_of_pair` is made. Rows past the layout's used length are left unwritten."""
+    if aligned.tail_m:
+        raise ValueError("rows_to_layout: the split-tile layout (tail_m > 0) is not supported")
+    num_pairs, rows = aligned.num_pairs, aligned.max_rows
+    if num_pairs % top_k:
+        raise ValueError(f"rows_to_layout: {num_pairs} pairs are not N tokens of top_k={top_k} slots")
+    device = aligned.sorted_ids.device
+    row_of_pair = torch.full((num_pairs,), -1, dtype=torch.int32, device=device)
+    copy = x is not None
+    a = a_scale_t = None
+    H = KB = 0
+    if copy:
+        N, H = x.shape
+        if N * top_k != num_pairs:
+            raise ValueError(f"rows_to_layout: x has {N} rows, the layout {num_pairs} pairs of {top_k} slots")
+        x = x.contiguous()
+        a = torch.empty(rows, H, dtype=x.dtype, device=device)
+        if scales is not None:
+            KB = -(-H // 128)
+            if tuple(scales.shape) != (N, KB):
+                raise ValueError(f"rows_to_layout: scales must be [{N}, {KB}], got {list(scales.shape)}")
+            scales = scales.float().contiguous()
+            a_scale_t = torch.empty(KB, rows, dtype=torch.float32, device=device)
+    if rows and num_pairs:
+        src, dst = (_raw(x), _raw(a)) if copy else (row_of_pair, row_of_pair)
+        block_h = triton.next_power_of_2(max(min(H, CHUNK_BYTES // max(src.element_size(), 1)), 16))
+        rows_to_layout_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+            src, scales if scales is not None and copy else row_of_pair, aligned.sorted_ids, aligned.num_padded, dst,
+            a_scale_t if a_scale_t is not None else row_of_pair, row_of_pair, H, KB, rows, num_pairs,
+            TOP_K=top_k, COPY=copy, HAS_SCALES=a_scale_t is not None, ROWS=ROWS_PER_PROGRAM, BLOCK_H=block_h,
+            KB_P2=triton.next_power_of_2(max(KB, 1)), num_warps=4)
+    return a, a_scale_t, row_of_pair.view(-1, top_k)
+
+
+def rows_to_layout_reference(x: torch.Tensor | None, scales: torch.Tensor | None, aligned, top_k: int):
+    """What `rows_to_layout` computes, in PyTorch, with every row past the used length zero (the kernel
+    leaves those unwritten: compare the first `num_padded` rows)."""
+    num_pairs, rows = aligned.num_pairs, aligned.max_rows
+    device = aligned.sorted_ids.device
+    used = min(int(aligned.num_padded.item()), rows)
+    pair = aligned.sorted_ids[:used].long()
+    is_pair = (pair >= 0) & (pair < num_pairs)
+    token = torch.where(is_pair, pair // top_k, torch.zeros_like(pair))
+    row_of_pair = torch.full((num_pairs + 1,), -1, dtype=torch.int32, device=device)
+    row_of_pair[torch.where(is_pair, pair, torch.full_like(pair, num_pairs))] = torch.arange(
+        used, dtype=torch.int32, device=device)
+    a = a_scale_t = None
+    if x is not None:
+        a = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=device)
+        a[:used] = x[token]
+        if scales is not None:
+            a_scale_t = torch.zeros(scales.shape[1], rows, dtype=torch.float32, device=device)
+            a_scale_t[:, :used] = scales.float()[token].t()
+    return a, a_scale_t, row_of_pair[:num_pairs].view(-1, top_k)
