@@ -9,7 +9,32 @@ from epmoe.testing.interpreter import INTERPRETING, interpreted_file
 
 pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 
-if INTERPRETING:
+if not INTERPRETING:
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+    def test_on_the_gpu_as_stated(fmt):
+        """The compiled kernel (16-byte vectors) at a deepseek-v3 shard's width, with slots of other ranks."""
+        from epmoe.kernels.layout_copy import rows_to_layout, rows_to_layout_reference
+        from epmoe.kernels.moe_align import align_pairs
+        from epmoe.quant.fp8 import fp8_quantize
+        dev = torch.device("cuda")
+        g = torch.Generator(device=dev).manual_seed(0)
+        T, E, k, H = 777, 32, 8, 7168
+        ids = torch.randn(T, E + 8, generator=g, device=dev).topk(k, dim=1).indices.to(torch.int32)
+        ids[ids >= E] = -1
+        x = torch.randn(T, H, generator=g, device=dev)
+        x, scales = fp8_quantize(x, 128) if fmt == "fp8" else (x.bfloat16(), None)
+        aligned = align_pairs(ids, E, 128)
+        got, want = rows_to_layout(x, scales, aligned, k), rows_to_layout_reference(x, scales, aligned, k)
+        used = int(aligned.num_padded.item())
+        bits = torch.uint8 if fmt == "fp8" else torch.int16
+        assert torch.equal(got[0][:used].view(bits), want[0][:used].view(bits))
+        assert torch.equal(got[2], want[2]) and int((got[2] >= 0).sum()) == int((ids >= 0).sum())
+        if fmt == "fp8":
+            assert torch.equal(got[1][:, :used], want[1][:, :used])
+
+else:
     from epmoe.kernels.layout_copy import rows_to_layout, rows_to_layout_reference
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.quant.fp8 import fp8_quantize
