@@ -25,7 +25,7 @@
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
-#             mixtral T = 8192, each forward oracle-checked
+#             mixtral T = 8192, each forward oracle-checked (STEPS_ARGS: more arguments, e.g. --formats fp8_block)
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -107,7 +107,7 @@ for part in $PARTS; do
                 --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
-            python3 benchmarks/profile_experts_steps.py --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
+            python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
     tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
