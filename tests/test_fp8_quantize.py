@@ -171,10 +171,10 @@ def _compare_impls(device: str) -> dict:
         q2, s2 = fp8_quantize_triton(x, group)
         out[f"{shape}-{group}-{kind}"] = [torch.equal(_bits(q1), _bits(q2)), torch.equal(_bits(s1), _bits(s2)),
                                           list(s2.shape) == list(s1.shape)]
-        if device == "cuda":                # the GPU-only form the Gluon GEMM's epilogue runs
-            q3, s3 = fp8_quantize_triton(x, group, gpu_rounding=True)
-            out[f"{shape}-{group}-{kind}-gpu_rounding"] = [torch.equal(_bits(q1), _bits(q3)),
-                                                           torch.equal(_bits(s1), _bits(s3)), True]
+        if device == "cuda":                # the default there is the GPU-only form: the portable one too
+            q3, s3 = fp8_quantize_triton(x, group, gpu_rounding=False)
+            out[f"{shape}-{group}-{kind}-portable"] = [torch.equal(_bits(q1), _bits(q3)),
+                                                       torch.equal(_bits(s1), _bits(s3)), True]
         if device == "cuda":                # bf16 inputs too (the interpreter is float32-only)
             xb = x.to(torch.bfloat16)
             q1, s1 = fp8_quantize_torch(xb, group)
@@ -216,8 +216,8 @@ def _compare_nonfinite(device: str) -> dict:
     q1, s1 = fp8_quantize_torch(x, 128)
     assert s1.isnan().any() and s1.isinf().any()        # the case holds both kinds of group
     forms = {"triton": fp8_quantize_triton(x, 128)}
-    if device == "cuda":
-        forms["gpu_rounding"] = fp8_quantize_triton(x, 128, gpu_rounding=True)
+    if device == "cuda":               # the default there is the GPU-only form: the portable one too
+        forms["portable"] = fp8_quantize_triton(x, 128, gpu_rounding=False)
     nan1 = fp8_dequantize(q1, s1).isnan()
     finite = s1.isfinite()
     return {name: [_same(q1, q, (x, 128)), torch.equal(_bits(s1[finite]), _bits(s[finite])),

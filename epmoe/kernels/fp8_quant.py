@@ -99,12 +99,17 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
     tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < n_groups)
 
 
-def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool = False
+def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
-    [..., ceil(H / group_size)]); group_size None = one scale per row. `gpu_rounding` (GPU only): the
-    formula's GPU-only form (`fp8_quantize_groups` with ROUND=False), as the Gluon GEMM's epilogue runs it,
-    so that its tests can hold it to the same bits."""
+    [..., ceil(H / group_size)]); group_size None = one scale per row. `gpu_rounding`: the formula's
+    GPU-only form (`fp8_quantize_groups` with ROUND=False, as the Gluon GEMM's epilogue runs it) or the
+    portable one (False: its own rounding and `div_rn`, what the interpreter runs); None: the GPU form on a
+    CUDA tensor. Both give the same bits on a GPU (tests/test_fp8_quantize.py holds them to torch's); the
+    portable form's per-element division and rounding made this pass compute-bound on an H200 (1.0 TB/s at
+    a deepseek-v3 batch of 8192 tokens, `benchmarks/profile_experts_steps.py`), where it should stream."""
+    if gpu_rounding is None:
+        gpu_rounding = x.device.type == "cuda"
     if gpu_rounding and x.device.type != "cuda":
         raise ValueError("fp8_quantize_triton: gpu_rounding runs on a CUDA GPU only (the interpreter's cast to "
                          "e4m3 does not round)")
