@@ -1,17 +1,5 @@
 """benchmarks/ncu_source_summary.py on a CSV shaped as ncu's source page: the instructions ranked by their
 samples, the reasons listed, one table per kernel."""
-import importlib.util
-import os
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "ncu_source_summary", os.path.join(HERE, "..", "benchmarks", "ncu_source_summary.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 CSV = '''"Kernel Name","ws_grouped_gemm_kernel"
@@ -25,10 +13,10 @@ CSV = '''"Kernel Name","ws_grouped_gemm_kernel"
 '''
 
 
-def test_ranks_instructions_and_names_reasons(tmp_path, capsys):
+def test_ranks_instructions_and_names_reasons(tmp_path, capsys, benchmark_script):
     path = tmp_path / "src.csv"
     path.write_text(CSV)
-    assert _tool().main([str(path), "--top", "2"]) == 0
+    assert benchmark_script("ncu_source_summary").main([str(path), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("== table") == 2
     first = out.split("== table 1")[0]
@@ -40,10 +28,10 @@ def test_ranks_instructions_and_names_reasons(tmp_path, capsys):
     assert "BAR.SYNC.DEFER_BLOCKING 60.0%" in first             # by opcode
 
 
-def test_refuses_a_csv_without_samples(tmp_path):
+def test_refuses_a_csv_without_samples(tmp_path, benchmark_script):
     path = tmp_path / "other.csv"
     path.write_text('"a","b"\n"1","2"\n')
-    assert _tool().main([str(path)]) == 1
+    assert benchmark_script("ncu_source_summary").main([str(path)]) == 1
 
 
 LOOPS = '''"Kernel Name","ws_grouped_gemm_kernel"
@@ -60,20 +48,21 @@ LOOPS = '''"Kernel Name","ws_grouped_gemm_kernel"
 '''
 
 
-def test_splits_each_k_loop_from_its_tile_loop(tmp_path):
+def test_splits_each_k_loop_from_its_tile_loop(tmp_path, benchmark_script):
     """The K loop (the innermost loop issuing a GMMA: 0x20-0x50), the tile loop's code before it (0x10)
     and after it (0x60-0x70, the epilogue), each with its share and its top reasons."""
     path = tmp_path / "loops.csv"
     path.write_text(LOOPS)
-    header, rows = next(iter(_tool().tables(str(path))))
-    out = _tool().regions(header, rows)
+    tool = benchmark_script("ncu_source_summary")
+    header, rows = next(iter(tool.tables(str(path))))
+    out = tool.regions(header, rows)
     assert "K loop at 0x20:" in out
     assert "before it in the tile loop (set-up): 1 instructions, 2.0% of samples" in out
     assert "the K loop: 4 instructions, 37.0% of samples [barrier 62%]" in out
     assert "after it in the tile loop (epilogue): 2 instructions, 40.0% of samples [no_inst 100%]" in out
 
 
-def test_names_the_run_behind_the_csv(tmp_path, capsys):
+def test_names_the_run_behind_the_csv(tmp_path, capsys, benchmark_script):
     """`--source-log`: the header lines of the run that made the CSV, then this summary's command; a gzipped
     CSV reads the same."""
     import gzip
@@ -82,7 +71,7 @@ def test_names_the_run_behind_the_csv(tmp_path, capsys):
         f.write(LOOPS)
     log = tmp_path / "run.log"
     log.write_text("# command: ncu ...\n# commit: abc\n# gpu: NVIDIA H100\nbody\n# exit code: 0\n")
-    assert _tool().main([str(path), "--top", "1", "--source-log", str(log)]) == 0
+    assert benchmark_script("ncu_source_summary").main([str(path), "--top", "1", "--source-log", str(log)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:3] == ["# source run command: ncu ...", "# source run commit: abc", "# source run gpu: NVIDIA H100"]
     assert out[3].startswith("# summary command: python3 benchmarks/ncu_source_summary.py") and "--source-log" in out[3]

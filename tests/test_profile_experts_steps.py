@@ -1,23 +1,10 @@
 """benchmarks/profile_experts_steps.py's bookkeeping on a made-up trace: forwards cut at the sleep / flush
 marks, kernels grouped by family, shares of the forward's kernel time, and bad --shapes refused."""
-import importlib.util
-import os
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "profile_experts_steps", os.path.join(HERE, "..", "benchmarks", "profile_experts_steps.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_forwards_are_cut_at_the_marks_and_summed_by_family():
-    t = _tool()
+def test_forwards_are_cut_at_the_marks_and_summed_by_family(benchmark_script):
+    t = benchmark_script("profile_experts_steps")
     trace = [
         ("void at::native::vectorized_elementwise_kernel<4, at::native::bitwise_not_kernel_cuda>(...)", 0, 50),
         ("spin_kernel(long)", 50, 550),
@@ -44,8 +31,8 @@ def test_forwards_are_cut_at_the_marks_and_summed_by_family():
     assert s["kernels"][0]["kernel"] == "ws_grouped_gemm_kernel"
 
 
-def test_shapes_are_parsed_and_bad_ones_refused():
-    t = _tool()
+def test_shapes_are_parsed_and_bad_ones_refused(benchmark_script):
+    t = benchmark_script("profile_experts_steps")
     assert t.parse_shapes("deepseek-v3:32:8192, mixtral-8x7b::4096") == [("deepseek-v3", 32, 8192),
                                                                           ("mixtral-8x7b", None, 4096)]
     for bad in ("deepseek-v3:32", "deepseek-v3:32:many", ":32:8"):
