@@ -235,7 +235,7 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
     start = time.time()
     out = dict(library=[], points=[])
     from epmoe.experts.triton_ws import TILE
-    from epmoe.kernels.layout_copy import rows_to_layout
+    from epmoe.kernels.layout_copy import layout_tokens, rows_to_layout
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.quant.fp8 import fp8_quantize
     for name, (L, H, I, k) in ws_probe.SHAPES.items():
@@ -244,10 +244,7 @@ def stage_time(tokens: int, budget_s: float, save, only: str | None = None) -> d
         ids = torch.randn(tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
         aligned = align_pairs(ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()
-        # the token of each layout row (token 0 at padding and past the used length), for the gathered form
-        pair, position = aligned.sorted_ids[:aligned.max_rows].long(), torch.arange(aligned.max_rows, device=dev)
-        valid = (position < aligned.num_padded.long()) & (pair >= 0) & (pair < tokens * k)
-        a_rows = torch.where(valid, pair // k, torch.zeros_like(pair)).to(torch.int32)
+        a_rows = layout_tokens(aligned, k)        # the token of each layout row, for the gathered form
         x = torch.randn(tokens, H, generator=gen, device=dev)
         # the backend's copy of the rows into the layout (reading the tokens saves it)
         for fmt in () if only else ("fp8_block", "bf16"):

@@ -94,18 +94,33 @@ def rows_to_layout(x: torch.Tensor | None, scales: torch.Tensor | None, aligned,
     return a, a_scale_t, row_of_pair.view(-1, top_k)
 
 
+def layout_pairs(aligned) -> tuple[torch.Tensor, torch.Tensor]:
+    """In PyTorch (no host sync): the pair at each of the layout's `max_rows` rows (int64) and whether it is
+    one (False at padding and past the used length, where `sorted_ids` holds a marker or nothing)."""
+    rows = aligned.max_rows
+    pair = aligned.sorted_ids[:rows].long()
+    position = torch.arange(rows, device=pair.device)
+    return pair, (position < aligned.num_padded.long()) & (pair >= 0) & (pair < aligned.num_pairs)
+
+
+def layout_tokens(aligned, top_k: int) -> torch.Tensor:
+    """The token of each layout row, int32 [max_rows] (token 0 where `layout_pairs` finds no pair): the
+    `a_rows` of the Gluon GEMM's gathered form, and what `rows_to_layout` copies."""
+    pair, is_pair = layout_pairs(aligned)
+    return torch.where(is_pair, pair // top_k, torch.zeros_like(pair)).to(torch.int32)
+
+
 def rows_to_layout_reference(x: torch.Tensor | None, scales: torch.Tensor | None, aligned, top_k: int):
     """What `rows_to_layout` computes, in PyTorch, with every row past the used length zero (the kernel
     leaves those unwritten: compare the first `num_padded` rows)."""
     num_pairs, rows = aligned.num_pairs, aligned.max_rows
     device = aligned.sorted_ids.device
     used = min(int(aligned.num_padded.item()), rows)
-    pair = aligned.sorted_ids[:used].long()
-    is_pair = (pair >= 0) & (pair < num_pairs)
-    token = torch.where(is_pair, pair // top_k, torch.zeros_like(pair))
+    pair, is_pair = layout_pairs(aligned)
+    token = layout_tokens(aligned, top_k)[:used].long()
     row_of_pair = torch.full((num_pairs + 1,), -1, dtype=torch.int32, device=device)
     row_of_pair[torch.where(is_pair, pair, torch.full_like(pair, num_pairs))] = torch.arange(
-        used, dtype=torch.int32, device=device)
+        rows, dtype=torch.int32, device=device)
     a = a_scale_t = None
     if x is not None:
         a = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=device)
