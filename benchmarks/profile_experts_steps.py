@@ -18,6 +18,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections import defaultdict
 
 FLUSH_MARK = "bitwise_not"      # the L2 flush before each forward (a kernel no backend launches)
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
 
     from epmoe import contract
     from epmoe.bench.experts import _rel_err, _sample_rows, bench_config, make_routing, make_weights
+    from epmoe.bench.gpu_state import GpuStateSampler
     from epmoe.bench.gpu_timing import CudaClock
     from epmoe.layouts import FlatBatch
     from epmoe.reference import reference_moe
@@ -100,52 +102,59 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     clock = CudaClock(device)
     results, failed = [], 0
-    for preset, experts, T in shapes:
-        for fmt in args.formats.split(","):
-            gen = torch.Generator(device=device).manual_seed(0)
-            cfg = bench_config(preset, fmt, experts)
-            weights, oracle = make_weights(cfg, device, gen)
-            ids, tw = make_routing("balanced", T, cfg.num_experts, cfg.top_k, gen, device)
-            x = torch.randn(T, cfg.hidden_size, generator=gen, device=device).to(torch.bfloat16)
-            sample = _sample_rows(T, gen, device)
-            ref = reference_moe(x[sample], None, oracle, cfg, routing=Routing(ids[sample], tw[sample]), device=device)
-            flops = 6.0 * T * cfg.top_k * cfg.hidden_size * cfg.intermediate_size
-            for name in args.backends.split(","):
-                why = contract.experts_problem(name, cfg, device.type)
-                if why:
-                    print(f"skip {name} {preset} {fmt}: {why}", flush=True)
-                    continue
-                backend = contract.experts_class(name)(cfg, device)
-                batch = FlatBatch(x, ids, tw)
-                out = backend(batch, weights)            # compiles; then the check
-                err = _rel_err(out[:, :cfg.hidden_size][sample], ref)
-                ok = err <= 3e-2
-                failed += not ok
-                for _ in range(2):
-                    backend(batch, weights)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.forwards):
-                        clock.flush_buffer.bitwise_not_()
-                        clock.sleep(0.5)
+    with GpuStateSampler(device.index) as sampler:      # the clocks while each point's forwards ran
+        for preset, experts, T in shapes:
+            for fmt in args.formats.split(","):
+                gen = torch.Generator(device=device).manual_seed(0)
+                cfg = bench_config(preset, fmt, experts)
+                weights, oracle = make_weights(cfg, device, gen)
+                ids, tw = make_routing("balanced", T, cfg.num_experts, cfg.top_k, gen, device)
+                x = torch.randn(T, cfg.hidden_size, generator=gen, device=device).to(torch.bfloat16)
+                sample = _sample_rows(T, gen, device)
+                ref = reference_moe(x[sample], None, oracle, cfg, routing=Routing(ids[sample], tw[sample]),
+                                    device=device)
+                flops = 6.0 * T * cfg.top_k * cfg.hidden_size * cfg.intermediate_size
+                for name in args.backends.split(","):
+                    why = contract.experts_problem(name, cfg, device.type)
+                    if why:
+                        print(f"skip {name} {preset} {fmt}: {why}", flush=True)
+                        continue
+                    backend = contract.experts_class(name)(cfg, device)
+                    batch = FlatBatch(x, ids, tw)
+                    out = backend(batch, weights)            # compiles; then the check
+                    err = _rel_err(out[:, :cfg.hidden_size][sample], ref)
+                    ok = err <= 3e-2
+                    failed += not ok
+                    for _ in range(2):
                         backend(batch, weights)
-                    clock.flush_buffer.bitwise_not_()
                     torch.cuda.synchronize()
-                kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
-                s = summarize(forwards_of(kernels))
-                row = dict(preset=preset, experts=cfg.num_experts, T=T, format=fmt, backend=name,
-                           check_rel_err=err, check_ok=ok, tflops_of_kernel_time=flops / (s["kernel_us"] * 1e6)
-                           if s["kernel_us"] else None, **s)
-                results.append(row)
-                print(f"\n{preset} E={cfg.num_experts} T={T} {fmt} {name}: {s['forwards']} forwards, kernels "
-                      f"{s['kernel_us']:.0f} us ({row['tflops_of_kernel_time'] or 0:.0f} TFLOP/s), span "
-                      f"{s['span_us']:.0f} us, check {err:.2e} {'ok' if ok else 'FAILED'}", flush=True)
-                for k in s["kernels"]:
-                    print(f"  {k['us']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
-                del backend, out
-            del weights, oracle
-            torch.cuda.empty_cache()
+                    start = time.monotonic()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(args.forwards):
+                            clock.flush_buffer.bitwise_not_()
+                            clock.sleep(0.5)
+                            backend(batch, weights)
+                        clock.flush_buffer.bitwise_not_()
+                        torch.cuda.synchronize()
+                    gpu_state = sampler.between(start, time.monotonic())
+                    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
+                    s = summarize(forwards_of(kernels))
+                    row = dict(preset=preset, experts=cfg.num_experts, T=T, format=fmt, backend=name,
+                               check_rel_err=err, check_ok=ok, tflops_of_kernel_time=flops / (s["kernel_us"] * 1e6)
+                               if s["kernel_us"] else None, gpu_state=gpu_state, **s)
+                    results.append(row)
+                    print(f"\n{preset} E={cfg.num_experts} T={T} {fmt} {name}: {s['forwards']} forwards, kernels "
+                          f"{s['kernel_us']:.0f} us ({row['tflops_of_kernel_time'] or 0:.0f} TFLOP/s), span "
+                          f"{s['span_us']:.0f} us, check {err:.2e} {'ok' if ok else 'FAILED'}"
+                          + (f", sm {gpu_state['sm_mhz_min']:.0f}-{gpu_state['sm_mhz_max']:.0f} MHz"
+                             if gpu_state else ""),
+                          flush=True)
+                    for k in s["kernels"]:
+                        print(f"  {k['us']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
+                    del backend, out
+                del weights, oracle
+                torch.cuda.empty_cache()
     if args.output:
         from epmoe.bench.experts import _environment
         with open(args.output, "w") as f:

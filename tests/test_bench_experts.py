@@ -57,6 +57,7 @@ def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, cap
         assert r["check_rel_err"] < 1e-2 and r["experts_hit"] <= 16
         assert set(r["vs_anchors"]) == {expert_anchors.GROUPED_BF16}
         assert r["vs_anchors"][expert_anchors.GROUPED_BF16] == pytest.approx(bf16["ms"] / r["ms"])
+        assert r["gpu_state"] is None                   # no sampler on the CPU
     out = capsys.readouterr().out
     assert "qwen3-30b-a3b E=16 T=5 balanced: torch._grouped_mm" in out
 
@@ -88,6 +89,8 @@ def test_gpu_anchors_beside_triton(tmp_path):
     assert anchors[expert_anchors.DENSE_FP8_BLOCK]["gemms_ms"] > 0
     for r in (r for r in rows if r["backend"] == "triton"):
         assert set(r["vs_anchors"]) == set(expert_anchors.ANCHORS)
+        g = r["gpu_state"]                              # nvidia-smi's clocks while it was timed
+        assert g is not None and g["samples"] >= 1 and 0 < g["sm_mhz_min"] <= g["sm_mhz_max"], g
 
 
 def test_provenance_names_the_commit_of_this_checkout_only(monkeypatch, tmp_path):

@@ -18,16 +18,19 @@ oracle. Writes JSON and a PNG under benchmarks/results/ of the checkout (./epmoe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import sys
+import time
 
 import torch
 
 from ..usage import CsvList, UsageError, csv_values, token_counts
 from .expert_anchors import ANCHOR_FORMATS, DENSE_FP8_BLOCK, GROUPED_BF16, GROUPED_FP8_ROWWISE
+from .gpu_state import GpuStateSampler
 from .run_env import RESULTS_DIR_HELP, provenance, results_dir
 
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
@@ -270,11 +273,6 @@ def check_args(args) -> None:
 
 
 def run_benchmark(args) -> dict:
-    from .. import contract
-    from ..layouts import BatchedBatch, FlatBatch
-    from ..reference import reference_moe
-    from ..routing import Routing
-    from .expert_anchors import run_anchors
     dry = bool(getattr(args, "dry_run", False))
     env = _environment(dry)
     if dry:
@@ -289,6 +287,37 @@ def run_benchmark(args) -> dict:
         rates["fp8"] = measure_matmul_rate(timer, torch.float8_e4m3fn)
         print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
               f"{rates['bf16'] / 1e12:.0f} TFLOP/s, fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s", flush=True)
+    sampler = None if dry else GpuStateSampler(device.index)
+    with contextlib.nullcontext() if sampler is None else sampler:
+        results = _run_points(args, dry, device, timer, copy_bw, rates, sampler)
+    ceilings = {} if dry else {"copy_bytes_per_s": copy_bw, **{f"matmul_{k}_flop_per_s": v for k, v in rates.items()}}
+    return {"environment": env, "ceilings": ceilings,
+            "command": "epmoe bench experts " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "experts"]
+                                                         else sys.argv[1:]),
+            "method": "CUDA events, median of reps after warm-up, L2 flushed (512 MB write) and the GPU kept busy "
+                      "(cuda sleep) before each run; CUDA graph replay where the backend allows; fresh inputs "
+                      "copied in before each run (untimed); every format and anchor of a preset on the same rows",
+            "definitions": {"tflops": "6*T*k*H*I / time", "hit_weight_gbps": "experts hit * 3*H*I * bytes/elem / time",
+                            "floor_ms": "max(hit weight bytes / copy rate, FLOPs / matmul rate)",
+                            "vs_anchors": "anchor time / this time, for each library anchor on the same rows "
+                                          "(GEMMs + activation on rows sorted beforehand; see "
+                                          "epmoe.bench.expert_anchors)",
+                            "vs_grouped_mm": f"{ANCHOR} time / this time",
+                            "gpu_state": "nvidia-smi's samples (every 20 ms) while a backend's point was timed, "
+                                         "capture and warm-up included: SM clock lowest / median / highest, "
+                                         "highest power and temperature, the clock event reasons named "
+                                         "(epmoe.bench.gpu_state); null where nvidia-smi gave none"},
+            "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+
+
+def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]:
+    """Every (preset, format, T, routing) point: the anchors once per rows, then each backend; a backend's
+    row carries the GPU's clocks while it was timed (`gpu_state`) where `sampler` runs."""
+    from .. import contract
+    from ..layouts import BatchedBatch, FlatBatch
+    from ..reference import reference_moe
+    from ..routing import Routing
+    from .expert_anchors import run_anchors
     formats = csv_values(args.formats)
     anchor_names = _anchor_names(args.anchors)
     results = []
@@ -387,8 +416,8 @@ def run_benchmark(args) -> dict:
                             xb, counts = _batched_inputs(xp, ids, E)
                             batch = BatchedBatch(xb, counts)
                             fn = lambda experts=experts, batch=batch: experts(batch, weights)
-                            t = timer.time(fn, reps=args.reps, warmup=args.warmup,
-                                           use_graph=experts.CAPS.cuda_graph_safe)
+                            t, gpu_state = _timed(timer, sampler, fn, args,
+                                                  use_graph=experts.CAPS.cuda_graph_safe)
                             err = None
                             if not args.no_check:
                                 err = _batched_check(fn(), ids, tw, sample, xb, counts, ref_of(fmt, inp), H)
@@ -396,8 +425,8 @@ def run_benchmark(args) -> dict:
                         else:
                             batch = FlatBatch(xp, ids, tw)
                             fn = lambda experts=experts, batch=batch: experts(batch, weights)
-                            t = timer.time(fn, reps=args.reps, warmup=args.warmup, before_each=refresh,
-                                           use_graph=experts.CAPS.cuda_graph_safe)
+                            t, gpu_state = _timed(timer, sampler, fn, args, before_each=refresh,
+                                                  use_graph=experts.CAPS.cuda_graph_safe)
                             err = None
                             if not args.no_check:
                                 load(0)                 # the input the oracle saw
@@ -407,26 +436,22 @@ def run_benchmark(args) -> dict:
                         ms = t.median_ms
                         r = dict(row_of(fmt, name), ms=ms, timing=t.as_dict(), check_rel_err=err,
                                  kernel_config=cfg_desc, vs_anchors={a: am / ms for a, am in anchor_ms.items()},
-                                 vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None)
+                                 vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None,
+                                 gpu_state=gpu_state)
                         results.append(_with_rates(r))
                         _print_row(r)
         del states, base, inputs
         if not dry:
             torch.cuda.empty_cache()
-    ceilings = {} if dry else {"copy_bytes_per_s": copy_bw, **{f"matmul_{k}_flop_per_s": v for k, v in rates.items()}}
-    return {"environment": env, "ceilings": ceilings,
-            "command": "epmoe bench experts " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "experts"]
-                                                         else sys.argv[1:]),
-            "method": "CUDA events, median of reps after warm-up, L2 flushed (512 MB write) and the GPU kept busy "
-                      "(cuda sleep) before each run; CUDA graph replay where the backend allows; fresh inputs "
-                      "copied in before each run (untimed); every format and anchor of a preset on the same rows",
-            "definitions": {"tflops": "6*T*k*H*I / time", "hit_weight_gbps": "experts hit * 3*H*I * bytes/elem / time",
-                            "floor_ms": "max(hit weight bytes / copy rate, FLOPs / matmul rate)",
-                            "vs_anchors": "anchor time / this time, for each library anchor on the same rows "
-                                          "(GEMMs + activation on rows sorted beforehand; see "
-                                          "epmoe.bench.expert_anchors)",
-                            "vs_grouped_mm": f"{ANCHOR} time / this time"},
-            "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+    return results
+
+
+def _timed(timer, sampler, fn, args, **kw):
+    """`timer.time(fn)` and what the GPU's clocks did meanwhile (capture and warm-up included; None without
+    a sampler or samples)."""
+    start = time.monotonic()
+    t = timer.time(fn, reps=args.reps, warmup=args.warmup, **kw)
+    return t, (sampler.between(start, time.monotonic()) if sampler is not None else None)
 
 
 def _with_rates(r: dict) -> dict:
@@ -449,7 +474,10 @@ def _print_row(r: dict) -> None:
           + "".join(f" x{v:.2f} vs {a.split()[0]}" + ("" if a == ANCHOR else f" {a.split()[-1]}")
                     for a, v in vs.items())
           + (f" err {r['check_rel_err']:.1e}" if r.get("check_rel_err") is not None else "")
-          + f" [{r['timing']['method']}]", flush=True)
+          + f" [{r['timing']['method']}]"
+          + (f" sm {g['sm_mhz_min']:.0f}-{g['sm_mhz_max']:.0f} MHz {g['power_w_max']:.0f} W"
+             + (f" {'+'.join(g['clock_event_reasons'])}" if g["clock_event_reasons"] else "")
+             if (g := r.get("gpu_state")) else ""), flush=True)
 
 
 def _sample_rows(T, gen, device):

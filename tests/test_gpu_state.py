@@ -1,0 +1,74 @@
+"""The GPU-state sampler's reading of nvidia-smi, on the CPU: the line format, the reasons bitmask, the
+summary of a stretch, and the side process driven by a stand-in for the tool."""
+import os
+import stat
+import sys
+import time
+
+import pytest
+
+from epmoe.bench.gpu_state import GpuStateSampler, decode_reasons, parse_sample, summarize
+
+
+def test_parse_sample_reads_the_query_fields_and_skips_other_lines():
+    assert parse_sample("1980, 3201, 655.12, 61, 0x0000000000000004\n") == {
+        "sm_mhz": 1980.0, "mem_mhz": 3201.0, "power_w": 655.12, "temp_c": 61.0, "reasons": 4}
+    assert parse_sample("clocks.current.sm [MHz], clocks.current.memory [MHz], a, b, c") is None
+    assert parse_sample("1980, 3201, [N/A], 61, 0x0") is None
+    assert parse_sample("1980, 3201, 600") is None
+
+
+def test_decode_reasons_names_bits_and_keeps_unknown_ones():
+    assert decode_reasons(0) == []
+    assert decode_reasons(0x4 | 0x20) == ["sw_power_cap", "sw_thermal_slowdown"]
+    assert decode_reasons(0x4 | 0x10000) == ["sw_power_cap", "0x10000"]
+
+
+def test_summarize_takes_extremes_and_ors_the_reasons_but_not_idle():
+    s = [dict(sm_mhz=1980, mem_mhz=3201, power_w=300, temp_c=50, reasons=0x1),
+         dict(sm_mhz=1755, mem_mhz=3201, power_w=699, temp_c=63, reasons=0x4),
+         dict(sm_mhz=1830, mem_mhz=3201, power_w=650, temp_c=62, reasons=0x0)]
+    got = summarize(s)
+    assert got == {"samples": 3, "sm_mhz_min": 1755, "sm_mhz_median": 1830, "sm_mhz_max": 1980,
+                   "mem_mhz_min": 3201, "power_w_max": 699, "temp_c_max": 63, "clock_event_reasons": ["sw_power_cap"]}
+    assert summarize([]) is None
+
+
+@pytest.fixture
+def fake_smi(tmp_path):
+    """A stand-in for nvidia-smi: checks it was asked for the query, then prints a sample every 10 ms."""
+    path = tmp_path / "nvidia-smi"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, time\n"
+        "assert any(a.startswith('--query-gpu=clocks.sm,') for a in sys.argv), sys.argv\n"
+        "i = 0\n"
+        "while True:\n"
+        "    print(f'{1900 - i}, 3201, {600 + i}, 60, 0x4' if i % 2 else 'junk line', flush=True)\n"
+        "    i += 1\n"
+        "    time.sleep(0.01)\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in is a script with a shebang")
+def test_sampler_collects_samples_in_a_window_and_stops_its_process(fake_smi):
+    with GpuStateSampler(0, interval_ms=10, command=fake_smi) as sampler:
+        deadline = time.monotonic() + 20
+        while len(sampler.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        time.sleep(0.2)
+        t1 = time.monotonic()
+        proc = sampler._proc
+    assert proc.poll() is not None                    # the side process is gone after the block
+    got = sampler.between(t0, t1)
+    assert got is not None and got["samples"] >= 2
+    assert got["clock_event_reasons"] == ["sw_power_cap"] and got["sm_mhz_min"] < got["sm_mhz_max"]
+    assert sampler.between(t1 + 100, t1 + 200) is None  # nothing arrived then
+
+
+def test_sampler_without_the_tool_gives_no_record():
+    with GpuStateSampler(0, command="/nonexistent/nvidia-smi") as sampler:
+        pass
+    assert sampler.samples == [] and sampler.between(0, time.monotonic()) is None
