@@ -19,7 +19,8 @@
 #             limit (a hang costs that limit, not the call), then timed beside the library's kernels (a call
 #             of its own: 540 s by default; GLUON_ARGS: more arguments, e.g. --only scale_tma)
 #   ncu       where the Gluon GEMM's warps stall, per SASS instruction: ncu's source counters of the
-#             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 (benchmarks/profile_ws_gemm.py),
+#             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 as its experts launch them (no
+#             bias, the kernel's own ring size; benchmarks/profile_ws_gemm.py),
 #             the source page as CSV and its summary (benchmarks/ncu_source_summary.py), and the throughput
 #             sections (speed of light, compute and memory workload)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the

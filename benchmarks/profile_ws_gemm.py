@@ -27,7 +27,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(ws_probe.SHAPES))
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--stages", type=int, default=4)
+    p.add_argument("--stages", type=int, default=None,
+                   help="ring slots (default: the kernel's own choice, as the experts launch it)")
+    p.add_argument("--bias", action="store_true",
+                   help="add a bias, as gpt-oss's experts have (default: none, as deepseek-v3's and mixtral's); "
+                        "the gated FP8 tile's epilogue then needs registers the K loop gives up to the stack")
     p.add_argument("--global-scales", action="store_true",
                    help="FP8: the A scales from global memory (scale_tma=False) instead of by TMA (the default)")
     p.add_argument("--group-m", default="8", help="m-tiles walked side by side, comma-separated values to time "
@@ -57,6 +61,7 @@ def main(argv=None) -> int:
         for gemm, w_rows, K, block_n in (("gate_up", 2 * I, H, 256), ("down", H, I, 256)):
             prob = Problem(fmt == "fp8", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                            a_std=1.0 if gemm == "gate_up" else 0.1)
+            prob.use_bias = args.bias
             for group_m in group_ms:
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
