@@ -447,8 +447,12 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
 
 
 def _timed(timer, sampler, fn, args, **kw):
-    """`timer.time(fn)` and what the GPU's clocks did meanwhile (capture and warm-up included; None without
-    a sampler or samples)."""
+    """`timer.time(fn)` and what the GPU's clocks did meanwhile (graph capture and warm-up included; None
+    without a sampler or samples). With a sampler, one call and a sync first, so that compiling a kernel
+    (seconds at an idle clock) stays out of the window."""
+    if sampler is not None:
+        fn()
+        torch.cuda.synchronize()
     start = time.monotonic()
     t = timer.time(fn, reps=args.reps, warmup=args.warmup, **kw)
     return t, (sampler.between(start, time.monotonic()) if sampler is not None else None)
