@@ -5,8 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from epmoe.kernels.tuning_table import (CONFIG_DIR, SMEM_LIMIT, GemmConfig, MoEKernelConfig, _load_table,
-                                        element_bytes, heuristic_config, lookup_config, shape_key, smem_bytes)
+from epmoe.kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, MoEKernelConfig,
+                                        _load_table, element_bytes, heuristic_config, lookup_config, shape_key,
+                                        smem_bytes)
 
 
 def _fits(cfg, elem):
@@ -219,8 +220,17 @@ def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
     assert not tables_pick_gluon(7168, 2048, 8, "bfloat16", paths=[path])
     assert not tables_pick_gluon(4096, 2048, 8, "fp8_block", paths=[path])
     assert not tables_pick_gluon(7168, 2048, 8, "fp8_block", paths=[])
-    assert not any(cfg.gluon for f in os.listdir(CONFIG_DIR) if f.endswith(".json")
-                   for by_t in _load_table(os.path.join(CONFIG_DIR, f)).values() for cfg in by_t.values())
+    # a shipped entry says gluon only as `epmoe tune` writes it: measured end to end, at a T whose batches have
+    # the 128 rows per expert the Gluon tiles hold, not copied from another GPU's table
+    for f in (f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")):
+        with open(os.path.join(CONFIG_DIR, f)) as fh:
+            entries = json.load(fh)["entries"]
+        for key, by_t in entries.items():
+            L, k = int(key.split("L=")[1].split(",")[0]), int(key.split("k=")[1].split(",")[0])
+            for t, entry in by_t.items():
+                if entry.get("gluon"):
+                    assert entry.get("measured_ms", 0) > 0 and "copied_from" not in entry, (f, key, t)
+                    assert int(t) * k >= GLUON_MIN_ROWS * L, (f, key, t)
 
 
 def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_time(tmp_path):
