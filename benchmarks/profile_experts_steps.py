@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from epmoe import contract
-    from epmoe.bench.experts import _rel_err, _sample_rows, bench_config, make_routing, make_weights
+    from epmoe.bench.experts import rel_err, sample_rows, bench_config, make_routing, make_weights
     from epmoe.bench.gpu_state import GpuStateSampler
     from epmoe.bench.gpu_timing import CudaClock
     from epmoe.layouts import FlatBatch
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                 weights, oracle = make_weights(cfg, device, gen)
                 ids, tw = make_routing("balanced", T, cfg.num_experts, cfg.top_k, gen, device)
                 x = torch.randn(T, cfg.hidden_size, generator=gen, device=device).to(torch.bfloat16)
-                sample = _sample_rows(T, gen, device)
+                sample = sample_rows(T, gen, device)
                 ref = reference_moe(x[sample], None, oracle, cfg, routing=Routing(ids[sample], tw[sample]),
                                     device=device)
                 flops = 6.0 * T * cfg.top_k * cfg.hidden_size * cfg.intermediate_size
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                     backend = contract.experts_class(name)(cfg, device)
                     batch = FlatBatch(x, ids, tw)
                     out = backend(batch, weights)            # compiles; then the check
-                    err = _rel_err(out[:, :cfg.hidden_size][sample], ref)
+                    err = rel_err(out[:, :cfg.hidden_size][sample], ref)
                     ok = err <= 3e-2
                     failed += not ok
                     for _ in range(2):
@@ -156,9 +156,9 @@ def main(argv=None) -> int:
                 del weights, oracle
                 torch.cuda.empty_cache()
     if args.output:
-        from epmoe.bench.experts import _environment
+        from epmoe.bench.experts import environment
         with open(args.output, "w") as f:
-            json.dump({"environment": _environment(), "command": " ".join(sys.argv), "results": results}, f, indent=1)
+            json.dump({"environment": environment(), "command": " ".join(sys.argv), "results": results}, f, indent=1)
     return 1 if failed else 0
 
 

@@ -181,12 +181,13 @@ def _flops(T, k, H, I):
     return 6.0 * T * k * H * I
 
 
-def _rel_err(out, ref) -> float:
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (the oracle's check, shared by the benchmarks that run the experts)."""
     out = out.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def _environment(dry: bool = False) -> dict:
+def environment(dry: bool = False) -> dict:
     """Versions, date, and the command, commit and source digest of the run (`run_env.provenance`)."""
     import triton
     env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
@@ -274,7 +275,7 @@ def check_args(args) -> None:
 
 def run_benchmark(args) -> dict:
     dry = bool(getattr(args, "dry_run", False))
-    env = _environment(dry)
+    env = environment(dry)
     if dry:
         device, timer = torch.device("cpu"), WallTimer()
         copy_bw, rates = None, {}
@@ -340,7 +341,7 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
             if (T, routing) not in inputs:
                 ids, tw = make_routing(routing, T, E, k, gen, device)
                 pool = [torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16) for _ in range(3)]
-                inputs[(T, routing)] = dict(ids=ids, tw=tw, pool=pool, sample=_sample_rows(T, gen, device),
+                inputs[(T, routing)] = dict(ids=ids, tw=tw, pool=pool, sample=sample_rows(T, gen, device),
                                             refs={}, anchors=None)
             return inputs[(T, routing)]
 
@@ -430,7 +431,7 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                             err = None
                             if not args.no_check:
                                 load(0)                 # the input the oracle saw
-                                err = _rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
+                                err = rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
                             cfg_desc = experts.kernel_config(T, weights).describe() \
                                 if hasattr(experts, "kernel_config") else None
                         ms = t.median_ms
@@ -484,7 +485,9 @@ def _print_row(r: dict) -> None:
              if (g := r.get("gpu_state")) else ""), flush=True)
 
 
-def _sample_rows(T, gen, device):
+def sample_rows(T, gen, device):
+    """The token rows the oracle checks: all of them up to CHECK_ROWS, else the first half of that many and
+    as many drawn from the rest."""
     if T <= CHECK_ROWS:
         return torch.arange(T, device=device)
     head = torch.arange(CHECK_ROWS // 2, device=device)
@@ -502,7 +505,7 @@ def _batched_check(out, ids, tw, sample, xb, counts, ref, H) -> float:
     slot[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     y = out[flat, slot].float().reshape(T, k, -1)
     combined = (y * tw.unsqueeze(2)).sum(1)[:, :H]
-    return _rel_err(combined[sample], ref)
+    return rel_err(combined[sample], ref)
 
 
 # ------------------------------------------------------------------------------------------- output
