@@ -103,22 +103,6 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
     return out
 
 
-_ZERO_STATUS: dict[torch.device, torch.Tensor] = {}
-
-
-def _zero_status(device: torch.device) -> torch.Tensor:
-    """The status word `gather_sum` reads (non-zero: a dispatcher timed out and the rows are not there), as
-    it stays for these backends: zero, one per device, made once instead of filled in every forward. Only
-    `gather_sum` gets it, which never writes it. One made while a CUDA graph is being captured is not kept:
-    its fill runs only in the graph's replays."""
-    status = _ZERO_STATUS.get(device)
-    if status is None:
-        status = torch.zeros(1, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _ZERO_STATUS[device] = status
-    return status
-
-
 SELF_CHECK_SECONDS = 60.0      # the self-check's GEMMs take milliseconds: longer is a hang
 
 
@@ -278,7 +262,7 @@ class WarpSpecializedExperts(Experts):
         -1 where the expert is not here: `rows_to_layout`) summed with their routing weights in float32
         (`gather_sum`), into the dispatcher's buffer where it gives one."""
         from ..kernels.token_rows import gather_sum
-        status = _zero_status(y.device)
+        status = torch.zeros(1, dtype=torch.int32, device=y.device)
         # where the dispatcher's combine reads it (its pull buffer), when it is a dense array of the dtype
         out = batch.out if batch.out is not None and batch.out.is_contiguous() and batch.out.dtype == self.plan.dtype \
             else None
