@@ -113,6 +113,22 @@ def test_every_rank_sleeps_the_same_and_no_rank_measures_waiting():
     assert unfair[1]["timing"]["median_ms"] == pytest.approx(COLLECTIVE_MS)
 
 
+def test_each_timed_repeat_is_kept_in_the_order_it_ran():
+    """The warm-ups are left out; the repeats come back in order, so a slow drift (a clock falling under
+    sustained load) shows beside the median."""
+    clock = FakeGpuClock(host_ms=0.1)
+    runs = []
+
+    def step():
+        runs.append(len(runs))
+        clock.now += 1.0 + 0.1 * len(runs)      # each run a little slower than the one before
+    t = Timer(clock).time(step, reps=4, warmup=2, use_graph=False)
+    # one untimed call compiles, one measures the host's queueing, two warm up, four are timed
+    assert len(runs) == 8
+    assert t.times_ms == pytest.approx((1.5, 1.6, 1.7, 1.8))
+    assert t.median_ms == pytest.approx(1.65) and t.as_dict()["times_ms"] == pytest.approx([1.5, 1.6, 1.7, 1.8])
+
+
 def _dispatch_steps(clock, host_sync):
     def dispatch():
         clock.now += 0.2

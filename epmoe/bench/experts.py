@@ -215,7 +215,7 @@ class WallTimer:
             fn()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
-        return Timing(statistics.median(times), min(times), max(times), reps, "wall")
+        return Timing(statistics.median(times), min(times), max(times), reps, "wall", times_ms=tuple(times))
 
 
 def bench_config(preset: str, fmt: str, experts: int | None = None, dry: bool = False):

@@ -37,10 +37,13 @@ class Timing:
     reps: int
     method: str                 # GRAPH, EAGER or WALL_CLOCK
     sleep_ms: float = 0.0       # the sleep ahead of each run (the same on every rank of an agreement)
+    # every timed repeat in the order it ran (after the warm-ups): a drift from first to last is the GPU's
+    # clock falling under sustained load, which the median alone hides
+    times_ms: tuple[float, ...] = ()
 
     def as_dict(self) -> dict:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "max_ms": self.max_ms, "reps": self.reps,
-                "method": self.method, "sleep_ms": self.sleep_ms}
+                "method": self.method, "sleep_ms": self.sleep_ms, "times_ms": [round(t, 6) for t in self.times_ms]}
 
 
 # ------------------------------------------------------------------------------------------- clocks
@@ -178,7 +181,7 @@ class GroupAgreement:
 
 # ------------------------------------------------------------------------------------------ the loop
 def _summary(times: list[float], reps: int, method: str, sleep_ms: float) -> Timing:
-    return Timing(statistics.median(times), min(times), max(times), reps, method, sleep_ms)
+    return Timing(statistics.median(times), min(times), max(times), reps, method, sleep_ms, tuple(times))
 
 
 class Timer:
