@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     from epmoe import contract
     from epmoe.bench.experts import rel_err, sample_rows, bench_config, make_routing, make_weights
-    from epmoe.bench.gpu_state import GpuStateSampler
+    from epmoe.bench.gpu_state import GpuStateSampler, nvidia_smi_id
     from epmoe.bench.gpu_timing import CudaClock
     from epmoe.layouts import FlatBatch
     from epmoe.reference import reference_moe
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     clock = CudaClock(device)
     results, failed = [], 0
-    with GpuStateSampler(device.index) as sampler:      # the clocks while each point's forwards ran
+    with GpuStateSampler(nvidia_smi_id(device)) as sampler:      # the clocks while each point's forwards ran
         for preset, experts, T in shapes:
             for fmt in args.formats.split(","):
                 gen = torch.Generator(device=device).manual_seed(0)

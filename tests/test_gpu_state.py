@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from epmoe.bench.gpu_state import GpuStateSampler, decode_reasons, parse_sample, summarize
+from epmoe.bench.gpu_state import GpuStateSampler, decode_reasons, nvidia_smi_id, parse_sample, summarize
 
 
 def test_parse_sample_reads_the_query_fields_and_skips_other_lines():
@@ -42,6 +42,7 @@ def fake_smi(tmp_path):
         f"#!{sys.executable}\n"
         "import sys, time\n"
         "assert any(a.startswith('--query-gpu=clocks.sm,') for a in sys.argv), sys.argv\n"
+        "assert '--id=GPU-1234' in sys.argv, sys.argv\n"
         "i = 0\n"
         "while True:\n"
         "    print(f'{1900 - i}, 3201, {600 + i}, 60, 0x4' if i % 2 else 'junk line', flush=True)\n"
@@ -53,7 +54,7 @@ def fake_smi(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="the stand-in is a script with a shebang")
 def test_sampler_collects_samples_in_a_window_and_stops_its_process(fake_smi):
-    with GpuStateSampler(0, interval_ms=10, command=fake_smi) as sampler:
+    with GpuStateSampler("GPU-1234", interval_ms=10, command=fake_smi) as sampler:
         deadline = time.monotonic() + 20
         while len(sampler.samples) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -69,6 +70,26 @@ def test_sampler_collects_samples_in_a_window_and_stops_its_process(fake_smi):
 
 
 def test_sampler_without_the_tool_gives_no_record():
-    with GpuStateSampler(0, command="/nonexistent/nvidia-smi") as sampler:
+    with GpuStateSampler("0", command="/nonexistent/nvidia-smi") as sampler:
         pass
     assert sampler.samples == [] and sampler.between(0, time.monotonic()) is None
+
+
+def test_the_gpu_is_named_to_nvidia_smi_by_its_uuid(monkeypatch):
+    """torch's index and nvidia-smi's can name different GPUs (CUDA_VISIBLE_DEVICES renumbers torch's): the
+    UUID, with nvidia-smi's prefix, names the one torch runs on; the index where torch has no UUID."""
+    import torch
+
+    class Props:
+        def __init__(self, uuid):
+            self.uuid = uuid
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: seen.append(i) or Props("5fc1b3b8-aa"))
+    assert nvidia_smi_id(torch.device("cuda", 3)) == "GPU-5fc1b3b8-aa" and seen == [3]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props("GPU-77"))
+    assert nvidia_smi_id("cuda:0") == "GPU-77"
+
+    def no_gpu(i):
+        raise RuntimeError("no CUDA GPUs are available")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
+    assert nvidia_smi_id(torch.device("cuda", 2)) == "2"

@@ -30,7 +30,7 @@ import torch
 
 from ..usage import CsvList, UsageError, csv_values, token_counts
 from .expert_anchors import ANCHOR_FORMATS, DENSE_FP8_BLOCK, GROUPED_BF16, GROUPED_FP8_ROWWISE
-from .gpu_state import GpuStateSampler
+from .gpu_state import GpuStateSampler, nvidia_smi_id
 from .run_env import RESULTS_DIR_HELP, provenance, results_dir
 
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
@@ -288,7 +288,7 @@ def run_benchmark(args) -> dict:
         rates["fp8"] = measure_matmul_rate(timer, torch.float8_e4m3fn)
         print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
               f"{rates['bf16'] / 1e12:.0f} TFLOP/s, fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s", flush=True)
-    sampler = None if dry else GpuStateSampler(device.index)
+    sampler = None if dry else GpuStateSampler(nvidia_smi_id(device))
     with contextlib.nullcontext() if sampler is None else sampler:
         results = _run_points(args, dry, device, timer, copy_bw, rates, sampler)
     ceilings = {} if dry else {"copy_bytes_per_s": copy_bw, **{f"matmul_{k}_flop_per_s": v for k, v in rates.items()}}

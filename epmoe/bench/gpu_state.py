@@ -66,15 +66,31 @@ def summarize(samples: list[dict]) -> dict | None:
             "clock_event_reasons": decode_reasons(mask & ~0x1)}   # idle: the sleeps between runs, not a limit
 
 
-class GpuStateSampler:
-    """`with GpuStateSampler(index) as s:` samples GPU `index` every `interval_ms` on a side process for as
-    long as the block runs, each sample stamped with this host's monotonic clock on arrival;
-    `s.between(t0, t1)` summarizes those that arrived between two `time.monotonic()` readings (a timed
-    point's stretch), None where nvidia-smi is absent or gave none then. One sampler for a whole run: the
-    tool takes a few hundred milliseconds to start, longer than many a point's timing."""
+def nvidia_smi_id(device) -> str:
+    """nvidia-smi's name for torch's CUDA device `device`: its UUID ("GPU-..."). torch numbers the devices it
+    sees after CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER; nvidia-smi numbers every GPU of the machine by bus:
+    the two indices can name different GPUs, the UUID cannot. The index where torch gives no UUID."""
+    import torch
+    index = torch.device(device).index or 0
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except (AttributeError, RuntimeError, AssertionError):
+        return str(index)
+    if not uuid:
+        return str(index)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else "GPU-" + uuid
 
-    def __init__(self, index: int = 0, interval_ms: int = 20, command: str | None = None):
-        self.index, self.interval_ms = index, interval_ms
+
+class GpuStateSampler:
+    """`with GpuStateSampler(gpu) as s:` samples GPU `gpu` (nvidia-smi's id of it: `nvidia_smi_id`) every
+    `interval_ms` on a side process for as long as the block runs, each sample stamped with this host's
+    monotonic clock on arrival; `s.between(t0, t1)` summarizes those that arrived between two
+    `time.monotonic()` readings (a timed point's stretch), None where nvidia-smi is absent or gave none then.
+    One sampler for a whole run: the tool takes a few hundred milliseconds to start, longer than many a
+    point's timing."""
+
+    def __init__(self, gpu: str, interval_ms: int = 20, command: str | None = None):
+        self.gpu, self.interval_ms = gpu, interval_ms
         self.command = command if command is not None else shutil.which("nvidia-smi")
         self.samples: list[tuple[float, dict]] = []
         self._proc = None
@@ -86,7 +102,7 @@ class GpuStateSampler:
             return self
         try:
             self._proc = subprocess.Popen(
-                [self.command, f"--id={self.index}", f"--query-gpu={','.join(QUERY_FIELDS)}",
+                [self.command, f"--id={self.gpu}", f"--query-gpu={','.join(QUERY_FIELDS)}",
                  "--format=csv,noheader,nounits", f"--loop-ms={self.interval_ms}"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
