@@ -128,15 +128,15 @@ def main(argv=None) -> int:
                     for _ in range(2):
                         backend(batch, weights)
                     torch.cuda.synchronize()
-                    start = time.monotonic()
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        start = time.monotonic()            # the forwards only, not the profiler's start and stop
                         for _ in range(args.forwards):
                             clock.flush_buffer.bitwise_not_()
                             clock.sleep(0.5)
                             backend(batch, weights)
                         clock.flush_buffer.bitwise_not_()
                         torch.cuda.synchronize()
-                    gpu_state = sampler.between(start, time.monotonic())
+                        gpu_state = sampler.since(start)
                     kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                                       if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
                     s = summarize(forwards_of(kernels))
@@ -147,14 +147,16 @@ def main(argv=None) -> int:
                     print(f"\n{preset} E={cfg.num_experts} T={T} {fmt} {name}: {s['forwards']} forwards, kernels "
                           f"{s['kernel_us']:.0f} us ({row['tflops_of_kernel_time'] or 0:.0f} TFLOP/s), span "
                           f"{s['span_us']:.0f} us, check {err:.2e} {'ok' if ok else 'FAILED'}"
-                          + (f", sm {gpu_state['sm_mhz_min']:.0f}-{gpu_state['sm_mhz_max']:.0f} MHz"
-                             if gpu_state else ""),
+                          + (f", sm {gpu_state['sm_mhz_min']:.0f}-{gpu_state['sm_mhz_max']:.0f} MHz "
+                             f"({gpu_state['samples']} samples)" if gpu_state else ""),
                           flush=True)
                     for k in s["kernels"]:
                         print(f"  {k['us']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")
                     del backend, out
                 del weights, oracle
                 torch.cuda.empty_cache()
+    if sampler.error:
+        print(f"# no clocks recorded: {sampler.error}", file=sys.stderr)
     if args.output:
         from epmoe.bench.experts import environment
         with open(args.output, "w") as f:

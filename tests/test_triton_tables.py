@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from epmoe.kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, MoEKernelConfig,
-                                        _load_table, element_bytes, heuristic_config, lookup_config, shape_key,
-                                        smem_bytes)
+from epmoe.kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, TABLE_REACH, GemmConfig,
+                                        MoEKernelConfig, _load_table, element_bytes, heuristic_config,
+                                        lookup_config, shape_key, smem_bytes)
 
 
 def _fits(cfg, elem):
@@ -54,6 +54,28 @@ def test_lookup_takes_the_nearest_token_count(tmp_path):
     assert lookup_config(5000, 8, 4096, 14336, 2, "bfloat16", paths=[path])[0] == large
     cfg, where = lookup_config(5000, 8, 4096, 1000, 2, "bfloat16", paths=[path])
     assert where == "heuristic" and cfg.block_m == 128
+
+
+def test_an_entry_serves_only_batches_near_its_token_count(tmp_path):
+    """A shape tuned only at prefill (the deepseek-v3 32-expert shard at T = 4096 and 8192) does not hand its
+    128-row tiles to decode batches: beyond a factor TABLE_REACH of the nearest tuned T the heuristic, sized by
+    rows per expert, serves."""
+    from epmoe.bench import tune
+    prefill = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(256, 64, 8, 8, 4))
+    path = str(tmp_path / "t.json")
+    key = shape_key(32, 7168, 2048, 8, "bfloat16")
+    tune.merge_into_table(path, key, {4096: (prefill, 4.5), 8192: (replace(prefill, tail_m=64), 9.0)},
+                          {"device": "test"})
+    _load_table.cache_clear()
+    assert TABLE_REACH == 8
+    for T, tuned in ((512, 4096), (4096, 4096), (65536, 8192)):
+        cfg, where = lookup_config(T, 32, 7168, 2048, 8, "bfloat16", paths=[path])
+        assert where == f"t.json[{key}][T={tuned}]", T
+    for T in (1, 16, 511, 65537):
+        cfg, where = lookup_config(T, 32, 7168, 2048, 8, "bfloat16", paths=[path])
+        assert where.startswith("heuristic (the nearest tuned T") and cfg == heuristic_config(
+            T, 32, 7168, 2048, 8, False, 2), T
+    assert lookup_config(1, 32, 7168, 2048, 8, "bfloat16", paths=[path])[0].block_m == 16     # decode tiles
 
 
 def test_tune_candidates_fit_and_come_with_tma_twins():
@@ -220,8 +242,12 @@ def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
     assert not tables_pick_gluon(7168, 2048, 8, "bfloat16", paths=[path])
     assert not tables_pick_gluon(4096, 2048, 8, "fp8_block", paths=[path])
     assert not tables_pick_gluon(7168, 2048, 8, "fp8_block", paths=[])
-    # a shipped entry says gluon only as `epmoe tune` writes it: measured end to end, at a T whose batches have
-    # the 128 rows per expert the Gluon tiles hold, not copied from another GPU's table
+
+
+def test_a_shipped_gluon_entry_is_one_tune_wrote():
+    """A shipped entry says gluon only as `epmoe tune` writes it: with the time it measured (`measured_ms`,
+    the whole op for such entries), at a T whose batches have the 128 rows per expert the Gluon tiles hold,
+    and not copied from another GPU's table."""
     for f in (f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")):
         with open(os.path.join(CONFIG_DIR, f)) as fh:
             entries = json.load(fh)["entries"]

@@ -291,6 +291,9 @@ def run_benchmark(args) -> dict:
     sampler = None if dry else GpuStateSampler(nvidia_smi_id(device))
     with contextlib.nullcontext() if sampler is None else sampler:
         results = _run_points(args, dry, device, timer, copy_bw, rates, sampler)
+    if sampler is not None and sampler.error:
+        print(f"# no clocks recorded: {sampler.error}", file=sys.stderr, flush=True)
+        env["gpu_state_error"] = sampler.error
     ceilings = {} if dry else {"copy_bytes_per_s": copy_bw, **{f"matmul_{k}_flop_per_s": v for k, v in rates.items()}}
     return {"environment": env, "ceilings": ceilings,
             "command": "epmoe bench experts " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "experts"]
@@ -456,7 +459,7 @@ def _timed(timer, sampler, fn, args, **kw):
         torch.cuda.synchronize()
     start = time.monotonic()
     t = timer.time(fn, reps=args.reps, warmup=args.warmup, **kw)
-    return t, (sampler.between(start, time.monotonic()) if sampler is not None else None)
+    return t, (sampler.since(start) if sampler is not None else None)
 
 
 def _with_rates(r: dict) -> dict:

@@ -205,20 +205,27 @@ def table_paths_for_device(device: torch.device | None = None) -> list[str]:
 # per expert (T * k / L: the Gluon GEMMs' tiles hold 128 rows); `epmoe tune` times it from there only
 GLUON_MIN_ROWS = 128
 GLUON_REACH = 2
+# a tuned entry serves batches within a factor TABLE_REACH of its T; farther away (decode sizes against a shape
+# tuned only at prefill, say) the tiles it measured say nothing, and the heuristic, sized by rows per expert,
+# serves instead
+TABLE_REACH = 8
 
 
 def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fmt: str,
                   device: torch.device | None = None, paths: list[str] | None = None
                   ) -> tuple[MoEKernelConfig, str]:
-    """(config, where it came from). Nearest tuned T for this shape, else the heuristic. An entry's `gluon`
-    is kept only for batches it serves (within GLUON_REACH of its T, at least GLUON_MIN_ROWS rows per
-    expert); other batches that come to that entry get its tiles."""
+    """(config, where it came from). Nearest tuned T for this shape within a factor TABLE_REACH, else the
+    heuristic. An entry's `gluon` is kept only for batches it serves (within GLUON_REACH of its T, at least
+    GLUON_MIN_ROWS rows per expert); other batches that come to that entry get its tiles."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = _format_bytes(fmt)
     for path in (table_paths_for_device(device) if paths is None else paths):
         by_t = _load_table(path).get(key)
         if by_t:
             t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(num_tokens, 1))), x))
+            if not max(num_tokens, 1) <= t * TABLE_REACH or not t <= max(num_tokens, 1) * TABLE_REACH:
+                cfg = heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem)
+                return cfg, f"heuristic (the nearest tuned T in {os.path.basename(path)}[{key}] is {t})"
             cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem)
             if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts
                                   and t <= num_tokens * GLUON_REACH and num_tokens <= t * GLUON_REACH):
