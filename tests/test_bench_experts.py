@@ -112,3 +112,19 @@ def test_provenance_names_the_commit_of_this_checkout_only(monkeypatch, tmp_path
         monkeypatch.setattr(run_env, "CHECKOUT", elsewhere)
         p = run_env.provenance()
         assert p["commit"] is None and p["commit_from"] is None and p["tracked_files_modified"] is None
+
+
+def test_a_rows_line_shows_the_drift_of_its_repeats_and_the_clocks_it_has(capsys):
+    """The last quarter of the repeats against the first (a GPU at its power limit drifts), and the clock
+    record with a power reading the driver could not give left out rather than failing the print."""
+    from epmoe.bench.experts import _print_row, repeat_drift
+    assert repeat_drift([1.0] * 7) is None
+    assert repeat_drift([1.0, 1.0, 1.1, 1.2, 1.2, 1.3, 1.5, 1.5]) == pytest.approx(0.5)
+    row = dict(preset="mixtral-8x7b", experts=8, format="fp8_block", T=8192, routing="balanced", backend="triton",
+               ms=6.0, tflops=1000.0, hit_weight_gbps=250.0, check_rel_err=4e-3,
+               timing={"method": "graph", "times_ms": [5.6] * 5 + [6.0] * 10 + [6.2] * 5},
+               gpu_state={"sm_mhz_min": 1440.0, "sm_mhz_max": 1980.0, "power_w_max": None,
+                          "clock_event_reasons": ["sw_power_cap"]})
+    _print_row(row)
+    out = capsys.readouterr().out
+    assert "drift +11%" in out and "sm 1440-1980 MHz sw_power_cap" in out and " W" not in out.split("MHz")[1]

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -204,8 +205,6 @@ class WallTimer:
     """The GPU timer's interface on the CPU (the dry run): wall-clock median, no flush, no graphs."""
 
     def time(self, fn, reps: int = 20, warmup: int = 5, use_graph: bool = True, before_each=None):
-        import statistics
-        import time
         from .gpu_timing import Timing
         times = []
         for i in range(warmup + reps):
@@ -483,9 +482,21 @@ def _print_row(r: dict) -> None:
                     for a, v in vs.items())
           + (f" err {r['check_rel_err']:.1e}" if r.get("check_rel_err") is not None else "")
           + f" [{r['timing']['method']}]"
-          + (f" sm {g['sm_mhz_min']:.0f}-{g['sm_mhz_max']:.0f} MHz {g['power_w_max']:.0f} W"
+          + ("" if (d := repeat_drift(r["timing"].get("times_ms", ()))) is None else f" drift {100 * d:+.0f}%")
+          + (f" sm {g['sm_mhz_min']:.0f}-{g['sm_mhz_max']:.0f} MHz"
+             + ("" if g["power_w_max"] is None else f" {g['power_w_max']:.0f} W")
              + (f" {'+'.join(g['clock_event_reasons'])}" if g["clock_event_reasons"] else "")
              if (g := r.get("gpu_state")) else ""), flush=True)
+
+
+def repeat_drift(times_ms) -> float | None:
+    """How much slower the last quarter of a point's repeats ran than its first quarter (medians; 0.06: 6%
+    slower), or None with fewer than 8 repeats. A GPU held at its power limit drifts; a kernel does not."""
+    n = len(times_ms) // 4
+    if n < 2:
+        return None
+    first, last = statistics.median(times_ms[:n]), statistics.median(times_ms[-n:])
+    return last / first - 1.0 if first > 0 else None
 
 
 def sample_rows(T, gen, device):
