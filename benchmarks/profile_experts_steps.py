@@ -75,6 +75,29 @@ def parse_shapes(text: str) -> list[tuple[str, int | None, int]]:
     return shapes
 
 
+def profile_forwards(backend, batch, weights, clock, sampler, forwards: int):
+    """`forwards` eager forwards under the PyTorch profiler's CUDA trace, each behind the L2 flush (a kernel no
+    backend launches: the mark the trace is cut at) and a GPU sleep, after two untimed ones: `summarize` of
+    their kernels, and the GPU's clocks over the forwards only (not the profiler's start and stop)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):
+        backend(batch, weights)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.monotonic()
+        for _ in range(forwards):
+            clock.flush_buffer.bitwise_not_()
+            clock.sleep(0.5)
+            backend(batch, weights)
+        clock.flush_buffer.bitwise_not_()
+        torch.cuda.synchronize()
+        gpu_state = sampler.since(start)
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
+    return summarize(forwards_of(kernels)), gpu_state
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -90,10 +113,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("profile_experts_steps: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from torch.profiler import ProfilerActivity, profile
-
     from epmoe import contract
-    from epmoe.bench.experts import rel_err, sample_rows, bench_config, make_routing, make_weights
+    from epmoe.bench.experts import bench_config, make_routing, make_weights, rel_err, sample_rows
     from epmoe.bench.gpu_state import GpuStateSampler, nvidia_smi_id
     from epmoe.bench.gpu_timing import CudaClock
     from epmoe.layouts import FlatBatch
@@ -125,21 +146,7 @@ def main(argv=None) -> int:
                     err = rel_err(out[:, :cfg.hidden_size][sample], ref)
                     ok = err <= 3e-2
                     failed += not ok
-                    for _ in range(2):
-                        backend(batch, weights)
-                    torch.cuda.synchronize()
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        start = time.monotonic()            # the forwards only, not the profiler's start and stop
-                        for _ in range(args.forwards):
-                            clock.flush_buffer.bitwise_not_()
-                            clock.sleep(0.5)
-                            backend(batch, weights)
-                        clock.flush_buffer.bitwise_not_()
-                        torch.cuda.synchronize()
-                        gpu_state = sampler.since(start)
-                    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
-                    s = summarize(forwards_of(kernels))
+                    s, gpu_state = profile_forwards(backend, batch, weights, clock, sampler, args.forwards)
                     row = dict(preset=preset, experts=cfg.num_experts, T=T, format=fmt, backend=name,
                                check_rel_err=err, check_ok=ok, tflops_of_kernel_time=flops / (s["kernel_us"] * 1e6)
                                if s["kernel_us"] else None, gpu_state=gpu_state, **s)

@@ -95,7 +95,7 @@ def test_a_tool_that_refuses_leaves_its_reason(tmp_path):
 
 def test_sampler_without_the_tool_gives_no_record():
     with GpuStateSampler("0", command="/nonexistent/nvidia-smi") as sampler:
-        pass
+        assert sampler.since(time.monotonic()) is None      # no process: nothing to wait for
     assert sampler.samples == [] and sampler.between(0, time.monotonic()) is None
     assert "did not start" in sampler.error
 

@@ -219,16 +219,19 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
     GLUON_MIN_ROWS rows per expert); other batches that come to that entry get its tiles."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = _format_bytes(fmt)
+    n = max(num_tokens, 1)
+
+    def within(t: int, factor: int) -> bool:          # the batch within a factor of T=t, either way
+        return n <= t * factor and t <= n * factor
     for path in (table_paths_for_device(device) if paths is None else paths):
         by_t = _load_table(path).get(key)
         if by_t:
-            t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(num_tokens, 1))), x))
-            if not max(num_tokens, 1) <= t * TABLE_REACH or not t <= max(num_tokens, 1) * TABLE_REACH:
+            t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(n)), x))
+            if not within(t, TABLE_REACH):
                 cfg = heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem)
                 return cfg, f"heuristic (the nearest tuned T in {os.path.basename(path)}[{key}] is {t})"
             cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem)
-            if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts
-                                  and t <= num_tokens * GLUON_REACH and num_tokens <= t * GLUON_REACH):
+            if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts and within(t, GLUON_REACH)):
                 cfg = replace(cfg, gluon=False)
             return cfg, f"{os.path.basename(path)}[{key}][T={t}]"
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
