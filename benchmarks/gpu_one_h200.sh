@@ -29,6 +29,8 @@
 #             mixtral T = 8192, each forward oracle-checked (STEPS_ARGS: more arguments, e.g. --formats fp8_block)
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
+#   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
+#             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
 #   overlap   shared experts under the dispatch and two micro-batches, eager and graph
 #             (benchmarks/gpu_overlap_check.py, where it exists)
@@ -90,6 +92,11 @@ for part in $PARTS; do
                 --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
                 --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_${GPU}_$DAY.json" ;;
+    wide)
+        run "$OUT/experts_wide_${GPU}_$DAY.log" "${WIDE_SECONDS:-200}" \
+            python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \
+                --routings balanced --formats bf16,fp8_block --anchors grouped_mm \
+                --output "$OUT/experts_wide_${GPU}_$DAY.json" ;;
     crossover)
         run "$OUT/experts_crossover_${GPU}_$DAY.log" "${CROSSOVER_SECONDS:-200}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 512,1024,2048,4096 \
@@ -154,7 +161,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws steps tune gluon_tune probe gluon ncu experts rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws steps tune gluon_tune probe gluon ncu experts wide rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done
