@@ -31,6 +31,9 @@
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts)
+#   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
+#             by layout rows): benchmarks/layout_copy_probe.py times and checks them, then ncu counts each
+#             kernel's DRAM bytes read and written
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
 #   overlap   shared experts under the dispatch and two micro-batches, eager and graph
 #             (benchmarks/gpu_overlap_check.py, where it exists)
@@ -97,6 +100,11 @@ for part in $PARTS; do
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \
                 --routings balanced --formats bf16,fp8_block --anchors grouped_mm \
                 --output "$OUT/experts_wide_${GPU}_$DAY.json" ;;
+    layout)
+        run "$OUT/layout_copy_${GPU}_$DAY.log" "${LAYOUT_SECONDS:-150}" bash -c "
+            python3 benchmarks/layout_copy_probe.py --output $OUT/layout_copy_${GPU}_$DAY.json
+            ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum,lts__t_sector_hit_rate.pct \
+                -k regex:to_layout python3 benchmarks/layout_copy_probe.py --once" ;;
     crossover)
         run "$OUT/experts_crossover_${GPU}_$DAY.log" "${CROSSOVER_SECONDS:-200}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 512,1024,2048,4096 \
@@ -161,7 +169,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws steps tune gluon_tune probe gluon ncu experts wide rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws steps tune gluon_tune probe gluon ncu experts wide layout rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -12,9 +12,10 @@ pytestmark, test_under_the_interpreter = interpreted_file(__file__)
 if not INTERPRETING:
     @pytest.mark.gpu
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    @pytest.mark.parametrize("order", ["pairs", "rows"])
     @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
-    def test_on_the_gpu_as_stated(fmt):
-        """The compiled kernel (16-byte vectors) at a deepseek-v3 shard's width, with slots of other ranks."""
+    def test_on_the_gpu_as_stated(fmt, order):
+        """The compiled kernels (16-byte vectors) at a deepseek-v3 shard's width, with slots of other ranks."""
         from epmoe.kernels.layout_copy import rows_to_layout, rows_to_layout_reference
         from epmoe.kernels.moe_align import align_pairs
         from epmoe.quant.fp8 import fp8_quantize
@@ -26,7 +27,7 @@ if not INTERPRETING:
         x = torch.randn(T, H, generator=g, device=dev)
         x, scales = fp8_quantize(x, 128) if fmt == "fp8" else (x.bfloat16(), None)
         aligned = align_pairs(ids, E, 128)
-        got, want = rows_to_layout(x, scales, aligned, k), rows_to_layout_reference(x, scales, aligned, k)
+        got, want = rows_to_layout(x, scales, aligned, k, order), rows_to_layout_reference(x, scales, aligned, k)
         used = int(aligned.num_padded.item())
         bits = torch.uint8 if fmt == "fp8" else torch.int16
         assert torch.equal(got[0][:used].view(bits), want[0][:used].view(bits))
@@ -53,11 +54,12 @@ else:
     def _bits(t):
         return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
 
+    @pytest.mark.parametrize("order", ["pairs", "rows"])
     @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
     @pytest.mark.parametrize("T,E,k,H,case", [(0, 4, 2, 256, "random"), (1, 4, 2, 200, "random"),
                                               (37, 6, 3, 200, "other_ranks"), (150, 5, 3, 384, "one_expert"),
                                               (300, 16, 4, 136, "random")])
-    def test_rows_and_pair_rows_as_stated(fmt, T, E, k, H, case):
+    def test_rows_and_pair_rows_as_stated(fmt, T, E, k, H, case, order):
         g = torch.Generator().manual_seed(T + H)
         ids = _ids(T, E, k, g, case)
         x = torch.randn(T, H, generator=g)
@@ -66,7 +68,7 @@ else:
         else:
             x, scales = x.bfloat16(), None
         aligned = align_pairs(ids, E, 128)
-        a, a_scale_t, row_of_pair = rows_to_layout(x, scales, aligned, k)
+        a, a_scale_t, row_of_pair = rows_to_layout(x, scales, aligned, k, order)
         ra, rs, rrow = rows_to_layout_reference(x, scales, aligned, k)
         used = int(aligned.num_padded.item())
         assert a.shape == (aligned.max_rows, H) and a.dtype == x.dtype and row_of_pair.shape == (T, k)
@@ -108,3 +110,5 @@ else:
             rows_to_layout(None, None, aligned, 3)
         with pytest.raises(ValueError, match="split-tile layout"):
             rows_to_layout(x, scales, align_pairs(ids, 4, 128, tail_m=32), 2)
+        with pytest.raises(ValueError, match="order must be one of"):
+            rows_to_layout(x, scales, aligned, 2, order="tokens")

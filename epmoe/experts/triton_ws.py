@@ -6,8 +6,10 @@ says `gluon` (`epmoe tune` measured it faster there). The pipeline:
 1. pairs laid out expert by expert, each expert's segment padded to tiles of 128 rows (`align_pairs`,
    no host sync);
 2. the token rows (FP8: with their scales, made K-block-major) copied into that order, and each pair's
-   row there, in one pass (`kernels.layout_copy.rows_to_layout`; padding rows hold token 0: each output
-   row of the GEMMs depends on its own A row only, so a padding row's values stay there, never read back).
+   row there (`kernels.layout_copy.rows_to_layout`: each pair's row and the scales over layout rows, then
+   the token rows pair by pair, each token's row read from memory once; padding rows hold token 0: each
+   output row of the GEMMs depends on its own A row only, so a padding row's values stay there, never
+   read back).
    The kernel can read the tokens where they are instead (`a_rows`: a cp.async loader), but on an H200
    that gate+up was 2-7% slower than a copy plus the TMA-loaded one at three of four points
    (benchmarks/notes_kernels.md, eighth pass), so the backend copies;
