@@ -46,7 +46,9 @@ def rows_to_layout_kernel(x_ptr, scales_ptr, sorted_ids_ptr, num_padded_ptr, a_p
         token = tl.where(is_pair, pair // TOP_K, 0).to(tl.int64)
         r64 = r.to(tl.int64)
         copied = live & (is_pair == 0) if PAD_ONLY else live
-        for h0 in range(0, H, BLOCK_H):
+        # a program with no row to copy (PAD_ONLY: most) skips the loop: its masked steps cost more than the rest
+        h_end = tl.where(tl.max(copied.to(tl.int32), 0) > 0, H, 0)
+        for h0 in range(0, h_end, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             m = copied[:, None] & (cols < H)[None, :]
             v = tl.load(x_ptr + token[:, None] * H + cols[None, :], mask=m)
