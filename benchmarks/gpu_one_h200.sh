@@ -9,7 +9,8 @@
 #             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
 #             after it run with the new entries; the table before and after are kept
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
-#             (T = 4096, 8192) and mixtral (T = 1024, 8192) timed end to end against `triton_ws`'s pipeline, as
+#             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
+#             timed end to end against `triton_ws`'s pipeline, as
 #             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`;
 #             into this GPU's table in the package (before and after kept, as for tune)
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
@@ -136,7 +137,9 @@ for part in $PARTS; do
         run "$OUT/gluon_tune_${GPU}_$DAY.log" "${GLUON_TUNE_SECONDS:-420}" bash -c "
             python3 -m epmoe tune --gluon --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 \
                 --formats fp8_block,bf16 --tokens 4096,8192 &&
-            python3 -m epmoe tune --gluon --presets mixtral-8x7b --formats fp8_block,bf16 --tokens 1024,8192"
+            python3 -m epmoe tune --gluon --presets mixtral-8x7b --formats fp8_block,bf16 --tokens 1024,8192 &&
+            python3 -m epmoe tune --gluon --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats fp8_block,bf16 \
+                --tokens 8192"
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_after_gluon_tune.json"; fi ;;
     probe)
         run "$OUT/ws_probe_${GPU}_$DAY.log" "${PROBE_SECONDS:-120}" \
