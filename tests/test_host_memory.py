@@ -46,10 +46,10 @@ def _heap_growth(rank, layer) -> float:
 
 
 def _every_pairing(rank, world):
-    # oneDNN, where torch hands it bfloat16 matmuls (CPUs with AVX512-BF16), keeps a JIT-compiled kernel per
-    # GEMM shape, ~1 MiB each, bounded by its cache size, not freed: over random sizes the heap grows by one
-    # per new expert group size (12 MiB over 120 forwards of `grouped_mm`, a matmul per group, on such a CPU).
-    # A library's bounded cache, not a forward's leak: the test runs torch's own bfloat16 GEMM instead.
+    # oneDNN, where torch hands it bfloat16 matmuls (CPUs with AVX512-BF16), keeps state per GEMM shape: the
+    # heap grew ~1.1 MiB at each forward that brought a new expert group size (half of it with its primitive
+    # cache off), 12 MiB over 120 forwards of `grouped_mm` (a matmul per group) on such a CPU, none with oneDNN
+    # off. Per shape, not per forward, and not ours: the test runs torch's own bfloat16 GEMM instead.
     with torch.backends.mkldnn.flags(enabled=False):
         return _growth_of_every_pairing(rank)
 
