@@ -12,6 +12,9 @@ the allocator's free pages back to the OS (`malloc_trim`) and records the RSS ag
 there was memory the allocator kept, not memory anything holds. `local` (no expert parallelism) runs on
 every rank alone. A pairing passes when every rank's RSS growth is at most `--limit` MiB.
 `--mmap-threshold 131072` fixes glibc's mmap threshold in every rank (the remedy the README describes).
+`--onednn off` runs torch's own bfloat16 GEMM instead of oneDNN's: on CPUs with AVX512-BF16 (the record's
+`cpu_capability`), oneDNN keeps ~1.1 MiB of state per new GEMM shape, so `grouped_mm` (a matmul per expert
+group) grows while new group sizes keep coming; off, what grows is what the forwards keep.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ def run_rank(rank: int, world: int, args, dispatcher: str, experts: str) -> dict
     import torch.distributed as dist
     if args.mmap_threshold is not None and not fix_mmap_threshold(args.mmap_threshold):
         raise RuntimeError("--mmap-threshold needs glibc (mallopt)")
+    torch.backends.mkldnn.enabled = args.onednn == "on"
     cfg = config(args)
     group = None if dispatcher == "local" else dist.group.WORLD
     layer = MoELayer(cfg, ep_group=group, dispatcher=dispatcher, experts=experts,
@@ -101,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=float, default=8.0, help="MiB of RSS growth after the warm-up a pairing may show")
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="bytes: set glibc's mmap threshold in every rank (as MALLOC_MMAP_THRESHOLD_ would)")
+    p.add_argument("--onednn", choices=("on", "off"), default="on",
+                   help="torch's oneDNN backend in every rank (off: its per-shape state leaves the figures)")
     p.add_argument("--pairings", default="", help="comma-separated dispatcher:experts (default: every CPU pairing)")
     p.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/host_memory_cpu_<date>.json)")
     args = p.parse_args(argv)
@@ -115,7 +121,8 @@ def main(argv=None) -> int:
     chosen = ([tuple(s.split(":")) for s in args.pairings.split(",")] if args.pairings
               else pairings(cfg, args.ranks))
     record = {"provenance": provenance(), "environment": environment("gloo", args.ranks),
-              "settings": {k: v for k, v in vars(args).items() if k != "output"}, "pairings": []}
+              "settings": {k: v for k, v in vars(args).items() if k != "output"},
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "pairings": []}
     print(f"{'dispatcher':<12} {'experts':<11} {'ms/fwd':>7}  per rank: RSS at warm-up -> growth after it "
           f"(heap in use growth) [RSS after malloc_trim]")
     ok = True
