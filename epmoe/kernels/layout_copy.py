@@ -30,6 +30,17 @@ CHUNK_BYTES = 2048          # bytes of a row moved per step (16-byte vectors, 4 
 ORDERS = ("pairs", "rows")
 
 
+@triton.jit
+def _copy_rows(x_ptr, a_ptr, src_row, dst_row, ok, H, h_end, BLOCK_H: tl.constexpr):
+    """x[src_row] -> a[dst_row] for the rows where `ok`, columns [0, h_end) of H (int64 row indices), in
+    steps of BLOCK_H words."""
+    for h0 in range(0, h_end, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        m = ok[:, None] & (cols < H)[None, :]
+        v = tl.load(x_ptr + src_row[:, None] * H + cols[None, :], mask=m)
+        tl.store(a_ptr + dst_row[:, None] * H + cols[None, :], v, mask=m)
+
+
 @triton.jit(do_not_specialize=["rows", "num_pairs"])
 def rows_to_layout_kernel(x_ptr, scales_ptr, sorted_ids_ptr, num_padded_ptr, a_ptr, a_scale_ptr, row_of_pair_ptr,
                           H, KB, rows, num_pairs, TOP_K: tl.constexpr, COPY: tl.constexpr, HAS_SCALES: tl.constexpr,
@@ -48,11 +59,7 @@ def rows_to_layout_kernel(x_ptr, scales_ptr, sorted_ids_ptr, num_padded_ptr, a_p
         copied = live & (is_pair == 0) if PAD_ONLY else live
         # a program with no row to copy (PAD_ONLY: most) skips the loop: its masked steps cost more than the rest
         h_end = tl.where(tl.max(copied.to(tl.int32), 0) > 0, H, 0)
-        for h0 in range(0, h_end, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            m = copied[:, None] & (cols < H)[None, :]
-            v = tl.load(x_ptr + token[:, None] * H + cols[None, :], mask=m)
-            tl.store(a_ptr + r64[:, None] * H + cols[None, :], v, mask=m)
+        _copy_rows(x_ptr, a_ptr, token, r64, copied, H, h_end, BLOCK_H)
         if HAS_SCALES:
             kb = tl.arange(0, KB_P2)
             m = live[:, None] & (kb < KB)[None, :]
@@ -69,12 +76,7 @@ def pairs_to_layout_kernel(x_ptr, row_of_pair_ptr, a_ptr, H, num_pairs, TOP_K: t
     row = tl.load(row_of_pair_ptr + pair, mask=pair < num_pairs, other=-1)
     here = row >= 0
     token = (pair // TOP_K).to(tl.int64)
-    row64 = tl.where(here, row, 0).to(tl.int64)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        m = here[:, None] & (cols < H)[None, :]
-        v = tl.load(x_ptr + token[:, None] * H + cols[None, :], mask=m)
-        tl.store(a_ptr + row64[:, None] * H + cols[None, :], v, mask=m)
+    _copy_rows(x_ptr, a_ptr, token, tl.where(here, row, 0).to(tl.int64), here, H, H, BLOCK_H)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
