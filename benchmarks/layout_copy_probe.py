@@ -23,6 +23,7 @@ import torch
 import triton
 
 from epmoe.bench.gpu_timing import GpuTimer
+from epmoe.bench.run_env import provenance
 from epmoe.kernels.layout_copy import ORDERS, rows_to_layout, rows_to_layout_reference
 from epmoe.kernels.moe_align import align_pairs
 from epmoe.quant.fp8 import fp8_quantize
@@ -83,7 +84,7 @@ def main() -> int:
     meta = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                 method="GpuTimer: L2 flushed, GPU kept busy, CUDA graph replay, median", reps=args.reps,
-                all_bits_as_stated=ok)
+                all_bits_as_stated=ok, **provenance())
     print(json.dumps(meta), flush=True)
     if args.output:
         with open(args.output, "w") as f:
