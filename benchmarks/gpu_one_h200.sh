@@ -23,7 +23,11 @@
 #             block-FP8 gate+up and down of the deepseek-v3 shard at T = 8192 as its experts launch them (no
 #             bias, the kernel's own ring size; benchmarks/profile_ws_gemm.py),
 #             the source page as CSV and its summary (benchmarks/ncu_source_summary.py), and the throughput
-#             sections (speed of light, compute and memory workload)
+#             sections (speed of light, compute and memory workload); NCU_ARGS: more arguments of the script,
+#             e.g. --formats bf16 --down-block-n auto,256
+#   widths    the Gluon GEMMs alone at each down-GEMM width (benchmarks/profile_ws_gemm.py without ncu: the deepseek-v3
+#             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up and down at the width the
+#             experts launch and at 256 columns; do_bench medians, two tiles of each checked)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -122,6 +126,12 @@ for part in $PARTS; do
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 8192 \
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
                 --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
+    widths)
+        run "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-150}" bash -c "
+            for shape in 'deepseek-v3 shard 32' mixtral-8x7b; do
+                python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
+                    --down-block-n auto,128,256 || exit 1
+            done" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
@@ -153,7 +163,7 @@ for part in $PARTS; do
             ncu --clock-control none --nvtx --nvtx-include profiled/ --section SourceCounters \
                 --section WarpStateStats --section SpeedOfLight --section ComputeWorkloadAnalysis \
                 --section MemoryWorkloadAnalysis --import-source no -f -o $OUT/ws_gemm \
-                python3 benchmarks/profile_ws_gemm.py --shape 'deepseek-v3 shard 32' --tokens 8192
+                python3 benchmarks/profile_ws_gemm.py --shape 'deepseek-v3 shard 32' --tokens 8192 ${NCU_ARGS:-}
             ncu -i $OUT/ws_gemm.ncu-rep --page source --csv --print-source sass > $OUT/ws_gemm_source.csv ||
                 ncu -i $OUT/ws_gemm.ncu-rep --page source --csv > $OUT/ws_gemm_source.csv
             ncu -i $OUT/ws_gemm.ncu-rep --page details
@@ -172,7 +182,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws steps tune gluon_tune probe gluon ncu experts wide layout rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths steps tune gluon_tune probe gluon ncu experts wide layout rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

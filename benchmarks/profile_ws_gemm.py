@@ -9,7 +9,9 @@ warmed up outside it), on a random top-k routing laid out in tiles of 128:
 
 Without ncu it prints each launch's time (`triton.testing.do_bench` median) and checks two tiles of
 each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf16` times each value
-of the walk's grouping in each format (BF16: 64-wide K blocks).
+of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile is 256 wide (gate and up
+of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
+(`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn).
 """
 from __future__ import annotations
 
@@ -37,11 +39,17 @@ def main(argv=None) -> int:
     p.add_argument("--group-m", default="8", help="m-tiles walked side by side, comma-separated values to time "
                                                   "each (default %(default)s)")
     p.add_argument("--formats", default="fp8", help="fp8 (block), bf16, or both comma-separated (default %(default)s)")
+    p.add_argument("--down-block-n", default="auto",
+                   help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
+                        "auto (the kernel's default, as the experts launch it) (default %(default)s)")
     args = p.parse_args(argv)
     group_ms = [int(v) for v in args.group_m.split(",")]
     formats = args.formats.split(",")
+    down_widths = [None if v == "auto" else int(v) if v.isdigit() else -1 for v in args.down_block_n.split(",")]
     if not group_ms or min(group_ms) < 1 or not set(formats) <= {"fp8", "bf16"}:
         p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
+    if not set(down_widths) <= {None, 64, 128, 256}:
+        p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -50,7 +58,7 @@ def main(argv=None) -> int:
     from gluon_gemm_probe import Problem
     from epmoe.experts.triton_ws import TILE
     from epmoe.kernels.moe_align import align_pairs
-    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
+    from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     L, H, I, k = ws_probe.SHAPES[args.shape]
@@ -58,7 +66,7 @@ def main(argv=None) -> int:
     aligned = align_pairs(ids, L, TILE)
     tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
     for fmt in formats:
-        for gemm, w_rows, K, block_n in (("gate_up", 2 * I, H, 256), ("down", H, I, 256)):
+        for gemm, w_rows, K, block_n in [("gate_up", 2 * I, H, 256)] + [("down", H, I, bn) for bn in down_widths]:
             prob = Problem(fmt == "fp8", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                            a_std=1.0 if gemm == "gate_up" else 0.1)
             prob.use_bias = args.bias
@@ -77,7 +85,9 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 torch.cuda.nvtx.range_pop()
                 flops = 2.0 * args.tokens * k * K * w_rows
-                print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} "
+                launched = check_operands(*prob.args(), block_n=block_n)
+                width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
+                print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
                       f"group_m={group_m}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}",
                       flush=True)
             del prob
