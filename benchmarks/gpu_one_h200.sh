@@ -26,8 +26,9 @@
 #             sections (speed of light, compute and memory workload); NCU_ARGS: more arguments of the script,
 #             e.g. --formats bf16 --down-block-n auto,256
 #   widths    the Gluon GEMMs alone at each down-GEMM width (benchmarks/profile_ws_gemm.py without ncu: the deepseek-v3
-#             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up and down at the width the
-#             experts launch and at 256 columns; do_bench medians, two tiles of each checked)
+#             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
+#             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
+#             do_bench medians, two tiles of each checked)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -127,11 +128,13 @@ for part in $PARTS; do
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
                 --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
     widths)
-        run "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-150}" bash -c "
+        run "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" bash -c "
+            status=0
             for shape in 'deepseek-v3 shard 32' mixtral-8x7b; do
                 python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
-                    --down-block-n auto,128,256 || exit 1
-            done" ;;
+                    --down-block-n 128,256 --wide-mma off,on || status=1
+            done
+            exit \$status" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;

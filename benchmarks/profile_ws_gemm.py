@@ -11,7 +11,10 @@ Without ncu it prints each launch's time (`triton.testing.do_bench` median) and 
 each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf16` times each value
 of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile is 256 wide (gate and up
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
-(`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn).
+(`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
+times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box). A
+launch whose checked tiles disagree with the statement (rel. error > 1e-2) is marked so, and the script
+exits 1 after the rest.
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
+    p.add_argument("--wide-mma", default="off",
+                   help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
+                        "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
     args = p.parse_args(argv)
     group_ms = [int(v) for v in args.group_m.split(",")]
     formats = args.formats.split(",")
@@ -50,6 +56,9 @@ def main(argv=None) -> int:
         p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
+    wides = [{"off": False, "on": True}.get(v) for v in args.wide_mma.split(",")]
+    if None in wides:
+        p.error("--wide-mma takes off, on, or both comma-separated")
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -65,15 +74,19 @@ def main(argv=None) -> int:
     ids = torch.randn(args.tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
     aligned = align_pairs(ids, L, TILE)
     tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
+    failed = 0
     for fmt in formats:
         for gemm, w_rows, K, block_n in [("gate_up", 2 * I, H, 256)] + [("down", H, I, bn) for bn in down_widths]:
             prob = Problem(fmt == "fp8", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                            a_std=1.0 if gemm == "gate_up" else 0.1)
             prob.use_bias = args.bias
-            for group_m in group_ms:
+            launched = check_operands(*prob.args(), block_n=block_n)
+            width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
+            applies = not launched.fp8 and launched.split == 2
+            for group_m, wide in [(g, w) for g in group_ms for w in wides if applies or not w]:
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
-                                    scale_tma=False if args.global_scales else None)
+                                    scale_tma=False if args.global_scales else None, wide_mma=wide)
 
                 run()
                 torch.cuda.synchronize()
@@ -85,13 +98,13 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 torch.cuda.nvtx.range_pop()
                 flops = 2.0 * args.tokens * k * K * w_rows
-                launched = check_operands(*prob.args(), block_n=block_n)
-                width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
+                bad = not err <= 1e-2
+                failed += bad
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
-                      f"group_m={group_m}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}",
-                      flush=True)
+                      f"group_m={group_m}{' wide_mma' if wide else ''}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
+                      f"(routed rows) rel_err {err:.2e}{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             del prob
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

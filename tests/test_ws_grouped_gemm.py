@@ -14,13 +14,13 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
               gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
-              stagger: int = 0):
+              stagger: int = 0, wide_mma: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
-                                                  store_tma=store_tma, stagger=stagger)
+                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -217,6 +217,43 @@ def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
     assert len(re.findall(r"bar\.sync\s+\d+, 128;", ptx)) == len(re.findall(r"bar\.sync\s+\d+, 128;", base)) + 2
     assert _loop_spills(c) in (None, 0)
     assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
+
+
+@pytest.mark.parametrize("gated,store_tma,gather", [(False, True, False), (True, True, False), (False, False, False),
+                                                    (True, False, True)])
+def test_sm90_compile_of_the_wide_product(gated, store_tma, gather):
+    """`wide_mma` (BF16 tiles of 256): one m64n256k16 wgmma per 16-deep step where the two-box form issues two
+    m64n128k16 (half the instructions, each reading its A rows once), the rest of the kernel as it was: the
+    same TMA loads, slot releases and stores, no spill, the accumulator's two halves handed to the epilogue
+    without a trip through shared memory (no more shared-memory accesses than without it)."""
+    stages = 3 if gather else 4
+    wide, _ = _compiled(False, 256, stages, gated, store_tma=store_tma, gather=gather, wide_mma=True)
+    narrow, _ = _compiled(False, 256, stages, gated, store_tma=store_tma, gather=gather)
+    ptx, base = wide.asm["ptx"], narrow.asm["ptx"]
+    assert re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx) == ["m64n256k16"] * 8
+    assert re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", base) == ["m64n128k16"] * 16
+    for pattern in (r"cp\.async\.bulk\.tensor", r"mbarrier\.arrive", r"mbarrier\.try_wait", r"cp\.async\.cg",
+                    r"^\s*st\.global", r"stmatrix"):
+        assert len(re.findall(pattern, ptx, re.M)) == len(re.findall(pattern, base, re.M)), pattern
+    for pattern in (r"^\s*(?:st|ld)\.shared", r"shfl"):
+        assert len(re.findall(pattern, ptx, re.M)) <= len(re.findall(pattern, base, re.M)), pattern
+    assert _loop_spills(wide) in (None, 0)
+    assert wide.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
+
+
+def test_host_checks_of_the_wide_product():
+    """`wide_mma` is off unless asked, and refused where it cannot apply: block FP8 (its promotion needs a
+    product per weight box) and tiles of one box."""
+    import inspect
+    assert inspect.signature(gluon_gemm.grouped_gemm_ws).parameters["wide_mma"].default is False
+    a, w, te, out, (sa, sw) = _operands()
+    with pytest.raises(ValueError, match="wide_mma takes BF16 tiles of 256 columns .* not block FP8"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=256, wide_mma=True)
+    a, w, te, out, _ = _operands(fp8=False)
+    with pytest.raises(ValueError, match="not tiles of one box"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, block_n=128, wide_mma=True)
+    with pytest.raises(ValueError, match="not block FP8"):
+        gluon_gemm.compile_ws_gemm_for_hopper(True, block_n=256, wide_mma=True)
 
 
 def test_host_checks_of_the_tma_store():

@@ -192,7 +192,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr,
                     GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                     GATHER: gl.constexpr, SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr, STAGGER: gl.constexpr,
-                    HALF: gl.constexpr):
+                    WIDE: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
@@ -206,7 +206,10 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     other still multiplies instead of both at once at every tile's end; the ring holds the lead (both release
     every slot), which STAGGER < STAGES keeps free of deadlock. The arrive is predicated, so the first
     warpgroup meets its own barrier once more per K block (in a branch instead, ptxas spills the FP8 K loop:
-    over 100 local accesses in it under Triton 3.6 and 3.9)."""
+    over 100 local accesses in it under Triton 3.6 and 3.9). WIDE (BF16, SPLIT == 2): one product of
+    [64, 2 * SUB_N] per K block over both weight boxes (a 64 x 256 wgmma reads the A rows from shared
+    memory once where two of 64 x 128 read them twice: 10 instead of 12 KB per 16-deep step), split into
+    the two accumulators for the epilogue."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -277,6 +280,31 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     step += 1
                     if STAGGER > 0 and HALF == 0:
                         mbarrier.arrive(go, count=1, pred=step == STAGGER)
+            elif WIDE:
+                wide_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                      instr_shape=[16, 2 * SUB_N, INSTR_K])
+                acc = gl.zeros([ROWS, 2 * SUB_N], gl.float32, wide_layout)
+                prev_slot = 0
+                for kb in range(K_BLOCKS):
+                    slot = step % STAGES
+                    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+                    if GATHER:
+                        fence_async_shared()
+                    a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
+                    w_tile = w_bufs.index(slot).permute((1, 0))
+                    acc = warpgroup_mma(a_tile, w_tile, acc, is_async=True)
+                    acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_tile, w_tile))
+                    mbarrier.arrive(empty.index(prev_slot), count=1, pred=kb > 0)
+                    prev_slot = slot
+                    step += 1
+                    if STAGGER > 0 and HALF == 0:
+                        mbarrier.arrive(go, count=1, pred=step == STAGGER)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index(prev_slot), count=1)
+                # columns [0, SUB_N) and [SUB_N, 2 SUB_N): each thread holds both halves' values of its rows
+                acc0, acc1 = gl.split(acc.reshape([ROWS, 2, SUB_N]).permute((0, 2, 1)))
+                acc0 = gl.convert_layout(acc0, mma_layout)
+                acc1 = gl.convert_layout(acc1, mma_layout)
             else:
                 prev_slot = 0
                 for kb in range(K_BLOCKS):
@@ -374,8 +402,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
                            K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
-                           STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, MATH_REGS: gl.constexpr,
-                           LOADER_REGS: gl.constexpr):
+                           STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
+                           MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
@@ -383,6 +411,7 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused)."""
     # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
     gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
+    gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
@@ -419,11 +448,11 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
                            a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N,
                            W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION,
-                           HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, 0)),
+                           HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE, 0)),
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
                            a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N,
                            W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT, GATED, ACTIVATION,
-                           HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, 1)),
+                           HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE, 1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
                            tile_expert_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED,
                            GATHER, SCALE_TMA)),
@@ -547,7 +576,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     block_k: int | None = None, stages: int | None = None, group_m: int = 8,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
-                    scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0) -> torch.Tensor:
+                    scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
+                    wide_mma: bool = False) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -565,11 +595,13 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     to a third of their time in the epilogue, stalled on instruction fetch and on the store queue; measured
     on an H200, 1.01-1.20x faster GEMMs, BF16 and FP8). `stagger` (opt-in; 0 <= stagger < stages): the
     second math warpgroup starts that many K blocks behind the first, so their epilogues no longer fall
-    together at every tile's end (measured with `store_tma`: -1.3% to +1.6%, so off)."""
+    together at every tile's end (measured with `store_tma`: -1.3% to +1.6%, so off). `wide_mma` (BF16 tiles of
+    256 columns): one 64 x 256 product per warpgroup and K block instead of one per weight box."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows)
     stages, scale_tma, store_tma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma)
     _check_stagger("grouped_gemm_ws", stagger, stages)
+    wide_mma = _wide_mma_choice("grouped_gemm_ws", shape.fp8, shape.split, wide_mma)
     if shape.M_pad == 0 or shape.N == 0:
         return out
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -596,7 +628,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
-                                 MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
+                                 WIDE=wide_mma, MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4,
+                                 maxnreg=maxnreg)
     return out
 
 
@@ -678,6 +711,15 @@ def kernel_forms(shape: GemmShape, out: torch.Tensor, a_scale_t, stages: int | N
     return stages, scale_tma, _store_tma_choice(shape, out, stages, scale_tma, store_tma)
 
 
+def _wide_mma_choice(caller: str, fp8: bool, split: int, wide_mma: bool) -> bool:
+    """`wide_mma` where it applies (BF16 tiles of two weight boxes: the FP8 promotion needs a product per box,
+    whose registers a 64 x 256 one would double); asked elsewhere, a ValueError."""
+    if wide_mma and (fp8 or split != 2):
+        raise ValueError(f"{caller}: wide_mma takes BF16 tiles of 256 columns (two weight boxes), not "
+                         f"{'block FP8' if fp8 else 'tiles of one box'}")
+    return bool(wide_mma)
+
+
 def _check_stagger(caller: str, stagger: int, stages: int) -> None:
     """ValueError unless 0 <= stagger < stages: the first warpgroup's lead lives in the ring."""
     if not 0 <= stagger < stages:
@@ -689,13 +731,14 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True):
+                               k_multiple_of_16: bool = True, wide_mma: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
+    _wide_mma_choice("compile_ws_gemm_for_hopper", fp8, block_n // min(block_n, SCALE), wide_mma)
     block_k = block_k or (128 if fp8 else 64)
     sub_n = min(block_n, SCALE)
     el = "fp8e4nv" if fp8 else "bf16"
@@ -718,7 +761,8 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
-             "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "MATH_REGS": math_regs,
+             "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
+             "MATH_REGS": math_regs,
              "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
