@@ -96,6 +96,40 @@ def test_triton_ws_real_size(preset, fp8, experts):
     _check_layer(layer, (300,), routing="onehot", bound=bound, seed=3)
 
 
+@pytest.mark.parametrize("gathered", [False, True])
+def test_the_wide_bf16_product_agrees_with_the_gemm_statement(gathered):
+    """`wide_mma` (one 64 x 256 product per K step in BF16 tiles of 256) against the Gluon GEMM's PyTorch
+    statement on the self-check's problems (plain with N = 320 clipped, gated with bias and activation, a
+    skipped tile that must keep its rows, two programs walking several tiles as the ring wraps; `gathered`:
+    the gate+up's A rows picked from fewer tokens), with the outputs by TMA store and from registers; and
+    its outputs against the two-box form's on a larger problem (the same products summed in the same order
+    of K steps: equal within a bfloat16 rounding)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon GEMM runs on Hopper (compute capability 9.x)")
+    from functools import partial
+    from epmoe.experts.triton_ws import gemm_disagreement
+    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
+    dev = torch.device("cuda")
+    for store_tma in (None, False):
+        wide = partial(grouped_gemm_ws, block_n=256, wide_mma=True, store_tma=store_tma)
+        assert gemm_disagreement(wide, dev, fp8=False, gathered=gathered) is None
+    g = torch.Generator(device=dev).manual_seed(1)
+    M, K, E = 6 * 128, 2048, 3
+    tile_expert = torch.tensor([2, 0, 0, -1, 1, 2], dtype=torch.int32, device=dev)
+    a = torch.randn(M, K, generator=g, device=dev).bfloat16()
+    w = (torch.randn(E, 512, K, generator=g, device=dev) * 0.05).bfloat16()
+    outs = []
+    for wide_mma in (False, True):
+        out = torch.full((M, 512), 7.0, dtype=torch.bfloat16, device=dev)
+        grouped_gemm_ws(a, w, tile_expert, out, block_n=256, wide_mma=wide_mma)
+        outs.append(out.float())
+    narrow, wide_out = outs
+    assert bool((wide_out[3 * 128:4 * 128] == 7.0).all())          # the skipped tile's rows kept
+    assert torch.isfinite(wide_out).all()
+    assert ((wide_out - narrow).norm() / narrow.norm()).item() <= 1e-3
+    print(f"wide vs two-box outputs bit for bit equal: {torch.equal(wide_out, narrow)}")
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_triton_runs_the_gluon_pipeline_where_its_table_says(fp8, tmp_path, monkeypatch):
     """`triton` with a table whose mixtral entry at T = 2048 says `gluon` (Hopper only): the pipeline is
