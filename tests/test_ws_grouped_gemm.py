@@ -242,10 +242,13 @@ def test_sm90_compile_of_the_wide_product(gated, store_tma, gather):
 
 
 def test_host_checks_of_the_wide_product():
-    """`wide_mma` is off unless asked, and refused where it cannot apply: block FP8 (its promotion needs a
-    product per weight box) and tiles of one box."""
-    import inspect
-    assert inspect.signature(gluon_gemm.grouped_gemm_ws).parameters["wide_mma"].default is False
+    """`wide_mma` runs by default in plain BF16 tiles of 256 only (not gated, not FP8, not 128 wide), and is
+    refused where asked and it cannot apply: block FP8 (its promotion needs a product per weight box) and tiles
+    of one box."""
+    choice = gluon_gemm._wide_mma_choice
+    assert choice("c", False, 2, False, None) and not choice("c", False, 2, True, None)
+    assert not choice("c", True, 2, False, None) and not choice("c", False, 1, False, None)
+    assert choice("c", False, 2, True, True) and not choice("c", False, 2, False, False)
     a, w, te, out, (sa, sw) = _operands()
     with pytest.raises(ValueError, match="wide_mma takes BF16 tiles of 256 columns .* not block FP8"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=256, wide_mma=True)
@@ -469,19 +472,20 @@ def test_sm90_compile_of_the_bf16_row_gather_with_k_not_a_multiple_of_16():
 
 def test_the_default_forms_are_the_measured_ones():
     """With nothing asked, the GEMMs the backends run store through TMA with the rings that were timed on an
-    H200 (block FP8 gate+up 256 wide with 4 slots, plain 256 with 3; BF16 gate+up with 4), and keep the
-    register stores where out's rows are no multiple of 16 bytes."""
+    H200 (block FP8 gate+up 256 wide with 4 slots, plain 256 with 3; BF16 gate+up with 4), BF16 plain tiles 256
+    wide with one wide product per K step and 4 slots (timed on an H100), and keep the register stores where
+    out's rows are no multiple of 16 bytes."""
     def default_form(a, w, te, out, sa=None, sw=None, activation=None, out_scale_t=None):
         shape = gluon_gemm.check_operands(a, w, te, out, sa, sw, None, activation, out_scale_t)
         return (shape.sub_n * shape.split,) + gluon_gemm.kernel_forms(shape, out, sa, None, None, None)
 
     a, w, te, out, (sa, sw) = _operands(fp8=True, N=256, K=256)
-    assert default_form(a, w, te, out, sa, sw) == (256, 3, True, True)
+    assert default_form(a, w, te, out, sa, sw) == (256, 3, True, True, False)
     gated_out = torch.empty(256, 128, dtype=torch.float8_e4m3fn)
-    assert default_form(a, w, te, gated_out, sa, sw, "silu", torch.ones(1, 256)) == (256, 4, True, True)
+    assert default_form(a, w, te, gated_out, sa, sw, "silu", torch.ones(1, 256)) == (256, 4, True, True, False)
     a, w, te, out, _ = _operands(fp8=False, N=256, K=256)
     assert default_form(a, w, te, torch.empty(256, 128, dtype=torch.bfloat16), activation="silu") == \
-        (256, 4, False, True)
-    assert default_form(a, w, te, out) == (128, 6, False, True)
+        (256, 4, False, True, False)
+    assert default_form(a, w, te, out) == (256, 4, False, True, True)
     a, w, te, out, _ = _operands(fp8=False, N=300)
-    assert default_form(a, w, te, out)[1:] == (6, False, False)
+    assert default_form(a, w, te, out)[1:] == (4, False, False, True)
