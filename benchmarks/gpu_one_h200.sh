@@ -4,14 +4,16 @@
 #   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
 #             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
 #   ws        the block-FP8 experts at the prefill targets (deepseek-v3 32-expert shard T = 4096, 8192;
-#             mixtral T = 8192), `triton` beside `triton_ws` only, oracle-checked (epmoe bench experts)
+#             mixtral T = 8192), `triton` beside `triton_ws` only, oracle-checked (epmoe bench experts);
+#             WS_FORMATS (e.g. bf16,fp8_block) and WS_ANCHORS (e.g. grouped_mm) name others
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
 #             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
 #             after it run with the new entries; the table before and after are kept
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
-#             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`;
+#             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`
+#             (GLUON_TUNE_FORMATS: the formats, default fp8_block,bf16);
 #             into this GPU's table in the package (before and after kept, as for tune)
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
 #             specialization off and on, beside the library's kernels
@@ -122,11 +124,11 @@ for part in $PARTS; do
     ws)
         run "$OUT/experts_ws_${GPU}_$DAY.log" "${WS_SECONDS:-150}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
-                --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
-                --output $OUT/experts_ws_ds32_${GPU}_$DAY.json &&
+                --routings balanced --formats ${WS_FORMATS:-fp8_block} --anchors ${WS_ANCHORS:-none} \
+                --backends triton,triton_ws --output $OUT/experts_ws_ds32_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 8192 \
-                --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
-                --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
+                --routings balanced --formats ${WS_FORMATS:-fp8_block} --anchors ${WS_ANCHORS:-none} \
+                --backends triton,triton_ws --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
     widths)
         run "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" bash -c "
             status=0
@@ -149,10 +151,11 @@ for part in $PARTS; do
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_gluon_tune.json"; fi
         run "$OUT/gluon_tune_${GPU}_$DAY.log" "${GLUON_TUNE_SECONDS:-420}" bash -c "
             python3 -m epmoe tune --gluon --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 \
-                --formats fp8_block,bf16 --tokens 4096,8192 &&
-            python3 -m epmoe tune --gluon --presets mixtral-8x7b --formats fp8_block,bf16 --tokens 1024,8192 &&
-            python3 -m epmoe tune --gluon --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats fp8_block,bf16 \
-                --tokens 8192"
+                --formats ${GLUON_TUNE_FORMATS:-fp8_block,bf16} --tokens 4096,8192 &&
+            python3 -m epmoe tune --gluon --presets mixtral-8x7b --formats ${GLUON_TUNE_FORMATS:-fp8_block,bf16} \
+                --tokens 1024,8192 &&
+            python3 -m epmoe tune --gluon --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
+                --formats ${GLUON_TUNE_FORMATS:-fp8_block,bf16} --tokens 8192"
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_after_gluon_tune.json"; fi ;;
     probe)
         run "$OUT/ws_probe_${GPU}_$DAY.log" "${PROBE_SECONDS:-120}" \
