@@ -280,32 +280,11 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     step += 1
                     if STAGGER > 0 and HALF == 0:
                         mbarrier.arrive(go, count=1, pred=step == STAGGER)
-            elif WIDE:
-                wide_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                                      instr_shape=[16, 2 * SUB_N, INSTR_K])
-                acc = gl.zeros([ROWS, 2 * SUB_N], gl.float32, wide_layout)
-                prev_slot = 0
-                for kb in range(K_BLOCKS):
-                    slot = step % STAGES
-                    mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-                    if GATHER:
-                        fence_async_shared()
-                    a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
-                    w_tile = w_bufs.index(slot).permute((1, 0))
-                    acc = warpgroup_mma(a_tile, w_tile, acc, is_async=True)
-                    acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_tile, w_tile))
-                    mbarrier.arrive(empty.index(prev_slot), count=1, pred=kb > 0)
-                    prev_slot = slot
-                    step += 1
-                    if STAGGER > 0 and HALF == 0:
-                        mbarrier.arrive(go, count=1, pred=step == STAGGER)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index(prev_slot), count=1)
-                # columns [0, SUB_N) and [SUB_N, 2 SUB_N): each thread holds both halves' values of its rows
-                acc0, acc1 = gl.split(acc.reshape([ROWS, 2, SUB_N]).permute((0, 2, 1)))
-                acc0 = gl.convert_layout(acc0, mma_layout)
-                acc1 = gl.convert_layout(acc1, mma_layout)
             else:
+                if WIDE:
+                    wide_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                          instr_shape=[16, 2 * SUB_N, INSTR_K])
+                    acc = gl.zeros([ROWS, 2 * SUB_N], gl.float32, wide_layout)
                 prev_slot = 0
                 for kb in range(K_BLOCKS):
                     slot = step % STAGES
@@ -313,26 +292,39 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     if GATHER:
                         fence_async_shared()
                     a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
-                    w0 = w_bufs.index(slot).slice(0, SUB_N).permute((1, 0))
-                    acc0 = warpgroup_mma(a_tile, w0, acc0, is_async=True)
-                    if SPLIT == 2:
-                        w1 = w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0))
-                        acc1 = warpgroup_mma(a_tile, w1, acc1, is_async=True)
-                        # this block's two products left in flight: the block before is done
-                        acc0, acc1, _, _, _ = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1, a_tile, w0, w1))
+                    if WIDE:        # one product over both weight boxes
+                        w_tile = w_bufs.index(slot).permute((1, 0))
+                        acc = warpgroup_mma(a_tile, w_tile, acc, is_async=True)
+                        acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_tile, w_tile))
                     else:
-                        acc0, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, a_tile, w0))
+                        w0 = w_bufs.index(slot).slice(0, SUB_N).permute((1, 0))
+                        acc0 = warpgroup_mma(a_tile, w0, acc0, is_async=True)
+                        if SPLIT == 2:
+                            w1 = w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0))
+                            acc1 = warpgroup_mma(a_tile, w1, acc1, is_async=True)
+                            # this block's two products left in flight: the block before is done
+                            acc0, acc1, _, _, _ = warpgroup_mma_wait(num_outstanding=2,
+                                                                     deps=(acc0, acc1, a_tile, w0, w1))
+                        else:
+                            acc0, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, a_tile, w0))
                     # the block before this one is done: its slot goes back
                     mbarrier.arrive(empty.index(prev_slot), count=1, pred=kb > 0)
                     prev_slot = slot
                     step += 1
                     if STAGGER > 0 and HALF == 0:
                         mbarrier.arrive(go, count=1, pred=step == STAGGER)
-                if SPLIT == 2:
+                if WIDE:
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                elif SPLIT == 2:
                     acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
                 else:
                     acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0,))
                 mbarrier.arrive(empty.index(prev_slot), count=1)
+                if WIDE:
+                    # columns [0, SUB_N) and [SUB_N, 2 SUB_N): each thread holds both halves' values of its rows
+                    acc0, acc1 = gl.split(acc.reshape([ROWS, 2, SUB_N]).permute((0, 2, 1)))
+                    acc0 = gl.convert_layout(acc0, mma_layout)
+                    acc1 = gl.convert_layout(acc1, mma_layout)
             _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_desc, o_bufs.index(HALF),
                       m * BLOCK_M + HALF * ROWS, w_first, M_pad, N, W_ROWS, n, SUB_N, SPLIT, GATED, ACTIVATION,
                       HAS_BIAS, OUT_FP8, STORE_TMA)
