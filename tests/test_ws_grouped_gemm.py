@@ -239,6 +239,10 @@ def test_sm90_compile_of_the_wide_product(gated, store_tma, gather):
         assert len(re.findall(pattern, ptx, re.M)) <= len(re.findall(pattern, base, re.M)), pattern
     assert _loop_spills(wide) in (None, 0)
     assert wide.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
+    # left unsaid, the cross-compile builds what a launch picks: the wide product in the plain tile only
+    default = gluon_gemm.compile_ws_gemm_for_hopper(False, block_n=256, stages=stages, gated=gated,
+                                                    store_tma=store_tma, gather=gather)
+    assert default.asm["ptx"] == (base if gated else ptx)
 
 
 def test_host_checks_of_the_wide_product():

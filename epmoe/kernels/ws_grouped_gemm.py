@@ -29,9 +29,10 @@ store the last one.
   epilogue (the gated one: thousands of unrolled instructions stalled on instruction fetch; the plain
   one: scattered 4-byte stores stalled on the store queue), while the tensor cores had nothing queued.
 
-Tiles are 128 rows by 128 or 256 columns; a 256-wide tile is two weight boxes of 128 rows, each with its
-own accumulator (the FP8 promotion works box by box), which reads 25% fewer bytes per FLOP than two
-128-wide tiles.
+Tiles are 128 rows by 128 or 256 columns (256 unless asked); a 256-wide tile is two weight boxes of 128
+rows, each with its own accumulator (the FP8 promotion works box by box), which reads 25% fewer bytes per
+FLOP than two 128-wide tiles. In a plain BF16 tile (`wide_mma`) one 64 x 256 product per K step covers both
+boxes, split into the two accumulators for the epilogue.
 
 Operands (`grouped_gemm_ws`, checked by `check_operands`): A [M_pad, K] in expert-contiguous, tile-padded
 rows (`tile_expert[m]` the expert of m-tile m, -1 for a tile to skip), W [E, N, K], an optional float32
@@ -732,14 +733,15 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True, wide_mma: bool = False):
+                               k_multiple_of_16: bool = True, wide_mma: bool | None = None):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
-    `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible)."""
+    `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
+    `wide_mma` None: as a launch picks it (`_wide_mma_choice`)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
-    _wide_mma_choice("compile_ws_gemm_for_hopper", fp8, block_n // min(block_n, SCALE), gated, wide_mma)
+    wide_mma = _wide_mma_choice("compile_ws_gemm_for_hopper", fp8, block_n // min(block_n, SCALE), gated, wide_mma)
     block_k = block_k or (128 if fp8 else 64)
     sub_n = min(block_n, SCALE)
     el = "fp8e4nv" if fp8 else "bf16"
