@@ -73,16 +73,21 @@ DAY=$(date -u +%F)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' || echo GPU)
 PARTS=${PARTS:-"tests experts rebalance overlap memory"}
 
+# header COMMAND...: the lines that head every file this script writes (what made it, from which code, where)
+header() {
+    echo "# command: $(printf '%q ' "$@")"
+    echo "# commit: $COMMIT"
+    echo "# source_sha256: $(python3 -c 'from epmoe.bench.run_env import source_digest; print(source_digest())' 2>&1)"
+    echo "# gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
+    echo "# $(python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1)"
+    echo "# date: $(date -u +%FT%TZ)"
+}
+
 # run LOG TIMEOUT_S COMMAND...: the command's output, whole, under a header saying what made it
 run() {
     local log=$1 limit=$2; shift 2
     {
-        echo "# command: $(printf '%q ' "$@")"
-        echo "# commit: $COMMIT"
-        echo "# source_sha256: $(python3 -c 'from epmoe.bench.run_env import source_digest; print(source_digest())' 2>&1)"
-        echo "# gpu: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)"
-        echo "# $(python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1)"
-        echo "# date: $(date -u +%FT%TZ)"
+        header "$@"
         timeout "$limit" "$@" 2>&1
         echo "# exit code: $?"
     } > "$log"
@@ -165,13 +170,17 @@ for part in $PARTS; do
             python3 benchmarks/gluon_gemm_probe.py --output "$OUT/gluon_gemm_probe_${GPU}_$DAY.json" \
             --budget-s "$(( ${GLUON_SECONDS:-540} - 260 ))" ${GLUON_ARGS:-} ;;
     ncu)
+        # the source page is ncu's CSV: it gets the same header lines as the logs (the summary skips them)
+        header ncu -i ws_gemm.ncu-rep --page source --csv --print-source sass > "$OUT/ws_gemm_source.header"
         run "$OUT/ncu_source_ws_gemm_${GPU}_$DAY.log" "${NCU_SECONDS:-200}" bash -c "
             ncu --clock-control none --nvtx --nvtx-include profiled/ --section SourceCounters \
                 --section WarpStateStats --section SpeedOfLight --section ComputeWorkloadAnalysis \
                 --section MemoryWorkloadAnalysis --import-source no -f -o $OUT/ws_gemm \
                 python3 benchmarks/profile_ws_gemm.py --shape 'deepseek-v3 shard 32' --tokens 8192 ${NCU_ARGS:-}
-            ncu -i $OUT/ws_gemm.ncu-rep --page source --csv --print-source sass > $OUT/ws_gemm_source.csv ||
-                ncu -i $OUT/ws_gemm.ncu-rep --page source --csv > $OUT/ws_gemm_source.csv
+            ncu -i $OUT/ws_gemm.ncu-rep --page source --csv --print-source sass > $OUT/ws_gemm_source.body ||
+                ncu -i $OUT/ws_gemm.ncu-rep --page source --csv > $OUT/ws_gemm_source.body
+            cat $OUT/ws_gemm_source.header $OUT/ws_gemm_source.body > $OUT/ws_gemm_source.csv
+            rm -f $OUT/ws_gemm_source.header $OUT/ws_gemm_source.body
             ncu -i $OUT/ws_gemm.ncu-rep --page details
             rm -f $OUT/ws_gemm.ncu-rep
             python3 benchmarks/ncu_source_summary.py $OUT/ws_gemm_source.csv --top 40" ;;

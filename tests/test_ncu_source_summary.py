@@ -28,6 +28,21 @@ def test_ranks_instructions_and_names_reasons(tmp_path, capsys, benchmark_script
     assert "BAR.SYNC.DEFER_BLOCKING 60.0%" in first             # by opcode
 
 
+def test_skips_the_header_lines_the_device_script_writes_above_the_csv(tmp_path, capsys, benchmark_script):
+    """benchmarks/gpu_one_h200.sh heads the source page with '# command: ...' lines (commas in them): they
+    start no table and add no rows, so the summary is that of the CSV alone."""
+    plain, headed = tmp_path / "plain.csv", tmp_path / "headed.csv"
+    plain.write_text(CSV)
+    headed.write_text("# command: ncu -i ws_gemm.ncu-rep --page source --csv, --print-source sass\n"
+                      "# gpu: NVIDIA H100 80GB HBM3, 580.00\n" + CSV)
+    tool = benchmark_script("ncu_source_summary")
+    assert tool.main([str(plain)]) == 0
+    expected = capsys.readouterr().out
+    assert tool.main([str(headed)]) == 0
+    assert capsys.readouterr().out == expected
+    assert [len(rows) for _, rows in tool.tables(str(headed))] == [3, 1]
+
+
 def test_refuses_a_csv_without_samples(tmp_path, benchmark_script):
     path = tmp_path / "other.csv"
     path.write_text('"a","b"\n"1","2"\n')
