@@ -42,6 +42,10 @@
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
 #             by layout rows): benchmarks/layout_copy_probe.py times and checks them, then ncu counts each
 #             kernel's DRAM bytes read and written
+#   ab        one kernel file before and after a change, timed in the same call: the tree is copied, AB_FILE in the
+#             copy replaced by AB_OLD (a copy of the old file sent with the tree, untracked), then AB_CMD runs
+#             in the copy, in the tree sent, and in the copy again (before, after, before: drift shows), with
+#             AB_SIDE (before, after, before_again) and AB_OUT (this folder) set for the files it writes
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
 #   overlap   shared experts under the dispatch and two micro-batches, eager and graph
 #             (benchmarks/gpu_overlap_check.py, where it exists)
@@ -184,6 +188,18 @@ for part in $PARTS; do
             ncu -i $OUT/ws_gemm.ncu-rep --page details
             rm -f $OUT/ws_gemm.ncu-rep
             python3 benchmarks/ncu_source_summary.py $OUT/ws_gemm_source.csv --top 40" ;;
+    ab)
+        if [ -z "${AB_FILE:-}" ] || [ ! -f "${AB_OLD:-}" ] || [ -z "${AB_CMD:-}" ]; then
+            echo "part ab needs AB_FILE (a path in the tree), AB_OLD (the old file, sent) and AB_CMD"; exit 2
+        fi
+        before=$(mktemp -d)/tree
+        export AB_OUT=$OUT
+        cp -r . "$before" && cp "$AB_OLD" "$before/$AB_FILE"
+        run "$OUT/ab_${GPU}_$DAY.log" "${AB_SECONDS:-300}" bash -c "
+            echo '## before: $AB_OLD (sha256 $(sha256sum < "$AB_OLD" | cut -c1-16)) as $AB_FILE'
+            (cd $before && export AB_SIDE=before && $AB_CMD)
+            echo '## after: the tree sent'; (export AB_SIDE=after && $AB_CMD)
+            echo '## before, again'; (cd $before && export AB_SIDE=before_again && $AB_CMD)" ;;
     rebalance)
         run "$OUT/rebalance_cost_${GPU}_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_${GPU}_1x_$DAY.json" ;;
@@ -197,7 +213,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths steps tune gluon_tune probe gluon ncu experts wide layout rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -149,7 +149,8 @@ def test_sm90_compile_of_the_a_scales_by_tma(block_n, gated):
     assert c.metadata.shared <= 227 * 1024
 
 
-@pytest.mark.parametrize("fp8,block_n,gated,has_bias", [(True, 256, True, False), (True, 256, False, True),
+@pytest.mark.parametrize("fp8,block_n,gated,has_bias", [(True, 256, True, False), (True, 256, True, True),
+                                                        (True, 256, False, True),
                                                         (True, 256, False, False), (True, 128, False, False),
                                                         (False, 256, False, False), (False, 256, True, True)])
 def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
@@ -159,7 +160,8 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     waited for (and the threads met again) before it is written, every store waited for before the
     program ends; no output stored from registers, no spill in a K loop (the plain FP8 tile of 256 without
     a bias had an accumulator spilled there until the kernel told ptxas that the K loop runs at least
-    once). Block-FP8 out: the formula's GPU form, the hardware's rounding cast and one reciprocal per row in
+    once; the gated one with a bias, gpt-oss's gate+up, had 18 until the bias row was loaded one column per
+    thread). Block-FP8 out: the formula's GPU form, the hardware's rounding cast and one reciprocal per row in
     place of a correctly rounded division per element."""
     # the ring the host gives it beside the buffers: 5 slots at FP8 128, 3 at FP8 256 with bfloat16 out, else 4
     stages = 5 if block_n == 128 else 3 if fp8 and not gated else 4
