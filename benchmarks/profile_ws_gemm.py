@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from gluon_gemm_probe import Problem
     from epmoe.experts.triton_ws import TILE
     from epmoe.kernels.moe_align import align_pairs
-    from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws
+    from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     L, H, I, k = ws_probe.SHAPES[args.shape]
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
             prob.use_bias = args.bias
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
-            applies = not launched.fp8 and launched.split == 2
+            applies = wide_mma_applies(launched.fp8, launched.split)
             for group_m, wide in [(g, w) for g in group_ms for w in wides if applies or not w]:
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,

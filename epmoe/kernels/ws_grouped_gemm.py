@@ -356,7 +356,8 @@ def _bias_row(row_ptr, col0, N, like):
     one column per thread, then spread through shared memory. Loaded in the accumulators' layout instead,
     each thread holds the pointers of all its columns, and the gated FP8 tile of 256 (192 of 232 registers in
     accumulators) spilled in its K loops: 61 local accesses, 18 in the K loops (sm_90, Triton 3.6), none
-    this way; the tile without a bias compiles as before."""
+    this way; the tile without a bias compiles as before. One column per thread of the math partition's
+    four warps (one warpgroup)."""
     SUB_N: gl.constexpr = like.type.shape[0]
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     cols = col0 + gl.arange(0, SUB_N, layout=flat)
@@ -720,16 +721,22 @@ def kernel_forms(shape: GemmShape, out: torch.Tensor, a_scale_t, stages: int | N
             _wide_mma_choice("grouped_gemm_ws", shape.fp8, shape.split, shape.gated, wide_mma))
 
 
+def wide_mma_applies(fp8: bool, split: int) -> bool:
+    """Whether one 64 x 256 product per K step can run: BF16 tiles of two weight boxes (block FP8's promotion
+    needs a product per box, whose registers a 64 x 256 one would double)."""
+    return not fp8 and split == 2
+
+
 def _wide_mma_choice(caller: str, fp8: bool, split: int, gated: bool, wide_mma: bool | None) -> bool:
     """Whether a BF16 tile of two weight boxes runs one 64 x 256 product per K step: asked (True / False) or,
     None, in the plain GEMM (the down GEMM, timed on an H100 at T = 8192: 1.22x faster than the tile of 128
     columns it replaced, 1.12x than two products of 128; ncu finds the same tensor-pipe share either way, so the
     gain is the power the second read of the A rows cost under the power limit), not the gated one (the same
-    to 2% slower: its tensor pipe was at 94% already). Asked where it cannot apply (block FP8: the promotion
-    needs a product per box, whose registers a 64 x 256 one would double; tiles of one box): a ValueError."""
+    to 2% slower: its tensor pipe was at 94% already). Asked where it cannot apply (`wide_mma_applies`): a
+    ValueError."""
     if wide_mma is None:
-        return not fp8 and split == 2 and not gated
-    if wide_mma and (fp8 or split != 2):
+        return wide_mma_applies(fp8, split) and not gated
+    if wide_mma and not wide_mma_applies(fp8, split):
         raise ValueError(f"{caller}: wide_mma takes BF16 tiles of 256 columns (two weight boxes), not "
                          f"{'block FP8' if fp8 else 'tiles of one box'}")
     return bool(wide_mma)
@@ -754,9 +761,10 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
-    wide_mma = _wide_mma_choice("compile_ws_gemm_for_hopper", fp8, block_n // min(block_n, SCALE), gated, wide_mma)
     block_k = block_k or (128 if fp8 else 64)
     sub_n = min(block_n, SCALE)
+    split = block_n // sub_n
+    wide_mma = _wide_mma_choice("compile_ws_gemm_for_hopper", fp8, split, gated, wide_mma)
     el = "fp8e4nv" if fp8 else "bf16"
     gl_el = gl.float8e4nv if fp8 else gl.bfloat16
 
@@ -773,13 +781,11 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
              "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
-             "num_m_tiles": "i32",
-             "num_n_tiles": "i32", "K_BLOCKS": "i32"}
-    const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": block_n // sub_n, "GATED": gated, "ACTIVATION": 0,
+             "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
+    const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
-             "MATH_REGS": math_regs,
-             "LOADER_REGS": loader_regs}
+             "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
