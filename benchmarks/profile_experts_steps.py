@@ -131,6 +131,9 @@ def main(argv=None) -> int:
                 weights, oracle = make_weights(cfg, device, gen)
                 ids, tw = make_routing("balanced", T, cfg.num_experts, cfg.top_k, gen, device)
                 x = torch.randn(T, cfg.hidden_size, generator=gen, device=device).to(torch.bfloat16)
+                # the experts take rows of the padded hidden size, as the dispatcher hands them over (gpt-oss's
+                # FP8 layers pad 2880 to 2944)
+                xp = torch.nn.functional.pad(x, (0, cfg.padded_hidden_size - cfg.hidden_size))
                 sample = sample_rows(T, gen, device)
                 ref = reference_moe(x[sample], None, oracle, cfg, routing=Routing(ids[sample], tw[sample]),
                                     device=device)
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
                         print(f"skip {name} {preset} {fmt}: {why}", flush=True)
                         continue
                     backend = contract.experts_class(name)(cfg, device)
-                    batch = FlatBatch(x, ids, tw)
+                    batch = FlatBatch(xp, ids, tw)
                     out = backend(batch, weights)            # compiles; then the check
                     err = rel_err(out[:, :cfg.hidden_size][sample], ref)
                     ok = err <= 3e-2

@@ -60,3 +60,23 @@ def test_scales_on_a_layer_that_is_not_fp8_are_refused():
     batch.scales = torch.ones(6, 1)
     with pytest.raises(ValueError, match="not FP8"):
         layer.experts(batch, layer.expert_weights)
+
+
+@pytest.mark.parametrize("layout", ["flat", "batched"])
+def test_rows_not_of_the_padded_hidden_size_are_refused(layout):
+    """The experts take rows as the dispatcher hands them over, padded to the layer's padded hidden size
+    (block FP8 pads H = 200 to 256); rows of the model's own width are refused with the rule said, before any
+    backend's own code (the Gluon pipeline's refusal came from deep inside its GEMM's operand check)."""
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=200, intermediate_size=128, dtype=torch.float32,
+                    quant=Fp8Config(weight_block=(128, 128)))
+    assert cfg.padded_hidden_size == 256
+    name = "reference"
+    layer = MoELayer(cfg, dispatcher="local" if layout == "flat" else "low_latency", experts=name,
+                     max_tokens_per_rank=4)
+    load_experts(layer, random_experts(cfg, seed=2))
+    batch = _batch(layout, cfg, "cpu")           # rows of 200 columns
+    with pytest.raises(ValueError, match="padded hidden size is 256"):
+        layer.experts(batch, layer.expert_weights)
+    padded = torch.nn.functional.pad(batch.x, (0, 56))
+    out = layer.experts(type(batch)(**{**batch.__dict__, "x": padded}), layer.expert_weights)
+    assert out.shape[-1] == 256 and out.abs().sum() > 0

@@ -53,6 +53,11 @@ class Experts(abc.ABC):
         self.device = device
 
     def __call__(self, batch, weights: ExpertWeights) -> torch.Tensor:
+        Hp = self.plan.padded_hidden_size
+        if batch.x.shape[-1] != Hp:
+            raise ValueError(f"experts {self.name!r}: rows of {batch.x.shape[-1]} columns, but the layer's padded hidden "
+                             f"size is {Hp} (hidden {self.plan.hidden_size}): the experts take rows as the dispatcher "
+                             f"hands them over, padded with zeros to it (torch.nn.functional.pad(x, (0, Hp - H)))")
         batch = self.activations_for(batch)
         if isinstance(batch, FlatBatch):
             return self.forward_flat(batch, weights)
