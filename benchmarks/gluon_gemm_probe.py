@@ -109,8 +109,9 @@ class Problem:
         o, st = out or self.out
         return o.float() if st is None else o.float() * st.t().repeat_interleave(128, 1)[:, :self.N]
 
-    def rel_err(self, tiles):
-        """The kernel's rows of `tiles` against `grouped_gemm_reference` on the same rows."""
+    def rel_err(self, tiles, layout_ids=None, pad_id=None):
+        """The kernel's rows of `tiles` against `grouped_gemm_reference` on the same rows (with `layout_ids`,
+        the rows the kernel was told to skip as well: untouched in both)."""
         import torch
         from epmoe.experts.triton_ws import grouped_gemm_reference
         rows = torch.cat([torch.arange(t * 128, (t + 1) * 128) for t in tiles]).to(self.a.device)
@@ -121,7 +122,8 @@ class Problem:
         sub.tile_expert = self.tile_expert[list(tiles)].contiguous()
         sub.a_scale_t = None if self.a_scale_t is None else self.a_scale_t[:, picked].contiguous()
         ref = sub.new_out(self.a.device)
-        grouped_gemm_reference(*sub.args(ref))          # in layout order: checks the kernel's gather too
+        skip = {} if layout_ids is None else dict(layout_ids=layout_ids[rows].contiguous(), pad_id=pad_id)
+        grouped_gemm_reference(*sub.args(ref), **skip)          # in layout order: checks the kernel's gather too
         got = self.values()[rows]
         want = sub.values(ref)
         return ((got - want).norm() / want.norm()).item()

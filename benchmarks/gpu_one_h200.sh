@@ -31,6 +31,10 @@
 #             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
 #             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
 #             do_bench medians, two tiles of each checked)
+#   halves    the Gluon GEMMs without and with half tiles (an expert's last tile of at most 64 rows computed by one
+#             math warpgroup: benchmarks/profile_ws_gemm.py --half-tiles off,on), gate+up and down as the experts
+#             launch them, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts) and gpt-oss-120b (~256 rows per
+#             expert: a fifth of the tiles are such) and the deepseek-v3 32-expert shard (~2048 rows per expert)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -146,6 +150,14 @@ for part in $PARTS; do
                     --down-block-n 128,256 --wide-mma off,on || status=1
             done
             exit \$status" ;;
+    halves)
+        run "$OUT/half_tiles_${GPU}_$DAY.log" "${HALVES_SECONDS:-200}" bash -c "
+            status=0
+            for shape in deepseek-v3 gpt-oss-120b 'deepseek-v3 shard 32'; do
+                python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
+                    --half-tiles off,on || status=1
+            done
+            exit \$status" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
@@ -213,7 +225,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths halves steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

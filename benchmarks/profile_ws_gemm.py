@@ -12,9 +12,11 @@ each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf
 of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile is 256 wide (gate and up
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
-times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box). A
-launch whose checked tiles disagree with the statement (rel. error > 1e-2) is marked so, and the script
-exits 1 after the rest.
+times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
+`--half-tiles off,on` each launch without and with the layout's `layout_ids` (as the experts launch them:
+a tile of at most 64 rows computed by one math warpgroup). A launch whose checked tiles (the first, the
+last and, with half tiles, the first such tile) disagree with the statement (rel. error > 1e-2) is marked
+so, and the script exits 1 after the rest.
 """
 from __future__ import annotations
 
@@ -27,10 +29,16 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def main(argv=None) -> int:
+def shapes() -> dict:
+    """name: (local experts, H, I, top_k): the probe's, and the presets with ~256 rows per expert at T = 8192
+    (gpt-oss-120b at its FP8 padded sizes, which the BF16 GEMMs take as well)."""
     import ws_probe
+    return dict(ws_probe.SHAPES, **{"deepseek-v3": (256, 7168, 2048, 8), "gpt-oss-120b": (128, 2944, 2944, 4)})
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(ws_probe.SHAPES))
+    p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(shapes()))
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--stages", type=int, default=None,
                    help="ring slots (default: the kernel's own choice, as the experts launch it)")
@@ -45,6 +53,10 @@ def main(argv=None) -> int:
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
+    p.add_argument("--half-tiles", default="auto",
+                   help="off, on, off,on or auto: launches without / with the layout's layout_ids (a tile of at "
+                        "most 64 rows computed by one warpgroup); auto: as the experts launch them (default "
+                        "%(default)s)")
     p.add_argument("--wide-mma", default="off",
                    help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
                         "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
@@ -59,6 +71,9 @@ def main(argv=None) -> int:
     wides = [{"off": False, "on": True}.get(v) for v in args.wide_mma.split(",")]
     if None in wides:
         p.error("--wide-mma takes off, on, or both comma-separated")
+    halves = [{"off": False, "on": True, "auto": True}.get(v) for v in args.half_tiles.split(",")]
+    if None in halves:
+        p.error("--half-tiles takes off, on, auto, or several comma-separated")
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -70,10 +85,13 @@ def main(argv=None) -> int:
     from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
-    L, H, I, k = ws_probe.SHAPES[args.shape]
+    L, H, I, k = shapes()[args.shape]
     ids = torch.randn(args.tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
     aligned = align_pairs(ids, L, TILE)
     tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
+    # the tiles whose row 64 is padding (an expert's last, of at most 64 pairs)
+    pads = (aligned.sorted_ids[:len(tile_expert) * TILE].view(-1, TILE)[:, TILE // 2] >= aligned.num_pairs).tolist()
+    half_tiles = {t for t, (e, pad) in enumerate(zip(tile_expert, pads)) if e >= 0 and pad}
     failed = 0
     for fmt in formats:
         for gemm, w_rows, K, block_n in [("gate_up", 2 * I, H, 256)] + [("down", H, I, bn) for bn in down_widths]:
@@ -83,15 +101,20 @@ def main(argv=None) -> int:
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
-            for group_m, wide in [(g, w) for g in group_ms for w in wides if applies or not w]:
+            for group_m, wide, half in [(g, w, h) for g in group_ms for w in wides for h in halves
+                                        if applies or not w]:
+                skip = dict(layout_ids=aligned.sorted_ids, pad_id=aligned.num_pairs) if half else {}
+
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
-                                    scale_tma=False if args.global_scales else None, wide_mma=wide)
+                                    scale_tma=False if args.global_scales else None, wide_mma=wide, **skip)
 
+                prob.out = prob.new_out(dev)        # rows a launch skips hold what they held: zeros, as the check's
                 run()
                 torch.cuda.synchronize()
                 used = [t for t, e in enumerate(tile_expert) if e >= 0]
-                err = prob.rel_err([used[0], used[-1]])
+                halved = [t for t in used if t in half_tiles] if half else []
+                err = prob.rel_err(sorted({used[0], used[-1], *halved[:1]}), **skip)
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
                 torch.cuda.nvtx.range_push("profiled")
                 run()
@@ -100,9 +123,10 @@ def main(argv=None) -> int:
                 flops = 2.0 * args.tokens * k * K * w_rows
                 bad = not err <= 1e-2
                 failed += bad
+                halves_said = f" half_tiles ({len(half_tiles)} of {len(used)})" if half else ""
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
-                      f"group_m={group_m}{' wide_mma' if wide else ''}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
-                      f"(routed rows) rel_err {err:.2e}{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
+                      f"group_m={group_m}{' wide_mma' if wide else ''}{halves_said}: {ms:.3f} ms "
+                      f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             del prob
     return 1 if failed else 0
 

@@ -85,6 +85,9 @@ if INTERPRETING:
             real = seg[seg < T * k]
             assert sorted(real.tolist()) == sorted((flat == e).nonzero().flatten().tolist()), f"expert {e}"
             assert int((seg == T * k).sum()) == int(padded[e] - counts[e])
+            # the pairs first, then the padding: what the Gluon GEMM's `layout_ids` relies on to skip a tile's
+            # second half by reading its first row
+            assert (seg[:counts[e]] < T * k).all() and (seg[counts[e]:] == T * k).all(), f"expert {e}"
             blocks = a.block_expert[starts[e] // bm: (starts[e] + padded[e]) // bm]
             assert (blocks == e).all()
         assert (a.block_expert[total // bm: a.max_blocks] == -1).all()

@@ -117,44 +117,48 @@ if not INTERPRETING:
     @pytest.mark.parametrize("fp8", [False, True])
     def test_a_gemm_that_disagrees_is_refused(fp8):
         """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
-        agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught."""
+        agrees with itself; a GEMM that forgets the weight scales, writes a skipped tile or computes the
+        padding half of a tile `layout_ids` marks is caught."""
         from epmoe.experts.triton_ws import gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         cpu = torch.device("cpu")
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8) is None
 
-        def writes_skipped_tiles(a, w, tile_expert, out, *rest, a_rows=None, **launch):
-            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest, a_rows=a_rows)
+        def writes_skipped_tiles(a, w, tile_expert, out, *rest, **launch):
+            grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest, **launch)
+
+        def computes_padding_halves(a, w, tile_expert, out, *rest, layout_ids=None, pad_id=None, **launch):
+            grouped_gemm_reference(a, w, tile_expert, out, *rest, **launch)
 
         def forgets_the_bias_when_gated(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
-                                        a_rows=None, **launch):
+                                        **launch):
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, None if activation else bias,
-                                   activation, out_scale_t, a_rows=a_rows)
+                                   activation, out_scale_t, **launch)
 
-        def writes_nan(a, w, tile_expert, out, *rest, a_rows=None, **launch):
-            grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=a_rows)
+        def writes_nan(a, w, tile_expert, out, *rest, **launch):
+            grouped_gemm_reference(a, w, tile_expert, out, *rest, **launch)
             out[0] = float("nan")
 
         def reads_the_next_token(a, w, tile_expert, out, *rest, a_rows=None, **launch):
             shifted = None if a_rows is None else ((a_rows + 1) % a.shape[0]).to(torch.int32)
-            grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=shifted)
+            grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=shifted, **launch)
 
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
-        assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
+        assert "skipped rows written" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
+        assert "skipped rows written" in gemm_disagreement(computes_padding_halves, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8, gathered=True)
         assert gemm_disagreement(reads_the_next_token, cpu, fp8) is None       # the backend's forms pick no rows
         if fp8:
-            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest, a_rows=None, **launch):
-                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest,
-                                       a_rows=a_rows)
+            def no_weight_scales(a, w, tile_expert, out, a_scale_t, w_scale, *rest, **launch):
+                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, torch.ones_like(w_scale), *rest, **launch)
 
             def scales_of_the_layout_row(a, w, tile_expert, out, a_scale_t, *rest, a_rows=None, **launch):
                 """The token's rows but the scale of the layout row's position (a gather that forgot them)."""
                 if a_rows is not None:
                     a, a_scale_t = a[a_rows.long()], a_scale_t[:, :a_rows.numel()].repeat(1, 2)[:, :a_rows.numel()]
-                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t.contiguous(), *rest)
+                grouped_gemm_reference(a, w, tile_expert, out, a_scale_t.contiguous(), *rest, **launch)
 
             assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
             assert "gated GEMM" in gemm_disagreement(scales_of_the_layout_row, cpu, fp8, gathered=True)
@@ -215,11 +219,11 @@ if not INTERPRETING:
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
-        beyond every default ring of slots."""
+        beyond every default ring of slots, a tile whose second half is padding (`layout_ids`)."""
         from epmoe.experts.triton_ws import TILE, gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
-        calls = []
+        calls, halves = [], []
 
         def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, a_rows=None,
                     **launch):
@@ -228,12 +232,16 @@ if not INTERPRETING:
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
+            # a tile marked padding from its row 64 (one warpgroup's), as the backend's layouts have them
+            ids = launch["layout_ids"]
+            halves.append(sum(int(ids[m * TILE + TILE // 2]) >= launch["pad_id"] for m in range(tile_expert.numel())
+                              if int(tile_expert[m]) >= 0))
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
-                                   a_rows=a_rows)
+                                   a_rows=a_rows, **launch)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
-        assert len(calls) == 4
+        assert len(calls) == 4 and halves == [1] * 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
         # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up

@@ -14,13 +14,14 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
               gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
-              stagger: int = 0, wide_mma: bool = False):
+              stagger: int = 0, wide_mma: bool = False, skip_half: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
-                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma)
+                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma,
+                                                  skip_half=skip_half)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -197,6 +198,31 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
 
 
+@pytest.mark.parametrize("fp8,block_n,stages,gated,has_bias", [(True, 256, 4, True, False), (True, 256, 4, True, True),
+                                                                (True, 256, 3, False, False), (True, 128, 5, False, False),
+                                                                (False, 256, 4, True, True), (False, 256, 4, False, False)])
+def test_sm90_compile_of_the_half_tiles(fp8, block_n, stages, gated, has_bias):
+    """`layout_ids` (as the experts launch both GEMMs): the second math warpgroup reads one word per tile (is its
+    first row padding?) and, where it is, waits for and hands back each K block's slot in a loop of its own,
+    without computing: one more load, "ready" wait and "empty" arrive than without, the same products (the
+    tile's body is not duplicated), and still no spill."""
+    base, _ = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True,
+                        wide_mma=not fp8 and not gated)
+    c, use = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True,
+                       wide_mma=not fp8 and not gated, skip_half=True)
+
+    def count(ptx, pattern):
+        return len(re.findall(pattern, ptx))
+
+    for pattern in (r"mbarrier\.try_wait", r"mbarrier\.arrive", r"ld\.global(?:\.\w+)*\.[bsu]32\b"):
+        assert count(c.asm["ptx"], pattern) == count(base.asm["ptx"], pattern) + 1, pattern
+    assert count(c.asm["ptx"], r"wgmma\.mma_async") == count(base.asm["ptx"], r"wgmma\.mma_async")
+    assert _loop_spills(c) in (None, 0)
+    if use:
+        assert use["LOCAL"] == 0 and use["STACK"] <= 48, f"spills: {use}"
+    assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
+
+
 @pytest.mark.parametrize("fp8,gated", [(True, True), (True, False), (False, False)])
 def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
     """`stagger`: one more mbarrier (count 1) that the second math partition waits on before its first
@@ -366,6 +392,14 @@ def test_host_checks_refuse_bad_layouts():
         gluon_gemm.grouped_gemm_ws(a, w.transpose(1, 2), te, out, sa, sw)
     with pytest.raises(ValueError, match="bias must be"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, bias=torch.zeros(2, 128))
+    ids = torch.arange(256, dtype=torch.int32)
+    with pytest.raises(ValueError, match="go together"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, layout_ids=ids)
+    with pytest.raises(ValueError, match="go together"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, pad_id=256)
+    for bad_ids, bad_pad in ((ids[:200], 256), (ids.long(), 256), (ids.view(2, 128), 256), (ids, -1)):
+        with pytest.raises(ValueError, match="layout_ids must be"):
+            gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, layout_ids=bad_ids, pad_id=bad_pad)
 
 
 def test_host_checks_of_the_launch():
