@@ -202,10 +202,12 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
                                                                 (True, 256, 3, False, False), (True, 128, 5, False, False),
                                                                 (False, 256, 4, True, True), (False, 256, 4, False, False)])
 def test_sm90_compile_of_the_half_tiles(fp8, block_n, stages, gated, has_bias):
-    """`layout_ids` (as the experts launch both GEMMs): the second math warpgroup reads one word per tile (is its
-    first row padding?) and, where it is, waits for and hands back each K block's slot in a loop of its own,
-    without computing: one more load, "ready" wait and "empty" arrive than without, the same products (the
-    tile's body is not duplicated), and still no spill."""
+    """`layout_ids` (as the experts launch both GEMMs): each math warpgroup reads one word per tile (is its row
+    64 padding?); where it is, the second waits for and hands back each K block's slot in a loop of its own,
+    without computing, then waits for the first to finish the tile and acknowledges it, and the first, after
+    its epilogue, waits for the last acknowledgement and says it finished: two more loads, three more waits
+    and three more arrives than without, the same products (the tile's body is not duplicated), and still
+    no spill."""
     base, _ = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True,
                         wide_mma=not fp8 and not gated)
     c, use = _compiled(fp8, block_n, stages, gated, has_bias, scale_tma=fp8, store_tma=True,
@@ -214,8 +216,8 @@ def test_sm90_compile_of_the_half_tiles(fp8, block_n, stages, gated, has_bias):
     def count(ptx, pattern):
         return len(re.findall(pattern, ptx))
 
-    for pattern in (r"mbarrier\.try_wait", r"mbarrier\.arrive", r"ld\.global(?:\.\w+)*\.[bsu]32\b"):
-        assert count(c.asm["ptx"], pattern) == count(base.asm["ptx"], pattern) + 1, pattern
+    for pattern, more in ((r"mbarrier\.try_wait", 3), (r"mbarrier\.arrive", 3), (r"ld\.global(?:\.\w+)*\.[bsu]32\b", 2)):
+        assert count(c.asm["ptx"], pattern) == count(base.asm["ptx"], pattern) + more, pattern
     assert count(c.asm["ptx"], r"wgmma\.mma_async") == count(base.asm["ptx"], r"wgmma\.mma_async")
     assert _loop_spills(c) in (None, 0)
     if use:

@@ -201,7 +201,7 @@ def _pass_slots(ready, empty, step, K_BLOCKS):
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr, a_rows_ptr,
+def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, handed, tile_expert_ptr, a_rows_ptr,
                     a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID, M_pad, A_ROWS,
                     N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr,
                     SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
@@ -226,7 +226,11 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     the two accumulators for the epilogue. SKIP_HALF: the second warpgroup passes over a tile whose row 64 is
     padding (layout_ids[row] >= PAD_ID; a tile's padding follows its rows, so its rows [64, 128) all are):
     it waits for each K block's slot and hands it back, and computes and stores nothing (those rows keep
-    what they held), while the first warpgroup does the tile's 64 rows alone."""
+    what they held), while the first warpgroup does the tile's 64 rows alone; then it waits for the first
+    to finish the tile (`handed[0]`, one arrive per such tile, acknowledged on `handed[1]` so that no
+    phase is passed unseen). Without that wait the second warpgroup ran ahead into the next tiles by up to
+    the whole ring, and stayed there (the two do equal work after), which left it nothing prefetched: on an
+    H200, gate+up 4-41% slower."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -246,14 +250,19 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     if STAGGER > 0 and HALF == 1:
         mbarrier.wait(go, 0)
     step = 0
+    halves = 0          # SKIP_HALF: tiles handed over so far (the phase of `handed`)
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
         e = gl.load(tile_expert_ptr + m)
-        if SKIP_HALF and HALF == 1:
-            idle = (e >= 0) & (gl.load(layout_ids_ptr + m * BLOCK_M + ROWS) >= PAD_ID)
-            if idle:
-                step = _pass_slots(ready, empty, step, K_BLOCKS)
-            e = gl.where(idle, -1, e)
+        if SKIP_HALF:
+            half = (e >= 0) & (gl.load(layout_ids_ptr + m * BLOCK_M + ROWS) >= PAD_ID)
+            if HALF == 1:
+                if half:
+                    step = _pass_slots(ready, empty, step, K_BLOCKS)
+                    mbarrier.wait(handed.index(0), halves & 1)          # the first finished the tile
+                    mbarrier.arrive(handed.index(1), count=1)
+                    halves += 1
+                e = gl.where(half, -1, e)
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
             scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
@@ -350,6 +359,12 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
             _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_desc, o_bufs.index(HALF),
                       m * BLOCK_M + HALF * ROWS, w_first, M_pad, N, W_ROWS, n, SUB_N, SPLIT, GATED, ACTIVATION,
                       HAS_BIAS, OUT_FP8, STORE_TMA)
+            if SKIP_HALF and HALF == 0:
+                # a tile done alone: the second warpgroup starts the next one with this one (predicated, no
+                # branch); the last such tile's hand-over was taken (a fresh barrier: the phase before 0 is)
+                mbarrier.wait(handed.index(1), (halves & 1) ^ 1, pred=half)
+                mbarrier.arrive(handed.index(0), count=1, pred=half)
+                halves += half.to(gl.int32)
     if STAGGER > 0 and HALF == 0:
         mbarrier.arrive(go, count=1, pred=step < STAGGER)       # fewer K blocks in all: the other still starts
     if STORE_TMA:
@@ -464,6 +479,13 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
         mbarrier.init(go.index(0), count=1)
     else:
         go = empty          # unused
+    if SKIP_HALF:
+        # a tile the first warpgroup did alone: done (its arrive), and the hand-over taken (the second's)
+        handed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(handed.index(0), count=1)
+        mbarrier.init(handed.index(1), count=1)
+    else:
+        handed = empty      # unused
     for i in gl.static_range(STAGES):
         # the loader's expect_tx arrive (GATHER: and one arrive per copying thread, 4 warps)
         mbarrier.init(ready.index(i), count=1 + GATHER * 128)
@@ -475,12 +497,12 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     # written out in each entry: a tuple held in a variable loses its constexprs
     LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
     gl.warp_specialize([
-        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
+        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), handed, tile_expert_ptr,
                            a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr,
                            PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT,
                            GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
                            SKIP_HALF, 0)),
-        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
+        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), handed, tile_expert_ptr,
                            a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr,
                            PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT,
                            GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
@@ -672,13 +694,14 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     ws_grouped_gemm_kernel[grid](a_desc, w_desc, s_desc, o_desc, a, dummy if a_rows is None else a_rows, tile_expert,
                                  dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
                                  dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
-                                 dummy if layout_ids is None else layout_ids, pad_id or 0, shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
+                                 dummy if layout_ids is None else layout_ids, pad_id or 0, shape.M_pad, shape.a_count,
+                                 shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
                                  triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8, SPLIT=shape.split,
                                  GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
-                                 WIDE=wide_mma, SKIP_HALF=shape.skip_half, MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4,
-                                 maxnreg=maxnreg)
+                                 WIDE=wide_mma, SKIP_HALF=shape.skip_half, MATH_REGS=math_regs,
+                                 LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
 
@@ -821,7 +844,8 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}",
              "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
-             "out_scale_ptr": "*fp32", "layout_ids_ptr": "*i32", "PAD_ID": "i32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
+             "out_scale_ptr": "*fp32", "layout_ids_ptr": "*i32", "PAD_ID": "i32", "M_pad": "i32", "A_ROWS": "i32",
+             "K": "i32", "N": "i32", "W_ROWS": "i32",
              "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
