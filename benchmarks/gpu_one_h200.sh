@@ -31,10 +31,11 @@
 #             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
 #             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
 #             do_bench medians, two tiles of each checked)
-#   halves    the Gluon GEMMs without and with half tiles (an expert's last tile of at most 64 rows computed by one
-#             math warpgroup: benchmarks/profile_ws_gemm.py --half-tiles off,on), gate+up and down as the experts
-#             launch them, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts) and gpt-oss-120b (~256 rows per
-#             expert: a fifth of the tiles are such) and the deepseek-v3 32-expert shard (~2048 rows per expert)
+#   halves    the Gluon GEMMs without (as the experts launch them) and with the kernel's opt-in half tiles (an
+#             expert's last tile of at most 64 rows computed by one math warpgroup: benchmarks/profile_ws_gemm.py
+#             --half-tiles off,on), gate+up and down, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts) and
+#             gpt-oss-120b (~256 rows per expert: a fifth of the tiles are such) and the deepseek-v3 32-expert
+#             shard (~2048 rows per expert)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and

@@ -145,7 +145,9 @@ if not INTERPRETING:
 
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "skipped rows written" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
-        assert "skipped rows written" in gemm_disagreement(computes_padding_halves, cpu, fp8)
+        assert "skipped rows written" in gemm_disagreement(computes_padding_halves, cpu, fp8, half_tiles=True)
+        assert gemm_disagreement(computes_padding_halves, cpu, fp8) is None      # the backends' forms: whole tiles
+        assert gemm_disagreement(grouped_gemm_reference, cpu, fp8, half_tiles=True) is None
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8, gathered=True)
@@ -219,7 +221,7 @@ if not INTERPRETING:
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
-        beyond every default ring of slots, a tile whose second half is padding (`layout_ids`)."""
+        beyond every default ring of slots; with `half_tiles`, a tile whose second half is padding."""
         from epmoe.experts.triton_ws import TILE, gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
@@ -232,16 +234,17 @@ if not INTERPRETING:
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
-            # a tile marked padding from its row 64 (one warpgroup's), as the backend's layouts have them
-            ids = launch["layout_ids"]
-            halves.append(sum(int(ids[m * TILE + TILE // 2]) >= launch["pad_id"] for m in range(tile_expert.numel())
+            # with `half_tiles`, one tile marked padding from its row 64 (one warpgroup's work); none without
+            ids = launch.get("layout_ids")
+            halves.append(None if ids is None else
+                          sum(int(ids[m * TILE + TILE // 2]) >= launch["pad_id"] for m in range(tile_expert.numel())
                               if int(tile_expert[m]) >= 0))
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
-        assert len(calls) == 4 and halves == [1] * 4
+        assert len(calls) == 4 and halves == [None] * 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
         # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up
@@ -250,6 +253,9 @@ if not INTERPRETING:
         calls.clear()
         assert gemm_disagreement(records, torch.device("cpu"), True, gathered=True) is None
         assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)]
+        halves.clear()
+        assert gemm_disagreement(records, torch.device("cpu"), True, half_tiles=True) is None
+        assert halves == [1, 1]
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

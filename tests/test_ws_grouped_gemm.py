@@ -475,7 +475,9 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 31 and all(c["ok"] for c in cases)
+    assert len(cases) == 33 and all(c["ok"] for c in cases)
+    assert {(c.get("fp8"), c.get("case")) for c in cases if "self-check" in str(c.get("case"))} == \
+        {(fp8, "triton_ws self-check" + half) for fp8 in (False, True) for half in ("", " with half tiles")}
     assert {(c.get("fp8"), c.get("store_tma"), c.get("stagger")) for c in cases if c.get("stagger")} == \
         {(True, True, 2), (True, False, 1), (False, True, 2)}
     assert {(c.get("fp8"), c.get("gated"), c.get("block_n"), c.get("bias")) for c in cases if c.get("store_tma")} == \

@@ -16,9 +16,10 @@ says `gluon` (`epmoe tune` measured it faster there). The pipeline:
 3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
    the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
    which writes the down GEMM's operand in layout order as it reads it;
-4. down: the same GEMM, plain, with the bias; in both, an expert's last tile of at most 64 pairs is computed
-   by one of the kernel's two math warpgroups, the other passing over it (`half_tiles`: at ~256 pairs per
-   expert a fifth of the tiles are such);
+4. down: the same GEMM, plain, with the bias (every tile whole: the kernel can leave an expert's last tile of
+   at most 64 pairs to one math warpgroup, `layout_ids`, but measured on an H100 and an H200 that made both
+   GEMMs slower, up to 2x at deepseek-v3's 256 experts: the programs fall out of step and stop sharing the
+   weight boxes in L2, benchmarks/notes_kernels.md, eighteenth pass);
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
    float32 (`gather_sum`), into the dispatcher's buffer where it gives one (`FlatBatch.out`).
 Steps 3 and 4 run `epmoe.kernels.ws_grouped_gemm.grouped_gemm_ws` (`gemm`); the tests put its PyTorch
@@ -125,15 +126,17 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
     return None
 
 
-def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False) -> str | None:
+def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False,
+                      half_tiles: bool = False) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
     problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
     quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
-    skipped tile whose rows must stay as they were, a tile padded from row 100 (computed whole) and one from
-    row 64 (`layout_ids`: its rows [64, 128) must stay as they were too), N not a multiple of the tile, on
-    two programs with K long enough that each walks several tiles and the ring of slots wraps (None: it
-    agrees within 1e-2; NaN anywhere disagrees).
+    skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
+    long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
+    anywhere disagrees). `half_tiles` (the kernel's opt-in `layout_ids`, which the backends do not use): a
+    tile padded from its row 100 (computed whole) and one from its row 64, whose rows [64, 128) must stay as
+    they were too.
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
@@ -145,7 +148,9 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
     layout_ids[3 * TILE + 64:] = M
     kept = torch.zeros(M, dtype=torch.bool, device=device)
     kept[TILE:2 * TILE] = True
-    kept[3 * TILE + 64:] = True
+    if half_tiles:
+        kept[3 * TILE + 64:] = True
+    halves = dict(layout_ids=layout_ids, pad_id=M) if half_tiles else {}
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
                                              ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
@@ -170,7 +175,7 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
             fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2,
-               a_rows=a_rows, layout_ids=layout_ids, pad_id=M)
+               a_rows=a_rows, **halves)
             why = settle() if settle is not None and fn is gemm else None
             if why:
                 return why
@@ -254,13 +259,6 @@ class WarpSpecializedExperts(Experts):
         return (n, k, H, two_i // 2, weights.w13_scale is not None, aligned, aligned.max_rows,
                 aligned.block_expert[:aligned.max_blocks])
 
-    @staticmethod
-    def half_tiles(aligned) -> dict:
-        """The GEMMs' `layout_ids` and `pad_id` for this layout: a tile of at most 64 pairs (an expert's last)
-        is computed by one math warpgroup, its rows [64, 128) of padding left as they are (never read: the
-        slot sum reads pairs' rows only, and the down GEMM's rows of such a tile are skipped alike)."""
-        return dict(layout_ids=aligned.sorted_ids, pad_id=aligned.num_pairs)
-
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from ..kernels.layout_copy import rows_to_layout
         plan, gemm = self.plan, self._gemm()
@@ -274,10 +272,9 @@ class WarpSpecializedExperts(Experts):
         # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
         act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
         act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if fp8 else None
-        half = self.half_tiles(aligned)
-        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t, **half)
+        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
-        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2, **half)
+        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
         return self.slot_sum(y, row_of_pair, batch)
 
     def slot_sum(self, y: torch.Tensor, row_of_pair: torch.Tensor, batch: FlatBatch):

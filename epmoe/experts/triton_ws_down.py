@@ -92,6 +92,6 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
                        fp8=mode1, tile_mode=0)
         act_scale_t = act_scale.t().contiguous() if fp8 else None
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
-        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2, **self.half_tiles(aligned))
+        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
         _, _, row_of_pair = rows_to_layout(None, None, aligned, k)
         return self.slot_sum(y, row_of_pair, batch)

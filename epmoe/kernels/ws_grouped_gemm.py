@@ -228,9 +228,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ha
     it waits for each K block's slot and hands it back, and computes and stores nothing (those rows keep
     what they held), while the first warpgroup does the tile's 64 rows alone; then it waits for the first
     to finish the tile (`handed[0]`, one arrive per such tile, acknowledged on `handed[1]` so that no
-    phase is passed unseen). Without that wait the second warpgroup ran ahead into the next tiles by up to
-    the whole ring, and stayed there (the two do equal work after), which left it nothing prefetched: on an
-    H200, gate+up 4-41% slower."""
+    phase is passed unseen), so that it does not run ahead into the next tiles by up to the whole ring."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -666,8 +664,10 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     instead of one per weight box. `layout_ids` (int32, at least [M_pad]) with `pad_id`: what fills each layout
     row, `pad_id` and above marking padding (`align_pairs`' sorted_ids and its pair count), each tile's
     padding after its rows; a tile whose row 64 is padding has its 64 rows computed by the first math
-    warpgroup alone, and its rows [64, 128) of out (and of out_scale_t) keep what they held. Tiles are 256
-    columns wide unless `block_n` says otherwise."""
+    warpgroup alone, and its rows [64, 128) of out (and of out_scale_t) keep what they held (opt-in: measured
+    slower, up to 2x at deepseek-v3's 256 experts in BF16, where the GEMMs are bound by reading the weights
+    and the programs, no longer in step, stop sharing weight boxes in L2: hit rate 38% -> 13%). Tiles are
+    256 columns wide unless `block_n` says otherwise."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows, layout_ids, pad_id)
     stages, scale_tma, store_tma, wide_mma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma,
