@@ -156,11 +156,11 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | 
         print(json.dumps(rec), flush=True)
         save(records)
 
-    for fp8 in (False, True):            # the backend's own self-check first, then with the opt-in half tiles
-        for half_tiles in (False, True):
-            rec = dict(case="triton_ws self-check" + (" with half tiles" if half_tiles else ""), fp8=fp8)
+    for fp8 in (False, True):            # the backend's own self-check first, then with the opt-ins
+        for opt_in in ("", "half_tiles", "expert_walk"):
+            rec = dict(case="triton_ws self-check" + (f" with {opt_in}" if opt_in else ""), fp8=fp8)
             starting(rec)
-            why = gemm_disagreement(grouped_gemm_ws, dev, fp8, half_tiles=half_tiles)
+            why = gemm_disagreement(grouped_gemm_ws, dev, fp8, **({opt_in: True} if opt_in else {}))
             finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
     # picked from that many tokens (`a_rows`) or None: A in layout order, A scales by TMA (FP8), outputs by

@@ -36,6 +36,11 @@
 #             --half-tiles off,on), gate+up and down, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts) and
 #             gpt-oss-120b (~256 rows per expert: a fifth of the tiles are such) and the deepseek-v3 32-expert
 #             shard (~2048 rows per expert)
+#   walk      the Gluon GEMMs with the persistent walk in groups of 8 m-tiles (as the experts launch them) and
+#             over expert_walk_order's slots (the kernel's opt-in tile_order: groups cut at expert edges;
+#             benchmarks/profile_ws_gemm.py --expert-walk off,on), gate+up and down, BF16 and block FP8, T = 8192:
+#             deepseek-v3 (256 experts) and gpt-oss-120b, where a count of the walk's traffic expects 13-15% fewer
+#             DRAM bytes, and the deepseek-v3 32-expert shard, where it expects none
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -159,6 +164,14 @@ for part in $PARTS; do
                     --half-tiles off,on || status=1
             done
             exit \$status" ;;
+    walk)
+        run "$OUT/expert_walk_${GPU}_$DAY.log" "${WALK_SECONDS:-200}" bash -c "
+            status=0
+            for shape in deepseek-v3 gpt-oss-120b 'deepseek-v3 shard 32'; do
+                python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
+                    --expert-walk off,on || status=1
+            done
+            exit \$status" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
@@ -226,7 +239,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths halves steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths halves walk steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -14,7 +14,9 @@ of 128 outputs); the down GEMM's width is the kernel's own choice where no `--do
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
 times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
 `--half-tiles off,on` each launch without and with the layout's `layout_ids` (the kernel's opt-in: a tile
-of at most 64 rows computed by one math warpgroup; the experts launch without). A launch whose checked
+of at most 64 rows computed by one math warpgroup; the experts launch without); `--expert-walk off,on` each
+launch over the m-tiles in groups of GROUP_M and over `expert_walk_order`'s slots (the kernel's opt-in
+`tile_order`: groups cut at expert edges, 2 x GROUP_M slots each). A launch whose checked
 tiles (the first, the last and, with half tiles, the first such tile) disagree with the statement (rel.
 error > 1e-2) is marked so, and the script exits 1 after the rest.
 """
@@ -56,6 +58,10 @@ def main(argv=None) -> int:
     p.add_argument("--half-tiles", default="off",
                    help="off, on, or off,on: launches without (as the experts launch them) / with the layout's "
                         "layout_ids (a tile of at most 64 rows computed by one warpgroup) (default %(default)s)")
+    p.add_argument("--expert-walk", default="off",
+                   help="off, on, or off,on: the persistent walk over the m-tiles in groups of --group-m (off, as "
+                        "the experts launch it) / over expert_walk_order's slots, groups cut at expert edges (on) "
+                        "(default %(default)s)")
     p.add_argument("--wide-mma", default="off",
                    help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
                         "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
@@ -70,6 +76,9 @@ def main(argv=None) -> int:
     wides = [{"off": False, "on": True}.get(v) for v in args.wide_mma.split(",")]
     if None in wides:
         p.error("--wide-mma takes off, on, or both comma-separated")
+    walks = [{"off": False, "on": True}.get(v) for v in args.expert_walk.split(",")]
+    if None in walks:
+        p.error("--expert-walk takes off, on, or both comma-separated")
     halves = [{"off": False, "on": True}.get(v) for v in args.half_tiles.split(",")]
     if None in halves:
         p.error("--half-tiles takes off, on, or both comma-separated")
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
     from gluon_gemm_probe import Problem
     from epmoe.experts.triton_ws import TILE
     from epmoe.kernels.moe_align import align_pairs
-    from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
+    from epmoe.kernels.ws_grouped_gemm import check_operands, expert_walk_order, grouped_gemm_ws, wide_mma_applies
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     L, H, I, k = shapes()[args.shape]
@@ -100,13 +109,15 @@ def main(argv=None) -> int:
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
-            for group_m, wide, half in [(g, w, h) for g in group_ms for w in wides for h in halves
-                                        if applies or not w]:
+            for group_m, wide, half, walk in [(g, w, h, x) for g in group_ms for w in wides for h in halves
+                                              for x in walks if applies or not w]:
                 skip = dict(layout_ids=aligned.sorted_ids, pad_id=aligned.num_pairs) if half else {}
+                order = dict(tile_order=expert_walk_order(prob.tile_expert, group_m)) if walk else {}
 
                 def run():
-                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
-                                    scale_tma=False if args.global_scales else None, wide_mma=wide, **skip)
+                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages,
+                                    group_m=2 * group_m if walk else group_m,
+                                    scale_tma=False if args.global_scales else None, wide_mma=wide, **skip, **order)
 
                 prob.out = prob.new_out(dev)        # rows a launch skips hold what they held: zeros, as the check's
                 run()
@@ -122,10 +133,12 @@ def main(argv=None) -> int:
                 flops = 2.0 * args.tokens * k * K * w_rows
                 bad = not err <= 1e-2
                 failed += bad
-                halves_said = f" half_tiles ({len(half_tiles)} of {len(used)})" if half else ""
+                halves_said = (f" half_tiles ({len(half_tiles)} of {len(used)})" if half else "") + \
+                    (" expert_walk" if walk else "")
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
                       f"group_m={group_m}{' wide_mma' if wide else ''}{halves_said}: {ms:.3f} ms "
-                      f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
+                      f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
+                      f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             del prob
             torch.cuda.empty_cache()        # deepseek-v3's 256 experts: the next format's weights need the room
     return 1 if failed else 0

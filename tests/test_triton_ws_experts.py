@@ -148,6 +148,8 @@ if not INTERPRETING:
         assert "skipped rows written" in gemm_disagreement(computes_padding_halves, cpu, fp8, half_tiles=True)
         assert gemm_disagreement(computes_padding_halves, cpu, fp8) is None      # the backends' forms: whole tiles
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8, half_tiles=True) is None
+        assert gemm_disagreement(grouped_gemm_reference, cpu, fp8, expert_walk=True) is None
+        assert "skipped rows written" in gemm_disagreement(writes_skipped_tiles, cpu, fp8, expert_walk=True)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8, gathered=True)

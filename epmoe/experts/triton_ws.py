@@ -66,18 +66,20 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                            out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
-                           block_k: int | None = None, a_rows=None, layout_ids=None, pad_id=None,
+                           block_k: int | None = None, a_rows=None, layout_ids=None, pad_id=None, tile_order=None,
                            **_launch) -> torch.Tensor:
     """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
     block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
     up) in float32, cast once or quantized with the one formula per 128 columns; with `a_rows`, layout
     row r is A's row a_rows[r]. Rows of skipped tiles are left as they are, and with `layout_ids` the
-    rows [64, 128) of a tile whose row 64 is padding (>= `pad_id`). The experts backend runs it on the CPU
+    rows [64, 128) of a tile whose row 64 is padding (>= `pad_id`); `tile_order` (the walk's order) changes
+    nothing in the result and is only checked. The experts backend runs it on the CPU
     (tests) in place of the kernel; the tile sizes are checked as the kernel checks them, and the launch
     options (`stages`, ...) are ignored."""
     from ..kernels.ws_grouped_gemm import check_operands
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, a_rows=a_rows, layout_ids=layout_ids, pad_id=pad_id)
+                           block_n, block_k, a_rows=a_rows, layout_ids=layout_ids, pad_id=pad_id,
+                           tile_order=tile_order)
     if a_rows is not None:
         a = a[a_rows.long()]
         a_scale_t = None if a_scale_t is None else a_scale_t[:, a_rows.long()]
@@ -127,7 +129,7 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
 
 
 def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False,
-                      half_tiles: bool = False) -> str | None:
+                      half_tiles: bool = False, expert_walk: bool = False) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
     problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
     quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
@@ -136,7 +138,8 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
     anywhere disagrees). `half_tiles` (the kernel's opt-in `layout_ids`, which the backends do not use): a
     tile padded from its row 100 (computed whole) and one from its row 64, whose rows [64, 128) must stay as
-    they were too.
+    they were too. `expert_walk` (the kernel's opt-in `tile_order`): the walk over `expert_walk_order`'s
+    slots, empty ones among them.
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
@@ -151,6 +154,9 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
     if half_tiles:
         kept[3 * TILE + 64:] = True
     halves = dict(layout_ids=layout_ids, pad_id=M) if half_tiles else {}
+    if expert_walk:
+        from ..kernels.ws_grouped_gemm import expert_walk_order
+        halves.update(tile_order=expert_walk_order(tile_expert, 2), group_m=4)
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
                                              ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)

@@ -85,6 +85,21 @@ def _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M: gl.constexpr,
+             ORDERED: gl.constexpr):
+    """Tile t of the walk -> (m-tile, n-tile, its expert; -1: nothing to do there). ORDERED: the walk runs
+    over the num_m_tiles slots of tile_order, each naming an m-tile, or -1 for an empty slot (m 0 then)."""
+    m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
+    if ORDERED:
+        slot = gl.load(tile_order_ptr + m)
+        m = gl.maximum(slot, 0)
+        e = gl.where(slot >= 0, gl.load(tile_expert_ptr + m), -1)
+    else:
+        e = gl.load(tile_expert_ptr + m)
+    return m, n, e
+
+
+@gluon.jit
 def _weight_boxes(n, N, SUB_N: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr):
     """(first weight row of n-tile n within its expert, rows between its SPLIT boxes): plain, the tile's
     consecutive rows; GATED, the gate rows of outputs [n * SUB_N, +SUB_N), then the up rows I = N further."""
@@ -102,9 +117,9 @@ def _load_weight_boxes(w_desc, w_buf, bar, w_row, w_step, k, SUB_N: gl.constexpr
 
 
 @gluon.jit
-def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N, W_ROWS, M_pad,
-                      num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr,
-                      SCALE_TMA: gl.constexpr):
+def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, tile_order_ptr,
+                      N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                      ORDERED: gl.constexpr, GATED: gl.constexpr, SCALE_TMA: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
     rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further, into ring
     slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8): the tile's 128 A
@@ -117,8 +132,7 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
     STAGES: gl.constexpr = ready.type.shape[0]
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
-        e = gl.load(tile_expert_ptr + m)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
@@ -137,8 +151,9 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
 
 
 @gluon.jit
-def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K, N, W_ROWS,
-                             num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GATED: gl.constexpr):
+def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, tile_order_ptr,
+                             K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                             ORDERED: gl.constexpr, GATED: gl.constexpr):
     """GATHER: the A tile's rows read where they are (row r of the layout is row a_rows[r] of A) by
     `cp.async` from four warps, 16 bytes per thread per copy, each thread's copies arriving on the slot's
     "ready" barrier when they land (no count increment: the barrier counts 1 + 128 arrivals); the weight
@@ -158,8 +173,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
     K_VEC = (K // VEC) * VEC
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
-        e = gl.load(tile_expert_ptr + m)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
@@ -201,9 +215,10 @@ def _pass_slots(ready, empty, step, K_BLOCKS):
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, handed, tile_expert_ptr, a_rows_ptr,
-                    a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID, M_pad, A_ROWS,
-                    N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr,
+def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, handed, tile_expert_ptr, tile_order_ptr,
+                    a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID,
+                    M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    ORDERED: gl.constexpr, FP8: gl.constexpr,
                     SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
                     OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr,
                     STAGGER: gl.constexpr, WIDE: gl.constexpr, SKIP_HALF: gl.constexpr, HALF: gl.constexpr):
@@ -250,8 +265,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ha
     step = 0
     halves = 0          # SKIP_HALF: tiles handed over so far (the phase of `handed`)
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
-        e = gl.load(tile_expert_ptr + m)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
         if SKIP_HALF:
             half = (e >= 0) & (gl.load(layout_ids_ptr + m * BLOCK_M + ROWS) >= PAD_ID)
             if HALF == 1:
@@ -438,10 +452,10 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_de
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr, a_scale_ptr, w_scale_ptr,
-                           bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID, M_pad, A_ROWS, K, N, W_ROWS,
-                           num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, FP8: gl.constexpr,
-                           SPLIT: gl.constexpr, GATED: gl.constexpr,
+def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr, tile_order_ptr,
+                           a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID, M_pad,
+                           A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                           ORDERED: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
@@ -496,32 +510,34 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
     gl.warp_specialize([
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), handed, tile_expert_ptr,
-                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr,
-                           PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT,
-                           GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
-                           SKIP_HALF, 0)),
+                           tile_order_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                           layout_ids_ptr, PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
+                           GROUP_M, ORDERED, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA,
+                           STORE_TMA, STAGGER, WIDE, SKIP_HALF, 0)),
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), handed, tile_expert_ptr,
-                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr,
-                           PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8, SPLIT,
-                           GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
-                           SKIP_HALF, 1)),
+                           tile_order_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                           layout_ids_ptr, PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
+                           GROUP_M, ORDERED, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA,
+                           STORE_TMA, STAGGER, WIDE, SKIP_HALF, 1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
-                           tile_expert_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED,
-                           GATHER, SCALE_TMA)),
+                           tile_expert_ptr, tile_order_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
+                           GROUP_M, ORDERED, GATED, GATHER, SCALE_TMA)),
     ], [4, LOADER_WARPS], [MATH_REGS, LOADER_REGS])
 
 
 @gluon.jit
 def _load_partition(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
-                    K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                    GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
+                    tile_order_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    ORDERED: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
     """The loader partition of the kernel: `_gather_loader_partition` (GATHER) or `_loader_partition`."""
     if GATHER:
-        _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, K, N,
-                                 W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED)
+        _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr,
+                                 tile_order_ptr, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED,
+                                 GATED)
     else:
-        _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, N, W_ROWS,
-                          M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GATED, SCALE_TMA)
+        _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
+                          tile_order_ptr, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED,
+                          GATED, SCALE_TMA)
 
 
 @functools.lru_cache(maxsize=None)
@@ -550,14 +566,16 @@ class GemmShape:
     a_count: int     # rows of A (M_pad, or the rows `a_rows` picks from)
     gather: bool     # A's rows picked by `a_rows` (copied by the loader) instead of laid out
     skip_half: bool  # `layout_ids` given: the second warpgroup passes over tiles whose rows [64, 128) are padding
+    walk_m: int      # m-tiles the persistent walk visits: the layout's, or `tile_order`'s slots
 
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                    out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8,
-                   a_rows=None, layout_ids=None, pad_id=None) -> GemmShape:
+                   a_rows=None, layout_ids=None, pad_id=None, tile_order=None) -> GemmShape:
     """The operands' contract (module docstring), refused with a ValueError naming the rule. The values of
-    `a_rows` (each below A's row count) and of `layout_ids` (each tile's padding after its rows) are the
-    caller's promise: reading them would sync the host."""
+    `a_rows` (each below A's row count), of `layout_ids` (each tile's padding after its rows) and of
+    `tile_order` (every m-tile once, the other slots -1) are the caller's promise: reading them would sync the
+    host."""
     if stages is not None and stages < 2:
         raise ValueError(f"grouped_gemm_ws: stages must be at least 2 (BF16 releases a slot one K block late), "
                          f"got {stages}")
@@ -587,6 +605,11 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
         raise ValueError(f"grouped_gemm_ws: layout_ids must be a contiguous int32 vector of at least the layout's "
                          f"{M_pad} rows on A's device and pad_id an int32 >= 0, got {list(layout_ids.shape)} "
                          f"{layout_ids.dtype} on {layout_ids.device} and {pad_id}")
+    if tile_order is not None and (tile_order.dim() != 1 or tile_order.dtype != torch.int32 or not tile_order.numel()
+                                   or not tile_order.is_contiguous() or tile_order.device != a.device):
+        raise ValueError(f"grouped_gemm_ws: tile_order must be a non-empty contiguous int32 vector on A's device (an "
+                         f"m-tile or -1 per slot of the walk), got {list(tile_order.shape)} {tile_order.dtype} on "
+                         f"{tile_order.device}")
     E, w_rows, _ = w.shape
     if M_pad % block_m or tile_expert.numel() != M_pad // block_m:
         raise ValueError(f"grouped_gemm_ws: {M_pad} rows are not {tile_expert.numel()} tiles of {block_m}")
@@ -629,7 +652,8 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
             raise ValueError(f"grouped_gemm_ws: {name} must be a contiguous float32 {list(shape)} tensor, got "
                              f"{list(t.shape)} {t.dtype}")
     return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n, a_count,
-                     a_rows is not None, layout_ids is not None)
+                     a_rows is not None, layout_ids is not None,
+                     M_pad // block_m if tile_order is None else tile_order.numel())
 
 
 def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
@@ -641,7 +665,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
                     scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
                     wide_mma: bool | None = None, layout_ids: torch.Tensor | None = None,
-                    pad_id: int | None = None) -> torch.Tensor:
+                    pad_id: int | None = None, tile_order: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -666,10 +690,13 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     padding after its rows; a tile whose row 64 is padding has its 64 rows computed by the first math
     warpgroup alone, and its rows [64, 128) of out (and of out_scale_t) keep what they held (opt-in: measured
     slower, up to 2x at deepseek-v3's 256 experts in BF16, where the GEMMs are bound by reading the weights
-    and the programs, no longer in step, stop sharing weight boxes in L2: hit rate 38% -> 13%). Tiles are
-    256 columns wide unless `block_n` says otherwise."""
+    and the programs, no longer in step, stop sharing weight boxes in L2: hit rate 38% -> 13%). `tile_order`
+    (int32, opt-in, prepared for measurement; `expert_walk_order` builds it): the persistent walk runs over its
+    slots instead of the m-tiles, group_m slots side by side, each slot an m-tile or -1 (nothing there), every
+    m-tile once; so that the m-tiles of one expert share their weight boxes in L2 within one group instead of
+    being cut apart by a group's edge. Tiles are 256 columns wide unless `block_n` says otherwise."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, stages, group_m, a_rows, layout_ids, pad_id)
+                           block_n, block_k, stages, group_m, a_rows, layout_ids, pad_id, tile_order)
     stages, scale_tma, store_tma, wide_mma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma,
                                                           wide_mma)
     _check_stagger("grouped_gemm_ws", stagger, stages)
@@ -685,24 +712,50 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     o_box = [block_m // 2, sub_n]
     o_desc = TensorDescriptor.from_tensor(out, o_box, gl.NVMMASharedLayout.get_default_for(
         o_box, _gl_dtype(out.dtype))) if store_tma else a_desc
-    num_m_tiles = shape.M_pad // block_m
+    num_m_tiles = shape.walk_m
     num_n_tiles = triton.cdiv(shape.N, sub_n if shape.gated else sub_n * shape.split)
     if num_programs is None:
         num_programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
     dummy = tile_expert
     ws_grouped_gemm_kernel[grid](a_desc, w_desc, s_desc, o_desc, a, dummy if a_rows is None else a_rows, tile_expert,
+                                 dummy if tile_order is None else tile_order,
                                  dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
                                  dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
                                  dummy if layout_ids is None else layout_ids, pad_id or 0, shape.M_pad, shape.a_count,
                                  shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
-                                 triton.cdiv(shape.K, bk), GROUP_M=group_m, FP8=shape.fp8, SPLIT=shape.split,
-                                 GATED=shape.gated, ACTIVATION=ACTIVATION_CODES.get(activation, 0),
+                                 triton.cdiv(shape.K, bk), GROUP_M=group_m, ORDERED=tile_order is not None,
+                                 FP8=shape.fp8, SPLIT=shape.split, GATED=shape.gated,
+                                 ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
                                  WIDE=wide_mma, SKIP_HALF=shape.skip_half, MATH_REGS=math_regs,
                                  LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
+
+
+def expert_walk_order(tile_expert: torch.Tensor, group: int = 8) -> torch.Tensor:
+    """`tile_order` for `grouped_gemm_ws` (launched with group_m = 2 * group): the walk's groups cut at expert
+    edges instead of every `group` m-tiles. An expert's m-tiles are consecutive (a run in `tile_expert`); a
+    run of at most `group` tiles goes whole into the group of slots of its first tile (m-tile m -> slot
+    m + group * (first // group)), a longer one keeps m + group * (m // group). Each group of 2 * group slots
+    then holds the m-tiles whose runs start in one stretch of `group`, whole experts, and empty slots (-1),
+    which the kernel passes over. Every m-tile gets one slot. On the tensors' device, no host sync:
+    2 * group * ceil(M / group) slots (at least one), from the shapes alone."""
+    if group < 1:
+        raise ValueError(f"expert_walk_order: group must be at least 1, got {group}")
+    M, dev = tile_expert.numel(), tile_expert.device
+    order = torch.full((max(1, 2 * group * -(-M // group)),), -1, dtype=torch.int32, device=dev)
+    if M == 0:
+        return order
+    idx = torch.arange(M, device=dev)
+    starts = torch.ones(M, dtype=torch.bool, device=dev)
+    starts[1:] = tile_expert[1:] != tile_expert[:-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values          # its run's first m-tile
+    run = torch.cumsum(starts.to(torch.int64), 0) - 1
+    length = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(0, run, torch.ones_like(run))[run]
+    slot = idx + group * torch.where(length <= group, first // group, idx // group)
+    return order.scatter_(0, slot, idx.to(torch.int32))
 
 
 # shared memory of one SM on sm_90 (227 KB), and what the ring may take of it beside the barriers and the
@@ -817,11 +870,13 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, skip_half: bool = False):
+                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, skip_half: bool = False,
+                               ordered: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
-    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `skip_half`: as launched with `layout_ids`."""
+    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `skip_half`: as launched with `layout_ids`;
+    `ordered`: with `tile_order`."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
@@ -842,12 +897,12 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     o_layout = gl.NVMMASharedLayout.get_default_for([64, sub_n], out_gl)
     o_desc = f"tensordesc<{out_el}[64, {sub_n}],{o_layout!r}>" if store_tma else desc(128)
     types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}",
-             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
+             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_order_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
              "out_scale_ptr": "*fp32", "layout_ids_ptr": "*i32", "PAD_ID": "i32", "M_pad": "i32", "A_ROWS": "i32",
              "K": "i32", "N": "i32", "W_ROWS": "i32",
              "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
-    const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
+    const = {"GROUP_M": 8, "ORDERED": ordered, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
              "SKIP_HALF": skip_half,
@@ -855,6 +910,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
+                                                                     "tile_order_ptr",
                                                                      "a_scale_ptr", "w_scale_ptr", "bias_ptr",
                                                                      "out_ptr", "out_scale_ptr", "layout_ids_ptr",
                                                                      "M_pad", "A_ROWS",
