@@ -107,6 +107,17 @@ run() {
     } > "$log"
     tail -4 "$log"
 }
+# profile_shapes LOG LIMIT "SHAPE|SHAPE..." ARGS...: benchmarks/profile_ws_gemm.py at T = 8192 for each shape with
+# ARGS, under one header; fails if any shape does
+profile_shapes() {
+    local log=$1 limit=$2 shapes=$3; shift 3
+    run "$log" "$limit" bash -c '
+        status=0; IFS="|"
+        for shape in $0; do
+            python3 benchmarks/profile_ws_gemm.py --shape "$shape" --tokens 8192 "$@" || status=1
+        done
+        exit $status' "$shapes" "$@"
+}
 
 for part in $PARTS; do
     echo "== $part"
@@ -149,29 +160,14 @@ for part in $PARTS; do
                 --routings balanced --formats ${WS_FORMATS:-fp8_block} --anchors ${WS_ANCHORS:-none} \
                 --backends triton,triton_ws --output $OUT/experts_ws_mixtral_${GPU}_$DAY.json" ;;
     widths)
-        run "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" bash -c "
-            status=0
-            for shape in 'deepseek-v3 shard 32' mixtral-8x7b; do
-                python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
-                    --down-block-n 128,256 --wide-mma off,on || status=1
-            done
-            exit \$status" ;;
+        profile_shapes "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" "deepseek-v3 shard 32|mixtral-8x7b" \
+            --formats bf16,fp8 --down-block-n 128,256 --wide-mma off,on ;;
     halves)
-        run "$OUT/half_tiles_${GPU}_$DAY.log" "${HALVES_SECONDS:-200}" bash -c "
-            status=0
-            for shape in deepseek-v3 gpt-oss-120b 'deepseek-v3 shard 32'; do
-                python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
-                    --half-tiles off,on || status=1
-            done
-            exit \$status" ;;
+        profile_shapes "$OUT/half_tiles_${GPU}_$DAY.log" "${HALVES_SECONDS:-200}" \
+            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --half-tiles off,on ;;
     walk)
-        run "$OUT/expert_walk_${GPU}_$DAY.log" "${WALK_SECONDS:-200}" bash -c "
-            status=0
-            for shape in deepseek-v3 gpt-oss-120b 'deepseek-v3 shard 32'; do
-                python3 benchmarks/profile_ws_gemm.py --shape \"\$shape\" --tokens 8192 --formats bf16,fp8 \
-                    --expert-walk off,on || status=1
-            done
-            exit \$status" ;;
+        profile_shapes "$OUT/expert_walk_${GPU}_$DAY.log" "${WALK_SECONDS:-200}" \
+            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --expert-walk off,on ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;

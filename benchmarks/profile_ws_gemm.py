@@ -38,6 +38,14 @@ def shapes() -> dict:
     return dict(ws_probe.SHAPES, **{"deepseek-v3": (256, 7168, 2048, 8), "gpt-oss-120b": (128, 2944, 2944, 4)})
 
 
+def off_on(parser, flag: str, value: str) -> list[bool]:
+    """The values of an off / on / off,on option, in order (anything else: the parser's error)."""
+    values = [{"off": False, "on": True}.get(v) for v in value.split(",")]
+    if None in values:
+        parser.error(f"{flag} takes off, on, or both comma-separated, not {value!r}")
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(shapes()))
@@ -73,15 +81,9 @@ def main(argv=None) -> int:
         p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
-    wides = [{"off": False, "on": True}.get(v) for v in args.wide_mma.split(",")]
-    if None in wides:
-        p.error("--wide-mma takes off, on, or both comma-separated")
-    walks = [{"off": False, "on": True}.get(v) for v in args.expert_walk.split(",")]
-    if None in walks:
-        p.error("--expert-walk takes off, on, or both comma-separated")
-    halves = [{"off": False, "on": True}.get(v) for v in args.half_tiles.split(",")]
-    if None in halves:
-        p.error("--half-tiles takes off, on, or both comma-separated")
+    wides, walks, halves = (off_on(p, flag, value) for flag, value in (("--wide-mma", args.wide_mma),
+                                                                     ("--expert-walk", args.expert_walk),
+                                                                     ("--half-tiles", args.half_tiles)))
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
