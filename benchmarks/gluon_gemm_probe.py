@@ -109,9 +109,8 @@ class Problem:
         o, st = out or self.out
         return o.float() if st is None else o.float() * st.t().repeat_interleave(128, 1)[:, :self.N]
 
-    def rel_err(self, tiles, layout_ids=None, pad_id=None):
-        """The kernel's rows of `tiles` against `grouped_gemm_reference` on the same rows (with `layout_ids`,
-        the rows the kernel was told to skip as well: untouched in both)."""
+    def rel_err(self, tiles):
+        """The kernel's rows of `tiles` against `grouped_gemm_reference` on the same rows."""
         import torch
         from epmoe.experts.triton_ws import grouped_gemm_reference
         rows = torch.cat([torch.arange(t * 128, (t + 1) * 128) for t in tiles]).to(self.a.device)
@@ -122,8 +121,7 @@ class Problem:
         sub.tile_expert = self.tile_expert[list(tiles)].contiguous()
         sub.a_scale_t = None if self.a_scale_t is None else self.a_scale_t[:, picked].contiguous()
         ref = sub.new_out(self.a.device)
-        skip = {} if layout_ids is None else dict(layout_ids=layout_ids[rows].contiguous(), pad_id=pad_id)
-        grouped_gemm_reference(*sub.args(ref), **skip)          # in layout order: checks the kernel's gather too
+        grouped_gemm_reference(*sub.args(ref))          # in layout order: checks the kernel's gather too
         got = self.values()[rows]
         want = sub.values(ref)
         return ((got - want).norm() / want.norm()).item()
@@ -156,11 +154,11 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | 
         print(json.dumps(rec), flush=True)
         save(records)
 
-    for fp8 in (False, True):            # the backend's own self-check first, then with the opt-ins
-        for opt_in in ("", "half_tiles", "expert_walk"):
-            rec = dict(case="triton_ws self-check" + (f" with {opt_in}" if opt_in else ""), fp8=fp8)
+    for fp8 in (False, True):            # the backend's own self-check first, then with the opt-in walk order
+        for expert_walk in (False, True):
+            rec = dict(case="triton_ws self-check" + (" with expert_walk" if expert_walk else ""), fp8=fp8)
             starting(rec)
-            why = gemm_disagreement(grouped_gemm_ws, dev, fp8, **({opt_in: True} if opt_in else {}))
+            why = gemm_disagreement(grouped_gemm_ws, dev, fp8, expert_walk=expert_walk)
             finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
     # picked from that many tokens (`a_rows`) or None: A in layout order, A scales by TMA (FP8), outputs by

@@ -31,11 +31,6 @@
 #             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
 #             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
 #             do_bench medians, two tiles of each checked)
-#   halves    the Gluon GEMMs without (as the experts launch them) and with the kernel's opt-in half tiles (an
-#             expert's last tile of at most 64 rows computed by one math warpgroup: benchmarks/profile_ws_gemm.py
-#             --half-tiles off,on), gate+up and down, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts) and
-#             gpt-oss-120b (~256 rows per expert: a fifth of the tiles are such) and the deepseek-v3 32-expert
-#             shard (~2048 rows per expert)
 #   walk      the Gluon GEMMs with the persistent walk in groups of 8 m-tiles (as the experts launch them) and
 #             over expert_walk_order's slots (the kernel's opt-in tile_order: groups cut at expert edges;
 #             benchmarks/profile_ws_gemm.py --expert-walk off,on), gate+up and down, BF16 and block FP8, T = 8192:
@@ -162,9 +157,6 @@ for part in $PARTS; do
     widths)
         profile_shapes "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" "deepseek-v3 shard 32|mixtral-8x7b" \
             --formats bf16,fp8 --down-block-n 128,256 --wide-mma off,on ;;
-    halves)
-        profile_shapes "$OUT/half_tiles_${GPU}_$DAY.log" "${HALVES_SECONDS:-200}" \
-            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --half-tiles off,on ;;
     walk)
         profile_shapes "$OUT/expert_walk_${GPU}_$DAY.log" "${WALK_SECONDS:-200}" \
             "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --expert-walk off,on ;;
@@ -235,7 +227,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths halves walk steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths walk steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -13,12 +13,11 @@ of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
 times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
-`--half-tiles off,on` each launch without and with the layout's `layout_ids` (the kernel's opt-in: a tile
-of at most 64 rows computed by one math warpgroup; the experts launch without); `--expert-walk off,on` each
+`--expert-walk off,on` each
 launch over the m-tiles in groups of GROUP_M and over `expert_walk_order`'s slots (the kernel's opt-in
-`tile_order`: groups cut at expert edges, 2 x GROUP_M slots each). A launch whose checked
-tiles (the first, the last and, with half tiles, the first such tile) disagree with the statement (rel.
-error > 1e-2) is marked so, and the script exits 1 after the rest.
+`tile_order`: groups cut at expert edges, 2 x GROUP_M slots each). A launch whose checked tiles (the first
+and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
+rest.
 """
 from __future__ import annotations
 
@@ -63,9 +62,6 @@ def main(argv=None) -> int:
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
-    p.add_argument("--half-tiles", default="off",
-                   help="off, on, or off,on: launches without (as the experts launch them) / with the layout's "
-                        "layout_ids (a tile of at most 64 rows computed by one warpgroup) (default %(default)s)")
     p.add_argument("--expert-walk", default="off",
                    help="off, on, or off,on: the persistent walk over the m-tiles in groups of --group-m (off, as "
                         "the experts launch it) / over expert_walk_order's slots, groups cut at expert edges (on) "
@@ -81,9 +77,8 @@ def main(argv=None) -> int:
         p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
-    wides, walks, halves = (off_on(p, flag, value) for flag, value in (("--wide-mma", args.wide_mma),
-                                                                     ("--expert-walk", args.expert_walk),
-                                                                     ("--half-tiles", args.half_tiles)))
+    wides, walks = (off_on(p, flag, value) for flag, value in (("--wide-mma", args.wide_mma),
+                                                             ("--expert-walk", args.expert_walk)))
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -99,9 +94,6 @@ def main(argv=None) -> int:
     ids = torch.randn(args.tokens, L, generator=gen, device=dev).topk(k, dim=1).indices.to(torch.int32)
     aligned = align_pairs(ids, L, TILE)
     tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
-    # the tiles whose row 64 is padding (an expert's last, of at most 64 pairs)
-    pads = (aligned.sorted_ids[:len(tile_expert) * TILE].view(-1, TILE)[:, TILE // 2] >= aligned.num_pairs).tolist()
-    half_tiles = {t for t, (e, pad) in enumerate(zip(tile_expert, pads)) if e >= 0 and pad}
     failed = 0
     for fmt in formats:
         for gemm, w_rows, K, block_n in [("gate_up", 2 * I, H, 256)] + [("down", H, I, bn) for bn in down_widths]:
@@ -111,22 +103,18 @@ def main(argv=None) -> int:
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
-            for group_m, wide, half, walk in [(g, w, h, x) for g in group_ms for w in wides for h in halves
-                                              for x in walks if applies or not w]:
-                skip = dict(layout_ids=aligned.sorted_ids, pad_id=aligned.num_pairs) if half else {}
+            for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks if applies or not w]:
                 order = dict(tile_order=expert_walk_order(prob.tile_expert, group_m)) if walk else {}
 
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages,
                                     group_m=2 * group_m if walk else group_m,
-                                    scale_tma=False if args.global_scales else None, wide_mma=wide, **skip, **order)
+                                    scale_tma=False if args.global_scales else None, wide_mma=wide, **order)
 
-                prob.out = prob.new_out(dev)        # rows a launch skips hold what they held: zeros, as the check's
                 run()
                 torch.cuda.synchronize()
                 used = [t for t, e in enumerate(tile_expert) if e >= 0]
-                halved = [t for t in used if t in half_tiles] if half else []
-                err = prob.rel_err(sorted({used[0], used[-1], *halved[:1]}), **skip)
+                err = prob.rel_err([used[0], used[-1]])
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
                 torch.cuda.nvtx.range_push("profiled")
                 run()
@@ -135,10 +123,8 @@ def main(argv=None) -> int:
                 flops = 2.0 * args.tokens * k * K * w_rows
                 bad = not err <= 1e-2
                 failed += bad
-                halves_said = (f" half_tiles ({len(half_tiles)} of {len(used)})" if half else "") + \
-                    (" expert_walk" if walk else "")
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
-                      f"group_m={group_m}{' wide_mma' if wide else ''}{halves_said}: {ms:.3f} ms "
+                      f"group_m={group_m}{' wide_mma' if wide else ''}{' expert_walk' if walk else ''}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             del prob

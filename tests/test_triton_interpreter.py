@@ -85,8 +85,7 @@ if INTERPRETING:
             real = seg[seg < T * k]
             assert sorted(real.tolist()) == sorted((flat == e).nonzero().flatten().tolist()), f"expert {e}"
             assert int((seg == T * k).sum()) == int(padded[e] - counts[e])
-            # the pairs first, then the padding: what the Gluon GEMM's `layout_ids` relies on to skip a tile's
-            # second half by reading its first row
+            # the pairs first, then the padding: a tile's padding rows are its last (each expert's last tile)
             assert (seg[:counts[e]] < T * k).all() and (seg[counts[e]:] == T * k).all(), f"expert {e}"
             blocks = a.block_expert[starts[e] // bm: (starts[e] + padded[e]) // bm]
             assert (blocks == e).all()

@@ -117,8 +117,8 @@ if not INTERPRETING:
     @pytest.mark.parametrize("fp8", [False, True])
     def test_a_gemm_that_disagrees_is_refused(fp8):
         """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
-        agrees with itself; a GEMM that forgets the weight scales, writes a skipped tile or computes the
-        padding half of a tile `layout_ids` marks is caught."""
+        agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught, also
+        with the opt-in walk order."""
         from epmoe.experts.triton_ws import gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         cpu = torch.device("cpu")
@@ -126,9 +126,6 @@ if not INTERPRETING:
 
         def writes_skipped_tiles(a, w, tile_expert, out, *rest, **launch):
             grouped_gemm_reference(a, w, tile_expert.clamp(min=0), out, *rest, **launch)
-
-        def computes_padding_halves(a, w, tile_expert, out, *rest, layout_ids=None, pad_id=None, **launch):
-            grouped_gemm_reference(a, w, tile_expert, out, *rest, **launch)
 
         def forgets_the_bias_when_gated(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                         **launch):
@@ -144,12 +141,9 @@ if not INTERPRETING:
             grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=shifted, **launch)
 
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
-        assert "skipped rows written" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
-        assert "skipped rows written" in gemm_disagreement(computes_padding_halves, cpu, fp8, half_tiles=True)
-        assert gemm_disagreement(computes_padding_halves, cpu, fp8) is None      # the backends' forms: whole tiles
-        assert gemm_disagreement(grouped_gemm_reference, cpu, fp8, half_tiles=True) is None
+        assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert gemm_disagreement(grouped_gemm_reference, cpu, fp8, expert_walk=True) is None
-        assert "skipped rows written" in gemm_disagreement(writes_skipped_tiles, cpu, fp8, expert_walk=True)
+        assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8, expert_walk=True)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8, gathered=True)
@@ -223,11 +217,11 @@ if not INTERPRETING:
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
-        beyond every default ring of slots; with `half_tiles`, a tile whose second half is padding."""
+        beyond every default ring of slots; with `expert_walk`, a walk order with empty slots."""
         from epmoe.experts.triton_ws import TILE, gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
-        calls, halves = [], []
+        calls, orders = [], []
 
         def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, a_rows=None,
                     **launch):
@@ -236,17 +230,17 @@ if not INTERPRETING:
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
-            # with `half_tiles`, one tile marked padding from its row 64 (one warpgroup's work); none without
-            ids = launch.get("layout_ids")
-            halves.append(None if ids is None else
-                          sum(int(ids[m * TILE + TILE // 2]) >= launch["pad_id"] for m in range(tile_expert.numel())
-                              if int(tile_expert[m]) >= 0))
+            # with `expert_walk`: every m-tile in one slot, and empty slots among them; none without
+            order = launch.get("tile_order")
+            orders.append(None if order is None else
+                          (sorted(order[order >= 0].tolist()) == list(range(tile_expert.numel())),
+                           int((order < 0).sum()) > 0))
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
-        assert len(calls) == 4 and halves == [None] * 4
+        assert len(calls) == 4 and orders == [None] * 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
         # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up
@@ -255,9 +249,9 @@ if not INTERPRETING:
         calls.clear()
         assert gemm_disagreement(records, torch.device("cpu"), True, gathered=True) is None
         assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)]
-        halves.clear()
-        assert gemm_disagreement(records, torch.device("cpu"), True, half_tiles=True) is None
-        assert halves == [1, 1]
+        orders.clear()
+        assert gemm_disagreement(records, torch.device("cpu"), True, expert_walk=True) is None
+        assert orders == [(True, True)] * 2
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

@@ -16,10 +16,7 @@ says `gluon` (`epmoe tune` measured it faster there). The pipeline:
 3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
    the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
    which writes the down GEMM's operand in layout order as it reads it;
-4. down: the same GEMM, plain, with the bias (every tile whole: the kernel can leave an expert's last tile of
-   at most 64 pairs to one math warpgroup, `layout_ids`, but measured on an H100 and an H200 that made both
-   GEMMs slower, up to 2x at deepseek-v3's 256 experts: the programs fall out of step and stop sharing the
-   weight boxes in L2, benchmarks/notes_kernels.md, eighteenth pass);
+4. down: the same GEMM, plain, with the bias;
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
    float32 (`gather_sum`), into the dispatcher's buffer where it gives one (`FlatBatch.out`).
 Steps 3 and 4 run `epmoe.kernels.ws_grouped_gemm.grouped_gemm_ws` (`gemm`); the tests put its PyTorch
@@ -66,20 +63,17 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                            out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
-                           block_k: int | None = None, a_rows=None, layout_ids=None, pad_id=None, tile_order=None,
-                           **_launch) -> torch.Tensor:
+                           block_k: int | None = None, a_rows=None, tile_order=None, **_launch) -> torch.Tensor:
     """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
     block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
     up) in float32, cast once or quantized with the one formula per 128 columns; with `a_rows`, layout
-    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are, and with `layout_ids` the
-    rows [64, 128) of a tile whose row 64 is padding (>= `pad_id`); `tile_order` (the walk's order) changes
-    nothing in the result and is only checked. The experts backend runs it on the CPU
-    (tests) in place of the kernel; the tile sizes are checked as the kernel checks them, and the launch
-    options (`stages`, ...) are ignored."""
+    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are; `tile_order` (the walk's order)
+    changes nothing in the result and is only checked. The experts backend runs it on the CPU (tests) in
+    place of the kernel; the tile sizes are checked as the kernel checks them, and the launch options
+    (`stages`, ...) are ignored."""
     from ..kernels.ws_grouped_gemm import check_operands
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, a_rows=a_rows, layout_ids=layout_ids, pad_id=pad_id,
-                           tile_order=tile_order)
+                           block_n, block_k, a_rows=a_rows, tile_order=tile_order)
     if a_rows is not None:
         a = a[a_rows.long()]
         a_scale_t = None if a_scale_t is None else a_scale_t[:, a_rows.long()]
@@ -87,11 +81,10 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
     for m, e in enumerate(tile_expert.tolist()):
         if e < 0:
             continue
-        half = layout_ids is not None and int(layout_ids[m * block_m + block_m // 2]) >= pad_id
-        rows = slice(m * block_m, m * block_m + (block_m // 2 if half else block_m))
+        rows = slice(m * block_m, (m + 1) * block_m)
         x, wt = a[rows].float(), w[e].float()
         if shape.fp8:
-            acc = torch.zeros(x.shape[0], shape.w_rows, dtype=torch.float32, device=a.device)
+            acc = torch.zeros(block_m, shape.w_rows, dtype=torch.float32, device=a.device)
             w_row_scale = w_scale[e].repeat_interleave(TILE, 0)[:shape.w_rows]          # [W rows, K blocks]
             for kb in range(-(-K // TILE)):
                 cols = slice(kb * TILE, (kb + 1) * TILE)
@@ -129,34 +122,24 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
 
 
 def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False,
-                      half_tiles: bool = False, expert_walk: bool = False) -> str | None:
+                      expert_walk: bool = False) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
     problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
     quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
     skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
-    anywhere disagrees). `half_tiles` (the kernel's opt-in `layout_ids`, which the backends do not use): a
-    tile padded from its row 100 (computed whole) and one from its row 64, whose rows [64, 128) must stay as
-    they were too. `expert_walk` (the kernel's opt-in `tile_order`): the walk over `expert_walk_order`'s
-    slots, empty ones among them.
+    anywhere disagrees). `expert_walk` (the kernel's opt-in `tile_order`, which the backends do not use):
+    the walk over `expert_walk_order`'s slots, empty ones among them.
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
-    # what fills each row (M and above: padding): tile 0 padded from its row 100, tile 3 from its row 64
-    layout_ids = torch.arange(M, dtype=torch.int32, device=device)
-    layout_ids[100:TILE] = M
-    layout_ids[3 * TILE + 64:] = M
-    kept = torch.zeros(M, dtype=torch.bool, device=device)
-    kept[TILE:2 * TILE] = True
-    if half_tiles:
-        kept[3 * TILE + 64:] = True
-    halves = dict(layout_ids=layout_ids, pad_id=M) if half_tiles else {}
+    walk = {}
     if expert_walk:
         from ..kernels.ws_grouped_gemm import expert_walk_order
-        halves.update(tile_order=expert_walk_order(tile_expert, 2), group_m=4)
+        walk = dict(tile_order=expert_walk_order(tile_expert, 2), group_m=4)
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
                                              ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
@@ -181,7 +164,7 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
             fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2,
-               a_rows=a_rows, **halves)
+               a_rows=a_rows, **walk)
             why = settle() if settle is not None and fn is gemm else None
             if why:
                 return why
@@ -189,10 +172,11 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             outs.append(value)
         got, want = outs
         err = ((got - want).norm() / want.norm()).item()
-        skipped_kept = bool((got[kept] == want[kept]).all() and (want[kept] == 0).all())
+        skipped = slice(TILE, 2 * TILE)
+        skipped_kept = bool((got[skipped] == want[skipped]).all() and (want[skipped] == 0).all())
         if not err <= 1e-2 or not skipped_kept:        # NaN fails the first
             return (f"its {'FP8' if fp8 else 'BF16'} {what} GEMM disagrees with its PyTorch statement on a small "
-                    f"problem (relative error {err:.3g}{'' if skipped_kept else ', skipped rows written'}); "
+                    f"problem (relative error {err:.3g}{'' if skipped_kept else ', a skipped tile written'}); "
                     f"use experts='triton'")
     return None
 

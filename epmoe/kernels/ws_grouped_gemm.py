@@ -202,26 +202,12 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, release: gl
 
 
 @gluon.jit
-def _pass_slots(ready, empty, step, K_BLOCKS):
-    """A math warpgroup with nothing to compute in a tile: each of its K blocks' slots waited for (so that it
-    never gets a phase ahead of the loader) and handed back at once. Returns the ring step after them."""
-    STAGES: gl.constexpr = ready.type.shape[0]
-    for kb in range(K_BLOCKS):
-        slot = step % STAGES
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        mbarrier.arrive(empty.index(slot), count=1)
-        step += 1
-    return step
-
-
-@gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, handed, tile_expert_ptr, tile_order_ptr,
-                    a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID,
-                    M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                    ORDERED: gl.constexpr, FP8: gl.constexpr,
-                    SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr, STORE_TMA: gl.constexpr,
-                    STAGGER: gl.constexpr, WIDE: gl.constexpr, SKIP_HALF: gl.constexpr, HALF: gl.constexpr):
+def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr, tile_order_ptr,
+                    a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS,
+                    num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, ORDERED: gl.constexpr,
+                    FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr,
+                    STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
@@ -238,12 +224,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ha
     over 100 local accesses in it under Triton 3.6 and 3.9). WIDE (BF16, SPLIT == 2): one product of
     [64, 2 * SUB_N] per K block over both weight boxes (a 64 x 256 wgmma reads the A rows from shared
     memory once where two of 64 x 128 read them twice: 10 instead of 12 KB per 16-deep step), split into
-    the two accumulators for the epilogue. SKIP_HALF: the second warpgroup passes over a tile whose row 64 is
-    padding (layout_ids[row] >= PAD_ID; a tile's padding follows its rows, so its rows [64, 128) all are):
-    it waits for each K block's slot and hands it back, and computes and stores nothing (those rows keep
-    what they held), while the first warpgroup does the tile's 64 rows alone; then it waits for the first
-    to finish the tile (`handed[0]`, one arrive per such tile, acknowledged on `handed[1]` so that no
-    phase is passed unseen), so that it does not run ahead into the next tiles by up to the whole ring."""
+    the two accumulators for the epilogue."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -263,18 +244,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ha
     if STAGGER > 0 and HALF == 1:
         mbarrier.wait(go, 0)
     step = 0
-    halves = 0          # SKIP_HALF: tiles handed over so far (the phase of `handed`)
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
-        if SKIP_HALF:
-            half = (e >= 0) & (gl.load(layout_ids_ptr + m * BLOCK_M + ROWS) >= PAD_ID)
-            if HALF == 1:
-                if half:
-                    step = _pass_slots(ready, empty, step, K_BLOCKS)
-                    mbarrier.wait(handed.index(0), halves & 1)          # the first finished the tile
-                    mbarrier.arrive(handed.index(1), count=1)
-                    halves += 1
-                e = gl.where(half, -1, e)
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
             scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
@@ -371,12 +342,6 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ha
             _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_desc, o_bufs.index(HALF),
                       m * BLOCK_M + HALF * ROWS, w_first, M_pad, N, W_ROWS, n, SUB_N, SPLIT, GATED, ACTIVATION,
                       HAS_BIAS, OUT_FP8, STORE_TMA)
-            if SKIP_HALF and HALF == 0:
-                # a tile done alone: the second warpgroup starts the next one with this one (predicated, no
-                # branch); the last such tile's hand-over was taken (a fresh barrier: the phase before 0 is)
-                mbarrier.wait(handed.index(1), (halves & 1) ^ 1, pred=half)
-                mbarrier.arrive(handed.index(0), count=1, pred=half)
-                halves += half.to(gl.int32)
     if STAGGER > 0 and HALF == 0:
         mbarrier.arrive(go, count=1, pred=step < STAGGER)       # fewer K blocks in all: the other still starts
     if STORE_TMA:
@@ -453,19 +418,19 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_de
 
 @gluon.jit
 def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr, tile_order_ptr,
-                           a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, layout_ids_ptr, PAD_ID, M_pad,
+                           a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad,
                            A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
                            ORDERED: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
-                           SKIP_HALF: gl.constexpr, MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                           MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
     boxes of BLOCK_M (otherwise it is a_desc again, unused). STORE_TMA: o_desc describes out in boxes of
-    [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused). SKIP_HALF:
-    layout_ids_ptr holds what fills each layout row, PAD_ID and above marking padding (otherwise both unused)."""
+    [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused). ORDERED: the walk
+    runs over tile_order_ptr's slots (otherwise tile_order_ptr is unused)."""
     # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
     gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
     gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
@@ -491,13 +456,6 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
         mbarrier.init(go.index(0), count=1)
     else:
         go = empty          # unused
-    if SKIP_HALF:
-        # a tile the first warpgroup did alone: done (its arrive), and the hand-over taken (the second's)
-        handed = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(handed.index(0), count=1)
-        mbarrier.init(handed.index(1), count=1)
-    else:
-        handed = empty      # unused
     for i in gl.static_range(STAGES):
         # the loader's expect_tx arrive (GATHER: and one arrive per copying thread, 4 warps)
         mbarrier.init(ready.index(i), count=1 + GATHER * 128)
@@ -509,16 +467,16 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     # written out in each entry: a tuple held in a variable loses its constexprs
     LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
     gl.warp_specialize([
-        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), handed, tile_expert_ptr,
+        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
                            tile_order_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
-                           layout_ids_ptr, PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
-                           GROUP_M, ORDERED, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA,
-                           STORE_TMA, STAGGER, WIDE, SKIP_HALF, 0)),
-        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), handed, tile_expert_ptr,
+                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED, FP8,
+                           SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
+                           0)),
+        (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
                            tile_order_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
-                           layout_ids_ptr, PAD_ID, M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS,
-                           GROUP_M, ORDERED, FP8, SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA,
-                           STORE_TMA, STAGGER, WIDE, SKIP_HALF, 1)),
+                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED, FP8,
+                           SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
+                           1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
                            tile_expert_ptr, tile_order_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
                            GROUP_M, ORDERED, GATED, GATHER, SCALE_TMA)),
@@ -565,17 +523,15 @@ class GemmShape:
     split: int       # accumulators (weight boxes) per tile: 1 or 2
     a_count: int     # rows of A (M_pad, or the rows `a_rows` picks from)
     gather: bool     # A's rows picked by `a_rows` (copied by the loader) instead of laid out
-    skip_half: bool  # `layout_ids` given: the second warpgroup passes over tiles whose rows [64, 128) are padding
     walk_m: int      # m-tiles the persistent walk visits: the layout's, or `tile_order`'s slots
 
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                    out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8,
-                   a_rows=None, layout_ids=None, pad_id=None, tile_order=None) -> GemmShape:
+                   a_rows=None, tile_order=None) -> GemmShape:
     """The operands' contract (module docstring), refused with a ValueError naming the rule. The values of
-    `a_rows` (each below A's row count), of `layout_ids` (each tile's padding after its rows) and of
-    `tile_order` (every m-tile once, the other slots -1) are the caller's promise: reading them would sync the
-    host."""
+    `a_rows` (each below A's row count) and of `tile_order` (every m-tile once, the other slots -1) are the
+    caller's promise: reading them would sync the host."""
     if stages is not None and stages < 2:
         raise ValueError(f"grouped_gemm_ws: stages must be at least 2 (BF16 releases a slot one K block late), "
                          f"got {stages}")
@@ -596,15 +552,6 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
         raise ValueError(f"grouped_gemm_ws: a_rows must be a contiguous int32 vector of A's rows, one per row of the "
                          f"layout, got {list(a_rows.shape)} {a_rows.dtype} for {a_count} rows of A")
     M_pad = a_count if a_rows is None else a_rows.numel()
-    if (layout_ids is None) != (pad_id is None):
-        raise ValueError("grouped_gemm_ws: layout_ids and pad_id go together (what fills each layout row, and the "
-                         "value from which on it is padding)")
-    if layout_ids is not None and (layout_ids.dim() != 1 or layout_ids.dtype != torch.int32
-                                   or not layout_ids.is_contiguous() or layout_ids.numel() < M_pad
-                                   or layout_ids.device != a.device or not 0 <= pad_id < 2 ** 31):
-        raise ValueError(f"grouped_gemm_ws: layout_ids must be a contiguous int32 vector of at least the layout's "
-                         f"{M_pad} rows on A's device and pad_id an int32 >= 0, got {list(layout_ids.shape)} "
-                         f"{layout_ids.dtype} on {layout_ids.device} and {pad_id}")
     if tile_order is not None and (tile_order.dim() != 1 or tile_order.dtype != torch.int32 or not tile_order.numel()
                                    or not tile_order.is_contiguous() or tile_order.device != a.device):
         raise ValueError(f"grouped_gemm_ws: tile_order must be a non-empty contiguous int32 vector on A's device (an "
@@ -652,7 +599,7 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
             raise ValueError(f"grouped_gemm_ws: {name} must be a contiguous float32 {list(shape)} tensor, got "
                              f"{list(t.shape)} {t.dtype}")
     return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n, a_count,
-                     a_rows is not None, layout_ids is not None,
+                     a_rows is not None,
                      M_pad // block_m if tile_order is None else tile_order.numel())
 
 
@@ -664,8 +611,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
                     scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
-                    wide_mma: bool | None = None, layout_ids: torch.Tensor | None = None,
-                    pad_id: int | None = None, tile_order: torch.Tensor | None = None) -> torch.Tensor:
+                    wide_mma: bool | None = None, tile_order: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -685,18 +631,13 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     second math warpgroup starts that many K blocks behind the first, so their epilogues no longer fall
     together at every tile's end (measured with `store_tma`: -1.3% to +1.6%, so off). `wide_mma` (BF16 tiles of
     256 columns; None: the plain ones, `_wide_mma_choice`): one 64 x 256 product per warpgroup and K step
-    instead of one per weight box. `layout_ids` (int32, at least [M_pad]) with `pad_id`: what fills each layout
-    row, `pad_id` and above marking padding (`align_pairs`' sorted_ids and its pair count), each tile's
-    padding after its rows; a tile whose row 64 is padding has its 64 rows computed by the first math
-    warpgroup alone, and its rows [64, 128) of out (and of out_scale_t) keep what they held (opt-in: measured
-    slower, up to 2x at deepseek-v3's 256 experts in BF16, where the GEMMs are bound by reading the weights
-    and the programs, no longer in step, stop sharing weight boxes in L2: hit rate 38% -> 13%). `tile_order`
-    (int32, opt-in, prepared for measurement; `expert_walk_order` builds it): the persistent walk runs over its
-    slots instead of the m-tiles, group_m slots side by side, each slot an m-tile or -1 (nothing there), every
-    m-tile once; so that the m-tiles of one expert share their weight boxes in L2 within one group instead of
-    being cut apart by a group's edge. Tiles are 256 columns wide unless `block_n` says otherwise."""
+    instead of one per weight box. `tile_order` (int32, opt-in, prepared for measurement; `expert_walk_order`
+    builds it): the persistent walk runs over its slots instead of the m-tiles, group_m slots side by side, each
+    slot an m-tile or -1 (nothing there), every m-tile once; so that the m-tiles of one expert share their weight
+    boxes in L2 within one group instead of being cut apart by a group's edge. Tiles are 256 columns wide unless
+    `block_n` says otherwise."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, stages, group_m, a_rows, layout_ids, pad_id, tile_order)
+                           block_n, block_k, stages, group_m, a_rows, tile_order)
     stages, scale_tma, store_tma, wide_mma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma,
                                                           wide_mma)
     _check_stagger("grouped_gemm_ws", stagger, stages)
@@ -722,14 +663,13 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  dummy if tile_order is None else tile_order,
                                  dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
                                  dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
-                                 dummy if layout_ids is None else layout_ids, pad_id or 0, shape.M_pad, shape.a_count,
-                                 shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
+                                 shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
                                  triton.cdiv(shape.K, bk), GROUP_M=group_m, ORDERED=tile_order is not None,
                                  FP8=shape.fp8, SPLIT=shape.split, GATED=shape.gated,
                                  ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
-                                 WIDE=wide_mma, SKIP_HALF=shape.skip_half, MATH_REGS=math_regs,
+                                 WIDE=wide_mma, MATH_REGS=math_regs,
                                  LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
 
@@ -870,13 +810,11 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, skip_half: bool = False,
-                               ordered: bool = False):
+                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, ordered: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
-    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `skip_half`: as launched with `layout_ids`;
-    `ordered`: with `tile_order`."""
+    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `ordered`: as launched with `tile_order`."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
@@ -899,21 +837,18 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}",
              "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_order_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
-             "out_scale_ptr": "*fp32", "layout_ids_ptr": "*i32", "PAD_ID": "i32", "M_pad": "i32", "A_ROWS": "i32",
-             "K": "i32", "N": "i32", "W_ROWS": "i32",
+             "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
              "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
     const = {"GROUP_M": 8, "ORDERED": ordered, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
-             "SKIP_HALF": skip_half,
              "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
                                                                      "tile_order_ptr",
                                                                      "a_scale_ptr", "w_scale_ptr", "bias_ptr",
-                                                                     "out_ptr", "out_scale_ptr", "layout_ids_ptr",
-                                                                     "M_pad", "A_ROWS",
+                                                                     "out_ptr", "out_scale_ptr", "M_pad", "A_ROWS",
                                                                      "K", "N", "W_ROWS")
              if n != "K" or k_multiple_of_16}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
