@@ -31,11 +31,9 @@
 #             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
 #             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
 #             do_bench medians, two tiles of each checked)
-#   walk      the Gluon GEMMs with the persistent walk in groups of 8 m-tiles (as the experts launch them) and
-#             over expert_walk_order's slots (the kernel's opt-in tile_order: groups cut at expert edges;
-#             benchmarks/profile_ws_gemm.py --expert-walk off,on), gate+up and down, BF16 and block FP8, T = 8192:
-#             deepseek-v3 (256 experts) and gpt-oss-120b, where a count of the walk's traffic expects 13-15% fewer
-#             DRAM bytes, and the deepseek-v3 32-expert shard, where it expects none
+#   groups    the Gluon GEMMs with the persistent walk in groups of 4, 8 (as the experts launch them), 16 and 32
+#             m-tiles (benchmarks/profile_ws_gemm.py --group-m), gate+up and down, BF16 and block FP8, T = 8192:
+#             deepseek-v3 (256 experts), gpt-oss-120b and the deepseek-v3 32-expert shard
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -157,9 +155,9 @@ for part in $PARTS; do
     widths)
         profile_shapes "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" "deepseek-v3 shard 32|mixtral-8x7b" \
             --formats bf16,fp8 --down-block-n 128,256 --wide-mma off,on ;;
-    walk)
-        profile_shapes "$OUT/expert_walk_${GPU}_$DAY.log" "${WALK_SECONDS:-200}" \
-            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --expert-walk off,on ;;
+    groups)
+        profile_shapes "$OUT/walk_groups_${GPU}_$DAY.log" "${GROUPS_SECONDS:-240}" \
+            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --group-m 4,8,16,32 ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
@@ -227,7 +225,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths walk steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths groups steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -12,11 +12,8 @@ each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf
 of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile is 256 wide (gate and up
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
-times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
-`--expert-walk off,on` each
-launch over the m-tiles in groups of GROUP_M and over `expert_walk_order`'s slots (the kernel's opt-in
-`tile_order`: groups cut at expert edges, 2 x GROUP_M slots each). A launch whose checked tiles (the first
-and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
+times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box).
+A launch whose checked tiles (the first and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
 rest.
 """
 from __future__ import annotations
@@ -62,10 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
-    p.add_argument("--expert-walk", default="off",
-                   help="off, on, or off,on: the persistent walk over the m-tiles in groups of --group-m (off, as "
-                        "the experts launch it) / over expert_walk_order's slots, groups cut at expert edges (on) "
-                        "(default %(default)s)")
     p.add_argument("--wide-mma", default="off",
                    help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
                         "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
@@ -77,8 +70,7 @@ def main(argv=None) -> int:
         p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
-    wides, walks = (off_on(p, flag, value) for flag, value in (("--wide-mma", args.wide_mma),
-                                                             ("--expert-walk", args.expert_walk)))
+    wides = off_on(p, "--wide-mma", args.wide_mma)
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -87,7 +79,7 @@ def main(argv=None) -> int:
     from gluon_gemm_probe import Problem
     from epmoe.experts.triton_ws import TILE
     from epmoe.kernels.moe_align import align_pairs
-    from epmoe.kernels.ws_grouped_gemm import check_operands, expert_walk_order, grouped_gemm_ws, wide_mma_applies
+    from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     L, H, I, k = shapes()[args.shape]
@@ -103,13 +95,11 @@ def main(argv=None) -> int:
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
-            for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks if applies or not w]:
-                order = dict(tile_order=expert_walk_order(prob.tile_expert, group_m)) if walk else {}
+            for group_m, wide in [(g, w) for g in group_ms for w in wides if applies or not w]:
 
                 def run():
-                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages,
-                                    group_m=2 * group_m if walk else group_m,
-                                    scale_tma=False if args.global_scales else None, wide_mma=wide, **order)
+                    grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
+                                    scale_tma=False if args.global_scales else None, wide_mma=wide)
 
                 run()
                 torch.cuda.synchronize()
@@ -124,7 +114,7 @@ def main(argv=None) -> int:
                 bad = not err <= 1e-2
                 failed += bad
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
-                      f"group_m={group_m}{' wide_mma' if wide else ''}{' expert_walk' if walk else ''}: {ms:.3f} ms "
+                      f"group_m={group_m}{' wide_mma' if wide else ''}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             del prob

@@ -142,8 +142,6 @@ if not INTERPRETING:
 
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
-        assert gemm_disagreement(grouped_gemm_reference, cpu, fp8, expert_walk=True) is None
-        assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8, expert_walk=True)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
         assert "relative error nan" in gemm_disagreement(writes_nan, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(reads_the_next_token, cpu, fp8, gathered=True)
@@ -217,11 +215,11 @@ if not INTERPRETING:
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
-        beyond every default ring of slots; with `expert_walk`, a walk order with empty slots."""
+        beyond every default ring of slots."""
         from epmoe.experts.triton_ws import TILE, gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
-        calls, orders = [], []
+        calls = []
 
         def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, a_rows=None,
                     **launch):
@@ -230,17 +228,12 @@ if not INTERPRETING:
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
-            # with `expert_walk`: every m-tile in one slot, and empty slots among them; none without
-            order = launch.get("tile_order")
-            orders.append(None if order is None else
-                          (sorted(order[order >= 0].tolist()) == list(range(tile_expert.numel())),
-                           int((order < 0).sum()) > 0))
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
-        assert len(calls) == 4 and orders == [None] * 4
+        assert len(calls) == 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
         # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up
@@ -249,9 +242,6 @@ if not INTERPRETING:
         calls.clear()
         assert gemm_disagreement(records, torch.device("cpu"), True, gathered=True) is None
         assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)]
-        orders.clear()
-        assert gemm_disagreement(records, torch.device("cpu"), True, expert_walk=True) is None
-        assert orders == [(True, True)] * 2
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

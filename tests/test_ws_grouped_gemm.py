@@ -14,14 +14,13 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
               gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
-              stagger: int = 0, wide_mma: bool = False, ordered: bool = False):
+              stagger: int = 0, wide_mma: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
-                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma,
-                                                  ordered=ordered)
+                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -440,10 +439,9 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 33 and all(c["ok"] for c in cases)
+    assert len(cases) == 31 and all(c["ok"] for c in cases)
     assert {(c.get("fp8"), c.get("case")) for c in cases if "self-check" in str(c.get("case"))} == \
-        {(fp8, "triton_ws self-check" + form) for fp8 in (False, True)
-         for form in ("", " with expert_walk")}
+        {(fp8, "triton_ws self-check") for fp8 in (False, True)}
     assert {(c.get("fp8"), c.get("store_tma"), c.get("stagger")) for c in cases if c.get("stagger")} == \
         {(True, True, 2), (True, False, 1), (False, True, 2)}
     assert {(c.get("fp8"), c.get("gated"), c.get("block_n"), c.get("bias")) for c in cases if c.get("store_tma")} == \
@@ -499,55 +497,3 @@ def test_the_default_forms_are_the_measured_ones():
     assert default_form(a, w, te, out) == (256, 4, False, True, True)
     a, w, te, out, _ = _operands(fp8=False, N=300)
     assert default_form(a, w, te, out)[1:] == (4, False, False, True)
-
-
-@pytest.mark.parametrize("group", [1, 2, 8])
-def test_expert_walk_order_gives_every_tile_one_slot_and_keeps_short_experts_whole(group):
-    """`expert_walk_order`: every m-tile of the layout in exactly one slot (a tile left out would never be
-    computed), the other slots -1, 2 * group * ceil(M / group) of them; the tiles of an expert with at most
-    `group` of them all in one group of 2 * group slots (what keeps its weight boxes shared in L2); layouts
-    with long experts, a tail of tiles with no expert, one tile, none."""
-    import random
-    rng = random.Random(group)
-    layouts = [[], [0], [-1, -1], [0] * 17 + [1] * 3 + [-1] * 5]
-    for _ in range(60):
-        runs = [rng.choice([1, 2, 3, 5, 8, 9, 17]) for _ in range(rng.randint(1, 30))]
-        layouts.append([e for e, n in enumerate(runs) for _ in range(n)] + [-1] * rng.randint(0, 12))
-    for te in layouts:
-        order = gluon_gemm.expert_walk_order(torch.tensor(te, dtype=torch.int32), group)
-        M = len(te)
-        assert order.dtype == torch.int32 and order.numel() == max(1, 2 * group * -(-M // group))
-        assert sorted(order[order >= 0].tolist()) == list(range(M))
-        assert int((order < -1).sum()) == 0
-        slot_of = {m: i for i, m in enumerate(order.tolist()) if m >= 0}
-        for e in set(te) - {-1}:
-            tiles = [m for m, x in enumerate(te) if x == e]
-            if len(tiles) <= group:
-                assert len({slot_of[m] // (2 * group) for m in tiles}) == 1, (te, e)
-    with pytest.raises(ValueError, match="group must be"):
-        gluon_gemm.expert_walk_order(torch.zeros(4, dtype=torch.int32), 0)
-
-
-def test_sm90_compile_of_the_expert_walk():
-    """`tile_order` (`ordered`): each partition reads its tile's slot before its expert, one more load each (the
-    loader and the two math warpgroups), the same products, no spill; FP8 gated and plain, BF16 plain."""
-    for fp8, gated, stages in ((True, True, 4), (True, False, 3), (False, False, 4)):
-        base, _ = _compiled(fp8, 256, stages, gated, scale_tma=fp8, store_tma=True, wide_mma=not fp8)
-        c, use = _compiled(fp8, 256, stages, gated, scale_tma=fp8, store_tma=True, wide_mma=not fp8, ordered=True)
-
-        def count(ptx, pattern):
-            return len(re.findall(pattern, ptx))
-
-        load = r"ld\.global(?:\.\w+)*\.[bsu]32\b"
-        assert count(c.asm["ptx"], load) == count(base.asm["ptx"], load) + 3
-        assert count(c.asm["ptx"], r"wgmma\.mma_async") == count(base.asm["ptx"], r"wgmma\.mma_async")
-        assert _loop_spills(c) in (None, 0)
-        if use:
-            assert use["LOCAL"] == 0 and use["STACK"] <= 48, f"spills: {use}"
-
-
-def test_host_checks_of_the_walk_order():
-    a, w, te, out, (sa, sw) = _operands()
-    for bad in (torch.zeros(0, dtype=torch.int32), torch.zeros(4), torch.zeros(2, 2, dtype=torch.int32)):
-        with pytest.raises(ValueError, match="tile_order must be"):
-            gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, tile_order=bad)

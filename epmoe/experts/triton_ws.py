@@ -63,17 +63,16 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                            out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
-                           block_k: int | None = None, a_rows=None, tile_order=None, **_launch) -> torch.Tensor:
+                           block_k: int | None = None, a_rows=None, **_launch) -> torch.Tensor:
     """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
     block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
     up) in float32, cast once or quantized with the one formula per 128 columns; with `a_rows`, layout
-    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are; `tile_order` (the walk's order)
-    changes nothing in the result and is only checked. The experts backend runs it on the CPU (tests) in
+    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are. The experts backend runs it on the CPU (tests) in
     place of the kernel; the tile sizes are checked as the kernel checks them, and the launch options
     (`stages`, ...) are ignored."""
     from ..kernels.ws_grouped_gemm import check_operands
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, a_rows=a_rows, tile_order=tile_order)
+                           block_n, block_k, a_rows=a_rows)
     if a_rows is not None:
         a = a[a_rows.long()]
         a_scale_t = None if a_scale_t is None else a_scale_t[:, a_rows.long()]
@@ -121,25 +120,19 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
     return None
 
 
-def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False,
-                      expert_walk: bool = False) -> str | None:
+def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
     problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
     quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
     skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
-    anywhere disagrees). `expert_walk` (the kernel's opt-in `tile_order`, which the backends do not use):
-    the walk over `expert_walk_order`'s slots, empty ones among them.
+    anywhere disagrees).
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
-    walk = {}
-    if expert_walk:
-        from ..kernels.ws_grouped_gemm import expert_walk_order
-        walk = dict(tile_order=expert_walk_order(tile_expert, 2), group_m=4)
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
                                              ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
@@ -164,7 +157,7 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
             fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2,
-               a_rows=a_rows, **walk)
+               a_rows=a_rows)
             why = settle() if settle is not None and fn is gemm else None
             if why:
                 return why

@@ -85,18 +85,10 @@ def _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M: gl.constexpr,
-             ORDERED: gl.constexpr):
-    """Tile t of the walk -> (m-tile, n-tile, its expert; -1: nothing to do there). ORDERED: the walk runs
-    over the num_m_tiles slots of tile_order, each naming an m-tile, or -1 for an empty slot (m 0 then)."""
+def _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M: gl.constexpr):
+    """Tile t of the walk -> (m-tile, n-tile, its expert; -1: nothing to do there)."""
     m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
-    if ORDERED:
-        slot = gl.load(tile_order_ptr + m)
-        m = gl.maximum(slot, 0)
-        e = gl.where(slot >= 0, gl.load(tile_expert_ptr + m), -1)
-    else:
-        e = gl.load(tile_expert_ptr + m)
-    return m, n, e
+    return m, n, gl.load(tile_expert_ptr + m)
 
 
 @gluon.jit
@@ -117,9 +109,9 @@ def _load_weight_boxes(w_desc, w_buf, bar, w_row, w_step, k, SUB_N: gl.constexpr
 
 
 @gluon.jit
-def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, tile_order_ptr,
+def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
                       N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                      ORDERED: gl.constexpr, GATED: gl.constexpr, SCALE_TMA: gl.constexpr):
+                      GATED: gl.constexpr, SCALE_TMA: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
     rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further, into ring
     slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8): the tile's 128 A
@@ -132,7 +124,7 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
     STAGES: gl.constexpr = ready.type.shape[0]
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M)
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
@@ -151,9 +143,9 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
 
 
 @gluon.jit
-def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, tile_order_ptr,
+def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr,
                              K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                             ORDERED: gl.constexpr, GATED: gl.constexpr):
+                             GATED: gl.constexpr):
     """GATHER: the A tile's rows read where they are (row r of the layout is row a_rows[r] of A) by
     `cp.async` from four warps, 16 bytes per thread per copy, each thread's copies arriving on the slot's
     "ready" barrier when they land (no count increment: the barrier counts 1 + 128 arrivals); the weight
@@ -173,7 +165,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
     K_VEC = (K // VEC) * VEC
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M)
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
@@ -202,9 +194,9 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, release: gl
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr, tile_order_ptr,
+def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr,
                     a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS,
-                    num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, ORDERED: gl.constexpr,
+                    num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
                     FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
                     HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr,
                     STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr, HALF: gl.constexpr):
@@ -245,7 +237,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
         mbarrier.wait(go, 0)
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, tile_order_ptr, GROUP_M, ORDERED)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M)
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
             scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
@@ -417,10 +409,10 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_de
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr, tile_order_ptr,
+def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr,
                            a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad,
                            A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                           ORDERED: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
+                           FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
@@ -429,8 +421,7 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
     boxes of BLOCK_M (otherwise it is a_desc again, unused). STORE_TMA: o_desc describes out in boxes of
-    [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused). ORDERED: the walk
-    runs over tile_order_ptr's slots (otherwise tile_order_ptr is unused)."""
+    [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused)."""
     # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
     gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
     gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
@@ -468,33 +459,33 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
     gl.warp_specialize([
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
-                           tile_order_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
-                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED, FP8,
+                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
                            0)),
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
-                           tile_order_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
-                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED, FP8,
+                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
                            1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
-                           tile_expert_ptr, tile_order_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
-                           GROUP_M, ORDERED, GATED, GATHER, SCALE_TMA)),
+                           tile_expert_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
+                           GROUP_M, GATED, GATHER, SCALE_TMA)),
     ], [4, LOADER_WARPS], [MATH_REGS, LOADER_REGS])
 
 
 @gluon.jit
 def _load_partition(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
-                    tile_order_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                    ORDERED: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
+                    K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
     """The loader partition of the kernel: `_gather_loader_partition` (GATHER) or `_loader_partition`."""
     if GATHER:
         _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr,
-                                 tile_order_ptr, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED,
+                                 K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
                                  GATED)
     else:
         _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
-                          tile_order_ptr, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, ORDERED,
+                          N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
                           GATED, SCALE_TMA)
 
 
@@ -523,15 +514,13 @@ class GemmShape:
     split: int       # accumulators (weight boxes) per tile: 1 or 2
     a_count: int     # rows of A (M_pad, or the rows `a_rows` picks from)
     gather: bool     # A's rows picked by `a_rows` (copied by the loader) instead of laid out
-    walk_m: int      # m-tiles the persistent walk visits: the layout's, or `tile_order`'s slots
 
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                    out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8,
-                   a_rows=None, tile_order=None) -> GemmShape:
+                   a_rows=None) -> GemmShape:
     """The operands' contract (module docstring), refused with a ValueError naming the rule. The values of
-    `a_rows` (each below A's row count) and of `tile_order` (every m-tile once, the other slots -1) are the
-    caller's promise: reading them would sync the host."""
+    `a_rows` (each below A's row count) are the caller's promise: reading them would sync the host."""
     if stages is not None and stages < 2:
         raise ValueError(f"grouped_gemm_ws: stages must be at least 2 (BF16 releases a slot one K block late), "
                          f"got {stages}")
@@ -552,11 +541,6 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
         raise ValueError(f"grouped_gemm_ws: a_rows must be a contiguous int32 vector of A's rows, one per row of the "
                          f"layout, got {list(a_rows.shape)} {a_rows.dtype} for {a_count} rows of A")
     M_pad = a_count if a_rows is None else a_rows.numel()
-    if tile_order is not None and (tile_order.dim() != 1 or tile_order.dtype != torch.int32 or not tile_order.numel()
-                                   or not tile_order.is_contiguous() or tile_order.device != a.device):
-        raise ValueError(f"grouped_gemm_ws: tile_order must be a non-empty contiguous int32 vector on A's device (an "
-                         f"m-tile or -1 per slot of the walk), got {list(tile_order.shape)} {tile_order.dtype} on "
-                         f"{tile_order.device}")
     E, w_rows, _ = w.shape
     if M_pad % block_m or tile_expert.numel() != M_pad // block_m:
         raise ValueError(f"grouped_gemm_ws: {M_pad} rows are not {tile_expert.numel()} tiles of {block_m}")
@@ -599,8 +583,7 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
             raise ValueError(f"grouped_gemm_ws: {name} must be a contiguous float32 {list(shape)} tensor, got "
                              f"{list(t.shape)} {t.dtype}")
     return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n, a_count,
-                     a_rows is not None,
-                     M_pad // block_m if tile_order is None else tile_order.numel())
+                     a_rows is not None)
 
 
 def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
@@ -611,7 +594,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
                     scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
-                    wide_mma: bool | None = None, tile_order: torch.Tensor | None = None) -> torch.Tensor:
+                    wide_mma: bool | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -631,13 +614,10 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     second math warpgroup starts that many K blocks behind the first, so their epilogues no longer fall
     together at every tile's end (measured with `store_tma`: -1.3% to +1.6%, so off). `wide_mma` (BF16 tiles of
     256 columns; None: the plain ones, `_wide_mma_choice`): one 64 x 256 product per warpgroup and K step
-    instead of one per weight box. `tile_order` (int32, opt-in, prepared for measurement; `expert_walk_order`
-    builds it): the persistent walk runs over its slots instead of the m-tiles, group_m slots side by side, each
-    slot an m-tile or -1 (nothing there), every m-tile once; so that the m-tiles of one expert share their weight
-    boxes in L2 within one group instead of being cut apart by a group's edge. Tiles are 256 columns wide unless
+    instead of one per weight box. Tiles are 256 columns wide unless
     `block_n` says otherwise."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, stages, group_m, a_rows, tile_order)
+                           block_n, block_k, stages, group_m, a_rows)
     stages, scale_tma, store_tma, wide_mma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma,
                                                           wide_mma)
     _check_stagger("grouped_gemm_ws", stagger, stages)
@@ -653,18 +633,17 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     o_box = [block_m // 2, sub_n]
     o_desc = TensorDescriptor.from_tensor(out, o_box, gl.NVMMASharedLayout.get_default_for(
         o_box, _gl_dtype(out.dtype))) if store_tma else a_desc
-    num_m_tiles = shape.walk_m
+    num_m_tiles = shape.M_pad // block_m
     num_n_tiles = triton.cdiv(shape.N, sub_n if shape.gated else sub_n * shape.split)
     if num_programs is None:
         num_programs = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
     dummy = tile_expert
     ws_grouped_gemm_kernel[grid](a_desc, w_desc, s_desc, o_desc, a, dummy if a_rows is None else a_rows, tile_expert,
-                                 dummy if tile_order is None else tile_order,
                                  dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
                                  dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
                                  shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
-                                 triton.cdiv(shape.K, bk), GROUP_M=group_m, ORDERED=tile_order is not None,
+                                 triton.cdiv(shape.K, bk), GROUP_M=group_m,
                                  FP8=shape.fp8, SPLIT=shape.split, GATED=shape.gated,
                                  ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
@@ -672,30 +651,6 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  WIDE=wide_mma, MATH_REGS=math_regs,
                                  LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
     return out
-
-
-def expert_walk_order(tile_expert: torch.Tensor, group: int = 8) -> torch.Tensor:
-    """`tile_order` for `grouped_gemm_ws` (launched with group_m = 2 * group): the walk's groups cut at expert
-    edges instead of every `group` m-tiles. An expert's m-tiles are consecutive (a run in `tile_expert`); a
-    run of at most `group` tiles goes whole into the group of slots of its first tile (m-tile m -> slot
-    m + group * (first // group)), a longer one keeps m + group * (m // group). Each group of 2 * group slots
-    then holds the m-tiles whose runs start in one stretch of `group`, whole experts, and empty slots (-1),
-    which the kernel passes over. Every m-tile gets one slot. On the tensors' device, no host sync:
-    2 * group * ceil(M / group) slots (at least one), from the shapes alone."""
-    if group < 1:
-        raise ValueError(f"expert_walk_order: group must be at least 1, got {group}")
-    M, dev = tile_expert.numel(), tile_expert.device
-    order = torch.full((max(1, 2 * group * -(-M // group)),), -1, dtype=torch.int32, device=dev)
-    if M == 0:
-        return order
-    idx = torch.arange(M, device=dev)
-    starts = torch.ones(M, dtype=torch.bool, device=dev)
-    starts[1:] = tile_expert[1:] != tile_expert[:-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values          # its run's first m-tile
-    run = torch.cumsum(starts.to(torch.int64), 0) - 1
-    length = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(0, run, torch.ones_like(run))[run]
-    slot = idx + group * torch.where(length <= group, first // group, idx // group)
-    return order.scatter_(0, slot, idx.to(torch.int32))
 
 
 # shared memory of one SM on sm_90 (227 KB), and what the ring may take of it beside the barriers and the
@@ -810,11 +765,11 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, ordered: bool = False):
+                               k_multiple_of_16: bool = True, wide_mma: bool | None = None):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
-    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `ordered`: as launched with `tile_order`."""
+    `wide_mma` None: as a launch picks it (`_wide_mma_choice`)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
@@ -835,18 +790,17 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     o_layout = gl.NVMMASharedLayout.get_default_for([64, sub_n], out_gl)
     o_desc = f"tensordesc<{out_el}[64, {sub_n}],{o_layout!r}>" if store_tma else desc(128)
     types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}",
-             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "tile_order_ptr": "*i32", "a_scale_ptr": "*fp32",
+             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
              "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
              "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
-    const = {"GROUP_M": 8, "ORDERED": ordered, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
+    const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
              "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
-                                                                     "tile_order_ptr",
                                                                      "a_scale_ptr", "w_scale_ptr", "bias_ptr",
                                                                      "out_ptr", "out_scale_ptr", "M_pad", "A_ROWS",
                                                                      "K", "N", "W_ROWS")
