@@ -31,9 +31,10 @@
 #             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
 #             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
 #             do_bench medians, two tiles of each checked)
-#   groups    the Gluon GEMMs with the persistent walk in groups of 4, 8 (as the experts launch them), 16 and 32
-#             m-tiles (benchmarks/profile_ws_gemm.py --group-m), gate+up and down, BF16 and block FP8, T = 8192:
-#             deepseek-v3 (256 experts), gpt-oss-120b and the deepseek-v3 32-expert shard
+#   groups    the Gluon GEMMs with the persistent walk in groups of 4 and 8 m-tiles and in groups cut at expert
+#             edges of up to 4 and 8 (as the experts launch them: 8) (benchmarks/profile_ws_gemm.py --group-m 4,8
+#             --walk fixed,experts), gate+up and down, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts),
+#             gpt-oss-120b and the deepseek-v3 32-expert shard (GROUPS_ARGS: other arguments of the script)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -157,7 +158,7 @@ for part in $PARTS; do
             --formats bf16,fp8 --down-block-n 128,256 --wide-mma off,on ;;
     groups)
         profile_shapes "$OUT/walk_groups_${GPU}_$DAY.log" "${GROUPS_SECONDS:-240}" \
-            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 --group-m 4,8,16,32 ;;
+            "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 ${GROUPS_ARGS:---group-m 4,8 --walk fixed,experts} ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;

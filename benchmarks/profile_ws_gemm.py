@@ -12,8 +12,9 @@ each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf
 of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile is 256 wide (gate and up
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
-times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box).
-A launch whose checked tiles (the first and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
+times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
+`--walk fixed,experts` each launch with the walk in groups of GROUP_M m-tiles and in groups cut at expert
+edges (`expert_walk_groups(tile_expert, GROUP_M)`, as the experts launch it). A launch whose checked tiles (the first and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
 rest.
 """
 from __future__ import annotations
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
+    p.add_argument("--walk", default="experts",
+                   help="fixed, experts, or both comma-separated: the persistent walk in groups of --group-m m-tiles "
+                        "(fixed) or in groups cut at expert edges (experts, as the experts launch it) "
+                        "(default %(default)s)")
     p.add_argument("--wide-mma", default="off",
                    help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
                         "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
@@ -71,6 +76,9 @@ def main(argv=None) -> int:
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
     wides = off_on(p, "--wide-mma", args.wide_mma)
+    walks = args.walk.split(",")
+    if not walks or not set(walks) <= {"fixed", "experts"}:
+        p.error(f"--walk takes fixed, experts, or both comma-separated, not {args.walk!r}")
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
@@ -79,6 +87,7 @@ def main(argv=None) -> int:
     from gluon_gemm_probe import Problem
     from epmoe.experts.triton_ws import TILE
     from epmoe.kernels.moe_align import align_pairs
+    from epmoe.kernels.walk_groups import expert_walk_groups
     from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -95,11 +104,14 @@ def main(argv=None) -> int:
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
-            for group_m, wide in [(g, w) for g in group_ms for w in wides if applies or not w]:
+            for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
+                                        if applies or not w]:
+                groups = expert_walk_groups(prob.tile_expert, group_m) if walk == "experts" else None
 
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
-                                    scale_tma=False if args.global_scales else None, wide_mma=wide)
+                                    scale_tma=False if args.global_scales else None, wide_mma=wide,
+                                    walk_groups=groups)
 
                 run()
                 torch.cuda.synchronize()
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
                 bad = not err <= 1e-2
                 failed += bad
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
-                      f"group_m={group_m}{' wide_mma' if wide else ''}: {ms:.3f} ms "
+                      f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             del prob

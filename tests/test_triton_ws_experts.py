@@ -215,11 +215,11 @@ if not INTERPRETING:
 
     def test_the_self_check_walks_tiles_and_wraps_the_ring():
         """What `gemm_disagreement` asks of the kernel: two programs (each walks several tiles), K blocks
-        beyond every default ring of slots."""
+        beyond every default ring of slots, the walk in groups of unequal length (one tile, then three)."""
         from epmoe.experts.triton_ws import TILE, gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
-        calls = []
+        calls, walks = [], []
 
         def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, a_rows=None,
                     **launch):
@@ -228,12 +228,13 @@ if not INTERPRETING:
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
+            walks.append(launch["walk_groups"].tolist())
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
-        assert len(calls) == 4
+        assert len(calls) == 4 and walks == [[[0, 1], [1, 3], [1, 3], [1, 3]]] * 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
         # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up

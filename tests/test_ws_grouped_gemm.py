@@ -14,13 +14,14 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
               gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
-              stagger: int = 0, wide_mma: bool = False):
+              stagger: int = 0, wide_mma: bool = False, grouped: bool = False):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
                                                   out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
-                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma)
+                                                  store_tma=store_tma, stagger=stagger, wide_mma=wide_mma,
+                                                  grouped=grouped)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -497,3 +498,30 @@ def test_the_default_forms_are_the_measured_ones():
     assert default_form(a, w, te, out) == (256, 4, False, True, True)
     a, w, te, out, _ = _operands(fp8=False, N=300)
     assert default_form(a, w, te, out)[1:] == (4, False, False, True)
+
+
+def test_sm90_compile_of_the_walk_groups():
+    """`walk_groups` (`grouped`): each partition reads its tile's group (first m-tile and length) before its
+    expert, two more loads each (the loader and the two math warpgroups) or one of both words, the same
+    products, no spill; FP8 gated and plain, BF16 plain."""
+    for fp8, gated, stages in ((True, True, 4), (True, False, 3), (False, False, 4)):
+        base, _ = _compiled(fp8, 256, stages, gated, scale_tma=fp8, store_tma=True, wide_mma=not fp8)
+        c, use = _compiled(fp8, 256, stages, gated, scale_tma=fp8, store_tma=True, wide_mma=not fp8, grouped=True)
+
+        def count(ptx, pattern):
+            return len(re.findall(pattern, ptx))
+
+        load = r"ld\.global(?:\.\w+)*\.(?:v2\.)?[bsu]32\b"
+        assert count(base.asm["ptx"], load) + 3 <= count(c.asm["ptx"], load) <= count(base.asm["ptx"], load) + 6
+        assert count(c.asm["ptx"], r"wgmma\.mma_async") == count(base.asm["ptx"], r"wgmma\.mma_async")
+        assert _loop_spills(c) in (None, 0)
+        if use:
+            assert use["LOCAL"] == 0 and use["STACK"] <= 48, f"spills: {use}"
+
+
+def test_host_checks_of_the_walk_groups():
+    a, w, te, out, (sa, sw) = _operands()
+    for bad in (torch.zeros(te.numel(), 2), torch.zeros(te.numel() + 1, 2, dtype=torch.int32),
+                torch.zeros(te.numel(), dtype=torch.int32), torch.zeros(2, te.numel(), dtype=torch.int32).t()):
+        with pytest.raises(ValueError, match="walk_groups must be"):
+            gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, walk_groups=bad)

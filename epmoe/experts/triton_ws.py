@@ -63,16 +63,17 @@ def _quant_problem(scheme, device_type: str) -> str | None:
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                            out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
-                           block_k: int | None = None, a_rows=None, **_launch) -> torch.Tensor:
+                           block_k: int | None = None, a_rows=None, walk_groups=None, **_launch) -> torch.Tensor:
     """What `grouped_gemm_ws` computes, in PyTorch (any device): float32 products, in FP8 each 128-wide K
     block promoted with its activation and weight scales; plus the bias; with an activation, act(gate,
     up) in float32, cast once or quantized with the one formula per 128 columns; with `a_rows`, layout
-    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are. The experts backend runs it on the CPU (tests) in
+    row r is A's row a_rows[r]. Rows of skipped tiles are left as they are; `walk_groups` (the walk's order)
+    changes nothing in the result and is only checked. The experts backend runs it on the CPU (tests) in
     place of the kernel; the tile sizes are checked as the kernel checks them, and the launch options
     (`stages`, ...) are ignored."""
     from ..kernels.ws_grouped_gemm import check_operands
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, a_rows=a_rows)
+                           block_n, block_k, a_rows=a_rows, walk_groups=walk_groups)
     if a_rows is not None:
         a = a[a_rows.long()]
         a_scale_t = None if a_scale_t is None else a_scale_t[:, a_rows.long()]
@@ -127,12 +128,14 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
     skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
-    anywhere disagrees).
+    anywhere disagrees). The walk runs in groups of unequal length (one tile, then three), as the backends
+    launch it in groups cut at expert edges (`expert_walk_groups`).
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
+    walk = torch.tensor([[0, 1], [1, 3], [1, 3], [1, 3]], dtype=torch.int32, device=device)
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
                                              ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
@@ -157,7 +160,7 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
             fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2,
-               a_rows=a_rows)
+               a_rows=a_rows, walk_groups=walk)
             why = settle() if settle is not None and fn is gemm else None
             if why:
                 return why
@@ -234,13 +237,18 @@ class WarpSpecializedExperts(Experts):
 
     def padded_layout(self, batch: FlatBatch, weights: ExpertWeights):
         """(n, k, H, I, FP8?, `align_pairs` of the batch in tiles of 128, rows of that layout, the expert of
-        each of its tiles), shared by the pipelines built on this GEMM."""
+        each of its tiles, the GEMMs' walk over them), shared by the pipelines built on this GEMM. The walk
+        goes in groups cut at expert edges (`expert_walk_groups`): an expert's m-tiles then read each weight
+        box at about the same time and share it in L2, where groups of a fixed 8 m-tiles cut through experts
+        of a few tiles each (deepseek-v3, gpt-oss: ~2.5) and read their weights twice."""
         from ..kernels.moe_align import align_pairs
+        from ..kernels.walk_groups import expert_walk_groups
         n, k = batch.local_ids.shape
         L, two_i, H = weights.w13.shape
         aligned = align_pairs(batch.local_ids, L, TILE)
-        return (n, k, H, two_i // 2, weights.w13_scale is not None, aligned, aligned.max_rows,
-                aligned.block_expert[:aligned.max_blocks])
+        tile_expert = aligned.block_expert[:aligned.max_blocks]
+        return (n, k, H, two_i // 2, weights.w13_scale is not None, aligned, aligned.max_rows, tile_expert,
+                expert_walk_groups(tile_expert))
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from ..kernels.layout_copy import rows_to_layout
@@ -248,16 +256,17 @@ class WarpSpecializedExperts(Experts):
         x = batch.x
         if x.shape[0] == 0:
             return torch.zeros(x.shape, dtype=plan.dtype, device=x.device)
-        n, k, H, inter, fp8, aligned, rows, tile_expert = self.padded_layout(batch, weights)
+        n, k, H, inter, fp8, aligned, rows, tile_expert, walk = self.padded_layout(batch, weights)
         a, a_scale_t, row_of_pair = rows_to_layout(x, batch.scales if fp8 else None, aligned, k)
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
         # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
         act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
         act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if fp8 else None
-        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t)
+        gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t,
+             walk_groups=walk)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
-        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
+        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2, walk_groups=walk)
         return self.slot_sum(y, row_of_pair, batch)
 
     def slot_sum(self, y: torch.Tensor, row_of_pair: torch.Tensor, batch: FlatBatch):

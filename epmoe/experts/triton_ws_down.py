@@ -73,7 +73,7 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
         x = batch.x.contiguous()
         if x.shape[0] == 0:
             return torch.zeros(x.shape, dtype=plan.dtype, device=x.device)
-        n, k, H, inter, fp8, aligned, rows, tile_expert = self.padded_layout(batch, weights)
+        n, k, H, inter, fp8, aligned, rows, tile_expert, walk = self.padded_layout(batch, weights)
         mode1 = None
         act_scale = None
         if fp8:
@@ -92,6 +92,6 @@ class WarpSpecializedDownExperts(WarpSpecializedExperts):
                        fp8=mode1, tile_mode=0)
         act_scale_t = act_scale.t().contiguous() if fp8 else None
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
-        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2)
+        gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2, walk_groups=walk)
         _, _, row_of_pair = rows_to_layout(None, None, aligned, k)
         return self.slot_sum(y, row_of_pair, batch)

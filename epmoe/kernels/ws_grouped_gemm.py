@@ -85,9 +85,21 @@ def _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
-def _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M: gl.constexpr):
-    """Tile t of the walk -> (m-tile, n-tile, its expert; -1: nothing to do there)."""
-    m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
+def _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, walk_groups_ptr, GROUP_M: gl.constexpr,
+             GROUPED: gl.constexpr):
+    """Tile t of the walk -> (m-tile, n-tile, its expert; -1: nothing to do there). GROUPED: the walk's groups
+    are walk_groups_ptr's (int32 [num_m_tiles, 2]: row q holds the first m-tile and the length of the group
+    that m-tile q lies in), so group (first, rows) holds tiles [first, first + rows) x every n-tile, tile ids
+    first * num_n_tiles onwards: no id is left empty, and the programs stay in step as with GROUP_M."""
+    if GROUPED:
+        q = t // num_n_tiles
+        first_m = gl.load(walk_groups_ptr + 2 * q)
+        rows = gl.load(walk_groups_ptr + 2 * q + 1)
+        local = t - first_m * num_n_tiles
+        m = first_m + local % rows
+        n = local // rows
+    else:
+        m, n = _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M)
     return m, n, gl.load(tile_expert_ptr + m)
 
 
@@ -109,9 +121,9 @@ def _load_weight_boxes(w_desc, w_buf, bar, w_row, w_step, k, SUB_N: gl.constexpr
 
 
 @gluon.jit
-def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
+def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, walk_groups_ptr,
                       N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                      GATED: gl.constexpr, SCALE_TMA: gl.constexpr):
+                      GROUPED: gl.constexpr, GATED: gl.constexpr, SCALE_TMA: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
     rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further, into ring
     slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8): the tile's 128 A
@@ -124,7 +136,7 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
     STAGES: gl.constexpr = ready.type.shape[0]
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, walk_groups_ptr, GROUP_M, GROUPED)
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
@@ -143,9 +155,9 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
 
 
 @gluon.jit
-def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr,
+def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr, walk_groups_ptr,
                              K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                             GATED: gl.constexpr):
+                             GROUPED: gl.constexpr, GATED: gl.constexpr):
     """GATHER: the A tile's rows read where they are (row r of the layout is row a_rows[r] of A) by
     `cp.async` from four warps, 16 bytes per thread per copy, each thread's copies arriving on the slot's
     "ready" barrier when they land (no count increment: the barrier counts 1 + 128 arrivals); the weight
@@ -165,7 +177,7 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
     K_VEC = (K // VEC) * VEC
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, walk_groups_ptr, GROUP_M, GROUPED)
         if e >= 0:
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             w_row = e * W_ROWS + w_first
@@ -194,9 +206,9 @@ def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, release: gl
 
 
 @gluon.jit
-def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr,
+def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr, walk_groups_ptr,
                     a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS,
-                    num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GROUPED: gl.constexpr,
                     FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
                     HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr,
                     STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr, HALF: gl.constexpr):
@@ -237,7 +249,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
         mbarrier.wait(go, 0)
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
-        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, GROUP_M)
+        m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, walk_groups_ptr, GROUP_M, GROUPED)
         if e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
             scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
@@ -409,10 +421,10 @@ def _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_de
 
 
 @gluon.jit
-def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr,
+def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, tile_expert_ptr, walk_groups_ptr,
                            a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad,
                            A_ROWS, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                           FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
+                           GROUPED: gl.constexpr, FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr,
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
@@ -421,7 +433,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
     boxes of BLOCK_M (otherwise it is a_desc again, unused). STORE_TMA: o_desc describes out in boxes of
-    [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused)."""
+    [BLOCK_M / 2, SUB_N], one per math warpgroup and accumulator (otherwise a_desc, unused). GROUPED: the walk
+    goes in walk_groups_ptr's groups (`_tile_at`; otherwise walk_groups_ptr is unused)."""
     # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
     gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
     gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
@@ -459,33 +472,33 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     LOADER_WARPS: gl.constexpr = 4 if GATHER else 1
     gl.warp_specialize([
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
-                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
-                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8,
+                           walk_groups_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
                            0)),
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
-                           a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
-                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, FP8,
+                           walk_groups_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
+                           M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
                            1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
-                           tile_expert_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
-                           GROUP_M, GATED, GATHER, SCALE_TMA)),
+                           tile_expert_ptr, walk_groups_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
+                           GROUP_M, GROUPED, GATED, GATHER, SCALE_TMA)),
     ], [4, LOADER_WARPS], [MATH_REGS, LOADER_REGS])
 
 
 @gluon.jit
 def _load_partition(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
-                    K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                    GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
+                    walk_groups_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
+                    GROUPED: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
     """The loader partition of the kernel: `_gather_loader_partition` (GATHER) or `_loader_partition`."""
     if GATHER:
         _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr,
-                                 K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
+                                 walk_groups_ptr, K, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED,
                                  GATED)
     else:
         _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
-                          N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M,
+                          walk_groups_ptr, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED,
                           GATED, SCALE_TMA)
 
 
@@ -518,9 +531,10 @@ class GemmShape:
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                    out_scale_t=None, block_m=128, block_n=None, block_k=None, stages=None, group_m=8,
-                   a_rows=None) -> GemmShape:
+                   a_rows=None, walk_groups=None) -> GemmShape:
     """The operands' contract (module docstring), refused with a ValueError naming the rule. The values of
-    `a_rows` (each below A's row count) are the caller's promise: reading them would sync the host."""
+    `a_rows` (each below A's row count) and of `walk_groups` (groups that cover the m-tiles once, in order) are
+    the caller's promise: reading them would sync the host."""
     if stages is not None and stages < 2:
         raise ValueError(f"grouped_gemm_ws: stages must be at least 2 (BF16 releases a slot one K block late), "
                          f"got {stages}")
@@ -544,6 +558,11 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     E, w_rows, _ = w.shape
     if M_pad % block_m or tile_expert.numel() != M_pad // block_m:
         raise ValueError(f"grouped_gemm_ws: {M_pad} rows are not {tile_expert.numel()} tiles of {block_m}")
+    if walk_groups is not None and (tuple(walk_groups.shape) != (tile_expert.numel(), 2) or walk_groups.dtype !=
+                                    torch.int32 or not walk_groups.is_contiguous() or walk_groups.device != a.device):
+        raise ValueError(f"grouped_gemm_ws: walk_groups must be a contiguous int32 [{tile_expert.numel()}, 2] tensor "
+                         f"on A's device (per m-tile, its group's first m-tile and length: kernels.walk_groups), got "
+                         f"{list(walk_groups.shape)} {walk_groups.dtype} on {walk_groups.device}")
     if gated and (activation not in ACTIVATION_CODES or w_rows % 2):
         raise ValueError(f"grouped_gemm_ws: activation must be one of {sorted(ACTIVATION_CODES)} with W [E, 2I, K] "
                          f"(gate rows, then up rows), got {activation!r} and {list(w.shape)}")
@@ -594,7 +613,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
                     scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
-                    wide_mma: bool | None = None) -> torch.Tensor:
+                    wide_mma: bool | None = None, walk_groups: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
@@ -614,10 +633,12 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     second math warpgroup starts that many K blocks behind the first, so their epilogues no longer fall
     together at every tile's end (measured with `store_tma`: -1.3% to +1.6%, so off). `wide_mma` (BF16 tiles of
     256 columns; None: the plain ones, `_wide_mma_choice`): one 64 x 256 product per warpgroup and K step
-    instead of one per weight box. Tiles are 256 columns wide unless
-    `block_n` says otherwise."""
+    instead of one per weight box. `walk_groups` (int32 [M_pad / 128, 2]; the backends pass
+    `kernels.walk_groups.expert_walk_groups`): the persistent walk's groups of m-tiles as it gives them instead
+    of group_m m-tiles each, so that a group can hold whole experts (an expert's m-tiles share their weight
+    boxes in L2 only within one group). Tiles are 256 columns wide unless `block_n` says otherwise."""
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
-                           block_n, block_k, stages, group_m, a_rows)
+                           block_n, block_k, stages, group_m, a_rows, walk_groups)
     stages, scale_tma, store_tma, wide_mma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma,
                                                           wide_mma)
     _check_stagger("grouped_gemm_ws", stagger, stages)
@@ -640,10 +661,11 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     grid = (max(1, min(num_programs, num_m_tiles * num_n_tiles)),)
     dummy = tile_expert
     ws_grouped_gemm_kernel[grid](a_desc, w_desc, s_desc, o_desc, a, dummy if a_rows is None else a_rows, tile_expert,
+                                 dummy if walk_groups is None else walk_groups,
                                  dummy if a_scale_t is None else a_scale_t, dummy if w_scale is None else w_scale,
                                  dummy if bias is None else bias, out, dummy if out_scale_t is None else out_scale_t,
                                  shape.M_pad, shape.a_count, shape.K, shape.N, shape.w_rows, num_m_tiles, num_n_tiles,
-                                 triton.cdiv(shape.K, bk), GROUP_M=group_m,
+                                 triton.cdiv(shape.K, bk), GROUP_M=group_m, GROUPED=walk_groups is not None,
                                  FP8=shape.fp8, SPLIT=shape.split, GATED=shape.gated,
                                  ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
@@ -765,11 +787,11 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True, wide_mma: bool | None = None):
+                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, grouped: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
-    `wide_mma` None: as a launch picks it (`_wide_mma_choice`)."""
+    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `grouped`: as launched with `walk_groups`."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
@@ -790,17 +812,18 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     o_layout = gl.NVMMASharedLayout.get_default_for([64, sub_n], out_gl)
     o_desc = f"tensordesc<{out_el}[64, {sub_n}],{o_layout!r}>" if store_tma else desc(128)
     types = {"a_desc": desc(128), "w_desc": desc(sub_n), "s_desc": s_desc, "o_desc": o_desc, "a_ptr": f"*{el}",
-             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "a_scale_ptr": "*fp32",
+             "a_rows_ptr": "*i32", "tile_expert_ptr": "*i32", "walk_groups_ptr": "*i32", "a_scale_ptr": "*fp32",
              "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp8e4nv" if out_fp8 else "*bf16",
              "out_scale_ptr": "*fp32", "M_pad": "i32", "A_ROWS": "i32", "K": "i32", "N": "i32", "W_ROWS": "i32",
              "num_m_tiles": "i32", "num_n_tiles": "i32", "K_BLOCKS": "i32"}
-    const = {"GROUP_M": 8, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
+    const = {"GROUP_M": 8, "GROUPED": grouped, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
              "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
+                                                                     "walk_groups_ptr",
                                                                      "a_scale_ptr", "w_scale_ptr", "bias_ptr",
                                                                      "out_ptr", "out_scale_ptr", "M_pad", "A_ROWS",
                                                                      "K", "N", "W_ROWS")
