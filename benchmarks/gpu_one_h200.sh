@@ -13,7 +13,8 @@
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
 #             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`
-#             (GLUON_TUNE_FORMATS: the formats, default fp8_block,bf16);
+#             (GLUON_TUNE_FORMATS: the formats, default fp8_block,bf16; GLUON_TUNE_SETS: which of the three
+#             lines, default "shard mixtral wide");
 #             into this GPU's table in the package (before and after kept, as for tune)
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
 #             specialization off and on, beside the library's kernels
@@ -171,13 +172,15 @@ for part in $PARTS; do
     gluon_tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_gluon_tune.json"; fi
+        sets=" ${GLUON_TUNE_SETS:-shard mixtral wide} "
+        formats=${GLUON_TUNE_FORMATS:-fp8_block,bf16}
         run "$OUT/gluon_tune_${GPU}_$DAY.log" "${GLUON_TUNE_SECONDS:-420}" bash -c "
-            python3 -m epmoe tune --gluon --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 \
-                --formats ${GLUON_TUNE_FORMATS:-fp8_block,bf16} --tokens 4096,8192 &&
-            python3 -m epmoe tune --gluon --presets mixtral-8x7b --formats ${GLUON_TUNE_FORMATS:-fp8_block,bf16} \
-                --tokens 1024,8192 &&
-            python3 -m epmoe tune --gluon --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b \
-                --formats ${GLUON_TUNE_FORMATS:-fp8_block,bf16} --tokens 8192"
+            if [[ '$sets' == *' shard '* ]]; then python3 -m epmoe tune --gluon --local-experts 32 --hidden 7168 \
+                --inter 2048 --top-k 8 --formats $formats --tokens 4096,8192 || exit 1; fi
+            if [[ '$sets' == *' mixtral '* ]]; then python3 -m epmoe tune --gluon --presets mixtral-8x7b \
+                --formats $formats --tokens 1024,8192 || exit 1; fi
+            if [[ '$sets' == *' wide '* ]]; then python3 -m epmoe tune --gluon \
+                --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats $formats --tokens 8192 || exit 1; fi"
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_after_gluon_tune.json"; fi ;;
     probe)
         run "$OUT/ws_probe_${GPU}_$DAY.log" "${PROBE_SECONDS:-120}" \

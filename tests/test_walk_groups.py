@@ -64,7 +64,9 @@ def test_groups_cover_every_tile_once_and_keep_short_experts_whole(group):
             own = {groups[m] for m in range(start, start + length)}
             if length <= group:                 # a short expert whole in one group, no longer than 2 * group - 1
                 assert len(own) == 1 and next(iter(own))[1] <= 2 * group - 1, (te, start, groups)
-            else:                               # a long one in groups of `group` of its own tiles
+            else:                               # a long one in the fewest groups of its own, as even as can be
+                chunks = -(-length // group)
+                assert len(own) == chunks and {r for _, r in own} <= {length // chunks, -(-length // chunks)}
                 assert all(f >= start and f + r <= start + length and r <= group for f, r in own), (te, groups)
 
 
@@ -74,6 +76,8 @@ def test_edge_cases():
     # groups of unequal length: the run [5, 5] starts in the first stretch of 2, the run [6] in the second
     assert expert_walk_groups(torch.tensor([4, 5, 5, 6], dtype=torch.int32), 2).tolist() == \
         [[0, 3], [0, 3], [0, 3], [3, 1]]
+    # 17 tiles of one expert in groups of at most 8: 6, 6, 5
+    assert [r for _, r in expert_walk_groups(torch.zeros(17, dtype=torch.int32), 8).tolist()] == [6] * 12 + [5] * 5
     with pytest.raises(ValueError, match="group must be"):
         expert_walk_groups(torch.zeros(4, dtype=torch.int32), 0)
 

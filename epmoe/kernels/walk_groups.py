@@ -15,8 +15,9 @@ def expert_walk_groups(tile_expert: torch.Tensor, group: int = 8) -> torch.Tenso
     """`walk_groups` for `grouped_gemm_ws`: the walk's groups cut at expert edges instead of every `group`
     m-tiles. An expert's m-tiles are consecutive (a run in `tile_expert`); the runs of at most `group` tiles
     that start within one stretch of `group` m-tiles make one group (up to 2 * group - 1 tiles), a longer run
-    is cut into groups of `group` from its first tile. int32 [M, 2]: per m-tile, its group's first m-tile and
-    length. On the tensors' device, no host sync."""
+    is cut into the fewest groups of at most `group` tiles, of lengths that differ by one at most (17 tiles in
+    groups of 8: 6, 6, 5; not 8, 8, 1, whose last group would read its weight boxes for one m-tile alone).
+    int32 [M, 2]: per m-tile, its group's first m-tile and length. On the tensors' device, no host sync."""
     if group < 1:
         raise ValueError(f"expert_walk_groups: group must be at least 1, got {group}")
     M, dev = tile_expert.numel(), tile_expert.device
@@ -29,11 +30,13 @@ def expert_walk_groups(tile_expert: torch.Tensor, group: int = 8) -> torch.Tenso
     run = torch.cumsum(starts.to(torch.int64), 0) - 1
     length = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(0, run, torch.ones_like(run))[run]
     long = length > group
-    # a group starts at a long run's every `group`-th tile, and at a short run that starts a new stretch or
-    # follows a long run
+    # a long run of L tiles in c = ceil(L / group) groups: its tile o in group o * c // L
+    at, chunks = idx - first, -(-length // group)
+    new_chunk = (at == 0) | (at * chunks // length != (at - 1) * chunks // length)
+    # a group starts there, and at a short run that starts a new stretch or follows a long run
     prev_first = torch.cat([first.new_full((1,), -1), first[:-1]])
     prev_long = torch.cat([long.new_ones(1), long[:-1]])
-    cut = torch.where(long, (idx - first) % group == 0,
+    cut = torch.where(long, new_chunk,
                       starts & (prev_long | (first // group != prev_first.clamp(min=0) // group) | (idx == 0)))
     group_first = torch.where(cut, idx, torch.zeros_like(idx)).cummax(0).values
     gid = torch.cumsum(cut.to(torch.int64), 0) - 1
