@@ -310,6 +310,28 @@ else:
                 assert torch.isfinite(got).all() and got.abs().sum() > 0
                 assert _rel(got, want) < (3e-2 if fp8 else 1e-2), (T, _rel(got, want))
 
+    def test_the_walk_is_cut_at_expert_edges_for_short_bf16_experts_only():
+        """`padded_layout`'s walk groups: BF16 with SHORT_EXPERT_ROWS rows per expert or fewer on average walks in
+        groups cut at expert edges (`expert_walk_groups` of its tiles); longer experts and block FP8 keep the
+        fixed groups (None)."""
+        from epmoe.experts.triton_ws import SHORT_EXPERT_ROWS
+        from epmoe.kernels.walk_groups import expert_walk_groups
+        from epmoe.layouts import ExpertWeights
+        g = torch.Generator().manual_seed(5)
+        E, H, I = 4, 128, 128
+        bf16 = ExpertWeights(torch.zeros(E, 2 * I, H, dtype=torch.bfloat16), torch.zeros(E, H, I, dtype=torch.bfloat16))
+        fp8 = dataclasses.replace(bf16, w13_scale=torch.ones(E, 2, 1), w2_scale=torch.ones(E, 1, 1))
+        cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
+        ws = WarpSpecializedExperts(cfg)
+        for T, weights, cut in ((SHORT_EXPERT_ROWS * E // 2, bf16, True), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, False),
+                                (40, fp8, False)):
+            batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), _ids(T, E, 2, g), torch.rand(T, 2, generator=g))
+            *_, tile_expert, walk = ws.padded_layout(batch, weights)
+            if cut:
+                assert walk is not None and torch.equal(walk, expert_walk_groups(tile_expert)), T
+            else:
+                assert walk is None, (T, weights.w13_scale is not None)
+
     def test_triton_runs_the_gluon_pipeline_where_its_config_says(monkeypatch):
         """`triton` with a table entry that says `gluon` runs `triton_ws`'s pipeline (the same bits), and its
         tiles where the entry does not say so or no pipeline was set up (no Hopper GPU, or refused there).
