@@ -14,7 +14,9 @@ of 128 outputs); the down GEMM's width is the kernel's own choice where no `--do
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
 times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
 `--walk fixed,experts` each launch with the walk in groups of GROUP_M m-tiles and in groups cut at expert
-edges (`expert_walk_groups(tile_expert, GROUP_M)`, as the experts launch it). A launch whose checked tiles (the first and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
+edges (`expert_walk_groups(tile_expert, GROUP_M)`; the default, `auto`, as the experts launch it: cut for BF16
+with short experts); `--anchor` (BF16) also launches `torch._grouped_mm` on the same layout rows (padding
+included, no activation), timed and profiled the same way. A launch whose checked tiles (the first and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
 rest.
 """
 from __future__ import annotations
@@ -60,10 +62,12 @@ def main(argv=None) -> int:
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
-    p.add_argument("--walk", default="experts",
-                   help="fixed, experts, or both comma-separated: the persistent walk in groups of --group-m m-tiles "
-                        "(fixed) or in groups cut at expert edges (experts, as the experts launch it) "
-                        "(default %(default)s)")
+    p.add_argument("--walk", default="auto",
+                   help="auto, fixed, experts, comma-separated: the persistent walk in groups of --group-m m-tiles "
+                        "(fixed), in groups cut at expert edges (experts), or as the experts launch it (auto: cut for "
+                        "BF16 with short experts) (default %(default)s)")
+    p.add_argument("--anchor", action="store_true",
+                   help="BF16: also torch._grouped_mm on the same layout rows (the CUTLASS grouped GEMM)")
     p.add_argument("--wide-mma", default="off",
                    help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
                         "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
@@ -77,15 +81,15 @@ def main(argv=None) -> int:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
     wides = off_on(p, "--wide-mma", args.wide_mma)
     walks = args.walk.split(",")
-    if not walks or not set(walks) <= {"fixed", "experts"}:
-        p.error(f"--walk takes fixed, experts, or both comma-separated, not {args.walk!r}")
+    if not walks or not set(walks) <= {"auto", "fixed", "experts"}:
+        p.error(f"--walk takes auto, fixed or experts, comma-separated, not {args.walk!r}")
     import torch
     if not torch.cuda.is_available():
         print("profile_ws_gemm: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
     from gluon_gemm_probe import Problem
-    from epmoe.experts.triton_ws import TILE
+    from epmoe.experts.triton_ws import SHORT_EXPERT_ROWS, TILE
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.kernels.walk_groups import expert_walk_groups
     from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
@@ -106,6 +110,8 @@ def main(argv=None) -> int:
             applies = wide_mma_applies(launched.fp8, launched.split)
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
                                         if applies or not w]:
+                if walk == "auto":
+                    walk = "experts" if fmt == "bf16" and args.tokens * k <= SHORT_EXPERT_ROWS * L else "fixed"
                 groups = expert_walk_groups(prob.tile_expert, group_m) if walk == "experts" else None
 
                 def run():
@@ -129,6 +135,23 @@ def main(argv=None) -> int:
                       f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
+            if args.anchor and fmt == "bf16":
+                used = prob.tile_expert[prob.tile_expert >= 0]
+                offsets = (torch.bincount(used, minlength=L) * TILE).cumsum(0).to(torch.int32)
+                a = prob.a[:int(offsets[-1])]
+                wt = prob.w.transpose(1, 2)
+
+                def anchor():
+                    torch._grouped_mm(a, wt, offs=offsets)
+
+                ms = triton.testing.do_bench(anchor, warmup=10, rep=50, return_mode="median")
+                torch.cuda.nvtx.range_push("profiled")
+                anchor()
+                torch.cuda.synchronize()
+                torch.cuda.nvtx.range_pop()
+                print(f"{args.shape} T={args.tokens} bf16 {gemm} torch._grouped_mm (same rows, no activation): "
+                      f"{ms:.3f} ms {2.0 * args.tokens * k * K * w_rows / ms / 1e9:.0f} TFLOP/s (routed rows)",
+                      flush=True)
             del prob
             torch.cuda.empty_cache()        # deepseek-v3's 256 experts: the next format's weights need the room
     return 1 if failed else 0
