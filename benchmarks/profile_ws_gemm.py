@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         return 2
     import triton
     from gluon_gemm_probe import Problem
-    from epmoe.experts.triton_ws import SHORT_EXPERT_ROWS, TILE
+    from epmoe.experts.triton_ws import TILE, walk_cut_at_experts
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.kernels.walk_groups import expert_walk_groups
     from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
                                         if applies or not w]:
                 if walk == "auto":
-                    walk = "experts" if fmt == "bf16" and args.tokens * k <= SHORT_EXPERT_ROWS * L else "fixed"
+                    walk = "experts" if walk_cut_at_experts(fmt == "fp8", args.tokens * k, L) else "fixed"
                 groups = expert_walk_groups(prob.tile_expert, group_m) if walk == "experts" else None
 
                 def run():

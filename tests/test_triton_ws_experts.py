@@ -311,9 +311,9 @@ else:
                 assert _rel(got, want) < (3e-2 if fp8 else 1e-2), (T, _rel(got, want))
 
     def test_the_walk_is_cut_at_expert_edges_for_short_bf16_experts_only():
-        """`padded_layout`'s walk groups: BF16 with SHORT_EXPERT_ROWS rows per expert or fewer on average walks in
-        groups cut at expert edges (`expert_walk_groups` of its tiles); longer experts and block FP8 keep the
-        fixed groups (None)."""
+        """`padded_layout`'s walk groups: BF16 with 128 to SHORT_EXPERT_ROWS rows per expert on average walks in
+        groups cut at expert edges (`expert_walk_groups` of its tiles); longer experts, fewer rows (decode) and
+        block FP8 keep the fixed groups (None)."""
         from epmoe.experts.triton_ws import SHORT_EXPERT_ROWS
         from epmoe.kernels.walk_groups import expert_walk_groups
         from epmoe.layouts import ExpertWeights
@@ -324,7 +324,8 @@ else:
         cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
         ws = WarpSpecializedExperts(cfg)
         for T, weights, cut in ((SHORT_EXPERT_ROWS * E // 2, bf16, True), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, False),
-                                (40, fp8, False)):
+                                (128 * E // 2, bf16, True), (128 * E // 2 - 1, bf16, False), (1, bf16, False),
+                                (SHORT_EXPERT_ROWS * E // 2, fp8, False)):
             batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), _ids(T, E, 2, g), torch.rand(T, 2, generator=g))
             *_, tile_expert, walk = ws.padded_layout(batch, weights)
             if cut:

@@ -62,6 +62,18 @@ def _quant_problem(scheme, device_type: str) -> str | None:
     return None
 
 
+def walk_cut_at_experts(fp8: bool, pairs: int, experts: int) -> bool:
+    """Whether the GEMMs walk in groups cut at expert edges (`expert_walk_groups`) for `pairs` rows over
+    `experts` experts: BF16 with one to SHORT_EXPERT_ROWS / 128 tiles' worth of rows per expert on average.
+    Groups of a fixed 8 m-tiles cut through experts of a few tiles each and read their weights twice, and
+    the GEMMs are bound by reading weights there (deepseek-v3's 256 experts and gpt-oss-120b at T = 8192:
+    whole op 3.5-7% faster on an H100). Block FP8 (half the weight bytes) gained nothing there; longer experts
+    (the deepseek-v3 32-expert shard, mixtral) were no faster and once 6% slower; and below one tile per
+    expert there is nothing to cut, while building the groups (a few dozen small kernels) cost ~70-80 us a
+    forward at T = 1."""
+    return not fp8 and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts
+
+
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
                            out_scale_t=None, *, block_m: int = 128, block_n: int | None = None,
                            block_k: int | None = None, a_rows=None, walk_groups=None, **_launch) -> torch.Tensor:
@@ -239,12 +251,8 @@ class WarpSpecializedExperts(Experts):
     def padded_layout(self, batch: FlatBatch, weights: ExpertWeights):
         """(n, k, H, I, FP8?, `align_pairs` of the batch in tiles of 128, rows of that layout, the expert of
         each of its tiles, the GEMMs' walk groups or None: groups of 8 m-tiles), shared by the pipelines
-        built on this GEMM. BF16 with short experts (SHORT_EXPERT_ROWS rows or fewer each on average) walks in
-        groups cut at expert edges (`expert_walk_groups`): groups of a fixed 8 m-tiles cut through experts of
-        a few tiles each and read their weights twice, and these GEMMs are bound by reading weights there
-        (deepseek-v3's 256 experts and gpt-oss-120b at T = 8192, whole op 3.5-7% faster on an H100). Block FP8
-        (half the weight bytes) gained nothing there, and at longer experts (the deepseek-v3 32-expert shard,
-        mixtral) the cut walk was no faster and once 6% slower: they keep the fixed groups."""
+        built on this GEMM; where `walk_cut_at_experts` says so, the walk goes in groups cut at expert edges
+        (`expert_walk_groups`)."""
         from ..kernels.moe_align import align_pairs
         from ..kernels.walk_groups import expert_walk_groups
         n, k = batch.local_ids.shape
@@ -252,7 +260,7 @@ class WarpSpecializedExperts(Experts):
         fp8 = weights.w13_scale is not None
         aligned = align_pairs(batch.local_ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks]
-        walk = expert_walk_groups(tile_expert) if not fp8 and n * k <= SHORT_EXPERT_ROWS * L else None
+        walk = expert_walk_groups(tile_expert) if walk_cut_at_experts(fp8, n * k, L) else None
         return n, k, H, two_i // 2, fp8, aligned, aligned.max_rows, tile_expert, walk
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
