@@ -16,8 +16,8 @@ times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block,
 `--walk fixed,experts` each launch with the walk in groups of GROUP_M m-tiles and in groups cut at expert
 edges (`expert_walk_groups(tile_expert, GROUP_M)`; the default, `auto`, as the experts launch it: cut for BF16
 with short experts); `--anchor` (BF16) also launches `torch._grouped_mm` on the same layout rows (padding
-included, no activation), timed and profiled the same way. A launch whose checked tiles (the first and the last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the
-rest.
+included, no activation), timed and profiled the same way. A launch whose checked tiles (the first and the
+last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the rest.
 """
 from __future__ import annotations
 

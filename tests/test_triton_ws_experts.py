@@ -140,6 +140,12 @@ if not INTERPRETING:
             shifted = None if a_rows is None else ((a_rows + 1) % a.shape[0]).to(torch.int32)
             grouped_gemm_reference(a, w, tile_expert, out, *rest, a_rows=shifted, **launch)
 
+        def drops_a_walk_group(a, w, tile_expert, out, *rest, walk_groups=None, **launch):
+            grouped_gemm_reference(a, w, tile_expert, out, *rest, walk_groups=walk_groups, **launch)
+            if walk_groups is not None:         # the second group (tiles 1-3) never computed
+                out[2 * 128:] = 0
+
+        assert "plain GEMM (walk groups)" in gemm_disagreement(drops_a_walk_group, cpu, fp8)
         assert "plain GEMM" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "skipped tile" in gemm_disagreement(writes_skipped_tiles, cpu, fp8)
         assert "gated GEMM" in gemm_disagreement(forgets_the_bias_when_gated, cpu, fp8)
@@ -185,7 +191,7 @@ if not INTERPRETING:
         def kernel(*args, **launch):
             return grouped_gemm_reference(*args, **launch)
 
-        # settled after the kernel's launches only (plain, then gated): the second one is refused
+        # settled after the kernel's launches only (plain in fixed groups, then in uneven ones): the second refused
         assert gemm_disagreement(kernel, torch.device("cpu"), True, hangs_at_the_second) == "its kernel did not finish"
         assert len(launches) == 2
 
@@ -228,21 +234,22 @@ if not INTERPRETING:
             calls.append((launch.get("num_programs"), (shape.K + shape.block_k - 1) // shape.block_k,
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
-            walks.append(launch["walk_groups"].tolist())
+            walks.append(None if launch["walk_groups"] is None else launch["walk_groups"].tolist())
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
         for fp8 in (False, True):
             assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
-        assert len(calls) == 4 and walks == [[[0, 1], [1, 3], [1, 3], [1, 3]]] * 4
+        # each GEMM walked in fixed groups, then in groups of unequal length
+        assert len(calls) == 8 and walks == [None, [[0, 1], [1, 3], [1, 3], [1, 3]]] * 4
         for programs, k_blocks, stages, tiles, *_ in calls:
             assert programs == 2 and tiles > programs and k_blocks > stages, calls
         # the forms the backend runs: down plain and gate+up gated, rows in layout order; `gathered`: gate+up
         # over token rows picked (fewer tokens than rows: some picked twice)
-        assert [c[4:] for c in calls] == [(False, False, False), (True, False, False)] * 2
+        assert [c[4:] for c in calls] == ([(False, False, False)] * 2 + [(True, False, False)] * 2) * 2
         calls.clear()
         assert gemm_disagreement(records, torch.device("cpu"), True, gathered=True) is None
-        assert [c[4:] for c in calls] == [(False, False, False), (True, True, True)]
+        assert [c[4:] for c in calls] == [(False, False, False)] * 2 + [(True, True, True)] * 2
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

@@ -141,14 +141,14 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
     skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
-    anywhere disagrees). The walk runs in groups of unequal length (one tile, then three), as the backends
-    launch it in groups cut at expert edges (`expert_walk_groups`).
+    anywhere disagrees). Each GEMM twice, as the backends launch it: the walk in groups of a fixed size, and
+    in groups of unequal length (one tile, then three: `walk_groups`, as groups cut at expert edges are).
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
-    walk = torch.tensor([[0, 1], [1, 3], [1, 3], [1, 3]], dtype=torch.int32, device=device)
+    uneven = torch.tensor([[0, 1], [1, 3], [1, 3], [1, 3]], dtype=torch.int32, device=device)
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
                                              ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
@@ -168,25 +168,27 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             w = w.bfloat16()
         n_out = w_rows // 2 if activation else w_rows
         out_fp8 = fp8 and activation is not None
-        outs = []
-        for fn in (gemm, grouped_gemm_reference):
+
+        def launch(fn, walk_groups):
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
             out_scale_t = torch.ones(n_out // TILE, M, device=device) if out_fp8 else None
             fn(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, num_programs=2,
-               a_rows=a_rows, walk_groups=walk)
-            why = settle() if settle is not None and fn is gemm else None
+               a_rows=a_rows, walk_groups=walk_groups)
+            return out.float() if not out_fp8 else out.float() * out_scale_t.t().repeat_interleave(TILE, 1)
+
+        want = launch(grouped_gemm_reference, None)
+        for walk in (None, uneven):
+            got = launch(gemm, walk)
+            why = settle() if settle is not None else None
             if why:
                 return why
-            value = out.float() if not out_fp8 else out.float() * out_scale_t.t().repeat_interleave(TILE, 1)
-            outs.append(value)
-        got, want = outs
-        err = ((got - want).norm() / want.norm()).item()
-        skipped = slice(TILE, 2 * TILE)
-        skipped_kept = bool((got[skipped] == want[skipped]).all() and (want[skipped] == 0).all())
-        if not err <= 1e-2 or not skipped_kept:        # NaN fails the first
-            return (f"its {'FP8' if fp8 else 'BF16'} {what} GEMM disagrees with its PyTorch statement on a small "
-                    f"problem (relative error {err:.3g}{'' if skipped_kept else ', a skipped tile written'}); "
-                    f"use experts='triton'")
+            err = ((got - want).norm() / want.norm()).item()
+            skipped = slice(TILE, 2 * TILE)
+            skipped_kept = bool((got[skipped] == want[skipped]).all() and (want[skipped] == 0).all())
+            if not err <= 1e-2 or not skipped_kept:        # NaN fails the first
+                return (f"its {'FP8' if fp8 else 'BF16'} {what} GEMM{'' if walk is None else ' (walk groups)'} "
+                        f"disagrees with its PyTorch statement on a small problem (relative error {err:.3g}"
+                        f"{'' if skipped_kept else ', a skipped tile written'}); use experts='triton'")
     return None
 
 
