@@ -136,8 +136,8 @@ def main(argv=None) -> int:
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             if args.anchor and fmt == "bf16":
-                used = prob.tile_expert[prob.tile_expert >= 0]
-                offsets = (torch.bincount(used, minlength=L) * TILE).cumsum(0).to(torch.int32)
+                laid_out = prob.tile_expert[prob.tile_expert >= 0]          # experts in order, a tile each
+                offsets = (torch.bincount(laid_out, minlength=L) * TILE).cumsum(0).to(torch.int32)
                 a = prob.a[:int(offsets[-1])]
                 wt = prob.w.transpose(1, 2)
 

@@ -334,7 +334,8 @@ else:
                                 (128 * E // 2, bf16, True), (128 * E // 2 - 1, bf16, False), (1, bf16, False),
                                 (SHORT_EXPERT_ROWS * E // 2, fp8, False)):
             batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), _ids(T, E, 2, g), torch.rand(T, 2, generator=g))
-            *_, tile_expert, walk = ws.padded_layout(batch, weights)
+            layout = ws.padded_layout(batch, weights)
+            tile_expert, walk = layout.tile_expert, layout.walk_groups
             if cut:
                 assert walk is not None and torch.equal(walk, expert_walk_groups(tile_expert)), T
             else:

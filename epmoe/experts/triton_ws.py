@@ -26,6 +26,7 @@ interpreter).
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -60,6 +61,19 @@ def _quant_problem(scheme, device_type: str) -> str | None:
         got = "per token" if q.activation_group_size is None else f"per group of {q.activation_group_size}"
         return f"it takes FP8 activations per group of {TILE} columns only, not {got}"
     return None
+
+
+class PaddedLayout(NamedTuple):
+    """A batch's pairs laid out for the Gluon GEMMs (`WarpSpecializedExperts.padded_layout`)."""
+    tokens: int
+    top_k: int
+    hidden: int
+    inter: int
+    fp8: bool
+    aligned: object              # `align_pairs`' result, tiles of 128
+    rows: int                    # rows of the layout
+    tile_expert: torch.Tensor    # the expert of each tile (-1: none)
+    walk_groups: torch.Tensor | None   # the GEMMs' walk (`expert_walk_groups`), or None: groups of 8 m-tiles
 
 
 def walk_cut_at_experts(fp8: bool, pairs: int, experts: int) -> bool:
@@ -250,10 +264,9 @@ class WarpSpecializedExperts(Experts):
         from ..kernels.ws_grouped_gemm import grouped_gemm_ws
         return grouped_gemm_ws
 
-    def padded_layout(self, batch: FlatBatch, weights: ExpertWeights):
-        """(n, k, H, I, FP8?, `align_pairs` of the batch in tiles of 128, rows of that layout, the expert of
-        each of its tiles, the GEMMs' walk groups or None: groups of 8 m-tiles), shared by the pipelines
-        built on this GEMM; where `walk_cut_at_experts` says so, the walk goes in groups cut at expert edges
+    def padded_layout(self, batch: FlatBatch, weights: ExpertWeights) -> PaddedLayout:
+        """The batch's pairs in tiles of 128 (`align_pairs`), shared by the pipelines built on this GEMM;
+        where `walk_cut_at_experts` says so, the GEMMs walk in groups cut at expert edges
         (`expert_walk_groups`)."""
         from ..kernels.moe_align import align_pairs
         from ..kernels.walk_groups import expert_walk_groups
@@ -263,7 +276,7 @@ class WarpSpecializedExperts(Experts):
         aligned = align_pairs(batch.local_ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks]
         walk = expert_walk_groups(tile_expert) if walk_cut_at_experts(fp8, n * k, L) else None
-        return n, k, H, two_i // 2, fp8, aligned, aligned.max_rows, tile_expert, walk
+        return PaddedLayout(n, k, H, two_i // 2, fp8, aligned, aligned.max_rows, tile_expert, walk)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from ..kernels.layout_copy import rows_to_layout

@@ -670,8 +670,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
-                                 WIDE=wide_mma, MATH_REGS=math_regs,
-                                 LOADER_REGS=loader_regs, num_warps=4, maxnreg=maxnreg)
+                                 WIDE=wide_mma, MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4,
+                                 maxnreg=maxnreg)
     return out
 
 
