@@ -40,6 +40,11 @@
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
 #             mixtral T = 8192, each forward oracle-checked (STEPS_ARGS: more arguments, e.g. --formats fp8_block)
+#   decode    the `triton` experts at decode beside the time to read the same weight bytes (benchmarks/decode_probe.py:
+#             block FP8, mixtral-8x7b, deepseek-v3, gpt-oss-120b at T = 1 and 16; DECODE_ARGS: its arguments, e.g.
+#             --configs benchmarks/decode_fp8_variants.json; DECODE_TAG: a suffix of its file names), then, where
+#             DECODE_NCU_SHAPE names one (e.g. mixtral-8x7b:1), ncu's throughput, occupancy and warp-state sections
+#             of the two GEMM launches of one forward there
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
@@ -133,6 +138,14 @@ for part in $PARTS; do
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \
                 --routings balanced --formats bf16,fp8_block --anchors grouped_mm \
                 --output "$OUT/experts_wide_${GPU}_$DAY.json" ;;
+    decode)
+        run "$OUT/decode_${GPU}_$DAY${DECODE_TAG:-}.log" "${DECODE_SECONDS:-240}" bash -c "
+            python3 benchmarks/decode_probe.py ${DECODE_ARGS:-} --output $OUT/decode_${GPU}_$DAY${DECODE_TAG:-}.json
+            if [ -n '${DECODE_NCU_SHAPE:-}' ]; then
+                ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                    --section MemoryWorkloadAnalysis -k regex:'moe_gemm|gemv' --launch-skip 2 --launch-count 2 \
+                    python3 benchmarks/decode_probe.py --once --shapes ${DECODE_NCU_SHAPE:-} ${DECODE_NCU_ARGS:-}
+            fi" ;;
     layout)
         run "$OUT/layout_copy_${GPU}_$DAY.log" "${LAYOUT_SECONDS:-150}" bash -c "
             python3 benchmarks/layout_copy_probe.py --output $OUT/layout_copy_${GPU}_$DAY.json

@@ -361,6 +361,48 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("tiles,refused", [
+        ((64, 128, 64, 128), "gate_up N tile is 64"),         # its output groups of 64, read back as 128s
+        ((32, 128, 64, 128), "gate_up N tile is 32"),
+        ((128, 128, 64, 64), "down K tile is 64"),
+        ((128, 256, 64, 128), "gate_up K tile is 256"),
+        ((64, 128, 32, 128), None),                           # per-token activations: any N tile
+    ])
+    def test_fp8_tiles_that_would_compute_wrongly_are_refused(tiles, refused):
+        """A hand-made configuration whose tiles do not match the FP8 scale groups (the gate+up's N tile is
+        its output's quantization group, which the down GEMM reads in groups of 128; each K tile reads one
+        activation and one weight-block scale) is refused by both layouts, where it would return wrong
+        numbers (a relative error of ~0.6 at deepseek-v3's sizes on a GPU). With per-token activations the
+        gate+up output is quantized per row after it, so any N tile is right: checked against the oracle."""
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        gu_n, gu_k, dn_n, dn_k = tiles
+        act_group = 128 if refused else None
+        T, E, k, H, I = 5, 4, 2, 256, 128
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group" if act_group else "per_token")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=23)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(6))
+        ids, w = random_routing(T, E, k, seed=7)
+        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        xq, xs = fp8_quantize_torch(x, act_group)
+        ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, "block")
+        config = MoEKernelConfig(16, GemmConfig(gu_n, gu_k, 1, 4, 2), GemmConfig(dn_n, dn_k, 1, 4, 2))
+        if refused:
+            with pytest.raises(ValueError, match=refused):
+                fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+            rows = torch.zeros(E, 4, H, dtype=xq.dtype)
+            with pytest.raises(ValueError, match=refused):
+                batched_experts(rows, torch.ones(E, dtype=torch.int32), q13, q2, "silu", out_dtype=torch.float32,
+                                config=config, fp8=Fp8Operands(torch.ones(E * 4, H // 128), s13, s2, act_group,
+                                                               quant.weight_block, "block"))
+            return
+        out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+        deq = [(dequantize_weight(q13[e], s13[e], (128, 128))[:I], dequantize_weight(q13[e], s13[e], (128, 128))[I:],
+                dequantize_weight(q2[e], s2[e], (128, 128))) for e in range(E)]
+        assert_close(out, reference_moe(x, None, deq, cfg, routing=Routing(ids, w)), 5e-3, context="per-token FP8")
+
     @pytest.mark.parametrize("promote", ["sync", "rescale"])
     @pytest.mark.parametrize("poison", ["x_nan", "x_inf", "scale_nan"])
     def test_fused_experts_fp8_keep_a_nonfinite_token_in_its_row(poison, promote):

@@ -90,6 +90,9 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
             assert {g.tma for g in gus} == {False, True} and len(gus) % 2 == 0
             if fp8:
                 assert all(g.block_k == 128 and g.block_n == 128 for g in gus)
+                # decode tiles also try narrow, deeply pipelined down tiles; prefill tiles do not
+                narrow = any(d.block_n == 32 and d.num_stages == 8 for d in dns)
+                assert narrow == (bm <= 32), bm
     cfg = MoEKernelConfig(64, GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4, tma=True))
     plan = tune.refine_plan({128: cfg}, [1, 128])
     assert list(plan) == [128]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .fused_moe import Fp8Operands, intermediate_dtype, launch_down, launch_gate_up, weight_format
+from .fused_moe import (Fp8Operands, fp8_tiles_problem, intermediate_dtype, launch_down, launch_gate_up,
+                        weight_format)
 from .tuning_table import MoEKernelConfig, lookup_config
 
 
@@ -40,6 +41,10 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
     if config is None:
         config, _ = lookup_config(max(1, L * C // max(top_k, 1)), L, H, inter, top_k,
                                   weight_format(w13, fp8.granularity if fp8 else None), x.device)
+    if fp8 is not None:
+        why = fp8_tiles_problem(config, fp8)
+        if why:
+            raise ValueError(f"batched_experts: tiles {config.describe()} cannot run these FP8 operands: {why}")
     bm = config.block_m
     row_blocks = L * triton.cdiv(C, bm)
     counts = counts.to(torch.int32).contiguous()

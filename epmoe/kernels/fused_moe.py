@@ -730,6 +730,10 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
         if fp8 is None or fp8_supported(fp8, H, inter):
             return gemv_experts(x, ids_flat.reshape(-1), weights_flat, w13, w2, b13, b2, activation, out, top_k,
                                 config.gemv, fp8)
+    if fp8 is not None:
+        why = fp8_tiles_problem(config, fp8)
+        if why:
+            raise ValueError(f"fused_experts: tiles {config.describe()} cannot run these FP8 operands: {why}")
     # which tiles: one pair per tile for a single token (no alignment pass: its k experts are distinct),
     # body + tail tiles (split layout) when the config asks, else uniform tiles of BLOCK_M
     if N == 1:
@@ -770,6 +774,25 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
                     fp8=mode2, **tiles, **common)
     launch_sum(y, ids_flat, out, N, H, top_k, L)
     return out
+
+
+def fp8_tiles_problem(config: MoEKernelConfig, fp8: "Fp8Operands") -> str | None:
+    """Why the tile kernels of `config` would compute these FP8 operands wrongly (None: they would not).
+    The kernels read one activation scale and one weight-block scale per K tile, so a K tile must be the
+    activation group and the weight block's width; the gate+up quantizes its output per N tile, the groups
+    the down GEMM's K tiles read back, so with grouped activations its N tile is the group too. (`fit_to_problem`
+    pins every table and heuristic configuration so; a configuration given by hand may not be.)"""
+    groups = [("activation group", fp8.act_group)] if fp8.act_group is not None else []
+    if fp8.weight_block is not None:
+        groups.append(("weight block width", fp8.weight_block[1]))
+    for name, size in groups:
+        for gemm_name, gemm in (("gate_up", config.gate_up), ("down", config.down)):
+            if gemm.block_k != size:
+                return f"the {gemm_name} K tile is {gemm.block_k} columns, the {name} {size}"
+    if fp8.act_group is not None and config.gate_up.block_n != fp8.act_group:
+        return (f"the gate_up N tile is {config.gate_up.block_n} columns, but its output is quantized per N tile "
+                f"for the down GEMM, which reads groups of {fp8.act_group}")
+    return None
 
 
 @dataclass

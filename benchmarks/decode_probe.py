@@ -1,0 +1,121 @@
+"""Decode (a few tokens) in the `triton` experts: the whole forward beside the time one kernel takes to read
+the same weight bytes, timed as `epmoe bench experts` times (L2 flushed, GPU kept busy while queued, CUDA-graph
+replay), each forward checked against the float64 oracle of its format.
+
+    PYTHONPATH=. python3 benchmarks/decode_probe.py --shapes mixtral-8x7b:1,deepseek-v3:1 --formats fp8_block
+    ncu -k regex:moe_gemm python3 benchmarks/decode_probe.py --once ...      # one forward per point
+
+Each shape is PRESET:T (the preset's own experts, a balanced routing, the rows and weights the benchmark
+makes). The hit bytes are the weights of the experts the routing hits (3 * H * I each, in the format's
+element size; scales not counted). `--configs` times other kernel configurations of the table's format
+beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same backend.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_floor_ms(timer, nbytes: int) -> float:
+    """The fastest of a few grids of `decode_floor`'s streaming-read kernel over `nbytes` (as one kernel)."""
+    import torch
+    from decode_floor import read
+    buf = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=timer.device).normal_()
+    best = None
+    for programs in (264, 528, 1056):
+        out = torch.empty(programs, device=timer.device)
+        for block, stages in ((2048, 3), (4096, 3), (8192, 2)):
+            t = timer.time(lambda: read(buf, out, programs, block, stages), reps=20, warmup=3).median_ms
+            best = t if best is None else min(best, t)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--shapes", default="mixtral-8x7b:1,deepseek-v3:1,gpt-oss-120b:1,mixtral-8x7b:16",
+                   help="PRESET:T, comma-separated (default: %(default)s)")
+    p.add_argument("--formats", default="fp8_block", help="formats (default: %(default)s)")
+    p.add_argument("--configs", help="JSON file: a list of kernel configurations to time beside the table's")
+    p.add_argument("--once", action="store_true", help="one forward per point after two warm-ups (for ncu)")
+    p.add_argument("--output", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        print("decode_probe: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from epmoe import contract
+    from epmoe.bench.experts import bench_config, make_routing, make_weights, rel_err, sample_rows
+    from epmoe.bench.gpu_timing import GpuTimer
+    from epmoe.kernels.tuning_table import MoEKernelConfig
+    from epmoe.layouts import FlatBatch
+    from epmoe.reference import reference_moe
+    from epmoe.routing import Routing
+    device = torch.device("cuda", torch.cuda.current_device())
+    timer = GpuTimer(device)
+    extra = [MoEKernelConfig.from_dict(d) for d in json.load(open(args.configs))] if args.configs else []
+    rows, failed, floors = [], 0, {}
+    for item in args.shapes.split(","):
+        preset, T = item.split(":")
+        T = int(T)
+        for fmt in args.formats.split(","):
+            gen = torch.Generator(device=device).manual_seed(0)
+            cfg = bench_config(preset, fmt)
+            weights, oracle = make_weights(cfg, device, gen)
+            ids, tw = make_routing("balanced", T, cfg.num_experts, cfg.top_k, gen, device)
+            x = torch.randn(T, cfg.hidden_size, generator=gen, device=device).to(torch.bfloat16)
+            xp = torch.nn.functional.pad(x, (0, cfg.padded_hidden_size - cfg.hidden_size))
+            sample = sample_rows(T, gen, device)
+            ref = reference_moe(x[sample], None, oracle, cfg, routing=Routing(ids[sample], tw[sample]), device=device)
+            backend = contract.experts_class("triton")(cfg, device)
+            batch = FlatBatch(xp, ids, tw)
+            w13 = weights.w13
+            hit = int(torch.unique(ids).numel())
+            nbytes = hit * 3 * w13.shape[2] * (w13.shape[1] // 2) * w13.element_size()
+            key = (T, tuple(w13.shape), w13.dtype)
+            table_config = backend.kernel_config(T, weights)
+            for label, config in [("table", table_config)] + [(f"config {i}", c) for i, c in enumerate(extra)]:
+                backend._configs[key] = (config, label)
+                out = backend(batch, weights)
+                err = rel_err(out[:, :cfg.hidden_size][sample], ref)
+                ok = err <= 3e-2
+                failed += not ok
+                if args.once:
+                    backend(batch, weights)
+                    torch.cuda.synchronize()
+                    print(f"{preset} T={T} {fmt} {label}: one forward, err {err:.2e} {'ok' if ok else 'FAILED'}",
+                          flush=True)
+                    continue
+                t = timer.time(lambda: backend(batch, weights), reps=30, warmup=5)
+                if nbytes not in floors:
+                    floors[nbytes] = read_floor_ms(timer, nbytes)
+                row = dict(preset=preset, tokens=T, format=fmt, variant=label, config=config.describe(),
+                           experts_hit=hit, hit_bytes=nbytes, median_ms=t.median_ms, method=t.method,
+                           tb_per_s=nbytes / (t.median_ms * 1e-3) / 1e12, read_floor_ms=floors[nbytes],
+                           floor_ratio=floors[nbytes] / t.median_ms, err=err, ok=ok)
+                rows.append(row)
+                print(f"{preset:13s} T={T:3d} {fmt:10s} {label:9s} {t.median_ms * 1e3:8.1f} us "
+                      f"{row['tb_per_s']:5.2f} TB/s  read floor {floors[nbytes] * 1e3:6.1f} us "
+                      f"({row['floor_ratio']:.2f})  err {err:.1e}{'' if ok else ' FAILED'}  {config.describe()}",
+                      flush=True)
+    if args.output:
+        from epmoe.bench.run_env import source_digest
+        meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+                    commit=os.environ.get("EPMOE_COMMIT", "unknown"), source_sha256=source_digest(),
+                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+                    method="GpuTimer: L2 flushed, GPU kept busy, CUDA graph replay, median of 30")
+        with open(args.output, "w") as f:
+            json.dump(dict(environment=meta, rows=rows), f, indent=1)
+    if failed:
+        print(f"decode_probe: {failed} forward(s) FAILED the oracle check", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
