@@ -5,6 +5,8 @@ process must not be interpreted; so, unless this process already interprets, the
 in a child process with TRITON_INTERPRET=1 and this process only checks that child's result. Float32,
 and float16 for its range: bf16 `tl.dot` gives wrong results in the interpreter.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -360,6 +362,48 @@ if INTERPRETING:
         ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
+
+    @pytest.mark.parametrize("split", [2, 3, 5])
+    @pytest.mark.parametrize("fmt", ["float32", "fp8_block"])
+    def test_down_gemm_split_over_k_matches_one_range(split, fmt):
+        """The down GEMM's K range cut in `split` pieces (float32 partial rows the slot sum adds, the bias in
+        the first piece only) gives the one-range result to float32 rounding: K = 384 is three blocks of
+        128, so 2 pieces are uneven and 5 leave two pieces empty (zeros, no scale read past the end). T = 1
+        (one pair per tile) and T = 9 (aligned tiles), a slot of another rank, biases; split_k is refused
+        where it cannot run (gate_up, the batched layout, a persistent walk)."""
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
+        E, k, H, I = 4, 2, 128, 384
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group") if fmt == "fp8_block" else None
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=29)
+        gen = torch.Generator().manual_seed(8)
+        b13 = torch.randn(E, 2 * I, generator=gen)
+        b2 = torch.randn(E, H, generator=gen)
+        base = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))
+        cut = replace(base, down=replace(base.down, split_k=split))
+        for T in (1, 9):
+            x = torch.randn(T, H, generator=gen)
+            ids, w = random_routing(T, E, k, seed=T + split)
+            ids[0, 1] = -1                                     # a slot whose expert is elsewhere
+            if quant is None:
+                w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])
+                w2 = torch.stack([d for _, _, d in experts])
+                args, kw = (x, ids, w, w13, w2, "silu"), dict(b13=b13, b2=b2)
+            else:
+                q13, s13, q2, s2 = _fp8_weights(experts, "block")
+                xq, xs = fp8_quantize_torch(x, 128)
+                ops = Fp8Operands(xs.contiguous(), s13, s2, 128, (128, 128), "block")
+                args, kw = (xq, ids, w, q13, q2, "silu"), dict(b13=b13, b2=b2, out_dtype=torch.float32, fp8=ops)
+            whole = fused_experts(*args, config=base, **kw)
+            pieces = fused_experts(*args, config=cut, **kw)
+            assert torch.isfinite(whole).all()
+            assert_close(pieces, whole, 1e-5, context=f"{fmt} T={T} split {split}")
+        for bad, where in ((replace(base, gate_up=replace(base.gate_up, split_k=2)), "gate_up"),
+                           (replace(cut, down=replace(cut.down, persistent=True)), "persistent=True")):
+            with pytest.raises(ValueError, match=where):
+                fused_experts(*args, config=bad, **kw)
 
     @pytest.mark.parametrize("tiles,refused", [
         ((64, 128, 64, 128), "gate_up N tile is 64"),         # its output groups of 64, read back as 128s

@@ -127,7 +127,7 @@ def moe_gemm_kernel(
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False):
+        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -158,6 +158,10 @@ def moe_gemm_kernel(
     (Triton leaves it in flight across the K block), but the tensor cores then accumulate the whole K
     range in their FP8 accumulator (about 14 bits kept), where the default promotes every K block's
     product to float32: faster, measurably less precise (benchmarks/notes_kernels.md).
+
+    SPLIT_K (down, flat layout, one program per tile): program (tile, s) of a grid [tiles, SPLIT_K] sums the
+    s-th of SPLIT_K consecutive ranges of K blocks and stores its rows at s * num_pairs + pair (out_ptr holds
+    SPLIT_K x num_pairs float32 rows; the bias goes into range 0's only); the slot sum adds the ranges.
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
@@ -169,7 +173,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -177,7 +181,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K)
 
 
 @triton.jit
@@ -189,9 +193,10 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
-              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr):
+              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
-    tile); then it does nothing, except a batched down tile, which writes its rows' zeros."""
+    tile); then it does nothing, except a batched down tile, which writes its rows' zeros. split: which of
+    the down GEMM's SPLIT_K ranges of K blocks (0 when it has one)."""
     expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
                                                num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
     if GATE_UP:
@@ -204,7 +209,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC)
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K)
     elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -352,14 +357,27 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, A_DESC: tl.constexpr):
-    """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel). With RESCALE
+               W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, A_DESC: tl.constexpr, split, num_pairs,
+               SPLIT_K: tl.constexpr):
+    """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel); of its K blocks
+    the split-th of SPLIT_K ranges, stored at rows split * num_pairs + pair. With RESCALE
     the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows). A_DESC:
     `a_ptr` is a tensor descriptor of the activation rows [rows, I] (a tile's rows are consecutive, from
     its first position; rows past the end read as zeros, rows of the next expert are never stored)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
     HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
+    if SPLIT_K == 1:                      # every K block (bounds known at compile time)
+        kb_first = 0
+        kb_end = K_BLOCKS
+        kb_scales = 0
+        row_base = 0
+    else:                                 # this program's range of K blocks [first, end)
+        KB_PER_SPLIT: tl.constexpr = (K_BLOCKS + SPLIT_K - 1) // SPLIT_K
+        kb_first = split * KB_PER_SPLIT
+        kb_end = tl.minimum(kb_first + KB_PER_SPLIT, K_BLOCKS)
+        kb_scales = tl.minimum(kb_first, K_BLOCKS - 1)      # an empty range reads (and uses) no scale
+        row_base = split.to(tl.int64) * num_pairs          # its rows in out
     offs_n = pid_n * BLOCK_N + tl.arange(0, HALF)
     w_row = expert * H + pid_n * BLOCK_N     # descriptor row of the weight tile (int32)
     expert = expert.to(tl.int64)
@@ -368,11 +386,12 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     if A_DESC:
         a_row = tl.min(pos, axis=0).to(tl.int32)     # descriptor row of the tile's first activation row
     else:
-        a_ptrs = a_ptr + pos[:, None] * I + offs_k[None, :]
+        a_ptrs = a_ptr + pos[:, None] * I + kb_first * BLOCK_K + offs_k[None, :]
     if not W_DESC:
-        b_ptrs = w_ptr + expert * (H * I) + (offs_n % H)[None, :] * I + offs_k[:, None]
+        b_ptrs = w_ptr + expert * (H * I) + (offs_n % H)[None, :] * I + kb_first * BLOCK_K + offs_k[:, None]
         if RESCALE:
-            b2_ptrs = w_ptr + expert * (H * I) + ((offs_n + HALF) % H)[None, :] * I + offs_k[:, None]
+            b2_ptrs = w_ptr + expert * (H * I) + ((offs_n + HALF) % H)[None, :] * I + kb_first * BLOCK_K \
+                + offs_k[:, None]
     if FP8:
         as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when A_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
@@ -387,12 +406,12 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
 
     acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
-        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, 0, A_SCALE_PER_BLOCK, BLOCK_M)
+        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, kb_scales, A_SCALE_PER_BLOCK, BLOCK_M)
         if RESCALE:
             acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
             s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
             s2_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for kb in range(0, K_BLOCKS):
+    for kb in range(kb_first, kb_end):
         if A_DESC:
             a = a_ptr.load([a_row, kb * BLOCK_K])
         elif EVEN_K:
@@ -413,7 +432,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                 b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
         if FP8 and W_SCALE_SCALAR:
             s, w, w2 = s_n, w_n, w2_n
-            s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, tl.minimum(kb + 1, K_BLOCKS - 1),
+            s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, tl.minimum(kb + 1, kb_end - 1),
                                            A_SCALE_PER_BLOCK, BLOCK_M)
             if RESCALE:
                 acc, acc2, s_prev, s2_prev = _rescale_step(a, b, b2, acc, acc2, s_prev, s2_prev, s * w, s * w2)
@@ -440,19 +459,20 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
         acc2 = acc2 * s2_prev[:, None]
     _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
-                W_SCALE_PER_BLOCK, BLOCK_M)
+                W_SCALE_PER_BLOCK, BLOCK_M, row_base, split, SPLIT_K)
     if RESCALE:
         _down_store(acc2, offs_n + HALF, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr,
                     a_scale_ptr, w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8,
-                    A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, BLOCK_M)
+                    A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, BLOCK_M, row_base, split, SPLIT_K)
 
 
 @triton.jit
 def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
                 APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
-                W_SCALE_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The down epilogue of output columns offs_n: per-row scales, bias, routing weight, store."""
+                W_SCALE_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, row_base, split, SPLIT_K: tl.constexpr):
+    """The down epilogue of output columns offs_n: per-row scales, bias (K range 0 only), routing weight,
+    store (flat layout: at rows row_base + pair)."""
     n_mask = offs_n < H
     offs_nw = offs_n % H
     if FP8:
@@ -461,7 +481,10 @@ def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr,
         if not W_SCALE_PER_BLOCK:
             acc = acc * tl.load(w_scale_ptr + expert * H + offs_nw)[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + expert * H + offs_nw)[None, :]
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + expert * H + offs_nw)[None, :]
+        else:
+            acc += tl.where(split == 0, tl.load(bias_ptr + expert * H + offs_nw), 0.0)[None, :]
     if BATCHED:
         acc = tl.where(valid[:, None], acc, 0.0)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -470,15 +493,16 @@ def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr,
     else:
         if APPLY_WEIGHT:
             acc = acc * tl.load(topk_weights_ptr + pair, mask=valid, other=0.0)[:, None]
-        tl.store(out_ptr + pair.to(tl.int64)[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & n_mask[None, :])
+        tl.store(out_ptr + (row_base + pair.to(tl.int64))[:, None] * H + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
 @triton.jit
-def sum_slots_kernel(y_ptr, ids_ptr, out_ptr, num_experts, H: tl.constexpr, TOP_K: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+def sum_slots_kernel(y_ptr, ids_ptr, out_ptr, num_experts, num_pairs, H: tl.constexpr, TOP_K: tl.constexpr,
+                     BLOCK_H: tl.constexpr, SPLITS: tl.constexpr = 1):
     """out[t] = sum_j y[t * k + j] over the slots whose expert is local, in [0, num_experts) (float32),
-    cast once. Other ids are not here: the GEMMs never wrote their rows."""
+    cast once; with SPLITS K ranges of the down GEMM, y holds SPLITS x num_pairs rows and each slot's are
+    summed, in range order. Other ids are not here: the GEMMs never wrote their rows."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs < H
@@ -487,7 +511,8 @@ def sum_slots_kernel(y_ptr, ids_ptr, out_ptr, num_experts, H: tl.constexpr, TOP_
         expert = tl.load(ids_ptr + t * TOP_K + j)
         limit = tl.where((expert >= 0) & (expert < num_experts), H, 0)
         here = offs < limit
-        acc += tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=here, other=0.0).to(tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(y_ptr + (s * num_pairs + t * TOP_K + j) * H + offs, mask=here, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=h_mask)
 
 
@@ -543,6 +568,8 @@ def _grid(tiles: int, gemm: GemmConfig, batched: bool, tile_mode: int, device) -
     """(grid, PERSISTENT): one program per tile, or (persistent configs, flat layout with uniform or
     listed tiles) one program per SM, at most one per tile. The grid depends on the shapes alone (CUDA
     graphs); each persistent program reads how many tiles are in use."""
+    if gemm.split_k > 1:
+        return (tiles, gemm.split_k), False
     if not gemm.persistent or batched or tile_mode not in (0, 1):
         return (tiles,), False
     if isinstance(device, torch.device) and device.type == "cuda":
@@ -583,11 +610,16 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
     """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
     args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
     descriptor where the config asks for TMA)."""
+    if gemm.split_k > 1 and (gate_up or batched or gemm.persistent):
+        raise ValueError(f"split_k={gemm.split_k}: only the down GEMM of the flat layout, one program per tile, "
+                         f"splits its K range (got {'gate_up' if gate_up else 'down'}, "
+                         f"{'batched' if batched else 'flat'}, persistent={gemm.persistent})")
     grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode,
                              None if isinstance(args[0], torch.dtype) else args[0].device)
     meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, RESCALE=rescale,
+                SPLIT_K=gemm.split_k,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
                 num_stages=gemm.num_stages, **_fp8_meta(fp8))
     block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n
@@ -648,10 +680,11 @@ def sum_block(hidden: int) -> int:
 
 
 def launch_sum(y, local_ids, out, num_rows: int, hidden: int, top_k: int, num_experts: int,
-               warmup: bool = False) -> None:
+               warmup: bool = False, splits: int = 1) -> None:
+    """out [num_rows, hidden] = the slot sum of y (`splits` x num_rows * top_k rows: see sum_slots_kernel)."""
     grid = (num_rows, triton.cdiv(hidden, sum_block(hidden)))
-    _run(sum_slots_kernel, grid, (y, local_ids, out, num_experts),
-         dict(H=hidden, TOP_K=top_k, BLOCK_H=sum_block(hidden), num_warps=4), warmup)
+    _run(sum_slots_kernel, grid, (y, local_ids, out, num_experts, num_rows * top_k),
+         dict(H=hidden, TOP_K=top_k, BLOCK_H=sum_block(hidden), SPLITS=splits, num_warps=4), warmup)
 
 
 # ------------------------------------------------------------------------------------ the flat path
@@ -768,11 +801,12 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
                        **tiles, **common)
     if fp8 is not None and not mode1.out_fp8:
         act, inter_scale = fp8.quantize_intermediate(act)
-    y = torch.empty(num_pairs, H, dtype=out_dtype, device=x.device)
+    splits = config.down.split_k          # K ranges of the down GEMM: float32 partial rows, added by the sum
+    y = torch.empty(splits * num_pairs, H, dtype=out_dtype if splits == 1 else torch.float32, device=x.device)
     for tiles in launches:
         launch_down(act, w2, b2, y, inter_scale, fp8.w2_scale if fp8 else None, weights_flat, gemm=config.down,
                     fp8=mode2, **tiles, **common)
-    launch_sum(y, ids_flat, out, N, H, top_k, L)
+    launch_sum(y, ids_flat, out, N, H, top_k, L, splits=splits)
     return out
 
 

@@ -32,12 +32,16 @@ class GemmConfig:
     persistent: bool = False   # one program per SM walks the tiles in a flattened, pipelined loop (flat layout)
     promote: str = "sync"  # FP8 block weights: "sync" (each K block's product to float32) or "rescale" (fused_moe)
     tma_a: bool = False    # down GEMM, flat layout: its activation rows through a tensor descriptor as well
+    # down GEMM, flat layout, one program per tile: the K range cut in this many pieces, each a program
+    # writing float32 partial rows that the slot sum adds (more programs streaming weights at decode)
+    split_k: int = 1
 
     def describe(self) -> str:
         return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"
                 + (" tma" if self.tma else "") + (" tma_a" if self.tma_a else "")
                 + (" persistent" if self.persistent else "")
-                + ("" if self.promote == "sync" else f" {self.promote}"))
+                + ("" if self.promote == "sync" else f" {self.promote}")
+                + (f" split{self.split_k}" if self.split_k > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class MoEKernelConfig:
             out = asdict(g)
             if not g.tma_a:          # written only where set (tables made before it stay as they are)
                 del out["tma_a"]
+            if g.split_k == 1:
+                del out["split_k"]
             return out
         d = {"block_m": self.block_m, "gate_up": gemm(self.gate_up), "down": gemm(self.down)}
         if self.tail_m:

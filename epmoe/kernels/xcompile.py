@@ -52,7 +52,7 @@ CASES = {
 
 
 def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync",
-                 tma_a=False, activation=0):
+                 tma_a=False, activation=0, split_k=1):
     fp8 = fmt == "fp8"
     el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
     out = "fp16" if fmt == "fp16" else "bf16"
@@ -85,7 +85,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
                  W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
-                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a)
+                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
