@@ -93,6 +93,9 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
                 # decode tiles also try narrow, deeply pipelined down tiles; prefill tiles do not
                 narrow = any(d.block_n == 32 and d.num_stages == 8 for d in dns)
                 assert narrow == (bm <= 32), bm
+            # the down GEMM split over K only where FP8 decode tiles stream long K ranges
+            assert {d.split_k for d in dns} == ({1, 2, 4} if fp8 and bm <= 32 else {1}), (fp8, bm)
+            assert all(g.split_k == 1 for g in gus)
     cfg = MoEKernelConfig(64, GemmConfig(64, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4, tma=True))
     plan = tune.refine_plan({128: cfg}, [1, 128])
     assert list(plan) == [128]

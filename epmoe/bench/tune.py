@@ -59,6 +59,9 @@ _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 
 # above, benchmarks/decode_probe.py); the gate+up N tile stays 128, the group its output is quantized in
 _FP8_DECODE_GATE_UP = [(128, 128, 8, 5), (128, 128, 4, 6)]
 _FP8_DECODE_DOWN = [(32, 128, 4, 8), (32, 128, 2, 8), (32, 128, 4, 6), (64, 128, 4, 8)]
+# and the down GEMM's K range split in 2 or 4 (fused_moe's SPLIT_K): more programs where a few pairs meet a
+# long K (mixtral-8x7b at T = 1: 128 programs of 112 K blocks each), each of these tiles with each split
+_FP8_DECODE_SPLIT_TILES, _FP8_DECODE_SPLITS = [(64, 128, 4, 6), (32, 128, 4, 8)], (2, 4)
 # block-scaled FP8 with --allow-rescale only: (block_n, block_k, num_warps, num_stages, promote);
 # "rescale" (fused_moe's RESCALE) holds no product registers, so the down tile can be 256 wide at 8 warps
 _FP8_BLOCK_GATE_UP = [(128, 128, 8, 3, "rescale"), (128, 128, 8, 4, "rescale")]
@@ -140,6 +143,10 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
     dn_cfgs = [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT]
     if tma:
         gu_cfgs, dn_cfgs = with_tma_twins(gu_cfgs), with_activation_tma_twins(with_tma_twins(dn_cfgs))
+    if fp8 and block_m <= 32:
+        dn_cfgs += [GemmConfig(*c[:2], group, *c[2:4], tma=tma_on, split_k=split)
+                    for c in _FP8_DECODE_SPLIT_TILES for split in _FP8_DECODE_SPLITS
+                    for tma_on in ((False, True) if tma else (False,))]
     return gu_cfgs, dn_cfgs
 
 
@@ -202,7 +209,7 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
     def twins(g):
         out = [g]
         for tma in (g.tma, not g.tma):
-            p = replace(g, tma=tma, persistent=True)
+            p = replace(g, tma=tma, persistent=True, split_k=1)      # a persistent walk takes no split
             if p not in out:
                 out.append(p)
         return out
@@ -285,7 +292,8 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
                                      activation=problem.cfg.activation, gemm=g, fp8=mode1, **common)))
     for g in downs:
         jobs.append(("down", dict(a=down_in, w2=problem.weights.w2.dtype,
-                                  b2=None if problem.weights.b2 is None else f32, out=out_dtype,
+                                  b2=None if problem.weights.b2 is None else f32,
+                                  out=out_dtype if g.split_k == 1 else f32,
                                   a_scale=f32 if problem.fp8 else None, w2_scale=f32 if problem.fp8 else None,
                                   topk_weights=f32, gemm=g, fp8=mode2, **common)))
     return jobs
@@ -333,6 +341,7 @@ class KernelInputs:
             self.act_scale = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001).reshape(
                 rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
         self.y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
+        self._split_ys: dict = {}          # float32 partial rows of each split of the down GEMM's K range
         self.common = dict(counts=None, num_pairs=T * k, hidden=H, inter=I, top_k=k, batched=False)
         self.launches = tile_launches(aligned, block_m, tail_m)
         self._scales: dict = {}
@@ -353,8 +362,14 @@ class KernelInputs:
     def down(self, g: GemmConfig) -> None:
         from ..kernels.fused_moe import launch_down
         w = self.problem.weights
+        y = self.y
+        if g.split_k > 1:                  # made outside any timing (the first call is untimed)
+            y = self._split_ys.get(g.split_k)
+            if y is None:
+                y = self._split_ys[g.split_k] = torch.empty(g.split_k * self.y.shape[0], self.y.shape[1],
+                                                            dtype=torch.float32, device=self.y.device)
         for tiles in self.launches:
-            launch_down(self.act_in, w.w2, w.b2, self.y, self.act_scale, w.w2_scale, self.tw, gemm=g, fp8=self.mode2,
+            launch_down(self.act_in, w.w2, w.b2, y, self.act_scale, w.w2_scale, self.tw, gemm=g, fp8=self.mode2,
                         **tiles, **self.common)
 
 
