@@ -72,6 +72,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 BUNDLE=${OUT:-./out}
 OUT=$BUNDLE/gpu_one_h200
 mkdir -p "$OUT"
+# a bundle an earlier run of this script left in the same call: its files go on in this one (each run removes
+# its folder at the end, keeping only the bundle)
+if [ -f "$BUNDLE/gpu_one_h200.tar.gz" ]; then tar -C "$BUNDLE" -xzf "$BUNDLE/gpu_one_h200.tar.gz"; fi
 # the commit: give it as a literal (COMMIT=<sha> in the command as sent: a $(git rev-parse HEAD) there runs on the
 # device, whose copy of .git may be older than the tree it was sent); where git's HEAD is used and tracked files
 # differ from it, the header says so, and the source digest beside it names the code that ran either way
@@ -242,7 +245,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths groups steps tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths groups steps decode tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

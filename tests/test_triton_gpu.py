@@ -507,3 +507,21 @@ def test_decode_gemv_path_fp8(preset, kind):
     ref = reference_moe(x, None, LayerExperts(layer), cfg, device="cuda",
                         routing=Routing(ids.to(torch.int32), torch.where(ids < E - 16, wts, 0.0)))
     assert_close(static_out, ref, 3e-2, context=f"{preset} fp8 {kind} gemv graph replay")
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "gpt-oss-120b"])
+def test_down_split_over_k_fp8(preset, monkeypatch):
+    """The down GEMM's K range split in 2 and 4 (float32 partial rows the slot sum adds) at real sizes in
+    block FP8: T = 1, 16 and 33 against the oracle (gpt-oss-120b with its biases, which only the first range
+    adds), whatever the table says for these batches."""
+    from epmoe.kernels import tuning_table
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=17, device="cuda"),
+                   bias=preset == "gpt-oss-120b")
+    for split, tma in ((2, False), (4, True)):
+        config = MoEKernelConfig(16, GemmConfig(128, 128, 1, 8, 3), GemmConfig(64, 128, 1, 4, 6, tma=tma,
+                                                                                split_k=split))
+        monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, **k: (config, "test"))
+        layer.experts._configs.clear()
+        _check_layer(layer, (1, 16, 33), bound=3e-2, seed=split)

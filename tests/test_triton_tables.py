@@ -7,7 +7,7 @@ import pytest
 
 from epmoe.kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, TABLE_REACH, GemmConfig,
                                         MoEKernelConfig, _load_table, element_bytes, heuristic_config,
-                                        lookup_config, shape_key, smem_bytes)
+                                        fit_to_problem, lookup_config, shape_key, smem_bytes)
 
 
 def _fits(cfg, elem):
@@ -332,3 +332,47 @@ def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
                         assert cases[name][4] == ("fp8" if fmt == "fp8_block" else "bf16")
                         assert cases[name][6:10] == (c[kernel]["block_n"], c[kernel]["block_k"],
                                                      c[kernel]["num_warps"], c[kernel]["num_stages"])
+
+
+@pytest.mark.parametrize("winner", ["tiles", "table before", "gemv"])
+def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path, monkeypatch, winner):
+    """At T <= 16 the tuner times the table's entry of before beside its new tiles and the decode kernels,
+    end to end, and keeps whichever is fastest: a new choice that only wins kernel by kernel does not
+    replace an entry that runs the whole op faster. `decode_entries` reads the entries it must beat (T <= 16,
+    fitted as the lookup fits them) from this GPU's table."""
+    import torch
+    from epmoe import MoEConfig
+    from epmoe.bench import tune
+    from epmoe.layouts import ExpertWeights
+    old = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(32, 64, 1, 4, 4))
+    new = MoEKernelConfig(16, GemmConfig(128, 64, 1, 8, 4), GemmConfig(64, 64, 1, 4, 6))
+    key = shape_key(4, 64, 32, 2, "bfloat16")
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": {key: {"1": old.to_dict(), "16": old.to_dict(), "128": new.to_dict()}}}))
+    tune._load_table.cache_clear()
+    before = tune.decode_entries(str(path), key, 64, 32, "bfloat16")
+    assert set(before) == {1, 16} and before[1] == fit_to_problem(old, 64, 32, "bfloat16")
+    assert tune.decode_entries(str(tmp_path / "none.json"), key, 64, 32, "bfloat16") == {}
+
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
+    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16))
+    problem = tune.Problem(cfg, "bfloat16", weights, False)
+    timed = []
+
+    def fake_time(timer, fn, reps):           # end-to-end runs: by which configuration fn would run
+        cfg_ = fn.__defaults__[0] if fn.__defaults__ and isinstance(fn.__defaults__[0], MoEKernelConfig) else None
+        timed.append(cfg_)
+        if cfg_ is None:
+            return 1.0                        # a decode kernel alone
+        name = "gemv" if cfg_.gemv is not None else "table before" if cfg_ == before[1] else "tiles"
+        return 0.5 if name == winner else 2.0
+    monkeypatch.setattr(tune, "_safe_time", fake_time)
+    got, ms = tune._tune_gemv(problem, 1, (new, 1.5), None, 3, torch.Generator().manual_seed(0),
+                              type("Quiet", (), {"print": lambda *a, **k: None})(), before=before[1])
+    assert before[1] in timed, "the entry of before was not timed end to end"
+    want = {"tiles": new, "table before": before[1]}.get(winner)
+    if want is not None:
+        assert got == want
+    else:
+        assert got.gemv is not None and (got.block_m, got.gate_up, got.down) == (new.block_m, new.gate_up, new.down)
+    assert ms == (1.5 if winner == "tiles" else 0.5)

@@ -34,7 +34,8 @@ from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
 from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
-                                   _load_table, device_table_name, shape_key, smem_bytes, table_paths_for_device)
+                                   _load_table, device_table_name, fit_to_problem, shape_key, smem_bytes,
+                                   table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -416,11 +417,13 @@ def _safe_time(timer, fn, reps) -> float:
 
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
                  console=None, plan: dict | None = None, verbose: bool = False, show_progress: bool = True,
-                 rescale: bool = False, gluon: bool = True) -> dict[int, tuple[MoEKernelConfig, float]]:
+                 rescale: bool = False, gluon: bool = True,
+                 before: dict[int, MoEKernelConfig] | None = None) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
     downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
-    `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`)."""
+    `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`). `before`: the table's entries
+    before this tune, by T; at T <= GEMV_MAX_TOKENS one stays unless the new choice beats it end to end."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .gpu_timing import GpuTimer
     L, H, I, k = problem.sizes
@@ -472,7 +475,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                 if ms < float("inf") and (T not in best or ms < best[T][1]):
                     best[T] = (MoEKernelConfig(bm, g_best, d_best, tail), ms)
             if T in best and T <= GEMV_MAX_TOKENS:
-                best[T] = _tune_gemv(problem, T, best[T], timer, reps, gen, progress.console)
+                best[T] = _tune_gemv(problem, T, best[T], timer, reps, gen, progress.console,
+                                     before=(before or {}).get(T))
             if T in best and gluon and T * k / L >= GLUON_MIN_ROWS:
                 if ws is None:
                     ws, why = _gluon_experts(problem)
@@ -499,11 +503,14 @@ def _routed_tokens(problem: Problem, T: int, gen):
 
 
 def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, float], timer, reps: int, gen,
-               console) -> tuple[MoEKernelConfig, float]:
+               console, before: MoEKernelConfig | None = None) -> tuple[MoEKernelConfig, float]:
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
-    included), the decode path also with PDL where the GPU has it. Returns the winner and its time (gemv:
-    end to end; tiles: gate_up + down as above)."""
+    included), the decode path also with PDL where the GPU has it, and `before` (the table's entry for T
+    before this tune) as well: at a few tokens the kernels' times alone decide badly (a tile walk unlike the
+    one a batch of one token runs, and eager launches), so an entry changes only where the new choice is
+    faster end to end. Returns the winner and its time (gemv and the entry before: end to end; tiles:
+    gate_up + down as above)."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
     from ..kernels.fused_moe import Fp8Operands, fused_experts
     tiles, tiles_ms = tiles_best
@@ -520,8 +527,8 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         x, xs = problem.cfg.quant_scheme.quantize_activations(x)
         ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, q.activation_group_size, q.weight_block,
                           q.weight_granularity)
-        if not fp8_supported(ops, H, I):
-            return tiles_best
+        if not fp8_supported(ops, H, I):          # the decode kernels do not take this format
+            gate_ups = downs = []
         h = h.float()
         gate_ups = [c for c in gate_ups if c[1] % 128 == 0 and 128 % c[0] == 0]
         downs = [c for c in downs if c[1] % 128 == 0 and 128 % c[0] == 0]
@@ -537,17 +544,22 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         g = GemvConfig(16, 256, n, kb, down_warps=warps, down_stages=stages)
         t_dn[(n, kb, warps, stages)] = _safe_time(timer, lambda g=g: launch_gemv_down(
             h, w.w2, b2, ids_flat, tw_flat, out, k, g, ops), reps)
-    gu, dn = min(t_gu, key=t_gu.get), min(t_dn, key=t_dn.get)
-    gemv = GemvConfig(gu[0], gu[1], dn[0], dn[1], gu[2], dn[2], gu[3], dn[3])
-    paths = {"tiles": replace(tiles, gemv=None), "gemv": replace(tiles, gemv=gemv)}
-    if pdl_available(dev):
-        paths["gemv pdl"] = replace(tiles, gemv=replace(gemv, pdl=True))
+    paths, gemv_note = {"tiles": replace(tiles, gemv=None)}, ""
+    if t_gu and t_dn:
+        gu, dn = min(t_gu, key=t_gu.get), min(t_dn, key=t_dn.get)
+        gemv = GemvConfig(gu[0], gu[1], dn[0], dn[1], gu[2], dn[2], gu[3], dn[3])
+        paths["gemv"] = replace(tiles, gemv=gemv)
+        if pdl_available(dev):
+            paths["gemv pdl"] = replace(tiles, gemv=replace(gemv, pdl=True))
+        gemv_note = f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})"
+    if before is not None and before not in paths.values():
+        paths["table before"] = before
     ends = {name: _safe_time(timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
                                                                   b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
                                                                   config=cfg, fp8=ops), reps)
             for name, cfg in paths.items()}
-    console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items())
-                  + f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})", soft_wrap=True)
+    console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()) + gemv_note,
+                  soft_wrap=True)
     fastest = min(ends, key=ends.get)
     if fastest == "tiles":
         return paths["tiles"], tiles_ms
@@ -711,6 +723,18 @@ def _problem_configs(args) -> list:
     return out
 
 
+def decode_entries(path: str, key: str, hidden: int, inter: int, fmt: str) -> dict[int, MoEKernelConfig]:
+    """This GPU's table's entries for `key` at T <= GEMV_MAX_TOKENS, as the lookup uses them (`fit_to_problem`),
+    or none where the table or the entry is missing: what a decode tune must beat end to end."""
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    for T, entry in _load_table(path).get(key, {}).items():
+        if T <= GEMV_MAX_TOKENS:
+            out[T] = fit_to_problem(entry, hidden, inter, fmt)
+    return out
+
+
 def main(args) -> int:
     check_mode_flags(args)
     if not torch.cuda.is_available():
@@ -764,7 +788,7 @@ def main(args) -> int:
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon)
+                                gluon=not args.no_gluon, before=decode_entries(path, key, H, I, problem.fmt))
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
             merge_into_table(path, key, best, {
