@@ -359,11 +359,12 @@ def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path,
     problem = tune.Problem(cfg, "bfloat16", weights, False)
     timed = []
 
-    def fake_time(timer, fn, reps):           # end-to-end runs: by which configuration fn would run
+    def fake_time(timer, fn, reps, graph=False):     # end-to-end runs: by which configuration fn would run
         cfg_ = fn.__defaults__[0] if fn.__defaults__ and isinstance(fn.__defaults__[0], MoEKernelConfig) else None
         timed.append(cfg_)
         if cfg_ is None:
             return 1.0                        # a decode kernel alone
+        assert graph, "end-to-end runs are timed as CUDA-graph replays"
         name = "gemv" if cfg_.gemv is not None else "table before" if cfg_ == before[1] else "tiles"
         return 0.5 if name == winner else 2.0
     monkeypatch.setattr(tune, "_safe_time", fake_time)

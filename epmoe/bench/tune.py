@@ -407,9 +407,9 @@ def fastest(times: dict) -> GemmConfig:
     return best
 
 
-def _safe_time(timer, fn, reps) -> float:
+def _safe_time(timer, fn, reps, graph: bool = False) -> float:
     try:
-        return timer.time(fn, reps=reps, warmup=2, use_graph=False).median_ms
+        return timer.time(fn, reps=reps, warmup=2, use_graph=graph).median_ms
     except Exception as exc:   # a configuration this GPU cannot run (resources): never chosen
         print(f"  candidate failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
         return float("inf")
@@ -509,8 +509,8 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     included), the decode path also with PDL where the GPU has it, and `before` (the table's entry for T
     before this tune) as well: at a few tokens the kernels' times alone decide badly (a tile walk unlike the
     one a batch of one token runs, and eager launches), so an entry changes only where the new choice is
-    faster end to end. Returns the winner and its time (gemv and the entry before: end to end; tiles:
-    gate_up + down as above)."""
+    faster end to end (CUDA-graph replays). Returns the winner and its time (gemv and the entry before: end to
+    end; tiles: gate_up + down as above)."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
     from ..kernels.fused_moe import Fp8Operands, fused_experts
     tiles, tiles_ms = tiles_best
@@ -554,9 +554,11 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         gemv_note = f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})"
     if before is not None and before not in paths.values():
         paths["table before"] = before
+    # replayed as CUDA graphs, as decode runs in an engine and the benchmark times it (eager launches of
+    # a few tens of microseconds of work rank these paths differently: benchmarks/notes_kernels.md)
     ends = {name: _safe_time(timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
                                                                   b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
-                                                                  config=cfg, fp8=ops), reps)
+                                                                  config=cfg, fp8=ops), reps, graph=True)
             for name, cfg in paths.items()}
     console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()) + gemv_note,
                   soft_wrap=True)
