@@ -650,7 +650,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", "--format", action=CsvList, default=None, metavar="FORMATS",
                    help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
-                   help="token counts T, comma-separated (default: %(default)s)")
+                   help="token counts T, comma-separated (default: %(default)s); at T <= "
+                        f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and the table's entry of before "
+                        "run end to end as CUDA graphs and the fastest is kept")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
