@@ -193,7 +193,8 @@ def table_cases(path: str) -> dict:
                     name = f"{key}:T{T}:{kernel}:bm{bm}"
                     cases[name] = (kernel, int(shape["H"]), int(shape["I"]), int(shape["k"]), fmt, bm, g["block_n"],
                                    g["block_k"], g["num_warps"], g["num_stages"], g.get("tma", False),
-                                   g.get("persistent", False), mode, g.get("promote", "sync"), g.get("tma_a", False))
+                                   g.get("persistent", False), mode, g.get("promote", "sync"), g.get("tma_a", False),
+                                   0, g.get("split_k", 1))
     return cases
 
 
