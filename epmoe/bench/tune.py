@@ -55,9 +55,9 @@ _FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128,
 _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 5),
              (64, 128, 4, 6)]
 # FP8 at decode (tiles of <= 32 rows) as well: there few programs stream long K ranges of weights, and a
-# narrow down tile with a deep pipeline keeps more bytes in flight (on an H100 at T = 1 and 16 the down tile
-# 32 wide with 8 stages took 2-12% off deepseek-v3, mixtral-8x7b and gpt-oss-120b against the 64-wide tiles
-# above, benchmarks/decode_probe.py); the gate+up N tile stays 128, the group its output is quantized in
+# narrow down tile with a deep pipeline keeps more bytes in flight (on an H100, whole forwards as CUDA graphs,
+# benchmarks/decode_probe.py: down tiles 32 wide with 6-8 stages 2-12% faster than the table's entries at
+# T = 1 and 16); the gate+up N tile stays 128, the group its output is quantized in
 _FP8_DECODE_GATE_UP = [(128, 128, 8, 5), (128, 128, 4, 6)]
 _FP8_DECODE_DOWN = [(32, 128, 4, 8), (32, 128, 2, 8), (32, 128, 4, 6), (64, 128, 4, 8)]
 # and the down GEMM's K range split in 2 or 4 (fused_moe's SPLIT_K): more programs where a few pairs meet a
@@ -507,9 +507,9 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
     included), the decode path also with PDL where the GPU has it, and `before` (the table's entry for T
-    before this tune) as well: at a few tokens the kernels' times alone decide badly (a tile walk unlike the
-    one a batch of one token runs, and eager launches), so an entry changes only where the new choice is
-    faster end to end (CUDA-graph replays). Returns the winner and its time (gemv and the entry before: end to
+    before this tune) as well: at a few tokens the kernels' times alone, eager, ranked configurations unlike
+    the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only where the new choice
+    is faster end to end (CUDA-graph replays). Returns the winner and its time (gemv and the entry before: end to
     end; tiles: gate_up + down as above)."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
     from ..kernels.fused_moe import Fp8Operands, fused_experts
