@@ -405,6 +405,18 @@ if INTERPRETING:
             with pytest.raises(ValueError, match=where):
                 fused_experts(*args, config=bad, **kw)
 
+    def _fp8_block_case(T, seeds, activation="per_token_group"):
+        """A block-FP8 layer of 4 experts (H = 256, I = 128, k = 2) with random weights, T random rows and a
+        random routing, seeded (experts, rows, routing): (cfg, x, ids, w, (q13, s13, q2, s2))."""
+        from epmoe.quant.fp8 import Fp8Config
+        quant = Fp8Config(weight_block=(128, 128), activation=activation)
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=seeds[0])
+        x = torch.randn(T, 256, generator=torch.Generator().manual_seed(seeds[1]))
+        ids, w = random_routing(T, 4, 2, seed=seeds[2])
+        return cfg, experts, x, ids, w, _fp8_weights(experts, "block")
+
     @pytest.mark.parametrize("tiles,refused", [
         ((64, 128, 64, 128), "gate_up N tile is 64"),         # its output groups of 64, read back as 128s
         ((32, 128, 64, 128), "gate_up N tile is 32"),
@@ -419,19 +431,14 @@ if INTERPRETING:
         numbers (a relative error of ~0.6 at deepseek-v3's sizes on a GPU). With per-token activations the
         gate+up output is quantized per row after it, so any N tile is right: checked against the oracle."""
         from epmoe.kernels.fused_moe import Fp8Operands
-        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        from epmoe.quant.fp8 import dequantize_weight, fp8_quantize_torch
         gu_n, gu_k, dn_n, dn_k = tiles
         act_group = 128 if refused else None
-        T, E, k, H, I = 5, 4, 2, 256, 128
-        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group" if act_group else "per_token")
-        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
-                        quant=quant)
-        experts = random_experts(cfg, seed=23)
-        x = torch.randn(T, H, generator=torch.Generator().manual_seed(6))
-        ids, w = random_routing(T, E, k, seed=7)
-        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        cfg, _, x, ids, w, (q13, s13, q2, s2) = _fp8_block_case(
+            5, (23, 6, 7), "per_token_group" if act_group else "per_token")
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         xq, xs = fp8_quantize_torch(x, act_group)
-        ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, "block")
+        ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, (128, 128), "block")
         config = MoEKernelConfig(16, GemmConfig(gu_n, gu_k, 1, 4, 2), GemmConfig(dn_n, dn_k, 1, 4, 2))
         if refused:
             with pytest.raises(ValueError, match=refused):
@@ -440,7 +447,7 @@ if INTERPRETING:
             with pytest.raises(ValueError, match=refused):
                 batched_experts(rows, torch.ones(E, dtype=torch.int32), q13, q2, "silu", out_dtype=torch.float32,
                                 config=config, fp8=Fp8Operands(torch.ones(E * 4, H // 128), s13, s2, act_group,
-                                                               quant.weight_block, "block"))
+                                                               (128, 128), "block"))
             return
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
         deq = [(dequantize_weight(q13[e], s13[e], (128, 128))[:I], dequantize_weight(q13[e], s13[e], (128, 128))[I:],
@@ -456,15 +463,9 @@ if INTERPRETING:
         over NaN."""
         from epmoe.kernels.fp8_quant import fp8_quantize_triton
         from epmoe.kernels.fused_moe import Fp8Operands
-        from epmoe.quant.fp8 import Fp8Config
-        T, E, k, H, I, bad = 9, 4, 2, 256, 128, 3
-        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
-        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
-                        quant=quant)
-        experts = random_experts(cfg, seed=21)
-        x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
-        ids, w = random_routing(T, E, k, seed=5)
-        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        T, bad = 9, 3
+        cfg, _, x, ids, w, (q13, s13, q2, s2) = _fp8_block_case(T, (21, 4, 5))
+        quant = cfg.quant
         cfg8 = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, promote=promote),
                                GemmConfig(64, 128, 1, 4, 2, promote=promote))
 
