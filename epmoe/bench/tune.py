@@ -54,10 +54,9 @@ _FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128,
                 (128, 128, 16, 3), (128, 128, 16, 4)]   # 16 warps: half the accumulator registers per thread
 _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 5),
              (64, 128, 4, 6)]
-# FP8 at decode (tiles of <= 32 rows) as well: there few programs stream long K ranges of weights, and a
-# narrow down tile with a deep pipeline keeps more bytes in flight (on an H100, whole forwards as CUDA graphs,
-# benchmarks/decode_probe.py: down tiles 32 wide with 6-8 stages 2-12% faster than the table's entries at
-# T = 1 and 16); the gate+up N tile stays 128, the group its output is quantized in
+# FP8 at decode (tiles of <= 32 rows) as well: there few programs stream long K ranges of weights (ncu, mixtral
+# T = 1 on an H100: the down GEMM's 128 programs read at 58% of DRAM peak), and a narrow down tile with a deep
+# pipeline keeps more bytes in flight; the gate+up N tile stays 128, the group its output is quantized in
 _FP8_DECODE_GATE_UP = [(128, 128, 8, 5), (128, 128, 4, 6)]
 _FP8_DECODE_DOWN = [(32, 128, 4, 8), (32, 128, 2, 8), (32, 128, 4, 6), (64, 128, 4, 8)]
 # and the down GEMM's K range split in 2 or 4 (fused_moe's SPLIT_K): more programs where a few pairs meet a
