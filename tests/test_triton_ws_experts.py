@@ -117,8 +117,8 @@ if not INTERPRETING:
     @pytest.mark.parametrize("fp8", [False, True])
     def test_a_gemm_that_disagrees_is_refused(fp8):
         """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
-        agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught, also
-        with the opt-in walk order."""
+        agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught, and one
+        wrong only in groups of unequal length (the walk cut at expert edges)."""
         from epmoe.experts.triton_ws import gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         cpu = torch.device("cpu")

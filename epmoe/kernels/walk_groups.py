@@ -33,11 +33,11 @@ def expert_walk_groups(tile_expert: torch.Tensor, group: int = 8) -> torch.Tenso
     # a long run of L tiles in c = ceil(L / group) groups: its tile o in group o * c // L
     at, chunks = idx - first, -(-length // group)
     new_chunk = (at == 0) | (at * chunks // length != (at - 1) * chunks // length)
-    # a group starts there, and at a short run that starts a new stretch or follows a long run
-    prev_first = torch.cat([first.new_full((1,), -1), first[:-1]])
+    # a group starts there, and at a short run that starts a new stretch or follows a long run (m-tile 0 counts
+    # as following one)
+    prev_first = torch.cat([first.new_zeros(1), first[:-1]])
     prev_long = torch.cat([long.new_ones(1), long[:-1]])
-    cut = torch.where(long, new_chunk,
-                      starts & (prev_long | (first // group != prev_first.clamp(min=0) // group) | (idx == 0)))
+    cut = torch.where(long, new_chunk, starts & (prev_long | (first // group != prev_first // group)))
     group_first = torch.where(cut, idx, torch.zeros_like(idx)).cummax(0).values
     gid = torch.cumsum(cut.to(torch.int64), 0) - 1
     group_len = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(0, gid, torch.ones_like(gid))[gid]
