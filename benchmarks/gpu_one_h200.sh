@@ -36,6 +36,10 @@
 #             edges of up to 4 and 8 (as the experts launch them: 8) (benchmarks/profile_ws_gemm.py --group-m 4,8
 #             --walk fixed,experts), gate+up and down, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts),
 #             gpt-oss-120b and the deepseek-v3 32-expert shard (GROUPS_ARGS: other arguments of the script)
+#   gather    the Gluon gate+up reading the token rows where they are (the cp.async row gather, `a_rows`) beside the
+#             copy into layout order plus the TMA-loaded gate+up the backends run (benchmarks/profile_ws_gemm.py
+#             --gather off,on, the copy timed too), BF16 and block FP8, T = 8192: the deepseek-v3 32-expert shard,
+#             mixtral-8x7b and deepseek-v3 (GATHER_ARGS: other arguments of the script)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -176,6 +180,9 @@ for part in $PARTS; do
     groups)
         profile_shapes "$OUT/walk_groups_${GPU}_$DAY.log" "${GROUPS_SECONDS:-240}" \
             "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 ${GROUPS_ARGS:---group-m 4,8 --walk fixed,experts} ;;
+    gather)
+        profile_shapes "$OUT/gather_${GPU}_$DAY.log" "${GATHER_SECONDS:-240}" \
+            "deepseek-v3 shard 32|mixtral-8x7b|deepseek-v3" --formats bf16,fp8 --gather off,on ${GATHER_ARGS:-} ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;

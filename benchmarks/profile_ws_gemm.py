@@ -13,6 +13,9 @@ of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
 times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
+`--gather off,on` times the gate+up both ways the kernel reads its A rows (on: the tokens where they are,
+`a_rows`, by the four-warp cp.async loader; off: rows copied into layout order first, loaded by TMA) and
+prints the copy (`rows_to_layout`, the backend's own) beside it, so the two forms' sums can be compared;
 `--walk fixed,experts` each launch with the walk in groups of GROUP_M m-tiles and in groups cut at expert
 edges (`expert_walk_groups(tile_expert, GROUP_M)`; the default, `auto`, as the experts launch it: cut for BF16
 with short experts); `--anchor` (BF16) also launches `torch._grouped_mm` on the same layout rows (padding
@@ -45,6 +48,21 @@ def off_on(parser, flag: str, value: str) -> list[bool]:
     return values
 
 
+def time_row_copy(tokens, H, k, fp8, aligned, rows_to_layout, gen, dev) -> float:
+    """The backend's copy of the token rows (and FP8 scales) into layout order: `do_bench` median, ms."""
+    import torch
+    import triton
+    x = torch.randn(tokens, H, generator=gen, device=dev)
+    scales = None
+    if fp8:
+        from epmoe.quant.fp8 import fp8_quantize
+        x, scales = fp8_quantize(x, 128)
+    else:
+        x = x.bfloat16()
+    return triton.testing.do_bench(lambda: rows_to_layout(x, scales, aligned, k), warmup=10, rep=50,
+                                   return_mode="median")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="deepseek-v3 shard 32", choices=sorted(shapes()))
@@ -71,7 +89,12 @@ def main(argv=None) -> int:
     p.add_argument("--wide-mma", default="off",
                    help="off, on, or off,on: BF16 tiles of 256 columns with one 64 x 256 product per K block (on) "
                         "or one per weight box (off) (default %(default)s; tiles it cannot apply to run off only)")
+    p.add_argument("--gather", default="off",
+                   help="off, on, or off,on: the gate+up's A rows copied into layout order and loaded by TMA (off, "
+                        "as the backends run it; the copy is timed too) or read where the tokens are (on) "
+                        "(default %(default)s)")
     args = p.parse_args(argv)
+    gathers = off_on(p, "--gather", args.gather)
     group_ms = [int(v) for v in args.group_m.split(",")]
     formats = args.formats.split(",")
     down_widths = [None if v == "auto" else int(v) if v.isdigit() else -1 for v in args.down_block_n.split(",")]
@@ -90,6 +113,7 @@ def main(argv=None) -> int:
     import triton
     from gluon_gemm_probe import Problem
     from epmoe.experts.triton_ws import TILE, walk_cut_at_experts
+    from epmoe.kernels.layout_copy import layout_tokens, rows_to_layout
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.kernels.walk_groups import expert_walk_groups
     from epmoe.kernels.ws_grouped_gemm import check_operands, grouped_gemm_ws, wide_mma_applies
@@ -101,9 +125,16 @@ def main(argv=None) -> int:
     tile_expert = aligned.block_expert[:aligned.max_blocks].tolist()      # as the probe and the backend lay it out
     failed = 0
     for fmt in formats:
-        for gemm, w_rows, K, block_n in [("gate_up", 2 * I, H, 256)] + [("down", H, I, bn) for bn in down_widths]:
+        if False in gathers:
+            copy_ms = time_row_copy(args.tokens, H, k, fmt == "fp8", aligned, rows_to_layout, gen, dev)
+            print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} row copy into the "
+                  f"layout (rows_to_layout, with the scales): {copy_ms:.3f} ms", flush=True)
+        launches = [("gate_up", 2 * I, H, 256, g) for g in gathers] + [("down", H, I, bn, False) for bn in down_widths]
+        for gemm, w_rows, K, block_n, gather in launches:
+            a_rows = layout_tokens(aligned, k)[:TILE * len(tile_expert)].contiguous() if gather else None
             prob = Problem(fmt == "fp8", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
-                           a_std=1.0 if gemm == "gate_up" else 0.1)
+                           a_std=1.0 if gemm == "gate_up" else 0.1,
+                           tokens=args.tokens if gather else None, a_rows=a_rows)
             prob.use_bias = args.bias
             launched = check_operands(*prob.args(), block_n=block_n)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
@@ -116,8 +147,8 @@ def main(argv=None) -> int:
 
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
-                                    scale_tma=False if args.global_scales else None, wide_mma=wide,
-                                    walk_groups=groups)
+                                    scale_tma=False if args.global_scales or gather else None, wide_mma=wide,
+                                    walk_groups=groups, a_rows=prob.a_rows)
 
                 run()
                 torch.cuda.synchronize()
@@ -132,7 +163,8 @@ def main(argv=None) -> int:
                 bad = not err <= 1e-2
                 failed += bad
                 print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
-                      f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}: {ms:.3f} ms "
+                      f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}{' gathered' if gather else ''}: "
+                      f"{ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
             if args.anchor and fmt == "bf16":
