@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                            a_std=1.0 if gemm == "gate_up" else 0.1,
                            tokens=args.tokens if gather else None, a_rows=a_rows)
             prob.use_bias = args.bias
-            launched = check_operands(*prob.args(), block_n=block_n)
+            launched = check_operands(*prob.args(), block_n=block_n, a_rows=prob.a_rows)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
