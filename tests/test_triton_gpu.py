@@ -525,3 +525,54 @@ def test_down_split_over_k_fp8(preset, monkeypatch):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, **k: (config, "test"))
         layer.experts._configs.clear()
         _check_layer(layer, (1, 16, 33), bound=3e-2, seed=split)
+
+
+@pytest.mark.parametrize("preset,quant", [("gpt-oss-120b", "block"), ("deepseek-v3", "block"), ("mixtral-8x7b", None)])
+def test_down_launched_with_pdl_gives_the_same_bits(preset, quant, monkeypatch):
+    """The down GEMM launched as the gate+up's programmatic dependent (`GemmConfig.pdl`: its weight tile
+    prefetched into L2, then a wait for the intermediate) gives the bits of the ordinary launch, eager and in
+    a CUDA graph, at T = 1 (one pair per tile), 16 and 33 (uniform tiles), with and without the K range split,
+    each also against the oracle. A down GEMM that read the intermediate before the gate+up wrote it would
+    differ (or, replayed on a new batch, see the last batch's rows)."""
+    from epmoe.kernels import tuning_table
+    from epmoe.kernels.decode_gemv import pdl_available
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    if not pdl_available(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0 or later")
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8(quant) if quant else None)
+    if preset == "deepseek-v3":
+        from epmoe.presets import shrink_config
+        cfg = shrink_config(cfg, experts=32)            # the 32-expert shard's sizes
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=23, device="cuda"), bias=preset == "gpt-oss-120b")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    bk = 128 if quant else 64
+    for split in (1, 2):
+        outs = {}
+        for pdl in (False, True):
+            config = MoEKernelConfig(16, GemmConfig(128, bk, 1, 8, 3),
+                                     GemmConfig(64, bk, 1, 4, 4, tma=True, split_k=split, pdl=pdl))
+            monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, **k: (config, "test"))
+            layer.experts._configs.clear()
+            _check_layer(layer, (1, 16, 33), bound=3e-2 if quant else None, seed=split)
+            for T in (1, 16, 33):
+                gx = torch.Generator(device="cuda").manual_seed(T)
+                x = torch.randn(T, cfg.hidden_size, device="cuda", generator=gx).to(cfg.dtype)
+                logits = torch.randn(T, cfg.num_experts, device="cuda", generator=gx) * 2
+                eager = layer(x, logits)
+                static_x, static_logits = x.clone(), logits.clone()
+                layer(static_x, static_logits)               # compiled and warm before the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = layer(static_x, static_logits)
+                # a new batch into the captured buffers: the replay must read this batch's intermediate
+                static_x.copy_(torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype))
+                graph.replay()
+                torch.cuda.synchronize()
+                outs[(pdl, T)] = (eager.clone(), static_out.clone(), static_x.clone(), static_logits.clone())
+        for T in (1, 16, 33):
+            plain, with_pdl = outs[(False, T)], outs[(True, T)]
+            assert torch.equal(plain[0], with_pdl[0]), f"{preset} split {split} T={T}: eager bits differ with PDL"
+            replayed = layer(with_pdl[2], with_pdl[3])      # the same batch, eager
+            assert torch.equal(with_pdl[1], replayed), f"{preset} split {split} T={T}: the PDL graph's replay " \
+                "differs from the eager forward of its batch"
