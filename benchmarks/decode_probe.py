@@ -8,17 +8,15 @@ replay), each forward checked against the float64 oracle of its format.
 Each shape is PRESET:T (the preset's own experts, a balanced routing, the rows and weights the benchmark
 makes). The hit bytes are the weights of the experts the routing hits (3 * H * I each, in the format's
 element size; scales not counted). `--configs` times other kernel configurations of the table's format
-beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same backend, `--pdl`
-the table's entry with its down GEMM launched with PDL, and the table's own again after them. Each shape's
-first timing is a warm-up, not reported. Compare a variant with the entry timed again, not with the entry timed
-first: timed first, the entry ran 10-16% slower than timed again after the variants at gpt-oss-120b (T = 1, 16)
-and deepseek-v3 T = 1 (166 us, then 146, which `epmoe bench experts` agrees with); the warm-up removed the gap
-at gpt-oss-120b T = 1 but not at deepseek-v3 T = 1 (benchmarks/notes_kernels.md, twenty-first pass).
+beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same backend, and the
+table's own again after them. Each shape's first timing is a warm-up, not reported: the entry timed first
+right after a shape's weights were made ran 10-16% slower than the same entry timed again after the others
+(deepseek-v3 T = 1 166 us, then 146; gpt-oss-120b T = 16 543, then 469; the same call on one H100), and the
+second time agreed with `epmoe bench experts`.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import datetime
 import json
 import os
@@ -48,9 +46,6 @@ def main(argv=None) -> int:
                    help="PRESET:T, comma-separated (default: %(default)s)")
     p.add_argument("--formats", default="fp8_block", help="formats (default: %(default)s)")
     p.add_argument("--configs", help="JSON file: a list of kernel configurations to time beside the table's")
-    p.add_argument("--pdl", action="store_true",
-                   help="also time the table's entry with its down GEMM launched as the gate+up's programmatic "
-                        "dependent (GemmConfig.pdl), before the table's own again")
     p.add_argument("--once", action="store_true", help="one forward per point after two warm-ups (for ncu)")
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -92,9 +87,7 @@ def main(argv=None) -> int:
             # a warm-up timing first (not reported; not under --once, whose launches ncu counts): see the docstring
             runs = [("warm-up", table_config)] * (not args.once) + [("table", table_config)] + [
                 (f"config {i}", c) for i, c in enumerate(extra)]
-            if args.pdl and table_config.gemv is None and not table_config.gluon:
-                runs.append(("table pdl", replace(table_config, down=replace(table_config.down, pdl=True))))
-            if extra or args.pdl:    # the table's entry again last: an order or drift effect shows as a gap
+            if extra:                # the table's entry again last: an order or drift effect shows as a gap
                 runs.append(("table again", table_config))
             for label, config in runs:
                 backend._configs[key] = (config, label)

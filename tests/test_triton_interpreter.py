@@ -405,28 +405,6 @@ if INTERPRETING:
             with pytest.raises(ValueError, match=where):
                 fused_experts(*args, config=bad, **kw)
 
-    def test_pdl_is_the_down_gemms_option_and_changes_no_result():
-        """`GemmConfig.pdl` on the down GEMM: where PDL cannot run (the interpreter) an ordinary launch, the
-        same result as without it (the kernel takes the weights' tensor as its last pointer either way); on the
-        gate+up, which is never a dependent, a ValueError rather than an option that silently does nothing.
-        (On a GPU: tests/test_triton_gpu.py, the same bits with PDL.)"""
-        E, k, H, I = 4, 2, 128, 256
-        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32)
-        experts = random_experts(cfg, seed=31)
-        w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])
-        w2 = torch.stack([d for _, _, d in experts])
-        base = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 2), GemmConfig(64, 64, 1, 4, 2))
-        for T in (1, 5):
-            x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
-            ids, w = random_routing(T, E, k, seed=T)
-            plain = fused_experts(x, ids, w, w13, w2, "silu", config=base)
-            with_pdl = fused_experts(x, ids, w, w13, w2, "silu", config=replace(base, down=replace(base.down, pdl=True)))
-            assert torch.isfinite(plain).all() and torch.equal(plain, with_pdl), T
-            ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w))
-            assert_close(with_pdl, ref, 1e-5, context=f"pdl T={T}")
-        with pytest.raises(ValueError, match="down GEMM's option"):
-            fused_experts(x, ids, w, w13, w2, "silu", config=replace(base, gate_up=replace(base.gate_up, pdl=True)))
-
     def _fp8_block_case(T, seeds, activation="per_token_group"):
         """A block-FP8 layer of 4 experts (H = 256, I = 128, k = 2) with random weights, T random rows and a
         random routing, seeded (experts, rows, routing): (cfg, x, ids, w, (q13, s13, q2, s2))."""

@@ -113,11 +113,6 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
     on = MoEKernelConfig(64, cfg.gate_up, replace(cfg.down, tma_a=True))
     assert on.to_dict()["down"]["tma_a"] is True and MoEKernelConfig.from_dict(on.to_dict()) == on
     assert "tma_a" in on.describe()
-    # the down GEMM's PDL launch: the same rule (written only where set), named by describe
-    assert "pdl" not in cfg.to_dict()["down"] and "pdl" not in cfg.describe()
-    pdl = MoEKernelConfig(64, cfg.gate_up, replace(cfg.down, pdl=True))
-    assert pdl.to_dict()["down"]["pdl"] is True and MoEKernelConfig.from_dict(pdl.to_dict()) == pdl
-    assert pdl.describe().endswith(" pdl]")
 
 
 def test_tail_tiles_in_configs_and_refine_plans(tmp_path):

@@ -505,7 +505,7 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
                console, before: MoEKernelConfig | None = None) -> tuple[MoEKernelConfig, float]:
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
-    included), the decode path and the tiles (their down GEMM) also with PDL where the GPU has it, and `before` (the table's entry for T
+    included), the decode path also with PDL where the GPU has it, and `before` (the table's entry for T
     before this tune) as well: at a few tokens the kernels' times alone, eager, ranked configurations unlike
     the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only where the new choice
     is faster end to end (CUDA-graph replays). Returns the winner and its time (gemv and the entry before: end to
@@ -551,9 +551,6 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         if pdl_available(dev):
             paths["gemv pdl"] = replace(tiles, gemv=replace(gemv, pdl=True))
         gemv_note = f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})"
-    if pdl_available(dev) and not tiles.down.persistent:
-        # the down GEMM launched as the gate+up's dependent, prefetching its weights (fused_moe, PDL)
-        paths["tiles pdl"] = replace(tiles, gemv=None, down=replace(tiles.down, pdl=True))
     if before is not None and before not in paths.values():
         paths["table before"] = before
     # replayed as CUDA graphs, as decode runs in an engine and the benchmark times it (eager launches of

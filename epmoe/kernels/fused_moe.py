@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_gemv import _prefetch_l2, pdl_available
 from .epilogues import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation, intermediate_dtype
 from .moe_align import align_pairs
 from .tuning_table import GemmConfig, MoEKernelConfig, lookup_config
@@ -121,15 +120,14 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def moe_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
         sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
-        num_pairs, capacity, w_raw_ptr,
+        num_pairs, capacity,
         GATE_UP: tl.constexpr, H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
         ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr, APPLY_WEIGHT: tl.constexpr,
         FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-        PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, LINE_ELEMS: tl.constexpr = 128):
+        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -164,29 +162,9 @@ def moe_gemm_kernel(
     SPLIT_K (down, flat layout, one program per tile): program (tile, s) of a grid [tiles, SPLIT_K] sums the
     s-th of SPLIT_K consecutive ranges of K blocks and stores its rows at s * num_pairs + pair (out_ptr holds
     SPLIT_K x num_pairs float32 rows; the bias goes into range 0's only); the slot sum adds the ranges.
-
-    PDL (programmatic dependent launch, sm_90+; set by the launch, never under the interpreter): the gate+up
-    lets the grid launched after it start at once (`griddepcontrol.launch_dependents`); the down GEMM,
-    launched as that dependent, first asks L2 for the weight lines its tile will read (PREFETCH_LINES lines of
-    LINE_ELEMS elements per row of its K range; one program per tile only, from `w_raw_ptr`, the weights'
-    tensor even where `w_ptr` is their descriptor), then waits for every grid before it to finish
-    (`griddepcontrol.wait`) before it reads a row of the intermediate. At a few tokens the down's weight
-    reads then overlap the gate+up's last programs instead of starting after them.
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
-    if PDL:
-        if GATE_UP:
-            tl.extra.cuda.gdc_launch_dependents()
-        else:
-            if PREFETCH_LINES > 0:
-                pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-                if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
-                    expert = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity,
-                                        TOP_K, BLOCK_M, BATCHED, TILE_MODE)[0]
-                    _prefetch_down_weights(w_raw_ptr, expert, pid_n, tl.program_id(1), H, I, BLOCK_N, BLOCK_K,
-                                           SPLIT_K, PREFETCH_LINES, LINE_ELEMS)
-            tl.extra.cuda.gdc_wait()       # the gate+up has finished: the intermediate is complete
     if PERSISTENT:
         tiles_m = _tiles_in_use(num_padded_ptr, BLOCK_M, TILE_MODE)
         for tile in tl.range(tl.program_id(0), tiles_m * num_pid_n, tl.num_programs(0), flatten=True):
@@ -204,23 +182,6 @@ def moe_gemm_kernel(
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
                       BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K)
-
-
-@triton.jit
-def _prefetch_down_weights(w_ptr, expert, pid_n, split, H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, LINES: tl.constexpr,
-                           LINE_ELEMS: tl.constexpr):
-    """Ask L2 for a down tile's weights (w2 [L, H, I]): its BLOCK_N rows of w2[expert] over its split's K
-    range, one address per line of LINE_ELEMS elements (none for an expert < 0)."""
-    K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
-    KB_PER_SPLIT: tl.constexpr = (K_BLOCKS + SPLIT_K - 1) // SPLIT_K
-    k0 = split * (KB_PER_SPLIT * BLOCK_K)
-    k_end = tl.minimum(k0 + KB_PER_SPLIT * BLOCK_K, I)
-    rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), H - 1).to(tl.int64)
-    cols = k0 + tl.arange(0, LINES) * LINE_ELEMS
-    here = (cols < k_end)[None, :] & (expert >= 0)
-    ptrs = w_ptr + (tl.maximum(expert, 0).to(tl.int64) * H + rows[:, None]) * I + tl.minimum(cols, I - 1)[None, :]
-    _prefetch_l2(tl.where(here, ptrs, w_ptr))
 
 
 @triton.jit
@@ -565,13 +526,12 @@ class Fp8Mode:
     out_fp8: bool = False       # gate_up only: quantize the output per BLOCK_N group
 
 
-def _run(kernel, grid, args, meta, warmup: bool, launch: dict | None = None):
-    """Launch (with `launch`'s launch options, e.g. launch_pdl), or (warmup) only compile; `args` may then
-    hold torch dtypes in place of tensors."""
+def _run(kernel, grid, args, meta, warmup: bool):
+    """Launch, or (warmup) only compile; `args` may then hold torch dtypes in place of tensors."""
     if warmup:
         kernel.warmup(*args, grid=grid, **meta)
     else:
-        kernel[grid](*args, **meta, **(launch or {}))
+        kernel[grid](*args, **meta)
 
 
 def _fp8_meta(fp8: Fp8Mode | None) -> dict:
@@ -646,26 +606,16 @@ def _rescale(gemm: GemmConfig, fp8: Fp8Mode | None, product_n: int, rows_per_hal
 
 def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: int, row_blocks: int,
                  n_out: int, rescale: bool, scalar: bool, meta: dict, gemm: GemmConfig, fp8: Fp8Mode | None,
-                 block_m: int, batched: bool, tile_mode: int, warmup: bool, dependents: bool = False) -> None:
+                 block_m: int, batched: bool, tile_mode: int, warmup: bool) -> None:
     """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
     args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
-    descriptor where the config asks for TMA). PDL where the GPU has it: a gate+up with `dependents` lets
-    the down GEMM launched after it start early; a down GEMM whose config says `pdl` is launched so."""
+    descriptor where the config asks for TMA)."""
     if gemm.split_k > 1 and (gate_up or batched or gemm.persistent):
         raise ValueError(f"split_k={gemm.split_k}: only the down GEMM of the flat layout, one program per tile, "
                          f"splits its K range (got {'gate_up' if gate_up else 'down'}, "
                          f"{'batched' if batched else 'flat'}, persistent={gemm.persistent})")
-    if gate_up and gemm.pdl:
-        raise ValueError("pdl: the down GEMM's option (it is launched as the gate+up's dependent), not the gate+up's")
-    device = None if isinstance(args[0], torch.dtype) else args[0].device
-    grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode, device)
-    # compile only (warmup, no device): the PDL form is compiled where the config asks for it
-    pdl = (dependents if gate_up else gemm.pdl) and (device is None or pdl_available(device))
-    line_elems = 128 // torch.empty((), dtype=w if isinstance(w, torch.dtype) else w.dtype).element_size()
-    k_range = triton.cdiv(triton.cdiv(w_cols, gemm.block_k), gemm.split_k) * gemm.block_k
-    meta.update(PDL=pdl, LINE_ELEMS=line_elems,
-                PREFETCH_LINES=triton.next_power_of_2(triton.cdiv(k_range, line_elems))
-                if pdl and not gate_up and not persistent else 0)
+    grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode,
+                             None if isinstance(args[0], torch.dtype) else args[0].device)
     meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, RESCALE=rescale,
@@ -677,8 +627,7 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
     # the down GEMM's activation rows [rows, I]: consecutive per tile in the flat layout
     a_arg, meta["A_DESC"] = _descriptor_operand(args[0], 1, w_cols, gemm.tma_a and not gate_up and not batched,
                                                 gemm.block_k, block_m)
-    _run(moe_gemm_kernel, grid, (a_arg, w_arg) + args[2:] + (w,), meta, warmup,
-         {"launch_pdl": True} if pdl and not gate_up else None)
+    _run(moe_gemm_kernel, grid, (a_arg, w_arg) + args[2:], meta, warmup)
 
 
 def _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, unused) -> tuple:
@@ -690,13 +639,11 @@ def _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity
 def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, block_expert, num_padded,
                    counts, num_pairs: int, capacity: int, row_blocks: int, hidden: int, inter: int,
                    top_k: int, activation: str, batched: bool, block_m: int, gemm: GemmConfig,
-                   fp8: Fp8Mode | None = None, warmup: bool = False, tile_mode: int = 0,
-                   dependents: bool = False) -> None:
+                   fp8: Fp8Mode | None = None, warmup: bool = False, tile_mode: int = 0) -> None:
     """The gate+up GEMM over `row_blocks` tiles of `block_m` rows. Unused pointers may be any tensor.
     tile_mode: 0 uniform tiles (block_expert per tile), 1 listed tiles ((expert, start) pairs in
     block_expert, their count in num_padded), 2 one pair per tile (block_expert = the flat expert ids,
-    capacity = local experts). dependents: the down GEMM after it is launched with PDL (its config's
-    `pdl`): let it start at once."""
+    capacity = local experts)."""
     u = x
     args = (x, w13, u if b13 is None else b13, out, u if out_scale is None else out_scale,
             u if x_scale is None else x_scale, u if w13_scale is None else w13_scale, u) \
@@ -705,7 +652,7 @@ def launch_gate_up(x, w13, b13, out, out_scale, x_scale, w13_scale, sorted_ids, 
                 APPLY_WEIGHT=False, OUT_FP8=bool(fp8 and fp8.out_fp8))
     _launch_gemm(True, args, x if isinstance(x, torch.dtype) else x.dtype, w13, 2 * inter, hidden, row_blocks,
                  inter, _rescale(gemm, fp8, gemm.block_n, inter), _scalar_w_scale(fp8, gemm.block_n, inter), meta,
-                 gemm, fp8, block_m, batched, tile_mode, warmup, dependents)
+                 gemm, fp8, block_m, batched, tile_mode, warmup)
 
 
 def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, block_expert, num_padded, counts,
@@ -851,7 +798,7 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
     for tiles in launches:
         launch_gate_up(x, w13, b13, act, inter_scale, fp8.x_scale if fp8 else None,
                        fp8.w13_scale if fp8 else None, gemm=config.gate_up, activation=activation, fp8=mode1,
-                       dependents=config.down.pdl, **tiles, **common)
+                       **tiles, **common)
     if fp8 is not None and not mode1.out_fp8:
         act, inter_scale = fp8.quantize_intermediate(act)
     splits = config.down.split_k          # K ranges of the down GEMM: float32 partial rows, added by the sum

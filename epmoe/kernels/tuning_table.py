@@ -35,16 +35,13 @@ class GemmConfig:
     # down GEMM, flat layout, one program per tile: the K range cut in this many pieces, each a program
     # writing float32 partial rows that the slot sum adds (more programs streaming weights at decode)
     split_k: int = 1
-    # down GEMM: launched as a programmatic dependent of the gate+up (sm_90+; elsewhere an ordinary launch),
-    # each program prefetching its weight tile into L2 before it waits for the intermediate (decode)
-    pdl: bool = False
 
     def describe(self) -> str:
         return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"
                 + (" tma" if self.tma else "") + (" tma_a" if self.tma_a else "")
                 + (" persistent" if self.persistent else "")
                 + ("" if self.promote == "sync" else f" {self.promote}")
-                + (f" split{self.split_k}" if self.split_k > 1 else "") + (" pdl" if self.pdl else ""))
+                + (f" split{self.split_k}" if self.split_k > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -95,8 +92,6 @@ class MoEKernelConfig:
                 del out["tma_a"]
             if g.split_k == 1:
                 del out["split_k"]
-            if not g.pdl:
-                del out["pdl"]
             return out
         d = {"block_m": self.block_m, "gate_up": gemm(self.gate_up), "down": gemm(self.down)}
         if self.tail_m:

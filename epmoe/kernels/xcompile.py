@@ -52,7 +52,7 @@ CASES = {
 
 
 def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync",
-                 tma_a=False, activation=0, split_k=1, pdl=False):
+                 tma_a=False, activation=0, split_k=1):
     fp8 = fmt == "fp8"
     el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
     out = "fp16" if fmt == "fp16" else "bf16"
@@ -81,18 +81,12 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
             attrs[(i,)] = [["tt.divisibility", 16]]
     sig["num_pairs"] = "i32"
     sig["capacity"] = "i32"
-    sig["w_raw_ptr"] = "*" + el           # the weights as a tensor (the down GEMM's L2 prefetch under PDL)
-    attrs[(names.index("w_raw_ptr"),)] = [["tt.divisibility", 16]]
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
                  W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
                  OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k)
-    if pdl:
-        line = 128 if fp8 else 64
-        const.update(PDL=True, LINE_ELEMS=line, PREFETCH_LINES=0 if gate_up or persistent else triton.next_power_of_2(
-            triton.cdiv(triton.cdiv(triton.cdiv(I, bk), split_k) * bk, line)))
-    for name in names[n_ptr + 3:]:
+    for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
     return compile_source_for_hopper(src, dict(num_warps=warps, num_stages=stages))
@@ -200,7 +194,7 @@ def table_cases(path: str) -> dict:
                     cases[name] = (kernel, int(shape["H"]), int(shape["I"]), int(shape["k"]), fmt, bm, g["block_n"],
                                    g["block_k"], g["num_warps"], g["num_stages"], g.get("tma", False),
                                    g.get("persistent", False), mode, g.get("promote", "sync"), g.get("tma_a", False),
-                                   0, g.get("split_k", 1), g.get("pdl", False))
+                                   0, g.get("split_k", 1))
     return cases
 
 
