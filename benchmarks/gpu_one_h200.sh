@@ -40,6 +40,8 @@
 #             copy into layout order plus the TMA-loaded gate+up the backends run (benchmarks/profile_ws_gemm.py
 #             --gather off,on, the copy timed too), BF16 and block FP8, T = 8192: the deepseek-v3 32-expert shard,
 #             mixtral-8x7b and deepseek-v3 (GATHER_ARGS: other arguments of the script)
+#   walk      the walk's groups cut at expert edges built by one Triton program beside the PyTorch form
+#             (benchmarks/walk_groups_probe.py: deepseek-v3 and gpt-oss-120b tiles at T = 4096, 8192; timed, compared)
 #   steps     where a whole experts forward spends its GPU time, kernel by kernel (the GEMMs against the
 #             layout, row copy, quantization and slot sum around them): benchmarks/profile_experts_steps.py,
 #             `triton` and `triton_ws`, block FP8 and BF16, the deepseek-v3 32-expert shard T = 4096, 8192 and
@@ -183,6 +185,9 @@ for part in $PARTS; do
     gather)
         profile_shapes "$OUT/gather_${GPU}_$DAY.log" "${GATHER_SECONDS:-240}" \
             "deepseek-v3 shard 32|mixtral-8x7b|deepseek-v3" --formats bf16,fp8 --gather off,on ${GATHER_ARGS:-} ;;
+    walk)
+        run "$OUT/walk_groups_build_${GPU}_$DAY.log" "${WALK_SECONDS:-120}" \
+            python3 benchmarks/walk_groups_probe.py --output "$OUT/walk_groups_build_${GPU}_$DAY.json" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;
@@ -252,7 +257,7 @@ for part in $PARTS; do
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths groups steps decode tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -633,3 +633,26 @@ if INTERPRETING:
         base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=tiles, fp8=ops)
         assert torch.isfinite(out).all()
         assert_close(out, base, 1e-5, context=f"ragged K fp8 {granularity}")
+
+    @pytest.mark.parametrize("group", [1, 2, 3, 8])
+    def test_walk_groups_kernel_gives_the_pytorch_forms_groups(group):
+        """`walk_groups_kernel` (what `expert_walk_groups` runs on a GPU) against the PyTorch form, int32 for
+        int32: runs of 1 to 17 m-tiles, trailing unused tiles (-1), one tile, and the tiles of random top-8
+        routings of 256 and 32 experts at T = 8192 (several hundred m-tiles, past one warp's lanes)."""
+        import random
+
+        from epmoe.kernels.walk_groups import walk_groups_torch, walk_groups_triton
+        rng = random.Random(group)
+        layouts = [[0], [-1, -1], [0] * 17 + [1] * 3 + [-1] * 5, [4, 5, 5, 6], list(range(40))]
+        for _ in range(25):
+            runs = [rng.choice([1, 2, 3, 5, 8, 9, 17]) for _ in range(rng.randint(1, 30))]
+            layouts.append([e for e, n in enumerate(runs) for _ in range(n)] + [-1] * rng.randint(0, 12))
+        g = torch.Generator().manual_seed(group)
+        for experts in (256, 32):
+            counts = torch.bincount(torch.randn(8192, experts, generator=g).topk(8, dim=1).indices.flatten(),
+                                    minlength=experts).tolist()
+            layouts.append([e for e in range(experts) for _ in range(-(-counts[e] // 128))] + [-1] * 7)
+        for te in layouts:
+            t = torch.tensor(te, dtype=torch.int32)
+            got, want = walk_groups_triton(t, group), walk_groups_torch(t, group)
+            assert got.dtype == torch.int32 and torch.equal(got, want), (group, te)

@@ -104,3 +104,23 @@ def test_fewer_weight_boxes_read_than_fixed_groups_at_a_few_tiles_per_expert():
         fixed = _boxes_read(_fixed_walk(len(te), n_tiles, 8), te)
         cut = _boxes_read(_walk(groups, n_tiles), te)
         assert cut <= fixed * (1 - least_saved), (experts, cut, fixed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_kernel_gives_the_pytorch_forms_groups():
+    """On a CUDA device `expert_walk_groups` runs one Triton program (`walk_groups_kernel`): the same int32
+    groups as the PyTorch form, for the layouts above and the tiles of random top-8 routings of 256 experts
+    up to T = 65536 (past KERNEL_MAX_TILES the PyTorch form runs there too)."""
+    from epmoe.kernels.walk_groups import KERNEL_MAX_TILES, walk_groups_torch
+    g = torch.Generator().manual_seed(3)
+    layouts = _layouts(random.Random(5))
+    for T in (8192, 65536):
+        counts = torch.bincount(torch.randn(T, 256, generator=g).topk(8, dim=1).indices.flatten(), minlength=256)
+        layouts.append([e for e in range(256) for _ in range(-(-int(counts[e]) // 128))] + [-1] * 7)
+    layouts.append([e // 3 for e in range(KERNEL_MAX_TILES + 5)])
+    for group in (1, 3, 8):
+        for te in layouts:
+            t = torch.tensor(te, dtype=torch.int32)
+            got = expert_walk_groups(t.cuda(), group)
+            assert got.device.type == "cuda" and torch.equal(got.cpu(), walk_groups_torch(t, group)), (group, len(te))

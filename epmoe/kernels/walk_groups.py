@@ -3,12 +3,63 @@
 The Gluon grouped GEMM runs its tiles as a persistent walk: each group of m-tiles side by side over every
 n-tile, so that programs working at the same time read the same weight boxes and share them in L2. Groups of
 a fixed size cut through experts of a few m-tiles each (deepseek-v3's 256 experts or gpt-oss-120b at T = 8192:
-~2.5 m-tiles an expert), whose weights are then read from DRAM once in each group. Plain PyTorch (no
-Triton), so that the backends' CPU paths build it too.
+~2.5 m-tiles an expert), whose weights are then read from DRAM once in each group.
+
+Two forms, the same int32 groups (tests check them against each other): on a CUDA device one Triton program
+(`walk_groups_kernel`: the runs, the cuts and the groups' bounds as prefix scans over the m-tiles), elsewhere
+(the backends' CPU paths) PyTorch, which launches a few dozen small kernels (~70-80 us a forward on a GPU).
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+KERNEL_MAX_TILES = 8192     # one program scans the m-tiles (more: the PyTorch form)
+
+
+@triton.jit
+def _max_of(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_of(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def walk_groups_kernel(tile_expert_ptr, out_ptr, cut_ptr, M, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """`expert_walk_groups` in one program of BLOCK >= M lanes: out [M, 2] int32 (first m-tile, length of
+    each m-tile's group); cut_ptr: M int32 of scratch (where groups start, read back one lane over)."""
+    i = tl.arange(0, BLOCK)
+    here = i < M
+    te = tl.load(tile_expert_ptr + i, mask=here, other=0)
+    te_prev = tl.load(tile_expert_ptr + i - 1, mask=here & (i >= 1), other=0)
+    te_prev2 = tl.load(tile_expert_ptr + i - 2, mask=here & (i >= 2), other=0)
+    te_next = tl.load(tile_expert_ptr + i + 1, mask=i + 1 < M, other=0)
+    starts = (i == 0) | (te != te_prev)                            # m-tile i starts a run (an expert's tiles)
+    prev_starts = (i == 1) | ((i >= 2) & (te_prev != te_prev2))    # m-tile i - 1 does
+    first = tl.associative_scan(tl.where(here & starts, i, 0), 0, _max_of)             # its run's first m-tile
+    prev_first = tl.associative_scan(tl.where(here & prev_starts, i - 1, 0), 0, _max_of)   # m-tile i - 1's
+    run_end = tl.associative_scan(tl.where((i + 1 < M) & (te_next != te), i + 1, M), 0, _min_of, reverse=True)
+    length = tl.maximum(run_end - first, 1)
+    long = length > GROUP
+    # a long run of L tiles in c = ceil(L / GROUP) groups: its tile o in group o * c // L
+    at = i - first
+    chunks = (length + GROUP - 1) // GROUP
+    new_chunk = (at == 0) | ((at * chunks) // length != (tl.maximum(at, 1) - 1) * chunks // length)
+    # a group starts there, and at a short run that starts a new stretch or follows a long run (m-tile 0 counts
+    # as following one; where a run starts, the run before it ends at i)
+    prev_long = (i == 0) | (i - prev_first > GROUP)
+    cut = tl.where(long, new_chunk, starts & (prev_long | (first // GROUP != prev_first // GROUP)))
+    group_first = tl.associative_scan(tl.where(here & cut, i, 0), 0, _max_of)
+    tl.store(cut_ptr + i, cut.to(tl.int32), mask=here)
+    tl.debug_barrier()                     # the program's own stores, read back by other lanes
+    cut_next = tl.load(cut_ptr + i + 1, mask=i + 1 < M, other=1) != 0       # past the last m-tile: a cut
+    group_end = tl.associative_scan(tl.where(cut_next, i + 1, M), 0, _min_of, reverse=True)
+    tl.store(out_ptr + 2 * i, group_first, mask=here)
+    tl.store(out_ptr + 2 * i + 1, group_end - group_first, mask=here)
 
 
 def expert_walk_groups(tile_expert: torch.Tensor, group: int = 8) -> torch.Tensor:
@@ -23,6 +74,25 @@ def expert_walk_groups(tile_expert: torch.Tensor, group: int = 8) -> torch.Tenso
     M, dev = tile_expert.numel(), tile_expert.device
     if M == 0:
         return torch.zeros(0, 2, dtype=torch.int32, device=dev)
+    if dev.type == "cuda" and M <= KERNEL_MAX_TILES:
+        return walk_groups_triton(tile_expert, group)
+    return walk_groups_torch(tile_expert, group)
+
+
+def walk_groups_triton(tile_expert: torch.Tensor, group: int) -> torch.Tensor:
+    """`expert_walk_groups` by `walk_groups_kernel` (a CUDA device, or Triton's interpreter on the CPU)."""
+    M = tile_expert.numel()
+    out = torch.empty(M, 2, dtype=torch.int32, device=tile_expert.device)
+    cut = torch.empty(M, dtype=torch.int32, device=tile_expert.device)
+    block = triton.next_power_of_2(M)
+    walk_groups_kernel[(1,)](tile_expert.contiguous(), out, cut, M, GROUP=group, BLOCK=block,
+                             num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16)
+    return out
+
+
+def walk_groups_torch(tile_expert: torch.Tensor, group: int) -> torch.Tensor:
+    """`expert_walk_groups` in PyTorch (M > 0)."""
+    M, dev = tile_expert.numel(), tile_expert.device
     idx = torch.arange(M, device=dev)
     starts = torch.ones(M, dtype=torch.bool, device=dev)
     starts[1:] = tile_expert[1:] != tile_expert[:-1]
