@@ -83,8 +83,8 @@ def walk_cut_at_experts(fp8: bool, pairs: int, experts: int) -> bool:
     the GEMMs are bound by reading weights there (deepseek-v3's 256 experts and gpt-oss-120b at T = 8192:
     whole op 3.5-7% faster on an H100). Block FP8 (half the weight bytes) gained nothing there; longer experts
     (the deepseek-v3 32-expert shard, mixtral) were no faster and once 6% slower; and below one tile per
-    expert there is nothing to cut, while building the groups (a few dozen small kernels) cost ~70-80 us a
-    forward at T = 1."""
+    expert there is nothing to cut, while building the groups costs a launch (one Triton program, 6-8 us on
+    an H100; the PyTorch form's few dozen small kernels took 85-111 us)."""
     return not fp8 and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts
 
 
