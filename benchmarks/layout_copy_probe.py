@@ -16,14 +16,12 @@ token row read once, each pair's row written once, the scales), and that rate ag
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 
 import torch
-import triton
 
 from epmoe.bench.gpu_timing import GpuTimer
-from epmoe.bench.run_env import provenance
+from epmoe.bench.run_env import write_probe_results
 from epmoe.kernels.layout_copy import ORDERS, rows_to_layout, rows_to_layout_reference
 from epmoe.kernels.moe_align import align_pairs
 from epmoe.quant.fp8 import fp8_quantize
@@ -81,14 +79,8 @@ def main() -> int:
             del src, dst
     if args.once:
         return 0
-    meta = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-                method="GpuTimer: L2 flushed, GPU kept busy, CUDA graph replay, median", reps=args.reps,
-                all_bits_as_stated=ok, **provenance())
-    print(json.dumps(meta), flush=True)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(dict(meta=meta, points=rows_out), f, indent=1)
+    write_probe_results(args.output, dev, rows_out, reps=args.reps, all_bits_as_stated=ok,
+                        method="GpuTimer: L2 flushed, GPU kept busy, CUDA graph replay, median")
     return 0 if ok else 1
 
 

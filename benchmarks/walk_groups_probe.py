@@ -12,14 +12,11 @@ deepseek-v3 (256 experts, top-8) and gpt-oss-120b (128 experts, top-4) at T = 40
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 
 import torch
-import triton
 
 from epmoe.bench.gpu_timing import GpuTimer
-from epmoe.bench.run_env import provenance
+from epmoe.bench.run_env import write_probe_results
 from epmoe.kernels.walk_groups import walk_groups_torch, walk_groups_triton
 
 POINTS = (("deepseek-v3", 256, 8, 4096), ("deepseek-v3", 256, 8, 8192), ("gpt-oss-120b", 128, 4, 4096),
@@ -54,13 +51,8 @@ def main() -> int:
         rows_out.append(row)
         print(f"{name:13s} T={T:5d} m-tiles {row['m_tiles']:4d}: walk_groups_kernel {row['kernel_us']:6.1f} us, "
               f"PyTorch form {row['torch_us']:6.1f} us, groups {'the same' if same else 'DIFFER'}", flush=True)
-    meta = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-                all_groups_the_same=ok, **provenance())
-    print(json.dumps(meta), flush=True)
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(dict(meta=meta, points=rows_out), f, indent=1)
+    write_probe_results(args.output, dev, rows_out, reps=args.reps, all_groups_the_same=ok,
+                        method="GpuTimer: L2 flushed, GPU kept busy, CUDA graph replay, median")
     return 0 if ok else 1
 
 

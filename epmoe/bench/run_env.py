@@ -62,6 +62,22 @@ def provenance() -> dict:
             "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def write_probe_results(output: str | None, device: torch.device, points: list, **meta) -> dict:
+    """A GPU probe's results: `meta` headed by the GPU, the torch and Triton versions, the date and
+    `provenance()`, printed as one JSON line and, with `output`, written beside its points as JSON."""
+    import json
+
+    import triton
+    meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), **meta,
+                **provenance())
+    print(json.dumps(meta), flush=True)
+    if output:
+        with open(output, "w") as f:
+            json.dump(dict(meta=meta, points=points), f, indent=1)
+    return meta
+
+
 def environment(backend: str, ws: int) -> dict:
     """Date, host, Python / torch / triton versions, the process-group backend and ranks, the command,
     commit and source digest (`provenance`); with NCCL the GPU, CUDA and NCCL versions and the NVLink
