@@ -114,6 +114,24 @@ def test_provenance_names_the_commit_of_this_checkout_only(monkeypatch, tmp_path
         assert p["commit"] is None and p["commit_from"] is None and p["tracked_files_modified"] is None
 
 
+def test_a_probes_results_carry_its_environment_and_provenance(monkeypatch, tmp_path, capsys):
+    """`write_probe_results`: the GPU's name, versions, date and commit ahead of the probe's own fields, on
+    stdout as one JSON line and in the file beside the points."""
+    import json
+
+    from epmoe.bench import run_env
+    monkeypatch.setenv("EPMOE_COMMIT", "abc123")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    path = tmp_path / "probe.json"
+    meta = run_env.write_probe_results(str(path), torch.device("cpu"), [{"us": 6.1}], same=True)
+    written = json.loads(path.read_text())
+    assert written == {"meta": meta, "points": [{"us": 6.1}]}
+    assert meta["gpu"] == "NVIDIA H100 80GB HBM3" and meta["same"] is True and meta["commit"] == "abc123"
+    assert meta["torch"] == torch.__version__ and meta["date"].startswith("20") and "source_sha256" in meta
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == meta
+    assert run_env.write_probe_results(None, torch.device("cpu"), [], same=False)["same"] is False
+
+
 def test_a_rows_line_shows_the_drift_of_its_repeats_and_the_clocks_it_has(capsys):
     """The last quarter of the repeats against the first (a GPU at its power limit drifts), and the clock
     record with a power reading the driver could not give left out rather than failing the print."""
