@@ -54,7 +54,7 @@
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
-#             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts)
+#             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
 #             by layout rows): benchmarks/layout_copy_probe.py times and checks them, then ncu counts each
 #             kernel's DRAM bytes read and written
@@ -145,8 +145,8 @@ for part in $PARTS; do
     wide)
         run "$OUT/experts_wide_${GPU}_$DAY.log" "${WIDE_SECONDS:-200}" \
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \
-                --routings balanced --formats bf16,fp8_block --anchors grouped_mm \
-                --output "$OUT/experts_wide_${GPU}_$DAY.json" ;;
+                --routings balanced --formats ${WIDE_FORMATS:-bf16,fp8_block} --anchors grouped_mm \
+                ${WIDE_BACKENDS:+--backends $WIDE_BACKENDS} --output "$OUT/experts_wide_${GPU}_$DAY.json" ;;
     decode)
         run "$OUT/decode_${GPU}_$DAY${DECODE_TAG:-}.log" "${DECODE_SECONDS:-240}" bash -c "
             python3 benchmarks/decode_probe.py ${DECODE_ARGS:-} --output $OUT/decode_${GPU}_$DAY${DECODE_TAG:-}.json
