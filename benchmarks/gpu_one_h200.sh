@@ -52,7 +52,8 @@
 #             DECODE_NCU_SHAPE names one (e.g. mixtral-8x7b:1), ncu's throughput, occupancy and warp-state sections
 #             of the two GEMM launches of one forward there
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
-#             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked)
+#             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked;
+#             EXPERTS_ARGS: more arguments, e.g. --settle-ms 1000)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
@@ -137,11 +138,11 @@ for part in $PARTS; do
     experts)
         run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-170}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
-                --routings balanced --formats bf16,fp8_block --output $OUT/experts_ds32_${GPU}_$DAY.json &&
+                --routings balanced --formats bf16,fp8_block ${EXPERTS_ARGS:-} --output $OUT/experts_ds32_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 1,16,8192 --routings balanced \
-                --formats bf16,fp8_block,fp8_channel --output $OUT/experts_mixtral_${GPU}_$DAY.json &&
+                --formats bf16,fp8_block,fp8_channel ${EXPERTS_ARGS:-} --output $OUT/experts_mixtral_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
-                --routings balanced --formats bf16,fp8_block --anchors none --output $OUT/experts_decode_${GPU}_$DAY.json" ;;
+                --routings balanced --formats bf16,fp8_block --anchors none ${EXPERTS_ARGS:-} --output $OUT/experts_decode_${GPU}_$DAY.json" ;;
     wide)
         run "$OUT/experts_wide_${GPU}_$DAY.log" "${WIDE_SECONDS:-200}" \
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \

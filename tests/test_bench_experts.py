@@ -63,6 +63,19 @@ def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, cap
     assert "qwen3-30b-a3b E=16 T=5 balanced: torch._grouped_mm" in out
 
 
+def test_dry_run_settles_each_entry_before_timing_it(tmp_path):
+    """`--settle-ms`: every backend and anchor runs back to back for that long before its warm-ups; each row
+    records how long it settled, the method says so, and a negative value is an argument error."""
+    path = tmp_path / "experts.json"
+    assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--formats", "bf16", "--settle-ms", "20",
+                     "--output", str(path)]) == 0
+    data = json.loads(path.read_text())
+    timed = [r for r in data["results"] if "timing" in r]
+    assert timed and all(r["timing"]["settle_ms"] >= 20 for r in timed)
+    assert "--settle-ms" in data["method"] and data["args"]["settle_ms"] == 20
+    assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--settle-ms", "-1"]) == 2
+
+
 def test_combine_weights_each_tokens_slots():
     """The anchors' check: rows in expert order back to their pairs, weighted and summed per token."""
     ids = torch.tensor([[1, 0], [0, 1], [1, 0]])

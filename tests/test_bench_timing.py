@@ -129,6 +129,29 @@ def test_each_timed_repeat_is_kept_in_the_order_it_ran():
     assert t.median_ms == pytest.approx(1.65) and t.as_dict()["times_ms"] == pytest.approx([1.5, 1.6, 1.7, 1.8])
 
 
+def test_settling_runs_the_steps_back_to_back_before_the_warm_ups():
+    """`Timer.settle_ms`: the steps run (each waited for, no flush, no sleep) until that much host time has
+    passed, then the warm-ups and the timed repeats as before; the Timing says how long it settled. Ranks
+    timed together are refused: each would settle for its own number of runs."""
+    clock = FakeGpuClock(host_ms=0.1)
+    runs = []
+
+    def step():
+        runs.append(clock.log.count("mark"))
+        clock.now += 1.0
+    t = Timer(clock, settle_ms=1.0).time(step, reps=4, warmup=2, use_graph=False)
+    # one call compiles, one measures the host's queueing; settling: 0.1 ms of host time per check, 10 runs
+    assert len(runs) == 2 + 10 + 2 + 4 and t.settle_ms == pytest.approx(1.0)
+    assert clock.log[:2] == ["flush", "sleep"] and t.times_ms == pytest.approx((1.0,) * 4)
+    assert Timer(FakeGpuClock(host_ms=0.1)).time(step, reps=1, warmup=0, use_graph=False).settle_ms == 0.0
+
+    class Agreement:
+        def all(self, ok):
+            return ok
+    with pytest.raises(ValueError, match="cannot settle"):
+        Timer(FakeGpuClock(host_ms=0.1), settle_ms=1.0).time(step, reps=1, warmup=0, agree=Agreement())
+
+
 def _dispatch_steps(clock, host_sync):
     def dispatch():
         clock.now += 0.2

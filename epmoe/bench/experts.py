@@ -67,6 +67,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         + ", all or none (default: %(default)s)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
+    p.add_argument("--settle-ms", type=float, default=0.0,
+                   help="before the warm-ups, run each backend and anchor back to back for this long (ms), so that "
+                        "a GPU at its power limit times each in the state its own sustained work brings it to, not "
+                        "the clock the entry before left (default: %(default)s, none)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
     p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -204,8 +208,15 @@ def environment(dry: bool = False) -> dict:
 class WallTimer:
     """The GPU timer's interface on the CPU (the dry run): wall-clock median, no flush, no graphs."""
 
+    def __init__(self, settle_ms: float = 0.0):
+        self.settle_ms = settle_ms
+
     def time(self, fn, reps: int = 20, warmup: int = 5, use_graph: bool = True, before_each=None):
         from .gpu_timing import Timing
+        t0 = time.perf_counter()
+        while self.settle_ms > 0 and (time.perf_counter() - t0) * 1e3 < self.settle_ms:
+            fn()
+        settled_ms = (time.perf_counter() - t0) * 1e3 if self.settle_ms > 0 else 0.0
         times = []
         for i in range(warmup + reps):
             if before_each is not None:
@@ -214,7 +225,8 @@ class WallTimer:
             fn()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
-        return Timing(statistics.median(times), min(times), max(times), reps, "wall", times_ms=tuple(times))
+        return Timing(statistics.median(times), min(times), max(times), reps, "wall", times_ms=tuple(times),
+                      settle_ms=settled_ms)
 
 
 def bench_config(preset: str, fmt: str, experts: int | None = None, dry: bool = False):
@@ -255,6 +267,8 @@ def check_args(args) -> None:
     for flag, v in (("--reps", args.reps), ("--warmup", args.warmup)):
         if v < (1 if flag == "--reps" else 0):
             raise UsageError(f"{flag} must be >= {1 if flag == '--reps' else 0}, got {v}")
+    if not getattr(args, "settle_ms", 0.0) >= 0:
+        raise UsageError(f"--settle-ms must be >= 0, got {args.settle_ms}")
     for name in csv_values(args.presets):
         if name not in KNOWN:
             raise UsageError(f"--presets: unknown preset {name!r}; known: {', '.join(KNOWN)}")
@@ -276,15 +290,16 @@ def run_benchmark(args) -> dict:
     dry = bool(getattr(args, "dry_run", False))
     env = environment(dry)
     if dry:
-        device, timer = torch.device("cpu"), WallTimer()
+        device, timer = torch.device("cpu"), WallTimer(args.settle_ms)
         copy_bw, rates = None, {}
     else:
         from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
         device = torch.device("cuda", torch.cuda.current_device())
         timer = GpuTimer(device)
-        copy_bw = measure_copy_bandwidth(timer)
+        copy_bw = measure_copy_bandwidth(timer)          # the ceilings unsettled, as before
         rates = {"bf16": measure_matmul_rate(timer, torch.bfloat16)}
         rates["fp8"] = measure_matmul_rate(timer, torch.float8_e4m3fn)
+        timer.settle_ms = args.settle_ms
         print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
               f"{rates['bf16'] / 1e12:.0f} TFLOP/s, fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s", flush=True)
     sampler = None if dry else GpuStateSampler(nvidia_smi_id(device))
@@ -299,7 +314,9 @@ def run_benchmark(args) -> dict:
                                                          else sys.argv[1:]),
             "method": "CUDA events, median of reps after warm-up, L2 flushed (512 MB write) and the GPU kept busy "
                       "(cuda sleep) before each run; CUDA graph replay where the backend allows; fresh inputs "
-                      "copied in before each run (untimed); every format and anchor of a preset on the same rows",
+                      "copied in before each run (untimed); every format and anchor of a preset on the same rows"
+                      + (f"; each entry first run back to back for {args.settle_ms:g} ms (--settle-ms)"
+                         if args.settle_ms > 0 else ""),
             "definitions": {"tflops": "6*T*k*H*I / time", "hit_weight_gbps": "experts hit * 3*H*I * bytes/elem / time",
                             "floor_ms": "max(hit weight bytes / copy rate, FLOPs / matmul rate)",
                             "vs_anchors": "anchor time / this time, for each library anchor on the same rows "

@@ -40,10 +40,12 @@ class Timing:
     # every timed repeat in the order it ran (after the warm-ups): a drift from first to last is the GPU's
     # clock falling under sustained load, which the median alone hides
     times_ms: tuple[float, ...] = ()
+    settle_ms: float = 0.0      # how long the steps ran back to back before the warm-ups (`Timer.settle_ms`)
 
     def as_dict(self) -> dict:
         return {"median_ms": self.median_ms, "min_ms": self.min_ms, "max_ms": self.max_ms, "reps": self.reps,
-                "method": self.method, "sleep_ms": self.sleep_ms, "times_ms": [round(t, 6) for t in self.times_ms]}
+                "method": self.method, "sleep_ms": self.sleep_ms, "times_ms": [round(t, 6) for t in self.times_ms],
+                "settle_ms": self.settle_ms}
 
 
 # ------------------------------------------------------------------------------------------- clocks
@@ -180,16 +182,36 @@ class GroupAgreement:
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def _summary(times: list[float], reps: int, method: str, sleep_ms: float) -> Timing:
-    return Timing(statistics.median(times), min(times), max(times), reps, method, sleep_ms, tuple(times))
+def _summary(times: list[float], reps: int, method: str, sleep_ms: float, settle_ms: float = 0.0) -> Timing:
+    return Timing(statistics.median(times), min(times), max(times), reps, method, sleep_ms, tuple(times), settle_ms)
 
 
 class Timer:
     """The timing loop on a clock. Before each repeat (untimed): `before_each()` (fresh inputs, lining the
-    ranks up), the L2 flush and the agreed sleep; then the run, timed by the clock's events."""
+    ranks up), the L2 flush and the agreed sleep; then the run, timed by the clock's events.
 
-    def __init__(self, clock):
+    `settle_ms` (0: none): before the warm-ups, the steps run back to back (each waited for) until that much
+    host time has passed. A GPU at its power limit lowers its clock within tens of milliseconds of sustained
+    work and raises it again when idle, so without this an entry timed right after a pause (the first of a
+    point, one after a slow host step) runs at a higher clock than the entry timed after it; settled, every
+    entry is timed in the state its own sustained work brings the GPU to."""
+
+    def __init__(self, clock, settle_ms: float = 0.0):
         self.clock = clock
+        self.settle_ms = settle_ms
+
+    def _settle(self, chain, runs) -> float:
+        """`chain(runs)` over and over, each run waited for, until `settle_ms` of host time; the time it took."""
+        if self.settle_ms <= 0:
+            return 0.0
+        clock = self.clock
+        t0 = clock.host_now()
+        while True:
+            chain(runs)
+            clock.synchronize()
+            elapsed_ms = (clock.host_now() - t0) * 1e3
+            if elapsed_ms >= self.settle_ms:
+                return elapsed_ms
 
     def time_chain(self, steps: Sequence[Callable], reps: int = 20, warmup: int = 5, use_graph: bool = True,
                    before_each: Callable[[], Any] | None = None, agree: GroupAgreement | None = None
@@ -225,6 +247,10 @@ class Timer:
         chain(runs)
         host_ms = (clock.host_now() - t0) * 1e3
         clock.synchronize()
+        if self.settle_ms > 0 and agree is not None:
+            # each rank would settle for its own number of runs, and collectives inside the steps would not pair up
+            raise ValueError("Timer.settle_ms is for one process; ranks timed together cannot settle")
+        settled_ms = self._settle(chain, runs)
         sleep_ms = clock.sleep_for(host_ms)
         if agree is not None:
             sleep_ms = agree.sleep_ms(sleep_ms)
@@ -245,7 +271,8 @@ class Timer:
         per_step = [[m[j].elapsed_time(m[j + 1]) for m in timed] for j in range(n)]
         whole = [m[0].elapsed_time(m[n]) for m in timed]
         del graphs
-        return [_summary(t, reps, method, sleep_ms) for t in per_step] + [_summary(whole, reps, method, sleep_ms)]
+        return [_summary(t, reps, method, sleep_ms, settled_ms) for t in per_step] + \
+            [_summary(whole, reps, method, sleep_ms, settled_ms)]
 
     def time(self, fn: Callable[[], object], reps: int = 20, warmup: int = 5, use_graph: bool = True,
              before_each: Callable[[], object] | None = None, agree: GroupAgreement | None = None) -> Timing:
@@ -267,8 +294,8 @@ class Timer:
 class GpuTimer(Timer):
     """The timing loop on this GPU's clock (one flush buffer, the sleep calibrated to its clock)."""
 
-    def __init__(self, device=None):
-        super().__init__(CudaClock(device))
+    def __init__(self, device=None, settle_ms: float = 0.0):
+        super().__init__(CudaClock(device), settle_ms)
         self.device = self.clock.device
 
 
