@@ -9,10 +9,11 @@ Each shape is PRESET:T (the preset's own experts, a balanced routing, the rows a
 makes). The hit bytes are the weights of the experts the routing hits (3 * H * I each, in the format's
 element size; scales not counted). `--configs` times other kernel configurations of the table's format
 beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same backend, and the
-table's own again after them. Each shape's first timing is a warm-up, not reported: the entry timed first
-right after a shape's weights were made ran 10-16% slower than the same entry timed again after the others
-(deepseek-v3 T = 1 166 us, then 146; gpt-oss-120b T = 16 543, then 469; the same call on one H100), and the
-second time agreed with `epmoe bench experts`.
+table's own again after them. Each shape's first timing is a warm-up, not reported. Compare a variant with the
+entry timed again, not with the entry timed first: timed first, the entry ran 10-16% slower than timed again
+after the variants at gpt-oss-120b (T = 1, 16) and deepseek-v3 T = 1 (166 us, then 146, which `epmoe bench
+experts` agrees with); the warm-up removed the gap at gpt-oss-120b T = 1 but not at deepseek-v3 T = 1
+(benchmarks/notes_kernels.md, twenty-first pass).
 """
 from __future__ import annotations
 
