@@ -205,30 +205,6 @@ def environment(dry: bool = False) -> dict:
                 capability=list(torch.cuda.get_device_capability()), cuda=torch.version.cuda)
 
 
-class WallTimer:
-    """The GPU timer's interface on the CPU (the dry run): wall-clock median, no flush, no graphs."""
-
-    def __init__(self, settle_ms: float = 0.0):
-        self.settle_ms = settle_ms
-
-    def time(self, fn, reps: int = 20, warmup: int = 5, use_graph: bool = True, before_each=None):
-        from .gpu_timing import Timing
-        t0 = time.perf_counter()
-        while self.settle_ms > 0 and (time.perf_counter() - t0) * 1e3 < self.settle_ms:
-            fn()
-        settled_ms = (time.perf_counter() - t0) * 1e3 if self.settle_ms > 0 else 0.0
-        times = []
-        for i in range(warmup + reps):
-            if before_each is not None:
-                before_each()
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-        return Timing(statistics.median(times), min(times), max(times), reps, "wall", times_ms=tuple(times),
-                      settle_ms=settled_ms)
-
-
 def bench_config(preset: str, fmt: str, experts: int | None = None, dry: bool = False):
     """The layer config a row of the benchmark runs: the preset in `fmt`, shrunk to a shard of `experts`
     local experts at the preset's top-k, and (dry run) its sizes divided by DRY_SHRINK."""
@@ -290,7 +266,8 @@ def run_benchmark(args) -> dict:
     dry = bool(getattr(args, "dry_run", False))
     env = environment(dry)
     if dry:
-        device, timer = torch.device("cpu"), WallTimer(args.settle_ms)
+        from .gpu_timing import Timer, WallClock
+        device, timer = torch.device("cpu"), Timer(WallClock(), args.settle_ms)    # the GPU's loop, host clock
         copy_bw, rates = None, {}
     else:
         from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate

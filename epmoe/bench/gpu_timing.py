@@ -294,8 +294,8 @@ class Timer:
 class GpuTimer(Timer):
     """The timing loop on this GPU's clock (one flush buffer, the sleep calibrated to its clock)."""
 
-    def __init__(self, device=None, settle_ms: float = 0.0):
-        super().__init__(CudaClock(device), settle_ms)
+    def __init__(self, device=None):
+        super().__init__(CudaClock(device))
         self.device = self.clock.device
 
 
