@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from epmoe.bench import expert_anchors
+from epmoe.bench import experts as bench_experts
 from epmoe.cli import main as cli_main
 
 SMALL = ["--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "5", "--routings", "balanced",
@@ -74,6 +75,11 @@ def test_dry_run_settles_each_entry_before_timing_it(tmp_path):
     assert timed and all(r["timing"]["settle_ms"] >= 20 for r in timed)
     assert "--settle-ms" in data["method"] and data["args"]["settle_ms"] == 20
     assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--settle-ms", "-1"]) == 2
+    # by default the dry run does not settle (a GPU does: GPU_SETTLE_MS, checked in the GPU test)
+    assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--formats", "bf16", "--output", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["args"]["settle_ms"] == 0 and "--settle-ms" not in data["method"]
+    assert all(r["timing"]["settle_ms"] == 0 for r in data["results"] if "timing" in r)
 
 
 def test_combine_weights_each_tokens_slots():
@@ -94,9 +100,13 @@ def test_gpu_anchors_beside_triton(tmp_path):
                    "--routings", "balanced", "--formats", "bf16,fp8_block", "--backends", "triton", "--reps", "2",
                    "--warmup", "1", "--no-plot", "--output", str(path)])
     assert rc == 0
-    rows = json.loads(path.read_text())["results"]
+    data = json.loads(path.read_text())
+    rows = data["results"]
     anchors = {r["backend"]: r for r in rows if r.get("anchor")}
     assert set(anchors) == set(expert_anchors.ANCHORS)
+    # on a GPU every entry is timed settled by default, anchors and backends alike
+    assert data["args"]["settle_ms"] == bench_experts.GPU_SETTLE_MS > 0
+    assert all(r["timing"]["settle_ms"] >= bench_experts.GPU_SETTLE_MS for r in rows if "timing" in r)
     for name, r in anchors.items():
         assert r.get("ms", 0) > 0, (name, r.get("error"))
         assert r["check_rel_err"] < (3e-2 if r["format"].startswith("fp8") else 1e-2), name

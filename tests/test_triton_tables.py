@@ -306,10 +306,11 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
     p = argparse.ArgumentParser()
     tune.configure_parser(p)
     for argv, words in ((["--gluon", "--no-gluon"], "--no-gluon"), (["--gluon", "--persistent"], "quick modes"),
-                        (["--refine", "--persistent"], "quick modes")):
+                        (["--refine", "--persistent"], "quick modes"), (["--settle-ms", "-5"], "--settle-ms")):
         with pytest.raises(UsageError, match=words):
             tune.check_mode_flags(p.parse_args(argv))
     tune.check_mode_flags(p.parse_args(["--gluon"]))
+    assert p.parse_args([]).settle_ms == tune.END_TO_END_SETTLE_MS > 0
 
 
 def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
@@ -359,17 +360,22 @@ def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path,
     problem = tune.Problem(cfg, "bfloat16", weights, False)
     timed = []
 
+    kernels_timer, ends_timer = object(), object()
+
     def fake_time(timer, fn, reps, graph=False):     # end-to-end runs: by which configuration fn would run
         cfg_ = fn.__defaults__[0] if fn.__defaults__ and isinstance(fn.__defaults__[0], MoEKernelConfig) else None
         timed.append(cfg_)
         if cfg_ is None:
+            assert timer is kernels_timer
             return 1.0                        # a decode kernel alone
         assert graph, "end-to-end runs are timed as CUDA-graph replays"
+        assert timer is ends_timer, "end-to-end runs are timed on the settling timer"
         name = "gemv" if cfg_.gemv is not None else "table before" if cfg_ == before[1] else "tiles"
         return 0.5 if name == winner else 2.0
     monkeypatch.setattr(tune, "_safe_time", fake_time)
-    got, ms = tune._tune_gemv(problem, 1, (new, 1.5), None, 3, torch.Generator().manual_seed(0),
-                              type("Quiet", (), {"print": lambda *a, **k: None})(), before=before[1])
+    got, ms = tune._tune_gemv(problem, 1, (new, 1.5), kernels_timer, 3, torch.Generator().manual_seed(0),
+                              type("Quiet", (), {"print": lambda *a, **k: None})(), before=before[1],
+                              ends_timer=ends_timer)
     assert before[1] in timed, "the entry of before was not timed end to end"
     want = {"tiles": new, "table before": before[1]}.get(winner)
     if want is not None:

@@ -44,6 +44,7 @@ DRY_SHRINK = 32
 SKEW_SIGMA = 1.0          # log-normal popularity: p_e ~ exp(SKEW_SIGMA * N(0, 1))
 CHECK_ROWS = 16
 BATCHED_MAX_T = 128
+GPU_SETTLE_MS = 1000.0    # --settle-ms on a GPU: an H100 at its power limit took its clock down within this
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -67,10 +68,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         + ", all or none (default: %(default)s)")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per measurement (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: %(default)s)")
-    p.add_argument("--settle-ms", type=float, default=0.0,
+    p.add_argument("--settle-ms", type=float, default=None,
                    help="before the warm-ups, run each backend and anchor back to back for this long (ms), so that "
                         "a GPU at its power limit times each in the state its own sustained work brings it to, not "
-                        "the clock the entry before left (default: %(default)s, none)")
+                        "the clock the entry before left (unsettled on an H100, the anchors, timed first at each "
+                        "point, ran 2-9%% faster than settled) "
+                        f"(default: {GPU_SETTLE_MS:g} on a GPU, 0 with --dry-run; 0: none)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
     p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -243,7 +246,7 @@ def check_args(args) -> None:
     for flag, v in (("--reps", args.reps), ("--warmup", args.warmup)):
         if v < (1 if flag == "--reps" else 0):
             raise UsageError(f"{flag} must be >= {1 if flag == '--reps' else 0}, got {v}")
-    if not getattr(args, "settle_ms", 0.0) >= 0:
+    if getattr(args, "settle_ms", None) is not None and not args.settle_ms >= 0:
         raise UsageError(f"--settle-ms must be >= 0, got {args.settle_ms}")
     for name in csv_values(args.presets):
         if name not in KNOWN:
@@ -265,6 +268,8 @@ def check_args(args) -> None:
 def run_benchmark(args) -> dict:
     dry = bool(getattr(args, "dry_run", False))
     env = environment(dry)
+    if args.settle_ms is None:
+        args.settle_ms = 0.0 if dry else GPU_SETTLE_MS
     if dry:
         from .gpu_timing import Timer, WallClock
         device, timer = torch.device("cpu"), Timer(WallClock(), args.settle_ms)    # the GPU's loop, host clock

@@ -221,6 +221,10 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
 # the lookup keeps an entry's `gluon` for those batches only), and chosen where it beats the tiles end to
 # end by more than GLUON_MARGIN (run-to-run noise: an entry does not flip between two paths that tie)
 GLUON_MARGIN = 0.02
+# Each path of an end-to-end comparison runs back to back this long before its warm-ups (`Timer.settle_ms`):
+# timed in turn unsettled, the path timed first after the kernels' timings starts at a higher clock on a GPU
+# at its power limit (benchmarks/notes_kernels.md, twenty-second pass).
+END_TO_END_SETTLE_MS = 1000.0
 
 
 def table_plan(table: dict, tokens: list[int], rows_per_expert, rescale: bool = False) -> dict:
@@ -417,14 +421,16 @@ def _safe_time(timer, fn, reps, graph: bool = False) -> float:
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
                  console=None, plan: dict | None = None, verbose: bool = False, show_progress: bool = True,
                  rescale: bool = False, gluon: bool = True,
-                 before: dict[int, MoEKernelConfig] | None = None) -> dict[int, tuple[MoEKernelConfig, float]]:
+                 before: dict[int, MoEKernelConfig] | None = None,
+                 settle_ms: float = END_TO_END_SETTLE_MS) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
     downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
     `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`). `before`: the table's entries
-    before this tune, by T; at T <= GEMV_MAX_TOKENS one stays unless the new choice beats it end to end."""
+    before this tune, by T; at T <= GEMV_MAX_TOKENS one stays unless the new choice beats it end to end.
+    `settle_ms`: how long each path of those end-to-end comparisons runs before it is timed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from .gpu_timing import GpuTimer
+    from .gpu_timing import GpuTimer, Timer
     L, H, I, k = problem.sizes
     if plan is None:
         plan = regime_plan(tokens, lambda T: T * k / L, problem.fp8, problem.fmt == "fp8_block", rescale)
@@ -449,6 +455,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                 failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))   # any tile mode: dropped
                 progress.console.print(f"  compile failed: {escape(str(err))}")
         timer = GpuTimer(problem.weights.w13.device)
+        ends_timer = Timer(timer.clock, settle_ms)       # the end-to-end comparisons: each path settled
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
         task = progress.add_task(f"time {problem.fmt}", total=total)
@@ -475,7 +482,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     best[T] = (MoEKernelConfig(bm, g_best, d_best, tail), ms)
             if T in best and T <= GEMV_MAX_TOKENS:
                 best[T] = _tune_gemv(problem, T, best[T], timer, reps, gen, progress.console,
-                                     before=(before or {}).get(T))
+                                     before=(before or {}).get(T), ends_timer=ends_timer)
             if T in best and gluon and T * k / L >= GLUON_MIN_ROWS:
                 if ws is None:
                     ws, why = _gluon_experts(problem)
@@ -483,7 +490,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                         progress.console.print(escape(f"  the Gluon pipeline is not timed: {why}"))
                         gluon = False
                 if ws is not None:
-                    best[T] = _tune_gluon(problem, T, best[T], ws, timer, reps, gen, progress.console)
+                    best[T] = _tune_gluon(problem, T, best[T], ws, ends_timer, reps, gen, progress.console)
             if T in best:
                 progress.console.print(f"  T={T:5d}: {best[T][0].describe()}  {best[T][1]:.4f} ms "
                                        + ("(gemv)" if best[T][0].gemv else "(gluon, end to end)"
@@ -502,14 +509,14 @@ def _routed_tokens(problem: Problem, T: int, gen):
 
 
 def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, float], timer, reps: int, gen,
-               console, before: MoEKernelConfig | None = None) -> tuple[MoEKernelConfig, float]:
+               console, before: MoEKernelConfig | None = None, ends_timer=None) -> tuple[MoEKernelConfig, float]:
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
     included), the decode path also with PDL where the GPU has it, and `before` (the table's entry for T
     before this tune) as well: at a few tokens the kernels' times alone, eager, ranked configurations unlike
     the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only where the new choice
-    is faster end to end (CUDA-graph replays). Returns the winner and its time (gemv and the entry before: end to
-    end; tiles: gate_up + down as above)."""
+    is faster end to end (CUDA-graph replays, on `ends_timer`: the tuner's settles each path first; None: `timer`).
+    Returns the winner and its time (gemv and the entry before: end to end; tiles: gate_up + down as above)."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
     from ..kernels.fused_moe import Fp8Operands, fused_experts
     tiles, tiles_ms = tiles_best
@@ -555,7 +562,7 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         paths["table before"] = before
     # replayed as CUDA graphs, as decode runs in an engine and the benchmark times it (eager launches of
     # a few tens of microseconds of work rank these paths differently: benchmarks/notes_kernels.md)
-    ends = {name: _safe_time(timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
+    ends = {name: _safe_time(ends_timer or timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
                                                                   b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
                                                                   config=cfg, fp8=ops), reps, graph=True)
             for name, cfg in paths.items()}
@@ -680,6 +687,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(deepseek-v3 32-expert shard), for a down GEMM 13-16%% faster. Taken only where "
                         'it beats the best "sync" candidate by more than 3%%; without this flag every entry '
                         'written is "sync"')
+    p.add_argument("--settle-ms", type=float, default=END_TO_END_SETTLE_MS,
+                   help="end-to-end comparisons (decode paths, the Gluon pipeline against the tiles): each path runs "
+                        "back to back this long (ms) before it is timed, so that on a GPU at its power limit the "
+                        "path timed first does not start at a higher clock (default: %(default)g; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
@@ -690,8 +701,10 @@ def keeping_gluon(best: dict, own: dict) -> dict:
 
 
 def check_mode_flags(args) -> None:
-    """`UsageError` for flags that contradict each other: one quick mode at a time, and --gluon with
-    --no-gluon."""
+    """`UsageError` for flags that contradict each other (one quick mode at a time, and --gluon with
+    --no-gluon) or take no such value (a negative --settle-ms)."""
+    if not args.settle_ms >= 0:
+        raise UsageError(f"--settle-ms must be >= 0, got {args.settle_ms}")
     modes = [flag for flag, on in (("--refine", args.refine), ("--persistent", args.persistent),
                                    ("--gluon", args.gluon)) if on]
     if len(modes) > 1:
@@ -791,7 +804,8 @@ def main(args) -> int:
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon, before=decode_entries(path, key, H, I, problem.fmt))
+                                gluon=not args.no_gluon, before=decode_entries(path, key, H, I, problem.fmt),
+                                settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
             merge_into_table(path, key, best, {
