@@ -44,7 +44,7 @@ DRY_SHRINK = 32
 SKEW_SIGMA = 1.0          # log-normal popularity: p_e ~ exp(SKEW_SIGMA * N(0, 1))
 CHECK_ROWS = 16
 BATCHED_MAX_T = 128
-GPU_SETTLE_MS = 1000.0    # --settle-ms on a GPU: an H100 at its power limit took its clock down within this
+GPU_SETTLE_MS = 1000.0    # --settle-ms's default on a GPU (`Timer.settle_ms`); the dry run does not settle
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:

@@ -562,9 +562,10 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         paths["table before"] = before
     # replayed as CUDA graphs, as decode runs in an engine and the benchmark times it (eager launches of
     # a few tens of microseconds of work rank these paths differently: benchmarks/notes_kernels.md)
-    ends = {name: _safe_time(ends_timer or timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
-                                                                  b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
-                                                                  config=cfg, fp8=ops), reps, graph=True)
+    ends_timer = ends_timer or timer
+    ends = {name: _safe_time(ends_timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
+                                                                       b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
+                                                                       config=cfg, fp8=ops), reps, graph=True)
             for name, cfg in paths.items()}
     console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()) + gemv_note,
                   soft_wrap=True)
