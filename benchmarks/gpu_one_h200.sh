@@ -137,7 +137,7 @@ for part in $PARTS; do
         run "$OUT/pytest_gpu_${GPU}_$DAY.txt" "${TESTS_SECONDS:-300}" \
             python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -m "gpu and not multigpu" ;;
     experts)
-        run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-170}" bash -c "
+        run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-300}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
                 --routings balanced --formats bf16,fp8_block ${EXPERTS_ARGS:-} --output $OUT/experts_ds32_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets mixtral-8x7b --tokens 1,16,8192 --routings balanced \
