@@ -53,8 +53,8 @@
 #             of the two GEMM launches of one forward there
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked;
-#             every entry settled for 1 s first, the benchmark's default on a GPU; EXPERTS_ARGS: more arguments,
-#             e.g. --settle-ms 0 to time unsettled)
+#             each entry at T >= 1024 settled for 1 s first, the benchmark's default on a GPU; EXPERTS_ARGS: more
+#             arguments, e.g. --settle-ms 0 to time unsettled)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and

@@ -75,11 +75,22 @@ def test_dry_run_settles_each_entry_before_timing_it(tmp_path):
     assert timed and all(r["timing"]["settle_ms"] >= 20 for r in timed)
     assert "--settle-ms" in data["method"] and data["args"]["settle_ms"] == 20
     assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--settle-ms", "-1"]) == 2
-    # by default the dry run does not settle (a GPU does: GPU_SETTLE_MS, checked in the GPU test)
+    # by default the dry run does not settle (a GPU does at prefill-sized points: below and the GPU test)
     assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--formats", "bf16", "--output", str(path)]) == 0
     data = json.loads(path.read_text())
-    assert data["args"]["settle_ms"] == 0 and "--settle-ms" not in data["method"]
+    assert data["args"]["settle_ms"] is None and "--settle-ms" not in data["method"]
     assert all(r["timing"]["settle_ms"] == 0 for r in data["results"] if "timing" in r)
+
+
+def test_default_settling_is_for_prefill_sized_points_on_a_gpu():
+    """--settle-ms not given: GPU_SETTLE_MS on a GPU at T >= SETTLE_MIN_TOKENS, none below it nor in the dry
+    run; given (0 included): that, at every point."""
+    from epmoe.bench.experts import GPU_SETTLE_MS, SETTLE_MIN_TOKENS, settle_ms_for
+    assert settle_ms_for(None, SETTLE_MIN_TOKENS, dry=False) == GPU_SETTLE_MS > 0
+    assert settle_ms_for(None, 8192, dry=False) == GPU_SETTLE_MS
+    assert settle_ms_for(None, SETTLE_MIN_TOKENS - 1, dry=False) == 0
+    assert settle_ms_for(None, 8192, dry=True) == 0
+    assert settle_ms_for(0.0, 8192, dry=False) == 0 and settle_ms_for(20.0, 1, dry=True) == 20
 
 
 def test_combine_weights_each_tokens_slots():
@@ -96,7 +107,7 @@ def test_combine_weights_each_tokens_slots():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_anchors_beside_triton(tmp_path):
     path = tmp_path / "experts.json"
-    rc = cli_main(["bench", "experts", "--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "512",
+    rc = cli_main(["bench", "experts", "--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "16,1024",
                    "--routings", "balanced", "--formats", "bf16,fp8_block", "--backends", "triton", "--reps", "2",
                    "--warmup", "1", "--no-plot", "--output", str(path)])
     assert rc == 0
@@ -104,9 +115,11 @@ def test_gpu_anchors_beside_triton(tmp_path):
     rows = data["results"]
     anchors = {r["backend"]: r for r in rows if r.get("anchor")}
     assert set(anchors) == set(expert_anchors.ANCHORS)
-    # on a GPU every entry is timed settled by default, anchors and backends alike
-    assert data["args"]["settle_ms"] == bench_experts.GPU_SETTLE_MS > 0
-    assert all(r["timing"]["settle_ms"] >= bench_experts.GPU_SETTLE_MS for r in rows if "timing" in r)
+    # on a GPU every entry of a prefill-sized point is timed settled by default, anchors and backends alike
+    timed = [r for r in rows if "timing" in r]
+    assert {r["T"] for r in timed} == {16, 1024}
+    for r in timed:
+        assert (r["timing"]["settle_ms"] >= bench_experts.GPU_SETTLE_MS) == (r["T"] >= bench_experts.SETTLE_MIN_TOKENS)
     for name, r in anchors.items():
         assert r.get("ms", 0) > 0, (name, r.get("error"))
         assert r["check_rel_err"] < (3e-2 if r["format"].startswith("fp8") else 1e-2), name

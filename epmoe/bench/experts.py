@@ -44,7 +44,8 @@ DRY_SHRINK = 32
 SKEW_SIGMA = 1.0          # log-normal popularity: p_e ~ exp(SKEW_SIGMA * N(0, 1))
 CHECK_ROWS = 16
 BATCHED_MAX_T = 128
-GPU_SETTLE_MS = 1000.0    # --settle-ms's default on a GPU (`Timer.settle_ms`); the dry run does not settle
+GPU_SETTLE_MS = 1000.0    # --settle-ms's default on a GPU (`Timer.settle_ms`) at points of SETTLE_MIN_TOKENS or more
+SETTLE_MIN_TOKENS = 1024  # below: decode-sized points, which timed the same settled and unsettled on an H100
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -72,8 +73,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="before the warm-ups, run each backend and anchor back to back for this long (ms), so that "
                         "a GPU at its power limit times each in the state its own sustained work brings it to, not "
                         "the clock the entry before left (unsettled on an H100, the anchors, timed first at each "
-                        "point, ran 2-9%% faster than settled) "
-                        f"(default: {GPU_SETTLE_MS:g} on a GPU, 0 with --dry-run; 0: none)")
+                        "point, ran 2-9%% faster than settled at T >= 4096; T = 1 and 16 did not move) "
+                        f"(default: {GPU_SETTLE_MS:g} on a GPU at points of T >= {SETTLE_MIN_TOKENS}, else 0, and 0 "
+                        "with --dry-run; given: at every point; 0: none)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
     p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -265,14 +267,27 @@ def check_args(args) -> None:
     _anchor_names(args.anchors)
 
 
+def settle_ms_for(given: float | None, T: int, dry: bool) -> float:
+    """How long each entry of a point of T tokens runs back to back before it is timed: `given` (--settle-ms)
+    at every point; by default GPU_SETTLE_MS on a GPU where T >= SETTLE_MIN_TOKENS, else none."""
+    if given is not None:
+        return given
+    return 0.0 if dry or T < SETTLE_MIN_TOKENS else GPU_SETTLE_MS
+
+
+def _settle_method(given: float | None, dry: bool) -> str:
+    if given is not None:
+        return f"; each entry first run back to back for {given:g} ms (--settle-ms)" if given > 0 else ""
+    return "" if dry else (f"; each entry of a point of T >= {SETTLE_MIN_TOKENS} first run back to back for "
+                           f"{GPU_SETTLE_MS:g} ms (--settle-ms's default)")
+
+
 def run_benchmark(args) -> dict:
     dry = bool(getattr(args, "dry_run", False))
     env = environment(dry)
-    if args.settle_ms is None:
-        args.settle_ms = 0.0 if dry else GPU_SETTLE_MS
     if dry:
         from .gpu_timing import Timer, WallClock
-        device, timer = torch.device("cpu"), Timer(WallClock(), args.settle_ms)    # the GPU's loop, host clock
+        device, timer = torch.device("cpu"), Timer(WallClock())    # the GPU's loop, host clock
         copy_bw, rates = None, {}
     else:
         from .gpu_timing import GpuTimer, measure_copy_bandwidth, measure_matmul_rate
@@ -281,7 +296,6 @@ def run_benchmark(args) -> dict:
         copy_bw = measure_copy_bandwidth(timer)          # the ceilings unsettled, as before
         rates = {"bf16": measure_matmul_rate(timer, torch.bfloat16)}
         rates["fp8"] = measure_matmul_rate(timer, torch.float8_e4m3fn)
-        timer.settle_ms = args.settle_ms
         print(f"# {env['gpu']}: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "
               f"{rates['bf16'] / 1e12:.0f} TFLOP/s, fp8 matmul {rates['fp8'] / 1e12:.0f} TFLOP/s", flush=True)
     sampler = None if dry else GpuStateSampler(nvidia_smi_id(device))
@@ -297,8 +311,7 @@ def run_benchmark(args) -> dict:
             "method": "CUDA events, median of reps after warm-up, L2 flushed (512 MB write) and the GPU kept busy "
                       "(cuda sleep) before each run; CUDA graph replay where the backend allows; fresh inputs "
                       "copied in before each run (untimed); every format and anchor of a preset on the same rows"
-                      + (f"; each entry first run back to back for {args.settle_ms:g} ms (--settle-ms)"
-                         if args.settle_ms > 0 else ""),
+                      + _settle_method(args.settle_ms, dry),
             "definitions": {"tflops": "6*T*k*H*I / time", "hit_weight_gbps": "experts hit * 3*H*I * bytes/elem / time",
                             "floor_ms": "max(hit weight bytes / copy rate, FLOPs / matmul rate)",
                             "vs_anchors": "anchor time / this time, for each library anchor on the same rows "
@@ -371,6 +384,7 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
             routings = csv_values(args.routings) if quant is None else [r for r in csv_values(args.fp8_routings)
                                                                    if r in csv_values(args.routings)]
             for T in (int(t) for t in csv_values(args.tokens)):
+                timer.settle_ms = settle_ms_for(args.settle_ms, T, dry)
                 for routing in routings:
                     inp = rows_for(T, routing)
                     ids, tw, pool, sample = inp["ids"], inp["tw"], inp["pool"], inp["sample"]
