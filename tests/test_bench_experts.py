@@ -113,7 +113,7 @@ def test_gpu_anchors_beside_triton(tmp_path):
     assert rc == 0
     data = json.loads(path.read_text())
     rows = data["results"]
-    anchors = {r["backend"]: r for r in rows if r.get("anchor")}
+    anchors = {r["backend"]: r for r in rows if r.get("anchor") and r["T"] == 1024}
     assert set(anchors) == set(expert_anchors.ANCHORS)
     # on a GPU every entry of a prefill-sized point is timed settled by default, anchors and backends alike
     timed = [r for r in rows if "timing" in r]
@@ -125,7 +125,9 @@ def test_gpu_anchors_beside_triton(tmp_path):
         assert r["check_rel_err"] < (3e-2 if r["format"].startswith("fp8") else 1e-2), name
     assert anchors[expert_anchors.DENSE_FP8_BLOCK]["gemms_ms"] > 0
     for r in (r for r in rows if r["backend"] == "triton"):
-        assert set(r["vs_anchors"]) == set(expert_anchors.ANCHORS)
+        # the dense block-FP8 anchor bounds prefill only: not at T = 16 (8 rows per expert)
+        want = set(expert_anchors.ANCHORS) - ({expert_anchors.DENSE_FP8_BLOCK} if r["T"] == 16 else set())
+        assert set(r["vs_anchors"]) == want, r["T"]
         g = r["gpu_state"]                              # nvidia-smi's clocks while it was timed
         if shutil.which("nvidia-smi"):
             assert g is not None and g["samples"] >= 1 and 0 < g["sm_mhz_min"] <= g["sm_mhz_max"], g
