@@ -49,9 +49,9 @@ if has profile; then
       python3 benchmarks/profile_fp8_kernels.py --preset deepseek-v3 --experts 32 --tokens 8192
 fi
 if has bench; then
-  step bench_ds32 50 python3 -m epmoe bench experts --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
+  step bench_ds32 70 python3 -m epmoe bench experts --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
       --routings balanced --formats bf16,fp8_block --backends triton --no-plot --output "$W/experts_ds32.json"
-  step bench_mixtral 40 python3 -m epmoe bench experts --presets mixtral-8x7b --tokens 8192 \
+  step bench_mixtral 55 python3 -m epmoe bench experts --presets mixtral-8x7b --tokens 8192 \
       --routings balanced --formats bf16,fp8_block --backends triton --no-plot --output "$W/experts_mixtral.json"
 fi
 if has tests; then

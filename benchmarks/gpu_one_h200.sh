@@ -163,7 +163,7 @@ for part in $PARTS; do
             ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum,lts__t_sector_hit_rate.pct \
                 -k regex:to_layout python3 benchmarks/layout_copy_probe.py --once" ;;
     crossover)
-        run "$OUT/experts_crossover_${GPU}_$DAY.log" "${CROSSOVER_SECONDS:-200}" bash -c "
+        run "$OUT/experts_crossover_${GPU}_$DAY.log" "${CROSSOVER_SECONDS:-220}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 512,1024,2048,4096 \
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
                 --output $OUT/experts_crossover_ds32_${GPU}_$DAY.json &&
@@ -171,7 +171,7 @@ for part in $PARTS; do
                 --routings balanced --formats fp8_block --anchors none --backends triton,triton_ws \
                 --output $OUT/experts_crossover_mixtral_${GPU}_$DAY.json" ;;
     ws)
-        run "$OUT/experts_ws_${GPU}_$DAY.log" "${WS_SECONDS:-150}" bash -c "
+        run "$OUT/experts_ws_${GPU}_$DAY.log" "${WS_SECONDS:-170}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
                 --routings balanced --formats ${WS_FORMATS:-fp8_block} --anchors ${WS_ANCHORS:-none} \
                 --backends triton,triton_ws --output $OUT/experts_ws_ds32_${GPU}_$DAY.json &&

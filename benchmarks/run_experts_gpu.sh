@@ -29,7 +29,7 @@ for step in $STEPS; do
               --tokens ${TUNE_TOKENS:-1024,8192} --persistent 2>&1 | tee "$OUT/tune.log"
             cp epmoe/kernels/configs/*.json "$OUT/" ;;
     gpu)    timeout ${GPU_S:-200} python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu_marked.txt" ;;
-    bench)  timeout ${BENCH_S:-280} python3 -m epmoe bench experts --reps ${BENCH_REPS:-15} --warmup 3 \
+    bench)  timeout ${BENCH_S:-400} python3 -m epmoe bench experts --reps ${BENCH_REPS:-15} --warmup 3 \
               --output "$OUT/experts_NVIDIA_H200_$(date -u +%Y-%m-%d)${BENCH_SUFFIX}.json" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log" ;;
     pytest) timeout ${PYTEST_S:-400} python3 -m pytest tests -m "not multigpu" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt" ;;
   esac

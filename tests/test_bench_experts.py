@@ -9,6 +9,7 @@ import torch
 
 from epmoe.bench import expert_anchors
 from epmoe.bench import experts as bench_experts
+from epmoe.bench.experts import SETTLE_MIN_TOKENS
 from epmoe.cli import main as cli_main
 
 SMALL = ["--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "5", "--routings", "balanced",
@@ -74,12 +75,28 @@ def test_dry_run_settles_each_entry_before_timing_it(tmp_path):
     timed = [r for r in data["results"] if "timing" in r]
     assert timed and all(r["timing"]["settle_ms"] >= 20 for r in timed)
     assert "--settle-ms" in data["method"] and data["args"]["settle_ms"] == 20
-    assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--settle-ms", "-1"]) == 2
+    for bad in ("-1", "inf", "nan"):          # inf would settle forever
+        assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--settle-ms", bad]) == 2
     # by default the dry run does not settle (a GPU does at prefill-sized points: below and the GPU test)
     assert cli_main(["bench", "experts", "--dry-run", *SMALL, "--formats", "bf16", "--output", str(path)]) == 0
     data = json.loads(path.read_text())
     assert data["args"]["settle_ms"] is None and "--settle-ms" not in data["method"]
-    assert all(r["timing"]["settle_ms"] == 0 for r in data["results"] if "timing" in r)
+    assert data["settle"] == {"given_ms": None, "default_ms": 0.0, "default_min_tokens": SETTLE_MIN_TOKENS}
+    timed = [r for r in data["results"] if "timing" in r]
+    assert timed and all(r["timing"]["settle_ms"] == 0 for r in timed)
+
+
+def test_each_point_is_settled_as_its_token_count_says(tmp_path, monkeypatch):
+    """The benchmark asks `settle_ms_for` at every point and times that point's anchors and backends with it
+    (here a rule that settles T >= 64 only: the rows at T = 5 unsettled, those at T = 64 settled)."""
+    monkeypatch.setattr(bench_experts, "settle_ms_for", lambda given, T, dry: 3.0 if T >= 64 else 0.0)
+    path = tmp_path / "experts.json"
+    argv = [a if a != "5" else "5,64" for a in SMALL]
+    assert cli_main(["bench", "experts", "--dry-run", *argv, "--formats", "bf16", "--output", str(path)]) == 0
+    timed = [r for r in json.loads(path.read_text())["results"] if "timing" in r]
+    assert {r["T"] for r in timed} == {5, 64} and any(r.get("anchor") for r in timed if r["T"] == 64)
+    for r in timed:
+        assert (r["timing"]["settle_ms"] >= 3.0) == (r["T"] == 64), (r["backend"], r["T"])
 
 
 def test_default_settling_is_for_prefill_sized_points_on_a_gpu():

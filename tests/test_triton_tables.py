@@ -383,3 +383,49 @@ def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path,
     else:
         assert got.gemv is not None and (got.block_m, got.gate_up, got.down) == (new.block_m, new.gate_up, new.down)
     assert ms == (1.5 if winner == "tiles" else 0.5)
+
+
+@pytest.mark.parametrize("T", [8, 4096])
+def test_tune_hands_its_end_to_end_comparisons_a_settling_timer(monkeypatch, T):
+    """`tune_problem`: the kernels' candidates are timed on the GPU timer as they are, while the end-to-end
+    comparisons (`_tune_gemv` at decode, `_tune_gluon` at prefill) get a timer over the same clock that settles
+    each path for `settle_ms` (`epmoe tune --settle-ms`)."""
+    import torch
+    from epmoe import MoEConfig
+    from epmoe.bench import gpu_timing, tune
+    from epmoe.layouts import ExpertWeights
+
+    class Clock:                                  # stands in for the GPU's clock: nothing here times anything
+        pass
+
+    clock = Clock()
+    monkeypatch.setattr(gpu_timing, "GpuTimer", lambda device: gpu_timing.Timer(clock))
+    tiles = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
+    seen = {}
+
+    def fake_candidates(problem, T_, bm, gus, dns, timer, *a, **k):
+        seen["kernels"] = timer
+        return {gus[0]: 1.0}, {dns[0]: 1.0}
+
+    def fake_end_to_end(name):
+        def run(problem, T_, best, *a, **k):
+            timer = k.get("ends_timer") or next(x for x in a if isinstance(x, gpu_timing.Timer))
+            seen[name] = timer
+            return best
+        return run
+    monkeypatch.setattr(tune, "_time_candidates", fake_candidates)
+    monkeypatch.setattr(tune, "compile_jobs", lambda *a, **k: [])
+    monkeypatch.setattr(tune, "_tune_gemv", fake_end_to_end("gemv"))
+    monkeypatch.setattr(tune, "_tune_gluon", fake_end_to_end("gluon"))
+    monkeypatch.setattr(tune, "_gluon_experts", lambda problem: (object(), None))
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
+    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16))
+    problem = tune.Problem(cfg, "bfloat16", weights, False)
+    plan = {T: {(128, 0): ([tiles.gate_up], [tiles.down])}}
+    best = tune.tune_problem(problem, [T], reps=1, plan=plan, show_progress=False, settle_ms=250.0)
+    assert best[T][0] == tiles
+    assert seen["kernels"].settle_ms == 0 and seen["kernels"].clock is clock
+    name = "gemv" if T <= tune.GEMV_MAX_TOKENS else "gluon"
+    assert T * 2 / 4 >= GLUON_MIN_ROWS or name == "gemv"
+    assert set(seen) == {"kernels", name}
+    assert seen[name].settle_ms == 250.0 and seen[name].clock is clock and seen[name] is not seen["kernels"]

@@ -13,7 +13,9 @@ launches of a backend that syncs with the host) is queued. Reported per run: ms,
 (6 T k H I), GB/s of the weights of the experts actually hit (bytes read once), the fraction of the
 floor max(bytes / copy rate, FLOPs / matmul rate) with both rates measured in the same run, and the
 anchor's time over this time. Each backend's output is checked on sampled rows against the float64
-oracle. Writes JSON and a PNG under benchmarks/results/ of the checkout (./epmoe-results elsewhere).
+oracle. At points of T >= SETTLE_MIN_TOKENS each entry first runs back to back for a second on a GPU
+(`--settle-ms`), so that under the power limit no entry is timed at the clock the one before left behind.
+Writes JSON and a PNG under benchmarks/results/ of the checkout (./epmoe-results elsewhere).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -45,7 +48,8 @@ SKEW_SIGMA = 1.0          # log-normal popularity: p_e ~ exp(SKEW_SIGMA * N(0, 1
 CHECK_ROWS = 16
 BATCHED_MAX_T = 128
 GPU_SETTLE_MS = 1000.0    # --settle-ms's default on a GPU (`Timer.settle_ms`) at points of SETTLE_MIN_TOKENS or more
-SETTLE_MIN_TOKENS = 1024  # below: decode-sized points, which timed the same settled and unsettled on an H100
+SETTLE_MIN_TOKENS = 1024  # below, by default not settled: of the points below measured both ways on an H100 (T = 1
+                          # and 16), the `triton` rows timed within 1% settled and unsettled
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -73,7 +77,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="before the warm-ups, run each backend and anchor back to back for this long (ms), so that "
                         "a GPU at its power limit times each in the state its own sustained work brings it to, not "
                         "the clock the entry before left (unsettled on an H100, the anchors, timed first at each "
-                        "point, ran 2-9%% faster than settled at T >= 4096; T = 1 and 16 did not move) "
+                        "point, ran 1-9%% faster than settled at T >= 4096; at T = 1 and 16 `triton` moved < 1%%) "
                         f"(default: {GPU_SETTLE_MS:g} on a GPU at points of T >= {SETTLE_MIN_TOKENS}, else 0, and 0 "
                         "with --dry-run; given: at every point; 0: none)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
@@ -248,8 +252,8 @@ def check_args(args) -> None:
     for flag, v in (("--reps", args.reps), ("--warmup", args.warmup)):
         if v < (1 if flag == "--reps" else 0):
             raise UsageError(f"{flag} must be >= {1 if flag == '--reps' else 0}, got {v}")
-    if getattr(args, "settle_ms", None) is not None and not args.settle_ms >= 0:
-        raise UsageError(f"--settle-ms must be >= 0, got {args.settle_ms}")
+    if getattr(args, "settle_ms", None) is not None and not (math.isfinite(args.settle_ms) and args.settle_ms >= 0):
+        raise UsageError(f"--settle-ms must be a finite number >= 0, got {args.settle_ms}")
     for name in csv_values(args.presets):
         if name not in KNOWN:
             raise UsageError(f"--presets: unknown preset {name!r}; known: {', '.join(KNOWN)}")
@@ -275,11 +279,13 @@ def settle_ms_for(given: float | None, T: int, dry: bool) -> float:
     return 0.0 if dry or T < SETTLE_MIN_TOKENS else GPU_SETTLE_MS
 
 
-def _settle_method(given: float | None, dry: bool) -> str:
+def _settle_method(given: float | None, dry: bool, tokens: list[int]) -> str:
     if given is not None:
         return f"; each entry first run back to back for {given:g} ms (--settle-ms)" if given > 0 else ""
-    return "" if dry else (f"; each entry of a point of T >= {SETTLE_MIN_TOKENS} first run back to back for "
-                           f"{GPU_SETTLE_MS:g} ms (--settle-ms's default)")
+    if dry or max(tokens, default=0) < SETTLE_MIN_TOKENS:
+        return ""
+    return (f"; each entry of a point of T >= {SETTLE_MIN_TOKENS} first run back to back for {GPU_SETTLE_MS:g} ms "
+            "(--settle-ms's default)")
 
 
 def run_benchmark(args) -> dict:
@@ -311,7 +317,9 @@ def run_benchmark(args) -> dict:
             "method": "CUDA events, median of reps after warm-up, L2 flushed (512 MB write) and the GPU kept busy "
                       "(cuda sleep) before each run; CUDA graph replay where the backend allows; fresh inputs "
                       "copied in before each run (untimed); every format and anchor of a preset on the same rows"
-                      + _settle_method(args.settle_ms, dry),
+                      + _settle_method(args.settle_ms, dry, [int(t) for t in csv_values(args.tokens)]),
+            "settle": {"given_ms": args.settle_ms, "default_ms": 0.0 if dry else GPU_SETTLE_MS,
+                       "default_min_tokens": SETTLE_MIN_TOKENS},
             "definitions": {"tflops": "6*T*k*H*I / time", "hit_weight_gbps": "experts hit * 3*H*I * bytes/elem / time",
                             "floor_ms": "max(hit weight bytes / copy rate, FLOPs / matmul rate)",
                             "vs_anchors": "anchor time / this time, for each library anchor on the same rows "
@@ -319,7 +327,7 @@ def run_benchmark(args) -> dict:
                                           "epmoe.bench.expert_anchors)",
                             "vs_grouped_mm": f"{ANCHOR} time / this time",
                             "gpu_state": "nvidia-smi's samples (every 20 ms) while a backend's point was timed, "
-                                         "capture and warm-up included: SM clock lowest / median / highest, "
+                                         "capture, settling and warm-up included: SM clock lowest / median / highest, "
                                          "highest power and temperature, the clock event reasons named "
                                          "(epmoe.bench.gpu_state); null where nvidia-smi gave none"},
             "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
@@ -463,7 +471,7 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
 
 
 def _timed(timer, sampler, fn, args, **kw):
-    """`timer.time(fn)` and what the GPU's clocks did meanwhile (graph capture and warm-up included; None
+    """`timer.time(fn)` and what the GPU's clocks did meanwhile (graph capture, settling and warm-up included; None
     without a sampler or samples). With a sampler, one call and a sync first, so that compiling a kernel
     (seconds at an idle clock) stays out of the window."""
     if sampler is not None:

@@ -9,7 +9,8 @@ kernels, with and without PDL) is then timed end to end against the winning tile
 entry when it is faster. Where the warp-specialized Gluon GEMMs can run (Hopper, BF16 and 128x128 block
 FP8) and a tile has GLUON_MIN_ROWS rows per expert or more, the `triton` experts are timed end to end
 with the winning tiles and with `triton_ws`'s pipeline, and the entry says `gluon` where that is faster by
-more than GLUON_MARGIN. The winners are merged into the table of this GPU
+more than GLUON_MARGIN. In those end-to-end comparisons each path first runs back to back for --settle-ms, so
+that on a GPU at its power limit the path timed first does not start at a higher clock. The winners are merged into the table of this GPU
 (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
@@ -691,7 +692,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settle-ms", type=float, default=END_TO_END_SETTLE_MS,
                    help="end-to-end comparisons (decode paths, the Gluon pipeline against the tiles): each path runs "
                         "back to back this long (ms) before it is timed, so that on a GPU at its power limit the "
-                        "path timed first does not start at a higher clock (default: %(default)g; 0: none)")
+                        "path timed first does not start at a higher clock; decode's too, where a few seconds decide "
+                        "an entry (default: %(default)g; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
@@ -704,8 +706,8 @@ def keeping_gluon(best: dict, own: dict) -> dict:
 def check_mode_flags(args) -> None:
     """`UsageError` for flags that contradict each other (one quick mode at a time, and --gluon with
     --no-gluon) or take no such value (a negative --settle-ms)."""
-    if not args.settle_ms >= 0:
-        raise UsageError(f"--settle-ms must be >= 0, got {args.settle_ms}")
+    if not (math.isfinite(args.settle_ms) and args.settle_ms >= 0):
+        raise UsageError(f"--settle-ms must be a finite number >= 0, got {args.settle_ms}")
     modes = [flag for flag, on in (("--refine", args.refine), ("--persistent", args.persistent),
                                    ("--gluon", args.gluon)) if on]
     if len(modes) > 1:
@@ -766,7 +768,8 @@ def main(args) -> int:
     gpu = torch.cuda.get_device_name(device)
     path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
     console.print(f"epmoe tune on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
-                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; end-to-end paths settled "
+                  f"{args.settle_ms:g} ms")
     tokens = token_counts(args.tokens)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pool = None
@@ -813,7 +816,8 @@ def main(args) -> int:
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                 "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing; "
-                          "entries with gemv or gluon: the whole experts op, end to end (measured_ms)"},
+                          "entries with gemv or gluon: the whole experts op, end to end (measured_ms), each path "
+                          f"first run back to back for {args.settle_ms:g} ms"},
                 seed_from=source if quick and source != path else None)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
