@@ -150,6 +150,9 @@ def test_settling_runs_the_steps_back_to_back_before_the_warm_ups():
             return ok
     with pytest.raises(ValueError, match="cannot settle"):
         Timer(FakeGpuClock(host_ms=0.1), settle_ms=1.0).time(step, reps=1, warmup=0, agree=Agreement())
+    for bad in (float("inf"), float("nan")):     # would settle forever / not at all
+        with pytest.raises(ValueError, match="finite"):
+            Timer(FakeGpuClock(host_ms=0.1), settle_ms=bad).time(step, reps=1, warmup=0, use_graph=False)
 
 
 def _dispatch_steps(clock, host_sync):

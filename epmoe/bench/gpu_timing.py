@@ -13,6 +13,7 @@ none does); the caller's `before_each` lines the ranks up before each run.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -202,6 +203,8 @@ class Timer:
 
     def _settle(self, chain, runs) -> float:
         """`chain(runs)` over and over, each run waited for, until `settle_ms` of host time; the time it took."""
+        if not math.isfinite(self.settle_ms):     # inf would never end; NaN would end at once, silently
+            raise ValueError(f"Timer.settle_ms must be finite, got {self.settle_ms}")
         if self.settle_ms <= 0:
             return 0.0
         clock = self.clock
