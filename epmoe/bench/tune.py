@@ -10,8 +10,9 @@ entry when it is faster. Where the warp-specialized Gluon GEMMs can run (Hopper,
 FP8) and a tile has GLUON_MIN_ROWS rows per expert or more, the `triton` experts are timed end to end
 with the winning tiles and with `triton_ws`'s pipeline, and the entry says `gluon` where that is faster by
 more than GLUON_MARGIN. In those end-to-end comparisons each path first runs back to back for --settle-ms, so
-that on a GPU at its power limit the path timed first does not start at a higher clock. The winners are merged into the table of this GPU
-(`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads.
+that on a GPU at its power limit the path timed first does not start at a higher clock. The winners are
+merged into the table of this GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise),
+which `lookup_config` reads.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
 (this GPU's table, else one of another GPU of the same family) and write into this GPU's table.
@@ -705,7 +706,7 @@ def keeping_gluon(best: dict, own: dict) -> dict:
 
 def check_mode_flags(args) -> None:
     """`UsageError` for flags that contradict each other (one quick mode at a time, and --gluon with
-    --no-gluon) or take no such value (a negative --settle-ms)."""
+    --no-gluon) or take no such value (a negative or infinite --settle-ms)."""
     if not (math.isfinite(args.settle_ms) and args.settle_ms >= 0):
         raise UsageError(f"--settle-ms must be a finite number >= 0, got {args.settle_ms}")
     modes = [flag for flag, on in (("--refine", args.refine), ("--persistent", args.persistent),
