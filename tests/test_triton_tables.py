@@ -395,10 +395,7 @@ def test_tune_hands_its_end_to_end_comparisons_a_settling_timer(monkeypatch, T):
     from epmoe.bench import gpu_timing, tune
     from epmoe.layouts import ExpertWeights
 
-    class Clock:                                  # stands in for the GPU's clock: nothing here times anything
-        pass
-
-    clock = Clock()
+    clock = object()                              # stands in for the GPU's clock: nothing here times anything
     monkeypatch.setattr(gpu_timing, "GpuTimer", lambda device: gpu_timing.Timer(clock))
     tiles = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
     seen = {}
