@@ -55,6 +55,10 @@
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked;
 #             each entry at T >= 1024 settled for 1 s first, the benchmark's default on a GPU; EXPERTS_ARGS: more
 #             arguments, e.g. --settle-ms 0 to time unsettled)
+#   vllm      our block-FP8 expert GEMMs beside vLLM's fused-MoE Triton kernel at the same rows and weights, kernel
+#             time against kernel time (benchmarks/vllm_gemms.py; vLLM's fused-MoE folder unpacked from its wheel
+#             under VLLM_DIR, default .anchors/vllm-0.34.0/..., sent with the call by the device tool's carry;
+#             VLLM_ARGS: more arguments, e.g. --shapes)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
@@ -190,6 +194,10 @@ for part in $PARTS; do
     walk)
         run "$OUT/walk_groups_build_${GPU}_$DAY.log" "${WALK_SECONDS:-120}" \
             python3 benchmarks/walk_groups_probe.py --output "$OUT/walk_groups_build_${GPU}_$DAY.json" ;;
+    vllm)
+        run "$OUT/vllm_gemms_${GPU}_$DAY.log" "${VLLM_SECONDS:-420}" \
+            python3 benchmarks/vllm_gemms.py --vllm "${VLLM_DIR:-.anchors/vllm-0.34.0/vllm/model_executor/layers/fused_moe}" \
+            ${VLLM_ARGS:-} --output "$OUT/vllm_gemms_${GPU}_$DAY.json" ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;

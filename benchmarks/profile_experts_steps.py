@@ -75,27 +75,34 @@ def parse_shapes(text: str) -> list[tuple[str, int | None, int]]:
     return shapes
 
 
-def profile_forwards(backend, batch, weights, clock, sampler, forwards: int):
-    """`forwards` eager forwards under the PyTorch profiler's CUDA trace, each behind the L2 flush (a kernel no
-    backend launches: the mark the trace is cut at) and a GPU sleep, after two untimed ones: `summarize` of
-    their kernels, and the GPU's clocks over the forwards only (not the profiler's start and stop)."""
+def profile_runs(run, clock, sampler, forwards: int):
+    """`forwards` eager calls of `run()` under the PyTorch profiler's CUDA trace, each behind the L2 flush (a
+    kernel no backend launches: the mark the trace is cut at) and a GPU sleep, after two untimed ones: the
+    kernels (name, start us, end us) of each call in start order, and the GPU's clocks over the calls only
+    (not the profiler's start and stop)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     for _ in range(2):
-        backend(batch, weights)
+        run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.monotonic()
         for _ in range(forwards):
             clock.flush_buffer.bitwise_not_()
             clock.sleep(0.5)
-            backend(batch, weights)
+            run()
         clock.flush_buffer.bitwise_not_()
         torch.cuda.synchronize()
         gpu_state = sampler.since(start)
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                       if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[1])
-    return summarize(forwards_of(kernels)), gpu_state
+    return forwards_of(kernels), gpu_state
+
+
+def profile_forwards(backend, batch, weights, clock, sampler, forwards: int):
+    """`profile_runs` of the backend's forward: `summarize` of its kernels, and the GPU's clocks."""
+    runs, gpu_state = profile_runs(lambda: backend(batch, weights), clock, sampler, forwards)
+    return summarize(runs), gpu_state
 
 
 def main(argv=None) -> int:
