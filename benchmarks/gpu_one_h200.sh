@@ -7,8 +7,9 @@
 #             mixtral T = 8192), `triton` beside `triton_ws` only, oracle-checked (epmoe bench experts);
 #             WS_FORMATS (e.g. bf16,fp8_block) and WS_ANCHORS (e.g. grouped_mm) name others
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
-#             the shape the table has no BF16 entry for) into this GPU's table in the package, so the parts
-#             after it run with the new entries; the table before and after are kept
+#             the shape the table has no BF16 entry for; several argument sets separated by ';' run one after
+#             the other into one log) into this GPU's table in the package, so the parts after it run with
+#             the new entries; the table before and after are kept
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
@@ -204,8 +205,12 @@ for part in $PARTS; do
     tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
-        run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" \
-            python3 -m epmoe tune ${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}
+        run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" bash -c '
+            status=0; IFS=";"
+            for set in $0; do
+                IFS=" "; echo "## epmoe tune $set"; python3 -m epmoe tune $set || status=1
+            done
+            exit $status' "${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}"
         cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;
     gluon_tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
