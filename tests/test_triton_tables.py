@@ -426,3 +426,41 @@ def test_tune_hands_its_end_to_end_comparisons_a_settling_timer(monkeypatch, T):
     assert T * 2 / 4 >= GLUON_MIN_ROWS or name == "gemv"
     assert set(seen) == {"kernels", name}
     assert seen[name].settle_ms == 250.0 and seen[name].clock is clock and seen[name] is not seen["kernels"]
+
+
+def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
+    """What happened on the H100 when the deepseek-v3 32-expert shard, tuned at T = 4096 and 8192, got an entry
+    at T = 128 alone: T = 16 .. 512, served before by the heuristic (or T = 4096's entry), now took T = 128's
+    tiles, timed at none of them (T = 16 ran 5% slower). The tuner names them, and not the T it timed, nor
+    batch sizes whose configuration stayed the same."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from epmoe.bench import tune
+    prefill = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(256, 128, 8, 8, 3))
+    mid = MoEKernelConfig(64, GemmConfig(128, 128, 8, 8, 4), GemmConfig(64, 128, 8, 4, 4))
+    path = str(tmp_path / "t.json")
+    key = shape_key(32, 7168, 2048, 8, "fp8_block")
+    tune.merge_into_table(path, key, {4096: (prefill, 2.9), 8192: (prefill, 5.6)}, {"device": "test"})
+    _load_table.cache_clear()
+    sizes = tune.NEIGHBOUR_SIZES
+    assert tune.lookup_paths(path) == [path] and tune.lookup_paths(str(tmp_path / "none.json")) == []
+    before = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path))
+    best = {128: (mid, 0.51)}
+    tune.merge_into_table(path, key, best, {"device": "test"})
+    _load_table.cache_clear()
+    after = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path))
+    changed = tune.taken_over(before, after, best)
+    # T = 16 .. 512 lie within TABLE_REACH of 128 and nearer it than 4096 (1024 stays with 4096, 8 with the
+    # heuristic: 16x from 128); T = 128 itself was tuned
+    assert [T for T, _, _ in changed] == [16, 32, 64, 256, 512]
+    assert all(now == f"t.json[{key}][T=128]" for _, _, now in changed)
+    assert changed[0][1].startswith("heuristic") and changed[-1][1] == f"t.json[{key}][T=4096]"
+    out = StringIO()
+    tune.report_taken_over(Console(file=out, width=200), key, changed)
+    text = out.getvalue()
+    assert "--tokens 16,32,64,256,512" in text and "T=16: t.json" in text and "(was heuristic" in text
+    out = StringIO()
+    tune.report_taken_over(Console(file=out, width=200), key, [])
+    assert out.getvalue() == ""

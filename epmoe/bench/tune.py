@@ -36,8 +36,8 @@ from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
 from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
-                                   _load_table, device_table_name, fit_to_problem, shape_key, smem_bytes,
-                                   table_paths_for_device)
+                                   _load_table, device_table_name, fit_to_problem, lookup_config, shape_key,
+                                   smem_bytes, table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -645,6 +645,39 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
         json.dump(data, f, indent=1)
 
 
+# the batch sizes whose configuration `epmoe tune` compares before and after it writes a shape's entries: an entry
+# serves every batch within a factor TABLE_REACH of its T, so a new one can take over untimed neighbours
+NEIGHBOUR_SIZES = [2 ** i for i in range(15)]      # 1 .. 16384
+
+
+def lookup_paths(path: str, device=None) -> list[str]:
+    """The tables a lookup reads once `path` (this GPU's table, or --output's) is written: that one first, then
+    this GPU's family's; those that exist."""
+    return [p for p in dict.fromkeys([path] + table_paths_for_device(device)) if os.path.exists(p)]
+
+
+def configs_served(sizes, L: int, H: int, I: int, k: int, fmt: str, device=None, paths=None) -> dict:
+    """{T: (configuration, where it came from)} as the `triton` experts would look each batch size up."""
+    return {T: lookup_config(T, L, H, I, k, fmt, device=device, paths=paths) for T in sizes}
+
+
+def taken_over(before: dict, after: dict, tuned) -> list[tuple[int, str, str]]:
+    """(T, source before, source after) of the batch sizes not tuned now whose configuration the new entries
+    changed: their tiles come from an entry timed at another T (or the heuristic no longer serves them)."""
+    return [(T, before[T][1], after[T][1]) for T in sorted(after)
+            if T not in tuned and T in before and before[T][0] != after[T][0]]
+
+
+def report_taken_over(console, key: str, changed: list[tuple[int, str, str]]) -> None:
+    """Say which untimed batch sizes the new entries now configure, and how to time them."""
+    if not changed:
+        return
+    console.print(escape(f"  note: {len(changed)} batch sizes not timed here now take other tiles for {key}; "
+                         f"time them too (--tokens {','.join(str(T) for T, _, _ in changed)}) or check them:"))
+    for T, was, now in changed:
+        console.print(escape(f"    T={T}: {now} (was {was})"), soft_wrap=True)
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", "--preset", action=CsvList, default=None, metavar="NAMES",
                    help="model presets to tune, comma-separated (may repeat); or give --local-experts/--hidden/"
@@ -813,6 +846,7 @@ def main(args) -> int:
                                 settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
+            served = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt, paths=lookup_paths(path, device))
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -822,6 +856,8 @@ def main(args) -> int:
                 seed_from=source if quick and source != path else None)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
+            now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt, paths=lookup_paths(path, device))
+            report_taken_over(console, key, taken_over(served, now, best))
             del weights
             torch.cuda.empty_cache()
     finally:
