@@ -12,7 +12,9 @@ with the winning tiles and with `triton_ws`'s pipeline, and the entry says `gluo
 more than GLUON_MARGIN. In those end-to-end comparisons each path first runs back to back for --settle-ms, so
 that on a GPU at its power limit the path timed first does not start at a higher clock. The winners are
 merged into the table of this GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise),
-which `lookup_config` reads.
+which `lookup_config` reads. An entry serves every batch within a factor TABLE_REACH of its T, so a new one
+can hand its tiles to batch sizes nobody timed them at: after writing, the tuner names the batch sizes of
+1 .. 16384 not tuned in this run whose configuration changed, with the --tokens that would time them.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
 (this GPU's table, else one of another GPU of the same family) and write into this GPU's table.
@@ -36,8 +38,8 @@ from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
 from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
-                                   _load_table, device_table_name, fit_to_problem, lookup_config, shape_key,
-                                   smem_bytes, table_paths_for_device)
+                                   TABLE_REACH, _load_table, device_table_name, fit_to_problem, lookup_config,
+                                   shape_key, smem_bytes, table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -694,7 +696,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
                    help="token counts T, comma-separated (default: %(default)s); at T <= "
                         f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and the table's entry of before "
-                        "run end to end as CUDA graphs and the fastest is kept")
+                        "run end to end as CUDA graphs and the fastest is kept. An entry also serves batches within "
+                        f"a factor {TABLE_REACH} of its T: after writing, the batch sizes whose configuration the new "
+                        "entries changed untimed are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
