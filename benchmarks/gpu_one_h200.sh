@@ -206,9 +206,11 @@ for part in $PARTS; do
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
         run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" bash -c '
-            status=0; IFS=";"
+            set -f; status=0; IFS=";"
             for set in $0; do
-                IFS=" "; echo "## epmoe tune $set"; python3 -m epmoe tune $set || status=1
+                unset IFS                                         # words split as usual inside a set
+                [ -z "${set//[[:space:]]/}" ] && continue       # an empty set (a trailing ";") is no tune
+                echo "## epmoe tune $set"; python3 -m epmoe tune $set || status=1
             done
             exit $status' "${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}"
         cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;

@@ -26,11 +26,18 @@ Both sides are timed the same way: eager calls under the PyTorch profiler's CUDA
 flush and a GPU sleep (`profile_experts_steps.profile_runs`), the kernels' own durations summed per call: for
 vLLM its two `fused_moe_kernel` launches; for us the GEMM kernels of one whole `triton` forward
 (`moe_gemm_kernel`, the Gluon `ws_grouped_gemm_kernel`, or at decode `gemv_gate_up_kernel` and
-`gemv_down_sum_kernel`), whichever our tuning table picks. Ours do more in those launches (the gate+up GEMM
-applies the activation and quantizes its output to FP8; the decode path's down GEMM sums the slots); vLLM's
-gate+up writes the raw product, its down applies the routing weight. Both pipelines are checked end to end
-against the float64 oracle on sampled rows (3e-2): vLLM's with our activation, quantization and slot sum
-between and after its two GEMMs. `--vllm-tables` names whose JSON tables vLLM looks in: `this` (this GPU's
+`gemv_down_sum_kernel`), whichever our tuning table picks (its entry is recorded). The split is not even either
+way: ours do more in those launches (the gate+up GEMM applies the activation and quantizes its output to FP8,
+which vLLM leaves to kernels not timed here; the decode path's down GEMM sums the slots), while vLLM's GEMMs
+gather the token rows in their own launch and the Gluon GEMMs read them from a copy into their layout made by a
+kernel of its own: each point also gives our GEMMs with that copy (`gemm_and_copy_us`) and our whole op
+(`kernel_us`), and every kernel's share. Where the tiles need two launches per GEMM (tail tiles) the first half
+of the launches is the gate+up. Both pipelines are checked end to end against the float64 oracle on sampled rows
+(3e-2): vLLM's with our activation, quantization and slot sum between and after its two GEMMs; and each of
+vLLM's GEMMs on its own against float64 products of its FP8 operands on the pairs of up to 32 sampled tokens
+(1e-2). Unlike a deployment: the shards are whole models here (vLLM's small-batch path for T * k * 4 <= E
+applies to them), weights of padded width (gpt-oss-120b's 2880 to 2944, where vLLM's TMA path then qualifies),
+and every input L2-cold before each call on both sides. `--vllm-tables` names whose JSON tables vLLM looks in: `this` (this GPU's
 name, as vLLM does) and, e.g., `NVIDIA_H200` (its H200 tables on another GPU); a table that gives the same
 configuration as one before it is not timed again.
 """
@@ -47,15 +54,22 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_experts_steps import kernel_family, parse_shapes, profile_runs
+from profile_experts_steps import kernel_family, parse_shapes, profile_runs, summarize
 
 OUR_GEMMS = ("moe_gemm_kernel", "ws_grouped_gemm_kernel", "gemv_gate_up_kernel", "gemv_down_sum_kernel")
+# our copies of the token rows into the Gluon GEMMs' layout (the tile kernels gather rows in their own launch)
+OUR_ROW_COPIES = ("pairs_to_layout_kernel", "rows_to_layout_kernel")
 VLLM_GEMM = "fused_moe_kernel"
 BLOCK_SHAPE = [128, 128]
 CHECK_TOLERANCE = 3e-2
+# each of vLLM's GEMMs against float64 products of its own FP8 operands on sampled pairs (bfloat16 outputs)
+PAIR_TOLERANCE = 1e-2
+PAIR_CHECK_TOKENS = 32
+SCALE_GROUP = 128
 METHOD = ("eager calls under the PyTorch profiler's CUDA trace, each behind an L2 flush and a GPU sleep; per call the "
           "GEMM kernels' own durations summed (ours: the GEMM launches of one whole `triton` forward; vLLM: its two "
-          "fused_moe_kernel launches), the first one the gate+up; means over the calls")
+          "fused_moe_kernel launches), the first half of the launches the gate+up; ours also with the copy of the "
+          "token rows into the layout (gemm_and_copy_us), which vLLM's GEMM does in its launch; means over the calls")
 # vLLM's functions run here, by file (relative to the fused-MoE folder)
 VLLM_FUNCTIONS = {"utils.py": ("enable_swap_ab",),
                   "fused_moe.py": ("write_zeros_to_output", "fused_moe_kernel", "invoke_fused_moe_triton_kernel",
@@ -204,21 +218,55 @@ def vllm_config(vk, folder: Path, device: str, w13_shape, w2_shape, top_k: int, 
     return vk.get_default_config(M, E, N, w13_shape[2], top_k, "fp8_w8a8", BLOCK_SHAPE), "vLLM's default"
 
 
-def gemm_times(runs, families) -> dict:
-    """Per call: the GEMM kernels' microseconds (those whose family is in `families`), the first one's (the
-    gate+up) and the rest's (the down), and every kernel's; means over the calls."""
-    gemm, first, rest, total, counts = [], [], [], [], set()
+def gemm_times(runs, families, copies=()) -> dict:
+    """Per call: the GEMM kernels' microseconds (those whose family is in `families`), the gate+up's (the first
+    half of those launches: the gate+up runs before the down, each in one launch or, with tail tiles, two) and the
+    down's (None where the count is odd), the GEMMs with the kernels of `copies` (the copy of the token rows
+    into the layout, which vLLM's GEMM does inside its launch), and every kernel's; means over the calls."""
+    gemm, first, rest, with_copy, total, counts = [], [], [], [], [], set()
     for kernels in runs:
         durations = [(kernel_family(n), e - s) for n, s, e in kernels]
-        ours = [us for fam, us in durations if fam in families]
-        counts.add(len(ours))
-        gemm.append(sum(ours))
-        first.append(ours[0] if ours else 0.0)
-        rest.append(sum(ours[1:]))
+        launches = [us for fam, us in durations if fam in families]
+        counts.add(len(launches))
+        half = len(launches) // 2
+        gemm.append(sum(launches))
+        first.append(sum(launches[:half]))
+        rest.append(sum(launches[half:]))
+        with_copy.append(sum(launches) + sum(us for fam, us in durations if fam in copies))
         total.append(sum(us for _, us in durations))
     n = max(len(runs), 1)
+    split = len(counts) == 1 and min(counts) % 2 == 0
     return {"calls": len(runs), "gemm_launches": sorted(counts), "gemm_us": sum(gemm) / n,
-            "gate_up_us": sum(first) / n, "down_us": sum(rest) / n, "kernel_us": sum(total) / n}
+            "gate_up_us": sum(first) / n if split else None, "down_us": sum(rest) / n if split else None,
+            "gemm_and_copy_us": sum(with_copy) / n, "kernel_us": sum(total) / n, "kernels": summarize(runs)["kernels"]}
+
+
+def pair_check(c, a_q, a_scale, w_q, w_scale, rows, experts, weight=None) -> float:
+    """rel_err of GEMM outputs `c` [P, N] of sampled pairs against float64 products of the dequantized operands:
+    A's rows `rows` by expert `experts`'s weights, times the routing `weight` where given (the down GEMM's)."""
+    import torch
+    from epmoe.bench.experts import rel_err
+    from epmoe.quant.fp8 import dequantize_weight, fp8_dequantize
+    a = fp8_dequantize(a_q[rows], a_scale[rows], SCALE_GROUP).double()
+    ref = torch.empty(len(rows), w_q.shape[1], dtype=torch.float64, device=c.device)
+    for e in experts.unique().tolist():
+        sel = experts == e
+        ref[sel] = a[sel] @ dequantize_weight(w_q[e], w_scale[e], tuple(BLOCK_SHAPE)).double().T
+    if weight is not None:
+        ref *= weight.double()[:, None]
+    return rel_err(c, ref)
+
+
+def split(times: dict) -> str:
+    """'gate+up + down' microseconds, or the launch count where the launches do not split in two halves."""
+    if times["gate_up_us"] is None:
+        return f"{times['gemm_launches']} launches"
+    return f"{times['gate_up_us']:.1f} + {times['down_us']:.1f}"
+
+
+def file_digests(paths) -> dict:
+    """{file name: sha256} of the files given (the tuning tables our lookup read)."""
+    return {Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in paths}
 
 
 def main(argv=None) -> int:
@@ -249,6 +297,7 @@ def main(argv=None) -> int:
     from epmoe.bench.experts import bench_config, environment, make_routing, make_weights, rel_err, sample_rows
     from epmoe.bench.gpu_state import GpuStateSampler, nvidia_smi_id
     from epmoe.bench.gpu_timing import CudaClock
+    from epmoe.kernels.tuning_table import lookup_config, table_paths_for_device
     from epmoe.layouts import FlatBatch
     from epmoe.quant.fp8 import fp8_quantize
     from epmoe.reference import reference_moe
@@ -297,8 +346,10 @@ def main(argv=None) -> int:
             batch = FlatBatch(xp, ids, tw)
             err = rel_err(backend(batch, weights)[:, :H][sample], ref)
             runs, gpu_state = profile_runs(lambda: backend(batch, weights), clock, sampler, args.forwards)
-            ours = dict(gemm_times(runs, OUR_GEMMS), check_rel_err=err, check_ok=err <= CHECK_TOLERANCE,
-                        gpu_state=gpu_state)
+            table_cfg, table_source = lookup_config(T, E, Hp, Ip, k, "fp8_block", device=device)
+            ours = dict(gemm_times(runs, OUR_GEMMS, OUR_ROW_COPIES), check_rel_err=err,
+                        check_ok=err <= CHECK_TOLERANCE, gpu_state=gpu_state, table_config=table_cfg.to_dict(),
+                        table_source=table_source)
             failed += not ours["check_ok"]
             del backend
 
@@ -318,6 +369,16 @@ def main(argv=None) -> int:
                 aq, a_s = fp8_quantize(act.to(torch.bfloat16).reshape(T * k, Ip), 128)
                 vllm_gemm(aq, weights.w2, c3, a_s, weights.w2_scale, tw, layout, True, 1, config)
                 verr = rel_err(c3.float().sum(1)[:, :H][sample], ref)
+                # each GEMM on its own against its FP8 operands (a misread scale would hide in the end-to-end
+                # check's margin, which another rounding of the intermediate takes half of)
+                tokens = sample[:PAIR_CHECK_TOKENS]
+                pairs_e = ids[tokens].reshape(-1).long()
+                rows = tokens.repeat_interleave(k)
+                gate_up_err = pair_check(c1[tokens].reshape(-1, 2 * Ip), xq, xs, weights.w13, weights.w13_scale,
+                                         rows, pairs_e)
+                down_err = pair_check(c3[tokens].reshape(-1, Hp), aq, a_s, weights.w2, weights.w2_scale,
+                                      rows * k + torch.arange(k, device=device).repeat(len(tokens)), pairs_e,
+                                      tw[tokens].reshape(-1))
 
                 def both():
                     vllm_gemm(xq, weights.w13, c1, xs, weights.w13_scale, tw, layout, False, k, config)
@@ -325,17 +386,21 @@ def main(argv=None) -> int:
 
                 runs, vstate = profile_runs(both, clock, sampler, args.forwards)
                 row = dict(gemm_times(runs, (VLLM_GEMM,)), table=table, config=config, config_source=source,
-                           check_rel_err=verr, check_ok=verr <= CHECK_TOLERANCE, gpu_state=vstate)
+                           check_rel_err=verr, gate_up_rel_err=gate_up_err, down_rel_err=down_err,
+                           check_ok=verr <= CHECK_TOLERANCE and max(gate_up_err, down_err) <= PAIR_TOLERANCE,
+                           gpu_state=vstate)
                 failed += not row["check_ok"]
                 vllm_rows.append(row)
             results.append(dict(point, ours=ours, vllm=vllm_rows))
-            line = (f"{preset:14s} E={E:<3d} T={T:<5d} ours GEMMs {ours['gemm_us']:9.1f} us "
-                    f"({ours['gate_up_us']:.1f} + {ours['down_us']:.1f}; whole op {ours['kernel_us']:.1f}; "
-                    f"check {err:.1e}{'' if ours['check_ok'] else ' FAILED'})")
+            line = (f"{preset:14s} E={E:<3d} T={T:<5d} ours GEMMs {ours['gemm_us']:9.1f} us ({split(ours)}; with the "
+                    f"row copy {ours['gemm_and_copy_us']:.1f}; whole op {ours['kernel_us']:.1f}; check {err:.1e}"
+                    f"{'' if ours['check_ok'] else ' FAILED'})  [{table_source}]")
             for row in vllm_rows:
-                line += (f"\n{'':24s}vLLM {row['table']:22s} {row['gemm_us']:9.1f} us ({row['gate_up_us']:.1f} + "
-                         f"{row['down_us']:.1f}; check {row['check_rel_err']:.1e}"
-                         f"{'' if row['check_ok'] else ' FAILED'})  vLLM / ours {row['gemm_us'] / ours['gemm_us']:.2f}"
+                line += (f"\n{'':24s}vLLM {row['table']:22s} {row['gemm_us']:9.1f} us ({split(row)}; checks "
+                         f"{row['check_rel_err']:.1e}, GEMMs {row['gate_up_rel_err']:.1e} {row['down_rel_err']:.1e}"
+                         f"{'' if row['check_ok'] else ' FAILED'})  vLLM / ours "
+                         f"{row['gemm_us'] / ours['gemm_us']:.2f}, with our row copy "
+                         f"{row['gemm_us'] / ours['gemm_and_copy_us']:.2f}"
                          f"  [{row['config_source']}: {json.dumps(row['config'], sort_keys=True)}]")
             print(line, flush=True)
             del c1, c3
@@ -344,7 +409,8 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"environment": environment(), "command": " ".join(sys.argv), "vllm_files_sha256": digests,
-                       "method": METHOD, "results": results}, f, indent=1)
+                       "tables_sha256": file_digests(table_paths_for_device(device)), "method": METHOD,
+                       "results": results}, f, indent=1)
     return 1 if failed else 0
 
 

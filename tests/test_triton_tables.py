@@ -445,12 +445,12 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     tune.merge_into_table(path, key, {4096: (prefill, 2.9), 8192: (prefill, 5.6)}, {"device": "test"})
     _load_table.cache_clear()
     sizes = tune.NEIGHBOUR_SIZES
-    assert tune.lookup_paths(path) == [path] and tune.lookup_paths(str(tmp_path / "none.json")) == []
-    before = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path))
+    assert tune.lookup_paths(path, False) == [path] and tune.lookup_paths(str(tmp_path / "none.json"), False) == []
+    before = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path, False))
     best = {128: (mid, 0.51)}
     tune.merge_into_table(path, key, best, {"device": "test"})
     _load_table.cache_clear()
-    after = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path))
+    after = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path, False))
     changed = tune.taken_over(before, after, best)
     # T = 16 .. 512 lie within TABLE_REACH of 128 and nearer it than 4096 (1024 stays with 4096, 8 with the
     # heuristic: 16x from 128); T = 128 itself was tuned
@@ -464,3 +464,11 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     out = StringIO()
     tune.report_taken_over(Console(file=out, width=200), key, [])
     assert out.getvalue() == ""
+    # an entry with the tiles its neighbours already had: only the batch sizes whose tiles differ now are named
+    # (T = 16 and 32 go from T = 128's entry to T = 64's, the same configuration; T = 8 from the heuristic)
+    best = {64: (mid, 0.4)}
+    tune.merge_into_table(path, key, best, {"device": "test"})
+    _load_table.cache_clear()
+    again = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path, False))
+    assert again[16][1] == f"t.json[{key}][T=64]" and after[16][1] == f"t.json[{key}][T=128]"
+    assert [T for T, _, _ in tune.taken_over(after, again, best)] == [8]

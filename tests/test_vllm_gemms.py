@@ -151,8 +151,63 @@ def test_gemm_times_sum_the_named_kernels_per_call(benchmark_script):
              ("sum_slots_kernel", 160, 170)],
             [("moe_gemm_kernel", 0, 120), ("_fp8_quant_kernel", 120, 130), ("moe_gemm_kernel", 130, 170),
              ("sum_slots_kernel", 170, 180)]]
-    s = t.gemm_times(runs, t.OUR_GEMMS)
+    s = t.gemm_times(runs, t.OUR_GEMMS, t.OUR_ROW_COPIES)
     assert s["calls"] == 2 and s["gemm_launches"] == [2]
     assert s["gemm_us"] == pytest.approx(155) and s["gate_up_us"] == pytest.approx(110)
     assert s["down_us"] == pytest.approx(45) and s["kernel_us"] == pytest.approx(175)
+    assert s["gemm_and_copy_us"] == pytest.approx(155)                  # no copy kernel in these calls
+    assert {k["kernel"] for k in s["kernels"]} == {"moe_gemm_kernel", "_fp8_quant_kernel", "sum_slots_kernel"}
+    assert t.split(s) == "110.0 + 45.0"
     assert t.gemm_times(runs, (t.VLLM_GEMM,))["gemm_us"] == 0.0
+
+
+def test_tail_tiles_split_the_launches_in_halves_and_the_row_copy_counts_beside(benchmark_script):
+    """With tail tiles the tile path launches gate+up body, gate+up tail, down body, down tail: the gate+up is
+    the first half (the first launch alone would call the gate+up's tail a down); the Gluon pipeline's copy of the
+    rows into its layout is counted in `gemm_and_copy_us`, not in the GEMMs."""
+    t = benchmark_script("vllm_gemms")
+    run = [("pairs_to_layout_kernel", 0, 30), ("moe_gemm_kernel", 30, 330), ("moe_gemm_kernel", 330, 370),
+           ("moe_gemm_kernel", 370, 520), ("moe_gemm_kernel", 520, 540), ("gather_sum_kernel", 540, 560)]
+    s = t.gemm_times([run], t.OUR_GEMMS, t.OUR_ROW_COPIES)
+    assert s["gemm_launches"] == [4]
+    assert s["gate_up_us"] == pytest.approx(340) and s["down_us"] == pytest.approx(170)
+    assert s["gemm_us"] == pytest.approx(510) and s["gemm_and_copy_us"] == pytest.approx(540)
+    odd = t.gemm_times([run[:4]], t.OUR_GEMMS)
+    assert odd["gate_up_us"] is None and odd["down_us"] is None and t.split(odd) == "[3] launches"
+    mixed = t.gemm_times([run, run[:3] + run[4:]], t.OUR_GEMMS)          # 4 launches in one call, 3 in the other
+    assert mixed["gemm_launches"] == [3, 4] and mixed["gate_up_us"] is None
+
+
+def test_layout_stand_in_gives_vllms_docstring_example(benchmark_script):
+    """The example of vLLM's moe_align_block_size docstring (experts 1-4, so five ids), literally."""
+    align = stand_ins(benchmark_script)["moe_align_block_size"]
+    ids = torch.tensor([[2, 3, 4], [1, 2, 4], [1, 3, 4], [1, 2, 3]], dtype=torch.int32)
+    sorted_ids, expert_ids, total = align(ids, 4, 5)
+    assert int(total) == 16
+    assert sorted_ids[:16].tolist() == [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
+    assert expert_ids[:4].tolist() == [1, 2, 3, 4]
+
+
+def test_pair_check_measures_a_gemm_against_its_dequantized_operands(benchmark_script):
+    """The per-GEMM check of vLLM's launches: near zero for the right products (bfloat16 outputs), and a
+    misread scale group (one weight block's scale doubled) or a wrong routing weight fails it."""
+    from epmoe.quant.fp8 import fp8_quantize, quantize_weight
+    t = benchmark_script("vllm_gemms")
+    gen = torch.Generator().manual_seed(0)
+    E, N, K, P = 3, 256, 384, 12
+    w = torch.randn(E, N, K, generator=gen) * 0.05
+    qs = [quantize_weight(w[e], "block", (128, 128)) for e in range(E)]
+    w_q, w_s = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    a_q, a_s = fp8_quantize(torch.randn(5, K, generator=gen).bfloat16(), 128, impl="torch")
+    rows = torch.randint(0, 5, (P,), generator=gen)
+    experts = torch.randint(0, E, (P,), generator=gen)
+    weight = torch.rand(P, generator=gen) + 0.5
+    a = (a_q.float() * a_s.repeat_interleave(128, dim=1))[rows]
+    from epmoe.quant.fp8 import dequantize_weight
+    c = torch.stack([dequantize_weight(w_q[e], w_s[e], (128, 128)) @ a[i] for i, e in enumerate(experts.tolist())])
+    c = (c * weight[:, None]).bfloat16()
+    assert t.pair_check(c, a_q, a_s, w_q, w_s, rows, experts, weight) < 4e-3
+    assert t.pair_check(c, a_q, a_s, w_q, w_s, rows, experts, weight * 1.05) > t.PAIR_TOLERANCE
+    bad = w_s.clone()
+    bad[int(experts[0]), 0, 1] *= 2
+    assert t.pair_check(c, a_q, a_s, w_q, bad, rows, experts, weight) > t.PAIR_TOLERANCE

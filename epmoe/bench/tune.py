@@ -13,8 +13,8 @@ more than GLUON_MARGIN. In those end-to-end comparisons each path first runs bac
 that on a GPU at its power limit the path timed first does not start at a higher clock. The winners are
 merged into the table of this GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise),
 which `lookup_config` reads. An entry serves every batch within a factor TABLE_REACH of its T, so a new one
-can hand its tiles to batch sizes nobody timed them at: after writing, the tuner names the batch sizes of
-1 .. 16384 not tuned in this run whose configuration changed, with the --tokens that would time them.
+can hand its tiles to batch sizes nobody timed them at: after writing, the tuner names the powers of two from 1
+to 16384 not tuned in this run whose configuration changed, with the --tokens that would time them.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
 (this GPU's table, else one of another GPU of the same family) and write into this GPU's table.
@@ -648,14 +648,17 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
 
 
 # the batch sizes whose configuration `epmoe tune` compares before and after it writes a shape's entries: an entry
-# serves every batch within a factor TABLE_REACH of its T, so a new one can take over untimed neighbours
-NEIGHBOUR_SIZES = [2 ** i for i in range(15)]      # 1 .. 16384
+# serves every batch within a factor TABLE_REACH of its T, so a new one can take over untimed neighbours (between
+# two of these powers of two the lookup may switch too: they are the sizes checked, not every size that changed)
+NEIGHBOUR_SIZES = [2 ** i for i in range(15)]      # 1, 2, 4 .. 16384
 
 
-def lookup_paths(path: str, device=None) -> list[str]:
-    """The tables a lookup reads once `path` (this GPU's table, or --output's) is written: that one first, then
-    this GPU's family's; those that exist."""
-    return [p for p in dict.fromkeys([path] + table_paths_for_device(device)) if os.path.exists(p)]
+def lookup_paths(path: str, own: bool, device=None) -> list[str]:
+    """The tables a lookup reads with `path` written, those that exist: `path` (this GPU's table when `own`) and
+    then its family's; or, for another file (--output), `path` alone, as if it were this GPU's table (the lookup
+    stops at the first table that has the shape, so the family's would hide what `path` changes)."""
+    paths = [path] + (table_paths_for_device(device) if own else [])
+    return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
 
 
 def configs_served(sizes, L: int, H: int, I: int, k: int, fmt: str, device=None, paths=None) -> dict:
@@ -698,7 +701,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and the table's entry of before "
                         "run end to end as CUDA graphs and the fastest is kept. An entry also serves batches within "
                         f"a factor {TABLE_REACH} of its T: after writing, the batch sizes whose configuration the new "
-                        "entries changed untimed are named")
+                        "entries changed untimed (powers of two) are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
@@ -804,7 +807,9 @@ def main(args) -> int:
     console = Console()
     device = torch.device("cuda", torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
-    path = args.output or os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
+    own_path = os.path.join(CONFIG_DIR, device_table_name(gpu) + ".json")
+    path = args.output or own_path
+    own_table = os.path.abspath(path) == os.path.abspath(own_path)
     console.print(f"epmoe tune on {gpu}, torch {torch.__version__}, triton {triton.__version__}, "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; end-to-end paths settled "
                   f"{args.settle_ms:g} ms")
@@ -850,7 +855,8 @@ def main(args) -> int:
                                 settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
-            served = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt, paths=lookup_paths(path, device))
+            read = lookup_paths(path, own_table, device)
+            served = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt, paths=read)
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -860,7 +866,8 @@ def main(args) -> int:
                 seed_from=source if quick and source != path else None)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
-            now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt, paths=lookup_paths(path, device))
+            now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
+                                 paths=lookup_paths(path, own_table, device))
             report_taken_over(console, key, taken_over(served, now, best))
             del weights
             torch.cuda.empty_cache()
