@@ -70,11 +70,11 @@ def fake_vllm(tmp_path, drop=None):
 
             @triton.jit
             def write_zeros_to_output(x):
-                pass
+                return x
 
             @triton.jit
             def fused_moe_kernel(x):
-                pass
+                return x
 
             def invoke_fused_moe_triton_kernel(*args, **kwargs):
                 return "launched"
