@@ -148,8 +148,10 @@ def test_settling_runs_the_steps_back_to_back_before_the_warm_ups():
     class Agreement:
         def all(self, ok):
             return ok
+    before = len(runs)
     with pytest.raises(ValueError, match="cannot settle"):
         Timer(FakeGpuClock(host_ms=0.1), settle_ms=1.0).time(step, reps=1, warmup=0, agree=Agreement())
+    assert len(runs) == before          # refused before any step ran (no compile, no capture)
     for bad in (float("inf"), float("nan")):     # would settle forever / not at all
         with pytest.raises(ValueError, match="finite"):
             Timer(FakeGpuClock(host_ms=0.1), settle_ms=bad).time(step, reps=1, warmup=0, use_graph=False)

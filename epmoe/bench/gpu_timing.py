@@ -228,6 +228,9 @@ class Timer:
         output) and the replays are timed; where capture fails on any rank of `agree`, every rank runs
         the steps eagerly behind the sleep. `agree` also makes every rank use the same sleep.
         """
+        if self.settle_ms > 0 and agree is not None:
+            # each rank would settle for its own number of runs, and collectives inside the steps would not pair up
+            raise ValueError("Timer.settle_ms is for one process; ranks timed together cannot settle")
         clock = self.clock
 
         def chain(runs):
@@ -250,9 +253,6 @@ class Timer:
         chain(runs)
         host_ms = (clock.host_now() - t0) * 1e3
         clock.synchronize()
-        if self.settle_ms > 0 and agree is not None:
-            # each rank would settle for its own number of runs, and collectives inside the steps would not pair up
-            raise ValueError("Timer.settle_ms is for one process; ranks timed together cannot settle")
         settled_ms = self._settle(chain, runs)
         sleep_ms = clock.sleep_for(host_ms)
         if agree is not None:

@@ -855,8 +855,9 @@ def main(args) -> int:
                                 settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
-            read = lookup_paths(path, own_table, device)
-            served = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt, paths=read)
+            # the lookup before and after the write (looked up again after: the table may exist only then)
+            served = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
+                                    paths=lookup_paths(path, own_table, device))
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
