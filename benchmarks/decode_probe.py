@@ -5,8 +5,9 @@ replay), each forward checked against the float64 oracle of its format.
     PYTHONPATH=. python3 benchmarks/decode_probe.py --shapes mixtral-8x7b:1,deepseek-v3:1 --formats fp8_block
     ncu -k regex:moe_gemm python3 benchmarks/decode_probe.py --once ...      # one forward per point
 
-Each shape is PRESET:T (the preset's own experts, a balanced routing, the rows and weights the benchmark
-makes). The hit bytes are the weights of the experts the routing hits (3 * H * I each, in the format's
+Each shape is PRESET:T (the preset's own experts; PRESET:L:T a shard of L of them at the preset's top-k; a
+balanced routing, the rows and weights the benchmark makes). The hit bytes are the weights of the experts the
+routing hits (3 * H * I each, in the format's
 element size; scales not counted). `--configs` times other kernel configurations of the table's format
 beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same backend, and the
 table's own again after them. Each shape's first timing is a warm-up, not reported. Compare a variant with the
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--shapes", default="mixtral-8x7b:1,deepseek-v3:1,gpt-oss-120b:1,mixtral-8x7b:16",
-                   help="PRESET:T, comma-separated (default: %(default)s)")
+                   help="PRESET:T or PRESET:LOCAL_EXPERTS:T (a shard of that many experts at the preset's "
+                        "top-k), comma-separated (default: %(default)s)")
     p.add_argument("--formats", default="fp8_block", help="formats (default: %(default)s)")
     p.add_argument("--configs", help="JSON file: a list of kernel configurations to time beside the table's")
     p.add_argument("--once", action="store_true", help="one forward per point after two warm-ups (for ncu)")
@@ -67,11 +69,11 @@ def main(argv=None) -> int:
     extra = [MoEKernelConfig.from_dict(d) for d in json.load(open(args.configs))] if args.configs else []
     rows, failed, floors = [], 0, {}
     for item in args.shapes.split(","):
-        preset, T = item.split(":")
-        T = int(T)
+        preset, *experts, T = item.split(":")
+        T, experts = int(T), (int(experts[0]) if experts else None)
         for fmt in args.formats.split(","):
             gen = torch.Generator(device=device).manual_seed(0)
-            cfg = bench_config(preset, fmt)
+            cfg = bench_config(preset, fmt, experts)
             weights, oracle = make_weights(cfg, device, gen)
             ids, tw = make_routing("balanced", T, cfg.num_experts, cfg.top_k, gen, device)
             x = torch.randn(T, cfg.hidden_size, generator=gen, device=device).to(torch.bfloat16)
@@ -111,12 +113,12 @@ def main(argv=None) -> int:
                     continue
                 if nbytes not in floors:
                     floors[nbytes] = read_floor_ms(timer, nbytes)
-                row = dict(preset=preset, tokens=T, format=fmt, variant=label, config=config.describe(),
+                row = dict(preset=preset, local_experts=cfg.num_experts, tokens=T, format=fmt, variant=label, config=config.describe(),
                            experts_hit=hit, hit_bytes=nbytes, median_ms=t.median_ms, method=t.method,
                            tb_per_s=nbytes / (t.median_ms * 1e-3) / 1e12, read_floor_ms=floors[nbytes],
                            floor_ratio=floors[nbytes] / t.median_ms, err=err, ok=ok)
                 rows.append(row)
-                print(f"{preset:13s} T={T:3d} {fmt:10s} {label:9s} {t.median_ms * 1e3:8.1f} us "
+                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:9s} {t.median_ms * 1e3:8.1f} us "
                       f"{row['tb_per_s']:5.2f} TB/s  read floor {floors[nbytes] * 1e3:6.1f} us "
                       f"({row['floor_ratio']:.2f})  err {err:.1e}{'' if ok else ' FAILED'}  {config.describe()}",
                       flush=True)
