@@ -51,7 +51,8 @@
 #             block FP8, mixtral-8x7b, deepseek-v3, gpt-oss-120b at T = 1 and 16; DECODE_ARGS: its arguments, e.g.
 #             --configs benchmarks/decode_fp8_variants.json; DECODE_TAG: a suffix of its file names), then, where
 #             DECODE_NCU_SHAPE names one (e.g. mixtral-8x7b:1), ncu's throughput, occupancy and warp-state sections
-#             of the two GEMM launches of one forward there
+#             of the two GEMM launches of one forward there (DECODE_NCU_LAUNCHES: more launches, e.g. 6 for two shapes: the
+#             first forward of the first shape is skipped)
 #   experts   the experts side by side at the prefill targets and the decode points (epmoe bench experts:
 #             triton beside torch._grouped_mm, _scaled_grouped_mm and dense block-FP8 scaled_mm, oracle-checked;
 #             each entry at T >= 1024 settled for 1 s first, the benchmark's default on a GPU; EXPERTS_ARGS: more
@@ -159,7 +160,7 @@ for part in $PARTS; do
             python3 benchmarks/decode_probe.py ${DECODE_ARGS:-} --output $OUT/decode_${GPU}_$DAY${DECODE_TAG:-}.json
             if [ -n '${DECODE_NCU_SHAPE:-}' ]; then
                 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-                    --section MemoryWorkloadAnalysis -k regex:'moe_gemm|gemv' --launch-skip 2 --launch-count 2 \
+                    --section MemoryWorkloadAnalysis -k regex:'moe_gemm|gemv' --launch-skip 2 --launch-count ${DECODE_NCU_LAUNCHES:-2} \
                     python3 benchmarks/decode_probe.py --once --shapes ${DECODE_NCU_SHAPE:-} ${DECODE_NCU_ARGS:-}
             fi" ;;
     layout)
