@@ -160,7 +160,7 @@ for part in $PARTS; do
             python3 benchmarks/decode_probe.py ${DECODE_ARGS:-} --output $OUT/decode_${GPU}_$DAY${DECODE_TAG:-}.json
             if [ -n '${DECODE_NCU_SHAPE:-}' ]; then
                 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-                    --section MemoryWorkloadAnalysis -k regex:'moe_gemm|gemv' --launch-skip 2 --launch-count ${DECODE_NCU_LAUNCHES:-2} \
+                    --section MemoryWorkloadAnalysis -k regex:'^(moe_gemm_kernel|gemv_gate_up_kernel|gemv_down_sum_kernel)$' --launch-skip 2 --launch-count ${DECODE_NCU_LAUNCHES:-2} \
                     python3 benchmarks/decode_probe.py --once --shapes ${DECODE_NCU_SHAPE:-} ${DECODE_NCU_ARGS:-}
             fi" ;;
     layout)

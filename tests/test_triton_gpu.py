@@ -525,3 +525,46 @@ def test_down_split_over_k_fp8(preset, monkeypatch):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, **k: (config, "test"))
         layer.experts._configs.clear()
         _check_layer(layer, (1, 16, 33), bound=3e-2, seed=split)
+
+
+@pytest.mark.parametrize("preset,experts", [("qwen3-30b-a3b", 16), ("gpt-oss-120b", None)])
+def test_down_quantizes_fp8(preset, experts, monkeypatch):
+    """`down_quantizes` in block FP8 at real sizes: the gate+up writes float32 and the down GEMM quantizes each
+    K tile as it loads it, with gate+up N tiles of 128 (then the output is the default path's bit for bit: the
+    same FP8 values and scales), 64 and 32, pointer and TMA loads (the down's float32 rows through a tensor
+    descriptor too), uniform and split tiles; T = 1, 16, 33 and 300 against the oracle (gpt-oss-120b with its
+    biases)."""
+    from epmoe.kernels import tuning_table
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    from epmoe.presets import shrink_config
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block"))
+    if experts:
+        cfg = shrink_config(cfg, experts=experts)
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=19, device="cuda"),
+                   bias=preset == "gpt-oss-120b")
+    base = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    variants = [
+        replace(base, down_quantizes=True),
+        replace(base, gate_up=GemmConfig(64, 128, 1, 4, 4, tma=True), down_quantizes=True),
+        replace(base, gate_up=GemmConfig(32, 128, 1, 4, 5),
+                down=GemmConfig(64, 128, 1, 4, 4, tma=True, tma_a=True), down_quantizes=True),
+        MoEKernelConfig(64, GemmConfig(64, 128, 8, 8, 4), GemmConfig(128, 128, 8, 8, 4, tma=True), tail_m=16,
+                        down_quantizes=True),
+    ]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    current = {"config": base}
+    monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, **k: (current["config"], "test"))
+    for T in (1, 16, 33, 300):
+        x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+        logits = torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2
+        rows = torch.arange(min(T, CHECK_ROWS), device="cuda")
+        ref = reference_moe(x[rows], logits[rows], LayerExperts(layer), cfg, layer.score_correction_bias,
+                            device="cuda")
+        outs = []
+        for config in [base] + variants:
+            current["config"] = config
+            layer.experts._configs.clear()
+            outs.append(layer(x, logits))
+            torch.cuda.synchronize()
+            assert_close(outs[-1][rows], ref, 3e-2, context=f"{preset} T={T} {config.describe()}")
+        assert torch.equal(outs[1], outs[0]), f"{preset} T={T}: gate+up tiles of 128, quantized in the down GEMM"

@@ -546,6 +546,94 @@ if INTERPRETING:
         assert_close(out, ref, 5e-3, context=f"fp8 promote={promote}")
         assert_close(out, base, 2e-3, context=f"fp8 promote={promote} against sync")
 
+    @pytest.mark.parametrize("gu_n,T,layout,variant", [
+        (128, 11, "flat", "plain"),          # the same gate+up tiles as the default: bit for bit
+        (64, 11, "flat", "tma"),
+        (32, 1, "flat", "plain"),            # one pair per tile
+        (64, 11, "flat", "rescale"),         # persistent kernels, "rescale" promotion, split tiles
+        (32, 11, "batched", "plain"),
+    ])
+    def test_fp8_down_quantizes(gu_n, T, layout, variant):
+        """down_quantizes (block FP8, activations per group of 128): the gate+up writes float32 and the down
+        GEMM quantizes each K tile as it loads it, so the gate+up's N tile may be narrower than the group.
+        The FP8 values and scales are the ones the gate+up's epilogue would have made: with the default's
+        gate+up tiles the output is the default path's bit for bit; with narrower ones (other float32 sums)
+        within one FP8 step of it, and within the FP8 bound of the oracle. An expert hit by every token, the
+        last expert on another rank (flat), uneven counts (batched)."""
+        from dataclasses import replace as dc_replace
+
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        E, k, H, I = 4, 2, 384, 256
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
+                        quant=quant)
+        experts = random_experts(cfg, seed=71)
+        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        blk = quant.weight_block
+        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
+                dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
+        tma, persistent = variant == "tma", variant == "rescale"
+        promote = "rescale" if variant == "rescale" else "sync"
+        base = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=tma, persistent=persistent, promote=promote),
+                               GemmConfig(64, 128, 1, 4, 2, tma=tma, tma_a=tma, persistent=persistent,
+                                          promote=promote), tail_m=8 if variant == "rescale" else 0)
+        config = dc_replace(base, gate_up=dc_replace(base.gate_up, block_n=gu_n), down_quantizes=True)
+        gen = torch.Generator().manual_seed(72)
+        if layout == "batched":
+            counts = torch.tensor([5, 0, 16, 3], dtype=torch.int32)
+            x = torch.randn(E, 16, H, generator=gen)
+            xq, xs = fp8_quantize_torch(x.reshape(-1, H), 128)
+            ops = Fp8Operands(xs.contiguous(), s13, s2, 128, blk, "block")
+            xq = xq.reshape(E, 16, H)
+            out = batched_experts(xq, counts, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+            want = batched_experts(xq, counts, q13, q2, "silu", out_dtype=torch.float32, config=base, fp8=ops)
+            for e in range(E):      # the oracle, expert by expert, on the rows it holds (zeros after)
+                c = int(counts[e])
+                one = replace(cfg, num_experts=1, top_k=1)
+                ref = reference_moe(x[e, :c], None, [deq[e]], one,
+                                    routing=Routing(torch.zeros(c, 1, dtype=torch.int32), torch.ones(c, 1)))
+                assert_close(out[e, :c], ref, 5e-3, context=f"batched expert {e}")
+                assert not out[e, c:].any()
+        else:
+            x = torch.randn(T, H, generator=gen)
+            ids, w = random_routing(T, E, k, seed=73, hot_expert=0)
+            local, w_ref = ids.clone(), w.clone()
+            local[ids == E - 1] = -1
+            w_ref[ids == E - 1] = 0.0
+            xq, xs = fp8_quantize_torch(x, 128)
+            ops = Fp8Operands(xs.contiguous(), s13, s2, 128, blk, "block")
+            out = fused_experts(xq, local, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+            want = fused_experts(xq, local, w, q13, q2, "silu", out_dtype=torch.float32, config=base, fp8=ops)
+            ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w_ref))
+            assert_close(out, ref, 5e-3, context=f"down quantizes, gate+up N tile {gu_n}")
+        assert torch.isfinite(out).all()
+        if gu_n == 128:
+            assert torch.equal(out, want)
+        else:
+            assert_close(out, want, 2e-3, context=f"down quantizes, gate+up N tile {gu_n}, against the default")
+
+    def test_fp8_down_quantizes_refused_without_activation_groups():
+        """down_quantizes needs activation groups (the down GEMM quantizes per K tile): with per-token FP8
+        activations, or weights that are not FP8, it is refused in both layouts, not run with other numbers."""
+        from dataclasses import replace as dc_replace
+
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import fp8_quantize_torch
+        cfg, experts, x, ids, w, (q13, s13, q2, s2) = _fp8_block_case(3, (24, 6, 7), "per_token")
+        config = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2), down_quantizes=True)
+        xq, xs = fp8_quantize_torch(x, None)
+        ops = Fp8Operands(xs.reshape(-1).contiguous(), s13, s2, None, (128, 128), "block")
+        with pytest.raises(ValueError, match="per token"):
+            fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+        with pytest.raises(ValueError, match="per token"):
+            batched_experts(xq.reshape(3, 1, -1), torch.ones(3, dtype=torch.int32), q13[:3], q2[:3], "silu",
+                            out_dtype=torch.float32, config=config, fp8=ops)
+        w13, w2, _, _ = fused_layout(experts)
+        with pytest.raises(ValueError, match="not FP8"):
+            fused_experts(x, ids, w, w13, w2, "silu", config=dc_replace(config, gate_up=GemmConfig(64, 64, 1, 4, 2),
+                                                                         down=GemmConfig(64, 64, 1, 4, 2)))
+
     @pytest.mark.parametrize("granularity,T,remote", [("block", 1, False), ("block", 3, True), ("tensor", 2, True),
                                                       ("channel", 1, False)])
     def test_decode_gemv_fp8(granularity, T, remote):

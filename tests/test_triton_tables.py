@@ -217,6 +217,21 @@ def test_shipped_tables_hold_no_rescale_entry():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
 
 
+def test_a_down_quantizes_entry_is_written_read_and_keeps_its_narrow_gate_up_when_fitted():
+    """`down_quantizes` (the down GEMM quantizes the gate+up's float32 output): written only where set, read
+    back, shown; fitting the tiles to an FP8 problem leaves its gate+up N tile narrower than the group of 128
+    (which it pins otherwise); anything but a boolean refused."""
+    tiles = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    quantizes = replace(tiles, down_quantizes=True)
+    assert "down_quantizes" not in tiles.to_dict() and quantizes.to_dict()["down_quantizes"] is True
+    assert MoEKernelConfig.from_dict(quantizes.to_dict()) == quantizes
+    assert "quantizes]" in quantizes.describe() and "quantizes" not in tiles.describe()
+    assert fit_to_problem(quantizes, 2048, 768, "fp8_block").gate_up.block_n == 64
+    assert fit_to_problem(tiles, 2048, 768, "fp8_block").gate_up.block_n == 128
+    with pytest.raises(ValueError, match="down_quantizes must be true or false"):
+        MoEKernelConfig.from_dict(dict(quantizes.to_dict(), down_quantizes=1))
+
+
 def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
     """`gluon` (the `triton` experts run `triton_ws`'s pipeline for that T): written only where set, read
     back, shown, kept when the tiles are fitted to a small problem; anything but a boolean refused."""
@@ -463,7 +478,7 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     assert "--tokens 16,32,64,256,512" in text and "T=16: t.json" in text and "(was heuristic" in text
     out = StringIO()
     tune.report_taken_over(Console(file=out, width=200), key, [])
-    assert out.getvalue() == ""
+    assert "no batch size not timed here (1..16384" in out.getvalue() and "--tokens" not in out.getvalue()
     # an entry with the tiles its neighbours already had: only the batch sizes whose tiles differ now are named
     # (T = 16 and 32 go from T = 128's entry to T = 64's, the same configuration; T = 8 from the heuristic)
     best = {64: (mid, 0.4)}

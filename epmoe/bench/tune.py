@@ -674,8 +674,10 @@ def taken_over(before: dict, after: dict, tuned) -> list[tuple[int, str, str]]:
 
 
 def report_taken_over(console, key: str, changed: list[tuple[int, str, str]]) -> None:
-    """Say which untimed batch sizes the new entries now configure, and how to time them."""
+    """Say which untimed batch sizes the new entries now configure, and how to time them (or that none)."""
     if not changed:
+        console.print(escape(f"  no batch size not timed here ({NEIGHBOUR_SIZES[0]}..{NEIGHBOUR_SIZES[-1]}, powers "
+                             f"of two) takes other tiles for {key}"), soft_wrap=True)
         return
     console.print(escape(f"  note: {len(changed)} batch sizes not timed here now take other tiles for {key}; "
                          f"time them too (--tokens {','.join(str(T) for T, _, _ in changed)}) or check them:"))
