@@ -5,16 +5,15 @@ replay), each forward checked against the float64 oracle of its format.
     PYTHONPATH=. python3 benchmarks/decode_probe.py --shapes mixtral-8x7b:1,deepseek-v3:1 --formats fp8_block
     ncu -k regex:moe_gemm python3 benchmarks/decode_probe.py --once ...      # one forward per point
 
-Each shape is PRESET:T (the preset's own experts; PRESET:L:T a shard of L of them at the preset's top-k; a
-balanced routing, the rows and weights the benchmark makes). The hit bytes are the weights of the experts the
-routing hits (3 * H * I each, in the format's element size; scales not counted). `--configs` times other kernel
-configurations of the table's format beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms),
-and `--down-quantizes` the table's tiles with the down GEMM quantizing the gate+up's output (gate+up N tiles of
-the widths given), through the same backend, and the table's own again after them. Each shape's first timing is a
-warm-up, not reported. Compare a variant with the entry timed again, not with the entry timed first: timed first,
-the entry ran 10-16% slower than timed again after the variants at gpt-oss-120b (T = 1, 16) and deepseek-v3 T = 1
-(166 us, then 146, which `epmoe bench experts` agrees with); the warm-up removed the gap at gpt-oss-120b T = 1 but
-not at deepseek-v3 T = 1 (benchmarks/notes_kernels.md, twenty-first pass).
+Each shape is PRESET:T (the preset's own experts; PRESET:L:T a shard of L of them at the preset's top-k; a balanced
+routing, the rows and weights the benchmark makes). The hit bytes are the weights of the experts the routing hits
+(3 * H * I each, in the format's element size; scales not counted). `--configs` times other kernel configurations
+of the table's format beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same
+backend, and the table's own again after them. Each shape's first timing is a warm-up, not reported. Compare a
+variant with the entry timed again, not with the entry timed first: timed first, the entry ran 10-16% slower than
+timed again after the variants at gpt-oss-120b (T = 1, 16) and deepseek-v3 T = 1 (166 us, then 146, which `epmoe
+bench experts` agrees with); the warm-up removed the gap at gpt-oss-120b T = 1 but not at deepseek-v3 T = 1
+(benchmarks/notes_kernels.md, twenty-first pass).
 """
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ import datetime
 import json
 import os
 import sys
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,10 +48,6 @@ def main(argv=None) -> int:
                         "top-k), comma-separated (default: %(default)s)")
     p.add_argument("--formats", default="fp8_block", help="formats (default: %(default)s)")
     p.add_argument("--configs", help="JSON file: a list of kernel configurations to time beside the table's")
-    p.add_argument("--down-quantizes", metavar="WIDTHS",
-                   help="also time the table's tiles with the down GEMM quantizing the gate+up's float32 output "
-                        "(`down_quantizes`, FP8 with activation groups), gate+up N tiles of these widths, e.g. "
-                        "128,64,32")
     p.add_argument("--once", action="store_true", help="one forward per point after two warm-ups (for ncu)")
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -93,13 +87,9 @@ def main(argv=None) -> int:
             key = (T, tuple(w13.shape), w13.dtype)
             table_config = backend.kernel_config(T, weights)
             # a warm-up timing first (not reported; not under --once, whose launches ncu counts): see the docstring
-            variants = [(f"config {i}", c) for i, c in enumerate(extra)]
-            if args.down_quantizes and fmt == "fp8_block":
-                tiles = replace(table_config, gemv=None, gluon=False, down_quantizes=True)
-                variants += [(f"down quantizes, gate_up BN{n}", replace(tiles, gate_up=replace(tiles.gate_up, block_n=n)))
-                             for n in map(int, args.down_quantizes.split(","))]
-            runs = [("warm-up", table_config)] * (not args.once) + [("table", table_config)] + variants
-            if variants:             # the table's entry again last: an order or drift effect shows as a gap
+            runs = [("warm-up", table_config)] * (not args.once) + [("table", table_config)] + [
+                (f"config {i}", c) for i, c in enumerate(extra)]
+            if extra:                # the table's entry again last: an order or drift effect shows as a gap
                 runs.append(("table again", table_config))
             for label, config in runs:
                 backend._configs[key] = (config, label)
@@ -127,7 +117,7 @@ def main(argv=None) -> int:
                            tb_per_s=nbytes / (t.median_ms * 1e-3) / 1e12, read_floor_ms=floors[nbytes],
                            floor_ratio=floors[nbytes] / t.median_ms, err=err, ok=ok)
                 rows.append(row)
-                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:30s} {t.median_ms * 1e3:8.1f} us "
+                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:9s} {t.median_ms * 1e3:8.1f} us "
                       f"{row['tb_per_s']:5.2f} TB/s  read floor {floors[nbytes] * 1e3:6.1f} us "
                       f"({row['floor_ratio']:.2f})  err {err:.1e}{'' if ok else ' FAILED'}  {config.describe()}",
                       flush=True)

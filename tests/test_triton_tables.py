@@ -217,21 +217,6 @@ def test_shipped_tables_hold_no_rescale_entry():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
 
 
-def test_a_down_quantizes_entry_is_written_read_and_keeps_its_narrow_gate_up_when_fitted():
-    """`down_quantizes` (the down GEMM quantizes the gate+up's float32 output): written only where set, read
-    back, shown; fitting the tiles to an FP8 problem leaves its gate+up N tile narrower than the group of 128
-    (which it pins otherwise); anything but a boolean refused."""
-    tiles = MoEKernelConfig(16, GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
-    quantizes = replace(tiles, down_quantizes=True)
-    assert "down_quantizes" not in tiles.to_dict() and quantizes.to_dict()["down_quantizes"] is True
-    assert MoEKernelConfig.from_dict(quantizes.to_dict()) == quantizes
-    assert "quantizes]" in quantizes.describe() and "quantizes" not in tiles.describe()
-    assert fit_to_problem(quantizes, 2048, 768, "fp8_block").gate_up.block_n == 64
-    assert fit_to_problem(tiles, 2048, 768, "fp8_block").gate_up.block_n == 128
-    with pytest.raises(ValueError, match="down_quantizes must be true or false"):
-        MoEKernelConfig.from_dict(dict(quantizes.to_dict(), down_quantizes=1))
-
-
 def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
     """`gluon` (the `triton` experts run `triton_ws`'s pipeline for that T): written only where set, read
     back, shown, kept when the tiles are fitted to a small problem; anything but a boolean refused."""

@@ -44,7 +44,7 @@ def gate_up_config_for(n: int, L: int, H: int, inter: int, top_k: int, fp8: bool
     way, the scale group the down GEMM reads). Cached: a host lookup, once per batch size."""
     from ..kernels.tuning_table import MoEKernelConfig, fit_to_problem, lookup_config
     config, _ = lookup_config(n, L, H, inter, top_k, fmt, device)
-    if config.block_m != TILE or config.down_quantizes:     # FP8 output per 128 columns: what its down reads
+    if config.block_m != TILE:
         tiles = gate_up_tiles(fp8)
         config = fit_to_problem(MoEKernelConfig(TILE, tiles, tiles), H, inter, fmt)
     return config.gate_up

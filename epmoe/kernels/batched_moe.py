@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .fused_moe import (Fp8Operands, between_gemms, fp8_tiles_problem, intermediate_buffers, launch_down,
-                        launch_gate_up, weight_format)
+from .fused_moe import (Fp8Operands, fp8_tiles_problem, intermediate_dtype, launch_down, launch_gate_up,
+                        weight_format)
 from .tuning_table import MoEKernelConfig, lookup_config
 
 
@@ -48,13 +48,25 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
     bm = config.block_m
     row_blocks = L * triton.cdiv(C, bm)
     counts = counts.to(torch.int32).contiguous()
-    act, inter_scale, mode1, mode2 = intermediate_buffers(config, fp8, L * C, inter, x.dtype, out_dtype, x.device)
+    mode1 = mode2 = None
+    inter_scale = None
+    if fp8 is not None:
+        mode1, mode2 = fp8.modes()
+        act = torch.empty(L * C, inter,
+                          dtype=torch.float8_e4m3fn if mode1.out_fp8 else intermediate_dtype(out_dtype),
+                          device=x.device)
+        if mode1.out_fp8:
+            inter_scale = torch.empty(L * C, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32,
+                                      device=x.device)
+    else:
+        act = torch.empty(L * C, inter, dtype=intermediate_dtype(x.dtype), device=x.device)
     common = dict(sorted_ids=None, block_expert=None, num_padded=None, counts=counts, num_pairs=0,
                   capacity=C, row_blocks=row_blocks, hidden=H, inter=inter, top_k=1, batched=True, block_m=bm)
     launch_gate_up(x, w13, None if b13 is None else b13.float().contiguous(), act, inter_scale,
                    fp8.x_scale if fp8 else None, fp8.w13_scale if fp8 else None, gemm=config.gate_up,
                    activation=activation, fp8=mode1, **common)
-    act, inter_scale = between_gemms(fp8, mode1, mode2, act, inter_scale)
+    if fp8 is not None and not mode1.out_fp8:
+        act, inter_scale = fp8.quantize_intermediate(act)
     launch_down(act, w2, None if b2 is None else b2.float().contiguous(), out, inter_scale,
                 fp8.w2_scale if fp8 else None, None, gemm=config.down, fp8=mode2, **common)
     return out

@@ -127,8 +127,7 @@ def moe_gemm_kernel(
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-        A_QUANT: tl.constexpr = False):
+        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -163,11 +162,6 @@ def moe_gemm_kernel(
     SPLIT_K (down, flat layout, one program per tile): program (tile, s) of a grid [tiles, SPLIT_K] sums the
     s-th of SPLIT_K consecutive ranges of K blocks and stores its rows at s * num_pairs + pair (out_ptr holds
     SPLIT_K x num_pairs float32 rows; the bias goes into range 0's only); the slot sum adds the ranges.
-
-    A_QUANT (down, FP8 with activation groups of BLOCK_K): the activation rows arrive in float32 (the
-    gate+up stored them unquantized) and each K tile is quantized as it is loaded, one scale per row (the
-    one formula the gate+up epilogue applies otherwise: the same FP8 values and scales). The gate+up's N
-    tile is then free of the group: narrower tiles, more programs where there are few rows.
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
@@ -179,7 +173,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, A_QUANT)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -187,8 +181,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K,
-                      A_QUANT)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K)
 
 
 @triton.jit
@@ -200,8 +193,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
-              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr,
-              A_QUANT: tl.constexpr):
+              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
     tile); then it does nothing, except a batched down tile, which writes its rows' zeros. split: which of
     the down GEMM's SPLIT_K ranges of K blocks (0 when it has one)."""
@@ -217,8 +209,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K,
-                   A_QUANT)
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K)
     elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -367,14 +358,12 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, A_DESC: tl.constexpr, split, num_pairs,
-               SPLIT_K: tl.constexpr, A_QUANT: tl.constexpr):
+               SPLIT_K: tl.constexpr):
     """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel); of its K blocks
     the split-th of SPLIT_K ranges, stored at rows split * num_pairs + pair. With RESCALE
     the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows). A_DESC:
     `a_ptr` is a tensor descriptor of the activation rows [rows, I] (a tile's rows are consecutive, from
-    its first position; rows past the end read as zeros, rows of the next expert are never stored).
-    A_QUANT: each K tile of float32 rows quantized here, its row scales in place of stored ones."""
-    SCALES_STORED: tl.constexpr = A_SCALE_PER_BLOCK and not A_QUANT     # per K block, read from a_scale_ptr
+    its first position; rows past the end read as zeros, rows of the next expert are never stored)."""
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
     HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
@@ -404,7 +393,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             b2_ptrs = w_ptr + expert * (H * I) + ((offs_n + HALF) % H)[None, :] * I + kb_first * BLOCK_K \
                 + offs_k[:, None]
     if FP8:
-        as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when SCALES_STORED
+        as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when A_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
             ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS)
             if W_SCALE_SCALAR:
@@ -417,7 +406,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
 
     acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
-        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, kb_scales, SCALES_STORED, BLOCK_M)
+        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, kb_scales, A_SCALE_PER_BLOCK, BLOCK_M)
         if RESCALE:
             acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
             s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -441,23 +430,17 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             b = tl.load(b_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
             if RESCALE:
                 b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < I - kb * BLOCK_K, other=0.0)
-        if A_QUANT:                       # float32 rows (zeros past I) -> e4m3 and one scale per row
-            a, a_qs = _fp8_quantize_rows(a.to(tl.float32))
         if FP8 and W_SCALE_SCALAR:
             s, w, w2 = s_n, w_n, w2_n
             s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, tl.minimum(kb + 1, kb_end - 1),
-                                           SCALES_STORED, BLOCK_M)
-            if A_QUANT:
-                s = a_qs
+                                           A_SCALE_PER_BLOCK, BLOCK_M)
             if RESCALE:
                 acc, acc2, s_prev, s2_prev = _rescale_step(a, b, b2, acc, acc2, s_prev, s2_prev, s * w, s * w2)
             else:
                 acc += tl.dot(a, b) * (s * w)[:, None]
         elif FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
             p = tl.dot(a, b)
-            if A_QUANT:
-                p = p * a_qs[:, None]
-            elif A_SCALE_PER_BLOCK:
+            if A_SCALE_PER_BLOCK:
                 p = p * tl.load(as_ptrs + kb)[:, None]
             if W_SCALE_PER_BLOCK:
                 p = p * tl.load(ws_ptrs + kb)[None, :]
@@ -541,7 +524,6 @@ class Fp8Mode:
     w_scale_per_block: bool     # weights: one scale per SCALE_BLOCK_N x BLOCK_K block (else per row)
     scale_block_n: int = 128    # rows of a weight scale block
     out_fp8: bool = False       # gate_up only: quantize the output per BLOCK_N group
-    quantize_a: bool = False    # down only: float32 activations, quantized per BLOCK_K group as loaded (A_QUANT)
 
 
 def _run(kernel, grid, args, meta, warmup: bool):
@@ -684,7 +666,7 @@ def launch_down(a, w2, b2, out, a_scale, w2_scale, topk_weights, sorted_ids, blo
             u if w2_scale is None else w2_scale, u if topk_weights is None else topk_weights) \
         + _tile_args(sorted_ids, block_expert, num_padded, counts, num_pairs, capacity, u)
     meta = dict(H=hidden, I=inter, TOP_K=top_k, ACTIVATION=0, HAS_BIAS=b2 is not None,
-                APPLY_WEIGHT=topk_weights is not None, OUT_FP8=False, A_QUANT=bool(fp8 and fp8.quantize_a))
+                APPLY_WEIGHT=topk_weights is not None, OUT_FP8=False)
     rescale = _rescale(gemm, fp8, gemm.block_n // 2, hidden)
     # float16 weights meet a float32 intermediate: tf32 products (`_dot_precision` of the weights' dtype)
     _launch_gemm(False, args, w2 if isinstance(w2, torch.dtype) else w2.dtype, w2, hidden, inter, row_blocks,
@@ -801,13 +783,24 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
         launches = tile_launches(aligned, bm, tail)
     rows = max(rows, 1)
 
-    act, inter_scale, mode1, mode2 = intermediate_buffers(config, fp8, rows, inter, x.dtype, out_dtype, x.device)
+    mode1 = mode2 = None
+    inter_scale = None
+    if fp8 is not None:
+        mode1, mode2 = fp8.modes()
+        act = torch.empty(rows, inter, device=x.device,
+                          dtype=torch.float8_e4m3fn if mode1.out_fp8 else intermediate_dtype(out_dtype))
+        if mode1.out_fp8:
+            inter_scale = torch.empty(rows, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32,
+                                      device=x.device)
+    else:
+        act = torch.empty(rows, inter, dtype=intermediate_dtype(x.dtype), device=x.device)
     common = dict(counts=None, num_pairs=num_pairs, hidden=H, inter=inter, top_k=top_k, batched=False)
     for tiles in launches:
         launch_gate_up(x, w13, b13, act, inter_scale, fp8.x_scale if fp8 else None,
                        fp8.w13_scale if fp8 else None, gemm=config.gate_up, activation=activation, fp8=mode1,
                        **tiles, **common)
-    act, inter_scale = between_gemms(fp8, mode1, mode2, act, inter_scale)
+    if fp8 is not None and not mode1.out_fp8:
+        act, inter_scale = fp8.quantize_intermediate(act)
     splits = config.down.split_k          # K ranges of the down GEMM: float32 partial rows, added by the sum
     y = torch.empty(splits * num_pairs, H, dtype=out_dtype if splits == 1 else torch.float32, device=x.device)
     for tiles in launches:
@@ -817,41 +810,11 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
     return out
 
 
-def intermediate_buffers(config: MoEKernelConfig, fp8: "Fp8Operands | None", rows: int, inter: int,
-                         x_dtype: torch.dtype, out_dtype: torch.dtype, device) -> tuple:
-    """(act, its scales or None, gate+up's Fp8Mode, down's): what the gate+up writes for `rows` rows. FP8 with
-    activation groups: e4m3 and one scale per N tile, or (`config.down_quantizes`) float32 that the down GEMM
-    quantizes as it loads it; FP8 per token: the layer's intermediate dtype, quantized by `between_gemms`."""
-    if fp8 is None:
-        if config.down_quantizes:
-            raise ValueError(f"fused experts: tiles {config.describe()} ask the down GEMM to quantize its "
-                             "activations, but these weights are not FP8")
-        return torch.empty(rows, inter, dtype=intermediate_dtype(x_dtype), device=device), None, None, None
-    mode1, mode2 = fp8.modes(config.down_quantizes)
-    dtype = (torch.float8_e4m3fn if mode1.out_fp8 else torch.float32 if mode2.quantize_a
-             else intermediate_dtype(out_dtype))
-    act = torch.empty(rows, inter, dtype=dtype, device=device)
-    scales = None
-    if mode1.out_fp8:
-        scales = torch.empty(rows, triton.cdiv(inter, config.gate_up.block_n), dtype=torch.float32, device=device)
-    return act, scales, mode1, mode2
-
-
-def between_gemms(fp8: "Fp8Operands | None", mode1: Fp8Mode | None, mode2: Fp8Mode | None, act: torch.Tensor,
-                  scales: torch.Tensor | None) -> tuple:
-    """The down GEMM's activations and scales from the gate+up's output: as written, except FP8 per token
-    (a quantization pass here)."""
-    if fp8 is not None and not mode1.out_fp8 and not mode2.quantize_a:
-        return fp8.quantize_intermediate(act)
-    return act, scales
-
-
 def fp8_tiles_problem(config: MoEKernelConfig, fp8: "Fp8Operands") -> str | None:
     """Why the tile kernels of `config` would compute these FP8 operands wrongly (None: they would not).
     The kernels read one activation scale and one weight-block scale per K tile, so a K tile must be the
     activation group and the weight block's width; the gate+up quantizes its output per N tile, the groups
-    the down GEMM's K tiles read back, so with grouped activations its N tile is the group too, unless the
-    down GEMM quantizes them as it loads them (`down_quantizes`: groups only). (`fit_to_problem`
+    the down GEMM's K tiles read back, so with grouped activations its N tile is the group too. (`fit_to_problem`
     pins every table and heuristic configuration so; a configuration given by hand may not be.)"""
     groups = [("activation group", fp8.act_group)] if fp8.act_group is not None else []
     if fp8.weight_block is not None:
@@ -860,11 +823,7 @@ def fp8_tiles_problem(config: MoEKernelConfig, fp8: "Fp8Operands") -> str | None
         for gemm_name, gemm in (("gate_up", config.gate_up), ("down", config.down)):
             if gemm.block_k != size:
                 return f"the {gemm_name} K tile is {gemm.block_k} columns, the {name} {size}"
-    if config.down_quantizes:
-        if fp8.act_group is None:
-            return ("the down GEMM would quantize its activations per K tile (down_quantizes), but these "
-                    "operands scale activations per token")
-    elif fp8.act_group is not None and config.gate_up.block_n != fp8.act_group:
+    if fp8.act_group is not None and config.gate_up.block_n != fp8.act_group:
         return (f"the gate_up N tile is {config.gate_up.block_n} columns, but its output is quantized per N tile "
                 f"for the down GEMM, which reads groups of {fp8.act_group}")
     return None
@@ -885,15 +844,11 @@ class Fp8Operands:
     weight_block: tuple[int, int] | None
     granularity: str
 
-    def modes(self, down_quantizes: bool = False) -> tuple[Fp8Mode, Fp8Mode]:
-        """(gate+up's, down's); down_quantizes (grouped activations): the gate+up writes float32 and the down
-        GEMM quantizes each K tile as it loads it, instead of the gate+up's epilogue quantizing per N tile."""
+    def modes(self) -> tuple[Fp8Mode, Fp8Mode]:
         per_block_w = self.weight_block is not None
         bn = self.weight_block[0] if per_block_w else 128
         grouped = self.act_group is not None
-        in_down = grouped and down_quantizes
-        return (Fp8Mode(grouped, per_block_w, bn, out_fp8=grouped and not in_down),
-                Fp8Mode(grouped, per_block_w, bn, quantize_a=in_down))
+        return (Fp8Mode(grouped, per_block_w, bn, out_fp8=grouped), Fp8Mode(grouped, per_block_w, bn))
 
     def quantize_intermediate(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token quantization of the gate+up output (the per_token activation mode)."""

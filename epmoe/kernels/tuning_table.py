@@ -77,18 +77,13 @@ class MoEKernelConfig:
 
     gluon set (written by `epmoe tune` where it measured it faster, end to end): batches of this size run
     the warp-specialized Gluon GEMMs instead (`triton_ws`'s pipeline: Hopper, BF16 and 128x128 block FP8),
-    where they can run and passed their self-check; the tile fields stay for where they cannot.
-
-    down_quantizes (FP8 with activation groups): the gate+up writes its output in float32 and the down GEMM
-    quantizes each K tile as it loads it (`fused_moe`, A_QUANT), so the gate+up's N tile need not be the
-    group of 128 columns: narrower tiles, more programs streaming weights where the rows are few."""
+    where they can run and passed their self-check; the tile fields stay for where they cannot."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
     tail_m: int = 0
     gemv: GemvConfig | None = None
     gluon: bool = False
-    down_quantizes: bool = False
 
     def to_dict(self) -> dict:
         def gemm(g: GemmConfig) -> dict:
@@ -105,19 +100,16 @@ class MoEKernelConfig:
             d["gemv"] = asdict(self.gemv)
         if self.gluon:
             d["gluon"] = True
-        if self.down_quantizes:
-            d["down_quantizes"] = True
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEKernelConfig":
         try:
-            flags = {name: d.get(name, False) for name in ("gluon", "down_quantizes")}
-            for name, value in flags.items():
-                if not isinstance(value, bool):
-                    raise TypeError(f"{name} must be true or false, got {value!r}")
+            gluon = d.get("gluon", False)
+            if not isinstance(gluon, bool):
+                raise TypeError(f"gluon must be true or false, got {gluon!r}")
             return cls(int(d["block_m"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]),
-                       int(d.get("tail_m", 0)), GemvConfig(**d["gemv"]) if d.get("gemv") else None, **flags)
+                       int(d.get("tail_m", 0)), GemvConfig(**d["gemv"]) if d.get("gemv") else None, gluon)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad kernel config {d!r}: needs block_m, gate_up and down "
                              f"(block_n, block_k, group_m, num_warps, num_stages): {exc}") from exc
@@ -126,8 +118,7 @@ class MoEKernelConfig:
         tail = f"+{self.tail_m}" if self.tail_m else ""
         gemv = f" | {self.gemv.describe()}" if self.gemv is not None else ""
         gluon = " | gluon" if self.gluon else ""
-        quantizes = " quantizes" if self.down_quantizes else ""
-        return (f"BM{self.block_m}{tail} gate_up[{self.gate_up.describe()}] down[{self.down.describe()}{quantizes}]"
+        return (f"BM{self.block_m}{tail} gate_up[{self.gate_up.describe()}] down[{self.down.describe()}]"
                 f"{gemv}{gluon}")
 
 
@@ -168,9 +159,8 @@ def heuristic_config(num_tokens: int, num_experts: int, hidden: int, inter: int,
 
 def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
                       elem_bytes: int) -> MoEKernelConfig:
-    """Shrink tiles that exceed a small problem, pin FP8's K tile (and the gate+up N tile, unless the down GEMM
-    quantizes its activations) to the scale group of 128, and drop stages (then halve the K tile) until shared
-    memory fits."""
+    """Shrink tiles that exceed a small problem, pin FP8's K tile (and the gate+up N tile) to the scale
+    group of 128, and drop stages (then halve the K tile) until shared memory fits."""
     def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool) -> GemmConfig:
         bn = 128 if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
         bk = 128 if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
@@ -183,7 +173,7 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
             else:
                 break
         return out
-    return replace(cfg, gate_up=clamp(cfg.gate_up, inter, hidden, 2, fp8 and not cfg.down_quantizes),
+    return replace(cfg, gate_up=clamp(cfg.gate_up, inter, hidden, 2, fp8),
                    down=clamp(cfg.down, hidden, inter, 1, False))
 
 
