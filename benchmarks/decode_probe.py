@@ -8,12 +8,12 @@ replay), each forward checked against the float64 oracle of its format.
 Each shape is PRESET:T (the preset's own experts; PRESET:L:T a shard of L of them at the preset's top-k; a balanced
 routing, the rows and weights the benchmark makes). The hit bytes are the weights of the experts the routing hits
 (3 * H * I each, in the format's element size; scales not counted). `--configs` times other kernel configurations
-of the table's format beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), through the same
-backend, and the table's own again after them. Each shape's first timing is a warm-up, not reported. Compare a
-variant with the entry timed again, not with the entry timed first: timed first, the entry ran 10-16% slower than
-timed again after the variants at gpt-oss-120b (T = 1, 16) and deepseek-v3 T = 1 (166 us, then 146, which `epmoe
-bench experts` agrees with); the warm-up removed the gap at gpt-oss-120b T = 1 but not at deepseek-v3 T = 1
-(benchmarks/notes_kernels.md, twenty-first pass).
+of the table's format beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), and `--swap-ab` the
+table's tiles with swap-AB products, through the same backend, and the table's own again after them. Each shape's
+first timing is a warm-up, not reported. Compare a variant with the entry timed again, not with the entry timed
+first: timed first, the entry ran 10-16% slower than timed again after the variants at gpt-oss-120b (T = 1, 16) and
+deepseek-v3 T = 1 (166 us, then 146, which `epmoe bench experts` agrees with); the warm-up removed the gap at
+gpt-oss-120b T = 1 but not at deepseek-v3 T = 1 (benchmarks/notes_kernels.md, twenty-first pass).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +41,16 @@ def read_floor_ms(timer, nbytes: int) -> float:
     return best
 
 
+def swap_variants(config) -> list:
+    """(label, configuration): the table's tiles (not its decode or Gluon path) with swap-AB products in the
+    gate+up, the down GEMM and both; a GEMM with the "rescale" promotion keeps its products as they are."""
+    tiles = replace(config, gemv=None, gluon=False)
+    swap = {name: replace(g, swap_ab=g.promote != "rescale") for name, g in (("gate_up", tiles.gate_up),
+                                                                             ("down", tiles.down))}
+    return [("swap gate_up", replace(tiles, gate_up=swap["gate_up"])), ("swap down", replace(tiles, down=swap["down"])),
+            ("swap both", replace(tiles, **swap))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -48,6 +59,9 @@ def main(argv=None) -> int:
                         "top-k), comma-separated (default: %(default)s)")
     p.add_argument("--formats", default="fp8_block", help="formats (default: %(default)s)")
     p.add_argument("--configs", help="JSON file: a list of kernel configurations to time beside the table's")
+    p.add_argument("--swap-ab", action="store_true",
+                   help="also time the table's tiles with swap-AB products (GemmConfig.swap_ab) in the gate+up, the "
+                        "down GEMM, and both")
     p.add_argument("--once", action="store_true", help="one forward per point after two warm-ups (for ncu)")
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -87,9 +101,11 @@ def main(argv=None) -> int:
             key = (T, tuple(w13.shape), w13.dtype)
             table_config = backend.kernel_config(T, weights)
             # a warm-up timing first (not reported; not under --once, whose launches ncu counts): see the docstring
-            runs = [("warm-up", table_config)] * (not args.once) + [("table", table_config)] + [
-                (f"config {i}", c) for i, c in enumerate(extra)]
-            if extra:                # the table's entry again last: an order or drift effect shows as a gap
+            variants = [(f"config {i}", c) for i, c in enumerate(extra)]
+            if args.swap_ab:
+                variants += swap_variants(table_config)
+            runs = [("warm-up", table_config)] * (not args.once) + [("table", table_config)] + variants
+            if variants:             # the table's entry again last: an order or drift effect shows as a gap
                 runs.append(("table again", table_config))
             for label, config in runs:
                 backend._configs[key] = (config, label)
@@ -117,7 +133,7 @@ def main(argv=None) -> int:
                            tb_per_s=nbytes / (t.median_ms * 1e-3) / 1e12, read_floor_ms=floors[nbytes],
                            floor_ratio=floors[nbytes] / t.median_ms, err=err, ok=ok)
                 rows.append(row)
-                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:9s} {t.median_ms * 1e3:8.1f} us "
+                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:12s} {t.median_ms * 1e3:8.1f} us "
                       f"{row['tb_per_s']:5.2f} TB/s  read floor {floors[nbytes] * 1e3:6.1f} us "
                       f"({row['floor_ratio']:.2f})  err {err:.1e}{'' if ok else ' FAILED'}  {config.describe()}",
                       flush=True)

@@ -525,3 +525,32 @@ def test_down_split_over_k_fp8(preset, monkeypatch):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, **k: (config, "test"))
         layer.experts._configs.clear()
         _check_layer(layer, (1, 16, 33), bound=3e-2, seed=split)
+
+
+@pytest.mark.parametrize("preset,experts,fmt", [("qwen3-30b-a3b", 16, "fp8_block"), ("gpt-oss-120b", None, "fp8_block"),
+                                                ("mixtral-8x7b", None, "bf16")])
+def test_swap_ab(preset, experts, fmt, monkeypatch):
+    """Swap-AB products (`GemmConfig.swap_ab`: weights x rows^T, the weight rows on the tensor cores' wide
+    side) at real sizes, block FP8 and BF16: tiles of 16, 32 and 64 rows, pointer and TMA loads (the down's
+    rows through a tensor descriptor too), persistent kernels, split tiles and the down GEMM's K range split;
+    T = 1, 16, 33 and 300 against the oracle (gpt-oss-120b with its biases)."""
+    from epmoe.kernels import tuning_table
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    from epmoe.presets import shrink_config
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block") if fmt == "fp8_block" else None)
+    if experts:
+        cfg = shrink_config(cfg, experts=experts)
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=23, device="cuda"), bias=preset == "gpt-oss-120b")
+    bk = 128 if fmt == "fp8_block" else 64
+    configs = [
+        MoEKernelConfig(16, GemmConfig(128, bk, 1, 4, 4, swap_ab=True), GemmConfig(64, bk, 1, 4, 4, swap_ab=True)),
+        MoEKernelConfig(16, GemmConfig(128, bk, 1, 4, 4, tma=True, swap_ab=True),
+                        GemmConfig(128, bk, 1, 4, 4, tma=True, tma_a=True, swap_ab=True, split_k=2)),
+        MoEKernelConfig(32, GemmConfig(128, bk, 1, 8, 3, tma=True, persistent=True, swap_ab=True),
+                        GemmConfig(64, bk, 1, 4, 4, persistent=True, swap_ab=True), tail_m=16),
+        MoEKernelConfig(64, GemmConfig(128, bk, 8, 8, 3, swap_ab=True), GemmConfig(128, bk, 8, 4, 4, tma=True, swap_ab=True)),
+    ]
+    for i, config in enumerate(configs):
+        monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, c=config, **k: (c, "test"))
+        layer.experts._configs.clear()
+        _check_layer(layer, (1, 16, 33, 300), bound=3e-2 if fmt == "fp8_block" else None, seed=i)

@@ -363,6 +363,81 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("variant,T,routing,remote", [("pointers", 37, "random", True), ("pointers", 1, "random", False),
+                                                          ("tma", 40, "hot", True), ("persistent_tail", 37, "hot", False),
+                                                          ("split_k", 40, "random", True), ("batched", 0, "", False)])
+    def test_swap_ab_float32(variant, T, routing, remote):
+        """SWAP_AB (each product computed transposed, weights x rows^T, transposed back once) against the oracle
+        in float32, and the plain products' result: uniform tiles with pointers and TMA, persistent kernels on
+        split tiles, the down GEMM's K range split, the batched layout; one token (the direct path), every
+        token on one expert, slots of remote experts; uneven K (H = 200) and N edges (I = 96 in tiles of 32)."""
+        plain = {"pointers": SMALL, "tma": SMALL_TMA,
+                 "persistent_tail": MoEKernelConfig(32, GemmConfig(32, 32, 2, 4, 2, persistent=True),
+                                                    GemmConfig(64, 64, 1, 4, 2, tma=True, tma_a=True, persistent=True),
+                                                    tail_m=16),
+                 "split_k": replace(SMALL, down=replace(SMALL.down, split_k=3)),
+                 "batched": SMALL}[variant]
+        swapped = replace(plain, gate_up=replace(plain.gate_up, swap_ab=True), down=replace(plain.down, swap_ab=True))
+        assert "swap" in swapped.describe() and MoEKernelConfig.from_dict(swapped.to_dict()) == swapped
+        if variant == "batched":
+            E, C, H = 4, 20, 64
+            cfg = MoEConfig(num_experts=E, top_k=1, hidden_size=H, intermediate_size=96, activation="gelu",
+                            dtype=torch.float32)
+            experts = random_experts(cfg, seed=91, with_bias=True)
+            w13, w2, b13, b2 = fused_layout(experts)
+            x = torch.randn(E, C, H, generator=torch.Generator().manual_seed(92))
+            counts = torch.tensor([20, 0, 7, 17], dtype=torch.int32)
+            out = batched_experts(x, counts, w13, w2, "gelu", b13=b13, b2=b2, config=swapped)
+            base = batched_experts(x, counts, w13, w2, "gelu", b13=b13, b2=b2, config=plain)
+            for e in range(E):
+                c = int(counts[e])
+                one = replace(cfg, num_experts=1)
+                ref = reference_moe(x[e, :c], None, [experts[e]], one,
+                                    routing=Routing(torch.zeros(c, 1, dtype=torch.int32), torch.ones(c, 1)))
+                assert_close(out[e, :c], ref, 1e-5, context=f"batched expert {e}")
+                assert not out[e, c:].any()
+        else:
+            _, x, local, w, (w13, w2, b13, b2), ref = fused_case(T, 6, 3, "silu", True, routing, remote, seed=53)
+            out = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=swapped)
+            base = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=plain)
+            assert_close(out, ref, 1e-5, context=f"swap_ab {variant} T={T}")
+        assert_close(out, base, 1e-5, context=f"swap_ab {variant} against the plain products")
+
+    @pytest.mark.parametrize("granularity,act_group,down_bn", [("block", 128, 64), ("block", 128, 256),
+                                                               ("channel", None, 64), ("tensor", 128, 128)])
+    def test_swap_ab_fp8(granularity, act_group, down_bn):
+        """SWAP_AB in FP8: block weights (scale per block and product: one number; 256 wide, two blocks: per
+        column), per-channel weights with per-token activations, per-tensor; against the oracle and the plain
+        products. Not with the "rescale" promotion: refused."""
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        T, E, k, H, I = 9, 4, 2, 256, 256
+        quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
+                          per_channel_weights=granularity == "channel",
+                          activation="per_token_group" if act_group else "per_token")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32, quant=quant)
+        experts = random_experts(cfg, seed=31)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(32))
+        ids, w = random_routing(T, E, k, seed=33, hot_expert=2)
+        q13, s13, q2, s2 = _fp8_weights(experts, granularity)
+        xq, xs = fp8_quantize_torch(x, act_group)
+        ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, granularity)
+        plain = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=granularity == "block"),
+                                GemmConfig(down_bn, 128, 1, 4, 2))
+        swapped = replace(plain, gate_up=replace(plain.gate_up, swap_ab=True), down=replace(plain.down, swap_ab=True))
+        out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=swapped, fp8=ops)
+        base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=plain, fp8=ops)
+        blk = quant.weight_block
+        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
+                dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
+        ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
+        assert_close(out, ref, 5e-3, context=f"swap_ab fp8 {granularity}")
+        assert_close(out, base, 2e-3, context=f"swap_ab fp8 {granularity} against the plain products")
+        if granularity == "block":
+            rescale = replace(swapped, gate_up=replace(swapped.gate_up, promote="rescale"))
+            with pytest.raises(ValueError, match="rescale"):
+                fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=rescale, fp8=ops)
+
     @pytest.mark.parametrize("split", [2, 3, 5])
     @pytest.mark.parametrize("fmt", ["float32", "fp8_block"])
     def test_down_gemm_split_over_k_matches_one_range(split, fmt):

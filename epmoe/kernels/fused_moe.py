@@ -127,7 +127,8 @@ def moe_gemm_kernel(
         SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1):
+        RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+        SWAP_AB: tl.constexpr = False):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -162,6 +163,12 @@ def moe_gemm_kernel(
     SPLIT_K (down, flat layout, one program per tile): program (tile, s) of a grid [tiles, SPLIT_K] sums the
     s-th of SPLIT_K consecutive ranges of K blocks and stores its rows at s * num_pairs + pair (out_ptr holds
     SPLIT_K x num_pairs float32 rows; the bias goes into range 0's only); the slot sum adds the ranges.
+
+    SWAP_AB (not with RESCALE): each K block's product is computed transposed, weights x rows^T, and the
+    accumulator is [BLOCK_N, BLOCK_M] until the epilogue transposes it once. With few rows per tile (BLOCK_M 16
+    or 32) the weight tile's rows then fill the tensor cores' M side (Hopper's warpgroup MMA needs 64) and the
+    rows are its narrow N side, where as [rows, weights] a tile of 16 rows cannot use it. The same products and
+    sums, in another order.
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
@@ -173,7 +180,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -181,7 +188,8 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K,
+                      SWAP_AB)
 
 
 @triton.jit
@@ -193,7 +201,8 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
-              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr):
+              A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr,
+              SWAP_AB: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
     tile); then it does nothing, except a batched down tile, which writes its rows' zeros. split: which of
     the down GEMM's SPLIT_K ranges of K blocks (0 when it has one)."""
@@ -204,12 +213,13 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
             _gate_up_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr,
                           pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, A_SCALE_PER_BLOCK,
                           W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE)
+                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, SWAP_AB)
     elif (not CHECK_EXPERT) or expert >= 0:
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
-                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K)
+                   BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K,
+                   SWAP_AB)
     elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -239,13 +249,50 @@ def _rescale_step(a, b1, b2, acc1, acc2, s1_prev, s2_prev, s1, s2):
 
 
 @triton.jit
+def _product(a, b, SWAP_AB: tl.constexpr):
+    """a [BLOCK_M, BLOCK_K] @ b [BLOCK_K, N] in float32: [BLOCK_M, N], or with SWAP_AB its transpose [N, BLOCK_M]
+    computed as b^T @ a^T (the accumulator layout of SWAP_AB: see moe_gemm_kernel)."""
+    if SWAP_AB:
+        return tl.dot(tl.trans(b), tl.trans(a))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _product_acc(a, b, acc, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr):
+    """acc + a @ b (or its transpose, SWAP_AB), accumulated by the dot itself."""
+    if SWAP_AB:
+        return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _per_row(v, SWAP_AB: tl.constexpr):
+    """A vector over the tile's rows, shaped to scale a product (or its transpose)."""
+    if SWAP_AB:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _per_col(v, SWAP_AB: tl.constexpr):
+    """A vector over the tile's output columns, shaped to scale a product (or its transpose)."""
+    if SWAP_AB:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
 def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
                   pid_n, expert, src, pos,
                   H: tl.constexpr, I: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
                   FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
                   SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr):
+                  W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, SWAP_AB: tl.constexpr):
     """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel)."""
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
@@ -274,8 +321,12 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                 ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
                     + ((offs_nw + I) // SCALE_BLOCK_N) * K_BLOCKS
 
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
         xs_n, wg_n, wu_n = _block_scales(xs_ptrs, ws_g_ptrs, ws_u_ptrs, 0, X_SCALE_PER_BLOCK, BLOCK_M)
         if RESCALE:
@@ -303,23 +354,23 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                 acc_g, acc_u, sg_prev, su_prev = _rescale_step(a, bg, bu, acc_g, acc_u, sg_prev, su_prev,
                                                                xs * wg, xs * wu)
             else:
-                acc_g += tl.dot(a, bg) * (xs * wg)[:, None]
-                acc_u += tl.dot(a, bu) * (xs * wu)[:, None]
+                acc_g += _product(a, bg, SWAP_AB) * _per_row(xs * wg, SWAP_AB)
+                acc_u += _product(a, bu, SWAP_AB) * _per_row(xs * wu, SWAP_AB)
         elif FP8 and (X_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
-            pg = tl.dot(a, bg)
-            pu = tl.dot(a, bu)
+            pg = _product(a, bg, SWAP_AB)
+            pu = _product(a, bu, SWAP_AB)
             if X_SCALE_PER_BLOCK:
                 xs = tl.load(xs_ptrs + kb)
-                pg = pg * xs[:, None]
-                pu = pu * xs[:, None]
+                pg = pg * _per_row(xs, SWAP_AB)
+                pu = pu * _per_row(xs, SWAP_AB)
             if W_SCALE_PER_BLOCK:
-                pg = pg * tl.load(ws_g_ptrs + kb)[None, :]
-                pu = pu * tl.load(ws_u_ptrs + kb)[None, :]
+                pg = pg * _per_col(tl.load(ws_g_ptrs + kb), SWAP_AB)
+                pu = pu * _per_col(tl.load(ws_u_ptrs + kb), SWAP_AB)
             acc_g += pg
             acc_u += pu
         else:
-            acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)
-            acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
+            acc_g = _product_acc(a, bg, acc_g, DOT_PRECISION, SWAP_AB)
+            acc_u = _product_acc(a, bu, acc_u, DOT_PRECISION, SWAP_AB)
         a_ptrs += BLOCK_K
         if not W_DESC:
             g_ptrs += BLOCK_K
@@ -327,6 +378,9 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
     if RESCALE:
         acc_g = acc_g * sg_prev[:, None]
         acc_u = acc_u * su_prev[:, None]
+    if SWAP_AB:                              # [BLOCK_M, BLOCK_N] from here on
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
 
     if FP8:
         if not X_SCALE_PER_BLOCK:            # one scale per token, applied once
@@ -358,7 +412,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, A_DESC: tl.constexpr, split, num_pairs,
-               SPLIT_K: tl.constexpr):
+               SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr):
     """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel); of its K blocks
     the split-th of SPLIT_K ranges, stored at rows split * num_pairs + pair. With RESCALE
     the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows). A_DESC:
@@ -404,7 +458,10 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             else:
                 ws_ptrs = ws_base + ((offs_n % H) // SCALE_BLOCK_N) * K_BLOCKS
 
-    acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((HALF, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
         s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, kb_scales, A_SCALE_PER_BLOCK, BLOCK_M)
         if RESCALE:
@@ -437,16 +494,16 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             if RESCALE:
                 acc, acc2, s_prev, s2_prev = _rescale_step(a, b, b2, acc, acc2, s_prev, s2_prev, s * w, s * w2)
             else:
-                acc += tl.dot(a, b) * (s * w)[:, None]
+                acc += _product(a, b, SWAP_AB) * _per_row(s * w, SWAP_AB)
         elif FP8 and (A_SCALE_PER_BLOCK or W_SCALE_PER_BLOCK):
-            p = tl.dot(a, b)
+            p = _product(a, b, SWAP_AB)
             if A_SCALE_PER_BLOCK:
-                p = p * tl.load(as_ptrs + kb)[:, None]
+                p = p * _per_row(tl.load(as_ptrs + kb), SWAP_AB)
             if W_SCALE_PER_BLOCK:
-                p = p * tl.load(ws_ptrs + kb)[None, :]
+                p = p * _per_col(tl.load(ws_ptrs + kb), SWAP_AB)
             acc += p
         else:     # float16 weights meet a float32 intermediate (`intermediate_dtype`): both as float32
-            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            acc = _product_acc(a, b.to(a.dtype), acc, DOT_PRECISION, SWAP_AB)
         if not A_DESC:
             a_ptrs += BLOCK_K
         if not W_DESC:
@@ -457,6 +514,8 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     if RESCALE:
         acc = acc * s_prev[:, None]
         acc2 = acc2 * s2_prev[:, None]
+    if SWAP_AB:
+        acc = tl.trans(acc)
     _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                 W_SCALE_PER_BLOCK, BLOCK_M, row_base, split, SPLIT_K)
@@ -610,6 +669,9 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
     """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
     args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
     descriptor where the config asks for TMA)."""
+    if gemm.swap_ab and rescale:
+        raise ValueError(f"swap_ab: the \"rescale\" promotion keeps its accumulators as [rows, columns]; "
+                         f"{'gate_up' if gate_up else 'down'} {gemm.describe()} asks for both")
     if gemm.split_k > 1 and (gate_up or batched or gemm.persistent):
         raise ValueError(f"split_k={gemm.split_k}: only the down GEMM of the flat layout, one program per tile, "
                          f"splits its K range (got {'gate_up' if gate_up else 'down'}, "
@@ -619,7 +681,7 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
     meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, RESCALE=rescale,
-                SPLIT_K=gemm.split_k,
+                SPLIT_K=gemm.split_k, SWAP_AB=gemm.swap_ab,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
                 num_stages=gemm.num_stages, **_fp8_meta(fp8))
     block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n

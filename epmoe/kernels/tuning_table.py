@@ -35,13 +35,17 @@ class GemmConfig:
     # down GEMM, flat layout, one program per tile: the K range cut in this many pieces, each a program
     # writing float32 partial rows that the slot sum adds (more programs streaming weights at decode)
     split_k: int = 1
+    # each product computed transposed (weights x rows^T): with few rows per tile the weight rows fill the
+    # tensor cores' wide side (fused_moe, SWAP_AB); not with promote "rescale"
+    swap_ab: bool = False
 
     def describe(self) -> str:
         return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"
                 + (" tma" if self.tma else "") + (" tma_a" if self.tma_a else "")
                 + (" persistent" if self.persistent else "")
                 + ("" if self.promote == "sync" else f" {self.promote}")
-                + (f" split{self.split_k}" if self.split_k > 1 else ""))
+                + (f" split{self.split_k}" if self.split_k > 1 else "")
+                + (" swap" if self.swap_ab else ""))
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class MoEKernelConfig:
                 del out["tma_a"]
             if g.split_k == 1:
                 del out["split_k"]
+            if not g.swap_ab:
+                del out["swap_ab"]
             return out
         d = {"block_m": self.block_m, "gate_up": gemm(self.gate_up), "down": gemm(self.down)}
         if self.tail_m:
