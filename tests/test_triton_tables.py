@@ -88,6 +88,11 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
             assert all(smem_bytes(bm, g, elem, 2) <= SMEM_LIMIT for g in gus)
             assert all(smem_bytes(bm, g, elem, 1) <= SMEM_LIMIT for g in dns)
             assert {g.tma for g in gus} == {False, True} and len(gus) % 2 == 0
+            # tiles of few rows also with swap-AB products, each candidate once with and once without
+            for cfgs in (gus, dns):
+                swapped = [g for g in cfgs if g.swap_ab]
+                assert len(swapped) == (len(cfgs) // 2 if bm <= tune.SWAP_AB_MAX_BLOCK_M else 0), (fp8, bm)
+                assert {replace(g, swap_ab=False) for g in swapped} <= set(cfgs)
             if fp8:
                 assert all(g.block_k == 128 and g.block_n == 128 for g in gus)
                 # decode tiles also try narrow, deeply pipelined down tiles; prefill tiles do not

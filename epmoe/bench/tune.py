@@ -123,11 +123,27 @@ def with_activation_tma_twins(downs: list[GemmConfig]) -> list[GemmConfig]:
     return out
 
 
+def with_swap_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
+    """Each configuration as it is and with swap-AB products (`swap_ab`), except with the "rescale" promotion."""
+    out = list(configs)
+    for g in configs:
+        twin = replace(g, swap_ab=True)
+        if g.promote != "rescale" and twin not in out:
+            out.append(twin)
+    return out
+
+
+# tiles of at most this many rows are also timed with swap-AB products: the weight rows on the tensor cores'
+# wide side, which 16 or 32 rows cannot fill (Hopper's warpgroup MMA is 64 rows)
+SWAP_AB_MAX_BLOCK_M = 32
+
+
 def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False
                ) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
-    each also with TMA weight loads when `tma`; with `block_scales` (FP8 128x128 weight blocks) and
-    `rescale` also the less precise "rescale" promotion (otherwise every candidate promotes "sync")."""
+    each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products; with
+    `block_scales` (FP8 128x128 weight blocks) and `rescale` also the less precise "rescale" promotion
+    (otherwise every candidate promotes "sync")."""
     if fp8:
         gu, dn, group = _FP8_GATE_UP, _FP8_DOWN, 1 if block_m <= 32 else 8
         if block_m <= 32:
@@ -151,6 +167,8 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
         dn_cfgs += [GemmConfig(*c[:2], group, *c[2:4], tma=tma_on, split_k=split)
                     for c in _FP8_DECODE_SPLIT_TILES for split in _FP8_DECODE_SPLITS
                     for tma_on in ((False, True) if tma else (False,))]
+    if block_m <= SWAP_AB_MAX_BLOCK_M:
+        gu_cfgs, dn_cfgs = with_swap_twins(gu_cfgs), with_swap_twins(dn_cfgs)
     return gu_cfgs, dn_cfgs
 
 
