@@ -42,13 +42,18 @@ def read_floor_ms(timer, nbytes: int) -> float:
 
 
 def swap_variants(config) -> list:
-    """(label, configuration): the table's tiles (not its decode or Gluon path) with swap-AB products in the
-    gate+up, the down GEMM and both; a GEMM with the "rescale" promotion keeps its products as they are."""
+    """(label, configuration): the table's tiles (first as they are, where the table takes its decode or Gluon
+    path instead) with swap-AB products in the gate+up, the down GEMM and both; a GEMM with the "rescale"
+    promotion keeps its products as they are (its variants are left out)."""
     tiles = replace(config, gemv=None, gluon=False)
-    swap = {name: replace(g, swap_ab=g.promote != "rescale") for name, g in (("gate_up", tiles.gate_up),
-                                                                             ("down", tiles.down))}
-    return [("swap gate_up", replace(tiles, gate_up=swap["gate_up"])), ("swap down", replace(tiles, down=swap["down"])),
-            ("swap both", replace(tiles, **swap))]
+    out = [("tiles", tiles)] if tiles != config else []
+    swap = {name: replace(g, swap_ab=True) for name, g in (("gate_up", tiles.gate_up), ("down", tiles.down))
+            if g.promote != "rescale"}
+    for name in swap:
+        out.append((f"swap {name}", replace(tiles, **{name: swap[name]})))
+    if len(swap) == 2:
+        out.append(("swap both", replace(tiles, **swap)))
+    return out
 
 
 def main(argv=None) -> int:

@@ -366,7 +366,7 @@ if INTERPRETING:
     @pytest.mark.parametrize("variant,T,routing,remote", [("pointers", 37, "random", True), ("pointers", 1, "random", False),
                                                           ("tma", 40, "hot", True), ("persistent_tail", 37, "hot", False),
                                                           ("split_k", 40, "random", True), ("batched", 0, "", False)])
-    def test_swap_ab_float32(variant, T, routing, remote):
+    def test_swap_ab_float32(variant, T, routing, remote, monkeypatch):
         """SWAP_AB (each product computed transposed, weights x rows^T, transposed back once) against the oracle
         in float32, and the plain products' result: uniform tiles with pointers and TMA, persistent kernels on
         split tiles, the down GEMM's K range split, the batched layout; one token (the direct path), every
@@ -379,6 +379,7 @@ if INTERPRETING:
                  "batched": SMALL}[variant]
         swapped = replace(plain, gate_up=replace(plain.gate_up, swap_ab=True), down=replace(plain.down, swap_ab=True))
         assert "swap" in swapped.describe() and MoEKernelConfig.from_dict(swapped.to_dict()) == swapped
+        launches = swap_ab_launches(monkeypatch)
         if variant == "batched":
             E, C, H = 4, 20, 64
             cfg = MoEConfig(num_experts=E, top_k=1, hidden_size=H, intermediate_size=96, activation="gelu",
@@ -402,16 +403,30 @@ if INTERPRETING:
             base = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=plain)
             assert_close(out, ref, 1e-5, context=f"swap_ab {variant} T={T}")
         assert_close(out, base, 1e-5, context=f"swap_ab {variant} against the plain products")
+        assert launches.count(True) >= 2 and launches.count(False) >= 2      # both GEMMs each way
 
-    @pytest.mark.parametrize("granularity,act_group,down_bn", [("block", 128, 64), ("block", 128, 256),
-                                                               ("channel", None, 64), ("tensor", 128, 128)])
-    def test_swap_ab_fp8(granularity, act_group, down_bn):
-        """SWAP_AB in FP8: block weights (scale per block and product: one number; 256 wide, two blocks: per
-        column), per-channel weights with per-token activations, per-tensor; against the oracle and the plain
-        products. Not with the "rescale" promotion: refused."""
+    def swap_ab_launches(monkeypatch) -> list:
+        """The SWAP_AB of every GEMM launch from here on (None: another kernel), recorded as each is launched."""
+        from epmoe.kernels import fused_moe
+        seen, launch = [], fused_moe._run
+
+        def recording(kernel, grid, args, meta, warmup):
+            seen.append(meta.get("SWAP_AB"))
+            return launch(kernel, grid, args, meta, warmup)
+        monkeypatch.setattr(fused_moe, "_run", recording)
+        return seen
+
+    @pytest.mark.parametrize("granularity,act_group,down_bn,I", [("block", 128, 64, 256), ("block", 128, 256, 256),
+                                                                 ("block", 128, 64, 192), ("channel", None, 64, 256),
+                                                                 ("tensor", 128, 128, 256)])
+    def test_swap_ab_fp8(granularity, act_group, down_bn, I, monkeypatch):
+        """SWAP_AB in FP8: block weights (scale per block and product: one number; a down tile 256 wide over
+        two blocks, or I = 192 whose gate and up halves start mid-block: per column), per-channel weights with
+        per-token activations, per-tensor; against the oracle and the plain products. Not with the "rescale"
+        promotion: refused where the config is made."""
         from epmoe.kernels.fused_moe import Fp8Operands
         from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
-        T, E, k, H, I = 9, 4, 2, 256, 256
+        T, E, k, H = 9, 4, 2, 256
         quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
                           per_channel_weights=granularity == "channel",
                           activation="per_token_group" if act_group else "per_token")
@@ -425,7 +440,9 @@ if INTERPRETING:
         plain = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=granularity == "block"),
                                 GemmConfig(down_bn, 128, 1, 4, 2))
         swapped = replace(plain, gate_up=replace(plain.gate_up, swap_ab=True), down=replace(plain.down, swap_ab=True))
+        launches = swap_ab_launches(monkeypatch)
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=swapped, fp8=ops)
+        assert launches.count(True) == 2
         base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=plain, fp8=ops)
         blk = quant.weight_block
         deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
@@ -433,10 +450,8 @@ if INTERPRETING:
         ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
         assert_close(out, ref, 5e-3, context=f"swap_ab fp8 {granularity}")
         assert_close(out, base, 2e-3, context=f"swap_ab fp8 {granularity} against the plain products")
-        if granularity == "block":
-            rescale = replace(swapped, gate_up=replace(swapped.gate_up, promote="rescale"))
-            with pytest.raises(ValueError, match="rescale"):
-                fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=rescale, fp8=ops)
+        with pytest.raises(ValueError, match="rescale"):
+            replace(swapped.gate_up, promote="rescale")
 
     @pytest.mark.parametrize("split", [2, 3, 5])
     @pytest.mark.parametrize("fmt", ["float32", "fp8_block"])

@@ -222,6 +222,31 @@ def test_shipped_tables_hold_no_rescale_entry():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
 
 
+def test_swap_ab_round_trips_is_refused_with_rescale_and_flags_must_be_booleans():
+    """`swap_ab` written only where set and read back; with the "rescale" promotion refused (its accumulators
+    stay [rows, columns]), also when a table says so; a flag that is not a boolean (a table's "false") refused;
+    `--refine` of a decode entry times its swap twin, and with "rescale" allowed a swapped entry's "rescale"
+    twin is unswapped."""
+    from epmoe.bench import tune
+    plain = GemmConfig(128, 128, 1, 4, 4)
+    swapped = replace(plain, swap_ab=True)
+    cfg = MoEKernelConfig(16, swapped, plain)
+    assert "swap_ab" not in cfg.to_dict()["down"] and cfg.to_dict()["gate_up"]["swap_ab"] is True
+    assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and cfg.describe().count(" swap") == 1
+    with pytest.raises(ValueError, match="rescale"):
+        replace(swapped, promote="rescale")
+    with pytest.raises(ValueError, match="rescale"):
+        MoEKernelConfig.from_dict(dict(cfg.to_dict(), gate_up=dict(cfg.to_dict()["gate_up"], promote="rescale")))
+    for flag in ("swap_ab", "tma", "persistent", "tma_a"):
+        with pytest.raises(ValueError, match=f"{flag} must be true or false"):
+            MoEKernelConfig.from_dict(dict(cfg.to_dict(), down=dict(cfg.to_dict()["down"], **{flag: "false"})))
+    gus, dns = tune.refine_plan({16: cfg}, [16])[16][(16, 0)]
+    assert {g.swap_ab for g in gus} == {g.swap_ab for g in dns} == {False, True}
+    wide = MoEKernelConfig(64, swapped, plain)
+    gus, _ = tune.refine_plan({1024: wide}, [1024], fp8=True, block_scales=True, rescale=True)[1024][(64, 0)]
+    assert all(not g.swap_ab for g in gus if g.promote == "rescale") and any(g.swap_ab for g in gus)
+
+
 def test_a_gluon_entry_is_written_read_and_kept_when_fitted(tmp_path):
     """`gluon` (the `triton` experts run `triton_ws`'s pipeline for that T): written only where set, read
     back, shown, kept when the tiles are fitted to a small problem; anything but a boolean refused."""

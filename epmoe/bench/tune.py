@@ -124,12 +124,12 @@ def with_activation_tma_twins(downs: list[GemmConfig]) -> list[GemmConfig]:
 
 
 def with_swap_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
-    """Each configuration as it is and with swap-AB products (`swap_ab`), except with the "rescale" promotion."""
-    out = list(configs)
+    """Each configuration with plain and with swap-AB products (`swap_ab`; "rescale" promotions plain only)."""
+    out = []
     for g in configs:
-        twin = replace(g, swap_ab=True)
-        if g.promote != "rescale" and twin not in out:
-            out.append(twin)
+        for twin in (replace(g, swap_ab=False), replace(g, swap_ab=True) if g.promote != "rescale" else None):
+            if twin is not None and twin not in out:
+                out.append(twin)
     return out
 
 
@@ -199,7 +199,8 @@ def _entries(table: dict, tokens: list[int], rescale: bool):
 def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False,
                 block_scales: bool = False, rescale: bool = False) -> dict:
     """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
-    each with the tail tiles worth trying (`rows_per_expert(T)` given) and, for FP8, with 16 warps; for
+    each with the tail tiles worth trying (`rows_per_expert(T)` given), its swap-AB twin up to
+    SWAP_AB_MAX_BLOCK_M rows and, for FP8, with 16 warps; for
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
     and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only)."""
     plan = {}
@@ -210,14 +211,17 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
             gus.append(replace(cfg.gate_up, num_warps=16))
         if block_scales and cfg.block_m >= 64:    # down 128 wide; with rescale both promotions, 256 wide
             dns.append(replace(cfg.down, block_n=128, promote="sync"))
-            if rescale:
-                gus = list(dict.fromkeys(replace(g, promote=p) for g in gus for p in ("sync", "rescale")))
+            if rescale:      # (a swap-AB GEMM promotes "sync" only: its "rescale" twin is the unswapped one)
+                gus = list(dict.fromkeys(replace(g, promote=p, swap_ab=g.swap_ab and p == "sync")
+                                         for g in gus for p in ("sync", "rescale")))
                 dns += [replace(cfg.down, block_n=128, promote="rescale"),
                         replace(cfg.down, block_n=256, promote="rescale")]
             dns = list(dict.fromkeys(dns))
         tails = tails_for(cfg.block_m, rows_per_expert(T)) if rows_per_expert else [cfg.tail_m]
         if cfg.tail_m not in tails:
             tails.append(cfg.tail_m)
+        if cfg.block_m <= SWAP_AB_MAX_BLOCK_M:
+            gus, dns = with_swap_twins(gus), with_swap_twins(dns)
         plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
                    for t in tails}
     return plan

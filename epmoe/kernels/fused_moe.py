@@ -294,6 +294,7 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                   W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, SWAP_AB: tl.constexpr):
     """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel)."""
+    tl.static_assert(not (SWAP_AB and RESCALE), "SWAP_AB keeps no RESCALE accumulators")
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
     K_BLOCKS: tl.constexpr = (H + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = H % BLOCK_K == 0
@@ -418,6 +419,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows). A_DESC:
     `a_ptr` is a tensor descriptor of the activation rows [rows, I] (a tile's rows are consecutive, from
     its first position; rows past the end read as zeros, rows of the next expert are never stored)."""
+    tl.static_assert(not (SWAP_AB and RESCALE), "SWAP_AB keeps no RESCALE accumulators")
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
     HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
@@ -669,9 +671,6 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
     """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
     args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
     descriptor where the config asks for TMA)."""
-    if gemm.swap_ab and rescale:
-        raise ValueError(f"swap_ab: the \"rescale\" promotion keeps its accumulators as [rows, columns]; "
-                         f"{'gate_up' if gate_up else 'down'} {gemm.describe()} asks for both")
     if gemm.split_k > 1 and (gate_up or batched or gemm.persistent):
         raise ValueError(f"split_k={gemm.split_k}: only the down GEMM of the flat layout, one program per tile, "
                          f"splits its K range (got {'gate_up' if gate_up else 'down'}, "

@@ -39,6 +39,14 @@ class GemmConfig:
     # tensor cores' wide side (fused_moe, SWAP_AB); not with promote "rescale"
     swap_ab: bool = False
 
+    def __post_init__(self):
+        for name in ("tma", "persistent", "tma_a", "swap_ab"):       # a table's "false" string is no False
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.swap_ab and self.promote == "rescale":
+            raise ValueError(f"swap_ab with promote \"rescale\": its accumulators stay [rows, columns] "
+                             f"(BN{self.block_n} BK{self.block_k})")
+
     def describe(self) -> str:
         return (f"BN{self.block_n} BK{self.block_k} G{self.group_m} w{self.num_warps} s{self.num_stages}"
                 + (" tma" if self.tma else "") + (" tma_a" if self.tma_a else "")
