@@ -369,8 +369,9 @@ def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
 def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path, monkeypatch, winner):
     """At T <= 16 the tuner times the table's entry of before beside its new tiles and the decode kernels,
     end to end, and keeps whichever is fastest: a new choice that only wins kernel by kernel does not
-    replace an entry that runs the whole op faster. `decode_entries` reads the entries it must beat (T <= 16,
-    fitted as the lookup fits them) from this GPU's table."""
+    replace an entry that runs the whole op faster. `decode_served` says what it must beat at each T <= 16: the
+    configuration the lookup serves there, an entry at that T or near it, or the heuristic, fitted as the
+    lookup fits it."""
     import torch
     from epmoe import MoEConfig
     from epmoe.bench import tune
@@ -381,9 +382,11 @@ def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path,
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"entries": {key: {"1": old.to_dict(), "16": old.to_dict(), "128": new.to_dict()}}}))
     tune._load_table.cache_clear()
-    before = tune.decode_entries(str(path), key, 64, 32, "bfloat16")
-    assert set(before) == {1, 16} and before[1] == fit_to_problem(old, 64, 32, "bfloat16")
-    assert tune.decode_entries(str(tmp_path / "none.json"), key, 64, 32, "bfloat16") == {}
+    served = tune.decode_served([1, 2, 16, 128], 4, 64, 32, 2, "bfloat16", [str(path)])
+    assert set(served) == {1, 2, 16} and served[1] == served[2] == fit_to_problem(old, 64, 32, "bfloat16")
+    no_table = tune.lookup_paths(str(tmp_path / "none.json"), False)        # no table: the heuristic serves
+    assert tune.decode_served([4], 4, 64, 32, 2, "bfloat16", no_table) == {4: heuristic_config(4, 4, 64, 32, 2)}
+    before = {T: served[T] for T in (1, 16)}
 
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
     weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16))

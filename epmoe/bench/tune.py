@@ -452,8 +452,9 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
     compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
     downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
-    `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`). `before`: the table's entries
-    before this tune, by T; at T <= GEMV_MAX_TOKENS one stays unless the new choice beats it end to end.
+    `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`). `before`: what the lookup served
+    before this tune, by T (`decode_served`); at T <= GEMV_MAX_TOKENS it stays unless the new choice beats it
+    end to end.
     `settle_ms`: how long each path of those end-to-end comparisons runs before it is timed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .gpu_timing import GpuTimer, Timer
@@ -538,8 +539,8 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
                console, before: MoEKernelConfig | None = None, ends_timer=None) -> tuple[MoEKernelConfig, float]:
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
-    included), the decode path also with PDL where the GPU has it, and `before` (the table's entry for T
-    before this tune) as well: at a few tokens the kernels' times alone, eager, ranked configurations unlike
+    included), the decode path also with PDL where the GPU has it, and `before` (what the lookup served T
+    before this tune: `decode_served`) as well: at a few tokens the kernels' times alone, eager, ranked configurations unlike
     the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only where the new choice
     is faster end to end (CUDA-graph replays, on `ends_timer`: the tuner's settles each path first; None: `timer`).
     Returns the winner and its time (gemv and the entry before: end to end; tiles: gate_up + down as above)."""
@@ -722,8 +723,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
                    help="token counts T, comma-separated (default: %(default)s); at T <= "
-                        f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and the table's entry of before "
-                        "run end to end as CUDA graphs and the fastest is kept. An entry also serves batches within "
+                        f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and what the lookup served there before "
+                        "(an entry at T or near it, or the heuristic) run end to end as CUDA graphs and the fastest is kept. An entry also serves batches within "
                         f"a factor {TABLE_REACH} of its T: after writing, the batch sizes whose configuration the new "
                         "entries changed untimed (powers of two) are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
@@ -807,16 +808,12 @@ def _problem_configs(args) -> list:
     return out
 
 
-def decode_entries(path: str, key: str, hidden: int, inter: int, fmt: str) -> dict[int, MoEKernelConfig]:
-    """This GPU's table's entries for `key` at T <= GEMV_MAX_TOKENS, as the lookup uses them (`fit_to_problem`),
-    or none where the table or the entry is missing: what a decode tune must beat end to end."""
-    if not os.path.exists(path):
-        return {}
-    out = {}
-    for T, entry in _load_table(path).get(key, {}).items():
-        if T <= GEMV_MAX_TOKENS:
-            out[T] = fit_to_problem(entry, hidden, inter, fmt)
-    return out
+def decode_served(tokens, L: int, H: int, I: int, k: int, fmt: str, paths: list[str]) -> dict[int, MoEKernelConfig]:
+    """What a decode tune must beat end to end at each of its T <= GEMV_MAX_TOKENS: the configuration the lookup
+    serves that T now (an entry at T, or one within reach of it, or the heuristic), fitted as the lookup fits it.
+    An entry at another T counts: a new entry at T = 1 replaces T = 16's tiles there, which may be faster."""
+    return {T: cfg for T, (cfg, _) in configs_served([T for T in tokens if T <= GEMV_MAX_TOKENS], L, H, I, k, fmt,
+                                                      paths=paths).items()}
 
 
 def main(args) -> int:
@@ -875,7 +872,9 @@ def main(args) -> int:
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon, before=decode_entries(path, key, H, I, problem.fmt),
+                                gluon=not args.no_gluon,
+                                before=decode_served(tokens, L, H, I, k, problem.fmt,
+                                                     lookup_paths(path, own_table, device)),
                                 settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
