@@ -690,10 +690,11 @@ def configs_served(sizes, L: int, H: int, I: int, k: int, fmt: str, device=None,
 
 
 def taken_over(before: dict, after: dict, tuned) -> list[tuple[int, str, str]]:
-    """(T, source before, source after) of the batch sizes not tuned now whose configuration the new entries
-    changed: their tiles come from an entry timed at another T (or the heuristic no longer serves them)."""
-    return [(T, before[T][1], after[T][1]) for T in sorted(after)
-            if T not in tuned and T in before and before[T][0] != after[T][0]]
+    """(T, before, after: each "source: tiles") of the batch sizes not tuned now whose configuration the new
+    entries changed: their tiles come from an entry timed at another T (or the heuristic no longer serves them),
+    or from the same entry rewritten (the tiles say how)."""
+    return [(T, f"{before[T][1]}: {before[T][0].describe()}", f"{after[T][1]}: {after[T][0].describe()}")
+            for T in sorted(after) if T not in tuned and T in before and before[T][0] != after[T][0]]
 
 
 def report_taken_over(console, key: str, changed: list[tuple[int, str, str]]) -> None:
