@@ -314,6 +314,15 @@ if INTERPRETING:
                                 routing=Routing(torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, 1)))
             assert_close(out[e, :n], ref, 5e-3, context=f"expert {e}")
 
+    def _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2):
+        """The oracle of the FP8 function on the dequantized weights (the input and intermediate quantized as
+        cfg.quant prescribes: the one formula)."""
+        from epmoe.quant.fp8 import dequantize_weight
+        blk, I = cfg.quant.weight_block, cfg.intermediate_size
+        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
+                dequantize_weight(q2[e], s2[e], blk)) for e in range(q13.shape[0])]
+        return reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
+
     def _fp8_weights(experts, granularity):
         from epmoe.quant.fp8 import quantize_weight
         w13, w2, _, _ = fused_layout(experts)
@@ -334,7 +343,7 @@ if INTERPRETING:
     @pytest.mark.parametrize("granularity,act_group", [("block", 128), ("channel", None), ("tensor", 128)])
     def test_fused_experts_fp8(granularity, act_group, down_bn):
         from epmoe.kernels.fused_moe import Fp8Operands
-        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
         T, E, k, H, I = 9, 4, 2, 256, 128
         quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
                           per_channel_weights=granularity == "channel",
@@ -356,10 +365,7 @@ if INTERPRETING:
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=cfg8, fp8=ops)
         # the oracle on the dequantized weights, quantizing the input and intermediate activations as the
         # config prescribes (the one formula)
-        blk = quant.weight_block
-        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
-                dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
-        ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
+        ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
@@ -425,7 +431,7 @@ if INTERPRETING:
         per-token activations, per-tensor; against the oracle and the plain products. Not with the "rescale"
         promotion: refused where the config is made."""
         from epmoe.kernels.fused_moe import Fp8Operands
-        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
         T, E, k, H = 9, 4, 2, 256
         quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
                           per_channel_weights=granularity == "channel",
@@ -444,10 +450,7 @@ if INTERPRETING:
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=swapped, fp8=ops)
         assert launches.count(True) == 2
         base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=plain, fp8=ops)
-        blk = quant.weight_block
-        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
-                dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
-        ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
+        ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
         assert_close(out, ref, 5e-3, context=f"swap_ab fp8 {granularity}")
         assert_close(out, base, 2e-3, context=f"swap_ab fp8 {granularity} against the plain products")
         with pytest.raises(ValueError, match="rescale"):
@@ -608,7 +611,7 @@ if INTERPRETING:
         from dataclasses import replace as dc_replace
 
         from epmoe.kernels.fused_moe import Fp8Operands
-        from epmoe.quant.fp8 import Fp8Config, dequantize_weight, fp8_quantize_torch
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
         T, E, k, H, I = 11, 4, 2, 384, 256
         quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
         cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32,
@@ -628,10 +631,7 @@ if INTERPRETING:
         ops = Fp8Operands(xs.contiguous(), s13, s2, 128, quant.weight_block, "block")
         out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=variant, fp8=ops)
         base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=sync, fp8=ops)
-        blk = quant.weight_block
-        deq = [(dequantize_weight(q13[e], s13[e], blk)[:I], dequantize_weight(q13[e], s13[e], blk)[I:],
-                dequantize_weight(q2[e], s2[e], blk)) for e in range(E)]
-        ref = reference_moe(x, None, deq, cfg, routing=Routing(ids, w))
+        ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
         assert torch.isfinite(out).all()
         assert_close(out, ref, 5e-3, context=f"fp8 promote={promote}")
         assert_close(out, base, 2e-3, context=f"fp8 promote={promote} against sync")
