@@ -9,11 +9,11 @@ Each shape is PRESET:T (the preset's own experts; PRESET:L:T a shard of L of the
 routing, the rows and weights the benchmark makes). The hit bytes are the weights of the experts the routing hits
 (3 * H * I each, in the format's element size; scales not counted). `--configs` times other kernel configurations
 of the table's format beside the table's own (JSON list of `MoEKernelConfig.to_dict()` forms), and `--swap-ab` the
-table's tiles with swap-AB products, through the same backend, and the table's own again after them. Each shape's
-first timing is a warm-up, not reported. Compare a variant with the entry timed again, not with the entry timed
-first: timed first, the entry ran 10-16% slower than timed again after the variants at gpt-oss-120b (T = 1, 16) and
-deepseek-v3 T = 1 (166 us, then 146, which `epmoe bench experts` agrees with); the warm-up removed the gap at
-gpt-oss-120b T = 1 but not at deepseek-v3 T = 1 (benchmarks/notes_kernels.md, twenty-first pass).
+table's tiles with plain and swap-AB products, through the same backend, and the table's own again after them. Each
+shape's first timing is a warm-up, not reported. Compare a variant with the entry timed again, not with the entry
+timed first: timed first, the entry ran 10-16% slower than timed again after the variants at gpt-oss-120b (T = 1,
+16) and deepseek-v3 T = 1 (166 us, then 146, which `epmoe bench experts` agrees with); the warm-up removed the gap
+at gpt-oss-120b T = 1 but not at deepseek-v3 T = 1 (benchmarks/notes_kernels.md, twenty-first pass).
 """
 from __future__ import annotations
 
@@ -42,18 +42,17 @@ def read_floor_ms(timer, nbytes: int) -> float:
 
 
 def swap_variants(config) -> list:
-    """(label, configuration): the table's tiles (first as they are, where the table takes its decode or Gluon
-    path instead) with swap-AB products in the gate+up, the down GEMM and both; a GEMM with the "rescale"
-    promotion keeps its products as they are (its variants are left out)."""
-    tiles = replace(config, gemv=None, gluon=False)
-    out = [("tiles", tiles)] if tiles != config else []
-    swap = {name: replace(g, swap_ab=True) for name, g in (("gate_up", tiles.gate_up), ("down", tiles.down))
+    """(label, configuration): the table's tiles (not its decode or Gluon path) with plain products and with
+    swap-AB products in the gate+up, the down GEMM and both, except the one that is the table's entry itself
+    (timed as "table"); a GEMM with the "rescale" promotion keeps plain products (its variants are left out)."""
+    plain = replace(config, gemv=None, gluon=False, gate_up=replace(config.gate_up, swap_ab=False),
+                    down=replace(config.down, swap_ab=False))
+    swap = {name: replace(g, swap_ab=True) for name, g in (("gate_up", plain.gate_up), ("down", plain.down))
             if g.promote != "rescale"}
-    for name in swap:
-        out.append((f"swap {name}", replace(tiles, **{name: swap[name]})))
+    out = [("plain tiles", plain)] + [(f"swap {name}", replace(plain, **{name: g})) for name, g in swap.items()]
     if len(swap) == 2:
-        out.append(("swap both", replace(tiles, **swap)))
-    return out
+        out.append(("swap both", replace(plain, **swap)))
+    return [(label, c) for label, c in out if c != config]
 
 
 def main(argv=None) -> int:
@@ -133,12 +132,13 @@ def main(argv=None) -> int:
                     continue
                 if nbytes not in floors:
                     floors[nbytes] = read_floor_ms(timer, nbytes)
-                row = dict(preset=preset, local_experts=cfg.num_experts, tokens=T, format=fmt, variant=label, config=config.describe(),
-                           experts_hit=hit, hit_bytes=nbytes, median_ms=t.median_ms, method=t.method,
-                           tb_per_s=nbytes / (t.median_ms * 1e-3) / 1e12, read_floor_ms=floors[nbytes],
+                row = dict(preset=preset, local_experts=cfg.num_experts, tokens=T, format=fmt, variant=label,
+                           config=config.describe(), experts_hit=hit, hit_bytes=nbytes, median_ms=t.median_ms,
+                           method=t.method, tb_per_s=nbytes / (t.median_ms * 1e-3) / 1e12, read_floor_ms=floors[nbytes],
                            floor_ratio=floors[nbytes] / t.median_ms, err=err, ok=ok)
                 rows.append(row)
-                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:12s} {t.median_ms * 1e3:8.1f} us "
+                print(f"{preset:13s} L={cfg.num_experts:3d} T={T:3d} {fmt:10s} {label:12s} "
+                      f"{t.median_ms * 1e3:8.1f} us "
                       f"{row['tb_per_s']:5.2f} TB/s  read floor {floors[nbytes] * 1e3:6.1f} us "
                       f"({row['floor_ratio']:.2f})  err {err:.1e}{'' if ok else ' FAILED'}  {config.describe()}",
                       flush=True)

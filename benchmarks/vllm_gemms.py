@@ -33,11 +33,11 @@ gather the token rows in their own launch and the Gluon GEMMs read them from a c
 kernel of its own: each point also gives our GEMMs with that copy (`gemm_and_copy_us`) and our whole op
 (`kernel_us`), and every kernel's share. Where the tiles need two launches per GEMM (tail tiles) the first half
 of the launches is the gate+up. Both pipelines are checked end to end against the float64 oracle on sampled rows
-(3e-2): vLLM's with our activation, quantization and slot sum between and after its two GEMMs; and each of
-vLLM's GEMMs on its own against float64 products of its FP8 operands on the pairs of up to 32 sampled tokens
-(1e-2). Unlike a deployment: the shards are whole models here (vLLM's small-batch path for T * k * 4 <= E
-applies to them), weights of padded width (gpt-oss-120b's 2880 to 2944, where vLLM's TMA path then qualifies),
-and every input L2-cold before each call on both sides. `--vllm-tables` names whose JSON tables vLLM looks in: `this` (this GPU's
+(3e-2): vLLM's with our activation, quantization and slot sum between and after its two GEMMs; and each of vLLM's
+GEMMs on its own against float64 products of its FP8 operands on the pairs of up to 32 sampled tokens (1e-2).
+Unlike a deployment: the shards are whole models here (vLLM's small-batch path for T * k * 4 <= E applies to them),
+weights of padded width (gpt-oss-120b's 2880 to 2944, where vLLM's TMA path then qualifies), and every input
+L2-cold before each call on both sides. `--vllm-tables` names whose JSON tables vLLM looks in: `this` (this GPU's
 name, as vLLM does) and, e.g., `NVIDIA_H200` (its H200 tables on another GPU); a table that gives the same
 configuration as one before it is not timed again.
 """

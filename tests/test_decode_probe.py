@@ -4,9 +4,11 @@ from dataclasses import replace
 from epmoe.kernels.tuning_table import GemmConfig, GemvConfig, MoEKernelConfig
 
 
-def test_swap_variants_time_the_tiles_themselves_beside_a_decode_entry(benchmark_script):
-    """Where the table's entry takes the decode path, the unswapped tiles are timed too (the entry's own
-    time is the decode kernels'); a "rescale" GEMM keeps its products (no variant claims to swap it)."""
+def test_swap_variants_time_plain_and_swapped_tiles_beside_the_entry(benchmark_script):
+    """The table's tiles with plain and swap-AB products, leaving out the variant that is the entry itself (timed
+    as "table"): beside a plain entry the three swaps; beside a decode entry (whose own time is the decode
+    kernels') the plain tiles too; beside a swapped entry the plain tiles and the single swaps. A "rescale" GEMM
+    keeps its products (no variant claims to swap it)."""
     swap_variants = benchmark_script("decode_probe").swap_variants
     tiles = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
     labels = dict(swap_variants(tiles))
@@ -15,7 +17,10 @@ def test_swap_variants_time_the_tiles_themselves_beside_a_decode_entry(benchmark
     assert labels["swap both"].gate_up.swap_ab and labels["swap both"].down.swap_ab
     decode = replace(tiles, gemv=GemvConfig(8, 256, 8, 256))
     labels = dict(swap_variants(decode))
-    assert labels["tiles"] == tiles and all(c.gemv is None for c in labels.values())
+    assert labels["plain tiles"] == tiles and all(c.gemv is None for c in labels.values())
+    swapped = labels["swap both"]
+    labels = dict(swap_variants(swapped))
+    assert list(labels) == ["plain tiles", "swap gate_up", "swap down"] and labels["plain tiles"] == tiles
     rescale = replace(tiles, gate_up=replace(tiles.gate_up, promote="rescale"))
     assert [(label, c.gate_up.swap_ab, c.down.swap_ab) for label, c in swap_variants(rescale)] == [
         ("swap down", False, True)]

@@ -548,7 +548,8 @@ def test_swap_ab(preset, experts, fmt, monkeypatch):
                         GemmConfig(128, bk, 1, 4, 4, tma=True, tma_a=True, swap_ab=True, split_k=2)),
         MoEKernelConfig(32, GemmConfig(128, bk, 1, 8, 3, tma=True, persistent=True, swap_ab=True),
                         GemmConfig(64, bk, 1, 4, 4, persistent=True, swap_ab=True), tail_m=16),
-        MoEKernelConfig(64, GemmConfig(128, bk, 8, 8, 3, swap_ab=True), GemmConfig(128, bk, 8, 4, 4, tma=True, swap_ab=True)),
+        MoEKernelConfig(64, GemmConfig(128, bk, 8, 8, 3, swap_ab=True),
+                        GemmConfig(128, bk, 8, 4, 4, tma=True, swap_ab=True)),
     ]
     for i, config in enumerate(configs):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, c=config, **k: (c, "test"))

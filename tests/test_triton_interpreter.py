@@ -369,9 +369,9 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
-    @pytest.mark.parametrize("variant,T,routing,remote", [("pointers", 37, "random", True), ("pointers", 1, "random", False),
-                                                          ("tma", 40, "hot", True), ("persistent_tail", 37, "hot", False),
-                                                          ("split_k", 40, "random", True), ("batched", 0, "", False)])
+    @pytest.mark.parametrize("variant,T,routing,remote", [
+        ("pointers", 37, "random", True), ("pointers", 1, "random", False), ("tma", 40, "hot", True),
+        ("persistent_tail", 37, "hot", False), ("split_k", 40, "random", True), ("batched", 0, "", False)])
     def test_swap_ab_float32(variant, T, routing, remote, monkeypatch):
         """SWAP_AB (each product computed transposed, weights x rows^T, transposed back once) against the oracle
         in float32, and the plain products' result: uniform tiles with pointers and TMA, persistent kernels on

@@ -382,10 +382,12 @@ def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path,
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"entries": {key: {"1": old.to_dict(), "16": old.to_dict(), "128": new.to_dict()}}}))
     tune._load_table.cache_clear()
-    served = tune.decode_served([1, 2, 16, 128], 4, 64, 32, 2, "bfloat16", [str(path)])
+    tokens = [1, 2, 16, 128]
+    served = tune.decode_served(tokens, tune.configs_served(tokens, 4, 64, 32, 2, "bfloat16", paths=[str(path)]))
     assert set(served) == {1, 2, 16} and served[1] == served[2] == fit_to_problem(old, 64, 32, "bfloat16")
     no_table = tune.lookup_paths(str(tmp_path / "none.json"), False)        # no table: the heuristic serves
-    assert tune.decode_served([4], 4, 64, 32, 2, "bfloat16", no_table) == {4: heuristic_config(4, 4, 64, 32, 2)}
+    assert tune.decode_served([4], tune.configs_served([4], 4, 64, 32, 2, "bfloat16", paths=no_table)) == {
+        4: heuristic_config(4, 4, 64, 32, 2)}
     before = {T: served[T] for T in (1, 16)}
 
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)

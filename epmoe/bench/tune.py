@@ -540,9 +540,10 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
     """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
     the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
     included), the decode path also with PDL where the GPU has it, and `before` (what the lookup served T
-    before this tune: `decode_served`) as well: at a few tokens the kernels' times alone, eager, ranked configurations unlike
-    the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only where the new choice
-    is faster end to end (CUDA-graph replays, on `ends_timer`: the tuner's settles each path first; None: `timer`).
+    before this tune: `decode_served`) as well: at a few tokens the kernels' times alone, eager, ranked
+    configurations unlike the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only
+    where the new choice is faster end to end (CUDA-graph replays, on `ends_timer`: the tuner's settles each
+    path first; None: `timer`).
     Returns the winner and its time (gemv and the entry before: end to end; tiles: gate_up + down as above)."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
     from ..kernels.fused_moe import Fp8Operands, fused_experts
@@ -724,10 +725,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
                    help="token counts T, comma-separated (default: %(default)s); at T <= "
-                        f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and what the lookup served there before "
-                        "(an entry at T or near it, or the heuristic) run end to end as CUDA graphs and the fastest is kept. An entry also serves batches within "
-                        f"a factor {TABLE_REACH} of its T: after writing, the batch sizes whose configuration the new "
-                        "entries changed untimed (powers of two) are named")
+                        f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and what the lookup served there "
+                        "before (an entry at T or near it, or the heuristic) run end to end as CUDA graphs and the "
+                        f"fastest is kept. An entry also serves batches within a factor {TABLE_REACH} of its T: "
+                        "after writing, the batch sizes whose configuration the new entries changed untimed (powers "
+                        "of two) are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
@@ -809,12 +811,12 @@ def _problem_configs(args) -> list:
     return out
 
 
-def decode_served(tokens, L: int, H: int, I: int, k: int, fmt: str, paths: list[str]) -> dict[int, MoEKernelConfig]:
+def decode_served(tokens, served: dict) -> dict[int, MoEKernelConfig]:
     """What a decode tune must beat end to end at each of its T <= GEMV_MAX_TOKENS: the configuration the lookup
-    serves that T now (an entry at T, or one within reach of it, or the heuristic), fitted as the lookup fits it.
-    An entry at another T counts: a new entry at T = 1 replaces T = 16's tiles there, which may be faster."""
-    return {T: cfg for T, (cfg, _) in configs_served([T for T in tokens if T <= GEMV_MAX_TOKENS], L, H, I, k, fmt,
-                                                      paths=paths).items()}
+    serves that T now (`served`, from `configs_served`: an entry at T, or one within reach of it, or the
+    heuristic, fitted as the lookup fits it). An entry at another T counts: a new entry at T = 1 replaces T = 16's
+    tiles there, which may be faster."""
+    return {T: served[T][0] for T in tokens if T <= GEMV_MAX_TOKENS}
 
 
 def main(args) -> int:
@@ -870,18 +872,16 @@ def main(args) -> int:
                                          f"GPU's family" + (f" with {GLUON_MIN_ROWS} rows per expert or more"
                                                             if args.gluon else "") + "; skipped"))
                     continue
+            # what the lookup serves before this tune: the decode entries' rivals, and the neighbours' before
+            served = configs_served(sorted(set(NEIGHBOUR_SIZES) | set(tokens)), L, H, I, k, problem.fmt,
+                                    paths=lookup_paths(path, own_table, device))
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon,
-                                before=decode_served(tokens, L, H, I, k, problem.fmt,
-                                                     lookup_paths(path, own_table, device)),
+                                gluon=not args.no_gluon, before=decode_served(tokens, served),
                                 settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
-            # the lookup before and after the write (looked up again after: the table may exist only then)
-            served = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
-                                    paths=lookup_paths(path, own_table, device))
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -891,6 +891,7 @@ def main(args) -> int:
                 seed_from=source if quick and source != path else None)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
+            # looked up again after the write (the table may exist only now)
             now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
                                  paths=lookup_paths(path, own_table, device))
             report_taken_over(console, key, taken_over(served, now, best))
