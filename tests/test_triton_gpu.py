@@ -555,3 +555,44 @@ def test_swap_ab(preset, experts, fmt, monkeypatch):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, c=config, **k: (c, "test"))
         layer.experts._configs.clear()
         _check_layer(layer, (1, 16, 33, 300), bound=3e-2 if fmt == "fp8_block" else None, seed=i)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_tune_races_whole_forwards_and_its_entries_run(fp8, tmp_path, monkeypatch, capsys):
+    """`epmoe tune`'s end-to-end race on the GPU (`tune_problem`, two BLOCK_M at each T, what a table served
+    before as the rival): at T = 1 (decode kernels too) and T = 512 (128 rows per expert: the Gluon pipeline
+    too, on Hopper) every path is timed whole as CUDA-graph replays, each entry is one of the paths raced with
+    a finite time, and a layer that looks those entries up matches the float64 oracle."""
+    from rich.console import Console
+
+    from epmoe.bench import tune
+    from epmoe.bench.experts import make_weights
+    from epmoe.kernels import tuning_table
+    from epmoe.kernels.fused_moe import weight_format
+    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=512, intermediate_size=384, dtype=torch.bfloat16,
+                    quant=_fp8("block") if fp8 else None)
+    fmt = "fp8_block" if fp8 else "bfloat16"
+    weights, _ = make_weights(cfg, torch.device("cuda"), torch.Generator(device="cuda").manual_seed(3))
+    problem = tune.Problem(cfg, weight_format(weights.w13, "block" if fp8 else None), weights, fp8)
+    assert problem.fmt == fmt
+    g = GemmConfig(128, 128, 1, 4, 3)
+    plan = {T: {(bm, 0): ([g], [g]) for bm in (16, 64)} for T in (1, 512)}
+    before = {T: MoEKernelConfig(32, GemmConfig(64, 128, 1, 4, 3), GemmConfig(64, 128, 1, 4, 3)) for T in (1, 512)}
+    best = tune.tune_problem(problem, [1, 512], reps=3, plan=plan, show_progress=False, settle_ms=20.0,
+                             before=before, console=Console(file=None, force_terminal=False))
+    printed = capsys.readouterr().out
+    for T in (1, 512):
+        assert f"T={T} end to end: table before" in printed, printed
+        cfg_T, ms = best[T]
+        assert 0 < ms < float("inf")
+        assert cfg_T == before[T] or cfg_T.block_m in (16, 64), cfg_T
+    assert "gemv" in printed.split("T=512 end to end")[0]            # the decode kernels raced at T = 1
+    table = str(tmp_path / "tuned.json")
+    tune.merge_into_table(table, tuning_table.shape_key(8, 512, 384, 2, fmt), best, {"device": "test"})
+    tuning_table._load_table.cache_clear()
+    monkeypatch.setattr(tuning_table, "table_paths_for_device", lambda device=None: [table])
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=9, device="cuda"))
+    for T in (1, 512):
+        assert layer.experts.kernel_config(T, layer.expert_weights) == best[T][0]
+    _check_layer(layer, (1, 512), bound=3e-2 if fp8 else None, seed=4)

@@ -365,102 +365,113 @@ def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
                                                      c[kernel]["num_warps"], c[kernel]["num_stages"])
 
 
-@pytest.mark.parametrize("winner", ["tiles", "table before", "gemv"])
-def test_a_decode_tune_keeps_the_entry_before_unless_beaten_end_to_end(tmp_path, monkeypatch, winner):
-    """At T <= 16 the tuner times the table's entry of before beside its new tiles and the decode kernels,
-    end to end, and keeps whichever is fastest: a new choice that only wins kernel by kernel does not
-    replace an entry that runs the whole op faster. `decode_served` says what it must beat at each T <= 16: the
-    configuration the lookup serves there, an entry at that T or near it, or the heuristic, fitted as the
-    lookup fits it."""
-    import torch
-    from epmoe import MoEConfig
+def test_served_at_names_what_the_lookup_serves_each_batch_size(tmp_path):
+    """`served_at` says what a tune must beat end to end at each T it times: the configuration the lookup serves
+    there, an entry at that T or near it, or the heuristic, fitted as the lookup fits it."""
     from epmoe.bench import tune
-    from epmoe.layouts import ExpertWeights
     old = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(32, 64, 1, 4, 4))
-    new = MoEKernelConfig(16, GemmConfig(128, 64, 1, 8, 4), GemmConfig(64, 64, 1, 4, 6))
-    key = shape_key(4, 64, 32, 2, "bfloat16")
+    new = MoEKernelConfig(64, GemmConfig(128, 64, 1, 8, 4), GemmConfig(64, 64, 1, 4, 6))
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"entries": {key: {"1": old.to_dict(), "16": old.to_dict(), "128": new.to_dict()}}}))
-    tune._load_table.cache_clear()
-    tokens = [1, 2, 16, 128]
-    served = tune.decode_served(tokens, tune.configs_served(tokens, 4, 64, 32, 2, "bfloat16", paths=[str(path)]))
-    assert set(served) == {1, 2, 16} and served[1] == served[2] == fit_to_problem(old, 64, 32, "bfloat16")
+    path.write_text(json.dumps({"entries": {shape_key(4, 64, 32, 2, "bfloat16"): {
+        "1": old.to_dict(), "16": old.to_dict(), "128": new.to_dict()}}}))
+    _load_table.cache_clear()
+    tokens = [1, 2, 16, 128, 256]
+    served = tune.served_at(tokens, tune.configs_served(tokens, 4, 64, 32, 2, "bfloat16", paths=[str(path)]))
+    assert set(served) == set(tokens)
+    assert served[1] == served[2] == fit_to_problem(old, 64, 32, "bfloat16")
+    assert served[128] == served[256] == fit_to_problem(new, 64, 32, "bfloat16")
     no_table = tune.lookup_paths(str(tmp_path / "none.json"), False)        # no table: the heuristic serves
-    assert tune.decode_served([4], tune.configs_served([4], 4, 64, 32, 2, "bfloat16", paths=no_table)) == {
-        4: heuristic_config(4, 4, 64, 32, 2)}
-    before = {T: served[T] for T in (1, 16)}
-
-    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
-    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16))
-    problem = tune.Problem(cfg, "bfloat16", weights, False)
-    timed = []
-
-    kernels_timer, ends_timer = object(), object()
-
-    def fake_time(timer, fn, reps, graph=False):     # end-to-end runs: by which configuration fn would run
-        cfg_ = fn.__defaults__[0] if fn.__defaults__ and isinstance(fn.__defaults__[0], MoEKernelConfig) else None
-        timed.append(cfg_)
-        if cfg_ is None:
-            assert timer is kernels_timer
-            return 1.0                        # a decode kernel alone
-        assert graph, "end-to-end runs are timed as CUDA-graph replays"
-        assert timer is ends_timer, "end-to-end runs are timed on the settling timer"
-        name = "gemv" if cfg_.gemv is not None else "table before" if cfg_ == before[1] else "tiles"
-        return 0.5 if name == winner else 2.0
-    monkeypatch.setattr(tune, "_safe_time", fake_time)
-    got, ms = tune._tune_gemv(problem, 1, (new, 1.5), kernels_timer, 3, torch.Generator().manual_seed(0),
-                              type("Quiet", (), {"print": lambda *a, **k: None})(), before=before[1],
-                              ends_timer=ends_timer)
-    assert before[1] in timed, "the entry of before was not timed end to end"
-    want = {"tiles": new, "table before": before[1]}.get(winner)
-    if want is not None:
-        assert got == want
-    else:
-        assert got.gemv is not None and (got.block_m, got.gate_up, got.down) == (new.block_m, new.gate_up, new.down)
-    assert ms == (1.5 if winner == "tiles" else 0.5)
+    assert tune.served_at([4, 512], tune.configs_served([4, 512], 4, 64, 32, 2, "bfloat16", paths=no_table)) == {
+        4: heuristic_config(4, 4, 64, 32, 2), 512: heuristic_config(512, 4, 64, 32, 2)}
 
 
-@pytest.mark.parametrize("T", [8, 4096])
-def test_tune_hands_its_end_to_end_comparisons_a_settling_timer(monkeypatch, T):
-    """`tune_problem`: the kernels' candidates are timed on the GPU timer as they are, while the end-to-end
-    comparisons (`_tune_gemv` at decode, `_tune_gluon` at prefill) get a timer over the same clock that settles
-    each path for `settle_ms` (`epmoe tune --settle-ms`)."""
+def test_end_to_end_paths_and_choice():
+    """What one end-to-end race runs and which it keeps: each BLOCK_M's best tiles, the decode kernels, the Gluon
+    pipeline and what was served before (first, so that it keeps a tie; a Gluon entry of before is the Gluon path,
+    or runs its tiles where that is not raced); the fastest plain path wins unless a Gluon path beats it by more
+    than GLUON_MARGIN; failed paths (inf) never win, and with no tiles or decode path left there is no choice."""
+    from epmoe.bench import tune
+    from epmoe.kernels.tuning_table import GemvConfig
+    bm64 = MoEKernelConfig(64, GemmConfig(128, 64, 1, 8, 4), GemmConfig(64, 64, 1, 4, 6))
+    bm32 = MoEKernelConfig(32, GemmConfig(64, 64, 1, 4, 3), GemmConfig(32, 64, 1, 4, 4), tail_m=16)
+    old = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 3), GemmConfig(32, 64, 1, 4, 4))
+    gemv = GemvConfig(8, 256, 8, 256)
+    paths = tune.end_to_end_paths([bm64, bm32], [gemv, replace(gemv, pdl=True)], gluon=True, before=old)
+    assert list(paths) == ["table before", "tiles BM64", "tiles BM32+16", "gemv", "gemv pdl", "gluon"]
+    assert paths["table before"] == old and paths["tiles BM32+16"] == bm32
+    assert paths["gemv"] == replace(bm64, gemv=gemv) and paths["gemv pdl"].gemv.pdl
+    assert paths["gluon"] == replace(bm64, gluon=True)
+    # before is one of the new paths, or the Gluon path: raced once
+    assert list(tune.end_to_end_paths([bm64, bm32], before=bm32)) == ["tiles BM64", "tiles BM32+16"]
+    assert list(tune.end_to_end_paths([bm64], gluon=True, before=replace(old, gluon=True))) == ["tiles BM64", "gluon"]
+    # a Gluon entry of before where the Gluon pipeline is not raced: its tiles
+    assert tune.end_to_end_paths([bm64], before=replace(old, gluon=True))["table before"] == old
+    # new tiles passed with flags set run as plain tiles
+    assert tune.end_to_end_paths([replace(bm64, gemv=gemv, gluon=True)]) == {"tiles BM64": bm64}
+
+    inf = float("inf")
+    for ends, want in (({"table before": 1.0, "tiles BM64": 1.0, "tiles BM32+16": 1.0}, "table before"),  # a tie: kept
+                       ({"table before": 1.0, "tiles BM64": 0.99, "tiles BM32+16": 1.2}, "tiles BM64"),
+                       ({"table before": 1.0, "tiles BM64": 1.1, "gemv": 0.7, "gemv pdl": 0.69}, "gemv pdl"),
+                       ({"table before": 1.0, "tiles BM64": 1.1, "gluon": 0.99}, "table before"),  # inside the margin
+                       ({"table before": 1.0, "tiles BM64": 1.1, "gluon": 0.97}, "gluon"),
+                       ({"table before": inf, "tiles BM64": 1.1}, "tiles BM64"),
+                       ({"table before": inf, "gluon": 2.0}, None),     # its tiles must run too
+                       ({"table before": inf, "tiles BM64": inf}, None)):
+        assert tune.end_to_end_choice(ends, paths) == want, ends
+
+
+@pytest.mark.parametrize("T,winner", [(1, "table before"), (1, "gemv"), (128, "tiles BM32"), (128, "table before"),
+                                      (8192, "gluon"), (8192, "tiles BM128")])
+def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypatch, T, winner):
+    """`tune_problem` at every T, not only decode: the kernels' candidates are ranked on the GPU timer as they
+    are (each BLOCK_M's fastest pair), then each BLOCK_M's best, the decode kernels (T <= 16), the Gluon
+    pipeline (128 rows per expert or more) and what the lookup served before race the whole op on a timer over
+    the same clock that settles each path for `settle_ms`; the entry is the race's winner with its end-to-end
+    time, even where the kernels' times ranked another BLOCK_M first (what happened to the qwen3 16-expert
+    shard at T = 128 on the H100: 64-row tiles faster by kernels, 2% slower whole)."""
     import torch
     from epmoe import MoEConfig
     from epmoe.bench import gpu_timing, tune
+    from epmoe.kernels.tuning_table import GemvConfig
     from epmoe.layouts import ExpertWeights
 
     clock = object()                              # stands in for the GPU's clock: nothing here times anything
     monkeypatch.setattr(gpu_timing, "GpuTimer", lambda device: gpu_timing.Timer(clock))
-    tiles = MoEKernelConfig(128, GemmConfig(128, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
+    heights = {1: (16, 32), 128: (64, 32), 8192: (128, 64)}[T]      # the first faster by kernel times
+    old = MoEKernelConfig(16, GemmConfig(32, 64, 1, 4, 3), GemmConfig(32, 64, 1, 4, 3))
+    gemv = GemvConfig(8, 256, 8, 256)
     seen = {}
 
     def fake_candidates(problem, T_, bm, gus, dns, timer, *a, **k):
         seen["kernels"] = timer
-        return {gus[0]: 1.0}, {dns[0]: 1.0}
+        return {gus[0]: 1.0}, {dns[0]: 1.0 if bm == heights[0] else 1.5}
 
-    def fake_end_to_end(name):
-        def run(problem, T_, best, *a, **k):
-            timer = k.get("ends_timer") or next(x for x in a if isinstance(x, gpu_timing.Timer))
-            seen[name] = timer
-            return best
-        return run
+    def fake_race(problem, T_, paths, ws, timer, reps, gen, console):
+        seen["race"], seen["paths"], seen["ws"] = timer, paths, ws
+        return {name: 0.5 if name == winner else 2.0 for name in paths}
+
     monkeypatch.setattr(tune, "_time_candidates", fake_candidates)
     monkeypatch.setattr(tune, "compile_jobs", lambda *a, **k: [])
-    monkeypatch.setattr(tune, "_tune_gemv", fake_end_to_end("gemv"))
-    monkeypatch.setattr(tune, "_tune_gluon", fake_end_to_end("gluon"))
-    monkeypatch.setattr(tune, "_gluon_experts", lambda problem: (object(), None))
+    monkeypatch.setattr(tune, "_gemv_pair", lambda *a, **k: ([gemv], " (kernels)"))
+    pipeline = object()
+    monkeypatch.setattr(tune, "_gluon_experts", lambda problem: (pipeline, None))
+    monkeypatch.setattr(tune, "_race", fake_race)
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
     weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16))
     problem = tune.Problem(cfg, "bfloat16", weights, False)
-    plan = {T: {(128, 0): ([tiles.gate_up], [tiles.down])}}
-    best = tune.tune_problem(problem, [T], reps=1, plan=plan, show_progress=False, settle_ms=250.0)
-    assert best[T][0] == tiles
+    g = GemmConfig(64, 64, 1, 4, 3)
+    plan = {T: {(bm, 0): ([g], [g]) for bm in heights}}
+    best = tune.tune_problem(problem, [T], reps=1, plan=plan, show_progress=False, settle_ms=250.0,
+                             before={T: old})
+    names = [f"tiles BM{bm}" for bm in heights]
+    want = ["table before"] + names + (["gemv"] if T <= tune.GEMV_MAX_TOKENS else []) + \
+        (["gluon"] if T * 2 / 4 >= GLUON_MIN_ROWS else [])
+    assert list(seen["paths"]) == want
+    assert seen["ws"] is (pipeline if "gluon" in want else None)
+    assert best[T] == (seen["paths"][winner], 0.5)
     assert seen["kernels"].settle_ms == 0 and seen["kernels"].clock is clock
-    name = "gemv" if T <= tune.GEMV_MAX_TOKENS else "gluon"
-    assert T * 2 / 4 >= GLUON_MIN_ROWS or name == "gemv"
-    assert set(seen) == {"kernels", name}
-    assert seen[name].settle_ms == 250.0 and seen[name].clock is clock and seen[name] is not seen["kernels"]
+    assert seen["race"].settle_ms == 250.0 and seen["race"].clock is clock
 
 
 def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):

@@ -382,11 +382,12 @@ else:
         assert torch.equal(runs["gluon, none set up"], runs["tiles"])
 
     @pytest.mark.parametrize("gluon_ms,tiles_ms,chosen", [(0.9, 1.0, True), (0.99, 1.0, False), (1.2, 1.0, False),
-                                                          (0.5, float("inf"), False)])
-    def test_tune_records_gluon_only_where_it_is_faster_by_the_margin(gluon_ms, tiles_ms, chosen):
-        """`epmoe tune`'s end-to-end comparison (`_tune_gluon`): both paths run as the `triton` experts run
-        them, and the entry says `gluon` only where that path beats the tiles by more than GLUON_MARGIN
-        (and never where the tiles' timing failed: inf)."""
+                                                          (0.5, float("inf"), None)])
+    def test_tune_races_the_gluon_pipeline_as_the_triton_experts_run_it(gluon_ms, tiles_ms, chosen):
+        """`epmoe tune`'s end-to-end race (`_race`): each path runs as the `triton` experts run it, replayed
+        as a CUDA graph (the tiles through the fused kernels, `gluon` through `triton_ws`'s pipeline); the entry
+        says `gluon` only where that path beats the tiles by more than GLUON_MARGIN, and none is written where
+        the tiles failed (inf): they serve the batches the pipeline does not take."""
         from types import SimpleNamespace
 
         from rich.console import Console
@@ -402,6 +403,7 @@ else:
 
         class Timer:        # each path's time as given; checks that the path timed is the one asked for
             def time(self, fn, reps, warmup, use_graph):
+                assert use_graph, "end-to-end paths are timed as CUDA-graph replays"
                 before = ws_calls[0]
                 out = fn()
                 assert out.shape == (64, cfg.hidden_size)
@@ -413,7 +415,9 @@ else:
         ws.forward_flat = lambda batch, weights: ws_calls.__setitem__(0, ws_calls[0] + 1) or forward(batch, weights)
         problem = tune.Problem(cfg, "bfloat16", layer.expert_weights, False)
         tiles = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 2), GemmConfig(64, 64, 1, 4, 2))
-        got, ms = tune._tune_gluon(problem, 64, (tiles, 0.8), ws, Timer(), 1, torch.Generator().manual_seed(0),
-                                   Console(quiet=True))
-        assert ran == ["tiles", "gluon"]
-        assert (got, ms) == ((dataclasses.replace(tiles, gluon=True), gluon_ms) if chosen else (tiles, 0.8))
+        paths = tune.end_to_end_paths([tiles], gluon=True)
+        ends = tune._race(problem, 64, paths, ws, Timer(), 1, torch.Generator().manual_seed(0), Console(quiet=True))
+        assert ran == ["tiles", "gluon"] and ends == {"tiles BM16": tiles_ms, "gluon": gluon_ms}
+        name = tune.end_to_end_choice(ends, paths)
+        assert (name is None) if chosen is None else paths[name] == (dataclasses.replace(tiles, gluon=True) if chosen
+                                                                     else tiles)

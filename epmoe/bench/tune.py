@@ -4,14 +4,15 @@ For each token count T the candidates of its regime (rows per expert = T * k / L
 rows that stream weights, up to 128 x 256 tiles for prefill) are compiled ahead, in parallel worker
 processes that fill Triton's on-disk cache; then, for each BLOCK_M, the gate+up and the down kernel are
 timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
-the BLOCK_M with the smallest sum wins. For T <= 16 the decode path (`decode_gemv`: matrix-vector
-kernels, with and without PDL) is then timed end to end against the winning tiles and recorded in the
-entry when it is faster. Where the warp-specialized Gluon GEMMs can run (Hopper, BF16 and 128x128 block
-FP8) and a tile has GLUON_MIN_ROWS rows per expert or more, the `triton` experts are timed end to end
-with the winning tiles and with `triton_ws`'s pipeline, and the entry says `gluon` where that is faster by
-more than GLUON_MARGIN. In those end-to-end comparisons each path first runs back to back for --settle-ms, so
-that on a GPU at its power limit the path timed first does not start at a higher clock. The winners are
-merged into the table of this GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise),
+each BLOCK_M's fastest pair is kept. Then the whole experts op races end to end (CUDA-graph replays of the
+`triton` experts on one random routing): each BLOCK_M's best tiles (the BLOCK_M changes the alignment around
+the GEMMs, which the kernels' times leave out); for T <= 16 the decode path (`decode_gemv`: matrix-vector
+kernels, with and without PDL); where the warp-specialized Gluon GEMMs can run (Hopper, BF16 and 128x128
+block FP8) and a tile has GLUON_MIN_ROWS rows per expert or more, `triton_ws`'s pipeline, taken only where
+it is faster by more than GLUON_MARGIN; and what the lookup served at T before this tune (an entry at T or
+near it, or the heuristic), which stays unless something beats it. In those end-to-end comparisons each
+path first runs back to back for --settle-ms, so that on a GPU at its power limit the path timed first does
+not start at a higher clock. The winners, with their end-to-end times, are merged into the table of this GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise),
 which `lookup_config` reads. An entry serves every batch within a factor TABLE_REACH of its T, so a new one
 can hand its tiles to batch sizes nobody timed them at: after writing, the tuner names the powers of two from 1
 to 16384 not tuned in this run whose configuration changed, with the --tokens that would time them.
@@ -449,12 +450,13 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                  rescale: bool = False, gluon: bool = True,
                  before: dict[int, MoEKernelConfig] | None = None,
                  settle_ms: float = END_TO_END_SETTLE_MS) -> dict[int, tuple[MoEKernelConfig, float]]:
-    """Best configuration (and its gate_up + down time in ms) for each T. `pool`: a process pool that
-    compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m): (gate_ups,
-    downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
-    `gluon`: also time the Gluon pipeline where it can run (`_tune_gluon`). `before`: what the lookup served
-    before this tune, by T (`decode_served`); at T <= GEMV_MAX_TOKENS it stays unless the new choice beats it
-    end to end.
+    """Best configuration for each T and its time in ms, the whole experts op end to end. `pool`: a process
+    pool that compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m):
+    (gate_ups, downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
+    For each BLOCK_M the gate+up and down candidates are ranked by their kernels' times; then each BLOCK_M's
+    best, the decode kernels (T <= GEMV_MAX_TOKENS), the Gluon pipeline (`gluon`, where it can run) and
+    `before` (what the lookup served at T before this tune, by T: `served_at`) race end to end (`_race`),
+    and `end_to_end_choice` picks: what was served stays unless something beats it whole.
     `settle_ms`: how long each path of those end-to-end comparisons runs before it is timed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .gpu_timing import GpuTimer, Timer
@@ -489,6 +491,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
         best: dict[int, tuple[MoEKernelConfig, float]] = {}
         ws = None
         for T, by_bm in plan.items():
+            tiles = []                              # each BLOCK_M's best tiles, by their kernels' time
             for (bm, tail), (gus, dns) in by_bm.items():
                 heights = (bm, tail) if tail else (bm,)
                 gus = [g for g in gus if all(("gate_up", h, g) not in failed for h in heights)]
@@ -504,24 +507,30 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                                                    soft_wrap=True)
                 g_best, d_best = fastest(t_gu), fastest(t_dn)
                 ms = t_gu[g_best] + t_dn[d_best]
-                progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms")
-                if ms < float("inf") and (T not in best or ms < best[T][1]):
-                    best[T] = (MoEKernelConfig(bm, g_best, d_best, tail), ms)
-            if T in best and T <= GEMV_MAX_TOKENS:
-                best[T] = _tune_gemv(problem, T, best[T], timer, reps, gen, progress.console,
-                                     before=(before or {}).get(T), ends_timer=ends_timer)
-            if T in best and gluon and T * k / L >= GLUON_MIN_ROWS:
-                if ws is None:
-                    ws, why = _gluon_experts(problem)
-                    if why:
-                        progress.console.print(escape(f"  the Gluon pipeline is not timed: {why}"))
-                        gluon = False
-                if ws is not None:
-                    best[T] = _tune_gluon(problem, T, best[T], ws, ends_timer, reps, gen, progress.console)
-            if T in best:
-                progress.console.print(f"  T={T:5d}: {best[T][0].describe()}  {best[T][1]:.4f} ms "
-                                       + ("(gemv)" if best[T][0].gemv else "(gluon, end to end)"
-                                          if best[T][0].gluon else "(gate_up + down)"))
+                progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms (kernels)")
+                if ms < float("inf"):
+                    tiles.append((ms, MoEKernelConfig(bm, g_best, d_best, tail)))
+            if not tiles:
+                continue
+            tiles = [cfg for _, cfg in sorted(tiles, key=lambda t: t[0])]
+            gemvs, note = _gemv_pair(problem, T, timer, reps, gen) if T <= GEMV_MAX_TOKENS else ([], "")
+            if note:
+                progress.console.print(f"    T={T} decode kernels{note}", soft_wrap=True)
+            takes_gluon = T * k / L >= GLUON_MIN_ROWS
+            if gluon and ws is None and takes_gluon:
+                ws, why = _gluon_experts(problem)
+                if why:
+                    progress.console.print(escape(f"  the Gluon pipeline is not timed: {why}"))
+                    gluon = False
+            paths = end_to_end_paths(tiles, gemvs, gluon=ws is not None and takes_gluon, before=(before or {}).get(T))
+            ends = _race(problem, T, paths, ws, ends_timer, reps, gen, progress.console)
+            chosen = end_to_end_choice(ends, paths)
+            if chosen is None:
+                progress.console.print(f"  T={T:5d}: every configuration failed end to end; no entry written")
+                continue
+            best[T] = (paths[chosen], ends[chosen])
+            progress.console.print(escape(f"  T={T:5d}: {paths[chosen].describe()}  {ends[chosen]:.4f} ms end to "
+                                          f"end ({chosen})"), soft_wrap=True)
     return best
 
 
@@ -535,19 +544,12 @@ def _routed_tokens(problem: Problem, T: int, gen):
     return ids, tw, torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
 
 
-def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, float], timer, reps: int, gen,
-               console, before: MoEKernelConfig | None = None, ends_timer=None) -> tuple[MoEKernelConfig, float]:
-    """The decode path against the tile path for T tokens: each gemv kernel's candidates timed alone, then
-    the best pair and the tile configuration both timed end to end (`fused_experts`: alignment and slot sum
-    included), the decode path also with PDL where the GPU has it, and `before` (what the lookup served T
-    before this tune: `decode_served`) as well: at a few tokens the kernels' times alone, eager, ranked
-    configurations unlike the benchmark (benchmarks/notes_kernels.md, twentieth pass), so an entry changes only
-    where the new choice is faster end to end (CUDA-graph replays, on `ends_timer`: the tuner's settles each
-    path first; None: `timer`).
-    Returns the winner and its time (gemv and the entry before: end to end; tiles: gate_up + down as above)."""
+def _gemv_pair(problem: Problem, T: int, timer, reps: int, gen) -> tuple[list[GemvConfig], str]:
+    """The decode kernels' (`decode_gemv`) best pair for T tokens, each kernel's candidates timed alone (eager,
+    on `timer`, as the tile kernels are), also with PDL where the GPU has it, and a note of their times; ([], "")
+    where the decode kernels do not take this format or every candidate failed."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
-    from ..kernels.fused_moe import Fp8Operands, fused_experts
-    tiles, tiles_ms = tiles_best
+    from ..kernels.fused_moe import Fp8Operands
     L, H, I, k = problem.sizes
     w = problem.weights
     dev = w.w13.device
@@ -562,7 +564,7 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, q.activation_group_size, q.weight_block,
                           q.weight_granularity)
         if not fp8_supported(ops, H, I):          # the decode kernels do not take this format
-            gate_ups = downs = []
+            return [], ""
         h = h.float()
         gate_ups = [c for c in gate_ups if c[1] % 128 == 0 and 128 % c[0] == 0]
         downs = [c for c in downs if c[1] % 128 == 0 and 128 % c[0] == 0]
@@ -578,29 +580,14 @@ def _tune_gemv(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, floa
         g = GemvConfig(16, 256, n, kb, down_warps=warps, down_stages=stages)
         t_dn[(n, kb, warps, stages)] = _safe_time(timer, lambda g=g: launch_gemv_down(
             h, w.w2, b2, ids_flat, tw_flat, out, k, g, ops), reps)
-    paths, gemv_note = {"tiles": replace(tiles, gemv=None)}, ""
-    if t_gu and t_dn:
-        gu, dn = min(t_gu, key=t_gu.get), min(t_dn, key=t_dn.get)
-        gemv = GemvConfig(gu[0], gu[1], dn[0], dn[1], gu[2], dn[2], gu[3], dn[3])
-        paths["gemv"] = replace(tiles, gemv=gemv)
-        if pdl_available(dev):
-            paths["gemv pdl"] = replace(tiles, gemv=replace(gemv, pdl=True))
-        gemv_note = f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})"
-    if before is not None and before not in paths.values():
-        paths["table before"] = before
-    # replayed as CUDA graphs, as decode runs in an engine and the benchmark times it (eager launches of
-    # a few tens of microseconds of work rank these paths differently: benchmarks/notes_kernels.md)
-    ends_timer = ends_timer or timer
-    ends = {name: _safe_time(ends_timer, lambda cfg=cfg: fused_experts(x, ids, tw, w.w13, w.w2, problem.cfg.activation,
-                                                                       b13=b13, b2=b2, out_dtype=problem.cfg.dtype,
-                                                                       config=cfg, fp8=ops), reps, graph=True)
-            for name, cfg in paths.items()}
-    console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()) + gemv_note,
-                  soft_wrap=True)
-    fastest = min(ends, key=ends.get)
-    if fastest == "tiles":
-        return paths["tiles"], tiles_ms
-    return paths[fastest], ends[fastest]
+    if not t_gu or not t_dn:
+        return [], ""
+    gu, dn = min(t_gu, key=t_gu.get), min(t_dn, key=t_dn.get)
+    if not (math.isfinite(t_gu[gu]) and math.isfinite(t_dn[dn])):
+        return [], ""
+    gemv = GemvConfig(gu[0], gu[1], dn[0], dn[1], gu[2], dn[2], gu[3], dn[3])
+    return [gemv] + ([replace(gemv, pdl=True)] if pdl_available(dev) else []), \
+        f" ({gemv.describe()}: kernels {t_gu[gu]:.4f} + {t_dn[dn]:.4f})"
 
 
 def _gluon_experts(problem: Problem):
@@ -616,18 +603,64 @@ def _gluon_experts(problem: Problem):
         return None, str(exc)
 
 
-def _tune_gluon(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, float], ws, timer, reps: int, gen,
-                console) -> tuple[MoEKernelConfig, float]:
-    """The `triton` experts end to end on one random routing of T tokens (FP8 rows with their scales, as a
-    dispatcher hands them over), with the winning tiles and with the Gluon pipeline (`ws`, `triton_ws`'s
-    experts on the same weights): the entry with `gluon` set and its time where the pipeline is faster by
-    more than GLUON_MARGIN, else the tiles as they were."""
+def end_to_end_paths(tiles: list[MoEKernelConfig], gemvs: list[GemvConfig] = (), gluon: bool = False,
+                     before: MoEKernelConfig | None = None) -> dict[str, MoEKernelConfig]:
+    """The configurations one end-to-end comparison races, by name: each BLOCK_M's best tiles (`tiles`, the
+    fastest by kernel times first; decode and Gluon flags off: the BLOCK_M changes the alignment around the
+    GEMMs, which the kernels' times leave out); with the first tiles, the decode kernels (`gemvs`: "gemv", and
+    "gemv pdl" for one with PDL) and the Gluon pipeline (`gluon`: it runs in place of any tiles); and `before`, what the
+    lookup served at this T before the tune, where it is not one of those (a Gluon entry of before is the
+    Gluon path; where that is not raced, it runs its tiles)."""
+    plain = [replace(t, gemv=None, gluon=False) for t in tiles]
+    paths = {}
+    for t in plain:
+        paths.setdefault("tiles " + tiles_name(t), t)
+    for g in gemvs:
+        paths["gemv pdl" if g.pdl else "gemv"] = replace(plain[0], gemv=g)
+    if gluon:
+        paths["gluon"] = replace(plain[0], gluon=True)
+    if before is not None:
+        if before.gluon and not gluon:
+            before = replace(before, gluon=False)
+        if before not in paths.values() and not before.gluon:
+            paths = {"table before": before, **paths}       # first: it keeps a tie
+    return paths
+
+
+def tiles_name(cfg: MoEKernelConfig) -> str:
+    """BLOCK_M (and the tail tiles' height) of a tile configuration, as the tuner's lines name it: BM64, BM128+64."""
+    return f"BM{cfg.block_m}" + (f"+{cfg.tail_m}" if cfg.tail_m else "")
+
+
+def end_to_end_choice(ends: dict[str, float], paths: dict[str, MoEKernelConfig]) -> str | None:
+    """The name of the path an entry takes from one race (`ends`: end-to-end ms by name): the fastest path
+    that runs tiles or the decode kernels (the first of equals, so what the lookup served before keeps a tie),
+    unless a Gluon path beats it by more than GLUON_MARGIN (run-to-run noise: an entry does not flip between
+    two paths that tie); None where every path of tiles or decode kernels failed (inf): a Gluon entry's tiles
+    serve the batches within its reach that the pipeline does not take, so they must run."""
+    finite = {n: ms for n, ms in ends.items() if math.isfinite(ms)}
+    others = [n for n in finite if not paths[n].gluon]
+    if not others:
+        return None
+    best = min(others, key=finite.get)
+    gluons = [n for n in finite if paths[n].gluon]
+    if gluons:
+        g = min(gluons, key=finite.get)
+        if finite[g] * (1 + GLUON_MARGIN) < finite[best]:
+            return g
+    return best
+
+
+def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer, reps: int, gen,
+          console) -> dict[str, float]:
+    """Each path end to end, by name: the `triton` experts (`forward_flat`: the alignment, the GEMMs and the
+    slot sum; FP8 rows with their scales, as a dispatcher hands them over) on one random routing of T tokens,
+    with the Gluon pipeline `ws` where a path says `gluon`, replayed as CUDA graphs as the benchmark and an
+    engine run them, on `timer` (the tuner's settles each path first). The kernels' times alone, eager,
+    ranked configurations unlike whole forwards at a few tokens and near 64 rows per expert
+    (benchmarks/notes_kernels.md, twentieth and twenty-fourth passes)."""
     from ..experts.triton import TritonExperts
     from ..layouts import FlatBatch
-    tiles, tiles_ms = tiles_best
-    if tiles.gemv is not None:
-        return tiles_best
-    w = problem.weights
     ids, tw, x = _routed_tokens(problem, T, gen)
     scales = None
     if problem.fp8:
@@ -635,15 +668,12 @@ def _tune_gluon(problem: Problem, T: int, tiles_best: tuple[MoEKernelConfig, flo
     batch = FlatBatch(x, ids, tw, scales=scales)
     experts = TritonExperts(problem.cfg)          # no device: it sets up no Gluon pipeline of its own
     experts.gluon = ws
-    paths = {"tiles": replace(tiles, gluon=False), "gluon": replace(tiles, gluon=True)}
     ends = {}
     for name, cfg in paths.items():
         experts.kernel_config = lambda n, weights, cfg=cfg: cfg
-        ends[name] = _safe_time(timer, lambda: experts.forward_flat(batch, w), reps)
+        ends[name] = _safe_time(timer, lambda: experts.forward_flat(batch, problem.weights), reps, graph=True)
     console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()), soft_wrap=True)
-    if math.isfinite(ends["tiles"]) and ends["gluon"] * (1 + GLUON_MARGIN) < ends["tiles"]:
-        return paths["gluon"], ends["gluon"]
-    return paths["tiles"], tiles_ms
+    return ends
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -664,7 +694,7 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
         entries[key] = {t: dict(c, copied_from=os.path.basename(seed_from)) for t, c in seed.items()}
     entry = entries.setdefault(key, {})
     for T, (cfg, ms) in best.items():
-        entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5))
+        entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured="end_to_end")
     entries[key] = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -724,10 +754,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", "--format", action=CsvList, default=None, metavar="FORMATS",
                    help="weight formats, comma-separated (may repeat): bf16 (default), fp16, fp8_block, fp8_channel")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), action=CsvList,
-                   help="token counts T, comma-separated (default: %(default)s); at T <= "
-                        f"{GEMV_MAX_TOKENS} the best tiles, the decode kernels and what the lookup served there "
-                        "before (an entry at T or near it, or the heuristic) run end to end as CUDA graphs and the "
-                        f"fastest is kept. An entry also serves batches within a factor {TABLE_REACH} of its T: "
+                   help="token counts T, comma-separated (default: %(default)s). At each T the best tiles of "
+                        f"each BLOCK_M, the decode kernels (T <= {GEMV_MAX_TOKENS}), the Gluon pipeline (where it "
+                        "runs) and what the lookup served there before (an entry at T or near it, or the "
+                        "heuristic) run the whole experts op as CUDA graphs, and the fastest is kept (what was "
+                        f"served keeps a tie). An entry also serves batches within a factor {TABLE_REACH} of its T: "
                         "after writing, the batch sizes whose configuration the new entries changed untimed (powers "
                         "of two) are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
@@ -811,12 +842,12 @@ def _problem_configs(args) -> list:
     return out
 
 
-def decode_served(tokens, served: dict) -> dict[int, MoEKernelConfig]:
-    """What a decode tune must beat end to end at each of its T <= GEMV_MAX_TOKENS: the configuration the lookup
-    serves that T now (`served`, from `configs_served`: an entry at T, or one within reach of it, or the
-    heuristic, fitted as the lookup fits it). An entry at another T counts: a new entry at T = 1 replaces T = 16's
-    tiles there, which may be faster."""
-    return {T: served[T][0] for T in tokens if T <= GEMV_MAX_TOKENS}
+def served_at(tokens, served: dict) -> dict[int, MoEKernelConfig]:
+    """What a tune must beat end to end at each of its T: the configuration the lookup serves that T now
+    (`served`, from `configs_served`: an entry at T, or one within reach of it, or the heuristic, fitted as the
+    lookup fits it). An entry at another T counts: a new entry at T = 1 replaces T = 16's tiles there, which
+    may be faster."""
+    return {T: served[T][0] for T in tokens}
 
 
 def main(args) -> int:
@@ -872,22 +903,26 @@ def main(args) -> int:
                                          f"GPU's family" + (f" with {GLUON_MIN_ROWS} rows per expert or more"
                                                             if args.gluon else "") + "; skipped"))
                     continue
-            # what the lookup serves before this tune: the decode entries' rivals, and the neighbours' before
+            # what the lookup serves before this tune: each T's rival end to end, and the neighbours' before
             served = configs_served(sorted(set(NEIGHBOUR_SIZES) | set(tokens)), L, H, I, k, problem.fmt,
                                     paths=lookup_paths(path, own_table, device))
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon, before=decode_served(tokens, served),
+                                gluon=not args.no_gluon, before=served_at(tokens, served),
                                 settle_ms=args.settle_ms)
             if args.no_gluon:
                 best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                "method": "gate_up and down kernels timed separately (median, L2 flushed), balanced routing; "
-                          "entries with gemv or gluon: the whole experts op, end to end (measured_ms), each path "
-                          f"first run back to back for {args.settle_ms:g} ms"},
+                "method": "each BLOCK_M's gate_up and down candidates ranked by their kernels' times (median, "
+                          "L2 flushed, balanced routing); then each BLOCK_M's best, the decode kernels, the Gluon "
+                          "pipeline and what the lookup served before raced as the whole experts op (CUDA-graph "
+                          f"replays, random routing, each path first run back to back for {args.settle_ms:g} ms): "
+                          "measured_ms of an entry with measured=end_to_end. Entries without that mark were "
+                          "written before: gate_up + down kernel time, or end to end where they have gemv or "
+                          "gluon"},
                 seed_from=source if quick and source != path else None)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
