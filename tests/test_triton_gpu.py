@@ -62,6 +62,24 @@ def _check_layer(layer, tokens, routing="random", bound=None, seed=0):
         assert_close(out[rows], ref, bound, context=f"{cfg.describe()} T={T} {routing}")
 
 
+def _assert_graph_replay_is_eager(layer, T: int, seed: int = 6):
+    """The layer's experts on T tokens (k distinct experts each), replayed in a CUDA graph: the eager bits."""
+    cfg, experts = layer.cfg, layer.experts
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+    ids = torch.stack([torch.randperm(cfg.num_experts, device="cuda", generator=g)[:cfg.top_k]
+                       for _ in range(T)]).to(torch.int32)
+    w = torch.softmax(torch.randn(T, cfg.top_k, device="cuda", generator=g), 1)
+    batch = FlatBatch(x, ids, w)
+    eager = experts(batch, layer.expert_weights).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = experts(batch, layer.expert_weights)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_real_size_bf16(preset):
     cfg = preset_config(preset, dtype=torch.bfloat16)
@@ -153,19 +171,7 @@ def test_triton_runs_the_gluon_pipeline_where_its_table_says(fp8, tmp_path, monk
     assert not experts.kernel_config(16, layer.expert_weights).gluon
     bound = 3e-2 if fp8 else None
     _check_layer(layer, (1, 2048), bound=bound, seed=4)
-    g = torch.Generator(device="cuda").manual_seed(6)
-    T = 2048
-    x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
-    ids = torch.stack([torch.randperm(8, device="cuda", generator=g)[:2] for _ in range(T)]).to(torch.int32)
-    w = torch.softmax(torch.randn(T, 2, device="cuda", generator=g), 1)
-    batch = FlatBatch(x, ids, w)
-    eager = experts(batch, layer.expert_weights).clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = experts(batch, layer.expert_weights)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, eager)
+    _assert_graph_replay_is_eager(layer, 2048)
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.float32, 1e-5)])
@@ -618,17 +624,4 @@ def test_fp8_intermediate_in_groups_of_64_at_the_qwen3_shard(swap, tmp_path, mon
     layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=12, device="cuda"))
     assert layer.experts.kernel_config(128, layer.expert_weights) == narrow
     _check_layer(layer, (1, 128, 333), bound=3e-2, seed=5)
-    g = torch.Generator(device="cuda").manual_seed(6)
-    T = 128
-    x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
-    ids = torch.stack([torch.randperm(16, device="cuda", generator=g)[:8] for _ in range(T)]).to(torch.int32)
-    w = torch.softmax(torch.randn(T, 8, device="cuda", generator=g), 1)
-    batch = FlatBatch(x, ids, w)
-    experts = layer.experts
-    eager = experts(batch, layer.expert_weights).clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = experts(batch, layer.expert_weights)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_out, eager)
+    _assert_graph_replay_is_eager(layer, 128)
