@@ -602,26 +602,3 @@ def test_tune_races_whole_forwards_and_its_entries_run(fp8, tmp_path, monkeypatc
     for T in (1, 512):
         assert layer.experts.kernel_config(T, layer.expert_weights) == best[T][0]
     _check_layer(layer, (1, 512), bound=3e-2 if fp8 else None, seed=4)
-
-
-@pytest.mark.parametrize("swap", [False, True])
-def test_fp8_intermediate_in_groups_of_64_at_the_qwen3_shard(swap, tmp_path, monkeypatch):
-    """Block FP8 with the intermediate in groups of 64 (gate+up N tiles of 64, down K tiles of 64 reading each
-    weight block's scale twice) at the qwen3-30b-a3b 16-expert shard's sizes, as a table entry serves it: against
-    the float64 oracle at T = 1, 128 (64 rows per expert) and 333, eager and replayed in a CUDA graph."""
-    from epmoe.bench import tune
-    from epmoe.kernels import tuning_table
-    from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
-    cfg = replace(preset_config("qwen3-30b-a3b", dtype=torch.bfloat16, quant=_fp8("block")), num_experts=16)
-    bm = 32 if swap else 64
-    narrow = MoEKernelConfig(bm, GemmConfig(64, 128, 1, 4, 4, tma=True, swap_ab=swap),
-                             GemmConfig(64, 64, 1, 4, 4, swap_ab=swap))
-    table = str(tmp_path / "narrow.json")
-    tune.merge_into_table(table, tuning_table.shape_key(16, 2048, 768, 8, "fp8_block"),
-                          {T: (narrow, 1.0) for T in (1, 128, 333)}, {"device": "test"})
-    tuning_table._load_table.cache_clear()
-    monkeypatch.setattr(tuning_table, "table_paths_for_device", lambda device=None: [table])
-    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=12, device="cuda"))
-    assert layer.experts.kernel_config(128, layer.expert_weights) == narrow
-    _check_layer(layer, (1, 128, 333), bound=3e-2, seed=5)
-    _assert_graph_replay_is_eager(layer, 128)

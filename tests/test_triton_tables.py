@@ -518,37 +518,3 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     again = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path, False))
     assert again[16][1] == f"t.json[{key}][T=64]" and after[16][1] == f"t.json[{key}][T=128]"
     assert [T for T, _, _ in tune.taken_over(after, again, best)] == [8]
-
-
-def test_fp8_keeps_the_narrow_intermediate_groups_only_where_both_gemms_say_so():
-    """`fit_to_problem` in FP8: gate+up N tile and down K tile both FP8_NARROW_GROUP (an intermediate quantized
-    in groups of 64, as `epmoe tune` pairs them) stay; either alone is pinned to the group of 128 on both sides,
-    as every FP8 configuration was before, so the heuristic (gate+up N tiles of 64 at mid sizes) is unchanged."""
-    from epmoe.kernels.tuning_table import FP8_NARROW_GROUP
-    narrow = MoEKernelConfig(64, GemmConfig(FP8_NARROW_GROUP, 128, 1, 4, 3), GemmConfig(64, FP8_NARROW_GROUP, 1, 4, 4))
-    for fmt in ("fp8_block", "fp8_channel"):
-        got = fit_to_problem(narrow, 2048, 768, fmt)
-        assert (got.gate_up.block_n, got.gate_up.block_k, got.down.block_k) == (64, 128, 64), fmt
-        for one_side in (replace(narrow, down=replace(narrow.down, block_k=128)),
-                         replace(narrow, gate_up=replace(narrow.gate_up, block_n=128))):
-            got = fit_to_problem(one_side, 2048, 768, fmt)
-            assert (got.gate_up.block_n, got.gate_up.block_k, got.down.block_k) == (128, 128, 128), fmt
-    got = fit_to_problem(narrow, 2048, 768, "bfloat16")          # not FP8: the tiles as given
-    assert (got.gate_up.block_n, got.down.block_k) == (64, 64)
-    for T in (1, 16, 100, 300, 5000):
-        h = heuristic_config(T, 16, 2048, 768, 8, True, 1)
-        assert h.gate_up.block_n == h.gate_up.block_k == h.down.block_k == 128, T
-
-
-def test_best_pairs_pairs_each_intermediate_group_in_block_fp8():
-    """`best_pairs`: the fastest gate_up with the fastest down; in block FP8 one pair per intermediate group both
-    sides have (gate+up N tile = down K tile), "rescale" only past its margin as `fastest` takes it."""
-    from epmoe.bench import tune
-    gu128, gu128b, gu64 = GemmConfig(128, 128, 1, 4, 3), GemmConfig(128, 128, 1, 8, 4), GemmConfig(64, 128, 1, 4, 3)
-    dn128, dn64, dn64b = GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 64, 1, 4, 4), GemmConfig(128, 64, 1, 4, 4)
-    t_gu = {gu128: 2.0, gu128b: 1.8, gu64: 1.5}
-    t_dn = {dn128: 1.0, dn64: 1.3, dn64b: 1.2}
-    assert tune.best_pairs(t_gu, t_dn, False) == [(gu64, dn128)]
-    assert tune.best_pairs(t_gu, t_dn, True) == [(gu128b, dn128), (gu64, dn64b)]
-    assert tune.best_pairs({gu64: 1.0}, t_dn, True) == [(gu64, dn64b)]
-    assert tune.best_pairs({gu64: 1.0}, {dn128: 1.0}, True) == []

@@ -38,8 +38,8 @@ import torch
 from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
-from ..kernels.tuning_table import (CONFIG_DIR, FP8_NARROW_GROUP, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig,
-                                   MoEKernelConfig, TABLE_REACH, _load_table, device_table_name, fit_to_problem, lookup_config,
+from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
+                                   TABLE_REACH, _load_table, device_table_name, fit_to_problem, lookup_config,
                                    shape_key, smem_bytes, table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
@@ -71,13 +71,6 @@ _FP8_DECODE_SPLIT_TILES, _FP8_DECODE_SPLITS = [(64, 128, 4, 6), (32, 128, 4, 8)]
 # "rescale" (fused_moe's RESCALE) holds no product registers, so the down tile can be 256 wide at 8 warps
 _FP8_BLOCK_GATE_UP = [(128, 128, 8, 3, "rescale"), (128, 128, 8, 4, "rescale")]
 _FP8_BLOCK_DOWN = [(128, 128, 8, 4, "rescale"), (256, 128, 8, 3, "rescale"), (256, 128, 8, 4, "rescale")]
-# block FP8 with tiles of <= 64 rows: an intermediate in groups of FP8_NARROW_GROUP columns (gate+up N tiles of 64,
-# twice the programs where few row tiles leave SMs idle; the down's K tile then 64 too), each side's best paired
-# with the other's (`best_pairs`)
-_FP8_NARROW_GATE_UP = [(FP8_NARROW_GROUP, 128, 4, 3), (FP8_NARROW_GROUP, 128, 4, 4), (FP8_NARROW_GROUP, 128, 8, 4),
-                       (FP8_NARROW_GROUP, 128, 4, 5)]
-_FP8_NARROW_DOWN = [(64, FP8_NARROW_GROUP, 4, 4), (128, FP8_NARROW_GROUP, 4, 4), (64, FP8_NARROW_GROUP, 4, 6),
-                    (32, FP8_NARROW_GROUP, 4, 6)]
 
 
 # the decode path (decode_gemv), tried for T <= GEMV_MAX_TOKENS (FP8: the formats it takes, K tiles of
@@ -150,17 +143,14 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
                ) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
     each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products; with
-    `block_scales` (FP8 128x128 weight blocks) up to 64 rows also those of an intermediate in groups of
-    FP8_NARROW_GROUP, and with `rescale` the less precise "rescale" promotion (otherwise every candidate
-    promotes "sync")."""
+    `block_scales` (FP8 128x128 weight blocks) and `rescale` also the less precise "rescale" promotion
+    (otherwise every candidate promotes "sync")."""
     if fp8:
         gu, dn, group = _FP8_GATE_UP, _FP8_DOWN, 1 if block_m <= 32 else 8
         if block_m <= 32:
             gu, dn = gu + _FP8_DECODE_GATE_UP, dn + _FP8_DECODE_DOWN
         if block_scales and rescale and block_m >= 64:
             gu, dn = gu + _FP8_BLOCK_GATE_UP, dn + _FP8_BLOCK_DOWN
-        if block_scales and block_m <= 64:
-            gu, dn = gu + _FP8_NARROW_GATE_UP, dn + _FP8_NARROW_DOWN
     elif block_m <= 32:
         gu, dn, group = _DECODE_GATE_UP, _DECODE_DOWN, 1
     elif block_m <= 64:
@@ -376,13 +366,11 @@ class KernelInputs:
         act_dtype = torch.float8_e4m3fn if out_fp8 else intermediate_dtype(problem.cfg.dtype)
         self.act = torch.randn(rows, I, generator=gen, device=dev).to(act_dtype)          # gate_up's output
         self.act_in = self.act.to(torch.float8_e4m3fn) if problem.fp8 else self.act      # down's input
-        self.act_scales = {}             # the down's activation scales by its K tile (the intermediate's group)
+        self.act_scale = None
         if problem.fp8:
-            for group in (128, FP8_NARROW_GROUP):
-                groups = -(-I // group) if self.mode2.a_scale_per_block else 1
-                self.act_scales[group] = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001
-                                          ).reshape(rows, groups) if groups > 1 else \
-                    torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
+            groups = -(-I // 128) if self.mode2.a_scale_per_block else 1
+            self.act_scale = (torch.rand(rows, groups, generator=gen, device=dev) * 0.01 + 0.001).reshape(
+                rows, groups) if groups > 1 else torch.rand(rows, generator=gen, device=dev) * 0.01 + 0.001
         self.y = torch.empty(T * k, H, dtype=problem.cfg.dtype, device=dev)
         self._split_ys: dict = {}          # float32 partial rows of each split of the down GEMM's K range
         self.common = dict(counts=None, num_pairs=T * k, hidden=H, inter=I, top_k=k, batched=False)
@@ -412,8 +400,8 @@ class KernelInputs:
                 y = self._split_ys[g.split_k] = torch.empty(g.split_k * self.y.shape[0], self.y.shape[1],
                                                             dtype=torch.float32, device=self.y.device)
         for tiles in self.launches:
-            launch_down(self.act_in, w.w2, w.b2, y, self.act_scales.get(g.block_k), w.w2_scale, self.tw, gemm=g,
-                        fp8=self.mode2, **tiles, **self.common)
+            launch_down(self.act_in, w.w2, w.b2, y, self.act_scale, w.w2_scale, self.tw, gemm=g, fp8=self.mode2,
+                        **tiles, **self.common)
 
 
 def _time_candidates(problem: Problem, T: int, block_m: int, gate_ups, downs, timer, reps: int, gen,
@@ -447,17 +435,6 @@ def fastest(times: dict) -> GemmConfig:
         if times[best_sync] <= times[best] * (1 + RESCALE_MARGIN):
             return best_sync
     return best
-
-
-def best_pairs(t_gu: dict, t_dn: dict, grouped_fp8: bool) -> list[tuple[GemmConfig, GemmConfig]]:
-    """The fastest gate_up and down candidates (`fastest`), paired. Block FP8 (`grouped_fp8`) quantizes the
-    intermediate per gate+up N tile, the groups the down's K tiles read: one pair per intermediate group both
-    sides have (the gate+up N tile equal to the down K tile), the end-to-end race to choose between them."""
-    if not grouped_fp8:
-        return [(fastest(t_gu), fastest(t_dn))]
-    groups = sorted({g.block_n for g in t_gu} & {g.block_k for g in t_dn}, reverse=True)
-    return [(fastest({g: ms for g, ms in t_gu.items() if g.block_n == group}),
-             fastest({g: ms for g, ms in t_dn.items() if g.block_k == group})) for group in groups]
 
 
 def _safe_time(timer, fn, reps, graph: bool = False) -> float:
@@ -528,13 +505,11 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                         for g, ms in times.items():
                             progress.console.print(f"      T={T} BM{bm}+{tail} {kind} {g.describe()}: {ms:.4f} ms",
                                                    soft_wrap=True)
-                for g_best, d_best in best_pairs(t_gu, t_dn, problem.fmt == "fp8_block"):
-                    ms = t_gu[g_best] + t_dn[d_best]
-                    progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms (kernels; intermediate groups "
-                                           f"{g_best.block_n})" if problem.fmt == "fp8_block" else
-                                           f"    T={T} BM{bm}+{tail}: {ms:.4f} ms (kernels)")
-                    if ms < float("inf"):
-                        tiles.append((ms, MoEKernelConfig(bm, g_best, d_best, tail)))
+                g_best, d_best = fastest(t_gu), fastest(t_dn)
+                ms = t_gu[g_best] + t_dn[d_best]
+                progress.console.print(f"    T={T} BM{bm}+{tail}: {ms:.4f} ms (kernels)")
+                if ms < float("inf"):
+                    tiles.append((ms, MoEKernelConfig(bm, g_best, d_best, tail)))
             if not tiles:
                 continue
             tiles = [cfg for _, cfg in sorted(tiles, key=lambda t: t[0])]
@@ -639,10 +614,7 @@ def end_to_end_paths(tiles: list[MoEKernelConfig], gemvs: list[GemvConfig] = (),
     plain = [replace(t, gemv=None, gluon=False) for t in tiles]
     paths = {}
     for t in plain:
-        name = "tiles " + tiles_name(t)
-        if name in paths and t not in paths.values():         # another intermediate group at that BLOCK_M
-            name += f" groups of {t.gate_up.block_n}"
-        paths.setdefault(name, t)
+        paths.setdefault("tiles " + tiles_name(t), t)
     for g in gemvs:
         paths["gemv pdl" if g.pdl else "gemv"] = replace(plain[0], gemv=g)
     if gluon:

@@ -128,7 +128,7 @@ def moe_gemm_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
         RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-        SWAP_AB: tl.constexpr = False, W_SCALE_EVERY: tl.constexpr = 1):
+        SWAP_AB: tl.constexpr = False):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -169,10 +169,6 @@ def moe_gemm_kernel(
     or 32) the weight tile's rows then fill the tensor cores' M side (Hopper's warpgroup MMA needs 64) and the
     rows are its narrow N side, where as [rows, weights] a tile of 16 rows cannot use it. The same products and
     sums, in another order.
-
-    W_SCALE_EVERY (down, FP8 weight scales per block): K tiles per weight scale block (its width / BLOCK_K). The
-    gate+up quantizes its output per BLOCK_N columns, the groups whose scales the down GEMM reads per K tile: with a
-    gate+up N tile of 64 the down's K tile is 64 too, half a weight block, and it reads a block's scale twice.
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
@@ -184,7 +180,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB, W_SCALE_EVERY)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -193,7 +189,7 @@ def moe_gemm_kernel(
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
                       BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K,
-                      SWAP_AB, W_SCALE_EVERY)
+                      SWAP_AB)
 
 
 @triton.jit
@@ -206,14 +202,13 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
               A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr,
-              SWAP_AB: tl.constexpr, W_SCALE_EVERY: tl.constexpr):
+              SWAP_AB: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
     tile); then it does nothing, except a batched down tile, which writes its rows' zeros. split: which of
     the down GEMM's SPLIT_K ranges of K blocks (0 when it has one)."""
     expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
                                                num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
     if GATE_UP:
-        tl.static_assert(W_SCALE_EVERY == 1, "the gate+up's K tile is the weight scale block's width")
         if (not CHECK_EXPERT) or expert >= 0:
             _gate_up_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr,
                           pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, A_SCALE_PER_BLOCK,
@@ -224,7 +219,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
                    BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K,
-                   SWAP_AB, W_SCALE_EVERY)
+                   SWAP_AB)
     elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
@@ -234,13 +229,11 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
 
 
 @triton.jit
-def _block_scales(row_ptrs, w1_ptrs, w2_ptrs, kb, ROW_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  W_EVERY: tl.constexpr = 1):
+def _block_scales(row_ptrs, w1_ptrs, w2_ptrs, kb, ROW_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
     """K block kb's scales: the rows' activation scales (ones when they are per token, applied in the
-    epilogue) and the two products' weight-block scales (one number each; a weight block spans W_EVERY K
-    blocks)."""
+    epilogue) and the two products' weight-block scales (one number each)."""
     rows = tl.load(row_ptrs + kb) if ROW_PER_BLOCK else tl.full((BLOCK_M,), 1.0, tl.float32)
-    return rows, tl.load(w1_ptrs + kb // W_EVERY), tl.load(w2_ptrs + kb // W_EVERY)
+    return rows, tl.load(w1_ptrs + kb), tl.load(w2_ptrs + kb)
 
 
 @triton.jit
@@ -420,7 +413,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, A_DESC: tl.constexpr, split, num_pairs,
-               SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, W_SCALE_EVERY: tl.constexpr):
+               SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr):
     """One down tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel); of its K blocks
     the split-th of SPLIT_K ranges, stored at rows split * num_pairs + pair. With RESCALE
     the tile is two products of BLOCK_N / 2 columns each (descriptor blocks of BLOCK_N / 2 rows). A_DESC:
@@ -428,7 +421,6 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     its first position; rows past the end read as zeros, rows of the next expert are never stored)."""
     tl.static_assert(not (SWAP_AB and RESCALE), "SWAP_AB keeps no RESCALE accumulators")
     K_BLOCKS: tl.constexpr = (I + BLOCK_K - 1) // BLOCK_K
-    W_K_BLOCKS: tl.constexpr = (K_BLOCKS + W_SCALE_EVERY - 1) // W_SCALE_EVERY     # weight scale blocks along K
     EVEN_K: tl.constexpr = I % BLOCK_K == 0
     HALF: tl.constexpr = BLOCK_N // 2 if RESCALE else BLOCK_N     # columns of one product
     if SPLIT_K == 1:                      # every K block (bounds known at compile time)
@@ -459,22 +451,21 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     if FP8:
         as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when A_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
-            ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * W_K_BLOCKS)
+            ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS)
             if W_SCALE_SCALAR:
-                ws_ptrs = ws_base + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * W_K_BLOCKS
+                ws_ptrs = ws_base + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
                 ws2_ptrs = ws_ptrs         # the second half's block (RESCALE), else never a second product
                 if RESCALE:
-                    ws2_ptrs = ws_base + ((pid_n * BLOCK_N + HALF) // SCALE_BLOCK_N) * W_K_BLOCKS
+                    ws2_ptrs = ws_base + ((pid_n * BLOCK_N + HALF) // SCALE_BLOCK_N) * K_BLOCKS
             else:
-                ws_ptrs = ws_base + ((offs_n % H) // SCALE_BLOCK_N) * W_K_BLOCKS
+                ws_ptrs = ws_base + ((offs_n % H) // SCALE_BLOCK_N) * K_BLOCKS
 
     if SWAP_AB:
         acc = tl.zeros((HALF, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     if FP8 and W_SCALE_SCALAR:   # the next K block's scales, loaded a block ahead
-        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, kb_scales, A_SCALE_PER_BLOCK, BLOCK_M,
-                                       W_SCALE_EVERY)
+        s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, kb_scales, A_SCALE_PER_BLOCK, BLOCK_M)
         if RESCALE:
             acc2 = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
             s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -501,7 +492,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
         if FP8 and W_SCALE_SCALAR:
             s, w, w2 = s_n, w_n, w2_n
             s_n, w_n, w2_n = _block_scales(as_ptrs, ws_ptrs, ws2_ptrs, tl.minimum(kb + 1, kb_end - 1),
-                                           A_SCALE_PER_BLOCK, BLOCK_M, W_SCALE_EVERY)
+                                           A_SCALE_PER_BLOCK, BLOCK_M)
             if RESCALE:
                 acc, acc2, s_prev, s2_prev = _rescale_step(a, b, b2, acc, acc2, s_prev, s2_prev, s * w, s * w2)
             else:
@@ -511,7 +502,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
             if A_SCALE_PER_BLOCK:
                 p = p * _per_row(tl.load(as_ptrs + kb), SWAP_AB)
             if W_SCALE_PER_BLOCK:
-                p = p * _per_col(tl.load(ws_ptrs + kb // W_SCALE_EVERY), SWAP_AB)
+                p = p * _per_col(tl.load(ws_ptrs + kb), SWAP_AB)
             acc += p
         else:     # float16 weights meet a float32 intermediate (`intermediate_dtype`): both as float32
             acc = _product_acc(a, b.to(a.dtype), acc, DOT_PRECISION, SWAP_AB)
@@ -594,7 +585,6 @@ class Fp8Mode:
     w_scale_per_block: bool     # weights: one scale per SCALE_BLOCK_N x BLOCK_K block (else per row)
     scale_block_n: int = 128    # rows of a weight scale block
     out_fp8: bool = False       # gate_up only: quantize the output per BLOCK_N group
-    scale_block_k: int = 128    # columns of a weight scale block (a multiple of the K tile)
 
 
 def _run(kernel, grid, args, meta, warmup: bool):
@@ -687,13 +677,7 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
                          f"{'batched' if batched else 'flat'}, persistent={gemm.persistent})")
     grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode,
                              None if isinstance(args[0], torch.dtype) else args[0].device)
-    every = 1
-    if fp8 is not None and fp8.w_scale_per_block:
-        if fp8.scale_block_k % gemm.block_k:
-            raise ValueError(f"the {'gate_up' if gate_up else 'down'} K tile ({gemm.block_k}) does not divide the "
-                             f"weight scale block's width ({fp8.scale_block_k})")
-        every = fp8.scale_block_k // gemm.block_k
-    meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype), W_SCALE_EVERY=every,
+    meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
                 BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
                 TILE_MODE=tile_mode, W_SCALE_SCALAR=scalar, PERSISTENT=persistent, RESCALE=rescale,
                 SPLIT_K=gemm.split_k, SWAP_AB=gemm.swap_ab,
@@ -889,24 +873,20 @@ def fused_experts(x: torch.Tensor, local_ids: torch.Tensor, topk_weights: torch.
 
 def fp8_tiles_problem(config: MoEKernelConfig, fp8: "Fp8Operands") -> str | None:
     """Why the tile kernels of `config` would compute these FP8 operands wrongly (None: they would not).
-    The kernels read one activation scale per K tile and one weight-block scale per K tile or per whole
-    weight block: the gate+up's K tile is the activation group and the weight block's width, and the down's K
-    tile divides the weight block's width. With grouped activations the gate+up quantizes its output per N tile,
-    the groups the down GEMM's K tiles read back: the down's K tile is the gate+up's N tile (128, or 64 for
-    more gate+up programs). (`fit_to_problem` pins every table and heuristic configuration so; a configuration
-    given by hand may not be.)"""
-    gu, dn = config.gate_up, config.down
-    if fp8.act_group is not None and gu.block_k != fp8.act_group:
-        return f"the gate_up K tile is {gu.block_k} columns, the activation group {fp8.act_group}"
+    The kernels read one activation scale and one weight-block scale per K tile, so a K tile must be the
+    activation group and the weight block's width; the gate+up quantizes its output per N tile, the groups
+    the down GEMM's K tiles read back, so with grouped activations its N tile is the group too. (`fit_to_problem`
+    pins every table and heuristic configuration so; a configuration given by hand may not be.)"""
+    groups = [("activation group", fp8.act_group)] if fp8.act_group is not None else []
     if fp8.weight_block is not None:
-        width = fp8.weight_block[1]
-        if gu.block_k != width:
-            return f"the gate_up K tile is {gu.block_k} columns, the weight block width {width}"
-        if width % dn.block_k:
-            return f"the down K tile ({dn.block_k} columns) does not divide the weight block width {width}"
-    if fp8.act_group is not None and dn.block_k != gu.block_n:
-        return (f"the gate_up N tile is {gu.block_n} columns and its output is quantized per N tile, but the down "
-                f"GEMM's K tile reads groups of {dn.block_k}")
+        groups.append(("weight block width", fp8.weight_block[1]))
+    for name, size in groups:
+        for gemm_name, gemm in (("gate_up", config.gate_up), ("down", config.down)):
+            if gemm.block_k != size:
+                return f"the {gemm_name} K tile is {gemm.block_k} columns, the {name} {size}"
+    if fp8.act_group is not None and config.gate_up.block_n != fp8.act_group:
+        return (f"the gate_up N tile is {config.gate_up.block_n} columns, but its output is quantized per N tile "
+                f"for the down GEMM, which reads groups of {fp8.act_group}")
     return None
 
 
@@ -927,10 +907,9 @@ class Fp8Operands:
 
     def modes(self) -> tuple[Fp8Mode, Fp8Mode]:
         per_block_w = self.weight_block is not None
-        bn, bk = self.weight_block if per_block_w else (128, 128)
+        bn = self.weight_block[0] if per_block_w else 128
         grouped = self.act_group is not None
-        return (Fp8Mode(grouped, per_block_w, bn, out_fp8=grouped, scale_block_k=bk),
-                Fp8Mode(grouped, per_block_w, bn, scale_block_k=bk))
+        return (Fp8Mode(grouped, per_block_w, bn, out_fp8=grouped), Fp8Mode(grouped, per_block_w, bn))
 
     def quantize_intermediate(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token quantization of the gate+up output (the per_token activation mode)."""

@@ -173,15 +173,11 @@ def heuristic_config(num_tokens: int, num_experts: int, hidden: int, inter: int,
 
 def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
                       elem_bytes: int) -> MoEKernelConfig:
-    """Shrink tiles that exceed a small problem, pin FP8's K tiles (and the gate+up N tile) to the scale
-    group of 128, and drop stages (then halve the K tile) until shared memory fits. FP8 keeps an intermediate
-    quantized in groups of FP8_NARROW_GROUP columns only where the configuration says so on both sides (the
-    gate+up N tile and the down K tile both FP8_NARROW_GROUP: `fp8_tiles_problem`)."""
-    group = FP8_NARROW_GROUP if fp8 and cfg.gate_up.block_n == cfg.down.block_k == FP8_NARROW_GROUP else 128
-
-    def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool, fp8_k: int = 128) -> GemmConfig:
-        bn = group if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
-        bk = fp8_k if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
+    """Shrink tiles that exceed a small problem, pin FP8's K tile (and the gate+up N tile) to the scale
+    group of 128, and drop stages (then halve the K tile) until shared memory fits."""
+    def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool) -> GemmConfig:
+        bn = 128 if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
+        bk = 128 if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
         out = replace(g, block_n=bn, block_k=bk)
         while smem_bytes(cfg.block_m, out, elem_bytes, b_tiles) > SMEM_LIMIT:
             if out.num_stages > 2:
@@ -192,13 +188,7 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
                 break
         return out
     return replace(cfg, gate_up=clamp(cfg.gate_up, inter, hidden, 2, fp8),
-                   down=clamp(cfg.down, hidden, inter, 1, False, group))
-
-
-# FP8: the gate+up N tile (and so the down K tile) of the narrow intermediate groups: twice the gate+up programs
-# where few row tiles leave the GPU's SMs idle (a shard of 16 experts with I = 768 at 64 rows per expert: 96
-# gated tiles of 128 outputs on 132 SMs), each down K tile then half a weight block
-FP8_NARROW_GROUP = 64
+                   down=clamp(cfg.down, hidden, inter, 1, False))
 
 
 def _pow2_ceil(n: int) -> int:

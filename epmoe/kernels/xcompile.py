@@ -85,8 +85,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
                  W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
-                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=False,
-                 W_SCALE_EVERY=128 // bk if fp8 else 1)
+                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=False)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
