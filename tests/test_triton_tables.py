@@ -312,7 +312,7 @@ def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_
     with open(own) as f:
         entry = json.load(f)["entries"][key]
     assert entry["1"]["copied_from"] == "h200.json" and "copied_from" not in entry["8192"]
-    assert entry["8192"]["measured_ms"] == 5.5
+    assert entry["8192"]["measured_ms"] == 5.5 and entry["8192"]["measured"] == "end_to_end"
     tune.merge_into_table(own, key, {1: (small, 0.09)}, {"device": "H100"}, seed_from=family)   # has it now
     with open(own) as f:
         entry = json.load(f)["entries"][key]
@@ -331,8 +331,10 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
     assert list(tune.table_plan({512: cfg}, [512], rows)) == [512]
     # --no-gluon keeps the flag an entry had
     tiles = replace(cfg, gluon=False)
-    kept = tune.keeping_gluon({8192: (tiles, 5.0), 1024: (tiles, 1.0)}, {8192: replace(cfg, gluon=True), 1024: cfg})
+    kept, measured = tune.keeping_gluon({8192: (tiles, 5.0), 1024: (tiles, 1.0)},
+                                        {8192: replace(cfg, gluon=True), 1024: cfg})
     assert kept == {8192: (replace(tiles, gluon=True), 5.0), 1024: (tiles, 1.0)}
+    assert measured == {8192: "end_to_end_tiles"}        # its time is the tiles', not the pipeline's
     p = argparse.ArgumentParser()
     tune.configure_parser(p)
     for argv, words in ((["--gluon", "--no-gluon"], "--no-gluon"), (["--gluon", "--persistent"], "quick modes"),
@@ -419,6 +421,20 @@ def test_end_to_end_paths_and_choice():
                        ({"table before": inf, "gluon": 2.0}, None),     # its tiles must run too
                        ({"table before": inf, "tiles BM64": inf}, None)):
         assert tune.end_to_end_choice(ends, paths) == want, ends
+    # what the lookup served keeps its place unless beaten by more than SERVED_MARGIN; a Gluon entry of before too
+    assert tune.served_path(paths, old) == "table before" and tune.served_path(paths, None) is None
+    assert tune.served_path(paths, replace(bm32, gluon=True)) == "gluon"
+    assert tune.served_path(tune.end_to_end_paths([bm64, bm32]), replace(bm32, gluon=True)) == "tiles BM32+16"
+    near = 1.0 / (1 + tune.SERVED_MARGIN / 2)
+    assert tune.end_to_end_choice({"table before": 1.0, "tiles BM64": near}, paths, "table before") == "table before"
+    assert tune.end_to_end_choice({"table before": 1.0, "tiles BM64": 0.95}, paths, "table before") == "tiles BM64"
+    assert tune.end_to_end_choice({"tiles BM64": near, "gluon": 1.0}, paths, "gluon") == "gluon"
+    assert tune.end_to_end_choice({"tiles BM64": 0.95, "gluon": 1.0}, paths, "gluon") == "tiles BM64"
+    assert tune.end_to_end_choice({"table before": inf, "tiles BM64": 1.0}, paths, "table before") == "tiles BM64"
+    # a decode or Gluon winner takes the fastest tiles that ran
+    ends = {"table before": 1.2, "tiles BM64": 1.1, "tiles BM32+16": 1.0, "gluon": 0.5}
+    assert tune.with_fastest_tiles("gluon", ends, paths) == replace(bm32, gluon=True)
+    assert tune.with_fastest_tiles("tiles BM64", ends, paths) == bm64
 
 
 @pytest.mark.parametrize("T,winner", [(1, "table before"), (1, "gemv"), (128, "tiles BM32"), (128, "table before"),
@@ -429,7 +445,9 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
     pipeline (128 rows per expert or more) and what the lookup served before race the whole op on a timer over
     the same clock that settles each path for `settle_ms`; the entry is the race's winner with its end-to-end
     time, even where the kernels' times ranked another BLOCK_M first (what happened to the qwen3 16-expert
-    shard at T = 128 on the H100: 64-row tiles faster by kernels, 2% slower whole)."""
+    shard at T = 128 on the H100: 64-row tiles faster by kernels, 2% slower whole); a decode or Gluon winner
+    takes the tiles of the fastest tiles path. The tiles race as the lookup will serve them (float16: stages
+    dropped to fit), so what is written is what was timed."""
     import torch
     from epmoe import MoEConfig
     from epmoe.bench import gpu_timing, tune
@@ -447,9 +465,11 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
         seen["kernels"] = timer
         return {gus[0]: 1.0}, {dns[0]: 1.0 if bm == heights[0] else 1.5}
 
+    runner_up = next(f"tiles BM{bm}" for bm in heights if f"tiles BM{bm}" != winner)
+
     def fake_race(problem, T_, paths, ws, timer, reps, gen, console):
         seen["race"], seen["paths"], seen["ws"] = timer, paths, ws
-        return {name: 0.5 if name == winner else 2.0 for name in paths}
+        return {name: 0.5 if name == winner else 1.0 if name == runner_up else 2.0 for name in paths}
 
     monkeypatch.setattr(tune, "_time_candidates", fake_candidates)
     monkeypatch.setattr(tune, "compile_jobs", lambda *a, **k: [])
@@ -457,10 +477,10 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
     pipeline = object()
     monkeypatch.setattr(tune, "_gluon_experts", lambda problem: (pipeline, None))
     monkeypatch.setattr(tune, "_race", fake_race)
-    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
-    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16))
-    problem = tune.Problem(cfg, "bfloat16", weights, False)
-    g = GemmConfig(64, 64, 1, 4, 3)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float16)
+    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.float16), torch.zeros(4, 64, 32, dtype=torch.float16))
+    problem = tune.Problem(cfg, "float16", weights, False)
+    g = GemmConfig(64, 64, 1, 4, 5)
     plan = {T: {(bm, 0): ([g], [g]) for bm in heights}}
     best = tune.tune_problem(problem, [T], reps=1, plan=plan, show_progress=False, settle_ms=250.0,
                              before={T: old})
@@ -469,7 +489,15 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
         (["gluon"] if T * 2 / 4 >= GLUON_MIN_ROWS else [])
     assert list(seen["paths"]) == want
     assert seen["ws"] is (pipeline if "gluon" in want else None)
-    assert best[T] == (seen["paths"][winner], 0.5)
+    for name in names:
+        raced = seen["paths"][name]
+        assert raced == fit_to_problem(raced, 64, 32, "float16") and raced.gate_up != g, raced   # as served
+    paths = seen["paths"]
+    if winner in ("gemv", "gluon"):
+        tiles = paths[runner_up]
+        assert best[T] == (replace(paths[winner], block_m=tiles.block_m, gate_up=tiles.gate_up, down=tiles.down), 0.5)
+    else:
+        assert best[T] == (paths[winner], 0.5)
     assert seen["kernels"].settle_ms == 0 and seen["kernels"].clock is clock
     assert seen["race"].settle_ms == 250.0 and seen["race"].clock is clock
 

@@ -5,17 +5,19 @@ rows that stream weights, up to 128 x 256 tiles for prefill) are compiled ahead,
 processes that fill Triton's on-disk cache; then, for each BLOCK_M, the gate+up and the down kernel are
 timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
 each BLOCK_M's fastest pair is kept. Then the whole experts op races end to end (CUDA-graph replays of the
-`triton` experts on one random routing): each BLOCK_M's best tiles (the BLOCK_M changes the alignment around
-the GEMMs, which the kernels' times leave out); for T <= 16 the decode path (`decode_gemv`: matrix-vector
-kernels, with and without PDL); where the warp-specialized Gluon GEMMs can run (Hopper, BF16 and 128x128
-block FP8) and a tile has GLUON_MIN_ROWS rows per expert or more, `triton_ws`'s pipeline, taken only where
-it is faster by more than GLUON_MARGIN; and what the lookup served at T before this tune (an entry at T or
-near it, or the heuristic), which stays unless something beats it. In those end-to-end comparisons each
-path first runs back to back for --settle-ms, so that on a GPU at its power limit the path timed first does
-not start at a higher clock. The winners, with their end-to-end times, are merged into the table of this GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise),
-which `lookup_config` reads. An entry serves every batch within a factor TABLE_REACH of its T, so a new one
-can hand its tiles to batch sizes nobody timed them at: after writing, the tuner names the powers of two from 1
-to 16384 not tuned in this run whose configuration changed, with the --tokens that would time them.
+`triton` experts on one random routing, each configuration as the lookup will serve it): each BLOCK_M's best
+tiles (the BLOCK_M changes the alignment around the GEMMs, which the kernels' times leave out); for T <= 16 the
+decode path (`decode_gemv`: matrix-vector kernels, with and without PDL); where the warp-specialized Gluon GEMMs
+can run (Hopper, BF16 and 128x128 block FP8) and a tile has GLUON_MIN_ROWS rows per expert or more,
+`triton_ws`'s pipeline, taken only where it is faster by more than GLUON_MARGIN; and what the lookup served at
+T before this tune (an entry at T or near it, or the heuristic), which stays unless beaten by more than
+SERVED_MARGIN. A decode or Gluon winner keeps the fastest tiles for the batches those do not take. In the race
+each path first runs back to back for --settle-ms, so that on a GPU at its power limit the path timed first
+does not start at a higher clock. The winners, with their end-to-end times, are merged into the table of this
+GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads. An entry
+serves every batch within a factor TABLE_REACH of its T, so a new one can hand its tiles to batch sizes nobody
+timed them at: after writing, the tuner names the powers of two from 1 to 16384 not tuned in this run whose
+configuration changed, with the --tokens that would time them.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
 (this GPU's table, else one of another GPU of the same family) and write into this GPU's table.
@@ -38,6 +40,7 @@ import torch
 from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
+from .gpu_timing import GRAPH
 from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
                                    TABLE_REACH, _load_table, device_table_name, fit_to_problem, lookup_config,
                                    shape_key, smem_bytes, table_paths_for_device)
@@ -74,8 +77,8 @@ _FP8_BLOCK_DOWN = [(128, 128, 8, 4, "rescale"), (256, 128, 8, 3, "rescale"), (25
 
 
 # the decode path (decode_gemv), tried for T <= GEMV_MAX_TOKENS (FP8: the formats it takes, K tiles of
-# 128s): (block_n, block_k, warps, stages) of each kernel, timed separately; the best pair then runs end
-# to end against the tile path's best
+# 128s): (block_n, block_k, warps, stages) of each kernel, timed separately; the best pair then races the
+# whole op with the tiles and what was served before (`tune_problem`)
 GEMV_MAX_TOKENS = 16
 _GEMV_GATE_UP = [(8, 256, 4, 3), (8, 256, 4, 4), (16, 256, 4, 3), (8, 512, 4, 3), (16, 128, 4, 4), (8, 512, 4, 1),
                  (16, 256, 4, 1), (8, 1024, 4, 2), (16, 512, 8, 3)]
@@ -438,11 +441,19 @@ def fastest(times: dict) -> GemmConfig:
 
 
 def _safe_time(timer, fn, reps, graph: bool = False) -> float:
+    """Median ms of `fn` on `timer` (as CUDA-graph replays when `graph`), or inf where it cannot run (this GPU's
+    resources) or, asked for graph replays, was timed eagerly (its capture failed: not comparable with the
+    paths replayed)."""
     try:
-        return timer.time(fn, reps=reps, warmup=2, use_graph=graph).median_ms
+        timing = timer.time(fn, reps=reps, warmup=2, use_graph=graph)
     except Exception as exc:   # a configuration this GPU cannot run (resources): never chosen
         print(f"  candidate failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
         return float("inf")
+    method = getattr(timing, "method", GRAPH)
+    if graph and method != GRAPH:
+        print(f"  candidate not captured in a CUDA graph (timed {method}): not compared", file=sys.stderr)
+        return float("inf")
+    return timing.median_ms
 
 
 def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None, seed: int = 0,
@@ -512,24 +523,28 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     tiles.append((ms, MoEKernelConfig(bm, g_best, d_best, tail)))
             if not tiles:
                 continue
-            tiles = [cfg for _, cfg in sorted(tiles, key=lambda t: t[0])]
+            # as the lookup will serve them (a small problem's tiles shrunk, stages dropped to fit)
+            tiles = [fit_to_problem(cfg, H, I, problem.fmt) for _, cfg in sorted(tiles, key=lambda t: t[0])]
             gemvs, note = _gemv_pair(problem, T, timer, reps, gen) if T <= GEMV_MAX_TOKENS else ([], "")
             if note:
-                progress.console.print(f"    T={T} decode kernels{note}", soft_wrap=True)
+                progress.console.print(escape(f"    T={T} decode kernels{note}"), soft_wrap=True)
             takes_gluon = T * k / L >= GLUON_MIN_ROWS
             if gluon and ws is None and takes_gluon:
                 ws, why = _gluon_experts(problem)
                 if why:
                     progress.console.print(escape(f"  the Gluon pipeline is not timed: {why}"))
                     gluon = False
-            paths = end_to_end_paths(tiles, gemvs, gluon=ws is not None and takes_gluon, before=(before or {}).get(T))
+            served = (before or {}).get(T)
+            if served is not None and not rescale:          # "rescale" is written only where it was allowed
+                served = as_sync(served)
+            paths = end_to_end_paths(tiles, gemvs, gluon=ws is not None and takes_gluon, before=served)
             ends = _race(problem, T, paths, ws, ends_timer, reps, gen, progress.console)
-            chosen = end_to_end_choice(ends, paths)
+            chosen = end_to_end_choice(ends, paths, served_path(paths, served))
             if chosen is None:
                 progress.console.print(f"  T={T:5d}: every configuration failed end to end; no entry written")
                 continue
-            best[T] = (paths[chosen], ends[chosen])
-            progress.console.print(escape(f"  T={T:5d}: {paths[chosen].describe()}  {ends[chosen]:.4f} ms end to "
+            best[T] = (with_fastest_tiles(chosen, ends, paths), ends[chosen])
+            progress.console.print(escape(f"  T={T:5d}: {best[T][0].describe()}  {ends[chosen]:.4f} ms end to "
                                           f"end ({chosen})"), soft_wrap=True)
     return best
 
@@ -563,8 +578,8 @@ def _gemv_pair(problem: Problem, T: int, timer, reps: int, gen) -> tuple[list[Ge
         x, xs = problem.cfg.quant_scheme.quantize_activations(x)
         ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, q.activation_group_size, q.weight_block,
                           q.weight_granularity)
-        if not fp8_supported(ops, H, I):          # the decode kernels do not take this format
-            return [], ""
+        if not fp8_supported(ops, H, I):
+            return [], " not raced: they do not take this FP8 format"
         h = h.float()
         gate_ups = [c for c in gate_ups if c[1] % 128 == 0 and 128 % c[0] == 0]
         downs = [c for c in downs if c[1] % 128 == 0 and 128 % c[0] == 0]
@@ -623,7 +638,7 @@ def end_to_end_paths(tiles: list[MoEKernelConfig], gemvs: list[GemvConfig] = (),
         if before.gluon and not gluon:
             before = replace(before, gluon=False)
         if before not in paths.values() and not before.gluon:
-            paths = {"table before": before, **paths}       # first: it keeps a tie
+            paths = {"table before": before, **paths}       # raced first
     return paths
 
 
@@ -632,23 +647,56 @@ def tiles_name(cfg: MoEKernelConfig) -> str:
     return f"BM{cfg.block_m}" + (f"+{cfg.tail_m}" if cfg.tail_m else "")
 
 
-def end_to_end_choice(ends: dict[str, float], paths: dict[str, MoEKernelConfig]) -> str | None:
-    """The name of the path an entry takes from one race (`ends`: end-to-end ms by name): the fastest path
-    that runs tiles or the decode kernels (the first of equals, so what the lookup served before keeps a tie),
-    unless a Gluon path beats it by more than GLUON_MARGIN (run-to-run noise: an entry does not flip between
-    two paths that tie); None where every path of tiles or decode kernels failed (inf): a Gluon entry's tiles
-    serve the batches within its reach that the pipeline does not take, so they must run."""
+def served_path(paths: dict[str, MoEKernelConfig], before: MoEKernelConfig | None) -> str | None:
+    """The name of the path that runs what the lookup served before (`end_to_end_paths`' "table before", a new
+    path equal to it, or the Gluon path for a Gluon entry of before); None without one."""
+    if before is None:
+        return None
+    if before.gluon and "gluon" in paths:
+        return "gluon"
+    plain = replace(before, gluon=False)
+    return next((name for name, cfg in paths.items() if cfg == plain), None)
+
+
+# what the lookup served stays unless a path of the race beats it by more than this (the settled run-to-run noise of
+# a whole forward: an entry does not flip on a re-tune between two paths that tie)
+SERVED_MARGIN = 0.01
+
+
+def end_to_end_choice(ends: dict[str, float], paths: dict[str, MoEKernelConfig], served: str | None = None
+                      ) -> str | None:
+    """The name of the path an entry takes from one race (`ends`: end-to-end ms by name): the fastest path that
+    runs tiles or the decode kernels, unless a Gluon path beats it by more than GLUON_MARGIN; and `served` (the
+    path of what the lookup served before: `served_path`) unless that choice beats it by more than SERVED_MARGIN
+    (run-to-run noise: an entry does not flip between two paths that tie). None where every path of tiles or
+    decode kernels failed (inf): a Gluon entry's tiles serve the batches within its reach that the pipeline does
+    not take, so they must run."""
     finite = {n: ms for n, ms in ends.items() if math.isfinite(ms)}
     others = [n for n in finite if not paths[n].gluon]
     if not others:
         return None
-    best = min(others, key=finite.get)
+    choice = min(others, key=finite.get)
     gluons = [n for n in finite if paths[n].gluon]
     if gluons:
         g = min(gluons, key=finite.get)
-        if finite[g] * (1 + GLUON_MARGIN) < finite[best]:
-            return g
-    return best
+        if finite[g] * (1 + GLUON_MARGIN) < finite[choice]:
+            choice = g
+    if served in finite and not finite[choice] * (1 + SERVED_MARGIN) < finite[served]:
+        return served
+    return choice
+
+
+def with_fastest_tiles(name: str, ends: dict[str, float], paths: dict[str, MoEKernelConfig]) -> MoEKernelConfig:
+    """The configuration of the race's winner `name`; a decode or Gluon winner with the tiles of the fastest path
+    that ran tiles (the batches within its reach that the decode kernels or the pipeline do not take run them)."""
+    cfg = paths[name]
+    if cfg.gemv is None and not cfg.gluon:
+        return cfg
+    tiles = [n for n in paths if paths[n].gemv is None and not paths[n].gluon and math.isfinite(ends.get(n, math.inf))]
+    if not tiles:
+        return cfg
+    t = paths[min(tiles, key=ends.get)]
+    return replace(cfg, block_m=t.block_m, gate_up=t.gate_up, down=t.down, tail_m=t.tail_m)
 
 
 def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer, reps: int, gen,
@@ -677,11 +725,13 @@ def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer
 
 
 # ---------------------------------------------------------------------------------------------- table
-def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: str | None = None) -> None:
-    """Write `best` ({T: (config, ms)}) into the table at `path` under `key`, beside its other T. With
-    `seed_from` (another table, where this one has no entry for `key`): that table's whole entry first,
-    each T marked `copied_from`, so that the T not tuned here keep resolving as before (the lookup takes
-    the first table that has the key)."""
+def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: str | None = None,
+                     measured: dict | None = None) -> None:
+    """Write `best` ({T: (config, ms)}) into the table at `path` under `key`, beside its other T, each entry's
+    ms as `measured_ms` with what was timed (`measured`: {T: label}, default "end_to_end", the whole op as the
+    entry runs it). With `seed_from` (another table, where this one has no entry for `key`): that table's
+    whole entry first, each T marked `copied_from`, so that the T not tuned here keep resolving as before (the
+    lookup takes the first table that has the key)."""
     data = {"entries": {}}
     if os.path.exists(path):
         with open(path) as f:
@@ -694,7 +744,7 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
         entries[key] = {t: dict(c, copied_from=os.path.basename(seed_from)) for t, c in seed.items()}
     entry = entries.setdefault(key, {})
     for T, (cfg, ms) in best.items():
-        entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured="end_to_end")
+        entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured=(measured or {}).get(T, "end_to_end"))
     entries[key] = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -757,8 +807,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="token counts T, comma-separated (default: %(default)s). At each T the best tiles of "
                         f"each BLOCK_M, the decode kernels (T <= {GEMV_MAX_TOKENS}), the Gluon pipeline (where it "
                         "runs) and what the lookup served there before (an entry at T or near it, or the "
-                        "heuristic) run the whole experts op as CUDA graphs, and the fastest is kept (what was "
-                        f"served keeps a tie). An entry also serves batches within a factor {TABLE_REACH} of its T: "
+                        "heuristic) run the whole experts op as CUDA graphs, and the fastest is kept (the Gluon "
+                        f"pipeline only where faster by {GLUON_MARGIN * 100:.0f}%%, what was served unless beaten by "
+                        f"{SERVED_MARGIN * 100:.0f}%%). An entry also serves batches within a factor {TABLE_REACH} of "
+                        "its T: "
                         "after writing, the batch sizes whose configuration the new entries changed untimed (powers "
                         "of two) are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
@@ -790,17 +842,20 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         'it beats the best "sync" candidate by more than 3%%; without this flag every entry '
                         'written is "sync"')
     p.add_argument("--settle-ms", type=float, default=END_TO_END_SETTLE_MS,
-                   help="end-to-end comparisons (decode paths, the Gluon pipeline against the tiles): each path runs "
-                        "back to back this long (ms) before it is timed, so that on a GPU at its power limit the "
-                        "path timed first does not start at a higher clock; decode's too, where a few seconds decide "
-                        "an entry (default: %(default)g; 0: none)")
+                   help="the end-to-end race at each T (each BLOCK_M's tiles, the decode kernels, the Gluon pipeline, "
+                        "what was served before): each path runs back to back this long (ms) before it is timed, so "
+                        "that on a GPU at its power limit the path timed first does not start at a higher clock "
+                        "(default: %(default)g; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
 
 
-def keeping_gluon(best: dict, own: dict) -> dict:
+def keeping_gluon(best: dict, own: dict) -> tuple[dict, dict]:
     """`best` ({T: (config, ms)}, tuned with the Gluon GEMMs left out) with `gluon` kept where this GPU's
-    table entry (`own`: {T: config}) had it: --no-gluon leaves the comparison out, it does not undo it."""
-    return {T: (replace(c, gluon=True) if T in own and own[T].gluon else c, ms) for T, (c, ms) in best.items()}
+    table entry (`own`: {T: config}) had it: --no-gluon leaves the comparison out, it does not undo it. Also
+    {T: "end_to_end_tiles"} for those entries: their time is their tiles', the pipeline they run was not timed."""
+    kept = {T for T, (c, _) in best.items() if T in own and own[T].gluon}
+    return ({T: (replace(c, gluon=True) if T in kept else c, ms) for T, (c, ms) in best.items()},
+            {T: "end_to_end_tiles" for T in kept})
 
 
 def check_mode_flags(args) -> None:
@@ -911,8 +966,9 @@ def main(args) -> int:
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
                                 gluon=not args.no_gluon, before=served_at(tokens, served),
                                 settle_ms=args.settle_ms)
+            measured = {}
             if args.no_gluon:
-                best = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
+                best, measured = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
             merge_into_table(path, key, best, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -920,10 +976,10 @@ def main(args) -> int:
                           "L2 flushed, balanced routing); then each BLOCK_M's best, the decode kernels, the Gluon "
                           "pipeline and what the lookup served before raced as the whole experts op (CUDA-graph "
                           f"replays, random routing, each path first run back to back for {args.settle_ms:g} ms): "
-                          "measured_ms of an entry with measured=end_to_end. Entries without that mark were "
-                          "written before: gate_up + down kernel time, or end to end where they have gemv or "
-                          "gluon"},
-                seed_from=source if quick and source != path else None)
+                          "measured_ms of an entry with measured=end_to_end (end_to_end_tiles: its tiles' time, "
+                          "a gluon entry rewritten by --no-gluon). Entries without that mark were written "
+                          "before: gate_up + down kernel time, or end to end where they have gemv or gluon"},
+                seed_from=source if quick and source != path else None, measured=measured)
             _load_table.cache_clear()
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             # looked up again after the write (the table may exist only now)
