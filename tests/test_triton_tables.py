@@ -437,9 +437,11 @@ def test_end_to_end_paths_and_choice():
     assert tune.with_fastest_tiles("tiles BM64", ends, paths) == bm64
 
 
-@pytest.mark.parametrize("T,winner", [(1, "table before"), (1, "gemv"), (128, "tiles BM32"), (128, "table before"),
-                                      (8192, "gluon"), (8192, "tiles BM128")])
-def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypatch, T, winner):
+@pytest.mark.parametrize("T,winner,served", [(1, "table before", True), (1, "gemv", True), (128, "tiles BM32", True),
+                                             (128, "table before", True), (8192, "gluon", True),
+                                             (8192, "tiles BM128", True), (128, "tiles BM32", False),
+                                             (1, "gemv", False)])
+def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypatch, T, winner, served):
     """`tune_problem` at every T, not only decode: the kernels' candidates are ranked on the GPU timer as they
     are (each BLOCK_M's fastest pair), then each BLOCK_M's best, the decode kernels (T <= 16), the Gluon
     pipeline (128 rows per expert or more) and what the lookup served before race the whole op on a timer over
@@ -447,7 +449,8 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
     time, even where the kernels' times ranked another BLOCK_M first (what happened to the qwen3 16-expert
     shard at T = 128 on the H100: 64-row tiles faster by kernels, 2% slower whole); a decode or Gluon winner
     takes the tiles of the fastest tiles path. The tiles race as the lookup will serve them (float16: stages
-    dropped to fit), so what is written is what was timed."""
+    dropped to fit), so what is written is what was timed. Without a served rival (`before` None) the new paths
+    race alone."""
     import torch
     from epmoe import MoEConfig
     from epmoe.bench import gpu_timing, tune
@@ -483,9 +486,9 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
     g = GemmConfig(64, 64, 1, 4, 5)
     plan = {T: {(bm, 0): ([g], [g]) for bm in heights}}
     best = tune.tune_problem(problem, [T], reps=1, plan=plan, show_progress=False, settle_ms=250.0,
-                             before={T: old})
+                             before={T: old} if served else None)
     names = [f"tiles BM{bm}" for bm in heights]
-    want = ["table before"] + names + (["gemv"] if T <= tune.GEMV_MAX_TOKENS else []) + \
+    want = ["table before"] * served + names + (["gemv"] if T <= tune.GEMV_MAX_TOKENS else []) + \
         (["gluon"] if T * 2 / 4 >= GLUON_MIN_ROWS else [])
     assert list(seen["paths"]) == want
     assert seen["ws"] is (pipeline if "gluon" in want else None)
