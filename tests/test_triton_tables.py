@@ -387,6 +387,28 @@ def test_served_at_names_what_the_lookup_serves_each_batch_size(tmp_path):
         4: heuristic_config(4, 4, 64, 32, 2), 512: heuristic_config(512, 4, 64, 32, 2)}
 
 
+@pytest.mark.parametrize("method,graph,want", [("graph", True, 0.5), ("eager", True, float("inf")),
+                                               ("eager", False, 0.5)])
+def test_a_race_path_timed_eagerly_is_not_compared(method, graph, want):
+    """`_safe_time`: a path asked for as CUDA-graph replays whose capture failed (the timer fell back to eager
+    launches) is not comparable with the replayed paths of its race: inf, never chosen. Kernel candidates, timed
+    eagerly by design, keep their time; one that cannot run at all is inf."""
+    from types import SimpleNamespace
+
+    from epmoe.bench import tune
+
+    class Timer:
+        def time(self, fn, reps, warmup, use_graph):
+            assert use_graph == graph
+            return SimpleNamespace(median_ms=0.5, method=method)
+
+    class Failing:
+        def time(self, fn, reps, warmup, use_graph):
+            raise RuntimeError("out of resources: shared memory")
+    assert tune._safe_time(Timer(), lambda: None, 3, graph=graph) == want
+    assert tune._safe_time(Failing(), lambda: None, 3, graph=graph) == float("inf")
+
+
 def test_end_to_end_paths_and_choice():
     """What one end-to-end race runs and which it keeps: each BLOCK_M's best tiles, the decode kernels, the Gluon
     pipeline and what was served before (first, so that it keeps a tie; a Gluon entry of before is the Gluon path,

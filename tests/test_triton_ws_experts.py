@@ -393,6 +393,7 @@ else:
         from rich.console import Console
 
         from epmoe.bench import tune
+        from epmoe.bench.gpu_timing import GRAPH
         from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
         cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
         layer = MoELayer(cfg, dispatcher="local", experts="reference")
@@ -408,7 +409,7 @@ else:
                 out = fn()
                 assert out.shape == (64, cfg.hidden_size)
                 ran.append("gluon" if ws_calls[0] > before else "tiles")
-                return SimpleNamespace(median_ms=gluon_ms if ran[-1] == "gluon" else tiles_ms)
+                return SimpleNamespace(median_ms=gluon_ms if ran[-1] == "gluon" else tiles_ms, method=GRAPH)
 
         ws_calls = [0]
         forward = ws.forward_flat

@@ -449,9 +449,8 @@ def _safe_time(timer, fn, reps, graph: bool = False) -> float:
     except Exception as exc:   # a configuration this GPU cannot run (resources): never chosen
         print(f"  candidate failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", file=sys.stderr)
         return float("inf")
-    method = getattr(timing, "method", GRAPH)
-    if graph and method != GRAPH:
-        print(f"  candidate not captured in a CUDA graph (timed {method}): not compared", file=sys.stderr)
+    if graph and timing.method != GRAPH:
+        print(f"  candidate not captured in a CUDA graph (timed {timing.method}): not compared", file=sys.stderr)
         return float("inf")
     return timing.median_ms
 
@@ -561,8 +560,8 @@ def _routed_tokens(problem: Problem, T: int, gen):
 
 def _gemv_pair(problem: Problem, T: int, timer, reps: int, gen) -> tuple[list[GemvConfig], str]:
     """The decode kernels' (`decode_gemv`) best pair for T tokens, each kernel's candidates timed alone (eager,
-    on `timer`, as the tile kernels are), also with PDL where the GPU has it, and a note of their times; ([], "")
-    where the decode kernels do not take this format or every candidate failed."""
+    on `timer`, as the tile kernels are), also with PDL where the GPU has it, and a note of their times; none
+    where the decode kernels do not take this format (the note says so) or every candidate failed."""
     from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
     from ..kernels.fused_moe import Fp8Operands
     L, H, I, k = problem.sizes
@@ -810,9 +809,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "heuristic) run the whole experts op as CUDA graphs, and the fastest is kept (the Gluon "
                         f"pipeline only where faster by {GLUON_MARGIN * 100:.0f}%%, what was served unless beaten by "
                         f"{SERVED_MARGIN * 100:.0f}%%). An entry also serves batches within a factor {TABLE_REACH} of "
-                        "its T: "
-                        "after writing, the batch sizes whose configuration the new entries changed untimed (powers "
-                        "of two) are named")
+                        "its T: after writing, the batch sizes whose configuration the new entries changed untimed "
+                        "(powers of two) are named")
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
