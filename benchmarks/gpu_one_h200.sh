@@ -9,7 +9,8 @@
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
 #             the shape the table has no BF16 entry for; several argument sets separated by ';' run one after
 #             the other into one log) into this GPU's table in the package, so the parts after it run with
-#             the new entries; the table before and after are kept
+#             the new entries; the table before and after are kept (the new entries live in this call's copy only:
+#             a later call runs the table of the checkout it is sent from, so merge table_*_after_tune.json first)
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
@@ -60,7 +61,9 @@
 #   vllm      our block-FP8 expert GEMMs beside vLLM's fused-MoE Triton kernel at the same rows and weights, kernel
 #             time against kernel time (benchmarks/vllm_gemms.py; vLLM's fused-MoE folder unpacked from its wheel
 #             under VLLM_DIR, default .anchors/vllm-0.34.0/..., sent with the call by the device tool's carry;
-#             VLLM_ARGS: more arguments, e.g. --shapes)
+#             VLLM_ARGS: more arguments, e.g. --shapes); where VLLM_NCU_SHAPE names one point (e.g.
+#             qwen3-30b-a3b:16:128), then ncu's throughput, occupancy and warp-state sections of both sides' GEMM
+#             launches there (vllm_gemms.py --once: ours first, then vLLM's two)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
@@ -199,7 +202,14 @@ for part in $PARTS; do
     vllm)
         run "$OUT/vllm_gemms_${GPU}_$DAY.log" "${VLLM_SECONDS:-420}" \
             python3 benchmarks/vllm_gemms.py --vllm "${VLLM_DIR:-.anchors/vllm-0.34.0/vllm/model_executor/layers/fused_moe}" \
-            ${VLLM_ARGS:-} --output "$OUT/vllm_gemms_${GPU}_$DAY.json" ;;
+            ${VLLM_ARGS:-} --output "$OUT/vllm_gemms_${GPU}_$DAY.json"
+        if [ -n "${VLLM_NCU_SHAPE:-}" ]; then
+            run "$OUT/vllm_gemms_ncu_${GPU}_$DAY.log" "${VLLM_NCU_SECONDS:-240}" \
+                ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                    --section MemoryWorkloadAnalysis -k regex:'^(moe_gemm_kernel|fused_moe_kernel)$' \
+                    python3 benchmarks/vllm_gemms.py --vllm "${VLLM_DIR:-.anchors/vllm-0.34.0/vllm/model_executor/layers/fused_moe}" \
+                    --once --vllm-tables this --shapes "$VLLM_NCU_SHAPE"
+        fi ;;
     steps)
         run "$OUT/experts_steps_${GPU}_$DAY.log" "${STEPS_SECONDS:-150}" \
             python3 benchmarks/profile_experts_steps.py ${STEPS_ARGS:-} --output "$OUT/experts_steps_${GPU}_$DAY.json" ;;

@@ -22,6 +22,13 @@ are ours (not timed).
 
 (`.anchors/` is ignored by git: the device tool's `carry` takes it to a GPU machine with no network.)
 
+Under Nsight Compute, `--once` makes each side's checked call its only one (the PyTorch profiler, whose CUPTI
+use may not coexist with ncu's, is not started): ncu's launches of one point are then ours first (the GEMM
+kernels of one forward), then vLLM's two, once per table configuration:
+
+    ncu -k regex:'^(moe_gemm_kernel|fused_moe_kernel)$' python3 benchmarks/vllm_gemms.py --vllm ... --once \\
+        --shapes qwen3-30b-a3b:16:128 --vllm-tables this
+
 Both sides are timed the same way: eager calls under the PyTorch profiler's CUDA trace, each behind an L2
 flush and a GPU sleep (`profile_experts_steps.profile_runs`), the kernels' own durations summed per call: for
 vLLM its two `fused_moe_kernel` launches; for us the GEMM kernels of one whole `triton` forward
@@ -286,6 +293,9 @@ def main(argv=None) -> int:
                    help="whose tables vLLM looks in: 'this' (this GPU's name) or a device part of vLLM's table names "
                         "(default: %(default)s)")
     p.add_argument("--forwards", type=int, default=5, help="profiled calls per side and point (default: %(default)s)")
+    p.add_argument("--once", action="store_true",
+                   help="for ncu: each side's checked call is its only one at each point (ours one forward, vLLM its "
+                        "two GEMMs); nothing timed, the PyTorch profiler not started")
     p.add_argument("--output", help="write the results as JSON here")
     args = p.parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -321,6 +331,14 @@ def main(argv=None) -> int:
                                           use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
                                           block_shape=BLOCK_SHAPE)
 
+    def timed(run, families, copies=()):
+        """`gemm_times` of `run`'s profiled calls and the GPU's clocks; under --once nothing (ncu counts the
+        checked call's launches, which came before)."""
+        if args.once:
+            return {}, None
+        runs, gpu_state = profile_runs(run, clock, sampler, args.forwards)
+        return gemm_times(runs, families, copies), gpu_state
+
     made = {}       # (preset, experts) -> its config, weights and oracle, made once for all its T
     with GpuStateSampler(nvidia_smi_id(device)) as sampler:
         for preset, experts, T in shapes:
@@ -349,9 +367,9 @@ def main(argv=None) -> int:
             backend = contract.experts_class("triton")(cfg, device)
             batch = FlatBatch(xp, ids, tw)
             err = rel_err(backend(batch, weights)[:, :H][sample], ref)
-            runs, gpu_state = profile_runs(lambda: backend(batch, weights), clock, sampler, args.forwards)
+            times, gpu_state = timed(lambda: backend(batch, weights), OUR_GEMMS, OUR_ROW_COPIES)
             table_cfg, table_source = lookup_config(T, E, Hp, Ip, k, "fp8_block", device=device)
-            ours = dict(gemm_times(runs, OUR_GEMMS, OUR_ROW_COPIES), check_rel_err=err,
+            ours = dict(times, check_rel_err=err,
                         check_ok=err <= CHECK_TOLERANCE, gpu_state=gpu_state, table_config=table_cfg.to_dict(),
                         table_source=table_source)
             failed += not ours["check_ok"]
@@ -388,14 +406,23 @@ def main(argv=None) -> int:
                     vllm_gemm(xq, weights.w13, c1, xs, weights.w13_scale, tw, layout, False, k, config)
                     vllm_gemm(aq, weights.w2, c3, a_s, weights.w2_scale, tw, layout, True, 1, config)
 
-                runs, vstate = profile_runs(both, clock, sampler, args.forwards)
-                row = dict(gemm_times(runs, (VLLM_GEMM,)), table=table, config=config, config_source=source,
+                times, vstate = timed(both, (VLLM_GEMM,))
+                row = dict(times, table=table, config=config, config_source=source,
                            check_rel_err=verr, gate_up_rel_err=gate_up_err, down_rel_err=down_err,
                            check_ok=verr <= CHECK_TOLERANCE and max(gate_up_err, down_err) <= PAIR_TOLERANCE,
                            gpu_state=vstate)
                 failed += not row["check_ok"]
                 vllm_rows.append(row)
             results.append(dict(point, ours=ours, vllm=vllm_rows))
+            if args.once:
+                print(f"{preset:14s} E={E:<3d} T={T:<5d} one call each, not timed: ours check {err:.1e}"
+                      f"{'' if ours['check_ok'] else ' FAILED'} [{table_source}]" + "".join(
+                          f"; vLLM {row['table']} checks {row['check_rel_err']:.1e}, GEMMs {row['gate_up_rel_err']:.1e} "
+                          f"{row['down_rel_err']:.1e}{'' if row['check_ok'] else ' FAILED'} "
+                          f"[{row['config_source']}: {json.dumps(row['config'], sort_keys=True)}]"
+                          for row in vllm_rows), flush=True)
+                del c1, c3
+                continue
             line = (f"{preset:14s} E={E:<3d} T={T:<5d} ours GEMMs {ours['gemm_us']:9.1f} us ({split(ours)}; with the "
                     f"row copy {ours['gemm_and_copy_us']:.1f}; whole op {ours['kernel_us']:.1f}; check {err:.1e}"
                     f"{'' if ours['check_ok'] else ' FAILED'})  [{table_source}]")
@@ -413,7 +440,8 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"environment": environment(), "command": " ".join(sys.argv), "vllm_files_sha256": digests,
-                       "tables_sha256": file_digests(table_paths_for_device(device)), "method": METHOD,
+                       "tables_sha256": file_digests(table_paths_for_device(device)),
+                       "method": "one checked call per side, not timed (--once)" if args.once else METHOD,
                        "results": results}, f, indent=1)
     return 1 if failed else 0
 
