@@ -24,10 +24,11 @@ are ours (not timed).
 
 Under Nsight Compute, `--once` makes each side's checked call its only one (the PyTorch profiler, whose CUPTI
 use may not coexist with ncu's, is not started): ncu's launches of one point are then ours first (the GEMM
-kernels of one forward), then vLLM's two, once per table configuration:
+kernels of one forward; before them, once per process, the Gluon GEMM's self-check where the table has a Gluon
+entry for the shape), then vLLM's two, once per table configuration:
 
-    ncu -k regex:'^(moe_gemm_kernel|fused_moe_kernel)$' python3 benchmarks/vllm_gemms.py --vllm ... --once \\
-        --shapes qwen3-30b-a3b:16:128 --vllm-tables this
+    ncu -k regex:'^(moe_gemm|ws_grouped_gemm|gemv_gate_up|gemv_down_sum|fused_moe)_kernel$' \\
+        python3 benchmarks/vllm_gemms.py --vllm ... --once --shapes qwen3-30b-a3b:16:128 --vllm-tables this
 
 Both sides are timed the same way: eager calls under the PyTorch profiler's CUDA trace, each behind an L2
 flush and a GPU sleep (`profile_experts_steps.profile_runs`), the kernels' own durations summed per call: for
@@ -417,8 +418,9 @@ def main(argv=None) -> int:
             if args.once:
                 print(f"{preset:14s} E={E:<3d} T={T:<5d} one call each, not timed: ours check {err:.1e}"
                       f"{'' if ours['check_ok'] else ' FAILED'} [{table_source}]" + "".join(
-                          f"; vLLM {row['table']} checks {row['check_rel_err']:.1e}, GEMMs {row['gate_up_rel_err']:.1e} "
-                          f"{row['down_rel_err']:.1e}{'' if row['check_ok'] else ' FAILED'} "
+                          f"; vLLM {row['table']} checks {row['check_rel_err']:.1e}, GEMMs "
+                          f"{row['gate_up_rel_err']:.1e} {row['down_rel_err']:.1e}"
+                          f"{'' if row['check_ok'] else ' FAILED'} "
                           f"[{row['config_source']}: {json.dumps(row['config'], sort_keys=True)}]"
                           for row in vllm_rows), flush=True)
                 del c1, c3
