@@ -307,8 +307,11 @@ def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_
     tune.merge_into_table(family, key, {1: (small, 0.1), 8192: (large, 6.0)}, {"device": "H200"})
     tune.merge_into_table(own, key, {8192: (replace(large, gluon=True), 5.5)}, {"device": "H100"}, seed_from=family)
     _load_table.cache_clear()
-    assert lookup_config(1, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[0] == small
-    assert lookup_config(8192, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[0].gluon
+    cfg, where = lookup_config(1, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])
+    # the copy says so wherever the lookup's source is printed (benchmarks, the tuner's notes)
+    assert cfg == small and where == f"h100.json[{key}][T=1], copied from h200.json: not timed on this table's GPU"
+    cfg, where = lookup_config(8192, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])
+    assert cfg.gluon and where == f"h100.json[{key}][T=8192]"
     with open(own) as f:
         entry = json.load(f)["entries"][key]
     assert entry["1"]["copied_from"] == "h200.json" and "copied_from" not in entry["8192"]
@@ -317,6 +320,8 @@ def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_
     with open(own) as f:
         entry = json.load(f)["entries"][key]
     assert "copied_from" not in entry["1"] and entry["8192"]["gluon"] is True
+    _load_table.cache_clear()
+    assert lookup_config(1, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[1] == f"h100.json[{key}][T=1]"
 
 
 def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions():

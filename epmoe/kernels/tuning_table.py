@@ -195,6 +195,11 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+# {path: {(key, T): the table it was copied from}}: the entries a quick tune seeded from another GPU's table
+# (`copied_from`), never timed on the GPU the table is for; filled by `_load_table` whenever it reads a table
+_COPIED: dict[str, dict[tuple[str, int], str]] = {}
+
+
 @functools.lru_cache(maxsize=None)
 def _load_table(path: str) -> dict:
     with open(path) as f:
@@ -202,6 +207,8 @@ def _load_table(path: str) -> dict:
     entries = data.get("entries")
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: a kernel config table needs an 'entries' object")
+    _COPIED[path] = {(key, int(t)): c["copied_from"] for key, by_t in entries.items() for t, c in by_t.items()
+                     if c.get("copied_from")}
     return {key: {int(t): MoEKernelConfig.from_dict(c) for t, c in by_t.items()} for key, by_t in entries.items()}
 
 
@@ -234,8 +241,8 @@ TABLE_REACH = 8
 def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fmt: str,
                   device: torch.device | None = None, paths: list[str] | None = None
                   ) -> tuple[MoEKernelConfig, str]:
-    """(config, where it came from). Nearest tuned T for this shape within a factor TABLE_REACH, else the
-    heuristic. An entry's `gluon` is kept only for batches it serves (within GLUON_REACH of its T, at least
+    """(config, where it came from: the entry, and whether it is a copy of another GPU's entry never timed on
+    this table's GPU). Nearest tuned T for this shape within a factor TABLE_REACH, else the heuristic. An entry's `gluon` is kept only for batches it serves (within GLUON_REACH of its T, at least
     GLUON_MIN_ROWS rows per expert); other batches that come to that entry get its tiles."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = _format_bytes(fmt)
@@ -253,7 +260,9 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
             cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem)
             if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts and within(t, GLUON_REACH)):
                 cfg = replace(cfg, gluon=False)
-            return cfg, f"{os.path.basename(path)}[{key}][T={t}]"
+            origin = _COPIED[path].get((key, t))
+            copied = f", copied from {origin}: not timed on this table's GPU" if origin else ""
+            return cfg, f"{os.path.basename(path)}[{key}][T={t}]{copied}"
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
 
 
