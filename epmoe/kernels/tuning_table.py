@@ -242,8 +242,9 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
                   device: torch.device | None = None, paths: list[str] | None = None
                   ) -> tuple[MoEKernelConfig, str]:
     """(config, where it came from: the entry, and whether it is a copy of another GPU's entry never timed on
-    this table's GPU). Nearest tuned T for this shape within a factor TABLE_REACH, else the heuristic. An entry's `gluon` is kept only for batches it serves (within GLUON_REACH of its T, at least
-    GLUON_MIN_ROWS rows per expert); other batches that come to that entry get its tiles."""
+    this table's GPU). Nearest tuned T for this shape within a factor TABLE_REACH, else the heuristic. An
+    entry's `gluon` is kept only for batches it serves (within GLUON_REACH of its T, at least GLUON_MIN_ROWS rows
+    per expert); other batches that come to that entry get its tiles."""
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = _format_bytes(fmt)
     n = max(num_tokens, 1)
