@@ -416,25 +416,22 @@ def main(argv=None) -> int:
                 vllm_rows.append(row)
             results.append(dict(point, ours=ours, vllm=vllm_rows))
             if args.once:
-                print(f"{preset:14s} E={E:<3d} T={T:<5d} one call each, not timed: ours check {err:.1e}"
-                      f"{'' if ours['check_ok'] else ' FAILED'} [{table_source}]" + "".join(
-                          f"; vLLM {row['table']} checks {row['check_rel_err']:.1e}, GEMMs "
-                          f"{row['gate_up_rel_err']:.1e} {row['down_rel_err']:.1e}"
-                          f"{'' if row['check_ok'] else ' FAILED'} "
-                          f"[{row['config_source']}: {json.dumps(row['config'], sort_keys=True)}]"
-                          for row in vllm_rows), flush=True)
-                del c1, c3
-                continue
-            line = (f"{preset:14s} E={E:<3d} T={T:<5d} ours GEMMs {ours['gemm_us']:9.1f} us ({split(ours)}; with the "
-                    f"row copy {ours['gemm_and_copy_us']:.1f}; whole op {ours['kernel_us']:.1f}; check {err:.1e}"
-                    f"{'' if ours['check_ok'] else ' FAILED'})  [{table_source}]")
+                line = (f"{preset:14s} E={E:<3d} T={T:<5d} ours one call, not timed (check {err:.1e}"
+                        f"{'' if ours['check_ok'] else ' FAILED'})  [{table_source}]")
+            else:
+                line = (f"{preset:14s} E={E:<3d} T={T:<5d} ours GEMMs {ours['gemm_us']:9.1f} us ({split(ours)}; with "
+                        f"the row copy {ours['gemm_and_copy_us']:.1f}; whole op {ours['kernel_us']:.1f}; check "
+                        f"{err:.1e}{'' if ours['check_ok'] else ' FAILED'})  [{table_source}]")
             for row in vllm_rows:
-                line += (f"\n{'':24s}vLLM {row['table']:22s} {row['gemm_us']:9.1f} us ({split(row)}; checks "
-                         f"{row['check_rel_err']:.1e}, GEMMs {row['gate_up_rel_err']:.1e} {row['down_rel_err']:.1e}"
-                         f"{'' if row['check_ok'] else ' FAILED'})  vLLM / ours "
-                         f"{row['gemm_us'] / ours['gemm_us']:.2f}, with our row copy "
-                         f"{row['gemm_us'] / ours['gemm_and_copy_us']:.2f}"
-                         f"  [{row['config_source']}: {json.dumps(row['config'], sort_keys=True)}]")
+                checks = (f"checks {row['check_rel_err']:.1e}, GEMMs {row['gate_up_rel_err']:.1e} "
+                          f"{row['down_rel_err']:.1e}{'' if row['check_ok'] else ' FAILED'}")
+                config = f"[{row['config_source']}: {json.dumps(row['config'], sort_keys=True)}]"
+                if args.once:
+                    line += f"\n{'':24s}vLLM {row['table']:22s} one call, not timed ({checks})  {config}"
+                else:
+                    line += (f"\n{'':24s}vLLM {row['table']:22s} {row['gemm_us']:9.1f} us ({split(row)}; {checks})"
+                             f"  vLLM / ours {row['gemm_us'] / ours['gemm_us']:.2f}, with our row copy "
+                             f"{row['gemm_us'] / ours['gemm_and_copy_us']:.2f}  {config}")
             print(line, flush=True)
             del c1, c3
     if sampler.error:
