@@ -195,21 +195,26 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-# {path: {(key, T): the table it was copied from}}: the entries a quick tune seeded from another GPU's table
-# (`copied_from`), never timed on the GPU the table is for; filled by `_load_table` whenever it reads a table
-_COPIED: dict[str, dict[tuple[str, int], str]] = {}
+class TableEntries(dict):
+    """A table's entries, {key: {T: config}}, with `copied`: {(key, T): the table it was copied from} for the
+    entries a quick tune seeded from another GPU's table (`copied_from`), never timed on the GPU the table is for."""
+
+    def __init__(self, entries: dict, copied: dict[tuple[str, int], str]):
+        super().__init__(entries)
+        self.copied = copied
 
 
 @functools.lru_cache(maxsize=None)
-def _load_table(path: str) -> dict:
+def _load_table(path: str) -> TableEntries:
     with open(path) as f:
         data = json.load(f)
     entries = data.get("entries")
     if not isinstance(entries, dict):
         raise ValueError(f"{path}: a kernel config table needs an 'entries' object")
-    _COPIED[path] = {(key, int(t)): c["copied_from"] for key, by_t in entries.items() for t, c in by_t.items()
-                     if c.get("copied_from")}
-    return {key: {int(t): MoEKernelConfig.from_dict(c) for t, c in by_t.items()} for key, by_t in entries.items()}
+    return TableEntries({key: {int(t): MoEKernelConfig.from_dict(c) for t, c in by_t.items()}
+                         for key, by_t in entries.items()},
+                        {(key, int(t)): c["copied_from"] for key, by_t in entries.items() for t, c in by_t.items()
+                         if c.get("copied_from")})
 
 
 def table_paths_for_device(device: torch.device | None = None) -> list[str]:
@@ -252,7 +257,8 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
     def within(t: int, factor: int) -> bool:          # the batch within a factor of T=t, either way
         return n <= t * factor and t <= n * factor
     for path in (table_paths_for_device(device) if paths is None else paths):
-        by_t = _load_table(path).get(key)
+        table = _load_table(path)
+        by_t = table.get(key)
         if by_t:
             t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(n)), x))
             if not within(t, TABLE_REACH):
@@ -261,7 +267,7 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
             cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem)
             if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts and within(t, GLUON_REACH)):
                 cfg = replace(cfg, gluon=False)
-            origin = _COPIED[path].get((key, t))
+            origin = table.copied.get((key, t))
             copied = f", copied from {origin}: not timed on this table's GPU" if origin else ""
             return cfg, f"{os.path.basename(path)}[{key}][T={t}]{copied}"
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
