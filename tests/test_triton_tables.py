@@ -437,6 +437,13 @@ def test_end_to_end_paths_and_choice():
     assert tune.end_to_end_paths([bm64], before=replace(old, gluon=True))["table before"] == old
     # new tiles passed with flags set run as plain tiles
     assert tune.end_to_end_paths([replace(bm64, gemv=gemv, gluon=True)]) == {"tiles BM64": bm64}
+    # the path that runs what was served, in each of those races
+    assert tune.served_path(paths, old) == "table before" and tune.served_path(paths, None) is None
+    assert tune.served_path(tune.end_to_end_paths([bm64, bm32], before=bm32), bm32) == "tiles BM32+16"
+    glu = replace(old, gluon=True)
+    assert tune.served_path(tune.end_to_end_paths([bm64], gluon=True, before=glu), glu) == "gluon"
+    assert tune.served_path(tune.end_to_end_paths([bm64], before=glu), glu) == "table before"
+    assert tune.served_path(tune.end_to_end_paths([old]), glu) == "tiles BM16"
 
     inf = float("inf")
     for ends, want in (({"table before": 1.0, "tiles BM64": 1.0, "tiles BM32+16": 1.0}, "table before"),  # a tie: kept

@@ -634,11 +634,16 @@ def end_to_end_paths(tiles: list[MoEKernelConfig], gemvs: list[GemvConfig] = (),
     if gluon:
         paths["gluon"] = replace(plain[0], gluon=True)
     if before is not None:
-        if before.gluon and not gluon:
-            before = replace(before, gluon=False)
-        if before not in paths.values() and not before.gluon:
+        before = _before_as_raced(before, gluon)
+        if not before.gluon and before not in paths.values():
             paths = {"table before": before, **paths}       # raced first
     return paths
+
+
+def _before_as_raced(before: MoEKernelConfig, gluon: bool) -> MoEKernelConfig:
+    """What runs the lookup's entry in a race: a Gluon entry is the Gluon path where that is raced (`gluon`),
+    else its tiles."""
+    return before if before.gluon and gluon else replace(before, gluon=False)
 
 
 def tiles_name(cfg: MoEKernelConfig) -> str:
@@ -651,10 +656,8 @@ def served_path(paths: dict[str, MoEKernelConfig], before: MoEKernelConfig | Non
     path equal to it, or the Gluon path for a Gluon entry of before); None without one."""
     if before is None:
         return None
-    if before.gluon and "gluon" in paths:
-        return "gluon"
-    plain = replace(before, gluon=False)
-    return next((name for name, cfg in paths.items() if cfg == plain), None)
+    before = _before_as_raced(before, "gluon" in paths)
+    return "gluon" if before.gluon else next((name for name, cfg in paths.items() if cfg == before), None)
 
 
 # what the lookup served stays unless a path of the race beats it by more than this (the settled run-to-run noise of
