@@ -444,6 +444,11 @@ def test_end_to_end_paths_and_choice():
     assert tune.served_path(tune.end_to_end_paths([bm64], gluon=True, before=glu), glu) == "gluon"
     assert tune.served_path(tune.end_to_end_paths([bm64], before=glu), glu) == "table before"
     assert tune.served_path(tune.end_to_end_paths([old]), glu) == "tiles BM16"
+    # a decode entry of before: its decode path where the same tiles lead the race, else raced as itself
+    dec = replace(bm64, gemv=gemv)
+    assert tune.served_path(tune.end_to_end_paths([bm64], [gemv], before=dec), dec) == "gemv"
+    dec_old = replace(old, gemv=gemv)
+    assert tune.served_path(tune.end_to_end_paths([bm64], [gemv], before=dec_old), dec_old) == "table before"
 
     inf = float("inf")
     for ends, want in (({"table before": 1.0, "tiles BM64": 1.0, "tiles BM32+16": 1.0}, "table before"),  # a tie: kept
