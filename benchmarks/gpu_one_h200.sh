@@ -65,7 +65,8 @@
 #             qwen3-30b-a3b:16:128), then ncu's throughput, occupancy and warp-state sections of both sides' GEMM
 #             launches there (vllm_gemms.py --once: the Gluon GEMM's self-check first where the table has a
 #             Gluon entry for the shape, then our forward's, then vLLM's two; with it give VLLM_ARGS a few
-#             --shapes: VLLM_SECONDS and VLLM_NCU_SECONDS at their defaults pass a call's 600 s)
+#             --shapes: VLLM_SECONDS and VLLM_NCU_SECONDS at their defaults pass a call's 600 s; VLLM_NCU_ARGS:
+#             more ncu arguments, e.g. --section MemoryWorkloadAnalysis_Tables)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
@@ -208,7 +209,8 @@ for part in $PARTS; do
         if [ -n "${VLLM_NCU_SHAPE:-}" ]; then
             run "$OUT/vllm_gemms_ncu_${GPU}_$DAY.log" "${VLLM_NCU_SECONDS:-180}" \
                 ncu --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-                    --section MemoryWorkloadAnalysis -k regex:'^(moe_gemm|ws_grouped_gemm|gemv_gate_up|gemv_down_sum|fused_moe)_kernel$' \
+                    --section MemoryWorkloadAnalysis ${VLLM_NCU_ARGS:-} \
+                    -k regex:'^(moe_gemm|ws_grouped_gemm|gemv_gate_up|gemv_down_sum|fused_moe)_kernel$' \
                     python3 benchmarks/vllm_gemms.py --vllm "${VLLM_DIR:-.anchors/vllm-0.34.0/vllm/model_executor/layers/fused_moe}" \
                     --once --vllm-tables this --shapes "$VLLM_NCU_SHAPE"
         fi ;;
