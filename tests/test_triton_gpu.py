@@ -1,6 +1,7 @@
 """The Triton experts on a GPU (H100/H200): BF16 and FP8 at each preset's real sizes against the float64
 oracle, edge cases (T = 0, one token, all tokens on one expert, slots of remote experts, H not a
 multiple of 128), the batched kernel, float16/float32, and CUDA-graph capture. Skips without a GPU."""
+import re
 from dataclasses import replace
 
 import pytest
@@ -589,7 +590,6 @@ def test_tune_races_whole_forwards_and_its_entries_run(fp8, tmp_path, monkeypatc
     best = tune.tune_problem(problem, [1, 512], reps=3, plan=plan, show_progress=False, settle_ms=20.0,
                              before=before, console=Console(file=None, force_terminal=False))
     printed = capsys.readouterr().out
-    import re
     hopper = torch.cuda.get_device_capability()[0] == 9
     for T in (1, 512):
         line = re.search(rf"T={T} end to end: (.*)", printed).group(1)

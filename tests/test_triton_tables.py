@@ -437,18 +437,6 @@ def test_end_to_end_paths_and_choice():
     assert tune.end_to_end_paths([bm64], before=replace(old, gluon=True))["table before"] == old
     # new tiles passed with flags set run as plain tiles
     assert tune.end_to_end_paths([replace(bm64, gemv=gemv, gluon=True)]) == {"tiles BM64": bm64}
-    # the path that runs what was served, in each of those races
-    assert tune.served_path(paths, old) == "table before" and tune.served_path(paths, None) is None
-    assert tune.served_path(tune.end_to_end_paths([bm64, bm32], before=bm32), bm32) == "tiles BM32+16"
-    glu = replace(old, gluon=True)
-    assert tune.served_path(tune.end_to_end_paths([bm64], gluon=True, before=glu), glu) == "gluon"
-    assert tune.served_path(tune.end_to_end_paths([bm64], before=glu), glu) == "table before"
-    assert tune.served_path(tune.end_to_end_paths([old]), glu) == "tiles BM16"
-    # a decode entry of before: its decode path where the same tiles lead the race, else raced as itself
-    dec = replace(bm64, gemv=gemv)
-    assert tune.served_path(tune.end_to_end_paths([bm64], [gemv], before=dec), dec) == "gemv"
-    dec_old = replace(old, gemv=gemv)
-    assert tune.served_path(tune.end_to_end_paths([bm64], [gemv], before=dec_old), dec_old) == "table before"
 
     inf = float("inf")
     for ends, want in (({"table before": 1.0, "tiles BM64": 1.0, "tiles BM32+16": 1.0}, "table before"),  # a tie: kept
@@ -460,10 +448,21 @@ def test_end_to_end_paths_and_choice():
                        ({"table before": inf, "gluon": 2.0}, None),     # its tiles must run too
                        ({"table before": inf, "tiles BM64": inf}, None)):
         assert tune.end_to_end_choice(ends, paths) == want, ends
-    # what the lookup served keeps its place unless beaten by more than SERVED_MARGIN; a Gluon entry of before too
+    # the path that runs what was served: "table before", a new path equal to it, the Gluon path for a Gluon entry
+    # where that is raced (else its tiles), the decode path for a decode entry whose tiles lead the race
     assert tune.served_path(paths, old) == "table before" and tune.served_path(paths, None) is None
     assert tune.served_path(paths, replace(bm32, gluon=True)) == "gluon"
     assert tune.served_path(tune.end_to_end_paths([bm64, bm32]), replace(bm32, gluon=True)) == "tiles BM32+16"
+    assert tune.served_path(tune.end_to_end_paths([bm64, bm32], before=bm32), bm32) == "tiles BM32+16"
+    glu = replace(old, gluon=True)
+    assert tune.served_path(tune.end_to_end_paths([bm64], gluon=True, before=glu), glu) == "gluon"
+    assert tune.served_path(tune.end_to_end_paths([bm64], before=glu), glu) == "table before"
+    assert tune.served_path(tune.end_to_end_paths([old]), glu) == "tiles BM16"
+    dec = replace(bm64, gemv=gemv)
+    assert tune.served_path(tune.end_to_end_paths([bm64], [gemv], before=dec), dec) == "gemv"
+    dec_old = replace(old, gemv=gemv)
+    assert tune.served_path(tune.end_to_end_paths([bm64], [gemv], before=dec_old), dec_old) == "table before"
+    # what the lookup served keeps its place unless beaten by more than SERVED_MARGIN; a Gluon entry of before too
     near = 1.0 / (1 + tune.SERVED_MARGIN / 2)
     assert tune.end_to_end_choice({"table before": 1.0, "tiles BM64": near}, paths, "table before") == "table before"
     assert tune.end_to_end_choice({"table before": 1.0, "tiles BM64": 0.95}, paths, "table before") == "tiles BM64"
