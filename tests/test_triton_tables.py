@@ -543,6 +543,41 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
     assert seen["race"].settle_ms == 250.0 and seen["race"].clock is clock
 
 
+def test_tune_names_only_batch_sizes_whose_running_path_changed():
+    """What the H100's BF16 race did: a T = 1 entry kept its decode kernels and had its tiles rewritten. T = 2
+    and 4, served by that entry, still run the same decode kernels, so the tuner does not send the user to time
+    them; where the decode kernels do not take the format the tiles run, and the change is named."""
+    import torch
+
+    from epmoe.bench import tune
+    from epmoe.config import MoEConfig
+    from epmoe.experts.base import ExpertWeights
+    from epmoe.kernels.tuning_table import GemvConfig
+    from epmoe.quant.fp8 import Fp8Config
+    gemv = GemvConfig(8, 512, 8, 256, gate_up_stages=3, down_stages=3)
+    old = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 3, tma=True), GemmConfig(64, 256, 1, 4, 3), gemv=gemv)
+    new = replace(old, gate_up=GemmConfig(64, 128, 1, 4, 4, swap_ab=True))
+    src = "t.json[key][T=1]"
+    before = {1: (old, src), 2: (old, src), 4: (old, src)}
+    assert tune.taken_over(before, {T: (new, src) for T in before}, {1: (new, 0.2)}) == []
+    assert [T for T, _, _ in tune.taken_over(before, {T: (new, src) for T in before}, {1: (new, 0.2)},
+                                             decode_path=False)] == [2, 4]
+    other_gemv = replace(old, gemv=replace(gemv, down_n=4))
+    assert [T for T, _, _ in tune.taken_over(before, {T: (other_gemv, src) for T in before}, {1: (new, 0.2)})] \
+        == [2, 4]
+    assert tune.taken_over(before, {T: (other_gemv, src) for T in before}, {1: (new, 0.2)}, decode_path=False) == []
+
+    def problem(quant, H=256, I=128):
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16,
+                        quant=quant)
+        weights = ExpertWeights(torch.zeros(4, 2 * I, H), torch.zeros(4, H, I))
+        return tune.Problem(cfg, "x", weights, quant is not None)
+    assert tune.decode_path_takes(problem(None)) and tune.decode_path_takes(problem(Fp8Config()))
+    assert not tune.decode_path_takes(problem(Fp8Config(), H=200))
+    assert not tune.decode_path_takes(problem(Fp8Config(weight_block=None, per_channel_weights=True,
+                                                        activation="per_token")))
+
+
 def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     """What happened on the H100 when the deepseek-v3 32-expert shard, tuned at T = 4096 and 8192, got an entry
     at T = 128 alone: T = 16 .. 512, served before by the heuristic (or T = 4096's entry), now took T = 128's

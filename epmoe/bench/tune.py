@@ -333,11 +333,15 @@ def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], dow
     return jobs
 
 
-def _fp8_modes(problem: Problem):
+def _fp8_operands(problem: Problem, x_scale=None, w13_scale=None, w2_scale=None):
+    """The problem's FP8 format as the kernels take it (scales given where they are launched)."""
     from ..kernels.fused_moe import Fp8Operands
     q = problem.cfg.quant
-    ops = Fp8Operands(None, None, None, q.activation_group_size, q.weight_block, q.weight_granularity)
-    return ops.modes()
+    return Fp8Operands(x_scale, w13_scale, w2_scale, q.activation_group_size, q.weight_block, q.weight_granularity)
+
+
+def _fp8_modes(problem: Problem):
+    return _fp8_operands(problem).modes()
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -558,12 +562,23 @@ def _routed_tokens(problem: Problem, T: int, gen):
     return ids, tw, torch.randn(T, H, generator=gen, device=dev).to(problem.cfg.dtype)
 
 
+def decode_path_takes(problem: Problem) -> bool:
+    """Whether the decode kernels (`decode_gemv`) take this problem's format: every unquantized one, and the
+    FP8 formats `fp8_supported` names."""
+    if not problem.fp8:
+        return True
+    from ..kernels.decode_gemv import fp8_supported
+    _, H, I, _ = problem.sizes
+    return fp8_supported(_fp8_operands(problem), H, I)
+
+
 def _gemv_pair(problem: Problem, T: int, timer, reps: int, gen) -> tuple[list[GemvConfig], str]:
     """The decode kernels' (`decode_gemv`) best pair for T tokens, each kernel's candidates timed alone (eager,
     on `timer`, as the tile kernels are), also with PDL where the GPU has it, and a note of their times; none
     where the decode kernels do not take this format (the note says so) or every candidate failed."""
-    from ..kernels.decode_gemv import fp8_supported, launch_gemv_down, launch_gemv_gate_up, pdl_available
-    from ..kernels.fused_moe import Fp8Operands
+    from ..kernels.decode_gemv import launch_gemv_down, launch_gemv_gate_up, pdl_available
+    if not decode_path_takes(problem):
+        return [], " not raced: they do not take this FP8 format"
     L, H, I, k = problem.sizes
     w = problem.weights
     dev = w.w13.device
@@ -573,12 +588,8 @@ def _gemv_pair(problem: Problem, T: int, timer, reps: int, gen) -> tuple[list[Ge
     ops = None
     gate_ups, downs = _GEMV_GATE_UP, _GEMV_DOWN
     if problem.fp8:
-        q = problem.cfg.quant
         x, xs = problem.cfg.quant_scheme.quantize_activations(x)
-        ops = Fp8Operands(xs.float().contiguous(), w.w13_scale, w.w2_scale, q.activation_group_size, q.weight_block,
-                          q.weight_granularity)
-        if not fp8_supported(ops, H, I):
-            return [], " not raced: they do not take this FP8 format"
+        ops = _fp8_operands(problem, xs.float().contiguous(), w.w13_scale, w.w2_scale)
         h = h.float()
         gate_ups = [c for c in gate_ups if c[1] % 128 == 0 and 128 % c[0] == 0]
         downs = [c for c in downs if c[1] % 128 == 0 and 128 % c[0] == 0]
@@ -772,12 +783,20 @@ def configs_served(sizes, L: int, H: int, I: int, k: int, fmt: str, device=None,
     return {T: lookup_config(T, L, H, I, k, fmt, device=device, paths=paths) for T in sizes}
 
 
-def taken_over(before: dict, after: dict, tuned) -> list[tuple[int, str, str]]:
+def what_runs(cfg: MoEKernelConfig, decode_path: bool):
+    """The part of a served configuration that runs a batch: its decode kernels where it has them and they
+    take the format (`decode_path`), else its tiles (the other part runs nothing)."""
+    return cfg.gemv if cfg.gemv is not None and decode_path else replace(cfg, gemv=None)
+
+
+def taken_over(before: dict, after: dict, tuned, decode_path: bool = True) -> list[tuple[int, str, str]]:
     """(T, before, after: each "source: tiles") of the batch sizes not tuned now whose configuration the new
     entries changed: their tiles come from an entry timed at another T (or the heuristic no longer serves them),
-    or from the same entry rewritten (the tiles say how)."""
+    or from the same entry rewritten (the tiles say how). Only what runs counts (`what_runs`: an entry's tiles
+    rewritten under decode kernels that take the format change nothing)."""
     return [(T, f"{before[T][1]}: {before[T][0].describe()}", f"{after[T][1]}: {after[T][0].describe()}")
-            for T in sorted(after) if T not in tuned and T in before and before[T][0] != after[T][0]]
+            for T in sorted(after) if T not in tuned and T in before
+            and what_runs(before[T][0], decode_path) != what_runs(after[T][0], decode_path)]
 
 
 def report_taken_over(console, key: str, changed: list[tuple[int, str, str]]) -> None:
@@ -986,7 +1005,7 @@ def main(args) -> int:
             # looked up again after the write (the table may exist only now)
             now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
                                  paths=lookup_paths(path, own_table, device))
-            report_taken_over(console, key, taken_over(served, now, best))
+            report_taken_over(console, key, taken_over(served, now, best, decode_path_takes(problem)))
             del weights
             torch.cuda.empty_cache()
     finally:
