@@ -411,6 +411,32 @@ if INTERPRETING:
         assert_close(out, base, 1e-5, context=f"swap_ab {variant} against the plain products")
         assert launches.count(True) >= 2 and launches.count(False) >= 2      # both GEMMs each way
 
+    def test_register_cap_reaches_the_compiler_and_changes_no_result(monkeypatch):
+        """`max_registers` (the compiler's maxnreg) on both GEMMs: every GEMM launch passes it, and a launch
+        without it passes none; the result is the uncapped one, bit for bit (a register cap moves no
+        arithmetic)."""
+        from epmoe.kernels import fused_moe
+        seen, launch = [], fused_moe._run
+
+        def recording(kernel, grid, args, meta, warmup):
+            seen.append((kernel, meta.get("maxnreg")))
+            return launch(kernel, grid, args, meta, warmup)
+        monkeypatch.setattr(fused_moe, "_run", recording)
+        swapped = replace(SMALL, gate_up=replace(SMALL.gate_up, swap_ab=True, num_warps=8),
+                          down=replace(SMALL.down, swap_ab=True, num_warps=8))
+        capped = replace(swapped, gate_up=replace(swapped.gate_up, max_registers=128),
+                         down=replace(swapped.down, max_registers=128))
+        assert capped.describe().count(" r128") == 2 and MoEKernelConfig.from_dict(capped.to_dict()) == capped
+        _, x, local, w, (w13, w2, b13, b2), ref = fused_case(37, 6, 3, "silu", True, "random", True, seed=54)
+        out = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=capped)
+        gemms = [cap for kernel, cap in seen if kernel is fused_moe.moe_gemm_kernel]
+        assert len(gemms) >= 2 and set(gemms) == {128}
+        seen.clear()
+        base = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=swapped)
+        assert [cap for kernel, cap in seen if kernel is fused_moe.moe_gemm_kernel] == [None] * len(gemms)
+        assert torch.equal(out, base)
+        assert_close(out, ref, 1e-5, context="register cap")
+
     def swap_ab_launches(monkeypatch) -> list:
         """The SWAP_AB of every GEMM launch from here on (None: another kernel), recorded as each is launched."""
         from epmoe.kernels import fused_moe

@@ -87,9 +87,10 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
             assert gus and dns
             assert all(smem_bytes(bm, g, elem, 2) <= SMEM_LIMIT for g in gus)
             assert all(smem_bytes(bm, g, elem, 1) <= SMEM_LIMIT for g in dns)
-            assert {g.tma for g in gus} == {False, True} and len(gus) % 2 == 0
+            # (the register-capped twins apart: test_register_caps_round_trip_are_checked_and_timed_beside_8_...)
+            assert {g.tma for g in gus} == {False, True} and len([g for g in gus if not g.max_registers]) % 2 == 0
             # tiles of few rows also with swap-AB products, each candidate once with and once without
-            for cfgs in (gus, dns):
+            for cfgs in ([g for g in gus if not g.max_registers], [g for g in dns if not g.max_registers]):
                 swapped = [g for g in cfgs if g.swap_ab]
                 assert len(swapped) == (len(cfgs) // 2 if bm <= tune.SWAP_AB_MAX_BLOCK_M else 0), (fp8, bm)
                 assert {replace(g, swap_ab=False) for g in swapped} <= set(cfgs)
@@ -222,6 +223,50 @@ def test_shipped_tables_hold_no_rescale_entry():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
 
 
+def test_register_caps_round_trip_are_checked_and_timed_beside_8_warp_swap_tiles():
+    """`max_registers` written only where set, read back, named in the description; 0 or 32..255 only (a table's
+    string or a boolean refused); the tuner times a capped twin of each swap-AB candidate of 8 warps, and of
+    no other."""
+    from epmoe.bench import tune
+    capped = GemmConfig(128, 128, 1, 8, 3, swap_ab=True, max_registers=128)
+    cfg = MoEKernelConfig(32, capped, GemmConfig(64, 128, 1, 4, 4))
+    assert "max_registers" not in cfg.to_dict()["down"] and cfg.to_dict()["gate_up"]["max_registers"] == 128
+    assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and cfg.describe().count(" r128") == 1
+    for bad in (True, 16, 256, "128", 1.5):
+        with pytest.raises(ValueError, match="max_registers"):
+            replace(capped, max_registers=bad)
+    with pytest.raises(ValueError, match="max_registers"):
+        MoEKernelConfig.from_dict(dict(cfg.to_dict(), down=dict(cfg.to_dict()["down"], max_registers="0")))
+    for bm in (16, 32, 64, 128):
+        for fp8 in (False, True):
+            for configs in tune.candidates(bm, fp8):
+                caps = [g for g in configs if g.max_registers]
+                eligible = [g for g in configs if g.swap_ab and g.num_warps == 8 and not g.max_registers]
+                assert sorted(map(str, caps)) == sorted(str(replace(g, max_registers=tune.REGISTER_CAP_8_WARPS))
+                                                        for g in eligible)
+                assert bool(caps) == (fp8 and bm <= tune.SWAP_AB_MAX_BLOCK_M), (bm, fp8)
+    gus, _ = tune.refine_plan({32: MoEKernelConfig(32, replace(capped, max_registers=0), capped)}, [32])[32][(32, 0)]
+    assert {g.max_registers for g in gus if g.swap_ab and g.num_warps == 8} == {0, tune.REGISTER_CAP_8_WARPS}
+
+
+def test_register_cap_fits_two_8_warp_programs_without_spilling_sm90():
+    """The cap the tuner tries (`REGISTER_CAP_8_WARPS`) on the tile it was made for, the block-FP8 swap-AB
+    gate+up of 32 rows at 8 warps (the qwen3-30b-a3b 16-expert shard): at most 128 registers a thread and
+    no local-memory access in the K loop. Compiled for sm_90, no GPU needed."""
+    pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
+    from epmoe.bench import tune
+    from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_case, local_accesses_in_mma_loops, resource_usage
+    try:
+        compiled = compile_case("gate_up", 2048, 768, 8, "fp8", 32, 128, 128, 8, 3, False, False, 0,
+                                swap_ab=True, maxnreg=tune.REGISTER_CAP_8_WARPS)
+    except CrossCompileUnavailable as exc:
+        pytest.skip(str(exc))
+    used = resource_usage(compiled)
+    if used:
+        assert used["REG"] <= tune.REGISTER_CAP_8_WARPS and used["LOCAL"] == 0, used
+    assert local_accesses_in_mma_loops(compiled) in (0, None)
+
+
 def test_swap_ab_round_trips_is_refused_with_rescale_and_flags_must_be_booleans():
     """`swap_ab` written only where set and read back; with the "rescale" promotion refused (its accumulators
     stay [rows, columns]), also when a table says so; a flag that is not a boolean (a table's "false") refused;
@@ -350,12 +395,13 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
     assert p.parse_args([]).settle_ms == tune.END_TO_END_SETTLE_MS > 0
 
 
-def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
+@pytest.mark.parametrize("name", ["NVIDIA_H200.json", "NVIDIA_H100_80GB_HBM3.json"])
+def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table(name):
     """`python -m epmoe.kernels.xcompile --table`: each T's gate+up and down tile (and tail tile) of the
-    BF16 and block-FP8 entries, named by key, T, kernel and rows."""
+    BF16 and block-FP8 entries, named by key, T, kernel and rows, with their swap-AB and register cap."""
     pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
     from epmoe.kernels.xcompile import table_cases
-    path = os.path.join(CONFIG_DIR, "NVIDIA_H200.json")
+    path = os.path.join(CONFIG_DIR, name)
     cases = table_cases(path)
     with open(path) as f:
         entries = json.load(f)["entries"]
@@ -370,6 +416,8 @@ def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table():
                         assert cases[name][4] == ("fp8" if fmt == "fp8_block" else "bf16")
                         assert cases[name][6:10] == (c[kernel]["block_n"], c[kernel]["block_k"],
                                                      c[kernel]["num_warps"], c[kernel]["num_stages"])
+                        assert cases[name][17:] == (c[kernel].get("swap_ab", False),
+                                                    c[kernel].get("max_registers") or None)
 
 
 def test_served_at_names_what_the_lookup_serves_each_batch_size(tmp_path):

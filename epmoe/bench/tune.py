@@ -142,10 +142,28 @@ def with_swap_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
 SWAP_AB_MAX_BLOCK_M = 32
 
 
+# two programs of 8 warps share an SM at <= 128 registers a thread (65536 / (2 x 256)): the block-FP8 swap-AB
+# gate+up at BM32 compiles to 130 by itself (one program to an SM) and to 128 under this cap without a spill
+# (epmoe.kernels.xcompile, triton 3.6)
+REGISTER_CAP_8_WARPS = 128
+
+
+def with_register_caps(configs: list[GemmConfig]) -> list[GemmConfig]:
+    """Each configuration, and each swap-AB one of 8 warps also with its registers capped at
+    REGISTER_CAP_8_WARPS (two programs to an SM; the timings say whether that pays, spills included)."""
+    out = list(configs)
+    for g in configs:
+        twin = replace(g, max_registers=REGISTER_CAP_8_WARPS)
+        if g.swap_ab and g.num_warps == 8 and not g.max_registers and twin not in out:
+            out.append(twin)
+    return out
+
+
 def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False
                ) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
-    each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products; with
+    each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products (those
+    of 8 warps also with their registers capped: `with_register_caps`); with
     `block_scales` (FP8 128x128 weight blocks) and `rescale` also the less precise "rescale" promotion
     (otherwise every candidate promotes "sync")."""
     if fp8:
@@ -172,7 +190,7 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
                     for c in _FP8_DECODE_SPLIT_TILES for split in _FP8_DECODE_SPLITS
                     for tma_on in ((False, True) if tma else (False,))]
     if block_m <= SWAP_AB_MAX_BLOCK_M:
-        gu_cfgs, dn_cfgs = with_swap_twins(gu_cfgs), with_swap_twins(dn_cfgs)
+        gu_cfgs, dn_cfgs = with_register_caps(with_swap_twins(gu_cfgs)), with_register_caps(with_swap_twins(dn_cfgs))
     return gu_cfgs, dn_cfgs
 
 
@@ -203,7 +221,8 @@ def _entries(table: dict, tokens: list[int], rescale: bool):
 def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False,
                 block_scales: bool = False, rescale: bool = False) -> dict:
     """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
-    each with the tail tiles worth trying (`rows_per_expert(T)` given), its swap-AB twin up to
+    each with the tail tiles worth trying (`rows_per_expert(T)` given), its swap-AB twin (and register cap:
+    `with_register_caps`) up to
     SWAP_AB_MAX_BLOCK_M rows and, for FP8, with 16 warps; for
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
     and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only)."""
@@ -225,7 +244,7 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
         if cfg.tail_m not in tails:
             tails.append(cfg.tail_m)
         if cfg.block_m <= SWAP_AB_MAX_BLOCK_M:
-            gus, dns = with_swap_twins(gus), with_swap_twins(dns)
+            gus, dns = with_register_caps(with_swap_twins(gus)), with_register_caps(with_swap_twins(dns))
         plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
                    for t in tails}
     return plan

@@ -683,6 +683,8 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
                 SPLIT_K=gemm.split_k, SWAP_AB=gemm.swap_ab,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
                 num_stages=gemm.num_stages, **_fp8_meta(fp8))
+    if gemm.max_registers:
+        meta["maxnreg"] = gemm.max_registers
     block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n
     w_arg, meta["W_DESC"] = _descriptor_operand(w, w_rows, w_cols, gemm.tma, gemm.block_k, block_rows)
     # the down GEMM's activation rows [rows, I]: consecutive per tile in the flat layout

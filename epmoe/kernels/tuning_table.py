@@ -38,11 +38,17 @@ class GemmConfig:
     # each product computed transposed (weights x rows^T): with few rows per tile the weight rows fill the
     # tensor cores' wide side (fused_moe, SWAP_AB); not with promote "rescale"
     swap_ab: bool = False
+    # registers a thread may use (the compiler's `maxnreg`; 0: as many as it takes): a cap at 65536 / (n x
+    # threads) lets n programs share an SM where the compiler's own count is just above it
+    max_registers: int = 0
 
     def __post_init__(self):
         for name in ("tma", "persistent", "tma_a", "swap_ab"):       # a table's "false" string is no False
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.max_registers, bool) or not isinstance(self.max_registers, int) or not (
+                self.max_registers == 0 or 32 <= self.max_registers <= 255):
+            raise ValueError(f"max_registers must be 0 (the compiler's count) or 32..255, got {self.max_registers!r}")
         if self.swap_ab and self.promote == "rescale":
             raise ValueError(f"swap_ab with promote \"rescale\": its accumulators stay [rows, columns] "
                              f"(BN{self.block_n} BK{self.block_k})")
@@ -53,7 +59,8 @@ class GemmConfig:
                 + (" persistent" if self.persistent else "")
                 + ("" if self.promote == "sync" else f" {self.promote}")
                 + (f" split{self.split_k}" if self.split_k > 1 else "")
-                + (" swap" if self.swap_ab else ""))
+                + (" swap" if self.swap_ab else "")
+                + (f" r{self.max_registers}" if self.max_registers else ""))
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,8 @@ class MoEKernelConfig:
                 del out["split_k"]
             if not g.swap_ab:
                 del out["swap_ab"]
+            if not g.max_registers:
+                del out["max_registers"]
             return out
         d = {"block_m": self.block_m, "gate_up": gemm(self.gate_up), "down": gemm(self.down)}
         if self.tail_m:
