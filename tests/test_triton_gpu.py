@@ -539,7 +539,8 @@ def test_down_split_over_k_fp8(preset, monkeypatch):
 def test_swap_ab(preset, experts, fmt, monkeypatch):
     """Swap-AB products (`GemmConfig.swap_ab`: weights x rows^T, the weight rows on the tensor cores' wide
     side) at real sizes, block FP8 and BF16: tiles of 16, 32 and 64 rows, pointer and TMA loads (the down's
-    rows through a tensor descriptor too), persistent kernels, split tiles and the down GEMM's K range split;
+    rows through a tensor descriptor too), persistent kernels, split tiles, the down GEMM's K range split and a
+    gate+up of 8 warps capped at 128 registers;
     T = 1, 16, 33 and 300 against the oracle (gpt-oss-120b with its biases)."""
     from epmoe.kernels import tuning_table
     from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
@@ -557,6 +558,9 @@ def test_swap_ab(preset, experts, fmt, monkeypatch):
                         GemmConfig(64, bk, 1, 4, 4, persistent=True, swap_ab=True), tail_m=16),
         MoEKernelConfig(64, GemmConfig(128, bk, 8, 8, 3, swap_ab=True),
                         GemmConfig(128, bk, 8, 4, 4, tma=True, swap_ab=True)),
+        # the register cap the tuner tries (`tune.with_register_caps`): 8 warps at 128 registers a thread
+        MoEKernelConfig(32, GemmConfig(128, bk, 1, 8, 3, swap_ab=True, max_registers=128),
+                        GemmConfig(64, bk, 1, 4, 4, swap_ab=True)),
     ]
     for i, config in enumerate(configs):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, c=config, **k: (c, "test"))

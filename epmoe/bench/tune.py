@@ -143,27 +143,39 @@ SWAP_AB_MAX_BLOCK_M = 32
 
 
 # two programs of 8 warps share an SM at <= 128 registers a thread (65536 / (2 x 256)): the block-FP8 swap-AB
-# gate+up at BM32 compiles to 130 by itself (one program to an SM) and to 128 under this cap without a spill
-# (epmoe.kernels.xcompile, triton 3.6)
+# gate+up at BM32 compiles to 130 by itself (one program to an SM) and to 128 under this cap without a spill in
+# its K loop (epmoe.kernels.xcompile, triton 3.6); the down tiles of few rows need far fewer (48-80)
 REGISTER_CAP_8_WARPS = 128
+SM_SHARED_MEMORY = 228 * 1024     # an H100's / H200's shared memory per SM; each program also takes 1 KB of it
 
 
-def with_register_caps(configs: list[GemmConfig]) -> list[GemmConfig]:
-    """Each configuration, and each swap-AB one of 8 warps also with its registers capped at
-    REGISTER_CAP_8_WARPS (two programs to an SM; the timings say whether that pays, spills included)."""
-    out = list(configs)
-    for g in configs:
-        twin = replace(g, max_registers=REGISTER_CAP_8_WARPS)
-        if g.swap_ab and g.num_warps == 8 and not g.max_registers and twin not in out:
-            out.append(twin)
+def register_cap_pays(g: GemmConfig, block_m: int, elem: int) -> bool:
+    """Whether capping a gate+up tile's registers at REGISTER_CAP_8_WARPS can put a second program on an SM: a
+    swap-AB tile of 8 warps whose float32 products and sums (gate and up: 4 x block_n x block_m a program) take
+    at least half the cap a thread, as BM32's do (64 of its 130; BM16's 32 of 66-80 need no cap), and whose
+    pipeline leaves room for two programs in the SM's shared memory."""
+    accumulators = 4 * g.block_n * block_m // (32 * g.num_warps)
+    return (g.swap_ab and g.num_warps == 8 and 2 * accumulators >= REGISTER_CAP_8_WARPS
+            and 2 * (smem_bytes(block_m, g, elem, 2) + 1024) <= SM_SHARED_MEMORY)
+
+
+def with_register_caps(gate_ups: list[GemmConfig], block_m: int, elem: int) -> list[GemmConfig]:
+    """Each gate+up configuration uncapped, and those where a cap can put two programs on an SM
+    (`register_cap_pays`) also capped at REGISTER_CAP_8_WARPS; the timings say whether that pays."""
+    out = []
+    for g in gate_ups:
+        plain = replace(g, max_registers=0)
+        for twin in (plain, replace(plain, max_registers=REGISTER_CAP_8_WARPS)):
+            if twin not in out and (not twin.max_registers or register_cap_pays(plain, block_m, elem)):
+                out.append(twin)
     return out
 
 
 def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False
                ) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
-    each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products (those
-    of 8 warps also with their registers capped: `with_register_caps`); with
+    each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products (gate+up
+    tiles also with their registers capped where that can fit two programs on an SM: `with_register_caps`); with
     `block_scales` (FP8 128x128 weight blocks) and `rescale` also the less precise "rescale" promotion
     (otherwise every candidate promotes "sync")."""
     if fp8:
@@ -190,7 +202,7 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
                     for c in _FP8_DECODE_SPLIT_TILES for split in _FP8_DECODE_SPLITS
                     for tma_on in ((False, True) if tma else (False,))]
     if block_m <= SWAP_AB_MAX_BLOCK_M:
-        gu_cfgs, dn_cfgs = with_register_caps(with_swap_twins(gu_cfgs)), with_register_caps(with_swap_twins(dn_cfgs))
+        gu_cfgs, dn_cfgs = with_register_caps(with_swap_twins(gu_cfgs), block_m, elem), with_swap_twins(dn_cfgs)
     return gu_cfgs, dn_cfgs
 
 
@@ -221,8 +233,8 @@ def _entries(table: dict, tokens: list[int], rescale: bool):
 def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False,
                 block_scales: bool = False, rescale: bool = False) -> dict:
     """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
-    each with the tail tiles worth trying (`rows_per_expert(T)` given), its swap-AB twin (and register cap:
-    `with_register_caps`) up to
+    each with the tail tiles worth trying (`rows_per_expert(T)` given), its swap-AB twin (and the gate+up's
+    register cap where it can pay, and its uncapped twin: `with_register_caps`) up to
     SWAP_AB_MAX_BLOCK_M rows and, for FP8, with 16 warps; for
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
     and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only)."""
@@ -244,7 +256,7 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
         if cfg.tail_m not in tails:
             tails.append(cfg.tail_m)
         if cfg.block_m <= SWAP_AB_MAX_BLOCK_M:
-            gus, dns = with_register_caps(with_swap_twins(gus)), with_register_caps(with_swap_twins(dns))
+            gus, dns = with_register_caps(with_swap_twins(gus), cfg.block_m, 1 if fp8 else 2), with_swap_twins(dns)
         plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
                    for t in tails}
     return plan
@@ -803,9 +815,12 @@ def configs_served(sizes, L: int, H: int, I: int, k: int, fmt: str, device=None,
 
 
 def what_runs(cfg: MoEKernelConfig, decode_path: bool):
-    """The part of a served configuration that runs a batch: its decode kernels where it has them and they
-    take the format (`decode_path`), else its tiles (the other part runs nothing)."""
-    return cfg.gemv if cfg.gemv is not None and decode_path else replace(cfg, gemv=None)
+    """The part of a served configuration that runs a batch: a Gluon entry's pipeline (its tiles where that
+    cannot run: the `triton` experts try it first), else its decode kernels where it has them and they take the
+    format (`decode_path`), else its tiles (the other parts run nothing)."""
+    if cfg.gemv is not None and decode_path and not cfg.gluon:
+        return cfg.gemv
+    return replace(cfg, gemv=None)
 
 
 def taken_over(before: dict, after: dict, tuned, decode_path: bool = True) -> list[tuple[int, str, str]]:
