@@ -411,7 +411,7 @@ if INTERPRETING:
         assert_close(out, base, 1e-5, context=f"swap_ab {variant} against the plain products")
         assert launches.count(True) >= 2 and launches.count(False) >= 2      # both GEMMs each way
 
-    def test_register_cap_reaches_the_compiler_and_changes_no_result(monkeypatch):
+    def test_register_cap_reaches_every_gemm_launch(monkeypatch):
         """`max_registers` (the compiler's maxnreg) on both GEMMs: every GEMM launch passes it, and a launch
         without it passes none (the interpreter has no registers to cap: the result is only checked to be
         right; the GPU test `test_swap_ab` runs a capped tile)."""

@@ -41,7 +41,8 @@ from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
 from .gpu_timing import GRAPH
-from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SMEM_LIMIT, GemmConfig, GemvConfig, MoEKernelConfig,
+from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SM_SHARED_MEMORY, SMEM_LIMIT, SMEM_RESERVED_PER_PROGRAM,
+                                   GemmConfig, GemvConfig, MoEKernelConfig,
                                    TABLE_REACH, _load_table, device_table_name, fit_to_problem, lookup_config,
                                    shape_key, smem_bytes, table_paths_for_device)
 
@@ -146,7 +147,6 @@ SWAP_AB_MAX_BLOCK_M = 32
 # gate+up at BM32 compiles to 130 by itself (one program to an SM) and to 128 under this cap without a spill in
 # its K loop (epmoe.kernels.xcompile, triton 3.6); the down tiles of few rows need far fewer (48-80)
 REGISTER_CAP_8_WARPS = 128
-SM_SHARED_MEMORY = 228 * 1024     # an H100's / H200's shared memory per SM; each program also takes 1 KB of it
 
 
 def register_cap_pays(g: GemmConfig, block_m: int, elem: int) -> bool:
@@ -156,7 +156,7 @@ def register_cap_pays(g: GemmConfig, block_m: int, elem: int) -> bool:
     pipeline leaves room for two programs in the SM's shared memory."""
     accumulators = 4 * g.block_n * block_m // (32 * g.num_warps)
     return (g.swap_ab and g.num_warps == 8 and 2 * accumulators >= REGISTER_CAP_8_WARPS
-            and 2 * (smem_bytes(block_m, g, elem, 2) + 1024) <= SM_SHARED_MEMORY)
+            and 2 * (smem_bytes(block_m, g, elem, 2) + SMEM_RESERVED_PER_PROGRAM) <= SM_SHARED_MEMORY)
 
 
 def with_register_caps(gate_ups: list[GemmConfig], block_m: int, elem: int) -> list[GemmConfig]:

@@ -19,6 +19,8 @@ import torch
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 SMEM_LIMIT = 227 * 1024   # per-block shared memory on Hopper (H100/H200)
+SM_SHARED_MEMORY = 228 * 1024     # shared memory per SM on Hopper, of which each resident program also takes
+SMEM_RESERVED_PER_PROGRAM = 1024  # this much beside its own
 
 
 @dataclass(frozen=True)
