@@ -107,35 +107,32 @@ def tails_for(block_m: int, rows_per_expert: float) -> list[int]:
     return [0]
 
 
-def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
-    """Each configuration as it is and with its weight tiles loaded through tensor descriptors (TMA)."""
+def with_twins(configs: list[GemmConfig], twins) -> list[GemmConfig]:
+    """`configs` in order, each followed by its twins (`twins(g)`: the forms of g worth timing beside it, or None
+    for none), no configuration twice."""
     out = []
     for g in configs:
-        for twin in (replace(g, tma=False), replace(g, tma=True)):
-            if twin not in out:
+        for twin in twins(g):
+            if twin is not None and twin not in out:
                 out.append(twin)
     return out
+
+
+def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
+    """Each configuration as it is and with its weight tiles loaded through tensor descriptors (TMA)."""
+    return with_twins(configs, lambda g: (replace(g, tma=False), replace(g, tma=True)))
 
 
 def with_activation_tma_twins(downs: list[GemmConfig]) -> list[GemmConfig]:
     """Down candidates, each whose weight tiles come through TMA also with its activation rows through a
     tensor descriptor (`tma_a`)."""
-    out = list(downs)
-    for g in downs:
-        twin = replace(g, tma_a=True)
-        if g.tma and twin not in out:
-            out.append(twin)
-    return out
+    return with_twins(downs, lambda g: (g, replace(g, tma_a=True) if g.tma else None))
 
 
 def with_swap_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
     """Each configuration with plain and with swap-AB products (`swap_ab`; "rescale" promotions plain only)."""
-    out = []
-    for g in configs:
-        for twin in (replace(g, swap_ab=False), replace(g, swap_ab=True) if g.promote != "rescale" else None):
-            if twin is not None and twin not in out:
-                out.append(twin)
-    return out
+    return with_twins(configs, lambda g: (replace(g, swap_ab=False),
+                                          replace(g, swap_ab=True) if g.promote != "rescale" else None))
 
 
 # tiles of at most this many rows are also timed with swap-AB products: the weight rows on the tensor cores'
@@ -162,13 +159,11 @@ def register_cap_pays(g: GemmConfig, block_m: int, elem: int) -> bool:
 def with_register_caps(gate_ups: list[GemmConfig], block_m: int, elem: int) -> list[GemmConfig]:
     """Each gate+up configuration uncapped, and those where a cap can put two programs on an SM
     (`register_cap_pays`) also capped at REGISTER_CAP_8_WARPS; the timings say whether that pays."""
-    out = []
-    for g in gate_ups:
+    def twins(g):
         plain = replace(g, max_registers=0)
-        for twin in (plain, replace(plain, max_registers=REGISTER_CAP_8_WARPS)):
-            if twin not in out and (not twin.max_registers or register_cap_pays(plain, block_m, elem)):
-                out.append(twin)
-    return out
+        capped = replace(plain, max_registers=REGISTER_CAP_8_WARPS)
+        return plain, capped if register_cap_pays(plain, block_m, elem) else None
+    return with_twins(gate_ups, twins)
 
 
 def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False
@@ -267,13 +262,9 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
     tiles, warps, stages, TMA; its promotion "sync" unless `rescale`) against the same tiles as persistent
     kernels, with the table's weight loads and with their TMA twin (down: also with its activation rows
     through TMA, the pair `benchmarks/ws_probe.py` found fastest); the table keeps whichever is fastest."""
-    def twins(g):
-        out = [g]
-        for tma in (g.tma, not g.tma):
-            p = replace(g, tma=tma, persistent=True, split_k=1)      # a persistent walk takes no split
-            if p not in out:
-                out.append(p)
-        return out
+    def twins(g):       # a persistent walk takes no split
+        return with_twins([g], lambda g: (g, *(replace(g, tma=tma, persistent=True, split_k=1)
+                                               for tma in (g.tma, not g.tma))))
     return {T: {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
             for T, cfg in _entries(table, tokens, rescale)}
 
