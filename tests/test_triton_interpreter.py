@@ -369,6 +369,33 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("H,I", [(320, 256), (256, 200), (200, 72)])
+    def test_block_fp8_partial_scale_blocks(H, I):
+        """Block FP8 where H or 2I is no multiple of the 128-row scale block: each expert's weight scales are
+        ceil(rows / 128) rows, and every expert past the first must find its own (a stride of floor(rows / 128)
+        read its neighbour's, within a few per cent where the experts' scales are alike, far off where they
+        are not: the experts here differ). Pointer and TMA weight loads, one program per tile and persistent."""
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
+        T, E, k = 11, 4, 2
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32, quant=quant)
+        # experts whose up and down scales differ several-fold (up x 4^e, down / 4^e: the function's outputs
+        # stay alike in size, so no expert's rows hide another's in the comparison)
+        experts = [(g, u * 4.0 ** e, d / 4.0 ** e) for e, (g, u, d) in enumerate(random_experts(cfg, seed=51))]
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(52))
+        ids, w = random_routing(T, E, k, seed=53)
+        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        xq, xs = fp8_quantize_torch(x, 128)
+        ops = Fp8Operands(xs.contiguous(), s13, s2, 128, quant.weight_block, "block")
+        ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
+        for tma in (False, True):
+            for persistent in (False, True):
+                config = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=tma, persistent=persistent),
+                                         GemmConfig(64, 128, 1, 4, 2, tma=tma, persistent=persistent))
+                out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+                assert_close(out, ref, 5e-3, context=f"block fp8 H={H} I={I} tma={tma} persistent={persistent}")
+
     @pytest.mark.parametrize("variant,T,routing,remote", [
         ("pointers", 37, "random", True), ("pointers", 1, "random", False), ("tma", 40, "hot", True),
         ("persistent_tail", 37, "hot", False), ("split_k", 40, "random", True), ("batched", 0, "", False)])

@@ -311,15 +311,17 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
     if FP8:
         xs_ptrs = x_scale_ptr + src * K_BLOCKS            # read only when X_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
+            # [L, ceil(2I / SCALE_BLOCK_N), K_BLOCKS]: an expert's scale rows include a partial last block
+            W_SCALE_ROWS: tl.constexpr = (2 * I + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N
             if W_SCALE_SCALAR:
-                ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                ws_g_ptrs = w_scale_ptr + expert * (W_SCALE_ROWS * K_BLOCKS) \
                     + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
-                ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                ws_u_ptrs = w_scale_ptr + expert * (W_SCALE_ROWS * K_BLOCKS) \
                     + ((pid_n * BLOCK_N + I) // SCALE_BLOCK_N) * K_BLOCKS
             else:
-                ws_g_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                ws_g_ptrs = w_scale_ptr + expert * (W_SCALE_ROWS * K_BLOCKS) \
                     + (offs_nw // SCALE_BLOCK_N) * K_BLOCKS
-                ws_u_ptrs = w_scale_ptr + expert * ((2 * I // SCALE_BLOCK_N) * K_BLOCKS) \
+                ws_u_ptrs = w_scale_ptr + expert * (W_SCALE_ROWS * K_BLOCKS) \
                     + ((offs_nw + I) // SCALE_BLOCK_N) * K_BLOCKS
 
     if SWAP_AB:
@@ -451,7 +453,8 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
     if FP8:
         as_ptrs = a_scale_ptr + pos * K_BLOCKS             # read only when A_SCALE_PER_BLOCK
         if W_SCALE_PER_BLOCK:
-            ws_base = w_scale_ptr + expert * ((H // SCALE_BLOCK_N) * K_BLOCKS)
+            # [L, ceil(H / SCALE_BLOCK_N), K_BLOCKS]: an expert's scale rows include a partial last block
+            ws_base = w_scale_ptr + expert * ((H + SCALE_BLOCK_N - 1) // SCALE_BLOCK_N * K_BLOCKS)
             if W_SCALE_SCALAR:
                 ws_ptrs = ws_base + ((pid_n * BLOCK_N) // SCALE_BLOCK_N) * K_BLOCKS
                 ws2_ptrs = ws_ptrs         # the second half's block (RESCALE), else never a second product
