@@ -539,8 +539,8 @@ def test_down_split_over_k_fp8(preset, monkeypatch):
 def test_swap_ab(preset, experts, fmt, monkeypatch):
     """Swap-AB products (`GemmConfig.swap_ab`: weights x rows^T, the weight rows on the tensor cores' wide
     side) at real sizes, block FP8 and BF16: tiles of 16, 32 and 64 rows, pointer and TMA loads (the down's
-    rows through a tensor descriptor too), persistent kernels, split tiles, the down GEMM's K range split and a
-    gate+up of 8 warps capped at 128 registers;
+    rows through a tensor descriptor too), persistent kernels, split tiles, the down GEMM's K range split, a
+    gate+up of 8 warps capped at 128 registers and (block FP8) gate+up tiles of one stacked product a K block;
     T = 1, 16, 33 and 300 against the oracle (gpt-oss-120b with its biases)."""
     from epmoe.kernels import tuning_table
     from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
@@ -562,6 +562,12 @@ def test_swap_ab(preset, experts, fmt, monkeypatch):
         MoEKernelConfig(32, GemmConfig(128, bk, 1, 8, 3, swap_ab=True, max_registers=128),
                         GemmConfig(64, bk, 1, 4, 4, swap_ab=True)),
     ]
+    if fmt == "fp8_block" and cfg.intermediate_size % 128 == 0:   # gate and up rows as one product a K block
+        # (`GemmConfig.stack_gate_up`: where the gate and up halves start on a scale block)
+        configs += [MoEKernelConfig(32, GemmConfig(128, bk, 1, 8, 3, swap_ab=True, stack_gate_up=True),
+                                    GemmConfig(64, bk, 1, 4, 4, swap_ab=True)),
+                    MoEKernelConfig(64, GemmConfig(128, bk, 8, 4, 3, stack_gate_up=True),
+                                    GemmConfig(128, bk, 8, 4, 4, tma=True))]
     for i, config in enumerate(configs):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, c=config, **k: (c, "test"))
         layer.experts._configs.clear()

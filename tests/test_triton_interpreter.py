@@ -508,6 +508,52 @@ if INTERPRETING:
         with pytest.raises(ValueError, match="rescale"):
             replace(swapped.gate_up, promote="rescale")
 
+    @pytest.mark.parametrize("swap,H,T,hot", [(True, 256, 9, 2), (False, 256, 9, 2), (True, 200, 1, None),
+                                              (False, 200, 13, 0)])
+    def test_stacked_gate_up_fp8(swap, H, T, hot, monkeypatch):
+        """STACK_GU (`GemmConfig.stack_gate_up`): the block-FP8 gate+up as one product of the gate and up rows a K
+        block, plain and swap-AB, H a multiple of 128 and not (the last K block masked), one token and a hot
+        expert; every gate+up launch stacked, against the oracle and the same tile unstacked. Refused where it
+        cannot run: with TMA or "rescale" (the config) and on per-channel weights or the down GEMM (the launch)."""
+        from epmoe.kernels import fused_moe
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
+        E, k, I = 4, 2, 256
+        quant = Fp8Config(weight_block=(128, 128), activation="per_token_group")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32, quant=quant)
+        experts = random_experts(cfg, seed=41)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(42))
+        ids, w = random_routing(T, E, k, seed=43, hot_expert=hot)
+        q13, s13, q2, s2 = _fp8_weights(experts, "block")
+        xq, xs = fp8_quantize_torch(x, 128)
+        ops = Fp8Operands(xs.contiguous(), s13, s2, 128, quant.weight_block, "block")
+        plain = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, swap_ab=swap), GemmConfig(64, 128, 1, 4, 2))
+        stacked = replace(plain, gate_up=replace(plain.gate_up, stack_gate_up=True))
+        seen, launch = [], fused_moe._run
+
+        def recording(kernel, grid, args, meta, warmup):
+            if kernel is fused_moe.moe_gemm_kernel:
+                seen.append((meta["GATE_UP"], meta["STACK_GU"]))
+            return launch(kernel, grid, args, meta, warmup)
+        monkeypatch.setattr(fused_moe, "_run", recording)
+        out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=stacked, fp8=ops)
+        assert sorted(set(seen)) == [(False, False), (True, True)]
+        base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=plain, fp8=ops)
+        ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
+        assert_close(out, ref, 5e-3, context=f"stacked gate+up swap={swap} H={H}")
+        assert_close(out, base, 1e-5, context=f"stacked gate+up swap={swap} H={H} against two products")
+        for bad in (dict(tma=True), dict(promote="rescale")):
+            with pytest.raises(ValueError, match="stack_gate_up"):
+                replace(stacked.gate_up, **bad)
+        q13c, s13c, q2c, s2c = _fp8_weights(experts, "channel")
+        channel = Fp8Operands(fp8_quantize_torch(x, None)[1].contiguous(), s13c, s2c, None, None, "channel")
+        with pytest.raises(ValueError, match="stack_gate_up"):
+            fused_experts(fp8_quantize_torch(x, None)[0], ids, w, q13c, q2c, "silu", out_dtype=torch.float32,
+                          config=stacked, fp8=channel)
+        with pytest.raises(ValueError, match="stack_gate_up"):
+            fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, fp8=ops,
+                          config=replace(plain, down=replace(plain.down, stack_gate_up=True)))
+
     @pytest.mark.parametrize("split", [2, 3, 5])
     @pytest.mark.parametrize("fmt", ["float32", "fp8_block"])
     def test_down_gemm_split_over_k_matches_one_range(split, fmt):

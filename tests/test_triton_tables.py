@@ -284,6 +284,68 @@ def test_register_cap_fits_two_8_warp_programs_with_no_spill_in_the_k_loop_sm90(
     assert 2 * (compiled.metadata.shared + SMEM_RESERVED_PER_PROGRAM) <= SM_SHARED_MEMORY, compiled.metadata.shared
 
 
+def test_stacked_gate_up_round_trips_is_served_where_it_runs_and_timed_where_it_fits():
+    """`stack_gate_up` written only where set, read back, named in the description; refused with TMA weights,
+    the "rescale" promotion and on the down GEMM; a table entry keeps it only for 128x128 block FP8 whose I is a
+    multiple of 128 (`fit_to_problem`, the lookup); the tuner times a stacked twin of every gate+up candidate
+    that fits (pointer loads, "sync", uncapped, products of at most 128 registers a thread) where the problem can
+    stack, and none elsewhere; a TMA twin of a stacked tile is unstacked; `--refine` times stacked and not."""
+    from epmoe.bench import tune
+    from epmoe.kernels.tuning_table import can_stack_gate_up, fit_to_problem
+    stacked = GemmConfig(128, 128, 1, 8, 3, swap_ab=True, stack_gate_up=True)
+    cfg = MoEKernelConfig(32, stacked, GemmConfig(64, 128, 1, 4, 4))
+    assert "stack_gate_up" not in cfg.to_dict()["down"] and cfg.to_dict()["gate_up"]["stack_gate_up"] is True
+    assert MoEKernelConfig.from_dict(cfg.to_dict()) == cfg and cfg.describe().count(" stack") == 1
+    for bad in (dict(tma=True), dict(promote="rescale", swap_ab=False)):
+        with pytest.raises(ValueError, match="stack_gate_up"):
+            replace(stacked, **bad)
+    with pytest.raises(ValueError, match="stack_gate_up"):
+        replace(cfg, down=replace(cfg.down, stack_gate_up=True))
+    assert can_stack_gate_up("fp8_block", 768) and not can_stack_gate_up("fp8_block", 2880)
+    assert not can_stack_gate_up("fp8_channel", 768) and not can_stack_gate_up("bfloat16", 768)
+    assert fit_to_problem(cfg, 2048, 768, "fp8_block").gate_up.stack_gate_up
+    for fmt, inter in (("fp8_block", 2880), ("fp8_channel", 768), ("bfloat16", 768)):
+        assert fit_to_problem(cfg, 2048, inter, fmt).gate_up == replace(
+            fit_to_problem(cfg, 2048, inter, fmt).gate_up, stack_gate_up=False), (fmt, inter)
+    for bm in (16, 32, 64, 128):
+        gus, _ = tune.candidates(bm, True, block_scales=True, stack=True)
+        twins = [g for g in gus if g.stack_gate_up]
+        assert {replace(g, stack_gate_up=False) for g in twins} == {
+            g for g in gus if not g.stack_gate_up and tune.stack_fits(g, bm)}, bm
+        assert all(not g.tma and g.promote == "sync" and 4 * g.block_n * bm <= 128 * 32 * g.num_warps
+                   and g.num_warps <= 8 for g in twins)
+        assert bool(twins) == (bm <= 64), bm                 # BM128's products spill at 8 and 16 warps
+        assert not any(g.stack_gate_up for g in tune.candidates(bm, True, block_scales=True)[0])
+    assert tune.with_tma_twins([stacked]) == [stacked, replace(stacked, tma=True, stack_gate_up=False)]
+    gus, _ = tune.refine_plan({32: cfg}, [32], fp8=True, block_scales=True, stack=True)[32][(32, 0)]
+    assert stacked in gus and replace(stacked, stack_gate_up=False) in gus
+    assert not any(g.stack_gate_up and g.tma for g in gus)
+    gus, _ = tune.refine_plan({32: cfg}, [32], fp8=True, block_scales=True)[32][(32, 0)]
+    assert not any(g.stack_gate_up for g in gus)
+    gus, _ = tune.persistent_plan({32: cfg}, [32])[32][(32, 0)]
+    assert stacked in gus and replace(stacked, persistent=True) in gus and not any(g.stack_gate_up and g.tma
+                                                                                  for g in gus)
+
+
+def test_stacked_gate_up_of_8_warps_fits_two_programs_with_no_spill_sm90():
+    """The stacked block-FP8 swap-AB gate+up of 32 rows at 8 warps, 3 stages (the qwen3-30b-a3b 16-expert shard):
+    one warpgroup MMA a K block, at most 128 registers a thread with no cap (two programs an SM; the same tile
+    unstacked takes 130), no local-memory access in the K loop. Compiled for sm_90, no GPU needed."""
+    pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
+    from epmoe.kernels.xcompile import (CrossCompileUnavailable, compile_case, local_accesses_in_mma_loops,
+                                        resource_usage)
+    try:
+        compiled = compile_case("gate_up", 2048, 768, 8, "fp8", 32, 128, 128, 8, 3, False, False, 0,
+                                swap_ab=True, stack_gate_up=True)
+    except CrossCompileUnavailable as exc:
+        pytest.skip(str(exc))
+    used, in_loop = resource_usage(compiled), local_accesses_in_mma_loops(compiled)
+    if not used or in_loop is None:
+        pytest.skip("this Triton ships no cuobjdump that reads its cubin: registers and spills cannot be read")
+    assert used["REG"] <= 128 and in_loop == 0, used
+    assert compiled.asm["ttgir"].count("ttng.warp_group_dot ") == 1
+
+
 def test_swap_ab_round_trips_is_refused_with_rescale_and_flags_must_be_booleans():
     """`swap_ab` written only where set and read back; with the "rescale" promotion refused (its accumulators
     stay [rows, columns]), also when a table says so; a flag that is not a boolean (a table's "false") refused;
@@ -299,7 +361,7 @@ def test_swap_ab_round_trips_is_refused_with_rescale_and_flags_must_be_booleans(
         replace(swapped, promote="rescale")
     with pytest.raises(ValueError, match="rescale"):
         MoEKernelConfig.from_dict(dict(cfg.to_dict(), gate_up=dict(cfg.to_dict()["gate_up"], promote="rescale")))
-    for flag in ("swap_ab", "tma", "persistent", "tma_a"):
+    for flag in ("swap_ab", "tma", "persistent", "tma_a", "stack_gate_up"):
         with pytest.raises(ValueError, match=f"{flag} must be true or false"):
             MoEKernelConfig.from_dict(dict(cfg.to_dict(), down=dict(cfg.to_dict()["down"], **{flag: "false"})))
     gus, dns = tune.refine_plan({16: cfg}, [16])[16][(16, 0)]

@@ -43,8 +43,8 @@ from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_coun
 from .gpu_timing import GRAPH
 from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SM_SHARED_MEMORY, SMEM_LIMIT, SMEM_RESERVED_PER_PROGRAM,
                                    GemmConfig, GemvConfig, MoEKernelConfig,
-                                   TABLE_REACH, _load_table, device_table_name, fit_to_problem, lookup_config,
-                                   shape_key, smem_bytes, table_paths_for_device)
+                                   TABLE_REACH, _load_table, can_stack_gate_up, device_table_name, fit_to_problem,
+                                   lookup_config, shape_key, smem_bytes, table_paths_for_device)
 
 TOKENS = [1, 16, 128, 1024, 8192]
 
@@ -118,9 +118,15 @@ def with_twins(configs: list[GemmConfig], twins) -> list[GemmConfig]:
     return out
 
 
+def with_tma(g: GemmConfig, on: bool = True, **changes) -> GemmConfig:
+    """`g` with its weight tiles through tensor descriptors (TMA) or not; a TMA tile does not stack its
+    gate+up products (`stack_gate_up` loads them through one pointer tile)."""
+    return replace(g, tma=on, stack_gate_up=g.stack_gate_up and not on, **changes)
+
+
 def with_tma_twins(configs: list[GemmConfig]) -> list[GemmConfig]:
     """Each configuration as it is and with its weight tiles loaded through tensor descriptors (TMA)."""
-    return with_twins(configs, lambda g: (replace(g, tma=False), replace(g, tma=True)))
+    return with_twins(configs, lambda g: (with_tma(g, False), with_tma(g)))
 
 
 def with_activation_tma_twins(downs: list[GemmConfig]) -> list[GemmConfig]:
@@ -166,13 +172,30 @@ def with_register_caps(gate_ups: list[GemmConfig], block_m: int, elem: int) -> l
     return with_twins(gate_ups, twins)
 
 
-def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False
-               ) -> tuple[list[GemmConfig], list[GemmConfig]]:
+def stack_fits(g: GemmConfig, block_m: int) -> bool:
+    """Whether a gate+up configuration can stack its gate and up products (`stack_gate_up`) without spilling:
+    weights through pointers, "sync" promotion, uncapped, at most 8 warps (16 are held to 128 registers a
+    thread), and float32 products and sums (4 x block_n x block_m a program) of at most 128 a thread (BM32 at
+    4 warps, BM64 at 8: 192-218 registers; BM64 at 4 warps, BM128 at 8 and at 16 spill in their K loops,
+    epmoe.kernels.xcompile with triton 3.6)."""
+    return (not g.tma and g.promote == "sync" and not g.max_registers and g.num_warps <= 8
+            and 4 * g.block_n * block_m // (32 * g.num_warps) <= 128)
+
+
+def with_stacked_twins(gate_ups: list[GemmConfig], block_m: int) -> list[GemmConfig]:
+    """Each gate+up configuration as it is and, where it fits (`stack_fits`), with its gate and up products
+    stacked into one a K block."""
+    return with_twins(gate_ups, lambda g: (g, replace(g, stack_gate_up=True) if stack_fits(g, block_m) else None))
+
+
+def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = False, rescale: bool = False,
+               stack: bool = False) -> tuple[list[GemmConfig], list[GemmConfig]]:
     """(gate_up candidates, down candidates) for tiles of `block_m` rows, those that fit in shared memory,
     each also with TMA weight loads when `tma` and, up to SWAP_AB_MAX_BLOCK_M rows, with swap-AB products (gate+up
     tiles also with their registers capped where that can fit two programs on an SM: `with_register_caps`); with
     `block_scales` (FP8 128x128 weight blocks) and `rescale` also the less precise "rescale" promotion
-    (otherwise every candidate promotes "sync")."""
+    (otherwise every candidate promotes "sync"); with `stack` (`tuning_table.can_stack_gate_up`) each gate+up
+    candidate that fits also with its gate and up products stacked (`with_stacked_twins`)."""
     if fp8:
         gu, dn, group = _FP8_GATE_UP, _FP8_DOWN, 1 if block_m <= 32 else 8
         if block_m <= 32:
@@ -198,14 +221,16 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
                     for tma_on in ((False, True) if tma else (False,))]
     if block_m <= SWAP_AB_MAX_BLOCK_M:
         gu_cfgs, dn_cfgs = with_register_caps(with_swap_twins(gu_cfgs), block_m, elem), with_swap_twins(dn_cfgs)
+    if stack:
+        gu_cfgs = with_stacked_twins(gu_cfgs, block_m)
     return gu_cfgs, dn_cfgs
 
 
 def regime_plan(tokens: list[int], rows_per_expert, fp8: bool, block_scales: bool = False,
-                rescale: bool = False) -> dict:
+                rescale: bool = False, stack: bool = False) -> dict:
     """Candidates of a full tune: for each T, every BLOCK_M and tail tile of its regime
     (`rows_per_expert(T)`) with the candidates of that BLOCK_M."""
-    return {T: {(bm, tail): candidates(bm, fp8, block_scales=block_scales, rescale=rescale)
+    return {T: {(bm, tail): candidates(bm, fp8, block_scales=block_scales, rescale=rescale, stack=stack)
                 for bm in block_ms_for(rows_per_expert(T))
                 for tail in tails_for(bm, rows_per_expert(T))} for T in tokens}
 
@@ -226,13 +251,14 @@ def _entries(table: dict, tokens: list[int], rescale: bool):
 
 
 def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool = False,
-                block_scales: bool = False, rescale: bool = False) -> dict:
+                block_scales: bool = False, rescale: bool = False, stack: bool = False) -> dict:
     """Candidates for `--refine`: for each T, the table's configuration and its TMA twin (same BLOCK_M),
     each with the tail tiles worth trying (`rows_per_expert(T)` given), its swap-AB twin (and the gate+up's
     register cap where it can pay, and its uncapped twin: `with_register_caps`) up to
     SWAP_AB_MAX_BLOCK_M rows and, for FP8, with 16 warps; for
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
-    and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only)."""
+    and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only); with `stack` each gate+up
+    candidate also stacked and unstacked where it fits (`with_stacked_twins`)."""
     plan = {}
     for T, cfg in _entries(table, tokens, rescale):
         gus = [cfg.gate_up]
@@ -242,7 +268,8 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
         if block_scales and cfg.block_m >= 64:    # down 128 wide; with rescale both promotions, 256 wide
             dns.append(replace(cfg.down, block_n=128, promote="sync"))
             if rescale:      # (a swap-AB GEMM promotes "sync" only: its "rescale" twin is the unswapped one)
-                gus = list(dict.fromkeys(replace(g, promote=p, swap_ab=g.swap_ab and p == "sync")
+                gus = list(dict.fromkeys(replace(g, promote=p, swap_ab=g.swap_ab and p == "sync",
+                                                 stack_gate_up=g.stack_gate_up and p == "sync")
                                          for g in gus for p in ("sync", "rescale")))
                 dns += [replace(cfg.down, block_n=128, promote="rescale"),
                         replace(cfg.down, block_n=256, promote="rescale")]
@@ -252,8 +279,11 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
             tails.append(cfg.tail_m)
         if cfg.block_m <= SWAP_AB_MAX_BLOCK_M:
             gus, dns = with_register_caps(with_swap_twins(gus), cfg.block_m, 1 if fp8 else 2), with_swap_twins(dns)
-        plan[T] = {(cfg.block_m, t): (with_tma_twins(gus), with_activation_tma_twins(with_tma_twins(dns)))
-                   for t in tails}
+        # each unstacked; with `stack` also stacked (where it fits), the entry's own stacking kept
+        gus = with_twins(with_tma_twins(gus), lambda g: (replace(g, stack_gate_up=False), g if stack else None))
+        if stack:
+            gus = with_stacked_twins(gus, cfg.block_m)
+        plan[T] = {(cfg.block_m, t): (gus, with_activation_tma_twins(with_tma_twins(dns))) for t in tails}
     return plan
 
 
@@ -263,7 +293,7 @@ def persistent_plan(table: dict, tokens: list[int], rescale: bool = False) -> di
     kernels, with the table's weight loads and with their TMA twin (down: also with its activation rows
     through TMA, the pair `benchmarks/ws_probe.py` found fastest); the table keeps whichever is fastest."""
     def twins(g):       # a persistent walk takes no split
-        return with_twins([g], lambda g: (g, *(replace(g, tma=tma, persistent=True, split_k=1)
+        return with_twins([g], lambda g: (g, *(with_tma(g, tma, persistent=True, split_k=1)
                                                for tma in (g.tma, not g.tma))))
     return {T: {(cfg.block_m, cfg.tail_m): (twins(cfg.gate_up), with_activation_tma_twins(twins(cfg.down)))}
             for T, cfg in _entries(table, tokens, rescale)}
@@ -498,7 +528,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     from .gpu_timing import GpuTimer, Timer
     L, H, I, k = problem.sizes
     if plan is None:
-        plan = regime_plan(tokens, lambda T: T * k / L, problem.fp8, problem.fmt == "fp8_block", rescale)
+        plan = regime_plan(tokens, lambda T: T * k / L, problem.fp8, problem.fmt == "fp8_block", rescale,
+                           can_stack_gate_up(problem.fmt, I))
     # compile everything first, in parallel
     all_jobs, seen = [], set()
     for T, by_bm in plan.items():
@@ -997,7 +1028,7 @@ def main(args) -> int:
                 plan = persistent_plan(table, tokens, args.allow_rescale) if args.persistent else \
                     table_plan(table, tokens, lambda T: T * k / L, args.allow_rescale) if args.gluon else \
                     refine_plan(table, tokens, lambda T: T * k / L, fp8, problem.fmt == "fp8_block",
-                                args.allow_rescale)
+                                args.allow_rescale, can_stack_gate_up(problem.fmt, I))
                 if not plan:
                     console.print(escape(f"  nothing to time for {key}: no entry at these T in the tables of this "
                                          f"GPU's family" + (f" with {GLUON_MIN_ROWS} rows per expert or more"

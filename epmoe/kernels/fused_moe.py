@@ -128,7 +128,7 @@ def moe_gemm_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         TILE_MODE: tl.constexpr = 0, W_SCALE_SCALAR: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
         RESCALE: tl.constexpr = False, A_DESC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-        SWAP_AB: tl.constexpr = False):
+        SWAP_AB: tl.constexpr = False, STACK_GU: tl.constexpr = False):
     """Both expert GEMMs, one BLOCK_M x BLOCK_N output tile at a time (GATE_UP selects which):
 
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
@@ -169,6 +169,12 @@ def moe_gemm_kernel(
     or 32) the weight tile's rows then fill the tensor cores' M side (Hopper's warpgroup MMA needs 64) and the
     rows are its narrow N side, where as [rows, weights] a tile of 16 rows cannot use it. The same products and
     sums, in another order.
+
+    STACK_GU (gate+up, block FP8 with W_SCALE_SCALAR, not RESCALE, weights through pointers): the gate and up
+    weight rows of a tile are one operand of 2 x BLOCK_N rows, so each K block is one product (one warpgroup
+    MMA wait) where it is two, each promoted with its half's weight scale; one accumulator of twice the rows,
+    split into gate and up after the loop. The same products and sums. With 8 warps a tile of 32 rows then
+    compiles to 128 registers (two programs an SM), where the two products take 130.
     """
     N_OUT: tl.constexpr = I if GATE_UP else H
     num_pid_n: tl.constexpr = (N_OUT + BLOCK_N - 1) // BLOCK_N
@@ -180,7 +186,7 @@ def moe_gemm_kernel(
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
-                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB)
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB, STACK_GU)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -189,7 +195,7 @@ def moe_gemm_kernel(
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
                       BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, True, tl.program_id(1), SPLIT_K,
-                      SWAP_AB)
+                      SWAP_AB, STACK_GU)
 
 
 @triton.jit
@@ -202,7 +208,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               TILE_MODE: tl.constexpr, W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr,
               A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr,
-              SWAP_AB: tl.constexpr):
+              SWAP_AB: tl.constexpr, STACK_GU: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
     tile); then it does nothing, except a batched down tile, which writes its rows' zeros. split: which of
     the down GEMM's SPLIT_K ranges of K blocks (0 when it has one)."""
@@ -213,7 +219,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
             _gate_up_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr,
                           pid_n, expert, src, pos, H, I, ACTIVATION, HAS_BIAS, FP8, A_SCALE_PER_BLOCK,
                           W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC,
-                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, SWAP_AB)
+                          BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, SWAP_AB, STACK_GU)
     elif (not CHECK_EXPERT) or expert >= 0:
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                    pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
@@ -286,13 +292,36 @@ def _per_col(v, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _stacked_scale(xs, wg, wu, is_gate, SWAP_AB: tl.constexpr):
+    """The scale of each element of a stacked gate+up product: the row's (xs [BLOCK_M]) times the gate's or the
+    up's weight block (wg, wu: one number each; is_gate [2 x BLOCK_N] says which), laid out as the product is."""
+    w = tl.where(is_gate, wg, wu)
+    if SWAP_AB:
+        return w[:, None] * xs[None, :]
+    else:
+        return xs[:, None] * w[None, :]
+
+
+@triton.jit
+def _unstack(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The gate and up accumulators of a stacked product: [2 x BLOCK_N, BLOCK_M] (SWAP_AB) or
+    [BLOCK_M, 2 x BLOCK_N], gate first, into two of [BLOCK_N, BLOCK_M] or [BLOCK_M, BLOCK_N]."""
+    if SWAP_AB:
+        halves = tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0))
+    else:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1))
+    return tl.split(halves)
+
+
+@triton.jit
 def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w_scale_ptr,
                   pid_n, expert, src, pos,
                   H: tl.constexpr, I: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
                   FP8: tl.constexpr, X_SCALE_PER_BLOCK: tl.constexpr, W_SCALE_PER_BLOCK: tl.constexpr,
                   SCALE_BLOCK_N: tl.constexpr, OUT_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   W_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, SWAP_AB: tl.constexpr):
+                  W_SCALE_SCALAR: tl.constexpr, RESCALE: tl.constexpr, SWAP_AB: tl.constexpr,
+                  STACK_GU: tl.constexpr):
     """One gate+up tile of an expert (>= 0): K loop, epilogue, store (see moe_gemm_kernel)."""
     tl.static_assert(not (SWAP_AB and RESCALE), "SWAP_AB keeps no RESCALE accumulators")
     num_pid_n: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
@@ -305,7 +334,14 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
     offs_nw = offs_n % I                     # wrapped: every weight row read exists; extra columns are dropped
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + src[:, None] * H + offs_k[None, :]
-    if not W_DESC:
+    tl.static_assert(not STACK_GU or (FP8 and W_SCALE_SCALAR and not RESCALE and not W_DESC),
+                     "STACK_GU: block FP8 promoting each K block's product, weights through pointers")
+    if STACK_GU:       # gate and up weight rows as one operand [BLOCK_K, 2 x BLOCK_N]: one product a K block
+        offs_2n = tl.arange(0, 2 * BLOCK_N)
+        is_gate = offs_2n < BLOCK_N
+        rows_2n = (pid_n * BLOCK_N + offs_2n % BLOCK_N) % I + (offs_2n // BLOCK_N) * I
+        s_ptrs = w_ptr + expert * (2 * I * H) + rows_2n[None, :] * H + offs_k[:, None]
+    elif not W_DESC:
         g_ptrs = w_ptr + expert * (2 * I * H) + offs_nw[None, :] * H + offs_k[:, None]
         u_ptrs = g_ptrs + I * H
     if FP8:
@@ -324,7 +360,12 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
                 ws_u_ptrs = w_scale_ptr + expert * (W_SCALE_ROWS * K_BLOCKS) \
                     + ((offs_nw + I) // SCALE_BLOCK_N) * K_BLOCKS
 
-    if SWAP_AB:
+    if STACK_GU:
+        if SWAP_AB:
+            acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    elif SWAP_AB:
         acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -340,7 +381,12 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=offs_k[None, :] < H - kb * BLOCK_K, other=0.0)
-        if W_DESC:
+        if STACK_GU:
+            if EVEN_K:
+                b = tl.load(s_ptrs)
+            else:
+                b = tl.load(s_ptrs, mask=offs_k[:, None] < H - kb * BLOCK_K, other=0.0)
+        elif W_DESC:
             bg = w_ptr.load([w_row, kb * BLOCK_K]).T
             bu = w_ptr.load([w_row + I, kb * BLOCK_K]).T
         elif EVEN_K:
@@ -356,6 +402,8 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
             if RESCALE:
                 acc_g, acc_u, sg_prev, su_prev = _rescale_step(a, bg, bu, acc_g, acc_u, sg_prev, su_prev,
                                                                xs * wg, xs * wu)
+            elif STACK_GU:
+                acc += _product(a, b, SWAP_AB) * _stacked_scale(xs, wg, wu, is_gate, SWAP_AB)
             else:
                 acc_g += _product(a, bg, SWAP_AB) * _per_row(xs * wg, SWAP_AB)
                 acc_u += _product(a, bu, SWAP_AB) * _per_row(xs * wu, SWAP_AB)
@@ -375,9 +423,13 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
             acc_g = _product_acc(a, bg, acc_g, DOT_PRECISION, SWAP_AB)
             acc_u = _product_acc(a, bu, acc_u, DOT_PRECISION, SWAP_AB)
         a_ptrs += BLOCK_K
-        if not W_DESC:
+        if STACK_GU:
+            s_ptrs += BLOCK_K
+        elif not W_DESC:
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+    if STACK_GU:
+        acc_g, acc_u = _unstack(acc, BLOCK_M, BLOCK_N, SWAP_AB)
     if RESCALE:
         acc_g = acc_g * sg_prev[:, None]
         acc_u = acc_u * su_prev[:, None]
@@ -686,6 +738,10 @@ def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: in
                 SPLIT_K=gemm.split_k, SWAP_AB=gemm.swap_ab,
                 A_SCALE_PER_BLOCK=bool(fp8 and fp8.a_scale_per_block), num_warps=gemm.num_warps,
                 num_stages=gemm.num_stages, **_fp8_meta(fp8))
+    if gemm.stack_gate_up and not (gate_up and scalar and not rescale):
+        raise ValueError(f"stack_gate_up: a gate+up GEMM of FP8 block weights whose scale is one number a product "
+                         f"only (got {'gate_up' if gate_up else 'down'}, {gemm.describe()}, {fp8})")
+    meta["STACK_GU"] = gemm.stack_gate_up
     if gemm.max_registers:
         meta["maxnreg"] = gemm.max_registers
     block_rows = gemm.block_n // 2 if rescale and not gate_up else gemm.block_n

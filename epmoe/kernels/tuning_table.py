@@ -43,14 +43,20 @@ class GemmConfig:
     # registers a thread may use (the compiler's `maxnreg`; 0: as many as it takes): a cap at 65536 / (n x
     # threads) lets n programs share an SM where the compiler's own count is just above it
     max_registers: int = 0
+    # gate+up, block FP8 promoting "sync", weights through pointers: the gate and up weight rows loaded as one
+    # operand, so a K block is one product (and one wait for it) of twice the rows (fused_moe, STACK_GU)
+    stack_gate_up: bool = False
 
     def __post_init__(self):
-        for name in ("tma", "persistent", "tma_a", "swap_ab"):       # a table's "false" string is no False
+        for name in ("tma", "persistent", "tma_a", "swap_ab", "stack_gate_up"):       # a table's "false" string is no False
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.max_registers, bool) or not isinstance(self.max_registers, int) or not (
                 self.max_registers == 0 or 32 <= self.max_registers <= 255):
             raise ValueError(f"max_registers must be 0 (the compiler's count) or 32..255, got {self.max_registers!r}")
+        if self.stack_gate_up and (self.tma or self.promote == "rescale"):
+            raise ValueError(f"stack_gate_up loads gate and up rows through one pointer tile and promotes \"sync\": "
+                             f"not with tma={self.tma}, promote={self.promote!r} (BN{self.block_n} BK{self.block_k})")
         if self.swap_ab and self.promote == "rescale":
             raise ValueError(f"swap_ab with promote \"rescale\": its accumulators stay [rows, columns] "
                              f"(BN{self.block_n} BK{self.block_k})")
@@ -62,7 +68,8 @@ class GemmConfig:
                 + ("" if self.promote == "sync" else f" {self.promote}")
                 + (f" split{self.split_k}" if self.split_k > 1 else "")
                 + (" swap" if self.swap_ab else "")
-                + (f" r{self.max_registers}" if self.max_registers else ""))
+                + (f" r{self.max_registers}" if self.max_registers else "")
+                + (" stack" if self.stack_gate_up else ""))
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,11 @@ class MoEKernelConfig:
     gemv: GemvConfig | None = None
     gluon: bool = False
 
+    def __post_init__(self):
+        if self.down.stack_gate_up:
+            raise ValueError(f"stack_gate_up stacks the gate and up products: the down GEMM has none "
+                             f"(down {self.down.describe()})")
+
     def to_dict(self) -> dict:
         def gemm(g: GemmConfig) -> dict:
             out = asdict(g)
@@ -117,6 +129,8 @@ class MoEKernelConfig:
                 del out["swap_ab"]
             if not g.max_registers:
                 del out["max_registers"]
+            if not g.stack_gate_up:
+                del out["stack_gate_up"]
             return out
         d = {"block_m": self.block_m, "gate_up": gemm(self.gate_up), "down": gemm(self.down)}
         if self.tail_m:
@@ -182,10 +196,17 @@ def heuristic_config(num_tokens: int, num_experts: int, hidden: int, inter: int,
     return _clamp_to_problem(cfg, hidden, inter, fp8, elem_bytes or (1 if fp8 else 2))
 
 
+def can_stack_gate_up(fmt: str, inter: int) -> bool:
+    """Whether a gate+up GEMM of this weight format and intermediate size can stack its gate and up products
+    (`GemmConfig.stack_gate_up`): 128x128 block FP8 whose gate and up halves start on a scale block."""
+    return fmt == "fp8_block" and inter % 128 == 0
+
+
 def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
-                      elem_bytes: int) -> MoEKernelConfig:
+                      elem_bytes: int, can_stack: bool = False) -> MoEKernelConfig:
     """Shrink tiles that exceed a small problem, pin FP8's K tile (and the gate+up N tile) to the scale
-    group of 128, and drop stages (then halve the K tile) until shared memory fits."""
+    group of 128, drop stages (then halve the K tile) until shared memory fits, and keep the gate+up's
+    stacked products (`stack_gate_up`) only where they can run (`can_stack`: `can_stack_gate_up`)."""
     def clamp(g: GemmConfig, n: int, k: int, b_tiles: int, pin_n: bool) -> GemmConfig:
         bn = 128 if pin_n else min(g.block_n, max(16, _pow2_ceil(n)))
         bk = 128 if fp8 else min(g.block_k, max(16, _pow2_ceil(k)))
@@ -198,8 +219,10 @@ def _clamp_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fp8: bool,
             else:
                 break
         return out
-    return replace(cfg, gate_up=clamp(cfg.gate_up, inter, hidden, 2, fp8),
-                   down=clamp(cfg.down, hidden, inter, 1, False))
+    gate_up = clamp(cfg.gate_up, inter, hidden, 2, fp8)
+    if gate_up.stack_gate_up and not can_stack:
+        gate_up = replace(gate_up, stack_gate_up=False)
+    return replace(cfg, gate_up=gate_up, down=clamp(cfg.down, hidden, inter, 1, False))
 
 
 def _pow2_ceil(n: int) -> int:
@@ -275,7 +298,7 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
             if not within(t, TABLE_REACH):
                 cfg = heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem)
                 return cfg, f"heuristic (the nearest tuned T in {os.path.basename(path)}[{key}] is {t})"
-            cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem)
+            cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem, can_stack_gate_up(fmt, inter))
             if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts and within(t, GLUON_REACH)):
                 cfg = replace(cfg, gluon=False)
             origin = table.copied.get((key, t))
@@ -304,4 +327,4 @@ def fit_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fmt: str) -> M
     """`cfg` as every table or heuristic configuration is used: tiles shrunk to a small problem, FP8's K
     tile (and gate+up N tile) pinned to the scale group of 128, stages dropped until shared memory fits."""
     fp8, elem = _format_bytes(fmt)
-    return _clamp_to_problem(cfg, hidden, inter, fp8, elem)
+    return _clamp_to_problem(cfg, hidden, inter, fp8, elem, can_stack_gate_up(fmt, inter))

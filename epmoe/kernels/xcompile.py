@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from . import fused_moe
 
 # name -> (kernel, H, I, k, fmt, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, tma, persistent, tile_mode[, promote
-#          [, tma_a[, activation[, split_k[, swap_ab[, maxnreg]]]]]])
+#          [, tma_a[, activation[, split_k[, swap_ab[, maxnreg[, stack_gate_up]]]]]]])
 CASES = {
     "gu_bf16_deepseek": ("gate_up", 7168, 2048, 8, "bf16", 128, 128, 64, 8, 4, False, False, 0),
     "gu_bf16_deepseek_P": ("gate_up", 7168, 2048, 8, "bf16", 128, 128, 64, 8, 4, False, True, 0),
@@ -52,7 +52,7 @@ CASES = {
 
 
 def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync",
-                 tma_a=False, activation=0, split_k=1, swap_ab=False, maxnreg=None):
+                 tma_a=False, activation=0, split_k=1, swap_ab=False, maxnreg=None, stack_gate_up=False):
     fp8 = fmt == "fp8"
     el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
     out = "fp16" if fmt == "fp16" else "bf16"
@@ -85,7 +85,8 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
                  A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
                  W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
                  W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
-                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=swap_ab)
+                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=swap_ab,
+                 STACK_GU=stack_gate_up)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
@@ -197,7 +198,8 @@ def table_cases(path: str) -> dict:
                     cases[name] = (kernel, int(shape["H"]), int(shape["I"]), int(shape["k"]), fmt, bm, g["block_n"],
                                    g["block_k"], g["num_warps"], g["num_stages"], g.get("tma", False),
                                    g.get("persistent", False), mode, g.get("promote", "sync"), g.get("tma_a", False),
-                                   0, g.get("split_k", 1), g.get("swap_ab", False), g.get("max_registers") or None)
+                                   0, g.get("split_k", 1), g.get("swap_ab", False), g.get("max_registers") or None,
+                                   g.get("stack_gate_up", False))
     return cases
 
 
