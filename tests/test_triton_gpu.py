@@ -566,7 +566,7 @@ def test_swap_ab(preset, experts, fmt, monkeypatch):
         # (`GemmConfig.stack_gate_up`: where the gate and up halves start on a scale block)
         configs += [MoEKernelConfig(32, GemmConfig(128, bk, 1, 8, 3, swap_ab=True, stack_gate_up=True),
                                     GemmConfig(64, bk, 1, 4, 4, swap_ab=True)),
-                    MoEKernelConfig(64, GemmConfig(128, bk, 8, 4, 3, stack_gate_up=True),
+                    MoEKernelConfig(64, GemmConfig(128, bk, 8, 8, 3, stack_gate_up=True),
                                     GemmConfig(128, bk, 8, 4, 4, tma=True))]
     for i, config in enumerate(configs):
         monkeypatch.setattr(tuning_table, "lookup_config", lambda *a, c=config, **k: (c, "test"))
