@@ -477,16 +477,18 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
 @pytest.mark.parametrize("table", ["NVIDIA_H200.json", "NVIDIA_H100_80GB_HBM3.json", "capped"])
 def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table(table, tmp_path):
     """`python -m epmoe.kernels.xcompile --table`: each T's gate+up and down tile (and tail tile) of the
-    BF16 and block-FP8 entries, named by key, T, kernel and rows, with their swap-AB and register cap."""
+    BF16 and block-FP8 entries, named by key, T, kernel and rows, with their swap-AB, register cap and stacking."""
     pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
     from epmoe.kernels.xcompile import table_cases
     path = os.path.join(CONFIG_DIR, table)
-    if table == "capped":         # an entry with a register cap and swap-AB products, which no shipped table has
-        path = str(tmp_path / "capped.json")
+    if table == "capped":         # entries with a register cap, swap-AB and stacked products, which no shipped
+        path = str(tmp_path / "capped.json")      # table has
         capped = MoEKernelConfig(32, GemmConfig(128, 128, 1, 8, 3, swap_ab=True, max_registers=128),
                                  GemmConfig(64, 128, 1, 4, 4))
+        stacked = replace(capped, gate_up=replace(capped.gate_up, max_registers=0, stack_gate_up=True))
         with open(path, "w") as f:
-            json.dump({"entries": {shape_key(16, 2048, 768, 8, "fp8_block"): {"128": capped.to_dict()}}}, f)
+            json.dump({"entries": {shape_key(16, 2048, 768, 8, "fp8_block"): {"128": capped.to_dict(),
+                                                                              "256": stacked.to_dict()}}}, f)
     cases = table_cases(path)
     with open(path) as f:
         entries = json.load(f)["entries"]
@@ -502,7 +504,8 @@ def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table(table,
                         assert cases[name][6:10] == (c[kernel]["block_n"], c[kernel]["block_k"],
                                                      c[kernel]["num_warps"], c[kernel]["num_stages"])
                         assert cases[name][17:] == (c[kernel].get("swap_ab", False),
-                                                    c[kernel].get("max_registers") or None)
+                                                    c[kernel].get("max_registers") or None,
+                                                    c[kernel].get("stack_gate_up", False))
 
 
 def test_served_at_names_what_the_lookup_serves_each_batch_size(tmp_path):
