@@ -513,8 +513,9 @@ if INTERPRETING:
     def test_stacked_gate_up_fp8(swap, H, T, hot, monkeypatch):
         """STACK_GU (`GemmConfig.stack_gate_up`): the block-FP8 gate+up as one product of the gate and up rows a K
         block, plain and swap-AB, H a multiple of 128 and not (the last K block masked), one token and a hot
-        expert; every gate+up launch stacked, against the oracle and the same tile unstacked. Refused where it
-        cannot run: with TMA or "rescale" (the config) and on per-channel weights or the down GEMM (the launch)."""
+        expert, one program per tile and a persistent walk over split tiles; every gate+up launch stacked, against
+        the oracle and the same tile unstacked. Refused where it cannot run: with TMA or "rescale" and on the down
+        GEMM (the config), on per-channel weights and the down GEMM (the launch)."""
         from epmoe.kernels import fused_moe
         from epmoe.kernels.fused_moe import Fp8Operands
         from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
@@ -536,12 +537,17 @@ if INTERPRETING:
                 seen.append((meta["GATE_UP"], meta["STACK_GU"]))
             return launch(kernel, grid, args, meta, warmup)
         monkeypatch.setattr(fused_moe, "_run", recording)
-        out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=stacked, fp8=ops)
-        assert sorted(set(seen)) == [(False, False), (True, True)]
         base = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=plain, fp8=ops)
         ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
-        assert_close(out, ref, 5e-3, context=f"stacked gate+up swap={swap} H={H}")
-        assert_close(out, base, 1e-5, context=f"stacked gate+up swap={swap} H={H} against two products")
+        # one program per tile, and a persistent walk over split tiles (32-row body, 16-row tail)
+        walk = MoEKernelConfig(32, replace(stacked.gate_up, persistent=True), replace(plain.down, persistent=True),
+                               tail_m=16)
+        for config in (stacked, walk):
+            seen.clear()
+            out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+            assert sorted(set(seen)) == [(False, False), (True, True)]
+            assert_close(out, ref, 5e-3, context=f"stacked gate+up swap={swap} H={H} {config.describe()}")
+            assert_close(out, base, 1e-5, context=f"stacked gate+up swap={swap} H={H} against two products")
         for bad in (dict(tma=True), dict(promote="rescale")):
             with pytest.raises(ValueError, match="stack_gate_up"):
                 replace(stacked.gate_up, **bad)
@@ -550,9 +556,12 @@ if INTERPRETING:
         with pytest.raises(ValueError, match="stack_gate_up"):
             fused_experts(fp8_quantize_torch(x, None)[0], ids, w, q13c, q2c, "silu", out_dtype=torch.float32,
                           config=stacked, fp8=channel)
-        with pytest.raises(ValueError, match="stack_gate_up"):
-            fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, fp8=ops,
-                          config=replace(plain, down=replace(plain.down, stack_gate_up=True)))
+        with pytest.raises(ValueError, match="stack_gate_up"):       # the config refuses it on the down GEMM
+            replace(plain, down=replace(plain.down, stack_gate_up=True))
+        with pytest.raises(ValueError, match="stack_gate_up"):       # and so does the down GEMM's launch
+            fused_moe.launch_down(*[torch.float32] * 11, 8, 8, 1, H, I, k, False, 16,
+                                  gemm=replace(plain.down, stack_gate_up=True), fp8=fused_moe.Fp8Mode(True, True),
+                                  warmup=True)
 
     @pytest.mark.parametrize("split", [2, 3, 5])
     @pytest.mark.parametrize("fmt", ["float32", "fp8_block"])

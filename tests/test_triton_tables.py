@@ -319,12 +319,19 @@ def test_stacked_gate_up_round_trips_is_served_where_it_runs_and_timed_where_it_
     assert tune.with_tma_twins([stacked]) == [stacked, replace(stacked, tma=True, stack_gate_up=False)]
     gus, _ = tune.refine_plan({32: cfg}, [32], fp8=True, block_scales=True, stack=True)[32][(32, 0)]
     assert stacked in gus and replace(stacked, stack_gate_up=False) in gus
-    assert not any(g.stack_gate_up and g.tma for g in gus)
+    assert all(tune.stack_fits(g, 32) for g in gus if g.stack_gate_up)    # not its capped twin
+    assert any(g.max_registers for g in gus)
+    wide = MoEKernelConfig(64, replace(stacked, swap_ab=False), cfg.down)      # 8 warps: its 16-warp twin spills
+    gus, _ = tune.refine_plan({1024: wide}, [1024], fp8=True, block_scales=True, stack=True)[1024][(64, 0)]
+    assert wide.gate_up in gus and replace(wide.gate_up, num_warps=16, stack_gate_up=False) in gus
+    assert not any(g.stack_gate_up and g.num_warps == 16 for g in gus)
     gus, _ = tune.refine_plan({32: cfg}, [32], fp8=True, block_scales=True)[32][(32, 0)]
     assert not any(g.stack_gate_up for g in gus)
     gus, _ = tune.persistent_plan({32: cfg}, [32])[32][(32, 0)]
-    assert stacked in gus and replace(stacked, persistent=True) in gus and not any(g.stack_gate_up and g.tma
-                                                                                  for g in gus)
+    assert stacked in gus and replace(stacked, persistent=True) in gus
+    assert replace(stacked, tma=True, persistent=True, stack_gate_up=False) in gus
+    for fp8, block_scales in ((False, False), (True, False)):      # BF16, per-channel FP8: no stacking to time
+        assert not any(g.stack_gate_up for g in tune.candidates(32, fp8, block_scales=block_scales, stack=True)[0])
 
 
 def test_stacked_gate_up_of_8_warps_fits_two_programs_with_no_spill_sm90():

@@ -152,13 +152,18 @@ SWAP_AB_MAX_BLOCK_M = 32
 REGISTER_CAP_8_WARPS = 128
 
 
+def product_registers(g: GemmConfig, block_m: int) -> int:
+    """Float32 registers a thread holds for a gate+up tile's products and sums: gate and up, each a sum and a
+    K block's product, 4 x block_n x block_m a program over its threads."""
+    return 4 * g.block_n * block_m // (32 * g.num_warps)
+
+
 def register_cap_pays(g: GemmConfig, block_m: int, elem: int) -> bool:
     """Whether capping a gate+up tile's registers at REGISTER_CAP_8_WARPS can put a second program on an SM: a
     swap-AB tile of 8 warps whose float32 products and sums (gate and up: 4 x block_n x block_m a program) take
     at least half the cap a thread, as BM32's do (64 of its 130; BM16's 32 of 66-80 need no cap), and whose
     pipeline leaves room for two programs in the SM's shared memory."""
-    accumulators = 4 * g.block_n * block_m // (32 * g.num_warps)
-    return (g.swap_ab and g.num_warps == 8 and 2 * accumulators >= REGISTER_CAP_8_WARPS
+    return (g.swap_ab and g.num_warps == 8 and 2 * product_registers(g, block_m) >= REGISTER_CAP_8_WARPS
             and 2 * (smem_bytes(block_m, g, elem, 2) + SMEM_RESERVED_PER_PROGRAM) <= SM_SHARED_MEMORY)
 
 
@@ -174,12 +179,12 @@ def with_register_caps(gate_ups: list[GemmConfig], block_m: int, elem: int) -> l
 
 def stack_fits(g: GemmConfig, block_m: int) -> bool:
     """Whether a gate+up configuration can stack its gate and up products (`stack_gate_up`) without spilling:
-    weights through pointers, "sync" promotion, uncapped, at most 8 warps (16 are held to 128 registers a
-    thread), and float32 products and sums (4 x block_n x block_m a program) of at most 128 a thread (BM32 at
-    4 warps, BM64 at 8: 192-218 registers; BM64 at 4 warps, BM128 at 8 and at 16 spill in their K loops,
-    epmoe.kernels.xcompile with triton 3.6)."""
-    return (not g.tma and g.promote == "sync" and not g.max_registers and g.num_warps <= 8
-            and 4 * g.block_n * block_m // (32 * g.num_warps) <= 128)
+    weights through pointers, "sync" promotion, uncapped, an N tile within one 128-row scale block, at most 8
+    warps (16 are held to 128 registers a thread), and products and sums (`product_registers`) of at most 128 a
+    thread (BM32 at 4 warps, BM64 at 8: 192-218 registers; BM64 at 4 warps, BM128 at 8 and at 16 spill in their
+    K loops, epmoe.kernels.xcompile with triton 3.6)."""
+    return (not g.tma and g.promote == "sync" and not g.max_registers and 128 % g.block_n == 0
+            and g.num_warps <= 8 and product_registers(g, block_m) <= 128)
 
 
 def with_stacked_twins(gate_ups: list[GemmConfig], block_m: int) -> list[GemmConfig]:
@@ -221,7 +226,7 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
                     for tma_on in ((False, True) if tma else (False,))]
     if block_m <= SWAP_AB_MAX_BLOCK_M:
         gu_cfgs, dn_cfgs = with_register_caps(with_swap_twins(gu_cfgs), block_m, elem), with_swap_twins(dn_cfgs)
-    if stack:
+    if stack and fp8 and block_scales:
         gu_cfgs = with_stacked_twins(gu_cfgs, block_m)
     return gu_cfgs, dn_cfgs
 
@@ -257,8 +262,9 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
     register cap where it can pay, and its uncapped twin: `with_register_caps`) up to
     SWAP_AB_MAX_BLOCK_M rows and, for FP8, with 16 warps; for
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
-    and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only); with `stack` each gate+up
-    candidate also stacked and unstacked where it fits (`with_stacked_twins`)."""
+    and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only). Every gate+up candidate is
+    timed unstacked; with `stack` (`tuning_table.can_stack_gate_up`) also stacked where it fits (`stack_fits`,
+    the entry's own stacking kept where it does)."""
     plan = {}
     for T, cfg in _entries(table, tokens, rescale):
         gus = [cfg.gate_up]
@@ -279,8 +285,9 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
             tails.append(cfg.tail_m)
         if cfg.block_m <= SWAP_AB_MAX_BLOCK_M:
             gus, dns = with_register_caps(with_swap_twins(gus), cfg.block_m, 1 if fp8 else 2), with_swap_twins(dns)
-        # each unstacked; with `stack` also stacked (where it fits), the entry's own stacking kept
-        gus = with_twins(with_tma_twins(gus), lambda g: (replace(g, stack_gate_up=False), g if stack else None))
+        # each unstacked; with `stack` also stacked where it fits, the entry's own stacking kept where it does
+        gus = with_twins(with_tma_twins(gus), lambda g: (replace(g, stack_gate_up=False),
+                                                          g if stack and stack_fits(g, cfg.block_m) else None))
         if stack:
             gus = with_stacked_twins(gus, cfg.block_m)
         plan[T] = {(cfg.block_m, t): (gus, with_activation_tma_twins(with_tma_twins(dns))) for t in tails}

@@ -71,7 +71,7 @@ def gemv_gate_up_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, h_ptr, x_scale_ptr, w_s
     g_ptrs = w_ptr + expert.to(tl.int64) * (2 * I * H) + offs_nw[:, None] * H + offs_k[None, :]
     x_ptrs = x_ptr + token * H + offs_k
     if FP8:
-        GROUPS: tl.constexpr = H // 128
+        GROUPS: tl.constexpr = H // 128       # exact: the decode path takes FP8 only where H and I are multiples of 128
         xs_ptrs = x_scale_ptr + token * GROUPS + offs_k // 128
         if W_SCALE_PER_BLOCK:     # [L, 2I / 128, H / 128]: this tile's gate rows and up rows are one block each
             ws_g_ptrs = w_scale_ptr + expert.to(tl.int64) * (2 * I // 128 * GROUPS) \

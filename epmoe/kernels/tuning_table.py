@@ -303,6 +303,8 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
                 cfg = replace(cfg, gluon=False)
             origin = table.copied.get((key, t))
             copied = f", copied from {origin}: not timed on this table's GPU" if origin else ""
+            if by_t[t].gate_up.stack_gate_up and not cfg.gate_up.stack_gate_up:
+                copied += ", its gate+up unstacked (stack_gate_up cannot run at this I and format)"
             return cfg, f"{os.path.basename(path)}[{key}][T={t}]{copied}"
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
 
@@ -325,6 +327,7 @@ def _format_bytes(fmt: str) -> tuple[bool, int]:
 
 def fit_to_problem(cfg: MoEKernelConfig, hidden: int, inter: int, fmt: str) -> MoEKernelConfig:
     """`cfg` as every table or heuristic configuration is used: tiles shrunk to a small problem, FP8's K
-    tile (and gate+up N tile) pinned to the scale group of 128, stages dropped until shared memory fits."""
+    tile (and gate+up N tile) pinned to the scale group of 128, stages dropped until shared memory fits, the
+    gate+up's stacked products dropped where they cannot run (`can_stack_gate_up`)."""
     fp8, elem = _format_bytes(fmt)
     return _clamp_to_problem(cfg, hidden, inter, fp8, elem, can_stack_gate_up(fmt, inter))
