@@ -534,6 +534,20 @@ def test_down_split_over_k_fp8(preset, monkeypatch):
         _check_layer(layer, (1, 16, 33), bound=3e-2, seed=split)
 
 
+@pytest.mark.parametrize("hidden,inter", [(2880, 256), (1024, 200)])
+def test_block_fp8_experts_whose_scales_differ(hidden, inter):
+    """Block FP8 where H (gpt-oss-120b's 2880) or 2I is no multiple of the 128-row scale block, with experts whose
+    weight scales differ 4x from one to the next (up x 4^(e % 4), down / 4^(e % 4): outputs alike in size): each
+    expert must read its own ceil(rows / 128) scale rows. Seeded experts of one distribution hide a neighbour's
+    scales inside the FP8 bound; these do not. T = 1, 16, 300 against the oracle of the weights the layer holds."""
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=hidden, intermediate_size=inter, dtype=torch.bfloat16,
+                    quant=_fp8("block"))
+    seeded = SeededExperts(replace(cfg, quant=None), seed=29, device="cuda")
+    source = [(g, u * 4.0 ** (e % 4), d / 4.0 ** (e % 4)) for e, (g, u, d) in
+              ((e, seeded[e]) for e in range(cfg.num_experts))]
+    _check_layer(_layer(cfg, source), (1, 16, 300), bound=3e-2)
+
+
 @pytest.mark.parametrize("preset,experts,fmt", [("qwen3-30b-a3b", 16, "fp8_block"), ("gpt-oss-120b", None, "fp8_block"),
                                                 ("mixtral-8x7b", None, "bf16")])
 def test_swap_ab(preset, experts, fmt, monkeypatch):
