@@ -369,6 +369,40 @@ if INTERPRETING:
         # measured ~1e-3 (float32 sums in another order flip a rare intermediate rounding); 3e-2 is the library's
         assert_close(out, ref, 5e-3, context=f"fp8 {granularity}")
 
+    @pytest.mark.parametrize("granularity,act_group", [("block", 128), ("channel", None), ("tensor", 128)])
+    def test_fp8_rows_of_unlike_size(granularity, act_group):
+        """FP8 activations whose rows differ 16x in size (x rows times 1, 4, 16 in turn), checked row by row: a
+        kernel that read another row's activation scale would be off by 4-16x in that row, where random rows of
+        one size (and a norm over all rows) would hide it. Plain, swap-AB, a persistent walk over split tiles
+        and (block weights) stacked gate+up products."""
+        from epmoe.kernels.fused_moe import Fp8Operands
+        from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
+        T, E, k, H, I = 12, 4, 2, 256, 256
+        quant = Fp8Config(weight_block=(128, 128) if granularity == "block" else None,
+                          per_channel_weights=granularity == "channel",
+                          activation="per_token_group" if act_group else "per_token")
+        cfg = MoEConfig(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.float32, quant=quant)
+        experts = random_experts(cfg, seed=61)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(62)) * (4.0 ** (torch.arange(T) % 3))[:, None]
+        ids, w = random_routing(T, E, k, seed=63)
+        q13, s13, q2, s2 = _fp8_weights(experts, granularity)
+        xq, xs = fp8_quantize_torch(x, act_group)
+        ops = Fp8Operands(xs.contiguous(), s13, s2, act_group, quant.weight_block, granularity)
+        ref = _fp8_oracle(cfg, x, ids, w, q13, s13, q2, s2)
+        tma = granularity == "block"
+        configs = [MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, tma=tma), GemmConfig(64, 128, 1, 4, 2, tma=tma)),
+                   MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, swap_ab=True),
+                                   GemmConfig(64, 128, 1, 4, 2, swap_ab=True)),
+                   MoEKernelConfig(32, GemmConfig(128, 128, 1, 4, 2, tma=tma, persistent=True),
+                                   GemmConfig(64, 128, 1, 4, 2, persistent=True), tail_m=16)]
+        if granularity == "block":
+            configs.append(MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, stack_gate_up=True),
+                                           GemmConfig(64, 128, 1, 4, 2)))
+        for config in configs:
+            out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
+            for t in range(T):
+                assert_close(out[t], ref[t], 5e-3, context=f"fp8 {granularity} row {t} {config.describe()}")
+
     @pytest.mark.parametrize("H,I", [(320, 256), (256, 200), (200, 72)])
     def test_block_fp8_partial_scale_blocks(H, I):
         """Block FP8 where H or 2I is no multiple of the 128-row scale block: each expert's weight scales are
