@@ -284,7 +284,7 @@ def test_register_cap_fits_two_8_warp_programs_with_no_spill_in_the_k_loop_sm90(
     assert 2 * (compiled.metadata.shared + SMEM_RESERVED_PER_PROGRAM) <= SM_SHARED_MEMORY, compiled.metadata.shared
 
 
-def test_stacked_gate_up_round_trips_is_served_where_it_runs_and_timed_where_it_fits():
+def test_stacked_gate_up_round_trips_is_served_where_it_runs_and_timed_where_it_fits(tmp_path):
     """`stack_gate_up` written only where set, read back, named in the description; refused with TMA weights,
     the "rescale" promotion and on the down GEMM; a table entry keeps it only for 128x128 block FP8 whose I is a
     multiple of 128 (`fit_to_problem`, the lookup); the tuner times a stacked twin of every gate+up candidate
@@ -307,6 +307,15 @@ def test_stacked_gate_up_round_trips_is_served_where_it_runs_and_timed_where_it_
     for fmt, inter in (("fp8_block", 2880), ("fp8_channel", 768), ("bfloat16", 768)):
         assert fit_to_problem(cfg, 2048, inter, fmt).gate_up == replace(
             fit_to_problem(cfg, 2048, inter, fmt).gate_up, stack_gate_up=False), (fmt, inter)
+    # the lookup serves an entry stacked where it runs, and unstacked, saying so, where it does not
+    path = str(tmp_path / "stacked.json")
+    with open(path, "w") as f:
+        json.dump({"entries": {shape_key(16, 2048, inter, 8, "fp8_block"): {"128": cfg.to_dict()}
+                               for inter in (768, 2880)}}, f)
+    served, said = lookup_config(128, 16, 2048, 768, 8, "fp8_block", paths=[path])
+    assert served.gate_up.stack_gate_up and "unstacked" not in said
+    served, said = lookup_config(128, 16, 2048, 2880, 8, "fp8_block", paths=[path])
+    assert not served.gate_up.stack_gate_up and "gate+up unstacked" in said
     for bm in (16, 32, 64, 128):
         gus, _ = tune.candidates(bm, True, block_scales=True, stack=True)
         twins = [g for g in gus if g.stack_gate_up]

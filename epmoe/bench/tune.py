@@ -160,8 +160,8 @@ def product_registers(g: GemmConfig, block_m: int) -> int:
 
 def register_cap_pays(g: GemmConfig, block_m: int, elem: int) -> bool:
     """Whether capping a gate+up tile's registers at REGISTER_CAP_8_WARPS can put a second program on an SM: a
-    swap-AB tile of 8 warps whose float32 products and sums (gate and up: 4 x block_n x block_m a program) take
-    at least half the cap a thread, as BM32's do (64 of its 130; BM16's 32 of 66-80 need no cap), and whose
+    swap-AB tile of 8 warps whose float32 products and sums (`product_registers`) take at least half the cap a
+    thread, as BM32's do (64 of its 130; BM16's 32 of 66-80 need no cap), and whose
     pipeline leaves room for two programs in the SM's shared memory."""
     return (g.swap_ab and g.num_warps == 8 and 2 * product_registers(g, block_m) >= REGISTER_CAP_8_WARPS
             and 2 * (smem_bytes(block_m, g, elem, 2) + SMEM_RESERVED_PER_PROGRAM) <= SM_SHARED_MEMORY)
@@ -263,8 +263,8 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
     SWAP_AB_MAX_BLOCK_M rows and, for FP8, with 16 warps; for
     FP8 block weights also down 128 wide, and with `rescale` each gate+up candidate with both promotions
     and down 128 wide with both and 256 wide with "rescale" (without it, "sync" only). Every gate+up candidate is
-    timed unstacked; with `stack` (`tuning_table.can_stack_gate_up`) also stacked where it fits (`stack_fits`,
-    the entry's own stacking kept where it does)."""
+    timed unstacked; with `stack` (`tuning_table.can_stack_gate_up`) also stacked where it fits (`stack_fits`:
+    the entry's own stacking among those)."""
     plan = {}
     for T, cfg in _entries(table, tokens, rescale):
         gus = [cfg.gate_up]
@@ -285,9 +285,8 @@ def refine_plan(table: dict, tokens: list[int], rows_per_expert=None, fp8: bool 
             tails.append(cfg.tail_m)
         if cfg.block_m <= SWAP_AB_MAX_BLOCK_M:
             gus, dns = with_register_caps(with_swap_twins(gus), cfg.block_m, 1 if fp8 else 2), with_swap_twins(dns)
-        # each unstacked; with `stack` also stacked where it fits, the entry's own stacking kept where it does
-        gus = with_twins(with_tma_twins(gus), lambda g: (replace(g, stack_gate_up=False),
-                                                          g if stack and stack_fits(g, cfg.block_m) else None))
+        # each unstacked; with `stack` also stacked where it fits (the entry's own stacking among those)
+        gus = with_twins(with_tma_twins(gus), lambda g: (replace(g, stack_gate_up=False),))
         if stack:
             gus = with_stacked_twins(gus, cfg.block_m)
         plan[T] = {(cfg.block_m, t): (gus, with_activation_tma_twins(with_tma_twins(dns))) for t in tails}

@@ -48,7 +48,8 @@ class GemmConfig:
     stack_gate_up: bool = False
 
     def __post_init__(self):
-        for name in ("tma", "persistent", "tma_a", "swap_ab", "stack_gate_up"):       # a table's "false" string is no False
+        # a table's "false" string is no False
+        for name in ("tma", "persistent", "tma_a", "swap_ab", "stack_gate_up"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.max_registers, bool) or not isinstance(self.max_registers, int) or not (
@@ -302,10 +303,10 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
             if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts and within(t, GLUON_REACH)):
                 cfg = replace(cfg, gluon=False)
             origin = table.copied.get((key, t))
-            copied = f", copied from {origin}: not timed on this table's GPU" if origin else ""
+            said = f", copied from {origin}: not timed on this table's GPU" if origin else ""
             if by_t[t].gate_up.stack_gate_up and not cfg.gate_up.stack_gate_up:
-                copied += ", its gate+up unstacked (stack_gate_up cannot run at this I and format)"
-            return cfg, f"{os.path.basename(path)}[{key}][T={t}]{copied}"
+                said += ", its gate+up unstacked (stack_gate_up cannot run at this I and format)"
+            return cfg, f"{os.path.basename(path)}[{key}][T={t}]{said}"
     return heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem), "heuristic"
 
 
