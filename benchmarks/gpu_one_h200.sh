@@ -93,6 +93,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 BUNDLE=${OUT:-./out}
 OUT=$BUNDLE/gpu_one_h200
 mkdir -p "$OUT"
+# what another call left here, found on a reused machine (H100 logs of an earlier session came back from a fresh
+# H200 call on 2026-12-06): files older than a call can last (10 minutes) are dropped, each named, so nothing
+# another call measured comes back as this call's
+find "$BUNDLE" -maxdepth 1 -name gpu_one_h200.tar.gz -mmin +10 -printf 'dropped from an earlier call: %p\n' -delete
+[ -d "$OUT" ] && find "$OUT" -type f -mmin +10 -printf 'dropped from an earlier call: %p\n' -delete
 # a bundle an earlier run of this script left in the same call: its files go on in this one (each run removes
 # its folder at the end, keeping only the bundle)
 if [ -f "$BUNDLE/gpu_one_h200.tar.gz" ]; then tar -C "$BUNDLE" -xzf "$BUNDLE/gpu_one_h200.tar.gz"; fi
