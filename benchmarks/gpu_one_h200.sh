@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on one H100 or H200 (the file names say which), under 10 minutes, in parts (PARTS, in this order):
 #   tests     every single-GPU test (pytest -m "gpu and not multigpu"; TESTS: fewer; TESTS_SECONDS: its limit, default
-#             540: the whole suite took about 400 s on an H100 on 2026-12-06, past the 300 it had)
+#             540: the 160 tests of 9847dd5 took 413 s, past the 300 it had), each test named as it ends (-v), so a
+#             run cut by its limit says which passed (the order and count on a GPU differ from a CPU's collection)
 #   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
 #             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
 #   ws        the block-FP8 experts at the prefill targets (deepseek-v3 32-expert shard T = 4096, 8192;
@@ -153,7 +154,7 @@ for part in $PARTS; do
     case $part in
     tests)
         run "$OUT/pytest_gpu_${GPU}_$DAY.txt" "${TESTS_SECONDS:-540}" \
-            python3 -m pytest ${TESTS:-tests} -q -p no:cacheprovider -m "gpu and not multigpu" ;;
+            python3 -m pytest ${TESTS:-tests} -v -p no:cacheprovider -m "gpu and not multigpu" ;;
     experts)
         run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-300}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
