@@ -29,7 +29,7 @@
 # benchmark cut off by a timeout, every log; rebuilt after each step, so a call killed at its time
 # limit still returns what finished), scaling_*.md and scaling_*.png when the scaling step ran.
 # Raw files are kept in $WORK (default /tmp/epmoe_scaling) across calls on a warm machine, so a later
-# call's scaling step sees the JSONs of earlier calls.
+# call's scaling step sees the JSONs of earlier calls of the same code (same source digest; others are dropped).
 #
 # Suggested calls on nvidia-h200-x8 (30 min of device time in all, 10 min per call):
 #   1. bash benchmarks/gpu_scaling.sh env nccl                  (correctness at 2, 4, 8)
@@ -42,7 +42,15 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-./out}
 WORK=${WORK:-/tmp/epmoe_scaling}
+# raw files of another code's calls (a machine reused by a later session keeps /tmp) would join this code's scaling
+# table: $WORK is kept across calls only while the source digest stays the same; otherwise its files are dropped
+SOURCE=$(python3 -c 'from epmoe.bench.run_env import source_digest; print(source_digest())' 2>/dev/null || echo unknown)
+if [ -d "$WORK/json" ] && [ "$(cat "$WORK/source_sha256" 2>/dev/null)" != "$SOURCE" ]; then
+  echo "dropped $WORK's files: they came from other code (source_sha256 $(cat "$WORK/source_sha256" 2>/dev/null || echo unrecorded))"
+  rm -rf "$WORK/logs" "$WORK/json" "$WORK"/summary.txt "$WORK"/scaling_*
+fi
 mkdir -p "$OUT" "$WORK/logs" "$WORK/json"
+echo "$SOURCE" > "$WORK/source_sha256"
 SUMMARY="$WORK/summary.txt"
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
