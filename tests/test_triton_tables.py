@@ -497,8 +497,8 @@ def test_xcompile_reads_every_bf16_and_block_fp8_configuration_of_a_table(table,
     pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
     from epmoe.kernels.xcompile import table_cases
     path = os.path.join(CONFIG_DIR, table)
-    if table == "capped":         # entries with a register cap, swap-AB and stacked products, which no shipped
-        path = str(tmp_path / "capped.json")      # table has
+    if table == "capped":         # entries with a register cap and swap-AB (as the H200 table's) and stacked
+        path = str(tmp_path / "capped.json")      # products, which no shipped table has
         capped = MoEKernelConfig(32, GemmConfig(128, 128, 1, 8, 3, swap_ab=True, max_registers=128),
                                  GemmConfig(64, 128, 1, 4, 4))
         stacked = replace(capped, gate_up=replace(capped.gate_up, max_registers=0, stack_gate_up=True))
@@ -693,6 +693,75 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
         assert best[T] == (paths[winner], 0.5)
     assert seen["kernels"].settle_ms == 0 and seen["kernels"].clock is clock
     assert seen["race"].settle_ms == 250.0 and seen["race"].clock is clock
+
+
+def test_tune_writes_each_batch_size_as_it_is_decided(monkeypatch, tmp_path):
+    """`epmoe tune` writes each T's entry as soon as that T is decided (`entry_writer` as `tune_problem`'s
+    `on_best`): a tune stopped while it times the next T (here its race interrupted) keeps the T it finished, the
+    table whole and no temporary file beside it. With --no-gluon's `keep_gluon_of` an entry keeps its `gluon`."""
+    import torch
+    from epmoe import MoEConfig
+    from epmoe.bench import gpu_timing, tune
+    from epmoe.layouts import ExpertWeights
+
+    monkeypatch.setattr(gpu_timing, "GpuTimer", lambda device: gpu_timing.Timer(object()))
+    monkeypatch.setattr(tune, "_time_candidates", lambda problem, T, bm, gus, dns, *a, **k: ({gus[0]: 1.0},
+                                                                                            {dns[0]: 1.0}))
+    monkeypatch.setattr(tune, "compile_jobs", lambda *a, **k: [])
+    monkeypatch.setattr(tune, "_gluon_experts", lambda problem: (None, "not on this machine"))
+    raced = []
+
+    def fake_race(problem, T, paths, ws, timer, reps, gen, console):
+        raced.append(T)
+        if T == 512:
+            with open(path) as f:                       # the first T is in the table before the second is timed
+                assert set(json.load(f)["entries"][key]) == {"128"}
+            raise KeyboardInterrupt                     # stopped part way
+        return {name: 0.25 for name in paths}
+
+    monkeypatch.setattr(tune, "_race", fake_race)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float16)
+    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.float16), torch.zeros(4, 64, 32, dtype=torch.float16))
+    problem = tune.Problem(cfg, "float16", weights, False)
+    g = GemmConfig(64, 64, 1, 4, 3)
+    plan = {T: {(32, 0): ([g], [g])} for T in (128, 512)}
+    path, key = str(tmp_path / "table.json"), shape_key(4, 64, 32, 2, "float16")
+    other = shape_key(8, 64, 32, 2, "float16")
+    tune.merge_into_table(path, other, {1: (MoEKernelConfig(16, g, g), 0.1)}, {"device": "test"})
+    before = MoEKernelConfig(32, g, g, gluon=True)
+    write = tune.entry_writer(path, key, {"device": "test", "date": "today"}, keep_gluon_of={128: before})
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune_problem(problem, [128, 512], reps=1, plan=plan, show_progress=False, on_best=write)
+    assert raced == [128, 512]
+    with open(path) as f:
+        data = json.load(f)
+    assert set(data["entries"]) == {other, key} and set(data["entries"][key]) == {"128"}
+    entry = data["entries"][key]["128"]
+    assert entry["measured_ms"] == 0.25 and entry["gluon"] is True and entry["measured"] == "end_to_end_tiles"
+    assert data["date"] == "today"
+    assert sorted(os.listdir(tmp_path)) == ["table.json"]
+
+
+def test_table_write_stopped_part_way_leaves_the_table_as_it_was(monkeypatch, tmp_path):
+    """`merge_into_table` writes the table beside it and moves it over: a write that fails part way (a full disk,
+    a kill) leaves the old table whole and no temporary file."""
+    from epmoe.bench import tune
+    g = GemmConfig(64, 64, 1, 4, 3)
+    path, key = str(tmp_path / "table.json"), shape_key(4, 64, 32, 2, "float16")
+    tune.merge_into_table(path, key, {1: (MoEKernelConfig(16, g, g), 0.1)}, {"device": "test"})
+    with open(path) as f:
+        old = f.read()
+
+    def half_then_fail(data, f, **kw):
+        f.write(json.dumps(data)[:20])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tune.json, "dump", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        tune.merge_into_table(path, key, {128: (MoEKernelConfig(32, g, g), 0.2)}, {"device": "test"})
+    with open(path) as f:
+        assert f.read() == old
+    assert sorted(os.listdir(tmp_path)) == ["table.json"]
 
 
 def test_tune_names_only_batch_sizes_whose_running_path_changed():

@@ -13,8 +13,9 @@ can run (Hopper, BF16 and 128x128 block FP8) and a tile has GLUON_MIN_ROWS rows 
 T before this tune (an entry at T or near it, or the heuristic), which stays unless beaten by more than
 SERVED_MARGIN. A decode or Gluon winner keeps the fastest tiles for the batches those do not take. In the race
 each path first runs back to back for --settle-ms, so that on a GPU at its power limit the path timed first
-does not start at a higher clock. The winners, with their end-to-end times, are merged into the table of this
-GPU (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads. An entry
+does not start at a higher clock. Each winner, with its end-to-end time, is merged into the table of this GPU
+(`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads, as soon as its T
+is decided, the file replaced whole: a tune stopped part way keeps the T it finished and a whole table. An entry
 serves every batch within a factor TABLE_REACH of its T, so a new one can hand its tiles to batch sizes nobody
 timed them at: after writing, the tuner names the powers of two from 1 to 16384 not tuned in this run whose
 configuration changed, with the --tokens that would time them.
@@ -521,7 +522,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                  console=None, plan: dict | None = None, verbose: bool = False, show_progress: bool = True,
                  rescale: bool = False, gluon: bool = True,
                  before: dict[int, MoEKernelConfig] | None = None,
-                 settle_ms: float = END_TO_END_SETTLE_MS) -> dict[int, tuple[MoEKernelConfig, float]]:
+                 settle_ms: float = END_TO_END_SETTLE_MS,
+                 on_best=None) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration for each T and its time in ms, the whole experts op end to end. `pool`: a process
     pool that compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m):
     (gate_ups, downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
@@ -529,7 +531,9 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     best, the decode kernels (T <= GEMV_MAX_TOKENS), the Gluon pipeline (`gluon`, where it can run) and
     `before` (what the lookup served at T before this tune, by T: `served_at`) race end to end (`_race`),
     and `end_to_end_choice` picks: what was served stays unless something beats it whole.
-    `settle_ms`: how long each path of those end-to-end comparisons runs before it is timed."""
+    `settle_ms`: how long each path of those end-to-end comparisons runs before it is timed. `on_best(T, (config,
+    ms))`: called as each T is decided, before the next T is timed (`epmoe tune` writes it to the table then, so a
+    tune cut short keeps the batch sizes it finished)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .gpu_timing import GpuTimer, Timer
     L, H, I, k = problem.sizes
@@ -608,6 +612,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             best[T] = (with_fastest_tiles(chosen, ends, paths), ends[chosen])
             progress.console.print(escape(f"  T={T:5d}: {best[T][0].describe()}  {ends[chosen]:.4f} ms end to "
                                           f"end ({chosen})"), soft_wrap=True)
+            if on_best is not None:
+                on_best(T, best[T])
     return best
 
 
@@ -818,9 +824,18 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
     for T, (cfg, ms) in best.items():
         entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured=(measured or {}).get(T, "end_to_end"))
     entries[key] = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # written whole beside it, then moved over it: a tune killed mid-write leaves the table as it was
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 # the batch sizes whose configuration `epmoe tune` compares before and after it writes a shape's entries: an entry
@@ -898,7 +913,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=10, help="timed repeats per candidate (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                    help="parallel compile processes (default: %(default)s)")
-    p.add_argument("--output", default=None, help="table to merge into (default: this GPU's table in the package)")
+    p.add_argument("--output", default=None,
+                   help="table to merge into (default: this GPU's table in the package); each T's entry is "
+                        "written as soon as that T is decided")
     p.add_argument("--refine", action="store_true",
                    help="time only the table's configuration for each T against its TMA twin, tail tiles and "
                         "(FP8) 16 warps (quick)")
@@ -929,6 +946,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "that on a GPU at its power limit the path timed first does not start at a higher clock "
                         "(default: %(default)g; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+
+
+def entry_writer(path: str, key: str, extra: dict, seed_from: str | None = None, keep_gluon_of: dict | None = None,
+                 console=None):
+    """`on_best` for `tune_problem`: each T's (config, ms) merged into the table at `path` under `key` as soon as it
+    is decided (`merge_into_table`, which replaces the file whole), so a tune stopped part way keeps the T it
+    finished. `keep_gluon_of` (--no-gluon: this GPU's entry before the tune, {T: config}): `gluon` kept where it
+    had it (`keeping_gluon`)."""
+    def write(T: int, result: tuple[MoEKernelConfig, float]) -> None:
+        one, measured = keeping_gluon({T: result}, keep_gluon_of) if keep_gluon_of is not None else ({T: result}, {})
+        merge_into_table(path, key, one, extra, seed_from=seed_from, measured=measured)
+        _load_table.cache_clear()
+        if console is not None:
+            console.print(escape(f"    T={T} written to {path}"))
+    return write
 
 
 def keeping_gluon(best: dict, own: dict) -> tuple[dict, dict]:
@@ -1043,15 +1075,9 @@ def main(args) -> int:
             # what the lookup serves before this tune: each T's rival end to end, and the neighbours' before
             served = configs_served(sorted(set(NEIGHBOUR_SIZES) | set(tokens)), L, H, I, k, problem.fmt,
                                     paths=lookup_paths(path, own_table, device))
-            best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
-                                plan=plan, verbose=args.verbosity > 0,
-                                show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon, before=served_at(tokens, served),
-                                settle_ms=args.settle_ms)
-            measured = {}
-            if args.no_gluon:
-                best, measured = keeping_gluon(best, _load_table(path).get(key, {}) if os.path.exists(path) else {})
-            merge_into_table(path, key, best, {
+            # this GPU's entry before the tune: --no-gluon keeps its `gluon` marks
+            own = (_load_table(path).get(key, {}) if os.path.exists(path) else {}) if args.no_gluon else None
+            write = entry_writer(path, key, {
                 "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                 "method": "each BLOCK_M's gate_up and down candidates ranked by their kernels' times (median, "
@@ -1061,8 +1087,12 @@ def main(args) -> int:
                           "measured_ms of an entry with measured=end_to_end (end_to_end_tiles: its tiles' time, "
                           "a gluon entry rewritten by --no-gluon). Entries without that mark were written "
                           "before: gate_up + down kernel time, or end to end where they have gemv or gluon"},
-                seed_from=source if quick and source != path else None, measured=measured)
-            _load_table.cache_clear()
+                seed_from=source if quick and source != path else None, keep_gluon_of=own, console=console)
+            best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
+                                plan=plan, verbose=args.verbosity > 0,
+                                show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
+                                gluon=not args.no_gluon, before=served_at(tokens, served),
+                                settle_ms=args.settle_ms, on_best=write)
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             # looked up again after the write (the table may exist only now)
             now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
