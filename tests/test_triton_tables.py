@@ -742,6 +742,29 @@ def test_tune_writes_each_batch_size_as_it_is_decided(monkeypatch, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["table.json"]
 
 
+def test_tune_writes_nothing_where_no_batch_size_was_decided(monkeypatch, tmp_path):
+    """Every path failing end to end decides no T: nothing is written, so no empty entry for the shape (the
+    lookup takes the first table that has a shape's key) appears in the table."""
+    import torch
+    from epmoe import MoEConfig
+    from epmoe.bench import gpu_timing, tune
+    from epmoe.layouts import ExpertWeights
+
+    monkeypatch.setattr(gpu_timing, "GpuTimer", lambda device: gpu_timing.Timer(object()))
+    monkeypatch.setattr(tune, "_time_candidates", lambda problem, T, bm, gus, dns, *a, **k: ({gus[0]: 1.0},
+                                                                                            {dns[0]: 1.0}))
+    monkeypatch.setattr(tune, "compile_jobs", lambda *a, **k: [])
+    monkeypatch.setattr(tune, "_race", lambda problem, T, paths, *a: {name: float("inf") for name in paths})
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float16)
+    weights = ExpertWeights(torch.zeros(4, 64, 64, dtype=torch.float16), torch.zeros(4, 64, 32, dtype=torch.float16))
+    g = GemmConfig(64, 64, 1, 4, 3)
+    path = str(tmp_path / "table.json")
+    write = tune.entry_writer(path, shape_key(4, 64, 32, 2, "float16"), {"device": "test"})
+    best = tune.tune_problem(tune.Problem(cfg, "float16", weights, False), [128], reps=1,
+                             plan={128: {(32, 0): ([g], [g])}}, show_progress=False, on_best=write)
+    assert best == {} and not os.path.exists(path)
+
+
 def test_table_write_stopped_part_way_leaves_the_table_as_it_was(monkeypatch, tmp_path):
     """`merge_into_table` writes the table beside it and moves it over: a write that fails part way (a full disk,
     a kill) leaves the old table whole and no temporary file."""
