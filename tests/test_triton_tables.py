@@ -765,6 +765,33 @@ def test_tune_writes_nothing_where_no_batch_size_was_decided(monkeypatch, tmp_pa
     assert best == {} and not os.path.exists(path)
 
 
+def test_tune_stopped_part_way_says_what_was_written_and_what_was_not():
+    """Ctrl-C, or SIGTERM from a time limit (raised as KeyboardInterrupt in the main thread), stops `epmoe tune`
+    with a report: the entries written stay in the table, each shape begun with its T written, the T of the shape
+    it stopped in not tuned (as --tokens to run again) and the shapes not begun."""
+    import signal
+    import time
+    from epmoe.bench import tune
+    report = tune.stopped_report("/t/NVIDIA_H200.json", [1, 16, 512], [("A", [1, 16, 512]), ("B", [16])], 3)
+    assert report.splitlines() == [
+        "epmoe tune: stopped. The entries written before it stay in /t/NVIDIA_H200.json:",
+        "  A: T = 1, 16, 512 written",
+        "  B: T = 16 written",
+        "  not tuned: B at --tokens 1,512",
+        "  not begun: 1 of the 3 shape/format pairs asked for"]
+    assert tune.stopped_report("/t.json", [8], [("A", [])], 1).splitlines()[1:] == [
+        "  A: nothing written", "  not tuned: A at --tokens 8"]
+    before = signal.getsignal(signal.SIGTERM)
+    previous = tune._sigterm_as_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)                           # the handler raises before this returns
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert previous == before and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_table_write_stopped_part_way_leaves_the_table_as_it_was(monkeypatch, tmp_path):
     """`merge_into_table` writes the table beside it and moves it over: a write that fails part way (a full disk,
     a kill) leaves the old table whole and no temporary file."""

@@ -15,7 +15,8 @@ SERVED_MARGIN. A decode or Gluon winner keeps the fastest tiles for the batches 
 each path first runs back to back for --settle-ms, so that on a GPU at its power limit the path timed first
 does not start at a higher clock. Each winner, with its end-to-end time, is merged into the table of this GPU
 (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads, as soon as its T
-is decided, the file replaced whole: a tune stopped part way keeps the T it finished and a whole table. An entry
+is decided, the file replaced whole: a tune stopped part way (Ctrl-C, or SIGTERM from a time limit) keeps the T
+it finished and a whole table, and says what it did not tune (exit status 130). An entry
 serves every batch within a factor TABLE_REACH of its T, so a new one can hand its tiles to batch sizes nobody
 timed them at: after writing, the tuner names the powers of two from 1 to 16384 not tuned in this run whose
 configuration changed, with the --tokens that would time them.
@@ -33,6 +34,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -949,18 +951,50 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def entry_writer(path: str, key: str, extra: dict, seed_from: str | None = None, keep_gluon_of: dict | None = None,
-                 console=None):
+                 console=None, written: list | None = None):
     """`on_best` for `tune_problem`: each T's (config, ms) merged into the table at `path` under `key` as soon as it
     is decided (`merge_into_table`, which replaces the file whole), so a tune stopped part way keeps the T it
     finished. `keep_gluon_of` (--no-gluon: this GPU's entry before the tune, {T: config}): `gluon` kept where it
-    had it (`keeping_gluon`)."""
+    had it (`keeping_gluon`). `written`: a list each T is appended to once it is in the table."""
     def write(T: int, result: tuple[MoEKernelConfig, float]) -> None:
         one, measured = keeping_gluon({T: result}, keep_gluon_of) if keep_gluon_of is not None else ({T: result}, {})
         merge_into_table(path, key, one, extra, seed_from=seed_from, measured=measured)
         _load_table.cache_clear()
+        if written is not None:
+            written.append(T)
         if console is not None:
             console.print(escape(f"    T={T} written to {path}"))
     return write
+
+
+def stopped_report(path: str, tokens: list[int], begun: list[tuple[str, list[int]]], shapes: int) -> str:
+    """What `epmoe tune` says when stopped part way (Ctrl-C, or SIGTERM from a time limit): the entries written
+    before it, which stay in the table, and what was not tuned (`begun`: each shape begun, with its T written)."""
+    lines = [f"epmoe tune: stopped. The entries written before it stay in {path}:"]
+    for key, written in begun:
+        lines.append(f"  {key}: " + (f"T = {', '.join(map(str, sorted(written)))} written" if written
+                                      else "nothing written"))
+    if begun:
+        key, written = begun[-1]
+        rest = [T for T in tokens if T not in written]
+        if rest:
+            lines.append(f"  not tuned: {key} at --tokens {','.join(map(str, rest))}")
+    if shapes > len(begun):
+        lines.append(f"  not begun: {shapes - len(begun)} of the {shapes} shape/format pairs asked for")
+    return "\n".join(lines)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (what `timeout` sends) raised as KeyboardInterrupt in the main thread, so a tune stopped by a time
+    limit reports what it wrote and shuts its compile workers down; the handler it replaced (None off the main
+    thread, where none is installed)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def keeping_gluon(best: dict, own: dict) -> tuple[dict, dict]:
@@ -1039,13 +1073,16 @@ def main(args) -> int:
                   f"{args.settle_ms:g} ms")
     tokens = token_counts(args.tokens)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    problems = _problem_configs(args)
+    begun: list[tuple[str, list[int]]] = []         # each shape begun, with the T written for it so far
     pool = None
     if args.jobs > 1:
         import multiprocessing as mp
         pool = ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init)
+    sigterm = _sigterm_as_interrupt()
     try:
-        for fmt, cfg in _problem_configs(args):
+        for fmt, cfg in problems:
             weights, _ = make_weights(cfg, device, gen)
             fp8 = cfg.quant is not None
             gran = cfg.quant.weight_granularity if fp8 else None
@@ -1053,6 +1090,8 @@ def main(args) -> int:
             L, H, I, k = problem.sizes
             key = shape_key(L, H, I, k, problem.fmt)
             console.print(f"[bold]{escape(str(key))}[/bold] on {escape(gpu)}")
+            written: list[int] = []
+            begun.append((key, written))
             plan = None
             quick = args.refine or args.persistent or args.gluon
             source = path
@@ -1087,7 +1126,8 @@ def main(args) -> int:
                           "measured_ms of an entry with measured=end_to_end (end_to_end_tiles: its tiles' time, "
                           "a gluon entry rewritten by --no-gluon). Entries without that mark were written "
                           "before: gate_up + down kernel time, or end to end where they have gemv or gluon"},
-                seed_from=source if quick and source != path else None, keep_gluon_of=own, console=console)
+                seed_from=source if quick and source != path else None, keep_gluon_of=own, console=console,
+                written=written)
             best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
@@ -1100,7 +1140,12 @@ def main(args) -> int:
             report_taken_over(console, key, taken_over(served, now, best, decode_path_takes(problem)))
             del weights
             torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        console.print(escape(stopped_report(path, tokens, begun, len(problems))), soft_wrap=True)
+        return 130
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     return 0
