@@ -792,6 +792,60 @@ def test_tune_stopped_part_way_says_what_was_written_and_what_was_not():
     assert previous == before and signal.getsignal(signal.SIGTERM) == before
 
 
+@pytest.mark.parametrize("stop_at", [None, 512])
+def test_tune_main_writes_as_it_goes_and_reports_a_stop(monkeypatch, tmp_path, capsys, stop_at):
+    """`epmoe tune` end to end on the CPU, its GPU stood in for (the device's name, the weights, `tune_problem`):
+    each T's entry is in --output as soon as `tune_problem` decides it; stopped at the second T (as SIGTERM from
+    a time limit would), it exits 130 naming the T written and the --tokens not tuned, the table whole."""
+    pytest.importorskip("triton", reason="epmoe tune reports triton's version")
+    import argparse
+    import torch
+    from epmoe.bench import experts as bench_experts
+    from epmoe.bench import tune
+    from epmoe.layouts import ExpertWeights
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    real_generator = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
+    monkeypatch.setattr(bench_experts, "make_weights", lambda cfg, device, gen: (ExpertWeights(
+        torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16)), None))
+    g = GemmConfig(64, 64, 1, 4, 3)
+    path = str(tmp_path / "table.json")
+
+    def fake_tune(problem, tokens, on_best=None, **kw):
+        best = {}
+        for T in tokens:
+            if T == stop_at:
+                with open(path) as f:           # what was decided before is in the table already
+                    assert list(json.load(f)["entries"][key]) == [str(t) for t in best]
+                raise KeyboardInterrupt
+            best[T] = (MoEKernelConfig(16 if T < 64 else 32, g, g), 0.01 * T)
+            on_best(T, best[T])
+        return best
+
+    monkeypatch.setattr(tune, "tune_problem", fake_tune)
+    key = shape_key(4, 64, 32, 2, "bfloat16")
+    p = argparse.ArgumentParser()
+    tune.configure_parser(p)
+    args = p.parse_args(["--local-experts", "4", "--hidden", "64", "--inter", "32", "--top-k", "2",
+                         "--tokens", "16,512,1024", "--output", path, "--jobs", "1"])
+    args.verbosity = 0
+    status = tune.main(args)
+    out = capsys.readouterr().out
+    with open(path) as f:
+        entries = json.load(f)["entries"][key]
+    if stop_at is None:
+        assert status == 0 and list(entries) == ["16", "512", "1024"]
+        assert entries["512"]["measured_ms"] == 5.12 and "wrote 3 configurations" in out
+    else:
+        assert status == 130 and list(entries) == ["16"]
+        assert "stopped" in out and f"{key}: T = 16 written" in out and "--tokens 512,1024" in out
+    assert sorted(os.listdir(tmp_path)) == ["table.json"]
+
+
 def test_table_write_stopped_part_way_leaves_the_table_as_it_was(monkeypatch, tmp_path):
     """`merge_into_table` writes the table beside it and moves it over: a write that fails part way (a full disk,
     a kill) leaves the old table whole and no temporary file."""
