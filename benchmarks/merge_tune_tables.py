@@ -63,8 +63,6 @@ def merge_calls(table: dict, calls: list[tuple[str, dict, dict]]) -> tuple[dict,
             done[(key, T)] = name
             merged["entries"].setdefault(key, {})[T] = cfg
         merged.update({k: v for k, v in after.items() if k != "entries"})
-    for key, entry in merged["entries"].items():
-        merged["entries"][key] = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
     return merged, [(name, key, T) for (key, T), name in done.items()]
 
 
@@ -89,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if not done:
         print("no call changed an entry")
     if not args.check:
-        with open(args.table, "w") as f:
-            json.dump(merged, f, indent=1)
+        from epmoe.bench.tune import write_table     # each shape's T in order; the file replaced whole
+        write_table(args.table, merged)
     return 0
 
 

@@ -825,10 +825,16 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
     entry = entries.setdefault(key, {})
     for T, (cfg, ms) in best.items():
         entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured=(measured or {}).get(T, "end_to_end"))
-    entries[key] = dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
+    write_table(path, data)
+
+
+def write_table(path: str, data: dict) -> None:
+    """A table (`data`: its fields and "entries") written to `path`, each shape's entries in order of T; written
+    whole beside it, then moved over it, so a writer killed part way leaves the table as it was."""
+    data["entries"] = {key: dict(sorted(entry.items(), key=lambda kv: int(kv[0])))
+                       for key, entry in data["entries"].items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # written whole beside it, then moved over it: a tune killed mid-write leaves the table as it was
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
