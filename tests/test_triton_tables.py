@@ -951,3 +951,82 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     again = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path, False))
     assert again[16][1] == f"t.json[{key}][T=64]" and after[16][1] == f"t.json[{key}][T=128]"
     assert [T for T, _, _ in tune.taken_over(after, again, best)] == [8]
+
+
+def _specialization(arg, param) -> tuple:
+    """What Triton's JIT keys a compiled kernel on for one non-constexpr argument (its cache key holds it): a
+    pointer's dtype and, unless the parameter says `do_not_specialize_on_alignment`, whether its address is a
+    multiple of 16 (a warmup's dtype stand-in, `MockTensor`, counts as aligned); an int's 1 or multiple of 16
+    unless `do_not_specialize`; a tensor descriptor's dtype and block shape."""
+    import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    if arg is None:
+        return ("none",)
+    if isinstance(arg, torch.dtype):
+        return ("ptr", arg, not param.do_not_specialize_on_alignment)
+    if isinstance(arg, TensorDescriptor):
+        return ("desc", arg.base.dtype, tuple(arg.block_shape))
+    if isinstance(arg, torch.Tensor):
+        return ("ptr", arg.dtype, not param.do_not_specialize_on_alignment and arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool) or not isinstance(arg, int) or param.do_not_specialize:
+        return (type(arg).__name__,)
+    return ("int", arg == 1, arg % 16 == 0)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_block", "bfloat16"])
+def test_tune_compiles_in_its_workers_the_kernels_its_timings_launch(fmt, monkeypatch):
+    """The tuner compiles every candidate in a pool of workers (`compile_jobs`, dtype stand-ins for tensors),
+    then launches each on real operands in the timing process (`KernelInputs`): each launch must find the
+    kernel its worker compiled, or the timing process compiles it again, one candidate after another. The
+    split layout's tail launch reads slices of the tile list and tile counts (`tile_launches`) whose addresses
+    are not multiples of 16: with those pointers specialized on alignment every tail launch missed (each
+    candidate of a split layout compiled twice, the second time alone). Checked here as Triton keys its cache
+    (`_specialization`), launches recorded, nothing run."""
+    pytest.importorskip("triton")
+    import torch
+
+    from epmoe.bench import tune
+    from epmoe.bench.experts import make_weights
+    from epmoe import MoEConfig
+    from epmoe.kernels import fused_moe, moe_align
+    from epmoe.quant.fp8 import Fp8Config
+
+    launches = []
+
+    def record(kernel, grid, args, meta, warmup):
+        params = [p for p in kernel.params if not p.is_constexpr]
+        assert len(params) == len(args)
+        spec = tuple(_specialization(a, p) for a, p in zip(args, params))
+        launches.append((warmup, spec, tuple(sorted((k, str(v)) for k, v in meta.items()))))
+
+    class NoLaunch:                # the alignment's kernels: only the shapes of what they fill matter here
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    for name in ("_align_single_program_kernel", "_count_kernel", "_scan_kernel", "_scatter_kernel"):
+        monkeypatch.setattr(moe_align, name, NoLaunch())
+    monkeypatch.setattr(fused_moe, "_run", record)
+    fp8 = fmt == "fp8_block"
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256, dtype=torch.bfloat16,
+                    quant=Fp8Config(weight_block=(128, 128), activation="per_token_group") if fp8 else None)
+    weights, _ = make_weights(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    problem = tune.Problem(cfg, fmt, weights, fp8)
+    gen = torch.Generator().manual_seed(1)
+    tails_seen = 0
+    for bm, tail, T in ((64, 0, 300), (64, 16, 300), (32, 16, 77), (128, 32, 1000)):
+        gus, dns = tune.candidates(bm, fp8, block_scales=fp8)
+        gus, dns = gus[:6] + gus[-6:], dns[:6] + dns[-6:]
+        launches.clear()
+        for job in tune.compile_jobs(problem, bm, gus, dns, tail):
+            (fused_moe.launch_gate_up if job[0] == "gate_up" else fused_moe.launch_down)(warmup=True, **job[1])
+        compiled = {(spec, meta) for warm, spec, meta in launches if warm}
+        inputs = tune.KernelInputs(problem, T, bm, gen, tail)
+        tails_seen += len(inputs.launches) - 1
+        launches.clear()
+        for g in gus:
+            inputs.gate_up(g)
+        for g in dns:
+            inputs.down(g)
+        assert launches and not any(warm for warm, _, _ in launches)
+        missed = [meta for _, spec, meta in launches if (spec, meta) not in compiled]
+        assert not missed, f"BM{bm}+{tail} T={T}: {len(missed)} of {len(launches)} launches compile again"
+    assert tails_seen == 3           # the three split layouts launched their tail tiles too

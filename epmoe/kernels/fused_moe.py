@@ -116,7 +116,12 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["num_pairs", "capacity"])
+# The tile list and its counts are read one int at a time, so their addresses' alignment buys nothing; a split
+# layout's tail launch reads slices of both (`tile_launches`) at addresses that are not multiples of 16, which,
+# specialized on, would compile a second kernel of every tile configuration, and the tuner's compile workers
+# (dtype stand-ins: aligned) would compile the wrong one.
+@triton.jit(do_not_specialize=["num_pairs", "capacity"],
+            do_not_specialize_on_alignment=["block_expert_ptr", "num_padded_ptr"])
 def moe_gemm_kernel(
         a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
         sorted_ids_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,

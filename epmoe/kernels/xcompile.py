@@ -4,7 +4,7 @@
 
 Uses `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the pointer arguments
 marked 16-byte divisible (what the JIT specializes on a real launch; without it the loads are not
-pipelined), then `cuobjdump -res-usage` on the cubin. Registers, local memory (spills) and shared memory
+pipelined) but for those the kernel says not to specialize on alignment, then `cuobjdump -res-usage` on the cubin. Registers, local memory (spills) and shared memory
 per kernel configuration, the local accesses inside its K loops and its SASS length; with --table, every
 configuration of a tuning table as well; with --ir, the TTGIR and PTX of each are written there (to check
 pipelining and wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use
@@ -77,8 +77,8 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
         types[0] = f"tensordesc<{types[0]}[{bm}, {bk}]>"
     for i, t in enumerate(types):
         sig[names[i]] = t if t.startswith("tensordesc") else "*" + t
-        if not t.startswith("tensordesc"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
+        if not t.startswith("tensordesc") and not fn.params[i].do_not_specialize_on_alignment:
+            attrs[(i,)] = [["tt.divisibility", 16]]       # as the JIT marks an aligned pointer it specializes
     sig["num_pairs"] = "i32"
     sig["capacity"] = "i32"
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
