@@ -17,7 +17,8 @@
 #             benchmarks/merge_tune_tables.py, which refuses an entry two calls changed; the tuner writes each T
 #             as it is decided, so a part cut by its limit keeps the batch sizes it finished); one batch size of a wide
 #             block-FP8 shape takes about 4-5 minutes (the deepseek-v3 shard at T = 512 on an H100: 196 compiles,
-#             192 candidates timed), a small one 1-3.5 (the qwen3 16-expert shard at T = 1 and 128)
+#             192 candidates timed), a small one 1-3.5 (the qwen3 16-expert shard at T = 1 and 128); TUNE_PROFILE=1:
+#             each set under cProfile, its 25 most costly functions in the log and the profile kept
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
@@ -233,13 +234,21 @@ for part in $PARTS; do
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
         run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" bash -c '
-            set -f; status=0; IFS=";"
+            set -f; status=0; n=0; IFS=";"
             for set in $0; do
                 unset IFS                                         # words split as usual inside a set
                 [ -z "${set//[[:space:]]/}" ] && continue       # an empty set (a trailing ";") is no tune
-                echo "## epmoe tune $set"; python3 -m epmoe tune $set || status=1
+                n=$((n + 1)); prof=()
+                [ -n "$1" ] && prof=(-m cProfile -o "$1/tune_profile_$n.prof")
+                echo "## epmoe tune $set"; python3 "${prof[@]}" -m epmoe tune $set || status=1
+                if [ -n "$1" ]; then                           # where the timing process spent its time
+                    echo "## its profile (the compile workers not included), by own time"
+                    python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats(\"tottime\").print_stats(25)" \
+                        "$1/tune_profile_$n.prof" | grep -v "^$"
+                fi
             done
-            exit $status' "${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}"
+            exit $status' "${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}" \
+            "${TUNE_PROFILE:+$OUT}"
         cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;
     gluon_tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
