@@ -1030,3 +1030,38 @@ def test_tune_compiles_in_its_workers_the_kernels_its_timings_launch(fmt, monkey
         missed = [meta for _, spec, meta in launches if (spec, meta) not in compiled]
         assert not missed, f"BM{bm}+{tail} T={T}: {len(missed)} of {len(launches)} launches compile again"
     assert tails_seen == 3           # the three split layouts launched their tail tiles too
+
+
+def test_tile_list_alignment_is_not_specialized_and_would_change_no_instruction_sm90():
+    """`moe_gemm_kernel` does not specialize the tile list and its counts on alignment (a split layout's tail
+    launch reads them at addresses that are not multiples of 16). Marked aligned, as before, the kernel compiles
+    to the same SASS: the hint bought nothing. One tail-tile configuration (a swap-AB down GEMM of 16 rows,
+    listed tiles), compiled for sm_90 both ways; no GPU needed."""
+    pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
+    import re
+
+    from epmoe.kernels import fused_moe
+    from epmoe.kernels.xcompile import CrossCompileUnavailable, _cuobjdump, compile_case
+    fn = fused_moe.moe_gemm_kernel
+    params = [p for p in fn.params if p.do_not_specialize_on_alignment]
+    assert {p.name for p in params} == {"block_expert_ptr", "num_padded_ptr"}
+
+    def sass() -> list[str]:
+        try:
+            compiled = compile_case("down", 2048, 768, 8, "fp8", 16, 128, 128, 4, 5, False, False, 1, swap_ab=True)
+        except CrossCompileUnavailable as exc:
+            pytest.skip(str(exc))
+        text = _cuobjdump(compiled, "-sass")
+        if not text:
+            pytest.skip("this Triton ships no cuobjdump that reads its cubin: the SASS cannot be read")
+        return [re.sub(r"/\*[0-9a-f]+\*/", "", line).strip() for line in text.splitlines()
+                if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    unaligned = sass()
+    try:
+        for p in params:
+            p.do_not_specialize_on_alignment = False
+        aligned = sass()
+    finally:
+        for p in params:
+            p.do_not_specialize_on_alignment = True
+    assert len(unaligned) > 100 and unaligned == aligned
