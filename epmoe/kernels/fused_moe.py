@@ -822,11 +822,11 @@ def tile_launches(aligned, block_m: int, tail_m: int) -> list[dict]:
         return [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.block_expert,
                      num_padded=aligned.num_padded, capacity=0, row_blocks=aligned.max_blocks,
                      block_m=block_m, tile_mode=0)]
-    launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles, num_padded=aligned.tile_counts,
+    (body, body_count), (tail, tail_count) = aligned.body_tiles(), aligned.tail_tiles()
+    launches = [dict(sorted_ids=aligned.sorted_ids, block_expert=body, num_padded=body_count,
                      capacity=0, row_blocks=aligned.max_body, block_m=block_m, tile_mode=1),
-                dict(sorted_ids=aligned.sorted_ids, block_expert=aligned.tiles[aligned.max_body:],
-                     num_padded=aligned.tile_counts[1:], capacity=0, row_blocks=aligned.max_tail,
-                     block_m=tail_m, tile_mode=1)]
+                dict(sorted_ids=aligned.sorted_ids, block_expert=tail, num_padded=tail_count,
+                     capacity=0, row_blocks=aligned.max_tail, block_m=tail_m, tile_mode=1)]
     return [launch for launch in launches if launch["row_blocks"] > 0]
 
 

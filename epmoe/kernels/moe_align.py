@@ -65,6 +65,8 @@ class AlignedPairs:
         return self.tiles, self.tile_counts
 
     def tail_tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile list, its count) of the tail tiles: slices of the body's, at addresses that need not be multiples
+        of 16 (the GEMM kernel does not specialize on their alignment)."""
         return self.tiles[self.max_body:], self.tile_counts[1:]
 
 
