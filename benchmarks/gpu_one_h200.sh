@@ -16,9 +16,10 @@
 #             or send several calls from one commit and merge their tables after them with
 #             benchmarks/merge_tune_tables.py, which refuses an entry two calls changed; the tuner writes each T
 #             as it is decided, so a part cut by its limit keeps the batch sizes it finished); one batch size of a wide
-#             block-FP8 shape takes about 4-5 minutes (the deepseek-v3 shard at T = 512 on an H100: 196 compiles,
-#             192 candidates timed), a small one 1-3.5 (the qwen3 16-expert shard at T = 1 and 128); TUNE_PROFILE=1:
-#             each set under cProfile, its 25 most costly functions in the log and the profile kept
+#             block-FP8 shape took about 4-5 minutes (the deepseek-v3 shard at T = 512 on an H100: 196 compiles,
+#             192 candidates timed), a small one 1-3.5 (the qwen3 16-expert shard at T = 1 and 128), before 09222f6
+#             (until then each split layout's tail kernel was compiled again while timing; not timed since);
+#             TUNE_PROFILE=1: each set under cProfile, its 25 most costly functions in the log and the profile kept
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
