@@ -4,7 +4,8 @@
 
 Uses `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the pointer arguments
 marked 16-byte divisible (what the JIT specializes on a real launch; without it the loads are not
-pipelined) but for those the kernel says not to specialize on alignment, then `cuobjdump -res-usage` on the cubin. Registers, local memory (spills) and shared memory
+pipelined), except those the kernel does not specialize on alignment, then `cuobjdump -res-usage` on the
+cubin. Registers, local memory (spills) and shared memory
 per kernel configuration, the local accesses inside its K loops and its SASS length; with --table, every
 configuration of a tuning table as well; with --ir, the TTGIR and PTX of each are written there (to check
 pipelining and wgmma). `compile_for_hopper` and `resource_usage` do the same for any kernel (the tests use
