@@ -982,12 +982,12 @@ def test_tune_compiles_in_its_workers_the_kernels_its_timings_launch(fmt, monkey
     are not multiples of 16: with those pointers specialized on alignment every tail launch missed (each
     candidate of a split layout compiled twice, the second time alone). Checked here as Triton keys its cache
     (`_specialization`), launches recorded, nothing run."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the GEMM kernels and their launches need Triton (the [triton] extra)")
     import torch
 
+    from epmoe import MoEConfig
     from epmoe.bench import tune
     from epmoe.bench.experts import make_weights
-    from epmoe import MoEConfig
     from epmoe.kernels import fused_moe, moe_align
     from epmoe.quant.fp8 import Fp8Config
 
