@@ -953,24 +953,88 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     assert [T for T, _, _ in tune.taken_over(after, again, best)] == [8]
 
 
-def _specialization(arg, param) -> tuple:
-    """What Triton's JIT keys a compiled kernel on for one non-constexpr argument (its cache key holds it): a
-    pointer's dtype and, unless the parameter says `do_not_specialize_on_alignment`, whether its address is a
-    multiple of 16 (a warmup's dtype stand-in, `MockTensor`, counts as aligned); an int's 1 or multiple of 16
-    unless `do_not_specialize`; a tensor descriptor's dtype and block shape."""
+class _JitKeys:
+    """Records each launch of the GEMM kernels (`fused_moe._run`) with the key Triton's JIT caches the compiled
+    kernel under, computed by Triton's own argument binder for an sm_90 target (`create_function_from_signature`,
+    `compute_cache_key`: the code `JITFunction.run` runs), nothing compiled or launched. A warmup's dtypes are
+    wrapped as `warmup` wraps them (`MockTensor`, which counts as 16-byte aligned)."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import jit as triton_jit
+        try:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import make_backend
+            self.backend = make_backend(GPUTarget("cuda", 90, 64))
+            self.bind, self.key = triton_jit.create_function_from_signature, triton_jit.compute_cache_key
+        except (ImportError, AttributeError, RuntimeError) as exc:   # a Triton whose JIT internals moved
+            pytest.skip(f"this Triton's JIT binder cannot be called here: {type(exc).__name__}: {exc}")
+        self.mock = triton_jit.MockTensor.wrap_dtype
+        self.binders: dict = {}
+        self.launches: list = []           # (warmup, cache key, (kernel, the specialization Triton bound))
+        from epmoe.kernels import fused_moe, moe_align
+
+        class NoLaunch:                    # the alignment's kernels: only the shapes of what they fill matter here
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: None
+        for name in ("_align_single_program_kernel", "_count_kernel", "_scan_kernel", "_scatter_kernel"):
+            monkeypatch.setattr(moe_align, name, NoLaunch())
+        monkeypatch.setattr(fused_moe, "_run", self.record)
+
+    def record(self, kernel, grid, args, meta, warmup):
+        binder = self.binders.get(kernel)
+        if binder is None:
+            binder = self.binders[kernel] = self.bind(kernel.signature, kernel.params, self.backend)
+        if warmup:
+            args = [self.mock(a) for a in args]
+        meta = dict(meta, debug=meta.get("debug", kernel.debug) or False)   # as `run` completes the options
+        _, spec, options = binder(*args, **meta)
+        self.launches.append((warmup, self.key({}, spec, options), (kernel, spec)))
+
+    def missed(self, problem, T: int, bm: int, tail: int, gate_ups, downs, gen) -> tuple[int, list]:
+        """Compile `gate_ups` and `downs` as the tuner's workers do, then launch each as its timing process does:
+        the number of timing launches and, for each whose key no worker compiled, what differs."""
+        from epmoe.bench import tune
+        from epmoe.kernels import fused_moe
+        self.launches.clear()
+        for job in tune.compile_jobs(problem, bm, gate_ups, downs, tail):
+            (fused_moe.launch_gate_up if job[0] == "gate_up" else fused_moe.launch_down)(warmup=True, **job[1])
+        compiled = {key: spec for warm, key, spec in self.launches if warm}
+        assert compiled
+        self.launches.clear()
+        inputs = tune.KernelInputs(problem, T, bm, gen, tail)
+        for g in gate_ups:
+            inputs.gate_up(g)
+        for g in downs:
+            inputs.down(g)
+        assert self.launches and not any(warm for warm, _, _ in self.launches)
+        self.tails = len(inputs.launches) - 1
+        return len(self.launches), [self.differs(spec, compiled.values()) for _, key, spec in self.launches
+                                    if key not in compiled]
+
+    @staticmethod
+    def differs(launched, compiled) -> str:
+        """A launch no worker compiled, said as what differs from the nearest compiled specialization."""
+        kernel, spec = launched
+        near = min((s for k, s in compiled if k is kernel), key=lambda s: sum(a != b for a, b in zip(s, spec)),
+                   default=None)
+        if near is None:
+            return f"{kernel.fn.__name__}: no worker compiled it at all"
+        return f"{kernel.fn.__name__}: " + ", ".join(f"{p.name} compiled {a}, launched {b}" for p, a, b in
+                                                 zip(kernel.params, near, spec) if a != b)
+
+
+def _tune_problem(L: int, H: int, I: int, k: int, fmt: str):
     import torch
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    if arg is None:
-        return ("none",)
-    if isinstance(arg, torch.dtype):
-        return ("ptr", arg, not param.do_not_specialize_on_alignment)
-    if isinstance(arg, TensorDescriptor):
-        return ("desc", arg.base.dtype, tuple(arg.block_shape))
-    if isinstance(arg, torch.Tensor):
-        return ("ptr", arg.dtype, not param.do_not_specialize_on_alignment and arg.data_ptr() % 16 == 0)
-    if isinstance(arg, bool) or not isinstance(arg, int) or param.do_not_specialize:
-        return (type(arg).__name__,)
-    return ("int", arg == 1, arg % 16 == 0)
+
+    from epmoe import MoEConfig
+    from epmoe.bench import tune
+    from epmoe.bench.experts import make_weights
+    from epmoe.quant.fp8 import Fp8Config
+    fp8 = fmt == "fp8_block"
+    cfg = MoEConfig(num_experts=L, top_k=k, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16,
+                    quant=Fp8Config(weight_block=(128, 128), activation="per_token_group") if fp8 else None)
+    weights, _ = make_weights(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return tune.Problem(cfg, fmt, weights, fp8)
 
 
 @pytest.mark.parametrize("fmt", ["fp8_block", "bfloat16"])
@@ -980,56 +1044,44 @@ def test_tune_compiles_in_its_workers_the_kernels_its_timings_launch(fmt, monkey
     kernel its worker compiled, or the timing process compiles it again, one candidate after another. The
     split layout's tail launch reads slices of the tile list and tile counts (`tile_launches`) whose addresses
     are not multiples of 16: with those pointers specialized on alignment every tail launch missed (each
-    candidate of a split layout compiled twice, the second time alone). Checked here as Triton keys its cache
-    (`_specialization`), launches recorded, nothing run."""
+    candidate of a split layout compiled twice, the second time alone). Keyed by Triton's own binder
+    (`_JitKeys`), nothing run."""
     pytest.importorskip("triton", reason="the GEMM kernels and their launches need Triton (the [triton] extra)")
     import torch
 
-    from epmoe import MoEConfig
     from epmoe.bench import tune
-    from epmoe.bench.experts import make_weights
-    from epmoe.kernels import fused_moe, moe_align
-    from epmoe.quant.fp8 import Fp8Config
-
-    launches = []
-
-    def record(kernel, grid, args, meta, warmup):
-        params = [p for p in kernel.params if not p.is_constexpr]
-        assert len(params) == len(args)
-        spec = tuple(_specialization(a, p) for a, p in zip(args, params))
-        launches.append((warmup, spec, tuple(sorted((k, str(v)) for k, v in meta.items()))))
-
-    class NoLaunch:                # the alignment's kernels: only the shapes of what they fill matter here
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-    for name in ("_align_single_program_kernel", "_count_kernel", "_scan_kernel", "_scatter_kernel"):
-        monkeypatch.setattr(moe_align, name, NoLaunch())
-    monkeypatch.setattr(fused_moe, "_run", record)
-    fp8 = fmt == "fp8_block"
-    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=256, dtype=torch.bfloat16,
-                    quant=Fp8Config(weight_block=(128, 128), activation="per_token_group") if fp8 else None)
-    weights, _ = make_weights(cfg, torch.device("cpu"), torch.Generator().manual_seed(0))
-    problem = tune.Problem(cfg, fmt, weights, fp8)
+    keys = _JitKeys(monkeypatch)
+    problem = _tune_problem(8, 256, 256, 2, fmt)
     gen = torch.Generator().manual_seed(1)
     tails_seen = 0
     for bm, tail, T in ((64, 0, 300), (64, 16, 300), (32, 16, 77), (128, 32, 1000)):
-        gus, dns = tune.candidates(bm, fp8, block_scales=fp8)
+        gus, dns = tune.candidates(bm, fmt == "fp8_block", block_scales=fmt == "fp8_block")
         gus, dns = gus[:6] + gus[-6:], dns[:6] + dns[-6:]
-        launches.clear()
-        for job in tune.compile_jobs(problem, bm, gus, dns, tail):
-            (fused_moe.launch_gate_up if job[0] == "gate_up" else fused_moe.launch_down)(warmup=True, **job[1])
-        compiled = {(spec, meta) for warm, spec, meta in launches if warm}
-        inputs = tune.KernelInputs(problem, T, bm, gen, tail)
-        tails_seen += len(inputs.launches) - 1
-        launches.clear()
-        for g in gus:
-            inputs.gate_up(g)
-        for g in dns:
-            inputs.down(g)
-        assert launches and not any(warm for warm, _, _ in launches)
-        missed = [meta for _, spec, meta in launches if (spec, meta) not in compiled]
-        assert not missed, f"BM{bm}+{tail} T={T}: {len(missed)} of {len(launches)} launches compile again"
+        n, missed = keys.missed(problem, T, bm, tail, gus, dns, gen)
+        tails_seen += keys.tails
+        assert not missed, f"BM{bm}+{tail} T={T}: {len(missed)} of {n} launches compile again: {missed[0]}"
     assert tails_seen == 3           # the three split layouts launched their tail tiles too
+
+
+def test_tune_plan_of_the_qwen3_shard_compiles_nothing_while_timing(monkeypatch):
+    """The whole plan `epmoe tune` times at the qwen3 16-expert shard in block FP8 (every layout and candidate
+    of T = 1, 128 and 300), as the device tunes it: every timing launch finds a kernel a worker compiled."""
+    pytest.importorskip("triton", reason="the GEMM kernels and their launches need Triton (the [triton] extra)")
+    import torch
+
+    from epmoe.bench import tune
+    keys = _JitKeys(monkeypatch)
+    problem = _tune_problem(16, 2048, 768, 8, "fp8_block")
+    L, H, I, k = problem.sizes
+    gen = torch.Generator().manual_seed(1)
+    layouts = 0
+    for T in (1, 128, 300):
+        plan = tune.regime_plan([T], lambda T: T * k / L, True, True, False, tune.can_stack_gate_up("fp8_block", I))
+        for (bm, tail), (gus, dns) in plan[T].items():
+            n, missed = keys.missed(problem, T, bm, tail, gus, dns, gen)
+            assert not missed, f"T={T} BM{bm}+{tail}: {len(missed)} of {n} launches compile again: {missed[0]}"
+            layouts += 1
+    assert layouts >= 8               # T = 1: BM16; T = 128 and 300: uniform and split layouts of several heights
 
 
 def test_tile_list_alignment_is_not_specialized_and_would_change_no_instruction_sm90():
