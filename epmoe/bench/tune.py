@@ -2,7 +2,8 @@
 
 For each token count T the candidates of its regime (rows per expert = T * k / L: decode tiles of few
 rows that stream weights, up to 128 x 256 tiles for prefill) are compiled ahead, in parallel worker
-processes that fill Triton's on-disk cache; then, for each BLOCK_M, the gate+up and the down kernel are
+processes that fill Triton's on-disk cache (a kernel the timing process has to compile again, its key not
+found there, is counted and the part of its key that differs from the workers' is said: `CompileLog`); then, for each BLOCK_M, the gate+up and the down kernel are
 timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
 each BLOCK_M's fastest pair is kept. Then the whole experts op races end to end (CUDA-graph replays of the
 `triton` experts on one random routing, each configuration as the lookup will serve it): each BLOCK_M's best
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -357,6 +359,92 @@ def _worker_init():
     torch.cuda.init()
 
 
+# ------------------------------------------------------- the compiles the timing process does again
+def _cache_parts(src, metadata: dict) -> dict[str, str]:
+    """What Triton's disk cache keys one compile on (`triton.compile`), part by part: the kernel's source key
+    and specialization, and the options, target and environment its metadata holds."""
+    names = list(getattr(src.fn, "arg_names", []))
+
+    def arg(key) -> str:                 # Triton keys constants and attributes by (argument index,)
+        i = key[0] if isinstance(key, tuple) and len(key) == 1 else key
+        return names[i] if isinstance(i, int) and 0 <= i < len(names) else str(key)
+    parts = {"kernel": str(src.name), "source": str(getattr(src.fn, "cache_key", ""))}
+    parts.update({f"type of {k}": str(v) for k, v in src.signature.items()})
+    parts.update({f"value of {arg(k)}": str(v) for k, v in src.constants.items()})
+    parts.update({f"attributes of {arg(k)}": str(v) for k, v in src.attrs.items()})
+    try:                                 # the two parts of the key the metadata leaves out
+        from triton.compiler import make_backend
+        from triton.runtime.cache import triton_key
+        parts["triton key"] = hashlib.sha256(triton_key().encode()).hexdigest()[:16]
+        parts["backend key"] = str(make_backend(metadata["target"]).hash())
+    except Exception as exc:             # a Triton that keeps them elsewhere: said, not fatal
+        parts["triton key"] = f"unreadable: {type(exc).__name__}"
+    # as JSON: a compile found in the cache reads its metadata back from JSON (tuples come back as lists)
+    parts.update({f"metadata.{k}": json.dumps(v, default=str, sort_keys=True) for k, v in metadata.items()
+                  if k != "hash"})
+    return parts
+
+
+class CompileLog:
+    """Triton's compiles in this process while it is entered (its compilation listener): each compile's name,
+    whether Triton's disk cache had it, and the parts its key is made of (`_cache_parts`)."""
+
+    def __init__(self):
+        self.compiles: list[tuple[str, bool, dict]] = []
+
+    def __enter__(self):
+        try:
+            from triton import knobs
+            self._knobs, self._before = knobs.compilation, knobs.compilation.listener
+        except (ImportError, AttributeError):      # no Triton, or one without the listener: nothing logged
+            self._knobs = None
+            return self
+        self._knobs.listener = self._listen
+        return self
+
+    def __exit__(self, *exc):
+        if self._knobs is not None:
+            self._knobs.listener = self._before
+
+    def _listen(self, src, metadata, metadata_group, times, cache_hit, **_):
+        try:
+            self.compiles.append((src.name, bool(cache_hit), _cache_parts(src, dict(metadata))))
+        except Exception as exc:      # a Triton whose sources or metadata look otherwise: counted, not explained
+            self.compiles.append((getattr(src, "name", "?"), bool(cache_hit), {"unreadable": repr(exc)}))
+
+    def missed(self) -> list[tuple[str, dict]]:
+        return [(name, parts) for name, hit, parts in self.compiles if not hit]
+
+
+def _compile_job_logged(job: tuple) -> tuple[str | None, list[dict]]:
+    """Worker: `_compile_job`, and the key parts of what it compiled (to say, if the timing process compiles a
+    candidate again, how its key differs from the worker's)."""
+    log = CompileLog()
+    with log:
+        err = _compile_job(job)
+    return err, [parts for _, _, parts in log.compiles]
+
+
+def recompiled_report(log: CompileLog, compiled: list[dict]) -> str | None:
+    """None when the timing process compiled none of the kernels the workers compiled; else how many it
+    compiled again and, for the first, the parts of its key that differ from the nearest worker compile."""
+    names = {p.get("kernel") for p in compiled}
+    again = [(name, parts) for name, parts in log.missed() if name in names]
+    if not again:
+        return None
+    name, first = again[0]
+    near = min((p for p in compiled if p.get("kernel") == name),
+               key=lambda p: sum(p.get(k) != v for k, v in first.items()))
+    # the specialization first, then what the compile's metadata holds (options, target, environment, outputs)
+    differ = sorted((k for k in set(first) | set(near) if first.get(k) != near.get(k)),
+                    key=lambda k: (k.startswith("metadata."), k))
+    said = "; ".join(f"{k}: workers {str(near.get(k, '-'))[:120]}, here {str(first.get(k, '-'))[:120]}"
+                     for k in differ[:6])
+    return (f"the timing process compiled {len(again)} {name} kernels again that its workers had compiled (one "
+            f"after another); the first differs from the nearest worker compile in "
+            f"{said or 'nothing Triton reports (its own key: its version or ptxas)'}")
+
+
 def compile_jobs(problem: Problem, block_m: int, gate_ups: list[GemmConfig], downs: list[GemmConfig],
                  tail_m: int = 0) -> list:
     """Warmup arguments mirroring what `fused_experts` passes (dtypes stand in for tensors); with
@@ -556,9 +644,11 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                   console=console, disable=not show_progress) as progress:
         task = progress.add_task(escape(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}"),
                                  total=len(all_jobs))
-        results = pool.map(_compile_job, all_jobs) if pool is not None else map(_compile_job, all_jobs)
-        for job, err in zip(all_jobs, results):
+        results = pool.map(_compile_job_logged, all_jobs) if pool is not None else map(_compile_job_logged, all_jobs)
+        compiled: list[dict] = []              # the key parts of every worker compile
+        for job, (err, parts) in zip(all_jobs, results):
             progress.advance(task)
+            compiled += parts
             if err:
                 failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))   # any tile mode: dropped
                 progress.console.print(f"  compile failed: {escape(str(err))}")
@@ -575,8 +665,12 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                 heights = (bm, tail) if tail else (bm,)
                 gus = [g for g in gus if all(("gate_up", h, g) not in failed for h in heights)]
                 dns = [g for g in dns if all(("down", h, g) not in failed for h in heights)]
-                t_gu, t_dn = _time_candidates(problem, T, bm, gus, dns, timer, reps, gen, progress, task,
-                                              tail_m=tail)
+                with CompileLog() as log:
+                    t_gu, t_dn = _time_candidates(problem, T, bm, gus, dns, timer, reps, gen, progress, task,
+                                                  tail_m=tail)
+                again = recompiled_report(log, compiled)
+                if again:
+                    progress.console.print(escape(f"    T={T} BM{bm}+{tail}: {again}"), soft_wrap=True)
                 if not t_gu or not t_dn:
                     continue
                 if verbose:
