@@ -3,9 +3,10 @@
 For each token count T the candidates of its regime (rows per expert = T * k / L: decode tiles of few
 rows that stream weights, up to 128 x 256 tiles for prefill) are compiled ahead, in parallel worker
 processes that fill Triton's on-disk cache (a kernel the timing process has to compile again, its key not
-found there, is counted and the part of its key that differs from the workers' is said: `CompileLog`); then, for each BLOCK_M, the gate+up and the down kernel are
-timed separately on the same expert layout (balanced routing, L2 flushed before each run, median), and
-each BLOCK_M's fastest pair is kept. Then the whole experts op races end to end (CUDA-graph replays of the
+found there, is counted, and the part of its key that differs from the workers' is said: `CompileLog`);
+then, for each BLOCK_M, the gate+up and the down kernel are timed separately on the same expert layout
+(balanced routing, L2 flushed before each run, median), and each BLOCK_M's fastest pair is kept. Then the
+whole experts op races end to end (CUDA-graph replays of the
 `triton` experts on one random routing, each configuration as the lookup will serve it): each BLOCK_M's best
 tiles (the BLOCK_M changes the alignment around the GEMMs, which the kernels' times leave out); for T <= 16 the
 decode path (`decode_gemv`: matrix-vector kernels, with and without PDL); where the warp-specialized Gluon GEMMs
