@@ -1127,38 +1127,30 @@ def test_compile_log_says_what_the_timing_process_compiled_again_and_why(monkeyp
     three times into a fresh cache: as a worker does, the same again (found: nothing reported), then with one
     pointer no longer marked 16-byte aligned (compiled again, that pointer named)."""
     pytest.importorskip("triton", reason="the compile listener is Triton's")
-    from triton.compiler import ASTSource
-
     from epmoe.bench import tune
     from epmoe.kernels.gated_rows import gated_rows_kernel
-    from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_source_for_hopper
+    from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_for_hopper
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    names = gated_rows_kernel.arg_names
     types = ["*bf16", "*fp32", "*i64", "*bf16", "*fp32", "i32", "i32"]
     const = dict(ACTIVATION=0, HAS_BIAS=True, QUANT=False, GROUP=1024, BLOCK=1024, GROUPS=4)
 
-    def compile_with(aligned: set) -> None:
-        sig = {n: t for n, t in zip(names, types)} | {n: "constexpr" for n in const}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-        src = ASTSource(fn=gated_rows_kernel, signature=sig, attrs=attrs,
-                        constexprs={(names.index(k),): v for k, v in const.items()})
+    def compile_with(unaligned=()) -> None:
         try:
-            compile_source_for_hopper(src, {"num_warps": 8})
+            compile_for_hopper(gated_rows_kernel, types, const, ints16=(), num_warps=8, unaligned=unaligned)
         except CrossCompileUnavailable as exc:
             pytest.skip(str(exc))
-    pointers = {n for n, t in zip(names, types) if t.startswith("*")}
     with tune.CompileLog() as workers:
-        compile_with(pointers)
+        compile_with()
     assert [(name, hit) for name, hit, _ in workers.compiles] == [("gated_rows_kernel", False)]
     parts = [p for _, _, p in workers.compiles]
     assert parts[0]["attributes of expert_ptr"] == "[['tt.divisibility', 16]]"
     assert len(parts[0]["triton key"]) == 16 and parts[0]["backend key"].endswith("90")   # ptxas version, sm_90
     with tune.CompileLog() as timing:
-        compile_with(pointers)
+        compile_with()
     assert [hit for _, hit, _ in timing.compiles] == [True]
     assert tune.recompiled_report(timing, parts) is None
     with tune.CompileLog() as timing:
-        compile_with(pointers - {"expert_ptr"})
+        compile_with(unaligned={"expert_ptr"})
     report = tune.recompiled_report(timing, parts)
     assert report is not None and "compiled 1 gated_rows_kernel kernels again" in report
     assert "first differs from the nearest worker compile in attributes of expert_ptr: workers " \

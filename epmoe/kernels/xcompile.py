@@ -101,13 +101,16 @@ class CrossCompileUnavailable(RuntimeError):
     """This Triton build cannot compile for CUDA here (no CUDA backend tools)."""
 
 
-def compile_for_hopper(fn, types: list[str], const: dict, ints16=("H",), num_warps: int | None = None):
+def compile_for_hopper(fn, types: list[str], const: dict, ints16=("H",), num_warps: int | None = None,
+                       unaligned=()):
     """`fn` compiled for sm_90 with argument `types` (Triton signature strings, constexprs left out) and
-    the constexpr values `const`; pointers, and the integers named in `ints16`, marked 16-byte divisible as
-    a real launch specializes them. Returns Triton's compiled kernel (`.asm["ptx"]`, `.asm["cubin"]`)."""
+    the constexpr values `const`; pointers (but those named in `unaligned`), and the integers named in `ints16`,
+    marked 16-byte divisible as a real launch specializes them. Returns Triton's compiled kernel
+    (`.asm["ptx"]`, `.asm["cubin"]`)."""
     names = fn.arg_names
     sig = {n: t for n, t in zip(names, types)}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types) if t.startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types)
+             if t.startswith("*") and names[i] not in unaligned}
     for n in ints16:
         if n in names:
             attrs[(names.index(n),)] = [["tt.divisibility", 16]]
