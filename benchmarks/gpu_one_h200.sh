@@ -20,7 +20,8 @@
 #             192 candidates timed), a small one 1-3.5 (the qwen3 16-expert shard at T = 1 and 128), before 09222f6
 #             (until then each split layout's tail kernel was compiled again while timing; not timed since);
 #             TUNE_PROFILE=1: each set under cProfile, its 25 costliest functions by own time and 40 by time with
-#             what they called in the log, and the profile kept
+#             what they called in the log, and the profile kept; TUNE_COMPILE_LOG=1: every Triton compile of the
+#             workers and the timing process, with its cache key's parts, in tune_compile_log_*.jsonl (--compile-log)
 #   gluon_tune  epmoe tune --gluon: the table's block-FP8 and BF16 entries of the deepseek-v3 32-expert shard
 #             (T = 4096, 8192), mixtral (T = 1024, 8192) and deepseek-v3, gpt-oss-120b and qwen3-30b-a3b (T = 8192)
 #             timed end to end against `triton_ws`'s pipeline, as
@@ -242,7 +243,8 @@ for part in $PARTS; do
                 [ -z "${set//[[:space:]]/}" ] && continue       # an empty set (a trailing ";") is no tune
                 n=$((n + 1)); prof=()
                 [ -n "$1" ] && prof=(-m cProfile -o "$1/tune_profile_$n.prof")
-                echo "## epmoe tune $set"; python3 "${prof[@]}" -m epmoe tune $set || status=1
+                clog=(); [ -n "$2" ] && clog=(--compile-log "$2")
+                echo "## epmoe tune $set"; python3 "${prof[@]}" -m epmoe tune $set "${clog[@]}" || status=1
                 if [ -n "$1" ]; then                           # where the timing process spent its time
                     echo "## its profile (the compile workers not included), by own time, then with what it called"
                     python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats(\"tottime\").print_stats(25)
@@ -250,7 +252,7 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
                 fi
             done
             exit $status' "${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}" \
-            "${TUNE_PROFILE:+$OUT}"
+            "${TUNE_PROFILE:+$OUT}" "${TUNE_COMPILE_LOG:+$OUT/tune_compile_log_${GPU}_$DAY.jsonl}"
         cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;
     gluon_tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json

@@ -1155,3 +1155,18 @@ def test_compile_log_says_what_the_timing_process_compiled_again_and_why(monkeyp
     assert report is not None and "compiled 1 gated_rows_kernel kernels again" in report
     assert "first differs from the nearest worker compile in attributes of expert_ptr: workers " \
            "[['tt.divisibility', 16]], here -" in report, report
+    # the same key compiled again: the cache did not give back what the worker stored, and the log says so
+    assert parts[0]["cache dir"] == str(tmp_path) and len(parts[0]["key hash"]) == 64
+    again = [(name, dict(p, **{"cache dir": "/elsewhere"})) for name, p in workers.missed()]
+    monkeypatch.setattr(timing, "missed", lambda: again)
+    report = tune.recompiled_report(timing, parts)
+    assert f"has the key of a worker compile ({parts[0]['key hash'][:16]})" in report, report
+    assert f"cache dir workers {tmp_path}, here /elsewhere" in report, report
+    # --compile-log: each record one JSON line, with its shape
+    path = tmp_path / "compiles.jsonl"
+    write = tune._compile_log_writer(str(path), "L8_H256")
+    write({"workers": parts})
+    write({"T": 1, "block_m": 16, "tail_m": 0, "timing": []})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["shape"] for line in lines] == ["L8_H256"] * 2 and lines[0]["workers"] == parts
+    assert tune._compile_log_writer(None, "L8_H256") is None

@@ -383,7 +383,17 @@ def _cache_parts(src, metadata: dict) -> dict[str, str]:
     # as JSON: a compile found in the cache reads its metadata back from JSON (tuples come back as lists)
     parts.update({f"metadata.{k}": json.dumps(v, default=str, sort_keys=True) for k, v in metadata.items()
                   if k != "hash"})
+    # not parts of the key but where it is looked up under: the key itself and the cache folder
+    parts["key hash"] = str(metadata.get("hash", ""))
+    try:
+        from triton import knobs
+        parts["cache dir"] = str(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        parts["cache dir"] = os.environ.get("TRITON_CACHE_DIR", "?")
     return parts
+
+
+_LOOKUP_PARTS = ("key hash", "cache dir")
 
 
 class CompileLog:
@@ -434,10 +444,16 @@ def recompiled_report(log: CompileLog, compiled: list[dict]) -> str | None:
     if not again:
         return None
     name, first = again[0]
-    near = min((p for p in compiled if p.get("kernel") == name),
-               key=lambda p: sum(p.get(k) != v for k, v in first.items()))
+    same = [p for p in compiled if p.get("kernel") == name]
+    twin = next((p for p in same if first.get("key hash") and p.get("key hash") == first.get("key hash")), None)
+    if twin is not None:          # the same key: the cache did not give back what a worker stored
+        return (f"the timing process compiled {len(again)} {name} kernels again that its workers had compiled (one "
+                f"after another); the first has the key of a worker compile ({first['key hash'][:16]}), so Triton's "
+                f"cache did not give it back: cache dir workers {twin.get('cache dir', '?')}, here "
+                f"{first.get('cache dir', '?')}")
+    near = min(same, key=lambda p: sum(p.get(k) != v for k, v in first.items()))
     # the specialization first, then what the compile's metadata holds (options, target, environment, outputs)
-    differ = sorted((k for k in set(first) | set(near) if first.get(k) != near.get(k)),
+    differ = sorted((k for k in set(first) | set(near) if first.get(k) != near.get(k) and k not in _LOOKUP_PARTS),
                     key=lambda k: (k.startswith("metadata."), k))
     said = "; ".join(f"{k}: workers {str(near.get(k, '-'))[:120]}, here {str(first.get(k, '-'))[:120]}"
                      for k in differ[:6])
@@ -614,7 +630,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                  rescale: bool = False, gluon: bool = True,
                  before: dict[int, MoEKernelConfig] | None = None,
                  settle_ms: float = END_TO_END_SETTLE_MS,
-                 on_best=None) -> dict[int, tuple[MoEKernelConfig, float]]:
+                 on_best=None, compile_log=None) -> dict[int, tuple[MoEKernelConfig, float]]:
     """Best configuration for each T and its time in ms, the whole experts op end to end. `pool`: a process
     pool that compiles candidates in parallel (None: compile here). `plan`: {T: {(BLOCK_M, tail_m):
     (gate_ups, downs)}} instead of the regime's candidates (`regime_plan`, with "rescale" only when `rescale`).
@@ -624,7 +640,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
     and `end_to_end_choice` picks: what was served stays unless something beats it whole.
     `settle_ms`: how long each path of those end-to-end comparisons runs before it is timed. `on_best(T, (config,
     ms))`: called as each T is decided, before the next T is timed (`epmoe tune` writes it to the table then, so a
-    tune cut short keeps the batch sizes it finished)."""
+    tune cut short keeps the batch sizes it finished). `compile_log(record)`: given the workers' compiles (their
+    `CompileLog` key parts), then each layout's compiles in this process (`--compile-log`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .gpu_timing import GpuTimer, Timer
     L, H, I, k = problem.sizes
@@ -653,6 +670,8 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             if err:
                 failed.add((job[0], job[1]["block_m"], job[1]["gemm"]))   # any tile mode: dropped
                 progress.console.print(f"  compile failed: {escape(str(err))}")
+        if compile_log is not None:
+            compile_log({"workers": compiled})
         timer = GpuTimer(problem.weights.w13.device)
         ends_timer = Timer(timer.clock, settle_ms)       # the end-to-end comparisons: each path settled
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
@@ -670,6 +689,9 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     t_gu, t_dn = _time_candidates(problem, T, bm, gus, dns, timer, reps, gen, progress, task,
                                                   tail_m=tail)
                 again = recompiled_report(log, compiled)
+                if compile_log is not None:
+                    compile_log({"T": T, "block_m": bm, "tail_m": tail, "timing": [
+                        {"kernel": name, "cache_hit": hit, "parts": parts} for name, hit, parts in log.compiles]})
                 if again:
                     progress.console.print(escape(f"    T={T} BM{bm}+{tail}: {again}"), soft_wrap=True)
                 if not t_gu or not t_dn:
@@ -1049,6 +1071,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "that on a GPU at its power limit the path timed first does not start at a higher clock "
                         "(default: %(default)g; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--compile-log", default=None, metavar="FILE",
+                   help="append to FILE, as JSON lines, every Triton compile of the tune: the workers' (one line a "
+                        "shape) and the timing process's (one line a layout), each with whether Triton's cache had "
+                        "it and the parts of its cache key (to find why a kernel is compiled again)")
+
+
+def _compile_log_writer(path: str | None, key: str):
+    """`compile_log` for `tune_problem`: each record appended to `path` as one JSON line, with its shape."""
+    if path is None:
+        return None
+
+    def append(record: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"shape": key, **record}) + "\n")
+    return append
 
 
 def entry_writer(path: str, key: str, extra: dict, seed_from: str | None = None, keep_gluon_of: dict | None = None,
@@ -1233,7 +1270,8 @@ def main(args) -> int:
                                 plan=plan, verbose=args.verbosity > 0,
                                 show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
                                 gluon=not args.no_gluon, before=served_at(tokens, served),
-                                settle_ms=args.settle_ms, on_best=write)
+                                settle_ms=args.settle_ms, on_best=write,
+                                compile_log=_compile_log_writer(args.compile_log, key))
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             # looked up again after the write (the table may exist only now)
             now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
