@@ -36,6 +36,7 @@ import triton.language as tl
 from ..sizes import ceil_div, scale_groups
 from .fp8_quant import fp8_quantize_groups
 from .token_rows import pow2, route_to_ranks
+from .jit_keys import key_callees_first
 
 COPY_BLOCK = 1024          # columns one program moves when nothing is quantized
 PAD_BLOCK = 256            # rows of the fixed regions one program checks for padding
@@ -232,3 +233,6 @@ def unpack_rows(fmt, recv: torch.Tensor):
             K=fi.width, K_P2=pow2(fi.width), G_P2=pow2(G), HAS_SCALES=fs is not None, HAS_X=fx is not None,
             BLOCK_H=block, num_warps=4)
     return x, ids, w, s
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

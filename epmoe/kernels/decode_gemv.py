@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .epilogues import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation, intermediate_dtype
 from .tuning_table import GemvConfig
+from .jit_keys import key_callees_first
 
 
 @triton.jit
@@ -234,3 +235,6 @@ def gemv_experts(x: torch.Tensor, ids_flat: torch.Tensor, weights_flat: torch.Te
     launch_gemv_gate_up(x, w13, b13, ids_flat, h, top_k, activation, gemv, fp8)
     launch_gemv_down(h, w2, b2, ids_flat, weights_flat, out, top_k, gemv, fp8)
     return out
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

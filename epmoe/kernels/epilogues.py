@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .fp8_quant import fp8_quantize_groups
+from .jit_keys import key_callees_first
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
 SWIGLUOAI_ALPHA = tl.constexpr(1.702)    # epmoe.activations
@@ -43,3 +44,6 @@ def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
     The down GEMM then reads float32 rows and its float16 weights as float32 (tf32 products: float16's
     10-bit mantissa, float32's range)."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from . import fp8_format
 from .fp8_format import FP8_DTYPE, check_quantize_args
+from .jit_keys import key_callees_first
 
 FP8_MAX = tl.constexpr(fp8_format.FP8_MAX)
 INV_FP8_MAX = tl.constexpr(1.0 / fp8_format.FP8_MAX)
@@ -130,3 +131,6 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
         _fp8_quant_kernel[grid](x2, q, s, H, n_groups, x2.stride(0), q.stride(0), s.stride(0),
                                 GROUP=g, BLOCK=block, GROUPS=groups, ROUND=not gpu_rounding)
     return q.reshape(*lead, H), s.reshape(*lead, n_groups)
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

@@ -38,6 +38,7 @@ import triton.language as tl
 from .epilogues import ACTIVATION_CODES, _fp8_quantize_rows, _gated_activation, intermediate_dtype
 from .moe_align import align_pairs
 from .tuning_table import GemmConfig, MoEKernelConfig, lookup_config
+from .jit_keys import key_callees_first
 
 @triton.jit
 def _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity,
@@ -982,3 +983,6 @@ class Fp8Operands:
         from .fp8_quant import fp8_quantize_triton
         q, s = fp8_quantize_triton(act, None)
         return q, s.reshape(-1).contiguous()
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

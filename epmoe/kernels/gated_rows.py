@@ -17,6 +17,7 @@ import triton.language as tl
 from .epilogues import ACTIVATION_CODES, _gated_activation
 from .fp8_format import FP8_DTYPE
 from .fp8_quant import fp8_quantize_groups
+from .jit_keys import key_callees_first
 
 PLAIN_COLUMNS = 1024      # columns per program when not quantizing (no group to keep together)
 
@@ -79,3 +80,6 @@ def gated_rows(h: torch.Tensor, activation: str, out_dtype: torch.dtype, bias: t
                                 ACTIVATION=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, QUANT=quant,
                                 GROUP=group, BLOCK=block, GROUPS=per_program, num_warps=warps)
     return out, scales
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

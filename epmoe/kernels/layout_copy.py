@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .jit_keys import key_callees_first
 
 ROWS_PER_PROGRAM = 8
 PAIRS_PER_PROGRAM = 8
@@ -168,3 +169,6 @@ def rows_to_layout_reference(x: torch.Tensor | None, scales: torch.Tensor | None
             a_scale_t = torch.zeros(scales.shape[1], rows, dtype=torch.float32, device=device)
             a_scale_t[:, :used] = scales.float()[token].t()
     return a, a_scale_t, row_of_pair[:num_pairs].view(-1, top_k)
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from .jit_keys import key_callees_first
 
 # Up to this many pairs, one program does the whole alignment (one launch: what decode wants).
 SINGLE_PROGRAM_MAX_PAIRS = 4096
@@ -266,3 +267,6 @@ def align_pairs(local_ids: torch.Tensor, num_experts: int, block_m: int,
         return AlignedPairs(sorted_ids, tiles, num_padded, block_m, num_pairs, max_body + max_tail, tail_m,
                             tiles, tile_counts, max_body, max_tail, max_rows)
     return AlignedPairs(sorted_ids, block_expert, num_padded, block_m, num_pairs, max_blocks, max_rows=max_rows)
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

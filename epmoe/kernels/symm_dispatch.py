@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .fp8_quant import fp8_quantize_groups
 from .token_rows import pow2, programs  # noqa: F401  (programs: the dispatchers launch through it)
+from .jit_keys import key_callees_first
 
 # status word bits (int32, one per rank, sticky until the host reads and clears it)
 TIMEOUT = tl.constexpr(1)          # a peer's flag did not arrive within the timeout
@@ -480,3 +481,6 @@ PAD_BLOCK = 256          # receive rows one program of the high-throughput dispa
 def row_block(H: int) -> int:
     """Columns one program moves per step: whole rows up to 8192 elements."""
     return min(triton.next_power_of_2(max(H, 16)), 8192)
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

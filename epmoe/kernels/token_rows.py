@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .jit_keys import key_callees_first
 
 
 def pow2(n: int) -> int:
@@ -160,3 +161,6 @@ def programs(items: int, split: int, sms: int | None) -> tuple[int, int]:
         return max(items, 1), split
     split = min(split, sms)
     return max(min(items, sms // split), 1), split
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from .jit_keys import key_callees_first
 
 KERNEL_MAX_TILES = 8192     # one program scans the m-tiles (more: the PyTorch form)
 
@@ -113,3 +114,6 @@ def walk_groups_torch(tile_expert: torch.Tensor, group: int) -> torch.Tensor:
     gid = torch.cumsum(cut.to(torch.int64), 0) - 1
     group_len = torch.zeros(M, dtype=torch.int64, device=dev).scatter_add_(0, gid, torch.ones_like(gid))[gid]
     return torch.stack([group_first, group_len], 1).to(torch.int32)
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

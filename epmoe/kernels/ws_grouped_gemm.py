@@ -61,6 +61,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 
 from .epilogues import ACTIVATION_CODES, _gated_activation
 from .fp8_quant import fp8_quantize_groups
+from .jit_keys import key_callees_first
 
 # Triton 3.6 names the TMA load and the cp.async copy `async_copy_global_to_shared`; later versions
 # `async_load` (3.9 keeps the old cp.async name only to raise)
@@ -830,3 +831,6 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              if n != "K" or k_multiple_of_16}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     return compile_source_for_hopper(src, {"num_warps": 4, "maxnreg": maxnreg})
+
+
+key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process
