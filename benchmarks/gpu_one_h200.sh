@@ -15,10 +15,12 @@
 #             a later call runs the table of the checkout it is sent from, so merge table_*_after_tune.json first,
 #             or send several calls from one commit and merge their tables after them with
 #             benchmarks/merge_tune_tables.py, which refuses an entry two calls changed; the tuner writes each T
-#             as it is decided, so a part cut by its limit keeps the batch sizes it finished); one batch size of a wide
-#             block-FP8 shape took about 4-5 minutes (the deepseek-v3 shard at T = 512 on an H100: 196 compiles,
-#             192 candidates timed), a small one 1-3.5 (the qwen3 16-expert shard at T = 1 and 128), before 09222f6
-#             (until then each split layout's tail kernel was compiled again while timing; not timed since);
+#             as it is decided, so a part cut by its limit keeps the batch sizes it finished); until the commit
+#             that added epmoe/kernels/jit_keys.py the timing process compiled every candidate again (Triton 3.6 keyed
+#             the GEMM otherwise there); on an H200 then: the deepseek-v3 shard at T = 512, 16 and 1, 322 compiles
+#             in 21 s and 444 candidates timed in 3 min 32 s (4 min 05 s the whole set); mixtral at T = 1, 16, 128 and
+#             1024, 450 in 26 s and 674 in 4 min 21 s; the qwen3 16-expert shard at T = 1, 126 in 9 s and 126 in
+#             48 s, at T = 128, 264 in 17 s and 230 in 2 min 22 s; not timed on a GPU since;
 #             TUNE_PROFILE=1: each set under cProfile, its 25 costliest functions by own time and 40 by time with
 #             what they called in the log, and the profile kept; TUNE_COMPILE_LOG=1: every Triton compile of the
 #             workers and the timing process, with its cache key's parts, in tune_compile_log_*.jsonl (--compile-log)
