@@ -17,6 +17,14 @@ def test_every_command_has_help(capsys):
     build_parser()
 
 
+def test_tune_refuses_a_compile_log_it_cannot_write_before_anything_else(tmp_path, capsys):
+    """Said at once (before the GPU check and the first shape's compiles), with the path and why."""
+    bad = tmp_path / "missing_dir" / "compiles.jsonl"
+    assert main(["tune", "--compile-log", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--compile-log {bad}: No such file or directory" in err, err
+
+
 def test_info_prints_matrix(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

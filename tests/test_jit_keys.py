@@ -4,6 +4,7 @@ process that had quantized to FP8 first and another where the GEMM came first, a
 compiled again every candidate its workers had compiled."""
 import importlib
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -91,3 +92,22 @@ def test_callees_are_keyed_before_their_callers(tmp_path, monkeypatch):
     assert all(f.hash is not None for f in (chain.top, chain.mid, chain.leaf))
     # the caller's key holds its callee's constexpr global: SHIFT, two calls down
     assert ("SHIFT", chain.SHIFT) in [(name, val) for (name, _), (val, _) in chain.top.used_global_vals.items()]
+
+
+def test_under_the_interpreter_the_kernel_modules_import_and_nothing_is_keyed():
+    """Interpreted kernels cannot be keyed (a Gluon kernel calling one made Triton refuse it), and nothing is
+    compiled there: every kernel module imports, and no function is keyed."""
+    code = textwrap.dedent("""
+        import importlib, json, sys
+        from triton.runtime.jit import JITFunction
+        keyed = []
+        for name in sys.argv[1:]:
+            module = importlib.import_module(name)
+            keyed += [f"{name}.{a}" for a, v in vars(module).items() if isinstance(v, JITFunction) and v.hash]
+        print(json.dumps(keyed))
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, "-c", code, *_kernel_modules()], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == []

@@ -1193,6 +1193,12 @@ def served_at(tokens, served: dict) -> dict[int, MoEKernelConfig]:
 
 def main(args) -> int:
     check_mode_flags(args)
+    if args.compile_log:
+        try:                                       # said now, not after the first shape's compiles
+            open(args.compile_log, "a").close()
+        except OSError as exc:
+            print(f"epmoe tune: --compile-log {args.compile_log}: {exc.strerror}", file=sys.stderr)
+            return 2
     if not torch.cuda.is_available():
         print("epmoe tune: needs a CUDA GPU (none is visible)", file=sys.stderr)
         return 2

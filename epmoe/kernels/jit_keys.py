@@ -35,7 +35,12 @@ def _callees(fn, jit_type) -> list:
 
 def key_callees_first(namespace: dict) -> None:
     """Compute the cache key of every Triton function in `namespace` (a module's globals), each after those it
-    calls (depth first). A function already keyed is left as it is."""
+    calls (depth first). A function already keyed is left as it is. Under the interpreter (`TRITON_INTERPRET=1`)
+    nothing is compiled, so nothing is keyed: its kernels are no longer Triton functions Triton can key, and a
+    Gluon kernel calling one would fail."""
+    from triton import knobs
+    if knobs.runtime.interpret:
+        return
     try:
         from triton.runtime.jit import JITCallable as jit_type
     except ImportError:                              # Tritons before 3.5 call it JITFunction
