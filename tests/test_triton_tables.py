@@ -97,6 +97,9 @@ def test_tune_candidates_fit_and_come_with_tma_twins():
                 assert {replace(g, swap_ab=False) for g in swapped} <= set(cfgs)
             if fp8:
                 assert all(g.block_k == 128 and g.block_n == 128 for g in gus)
+                # prefill gate+up tiles also walk groups of 32 row blocks (4 warps, 3 stages; with and without TMA)
+                grouped = sorted((g.num_warps, g.num_stages, g.tma) for g in gus if g.group_m == 32)
+                assert grouped == ([(4, 3, False), (4, 3, True)] if bm >= 64 else []), (bm, grouped)
                 # decode tiles also try narrow, deeply pipelined down tiles; prefill tiles do not
                 narrow = any(d.block_n == 32 and d.num_stages == 8 for d in dns)
                 assert narrow == (bm <= 32), bm

@@ -69,6 +69,10 @@ _FP8_GATE_UP = [(128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (128, 128,
                 (128, 128, 16, 3), (128, 128, 16, 4)]   # 16 warps: half the accumulator registers per thread
 _FP8_DOWN = [(128, 128, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (64, 128, 4, 4), (128, 128, 4, 5),
              (64, 128, 4, 6)]
+# FP8 tiles of 64 rows or more also walk their programs in groups of 32 row blocks (`_swizzle`'s GROUP_M; 8 above):
+# on an H200 a fused-MoE kernel with this tile and that group ran gpt-oss-120b's gate+up at T = 2048 and 8192 in
+# 0.84 and 0.86 of our entries' time (results/vllm_gemms_H200_2026-12-07_6e4580f.json)
+_FP8_GATE_UP_GROUP32 = [(128, 128, 4, 3)]
 # FP8 at decode (tiles of <= 32 rows) as well: there few programs stream long K ranges of weights (ncu, mixtral
 # T = 1 on an H100: the down GEMM's 128 programs read at 58% of DRAM peak), and a narrow down tile with a deep
 # pipeline keeps more bytes in flight; the gate+up N tile stays 128, the group its output is quantized in
@@ -222,6 +226,8 @@ def candidates(block_m: int, fp8: bool, tma: bool = True, block_scales: bool = F
     elem = 1 if fp8 else 2
     gu_cfgs = [GemmConfig(*c[:2], group, *c[2:4], promote=c[4] if len(c) > 4 else "sync") for c in gu]
     dn_cfgs = [GemmConfig(*c[:2], group, *c[2:4], promote=c[4] if len(c) > 4 else "sync") for c in dn]
+    if fp8 and block_m >= 64:
+        gu_cfgs += [GemmConfig(*c[:2], 32, *c[2:4]) for c in _FP8_GATE_UP_GROUP32]
     gu_cfgs = [g for g in gu_cfgs if smem_bytes(block_m, g, elem, 2) <= SMEM_LIMIT]
     dn_cfgs = [g for g in dn_cfgs if smem_bytes(block_m, g, elem, 1) <= SMEM_LIMIT]
     if tma:
