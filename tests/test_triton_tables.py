@@ -1128,7 +1128,8 @@ def test_compile_log_says_what_the_timing_process_compiled_again_and_why(monkeyp
     compile and whether the cache had it, and `recompiled_report` says how many of the workers' kernels were
     compiled again and which argument's specialization differs. Shown with a small kernel compiled for sm_90
     three times into a fresh cache: as a worker does, the same again (found: nothing reported), then with one
-    pointer no longer marked 16-byte aligned (compiled again, that pointer named)."""
+    pointer no longer marked 16-byte aligned (compiled again, that pointer named). A kernel compiled again under a
+    worker's very key is said as such, with both cache folders; and `--compile-log` writes each record as a line."""
     pytest.importorskip("triton", reason="the compile listener is Triton's")
     from epmoe.bench import tune
     from epmoe.kernels.gated_rows import gated_rows_kernel

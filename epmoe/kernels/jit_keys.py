@@ -43,7 +43,7 @@ def key_callees_first(namespace: dict) -> None:
         return
     try:
         from triton.runtime.jit import JITCallable as jit_type
-    except ImportError:                              # Tritons before 3.5 call it JITFunction
+    except ImportError:                              # a Triton without it: its Triton functions are JITFunctions
         from triton.runtime.jit import JITFunction as jit_type
     done: set[int] = set()
 
