@@ -450,21 +450,20 @@ def recompiled_report(log: CompileLog, compiled: list[dict]) -> str | None:
     if not again:
         return None
     name, first = again[0]
+    head = (f"the timing process compiled {len(again)} {name} kernels again that its workers had compiled (one after "
+            f"another); the first")
     same = [p for p in compiled if p.get("kernel") == name]
     twin = next((p for p in same if first.get("key hash") and p.get("key hash") == first.get("key hash")), None)
     if twin is not None:          # the same key: the cache did not give back what a worker stored
-        return (f"the timing process compiled {len(again)} {name} kernels again that its workers had compiled (one "
-                f"after another); the first has the key of a worker compile ({first['key hash'][:16]}), so Triton's "
-                f"cache did not give it back: cache dir workers {twin.get('cache dir', '?')}, here "
-                f"{first.get('cache dir', '?')}")
+        return (f"{head} has the key of a worker compile ({first['key hash'][:16]}), so Triton's cache did not give "
+                f"it back: cache dir workers {twin.get('cache dir', '?')}, here {first.get('cache dir', '?')}")
     near = min(same, key=lambda p: sum(p.get(k) != v for k, v in first.items()))
     # the specialization first, then what the compile's metadata holds (options, target, environment, outputs)
     differ = sorted((k for k in set(first) | set(near) if first.get(k) != near.get(k) and k not in _LOOKUP_PARTS),
                     key=lambda k: (k.startswith("metadata."), k))
     said = "; ".join(f"{k}: workers {str(near.get(k, '-'))[:120]}, here {str(first.get(k, '-'))[:120]}"
                      for k in differ[:6])
-    return (f"the timing process compiled {len(again)} {name} kernels again that its workers had compiled (one "
-            f"after another); the first differs from the nearest worker compile in "
+    return (f"{head} differs from the nearest worker compile in "
             f"{said or 'nothing Triton reports (its own key: its version or ptxas)'}")
 
 
