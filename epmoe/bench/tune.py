@@ -1058,6 +1058,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "GEMMs (Hopper; BF16, 128x128 block FP8), both end to end as the `triton` experts run "
                         f"them; the entry says `gluon` where those are faster by more than "
                         f"{GLUON_MARGIN * 100:.0f}%% (quick)")
+    p.add_argument("--audit", action="store_true",
+                   help="tune nothing (no GPU needed): for each table in the package (or --output), how each entry "
+                        "was timed, which entries were never raced end to end, and which of them the Gluon pipeline "
+                        "could serve, with the command that races them")
     p.add_argument("--no-gluon", action="store_true",
                    help="do not time the Gluon GEMMs (a full tune, --refine and --persistent time them where "
                         "they can run); entries rewritten keep the `gluon` they had")
@@ -1155,9 +1159,9 @@ def check_mode_flags(args) -> None:
     if not (math.isfinite(args.settle_ms) and args.settle_ms >= 0):
         raise UsageError(f"--settle-ms must be a finite number >= 0, got {args.settle_ms}")
     modes = [flag for flag, on in (("--refine", args.refine), ("--persistent", args.persistent),
-                                   ("--gluon", args.gluon)) if on]
+                                   ("--gluon", args.gluon), ("--audit", args.audit)) if on]
     if len(modes) > 1:
-        raise UsageError(f"{' and '.join(modes)} are separate quick modes; give one")
+        raise UsageError(f"{' and '.join(modes)} are separate modes (the quick modes and --audit); give one")
     if args.gluon and args.no_gluon:
         raise UsageError("--gluon times the Gluon GEMMs, --no-gluon leaves them out; give one")
 
@@ -1198,6 +1202,14 @@ def served_at(tokens, served: dict) -> dict[int, MoEKernelConfig]:
 
 def main(args) -> int:
     check_mode_flags(args)
+    if args.audit:
+        from rich.console import Console
+        from .tune_audit import package_tables, report
+        if args.output and not os.path.exists(args.output):
+            print(f"epmoe tune: --audit: no table at {args.output}", file=sys.stderr)
+            return 2
+        report(Console(), [args.output] if args.output else package_tables(), verbose=args.verbosity > 0)
+        return 0
     if args.compile_log:
         try:                                       # said now, not after the first shape's compiles
             open(args.compile_log, "a").close()

@@ -1,0 +1,156 @@
+"""`epmoe tune --audit`: how each entry of a tuning table was timed, and which entries no end-to-end race has
+set against a path that could serve them now, with the command that races them.
+
+A table grows over many tunes, each of some shapes and batch sizes, on machines that come and go; an entry
+written by an older tuner (kernel times only) or on a machine where a path could not run keeps serving until a
+tune of that very shape and T replaces it. The audit reads the JSON only (no GPU): it is how such an entry is
+found before a user's batch meets it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from ..kernels.tuning_table import CONFIG_DIR, GLUON_MIN_ROWS, MoEKernelConfig
+
+# the Gluon pipeline (`triton_ws`) takes BF16 activations with unquantized or 128x128 block-FP8 weights, on Hopper
+GLUON_FORMATS = ("bfloat16", "fp8_block")
+_HOPPER = re.compile(r"\b(H100|H200|H800|H20|GH200)\b")
+_FORMAT_FLAGS = {"bfloat16": "bf16", "float16": "fp16"}
+_KEY = re.compile(r"L=(\d+),H=(\d+),I=(\d+),k=(\d+),fmt=(\w+)$")
+RACED = "raced end to end"
+
+
+def how_timed(raw: dict, cfg: MoEKernelConfig) -> str:
+    """What an entry's `measured_ms` is, from its marks (the table's `method` says the same in prose)."""
+    if raw.get("copied_from"):
+        return f"copied from {raw['copied_from']}, never timed on this table's GPU"
+    mark = raw.get("measured")
+    if mark == "end_to_end":
+        return RACED
+    if mark == "end_to_end_tiles":
+        return "raced end to end, its tiles (the `gluon` kept by --no-gluon)"
+    if mark is not None:
+        return f"measured as {mark!r}"
+    if cfg.gluon:
+        return "Gluon against its tiles end to end, before the race"
+    if cfg.gemv is not None:
+        return "decode kernels against its tiles end to end, before the race"
+    return "kernel times only, before the race"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a table as the audit reads it: what runs its batch, how it was timed."""
+    key: str
+    T: int
+    runs: str                  # "gluon", "decode kernels" or the tiles
+    timed: str                 # how_timed's label
+    ms: float | None
+    raced: bool                # timed end to end against the other paths of its T (or its tiles' path, kept)
+    gluon_unraced: bool        # Gluon could serve it (Hopper, format, rows per expert) and no race set it against it
+
+
+def parse_key(key: str) -> tuple[int, int, int, int, str]:
+    """(L, H, I, k, fmt) of a table key (`shape_key`'s form); ValueError for any other string."""
+    m = _KEY.match(key)
+    if not m:
+        raise ValueError(f"not a table key: {key!r} (expected L=..,H=..,I=..,k=..,fmt=..)")
+    L, H, I, k = map(int, m.groups()[:4])
+    return L, H, I, k, m.group(5)
+
+
+def audit_entries(entries: dict, hopper: bool) -> list[Entry]:
+    """Every entry of a table's raw `entries` object, in key and T order."""
+    out = []
+    for key in sorted(entries):
+        L, _, _, k, fmt = parse_key(key)
+        for t, raw in sorted(entries[key].items(), key=lambda kv: int(kv[0])):
+            T = int(t)
+            cfg = MoEKernelConfig.from_dict(raw)
+            runs = "gluon" if cfg.gluon else "decode kernels" if cfg.gemv is not None else \
+                f"tiles BM{cfg.block_m}" + (f"+{cfg.tail_m}" if cfg.tail_m else "")
+            timed = how_timed(raw, cfg)
+            raced = timed.startswith(RACED)
+            can_gluon = hopper and fmt in GLUON_FORMATS and T * k / L >= GLUON_MIN_ROWS
+            out.append(Entry(key, T, runs, timed, raw.get("measured_ms"), raced,
+                             can_gluon and not cfg.gluon and not raced))
+    return out
+
+
+def _blocks(n: int) -> int:
+    return -(-n // 128) * 128
+
+
+def shape_flags(key: str) -> str:
+    """`epmoe tune`'s flags for a table key: the preset whose key it is, else the sizes (with the activation of a
+    preset of the same sizes: the key does not hold it, the tune needs one)."""
+    from ..presets import PRESETS
+    L, H, I, k, fmt = parse_key(key)
+    fmt_flag = _FORMAT_FLAGS.get(fmt, fmt)
+    for name, p in PRESETS.items():
+        hidden, inter = p["hidden_size"], p["intermediate_size"]
+        # block FP8 pads both sizes to whole 128-wide blocks, and the key holds the padded ones
+        sizes_match = p["top_k"] == k and H in (hidden, _blocks(hidden)) and I in (inter, _blocks(inter))
+        if sizes_match and p["num_experts"] == L:
+            return f"--presets {name} --formats {fmt_flag}"
+        if sizes_match:       # a shard of the preset: its hidden size as given (the tune pads it as the layer does)
+            return (f"--local-experts {L} --hidden {hidden} --inter {inter} --top-k {k} --activation {p['activation']} "
+                    f"--formats {fmt_flag}")
+    return f"--local-experts {L} --hidden {H} --inter {I} --top-k {k} --formats {fmt_flag}"
+
+
+def audit_table(path: str) -> tuple[dict, list[Entry]]:
+    """(the table's header fields, its entries audited)."""
+    with open(path) as f:
+        data = json.load(f)
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: a kernel config table needs an 'entries' object")
+    header = {k: v for k, v in data.items() if k != "entries"}
+    return header, audit_entries(entries, bool(_HOPPER.search(str(header.get("device", "")))))
+
+
+def _tokens(rows: list[Entry]) -> str:
+    return ",".join(str(e.T) for e in rows)
+
+
+def report(console, paths: list[str], verbose: bool = False) -> int:
+    """Print the audit of each table; return how many entries Gluon could serve that no race set against it."""
+    from rich.markup import escape
+    flagged = 0
+    for path in paths:
+        header, rows = audit_table(path)
+        raced = [e for e in rows if e.raced]
+        console.print(escape(f"{path} ({header.get('device', 'no device named')}, torch {header.get('torch', '?')}, "
+                             f"triton {header.get('triton', '?')}, last written {header.get('date', '?')}): "
+                             f"{len(rows)} entries of {len({e.key for e in rows})} shapes, {len(raced)} raced end "
+                             f"to end"), soft_wrap=True)
+        if verbose:
+            for e in rows:
+                ms = f"{e.ms:.4f} ms" if e.ms is not None else "no time"
+                console.print(escape(f"  {e.key} T={e.T}: {e.runs}, {ms}, {e.timed}"), soft_wrap=True)
+        unraced: dict[str, dict[str, list[Entry]]] = {}
+        for e in rows:
+            if not e.raced:
+                unraced.setdefault(e.key, {}).setdefault(e.timed, []).append(e)
+        for key, by_how in unraced.items():
+            console.print(escape(f"  not raced end to end: {key}: " + "; ".join(
+                f"T={_tokens(es)} {how}" for how, es in by_how.items())), soft_wrap=True)
+        gluon: dict[str, list[Entry]] = {}
+        for e in rows:
+            if e.gluon_unraced:
+                gluon.setdefault(e.key, []).append(e)
+        for key, es in gluon.items():
+            flagged += len(es)
+            console.print(escape(f"  the Gluon pipeline could serve {key} at T={_tokens(es)} ({GLUON_MIN_ROWS} rows "
+                                 f"per expert or more) and no race has set it against it; race it on the table's GPU ({header.get('device', 'not named')}): "
+                                 f"epmoe tune --gluon {shape_flags(key)} --tokens {_tokens(es)}"), soft_wrap=True)
+    return flagged
+
+
+def package_tables() -> list[str]:
+    """The tables shipped in the package, by file name."""
+    return sorted(os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))

@@ -1,0 +1,93 @@
+"""`epmoe tune --audit`: how each entry of a table was timed, and the entries the Gluon pipeline could serve that no
+race has set against it (read from the JSON; no GPU)."""
+import json
+
+import pytest
+
+from epmoe.bench import tune_audit
+from epmoe.cli import main
+
+_TILES = {"block_m": 128, "gate_up": {"block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 3},
+          "down": {"block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 4}}
+_GEMV = {"gate_up_n": 64, "gate_up_k": 128, "down_n": 64, "down_k": 128, "gate_up_warps": 4, "down_warps": 4,
+         "gate_up_stages": 4, "down_stages": 4}
+
+
+def _write(tmp_path, entries, device="NVIDIA H200"):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"device": device, "torch": "2.11", "triton": "3.6", "date": "2026-12-07",
+                                "entries": entries}))
+    return str(path)
+
+
+def _entries():
+    gpt_oss_fp8 = "L=128,H=2944,I=2944,k=4,fmt=fp8_block"      # block FP8 pads H = I = 2880 to 2944
+    return gpt_oss_fp8, {
+        gpt_oss_fp8: {
+            "1": dict(_TILES, gemv=_GEMV, measured_ms=0.05),                       # decode, before the race
+            "512": dict(_TILES, measured_ms=0.9),                                  # 16 rows an expert: no Gluon
+            "4096": dict(_TILES, gluon=True, measured_ms=1.5),                     # Gluon against its tiles
+            "8192": dict(_TILES, measured_ms=2.95),                                # kernels only, Gluon could run
+        },
+        "L=8,H=4096,I=14336,k=2,fmt=fp8_block": {"8192": dict(_TILES, measured_ms=5.0, measured="end_to_end")},
+        "L=8,H=4096,I=14336,k=2,fmt=fp8_channel": {"8192": dict(_TILES, measured_ms=5.0)},   # not Gluon's format
+        "L=32,H=7168,I=2048,k=8,fmt=bfloat16": {"8192": dict(_TILES, measured_ms=9.0, copied_from="other.json")},
+    }
+
+
+def test_each_entry_is_labelled_by_how_it_was_timed_and_gluon_gaps_are_flagged(tmp_path):
+    key, entries = _entries()
+    header, rows = tune_audit.audit_table(_write(tmp_path, entries))
+    assert header["device"] == "NVIDIA H200"
+    by = {(e.key, e.T): e for e in rows}
+    assert by[(key, 1)].runs == "decode kernels" and "decode kernels against its tiles" in by[(key, 1)].timed
+    assert by[(key, 4096)].runs == "gluon" and by[(key, 4096)].timed.startswith("Gluon against its tiles")
+    assert by[(key, 8192)].timed == "kernel times only, before the race" and by[(key, 8192)].ms == 2.95
+    assert by[("L=8,H=4096,I=14336,k=2,fmt=fp8_block", 8192)].raced
+    assert "copied from other.json" in by[("L=32,H=7168,I=2048,k=8,fmt=bfloat16", 8192)].timed
+    # flagged: Gluon's formats, >= GLUON_MIN_ROWS rows an expert, not a Gluon entry, not raced (a copy counts)
+    assert {(e.key, e.T) for e in rows if e.gluon_unraced} == {(key, 8192),
+                                                                ("L=32,H=7168,I=2048,k=8,fmt=bfloat16", 8192)}
+    # on a GPU the Gluon pipeline cannot run on, nothing is flagged
+    _, rows = tune_audit.audit_table(_write(tmp_path, entries, device="NVIDIA A100-SXM4-80GB"))
+    assert not any(e.gluon_unraced for e in rows)
+
+
+def test_the_report_names_the_command_that_races_each_flagged_entry(tmp_path):
+    from rich.console import Console
+    key, entries = _entries()
+    console = Console(record=True, width=400)
+    assert tune_audit.report(console, [_write(tmp_path, entries)]) == 2
+    text = console.export_text()
+    assert "epmoe tune --gluon --presets gpt-oss-120b --formats fp8_block --tokens 8192" in text
+    assert ("epmoe tune --gluon --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --activation silu "
+            "--formats bf16 --tokens 8192") in text
+    assert f"not raced end to end: {key}: T=1 decode kernels" in text
+    assert "7 entries of 4 shapes, 1 raced end to end" in text
+
+
+def test_shape_flags_and_keys():
+    assert tune_audit.shape_flags("L=8,H=4096,I=14336,k=2,fmt=bfloat16") == "--presets mixtral-8x7b --formats bf16"
+    assert tune_audit.shape_flags("L=16,H=2048,I=768,k=8,fmt=fp8_block") == (
+        "--local-experts 16 --hidden 2048 --inter 768 --top-k 8 --activation silu --formats fp8_block")
+    assert tune_audit.shape_flags("L=4,H=100,I=60,k=1,fmt=float16") == (
+        "--local-experts 4 --hidden 100 --inter 60 --top-k 1 --formats fp16")
+    with pytest.raises(ValueError, match="not a table key"):
+        tune_audit.parse_key("L=8,H=4096")
+
+
+def test_the_package_tables_hold_only_marks_the_audit_knows():
+    """Every entry shipped reads as one of the audit's labels (a new mark must be taught to it, not shown raw)."""
+    for path in tune_audit.package_tables():
+        _, rows = tune_audit.audit_table(path)
+        assert rows and not [e for e in rows if e.timed.startswith("measured as")], path
+
+
+def test_cli_audit_needs_no_gpu_and_refuses_other_modes_and_missing_tables(tmp_path, capsys):
+    key, entries = _entries()
+    assert main(["tune", "--audit", "--output", _write(tmp_path, entries)]) == 0
+    assert "epmoe tune --gluon --presets gpt-oss-120b" in capsys.readouterr().out
+    assert main(["tune", "--audit", "--output", str(tmp_path / "none.json")]) == 2
+    assert "no table at" in capsys.readouterr().err
+    assert main(["tune", "--audit", "--gluon"]) == 2
+    assert "separate modes" in capsys.readouterr().err
