@@ -20,7 +20,8 @@
 #             the GEMM otherwise there); on an H200 then: the deepseek-v3 shard at T = 512, 16 and 1, 322 compiles
 #             in 21 s and 444 candidates timed in 3 min 32 s (4 min 05 s the whole set); mixtral at T = 1, 16, 128 and
 #             1024, 450 in 26 s and 674 in 4 min 21 s; the qwen3 16-expert shard at T = 1, 126 in 9 s and 126 in
-#             48 s, at T = 128, 264 in 17 s and 230 in 2 min 22 s; not timed on a GPU since;
+#             48 s, at T = 128, 264 in 17 s and 230 in 2 min 22 s; since: on an H100 at 8812baf, the
+#             qwen3 shard at T = 1, 126 in 10 s and 126 in 3 s (every GEMM of the timing process from the cache);
 #             TUNE_PROFILE=1: each set under cProfile, its 25 costliest functions by own time and 40 by time with
 #             what they called in the log, and the profile kept; TUNE_COMPILE_LOG=1: every Triton compile of the
 #             workers and the timing process, with its cache key's parts, in tune_compile_log_*.jsonl (--compile-log)
