@@ -24,7 +24,8 @@ timed them at: after writing, the tuner names the powers of two from 1 to 16384 
 configuration changed, with the --tokens that would time them.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
-(this GPU's table, else one of another GPU of the same family) and write into this GPU's table.
+(this GPU's table, else one of another GPU of the same family) and write into this GPU's table. `--audit` tunes
+nothing: it reads the tables and says how each entry was timed (`tune_audit`).
 
 FP8 block weights are tuned with every K block's product promoted to float32 ("sync": the library's
 numerics); `--allow-rescale` adds the faster, less precise "rescale" promotion to the candidates.
