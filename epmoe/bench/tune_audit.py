@@ -49,7 +49,7 @@ class Entry:
     runs: str                  # "gluon", "decode kernels" or the tiles
     timed: str                 # how_timed's label
     ms: float | None
-    raced: bool                # timed end to end against the other paths of its T (or its tiles' path, kept)
+    raced: bool                # raced end to end at its T (`end_to_end`; `end_to_end_tiles`: by a --no-gluon tune)
     gluon_unraced: bool        # Gluon could serve it (Hopper, format, rows per expert) and no race set it against it
 
 
@@ -145,9 +145,11 @@ def report(console, paths: list[str], verbose: bool = False) -> int:
                 gluon.setdefault(e.key, []).append(e)
         for key, es in gluon.items():
             flagged += len(es)
+            gpu = header.get("device", "not named")
             console.print(escape(f"  the Gluon pipeline could serve {key} at T={_tokens(es)} ({GLUON_MIN_ROWS} rows "
-                                 f"per expert or more) and no race has set it against it; race it on the table's GPU ({header.get('device', 'not named')}): "
-                                 f"epmoe tune --gluon {shape_flags(key)} --tokens {_tokens(es)}"), soft_wrap=True)
+                                 f"per expert or more) and no race has set it against it; race it on the table's GPU "
+                                 f"({gpu}): epmoe tune --gluon {shape_flags(key)} --tokens {_tokens(es)}"),
+                          soft_wrap=True)
     return flagged
 
 
