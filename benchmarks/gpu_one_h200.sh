@@ -30,7 +30,8 @@
 #             timed end to end against `triton_ws`'s pipeline, as
 #             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`
 #             (GLUON_TUNE_FORMATS: the formats, default fp8_block,bf16; GLUON_TUNE_SETS: which of the three
-#             lines, default "shard mixtral wide");
+#             lines, default "shard mixtral wide", and "audit": each shape with entries `epmoe tune --audit` names on
+#             this GPU's table, at those T and in their format, whatever GLUON_TUNE_FORMATS says);
 #             into this GPU's table in the package (before and after kept, as for tune)
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
 #             specialization off and on, beside the library's kernels
@@ -268,7 +269,15 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
             if [[ '$sets' == *' mixtral '* ]]; then python3 -m epmoe tune --gluon --presets mixtral-8x7b \
                 --formats $formats --tokens 1024,8192 || exit 1; fi
             if [[ '$sets' == *' wide '* ]]; then python3 -m epmoe tune --gluon \
-                --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats $formats --tokens 8192 || exit 1; fi"
+                --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats $formats --tokens 8192 || exit 1; fi
+            if [[ '$sets' == *' audit '* ]]; then
+                args=\$(python3 -m epmoe.bench.tune_audit '$table') || exit 1
+                [ -z \"\$args\" ] && echo '## epmoe tune --audit names no entry to race on this GPU'
+                while read -r line; do
+                    [ -z \"\$line\" ] && continue
+                    echo \"## epmoe tune --gluon \$line\"; python3 -m epmoe tune --gluon \$line || exit 1
+                done <<< \"\$args\"
+            fi"
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_after_gluon_tune.json"; fi ;;
     probe)
         run "$OUT/ws_probe_${GPU}_$DAY.log" "${PROBE_SECONDS:-120}" \

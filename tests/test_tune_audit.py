@@ -91,3 +91,21 @@ def test_cli_audit_needs_no_gpu_and_refuses_other_modes_and_missing_tables(tmp_p
     assert "no table at" in capsys.readouterr().err
     assert main(["tune", "--audit", "--gluon"]) == 2
     assert "separate modes" in capsys.readouterr().err
+
+
+def test_the_race_arguments_one_line_a_shape_as_the_gpu_script_reads_them(tmp_path, capsys):
+    """`python -m epmoe.bench.tune_audit TABLE` (part `gluon_tune` with GLUON_TUNE_SETS=audit): `epmoe tune --gluon`'s
+    arguments for each flagged shape, one line each; nothing for a table with none; a missing table refused."""
+    key, entries = _entries()
+    path = _write(tmp_path, entries)
+    assert tune_audit.main([path]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "--presets gpt-oss-120b --formats fp8_block --tokens 8192",
+        "--local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --activation silu --formats bf16 --tokens 8192"]
+    # a tune rewrites an entry whole: its time marked, no `copied_from` left
+    raced = {k: {t: {f: v for f, v in dict(e, measured="end_to_end").items() if f != "copied_from"}
+                 for t, e in by_t.items()} for k, by_t in entries.items()}
+    assert tune_audit.main([_write(tmp_path, raced)]) == 0
+    assert capsys.readouterr().out == ""
+    assert tune_audit.main([str(tmp_path / "none.json")]) == 2
+    assert "no table at" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from ..kernels.tuning_table import CONFIG_DIR, GLUON_MIN_ROWS, MoEKernelConfig
@@ -139,18 +140,52 @@ def report(console, paths: list[str], verbose: bool = False) -> int:
         for key, by_how in unraced.items():
             console.print(escape(f"  not raced end to end: {key}: " + "; ".join(
                 f"T={_tokens(es)} {how}" for how, es in by_how.items())), soft_wrap=True)
-        gluon: dict[str, list[Entry]] = {}
-        for e in rows:
-            if e.gluon_unraced:
-                gluon.setdefault(e.key, []).append(e)
-        for key, es in gluon.items():
+        for key, es in _gluon_unraced(rows).items():
             flagged += len(es)
             gpu = header.get("device", "not named")
             console.print(escape(f"  the Gluon pipeline could serve {key} at T={_tokens(es)} ({GLUON_MIN_ROWS} rows "
                                  f"per expert or more) and no race has set it against it; race it on the table's GPU "
-                                 f"({gpu}): epmoe tune --gluon {shape_flags(key)} --tokens {_tokens(es)}"),
-                          soft_wrap=True)
+                                 f"({gpu}): epmoe tune --gluon {_race_args(key, es)}"), soft_wrap=True)
     return flagged
+
+
+def _gluon_unraced(rows: list[Entry]) -> dict[str, list[Entry]]:
+    out: dict[str, list[Entry]] = {}
+    for e in rows:
+        if e.gluon_unraced:
+            out.setdefault(e.key, []).append(e)
+    return out
+
+
+def _race_args(key: str, rows: list[Entry]) -> str:
+    return f"{shape_flags(key)} --tokens {_tokens(rows)}"
+
+
+def gluon_race_args(path: str) -> list[str]:
+    """`epmoe tune --gluon`'s arguments for each shape of the table at `path` with entries the Gluon pipeline could
+    serve that no race has set against it (what `report` names), one string a shape."""
+    _, rows = audit_table(path)
+    return [_race_args(key, es) for key, es in _gluon_unraced(rows).items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m epmoe.bench.tune_audit",
+                                description="For a tuning table: `epmoe tune --gluon`'s arguments for each shape with "
+                                            "entries the Gluon pipeline could serve that no race has set against "
+                                            "it, one line a shape (none: no output). `epmoe tune --audit` says why.")
+    p.add_argument("table", help="the table (a JSON file under epmoe/kernels/configs/, or one a tune wrote)")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.table):
+        print(f"tune_audit: no table at {args.table}", file=sys.stderr)
+        return 2
+    for line in gluon_race_args(args.table):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
 
 
 def package_tables() -> list[str]:
