@@ -81,25 +81,27 @@ def audit_entries(entries: dict, hopper: bool) -> list[Entry]:
     return out
 
 
-def _blocks(n: int) -> int:
-    return -(-n // 128) * 128
-
-
 def shape_flags(key: str) -> str:
     """`epmoe tune`'s flags for a table key: the preset whose key it is, else the sizes (with the activation of a
-    preset of the same sizes: the key does not hold it, the tune needs one)."""
-    from ..presets import PRESETS
+    preset of the same sizes: the key does not hold it, the tune needs one). A preset's key holds its sizes as the
+    format pads them (`MoEConfig.padded_sizes`: block FP8 to whole 128-wide blocks), as the tune writes them."""
+    from ..presets import PRESETS, preset_config
+    from ..quant import quant_config_for
     L, H, I, k, fmt = parse_key(key)
     fmt_flag = _FORMAT_FLAGS.get(fmt, fmt)
-    for name, p in PRESETS.items():
-        hidden, inter = p["hidden_size"], p["intermediate_size"]
-        # block FP8 pads both sizes to whole 128-wide blocks, and the key holds the padded ones
-        sizes_match = p["top_k"] == k and H in (hidden, _blocks(hidden)) and I in (inter, _blocks(inter))
-        if sizes_match and p["num_experts"] == L:
+    try:
+        quant = None if fmt_flag in ("bf16", "fp16") else quant_config_for(fmt_flag)
+    except ValueError:                     # a format the tune does not name: no preset can match it
+        return f"--local-experts {L} --hidden {H} --inter {I} --top-k {k} --formats {fmt_flag}"
+    for name in PRESETS:
+        cfg = preset_config(name, quant=quant)
+        if cfg.top_k != k or cfg.padded_sizes != (H, I):
+            continue
+        if cfg.num_experts == L:
             return f"--presets {name} --formats {fmt_flag}"
-        if sizes_match:       # a shard of the preset: its hidden size as given (the tune pads it as the layer does)
-            return (f"--local-experts {L} --hidden {hidden} --inter {inter} --top-k {k} --activation {p['activation']} "
-                    f"--formats {fmt_flag}")
+        # a shard of the preset: its sizes as given (the tune pads them as the layer does)
+        return (f"--local-experts {L} --hidden {cfg.hidden_size} --inter {cfg.intermediate_size} --top-k {k} "
+                f"--activation {cfg.activation} --formats {fmt_flag}")
     return f"--local-experts {L} --hidden {H} --inter {I} --top-k {k} --formats {fmt_flag}"
 
 

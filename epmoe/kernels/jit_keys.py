@@ -54,7 +54,7 @@ def key_callees_first(namespace: dict) -> None:
         if getattr(fn, "hash", None) is None:
             for callee in _callees(fn, jit_type):
                 visit(callee)
-        fn.cache_key
+        fn.cache_key                                 # the property computes the key and keeps it
     for value in list(namespace.values()):
         if isinstance(value, jit_type):
             visit(value)
