@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         return 2
     from epmoe import contract
     from epmoe.bench.experts import bench_config, make_routing, make_weights, rel_err, sample_rows
-    from epmoe.bench.gpu_state import GpuStateSampler, nvidia_smi_id
+    from epmoe.bench.gpu_state import GpuStateSampler, describe_state, nvidia_smi_id
     from epmoe.bench.gpu_timing import CudaClock
     from epmoe.layouts import FlatBatch
     from epmoe.reference import reference_moe
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
                     print(f"\n{preset} E={cfg.num_experts} T={T} {fmt} {name}: {s['forwards']} forwards, kernels "
                           f"{s['kernel_us']:.0f} us ({row['tflops_of_kernel_time'] or 0:.0f} TFLOP/s), span "
                           f"{s['span_us']:.0f} us, check {err:.2e} {'ok' if ok else 'FAILED'}"
-                          + (f", sm {gpu_state['sm_mhz_min']:.0f}-{gpu_state['sm_mhz_max']:.0f} MHz "
-                             f"({gpu_state['samples']} samples)" if gpu_state else ""),
+                          + (f", {describe_state(gpu_state)} ({gpu_state['samples']} samples)" if gpu_state
+                             else ""),
                           flush=True)
                     for k in s["kernels"]:
                         print(f"  {k['us']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel']}")

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from epmoe.bench.gpu_state import (OLD_REASONS_FIELD, REASONS_FIELD, GpuStateSampler, decode_reasons, nvidia_smi_id,
-                                   parse_sample, summarize)
+from epmoe.bench.gpu_state import (OLD_REASONS_FIELD, REASONS_FIELD, GpuStateSampler, decode_reasons, describe_state,
+                                   nvidia_smi_id, parse_sample, summarize)
 
 
 def test_parse_sample_reads_the_query_fields_and_skips_other_lines():
@@ -118,3 +118,27 @@ def test_the_gpu_is_named_to_nvidia_smi_by_its_uuid(monkeypatch):
         raise RuntimeError("no CUDA GPUs are available")
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_gpu)
     assert nvidia_smi_id(torch.device("cuda", 2)) == "2"
+
+
+def test_a_stretch_is_described_in_one_line_with_what_its_record_has():
+    """The log line of a stretch: its SM clock's range, then its median, highest power and the reasons the driver
+    held the clock down, each left out where the record has none; nothing for no record."""
+    state = summarize([{"sm_mhz": 1980.0, "mem_mhz": 2619.0, "power_w": 512.0, "temp_c": 50.0, "reasons": 0x1},
+                       {"sm_mhz": 1755.0, "mem_mhz": 2619.0, "power_w": 699.6, "temp_c": 61.0, "reasons": 0x4},
+                       {"sm_mhz": 1440.0, "mem_mhz": 2619.0, "power_w": None, "temp_c": 62.0, "reasons": 0xC}])
+    assert describe_state(state) == "sm 1440-1980 MHz (median 1755) 700 W sw_power_cap+hw_slowdown"
+    assert describe_state(dict(state, power_w_max=None, clock_event_reasons=[], sm_mhz_median=None)) == \
+        "sm 1440-1980 MHz"
+    assert describe_state(None) == "" and describe_state(summarize([])) == ""
+
+
+def test_the_tuners_race_samples_the_gpu_it_runs_on_and_nothing_on_a_cpu(monkeypatch):
+    """`epmoe tune`'s end-to-end race keeps a sampler of the GPU its weights are on (named as nvidia-smi names it),
+    not started until the race enters it; on the CPU none."""
+    import torch
+
+    from epmoe.bench import tune
+    assert tune._race_sampler(torch.device("cpu")) is None and tune._race_sampler("cpu") is None
+    monkeypatch.setattr(tune, "nvidia_smi_id", lambda device: f"GPU-of-{torch.device(device).index}")
+    sampler = tune._race_sampler(torch.device("cuda", 1))
+    assert isinstance(sampler, GpuStateSampler) and sampler.gpu == "GPU-of-1" and sampler._proc is None

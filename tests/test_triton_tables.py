@@ -663,7 +663,7 @@ def test_tune_races_every_batch_size_end_to_end_against_what_was_served(monkeypa
 
     runner_up = next(f"tiles BM{bm}" for bm in heights if f"tiles BM{bm}" != winner)
 
-    def fake_race(problem, T_, paths, ws, timer, reps, gen, console):
+    def fake_race(problem, T_, paths, ws, timer, reps, gen, console, sampler=None):
         seen["race"], seen["paths"], seen["ws"] = timer, paths, ws
         return {name: 0.5 if name == winner else 1.0 if name == runner_up else 2.0 for name in paths}
 
@@ -714,7 +714,7 @@ def test_tune_writes_each_batch_size_as_it_is_decided(monkeypatch, tmp_path):
     monkeypatch.setattr(tune, "_gluon_experts", lambda problem: (None, "not on this machine"))
     raced = []
 
-    def fake_race(problem, T, paths, ws, timer, reps, gen, console):
+    def fake_race(problem, T, paths, ws, timer, reps, gen, console, sampler=None):
         raced.append(T)
         if T == 512:
             with open(path) as f:                       # the first T is in the table before the second is timed

@@ -6,6 +6,8 @@ itself is checked against it on a GPU by `benchmarks/gluon_gemm_probe.py`). Agai
 experts on the same weights, BF16 and block FP8, on awkward shapes: T = 0 and 1, every token on one
 expert, slots of other ranks, biases, a hidden size that is not a multiple of 128."""
 import dataclasses
+import io
+import time
 
 import pytest
 import torch
@@ -417,8 +419,19 @@ else:
         problem = tune.Problem(cfg, "bfloat16", layer.expert_weights, False)
         tiles = MoEKernelConfig(16, GemmConfig(64, 64, 1, 4, 2), GemmConfig(64, 64, 1, 4, 2))
         paths = tune.end_to_end_paths([tiles], gluon=True)
-        ends = tune._race(problem, 64, paths, ws, Timer(), 1, torch.Generator().manual_seed(0), Console(quiet=True))
+        class Sampler:      # each path's stretch its own clocks; the second path's record has none
+            def since(self, start):
+                assert start <= time.monotonic()
+                return {"sm_mhz_min": 1500.0, "sm_mhz_max": 1700.0, "sm_mhz_median": 1600.0, "power_w_max": 690.0,
+                        "clock_event_reasons": ["sw_power_cap"]} if len(ran) == 1 else None
+
+        log = io.StringIO()
+        ends = tune._race(problem, 64, paths, ws, Timer(), 1, torch.Generator().manual_seed(0),
+                          Console(file=log, width=400), Sampler())
         assert ran == ["tiles", "gluon"] and ends == {"tiles BM16": tiles_ms, "gluon": gluon_ms}
+        line = " ".join(log.getvalue().split())
+        assert (f"tiles BM16 {tiles_ms:.4f} ms [sm 1500-1700 MHz (median 1600) 690 W sw_power_cap], "
+                f"gluon {gluon_ms:.4f} ms") in line and not line.endswith("]"), line
         name = tune.end_to_end_choice(ends, paths)
         assert (name is None) if chosen is None else paths[name] == (dataclasses.replace(tiles, gluon=True) if chosen
                                                                      else tiles)

@@ -34,7 +34,7 @@ import torch
 
 from ..usage import CsvList, UsageError, csv_values, token_counts
 from .expert_anchors import ANCHOR_FORMATS, DENSE_FP8_BLOCK, GROUPED_BF16, GROUPED_FP8_ROWWISE
-from .gpu_state import GpuStateSampler, nvidia_smi_id
+from .gpu_state import GpuStateSampler, describe_state, nvidia_smi_id
 from .run_env import RESULTS_DIR_HELP, provenance, results_dir
 
 PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b"]
@@ -504,10 +504,7 @@ def _print_row(r: dict) -> None:
           + (f" err {r['check_rel_err']:.1e}" if r.get("check_rel_err") is not None else "")
           + f" [{r['timing']['method']}]"
           + ("" if (d := repeat_drift(r["timing"].get("times_ms", ()))) is None else f" drift {100 * d:+.0f}%")
-          + (f" sm {g['sm_mhz_min']:.0f}-{g['sm_mhz_max']:.0f} MHz"
-             + ("" if g["power_w_max"] is None else f" {g['power_w_max']:.0f} W")
-             + (f" {'+'.join(g['clock_event_reasons'])}" if g["clock_event_reasons"] else "")
-             if (g := r.get("gpu_state")) else ""), flush=True)
+          + (f" {describe_state(g)}" if (g := r.get("gpu_state")) else ""), flush=True)
 
 
 def repeat_drift(times_ms) -> float | None:

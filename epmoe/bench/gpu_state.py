@@ -76,6 +76,20 @@ def summarize(samples: list[dict]) -> dict | None:
             "clock_event_reasons": decode_reasons(mask & ~0x1)}   # idle: the sleeps between runs, not a limit
 
 
+def describe_state(state: dict | None) -> str:
+    """One stretch's record as a log line reads it: "sm 1440-1980 MHz (median 1755) 699 W sw_power_cap" (the
+    median, the power and the reasons where the record has them); "" for no record."""
+    if not state:
+        return ""
+    median = state.get("sm_mhz_median")
+    power = state.get("power_w_max")
+    reasons = state.get("clock_event_reasons")
+    return (f"sm {state['sm_mhz_min']:.0f}-{state['sm_mhz_max']:.0f} MHz"
+            + ("" if median is None else f" (median {median:.0f})")
+            + ("" if power is None else f" {power:.0f} W")
+            + (f" {'+'.join(reasons)}" if reasons else ""))
+
+
 def nvidia_smi_id(device) -> str:
     """nvidia-smi's name for torch's CUDA device `device`: its UUID ("GPU-..."). torch numbers the devices it
     sees after CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER; nvidia-smi numbers every GPU of the machine by bus:

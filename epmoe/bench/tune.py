@@ -15,7 +15,9 @@ can run (Hopper, BF16 and 128x128 block FP8) and a tile has GLUON_MIN_ROWS rows 
 T before this tune (an entry at T or near it, or the heuristic), which stays unless beaten by more than
 SERVED_MARGIN. A decode or Gluon winner keeps the fastest tiles for the batches those do not take. In the race
 each path first runs back to back for --settle-ms, so that on a GPU at its power limit the path timed first
-does not start at a higher clock. Each winner, with its end-to-end time, is merged into the table of this GPU
+does not start at a higher clock, and each path's time is printed with the GPU's clocks, highest power and
+clock-event reasons meanwhile (nvidia-smi's samples, where it runs): two races of one entry that disagree can then be
+told apart by what their GPUs ran at. Each winner, with its end-to-end time, is merged into the table of this GPU
 (`epmoe/kernels/configs/<GPU>.json` unless --output says otherwise), which `lookup_config` reads, as soon as its T
 is decided, the file replaced whole: a tune stopped part way (Ctrl-C, or SIGTERM from a time limit) keeps the T
 it finished and a whole table, and says what it did not tune (exit status 130). An entry
@@ -33,6 +35,7 @@ numerics); `--allow-rescale` adds the faster, less precise "rescale" promotion t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -40,6 +43,7 @@ import math
 import os
 import signal
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -47,6 +51,7 @@ import torch
 from rich.markup import escape
 
 from ..usage import CsvList, DeprecatedAlias, UsageError, csv_values, token_counts
+from .gpu_state import GpuStateSampler, describe_state, nvidia_smi_id
 from .gpu_timing import GRAPH
 from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, SM_SHARED_MEMORY, SMEM_LIMIT, SMEM_RESERVED_PER_PROGRAM,
                                    GemmConfig, GemvConfig, MoEKernelConfig,
@@ -665,7 +670,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     all_jobs.append(job)
     failed: set = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not show_progress) as progress:
+                  console=console, disable=not show_progress) as progress, contextlib.ExitStack() as stack:
         task = progress.add_task(escape(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}"),
                                  total=len(all_jobs))
         results = pool.map(_compile_job_logged, all_jobs) if pool is not None else map(_compile_job_logged, all_jobs)
@@ -680,6 +685,11 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             compile_log({"workers": compiled})
         timer = GpuTimer(problem.weights.w13.device)
         ends_timer = Timer(timer.clock, settle_ms)       # the end-to-end comparisons: each path settled
+        sampler = _race_sampler(problem.weights.w13.device)
+        if sampler is not None:     # the callback runs after the sampler's exit, which says why it gave none
+            stack.callback(lambda: sampler.error and progress.console.print(
+                escape(f"  no clock record beside the end-to-end times: {sampler.error}")))
+            stack.enter_context(sampler)
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
         task = progress.add_task(f"time {problem.fmt}", total=total)
@@ -729,7 +739,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             if served is not None and not rescale:          # "rescale" is written only where it was allowed
                 served = as_sync(served)
             paths = end_to_end_paths(tiles, gemvs, gluon=ws is not None and takes_gluon, before=served)
-            ends = _race(problem, T, paths, ws, ends_timer, reps, gen, progress.console)
+            ends = _race(problem, T, paths, ws, ends_timer, reps, gen, progress.console, sampler)
             chosen = end_to_end_choice(ends, paths, served_path(paths, served))
             if chosen is None:
                 progress.console.print(f"  T={T:5d}: every configuration failed end to end; no entry written")
@@ -902,12 +912,21 @@ def with_fastest_tiles(name: str, ends: dict[str, float], paths: dict[str, MoEKe
     return replace(cfg, block_m=t.block_m, gate_up=t.gate_up, down=t.down, tail_m=t.tail_m)
 
 
+def _race_sampler(device):
+    """The GPU-state sampler of the end-to-end race on `device` (a CUDA GPU; None elsewhere): each path's clocks
+    beside its time, so that two races of one entry on two machines can be told apart by what the GPU ran at."""
+    if torch.device(device).type != "cuda":
+        return None
+    return GpuStateSampler(nvidia_smi_id(device))
+
+
 def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer, reps: int, gen,
-          console) -> dict[str, float]:
+          console, sampler=None) -> dict[str, float]:
     """Each path end to end, by name: the `triton` experts (`forward_flat`: the alignment, the GEMMs and the
     slot sum; FP8 rows with their scales, as a dispatcher hands them over) on one random routing of T tokens,
     with the Gluon pipeline `ws` where a path says `gluon`, replayed as CUDA graphs as the benchmark and an
-    engine run them, on `timer` (the tuner's settles each path first). The kernels' times alone, eager,
+    engine run them, on `timer` (the tuner's settles each path first); with `sampler` (`_race_sampler`), the
+    clocks of each path's stretch, its settling included, printed beside its time. The kernels' times alone, eager,
     ranked configurations unlike whole forwards at a few tokens and near 64 rows per expert
     (benchmarks/notes_kernels.md, twentieth and twenty-fourth passes)."""
     from ..experts.triton import TritonExperts
@@ -919,11 +938,14 @@ def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer
     batch = FlatBatch(x, ids, tw, scales=scales)
     experts = TritonExperts(problem.cfg)          # no device: it sets up no Gluon pipeline of its own
     experts.gluon = ws
-    ends = {}
+    ends, states = {}, {}
     for name, cfg in paths.items():
         experts.kernel_config = lambda n, weights, cfg=cfg: cfg
+        start = time.monotonic()
         ends[name] = _safe_time(timer, lambda: experts.forward_flat(batch, problem.weights), reps, graph=True)
-    console.print(f"    T={T} end to end: " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in ends.items()), soft_wrap=True)
+        states[name] = describe_state(sampler.since(start)) if sampler is not None else ""
+    timed = [f"{n} {ms:.4f} ms" + (f" [{states[n]}]" if states[n] else "") for n, ms in ends.items()]
+    console.print(escape(f"    T={T} end to end: " + ", ".join(timed)), soft_wrap=True)
     return ends
 
 
