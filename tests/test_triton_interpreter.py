@@ -282,6 +282,37 @@ if INTERPRETING:
                                     routing=Routing(ids, torch.ones(n, 1)))
                 assert_close(out[e, :n], ref, 1e-5, context=f"expert {e}")
 
+    def test_batched_experts_run_a_table_entry_whose_down_splits_k_unsplit(monkeypatch):
+        """The tables are tuned on the flat layout, whose down GEMM may split K; the batched layout looks the same
+        entries up and runs their down over the whole K range (it has no slot sum to add the ranges). Tiles given
+        by hand with a split down are refused, naming it."""
+        import epmoe.kernels.batched_moe as batched_moe
+        E, C, H = 4, 12, 200
+        cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=96, dtype=torch.float32)
+        experts = random_experts(cfg, seed=17)
+        w13, w2, _, _ = fused_layout(experts)
+        x = torch.randn(E, C, H, generator=torch.Generator().manual_seed(18))
+        counts = torch.tensor([12, 0, 5, 1], dtype=torch.int32)
+        split = replace(SMALL, down=replace(SMALL.down, split_k=3))
+        looked_up = []
+        monkeypatch.setattr(batched_moe, "lookup_config",
+                            lambda *a, **k: looked_up.append(a) or (split, "a table entry tuned on the flat layout"))
+        ran = []
+        launch_down = batched_moe.launch_down
+        monkeypatch.setattr(batched_moe, "launch_down", lambda *a, gemm, **k: ran.append(gemm) or launch_down(
+            *a, gemm=gemm, **k))
+        out = batched_experts(x, counts, w13, w2, "silu", top_k=2)
+        assert len(looked_up) == 1 and [g.split_k for g in ran] == [1] and ran[0] == replace(split.down, split_k=1)
+        for e in range(E):
+            c = int(counts[e])
+            if c:
+                ref = reference_moe(x[e, :c], None, [experts[e]], replace(cfg, num_experts=1, top_k=1),
+                                    routing=Routing(torch.zeros(c, 1, dtype=torch.int32), torch.ones(c, 1)))
+                assert_close(out[e, :c], ref, 1e-5, context=f"expert {e}")
+            assert not out[e, c:].any()
+        with pytest.raises(ValueError, match="split_k=3: only the down GEMM of the flat layout"):
+            batched_experts(x, counts, w13, w2, "silu", config=split)
+
     FP16_GEMV = MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2),
                                 gemv=GemvConfig(32, 64, 32, 64))
 

@@ -7,6 +7,8 @@ unweighted (the combine applies the routing weights) and rows past the count are
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 
@@ -15,12 +17,22 @@ from .fused_moe import (Fp8Operands, fp8_tiles_problem, intermediate_dtype, laun
 from .tuning_table import MoEKernelConfig, lookup_config
 
 
+def unsplit_down(config: MoEKernelConfig) -> MoEKernelConfig:
+    """A table entry's tiles as the batched layout runs them: the down GEMM over its whole K range. The tables
+    are tuned on the flat layout, whose down GEMM may split K (`split_k`: float32 partial rows per pair, added by
+    its slot sum); the batched layout has no slot sum, and its down tiles write their rows in place."""
+    if config.down.split_k == 1:
+        return config
+    return replace(config, down=replace(config.down, split_k=1))
+
+
 def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     activation: str, *, top_k: int = 1, b13: torch.Tensor | None = None,
                     b2: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                     config: MoEKernelConfig | None = None, fp8: Fp8Operands | None = None) -> torch.Tensor:
     """x [L, C, H] (rows past counts[e] are ignored), counts [L] int -> [L, C, H]: expert e's output for
-    its first counts[e] rows, zeros after. `top_k` only steers the choice of tiles (rows per expert)."""
+    its first counts[e] rows, zeros after. `top_k` only steers the choice of tiles (rows per expert). `config`:
+    the tiles (None: the table's or the heuristic's for this shape, its down unsplit: `unsplit_down`)."""
     if x.dim() != 3:
         raise ValueError(f"batched_experts: x must be [L, C, H], got {list(x.shape)}")
     L, C, H = x.shape
@@ -41,6 +53,7 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
     if config is None:
         config, _ = lookup_config(max(1, L * C // max(top_k, 1)), L, H, inter, top_k,
                                   weight_format(w13, fp8.granularity if fp8 else None), x.device)
+        config = unsplit_down(config)
     if fp8 is not None:
         why = fp8_tiles_problem(config, fp8)
         if why:
