@@ -941,8 +941,13 @@ def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer
     ends, states = {}, {}
     for name, cfg in paths.items():
         experts.kernel_config = lambda n, weights, cfg=cfg: cfg
+        forward = lambda: experts.forward_flat(batch, problem.weights)      # noqa: E731
+        if sampler is not None:       # compiles (seconds at an idle clock) out of the record; a failure is _safe_time's
+            with contextlib.suppress(Exception):
+                forward()
+                torch.cuda.synchronize(x.device)
         start = time.monotonic()
-        ends[name] = _safe_time(timer, lambda: experts.forward_flat(batch, problem.weights), reps, graph=True)
+        ends[name] = _safe_time(timer, forward, reps, graph=True)
         states[name] = describe_state(sampler.since(start)) if sampler is not None else ""
     timed = [f"{n} {ms:.4f} ms" + (f" [{states[n]}]" if states[n] else "") for n, ms in ends.items()]
     console.print(escape(f"    T={T} end to end: " + ", ".join(timed)), soft_wrap=True)
