@@ -227,6 +227,27 @@ def test_shipped_tables_hold_no_rescale_entry():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
 
 
+def test_every_shipped_entry_launches_on_each_layout_that_looks_it_up():
+    """The tables are tuned on the flat layout and the batched layout looks the same entries up: each entry's GEMMs
+    launch on the flat layout as written, and on the batched layout as `batched_experts` serves them
+    (`unsplit_down`), where a down GEMM that splits K would be refused."""
+    pytest.importorskip("triton")
+    from epmoe.kernels.batched_moe import unsplit_down
+    from epmoe.kernels.fused_moe import split_k_problem
+    for name in (f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")):
+        for key, by_t in _load_table(os.path.join(CONFIG_DIR, name)).items():
+            for T, cfg in by_t.items():
+                where = (name, key, T, cfg.describe())
+                assert split_k_problem(cfg.gate_up, True, False) is None, where
+                assert split_k_problem(cfg.down, False, False) is None, where
+                served = unsplit_down(cfg)
+                assert split_k_problem(served.gate_up, True, True) is None, where
+                assert split_k_problem(served.down, False, True) is None, where
+                assert served == (replace(cfg, down=replace(cfg.down, split_k=1)) if cfg.down.split_k > 1 else cfg)
+                if cfg.down.split_k > 1:
+                    assert split_k_problem(cfg.down, False, True) is not None, where
+
+
 def test_register_caps_round_trip_are_checked_and_timed_where_they_can_pay():
     """`max_registers` written only where set, read back, named in the description; 0 or 32..255 only (a table's
     string or a boolean refused); the tuner times a capped twin of each swap-AB gate+up of 8 warps whose pipeline

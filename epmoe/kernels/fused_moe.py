@@ -726,16 +726,25 @@ def _rescale(gemm: GemmConfig, fp8: Fp8Mode | None, product_n: int, rows_per_hal
     return gemm.promote == "rescale" and product_n >= 16 and _scalar_w_scale(fp8, product_n, rows_per_half)
 
 
+def split_k_problem(gemm: GemmConfig, gate_up: bool, batched: bool) -> str | None:
+    """Why this GEMM cannot split its K range here (None: it does not split, or can): only the down GEMM of the
+    flat layout, one program per tile, writes the float32 partial rows its slot sum adds."""
+    if gemm.split_k > 1 and (gate_up or batched or gemm.persistent):
+        return (f"split_k={gemm.split_k}: only the down GEMM of the flat layout, one program per tile, splits its "
+                f"K range (got {'gate_up' if gate_up else 'down'}, {'batched' if batched else 'flat'}, "
+                f"persistent={gemm.persistent})")
+    return None
+
+
 def _launch_gemm(gate_up: bool, args: tuple, a_dtype, w, w_rows: int, w_cols: int, row_blocks: int,
                  n_out: int, rescale: bool, scalar: bool, meta: dict, gemm: GemmConfig, fp8: Fp8Mode | None,
                  block_m: int, batched: bool, tile_mode: int, warmup: bool) -> None:
     """moe_gemm_kernel over `row_blocks` tiles of `block_m` rows and the N tiles of `n_out` columns;
     args: the kernel's pointer and count arguments, the weight in second place (replaced here by its
     descriptor where the config asks for TMA)."""
-    if gemm.split_k > 1 and (gate_up or batched or gemm.persistent):
-        raise ValueError(f"split_k={gemm.split_k}: only the down GEMM of the flat layout, one program per tile, "
-                         f"splits its K range (got {'gate_up' if gate_up else 'down'}, "
-                         f"{'batched' if batched else 'flat'}, persistent={gemm.persistent})")
+    why = split_k_problem(gemm, gate_up, batched)
+    if why:
+        raise ValueError(why)
     grid, persistent = _grid(row_blocks * triton.cdiv(n_out, gemm.block_n), gemm, batched, tile_mode,
                              None if isinstance(args[0], torch.dtype) else args[0].device)
     meta.update(GATE_UP=gate_up, BATCHED=batched, DOT_PRECISION=_dot_precision(a_dtype),
