@@ -227,10 +227,10 @@ def test_shipped_tables_hold_no_rescale_entry():
                 assert cfg.gate_up.promote == cfg.down.promote == "sync", (name, key, T, cfg.describe())
 
 
-def test_every_shipped_entry_launches_on_each_layout_that_looks_it_up():
-    """The tables are tuned on the flat layout and the batched layout looks the same entries up: each entry's GEMMs
-    launch on the flat layout as written, and on the batched layout as `batched_experts` serves them
-    (`unsplit_down`), where a down GEMM that splits K would be refused."""
+def test_no_shipped_entry_splits_k_where_a_layout_that_looks_it_up_cannot():
+    """The tables are tuned on the flat layout and the batched layout looks the same entries up: no entry's GEMMs
+    split K where the launch refuses it (`split_k_problem`), on the flat layout as written nor on the batched layout
+    as `batched_experts` serves them (`unsplit_down`), where a down GEMM that splits K would be refused."""
     pytest.importorskip("triton")
     from epmoe.kernels.batched_moe import unsplit_down
     from epmoe.kernels.fused_moe import split_k_problem

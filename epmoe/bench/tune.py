@@ -670,7 +670,7 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
                     all_jobs.append(job)
     failed: set = set()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not show_progress) as progress, contextlib.ExitStack() as stack:
+                  console=console, disable=not show_progress) as progress:
         task = progress.add_task(escape(f"compile {problem.fmt} {shape_key(L, H, I, k, problem.fmt)}"),
                                  total=len(all_jobs))
         results = pool.map(_compile_job_logged, all_jobs) if pool is not None else map(_compile_job_logged, all_jobs)
@@ -685,11 +685,6 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             compile_log({"workers": compiled})
         timer = GpuTimer(problem.weights.w13.device)
         ends_timer = Timer(timer.clock, settle_ms)       # the end-to-end comparisons: each path settled
-        sampler = _race_sampler(problem.weights.w13.device)
-        if sampler is not None:     # the callback runs after the sampler's exit, which says why it gave none
-            stack.callback(lambda: sampler.error and progress.console.print(
-                escape(f"  no clock record beside the end-to-end times: {sampler.error}")))
-            stack.enter_context(sampler)
         gen = torch.Generator(device=problem.weights.w13.device).manual_seed(seed)
         total = sum(len(g) + len(d) for by_bm in plan.values() for g, d in by_bm.values())
         task = progress.add_task(f"time {problem.fmt}", total=total)
@@ -739,7 +734,12 @@ def tune_problem(problem: Problem, tokens: list[int], reps: int = 10, pool=None,
             if served is not None and not rescale:          # "rescale" is written only where it was allowed
                 served = as_sync(served)
             paths = end_to_end_paths(tiles, gemvs, gluon=ws is not None and takes_gluon, before=served)
-            ends = _race(problem, T, paths, ws, ends_timer, reps, gen, progress.console, sampler)
+            sampler = _race_sampler(problem.weights.w13.device)      # sampling for this race only
+            with sampler if sampler is not None else contextlib.nullcontext():
+                ends = _race(problem, T, paths, ws, ends_timer, reps, gen, progress.console, sampler)
+            if sampler is not None and sampler.error:
+                progress.console.print(escape(f"    T={T}: no clock record beside the end-to-end times: "
+                                              f"{sampler.error}"), soft_wrap=True)
             chosen = end_to_end_choice(ends, paths, served_path(paths, served))
             if chosen is None:
                 progress.console.print(f"  T={T:5d}: every configuration failed end to end; no entry written")
@@ -942,7 +942,8 @@ def _race(problem: Problem, T: int, paths: dict[str, MoEKernelConfig], ws, timer
     for name, cfg in paths.items():
         experts.kernel_config = lambda n, weights, cfg=cfg: cfg
         forward = lambda: experts.forward_flat(batch, problem.weights)      # noqa: E731
-        if sampler is not None:       # compiles (seconds at an idle clock) out of the record; a failure is _safe_time's
+        if sampler is not None:       # compiles (seconds at an idle clock) out of the record; a failure that
+            # repeats is _safe_time's to report (one that does not is passed over, and the path timed)
             with contextlib.suppress(Exception):
                 forward()
                 torch.cuda.synchronize(x.device)
