@@ -101,7 +101,8 @@
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
 # parts that finished).
 #   COMMIT=<sha of the tree sent> PARTS="tests experts" bash benchmarks/gpu_one_h200.sh
-# Each part's time limit: <PART>_SECONDS; TESTS: the test files (default: all of tests/).
+# Each part's time limit: <PART>_SECONDS; TESTS: the test files (default: all of tests/); ONLY_ON=H200 (or H100): the
+# parts run only on that GPU, elsewhere nothing runs (exit 3).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONPATH=.
 BUNDLE=${OUT:-./out}
@@ -129,6 +130,14 @@ DAY=$(date -u +%F)
 # the GPU in the file names (a call for one GPU may land on an H100 or an H200; the logs' headers name it whole)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' || echo GPU)
 PARTS=${PARTS:-"tests experts rebalance overlap memory"}
+# ONLY_ON=H200 (or H100): run the parts only on that GPU; on another the script says so and stops (exit 3) before
+# any part runs (a call for one GPU may land on an H100 or an H200, and work for one GPU's table is no use on the
+# other: the call then costs its machine's start only)
+if [ -n "${ONLY_ON:-}" ] && [ "$GPU" != "$ONLY_ON" ]; then
+    echo "ONLY_ON=$ONLY_ON, and this GPU is $(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | head -1): no part run"
+    rm -rf "$OUT"
+    exit 3
+fi
 
 # header COMMAND...: the lines that head every file this script writes (what made it, from which code, where)
 header() {

@@ -1,0 +1,39 @@
+"""`benchmarks/gpu_one_h200.sh` on the CPU, with a stand-in for nvidia-smi: ONLY_ON stops the script before any part
+runs where the GPU is another, and lets it on where the GPU is the one named (an unknown part then stops it, so
+nothing real runs either way)."""
+import os
+import stat
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_one_h200.sh")
+
+
+def _run(tmp_path, gpu_name: str, only_on: str | None):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\necho '{gpu_name}'\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PARTS="no_such_part", COMMIT="0" * 40)
+    env.pop("ONLY_ON", None)
+    if only_on is not None:
+        env["ONLY_ON"] = only_on
+    return subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and a stand-in tool with a shebang")
+@pytest.mark.parametrize("gpu_name, only_on, code", [("NVIDIA H100 80GB HBM3", "H200", 3),
+                                                    ("NVIDIA H200", "H200", 2),
+                                                    ("NVIDIA H100 80GB HBM3", None, 2)])
+def test_only_on_runs_the_parts_on_the_gpu_it_names_only(tmp_path, gpu_name, only_on, code):
+    proc = _run(tmp_path, gpu_name, only_on)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    if code == 3:
+        assert f"ONLY_ON={only_on}, and this GPU is {gpu_name}: no part run" in proc.stdout
+        assert "== no_such_part" not in proc.stdout and not (tmp_path / "out" / "gpu_one_h200").exists()
+    else:
+        assert "== no_such_part" in proc.stdout and "unknown part no_such_part" in proc.stdout
