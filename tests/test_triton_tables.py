@@ -231,7 +231,7 @@ def test_no_shipped_entry_splits_k_where_a_layout_that_looks_it_up_cannot():
     """The tables are tuned on the flat layout and the batched layout looks the same entries up: no entry's GEMMs
     split K where the launch refuses it (`split_k_problem`), on the flat layout as written nor on the batched layout
     as `batched_experts` serves them (`unsplit_down`), where a down GEMM that splits K would be refused."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="split_k_problem and unsplit_down live in the Triton kernels' modules")
     from epmoe.kernels.batched_moe import unsplit_down
     from epmoe.kernels.fused_moe import split_k_problem
     for name in (f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")):
