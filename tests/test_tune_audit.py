@@ -109,3 +109,17 @@ def test_the_race_arguments_one_line_a_shape_as_the_gpu_script_reads_them(tmp_pa
     assert capsys.readouterr().out == ""
     assert tune_audit.main([str(tmp_path / "none.json")]) == 2
     assert "no table at" in capsys.readouterr().err
+
+
+def test_the_formats_gluon_could_serve_are_the_ones_triton_ws_declares(monkeypatch):
+    """The audit asks `triton_ws`'s declared caps which table formats the Gluon pipeline takes, rather than keeping
+    a list of its own: BF16 and block FP8 today, and a format the backend comes to declare is audited with it."""
+    import dataclasses
+
+    from epmoe.experts.triton_ws import WarpSpecializedExperts
+    assert tune_audit.gluon_formats() == {"bfloat16", "fp8_block"}
+    caps = WarpSpecializedExperts.CAPS
+    monkeypatch.setattr(WarpSpecializedExperts, "CAPS", dataclasses.replace(caps, quant=caps.quant | {"fp8_channel"}))
+    assert tune_audit.gluon_formats() == {"bfloat16", "fp8_block", "fp8_channel"}
+    monkeypatch.setattr(WarpSpecializedExperts, "CAPS", dataclasses.replace(caps, quant=frozenset({"fp8_block"})))
+    assert tune_audit.gluon_formats() == {"fp8_block"}

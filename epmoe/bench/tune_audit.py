@@ -16,12 +16,19 @@ from dataclasses import dataclass
 
 from ..kernels.tuning_table import CONFIG_DIR, GLUON_MIN_ROWS, MoEKernelConfig
 
-# the Gluon pipeline (`triton_ws`) takes BF16 activations with unquantized or 128x128 block-FP8 weights, on Hopper
-GLUON_FORMATS = ("bfloat16", "fp8_block")
 _HOPPER = re.compile(r"\b(H100|H200|H800|H20|GH200)\b")
 _FORMAT_FLAGS = {"bfloat16": "bf16", "float16": "fp16"}
 _KEY = re.compile(r"L=(\d+),H=(\d+),I=(\d+),k=(\d+),fmt=(\w+)$")
 RACED = "raced end to end"
+
+
+def gluon_formats() -> frozenset[str]:
+    """The table formats the Gluon pipeline can serve, as `triton_ws` declares them (its `ExpertsCaps`): each
+    unquantized activation dtype it takes by name ("bfloat16"), and each FP8 weight format by its quant name."""
+    from ..experts.triton_ws import WarpSpecializedExperts
+    caps = WarpSpecializedExperts.CAPS
+    plain = {str(d).removeprefix("torch.") for d in caps.dtypes} if "none" in caps.quant else set()
+    return frozenset(plain | (caps.quant - {"none"}))
 
 
 def how_timed(raw: dict, cfg: MoEKernelConfig) -> str:
@@ -65,7 +72,7 @@ def parse_key(key: str) -> tuple[int, int, int, int, str]:
 
 def audit_entries(entries: dict, hopper: bool) -> list[Entry]:
     """Every entry of a table's raw `entries` object, in key and T order."""
-    out = []
+    out, formats = [], gluon_formats()
     for key in sorted(entries):
         L, _, _, k, fmt = parse_key(key)
         for t, raw in sorted(entries[key].items(), key=lambda kv: int(kv[0])):
@@ -75,7 +82,7 @@ def audit_entries(entries: dict, hopper: bool) -> list[Entry]:
                 f"tiles BM{cfg.block_m}" + (f"+{cfg.tail_m}" if cfg.tail_m else "")
             timed = how_timed(raw, cfg)
             raced = timed.startswith(RACED)
-            can_gluon = hopper and fmt in GLUON_FORMATS and T * k / L >= GLUON_MIN_ROWS
+            can_gluon = hopper and fmt in formats and T * k / L >= GLUON_MIN_ROWS
             out.append(Entry(key, T, runs, timed, raw.get("measured_ms"), raced,
                              can_gluon and not cfg.gluon and not raced))
     return out
@@ -170,6 +177,11 @@ def gluon_race_args(path: str) -> list[str]:
     return [_race_args(key, es) for key, es in _gluon_unraced(rows).items()]
 
 
+def package_tables() -> list[str]:
+    """The tables shipped in the package, by file name."""
+    return sorted(os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="python -m epmoe.bench.tune_audit",
@@ -188,8 +200,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def package_tables() -> list[str]:
-    """The tables shipped in the package, by file name."""
-    return sorted(os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
