@@ -30,7 +30,8 @@ def test_help_names_the_shard_and_anchor_flags(capsys):
                                       (["--anchors", "cublas"], "--anchors"),
                                       (["--formats", "int4"], "--formats"),
                                       (["--tokens", "0"], "--tokens"),
-                                      (["--routings", "zipf"], "--routings")])
+                                      (["--routings", "zipf"], "--routings"),
+                                      (["--batched-capacity", "0"], "--batched-capacity")])
 def test_argument_errors_name_the_flag(bad, flag, capsys):
     argv = ["bench", "experts", "--dry-run", "--presets", "qwen3-30b-a3b"] + bad
     assert cli_main(argv) == 2
@@ -63,6 +64,33 @@ def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, cap
         assert r["gpu_state"] is None                   # no sampler on the CPU
     out = capsys.readouterr().out
     assert "qwen3-30b-a3b E=16 T=5 balanced: torch._grouped_mm" in out
+
+
+def test_batched_rows_run_at_the_capacity_asked_with_nan_padding(tmp_path, capsys):
+    """`--batched-capacity C`: the batched rows run on [E, C, H] (as low_latency gives it), their padding rows
+    NaN, checked against the oracle; a point whose largest count is above C is a refused row, not a time."""
+    path = tmp_path / "experts.json"
+    argv = ["bench", "experts", "--dry-run", "--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "3,40",
+            "--routings", "onehot", "--formats", "bf16", "--backends", "batched", "--anchors", "none",
+            "--reps", "1", "--warmup", "0", "--no-plot", "--batched-capacity", "24", "--output", str(path)]
+    assert cli_main(argv) == 0
+    rows = {r["T"]: r for r in json.loads(path.read_text())["results"]}
+    assert rows[3]["capacity"] == 24 and rows[3]["ms"] > 0 and rows[3]["check_rel_err"] < 1e-2
+    assert "ms" not in rows[40] and "below the largest count 40" in rows[40]["error"]
+    assert "batched C=24" in capsys.readouterr().out
+
+
+def test_batched_inputs_pad_with_nan_past_each_count():
+    x = torch.arange(12.0).view(6, 2)
+    ids = torch.tensor([[0, 2], [0, 1], [2, 0]])
+    xb, counts = bench_experts._batched_inputs(x[:3], ids, 3, capacity=4)
+    assert counts.tolist() == [3, 1, 2] and xb.shape == (3, 4, 2)
+    assert torch.equal(xb[0, :3], x[:3]) and torch.equal(xb[1, 0], x[1]) and torch.equal(xb[2, :2], x[[0, 2]])
+    for e, n in enumerate(counts.tolist()):
+        assert xb[e, n:].isnan().all()
+    with pytest.raises(ValueError, match="below the largest count 3"):
+        bench_experts._batched_inputs(x[:3], ids, 3, capacity=2)
+    assert bench_experts._batched_inputs(x[:3], ids, 3)[0].shape == (3, 3, 2)   # default: the tightest
 
 
 def test_dry_run_settles_each_entry_before_timing_it(tmp_path):

@@ -80,6 +80,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "point, ran 1-9%% faster than settled at T >= 4096; at T = 1 and 16 `triton` moved < 1%%) "
                         f"(default: {GPU_SETTLE_MS:g} on a GPU at points of T >= {SETTLE_MIN_TOKENS}, else 0, and 0 "
                         "with --dry-run; given: at every point; 0: none)")
+    p.add_argument("--batched-capacity", type=int, default=None, metavar="C",
+                   help="rows per expert of the batched layout the batched rows run on, as the low_latency "
+                        "dispatcher gives it (C = ranks * max_tokens_per_rank): the rows past each count are "
+                        "padding the experts must skip (default: the largest count, the tightest layout; a point "
+                        "whose largest count is above C is reported as refused)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
     p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -177,16 +182,21 @@ class _DequantizedExperts:
 
 
 # ------------------------------------------------------------------------------------------ runners
-def _batched_inputs(x, ids, num_experts):
-    """The batched layout of a routing: [E, C, H] rows per expert (C = the largest count) + counts."""
+def _batched_inputs(x, ids, num_experts, capacity: int | None = None):
+    """The batched layout of a routing: [E, C, H] rows per expert (C = `capacity`, else the largest count) +
+    counts. Padding rows are NaN, so an output that reads one shows it."""
     T, k = ids.shape
     flat = ids.reshape(-1).long()
     counts = torch.bincount(flat, minlength=num_experts)
-    C = max(int(counts.max()), 1)
+    largest = int(counts.max()) if flat.numel() else 0
+    if capacity is not None and capacity < largest:
+        raise ValueError(f"the batched layout's capacity {capacity} is below the largest count {largest} (the "
+                         f"low_latency dispatcher would refuse this batch)")
+    C = max(largest, 1) if capacity is None else capacity
     order = torch.argsort(flat, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(flat.numel(), device=x.device) - starts[flat[order]]
-    xb = torch.zeros(num_experts, C, x.shape[1], dtype=x.dtype, device=x.device)
+    xb = torch.full((num_experts, C, x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
     xb[flat[order], slot] = x[order // k]
     return xb, counts.to(torch.int32)
 
@@ -266,6 +276,8 @@ def check_args(args) -> None:
     tokens = token_counts(args.tokens)
     if args.experts is not None and args.experts < 1:
         raise UsageError(f"--experts must be >= 1, got {args.experts}")
+    if args.batched_capacity is not None and args.batched_capacity < 1:
+        raise UsageError(f"--batched-capacity must be >= 1, got {args.batched_capacity}")
     for name in csv_values(args.presets):
         bench_config(name, "bf16", args.experts)
     _anchor_names(args.anchors)
@@ -437,7 +449,13 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                             if T > BATCHED_MAX_T:
                                 continue
                             load(0)
-                            xb, counts = _batched_inputs(xp, ids, E)
+                            try:
+                                xb, counts = _batched_inputs(xp, ids, E, args.batched_capacity)
+                            except ValueError as e:
+                                r = dict(row_of(fmt, name), error=str(e), capacity=args.batched_capacity)
+                                results.append(r)
+                                _print_row(r)
+                                continue
                             batch = BatchedBatch(xb, counts)
                             fn = lambda experts=experts, batch=batch: experts(batch, weights)
                             t, gpu_state = _timed(timer, sampler, fn, args,
@@ -445,7 +463,7 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                             err = None
                             if not args.no_check:
                                 err = _batched_check(fn(), ids, tw, sample, xb, counts, ref_of(fmt, inp), H)
-                            cfg_desc = None
+                            cfg_desc, capacity = None, xb.shape[1]
                         else:
                             batch = FlatBatch(xp, ids, tw)
                             fn = lambda experts=experts, batch=batch: experts(batch, weights)
@@ -457,11 +475,12 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                                 err = rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
                             cfg_desc = experts.kernel_config(T, weights).describe() \
                                 if hasattr(experts, "kernel_config") else None
+                            capacity = None
                         ms = t.median_ms
                         r = dict(row_of(fmt, name), ms=ms, timing=t.as_dict(), check_rel_err=err,
                                  kernel_config=cfg_desc, vs_anchors={a: am / ms for a, am in anchor_ms.items()},
                                  vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None,
-                                 gpu_state=gpu_state)
+                                 gpu_state=gpu_state, capacity=capacity)
                         results.append(_with_rates(r))
                         _print_row(r)
         del states, base, inputs
@@ -491,8 +510,9 @@ def _with_rates(r: dict) -> dict:
 
 
 def _print_row(r: dict) -> None:
+    backend = r['backend'] + (f" C={r['capacity']}" if r.get("capacity") is not None else "")
     head = (f"{r['preset']:14s} E={r['experts']:<3d} {r['format']:11s} T={r['T']:5d} {r['routing']:8s} "
-            f"{r['backend']:32s}")
+            f"{backend:32s}")
     if r.get("ms") is None:
         print(f"{head} {r.get('error')}", flush=True)
         return
