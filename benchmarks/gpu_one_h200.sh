@@ -82,13 +82,19 @@
 #             Gluon entry for the shape, then our forward's, then vLLM's two; with it give VLLM_ARGS a few
 #             --shapes: VLLM_SECONDS and VLLM_NCU_SECONDS at their defaults pass a call's 600 s; VLLM_NCU_ARGS:
 #             more ncu arguments, e.g. --section MemoryWorkloadAnalysis_Tables)
+#   batched   the `batched` experts (the low_latency dispatcher's layout) at decode, T = 1, 16, 128, BF16 and block FP8:
+#             the deepseek-v3 32-expert shard and mixtral-8x7b, on the tightest layout (the largest count, `triton`
+#             beside it) and on the capacities low_latency gives (C = ranks x max_tokens_per_rank; BATCHED_DS32_C,
+#             default "128 1024": 8 ranks at M = 16 and 128; BATCHED_MIXTRAL_C, default 128: one rank at M = 128),
+#             padding rows NaN, every row oracle-checked (epmoe bench experts --batched-capacity)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
 #   layout    the copy of the token rows into the Gluon GEMMs' layout in both orders (by pairs, the default, and
 #             by layout rows): benchmarks/layout_copy_probe.py times and checks them, then ncu counts each
 #             kernel's DRAM bytes read and written
 #   ab        one kernel file before and after a change, timed in the same call: the tree is copied, AB_FILE in the
-#             copy replaced by AB_OLD (a copy of the old file sent with the tree, untracked), then AB_CMD runs
+#             copy replaced by AB_OLD (a copy of the old file sent with the tree, untracked; or AB_OLD a folder of old
+#             files at their paths in the tree, each copied over the copy, no AB_FILE), then AB_CMD runs
 #             in the copy, in the tree sent, and in the copy again (before, after, before: drift shows), with
 #             AB_SIDE (before, after, before_again) and AB_OUT (this folder) set for the files it writes
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
@@ -185,6 +191,22 @@ for part in $PARTS; do
                 --formats bf16,fp8_block,fp8_channel ${EXPERTS_ARGS:-} --output $OUT/experts_mixtral_${GPU}_$DAY.json &&
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
                 --routings balanced --formats bf16,fp8_block --anchors none ${EXPERTS_ARGS:-} --output $OUT/experts_decode_${GPU}_$DAY.json" ;;
+    batched)
+        run "$OUT/experts_batched_${GPU}_$DAY.log" "${BATCHED_SECONDS:-300}" bash -c '
+            status=0
+            bench() { python3 -m epmoe bench experts -q --no-plot --tokens 1,16,128 --routings balanced \
+                          --formats bf16,fp8_block --anchors none "$@" || status=1; }
+            bench --presets deepseek-v3 --experts 32 --backends batched,triton --output "$0/experts_batched_ds32_tight_$1.json"
+            for C in $2; do
+                bench --presets deepseek-v3 --experts 32 --backends batched --batched-capacity $C \
+                      --output "$0/experts_batched_ds32_C${C}_$1.json"
+            done
+            bench --presets mixtral-8x7b --backends batched,triton --output "$0/experts_batched_mixtral_tight_$1.json"
+            for C in $3; do
+                bench --presets mixtral-8x7b --backends batched --batched-capacity $C \
+                      --output "$0/experts_batched_mixtral_C${C}_$1.json"
+            done
+            exit $status' "$OUT" "${GPU}_$DAY" "${BATCHED_DS32_C:-128 1024}" "${BATCHED_MIXTRAL_C:-128}" ;;
     wide)
         run "$OUT/experts_wide_${GPU}_$DAY.log" "${WIDE_SECONDS:-200}" \
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \
@@ -311,14 +333,19 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
             rm -f $OUT/ws_gemm.ncu-rep
             python3 benchmarks/ncu_source_summary.py $OUT/ws_gemm_source.csv --top 40" ;;
     ab)
-        if [ -z "${AB_FILE:-}" ] || [ ! -f "${AB_OLD:-}" ] || [ -z "${AB_CMD:-}" ]; then
-            echo "part ab needs AB_FILE (a path in the tree), AB_OLD (the old file, sent) and AB_CMD"; exit 2
+        if [ -d "${AB_OLD:-}" ] && [ -n "${AB_CMD:-}" ]; then      # a folder of old files at their paths in the tree
+            what="the files of $AB_OLD over the tree: $(cd "$AB_OLD" && find . -type f | sort | xargs sha256sum | cut -c1-16,66- | tr '\n' ' ')"
+        elif [ -n "${AB_FILE:-}" ] && [ -f "${AB_OLD:-}" ] && [ -n "${AB_CMD:-}" ]; then
+            what="$AB_OLD (sha256 $(sha256sum < "$AB_OLD" | cut -c1-16)) as $AB_FILE"
+        else
+            echo "part ab needs AB_CMD and either AB_FILE (a path in the tree) with AB_OLD (the old file, sent), or AB_OLD a folder of old files at their paths"; exit 2
         fi
         before=$(mktemp -d)/tree
         export AB_OUT=$OUT
-        cp -r . "$before" && cp "$AB_OLD" "$before/$AB_FILE"
+        cp -r . "$before"
+        if [ -d "$AB_OLD" ]; then cp -r "$AB_OLD/." "$before/"; else cp "$AB_OLD" "$before/$AB_FILE"; fi
         run "$OUT/ab_${GPU}_$DAY.log" "${AB_SECONDS:-300}" bash -c "
-            echo '## before: $AB_OLD (sha256 $(sha256sum < "$AB_OLD" | cut -c1-16)) as $AB_FILE'
+            echo '## before: $what'
             (cd $before && export AB_SIDE=before && $AB_CMD)
             echo '## after: the tree sent'; (export AB_SIDE=after && $AB_CMD)
             echo '## before, again'; (cd $before && export AB_SIDE=before_again && $AB_CMD)" ;;
@@ -335,7 +362,7 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts wide layout ab rebalance overlap memory)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done
