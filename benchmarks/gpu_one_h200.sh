@@ -85,7 +85,7 @@
 #   batched   the `batched` experts (the low_latency dispatcher's layout) at decode, T = 1, 16, 128, BF16 and block FP8:
 #             the deepseek-v3 32-expert shard and mixtral-8x7b, on the tightest layout (the largest count, `triton`
 #             beside it) and on the capacities low_latency gives (C = ranks x max_tokens_per_rank; BATCHED_DS32_C,
-#             default "128 1024": 8 ranks at M = 16 and 128; BATCHED_MIXTRAL_C, default 128: one rank at M = 128),
+#             default 128,1024: 8 ranks at M = 16 and 128; BATCHED_MIXTRAL_C, default 128: one rank at M = 128),
 #             padding rows NaN, every row oracle-checked (epmoe bench experts --batched-capacity)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)
@@ -192,21 +192,13 @@ for part in $PARTS; do
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 1,16 \
                 --routings balanced --formats bf16,fp8_block --anchors none ${EXPERTS_ARGS:-} --output $OUT/experts_decode_${GPU}_$DAY.json" ;;
     batched)
-        run "$OUT/experts_batched_${GPU}_$DAY.log" "${BATCHED_SECONDS:-300}" bash -c '
-            status=0
-            bench() { python3 -m epmoe bench experts -q --no-plot --tokens 1,16,128 --routings balanced \
-                          --formats bf16,fp8_block --anchors none "$@" || status=1; }
-            bench --presets deepseek-v3 --experts 32 --backends batched,triton --output "$0/experts_batched_ds32_tight_$1.json"
-            for C in $2; do
-                bench --presets deepseek-v3 --experts 32 --backends batched --batched-capacity $C \
-                      --output "$0/experts_batched_ds32_C${C}_$1.json"
-            done
-            bench --presets mixtral-8x7b --backends batched,triton --output "$0/experts_batched_mixtral_tight_$1.json"
-            for C in $3; do
-                bench --presets mixtral-8x7b --backends batched --batched-capacity $C \
-                      --output "$0/experts_batched_mixtral_C${C}_$1.json"
-            done
-            exit $status' "$OUT" "${GPU}_$DAY" "${BATCHED_DS32_C:-128 1024}" "${BATCHED_MIXTRAL_C:-128}" ;;
+        run "$OUT/experts_batched_${GPU}_$DAY.log" "${BATCHED_SECONDS:-300}" bash -c "
+            python3 -m epmoe bench experts -q --no-plot --tokens 1,16,128 --routings balanced --formats bf16,fp8_block \
+                --anchors none --presets deepseek-v3 --experts 32 --backends batched,triton \
+                --batched-capacity tight,${BATCHED_DS32_C:-128,1024} --output $OUT/experts_batched_ds32_${GPU}_$DAY.json &&
+            python3 -m epmoe bench experts -q --no-plot --tokens 1,16,128 --routings balanced --formats bf16,fp8_block \
+                --anchors none --presets mixtral-8x7b --backends batched,triton \
+                --batched-capacity tight,${BATCHED_MIXTRAL_C:-128} --output $OUT/experts_batched_mixtral_${GPU}_$DAY.json" ;;
     wide)
         run "$OUT/experts_wide_${GPU}_$DAY.log" "${WIDE_SECONDS:-200}" \
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3,gpt-oss-120b --tokens 8192 \

@@ -8,7 +8,10 @@ Two layouts (a dispatcher declares the one it produces, experts declare the ones
   therefore travels once per destination rank, not once per expert.
 - `batched`: `x [L, C, H]` (L local experts, capacity C rows each) plus `counts [L]`; rows past an
   expert's count are padding the experts must neither trust nor need. The experts return `[L, C, H]`
-  unweighted; the combine applies the routing weights.
+  unweighted, the rows past each count unspecified (the Triton kernel does not write them: the capacity is
+  the worst case, often many times the rows that arrive); the combine applies the routing weights and reads
+  only the real rows. `num_tokens`, where the dispatcher sets it, is its T: the experts choose their tiles
+  for the rows an even routing gives (T k / L an expert), not for a full capacity.
 
 FP8 dispatch adds `scales` (float32, one per row or per 128-column group) beside `x`. A flat batch may
 name `out` `[N, H]` in the layer's dtype: where its dispatcher's combine reads the experts' output (its
@@ -46,6 +49,9 @@ class BatchedBatch:
     counts: torch.Tensor
     scales: torch.Tensor | None = None
     layout: str = BATCHED
+    # tokens on each rank behind the batch (the dispatcher's T; None: not known): the capacity is the most rows
+    # an expert can get, this says how many it gets on an even routing (T k / L), which the kernels' tiles follow
+    num_tokens: int | None = None
 
     @property
     def capacity(self) -> int:

@@ -31,7 +31,8 @@ def test_help_names_the_shard_and_anchor_flags(capsys):
                                       (["--formats", "int4"], "--formats"),
                                       (["--tokens", "0"], "--tokens"),
                                       (["--routings", "zipf"], "--routings"),
-                                      (["--batched-capacity", "0"], "--batched-capacity")])
+                                      (["--batched-capacity", "0"], "--batched-capacity"),
+                                      (["--batched-capacity", "tight,big"], "--batched-capacity")])
 def test_argument_errors_name_the_flag(bad, flag, capsys):
     argv = ["bench", "experts", "--dry-run", "--presets", "qwen3-30b-a3b"] + bad
     assert cli_main(argv) == 2
@@ -66,18 +67,22 @@ def test_dry_run_times_backends_beside_the_anchor_on_the_same_rows(tmp_path, cap
     assert "qwen3-30b-a3b E=16 T=5 balanced: torch._grouped_mm" in out
 
 
-def test_batched_rows_run_at_the_capacity_asked_with_nan_padding(tmp_path, capsys):
-    """`--batched-capacity C`: the batched rows run on [E, C, H] (as low_latency gives it), their padding rows
-    NaN, checked against the oracle; a point whose largest count is above C is a refused row, not a time."""
+def test_batched_rows_run_at_each_capacity_asked_with_nan_padding(tmp_path, capsys):
+    """`--batched-capacity tight,C`: a batched row on the tightest layout and one on [E, C, H] (as low_latency
+    gives it), their padding rows NaN, each checked against the oracle; a point whose largest count is above C is
+    a refused row, not a time."""
     path = tmp_path / "experts.json"
     argv = ["bench", "experts", "--dry-run", "--presets", "qwen3-30b-a3b", "--experts", "16", "--tokens", "3,40",
             "--routings", "onehot", "--formats", "bf16", "--backends", "batched", "--anchors", "none",
-            "--reps", "1", "--warmup", "0", "--no-plot", "--batched-capacity", "24", "--output", str(path)]
+            "--reps", "1", "--warmup", "0", "--no-plot", "--batched-capacity", "tight,24", "--output", str(path)]
     assert cli_main(argv) == 0
-    rows = {r["T"]: r for r in json.loads(path.read_text())["results"]}
-    assert rows[3]["capacity"] == 24 and rows[3]["ms"] > 0 and rows[3]["check_rel_err"] < 1e-2
-    assert "ms" not in rows[40] and "below the largest count 40" in rows[40]["error"]
-    assert "batched C=24" in capsys.readouterr().out
+    rows = {(r["T"], r["capacity"]): r for r in json.loads(path.read_text())["results"]}
+    assert set(rows) == {(3, 3), (3, 24), (40, 40), (40, 24)}        # onehot: the largest count is T
+    for key in ((3, 3), (3, 24), (40, 40)):
+        assert rows[key]["ms"] > 0 and rows[key]["check_rel_err"] < 1e-2
+    assert "ms" not in rows[40, 24] and "below the largest count 40" in rows[40, 24]["error"]
+    out = capsys.readouterr().out
+    assert "batched C=24" in out and "batched C=3 " in out
 
 
 def test_batched_inputs_pad_with_nan_past_each_count():

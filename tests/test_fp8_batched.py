@@ -187,7 +187,8 @@ if not INTERPRETING:
 else:
     class _KernelOnCpu:
         """The batched backend's FP8 operands and the Triton batched kernel, run by the interpreter on CPU
-        tensors (the backend itself runs FP8 on CUDA only)."""
+        tensors (the backend itself runs FP8 on CUDA only), into an output of NaN: the rows it does not write
+        (past each count) stay NaN, so a combine that read one would show it."""
 
         def __init__(self, cfg):
             self.experts = BatchedExperts(cfg)
@@ -199,8 +200,10 @@ else:
             batch = self.experts.activations_for(batch)   # the conversion the backend's entry makes
             self.batches.append(batch)
             x, ops = self.experts.fp8_operands(batch, weights)
+            out = torch.full(x.shape, float("nan"), dtype=self.cfg.dtype)
             return batched_experts(x.contiguous(), batch.counts, weights.w13, weights.w2, self.cfg.activation,
-                                   top_k=self.cfg.top_k, out_dtype=self.cfg.dtype, fp8=ops)
+                                   top_k=self.cfg.top_k, out_dtype=self.cfg.dtype, fp8=ops,
+                                   num_tokens=batch.num_tokens, out=out)
 
     @pytest.mark.parametrize("kind", sorted(QUANTS))
     @pytest.mark.parametrize("dispatch_fp8", [False, True])
@@ -223,10 +226,12 @@ else:
         # measured <= 3e-7 in float32 (same FP8 bits in, float32 sums in another order); the library's bound is 3e-2
         assert_close(got, want.double(), 1e-5, context=f"{kind} dispatch_fp8={dispatch_fp8} vs reference experts")
         assert_close(got, oracle, 1e-5, context=f"{kind} dispatch_fp8={dispatch_fp8} vs reference_moe")
-        # rows past each count are exactly zero, whatever the padding held
+        # the rows past each count were not written (NaN as the output held them), and the layer's output,
+        # checked above, never read one; the dispatcher named its T
+        assert batch.num_tokens == 13
         y = kernel(batch, layer.expert_weights)
         past = torch.arange(y.shape[1])[None, :] >= batch.counts[:, None]
-        assert (y[past] == 0).all()
+        assert past.any() and y[past].isnan().all() and not y[~past].isnan().any()
 
 
 # --------------------------------------------------------------------------------------- GPU

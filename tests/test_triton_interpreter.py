@@ -258,22 +258,28 @@ if INTERPRETING:
         ref = reference_moe(x, None, experts, cfg, routing=Routing(ids, w))
         assert_close(out, ref, 1e-5)
 
-    @pytest.mark.parametrize("counts,act,bias,tma", [([0, 3, 17, 1], "silu", False, False),
-                                                     ([0, 0, 0, 0], "gelu", True, False),
-                                                     ([20, 20, 2, 0], "swigluoai", True, True)])
-    def test_batched_experts_skips_empty_rows(counts, act, bias, tma):
-        E, C = 4, 20
+    @pytest.mark.parametrize("counts,act,bias,tma,num_tokens", [([0, 3, 17, 1], "silu", False, False, None),
+                                                                ([0, 0, 0, 0], "gelu", True, False, None),
+                                                                ([20, 20, 2, 0], "swigluoai", True, True, None),
+                                                                ([20, 20, 2, 0], "silu", False, False, 1),
+                                                                ([0, 33, 1, 2], "silu", True, True, 3)])
+    def test_batched_experts_skips_empty_rows(counts, act, bias, tma, num_tokens):
+        """Only the rows below each count are computed and written: NaN padding reaches no output, the rows
+        past each count keep what the output buffer held. With `num_tokens` far below what an expert got (1
+        or 3 tokens: one slot an expert, the blocks of a full expert run in turn) the rows are the same."""
+        E, C = 4, 40
         cfg = MoEConfig(num_experts=E, top_k=1, hidden_size=200, intermediate_size=96, activation=act,
                         dtype=torch.float32)
         experts = random_experts(cfg, seed=11, with_bias=bias)
         x = torch.randn(E, C, 200, generator=torch.Generator().manual_seed(2))
         x[torch.arange(C)[None, :] >= torch.tensor(counts)[:, None]] = float("nan")  # rows past the count
         w13, w2, b13, b2 = fused_layout(experts)
+        held = torch.full_like(x, 7.0)
         out = batched_experts(x, torch.tensor(counts), w13, w2, act, b13=b13, b2=b2,
-                              config=SMALL_TMA if tma else SMALL)
-        assert out.shape == x.shape
+                              config=SMALL_TMA if tma else SMALL, num_tokens=num_tokens, out=held)
+        assert out is held and out.shape == x.shape
         for e, n in enumerate(counts):
-            assert (out[e, n:] == 0).all(), f"expert {e}: rows past the count must be zero"
+            assert (out[e, n:] == 7.0).all(), f"expert {e}: rows past the count must not be written"
             if n:
                 ids = torch.zeros(n, 1, dtype=torch.int32)
                 single = MoEConfig(num_experts=1, top_k=1, hidden_size=200, intermediate_size=96,
@@ -309,7 +315,6 @@ if INTERPRETING:
                 ref = reference_moe(x[e, :c], None, [experts[e]], replace(cfg, num_experts=1, top_k=1),
                                     routing=Routing(torch.zeros(c, 1, dtype=torch.int32), torch.ones(c, 1)))
                 assert_close(out[e, :c], ref, 1e-5, context=f"expert {e}")
-            assert not out[e, c:].any()
         with pytest.raises(ValueError, match="split_k=3: only the down GEMM of the flat layout"):
             batched_experts(x, counts, w13, w2, "silu", config=split)
 
@@ -339,7 +344,6 @@ if INTERPRETING:
         rows = x.reshape(2, 16, 64)
         out = batched_experts(rows, torch.tensor(counts), w13.half(), w2.half(), "silu", config=SMALL)
         for e, n in enumerate(counts):
-            assert (out[e, n:] == 0).all()
             single = MoEConfig(num_experts=1, top_k=1, hidden_size=64, intermediate_size=48, dtype=torch.float16)
             ref = reference_moe(rows[e, :n], None, [experts[e]], single,
                                 routing=Routing(torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, 1)))
@@ -486,15 +490,15 @@ if INTERPRETING:
             w13, w2, b13, b2 = fused_layout(experts)
             x = torch.randn(E, C, H, generator=torch.Generator().manual_seed(92))
             counts = torch.tensor([20, 0, 7, 17], dtype=torch.int32)
-            out = batched_experts(x, counts, w13, w2, "gelu", b13=b13, b2=b2, config=swapped)
-            base = batched_experts(x, counts, w13, w2, "gelu", b13=b13, b2=b2, config=plain)
+            out = batched_experts(x, counts, w13, w2, "gelu", b13=b13, b2=b2, config=swapped, out=torch.zeros_like(x))
+            base = batched_experts(x, counts, w13, w2, "gelu", b13=b13, b2=b2, config=plain, out=torch.zeros_like(x))
             for e in range(E):
                 c = int(counts[e])
                 one = replace(cfg, num_experts=1)
                 ref = reference_moe(x[e, :c], None, [experts[e]], one,
                                     routing=Routing(torch.zeros(c, 1, dtype=torch.int32), torch.ones(c, 1)))
                 assert_close(out[e, :c], ref, 1e-5, context=f"batched expert {e}")
-                assert not out[e, c:].any()
+                assert not out[e, c:].any()                 # the rows past the count left as they were
         else:
             _, x, local, w, (w13, w2, b13, b2), ref = fused_case(T, 6, 3, "silu", True, routing, remote, seed=53)
             out = fused_experts(x, local, w, w13, w2, "silu", b13=b13, b2=b2, config=swapped)

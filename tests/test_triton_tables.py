@@ -248,6 +248,27 @@ def test_no_shipped_entry_splits_k_where_a_layout_that_looks_it_up_cannot():
                     assert split_k_problem(cfg.down, False, True) is not None, where
 
 
+def test_batched_tiles_follow_the_tokens_not_the_capacity(monkeypatch):
+    """The batched layout's capacity is the most rows an expert can get (low_latency: ranks x max tokens); with
+    the dispatcher's T the tiles are looked up for the rows an even routing gives (T k / L an expert: the flat
+    layout's lookup at T), and each expert gets programs for twice those rows, a block each; without it, for a
+    full capacity, as before."""
+    pytest.importorskip("triton", reason="the batched layout's tile choice lives in the Triton kernels' module")
+    import epmoe.kernels.batched_moe as batched_moe
+    from epmoe.kernels.batched_moe import batched_config, expected_rows, row_slots
+    assert expected_rows(None, 32, 1024, 8) == 1024                 # deepseek-v3 on 8 ranks, M = 128
+    assert expected_rows(16, 32, 1024, 8) == 4 and expected_rows(0, 32, 1024, 8) == 1
+    assert expected_rows(10 ** 6, 32, 1024, 8) == 1024              # never past the capacity
+    assert row_slots(4, 1024, 16) == 1 and row_slots(1024, 1024, 16) == 64 and row_slots(100, 1024, 64) == 4
+    looked_up = []
+    monkeypatch.setattr(batched_moe, "lookup_config", lambda T, *a, **k: looked_up.append(T) or (
+        MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2, split_k=2)), "stand-in"))
+    assert batched_config(32, 1024, 7168, 2048, 8, "bf16", 16).down.split_k == 1
+    batched_config(32, 1024, 7168, 2048, 8, "bf16", None)
+    batched_config(8, 128, 4096, 14336, 2, "fp8_block", 100)         # mixtral on one rank: C = M = 128
+    assert looked_up == [16, 4096, 100]
+
+
 def test_register_caps_round_trip_are_checked_and_timed_where_they_can_pay():
     """`max_registers` written only where set, read back, named in the description; 0 or 32..255 only (a table's
     string or a boolean refused); the tuner times a capped twin of each swap-AB gate+up of 8 warps whose pipeline

@@ -80,11 +80,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "point, ran 1-9%% faster than settled at T >= 4096; at T = 1 and 16 `triton` moved < 1%%) "
                         f"(default: {GPU_SETTLE_MS:g} on a GPU at points of T >= {SETTLE_MIN_TOKENS}, else 0, and 0 "
                         "with --dry-run; given: at every point; 0: none)")
-    p.add_argument("--batched-capacity", type=int, default=None, metavar="C",
-                   help="rows per expert of the batched layout the batched rows run on, as the low_latency "
-                        "dispatcher gives it (C = ranks * max_tokens_per_rank): the rows past each count are "
-                        "padding the experts must skip (default: the largest count, the tightest layout; a point "
-                        "whose largest count is above C is reported as refused)")
+    p.add_argument("--batched-capacity", action=CsvList, default="tight", metavar="C,...",
+                   help="rows per expert of the batched layouts the batched rows run on, one row each: a number, as "
+                        "the low_latency dispatcher gives it (C = ranks * max_tokens_per_rank: the rows past each "
+                        "count are padding the experts must skip; a point whose largest count is above C is "
+                        "reported as refused), or tight: the largest count (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the oracle check of each output")
     p.add_argument("--output", default=None, help=f"JSON path (default: experts_<gpu>_<date>.json in {RESULTS_DIR_HELP})")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -182,6 +182,19 @@ class _DequantizedExperts:
 
 
 # ------------------------------------------------------------------------------------------ runners
+def batched_capacities(value: str) -> list[int | None]:
+    """--batched-capacity's values: None for tight, else the capacity (>= 1)."""
+    out = []
+    for v in csv_values(value):
+        if v == "tight":
+            out.append(None)
+        elif v.isdigit() and int(v) >= 1:
+            out.append(int(v))
+        else:
+            raise UsageError(f"--batched-capacity takes tight or capacities >= 1, got {v!r}")
+    return out
+
+
 def _batched_inputs(x, ids, num_experts, capacity: int | None = None):
     """The batched layout of a routing: [E, C, H] rows per expert (C = `capacity`, else the largest count) +
     counts. Padding rows are NaN, so an output that reads one shows it."""
@@ -199,6 +212,18 @@ def _batched_inputs(x, ids, num_experts, capacity: int | None = None):
     xb = torch.full((num_experts, C, x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
     xb[flat[order], slot] = x[order // k]
     return xb, counts.to(torch.int32)
+
+
+def _batched_tiles(experts, weights, capacity: int, T: int) -> str | None:
+    """The tiles the batched experts' Triton kernel runs at this point (None where the PyTorch path runs)."""
+    plan = experts.plan
+    if not weights.w13.is_cuda:
+        return None
+    from ..kernels.batched_moe import batched_config
+    from ..kernels.fused_moe import weight_format
+    L, two_i, H = weights.w13.shape
+    return batched_config(L, capacity, H, two_i // 2, plan.top_k, weight_format(weights.w13, plan.weight_granularity),
+                          T, weights.w13.device).describe()
 
 
 def _flops(T, k, H, I):
@@ -276,8 +301,7 @@ def check_args(args) -> None:
     tokens = token_counts(args.tokens)
     if args.experts is not None and args.experts < 1:
         raise UsageError(f"--experts must be >= 1, got {args.experts}")
-    if args.batched_capacity is not None and args.batched_capacity < 1:
-        raise UsageError(f"--batched-capacity must be >= 1, got {args.batched_capacity}")
+    batched_capacities(args.batched_capacity)         # an argument error before any work
     for name in csv_values(args.presets):
         bench_config(name, "bf16", args.experts)
     _anchor_names(args.anchors)
@@ -338,6 +362,7 @@ def run_benchmark(args) -> dict:
                                           "(GEMMs + activation on rows sorted beforehand; see "
                                           "epmoe.bench.expert_anchors)",
                             "vs_grouped_mm": f"{ANCHOR} time / this time",
+                            "capacity": "the batched rows: rows per expert of the layout they ran on (--batched-capacity)",
                             "gpu_state": "nvidia-smi's samples (every 20 ms) while a backend's point was timed, "
                                          "capture, settling and warm-up included: SM clock lowest / median / highest, "
                                          "highest power and temperature, the clock event reasons named "
@@ -355,6 +380,7 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
     from .expert_anchors import run_anchors
     formats = csv_values(args.formats)
     anchor_names = _anchor_names(args.anchors)
+    capacities = batched_capacities(args.batched_capacity)
     results = []
     wanted_backends = None if args.backends == "all" else set(csv_values(args.backends))
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -445,44 +471,45 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                             _print_row(r)
                     anchor_ms = {a.name: a.timing.median_ms for a in inp["anchors"] if a.timing is not None}
                     for name, layout, experts in backends:
-                        if layout == "batched":
-                            if T > BATCHED_MAX_T:
-                                continue
-                            load(0)
-                            try:
-                                xb, counts = _batched_inputs(xp, ids, E, args.batched_capacity)
-                            except ValueError as e:
-                                r = dict(row_of(fmt, name), error=str(e), capacity=args.batched_capacity)
-                                results.append(r)
-                                _print_row(r)
-                                continue
-                            batch = BatchedBatch(xb, counts)
-                            fn = lambda experts=experts, batch=batch: experts(batch, weights)
-                            t, gpu_state = _timed(timer, sampler, fn, args,
-                                                  use_graph=experts.CAPS.cuda_graph_safe)
-                            err = None
-                            if not args.no_check:
-                                err = _batched_check(fn(), ids, tw, sample, xb, counts, ref_of(fmt, inp), H)
-                            cfg_desc, capacity = None, xb.shape[1]
-                        else:
-                            batch = FlatBatch(xp, ids, tw)
-                            fn = lambda experts=experts, batch=batch: experts(batch, weights)
-                            t, gpu_state = _timed(timer, sampler, fn, args, before_each=refresh,
-                                                  use_graph=experts.CAPS.cuda_graph_safe)
-                            err = None
-                            if not args.no_check:
-                                load(0)                 # the input the oracle saw
-                                err = rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
-                            cfg_desc = experts.kernel_config(T, weights).describe() \
-                                if hasattr(experts, "kernel_config") else None
-                            capacity = None
-                        ms = t.median_ms
-                        r = dict(row_of(fmt, name), ms=ms, timing=t.as_dict(), check_rel_err=err,
-                                 kernel_config=cfg_desc, vs_anchors={a: am / ms for a, am in anchor_ms.items()},
-                                 vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None,
-                                 gpu_state=gpu_state, capacity=capacity)
-                        results.append(_with_rates(r))
-                        _print_row(r)
+                        if layout == "batched" and T > BATCHED_MAX_T:
+                            continue
+                        for capacity in (capacities if layout == "batched" else [None]):
+                            if layout == "batched":
+                                load(0)
+                                try:
+                                    xb, counts = _batched_inputs(xp, ids, E, capacity)
+                                except ValueError as e:
+                                    r = dict(row_of(fmt, name), error=str(e), capacity=capacity)
+                                    results.append(r)
+                                    _print_row(r)
+                                    continue
+                                batch = BatchedBatch(xb, counts, num_tokens=T)      # as the dispatchers give it
+                                fn = lambda experts=experts, batch=batch: experts(batch, weights)
+                                t, gpu_state = _timed(timer, sampler, fn, args,
+                                                      use_graph=experts.CAPS.cuda_graph_safe)
+                                err = None
+                                if not args.no_check:
+                                    err = _batched_check(fn(), ids, tw, sample, xb, counts, ref_of(fmt, inp), H)
+                                capacity = xb.shape[1]
+                                cfg_desc = _batched_tiles(experts, weights, capacity, T)
+                            else:
+                                batch = FlatBatch(xp, ids, tw)
+                                fn = lambda experts=experts, batch=batch: experts(batch, weights)
+                                t, gpu_state = _timed(timer, sampler, fn, args, before_each=refresh,
+                                                      use_graph=experts.CAPS.cuda_graph_safe)
+                                err = None
+                                if not args.no_check:
+                                    load(0)                 # the input the oracle saw
+                                    err = rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
+                                cfg_desc = experts.kernel_config(T, weights).describe() \
+                                    if hasattr(experts, "kernel_config") else None
+                            ms = t.median_ms
+                            r = dict(row_of(fmt, name), ms=ms, timing=t.as_dict(), check_rel_err=err,
+                                     kernel_config=cfg_desc, vs_anchors={a: am / ms for a, am in anchor_ms.items()},
+                                     vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None,
+                                     gpu_state=gpu_state, capacity=capacity)
+                            results.append(_with_rates(r))
+                            _print_row(r)
         del states, base, inputs
         if not dry:
             torch.cuda.empty_cache()

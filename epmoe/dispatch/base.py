@@ -93,8 +93,9 @@ class Dispatcher(abc.ABC):
         expert is on another rank), `weights [N, k]` float32. The experts must return `[N, Hp]`: each
         row's weighted sum over its local slots.
       - batched (`epmoe.layouts.BatchedBatch`): `x [L, C, Hp]`, `counts [L]` int32 (rows past an
-        expert's count are padding), optional `scales [L, C, G]`. The experts must return `[L, C, Hp]`
-        unweighted; combine applies the routing weights.
+        expert's count are padding), optional `scales [L, C, G]`, `num_tokens` (this rank's T). The experts
+        must return `[L, C, Hp]` unweighted, rows past each count unspecified; combine applies the routing
+        weights and reads only the rows below each count.
     """
 
     CAPS: DispatcherCaps

@@ -108,7 +108,7 @@ class LowLatencyDispatcher(CommDispatcher):
             sb = sb[:L * C].view(L, C, G)
         if self.stats is not None:
             self.stats.record([M] * ep, self.fmt.row_bytes, [M] * ep, H * self.plan.dtype.itemsize, counts[:L])
-        batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb)
+        batch = BatchedBatch(xb[:L * C].view(L, C, H), counts[:L].to(torch.int32), sb, num_tokens=T)
         return batch, LowLatencyHandle(T, dest=dest, valid=valid, weights=rows.weights.reshape(P).float())
 
     # -------------------------------------------------------------------------------------- combine

@@ -116,7 +116,7 @@ class SymmLowLatencyDispatcher(SymmDispatcher):
         L = self.placement.num_local_experts
         if self.stats is not None:
             self._count(routing, rg, x_TH.element_size(), n)
-        batch = BatchedBatch(rg.rx_LCH[:L], rg.counts_L[:L], rg.rxs_LCG[:L] if fp8 else None)
+        batch = BatchedBatch(rg.rx_LCH[:L], rg.counts_L[:L], rg.rxs_LCG[:L] if fp8 else None, num_tokens=n)
         handle = self.opened(SymmLLHandle(T, ws=ws, slot=slot, header=header, generation=ws.generation,
                                           weights_TK=routing.topk_weights.float()))
         return batch, handle

@@ -22,7 +22,8 @@ class Experts(abc.ABC):
         weights: this rank's `ExpertWeights` (`w13 [L, 2Ip, Hp]`, `w2 [L, Hp, Ip]`, ...).
     Returns:
         flat: `[N, Hp]`, each row's routing-weighted sum over its local slots (float32 accumulation);
-        batched: `[L, C, Hp]`, unweighted, rows past `counts` zero. In the layer's dtype.
+        batched: `[L, C, Hp]`, unweighted, rows past `counts` unspecified (not written by the Triton
+        kernel). In the layer's dtype.
 
     The activations of an FP8 layer are converted here and nowhere else (`activations_for`, reading the
     plan's hand-off): rows that arrive with their scales are used as they are; rows in the layer's dtype

@@ -6,8 +6,10 @@ biases added in float32; float16 operands scaled per row as `gemm_rows` says), a
 `torch.where`, so whatever the padding rows held (they are never written by the dispatcher, and may be
 NaN) never reaches an output. Outputs are unweighted: the dispatcher's combine applies the routing
 weights. The cost is that of the full capacity, whatever the counts; on CUDA with Triton the batched
-kernel (`epmoe.kernels.batched_moe`) runs instead and skips the tiles past each count, and this path
-stays the portable one (and the one it is tested against).
+kernel (`epmoe.kernels.batched_moe`) runs instead: it computes and writes only the rows below each count
+(the rows past them are left unwritten: the layout's contract leaves them unspecified, and the combine
+reads only the real rows), with tiles chosen for the batch's `num_tokens` where the dispatcher gives it.
+This path stays the portable one (and the one it is tested against).
 
 FP8 (W8A8) runs in the Triton kernel only, on a GPU with FP8 matrix units (compute capability 8.9+):
 weights as `Fp8Scheme` stores them (128x128 block scales, or one scale per output row for the
@@ -86,7 +88,8 @@ class BatchedExperts(Experts):
         if batch.x.is_cuda and _triton_kernel_ready():   # the Triton kernel skips the empty capacity rows
             from ..kernels.batched_moe import batched_experts
             return batched_experts(batch.x.contiguous(), batch.counts, weights.w13, weights.w2, plan.activation,
-                                   top_k=plan.top_k, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype)
+                                   top_k=plan.top_k, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype,
+                                   num_tokens=batch.num_tokens)
         return batched_experts_torch(batch.x, batch.counts, weights, plan.activation, plan.dtype)
 
     def fp8_operands(self, batch: BatchedBatch, weights: ExpertWeights):
@@ -120,7 +123,8 @@ class BatchedExperts(Experts):
         plan = self.plan
         x, fp8 = self.fp8_operands(batch, weights)
         return batched_experts(x.contiguous(), batch.counts, weights.w13, weights.w2, plan.activation,
-                               top_k=plan.top_k, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype, fp8=fp8)
+                               top_k=plan.top_k, b13=weights.b13, b2=weights.b2, out_dtype=plan.dtype, fp8=fp8,
+                               num_tokens=batch.num_tokens)
 
 
 def _triton_kernel_ready() -> bool:

@@ -1,9 +1,15 @@
 """The batched layout (`[L, C, H]` rows per local expert + `counts [L]`) through the fused kernels.
 
 The same gate+up and down kernels as the flat path run with BATCHED=True: a tile is (expert, block of
-BLOCK_M capacity rows); a tile that starts at or past its expert's count does no arithmetic (the down
-kernel only writes its zeros), so the cost follows the real rows, not the capacity. Outputs are
-unweighted (the combine applies the routing weights) and rows past the count are zero.
+BLOCK_M capacity rows), and the programs of an expert (its slots) run only the blocks below its count, so the
+cost follows the real rows, not the capacity: nothing past a count is computed or written. Outputs are
+unweighted (the combine applies the routing weights); rows past each count are left as the output buffer
+had them (the dispatchers' combines read only the real rows).
+
+The capacity says little about the batch: the low_latency dispatcher's is ranks x max_tokens_per_rank, the
+most rows one expert can get. The tiles and the slots per expert follow the tokens behind the batch where the
+caller knows them (`num_tokens`: T tokens on each rank routed evenly give an expert T k / L rows), else
+that worst case.
 """
 from __future__ import annotations
 
@@ -26,13 +32,44 @@ def unsplit_down(config: MoEKernelConfig) -> MoEKernelConfig:
     return replace(config, down=replace(config.down, split_k=1))
 
 
+SLOT_HEADROOM = 2      # slots per expert cover this many times the rows an even routing gives it
+
+
+def expected_rows(num_tokens: int | None, num_experts: int, capacity: int, top_k: int) -> int:
+    """Rows per expert the tiles are chosen for: T k / L for T tokens routed evenly (`num_tokens`), else the
+    capacity (every expert full), never more than the capacity."""
+    if num_tokens is None:
+        return capacity
+    return max(1, min(capacity, triton.cdiv(num_tokens * max(top_k, 1), num_experts)))
+
+
+def row_slots(rows: int, capacity: int, block_m: int) -> int:
+    """Programs an expert gets along M: enough for SLOT_HEADROOM x `rows` rows in one pass of one block each,
+    at most a block of the capacity each; an expert with more rows runs them in turn."""
+    return max(1, min(triton.cdiv(capacity, block_m), triton.cdiv(SLOT_HEADROOM * rows, block_m)))
+
+
+def batched_config(num_experts: int, capacity: int, hidden: int, inter: int, top_k: int, fmt: str,
+                   num_tokens: int | None, device=None) -> MoEKernelConfig:
+    """The tiles `batched_experts` runs without a `config`: the table's (or the heuristic's) for the rows an
+    expert gets (`expected_rows`), the down GEMM over its whole K range (`unsplit_down`)."""
+    rows = expected_rows(num_tokens, num_experts, capacity, top_k)
+    config, _ = lookup_config(max(1, rows * num_experts // max(top_k, 1)), num_experts, hidden, inter, top_k, fmt,
+                              device)
+    return unsplit_down(config)
+
+
 def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     activation: str, *, top_k: int = 1, b13: torch.Tensor | None = None,
                     b2: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                    config: MoEKernelConfig | None = None, fp8: Fp8Operands | None = None) -> torch.Tensor:
-    """x [L, C, H] (rows past counts[e] are ignored), counts [L] int -> [L, C, H]: expert e's output for
-    its first counts[e] rows, zeros after. `top_k` only steers the choice of tiles (rows per expert). `config`:
-    the tiles (None: the table's or the heuristic's for this shape, its down unsplit: `unsplit_down`)."""
+                    config: MoEKernelConfig | None = None, fp8: Fp8Operands | None = None,
+                    num_tokens: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [L, C, H] (rows past counts[e] are ignored), counts [L] int (at most C each) -> [L, C, H]: expert e's
+    output for its first counts[e] rows; the rows after are not written. `top_k` and `num_tokens` (the tokens
+    on each rank behind the batch, e.g. the dispatcher's T) only steer the choice of tiles and the programs per
+    expert (`expected_rows`); without `num_tokens`, every expert is taken as full. `config`: the tiles (None:
+    the table's or the heuristic's for those rows, its down unsplit: `unsplit_down`). `out`: the output buffer
+    ([L, C, H] contiguous, `out_dtype`; None: a new one)."""
     if x.dim() != 3:
         raise ValueError(f"batched_experts: x must be [L, C, H], got {list(x.shape)}")
     L, C, H = x.shape
@@ -47,19 +84,25 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
         if not t.is_contiguous():
             raise ValueError(f"batched_experts: {name} must be contiguous")
     out_dtype = out_dtype or x.dtype
-    out = torch.empty(L, C, H, dtype=out_dtype, device=x.device)
+    if num_tokens is not None and num_tokens < 0:
+        raise ValueError(f"batched_experts: num_tokens must be >= 0, got {num_tokens}")
+    if out is None:
+        out = torch.empty(L, C, H, dtype=out_dtype, device=x.device)
+    elif tuple(out.shape) != (L, C, H) or out.dtype != out_dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"batched_experts: out must be a contiguous [{L}, {C}, {H}] {out_dtype} tensor on "
+                         f"{x.device}, got {list(out.shape)} {out.dtype} on {out.device}")
     if L == 0 or C == 0:
         return out
     if config is None:
-        config, _ = lookup_config(max(1, L * C // max(top_k, 1)), L, H, inter, top_k,
-                                  weight_format(w13, fp8.granularity if fp8 else None), x.device)
-        config = unsplit_down(config)
+        config = batched_config(L, C, H, inter, top_k, weight_format(w13, fp8.granularity if fp8 else None),
+                                num_tokens, x.device)
     if fp8 is not None:
         why = fp8_tiles_problem(config, fp8)
         if why:
             raise ValueError(f"batched_experts: tiles {config.describe()} cannot run these FP8 operands: {why}")
     bm = config.block_m
-    row_blocks = L * triton.cdiv(C, bm)
+    slots = row_slots(expected_rows(num_tokens, L, C, top_k), C, bm)
+    row_blocks = L * slots
     counts = counts.to(torch.int32).contiguous()
     mode1 = mode2 = None
     inter_scale = None
@@ -73,7 +116,7 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
                                       device=x.device)
     else:
         act = torch.empty(L * C, inter, dtype=intermediate_dtype(x.dtype), device=x.device)
-    common = dict(sorted_ids=None, block_expert=None, num_padded=None, counts=counts, num_pairs=0,
+    common = dict(sorted_ids=None, block_expert=None, num_padded=None, counts=counts, num_pairs=slots,
                   capacity=C, row_blocks=row_blocks, hidden=H, inter=inter, top_k=1, batched=True, block_m=bm)
     launch_gate_up(x, w13, None if b13 is None else b13.float().contiguous(), act, inter_scale,
                    fp8.x_scale if fp8 else None, fp8.w13_scale if fp8 else None, gemm=config.gate_up,

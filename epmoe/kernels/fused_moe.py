@@ -16,8 +16,9 @@ matrix-vector kernels, no alignment, no padding, the slot sum folded into the se
 
 Both GEMMs are one kernel, `moe_gemm_kernel` (GATE_UP selects the tile body), so the tile loop (one
 program per tile, or a persistent walk over the tiles in use) is written once. The batched layout
-([L, C, H] + counts, `batched_moe.py`) runs the same kernel with BATCHED=True: tiles map to (expert, capacity block), tiles past an expert's count do nothing (the down
-kernel writes their zeros) and no routing weight is applied.
+([L, C, H] + counts, `batched_moe.py`) runs the same kernel with BATCHED=True: each program runs row blocks
+of one expert below its count (the capacity past the counts is neither computed nor written) and no
+routing weight is applied.
 
 FP8 (W8A8, e4m3fn): A and B in FP8, float32 accumulation. Scales are either per K-block (activations:
 one per token-group of BLOCK_K columns; weights: one per SCALE_BLOCK_N x BLOCK_K block) applied to each
@@ -140,8 +141,12 @@ def moe_gemm_kernel(
     gate+up (GATE_UP): act(rows @ w13[e, :I].T, rows @ w13[e, I:].T), rows gathered from x (a_ptr) by
     pair, bias and activation (and FP8 quantization of the output per BLOCK_N columns) in the epilogue,
     written to the padded position of each row. down: act rows (contiguous) @ w2[e].T, bias and routing
-    weight in the epilogue, each row scattered to its pair (flat) or kept in place (batched, rows past
-    the count written as zeros).
+    weight in the epilogue, each row scattered to its pair (flat) or kept in place (batched: rows past the
+    count are not written).
+
+    BATCHED: the grid is experts x N tiles x slots (`num_pairs` holds the slots per expert); a program runs
+    its expert's row blocks below the count, one slot's share of them, so the capacity past the counts costs
+    neither programs nor stores.
 
     TILE_MODE: how tiles map to rows (`_tile_rows`). W_SCALE_SCALAR (FP8, weight scales per block): the
     rows of each product lie in one scale block, so each K block's weight scale is one number (folded
@@ -193,6 +198,22 @@ def moe_gemm_kernel(
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
                       W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
                       BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB, STACK_GU)
+    elif BATCHED:
+        # program -> (expert, N tile, slot), slots fastest (they share the expert's weight tile): the slot runs its
+        # expert's row blocks slot, slot + slots, ... below its count (`num_pairs`: the slots per expert)
+        slots = num_pairs
+        per_expert = num_pid_n * slots
+        expert = tl.program_id(0) // per_expert
+        pid_n = (tl.program_id(0) % per_expert) // slots
+        blocks_per_expert = tl.cdiv(capacity, BLOCK_M)
+        used = tl.cdiv(tl.minimum(tl.load(counts_ptr + expert), capacity), BLOCK_M)
+        for block in range(tl.program_id(0) % slots, used, slots):
+            _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
+                      sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity,
+                      expert * blocks_per_expert + block, pid_n,
+                      GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
+                      W_SCALE_PER_BLOCK, SCALE_BLOCK_N, OUT_FP8, DOT_PRECISION, W_DESC, BLOCK_M, BLOCK_N,
+                      BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB, STACK_GU)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
         if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
@@ -216,8 +237,8 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
               A_DESC: tl.constexpr, CHECK_EXPERT: tl.constexpr, split, SPLIT_K: tl.constexpr,
               SWAP_AB: tl.constexpr, STACK_GU: tl.constexpr):
     """Tile (pid_m, pid_n) of either GEMM. CHECK_EXPERT: the tile may have no expert (one program per
-    tile); then it does nothing, except a batched down tile, which writes its rows' zeros. split: which of
-    the down GEMM's SPLIT_K ranges of K blocks (0 when it has one)."""
+    tile); then it does nothing. split: which of the down GEMM's SPLIT_K ranges of K blocks (0 when it has
+    one)."""
     expert, src, pos, valid, pair = _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr,
                                                num_pairs, capacity, TOP_K, BLOCK_M, BATCHED, TILE_MODE)
     if GATE_UP:
@@ -232,12 +253,6 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
                    BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K,
                    SWAP_AB)
-    elif BATCHED:       # rows past the count are zeros in the output; a tile with no rows writes only those
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
-        tl.store(out_ptr + pos[:, None] * H + offs_n[None, :],
-                 tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty),
-                 mask=rows_in[:, None] & (offs_n < H)[None, :])
 
 
 @triton.jit
@@ -607,11 +622,9 @@ def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr,
             acc += tl.load(bias_ptr + expert * H + offs_nw)[None, :]
         else:
             acc += tl.where(split == 0, tl.load(bias_ptr + expert * H + offs_nw), 0.0)[None, :]
-    if BATCHED:
-        acc = tl.where(valid[:, None], acc, 0.0)
-        rows_in = (pid_m % tl.cdiv(capacity, BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M) < capacity
+    if BATCHED:         # the real rows only: rows past the count are left as they were
         tl.store(out_ptr + pos[:, None] * H + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=rows_in[:, None] & n_mask[None, :])
+                 mask=valid[:, None] & n_mask[None, :])
     else:
         if APPLY_WEIGHT:
             acc = acc * tl.load(topk_weights_ptr + pair, mask=valid, other=0.0)[:, None]
