@@ -58,7 +58,9 @@ def _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, c
         blocks_per_expert = tl.cdiv(capacity, BLOCK_M)
         expert = pid_m // blocks_per_expert
         local = (pid_m % blocks_per_expert) * BLOCK_M + offs
-        count = tl.load(counts_ptr + expert)
+        # at most the capacity's rows: with a larger count (the dispatchers refuse one) the rows of a block that
+        # straddles the capacity's end would each store the last row again
+        count = tl.minimum(tl.load(counts_ptr + expert), capacity)
         valid = local < count
         pos = expert.to(tl.int64) * capacity + tl.minimum(local, capacity - 1)
         src = pos
