@@ -94,9 +94,10 @@ class MoEPlan:
     def fp8_on_the_wire(self) -> bool:
         return self.handoff is Handoff.ON_THE_WIRE
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., H] -> (e4m3fn [..., H], float32 scales [..., groups]): the scheme's one formula."""
-        return self.scheme.quantize_activations(x)
+    def quantize(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., H] -> (e4m3fn [..., H], float32 scales [..., groups]): the scheme's one formula. `counts` [L]
+        with batched rows x [L, C, H]: the rows past each count need not be quantized (they are padding)."""
+        return self.scheme.quantize_activations(x, counts=counts)
 
     def dequantize(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return self.scheme.dequantize_activations(q, scales)

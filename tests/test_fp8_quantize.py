@@ -184,6 +184,30 @@ def _compare_impls(device: str) -> dict:
     return out
 
 
+def _compare_counted(device: str) -> dict:
+    """Batched rows [L, C, H] with counts: the rows below each count bit for bit as torch quantizes them (the
+    rows past are padding, left unspecified); counts that do not go with the rows are refused."""
+    from epmoe.kernels.fp8_quant import fp8_quantize_triton
+    x = _case_input((15, 384), "normal").reshape(3, 5, 384).to(device)
+    counts = torch.tensor([5, 0, 2], dtype=torch.int32, device=device)
+    out = {}
+    for group in (128, None):
+        q1, s1 = fp8_quantize_torch(x, group)
+        q2, s2 = fp8_quantize_triton(x, group, counts=counts)
+        out[f"counted-{group}"] = [all(torch.equal(_bits(a[e, :n]), _bits(b[e, :n])) for a, b in ((q1, q2), (s1, s2))
+                                       for e, n in enumerate(counts.tolist())),
+                                   list(q2.shape) == list(q1.shape) and list(s2.shape) == list(s1.shape)]
+    refused = []
+    for rows, c in ((x.reshape(15, 384), counts), (x, counts[:2])):
+        try:
+            fp8_quantize_triton(rows, 128, counts=c)
+            refused.append(False)
+        except ValueError as e:
+            refused.append("counts go with rows [L, C, H]" in str(e))
+    out["refused"] = refused
+    return out
+
+
 def _assert_all_identical(result: dict):
     bad = {k: v for k, v in result.items() if not all(v)}
     assert not bad, f"Triton and torch differ: {bad} (each case's checks in order, False where one failed)"
@@ -204,6 +228,10 @@ def _under_the_interpreter(compare: str) -> dict:
 
 def test_triton_bit_identical_cpu_interpreter():
     _assert_all_identical(_under_the_interpreter("_compare_impls"))
+
+
+def test_triton_quantizes_the_rows_below_each_count_cpu_interpreter():
+    _assert_all_identical(_under_the_interpreter("_compare_counted"))
 
 
 def _compare_nonfinite(device: str) -> dict:
@@ -235,6 +263,7 @@ def test_triton_bit_identical_gpu():
     pytest.importorskip("triton")
     _assert_all_identical(_compare_impls("cuda"))
     _assert_all_identical(_compare_nonfinite("cuda"))
+    _assert_all_identical(_compare_counted("cuda"))
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
     for group in (128, None):
         a, b = fp8_quantize_torch(x, group), epmoe.fp8_quantize(x, group)      # auto = Triton on CUDA

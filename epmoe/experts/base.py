@@ -79,7 +79,7 @@ class Experts(abc.ABC):
             return batch                 # already FP8, or experts that quantize internally
         if batch.x.dtype == torch.float8_e4m3fn:
             raise ValueError(f"experts {self.name!r}: FP8 rows came without their scales")
-        x, scales = self.plan.quantize(batch.x)
+        x, scales = self.plan.quantize(batch.x, counts=batch.counts if isinstance(batch, BatchedBatch) else None)
         return dataclasses.replace(batch, x=x, scales=scales)
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:

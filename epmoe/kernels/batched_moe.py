@@ -122,7 +122,7 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
                    fp8.x_scale if fp8 else None, fp8.w13_scale if fp8 else None, gemm=config.gate_up,
                    activation=activation, fp8=mode1, **common)
     if fp8 is not None and not mode1.out_fp8:
-        act, inter_scale = fp8.quantize_intermediate(act)
+        act, inter_scale = fp8.quantize_intermediate(act, counts)
     launch_down(act, w2, None if b2 is None else b2.float().contiguous(), out, inter_scale,
                 fp8.w2_scale if fp8 else None, None, gemm=config.down, fp8=mode2, **common)
     return out

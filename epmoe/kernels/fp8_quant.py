@@ -85,10 +85,17 @@ def _div_rn_by_row(x, s):
     return tl.where((s == float("inf"))[:, None], x * 0.0, q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["capacity"])
 def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
-                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr):
+                      counts_ptr, capacity,
+                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr,
+                      COUNTED: tl.constexpr = False):
+    """Program (row, g): GROUPS groups of one row. COUNTED: the rows are [L, capacity] blocks of a batched
+    layout and a row at or past its block's count (counts_ptr) is left as it was."""
     row = tl.program_id(0).to(tl.int64)
+    if COUNTED:
+        if row % capacity >= tl.load(counts_ptr + row // capacity):
+            return
     g0 = tl.program_id(1) * GROUPS
     groups = g0 + tl.arange(0, GROUPS)                       # [GROUPS]
     inner = tl.arange(0, BLOCK)                              # [BLOCK]
@@ -100,21 +107,27 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
     tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < n_groups)
 
 
-def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool | None = None,
+                        counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
     [..., ceil(H / group_size)]); group_size None = one scale per row. `gpu_rounding`: the formula's
     GPU-only form (`fp8_quantize_groups` with ROUND=False, as the Gluon GEMM's epilogue runs it) or the
     portable one (False: its own rounding and `div_rn`, what the interpreter runs); None: the GPU form on a
     CUDA tensor. Both give the same bits on a GPU (tests/test_fp8_quantize.py holds them to torch's); the
     portable form's per-element division and rounding made this pass compute-bound on an H200 (1.0 TB/s at
-    a deepseek-v3 batch of 8192 tokens, `benchmarks/profile_experts_steps.py`), where it should stream."""
+    a deepseek-v3 batch of 8192 tokens, `benchmarks/profile_experts_steps.py`), where it should stream.
+    `counts` [L] (x [L, C, H], a batched layout): only the first counts[e] rows of each block e are
+    quantized; q and the scales of the rows after are left unwritten (the capacity is the most rows an expert
+    can get, often many times those that arrive)."""
     if gpu_rounding is None:
         gpu_rounding = x.device.type == "cuda"
     if gpu_rounding and x.device.type != "cuda":
         raise ValueError("fp8_quantize_triton: gpu_rounding runs on a CUDA GPU only (the interpreter's cast to "
                          "e4m3 does not round)")
     n_groups = check_quantize_args(x, group_size)
+    if counts is not None and (x.dim() != 3 or tuple(counts.shape) != (x.shape[0],)):
+        raise ValueError(f"fp8_quantize_triton: counts go with rows [L, C, H] and are [L], got rows "
+                         f"{list(x.shape)} and counts {list(counts.shape)}")
     H = x.shape[-1]
     g = H if group_size is None else group_size
     lead = x.shape[:-1]
@@ -128,8 +141,10 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
         block = triton.next_power_of_2(g)
         groups = max(1, min(triton.next_power_of_2(n_groups), 4096 // block))
         grid = (M, triton.cdiv(n_groups, groups))
+        counted = counts is not None
         _fp8_quant_kernel[grid](x2, q, s, H, n_groups, x2.stride(0), q.stride(0), s.stride(0),
-                                GROUP=g, BLOCK=block, GROUPS=groups, ROUND=not gpu_rounding)
+                                counts.to(torch.int32).contiguous() if counted else s, x.shape[1] if counted else 1,
+                                GROUP=g, BLOCK=block, GROUPS=groups, ROUND=not gpu_rounding, COUNTED=counted)
     return q.reshape(*lead, H), s.reshape(*lead, n_groups)
 
 

@@ -1002,11 +1002,14 @@ class Fp8Operands:
         grouped = self.act_group is not None
         return (Fp8Mode(grouped, per_block_w, bn, out_fp8=grouped), Fp8Mode(grouped, per_block_w, bn))
 
-    def quantize_intermediate(self, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token quantization of the gate+up output (the per_token activation mode)."""
+    def quantize_intermediate(self, act: torch.Tensor, counts: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token quantization of the gate+up output (the per_token activation mode). `counts` [L]: act holds
+        the L x C rows of a batched layout, and only the rows below each count are quantized."""
         from .fp8_quant import fp8_quantize_triton
-        q, s = fp8_quantize_triton(act, None)
-        return q, s.reshape(-1).contiguous()
+        rows = act if counts is None else act.view(counts.shape[0], -1, act.shape[-1])
+        q, s = fp8_quantize_triton(rows, None, counts=counts)
+        return q.reshape(act.shape), s.reshape(-1).contiguous()
 
 
 key_callees_first(globals())     # each Triton function keyed after those it calls: one key in every process

@@ -62,8 +62,8 @@ def fp8_quantize_torch(x: torch.Tensor, group_size: int | None = 128) -> tuple[t
     return q, scale.squeeze(-1)
 
 
-def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "auto"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "auto",
+                 counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations `x [..., H]` to e4m3fn with the one formula.
 
     group_size: columns per scale (the last group may be partial), or None for one scale per row.
@@ -71,7 +71,8 @@ def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "aut
     `fp8_dequantize`. impl: "torch", "triton" (a GPU, or the CPU under TRITON_INTERPRET=1) or "auto"
     (Triton on CUDA when installed). All implementations give identical bits, except in a group that
     holds a NaN or an infinity: its scale is NaN (Triton) or NaN / infinite (torch), and q x scale is NaN
-    across the group in both.
+    across the group in both. `counts` [L] (x [L, C, H], a batched layout): only the rows below each count
+    need quantizing, the others are left unspecified (Triton skips them; torch quantizes every row).
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"fp8_quantize: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
@@ -79,7 +80,7 @@ def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "aut
         impl = "triton" if isinstance(x, torch.Tensor) and x.is_cuda and _triton_available() else "torch"
     if impl == "triton":
         from ..kernels.fp8_quant import fp8_quantize_triton
-        return fp8_quantize_triton(x, group_size)
+        return fp8_quantize_triton(x, group_size, counts=counts)
     return fp8_quantize_torch(x, group_size)
 
 
@@ -238,8 +239,10 @@ class Fp8Scheme:
         return round_up(hidden_size, m), round_up(intermediate_size, m)
 
     # -- activations
-    def quantize_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fp8_quantize(x, self.activation_group_size)
+    def quantize_activations(self, x: torch.Tensor, counts: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`counts` [L] with x [L, C, H]: the rows past each count may be left unquantized (`fp8_quantize`)."""
+        return fp8_quantize(x, self.activation_group_size, counts=counts)
 
     def dequantize_activations(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return fp8_dequantize(q, scale, self.activation_group_size)
