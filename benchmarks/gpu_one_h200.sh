@@ -85,7 +85,8 @@
 #   batched   the `batched` experts (the low_latency dispatcher's layout) at decode, T = 1, 16, 128, BF16 and block FP8:
 #             the deepseek-v3 32-expert shard and mixtral-8x7b, on the tightest layout (the largest count, `triton`
 #             beside it) and on the capacities low_latency gives (C = ranks x max_tokens_per_rank; BATCHED_DS32_C,
-#             default 128,1024: 8 ranks at M = 16 and 128; BATCHED_MIXTRAL_C, default 128: one rank at M = 128),
+#             default 128,1024: 8 ranks at M = 128 give 1024, and 128 is one rank at M = 128 or 8 at M = 16 (there
+#             T <= 16 only); BATCHED_MIXTRAL_C, default 128: one rank at M = 128),
 #             padding rows NaN, every row oracle-checked (epmoe bench experts --batched-capacity)
 #   wide      the ratio targets at T = 8192 the experts part leaves out: deepseek-v3 (all 256 experts) and gpt-oss-120b,
 #             BF16 and block FP8, beside torch._grouped_mm (epmoe bench experts; WIDE_FORMATS, WIDE_BACKENDS: fewer)

@@ -83,6 +83,7 @@ def test_batched_rows_run_at_each_capacity_asked_with_nan_padding(tmp_path, caps
     assert "ms" not in rows[40, 24] and "below the largest count 40" in rows[40, 24]["error"]
     out = capsys.readouterr().out
     assert "batched C=24" in out and "batched C=3 " in out
+    assert "batched C=24/bf16" in out and "batched/bf16" in out        # the summary tells the capacities apart
 
 
 def test_batched_inputs_pad_with_nan_past_each_count():

@@ -120,6 +120,7 @@ def test_gpu_batched_kernel_near_the_top_of_fp16():
     counts = torch.tensor([16, 3, 0, 9])
     out = BatchedExperts(cfg, torch.device("cuda"))(BatchedBatch(rows.cuda(), counts.cuda()), on_gpu.expert_weights)
     want = BatchedExperts(cfg)(BatchedBatch(rows, counts), on_cpu.expert_weights)     # the PyTorch path
-    assert torch.isfinite(out).all()
-    assert_close(out.reshape(-1, cfg.hidden_size), want.reshape(-1, cfg.hidden_size).double(),
-                 bound_for(torch.float16), context="Triton batched kernel vs the PyTorch path")
+    real = torch.arange(16)[None, :] < counts[:, None]          # rows past each count are unspecified
+    assert torch.isfinite(out[real.cuda()]).all()
+    assert_close(out[real.cuda()], want[real].double(), bound_for(torch.float16),
+                 context="Triton batched kernel vs the PyTorch path")

@@ -185,18 +185,21 @@ def _compare_impls(device: str) -> dict:
 
 
 def _compare_counted(device: str) -> dict:
-    """Batched rows [L, C, H] with counts: the rows below each count bit for bit as torch quantizes them (the
-    rows past are padding, left unspecified); counts that do not go with the rows are refused."""
+    """Batched rows [L, C, H] with counts: the rows below each count bit for bit as torch quantizes them, the
+    rows past them (padding) left as the output held them; counts that do not go with the rows are refused."""
     from epmoe.kernels.fp8_quant import fp8_quantize_triton
     x = _case_input((15, 384), "normal").reshape(3, 5, 384).to(device)
     counts = torch.tensor([5, 0, 2], dtype=torch.int32, device=device)
     out = {}
     for group in (128, None):
         q1, s1 = fp8_quantize_torch(x, group)
-        q2, s2 = fp8_quantize_triton(x, group, counts=counts)
+        held = (torch.full(q1.shape, 3.0, device=device).to(q1.dtype), torch.full(s1.shape, 5.0, device=device))
+        q2, s2 = fp8_quantize_triton(x, group, counts=counts, out=held)
         out[f"counted-{group}"] = [all(torch.equal(_bits(a[e, :n]), _bits(b[e, :n])) for a, b in ((q1, q2), (s1, s2))
                                        for e, n in enumerate(counts.tolist())),
-                                   list(q2.shape) == list(q1.shape) and list(s2.shape) == list(s1.shape)]
+                                   all(bool((q2[e, n:].float() == 3.0).all() and (s2[e, n:] == 5.0).all())
+                                       for e, n in enumerate(counts.tolist())),
+                                   q2.data_ptr() == held[0].data_ptr() and list(s2.shape) == list(s1.shape)]
     refused = []
     for rows, c in ((x.reshape(15, 384), counts), (x, counts[:2])):
         try:

@@ -259,7 +259,8 @@ def test_batched_tiles_follow_the_tokens_not_the_capacity(monkeypatch):
     assert expected_rows(None, 32, 1024, 8) == 1024                 # deepseek-v3 on 8 ranks, M = 128
     assert expected_rows(16, 32, 1024, 8) == 4 and expected_rows(0, 32, 1024, 8) == 1
     assert expected_rows(10 ** 6, 32, 1024, 8) == 1024              # never past the capacity
-    assert row_slots(4, 1024, 16) == 1 and row_slots(1024, 1024, 16) == 64 and row_slots(100, 1024, 64) == 4
+    assert row_slots(4, 1024, 16) == 16                              # a hot expert: 4 blocks at most in turn
+    assert row_slots(4, 48, 16) == 1 and row_slots(1024, 1024, 16) == 64 and row_slots(100, 1024, 64) == 4
     looked_up = []
     monkeypatch.setattr(batched_moe, "lookup_config", lambda T, *a, **k: looked_up.append(T) or (
         MoEKernelConfig(16, GemmConfig(32, 32, 2, 4, 2), GemmConfig(64, 64, 1, 4, 2, split_k=2)), "stand-in"))

@@ -363,6 +363,7 @@ def run_benchmark(args) -> dict:
                                           "epmoe.bench.expert_anchors)",
                             "vs_grouped_mm": f"{ANCHOR} time / this time",
                             "capacity": "the batched rows: rows per expert of the layout they ran on (--batched-capacity)",
+                            "capacity_asked": "the batched rows: the capacity asked (null: tight, the largest count)",
                             "gpu_state": "nvidia-smi's samples (every 20 ms) while a backend's point was timed, "
                                          "capture, settling and warm-up included: SM clock lowest / median / highest, "
                                          "highest power and temperature, the clock event reasons named "
@@ -479,11 +480,13 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                                 try:
                                     xb, counts = _batched_inputs(xp, ids, E, capacity)
                                 except ValueError as e:
-                                    r = dict(row_of(fmt, name), error=str(e), capacity=capacity)
+                                    r = dict(row_of(fmt, name), error=str(e), capacity=capacity,
+                                             capacity_asked=capacity)
                                     results.append(r)
                                     _print_row(r)
                                     continue
                                 batch = BatchedBatch(xb, counts, num_tokens=T)      # as the dispatchers give it
+                                asked = capacity
                                 fn = lambda experts=experts, batch=batch: experts(batch, weights)
                                 t, gpu_state = _timed(timer, sampler, fn, args,
                                                       use_graph=experts.CAPS.cuda_graph_safe)
@@ -503,11 +506,12 @@ def _run_points(args, dry, device, timer, copy_bw, rates, sampler) -> list[dict]
                                     err = rel_err(fn()[:, :H][sample], ref_of(fmt, inp))
                                 cfg_desc = experts.kernel_config(T, weights).describe() \
                                     if hasattr(experts, "kernel_config") else None
+                                asked = None
                             ms = t.median_ms
                             r = dict(row_of(fmt, name), ms=ms, timing=t.as_dict(), check_rel_err=err,
                                      kernel_config=cfg_desc, vs_anchors={a: am / ms for a, am in anchor_ms.items()},
                                      vs_grouped_mm=(anchor_ms[ANCHOR] / ms) if ANCHOR in anchor_ms else None,
-                                     gpu_state=gpu_state, capacity=capacity)
+                                     gpu_state=gpu_state, capacity=capacity, capacity_asked=asked)
                             results.append(_with_rates(r))
                             _print_row(r)
         del states, base, inputs
@@ -600,8 +604,8 @@ def write_plot(data: dict, path: str) -> None:
                              squeeze=False)
     for ax, preset in zip(axes.flat, presets):
         pr = [r for r in rows if r["preset"] == preset]
-        for (fmt, backend) in dict.fromkeys((r["format"], r["backend"]) for r in pr):
-            pts = sorted((r["T"], r["ms"]) for r in pr if r["format"] == fmt and r["backend"] == backend)
+        for (fmt, backend) in dict.fromkeys((r["format"], row_label(r)) for r in pr):
+            pts = sorted((r["T"], r["ms"]) for r in pr if r["format"] == fmt and row_label(r) == backend)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                     label=f"{backend} ({fmt})", linestyle="-" if fmt == "bf16" else "-.")
         for fmt, style in (("bf16", "--"), ("fp8_block", ":")):
@@ -632,6 +636,13 @@ def default_output(env: dict) -> str:
     return os.path.join(root, f"experts_{gpu}_{env['date'][:10]}.json")
 
 
+def row_label(r: dict) -> str:
+    """A backend row's name across points: the backend, and the capacity asked of a batched row (tight rows,
+    whose capacity is each point's largest count, go by the backend's name)."""
+    asked = r.get("capacity_asked")
+    return r["backend"] + ("" if asked is None else f" C={asked}")
+
+
 def summary(data: dict) -> str:
     """One line per (preset, T, routing): TFLOP/s of every anchor and backend in every format, and the
     ratios the targets are stated in (FP8 over BF16 of each backend; each backend over each anchor)."""
@@ -639,9 +650,9 @@ def summary(data: dict) -> str:
     rows = [r for r in data["results"] if r.get("ms")]
     for key in dict.fromkeys((r["preset"], r["experts"], r["T"], r["routing"]) for r in rows):
         same = [r for r in rows if (r["preset"], r["experts"], r["T"], r["routing"]) == key]
-        cells = [f"{r['backend'].split()[0] if r.get('anchor') else r['backend']}"
+        cells = [f"{r['backend'].split()[0] if r.get('anchor') else row_label(r)}"
                  f"{'' if r.get('anchor') else '/' + r['format']} {r['tflops']:.0f}" for r in same]
-        tf = {(r["backend"], r["format"]): r["tflops"] for r in same if not r.get("anchor")}
+        tf = {(row_label(r), r["format"]): r["tflops"] for r in same if not r.get("anchor")}
         for b in dict.fromkeys(b for b, _ in tf):
             for f in ("fp8_block", "fp8_channel"):
                 if (b, f) in tf and (b, "bf16") in tf:
@@ -671,6 +682,6 @@ def main(args) -> int:
     bad = [r for r in data["results"] if r.get("check_rel_err") is not None
            and not r["check_rel_err"] <= (3e-2 if r["format"].startswith("fp8") else 1e-2)]
     for r in bad:
-        print(f"CHECK FAILED: {r['preset']} {r['format']} T={r['T']} {r['routing']} {r['backend']}: "
+        print(f"CHECK FAILED: {r['preset']} {r['format']} T={r['T']} {r['routing']} {row_label(r)}: "
               f"rel err {r['check_rel_err']:.2e}", file=sys.stderr)
     return 1 if bad else 0

@@ -95,8 +95,8 @@ class BatchedExperts(Experts):
     def fp8_operands(self, batch: BatchedBatch, weights: ExpertWeights):
         """(FP8 rows [L, C, H], the kernel's `Fp8Operands`) for a batch of an FP8 layer as the experts take
         it (`activations_for`: FP8 rows with their scales [L, C, groups] float32, from FP8 dispatch or the
-        conversion after dispatch; padding rows too: each row has its own scales, and the kernel never lets
-        a row past its count reach an output)."""
+        conversion after dispatch; the rows past each count and their scales may hold anything, NaN included:
+        the kernel never lets one reach an output)."""
         from ..kernels.fused_moe import Fp8Operands
         plan = self.plan
         if weights.w13_scale is None or weights.w2_scale is None:

@@ -33,6 +33,7 @@ def unsplit_down(config: MoEKernelConfig) -> MoEKernelConfig:
 
 
 SLOT_HEADROOM = 2      # slots per expert cover this many times the rows an even routing gives it
+SERIAL_BLOCKS = 4      # and at most this many blocks of a full capacity run in turn in one program (a hot expert)
 
 
 def expected_rows(num_tokens: int | None, num_experts: int, capacity: int, top_k: int) -> int:
@@ -45,8 +46,11 @@ def expected_rows(num_tokens: int | None, num_experts: int, capacity: int, top_k
 
 def row_slots(rows: int, capacity: int, block_m: int) -> int:
     """Programs an expert gets along M: enough for SLOT_HEADROOM x `rows` rows in one pass of one block each,
-    at most a block of the capacity each; an expert with more rows runs them in turn."""
-    return max(1, min(triton.cdiv(capacity, block_m), triton.cdiv(SLOT_HEADROOM * rows, block_m)))
+    at most a block of the capacity each; an expert with more rows runs them in turn, at most SERIAL_BLOCKS
+    in one program (an expert that got the whole capacity is spread over a quarter as many programs as it
+    has blocks)."""
+    blocks = triton.cdiv(capacity, block_m)
+    return max(1, min(blocks, max(triton.cdiv(SLOT_HEADROOM * rows, block_m), triton.cdiv(blocks, SERIAL_BLOCKS))))
 
 
 def batched_config(num_experts: int, capacity: int, hidden: int, inter: int, top_k: int, fmt: str,
@@ -75,6 +79,8 @@ def batched_experts(x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2
     L, C, H = x.shape
     if counts.dim() != 1 or counts.shape[0] != L:
         raise ValueError(f"batched_experts: counts must be [L={L}], got {list(counts.shape)}")
+    if counts.device != x.device:
+        raise ValueError(f"batched_experts: counts on {counts.device}, rows on {x.device}")
     Lw, two_i, Hw = w13.shape
     inter = two_i // 2
     if Lw != L or Hw != H or tuple(w2.shape) != (L, H, inter):

@@ -108,7 +108,8 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
 
 
 def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool | None = None,
-                        counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        counts: torch.Tensor | None = None,
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of `epmoe.fp8_quantize`: x [..., H] -> (q e4m3fn [..., H], scale float32
     [..., ceil(H / group_size)]); group_size None = one scale per row. `gpu_rounding`: the formula's
     GPU-only form (`fp8_quantize_groups` with ROUND=False, as the Gluon GEMM's epilogue runs it) or the
@@ -118,7 +119,8 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
     a deepseek-v3 batch of 8192 tokens, `benchmarks/profile_experts_steps.py`), where it should stream.
     `counts` [L] (x [L, C, H], a batched layout): only the first counts[e] rows of each block e are
     quantized; q and the scales of the rows after are left unwritten (the capacity is the most rows an expert
-    can get, often many times those that arrive)."""
+    can get, often many times those that arrive). `out`: (q, scales) to write into, contiguous, of the shapes
+    and dtypes returned (None: new ones)."""
     if gpu_rounding is None:
         gpu_rounding = x.device.type == "cuda"
     if gpu_rounding and x.device.type != "cuda":
@@ -128,6 +130,8 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
     if counts is not None and (x.dim() != 3 or tuple(counts.shape) != (x.shape[0],)):
         raise ValueError(f"fp8_quantize_triton: counts go with rows [L, C, H] and are [L], got rows "
                          f"{list(x.shape)} and counts {list(counts.shape)}")
+    if counts is not None and counts.device != x.device:
+        raise ValueError(f"fp8_quantize_triton: counts on {counts.device}, rows on {x.device}")
     H = x.shape[-1]
     g = H if group_size is None else group_size
     lead = x.shape[:-1]
@@ -135,8 +139,17 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    q = torch.empty((M, H), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((M, n_groups), dtype=torch.float32, device=x.device)
+    if out is None:
+        q = torch.empty((M, H), dtype=FP8_DTYPE, device=x.device)
+        s = torch.empty((M, n_groups), dtype=torch.float32, device=x.device)
+    else:
+        q, s = out
+        want = ((*x.shape[:-1], H), FP8_DTYPE), ((*x.shape[:-1], n_groups), torch.float32)
+        for t, (shape, dtype) in zip((q, s), want):
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != x.device or not t.is_contiguous():
+                raise ValueError(f"fp8_quantize_triton: out must be contiguous {list(want[0][0])} {FP8_DTYPE} and "
+                                 f"{list(want[1][0])} float32 on {x.device}, got {list(t.shape)} {t.dtype}")
+        q, s = q.view(M, H), s.view(M, n_groups)
     if M:
         block = triton.next_power_of_2(g)
         groups = max(1, min(triton.next_power_of_2(n_groups), 4096 // block))
