@@ -97,7 +97,8 @@
 #             copy replaced by AB_OLD (a copy of the old file sent with the tree, untracked; or AB_OLD a folder of old
 #             files at their paths in the tree, each copied over the copy, no AB_FILE), then AB_CMD runs
 #             in the copy, in the tree sent, and in the copy again (before, after, before: drift shows), with
-#             AB_SIDE (before, after, before_again) and AB_OUT (this folder) set for the files it writes
+#             AB_SIDE (before, after, before_again) and AB_OUT (this folder) set for the files it writes; the before
+#             sides' EPMOE_COMMIT says the commit with old files (their results' `commit`; the log names the files)
 #   rebalance what an EPLB rebalance costs on one GPU (benchmarks/gpu_rebalance_cost.py)
 #   overlap   shared experts under the dispatch and two micro-batches, eager and graph
 #             (benchmarks/gpu_overlap_check.py, where it exists)
@@ -339,9 +340,9 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
         if [ -d "$AB_OLD" ]; then cp -r "$AB_OLD/." "$before/"; else cp "$AB_OLD" "$before/$AB_FILE"; fi
         run "$OUT/ab_${GPU}_$DAY.log" "${AB_SECONDS:-300}" bash -c "
             echo '## before: $what'
-            (cd $before && export AB_SIDE=before && $AB_CMD)
+            (cd $before && export AB_SIDE=before EPMOE_COMMIT='$COMMIT with the old files named in its log' && $AB_CMD)
             echo '## after: the tree sent'; (export AB_SIDE=after && $AB_CMD)
-            echo '## before, again'; (cd $before && export AB_SIDE=before_again && $AB_CMD)" ;;
+            echo '## before, again'; (cd $before && export AB_SIDE=before_again EPMOE_COMMIT='$COMMIT with the old files named in its log' && $AB_CMD)" ;;
     rebalance)
         run "$OUT/rebalance_cost_${GPU}_$DAY.log" "${REBALANCE_SECONDS:-60}" \
             python3 benchmarks/gpu_rebalance_cost.py --out "$OUT/rebalance_cost_${GPU}_1x_$DAY.json" ;;

@@ -87,11 +87,9 @@ def _tile_rows(pid_m, sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, c
 
 
 @triton.jit
-def _tiles_left(pid_m, num_padded_ptr, BLOCK_M: tl.constexpr, BATCHED: tl.constexpr, TILE_MODE: tl.constexpr):
+def _tiles_left(pid_m, num_padded_ptr, BLOCK_M: tl.constexpr, TILE_MODE: tl.constexpr):
     """False for a flat-layout tile past the tiles in use (its program returns at once)."""
-    if BATCHED:
-        return True
-    elif TILE_MODE == 0:
+    if TILE_MODE == 0:
         return pid_m * BLOCK_M < tl.load(num_padded_ptr)
     elif TILE_MODE == 1:
         return pid_m < tl.load(num_padded_ptr)
@@ -218,7 +216,7 @@ def moe_gemm_kernel(
                       BLOCK_K, TILE_MODE, W_SCALE_SCALAR, RESCALE, A_DESC, False, 0, 1, SWAP_AB, STACK_GU)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
-        if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, BATCHED, TILE_MODE):
+        if _tiles_left(pid_m, num_padded_ptr, BLOCK_M, TILE_MODE):
             _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
                       sorted_ids_ptr, block_expert_ptr, counts_ptr, num_pairs, capacity, pid_m, pid_n,
                       GATE_UP, H, I, TOP_K, ACTIVATION, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
@@ -251,7 +249,7 @@ def _one_tile(a_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, a_scale_ptr, w_sca
                           BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, SWAP_AB, STACK_GU)
     elif (not CHECK_EXPERT) or expert >= 0:
         _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-                   pid_m, pid_n, expert, pos, valid, pair, capacity, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
+                   pid_n, expert, pos, valid, pair, H, I, HAS_BIAS, BATCHED, APPLY_WEIGHT,
                    FP8, A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, SCALE_BLOCK_N, DOT_PRECISION, W_DESC,
                    BLOCK_M, BLOCK_N, BLOCK_K, W_SCALE_SCALAR, RESCALE, A_DESC, split, num_pairs, SPLIT_K,
                    SWAP_AB)
@@ -484,7 +482,7 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
 
 @triton.jit
 def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_weights_ptr,
-               pid_m, pid_n, expert, pos, valid, pair, capacity,
+               pid_n, expert, pos, valid, pair,
                H: tl.constexpr, I: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
                APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
                W_SCALE_PER_BLOCK: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -596,20 +594,20 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
         acc2 = acc2 * s2_prev[:, None]
     if SWAP_AB:
         acc = tl.trans(acc)
-    _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
+    _down_store(acc, offs_n, expert, pos, valid, pair, out_ptr, bias_ptr, a_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8, A_SCALE_PER_BLOCK,
-                W_SCALE_PER_BLOCK, BLOCK_M, row_base, split, SPLIT_K)
+                W_SCALE_PER_BLOCK, row_base, split, SPLIT_K)
     if RESCALE:
-        _down_store(acc2, offs_n + HALF, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr,
+        _down_store(acc2, offs_n + HALF, expert, pos, valid, pair, out_ptr, bias_ptr,
                     a_scale_ptr, w_scale_ptr, topk_weights_ptr, H, HAS_BIAS, BATCHED, APPLY_WEIGHT, FP8,
-                    A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, BLOCK_M, row_base, split, SPLIT_K)
+                    A_SCALE_PER_BLOCK, W_SCALE_PER_BLOCK, row_base, split, SPLIT_K)
 
 
 @triton.jit
-def _down_store(acc, offs_n, expert, pos, valid, pair, pid_m, capacity, out_ptr, bias_ptr, a_scale_ptr,
+def _down_store(acc, offs_n, expert, pos, valid, pair, out_ptr, bias_ptr, a_scale_ptr,
                 w_scale_ptr, topk_weights_ptr, H: tl.constexpr, HAS_BIAS: tl.constexpr, BATCHED: tl.constexpr,
                 APPLY_WEIGHT: tl.constexpr, FP8: tl.constexpr, A_SCALE_PER_BLOCK: tl.constexpr,
-                W_SCALE_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, row_base, split, SPLIT_K: tl.constexpr):
+                W_SCALE_PER_BLOCK: tl.constexpr, row_base, split, SPLIT_K: tl.constexpr):
     """The down epilogue of output columns offs_n: per-row scales, bias (K range 0 only), routing weight,
     store (flat layout: at rows row_base + pair)."""
     n_mask = offs_n < H
