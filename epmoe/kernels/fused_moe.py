@@ -24,8 +24,9 @@ FP8 (W8A8, e4m3fn): A and B in FP8, float32 accumulation. Scales are either per 
 one per token-group of BLOCK_K columns; weights: one per SCALE_BLOCK_N x BLOCK_K block) applied to each
 K-block's partial product (promoted to float32 block by block, or "rescale": see moe_gemm_kernel), or
 per row (activations: per token; weights: per output channel, a per-tensor scale stored repeated)
-applied once in the epilogue. The gate+up epilogue can quantize its output per token-group of BLOCK_N
-columns with the one formula (epmoe.quant.fp8).
+applied once in the epilogue, each K-block's product still promoted to float32 (`_product_acc`). The
+gate+up epilogue can quantize its output per token-group of BLOCK_N columns with the one formula
+(epmoe.quant.fp8).
 """
 from __future__ import annotations
 
@@ -286,9 +287,20 @@ def _product(a, b, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _product_acc(a, b, acc, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr):
-    """acc + a @ b (or its transpose, SWAP_AB), accumulated by the dot itself."""
-    if SWAP_AB:
+def _product_acc(a, b, acc, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, FP8: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """acc + a @ b (or its transpose, SWAP_AB), accumulated by the dot itself. FP8 (scales per row, applied
+    after the loop): the dot promotes its K block's product into the float32 accumulator
+    (max_num_imprecise_acc = BLOCK_K). Without it Triton lets Hopper's warpgroup MMA sum the whole K range
+    in its FP8 accumulator, which keeps about 14 bits (Triton's sm_90 default), and tiles of 16 rows, which
+    compile to mma.sync, would round differently from the wider tiles on the same rows."""
+    if FP8:
+        if SWAP_AB:
+            return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION,
+                          max_num_imprecise_acc=BLOCK_K)
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=BLOCK_K)
+    elif SWAP_AB:
         return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION)
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -441,8 +453,8 @@ def _gate_up_tile(x_ptr, w_ptr, bias_ptr, out_ptr, out_scale_ptr, x_scale_ptr, w
             acc_g += pg
             acc_u += pu
         else:
-            acc_g = _product_acc(a, bg, acc_g, DOT_PRECISION, SWAP_AB)
-            acc_u = _product_acc(a, bu, acc_u, DOT_PRECISION, SWAP_AB)
+            acc_g = _product_acc(a, bg, acc_g, DOT_PRECISION, SWAP_AB, FP8, BLOCK_K)
+            acc_u = _product_acc(a, bu, acc_u, DOT_PRECISION, SWAP_AB, FP8, BLOCK_K)
         a_ptrs += BLOCK_K
         if STACK_GU:
             s_ptrs += BLOCK_K
@@ -581,7 +593,7 @@ def _down_tile(a_ptr, w_ptr, bias_ptr, out_ptr, a_scale_ptr, w_scale_ptr, topk_w
                 p = p * _per_col(tl.load(ws_ptrs + kb), SWAP_AB)
             acc += p
         else:     # float16 weights meet a float32 intermediate (`intermediate_dtype`): both as float32
-            acc = _product_acc(a, b.to(a.dtype), acc, DOT_PRECISION, SWAP_AB)
+            acc = _product_acc(a, b.to(a.dtype), acc, DOT_PRECISION, SWAP_AB, FP8, BLOCK_K)
         if not A_DESC:
             a_ptrs += BLOCK_K
         if not W_DESC:

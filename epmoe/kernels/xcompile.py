@@ -25,6 +25,8 @@ from triton.compiler import ASTSource
 
 from . import fused_moe
 
+# fmt: "bf16", "fp16", "fp8" (128 x 128 weight blocks, activations per 128 columns) or "fp8_channel" (per-token
+# activations, per-channel weights: scales applied after the K loop)
 # name -> (kernel, H, I, k, fmt, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, tma, persistent, tile_mode[, promote
 #          [, tma_a[, activation[, split_k[, swap_ab[, maxnreg[, stack_gate_up]]]]]]])
 CASES = {
@@ -49,24 +51,27 @@ CASES = {
     "gu_fp8_deepseek_rescale_s4": ("gate_up", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, False, False, 0, "rescale"),
     "dn_fp8_deepseek_rescale256": ("down", 7168, 2048, 8, "fp8", 128, 256, 128, 8, 3, True, False, 0, "rescale"),
     "dn_fp8_deepseek_rescale128": ("down", 7168, 2048, 8, "fp8", 128, 128, 128, 8, 4, True, False, 0, "rescale"),
+    "gu_fp8ch_mixtral": ("gate_up", 4096, 14336, 2, "fp8_channel", 128, 128, 128, 8, 3, False, False, 0),
+    "dn_fp8ch_mixtral": ("down", 4096, 14336, 2, "fp8_channel", 128, 128, 128, 8, 4, False, False, 0),
 }
 
 
 def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persistent, tile_mode, promote="sync",
                  tma_a=False, activation=0, split_k=1, swap_ab=False, maxnreg=None, stack_gate_up=False):
-    fp8 = fmt == "fp8"
-    el = {"fp8": "fp8e4nv", "fp16": "fp16"}.get(fmt, "bf16")
+    channel = fmt == "fp8_channel"        # per-token activations, one weight scale per output row
+    fp8 = fmt == "fp8" or channel
+    el = "fp8e4nv" if fp8 else "fp16" if fmt == "fp16" else "bf16"
     out = "fp16" if fmt == "fp16" else "bf16"
     fn = fused_moe.moe_gemm_kernel
     names = fn.arg_names
     n_ptr = names.index("num_pairs")
     sig, attrs = {}, {}
     gate_up = kernel == "gate_up"
-    rescale = fp8 and promote == "rescale"
+    rescale = fp8 and not channel and promote == "rescale"
     # pointer element types per argument, in order: a, w, bias, out, out_scale, a_scale, w_scale,
     # topk_weights, sorted_ids, block_expert, num_padded, counts
     if gate_up:
-        types = [el, el, "fp32", "fp8e4nv" if fp8 else out, "fp32", "fp32", "fp32", "fp32"]
+        types = [el, el, "fp32", "fp8e4nv" if fp8 and not channel else out, "fp32", "fp32", "fp32", "fp32"]
     else:
         a = "fp8e4nv" if fp8 else "fp32" if fmt == "fp16" else "bf16"     # fused_moe.intermediate_dtype
         types = [a, el, "fp32", out, "fp32", "fp32", "fp32", "fp32"]
@@ -83,10 +88,10 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     sig["num_pairs"] = "i32"
     sig["capacity"] = "i32"
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
-                 A_SCALE_PER_BLOCK=fp8, W_SCALE_PER_BLOCK=fp8, SCALE_BLOCK_N=128, DOT_PRECISION="tf32",
-                 W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
-                 W_SCALE_SCALAR=fp8, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
-                 OUT_FP8=fp8 and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=swap_ab,
+                 A_SCALE_PER_BLOCK=fp8 and not channel, W_SCALE_PER_BLOCK=fp8 and not channel, SCALE_BLOCK_N=128,
+                 DOT_PRECISION="tf32", W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
+                 W_SCALE_SCALAR=fp8 and not channel, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
+                 OUT_FP8=fp8 and gate_up and not channel, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=swap_ab,
                  STACK_GU=stack_gate_up)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
