@@ -1,11 +1,13 @@
 """FP8 with scales per row (per-token activations, per-channel or per-tensor weights) accumulates in float32.
 
 These products take their scales after the K loop, so the kernels accumulate each K block's product straight
-into the tile's accumulator. On Hopper, Triton's default for an FP8 dot lets the warpgroup MMA sum the whole K
-range in its FP8 accumulator, which keeps about 14 bits: the wide tiles then lost small terms that float32
-keeps, while 16-row tiles (mma.sync, exact float32 sums) did not. The kernels promote every K block's product
-(`max_num_imprecise_acc` = BLOCK_K). Checked twice: in the sm_90 code (no GPU needed), and on a GPU with operands
-whose small terms sit beside a large pair that cancels, which a 14-bit accumulator drops entirely.
+into the tile's accumulator. On sm_90, Triton's default for an FP8 dot (max_num_imprecise_acc = 2^30) let the
+warpgroup MMA sum the whole K range at its reduced precision (about 14 bits), so the tiles of 64 rows or more, and
+the swapped tiles, could drop small terms that float32 keeps; tiles of 16 or 32 rows without swap_ab compile to
+mma.sync on float16 operands (e4m3 converts exactly) with float32 sums. The kernels now add every K block's
+product to the float32 accumulator (max_num_imprecise_acc = BLOCK_K). Checked in the sm_90 code (no GPU needed)
+and, on a GPU, with operands whose small terms sit beside a large pair that cancels, which a 14-bit accumulator
+would drop entirely.
 """
 import re
 from dataclasses import replace
@@ -19,22 +21,32 @@ from epmoe.testing import assert_close
 
 CHANNEL = Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
 
-# (kernel, BLOCK_M, BLOCK_N, warps, stages, swap_ab): tiles that compile to warpgroup MMAs on sm_90
-WGMMA_TILES = [("gate_up", 64, 128, 4, 4, False), ("gate_up", 128, 128, 8, 3, False),
-               ("down", 128, 128, 8, 4, False), ("down", 64, 128, 4, 4, False),
-               ("gate_up", 16, 128, 4, 4, True), ("down", 16, 128, 4, 4, True)]
+# tiles that compile to warpgroup MMAs on sm_90: (kernel, BLOCK_M, BLOCK_N, warps, stages, and compile_case's
+# keywords: TMA weights, persistent walk, swap_ab, split_k, TMA activation rows)
+WGMMA_TILES = {
+    "gate_up BM64": ("gate_up", 64, 128, 4, 4, {}),
+    "gate_up BM128": ("gate_up", 128, 128, 8, 3, {}),
+    "gate_up BM64 persistent tma": ("gate_up", 64, 128, 4, 3, dict(tma=True, persistent=True)),
+    "gate_up BM16 swap_ab": ("gate_up", 16, 128, 4, 4, dict(swap_ab=True)),
+    "down BM64": ("down", 64, 128, 4, 4, {}),
+    "down BM128": ("down", 128, 128, 8, 4, {}),
+    "down BM128 split_k tma_a": ("down", 128, 128, 8, 4, dict(tma=True, split_k=2, tma_a=True)),
+    "down BM16 swap_ab": ("down", 16, 128, 4, 4, dict(swap_ab=True)),
+}
 
 
-@pytest.mark.parametrize("kernel,bm,bn,warps,stages,swap", WGMMA_TILES)
-def test_channel_fp8_dots_promote_every_k_block_on_sm90(kernel, bm, bn, warps, stages, swap):
-    """Every warpgroup MMA of a per-row-scaled FP8 tile promotes its K block (maxNumImpreciseAcc = BLOCK_K in the
-    TTGIR; Triton's sm_90 default is 2^30, no promotion), and the promotion adds no spill to the K loop.
-    Mixtral's sizes (the down GEMM's K is 14336). Compiled for sm_90, no GPU needed."""
+@pytest.mark.parametrize("tile", sorted(WGMMA_TILES))
+def test_channel_fp8_dots_promote_every_k_block_on_sm90(tile):
+    """Every warpgroup MMA of a per-row-scaled FP8 tile adds its K block to the float32 accumulator
+    (maxNumImpreciseAcc = BLOCK_K in the TTGIR, where Triton's sm_90 default is 2^30), and that adds no spill to
+    the K loop. Mixtral's sizes (the down GEMM's K is 14336). Compiled for sm_90, no GPU needed."""
     pytest.importorskip("triton", reason="the sm_90 cross-compile needs Triton (the [triton] extra)")
     from epmoe.kernels.xcompile import CrossCompileUnavailable, compile_case, local_accesses_in_mma_loops
+    kernel, bm, bn, warps, stages, kw = WGMMA_TILES[tile]
     try:
-        compiled = compile_case(kernel, 4096, 14336, 2, "fp8_channel", bm, bn, 128, warps, stages, False, False, 0,
-                                "sync", False, 0, 1, swap)
+        compiled = compile_case(kernel, 4096, 14336, 2, "fp8_channel", bm, bn, 128, warps, stages,
+                                kw.get("tma", False), kw.get("persistent", False), 0, "sync", kw.get("tma_a", False),
+                                0, kw.get("split_k", 1), kw.get("swap_ab", False))
     except CrossCompileUnavailable as exc:
         pytest.skip(str(exc))
     ttgir = compiled.asm["ttgir"]
@@ -84,8 +96,9 @@ def _operands(x, w1, w2, dev):
 @pytest.mark.parametrize("n_tokens", [1, 40, 200])
 def test_channel_fp8_keeps_small_products_beside_a_cancelling_pair(n_tokens):
     """The flat and the batched layouts, at tiles of 16 rows (mma.sync), 16 rows swapped and 64 and 128 rows
-    (warpgroup MMAs, one program per tile and a persistent walk): every output is 216, the float64 oracle of
-    the FP8 function, to float32 rounding. Before the promotion the warpgroup tiles gave about 0."""
+    (warpgroup MMAs; on the flat layout also a down GEMM split in two K ranges, and a persistent walk where there
+    is more than one token: one token runs one program per pair): every output is 216, the float64 oracle of the
+    FP8 function, to float32 rounding. A 14-bit accumulator would give about 0 at the warpgroup tiles."""
     from epmoe.kernels.batched_moe import batched_experts
     from epmoe.kernels.fused_moe import fused_experts
     from epmoe.kernels.tuning_table import GemmConfig, MoEKernelConfig
@@ -110,12 +123,15 @@ def test_channel_fp8_keeps_small_products_beside_a_cancelling_pair(n_tokens):
         "BM64": MoEKernelConfig(64, GemmConfig(128, 128, 8, 4, 4), GemmConfig(128, 128, 8, 4, 4)),
         "BM128": MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4)),
     }
-    tiles["BM128 persistent"] = replace(tiles["BM128"], gate_up=replace(tiles["BM128"].gate_up, persistent=True),
-                                        down=replace(tiles["BM128"].down, persistent=True))
-    for name, config in tiles.items():
+    flat_only = {
+        "BM128 persistent": replace(tiles["BM128"], gate_up=replace(tiles["BM128"].gate_up, persistent=True),
+                                    down=replace(tiles["BM128"].down, persistent=True)),
+        "BM64 down split_k=2": replace(tiles["BM64"], down=replace(tiles["BM64"].down, split_k=2)),
+    }
+    for name, config in {**tiles, **flat_only}.items():
         out = fused_experts(xq, ids, weights, q13, q2, "silu", out_dtype=torch.bfloat16, config=config, fp8=ops)
         assert_close(out.float(), ref, 1e-3, context=f"flat layout, {name}, T={n_tokens}")
-        if "persistent" in name:
+        if name in flat_only:
             continue
         counts = torch.tensor([n_tokens], dtype=torch.int32, device=dev)
         rows = batched_experts(xq[None], counts, q13, q2, "silu", config=config, fp8=ops,

@@ -290,10 +290,9 @@ def _product(a, b, SWAP_AB: tl.constexpr):
 def _product_acc(a, b, acc, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, FP8: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """acc + a @ b (or its transpose, SWAP_AB), accumulated by the dot itself. FP8 (scales per row, applied
-    after the loop): the dot promotes its K block's product into the float32 accumulator
-    (max_num_imprecise_acc = BLOCK_K). Without it Triton lets Hopper's warpgroup MMA sum the whole K range
-    in its FP8 accumulator, which keeps about 14 bits (Triton's sm_90 default), and tiles of 16 rows, which
-    compile to mma.sync, would round differently from the wider tiles on the same rows."""
+    after the loop): each K block's product is added to the float32 accumulator (max_num_imprecise_acc =
+    BLOCK_K); Triton's sm_90 default (2^30) lets the warpgroup MMA sum the whole K range at its reduced
+    precision (about 14 bits)."""
     if FP8:
         if SWAP_AB:
             return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION,

@@ -87,12 +87,13 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
             attrs[(i,)] = [["tt.divisibility", 16]]       # as the JIT marks an aligned pointer it specializes
     sig["num_pairs"] = "i32"
     sig["capacity"] = "i32"
+    block_scales = fp8 and not channel
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
-                 A_SCALE_PER_BLOCK=fp8 and not channel, W_SCALE_PER_BLOCK=fp8 and not channel, SCALE_BLOCK_N=128,
-                 DOT_PRECISION="tf32", W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, TILE_MODE=tile_mode,
-                 W_SCALE_SCALAR=fp8 and not channel, PERSISTENT=persistent, RESCALE=rescale, ACTIVATION=activation,
-                 OUT_FP8=fp8 and gate_up and not channel, APPLY_WEIGHT=not gate_up, A_DESC=tma_a, SPLIT_K=split_k, SWAP_AB=swap_ab,
-                 STACK_GU=stack_gate_up)
+                 A_SCALE_PER_BLOCK=block_scales, W_SCALE_PER_BLOCK=block_scales, SCALE_BLOCK_N=128,
+                 DOT_PRECISION="tf32", W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                 TILE_MODE=tile_mode, W_SCALE_SCALAR=block_scales, PERSISTENT=persistent, RESCALE=rescale,
+                 ACTIVATION=activation, OUT_FP8=block_scales and gate_up, APPLY_WEIGHT=not gate_up, A_DESC=tma_a,
+                 SPLIT_K=split_k, SWAP_AB=swap_ab, STACK_GU=stack_gate_up)
     for name in names[n_ptr + 2:]:
         sig[name] = "constexpr"
     src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
