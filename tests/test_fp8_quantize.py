@@ -186,20 +186,36 @@ def _compare_impls(device: str) -> dict:
 
 def _compare_counted(device: str) -> dict:
     """Batched rows [L, C, H] with counts: the rows below each count bit for bit as torch quantizes them, the
-    rows past them (padding) left as the output held them; counts that do not go with the rows are refused."""
+    rows past them (padding) left as the output held them; counts that do not go with the rows are refused.
+    With a program per row of the capacity (the default at these sizes) and with programs that walk several
+    rows (`counted_slots` made to give 3 and 2 programs per block of 5 rows), a count of 0 and one past the
+    capacity (all its rows)."""
+    from epmoe.kernels import fp8_quant
     from epmoe.kernels.fp8_quant import fp8_quantize_triton
     x = _case_input((15, 384), "normal").reshape(3, 5, 384).to(device)
-    counts = torch.tensor([5, 0, 2], dtype=torch.int32, device=device)
     out = {}
-    for group in (128, None):
-        q1, s1 = fp8_quantize_torch(x, group)
-        held = (torch.full(q1.shape, 3.0, device=device).to(q1.dtype), torch.full(s1.shape, 5.0, device=device))
-        q2, s2 = fp8_quantize_triton(x, group, counts=counts, out=held)
-        out[f"counted-{group}"] = [all(torch.equal(_bits(a[e, :n]), _bits(b[e, :n])) for a, b in ((q1, q2), (s1, s2))
-                                       for e, n in enumerate(counts.tolist())),
-                                   all(bool((q2[e, n:].float() == 3.0).all() and (s2[e, n:] == 5.0).all())
-                                       for e, n in enumerate(counts.tolist())),
-                                   q2.data_ptr() == held[0].data_ptr() and list(s2.shape) == list(s1.shape)]
+    defaults = fp8_quant.COUNTED_ROW_PROGRAMS, fp8_quant.COUNTED_SERIAL_ROWS
+    try:
+        for programs, serial, want_slots in ((*defaults, 5), (1, 2, 3), (6, 3, 2)):
+            fp8_quant.COUNTED_ROW_PROGRAMS, fp8_quant.COUNTED_SERIAL_ROWS = programs, serial
+            slots = fp8_quant.counted_slots(3, 5)
+            for counts_list in ([5, 0, 2], [7, 1, 4]):
+                counts = torch.tensor(counts_list, dtype=torch.int32, device=device)
+                for group in (128, None):
+                    q1, s1 = fp8_quantize_torch(x, group)
+                    held = (torch.full(q1.shape, 3.0, device=device).to(q1.dtype),
+                            torch.full(s1.shape, 5.0, device=device))
+                    q2, s2 = fp8_quantize_triton(x, group, counts=counts, out=held)
+                    out[f"counted-{group}-{counts_list}-{slots}-slots"] = [
+                        slots == want_slots,
+                        all(torch.equal(_bits(a[e, :n]), _bits(b[e, :n])) for a, b in ((q1, q2), (s1, s2))
+                            for e, n in enumerate(counts_list)),
+                        all(bool((q2[e, n:].float() == 3.0).all() and (s2[e, n:] == 5.0).all())
+                            for e, n in enumerate(counts_list)),
+                        q2.data_ptr() == held[0].data_ptr() and list(s2.shape) == list(s1.shape)]
+    finally:
+        fp8_quant.COUNTED_ROW_PROGRAMS, fp8_quant.COUNTED_SERIAL_ROWS = defaults
+    counts = torch.tensor([5, 0, 2], dtype=torch.int32, device=device)
     refused = []
     for rows, c in ((x.reshape(15, 384), counts), (x, counts[:2])):
         try:

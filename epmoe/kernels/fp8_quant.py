@@ -5,8 +5,9 @@ float32); every kernel that quantizes calls it: the activation quantizer here, t
 epilogues (`epilogues`), the `alltoall` packing (`alltoall_pack`) and the GPU-initiated dispatch
 (`symm_dispatch`).
 
-One program of the activation quantizer quantizes a tile of `GROUPS` consecutive groups of one row; a
-partial last group reads zeros past the row's end, which change no amax.
+One program of the activation quantizer quantizes a tile of `GROUPS` consecutive groups of one row (with
+`counts`, of each row it walks: `counted_slots`); a partial last group reads zeros past the row's end, which
+change no amax.
 
 The formula rounds to the e4m3 grid itself (`_round_to_e4m3`, integer arithmetic on the float32 bits)
 before the cast, which is then exact everywhere: Triton's CPU interpreter (3.9) casts to fp8 by rounding
@@ -85,17 +86,10 @@ def _div_rn_by_row(x, s):
     return tl.where((s == float("inf"))[:, None], x * 0.0, q)
 
 
-@triton.jit(do_not_specialize=["capacity"])
-def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
-                      counts_ptr, capacity,
-                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr,
-                      COUNTED: tl.constexpr = False):
-    """Program (row, g): GROUPS groups of one row. COUNTED: the rows are [L, capacity] blocks of a batched
-    layout and a row at or past its block's count (counts_ptr) is left as it was."""
-    row = tl.program_id(0).to(tl.int64)
-    if COUNTED:
-        if row % capacity >= tl.load(counts_ptr + row // capacity):
-            return
+@triton.jit
+def _quantize_row_tile(x_ptr, q_ptr, s_ptr, row, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
+                       GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr):
+    """GROUPS consecutive groups of one row, from the program's second grid index on."""
     g0 = tl.program_id(1) * GROUPS
     groups = g0 + tl.arange(0, GROUPS)                       # [GROUPS]
     inner = tl.arange(0, BLOCK)                              # [BLOCK]
@@ -105,6 +99,38 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
     y, scale = fp8_quantize_groups(x, ROUND)                 # [GROUPS, BLOCK], [GROUPS]
     tl.store(q_ptr + row * q_row_stride + cols, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * s_row_stride + groups, scale, mask=groups < n_groups)
+
+
+@triton.jit(do_not_specialize=["capacity", "slots"])
+def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row_stride, s_row_stride,
+                      counts_ptr, capacity, slots,
+                      GROUP: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, ROUND: tl.constexpr,
+                      COUNTED: tl.constexpr = False):
+    """Program (row, g): GROUPS groups of one row. COUNTED: the rows are [L, capacity] blocks of a batched
+    layout; program (e * slots + s, g) quantizes rows s, s + slots, ... of block e below its count (counts_ptr),
+    and the rows at or past the count are left as they were."""
+    if COUNTED:
+        block = tl.program_id(0) // slots
+        n = tl.minimum(tl.load(counts_ptr + block), capacity)
+        for j in range(tl.program_id(0) % slots, n, slots):
+            _quantize_row_tile(x_ptr, q_ptr, s_ptr, block.to(tl.int64) * capacity + j, n_cols, n_groups,
+                               x_row_stride, q_row_stride, s_row_stride, GROUP, BLOCK, GROUPS, ROUND)
+    else:
+        _quantize_row_tile(x_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), n_cols, n_groups, x_row_stride,
+                           q_row_stride, s_row_stride, GROUP, BLOCK, GROUPS, ROUND)
+
+
+COUNTED_ROW_PROGRAMS = 2048    # counted rows: programs along the rows, about a wave on an H100 / H200 ...
+COUNTED_SERIAL_ROWS = 16       # ... and more where a program would otherwise walk more rows than this
+
+
+def counted_slots(num_blocks: int, capacity: int) -> int:
+    """Programs per block of a batched layout's counted quantization: COUNTED_ROW_PROGRAMS over the blocks, at
+    least enough that none walks more than COUNTED_SERIAL_ROWS of a full capacity, at most one per row. One
+    program per row of the capacity (ranks x max_tokens_per_rank behind the low-latency dispatchers) launched
+    tens of thousands of programs at decode, nearly all of them past their block's count."""
+    return max(1, min(capacity, max(triton.cdiv(capacity, COUNTED_SERIAL_ROWS),
+                                    triton.cdiv(COUNTED_ROW_PROGRAMS, max(num_blocks, 1)))))
 
 
 def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_rounding: bool | None = None,
@@ -153,11 +179,12 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
     if M:
         block = triton.next_power_of_2(g)
         groups = max(1, min(triton.next_power_of_2(n_groups), 4096 // block))
-        grid = (M, triton.cdiv(n_groups, groups))
         counted = counts is not None
+        slots = counted_slots(x.shape[0], x.shape[1]) if counted else 1
+        grid = (x.shape[0] * slots if counted else M, triton.cdiv(n_groups, groups))
         _fp8_quant_kernel[grid](x2, q, s, H, n_groups, x2.stride(0), q.stride(0), s.stride(0),
                                 counts.to(torch.int32).contiguous() if counted else s, x.shape[1] if counted else 1,
-                                GROUP=g, BLOCK=block, GROUPS=groups, ROUND=not gpu_rounding, COUNTED=counted)
+                                slots, GROUP=g, BLOCK=block, GROUPS=groups, ROUND=not gpu_rounding, COUNTED=counted)
     return q.reshape(*lead, H), s.reshape(*lead, n_groups)
 
 
