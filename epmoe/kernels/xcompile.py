@@ -60,6 +60,7 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
                  tma_a=False, activation=0, split_k=1, swap_ab=False, maxnreg=None, stack_gate_up=False):
     channel = fmt == "fp8_channel"        # per-token activations, one weight scale per output row
     fp8 = fmt == "fp8" or channel
+    block_scales = fp8 and not channel
     el = "fp8e4nv" if fp8 else "fp16" if fmt == "fp16" else "bf16"
     out = "fp16" if fmt == "fp16" else "bf16"
     fn = fused_moe.moe_gemm_kernel
@@ -67,11 +68,11 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
     n_ptr = names.index("num_pairs")
     sig, attrs = {}, {}
     gate_up = kernel == "gate_up"
-    rescale = fp8 and not channel and promote == "rescale"
+    rescale = block_scales and promote == "rescale"
     # pointer element types per argument, in order: a, w, bias, out, out_scale, a_scale, w_scale,
     # topk_weights, sorted_ids, block_expert, num_padded, counts
     if gate_up:
-        types = [el, el, "fp32", "fp8e4nv" if fp8 and not channel else out, "fp32", "fp32", "fp32", "fp32"]
+        types = [el, el, "fp32", "fp8e4nv" if block_scales else out, "fp32", "fp32", "fp32", "fp32"]
     else:
         a = "fp8e4nv" if fp8 else "fp32" if fmt == "fp16" else "bf16"     # fused_moe.intermediate_dtype
         types = [a, el, "fp32", out, "fp32", "fp32", "fp32", "fp32"]
@@ -87,7 +88,6 @@ def compile_case(kernel, H, I, k, fmt, bm, bn, bk, warps, stages, tma, persisten
             attrs[(i,)] = [["tt.divisibility", 16]]       # as the JIT marks an aligned pointer it specializes
     sig["num_pairs"] = "i32"
     sig["capacity"] = "i32"
-    block_scales = fp8 and not channel
     const = dict(GATE_UP=gate_up, H=H, I=I, TOP_K=k, HAS_BIAS=False, BATCHED=False, FP8=fp8,
                  A_SCALE_PER_BLOCK=block_scales, W_SCALE_PER_BLOCK=block_scales, SCALE_BLOCK_N=128,
                  DOT_PRECISION="tf32", W_DESC=tma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
