@@ -253,6 +253,17 @@ def test_triton_quantizes_the_rows_below_each_count_cpu_interpreter():
     _assert_all_identical(_under_the_interpreter("_compare_counted"))
 
 
+def test_counted_quantization_programs_per_block():
+    """`counted_slots`: 2048 programs along the rows over the blocks, at least C / 16 a block (no program walks
+    more than 16 rows), at most C (one a row): the low-latency layouts of 8 ranks at the deepseek-v3 shard
+    (C = 8 x 128), a wide expert count with a small capacity, a tight layout, one row."""
+    pytest.importorskip("triton", reason="the counted quantization lives in the Triton kernels' module")
+    from epmoe.kernels.fp8_quant import counted_slots
+    cases = {(32, 1024): 64, (4, 8192): 512, (32, 32768): 2048, (256, 16): 8, (32, 300): 64, (32, 40): 40,
+             (8, 128): 128, (1, 1): 1, (0, 5): 5}
+    assert {shape: counted_slots(*shape) for shape in cases} == cases
+
+
 def _compare_nonfinite(device: str) -> dict:
     """Torch against Triton (and, on a GPU, its GPU form) on NaN and infinities: q and scales bit for bit in
     the finite groups, a NaN scale where torch's is NaN or infinite (the Triton form's), and the

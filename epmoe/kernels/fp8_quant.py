@@ -120,7 +120,7 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
                            q_row_stride, s_row_stride, GROUP, BLOCK, GROUPS, ROUND)
 
 
-COUNTED_ROW_PROGRAMS = 2048    # counted rows: programs along the rows, about a wave on an H100 / H200 ...
+COUNTED_ROW_PROGRAMS = 2048    # counted rows: programs along the rows, a few waves on an H100 / H200 ...
 COUNTED_SERIAL_ROWS = 16       # ... and more where a program would otherwise walk more rows than this
 
 
