@@ -217,7 +217,7 @@ def _compare_counted(device: str) -> dict:
         fp8_quant.COUNTED_ROW_PROGRAMS, fp8_quant.COUNTED_SERIAL_ROWS = defaults
     counts = torch.tensor([5, 0, 2], dtype=torch.int32, device=device)
     refused = []
-    for rows, c in ((x.reshape(15, 384), counts), (x, counts[:2])):
+    for rows, c in ((x.reshape(15, 384), counts), (x, counts[:2]), (x, counts.to("meta"))):
         try:
             fp8_quantize_triton(rows, 128, counts=c)
             refused.append(False)

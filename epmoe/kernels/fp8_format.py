@@ -27,6 +27,13 @@ def check_quantize_args(x, group_size) -> int:
     return scale_groups(H, group_size)
 
 
+def check_counts(x, counts, who: str) -> None:
+    """`counts` of a batched layout's rows (None: not one): [L] on the rows' device, the rows x [L, C, H]."""
+    if counts is not None and (x.dim() != 3 or tuple(counts.shape) != (x.shape[0],) or counts.device != x.device):
+        raise ValueError(f"{who}: counts go with rows [L, C, H] and are [L] on the rows' device, got rows "
+                         f"{list(x.shape)} on {x.device} and counts {list(counts.shape)} on {counts.device}")
+
+
 def check_group_size(group_size) -> None:
     """ValueError unless `group_size` is a positive int or None (one scale per row)."""
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)

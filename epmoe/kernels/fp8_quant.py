@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import fp8_format
-from .fp8_format import FP8_DTYPE, check_quantize_args
+from .fp8_format import FP8_DTYPE, check_counts, check_quantize_args
 from .jit_keys import key_callees_first
 
 FP8_MAX = tl.constexpr(fp8_format.FP8_MAX)
@@ -153,11 +153,7 @@ def fp8_quantize_triton(x: torch.Tensor, group_size: int | None = 128, gpu_round
         raise ValueError("fp8_quantize_triton: gpu_rounding runs on a CUDA GPU only (the interpreter's cast to "
                          "e4m3 does not round)")
     n_groups = check_quantize_args(x, group_size)
-    if counts is not None and (x.dim() != 3 or tuple(counts.shape) != (x.shape[0],)):
-        raise ValueError(f"fp8_quantize_triton: counts go with rows [L, C, H] and are [L], got rows "
-                         f"{list(x.shape)} and counts {list(counts.shape)}")
-    if counts is not None and counts.device != x.device:
-        raise ValueError(f"fp8_quantize_triton: counts on {counts.device}, rows on {x.device}")
+    check_counts(x, counts, "fp8_quantize_triton")
     H = x.shape[-1]
     g = H if group_size is None else group_size
     lead = x.shape[:-1]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..kernels.fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_group_size, check_quantize_args
+from ..kernels.fp8_format import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, check_counts, check_group_size, check_quantize_args
 from ..sizes import ceil_div, round_up
 
 ACTIVATION_MODES = ("per_token_group", "per_token")
@@ -76,9 +76,7 @@ def fp8_quantize(x: torch.Tensor, group_size: int | None = 128, impl: str = "aut
     """
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(f"fp8_quantize: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    if counts is not None and (x.dim() != 3 or tuple(counts.shape) != (x.shape[0],) or counts.device != x.device):
-        raise ValueError(f"fp8_quantize: counts go with rows [L, C, H] and are [L] on the rows' device, got rows "
-                         f"{list(x.shape)} on {x.device} and counts {list(counts.shape)} on {counts.device}")
+    check_counts(x, counts, "fp8_quantize")
     if impl == "auto":
         impl = "triton" if isinstance(x, torch.Tensor) and x.is_cuda and _triton_available() else "torch"
     if impl == "triton":
