@@ -154,10 +154,10 @@ def stage_check(cpu_smoke: bool = False, save=lambda records: None, only: str | 
         print(json.dumps(rec), flush=True)
         save(records)
 
-    for fp8 in (False, True):            # the backend's own self-check first
-        rec = dict(case="triton_ws self-check", fp8=fp8)
+    for form in (None, "block", "channel", "channel_group"):           # the backend's own self-check first
+        rec = dict(case="triton_ws self-check", fp8=form is not None, form=form or "bf16")
         starting(rec)
-        why = gemm_disagreement(grouped_gemm_ws, dev, fp8)
+        why = gemm_disagreement(grouped_gemm_ws, dev, form)
         finished(rec, ok=why is None, why=why)
     # (fp8, gated, W rows per expert, K, tile experts (-1 skipped), programs, block_n, stages, A's rows
     # picked from that many tokens (`a_rows`) or None: A in layout order, A scales by TMA (FP8), outputs by

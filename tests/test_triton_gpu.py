@@ -98,16 +98,17 @@ def test_real_size_fp8(preset, kind):
     _check_layer(layer, (200,), routing="onehot", bound=3e-2, seed=2)
 
 
-@pytest.mark.parametrize("experts", ["triton_ws", "triton_ws_down"])
+@pytest.mark.parametrize("experts,fp8", [(e, f) for e in ("triton_ws", "triton_ws_down") for f in (None, "block")]
+                         + [("triton_ws", "channel")])
 @pytest.mark.parametrize("preset", ["deepseek-v3", "mixtral-8x7b", "gpt-oss-120b"])
-@pytest.mark.parametrize("fp8", [False, True])
 def test_triton_ws_real_size(preset, fp8, experts):
-    """The experimental warp-specialized Gluon experts (Hopper only) at real sizes, BF16 and block FP8
-    (gpt-oss with its biases and swigluoai), against the oracle: T = 0, 1, a batch spanning many tiles,
-    every token on one expert; both GEMMs Gluon ones, or the library's gate+up and the Gluon down."""
+    """The experimental warp-specialized Gluon experts (Hopper only) at real sizes, BF16, block FP8 and
+    per-channel FP8 (`triton_ws`: activations per token) (gpt-oss with its biases and swigluoai), against
+    the oracle: T = 0, 1, a batch spanning many tiles, every token on one expert; both GEMMs Gluon ones, or
+    the library's gate+up and the Gluon down."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("triton_ws runs on Hopper (compute capability 9.x)")
-    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8("block") if fp8 else None)
+    cfg = preset_config(preset, dtype=torch.bfloat16, quant=_fp8(fp8) if fp8 else None)
     source = SeededExperts(replace(cfg, quant=None), seed=7, device="cuda")
     layer = _layer(cfg, source, experts=experts, bias=preset == "gpt-oss-120b")
     bound = 3e-2 if fp8 else None
@@ -131,7 +132,7 @@ def test_the_wide_bf16_product_agrees_with_the_gemm_statement(gathered):
     dev = torch.device("cuda")
     for store_tma in (None, False):
         wide = partial(grouped_gemm_ws, block_n=256, wide_mma=True, store_tma=store_tma)
-        assert gemm_disagreement(wide, dev, fp8=False, gathered=gathered) is None
+        assert gemm_disagreement(wide, dev, None, gathered=gathered) is None
     g = torch.Generator(device=dev).manual_seed(1)
     M, K, E = 6 * 128, 2048, 3
     tile_expert = torch.tensor([2, 0, 0, -1, 1, 2], dtype=torch.int32, device=dev)

@@ -23,9 +23,20 @@ if not INTERPRETING:
         assert "cuda" in contract.experts_problem("triton_ws", cfg, "cpu")
         f32 = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.float32)
         assert "dtype" in contract.experts_problem("triton_ws", f32, "cuda", check_device=False)
-        channel = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
-                            quant=Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token"))
-        assert "fp8_channel" in contract.experts_problem("triton_ws", channel, "cuda", check_device=False)
+        tensor = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                           quant=Fp8Config(weight_block=None, activation="per_token"))
+        assert "fp8_tensor" in contract.experts_problem("triton_ws", tensor, "cuda", check_device=False)
+        # per-channel weights: with activations per token or per group of 128, not per group of 64 (the
+        # scheme's check, which the contract asks on the device)
+        from epmoe.experts.triton_ws import _quant_problem
+        for activation, group, refused in (("per_token", 128, False), ("per_token_group", 128, False),
+                                           ("per_token_group", 64, True)):
+            channel = MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128,
+                                dtype=torch.bfloat16, quant=Fp8Config(weight_block=None, per_channel_weights=True,
+                                                                      activation=activation, group_size=group))
+            assert contract.experts_problem("triton_ws", channel, "cuda", check_device=False) is None
+            why = _quant_problem(channel.quant_scheme, "cuda")
+            assert (why is not None and "per group of 64" in why) if refused else why is None, why
         assert "triton_ws" not in contract._by_priority(contract.EXPERTS)      # experimental: never "auto"
 
     def test_triton_sets_up_the_gluon_pipeline_only_where_a_table_picks_it(monkeypatch):
@@ -63,9 +74,8 @@ if not INTERPRETING:
                            (MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128,
                                       dtype=torch.float16), "not torch.float16"),
                            (MoEConfig(num_experts=4, top_k=2, hidden_size=256, intermediate_size=128,
-                                      dtype=torch.bfloat16, quant=Fp8Config(weight_block=None, per_channel_weights=True,
-                                                                            activation="per_token")),
-                            "not fp8_channel")):
+                                      dtype=torch.bfloat16, quant=Fp8Config(weight_block=None, activation="per_token")),
+                            "not fp8_tensor")):
             device = torch.device("cpu" if words == "CUDA GPUs only" else "cuda")
             plan = build_plan(None, "triton", cfg, 1, device.type, check_device=False)
             pipeline, why = triton_experts.gluon_pipeline(plan, device)
@@ -116,11 +126,12 @@ if not INTERPRETING:
             with pytest.raises(ValueError, match="out must be"):
                 gather_sum(src, index, None, status, torch.float32, out=bad)
 
-    @pytest.mark.parametrize("fp8", [False, True])
+    @pytest.mark.parametrize("fp8", [None, "block", "channel", "channel_group"])
     def test_a_gemm_that_disagrees_is_refused(fp8):
-        """The self-check run before the Gluon GEMM is used (`gemm_disagreement`): the PyTorch statement
-        agrees with itself; a GEMM that forgets the weight scales or writes a skipped tile is caught, and one
-        wrong only in groups of unequal length (the walk cut at expert edges)."""
+        """The self-check run before the Gluon GEMM is used (`gemm_disagreement`), in each form (BF16 and the
+        FP8 forms): the PyTorch statement agrees with itself; a GEMM that forgets the weight scales or writes
+        a skipped tile is caught, and one wrong only in groups of unequal length (the walk cut at expert
+        edges)."""
         from epmoe.experts.triton_ws import gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         cpu = torch.device("cpu")
@@ -164,8 +175,15 @@ if not INTERPRETING:
                     a, a_scale_t = a[a_rows.long()], a_scale_t[:, :a_rows.numel()].repeat(1, 2)[:, :a_rows.numel()]
                 grouped_gemm_reference(a, w, tile_expert, out, a_scale_t.contiguous(), *rest, **launch)
 
+            def no_row_scales(a, w, tile_expert, out, a_scale_t, *rest, **launch):
+                grouped_gemm_reference(a, w, tile_expert, out, torch.ones_like(a_scale_t), *rest, **launch)
+
             assert "relative error" in gemm_disagreement(no_weight_scales, cpu, fp8)
+            assert "relative error" in gemm_disagreement(no_row_scales, cpu, fp8)
             assert "gated GEMM" in gemm_disagreement(scales_of_the_layout_row, cpu, fp8, gathered=True)
+            # the forms are told apart: each one's operands have their own scale shapes
+            with pytest.raises(ValueError, match="one of"):
+                gemm_disagreement(grouped_gemm_reference, cpu, "tensor")
 
     def test_a_gemm_that_does_not_finish_is_refused():
         """The self-check polls the GPU's progress after each launch of the kernel instead of waiting on
@@ -194,7 +212,8 @@ if not INTERPRETING:
             return grouped_gemm_reference(*args, **launch)
 
         # settled after the kernel's launches only (plain in fixed groups, then in uneven ones): the second refused
-        assert gemm_disagreement(kernel, torch.device("cpu"), True, hangs_at_the_second) == "its kernel did not finish"
+        assert gemm_disagreement(kernel, torch.device("cpu"), "block", hangs_at_the_second) == \
+            "its kernel did not finish"
         assert len(launches) == 2
 
     def test_a_gemm_that_does_not_build_is_refused_once(monkeypatch):
@@ -217,7 +236,7 @@ if not INTERPRETING:
         monkeypatch.setattr(triton_ws.WarpSpecializedExperts, "_checked", {})
         monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
         for _ in range(2):
-            why = triton_ws.WarpSpecializedExperts.self_check(torch.device("cuda", 0), True)
+            why = triton_ws.WarpSpecializedExperts.self_check(torch.device("cuda", 0), "block")
             assert why == "its GEMM failed to build or run: CompilationError: at 12:4: unsupported layout"
         assert len(calls) == 1
 
@@ -240,8 +259,8 @@ if not INTERPRETING:
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
-        for fp8 in (False, True):
-            assert gemm_disagreement(records, torch.device("cpu"), fp8) is None
+        for form in (None, "block"):
+            assert gemm_disagreement(records, torch.device("cpu"), form) is None
         # each GEMM walked in fixed groups, then in groups of unequal length
         assert len(calls) == 8 and walks == [None, [[0, 1], [1, 3], [1, 3], [1, 3]]] * 4
         for programs, k_blocks, stages, tiles, *_ in calls:
@@ -250,7 +269,7 @@ if not INTERPRETING:
         # over token rows picked (fewer tokens than rows: some picked twice)
         assert [c[4:] for c in calls] == ([(False, False, False)] * 2 + [(True, False, False)] * 2) * 2
         calls.clear()
-        assert gemm_disagreement(records, torch.device("cpu"), True, gathered=True) is None
+        assert gemm_disagreement(records, torch.device("cpu"), "block", gathered=True) is None
         assert [c[4:] for c in calls] == [(False, False, False)] * 2 + [(True, True, True)] * 2
 
 else:
@@ -282,14 +301,21 @@ else:
     # triton_ws_down in block FP8 only: its gate+up is the library's Triton GEMM, and the interpreter computes
     # bfloat16 dots wrongly (NumPy has no bfloat16; float32 and FP8 operands come out right). Its BF16 path
     # is checked on a GPU (tests/test_triton_gpu.py, tests/test_gpu_experts.py).
-    @pytest.mark.parametrize("fp8,with_bias,backend", [(False, True, WarpSpecializedExperts),
-                                                       (True, False, WarpSpecializedExperts),
-                                                       (True, False, WarpSpecializedDownExperts),
-                                                       (True, True, WarpSpecializedDownExperts)])
+    QUANTS = {"block": Fp8Config(weight_block=(128, 128)),
+              # per-channel weights, activations per token: the gate+up's output quantized after it, per row
+              "channel": Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token"),
+              "channel_group": Fp8Config(weight_block=None, per_channel_weights=True)}
+
+    @pytest.mark.parametrize("fp8,with_bias,backend", [(None, True, WarpSpecializedExperts),
+                                                       ("block", False, WarpSpecializedExperts),
+                                                       ("channel", True, WarpSpecializedExperts),
+                                                       ("channel_group", False, WarpSpecializedExperts),
+                                                       ("block", False, WarpSpecializedDownExperts),
+                                                       ("block", True, WarpSpecializedDownExperts)])
     def test_pipeline_matches_the_reference_experts(fp8, with_bias, backend):
-        """`triton_ws` (both GEMMs the Gluon one) and `triton_ws_down` (the library's Triton gate+up, under
-        the interpreter here, then the Gluon down)."""
-        quant = Fp8Config(weight_block=(128, 128)) if fp8 else None
+        """`triton_ws` (both GEMMs the Gluon one; BF16, block and per-channel FP8) and `triton_ws_down` (the
+        library's Triton gate+up, under the interpreter here, then the Gluon down)."""
+        quant = QUANTS[fp8] if fp8 else None
         # FP8 pads I = 160 to 256: two scale blocks per row of the intermediate, so their layout matters
         cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=160 if fp8 else 48,
                         dtype=torch.bfloat16,

@@ -30,7 +30,7 @@ def _entries():
             "8192": dict(_TILES, measured_ms=2.95),                                # kernels only, Gluon could run
         },
         "L=8,H=4096,I=14336,k=2,fmt=fp8_block": {"8192": dict(_TILES, measured_ms=5.0, measured="end_to_end")},
-        "L=8,H=4096,I=14336,k=2,fmt=fp8_channel": {"8192": dict(_TILES, measured_ms=5.0)},   # not Gluon's format
+        "L=8,H=4096,I=14336,k=2,fmt=fp8_tensor": {"8192": dict(_TILES, measured_ms=5.0)},    # not Gluon's format
         "L=32,H=7168,I=2048,k=8,fmt=bfloat16": {"8192": dict(_TILES, measured_ms=9.0, copied_from="other.json")},
     }
 
@@ -113,13 +113,14 @@ def test_the_race_arguments_one_line_a_shape_as_the_gpu_script_reads_them(tmp_pa
 
 def test_the_formats_gluon_could_serve_are_the_ones_triton_ws_declares(monkeypatch):
     """The audit asks `triton_ws`'s declared caps which table formats the Gluon pipeline takes, rather than keeping
-    a list of its own: BF16 and block FP8 today, and a format the backend comes to declare is audited with it."""
+    a list of its own: BF16, block and per-channel FP8 today, and a format the backend comes to declare is
+    audited with it."""
     import dataclasses
 
     from epmoe.experts.triton_ws import WarpSpecializedExperts
-    assert tune_audit.gluon_formats() == {"bfloat16", "fp8_block"}
-    caps = WarpSpecializedExperts.CAPS
-    monkeypatch.setattr(WarpSpecializedExperts, "CAPS", dataclasses.replace(caps, quant=caps.quant | {"fp8_channel"}))
     assert tune_audit.gluon_formats() == {"bfloat16", "fp8_block", "fp8_channel"}
+    caps = WarpSpecializedExperts.CAPS
+    monkeypatch.setattr(WarpSpecializedExperts, "CAPS", dataclasses.replace(caps, quant=caps.quant | {"fp8_tensor"}))
+    assert tune_audit.gluon_formats() == {"bfloat16", "fp8_block", "fp8_channel", "fp8_tensor"}
     monkeypatch.setattr(WarpSpecializedExperts, "CAPS", dataclasses.replace(caps, quant=frozenset({"fp8_block"})))
     assert tune_audit.gluon_formats() == {"fp8_block"}

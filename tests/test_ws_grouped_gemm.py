@@ -14,14 +14,16 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
               gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
-              stagger: int = 0, wide_mma: bool = False, grouped: bool = False):
+              stagger: int = 0, wide_mma: bool = False, grouped: bool = False, col_scale: bool = False,
+              row_scale: bool = False, out_fp8: bool | None = None):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
-                                                  out_fp8=fp8 and gated, has_bias=has_bias, gather=gather,
+                                                  out_fp8=fp8 and gated if out_fp8 is None else out_fp8,
+                                                  has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
                                                   store_tma=store_tma, stagger=stagger, wide_mma=wide_mma,
-                                                  grouped=grouped)
+                                                  grouped=grouped, col_scale=col_scale, row_scale=row_scale)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -198,6 +200,35 @@ def test_sm90_compile_of_the_tma_store_epilogue(fp8, block_n, gated, has_bias):
     assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
 
 
+@pytest.mark.parametrize("gated,row_scale,has_bias,store_tma", [(True, True, False, True), (True, True, True, True),
+                                                                (False, True, True, True), (False, True, False, False),
+                                                                (True, False, False, True), (False, False, True, True)])
+def test_sm90_compile_of_the_per_channel_scales(gated, row_scale, has_bias, store_tma):
+    """FP8 with column scales (`col_scale`, the experts' per-channel FP8 as `triton_ws` launches it: tiles
+    of 256, A scales per row, or per K block by TMA; gate+up out in bfloat16 with row scales, FP8 with K-block
+    ones): the same TMA loads and wgmma as block FP8, one fewer TMA load per slot with row scales (no A
+    scales to bring), no global load left in the K loop, no spill there, within shared memory."""
+    stages = 4 if gated or not store_tma else 3
+    c, use = _compiled(True, 256, stages, gated, has_bias, scale_tma=not row_scale, store_tma=store_tma,
+                       col_scale=True, row_scale=row_scale, out_fp8=gated and not row_scale)
+    block, _ = _compiled(True, 256, stages, gated, has_bias, scale_tma=True, store_tma=store_tma,
+                         out_fp8=gated and not row_scale)
+    ptx, base = c.asm["ptx"], block.asm["ptx"]
+    assert ptx.count("wgmma.mma_async") == base.count("wgmma.mma_async") > 0
+    loads = ptx.count("cp.async.bulk.tensor.2d") + ptx.count("cp.async.bulk.tensor.1d")
+    base_loads = base.count("cp.async.bulk.tensor.2d") + base.count("cp.async.bulk.tensor.1d")
+    assert loads == base_loads - (1 if row_scale else 0)
+    assert _loop_spills(c) in (None, 0)
+    if use:
+        assert use["LOCAL"] == 0 and use["STACK"] <= 48, f"spills: {use}"
+    assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
+    # the weight scales per K block gone from the K loop (block FP8 loads the next block's there)
+    from epmoe.kernels.xcompile import instructions_in_mma_loops
+    in_loop = instructions_in_mma_loops(c, "LDG")
+    if in_loop is not None:
+        assert in_loop == 0 < instructions_in_mma_loops(block, "LDG")
+
+
 @pytest.mark.parametrize("fp8,gated", [(True, True), (True, False), (False, False)])
 def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
     """`stagger`: one more mbarrier (count 1) that the second math partition waits on before its first
@@ -306,11 +337,11 @@ def test_the_kernel_refuses_the_a_scales_by_tma_with_the_row_gather():
 
 def test_host_checks_of_the_a_scales_by_tma():
     a, w, te, out, (sa, sw) = _operands(M=384)
-    with pytest.raises(ValueError, match="scale_tma takes block-FP8 operands with A in layout order"):
+    with pytest.raises(ValueError, match="scale_tma takes FP8 A scaled per K block, in layout order"):
         gluon_gemm.grouped_gemm_ws(a, w, te[:2], out[:256], sa, sw, a_rows=torch.zeros(256, dtype=torch.int32),
                                    scale_tma=True)
     a, w, te, out, _ = _operands(fp8=False)
-    with pytest.raises(ValueError, match="scale_tma takes block-FP8"):
+    with pytest.raises(ValueError, match="scale_tma takes FP8 A scaled per K block"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, scale_tma=True)
     # where it does not apply, the default takes the global loads and an explicit True is refused: a_scale_t
     # off 16-byte alignment (a view one float in), and a ring too deep for the scales beside it
@@ -326,6 +357,58 @@ def test_host_checks_of_the_a_scales_by_tma():
     assert not choice(shape, sa, 7, None)            # 7 x (32 KB + 512 B) leaves no room for the barriers
     with pytest.raises(ValueError, match="7 slots of 33280 bytes"):
         gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, block_n=128, stages=7, scale_tma=True)
+
+
+def test_host_checks_of_the_per_channel_scales():
+    """FP8 with one weight scale per output row (w_scale [E, W rows]): A scales per 128-wide K block or one
+    per row (a_scale_t [1, rows]); row scales go with column scales only, and do not come by TMA (nothing to
+    bring per K block); an activation takes any I (no weight blocks to fit)."""
+    a, w, te, out, (sa, sw) = _operands(K=512)
+    rows_scale = torch.ones(1, 256)
+    col = torch.ones(2, 256)
+    shape = gluon_gemm.check_operands(a, w, te, out, sa, col)
+    assert shape.col_scale and not shape.row_scale
+    shape = gluon_gemm.check_operands(a, w, te, out, rows_scale, col)
+    assert shape.col_scale and shape.row_scale
+    assert not gluon_gemm._scale_tma_choice(shape, rows_scale, 4, None)
+    with pytest.raises(ValueError, match="scale_tma takes FP8 A scaled per K block"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, rows_scale, col, scale_tma=True)
+    with pytest.raises(ValueError, match="a_scale_t must be .*one per row, with w_scale one per output row only"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, rows_scale, sw)        # row scales with weight blocks
+    with pytest.raises(ValueError, match="w_scale must be a contiguous float32 \\[2, 256\\]"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, rows_scale, torch.ones(2, 255))
+    with pytest.raises(ValueError, match="a_scale_t must be"):
+        gluon_gemm.grouped_gemm_ws(a, w, te, out, torch.ones(2, 256), col)     # neither per K block nor per row
+    # gated, I = 160: no weight blocks to fit with column scales; block scales still need I % 128 == 0
+    a, w, te, _, _ = _operands(N=320)
+    act = torch.empty(256, 160, dtype=torch.bfloat16)
+    shape = gluon_gemm.check_operands(a, w, te, act, rows_scale, torch.ones(2, 320), activation="silu")
+    assert shape.gated and shape.N == 160 and shape.row_scale
+    with pytest.raises(ValueError, match="I a multiple of 128"):
+        gluon_gemm.check_operands(a, w, te, act, torch.ones(2, 256), torch.ones(2, 3, 2), activation="silu")
+
+
+def test_reference_statement_of_the_per_channel_scales():
+    """`grouped_gemm_reference` with column scales, A scales per row and per K block: the dequantized
+    operands' product (each K block's scale on its columns of A), a skipped tile's rows kept."""
+    from epmoe.experts.triton_ws import grouped_gemm_reference
+    from epmoe.quant.fp8 import fp8_quantize, quantize_weight
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(384, 384, generator=g)
+    w = torch.randn(2, 256, 384, generator=g) * 0.1
+    te = torch.tensor([1, -1, 0], dtype=torch.int32)
+    wq = [quantize_weight(w[e], "channel") for e in range(2)]
+    wq8, ws = torch.stack([q for q, _ in wq]), torch.stack([s for _, s in wq])
+    w_deq = wq8.float() * ws[:, :, None]
+    for group in (None, 128):
+        a, sa = fp8_quantize(x, group)
+        a_deq = a.float() * sa.repeat_interleave(128 if group else 384, dim=1)
+        out = torch.full((384, 256), 7.0, dtype=torch.bfloat16)
+        grouped_gemm_reference(a, wq8, te, out, sa.t().contiguous(), ws)
+        for rows, e in ((slice(0, 128), 1), (slice(256, 384), 0)):
+            want = a_deq[rows] @ w_deq[e].T
+            assert torch.allclose(out[rows].float(), want, rtol=1e-2, atol=1e-2), group
+        assert (out[128:256].float() == 7.0).all()
 
 
 def _operands(fp8=True, M=256, N=256, K=256, E=2):
@@ -440,9 +523,9 @@ def test_probe_plumbing_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=root))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 31 and all(c["ok"] for c in cases)
-    assert {(c.get("fp8"), c.get("case")) for c in cases if "self-check" in str(c.get("case"))} == \
-        {(fp8, "triton_ws self-check") for fp8 in (False, True)}
+    assert len(cases) == 33 and all(c["ok"] for c in cases)
+    assert {(c.get("form"), c.get("case")) for c in cases if "self-check" in str(c.get("case"))} == \
+        {(form, "triton_ws self-check") for form in ("bf16", "block", "channel", "channel_group")}
     assert {(c.get("fp8"), c.get("store_tma"), c.get("stagger")) for c in cases if c.get("stagger")} == \
         {(True, True, 2), (True, False, 1), (False, True, 2)}
     assert {(c.get("fp8"), c.get("gated"), c.get("block_n"), c.get("bias")) for c in cases if c.get("store_tma")} == \

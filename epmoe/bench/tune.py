@@ -10,7 +10,7 @@ whole experts op races end to end (CUDA-graph replays of the
 `triton` experts on one random routing, each configuration as the lookup will serve it): each BLOCK_M's best
 tiles (the BLOCK_M changes the alignment around the GEMMs, which the kernels' times leave out); for T <= 16 the
 decode path (`decode_gemv`: matrix-vector kernels, with and without PDL); where the warp-specialized Gluon GEMMs
-can run (Hopper, BF16 and 128x128 block FP8) and a tile has GLUON_MIN_ROWS rows per expert or more,
+can run (Hopper, BF16, 128x128 block and per-channel FP8) and a tile has GLUON_MIN_ROWS rows per expert or more,
 `triton_ws`'s pipeline, taken only where it is faster by more than GLUON_MARGIN; and what the lookup served at
 T before this tune (an entry at T or near it, or the heuristic), which stays unless beaten by more than
 SERVED_MARGIN. A decode or Gluon winner keeps the fastest tiles for the batches those do not take. In the race

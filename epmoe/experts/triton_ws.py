@@ -1,4 +1,5 @@
-"""`triton_ws`: the experts on the warp-specialized Gluon grouped GEMM (Hopper, BF16 and 128x128 block FP8).
+"""`triton_ws`: the experts on the warp-specialized Gluon grouped GEMM (Hopper, BF16, 128x128 block FP8 and
+per-channel FP8).
 
 Experimental, never picked by "auto": it is here so the whole experts op can be measured and checked
 beside `triton` on a Hopper GPU; `triton` runs this pipeline for the batch sizes where its tuned table
@@ -14,8 +15,10 @@ says `gluon` (`epmoe tune` measured it faster there). The pipeline:
    that gate+up was 2-7% slower than a copy plus the TMA-loaded one at three of four points
    (benchmarks/notes_kernels.md, eighth pass), so the backend copies;
 3. gate+up: one grouped GEMM whose tiles hold the gate and the up columns of the same 128 outputs, with
-   the bias, the activation and the cast (FP8: the block quantization, one formula) in its epilogue,
-   which writes the down GEMM's operand in layout order as it reads it;
+   the bias, the activation and the cast (FP8 per group of 128 columns: the quantization, one formula) in
+   its epilogue, which writes the down GEMM's operand in layout order as it reads it; FP8 per token, the
+   activation as bfloat16, then quantized per row with the one formula (`fp8_quantize`: a row's scale needs
+   all of its columns, which no one tile holds);
 4. down: the same GEMM, plain, with the bias;
 5. each token's k rows gathered from the expert-ordered output and summed with their routing weights in
    float32 (`gather_sum`), into the dispatcher's buffer where it gives one (`FlatBatch.out`).
@@ -54,13 +57,35 @@ def _available(device_type: str) -> str | None:
 
 
 def _quant_problem(scheme, device_type: str) -> str | None:
+    """FP8 the GEMM takes: 128x128 weight blocks with activations per group of 128 columns, or one weight
+    scale per output row with activations per token or per group of 128."""
     q = scheme.config
+    got = "per token" if q.activation_group_size is None else f"per group of {q.activation_group_size}"
+    if scheme.kind == "fp8_channel":
+        if q.activation_group_size not in (None, TILE):
+            return f"it takes per-channel FP8 with activations per token or per group of {TILE} columns, not {got}"
+        return None
     if q.weight_block is None or tuple(q.weight_block) != (TILE, TILE):
-        return f"it takes FP8 weights in ({TILE}, {TILE}) blocks only, not weight_block={q.weight_block}"
+        return (f"it takes FP8 weights in ({TILE}, {TILE}) blocks or one scale per output row, not "
+                f"{'one scale per tensor' if q.weight_block is None else f'weight_block={q.weight_block}'}")
     if q.activation_group_size != TILE:
-        got = "per token" if q.activation_group_size is None else f"per group of {q.activation_group_size}"
-        return f"it takes FP8 activations per group of {TILE} columns only, not {got}"
+        return f"it takes block-FP8 activations per group of {TILE} columns only, not {got}"
     return None
+
+
+# the GEMM's FP8 operand forms (`ws_grouped_gemm.check_operands`): "block", 128x128 weight blocks and A per
+# group of 128 columns; "channel", a weight scale per output row and A per row (token); "channel_group", a
+# weight scale per output row and A per group of 128
+FP8_FORMS = ("block", "channel", "channel_group")
+
+
+def fp8_form(plan) -> str | None:
+    """The FP8 form (FP8_FORMS) of a plan's GEMMs, or None: not FP8."""
+    if plan.quant == "none":
+        return None
+    if plan.quant == "fp8_block":
+        return "block"
+    return "channel" if plan.act_group is None else "channel_group"
 
 
 class PaddedLayout(NamedTuple):
@@ -112,10 +137,14 @@ def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None,
         x, wt = a[rows].float(), w[e].float()
         if shape.fp8:
             acc = torch.zeros(block_m, shape.w_rows, dtype=torch.float32, device=a.device)
-            w_row_scale = w_scale[e].repeat_interleave(TILE, 0)[:shape.w_rows]          # [W rows, K blocks]
-            for kb in range(-(-K // TILE)):
+            kbs = -(-K // TILE)
+            # [W rows, K blocks]: a block's scale on each of its rows, or a row's scale on each K block
+            w_row_scale = w_scale[e][:, None].expand(-1, kbs) if shape.col_scale else \
+                w_scale[e].repeat_interleave(TILE, 0)[:shape.w_rows]
+            for kb in range(kbs):
                 cols = slice(kb * TILE, (kb + 1) * TILE)
-                acc += (x[:, cols] @ wt[:, cols].T) * a_scale_t[kb, rows][:, None] * w_row_scale[:, kb][None, :]
+                a_s = a_scale_t[0 if shape.row_scale else kb, rows]        # one per row: the same for every block
+                acc += (x[:, cols] @ wt[:, cols].T) * a_s[:, None] * w_row_scale[:, kb][None, :]
         else:
             acc = x @ wt.T
         if bias is not None:
@@ -148,16 +177,22 @@ def unfinished(event, seconds: float, poll_s: float = 0.01) -> str | None:
     return None
 
 
-def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gathered: bool = False) -> str | None:
+def gemm_disagreement(gemm, device: torch.device, form: str | None, settle=None, gathered: bool = False
+                      ) -> str | None:
     """Why `gemm` (the `grouped_gemm_ws` contract) disagrees with `grouped_gemm_reference` on two small
-    problems, both with a bias: plain over rows in layout order (down), and with the activation (FP8:
-    quantized) in the epilogue (gate+up), over rows in layout order as the backend runs it or, `gathered`,
+    problems in `form` (one of FP8_FORMS, or None: BF16), both with a bias: plain over rows in layout order
+    (down), and with the activation (FP8 per group of 128: quantized) in the epilogue (gate+up), over rows in
+    layout order as the backend runs it or, `gathered`,
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
     skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
     anywhere disagrees). Each GEMM twice, as the backends launch it: the walk in groups of a fixed size, and
     in groups of unequal length (one tile, then three: `walk_groups`, as groups cut at expert edges are).
     `settle()`, called after each launch of `gemm`, says why its work did not finish (None: it did)."""
+    if form is not None and form not in FP8_FORMS:
+        raise ValueError(f"gemm_disagreement: form must be one of {FP8_FORMS} or None (BF16), got {form!r}")
+    fp8 = form is not None
+    a_group = None if form == "channel" else TILE         # A's scales: per row, or per group of 128 columns
     g = torch.Generator(device=device).manual_seed(0)
     M, K, tokens = 4 * TILE, 9 * TILE, 3 * TILE - 37
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
@@ -168,7 +203,7 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
         a_scale_t = None
         if fp8:
-            a, a_scale = fp8_quantize(a, TILE)
+            a, a_scale = fp8_quantize(a, a_group)
             a_scale_t = a_scale.t().contiguous()
         else:
             a = a.bfloat16()
@@ -176,12 +211,12 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
         bias = torch.randn(2, w_rows, generator=g, device=device) * 0.1
         w_scale = None
         if fp8:
-            wq = [quantize_weight(w[e], "block", (TILE, TILE)) for e in range(2)]
+            wq = [quantize_weight(w[e], "block" if form == "block" else "channel", (TILE, TILE)) for e in range(2)]
             w, w_scale = torch.stack([q for q, _ in wq]), torch.stack([s for _, s in wq]).contiguous()
         else:
             w = w.bfloat16()
         n_out = w_rows // 2 if activation else w_rows
-        out_fp8 = fp8 and activation is not None
+        out_fp8 = fp8 and a_group is not None and activation is not None
 
         def launch(fn, walk_groups):
             out = torch.zeros(M, n_out, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=device)
@@ -200,7 +235,7 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
             skipped = slice(TILE, 2 * TILE)
             skipped_kept = bool((got[skipped] == want[skipped]).all() and (want[skipped] == 0).all())
             if not err <= 1e-2 or not skipped_kept:        # NaN fails the first
-                return (f"its {'FP8' if fp8 else 'BF16'} {what} GEMM{'' if walk is None else ' (walk groups)'} "
+                return (f"its {f'FP8 ({form})' if fp8 else 'BF16'} {what} GEMM{'' if walk is None else ' (walk groups)'} "
                         f"disagrees with its PyTorch statement on a small problem (relative error {err:.3g}"
                         f"{'' if skipped_kept else ', a skipped tile written'}); use experts='triton'")
     return None
@@ -209,15 +244,16 @@ def gemm_disagreement(gemm, device: torch.device, fp8: bool, settle=None, gather
 @register_experts("triton_ws")
 class WarpSpecializedExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), dtypes=frozenset({torch.bfloat16}), devices=frozenset({"cuda"}),
-                       quant=frozenset({"none", "fp8_block"}), fp8_activations=TAKES_FP8, cuda_graph_safe=True,
-                       auto_priority=0,
-                       summary="experimental: a warp-specialized Gluon grouped GEMM (Hopper), BF16 and block FP8",
+                       quant=frozenset({"none", "fp8_block", "fp8_channel"}), fp8_activations=TAKES_FP8,
+                       cuda_graph_safe=True, auto_priority=0,
+                       summary="experimental: a warp-specialized Gluon grouped GEMM (Hopper), BF16, block and "
+                               "per-channel FP8",
                        available=_available, quant_problem=_quant_problem)
 
     # the grouped GEMM of steps 3 and 4: None is the Gluon kernel; tests set `grouped_gemm_reference`
     gemm = None
 
-    _checked: dict = {}      # (device index, fp8) -> None (passed) or why the kernel disagreed
+    _checked: dict = {}      # (device index, FP8 form or None) -> None (passed) or why the kernel disagreed
 
     def __init__(self, plan, device: torch.device | None = None):
         super().__init__(plan, device)
@@ -230,13 +266,14 @@ class WarpSpecializedExperts(Experts):
 
     def _refuse_if_unchecked(self, device) -> None:
         if device is not None and torch.device(device).type == "cuda":
-            why = self.self_check(torch.device(device), self.plan.quant != "none")
+            why = self.self_check(torch.device(device), fp8_form(self.plan))
             if why:
                 raise RuntimeError(f"experts 'triton_ws' refused: {why}")
 
     @classmethod
-    def self_check(cls, device: torch.device, fp8: bool) -> str | None:
-        """The Gluon GEMM against its PyTorch statement (`gemm_disagreement`), once per device and format:
+    def self_check(cls, device: torch.device, form: str | None) -> str | None:
+        """The Gluon GEMM against its PyTorch statement (`gemm_disagreement`), once per device and form
+        (`fp8_form`):
         an experimental kernel that disagrees is refused before any forward, not used; one that does not
         finish within SELF_CHECK_SECONDS is refused with that said (the host polls instead of waiting), and
         one that does not compile or launch here with the error it raised."""
@@ -248,15 +285,15 @@ class WarpSpecializedExperts(Experts):
             event.record()
             return unfinished(event, SELF_CHECK_SECONDS)
 
-        if (index, fp8) not in cls._checked:
+        if (index, form) not in cls._checked:
             with torch.cuda.device(index):
                 try:
-                    why = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), fp8, settle)
+                    why = gemm_disagreement(grouped_gemm_ws, torch.device("cuda", index), form, settle)
                 except Exception as exc:       # it did not compile or launch here (Triton's errors included)
                     first = str(exc).splitlines()[0][:300] if str(exc) else ""
                     why = f"its GEMM failed to build or run: {type(exc).__name__}: {first}"
-                cls._checked[(index, fp8)] = why
-        return cls._checked[(index, fp8)]
+                cls._checked[(index, form)] = why
+        return cls._checked[(index, form)]
 
     def _gemm(self):
         if self.gemm is not None:
@@ -288,11 +325,18 @@ class WarpSpecializedExperts(Experts):
         a, a_scale_t, row_of_pair = rows_to_layout(x, batch.scales if fp8 else None, aligned, k)
         b13 = None if weights.b13 is None else weights.b13.float().contiguous()
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
-        # gate+up with the activation (and the block quantization) in its epilogue: the down GEMM's operand
-        act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
-        act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if fp8 else None
+        # gate+up with the activation (and, FP8 per group of 128, the quantization) in its epilogue: the down
+        # GEMM's operand; FP8 per token, quantized after it, each row's scale over all of its columns
+        per_token = fp8 and plan.act_group is None
+        quantized = fp8 and not per_token
+        act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if quantized else torch.bfloat16, device=x.device)
+        act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if quantized \
+            else None
         gemm(a, weights.w13, tile_expert, act, a_scale_t, weights.w13_scale, b13, plan.activation, act_scale_t,
              walk_groups=walk)
+        if per_token:
+            act, act_scale = fp8_quantize(act, None)
+            act_scale_t = act_scale.view(1, rows)
         y = torch.empty(rows, H, dtype=torch.bfloat16, device=x.device)
         gemm(act, weights.w2, tile_expert, y, act_scale_t, weights.w2_scale, b2, walk_groups=walk)
         return self.slot_sum(y, row_of_pair, batch)

@@ -89,7 +89,8 @@ def rows_to_layout(x: torch.Tensor | None, scales: torch.Tensor | None, aligned,
                    order: str = "pairs"):
     """(a [rows, H] in layout order or None without x, a_scale_t [H/128, rows] float32 or None, row_of_pair
     [N, top_k] int32) for the pairs of `aligned` (`align_pairs` in uniform tiles) of N tokens with top_k
-    slots each. x [N, H] (any dtype of 1, 2 or 4 bytes) and scales [N, ceil(H/128)] float32; with x None only
+    slots each. x [N, H] (any dtype of 1, 2 or 4 bytes) and scales [N, ceil(H/128)] float32 (or [N, 1], one
+    per row: a_scale_t [1, rows]); with x None only
     `row_of_pair` is made. Rows past the layout's used length are left unwritten. `order`: "pairs" copies
     the rows pair by pair in token order (each token's row read once from memory), "rows" layout row by
     layout row in the kernel that makes `row_of_pair` (one launch; the module docstring says when it reads
@@ -114,8 +115,11 @@ def rows_to_layout(x: torch.Tensor | None, scales: torch.Tensor | None, aligned,
         a = torch.empty(rows, H, dtype=x.dtype, device=device)
         if scales is not None:
             KB = -(-H // 128)
+            if scales.dim() == 2 and tuple(scales.shape) == (N, 1):
+                KB = 1          # one per row (FP8 per token)
             if tuple(scales.shape) != (N, KB):
-                raise ValueError(f"rows_to_layout: scales must be [{N}, {KB}], got {list(scales.shape)}")
+                raise ValueError(f"rows_to_layout: scales must be [{N}, {KB}] (one per group of 128 columns) or "
+                                 f"[{N}, 1] (one per row), got {list(scales.shape)}")
             scales = scales.float().contiguous()
             a_scale_t = torch.empty(KB, rows, dtype=torch.float32, device=device)
     if rows and num_pairs:

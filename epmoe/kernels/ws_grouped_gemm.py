@@ -1,5 +1,5 @@
 """A warp-specialized grouped GEMM for Hopper, written in Gluon: rows laid out expert by expert (every tile
-of BLOCK_M rows belongs to one expert), both operands loaded by TMA, block-FP8 or BF16.
+of BLOCK_M rows belongs to one expert), both operands loaded by TMA, block-FP8, per-channel FP8 or BF16.
 
 Why a second GEMM beside `fused_moe.moe_gemm_kernel`: on sm_90 Triton's automatic pipeline puts a CTA
 barrier in every K block and, with block-scaled FP8, drains the tensor cores at each block's promotion to
@@ -44,6 +44,12 @@ outputs, and the epilogue writes act(gate + bias, up + bias) [M_pad, I] in bfloa
 e4m3 with the one formula (`fp8_quantize_groups`, one scale per row and 128 columns, `out_scale_t`
 [ceil(I/128), M_pad]): the down GEMM's A operand as it reads it. With `a_rows` (int32 [M_pad]), A is
 [rows, K] in any order and `a_scale_t` [ceil(K/128), rows]: layout row r reads A's row a_rows[r].
+Per-channel FP8: `w_scale` [E, W rows], one per output row, applied to the accumulators' columns in the
+epilogue (before the bias and the activation), with `a_scale_t` per K block as above or [1, rows], one per
+row (token), applied there too: each K block's product is then only added into the float32 accumulator (the
+same promotion per block of 128, so the tensor cores never sum past one block at their reduced precision).
+A per-row A scale cannot quantize the gate+up's output per row in the epilogue (a row's scale needs all of
+its I columns; a tile holds 128), so that output is bfloat16 there.
 Gluon is Triton's experimental layer: this runs on CUDA sm_90 only and has no interpreter path; its
 compile is checked without a GPU by `compile_ws_gemm_for_hopper`.
 """
@@ -196,14 +202,19 @@ def _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, e
 
 
 @gluon.jit
-def _promote(acc, a_tile, w_tile, part, a_scale, w_scale, empty_bar, release: gl.constexpr):
-    """FP8: one K block's product into a fresh accumulator, then into the float32 one with its scales
-    (release: the slot goes back to the loader as soon as the product is done)."""
+def _promote(acc, a_tile, w_tile, part, row_scale, empty_bar, release: gl.constexpr, SCALED: gl.constexpr):
+    """FP8: one K block's product into a fresh accumulator, then into the float32 one, times the block's
+    row_scale where SCALED (its A scales times the weight block's; with per-column weight scales the A scales
+    alone; with per-row A scales too, none: both wait for the epilogue) (release: the slot goes back to the
+    loader as soon as the product is done)."""
     part = warpgroup_mma(a_tile, w_tile, part, use_acc=False, is_async=True)
     part, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=(part, a_tile, w_tile))
     if release:
         mbarrier.arrive(empty_bar, count=1)
-    return acc + part * (a_scale * w_scale)[:, None], part
+    if SCALED:
+        return acc + part * row_scale[:, None], part
+    else:
+        return acc + part, part
 
 
 @gluon.jit
@@ -212,7 +223,8 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GROUPED: gl.constexpr,
                     FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
                     HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr,
-                    STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr, HALF: gl.constexpr):
+                    STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr, COL_SCALE: gl.constexpr,
+                    ROW_SCALE: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
@@ -229,7 +241,10 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     over 100 local accesses in it under Triton 3.6 and 3.9). WIDE (BF16, SPLIT == 2): one product of
     [64, 2 * SUB_N] per K block over both weight boxes (a 64 x 256 wgmma reads the A rows from shared
     memory once where two of 64 x 128 read them twice: 10 instead of 12 KB per 16-deep step), split into
-    the two accumulators for the epilogue."""
+    the two accumulators for the epilogue. COL_SCALE (FP8): one weight scale per output column (w_scale
+    [E, W_ROWS]), applied in the epilogue instead of per K block; ROW_SCALE (with COL_SCALE): one A scale per
+    row (a_scale [A_ROWS], the same for every K block), applied there too, so that each K block's product is
+    only added into the float32 accumulator."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -260,15 +275,16 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
             acc1 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
             if FP8:
                 part = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
-                w_scales0 = w_scale_ptr + (e * w_scale_rows + w_first // SCALE_BLOCK) * K_BLOCKS
-                # a second box wholly past N (N mod 256 in (0, 128]) only feeds masked columns: its scale
-                # block is clamped to the last one instead of read past the end
-                w_scales1 = w_scale_ptr + (e * w_scale_rows + gl.minimum((w_first + w_step) // SCALE_BLOCK,
-                                                                         w_scale_rows - 1)) * K_BLOCKS
-                if not SCALE_TMA:
+                if not COL_SCALE:
+                    w_scales0 = w_scale_ptr + (e * w_scale_rows + w_first // SCALE_BLOCK) * K_BLOCKS
+                    # a second box wholly past N (N mod 256 in (0, 128]) only feeds masked columns: its scale
+                    # block is clamped to the last one instead of read past the end
+                    w_scales1 = w_scale_ptr + (e * w_scale_rows + gl.minimum((w_first + w_step) // SCALE_BLOCK,
+                                                                             w_scale_rows - 1)) * K_BLOCKS
+                    w_scale0 = gl.load(w_scales0)
+                    w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
+                if not SCALE_TMA and not ROW_SCALE:
                     a_scale = gl.load(a_scale_ptr + scale_rows)
-                w_scale0 = gl.load(w_scales0)
-                w_scale1 = gl.load(w_scales1) if SPLIT == 2 else w_scale0
                 for kb in range(K_BLOCKS):
                     slot = step % STAGES
                     mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
@@ -277,25 +293,35 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     a_tile = a_bufs.index(slot).slice(HALF * ROWS, ROWS)
                     if SCALE_TMA:
                         a_scale_k = s_bufs.index(slot).slice(HALF * ROWS, ROWS).load(row_layout)
-                    else:
+                    elif not ROW_SCALE:
                         a_scale_k = a_scale
                     # the next K block's scales (the weights', and without SCALE_TMA the rows') load while the
                     # tensor cores work (the last block reloads its own)
                     nxt = gl.minimum(kb + 1, K_BLOCKS - 1)
-                    if not SCALE_TMA:
+                    if not SCALE_TMA and not ROW_SCALE:
                         a_scale_next = gl.load(a_scale_ptr + nxt * A_ROWS + scale_rows)
-                    w_scale0_next = gl.load(w_scales0 + nxt)
-                    w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
+                    if ROW_SCALE:      # nothing to multiply before the epilogue (`_promote` ignores these)
+                        scale0 = part
+                        scale1 = part
+                    elif COL_SCALE:
+                        scale0 = a_scale_k
+                        scale1 = a_scale_k
+                    else:
+                        w_scale0_next = gl.load(w_scales0 + nxt)
+                        w_scale1_next = gl.load(w_scales1 + nxt) if SPLIT == 2 else w_scale0_next
+                        scale0 = a_scale_k * w_scale0
+                        scale1 = a_scale_k * w_scale1
                     # the slot goes back after the block's last product
                     acc0, part = _promote(acc0, a_tile, w_bufs.index(slot).slice(0, SUB_N).permute((1, 0)), part,
-                                          a_scale_k, w_scale0, empty.index(slot), SPLIT == 1)
+                                          scale0, empty.index(slot), SPLIT == 1, not ROW_SCALE)
                     if SPLIT == 2:
                         acc1, part = _promote(acc1, a_tile, w_bufs.index(slot).slice(SUB_N, SUB_N).permute((1, 0)),
-                                              part, a_scale_k, w_scale1, empty.index(slot), True)
-                    if not SCALE_TMA:
+                                              part, scale1, empty.index(slot), True, not ROW_SCALE)
+                    if not SCALE_TMA and not ROW_SCALE:
                         a_scale = a_scale_next
-                    w_scale0 = w_scale0_next
-                    w_scale1 = w_scale1_next
+                    if not COL_SCALE:
+                        w_scale0 = w_scale0_next
+                        w_scale1 = w_scale1_next
                     step += 1
                     if STAGGER > 0 and HALF == 0:
                         mbarrier.arrive(go, count=1, pred=step == STAGGER)
@@ -344,6 +370,9 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
                     acc0, acc1 = gl.split(acc.reshape([ROWS, 2, SUB_N]).permute((0, 2, 1)))
                     acc0 = gl.convert_layout(acc0, mma_layout)
                     acc1 = gl.convert_layout(acc1, mma_layout)
+            if FP8 and COL_SCALE:
+                acc0, acc1 = _column_scaled(acc0, acc1, a_scale_ptr, scale_rows, w_scale_ptr + e * W_ROWS, w_first,
+                                            N, cols0, SUB_N, SPLIT, GATED, ROW_SCALE)
             _epilogue(acc0, acc1, rows, cols0, e, bias_ptr, out_ptr, out_scale_ptr, o_desc, o_bufs.index(HALF),
                       m * BLOCK_M + HALF * ROWS, w_first, M_pad, N, W_ROWS, n, SUB_N, SPLIT, GATED, ACTIVATION,
                       HAS_BIAS, OUT_FP8, STORE_TMA)
@@ -380,6 +409,33 @@ def _bias_row(row_ptr, col0, N, like):
     flat: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     cols = col0 + gl.arange(0, SUB_N, layout=flat)
     return gl.convert_layout(gl.load(row_ptr + cols, mask=cols < N, other=0.0), like.type.layout)
+
+
+@gluon.jit
+def _column_scaled(acc0, acc1, a_scale_ptr, scale_rows, w_scale_row, w_first, N, cols0, SUB_N: gl.constexpr,
+                   SPLIT: gl.constexpr, GATED: gl.constexpr, ROW_SCALE: gl.constexpr):
+    """COL_SCALE: the accumulators times their columns' weight scales (w_scale_row: the expert's [W_ROWS];
+    accumulator j holds weight rows w_first + j * N (GATED: the up rows) or w_first + j * SUB_N), and
+    (ROW_SCALE) their rows' A scales, before the bias and the activation. The column scales come one per
+    thread and through shared memory (`_bias_row`), as the bias does."""
+    if GATED:
+        s0 = _bias_row(w_scale_row, w_first, N, cols0)
+        s1 = _bias_row(w_scale_row + N, w_first, N, cols0)
+    else:
+        s0 = _bias_row(w_scale_row, w_first, N, cols0)
+        s1 = s0
+        if SPLIT == 2:
+            s1 = _bias_row(w_scale_row, w_first + SUB_N, N, cols0)
+    if ROW_SCALE:
+        r = gl.load(a_scale_ptr + scale_rows)
+        acc0 = acc0 * r[:, None] * s0[None, :]
+        if SPLIT == 2:
+            acc1 = acc1 * r[:, None] * s1[None, :]
+    else:
+        acc0 = acc0 * s0[None, :]
+        if SPLIT == 2:
+            acc1 = acc1 * s1[None, :]
+    return acc0, acc1
 
 
 @gluon.jit
@@ -429,7 +485,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
                            ACTIVATION: gl.constexpr, HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr,
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
-                           MATH_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                           COL_SCALE: gl.constexpr, ROW_SCALE: gl.constexpr, MATH_REGS: gl.constexpr,
+                           LOADER_REGS: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
@@ -439,6 +496,7 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
     gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
     gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
+    gl.static_assert(not ROW_SCALE or (COL_SCALE and not SCALE_TMA), "A scales per row go with weight scales per column")
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
@@ -476,12 +534,12 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
                            walk_groups_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
                            M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
-                           0)),
+                           COL_SCALE, ROW_SCALE, 0)),
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
                            walk_groups_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
                            M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
-                           1)),
+                           COL_SCALE, ROW_SCALE, 1)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
                            tile_expert_ptr, walk_groups_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
                            GROUP_M, GROUPED, GATED, GATHER, SCALE_TMA)),
@@ -528,6 +586,8 @@ class GemmShape:
     split: int       # accumulators (weight boxes) per tile: 1 or 2
     a_count: int     # rows of A (M_pad, or the rows `a_rows` picks from)
     gather: bool     # A's rows picked by `a_rows` (copied by the loader) instead of laid out
+    col_scale: bool = False   # FP8 weights with one scale per output row (w_scale [E, w_rows]), not 128x128 blocks
+    row_scale: bool = False   # FP8 A with one scale per row (a_scale_t [1, rows]), not one per 128-wide K block
 
 
 def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
@@ -545,6 +605,7 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     gated = activation is not None
     if fp8 != (a_scale_t is not None) or fp8 != (w_scale is not None):
         raise ValueError("grouped_gemm_ws: FP8 operands need a_scale_t and w_scale; BF16 operands take neither")
+    col_scale = fp8 and w_scale.dim() == 2
     if a.dim() != 2 or w.dim() != 3 or a.shape[1] != w.shape[2]:
         raise ValueError(f"grouped_gemm_ws: A [M_pad, K] and W [E, N, K] expected, got {list(a.shape)} and "
                          f"{list(w.shape)}")
@@ -582,9 +643,9 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     if block_n not in (64, 128, 256) or (gated and block_n != 2 * SCALE):
         raise ValueError(f"grouped_gemm_ws: block_n must be 64, 128 or 256 ({2 * SCALE} with an activation: gate "
                          f"and up of {SCALE} outputs), got {block_n}")
-    if fp8 and (block_k != SCALE or SCALE % sub_n or (gated and N % SCALE)):
-        raise ValueError(f"grouped_gemm_ws: block-FP8 needs block_k {SCALE}, weight boxes within a scale block and, "
-                         f"with an activation, I a multiple of {SCALE}")
+    if fp8 and (block_k != SCALE or SCALE % sub_n or (gated and not col_scale and N % SCALE)):
+        raise ValueError(f"grouped_gemm_ws: FP8 needs block_k {SCALE}, weight boxes within a scale block and, "
+                         f"with an activation and block-scaled weights, I a multiple of {SCALE}")
     if K == 0:
         raise ValueError("grouped_gemm_ws: K is 0 (nothing to multiply)")
     if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()) or (K * a.element_size()) % 16 \
@@ -596,14 +657,23 @@ def check_operands(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=No
     if bias is not None and (tuple(bias.shape) != (E, w_rows) or bias.dtype != torch.float32):
         raise ValueError(f"grouped_gemm_ws: bias must be float32 [{E}, {w_rows}], got {list(bias.shape)} {bias.dtype}")
     kb = triton.cdiv(K, SCALE)
-    want = {"a_scale_t": (a_scale_t, (kb, a_count)), "w_scale": (w_scale, (E, triton.cdiv(w_rows, SCALE), kb)),
+    # A scales per row go with weight scales per column only (both wait for the epilogue); with K <= 128 the
+    # two A forms are one
+    row_scale = col_scale and a_scale_t.dim() == 2 and a_scale_t.shape[0] == 1
+    want = {"a_scale_t": (a_scale_t, (1 if row_scale else kb, a_count)),
+            "w_scale": (w_scale, (E, w_rows) if col_scale else (E, triton.cdiv(w_rows, SCALE), kb)),
             "out_scale_t": (out_scale_t, (triton.cdiv(N, SCALE), M_pad))}
     for name, (t, shape) in want.items():
         if t is not None and (tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous()):
             raise ValueError(f"grouped_gemm_ws: {name} must be a contiguous float32 {list(shape)} tensor, got "
-                             f"{list(t.shape)} {t.dtype}")
+                             f"{list(t.shape)} {t.dtype}{SCALE_FORMS if name != 'out_scale_t' else ''}")
     return GemmShape(fp8, M_pad, K, E, N, w_rows, gated, out_fp8, block_k, sub_n, block_n // sub_n, a_count,
-                     a_rows is not None)
+                     a_rows is not None, col_scale, row_scale)
+
+
+SCALE_FORMS = (" (FP8 scales: a_scale_t [ceil(K/128), rows] with w_scale [E, ceil(W rows/128), ceil(K/128)] in "
+               "128x128 blocks, or with w_scale [E, W rows] one per output row; a_scale_t [1, rows] one per row, "
+               "with w_scale one per output row only)")
 
 
 def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor, out: torch.Tensor,
@@ -671,7 +741,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  ACTIVATION=ACTIVATION_CODES.get(activation, 0),
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
-                                 WIDE=wide_mma, MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4,
+                                 WIDE=wide_mma, COL_SCALE=shape.col_scale, ROW_SCALE=shape.row_scale,
+                                 MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4,
                                  maxnreg=maxnreg)
     return out
 
@@ -708,21 +779,21 @@ def _fits(shape: GemmShape, stages: int, scale_tma: bool, store_bytes: int) -> b
 def _default_stages(shape: GemmShape, store_bytes: int = 0) -> int:
     """As many ring slots as fit in RING_BUDGET (counting the A scales where FP8 can bring them by TMA),
     at most 6, and fewer where the epilogue's `store_bytes` would not fit beside them."""
-    slot = _slot_bytes(shape, shape.fp8 and not shape.gather)
+    slot = _slot_bytes(shape, shape.fp8 and not shape.gather and not shape.row_scale)
     return max(2, min(6, RING_BUDGET // slot, (SMEM_BYTES - RESERVED - store_bytes) // slot))
 
 
 def _scale_tma_choice(shape: GemmShape, a_scale_t, stages: int, scale_tma: bool | None, store_bytes: int = 0) -> bool:
-    """Whether the A scales come by TMA: asked (True / False) or, None, wherever it applies: block FP8, A in
-    layout order, `a_scale_t` 16-byte aligned (TMA), and a ring of `stages` slots that still fits in shared
+    """Whether the A scales come by TMA: asked (True / False) or, None, wherever it applies: FP8 A scaled per
+    128-wide K block, in layout order, `a_scale_t` 16-byte aligned (TMA), and a ring of `stages` slots that still fits in shared
     memory with them beside the epilogue's `store_bytes` (and RESERVED). Asked where it does not apply: a
     ValueError."""
-    applies = (shape.fp8 and not shape.gather and a_scale_t.data_ptr() % 16 == 0
+    applies = (shape.fp8 and not shape.gather and not shape.row_scale and a_scale_t.data_ptr() % 16 == 0
                and _fits(shape, stages, True, store_bytes))
     if scale_tma is None:
         return applies
     if scale_tma and not applies:
-        raise ValueError(f"grouped_gemm_ws: scale_tma takes block-FP8 operands with A in layout order (no a_rows), "
+        raise ValueError(f"grouped_gemm_ws: scale_tma takes FP8 A scaled per K block, in layout order (no a_rows), "
                          f"a_scale_t 16-byte aligned (TMA) and a ring that fits with the scales ({stages} slots of "
                          f"{_slot_bytes(shape, True)} bytes)")
     return bool(scale_tma)
@@ -788,11 +859,13 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
-                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, grouped: bool = False):
+                               k_multiple_of_16: bool = True, wide_mma: bool | None = None, grouped: bool = False,
+                               col_scale: bool = False, row_scale: bool = False):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
-    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `grouped`: as launched with `walk_groups`."""
+    `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `grouped`: as launched with `walk_groups`.
+    `col_scale` / `row_scale` (FP8): weight scales per output row / A scales per row (`GemmShape`)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
@@ -820,6 +893,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
     const = {"GROUP_M": 8, "GROUPED": grouped, "FP8": fp8, "SPLIT": split, "GATED": gated, "ACTIVATION": 0,
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
+             "COL_SCALE": col_scale and fp8, "ROW_SCALE": row_scale and fp8,
              "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}

@@ -174,17 +174,24 @@ def mma_loops(addrs: list[int], code: list[str]) -> tuple[list[tuple[int, int]],
     return loops, k_loops
 
 
-def local_accesses_in_mma_loops(compiled) -> int | None:
-    """How many local-memory loads and stores (LDL / STL: spills) the SASS has inside its K loops
-    (`mma_loops`), or None where the SASS cannot be read. Values a kernel parks on the stack once per tile,
-    outside its K loops, cost nothing next to one spill per K block."""
+def instructions_in_mma_loops(compiled, opcodes: str) -> int | None:
+    """How many instructions whose opcode matches the regular expression `opcodes` (predicated or not) the
+    SASS has inside its K loops (`mma_loops`), or None where the SASS cannot be read."""
     sass = _cuobjdump(compiled, "-sass")
     if sass is None:
         return None
     found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
     code = [ins for _, ins in found]
     _, k_loops = mma_loops([int(a, 16) for a, _ in found], code)
-    return sum(bool(re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", c)) for f, l in k_loops for c in code[f:l + 1])
+    op = re.compile(rf"(@!?U?P\w+\s+)?({opcodes})\b")
+    return sum(bool(op.match(c)) for f, l in k_loops for c in code[f:l + 1])
+
+
+def local_accesses_in_mma_loops(compiled) -> int | None:
+    """How many local-memory loads and stores (LDL / STL: spills) the SASS has inside its K loops
+    (`mma_loops`), or None where the SASS cannot be read. Values a kernel parks on the stack once per tile,
+    outside its K loops, cost nothing next to one spill per K block."""
+    return instructions_in_mma_loops(compiled, "LDL|STL")
 
 
 def table_cases(path: str) -> dict:
