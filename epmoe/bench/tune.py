@@ -1084,7 +1084,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gluon", action="store_true",
                    help="time only the table's configuration (\"sync\" unless --allow-rescale) for each T "
                         f"with {GLUON_MIN_ROWS} rows per expert or more against the warp-specialized Gluon "
-                        "GEMMs (Hopper; BF16, 128x128 block FP8), both end to end as the `triton` experts run "
+                        "GEMMs (Hopper; BF16, 128x128 block and per-channel FP8), both end to end as the `triton` experts run "
                         f"them; the entry says `gluon` where those are faster by more than "
                         f"{GLUON_MARGIN * 100:.0f}%% (quick)")
     p.add_argument("--audit", action="store_true",
