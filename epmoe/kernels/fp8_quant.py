@@ -112,9 +112,13 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, n_cols, n_groups, x_row_stride, q_row
     if COUNTED:
         block = tl.program_id(0) // slots
         n = tl.minimum(tl.load(counts_ptr + block), capacity)
-        for j in range(tl.program_id(0) % slots, n, slots):
+        # a while loop, not range(): Triton 3.6's interpreter holds program ids and loaded scalars as arrays of
+        # one element, which range() refuses
+        j = tl.program_id(0) % slots
+        while j < n:
             _quantize_row_tile(x_ptr, q_ptr, s_ptr, block.to(tl.int64) * capacity + j, n_cols, n_groups,
                                x_row_stride, q_row_stride, s_row_stride, GROUP, BLOCK, GROUPS, ROUND)
+            j += slots
     else:
         _quantize_row_tile(x_ptr, q_ptr, s_ptr, tl.program_id(0).to(tl.int64), n_cols, n_groups, x_row_stride,
                            q_row_stride, s_row_stride, GROUP, BLOCK, GROUPS, ROUND)
