@@ -55,7 +55,7 @@ else:
         return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16)
 
     @pytest.mark.parametrize("order", ["pairs", "rows"])
-    @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+    @pytest.mark.parametrize("fmt", ["fp8", "fp8_token", "bf16"])
     @pytest.mark.parametrize("T,E,k,H,case", [(0, 4, 2, 256, "random"), (1, 4, 2, 200, "random"),
                                               (37, 6, 3, 200, "other_ranks"), (150, 5, 3, 384, "one_expert"),
                                               (300, 16, 4, 136, "random")])
@@ -63,8 +63,8 @@ else:
         g = torch.Generator().manual_seed(T + H)
         ids = _ids(T, E, k, g, case)
         x = torch.randn(T, H, generator=g)
-        if fmt == "fp8":
-            x, scales = fp8_quantize(x, 128)
+        if fmt.startswith("fp8"):         # scales per group of 128 columns, or one per row (token)
+            x, scales = fp8_quantize(x, 128 if fmt == "fp8" else None)
         else:
             x, scales = x.bfloat16(), None
         aligned = align_pairs(ids, E, 128)
@@ -75,8 +75,8 @@ else:
         assert row_of_pair.dtype == torch.int32
         assert torch.equal(row_of_pair, rrow)
         assert torch.equal(_bits(a[:used]), _bits(ra[:used]))
-        if fmt == "fp8":
-            assert a_scale_t.shape == (-(-H // 128), aligned.max_rows)
+        if fmt.startswith("fp8"):
+            assert a_scale_t.shape == (-(-H // 128) if fmt == "fp8" else 1, aligned.max_rows)
             assert torch.equal(a_scale_t[:, :used], rs[:, :used])
         else:
             assert a_scale_t is None
@@ -87,7 +87,7 @@ else:
         assert rows.unique().numel() == rows.numel() and (rows < used).all()
         tokens = torch.arange(T).repeat_interleave(k).view(T, k)[local]
         assert torch.equal(_bits(a[rows]), _bits(x[tokens]))
-        if fmt == "fp8":
+        if fmt.startswith("fp8"):
             assert torch.equal(a_scale_t[:, rows], scales[tokens].t())
         # padding rows hold token 0
         pad = torch.ones(used, dtype=torch.bool)
@@ -102,8 +102,8 @@ else:
         ids = _ids(10, 4, 2, g, "random")
         aligned = align_pairs(ids, 4, 128)
         x, scales = fp8_quantize(torch.randn(10, 256, generator=g), 128)
-        with pytest.raises(ValueError, match=r"scales must be \[10, 2\]"):
-            rows_to_layout(x, scales[:, :1], aligned, 2)
+        with pytest.raises(ValueError, match=r"scales must be \[10, 2\] .* or \[10, 1\]"):
+            rows_to_layout(x, scales.repeat(1, 2)[:, :3].contiguous(), aligned, 2)
         with pytest.raises(ValueError, match="x has 9 rows"):
             rows_to_layout(x[:9], scales[:9], aligned, 2)
         with pytest.raises(ValueError, match="not N tokens of top_k=3"):
