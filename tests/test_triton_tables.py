@@ -520,6 +520,16 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
     plan = tune.table_plan({8192: cfg, 256: cfg, 1: cfg}, [8192, 1024, 256, 1], rows)
     assert plan == {8192: {(128, 0): ([cfg.gate_up], [replace(cfg.down, promote="sync")])}}
     assert list(tune.table_plan({512: cfg}, [512], rows)) == [512]
+    # where the table has no entry at a T, the tiles the lookup serves there are raced (a shape never tuned, as
+    # the per-channel FP8 ones were when the Gluon GEMMs took that format); an entry is kept as it is
+    from epmoe.kernels.tuning_table import GemvConfig
+    heuristic = replace(cfg, gemv=GemvConfig(16, 256, 8, 512), gluon=True)
+    served = {8192: (heuristic, "heuristic"), 4096: (cfg, "table entry at T=8192"), 1: (cfg, "heuristic")}
+    tiles_only = replace(cfg, block_m=64)
+    entries = tune.gluon_race_entries({4096: tiles_only}, [8192, 4096], served)
+    assert entries == {8192: replace(heuristic, gemv=None, gluon=False), 4096: tiles_only}
+    plan = tune.table_plan(entries, [8192, 4096], rows)
+    assert set(plan) == {8192, 4096} and plan[4096] == {(64, 0): ([cfg.gate_up], [replace(cfg.down, promote="sync")])}
     # --no-gluon keeps the flag an entry had
     tiles = replace(cfg, gluon=False)
     kept, measured = tune.keeping_gluon({8192: (tiles, 5.0), 1024: (tiles, 1.0)},

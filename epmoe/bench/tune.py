@@ -1221,6 +1221,20 @@ def _problem_configs(args) -> list:
     return out
 
 
+def gluon_race_entries(table: dict, tokens, served: dict, console=None) -> dict:
+    """`--gluon`'s starting entries: the table's, and at each T it has none, the tiles the lookup serves there
+    now (`served`: an entry within reach or the heuristic), said so: a race against what runs today, where no
+    table has been written for the shape (the per-channel FP8 shapes when the Gluon GEMMs took that format)."""
+    out = dict(table)
+    for T in tokens:
+        if T not in out and T in served:
+            cfg, where = served[T]
+            out[T] = replace(cfg, gemv=None, gluon=False)
+            if console is not None:
+                console.print(escape(f"  T={T}: no entry; racing the tiles the lookup serves ({where})"))
+    return out
+
+
 def served_at(tokens, served: dict) -> dict[int, MoEKernelConfig]:
     """What a tune must beat end to end at each of its T: the configuration the lookup serves that T now
     (`served`, from `configs_served`: an entry at T, or one within reach of it, or the heuristic, fitted as the
@@ -1285,6 +1299,9 @@ def main(args) -> int:
             plan = None
             quick = args.refine or args.persistent or args.gluon
             source = path
+            # what the lookup serves before this tune: each T's rival end to end, and the neighbours' before
+            served = configs_served(sorted(set(NEIGHBOUR_SIZES) | set(tokens)), L, H, I, k, problem.fmt,
+                                    paths=lookup_paths(path, own_table, device))
             if quick:
                 # the entry the lookup uses: this GPU's table, else one of another GPU of its family
                 source = next((p for p in [path] + table_paths_for_device(device)
@@ -1292,6 +1309,8 @@ def main(args) -> int:
                 table = _load_table(source).get(key, {}) if os.path.exists(source) else {}
                 if source != path and table:
                     console.print(escape(f"  starting from {source}'s entry (this GPU's table has none)"))
+                if args.gluon:
+                    table = gluon_race_entries(table, tokens, served, console)
                 plan = persistent_plan(table, tokens, args.allow_rescale) if args.persistent else \
                     table_plan(table, tokens, lambda T: T * k / L, args.allow_rescale) if args.gluon else \
                     refine_plan(table, tokens, lambda T: T * k / L, fp8, problem.fmt == "fp8_block",
@@ -1301,9 +1320,6 @@ def main(args) -> int:
                                          f"GPU's family" + (f" with {GLUON_MIN_ROWS} rows per expert or more"
                                                             if args.gluon else "") + "; skipped"))
                     continue
-            # what the lookup serves before this tune: each T's rival end to end, and the neighbours' before
-            served = configs_served(sorted(set(NEIGHBOUR_SIZES) | set(tokens)), L, H, I, k, problem.fmt,
-                                    paths=lookup_paths(path, own_table, device))
             # this GPU's entry before the tune: --no-gluon keeps its `gluon` marks
             own = (_load_table(path).get(key, {}) if os.path.exists(path) else {}) if args.no_gluon else None
             write = entry_writer(path, key, {
