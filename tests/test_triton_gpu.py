@@ -24,6 +24,8 @@ def _fp8(kind):
     from epmoe.quant.fp8 import Fp8Config
     if kind == "block":
         return Fp8Config(weight_block=(128, 128), activation="per_token_group")
+    if kind == "channel_group":        # per-channel weights, activations per group of 128 columns
+        return Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token_group")
     return Fp8Config(weight_block=None, per_channel_weights=True, activation="per_token")
 
 
@@ -99,7 +101,7 @@ def test_real_size_fp8(preset, kind):
 
 
 @pytest.mark.parametrize("experts,fp8", [(e, f) for e in ("triton_ws", "triton_ws_down") for f in (None, "block")]
-                         + [("triton_ws", "channel")])
+                         + [("triton_ws", "channel"), ("triton_ws", "channel_group")])
 @pytest.mark.parametrize("preset", ["deepseek-v3", "mixtral-8x7b", "gpt-oss-120b"])
 def test_triton_ws_real_size(preset, fp8, experts):
     """The experimental warp-specialized Gluon experts (Hopper only) at real sizes, BF16, block FP8 and
@@ -148,6 +150,20 @@ def test_the_wide_bf16_product_agrees_with_the_gemm_statement(gathered):
     assert torch.isfinite(wide_out).all()
     assert ((wide_out - narrow).norm() / narrow.norm()).item() <= 1e-3
     print(f"wide vs two-box outputs bit for bit equal: {torch.equal(wide_out, narrow)}")
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+def test_gluon_gemm_self_check_in_every_form(gathered):
+    """The Gluon GEMM itself (Hopper only) against its PyTorch statement on the self-check's problems in
+    every form (BF16 and the FP8 forms: block, per-channel with A per row, per-channel with A per group of
+    128), with the gate+up's A rows in layout order and (`gathered`) picked from fewer tokens by `a_rows`,
+    which the backends do not launch but the kernel takes."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon GEMM runs on Hopper (compute capability 9.x)")
+    from epmoe.experts.triton_ws import FP8_FORMS, gemm_disagreement
+    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
+    for form in (None,) + FP8_FORMS:
+        assert gemm_disagreement(grouped_gemm_ws, torch.device("cuda"), form, gathered=gathered) is None, form
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -316,7 +316,8 @@ else:
         """`triton_ws` (both GEMMs the Gluon one; BF16, block and per-channel FP8) and `triton_ws_down` (the
         library's Triton gate+up, under the interpreter here, then the Gluon down)."""
         quant = QUANTS[fp8] if fp8 else None
-        # FP8 pads I = 160 to 256: two scale blocks per row of the intermediate, so their layout matters
+        # block FP8 and per-channel FP8 with A per group of 128 pad I = 160 to 256: two scale blocks per row of the
+        # intermediate, so their layout matters (per token, I stays 160: the gate+up's tiles run past I, masked)
         cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=160 if fp8 else 48,
                         dtype=torch.bfloat16,
                         quant=quant)

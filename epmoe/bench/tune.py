@@ -1084,8 +1084,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gluon", action="store_true",
                    help="time only the table's configuration (\"sync\" unless --allow-rescale) for each T "
                         f"with {GLUON_MIN_ROWS} rows per expert or more against the warp-specialized Gluon "
-                        "GEMMs (Hopper; BF16, 128x128 block and per-channel FP8), both end to end as the `triton` experts run "
-                        f"them; the entry says `gluon` where those are faster by more than "
+                        "GEMMs (Hopper; BF16, 128x128 block and per-channel FP8), both end to end as the `triton` "
+                        "experts run them (where no table has an entry at a T, the tiles the lookup serves there); "
+                        f"the entry says `gluon` where those are faster by more than "
                         f"{GLUON_MARGIN * 100:.0f}%% (quick)")
     p.add_argument("--audit", action="store_true",
                    help="tune nothing (no GPU needed): for each table in the package (or --output), how each entry "
@@ -1316,9 +1317,9 @@ def main(args) -> int:
                     refine_plan(table, tokens, lambda T: T * k / L, fp8, problem.fmt == "fp8_block",
                                 args.allow_rescale, can_stack_gate_up(problem.fmt, I))
                 if not plan:
-                    console.print(escape(f"  nothing to time for {key}: no entry at these T in the tables of this "
-                                         f"GPU's family" + (f" with {GLUON_MIN_ROWS} rows per expert or more"
-                                                            if args.gluon else "") + "; skipped"))
+                    console.print(escape(f"  nothing to time for {key}: " + (
+                        f"no T with {GLUON_MIN_ROWS} rows per expert or more" if args.gluon else
+                        "no entry at these T in the tables of this GPU's family") + "; skipped"))
                     continue
             # this GPU's entry before the tune: --no-gluon keeps its `gluon` marks
             own = (_load_table(path).get(key, {}) if os.path.exists(path) else {}) if args.no_gluon else None

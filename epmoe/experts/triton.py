@@ -6,8 +6,8 @@ weight in its epilogue, and each token's k outputs are summed in float32 (`epmoe
 Tile configurations come from the tuned tables in `epmoe/kernels/configs` (`epmoe tune` writes them).
 Where a table entry says `gluon` (tune measured it faster there, end to end), batches of that size run
 `triton_ws`'s pipeline instead: the warp-specialized Gluon GEMMs on Hopper, BF16, 128x128 block FP8 and
-per-channel FP8, on the same weights; it is set up, and its GEMM checked against its PyTorch statement, when the layer is
-built (`gluon_pipeline`), and where it cannot run or is refused, the tiles run (with a warning).
+per-channel FP8, on the same weights; it is set up, and its GEMM checked against its PyTorch statement, when the
+layer is built (`gluon_pipeline`), and where it cannot run or is refused, the tiles run (with a warning).
 
 FP8: weights as `Fp8Scheme` stores them (128x128 block scales, or one scale per output row for the
 per-channel and per-tensor formats); activations per token-group of 128 or per token, FP8 rows with

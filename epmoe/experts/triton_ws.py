@@ -235,7 +235,8 @@ def gemm_disagreement(gemm, device: torch.device, form: str | None, settle=None,
             skipped = slice(TILE, 2 * TILE)
             skipped_kept = bool((got[skipped] == want[skipped]).all() and (want[skipped] == 0).all())
             if not err <= 1e-2 or not skipped_kept:        # NaN fails the first
-                return (f"its {f'FP8 ({form})' if fp8 else 'BF16'} {what} GEMM{'' if walk is None else ' (walk groups)'} "
+                kind = f"FP8 ({form})" if fp8 else "BF16"
+                return (f"its {kind} {what} GEMM{'' if walk is None else ' (walk groups)'} "
                         f"disagrees with its PyTorch statement on a small problem (relative error {err:.3g}"
                         f"{'' if skipped_kept else ', a skipped tile written'}); use experts='triton'")
     return None

@@ -6,7 +6,8 @@ padding position: each output row depends on its own A row only, and padding row
 Two kernels do what took a PyTorch index copy, a transposed copy of the scales and a dozen small passes:
 - `rows_to_layout_kernel`, over layout rows: `row_of_pair` [N * top_k] (the layout row of each pair, -1 where
   its expert is not here: the slot sum reads each token's rows there); FP8: the rows' scales [N, H/128]
-  K-block-major, [H/128, rows] (the GEMM reads a tile's scales of one K block as one contiguous run); the
+  K-block-major, [H/128, rows] (the GEMM reads a tile's scales of one K block as one contiguous run), or
+  one per row [N, 1] as [1, rows]; the
   padding rows; only up to the layout's used length (`num_padded`, read on the GPU: rows past it belong to
   tiles the GEMMs skip, and are left unwritten);
 - `pairs_to_layout_kernel`, over pairs in token order: each pair's token row into its layout row, 16-byte

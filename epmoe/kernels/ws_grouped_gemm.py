@@ -48,8 +48,9 @@ Per-channel FP8: `w_scale` [E, W rows], one per output row, applied to the accum
 epilogue (before the bias and the activation), with `a_scale_t` per K block as above or [1, rows], one per
 row (token), applied there too: each K block's product is then only added into the float32 accumulator (the
 same promotion per block of 128, so the tensor cores never sum past one block at their reduced precision).
-A per-row A scale cannot quantize the gate+up's output per row in the epilogue (a row's scale needs all of
-its I columns; a tile holds 128), so that output is bfloat16 there.
+The gated epilogue quantizes per 128 columns only (a row's scale needs all of its I columns; a tile holds 128):
+a layer whose activations are quantized per row has the gate+up write bfloat16 and quantizes it after (the
+backend's choice, `triton_ws`).
 Gluon is Triton's experimental layer: this runs on CUDA sm_90 only and has no interpreter path; its
 compile is checked without a GPU by `compile_ws_gemm_for_hopper`.
 """
@@ -496,7 +497,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     # the gather loader copies A rows only: its slots would hold no scales for the math warps to read
     gl.static_assert(not (GATHER and SCALE_TMA), "the A scales by TMA take A in layout order")
     gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
-    gl.static_assert(not ROW_SCALE or (COL_SCALE and not SCALE_TMA), "A scales per row go with weight scales per column")
+    gl.static_assert(not ROW_SCALE or (COL_SCALE and not SCALE_TMA),
+                     "A scales per row go with weight scales per column")
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
@@ -686,7 +688,9 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
                     wide_mma: bool | None = None, walk_groups: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
-    >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales). With
+    >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales, or, with weight
+    scales per output row (`w_scale` [E, W rows]) and A scales per row (`a_scale_t` [1, rows]), added and
+    scaled in the epilogue: module docstring). With
     `activation`: W holds gate rows then up rows (W [E, 2I, K]) and out [M_pad, I] = act(gate, up),
     bfloat16, or float8_e4m3fn with `out_scale_t` [ceil(I/128), M_pad] (the one formula per 128 columns:
     the down GEMM's A operand as it is). `a_rows` (int32 [M_pad]): row r of the layout is A's row
@@ -785,9 +789,9 @@ def _default_stages(shape: GemmShape, store_bytes: int = 0) -> int:
 
 def _scale_tma_choice(shape: GemmShape, a_scale_t, stages: int, scale_tma: bool | None, store_bytes: int = 0) -> bool:
     """Whether the A scales come by TMA: asked (True / False) or, None, wherever it applies: FP8 A scaled per
-    128-wide K block, in layout order, `a_scale_t` 16-byte aligned (TMA), and a ring of `stages` slots that still fits in shared
-    memory with them beside the epilogue's `store_bytes` (and RESERVED). Asked where it does not apply: a
-    ValueError."""
+    128-wide K block, in layout order, `a_scale_t` 16-byte aligned (TMA), and a ring of `stages` slots that still
+    fits in shared memory with them beside the epilogue's `store_bytes` (and RESERVED). Asked where it does not
+    apply: a ValueError."""
     applies = (shape.fp8 and not shape.gather and not shape.row_scale and a_scale_t.data_ptr() % 16 == 0
                and _fits(shape, stages, True, store_bytes))
     if scale_tma is None:
