@@ -246,7 +246,7 @@ if not INTERPRETING:
         from epmoe.experts.triton_ws import TILE, gemm_disagreement
         from epmoe.experts.triton_ws import grouped_gemm_reference
         from epmoe.kernels.ws_grouped_gemm import _default_stages, check_operands
-        calls, walks = [], []
+        calls, walks, gated_n = [], [], []
 
         def records(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, a_rows=None,
                     **launch):
@@ -256,6 +256,8 @@ if not INTERPRETING:
                           _default_stages(shape), int((tile_expert >= 0).sum()), shape.gated, shape.gather,
                           shape.a_count < shape.M_pad and a_rows is not None and a_rows.unique().numel() < shape.M_pad))
             walks.append(None if launch["walk_groups"] is None else launch["walk_groups"].tolist())
+            if shape.gated:
+                gated_n.append(shape.N)
             grouped_gemm_reference(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t,
                                    a_rows=a_rows, **launch)
 
@@ -271,6 +273,11 @@ if not INTERPRETING:
         calls.clear()
         assert gemm_disagreement(records, torch.device("cpu"), "block", gathered=True) is None
         assert [c[4:] for c in calls] == [(False, False, False)] * 2 + [(True, True, True)] * 2
+        # the gated I as each form's layers have it: unpadded (160, not a multiple of the tile) in BF16 and with A
+        # per row, a multiple of 128 where A is quantized per group of 128
+        for form, want in ((None, 160), ("block", 256), ("channel", 160), ("channel_group", 256)):
+            gated_n.clear()
+            assert gemm_disagreement(records, torch.device("cpu"), form) is None and gated_n == [want, want], form
 
 else:
     from epmoe import Fp8Config, MoEConfig, MoELayer

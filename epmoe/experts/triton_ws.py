@@ -65,9 +65,10 @@ def _quant_problem(scheme, device_type: str) -> str | None:
         if q.activation_group_size not in (None, TILE):
             return f"it takes per-channel FP8 with activations per token or per group of {TILE} columns, not {got}"
         return None
-    if q.weight_block is None or tuple(q.weight_block) != (TILE, TILE):
-        return (f"it takes FP8 weights in ({TILE}, {TILE}) blocks or one scale per output row, not "
-                f"{'one scale per tensor' if q.weight_block is None else f'weight_block={q.weight_block}'}")
+    if q.weight_block is None:          # (the caps refuse fp8_tensor first: this is for a direct call)
+        return "it takes FP8 weights in blocks or one scale per output row, not one scale per tensor"
+    if tuple(q.weight_block) != (TILE, TILE):
+        return f"it takes FP8 weight blocks of ({TILE}, {TILE}) only, not weight_block={q.weight_block}"
     if q.activation_group_size != TILE:
         return f"it takes block-FP8 activations per group of {TILE} columns only, not {got}"
     return None
@@ -184,7 +185,9 @@ def gemm_disagreement(gemm, device: torch.device, form: str | None, settle=None,
     (down), and with the activation (FP8 per group of 128: quantized) in the epilogue (gate+up), over rows in
     layout order as the backend runs it or, `gathered`,
     over token rows picked by `a_rows` (fewer tokens than rows, in no order, some twice). Two experts, a
-    skipped tile whose rows must stay as they were, N not a multiple of the tile, on two programs with K
+    skipped tile whose rows must stay as they were, N not a multiple of the tile (the gated I too where the form's
+    layers leave I unpadded: BF16 and A per row, I = 160; the forms with A per group of 128 pad I to 128s), on
+    two programs with K
     long enough that each walks several tiles and the ring of slots wraps (None: it agrees within 1e-2; NaN
     anywhere disagrees). Each GEMM twice, as the backends launch it: the walk in groups of a fixed size, and
     in groups of unequal length (one tile, then three: `walk_groups`, as groups cut at expert edges are).
@@ -198,8 +201,9 @@ def gemm_disagreement(gemm, device: torch.device, form: str | None, settle=None,
     tile_expert = torch.tensor([0, -1, 1, 1], dtype=torch.int32, device=device)
     picks = torch.randint(0, tokens, (M,), generator=g, device=device).to(torch.int32)
     uneven = torch.tensor([[0, 1], [1, 3], [1, 3], [1, 3]], dtype=torch.int32, device=device)
+    gated_i = 2 * TILE if a_group is not None and fp8 else 160
     for what, w_rows, activation, a_rows in (("plain", 320, None, None),
-                                             ("gated", 2 * 2 * TILE, "silu", picks if gathered else None)):
+                                             ("gated", 2 * gated_i, "silu", picks if gathered else None)):
         a = torch.randn(M if a_rows is None else tokens, K, generator=g, device=device)
         a_scale_t = None
         if fp8:
