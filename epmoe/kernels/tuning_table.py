@@ -105,8 +105,9 @@ class MoEKernelConfig:
     alignment, no tiles: `decode_gemv`); the tile fields stay for the formats that path does not take.
 
     gluon set (written by `epmoe tune` where it measured it faster, end to end): batches of this size run
-    the warp-specialized Gluon GEMMs instead (`triton_ws`'s pipeline: Hopper, BF16, 128x128 block and per-channel FP8),
-    where they can run and passed their self-check; the tile fields stay for where they cannot."""
+    the warp-specialized Gluon GEMMs instead (`triton_ws`'s pipeline: Hopper, BF16, 128x128 block and
+    per-channel FP8), where they can run and passed their self-check; the tile fields stay for where they
+    cannot."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
