@@ -332,7 +332,7 @@ class WarpSpecializedExperts(Experts):
         b2 = None if weights.b2 is None else weights.b2.float().contiguous()
         # gate+up with the activation (and, FP8 per group of 128, the quantization) in its epilogue: the down
         # GEMM's operand; FP8 per token, quantized after it, each row's scale over all of its columns
-        per_token = fp8 and plan.act_group is None
+        per_token = fp8_form(plan) == "channel"
         quantized = fp8 and not per_token
         act = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if quantized else torch.bfloat16, device=x.device)
         act_scale_t = torch.empty(-(-inter // TILE), rows, dtype=torch.float32, device=x.device) if quantized \

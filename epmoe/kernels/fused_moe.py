@@ -293,16 +293,11 @@ def _product_acc(a, b, acc, DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, 
     after the loop): each K block's product is added to the float32 accumulator (max_num_imprecise_acc =
     BLOCK_K); Triton's sm_90 default (2^30) lets the warpgroup MMA sum the whole K range at its reduced
     precision (about 14 bits)."""
-    if FP8:
-        if SWAP_AB:
-            return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION,
-                          max_num_imprecise_acc=BLOCK_K)
-        else:
-            return tl.dot(a, b, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=BLOCK_K)
-    elif SWAP_AB:
-        return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION)
+    IMPRECISE: tl.constexpr = BLOCK_K if FP8 else None       # None: Triton's default (no FP8 operands)
+    if SWAP_AB:
+        return tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=IMPRECISE)
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION, max_num_imprecise_acc=IMPRECISE)
 
 
 @triton.jit

@@ -116,7 +116,7 @@ def rows_to_layout(x: torch.Tensor | None, scales: torch.Tensor | None, aligned,
         a = torch.empty(rows, H, dtype=x.dtype, device=device)
         if scales is not None:
             KB = -(-H // 128)
-            if scales.dim() == 2 and tuple(scales.shape) == (N, 1):
+            if tuple(scales.shape) == (N, 1):
                 KB = 1          # one per row (FP8 per token)
             if tuple(scales.shape) != (N, KB):
                 raise ValueError(f"rows_to_layout: scales must be [{N}, {KB}] (one per group of 128 columns) or "
