@@ -539,7 +539,8 @@ def test_tune_gluon_mode_times_the_table_entry_alone_and_refuses_contradictions(
     p = argparse.ArgumentParser()
     tune.configure_parser(p)
     for argv, words in ((["--gluon", "--no-gluon"], "--no-gluon"), (["--gluon", "--persistent"], "quick modes"),
-                        (["--refine", "--persistent"], "quick modes"), (["--settle-ms", "-5"], "--settle-ms")):
+                        (["--refine", "--persistent"], "quick modes"), (["--settle-ms", "-5"], "--settle-ms"),
+                        (["--audit", "--follow"], "--follow")):
         with pytest.raises(UsageError, match=words):
             tune.check_mode_flags(p.parse_args(argv))
     tune.check_mode_flags(p.parse_args(["--gluon"]))
@@ -1007,6 +1008,53 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
     again = tune.configs_served(sizes, 32, 7168, 2048, 8, "fp8_block", paths=tune.lookup_paths(path, False))
     assert again[16][1] == f"t.json[{key}][T=64]" and after[16][1] == f"t.json[{key}][T=128]"
     assert [T for T, _, _ in tune.taken_over(after, again, best)] == [8]
+
+
+def test_tune_follow_tunes_the_batch_sizes_each_round_took_over_until_none_is_left(tmp_path):
+    """The H100's fp8_channel tunes of mixtral took six calls: T = 1024's new entry took over T = 128 .. 2048
+    untimed, their entries took over T = 16 .. 512, those T = 1 .. 32, and so on. `--follow` runs those rounds
+    in one call: each round tunes whole (no quick plan) the batch sizes the entries written so far changed,
+    raced against what is served there now; it ends where none is left that was not tried."""
+    from epmoe.bench import tune
+    path = str(tmp_path / "t.json")
+    key = shape_key(32, 7168, 2048, 8, "fp8_block")
+    prefill = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(256, 128, 8, 8, 3))
+    tune.merge_into_table(path, key, {4096: (prefill, 2.9), 8192: (prefill, 5.6)}, {"device": "test"})
+    _load_table.cache_clear()
+
+    def served_now():
+        _load_table.cache_clear()
+        return tune.configs_served(tune.NEIGHBOUR_SIZES, 32, 7168, 2048, 8, "fp8_block",
+                                   paths=tune.lookup_paths(path, False))
+
+    def config_for(T):          # a distinct configuration per batch size, so every new entry changes its neighbours
+        return MoEKernelConfig(16 if T <= 16 else 64, GemmConfig(128, 128, 1 + T % 7, 4, 3),
+                               GemmConfig(64, 128, 1, 4, 3 + T % 3))
+
+    rounds = []
+
+    def tune_round(todo, plan, before):
+        rounds.append((list(todo), plan, sorted(before)))
+        best = {T: (config_for(T), 0.1 * T) for T in todo}
+        tune.merge_into_table(path, key, best, {"device": "test"})
+        return best
+
+    served = tune.configs_served(sorted(set(tune.NEIGHBOUR_SIZES) | {128}), 32, 7168, 2048, 8, "fp8_block",
+                                 paths=tune.lookup_paths(path, False))
+    plan = {128: "quick"}
+    best, left = tune.tune_following(tune_round, [128], plan, served, served_now, True, follow=False)
+    assert [r[0] for r in rounds] == [[128]] and rounds[0][1] is plan
+    assert [T for T, _, _ in left] == [16, 32, 64, 256, 512]            # what the note names without --follow
+    rounds.clear()          # a second tune, of those five, with --follow: from what is served now
+    best, left = tune.tune_following(tune_round, [16, 32, 64, 256, 512], plan, served_now(), served_now, True,
+                                     follow=True)
+    # round 1 took over T = 2 .. 8 (T = 16's reach) and 1024 (nearer 512 than 4096); round 2's entries took over
+    # T = 1 (T = 2's) and 2048 (as near 1024 as 4096: the lookup takes the smaller); then nothing is left
+    assert [r[0] for r in rounds] == [[16, 32, 64, 256, 512], [2, 4, 8, 1024], [1, 2048]]
+    assert rounds[0][1] is plan and all(r[1] is None for r in rounds[1:]) and rounds[1][2] == [2, 4, 8, 1024]
+    assert left == [] and sorted(best) == [1, 2, 4, 8, 16, 32, 64, 256, 512, 1024, 2048]
+    # each round raced against what was served there then: T = 1024 against T = 512's new entry, not 4096's
+    assert served_now()[1024][1].endswith("[T=1024]")
 
 
 class _JitKeys:

@@ -1047,6 +1047,31 @@ def report_taken_over(console, key: str, changed: list[tuple[int, str, str]]) ->
         console.print(escape(f"    T={T}: {now} (was {was})"), soft_wrap=True)
 
 
+def tune_following(tune_round, tokens, plan, served: dict, served_now, decode_path: bool, follow: bool,
+                   console=None):
+    """`tune_round(todo, plan, before)` at `tokens` (with `plan`: a quick mode's, or None), then, where `follow`,
+    again at the batch sizes the entries written so far took over untimed (`taken_over` against `served`, what the
+    lookup served before the tune), each such round tuned whole (no plan) against what is served there now, until
+    no batch size is taken over that was not tried already (at most every one of NEIGHBOUR_SIZES). `served_now()`:
+    `configs_served` over NEIGHBOUR_SIZES as the tables are now. Returns (each T's best, the batch sizes still
+    taken over untimed: `taken_over`'s list)."""
+    best_all: dict = {}
+    tried: set = set()
+    todo, before = list(tokens), served_at(tokens, served)
+    while True:
+        tried.update(todo)
+        best_all.update(tune_round(todo, plan, before))
+        now = served_now()
+        changed = taken_over(served, now, best_all, decode_path)
+        todo = [T for T, _, _ in changed if T not in tried]
+        if not follow or not todo:
+            return best_all, changed
+        if console is not None:
+            console.print(escape(f"  --follow: T = {','.join(map(str, todo))} now take the new entries' tiles "
+                                 "untimed; tuning them whole"), soft_wrap=True)
+        plan, before = None, served_at(todo, now)
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", "--preset", action=CsvList, default=None, metavar="NAMES",
                    help="model presets to tune, comma-separated (may repeat); or give --local-experts/--hidden/"
@@ -1088,6 +1113,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "experts run them (where no table has an entry at a T, the tiles the lookup serves there); "
                         f"the entry says `gluon` where those are faster by more than "
                         f"{GLUON_MARGIN * 100:.0f}%% (quick)")
+    p.add_argument("--follow", action="store_true",
+                   help="after writing, tune whole (every candidate, as without a quick mode) the batch sizes the "
+                        "new entries took over untimed (those the note after a tune names), then those the entries "
+                        "of that round took over, until none is left (powers of two up to "
+                        f"{NEIGHBOUR_SIZES[-1]}): one call leaves no batch size served by an entry timed at another T "
+                        "that it changed")
     p.add_argument("--audit", action="store_true",
                    help="tune nothing (no GPU needed): for each table in the package (or --output), how each entry "
                         "was timed, which entries were never raced end to end, and which of them the Gluon pipeline "
@@ -1192,6 +1223,8 @@ def check_mode_flags(args) -> None:
                                    ("--gluon", args.gluon), ("--audit", args.audit)) if on]
     if len(modes) > 1:
         raise UsageError(f"{' and '.join(modes)} are separate modes (the quick modes and --audit); give one")
+    if args.audit and args.follow:
+        raise UsageError("--audit tunes nothing, --follow tunes more; give one")
     if args.gluon and args.no_gluon:
         raise UsageError("--gluon times the Gluon GEMMs, --no-gluon leaves them out; give one")
 
@@ -1335,17 +1368,21 @@ def main(args) -> int:
                           "before: gate_up + down kernel time, or end to end where they have gemv or gluon"},
                 seed_from=source if quick and source != path else None, keep_gluon_of=own, console=console,
                 written=written)
-            best = tune_problem(problem, tokens, reps=args.reps, pool=pool, seed=args.seed, console=console,
-                                plan=plan, verbose=args.verbosity > 0,
-                                show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
-                                gluon=not args.no_gluon, before=served_at(tokens, served),
-                                settle_ms=args.settle_ms, on_best=write,
-                                compile_log=_compile_log_writer(args.compile_log, key))
+            def tune_round(todo, round_plan, before):
+                return tune_problem(problem, todo, reps=args.reps, pool=pool, seed=args.seed, console=console,
+                                    plan=round_plan, verbose=args.verbosity > 0,
+                                    show_progress=args.verbosity >= 0, rescale=args.allow_rescale,
+                                    gluon=not args.no_gluon, before=before, settle_ms=args.settle_ms,
+                                    on_best=write, compile_log=_compile_log_writer(args.compile_log, key))
+
+            def served_now():      # looked up again after each write (the table may exist only now)
+                return configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
+                                      paths=lookup_paths(path, own_table, device))
+
+            best, changed = tune_following(tune_round, tokens, plan, served, served_now,
+                                           decode_path_takes(problem), args.follow, console)
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
-            # looked up again after the write (the table may exist only now)
-            now = configs_served(NEIGHBOUR_SIZES, L, H, I, k, problem.fmt,
-                                 paths=lookup_paths(path, own_table, device))
-            report_taken_over(console, key, taken_over(served, now, best, decode_path_takes(problem)))
+            report_taken_over(console, key, changed)
             del weights
             torch.cuda.empty_cache()
     except KeyboardInterrupt:
