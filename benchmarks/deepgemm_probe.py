@@ -1,0 +1,113 @@
+"""Feasibility probe (session scratch): DeepGEMM's grouped contiguous GEMMs (sgl-deep-gemm wheel) on this GPU,
+checked against a float32 product of the dequantized operands, timed beside our Gluon GEMMs at the same shapes."""
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+import triton
+
+OUT = os.environ.get("OUT", "/tmp")
+res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+for cmd in ["which nvcc", "ls /usr/local", "nvcc --version", "echo CUDA_HOME=$CUDA_HOME"]:
+    log("$", cmd, "->", subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()[:400])
+try:
+    import deep_gemm
+    log("deep_gemm imported from", deep_gemm.__file__)
+    log("mk alignment", deep_gemm.get_mk_alignment_for_contiguous_layout())
+except Exception:
+    traceback.print_exc()
+    json.dump(res, open(f"{OUT}/dg_probe.json", "w"), indent=1)
+    sys.exit(1)
+
+dev = torch.device("cuda")
+gen = torch.Generator(device=dev).manual_seed(0)
+
+
+def quant_rows(x):          # [M, K] -> fp8, [M, K/128] per token-group of 128
+    m, k = x.shape
+    v = x.float().view(m, k // 128, 128)
+    s = v.abs().amax(-1).clamp(1e-4) / 448.0
+    return (v / s[..., None]).to(torch.float8_e4m3fn).view(m, k), s
+
+
+def quant_blocks(w):        # [G, N, K] -> fp8, [G, N/128, K/128]
+    g, n, k = w.shape
+    v = w.float().view(g, n // 128, 128, k // 128, 128)
+    s = v.abs().amax(dim=(2, 4)).clamp(1e-4) / 448.0
+    return (v / s[:, :, None, :, None]).to(torch.float8_e4m3fn).view(g, n, k), s
+
+
+def problem(G, rows, N, K):
+    M = G * rows
+    a = torch.randn(M, K, device=dev, generator=gen)
+    w = torch.randn(G, N, K, device=dev, generator=gen) / K ** 0.5
+    m_idx = torch.arange(G, device=dev, dtype=torch.int32).repeat_interleave(rows)
+    return a, w, m_idx
+
+
+def check_fp8(G, rows, N, K):
+    a, w, m_idx = problem(G, rows, N, K)
+    aq, asf = quant_rows(a)
+    wq, wsf = quant_blocks(w)
+    d = torch.empty(a.shape[0], N, device=dev, dtype=torch.bfloat16)
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, asf), (wq, wsf), d, m_idx)
+    torch.cuda.synchronize()
+    ad = (aq.float().view(-1, K // 128, 128) * asf[..., None]).view(-1, K)
+    wd = (wq.float().view(G, N // 128, 128, K // 128, 128) * wsf[:, :, None, :, None]).view(G, N, K)
+    ref = torch.bmm(ad.view(G, rows, K), wd.transpose(1, 2)).view(-1, N)
+    err = ((d.float() - ref).norm() / ref.norm()).item()
+    return err, (aq, asf, wq, wsf, d, m_idx)
+
+
+def timed(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+shapes = [("ds32 T=8192 gate_up", 32, 2048, 4096, 7168), ("ds32 T=8192 down", 32, 2048, 7168, 2048),
+          ("mixtral T=8192 gate_up", 8, 2048, 28672, 4096), ("mixtral T=8192 down", 8, 2048, 4096, 14336)]
+for name, G, rows, N, K in shapes:
+    try:
+        err, (aq, asf, wq, wsf, d, m_idx) = check_fp8(G, rows, N, K)
+        ms = timed(lambda: deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, asf), (wq, wsf), d, m_idx))
+        tf = 2.0 * G * rows * N * K / ms / 1e9
+        log(f"deepgemm fp8 {name}: {ms:.3f} ms {tf:.0f} TFLOP/s rel err {err:.2e}")
+        res["rows"].append({"what": f"deepgemm fp8 {name}", "ms": ms, "tflops": tf, "rel_err": err})
+        del aq, asf, wq, wsf, d
+    except Exception:
+        traceback.print_exc()
+    if "mixtral" in name:
+        continue
+    try:          # BF16 grouped: deepgemm and torch._grouped_mm on the same rows
+        a, w, m_idx = problem(G, rows, N, K)
+        a, w = a.bfloat16(), w.bfloat16()
+        d = torch.empty(a.shape[0], N, device=dev, dtype=torch.bfloat16)
+        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, w, d, m_idx)
+        torch.cuda.synchronize()
+        ref = torch.bmm(a.float().view(G, rows, K), w.float().transpose(1, 2)).view(-1, N)
+        err = ((d.float() - ref).norm() / ref.norm()).item()
+        ms = timed(lambda: deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, w, d, m_idx))
+        offs = (torch.arange(1, G + 1, device=dev, dtype=torch.int32) * rows)
+        wt = w.transpose(1, 2)
+        ms_t = timed(lambda: torch._grouped_mm(a, wt, offs=offs))
+        fl = 2.0 * G * rows * N * K / 1e9
+        log(f"deepgemm bf16 {name}: {ms:.3f} ms {fl / ms:.0f} TFLOP/s rel err {err:.2e}; torch._grouped_mm "
+            f"{ms_t:.3f} ms {fl / ms_t:.0f}")
+        res["rows"].append({"what": f"deepgemm bf16 {name}", "ms": ms, "tflops": fl / ms, "rel_err": err,
+                            "grouped_mm_ms": ms_t})
+        del a, w, d
+    except Exception:
+        traceback.print_exc()
+    torch.cuda.empty_cache()
+    json.dump(res, open(f"{OUT}/dg_probe.json", "w"), indent=1)
+json.dump(res, open(f"{OUT}/dg_probe.json", "w"), indent=1)
