@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call on one H100 or H200 (the file names say which), under 10 minutes, in parts (PARTS, in this order):
 #   tests     every single-GPU test (pytest -m "gpu and not multigpu"; TESTS: fewer; TESTS_SECONDS: its limit, default
-#             540: the 160 tests of 9847dd5 took 413 s, past the 300 it had), each test named as it ends (-v), so a
-#             run cut by its limit says which passed (the order and count on a GPU differ from a CPU's collection)
+#             540: the 160 tests of 9847dd5 took 413 s, past the 300 it had; the 181 of 302e423 did not finish in 570 s
+#             on a fresh H100, 180 done: split them, TESTS=tests/test_triton_gpu.py in one call and the other files in
+#             the next), each test named as it ends (-v), so a run cut by its limit says which passed (the order and
+#             count on a GPU differ from a CPU's collection)
 #   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
 #             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
 #   ws        the block-FP8 experts at the prefill targets (deepseek-v3 32-expert shard T = 4096, 8192;
