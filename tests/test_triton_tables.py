@@ -849,11 +849,10 @@ def test_tune_stopped_part_way_says_what_was_written_and_what_was_not():
     assert previous == before and signal.getsignal(signal.SIGTERM) == before
 
 
-@pytest.mark.parametrize("stop_at", [None, 512])
-def test_tune_main_writes_as_it_goes_and_reports_a_stop(monkeypatch, tmp_path, capsys, stop_at):
-    """`epmoe tune` end to end on the CPU, its GPU stood in for (the device's name, the weights, `tune_problem`):
-    each T's entry is in --output as soon as `tune_problem` decides it; stopped at the second T (as SIGTERM from
-    a time limit would), it exits 130 naming the T written and the --tokens not tuned, the table whole."""
+def _tune_main_on_the_cpu(monkeypatch):
+    """`epmoe tune`'s main made to run on the CPU, its GPU stood in for (the device's name, the weights); returns
+    run(argv): main on a 4-expert shape (H 64, I 32, top-2) with argv added, its exit status (`tune_problem` is
+    the caller's to stand in for)."""
     pytest.importorskip("triton", reason="epmoe tune reports triton's version")
     import argparse
     import torch
@@ -869,6 +868,60 @@ def test_tune_main_writes_as_it_goes_and_reports_a_stop(monkeypatch, tmp_path, c
     monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
     monkeypatch.setattr(bench_experts, "make_weights", lambda cfg, device, gen: (ExpertWeights(
         torch.zeros(4, 64, 64, dtype=torch.bfloat16), torch.zeros(4, 64, 32, dtype=torch.bfloat16)), None))
+
+    def run(argv):
+        p = argparse.ArgumentParser()
+        tune.configure_parser(p)
+        args = p.parse_args(["--local-experts", "4", "--hidden", "64", "--inter", "32", "--top-k", "2",
+                             "--jobs", "1", *argv])
+        args.verbosity = 0
+        return tune.main(args)
+    return run
+
+
+@pytest.mark.parametrize("stop_at", [None, 512])
+def test_tune_main_follow_runs_its_rounds_and_names_a_cut_round(monkeypatch, tmp_path, capsys, stop_at):
+    """`epmoe tune --follow` end to end on the CPU: T = 1024's new entry takes over the batch sizes near it, which
+    the next round tunes (announced); stopped in that round, the report names what of it was not tuned, not only
+    the --tokens given."""
+    from epmoe.bench import tune
+    run_main = _tune_main_on_the_cpu(monkeypatch)
+    path = str(tmp_path / "table.json")
+    calls = []
+
+    def fake_tune(problem, tokens, on_best=None, plan=None, **kw):
+        calls.append((list(tokens), plan))
+        best = {}
+        for T in tokens:
+            if T == stop_at:
+                raise KeyboardInterrupt
+            best[T] = (MoEKernelConfig(32, GemmConfig(64, 64, 1 + T % 5, 4, 3), GemmConfig(64, 64, 1, 4, 3)),
+                       0.01 * T)
+            on_best(T, best[T])
+        return best
+
+    monkeypatch.setattr(tune, "tune_problem", fake_tune)
+    key = shape_key(4, 64, 32, 2, "bfloat16")
+    status = run_main(["--tokens", "1024", "--output", path, "--follow"])
+    out = capsys.readouterr().out
+    with open(path) as f:
+        written = sorted(int(T) for T in json.load(f)["entries"][key])
+    assert calls[0] == ([1024], None) and len(calls) >= 2 and 512 in calls[1][0] and calls[1][1] is None
+    assert "--follow: T = " in out
+    if stop_at is None:
+        assert status == 0 and "no batch size not timed here" in out and {128, 512, 1024, 8192} <= set(written)
+    else:
+        rest = [T for T in calls[1][0] if T not in written]
+        assert status == 130 and rest[0] == 512 and f"not tuned: {key} at --tokens {','.join(map(str, rest))}" in out
+
+
+@pytest.mark.parametrize("stop_at", [None, 512])
+def test_tune_main_writes_as_it_goes_and_reports_a_stop(monkeypatch, tmp_path, capsys, stop_at):
+    """`epmoe tune` end to end on the CPU, its GPU stood in for (the device's name, the weights, `tune_problem`):
+    each T's entry is in --output as soon as `tune_problem` decides it; stopped at the second T (as SIGTERM from
+    a time limit would), it exits 130 naming the T written and the --tokens not tuned, the table whole."""
+    from epmoe.bench import tune
+    run_main = _tune_main_on_the_cpu(monkeypatch)
     g = GemmConfig(64, 64, 1, 4, 3)
     path = str(tmp_path / "table.json")
 
@@ -885,12 +938,7 @@ def test_tune_main_writes_as_it_goes_and_reports_a_stop(monkeypatch, tmp_path, c
 
     monkeypatch.setattr(tune, "tune_problem", fake_tune)
     key = shape_key(4, 64, 32, 2, "bfloat16")
-    p = argparse.ArgumentParser()
-    tune.configure_parser(p)
-    args = p.parse_args(["--local-experts", "4", "--hidden", "64", "--inter", "32", "--top-k", "2",
-                         "--tokens", "16,512,1024", "--output", path, "--jobs", "1"])
-    args.verbosity = 0
-    status = tune.main(args)
+    status = run_main(["--tokens", "16,512,1024", "--output", path])
     out = capsys.readouterr().out
     with open(path) as f:
         entries = json.load(f)["entries"][key]
@@ -1011,18 +1059,22 @@ def test_tune_names_the_untimed_batch_sizes_its_new_entries_take_over(tmp_path):
 
 
 def test_tune_follow_tunes_the_batch_sizes_each_round_took_over_until_none_is_left(tmp_path):
-    """The H100's fp8_channel tunes of mixtral took six calls: T = 1024's new entry took over T = 128 .. 2048
-    untimed, their entries took over T = 16 .. 512, those T = 1 .. 32, and so on. `--follow` runs those rounds
-    in one call: each round tunes whole (no quick plan) the batch sizes the entries written so far changed,
-    raced against what is served there now; it ends where none is left that was not tried."""
+    """The H100's fp8_channel tunes took four calls at mixtral and two at the deepseek shard: each call's new
+    entries took over batch sizes near them untimed (T = 1024's took over T = 128 .. 2048, theirs T = 16 .. 512,
+    and so on), which the next call tuned. `--follow` runs those rounds in one call: each round tunes whole (no
+    quick plan) the batch sizes the entries written so far changed, raced against what is served there after
+    them; a batch size asked for that the quick plan left out counts as not tried; it ends where none is left
+    that was not tried."""
     from epmoe.bench import tune
-    path = str(tmp_path / "t.json")
     key = shape_key(32, 7168, 2048, 8, "fp8_block")
     prefill = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(256, 128, 8, 8, 3))
-    tune.merge_into_table(path, key, {4096: (prefill, 2.9), 8192: (prefill, 5.6)}, {"device": "test"})
-    _load_table.cache_clear()
 
-    def served_now():
+    def table(name):            # a table with prefill entries only, as the H100's had for fp8_channel
+        path = str(tmp_path / name)
+        tune.merge_into_table(path, key, {4096: (prefill, 2.9), 8192: (prefill, 5.6)}, {"device": "test"})
+        return path
+
+    def served_now(path):
         _load_table.cache_clear()
         return tune.configs_served(tune.NEIGHBOUR_SIZES, 32, 7168, 2048, 8, "fp8_block",
                                    paths=tune.lookup_paths(path, False))
@@ -1031,30 +1083,41 @@ def test_tune_follow_tunes_the_batch_sizes_each_round_took_over_until_none_is_le
         return MoEKernelConfig(16 if T <= 16 else 64, GemmConfig(128, 128, 1 + T % 7, 4, 3),
                                GemmConfig(64, 128, 1, 4, 3 + T % 3))
 
-    rounds = []
+    def follow(path, tokens, plan, follow):
+        rounds = []
 
-    def tune_round(todo, plan, before):
-        rounds.append((list(todo), plan, sorted(before)))
-        best = {T: (config_for(T), 0.1 * T) for T in todo}
-        tune.merge_into_table(path, key, best, {"device": "test"})
-        return best
+        def tune_round(todo, plan, before):     # a quick plan times only its own T, as --gluon does
+            rounds.append((list(todo), plan, dict(before)))
+            best = {T: (config_for(T), 0.1 * T) for T in todo if plan is None or T in plan}
+            tune.merge_into_table(path, key, best, {"device": "test"})
+            return best
+        asked = []
+        best, left = tune.tune_following(tune_round, tokens, plan, served_now(path), lambda: served_now(path), True,
+                                         follow, on_round=asked.extend)
+        return rounds, asked, best, left
 
-    served = tune.configs_served(sorted(set(tune.NEIGHBOUR_SIZES) | {128}), 32, 7168, 2048, 8, "fp8_block",
-                                 paths=tune.lookup_paths(path, False))
+    # without --follow: one round, and the note names what it took over
+    path = table("a.json")
     plan = {128: "quick"}
-    best, left = tune.tune_following(tune_round, [128], plan, served, served_now, True, follow=False)
-    assert [r[0] for r in rounds] == [[128]] and rounds[0][1] is plan
-    assert [T for T, _, _ in left] == [16, 32, 64, 256, 512]            # what the note names without --follow
-    rounds.clear()          # a second tune, of those five, with --follow: from what is served now
-    best, left = tune.tune_following(tune_round, [16, 32, 64, 256, 512], plan, served_now(), served_now, True,
-                                     follow=True)
-    # round 1 took over T = 2 .. 8 (T = 16's reach) and 1024 (nearer 512 than 4096); round 2's entries took over
-    # T = 1 (T = 2's) and 2048 (as near 1024 as 4096: the lookup takes the smaller); then nothing is left
+    rounds, asked, best, left = follow(path, [128], plan, False)
+    assert [r[0] for r in rounds] == [[128]] and rounds[0][1] is plan and asked == []
+    assert [T for T, _, _ in left] == [16, 32, 64, 256, 512]
+    # then those five with --follow: round 1 took over T = 2 .. 8 (T = 16's reach) and 1024 (nearer 512 than
+    # 4096); round 2's entries took over T = 1 (T = 2's) and 2048 (as near 1024 as 4096: the lookup takes the
+    # smaller); then nothing is left
+    rounds, asked, best, left = follow(path, [16, 32, 64, 256, 512], None, True)
     assert [r[0] for r in rounds] == [[16, 32, 64, 256, 512], [2, 4, 8, 1024], [1, 2048]]
-    assert rounds[0][1] is plan and all(r[1] is None for r in rounds[1:]) and rounds[1][2] == [2, 4, 8, 1024]
+    assert all(r[1] is None for r in rounds) and asked == [2, 4, 8, 1024, 1, 2048]
     assert left == [] and sorted(best) == [1, 2, 4, 8, 16, 32, 64, 256, 512, 1024, 2048]
-    # each round raced against what was served there then: T = 1024 against T = 512's new entry, not 4096's
-    assert served_now()[1024][1].endswith("[T=1024]")
+    # each round raced against what was served there after the rounds before: T = 1024 against T = 512's new
+    # entry, not 4096's
+    assert rounds[1][2][1024] == served_now(path)[512][0] != prefill
+    # a quick plan that leaves out T = 32 of --tokens: T = 64's entry takes it over (and every size within its
+    # reach: 512 is as near 64 as 4096), and round 2 tunes it whole
+    path = table("b.json")
+    rounds, asked, best, left = follow(path, [32, 64], {64: "quick"}, True)
+    assert [r[0] for r in rounds] == [[32, 64], [8, 16, 32, 128, 256, 512], [1, 2, 4, 1024], [2048]]
+    assert rounds[0][1] == {64: "quick"} and rounds[1][1] is None and 32 in best and left == []
 
 
 class _JitKeys:

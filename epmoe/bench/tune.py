@@ -1048,18 +1048,20 @@ def report_taken_over(console, key: str, changed: list[tuple[int, str, str]]) ->
 
 
 def tune_following(tune_round, tokens, plan, served: dict, served_now, decode_path: bool, follow: bool,
-                   console=None):
-    """`tune_round(todo, plan, before)` at `tokens` (with `plan`: a quick mode's, or None), then, where `follow`,
-    again at the batch sizes the entries written so far took over untimed (`taken_over` against `served`, what the
-    lookup served before the tune), each such round tuned whole (no plan) against what is served there now, until
-    no batch size is taken over that was not tried already (at most every one of NEIGHBOUR_SIZES). `served_now()`:
-    `configs_served` over NEIGHBOUR_SIZES as the tables are now. Returns (each T's best, the batch sizes still
-    taken over untimed: `taken_over`'s list)."""
+                   console=None, on_round=None):
+    """`tune_round(todo, plan, before)` at `tokens` (with `plan`: a quick mode's, {T: ...}, or None), then, where
+    `follow`, again at the batch sizes the entries written so far took over untimed (`taken_over` against
+    `served`, what the lookup served before the tune), each such round tuned whole (no plan) against what is
+    served there now (the entries of the rounds before included), until no batch size is taken over that was not
+    tried already: at most every one of NEIGHBOUR_SIZES. A T of `tokens` the plan leaves out (a quick mode times
+    only some) counts as not tried. `served_now()`: `configs_served` over NEIGHBOUR_SIZES as the tables are now;
+    `on_round(todo)`: told each follow round's batch sizes before it runs. Returns (each T's best, the batch sizes
+    still taken over untimed: `taken_over`'s list)."""
     best_all: dict = {}
     tried: set = set()
     todo, before = list(tokens), served_at(tokens, served)
     while True:
-        tried.update(todo)
+        tried.update(T for T in todo if plan is None or T in plan)
         best_all.update(tune_round(todo, plan, before))
         now = served_now()
         changed = taken_over(served, now, best_all, decode_path)
@@ -1069,6 +1071,8 @@ def tune_following(tune_round, tokens, plan, served: dict, served_now, decode_pa
         if console is not None:
             console.print(escape(f"  --follow: T = {','.join(map(str, todo))} now take the new entries' tiles "
                                  "untimed; tuning them whole"), soft_wrap=True)
+        if on_round is not None:
+            on_round(todo)
         plan, before = None, served_at(todo, now)
 
 
@@ -1115,10 +1119,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         f"{GLUON_MARGIN * 100:.0f}%% (quick)")
     p.add_argument("--follow", action="store_true",
                    help="after writing, tune whole (every candidate, as without a quick mode) the batch sizes the "
-                        "new entries took over untimed (those the note after a tune names), then those the entries "
-                        "of that round took over, until none is left (powers of two up to "
-                        f"{NEIGHBOUR_SIZES[-1]}): one call leaves no batch size served by an entry timed at another T "
-                        "that it changed")
+                        "new entries took over untimed (those the note after a tune names), each raced against what "
+                        "is served there after the entries written so far, then those the entries of that round "
+                        "took over, until none is left: one call leaves no batch size (powers of two up to "
+                        f"{NEIGHBOUR_SIZES[-1]}) served by an entry timed at another T that it changed. On a shape "
+                        "with few entries that can be every one of those batch sizes")
     p.add_argument("--audit", action="store_true",
                    help="tune nothing (no GPU needed): for each table in the package (or --output), how each entry "
                         "was timed, which entries were never raced end to end, and which of them the Gluon pipeline "
@@ -1177,7 +1182,8 @@ def entry_writer(path: str, key: str, extra: dict, seed_from: str | None = None,
 
 def stopped_report(path: str, tokens: list[int], begun: list[tuple[str, list[int]]], shapes: int) -> str:
     """What `epmoe tune` says when stopped part way (Ctrl-C, or SIGTERM from a time limit): the entries written
-    before it, which stay in the table, and what was not tuned (`begun`: each shape begun, with its T written)."""
+    before it, which stay in the table, and what was not tuned (`begun`: each shape begun, with its T written;
+    `tokens`: the T asked for the last one, --follow's rounds included)."""
     lines = [f"epmoe tune: stopped. The entries written before it stay in {path}:"]
     for key, written in begun:
         lines.append(f"  {key}: " + (f"T = {', '.join(map(str, sorted(written)))} written" if written
@@ -1313,6 +1319,7 @@ def main(args) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     problems = _problem_configs(args)
     begun: list[tuple[str, list[int]]] = []         # each shape begun, with the T written for it so far
+    asked: list[int] = list(tokens)                 # the T asked for the shape being tuned (--follow adds to them)
     pool = None
     if args.jobs > 1:
         import multiprocessing as mp
@@ -1330,6 +1337,7 @@ def main(args) -> int:
             console.print(f"[bold]{escape(str(key))}[/bold] on {escape(gpu)}")
             written: list[int] = []
             begun.append((key, written))
+            asked = list(tokens)
             plan = None
             quick = args.refine or args.persistent or args.gluon
             source = path
@@ -1380,13 +1388,13 @@ def main(args) -> int:
                                       paths=lookup_paths(path, own_table, device))
 
             best, changed = tune_following(tune_round, tokens, plan, served, served_now,
-                                           decode_path_takes(problem), args.follow, console)
+                                           decode_path_takes(problem), args.follow, console, on_round=asked.extend)
             console.print(escape(f"wrote {len(best)} configurations for {key} to {path}"))
             report_taken_over(console, key, changed)
             del weights
             torch.cuda.empty_cache()
     except KeyboardInterrupt:
-        console.print(escape(stopped_report(path, tokens, begun, len(problems))), soft_wrap=True)
+        console.print(escape(stopped_report(path, asked, begun, len(problems))), soft_wrap=True)
         return 130
     finally:
         if sigterm is not None:
