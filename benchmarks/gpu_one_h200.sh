@@ -33,7 +33,8 @@
 #             the `triton` experts run both; entries where the Gluon GEMMs win by more than 2% say `gluon`
 #             (GLUON_TUNE_FORMATS: the formats, default fp8_block,bf16; GLUON_TUNE_SETS: which of the three
 #             lines, default "shard mixtral wide", and "audit": each shape with entries `epmoe tune --audit` names on
-#             this GPU's table, at those T and in their format, whatever GLUON_TUNE_FORMATS says);
+#             this GPU's table, at those T and in their format, whatever GLUON_TUNE_FORMATS says; GLUON_TUNE_EXTRA:
+#             more arguments of every one of those tunes, e.g. --follow);
 #             into this GPU's table in the package (before and after kept, as for tune)
 #   probe     benchmarks/ws_probe.py: a persistent grouped GEMM with TMA-loaded operands, warp
 #             specialization off and on, beside the library's kernels
@@ -290,19 +291,20 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_gluon_tune.json"; fi
         sets=" ${GLUON_TUNE_SETS:-shard mixtral wide} "
         formats=${GLUON_TUNE_FORMATS:-fp8_block,bf16}
+        extra=${GLUON_TUNE_EXTRA:-}
         run "$OUT/gluon_tune_${GPU}_$DAY.log" "${GLUON_TUNE_SECONDS:-420}" bash -c "
             if [[ '$sets' == *' shard '* ]]; then python3 -m epmoe tune --gluon --local-experts 32 --hidden 7168 \
-                --inter 2048 --top-k 8 --formats $formats --tokens 4096,8192 || exit 1; fi
+                --inter 2048 --top-k 8 --formats $formats --tokens 4096,8192 $extra || exit 1; fi
             if [[ '$sets' == *' mixtral '* ]]; then python3 -m epmoe tune --gluon --presets mixtral-8x7b \
-                --formats $formats --tokens 1024,8192 || exit 1; fi
+                --formats $formats --tokens 1024,8192 $extra || exit 1; fi
             if [[ '$sets' == *' wide '* ]]; then python3 -m epmoe tune --gluon \
-                --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats $formats --tokens 8192 || exit 1; fi
+                --presets deepseek-v3,gpt-oss-120b,qwen3-30b-a3b --formats $formats --tokens 8192 $extra || exit 1; fi
             if [[ '$sets' == *' audit '* ]]; then
                 args=\$(python3 -m epmoe.bench.tune_audit '$table') || exit 1
                 [ -z \"\$args\" ] && echo '## epmoe tune --audit names no entry to race on this GPU'
                 while read -r line; do
                     [ -z \"\$line\" ] && continue
-                    echo \"## epmoe tune --gluon \$line\"; python3 -m epmoe tune --gluon \$line || exit 1
+                    echo \"## epmoe tune --gluon \$line $extra\"; python3 -m epmoe tune --gluon \$line $extra || exit 1
                 done <<< \"\$args\"
             fi"
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_after_gluon_tune.json"; fi ;;

@@ -37,3 +37,28 @@ def test_only_on_runs_the_parts_on_the_gpu_it_names_only(tmp_path, gpu_name, onl
         assert "== no_such_part" not in proc.stdout and not (tmp_path / "out" / "gpu_one_h200").exists()
     else:
         assert "== no_such_part" in proc.stdout and "unknown part no_such_part" in proc.stdout
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
+def test_gluon_tune_passes_its_extra_arguments_to_every_tune(tmp_path):
+    """Part `gluon_tune` with GLUON_TUNE_EXTRA (e.g. --follow): every `epmoe tune` it starts, the audit's lines
+    included, gets those arguments (python3 stood in for by a script that logs its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    for name, body in (("nvidia-smi", "echo 'NVIDIA H200'"),
+                       ("python3", f"echo \"$*\" >> '{calls}'\n"
+                                   "case \"$*\" in *tune_audit*) echo '--presets gpt-oss-120b --tokens 8192';; "
+                                   "*) echo NVIDIA_H200;; esac")):
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PARTS="gluon_tune", COMMIT="0" * 40, GLUON_TUNE_SETS="mixtral audit", GLUON_TUNE_EXTRA="--follow")
+    env.pop("ONLY_ON", None)
+    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tunes = [line for line in calls.read_text().splitlines() if line.startswith("-m epmoe tune")]
+    assert tunes == [
+        "-m epmoe tune --gluon --presets mixtral-8x7b --formats fp8_block,bf16 --tokens 1024,8192 --follow",
+        "-m epmoe tune --gluon --presets gpt-oss-120b --tokens 8192 --follow"]
