@@ -1376,6 +1376,7 @@ def main(args) -> int:
                           "before: gate_up + down kernel time, or end to end where they have gemv or gluon"},
                 seed_from=source if quick and source != path else None, keep_gluon_of=own, console=console,
                 written=written)
+
             def tune_round(todo, round_plan, before):
                 return tune_problem(problem, todo, reps=args.reps, pool=pool, seed=args.seed, console=console,
                                     plan=round_plan, verbose=args.verbosity > 0,
