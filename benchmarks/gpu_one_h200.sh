@@ -4,7 +4,7 @@
 #             540: the 160 tests of 9847dd5 took 413 s, past the 300 it had; the 181 of 302e423 did not finish in 570 s
 #             on a fresh H100, 180 done: split them, TESTS=tests/test_triton_gpu.py in one call and the other files in
 #             the next), each test named as it ends (-v), so a run cut by its limit says which passed (the order and
-#             count on a GPU differ from a CPU's collection)
+#             count on a GPU differ from a CPU's collection); a run that ends lists its 30 slowest tests
 #   crossover where `triton_ws` crosses `triton` in block FP8 below the prefill targets (deepseek-v3 32-expert
 #             shard T = 512-4096, mixtral T = 256-4096; epmoe bench experts, the two backends only)
 #   ws        the block-FP8 experts at the prefill targets (deepseek-v3 32-expert shard T = 4096, 8192;
@@ -187,7 +187,7 @@ for part in $PARTS; do
     case $part in
     tests)
         run "$OUT/pytest_gpu_${GPU}_$DAY.txt" "${TESTS_SECONDS:-540}" \
-            python3 -m pytest ${TESTS:-tests} -v -p no:cacheprovider -m "gpu and not multigpu" ;;
+            python3 -m pytest ${TESTS:-tests} -v -p no:cacheprovider --durations=30 -m "gpu and not multigpu" ;;
     experts)
         run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-300}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \
