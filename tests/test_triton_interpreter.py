@@ -408,8 +408,9 @@ if INTERPRETING:
     def test_fp8_rows_of_unlike_size(granularity, act_group):
         """FP8 activations whose rows differ 16x in size (x rows times 1, 4, 16 in turn), checked row by row: a
         kernel that read another row's activation scale would be off by 4-16x in that row, where random rows of
-        one size (and a norm over all rows) would hide it. Plain, swap-AB, a persistent walk over split tiles
-        and (block weights) stacked gate+up products."""
+        one size (and a norm over all rows) would hide it. Plain, swap-AB, a persistent walk over split tiles,
+        (block weights) stacked gate+up products and (per-channel weights) TMA weights with swap-AB, as the H100
+        table's per-channel entries run them."""
         from epmoe.kernels.fused_moe import Fp8Operands
         from epmoe.quant.fp8 import Fp8Config, fp8_quantize_torch
         T, E, k, H, I = 12, 4, 2, 256, 256
@@ -433,6 +434,13 @@ if INTERPRETING:
         if granularity == "block":
             configs.append(MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2, stack_gate_up=True),
                                            GemmConfig(64, 128, 1, 4, 2)))
+        if granularity == "channel":    # the forms of the H100 table's per-channel entries: TMA weights, swap-AB
+            configs += [MoEKernelConfig(16, GemmConfig(128, 128, 1, 8, 5, tma=True, swap_ab=True),
+                                        GemmConfig(64, 128, 1, 4, 8, swap_ab=True)),
+                        MoEKernelConfig(32, GemmConfig(128, 128, 1, 8, 5, tma=True, swap_ab=True),
+                                        GemmConfig(128, 128, 1, 8, 3, swap_ab=True)),
+                        MoEKernelConfig(64, GemmConfig(128, 128, 8, 4, 5, tma=True),
+                                        GemmConfig(128, 128, 8, 8, 3, tma=True))]
         for config in configs:
             out = fused_experts(xq, ids, w, q13, q2, "silu", out_dtype=torch.float32, config=config, fp8=ops)
             for t in range(T):
