@@ -419,14 +419,12 @@ def _column_scaled(acc0, acc1, a_scale_ptr, scale_rows, w_scale_row, w_first, N,
     accumulator j holds weight rows w_first + j * N (GATED: the up rows) or w_first + j * SUB_N), and
     (ROW_SCALE) their rows' A scales, before the bias and the activation. The column scales come one per
     thread and through shared memory (`_bias_row`), as the bias does."""
+    s0 = _bias_row(w_scale_row, w_first, N, cols0)
+    s1 = s0
     if GATED:
-        s0 = _bias_row(w_scale_row, w_first, N, cols0)
         s1 = _bias_row(w_scale_row + N, w_first, N, cols0)
-    else:
-        s0 = _bias_row(w_scale_row, w_first, N, cols0)
-        s1 = s0
-        if SPLIT == 2:
-            s1 = _bias_row(w_scale_row, w_first + SUB_N, N, cols0)
+    elif SPLIT == 2:
+        s1 = _bias_row(w_scale_row, w_first + SUB_N, N, cols0)
     if ROW_SCALE:
         r = gl.load(a_scale_ptr + scale_rows)
         acc0 = acc0 * r[:, None] * s0[None, :]
