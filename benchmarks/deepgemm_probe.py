@@ -24,6 +24,9 @@ def log(*a):
     print(*a, flush=True)
 
 
+log(f"# {' '.join(sys.argv)}; commit {os.environ.get('EPMOE_COMMIT', 'unknown')}; {res['gpu']}; torch {res['torch']}; "
+    f"triton {res['triton']}; {res['date']}")
+res["command"], res["commit"] = " ".join(sys.argv), os.environ.get("EPMOE_COMMIT", "unknown")
 for cmd in ["which nvcc", "ls /usr/local", "nvcc --version", "echo CUDA_HOME=$CUDA_HOME"]:
     log("$", cmd, "->", subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()[:400])
 try:
