@@ -62,14 +62,19 @@ FOCUS = {"scale_tma": lambda scale_tma, store_tma, bias, stagger: scale_tma,
 
 class Problem:
     """One grouped GEMM in the kernel's layout: A [M, K] (rows of tile m belong to expert tile_expert[m]),
-    W [E, w_rows, K], with FP8 block scales where `fp8`, a bias, and `gated` (the activation, FP8 out).
+    W [E, w_rows, K], with FP8 block scales where `fp8` (`channel`: a weight scale per output row and A's per
+    row instead, as `fp8_channel` runs), a bias, and `gated` (the activation; FP8 out in block FP8, BF16 out
+    per channel, whose rows are quantized after it).
     `tokens`: A holds that many rows instead, picked for the M layout rows by `a_rows` (given, or drawn
     at random: some picked twice, some never), as the backend's gate+up reads the tokens."""
 
-    def __init__(self, fp8, gated, tile_expert, E, w_rows, K, gen, dev, a_std=1.0, tokens=None, a_rows=None):
+    def __init__(self, fp8, gated, tile_expert, E, w_rows, K, gen, dev, a_std=1.0, tokens=None, a_rows=None,
+                 channel=False):
         import torch
         from epmoe.quant.fp8 import fp8_quantize, quantize_weight
-        self.fp8, self.gated = fp8, gated
+        if channel and not fp8:
+            raise ValueError("Problem: channel is a form of FP8")
+        self.fp8, self.gated, self.channel = fp8, gated, channel
         self.tile_expert = torch.tensor(tile_expert, dtype=torch.int32, device=dev)
         M = 128 * len(tile_expert)
         if tokens is not None and a_rows is None:
@@ -81,9 +86,9 @@ class Problem:
         self.use_bias = True        # args() passes the bias (a timed variant may turn it off)
         self.a_scale_t = self.w_scale = None
         if fp8:
-            a, s = fp8_quantize(a, 128)
+            a, s = fp8_quantize(a, None if channel else 128)
             self.a_scale_t = s.t().contiguous()
-            wq = [quantize_weight(w[e], "block", (128, 128)) for e in range(E)]
+            wq = [quantize_weight(w[e], "channel" if channel else "block", (128, 128)) for e in range(E)]
             w = torch.stack([q for q, _ in wq])
             self.w_scale = torch.stack([s for _, s in wq]).contiguous()
         else:
@@ -95,7 +100,7 @@ class Problem:
 
     def new_out(self, dev):
         import torch
-        out_fp8 = self.fp8 and self.gated
+        out_fp8 = self.fp8 and self.gated and not self.channel
         out = torch.zeros(self.M, self.N, dtype=torch.float8_e4m3fn if out_fp8 else torch.bfloat16, device=dev)
         scale_t = torch.ones(-(-self.N // 128), self.M, device=dev) if out_fp8 else None
         return out, scale_t

@@ -107,6 +107,11 @@
 #             (benchmarks/gpu_overlap_check.py, where it exists)
 #   memory    torch.cuda.memory_allocated over 1000 forwards of random sizes, every dispatcher that runs on
 #             one GPU (benchmarks/gpu_memory_check.py)
+#   deepgemm  DeepGEMM's grouped contiguous GEMMs beside ours (benchmarks/deepgemm_probe.py), from wheels sent with
+#             the call by the device tool's carry (DEEPGEMM_WHEELS, default .anchors/sgl_deep_gemm-0.1.7-*.whl and
+#             .anchors/apache_tvm_ffi-0.1.11-*.whl, the tvm-ffi 0.1.7 asks for; PyPI's sgl-deep-gemm 0.2.x needs a
+#             c10 symbol torch 2.11 lacks) installed without their dependencies into a folder of this call only,
+#             CUDA_HOME defaulting to /usr/local/cuda for its kernels' compiles
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -360,7 +365,15 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
     memory)
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
-    *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory)"; exit 2 ;;
+    deepgemm)
+        dg=$(mktemp -d)
+        run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c "
+            python3 -m pip install -q --no-deps --no-index --target $dg \
+                ${DEEPGEMM_WHEELS:-.anchors/sgl_deep_gemm-0.1.7-*.whl .anchors/apache_tvm_ffi-0.1.11-*.whl} || exit 1
+            CUDA_HOME=\${CUDA_HOME:-/usr/local/cuda} PYTHONPATH=$dg:. python3 benchmarks/deepgemm_probe.py"
+        if [ -f "$OUT/dg_probe.json" ]; then mv "$OUT/dg_probe.json" "$OUT/deepgemm_probe_${GPU}_$DAY.json"; fi
+        rm -rf "$dg" ;;
+    *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory deepgemm)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

@@ -9,7 +9,8 @@ warmed up outside it), on a random top-k routing laid out in tiles of 128:
 
 Without ncu it prints each launch's time (`triton.testing.do_bench` median) and checks two tiles of
 each against the kernel's PyTorch statement; `--group-m 8,16,32 --formats fp8,bf16` times each value
-of the walk's grouping in each format (BF16: 64-wide K blocks). The gate+up tile is 256 wide (gate and up
+of the walk's grouping in each format (BF16: 64-wide K blocks; `fp8_channel`: weight scales per output row and
+A's per row, the gate+up's output BF16 as `fp8_channel`'s experts run it). The gate+up tile is 256 wide (gate and up
 of 128 outputs); the down GEMM's width is the kernel's own choice where no `--down-block-n` names others
 (`auto,256`: the backends' width, then 256 columns, each launched and profiled in turn); `--wide-mma off,on`
 times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block, or one per weight box);
@@ -40,6 +41,10 @@ def shapes() -> dict:
     return dict(ws_probe.SHAPES, **{"deepseek-v3": (256, 7168, 2048, 8), "gpt-oss-120b": (128, 2944, 2944, 4)})
 
 
+# --formats: the name each is printed with
+FORMAT_NAMES = {"fp8": "fp8_block", "fp8_channel": "fp8_channel", "bf16": "bf16"}
+
+
 def off_on(parser, flag: str, value: str) -> list[bool]:
     """The values of an off / on / off,on option, in order (anything else: the parser's error)."""
     values = [{"off": False, "on": True}.get(v) for v in value.split(",")]
@@ -48,15 +53,15 @@ def off_on(parser, flag: str, value: str) -> list[bool]:
     return values
 
 
-def time_row_copy(tokens, H, k, fp8, aligned, rows_to_layout, gen, dev) -> float:
+def time_row_copy(tokens, H, k, fmt, aligned, rows_to_layout, gen, dev) -> float:
     """The backend's copy of the token rows (and FP8 scales) into layout order: `do_bench` median, ms."""
     import torch
     import triton
     x = torch.randn(tokens, H, generator=gen, device=dev)
     scales = None
-    if fp8:
+    if fmt != "bf16":
         from epmoe.quant.fp8 import fp8_quantize
-        x, scales = fp8_quantize(x, 128)
+        x, scales = fp8_quantize(x, None if fmt == "fp8_channel" else 128)
     else:
         x = x.bfloat16()
     return triton.testing.do_bench(lambda: rows_to_layout(x, scales, aligned, k), warmup=10, rep=50,
@@ -76,7 +81,8 @@ def main(argv=None) -> int:
                    help="FP8: the A scales from global memory (scale_tma=False) instead of by TMA (the default)")
     p.add_argument("--group-m", default="8", help="m-tiles walked side by side, comma-separated values to time "
                                                   "each (default %(default)s)")
-    p.add_argument("--formats", default="fp8", help="fp8 (block), bf16, or both comma-separated (default %(default)s)")
+    p.add_argument("--formats", default="fp8", help="fp8 (block), fp8_channel, bf16, comma-separated (default "
+                                                    "%(default)s)")
     p.add_argument("--down-block-n", default="auto",
                    help="output columns of a down GEMM tile, comma-separated values to time each: 64, 128, 256 or "
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
@@ -98,8 +104,8 @@ def main(argv=None) -> int:
     group_ms = [int(v) for v in args.group_m.split(",")]
     formats = args.formats.split(",")
     down_widths = [None if v == "auto" else int(v) if v.isdigit() else -1 for v in args.down_block_n.split(",")]
-    if not group_ms or min(group_ms) < 1 or not set(formats) <= {"fp8", "bf16"}:
-        p.error("--group-m takes positive integers, --formats fp8 and/or bf16")
+    if not group_ms or min(group_ms) < 1 or not set(formats) <= set(FORMAT_NAMES):
+        p.error("--group-m takes positive integers, --formats fp8, fp8_channel and/or bf16")
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
     wides = off_on(p, "--wide-mma", args.wide_mma)
@@ -126,15 +132,15 @@ def main(argv=None) -> int:
     failed = 0
     for fmt in formats:
         if False in gathers:
-            copy_ms = time_row_copy(args.tokens, H, k, fmt == "fp8", aligned, rows_to_layout, gen, dev)
-            print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} row copy into the "
+            copy_ms = time_row_copy(args.tokens, H, k, fmt, aligned, rows_to_layout, gen, dev)
+            print(f"{args.shape} T={args.tokens} {FORMAT_NAMES[fmt]} row copy into the "
                   f"layout (rows_to_layout, with the scales): {copy_ms:.3f} ms", flush=True)
         launches = [("gate_up", 2 * I, H, 256, g) for g in gathers] + [("down", H, I, bn, False) for bn in down_widths]
         for gemm, w_rows, K, block_n, gather in launches:
             a_rows = layout_tokens(aligned, k)[:TILE * len(tile_expert)].contiguous() if gather else None
-            prob = Problem(fmt == "fp8", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
+            prob = Problem(fmt != "bf16", gemm == "gate_up", tile_expert, L, w_rows, K, gen, dev,
                            a_std=1.0 if gemm == "gate_up" else 0.1,
-                           tokens=args.tokens if gather else None, a_rows=a_rows)
+                           tokens=args.tokens if gather else None, a_rows=a_rows, channel=fmt == "fp8_channel")
             prob.use_bias = args.bias
             launched = check_operands(*prob.args(), block_n=block_n, a_rows=prob.a_rows)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
                                         if applies or not w]:
                 if walk == "auto":
-                    walk = "experts" if walk_cut_at_experts(fmt == "fp8", args.tokens * k, L) else "fixed"
+                    walk = "experts" if walk_cut_at_experts(fmt != "bf16", args.tokens * k, L) else "fixed"
                 groups = expert_walk_groups(prob.tile_expert, group_m) if walk == "experts" else None
 
                 def run():
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
                 flops = 2.0 * args.tokens * k * K * w_rows
                 bad = not err <= 1e-2
                 failed += bad
-                print(f"{args.shape} T={args.tokens} {'fp8_block' if fmt == 'fp8' else 'bf16'} {gemm} {width} "
+                print(f"{args.shape} T={args.tokens} {FORMAT_NAMES[fmt]} {gemm} {width} "
                       f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}{' gathered' if gather else ''}: "
                       f"{ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
