@@ -103,3 +103,34 @@ def test_layer_experts_is_what_the_layer_holds(quant):
     assert_close(layer(x, logits), reference_moe(x, logits, view, cfg), 1e-5)
     with pytest.raises(IndexError):
         view[4]
+
+
+def test_interpreter_refusal_names_the_known_incompatibility_only(monkeypatch):
+    """The interpreter harness skips (with the versions) only where the loop probe fails the known way; a probe
+    that passes, or fails otherwise, lets the file run and show its own failure."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from epmoe.testing import interpreter
+
+    def fake_run(result):
+        def run(cmd, **kw):
+            if "numpy" in cmd[-1] and "triton.jit" not in cmd[-1]:
+                return SimpleNamespace(returncode=0, stdout="3.6.0 2.4.6\n", stderr="")
+            assert "TRITON_INTERPRET" in kw["env"] and "loop_over_argument" in cmd[-1]
+            return result
+        return run
+
+    for result, refused in ((SimpleNamespace(returncode=0, stdout="", stderr=""), False),
+                            (SimpleNamespace(returncode=1, stdout="", stderr="SyntaxError: x"), False),
+                            (SimpleNamespace(returncode=1, stdout="", stderr="TypeError: only 0-dimensional arrays "
+                                             "can be converted to Python scalars"), True)):
+        interpreter.interpreter_refusal.cache_clear()
+        monkeypatch.setattr(subprocess, "run", fake_run(result))
+        why = interpreter.interpreter_refusal()
+        assert (why is not None) == refused
+        if refused:
+            assert "Triton 3.6.0" in why and "NumPy 2.4.6" in why
+            with pytest.raises(pytest.skip.Exception, match="cannot loop over"):
+                interpreter.run_interpreted(__file__)
+    interpreter.interpreter_refusal.cache_clear()
