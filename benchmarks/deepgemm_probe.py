@@ -40,6 +40,22 @@ except Exception:
 
 dev = torch.device("cuda")
 gen = torch.Generator(device=dev).manual_seed(0)
+try:
+    import tvm_ffi
+    log("tvm_ffi", getattr(tvm_ffi, "__version__", "?"), "from", tvm_ffi.__file__)
+except ImportError:
+    pass
+# the plainest call first: one dense BF16 GEMM of 2-D tensors (tells a refusal of the grouped call's arguments
+# from a library that cannot read any tensor it is handed)
+try:
+    a2, b2 = torch.randn(256, 512, device=dev).bfloat16(), torch.randn(384, 512, device=dev).bfloat16()
+    d2 = torch.empty(256, 384, device=dev, dtype=torch.bfloat16)
+    deep_gemm.bf16_gemm_nt(a2, b2, d2)
+    torch.cuda.synchronize()
+    ref2 = a2.float() @ b2.float().t()
+    log(f"deepgemm dense bf16 256x384x512: rel err {((d2.float() - ref2).norm() / ref2.norm()).item():.2e}")
+except Exception:
+    traceback.print_exc()
 
 
 def quant_rows(x):          # [M, K] -> fp8, [M, K/128] per token-group of 128
