@@ -490,7 +490,8 @@ def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_
     small = MoEKernelConfig(16, GemmConfig(128, 128, 1, 8, 3), GemmConfig(64, 128, 1, 4, 6))
     large = MoEKernelConfig(128, GemmConfig(128, 128, 8, 8, 3), GemmConfig(128, 128, 8, 8, 4))
     family, own = str(tmp_path / "h200.json"), str(tmp_path / "h100.json")
-    tune.merge_into_table(family, key, {1: (small, 0.1), 8192: (large, 6.0)}, {"device": "H200"})
+    tune.merge_into_table(family, key, {1: (small, 0.1), 2048: (replace(large, gluon=True), 1.5),
+                                        8192: (large, 6.0)}, {"device": "H200"})
     tune.merge_into_table(own, key, {8192: (replace(large, gluon=True), 5.5)}, {"device": "H100"}, seed_from=family)
     _load_table.cache_clear()
     cfg, where = lookup_config(1, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])
@@ -502,6 +503,9 @@ def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_
         entry = json.load(f)["entries"][key]
     assert entry["1"]["copied_from"] == "h200.json" and "copied_from" not in entry["8192"]
     assert entry["8192"]["measured_ms"] == 5.5 and entry["8192"]["measured"] == "end_to_end"
+    # a Gluon choice is not copied: raced on the GPU it serves (here T = 2048 takes this table's nearest entry)
+    assert "2048" not in entry
+    assert lookup_config(2048, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[1] == f"h100.json[{key}][T=8192]"
     tune.merge_into_table(own, key, {1: (small, 0.09)}, {"device": "H100"}, seed_from=family)   # has it now
     with open(own) as f:
         entry = json.load(f)["entries"][key]

@@ -961,8 +961,9 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
     """Write `best` ({T: (config, ms)}) into the table at `path` under `key`, beside its other T, each entry's
     ms as `measured_ms` with what was timed (`measured`: {T: label}, default "end_to_end", the whole op as the
     entry runs it). With `seed_from` (another table, where this one has no entry for `key`): that table's
-    whole entry first, each T marked `copied_from`, so that the T not tuned here keep resolving as before (the
-    lookup takes the first table that has the key)."""
+    entry first, each T marked `copied_from`, so that the T not tuned here keep resolving as before (the
+    lookup takes the first table that has the key); all but its `gluon` T: that choice is raced on the GPU it
+    serves, so those T resolve to this table's nearest entry instead."""
     data = {"entries": {}}
     if os.path.exists(path):
         with open(path) as f:
@@ -972,7 +973,8 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
     if seed_from is not None and key not in entries:
         with open(seed_from) as f:
             seed = json.load(f)["entries"].get(key, {})
-        entries[key] = {t: dict(c, copied_from=os.path.basename(seed_from)) for t, c in seed.items()}
+        entries[key] = {t: dict(c, copied_from=os.path.basename(seed_from)) for t, c in seed.items()
+                        if not c.get("gluon")}
     entry = entries.setdefault(key, {})
     for T, (cfg, ms) in best.items():
         entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured=(measured or {}).get(T, "end_to_end"))
