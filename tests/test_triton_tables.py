@@ -503,9 +503,10 @@ def test_a_quick_tune_on_another_gpu_of_the_family_keeps_the_entries_it_did_not_
         entry = json.load(f)["entries"][key]
     assert entry["1"]["copied_from"] == "h200.json" and "copied_from" not in entry["8192"]
     assert entry["8192"]["measured_ms"] == 5.5 and entry["8192"]["measured"] == "end_to_end"
-    # a Gluon choice is not copied: raced on the GPU it serves (here T = 2048 takes this table's nearest entry)
-    assert "2048" not in entry
-    assert lookup_config(2048, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])[1] == f"h100.json[{key}][T=8192]"
+    # a Gluon choice is raced on the GPU it serves: copied as its tiles, `gluon` off
+    assert entry["2048"]["copied_from"] == "h200.json" and "gluon" not in entry["2048"]
+    cfg, where = lookup_config(2048, 8, 4096, 14336, 2, "fp8_block", paths=[own, family])
+    assert not cfg.gluon and cfg == large and where.startswith(f"h100.json[{key}][T=2048], copied from h200.json")
     tune.merge_into_table(own, key, {1: (small, 0.09)}, {"device": "H100"}, seed_from=family)   # has it now
     with open(own) as f:
         entry = json.load(f)["entries"][key]

@@ -962,8 +962,8 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
     ms as `measured_ms` with what was timed (`measured`: {T: label}, default "end_to_end", the whole op as the
     entry runs it). With `seed_from` (another table, where this one has no entry for `key`): that table's
     entry first, each T marked `copied_from`, so that the T not tuned here keep resolving as before (the
-    lookup takes the first table that has the key); all but its `gluon` T: that choice is raced on the GPU it
-    serves, so those T resolve to this table's nearest entry instead."""
+    lookup takes the first table that has the key); a `gluon` T is copied as its tiles, `gluon` off: that
+    choice is raced on the GPU it serves, and dropping the T instead would send it to a far entry."""
     data = {"entries": {}}
     if os.path.exists(path):
         with open(path) as f:
@@ -973,8 +973,8 @@ def merge_into_table(path: str, key: str, best: dict, extra: dict, seed_from: st
     if seed_from is not None and key not in entries:
         with open(seed_from) as f:
             seed = json.load(f)["entries"].get(key, {})
-        entries[key] = {t: dict(c, copied_from=os.path.basename(seed_from)) for t, c in seed.items()
-                        if not c.get("gluon")}
+        entries[key] = {t: {**{f: v for f, v in c.items() if f != "gluon"}, "copied_from": os.path.basename(seed_from)}
+                        for t, c in seed.items()}
     entry = entries.setdefault(key, {})
     for T, (cfg, ms) in best.items():
         entry[str(T)] = dict(cfg.to_dict(), measured_ms=round(ms, 5), measured=(measured or {}).get(T, "end_to_end"))
