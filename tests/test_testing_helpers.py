@@ -121,16 +121,22 @@ def test_interpreter_refusal_names_the_known_incompatibility_only(monkeypatch):
             return result
         return run
 
-    for result, refused in ((SimpleNamespace(returncode=0, stdout="", stderr=""), False),
-                            (SimpleNamespace(returncode=1, stdout="", stderr="SyntaxError: x"), False),
-                            (SimpleNamespace(returncode=1, stdout="", stderr="TypeError: only 0-dimensional arrays "
-                                             "can be converted to Python scalars"), True)):
-        interpreter.interpreter_refusal.cache_clear()
-        monkeypatch.setattr(subprocess, "run", fake_run(result))
-        why = interpreter.interpreter_refusal()
-        assert (why is not None) == refused
-        if refused:
-            assert "Triton 3.6.0" in why and "NumPy 2.4.6" in why
-            with pytest.raises(pytest.skip.Exception, match="cannot loop over"):
-                interpreter.run_interpreted(__file__)
-    interpreter.interpreter_refusal.cache_clear()
+    def timed_out(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+
+    try:
+        for result, refused in ((SimpleNamespace(returncode=0, stdout="", stderr=""), False),
+                                (SimpleNamespace(returncode=1, stdout="", stderr="SyntaxError: x"), False),
+                                (SimpleNamespace(returncode=1, stdout="", stderr="TypeError: only 0-dimensional "
+                                                 "arrays can be converted to Python scalars"), True),
+                                (None, False)):
+            interpreter.interpreter_refusal.cache_clear()
+            monkeypatch.setattr(subprocess, "run", fake_run(result) if result is not None else timed_out)
+            why = interpreter.interpreter_refusal()
+            assert (why is not None) == refused
+            if refused:
+                assert "Triton 3.6.0" in why and "NumPy 2.4.6" in why
+                with pytest.raises(pytest.skip.Exception, match="cannot loop over"):
+                    interpreter.run_interpreted(__file__)
+    finally:
+        interpreter.interpreter_refusal.cache_clear()     # the session's own answer, not a fake one
