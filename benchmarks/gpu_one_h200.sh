@@ -367,10 +367,11 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
     deepgemm)
         dg=$(mktemp -d)
-        run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c "
-            python3 -m pip install -q --no-deps --no-index --target $dg \
-                ${DEEPGEMM_WHEELS:-.anchors/sgl_deep_gemm-0.1.7-*.whl .anchors/apache_tvm_ffi-0.1.11-*.whl} || exit 1
-            CUDA_HOME=\${CUDA_HOME:-/usr/local/cuda} PYTHONPATH=$dg:. python3 benchmarks/deepgemm_probe.py"
+        # the folder is $0, the wheels (each a glob, expanded here) the arguments
+        run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
+            python3 -m pip install -q --no-deps --no-index --target "$0" $@ || exit 1
+            CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH" python3 benchmarks/deepgemm_probe.py' \
+            "$dg" ${DEEPGEMM_WHEELS:-.anchors/sgl_deep_gemm-0.1.7-*.whl .anchors/apache_tvm_ffi-0.1.11-*.whl}
         if [ -f "$OUT/dg_probe.json" ]; then mv "$OUT/dg_probe.json" "$OUT/deepgemm_probe_${GPU}_$DAY.json"; fi
         rm -rf "$dg" ;;
     *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory deepgemm)"; exit 2 ;;

@@ -62,3 +62,34 @@ def test_gluon_tune_passes_its_extra_arguments_to_every_tune(tmp_path):
     assert tunes == [
         "-m epmoe tune --gluon --presets mixtral-8x7b --formats fp8_block,bf16 --tokens 1024,8192 --follow",
         "-m epmoe tune --gluon --presets gpt-oss-120b --tokens 8192 --follow"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
+def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_probe_from_it(tmp_path):
+    """Part `deepgemm`: the wheels DEEPGEMM_WHEELS names (globs, expanded; a name with shell metacharacters stays
+    one harmless word) go into a fresh folder, and the probe runs with that folder first on its path and a CUDA_HOME;
+    the folder is gone afterwards (python3 stood in for by a script that logs its arguments and environment)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.whl").write_text("")
+    for name, body in (("nvidia-smi", "echo 'NVIDIA H200'"),
+                       ("python3", f"echo \"$* | PYTHONPATH=$PYTHONPATH CUDA_HOME=$CUDA_HOME\" >> '{calls}'")):
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
+               PARTS="deepgemm", COMMIT="0" * 40, DEEPGEMM_WHEELS=f"{wheels}/*.whl x;touch${{IFS}}{tmp_path}/hit")
+    env.pop("ONLY_ON", None)
+    env.pop("CUDA_HOME", None)
+    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    install = next(line for line in lines if line.startswith("-m pip install"))
+    probe = next(line for line in lines if line.startswith("benchmarks/deepgemm_probe.py"))
+    folder, *named = install.split(" | ")[0].split("--target ")[1].split()
+    assert named == [f"{wheels}/a-1.whl", f"x;touch${{IFS}}{tmp_path}/hit"]
+    assert f"PYTHONPATH={folder}:." in probe and "CUDA_HOME=/usr/local/cuda" in probe
+    assert not os.path.exists(folder) and not (tmp_path / "hit").exists()
