@@ -43,8 +43,8 @@ gen = torch.Generator(device=dev).manual_seed(0)
 try:
     import tvm_ffi
     log("tvm_ffi", getattr(tvm_ffi, "__version__", "?"), "from", tvm_ffi.__file__)
-except ImportError:
-    pass
+except ImportError as e:          # DeepGEMM 0.2.x needs none
+    log("tvm_ffi not importable:", e)
 # the plainest call first: one dense BF16 GEMM of 2-D tensors (tells a refusal of the grouped call's arguments
 # from a library that cannot read any tensor it is handed)
 try:

@@ -68,11 +68,18 @@ def interpreter_refusal() -> str | None:
         return None          # not the known fault: the file's own run shows what is wrong
     if proc.returncode == 0 or "only 0-dimensional arrays can be converted" not in proc.stderr:
         return None          # it runs, or fails otherwise: the file's own run shows that failure whole
-    versions = subprocess.run([sys.executable, "-c", "import numpy, triton; print(triton.__version__, "
-                               "numpy.__version__)"], capture_output=True, text=True).stdout.split()
-    return (f"this Triton's interpreter (Triton {versions[0] if versions else '?'}, NumPy "
-            f"{versions[1] if len(versions) > 1 else '?'}) cannot loop over a kernel's integer argument: Triton "
-            f"3.6's interpreter with NumPy 2.4 fails so; Triton 3.9, or NumPy 2.3, runs these tests")
+    return (f"this Triton's interpreter (Triton {_installed('triton')}, NumPy {_installed('numpy')}) cannot loop "
+            f"over a kernel's integer argument: Triton 3.6's interpreter with NumPy 2.4 fails so; Triton 3.9, or "
+            f"NumPy 2.3, runs these tests")
+
+
+def _installed(package: str) -> str:
+    """The installed version of `package` (read from its metadata: nothing imported), or '?'."""
+    from importlib import metadata
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def run_interpreted(test_file: str, timeout_s: float = 600, select: str | None = None) -> None:
