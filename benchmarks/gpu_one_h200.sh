@@ -111,7 +111,10 @@
 #             the call by the device tool's carry (DEEPGEMM_WHEELS, default .anchors/sgl_deep_gemm-0.1.7-*.whl and
 #             .anchors/apache_tvm_ffi-0.1.11-*.whl, the tvm-ffi 0.1.7 asks for; PyPI's sgl-deep-gemm 0.2.x needs a
 #             c10 symbol torch 2.11 lacks) installed without their dependencies into a folder of this call only,
-#             CUDA_HOME defaulting to /usr/local/cuda for its kernels' compiles
+#             CUDA_HOME defaulting to /usr/local/cuda for its kernels' compiles; DEEPGEMM_SRC (a folder of DeepGEMM's
+#             sources, e.g. .anchors/deepgemm_src: deep_gemm/, csrc/, third-party/fmt/include and SOURCE naming their
+#             commits) first lays them over the wheel and compiles its module against this torch
+#             (benchmarks/deepgemm_build.py), as the wheel's own module misreads torch 2.11's tensors
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -368,8 +371,9 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
     deepgemm)
         dg=$(mktemp -d)
         # the folder is $0, the wheels (each a glob, expanded here) the arguments
-        run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
+        DG_SRC=${DEEPGEMM_SRC:-} run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
             python3 -m pip install -q --no-deps --no-index --target "$0" $@ || exit 1
+            if [ -n "$DG_SRC" ]; then python3 benchmarks/deepgemm_build.py "$0" "$DG_SRC" || exit 1; fi
             CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH" python3 benchmarks/deepgemm_probe.py' \
             "$dg" ${DEEPGEMM_WHEELS:-.anchors/sgl_deep_gemm-0.1.7-*.whl .anchors/apache_tvm_ffi-0.1.11-*.whl}
         if [ -f "$OUT/dg_probe.json" ]; then mv "$OUT/dg_probe.json" "$OUT/deepgemm_probe_${GPU}_$DAY.json"; fi
