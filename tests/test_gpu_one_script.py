@@ -65,10 +65,13 @@ def test_gluon_tune_passes_its_extra_arguments_to_every_tune(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
-def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_probe_from_it(tmp_path):
+@pytest.mark.parametrize("sources", [None, "src dir;touch${IFS}hit2"])
+def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_probe_from_it(tmp_path, sources):
     """Part `deepgemm`: the wheels DEEPGEMM_WHEELS names (globs, expanded; a name with shell metacharacters stays
     one harmless word) go into a fresh folder, and the probe runs with that folder first on its path and a CUDA_HOME;
-    the folder is gone afterwards (python3 stood in for by a script that logs its arguments and environment)."""
+    the folder is gone afterwards (python3 stood in for by a script that logs its arguments and environment). With
+    DEEPGEMM_SRC, the module is built from those sources into that folder between the install and the probe (the
+    folder's name one word, however it is spelt); without it, nothing is built."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
@@ -84,6 +87,9 @@ def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_prob
                PARTS="deepgemm", COMMIT="0" * 40, DEEPGEMM_WHEELS=f"{wheels}/*.whl x;touch${{IFS}}{tmp_path}/hit")
     env.pop("ONLY_ON", None)
     env.pop("CUDA_HOME", None)
+    env.pop("DEEPGEMM_SRC", None)
+    if sources is not None:
+        env["DEEPGEMM_SRC"] = sources
     proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = calls.read_text().splitlines()
@@ -93,3 +99,10 @@ def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_prob
     assert named == [f"{wheels}/a-1.whl", f"x;touch${{IFS}}{tmp_path}/hit"]
     assert f"PYTHONPATH={folder}:." in probe and "CUDA_HOME=/usr/local/cuda" in probe
     assert not os.path.exists(folder) and not (tmp_path / "hit").exists()
+    builds = [i for i, line in enumerate(lines) if line.startswith("benchmarks/deepgemm_build.py")]
+    if sources is None:
+        assert builds == []
+    else:
+        assert len(builds) == 1 and lines.index(install) < builds[0] < lines.index(probe)
+        assert lines[builds[0]].split(" | ")[0] == f"benchmarks/deepgemm_build.py {folder} {sources}"
+        assert not (tmp_path / "hit2").exists() and not os.path.exists(os.path.join(ROOT, "hit2"))
