@@ -11,7 +11,9 @@
 #             mixtral T = 8192), `triton` beside `triton_ws` only, oracle-checked (epmoe bench experts);
 #             WS_FORMATS (e.g. bf16,fp8_block) and WS_ANCHORS (e.g. grouped_mm) name others
 #   tune      epmoe tune of TUNE_ARGS (default: the deepseek-v3 32-expert shard in BF16 at T = 4096 and 8192,
-#             the shape the table has no BF16 entry for; several argument sets separated by ';' run one after
+#             the shape the table has no BF16 entry for; "shadowed": the batch sizes `epmoe tune --audit` says
+#             this GPU's table hides from the family's other tables, a set a shape; several argument sets
+#             separated by ';' run one after
 #             the other into one log) into this GPU's table in the package, so the parts after it run with
 #             the new entries; the table before and after are kept (the new entries live in this call's copy only:
 #             a later call runs the table of the checkout it is sent from, so merge table_*_after_tune.json first,
@@ -276,6 +278,15 @@ for part in $PARTS; do
     tune)
         table=epmoe/kernels/configs/$(python3 -c 'import torch; from epmoe.kernels.tuning_table import device_table_name; print(device_table_name(torch.cuda.get_device_name()))').json
         if [ -f "$table" ]; then cp "$table" "$OUT/table_${GPU}_before_tune.json"; fi
+        tune_sets=${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}
+        if [ "$tune_sets" = shadowed ]; then             # the batch sizes this table hides from the family's others
+            if lines=$(python3 -m epmoe.bench.tune_audit --shadowed "$table"); then
+                tune_sets=$(printf '%s\n' "$lines" | paste -sd ';')
+                echo "TUNE_ARGS=shadowed: ${tune_sets:-none (epmoe tune --audit names no hidden batch size)}"
+            else
+                tune_sets=""; echo "TUNE_ARGS=shadowed: the audit of $table failed; no tune run"
+            fi
+        fi
         run "$OUT/tune_${GPU}_$DAY.log" "${TUNE_SECONDS:-300}" bash -c '
             set -f; status=0; n=0; IFS=";"
             for set in $0; do
@@ -291,7 +302,7 @@ for part in $PARTS; do
 s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -v "^$"
                 fi
             done
-            exit $status' "${TUNE_ARGS:---local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --formats bf16 --tokens 4096,8192}" \
+            exit $status' "$tune_sets" \
             "${TUNE_PROFILE:+$OUT}" "${TUNE_COMPILE_LOG:+$OUT/tune_compile_log_${GPU}_$DAY.jsonl}"
         cp "$table" "$OUT/table_${GPU}_after_tune.json" ;;
     gluon_tune)

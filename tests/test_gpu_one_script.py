@@ -11,18 +11,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_one_h200.sh")
 
 
-def _run(tmp_path, gpu_name: str, only_on: str | None):
+def _run_with_stand_ins(tmp_path, tools: dict, **variables) -> subprocess.CompletedProcess:
+    """The script run with stand-ins for the named tools (name -> the body of a shell script) first on PATH, OUT in
+    tmp_path, a COMMIT and the variables given (ONLY_ON, CUDA_HOME and DEEPGEMM_SRC unset unless given)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    tool = bin_dir / "nvidia-smi"
-    tool.write_text(f"#!/bin/sh\necho '{gpu_name}'\n")
-    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    for name, body in tools.items():
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               PARTS="no_such_part", COMMIT="0" * 40)
-    env.pop("ONLY_ON", None)
-    if only_on is not None:
-        env["ONLY_ON"] = only_on
+               COMMIT="0" * 40)
+    for name in ("ONLY_ON", "CUDA_HOME", "DEEPGEMM_SRC"):
+        env.pop(name, None)
+    env.update(variables)
     return subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _run(tmp_path, gpu_name: str, only_on: str | None):
+    extra = {} if only_on is None else {"ONLY_ON": only_on}
+    return _run_with_stand_ins(tmp_path, {"nvidia-smi": f"echo '{gpu_name}'"}, PARTS="no_such_part", **extra)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a bash script and a stand-in tool with a shebang")
@@ -43,20 +51,12 @@ def test_only_on_runs_the_parts_on_the_gpu_it_names_only(tmp_path, gpu_name, onl
 def test_gluon_tune_passes_its_extra_arguments_to_every_tune(tmp_path):
     """Part `gluon_tune` with GLUON_TUNE_EXTRA (e.g. --follow): every `epmoe tune` it starts, the audit's lines
     included, gets those arguments (python3 stood in for by a script that logs its arguments)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
-    for name, body in (("nvidia-smi", "echo 'NVIDIA H200'"),
-                       ("python3", f"echo \"$*\" >> '{calls}'\n"
-                                   "case \"$*\" in *tune_audit*) echo '--presets gpt-oss-120b --tokens 8192';; "
-                                   "*) echo NVIDIA_H200;; esac")):
-        tool = bin_dir / name
-        tool.write_text(f"#!/bin/sh\n{body}\n")
-        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               PARTS="gluon_tune", COMMIT="0" * 40, GLUON_TUNE_SETS="mixtral audit", GLUON_TUNE_EXTRA="--follow")
-    env.pop("ONLY_ON", None)
-    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    proc = _run_with_stand_ins(tmp_path, {
+        "nvidia-smi": "echo 'NVIDIA H200'",
+        "python3": f"echo \"$*\" >> '{calls}'\n"
+                   "case \"$*\" in *tune_audit*) echo '--presets gpt-oss-120b --tokens 8192';; *) echo NVIDIA_H200;; esac"},
+        PARTS="gluon_tune", GLUON_TUNE_SETS="mixtral audit", GLUON_TUNE_EXTRA="--follow")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tunes = [line for line in calls.read_text().splitlines() if line.startswith("-m epmoe tune")]
     assert tunes == [
@@ -72,25 +72,15 @@ def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_prob
     the folder is gone afterwards (python3 stood in for by a script that logs its arguments and environment). With
     DEEPGEMM_SRC, the module is built from those sources into that folder between the install and the probe (the
     folder's name one word, however it is spelt); without it, nothing is built."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "a-1.whl").write_text("")
-    for name, body in (("nvidia-smi", "echo 'NVIDIA H200'"),
-                       ("python3", f"echo \"$* | PYTHONPATH=$PYTHONPATH CUDA_HOME=$CUDA_HOME\" >> '{calls}'")):
-        tool = bin_dir / name
-        tool.write_text(f"#!/bin/sh\n{body}\n")
-        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
-               PARTS="deepgemm", COMMIT="0" * 40, DEEPGEMM_WHEELS=f"{wheels}/*.whl x;touch${{IFS}}{tmp_path}/hit")
-    env.pop("ONLY_ON", None)
-    env.pop("CUDA_HOME", None)
-    env.pop("DEEPGEMM_SRC", None)
-    if sources is not None:
-        env["DEEPGEMM_SRC"] = sources
-    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    proc = _run_with_stand_ins(tmp_path, {
+        "nvidia-smi": "echo 'NVIDIA H200'",
+        "python3": f"echo \"$* | PYTHONPATH=$PYTHONPATH CUDA_HOME=$CUDA_HOME\" >> '{calls}'"},
+        PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl x;touch${{IFS}}{tmp_path}/hit",
+        **({} if sources is None else {"DEEPGEMM_SRC": sources}))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = calls.read_text().splitlines()
     install = next(line for line in lines if line.startswith("-m pip install"))
@@ -106,3 +96,24 @@ def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_prob
         assert len(builds) == 1 and lines.index(install) < builds[0] < lines.index(probe)
         assert lines[builds[0]].split(" | ")[0] == f"benchmarks/deepgemm_build.py {folder} {sources}"
         assert not (tmp_path / "hit2").exists() and not os.path.exists(os.path.join(ROOT, "hit2"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
+def test_tune_shadowed_runs_one_tune_a_line_of_the_audit(tmp_path):
+    """Part `tune` with TUNE_ARGS=shadowed: each line `tune_audit --shadowed` prints for this GPU's table is one
+    `epmoe tune`, its words split as usual (python3 stood in for by a script that logs its arguments)."""
+    calls = tmp_path / "calls.txt"
+    proc = _run_with_stand_ins(tmp_path, {
+        "nvidia-smi": "echo 'NVIDIA H200'",
+        "python3": f"echo \"$*\" >> '{calls}'\n"
+                   "case \"$*\" in *'tune_audit --shadowed'*) "
+                   "echo '--presets gpt-oss-120b --formats fp8_block --tokens 2,4,8'; "
+                   "echo '--local-experts 32 --hidden 7168 --formats fp8_block --tokens 1024,2048';; "
+                   "*) echo NVIDIA_H200;; esac"},
+        PARTS="tune", TUNE_ARGS="shadowed")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tunes = [line for line in calls.read_text().splitlines() if line.startswith("-m epmoe tune")]
+    assert tunes == ["-m epmoe tune --presets gpt-oss-120b --formats fp8_block --tokens 2,4,8",
+                     "-m epmoe tune --local-experts 32 --hidden 7168 --formats fp8_block --tokens 1024,2048"]
+    assert any("tune_audit --shadowed epmoe/kernels/configs/NVIDIA_H200.json" in line
+               for line in calls.read_text().splitlines())

@@ -124,3 +124,66 @@ def test_the_formats_gluon_could_serve_are_the_ones_triton_ws_declares(monkeypat
     assert tune_audit.gluon_formats() == {"bfloat16", "fp8_block", "fp8_channel", "fp8_tensor"}
     monkeypatch.setattr(WarpSpecializedExperts, "CAPS", dataclasses.replace(caps, quant=frozenset({"fp8_block"})))
     assert tune_audit.gluon_formats() == {"fp8_block"}
+
+
+def _named(tmp_path, name, entries):
+    path = tmp_path / name
+    path.write_text(json.dumps({"device": "NVIDIA H200", "entries": entries}))
+    return str(path)
+
+
+def _shadowing_tables(tmp_path):
+    """This GPU's table holds the deepseek shard at T = 1 and 128 only; the first sibling has it at more batch sizes
+    (and a shape this table lacks), the second repeats one of them and adds another."""
+    shard = "L=32,H=7168,I=2048,k=8,fmt=fp8_block"
+    own = _named(tmp_path, "own.json", {shard: {"1": _TILES, "128": _TILES}})
+    first = _named(tmp_path, "first.json", {shard: {t: _TILES for t in ("1", "16", "512", "1024", "8192")},
+                                            "L=8,H=4096,I=14336,k=2,fmt=bfloat16": {"8192": _TILES}})
+    second = _named(tmp_path, "second.json", {shard: {"512": _TILES, "2048": _TILES}})
+    return shard, own, [first, second]
+
+
+def test_batch_sizes_another_gpus_table_has_and_this_ones_shape_hides_are_named_with_what_serves_them(tmp_path):
+    """The lookup reads the first table that holds a shape, so a shape with few entries here hides the sibling's
+    entries at other T: each such T is named once (the first sibling that has it), with this table's entry that
+    serves it (the nearest within reach) or the heuristic; T this table has and shapes it lacks are not named."""
+    shard, own, siblings = _shadowing_tables(tmp_path)
+    found = tune_audit.shadowed_entries(own, siblings)
+    assert [(s.T, s.served_by, s.sibling) for s in found] == [
+        (16, 128, "first.json"), (512, 128, "first.json"), (1024, 128, "first.json"),
+        (2048, None, "second.json"), (8192, None, "first.json")]
+    assert {s.key for s in found} == {shard}
+    assert tune_audit.shadowed_tune_args(own, siblings) == [
+        "--local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --activation silu --formats fp8_block "
+        "--tokens 16,512,1024,2048,8192"]
+    assert tune_audit.shadowed_entries(own, [own]) == []          # a table does not shadow itself
+
+
+def test_the_package_tables_of_a_family_are_each_others_siblings():
+    """A table named as a GPU's of the Hopper family reads the family's other package tables after it; a table of
+    another name has none."""
+    from epmoe.kernels.tuning_table import CONFIG_DIR, sibling_tables
+    import os
+    h100 = os.path.join(CONFIG_DIR, "NVIDIA_H100_80GB_HBM3.json")
+    h200 = os.path.join(CONFIG_DIR, "NVIDIA_H200.json")
+    assert sibling_tables("/elsewhere/NVIDIA_H200.json") == [h100]
+    assert sibling_tables(h100) == [h200]
+    assert sibling_tables("/elsewhere/table.json") == []
+
+
+def test_the_report_and_the_script_line_name_the_tunes_of_the_hidden_batch_sizes(tmp_path, monkeypatch, capsys):
+    from rich.console import Console
+    shard, own, siblings = _shadowing_tables(tmp_path)
+    monkeypatch.setattr(tune_audit, "sibling_tables", lambda path: siblings)
+    console = Console(record=True, width=600)
+    tune_audit.report(console, [own])
+    text = console.export_text()
+    assert (f"{shard}: first.json, second.json have entries at T=16,512,1024,2048,8192 and this table has not" in text)
+    assert "serves T=16 from T=128; T=512 from T=128; T=1024 from T=128; T=2048 from the heuristic" in text
+    assert ("epmoe tune --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --activation silu --formats "
+            "fp8_block --tokens 16,512,1024,2048,8192") in text
+    capsys.readouterr()
+    assert tune_audit.main([own, "--shadowed"]) == 0
+    assert capsys.readouterr().out.splitlines() == tune_audit.shadowed_tune_args(own, siblings)
+    monkeypatch.setattr(tune_audit, "sibling_tables", lambda path: [])
+    assert tune_audit.main([own, "--shadowed"]) == 0 and capsys.readouterr().out == ""

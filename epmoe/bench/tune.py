@@ -27,7 +27,8 @@ configuration changed, with the --tokens that would time them.
 
 The quick modes (--refine, --persistent, --gluon) start from the entry the lookup uses for the shape
 (this GPU's table, else one of another GPU of the same family) and write into this GPU's table. `--audit` tunes
-nothing: it reads the tables and says how each entry was timed (`tune_audit`).
+nothing: it reads the tables and says how each entry was timed, and which batch sizes another GPU's table has
+entries for that a shape of this table hides (`tune_audit`).
 
 FP8 block weights are tuned with every K block's product promoted to float32 ("sync": the library's
 numerics); `--allow-rescale` adds the faster, less precise "rescale" promotion to the candidates.
@@ -1128,8 +1129,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "with few entries that can be every one of those batch sizes")
     p.add_argument("--audit", action="store_true",
                    help="tune nothing (no GPU needed): for each table in the package (or --output), how each entry "
-                        "was timed, which entries were never raced end to end, and which of them the Gluon pipeline "
-                        "could serve, with the command that races them")
+                        "was timed, which entries were never raced end to end, which of them the Gluon pipeline "
+                        "could serve, and which batch sizes another GPU's table of the family has entries for that "
+                        "this table's shapes hide (the lookup reads the first table holding a shape), with the "
+                        "command that times each")
     p.add_argument("--no-gluon", action="store_true",
                    help="do not time the Gluon GEMMs (a full tune, --refine and --persistent time them where "
                         "they can run); entries rewritten keep the `gluon` they had")

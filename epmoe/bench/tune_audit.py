@@ -1,5 +1,6 @@
-"""`epmoe tune --audit`: how each entry of a tuning table was timed, and which entries no end-to-end race has
-set against a path that could serve them now, with the command that races them.
+"""`epmoe tune --audit`: how each entry of a tuning table was timed, which entries no end-to-end race has set
+against a path that could serve them now, and which batch sizes another GPU's table has entries for that this
+table's shapes hide (`shadowed_entries`), each with the command that times them.
 
 A table grows over many tunes, each of some shapes and batch sizes, on machines that come and go; an entry
 written by an older tuner (kernel times only) or on a machine where a path could not run keeps serving until a
@@ -14,7 +15,8 @@ import re
 import sys
 from dataclasses import dataclass
 
-from ..kernels.tuning_table import CONFIG_DIR, GLUON_MIN_ROWS, MoEKernelConfig
+from ..kernels.tuning_table import (CONFIG_DIR, GLUON_MIN_ROWS, MoEKernelConfig, nearest_tuned, sibling_tables,
+                                   within_reach)
 
 _HOPPER = re.compile(r"\b(H100|H200|H800|H20|GH200)\b")
 _FORMAT_FLAGS = {"bfloat16": "bf16", "float16": "fp16"}
@@ -127,6 +129,46 @@ def _tokens(rows: list[Entry]) -> str:
     return ",".join(str(e.T) for e in rows)
 
 
+@dataclass(frozen=True)
+class Shadowed:
+    """A batch size another GPU's table of the family has an entry for, in a shape this table has too but not at
+    that T: the lookup reads the first table that holds a shape, so this GPU never reads the other's entry and
+    serves the batch from its own nearest entry (`served_by`, a T) or the heuristic (None), untimed there."""
+    key: str
+    T: int
+    served_by: int | None
+    sibling: str
+
+
+def shadowed_entries(path: str, siblings: list[str] | None = None) -> list[Shadowed]:
+    """Every such batch size of the table at `path`, against `siblings` (default: the package tables its GPU
+    reads after it, `sibling_tables`), in key and T order, each T once (the first sibling that has it)."""
+    with open(path) as f:
+        own = json.load(f).get("entries") or {}
+    found: dict[tuple[str, int], Shadowed] = {}
+    for sibling in (sibling_tables(path) if siblings is None else siblings):
+        if os.path.abspath(sibling) == os.path.abspath(path):
+            continue
+        with open(sibling) as f:
+            other = json.load(f).get("entries") or {}
+        for key in set(own) & set(other):
+            mine = {int(t) for t in own[key]}
+            for T in (int(t) for t in other[key]):
+                if T not in mine and (key, T) not in found:
+                    t = nearest_tuned(mine, T)
+                    found[(key, T)] = Shadowed(key, T, t if within_reach(t, T) else None, os.path.basename(sibling))
+    return [found[k] for k in sorted(found)]
+
+
+def shadowed_tune_args(path: str, siblings: list[str] | None = None) -> list[str]:
+    """`epmoe tune`'s arguments that time each shape's shadowed batch sizes (`shadowed_entries`) on the table's
+    GPU, one string a shape."""
+    by_key: dict[str, list[int]] = {}
+    for s in shadowed_entries(path, siblings):
+        by_key.setdefault(s.key, []).append(s.T)
+    return [f"{shape_flags(key)} --tokens {','.join(map(str, ts))}" for key, ts in by_key.items()]
+
+
 def report(console, paths: list[str], verbose: bool = False) -> int:
     """Print the audit of each table; return how many entries Gluon could serve that no race set against it."""
     from rich.markup import escape
@@ -155,6 +197,18 @@ def report(console, paths: list[str], verbose: bool = False) -> int:
             console.print(escape(f"  the Gluon pipeline could serve {key} at T={_tokens(es)} ({GLUON_MIN_ROWS} rows "
                                  f"per expert or more) and no race has set it against it; race it on the table's GPU "
                                  f"({gpu}): epmoe tune --gluon {_race_args(key, es)}"), soft_wrap=True)
+        by_key: dict[str, list[Shadowed]] = {}
+        for s in shadowed_entries(path):
+            by_key.setdefault(s.key, []).append(s)
+        for key, ss in by_key.items():
+            served = "; ".join(f"T={s.T} from {'the heuristic' if s.served_by is None else f'T={s.served_by}'}"
+                               for s in ss)
+            names = sorted({s.sibling for s in ss})
+            console.print(escape(
+                f"  {key}: {', '.join(names)} {'has' if len(names) == 1 else 'have'} entries at "
+                f"T={','.join(str(s.T) for s in ss)} and this table has not; a GPU reading this table never reads "
+                f"those and serves {served}, untimed there; time them on the table's GPU: epmoe tune "
+                f"{shape_flags(key)} --tokens {','.join(str(s.T) for s in ss)}"), soft_wrap=True)
     return flagged
 
 
@@ -189,11 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                                             "entries the Gluon pipeline could serve that no race has set against "
                                             "it, one line a shape (none: no output). `epmoe tune --audit` says why.")
     p.add_argument("table", help="the table (a JSON file under epmoe/kernels/configs/, or one a tune wrote)")
+    p.add_argument("--shadowed", action="store_true",
+                   help="instead, `epmoe tune`'s arguments for each shape whose batch sizes another GPU's table of "
+                        "the family (read after this one) has entries for and this table has not: a GPU reading "
+                        "this table serves those from its own nearest entry or the heuristic, never timed there")
     args = p.parse_args(argv)
     if not os.path.exists(args.table):
         print(f"tune_audit: no table at {args.table}", file=sys.stderr)
         return 2
-    for line in gluon_race_args(args.table):
+    for line in (shadowed_tune_args if args.shadowed else gluon_race_args)(args.table):
         print(line)
     return 0
 

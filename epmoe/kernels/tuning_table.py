@@ -253,6 +253,10 @@ def _load_table(path: str) -> TableEntries:
                          if c.get("copied_from")})
 
 
+# the package tables of GPUs of one compute capability, in the order a GPU of it reads them after its own
+TABLE_FAMILIES = {(9, 0): ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3", "NVIDIA_H100")}
+
+
 def table_paths_for_device(device: torch.device | None = None) -> list[str]:
     """This GPU's table first, then those of other GPUs with the same compute capability."""
     if not torch.cuda.is_available():
@@ -261,12 +265,20 @@ def table_paths_for_device(device: torch.device | None = None) -> list[str]:
     cap = torch.cuda.get_device_capability(device)
     own = os.path.join(CONFIG_DIR, device_table_name(name) + ".json")
     paths = [own] if os.path.exists(own) else []
-    same_family = {(9, 0): ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3", "NVIDIA_H100")}.get(tuple(cap), ())
-    for other in same_family:
+    for other in TABLE_FAMILIES.get(tuple(cap), ()):
         p = os.path.join(CONFIG_DIR, other + ".json")
         if os.path.exists(p) and p not in paths:
             paths.append(p)
     return paths
+
+
+def sibling_tables(path: str) -> list[str]:
+    """The package tables a GPU whose own table is named as `path` is (the file's name) reads after it: the
+    other tables of its family, in lookup order; [] for a name in no family."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    family = next((f for f in TABLE_FAMILIES.values() if name in f), ())
+    return [p for p in (os.path.join(CONFIG_DIR, other + ".json") for other in family if other != name)
+            if os.path.exists(p)]
 
 
 # an entry's `gluon` serves batches within a factor GLUON_REACH of its T that have at least GLUON_MIN_ROWS rows
@@ -279,6 +291,18 @@ GLUON_REACH = 2
 TABLE_REACH = 8
 
 
+def nearest_tuned(tokens, n: int) -> int:
+    """The tuned T nearest a batch of n tokens (by ratio; the smaller of two as near): the entry the lookup
+    takes, if within TABLE_REACH of n."""
+    return min(tokens, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(n, 1))), x))
+
+
+def within_reach(t: int, n: int, factor: int = TABLE_REACH) -> bool:
+    """Whether a batch of n tokens lies within a factor of T = t, either way."""
+    n = max(n, 1)
+    return n <= t * factor and t <= n * factor
+
+
 def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, fmt: str,
                   device: torch.device | None = None, paths: list[str] | None = None
                   ) -> tuple[MoEKernelConfig, str]:
@@ -289,19 +313,17 @@ def lookup_config(num_tokens: int, num_experts: int, hidden: int, inter: int, to
     key = shape_key(num_experts, hidden, inter, top_k, fmt)
     fp8, elem = _format_bytes(fmt)
     n = max(num_tokens, 1)
-
-    def within(t: int, factor: int) -> bool:          # the batch within a factor of T=t, either way
-        return n <= t * factor and t <= n * factor
     for path in (table_paths_for_device(device) if paths is None else paths):
         table = _load_table(path)
         by_t = table.get(key)
         if by_t:
-            t = min(by_t, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(n)), x))
-            if not within(t, TABLE_REACH):
+            t = nearest_tuned(by_t, n)
+            if not within_reach(t, n):
                 cfg = heuristic_config(num_tokens, num_experts, hidden, inter, top_k, fp8, elem)
                 return cfg, f"heuristic (the nearest tuned T in {os.path.basename(path)}[{key}] is {t})"
             cfg = _clamp_to_problem(by_t[t], hidden, inter, fp8, elem, can_stack_gate_up(fmt, inter))
-            if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts and within(t, GLUON_REACH)):
+            if cfg.gluon and not (num_tokens * top_k >= GLUON_MIN_ROWS * num_experts
+                                  and within_reach(t, n, GLUON_REACH)):
                 cfg = replace(cfg, gluon=False)
             origin = table.copied.get((key, t))
             said = f", copied from {origin}: not timed on this table's GPU" if origin else ""
