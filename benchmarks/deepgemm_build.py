@@ -42,19 +42,22 @@ def main(target: str, sources: str) -> int:
         print("sources:", f.read().strip(), flush=True)
 
     sys.path.insert(0, target)
+    import importlib.util
+
     import torch
-    import tvm_ffi.libinfo as libinfo
+    # tvm-ffi's headers and library where pip put them (found without importing it: its module needs its Python)
+    tvm_ffi_dir = importlib.util.find_spec("tvm_ffi").submodule_search_locations[0]
 
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     torch_dir = os.path.dirname(torch.__file__)
     site = os.path.dirname(torch_dir)
     nvidia_inc = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
     nvidia_lib = sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
-    includes = [libinfo.find_include_path(), libinfo.find_dlpack_include_path(), f"{cuda_home}/include",
+    includes = [os.path.join(tvm_ffi_dir, "include"), f"{cuda_home}/include",
                 f"{cuda_home}/include/cccl", *nvidia_inc, sysconfig.get_path("include"),
                 os.path.join(torch_dir, "include"), os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"),
                 os.path.join(target, "deep_gemm", "include"), os.path.join(target, "third-party", "fmt", "include")]
-    libdirs = [os.path.dirname(libinfo.find_libtvm_ffi()), f"{cuda_home}/lib64", *nvidia_lib,
+    libdirs = [os.path.join(tvm_ffi_dir, "lib"), f"{cuda_home}/lib64", *nvidia_lib,
                os.path.join(torch_dir, "lib")]
     libs = ["tvm_ffi", "cudart", "nvrtc", "cublasLt", "cublas", "torch", "torch_cpu", "c10", "c10_cuda", "torch_cuda"]
     out = os.path.join(target, "deep_gemm", "_C.so")
