@@ -1,4 +1,5 @@
-"""Can DeepGEMM's grouped contiguous GEMMs (the `sgl-deep-gemm` wheel from PyPI) run on this GPU, and how fast:
+"""Can DeepGEMM's grouped contiguous GEMMs (the `sgl-deep-gemm` wheel from PyPI, or DeepGEMM built from sources
+over it by `deepgemm_build.py`: the log and JSON say which) run on this GPU, and how fast:
 block-FP8 (activations per token-group of 128, 128 x 128 weight blocks) and BF16 at the deepseek-v3 32-expert
 shard's and mixtral's expert GEMM shapes, T = 8192, each checked against a float32 product of the dequantized
 operands (a relative error above 1e-2 is marked, and the script exits 1) and timed (do_bench medians, L2
@@ -32,6 +33,11 @@ for cmd in ["which nvcc", "ls /usr/local", "nvcc --version", "echo CUDA_HOME=$CU
 try:
     import deep_gemm
     log("deep_gemm imported from", deep_gemm.__file__)
+    source = os.path.join(os.path.dirname(deep_gemm.__file__), "SOURCE")      # written by deepgemm_build.py
+    res["deep_gemm"] = {"version": getattr(deep_gemm, "__version__", None),
+                        "built_from": open(source).read().strip() if os.path.exists(source) else None}
+    log("deep_gemm", res["deep_gemm"]["version"], "built from",
+        res["deep_gemm"]["built_from"] or "no sources here (no SOURCE beside it): the wheel's own module")
     log("mk alignment", deep_gemm.get_mk_alignment_for_contiguous_layout())
 except Exception:
     traceback.print_exc()
