@@ -38,6 +38,10 @@ def main(target: str, sources: str) -> int:
     if missing:
         print("deepgemm_build: missing " + ", ".join(missing), file=sys.stderr)
         return 2
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        print(f"deepgemm_build: no C++ compiler {cxx!r} on PATH (set CXX)", file=sys.stderr)
+        return 2
     sys.path.insert(0, target)
     import importlib.util
     # tvm-ffi's headers and library where pip put them; the package is not imported, as its extension needs the
@@ -77,10 +81,6 @@ def main(target: str, sources: str) -> int:
                os.path.join(torch_dir, "lib")]
     libs = ["tvm_ffi", "cudart", "nvrtc", "cublasLt", "cublas", "torch", "torch_cpu", "c10", "c10_cuda", "torch_cuda"]
     out = os.path.join(target, "deep_gemm", "_C.so")
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        print(f"deepgemm_build: no C++ compiler {cxx!r} on PATH (set CXX)", file=sys.stderr)
-        return 2
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.strip()
     print(f"{cxx}: {version.splitlines()[0] if version else 'no version printed'}", flush=True)
     cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wno-psabi", "-Wno-deprecated-declarations",
