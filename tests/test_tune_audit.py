@@ -1,6 +1,8 @@
-"""`epmoe tune --audit`: how each entry of a table was timed, and the entries the Gluon pipeline could serve that no
-race has set against it (read from the JSON; no GPU)."""
+"""`epmoe tune --audit`: how each entry of a table was timed, the entries the Gluon pipeline could serve that no race
+has set against it, and the batch sizes another GPU's table has entries for that this table hides (read from the
+JSON; no GPU)."""
 import json
+import os
 
 import pytest
 
@@ -135,9 +137,11 @@ def _named(tmp_path, name, entries):
 def _shadowing_tables(tmp_path):
     """This GPU's table holds the deepseek shard at T = 1 and 128 only; the first sibling has it at more batch sizes
     (and a shape this table lacks), the second repeats one of them and adds another."""
-    shard = "L=32,H=7168,I=2048,k=8,fmt=fp8_block"
-    own = _named(tmp_path, "own.json", {shard: {"1": _TILES, "128": _TILES}})
-    first = _named(tmp_path, "first.json", {shard: {t: _TILES for t in ("1", "16", "512", "1024", "8192")},
+    shard, mixtral = "L=32,H=7168,I=2048,k=8,fmt=fp8_block", "L=8,H=4096,I=14336,k=2,fmt=fp8_block"
+    own = _named(tmp_path, "own.json", {shard: {"1": _TILES, "128": _TILES}, mixtral: {"1024": _TILES},
+                                        "L=8,H=4096,I=14336,k=2,fmt=bfloat16": {}})
+    first = _named(tmp_path, "first.json", {shard: {t: _TILES for t in ("0", "1", "16", "512", "1024", "8192")},
+                                            mixtral: {"512": _TILES},
                                             "L=8,H=4096,I=14336,k=2,fmt=bfloat16": {"8192": _TILES}})
     second = _named(tmp_path, "second.json", {shard: {"512": _TILES, "2048": _TILES}})
     return shard, own, [first, second]
@@ -146,24 +150,31 @@ def _shadowing_tables(tmp_path):
 def test_batch_sizes_another_gpus_table_has_and_this_ones_shape_hides_are_named_with_what_serves_them(tmp_path):
     """The lookup reads the first table that holds a shape, so a shape with few entries here hides the sibling's
     entries at other T: each such T is named once (the first sibling that has it), with this table's entry that
-    serves it (the nearest within reach) or the heuristic; T this table has and shapes it lacks are not named."""
+    serves it (the nearest within reach) or the heuristic; T this table has, T = 0, shapes it lacks and shapes it
+    holds with no entries (the lookup reads on past those) are not named. The tunes come a shape a line, shapes
+    with a batch size the heuristic serves first."""
     shard, own, siblings = _shadowing_tables(tmp_path)
     found = tune_audit.shadowed_entries(own, siblings)
-    assert [(s.T, s.served_by, s.sibling) for s in found] == [
-        (16, 128, "first.json"), (512, 128, "first.json"), (1024, 128, "first.json"),
-        (2048, None, "second.json"), (8192, None, "first.json")]
-    assert {s.key for s in found} == {shard}
+    mixtral = "L=8,H=4096,I=14336,k=2,fmt=fp8_block"
+    assert [(s.key, s.T, s.served_by, s.sibling) for s in found] == [
+        (shard, 16, 128, "first.json"), (shard, 512, 128, "first.json"), (shard, 1024, 128, "first.json"),
+        (shard, 2048, None, "second.json"), (shard, 8192, None, "first.json"), (mixtral, 512, 1024, "first.json")]
     assert tune_audit.shadowed_tune_args(own, siblings) == [
         "--local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --activation silu --formats fp8_block "
-        "--tokens 16,512,1024,2048,8192"]
-    assert tune_audit.shadowed_entries(own, [own]) == []          # a table does not shadow itself
+        "--tokens 16,512,1024,2048,8192",
+        "--presets mixtral-8x7b --formats fp8_block --tokens 512"]
+    # without a heuristic-served T the shapes come in key order (the L=8 key after L=32's, by its string) ...
+    near = _named(tmp_path, "near.json", {shard: {"512": _TILES}, mixtral: {"2048": _TILES}})
+    assert [a.split()[1] for a in tune_audit.shadowed_tune_args(own, [near])] == ["32", "mixtral-8x7b"]
+    # ... and a shape with one goes first even where its key sorts last
+    far = _named(tmp_path, "far.json", {shard: {"512": _TILES}, mixtral: {"16384": _TILES}})
+    assert [a.split()[1] for a in tune_audit.shadowed_tune_args(own, [far])] == ["mixtral-8x7b", "32"]
 
 
 def test_the_package_tables_of_a_family_are_each_others_siblings():
     """A table named as a GPU's of the Hopper family reads the family's other package tables after it; a table of
     another name has none."""
     from epmoe.kernels.tuning_table import CONFIG_DIR, sibling_tables
-    import os
     h100 = os.path.join(CONFIG_DIR, "NVIDIA_H100_80GB_HBM3.json")
     h200 = os.path.join(CONFIG_DIR, "NVIDIA_H200.json")
     assert sibling_tables("/elsewhere/NVIDIA_H200.json") == [h100]
@@ -172,13 +183,16 @@ def test_the_package_tables_of_a_family_are_each_others_siblings():
 
 
 def test_the_report_and_the_script_line_name_the_tunes_of_the_hidden_batch_sizes(tmp_path, monkeypatch, capsys):
+    """`epmoe tune --audit` names the hidden batch sizes of a shape with what serves each and the tune that times
+    them; `tune_audit --shadowed` prints those tunes, one line a shape, and nothing where no sibling hides any."""
     from rich.console import Console
     shard, own, siblings = _shadowing_tables(tmp_path)
     monkeypatch.setattr(tune_audit, "sibling_tables", lambda path: siblings)
     console = Console(record=True, width=600)
     tune_audit.report(console, [own])
     text = console.export_text()
-    assert (f"{shard}: first.json, second.json have entries at T=16,512,1024,2048,8192 and this table has not" in text)
+    assert (f"{shard}: first.json, second.json have between them entries at T=16,512,1024,2048,8192 and this "
+            "table has not") in text
     assert "serves T=16 from T=128; T=512 from T=128; T=1024 from T=128; T=2048 from the heuristic" in text
     assert ("epmoe tune --local-experts 32 --hidden 7168 --inter 2048 --top-k 8 --activation silu --formats "
             "fp8_block --tokens 16,512,1024,2048,8192") in text

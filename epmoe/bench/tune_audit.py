@@ -147,14 +147,12 @@ def shadowed_entries(path: str, siblings: list[str] | None = None) -> list[Shado
         own = json.load(f).get("entries") or {}
     found: dict[tuple[str, int], Shadowed] = {}
     for sibling in (sibling_tables(path) if siblings is None else siblings):
-        if os.path.abspath(sibling) == os.path.abspath(path):
-            continue
         with open(sibling) as f:
             other = json.load(f).get("entries") or {}
-        for key in set(own) & set(other):
+        for key in {k for k in own if own[k]} & set(other):    # a shape with no entries here: the lookup reads on
             mine = {int(t) for t in own[key]}
             for T in (int(t) for t in other[key]):
-                if T not in mine and (key, T) not in found:
+                if T >= 1 and T not in mine and (key, T) not in found:
                     t = nearest_tuned(mine, T)
                     found[(key, T)] = Shadowed(key, T, t if within_reach(t, T) else None, os.path.basename(sibling))
     return [found[k] for k in sorted(found)]
@@ -162,11 +160,13 @@ def shadowed_entries(path: str, siblings: list[str] | None = None) -> list[Shado
 
 def shadowed_tune_args(path: str, siblings: list[str] | None = None) -> list[str]:
     """`epmoe tune`'s arguments that time each shape's shadowed batch sizes (`shadowed_entries`) on the table's
-    GPU, one string a shape."""
-    by_key: dict[str, list[int]] = {}
+    GPU, one string a shape, the shapes with a batch size the heuristic serves first (a call cut by its time limit
+    has then done those)."""
+    by_key: dict[str, list[Shadowed]] = {}
     for s in shadowed_entries(path, siblings):
-        by_key.setdefault(s.key, []).append(s.T)
-    return [f"{shape_flags(key)} --tokens {','.join(map(str, ts))}" for key, ts in by_key.items()]
+        by_key.setdefault(s.key, []).append(s)
+    order = sorted(by_key, key=lambda key: (all(s.served_by is not None for s in by_key[key]), key))
+    return [f"{shape_flags(key)} --tokens {','.join(str(s.T) for s in by_key[key])}" for key in order]
 
 
 def report(console, paths: list[str], verbose: bool = False) -> int:
@@ -205,7 +205,7 @@ def report(console, paths: list[str], verbose: bool = False) -> int:
                                for s in ss)
             names = sorted({s.sibling for s in ss})
             console.print(escape(
-                f"  {key}: {', '.join(names)} {'has' if len(names) == 1 else 'have'} entries at "
+                f"  {key}: {', '.join(names)} {'has' if len(names) == 1 else 'have between them'} entries at "
                 f"T={','.join(str(s.T) for s in ss)} and this table has not; a GPU reading this table never reads "
                 f"those and serves {served}, untimed there; time them on the table's GPU: epmoe tune "
                 f"{shape_flags(key)} --tokens {','.join(str(s.T) for s in ss)}"), soft_wrap=True)

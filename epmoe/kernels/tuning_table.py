@@ -273,8 +273,8 @@ def table_paths_for_device(device: torch.device | None = None) -> list[str]:
 
 
 def sibling_tables(path: str) -> list[str]:
-    """The package tables a GPU whose own table is named as `path` is (the file's name) reads after it: the
-    other tables of its family, in lookup order; [] for a name in no family."""
+    """The package tables that the lookup reads after the table at `path` on a GPU whose own table has that file
+    name: the other tables of its family, in lookup order; [] for a file name in no family."""
     name = os.path.splitext(os.path.basename(path))[0]
     family = next((f for f in TABLE_FAMILIES.values() if name in f), ())
     return [p for p in (os.path.join(CONFIG_DIR, other + ".json") for other in family if other != name)
