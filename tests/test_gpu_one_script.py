@@ -65,54 +65,68 @@ def test_gluon_tune_passes_its_extra_arguments_to_every_tune(tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
-@pytest.mark.parametrize("sources", [None, "src dir;touch${IFS}hit2"])
-def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_probe_from_it(tmp_path, sources):
+@pytest.mark.parametrize("sources, build_fails", [(None, False), ("src dir;touch${IFS}hit2", False),
+                                                 ("src dir;touch${IFS}hit2", True)])
+def test_deepgemm_installs_the_wheels_into_a_folder_of_its_own_and_runs_the_probe_from_it(tmp_path, sources,
+                                                                                          build_fails):
     """Part `deepgemm`: the wheels DEEPGEMM_WHEELS names (globs, expanded; a name with shell metacharacters stays
     one harmless word) go into a fresh folder, and the probe runs with that folder first on its path and a CUDA_HOME;
     the folder is gone afterwards (python3 stood in for by a script that logs its arguments and environment). With
     DEEPGEMM_SRC, the module is built from those sources into that folder between the install and the probe (the
-    folder's name one word, however it is spelt); without it, nothing is built."""
+    folder's name one word, however it is spelt), and a build that fails stops the part before the probe; without
+    it, nothing is built."""
     calls = tmp_path / "calls.txt"
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "a-1.whl").write_text("")
     proc = _run_with_stand_ins(tmp_path, {
         "nvidia-smi": "echo 'NVIDIA H200'",
-        "python3": f"echo \"$* | PYTHONPATH=$PYTHONPATH CUDA_HOME=$CUDA_HOME\" >> '{calls}'"},
+        "python3": f"echo \"$* | PYTHONPATH=$PYTHONPATH CUDA_HOME=$CUDA_HOME | $#\" >> '{calls}'\n"
+                   f"case \"$1\" in benchmarks/deepgemm_build.py) exit {1 if build_fails else 0};; esac"},
         PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl x;touch${{IFS}}{tmp_path}/hit",
         **({} if sources is None else {"DEEPGEMM_SRC": sources}))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = calls.read_text().splitlines()
     install = next(line for line in lines if line.startswith("-m pip install"))
-    probe = next(line for line in lines if line.startswith("benchmarks/deepgemm_probe.py"))
     folder, *named = install.split(" | ")[0].split("--target ")[1].split()
     assert named == [f"{wheels}/a-1.whl", f"x;touch${{IFS}}{tmp_path}/hit"]
-    assert f"PYTHONPATH={folder}:." in probe and "CUDA_HOME=/usr/local/cuda" in probe
     assert not os.path.exists(folder) and not (tmp_path / "hit").exists()
+    probes = [i for i, line in enumerate(lines) if line.startswith("benchmarks/deepgemm_probe.py")]
+    assert len(probes) == (0 if build_fails else 1)
+    if probes:
+        probe = lines[probes[0]]
+        assert f"PYTHONPATH={folder}:." in probe and "CUDA_HOME=/usr/local/cuda" in probe
     builds = [i for i, line in enumerate(lines) if line.startswith("benchmarks/deepgemm_build.py")]
     if sources is None:
         assert builds == []
     else:
-        assert len(builds) == 1 and lines.index(install) < builds[0] < lines.index(probe)
-        assert lines[builds[0]].split(" | ")[0] == f"benchmarks/deepgemm_build.py {folder} {sources}"
+        assert len(builds) == 1 and lines.index(install) < builds[0] < min(probes, default=len(lines))
+        command, _, argc = lines[builds[0]].split(" | ")
+        assert command == f"benchmarks/deepgemm_build.py {folder} {sources}" and argc == "3"   # the script, 2 words
         assert not (tmp_path / "hit2").exists() and not os.path.exists(os.path.join(ROOT, "hit2"))
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
-def test_tune_shadowed_runs_one_tune_a_line_of_the_audit(tmp_path):
+@pytest.mark.parametrize("audit_fails", [False, True])
+def test_tune_shadowed_runs_one_tune_a_line_of_the_audit(tmp_path, audit_fails):
     """Part `tune` with TUNE_ARGS=shadowed: each line `tune_audit --shadowed` prints for this GPU's table is one
-    `epmoe tune`, its words split as usual (python3 stood in for by a script that logs its arguments)."""
+    `epmoe tune`, its words split as usual; where the audit fails, no tune runs and the log says why (python3
+    stood in for by a script that logs its arguments)."""
     calls = tmp_path / "calls.txt"
     proc = _run_with_stand_ins(tmp_path, {
         "nvidia-smi": "echo 'NVIDIA H200'",
         "python3": f"echo \"$*\" >> '{calls}'\n"
                    "case \"$*\" in *'tune_audit --shadowed'*) "
                    "echo '--presets gpt-oss-120b --formats fp8_block --tokens 2,4,8'; "
-                   "echo '--local-experts 32 --hidden 7168 --formats fp8_block --tokens 1024,2048';; "
+                   "echo '--local-experts 32 --hidden 7168 --formats fp8_block --tokens 1024,2048'; "
+                   f"exit {2 if audit_fails else 0};; "
                    "*) echo NVIDIA_H200;; esac"},
         PARTS="tune", TUNE_ARGS="shadowed")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tunes = [line for line in calls.read_text().splitlines() if line.startswith("-m epmoe tune")]
+    if audit_fails:
+        assert tunes == [] and "the audit of epmoe/kernels/configs/NVIDIA_H200.json failed; no tune run" in proc.stdout
+        return
     assert tunes == ["-m epmoe tune --presets gpt-oss-120b --formats fp8_block --tokens 2,4,8",
                      "-m epmoe tune --local-experts 32 --hidden 7168 --formats fp8_block --tokens 1024,2048"]
     assert any("tune_audit --shadowed epmoe/kernels/configs/NVIDIA_H200.json" in line

@@ -1343,3 +1343,15 @@ def test_compile_log_says_what_the_timing_process_compiled_again_and_why(monkeyp
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["shape"] for line in lines] == ["L8_H256"] * 2 and lines[0]["workers"] == parts
     assert tune._compile_log_writer(None, "L8_H256") is None
+
+
+def test_the_nearest_tuned_t_is_by_ratio_the_smaller_of_two_as_near_and_serves_within_reach():
+    """`nearest_tuned` (the entry the lookup takes): nearest by ratio, the smaller T where two are as near (T = 4
+    between 2 and 8), T <= 0 counted as 1; `within_reach`: within TABLE_REACH either way, a batch of 0 as 1."""
+    from epmoe.kernels.tuning_table import TABLE_REACH, nearest_tuned, within_reach
+    assert nearest_tuned({2, 8}, 4) == 2 and nearest_tuned({8, 2}, 4) == 2
+    assert nearest_tuned({16, 128}, 1) == 16 and nearest_tuned({16, 128}, 0) == 16
+    assert nearest_tuned({1, 128}, 16) == 128 and nearest_tuned({1, 128}, 11) == 1
+    assert within_reach(16, 2) and not within_reach(16, 1) and not within_reach(16, 0)
+    assert within_reach(1, 0) and within_reach(1, TABLE_REACH) and not within_reach(1, TABLE_REACH + 1)
+    assert within_reach(4, 8, factor=2) and not within_reach(4, 9, factor=2)
