@@ -115,8 +115,9 @@
 #             c10 symbol torch 2.11 lacks) installed without their dependencies into a folder of this call only,
 #             CUDA_HOME defaulting to /usr/local/cuda for its kernels' compiles; DEEPGEMM_SRC (a folder of DeepGEMM's
 #             sources, e.g. .anchors/deepgemm_src: deep_gemm/, csrc/, third-party/fmt/include and SOURCE naming their
-#             commits) first lays them over the wheel and compiles its module against this torch
-#             (benchmarks/deepgemm_build.py), as the wheel's own module misreads torch 2.11's tensors
+#             commits) first replaces the wheel's package with them, keeping its CUTLASS headers, and compiles the
+#             module against this torch (benchmarks/deepgemm_build.py): the wheel's own module fails its own
+#             dimension check on 2-D and 3-D tensors under torch 2.11
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
