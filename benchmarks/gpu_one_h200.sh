@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call on one H100 or H200 (the file names say which), under 10 minutes, in parts (PARTS, in this order):
-#   tests     every single-GPU test (pytest -m "gpu and not multigpu"; TESTS: fewer; TESTS_SECONDS: its limit, default
+#   tests     every single-GPU test (pytest -m "gpu and not multigpu"; TESTS: fewer, files and words split on spaces;
+#             TESTS_K: a pytest -k expression, passed whole, e.g. "not real_size"; TESTS_SECONDS: its limit, default
 #             540: the 160 tests of 9847dd5 took 413 s, past the 300 it had; the 181 of 302e423 did not finish in 570 s
 #             on a fresh H100, 180 done: split them, TESTS=tests/test_triton_gpu.py in one call and the other files in
 #             the next), each test named as it ends (-v), so a run cut by its limit says which passed (the order and
@@ -197,8 +198,9 @@ for part in $PARTS; do
     echo "== $part"
     case $part in
     tests)
+        select=(); [ -n "${TESTS_K:-}" ] && select=(-k "$TESTS_K")     # one expression, spaces and all
         run "$OUT/pytest_gpu_${GPU}_$DAY.txt" "${TESTS_SECONDS:-540}" \
-            python3 -m pytest ${TESTS:-tests} -v -p no:cacheprovider --durations=30 -m "gpu and not multigpu" ;;
+            python3 -m pytest ${TESTS:-tests} ${select[@]+"${select[@]}"} -v -p no:cacheprovider --durations=30 -m "gpu and not multigpu" ;;
     experts)
         run "$OUT/experts_${GPU}_$DAY.log" "${EXPERTS_SECONDS:-300}" bash -c "
             python3 -m epmoe bench experts -q --no-plot --presets deepseek-v3 --experts 32 --tokens 4096,8192 \

@@ -131,3 +131,20 @@ def test_tune_shadowed_runs_one_tune_a_line_of_the_audit(tmp_path, audit_fails):
                      "-m epmoe tune --local-experts 32 --hidden 7168 --formats fp8_block --tokens 1024,2048"]
     assert any("tune_audit --shadowed epmoe/kernels/configs/NVIDIA_H200.json" in line
                for line in calls.read_text().splitlines())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
+@pytest.mark.parametrize("tests_k", [None, "not real_size"])
+def test_tests_k_reaches_pytest_as_one_expression(tmp_path, tests_k):
+    """Part `tests`: TESTS is split into words (several files), TESTS_K is one -k expression however many spaces it
+    has; without TESTS_K no -k is passed (python3 stood in for by a script that logs each argument)."""
+    calls = tmp_path / "calls.txt"
+    proc = _run_with_stand_ins(tmp_path, {
+        "nvidia-smi": "echo 'NVIDIA H200'",
+        "python3": f"for a in \"$@\"; do printf '%s|' \"$a\" >> '{calls}'; done; echo >> '{calls}'"},
+        PARTS="tests", TESTS="tests/a.py tests/b.py", **({} if tests_k is None else {"TESTS_K": tests_k}))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pytest_call = next(line for line in calls.read_text().splitlines() if line.startswith("-m|pytest|"))
+    args = pytest_call.split("|")
+    assert args[2:4] == ["tests/a.py", "tests/b.py"]
+    assert (args[4:6] == ["-k", tests_k]) if tests_k else ("-k" not in args)
