@@ -118,7 +118,10 @@
 #             sources, e.g. .anchors/deepgemm_src: deep_gemm/, csrc/, third-party/fmt/include and SOURCE naming their
 #             commits) first replaces the wheel's package with them, keeping its CUTLASS headers, and compiles the
 #             module against this torch (benchmarks/deepgemm_build.py): the wheel's own module fails its own
-#             dimension check on 2-D and 3-D tensors under torch 2.11
+#             dimension check on 2-D and 3-D tensors under torch 2.11; DEEPGEMM_STEPS (shapes as
+#             profile_experts_steps.py takes them, e.g. deepseek-v3:32:8192,mixtral-8x7b::8192): then the
+#             experts forward with DeepGEMM's GEMMs (benchmarks/deepgemm_experts.py) beside triton_ws, kernel by
+#             kernel, each oracle-checked
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -385,12 +388,19 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
     deepgemm)
         dg=$(mktemp -d)
         # the folder is $0, the wheels (each a glob, expanded here) the arguments
-        DG_SRC=${DEEPGEMM_SRC:-} run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
+        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
             python3 -m pip install -q --no-deps --no-index --target "$0" $@ || exit 1
             if [ -n "$DG_SRC" ]; then python3 benchmarks/deepgemm_build.py "$0" "$DG_SRC" || exit 1; fi
-            CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH" python3 benchmarks/deepgemm_probe.py' \
+            export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH"
+            python3 benchmarks/deepgemm_probe.py || exit 1
+            if [ -n "$DG_STEPS" ]; then
+                echo "## the experts forward with DeepGEMM GEMMs beside triton_ws (profile_experts_steps.py)"
+                python3 benchmarks/profile_experts_steps.py --backends triton_ws,deepgemm,deepgemm_down \
+                    --formats fp8_block --shapes "$DG_STEPS" --output "$OUT/dg_steps.json"
+            fi' \
             "$dg" ${DEEPGEMM_WHEELS:-.anchors/sgl_deep_gemm-0.1.7-*.whl .anchors/apache_tvm_ffi-0.1.11-*.whl}
         if [ -f "$OUT/dg_probe.json" ]; then mv "$OUT/dg_probe.json" "$OUT/deepgemm_probe_${GPU}_$DAY.json"; fi
+        if [ -f "$OUT/dg_steps.json" ]; then mv "$OUT/dg_steps.json" "$OUT/experts_steps_deepgemm_${GPU}_$DAY.json"; fi
         rm -rf "$dg" ;;
     *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory deepgemm)"; exit 2 ;;
     esac

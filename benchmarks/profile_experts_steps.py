@@ -22,6 +22,8 @@ import time
 from collections import defaultdict
 
 FLUSH_MARK = "bitwise_not"      # the L2 flush before each forward (a kernel no backend launches)
+# prototypes of benchmarks/deepgemm_experts.py, timed like the backends: name -> the GEMM that runs the down
+PROTOTYPES = {"deepgemm": "gluon", "deepgemm_down": "deepgemm"}
 SLEEP_MARK = "spin_kernel"      # torch.cuda._sleep: the forward's kernels follow it
 
 
@@ -105,10 +107,38 @@ def profile_forwards(backend, batch, weights, clock, sampler, forwards: int):
     return summarize(runs), gpu_state
 
 
+def _prototypes():
+    """benchmarks/deepgemm_experts.py, loaded by its path (the benchmarks are not a package)."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "deepgemm_experts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepgemm_experts.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prototype_problem(cfg, device) -> str | None:
+    """Why the DeepGEMM prototypes cannot run this layer here: no importable `deep_gemm`, `triton_ws`'s reasons,
+    or the prototype's."""
+    import importlib.util
+
+    from epmoe import contract
+    if importlib.util.find_spec("deep_gemm") is None:
+        return "deep_gemm is not importable here (part `deepgemm` of gpu_one_h200.sh puts it on the path)"
+    return contract.experts_problem("triton_ws", cfg, device.type) or _prototypes().problem(cfg)
+
+
+def make_prototype(name: str, cfg, device):
+    return _prototypes().DeepGemmExperts(cfg, device, down=PROTOTYPES[name])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--backends", default="triton,triton_ws", help="experts backends (default: %(default)s)")
+    p.add_argument("--backends", default="triton,triton_ws",
+                   help="experts backends, and the prototypes of benchmarks/deepgemm_experts.py: deepgemm (its "
+                        "gate+up by DeepGEMM), deepgemm_down (both GEMMs) (default: %(default)s)")
     p.add_argument("--formats", default="fp8_block,bf16", help="formats (default: %(default)s)")
     p.add_argument("--shapes", default="deepseek-v3:32:8192,deepseek-v3:32:4096,mixtral-8x7b::8192",
                    help="PRESET:LOCAL_EXPERTS:T, comma-separated (default: %(default)s)")
@@ -146,11 +176,13 @@ def main(argv=None) -> int:
                                     device=device)
                 flops = 6.0 * T * cfg.top_k * cfg.hidden_size * cfg.intermediate_size
                 for name in args.backends.split(","):
-                    why = contract.experts_problem(name, cfg, device.type)
+                    why = prototype_problem(cfg, device) if name in PROTOTYPES else \
+                        contract.experts_problem(name, cfg, device.type)
                     if why:
                         print(f"skip {name} {preset} {fmt}: {why}", flush=True)
                         continue
-                    backend = contract.experts_class(name)(cfg, device)
+                    backend = make_prototype(name, cfg, device) if name in PROTOTYPES else \
+                        contract.experts_class(name)(cfg, device)
                     batch = FlatBatch(xp, ids, tw)
                     out = backend(batch, weights)            # compiles; then the check
                     err = rel_err(out[:, :cfg.hidden_size][sample], ref)

@@ -55,7 +55,8 @@ def test_gluon_tune_passes_its_extra_arguments_to_every_tune(tmp_path):
     proc = _run_with_stand_ins(tmp_path, {
         "nvidia-smi": "echo 'NVIDIA H200'",
         "python3": f"echo \"$*\" >> '{calls}'\n"
-                   "case \"$*\" in *tune_audit*) echo '--presets gpt-oss-120b --tokens 8192';; *) echo NVIDIA_H200;; esac"},
+                   "case \"$*\" in *tune_audit*) echo '--presets gpt-oss-120b --tokens 8192';; "
+                   "*) echo NVIDIA_H200;; esac"},
         PARTS="gluon_tune", GLUON_TUNE_SETS="mixtral audit", GLUON_TUNE_EXTRA="--follow")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tunes = [line for line in calls.read_text().splitlines() if line.startswith("-m epmoe tune")]
@@ -148,3 +149,34 @@ def test_tests_k_reaches_pytest_as_one_expression(tmp_path, tests_k):
     args = pytest_call.split("|")
     assert args[2:4] == ["tests/a.py", "tests/b.py"]
     assert (args[4:6] == ["-k", tests_k]) if tests_k else ("-k" not in args)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
+def test_deepgemm_steps_run_after_the_probe_with_the_shapes_as_one_argument(tmp_path):
+    """Part `deepgemm` with DEEPGEMM_STEPS: after the probe, profile_experts_steps.py times triton_ws beside the
+    DeepGEMM prototypes at those shapes (one argument), with the built folder on the path; without it, not."""
+    calls = tmp_path / "calls.txt"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.whl").write_text("")
+    tools = {"nvidia-smi": "echo 'NVIDIA H200'",
+             "python3": f"for a in \"$@\"; do printf '%s|' \"$a\" >> '{calls}'; done; "
+                        f"echo \"PYTHONPATH=$PYTHONPATH\" >> '{calls}'"}
+    shapes = "deepseek-v3:32:8192,mixtral-8x7b::8192"
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
+                               DEEPGEMM_STEPS=shapes)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    probe = next(i for i, line in enumerate(lines) if line.startswith("benchmarks/deepgemm_probe.py|"))
+    steps = [i for i, line in enumerate(lines) if line.startswith("benchmarks/profile_experts_steps.py|")]
+    assert len(steps) == 1 and steps[0] > probe
+    args = lines[steps[0]].split("|")
+    assert args[args.index("--shapes") + 1] == shapes
+    assert args[args.index("--backends") + 1] == "triton_ws,deepgemm,deepgemm_down"
+    install = next(line.split("|") for line in lines if line.startswith("-m|pip|install|"))
+    folder = install[install.index("--target") + 1]
+    assert f"PYTHONPATH={folder}:" in lines[steps[0]]
+    calls.unlink()
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not any(line.startswith("benchmarks/profile_experts_steps.py") for line in calls.read_text().splitlines())

@@ -285,25 +285,10 @@ else:
     from epmoe.experts.triton_ws_down import WarpSpecializedDownExperts
     from epmoe.experts.triton_ws import grouped_gemm_reference
     from epmoe.layouts import FlatBatch
-    from epmoe.testing import load_experts, random_experts
+    from epmoe.testing import awkward_flat_batches, awkward_ids, load_experts, random_experts
 
     def _rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
-
-    def _ids(T, E, k, g, one_expert=False, other_ranks=False):
-        """[T, k] distinct experts per token; one_expert: every token's first slot on expert 2;
-        other_ranks: every other token's second slot on another rank (-1)."""
-        rows = []
-        for _ in range(T):
-            if one_expert:
-                others = [e for e in range(E) if e != 2]
-                rows.append([2] + [others[i] for i in torch.randperm(E - 1, generator=g)[:k - 1].tolist()])
-            else:
-                rows.append(torch.randperm(E, generator=g)[:k].tolist())
-        ids = torch.tensor(rows, dtype=torch.int32).reshape(T, k)
-        if other_ranks:
-            ids[::2, 1] = -1
-        return ids
 
     # triton_ws_down in block FP8 only: its gate+up is the library's Triton GEMM, and the interpreter computes
     # bfloat16 dots wrongly (NumPy has no bfloat16; float32 and FP8 operands come out right). Its BF16 path
@@ -334,13 +319,7 @@ else:
         ws.gemm = grouped_gemm_reference
         Hp = ws.plan.padded_hidden_size
         g = torch.Generator().manual_seed(4)
-        # 150 tokens on one expert: its segment spans two tiles of 128 rows
-        for T, one_expert, other_ranks in ((0, False, False), (1, False, False), (11, False, True),
-                                           (150, True, False)):
-            x = torch.zeros(T, Hp)
-            x[:, :cfg.hidden_size] = torch.randn(T, cfg.hidden_size, generator=g)
-            batch = FlatBatch(x.to(cfg.dtype), _ids(T, cfg.num_experts, cfg.top_k, g, one_expert, other_ranks),
-                              torch.rand(T, cfg.top_k, generator=g))
+        for T, batch in awkward_flat_batches(cfg, Hp, g):
             if T == 11:                      # a dispatcher's buffer to write into (the pull combine's)
                 batch.out = torch.full((T, Hp), float("nan"), dtype=cfg.dtype)
             got = ws(batch, layer.expert_weights)
@@ -369,7 +348,8 @@ else:
         for T, weights, cut in ((SHORT_EXPERT_ROWS * E // 2, bf16, True), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, False),
                                 (128 * E // 2, bf16, True), (128 * E // 2 - 1, bf16, False), (1, bf16, False),
                                 (SHORT_EXPERT_ROWS * E // 2, fp8, False)):
-            batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), _ids(T, E, 2, g), torch.rand(T, 2, generator=g))
+            batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), awkward_ids(T, E, 2, g),
+                              torch.rand(T, 2, generator=g))
             layout = ws.padded_layout(batch, weights)
             tile_expert, walk = layout.tile_expert, layout.walk_groups
             if cut:
@@ -402,7 +382,7 @@ else:
         Hp = experts.plan.padded_hidden_size
         x = torch.zeros(40, Hp)
         x[:, :cfg.hidden_size] = torch.randn(40, cfg.hidden_size, generator=g)
-        batch = FlatBatch(x.to(cfg.dtype), _ids(40, cfg.num_experts, cfg.top_k, g, other_ranks=True),
+        batch = FlatBatch(x.to(cfg.dtype), awkward_ids(40, cfg.num_experts, cfg.top_k, g, other_ranks=True),
                           torch.rand(40, cfg.top_k, generator=g))
         want = layer.experts(batch, w)
         tiles = MoEKernelConfig(16, GemmConfig(128, 128, 1, 4, 2), GemmConfig(64, 128, 1, 4, 2))

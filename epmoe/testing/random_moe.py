@@ -51,6 +51,35 @@ def random_inputs(cfg, num_tokens: int, seed: int = 1, device="cpu", logit_scale
     return x.to(device), logits.to(device)
 
 
+def awkward_ids(T: int, E: int, k: int, g: torch.Generator, one_expert: bool = False,
+                other_ranks: bool = False) -> torch.Tensor:
+    """[T, k] int32 expert ids, k distinct experts per token; one_expert: every token's first slot on expert 2
+    (its segment spans several tiles); other_ranks: every other token's second slot on another rank (-1)."""
+    rows = []
+    for _ in range(T):
+        if one_expert:
+            others = [e for e in range(E) if e != 2]
+            rows.append([2] + [others[i] for i in torch.randperm(E - 1, generator=g)[:k - 1].tolist()])
+        else:
+            rows.append(torch.randperm(E, generator=g)[:k].tolist())
+    ids = torch.tensor(rows, dtype=torch.int32).reshape(T, k)
+    if other_ranks:
+        ids[::2, 1] = -1
+    return ids
+
+
+def awkward_flat_batches(cfg, padded_hidden: int, g: torch.Generator):
+    """(T, FlatBatch) of the shapes every experts backend is checked on: T = 0 and 1, 11 tokens with every other
+    token's second slot on another rank, 150 tokens with every first slot on one expert (its segment spans two
+    tiles of 128 rows); rows of `padded_hidden` columns, zero past the hidden size, in the layer's dtype."""
+    from ..layouts import FlatBatch
+    for T, one_expert, other_ranks in ((0, False, False), (1, False, False), (11, False, True), (150, True, False)):
+        x = torch.zeros(T, padded_hidden)
+        x[:, :cfg.hidden_size] = torch.randn(T, cfg.hidden_size, generator=g)
+        ids = awkward_ids(T, cfg.num_experts, cfg.top_k, g, one_expert, other_ranks)
+        yield T, FlatBatch(x.to(cfg.dtype), ids, torch.rand(T, cfg.top_k, generator=g))
+
+
 def load_experts(layer, experts) -> int:
     """load_expert for every expert; returns how many this rank kept."""
     kept = 0
