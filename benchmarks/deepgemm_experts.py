@@ -9,11 +9,13 @@ one expert each), so the pipeline stays `triton_ws`'s but for the GEMMs:
 2. gate+up by DeepGEMM into BF16 [rows, 2I] (A's scales handed over as the K-block-major copy makes them, a
    transposed view: MN-major, as DeepGEMM's SM90 kernels read them);
 3. the activation and the FP8 quantization per group of 128 columns in one pass (`gated_rows`), where `triton_ws`
-   does both in its gate+up's epilogue (so BF16 [rows, 2I] is written and read once more here);
+   does both in its gate+up's epilogue from the float32 accumulators (so here BF16 [rows, 2I] is written and read
+   once more, over every row of the layout's bound, and gate and up are rounded to BF16 before the activation);
 4. down by DeepGEMM (`deepgemm_down`), or by `triton_ws`'s Gluon GEMM (`deepgemm`);
 5. the slot sum, as in `triton_ws`.
-Block FP8 without expert biases only (DeepGEMM adds none). `DeepGemmExperts.deep_gemm` is the module: the
-import of `deep_gemm` unless a test puts a stand-in there.
+Block FP8 without expert biases only (DeepGEMM adds none). DeepGEMM does not skip the tiles marked -1: it reads
+through them and writes zeros there. `DeepGemmExperts.deep_gemm` is the module: the import of `deep_gemm` unless
+a test puts a stand-in there.
 """
 from __future__ import annotations
 
@@ -49,7 +51,13 @@ class DeepGemmExperts(WarpSpecializedExperts):
         if self.deep_gemm is None:
             import deep_gemm
             type(self).deep_gemm = deep_gemm
-        return self.deep_gemm
+        dg = self.deep_gemm
+        # DeepGEMM's row segments must be our tiles: a wider alignment would put two experts' tiles in one segment
+        aligned = dg.get_mk_alignment_for_contiguous_layout()
+        if aligned != TILE:
+            raise RuntimeError(f"DeepGemmExperts: DeepGEMM groups rows in segments of {aligned}, the layout in "
+                               f"tiles of {TILE}")
+        return dg
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:
         from epmoe.kernels.gated_rows import gated_rows

@@ -121,7 +121,7 @@
 #             dimension check on 2-D and 3-D tensors under torch 2.11; DEEPGEMM_STEPS (shapes as
 #             profile_experts_steps.py takes them, e.g. deepseek-v3:32:8192,mixtral-8x7b::8192): then the
 #             experts forward with DeepGEMM's GEMMs (benchmarks/deepgemm_experts.py) beside triton_ws, kernel by
-#             kernel, each oracle-checked
+#             kernel, each oracle-checked (the build takes 77 s on an H100: give DEEPGEMM_SECONDS=560 with steps)
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -132,7 +132,7 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 PYTHONPATH=.
 BUNDLE=${OUT:-./out}
-OUT=$BUNDLE/gpu_one_h200
+export OUT=$BUNDLE/gpu_one_h200     # the scripts the parts start write there too
 mkdir -p "$OUT"
 # what another call left here, found on a reused machine (H100 logs of an earlier session came back from a fresh
 # H200 call on 2026-12-06): files older than a call can last (10 minutes) are dropped, each named, so nothing

@@ -22,9 +22,9 @@ import time
 from collections import defaultdict
 
 FLUSH_MARK = "bitwise_not"      # the L2 flush before each forward (a kernel no backend launches)
+SLEEP_MARK = "spin_kernel"      # torch.cuda._sleep: the forward's kernels follow it
 # prototypes of benchmarks/deepgemm_experts.py, timed like the backends: name -> the GEMM that runs the down
 PROTOTYPES = {"deepgemm": "gluon", "deepgemm_down": "deepgemm"}
-SLEEP_MARK = "spin_kernel"      # torch.cuda._sleep: the forward's kernels follow it
 
 
 def kernel_family(name: str) -> str:

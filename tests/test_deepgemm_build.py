@@ -88,4 +88,3 @@ def test_the_build_refuses_missing_inputs_before_touching_the_wheel(benchmark_sc
     assert build.main(str(target), str(sources)) == 2
     assert "no tvm_ffi package" in capsys.readouterr().err
     assert (target / "deep_gemm" / "__init__.py").read_text() == "WHEEL = True\n"
-

@@ -66,12 +66,18 @@ else:
     _spec.loader.exec_module(deepgemm_experts)
 
     class StandInDeepGemm:
-        """`m_grouped_fp8_gemm_nt_contiguous` as DeepGEMM states it, in PyTorch, refusing what DeepGEMM refuses
-        (an expert's rows not in whole segments of 128, scales of another shape); each call's A scales recorded
-        (whether they came MN-major, as the K-block-major copy leaves them)."""
+        """`m_grouped_fp8_gemm_nt_contiguous` as DeepGEMM states it, in PyTorch: rows of one expert in whole
+        segments of 128, rows marked -1 written as zeros; refusing scales or operands of other shapes, dtypes or
+        layouts than its checks take (A, B and D with their last dimension contiguous, B and its scales whole,
+        float32 scales, `m_indices` contiguous int32); each call's A scales recorded (whether they came
+        MN-major, as the K-block-major copy leaves them)."""
 
-        def __init__(self):
+        def __init__(self, alignment=128):
             self.calls = []
+            self.alignment = alignment
+
+        def get_mk_alignment_for_contiguous_layout(self):
+            return self.alignment
 
         def m_grouped_fp8_gemm_nt_contiguous(self, a_pair, b_pair, d, m_indices):
             (a, sfa), (b, sfb) = a_pair, b_pair
@@ -81,11 +87,15 @@ else:
             assert M % 128 == 0 and K % 128 == 0 and N % 128 == 0, (M, N, K)
             assert tuple(sfa.shape) == (M, K // 128) and tuple(sfb.shape) == (G, N // 128, K // 128)
             assert tuple(d.shape) == (M, N) and tuple(m_indices.shape) == (M,) and m_indices.dtype == torch.int32
+            assert a.stride(1) == 1 and d.stride(1) == 1 and b.is_contiguous() and m_indices.is_contiguous()
+            assert sfa.dtype == sfb.dtype == torch.float32 and sfb.is_contiguous()
+            assert sfa.stride(1) == 1 or sfa.stride(0) == 1, "A's scales K-major or MN-major"
             segments = m_indices.view(-1, 128)
             assert (segments == segments[:, :1]).all(), "an expert's rows must fill whole segments of 128"
             assert ((m_indices >= -1) & (m_indices < G)).all()
             self.calls.append({"mn_major_a_scales": sfa.stride(0) == 1, "rows": M})
             A = a.float() * sfa.float().repeat_interleave(128, dim=1)
+            d[m_indices < 0] = 0
             for e in m_indices.unique().tolist():
                 if e < 0:
                     continue
@@ -123,6 +133,18 @@ else:
             assert calls[0]["mn_major_a_scales"]
             assert torch.isfinite(got).all() and got.abs().sum() > 0
             assert _rel(got, want) < 3e-2, (T, down, _rel(got, want))
+
+    def test_a_deepgemm_whose_segments_are_not_the_tiles_is_refused():
+        cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=160, dtype=torch.bfloat16,
+                        quant=Fp8Config(weight_block=(128, 128)))
+        layer = MoELayer(cfg, dispatcher="local", experts="reference")
+        load_experts(layer, random_experts(cfg, seed=1))
+        experts = deepgemm_experts.DeepGemmExperts(cfg)
+        experts.deep_gemm = StandInDeepGemm(alignment=256)
+        batch = FlatBatch(torch.zeros(3, experts.plan.padded_hidden_size, dtype=cfg.dtype),
+                          torch.tensor([[0, 1, 2]] * 3, dtype=torch.int32), torch.rand(3, 3))
+        with pytest.raises(RuntimeError, match="segments of 256"):
+            experts(batch, layer.expert_weights)
 
     def test_biases_are_refused():
         cfg = MoEConfig(num_experts=5, top_k=3, hidden_size=200, intermediate_size=160, dtype=torch.bfloat16,

@@ -13,7 +13,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_one_h200.sh")
 
 def _run_with_stand_ins(tmp_path, tools: dict, **variables) -> subprocess.CompletedProcess:
     """The script run with stand-ins for the named tools (name -> the body of a shell script) first on PATH, OUT in
-    tmp_path, a COMMIT and the variables given (ONLY_ON, CUDA_HOME and DEEPGEMM_SRC unset unless given)."""
+    tmp_path, a COMMIT and the variables given (the part variables the tests set, unset unless given)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, body in tools.items():
@@ -22,7 +22,8 @@ def _run_with_stand_ins(tmp_path, tools: dict, **variables) -> subprocess.Comple
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
                COMMIT="0" * 40)
-    for name in ("ONLY_ON", "CUDA_HOME", "DEEPGEMM_SRC"):
+    for name in ("ONLY_ON", "CUDA_HOME", "DEEPGEMM_SRC", "DEEPGEMM_STEPS", "DEEPGEMM_WHEELS", "TESTS", "TESTS_K",
+                 "TUNE_ARGS", "GLUON_TUNE_SETS", "GLUON_TUNE_EXTRA"):
         env.pop(name, None)
     env.update(variables)
     return subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
