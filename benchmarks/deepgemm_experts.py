@@ -40,6 +40,7 @@ class DeepGemmExperts(WarpSpecializedExperts):
     """`triton_ws`'s pipeline with DeepGEMM's gate+up (and, with down="deepgemm", its down GEMM)."""
 
     deep_gemm = None
+    _aligned_to = None       # the module whose alignment was checked
 
     def __init__(self, plan, device: torch.device | None = None, down: str = "gluon"):
         if down not in DOWNS:
@@ -48,15 +49,18 @@ class DeepGemmExperts(WarpSpecializedExperts):
         self.down = down
 
     def _deep_gemm(self):
+        """The module, its row segments checked once to be our tiles (a wider alignment would put two experts'
+        tiles in one segment)."""
         if self.deep_gemm is None:
             import deep_gemm
             type(self).deep_gemm = deep_gemm
         dg = self.deep_gemm
-        # DeepGEMM's row segments must be our tiles: a wider alignment would put two experts' tiles in one segment
-        aligned = dg.get_mk_alignment_for_contiguous_layout()
-        if aligned != TILE:
-            raise RuntimeError(f"DeepGemmExperts: DeepGEMM groups rows in segments of {aligned}, the layout in "
-                               f"tiles of {TILE}")
+        if self._aligned_to is not dg:
+            aligned = dg.get_mk_alignment_for_contiguous_layout()
+            if aligned != TILE:
+                raise RuntimeError(f"DeepGemmExperts: DeepGEMM groups rows in segments of {aligned}, the layout in "
+                                   f"tiles of {TILE}")
+            self._aligned_to = dg
         return dg
 
     def forward_flat(self, batch: FlatBatch, weights: ExpertWeights) -> torch.Tensor:

@@ -15,6 +15,7 @@ and recorded, not hidden.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -107,8 +108,9 @@ def profile_forwards(backend, batch, weights, clock, sampler, forwards: int):
     return summarize(runs), gpu_state
 
 
+@functools.lru_cache(maxsize=None)
 def _prototypes():
-    """benchmarks/deepgemm_experts.py, loaded by its path (the benchmarks are not a package)."""
+    """benchmarks/deepgemm_experts.py, loaded by its path once (the benchmarks are not a package)."""
     import importlib.util
     import os
     spec = importlib.util.spec_from_file_location(

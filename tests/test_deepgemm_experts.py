@@ -58,6 +58,7 @@ else:
     from epmoe import Fp8Config, MoEConfig, MoELayer
     from epmoe.experts.triton_ws import grouped_gemm_reference
     from epmoe.layouts import FlatBatch
+    from epmoe.quant.fp8 import dequantize_weight, fp8_dequantize
     from epmoe.testing import awkward_flat_batches, load_experts, random_experts
 
     _spec = importlib.util.spec_from_file_location("deepgemm_experts",
@@ -94,12 +95,12 @@ else:
             assert (segments == segments[:, :1]).all(), "an expert's rows must fill whole segments of 128"
             assert ((m_indices >= -1) & (m_indices < G)).all()
             self.calls.append({"mn_major_a_scales": sfa.stride(0) == 1, "rows": M})
-            A = a.float() * sfa.float().repeat_interleave(128, dim=1)
+            A = fp8_dequantize(a, sfa, 128)
             d[m_indices < 0] = 0
             for e in m_indices.unique().tolist():
                 if e < 0:
                     continue
-                B = b[e].float() * sfb[e].float().repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)
+                B = dequantize_weight(b[e], sfb[e], (128, 128))
                 rows = m_indices == e
                 d[rows] = (A[rows] @ B.t()).to(d.dtype)
 
