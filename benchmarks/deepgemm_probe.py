@@ -5,7 +5,10 @@ shard's and mixtral's expert GEMM shapes, T = 8192, each checked against a float
 operands (a relative error above 1e-2 is marked, and the script exits 1) and timed (do_bench medians, L2
 flushed), the BF16 ones beside `torch._grouped_mm` on the same rows. Every expert gets the same row count here
 (2048), where `benchmarks/profile_ws_gemm.py` times ours on a random routing's rows; the A scales are handed over
-row-major, so DeepGEMM's own layout change of them is inside the timed call. Results: $OUT/dg_probe.json."""
+row-major, so DeepGEMM's own layout change of them is inside the timed call. Results: $OUT/dg_probe.json.
+`--profile NAMES` (shape names below, comma-separated, e.g. "ds32 T=8192 gate_up"): instead, each named FP8 call
+checked, then launched once inside an NVTX range `profiled` (its A scales MN-major already, so that DeepGEMM runs
+no layout change of them there), for `ncu --nvtx --nvtx-include profiled/`."""
 import json
 import os
 import subprocess
@@ -106,6 +109,31 @@ def timed(fn):
 
 shapes = [("ds32 T=8192 gate_up", 32, 2048, 4096, 7168), ("ds32 T=8192 down", 32, 2048, 7168, 2048),
           ("mixtral T=8192 gate_up", 8, 2048, 28672, 4096), ("mixtral T=8192 down", 8, 2048, 4096, 14336)]
+if "--profile" in sys.argv:    # the named FP8 shapes' calls once each inside an NVTX range `profiled`, for ncu
+    names = sys.argv[sys.argv.index("--profile") + 1].split(",")
+    unknown = [n for n in names if n not in [s[0] for s in shapes]]
+    if unknown:
+        log(f"--profile: no shape {unknown}; the shapes: {[s[0] for s in shapes]}")
+        sys.exit(2)
+    bad = False
+    for name, G, rows, N, K in shapes:
+        if name not in names:
+            continue
+        err, (aq, asf, wq, wsf, d, m_idx) = check_fp8(G, rows, N, K)
+        # the A scales in the layout DeepGEMM's SM90 kernel reads (MN-major), so the profiled launch is the GEMM's
+        asf_mn = asf.t().contiguous().t()
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, asf_mn), (wq, wsf), d, m_idx)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("profiled")
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous((aq, asf_mn), (wq, wsf), d, m_idx)
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        bad = bad or not err <= 1e-2
+        log(f"profiled deepgemm fp8 {name}: rel err {err:.2e}{'  DISAGREES' if not err <= 1e-2 else ''}")
+        del aq, asf, asf_mn, wq, wsf, d
+        torch.cuda.empty_cache()
+    sys.exit(1 if bad else 0)
+
 bad = False
 for name, G, rows, N, K in shapes:
     try:

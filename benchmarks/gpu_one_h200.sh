@@ -121,7 +121,11 @@
 #             dimension check on 2-D and 3-D tensors under torch 2.11; DEEPGEMM_STEPS (shapes as
 #             profile_experts_steps.py takes them, e.g. deepseek-v3:32:8192,mixtral-8x7b::8192): then the
 #             experts forward with DeepGEMM's GEMMs (benchmarks/deepgemm_experts.py) beside triton_ws, kernel by
-#             kernel, each oracle-checked (the build takes 77 s on an H100: give DEEPGEMM_SECONDS=560 with steps)
+#             kernel, each oracle-checked (the build takes 77 s on an H100: give DEEPGEMM_SECONDS=560 with steps);
+#             DEEPGEMM_NCU (deepgemm_probe.py's shape names, e.g. "ds32 T=8192 gate_up"): instead of the probe and
+#             the steps, ncu's throughput, compute, memory, warp-state, occupancy and launch sections of those
+#             DeepGEMM calls, then of ours (profile_ws_gemm.py with DEEPGEMM_NCU_OURS, default the deepseek-v3
+#             32-expert shard at T = 8192: its gate+up and down launches)
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -388,10 +392,23 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
     deepgemm)
         dg=$(mktemp -d)
         # the folder is $0, the wheels (each a glob, expanded here) the arguments
-        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
+        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} DG_NCU=${DEEPGEMM_NCU:-} \
+        DG_NCU_OURS=${DEEPGEMM_NCU_OURS:---shape \"deepseek-v3 shard 32\" --tokens 8192} \
+        run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
             python3 -m pip install -q --no-deps --no-index --target "$0" $@ || exit 1
             if [ -n "$DG_SRC" ]; then python3 benchmarks/deepgemm_build.py "$0" "$DG_SRC" || exit 1; fi
             export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH"
+            if [ -n "$DG_NCU" ]; then       # ncu of DeepGEMM s named calls, then of ours, on this one lease
+                sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis"
+                sections="$sections --section WarpStateStats --section Occupancy --section LaunchStats"
+                echo "## ncu: DeepGEMM (deepgemm_probe.py --profile $DG_NCU)"
+                ncu --clock-control none --nvtx --nvtx-include profiled/ $sections \
+                    python3 benchmarks/deepgemm_probe.py --profile "$DG_NCU" || exit 1
+                echo "## ncu: ours (profile_ws_gemm.py $DG_NCU_OURS)"
+                eval "ncu --clock-control none --nvtx --nvtx-include profiled/ $sections \
+                    python3 benchmarks/profile_ws_gemm.py $DG_NCU_OURS" || exit 1
+                exit 0
+            fi
             python3 benchmarks/deepgemm_probe.py || exit 1
             if [ -n "$DG_STEPS" ]; then
                 echo "## the experts forward with DeepGEMM GEMMs beside triton_ws (profile_experts_steps.py)"

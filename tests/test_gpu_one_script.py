@@ -22,7 +22,8 @@ def _run_with_stand_ins(tmp_path, tools: dict, **variables) -> subprocess.Comple
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
                COMMIT="0" * 40)
-    for name in ("ONLY_ON", "CUDA_HOME", "DEEPGEMM_SRC", "DEEPGEMM_STEPS", "DEEPGEMM_WHEELS", "TESTS", "TESTS_K",
+    for name in ("ONLY_ON", "CUDA_HOME", "DEEPGEMM_SRC", "DEEPGEMM_STEPS", "DEEPGEMM_WHEELS", "DEEPGEMM_NCU",
+                 "DEEPGEMM_NCU_OURS", "TESTS", "TESTS_K",
                  "TUNE_ARGS", "GLUON_TUNE_SETS", "GLUON_TUNE_EXTRA"):
         env.pop(name, None)
     env.update(variables)
@@ -181,3 +182,33 @@ def test_deepgemm_steps_run_after_the_probe_with_the_shapes_as_one_argument(tmp_
     proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not any(line.startswith("benchmarks/profile_experts_steps.py") for line in calls.read_text().splitlines())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
+@pytest.mark.parametrize("ours", [None, "--shape 'mixtral-8x7b' --tokens 4096"])
+def test_deepgemm_ncu_profiles_the_named_calls_then_ours_instead_of_the_probe(tmp_path, ours):
+    """Part `deepgemm` with DEEPGEMM_NCU: ncu runs deepgemm_probe.py --profile with the names as one argument, then
+    profile_ws_gemm.py with DEEPGEMM_NCU_OURS (default: the deepseek-v3 shard at T = 8192), each word of a quoted
+    shape kept together; the timed probe and the steps do not run."""
+    calls = tmp_path / "calls.txt"
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.whl").write_text("")
+    log = f"for a in \"$@\"; do printf '%s|' \"$a\" >> '{calls}'; done; echo >> '{calls}'"
+    tools = {"nvidia-smi": "echo 'NVIDIA H200'", "python3": log, "ncu": f"printf 'ncu|' >> '{calls}'; {log}"}
+    names = "ds32 T=8192 gate_up,ds32 T=8192 down"
+    extra = {} if ours is None else {"DEEPGEMM_NCU_OURS": ours}
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
+                               DEEPGEMM_NCU=names, DEEPGEMM_STEPS="deepseek-v3:32:8192", **extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    profiled = [line.split("|") for line in calls.read_text().splitlines() if line.startswith("ncu|")]
+    assert len(profiled) == 2
+    dg, mine = profiled
+    assert dg[dg.index("python3") + 1:dg.index("python3") + 4] == ["benchmarks/deepgemm_probe.py", "--profile", names]
+    assert mine[mine.index("python3") + 1] == "benchmarks/profile_ws_gemm.py"
+    shape = "mixtral-8x7b" if ours else "deepseek-v3 shard 32"
+    assert mine[mine.index("--shape") + 1] == shape and mine[mine.index("--tokens") + 1] == ("4096" if ours else "8192")
+    for args in profiled:
+        assert args[args.index("--nvtx-include") + 1] == "profiled/" and "SpeedOfLight" in args
+    others = [line for line in calls.read_text().splitlines() if not line.startswith(("ncu|", "-m|pip|", "|", ""))]
+    assert not [line for line in others if "deepgemm_probe.py" in line or "profile_experts_steps.py" in line]
