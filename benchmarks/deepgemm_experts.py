@@ -18,10 +18,10 @@ through them and writes zeros there. `DeepGemmExperts.deep_gemm` is the module: 
 a test puts a stand-in there.
 
 Timed on an H100 (`results/experts_steps_deepgemm_H100_2026-12-07_4c62709.json`): neither form's forward is faster
-than `triton_ws`'s (0.2-7.1% more kernel time at the deepseek-v3 32-expert shard and mixtral): the separate
-activation pass costs what DeepGEMM's gate+up saves over the fused one, and the error against the oracle is 3.5x
-`triton_ws`'s (gate and up rounded to BF16 before the activation). So the library has no DeepGEMM path; this stays
-to time DeepGEMM again where it or the pipeline changes.
+than `triton_ws`'s (0.2-7.1% more kernel time at the deepseek-v3 32-expert shard and mixtral): DeepGEMM's gate+up
+plus the separate activation pass takes as long as the fused gate+up or longer, and the error against the oracle
+is 3.3-3.6x `triton_ws`'s (likely gate and up rounded to BF16 before the activation). So the library has no
+DeepGEMM path; this stays to time DeepGEMM again where it or the pipeline changes.
 """
 from __future__ import annotations
 

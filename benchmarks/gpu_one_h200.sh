@@ -124,8 +124,9 @@
 #             kernel, each oracle-checked (the build takes 77 s on an H100: give DEEPGEMM_SECONDS=560 with steps);
 #             DEEPGEMM_NCU (deepgemm_probe.py's shape names, e.g. "ds32 T=8192 gate_up"): instead of the probe and
 #             the steps, ncu's throughput, compute, memory, warp-state, occupancy and launch sections of those
-#             DeepGEMM calls, then of ours (profile_ws_gemm.py with DEEPGEMM_NCU_OURS, default the deepseek-v3
-#             32-expert shard at T = 8192: its gate+up and down launches)
+#             DeepGEMM calls, then of ours (profile_ws_gemm.py with DEEPGEMM_NCU_OURS, shell words run through eval:
+#             quote a shape with spaces; default --shape "deepseek-v3 shard 32" --tokens 8192, its gate+up and down
+#             launches), into deepgemm_ncu_<GPU>_<day>.log
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -394,7 +395,8 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
         # the folder is $0, the wheels (each a glob, expanded here) the arguments
         DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} DG_NCU=${DEEPGEMM_NCU:-} \
         DG_NCU_OURS=${DEEPGEMM_NCU_OURS:---shape \"deepseek-v3 shard 32\" --tokens 8192} \
-        run "$OUT/deepgemm_probe_${GPU}_$DAY.log" "${DEEPGEMM_SECONDS:-300}" bash -c '
+        run "$OUT/deepgemm_$(if [ -n "${DEEPGEMM_NCU:-}" ]; then echo ncu; else echo probe; fi)_${GPU}_$DAY.log" \
+            "${DEEPGEMM_SECONDS:-300}" bash -c '
             python3 -m pip install -q --no-deps --no-index --target "$0" $@ || exit 1
             if [ -n "$DG_SRC" ]; then python3 benchmarks/deepgemm_build.py "$0" "$DG_SRC" || exit 1; fi
             export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH"

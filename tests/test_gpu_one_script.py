@@ -4,6 +4,7 @@ nothing real runs either way)."""
 import os
 import stat
 import subprocess
+import tarfile
 
 import pytest
 
@@ -185,11 +186,11 @@ def test_deepgemm_steps_run_after_the_probe_with_the_shapes_as_one_argument(tmp_
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a bash script and stand-in tools with a shebang")
-@pytest.mark.parametrize("ours", [None, "--shape 'mixtral-8x7b' --tokens 4096"])
+@pytest.mark.parametrize("ours", [None, "--shape 'deepseek-v3 shard 32' --tokens 4096"])
 def test_deepgemm_ncu_profiles_the_named_calls_then_ours_instead_of_the_probe(tmp_path, ours):
     """Part `deepgemm` with DEEPGEMM_NCU: ncu runs deepgemm_probe.py --profile with the names as one argument, then
-    profile_ws_gemm.py with DEEPGEMM_NCU_OURS (default: the deepseek-v3 shard at T = 8192), each word of a quoted
-    shape kept together; the timed probe and the steps do not run."""
+    profile_ws_gemm.py with DEEPGEMM_NCU_OURS (shell words; default: the deepseek-v3 shard at T = 8192), a quoted
+    shape kept one word; the timed probe and the steps do not run, and the log is named for ncu."""
     calls = tmp_path / "calls.txt"
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -206,9 +207,12 @@ def test_deepgemm_ncu_profiles_the_named_calls_then_ours_instead_of_the_probe(tm
     dg, mine = profiled
     assert dg[dg.index("python3") + 1:dg.index("python3") + 4] == ["benchmarks/deepgemm_probe.py", "--profile", names]
     assert mine[mine.index("python3") + 1] == "benchmarks/profile_ws_gemm.py"
-    shape = "mixtral-8x7b" if ours else "deepseek-v3 shard 32"
-    assert mine[mine.index("--shape") + 1] == shape and mine[mine.index("--tokens") + 1] == ("4096" if ours else "8192")
+    assert mine[mine.index("--shape") + 1] == "deepseek-v3 shard 32"          # one word, quoted or by default
+    assert mine[mine.index("--tokens") + 1] == ("4096" if ours else "8192")
     for args in profiled:
         assert args[args.index("--nvtx-include") + 1] == "profiled/" and "SpeedOfLight" in args
-    others = [line for line in calls.read_text().splitlines() if not line.startswith(("ncu|", "-m|pip|", "|", ""))]
+    others = [line for line in calls.read_text().splitlines() if line and not line.startswith(("ncu|", "-m|pip|"))]
     assert not [line for line in others if "deepgemm_probe.py" in line or "profile_experts_steps.py" in line]
+    with tarfile.open(tmp_path / "out" / "gpu_one_h200.tar.gz") as bundle:
+        logs = [os.path.basename(n) for n in bundle.getnames() if os.path.basename(n).startswith("deepgemm_")]
+    assert len(logs) == 1 and logs[0].startswith("deepgemm_ncu_"), logs
