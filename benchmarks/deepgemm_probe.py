@@ -114,7 +114,8 @@ if "--profile" in sys.argv:    # the named FP8 shapes' calls once each inside an
     names = sys.argv[at].split(",") if at < len(sys.argv) else []
     unknown = [n for n in names if n not in [s[0] for s in shapes]]
     if unknown or not names:
-        log(f"--profile: no shape {unknown}; the shapes: {[s[0] for s in shapes]}")
+        log(f"--profile takes shape names, comma-separated: {[s[0] for s in shapes]}"
+            f"{f'; unknown: {unknown}' if unknown else ''}")
         sys.exit(2)
     bad = False
     for name, G, rows, N, K in shapes:

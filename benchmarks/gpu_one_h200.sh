@@ -400,7 +400,7 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
             python3 -m pip install -q --no-deps --no-index --target "$0" $@ || exit 1
             if [ -n "$DG_SRC" ]; then python3 benchmarks/deepgemm_build.py "$0" "$DG_SRC" || exit 1; fi
             export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONPATH="$0:$PYTHONPATH"
-            if [ -n "$DG_NCU" ]; then       # ncu of DeepGEMM s named calls, then of ours, on this one lease
+            if [ -n "$DG_NCU" ]; then       # ncu of the named DeepGEMM calls, then of ours, on this one lease
                 sections="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis"
                 sections="$sections --section WarpStateStats --section Occupancy --section LaunchStats"
                 echo "## ncu: DeepGEMM (deepgemm_probe.py --profile $DG_NCU)"
