@@ -158,15 +158,26 @@ def shadowed_entries(path: str, siblings: list[str] | None = None) -> list[Shado
     return [found[k] for k in sorted(found)]
 
 
+def _shadowed_by_shape(path: str, siblings: list[str] | None = None) -> dict[str, list[Shadowed]]:
+    """`shadowed_entries` grouped by shape key (key order, each shape's T in order)."""
+    by_key: dict[str, list[Shadowed]] = {}
+    for s in shadowed_entries(path, siblings):
+        by_key.setdefault(s.key, []).append(s)
+    return by_key
+
+
+def _shadowed_tune(key: str, shadowed: list[Shadowed]) -> str:
+    """`epmoe tune`'s arguments that time one shape's shadowed batch sizes."""
+    return f"{shape_flags(key)} --tokens {','.join(str(s.T) for s in shadowed)}"
+
+
 def shadowed_tune_args(path: str, siblings: list[str] | None = None) -> list[str]:
     """`epmoe tune`'s arguments that time each shape's shadowed batch sizes (`shadowed_entries`) on the table's
     GPU, one string a shape, the shapes with a batch size the heuristic serves first (a call cut by its time limit
     has then done those)."""
-    by_key: dict[str, list[Shadowed]] = {}
-    for s in shadowed_entries(path, siblings):
-        by_key.setdefault(s.key, []).append(s)
+    by_key = _shadowed_by_shape(path, siblings)
     order = sorted(by_key, key=lambda key: (all(s.served_by is not None for s in by_key[key]), key))
-    return [f"{shape_flags(key)} --tokens {','.join(str(s.T) for s in by_key[key])}" for key in order]
+    return [_shadowed_tune(key, by_key[key]) for key in order]
 
 
 def report(console, paths: list[str], verbose: bool = False) -> int:
@@ -197,10 +208,7 @@ def report(console, paths: list[str], verbose: bool = False) -> int:
             console.print(escape(f"  the Gluon pipeline could serve {key} at T={_tokens(es)} ({GLUON_MIN_ROWS} rows "
                                  f"per expert or more) and no race has set it against it; race it on the table's GPU "
                                  f"({gpu}): epmoe tune --gluon {_race_args(key, es)}"), soft_wrap=True)
-        by_key: dict[str, list[Shadowed]] = {}
-        for s in shadowed_entries(path):
-            by_key.setdefault(s.key, []).append(s)
-        for key, ss in by_key.items():
+        for key, ss in _shadowed_by_shape(path).items():
             served = "; ".join(f"T={s.T} from {'the heuristic' if s.served_by is None else f'T={s.served_by}'}"
                                for s in ss)
             names = sorted({s.sibling for s in ss})
@@ -208,7 +216,7 @@ def report(console, paths: list[str], verbose: bool = False) -> int:
                 f"  {key}: {', '.join(names)} {'has' if len(names) == 1 else 'have between them'} entries at "
                 f"T={','.join(str(s.T) for s in ss)} and this table has not; a GPU reading this table never reads "
                 f"those and serves {served}, untimed there; time them on the table's GPU: epmoe tune "
-                f"{shape_flags(key)} --tokens {','.join(str(s.T) for s in ss)}"), soft_wrap=True)
+                f"{_shadowed_tune(key, ss)}"), soft_wrap=True)
     return flagged
 
 
