@@ -145,6 +145,7 @@ def main(argv=None) -> int:
             launched = check_operands(*prob.args(), block_n=block_n, a_rows=prob.a_rows)
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
+            first_values = {}           # per wide_mma form, the first walk's outputs
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
                                         if applies or not w]:
                 if walk == "auto":
@@ -156,6 +157,9 @@ def main(argv=None) -> int:
                                     scale_tma=False if args.global_scales or gather else None, wide_mma=wide,
                                     walk_groups=groups, a_rows=prob.a_rows)
 
+                for t in prob.out:          # a tile the walk skipped keeps zeros, not an earlier walk's values
+                    if t is not None:
+                        t.zero_()
                 run()
                 torch.cuda.synchronize()
                 used = [t for t, e in enumerate(tile_expert) if e >= 0]
@@ -168,11 +172,16 @@ def main(argv=None) -> int:
                 flops = 2.0 * args.tokens * k * K * w_rows
                 bad = not err <= 1e-2
                 failed += bad
+                # every tile of every walk: the walk changes which program computes a tile, not its values
+                values = prob.values()
+                differs = not torch.equal(values, first_values.setdefault(wide, values))
+                failed += differs
                 print(f"{args.shape} T={args.tokens} {FORMAT_NAMES[fmt]} {gemm} {width} "
-                      f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}{' gathered' if gather else ''}: "
-                      f"{ms:.3f} ms "
+                      f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}"
+                      f"{' gathered' if gather else ''}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
-                      f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}", flush=True)
+                      f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}"
+                      f"{'  DIFFERS FROM THE FIRST WALK' if differs else ''}", flush=True)
             if args.anchor and fmt == "bf16":
                 laid_out = prob.tile_expert[prob.tile_expert >= 0]          # experts in order, a tile each
                 offsets = (torch.bincount(laid_out, minlength=L) * TILE).cumsum(0).to(torch.int32)
