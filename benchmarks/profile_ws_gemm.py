@@ -88,8 +88,8 @@ def main(argv=None) -> int:
                         "auto (the kernel's default, as the experts launch it) (default %(default)s)")
     p.add_argument("--walk", default="auto",
                    help="auto, fixed, experts, comma-separated: the persistent walk in groups of --group-m m-tiles "
-                        "(fixed), in groups cut at expert edges (experts), or as the experts launch it (auto: cut for "
-                        "BF16 with short experts) (default %(default)s)")
+                        "(fixed), in groups cut at expert edges (experts), or as the experts launch it (auto: "
+                        "`walk_group`'s walk and group size, in place of --group-m) (default %(default)s)")
     p.add_argument("--anchor", action="store_true",
                    help="BF16: also torch._grouped_mm on the same layout rows (the CUTLASS grouped GEMM)")
     p.add_argument("--wide-mma", default="off",
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         return 2
     import triton
     from gluon_gemm_probe import Problem
-    from epmoe.experts.triton_ws import TILE, walk_cut_at_experts
+    from epmoe.experts.triton_ws import TILE, walk_group
     from epmoe.kernels.layout_copy import layout_tokens, rows_to_layout
     from epmoe.kernels.moe_align import align_pairs
     from epmoe.kernels.walk_groups import expert_walk_groups
@@ -148,8 +148,9 @@ def main(argv=None) -> int:
             first_values = {}           # per wide_mma form, the first walk's outputs
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
                                         if applies or not w]:
-                if walk == "auto":
-                    walk = "experts" if walk_cut_at_experts(fmt != "bf16", args.tokens * k, L) else "fixed"
+                if walk == "auto":          # as the experts launch it: its own group size
+                    auto = walk_group(fmt != "bf16", args.tokens * k, L)
+                    walk, group_m = ("fixed", 8) if auto is None else ("experts", auto)
                 groups = expert_walk_groups(prob.tile_expert, group_m) if walk == "experts" else None
 
                 def run():

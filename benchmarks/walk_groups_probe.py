@@ -6,7 +6,7 @@ replay, median) and their groups compared int32 for int32.
     PYTHONPATH=. python3 benchmarks/walk_groups_probe.py [--output PATH] [--reps N]
 
 Points: the m-tiles (tiles of 128 rows, 7 unused ones at the end) of a top-k routing of Gaussian logits (the
-benchmark's balanced one) at the shapes where the BF16 pipeline walks in such groups (`walk_cut_at_experts`):
+benchmark's balanced one) at the shapes where the BF16 pipeline walks in such groups (`walk_group`):
 deepseek-v3 (256 experts, top-8) and gpt-oss-120b (128 experts, top-4) at T = 4096 and 8192.
 """
 from __future__ import annotations

@@ -332,11 +332,12 @@ else:
                 assert torch.isfinite(got).all() and got.abs().sum() > 0
                 assert _rel(got, want) < (3e-2 if fp8 else 1e-2), (T, _rel(got, want))
 
-    def test_the_walk_is_cut_at_expert_edges_for_short_bf16_experts_only():
+    def test_the_walk_is_cut_at_expert_edges_for_short_bf16_experts_and_long_experts():
         """`padded_layout`'s walk groups: BF16 with 128 to SHORT_EXPERT_ROWS rows per expert on average walks in
-        groups cut at expert edges (`expert_walk_groups` of its tiles); longer experts, fewer rows (decode) and
-        block FP8 keep the fixed groups (None)."""
-        from epmoe.experts.triton_ws import SHORT_EXPERT_ROWS
+        groups of up to 8 m-tiles cut at expert edges (`expert_walk_groups` of its tiles); either format with
+        LONG_EXPERT_ROWS or more, in groups of up to LONG_EXPERT_GROUP; experts in between, fewer rows (decode)
+        and short block-FP8 experts keep the fixed groups (None)."""
+        from epmoe.experts.triton_ws import LONG_EXPERT_GROUP, LONG_EXPERT_ROWS, SHORT_EXPERT_ROWS
         from epmoe.kernels.walk_groups import expert_walk_groups
         from epmoe.layouts import ExpertWeights
         g = torch.Generator().manual_seed(5)
@@ -345,15 +346,20 @@ else:
         fp8 = dataclasses.replace(bf16, w13_scale=torch.ones(E, 2, 1), w2_scale=torch.ones(E, 1, 1))
         cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
         ws = WarpSpecializedExperts(cfg)
-        for T, weights, cut in ((SHORT_EXPERT_ROWS * E // 2, bf16, True), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, False),
-                                (128 * E // 2, bf16, True), (128 * E // 2 - 1, bf16, False), (1, bf16, False),
-                                (SHORT_EXPERT_ROWS * E // 2, fp8, False)):
+        long = LONG_EXPERT_ROWS * E // 2
+        for T, weights, group in ((SHORT_EXPERT_ROWS * E // 2, bf16, 8), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, None),
+                                  (128 * E // 2, bf16, 8), (128 * E // 2 - 1, bf16, None), (1, bf16, None),
+                                  (SHORT_EXPERT_ROWS * E // 2, fp8, None), (long - 1, fp8, None),
+                                  (long - 1, bf16, None), (long, fp8, LONG_EXPERT_GROUP),
+                                  (long, bf16, LONG_EXPERT_GROUP), (4 * long, fp8, LONG_EXPERT_GROUP)):
             batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), awkward_ids(T, E, 2, g),
                               torch.rand(T, 2, generator=g))
             layout = ws.padded_layout(batch, weights)
             tile_expert, walk = layout.tile_expert, layout.walk_groups
-            if cut:
-                assert walk is not None and torch.equal(walk, expert_walk_groups(tile_expert)), T
+            if group is not None:
+                assert walk is not None and torch.equal(walk, expert_walk_groups(tile_expert, group)), T
+                if group != 8:      # the long experts' groups are not those of 8
+                    assert not torch.equal(walk, expert_walk_groups(tile_expert, 8)), T
             else:
                 assert walk is None, (T, weights.w13_scale is not None)
 
