@@ -118,6 +118,21 @@ def test_triton_ws_real_size(preset, fp8, experts):
     _check_layer(layer, (300,), routing="onehot", bound=bound, seed=3)
 
 
+@pytest.mark.parametrize("experts", ["triton_ws", "triton_ws_down"])
+def test_triton_ws_long_block_fp8_experts(experts):
+    """Block FP8 with LONG_EXPERT_ROWS or more rows per expert on average: both GEMMs walk in groups of up to
+    LONG_EXPERT_GROUP m-tiles cut at expert edges (`walk_group`), against the oracle; mixtral at T = 6144
+    (1536 rows per expert, the least that takes this walk) and 8192."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("triton_ws runs on Hopper (compute capability 9.x)")
+    from epmoe.experts.triton_ws import LONG_EXPERT_GROUP, walk_group
+    cfg = preset_config("mixtral-8x7b", dtype=torch.bfloat16, quant=_fp8("block"))
+    for T in (6144, 8192):
+        assert walk_group("fp8_block", T * cfg.top_k, cfg.num_experts) == LONG_EXPERT_GROUP
+    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=8, device="cuda"), experts=experts)
+    _check_layer(layer, (6144, 8192), bound=3e-2)
+
+
 @pytest.mark.parametrize("gathered", [False, True])
 def test_the_wide_bf16_product_agrees_with_the_gemm_statement(gathered):
     """`wide_mma` (one 64 x 256 product per K step in BF16 tiles of 256) against the Gluon GEMM's PyTorch

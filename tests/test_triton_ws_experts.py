@@ -334,9 +334,9 @@ else:
 
     def test_the_walk_is_cut_at_expert_edges_for_short_bf16_experts_and_long_experts():
         """`padded_layout`'s walk groups: BF16 with 128 to SHORT_EXPERT_ROWS rows per expert on average walks in
-        groups of up to 8 m-tiles cut at expert edges (`expert_walk_groups` of its tiles); either format with
-        LONG_EXPERT_ROWS or more, in groups of up to LONG_EXPERT_GROUP; experts in between, fewer rows (decode)
-        and short block-FP8 experts keep the fixed groups (None)."""
+        groups of up to 8 m-tiles cut at expert edges (`expert_walk_groups` of its tiles); block FP8 with
+        LONG_EXPERT_ROWS or more, in groups of up to LONG_EXPERT_GROUP; everything else (longer BF16 experts,
+        per-channel FP8, fewer rows, shorter block-FP8 experts) keeps the fixed groups (None)."""
         from epmoe.experts.triton_ws import LONG_EXPERT_GROUP, LONG_EXPERT_ROWS, SHORT_EXPERT_ROWS
         from epmoe.kernels.walk_groups import expert_walk_groups
         from epmoe.layouts import ExpertWeights
@@ -344,14 +344,15 @@ else:
         E, H, I = 4, 128, 128
         bf16 = ExpertWeights(torch.zeros(E, 2 * I, H, dtype=torch.bfloat16), torch.zeros(E, H, I, dtype=torch.bfloat16))
         fp8 = dataclasses.replace(bf16, w13_scale=torch.ones(E, 2, 1), w2_scale=torch.ones(E, 1, 1))
+        channel = dataclasses.replace(bf16, w13_scale=torch.ones(E, 2 * I), w2_scale=torch.ones(E, H))
         cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
         ws = WarpSpecializedExperts(cfg)
         long = LONG_EXPERT_ROWS * E // 2
         for T, weights, group in ((SHORT_EXPERT_ROWS * E // 2, bf16, 8), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, None),
                                   (128 * E // 2, bf16, 8), (128 * E // 2 - 1, bf16, None), (1, bf16, None),
                                   (SHORT_EXPERT_ROWS * E // 2, fp8, None), (long - 1, fp8, None),
-                                  (long - 1, bf16, None), (long, fp8, LONG_EXPERT_GROUP),
-                                  (long, bf16, LONG_EXPERT_GROUP), (4 * long, fp8, LONG_EXPERT_GROUP)):
+                                  (long, bf16, None), (long, channel, None), (long, fp8, LONG_EXPERT_GROUP),
+                                  (4 * long, fp8, LONG_EXPERT_GROUP)):
             batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), awkward_ids(T, E, 2, g),
                               torch.rand(T, 2, generator=g))
             layout = ws.padded_layout(batch, weights)

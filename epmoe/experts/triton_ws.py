@@ -42,7 +42,7 @@ from .base import Experts
 
 TILE = 128               # rows per tile (two warpgroups of 64) and the FP8 block / activation group
 SHORT_EXPERT_ROWS = 3 * TILE   # experts this short on average (BF16) walk in groups cut at their edges
-LONG_EXPERT_ROWS = 12 * TILE   # experts this long on average walk in groups of up to LONG_EXPERT_GROUP m-tiles
+LONG_EXPERT_ROWS = 12 * TILE   # experts this long on average (block FP8) walk in groups of up to LONG_EXPERT_GROUP
 LONG_EXPERT_GROUP = 16         # m-tiles of a wave when experts are long: as many A tiles as the weight boxes read
 
 
@@ -104,26 +104,30 @@ class PaddedLayout(NamedTuple):
     walk_groups: torch.Tensor | None   # the GEMMs' walk (`expert_walk_groups`), or None: groups of 8 m-tiles
 
 
-def walk_group(fp8: bool, pairs: int, experts: int) -> int | None:
-    """The GEMMs' walk for `pairs` rows over `experts` experts: groups cut at expert edges of up to this many
-    m-tiles (`expert_walk_groups`), or None (groups of a fixed 8 m-tiles).
+def walk_group(weight_format: str, pairs: int, experts: int) -> int | None:
+    """The GEMMs' walk for `pairs` rows over `experts` experts with weights in `weight_format` ("bf16",
+    "fp8_block" or "fp8_channel"): groups cut at expert edges of up to this many m-tiles
+    (`expert_walk_groups`), or None (groups of a fixed 8 m-tiles).
 
     - BF16 with one to SHORT_EXPERT_ROWS / 128 tiles' worth of rows per expert on average: 8. Groups of a
       fixed 8 m-tiles cut through experts of a few tiles each and read their weights twice, and the GEMMs are
       bound by reading weights there (deepseek-v3's 256 experts and gpt-oss-120b at T = 8192: whole op
-      3.5-7% faster on an H100). Block FP8 (half the weight bytes) gained nothing there.
-    - At least LONG_EXPERT_ROWS rows per expert on average, either format: LONG_EXPERT_GROUP. The programs of
-      a wave (one per SM) read the A tiles of the group's m-tiles and the weight boxes of the n-tiles the wave
-      spans: 8 m-tiles span 16 n-tiles of 256 columns, 128 + 16 * 256 rows of operands per K block; 16
+      3.5-7% faster on an H100). Block FP8 (half the weight bytes) gained nothing there; BF16 groups of 8 cut
+      at the edges of longer experts (the deepseek-v3 32-expert shard, mixtral) were no faster and once 6%
+      slower.
+    - Block FP8 with at least LONG_EXPERT_ROWS rows per expert on average: LONG_EXPERT_GROUP. The programs
+      of a wave (one per SM) read the A tiles of the group's m-tiles and the weight boxes of the n-tiles the
+      wave spans: 8 m-tiles span 16 n-tiles of 256 columns, 128 + 16 * 256 rows of operands per K block; 16
       m-tiles of one expert span 8, 2048 + 8 * 256, the fewest. On an H100 (the deepseek-v3 32-expert shard,
-      T = 8192, block FP8, ncu) the gate+up read 4.4 GB from DRAM instead of 6.1 (down 1.7 instead of 2.2);
-      groups of a fixed 16 cut through experts and read 5.8.
+      T = 8192, ncu) the gate+up read 4.4 GB from DRAM instead of 6.1 (the down 1.7 instead of 2.2) in as
+      many cycles; at the GPU's power cap the whole op ran 0.6-4.3% faster (the shard at T = 6144 and 8192,
+      mixtral at 8192). BF16 there moved -2.0% to +2.6% and stays as it was; per-channel FP8 is unmeasured.
     - Otherwise None: below one tile per expert there is nothing to cut, while building the groups costs a
       launch (one Triton program, 6-8 us on an H100; the PyTorch form's few dozen small kernels took
-      85-111 us); groups of 8 cut at the edges of experts of 4 to 11 tiles were no faster and once 6% slower."""
-    if pairs >= LONG_EXPERT_ROWS * experts:
+      85-111 us)."""
+    if weight_format == "fp8_block" and pairs >= LONG_EXPERT_ROWS * experts:
         return LONG_EXPERT_GROUP
-    return 8 if not fp8 and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts else None
+    return 8 if weight_format == "bf16" and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts else None
 
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
@@ -328,7 +332,8 @@ class WarpSpecializedExperts(Experts):
         fp8 = weights.w13_scale is not None
         aligned = align_pairs(batch.local_ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks]
-        group = walk_group(fp8, n * k, L)
+        form = "bf16" if not fp8 else "fp8_block" if weights.w13_scale.dim() == 3 else "fp8_channel"
+        group = walk_group(form, n * k, L)
         walk = None if group is None else expert_walk_groups(tile_expert, group)
         return PaddedLayout(n, k, H, two_i // 2, fp8, aligned, aligned.max_rows, tile_expert, walk)
 
