@@ -47,6 +47,8 @@ class DeepGemmExperts(WarpSpecializedExperts):
 
     deep_gemm = None
     _aligned_to = None       # the module whose alignment was checked
+    # as this prototype was timed (results/experts_steps_deepgemm_H100_2026-12-07_4c62709.json): the fixed walk
+    LONG_WALK = False
 
     def __init__(self, plan, device: torch.device | None = None, down: str = "gluon"):
         if down not in DOWNS:

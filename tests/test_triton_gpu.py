@@ -118,18 +118,37 @@ def test_triton_ws_real_size(preset, fp8, experts):
     _check_layer(layer, (300,), routing="onehot", bound=bound, seed=3)
 
 
-@pytest.mark.parametrize("experts", ["triton_ws", "triton_ws_down"])
-def test_triton_ws_long_block_fp8_experts(experts):
-    """Block FP8 with LONG_EXPERT_ROWS or more rows per expert on average: both GEMMs walk in groups of up to
-    LONG_EXPERT_GROUP m-tiles cut at expert edges (`walk_group`), against the oracle; mixtral at T = 6144
-    (1536 rows per expert, the least that takes this walk) and 8192."""
+def test_triton_ws_long_block_fp8_experts(monkeypatch):
+    """Block FP8 with LONG_EXPERT_ROWS or more rows per expert on average: `triton_ws`'s GEMMs walk in groups
+    of up to LONG_EXPERT_GROUP m-tiles cut at expert edges (`walk_group`; `triton_ws_down`, whose down GEMM
+    alone is a Gluon one, keeps the fixed walk). Mixtral at T = 6144 (1536 rows per expert, the least that
+    takes this walk) and 8192: the layout takes the walk, every output row equals the fixed walk's bit for
+    bit (a walk moves work between programs, not values), and sampled rows agree with the oracle."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("triton_ws runs on Hopper (compute capability 9.x)")
-    from epmoe.experts.triton_ws import LONG_EXPERT_GROUP, walk_group
+    from epmoe.experts import triton_ws
     cfg = preset_config("mixtral-8x7b", dtype=torch.bfloat16, quant=_fp8("block"))
+    source = SeededExperts(replace(cfg, quant=None), seed=8, device="cuda")
+    layer = _layer(cfg, source, experts="triton_ws")
+    down_only = _layer(cfg, source, experts="triton_ws_down")
+    g = torch.Generator(device="cuda").manual_seed(9)
     for T in (6144, 8192):
-        assert walk_group("fp8_block", T * cfg.top_k, cfg.num_experts) == LONG_EXPERT_GROUP
-    layer = _layer(cfg, SeededExperts(replace(cfg, quant=None), seed=8, device="cuda"), experts=experts)
+        x = torch.randn(T, cfg.hidden_size, device="cuda", generator=g).to(cfg.dtype)
+        logits = torch.randn(T, cfg.num_experts, device="cuda", generator=g) * 2
+        batch = FlatBatch(x, logits.topk(cfg.top_k, dim=1).indices.to(torch.int32),
+                          torch.rand(T, cfg.top_k, device="cuda", generator=g))
+        for lay, long in ((layer, True), (down_only, False)):
+            walk = lay.experts.padded_layout(batch, lay.expert_weights).walk_groups
+            assert (walk is not None) == long, (T, lay.experts)
+            if long:
+                assert int(walk[:, 1].max()) <= 2 * triton_ws.LONG_EXPERT_GROUP - 1
+                assert int(walk[:, 1].max()) > 8             # not the groups of 8
+        out = layer(x, logits)
+        with monkeypatch.context() as m:
+            m.setattr(triton_ws, "walk_group", lambda *args: None)
+            fixed = layer(x, logits)
+        torch.cuda.synchronize()
+        assert torch.equal(out, fixed), T
     _check_layer(layer, (6144, 8192), bound=3e-2)
 
 

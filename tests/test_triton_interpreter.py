@@ -908,7 +908,7 @@ if INTERPRETING:
         assert torch.isfinite(out).all()
         assert_close(out, base, 1e-5, context=f"ragged K fp8 {granularity}")
 
-    @pytest.mark.parametrize("group", [1, 2, 3, 8])
+    @pytest.mark.parametrize("group", [1, 2, 3, 8, 16])
     def test_walk_groups_kernel_gives_the_pytorch_forms_groups(group):
         """`walk_groups_kernel` (what `expert_walk_groups` runs on a GPU) against the PyTorch form, int32 for
         int32: runs of 1 to 17 m-tiles, trailing unused tiles (-1), one tile, and the tiles of random top-8

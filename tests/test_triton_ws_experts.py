@@ -363,6 +363,15 @@ else:
                     assert not torch.equal(walk, expert_walk_groups(tile_expert, 8)), T
             else:
                 assert walk is None, (T, weights.w13_scale is not None)
+        # the down-only pipeline keeps the fixed walk where `triton_ws` takes the long one
+        from epmoe.experts.triton_ws import walk_group
+        from epmoe.experts.triton_ws_down import WarpSpecializedDownExperts
+        batch = FlatBatch(torch.zeros(long, H, dtype=torch.bfloat16), awkward_ids(long, E, 2, g),
+                          torch.rand(long, 2, generator=g))
+        assert WarpSpecializedDownExperts(cfg).padded_layout(batch, fp8).walk_groups is None
+        assert walk_group("fp8_block", 2 * long, E, long_walk=False) is None
+        with pytest.raises(ValueError, match="weight_format must be one of"):
+            walk_group("fp8", 2 * long, E)
 
     def test_triton_runs_the_gluon_pipeline_where_its_config_says(monkeypatch):
         """`triton` with a table entry that says `gluon` runs `triton_ws`'s pipeline (the same bits), and its

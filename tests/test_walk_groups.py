@@ -39,7 +39,7 @@ def _layouts(rng: random.Random) -> list:
     return layouts
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 8, 16])
 def test_groups_cover_every_tile_once_and_keep_short_experts_whole(group):
     rng = random.Random(group)
     for te in _layouts(rng):
@@ -119,7 +119,7 @@ def test_on_a_gpu_the_kernel_gives_the_pytorch_forms_groups():
         counts = torch.bincount(torch.randn(T, 256, generator=g).topk(8, dim=1).indices.flatten(), minlength=256)
         layouts.append([e for e in range(256) for _ in range(-(-int(counts[e]) // 128))] + [-1] * 7)
     layouts.append([e // 3 for e in range(KERNEL_MAX_TILES + 5)])
-    for group in (1, 3, 8):
+    for group in (1, 3, 8, 16):
         for te in layouts:
             t = torch.tensor(te, dtype=torch.int32)
             got = expert_walk_groups(t.cuda(), group)

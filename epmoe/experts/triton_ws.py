@@ -42,8 +42,10 @@ from .base import Experts
 
 TILE = 128               # rows per tile (two warpgroups of 64) and the FP8 block / activation group
 SHORT_EXPERT_ROWS = 3 * TILE   # experts this short on average (BF16) walk in groups cut at their edges
-LONG_EXPERT_ROWS = 12 * TILE   # experts this long on average (block FP8) walk in groups of up to LONG_EXPERT_GROUP
-LONG_EXPERT_GROUP = 16         # m-tiles of a wave when experts are long: as many A tiles as the weight boxes read
+# block-FP8 experts this long on average walk in groups of up to LONG_EXPERT_GROUP m-tiles (12: a choice between
+# 8 tiles, left as it was, and the 12 and 16 measured faster)
+LONG_EXPERT_ROWS = 12 * TILE
+LONG_EXPERT_GROUP = 16         # a wave's m-tiles with long experts: as many A rows as weight rows (2048)
 
 
 def _available(device_type: str) -> str | None:
@@ -104,10 +106,14 @@ class PaddedLayout(NamedTuple):
     walk_groups: torch.Tensor | None   # the GEMMs' walk (`expert_walk_groups`), or None: groups of 8 m-tiles
 
 
-def walk_group(weight_format: str, pairs: int, experts: int) -> int | None:
-    """The GEMMs' walk for `pairs` rows over `experts` experts with weights in `weight_format` ("bf16",
-    "fp8_block" or "fp8_channel"): groups cut at expert edges of up to this many m-tiles
-    (`expert_walk_groups`), or None (groups of a fixed 8 m-tiles).
+WALK_FORMATS = ("bf16", "fp8_block", "fp8_channel")
+
+
+def walk_group(weight_format: str, pairs: int, experts: int, long_walk: bool = True) -> int | None:
+    """The GEMMs' walk for `pairs` rows over `experts` experts with weights in `weight_format` (WALK_FORMATS):
+    groups cut at expert edges of up to this many m-tiles (`expert_walk_groups`), or None (groups of a fixed
+    8 m-tiles). `long_walk`: whether the long-expert walk below may be taken (it was measured with both GEMMs
+    Gluon ones; alone, the down GEMM took 3.3% more cycles with it).
 
     - BF16 with one to SHORT_EXPERT_ROWS / 128 tiles' worth of rows per expert on average: 8. Groups of a
       fixed 8 m-tiles cut through experts of a few tiles each and read their weights twice, and the GEMMs are
@@ -115,17 +121,21 @@ def walk_group(weight_format: str, pairs: int, experts: int) -> int | None:
       3.5-7% faster on an H100). Block FP8 (half the weight bytes) gained nothing there; BF16 groups of 8 cut
       at the edges of longer experts (the deepseek-v3 32-expert shard, mixtral) were no faster and once 6%
       slower.
-    - Block FP8 with at least LONG_EXPERT_ROWS rows per expert on average: LONG_EXPERT_GROUP. The programs
-      of a wave (one per SM) read the A tiles of the group's m-tiles and the weight boxes of the n-tiles the
-      wave spans: 8 m-tiles span 16 n-tiles of 256 columns, 128 + 16 * 256 rows of operands per K block; 16
-      m-tiles of one expert span 8, 2048 + 8 * 256, the fewest. On an H100 (the deepseek-v3 32-expert shard,
-      T = 8192, ncu) the gate+up read 4.4 GB from DRAM instead of 6.1 (the down 1.7 instead of 2.2) in as
-      many cycles; at the GPU's power cap the whole op ran 0.6-4.3% faster (the shard at T = 6144 and 8192,
-      mixtral at 8192). BF16 there moved -2.0% to +2.6% and stays as it was; per-channel FP8 is unmeasured.
+    - Block FP8 with at least LONG_EXPERT_ROWS rows per expert on average: LONG_EXPERT_GROUP. A wave (one
+      program per SM, 132 on an H100) walks m-tile first, so groups of G m-tiles make waves of G A tiles and
+      132 / G n-tiles of 256 weight rows: 8 x 128 + 16 x 256 = 5120 operand rows per K block at G = 8, 16 x
+      128 + 8 x 256 = 4096 at G = 16, the fewest. On an H100 (the deepseek-v3 32-expert shard, T = 8192, ncu)
+      the gate+up's DRAM traffic was 4.44 GB instead of 6.07 in as many cycles; the down's 1.74 GB instead of
+      2.16, in 3.3% more cycles. At the GPU's power cap the whole op ran 1.1-3.0% faster than the mean of a
+      before and a before-again run (the shard at T = 6144 and 8192, mixtral at 8192), within the run's own
+      drift (up to 2.6%) at T = 8192. BF16 there moved -1.6% to +2.0% and keeps its walk; per-channel FP8 is
+      not measured and keeps its walk.
     - Otherwise None: below one tile per expert there is nothing to cut, while building the groups costs a
       launch (one Triton program, 6-8 us on an H100; the PyTorch form's few dozen small kernels took
       85-111 us)."""
-    if weight_format == "fp8_block" and pairs >= LONG_EXPERT_ROWS * experts:
+    if weight_format not in WALK_FORMATS:
+        raise ValueError(f"walk_group: weight_format must be one of {WALK_FORMATS}, got {weight_format!r}")
+    if long_walk and weight_format == "fp8_block" and pairs >= LONG_EXPERT_ROWS * experts:
         return LONG_EXPERT_GROUP
     return 8 if weight_format == "bf16" and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts else None
 
@@ -273,6 +283,9 @@ class WarpSpecializedExperts(Experts):
 
     # the grouped GEMM of steps 3 and 4: None is the Gluon kernel; tests set `grouped_gemm_reference`
     gemm = None
+    # whether `padded_layout` may give long block-FP8 experts the long-expert walk (`walk_group`): measured with
+    # both GEMMs Gluon ones, as here
+    LONG_WALK = True
 
     _checked: dict = {}      # (device index, FP8 form or None) -> None (passed) or why the kernel disagreed
 
@@ -333,7 +346,7 @@ class WarpSpecializedExperts(Experts):
         aligned = align_pairs(batch.local_ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks]
         form = "bf16" if not fp8 else "fp8_block" if weights.w13_scale.dim() == 3 else "fp8_channel"
-        group = walk_group(form, n * k, L)
+        group = walk_group(form, n * k, L, self.LONG_WALK)
         walk = None if group is None else expert_walk_groups(tile_expert, group)
         return PaddedLayout(n, k, H, two_i // 2, fp8, aligned, aligned.max_rows, tile_expert, walk)
 
