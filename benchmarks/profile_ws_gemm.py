@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
                                         if applies or not w]:
                 if walk == "auto":          # as the experts launch it: its own group size
-                    auto = walk_group(FORMAT_NAMES[fmt], args.tokens * k, L)
+                    auto = walk_group("none" if fmt == "bf16" else FORMAT_NAMES[fmt], args.tokens * k, L)
                     walk, group_m = ("fixed", 8) if auto is None else ("experts", auto)
                 groups = expert_walk_groups(prob.tile_expert, group_m) if walk == "experts" else None
 

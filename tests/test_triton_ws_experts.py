@@ -346,15 +346,18 @@ else:
         fp8 = dataclasses.replace(bf16, w13_scale=torch.ones(E, 2, 1), w2_scale=torch.ones(E, 1, 1))
         channel = dataclasses.replace(bf16, w13_scale=torch.ones(E, 2 * I), w2_scale=torch.ones(E, H))
         cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.bfloat16)
-        ws = WarpSpecializedExperts(cfg)
+        plans = {"bf16": (WarpSpecializedExperts(cfg), bf16),
+                 **{kind: (WarpSpecializedExperts(dataclasses.replace(cfg, quant=QUANTS[kind])), weights)
+                    for kind, weights in (("block", fp8), ("channel", channel))}}
         long = LONG_EXPERT_ROWS * E // 2
-        for T, weights, group in ((SHORT_EXPERT_ROWS * E // 2, bf16, 8), (SHORT_EXPERT_ROWS * E // 2 + 1, bf16, None),
-                                  (128 * E // 2, bf16, 8), (128 * E // 2 - 1, bf16, None), (1, bf16, None),
-                                  (SHORT_EXPERT_ROWS * E // 2, fp8, None), (long - 1, fp8, None),
-                                  (long, bf16, None), (long, channel, None), (long, fp8, LONG_EXPERT_GROUP),
-                                  (4 * long, fp8, LONG_EXPERT_GROUP)):
+        for T, kind, group in ((SHORT_EXPERT_ROWS * E // 2, "bf16", 8), (SHORT_EXPERT_ROWS * E // 2 + 1, "bf16", None),
+                               (128 * E // 2, "bf16", 8), (128 * E // 2 - 1, "bf16", None), (1, "bf16", None),
+                               (SHORT_EXPERT_ROWS * E // 2, "block", None), (long - 1, "block", None),
+                               (long, "bf16", None), (long, "channel", None), (long, "block", LONG_EXPERT_GROUP),
+                               (4 * long, "block", LONG_EXPERT_GROUP)):
             batch = FlatBatch(torch.zeros(T, H, dtype=torch.bfloat16), awkward_ids(T, E, 2, g),
                               torch.rand(T, 2, generator=g))
+            ws, weights = plans[kind]
             layout = ws.padded_layout(batch, weights)
             tile_expert, walk = layout.tile_expert, layout.walk_groups
             if group is not None:
@@ -362,16 +365,18 @@ else:
                 if group != 8:      # the long experts' groups are not those of 8
                     assert not torch.equal(walk, expert_walk_groups(tile_expert, 8)), T
             else:
-                assert walk is None, (T, weights.w13_scale is not None)
+                assert walk is None, (T, kind)
         # the down-only pipeline keeps the fixed walk where `triton_ws` takes the long one
         from epmoe.experts.triton_ws import walk_group
         from epmoe.experts.triton_ws_down import WarpSpecializedDownExperts
         batch = FlatBatch(torch.zeros(long, H, dtype=torch.bfloat16), awkward_ids(long, E, 2, g),
                           torch.rand(long, 2, generator=g))
-        assert WarpSpecializedDownExperts(cfg).padded_layout(batch, fp8).walk_groups is None
+        block_cfg = dataclasses.replace(cfg, quant=QUANTS["block"])
+        assert WarpSpecializedDownExperts(block_cfg).padded_layout(batch, fp8).walk_groups is None
+        assert WarpSpecializedExperts(block_cfg).padded_layout(batch, fp8).walk_groups is not None
         assert walk_group("fp8_block", 2 * long, E, long_walk=False) is None
-        with pytest.raises(ValueError, match="weight_format must be one of"):
-            walk_group("fp8", 2 * long, E)
+        with pytest.raises(ValueError, match="quant must be one of"):
+            walk_group("bf16", 2 * long, E)
 
     def test_triton_runs_the_gluon_pipeline_where_its_config_says(monkeypatch):
         """`triton` with a table entry that says `gluon` runs `triton_ws`'s pipeline (the same bits), and its

@@ -106,14 +106,14 @@ class PaddedLayout(NamedTuple):
     walk_groups: torch.Tensor | None   # the GEMMs' walk (`expert_walk_groups`), or None: groups of 8 m-tiles
 
 
-WALK_FORMATS = ("bf16", "fp8_block", "fp8_channel")
+WALK_QUANTS = ("none", "fp8_block", "fp8_channel")
 
 
-def walk_group(weight_format: str, pairs: int, experts: int, long_walk: bool = True) -> int | None:
-    """The GEMMs' walk for `pairs` rows over `experts` experts with weights in `weight_format` (WALK_FORMATS):
-    groups cut at expert edges of up to this many m-tiles (`expert_walk_groups`), or None (groups of a fixed
-    8 m-tiles). `long_walk`: whether the long-expert walk below may be taken (it was measured with both GEMMs
-    Gluon ones; alone, the down GEMM took 3.3% more cycles with it).
+def walk_group(quant: str, pairs: int, experts: int, long_walk: bool = True) -> int | None:
+    """The GEMMs' walk for `pairs` rows over `experts` experts of a plan whose `quant` is one of WALK_QUANTS
+    ("none": BF16 weights): groups cut at expert edges of up to this many m-tiles (`expert_walk_groups`), or
+    None (groups of a fixed 8 m-tiles). `long_walk`: whether the long-expert walk below may be taken (it was
+    measured with both GEMMs Gluon ones; alone, the down GEMM took 3.3% more cycles with it).
 
     - BF16 with one to SHORT_EXPERT_ROWS / 128 tiles' worth of rows per expert on average: 8. Groups of a
       fixed 8 m-tiles cut through experts of a few tiles each and read their weights twice, and the GEMMs are
@@ -133,11 +133,11 @@ def walk_group(weight_format: str, pairs: int, experts: int, long_walk: bool = T
     - Otherwise None: below one tile per expert there is nothing to cut, while building the groups costs a
       launch (one Triton program, 6-8 us on an H100; the PyTorch form's few dozen small kernels took
       85-111 us)."""
-    if weight_format not in WALK_FORMATS:
-        raise ValueError(f"walk_group: weight_format must be one of {WALK_FORMATS}, got {weight_format!r}")
-    if long_walk and weight_format == "fp8_block" and pairs >= LONG_EXPERT_ROWS * experts:
+    if quant not in WALK_QUANTS:
+        raise ValueError(f"walk_group: quant must be one of {WALK_QUANTS}, got {quant!r}")
+    if long_walk and quant == "fp8_block" and pairs >= LONG_EXPERT_ROWS * experts:
         return LONG_EXPERT_GROUP
-    return 8 if weight_format == "bf16" and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts else None
+    return 8 if quant == "none" and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts else None
 
 
 def grouped_gemm_reference(a, w, tile_expert, out, a_scale_t=None, w_scale=None, bias=None, activation=None,
@@ -345,8 +345,7 @@ class WarpSpecializedExperts(Experts):
         fp8 = weights.w13_scale is not None
         aligned = align_pairs(batch.local_ids, L, TILE)
         tile_expert = aligned.block_expert[:aligned.max_blocks]
-        form = "bf16" if not fp8 else "fp8_block" if weights.w13_scale.dim() == 3 else "fp8_channel"
-        group = walk_group(form, n * k, L, self.LONG_WALK)
+        group = walk_group(self.plan.quant, n * k, L, self.LONG_WALK)
         walk = None if group is None else expert_walk_groups(tile_expert, group)
         return PaddedLayout(n, k, H, two_i // 2, fp8, aligned, aligned.max_rows, tile_expert, walk)
 
