@@ -55,6 +55,12 @@
 #             32-expert shard and mixtral at T = 8192, BF16 and block FP8, gate+up, down 128 and 256 columns wide
 #             (the experts launch BF16 128, FP8 256), BF16 tiles of 256 with and without the wide product;
 #             do_bench medians, two tiles of each checked)
+#   diagnostics  what bounds the Gluon GEMMs: each in its diagnostic forms (benchmarks/profile_ws_gemm.py
+#             --diagnostic none,no_loads,no_math,no_promote: the kernel as the experts run it; without the loads after
+#             the ring's first round; without the math; FP8 without its promotion), gate+up and down, BF16 and block
+#             FP8, T = 8192: do_bench at the deepseek-v3 32-expert shard and mixtral, then ncu's throughput, compute,
+#             memory and warp-state sections at the shard (DIAG_ARGS: more arguments of that run, e.g. --walk
+#             fixed,experts) and the table of its kernels (benchmarks/ncu_details_table.py), appended to its log
 #   groups    the Gluon GEMMs with the persistent walk in groups of 4 and 8 m-tiles and in groups cut at expert
 #             edges of up to 4 and 8 (as the experts launch them: 8) (benchmarks/profile_ws_gemm.py --group-m 4,8
 #             --walk fixed,experts), gate+up and down, BF16 and block FP8, T = 8192: deepseek-v3 (256 experts),
@@ -262,6 +268,17 @@ for part in $PARTS; do
     widths)
         profile_shapes "$OUT/gemm_widths_${GPU}_$DAY.log" "${WIDTHS_SECONDS:-240}" "deepseek-v3 shard 32|mixtral-8x7b" \
             --formats bf16,fp8 --down-block-n 128,256 --wide-mma off,on ;;
+    diagnostics)
+        profile_shapes "$OUT/gemm_diagnostics_${GPU}_$DAY.log" "${DIAG_SECONDS:-300}" "deepseek-v3 shard 32|mixtral-8x7b" \
+            --formats fp8,bf16 --diagnostic none,no_loads,no_math,no_promote
+        log="$OUT/ncu_diagnostics_${GPU}_$DAY.log"
+        run "$log" "${DIAG_NCU_SECONDS:-240}" bash -c "
+            ncu --clock-control none --nvtx --nvtx-include profiled/ --section SpeedOfLight \
+                --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+                python3 benchmarks/profile_ws_gemm.py --shape 'deepseek-v3 shard 32' --tokens 8192 --formats fp8,bf16 \
+                --diagnostic none,no_loads,no_math,no_promote ${DIAG_ARGS:-}"
+        { echo "## the profiled kernels (benchmarks/ncu_details_table.py)"; python3 benchmarks/ncu_details_table.py "$log"; } \
+            >> "$log" 2>&1 ;;
     groups)
         profile_shapes "$OUT/walk_groups_${GPU}_$DAY.log" "${GROUPS_SECONDS:-240}" \
             "deepseek-v3|gpt-oss-120b|deepseek-v3 shard 32" --formats bf16,fp8 ${GROUPS_ARGS:---group-m 4,8 --walk fixed,experts} ;;
@@ -421,7 +438,7 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
         if [ -f "$OUT/dg_probe.json" ]; then mv "$OUT/dg_probe.json" "$OUT/deepgemm_probe_${GPU}_$DAY.json"; fi
         if [ -f "$OUT/dg_steps.json" ]; then mv "$OUT/dg_steps.json" "$OUT/experts_steps_deepgemm_${GPU}_$DAY.json"; fi
         rm -rf "$dg" ;;
-    *) echo "unknown part $part (tests crossover ws widths groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory deepgemm)"; exit 2 ;;
+    *) echo "unknown part $part (tests crossover ws widths diagnostics groups gather walk steps decode tune gluon_tune probe gluon ncu experts batched wide layout ab rebalance overlap memory deepgemm)"; exit 2 ;;
     esac
     tar -C "$BUNDLE" -czf "$BUNDLE/gpu_one_h200.tar.gz" gpu_one_h200
 done

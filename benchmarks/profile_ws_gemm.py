@@ -19,7 +19,10 @@ times each BF16 tile of 256 columns both ways (one 64 x 256 product per K block,
 prints the copy (`rows_to_layout`, the backend's own) beside it, so the two forms' sums can be compared;
 `--walk fixed,experts` each launch with the walk in groups of GROUP_M m-tiles and in groups cut at expert
 edges (`expert_walk_groups(tile_expert, GROUP_M)`; the default, `auto`, as the experts launch it: cut for BF16
-with short experts); `--anchor` (BF16) also launches `torch._grouped_mm` on the same layout rows (padding
+with short experts); `--diagnostic none,no_loads,no_math,no_promote` each launch also in the kernel's diagnostic
+forms (`ws_grouped_gemm.DIAGNOSTICS`: without the loads after the ring's first round, without the math, without
+FP8's promotion), whose outputs are not the GEMM's and are not checked; every line prints the operand bytes the
+tiles stream from L2 into shared memory and their rate; `--anchor` (BF16) also launches `torch._grouped_mm` on the same layout rows (padding
 included, no activation), timed and profiled the same way. A launch whose checked tiles (the first and the
 last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the rest.
 """
@@ -99,6 +102,9 @@ def main(argv=None) -> int:
                    help="off, on, or off,on: the gate+up's A rows copied into layout order and loaded by TMA (off, "
                         "as the backends run it; the copy is timed too) or read where the tokens are (on) "
                         "(default %(default)s)")
+    p.add_argument("--diagnostic", default="none",
+                   help="none, no_loads, no_math, no_promote, comma-separated: the kernel as the experts run it "
+                        "(none) and its diagnostic forms, each launched in turn (default %(default)s)")
     args = p.parse_args(argv)
     gathers = off_on(p, "--gather", args.gather)
     group_ms = [int(v) for v in args.group_m.split(",")]
@@ -109,6 +115,10 @@ def main(argv=None) -> int:
     if not set(down_widths) <= {None, 64, 128, 256}:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
     wides = off_on(p, "--wide-mma", args.wide_mma)
+    diagnostics = args.diagnostic.split(",")
+    from epmoe.kernels.ws_grouped_gemm import DIAGNOSTICS
+    if not diagnostics or not set(diagnostics) <= set(DIAGNOSTICS):
+        p.error(f"--diagnostic takes {', '.join(DIAGNOSTICS)}, comma-separated, not {args.diagnostic!r}")
     walks = args.walk.split(",")
     if not walks or not set(walks) <= {"auto", "fixed", "experts"}:
         p.error(f"--walk takes auto, fixed or experts, comma-separated, not {args.walk!r}")
@@ -146,8 +156,15 @@ def main(argv=None) -> int:
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
             first_values = {}           # per wide_mma form, the first walk's outputs
-            for group_m, wide, walk in [(g, w, x) for g in group_ms for w in wides for x in walks
-                                        if applies or not w]:
+            # the operand bytes every tile streams into shared memory (A tile and weight boxes per K block; the
+            # 512 bytes of FP8 A scales a K block left out)
+            el = 1 if launched.fp8 else 2
+            used_tiles = sum(e >= 0 for e in tile_expert) * -(-launched.N // (launched.sub_n * (
+                1 if launched.gated else launched.split)))
+            operand_bytes = used_tiles * -(-K // launched.block_k) * (TILE + launched.sub_n * launched.split) \
+                * launched.block_k * el
+            for group_m, wide, walk, diag in [(g, w, x, d) for g in group_ms for w in wides for x in walks
+                                              for d in diagnostics if applies or not w]:
                 if walk == "auto":          # as the experts launch it: its own group size
                     auto = walk_group("none" if fmt == "bf16" else FORMAT_NAMES[fmt], args.tokens * k, L)
                     walk, group_m = ("fixed", 8) if auto is None else ("experts", auto)
@@ -156,7 +173,7 @@ def main(argv=None) -> int:
                 def run():
                     grouped_gemm_ws(*prob.args(), block_n=block_n, stages=args.stages, group_m=group_m,
                                     scale_tma=False if args.global_scales or gather else None, wide_mma=wide,
-                                    walk_groups=groups, a_rows=prob.a_rows)
+                                    walk_groups=groups, a_rows=prob.a_rows, diagnostic=diag)
 
                 for t in prob.out:          # a tile the walk skipped keeps zeros, not an earlier walk's values
                     if t is not None:
@@ -171,16 +188,19 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 torch.cuda.nvtx.range_pop()
                 flops = 2.0 * args.tokens * k * K * w_rows
-                bad = not err <= 1e-2
+                checked = diag == "none"        # a diagnostic form's outputs are not the GEMM's
+                bad = checked and not err <= 1e-2
                 failed += bad
                 # every tile of every walk: the walk changes which program computes a tile, not its values
                 values = prob.values()
-                differs = not torch.equal(values, first_values.setdefault(wide, values))
+                differs = checked and not torch.equal(values, first_values.setdefault(wide, values))
                 failed += differs
                 print(f"{args.shape} T={args.tokens} {FORMAT_NAMES[fmt]} {gemm} {width} "
                       f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}"
-                      f"{' gathered' if gather else ''}: {ms:.3f} ms "
-                      f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) rel_err {err:.2e}"
+                      f"{' gathered' if gather else ''}{'' if checked else f' diagnostic={diag}'}: {ms:.3f} ms "
+                      f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) "
+                      f"operands {operand_bytes / 1e9:.2f} GB {operand_bytes / ms / 1e9:.2f} TB/s "
+                      f"{f'rel_err {err:.2e}' if checked else '(outputs not checked)'}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}"
                       f"{'  DIFFERS FROM THE FIRST WALK' if differs else ''}", flush=True)
             if args.anchor and fmt == "bf16":

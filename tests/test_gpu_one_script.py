@@ -216,3 +216,31 @@ def test_deepgemm_ncu_profiles_the_named_calls_then_ours_instead_of_the_probe(tm
     with tarfile.open(tmp_path / "out" / "gpu_one_h200.tar.gz") as bundle:
         logs = [os.path.basename(n) for n in bundle.getnames() if os.path.basename(n).startswith("deepgemm_")]
     assert len(logs) == 1 and logs[0].startswith("deepgemm_ncu_"), logs
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and a stand-in tool with a shebang")
+def test_diagnostics_times_both_shapes_then_profiles_the_shard_and_tabulates_it(tmp_path):
+    """Part `diagnostics`: profile_ws_gemm.py with every diagnostic form at the deepseek-v3 shard and mixtral (a
+    shape one word each), then under ncu at the shard with DIAG_ARGS, then ncu_details_table.py on that run's log,
+    whose table lands in the same log."""
+    calls = tmp_path / "calls.txt"
+    log = f"for a in \"$@\"; do printf '%s|' \"$a\" >> '{calls}'; done; echo >> '{calls}'; echo '| a table row |'"
+    tools = {"nvidia-smi": "echo 'NVIDIA H100 80GB HBM3'", "python3": log, "ncu": f"printf 'ncu|' >> '{calls}'; {log}"}
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="diagnostics", DIAG_ARGS="--walk fixed,experts")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line.split("|") for line in calls.read_text().splitlines() if line]
+    timed = [args for args in lines if args[0] == "benchmarks/profile_ws_gemm.py"]
+    assert [args[args.index("--shape") + 1] for args in timed] == ["deepseek-v3 shard 32", "mixtral-8x7b"]
+    forms = "none,no_loads,no_math,no_promote"
+    assert all(args[args.index("--diagnostic") + 1] == forms for args in timed)
+    profiled = [args for args in lines if args[0] == "ncu"]
+    assert len(profiled) == 1
+    mine = profiled[0]
+    assert mine[mine.index("--shape") + 1] == "deepseek-v3 shard 32" and mine[mine.index("--diagnostic") + 1] == forms
+    assert mine[mine.index("--walk") + 1] == "fixed,experts" and "SpeedOfLight" in mine
+    table = [args for args in lines if args[0] == "benchmarks/ncu_details_table.py"]
+    assert len(table) == 1 and os.path.basename(table[0][1]).startswith("ncu_diagnostics_")
+    with tarfile.open(tmp_path / "out" / "gpu_one_h200.tar.gz") as bundle:
+        member = next(n for n in bundle.getnames() if os.path.basename(n).startswith("ncu_diagnostics_"))
+        text = bundle.extractfile(member).read().decode()
+    assert "## the profiled kernels" in text and "| a table row |" in text

@@ -200,6 +200,51 @@ def test_gluon_gemm_self_check_in_every_form(gathered):
         assert gemm_disagreement(grouped_gemm_ws, torch.device("cuda"), form, gathered=gathered) is None, form
 
 
+@pytest.mark.parametrize("fp8", [True, False])
+def test_the_gluon_gemm_diagnostic_forms(fp8):
+    """The Gluon GEMM's diagnostic forms (`profile_ws_gemm.py --diagnostic`), each on one tile a program, so that
+    a program's K blocks fit the ring's first round: each finishes (polled: a hang fails instead of blocking);
+    `none` agrees with the PyTorch statement and keeps the skipped tile's rows; `no_loads` equals it bit for bit
+    (the first round loads every K block there is); `no_math` leaves the output as it was; `no_promote` with unit
+    scales agrees with it within the tensor cores' accumulation (FP8: the same products, not promoted; BF16:
+    the same kernel)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon GEMM runs on Hopper (compute capability 9.x)")
+    from epmoe.experts.triton_ws import grouped_gemm_reference, unfinished
+    from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(3)
+    block_k, E, N = (128 if fp8 else 64), 2, 256
+    M, K = 3 * 128, 4 * block_k                         # four K blocks: one ring of four slots
+    tile_expert = torch.tensor([1, -1, 0], dtype=torch.int32, device=dev)
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    a = (torch.randn(M, K, generator=g, device=dev) * 0.5).to(dtype)
+    w = (torch.randn(E, N, K, generator=g, device=dev) * 0.5).to(dtype)
+    scales = (torch.ones(K // 128, M, device=dev), torch.ones(E, N // 128, K // 128, device=dev)) if fp8 else (None, None)
+
+    def run(diagnostic):
+        out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=dev)
+        grouped_gemm_ws(a, w, tile_expert, out, *scales, stages=4, num_programs=3, diagnostic=diagnostic)
+        done = torch.cuda.Event()
+        done.record()
+        why = unfinished(done, 60.0)
+        assert why is None, f"{diagnostic}: {why}"
+        return out.float()
+
+    want = grouped_gemm_reference(a, w, tile_expert, torch.full((M, N), 7.0, dtype=torch.bfloat16, device=dev),
+                                  *scales).float()
+    full = run("none")
+    assert ((full - want).norm() / want.norm()).item() <= 1e-2
+    assert bool((full[128:256] == 7.0).all())
+    assert torch.equal(run("no_loads"), full)
+    assert bool((run("no_math") == 7.0).all())
+    unpromoted = run("no_promote")
+    assert bool((unpromoted[128:256] == 7.0).all())
+    assert ((unpromoted - full).norm() / full.norm()).item() <= 1e-2
+    if not fp8:
+        assert torch.equal(unpromoted, full)
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_triton_runs_the_gluon_pipeline_where_its_table_says(fp8, tmp_path, monkeypatch):
     """`triton` with a table whose mixtral entry at T = 2048 says `gluon` (Hopper only): the pipeline is

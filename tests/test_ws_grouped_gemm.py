@@ -15,7 +15,7 @@ gluon_gemm = pytest.importorskip("epmoe.kernels.ws_grouped_gemm", reason="this T
 def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bias: bool = False,
               gather: bool = False, k_multiple_of_16: bool = True, scale_tma: bool = False, store_tma: bool = False,
               stagger: int = 0, wide_mma: bool = False, grouped: bool = False, col_scale: bool = False,
-              row_scale: bool = False, out_fp8: bool | None = None):
+              row_scale: bool = False, out_fp8: bool | None = None, diagnostic: str = "none"):
     from epmoe.kernels.xcompile import CrossCompileUnavailable, resource_usage
     try:
         c = gluon_gemm.compile_ws_gemm_for_hopper(fp8, block_n=block_n, stages=stages, gated=gated,
@@ -23,7 +23,8 @@ def _compiled(fp8: bool, block_n: int, stages: int, gated: bool = False, has_bia
                                                   has_bias=has_bias, gather=gather,
                                                   k_multiple_of_16=k_multiple_of_16, scale_tma=scale_tma,
                                                   store_tma=store_tma, stagger=stagger, wide_mma=wide_mma,
-                                                  grouped=grouped, col_scale=col_scale, row_scale=row_scale)
+                                                  grouped=grouped, col_scale=col_scale, row_scale=row_scale,
+                                                  diagnostic=diagnostic)
     except CrossCompileUnavailable as exc:      # depends on the Triton build
         pytest.skip(str(exc))
     return c, resource_usage(c)
@@ -251,6 +252,56 @@ def test_sm90_compile_of_the_staggered_warpgroups(fp8, gated):
     assert len(re.findall(r"bar\.sync\s+\d+, 128;", ptx)) == len(re.findall(r"bar\.sync\s+\d+, 128;", base)) + 2
     assert _loop_spills(c) in (None, 0)
     assert c.metadata.shared <= gluon_gemm.SMEM_BYTES - 1024
+
+
+_TMA_LOADS = r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global\."
+_TMA_STORES = r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::"
+
+
+@pytest.mark.parametrize("fp8,gated", [(True, True), (True, False), (False, True)])
+def test_sm90_compile_of_the_diagnostic_forms(fp8, gated):
+    """The diagnostic forms (`DIAGNOSTICS`, for `benchmarks/profile_ws_gemm.py`) compile for sm_90 and take away
+    what they name, and only that: `no_math` issues no wgmma and stores nothing, and keeps every TMA load;
+    `no_loads` keeps the loads (the ring's first round) and the wgmma, with one more plain arrive (the loader's
+    "ready" without bytes); `no_promote` keeps the wgmma and (FP8) leaves no FFMA in the K loops, where the
+    promotion puts them; none spills in a K loop."""
+    from epmoe.kernels.xcompile import instructions_in_mma_loops
+    kw = dict(scale_tma=fp8, store_tma=True)
+    forms = {d: _compiled(fp8, 256, 4, gated, diagnostic=d, **kw)[0].asm["ptx"] for d in gluon_gemm.DIAGNOSTICS}
+    count = {d: {what: len(re.findall(pattern, ptx)) for what, pattern in
+                 (("loads", _TMA_LOADS), ("stores", _TMA_STORES), ("wgmma", r"wgmma\.mma_async"),
+                  ("arrives", r"mbarrier\.arrive\.shared"))} for d, ptx in forms.items()}
+    base = count["none"]
+    assert base["loads"] >= 3 and base["stores"] >= 1 and base["wgmma"] >= 8, base
+    assert count["no_math"]["wgmma"] == count["no_math"]["stores"] == 0
+    assert count["no_math"]["loads"] == base["loads"]
+    assert count["no_loads"] == dict(base, arrives=base["arrives"] + 1)
+    assert count["no_promote"]["wgmma"] == base["wgmma"] and count["no_promote"]["loads"] == base["loads"]
+    promoted = _compiled(fp8, 256, 4, gated, diagnostic="none", **kw)[0]
+    unpromoted = _compiled(fp8, 256, 4, gated, diagnostic="no_promote", **kw)[0]
+    ffma = instructions_in_mma_loops(promoted, "FFMA"), instructions_in_mma_loops(unpromoted, "FFMA")
+    if fp8:
+        assert ffma[0] in (None, 64 * 4) and ffma[1] in (None, 0)      # 64 a box, two boxes, two K loops
+    else:
+        assert forms["no_promote"] == forms["none"]                     # BF16 has no promotion to take away
+    for d in gluon_gemm.DIAGNOSTICS:
+        assert _loop_spills(_compiled(fp8, 256, 4, gated, diagnostic=d, **kw)[0]) in (None, 0), d
+
+
+def test_host_checks_of_the_diagnostic_forms():
+    """An unknown diagnostic, a diagnostic form with a stagger, and `no_loads` with the gathering loader are
+    refused before any compile or launch."""
+    with pytest.raises(ValueError, match="diagnostic must be one of"):
+        gluon_gemm.compile_ws_gemm_for_hopper(True, block_n=256, diagnostic="no_tiles")
+    with pytest.raises(ValueError, match="without a stagger"):
+        gluon_gemm.compile_ws_gemm_for_hopper(True, block_n=256, stages=4, stagger=2, diagnostic="no_math")
+    with pytest.raises(ValueError, match="no_loads form takes A in layout order"):
+        gluon_gemm.compile_ws_gemm_for_hopper(True, block_n=256, gather=True, diagnostic="no_loads")
+    a = torch.zeros(128, 256, dtype=torch.bfloat16)
+    w = torch.zeros(1, 256, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="diagnostic must be one of"):
+        gluon_gemm.grouped_gemm_ws(a, w, torch.zeros(1, dtype=torch.int32), torch.zeros(128, 256,
+                                   dtype=torch.bfloat16), diagnostic="No_Math")
 
 
 @pytest.mark.parametrize("gated,store_tma,gather", [(False, True, False), (True, True, False), (False, False, False),

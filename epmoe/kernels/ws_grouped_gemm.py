@@ -82,6 +82,20 @@ SCALE_BLOCK = gl.constexpr(SCALE)      # block-FP8 scale granularity along K (ac
 # a tile's A scales of one K block in shared memory (`scale_tma`): 128 float32 in a row, no swizzle
 SCALE_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
+# Diagnostic forms of the kernel (`grouped_gemm_ws(diagnostic=...)`, `benchmarks/profile_ws_gemm.py`): each takes
+# one part of the work away, so that its time bounds what that part costs. Their outputs are not the GEMM's; the
+# backends never launch them.
+# - "no_loads": after the ring's first round the loader declares each slot ready without loading it again, so
+#   the math runs on real operands with no supply from L2 (the tensor cores, the promotion and the stores);
+# - "no_math": the math warps give each slot back as soon as it is ready (the operands' supply alone, no stores);
+# - "no_promote": FP8 through the plain K loop, the tensor cores accumulating across K blocks unscaled (what the
+#   promotion of each K block costs).
+DIAGNOSTICS = {"none": 0, "no_loads": 1, "no_math": 2, "no_promote": 3}
+DIAG_NONE = gl.constexpr(0)
+DIAG_NO_LOADS = gl.constexpr(1)
+DIAG_NO_MATH = gl.constexpr(2)
+DIAG_NO_PROMOTE = gl.constexpr(3)
+
 
 @gluon.jit
 def _tile_coords(t, num_m_tiles, num_n_tiles, GROUP_M: gl.constexpr):
@@ -131,12 +145,13 @@ def _load_weight_boxes(w_desc, w_buf, bar, w_row, w_step, k, SUB_N: gl.constexpr
 @gluon.jit
 def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr, walk_groups_ptr,
                       N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                      GROUPED: gl.constexpr, GATED: gl.constexpr, SCALE_TMA: gl.constexpr):
+                      GROUPED: gl.constexpr, GATED: gl.constexpr, SCALE_TMA: gl.constexpr, DIAG: gl.constexpr):
     """The A tile and the SPLIT boxes of SUB_N weight rows of every K block: plain, the tile's consecutive
     rows; GATED, gate rows [n * SUB_N, +SUB_N) then the matching up rows, I = N rows further, into ring
     slot after slot, each behind its "ready" and "empty" barriers. SCALE_TMA (FP8): the tile's 128 A
     scales of each K block too (s_desc: a_scale_t as one vector, K-block-major), so the math warps read
-    them from shared memory instead of waiting on global loads."""
+    them from shared memory instead of waiting on global loads. DIAG_NO_LOADS: after the ring's first round, each
+    slot is declared ready without a load (`DIAGNOSTICS`)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -152,13 +167,17 @@ def _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, emp
                 slot = step % STAGES
                 # a fresh mbarrier counts as having completed the phase before 0: the first round passes
                 mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes
-                                + SCALE_TMA * s_desc.block_type.nbytes)
-                _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot))
-                if SCALE_TMA:
-                    _tma_load(s_desc, [kb * M_pad + m * BLOCK_M], ready.index(slot), s_bufs.index(slot))
-                _load_weight_boxes(w_desc, w_bufs.index(slot), ready.index(slot), w_row, w_step, kb * BLOCK_K, SUB_N,
-                                   SPLIT)
+                if DIAG == DIAG_NO_LOADS and step >= STAGES:
+                    # the slot "ready" as the first round left it: real operands, nothing loaded again
+                    mbarrier.arrive(ready.index(slot), count=1)
+                else:
+                    mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + SPLIT * w_desc.block_type.nbytes
+                                    + SCALE_TMA * s_desc.block_type.nbytes)
+                    _tma_load(a_desc, [m * BLOCK_M, kb * BLOCK_K], ready.index(slot), a_bufs.index(slot))
+                    if SCALE_TMA:
+                        _tma_load(s_desc, [kb * M_pad + m * BLOCK_M], ready.index(slot), s_bufs.index(slot))
+                    _load_weight_boxes(w_desc, w_bufs.index(slot), ready.index(slot), w_row, w_step, kb * BLOCK_K,
+                                       SUB_N, SPLIT)
                 step += 1
 
 
@@ -219,13 +238,25 @@ def _promote(acc, a_tile, w_tile, part, row_scale, empty_bar, release: gl.conste
 
 
 @gluon.jit
+def _release_slots(ready, empty, step, K_BLOCKS):
+    """DIAG_NO_MATH: one tile's K_BLOCKS slots, each given back as soon as it is ready; the next step."""
+    STAGES: gl.constexpr = ready.type.shape[0]
+    for kb in range(K_BLOCKS):
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        mbarrier.arrive(empty.index(slot), count=1)
+        step += 1
+    return step
+
+
+@gluon.jit
 def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, tile_expert_ptr, walk_groups_ptr,
                     a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, M_pad, A_ROWS, N, W_ROWS,
                     num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr, GROUPED: gl.constexpr,
                     FP8: gl.constexpr, SPLIT: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
                     HAS_BIAS: gl.constexpr, OUT_FP8: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr,
                     STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr, COL_SCALE: gl.constexpr,
-                    ROW_SCALE: gl.constexpr, HALF: gl.constexpr):
+                    ROW_SCALE: gl.constexpr, HALF: gl.constexpr, DIAG: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, SPLIT accumulators of SUB_N columns
     (plain: consecutive output columns; GATED: gate and up of the same SUB_N outputs). Two of these run
     side by side; each releases a slot with its own arrive (the "empty" barriers count two). GATHER: the A
@@ -245,7 +276,9 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     the two accumulators for the epilogue. COL_SCALE (FP8): one weight scale per output column (w_scale
     [E, W_ROWS]), applied in the epilogue instead of per K block; ROW_SCALE (with COL_SCALE): one A scale per
     row (a_scale [A_ROWS], the same for every K block), applied there too, so that each K block's product is
-    only added into the float32 accumulator."""
+    only added into the float32 accumulator. DIAG (`DIAGNOSTICS`): DIAG_NO_MATH releases every slot once it is
+    ready and computes nothing; DIAG_NO_PROMOTE runs FP8 through the plain K loop (the tensor cores accumulate
+    across K blocks, no scales)."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -267,14 +300,17 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     step = 0
     for t in range(gl.program_id(0), num_m_tiles * num_n_tiles, gl.num_programs(0)):
         m, n, e = _tile_at(t, num_m_tiles, num_n_tiles, tile_expert_ptr, walk_groups_ptr, GROUP_M, GROUPED)
-        if e >= 0:
+        if DIAG == DIAG_NO_MATH:
+            if e >= 0:
+                step = _release_slots(ready, empty, step, K_BLOCKS)
+        elif e >= 0:
             rows = m * BLOCK_M + HALF * ROWS + gl.arange(0, ROWS, layout=row_layout)
             scale_rows = gl.load(a_rows_ptr + rows) if GATHER else rows        # A's rows (scales: A_ROWS apart)
             w_first, w_step = _weight_boxes(n, N, SUB_N, SPLIT, GATED)
             cols0 = w_first + gl.arange(0, SUB_N, layout=col_layout)            # output columns of accumulator 0
             acc0 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
             acc1 = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
-            if FP8:
+            if FP8 and DIAG != DIAG_NO_PROMOTE:
                 part = gl.zeros([ROWS, SUB_N], gl.float32, mma_layout)
                 if not COL_SCALE:
                     w_scales0 = w_scale_ptr + (e * w_scale_rows + w_first // SCALE_BLOCK) * K_BLOCKS
@@ -485,7 +521,7 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
                            GATHER: gl.constexpr, STAGES: gl.constexpr, SCALE_TMA: gl.constexpr,
                            STORE_TMA: gl.constexpr, STAGGER: gl.constexpr, WIDE: gl.constexpr,
                            COL_SCALE: gl.constexpr, ROW_SCALE: gl.constexpr, MATH_REGS: gl.constexpr,
-                           LOADER_REGS: gl.constexpr):
+                           LOADER_REGS: gl.constexpr, DIAG: gl.constexpr):
     """GATHER: a_ptr is A (a_desc describes it too, for the tile's shared layout) and row r of the layout
     is A's row a_rows[r], copied by the loader's four warps; otherwise A is in layout order, loaded by TMA
     through a_desc (a_ptr and a_rows_ptr unused). SCALE_TMA: s_desc describes a_scale_t as one vector in
@@ -497,6 +533,8 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
     gl.static_assert(not WIDE or (not FP8 and SPLIT == 2), "one wide product per K block: BF16 tiles of two boxes")
     gl.static_assert(not ROW_SCALE or (COL_SCALE and not SCALE_TMA),
                      "A scales per row go with weight scales per column")
+    gl.static_assert(DIAG == DIAG_NONE or (STAGGER == 0 and not (GATHER and DIAG == DIAG_NO_LOADS)),
+                     "the diagnostic forms run without a stagger, and without loads only from the TMA loader")
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     SUB_N: gl.constexpr = w_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
@@ -534,22 +572,23 @@ def ws_grouped_gemm_kernel(a_desc, w_desc, s_desc, o_desc, a_ptr, a_rows_ptr, ti
                            walk_groups_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
                            M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
-                           COL_SCALE, ROW_SCALE, 0)),
+                           COL_SCALE, ROW_SCALE, 0, DIAG)),
         (_math_partition, (a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go.index(0), tile_expert_ptr,
                            walk_groups_ptr, a_rows_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, out_scale_ptr,
                            M_pad, A_ROWS, N, W_ROWS, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED, FP8,
                            SPLIT, GATED, ACTIVATION, HAS_BIAS, OUT_FP8, GATHER, SCALE_TMA, STORE_TMA, STAGGER, WIDE,
-                           COL_SCALE, ROW_SCALE, 1)),
+                           COL_SCALE, ROW_SCALE, 1, DIAG)),
         (_load_partition, (a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty,
                            tile_expert_ptr, walk_groups_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS,
-                           GROUP_M, GROUPED, GATED, GATHER, SCALE_TMA)),
+                           GROUP_M, GROUPED, GATED, GATHER, SCALE_TMA, DIAG)),
     ], [4, LOADER_WARPS], [MATH_REGS, LOADER_REGS])
 
 
 @gluon.jit
 def _load_partition(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
                     walk_groups_ptr, K, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M: gl.constexpr,
-                    GROUPED: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr):
+                    GROUPED: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, SCALE_TMA: gl.constexpr,
+                    DIAG: gl.constexpr):
     """The loader partition of the kernel: `_gather_loader_partition` (GATHER) or `_loader_partition`."""
     if GATHER:
         _gather_loader_partition(a_ptr, a_rows_ptr, w_desc, a_bufs, w_bufs, ready, empty, tile_expert_ptr,
@@ -558,7 +597,7 @@ def _load_partition(a_desc, w_desc, s_desc, a_ptr, a_rows_ptr, a_bufs, w_bufs, s
     else:
         _loader_partition(a_desc, w_desc, s_desc, a_bufs, w_bufs, s_bufs, ready, empty, tile_expert_ptr,
                           walk_groups_ptr, N, W_ROWS, M_pad, num_m_tiles, num_n_tiles, K_BLOCKS, GROUP_M, GROUPED,
-                          GATED, SCALE_TMA)
+                          GATED, SCALE_TMA, DIAG)
 
 
 @functools.lru_cache(maxsize=None)
@@ -684,7 +723,8 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                     num_programs: int | None = None, math_regs: int = 232, loader_regs: int = 40,
                     maxnreg: int = 168, a_rows: torch.Tensor | None = None,
                     scale_tma: bool | None = None, store_tma: bool | None = None, stagger: int = 0,
-                    wide_mma: bool | None = None, walk_groups: torch.Tensor | None = None) -> torch.Tensor:
+                    wide_mma: bool | None = None, walk_groups: torch.Tensor | None = None,
+                    diagnostic: str = "none") -> torch.Tensor:
     """out[r] = A[r] @ W[tile_expert[r // block_m]].T (+ bias) for every row r of a tile whose expert is
     >= 0 (float32 accumulation, cast once; FP8: each K block of 128 promoted with its scales, or, with weight
     scales per output row (`w_scale` [E, W rows]) and A scales per row (`a_scale_t` [1, rows]), added and
@@ -709,7 +749,10 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
     instead of one per weight box. `walk_groups` (int32 [M_pad / 128, 2]; the backends pass
     `kernels.walk_groups.expert_walk_groups`): the persistent walk's groups of m-tiles as it gives them instead
     of group_m m-tiles each, so that a group can hold whole experts (an expert's m-tiles share their weight
-    boxes in L2 only within one group). Tiles are 256 columns wide unless `block_n` says otherwise."""
+    boxes in L2 only within one group). Tiles are 256 columns wide unless `block_n` says otherwise.
+    `diagnostic` (`DIAGNOSTICS`; benchmarks only): a form with one part of the work taken away, whose outputs are
+    not the GEMM's."""
+    diag = _check_diagnostic("grouped_gemm_ws", diagnostic, stagger, a_rows is not None)
     shape = check_operands(a, w, tile_expert, out, a_scale_t, w_scale, bias, activation, out_scale_t, block_m,
                            block_n, block_k, stages, group_m, a_rows, walk_groups)
     stages, scale_tma, store_tma, wide_mma = kernel_forms(shape, out, a_scale_t, stages, scale_tma, store_tma,
@@ -744,7 +787,7 @@ def grouped_gemm_ws(a: torch.Tensor, w: torch.Tensor, tile_expert: torch.Tensor,
                                  HAS_BIAS=bias is not None, OUT_FP8=shape.out_fp8, GATHER=shape.gather,
                                  STAGES=stages, SCALE_TMA=bool(scale_tma), STORE_TMA=bool(store_tma), STAGGER=stagger,
                                  WIDE=wide_mma, COL_SCALE=shape.col_scale, ROW_SCALE=shape.row_scale,
-                                 MATH_REGS=math_regs, LOADER_REGS=loader_regs, num_warps=4,
+                                 MATH_REGS=math_regs, LOADER_REGS=loader_regs, DIAG=diag, num_warps=4,
                                  maxnreg=maxnreg)
     return out
 
@@ -857,20 +900,34 @@ def _check_stagger(caller: str, stagger: int, stages: int) -> None:
                          f"lives in the ring), got {stagger}")
 
 
+def _check_diagnostic(caller: str, diagnostic: str, stagger: int, gather: bool) -> int:
+    """The kernel's DIAG for a `DIAGNOSTICS` name; a ValueError for an unknown one, and for a diagnostic form
+    with a stagger or (no_loads) with the gathering loader, which the forms do not cover."""
+    if diagnostic not in DIAGNOSTICS:
+        raise ValueError(f"{caller}: diagnostic must be one of {sorted(DIAGNOSTICS)}, got {diagnostic!r}")
+    if diagnostic != "none" and stagger:
+        raise ValueError(f"{caller}: the diagnostic forms run without a stagger, got stagger={stagger}")
+    if diagnostic == "no_loads" and gather:
+        raise ValueError(f"{caller}: the no_loads form takes A in layout order (no a_rows)")
+    return DIAGNOSTICS[diagnostic]
+
+
 def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | None = None, stages: int = 4,
                                gated: bool = False, out_fp8: bool = False, has_bias: bool = False,
                                gather: bool = False, scale_tma: bool = False, store_tma: bool = False,
                                stagger: int = 0, math_regs: int = 232, loader_regs: int = 40, maxnreg: int = 168,
                                k_multiple_of_16: bool = True, wide_mma: bool | None = None, grouped: bool = False,
-                               col_scale: bool = False, row_scale: bool = False):
+                               col_scale: bool = False, row_scale: bool = False, diagnostic: str = "none"):
     """The kernel compiled for sm_90 without a GPU (Triton's bundled ptxas): for resource checks
     (registers, spills, shared memory) and for reading its PTX (`setmaxnreg`, wgmma, TMA).
     `k_multiple_of_16=False`: K as a launch sees it when K % 16 != 0 (not specialized as divisible).
     `wide_mma` None: as a launch picks it (`_wide_mma_choice`). `grouped`: as launched with `walk_groups`.
-    `col_scale` / `row_scale` (FP8): weight scales per output row / A scales per row (`GemmShape`)."""
+    `col_scale` / `row_scale` (FP8): weight scales per output row / A scales per row (`GemmShape`).
+    `diagnostic`: one of the diagnostic forms (`DIAGNOSTICS`)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from .xcompile import compile_source_for_hopper
     _check_stagger("compile_ws_gemm_for_hopper", stagger, stages)
+    diag = _check_diagnostic("compile_ws_gemm_for_hopper", diagnostic, stagger, gather)
     block_k = block_k or (128 if fp8 else 64)
     sub_n = min(block_n, SCALE)
     split = block_n // sub_n
@@ -896,7 +953,7 @@ def compile_ws_gemm_for_hopper(fp8: bool, block_n: int = 128, block_k: int | Non
              "HAS_BIAS": has_bias, "OUT_FP8": out_fp8, "GATHER": gather, "STAGES": stages,
              "SCALE_TMA": scale_tma and fp8, "STORE_TMA": store_tma, "STAGGER": stagger, "WIDE": wide_mma,
              "COL_SCALE": col_scale and fp8, "ROW_SCALE": row_scale and fp8,
-             "MATH_REGS": math_regs, "LOADER_REGS": loader_regs}
+             "MATH_REGS": math_regs, "LOADER_REGS": loader_regs, "DIAG": diag}
     names = fn.arg_names
     sig = {name: types.get(name, "constexpr") for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("a_ptr", "a_rows_ptr", "tile_expert_ptr",
