@@ -132,7 +132,10 @@
 #             the steps, ncu's throughput, compute, memory, warp-state, occupancy and launch sections of those
 #             DeepGEMM calls, then of ours (profile_ws_gemm.py with DEEPGEMM_NCU_OURS, shell words run through eval:
 #             quote a shape with spaces; default --shape "deepseek-v3 shard 32" --tokens 8192, its gate+up and down
-#             launches), into deepgemm_ncu_<GPU>_<day>.log
+#             launches), into deepgemm_ncu_<GPU>_<day>.log; with DEEPGEMM_NO_MULTICAST=1 (and DEEPGEMM_SRC) then
+#             the same DeepGEMM calls again from a second build of the sources whose SM90 heuristic is patched to
+#             disable multicast (clusters of one: what DeepGEMM's kernel does without TMA multicast; two builds,
+#             give DEEPGEMM_SECONDS=560)
 # Each log is written whole, headed by the command, the commit, the GPU, the torch/triton versions and the
 # date, with the JSON results beside it in $OUT/gpu_one_h200/; after every part that folder is bundled
 # into $OUT/gpu_one_h200.tar.gz (a device call brings back at most 8 files; a call cut off keeps the
@@ -410,7 +413,7 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
     deepgemm)
         dg=$(mktemp -d)
         # the folder is $0, the wheels (each a glob, expanded here) the arguments
-        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} DG_NCU=${DEEPGEMM_NCU:-} \
+        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} DG_NCU=${DEEPGEMM_NCU:-} DG_NO_MC=${DEEPGEMM_NO_MULTICAST:-} \
         DG_NCU_OURS=${DEEPGEMM_NCU_OURS:---shape \"deepseek-v3 shard 32\" --tokens 8192} \
         run "$OUT/deepgemm_$(if [ -n "${DEEPGEMM_NCU:-}" ]; then echo ncu; else echo probe; fi)_${GPU}_$DAY.log" \
             "${DEEPGEMM_SECONDS:-300}" bash -c '
@@ -426,6 +429,20 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
                 echo "## ncu: ours (profile_ws_gemm.py $DG_NCU_OURS)"
                 eval "ncu --clock-control none --nvtx --nvtx-include profiled/ $sections \
                     python3 benchmarks/profile_ws_gemm.py $DG_NCU_OURS" || exit 1
+                if [ -n "$DG_NO_MC" ]; then     # the same DeepGEMM calls again, built with multicast off
+                    [ -n "$DG_SRC" ] || { echo "DEEPGEMM_NO_MULTICAST takes DEEPGEMM_SRC (sources to patch)"; exit 1; }
+                    nomc=$(mktemp -d)
+                    cp -r "$DG_SRC" "$nomc/src"
+                    h="$nomc/src/csrc/jit_kernels/heuristics/sm90.hpp"
+                    grep -q "const bool disable_multicast =" "$h" || { echo "no multicast switch in $h"; exit 1; }
+                    sed -i "s/const bool disable_multicast =/const bool disable_multicast = true or/" "$h"
+                    python3 -m pip install -q --no-deps --no-index --target "$nomc/pkg" $@ || exit 1
+                    python3 benchmarks/deepgemm_build.py "$nomc/pkg" "$nomc/src" || exit 1
+                    echo "## ncu: DeepGEMM with multicast off ($h: disable_multicast = true or ...)"
+                    PYTHONPATH="$nomc/pkg:$PYTHONPATH" ncu --clock-control none --nvtx --nvtx-include profiled/ \
+                        $sections python3 benchmarks/deepgemm_probe.py --profile "$DG_NCU" || exit 1
+                    rm -rf "$nomc"
+                fi
                 exit 0
             fi
             python3 benchmarks/deepgemm_probe.py || exit 1

@@ -24,11 +24,17 @@ def _run_with_stand_ins(tmp_path, tools: dict, **variables) -> subprocess.Comple
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "out"),
                COMMIT="0" * 40)
     for name in ("ONLY_ON", "CUDA_HOME", "DEEPGEMM_SRC", "DEEPGEMM_STEPS", "DEEPGEMM_WHEELS", "DEEPGEMM_NCU",
-                 "DEEPGEMM_NCU_OURS", "TESTS", "TESTS_K",
+                 "DEEPGEMM_NCU_OURS", "DEEPGEMM_NO_MULTICAST", "DIAG_ARGS", "TESTS", "TESTS_K",
                  "TUNE_ARGS", "GLUON_TUNE_SETS", "GLUON_TUNE_EXTRA"):
         env.pop(name, None)
     env.update(variables)
     return subprocess.run(["bash", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _bundled_log(tmp_path) -> str:
+    """Every file of the script's bundle (OUT/gpu_one_h200.tar.gz), as text, one after the other."""
+    with tarfile.open(tmp_path / "out" / "gpu_one_h200.tar.gz") as bundle:
+        return "".join(bundle.extractfile(m).read().decode(errors="replace") for m in bundle.getmembers() if m.isfile())
 
 
 def _run(tmp_path, gpu_name: str, only_on: str | None):
@@ -244,3 +250,40 @@ def test_diagnostics_times_both_shapes_then_profiles_the_shard_and_tabulates_it(
         member = next(n for n in bundle.getnames() if os.path.basename(n).startswith("ncu_diagnostics_"))
         text = bundle.extractfile(member).read().decode()
     assert "## the profiled kernels" in text and "| a table row |" in text
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and a stand-in tool with a shebang")
+def test_deepgemm_ncu_without_multicast_profiles_a_patched_second_build(tmp_path):
+    """Part `deepgemm` with DEEPGEMM_NCU and DEEPGEMM_NO_MULTICAST: after DeepGEMM's calls and ours, a second build
+    from a copy of the sources whose SM90 heuristic disables multicast, and DeepGEMM's calls again under ncu from
+    it (first on the path); the sources sent stay as they were. Without DEEPGEMM_SRC the part fails and says so."""
+    calls = tmp_path / "calls.txt"
+    src = tmp_path / "dgsrc"
+    (src / "csrc" / "jit_kernels" / "heuristics").mkdir(parents=True)
+    header = src / "csrc" / "jit_kernels" / "heuristics" / "sm90.hpp"
+    header.write_text("        const bool disable_multicast =\n            (x > 4);\n")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.whl").write_text("")
+    log = (f"for a in \"$@\"; do printf '%s|' \"$a\" >> '{calls}'; done; echo >> '{calls}'; "
+           f"if [ \"$1\" = benchmarks/deepgemm_build.py ]; then "
+           f"grep -h 'disable_multicast' \"$3/csrc/jit_kernels/heuristics/sm90.hpp\" >> '{calls}'; fi")
+    path_log = f"echo \"PYTHONPATH=$PYTHONPATH\" >> '{calls}'"
+    tools = {"nvidia-smi": "echo 'NVIDIA H100 80GB HBM3'", "python3": log,
+             "ncu": f"{path_log}; printf 'ncu|' >> '{calls}'; {log}"}
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
+                               DEEPGEMM_SRC=str(src), DEEPGEMM_NCU="ds32 T=8192 gate_up", DEEPGEMM_NO_MULTICAST="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = calls.read_text()
+    builds = [line.split("|") for line in text.splitlines() if line.startswith("benchmarks/deepgemm_build.py")]
+    assert len(builds) == 2 and builds[0][2] == str(src) and builds[1][2] != str(src)
+    assert "const bool disable_multicast = true or" in text                   # the second build's copy, patched
+    assert header.read_text().startswith("        const bool disable_multicast =\n")      # the sources sent: as sent
+    profiled = [line for line in text.splitlines() if line.startswith("ncu|")]
+    assert len(profiled) == 3 and "deepgemm_probe.py" in profiled[2] and "profile_ws_gemm.py" in profiled[1]
+    paths = [line for line in text.splitlines() if line.startswith("PYTHONPATH=")]
+    assert paths[2].split("=", 1)[1].split(":")[0] == builds[1][1]          # the patched build first on the path
+    calls.unlink()
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
+                               DEEPGEMM_NCU="ds32 T=8192 gate_up", DEEPGEMM_NO_MULTICAST="1")
+    assert "DEEPGEMM_NO_MULTICAST takes DEEPGEMM_SRC" in proc.stdout + proc.stderr + _bundled_log(tmp_path)
