@@ -220,7 +220,8 @@ def test_the_gluon_gemm_diagnostic_forms(fp8):
     dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     a = (torch.randn(M, K, generator=g, device=dev) * 0.5).to(dtype)
     w = (torch.randn(E, N, K, generator=g, device=dev) * 0.5).to(dtype)
-    scales = (torch.ones(K // 128, M, device=dev), torch.ones(E, N // 128, K // 128, device=dev)) if fp8 else (None, None)
+    scales = ((torch.ones(K // 128, M, device=dev), torch.ones(E, N // 128, K // 128, device=dev)) if fp8
+              else (None, None))
 
     def run(diagnostic):
         out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=dev)
