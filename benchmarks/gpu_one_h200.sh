@@ -411,9 +411,14 @@ s.sort_stats(\"cumulative\").print_stats(40)" "$1/tune_profile_$n.prof" | grep -
         run "$OUT/gpu_memory_${GPU}_$DAY.log" "${MEMORY_SECONDS:-90}" \
             python3 benchmarks/gpu_memory_check.py --ranks 1 --output "$OUT/gpu_memory_${GPU}_$DAY.json" ;;
     deepgemm)
+        no_mc=""
+        if [ "${DEEPGEMM_NO_MULTICAST:-0}" != 0 ]; then
+            [ -n "${DEEPGEMM_NCU:-}" ] || { echo "DEEPGEMM_NO_MULTICAST takes DEEPGEMM_NCU (the calls to profile)"; exit 2; }
+            no_mc=1
+        fi
         dg=$(mktemp -d)
         # the folder is $0, the wheels (each a glob, expanded here) the arguments
-        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} DG_NCU=${DEEPGEMM_NCU:-} DG_NO_MC=${DEEPGEMM_NO_MULTICAST:-} \
+        DG_SRC=${DEEPGEMM_SRC:-} DG_STEPS=${DEEPGEMM_STEPS:-} DG_NCU=${DEEPGEMM_NCU:-} DG_NO_MC=$no_mc \
         DG_NCU_OURS=${DEEPGEMM_NCU_OURS:---shape \"deepseek-v3 shard 32\" --tokens 8192} \
         run "$OUT/deepgemm_$(if [ -n "${DEEPGEMM_NCU:-}" ]; then echo ncu; else echo probe; fi)_${GPU}_$DAY.log" \
             "${DEEPGEMM_SECONDS:-300}" bash -c '

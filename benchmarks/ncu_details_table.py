@@ -18,16 +18,26 @@ import sys
 
 KERNEL = re.compile(r"^\s{2}(\S.*?) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context")
 METRIC = re.compile(r"^\s{4}(\S.*?)\s{2,}(\S+(?:/\S+)?)?\s+([\d,.]+)\s*$")
-# (column, ncu metric name, its unit or None for any)
-COLUMNS = [("cycles", "Elapsed Cycles", "cycle"), ("GHz", "SM Frequency", None), ("ms", "Duration", None),
+# (column, ncu metric name, what it measures: its value is brought to the column's unit from the unit ncu printed)
+COLUMNS = [("cycles", "Elapsed Cycles", "cycles"), ("GHz", "SM Frequency", "GHz"), ("ms", "Duration", "ms"),
            ("SM busy %", "Compute (SM) Throughput", "%"), ("L2 %", "L2 Cache Throughput", "%"),
-           ("DRAM %", "DRAM Throughput", "%"), ("DRAM TB/s", "Memory Throughput", "Tbyte/s"),
-           ("L2 hit %", "L2 Hit Rate", "%"), ("cycles/issue", "Warp Cycles Per Issued Instruction", "cycle")]
+           ("DRAM %", "DRAM Throughput", "%"), ("DRAM TB/s", "Memory Throughput", "TB/s"),
+           ("L2 hit %", "L2 Hit Rate", "%"), ("cycles/issue", "Warp Cycles Per Issued Instruction", "cycles")]
+# ncu scales its units to the value (Gbyte/s below a TB/s, us below a ms, ...): each unit it prints, as a factor
+# to the column's unit
+UNITS = {
+    "cycles": {"cycle": 1.0, "": 1.0},
+    "%": {"%": 1.0},
+    "GHz": {"ghz": 1.0, "mhz": 1e-3, "khz": 1e-6, "hz": 1e-9},
+    "ms": {"s": 1e3, "second": 1e3, "ms": 1.0, "msecond": 1.0, "us": 1e-3, "usecond": 1e-3, "ns": 1e-6,
+           "nsecond": 1e-6},
+    "TB/s": {"tbyte/s": 1.0, "gbyte/s": 1e-3, "mbyte/s": 1e-6, "kbyte/s": 1e-9, "byte/s": 1e-12},
+}
 DEFAULT_LABELS = r"^(.+?(?:group_m=|torch\._grouped_mm).*?): [\d.]+ ms"
 
 
 def kernels(lines: list[str]) -> list[dict]:
-    """Each profiled kernel's name and metrics (name -> (unit, value)), in the order ncu printed them."""
+    """Each profiled kernel's name and metrics ((name, unit) -> value), in the order ncu printed them."""
     found = []
     for line in lines:
         m = KERNEL.match(line)
@@ -42,16 +52,13 @@ def kernels(lines: list[str]) -> list[dict]:
 
 
 def row(kernel: dict) -> dict:
-    """The table's columns of one kernel (None where its sections did not give them)."""
-    metrics = kernel["metrics"]
+    """The table's columns of one kernel, in the columns' units (None where its sections did not give them, or
+    gave them in a unit not known here)."""
     out = {}
-    for column, name, unit in COLUMNS:
-        hits = [v for (n, u), v in metrics.items() if n == name and (unit is None or u == unit)]
+    for column, name, kind in COLUMNS:
+        hits = [v * UNITS[kind][u.lower()] for (n, u), v in kernel["metrics"].items()
+                if n == name and u.lower() in UNITS[kind]]
         out[column] = hits[0] if hits else None
-    ms = out["ms"]
-    duration_unit = next((u for (n, u) in metrics if n == "Duration"), "")
-    if ms is not None and duration_unit == "us":
-        out["ms"] = ms / 1e3
     out["DRAM GB"] = (out["DRAM TB/s"] * out["ms"] if out["DRAM TB/s"] is not None and out["ms"] is not None
                       else None)
     return out
@@ -69,14 +76,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("log", help="ncu's details page, or a log that holds it and the benchmark's lines")
     p.add_argument("--labels", default=DEFAULT_LABELS,
-                   help="a regular expression whose first group (or whole match) labels a launch; its matches in "
+                   help="a regular expression whose first matching group (or whole match) labels a launch; its matches in "
                         "the log are paired with the kernels in order (default: profile_ws_gemm.py's lines)")
     args = p.parse_args(argv)
     with open(args.log, errors="replace") as f:
         lines = f.read().splitlines()
     found = kernels(lines)
     pattern = re.compile(args.labels)
-    labels = [(m.group(1) if m.groups() else m.group(0)) for m in map(pattern.match, lines) if m]
+    # a label: the match's first group that took part in it (alternatives each with their own group), or all of it
+    labels = [next((g for g in m.groups() if g is not None), m.group(0)) for m in map(pattern.match, lines) if m]
     paired = len(labels) == len(found)
     columns = [c for c, _, _ in COLUMNS if c != "DRAM TB/s"] + ["DRAM GB"]
     print("| launch | " + " | ".join(columns) + " |")

@@ -21,11 +21,11 @@ prints the copy (`rows_to_layout`, the backend's own) beside it, so the two form
 edges (`expert_walk_groups(tile_expert, GROUP_M)`; the default, `auto`, as the experts launch it: cut for BF16
 with short experts); `--diagnostic none,no_loads,no_math,no_promote` each launch also in the kernel's diagnostic
 forms (`ws_grouped_gemm.DIAGNOSTICS`: without the loads after the ring's first round, without the math, without
-FP8's promotion; no_loads not with --gather on), whose outputs are not the GEMM's and are not checked; every line
-prints the operand bytes the tiles stream from L2 into shared memory and their rate; `--anchor` (BF16) also
-launches `torch._grouped_mm` on the same layout rows (padding included, no activation), timed and profiled the
-same way. A launch whose checked tiles (the first and the
-last) disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the rest.
+FP8's promotion; no_loads not with --gather on, no_promote not in BF16), whose outputs are not the GEMM's and are not
+checked; every line prints the operand bytes the tiles stream from L2 into shared memory and their rate (no_loads:
+only its first round's); `--anchor` (BF16) also launches `torch._grouped_mm` on the same layout rows (padding
+included, no activation), timed and profiled the same way. A launch whose checked tiles (the first and the last)
+disagree with the statement (rel. error > 1e-2) is marked so, and the script exits 1 after the rest.
 """
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def shapes() -> dict:
 
 # --formats: the name each is printed with
 FORMAT_NAMES = {"fp8": "fp8_block", "fp8_channel": "fp8_channel", "bf16": "bf16"}
+
+
+def operand_bytes(shape, tile_expert: list) -> int:
+    """The operand bytes a launch's tiles stream from L2 into shared memory: one ring slot (A tile and weight
+    boxes, `ws_grouped_gemm._slot_bytes` without the FP8 A scales' 512 bytes) per K block of every used tile."""
+    from epmoe.kernels.ws_grouped_gemm import _slot_bytes
+    n_tiles = -(-shape.N // (shape.sub_n if shape.gated else shape.sub_n * shape.split))
+    used = sum(e >= 0 for e in tile_expert) * n_tiles
+    return used * -(-shape.K // shape.block_k) * _slot_bytes(shape, False)
 
 
 def off_on(parser, flag: str, value: str) -> list[bool]:
@@ -117,7 +126,10 @@ def main(argv=None) -> int:
         p.error("--down-block-n takes auto, 64, 128 or 256, comma-separated")
     wides = off_on(p, "--wide-mma", args.wide_mma)
     diagnostics = args.diagnostic.split(",")
-    from epmoe.kernels.ws_grouped_gemm import DIAGNOSTICS
+    try:
+        from epmoe.kernels.ws_grouped_gemm import DIAGNOSTICS
+    except ImportError:         # a Triton without Gluon: the GPU check below says what is missing
+        DIAGNOSTICS = {d: None for d in diagnostics}
     if not diagnostics or not set(diagnostics) <= set(DIAGNOSTICS):
         p.error(f"--diagnostic takes {', '.join(DIAGNOSTICS)}, comma-separated, not {args.diagnostic!r}")
     walks = args.walk.split(",")
@@ -157,16 +169,12 @@ def main(argv=None) -> int:
             width = f"block_n={'' if block_n else 'auto: '}{launched.sub_n * launched.split}"
             applies = wide_mma_applies(launched.fp8, launched.split)
             first_values = {}           # per wide_mma form, the first walk's outputs
-            # the operand bytes every tile streams into shared memory (A tile and weight boxes per K block; the
-            # 512 bytes of FP8 A scales a K block left out)
-            el = 1 if launched.fp8 else 2
-            used_tiles = sum(e >= 0 for e in tile_expert) * -(-launched.N // (launched.sub_n * (
-                1 if launched.gated else launched.split)))
-            operand_bytes = used_tiles * -(-K // launched.block_k) * (TILE + launched.sub_n * launched.split) \
-                * launched.block_k * el
+            streamed = operand_bytes(launched, tile_expert)
+            # no_loads with --gather on: refused by the kernel; no_promote in BF16: the kernel as it is
             for group_m, wide, walk, diag in [(g, w, x, d) for g in group_ms for w in wides for x in walks
                                               for d in diagnostics if (applies or not w)
-                                              and not (gather and d == "no_loads")]:
+                                              and not (gather and d == "no_loads")
+                                              and not (fmt == "bf16" and d == "no_promote")]:
                 if walk == "auto":          # as the experts launch it: its own group size
                     auto = walk_group("none" if fmt == "bf16" else FORMAT_NAMES[fmt], args.tokens * k, L)
                     walk, group_m = ("fixed", 8) if auto is None else ("experts", auto)
@@ -191,6 +199,8 @@ def main(argv=None) -> int:
                 torch.cuda.nvtx.range_pop()
                 flops = 2.0 * args.tokens * k * K * w_rows
                 checked = diag == "none"        # a diagnostic form's outputs are not the GEMM's
+                supply = ("operands: the ring's first round only" if diag == "no_loads" else
+                          f"operands {streamed / 1e9:.2f} GB {streamed / ms / 1e9:.2f} TB/s")
                 bad = checked and not err <= 1e-2
                 failed += bad
                 # every tile of every walk: the walk changes which program computes a tile, not its values
@@ -201,7 +211,7 @@ def main(argv=None) -> int:
                       f"group_m={group_m} walk={walk}{' wide_mma' if wide else ''}"
                       f"{' gathered' if gather else ''}{'' if checked else f' diagnostic={diag}'}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s (routed rows) "
-                      f"operands {operand_bytes / 1e9:.2f} GB {operand_bytes / ms / 1e9:.2f} TB/s "
+                      f"{supply} "
                       f"{f'rel_err {err:.2e}' if checked else '(outputs not checked)'}"
                       f"{'  DISAGREES WITH THE STATEMENT' if bad else ''}"
                       f"{'  DIFFERS FROM THE FIRST WALK' if differs else ''}", flush=True)

@@ -287,3 +287,25 @@ def test_deepgemm_ncu_without_multicast_profiles_a_patched_second_build(tmp_path
     proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
                                DEEPGEMM_NCU="ds32 T=8192 gate_up", DEEPGEMM_NO_MULTICAST="1")
     assert "DEEPGEMM_NO_MULTICAST takes DEEPGEMM_SRC" in proc.stdout + proc.stderr + _bundled_log(tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a bash script and a stand-in tool with a shebang")
+def test_deepgemm_without_multicast_needs_the_calls_to_profile_and_zero_leaves_it_off(tmp_path):
+    """DEEPGEMM_NO_MULTICAST without DEEPGEMM_NCU stops the part before anything runs, saying why; set to 0 it is
+    off (one build, two ncu runs)."""
+    calls = tmp_path / "calls.txt"
+    log = f"for a in \"$@\"; do printf '%s|' \"$a\" >> '{calls}'; done; echo >> '{calls}'"
+    tools = {"nvidia-smi": "echo 'NVIDIA H100 80GB HBM3'", "python3": log, "ncu": f"printf 'ncu|' >> '{calls}'; {log}"}
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "a-1.whl").write_text("")
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
+                               DEEPGEMM_SRC=str(tmp_path), DEEPGEMM_NO_MULTICAST="1")
+    assert proc.returncode == 2 and "DEEPGEMM_NO_MULTICAST takes DEEPGEMM_NCU" in proc.stdout
+    assert not calls.exists()
+    proc = _run_with_stand_ins(tmp_path, tools, PARTS="deepgemm", DEEPGEMM_WHEELS=f"{wheels}/*.whl",
+                               DEEPGEMM_SRC=str(tmp_path), DEEPGEMM_NCU="ds32 T=8192 gate_up", DEEPGEMM_NO_MULTICAST="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    assert sum(line.startswith("benchmarks/deepgemm_build.py") for line in lines) == 1
+    assert sum(line.startswith("ncu|") for line in lines) == 2

@@ -23,10 +23,12 @@ deepseek-v3 shard 32 T=8192 fp8_block gate_up block_n=256 group_m=8 walk=fixed d
     Warp Cycles Per Issued Instruction             cycle         7.65
   void other<1, 2>(float *, int) (66, 1, 1)x(384, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
     Section: GPU Speed Of Light Throughput
-    SM Frequency                    Ghz         1.60
+    SM Frequency                    Mhz     1,600.00
     Elapsed Cycles                cycle    4,000,000
     Duration                         us       2500.00
     Compute (SM) Throughput           %        90.00
+    Section: Memory Workload Analysis
+    Memory Throughput                          Gbyte/s       900.00
 """
 
 
@@ -38,8 +40,18 @@ def test_rows_in_order_with_their_labels(tmp_path, capsys, benchmark_script):
     assert len(rows) == 2
     first, second = rows
     assert "walk=fixed | 4,875,134 | 1.5 | 3.21 | 76.4 | 79.6 | 56.2 | 64.1 | 7.65 | 6.07 |" in first
-    # the second kernel's duration in us read as ms, the sections it lacks left out
-    assert "diagnostic=no_loads | 4,000,000 | 1.6 | 2.5 | 90 | - | - | - | - | - |" in second
+    # the second kernel's units as ncu scaled them (MHz, us, Gbyte/s) brought to the columns', what it lacks left out
+    assert "diagnostic=no_loads | 4,000,000 | 1.6 | 2.5 | 90 | - | - | - | - | 2.25 |" in second
+
+
+def test_labels_from_alternatives_each_with_its_group(tmp_path, capsys, benchmark_script):
+    path = tmp_path / "ncu.log"
+    path.write_text("profiled deepgemm fp8 ds32: rel err 1e-3\n" + LOG.split("\n", 1)[1])
+    labels = r"^(?:profiled (deepgemm .*?): |(.+?group_m=.*?): [\d.]+ ms)"
+    assert benchmark_script("ncu_details_table").main([str(path), "--labels", labels]) == 0
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["| deepgemm fp8 ds32", "| deepseek-v3 shard 32 T=8192 fp8_block gate_up block_n=256 group_m=8 "
+                    "walk=fixed diagnostic=no_loads"]
 
 
 def test_counts_that_do_not_pair_up_leave_the_rows_unlabelled(tmp_path, capsys, benchmark_script):

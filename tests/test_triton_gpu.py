@@ -200,50 +200,65 @@ def test_gluon_gemm_self_check_in_every_form(gathered):
         assert gemm_disagreement(grouped_gemm_ws, torch.device("cuda"), form, gathered=gathered) is None, form
 
 
-@pytest.mark.parametrize("fp8", [True, False])
-def test_the_gluon_gemm_diagnostic_forms(fp8):
-    """The Gluon GEMM's diagnostic forms (`profile_ws_gemm.py --diagnostic`), each on one tile a program, so that
-    a program's K blocks fit the ring's first round: each finishes (polled: a hang fails instead of blocking);
-    `none` agrees with the PyTorch statement and keeps the skipped tile's rows; `no_loads` equals it bit for bit
-    (the first round loads every K block there is); `no_math` leaves the output as it was; `no_promote` with unit
-    scales agrees with it within the tensor cores' accumulation (FP8: the same products, not promoted; BF16:
-    the same kernel)."""
+@pytest.mark.parametrize("form", ["fp8", "fp8_gated", "bf16"])
+def test_the_gluon_gemm_diagnostic_forms(form):
+    """The Gluon GEMM's diagnostic forms (`profile_ws_gemm.py --diagnostic`) on one program that walks two tiles of
+    as many K blocks as the ring has slots (tile 0 of expert 1, a skipped tile, tile 2 of expert 0), so that the
+    second tile's steps are the ring's second round: `none` agrees with the PyTorch statement and keeps the skipped
+    tile's rows; `no_loads` loads only the first round, so tile 2 is computed from tile 0's rows and expert 1's
+    weights left in the slots: its outputs equal tile 0's bit for bit (unit scales), tile 0's equal the GEMM's;
+    `no_math` leaves the output as it was, and its loader's second round waits for the math warps' releases (a
+    missing one hangs); `no_promote` with unit scales agrees with the GEMM within the tensor cores' accumulation.
+    Forms: plain block FP8 (A scales from global memory), the gated block-FP8 gate+up as the experts run it (A scales
+    by TMA, FP8 output), plain BF16. Each launch is polled (60 s): a hang fails with its message, and the GPU work
+    of this process cannot go on after it."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon GEMM runs on Hopper (compute capability 9.x)")
     from epmoe.experts.triton_ws import grouped_gemm_reference, unfinished
     from epmoe.kernels.ws_grouped_gemm import grouped_gemm_ws
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(3)
-    block_k, E, N = (128 if fp8 else 64), 2, 256
-    M, K = 3 * 128, 4 * block_k                         # four K blocks: one ring of four slots
+    fp8, gated = form != "bf16", form == "fp8_gated"
+    stages = 3 if gated else 4
+    block_k, E, w_rows = (128 if fp8 else 64), 2, 256
+    M, K = 3 * 128, stages * block_k                 # a tile's K blocks fill the ring once
+    n_out = w_rows // 2 if gated else w_rows
     tile_expert = torch.tensor([1, -1, 0], dtype=torch.int32, device=dev)
     dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     a = (torch.randn(M, K, generator=g, device=dev) * 0.5).to(dtype)
-    w = (torch.randn(E, N, K, generator=g, device=dev) * 0.5).to(dtype)
-    scales = ((torch.ones(K // 128, M, device=dev), torch.ones(E, N // 128, K // 128, device=dev)) if fp8
+    w = (torch.randn(E, w_rows, K, generator=g, device=dev) * 0.5).to(dtype)
+    scales = ((torch.ones(K // 128, M, device=dev), torch.ones(E, w_rows // 128, K // 128, device=dev)) if fp8
               else (None, None))
+    out_dtype = torch.float8_e4m3fn if gated else torch.bfloat16
+    extra = dict(scale_tma=True) if gated else {}
 
-    def run(diagnostic):
-        out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=dev)
-        grouped_gemm_ws(a, w, tile_expert, out, *scales, stages=4, num_programs=3, diagnostic=diagnostic)
-        done = torch.cuda.Event()
-        done.record()
-        why = unfinished(done, 60.0)
-        assert why is None, f"{diagnostic}: {why}"
-        return out.float()
+    def launch(gemm, diagnostic="none"):
+        out = torch.full((M, n_out), 7.0, device=dev).to(out_dtype)
+        out_scale_t = torch.full((n_out // 128, M), 3.0, device=dev) if gated else None
+        gemm(a, w, tile_expert, out, *scales, None, "silu" if gated else None, out_scale_t, stages=stages,
+             num_programs=1, diagnostic=diagnostic, **(extra if gemm is grouped_gemm_ws else {}))
+        if gemm is grouped_gemm_ws:
+            done = torch.cuda.Event()
+            done.record()
+            why = unfinished(done, 60.0)
+            assert why is None, f"{form} {diagnostic}: {why}"
+        values = out.float()
+        return values * out_scale_t.t().repeat_interleave(128, 1) if gated else values
 
-    want = grouped_gemm_reference(a, w, tile_expert, torch.full((M, N), 7.0, dtype=torch.bfloat16, device=dev),
-                                  *scales).float()
-    full = run("none")
+    want = launch(grouped_gemm_reference)
+    full = launch(grouped_gemm_ws)
     assert ((full - want).norm() / want.norm()).item() <= 1e-2
-    assert bool((full[128:256] == 7.0).all())
-    assert torch.equal(run("no_loads"), full)
-    assert bool((run("no_math") == 7.0).all())
-    unpromoted = run("no_promote")
-    assert bool((unpromoted[128:256] == 7.0).all())
+    sentinel = 7.0 * 3.0 if gated else 7.0
+    assert bool((full[128:256] == sentinel).all())
+    no_loads = launch(grouped_gemm_ws, "no_loads")
+    assert torch.equal(no_loads[:128], full[:128]) and torch.equal(no_loads[256:], full[:128])
+    assert not torch.equal(full[256:], full[:128])           # the test can tell: tile 2's own outputs differ
+    assert bool((launch(grouped_gemm_ws, "no_math") == sentinel).all())
+    unpromoted = launch(grouped_gemm_ws, "no_promote")
+    assert bool((unpromoted[128:256] == sentinel).all())
     assert ((unpromoted - full).norm() / full.norm()).item() <= 1e-2
     if not fp8:
-        assert torch.equal(unpromoted, full)
+        assert torch.equal(unpromoted, full)                    # BF16 has no promotion: the same kernel
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -261,7 +261,8 @@ _TMA_STORES = r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::"
 @pytest.mark.parametrize("fp8,gated", [(True, True), (True, False), (False, True)])
 def test_sm90_compile_of_the_diagnostic_forms(fp8, gated):
     """The diagnostic forms (`DIAGNOSTICS`, for `benchmarks/profile_ws_gemm.py`) compile for sm_90 and take away
-    what they name, and only that: `no_math` issues no wgmma and stores nothing, and keeps every TMA load;
+    what they name, as far as the PTX shows it: `no_math` issues no wgmma and stores nothing, and keeps every TMA
+    load and the slots' releases;
     `no_loads` keeps the loads (the ring's first round) and the wgmma, with one more plain arrive (the loader's
     "ready" without bytes); `no_promote` keeps the wgmma and (FP8) leaves no FFMA in the K loops, where the
     promotion puts them; none spills in a K loop."""
@@ -275,6 +276,7 @@ def test_sm90_compile_of_the_diagnostic_forms(fp8, gated):
     assert base["loads"] >= 3 and base["stores"] >= 1 and base["wgmma"] >= 8, base
     assert count["no_math"]["wgmma"] == count["no_math"]["stores"] == 0
     assert count["no_math"]["loads"] == base["loads"]
+    assert count["no_math"]["arrives"] == 2         # the slots' releases: one in each math warpgroup's loop
     assert count["no_loads"] == dict(base, arrives=base["arrives"] + 1)
     assert count["no_promote"]["wgmma"] == base["wgmma"] and count["no_promote"]["loads"] == base["loads"]
     promoted = _compiled(fp8, 256, 4, gated, diagnostic="none", **kw)[0]
@@ -659,3 +661,19 @@ def test_host_checks_of_the_walk_groups():
                 torch.zeros(te.numel(), dtype=torch.int32), torch.zeros(2, te.numel(), dtype=torch.int32).t()):
         with pytest.raises(ValueError, match="walk_groups must be"):
             gluon_gemm.grouped_gemm_ws(a, w, te, out, sa, sw, walk_groups=bad)
+
+
+def test_profile_script_refuses_an_unknown_diagnostic_and_counts_the_streamed_bytes(benchmark_script, capsys):
+    """`profile_ws_gemm.py --diagnostic` refuses a name the kernel has not (exit 2, before any GPU check), and its
+    operand bytes are one ring slot (A tile and weight boxes) per K block of every used tile: gated block FP8 with
+    I = 256 (two n-tiles of 128 outputs), K = 384 (three K blocks), three m-tiles of which one is skipped."""
+    script = benchmark_script("profile_ws_gemm")
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--diagnostic", "none,no_tiles"])
+    assert exit_.value.code == 2 and "--diagnostic takes none, no_loads, no_math, no_promote" in capsys.readouterr().err
+    fp8 = torch.float8_e4m3fn
+    a, w = torch.zeros(3 * 128, 384, dtype=fp8), torch.zeros(2, 512, 384, dtype=fp8)
+    te = torch.tensor([0, -1, 1], dtype=torch.int32)
+    shape = gluon_gemm.check_operands(a, w, te, torch.zeros(3 * 128, 256, dtype=fp8), torch.ones(3, 3 * 128),
+                                      torch.ones(2, 4, 3), activation="silu", out_scale_t=torch.ones(2, 3 * 128))
+    assert script.operand_bytes(shape, te.tolist()) == 2 * 2 * 3 * (128 + 256) * 128

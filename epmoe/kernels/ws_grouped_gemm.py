@@ -86,10 +86,12 @@ SCALE_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=
 # one part of the work away, so that its time bounds what that part costs. Their outputs are not the GEMM's; the
 # backends never launch them.
 # - "no_loads": after the ring's first round the loader declares each slot ready without loading it again, so
-#   the math runs on real operands with no supply from L2 (the tensor cores, the promotion and the stores);
+#   the math runs on real operands without their supply (the tensor cores, the promotion and the stores; block
+#   FP8's weight scales, and A's where they are not in the slots, are still loaded from global memory);
 # - "no_math": the math warps give each slot back as soon as it is ready (the operands' supply alone, no stores);
-# - "no_promote": FP8 through the plain K loop, the tensor cores accumulating across K blocks unscaled (what the
-#   promotion of each K block costs).
+# - "no_promote": FP8 through the plain K loop, the tensor cores accumulating across K blocks, one K block in flight
+#   (what the promotion of each K block costs: its wait for the product, the FFMAs, the per-block scales; weight
+#   scales per column are still applied in the epilogue).
 DIAGNOSTICS = {"none": 0, "no_loads": 1, "no_math": 2, "no_promote": 3}
 DIAG_NONE = gl.constexpr(0)
 DIAG_NO_LOADS = gl.constexpr(1)
@@ -278,7 +280,7 @@ def _math_partition(a_bufs, w_bufs, s_bufs, o_desc, o_bufs, ready, empty, go, ti
     row (a_scale [A_ROWS], the same for every K block), applied there too, so that each K block's product is
     only added into the float32 accumulator. DIAG (`DIAGNOSTICS`): DIAG_NO_MATH releases every slot once it is
     ready and computes nothing; DIAG_NO_PROMOTE runs FP8 through the plain K loop (the tensor cores accumulate
-    across K blocks, no scales)."""
+    across K blocks, no per-block scales)."""
     BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
     SUB_N: gl.constexpr = w_bufs.type.shape[1] // SPLIT
     STAGES: gl.constexpr = ready.type.shape[0]
@@ -904,7 +906,7 @@ def _check_diagnostic(caller: str, diagnostic: str, stagger: int, gather: bool) 
     """The kernel's DIAG for a `DIAGNOSTICS` name; a ValueError for an unknown one, and for a diagnostic form
     with a stagger or (no_loads) with the gathering loader, which the forms do not cover."""
     if diagnostic not in DIAGNOSTICS:
-        raise ValueError(f"{caller}: diagnostic must be one of {sorted(DIAGNOSTICS)}, got {diagnostic!r}")
+        raise ValueError(f"{caller}: diagnostic must be one of {', '.join(DIAGNOSTICS)}, got {diagnostic!r}")
     if diagnostic != "none" and stagger:
         raise ValueError(f"{caller}: the diagnostic forms run without a stagger, got stagger={stagger}")
     if diagnostic == "no_loads" and gather:
