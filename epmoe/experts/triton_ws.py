@@ -106,11 +106,12 @@ class PaddedLayout(NamedTuple):
     walk_groups: torch.Tensor | None   # the GEMMs' walk (`expert_walk_groups`), or None: groups of 8 m-tiles
 
 
-WALK_QUANTS = ("none", "fp8_block", "fp8_channel")
+# the plans' quant kinds the Gluon pipeline takes (its CAPS, and what `walk_group` decides for)
+GLUON_QUANTS = ("none", "fp8_block", "fp8_channel")
 
 
 def walk_group(quant: str, pairs: int, experts: int, long_walk: bool = True) -> int | None:
-    """The GEMMs' walk for `pairs` rows over `experts` experts of a plan whose `quant` is one of WALK_QUANTS
+    """The GEMMs' walk for `pairs` rows over `experts` experts of a plan whose `quant` is one of GLUON_QUANTS
     ("none": BF16 weights): groups cut at expert edges of up to this many m-tiles (`expert_walk_groups`), or
     None (groups of a fixed 8 m-tiles). `long_walk`: whether the long-expert walk below may be taken (it was
     measured with both GEMMs Gluon ones; alone, the down GEMM took 3.3% more cycles with it).
@@ -133,8 +134,8 @@ def walk_group(quant: str, pairs: int, experts: int, long_walk: bool = True) -> 
     - Otherwise None: below one tile per expert there is nothing to cut, while building the groups costs a
       launch (one Triton program, 6-8 us on an H100; the PyTorch form's few dozen small kernels took
       85-111 us)."""
-    if quant not in WALK_QUANTS:
-        raise ValueError(f"walk_group: quant must be one of {WALK_QUANTS}, got {quant!r}")
+    if quant not in GLUON_QUANTS:
+        raise ValueError(f"walk_group: quant must be one of {GLUON_QUANTS}, got {quant!r}")
     if long_walk and quant == "fp8_block" and pairs >= LONG_EXPERT_ROWS * experts:
         return LONG_EXPERT_GROUP
     return 8 if quant == "none" and TILE * experts <= pairs <= SHORT_EXPERT_ROWS * experts else None
@@ -275,7 +276,7 @@ def gemm_disagreement(gemm, device: torch.device, form: str | None, settle=None,
 @register_experts("triton_ws")
 class WarpSpecializedExperts(Experts):
     CAPS = ExpertsCaps(layouts=frozenset({FLAT}), dtypes=frozenset({torch.bfloat16}), devices=frozenset({"cuda"}),
-                       quant=frozenset({"none", "fp8_block", "fp8_channel"}), fp8_activations=TAKES_FP8,
+                       quant=frozenset(GLUON_QUANTS), fp8_activations=TAKES_FP8,
                        cuda_graph_safe=True, auto_priority=0,
                        summary="experimental: a warp-specialized Gluon grouped GEMM (Hopper), BF16, block and "
                                "per-channel FP8",
